@@ -1,0 +1,1 @@
+"""Meta-gradients of held-out loss through unrolled inner training, population, outer optimizer."""

@@ -1,0 +1,90 @@
+"""The bi-level step: K inner models unroll T weighted steps; the rater follows d(held-out loss)/d(phi).
+
+`outer_loss` is a pure function of the rater parameters; `make_outer_step` closes it over the models
+and optimizers and returns `outer_step(state, batches) -> (state, metrics)`, ready for `jax.jit`.
+"""
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from inner_loop.unroll import InnerState, PerExampleLoss, unroll
+from inner_loop.weighting import softmax_weights
+from outer_loop.population import InitMember, init_population, staggered_reset
+
+
+@flax.struct.dataclass
+class OuterState:
+  step: jax.Array            # int32 scalar: outer steps taken
+  rater_params: Any
+  opt_state: Any             # outer optimizer state
+  population: InnerState     # leaves [K, ...]
+  key: jax.Array             # for re-initialising members
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaProblem:
+  """Everything static about the bi-level problem (functions and hyper-parameters)."""
+  task_loss: PerExampleLoss                # (theta, batch) -> [B]
+  rater_apply: Callable[[Any, dict], jax.Array]  # (phi, batch) -> scores [B]
+  init_member: InitMember                  # key -> fresh InnerState
+  inner_optimizer: optax.GradientTransformation
+  outer_optimizer: optax.GradientTransformation
+  temperature: float
+  reset_every: int
+  remat: bool = False
+
+  def weight_fn(self, rater_params):
+    return lambda batch: softmax_weights(self.rater_apply(rater_params, batch), self.temperature)
+
+
+def outer_loss(problem: MetaProblem, rater_params, population: InnerState,
+               inner_batches: dict, outer_batches: dict):
+  """Mean over members of the held-out loss after T weighted inner steps.
+
+  inner_batches leaves are [K, T, B, ...], outer_batches [K, B, ...]. Returns
+  (loss, (updated population, inner losses [K, T])).
+  """
+  weight_fn = problem.weight_fn(rater_params)
+
+  def member(state, inner, outer):
+    state, inner_losses = unroll(problem.task_loss, problem.inner_optimizer, weight_fn, state,
+                                 inner, problem.remat)
+    return jnp.mean(problem.task_loss(state.params, outer)), (state, inner_losses)
+
+  held_out, aux = jax.vmap(member)(population, inner_batches, outer_batches)
+  return jnp.mean(held_out), aux
+
+
+def meta_gradient(problem: MetaProblem, rater_params, population, inner_batches, outer_batches):
+  """((outer loss, aux), d outer / d phi) by reverse mode through the unroll."""
+  return jax.value_and_grad(outer_loss, argnums=1, has_aux=True)(
+      problem, rater_params, population, inner_batches, outer_batches)
+
+
+def init_outer_state(problem: MetaProblem, rater_params, key: jax.Array,
+                     population_size: int) -> OuterState:
+  init_key, reset_key = jax.random.split(key)
+  return OuterState(step=jnp.zeros((), jnp.int32), rater_params=rater_params,
+                    opt_state=problem.outer_optimizer.init(rater_params),
+                    population=init_population(problem.init_member, init_key, population_size),
+                    key=reset_key)
+
+
+def outer_step(problem: MetaProblem, state: OuterState, inner_batches: dict, outer_batches: dict):
+  """Reset due members, take one meta-gradient step on phi; returns (state, metrics)."""
+  population = staggered_reset(state.population, problem.init_member, state.key, state.step,
+                               problem.reset_every)
+  (loss, (population, inner_losses)), grads = meta_gradient(
+      problem, state.rater_params, population, inner_batches, outer_batches)
+  updates, opt_state = problem.outer_optimizer.update(grads, state.opt_state, state.rater_params)
+  new_state = OuterState(step=state.step + 1,
+                         rater_params=optax.apply_updates(state.rater_params, updates),
+                         opt_state=opt_state, population=jax.lax.stop_gradient(population),
+                         key=state.key)
+  metrics = {'outer_loss': loss, 'inner_loss': jnp.mean(inner_losses),
+             'meta_grad_norm': optax.tree.norm(grads)}
+  return new_state, metrics

@@ -1,0 +1,35 @@
+"""A population of K inner models (leading K axis) with staggered re-initialisation.
+
+Member k is re-initialised whenever (step + offset_k) % R == 0, offset_k = k * R // K, so at any
+outer step the population spans models young and old and the rater learns for every stage.
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from inner_loop.unroll import InnerState
+
+InitMember = Callable[[jax.Array], InnerState]  # key -> fresh InnerState
+
+
+def init_population(init_member: InitMember, key: jax.Array, size: int) -> InnerState:
+  return jax.vmap(init_member)(jax.random.split(key, size))
+
+
+def reset_mask(step: jax.Array, size: int, reset_every: int) -> jax.Array:
+  """bool [K]: which members are re-initialised at this outer step (never at step 0)."""
+  offsets = (jnp.arange(size) * reset_every) // size
+  return (step > 0) & ((step + offsets) % reset_every == 0)
+
+
+def staggered_reset(population: InnerState, init_member: InitMember, key: jax.Array,
+                    step: jax.Array, reset_every: int) -> InnerState:
+  """Replaces the members due at `step` by fresh ones drawn from fold_in(key, step)."""
+  size = jax.tree.leaves(population)[0].shape[0]
+  fresh = init_population(init_member, jax.random.fold_in(key, step), size)
+  mask = reset_mask(step, size, reset_every)
+
+  def select(new, old):
+    return jnp.where(mask.reshape((size,) + (1,) * (old.ndim - 1)), new, old)
+  return jax.tree.map(select, fresh, population)

@@ -1,0 +1,18 @@
+"""Test setup: 4 fake CPU devices (sharding tests compare 4 devices with 1), quiet logs."""
+import os
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory):
+  """A TFDS data_dir shared by the session's tests, with the bundled digits prepared once."""
+  path = os.environ.get('DATARATER_TEST_TFDS_DIR') or str(tmp_path_factory.mktemp('tfds'))
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.get_builder('sklearn_digits', path)
+  return path
