@@ -36,7 +36,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.inner.optimizer = 'adam'       # 'sgd' | 'momentum' | 'adam'
   c.inner.learning_rate = 1e-3
   c.inner.reset_every = 200        # R: each member is re-initialised every R outer steps, staggered
-  c.inner.remat = False            # jax.checkpoint each inner step (memory for compute)
 
   c.outer = ml_collections.ConfigDict()
   c.outer.steps = 600
@@ -44,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.outer.learning_rate = 1e-3
   c.outer.warmup_steps = 50
   c.outer.clip_norm = 1.0
+  # 'reverse' | 'remat' (jax.checkpoint per inner step: memory for compute); see outer_loop.
+  c.outer.meta_gradient = 'reverse'
 
   c.log_every = 50
   c.checkpoint_every = 200

@@ -15,6 +15,11 @@ from inner_loop.unroll import InnerState, PerExampleLoss, unroll
 from inner_loop.weighting import softmax_weights
 from outer_loop.population import InitMember, init_population, staggered_reset
 
+# How d(outer)/d(phi) is computed through the unroll; all give the same value.
+#   reverse: plain reverse mode, every inner step's activations kept (memory grows with T);
+#   remat:   reverse mode with each inner step under jax.checkpoint (recomputed on the way back).
+META_GRADIENT_MODES = ('reverse', 'remat')
+
 
 @flax.struct.dataclass
 class OuterState:
@@ -35,7 +40,7 @@ class MetaProblem:
   outer_optimizer: optax.GradientTransformation
   temperature: float
   reset_every: int
-  remat: bool = False
+  meta_gradient: str = 'reverse'          # see META_GRADIENT_MODES
 
   def weight_fn(self, rater_params):
     return lambda batch: softmax_weights(self.rater_apply(rater_params, batch), self.temperature)
@@ -52,7 +57,7 @@ def outer_loss(problem: MetaProblem, rater_params, population: InnerState,
 
   def member(state, inner, outer):
     state, inner_losses = unroll(problem.task_loss, problem.inner_optimizer, weight_fn, state,
-                                 inner, problem.remat)
+                                 inner, remat=problem.meta_gradient == 'remat')
     return jnp.mean(problem.task_loss(state.params, outer)), (state, inner_losses)
 
   held_out, aux = jax.vmap(member)(population, inner_batches, outer_batches)
@@ -60,7 +65,7 @@ def outer_loss(problem: MetaProblem, rater_params, population: InnerState,
 
 
 def meta_gradient(problem: MetaProblem, rater_params, population, inner_batches, outer_batches):
-  """((outer loss, aux), d outer / d phi) by reverse mode through the unroll."""
+  """((outer loss, aux), d outer / d phi) through the unroll, by `problem.meta_gradient`."""
   return jax.value_and_grad(outer_loss, argnums=1, has_aux=True)(
       problem, rater_params, population, inner_batches, outer_batches)
 

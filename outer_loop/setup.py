@@ -7,7 +7,7 @@ from datarater import models
 from datarater.errors import UserError
 from inner_loop.optimizers import make_inner_optimizer
 from inner_loop.unroll import init_inner_state
-from outer_loop.meta_step import MetaProblem
+from outer_loop.meta_step import META_GRADIENT_MODES, MetaProblem
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -34,6 +34,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not ok:
       raise UserError(message)
   make_inner_optimizer(config.inner.optimizer, config.inner.learning_rate)  # checks the name
+  if config.outer.meta_gradient not in META_GRADIENT_MODES:
+    raise UserError(f'unknown outer.meta_gradient {config.outer.meta_gradient!r} '
+                    f'(choose from {", ".join(META_GRADIENT_MODES)})')
 
 
 def make_outer_optimizer(outer: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -58,7 +61,7 @@ def build_problem(config: ml_collections.ConfigDict, num_classes: int, example_b
   problem = MetaProblem(task_loss=task_loss, rater_apply=rater.apply, init_member=init_member,
                         inner_optimizer=inner_opt, outer_optimizer=make_outer_optimizer(config.outer),
                         temperature=config.rater.temperature, reset_every=config.inner.reset_every,
-                        remat=config.inner.remat)
+                        meta_gradient=config.outer.meta_gradient)
   return problem, task, rater
 
 
