@@ -5,6 +5,7 @@ devices split every batch. The step itself is written for one device and compile
 with these shardings (GSPMD): the meta-gradient of the replicated rater parameters is summed
 across devices by the compiler, so N devices compute the same step as one.
 """
+import functools
 import math
 
 import jax
@@ -60,3 +61,18 @@ def put_global(tree, shardings):
   """Host arrays (the full global value on every process) -> global sharded jax.Arrays."""
   return jax.tree.map(
       lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: x[idx]), tree, shardings)
+
+
+def jit_outer_step(problem, mesh: Mesh, abstract_state, example_inner, example_outer):
+  """The outer step compiled for `mesh`: returns (step_fn, state, inner, outer shardings).
+
+  `step_fn(state, inner_batches, outer_batches) -> (state, metrics)`, donating the old state.
+  """
+  from outer_loop.meta_step import outer_step  # pylint: disable=g-import-not-at-top  (cycle)
+  state_sh = outer_state_sharding(mesh, abstract_state)
+  inner_sh = batch_sharding(mesh, example_inner, batch_axis=2)
+  outer_sh = batch_sharding(mesh, example_outer, batch_axis=1)
+  step_fn = jax.jit(functools.partial(outer_step, problem),
+                    in_shardings=(state_sh, inner_sh, outer_sh),
+                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+  return step_fn, state_sh, inner_sh, outer_sh

@@ -1,0 +1,134 @@
+"""Orbax checkpoints of a run, tied to the config that made them.
+
+A workdir holds `config.json` (the run's config) and `checkpoints/<step>/` (orbax: the whole
+training state plus a JSON record of the data position and the config fingerprint). A run started
+on a workdir whose checkpoint came from a different config stops with a one-line error before it
+writes anything. Fields that do not change the training trajectory (run length, logging, paths)
+may differ, so a finished run can be extended.
+"""
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from datarater.errors import UserError
+
+# Config fields a resumed run may change: they do not alter the state at a given step.
+NON_TRAJECTORY_FIELDS = ('outer.steps', 'log_every', 'checkpoint_every', 'final_eval',
+                         'data.data_dir')
+
+
+def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def trajectory_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The flattened config minus NON_TRAJECTORY_FIELDS (JSON-normalised: tuples become lists)."""
+  flat = _flatten(json.loads(config.to_json()))
+  return {k: v for k, v in flat.items()
+          if not any(k == f or k.startswith(f + '.') for f in NON_TRAJECTORY_FIELDS)}
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON to a temp file in the same folder, then renames it over `path`."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.json')
+  with os.fdopen(fd, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+class RunCheckpointer:
+  """Saves and restores (state, data position) in `workdir/checkpoints` with orbax."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, max_to_keep: int = 2):
+    self.workdir = workdir
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.config = config
+    self._manager = None
+    self._max_to_keep = max_to_keep
+
+  def _open(self, create: bool):
+    if self._manager is None and (create or os.path.isdir(self.directory)):
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(
+              max_to_keep=self._max_to_keep, create=create))
+    return self._manager
+
+  def latest_step(self) -> int | None:
+    manager = self._open(create=False)
+    return None if manager is None else manager.latest_step()
+
+  def check_compatible(self) -> int | None:
+    """Raises UserError if the latest checkpoint was made with another config; returns its step."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    theirs, ours = meta['config'], trajectory_fields(self.config)
+    diffs = [f'{k}={theirs.get(k)!r} there, {ours.get(k)!r} here'
+             for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if diffs:
+      raise UserError(f'workdir {self.workdir!r} holds a checkpoint of a different config '
+                      f'({"; ".join(diffs[:3])}); use a new --workdir')
+    return step
+
+  def save(self, step: int, state, data_position: dict[str, int]) -> None:
+    manager = self._open(create=True)
+    meta = {'config': trajectory_fields(self.config), 'data_position': data_position,
+            'step': int(step)}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state):
+    """(state placed as `abstract_state`'s shardings say, meta dict)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['meta']
+
+  def wait(self) -> None:
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+      self._manager.close()
+      self._manager = None
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs carrying the target shardings, for restoring onto any device count."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def load_trained_rater(workdir: str):
+  """(rater module, rater params, config, input spec) from a train_rater workdir's latest checkpoint."""
+  from datarater import models  # pylint: disable=g-import-not-at-top
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path):
+    raise UserError(f'no trained rater in {workdir!r}: {config_path!r} is missing')
+  with open(config_path) as f:
+    saved = json.load(f)
+  config = ml_collections.ConfigDict(saved['config'])
+  spec = saved['input_spec']
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
+  step = manager.latest_step()
+  if step is None:
+    raise UserError(f'no checkpoint in {workdir!r}: run launch.train_rater there first')
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  manager.close()
+  rater = models.Rater(spec['num_classes'], tuple(config.rater.hidden), config.rater.activation)
+  return rater, state['rater_params'], config, spec

@@ -1,0 +1,34 @@
+"""Pictures of a rater run: learning curves and how scores split clean from corrupted examples."""
+import os
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+
+def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
+                      is_corrupted: np.ndarray) -> None:
+  """Three panels: outer/inner loss, noise AUROC over outer steps, final score histograms."""
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  steps = [h['step'] for h in history]
+  for key in ('outer_loss', 'inner_loss'):
+    axes[0].plot(steps, [h[key] for h in history], label=key.replace('_', ' '))
+  axes[0].set(xlabel='outer step', ylabel='loss', title='Losses')
+  axes[0].legend()
+  auroc = [(h['step'], h['noise_auroc']) for h in history if 'noise_auroc' in h]
+  if auroc:
+    axes[1].plot(*zip(*auroc))
+  axes[1].set(xlabel='outer step', ylabel='AUROC', title='Rater: clean ranked above corrupted',
+              ylim=(0.4, 1.0))
+  bins = np.linspace(scores.min(), scores.max(), 40)
+  axes[2].hist(scores[~is_corrupted], bins=bins, alpha=0.6, label='clean', density=True)
+  if is_corrupted.any():
+    axes[2].hist(scores[is_corrupted], bins=bins, alpha=0.6, label='corrupted', density=True)
+  axes[2].set(xlabel='rater score', ylabel='density', title='Scores on the training split')
+  axes[2].legend()
+  fig.tight_layout()
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)

@@ -1,0 +1,212 @@
+r"""Meta-learns a DataRater: `python -m launch.train_rater --config=configs/digits.py --workdir=DIR`.
+
+Trains the rater by meta-gradients through a population of inner models (see outer_loop/), on all
+local devices. Writes into DIR: config.json, metrics.jsonl (one JSON record per logged step),
+orbax checkpoints (run again with the same DIR to resume), and at the end report.json and
+rater_report.png: how well the scores separate corrupted from clean training examples, and the
+held-out loss of fresh models trained with the rater's weights versus uniform weights.
+"""
+import json
+import logging
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from datarater import checkpointing, evaluation, plots
+from datarater.data import pipeline
+from datarater.errors import UserError
+from inner_loop.optimizers import make_inner_optimizer
+from inner_loop.weighting import uniform_weights
+from outer_loop import meta_step, setup, sharding
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, report.')
+_STOP_AFTER = flags.DEFINE_integer(
+    'stop_after', None, 'Checkpoint and exit after this outer step (a preemption drill).')
+
+log = logging.getLogger('datarater')
+
+
+def _setup_logging() -> None:
+  if not log.handlers:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Library chatter (orbax, tfds) off.
+
+
+class Data:
+  """The three splits and the deterministic batch stream (position = outer step)."""
+
+  def __init__(self, config):
+    d = config.data
+    self.train = pipeline.load_split(d.name, d.train_split, d.data_dir, d.label_noise, d.noise_seed)
+    self.heldout = pipeline.load_split(d.name, d.heldout_split, d.data_dir)
+    self.eval = pipeline.load_split(d.name, d.eval_split, d.data_dir)
+    self.seed = config.seed
+    self.k, self.t = config.inner.population, config.inner.steps
+    self.b_in, self.b_out = config.inner.batch_size, config.outer.batch_size
+
+  def position(self, step: int) -> dict[str, int]:
+    """Examples consumed from each stream before outer step `step`."""
+    return {'train': step * self.k * self.t * self.b_in, 'heldout': step * self.k * self.b_out}
+
+  def batches_at(self, step: int):
+    """(inner batches [K, T, B, ...], outer batches [K, B, ...]) for outer step `step`."""
+    pos = self.position(step)
+    inner = pipeline.stream_indices(len(self.train), pos['train'], self.k * self.t * self.b_in,
+                                    self.seed).reshape(self.k, self.t, self.b_in)
+    outer = pipeline.stream_indices(len(self.heldout), pos['heldout'], self.k * self.b_out,
+                                    self.seed + 1).reshape(self.k, self.b_out)
+    take = lambda split, idx: {'image': split.image[idx], 'label': split.label[idx]}
+    return take(self.train, inner), take(self.heldout, outer)
+
+  def input_spec(self) -> dict:
+    return {'image_shape': list(self.train.image.shape[1:]), 'num_classes': self.train.num_classes}
+
+
+class MetricsLog:
+  """metrics.jsonl in the workdir; on resume, records past the restored step are dropped."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.history = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.history = [r for r in map(json.loads, f) if r['step'] <= resume_step]
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in self.history)
+      os.replace(tmp, self.path)
+
+  def write(self, record: dict) -> None:
+    self.history.append(record)
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+
+def train(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
+  """Runs (or resumes) a rater training; returns the final report (empty if stopped early)."""
+  _setup_logging()
+  if not workdir:
+    raise UserError('--workdir is required')
+  setup.validate_config(config)
+  mesh = sharding.make_mesh(config.inner.population, devices)
+  sharding.check_batch_sizes(mesh, **{'inner.batch_size': config.inner.batch_size,
+                                      'outer.batch_size': config.outer.batch_size})
+  data = Data(config)
+  ckpt = checkpointing.RunCheckpointer(workdir, config)
+  resume_step = ckpt.check_compatible()
+  # Every check passed: from here on the workdir is written.
+  os.makedirs(workdir, exist_ok=True)
+  checkpointing.write_json_atomic(os.path.join(workdir, 'config.json'), {
+      'config': json.loads(config.to_json()), 'input_spec': data.input_spec()})
+
+  example_inner, example_outer = data.batches_at(0)
+  problem, task, rater = setup.build_problem(
+      config, data.train.num_classes, jax.tree.map(lambda x: x[0, 0], example_inner))
+  key = jax.random.PRNGKey(config.seed)
+  init = lambda: meta_step.init_outer_state(
+      problem, rater.init(jax.random.fold_in(key, 1), jax.tree.map(lambda x: x[0, 0], example_inner)),
+      jax.random.fold_in(key, 2), config.inner.population)
+  step_fn, state_shardings, inner_sh, outer_sh = sharding.jit_outer_step(
+      problem, mesh, jax.eval_shape(init), example_inner, example_outer)
+
+  if resume_step is None:
+    state, start = jax.jit(init, out_shardings=state_shardings)(), 0
+  else:
+    state, meta = ckpt.restore(resume_step, checkpointing.abstract_like(
+        jax.eval_shape(init), state_shardings))
+    start = int(meta['step'])
+    log.info('resumed from the checkpoint at outer step %d', start)
+  metrics_log = MetricsLog(workdir, start)
+
+  score_fn = lambda params: (lambda batch: rater.apply(params, batch))
+  last_step = config.outer.steps if stop_after is None else min(stop_after, config.outer.steps)
+  log.info('training the rater: outer steps %d..%d on %d device(s) (mesh %s), T=%d, K=%d, B=%d',
+           start, config.outer.steps, mesh.devices.size, dict(mesh.shape), config.inner.steps,
+           config.inner.population, config.inner.batch_size)
+  t0, s0, totals = time.time(), start, None
+  for step in range(start, last_step):
+    inner, outer = data.batches_at(step)
+    state, metrics = step_fn(state, sharding.put_global(inner, inner_sh),
+                             sharding.put_global(outer, outer_sh))
+    totals = metrics if totals is None else jax.tree.map(jax.numpy.add, totals, metrics)
+    done = step + 1
+    if done % config.log_every == 0 or done == last_step:
+      # Averages over the steps since the last record (single steps jump at member resets).
+      metrics = {k: float(v) / (done - s0) for k, v in jax.device_get(totals).items()}
+      rate = (done - s0) / (time.time() - t0)
+      scores = evaluation.score_split(score_fn(state.rater_params), data.train)
+      record = {'step': done, **metrics, 'steps_per_sec': rate,
+                'noise_auroc': evaluation.noise_auroc(scores, data.train.is_corrupted)}
+      metrics_log.write(record)
+      log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
+               'noise AUROC %.3f | %.1f steps/s', done, config.outer.steps, record['outer_loss'],
+               record['inner_loss'], record['meta_grad_norm'], record['noise_auroc'], rate)
+      t0, s0, totals = time.time(), done, None
+    if done % config.checkpoint_every == 0 or done == last_step:
+      ckpt.save(done, state, data.position(done))
+  ckpt.close()
+  if last_step < config.outer.steps:
+    log.info('stopped after outer step %d (checkpointed); run again to resume', last_step)
+    return {}
+  return final_report(config, workdir, data, task, rater, state.rater_params, metrics_log.history)
+
+
+def final_report(config, workdir, data, task, rater, rater_params, history) -> dict:
+  """Noise AUROC of the scores and fresh models trained with rater vs uniform weights."""
+  scores = evaluation.score_split(lambda b: rater.apply(rater_params, b), data.train)
+  auroc = evaluation.noise_auroc(scores, data.train.is_corrupted)
+  optimizer = make_inner_optimizer(config.inner.optimizer, config.inner.learning_rate)
+  weightings = {
+      'rater': meta_step.MetaProblem.weight_fn(
+          setup.build_problem(config, data.train.num_classes,
+                              {'image': data.train.image[:1], 'label': data.train.label[:1]})[0],
+          rater_params),
+      'uniform': uniform_weights,
+  }
+  fe = config.final_eval
+  results = {}
+  for name, weight_fn in weightings.items():
+    results[name] = evaluation.train_fresh_models(
+        task, optimizer, weight_fn, data.train, {'heldout': data.heldout, 'eval': data.eval},
+        steps=fe.train_steps, batch_size=config.inner.batch_size, num_models=fe.num_models,
+        seed=config.seed)
+  report = {'noise_auroc': auroc, 'label_noise': config.data.label_noise,
+            'fresh_models': results, 'outer_steps': config.outer.steps}
+  checkpointing.write_json_atomic(os.path.join(workdir, 'report.json'), report)
+  plots.save_rater_report(os.path.join(workdir, 'rater_report.png'), history, scores,
+                          data.train.is_corrupted)
+  log.info('noise AUROC of the rater scores on %s: %.4f (label noise %.0f%%)',
+           config.data.train_split, auroc, 100 * config.data.label_noise)
+  for name, r in results.items():
+    log.info('fresh models trained %d steps with %s weights: held-out loss %.4f, %s loss %.4f, '
+             '%s accuracy %.2f%%', fe.train_steps, name, r['heldout']['loss'],
+             config.data.eval_split, r['eval']['loss'], config.data.eval_split,
+             100 * r['eval']['accuracy'])
+  log.info('wrote %s and %s', os.path.join(workdir, 'report.json'),
+           os.path.join(workdir, 'rater_report.png'))
+  return report
+
+
+def main(argv):
+  del argv
+  try:
+    train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)
