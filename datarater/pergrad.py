@@ -1,0 +1,431 @@
+"""The one per-example gradient layer every valuation uses (TracIn, Mimic, data value embedding).
+
+A per-example loss `loss_fn(params, batch) -> [B]` (e.g. `models.per_example_loss`) is turned into:
+- `per_example(...)`: each example's gradient passed through a `GradTransform` (select layers,
+  flatten, project, norm, dot, normalise), vmapped in chunks of `chunk_size` examples inside a
+  `lax.map`, so at most `chunk_size` full gradients are alive at once however large the batch;
+- `jvp_dots(...)`: all B dot products <grad l_i, v> with a fixed vector v from ONE forward-mode JVP,
+  never forming a per-example gradient;
+- `ghost_dots(...)` / `ghost_sq_norms(...)`: pairwise gradient dot products of Dense layers from
+  their inputs a_i and output-gradients g_i, since grad_i(kernel) = a_i g_i^T gives
+  <grad_i, grad_j> = (a_i.a_j)(g_i.g_j); the factors are captured with `flax.linen.intercept_methods`
+  (a zero perturbation added to each Dense output, as `Module.perturb` does, without editing models).
+
+Transforms follow optax's init/apply pattern: `t.init(grads_like) -> state` (shapes suffice, so it
+can be built from `jax.eval_shape`), `t.apply(grads_of_one_example, state) -> output`; `chain`
+composes them. Random projections are seeded and never hold a P x k matrix: `gaussian_projection`
+generates it block by block from the seed inside a scan, `kronecker_projection` projects each
+matrix-shaped leaf G [d_in, d_out] as A^T G B with small per-layer factors.
+"""
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from datarater.errors import UserError
+
+PerExampleLoss = Callable[[Any, dict], jax.Array]
+
+
+class GradTransform(NamedTuple):
+  """init(grads or their shapes) -> state; apply(one example's grads, state) -> output."""
+  init: Callable[[Any], Any]
+  apply: Callable[[Any, Any], Any]
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def identity() -> GradTransform:
+  return GradTransform(lambda g: (), lambda g, s: g)
+
+
+def chain(*transforms: GradTransform) -> GradTransform:
+  """Applies transforms in order; each one's init sees the shapes the previous one outputs."""
+
+  def init(grads):
+    states, x = [], grads
+    for t in transforms:
+      state = t.init(x)
+      states.append(state)
+      x = jax.eval_shape(t.apply, x, state)
+    return tuple(states)
+
+  def apply(grads, states):
+    for t, s in zip(transforms, states):
+      grads = t.apply(grads, s)
+    return grads
+
+  return GradTransform(init, apply)
+
+
+def _path_name(path) -> str:
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))))
+  return '/'.join(parts)
+
+
+def layer_mask(tree, layers: Optional[Sequence[str]]):
+  """A bool pytree: True on leaves whose path has one of `layers` as a component (None: all)."""
+  if layers is None:
+    return jax.tree.map(lambda _: True, tree)
+  layers = [layers] if isinstance(layers, str) else list(layers)
+  paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  found = {l: False for l in layers}
+
+  def keep(path):
+    name = _path_name(path)
+    hit = [l for l in layers if l in name.split('/') or name.startswith(l + '/')]
+    for l in hit:
+      found[l] = True
+    return bool(hit)
+
+  mask = jax.tree_util.tree_map_with_path(lambda p, _: keep(p), tree)
+  missing = [l for l, ok in found.items() if not ok]
+  if missing:
+    names = sorted({_path_name(p).rsplit('/', 1)[0] for p, _ in paths})
+    raise UserError(f'layer {missing[0]!r} not found in the parameters (layers: {", ".join(names)})')
+  return mask
+
+
+def select(layers: Optional[Sequence[str]]) -> GradTransform:
+  """Keeps the leaves of the named layers (e.g. ['dense_2']) as a dict path -> array."""
+
+  def pick(grads):
+    if layers is None:
+      return grads
+    mask = layer_mask(grads, layers)
+    leaves = jax.tree_util.tree_flatten_with_path(grads)[0]
+    flags = jax.tree.leaves(mask)
+    return {_path_name(p): x for (p, x), f in zip(leaves, flags) if f}
+
+  return GradTransform(lambda g: (), lambda g, s: pick(g))
+
+
+def flatten() -> GradTransform:
+  """The gradient as one vector [P] (leaf order of `jax.tree.leaves`, each leaf row-major)."""
+  return GradTransform(lambda g: (), lambda g, s: ravel_pytree(g)[0])
+
+
+def sq_norm() -> GradTransform:
+  return GradTransform(lambda g: (), lambda g, s: sum(jnp.sum(x * x) for x in jax.tree.leaves(g)))
+
+
+def normalize(eps: float = 1e-12) -> GradTransform:
+  """g / ||g|| (over all leaves): dot products become cosines ("Grad-Cos")."""
+
+  def apply(g, s):
+    norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g)))
+    return jax.tree.map(lambda x: x / jnp.maximum(norm, eps), g)
+
+  return GradTransform(lambda g: (), apply)
+
+
+def dot(vector) -> GradTransform:
+  """<g, vector> per example by an explicit contraction (see `jvp_dots` for the no-gradient way)."""
+
+  def apply(g, v):
+    return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+
+  return GradTransform(lambda g: vector, apply)
+
+
+def _gaussian_block(key, block: int, rows: int, cols: int, dtype) -> jax.Array:
+  return jax.random.normal(jax.random.fold_in(key, block), (rows, cols), dtype) / math.sqrt(cols)
+
+
+def gaussian_projection(dim: int, seed: int = 0, block_size: int = 4096) -> GradTransform:
+  """x -> x @ R with R [P, dim] i.i.d. N(0, 1/dim) (so E <xR, yR> = <x, y>), input flattened.
+
+  R is never held: rows [b*block_size, (b+1)*block_size) are drawn from fold_in(seed, b) inside a
+  scan, so memory is block_size x dim. `gaussian_projection_matrix` builds the same R explicitly.
+  """
+  if dim < 1:
+    raise UserError(f'projection dim must be >= 1, got {dim}')
+
+  def apply(g, key):
+    x = ravel_pytree(g)[0]
+    p = x.shape[0]
+    bs = min(block_size, p)
+    nblocks = -(-p // bs)
+    x = jnp.pad(x, (0, nblocks * bs - p)).reshape(nblocks, bs)
+
+    def body(acc, b):
+      return acc + x[b] @ _gaussian_block(key, b, bs, dim, x.dtype), None
+
+    out, _ = jax.lax.scan(body, jnp.zeros((dim,), x.dtype), jnp.arange(nblocks))
+    return out
+
+  return GradTransform(lambda g: jax.random.key(seed), apply)
+
+
+def gaussian_projection_matrix(num_params: int, dim: int, seed: int = 0, block_size: int = 4096,
+                               dtype=jnp.float32) -> jax.Array:
+  """The explicit [P, dim] matrix `gaussian_projection` applies (for tests on small P only)."""
+  bs = min(block_size, num_params)
+  nblocks = -(-num_params // bs)
+  key = jax.random.key(seed)
+  full = jnp.concatenate([_gaussian_block(key, b, bs, dim, dtype) for b in range(nblocks)])
+  return full[:num_params]
+
+
+def kronecker_projection(dim_in: int, dim_out: int, seed: int = 0) -> GradTransform:
+  """Per-layer structured projection to a vector of sum over leaves of their projected sizes.
+
+  A leaf reshaped to G [d_in, d_out] (last axis = outputs) with d_in*d_out > dim_in*dim_out is
+  mapped to A^T G B, A [d_in, dim_in] ~ N(0, 1/dim_in), B [d_out, dim_out] ~ N(0, 1/dim_out): the
+  dense equivalent is kron(A, B) on the row-major flattened leaf, never formed. Smaller leaves
+  (biases) are kept exactly. Factors are drawn from fold_in(seed, leaf index) in `init`.
+  """
+  if dim_in < 1 or dim_out < 1:
+    raise UserError(f'kronecker projection dims must be >= 1, got ({dim_in}, {dim_out})')
+
+  def init(grads):
+    key = jax.random.key(seed)
+    factors = []
+    for i, leaf in enumerate(jax.tree.leaves(grads)):
+      size = math.prod(leaf.shape)
+      if len(leaf.shape) < 2 or size <= dim_in * dim_out:
+        factors.append(None)
+        continue
+      d_in, d_out = size // leaf.shape[-1], leaf.shape[-1]
+      ka, kb = jax.random.split(jax.random.fold_in(key, i))
+      factors.append((jax.random.normal(ka, (d_in, dim_in), leaf.dtype) / math.sqrt(dim_in),
+                      jax.random.normal(kb, (d_out, dim_out), leaf.dtype) / math.sqrt(dim_out)))
+    return factors
+
+  def apply(grads, factors):
+    outs = []
+    for leaf, f in zip(jax.tree.leaves(grads), factors):
+      if f is None:
+        outs.append(leaf.reshape(-1))
+      else:
+        a, b = f
+        outs.append((a.T @ leaf.reshape(a.shape[0], b.shape[0]) @ b).reshape(-1))
+    return jnp.concatenate(outs)
+
+  return GradTransform(init, apply)
+
+
+# ----------------------------------------------------------------------------- per-example maps
+
+
+def single_example_loss(loss_fn: PerExampleLoss) -> Callable[[Any, dict], jax.Array]:
+  """The scalar loss of one example (no batch axis) from a per-example batch loss."""
+
+  def loss(params, example):
+    return loss_fn(params, jax.tree.map(lambda x: x[None], example))[0]
+
+  return loss
+
+
+def batch_size_of(batch) -> int:
+  return jax.tree.leaves(batch)[0].shape[0]
+
+
+def per_example(loss_fn: PerExampleLoss, params, batch: dict,
+                transform: Optional[GradTransform] = None, state: Any = None,
+                chunk_size: Optional[int] = 64):
+  """transform.apply(grad l_i, state) for every example i, stacked on a leading axis [B, ...].
+
+  Gradients are vmapped over chunks of `chunk_size` examples, chunk after chunk in a `lax.map`:
+  peak memory holds `chunk_size` per-example gradients, not B. `chunk_size=None` vmaps all B.
+  `state` defaults to `transform.init(params)`; pass it to reuse e.g. projection factors.
+  """
+  transform = transform or identity()
+  if state is None:
+    state = transform.init(jax.eval_shape(lambda: params))
+  grad_fn = jax.grad(single_example_loss(loss_fn))
+
+  def one(example):
+    return transform.apply(grad_fn(params, example), state)
+
+  return chunked_vmap(one, batch, chunk_size)
+
+
+def chunked_vmap(fn: Callable, batch, chunk_size: Optional[int]):
+  """vmap(fn)(batch) computed `chunk_size` examples at a time in a `lax.scan`.
+
+  Like `lax.map(fn, batch, batch_size=...)`, but chunks are read with `dynamic_slice` from the
+  batch in place, so the inputs are not copied into a [chunks, chunk_size, ...] layout (which
+  would grow temporary memory with B); the last B % chunk_size examples get one more vmap.
+  """
+  if chunk_size is None:
+    return jax.vmap(fn)(batch)
+  if chunk_size < 1:
+    raise UserError(f'chunk_size must be >= 1, got {chunk_size}')
+  n = batch_size_of(batch)
+  size = min(chunk_size, n)
+  full, rest = divmod(n, size)
+
+  def body(_, i):
+    part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size), batch)
+    return None, jax.vmap(fn)(part)
+
+  _, out = jax.lax.scan(body, None, jnp.arange(full))
+  out = jax.tree.map(lambda y: y.reshape(full * size, *y.shape[2:]), out)
+  if rest:
+    tail = jax.vmap(fn)(jax.tree.map(lambda x: x[full * size:], batch))
+    out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+  return out
+
+
+def per_example_grads(loss_fn: PerExampleLoss, params, batch: dict,
+                      chunk_size: Optional[int] = None):
+  """Each example's gradient as a params-shaped pytree with a leading [B] axis."""
+  return per_example(loss_fn, params, batch, identity(), (), chunk_size)
+
+
+def mean_grad(loss_fn: PerExampleLoss, params, batch: dict):
+  """The gradient of the mean loss over the batch (e.g. a held-out set's direction)."""
+  return jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(params)
+
+
+def jvp_dots(loss_fn: PerExampleLoss, params, batch: dict, vector,
+             chunk_size: Optional[int] = None) -> jax.Array:
+  """<grad l_i(params), vector> for all i from one JVP of the loss vector along `vector`.
+
+  d/de l_i(params + e v) at e = 0 is exactly the dot product, for every i at the cost of about
+  one forward pass, and no per-example gradient is formed. `chunk_size` bounds activation memory.
+  """
+  def dots(b):
+    return jax.jvp(lambda p: loss_fn(p, b), (params,), (vector,))[1]
+
+  if chunk_size is None:
+    return dots(batch)
+  return chunked_vmap(lambda ex: dots(jax.tree.map(lambda x: x[None], ex))[0], batch, chunk_size)
+
+
+def tree_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
+
+
+def masked(tree, layers: Optional[Sequence[str]]):
+  """`tree` with every leaf outside `layers` set to zero (None keeps all)."""
+  if layers is None:
+    return tree
+  return jax.tree.map(lambda x, m: x if m else jnp.zeros_like(x), tree, layer_mask(tree, layers))
+
+
+# ----------------------------------------------------------------------------- ghost dot products
+
+
+def _is_dense_call(context) -> bool:
+  return isinstance(context.module, nn.Dense) and context.method_name == '__call__'
+
+
+def _dense_name(context) -> str:
+  return '/'.join(context.module.path)
+
+
+def dense_layers(loss_fn: PerExampleLoss, params, batch: dict) -> list[str]:
+  """Names (module paths) of the nn.Dense calls made by `loss_fn`, in call order."""
+  names = []
+
+  def record(next_fun, args, kwargs, context):
+    if _is_dense_call(context):
+      names.append(_dense_name(context))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda p, b: loss_fn(p, b), params, batch)  # a fresh fn: eval_shape caches traces
+  return names
+
+
+def dense_factors(loss_fn: PerExampleLoss, params, batch: dict,
+                  layers: Optional[Sequence[str]] = None, check_coverage: bool = True):
+  """{Dense name: (inputs a [B, ..., d_in], output-grads g [B, ..., d_out], use_bias)}.
+
+  g_i = d l_i / d(output of the layer for example i), all from one backward pass of sum_i l_i
+  through zero perturbations added to the Dense outputs. With `check_coverage`, raises if the
+  Dense layers taken do not hold every parameter (ghost products would then miss a part).
+  """
+  shapes, bias = {}, {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if _is_dense_call(context):
+      name = _dense_name(context)
+      if name in shapes:
+        raise ValueError(f'Dense layer {name!r} is called twice: ghost products need one call')
+      x = args[0] if args else kwargs['inputs']
+      shapes[name] = (jax.ShapeDtypeStruct(out.shape, out.dtype), x.shape[-1] * out.shape[-1])
+      bias[name] = context.module.use_bias
+    return out
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda p, b: loss_fn(p, b), params, batch)  # a fresh fn: eval_shape caches traces
+  names = list(shapes) if layers is None else [n for n in shapes
+                                               if any(l in n.split('/') for l in layers)]
+  if layers is not None and not names:
+    raise UserError(f'no Dense layer among {list(layers)!r} (Dense layers: {", ".join(shapes)})')
+  if check_coverage and layers is None:
+    covered = sum(shapes[n][1] + (shapes[n][0].shape[-1] if bias[n] else 0) for n in names)
+    total = sum(x.size for x in jax.tree.leaves(params))
+    if covered != total:
+      raise ValueError(f'Dense layers hold {covered} of {total} parameters: ghost dot products '
+                       'cover only Dense layers (use per_example with flatten instead)')
+
+  def total_loss(eps):
+    acts = {}
+
+    def perturb(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      name = _dense_name(context) if _is_dense_call(context) else None
+      if name in eps:
+        acts[name] = args[0] if args else kwargs['inputs']
+        out = out + eps[name]
+      return out
+
+    with nn.intercept_methods(perturb):
+      loss = loss_fn(params, batch)
+    return jnp.sum(loss), acts
+
+  eps = {n: jnp.zeros(shapes[n][0].shape, shapes[n][0].dtype) for n in names}
+  out_grads, acts = jax.grad(total_loss, has_aux=True)(eps)
+  return {n: (acts[n], out_grads[n], bias[n]) for n in names}
+
+
+def _as_3d(x):
+  return x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, d]: T positions share the layer
+
+
+def ghost_dots(loss_fn: PerExampleLoss, params, batch_a: dict, batch_b: Optional[dict] = None,
+               layers: Optional[Sequence[str]] = None) -> jax.Array:
+  """[A, B] matrix of <grad l(a_i), grad l(b_j)> over Dense layers, no per-example gradient formed.
+
+  Kernel: sum_{t,s} (x_it . x_js)(g_it . g_js) (one position: (x_i.x_j)(g_i.g_j)); bias:
+  (sum_t g_it) . (sum_s g_js). `batch_b=None` means batch_a against itself.
+  """
+  fa = dense_factors(loss_fn, params, batch_a, layers)
+  fb = fa if batch_b is None else dense_factors(loss_fn, params, batch_b, layers)
+  total = 0.0
+  for name, (xa, ga, has_bias) in fa.items():
+    xb, gb, _ = fb[name]
+    xa, ga, xb, gb = map(_as_3d, (xa, ga, xb, gb))
+    if xa.shape[1] == 1 and xb.shape[1] == 1:
+      total = total + (xa[:, 0] @ xb[:, 0].T) * (ga[:, 0] @ gb[:, 0].T)
+    else:
+      total = total + jnp.einsum('atd,bsd,ate,bse->ab', xa, xb, ga, gb)
+    if has_bias:
+      total = total + ga.sum(1) @ gb.sum(1).T
+  return total
+
+
+def ghost_sq_norms(loss_fn: PerExampleLoss, params, batch: dict,
+                   layers: Optional[Sequence[str]] = None) -> jax.Array:
+  """||grad l_i||^2 over Dense layers for every i, [B], from activations and output-gradients."""
+  total = 0.0
+  for x, g, has_bias in dense_factors(loss_fn, params, batch, layers).values():
+    x, g = _as_3d(x), _as_3d(g)
+    if x.shape[1] == 1:
+      total = total + jnp.sum(x[:, 0] ** 2, -1) * jnp.sum(g[:, 0] ** 2, -1)
+    else:
+      total = total + jnp.einsum('btd,bsd,bte,bse->b', x, x, g, g)
+    if has_bias:
+      total = total + jnp.sum(g.sum(1) ** 2, -1)
+  return total
