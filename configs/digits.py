@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'reverse' | 'remat' (jax.checkpoint per inner step: memory for compute); see outer_loop.
   c.outer.meta_gradient = 'reverse'
 
-  c.log_every = 50
+  c.log_every = 25
   c.checkpoint_every = 200
 
   # End-of-run report: fresh models trained on rater weights vs uniform weights.

@@ -1,0 +1,33 @@
+"""A seconds-long variant of the default experiment for launcher tests."""
+from configs.digits import get_config
+
+
+def small_config(data_dir: str, steps: int = 6):
+  c = get_config()
+  c.data.data_dir = data_dir
+  c.outer.steps = steps
+  c.inner.population = 2
+  c.inner.batch_size = 16
+  c.outer.batch_size = 16
+  c.inner.reset_every = 4
+  c.task_model.hidden = (16,)
+  c.rater.hidden = (16,)
+  c.log_every = 2
+  c.checkpoint_every = 2
+  c.final_eval.train_steps = 5
+  c.final_eval.num_models = 1
+  return c
+
+
+def as_flags(c) -> list[str]:
+  """The command-line overrides that turn configs/digits.py into `c`."""
+  return [f'--config.data.data_dir={c.data.data_dir}', f'--config.outer.steps={c.outer.steps}',
+          f'--config.inner.population={c.inner.population}',
+          f'--config.inner.batch_size={c.inner.batch_size}',
+          f'--config.outer.batch_size={c.outer.batch_size}',
+          f'--config.inner.reset_every={c.inner.reset_every}',
+          f'--config.task_model.hidden={tuple(c.task_model.hidden)}',
+          f'--config.rater.hidden={tuple(c.rater.hidden)}', f'--config.log_every={c.log_every}',
+          f'--config.checkpoint_every={c.checkpoint_every}',
+          f'--config.final_eval.train_steps={c.final_eval.train_steps}',
+          f'--config.final_eval.num_models={c.final_eval.num_models}']
