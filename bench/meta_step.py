@@ -1,0 +1,114 @@
+r"""Outer-step time and compiled peak memory against the unroll length T, per meta-gradient mode.
+
+  python -m bench.meta_step                      # T in {1, 4, 16}, every mode, default model
+  python -m bench.meta_step --unrolls=1,4 --repeats=5
+
+Times are medians over `--repeats` calls after a warm-up, all measured in one run (compare
+ratios, not absolute numbers, on a shared machine). Memory is XLA's compiled
+`memory_analysis()`: temporaries (activations kept for the backward pass live here) plus
+arguments and outputs. Writes bench/results/meta_step.json and .png.
+"""
+import json
+import os
+import platform
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from configs.digits import get_config
+from outer_loop import meta_step, setup
+from outer_loop.meta_step import META_GRADIENT_MODES
+
+_UNROLLS = flags.DEFINE_list('unrolls', ['1', '4', '16'], 'Values of T (inner.steps).')
+_MODES = flags.DEFINE_list('modes', list(META_GRADIENT_MODES), 'Meta-gradient modes.')
+_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per setting (median reported).')
+_HIDDEN = flags.DEFINE_list('hidden', ['128', '128'], 'Task-model and rater hidden widths.')
+_OUT = flags.DEFINE_string('out', 'bench/results/meta_step', 'Output path prefix (.json, .png).')
+
+
+def measure(config, image_shape=(8, 8, 1), num_classes=10, repeats=10) -> dict:
+  """Compiles one outer step for `config` on random data; returns memory and time figures."""
+  k, t, b = config.inner.population, config.inner.steps, config.inner.batch_size
+  rng = np.random.default_rng(0)
+  inner = {'image': rng.random((k, t, b, *image_shape), np.float32),
+           'label': rng.integers(0, num_classes, (k, t, b)).astype(np.int32)}
+  outer = {'image': rng.random((k, config.outer.batch_size, *image_shape), np.float32),
+           'label': rng.integers(0, num_classes, (k, config.outer.batch_size)).astype(np.int32)}
+  example = jax.tree.map(lambda x: x[0, 0], inner)
+  problem, _, rater = setup.build_problem(config, num_classes, example)
+  state = meta_step.init_outer_state(problem, rater.init(jax.random.PRNGKey(0), example),
+                                     jax.random.PRNGKey(1), k)
+  step = jax.jit(lambda s, i, o: meta_step.outer_step(problem, s, i, o))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, inner, outer).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  inner, outer = jax.device_put((inner, outer))
+  jax.block_until_ready(compiled(state, inner, outer))  # warm-up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(state, inner, outer))
+    times.append(time.perf_counter() - t0)
+  return {'temp_bytes': int(mem.temp_size_in_bytes),
+          'argument_bytes': int(mem.argument_size_in_bytes),
+          'output_bytes': int(mem.output_size_in_bytes),
+          'peak_bytes': int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                            + mem.output_size_in_bytes),
+          'step_ms': 1e3 * float(np.median(times)), 'compile_s': compile_s}
+
+
+def plot(results: list[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
+  for mode in sorted({r['mode'] for r in results}):
+    rows = sorted((r for r in results if r['mode'] == mode), key=lambda r: r['T'])
+    ts = [r['T'] for r in rows]
+    ax_mem.plot(ts, [r['temp_bytes'] / 2**20 for r in rows], 'o-', label=mode)
+    ax_time.plot(ts, [r['step_ms'] for r in rows], 'o-', label=mode)
+  ax_mem.set(xscale='log', xlabel='inner steps T', ylabel='compiled temp memory (MiB)',
+             title='Peak temporary memory')
+  ax_time.set(xscale='log', xlabel='inner steps T', ylabel='outer step (ms)', title='Step time')
+  for ax in (ax_mem, ax_time):
+    ax.legend()
+  fig.suptitle(f'DataRater outer step on {jax.devices()[0].device_kind}')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  results = []
+  hidden = tuple(int(h) for h in _HIDDEN.value)
+  print(f'{"mode":>8} {"T":>4} {"temp MiB":>10} {"peak MiB":>10} {"step ms":>9} {"compile s":>9}')
+  for mode in _MODES.value:
+    for t in map(int, _UNROLLS.value):
+      config = get_config()
+      config.inner.steps, config.outer.meta_gradient = t, mode
+      config.task_model.hidden = config.rater.hidden = hidden
+      r = {'mode': mode, 'T': t, **measure(config, repeats=_REPEATS.value)}
+      results.append(r)
+      print(f'{mode:>8} {t:>4} {r["temp_bytes"] / 2**20:>10.2f} {r["peak_bytes"] / 2**20:>10.2f} '
+            f'{r["step_ms"]:>9.2f} {r["compile_s"]:>9.1f}', flush=True)
+  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+  c = get_config()
+  record = {'device': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
+            'num_devices': 1, 'host': platform.node(), 'hidden': hidden,
+            'population': c.inner.population, 'batch_size': c.inner.batch_size,
+            'results': results}
+  tmp = _OUT.value + '.json.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(record, f, indent=2)
+  os.replace(tmp, _OUT.value + '.json')
+  plot(results, _OUT.value + '.png')
+  print(f'wrote {_OUT.value}.json and {_OUT.value}.png')
+
+
+if __name__ == '__main__':
+  app.run(main)
