@@ -1,0 +1,154 @@
+"""Data value embedding (Wang et al. 2024): trajectory-specific leave-one-out in one dot product.
+
+Plain SGD on mean batch losses, theta_{t+1} = theta_t - (lr_t/B) sum_j g_j(theta_t). Removing
+example i from step s adds (lr_s/B) g_i(theta_s) to theta_{s+1}; to first order that change
+reaches the final parameters as
+    e_{s,i} = (lr_s/B) K_{s+1} g_i(theta_s),   K_{s+1} = prod_{t=T-1..s+1} (I - lr_t H_t),
+so the change of any test loss is <grad l_test(theta_T), e_{s,i}>: e is the data value
+embedding. H_t, the batch Hessian, is approximated from per-example gradients: by default the
+Gauss-Newton matrix (1/B) sum_j sum_c p_jc g_jc g_jc^T (gradients for every label c, weighted by
+the model's probabilities: exact Fisher of softmax cross-entropy), or the cheaper empirical Fisher
+(1/B) sum_j g_j g_j^T of the observed labels. Everything is kept in a k-dim random projection of
+the gradients (pergrad transforms), so K is k x k and the backward recursion
+K_t = K_{t+1} (I - lr_t H_t) is one `lax.scan` in reverse. An example's embedding sums
+its occurrences; summing only the steps of one phase (early/middle/late) gives value by phase.
+"""
+from typing import Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax.flatten_util import ravel_pytree
+
+from datarater import pergrad
+from datarater.errors import UserError
+from datarater.valuation.base import PerExampleLoss, TrainingRun, Valuation
+
+CURVATURES = ('gauss_newton', 'empirical_fisher', 'exact', 'none')
+
+
+@flax.struct.dataclass
+class Embeddings:
+  step: jax.Array    # [T, B, k]: e_{t,j}, removing the j-th example of step t
+  example: jax.Array  # [N, k]: summed over each example's occurrences
+  phase: jax.Array    # [P, N, k]: the same sum restricted to each of P equal phases of training
+
+
+def _k_times_hessian(loss_fn, params, batch, kmat, grads, transform, state, curvature,
+                     num_classes, chunk_size):
+  """K H_t for the batch-mean loss at `params`, H_t approximated as `curvature` says."""
+  b = grads.shape[0]
+  if curvature == 'empirical_fisher':  # (1/B) sum_j g_j g_j^T with the observed labels
+    return (kmat @ grads.T) @ grads / b
+  if curvature == 'gauss_newton':
+    # For softmax cross-entropy the Gauss-Newton matrix is the model's Fisher:
+    # (1/B) sum_j sum_c p_jc g_jc g_jc^T, g_jc the gradient had the label been c, p_jc = e^-l_jc.
+    def per_class(acc, c):
+      relabelled = dict(batch, label=jnp.full_like(batch['label'], c))
+      g = pergrad.per_example(loss_fn, params, relabelled, transform, state, chunk_size)
+      p = jnp.exp(-loss_fn(params, relabelled))
+      return acc + ((kmat @ g.T) * p[None, :]) @ g / b, None
+    return jax.lax.scan(per_class, jnp.zeros_like(kmat), jnp.arange(num_classes))[0]
+  # 'exact': rows of K are parameter-space vectors (unprojected); (K H)_r = H K_r by an HVP.
+  flat, unravel = ravel_pytree(params)
+  grad_fn = jax.grad(lambda v: jnp.mean(loss_fn(unravel(v), batch)))
+  hvp = lambda r: jax.jvp(grad_fn, (flat,), (r,))[1]
+  return jax.lax.map(hvp, kmat, batch_size=min(64, kmat.shape[0]))
+
+
+def embed(loss_fn: PerExampleLoss, run: TrainingRun, num_examples: int,
+          transform: Optional[pergrad.GradTransform] = None, curvature: str = 'gauss_newton',
+          num_classes: Optional[int] = None, phases: int = 3,
+          chunk_size: Optional[int] = 64) -> Embeddings:
+  """Data value embeddings of a recorded run that has a checkpoint before every step.
+
+  One reverse `lax.scan` over the steps: at step t, the (transformed) per-example gradients g_t
+  at theta_t give e_t = (lr_t/B) g_t K^T, then K <- K - lr_t K H_t. curvature: 'gauss_newton'
+  (default; needs `num_classes`, exact Fisher of a softmax cross-entropy), 'empirical_fisher'
+  (observed-label g g^T, cheapest), 'exact' (Hessian-vector products; unprojected gradients only,
+  K is P x P: tiny models), 'none' (K = I: a TracIn-like first-order value).
+  """
+  if curvature not in CURVATURES:
+    raise UserError(f'unknown curvature {curvature!r} (choose from {", ".join(CURVATURES)})')
+  if curvature == 'gauss_newton' and not num_classes:
+    raise UserError("curvature 'gauss_newton' needs num_classes")
+  if run.num_checkpoints != run.num_steps:
+    raise UserError(f'data value embedding needs checkpoint_every=1 (the run has '
+                    f'{run.num_checkpoints} checkpoints for {run.num_steps} steps)')
+  exact = transform is None
+  transform = transform or pergrad.flatten()
+  if curvature == 'exact' and not exact:
+    raise UserError("curvature 'exact' works on unprojected gradients only (transform=None)")
+  state = transform.init(jax.eval_shape(lambda: run.final_params))
+  k = jax.eval_shape(lambda p: transform.apply(p, state), run.final_params).shape[0]
+  dtype = jnp.result_type(*jax.tree.leaves(run.final_params))
+
+  def body(kmat, step):
+    params, batch, lr = step
+    g = pergrad.per_example(loss_fn, params, batch, transform, state, chunk_size)
+    emb = (lr / g.shape[0]) * g @ kmat.T
+    if curvature != 'none':
+      kmat = kmat - lr * _k_times_hessian(loss_fn, params, batch, kmat, g, transform, state,
+                                          curvature, num_classes, chunk_size)
+    return kmat, emb
+
+  _, step = jax.lax.scan(body, jnp.eye(k, dtype=dtype),
+                         (run.checkpoints, run.batches, run.step_lrs), reverse=True)
+  t, b, _ = step.shape
+  index = run.batches['index'].reshape(-1)
+  example = jax.ops.segment_sum(step.reshape(t * b, k), index, num_examples)
+  phase_of = jnp.repeat(jnp.arange(t) * phases // t, b)
+  phase = jax.ops.segment_sum(step.reshape(t * b, k), phase_of * num_examples + index,
+                              phases * num_examples).reshape(phases, num_examples, k)
+  return Embeddings(step=step, example=example, phase=phase)
+
+
+def test_direction(loss_fn: PerExampleLoss, params, test_batch: dict,
+                   transform: Optional[pergrad.GradTransform] = None) -> jax.Array:
+  """The transformed gradient of the mean test loss at the final params, [k] (linear transforms)."""
+  transform = transform or pergrad.flatten()
+  state = transform.init(jax.eval_shape(lambda: params))
+  return transform.apply(pergrad.mean_grad(loss_fn, params, test_batch), state)
+
+
+class DataValueEmbedding(Valuation):
+  """value(z) = predicted rise of the test loss if z were removed from every step it was in."""
+  name = 'dvemb'
+  higher_is_better = True
+
+  def __init__(self, loss_fn: PerExampleLoss, num_examples: int, test_batch: dict,
+               transform: Optional[pergrad.GradTransform] = None,
+               curvature: str = 'gauss_newton', num_classes: Optional[int] = None,
+               phases: int = 3, chunk_size: int = 64):
+    super().__init__()
+    self.loss_fn, self.num_examples, self.test_batch = loss_fn, num_examples, test_batch
+    self.transform, self.num_classes = transform, num_classes
+    self.curvature, self.phases, self.chunk_size = curvature, phases, chunk_size
+    self.embeddings: Optional[Embeddings] = None
+    self.direction = None
+
+  def accumulate(self, params, learning_rate):
+    raise UserError('data value embedding needs the whole recorded run: call fit(run)')
+
+  def fit(self, run: TrainingRun) -> 'DataValueEmbedding':
+    self.embeddings = jax.jit(lambda r: embed(self.loss_fn, r, self.num_examples, self.transform,
+                                              self.curvature, self.num_classes, self.phases,
+                                              self.chunk_size))(run)
+    self.direction = test_direction(self.loss_fn, run.final_params, self.test_batch,
+                                    self.transform)
+    return self
+
+  def _check(self):
+    if self.embeddings is None:
+      raise UserError('dvemb: call fit(run) before scoring')
+
+  def score(self, batch: dict) -> jax.Array:
+    self._check()
+    return self.embeddings.example[batch['index']] @ self.direction
+
+  def phase_values(self) -> np.ndarray:
+    """[phases, N]: each example's value from the steps of each training phase."""
+    self._check()
+    return np.asarray(self.embeddings.phase @ self.direction)

@@ -1,0 +1,118 @@
+"""Grad-Mimic's Mimic score (Huang et al. 2025) on the shared per-example gradient layer.
+
+A reference model theta_ref (same architecture, trained on trusted data) gives at training step t
+the direction v = theta_ref - theta_t over chosen layers (default: the last Dense layer, as the
+authors do). A sample's Mimic score is its negative gradient projected on the unit vector v,
+<-g_i, v/||v||> (one JVP for the whole batch); `cosine=True` also divides by ||g_i||.
+Online: per-batch weights = B * softmax(scores / temperature) applied to each training step.
+Offline: scores averaged over training checkpoints, then a keep/drop filter whose threshold is set
+by a two-component Gaussian mixture on the scores or by a keep fraction.
+"""
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.mixture import GaussianMixture
+
+from datarater import pergrad
+from datarater.errors import UserError
+from datarater.valuation.base import PerExampleLoss, Valuation
+from inner_loop.unroll import InnerState, inner_step
+from inner_loop.weighting import softmax_weights
+
+Layers = Union[str, Sequence[str], None]  # 'last', a list of layer names, or None for all
+
+
+def resolve_layers(loss_fn: PerExampleLoss, params, batch: dict, layers: Layers):
+  """'last' -> [name of the last Dense layer called by the model]; other values unchanged."""
+  if layers == 'last':
+    names = pergrad.dense_layers(loss_fn, params, batch)
+    if not names:
+      raise UserError("layers='last' needs a model with nn.Dense layers; name the layers instead")
+    return [names[-1]]
+  if isinstance(layers, str):
+    return [layers]
+  return layers
+
+
+def mimic_scores(loss_fn: PerExampleLoss, params, ref_params, batch: dict,
+                 layers: Optional[Sequence[str]], cosine: bool = False,
+                 chunk_size: Optional[int] = 64) -> jax.Array:
+  """<-grad l_i(theta), u>, u = (theta_ref - theta)/||.|| over `layers`; / ||g_i|| if cosine. [B]."""
+  v = pergrad.masked(jax.tree.map(jnp.subtract, ref_params, params), layers)
+  u = jax.tree.map(lambda x: x / jnp.maximum(pergrad.tree_norm(v), 1e-30), v)
+  s = -pergrad.jvp_dots(loss_fn, params, batch, u, chunk_size)
+  if cosine:
+    t = pergrad.chain(pergrad.select(layers), pergrad.sq_norm()) if layers else pergrad.sq_norm()
+    n = jnp.sqrt(pergrad.per_example(loss_fn, params, batch, t, chunk_size=chunk_size))
+    s = s / jnp.maximum(n, 1e-30)
+  return s
+
+
+class Mimic(Valuation):
+  """Offline Mimic score: the mean over accumulated checkpoints of each example's score."""
+  name = 'mimic'
+  higher_is_better = True
+
+  def __init__(self, loss_fn: PerExampleLoss, ref_params, layers: Layers = 'last',
+               cosine: bool = False, chunk_size: int = 64):
+    super().__init__()
+    self.loss_fn, self.ref_params, self.layers = loss_fn, ref_params, layers
+    self.cosine, self.chunk_size = cosine, chunk_size
+    self.name = 'mimic_cos' if cosine else 'mimic'
+
+  def score(self, batch: dict) -> jax.Array:
+    ckpts, _ = self.stacked()
+    layers = resolve_layers(self.loss_fn, self.ref_params, batch, self.layers)
+
+    def body(acc, params):
+      return acc + mimic_scores(self.loss_fn, params, self.ref_params, batch, layers, self.cosine,
+                                self.chunk_size), None
+
+    init = jnp.zeros(pergrad.batch_size_of(batch), jnp.result_type(*jax.tree.leaves(ckpts)))
+    total = jax.lax.scan(body, init, ckpts)[0]
+    return total / len(self._params)
+
+
+def train_online(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
+                 state: InnerState, batches: dict, ref_params, temperature: float = 1.0,
+                 layers: Optional[Sequence[str]] = None, cosine: bool = False):
+  """Grad-Mimic online: each step weighs its batch by B*softmax(mimic scores / temperature).
+
+  `layers` must already be resolved (see `resolve_layers`). Returns (final state, scores [T, B]);
+  the weights are a function of the current parameters, so this is a scan of `inner_step`.
+  """
+  if temperature <= 0:
+    raise UserError(f'mimic temperature must be > 0, got {temperature}')
+
+  def step(state, batch):
+    scores = mimic_scores(loss_fn, state.params, ref_params, batch, layers, cosine, None)
+    weights = jax.lax.stop_gradient(softmax_weights(scores, temperature))
+    state, _ = inner_step(loss_fn, optimizer, state, batch, weights)
+    return state, scores
+
+  return jax.lax.scan(step, state, batches)
+
+
+def mimic_filter(scores: np.ndarray, keep_fraction: Optional[float] = None, seed: int = 0):
+  """(keep mask [N], threshold): keep scores >= threshold.
+
+  With `keep_fraction`, the threshold keeps that top fraction; otherwise a two-component Gaussian
+  mixture is fitted to the scores and the threshold is where the higher-mean component becomes
+  the more probable one.
+  """
+  scores = np.asarray(scores, np.float64)
+  if keep_fraction is not None:
+    if not 0 < keep_fraction <= 1:
+      raise UserError(f'keep_fraction must be in (0, 1], got {keep_fraction}')
+    threshold = float(np.quantile(scores, 1 - keep_fraction, method='higher'))
+    return scores >= threshold, threshold
+  gm = GaussianMixture(2, random_state=seed).fit(scores[:, None])
+  good = int(np.argmax(gm.means_[:, 0]))
+  is_good = gm.predict_proba(scores[:, None])[:, good] >= 0.5
+  if is_good.all() or not is_good.any():
+    return np.ones_like(is_good), float(scores.min())
+  threshold = float(scores[is_good].min())
+  return scores >= threshold, threshold
