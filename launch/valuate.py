@@ -1,0 +1,86 @@
+r"""Scores every training example: `python -m launch.valuate --method=M --config=C --workdir=DIR`.
+
+M is one of tracin, mimic, dvemb (which train the task model with plain SGD in a fixed order, as
+configs/valuate.py says, and value its examples) or datarater (which loads the rater trained by
+launch.train_rater in DIR, or in config.valuation.rater_workdir). Writes DIR/scores_<M>.parquet:
+one row per training example, keyed by its TFDS example id (`id`), with the method's raw `score`,
+the oriented `value` (higher = more useful), the training `label` and `is_corrupted` (the label
+noise the config applied), and DIR/scores_<M>.json (config and, with label noise, the AUROC).
+"""
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ml_collections import config_flags
+
+from datarater import checkpointing
+from datarater.data import pipeline
+from datarater.errors import UserError
+from datarater.evaluation import noise_auroc
+from datarater.valuation import base, factory
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/valuate.py', 'Valuation config.')
+_METHOD = flags.DEFINE_string('method', None, f'One of {", ".join(factory.METHODS)}.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (and, for datarater, the run).')
+
+
+def write_parquet_atomic(path: str, columns: dict) -> None:
+  """Writes the columns to `path` through a temporary file renamed into place."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  pq.write_table(pa.table(columns), tmp)
+  os.replace(tmp, path)
+
+
+def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
+  """Fits `method`, scores the training split, writes the files; returns the summary."""
+  if method not in factory.METHODS:
+    raise UserError(f'unknown --method {method!r} (choose from {", ".join(factory.METHODS)})')
+  if not workdir:
+    raise UserError('--workdir is required')
+  if 'valuation' not in config:
+    raise UserError('the config has no `valuation` section: use configs/valuate.py')
+  factory.make_projection(config.valuation)  # a bad projection name fails before any work
+  d = config.data
+  train = pipeline.load_split(d.name, d.train_split, d.data_dir, d.label_noise, d.noise_seed)
+  heldout = pipeline.load_split(d.name, d.heldout_split, d.data_dir)
+  if method == 'datarater' and not config.valuation.rater_workdir and not os.path.isdir(workdir):
+    raise UserError(f'--workdir {workdir!r} does not exist: for datarater it is the '
+                    'launch.train_rater run to load')
+  valuation = factory.build(method, config, train, heldout, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  scores = base.score_split(valuation.score, train, config.valuation.score_batch_size,
+                            progress=progress, desc=f'{method} scores')
+  values = scores if valuation.higher_is_better else -scores
+  stem = os.path.join(workdir, f'scores_{method}')
+  write_parquet_atomic(stem + '.parquet', {
+      'id': train.ids.astype(np.int64), 'score': scores.astype(np.float64),
+      'value': values.astype(np.float64), 'label': train.label.astype(np.int32),
+      'is_corrupted': train.is_corrupted.astype(bool)})
+  summary = {'method': method, 'valuation': valuation.name, 'num_examples': len(train),
+             'higher_is_better': valuation.higher_is_better,
+             'noise_auroc': noise_auroc(values, train.is_corrupted),
+             'config': json.loads(config.to_json_best_effort())}
+  checkpointing.write_json_atomic(stem + '.json', summary)
+  return summary
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    summary = valuate(_METHOD.value, _CONFIG.value, _WORKDIR.value)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'wrote {os.path.join(_WORKDIR.value, "scores_" + summary["method"] + ".parquet")}: '
+        f'{summary["num_examples"]} examples, noise AUROC {summary["noise_auroc"]:.3f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
