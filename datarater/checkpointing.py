@@ -114,6 +114,23 @@ def abstract_like(tree, shardings):
                       tree, shardings)
 
 
+def restore_latest_on_host(directory: str):
+  """The latest checkpoint's state on this process's first device, whatever mesh saved it."""
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(directory, item_handlers={
+      'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+  step = manager.latest_step()
+  if step is None:
+    return None
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        manager.item_metadata(step)['state'])
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  manager.close()
+  return state['state']
+
+
 def load_trained_rater(workdir: str):
   """(rater module, rater params, config, input spec) from a train_rater workdir's latest checkpoint."""
   from datarater import models  # pylint: disable=g-import-not-at-top
@@ -124,11 +141,8 @@ def load_trained_rater(workdir: str):
     saved = json.load(f)
   config = ml_collections.ConfigDict(saved['config'])
   spec = saved['input_spec']
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
-  step = manager.latest_step()
-  if step is None:
+  state = restore_latest_on_host(os.path.join(os.path.abspath(workdir), 'checkpoints'))
+  if state is None:
     raise UserError(f'no checkpoint in {workdir!r}: run launch.train_rater there first')
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-  manager.close()
   rater = models.Rater(spec['num_classes'], tuple(config.rater.hidden), config.rater.activation)
   return rater, state['rater_params'], config, spec

@@ -24,7 +24,9 @@ from datarater.data import pipeline
 from datarater.errors import UserError
 from inner_loop.optimizers import make_inner_optimizer
 from inner_loop.weighting import uniform_weights
+from launch import distributed
 from outer_loop import meta_step, setup, sharding
+from outer_loop.batches import MetaBatches
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, report.')
@@ -42,36 +44,6 @@ def _setup_logging() -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
   absl_logging.set_verbosity(absl_logging.WARNING)  # Library chatter (orbax, tfds) off.
-
-
-class Data:
-  """The three splits and the deterministic batch stream (position = outer step)."""
-
-  def __init__(self, config):
-    d = config.data
-    self.train = pipeline.load_split(d.name, d.train_split, d.data_dir, d.label_noise, d.noise_seed)
-    self.heldout = pipeline.load_split(d.name, d.heldout_split, d.data_dir)
-    self.eval = pipeline.load_split(d.name, d.eval_split, d.data_dir)
-    self.seed = config.seed
-    self.k, self.t = config.inner.population, config.inner.steps
-    self.b_in, self.b_out = config.inner.batch_size, config.outer.batch_size
-
-  def position(self, step: int) -> dict[str, int]:
-    """Examples consumed from each stream before outer step `step`."""
-    return {'train': step * self.k * self.t * self.b_in, 'heldout': step * self.k * self.b_out}
-
-  def batches_at(self, step: int):
-    """(inner batches [K, T, B, ...], outer batches [K, B, ...]) for outer step `step`."""
-    pos = self.position(step)
-    inner = pipeline.stream_indices(len(self.train), pos['train'], self.k * self.t * self.b_in,
-                                    self.seed).reshape(self.k, self.t, self.b_in)
-    outer = pipeline.stream_indices(len(self.heldout), pos['heldout'], self.k * self.b_out,
-                                    self.seed + 1).reshape(self.k, self.b_out)
-    take = lambda split, idx: {'image': split.image[idx], 'label': split.label[idx]}
-    return take(self.train, inner), take(self.heldout, outer)
-
-  def input_spec(self) -> dict:
-    return {'image_shape': list(self.train.image.shape[1:]), 'num_classes': self.train.num_classes}
 
 
 class MetricsLog:
@@ -95,29 +67,34 @@ class MetricsLog:
 
 
 def train(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
-  """Runs (or resumes) a rater training; returns the final report (empty if stopped early)."""
+  """Runs (or resumes) a rater training; returns the final report (empty if stopped early).
+
+  Runs on every process of a `jax.distributed` job alike; process 0 alone writes files and logs.
+  """
   _setup_logging()
+  primary = distributed.is_primary()
   if not workdir:
     raise UserError('--workdir is required')
   setup.validate_config(config)
   mesh = sharding.make_mesh(config.inner.population, devices)
   sharding.check_batch_sizes(mesh, **{'inner.batch_size': config.inner.batch_size,
                                       'outer.batch_size': config.outer.batch_size})
-  data = Data(config)
+  data = MetaBatches(config)
   ckpt = checkpointing.RunCheckpointer(workdir, config)
   resume_step = ckpt.check_compatible()
   # Every check passed: from here on the workdir is written.
-  os.makedirs(workdir, exist_ok=True)
-  checkpointing.write_json_atomic(os.path.join(workdir, 'config.json'), {
-      'config': json.loads(config.to_json()), 'input_spec': data.input_spec()})
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
+    checkpointing.write_json_atomic(os.path.join(workdir, 'config.json'), {
+        'config': json.loads(config.to_json()), 'input_spec': data.input_spec()})
 
-  example_inner, example_outer = data.batches_at(0)
-  problem, task, rater = setup.build_problem(
-      config, data.train.num_classes, jax.tree.map(lambda x: x[0, 0], example_inner))
+  example_inner, example_outer = data.host_batches_at(0)
+  example = jax.tree.map(lambda x: x[0, 0], example_inner)
+  problem, task, rater = setup.build_problem(config, data.train.num_classes, example)
   key = jax.random.PRNGKey(config.seed)
   init = lambda: meta_step.init_outer_state(
-      problem, rater.init(jax.random.fold_in(key, 1), jax.tree.map(lambda x: x[0, 0], example_inner)),
-      jax.random.fold_in(key, 2), config.inner.population)
+      problem, rater.init(jax.random.fold_in(key, 1), example), jax.random.fold_in(key, 2),
+      config.inner.population)
   step_fn, state_shardings, inner_sh, outer_sh = sharding.jit_outer_step(
       problem, mesh, jax.eval_shape(init), example_inner, example_outer)
 
@@ -128,39 +105,46 @@ def train(config, workdir: str, stop_after: int | None = None, devices=None) -> 
         jax.eval_shape(init), state_shardings))
     start = int(meta['step'])
     log.info('resumed from the checkpoint at outer step %d', start)
-  metrics_log = MetricsLog(workdir, start)
+  metrics_log = MetricsLog(workdir, start) if primary else None
 
-  score_fn = lambda params: (lambda batch: rater.apply(params, batch))
+  def noise_auroc(rater_params):
+    params = sharding.host_copy(rater_params)
+    scores = evaluation.score_split(lambda b: rater.apply(params, b), data.train)
+    return evaluation.noise_auroc(scores, data.train.is_corrupted)
+
   last_step = config.outer.steps if stop_after is None else min(stop_after, config.outer.steps)
-  log.info('training the rater: outer steps %d..%d on %d device(s) (mesh %s), T=%d, K=%d, B=%d',
-           start, config.outer.steps, mesh.devices.size, dict(mesh.shape), config.inner.steps,
-           config.inner.population, config.inner.batch_size)
+  if primary:
+    log.info('training the rater: outer steps %d..%d on %d device(s) in %d process(es) (mesh %s), '
+             'T=%d, K=%d, B=%d', start, config.outer.steps, mesh.devices.size,
+             jax.process_count(), dict(mesh.shape), config.inner.steps, config.inner.population,
+             config.inner.batch_size)
   t0, s0, totals = time.time(), start, None
   for step in range(start, last_step):
-    inner, outer = data.batches_at(step)
-    state, metrics = step_fn(state, sharding.put_global(inner, inner_sh),
-                             sharding.put_global(outer, outer_sh))
+    state, metrics = step_fn(state, *data.device_batches_at(step, inner_sh, outer_sh))
     totals = metrics if totals is None else jax.tree.map(jax.numpy.add, totals, metrics)
     done = step + 1
-    if done % config.log_every == 0 or done == last_step:
+    if primary and (done % config.log_every == 0 or done == last_step):
       # Averages over the steps since the last record (single steps jump at member resets).
-      metrics = {k: float(v) / (done - s0) for k, v in jax.device_get(totals).items()}
+      metrics = {k: float(v) / (done - s0) for k, v in sharding.host_copy(totals).items()}
       rate = (done - s0) / (time.time() - t0)
-      scores = evaluation.score_split(score_fn(state.rater_params), data.train)
       record = {'step': done, **metrics, 'steps_per_sec': rate,
-                'noise_auroc': evaluation.noise_auroc(scores, data.train.is_corrupted)}
+                'noise_auroc': noise_auroc(state.rater_params)}
       metrics_log.write(record)
       log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
                'noise AUROC %.3f | %.1f steps/s', done, config.outer.steps, record['outer_loss'],
                record['inner_loss'], record['meta_grad_norm'], record['noise_auroc'], rate)
       t0, s0, totals = time.time(), done, None
     if done % config.checkpoint_every == 0 or done == last_step:
-      ckpt.save(done, state, data.position(done))
+      ckpt.save(done, state, data.position(done))  # collective: every process writes its shards
   ckpt.close()
   if last_step < config.outer.steps:
-    log.info('stopped after outer step %d (checkpointed); run again to resume', last_step)
+    if primary:
+      log.info('stopped after outer step %d (checkpointed); run again to resume', last_step)
     return {}
-  return final_report(config, workdir, data, task, rater, state.rater_params, metrics_log.history)
+  if not primary:
+    return {}
+  return final_report(config, workdir, data, task, rater, sharding.host_copy(state.rater_params),
+                      metrics_log.history)
 
 
 def final_report(config, workdir, data, task, rater, rater_params, history) -> dict:
@@ -201,6 +185,7 @@ def final_report(config, workdir, data, task, rater, rater_params, history) -> d
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   try:
     train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
   except UserError as e:

@@ -76,3 +76,8 @@ def jit_outer_step(problem, mesh: Mesh, abstract_state, example_inner, example_o
                     in_shardings=(state_sh, inner_sh, outer_sh),
                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
   return step_fn, state_sh, inner_sh, outer_sh
+
+
+def host_copy(tree):
+  """Numpy copies of replicated global arrays, on any process (no cross-process transfer)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
