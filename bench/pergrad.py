@@ -4,8 +4,8 @@ r"""Per-example gradient throughput and memory of the pergrad layer against plai
   python -m bench.pergrad --batch=512 --repeats=5
 
 For each model, examples/s of: the plain batched gradient of the mean loss (one gradient per batch:
-the floor cost), per-example gradients vmapped whole, chunked (64 alive at a time) reduced to
-squared norms or Kronecker-projected, ghost squared norms (Dense layers, no per-example gradient),
+the floor cost), per-example gradients vmapped whole or chunked (64 alive at a time: also
+faster, the chunk stays in cache), chunked and reduced to squared norms or Kronecker-projected, ghost squared norms (Dense layers, no per-example gradient),
 all B dot products from one JVP, and a Python loop of jitted single-example gradients (the speed-up
 of the vmapped layer over it is reported). Memory: XLA's compiled temporary bytes for B and 10 B
 examples (chunked stays flat; whole-batch vmap grows). Times are medians over `--repeats` calls
@@ -62,6 +62,7 @@ def measure(shape, hidden, batch: int, repeats: int, loop_examples: int) -> dict
   fns = {
       'batched_mean_grad': lambda b: pergrad.mean_grad(loss, params, b),
       'per_example_vmap_full': lambda b: pergrad.per_example_grads(loss, params, b, None),
+      'per_example_chunked_grads': lambda b: pergrad.per_example_grads(loss, params, b, 64),
       'per_example_chunked_sq_norm': lambda b: pergrad.per_example(loss, params, b,
                                                                    pergrad.sq_norm(), (), 64),
       'per_example_chunked_kron_proj': lambda b: pergrad.per_example(loss, params, b, proj,

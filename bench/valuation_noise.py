@@ -6,8 +6,9 @@ r"""How well each valuation separates label-noise examples from clean ones, over
 On sklearn_digits with 20% symmetric label noise (configs/valuate.py), per seed s (noise seed,
 initialisation and data order all = s): each method's values over the training split and the
 AUROC P(value of a clean example > value of a corrupted one). Also: data value embedding's value
-by training phase, and a TracIn curriculum (fresh models trained with soft loss weights, soft
-sampling weights or a hard top-20% subset, against uniform). Writes
+by training phase, and TracIn curricula from two value sources (negative self-influence, and
+Grad-Cos influence on the held-out set): fresh models trained with soft loss weights, soft
+sampling weights or a hard top-20% subset, against uniform, scored by test accuracy. Writes
 bench/results/valuation_noise.json and .png.
 """
 import json
@@ -17,6 +18,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,9 @@ VARIANTS = {  # name -> (method, config overrides)
     'dvemb': ('dvemb', {}),
     'datarater': ('datarater', {}),
 }
+
+
+CURRICULUM_SOURCES = ('tracin_self', 'tracin_heldout_cos')  # values that drive a curriculum
 
 
 def seeded_config(seed: int, data_dir: str, overrides: dict):
@@ -90,10 +95,14 @@ def curriculum(config, train, test, values: np.ndarray, seed: int) -> dict:
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / tfds chatter off
   variants = list(_VARIANTS.value) + (['datarater'] if _RATER.value else [])
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
              'auroc': {n: {} for n in variants}, 'seconds': {n: {} for n in variants},
-             'dvemb_phase': {}, 'curriculum': {}}
+             'dvemb_phase': {}, 'curriculum': {},
+             'rater_workdir': _RATER.value or None,
+             'note': 'AUROC = P(value of a clean example > value of a corrupted one); the rater, '
+                     'if any, was trained by launch.train_rater on the noise of its own config'}
   data_dir = _DATA_DIR.value
   for s in map(int, _SEEDS.value):
     base_cfg = seeded_config(s, data_dir, {})
@@ -119,9 +128,10 @@ def main(argv):
             'mean_abs_value': [float(np.mean(np.abs(p))) for p in phases],
             'auroc': [noise_auroc(p, train.is_corrupted) for p in phases]}
         print(f'  dvemb by phase (early, middle, late): {results["dvemb_phase"][str(s)]}')
-      if name == 'tracin_heldout_cos' and _CURRICULUM.value:
-        results['curriculum'][str(s)] = curriculum(config, train, test, values, s)
-        print(f'  curriculum test accuracy: {results["curriculum"][str(s)]}', flush=True)
+      if name in CURRICULUM_SOURCES and _CURRICULUM.value:
+        cur = results['curriculum'].setdefault(name, {})
+        cur[str(s)] = curriculum(config, train, test, values, s)
+        print(f'  curriculum from {name}: test accuracy {cur[str(s)]}', flush=True)
   summary = {}
   for name in variants:
     vals = np.array(list(results['auroc'][name].values()))
@@ -149,16 +159,21 @@ def plot(results: dict, path: str) -> None:
   ax.set(ylim=(0.0, 1.0), ylabel='AUROC clean vs corrupted',
          title='Separating 20% label noise on sklearn_digits (bars: mean, dots: seeds)')
   ax.legend(loc='lower right', fontsize=8)
-  cur = results.get('curriculum') or {}
-  if cur:
+  sources = results.get('curriculum') or {}
+  lows = []
+  for j, (source, cur) in enumerate(sources.items()):
     keys = list(next(iter(cur.values())))
     means = [np.mean([c[k] for c in cur.values()]) for k in keys]
-    ax2.bar(range(len(keys)), means, color='C2', alpha=0.7)
+    lows.append(min(min(c.values()) for c in cur.values()))
+    x = np.arange(len(keys)) + 0.4 * j
+    ax2.bar(x, means, 0.4, color=f'C{j + 2}', alpha=0.7, label=f'values: {source}')
     for i, k in enumerate(keys):
-      ax2.plot([i] * len(cur), [c[k] for c in cur.values()], 'k.', ms=8)
-    ax2.set_xticks(range(len(keys)), keys, rotation=30, ha='right')
-    ax2.set(ylim=(min(means) - 0.1, 1.0), ylabel='test accuracy',
-            title='TracIn (Grad-Cos) curriculum')
+      ax2.plot([x[i]] * len(cur), [c[k] for c in cur.values()], 'k.', ms=6)
+    ax2.set_xticks(np.arange(len(keys)) + 0.2, keys, rotation=30, ha='right')
+  if sources:
+    ax2.set(ylim=(max(0.0, min(lows) - 0.05), 1.0), ylabel='test accuracy',
+            title='TracIn curriculum (fresh models)')
+    ax2.legend(fontsize=8, loc='lower left')
   fig.tight_layout()
   tmp = path + '.tmp.png'
   fig.savefig(tmp, dpi=110)

@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   v.tracin_project = False      # TracIn on projected gradients (exact gradients if False)
   v.mimic_layers = 'last'       # 'last' | '' (all) | comma-separated names
   v.mimic_cosine = False
+  v.mimic_keep_fraction = 0.0   # offline filter: keep this top fraction; 0 = 2-Gaussian threshold
   v.reference_steps = 400       # SGD steps of the Mimic reference on the trusted (held-out) split
   v.dvemb_curvature = 'gauss_newton'  # 'gauss_newton' | 'empirical_fisher' | 'none'
   v.dvemb_steps = 300           # DVEmb's run is shorter: it keeps a checkpoint per step

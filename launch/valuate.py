@@ -5,7 +5,8 @@ configs/valuate.py says, and value its examples) or datarater (which loads the r
 launch.train_rater in DIR, or in config.valuation.rater_workdir). Writes DIR/scores_<M>.parquet:
 one row per training example, keyed by its TFDS example id (`id`), with the method's raw `score`,
 the oriented `value` (higher = more useful), the training `label` and `is_corrupted` (the label
-noise the config applied), and DIR/scores_<M>.json (config and, with label noise, the AUROC).
+noise the config applied), for mimic a `keep` column (Grad-Mimic's offline filter), and
+DIR/scores_<M>.json (config, and the AUROC of `value` against `is_corrupted`).
 """
 import json
 import os
@@ -24,6 +25,7 @@ from datarater.data import pipeline
 from datarater.errors import UserError
 from datarater.evaluation import noise_auroc
 from datarater.valuation import base, factory
+from datarater.valuation.mimic import mimic_filter
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/valuate.py', 'Valuation config.')
 _METHOD = flags.DEFINE_string('method', None, f'One of {", ".join(factory.METHODS)}.')
@@ -58,13 +60,18 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
                             progress=progress, desc=f'{method} scores')
   values = scores if valuation.higher_is_better else -scores
   stem = os.path.join(workdir, f'scores_{method}')
-  write_parquet_atomic(stem + '.parquet', {
-      'id': train.ids.astype(np.int64), 'score': scores.astype(np.float64),
-      'value': values.astype(np.float64), 'label': train.label.astype(np.int32),
-      'is_corrupted': train.is_corrupted.astype(bool)})
+  columns = {'id': train.ids.astype(np.int64), 'score': scores.astype(np.float64),
+             'value': values.astype(np.float64), 'label': train.label.astype(np.int32),
+             'is_corrupted': train.is_corrupted.astype(bool)}
+  extra = {}
+  if method == 'mimic':  # Grad-Mimic's offline filter: keep/drop with an automatic threshold.
+    fraction = config.valuation.mimic_keep_fraction or None
+    columns['keep'], extra['keep_threshold'] = mimic_filter(values, fraction)
+    extra['kept'] = int(columns['keep'].sum())
+  write_parquet_atomic(stem + '.parquet', columns)
   summary = {'method': method, 'valuation': valuation.name, 'num_examples': len(train),
              'higher_is_better': valuation.higher_is_better,
-             'noise_auroc': noise_auroc(values, train.is_corrupted),
+             'noise_auroc': noise_auroc(values, train.is_corrupted), **extra,
              'config': json.loads(config.to_json_best_effort())}
   checkpointing.write_json_atomic(stem + '.json', summary)
   return summary

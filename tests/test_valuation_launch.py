@@ -34,6 +34,10 @@ def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, method):
   assert np.isfinite(table['score']).all() and np.std(table['score']) > 0
   assert 0.0 <= summary['noise_auroc'] <= 1.0
   assert not [f for f in os.listdir(tmp_path) if 'tmp' in f]
+  if method == 'mimic':  # the filter keeps exactly the examples valued at or above its threshold
+    np.testing.assert_array_equal(table['keep'],
+                                  np.asarray(table['value']) >= summary['keep_threshold'])
+    assert 0 < summary['kept'] < len(table['id'])
 
 
 def test_valuate_errors_are_one_line_and_write_nothing(tfds_dir, tmp_path):

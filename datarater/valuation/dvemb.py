@@ -15,6 +15,7 @@ its occurrences; summing only the steps of one phase (early/middle/late) gives v
 """
 from typing import Optional
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,7 @@ def embed(loss_fn: PerExampleLoss, run: TrainingRun, num_examples: int,
   def body(kmat, step):
     params, batch, lr = step
     g = pergrad.per_example(loss_fn, params, batch, transform, state, chunk_size)
+    chex.assert_shape(g, (batch['label'].shape[0], k))
     emb = (lr / g.shape[0]) * g @ kmat.T
     if curvature != 'none':
       kmat = kmat - lr * _k_times_hessian(loss_fn, params, batch, kmat, g, transform, state,

@@ -11,6 +11,7 @@ TracInCP(z, z') = sum_c lr_c <grad l(z; theta_c), grad l(z'; theta_c)> over save
 """
 from typing import Optional, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +93,7 @@ def tracin_cp(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batch_a: dic
       ga = pergrad.per_example(loss_fn, params, batch_a, t, state, chunk_size)
       gb = pergrad.per_example(loss_fn, params, batch_b, t, state, chunk_size)
       m = ga @ gb.T
+    chex.assert_equal_shape([m, acc])
     return acc + lr * m, None
 
   init = jnp.zeros((pergrad.batch_size_of(batch_a), pergrad.batch_size_of(batch_b)), lrs.dtype)
