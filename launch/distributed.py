@@ -8,18 +8,23 @@ lists every process's devices and one mesh spans them all.
 from absl import flags
 import jax
 
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() from the environment (TPU pod, SLURM).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The multi-process flags, for an entry point to define before `app.run`."""
+  flags.DEFINE_bool('distributed', False,
+                    'Call jax.distributed.initialize() from the environment (TPU pod, SLURM).')
+  flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0.')
+  flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+  flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 
 
 def initialize_from_flags() -> None:
-  if _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif _DISTRIBUTED.value:
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif FLAGS.distributed:
     jax.distributed.initialize()
 
 

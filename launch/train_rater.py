@@ -22,16 +22,21 @@ from ml_collections import config_flags
 from datarater import checkpointing, evaluation, plots
 from datarater.data import pipeline
 from datarater.errors import UserError
-from inner_loop.optimizers import make_inner_optimizer
 from inner_loop.weighting import uniform_weights
 from launch import distributed
 from outer_loop import meta_step, setup, sharding
 from outer_loop.batches import MetaBatches
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, report.')
-_STOP_AFTER = flags.DEFINE_integer(
-    'stop_after', None, 'Checkpoint and exit after this outer step (a preemption drill).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Flags are defined when run as a program, so tests and tools can import this module freely."""
+  config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.')
+  flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, report.')
+  flags.DEFINE_integer('stop_after', None,
+                       'Checkpoint and exit after this outer step (a preemption drill).')
+  distributed.define_flags()
 
 log = logging.getLogger('datarater')
 
@@ -143,27 +148,20 @@ def train(config, workdir: str, stop_after: int | None = None, devices=None) -> 
     return {}
   if not primary:
     return {}
-  return final_report(config, workdir, data, task, rater, sharding.host_copy(state.rater_params),
-                      metrics_log.history)
+  return final_report(config, workdir, data, problem, task, rater,
+                      sharding.host_copy(state.rater_params), metrics_log.history)
 
 
-def final_report(config, workdir, data, task, rater, rater_params, history) -> dict:
+def final_report(config, workdir, data, problem, task, rater, rater_params, history) -> dict:
   """Noise AUROC of the scores and fresh models trained with rater vs uniform weights."""
   scores = evaluation.score_split(lambda b: rater.apply(rater_params, b), data.train)
   auroc = evaluation.noise_auroc(scores, data.train.is_corrupted)
-  optimizer = make_inner_optimizer(config.inner.optimizer, config.inner.learning_rate)
-  weightings = {
-      'rater': meta_step.MetaProblem.weight_fn(
-          setup.build_problem(config, data.train.num_classes,
-                              {'image': data.train.image[:1], 'label': data.train.label[:1]})[0],
-          rater_params),
-      'uniform': uniform_weights,
-  }
+  weightings = {'rater': problem.weight_fn(rater_params), 'uniform': uniform_weights}
   fe = config.final_eval
   results = {}
   for name, weight_fn in weightings.items():
     results[name] = evaluation.train_fresh_models(
-        task, optimizer, weight_fn, data.train, {'heldout': data.heldout, 'eval': data.eval},
+        task, problem.inner_optimizer, weight_fn, data.train, {'heldout': data.heldout, 'eval': data.eval},
         steps=fe.train_steps, batch_size=config.inner.batch_size, num_models=fe.num_models,
         seed=config.seed)
   report = {'noise_auroc': auroc, 'label_noise': config.data.label_noise,
@@ -187,11 +185,12 @@ def main(argv):
   del argv
   distributed.initialize_from_flags()
   try:
-    train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+    train(FLAGS.config, FLAGS.workdir, stop_after=FLAGS.stop_after)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

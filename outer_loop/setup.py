@@ -64,6 +64,3 @@ def build_problem(config: ml_collections.ConfigDict, num_classes: int, example_b
                         meta_gradient=config.outer.meta_gradient)
   return problem, task, rater
 
-
-def init_rater(rater, key: jax.Array, example_batch: dict):
-  return rater.init(key, example_batch)
