@@ -8,7 +8,8 @@ initialisation and data order all = s): each method's values over the training s
 AUROC P(value of a clean example > value of a corrupted one). Also: data value embedding's value
 by training phase, and TracIn curricula from two value sources (negative self-influence, and
 Grad-Cos influence on the held-out set): fresh models trained with soft loss weights, soft
-sampling weights or a hard top-20% subset, against uniform, scored by test accuracy. Writes
+sampling weights or a hard top-20% subset, against uniform, scored by test accuracy; and
+Grad-Mimic online (per-batch softmax weights of the Mimic scores during training) vs uniform. Writes
 bench/results/valuation_noise.json and .png.
 """
 import json
@@ -28,6 +29,9 @@ from datarater import checkpointing, models
 from datarater.data import pipeline
 from datarater.evaluation import noise_auroc
 from datarater.valuation import base, factory, tracin
+from datarater.valuation import mimic as mimic_lib
+from inner_loop.optimizers import make_inner_optimizer
+from inner_loop.unroll import init_inner_state
 
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (noise, init, data order).')
 _VARIANTS = flags.DEFINE_list(
@@ -93,13 +97,37 @@ def curriculum(config, train, test, values: np.ndarray, seed: int) -> dict:
   return out
 
 
+def mimic_online(config, train, heldout, test, temperatures=(1.0, 0.1)) -> dict:
+  """Test accuracy after training with Grad-Mimic's online softmax weights vs uniform weights.
+
+  Same initialisation and data order for both; the reference is trained on the held-out split.
+  """
+  v = config.valuation
+  task, loss_fn, params = factory.task_problem(config, train)
+  reference = factory.record(config, loss_fn, params, heldout, v.reference_steps,
+                             v.reference_steps).final_params
+  batches = base.fixed_order_batches(train, v.train_steps, v.batch_size, v.order_seed)
+  first = jax.tree.map(lambda x: x[0], batches)
+  layers = mimic_lib.resolve_layers(loss_fn, params, first, factory.parse_layers(v.mimic_layers))
+  opt = make_inner_optimizer(v.optimizer, v.learning_rate)
+  online = lambda b, tau: jax.jit(lambda b: mimic_lib.train_online(
+      loss_fn, opt, init_inner_state(params, opt), b, reference, tau, layers)[0].params)(b)
+  uniform = factory.record(config, loss_fn, params, train, v.train_steps, v.train_steps)
+  test_batch = {'image': test.image, 'label': test.label}
+  acc = lambda p: float(models.accuracy(task.apply, p, test_batch))
+  out = {'uniform': acc(uniform.final_params), 'reference_only': acc(reference)}
+  for tau in temperatures:
+    out[f'mimic_online_tau{tau:g}'] = acc(online(batches, tau))
+  return out
+
+
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / tfds chatter off
   variants = list(_VARIANTS.value) + (['datarater'] if _RATER.value else [])
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
              'auroc': {n: {} for n in variants}, 'seconds': {n: {} for n in variants},
-             'dvemb_phase': {}, 'curriculum': {},
+             'dvemb_phase': {}, 'curriculum': {}, 'mimic_online': {},
              'rater_workdir': _RATER.value or None,
              'note': 'AUROC = P(value of a clean example > value of a corrupted one); the rater, '
                      'if any, was trained by launch.train_rater on the noise of its own config'}
@@ -128,6 +156,9 @@ def main(argv):
             'mean_abs_value': [float(np.mean(np.abs(p))) for p in phases],
             'auroc': [noise_auroc(p, train.is_corrupted) for p in phases]}
         print(f'  dvemb by phase (early, middle, late): {results["dvemb_phase"][str(s)]}')
+      if name == 'mimic' and _CURRICULUM.value:
+        results['mimic_online'][str(s)] = mimic_online(config, train, heldout, test)
+        print(f'  mimic online vs uniform: test accuracy {results["mimic_online"][str(s)]}')
       if name in CURRICULUM_SOURCES and _CURRICULUM.value:
         cur = results['curriculum'].setdefault(name, {})
         cur[str(s)] = curriculum(config, train, test, values, s)

@@ -28,12 +28,17 @@ def tiny(num=7, seed=0, hidden=(5,)):
   return loss, params, batch
 
 
+_GRADS = {}
+
+
 def loop_flat_grads(loss, params, batch, layers=None):
   """[B, P] by an explicit Python loop of single-example gradients of the mean-of-one loss."""
+  if loss not in _GRADS:  # one jitted gradient of a batch of one per loss function
+    _GRADS[loss] = jax.jit(jax.grad(lambda p, ex: loss(p, ex)[0]))
   out = []
   for i in range(batch['label'].shape[0]):
     ex = {k: v[i:i + 1] for k, v in batch.items()}
-    g = jax.grad(lambda p: loss(p, ex)[0])(params)
+    g = _GRADS[loss](params, ex)
     g = pergrad.masked(g, layers) if layers else g
     out.append(ravel_pytree(g)[0])
   return jnp.stack(out)
