@@ -2,7 +2,8 @@ r"""Scores every training example: `python -m launch.valuate --method=M --config
 
 M is one of tracin, mimic, dvemb (which train the task model with plain SGD in a fixed order, as
 configs/valuate.py says, and value its examples) or datarater (which loads the rater trained by
-launch.train_rater in DIR, or in config.valuation.rater_workdir). Writes DIR/scores_<M>.parquet:
+launch.train_rater in DIR, or in config.valuation.rater_workdir, and scores the training split of
+that run's own data config; any config works for it, e.g. configs/digits.py). Writes DIR/scores_<M>.parquet:
 one row per training example, keyed by its TFDS example id (`id`), with the method's raw `score`,
 the oriented `value` (higher = more useful), the training `label` and `is_corrupted` (the label
 noise the config applied), for mimic a `keep` column (Grad-Mimic's offline filter), and
@@ -26,6 +27,7 @@ from datarater.errors import UserError
 from datarater.evaluation import noise_auroc
 from datarater.valuation import base, factory
 from datarater.valuation.mimic import mimic_filter
+from datarater.valuation.rater import RaterValuation
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/valuate.py', 'Valuation config.')
 _METHOD = flags.DEFINE_string('method', None, f'One of {", ".join(factory.METHODS)}.')
@@ -45,19 +47,32 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     raise UserError(f'unknown --method {method!r} (choose from {", ".join(factory.METHODS)})')
   if not workdir:
     raise UserError('--workdir is required')
-  if 'valuation' not in config:
-    raise UserError('the config has no `valuation` section: use configs/valuate.py')
-  factory.make_projection(config.valuation)  # a bad projection name fails before any work
-  d = config.data
-  train = pipeline.load_split(d.name, d.train_split, d.data_dir, d.label_noise, d.noise_seed)
-  heldout = pipeline.load_split(d.name, d.heldout_split, d.data_dir)
-  if method == 'datarater' and not config.valuation.rater_workdir and not os.path.isdir(workdir):
-    raise UserError(f'--workdir {workdir!r} does not exist: for datarater it is the '
-                    'launch.train_rater run to load')
-  valuation = factory.build(method, config, train, heldout, workdir)
+  if method == 'datarater':
+    # The rater scores the training split of its own run (same labels, same noise); the data
+    # folder may be overridden by this config's data.data_dir.
+    v = config.get('valuation')
+    rater_dir = (v.rater_workdir if v else '') or workdir
+    if not os.path.isdir(rater_dir):
+      raise UserError(f'rater workdir {rater_dir!r} does not exist: for datarater it is the '
+                      'launch.train_rater run to load')
+    rater, params, rater_config, _ = checkpointing.load_trained_rater(rater_dir)
+    valuation = RaterValuation(rater, params)
+    d = rater_config.data
+    data_dir = config.data.data_dir or d.data_dir
+    train = pipeline.load_split(d.name, d.train_split, data_dir, d.label_noise, d.noise_seed)
+    batch_size = v.score_batch_size if v else 256
+  else:
+    if 'valuation' not in config:
+      raise UserError('the config has no `valuation` section: use configs/valuate.py')
+    factory.make_projection(config.valuation)  # a bad projection name fails before any work
+    d = config.data
+    train = pipeline.load_split(d.name, d.train_split, d.data_dir, d.label_noise, d.noise_seed)
+    heldout = pipeline.load_split(d.name, d.heldout_split, d.data_dir)
+    valuation = factory.build(method, config, train, heldout, workdir)
+    batch_size = config.valuation.score_batch_size
   os.makedirs(workdir, exist_ok=True)
-  scores = base.score_split(valuation.score, train, config.valuation.score_batch_size,
-                            progress=progress, desc=f'{method} scores')
+  scores = base.score_split(valuation.score, train, batch_size, progress=progress,
+                            desc=f'{method} scores')
   values = scores if valuation.higher_is_better else -scores
   stem = os.path.join(workdir, f'scores_{method}')
   columns = {'id': train.ids.astype(np.int64), 'score': scores.astype(np.float64),

@@ -47,10 +47,32 @@ def test_valuate_errors_are_one_line_and_write_nothing(tfds_dir, tmp_path):
   config.valuation.projection = 'sparse'
   with pytest.raises(UserError, match="'sparse'"):
     valuate.valuate('dvemb', config, str(tmp_path / 'b'))
-  with pytest.raises(UserError, match='does not exist'):
+  with pytest.raises(UserError, match='rater workdir .* does not exist'):
     valuate.valuate('datarater', small_config(tfds_dir), str(tmp_path / 'c'))
   config = small_config(tfds_dir)
   config.valuation.checkpoint_every = 7
   with pytest.raises(UserError, match='checkpoint_every=7'):
     valuate.valuate('tracin', config, str(tmp_path / 'd'))
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow  # ~25 s: trains a (2-step) rater with launch.train_rater first
+def test_valuate_datarater_scores_are_the_trained_raters(tfds_dir, tmp_path):
+  """A rater trained for 2 outer steps by launch.train_rater, loaded and scored by valuate."""
+  from configs.digits import get_config as rater_config  # pylint: disable=g-import-not-at-top
+  from datarater import checkpointing  # pylint: disable=g-import-not-at-top
+  from launch import train_rater  # pylint: disable=g-import-not-at-top
+  c = rater_config()
+  c.data.data_dir = tfds_dir
+  c.outer.steps, c.checkpoint_every, c.log_every = 2, 2, 1
+  c.inner.population, c.inner.batch_size, c.outer.batch_size = 2, 16, 16
+  c.final_eval.train_steps, c.final_eval.num_models = 2, 1
+  train_rater.train(c, str(tmp_path))
+  summary = valuate.valuate('datarater', small_config(tfds_dir), str(tmp_path), progress=False)
+  table = pq.read_table(os.path.join(tmp_path, 'scores_datarater.parquet')).to_pydict()
+  rater, params, _, _ = checkpointing.load_trained_rater(str(tmp_path))
+  train = pipeline.load_split('sklearn_digits', 'train', tfds_dir, 0.2, 0)
+  want = rater.apply(params, {'image': train.image, 'label': train.label})
+  np.testing.assert_allclose(table['score'], want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(table['id'], train.ids)
+  assert summary['higher_is_better']
