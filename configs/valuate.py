@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Methods.
   v.tracin_mode = 'self'        # 'self' | 'heldout' | 'heldout_cos'
   v.tracin_project = False      # TracIn on projected gradients (exact gradients if False)
+  v.tracin_ghost = True         # self-influence from Dense activations x output grads (exact)
   v.mimic_layers = 'last'       # 'last' | '' (all) | comma-separated names
   v.mimic_cosine = False
   v.mimic_keep_fraction = 0.0   # offline filter: keep this top fraction; 0 = 2-Gaussian threshold

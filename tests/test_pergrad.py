@@ -44,7 +44,7 @@ def loop_flat_grads(loss, params, batch, layers=None):
   return jnp.stack(out)
 
 
-@pytest.mark.parametrize('chunk', [None, 1, 3, 64])
+@pytest.mark.parametrize('chunk', [None, 3, 64])
 def test_per_example_grads_equal_loop(chunk):
   loss, params, batch = tiny()
   got = pergrad.per_example(loss, params, batch, pergrad.flatten(), chunk_size=chunk)
@@ -75,7 +75,7 @@ def test_select_unknown_layer_is_user_error():
     pergrad.per_example(loss, params, batch, pergrad.select(['dense_9']))
 
 
-@pytest.mark.parametrize('block', [5, 16, 4096])
+@pytest.mark.parametrize('block', [5, 4096])
 def test_gaussian_projection_equals_explicit_matrix(block):
   loss, params, batch = tiny()
   flat = loop_flat_grads(loss, params, batch)

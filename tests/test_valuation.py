@@ -125,6 +125,8 @@ def test_tracin_modes_equal_explicit(layers):
   np.testing.assert_allclose(self_inf.score(train),
                              np.diag(explicit_tracin(loss, run, train, train, layers)), rtol=1e-10)
   np.testing.assert_allclose(self_inf.value(train), -self_inf.score(train))
+  ghost = tracin.TracIn(loss, 'self', layers=layers, ghost=True).fit(run)
+  np.testing.assert_allclose(ghost.score(train), self_inf.score(train), rtol=1e-10)
   want = explicit_tracin(loss, run, train, held, layers).mean(1)  # dot with the mean gradient
   got = tracin.TracIn(loss, 'heldout', held, layers=layers).fit(run).score(train)
   np.testing.assert_allclose(got, want, rtol=1e-10)

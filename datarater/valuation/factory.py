@@ -84,7 +84,8 @@ def build(method: str, config: ml_collections.ConfigDict, train: Split, heldout:
   run = record(config, loss_fn, params, train, v.train_steps, v.checkpoint_every)
   if method == 'tracin':
     return TracIn(loss_fn, v.tracin_mode, heldout_batch(heldout), layers,
-                  make_projection(v) if v.tracin_project else None, chunk).fit(run)
+                  make_projection(v) if v.tracin_project else None, chunk,
+                  ghost=v.tracin_ghost and v.tracin_mode == 'self' and not v.tracin_project).fit(run)
   reference = record(config, loss_fn, params, heldout, v.reference_steps, v.reference_steps)
   return Mimic(loss_fn, reference.final_params, parse_layers(v.mimic_layers), v.mimic_cosine,
                chunk).fit(run)

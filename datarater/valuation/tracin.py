@@ -34,12 +34,20 @@ def _prefix(layers, projection):
 def self_influence(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batch: dict,
                    layers: Optional[Sequence[str]] = None,
                    projection: Optional[pergrad.GradTransform] = None,
-                   chunk_size: Optional[int] = 64) -> jax.Array:
-  """sum_c lr_c ||grad l(z_i; theta_c)||^2 (over `layers`, after `projection`), [B]."""
+                   chunk_size: Optional[int] = 64, ghost: bool = False) -> jax.Array:
+  """sum_c lr_c ||grad l(z_i; theta_c)||^2 (over `layers`, after `projection`), [B].
+
+  `ghost=True` takes the norms of Dense-layer gradients from activations and output gradients
+  (exact, no per-example gradient formed; no projection).
+  """
+  if ghost and projection is not None:
+    raise UserError('ghost self-influence is exact: it takes no projection')
   t = pergrad.chain(*_prefix(layers, projection), pergrad.sq_norm())
 
   def body(acc, c):
     params, lr = c
+    if ghost:
+      return acc + lr * pergrad.ghost_sq_norms(loss_fn, params, batch, layers), None
     return acc + lr * pergrad.per_example(loss_fn, params, batch, t, chunk_size=chunk_size), None
 
   init = jnp.zeros(pergrad.batch_size_of(batch), lrs.dtype)
@@ -102,12 +110,14 @@ def tracin_cp(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batch_a: dic
 
 class TracIn(Valuation):
   """TracIn over accumulated checkpoints. mode: 'self' (self-influence; high = suspicious, so
-  `value` is its negative), 'heldout' or 'heldout_cos' (influence on `heldout`; high = useful)."""
+  `value` is its negative; `ghost=True` for Dense-only models skips per-example gradients),
+  'heldout' or 'heldout_cos' (influence on `heldout`; high = useful)."""
   name = 'tracin'
 
   def __init__(self, loss_fn: PerExampleLoss, mode: str = 'self', heldout: Optional[dict] = None,
                layers: Optional[Sequence[str]] = None,
-               projection: Optional[pergrad.GradTransform] = None, chunk_size: int = 64):
+               projection: Optional[pergrad.GradTransform] = None, chunk_size: int = 64,
+               ghost: bool = False):
     super().__init__()
     if mode not in MODES:
       raise UserError(f'unknown TracIn mode {mode!r} (choose from {", ".join(MODES)})')
@@ -115,6 +125,7 @@ class TracIn(Valuation):
       raise UserError(f'TracIn mode {mode!r} needs a held-out batch')
     self.loss_fn, self.mode, self.heldout = loss_fn, mode, heldout
     self.layers, self.projection, self.chunk_size = layers, projection, chunk_size
+    self.ghost = ghost
     self.higher_is_better = mode != 'self'
     self.name = f'tracin_{mode}'
 
@@ -122,7 +133,7 @@ class TracIn(Valuation):
     ckpts, lrs = self.stacked()
     if self.mode == 'self':
       return self_influence(self.loss_fn, ckpts, lrs, batch, self.layers, self.projection,
-                            self.chunk_size)
+                            self.chunk_size, self.ghost)
     return heldout_influence(self.loss_fn, ckpts, lrs, batch, self.heldout, self.layers,
                              self.mode == 'heldout_cos', self.chunk_size)
 
