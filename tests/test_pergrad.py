@@ -136,13 +136,15 @@ def test_ghost_dots_equal_flat_dots():
   loss, params, batch = tiny(hidden=(5, 4))
   _, _, other = tiny(num=4, seed=1, hidden=(5, 4))
   ga, gb = loop_flat_grads(loss, params, batch), loop_flat_grads(loss, params, other)
-  np.testing.assert_allclose(pergrad.ghost_dots(loss, params, batch, other), ga @ gb.T, rtol=1e-11)
-  np.testing.assert_allclose(pergrad.ghost_dots(loss, params, batch), ga @ ga.T, rtol=1e-11)
-  np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch), jnp.sum(ga ** 2, 1),
-                             rtol=1e-11)
+  dots = jax.jit(lambda p, a, b: (pergrad.ghost_dots(loss, p, a, b), pergrad.ghost_dots(loss, p, a),
+                                  pergrad.ghost_sq_norms(loss, p, a),
+                                  pergrad.ghost_sq_norms(loss, p, a, layers=['dense_2'])))
+  ab, aa, norms, last_norms = dots(params, batch, other)
+  np.testing.assert_allclose(ab, ga @ gb.T, rtol=1e-11)
+  np.testing.assert_allclose(aa, ga @ ga.T, rtol=1e-11)
+  np.testing.assert_allclose(norms, jnp.sum(ga ** 2, 1), rtol=1e-11)
   last = loop_flat_grads(loss, params, batch, layers=['dense_2'])
-  np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch, layers=['dense_2']),
-                             jnp.sum(last ** 2, 1), rtol=1e-11)
+  np.testing.assert_allclose(last_norms, jnp.sum(last ** 2, 1), rtol=1e-11)
   assert pergrad.dense_layers(loss, params, batch) == ['dense_0', 'dense_1', 'dense_2']
 
 

@@ -20,7 +20,8 @@ def small_config(tfds_dir):
   return c
 
 
-@pytest.mark.parametrize('method', ['tracin', 'mimic', 'dvemb'])
+@pytest.mark.parametrize('method', ['tracin', 'mimic',
+                                    pytest.param('dvemb', marks=pytest.mark.slow)])
 def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, method):
   config = small_config(tfds_dir)
   summary = valuate.valuate(method, config, str(tmp_path), progress=False)
