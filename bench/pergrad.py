@@ -5,12 +5,15 @@ r"""Per-example gradient throughput and memory of the pergrad layer against plai
 
 For each model, examples/s of: the plain batched gradient of the mean loss (one gradient per batch:
 the floor cost), per-example gradients vmapped whole or chunked (64 alive at a time: also
-faster, the chunk stays in cache), chunked and reduced to squared norms or Kronecker-projected, ghost squared norms (Dense layers, no per-example gradient),
+faster on CPU, the chunk stays in cache; `--chunk`), chunked and reduced to squared norms or Kronecker-projected, ghost squared norms (Dense layers, no per-example gradient),
 all B dot products from one JVP, and a Python loop of jitted single-example gradients (the speed-up
 of the vmapped layer over it is reported). Memory: XLA's compiled temporary bytes for B and 10 B
 examples (chunked stays flat; whole-batch vmap grows). Times are medians over `--repeats` calls
-after a warm-up on a shared 2-core machine: compare ratios. Writes bench/results/pergrad.{json,png}.
+after a warm-up (on the shared 2-core CPU machine: compare ratios). Writes
+bench/results/pergrad.{json,png}; bench/results/pergrad.h100.* came from
+`--batch=4096 --chunk=512 --out=bench/results/pergrad.h100` on one H100.
 """
+import json
 import os
 import platform
 import time
@@ -21,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datarater import checkpointing, models, pergrad
+from datarater import models, pergrad
 
 _BATCH = flags.DEFINE_integer('batch', 256, 'Examples per call.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per setting (median).')
+_CHUNK = flags.DEFINE_integer('chunk', 64, 'Per-example gradients alive at once (chunked rows).')
 _LOOP = flags.DEFINE_integer('loop_examples', 64, 'Examples timed in the Python-loop baseline.')
 _OUT = flags.DEFINE_string('out', 'bench/results/pergrad', 'Output prefix (.json, .png).')
 
@@ -45,7 +49,7 @@ def _temp(fn, *args) -> int:
   return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
-def measure(shape, hidden, batch: int, repeats: int, loop_examples: int) -> dict:
+def measure(shape, hidden, batch: int, repeats: int, loop_examples: int, chunk: int) -> dict:
   model = models.task_model(10, hidden)
   params = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
   loss = lambda p, b: models.per_example_loss(model.apply, p, b)
@@ -62,11 +66,11 @@ def measure(shape, hidden, batch: int, repeats: int, loop_examples: int) -> dict
   fns = {
       'batched_mean_grad': lambda b: pergrad.mean_grad(loss, params, b),
       'per_example_vmap_full': lambda b: pergrad.per_example_grads(loss, params, b, None),
-      'per_example_chunked_grads': lambda b: pergrad.per_example_grads(loss, params, b, 64),
+      'per_example_chunked_grads': lambda b: pergrad.per_example_grads(loss, params, b, chunk),
       'per_example_chunked_sq_norm': lambda b: pergrad.per_example(loss, params, b,
-                                                                   pergrad.sq_norm(), (), 64),
+                                                                   pergrad.sq_norm(), (), chunk),
       'per_example_chunked_kron_proj': lambda b: pergrad.per_example(loss, params, b, proj,
-                                                                     pstate, 64),
+                                                                     pstate, chunk),
       'ghost_sq_norms': lambda b: pergrad.ghost_sq_norms(loss, params, b),
       'jvp_dots': lambda b: pergrad.jvp_dots(loss, params, b, v),
   }
@@ -128,12 +132,20 @@ def plot(results: dict, path: str) -> None:
   os.replace(tmp, path)
 
 
+def write_json_atomic(path: str, obj) -> None:
+  """JSON through a temp file renamed into place (kept here: this bench needs only jax/flax)."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
 def main(argv):
   del argv
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
-             'batch': _BATCH.value, 'models': {}}
+             'batch': _BATCH.value, 'chunk': _CHUNK.value, 'models': {}}
   for name, (shape, hidden) in MODELS.items():
-    r = measure(shape, hidden, _BATCH.value, _REPEATS.value, _LOOP.value)
+    r = measure(shape, hidden, _BATCH.value, _REPEATS.value, _LOOP.value, _CHUNK.value)
     results['models'][name] = r
     print(name, f'{r["num_params"]} params')
     for k, val in r['examples_per_s'].items():
@@ -142,7 +154,7 @@ def main(argv):
           {k: round(x, 1) for k, x in r['speedup_vs_python_loop'].items()})
     print('  temp memory (bytes) by examples:', r['memory_temp_bytes'], flush=True)
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  checkpointing.write_json_atomic(_OUT.value + '.json', results)
+  write_json_atomic(_OUT.value + '.json', results)
   plot(results, _OUT.value + '.png')
 
 
