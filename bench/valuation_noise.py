@@ -179,7 +179,8 @@ def plot(results: dict, path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   names = list(results['summary'])
-  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={'width_ratios': [2, 1]})
+  fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.4),
+                                     gridspec_kw={'width_ratios': [2, 1, 0.8]})
   for i, n in enumerate(names):
     per_seed = results['summary'][n]['per_seed']
     ax.bar(i, np.mean(per_seed), color='C0', alpha=0.6)
@@ -205,6 +206,18 @@ def plot(results: dict, path: str) -> None:
     ax2.set(ylim=(max(0.0, min(lows) - 0.05), 1.0), ylabel='test accuracy',
             title='TracIn curriculum (fresh models)')
     ax2.legend(fontsize=8, loc='lower left')
+  phases = results.get('dvemb_phase') or {}
+  if phases:
+    names3 = ['early', 'middle', 'late']
+    for s, p in phases.items():
+      ax3.plot(names3, p['mean_abs_value'], 'o-', color='C4', alpha=0.7)
+    ax3.set(yscale='log', ylabel='mean |value| (predicted LOO change of held-out loss)',
+            title='Data value embedding by phase')
+    ax3b = ax3.twinx()
+    for s, p in phases.items():
+      ax3b.plot(names3, p['auroc'], 's--', color='C1', alpha=0.7)
+    ax3b.set_ylabel('noise AUROC of the phase value (dashed)')
+    ax3b.set_ylim(0.4, 1.0)
   fig.tight_layout()
   tmp = path + '.tmp.png'
   fig.savefig(tmp, dpi=110)
