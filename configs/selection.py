@@ -1,0 +1,66 @@
+"""Dynamic data selection on scikit-learn's digits: train a task model on a fraction per epoch.
+
+`--selection={full,random,infobatch,sae}` picks the policy; `--config.selection_ratio=0.7` the
+fraction of the training split trained on each epoch. Clean labels by default
+(`--config.data.label_noise=0.2` for the noisy setting).
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.selection = 'sae'              # full | random | infobatch | sae (the --selection flag sets it)
+  c.selection_ratio = 0.7          # fraction of the training split selected per epoch
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'sklearn_digits'
+  c.data.data_dir = ''
+  c.data.train_split = 'train'
+  c.data.heldout_split = 'validation'
+  c.data.eval_split = 'test'
+  c.data.label_noise = 0.0
+  c.data.noise_seed = 0
+
+  c.task_model = ml_collections.ConfigDict()
+  c.task_model.hidden = (128, 128)
+  c.task_model.activation = 'relu'
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 30
+  c.train.batch_size = 64
+  c.train.optimizer = 'adam'
+  c.train.learning_rate = 1e-3
+
+  # Plug-in feature space: penultimate layer of a model trained briefly here, then frozen.
+  c.features = ml_collections.ConfigDict()
+  c.features.extractor = 'penultimate'   # 'penultimate' | 'pixels'
+  c.features.hidden = (64,)
+  c.features.activation = 'relu'
+  c.features.train_steps = 150
+  c.features.batch_size = 64
+  c.features.learning_rate = 3e-3
+  c.features.seed = 1
+
+  c.sae = ml_collections.ConfigDict()
+  c.sae.sparsity = 'top_k'         # 'top_k' | 'l1'
+  c.sae.num_factors = 128
+  c.sae.k = 8                      # active factors per example (top_k)
+  c.sae.l1_coef = 0.1              # L1 penalty on the codes (l1)
+  c.sae.steps = 1500
+  c.sae.batch_size = 256
+  c.sae.learning_rate = 3e-3
+
+  c.sae_scores = ml_collections.ConfigDict()
+  c.sae_scores.high_freq_fraction = 0.5  # share of factors (most frequent first) counted as common
+  c.sae_scores.gate_width = 0.15         # how gradually rare factors are let in (progress units)
+  c.sae_scores.rep_weight_start = 1.0    # curriculum: representativeness weight at t = 0 ...
+  c.sae_scores.rep_weight_end = 0.3      # ... and at the end of training
+  c.sae_scores.div_weight_start = 0.0    # diversity weight at t = 0 ...
+  c.sae_scores.div_weight_end = 1.0      # ... and at the end
+  c.sae_scores.usage_penalty = 1.0       # lambda on the share of past epochs an example was used
+  c.sae_scores.temperature = 0.1         # Gumbel noise on the scores (0 = deterministic top-n)
+
+  c.infobatch = ml_collections.ConfigDict()
+  c.infobatch.max_prune_prob = 0.8
+  return c

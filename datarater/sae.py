@@ -1,0 +1,133 @@
+"""Sparse autoencoder (Flax) over feature vectors: top-k or L1 sparsity, trained offline.
+
+x -> z = sparsify(W_enc (x - b_pre) + b_enc) -> x_hat = W_dec z + b_pre, with unit-norm decoder
+rows (so the L1 penalty cannot be dodged by shrinking z and growing W_dec). `top_k` keeps the k
+largest pre-activations of each example (then ReLU: at most k factors active); `l1` applies ReLU
+and adds `l1_coef * |z|_1` to the loss. Features are standardised first (`Normaliser`), so one
+learning rate and L1 coefficient suit any extractor.
+"""
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from datarater.errors import UserError
+
+SPARSITIES = ('top_k', 'l1')
+
+
+class SAE(nn.Module):
+  """Returns (reconstruction [B, D], codes [B, num_factors] >= 0)."""
+  num_factors: int
+  sparsity: str = 'top_k'
+  k: int = 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array):
+    dim = x.shape[-1]
+    b_pre = self.param('b_pre', nn.initializers.zeros, (dim,))
+    w_dec = self.param('w_dec', nn.initializers.lecun_normal(), (self.num_factors, dim))
+    w_dec = w_dec / (jnp.linalg.norm(w_dec, axis=-1, keepdims=True) + 1e-8)
+    pre = nn.Dense(self.num_factors, name='encoder')(x - b_pre)
+    if self.sparsity == 'top_k':
+      # The k-th largest pre-activation per row (jnp.partition is ~7x faster than top_k on CPU).
+      kth = jax.lax.stop_gradient(-jnp.partition(-pre, self.k - 1, axis=-1)[:, self.k - 1:self.k])
+      codes = jnp.where(pre >= kth, nn.relu(pre), 0.0)  # a mask, not a scatter: cheap backward
+    else:
+      codes = nn.relu(pre)
+    return codes @ w_dec + b_pre, codes
+
+
+@flax.struct.dataclass
+class Normaliser:
+  """Per-dimension centring and one global scale so that the mean squared norm is 1."""
+  mean: jax.Array
+  scale: jax.Array
+
+  @classmethod
+  def fit(cls, x: jax.Array) -> 'Normaliser':
+    mean = jnp.mean(x, 0)
+    return cls(mean=mean, scale=jnp.sqrt(jnp.mean(jnp.sum((x - mean) ** 2, -1))) + 1e-8)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return (x - self.mean) / self.scale
+
+
+@flax.struct.dataclass
+class TrainedSAE:
+  params: dict
+  normaliser: Normaliser
+  module: SAE = flax.struct.field(pytree_node=False)
+
+  def encode(self, x: jax.Array) -> jax.Array:
+    return self.module.apply(self.params, self.normaliser(x))[1]
+
+  def reconstruct(self, x: jax.Array) -> jax.Array:
+    """Reconstruction in the normalised space (compare with `self.normaliser(x)`)."""
+    return self.module.apply(self.params, self.normaliser(x))[0]
+
+
+def make_sae(config) -> SAE:
+  """The SAE of a `sae` ConfigDict: num_factors, sparsity, k."""
+  if config.sparsity not in SPARSITIES:
+    raise UserError(f'unknown sae.sparsity {config.sparsity!r} (choose from {", ".join(SPARSITIES)})')
+  if config.num_factors <= 0:
+    raise UserError(f'sae.num_factors must be positive, got {config.num_factors}')
+  if config.sparsity == 'top_k' and not 0 < config.k <= config.num_factors:
+    raise UserError(f'sae.k must be in [1, num_factors={config.num_factors}], got {config.k}')
+  return SAE(num_factors=config.num_factors, sparsity=config.sparsity, k=config.k)
+
+
+def sae_loss(module: SAE, params, x: jax.Array, l1_coef: float):
+  """Mean squared reconstruction error per example (+ L1 of the codes when sparsity='l1')."""
+  x_hat, codes = module.apply(params, x)
+  mse = jnp.mean(jnp.sum((x_hat - x) ** 2, -1))
+  penalty = l1_coef * jnp.mean(jnp.sum(codes, -1)) if module.sparsity == 'l1' else 0.0
+  return mse + penalty, mse
+
+
+def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
+  """Fits an SAE to `features` [N, D] with Adam over `config.steps` minibatches (one `lax.scan`).
+
+  Returns the trained SAE and metrics: final normalised MSE, the MSE of the trivial mean
+  reconstruction (1.0 by construction of the normaliser) and the mean number of active factors.
+  """
+  features = jnp.asarray(features, jnp.float32)
+  if features.ndim != 2 or features.shape[0] < 2:
+    raise UserError(f'SAE features must be [N >= 2, D], got shape {tuple(features.shape)}')
+  module = make_sae(config)
+  normaliser = Normaliser.fit(features)
+  x = normaliser(features)
+  init_key, data_key = jax.random.split(key)
+  params = module.init(init_key, x[:2])
+  optimizer = optax.adam(config.learning_rate)
+  batch_size = min(config.batch_size, x.shape[0])
+
+  @jax.jit
+  def fit(params, data_key):
+    def step(carry, k):
+      params, opt_state = carry
+      batch = x[jax.random.randint(k, (batch_size,), 0, x.shape[0])]
+      (_, mse), grads = jax.value_and_grad(sae_loss, argnums=1, has_aux=True)(
+          module, params, batch, config.l1_coef)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), mse
+    (params, _), mses = jax.lax.scan(step, (params, optimizer.init(params)),
+                                     jax.random.split(data_key, config.steps))
+    return params, mses
+
+  params, mses = fit(params, data_key)
+  x_hat, codes = module.apply(params, x)
+  metrics = {'mse': float(jnp.mean(jnp.sum((x_hat - x) ** 2, -1))),
+             'mse_mean_baseline': float(jnp.mean(jnp.sum(x ** 2, -1))),
+             'active_mean': float(jnp.mean(jnp.sum(codes > 0, -1))),
+             'dead_factors': int(jnp.sum(jnp.all(codes <= 0, 0))),
+             'train_mse_first': float(mses[0]), 'train_mse_last': float(mses[-1])}
+  return TrainedSAE(params=params, normaliser=normaliser, module=module), metrics
+
+
+def encode_all(trained: TrainedSAE, features: np.ndarray) -> np.ndarray:
+  """Codes of every feature vector, float32 [N, num_factors]."""
+  return np.asarray(jax.jit(trained.encode)(jnp.asarray(features, jnp.float32)))

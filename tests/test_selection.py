@@ -1,0 +1,154 @@
+"""Selection policies: exact budgets, InfoBatch rescaling, SAE scores, usage penalty flattens counts."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.selection import get_config
+from datarater import selection
+from datarater.data import pipeline
+from datarater.errors import UserError
+from datarater.selection import policies, scores
+from datarater.selection.base import gini, init_state, record_epoch
+
+
+def synthetic_codes(n=300, factors=24, active=3, seed=0):
+  """Non-negative sparse codes whose factor frequencies fall off (a few common, many rare)."""
+  rng = np.random.default_rng(seed)
+  p = 1.0 / np.arange(1, factors + 1)
+  codes = np.zeros((n, factors), np.float32)
+  for i in range(n):
+    codes[i, rng.choice(factors, active, replace=False, p=p / p.sum())] = rng.uniform(0.5, 1.5, active)
+  return codes
+
+
+def run_selection(policy, num, epochs, seed=0, losses=None):
+  """select/update for `epochs` epochs without training; returns the final state."""
+  state = policy.init(num, jax.random.PRNGKey(seed))
+  select, update = jax.jit(policy.select), jax.jit(policy.update)
+  for _ in range(epochs):
+    idx, w, state = select(state)
+    l = jnp.zeros(idx.shape) if losses is None else jnp.asarray(losses)[idx]
+    state = update(state, idx, w, l)
+  return state
+
+
+def test_gini():
+  assert gini(np.full(10, 3)) == pytest.approx(0.0)
+  assert gini(np.eye(10)[0]) == pytest.approx(0.9)
+  assert 0 < gini(np.arange(10)) < 0.9
+
+
+@pytest.mark.parametrize('name', ['random', 'infobatch', 'sae'])
+@pytest.mark.parametrize('ratio', [0.3, 0.7])
+def test_exact_budget_of_distinct_examples(name, ratio):
+  num = 300
+  cfg = get_config()
+  cfg.selection_ratio = ratio
+  codes = synthetic_codes(num)
+  policy = {'random': lambda: policies.random(num, ratio),
+            'infobatch': lambda: policies.infobatch(num, ratio),
+            'sae': lambda: policies.sae(codes, ratio, 10, cfg.sae_scores)}[name]()
+  state = policy.init(num, jax.random.PRNGKey(0))
+  state = state.replace(losses=jnp.asarray(np.random.default_rng(0).uniform(size=num), jnp.float32))
+  idx, w, state2 = policy.select(state)
+  assert idx.shape == (round(ratio * num),) == w.shape
+  assert len(np.unique(idx)) == len(idx) and idx.min() >= 0 and idx.max() < num
+  assert not np.array_equal(state.key, state2.key)  # randomness is consumed, not reused
+  again, _, _ = policy.select(state)
+  np.testing.assert_array_equal(idx, again)          # same state -> same selection
+
+
+def test_full_selects_everything_once():
+  idx, w, _ = policies.full(50).select(init_state(50, jax.random.PRNGKey(0)))
+  np.testing.assert_array_equal(idx, np.arange(50))
+  np.testing.assert_array_equal(w, np.ones(50))
+
+
+def test_infobatch_prunes_only_low_loss_and_rescales():
+  num, ratio = 400, 0.7
+  losses = np.random.default_rng(1).exponential(size=num).astype(np.float32)
+  policy = policies.infobatch(num, ratio, max_prune_prob=0.8)
+  state = init_state(num, jax.random.PRNGKey(3)).replace(losses=jnp.asarray(losses))
+  idx, w, _ = policy.select(state)
+  idx, w = np.asarray(idx), np.asarray(w)
+  pruned = np.setdiff1d(np.arange(num), idx)
+  assert len(pruned) == num - len(idx) == 120
+  assert losses[pruned].max() < losses.mean() or len(pruned) > (losses < losses.mean()).sum()
+  assert set(np.flatnonzero(losses >= losses.mean())) <= set(idx)  # hard examples always kept
+  assert w.sum() == pytest.approx(num, rel=1e-5)  # rescaling keeps the total weight of the split
+  assert w.max() > 1 and w.min() == 1
+
+
+def test_record_epoch_counts_only_weighted_and_drops_padding():
+  state = init_state(5, jax.random.PRNGKey(0), num_factors=2)
+  codes = jnp.asarray([[1., 0.], [0., 2.], [1., 1.], [0., 0.], [3., 0.]])
+  idx = jnp.asarray([0, 1, 4, 5, 5])  # 5 = padding
+  w = jnp.asarray([1., 0., 2., 0., 0.])
+  state = record_epoch(state, idx, w, jnp.asarray([.1, .2, .3, .4, .5]), codes)
+  np.testing.assert_array_equal(state.counts, [1, 0, 0, 0, 1])
+  np.testing.assert_allclose(state.losses, [.1, 1., 1., 1., .3])
+  np.testing.assert_allclose(state.factor_usage, [4., 0.])
+  assert int(state.epoch) == 1
+
+
+def test_representativeness_favours_common_factors_and_diversity_opens_gradually():
+  codes = synthetic_codes(500, factors=20)
+  stats = scores.factor_stats(jnp.asarray(codes), 0.5)
+  freq = np.asarray(stats.frequency)
+  common, rarest = int(np.argmax(freq)), int(np.argmin(np.where(freq > 0, freq, 9)))
+  one_hot = jnp.asarray(np.eye(20, dtype=np.float32)[[common, rarest]])
+  probe = stats.replace(mass=one_hot)
+  rep = np.asarray(scores.representativeness(probe))
+  assert rep[0] == pytest.approx(1.0) and rep[1] == 0.0
+  usage = jnp.zeros(20)
+  early = np.asarray(scores.diversity(probe, usage, jnp.asarray(0.0), 0.15))
+  late = np.asarray(scores.diversity(probe, usage, jnp.asarray(1.0), 0.15))
+  assert early[0] == late[0] == 0.0           # common factors carry no diversity
+  assert late[1] == pytest.approx(1.0) and early[1] == 0.0    # the rarest factor comes in only late
+  used = usage.at[rarest].set(10.0)
+  assert scores.diversity(probe, used, jnp.asarray(1.0), 0.15)[1] < late[1]
+
+
+@pytest.mark.parametrize('temperature', [0.0, 0.1])
+def test_usage_penalty_flattens_selection_counts(temperature):
+  num, epochs = 400, 20
+  codes = synthetic_codes(num)
+  cfg = get_config().sae_scores
+  cfg.temperature = temperature
+  ginis = {}
+  for penalty in (0.0, 1.0):
+    cfg.usage_penalty = penalty
+    state = run_selection(policies.sae(codes, 0.3, epochs, cfg), num, epochs)
+    assert int(state.counts.sum()) == epochs * 120
+    ginis[penalty] = gini(state.counts)
+  print(f'Gini of selection counts (T={temperature}): without penalty {ginis[0.0]:.3f}, '
+        f'with {ginis[1.0]:.3f}')
+  assert ginis[1.0] < 0.8 * ginis[0.0], ginis
+
+
+def test_bad_input_is_a_user_error(tfds_dir):
+  train = pipeline.load_split('sklearn_digits', 'train', tfds_dir)
+  cfg = get_config()
+  with pytest.raises(UserError, match='bogus'):
+    selection.make_policy('bogus', train, cfg)
+  cfg.selection_ratio = 0.0
+  with pytest.raises(UserError, match='0.0'):
+    selection.make_policy('random', train, cfg)
+  cfg.selection_ratio = 0.5
+  policy, _ = selection.make_policy('sae', train, cfg, codes=synthetic_codes(10))
+  with pytest.raises(UserError, match='10 examples'):
+    policy.init(len(train), jax.random.PRNGKey(0))
+
+
+def test_harness_spends_the_budget_and_learns(tfds_dir):
+  train = pipeline.load_split('sklearn_digits', 'train', tfds_dir, label_noise=0.2)
+  val = pipeline.load_split('sklearn_digits', 'validation', tfds_dir)
+  policy = policies.infobatch(len(train), 0.5)
+  out = selection.train_with_selection(policy, train, {'validation': val}, hidden=(64,), epochs=4,
+                                       batch_size=64, learning_rate=3e-3, seed=0)
+  assert out['example_grads'] == 4 * policy.num_selected == 4 * round(0.5 * len(train))
+  assert [h['example_grads'] for h in out['history']] == [policy.num_selected * e for e in (1, 2, 3, 4)]
+  assert out['final']['validation']['accuracy'] > 0.7  # chance is 0.1
+  # InfoBatch keeps the high-loss examples, so noisy ones take more than their 20% share.
+  assert out['noisy_share_of_grads'] > 0.22
