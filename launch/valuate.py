@@ -29,9 +29,14 @@ from datarater.valuation import base, factory
 from datarater.valuation.mimic import mimic_filter
 from datarater.valuation.rater import RaterValuation
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/valuate.py', 'Valuation config.')
-_METHOD = flags.DEFINE_string('method', None, f'One of {", ".join(factory.METHODS)}.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (and, for datarater, the run).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Flags are defined when run as a program, so tests and tools can import this module freely."""
+  config_flags.DEFINE_config_file('config', 'configs/valuate.py', 'Valuation config.')
+  flags.DEFINE_string('method', None, f'One of {", ".join(factory.METHODS)}.')
+  flags.DEFINE_string('workdir', None, 'Output folder (and, for datarater, the run to load).')
 
 
 def write_parquet_atomic(path: str, columns: dict) -> None:
@@ -96,13 +101,14 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
-    summary = valuate(_METHOD.value, _CONFIG.value, _WORKDIR.value)
+    summary = valuate(FLAGS.method, FLAGS.config, FLAGS.workdir)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(f'wrote {os.path.join(_WORKDIR.value, "scores_" + summary["method"] + ".parquet")}: '
+  print(f'wrote {os.path.join(FLAGS.workdir, "scores_" + summary["method"] + ".parquet")}: '
         f'{summary["num_examples"]} examples, noise AUROC {summary["noise_auroc"]:.3f}')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
