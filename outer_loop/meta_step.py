@@ -4,6 +4,7 @@
 and optimizers and returns `outer_step(state, batches) -> (state, metrics)`, ready for `jax.jit`.
 """
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -13,12 +14,15 @@ import optax
 
 from inner_loop.unroll import InnerState, PerExampleLoss, unroll
 from inner_loop.weighting import softmax_weights
+from outer_loop import mixed_mode
 from outer_loop.population import InitMember, init_population, staggered_reset
 
 # How d(outer)/d(phi) is computed through the unroll; all give the same value.
 #   reverse: plain reverse mode, every inner step's activations kept (memory grows with T);
-#   remat:   reverse mode with each inner step under jax.checkpoint (recomputed on the way back).
-META_GRADIENT_MODES = ('reverse', 'remat')
+#   remat:   reverse mode with each inner step under jax.checkpoint (recomputed on the way back);
+#   mixed:   custom backward pass (outer_loop.mixed_mode): carries stored every ~sqrt(T) steps,
+#            steps recomputed in reverse, Hessian terms by forward-over-reverse (jvp of grad).
+META_GRADIENT_MODES = ('reverse', 'remat', 'mixed')
 
 
 @flax.struct.dataclass
@@ -53,11 +57,17 @@ def outer_loss(problem: MetaProblem, rater_params, population: InnerState,
   inner_batches leaves are [K, T, B, ...], outer_batches [K, B, ...]. Returns
   (loss, (updated population, inner losses [K, T])).
   """
-  weight_fn = problem.weight_fn(rater_params)
+  if problem.meta_gradient == 'mixed':
+    mixed_unroll = mixed_mode.make_mixed_unroll(
+        problem.task_loss, problem.inner_optimizer, lambda phi, batch: problem.weight_fn(phi)(batch))
+    run = lambda state, inner: mixed_unroll(rater_params, state, inner)
+  else:
+    run = functools.partial(unroll, problem.task_loss, problem.inner_optimizer,
+                            problem.weight_fn(rater_params),
+                            remat=problem.meta_gradient == 'remat')
 
   def member(state, inner, outer):
-    state, inner_losses = unroll(problem.task_loss, problem.inner_optimizer, weight_fn, state,
-                                 inner, remat=problem.meta_gradient == 'remat')
+    state, inner_losses = run(state, inner)
     return jnp.mean(problem.task_loss(state.params, outer)), (state, inner_losses)
 
   held_out, aux = jax.vmap(member)(population, inner_batches, outer_batches)
@@ -65,7 +75,14 @@ def outer_loss(problem: MetaProblem, rater_params, population: InnerState,
 
 
 def meta_gradient(problem: MetaProblem, rater_params, population, inner_batches, outer_batches):
-  """((outer loss, aux), d outer / d phi) through the unroll, by `problem.meta_gradient`."""
+  """((outer loss, aux), d outer / d phi) through the unroll, by `problem.meta_gradient`.
+
+  Every mode is this one reverse-mode call: `outer_loss` picks the unroll ('mixed' carries its own
+  custom VJP), so the value is the same and only memory and time differ.
+  """
+  if problem.meta_gradient not in META_GRADIENT_MODES:
+    raise ValueError(f'unknown meta_gradient mode {problem.meta_gradient!r} '
+                     f'(choose from {", ".join(META_GRADIENT_MODES)})')
   return jax.value_and_grad(outer_loss, argnums=1, has_aux=True)(
       problem, rater_params, population, inner_batches, outer_batches)
 

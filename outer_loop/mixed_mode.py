@@ -1,0 +1,155 @@
+"""Mixed-mode meta-gradients (MixFlow-MG style): a custom backward pass through the inner unroll.
+
+`mixed_unroll` runs the same T weighted inner steps as `inner_loop.unroll.unroll`, under a
+`jax.custom_vjp` whose backward pass never differentiates a gradient in reverse mode:
+
+* Forward: only inner-state carries (params, opt_state) are kept, no activations, and only at
+  segment starts (every S steps; S ~ sqrt(T) by default), so stored state grows like T / S.
+* Backward: segments are walked in reverse (`lax.scan(reverse=True)`). A segment's S carries are
+  recomputed from its start, then its steps are walked in reverse. Each step
+  theta' = theta + u(g, s, theta), s' = ... with g = grad_theta L(theta, w), w = w(phi), L the
+  weighted loss, pulls the cotangent back as:
+    - (g, s, theta) <- (theta', s'): `jax.vjp` of the optimizer update (elementwise, any optax),
+    - theta <- g: H v = jvp(grad_theta L, theta; v)  (forward-over-reverse, H symmetric),
+    - w <- g: d/dw <grad_theta L, v> = the w-part of the same jvp of grad_(theta, w) L
+      (mixed partials commute), so one forward-over-reverse call gives both terms,
+    - phi <- w: `jax.vjp` of the rater weights (a first-order product).
+  Memory per step is one step's activations (live only while that step is processed), not T.
+
+The meta-gradient equals plain reverse mode up to float round-off (tests/test_meta_modes.py).
+"""
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from inner_loop.unroll import InnerState, PerExampleLoss, inner_step, weighted_loss
+
+WeightsFn = Callable[[Any, dict], jax.Array]  # (phi, batch) -> weights [B]
+
+
+def default_segment(steps: int) -> int:
+  """Steps between stored carries: round(sqrt(T)) minimises T / S stored + S recomputed."""
+  return max(1, int(round(math.sqrt(steps))))
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _to_carry(ct, like):
+  """Cotangent tree -> scan-carriable tree: float0 leaves (of integer primals) become 0."""
+  return jax.tree.map(lambda c, p: c if _is_float(p) else jnp.zeros((), jnp.float32), ct, like)
+
+
+def _to_cotangent(carry, like):
+  """Scan carry -> cotangent tree for `vjp`: integer primals get float0 zeros."""
+  return jax.tree.map(lambda c, p: c if _is_float(p) else np.zeros(np.shape(p), jax.dtypes.float0),
+                      carry, like)
+
+
+def _zeros_cotangent(like):
+  return jax.tree.map(lambda p: jnp.zeros_like(p) if _is_float(p)
+                      else np.zeros(np.shape(p), jax.dtypes.float0), like)
+
+
+def _slice(tree, start, stop):
+  return jax.tree.map(lambda x: x[start:stop], tree)
+
+
+def _split_segments(tree, head: int, segment: int):
+  """Leaves [T, ...] -> (head leaves [head, ...], segment leaves [n, S, ...])."""
+  def body(x):
+    rest = x[head:]
+    return rest.reshape((rest.shape[0] // segment, segment) + rest.shape[1:])
+  return _slice(tree, 0, head), jax.tree.map(body, tree)
+
+
+def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
+                      weights_fn: WeightsFn, segment: Optional[int] = None):
+  """Returns `unroll(phi, state, batches) -> (final state, losses [T])` with the mixed-mode VJP.
+
+  `weights_fn(phi, batch)` gives the loss weights of a batch; `batches` leaves are [T, B, ...].
+  `segment` is S, the steps between stored carries (None: `default_segment(T)`; 1 stores every
+  carry and recomputes nothing but each step's own activations).
+  """
+  def step(phi, state, batch):
+    return inner_step(loss_fn, optimizer, state, batch, weights_fn(phi, batch))
+
+  def run(phi, state, batches):
+    return jax.lax.scan(lambda s, b: step(phi, s, b), state, batches)
+
+  def plan(batches):
+    steps = jax.tree.leaves(batches)[0].shape[0]
+    seg = min(segment or default_segment(steps), steps)
+    return steps % seg, seg  # (head steps run before the n equal segments, S)
+
+  def fwd(phi, state, batches):
+    head, seg = plan(batches)
+    head_batches, seg_batches = _split_segments(batches, head, seg)
+    state_h, losses_h = run(phi, state, head_batches)
+
+    def segment_fwd(s, b):
+      s_next, losses = run(phi, s, b)
+      return s_next, (s, losses)           # keep only the segment's starting carry
+    final, (starts, losses_s) = jax.lax.scan(segment_fwd, state_h, seg_batches)
+    losses = jnp.concatenate([losses_h, losses_s.reshape(-1)])
+    return (final, losses), (phi, state, state_h, starts, batches)
+
+  def step_bwd(phi, state, batch, ct_next, ct_loss):
+    """Pulls (d/d state', d/d loss) back through one step: (d/d state, d/d phi)."""
+    weights, weights_vjp = jax.vjp(lambda p: weights_fn(p, batch), phi)
+    grads_fn = lambda theta: jax.grad(weighted_loss, argnums=(1, 3))(  # (d/dtheta, d/dw) of L
+        loss_fn, theta, batch, weights)
+    (g, g_w), hvp = jax.linearize(grads_fn, state.params)
+
+    def update(g, opt_state, params):
+      updates, opt_state = optimizer.update(g, opt_state, params)
+      return InnerState(optax.apply_updates(params, updates), opt_state)
+    _, update_vjp = jax.vjp(update, g, state.opt_state, state.params)
+    ct_g, ct_opt, ct_params = update_vjp(_to_cotangent(ct_next, state))
+    h_v, cross_v = hvp(ct_g)  # forward-over-reverse: (H ct_g, d/dw <grad_theta L, ct_g>)
+    ct_params = jax.tree.map(lambda a, b, c: a + b + ct_loss * c, ct_params, h_v, g)
+    ct_phi, = weights_vjp(cross_v + ct_loss * g_w)
+    return _to_carry(InnerState(ct_params, ct_opt), state), ct_phi
+
+  def segment_bwd(phi, start, batches, ct_losses, carry):
+    """Recomputes a segment's carries from its start, then walks its steps in reverse."""
+    def forward(s, b):
+      return step(phi, s, b)[0], s
+    last, states = jax.lax.scan(forward, start, _slice(batches, 0, -1))
+    states = jax.tree.map(lambda xs, x: jnp.concatenate([xs, x[None]]), states, last)
+
+    def backward(carry, xs):
+      ct_state, ct_phi = carry
+      s, b, ct_loss = xs
+      ct_state, ct_phi_t = step_bwd(phi, s, b, ct_state, ct_loss)
+      return (ct_state, jax.tree.map(jnp.add, ct_phi, ct_phi_t)), None
+    carry, _ = jax.lax.scan(backward, carry, (states, batches, ct_losses), reverse=True)
+    return carry
+
+  def bwd(res, cts):
+    phi, state0, state_h, starts, batches = res
+    ct_final, ct_losses = cts
+    head, seg = plan(batches)
+    head_batches, seg_batches = _split_segments(batches, head, seg)
+    ct_losses_h, ct_losses_s = _split_segments(ct_losses, head, seg)
+    ct_phi = jax.tree.map(jnp.zeros_like, phi)
+    carry = (_to_carry(ct_final, state0), ct_phi)
+
+    def over_segments(carry, xs):
+      start, b, ct_l = xs
+      return segment_bwd(phi, start, b, ct_l, carry), None
+    carry, _ = jax.lax.scan(over_segments, carry, (starts, seg_batches, ct_losses_s),
+                            reverse=True)
+    if head:
+      carry = segment_bwd(phi, state0, head_batches, ct_losses_h, carry)
+    ct_state, ct_phi = carry
+    return ct_phi, _to_cotangent(ct_state, state0), _zeros_cotangent(batches)
+
+  unroll = jax.custom_vjp(run)
+  unroll.defvjp(fwd, bwd)
+  return unroll
