@@ -1,0 +1,84 @@
+"""Writes a subset of a TFDS dataset as a new array_record TFDS dataset with the same features.
+
+`write_subset(source_builder, data_dir, name, {split: ids})` builds `data_dir/name/VERSION/`, which
+`tfds.builder_from_directory` loads (no TensorFlow needed; read it with `as_data_source`). The
+features are copied from the source dataset's info; examples keep the source order (shuffling off),
+and are read from the source in chunks, so the subset never sits in memory. The files are a pure
+function of the selected examples (byte-identical across runs and processes).
+"""
+import os
+from typing import Mapping, Optional
+from unittest import mock
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
+
+CHUNK = 1024  # examples read from the source at a time
+
+
+def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, description: str):
+  features_json = source_info.features.to_json()
+  supervised = source_info.supervised_keys
+
+  class FilteredDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A kept subset of another TFDS dataset (same features, same example order)."""
+    VERSION = tfds.core.Version(str(source_info.version))
+    RELEASE_NOTES = {str(source_info.version): description}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      return self.dataset_info_from_configs(
+          features=tfds.features.FeatureConnector.from_json(features_json),
+          supervised_keys=supervised, description=description,
+          disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(split) for split in self.selection}
+
+    def _generate_examples(self, split):
+      source = self.sources[split]
+      ids = self.selection[split]
+      transform = self.transforms.get(split)
+      for start in range(0, len(ids), CHUNK):
+        chunk = [int(i) for i in ids[start:start + CHUNK]]
+        examples = source.__getitems__(chunk)
+        for i, example in zip(chunk, examples):
+          if transform is not None:
+            example = transform(i, example)
+          yield i, example
+
+  FilteredDataset.name = name
+  return FilteredDataset
+
+
+def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: str,
+                 selection: Mapping[str, np.ndarray], description: str = '',
+                 transforms: Optional[Mapping] = None) -> str:
+  """Writes the examples `selection[split]` (source ids, ascending) of each split; returns the
+  dataset's folder (data_dir/name/version).
+
+  `transforms[split](id, example) -> example` may rewrite examples on the way (e.g. the recorded
+  label noise of an experiment).
+  """
+  cls = _make_builder_class(source_builder.info, name, description)
+  builder = cls(data_dir=data_dir, file_format='array_record')
+  builder.selection = {s: np.sort(np.asarray(ids, np.int64)) for s, ids in selection.items()}
+  builder.sources = {s: source_builder.as_data_source(split=s) for s in selection}
+  builder.transforms = dict(transforms or {})
+  # tf.Example's feature map is serialised in hash order, which varies between processes
+  # (PYTHONHASHSEED); deterministic serialisation sorts the keys, so the files are byte-identical.
+  with mock.patch.object(example_serializer.ExampleSerializer, 'serialize_example',
+                         _serialize_deterministic):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return builder.data_dir
+
+
+def _serialize_deterministic(self, example):
+  return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+
+def load_dir(path: str) -> tfds.core.DatasetBuilder:
+  """The dataset written by `write_subset` (or any prepared TFDS folder)."""
+  return tfds.builder_from_directory(os.path.abspath(path))

@@ -1,0 +1,87 @@
+r"""Trains task models from scratch under a weighting policy and reports per-epoch figures.
+
+  python -m launch.train --config=configs/train.py --weighting=datarater --rater=RATER_DIR
+  python -m launch.train --dataset_dir=OUT_DIR --config.data.label_noise=0   # a filtered dataset
+
+--weighting is a name in `datarater.training.POLICIES` (uniform, datarater, mimic,
+tracin_curriculum, scores, ...). Trains one model per config.train.seeds (vmapped) on the train
+split (of config.data.name, or of the TFDS folder --dataset_dir, e.g. launch.filter's output), and
+after every epoch prints held-out (config.data.heldout_split) and eval-split loss and accuracy
+with the examples (example-gradients) and steps spent. --workdir gets history.jsonl and report.json.
+"""
+import json
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+import tensorflow_datasets as tfds
+from ml_collections import config_flags
+
+from datarater import checkpointing, models, training
+from datarater.data import pipeline
+from datarater.errors import UserError
+from inner_loop.optimizers import make_inner_optimizer
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file('config', 'configs/train.py', 'Training config file.')
+  flags.DEFINE_string('weighting', 'uniform', 'Policy name (datarater.training.POLICIES).')
+  flags.DEFINE_string('rater', '', 'Exported rater folder (for --weighting=datarater).')
+  flags.DEFINE_string('scores', '', 'Scores parquet (for --weighting=scores).')
+  flags.DEFINE_string('dataset_dir', '', 'Train on this TFDS folder instead of config.data.name.')
+  flags.DEFINE_string('workdir', '', 'Optional output folder: history.jsonl, report.json.')
+
+
+def run(config, weighting: str, rater: str = '', scores: str = '', dataset_dir: str = '',
+        workdir: str = '', log=print) -> dict:
+  d, t = config.data, config.train
+  if dataset_dir:
+    if not os.path.exists(os.path.join(dataset_dir, 'dataset_info.json')):
+      raise UserError(f'--dataset_dir {dataset_dir!r} is not a TFDS dataset folder')
+    builder = tfds.builder_from_directory(os.path.abspath(dataset_dir))
+    load = lambda s, noise=0.0: training.load_split_from_builder(builder, s, noise, d.noise_seed)
+  else:
+    load = lambda s, noise=0.0: pipeline.load_split(d.name, s, d.data_dir, noise, d.noise_seed)
+  train, heldout, evals = load(d.train_split, d.label_noise), load(d.heldout_split), load(d.eval_split)
+  task = models.task_model(train.num_classes, tuple(config.task_model.hidden), config.task_model.activation)
+  loss_fn = lambda p, b: models.per_example_loss(task.apply, p, b)
+  policy = training.make_policy(weighting, training.PolicyContext(
+      train, heldout, task, loss_fn, rater, scores, t.temperature, config, int(t.seeds[0])))
+  trainer = training.Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), policy.weight_fn)
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    open(os.path.join(workdir, 'history.jsonl'), 'w').close()
+
+  def on_epoch(r):
+    log(f'epoch {r["epoch"]:3d} | examples {r["examples"]:7d} | steps {r["steps"]:5d} | '
+        f'held-out loss {r["heldout_loss"]:.4f} acc {100 * r["heldout_accuracy"]:.2f}% | '
+        f'{d.eval_split} acc {100 * r["eval_accuracy"]:.2f}% (+-{100 * r["eval_accuracy_std"]:.2f})')
+    if workdir:
+      with open(os.path.join(workdir, 'history.jsonl'), 'a') as f:
+        f.write(json.dumps(r) + '\n')
+  report = trainer.fit(train, {'heldout': heldout, 'eval': evals}, epochs=t.epochs,
+                       batch_size=t.batch_size, seeds=list(t.seeds), policy=policy, log=on_epoch)
+  report.update(weighting=weighting, num_train=len(train), dataset_dir=dataset_dir)
+  if workdir:
+    checkpointing.write_json_atomic(os.path.join(workdir, 'report.json'), report)
+  log(f'{weighting}: {report["example_gradients"]} example-gradients in {report["steps"]} steps '
+      f'(+{report["setup_example_gradients"]} to make the policy)')
+  return report
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    run(FLAGS.config, FLAGS.weighting, FLAGS.rater, FLAGS.scores, FLAGS.dataset_dir, FLAGS.workdir)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

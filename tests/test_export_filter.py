@@ -1,0 +1,198 @@
+"""Export -> load -> filter -> tfds.builder_from_directory -> train, and the filter's guarantees.
+
+One small rater is meta-learned (a few outer steps) and exported once for the module.
+"""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow_datasets as tfds
+
+import datarater
+from datarater import checkpointing, export, filtering
+from datarater.data import pipeline
+from datarater.errors import UserError
+from launch import filter as filter_lib
+from launch import train as train_launch
+from launch import train_rater
+from configs import train as train_config
+from run_config import small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_TRAIN = 1197
+
+
+@pytest.fixture(scope='module')
+def rater_dir(tfds_dir, tmp_path_factory):
+  base = tmp_path_factory.mktemp('rater')
+  train_rater.train(small_config(tfds_dir, steps=4), str(base / 'run'))
+  out = str(base / 'exported')
+  export.export_rater(str(base / 'run'), out)
+  return out
+
+
+def _filter(tfds_dir, rater_dir, out, **kw):
+  args = dict(rater=rater_dir, keep=0.8, data_dir=tfds_dir, label_noise=0.2, batch_size=256)
+  args.update(kw)
+  return filter_lib.filter_dataset('sklearn_digits', str(out), ['train'], **args)
+
+
+def _files(folder):
+  return {os.path.relpath(p, folder): open(p, 'rb').read()
+          for p in sorted(glob.glob(os.path.join(folder, '**'), recursive=True)) if os.path.isfile(p)}
+
+
+def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_path):
+  run = os.path.join(os.path.dirname(rater_dir), 'run')
+  module, params, _, spec = checkpointing.load_trained_rater(run)
+  split = pipeline.load_split('sklearn_digits', 'train', tfds_dir, 0.2, 0)
+  batch = {'image': split.image, 'label': split.label}
+  want = np.asarray(jax.jit(module.apply)(params, batch))
+  one = datarater.load_rater(rater_dir, devices=jax.devices()[:1])
+  four = datarater.load_rater(rater_dir)
+  assert len(four.devices) == 4
+  np.testing.assert_allclose(one(batch), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(one(batch), four(batch))  # bitwise: same program per device
+  assert one.input_spec == spec
+  with pytest.raises(UserError, match='already exists'):
+    export.export_rater(run, rater_dir)
+
+
+def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path):
+  out = tmp_path / 'filtered'
+  report = _filter(tfds_dir, rater_dir, out)
+  want = filtering.keep_count(N_TRAIN, 0.8)
+  assert report['splits']['train']['kept'] == want == 958
+  builder = tfds.builder_from_directory(str(out))
+  source = pipeline.get_builder('sklearn_digits', tfds_dir)
+  assert builder.info.features.to_json() == source.info.features.to_json()
+  assert builder.info.splits['train'].num_examples == want
+  assert builder.info.splits['test'].num_examples == 300
+  assert builder.info.splits['validation'].num_examples == 300
+  # The kept examples are the best-scored ones, and the dataset holds exactly them (noisy labels).
+  table = pq.read_table(out / 'scores_train.parquet').to_pydict()
+  scores, kept = np.asarray(table['score']), np.asarray(table['kept'])
+  assert kept.sum() == want and scores[kept].min() >= scores[~kept].max()
+  noisy = pipeline.load_split('sklearn_digits', 'train', tfds_dir, 0.2, 0)
+  written = builder.as_data_source()['train']
+  ids = np.flatnonzero(kept)
+  for j in (0, 1, want // 2, want - 1):
+    np.testing.assert_array_equal(written[j]['image'], source.as_data_source()['train'][ids[j]]['image'])
+    assert written[j]['label'] == noisy.label[ids[j]]
+  assert os.path.exists(out / 'scores.png') and os.path.exists(out / 'filter_report.json')
+  config = train_config.get_config()
+  config.data.data_dir, config.data.label_noise = tfds_dir, 0.0  # labels are already noisy
+  config.train.epochs, config.train.seeds = 2, (0,)
+  result = train_launch.run(config, 'uniform', dataset_dir=str(out), log=lambda *_: None)
+  assert result['num_train'] == want and result['example_gradients'] == 2 * want
+  assert 0.0 <= result['final']['eval_accuracy'] <= 1.0
+
+
+def test_balance_keeps_every_class_its_share(tfds_dir, rater_dir, tmp_path):
+  report = _filter(tfds_dir, rater_dir, tmp_path / 'b', keep=0.5, balance=True)
+  info = report['splits']['train']
+  assert info['kept'] == filtering.keep_count(N_TRAIN, 0.5)
+  quotas = filtering.class_quotas(np.array(info['num_per_class']), info['kept'])
+  assert info['kept_per_class'] == quotas.tolist()
+  assert min(info['kept_per_class']) > 0
+
+
+def test_deterministic_bytes_on_1_and_4_devices(tfds_dir, rater_dir, tmp_path):
+  _filter(tfds_dir, rater_dir, tmp_path / 'a')
+  _filter(tfds_dir, rater_dir, tmp_path / 'b', devices=jax.devices()[:1])
+  _filter(tfds_dir, rater_dir, tmp_path / 'c', batch_size=100)
+  a, b, c = (_files(tmp_path / x) for x in 'abc')
+  assert len(a) >= 8 and a == b == c
+
+
+def _cli(args, **kw):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.Popen([sys.executable, '-m', 'launch.filter', *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir, tmp_path):
+  out = tmp_path / 'killed'
+  args = ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', f'--rater={rater_dir}',
+          '--keep=0.8', '--label_noise=0.2', '--batch_size=256', f'--out={out}']
+  proc = _cli(args)
+  deadline, killed_mid_write = time.time() + 120, False
+  while time.time() < deadline and proc.poll() is None:
+    if glob.glob(str(tmp_path / '.killed.tmp-*')):
+      os.kill(proc.pid, signal.SIGKILL)
+      killed_mid_write = True
+      break
+    time.sleep(0.002)
+  proc.wait()
+  assert killed_mid_write, proc.stderr.read()[-2000:]
+  assert not os.path.exists(out)  # absent, never partial
+  rerun = _cli(args)
+  assert rerun.wait(timeout=180) == 0, rerun.stderr.read()[-2000:]
+  assert not glob.glob(str(tmp_path / '.killed.tmp-*'))  # the dead run's temp folder is gone
+  _filter(tfds_dir, rater_dir, tmp_path / 'ref')
+  assert _files(out) == _files(tmp_path / 'ref')
+  # The CLI's one-line errors: an existing OUT_DIR without --overwrite, and a bad keep.
+  for bad, msg in ((args, 'already exists (pass --overwrite to replace it)'),
+                   (args[:-1] + [f'--out={tmp_path}/x', '--keep=1.5'],
+                    'keep fraction must be in (0, 1], got 1.5')):
+    p = _cli(bad)
+    _, err = p.communicate(timeout=180)
+    lines = err.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), err
+    assert msg in lines[0]
+  assert not os.path.exists(f'{tmp_path}/x')
+
+
+def test_bad_inputs_one_line_errors(tfds_dir, rater_dir, tmp_path):
+  cases = [({'keep': 0.0}, 'keep fraction must be in (0, 1], got 0.0'),
+           ({'keep': 1.01}, 'got 1.01')]
+  # A rater whose input spec does not match the dataset.
+  other = tmp_path / 'other_rater'
+  import shutil, json  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  shutil.copytree(rater_dir, other)
+  meta = json.load(open(other / 'rater.json'))
+  meta['input_spec']['image_shape'] = [28, 28, 1]
+  json.dump(meta, open(other / 'rater.json', 'w'))
+  cases.append(({'rater': str(other)}, 'the rater expects images (28, 28, 1) with 10 classes, but '
+                                       "dataset 'sklearn_digits' has images (8, 8, 1)"))
+  # A scores file that does not cover the split.
+  partial = tmp_path / 'partial.parquet'
+  pq.write_table(pa.table({'id': np.arange(N_TRAIN - 1), 'value': np.zeros(N_TRAIN - 1)}), partial)
+  cases.append(({'rater': None, 'scores': str(partial)},
+                f'covers {N_TRAIN - 1} of the {N_TRAIN} examples of split \'train\' (missing id {N_TRAIN - 1}'))
+  dup = tmp_path / 'dup.parquet'
+  pq.write_table(pa.table({'id': np.r_[np.arange(N_TRAIN), 0], 'value': np.zeros(N_TRAIN + 1)}), dup)
+  cases.append(({'rater': None, 'scores': str(dup)}, 'duplicate ids'))
+  existing = tmp_path / 'existing'
+  existing.mkdir()
+  (existing / 'keep.txt').write_text('mine')
+  for kw, msg in cases:
+    with pytest.raises(UserError) as e:
+      _filter(tfds_dir, rater_dir, tmp_path / 'never', **kw)
+    assert msg in str(e.value) and '\n' not in str(e.value)
+  with pytest.raises(UserError, match='already exists'):
+    _filter(tfds_dir, rater_dir, existing)
+  assert os.listdir(existing) == ['keep.txt']
+  assert not os.path.exists(tmp_path / 'never')
+
+
+def test_scores_file_filter_and_min_score(tfds_dir, tmp_path):
+  values = np.random.default_rng(0).normal(size=N_TRAIN)
+  path = tmp_path / 's.parquet'
+  order = np.random.default_rng(1).permutation(N_TRAIN)  # rows in any order
+  pq.write_table(pa.table({'id': order, 'value': values[order]}), path)
+  rep = filter_lib.filter_dataset('sklearn_digits', str(tmp_path / 'o1'), ['train'], scores=str(path),
+                                  keep=0.6, data_dir=tfds_dir, copy_other_splits=False)
+  assert rep['splits']['train']['kept'] == filtering.keep_count(N_TRAIN, 0.6)
+  assert list(tfds.builder_from_directory(str(tmp_path / 'o1')).info.splits) == ['train']
+  rep = filter_lib.filter_dataset('sklearn_digits', str(tmp_path / 'o2'), ['train'], scores=str(path),
+                                  min_score=0.0, data_dir=tfds_dir)
+  assert rep['splits']['train']['kept'] == int((values >= 0).sum())
