@@ -16,6 +16,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
+import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,6 +76,8 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     heldout = pipeline.load_split(d.name, d.heldout_split, d.data_dir)
     valuation = factory.build(method, config, train, heldout, workdir)
     batch_size = config.valuation.score_batch_size
+  # Trace one scoring call before anything is written: bad layer names etc. fail here.
+  jax.eval_shape(valuation.score, train.take(np.arange(min(2, len(train)))))
   os.makedirs(workdir, exist_ok=True)
   scores = base.score_split(valuation.score, train, batch_size, progress=progress,
                             desc=f'{method} scores')

@@ -51,6 +51,10 @@ def test_valuate_errors_are_one_line_and_write_nothing(tfds_dir, tmp_path):
   with pytest.raises(UserError, match='rater workdir .* does not exist'):
     valuate.valuate('datarater', small_config(tfds_dir), str(tmp_path / 'c'))
   config = small_config(tfds_dir)
+  config.valuation.layers = 'dense_9'
+  with pytest.raises(UserError, match="'dense_9'"):
+    valuate.valuate('tracin', config, str(tmp_path / 'e'))
+  config = small_config(tfds_dir)
   config.valuation.checkpoint_every = 7
   with pytest.raises(UserError, match='checkpoint_every=7'):
     valuate.valuate('tracin', config, str(tmp_path / 'd'))
