@@ -17,5 +17,6 @@ def get_config() -> ml_collections.ConfigDict:
   t.optimizer = 'adam'
   t.learning_rate = 1e-3
   t.seeds = (0, 1, 2)          # one fresh model per seed (initialisation and data order), vmapped
+  t.filter_rho = 0.2           # datarater_batch_filter: drop this fraction of every drawn batch
   t.temperature = 1.0          # tau of softmax weights from scores (mimic, scores, tracin_curriculum)
   return c

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from datarater import models
+from datarater import filtering, models
 from datarater.data.pipeline import Split
 from datarater.errors import UserError
 from inner_loop.unroll import InnerState, init_inner_state, inner_step
@@ -39,7 +39,9 @@ class Policy:
   """How training weighs (per batch) and selects (per epoch) examples; see the module docstring.
 
   `setup_example_gradients`: compute spent once to make the policy (rater training, valuation).
-  `forwards_per_example`: extra forward passes per trained example (e.g. 1 for rater scoring).
+  `forwards_per_example`: extra forward passes per example drawn (e.g. 1 for rater scoring).
+  `gradient_fraction`: the fraction of drawn examples that get a gradient (1 - rho for a
+  batch-level filter, which draws M examples and trains on N of them).
   """
   name: str
   weight_fn: WeightFn = uniform_weight_fn
@@ -47,6 +49,7 @@ class Policy:
   select_epoch: Optional[Callable[[int, np.ndarray], np.ndarray]] = None
   setup_example_gradients: int = 0
   forwards_per_example: float = 0.0
+  gradient_fraction: float = 1.0
 
 
 # ------------------------------------------------------------------------------------- registry
@@ -74,6 +77,7 @@ class PolicyContext:
   temperature: float = 1.0
   valuation_config: Any = None
   seed: int = 0
+  filter_rho: float = 0.2
 
 
 def make_policy(name: str, ctx: PolicyContext) -> Policy:
@@ -115,6 +119,35 @@ def _datarater(ctx: PolicyContext) -> Policy:
   rater = load_rater(ctx.rater_dir)
   rater.check_matches(ctx.train.image.shape[1:], ctx.train.num_classes, 'the training data')
   return rater_policy(rater)
+
+
+def batch_filter_policy(rater, rho: float) -> Policy:
+  """Batch-level filtering inside the step: of each drawn batch of M, only the best-scored
+  N = floor((1 - rho) * M) get a gradient (weight M / N, so the mean loss is over the N)."""
+  if not 0 <= rho < 1:
+    raise UserError(f'filter rate rho must be in [0, 1), got {rho}')
+  module = rater.module
+
+  def weight_fn(rater_params, params, batch):
+    del params
+    m = batch['label'].shape[0]
+    n = max(1, int((1 - rho) * m))
+    scores = module.apply(rater_params, {'image': batch['image'], 'label': batch['label']})
+    keep = jnp.zeros(m).at[filtering.top_k_in_batch(scores, n)].set(m / n)
+    return jax.lax.stop_gradient(keep)
+  return Policy('datarater_batch_filter', weight_fn, rater.params,
+                setup_example_gradients=rater.training_example_gradients,
+                forwards_per_example=1.0, gradient_fraction=1.0 - rho)
+
+
+@register_policy('datarater_batch_filter')
+def _datarater_batch_filter(ctx: PolicyContext) -> Policy:
+  if not ctx.rater_dir:
+    raise UserError('--weighting=datarater_batch_filter needs --rater=RATER_DIR')
+  from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
+  rater = load_rater(ctx.rater_dir)
+  rater.check_matches(ctx.train.image.shape[1:], ctx.train.num_classes, 'the training data')
+  return batch_filter_policy(rater, ctx.filter_rho)
 
 
 @register_policy('scores')
@@ -241,11 +274,12 @@ class Trainer:
       history.append(record)
       if log:
         log(record)
+    grads = int(round(policy.gradient_fraction * examples))
     return {'policy': policy.name, 'seeds': list(seeds), 'history': history,
-            'final': history[-1], 'example_gradients': examples, 'steps': steps,
-            'scoring_forwards': int(policy.forwards_per_example * examples),
+            'final': history[-1], 'examples_drawn': examples, 'example_gradients': grads,
+            'steps': steps, 'scoring_forwards': int(policy.forwards_per_example * examples),
             'setup_example_gradients': int(policy.setup_example_gradients),
-            'total_example_gradients': int(examples + policy.setup_example_gradients)}
+            'total_example_gradients': int(grads + policy.setup_example_gradients)}
 
 
 def load_split_from_builder(builder, split: str, label_noise: float = 0.0,

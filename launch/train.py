@@ -3,8 +3,8 @@ r"""Trains task models from scratch under a weighting policy and reports per-epo
   python -m launch.train --config=configs/train.py --weighting=datarater --rater=RATER_DIR
   python -m launch.train --dataset_dir=OUT_DIR --config.data.label_noise=0   # a filtered dataset
 
---weighting is a name in `datarater.training.POLICIES` (uniform, datarater, mimic,
-tracin_curriculum, scores, ...). Trains one model per config.train.seeds (vmapped) on the train
+--weighting is a name in `datarater.training.POLICIES` (uniform, datarater,
+datarater_batch_filter, mimic, tracin_curriculum, scores, ...). Trains one model per config.train.seeds (vmapped) on the train
 split (of config.data.name, or of the TFDS folder --dataset_dir, e.g. launch.filter's output), and
 after every epoch prints held-out (config.data.heldout_split) and eval-split loss and accuracy
 with the examples (example-gradients) and steps spent. --workdir gets history.jsonl and report.json.
@@ -33,10 +33,16 @@ def define_flags() -> None:
   flags.DEFINE_string('scores', '', 'Scores parquet (for --weighting=scores).')
   flags.DEFINE_string('dataset_dir', '', 'Train on this TFDS folder instead of config.data.name.')
   flags.DEFINE_string('workdir', '', 'Optional output folder: history.jsonl, report.json.')
+  # issue 5 (datarater.selection): per-epoch data selection instead of a weighting policy.
+  flags.DEFINE_enum('selection', '', ['', 'full', 'random', 'infobatch', 'sae'],
+                    'Train on a per-epoch subset (ratio config.selection_ratio); needs '
+                    '--config=configs/selection.py.')
 
 
 def run(config, weighting: str, rater: str = '', scores: str = '', dataset_dir: str = '',
-        workdir: str = '', log=print) -> dict:
+        workdir: str = '', log=print, selection: str = '') -> dict:
+  if selection and weighting != 'uniform':  # issue 5: selection trains with uniform weights
+    raise UserError(f'--selection={selection} cannot be combined with --weighting={weighting}')
   d, t = config.data, config.train
   if dataset_dir:
     if not os.path.exists(os.path.join(dataset_dir, 'dataset_info.json')):
@@ -49,7 +55,8 @@ def run(config, weighting: str, rater: str = '', scores: str = '', dataset_dir: 
   task = models.task_model(train.num_classes, tuple(config.task_model.hidden), config.task_model.activation)
   loss_fn = lambda p, b: models.per_example_loss(task.apply, p, b)
   policy = training.make_policy(weighting, training.PolicyContext(
-      train, heldout, task, loss_fn, rater, scores, t.temperature, config, int(t.seeds[0])))
+      train, heldout, task, loss_fn, rater, scores, t.temperature, config, int(t.seeds[0]),
+      t.filter_rho))
   trainer = training.Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), policy.weight_fn)
   if workdir:
     os.makedirs(workdir, exist_ok=True)
@@ -62,8 +69,13 @@ def run(config, weighting: str, rater: str = '', scores: str = '', dataset_dir: 
     if workdir:
       with open(os.path.join(workdir, 'history.jsonl'), 'a') as f:
         f.write(json.dumps(r) + '\n')
-  report = trainer.fit(train, {'heldout': heldout, 'eval': evals}, epochs=t.epochs,
-                       batch_size=t.batch_size, seeds=list(t.seeds), policy=policy, log=on_epoch)
+  if selection:  # issue 5: selection policies train through datarater.selection (loss feedback)
+    from datarater.selection.run import run_selection  # pylint: disable=g-import-not-at-top
+    report = run_selection(config, selection, (train, heldout, evals), log=on_epoch)
+    weighting = f'selection={selection}@{config.selection_ratio}'
+  else:
+    report = trainer.fit(train, {'heldout': heldout, 'eval': evals}, epochs=t.epochs,
+                         batch_size=t.batch_size, seeds=list(t.seeds), policy=policy, log=on_epoch)
   report.update(weighting=weighting, num_train=len(train), dataset_dir=dataset_dir)
   if workdir:
     checkpointing.write_json_atomic(os.path.join(workdir, 'report.json'), report)
@@ -76,7 +88,8 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
-    run(FLAGS.config, FLAGS.weighting, FLAGS.rater, FLAGS.scores, FLAGS.dataset_dir, FLAGS.workdir)
+    run(FLAGS.config, FLAGS.weighting, FLAGS.rater, FLAGS.scores, FLAGS.dataset_dir, FLAGS.workdir,
+        selection=FLAGS.selection)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -94,6 +94,10 @@ def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path
   result = train_launch.run(config, 'uniform', dataset_dir=str(out), log=lambda *_: None)
   assert result['num_train'] == want and result['example_gradients'] == 2 * want
   assert 0.0 <= result['final']['eval_accuracy'] <= 1.0
+  config.train.epochs, config.data.label_noise = 1, 0.2  # online: the source data, noisy labels
+  online = train_launch.run(config, 'datarater_batch_filter', rater=rater_dir, log=lambda *_: None)
+  assert online['examples_drawn'] == N_TRAIN and online['example_gradients'] == round(0.8 * N_TRAIN)
+  assert online['setup_example_gradients'] == 4 * 2 * (2 * 16 + 16)  # small_config: 4 steps, K=2
 
 
 def test_balance_keeps_every_class_its_share(tfds_dir, rater_dir, tmp_path):
@@ -196,3 +200,6 @@ def test_scores_file_filter_and_min_score(tfds_dir, tmp_path):
   rep = filter_lib.filter_dataset('sklearn_digits', str(tmp_path / 'o2'), ['train'], scores=str(path),
                                   min_score=0.0, data_dir=tfds_dir)
   assert rep['splits']['train']['kept'] == int((values >= 0).sum())
+  rep = filter_lib.filter_dataset('sklearn_digits', str(tmp_path / 'o3'), ['train'], scores=str(path),
+                                  keep=0.6, threshold='streaming', data_dir=tfds_dir)
+  assert abs(rep['splits']['train']['kept'] - filtering.keep_count(N_TRAIN, 0.6)) <= 1

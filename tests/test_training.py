@@ -152,3 +152,19 @@ def test_batch_filter_keeps_the_best_and_acceptance_matches_batch_filtering():
   assert all(len(b['x']) == n for b in out)
   assert abs(acc.accepted / acc.scored - n / 64) < 0.03
   assert np.mean(np.concatenate([b['x'] for b in out]) > 0.25) > 0.9
+
+
+def test_batch_filter_policy_trains_on_the_top_scored_fraction():
+  class Module:
+    def apply(self, params, batch):
+      return batch['image'].reshape(batch['image'].shape[0], -1).mean(1) * params
+  rater = type('R', (), {'module': Module(), 'params': jnp.float32(1.0),
+                         'training_example_gradients': 123})()
+  policy = training.batch_filter_policy(rater, rho=0.25)
+  image = jnp.asarray(np.random.default_rng(0).random((64, 8, 8, 1)), jnp.float32)
+  w = np.asarray(policy.weight_fn(policy.state, None, {'image': image, 'label': jnp.zeros(64, int)}))
+  top = np.argsort(-np.asarray(image).mean((1, 2, 3)))[:48]
+  assert (w > 0).sum() == 48 and np.all(w[top] == 64 / 48) and np.isclose(w.mean(), 1.0)
+  assert policy.gradient_fraction == 0.75 and policy.setup_example_gradients == 123
+  with pytest.raises(UserError, match='got 1.0'):
+    training.batch_filter_policy(rater, rho=1.0)
