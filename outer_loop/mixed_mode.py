@@ -90,13 +90,15 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
   def fwd(phi, state, batches):
     head, seg = plan(batches)
     head_batches, seg_batches = _split_segments(batches, head, seg)
-    state_h, losses_h = run(phi, state, head_batches)
+    state_h, losses_h = run(phi, state, head_batches) if head else (state, None)
 
     def segment_fwd(s, b):
       s_next, losses = run(phi, s, b)
       return s_next, (s, losses)           # keep only the segment's starting carry
     final, (starts, losses_s) = jax.lax.scan(segment_fwd, state_h, seg_batches)
-    losses = jnp.concatenate([losses_h, losses_s.reshape(-1)])
+    losses = losses_s.reshape(-1)
+    if head:
+      losses = jnp.concatenate([losses_h, losses])
     return (final, losses), (phi, state, state_h, starts, batches)
 
   def step_bwd(phi, state, batch, ct_next, ct_loss):
@@ -120,8 +122,9 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
     """Recomputes a segment's carries from its start, then walks its steps in reverse."""
     def forward(s, b):
       return step(phi, s, b)[0], s
-    last, states = jax.lax.scan(forward, start, _slice(batches, 0, -1))
-    states = jax.tree.map(lambda xs, x: jnp.concatenate([xs, x[None]]), states, last)
+    # All S steps, though the last one's result is unused: stacking S - 1 states and
+    # concatenating the last kept both buffers alive (S - 1 extra carries of memory).
+    _, states = jax.lax.scan(forward, start, batches)
 
     def backward(carry, xs):
       ct_state, ct_phi = carry

@@ -1,0 +1,198 @@
+r"""Meta-gradient memory and time against the unroll length T, per mode, on two task-model sizes.
+
+  python -m bench.meta_memory                 # T in {1,2,4,8,16,32}, every mode, both models
+  python -m bench.meta_memory --quick         # T in {1,4,32}, fewer repeats, smaller large model
+
+For each model and T, one outer step (`outer_loop.meta_step.outer_step`, inner Adam as in
+configs/digits.py) is compiled per mode. Memory is XLA's compiled `memory_analysis()`:
+temporaries (what the backward pass keeps alive lives here) and argument/output sizes. Time is
+the median of `--repeats` calls after a warm-up; the modes of one (model, T) are timed
+round-robin in the same run, so compare ratios, not absolute numbers, on a shared machine.
+
+Goal (issue 6): mode 'mixed' temp memory at T = 32 <= 3x that at T = 1, and its step time
+<= 1.5x that of mode 'reverse'. Writes bench/results/meta_memory.json and .png.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from configs.digits import get_config
+from outer_loop import meta_step, setup
+from outer_loop.meta_step import META_GRADIENT_MODES
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in text.split(',') if x)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--quick', action='store_true',
+                 help='T in {1,4,32}, 2 repeats, large model at K=2, B=32 (a smoke run).')
+  p.add_argument('--unrolls', type=_ints, default=(1, 2, 4, 8, 16, 32), help='Values of T.')
+  p.add_argument('--modes', type=lambda s: tuple(s.split(',')), default=META_GRADIENT_MODES)
+  p.add_argument('--models', type=lambda s: tuple(s.split(',')), default=('default', 'large'))
+  p.add_argument('--repeats', type=int, default=5, help='Timed calls per setting (median).')
+  p.add_argument('--optimizer', default='adam', help='Inner optimizer (sgd, momentum, adam).')
+  p.add_argument('--hidden', type=_ints, default=(128, 128), help='Default task model hidden.')
+  p.add_argument('--population', type=int, default=8, help='K for the default model.')
+  p.add_argument('--batch', type=int, default=128, help='Inner and outer batch, default model.')
+  p.add_argument('--large_hidden', type=_ints, default=(1024, 1024), help='Large model hidden.')
+  p.add_argument('--large_population', type=int, default=2, help='K for the large model.')
+  p.add_argument('--large_batch', type=int, default=64, help='Batch for the large model.')
+  p.add_argument('--out', default='bench/results/meta_memory', help='Output prefix (.json/.png).')
+  args = p.parse_args(argv)
+  if args.quick:
+    args.unrolls, args.repeats, args.large_batch = (1, 4, 32), 2, 32
+  return args
+
+
+def _config(optimizer, hidden, population, batch, steps, mode):
+  c = get_config()
+  c.inner.optimizer, c.task_model.hidden = optimizer, tuple(hidden)
+  c.inner.population, c.inner.batch_size, c.outer.batch_size = population, batch, batch
+  c.inner.steps, c.outer.meta_gradient = steps, mode
+  return c
+
+
+def _num_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def compile_step(config, image_shape=(8, 8, 1), num_classes=10):
+  """One compiled outer step on random data: (compiled, args, memory figures, #task params)."""
+  k, t, b = config.inner.population, config.inner.steps, config.inner.batch_size
+  rng = np.random.default_rng(0)
+  inner = {'image': rng.random((k, t, b, *image_shape), np.float32),
+           'label': rng.integers(0, num_classes, (k, t, b)).astype(np.int32)}
+  outer = {'image': rng.random((k, config.outer.batch_size, *image_shape), np.float32),
+           'label': rng.integers(0, num_classes, (k, config.outer.batch_size)).astype(np.int32)}
+  example = jax.tree.map(lambda x: x[0, 0], inner)
+  problem, _, rater = setup.build_problem(config, num_classes, example)
+  state = meta_step.init_outer_state(problem, rater.init(jax.random.PRNGKey(0), example),
+                                     jax.random.PRNGKey(1), k)
+  args = jax.device_put((state, inner, outer))
+  t0 = time.perf_counter()
+  compiled = jax.jit(lambda s, i, o: meta_step.outer_step(problem, s, i, o)).lower(
+      *args).compile()
+  mem = compiled.memory_analysis()
+  figures = {'temp_bytes': int(mem.temp_size_in_bytes),
+             'argument_bytes': int(mem.argument_size_in_bytes),
+             'output_bytes': int(mem.output_size_in_bytes),
+             'compile_s': time.perf_counter() - t0}
+  member = jax.tree.map(lambda x: x[0], state.population.params)
+  return compiled, args, figures, _num_params(member)
+
+
+def measure_unroll(args, model, hidden, population, batch, steps) -> list[dict]:
+  """All modes at one (model, T): memory per mode, then step times taken round-robin."""
+  runs = {}
+  for mode in args.modes:
+    config = _config(args.optimizer, hidden, population, batch, steps, mode)
+    compiled, call_args, figures, n_params = compile_step(config)
+    jax.block_until_ready(compiled(*call_args))  # warm-up
+    runs[mode] = (compiled, call_args, figures, n_params)
+  times = {mode: [] for mode in runs}
+  for _ in range(args.repeats):
+    for mode, (compiled, call_args, _, _) in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(*call_args))
+      times[mode].append(time.perf_counter() - t0)
+  rows = []
+  for mode, (_, _, figures, n_params) in runs.items():
+    rows.append({'model': model, 'hidden': list(hidden), 'task_params': n_params,
+                 'population': population, 'batch': batch, 'mode': mode, 'T': steps,
+                 **figures, 'step_ms': 1e3 * float(np.median(times[mode])),
+                 'step_ms_all': [1e3 * x for x in times[mode]]})
+  return rows
+
+
+def goals(results: list[dict]) -> dict:
+  """Per model: mixed temp(T_max) / temp(T=1) and mixed / reverse step time at each T."""
+  out = {}
+  for model in sorted({r['model'] for r in results}):
+    by = {(r['mode'], r['T']): r for r in results if r['model'] == model}
+    ts = sorted({t for (_, t) in by})
+    g = {}
+    if ('mixed', 1) in by and ('mixed', ts[-1]) in by:
+      g['mixed_temp_ratio_Tmax_vs_T1'] = by['mixed', ts[-1]]['temp_bytes'] / by['mixed', 1]['temp_bytes']
+      g['T_max'] = ts[-1]
+      g['memory_goal_met'] = g['mixed_temp_ratio_Tmax_vs_T1'] <= 3.0
+    for base in ('reverse', 'remat'):
+      if all(('mixed', t) in by and (base, t) in by for t in ts):
+        g[f'mixed_over_{base}_time'] = {t: by['mixed', t]['step_ms'] / by[base, t]['step_ms']
+                                        for t in ts}
+        g[f'mixed_over_{base}_temp'] = {t: by['mixed', t]['temp_bytes'] / by[base, t]['temp_bytes']
+                                        for t in ts}
+    if 'mixed_over_reverse_time' in g:
+      g['time_goal_met'] = max(g['mixed_over_reverse_time'].values()) <= 1.5
+    out[model] = g
+  return out
+
+
+def plot(results: list[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  models = sorted({r['model'] for r in results})
+  fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
+  for (ax_mem, ax_time), model in zip(axes, models):
+    rows_m = [r for r in results if r['model'] == model]
+    for mode in sorted({r['mode'] for r in rows_m}):
+      rows = sorted((r for r in rows_m if r['mode'] == mode), key=lambda r: r['T'])
+      ts = [r['T'] for r in rows]
+      ax_mem.plot(ts, [r['temp_bytes'] / 2**20 for r in rows], 'o-', label=mode)
+      ax_time.plot(ts, [r['step_ms'] for r in rows], 'o-', label=mode)
+    r0 = rows_m[0]
+    desc = (f'{model}: hidden {tuple(r0["hidden"])}, {r0["task_params"]:,} params, '
+            f'K={r0["population"]}, B={r0["batch"]}')
+    ax_mem.set(xscale='log', yscale='log', xlabel='inner steps T',
+               ylabel='compiled temp memory (MiB)', title=desc)
+    ax_time.set(xscale='log', yscale='log', xlabel='inner steps T', ylabel='outer step (ms)',
+                title='step time (median)')
+    for ax in (ax_mem, ax_time):
+      ax.legend()
+  fig.suptitle(f'Meta-gradient modes on {jax.devices()[0].device_kind}')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  models = {'default': (args.hidden, args.population, args.batch),
+            'large': (args.large_hidden, args.large_population, args.large_batch)}
+  results = []
+  print(f'{"model":>8} {"mode":>8} {"T":>3} {"temp MiB":>10} {"arg MiB":>8} {"out MiB":>8} '
+        f'{"step ms":>9} {"compile s":>9}')
+  for model in args.models:
+    hidden, population, batch = models[model]
+    for steps in args.unrolls:
+      for r in measure_unroll(args, model, hidden, population, batch, steps):
+        results.append(r)
+        print(f'{model:>8} {r["mode"]:>8} {steps:>3} {r["temp_bytes"] / 2**20:>10.2f} '
+              f'{r["argument_bytes"] / 2**20:>8.2f} {r["output_bytes"] / 2**20:>8.2f} '
+              f'{r["step_ms"]:>9.1f} {r["compile_s"]:>9.1f}', flush=True)
+  summary = goals(results)
+  for model, g in summary.items():
+    print(model, json.dumps(g, default=float))
+  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+  record = {'device': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
+            'host': platform.node(), 'cpu_count': os.cpu_count(), 'jax': jax.__version__,
+            'optimizer': args.optimizer, 'repeats': args.repeats, 'quick': args.quick,
+            'goals': summary, 'results': results}
+  tmp = args.out + '.json.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(record, f, indent=2)
+  os.replace(tmp, args.out + '.json')
+  plot(results, args.out + '.png')
+  print(f'wrote {args.out}.json and {args.out}.png')
+
+
+if __name__ == '__main__':
+  main()
