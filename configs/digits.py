@@ -43,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.outer.learning_rate = 1e-3
   c.outer.warmup_steps = 50
   c.outer.clip_norm = 1.0
-  # 'reverse' | 'remat' (jax.checkpoint per inner step: memory for compute); see outer_loop.
+  # 'reverse' | 'remat' (jax.checkpoint per inner step: memory for compute) | 'mixed' (custom
+  # backward: carries every ~sqrt(T) steps, forward-over-reverse HVPs); see outer_loop.meta_step.
   c.outer.meta_gradient = 'reverse'
 
   c.log_every = 25
