@@ -6,6 +6,8 @@ fraction of the training split trained on each epoch. Clean labels by default
 """
 import ml_collections
 
+from configs import train as train_config
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -26,11 +28,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.task_model.hidden = (128, 128)
   c.task_model.activation = 'relu'
 
-  c.train = ml_collections.ConfigDict()
+  # launch.train's training fields (configs/train.py: seeds, temperature, ...), with our values.
+  c.train = train_config.get_config().train
   c.train.epochs = 30
   c.train.batch_size = 64
   c.train.optimizer = 'adam'
   c.train.learning_rate = 1e-3
+  c.train.seeds = (0,)             # launch.train: one run per seed (bench/selection.py sets its own)
 
   # Plug-in feature space: penultimate layer of a model trained briefly here, then frozen.
   c.features = ml_collections.ConfigDict()

@@ -83,6 +83,12 @@ def test_default_extractor_is_trained_and_any_function_plugs_in(tfds_dir):
   task = models.task_model(10, (32,))
   acc = float(models.accuracy(task.apply, params, {'image': val.image, 'label': val.label}))
   assert acc > 0.85  # a trained model, not a random projection
+  # The SAE on these real features: exactly-k codes, far below the mean-reconstruction error.
+  real = features.extract(features.penultimate_fn((32,), 'relu', params), train.image)
+  trained, metrics = sae.train_sae(real, sae_config(num_factors=64, k=6), jax.random.PRNGKey(0))
+  active = (sae.encode_all(trained, real) > 0).sum(-1)
+  assert active.max() <= 6 and np.mean(active == 6) > 0.95
+  assert metrics['mse'] < 0.2 * metrics['mse_mean_baseline'], metrics
   feats = features.extract(lambda im: im.reshape(im.shape[0], -1)[:, :5], train.image)
   assert feats.shape == (len(train), 5)
   with pytest.raises(UserError, match='shape'):

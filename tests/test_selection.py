@@ -152,3 +152,28 @@ def test_harness_spends_the_budget_and_learns(tfds_dir):
   assert out['final']['validation']['accuracy'] > 0.7  # chance is 0.1
   # InfoBatch keeps the high-loss examples, so noisy ones take more than their 20% share.
   assert out['noisy_share_of_grads'] > 0.22
+
+
+def test_launch_train_selection_flag(tfds_dir, tmp_path):
+  """launch.train --selection=random --config=configs/selection.py, through its run()."""
+  import json  # pylint: disable=g-import-not-at-top
+  from launch import train as launch_train  # pylint: disable=g-import-not-at-top
+  cfg = get_config()
+  cfg.data.data_dir = tfds_dir
+  cfg.train.epochs, cfg.train.seeds, cfg.selection_ratio = 2, (3,), 0.5
+  lines = []
+  report = launch_train.run(cfg, 'uniform', workdir=str(tmp_path), log=lines.append,
+                            selection='random')
+  records = [json.loads(l) for l in open(tmp_path / 'history.jsonl')]
+  n = round(0.5 * 1197)
+  assert [r['examples'] for r in records] == [n, 2 * n]
+  assert records[-1]['steps'] == 2 * -(-n // cfg.train.batch_size)
+  assert report['example_gradients'] == 2 * n and len(report['final']['eval_accuracy_per_seed']) == 1
+  assert 0.0 <= report['final']['heldout_accuracy'] <= 1.0
+  assert 'held-out loss' in lines[0]
+  with pytest.raises(UserError, match='weighting=mimic'):
+    launch_train.run(cfg, 'mimic', selection='random')
+  from datarater.selection.run import run_selection  # pylint: disable=g-import-not-at-top
+  del cfg['selection_ratio']
+  with pytest.raises(UserError, match='configs/selection.py'):
+    run_selection(cfg, 'random')

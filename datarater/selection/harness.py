@@ -71,7 +71,7 @@ def train_with_selection(policy: SelectionPolicy, train: Split, evals: dict[str,
     jax.block_until_ready(train_state)
     wall += time.perf_counter() - t0
     grads += int(spent)
-    record = {'epoch': epoch + 1, 'example_grads': grads}
+    record = {'epoch': epoch + 1, 'example_grads': grads, 'steps': (epoch + 1) * steps}
     for name, batch in eval_batches.items():
       loss, acc = evaluate(train_state.params, batch)
       record[name] = {'loss': float(loss), 'accuracy': float(acc)}

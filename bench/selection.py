@@ -1,0 +1,207 @@
+r"""Dynamic data selection on digits: accuracy vs example-gradients for full/random/InfoBatch/SAE.
+
+`python -m bench.selection [--quick]`: clean labels and 20% symmetric label noise, 3 seeds,
+selection ratios {0.3, 0.5, 0.7}, every policy trained from scratch for the same epochs
+(configs/selection.py). Held-out accuracy is on validation + test (600 clean examples, neither
+used for any choice). Writes bench/results/selection{,_quick}.json, .png (accuracy against
+example-gradients) and .md (the table), and prints the table. Also measures the Gini coefficient
+of per-example selection counts of the SAE policy with and without the usage penalty on the real
+SAE codes. `--quick`: 1 seed, ratios {0.3, 0.7}, 10 epochs (~2 min).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import matplotlib
+import numpy as np
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from configs.selection import get_config  # pylint: disable=g-import-not-at-top
+from datarater import selection
+from datarater.data import pipeline
+from datarater.selection import policies
+from datarater.selection.base import gini
+
+POLICY_ORDER = ('full', 'random', 'infobatch', 'sae')
+COLORS = {'full': 'k', 'random': 'tab:gray', 'infobatch': 'tab:orange', 'sae': 'tab:blue'}
+
+
+def heldout_split(data_dir: str) -> pipeline.Split:
+  """Validation and test concatenated: 600 clean held-out examples."""
+  parts = [pipeline.load_split('sklearn_digits', s, data_dir) for s in ('validation', 'test')]
+  cat = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
+         for f in dataclasses.fields(pipeline.Split) if f.name != 'num_classes'}
+  return pipeline.Split(num_classes=parts[0].num_classes, **cat)
+
+
+def count_gini_ablation(codes, ratio: float, epochs: int, cfg, seed: int) -> dict:
+  """Selection counts of the SAE policy (select/update only) with and without the usage penalty."""
+  out = {}
+  for penalty in (0.0, cfg.sae_scores.usage_penalty):
+    c = cfg.sae_scores.copy_and_resolve_references()
+    c.usage_penalty = penalty
+    policy = policies.sae(codes, ratio, epochs, c)
+    state = policy.init(len(codes), jax.random.PRNGKey(seed))
+    select, update = jax.jit(policy.select), jax.jit(policy.update)
+    for _ in range(epochs):
+      idx, w, state = select(state)
+      state = update(state, idx, w, np.zeros(idx.shape, np.float32))
+    out['with_penalty' if penalty else 'without_penalty'] = gini(state.counts)
+  return out
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+  rows = {}
+  for r in runs:
+    rows.setdefault((r['noise'], r['policy'], r['ratio']), []).append(r)
+  table = []
+  for (noise, policy, ratio), rs in sorted(rows.items(), key=lambda kv: (
+      kv[0][0], POLICY_ORDER.index(kv[0][1]), kv[0][2])):
+    acc = np.array([r['heldout_accuracy'] for r in rs]) * 100
+    table.append({'noise': noise, 'policy': policy, 'ratio': ratio, 'seeds': len(rs),
+                  'accuracy': float(acc.mean()), 'accuracy_std': float(acc.std()),
+                  'grads_rel_full': float(np.mean([r['example_grads'] / r['example_grads_full']
+                                                   for r in rs])),
+                  'example_grads': int(np.mean([r['example_grads'] for r in rs])),
+                  'wall_s': float(np.mean([r['wall_s'] for r in rs])),
+                  'compile_s': float(np.mean([r['compile_s'] for r in rs])),
+                  'count_gini': float(np.mean([r['count_gini'] for r in rs])),
+                  'noisy_share_of_grads': float(np.mean([r['noisy_share_of_grads'] for r in rs]))})
+  return table
+
+
+def acceptance(table: list[dict]) -> dict:
+  """The issue's two checks, computed from the table (reported whichever way they come out)."""
+  get = {(r['noise'], r['policy'], r['ratio']): r for r in table}
+  out = {}
+  full_clean, sae_clean = get.get((0.0, 'full', 1.0)), get.get((0.0, 'sae', 0.7))
+  if full_clean and sae_clean:
+    gap = sae_clean['accuracy'] - full_clean['accuracy']
+    out['clean_r0.7_sae_minus_full_points'] = gap
+    out['clean_r0.7_sae_grads_rel_full'] = sae_clean['grads_rel_full']
+    out['clean_r0.7_pass'] = bool(gap >= -0.5 and sae_clean['grads_rel_full'] <= 0.75)
+  for ratio in sorted({r['ratio'] for r in table if r['policy'] == 'sae'}):
+    drops = {}
+    for policy in ('sae', 'infobatch'):
+      clean, noisy = get.get((0.0, policy, ratio)), get.get((0.2, policy, ratio))
+      if clean and noisy:
+        drops[policy] = clean['accuracy'] - noisy['accuracy']
+    if len(drops) == 2:
+      out[f'noise_drop_r{ratio}'] = drops
+      out[f'noise_drop_r{ratio}_sae_less'] = bool(drops['sae'] < drops['infobatch'])
+  return out
+
+
+def markdown(table: list[dict], ginis: dict) -> str:
+  lines = ['| label noise | policy | ratio | held-out acc. (%) | example-grads (x full) | '
+           'train wall (s) | count Gini | noisy share of grads |',
+           '|---|---|---|---|---|---|---|---|']
+  for r in table:
+    lines.append(f"| {r['noise']:.0%} | {r['policy']} | {r['ratio']:.1f} | "
+                 f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f} | {r['grads_rel_full']:.2f} | "
+                 f"{r['wall_s']:.2f} | {r['count_gini']:.3f} | {r['noisy_share_of_grads']:.3f} |")
+  lines.append('')
+  lines.append('Gini of SAE-policy selection counts (real codes, mean over seeds), '
+               'without -> with the usage penalty:')
+  for key, g in sorted(ginis.items()):
+    lines.append(f"- {key}: {g['without_penalty']:.3f} -> {g['with_penalty']:.3f}")
+  return '\n'.join(lines) + '\n'
+
+
+def plot(table: list[dict], path: str) -> None:
+  noises = sorted({r['noise'] for r in table})
+  fig, axes = plt.subplots(1, len(noises), figsize=(5.5 * len(noises), 4), squeeze=False)
+  for ax, noise in zip(axes[0], noises):
+    for policy in POLICY_ORDER:
+      rs = sorted((r for r in table if r['noise'] == noise and r['policy'] == policy),
+                  key=lambda r: r['ratio'])
+      if not rs:
+        continue
+      ax.errorbar([r['grads_rel_full'] for r in rs], [r['accuracy'] for r in rs],
+                  yerr=[r['accuracy_std'] for r in rs], marker='o' if policy != 'full' else '*',
+                  ms=10 if policy == 'full' else 5, capsize=3, color=COLORS[policy], label=policy)
+    ax.set_xlabel('example-gradients (fraction of full data)')
+    ax.set_ylabel('held-out accuracy (%)')
+    ax.set_title(f'digits, {noise:.0%} label noise')
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--quick', action='store_true')
+  parser.add_argument('--data_dir', default='')
+  parser.add_argument('--out', default='bench/results')
+  args = parser.parse_args()
+  cfg = get_config()
+  seeds = [0] if args.quick else [0, 1, 2]
+  ratios = [0.3, 0.7] if args.quick else [0.3, 0.5, 0.7]
+  if args.quick:
+    cfg.train.epochs = 10
+  heldout = heldout_split(args.data_dir)
+  test = pipeline.load_split('sklearn_digits', 'test', args.data_dir)
+  runs, offline, ginis = [], [], {}
+  t_start = time.time()
+  for noise in (0.0, 0.2):
+    for seed in seeds:
+      train = pipeline.load_split('sklearn_digits', 'train', args.data_dir, label_noise=noise,
+                                  noise_seed=seed)
+      cfg.features.seed = seed
+      t0 = time.perf_counter()
+      codes, info = selection.sae_codes(train, cfg, seed)
+      info.update(noise=noise, seed=seed, offline_s=time.perf_counter() - t0)
+      offline.append(info)
+      for ratio in ratios:
+        g = count_gini_ablation(codes, ratio, cfg.train.epochs, cfg, seed)
+        for k, v in g.items():
+          ginis.setdefault(f'noise {noise:.0%}, ratio {ratio}', {}).setdefault(k, []).append(v)
+      for policy in POLICY_ORDER:
+        for ratio in ([1.0] if policy == 'full' else ratios):
+          cfg.selection_ratio = ratio
+          pol, _ = selection.make_policy(policy, train, cfg, seed, codes=codes)
+          res = selection.train_with_selection(
+              pol, train, {'heldout': heldout, 'test': test}, hidden=cfg.task_model.hidden,
+              activation=cfg.task_model.activation, optimizer=cfg.train.optimizer,
+              learning_rate=cfg.train.learning_rate, epochs=cfg.train.epochs,
+              batch_size=cfg.train.batch_size, seed=seed)
+          run = {'noise': noise, 'seed': seed, 'policy': policy, 'ratio': ratio,
+                 'heldout_accuracy': res['final']['heldout']['accuracy'],
+                 'heldout_loss': res['final']['heldout']['loss'],
+                 'test_accuracy': res['final']['test']['accuracy'],
+                 **{k: res[k] for k in ('example_grads', 'example_grads_full', 'wall_s',
+                                        'compile_s', 'count_gini', 'noisy_share_of_grads')},
+                 'curve': [(h['example_grads'], h['heldout']['accuracy']) for h in res['history']]}
+          runs.append(run)
+          print(f"noise={noise} seed={seed} {policy:9s} r={ratio:.1f} "
+                f"acc={run['heldout_accuracy']:.4f} grads={run['example_grads']} "
+                f"wall={run['wall_s']:.2f}s gini={run['count_gini']:.3f} "
+                f"[{time.time() - t_start:.0f}s]", flush=True)
+  ginis = {k: {kk: float(np.mean(vv)) for kk, vv in v.items()} for k, v in ginis.items()}
+  table = summarise(runs)
+  result = {'config': cfg.to_dict(), 'seeds': seeds, 'ratios': ratios, 'table': table,
+            'acceptance': acceptance(table), 'gini_usage_penalty': ginis, 'offline': offline,
+            'runs': runs, 'total_s': time.time() - t_start,
+            'device': str(jax.devices()[0].platform)}
+  name = 'selection_quick' if args.quick else 'selection'
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
+    json.dump(result, f, indent=1, default=float)
+  md = markdown(table, ginis)
+  with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
+    f.write(md)
+  plot(table, os.path.join(args.out, f'{name}.png'))
+  print(md)
+  print(json.dumps(result['acceptance'], indent=1))
+  print(f'total {result["total_s"]:.0f}s')
+
+
+if __name__ == '__main__':
+  main()
