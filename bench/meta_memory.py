@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--large_population', type=int, default=2, help='K for the large model.')
   p.add_argument('--large_batch', type=int, default=64, help='Batch for the large model.')
   p.add_argument('--out', default='bench/results/meta_memory', help='Output prefix (.json/.png).')
+  p.add_argument('--merge', type=lambda s: tuple(s.split(',')), default=(),
+                 help='Measure nothing: combine these JSON files (e.g. one run per model, run '
+                      'side by side) into --out.')
   args = p.parse_args(argv)
   if args.quick:
     args.unrolls, args.repeats, args.large_batch = (1, 4, 32), 2, 32
@@ -163,8 +166,34 @@ def plot(results: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def write(record: dict, out: str) -> None:
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  tmp = out + '.json.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(record, f, indent=2)
+  os.replace(tmp, out + '.json')
+  plot(record['results'], out + '.png')
+  print(f'wrote {out}.json and {out}.png')
+
+
+def merge(paths, out: str) -> None:
+  records = []
+  for path in paths:
+    with open(path) as f:
+      records.append(json.load(f))
+  results = [r for rec in records for r in rec['results']]
+  record = {**records[0], 'results': results, 'goals': goals(results),
+            'merged_from': [os.path.basename(p) for p in paths]}
+  for model, g in record['goals'].items():
+    print(model, json.dumps(g, default=float))
+  write(record, out)
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.merge:
+    merge(args.merge, args.out)
+    return
   models = {'default': (args.hidden, args.population, args.batch),
             'large': (args.large_hidden, args.large_population, args.large_batch)}
   results = []
@@ -181,17 +210,11 @@ def main(argv=None):
   summary = goals(results)
   for model, g in summary.items():
     print(model, json.dumps(g, default=float))
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
   record = {'device': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
             'host': platform.node(), 'cpu_count': os.cpu_count(), 'jax': jax.__version__,
             'optimizer': args.optimizer, 'repeats': args.repeats, 'quick': args.quick,
-            'goals': summary, 'results': results}
-  tmp = args.out + '.json.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, args.out + '.json')
-  plot(results, args.out + '.png')
-  print(f'wrote {args.out}.json and {args.out}.png')
+            'segment': 'default: round(sqrt(T)), replay', 'goals': summary, 'results': results}
+  write(record, args.out)
 
 
 if __name__ == '__main__':

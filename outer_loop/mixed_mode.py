@@ -51,51 +51,48 @@ def _to_cotangent(carry, like):
                       carry, like)
 
 
-def _zeros_cotangent(like):
-  return jax.tree.map(lambda p: jnp.zeros_like(p) if _is_float(p)
-                      else np.zeros(np.shape(p), jax.dtypes.float0), like)
-
-
-def _slice(tree, start, stop):
-  return jax.tree.map(lambda x: x[start:stop], tree)
-
-
-def _split_segments(tree, head: int, segment: int):
-  """Leaves [T, ...] -> (head leaves [head, ...], segment leaves [n, S, ...])."""
-  def body(x):
-    rest = x[head:]
-    return rest.reshape((rest.shape[0] // segment, segment) + rest.shape[1:])
-  return _slice(tree, 0, head), jax.tree.map(body, tree)
+def _at(tree, t):
+  """Leaves x -> x[t]; indexing (not scanning over xs) avoids transposed copies under vmap."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, t, keepdims=False), tree)
 
 
 def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
-                      weights_fn: WeightsFn, segment: Optional[int] = None):
+                      weights_fn: WeightsFn, segment: Optional[int] = None,
+                      replay: bool = True):
   """Returns `unroll(phi, state, batches) -> (final state, losses [T])` with the mixed-mode VJP.
 
   `weights_fn(phi, batch)` gives the loss weights of a batch; `batches` leaves are [T, B, ...].
-  `segment` is S, the steps between stored carries (None: `default_segment(T)`; 1 stores every
-  carry and recomputes nothing but each step's own activations).
+  `segment` is S, the steps between stored carries (None: `default_segment(T)`).
+  `replay=True` (default) keeps no per-segment buffer: step k of a segment is recomputed from
+  the segment start when the backward pass reaches it (S(S-1)/2 extra steps per segment, T/S
+  stored carries). `replay=False` recomputes a segment once and keeps its S carries (S extra
+  steps, T/S + S carries).
   """
-  def step(phi, state, batch):
+  def step(phi, state, batches, t):
+    batch = _at(batches, t)
     return inner_step(loss_fn, optimizer, state, batch, weights_fn(phi, batch))
 
+  def run_steps(phi, state, batches, first, length):
+    """Steps first .. first + length - 1; returns (state, losses [length])."""
+    return jax.lax.scan(lambda s, i: step(phi, s, batches, first + i), state,
+                        jnp.arange(length))
+
   def run(phi, state, batches):
-    return jax.lax.scan(lambda s, b: step(phi, s, b), state, batches)
+    return run_steps(phi, state, batches, 0, jax.tree.leaves(batches)[0].shape[0])
 
   def plan(batches):
     steps = jax.tree.leaves(batches)[0].shape[0]
     seg = min(segment or default_segment(steps), steps)
-    return steps % seg, seg  # (head steps run before the n equal segments, S)
+    return steps % seg, seg, steps // seg  # (head steps before the segments, S, n segments)
 
   def fwd(phi, state, batches):
-    head, seg = plan(batches)
-    head_batches, seg_batches = _split_segments(batches, head, seg)
-    state_h, losses_h = run(phi, state, head_batches) if head else (state, None)
+    head, seg, n = plan(batches)
+    state_h, losses_h = run_steps(phi, state, batches, 0, head) if head else (state, None)
 
-    def segment_fwd(s, b):
-      s_next, losses = run(phi, s, b)
+    def segment_fwd(s, j):
+      s_next, losses = run_steps(phi, s, batches, head + j * seg, seg)
       return s_next, (s, losses)           # keep only the segment's starting carry
-    final, (starts, losses_s) = jax.lax.scan(segment_fwd, state_h, seg_batches)
+    final, (starts, losses_s) = jax.lax.scan(segment_fwd, state_h, jnp.arange(n))
     losses = losses_s.reshape(-1)
     if head:
       losses = jnp.concatenate([losses_h, losses])
@@ -118,40 +115,41 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
     ct_phi, = weights_vjp(cross_v + ct_loss * g_w)
     return _to_carry(InnerState(ct_params, ct_opt), state), ct_phi
 
-  def segment_bwd(phi, start, batches, ct_losses, carry):
-    """Recomputes a segment's carries from its start, then walks its steps in reverse."""
-    def forward(s, b):
-      return step(phi, s, b)[0], s
-    # All S steps, though the last one's result is unused: stacking S - 1 states and
-    # concatenating the last kept both buffers alive (S - 1 extra carries of memory).
-    _, states = jax.lax.scan(forward, start, batches)
+  def segment_bwd(phi, start, batches, ct_losses, first, length, carry):
+    """Steps first .. first + length - 1 in reverse, their carries recomputed from `start`."""
+    if replay:
+      carry_at = lambda i, states: jax.lax.fori_loop(
+          0, i, lambda k, s: step(phi, s, batches, first + k)[0], start)
+      states = None
+    else:
+      # All `length` steps, though the last one's result is unused (no concatenated copy).
+      _, states = jax.lax.scan(lambda s, i: (step(phi, s, batches, first + i)[0], s), start,
+                               jnp.arange(length))
+      carry_at = lambda i, states: _at(states, i)
 
-    def backward(carry, xs):
+    def backward(carry, i):
       ct_state, ct_phi = carry
-      s, b, ct_loss = xs
-      ct_state, ct_phi_t = step_bwd(phi, s, b, ct_state, ct_loss)
+      t = first + i
+      ct_state, ct_phi_t = step_bwd(phi, carry_at(i, states), _at(batches, t), ct_state,
+                                    ct_losses[t])
       return (ct_state, jax.tree.map(jnp.add, ct_phi, ct_phi_t)), None
-    carry, _ = jax.lax.scan(backward, carry, (states, batches, ct_losses), reverse=True)
+    carry, _ = jax.lax.scan(backward, carry, jnp.arange(length), reverse=True)
     return carry
 
   def bwd(res, cts):
     phi, state0, state_h, starts, batches = res
     ct_final, ct_losses = cts
-    head, seg = plan(batches)
-    head_batches, seg_batches = _split_segments(batches, head, seg)
-    ct_losses_h, ct_losses_s = _split_segments(ct_losses, head, seg)
-    ct_phi = jax.tree.map(jnp.zeros_like, phi)
-    carry = (_to_carry(ct_final, state0), ct_phi)
+    head, seg, n = plan(batches)
+    carry = (_to_carry(ct_final, state0), jax.tree.map(jnp.zeros_like, phi))
 
-    def over_segments(carry, xs):
-      start, b, ct_l = xs
-      return segment_bwd(phi, start, b, ct_l, carry), None
-    carry, _ = jax.lax.scan(over_segments, carry, (starts, seg_batches, ct_losses_s),
-                            reverse=True)
+    def over_segments(carry, j):
+      start = jax.tree.map(lambda x: x[j], starts)
+      return segment_bwd(phi, start, batches, ct_losses, head + j * seg, seg, carry), None
+    carry, _ = jax.lax.scan(over_segments, carry, jnp.arange(n), reverse=True)
     if head:
-      carry = segment_bwd(phi, state0, head_batches, ct_losses_h, carry)
+      carry = segment_bwd(phi, state0, batches, ct_losses, 0, head, carry)
     ct_state, ct_phi = carry
-    return ct_phi, _to_cotangent(ct_state, state0), _zeros_cotangent(batches)
+    return ct_phi, _to_cotangent(ct_state, state0), None  # None: zero cotangent for batches
 
   unroll = jax.custom_vjp(run)
   unroll.defvjp(fwd, bwd)

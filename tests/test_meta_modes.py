@@ -20,6 +20,12 @@ from tests.tiny import tiny_batches, tiny_problem
 LEARNING_RATES = {'sgd': 0.3, 'momentum': 0.1, 'adam': 0.05}
 
 
+def _jit(fn):
+  """jax.jit with cheap XLA passes: these programs are tiny and compiling dominates the test."""
+  return jax.jit(fn, compiler_options={'xla_backend_optimization_level': 0,
+                                       'xla_llvm_disable_expensive_passes': True})
+
+
 def _setup(optimizer, steps, population=2, batch=8):
   """A float64 tiny problem, its outer state and batches (K members, T steps)."""
   problem, _, rater = tiny_problem(optimizer=optimizer, lr=LEARNING_RATES[optimizer])
@@ -47,7 +53,7 @@ def test_modes_agree(optimizer, steps):
     results = {}
     for mode in meta_step.META_GRADIENT_MODES:
       p = dataclasses.replace(problem, meta_gradient=mode)
-      (loss, (population, inner_losses)), grads = jax.jit(
+      (loss, (population, inner_losses)), grads = _jit(
           lambda phi, pop, i, o, p=p: meta_step.meta_gradient(p, phi, pop, i, o))(
               state.rater_params, state.population, inner, outer)
       results[mode] = (loss, ravel_pytree(population)[0], inner_losses, ravel_pytree(grads)[0])
@@ -71,11 +77,11 @@ def test_mixed_matches_finite_differences(optimizer):
     problem, state, inner, outer = _setup(optimizer, steps=3)
     problem = dataclasses.replace(problem, meta_gradient='mixed')
     assert mixed_mode.default_segment(3) == 2
-    (_, _), grads = jax.jit(lambda phi: meta_step.meta_gradient(
+    (_, _), grads = _jit(lambda phi: meta_step.meta_gradient(
         problem, phi, state.population, inner, outer))(state.rater_params)
     analytic = ravel_pytree(grads)[0]
     flat_phi, unravel = ravel_pytree(state.rater_params)
-    loss_of = jax.jit(lambda flat: meta_step.outer_loss(
+    loss_of = _jit(lambda flat: meta_step.outer_loss(
         problem, unravel(flat), state.population, inner, outer)[0])
     eps = 1e-6
     basis = jnp.eye(flat_phi.size, dtype=jnp.float64)
@@ -85,31 +91,39 @@ def test_mixed_matches_finite_differences(optimizer):
     assert _rel(analytic, numeric) < 1e-5, _rel(analytic, numeric)
 
 
-@pytest.mark.parametrize('optimizer', ['momentum', 'adam'])
-@pytest.mark.parametrize('segment', [1, 2, 5])
-def test_mixed_vjp_of_every_input_and_output(optimizer, segment):
-  """Custom VJP = jax.vjp of the plain unroll, for d/d(phi, initial state) of (state, losses)."""
+@pytest.mark.parametrize('optimizer,segment,replay',
+                         [('momentum', 1, True), ('adam', 2, False), ('adam', 2, True)])
+def test_mixed_vjp_of_every_input_and_output(optimizer, segment, replay):
+  """Custom VJP = jax.vjp of the plain unroll, for d/d(phi, initial state) of (state, losses).
+
+  T = 5: segment 1 stores every carry; segment 2 runs a 1-step head, then two 2-step segments,
+  whose carries are kept (replay=False) or recomputed from the segment start (replay=True).
+  """
   with jax.enable_x64():
     problem, state, inner, _ = _setup(optimizer, steps=5, population=1)
     member = jax.tree.map(lambda x: x[0], state.population)
     batches = jax.tree.map(lambda x: x[0], inner)
     opt = make_inner_optimizer(optimizer, LEARNING_RATES[optimizer])
     weights_fn = lambda phi, batch: problem.weight_fn(phi)(batch)
-    mixed = mixed_mode.make_mixed_unroll(problem.task_loss, opt, weights_fn, segment=segment)
+    mixed = mixed_mode.make_mixed_unroll(problem.task_loss, opt, weights_fn, segment=segment,
+                                         replay=replay)
     plain = lambda phi, s: unroll(problem.task_loss, opt, problem.weight_fn(phi), s, batches)
 
-    (out_ref, ref_vjp) = jax.vjp(plain, state.rater_params, member)
-    out, mixed_vjp = jax.vjp(lambda phi, s: mixed(phi, s, batches), state.rater_params, member)
-    np.testing.assert_allclose(ravel_pytree(out)[0], ravel_pytree(out_ref)[0], rtol=1e-12)
-
+    out_ref = jax.eval_shape(plain, state.rater_params, member)
     rng = np.random.default_rng(segment)
     def random_cotangent(x):
       if jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.asarray(rng.normal(size=x.shape))
       return np.zeros(x.shape, jax.dtypes.float0)
     ct = jax.tree.map(random_cotangent, out_ref)  # on final params, opt state and all T losses
-    ref = jax.jit(ref_vjp)(ct)
-    got = jax.jit(mixed_vjp)(ct)
+
+    @_jit
+    def both(phi, s, ct):
+      out_r, vjp_r = jax.vjp(plain, phi, s)
+      out_m, vjp_m = jax.vjp(lambda phi, s: mixed(phi, s, batches), phi, s)
+      return out_r, out_m, vjp_r(ct), vjp_m(ct)
+    out_r, out_m, ref, got = both(state.rater_params, member, ct)
+    np.testing.assert_allclose(ravel_pytree(out_m)[0], ravel_pytree(out_r)[0], rtol=1e-12)
     for name, r, g in zip(('phi', 'initial state'), ref, got):
       r_flat = ravel_pytree(jax.tree.map(
           lambda x: x if jnp.issubdtype(x.dtype, jnp.inexact) else None, r))[0]
