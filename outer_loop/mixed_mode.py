@@ -1,12 +1,14 @@
 """Mixed-mode meta-gradients (MixFlow-MG style): a custom backward pass through the inner unroll.
 
-`mixed_unroll` runs the same T weighted inner steps as `inner_loop.unroll.unroll`, under a
-`jax.custom_vjp` whose backward pass never differentiates a gradient in reverse mode:
+`make_mixed_unroll(...)` returns an unroll of the same T weighted inner steps as
+`inner_loop.unroll.unroll`, under a `jax.custom_vjp` whose backward pass never differentiates a
+gradient in reverse mode:
 
 * Forward: only inner-state carries (params, opt_state) are kept, no activations, and only at
-  segment starts (every S steps; S ~ sqrt(T) by default), so stored state grows like T / S.
-* Backward: segments are walked in reverse (`lax.scan(reverse=True)`). A segment's S carries are
-  recomputed from its start, then its steps are walked in reverse. Each step
+  segment starts (every S steps; S = round(sqrt(T)) by default), so stored state grows like T / S.
+* Backward: segments are walked in reverse (`lax.scan(reverse=True)`); inside a segment, each
+  step's carry is recomputed from the segment start (replay, the default) or the segment's S
+  carries are recomputed once and kept. Each step
   theta' = theta + u(g, s, theta), s' = ... with g = grad_theta L(theta, w), w = w(phi), L the
   weighted loss, pulls the cotangent back as:
     - (g, s, theta) <- (theta', s'): `jax.vjp` of the optimizer update (elementwise, any optax),
