@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from configs.digits import get_config
-from outer_loop import meta_step, setup
+from bench.meta_memory import compile_step
 from outer_loop.meta_step import META_GRADIENT_MODES
 
 _UNROLLS = flags.DEFINE_list('unrolls', ['1', '4', '16'], 'Values of T (inner.steps).')
@@ -29,36 +29,17 @@ _HIDDEN = flags.DEFINE_list('hidden', ['128', '128'], 'Task-model and rater hidd
 _OUT = flags.DEFINE_string('out', 'bench/results/meta_step', 'Output path prefix (.json, .png).')
 
 
-def measure(config, image_shape=(8, 8, 1), num_classes=10, repeats=10) -> dict:
-  """Compiles one outer step for `config` on random data; returns memory and time figures."""
-  k, t, b = config.inner.population, config.inner.steps, config.inner.batch_size
-  rng = np.random.default_rng(0)
-  inner = {'image': rng.random((k, t, b, *image_shape), np.float32),
-           'label': rng.integers(0, num_classes, (k, t, b)).astype(np.int32)}
-  outer = {'image': rng.random((k, config.outer.batch_size, *image_shape), np.float32),
-           'label': rng.integers(0, num_classes, (k, config.outer.batch_size)).astype(np.int32)}
-  example = jax.tree.map(lambda x: x[0, 0], inner)
-  problem, _, rater = setup.build_problem(config, num_classes, example)
-  state = meta_step.init_outer_state(problem, rater.init(jax.random.PRNGKey(0), example),
-                                     jax.random.PRNGKey(1), k)
-  step = jax.jit(lambda s, i, o: meta_step.outer_step(problem, s, i, o))
-  t0 = time.perf_counter()
-  compiled = step.lower(state, inner, outer).compile()
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  inner, outer = jax.device_put((inner, outer))
-  jax.block_until_ready(compiled(state, inner, outer))  # warm-up
+def measure(config, repeats=10) -> dict:
+  """One outer step for `config` on random data: compiled memory and median step time."""
+  compiled, args, figures, _ = compile_step(config)
+  jax.block_until_ready(compiled(*args))  # warm-up
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(state, inner, outer))
+    jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
-  return {'temp_bytes': int(mem.temp_size_in_bytes),
-          'argument_bytes': int(mem.argument_size_in_bytes),
-          'output_bytes': int(mem.output_size_in_bytes),
-          'peak_bytes': int(mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                            + mem.output_size_in_bytes),
-          'step_ms': 1e3 * float(np.median(times)), 'compile_s': compile_s}
+  peak = figures['temp_bytes'] + figures['argument_bytes'] + figures['output_bytes']
+  return {**figures, 'peak_bytes': peak, 'step_ms': 1e3 * float(np.median(times))}
 
 
 def plot(results: list[dict], path: str) -> None:
