@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
 
 from datarater import models
 from datarater.data.pipeline import Split, stream_indices
@@ -18,14 +19,21 @@ from inner_loop.unroll import init_inner_state, unroll
 ScoreFn = Callable[[dict], jax.Array]  # batch -> scores [B]
 
 
-def score_split(score_fn: ScoreFn, split: Split, batch_size: int = 1024) -> np.ndarray:
-  """Scores of every example in `split`, in order; the last chunk is padded, not recompiled."""
-  jitted = jax.jit(score_fn)
-  out = []
-  for start in range(0, len(split), batch_size):
-    idx = np.arange(start, start + batch_size) % len(split)
-    batch = {'image': split.image[idx], 'label': split.label[idx]}
-    out.append(np.asarray(jitted(batch))[:min(batch_size, len(split) - start)])
+def score_split(score_fn: ScoreFn, split: Split, batch_size: int = 1024, progress: bool = False,
+                desc: str = 'scoring', jit: bool = True) -> np.ndarray:
+  """score_fn over every example of `split` in fixed-size padded batches, in order.
+
+  Batches carry `image`, `label` and `index` (the TFDS example id); the last one is padded, so
+  one compile serves the whole split. Pass an already-jitted function with `jit=False` when
+  scoring repeatedly (e.g. every logging step), so nothing is recompiled.
+  """
+  fn = jax.jit(score_fn) if jit else score_fn
+  n, out = len(split), []
+  with tqdm(total=n, desc=desc, unit='ex', disable=not progress) as bar:
+    for start in range(0, n, batch_size):
+      idx = np.arange(start, start + batch_size) % n
+      out.append(np.asarray(fn(split.take(idx)))[:min(batch_size, n - start)])
+      bar.update(min(batch_size, n - start))
   return np.concatenate(out)
 
 

@@ -112,9 +112,11 @@ def train(config, workdir: str, stop_after: int | None = None, devices=None) -> 
     log.info('resumed from the checkpoint at outer step %d', start)
   metrics_log = MetricsLog(workdir, start) if primary else None
 
+  score_batch = jax.jit(rater.apply)  # compiled once, reused at every logging step
+
   def noise_auroc(rater_params):
     params = sharding.host_copy(rater_params)
-    scores = evaluation.score_split(lambda b: rater.apply(params, b), data.train)
+    scores = evaluation.score_split(lambda b: score_batch(params, b), data.train, jit=False)
     return evaluation.noise_auroc(scores, data.train.is_corrupted)
 
   last_step = config.outer.steps if stop_after is None else min(stop_after, config.outer.steps)

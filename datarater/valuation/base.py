@@ -13,8 +13,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
+from datarater import evaluation
 from datarater.data.pipeline import Split, stream_indices
 from datarater.errors import UserError
 from inner_loop.optimizers import make_inner_optimizer
@@ -123,16 +123,5 @@ class Valuation(abc.ABC):
 
 def score_split(score_fn: Callable[[dict], jax.Array], split: Split, batch_size: int = 256,
                 progress: bool = True, desc: str = 'scoring') -> np.ndarray:
-  """score_fn over every example of the split in fixed-size padded batches (one compile), in order.
-
-  Batches carry `image`, `label` and `index` (the TFDS example id); a tqdm bar counts examples.
-  """
-  jitted = jax.jit(score_fn)
-  out = []
-  n = len(split)
-  with tqdm(total=n, desc=desc, unit='ex', disable=not progress) as bar:
-    for start in range(0, n, batch_size):
-      idx = np.arange(start, start + batch_size) % n
-      out.append(np.asarray(jitted(split.take(idx)))[:min(batch_size, n - start)])
-      bar.update(min(batch_size, n - start))
-  return np.concatenate(out)
+  """`datarater.evaluation.score_split` with a progress bar by default (valuations are slow)."""
+  return evaluation.score_split(score_fn, split, batch_size, progress=progress, desc=desc)
