@@ -4,14 +4,22 @@ r"""Meta-gradient memory and time against the unroll length T, per mode, on two 
   python -m bench.meta_memory --quick         # T in {1,4,32}, fewer repeats, smaller large model
 
 For each model and T, one outer step (`outer_loop.meta_step.outer_step`, inner Adam as in
-configs/digits.py) is compiled per mode. Memory is XLA's compiled `memory_analysis()`:
-temporaries (what the backward pass keeps alive lives here) and argument/output sizes. Time is
-the median of `--repeats` calls after a warm-up; the modes of one (model, T) are timed
-round-robin in the same run, so compare ratios, not absolute numbers, on a shared machine.
+configs/digits.py) is compiled per mode: reverse, remat, mixed (inner states recovered by
+running Adam backwards, `outer.mixed_recompute='invert'`, the default for Adam) and
+mixed:replay (recomputed from states kept every ~sqrt(T) steps). Memory is XLA's compiled
+`memory_analysis()`: temporaries (what the backward pass keeps alive lives here) and
+argument/output sizes. Time is the median of `--repeats` calls after a warm-up; the modes of one
+(model, T) are timed round-robin in the same run, so compare ratios, not absolute numbers, on a
+shared machine.
+
+Accuracy: undoing Adam steps in float32 adds round-off, so each mode's float32 meta-gradient is
+compared with float64 reverse mode on real digits batches, from fresh inner models (Adam's
+worst case) and from models 200 steps into training.
 
 Goal (issue 6): mode 'mixed' temp memory at T = 32 <= 3x that at T = 1, and its step time
 <= 1.5x that of mode 'reverse'. Writes bench/results/meta_memory.json and .png.
 """
+import dataclasses
 import argparse
 import json
 import os
@@ -20,10 +28,15 @@ import time
 
 import jax
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from configs.digits import get_config
+from datarater.data import pipeline
+from inner_loop.unroll import unroll
 from outer_loop import meta_step, setup
-from outer_loop.meta_step import META_GRADIENT_MODES
+
+# Benchmarked modes: outer.meta_gradient, optionally ':' outer.mixed_recompute.
+BENCH_MODES = ('reverse', 'remat', 'mixed', 'mixed:replay')
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -35,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--quick', action='store_true',
                  help='T in {1,4,32}, 2 repeats, large model at K=2, B=32 (a smoke run).')
   p.add_argument('--unrolls', type=_ints, default=(1, 2, 4, 8, 16, 32), help='Values of T.')
-  p.add_argument('--modes', type=lambda s: tuple(s.split(',')), default=META_GRADIENT_MODES)
+  p.add_argument('--modes', type=lambda s: tuple(s.split(',')), default=BENCH_MODES)
   p.add_argument('--models', type=lambda s: tuple(s.split(',')), default=('default', 'large'))
   p.add_argument('--repeats', type=int, default=5, help='Timed calls per setting (median).')
   p.add_argument('--optimizer', default='adam', help='Inner optimizer (sgd, momentum, adam).')
@@ -45,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--large_hidden', type=_ints, default=(1024, 1024), help='Large model hidden.')
   p.add_argument('--large_population', type=int, default=2, help='K for the large model.')
   p.add_argument('--large_batch', type=int, default=64, help='Batch for the large model.')
+  p.add_argument('--accuracy_unrolls', type=_ints, default=(4, 32),
+                 help='T values of the float32-vs-float64 accuracy check (empty: skip it).')
+  p.add_argument('--accuracy_warm', type=int, default=200,
+                 help='Adam steps the "trained" inner models take before the accuracy check.')
   p.add_argument('--out', default='bench/results/meta_memory', help='Output prefix (.json/.png).')
   p.add_argument('--merge', type=lambda s: tuple(s.split(',')), default=(),
                  help='Measure nothing: combine these JSON files (e.g. one run per model, run '
@@ -52,14 +69,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.quick:
     args.unrolls, args.repeats, args.large_batch = (1, 4, 32), 2, 32
+    args.accuracy_unrolls = (32,)
   return args
 
 
 def _config(optimizer, hidden, population, batch, steps, mode):
+  """configs/digits.py with the bench's model, K, B, T and mode ('mixed:replay' style)."""
   c = get_config()
   c.inner.optimizer, c.task_model.hidden = optimizer, tuple(hidden)
   c.inner.population, c.inner.batch_size, c.outer.batch_size = population, batch, batch
-  c.inner.steps, c.outer.meta_gradient = steps, mode
+  c.inner.steps = steps
+  c.outer.meta_gradient, _, recompute = mode.partition(':')
+  c.outer.mixed_recompute = recompute or 'auto'
   return c
 
 
@@ -126,16 +147,66 @@ def goals(results: list[dict]) -> dict:
       g['mixed_temp_ratio_Tmax_vs_T1'] = by['mixed', ts[-1]]['temp_bytes'] / by['mixed', 1]['temp_bytes']
       g['T_max'] = ts[-1]
       g['memory_goal_met'] = g['mixed_temp_ratio_Tmax_vs_T1'] <= 3.0
-    for base in ('reverse', 'remat'):
-      if all(('mixed', t) in by and (base, t) in by for t in ts):
-        g[f'mixed_over_{base}_time'] = {t: by['mixed', t]['step_ms'] / by[base, t]['step_ms']
-                                        for t in ts}
-        g[f'mixed_over_{base}_temp'] = {t: by['mixed', t]['temp_bytes'] / by[base, t]['temp_bytes']
-                                        for t in ts}
+    if ('mixed:replay', 1) in by and ('mixed:replay', ts[-1]) in by:
+      g['mixed:replay_temp_ratio_Tmax_vs_T1'] = (by['mixed:replay', ts[-1]]['temp_bytes']
+                                                 / by['mixed:replay', 1]['temp_bytes'])
+    for mixed in ('mixed', 'mixed:replay'):
+      for base in ('reverse', 'remat'):
+        if all((mixed, t) in by and (base, t) in by for t in ts):
+          g[f'{mixed}_over_{base}_time'] = {t: by[mixed, t]['step_ms'] / by[base, t]['step_ms']
+                                            for t in ts}
+          g[f'{mixed}_over_{base}_temp'] = {
+              t: by[mixed, t]['temp_bytes'] / by[base, t]['temp_bytes'] for t in ts}
     if 'mixed_over_reverse_time' in g:
       g['time_goal_met'] = max(g['mixed_over_reverse_time'].values()) <= 1.5
     out[model] = g
   return out
+
+
+def accuracy(args) -> list[dict]:
+  """Per mode: float32 meta-gradient vs float64 reverse mode, fresh and trained inner models.
+
+  Default model, K = 4 members, B = 128, real digits (train split) batches.
+  """
+  k, b = 4, 128
+  split = pipeline.load_split('sklearn_digits', 'train')
+  rng = np.random.default_rng(0)
+
+  def draw(*shape):
+    idx = rng.integers(0, len(split.label), shape)
+    return {'image': split.image[idx], 'label': split.label[idx]}
+  rows = []
+  for steps in args.accuracy_unrolls:
+    config = _config(args.optimizer, args.hidden, k, b, steps, 'reverse')
+    inner, outer = draw(k, steps, b), draw(k, b)
+    example = jax.tree.map(lambda x: x[0, 0], inner)
+    problem, _, rater = setup.build_problem(config, split.num_classes, example)
+    state = meta_step.init_outer_state(problem, rater.init(jax.random.PRNGKey(0), example),
+                                       jax.random.PRNGKey(1), k)
+    warm_batches = draw(k, args.accuracy_warm, b)
+    uniform = lambda batch: jax.numpy.ones(batch['label'].shape)
+    trained = jax.jit(jax.vmap(lambda s, bt: unroll(
+        problem.task_loss, problem.inner_optimizer, uniform, s, bt)[0]))(
+            state.population, warm_batches)
+    for start, population in (('fresh', state.population), ('trained', trained)):
+      data = (state.rater_params, population, inner, outer)
+      def grad(mode, x64=False):
+        p = dataclasses.replace(problem, meta_gradient=mode.partition(':')[0],
+                                mixed_recompute=mode.partition(':')[2] or 'auto')
+        args_ = data if not x64 else jax.tree.map(
+            lambda a: a.astype(np.float64) if a.dtype == np.float32 else a, data)
+        g = jax.jit(lambda *a: meta_step.meta_gradient(p, *a)[1])(*args_)
+        return np.asarray(ravel_pytree(g)[0], np.float64)
+      with jax.enable_x64():
+        ref = grad('reverse', x64=True)
+      for mode in args.modes:
+        g = grad(mode)
+        rows.append({'T': steps, 'start': start, 'mode': mode,
+                     'rel_err_vs_f64': float(np.linalg.norm(g - ref) / np.linalg.norm(ref)),
+                     'cosine_vs_f64': float(g @ ref / np.linalg.norm(g) / np.linalg.norm(ref))})
+        print(f'accuracy T={steps:>2} {start:>7} {mode:>12}: rel err vs float64 reverse '
+              f'{rows[-1]["rel_err_vs_f64"]:.2e}', flush=True)
+  return rows
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -213,7 +284,9 @@ def main(argv=None):
   record = {'device': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
             'host': platform.node(), 'cpu_count': os.cpu_count(), 'jax': jax.__version__,
             'optimizer': args.optimizer, 'repeats': args.repeats, 'quick': args.quick,
-            'segment': 'default: round(sqrt(T)), replay', 'goals': summary, 'results': results}
+            'segment': 'default per recompute: invert 16 (first 4 steps replayed), replay sqrt(T)',
+            'goals': summary, 'results': results,
+            'accuracy': accuracy(args) if args.accuracy_unrolls else []}
   write(record, args.out)
 
 

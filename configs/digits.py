@@ -44,8 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.outer.warmup_steps = 50
   c.outer.clip_norm = 1.0
   # 'reverse' | 'remat' (jax.checkpoint per inner step: memory for compute) | 'mixed' (custom
-  # backward: carries every ~sqrt(T) steps, forward-over-reverse HVPs); see outer_loop.meta_step.
+  # backward, forward-over-reverse HVPs, memory nearly flat in T); see outer_loop.meta_step.
   c.outer.meta_gradient = 'reverse'
+  # mixed only: how inner states come back on the backward pass. 'invert' runs momentum/Adam
+  # backwards (no extra steps), 'replay' recomputes from kept states, 'auto' = invert if it can.
+  c.outer.mixed_recompute = 'auto'
+  c.outer.mixed_segment = 0        # steps between exact states kept (0: 16 invert, sqrt(T) replay)
 
   c.log_every = 25
   c.checkpoint_every = 200

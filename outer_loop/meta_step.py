@@ -5,13 +5,14 @@ and optimizers and returns `outer_step(state, batches) -> (state, metrics)`, rea
 """
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
 
+from inner_loop.optimizers import StepInverse
 from inner_loop.unroll import InnerState, PerExampleLoss, unroll
 from inner_loop.weighting import softmax_weights
 from outer_loop import mixed_mode
@@ -20,9 +21,11 @@ from outer_loop.population import InitMember, init_population, staggered_reset
 # How d(outer)/d(phi) is computed through the unroll; all give the same value.
 #   reverse: plain reverse mode, every inner step's activations kept (memory grows with T);
 #   remat:   reverse mode with each inner step under jax.checkpoint (recomputed on the way back);
-#   mixed:   custom backward pass (outer_loop.mixed_mode): carries stored every ~sqrt(T) steps,
-#            steps recomputed in reverse, Hessian terms by forward-over-reverse (jvp of grad).
+#   mixed:   custom backward pass (outer_loop.mixed_mode): Hessian terms by forward-over-reverse
+#            (jvp of grad); inner states recovered by running the optimizer backwards ('invert',
+#            momentum and Adam) or recomputed from states kept every ~sqrt(T) steps ('replay').
 META_GRADIENT_MODES = ('reverse', 'remat', 'mixed')
+MIXED_RECOMPUTE = ('auto',) + mixed_mode.RECOMPUTE  # auto: invert if the optimizer can, else replay
 
 
 @flax.struct.dataclass
@@ -45,6 +48,15 @@ class MetaProblem:
   temperature: float
   reset_every: int
   meta_gradient: str = 'reverse'          # see META_GRADIENT_MODES
+  mixed_recompute: str = 'auto'           # see MIXED_RECOMPUTE (mode 'mixed' only)
+  mixed_segment: int = 0                  # steps between exact states kept (0: mode default)
+  inner_inverse: Optional[StepInverse] = None  # the inner optimizer run backwards, if it can be
+
+  def recompute(self) -> str:
+    """How mode 'mixed' recovers inner states on the way back ('auto' resolved)."""
+    if self.mixed_recompute == 'auto':
+      return 'invert' if self.inner_inverse is not None else 'replay'
+    return self.mixed_recompute
 
   def weight_fn(self, rater_params):
     return lambda batch: softmax_weights(self.rater_apply(rater_params, batch), self.temperature)
@@ -59,7 +71,9 @@ def outer_loss(problem: MetaProblem, rater_params, population: InnerState,
   """
   if problem.meta_gradient == 'mixed':
     mixed_unroll = mixed_mode.make_mixed_unroll(
-        problem.task_loss, problem.inner_optimizer, lambda phi, batch: problem.weight_fn(phi)(batch))
+        problem.task_loss, problem.inner_optimizer, lambda phi, batch: problem.weight_fn(phi)(batch),
+        segment=problem.mixed_segment or None, recompute=problem.recompute(),
+        inverse=problem.inner_inverse)
     run = lambda state, inner: mixed_unroll(rater_params, state, inner)
   else:
     run = functools.partial(unroll, problem.task_loss, problem.inner_optimizer,

@@ -2,23 +2,28 @@
 
 `make_mixed_unroll(...)` returns an unroll of the same T weighted inner steps as
 `inner_loop.unroll.unroll`, under a `jax.custom_vjp` whose backward pass never differentiates a
-gradient in reverse mode:
-
-* Forward: only inner-state carries (params, opt_state) are kept, no activations, and only at
-  segment starts (every S steps; S = round(sqrt(T)) by default), so stored state grows like T / S.
-* Backward: segments are walked in reverse (`lax.scan(reverse=True)`); inside a segment, each
-  step's carry is recomputed from the segment start (replay, the default) or the segment's S
-  carries are recomputed once and kept. Each step
-  theta' = theta + u(g, s, theta), s' = ... with g = grad_theta L(theta, w), w = w(phi), L the
-  weighted loss, pulls the cotangent back as:
-    - (g, s, theta) <- (theta', s'): `jax.vjp` of the optimizer update (elementwise, any optax),
-    - theta <- g: H v = jvp(grad_theta L, theta; v)  (forward-over-reverse, H symmetric),
-    - w <- g: d/dw <grad_theta L, v> = the w-part of the same jvp of grad_(theta, w) L
-      (mixed partials commute), so one forward-over-reverse call gives both terms,
-    - phi <- w: `jax.vjp` of the rater weights (a first-order product).
-  Memory per step is one step's activations (live only while that step is processed), not T.
-
-The meta-gradient equals plain reverse mode up to float round-off (tests/test_meta_modes.py).
+gradient in reverse mode. Each step
+theta' = theta + u(g, s, theta), s' = ... with g = grad_theta L(theta, w), w = w(phi), L the
+weighted loss, pulls the cotangent back as:
+  - (g, s, theta) <- (theta', s'): `jax.vjp` of the optimizer update (elementwise, any optax),
+  - theta <- g: H v = jvp(grad_theta L, theta; v)  (forward-over-reverse, H symmetric),
+  - w <- g: d/dw <grad_theta L, v> = the w-part of the same jvp of grad_(theta, w) L
+    (mixed partials commute), so one forward-over-reverse call gives both terms,
+  - phi <- w: `jax.vjp` of the rater weights (a first-order product).
+No step's activations outlive that step. What differs is how the backward pass gets each step's
+inner state (params, optimizer state) back, `recompute`:
+  - 'invert': run the optimizer backwards (`inner_loop.optimizers.StepInverse`; momentum, Adam):
+    theta_t from state t+1, then s_t from g_t, which the jvp above computes anyway. Exact
+    states are kept only every S steps (default 16) to bound round-off drift, so stored state
+    is T / S carries and the rest of memory does not depend on T. The first 4 steps are
+    replayed from the exact input state instead (6 extra steps): a fresh Adam state cannot be
+    undone accurately in float32.
+  - 'replay': exact states kept every S = round(sqrt(T)) steps; a step's state is recomputed
+    from its segment start when needed (S(S-1)/2 extra steps per segment, T / S carries).
+  - 'store': as 'replay', but a segment's S states are recomputed once and kept (S extra steps
+    per segment, T / S + S carries).
+'replay' and 'store' equal plain reverse mode up to float round-off; 'invert' adds round-off of
+the undone steps (tests/test_meta_modes.py; bench/meta_memory.py measures it in float32).
 """
 import math
 from typing import Any, Callable, Optional
@@ -28,13 +33,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from inner_loop.optimizers import StepInverse
 from inner_loop.unroll import InnerState, PerExampleLoss, inner_step, weighted_loss
 
 WeightsFn = Callable[[Any, dict], jax.Array]  # (phi, batch) -> weights [B]
+RECOMPUTE = ('invert', 'replay', 'store')
+INVERT_CHECKPOINT_EVERY = 16  # invert: exact states kept every S steps bound round-off drift
+INVERT_EXACT_STEPS = 4        # invert: the first steps are replayed from the exact input state
 
 
-def default_segment(steps: int) -> int:
-  """Steps between stored carries: round(sqrt(T)) minimises T / S stored + S recomputed."""
+def default_segment(steps: int, recompute: str = 'replay') -> int:
+  """Steps between stored exact states.
+
+  'replay' / 'store': round(sqrt(T)), which balances T / S stored states against the S steps
+  recomputed per segment. 'invert' recomputes nothing, so S only bounds round-off drift.
+  """
+  if recompute == 'invert':
+    return min(steps, INVERT_CHECKPOINT_EVERY)
   return max(1, int(round(math.sqrt(steps))))
 
 
@@ -60,16 +75,19 @@ def _at(tree, t):
 
 def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
                       weights_fn: WeightsFn, segment: Optional[int] = None,
-                      replay: bool = True):
+                      recompute: str = 'replay', inverse: Optional[StepInverse] = None):
   """Returns `unroll(phi, state, batches) -> (final state, losses [T])` with the mixed-mode VJP.
 
   `weights_fn(phi, batch)` gives the loss weights of a batch; `batches` leaves are [T, B, ...].
-  `segment` is S, the steps between stored carries (None: `default_segment(T)`).
-  `replay=True` (default) keeps no per-segment buffer: step k of a segment is recomputed from
-  the segment start when the backward pass reaches it (S(S-1)/2 extra steps per segment, T/S
-  stored carries). `replay=False` recomputes a segment once and keeps its S carries (S extra
-  steps, T/S + S carries).
+  `recompute` is how a step's inner state is recovered on the way back (see the module doc);
+  'invert' needs `inverse`, the optimizer's `StepInverse`. `segment` is S, the steps between
+  stored exact states (None: `default_segment(T, recompute)`).
   """
+  if recompute not in RECOMPUTE:
+    raise ValueError(f'unknown recompute {recompute!r} (choose from {", ".join(RECOMPUTE)})')
+  if recompute == 'invert' and inverse is None:
+    raise ValueError("recompute='invert' needs the inner optimizer's StepInverse")
+
   def step(phi, state, batches, t):
     batch = _at(batches, t)
     return inner_step(loss_fn, optimizer, state, batch, weights_fn(phi, batch))
@@ -83,29 +101,65 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
     return run_steps(phi, state, batches, 0, jax.tree.leaves(batches)[0].shape[0])
 
   def plan(batches):
+    """(head, part, S, n): the unroll is head + part + n * S steps.
+
+    The head is replayed from the exact initial state: all of T % S for replay/store; for invert
+    the first `INVERT_EXACT_STEPS` steps, where a fresh Adam state is too ill-conditioned to undo
+    in float32 (tiny v makes d update / d g ~ 1 / sqrt(eps_root)). An invert part of fewer than
+    S steps is undone from its exact end, like the n segments of S steps.
+    """
     steps = jax.tree.leaves(batches)[0].shape[0]
-    seg = min(segment or default_segment(steps), steps)
-    return steps % seg, seg, steps // seg  # (head steps before the segments, S, n segments)
+    if recompute != 'invert':
+      seg = min(segment or default_segment(steps, recompute), steps)
+      return steps % seg, 0, seg, steps // seg
+    head = min(steps, INVERT_EXACT_STEPS)
+    seg = max(1, min(segment or default_segment(steps, recompute), steps - head))
+    n = (steps - head) // seg
+    return head, steps - head - n * seg, seg, n
 
   def fwd(phi, state, batches):
-    head, seg, n = plan(batches)
-    state_h, losses_h = run_steps(phi, state, batches, 0, head) if head else (state, None)
+    """Runs the unroll; keeps the exact states the backward pass starts its segments from."""
+    head, part, seg, n = plan(batches)
+    losses = []
+    s = state
+    for first, length in ((0, head), (head, part)):
+      if length:
+        s, piece = run_steps(phi, s, batches, first, length)
+        losses.append(piece)
+    state_p = s  # exact end of the invert part (start of the n segments)
+    first = head + part
+    # replay/store walk a segment forward from its start; invert walks it back from its end.
+    keep = (lambda s, s_next: s) if recompute != 'invert' else (lambda s, s_next: s_next)
 
     def segment_fwd(s, j):
-      s_next, losses = run_steps(phi, s, batches, head + j * seg, seg)
-      return s_next, (s, losses)           # keep only the segment's starting carry
-    final, (starts, losses_s) = jax.lax.scan(segment_fwd, state_h, jnp.arange(n))
-    losses = losses_s.reshape(-1)
-    if head:
-      losses = jnp.concatenate([losses_h, losses])
-    return (final, losses), (phi, state, state_h, starts, batches)
+      s_next, piece = run_steps(phi, s, batches, first + j * seg, seg)
+      return s_next, (keep(s, s_next), piece)
+    # invert: the last segment's end is the output itself, so it is not stacked a second time.
+    stacked = n if recompute != 'invert' else max(n - 1, 0)
+    s, (kept, pieces) = jax.lax.scan(segment_fwd, s, jnp.arange(stacked))
+    losses.append(pieces.reshape(-1))
+    if stacked < n:
+      s, piece = run_steps(phi, s, batches, first + stacked * seg, seg)
+      losses.append(piece)
+    final = s
+    residuals = (phi, state if head else None, state_p if part and n else None, kept, final,
+                 batches)
+    return (final, jnp.concatenate(losses)), residuals
 
-  def step_bwd(phi, state, batch, ct_next, ct_loss):
-    """Pulls (d/d state', d/d loss) back through one step: (d/d state, d/d phi)."""
+  def step_bwd(phi, batch, ct_next, ct_loss, state=None, state_next=None):
+    """Pulls (d/d state', d/d loss) back through one step: (d/d state, d/d phi, state).
+
+    Given the step's input `state`, or (invert) its output `state_next`, from which the input
+    is recovered with the gradient the forward-over-reverse product computes anyway.
+    """
     weights, weights_vjp = jax.vjp(lambda p: weights_fn(p, batch), phi)
+    params = state.params if state is not None else inverse.params(state_next.params,
+                                                                    state_next.opt_state)
     grads_fn = lambda theta: jax.grad(weighted_loss, argnums=(1, 3))(  # (d/dtheta, d/dw) of L
         loss_fn, theta, batch, weights)
-    (g, g_w), hvp = jax.linearize(grads_fn, state.params)
+    (g, g_w), hvp = jax.linearize(grads_fn, params)
+    if state is None:
+      state = InnerState(params, inverse.opt_state(state_next.opt_state, g))
 
     def update(g, opt_state, params):
       updates, opt_state = optimizer.update(g, opt_state, params)
@@ -115,43 +169,64 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
     h_v, cross_v = hvp(ct_g)  # forward-over-reverse: (H ct_g, d/dw <grad_theta L, ct_g>)
     ct_params = jax.tree.map(lambda a, b, c: a + b + ct_loss * c, ct_params, h_v, g)
     ct_phi, = weights_vjp(cross_v + ct_loss * g_w)
-    return _to_carry(InnerState(ct_params, ct_opt), state), ct_phi
+    return _to_carry(InnerState(ct_params, ct_opt), state), ct_phi, state
 
-  def segment_bwd(phi, start, batches, ct_losses, first, length, carry):
-    """Steps first .. first + length - 1 in reverse, their carries recomputed from `start`."""
-    if replay:
-      carry_at = lambda i, states: jax.lax.fori_loop(
-          0, i, lambda k, s: step(phi, s, batches, first + k)[0], start)
+  def segment_bwd(phi, exact, batches, ct_losses, first, length, carry, how=recompute):
+    """Steps first .. first + length - 1 in reverse. `exact` is the segment's exact start state
+    (how = replay, store) or end state (invert)."""
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    if how == 'invert':
+      def backward(c, i):
+        (ct_state, ct_phi), state_next = c
+        t = first + i
+        ct_state, ct_phi_t, state = step_bwd(phi, _at(batches, t), ct_state, ct_losses[t],
+                                             state_next=state_next)
+        return ((ct_state, add(ct_phi, ct_phi_t)), state), None
+      (carry, _), _ = jax.lax.scan(backward, (carry, exact), jnp.arange(length), reverse=True)
+      return carry
+
+    if how == 'replay':
+      state_at = lambda i, states: jax.lax.fori_loop(
+          0, i, lambda k, s: step(phi, s, batches, first + k)[0], exact)
       states = None
     else:
       # All `length` steps, though the last one's result is unused (no concatenated copy).
-      _, states = jax.lax.scan(lambda s, i: (step(phi, s, batches, first + i)[0], s), start,
+      _, states = jax.lax.scan(lambda s, i: (step(phi, s, batches, first + i)[0], s), exact,
                                jnp.arange(length))
-      carry_at = lambda i, states: _at(states, i)
+      state_at = lambda i, states: _at(states, i)
 
     def backward(carry, i):
       ct_state, ct_phi = carry
       t = first + i
-      ct_state, ct_phi_t = step_bwd(phi, carry_at(i, states), _at(batches, t), ct_state,
-                                    ct_losses[t])
-      return (ct_state, jax.tree.map(jnp.add, ct_phi, ct_phi_t)), None
+      ct_state, ct_phi_t, _ = step_bwd(phi, _at(batches, t), ct_state, ct_losses[t],
+                                       state=state_at(i, states))
+      return (ct_state, add(ct_phi, ct_phi_t)), None
     carry, _ = jax.lax.scan(backward, carry, jnp.arange(length), reverse=True)
     return carry
 
   def bwd(res, cts):
-    phi, state0, state_h, starts, batches = res
+    phi, state0, state_p, kept, final, batches = res
     ct_final, ct_losses = cts
-    head, seg, n = plan(batches)
-    carry = (_to_carry(ct_final, state0), jax.tree.map(jnp.zeros_like, phi))
+    head, part, seg, n = plan(batches)
+    first = head + part
+    carry = (_to_carry(ct_final, final), jax.tree.map(jnp.zeros_like, phi))
+    segments = n
+    if recompute == 'invert' and n:
+      # Segment n-1 ends at the output; segment j < n-1 ends at kept state j.
+      carry = segment_bwd(phi, final, batches, ct_losses, first + (n - 1) * seg, seg, carry)
+      segments = n - 1
 
     def over_segments(carry, j):
-      start = jax.tree.map(lambda x: x[j], starts)
-      return segment_bwd(phi, start, batches, ct_losses, head + j * seg, seg, carry), None
-    carry, _ = jax.lax.scan(over_segments, carry, jnp.arange(n), reverse=True)
+      exact = jax.tree.map(lambda x: x[j], kept)
+      return segment_bwd(phi, exact, batches, ct_losses, first + j * seg, seg, carry), None
+    if segments:
+      carry, _ = jax.lax.scan(over_segments, carry, jnp.arange(segments), reverse=True)
+    if part:
+      carry = segment_bwd(phi, state_p if n else final, batches, ct_losses, head, part, carry)
     if head:
-      carry = segment_bwd(phi, state0, batches, ct_losses, 0, head, carry)
+      carry = segment_bwd(phi, state0, batches, ct_losses, 0, head, carry, how='replay')
     ct_state, ct_phi = carry
-    return ct_phi, _to_cotangent(ct_state, state0), None  # None: zero cotangent for batches
+    return ct_phi, _to_cotangent(ct_state, final), None  # None: zero cotangent for batches
 
   unroll = jax.custom_vjp(run)
   unroll.defvjp(fwd, bwd)

@@ -5,9 +5,9 @@ import optax
 
 from datarater import models
 from datarater.errors import UserError
-from inner_loop.optimizers import make_inner_optimizer
+from inner_loop.optimizers import make_inner_optimizer, make_step_inverse
 from inner_loop.unroll import init_inner_state
-from outer_loop.meta_step import META_GRADIENT_MODES, MetaProblem
+from outer_loop.meta_step import META_GRADIENT_MODES, MIXED_RECOMPUTE, MetaProblem
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -37,6 +37,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.outer.meta_gradient not in META_GRADIENT_MODES:
     raise UserError(f'unknown outer.meta_gradient {config.outer.meta_gradient!r} '
                     f'(choose from {", ".join(META_GRADIENT_MODES)})')
+  recompute = config.outer.get('mixed_recompute', 'auto')
+  if recompute not in MIXED_RECOMPUTE:
+    raise UserError(f'unknown outer.mixed_recompute {recompute!r} '
+                    f'(choose from {", ".join(MIXED_RECOMPUTE)})')
+  if recompute == 'invert' and make_step_inverse(config.inner.optimizer, 1.0) is None:
+    raise UserError(f"outer.mixed_recompute='invert' needs an inner optimizer that can be run "
+                    f"backwards (momentum, adam), got inner.optimizer={config.inner.optimizer!r}")
+  if config.outer.get('mixed_segment', 0) < 0:
+    raise UserError(f'outer.mixed_segment must be >= 0 (0: default), '
+                    f'got {config.outer.mixed_segment}')
 
 
 def make_outer_optimizer(outer: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -61,6 +71,10 @@ def build_problem(config: ml_collections.ConfigDict, num_classes: int, example_b
   problem = MetaProblem(task_loss=task_loss, rater_apply=rater.apply, init_member=init_member,
                         inner_optimizer=inner_opt, outer_optimizer=make_outer_optimizer(config.outer),
                         temperature=config.rater.temperature, reset_every=config.inner.reset_every,
-                        meta_gradient=config.outer.meta_gradient)
+                        meta_gradient=config.outer.meta_gradient,
+                        mixed_recompute=config.outer.get('mixed_recompute', 'auto'),
+                        mixed_segment=config.outer.get('mixed_segment', 0),
+                        inner_inverse=make_step_inverse(config.inner.optimizer,
+                                                        config.inner.learning_rate))
   return problem, task, rater
 

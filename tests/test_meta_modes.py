@@ -2,17 +2,19 @@
 
 Mixed mode is also checked against central finite differences, and its custom VJP against plain
 reverse mode for every input (rater params and initial inner state) and every output (final
-state and the inner losses), with uneven segmentations of the unroll.
+state and the inner losses), with uneven segmentations of the unroll and each way of recovering
+inner states (optimizer run backwards, replay, store). The optimizer inverses are checked alone.
 """
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from inner_loop.optimizers import make_inner_optimizer
+from inner_loop.optimizers import make_inner_optimizer, make_step_inverse
 from inner_loop.unroll import unroll
 from outer_loop import meta_step, mixed_mode
 from tests.tiny import tiny_batches, tiny_problem
@@ -45,20 +47,27 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-@pytest.mark.parametrize('optimizer', ['sgd', 'adam'])
-@pytest.mark.parametrize('steps', [1, 4])
+@pytest.mark.parametrize('optimizer,steps', [('sgd', 1), ('sgd', 4), ('adam', 1), ('adam', 4),
+                                             ('adam', 9), ('momentum', 9)])
 def test_modes_agree(optimizer, steps):
+  """Every mode; mixed both by running the optimizer backwards (auto for adam, momentum: the
+  first 4 steps replayed, the rest undone when T = 9) and by replay."""
   with jax.enable_x64():
     problem, state, inner, outer = _setup(optimizer, steps)
     results = {}
-    for mode in meta_step.META_GRADIENT_MODES:
-      p = dataclasses.replace(problem, meta_gradient=mode)
+    variants = [(mode, 'auto') for mode in meta_step.META_GRADIENT_MODES]
+    if optimizer != 'sgd':
+      assert problem.inner_inverse is not None
+      variants.append(('mixed', 'replay'))
+    for mode, recompute in variants:
+      p = dataclasses.replace(problem, meta_gradient=mode, mixed_recompute=recompute)
       (loss, (population, inner_losses)), grads = _jit(
           lambda phi, pop, i, o, p=p: meta_step.meta_gradient(p, phi, pop, i, o))(
               state.rater_params, state.population, inner, outer)
-      results[mode] = (loss, ravel_pytree(population)[0], inner_losses, ravel_pytree(grads)[0])
-    assert set(results) == {'reverse', 'remat', 'mixed'}
-    ref_loss, ref_pop, ref_losses, ref_grad = results['reverse']
+      results[mode, recompute] = (loss, ravel_pytree(population)[0], inner_losses,
+                                  ravel_pytree(grads)[0])
+    assert {m for m, _ in results} == {'reverse', 'remat', 'mixed'}
+    ref_loss, ref_pop, ref_losses, ref_grad = results['reverse', 'auto']
     chex_shape = ref_losses.shape
     assert chex_shape == (2, steps)
     assert float(jnp.linalg.norm(ref_grad)) > 1e-6  # the rater weights matter
@@ -91,26 +100,34 @@ def test_mixed_matches_finite_differences(optimizer):
     assert _rel(analytic, numeric) < 1e-5, _rel(analytic, numeric)
 
 
-@pytest.mark.parametrize('optimizer,segment,replay',
-                         [('momentum', 1, True), ('adam', 2, False), ('adam', 2, True)])
-def test_mixed_vjp_of_every_input_and_output(optimizer, segment, replay):
+@pytest.mark.parametrize('optimizer,segment,recompute',
+                         [('momentum', 1, 'replay'), ('adam', 2, 'store'), ('adam', 2, 'replay'),
+                          ('adam', None, 'invert'), ('momentum', 2, 'invert'),
+                          ('adam', 3, 'invert')])
+def test_mixed_vjp_of_every_input_and_output(optimizer, segment, recompute):
   """Custom VJP = jax.vjp of the plain unroll, for d/d(phi, initial state) of (state, losses).
 
-  T = 5: segment 1 stores every carry; segment 2 runs a 1-step head, then two 2-step segments,
-  whose carries are kept (replay=False) or recomputed from the segment start (replay=True).
+  replay/store, T = 5: segment 1 keeps every state; segment 2 runs a 1-step head, then two
+  2-step segments, whose states are kept (store) or recomputed from the segment start (replay).
+  invert, T = 9: 4 steps replayed from the initial state, then the rest recovered by running
+  the optimizer backwards from exact ends: one 5-step segment (None), a 1-step part and two
+  2-step segments (2), or a 2-step part and one 3-step segment (3).
   """
   with jax.enable_x64():
-    problem, state, inner, _ = _setup(optimizer, steps=5, population=1)
+    steps = 9 if recompute == 'invert' else 5
+    problem, state, inner, _ = _setup(optimizer, steps=steps, population=1)
     member = jax.tree.map(lambda x: x[0], state.population)
     batches = jax.tree.map(lambda x: x[0], inner)
     opt = make_inner_optimizer(optimizer, LEARNING_RATES[optimizer])
     weights_fn = lambda phi, batch: problem.weight_fn(phi)(batch)
     mixed = mixed_mode.make_mixed_unroll(problem.task_loss, opt, weights_fn, segment=segment,
-                                         replay=replay)
+                                         recompute=recompute,
+                                         inverse=make_step_inverse(optimizer,
+                                                                   LEARNING_RATES[optimizer]))
     plain = lambda phi, s: unroll(problem.task_loss, opt, problem.weight_fn(phi), s, batches)
 
     out_ref = jax.eval_shape(plain, state.rater_params, member)
-    rng = np.random.default_rng(segment)
+    rng = np.random.default_rng(segment or 0)
     def random_cotangent(x):
       if jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.asarray(rng.normal(size=x.shape))
@@ -137,3 +154,30 @@ def test_unknown_mode_is_refused():
   problem, _, _ = tiny_problem(meta_gradient='forward')
   with pytest.raises(ValueError, match='meta_gradient'):
     meta_step.meta_gradient(problem, None, None, None, None)
+
+
+@pytest.mark.parametrize('optimizer', ['momentum', 'adam'])
+def test_step_inverse_undoes_the_optax_step(optimizer):
+  """theta, s from (theta', s') and g, for the optax optimizer itself (its state layout too)."""
+  with jax.enable_x64():
+    opt = make_inner_optimizer(optimizer, 0.05)
+    inverse = make_step_inverse(optimizer, 0.05)
+    rng = np.random.default_rng(0)
+    params = {'w': jnp.asarray(rng.normal(size=(4, 3))), 'b': jnp.asarray(rng.normal(size=3))}
+    state = opt.init(params)
+    for _ in range(3):
+      grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), params)
+      updates, state_next = opt.update(grads, state, params)
+      params_next = optax.apply_updates(params, updates)
+      back = (inverse.params(params_next, state_next), inverse.opt_state(state_next, grads))
+      assert jax.tree.structure(back) == jax.tree.structure((params, state))
+      for got, want in zip(jax.tree.leaves(back), jax.tree.leaves((params, state))):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+      params, state = params_next, state_next
+
+
+def test_sgd_has_no_inverse_and_invert_is_refused():
+  assert make_step_inverse('sgd', 0.1) is None
+  with pytest.raises(ValueError, match='invert'):
+    mixed_mode.make_mixed_unroll(lambda p, b: b, make_inner_optimizer('sgd', 0.1),
+                                 lambda p, b: b, recompute='invert')

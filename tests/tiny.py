@@ -5,7 +5,7 @@ import numpy as np
 import optax
 
 from datarater import models
-from inner_loop.optimizers import make_inner_optimizer
+from inner_loop.optimizers import make_inner_optimizer, make_step_inverse
 from inner_loop.unroll import init_inner_state
 from outer_loop.meta_step import MetaProblem
 
@@ -29,7 +29,8 @@ def tiny_problem(optimizer='sgd', lr=0.1, temperature=0.7, reset_every=3,
                         inner_optimizer=inner_opt,
                         outer_optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
                         temperature=temperature, reset_every=reset_every,
-                        meta_gradient=meta_gradient)
+                        meta_gradient=meta_gradient,
+                        inner_inverse=make_step_inverse(optimizer, lr))
   return problem, task, rater
 
 
