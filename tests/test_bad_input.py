@@ -26,6 +26,8 @@ def _snapshot(path):
     ('rater.temperature', -1.0, 'rater.temperature (tau) must be > 0, got -1.0'),
     ('inner.batch_size', 6, 'inner.batch_size=6 does not divide over 4 devices'),
     ('inner.optimizer', 'adamw2', "unknown inner optimizer 'adamw2'"),
+    ('outer.mixed_recompute', 'backwards', "unknown outer.mixed_recompute 'backwards'"),
+    ('outer.mixed_segment', -2, 'outer.mixed_segment must be >= 0 (0: default), got -2'),
 ])
 def test_bad_config_writes_nothing(tfds_dir, tmp_path, field, value, message):
   config = small_config(tfds_dir)
@@ -36,6 +38,17 @@ def test_bad_config_writes_nothing(tfds_dir, tmp_path, field, value, message):
   with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')) as err:
     train_rater.train(config, str(workdir))
   assert '\n' not in str(err.value)
+  assert not workdir.exists()
+
+
+def test_invert_needs_an_invertible_inner_optimizer(tfds_dir, tmp_path):
+  config = small_config(tfds_dir)
+  config.inner.optimizer, config.outer.mixed_recompute = 'sgd', 'invert'
+  workdir = tmp_path / 'run'
+  with pytest.raises(UserError, match="mixed_recompute='invert' needs an inner optimizer that can "
+                                      r"be run backwards \(momentum, adam\), got "
+                                      "inner.optimizer='sgd'"):
+    train_rater.train(config, str(workdir))
   assert not workdir.exists()
 
 
