@@ -9,7 +9,8 @@ from datarater import selection
 from datarater.data import pipeline
 from datarater.errors import UserError
 from datarater.selection import policies, scores
-from datarater.selection.base import gini, init_state, record_epoch
+from datarater.selection.base import gini, init_state, percentile_rank, record_epoch
+from sklearn.metrics import roc_auc_score
 
 
 def synthetic_codes(n=300, factors=24, active=3, seed=0):
@@ -20,6 +21,28 @@ def synthetic_codes(n=300, factors=24, active=3, seed=0):
   for i in range(n):
     codes[i, rng.choice(factors, active, replace=False, p=p / p.sum())] = rng.uniform(0.5, 1.5, active)
   return codes
+
+
+def class_codes(n=600, classes=3, factors_per_class=6, shared=6, active=3, flip=0.15, seed=0):
+  """Codes whose active factors come from the example's true class (plus shared rare factors).
+
+  Returns (codes, seen labels, flipped mask): a `flip` share of labels is changed to another class,
+  as symmetric label noise would, so the flipped examples' factors are those of a different class.
+  """
+  rng = np.random.default_rng(seed)
+  m = classes * factors_per_class + shared
+  true = rng.integers(0, classes, n)
+  codes = np.zeros((n, m), np.float32)
+  p = 1.0 / np.arange(1, factors_per_class + 1)
+  for i in range(n):
+    own = true[i] * factors_per_class + rng.choice(factors_per_class, active, replace=False,
+                                                   p=p / p.sum())
+    codes[i, own] = rng.uniform(0.5, 1.5, active)
+    if rng.uniform() < 0.3:  # a rare factor shared by all classes
+      codes[i, classes * factors_per_class + rng.integers(shared)] = rng.uniform(0.5, 1.5)
+  flipped = rng.uniform(size=n) < flip
+  labels = np.where(flipped, (true + rng.integers(1, classes, n)) % classes, true).astype(np.int32)
+  return codes, labels, flipped
 
 
 def run_selection(policy, num, epochs, seed=0, losses=None):
@@ -98,7 +121,7 @@ def test_representativeness_favours_common_factors_and_diversity_opens_gradually
   freq = np.asarray(stats.frequency)
   common, rarest = int(np.argmax(freq)), int(np.argmin(np.where(freq > 0, freq, 9)))
   one_hot = jnp.asarray(np.eye(20, dtype=np.float32)[[common, rarest]])
-  probe = stats.replace(mass=one_hot)
+  probe = stats.replace(mass=one_hot, group=jnp.zeros(2, jnp.int32))
   rep = np.asarray(scores.representativeness(probe))
   assert rep[0] == pytest.approx(1.0) and rep[1] == 0.0
   usage = jnp.zeros(20)
@@ -108,6 +131,66 @@ def test_representativeness_favours_common_factors_and_diversity_opens_gradually
   assert late[1] == pytest.approx(1.0) and early[1] == 0.0    # the rarest factor comes in only late
   used = usage.at[rarest].set(10.0)
   assert scores.diversity(probe, used, jnp.asarray(1.0), 0.15)[1] < late[1]
+
+
+def test_class_conditional_scores_flag_label_flips():
+  """Flipped labels: factors typical of another class -> low class-conditional R, negative margin;
+  the split-wide R cannot tell them apart (it never sees labels)."""
+  codes, labels, flipped = class_codes()
+  cond = scores.factor_stats(jnp.asarray(codes), 0.5, labels, 3)
+  glob = scores.factor_stats(jnp.asarray(codes), 0.5)
+  auroc = lambda s: roc_auc_score(~flipped, np.asarray(s))  # clean should score higher
+  assert auroc(scores.representativeness(cond)) > 0.95
+  assert abs(auroc(scores.representativeness(glob)) - 0.5) < 0.1
+  margin = np.asarray(scores.label_margin(cond))
+  assert np.mean(margin[flipped] < 0) > 0.9 and np.mean(margin[~flipped] < 0) < 0.1
+  np.testing.assert_array_equal(scores.label_margin(glob), 0.0)  # no labels, no margin
+
+
+def test_grouped_percentile_rank_ranks_within_each_group():
+  rng = np.random.default_rng(0)
+  x, group = rng.normal(size=200).astype(np.float32), rng.integers(0, 4, 200).astype(np.int32)
+  got = np.asarray(scores.grouped_percentile_rank(jnp.asarray(x), jnp.asarray(group), 4))
+  for g in range(4):
+    np.testing.assert_allclose(got[group == g], percentile_rank(jnp.asarray(x[group == g])),
+                               atol=1e-6)
+  np.testing.assert_allclose(scores.grouped_percentile_rank(jnp.asarray(x), jnp.zeros(200, jnp.int32),
+                                                            1), percentile_rank(jnp.asarray(x)))
+
+
+def test_mislabel_guard_keeps_flipped_examples_out_of_the_budget():
+  """With the default scores, flipped examples get far less than their share of the selections;
+  without the guard (and without labels) the hardest-first preference picks them up."""
+  codes, labels, flipped = class_codes(flip=0.2)
+  epochs, ratio = 10, 0.5
+  cfg = get_config().sae_scores
+  shares = {}
+  for name, lab, guard in (('guarded', labels, cfg.mislabel_penalty), ('unguarded', labels, 0.0),
+                           ('split-wide', None, cfg.mislabel_penalty)):
+    c = cfg.copy_and_resolve_references()
+    c.mislabel_penalty = guard
+    policy = policies.sae(codes, ratio, epochs, c, labels=lab, num_classes=3)
+    counts = np.asarray(run_selection(policy, len(codes), epochs).counts)
+    shares[name] = counts[flipped].sum() / counts.sum()
+  print(f'flipped share {flipped.mean():.3f}, of selections: {shares}')
+  assert shares['guarded'] < 0.5 * flipped.mean()
+  assert shares['unguarded'] > flipped.mean() and shares['guarded'] < shares['split-wide']
+
+
+def test_class_conditional_scores_on_real_digits_with_label_noise(tfds_dir):
+  """20% flipped digits labels: an SAE on raw pixels, class-conditional R ranks them low."""
+  from datarater import sae as sae_lib  # pylint: disable=g-import-not-at-top
+  train = pipeline.load_split('sklearn_digits', 'train', tfds_dir, label_noise=0.2, noise_seed=0)
+  cfg = get_config()
+  cfg.sae.steps = 500
+  pixels = train.image.reshape(len(train), -1)
+  trained, _ = sae_lib.train_sae(pixels, cfg.sae, jax.random.PRNGKey(0))
+  stats = scores.factor_stats(sae_lib.encode_all(trained, pixels), 0.5, train.label, 10)
+  clean = ~train.is_corrupted
+  assert roc_auc_score(clean, np.asarray(scores.representativeness(stats))) > 0.9
+  assert roc_auc_score(clean, np.asarray(scores.label_margin(stats))) > 0.9
+  with pytest.raises(UserError, match='labels'):
+    scores.factor_stats(jnp.ones((5, 3)), 0.5, np.array([0, 1, 2, 3, 9]), 4)
 
 
 @pytest.mark.parametrize('temperature', [0.0, 0.1])
@@ -136,6 +219,9 @@ def test_bad_input_is_a_user_error(tfds_dir):
   with pytest.raises(UserError, match='0.0'):
     selection.make_policy('random', train, cfg)
   cfg.selection_ratio = 0.5
+  with pytest.raises(UserError, match='10 examples'):  # class-conditional: caught at build time
+    selection.make_policy('sae', train, cfg, codes=synthetic_codes(10))
+  cfg.sae_scores.class_conditional = False
   policy, _ = selection.make_policy('sae', train, cfg, codes=synthetic_codes(10))
   with pytest.raises(UserError, match='10 examples'):
     policy.init(len(train), jax.random.PRNGKey(0))

@@ -40,4 +40,7 @@ def make_policy(name: str, train: Split, config, seed: int = 0, codes=None):
   info = {}
   if codes is None:
     codes, info = sae_codes(train, config, seed)
-  return policies.sae(codes, ratio, config.train.epochs, config.sae_scores), info
+  cond = config.sae_scores.get('class_conditional', False)
+  return policies.sae(codes, ratio, config.train.epochs, config.sae_scores,
+                      labels=train.label if cond else None,
+                      num_classes=train.num_classes if cond else 0), info

@@ -5,9 +5,12 @@ A `SelectionPolicy` is three pure functions (optax-style):
   select(state) -> (indices [n] int32, weights [n] float32, state)   # this epoch's subset
   update(state, indices, weights, losses) -> state                   # after the epoch
 `indices` may be padded with `num_examples` (out of range) at weight 0: such entries are skipped by
-`update` and cost no example-gradient. All shapes are static, so `select`/`update` jit.
+`update` and cost no example-gradient. All shapes are static, so `select`/`update` jit. Arrays a
+policy needs (e.g. the SAE factor statistics) live in `state.aux`, not in closures, so they are
+arguments of the compiled epoch rather than constants baked into it: one compilation then serves
+every seed and dataset of the same shapes.
 """
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import chex
 import flax
@@ -23,6 +26,7 @@ class SelectionState:
   factor_usage: jax.Array  # float32 [M]: SAE factor mass trained on so far (M = 0 if unused)
   epoch: jax.Array         # int32 []: epochs completed
   key: jax.Array
+  aux: Any = None          # the policy's constant arrays (a pytree), read by select/update
 
 
 class SelectionPolicy(NamedTuple):
@@ -33,11 +37,11 @@ class SelectionPolicy(NamedTuple):
 
 
 def init_state(num_examples: int, key: jax.Array, num_factors: int = 0,
-               initial_loss: float = 1.0) -> SelectionState:
+               initial_loss: float = 1.0, aux: Any = None) -> SelectionState:
   return SelectionState(counts=jnp.zeros(num_examples, jnp.int32),
                         losses=jnp.full(num_examples, initial_loss, jnp.float32),
                         factor_usage=jnp.zeros(num_factors, jnp.float32),
-                        epoch=jnp.zeros((), jnp.int32), key=key)
+                        epoch=jnp.zeros((), jnp.int32), key=key, aux=aux)
 
 
 def record_epoch(state: SelectionState, indices: jax.Array, weights: jax.Array,

@@ -34,12 +34,12 @@ def train_with_selection(policy: SelectionPolicy, train: Split, evals: dict[str,
   sel_state = policy.init(num, k_sel)
   steps = -(-policy.num_selected // batch_size)
   pad = steps * batch_size - policy.num_selected
-  images, labels = jnp.asarray(train.image), jnp.asarray(train.label)
+  data = {'image': jnp.asarray(train.image), 'label': jnp.asarray(train.label)}
 
   def loss_fn(params, batch):
     return models.per_example_loss(task.apply, params, batch)
 
-  def epoch_fn(train_state, sel_state, key):
+  def epoch_fn(train_state, sel_state, key, data):  # data is an argument: no baked-in constants
     idx, weights, sel_state = policy.select(sel_state)
     order = jax.random.permutation(key, idx.shape[0])
     idx = jnp.concatenate([idx[order], jnp.full(pad, num, jnp.int32)]).reshape(steps, batch_size)
@@ -47,8 +47,7 @@ def train_with_selection(policy: SelectionPolicy, train: Split, evals: dict[str,
 
     def step(state, xs):
       i, w = xs
-      batch = {'image': jnp.take(images, i, axis=0, mode='clip'),
-               'label': jnp.take(labels, i, axis=0, mode='clip')}
+      batch = {k: jnp.take(v, i, axis=0, mode='clip') for k, v in data.items()}
       losses = loss_fn(state.params, batch)
       state, _ = inner_step(loss_fn, opt, state, batch, w)
       return state, losses
@@ -58,7 +57,7 @@ def train_with_selection(policy: SelectionPolicy, train: Split, evals: dict[str,
 
   keys = jax.random.split(k_shuffle, epochs)
   t0 = time.perf_counter()
-  compiled = jax.jit(epoch_fn).lower(train_state, sel_state, keys[0]).compile()
+  compiled = jax.jit(epoch_fn).lower(train_state, sel_state, keys[0], data).compile()
   compile_s = time.perf_counter() - t0
 
   evaluate = jax.jit(lambda p, b: (jnp.mean(loss_fn(p, b)), models.accuracy(task.apply, p, b)))
@@ -67,7 +66,7 @@ def train_with_selection(policy: SelectionPolicy, train: Split, evals: dict[str,
   history, grads, wall = [], 0, 0.0
   for epoch in range(epochs):
     t0 = time.perf_counter()
-    train_state, sel_state, spent = compiled(train_state, sel_state, keys[epoch])
+    train_state, sel_state, spent = compiled(train_state, sel_state, keys[epoch], data)
     jax.block_until_ready(train_state)
     wall += time.perf_counter() - t0
     grads += int(spent)

@@ -71,10 +71,12 @@ def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> S
   return SelectionPolicy(init=init_state, select=select, update=record_epoch, num_selected=n)
 
 
-def sae(codes, ratio: float, num_epochs: int, cfg) -> SelectionPolicy:
+def sae(codes, ratio: float, num_epochs: int, cfg, labels=None,
+        num_classes: int = 0) -> SelectionPolicy:
   """Top-n of the SAE curriculum score (see `scores`), sampled with Gumbel noise of `temperature`.
 
-  `codes` [N, M] are the SAE codes of the training examples; `cfg` is the `sae_scores` config.
+  `codes` [N, M] are the SAE codes of the training examples; `cfg` is the `sae_scores` config;
+  `labels` [N] (the training labels, as seen) make representativeness class-conditional.
   The usage counts and factor usage in the state are updated after every epoch.
   """
   codes = jnp.asarray(codes, jnp.float32)
@@ -82,21 +84,23 @@ def sae(codes, ratio: float, num_epochs: int, cfg) -> SelectionPolicy:
   n = num_selected(num_examples, ratio)
   if cfg.temperature < 0:
     raise UserError(f'sae_scores.temperature must be >= 0, got {cfg.temperature}')
-  stats = scores.factor_stats(codes, cfg.high_freq_fraction)
+  if labels is not None and len(labels) != num_examples:
+    raise UserError(f'SAE codes cover {num_examples} examples but the split has {len(labels)}')
+  stats = scores.factor_stats(codes, cfg.high_freq_fraction, labels, num_classes)
 
   def init(num, key):
     if num != num_examples:
       raise UserError(f'SAE codes cover {num_examples} examples but the split has {num}')
-    return init_state(num, key, num_factors)
+    return init_state(num, key, num_factors, aux={'stats': stats, 'codes': codes})
 
   def select(state):
     key, sub = jax.random.split(state.key)
-    score = scores.combined_score(stats, state.counts, state.factor_usage, state.epoch,
-                                  num_epochs, cfg)
+    score = scores.combined_score(state.aux['stats'], state.counts, state.factor_usage,
+                                  state.epoch, num_epochs, cfg)
     score = score + cfg.temperature * jax.random.gumbel(sub, score.shape)
     idx = jax.lax.top_k(score, n)[1].astype(jnp.int32)
     return idx, jnp.ones(n, jnp.float32), state.replace(key=key)
 
   def update(state, indices, weights, losses):
-    return record_epoch(state, indices, weights, losses, codes)
+    return record_epoch(state, indices, weights, losses, state.aux['codes'])
   return SelectionPolicy(init=init, select=select, update=update, num_selected=n)

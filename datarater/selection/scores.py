@@ -5,18 +5,30 @@ From the codes Z [N, M] (>= 0) of every training example:
   most frequent factors are the high-frequency set H, the rest are rare, each with a rarity
   rho_j in [0, 1] (0 = least rare);
 - representativeness R_i = sum_{j in H} a_ij f_j / max f, with a_i = z_i / |z_i|_1: how much of the
-  example is made of common factors (coverage of the high-frequency factors);
-- diversity D_i(t) = sum_{j rare} a_ij gate_j(t) novelty_j: rare factors are let in gradually, the
-  less rare first (gate_j(t) ramps linearly from 0 to 1 over t in [rho_j (1 - w), rho_j (1 - w) + w],
-  w = gate_width, t = training progress in [0, 1], so every factor is fully in by the end),
-  and factors already trained on a lot count less (novelty_j = 1 / (1 + usage_j / mean usage));
+  example is made of common factors (coverage of the high-frequency factors). Class-conditional
+  (`labels` given): f, H and max f are those of the examples sharing i's label, so R_i is how
+  typical i's factors are *of its labelled class*; a mislabelled example is made of factors common
+  in another class and scores low (the feature space becomes noise-aware without any losses);
+- diversity D_i(t) = sum_{j rare} a_ij gate_j(t) novelty_j (global frequencies): rare factors are let
+  in gradually, the less rare first (gate_j(t) ramps linearly from 0 to 1 over
+  t in [rho_j (1 - w), rho_j (1 - w) + w], w = gate_width, t = training progress in [0, 1], so every
+  factor is fully in by the end), and factors already trained on a lot count less
+  (novelty_j = 1 / (1 + usage_j / mean usage));
 - usage penalty U_i = (epochs in which i was selected) / (epochs so far), updated after each epoch;
-- curriculum: score_i = alpha(t) rank(R)_i + beta(t) rank(D)_i - lambda U_i, with alpha, beta moving
-  linearly from their start to end values over training (representativeness first, diversity later).
+- label margin A_i = R_i under its own class - max R_i under another class (class-conditional only):
+  below -`mislabel_margin` the example's factors are clearly another class's (likely mislabelled);
+- curriculum: score_i = alpha(t) rank(R)_i + beta(t) rank(D)_i - lambda U_i
+  - mislabel_penalty [A_i < -mislabel_margin], with alpha, beta moving linearly from their start
+  to end values over training. With class-conditional R, rank(R) is the percentile within the
+  example's class. alpha > 0 spends the budget on the most representative examples first (the seed
+  article's order); alpha < 0 (the default, chosen on validation) leaves them out first: their
+  factors are covered by the rest of their class, so they are redundant, and the least
+  representative are the informative (hard) ones -- the guard keeps that from favouring mislabels.
 """
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from datarater.errors import UserError
 from datarater.selection.base import percentile_rank
@@ -25,31 +37,83 @@ from datarater.selection.base import percentile_rank
 @flax.struct.dataclass
 class FactorStats:
   mass: jax.Array        # [N, M] a_ij: each example's share of its code on each factor
-  frequency: jax.Array   # [M] f_j
-  high: jax.Array        # [M] bool: in the high-frequency set
+  frequency: jax.Array   # [M] f_j over the whole split
+  high: jax.Array        # [M] bool: in the (split-wide) high-frequency set
   rarity: jax.Array      # [M] rho_j in [0, 1] for rare factors, 0 for high-frequency ones
+  group: jax.Array       # [N] int32: the example's class (class-conditional) or 0
+  rep_weight: jax.Array  # [G, M]: f_{j|g} / max f_{.|g} on the high-frequency set of group g, else 0
 
 
-def factor_stats(codes: jax.Array, high_freq_fraction: float) -> FactorStats:
-  """Frequencies, high-frequency set and rarity of each factor, from the codes of the dataset."""
-  if not 0.0 < high_freq_fraction < 1.0:
-    raise UserError(f'sae_scores.high_freq_fraction must be in (0, 1), got {high_freq_fraction}')
-  codes = jnp.asarray(codes, jnp.float32)
-  mass = codes / jnp.maximum(jnp.sum(codes, -1, keepdims=True), 1e-12)
-  freq = jnp.mean(codes > 0, 0)
-  m = freq.shape[0]
-  order = jnp.argsort(-freq)                      # most frequent first
-  rank = jnp.zeros(m, jnp.int32).at[order].set(jnp.arange(m))
+def _high_and_rarity(freq: jax.Array, high_freq_fraction: float):
+  """High-frequency mask (most frequent first) and rarity rank of the other factors."""
+  m = freq.shape[-1]
+  rank = jnp.argsort(jnp.argsort(-freq, axis=-1), axis=-1)   # 0 = most frequent
   num_high = max(1, int(round(high_freq_fraction * m)))
   high = rank < num_high
   rarity = jnp.where(high, 0.0, (rank - num_high) / max(m - num_high - 1, 1))
-  return FactorStats(mass=mass, frequency=freq, high=high, rarity=rarity.astype(jnp.float32))
+  return high, rarity.astype(jnp.float32)
+
+
+def factor_stats(codes: jax.Array, high_freq_fraction: float, labels=None,
+                 num_classes: int = 0) -> FactorStats:
+  """Frequencies, high-frequency set and rarity of each factor, from the codes of the dataset.
+
+  With `labels` [N] (ints in [0, num_classes)), representativeness weights are per class.
+  """
+  if not 0.0 < high_freq_fraction < 1.0:
+    raise UserError(f'sae_scores.high_freq_fraction must be in (0, 1), got {high_freq_fraction}')
+  codes = jnp.asarray(codes, jnp.float32)
+  n = codes.shape[0]
+  if labels is None:
+    group, num_groups = jnp.zeros(n, jnp.int32), 1
+  else:
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or num_classes <= 0 or labels.min() < 0 or labels.max() >= num_classes:
+      raise UserError(f'class-conditional SAE scores need {n} labels in [0, {num_classes}), got '
+                      f'shape {labels.shape}' + (f' with range [{labels.min()}, {labels.max()}]'
+                                                 if labels.size else ''))
+    group, num_groups = jnp.asarray(labels, jnp.int32), num_classes
+  mass = codes / jnp.maximum(jnp.sum(codes, -1, keepdims=True), 1e-12)
+  active = (codes > 0).astype(jnp.float32)
+  freq = jnp.mean(active, 0)
+  high, rarity = _high_and_rarity(freq, high_freq_fraction)
+  members = jax.nn.one_hot(group, num_groups, dtype=jnp.float32)          # [N, G]
+  group_freq = (members.T @ active) / jnp.maximum(members.sum(0), 1.0)[:, None]  # [G, M]
+  group_high, _ = _high_and_rarity(group_freq, high_freq_fraction)
+  peak = jnp.maximum(jnp.max(group_freq, -1, keepdims=True), 1e-12)
+  rep_weight = jnp.where(group_high, group_freq / peak, 0.0)
+  return FactorStats(mass=mass, frequency=freq, high=high, rarity=rarity, group=group,
+                     rep_weight=rep_weight)
 
 
 def representativeness(stats: FactorStats) -> jax.Array:
-  """R_i: the example's code mass on high-frequency factors, weighted by their frequency."""
-  weight = jnp.where(stats.high, stats.frequency / jnp.maximum(jnp.max(stats.frequency), 1e-12), 0.)
-  return stats.mass @ weight
+  """R_i: the example's code mass on high-frequency factors (of its group), weighted by frequency."""
+  return jnp.sum(stats.mass * stats.rep_weight[stats.group], -1)
+
+
+def label_margin(stats: FactorStats) -> jax.Array:
+  """A_i = R_i under its own class minus its largest R_i under any other class (0 if unlabelled).
+
+  Strongly negative = the example's factors are typical of another class: likely mislabelled.
+  """
+  num_groups = stats.rep_weight.shape[0]
+  if num_groups == 1:
+    return jnp.zeros(stats.mass.shape[0], jnp.float32)
+  per_class = stats.mass @ stats.rep_weight.T                          # [N, G]
+  own = jnp.take_along_axis(per_class, stats.group[:, None], 1)[:, 0]
+  mine = jax.nn.one_hot(stats.group, num_groups, dtype=bool)
+  return own - jnp.max(jnp.where(mine, -jnp.inf, per_class), 1)
+
+
+def grouped_percentile_rank(x: jax.Array, group: jax.Array, num_groups: int) -> jax.Array:
+  """Rank of each entry among the entries of its group, scaled to [0, 1] (0 = smallest)."""
+  if num_groups == 1:
+    return percentile_rank(x)
+  order = jnp.lexsort((x, group))                  # by group, then by x
+  pos = jnp.zeros_like(group).at[order].set(jnp.arange(x.shape[0], dtype=group.dtype))
+  size = jnp.bincount(group, length=num_groups)
+  start = jnp.cumsum(size) - size
+  return ((pos - start[group]) / jnp.maximum(size[group] - 1, 1)).astype(jnp.float32)
 
 
 def diversity(stats: FactorStats, factor_usage: jax.Array, progress: jax.Array,
@@ -77,6 +141,8 @@ def combined_score(stats: FactorStats, counts, factor_usage, epoch, num_epochs: 
   progress = epoch.astype(jnp.float32) / max(num_epochs - 1, 1)
   alpha = curriculum(progress, cfg.rep_weight_start, cfg.rep_weight_end)
   beta = curriculum(progress, cfg.div_weight_start, cfg.div_weight_end)
-  rep = percentile_rank(representativeness(stats))
+  rep = grouped_percentile_rank(representativeness(stats), stats.group, stats.rep_weight.shape[0])
   div = percentile_rank(diversity(stats, factor_usage, progress, cfg.gate_width))
-  return alpha * rep + beta * div - cfg.usage_penalty * usage_penalty(counts, epoch)
+  suspect = label_margin(stats) < -cfg.get('mislabel_margin', jnp.inf)  # never without labels
+  return (alpha * rep + beta * div - cfg.usage_penalty * usage_penalty(counts, epoch)
+          - cfg.get('mislabel_penalty', 0.0) * suspect)
