@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae_scores.temperature = 0.3         # Gumbel noise on the scores (0 = deterministic top-n)
   # Label guard (class_conditional only): an example whose factors are more typical of another
   # class than of its own by more than `mislabel_margin` (likely mislabelled) loses this much score.
-  c.sae_scores.mislabel_margin = 0.3
+  c.sae_scores.mislabel_margin = 0.25
   c.sae_scores.mislabel_penalty = 1.0
 
   c.infobatch = ml_collections.ConfigDict()
