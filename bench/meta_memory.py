@@ -284,7 +284,7 @@ def main(argv=None):
   record = {'device': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
             'host': platform.node(), 'cpu_count': os.cpu_count(), 'jax': jax.__version__,
             'optimizer': args.optimizer, 'repeats': args.repeats, 'quick': args.quick,
-            'segment': 'default per recompute: invert 16 (first 4 steps replayed), replay sqrt(T)',
+            'segment': 'default per recompute: invert 16 (Adam's first 4 steps replayed), replay sqrt(T)',
             'goals': summary, 'results': results,
             'accuracy': accuracy(args) if args.accuracy_unrolls else []}
   write(record, args.out)

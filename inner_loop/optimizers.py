@@ -15,6 +15,7 @@ from datarater.errors import UserError
 INNER_OPTIMIZERS = ('sgd', 'momentum', 'adam')
 MOMENTUM = 0.9
 ADAM_B1, ADAM_B2, ADAM_EPS, ADAM_EPS_ROOT = 0.9, 0.999, 1e-8, 1e-12
+ADAM_EXACT_STEPS = 4  # first Adam steps replayed, not undone, by the mixed-mode meta-gradient
 
 
 def make_inner_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
@@ -35,9 +36,12 @@ class StepInverse(NamedTuple):
   `params(theta', s')` gives theta; `opt_state(s', g)` gives s once g = grad L(theta) is known.
   Both are exact in real arithmetic; in floats each undone step adds about one ulp of error,
   amplified by 1 / decay per step in the first moment (so checkpoint every few dozen steps).
+  `exact_steps`: how many first steps of a fresh optimizer state must not be undone but replayed
+  from the exact start (Adam: tiny second moments make its first updates ill-conditioned).
   """
   params: Callable[[Any, Any], Any]
   opt_state: Callable[[Any, Any], Any]
+  exact_steps: int = 0
 
 
 def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
@@ -55,7 +59,7 @@ def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
       trace, rest = state_next
       undo = lambda m, g: (m - g) / MOMENTUM                    # m' = g + decay m
       return (trace._replace(trace=jax.tree.map(undo, trace.trace, grads)), rest)
-    return StepInverse(params, opt_state)
+    return StepInverse(params, opt_state, exact_steps=0)
   if name == 'adam':
     def params(params_next, state_next):
       adam, _ = state_next
@@ -76,7 +80,9 @@ def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
           lambda v, g: jnp.where(first, 0, jnp.maximum((v - (1 - ADAM_B2) * g * g) / ADAM_B2, 0)),
           adam.nu, grads)
       return (adam._replace(count=adam.count - 1, mu=mu, nu=nu), rest)
-    return StepInverse(params, opt_state)
+    # d update / d g ~ 1 / sqrt(eps_root) while v is tiny: undoing the first steps from the end
+    # amplifies round-off without bound in float32 (tests/test_invert_float32.py).
+    return StepInverse(params, opt_state, exact_steps=ADAM_EXACT_STEPS)
   if name == 'sgd':
     return None
   raise UserError(f'unknown inner optimizer {name!r} (choose from {", ".join(INNER_OPTIMIZERS)})')

@@ -15,9 +15,9 @@ inner state (params, optimizer state) back, `recompute`:
   - 'invert': run the optimizer backwards (`inner_loop.optimizers.StepInverse`; momentum, Adam):
     theta_t from state t+1, then s_t from g_t, which the jvp above computes anyway. Exact
     states are kept only every S steps (default 16) to bound round-off drift, so stored state
-    is T / S carries and the rest of memory does not depend on T. The first 4 steps are
-    replayed from the exact input state instead (6 extra steps): a fresh Adam state cannot be
-    undone accurately in float32.
+    is T / S carries and the rest of memory does not depend on T. The optimizer's first
+    `inverse.exact_steps` steps are replayed from the exact input state instead (Adam: 4, i.e.
+    6 extra steps; momentum: none): a fresh Adam state cannot be undone accurately in float32.
   - 'replay': exact states kept every S = round(sqrt(T)) steps; a step's state is recomputed
     from its segment start when needed (S(S-1)/2 extra steps per segment, T / S carries).
   - 'store': as 'replay', but a segment's S states are recomputed once and kept (S extra steps
@@ -39,7 +39,6 @@ from inner_loop.unroll import InnerState, PerExampleLoss, inner_step, weighted_l
 WeightsFn = Callable[[Any, dict], jax.Array]  # (phi, batch) -> weights [B]
 RECOMPUTE = ('invert', 'replay', 'store')
 INVERT_CHECKPOINT_EVERY = 16  # invert: exact states kept every S steps bound round-off drift
-INVERT_EXACT_STEPS = 4        # invert: the first steps are replayed from the exact input state
 
 
 def default_segment(steps: int, recompute: str = 'replay') -> int:
@@ -104,15 +103,15 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
     """(head, part, S, n): the unroll is head + part + n * S steps.
 
     The head is replayed from the exact initial state: all of T % S for replay/store; for invert
-    the first `INVERT_EXACT_STEPS` steps, where a fresh Adam state is too ill-conditioned to undo
-    in float32 (tiny v makes d update / d g ~ 1 / sqrt(eps_root)). An invert part of fewer than
-    S steps is undone from its exact end, like the n segments of S steps.
+    the optimizer's first `inverse.exact_steps` steps, where a fresh state is too ill-conditioned
+    to undo in float32 (Adam: tiny v makes d update / d g ~ 1 / sqrt(eps_root)). An invert part
+    of fewer than S steps is undone from its exact end, like the n segments of S steps.
     """
     steps = jax.tree.leaves(batches)[0].shape[0]
     if recompute != 'invert':
       seg = min(segment or default_segment(steps, recompute), steps)
       return steps % seg, 0, seg, steps // seg
-    head = min(steps, INVERT_EXACT_STEPS)
+    head = min(steps, inverse.exact_steps)
     seg = max(1, min(segment or default_segment(steps, recompute), steps - head))
     n = (steps - head) // seg
     return head, steps - head - n * seg, seg, n
