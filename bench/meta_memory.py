@@ -209,6 +209,22 @@ def accuracy(args) -> list[dict]:
   return rows
 
 
+def plot_modes(ax_mem, ax_time, results: list[dict], log_y: bool = False,
+               titles=('Peak temporary memory', 'Step time')) -> None:
+  """Compiled temp memory and step time against T, one line per mode (also bench.meta_step)."""
+  for mode in sorted({r['mode'] for r in results}):
+    rows = sorted((r for r in results if r['mode'] == mode), key=lambda r: r['T'])
+    ts = [r['T'] for r in rows]
+    ax_mem.plot(ts, [r['temp_bytes'] / 2**20 for r in rows], 'o-', label=mode)
+    ax_time.plot(ts, [r['step_ms'] for r in rows], 'o-', label=mode)
+  y = {'yscale': 'log'} if log_y else {}
+  ax_mem.set(xscale='log', xlabel='inner steps T', ylabel='compiled temp memory (MiB)',
+             title=titles[0], **y)
+  ax_time.set(xscale='log', xlabel='inner steps T', ylabel='outer step (ms)', title=titles[1], **y)
+  for ax in (ax_mem, ax_time):
+    ax.legend()
+
+
 def plot(results: list[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -217,20 +233,10 @@ def plot(results: list[dict], path: str) -> None:
   fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
   for (ax_mem, ax_time), model in zip(axes, models):
     rows_m = [r for r in results if r['model'] == model]
-    for mode in sorted({r['mode'] for r in rows_m}):
-      rows = sorted((r for r in rows_m if r['mode'] == mode), key=lambda r: r['T'])
-      ts = [r['T'] for r in rows]
-      ax_mem.plot(ts, [r['temp_bytes'] / 2**20 for r in rows], 'o-', label=mode)
-      ax_time.plot(ts, [r['step_ms'] for r in rows], 'o-', label=mode)
     r0 = rows_m[0]
     desc = (f'{model}: hidden {tuple(r0["hidden"])}, {r0["task_params"]:,} params, '
             f'K={r0["population"]}, B={r0["batch"]}')
-    ax_mem.set(xscale='log', yscale='log', xlabel='inner steps T',
-               ylabel='compiled temp memory (MiB)', title=desc)
-    ax_time.set(xscale='log', yscale='log', xlabel='inner steps T', ylabel='outer step (ms)',
-                title='step time (median)')
-    for ax in (ax_mem, ax_time):
-      ax.legend()
+    plot_modes(ax_mem, ax_time, rows_m, log_y=True, titles=(desc, 'step time (median)'))
   fig.suptitle(f'Meta-gradient modes on {jax.devices()[0].device_kind}')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -284,7 +290,7 @@ def main(argv=None):
   record = {'device': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
             'host': platform.node(), 'cpu_count': os.cpu_count(), 'jax': jax.__version__,
             'optimizer': args.optimizer, 'repeats': args.repeats, 'quick': args.quick,
-            'segment': 'default per recompute: invert 16 (Adam's first 4 steps replayed), replay sqrt(T)',
+            'segment': "default per recompute: invert 16 (Adam's first 4 steps replayed), replay sqrt(T)",
             'goals': summary, 'results': results,
             'accuracy': accuracy(args) if args.accuracy_unrolls else []}
   write(record, args.out)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from configs.digits import get_config
-from bench.meta_memory import compile_step
+from bench.meta_memory import compile_step, plot_modes
 from outer_loop.meta_step import META_GRADIENT_MODES
 
 _UNROLLS = flags.DEFINE_list('unrolls', ['1', '4', '16'], 'Values of T (inner.steps).')
@@ -47,16 +47,7 @@ def plot(results: list[dict], path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
-  for mode in sorted({r['mode'] for r in results}):
-    rows = sorted((r for r in results if r['mode'] == mode), key=lambda r: r['T'])
-    ts = [r['T'] for r in rows]
-    ax_mem.plot(ts, [r['temp_bytes'] / 2**20 for r in rows], 'o-', label=mode)
-    ax_time.plot(ts, [r['step_ms'] for r in rows], 'o-', label=mode)
-  ax_mem.set(xscale='log', xlabel='inner steps T', ylabel='compiled temp memory (MiB)',
-             title='Peak temporary memory')
-  ax_time.set(xscale='log', xlabel='inner steps T', ylabel='outer step (ms)', title='Step time')
-  for ax in (ax_mem, ax_time):
-    ax.legend()
+  plot_modes(ax_mem, ax_time, results)
   fig.suptitle(f'DataRater outer step on {jax.devices()[0].device_kind}')
   fig.tight_layout()
   fig.savefig(path, dpi=100)

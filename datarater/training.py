@@ -111,14 +111,19 @@ def rater_policy(rater, temperature: Optional[float] = None) -> Policy:
                 setup_example_gradients=rater.training_example_gradients, forwards_per_example=1.0)
 
 
-@register_policy('datarater')
-def _datarater(ctx: PolicyContext) -> Policy:
+def _rater_for(ctx: PolicyContext, weighting: str):
+  """The exported rater of `--rater`, checked against the training data."""
   if not ctx.rater_dir:
-    raise UserError('--weighting=datarater needs --rater=RATER_DIR (launch.export_rater)')
+    raise UserError(f'--weighting={weighting} needs --rater=RATER_DIR (launch.export_rater)')
   from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
   rater = load_rater(ctx.rater_dir)
   rater.check_matches(ctx.train.image.shape[1:], ctx.train.num_classes, 'the training data')
-  return rater_policy(rater)
+  return rater
+
+
+@register_policy('datarater')
+def _datarater(ctx: PolicyContext) -> Policy:
+  return rater_policy(_rater_for(ctx, 'datarater'))
 
 
 def batch_filter_policy(rater, rho: float) -> Policy:
@@ -142,12 +147,7 @@ def batch_filter_policy(rater, rho: float) -> Policy:
 
 @register_policy('datarater_batch_filter')
 def _datarater_batch_filter(ctx: PolicyContext) -> Policy:
-  if not ctx.rater_dir:
-    raise UserError('--weighting=datarater_batch_filter needs --rater=RATER_DIR')
-  from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
-  rater = load_rater(ctx.rater_dir)
-  rater.check_matches(ctx.train.image.shape[1:], ctx.train.num_classes, 'the training data')
-  return batch_filter_policy(rater, ctx.filter_rho)
+  return batch_filter_policy(_rater_for(ctx, 'datarater_batch_filter'), ctx.filter_rho)
 
 
 @register_policy('scores')

@@ -4,14 +4,13 @@ DIR is a `launch.train_rater` run; RATER_DIR gets `params/` (orbax) and `rater.j
 input spec, temperature, training data and compute). Load it anywhere with
 `datarater.load_rater(RATER_DIR)`, on any number of devices.
 """
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
 from datarater import export
-from datarater.errors import UserError
+from datarater.errors import UserError, exit_on_user_error
 
 FLAGS = flags.FLAGS
 
@@ -25,13 +24,10 @@ def define_flags() -> None:
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
+  with exit_on_user_error():
     if not FLAGS.workdir:
       raise UserError('--workdir is required')
     meta = export.export_rater(FLAGS.workdir, FLAGS.out, FLAGS.overwrite)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   print(f'exported the rater of {FLAGS.workdir} to {FLAGS.out} (input {meta["input_spec"]})')
 
 

@@ -23,7 +23,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 from typing import Optional, Sequence
 
 from absl import app
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from datarater import checkpointing, filtering, tfds_writer
 from datarater.data import pipeline
-from datarater.errors import UserError
+from datarater.errors import UserError, exit_on_user_error
 
 FLAGS = flags.FLAGS
 THRESHOLD_MODES = ('exact', 'streaming')
@@ -287,16 +286,13 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
-  try:
+  with exit_on_user_error():
     report = filter_dataset(
         FLAGS.dataset, FLAGS.out, FLAGS.split, rater=FLAGS.rater, scores=FLAGS.scores,
         keep=FLAGS.keep, min_score=FLAGS.min_score, threshold=FLAGS.threshold,
         balance=FLAGS.balance, data_dir=FLAGS.data_dir, label_noise=FLAGS.label_noise,
         noise_seed=FLAGS.noise_seed, copy_other_splits=FLAGS.copy_other_splits,
         batch_size=FLAGS.batch_size, overwrite=FLAGS.overwrite)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   for s, info in report['splits'].items():
     print(f'{s}: kept {info["kept"]} of {info["num_examples"]} examples')
   print(f'wrote {FLAGS.out} (tfds.builder_from_directory({FLAGS.out!r}))')

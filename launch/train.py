@@ -11,7 +11,6 @@ with the examples (example-gradients) and steps spent. --workdir gets history.js
 """
 import json
 import os
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -20,7 +19,7 @@ from ml_collections import config_flags
 
 from datarater import checkpointing, models, training
 from datarater.data import pipeline
-from datarater.errors import UserError
+from datarater.errors import UserError, exit_on_user_error
 from inner_loop.optimizers import make_inner_optimizer
 
 FLAGS = flags.FLAGS
@@ -87,12 +86,9 @@ def run(config, weighting: str, rater: str = '', scores: str = '', dataset_dir: 
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
+  with exit_on_user_error():
     run(FLAGS.config, FLAGS.weighting, FLAGS.rater, FLAGS.scores, FLAGS.dataset_dir, FLAGS.workdir,
         selection=FLAGS.selection)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from datarater import checkpointing, evaluation, plots
 from datarater.data import pipeline
-from datarater.errors import UserError
+from datarater.errors import UserError, exit_on_user_error
 from inner_loop.weighting import uniform_weights
 from launch import distributed
 from outer_loop import meta_step, setup, sharding
@@ -186,11 +186,8 @@ def final_report(config, workdir, data, problem, task, rater, rater_params, hist
 def main(argv):
   del argv
   distributed.initialize_from_flags()
-  try:
+  with exit_on_user_error():
     train(FLAGS.config, FLAGS.workdir, stop_after=FLAGS.stop_after)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,6 @@ DIR/scores_<M>.json (config, and the AUROC of `value` against `is_corrupted`).
 """
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -24,7 +23,7 @@ from ml_collections import config_flags
 
 from datarater import checkpointing
 from datarater.data import pipeline
-from datarater.errors import UserError
+from datarater.errors import UserError, exit_on_user_error
 from datarater.evaluation import noise_auroc
 from datarater.valuation import base, factory
 from datarater.valuation.mimic import mimic_filter
@@ -103,11 +102,8 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
-  try:
+  with exit_on_user_error():
     summary = valuate(FLAGS.method, FLAGS.config, FLAGS.workdir)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   print(f'wrote {os.path.join(FLAGS.workdir, "scores_" + summary["method"] + ".parquet")}: '
         f'{summary["num_examples"]} examples, noise AUROC {summary["noise_auroc"]:.3f}')
 
