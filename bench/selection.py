@@ -4,8 +4,10 @@ r"""Dynamic data selection on digits: accuracy vs example-gradients for full/ran
 selection ratios {0.3, 0.5, 0.7}, every policy trained from scratch for the same epochs
 (configs/selection.py). The SAE-score defaults were chosen on the validation split, so accuracy is
 reported on the test split (300 clean examples, used for no choice); validation accuracy is listed
-beside it. Two ablations of the SAE policy share its codes: `sae_noguard` (no label guard) and
-`sae_prev` (the earlier defaults: split-wide representativeness, most representative first).
+beside it. Three ablations of the SAE policy share its codes: `sae_hardguard` (suspected mislabels
+are excluded while the others can fill the budget, instead of losing a point of score),
+`sae_noguard` (no label guard) and `sae_prev` (the earlier defaults: split-wide
+representativeness, most representative first).
 Writes bench/results/selection{,_quick}.json, .png (accuracy against example-gradients) and .md
 (the table), and prints the table. Also measures the Gini coefficient of per-example selection
 counts of the SAE policy with and without the usage penalty on the real SAE codes. Compiled epochs
@@ -22,6 +24,7 @@ import time
 import jax
 import matplotlib
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -29,19 +32,20 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from configs.selection import get_config  # pylint: disable=g-import-not-at-top
 from datarater import selection
 from datarater.data import pipeline
-from datarater.selection import policies
+from datarater.selection import policies, scores
 from datarater.selection.base import gini
 
-POLICY_ORDER = ('full', 'random', 'infobatch', 'sae', 'sae_noguard', 'sae_prev')
+POLICY_ORDER = ('full', 'random', 'infobatch', 'sae', 'sae_hardguard', 'sae_noguard', 'sae_prev')
 COLORS = {'full': 'k', 'random': 'tab:gray', 'infobatch': 'tab:orange', 'sae': 'tab:blue',
-          'sae_noguard': 'tab:cyan', 'sae_prev': 'tab:purple'}
+          'sae_hardguard': 'tab:green', 'sae_noguard': 'tab:cyan', 'sae_prev': 'tab:purple'}
 # Bench-only SAE variants: (policy, sae_scores overrides). `sae_prev` = the defaults before the
 # class-conditional scores (commit 60f413d), kept to show what the change did.
-VARIANTS = {'sae_noguard': ('sae', {'mislabel_penalty': 0.0}),
+VARIANTS = {'sae_hardguard': ('sae', {'mislabel_guard': 'exclude'}),
+            'sae_noguard': ('sae', {'mislabel_guard': 'off'}),
             'sae_prev': ('sae', {'class_conditional': False, 'rep_weight_start': 1.0,
                                  'rep_weight_end': 0.3, 'div_weight_start': 0.0,
                                  'div_weight_end': 1.0, 'usage_penalty': 1.0, 'temperature': 0.1,
-                                 'mislabel_penalty': 0.0})}
+                                 'mislabel_guard': 'off'})}
 
 
 def variant_config(cfg, name: str):
@@ -68,6 +72,22 @@ def count_gini_ablation(codes, labels, num_classes: int, ratio: float, epochs: i
       idx, w, state = select(state)
       state = update(state, idx, w, np.zeros(idx.shape, np.float32))
     out['with_penalty' if penalty else 'without_penalty'] = gini(state.counts)
+  return out
+
+
+def mislabel_diagnostics(codes, train, cfg) -> dict:
+  """The label guard on these codes: share of the split suspected and, under label noise, the
+  margin's AUROC for the planted flips and the suspects' recall and precision."""
+  sc = cfg.sae_scores
+  stats = scores.factor_stats(codes, sc.high_freq_fraction, train.label, train.num_classes)
+  suspect = np.asarray(scores.suspected_mislabels(stats, sc.mislabel_rule, sc.mislabel_margin))
+  out = {'suspect_share': float(suspect.mean()),
+         'confident_error_count': int(scores.confident_error_count(stats))}
+  flipped = train.is_corrupted
+  if flipped.any():
+    out.update(margin_auroc=float(roc_auc_score(flipped, -np.asarray(scores.label_margin(stats)))),
+               suspect_recall=float(suspect[flipped].mean()),
+               suspect_precision=float(flipped[suspect].mean()) if suspect.any() else 0.0)
   return out
 
 
@@ -124,7 +144,7 @@ def acceptance(table: list[dict], policy: str = 'sae', metric: str = 'accuracy')
   return out
 
 
-def markdown(table: list[dict], ginis: dict) -> str:
+def markdown(table: list[dict], ginis: dict, offline: list[dict] = ()) -> str:
   lines = ['| label noise | policy | ratio | test acc. (%) | validation acc. (%) | '
            'example-grads (x full) | + offline extractor (x full) | train wall (s) | count Gini | '
            'noisy share of grads |',
@@ -141,6 +161,17 @@ def markdown(table: list[dict], ginis: dict) -> str:
                'without -> with the usage penalty:')
   for key, g in sorted(ginis.items()):
     lines.append(f"- {key}: {g['without_penalty']:.3f} -> {g['with_penalty']:.3f}")
+  if offline:
+    lines += ['', 'Label guard on the SAE codes (mean over seeds):']
+  for noise in sorted({o['noise'] for o in offline}):
+    os_ = [o for o in offline if o['noise'] == noise]
+    mean = lambda k: float(np.mean([o[k] for o in os_]))  # pylint: disable=cell-var-from-loop
+    line = (f"- {noise:.0%} noise: {mean('suspect_share'):.1%} of the split suspected "
+            f"(confident-learning count {mean('confident_error_count'):.0f})")
+    if noise:
+      line += (f"; margin AUROC for the flips {mean('margin_auroc'):.3f}, suspects' recall "
+               f"{mean('suspect_recall'):.2f}, precision {mean('suspect_precision'):.2f}")
+    lines.append(line)
   return '\n'.join(lines) + '\n'
 
 
@@ -197,7 +228,8 @@ def main():
       cfg.features.seed = seed
       t0 = time.perf_counter()
       codes, info = selection.sae_codes(train, cfg, seed)
-      info.update(noise=noise, seed=seed, offline_s=time.perf_counter() - t0)
+      info.update(noise=noise, seed=seed, offline_s=time.perf_counter() - t0,
+                  **mislabel_diagnostics(codes, train, cfg))
       offline.append(info)
       for ratio in ratios:
         g = count_gini_ablation(codes, train.label, train.num_classes, ratio, cfg.train.epochs,
@@ -240,6 +272,19 @@ def main():
   if len(gaps) > 1:
     acc['clean_r0.7_gap_per_seed'] = gaps
     acc['clean_r0.7_gap_sem'] = float(np.std(gaps, ddof=1) / np.sqrt(len(gaps)))
+  # Paired per-seed differences of the noise drops, SAE minus InfoBatch (seed s: same seed clean
+  # and noisy, same initialisation for both policies).
+  acc_of = lambda p, r, z: {x['seed']: 100 * x['test_accuracy'] for x in runs
+                            if x['noise'] == z and x['policy'] == p and x['ratio'] == r}
+  for ratio in ratios:
+    (sc, sn), (ic, in_) = [(acc_of(p, ratio, 0.0), acc_of(p, ratio, 0.2))
+                           for p in ('sae', 'infobatch')]
+    diff = [(sc[s] - sn[s]) - (ic[s] - in_[s]) for s in seeds
+            if all(s in d for d in (sc, sn, ic, in_))]
+    if len(diff) > 1:
+      acc[f'noise_drop_r{ratio}_sae_minus_infobatch_per_seed'] = diff
+      acc[f'noise_drop_r{ratio}_sae_minus_infobatch_sem'] = float(
+          np.std(diff, ddof=1) / np.sqrt(len(diff)))
   result = {'config': cfg.to_dict(), 'seeds': seeds, 'ratios': ratios, 'table': table,
             'acceptance': acc,
             'acceptance_other': {'sae_on_validation': acceptance(table, metric='validation_accuracy'),
@@ -252,7 +297,7 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
     json.dump(result, f, indent=1, default=float)
-  md = markdown(table, ginis)
+  md = markdown(table, ginis, offline)
   with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
     f.write(md)
   plot(table, os.path.join(args.out, f'{name}.png'))

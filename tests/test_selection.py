@@ -159,22 +159,90 @@ def test_grouped_percentile_rank_ranks_within_each_group():
 
 
 def test_mislabel_guard_keeps_flipped_examples_out_of_the_budget():
-  """With the default scores, flipped examples get far less than their share of the selections;
-  without the guard (and without labels) the hardest-first preference picks them up."""
+  """Flipped examples get far less than their share of the selections under either guard, least
+  under `exclude`; without the guard (and without labels) the hardest-first preference picks
+  them up."""
   codes, labels, flipped = class_codes(flip=0.2)
   epochs, ratio = 10, 0.5
   cfg = get_config().sae_scores
   shares = {}
-  for name, lab, guard in (('guarded', labels, cfg.mislabel_penalty), ('unguarded', labels, 0.0),
-                           ('split-wide', None, cfg.mislabel_penalty)):
+  for name, lab, guard in (('exclude', labels, 'exclude'), ('penalty', labels, 'penalty'),
+                           ('off', labels, 'off'), ('split-wide', None, 'exclude')):
     c = cfg.copy_and_resolve_references()
-    c.mislabel_penalty = guard
+    c.mislabel_guard = guard
     policy = policies.sae(codes, ratio, epochs, c, labels=lab, num_classes=3)
     counts = np.asarray(run_selection(policy, len(codes), epochs).counts)
     shares[name] = counts[flipped].sum() / counts.sum()
   print(f'flipped share {flipped.mean():.3f}, of selections: {shares}')
-  assert shares['guarded'] < 0.5 * flipped.mean()
-  assert shares['unguarded'] > flipped.mean() and shares['guarded'] < shares['split-wide']
+  assert shares['exclude'] <= shares['penalty'] < 0.5 * flipped.mean()
+  assert shares['off'] > flipped.mean() and shares['exclude'] < shares['split-wide']
+
+
+def test_exclude_last_fills_the_budget_from_the_excluded_only_when_needed():
+  rng = np.random.default_rng(0)
+  score = jnp.asarray(rng.normal(size=50).astype(np.float32))
+  excluded = jnp.asarray(rng.uniform(size=50) < 0.4)
+  num_ok = int((~excluded).sum())
+  shifted = scores.exclude_last(score, excluded)
+  for n in (5, num_ok, num_ok + 7):
+    top = set(np.asarray(jax.lax.top_k(shifted, n)[1]).tolist())
+    ok = np.flatnonzero(~np.asarray(excluded))
+    want = set(ok[np.argsort(-np.asarray(score)[ok])][:n].tolist())
+    if n > num_ok:  # every non-excluded one, then the best-scoring excluded ones
+      bad = np.flatnonzero(np.asarray(excluded))
+      want |= set(bad[np.argsort(-np.asarray(score)[bad])][:n - num_ok].tolist())
+    assert top == want
+  cfg = get_config().sae_scores
+  cfg.mislabel_guard = 'hard'
+  with pytest.raises(UserError, match='mislabel_guard'):
+    policies.sae(synthetic_codes(20), 0.5, 2, cfg)
+
+
+@pytest.mark.parametrize('ratio', [0.5, 0.95])
+def test_hard_guard_never_selects_a_suspect_while_others_remain(ratio):
+  """Under `exclude`, no epoch selects a suspect while unsuspected examples can fill the budget,
+  whatever the usage penalty, diversity and Gumbel noise say; above that, all the others are in."""
+  codes, labels, _ = class_codes(flip=0.2)
+  cfg = get_config().sae_scores
+  cfg.mislabel_guard, cfg.usage_penalty, cfg.temperature = 'exclude', 1.0, 1.0
+  policy = policies.sae(codes, ratio, 8, cfg, labels=labels, num_classes=3)
+  state = policy.init(len(codes), jax.random.PRNGKey(0))
+  suspect = np.asarray(state.aux['suspect'])
+  num_ok = int((~suspect).sum())
+  assert 0 < suspect.sum() and (num_ok > policy.num_selected) == (ratio == 0.5)
+  select, update = jax.jit(policy.select), jax.jit(policy.update)
+  for _ in range(8):
+    idx, w, state = select(state)
+    picked = np.zeros(len(codes), bool)
+    picked[np.asarray(idx)] = True
+    if ratio == 0.5:
+      assert not picked[suspect].any()
+    else:
+      assert picked[~suspect].all() and picked[suspect].sum() == policy.num_selected - num_ok
+    state = update(state, idx, w, jnp.zeros(idx.shape))
+
+
+def test_confident_error_count_adapts_to_the_noise_level():
+  """The adaptive rule's count is ~0 on clean labels and tracks the number flipped under label noise
+  (a conservative estimate, as confident learning's is: ~0.7-0.8x here); its suspects (the lowest
+  margins) are nearly all flipped ones."""
+  for flip in (0.0, 0.1, 0.3):
+    codes, labels, flipped = class_codes(flip=flip)
+    stats = scores.factor_stats(jnp.asarray(codes), 0.5, labels, 3)
+    count = int(scores.confident_error_count(stats))
+    suspect = np.asarray(scores.suspected_mislabels(stats, 'confident'))
+    print(f'flip {flip}: {flipped.sum()} flipped, estimated {count}')
+    assert suspect.sum() == count
+    if flip == 0.0:
+      assert count <= 0.01 * len(codes)
+    else:
+      assert 0.6 * flipped.sum() <= count <= 1.1 * flipped.sum()
+      assert flipped[suspect].mean() > 0.9
+  no_labels = scores.factor_stats(jnp.asarray(codes), 0.5)
+  assert int(scores.confident_error_count(no_labels)) == 0
+  assert not np.asarray(scores.suspected_mislabels(no_labels, 'confident')).any()
+  with pytest.raises(UserError, match='mislabel_rule'):
+    scores.suspected_mislabels(stats, 'nope')
 
 
 def test_class_conditional_scores_on_real_digits_with_label_noise(tfds_dir):

@@ -76,7 +76,10 @@ def sae(codes, ratio: float, num_epochs: int, cfg, labels=None,
   """Top-n of the SAE curriculum score (see `scores`), sampled with Gumbel noise of `temperature`.
 
   `codes` [N, M] are the SAE codes of the training examples; `cfg` is the `sae_scores` config;
-  `labels` [N] (the training labels, as seen) make representativeness class-conditional.
+  `labels` [N] (the training labels, as seen) make representativeness class-conditional and
+  enable the label guard (`cfg.mislabel_guard`): under `exclude` the suspected mislabels
+  (`scores.suspected_mislabels`, fixed at construction) are selected only when the other examples
+  cannot fill the budget of n.
   The usage counts and factor usage in the state are updated after every epoch.
   """
   codes = jnp.asarray(codes, jnp.float32)
@@ -87,17 +90,24 @@ def sae(codes, ratio: float, num_epochs: int, cfg, labels=None,
   if labels is not None and len(labels) != num_examples:
     raise UserError(f'SAE codes cover {num_examples} examples but the split has {len(labels)}')
   stats = scores.factor_stats(codes, cfg.high_freq_fraction, labels, num_classes)
+  guard = scores.mislabel_guard(cfg)
+  suspect = (scores.suspected_mislabels(stats, cfg.get('mislabel_rule', 'margin'),
+                                        cfg.get('mislabel_margin', 0.25))
+             if guard != 'off' else jnp.zeros(num_examples, bool))
 
   def init(num, key):
     if num != num_examples:
       raise UserError(f'SAE codes cover {num_examples} examples but the split has {num}')
-    return init_state(num, key, num_factors, aux={'stats': stats, 'codes': codes})
+    return init_state(num, key, num_factors, aux={'stats': stats, 'codes': codes,
+                                                    'suspect': suspect})
 
   def select(state):
     key, sub = jax.random.split(state.key)
     score = scores.combined_score(state.aux['stats'], state.counts, state.factor_usage,
-                                  state.epoch, num_epochs, cfg)
+                                  state.epoch, num_epochs, cfg, state.aux['suspect'])
     score = score + cfg.temperature * jax.random.gumbel(sub, score.shape)
+    if guard == 'exclude':  # after the noise: suspects only fill what the others cannot
+      score = scores.exclude_last(score, state.aux['suspect'])
     idx = jax.lax.top_k(score, n)[1].astype(jnp.int32)
     return idx, jnp.ones(n, jnp.float32), state.replace(key=key)
 
