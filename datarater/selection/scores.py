@@ -54,6 +54,7 @@ class FactorStats:
   rarity: jax.Array      # [M] rho_j in [0, 1] for rare factors, 0 for high-frequency ones
   group: jax.Array       # [N] int32: the example's class (class-conditional) or 0
   rep_weight: jax.Array  # [G, M]: f_{j|g} / max f_{.|g} on the high-frequency set of group g, else 0
+  rep_rank: jax.Array    # [N]: percentile of R_i within its group (constant: computed once here)
 
 
 def _high_and_rarity(freq: jax.Array, high_freq_fraction: float):
@@ -94,13 +95,24 @@ def factor_stats(codes: jax.Array, high_freq_fraction: float, labels=None,
   group_high, _ = _high_and_rarity(group_freq, high_freq_fraction)
   peak = jnp.maximum(jnp.max(group_freq, -1, keepdims=True), 1e-12)
   rep_weight = jnp.where(group_high, group_freq / peak, 0.0)
+  rep_rank = grouped_percentile_rank(_representativeness(mass, rep_weight, group), group,
+                                     num_groups)
   return FactorStats(mass=mass, frequency=freq, high=high, rarity=rarity, group=group,
-                     rep_weight=rep_weight)
+                     rep_weight=rep_weight, rep_rank=rep_rank)
+
+
+def _representativeness(mass, rep_weight, group):
+  return jnp.sum(mass * rep_weight[group], -1)
 
 
 def representativeness(stats: FactorStats) -> jax.Array:
   """R_i: the example's code mass on high-frequency factors (of its group), weighted by frequency."""
-  return jnp.sum(stats.mass * stats.rep_weight[stats.group], -1)
+  return _representativeness(stats.mass, stats.rep_weight, stats.group)
+
+
+def class_representativeness(stats: FactorStats) -> jax.Array:
+  """[N, G]: R_i as if example i were labelled g, for every group g."""
+  return stats.mass @ stats.rep_weight.T
 
 
 def label_margin(stats: FactorStats) -> jax.Array:
@@ -111,7 +123,7 @@ def label_margin(stats: FactorStats) -> jax.Array:
   num_groups = stats.rep_weight.shape[0]
   if num_groups == 1:
     return jnp.zeros(stats.mass.shape[0], jnp.float32)
-  per_class = stats.mass @ stats.rep_weight.T                          # [N, G]
+  per_class = class_representativeness(stats)
   own = jnp.take_along_axis(per_class, stats.group[:, None], 1)[:, 0]
   mine = jax.nn.one_hot(stats.group, num_groups, dtype=bool)
   return own - jnp.max(jnp.where(mine, -jnp.inf, per_class), 1)
@@ -163,7 +175,7 @@ def confident_error_count(stats: FactorStats) -> jax.Array:
   num_groups = stats.rep_weight.shape[0]
   if num_groups == 1:
     return jnp.zeros((), jnp.int32)
-  per_class = stats.mass @ stats.rep_weight.T                          # [N, G]
+  per_class = class_representativeness(stats)
   mine = jax.nn.one_hot(stats.group, num_groups, dtype=jnp.float32)
   thresh = jnp.sum(mine * per_class, 0) / jnp.maximum(jnp.sum(mine, 0), 1.0)   # [G]
   confident = jnp.where(per_class >= thresh, per_class, -jnp.inf)
@@ -217,9 +229,8 @@ def combined_score(stats: FactorStats, counts, factor_usage, epoch, num_epochs: 
   progress = epoch.astype(jnp.float32) / max(num_epochs - 1, 1)
   alpha = curriculum(progress, cfg.rep_weight_start, cfg.rep_weight_end)
   beta = curriculum(progress, cfg.div_weight_start, cfg.div_weight_end)
-  rep = grouped_percentile_rank(representativeness(stats), stats.group, stats.rep_weight.shape[0])
   div = percentile_rank(diversity(stats, factor_usage, progress, cfg.gate_width))
-  score = alpha * rep + beta * div - cfg.usage_penalty * usage_penalty(counts, epoch)
+  score = alpha * stats.rep_rank + beta * div - cfg.usage_penalty * usage_penalty(counts, epoch)
   if suspect is not None and mislabel_guard(cfg) == 'penalty':
     score = score - cfg.get('mislabel_penalty', 0.0) * suspect
   return score
