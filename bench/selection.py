@@ -264,18 +264,16 @@ def main():
   ginis = {k: {kk: float(np.mean(vv)) for kk, vv in v.items()} for k, v in ginis.items()}
   table = summarise(runs)
   acc = acceptance(table)
-  # Per-seed clean r=0.7 gaps (paired: same seed = same initialisation for both policies).
-  pick = lambda p, r: {x['seed']: x['test_accuracy'] for x in runs
-                       if x['noise'] == 0.0 and x['policy'] == p and x['ratio'] == r}
-  full_acc, sae_acc = pick('full', 1.0), pick('sae', 0.7)
-  gaps = [100 * (sae_acc[s] - full_acc[s]) for s in seeds if s in full_acc and s in sae_acc]
+  # Per-seed test accuracy (%) of (policy, ratio, noise); seed s = the same initialisation for
+  # every policy, so differences are paired.
+  acc_of = lambda p, r, z: {x['seed']: 100 * x['test_accuracy'] for x in runs
+                            if x['noise'] == z and x['policy'] == p and x['ratio'] == r}
+  full_acc, sae_acc = acc_of('full', 1.0, 0.0), acc_of('sae', 0.7, 0.0)
+  gaps = [sae_acc[s] - full_acc[s] for s in seeds if s in full_acc and s in sae_acc]
   if len(gaps) > 1:
     acc['clean_r0.7_gap_per_seed'] = gaps
     acc['clean_r0.7_gap_sem'] = float(np.std(gaps, ddof=1) / np.sqrt(len(gaps)))
-  # Paired per-seed differences of the noise drops, SAE minus InfoBatch (seed s: same seed clean
-  # and noisy, same initialisation for both policies).
-  acc_of = lambda p, r, z: {x['seed']: 100 * x['test_accuracy'] for x in runs
-                            if x['noise'] == z and x['policy'] == p and x['ratio'] == r}
+  # Paired per-seed differences of the noise drops, SAE minus InfoBatch.
   for ratio in ratios:
     (sc, sn), (ic, in_) = [(acc_of(p, ratio, 0.0), acc_of(p, ratio, 0.2))
                            for p in ('sae', 'infobatch')]
