@@ -16,8 +16,10 @@ are cached on disk for the run (same shapes -> one compilation per policy and ra
 feature space (no offline extractor training; files get a `_pixels` suffix).
 """
 import argparse
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -214,7 +216,9 @@ def main():
   if args.quick:
     cfg.train.epochs = 10
   # One compilation per (policy, ratio): the epoch takes data and policy arrays as arguments.
-  jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='bench_selection_'))
+  cache_dir = tempfile.mkdtemp(prefix='bench_selection_')
+  atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   validation = pipeline.load_split('sklearn_digits', 'validation', args.data_dir)
