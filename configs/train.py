@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = valuate.get_config()
   t = c.train = ml_collections.ConfigDict()
   t.epochs = 30
+  t.checkpoint_every = 10      # epochs between checkpoints (with --workdir; a rerun resumes)
   t.batch_size = 128
   t.optimizer = 'adam'
   t.learning_rate = 1e-3

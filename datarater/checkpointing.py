@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from datarater.errors import UserError
@@ -33,11 +34,12 @@ def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
   return out
 
 
-def trajectory_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The flattened config minus NON_TRAJECTORY_FIELDS (JSON-normalised: tuples become lists)."""
+def trajectory_fields(config: ml_collections.ConfigDict,
+                      free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS) -> dict[str, Any]:
+  """The flattened config minus `free_fields` (JSON-normalised: tuples become lists)."""
   flat = _flatten(json.loads(config.to_json()))
   return {k: v for k, v in flat.items()
-          if not any(k == f or k.startswith(f + '.') for f in NON_TRAJECTORY_FIELDS)}
+          if not any(k == f or k.startswith(f + '.') for f in free_fields)}
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -49,13 +51,53 @@ def write_json_atomic(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-class RunCheckpointer:
-  """Saves and restores (state, data position) in `workdir/checkpoints` with orbax."""
+def _drop_empty(tree):
+  """Zero-size leaves -> None: orbax cannot save them, and they carry nothing."""
+  return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict, max_to_keep: int = 2):
+
+def _empty_like(like):
+  """The zero-size array `like` (a ShapeDtypeStruct) describes, placed as it says."""
+  empty = np.zeros(like.shape, like.dtype)
+  sharding = getattr(like, 'sharding', None)
+  return jax.device_put(empty, sharding) if sharding is not None else jax.numpy.asarray(empty)
+
+
+class JsonlLog:
+  """A JSON-lines log of a run; on resume, records past the restored point are dropped.
+
+  Records are dicts with a `key` field (e.g. 'step', 'epoch'); those with key <= `resume_at`
+  are kept (rewritten to a temp file, then renamed), the rest are appended as the run goes.
+  """
+
+  def __init__(self, path: str, key: str, resume_at: int = 0):
+    self.path, self.history = path, []
+    if os.path.exists(path):
+      with open(path) as f:
+        self.history = [r for r in map(json.loads, f) if r[key] <= resume_at]
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in self.history)
+    os.replace(tmp, path)
+
+  def write(self, record: dict) -> None:
+    self.history.append(record)
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+
+class RunCheckpointer:
+  """Saves and restores (state, data position, JSON extras) in `workdir/checkpoints` with orbax.
+
+  `free_fields`: config fields a resumed run may change (default NON_TRAJECTORY_FIELDS).
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, max_to_keep: int = 2,
+               free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS):
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.config = config
+    self.free_fields = free_fields
     self._manager = None
     self._max_to_keep = max_to_keep
 
@@ -75,8 +117,8 @@ class RunCheckpointer:
     step = self.latest_step()
     if step is None:
       return None
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    theirs, ours = meta['config'], trajectory_fields(self.config)
+    meta = self.meta(step)
+    theirs, ours = meta['config'], trajectory_fields(self.config, self.free_fields)
     diffs = [f'{k}={theirs.get(k)!r} there, {ours.get(k)!r} here'
              for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     if diffs:
@@ -84,18 +126,26 @@ class RunCheckpointer:
                       f'({"; ".join(diffs[:3])}); use a new --workdir')
     return step
 
-  def save(self, step: int, state, data_position: dict[str, int]) -> None:
+  def meta(self, step: int) -> dict:
+    """The JSON record saved with checkpoint `step` (config, data position, step, extra)."""
+    self._open(create=False)
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def save(self, step: int, state, data_position: dict[str, int], extra: Any = None) -> None:
+    """`extra`: JSON-serialisable progress kept beside the state (e.g. the metrics so far)."""
     manager = self._open(create=True)
-    meta = {'config': trajectory_fields(self.config), 'data_position': data_position,
-            'step': int(step)}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    meta = {'config': trajectory_fields(self.config, self.free_fields),
+            'data_position': data_position, 'step': int(step), 'extra': extra}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_drop_empty(state)),
                                                meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step: int, abstract_state):
     """(state placed as `abstract_state`'s shardings say, meta dict)."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored['state'], restored['meta']
+        state=ocp.args.StandardRestore(_drop_empty(abstract_state)), meta=ocp.args.JsonRestore()))
+    state = jax.tree.map(lambda like, x: _empty_like(like) if x is None else x,
+                         abstract_state, restored['state'])
+    return state, restored['meta']
 
   def wait(self) -> None:
     if self._manager is not None:
@@ -106,6 +156,11 @@ class RunCheckpointer:
       self._manager.wait_until_finished()
       self._manager.close()
       self._manager = None
+
+
+def abstract_of(tree):
+  """ShapeDtypeStructs of a tree of placed arrays, keeping each array's sharding."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def abstract_like(tree, shardings):

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from datarater import filtering, models
+from datarater.checkpointing import RunCheckpointer, abstract_of
 from datarater.data.pipeline import Split
 from datarater.errors import UserError
 from inner_loop.unroll import InnerState, init_inner_state, inner_step
@@ -238,8 +239,17 @@ class Trainer:
     self._evaluate = jax.jit(evaluate)
 
   def fit(self, train: Split, evals: dict[str, Split], *, epochs: int, batch_size: int,
-          seeds: list[int], policy: Policy, log: Optional[Callable[[dict], None]] = None) -> dict:
-    """Trains len(seeds) fresh models for `epochs` epochs; returns per-epoch history and totals."""
+          seeds: list[int], policy: Policy, log: Optional[Callable[[dict], None]] = None,
+          checkpoints: Optional[RunCheckpointer] = None, checkpoint_every: int = 1,
+          stop_after: Optional[int] = None) -> dict:
+    """Trains len(seeds) fresh models for `epochs` epochs; returns per-epoch history and totals.
+
+    With `checkpoints`, the models and the history so far are saved every `checkpoint_every`
+    epochs and at the end, and a run finds its latest checkpoint and goes on from there (the
+    data order of an epoch depends only on (seed, epoch), so a resumed run equals an
+    uninterrupted one). `stop_after`: checkpoint and return after this epoch, with
+    `stopped_after` set in the result (a preemption drill).
+    """
     if epochs < 1 or batch_size < 1 or not seeds:
       raise UserError(f'need epochs >= 1, batch_size >= 1 and a seed, got {epochs}, '
                       f'{batch_size}, {seeds}')
@@ -250,8 +260,14 @@ class Trainer:
         jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
     eval_batches = {k: {'image': s.image, 'label': s.label} for k, s in evals.items()}
     all_ids = np.arange(len(train))
-    history, examples, steps = [], 0, 0
-    for epoch in range(epochs):
+    history, examples, steps, start = [], 0, 0, 0
+    resume_epoch = checkpoints.latest_step() if checkpoints is not None else None
+    if resume_epoch is not None:
+      states, meta = checkpoints.restore(resume_epoch, abstract_of(states))
+      history, start = meta['extra']['history'], int(meta['step'])
+      examples, steps = (history[-1]['examples'], history[-1]['steps']) if history else (0, 0)
+    last = epochs if stop_after is None else max(start, min(stop_after, epochs))
+    for epoch in range(start, last):
       ids = all_ids if policy.select_epoch is None else np.asarray(policy.select_epoch(epoch, all_ids))
       n_steps = -(-len(ids) // batch_size)
       order = np.stack([np.random.default_rng([s, epoch]).permutation(ids) for s in seeds])
@@ -274,6 +290,12 @@ class Trainer:
       history.append(record)
       if log:
         log(record)
+      if checkpoints is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == last):
+        checkpoints.save(epoch + 1, states, {'epoch': epoch + 1}, extra={'history': history})
+    if checkpoints is not None:
+      checkpoints.close()
+    if last < epochs:
+      return {'stopped_after': last, 'history': history}
     grads = int(round(policy.gradient_fraction * examples))
     return {'policy': policy.name, 'seeds': list(seeds), 'history': history,
             'final': history[-1], 'examples_drawn': examples, 'example_gradients': grads,

@@ -7,14 +7,16 @@ r"""Trains task models from scratch under a weighting policy and reports per-epo
 datarater_batch_filter, mimic, tracin_curriculum, scores, ...). Trains one model per config.train.seeds (vmapped) on the train
 split (of config.data.name, or of the TFDS folder --dataset_dir, e.g. launch.filter's output), and
 after every epoch prints held-out (config.data.heldout_split) and eval-split loss and accuracy
-with the examples (example-gradients) and steps spent. --workdir gets history.jsonl and report.json.
+with the examples (example-gradients) and steps spent. --workdir gets history.jsonl, report.json and
+orbax checkpoints every config.train.checkpoint_every epochs: run again with the same --workdir to
+resume (or, for --weighting, to extend a finished run to more --config.train.epochs).
 """
-import json
 import os
 
 from absl import app, flags
 from absl import logging as absl_logging
 import tensorflow_datasets as tfds
+import ml_collections
 from ml_collections import config_flags
 
 from datarater import checkpointing, models, training
@@ -31,18 +33,53 @@ def define_flags() -> None:
   flags.DEFINE_string('rater', '', 'Exported rater folder (for --weighting=datarater).')
   flags.DEFINE_string('scores', '', 'Scores parquet (for --weighting=scores).')
   flags.DEFINE_string('dataset_dir', '', 'Train on this TFDS folder instead of config.data.name.')
-  flags.DEFINE_string('workdir', '', 'Optional output folder: history.jsonl, report.json.')
+  flags.DEFINE_string('workdir', '', 'Optional output folder: history.jsonl, report.json, '
+                      'checkpoints (a rerun resumes).')
+  flags.DEFINE_integer('stop_after', None, 'Checkpoint and exit after this many epochs (a '
+                       'preemption drill; with --selection, epochs of the seeds in turn).')
   # issue 5 (datarater.selection): per-epoch data selection instead of a weighting policy.
   flags.DEFINE_enum('selection', '', ['', 'full', 'random', 'infobatch', 'sae'],
                     'Train on a per-epoch subset (ratio config.selection_ratio); needs '
                     '--config=configs/selection.py.')
 
 
+def run_checkpointer(config, workdir: str, weighting: str, rater: str, scores: str,
+                     dataset_dir: str, selection: str) -> checkpointing.RunCheckpointer:
+  """Checkpoints in `workdir`, tied to the config and to the flags that shape the run.
+
+  The epoch count may change on resume for a weighting run (an epoch's data order depends on
+  (seed, epoch) only), not for a selection run (its curriculum spans the epochs).
+  """
+  fingerprint = config.copy_and_resolve_references()
+  with fingerprint.unlocked():
+    fingerprint.launch = ml_collections.ConfigDict({
+        'weighting': weighting, 'selection': selection, 'scores': scores and os.path.abspath(scores),
+        'rater': rater and os.path.abspath(rater),
+        'dataset_dir': dataset_dir and os.path.abspath(dataset_dir)})
+  free = checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every',)
+  if not selection:
+    free += ('train.epochs',)
+  return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free)
+
+
 def run(config, weighting: str, rater: str = '', scores: str = '', dataset_dir: str = '',
-        workdir: str = '', log=print, selection: str = '') -> dict:
+        workdir: str = '', log=print, selection: str = '', stop_after: int | None = None) -> dict:
+  """Trains (or, from `workdir`'s checkpoint, resumes) the runs; returns the report.
+
+  If `stop_after` ends training early, returns {'stopped_after': epochs done} and writes no report.
+  """
   if selection and weighting != 'uniform':  # issue 5: selection trains with uniform weights
     raise UserError(f'--selection={selection} cannot be combined with --weighting={weighting}')
   d, t = config.data, config.train
+  ckpt, resume = None, None
+  if workdir:
+    ckpt = run_checkpointer(config, workdir, weighting, rater, scores, dataset_dir, selection)
+    resume = ckpt.check_compatible()
+    if resume is not None and not selection and resume > t.epochs:
+      raise UserError(f'workdir {workdir!r} holds a checkpoint at epoch {resume}, past '
+                      f'--config.train.epochs={t.epochs}')
+  elif stop_after is not None:
+    raise UserError('--stop_after needs --workdir (the checkpoint is written there)')
   if dataset_dir:
     if not os.path.exists(os.path.join(dataset_dir, 'dataset_info.json')):
       raise UserError(f'--dataset_dir {dataset_dir!r} is not a TFDS dataset folder')
@@ -57,24 +94,35 @@ def run(config, weighting: str, rater: str = '', scores: str = '', dataset_dir: 
       train, heldout, task, loss_fn, rater, scores, t.temperature, config, int(t.seeds[0]),
       t.filter_rho))
   trainer = training.Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), policy.weight_fn)
-  if workdir:
+  history_log = None
+  if workdir:  # every check passed: from here on the workdir is written
     os.makedirs(workdir, exist_ok=True)
-    open(os.path.join(workdir, 'history.jsonl'), 'w').close()
+    history_log = checkpointing.JsonlLog(os.path.join(workdir, 'history.jsonl'), 'epoch',
+                                         0 if selection else (resume or 0))
+    if resume is not None:
+      log(f'resuming from the checkpoint at epoch {resume}' +
+          (' (epochs of the seeds in turn)' if selection else ''))
 
   def on_epoch(r):
     log(f'epoch {r["epoch"]:3d} | examples {r["examples"]:7d} | steps {r["steps"]:5d} | '
         f'held-out loss {r["heldout_loss"]:.4f} acc {100 * r["heldout_accuracy"]:.2f}% | '
         f'{d.eval_split} acc {100 * r["eval_accuracy"]:.2f}% (+-{100 * r["eval_accuracy_std"]:.2f})')
-    if workdir:
-      with open(os.path.join(workdir, 'history.jsonl'), 'a') as f:
-        f.write(json.dumps(r) + '\n')
+    if history_log:
+      history_log.write(r)
   if selection:  # issue 5: selection policies train through datarater.selection (loss feedback)
     from datarater.selection.run import run_selection  # pylint: disable=g-import-not-at-top
-    report = run_selection(config, selection, (train, heldout, evals), log=on_epoch)
+    report = run_selection(config, selection, (train, heldout, evals), log=on_epoch,
+                           checkpoints=ckpt, stop_after=stop_after)
     weighting = f'selection={selection}@{config.selection_ratio}'
   else:
     report = trainer.fit(train, {'heldout': heldout, 'eval': evals}, epochs=t.epochs,
-                         batch_size=t.batch_size, seeds=list(t.seeds), policy=policy, log=on_epoch)
+                         batch_size=t.batch_size, seeds=list(t.seeds), policy=policy, log=on_epoch,
+                         checkpoints=ckpt, checkpoint_every=t.get('checkpoint_every', 1),
+                         stop_after=stop_after)
+  if 'stopped_after' in report:
+    log(f'stopped after epoch {report["stopped_after"]} (checkpointed); run again with the same '
+        '--workdir to resume')
+    return {'stopped_after': report['stopped_after']}
   report.update(weighting=weighting, num_train=len(train), dataset_dir=dataset_dir)
   if workdir:
     checkpointing.write_json_atomic(os.path.join(workdir, 'report.json'), report)
@@ -88,7 +136,7 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   with exit_on_user_error():
     run(FLAGS.config, FLAGS.weighting, FLAGS.rater, FLAGS.scores, FLAGS.dataset_dir, FLAGS.workdir,
-        selection=FLAGS.selection)
+        selection=FLAGS.selection, stop_after=FLAGS.stop_after)
 
 
 if __name__ == '__main__':

@@ -51,26 +51,6 @@ def _setup_logging() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)  # Library chatter (orbax, tfds) off.
 
 
-class MetricsLog:
-  """metrics.jsonl in the workdir; on resume, records past the restored step are dropped."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.history = []
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        self.history = [r for r in map(json.loads, f) if r['step'] <= resume_step]
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in self.history)
-      os.replace(tmp, self.path)
-
-  def write(self, record: dict) -> None:
-    self.history.append(record)
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
-
-
 def train(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
   """Runs (or resumes) a rater training; returns the final report (empty if stopped early).
 
@@ -110,7 +90,8 @@ def train(config, workdir: str, stop_after: int | None = None, devices=None) -> 
         jax.eval_shape(init), state_shardings))
     start = int(meta['step'])
     log.info('resumed from the checkpoint at outer step %d', start)
-  metrics_log = MetricsLog(workdir, start) if primary else None
+  metrics_log = (checkpointing.JsonlLog(os.path.join(workdir, 'metrics.jsonl'), 'step', start)
+                 if primary else None)
 
   score_batch = jax.jit(rater.apply)  # compiled once, reused at every logging step
 

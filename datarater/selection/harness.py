@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from datarater import models
+from datarater.checkpointing import abstract_of
 from datarater.data.pipeline import Split
 from datarater.errors import UserError
 from datarater.selection.base import SelectionPolicy, gini
@@ -22,8 +23,15 @@ from inner_loop.unroll import init_inner_state, inner_step
 def train_with_selection(policy: SelectionPolicy, train: Split, evals: dict[str, Split], *,
                          hidden, activation: str = 'relu', optimizer: str = 'adam',
                          learning_rate: float = 1e-3, epochs: int = 30, batch_size: int = 64,
-                         seed: int = 0, log_fn=None) -> dict:
-  """Returns final loss/accuracy per eval split, per-epoch history, gradients spent, wall time."""
+                         seed: int = 0, log_fn=None, restore=None, on_epoch_end=None) -> dict:
+  """Returns final loss/accuracy per eval split, per-epoch history, gradients spent, wall time.
+
+  Resuming: `restore(abstract_state)` returns None or (state, progress) from a checkpoint, where
+  state = (train state, selection state) and progress = {'history', 'example_grads', 'wall_s'};
+  training goes on after its len(history) epochs. `on_epoch_end(epoch, state, progress)` is
+  called after every epoch (to checkpoint); if it returns True, training stops there and the
+  result is {'stopped_after': epoch}.
+  """
   if epochs <= 0 or batch_size <= 0:
     raise UserError(f'epochs and batch_size must be positive, got {epochs} and {batch_size}')
   num = len(train)
@@ -64,7 +72,10 @@ def train_with_selection(policy: SelectionPolicy, train: Split, evals: dict[str,
   eval_batches = {k: {'image': jnp.asarray(s.image), 'label': jnp.asarray(s.label)}
                   for k, s in evals.items()}
   history, grads, wall = [], 0, 0.0
-  for epoch in range(epochs):
+  if restore is not None and (resumed := restore(abstract_of((train_state, sel_state)))):
+    (train_state, sel_state), progress = resumed
+    history, grads, wall = progress['history'], progress['example_grads'], progress['wall_s']
+  for epoch in range(len(history), epochs):
     t0 = time.perf_counter()
     train_state, sel_state, spent = compiled(train_state, sel_state, keys[epoch], data)
     jax.block_until_ready(train_state)
@@ -77,6 +88,10 @@ def train_with_selection(policy: SelectionPolicy, train: Split, evals: dict[str,
     history.append(record)
     if log_fn is not None:
       log_fn(record)
+    if on_epoch_end is not None and on_epoch_end(
+        epoch + 1, (train_state, sel_state),
+        {'history': history, 'example_grads': grads, 'wall_s': wall}):
+      return {'stopped_after': epoch + 1}
   counts = np.asarray(sel_state.counts)
   noisy = train.is_corrupted
   return {'final': {k: v for k, v in history[-1].items() if k in evals},
