@@ -14,10 +14,9 @@ from datarater.errors import UserError
 from datarater.selection.base import gini
 
 
-def _summary(progress: dict, state, setup: int) -> dict:
-  """What the report needs of a finished seed's run (kept in checkpoints as JSON)."""
-  return {'history': progress['history'], 'count_gini': gini(state[1].counts),
-          'wall_s': progress['wall_s'], 'setup': setup}
+def _summary(history: list, count_gini: float, wall_s: float, setup: int) -> dict:
+  """What the report needs of a finished seed's run (also kept in checkpoints as JSON)."""
+  return {'history': history, 'count_gini': count_gini, 'wall_s': wall_s, 'setup': setup}
 
 
 def run_selection(config, name: str, splits=None, log=print, checkpoints=None,
@@ -59,7 +58,8 @@ def run_selection(config, name: str, splits=None, log=print, checkpoints=None,
       step = first + epoch
       stop = stop_after is not None and step >= stop_after and epoch < epochs
       if checkpoints is not None and (epoch % every == 0 or epoch == epochs or stop):
-        done = runs + ([_summary(progress, state, setup)] if epoch == epochs else [])
+        done = runs + ([_summary(progress['history'], gini(state[1].counts), progress['wall_s'],
+                                   setup)] if epoch == epochs else [])
         checkpoints.save(step, state, {'seed_index': i, 'epoch': epoch},
                          extra={'completed': done, 'current': progress if epoch < epochs else None})
       return stop
@@ -72,8 +72,7 @@ def run_selection(config, name: str, splits=None, log=print, checkpoints=None,
       if checkpoints is not None:
         checkpoints.close()
       return {'stopped_after': first + run['stopped_after']}
-    runs.append({'history': run['history'], 'count_gini': run['count_gini'],
-                 'wall_s': run['wall_s'], 'setup': setup})
+    runs.append(_summary(run['history'], run['count_gini'], run['wall_s'], setup))
   if checkpoints is not None:
     checkpoints.close()
   setup = sum(r['setup'] for r in runs)
