@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   # backwards (no extra steps), 'replay' recomputes from kept states, 'auto' = invert if it can.
   c.outer.mixed_recompute = 'auto'
   c.outer.mixed_segment = 0        # steps between exact states kept (0: 16 invert, sqrt(T) replay)
+  # invert only: the exact state each segment is undone from is 'replay'ed from the unroll's
+  # input (memory flat in T, extra steps grow ~T^2/S) or 'keep' (T/S states stored, no extra).
+  c.outer.mixed_boundaries = 'replay'
 
   c.log_every = 25
   c.checkpoint_every = 200

@@ -38,10 +38,15 @@ class StepInverse(NamedTuple):
   amplified by 1 / decay per step in the first moment (so checkpoint every few dozen steps).
   `exact_steps`: how many first steps of a fresh optimizer state must not be undone but replayed
   from the exact start (Adam: tiny second moments make its first updates ill-conditioned).
+  `step_vjp(s', g, ct_state') -> (ct_g, ct_s, ct_theta)`, optional: the step's VJP in closed form
+  from the state after it (cotangents as scan carries: 0. for integer leaves). Elementwise and
+  free of shared intermediates, it lets XLA update the backward pass's carries in place, where
+  `jax.vjp` of the optax update stores a few parameter-sized intermediates per step.
   """
   params: Callable[[Any, Any], Any]
   opt_state: Callable[[Any, Any], Any]
   exact_steps: int = 0
+  step_vjp: Optional[Callable[[Any, Any, Any], Any]] = None
 
 
 def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
@@ -82,7 +87,29 @@ def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
       return (adam._replace(count=adam.count - 1, mu=mu, nu=nu), rest)
     # d update / d g ~ 1 / sqrt(eps_root) while v is tiny: undoing the first steps from the end
     # amplifies round-off without bound in float32 (tests/test_invert_float32.py).
-    return StepInverse(params, opt_state, exact_steps=ADAM_EXACT_STEPS)
+    def step_vjp(state_next, grads, ct_next):
+      # theta' = theta - lr m'/(c1 d), d = sqrt(v'/c2 + eps_root) + eps, m' = b1 m + (1 - b1) g,
+      # v' = b2 v + (1 - b2) g^2, with c1 = 1 - b1^count', c2 = 1 - b2^count'.
+      adam, _ = state_next
+      ct_adam, ct_rest = ct_next.opt_state
+
+      def moments(m, v, ct_theta, ct_m, ct_v):
+        # Two separate expressions (no shared divided intermediate XLA would have to store).
+        c1 = 1 - ADAM_B1 ** adam.count.astype(m.dtype)
+        c2 = 1 - ADAM_B2 ** adam.count.astype(m.dtype)
+        s = jnp.sqrt(v / c2 + ADAM_EPS_ROOT)
+        d = s + ADAM_EPS
+        return (ADAM_B1 * ct_m - ct_theta * (ADAM_B1 * learning_rate / c1) / d,
+                ADAM_B2 * ct_v + (ct_theta * m) * (ADAM_B2 * learning_rate / (2 * c1 * c2))
+                / (s * d * d))
+      both = jax.tree.map(moments, adam.mu, adam.nu, ct_next.params, ct_adam.mu, ct_adam.nu)
+      ct_mu = jax.tree.map(lambda _, c: c[0], grads, both)  # d/d m = b1 d/d m'
+      ct_nu = jax.tree.map(lambda _, c: c[1], grads, both)  # d/d v = b2 d/d v'
+      ct_g = jax.tree.map(  # (1 - b1) d/d m' + 2 (1 - b2) g d/d v'
+          lambda g, a, b: (1 - ADAM_B1) / ADAM_B1 * a + 2 * (1 - ADAM_B2) / ADAM_B2 * g * b,
+          grads, ct_mu, ct_nu)
+      return ct_g, (ct_adam._replace(mu=ct_mu, nu=ct_nu), ct_rest), ct_next.params
+    return StepInverse(params, opt_state, exact_steps=ADAM_EXACT_STEPS, step_vjp=step_vjp)
   if name == 'sgd':
     return None
   raise UserError(f'unknown inner optimizer {name!r} (choose from {", ".join(INNER_OPTIMIZERS)})')

@@ -50,6 +50,7 @@ class MetaProblem:
   meta_gradient: str = 'reverse'          # see META_GRADIENT_MODES
   mixed_recompute: str = 'auto'           # see MIXED_RECOMPUTE (mode 'mixed' only)
   mixed_segment: int = 0                  # steps between exact states kept (0: mode default)
+  mixed_boundaries: str = 'replay'        # invert: segment ends replayed or kept (mixed_mode)
   inner_inverse: Optional[StepInverse] = None  # the inner optimizer run backwards, if it can be
 
   def recompute(self) -> str:
@@ -73,7 +74,7 @@ def outer_loss(problem: MetaProblem, rater_params, population: InnerState,
     mixed_unroll = mixed_mode.make_mixed_unroll(
         problem.task_loss, problem.inner_optimizer, lambda phi, batch: problem.weight_fn(phi)(batch),
         segment=problem.mixed_segment or None, recompute=problem.recompute(),
-        inverse=problem.inner_inverse)
+        inverse=problem.inner_inverse, boundaries=problem.mixed_boundaries)
     run = lambda state, inner: mixed_unroll(rater_params, state, inner)
   else:
     run = functools.partial(unroll, problem.task_loss, problem.inner_optimizer,

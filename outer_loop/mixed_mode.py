@@ -13,11 +13,15 @@ weighted loss, pulls the cotangent back as:
 No step's activations outlive that step. What differs is how the backward pass gets each step's
 inner state (params, optimizer state) back, `recompute`:
   - 'invert': run the optimizer backwards (`inner_loop.optimizers.StepInverse`; momentum, Adam):
-    theta_t from state t+1, then s_t from g_t, which the jvp above computes anyway. Exact
-    states are kept only every S steps (default 16) to bound round-off drift, so stored state
-    is T / S carries and the rest of memory does not depend on T. The optimizer's first
-    `inverse.exact_steps` steps are replayed from the exact input state instead (Adam: 4, i.e.
-    6 extra steps; momentum: none): a fresh Adam state cannot be undone accurately in float32.
+    theta_t from state t+1, then s_t from g_t, which the jvp above computes anyway. Each segment
+    of S steps (default 16, to bound round-off drift) is undone from an exact end state:
+    `boundaries='replay'` recomputes it from the input state when the backward pass reaches it
+    (nothing stored, so memory does not depend on T; sum_j j S extra steps, none for T <= S + 4
+    and S for T <= 2 S + 4), 'keep' stores the T / S of them in the forward pass. The optimizer's
+    first `inverse.exact_steps` steps are replayed from the exact input state instead (Adam: 4,
+    i.e. 6 extra steps; momentum: none): a fresh Adam state cannot be undone accurately in
+    float32. Where the optimizer has a closed-form step VJP (`StepInverse.step_vjp`: Adam), it
+    replaces `jax.vjp` of the update.
   - 'replay': exact states kept every S = round(sqrt(T)) steps; a step's state is recomputed
     from its segment start when needed (S(S-1)/2 extra steps per segment, T / S carries).
   - 'store': as 'replay', but a segment's S states are recomputed once and kept (S extra steps
@@ -38,6 +42,7 @@ from inner_loop.unroll import InnerState, PerExampleLoss, inner_step, weighted_l
 
 WeightsFn = Callable[[Any, dict], jax.Array]  # (phi, batch) -> weights [B]
 RECOMPUTE = ('invert', 'replay', 'store')
+BOUNDARIES = ('replay', 'keep')  # invert: how the exact segment ends are had (see module doc)
 INVERT_CHECKPOINT_EVERY = 16  # invert: exact states kept every S steps bound round-off drift
 
 
@@ -72,9 +77,21 @@ def _at(tree, t):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, t, keepdims=False), tree)
 
 
+def _after(tree, dep):
+  """`tree` made to depend on `dep` (value unchanged unless `dep` is not finite).
+
+  XLA schedules work as early as its inputs allow: a boundary state replayed from the input would
+  be computed before the segment after it is undone, and kept live meanwhile (as much memory as
+  storing it). Tying it to that segment's cotangents keeps it where it is used.
+  """
+  zero = 0 * jax.tree.leaves(dep)[0].ravel()[0]
+  return jax.tree.map(lambda x: x + zero.astype(x.dtype) if _is_float(x) else x, tree)
+
+
 def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
                       weights_fn: WeightsFn, segment: Optional[int] = None,
-                      recompute: str = 'replay', inverse: Optional[StepInverse] = None):
+                      recompute: str = 'replay', inverse: Optional[StepInverse] = None,
+                      boundaries: str = 'replay'):
   """Returns `unroll(phi, state, batches) -> (final state, losses [T])` with the mixed-mode VJP.
 
   `weights_fn(phi, batch)` gives the loss weights of a batch; `batches` leaves are [T, B, ...].
@@ -86,6 +103,8 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
     raise ValueError(f'unknown recompute {recompute!r} (choose from {", ".join(RECOMPUTE)})')
   if recompute == 'invert' and inverse is None:
     raise ValueError("recompute='invert' needs the inner optimizer's StepInverse")
+  if boundaries not in BOUNDARIES:
+    raise ValueError(f'unknown boundaries {boundaries!r} (choose from {", ".join(BOUNDARIES)})')
 
   def step(phi, state, batches, t):
     batch = _at(batches, t)
@@ -98,6 +117,12 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
 
   def run(phi, state, batches):
     return run_steps(phi, state, batches, 0, jax.tree.leaves(batches)[0].shape[0])
+
+  def replay_to(phi, state, batches, steps):
+    """The state after the first `steps` steps (may be traced), recomputed from `state`."""
+    return jax.lax.fori_loop(0, steps, lambda k, s: step(phi, s, batches, k)[0], state)
+
+  replay_boundaries = recompute == 'invert' and boundaries == 'replay'
 
   def plan(batches):
     """(head, part, S, n): the unroll is head + part + n * S steps.
@@ -133,17 +158,37 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
     def segment_fwd(s, j):
       s_next, piece = run_steps(phi, s, batches, first + j * seg, seg)
       return s_next, (keep(s, s_next), piece)
-    # invert: the last segment's end is the output itself, so it is not stacked a second time.
-    stacked = n if recompute != 'invert' else max(n - 1, 0)
+    # invert: the last segment's end is the output itself, so it is not stacked a second time;
+    # with boundaries replayed none is.
+    stacked = n if recompute != 'invert' else 0 if replay_boundaries else max(n - 1, 0)
     s, (kept, pieces) = jax.lax.scan(segment_fwd, s, jnp.arange(stacked))
     losses.append(pieces.reshape(-1))
     if stacked < n:
-      s, piece = run_steps(phi, s, batches, first + stacked * seg, seg)
+      s, piece = run_steps(phi, s, batches, first + stacked * seg, (n - stacked) * seg)
       losses.append(piece)
     final = s
-    residuals = (phi, state if head else None, state_p if part and n else None, kept, final,
-                 batches)
+    boundary_needed = n > 1 or (part and n)
+    residuals = (phi, state if head or (replay_boundaries and boundary_needed) else None,
+                 state_p if part and n and not replay_boundaries else None, kept, final, batches)
     return (final, jnp.concatenate(losses)), residuals
+
+  def update_vjp(g, state, opt_next, ct_next):
+    """(d/dg, d/d opt_state, d/d params) of the optimizer update, from d/d(state after it).
+
+    The optimizer's closed form (`StepInverse.step_vjp`) when it has one: written on the state
+    after the step, elementwise, so XLA updates the cotangents in place without intermediates;
+    otherwise `jax.vjp` of the optax update. `opt_next` is the state after the step, if known.
+    """
+    if inverse is not None and inverse.step_vjp is not None:
+      if opt_next is None:
+        opt_next = optimizer.update(g, state.opt_state, state.params)[1]
+      return inverse.step_vjp(opt_next, g, ct_next)
+
+    def update(g, opt_state, params):
+      updates, opt_state = optimizer.update(g, opt_state, params)
+      return InnerState(optax.apply_updates(params, updates), opt_state)
+    _, vjp = jax.vjp(update, g, state.opt_state, state.params)
+    return vjp(_to_cotangent(ct_next, state))
 
   def step_bwd(phi, batch, ct_next, ct_loss, state=None, state_next=None):
     """Pulls (d/d state', d/d loss) back through one step: (d/d state, d/d phi, state).
@@ -157,14 +202,11 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
     grads_fn = lambda theta: jax.grad(weighted_loss, argnums=(1, 3))(  # (d/dtheta, d/dw) of L
         loss_fn, theta, batch, weights)
     (g, g_w), hvp = jax.linearize(grads_fn, params)
+    opt_next = None
     if state is None:
-      state = InnerState(params, inverse.opt_state(state_next.opt_state, g))
-
-    def update(g, opt_state, params):
-      updates, opt_state = optimizer.update(g, opt_state, params)
-      return InnerState(optax.apply_updates(params, updates), opt_state)
-    _, update_vjp = jax.vjp(update, g, state.opt_state, state.params)
-    ct_g, ct_opt, ct_params = update_vjp(_to_cotangent(ct_next, state))
+      opt_next = state_next.opt_state
+      state = InnerState(params, inverse.opt_state(opt_next, g))
+    ct_g, ct_opt, ct_params = update_vjp(g, state, opt_next, ct_next)
     h_v, cross_v = hvp(ct_g)  # forward-over-reverse: (H ct_g, d/dw <grad_theta L, ct_g>)
     ct_params = jax.tree.map(lambda a, b, c: a + b + ct_loss * c, ct_params, h_v, g)
     ct_phi, = weights_vjp(cross_v + ct_loss * g_w)
@@ -211,16 +253,21 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
     carry = (_to_carry(ct_final, final), jax.tree.map(jnp.zeros_like, phi))
     segments = n
     if recompute == 'invert' and n:
-      # Segment n-1 ends at the output; segment j < n-1 ends at kept state j.
+      # Segment n-1 ends at the output; segment j < n-1 ends at kept state j (or replayed).
       carry = segment_bwd(phi, final, batches, ct_losses, first + (n - 1) * seg, seg, carry)
       segments = n - 1
 
     def over_segments(carry, j):
-      exact = jax.tree.map(lambda x: x[j], kept)
+      if replay_boundaries:
+        exact = replay_to(phi, _after(state0, carry), batches, first + (j + 1) * seg)
+      else:
+        exact = jax.tree.map(lambda x: x[j], kept)
       return segment_bwd(phi, exact, batches, ct_losses, first + j * seg, seg, carry), None
     if segments:
       carry, _ = jax.lax.scan(over_segments, carry, jnp.arange(segments), reverse=True)
     if part:
+      if n and replay_boundaries:
+        state_p = replay_to(phi, _after(state0, carry), batches, first)
       carry = segment_bwd(phi, state_p if n else final, batches, ct_losses, head, part, carry)
     if head:
       carry = segment_bwd(phi, state0, batches, ct_losses, 0, head, carry, how='replay')

@@ -8,6 +8,7 @@ from datarater.errors import UserError
 from inner_loop.optimizers import make_inner_optimizer, make_step_inverse
 from inner_loop.unroll import init_inner_state
 from outer_loop.meta_step import META_GRADIENT_MODES, MIXED_RECOMPUTE, MetaProblem
+from outer_loop import mixed_mode
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -44,6 +45,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if recompute == 'invert' and make_step_inverse(config.inner.optimizer, 1.0) is None:
     raise UserError(f"outer.mixed_recompute='invert' needs an inner optimizer that can be run "
                     f"backwards (momentum, adam), got inner.optimizer={config.inner.optimizer!r}")
+  boundaries = config.outer.get('mixed_boundaries', 'replay')
+  if boundaries not in mixed_mode.BOUNDARIES:
+    raise UserError(f'unknown outer.mixed_boundaries {boundaries!r} '
+                    f'(choose from {", ".join(mixed_mode.BOUNDARIES)})')
   if config.outer.get('mixed_segment', 0) < 0:
     raise UserError(f'outer.mixed_segment must be >= 0 (0: default), '
                     f'got {config.outer.mixed_segment}')
@@ -74,6 +79,7 @@ def build_problem(config: ml_collections.ConfigDict, num_classes: int, example_b
                         meta_gradient=config.outer.meta_gradient,
                         mixed_recompute=config.outer.get('mixed_recompute', 'auto'),
                         mixed_segment=config.outer.get('mixed_segment', 0),
+                        mixed_boundaries=config.outer.get('mixed_boundaries', 'replay'),
                         inner_inverse=make_step_inverse(config.inner.optimizer,
                                                         config.inner.learning_rate))
   return problem, task, rater

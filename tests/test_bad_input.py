@@ -27,6 +27,7 @@ def _snapshot(path):
     ('inner.batch_size', 6, 'inner.batch_size=6 does not divide over 4 devices'),
     ('inner.optimizer', 'adamw2', "unknown inner optimizer 'adamw2'"),
     ('outer.mixed_recompute', 'backwards', "unknown outer.mixed_recompute 'backwards'"),
+    ('outer.mixed_boundaries', 'store', "unknown outer.mixed_boundaries 'store'"),
     ('outer.mixed_segment', -2, 'outer.mixed_segment must be >= 0 (0: default), got -2'),
 ])
 def test_bad_config_writes_nothing(tfds_dir, tmp_path, field, value, message):

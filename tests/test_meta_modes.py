@@ -15,7 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from inner_loop.optimizers import make_inner_optimizer, make_step_inverse
-from inner_loop.unroll import unroll
+from inner_loop.unroll import InnerState, unroll
 from outer_loop import meta_step, mixed_mode
 from tests.tiny import tiny_batches, tiny_problem
 
@@ -100,18 +100,21 @@ def test_mixed_matches_finite_differences(optimizer):
     assert _rel(analytic, numeric) < 1e-5, _rel(analytic, numeric)
 
 
-@pytest.mark.parametrize('optimizer,segment,recompute',
-                         [('momentum', 1, 'replay'), ('adam', 2, 'store'), ('adam', 2, 'replay'),
-                          ('adam', None, 'invert'), ('momentum', 2, 'invert'),
-                          ('adam', 3, 'invert')])
-def test_mixed_vjp_of_every_input_and_output(optimizer, segment, recompute):
+@pytest.mark.parametrize('optimizer,segment,recompute,boundaries',
+                         [('momentum', 1, 'replay', None), ('adam', 2, 'store', None),
+                          ('adam', 2, 'replay', None), ('adam', None, 'invert', 'replay'),
+                          ('momentum', 2, 'invert', 'replay'), ('momentum', 2, 'invert', 'keep'),
+                          ('adam', 2, 'invert', 'replay'), ('adam', 2, 'invert', 'keep'),
+                          ('adam', 3, 'invert', 'replay')])
+def test_mixed_vjp_of_every_input_and_output(optimizer, segment, recompute, boundaries):
   """Custom VJP = jax.vjp of the plain unroll, for d/d(phi, initial state) of (state, losses).
 
   replay/store, T = 5: segment 1 keeps every state; segment 2 runs a 1-step head, then two
   2-step segments, whose states are kept (store) or recomputed from the segment start (replay).
-  invert, T = 9: 4 steps replayed from the initial state, then the rest recovered by running
-  the optimizer backwards from exact ends: one 5-step segment (None), a 1-step part and two
-  2-step segments (2), or a 2-step part and one 3-step segment (3).
+  invert, T = 9 (momentum: no head; adam: 4 steps replayed from the initial state), the rest
+  recovered by running the optimizer backwards from exact ends, which are replayed from the
+  input or kept: adam with one 5-step segment (None), a 1-step part and two 2-step segments (2),
+  or a 2-step part and one 3-step segment (3).
   """
   with jax.enable_x64():
     steps = 9 if recompute == 'invert' else 5
@@ -121,7 +124,7 @@ def test_mixed_vjp_of_every_input_and_output(optimizer, segment, recompute):
     opt = make_inner_optimizer(optimizer, LEARNING_RATES[optimizer])
     weights_fn = lambda phi, batch: problem.weight_fn(phi)(batch)
     mixed = mixed_mode.make_mixed_unroll(problem.task_loss, opt, weights_fn, segment=segment,
-                                         recompute=recompute,
+                                         recompute=recompute, boundaries=boundaries or 'replay',
                                          inverse=make_step_inverse(optimizer,
                                                                    LEARNING_RATES[optimizer]))
     plain = lambda phi, s: unroll(problem.task_loss, opt, problem.weight_fn(phi), s, batches)
@@ -174,6 +177,35 @@ def test_step_inverse_undoes_the_optax_step(optimizer):
       for got, want in zip(jax.tree.leaves(back), jax.tree.leaves((params, state))):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
       params, state = params_next, state_next
+
+
+def test_adam_step_vjp_is_the_vjp_of_the_optax_step():
+  """The closed-form backward step (from the state after it) = jax.vjp of optax's Adam update,
+  for the gradient, the moments and the params, at the first step (count 1) and later ones."""
+  with jax.enable_x64():
+    opt, inverse = make_inner_optimizer('adam', 0.05), make_step_inverse('adam', 0.05)
+    rng = np.random.default_rng(0)
+    normal = lambda tree: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), tree)
+    params = normal({'w': np.zeros((4, 3)), 'b': np.zeros(3)})
+    state = opt.init(params)
+
+    def update(g, opt_state, params):
+      updates, opt_state = opt.update(g, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+    for _ in range(3):
+      grads = normal(params)
+      out, vjp = jax.vjp(update, grads, state, params)
+      ct = (normal(params), jax.tree.map(
+          lambda x: normal(x) if jnp.issubdtype(x.dtype, jnp.inexact)
+          else np.zeros(x.shape, jax.dtypes.float0), out[1]))
+      want = vjp(ct)
+      ct_carry = mixed_mode._to_carry(InnerState(*ct), InnerState(*out))
+      got = inverse.step_vjp(out[1], grads, ct_carry)
+      want = mixed_mode._to_carry(want, want)  # the count's float0 cotangent -> 0.
+      assert jax.tree.structure(got) == jax.tree.structure(want)
+      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
+      params, state = out
 
 
 def test_sgd_has_no_inverse_and_invert_is_refused():
