@@ -16,8 +16,9 @@ inner state (params, optimizer state) back, `recompute`:
     theta_t from state t+1, then s_t from g_t, which the jvp above computes anyway. Each segment
     of S steps (default 16, to bound round-off drift) is undone from an exact end state:
     `boundaries='replay'` recomputes it from the input state when the backward pass reaches it
-    (nothing stored, so memory does not depend on T; sum_j j S extra steps, none for T <= S + 4
-    and S for T <= 2 S + 4), 'keep' stores the T / S of them in the forward pass. The optimizer's
+    (nothing stored, so memory does not depend on T; the end state at step t costs t extra
+    steps: none for T <= S + 4, 16 at T = 32, ~T^2 / 2S for long unrolls), 'keep' stores the
+    T / S of them in the forward pass (no extra steps, memory grows with T). The optimizer's
     first `inverse.exact_steps` steps are replayed from the exact input state instead (Adam: 4,
     i.e. 6 extra steps; momentum: none): a fresh Adam state cannot be undone accurately in
     float32. Where the optimizer has a closed-form step VJP (`StepInverse.step_vjp`: Adam), it
@@ -43,7 +44,7 @@ from inner_loop.unroll import InnerState, PerExampleLoss, inner_step, weighted_l
 WeightsFn = Callable[[Any, dict], jax.Array]  # (phi, batch) -> weights [B]
 RECOMPUTE = ('invert', 'replay', 'store')
 BOUNDARIES = ('replay', 'keep')  # invert: how the exact segment ends are had (see module doc)
-INVERT_CHECKPOINT_EVERY = 16  # invert: exact states kept every S steps bound round-off drift
+INVERT_CHECKPOINT_EVERY = 16  # invert: segments undone from an exact end every S steps (drift)
 
 
 def default_segment(steps: int, recompute: str = 'replay') -> int:
