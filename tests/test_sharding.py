@@ -1,4 +1,6 @@
 """The outer step on 4 devices (population and/or batch split) equals the 1-device step."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -7,8 +9,8 @@ from outer_loop import meta_step, sharding
 from tests.tiny import tiny_batches, tiny_problem
 
 
-def _run(problem, rater, devices, population, steps=2):
-  inner, outer = tiny_batches(3, population=population, steps=2, batch=16)
+def _run(problem, rater, devices, population, steps=2, unroll=2):
+  inner, outer = tiny_batches(3, population=population, steps=unroll, batch=16)
   example = jax.tree.map(lambda x: x[0, 0], inner)
   init = lambda: meta_step.init_outer_state(problem, rater.init(jax.random.PRNGKey(1), example),
                                             jax.random.PRNGKey(2), population)
@@ -22,12 +24,18 @@ def _run(problem, rater, devices, population, steps=2):
   return mesh, jax.device_get(state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize('population', [4, 2, 1])  # mesh (4,1), (2,2), (1,4)
-def test_four_devices_equal_one(population):
+@pytest.mark.parametrize('population,meta_gradient,unroll',
+                         [(4, 'reverse', 2), (2, 'reverse', 2), (1, 'reverse', 2),  # mesh (4,1),
+                          (2, 'mixed', 9)])  # (2,2), (1,4); mixed T=9: undone, replayed ends
+def test_four_devices_equal_one(population, meta_gradient, unroll):
   assert jax.device_count() >= 4, 'tests/conftest.py sets 4 fake CPU devices'
-  problem, _, rater = tiny_problem(optimizer='adam', lr=0.05, reset_every=2)
-  _, one_state, one_metrics = _run(problem, rater, jax.devices()[:1], population)
-  mesh, four_state, four_metrics = _run(problem, rater, jax.devices()[:4], population)
+  problem, _, rater = tiny_problem(optimizer='adam', lr=0.05, reset_every=2,
+                                   meta_gradient=meta_gradient)
+  if meta_gradient == 'mixed':
+    problem = dataclasses.replace(problem, mixed_segment=2)  # 4 replayed, 1 + 2 x 2 undone
+  _, one_state, one_metrics = _run(problem, rater, jax.devices()[:1], population, unroll=unroll)
+  mesh, four_state, four_metrics = _run(problem, rater, jax.devices()[:4], population,
+                                        unroll=unroll)
   assert mesh.devices.size == 4 and mesh.shape['population'] == population
   for a, b in zip(jax.tree.leaves(one_state), jax.tree.leaves(four_state)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
