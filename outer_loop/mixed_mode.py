@@ -119,9 +119,9 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
   def run(phi, state, batches):
     return run_steps(phi, state, batches, 0, jax.tree.leaves(batches)[0].shape[0])
 
-  def replay_to(phi, state, batches, steps):
-    """The state after the first `steps` steps (may be traced), recomputed from `state`."""
-    return jax.lax.fori_loop(0, steps, lambda k, s: step(phi, s, batches, k)[0], state)
+  def replay(phi, state, batches, first, length):
+    """Steps first .. first + length - 1 (`length` may be traced) rerun from `state`."""
+    return jax.lax.fori_loop(0, length, lambda k, s: step(phi, s, batches, first + k)[0], state)
 
   replay_boundaries = recompute == 'invert' and boundaries == 'replay'
 
@@ -228,8 +228,7 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
       return carry
 
     if how == 'replay':
-      state_at = lambda i, states: jax.lax.fori_loop(
-          0, i, lambda k, s: step(phi, s, batches, first + k)[0], exact)
+      state_at = lambda i, states: replay(phi, exact, batches, first, i)
       states = None
     else:
       # All `length` steps, though the last one's result is unused (no concatenated copy).
@@ -260,7 +259,7 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
 
     def over_segments(carry, j):
       if replay_boundaries:
-        exact = replay_to(phi, _after(state0, carry), batches, first + (j + 1) * seg)
+        exact = replay(phi, _after(state0, carry), batches, 0, first + (j + 1) * seg)
       else:
         exact = jax.tree.map(lambda x: x[j], kept)
       return segment_bwd(phi, exact, batches, ct_losses, first + j * seg, seg, carry), None
@@ -268,7 +267,7 @@ def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransfor
       carry, _ = jax.lax.scan(over_segments, carry, jnp.arange(segments), reverse=True)
     if part:
       if n and replay_boundaries:
-        state_p = replay_to(phi, _after(state0, carry), batches, first)
+        state_p = replay(phi, _after(state0, carry), batches, 0, first)
       carry = segment_bwd(phi, state_p if n else final, batches, ct_losses, head, part, carry)
     if head:
       carry = segment_bwd(phi, state0, batches, ct_losses, 0, head, carry, how='replay')
