@@ -302,20 +302,3 @@ class Trainer:
             'steps': steps, 'scoring_forwards': int(policy.forwards_per_example * examples),
             'setup_example_gradients': int(policy.setup_example_gradients),
             'total_example_gradients': int(grads + policy.setup_example_gradients)}
-
-
-def load_split_from_builder(builder, split: str, label_noise: float = 0.0,
-                            noise_seed: int = 0) -> Split:
-  """Like `pipeline.load_split`, for any prepared builder (e.g. `tfds.builder_from_directory`)."""
-  from datarater.data.pipeline import symmetric_label_noise  # pylint: disable=g-import-not-at-top
-  if split not in builder.info.splits:
-    raise UserError(f'dataset {builder.info.name!r} has no split {split!r} '
-                    f'(it has: {", ".join(builder.info.splits)})')
-  source = builder.as_data_source(split=split)
-  examples = source.__getitems__(list(range(len(source))))
-  image = np.stack([np.asarray(e['image']) for e in examples]).astype(np.float32) / 255.0
-  clean = np.array([e['label'] for e in examples], np.int32)
-  num_classes = builder.info.features['label'].num_classes
-  label, corrupted = symmetric_label_noise(clean, num_classes, label_noise, noise_seed)
-  return Split(image=image, label=label, clean_label=clean, is_corrupted=corrupted,
-               ids=np.arange(len(clean), dtype=np.int64), num_classes=num_classes)

@@ -84,7 +84,7 @@ def run(config, weighting: str, rater: str = '', scores: str = '', dataset_dir: 
     if not os.path.exists(os.path.join(dataset_dir, 'dataset_info.json')):
       raise UserError(f'--dataset_dir {dataset_dir!r} is not a TFDS dataset folder')
     builder = tfds.builder_from_directory(os.path.abspath(dataset_dir))
-    load = lambda s, noise=0.0: training.load_split_from_builder(builder, s, noise, d.noise_seed)
+    load = lambda s, noise=0.0: pipeline.read_split(builder, s, noise, d.noise_seed)
   else:
     load = lambda s, noise=0.0: pipeline.load_split(d.name, s, d.data_dir, noise, d.noise_seed)
   train, heldout, evals = load(d.train_split, d.label_noise), load(d.heldout_split), load(d.eval_split)

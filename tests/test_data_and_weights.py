@@ -40,6 +40,23 @@ def test_bad_split_and_noise_rate(tfds_dir):
     pipeline.load_split('sklearn_digits', 'dev', tfds_dir)
   with pytest.raises(UserError, match=r'label_noise must be in \[0, 1\), got 1.5'):
     pipeline.symmetric_label_noise(np.zeros(4, np.int32), 10, 1.5, 0)
+  with pytest.raises(UserError, match=r"no split 'train\[:5000\]'.*incompatible with 1197"):
+    pipeline.load_split('sklearn_digits', 'train[:5000]', tfds_dir)
+
+
+def test_split_expressions_read_the_same_examples_as_numpy_slices(tfds_dir):
+  """TFDS slices and concatenations (cross-validation folds) are the named splits' examples."""
+  train = pipeline.load_split('sklearn_digits', 'train', tfds_dir)
+  test = pipeline.load_split('sklearn_digits', 'test', tfds_dir)
+  fold = pipeline.load_split('sklearn_digits', 'train[:299]+train[598:]+test', tfds_dir,
+                             label_noise=0.2, noise_seed=1)
+  held_out = pipeline.load_split('sklearn_digits', 'train[299:598]', tfds_dir)
+  keep = np.r_[0:299, 598:len(train)]
+  np.testing.assert_array_equal(fold.image, np.concatenate([train.image[keep], test.image]))
+  np.testing.assert_array_equal(fold.clean_label, np.r_[train.label[keep], test.label])
+  np.testing.assert_array_equal(held_out.label, train.label[299:598])
+  assert fold.is_corrupted.sum() == round(0.2 * len(fold))
+  np.testing.assert_array_equal(fold.ids, np.arange(len(fold)))
 
 
 def test_stream_visits_each_example_once_per_epoch_and_resumes_by_position():

@@ -76,11 +76,25 @@ def symmetric_label_noise(labels: np.ndarray, num_classes: int, rate: float, see
 
 def load_split(name: str, split: str, data_dir: str = '', label_noise: float = 0.0,
                noise_seed: int = 0) -> Split:
-  """Reads a TFDS image-classification split (`image`, `label` features) into memory."""
-  builder = get_builder(name, data_dir)
-  if split not in builder.info.splits:
-    raise UserError(f'dataset {name!r} has no split {split!r} '
-                    f'(it has: {", ".join(builder.info.splits)})')
+  """Reads a split of the TFDS dataset `name` into memory; see `read_split`."""
+  return read_split(get_builder(name, data_dir), split, label_noise, noise_seed)
+
+
+def read_split(builder: tfds.core.DatasetBuilder, split: str, label_noise: float = 0.0,
+               noise_seed: int = 0) -> Split:
+  """Reads an image-classification split (`image`, `label` features) of a prepared builder.
+
+  `split` is any TFDS split expression: a name ('train'), a slice ('train[:80%]',
+  'train[100:400]') or a concatenation ('train[:299]+test'), as in `tfds.load` (e.g. for
+  cross-validation folds). `ids` are then positions in that expression's example order.
+  """
+  name = builder.info.name
+  try:
+    builder.info.splits[split]  # Parses the expression and checks its splits and bounds.
+  except (ValueError, KeyError, AssertionError) as e:
+    raise UserError(f'dataset {name!r} has no split {split!r} (it has: '
+                    f'{", ".join(builder.info.splits)}; slices like train[:80%] also work): '
+                    f'{str(e).splitlines()[0]}') from None
   features = builder.info.features
   if 'image' not in features or 'label' not in features:
     raise UserError(f'dataset {name!r} has features {list(features)}; need `image` and `label`')
