@@ -331,3 +331,21 @@ def test_launch_train_selection_flag(tfds_dir, tmp_path):
   del cfg['selection_ratio']
   with pytest.raises(UserError, match='configs/selection.py'):
     run_selection(cfg, 'random')
+
+
+def test_bench_folds_partition_train_and_test(tfds_dir):
+  """bench.selection's folds: test folds tile train+test, each fold trains on exactly the rest."""
+  from collections import Counter  # pylint: disable=g-import-not-at-top
+  from bench.selection import fold_splits  # pylint: disable=g-import-not-at-top
+  rows = lambda s: Counter(map(bytes, np.concatenate([s.image.reshape(len(s), -1),
+                                                      s.label[:, None]], 1)))
+  load = lambda expr: pipeline.load_split('sklearn_digits', expr, tfds_dir)
+  pool = rows(load('train')) + rows(load('test'))
+  tested = Counter()
+  for fold in range(5):
+    train_expr, test_expr = fold_splits(fold, 5, 1197)
+    train, test = rows(load(train_expr)), rows(load(test_expr))
+    assert train + test == pool
+    assert 299 <= sum(test.values()) <= 300
+    tested += test
+  assert tested == pool
