@@ -17,8 +17,8 @@ Writes bench/results/selection{,_quick}.json, .png (accuracy against example-gra
 (the table), and prints the table. Also measures the Gini coefficient of per-example selection
 counts of the SAE policy with and without the usage penalty on the real SAE codes. Compiled epochs
 are cached on disk for the run (same shapes -> one compilation per policy and ratio).
-`--quick`: fold 0, 1 seed, ratios {0.3, 0.7}, 10 epochs. `--extractor=pixels` uses raw pixels as the SAE's
-feature space (no offline extractor training; files get a `_pixels` suffix).
+`--quick`: fold 0, 1 seed, ratios {0.3, 0.7}, 10 epochs. `--extractor=pixels` uses raw pixels
+as the SAE's feature space (no offline extractor training; files get a `_pixels` suffix).
 """
 import argparse
 import atexit
