@@ -270,7 +270,7 @@ def main():
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   validation = pipeline.load_split('sklearn_digits', 'validation', args.data_dir)
-  num_train = len(pipeline.load_split('sklearn_digits', 'train', args.data_dir))
+  num_train = pipeline.get_builder('sklearn_digits', args.data_dir).info.splits['train'].num_examples
   runs, offline, ginis = [], [], {}
   t_start = time.time()
   for noise, fold, seed in itertools.product((0.0, 0.2), folds, seeds):

@@ -1,5 +1,4 @@
 """From a config to the bi-level problem: models, optimizers, checks on the hyper-parameters."""
-import jax
 import ml_collections
 import optax
 
