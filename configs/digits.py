@@ -1,8 +1,11 @@
-"""DataRater on scikit-learn's handwritten digits with 20% symmetric label noise.
+"""DataRater on scikit-learn's handwritten digits with 20% symmetric label noise (MLPs).
 
 The default experiment: it needs no network (the digits ship inside scikit-learn and are
-written once into a local TFDS dataset) and trains in a few minutes on 2 CPU cores.
-Override any field from the command line, e.g. `--config.inner.steps=4`.
+written once into a local TFDS dataset) and trains in a minute or two on 2 CPU cores. One config
+serves every launcher: `train_rater` reads data, task, rater, inner, outer and final_eval;
+`train` reads data, task, train and policy; `valuate` reads data, task and valuation; the
+selection policies read features, sae and sae_scores. Override any field from the command line,
+e.g. `--config.inner.steps=4`.
 """
 import ml_collections
 
@@ -12,19 +15,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'sklearn_digits'   # any TFDS image-classification dataset prepared in data_dir
+  c.data.name = 'sklearn_digits'   # a TFDS dataset prepared in data_dir (bundled ones build here)
   c.data.data_dir = ''             # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.data.train_split = 'train'     # what the inner models train on (corrupted below)
+  c.data.dataset_dir = ''          # a TFDS dataset folder to read instead (e.g. launch.filter's)
+  c.data.train_split = 'train'     # what models train on (corrupted below); any split expression
   c.data.heldout_split = 'validation'  # clean held-out data for the outer (meta) loss
   c.data.eval_split = 'test'       # final evaluation only
-  c.data.label_noise = 0.2         # symmetric label noise rate p on the train split
+  c.data.label_noise = 0.2         # symmetric label noise rate on the train split, recorded
   c.data.noise_seed = 0
 
-  c.task_model = ml_collections.ConfigDict()
-  c.task_model.hidden = (128, 128)
-  c.task_model.activation = 'relu'
+  c.task = ml_collections.ConfigDict()
+  c.task.name = 'mlp_classifier'   # datarater.tasks.TASKS
+  c.task.hidden = (128, 128)
+  c.task.activation = 'relu'
 
   c.rater = ml_collections.ConfigDict()
+  c.rater.name = 'mlp_rater'       # datarater.tasks.RATERS
   c.rater.hidden = (128, 128)
   c.rater.activation = 'relu'
   c.rater.temperature = 1.0        # tau in w = B * softmax(score / tau)
@@ -43,22 +49,101 @@ def get_config() -> ml_collections.ConfigDict:
   c.outer.learning_rate = 1e-3
   c.outer.warmup_steps = 50
   c.outer.clip_norm = 1.0
-  # 'reverse' | 'remat' (jax.checkpoint per inner step: memory for compute) | 'mixed' (custom
-  # backward, forward-over-reverse HVPs, memory nearly flat in T); see outer_loop.meta_step.
+  # The meta-gradient estimator (outer_loop.estimators): 'reverse' | 'remat' (jax.checkpoint per
+  # inner step) | 'mixed' (custom backward, forward-over-reverse HVPs, memory nearly flat in T).
   c.outer.meta_gradient = 'reverse'
   # mixed only: how inner states come back on the backward pass. 'invert' runs momentum/Adam
-  # backwards (no extra steps), 'replay' recomputes from kept states, 'auto' = invert if it can.
+  # backwards, 'replay' recomputes from kept states, 'auto' = invert if the optimizer can.
   c.outer.mixed_recompute = 'auto'
-  c.outer.mixed_segment = 0        # steps between exact states kept (0: 16 invert, sqrt(T) replay)
-  # invert only: the exact state each segment is undone from is 'replay'ed from the unroll's
-  # input (memory flat in T, extra steps grow ~T^2/S) or 'keep' (T/S states stored, no extra).
-  c.outer.mixed_boundaries = 'replay'
+  c.outer.mixed_segment = 0        # steps per segment (0: 16 for invert, sqrt(T) for replay)
 
   c.log_every = 25
   c.checkpoint_every = 200
 
-  # End-of-run report: fresh models trained on rater weights vs uniform weights.
+  # End of a rater run: fresh models trained with the rater's weights vs uniform weights.
   c.final_eval = ml_collections.ConfigDict()
   c.final_eval.train_steps = 300
   c.final_eval.num_models = 4
+
+  # launch.train: task models trained from scratch under a policy.
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 30
+  c.train.checkpoint_every = 10    # epochs between checkpoints (with --workdir; a rerun resumes)
+  c.train.batch_size = 128
+  c.train.optimizer = 'adam'
+  c.train.learning_rate = 1e-3
+  c.train.seeds = (0, 1, 2)        # one fresh model per seed (initialisation, data order), vmapped
+
+  c.policy = ml_collections.ConfigDict()
+  c.policy.name = 'uniform'        # datarater.policies.POLICIES (launch.train --policy sets it)
+  c.policy.temperature = 1.0       # tau of softmax weights from values (scores, tracin, mimic)
+  c.policy.rho = 0.2               # online filters: the fraction of each batch filtered out
+  c.policy.ratio = 0.7             # selection: the fraction of the split trained on per epoch
+  c.policy.max_prune_prob = 0.8    # infobatch
+
+  # launch.valuate: the recorded training run (plain SGD, fixed data order) each method reads.
+  v = c.valuation = ml_collections.ConfigDict()
+  v.train_steps = 600
+  v.batch_size = 64
+  v.optimizer = 'sgd'              # TracIn and data value embedding assume plain SGD
+  v.learning_rate = 0.1
+  v.checkpoint_every = 60          # TracIn / Mimic checkpoints (DVEmb records every step)
+  v.seed = 0                       # initialisation and data order of the run
+  v.layers = ''                    # comma-separated layer names ('dense_2'); '' = all parameters
+  v.projection = 'kronecker'       # 'none' | 'kronecker' | 'gaussian' (where a method projects)
+  v.projection_dim = 8             # kronecker: 8 x 8 per matrix leaf; gaussian: this many dims
+  v.projection_seed = 0
+  v.chunk_size = 64                # per-example gradients alive at once
+  v.score_batch_size = 256         # examples per scoring call (the progress bar's step)
+  v.tracin_mode = 'self'           # 'self' | 'heldout' | 'heldout_cos'
+  v.tracin_project = False         # TracIn on projected gradients (exact gradients if False)
+  v.tracin_ghost = True            # self-influence from Dense inputs x output grads, if all-Dense
+  v.mimic_layers = 'last'          # 'last' | '' (all) | comma-separated names
+  v.mimic_cosine = False
+  v.mimic_keep_fraction = 0.0      # offline filter: keep this top fraction; 0 = 2-Gaussian threshold
+  v.reference_steps = 400          # SGD steps of the Mimic reference on the trusted (held-out) split
+  v.dvemb_curvature = 'gauss_newton'  # 'gauss_newton' | 'empirical_fisher' | 'none'
+  v.dvemb_steps = 300              # DVEmb's run is shorter: it keeps a checkpoint per step
+  v.rater = ''                     # method datarater: an exported rater or a train_rater workdir
+
+  # Selection policy 'sae': plug-in feature space, a sparse autoencoder on it, the scores.
+  c.features = ml_collections.ConfigDict()
+  c.features.extractor = 'penultimate'  # 'penultimate' (Task.embed of a briefly trained task) | 'pixels'
+  c.features.task = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (64,),
+                                               'activation': 'relu'})
+  c.features.train_steps = 150
+  c.features.batch_size = 64
+  c.features.learning_rate = 3e-3
+  c.features.seed = 1
+
+  c.sae = ml_collections.ConfigDict()
+  c.sae.sparsity = 'top_k'         # 'top_k' | 'l1'
+  c.sae.num_factors = 128
+  c.sae.k = 8                      # active factors per example (top_k)
+  c.sae.l1_coef = 0.1              # L1 penalty on the codes (l1)
+  c.sae.steps = 1500
+  c.sae.batch_size = 256
+  c.sae.learning_rate = 3e-3
+
+  c.sae_scores = ml_collections.ConfigDict()
+  c.sae_scores.class_conditional = True  # representativeness within each labelled class
+  c.sae_scores.high_freq_fraction = 0.5  # share of factors (most frequent first) counted as common
+  c.sae_scores.gate_width = 0.15         # how gradually rare factors are let in (progress units)
+  # Curriculum weights on rank(representativeness) and rank(diversity), from t = 0 to the end.
+  # Negative representativeness weight: the most representative examples (whose factors the rest
+  # of their class already covers, i.e. redundant) are the first left out of the budget.
+  c.sae_scores.rep_weight_start = -1.0
+  c.sae_scores.rep_weight_end = -1.0
+  c.sae_scores.div_weight_start = 0.0    # rare factors come in over training ...
+  c.sae_scores.div_weight_end = 0.5      # ... up to this weight at the end
+  c.sae_scores.usage_penalty = 0.3       # lambda on the share of past epochs an example was used
+  c.sae_scores.temperature = 0.3         # Gumbel noise on the scores (0 = deterministic top-n)
+  # Label guard against likely mislabels (class_conditional only): rule 'margin' = factors more
+  # typical of another class than of its own by > `mislabel_margin`; 'confident' = an estimated
+  # number of label errors, lowest margins first. Guard 'penalty': suspects lose
+  # `mislabel_penalty` score; 'exclude': selected only when the others cannot fill the budget.
+  c.sae_scores.mislabel_guard = 'penalty'
+  c.sae_scores.mislabel_rule = 'margin'
+  c.sae_scores.mislabel_margin = 0.25
+  c.sae_scores.mislabel_penalty = 1.0
   return c

@@ -8,7 +8,6 @@ may differ, so a finished run can be extended.
 """
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -42,15 +41,6 @@ def trajectory_fields(config: ml_collections.ConfigDict,
           if not any(k == f or k.startswith(f + '.') for f in free_fields)}
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON to a temp file in the same folder, then renames it over `path`."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.json')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def _drop_empty(tree):
   """Zero-size leaves -> None: orbax cannot save them, and they carry nothing."""
   return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
@@ -61,29 +51,6 @@ def _empty_like(like):
   empty = np.zeros(like.shape, like.dtype)
   sharding = getattr(like, 'sharding', None)
   return jax.device_put(empty, sharding) if sharding is not None else jax.numpy.asarray(empty)
-
-
-class JsonlLog:
-  """A JSON-lines log of a run; on resume, records past the restored point are dropped.
-
-  Records are dicts with a `key` field (e.g. 'step', 'epoch'); those with key <= `resume_at`
-  are kept (rewritten to a temp file, then renamed), the rest are appended as the run goes.
-  """
-
-  def __init__(self, path: str, key: str, resume_at: int = 0):
-    self.path, self.history = path, []
-    if os.path.exists(path):
-      with open(path) as f:
-        self.history = [r for r in map(json.loads, f) if r[key] <= resume_at]
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in self.history)
-    os.replace(tmp, path)
-
-  def write(self, record: dict) -> None:
-    self.history.append(record)
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
 
 
 class RunCheckpointer:
@@ -184,20 +151,3 @@ def restore_latest_on_host(directory: str):
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   manager.close()
   return state['state']
-
-
-def load_trained_rater(workdir: str):
-  """(rater module, rater params, config, input spec) from a train_rater workdir's latest checkpoint."""
-  from datarater import models  # pylint: disable=g-import-not-at-top
-  config_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(config_path):
-    raise UserError(f'no trained rater in {workdir!r}: {config_path!r} is missing')
-  with open(config_path) as f:
-    saved = json.load(f)
-  config = ml_collections.ConfigDict(saved['config'])
-  spec = saved['input_spec']
-  state = restore_latest_on_host(os.path.join(os.path.abspath(workdir), 'checkpoints'))
-  if state is None:
-    raise UserError(f'no checkpoint in {workdir!r}: run launch.train_rater there first')
-  rater = models.Rater(spec['num_classes'], tuple(config.rater.hidden), config.rater.activation)
-  return rater, state['rater_params'], config, spec

@@ -1,28 +1,29 @@
-"""A self-contained exported rater: parameters, architecture, input spec, and a jitted scorer.
+"""A trained rater as a self-contained folder, and the one way to load a rater.
 
 `export_rater(workdir, out_dir)` copies the latest rater of a `launch.train_rater` run into
-`out_dir`: `params/` (orbax, restorable on any device layout) and `rater.json` (the module's
-architecture, the input spec it expects, the softmax temperature, the data it was trained on and
-the example-gradients its training cost). `load_rater(out_dir)` rebuilds it on whatever devices
-this process has. Scoring runs in fixed per-device blocks, so every example's score is computed by
-the same compiled program whatever the number of devices: scores are bit-identical on 1 or N.
+`out_dir`: `params/` (orbax, restorable on any device layout) and `rater.json` (the rater's
+config, the data it reads (`pipeline.DataInfo`), the softmax temperature, the data it was trained
+on and the example-gradients its training cost). `load_rater(path)` loads either such a folder or
+a rater run directly, onto whatever devices this process has. Scoring runs in fixed per-device
+blocks, so every example's score is computed by the same compiled program whatever the number of
+devices: scores are bit-identical on 1 or N. Non-finite parameters are never exported or loaded.
 """
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from datarater import checkpointing, models
+from datarater import checkpointing, files, tasks
+from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def rater_training_compute(config) -> int:
@@ -37,19 +38,41 @@ def rater_training_compute(config) -> int:
              (config.inner.steps * config.inner.batch_size + config.outer.batch_size))
 
 
+def _check_finite(params, where: str) -> None:
+  bad = sum(int(np.sum(~np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(params))
+  if bad:
+    raise UserError(f'{where} holds {bad} non-finite rater parameters (NaN or inf): refusing it')
+
+
+def _read_run(workdir: str):
+  """(config, DataInfo, rater params on the first local device) of a rater run's latest step."""
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path):
+    raise UserError(f'no rater run in {workdir!r}: {config_path!r} is missing '
+                    '(make one with launch.train_rater)')
+  with open(config_path) as f:
+    saved = json.load(f)
+  config = ml_collections.ConfigDict(saved['config'])
+  state = checkpointing.restore_latest_on_host(os.path.join(os.path.abspath(workdir),
+                                                            'checkpoints'))
+  if state is None:
+    raise UserError(f'no checkpoint in {workdir!r}: run launch.train_rater there first')
+  params = state['rater_params']
+  _check_finite(params, f'the latest checkpoint of {workdir!r}')
+  return config, DataInfo.from_json(saved['data_info']), params
+
+
 def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
   """Writes the rater of `workdir` to `out_dir` (temp folder, then rename); returns rater.json."""
   if not out_dir:
     raise UserError('--out is required')
   if os.path.exists(out_dir) and not overwrite:
     raise UserError(f'output {out_dir!r} already exists (pass --overwrite to replace it)')
-  rater, params, config, spec = checkpointing.load_trained_rater(workdir)
+  config, info, params = _read_run(workdir)
   meta = {
       'format_version': FORMAT_VERSION,
-      'rater': {'num_classes': int(rater.num_classes), 'hidden': [int(h) for h in rater.hidden],
-                'activation': rater.activation},
-      'input_spec': {'image_shape': [int(d) for d in spec['image_shape']],
-                     'num_classes': int(spec['num_classes'])},
+      'rater': json.loads(config.rater.to_json()),
+      'data_info': info.to_json(),
       'temperature': float(config.rater.temperature),
       'trained_on': {'dataset': config.data.name, 'split': config.data.train_split,
                      'label_noise': float(config.data.label_noise),
@@ -57,113 +80,103 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
       'training_example_gradients': rater_training_compute(config),
       'config': json.loads(config.to_json()),
   }
-  out_dir = os.path.abspath(out_dir)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f'.{os.path.basename(out_dir)}.tmp-{os.getpid()}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(tmp, 'params'), jax.device_get(params))
-  checkpointing.write_json_atomic(os.path.join(tmp, 'rater.json'), meta)
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
-  os.rename(tmp, out_dir)
+  with files.atomic_dir(out_dir, overwrite) as tmp:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, 'params'), jax.device_get(params))
+    files.write_json(os.path.join(tmp, 'rater.json'), meta)
   return meta
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedRater:
-  """An exported rater on this process's devices. `rater(batch)` -> scores [B] (numpy, float32).
+  """A rater and its parameters on this process's devices.
 
-  `score` is the jitted per-block function (batch of `block` examples per device -> scores);
-  `__call__` pads any batch to whole blocks and splits it over `devices`.
+  `rater.score(params, batch)` is traceable (for use inside other jitted code, e.g. training
+  weights); `loaded(batch)` scores any batch of numpy arrays in blocks of `block` examples per
+  device, split over `devices`, and returns numpy float32 scores.
   """
-  module: models.Rater
+  rater: tasks.Rater
   params: Any
-  input_spec: dict
+  info: DataInfo
   temperature: float
   meta: dict
   devices: tuple
   block: int
-  score: Callable[[dict], jax.Array]
+  scorer: Callable[[dict], jax.Array]
 
   @property
   def training_example_gradients(self) -> int:
     return int(self.meta.get('training_example_gradients', 0))
 
-  def apply(self, batch: dict) -> jax.Array:
-    """Traceable scores of a batch (for use inside other jitted code, e.g. training weights)."""
-    return self.module.apply(self.params, {'image': batch['image'], 'label': batch['label']})
-
   def __call__(self, batch: dict) -> np.ndarray:
-    n = len(batch['label'])
+    n = len(next(iter(batch.values())))
     chunk = self.block * len(self.devices)
     out = []
     for start in range(0, n, chunk):
       idx = np.arange(start, start + chunk) % n  # pad the last chunk by wrapping (one shape)
-      part = {'image': np.asarray(batch['image'])[idx].astype(np.float32),
-              'label': np.asarray(batch['label'])[idx].astype(np.int32)}
-      out.append(np.asarray(self.score(part))[:min(chunk, n - start)])
+      part = {k: np.asarray(batch[k])[idx].astype(s.dtype) for k, s in self.info.spec.items()}
+      out.append(np.asarray(self.scorer(part))[:min(chunk, n - start)])
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-  def check_matches(self, image_shape, num_classes: int, what: str) -> None:
-    """UserError unless examples of `what` have the image shape and classes the rater expects."""
-    want = self.input_spec
-    if list(image_shape) != list(want['image_shape']) or int(num_classes) != want['num_classes']:
-      raise UserError(
-          f'the rater expects images {tuple(want["image_shape"])} with {want["num_classes"]} '
-          f'classes, but {what} has images {tuple(image_shape)} with {num_classes} classes')
+  def check_matches(self, info: DataInfo, what: str) -> None:
+    """UserError unless `info` has the features (shapes, dtypes, classes) the rater reads."""
+    if not self.info.matches(info, self.info.spec):
+      want = {k: (tuple(s.shape), np.dtype(s.dtype).name) for k, s in self.info.spec.items()}
+      got = {k: (tuple(s.shape), np.dtype(s.dtype).name) for k, s in info.spec.items()}
+      raise UserError(f'the rater reads features {want} (classes {dict(self.info.num_classes)}), '
+                      f'but {what} has {got} (classes {dict(info.num_classes)})')
 
 
-def load_rater(rater_dir: str, devices: Optional[list] = None, block: int = 256) -> LoadedRater:
-  """Loads an exported rater onto `devices` (default: all local devices).
+def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> LoadedRater:
+  """Loads the rater of an exported folder or of a `launch.train_rater` run onto `devices`.
 
   Scores are computed in blocks of `block` examples per device with `jax.shard_map`; each device
   runs the same [block]-shaped program, so results do not depend on the number of devices.
   """
-  meta_path = os.path.join(rater_dir, 'rater.json')
-  if not os.path.exists(meta_path):
-    raise UserError(f'no exported rater in {rater_dir!r}: {meta_path!r} is missing '
-                    '(make one with launch.export_rater)')
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta.get('format_version') != FORMAT_VERSION:
-    raise UserError(f'rater {rater_dir!r} has format_version {meta.get("format_version")!r}; '
-                    f'this code reads {FORMAT_VERSION}')
-  r = meta['rater']
-  module = models.Rater(r['num_classes'], tuple(r['hidden']), r['activation'])
-  host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with ocp.StandardCheckpointer() as ckptr:
-    path = os.path.abspath(os.path.join(rater_dir, 'params'))
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
-                          ckptr.metadata(path).item_metadata.tree)
-    params = ckptr.restore(path, target)
+  meta_path = os.path.join(path, 'rater.json')
+  if os.path.exists(meta_path):
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UserError(f'rater {path!r}: {meta_path!r} is not readable JSON ({e})') from None
+    if meta.get('format_version') != FORMAT_VERSION:
+      raise UserError(f'rater {path!r} has format_version {meta.get("format_version")!r}; '
+                      f'this code reads {FORMAT_VERSION}')
+    info = DataInfo.from_json(meta['data_info'])
+    rater = tasks.make_rater(ml_collections.ConfigDict(meta['rater']), info)
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    params_path = os.path.abspath(os.path.join(path, 'params'))
+    if not os.path.isdir(params_path):
+      raise UserError(f'rater {path!r} has no params/ folder')
+    with ocp.StandardCheckpointer() as ckptr:
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
+                            ckptr.metadata(params_path).item_metadata.tree)
+      params = ckptr.restore(params_path, target)
+    _check_finite(params, f'rater {path!r}')
+    temperature = float(meta['temperature'])
+  elif os.path.exists(os.path.join(path, 'config.json')):
+    config, info, params = _read_run(path)
+    rater = tasks.make_rater(config.rater, info)
+    temperature = float(config.rater.temperature)
+    meta = {'training_example_gradients': rater_training_compute(config),
+            'config': json.loads(config.to_json())}
+  else:
+    raise UserError(f'no rater in {path!r}: neither an exported rater (rater.json, from '
+                    'launch.export_rater) nor a launch.train_rater run (config.json)')
+  expected = jax.eval_shape(rater.init, jax.random.PRNGKey(0))
+  if jax.tree.structure(expected) != jax.tree.structure(params) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params))):
+    raise UserError(f'rater {path!r}: its parameters do not fit the architecture it names')
   devices = tuple(devices or jax.local_devices())
   mesh = Mesh(np.array(devices), ('batch',))
   params_repl = jax.device_put(params, NamedSharding(mesh, P()))
   data_sharding = NamedSharding(mesh, P('batch'))
-
-  def local(p, batch):
-    return module.apply(p, batch)
-
-  sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P('batch')),
+  sharded = jax.jit(jax.shard_map(rater.score, mesh=mesh, in_specs=(P(), P('batch')),
                                   out_specs=P('batch')))
 
-  def score(batch: dict) -> jax.Array:
+  def scorer(batch: dict) -> jax.Array:
     return sharded(params_repl, jax.device_put(batch, data_sharding))
 
-  return LoadedRater(module=module, params=params, input_spec=meta['input_spec'],
-                     temperature=float(meta.get('temperature', 1.0)), meta=meta, devices=devices,
-                     block=block, score=score)
-
-
-def softmax_weight_fn(rater: LoadedRater, temperature: Optional[float] = None):
-  """(params, batch) -> B * softmax(score / tau): the rater's online loss weights in training."""
-  from inner_loop.weighting import softmax_weights  # pylint: disable=g-import-not-at-top
-  tau = rater.temperature if temperature is None else temperature
-
-  def weight_fn(params, batch):
-    del params
-    return jax.lax.stop_gradient(softmax_weights(rater.apply(batch), tau))
-  return weight_fn
+  return LoadedRater(rater=rater, params=params, info=info, temperature=temperature, meta=meta,
+                     devices=devices, block=block, scorer=scorer)

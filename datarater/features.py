@@ -1,80 +1,63 @@
-"""Plug-in feature spaces for data selection: any function from a batch of images to vectors.
+"""Plug-in feature spaces for data selection: any function from a batch to vectors [B, D].
 
-The default extractor is the penultimate layer of a task model (MLP) trained here, briefly, on the
-training split and then frozen. Any other `FeatureFn` (a pretrained encoder, raw pixels, ...) plugs
-in the same way: `extract(feature_fn, images)` runs it over a split in fixed-size chunks.
+The default extractor is the representation (`Task.embed`) of a task model trained here, briefly,
+on the training split with the one trainer, then frozen (`config.features.task` says which task:
+any registered one). `pixels` is the batch's float features, flattened. Any other function plugs
+in the same way: `extract(feature_fn, split)` runs it over a split in fixed-size chunks.
 """
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from datarater import models
-from datarater.data.pipeline import Split, stream_indices
+from datarater import evaluation, tasks
 from datarater.errors import UserError
-from inner_loop import make_inner_optimizer, uniform_weights
-from inner_loop.unroll import init_inner_state, unroll
+from inner_loop import make_inner_optimizer
 
-FeatureFn = Callable[[jax.Array], jax.Array]  # images [B, ...] -> features [B, D]
-
-
-def penultimate_fn(hidden: Sequence[int], activation: str, params) -> FeatureFn:
-  """The last hidden activation of a `models.task_model(_, hidden, activation)` with `params`.
-
-  The hidden layers of that MLP are `dense_0..dense_{L-1}`; an MLP over exactly those layers,
-  followed by the activation, is the penultimate representation (no new weights).
-  """
-  trunk = models.MLP(features=tuple(hidden), activation=activation)
-  trunk_params = {'params': {f'dense_{i}': params['params'][f'dense_{i}'] for i in range(len(hidden))}}
-  act = models.ACTIVATIONS[activation]
-  return lambda images: act(trunk.apply(trunk_params, images))
+FeatureFn = Callable[[dict], jax.Array]  # batch -> features [B, D]
+EXTRACTORS = ('penultimate', 'pixels')
 
 
-def train_feature_model(train: Split, *, hidden: Sequence[int], activation: str = 'relu',
-                        steps: int = 300, batch_size: int = 64, learning_rate: float = 1e-3,
-                        seed: int = 0):
-  """Trains a task model with plain uniform weights; returns (params, example-gradients spent)."""
-  if steps <= 0:
-    raise UserError(f'features.train_steps must be positive, got {steps}')
-  task = models.task_model(train.num_classes, hidden, activation)
-  optimizer = make_inner_optimizer('adam', learning_rate)
-  state = init_inner_state(task.init(jax.random.PRNGKey(seed), jnp.asarray(train.image[:1])),
-                           optimizer)
-  idx = stream_indices(len(train), 0, steps * batch_size, seed).reshape(steps, batch_size)
-
-  def loss_fn(params, batch):
-    return models.per_example_loss(task.apply, params, batch)
-
-  run = jax.jit(lambda s, b: unroll(loss_fn, optimizer, uniform_weights, s, b)[0])
-  state = run(state, {'image': train.image[idx], 'label': train.label[idx]})
-  return state.params, steps * batch_size
+def train_feature_model(train, config):
+  """A task model (`config.task`) trained with uniform weights; (task, params, example-grads)."""
+  from datarater.policies.base import weighting  # pylint: disable=g-import-not-at-top
+  from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
+  if config.train_steps <= 0:
+    raise UserError(f'features.train_steps must be positive, got {config.train_steps}')
+  task = tasks.make_task(config.task, train.info)
+  trainer = Trainer(task, make_inner_optimizer('adam', config.learning_rate),
+                    weighting('uniform', len(train)), config.batch_size)
+  run = trainer.run(train, {}, [config.seed], steps=config.train_steps)
+  params = jax.tree.map(lambda x: x[0], run.params)
+  return task, params, run.example_gradients
 
 
-def extract(feature_fn: FeatureFn, images: np.ndarray, chunk: int = 512) -> np.ndarray:
-  """Features of every image, in order, float32 [N, D]; the last chunk is padded (one compile)."""
-  jitted = jax.jit(feature_fn)
-  out = []
-  n = len(images)
-  for start in range(0, n, chunk):
-    idx = np.arange(start, start + chunk) % n
-    out.append(np.asarray(jitted(jnp.asarray(images[idx])))[:min(chunk, n - start)])
-  feats = np.concatenate(out).astype(np.float32)
+def input_features(batch: dict) -> jax.Array:
+  """Every float feature of the batch, flattened and concatenated: [B, D]."""
+  parts = [x.reshape(x.shape[0], -1) for k, x in sorted(batch.items())
+           if k != 'index' and np.issubdtype(x.dtype, np.floating)]
+  if not parts:
+    raise UserError('features.extractor=pixels needs float input features')
+  return jax.numpy.concatenate(parts, axis=1)
+
+
+def extract(feature_fn: FeatureFn, split, chunk: int = 512) -> np.ndarray:
+  """Features of every example, in order, float32 [N, D]."""
+  feats = evaluation.score_split(feature_fn, split, chunk).astype(np.float32)
   if feats.ndim != 2:
     raise UserError(f'feature function must return [batch, dim] vectors, got shape {feats.shape}')
   return feats
 
 
-def default_features(train: Split, config) -> tuple[np.ndarray, int]:
-  """Penultimate features of a model trained per `config` (a `features` ConfigDict) on `train`.
+def default_features(train, config) -> tuple[np.ndarray, int]:
+  """Features of `train` per `config` (a `features` ConfigDict).
 
   Returns (features [N, D], example-gradients the extractor cost, reported as offline cost).
   """
   if config.extractor == 'pixels':
-    return train.image.reshape(len(train), -1).astype(np.float32), 0
+    return extract(input_features, train), 0
   if config.extractor != 'penultimate':
-    raise UserError(f"unknown features.extractor {config.extractor!r} (choose 'penultimate' or 'pixels')")
-  params, cost = train_feature_model(train, hidden=config.hidden, activation=config.activation,
-                                     steps=config.train_steps, batch_size=config.batch_size,
-                                     learning_rate=config.learning_rate, seed=config.seed)
-  return extract(penultimate_fn(config.hidden, config.activation, params), train.image), cost
+    raise UserError(f'unknown features.extractor {config.extractor!r} '
+                    f'(choose from {", ".join(EXTRACTORS)})')
+  task, params, cost = train_feature_model(train, config)
+  return extract(lambda b: task.embed(params, b), train), cost

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from datarater.errors import UserError
+from datarater.tasks import PerExampleLoss, batch_size_of
 
-PerExampleLoss = Callable[[Any, dict], jax.Array]
 
 
 class GradTransform(NamedTuple):
@@ -223,10 +223,6 @@ def single_example_loss(loss_fn: PerExampleLoss) -> Callable[[Any, dict], jax.Ar
   return loss
 
 
-def batch_size_of(batch) -> int:
-  return jax.tree.leaves(batch)[0].shape[0]
-
-
 def per_example(loss_fn: PerExampleLoss, params, batch: dict,
                 transform: Optional[GradTransform] = None, state: Any = None,
                 chunk_size: Optional[int] = 64):
@@ -322,18 +318,42 @@ def _dense_name(context) -> str:
   return '/'.join(context.module.path)
 
 
-def dense_layers(loss_fn: PerExampleLoss, params, batch: dict) -> list[str]:
-  """Names (module paths) of the nn.Dense calls made by `loss_fn`, in call order."""
-  names = []
+def _dense_calls(loss_fn: PerExampleLoss, params, batch: dict):
+  """{Dense name: (output shape, kernel size, use_bias)} of the nn.Dense calls `loss_fn` makes."""
+  calls = {}
 
   def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
     if _is_dense_call(context):
-      names.append(_dense_name(context))
-    return next_fun(*args, **kwargs)
+      name = _dense_name(context)
+      if name in calls:
+        raise ValueError(f'Dense layer {name!r} is called twice: ghost products need one call')
+      x = args[0] if args else kwargs['inputs']
+      calls[name] = (jax.ShapeDtypeStruct(out.shape, out.dtype), x.shape[-1] * out.shape[-1],
+                     context.module.use_bias)
+    return out
 
   with nn.intercept_methods(record):
     jax.eval_shape(lambda p, b: loss_fn(p, b), params, batch)  # a fresh fn: eval_shape caches traces
-  return names
+  return calls
+
+
+def _dense_params(calls) -> int:
+  return sum(size + (shape.shape[-1] if bias else 0) for shape, size, bias in calls.values())
+
+
+def dense_layers(loss_fn: PerExampleLoss, params, batch: dict) -> list[str]:
+  """Names (module paths) of the nn.Dense calls made by `loss_fn`, in call order."""
+  return list(_dense_calls(loss_fn, params, batch))
+
+
+def ghost_covers(loss_fn: PerExampleLoss, params, batch: dict) -> bool:
+  """Whether the model's Dense layers hold all its parameters (ghost products are then exact)."""
+  try:
+    calls = _dense_calls(loss_fn, params, batch)
+  except ValueError:
+    return False
+  return _dense_params(calls) == sum(x.size for x in jax.tree.leaves(params))
 
 
 def dense_factors(loss_fn: PerExampleLoss, params, batch: dict,
@@ -344,27 +364,13 @@ def dense_factors(loss_fn: PerExampleLoss, params, batch: dict,
   through zero perturbations added to the Dense outputs. With `check_coverage`, raises if the
   Dense layers taken do not hold every parameter (ghost products would then miss a part).
   """
-  shapes, bias = {}, {}
-
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if _is_dense_call(context):
-      name = _dense_name(context)
-      if name in shapes:
-        raise ValueError(f'Dense layer {name!r} is called twice: ghost products need one call')
-      x = args[0] if args else kwargs['inputs']
-      shapes[name] = (jax.ShapeDtypeStruct(out.shape, out.dtype), x.shape[-1] * out.shape[-1])
-      bias[name] = context.module.use_bias
-    return out
-
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda p, b: loss_fn(p, b), params, batch)  # a fresh fn: eval_shape caches traces
-  names = list(shapes) if layers is None else [n for n in shapes
-                                               if any(l in n.split('/') for l in layers)]
+  calls = _dense_calls(loss_fn, params, batch)
+  names = list(calls) if layers is None else [n for n in calls
+                                              if any(l in n.split('/') for l in layers)]
   if layers is not None and not names:
-    raise UserError(f'no Dense layer among {list(layers)!r} (Dense layers: {", ".join(shapes)})')
+    raise UserError(f'no Dense layer among {list(layers)!r} (Dense layers: {", ".join(calls)})')
   if check_coverage and layers is None:
-    covered = sum(shapes[n][1] + (shapes[n][0].shape[-1] if bias[n] else 0) for n in names)
+    covered = _dense_params(calls)
     total = sum(x.size for x in jax.tree.leaves(params))
     if covered != total:
       raise ValueError(f'Dense layers hold {covered} of {total} parameters: ghost dot products '
@@ -385,9 +391,9 @@ def dense_factors(loss_fn: PerExampleLoss, params, batch: dict,
       loss = loss_fn(params, batch)
     return jnp.sum(loss), acts
 
-  eps = {n: jnp.zeros(shapes[n][0].shape, shapes[n][0].dtype) for n in names}
+  eps = {n: jnp.zeros(calls[n][0].shape, calls[n][0].dtype) for n in names}
   out_grads, acts = jax.grad(total_loss, has_aux=True)(eps)
-  return {n: (acts[n], out_grads[n], bias[n]) for n in names}
+  return {n: (acts[n], out_grads[n], calls[n][2]) for n in names}
 
 
 def _as_3d(x):

@@ -1,8 +1,8 @@
 """One weighted inner step and T of them unrolled with `lax.scan`, differentiable end to end.
 
-`loss_fn(params, batch) -> [B]` is a per-example loss; `weight_fn(batch) -> [B]` gives the
-weights (from a rater, a valuation, or uniform). Gradients with respect to anything `weight_fn`
-closes over (the rater's parameters) flow back through every step, optimizer state included.
+`loss_fn(params, batch) -> [B]` is a task's per-example loss; `weight_fn(batch) -> [B]` gives the
+weights (from a rater, or uniform). Gradients with respect to anything `weight_fn` closes over
+(the rater's parameters) flow back through every step, optimizer state included.
 """
 from typing import Any, Callable
 
@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-PerExampleLoss = Callable[[Any, dict], jax.Array]
-WeightFn = Callable[[dict], jax.Array]
+from datarater.tasks.base import PerExampleLoss
+
+WeightFn = Callable[[dict], jax.Array]  # batch -> loss weights [B]
 
 
 @flax.struct.dataclass
@@ -25,28 +26,32 @@ def init_inner_state(params, optimizer: optax.GradientTransformation) -> InnerSt
   return InnerState(params=params, opt_state=optimizer.init(params))
 
 
-def weighted_loss(loss_fn: PerExampleLoss, params, batch: dict, weights: jax.Array) -> jax.Array:
-  """The weighted mean per-example loss, mean(w_i * l_i)."""
-  return jnp.mean(weights * loss_fn(params, batch))
+def weighted_loss(loss_fn: PerExampleLoss, params, batch: dict, weights: jax.Array):
+  """(mean(w_i * l_i), per-example losses l [B])."""
+  losses = loss_fn(params, batch)
+  return jnp.mean(weights * losses), losses
 
 
 def inner_step(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
                state: InnerState, batch: dict, weights: jax.Array):
-  """One optimizer step on the weighted loss; returns (new state, weighted loss before it)."""
-  loss, grads = jax.value_and_grad(weighted_loss, argnums=1)(loss_fn, state.params, batch, weights)
+  """One optimizer step on the weighted loss; returns (new state, per-example losses before it)."""
+  (_, losses), grads = jax.value_and_grad(weighted_loss, argnums=1, has_aux=True)(
+      loss_fn, state.params, batch, weights)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  return InnerState(optax.apply_updates(state.params, updates), opt_state), loss
+  return InnerState(optax.apply_updates(state.params, updates), opt_state), losses
 
 
 def unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation, weight_fn: WeightFn,
            state: InnerState, batches: dict, remat: bool = False):
-  """T inner steps over `batches` (leaves [T, B, ...]); returns (final state, losses [T]).
+  """T inner steps over `batches` (leaves [T, B, ...]); returns (final state, weighted losses [T]).
 
   `remat=True` wraps each step in `jax.checkpoint`: the backward pass recomputes a step's
   activations instead of storing them, trading compute for memory that grows with T.
   """
   def step(state, batch):
-    return inner_step(loss_fn, optimizer, state, batch, weight_fn(batch))
+    weights = weight_fn(batch)
+    state, losses = inner_step(loss_fn, optimizer, state, batch, weights)
+    return state, jnp.mean(weights * losses)
   if remat:
     step = jax.checkpoint(step)
   return jax.lax.scan(step, state, batches)

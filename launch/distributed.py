@@ -26,8 +26,3 @@ def initialize_from_flags() -> None:
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   elif FLAGS.distributed:
     jax.distributed.initialize()
-
-
-def is_primary() -> bool:
-  """Process 0 writes logs, metrics, configs and reports; every process writes its checkpoint shards."""
-  return jax.process_index() == 0

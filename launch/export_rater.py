@@ -1,10 +1,8 @@
 r"""Exports a trained rater: `python -m launch.export_rater --workdir=DIR --out=RATER_DIR`.
 
-DIR is a `launch.train_rater` run; RATER_DIR gets `params/` (orbax) and `rater.json` (architecture,
-input spec, temperature, training data and compute). Load it anywhere with
-`datarater.load_rater(RATER_DIR)`, on any number of devices.
+DIR is a `launch.train_rater` run; RATER_DIR gets `params/` (orbax) and `rater.json`. Load it
+anywhere with `datarater.load_rater(RATER_DIR)`, on any number of devices.
 """
-
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
@@ -28,7 +26,8 @@ def main(argv):
     if not FLAGS.workdir:
       raise UserError('--workdir is required')
     meta = export.export_rater(FLAGS.workdir, FLAGS.out, FLAGS.overwrite)
-  print(f'exported the rater of {FLAGS.workdir} to {FLAGS.out} (input {meta["input_spec"]})')
+  print(f'exported the rater of {FLAGS.workdir} to {FLAGS.out} '
+        f'(reads {", ".join(meta["data_info"]["spec"])} of {meta["data_info"]["name"]})')
 
 
 if __name__ == '__main__':

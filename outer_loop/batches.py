@@ -9,17 +9,16 @@ import numpy as np
 
 from datarater.data import pipeline
 
-FEATURES = ('image', 'label')
-
 
 class MetaBatches:
   """The train (possibly corrupted), held-out and eval splits, and the batch stream over them."""
 
   def __init__(self, config):
     d = config.data
-    self.train = pipeline.load_split(d.name, d.train_split, d.data_dir, d.label_noise, d.noise_seed)
-    self.heldout = pipeline.load_split(d.name, d.heldout_split, d.data_dir)
-    self.eval = pipeline.load_split(d.name, d.eval_split, d.data_dir)
+    self.train = pipeline.load_split(d, d.train_split, corrupt=True)
+    self.heldout = pipeline.load_split(d, d.heldout_split)
+    self.eval = pipeline.load_split(d, d.eval_split)
+    self.info = self.train.info
     self.seed = config.seed
     self.k, self.t = config.inner.population, config.inner.steps
     self.b_in, self.b_out = config.inner.batch_size, config.outer.batch_size
@@ -29,7 +28,7 @@ class MetaBatches:
     return {'train': step * self.k * self.t * self.b_in, 'heldout': step * self.k * self.b_out}
 
   def indices_at(self, step: int):
-    """Example indices (inner [K, T, B], held-out [K, B]) of outer step `step`."""
+    """Example positions (inner [K, T, B], held-out [K, B]) of outer step `step`."""
     pos = self.position(step)
     inner = pipeline.stream_indices(len(self.train), pos['train'], self.k * self.t * self.b_in,
                                     self.seed).reshape(self.k, self.t, self.b_in)
@@ -40,8 +39,7 @@ class MetaBatches:
   def host_batches_at(self, step: int):
     """The whole global batches as numpy (for shapes, single-process tools and tests)."""
     inner, outer = self.indices_at(step)
-    take = lambda split, idx: {name: getattr(split, name)[idx] for name in FEATURES}
-    return take(self.train, inner), take(self.heldout, outer)
+    return self.train.take(inner), self.heldout.take(outer)
 
   def device_batches_at(self, step: int, inner_shardings, outer_shardings):
     """Global sharded jax.Arrays; each process gathers only the rows of its own devices."""
@@ -49,16 +47,15 @@ class MetaBatches:
     return (_gather(self.train, inner, inner_shardings),
             _gather(self.heldout, outer, outer_shardings))
 
-  def input_spec(self) -> dict:
-    return {'image_shape': list(self.train.image.shape[1:]), 'num_classes': self.train.num_classes}
 
-
-def _gather(split: pipeline.Split, indices: np.ndarray, shardings: dict) -> dict:
-  lead = indices.ndim
+def _gather(split: pipeline.Split, positions: np.ndarray, shardings: dict) -> dict:
+  lead = positions.ndim
+  columns = {**split.features, 'index': np.arange(len(split), dtype=np.int32)}
 
   def feature(name):
-    values = getattr(split, name)
-    shape = indices.shape + values.shape[1:]
+    values = columns[name]
+    shape = positions.shape + values.shape[1:]
     return jax.make_array_from_callback(
-        shape, shardings[name], lambda idx: values[indices[idx[:lead]]][(Ellipsis,) + idx[lead:]])
-  return {name: feature(name) for name in FEATURES}
+        shape, shardings[name],
+        lambda idx: values[positions[idx[:lead]]][(Ellipsis,) + idx[lead:]])
+  return {name: feature(name) for name in columns}

@@ -1,37 +1,34 @@
 """Mixed-mode meta-gradients (MixFlow-MG style): a custom backward pass through the inner unroll.
 
-`make_mixed_unroll(...)` returns an unroll of the same T weighted inner steps as
+`mixed_unroll(inner, recompute, segment)` returns an unroll of the same T weighted inner steps as
 `inner_loop.unroll.unroll`, under a `jax.custom_vjp` whose backward pass never differentiates a
-gradient in reverse mode. Each step
-theta' = theta + u(g, s, theta), s' = ... with g = grad_theta L(theta, w), w = w(phi), L the
-weighted loss, pulls the cotangent back as:
-  - (g, s, theta) <- (theta', s'): `jax.vjp` of the optimizer update (elementwise, any optax),
+gradient in reverse mode. Each step theta' = theta + u(g, s, theta), s' = ... with
+g = grad_theta L(theta, w), w = w(phi), L the weighted loss, pulls the cotangent back as:
+  - (g, s, theta) <- (theta', s'): the optimizer update's VJP (`update_vjp`),
   - theta <- g: H v = jvp(grad_theta L, theta; v)  (forward-over-reverse, H symmetric),
   - w <- g: d/dw <grad_theta L, v> = the w-part of the same jvp of grad_(theta, w) L
     (mixed partials commute), so one forward-over-reverse call gives both terms,
   - phi <- w: `jax.vjp` of the rater weights (a first-order product).
-No step's activations outlive that step. What differs is how the backward pass gets each step's
-inner state (params, optimizer state) back, `recompute`:
+No step's activations outlive that step. `recompute` is how the backward pass gets each step's
+inner state back:
   - 'invert': run the optimizer backwards (`inner_loop.optimizers.StepInverse`; momentum, Adam):
     theta_t from state t+1, then s_t from g_t, which the jvp above computes anyway. Each segment
-    of S steps (default 16, to bound round-off drift) is undone from an exact end state:
-    `boundaries='replay'` recomputes it from the input state when the backward pass reaches it
-    (nothing stored, so memory does not depend on T; the end state at step t costs t extra
-    steps: none for T <= S + 4, 16 at T = 32, ~T^2 / 2S for long unrolls), 'keep' stores the
-    T / S of them in the forward pass (no extra steps, memory grows with T). The optimizer's
-    first `inverse.exact_steps` steps are replayed from the exact input state instead (Adam: 4,
-    i.e. 6 extra steps; momentum: none): a fresh Adam state cannot be undone accurately in
-    float32. Where the optimizer has a closed-form step VJP (`StepInverse.step_vjp`: Adam), it
-    replaces `jax.vjp` of the update.
-  - 'replay': exact states kept every S = round(sqrt(T)) steps; a step's state is recomputed
-    from its segment start when needed (S(S-1)/2 extra steps per segment, T / S carries).
-  - 'store': as 'replay', but a segment's S states are recomputed once and kept (S extra steps
-    per segment, T / S + S carries).
-'replay' and 'store' equal plain reverse mode up to float round-off; 'invert' adds round-off of
-the undone steps (tests/test_meta_modes.py; bench/meta_memory.py measures it in float32).
+    of S steps (default 16, to bound round-off drift) is undone from its exact end state, which
+    is replayed from the unroll's input when the backward pass reaches it: nothing is stored, so
+    memory does not depend on T; the end state at step t costs t extra steps (none for
+    T <= S + 4, 16 at T = 32, ~T^2 / 2S for long unrolls). The optimizer's first
+    `inverse.exact_steps` steps (Adam: 4) are replayed from the exact input state instead: a
+    fresh Adam state cannot be undone accurately in float32.
+  - 'replay': the start state of every segment of S = round(sqrt(T)) steps is kept; a step's
+    state is recomputed from its segment's start when needed (S(S-1)/2 extra steps per segment,
+    T / S states kept). Exact up to float round-off; works for any optimizer.
+The unroll is split as a `Plan`: `head` steps replayed from the input, a `part` of fewer than S
+steps undone from its own exact end (invert only), then `count` segments of `segment` steps.
 """
+import dataclasses
+import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,23 +36,39 @@ import numpy as np
 import optax
 
 from inner_loop.optimizers import StepInverse
-from inner_loop.unroll import InnerState, PerExampleLoss, inner_step, weighted_loss
+from inner_loop.unroll import InnerState, inner_step, weighted_loss
+from datarater.tasks.base import PerExampleLoss
 
-WeightsFn = Callable[[Any, dict], jax.Array]  # (phi, batch) -> weights [B]
-RECOMPUTE = ('invert', 'replay', 'store')
-BOUNDARIES = ('replay', 'keep')  # invert: how the exact segment ends are had (see module doc)
-INVERT_CHECKPOINT_EVERY = 16  # invert: segments undone from an exact end every S steps (drift)
+RECOMPUTE = ('invert', 'replay')
+INVERT_SEGMENT = 16  # invert: steps undone from one exact end state (bounds round-off drift)
 
 
-def default_segment(steps: int, recompute: str = 'replay') -> int:
-  """Steps between stored exact states.
+@dataclasses.dataclass(frozen=True)
+class InnerProblem:
+  """What one inner step needs: the loss, the optimizer (and its inverse), the weights."""
+  loss_fn: PerExampleLoss
+  optimizer: optax.GradientTransformation
+  weights_fn: Callable[[Any, dict], jax.Array]  # (phi, batch) -> weights [B]
+  inverse: Optional[StepInverse] = None
 
-  'replay' / 'store': round(sqrt(T)), which balances T / S stored states against the S steps
-  recomputed per segment. 'invert' recomputes nothing, so S only bounds round-off drift.
-  """
-  if recompute == 'invert':
-    return min(steps, INVERT_CHECKPOINT_EVERY)
-  return max(1, int(round(math.sqrt(steps))))
+
+class Plan(NamedTuple):
+  """The unroll is head + part + count * segment steps (see the module docstring)."""
+  head: int
+  part: int
+  segment: int
+  count: int
+
+
+def make_plan(steps: int, recompute: str, segment: int = 0, exact_steps: int = 0) -> Plan:
+  """How T = `steps` steps are split; `segment` 0 means the mode's default S."""
+  if recompute == 'replay':
+    seg = min(segment or max(1, int(round(math.sqrt(steps)))), steps)
+    return Plan(head=steps % seg, part=0, segment=seg, count=steps // seg)
+  head = min(steps, exact_steps)
+  seg = max(1, min(segment or min(steps, INVERT_SEGMENT), steps - head))
+  count = (steps - head) // seg
+  return Plan(head=head, part=steps - head - count * seg, segment=seg, count=count)
 
 
 def _is_float(x) -> bool:
@@ -78,6 +91,10 @@ def _at(tree, t):
   return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, t, keepdims=False), tree)
 
 
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
 def _after(tree, dep):
   """`tree` made to depend on `dep` (value unchanged unless `dep` is not finite).
 
@@ -89,191 +106,189 @@ def _after(tree, dep):
   return jax.tree.map(lambda x: x + zero.astype(x.dtype) if _is_float(x) else x, tree)
 
 
-def make_mixed_unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
-                      weights_fn: WeightsFn, segment: Optional[int] = None,
-                      recompute: str = 'replay', inverse: Optional[StepInverse] = None,
-                      boundaries: str = 'replay'):
-  """Returns `unroll(phi, state, batches) -> (final state, losses [T])` with the mixed-mode VJP.
+def _num_steps(batches) -> int:
+  return jax.tree.leaves(batches)[0].shape[0]
 
-  `weights_fn(phi, batch)` gives the loss weights of a batch; `batches` leaves are [T, B, ...].
-  `recompute` is how a step's inner state is recovered on the way back (see the module doc);
-  'invert' needs `inverse`, the optimizer's `StepInverse`. `segment` is S, the steps between
-  stored exact states (None: `default_segment(T, recompute)`).
+
+# --------------------------------------------------------------------------------- forward
+
+
+def step(inner: InnerProblem, phi, state: InnerState, batches, t):
+  """Inner step t: (new state, weighted loss before it)."""
+  batch = _at(batches, t)
+  weights = inner.weights_fn(phi, batch)
+  state, losses = inner_step(inner.loss_fn, inner.optimizer, state, batch, weights)
+  return state, jnp.mean(weights * losses)
+
+
+def run_steps(inner: InnerProblem, phi, state, batches, first: int, length: int):
+  """Steps first .. first + length - 1; returns (state, losses [length])."""
+  return jax.lax.scan(lambda s, i: step(inner, phi, s, batches, first + i), state,
+                      jnp.arange(length))
+
+
+def replay(inner: InnerProblem, phi, state, batches, first, length):
+  """The state after steps first .. first + length - 1 (`length` may be traced)."""
+  return jax.lax.fori_loop(0, length, lambda k, s: step(inner, phi, s, batches, first + k)[0],
+                           state)
+
+
+class Residuals(NamedTuple):
+  phi: Any
+  start: Any    # the unroll's input state, if the backward pass replays from it (else None)
+  kept: Any     # replay: every segment's start state, leaves [count, ...] (else None)
+  final: Any
+  batches: Any
+
+
+def forward(inner: InnerProblem, recompute: str, segment: int, phi, state, batches):
+  """Runs the unroll; keeps what the backward pass starts from (see `Residuals`)."""
+  plan = make_plan(_num_steps(batches), recompute, segment,
+                   inner.inverse.exact_steps if recompute == 'invert' else 0)
+  losses, s = [], state
+  for first, length in ((0, plan.head), (plan.head, plan.part)):
+    if length:
+      s, piece = run_steps(inner, phi, s, batches, first, length)
+      losses.append(piece)
+  first = plan.head + plan.part
+  kept = None
+  if recompute == 'replay':
+    def segment_fwd(s, j):
+      s_next, piece = run_steps(inner, phi, s, batches, first + j * plan.segment, plan.segment)
+      return s_next, (s, piece)
+    s, (kept, pieces) = jax.lax.scan(segment_fwd, s, jnp.arange(plan.count))
+    losses.append(pieces.reshape(-1))
+  elif plan.count:
+    s, piece = run_steps(inner, phi, s, batches, first, plan.count * plan.segment)
+    losses.append(piece)
+  # invert replays segment ends from the input when there is an end before the last segment's.
+  needs_start = plan.head or (recompute == 'invert' and (plan.count > 1 or
+                                                         (plan.part and plan.count)))
+  residuals = Residuals(phi, state if needs_start else None, kept, s, batches)
+  return (s, jnp.concatenate(losses)), residuals
+
+
+# --------------------------------------------------------------------------------- backward
+
+
+def update_vjp(inner: InnerProblem, g, state: InnerState, opt_next, ct_next):
+  """(d/dg, d/d opt_state, d/d params) of the optimizer update, from d/d(state after it).
+
+  The optimizer's closed form (`StepInverse.step_vjp`) when it has one: written on the state
+  after the step, elementwise, so XLA updates the cotangents in place without intermediates;
+  otherwise `jax.vjp` of the optax update. `opt_next` is the state after the step, if known.
+  """
+  if inner.inverse is not None and inner.inverse.step_vjp is not None:
+    if opt_next is None:
+      opt_next = inner.optimizer.update(g, state.opt_state, state.params)[1]
+    return inner.inverse.step_vjp(opt_next, g, ct_next)
+
+  def update(g, opt_state, params):
+    updates, opt_state = inner.optimizer.update(g, opt_state, params)
+    return InnerState(optax.apply_updates(params, updates), opt_state)
+  _, vjp = jax.vjp(update, g, state.opt_state, state.params)
+  return vjp(_to_cotangent(ct_next, state))
+
+
+def step_bwd(inner: InnerProblem, phi, batch, ct_next, ct_loss, state=None, state_next=None):
+  """Pulls (d/d state', d/d loss) back through one step: (d/d state, d/d phi, state).
+
+  Given the step's input `state`, or (invert) its output `state_next`, from which the input
+  is recovered with the gradient the forward-over-reverse product computes anyway.
+  """
+  weights, weights_vjp = jax.vjp(lambda p: inner.weights_fn(p, batch), phi)
+  params = (state.params if state is not None
+            else inner.inverse.params(state_next.params, state_next.opt_state))
+  # (d/dtheta, d/dw) of the weighted loss L, and its linearisation in theta.
+  grads_fn = lambda theta: jax.grad(lambda t, w: weighted_loss(inner.loss_fn, t, batch, w)[0],
+                                    argnums=(0, 1))(theta, weights)
+  (g, g_w), hvp = jax.linearize(grads_fn, params)
+  opt_next = None
+  if state is None:
+    opt_next = state_next.opt_state
+    state = InnerState(params, inner.inverse.opt_state(opt_next, g))
+  ct_g, ct_opt, ct_params = update_vjp(inner, g, state, opt_next, ct_next)
+  h_v, cross_v = hvp(ct_g)  # forward-over-reverse: (H ct_g, d/dw <grad_theta L, ct_g>)
+  ct_params = jax.tree.map(lambda a, b, c: a + b + ct_loss * c, ct_params, h_v, g)
+  ct_phi, = weights_vjp(cross_v + ct_loss * g_w)
+  return _to_carry(InnerState(ct_params, ct_opt), state), ct_phi, state
+
+
+def invert_segment_bwd(inner: InnerProblem, phi, end, batches, ct_losses, first, length, carry):
+  """Steps first .. first + length - 1 in reverse, undone from their exact `end` state."""
+  def backward(c, i):
+    (ct_state, ct_phi), state_next = c
+    t = first + i
+    ct_state, ct_phi_t, state = step_bwd(inner, phi, _at(batches, t), ct_state, ct_losses[t],
+                                         state_next=state_next)
+    return ((ct_state, _add(ct_phi, ct_phi_t)), state), None
+  (carry, _), _ = jax.lax.scan(backward, (carry, end), jnp.arange(length), reverse=True)
+  return carry
+
+
+def replay_segment_bwd(inner: InnerProblem, phi, start, batches, ct_losses, first, length,
+                       carry):
+  """Steps first .. first + length - 1 in reverse, each state replayed from the exact `start`."""
+  def backward(c, i):
+    ct_state, ct_phi = c
+    t = first + i
+    state = replay(inner, phi, start, batches, first, i)
+    ct_state, ct_phi_t, _ = step_bwd(inner, phi, _at(batches, t), ct_state, ct_losses[t],
+                                     state=state)
+    return (ct_state, _add(ct_phi, ct_phi_t)), None
+  carry, _ = jax.lax.scan(backward, carry, jnp.arange(length), reverse=True)
+  return carry
+
+
+def backward(inner: InnerProblem, recompute: str, segment: int, res: Residuals, cts):
+  """The custom VJP: (d/d phi, d/d input state, None for the batches)."""
+  ct_final, ct_losses = cts
+  phi, batches = res.phi, res.batches
+  plan = make_plan(_num_steps(batches), recompute, segment,
+                   inner.inverse.exact_steps if recompute == 'invert' else 0)
+  first, seg = plan.head + plan.part, plan.segment
+  carry = (_to_carry(ct_final, res.final), jax.tree.map(jnp.zeros_like, phi))
+  if recompute == 'invert':
+    if plan.count:  # the last segment ends at the output itself
+      carry = invert_segment_bwd(inner, phi, res.final, batches, ct_losses,
+                                 first + (plan.count - 1) * seg, seg, carry)
+
+    def over_segments(carry, j):  # segment j ends where segment j + 1 starts: replay to it
+      end = replay(inner, phi, _after(res.start, carry), batches, 0, first + (j + 1) * seg)
+      return invert_segment_bwd(inner, phi, end, batches, ct_losses, first + j * seg, seg,
+                                carry), None
+    if plan.count > 1:
+      carry, _ = jax.lax.scan(over_segments, carry, jnp.arange(plan.count - 1), reverse=True)
+    if plan.part:
+      end = (replay(inner, phi, _after(res.start, carry), batches, 0, first) if plan.count
+             else res.final)
+      carry = invert_segment_bwd(inner, phi, end, batches, ct_losses, plan.head, plan.part,
+                                 carry)
+  else:
+    def over_segments(carry, j):
+      start = jax.tree.map(lambda x: x[j], res.kept)
+      return replay_segment_bwd(inner, phi, start, batches, ct_losses, first + j * seg, seg,
+                                carry), None
+    carry, _ = jax.lax.scan(over_segments, carry, jnp.arange(plan.count), reverse=True)
+  if plan.head:
+    carry = replay_segment_bwd(inner, phi, res.start, batches, ct_losses, 0, plan.head, carry)
+  ct_state, ct_phi = carry
+  return ct_phi, _to_cotangent(ct_state, res.final), None  # None: zero cotangent for batches
+
+
+def mixed_unroll(inner: InnerProblem, recompute: str = 'replay', segment: int = 0):
+  """`unroll(phi, state, batches) -> (final state, losses [T])` with the mixed-mode VJP.
+
+  `batches` leaves are [T, B, ...]; 'invert' needs `inner.inverse`. `segment` is S (0: default).
   """
   if recompute not in RECOMPUTE:
     raise ValueError(f'unknown recompute {recompute!r} (choose from {", ".join(RECOMPUTE)})')
-  if recompute == 'invert' and inverse is None:
+  if recompute == 'invert' and inner.inverse is None:
     raise ValueError("recompute='invert' needs the inner optimizer's StepInverse")
-  if boundaries not in BOUNDARIES:
-    raise ValueError(f'unknown boundaries {boundaries!r} (choose from {", ".join(BOUNDARIES)})')
 
-  def step(phi, state, batches, t):
-    batch = _at(batches, t)
-    return inner_step(loss_fn, optimizer, state, batch, weights_fn(phi, batch))
-
-  def run_steps(phi, state, batches, first, length):
-    """Steps first .. first + length - 1; returns (state, losses [length])."""
-    return jax.lax.scan(lambda s, i: step(phi, s, batches, first + i), state,
-                        jnp.arange(length))
-
-  def run(phi, state, batches):
-    return run_steps(phi, state, batches, 0, jax.tree.leaves(batches)[0].shape[0])
-
-  def replay(phi, state, batches, first, length):
-    """Steps first .. first + length - 1 (`length` may be traced) rerun from `state`."""
-    return jax.lax.fori_loop(0, length, lambda k, s: step(phi, s, batches, first + k)[0], state)
-
-  replay_boundaries = recompute == 'invert' and boundaries == 'replay'
-
-  def plan(batches):
-    """(head, part, S, n): the unroll is head + part + n * S steps.
-
-    The head is replayed from the exact initial state: all of T % S for replay/store; for invert
-    the optimizer's first `inverse.exact_steps` steps, where a fresh state is too ill-conditioned
-    to undo in float32 (Adam: tiny v makes d update / d g ~ 1 / sqrt(eps_root)). An invert part
-    of fewer than S steps is undone from its exact end, like the n segments of S steps.
-    """
-    steps = jax.tree.leaves(batches)[0].shape[0]
-    if recompute != 'invert':
-      seg = min(segment or default_segment(steps, recompute), steps)
-      return steps % seg, 0, seg, steps // seg
-    head = min(steps, inverse.exact_steps)
-    seg = max(1, min(segment or default_segment(steps, recompute), steps - head))
-    n = (steps - head) // seg
-    return head, steps - head - n * seg, seg, n
-
-  def fwd(phi, state, batches):
-    """Runs the unroll; keeps the exact states the backward pass starts its segments from."""
-    head, part, seg, n = plan(batches)
-    losses = []
-    s = state
-    for first, length in ((0, head), (head, part)):
-      if length:
-        s, piece = run_steps(phi, s, batches, first, length)
-        losses.append(piece)
-    state_p = s  # exact end of the invert part (start of the n segments)
-    first = head + part
-    # replay/store walk a segment forward from its start; invert walks it back from its end.
-    keep = (lambda s, s_next: s) if recompute != 'invert' else (lambda s, s_next: s_next)
-
-    def segment_fwd(s, j):
-      s_next, piece = run_steps(phi, s, batches, first + j * seg, seg)
-      return s_next, (keep(s, s_next), piece)
-    # invert: the last segment's end is the output itself, so it is not stacked a second time;
-    # with boundaries replayed none is.
-    stacked = n if recompute != 'invert' else 0 if replay_boundaries else max(n - 1, 0)
-    s, (kept, pieces) = jax.lax.scan(segment_fwd, s, jnp.arange(stacked))
-    losses.append(pieces.reshape(-1))
-    if stacked < n:
-      s, piece = run_steps(phi, s, batches, first + stacked * seg, (n - stacked) * seg)
-      losses.append(piece)
-    final = s
-    boundary_needed = n > 1 or (part and n)
-    residuals = (phi, state if head or (replay_boundaries and boundary_needed) else None,
-                 state_p if part and n and not replay_boundaries else None, kept, final, batches)
-    return (final, jnp.concatenate(losses)), residuals
-
-  def update_vjp(g, state, opt_next, ct_next):
-    """(d/dg, d/d opt_state, d/d params) of the optimizer update, from d/d(state after it).
-
-    The optimizer's closed form (`StepInverse.step_vjp`) when it has one: written on the state
-    after the step, elementwise, so XLA updates the cotangents in place without intermediates;
-    otherwise `jax.vjp` of the optax update. `opt_next` is the state after the step, if known.
-    """
-    if inverse is not None and inverse.step_vjp is not None:
-      if opt_next is None:
-        opt_next = optimizer.update(g, state.opt_state, state.params)[1]
-      return inverse.step_vjp(opt_next, g, ct_next)
-
-    def update(g, opt_state, params):
-      updates, opt_state = optimizer.update(g, opt_state, params)
-      return InnerState(optax.apply_updates(params, updates), opt_state)
-    _, vjp = jax.vjp(update, g, state.opt_state, state.params)
-    return vjp(_to_cotangent(ct_next, state))
-
-  def step_bwd(phi, batch, ct_next, ct_loss, state=None, state_next=None):
-    """Pulls (d/d state', d/d loss) back through one step: (d/d state, d/d phi, state).
-
-    Given the step's input `state`, or (invert) its output `state_next`, from which the input
-    is recovered with the gradient the forward-over-reverse product computes anyway.
-    """
-    weights, weights_vjp = jax.vjp(lambda p: weights_fn(p, batch), phi)
-    params = state.params if state is not None else inverse.params(state_next.params,
-                                                                    state_next.opt_state)
-    grads_fn = lambda theta: jax.grad(weighted_loss, argnums=(1, 3))(  # (d/dtheta, d/dw) of L
-        loss_fn, theta, batch, weights)
-    (g, g_w), hvp = jax.linearize(grads_fn, params)
-    opt_next = None
-    if state is None:
-      opt_next = state_next.opt_state
-      state = InnerState(params, inverse.opt_state(opt_next, g))
-    ct_g, ct_opt, ct_params = update_vjp(g, state, opt_next, ct_next)
-    h_v, cross_v = hvp(ct_g)  # forward-over-reverse: (H ct_g, d/dw <grad_theta L, ct_g>)
-    ct_params = jax.tree.map(lambda a, b, c: a + b + ct_loss * c, ct_params, h_v, g)
-    ct_phi, = weights_vjp(cross_v + ct_loss * g_w)
-    return _to_carry(InnerState(ct_params, ct_opt), state), ct_phi, state
-
-  def segment_bwd(phi, exact, batches, ct_losses, first, length, carry, how=recompute):
-    """Steps first .. first + length - 1 in reverse. `exact` is the segment's exact start state
-    (how = replay, store) or end state (invert)."""
-    add = lambda a, b: jax.tree.map(jnp.add, a, b)
-    if how == 'invert':
-      def backward(c, i):
-        (ct_state, ct_phi), state_next = c
-        t = first + i
-        ct_state, ct_phi_t, state = step_bwd(phi, _at(batches, t), ct_state, ct_losses[t],
-                                             state_next=state_next)
-        return ((ct_state, add(ct_phi, ct_phi_t)), state), None
-      (carry, _), _ = jax.lax.scan(backward, (carry, exact), jnp.arange(length), reverse=True)
-      return carry
-
-    if how == 'replay':
-      state_at = lambda i, states: replay(phi, exact, batches, first, i)
-      states = None
-    else:
-      # All `length` steps, though the last one's result is unused (no concatenated copy).
-      _, states = jax.lax.scan(lambda s, i: (step(phi, s, batches, first + i)[0], s), exact,
-                               jnp.arange(length))
-      state_at = lambda i, states: _at(states, i)
-
-    def backward(carry, i):
-      ct_state, ct_phi = carry
-      t = first + i
-      ct_state, ct_phi_t, _ = step_bwd(phi, _at(batches, t), ct_state, ct_losses[t],
-                                       state=state_at(i, states))
-      return (ct_state, add(ct_phi, ct_phi_t)), None
-    carry, _ = jax.lax.scan(backward, carry, jnp.arange(length), reverse=True)
-    return carry
-
-  def bwd(res, cts):
-    phi, state0, state_p, kept, final, batches = res
-    ct_final, ct_losses = cts
-    head, part, seg, n = plan(batches)
-    first = head + part
-    carry = (_to_carry(ct_final, final), jax.tree.map(jnp.zeros_like, phi))
-    segments = n
-    if recompute == 'invert' and n:
-      # Segment n-1 ends at the output; segment j < n-1 ends at kept state j (or replayed).
-      carry = segment_bwd(phi, final, batches, ct_losses, first + (n - 1) * seg, seg, carry)
-      segments = n - 1
-
-    def over_segments(carry, j):
-      if replay_boundaries:
-        exact = replay(phi, _after(state0, carry), batches, 0, first + (j + 1) * seg)
-      else:
-        exact = jax.tree.map(lambda x: x[j], kept)
-      return segment_bwd(phi, exact, batches, ct_losses, first + j * seg, seg, carry), None
-    if segments:
-      carry, _ = jax.lax.scan(over_segments, carry, jnp.arange(segments), reverse=True)
-    if part:
-      if n and replay_boundaries:
-        state_p = replay(phi, _after(state0, carry), batches, 0, first)
-      carry = segment_bwd(phi, state_p if n else final, batches, ct_losses, head, part, carry)
-    if head:
-      carry = segment_bwd(phi, state0, batches, ct_losses, 0, head, carry, how='replay')
-    ct_state, ct_phi = carry
-    return ct_phi, _to_cotangent(ct_state, final), None  # None: zero cotangent for batches
-
-  unroll = jax.custom_vjp(run)
-  unroll.defvjp(fwd, bwd)
+  def unroll(phi, state, batches):
+    return run_steps(inner, phi, state, batches, 0, _num_steps(batches))
+  unroll = jax.custom_vjp(unroll)
+  unroll.defvjp(functools.partial(forward, inner, recompute, segment),
+                functools.partial(backward, inner, recompute, segment))
   return unroll

@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from datarater.errors import UserError
+from outer_loop.meta_step import outer_step
 
 POP, BATCH = 'population', 'batch'
 
@@ -57,22 +58,15 @@ def outer_state_sharding(mesh: Mesh, state):
   return shardings.replace(population=population_sharding(mesh, state.population))
 
 
-def put_global(tree, shardings):
-  """Host arrays (the full global value on every process) -> global sharded jax.Arrays."""
-  return jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: x[idx]), tree, shardings)
-
-
-def jit_outer_step(problem, mesh: Mesh, abstract_state, example_inner, example_outer):
+def jit_outer_step(problem, estimator, mesh: Mesh, abstract_state, example_inner, example_outer):
   """The outer step compiled for `mesh`: returns (step_fn, state, inner, outer shardings).
 
   `step_fn(state, inner_batches, outer_batches) -> (state, metrics)`, donating the old state.
   """
-  from outer_loop.meta_step import outer_step  # pylint: disable=g-import-not-at-top  (cycle)
   state_sh = outer_state_sharding(mesh, abstract_state)
   inner_sh = batch_sharding(mesh, example_inner, batch_axis=2)
   outer_sh = batch_sharding(mesh, example_outer, batch_axis=1)
-  step_fn = jax.jit(functools.partial(outer_step, problem),
+  step_fn = jax.jit(functools.partial(outer_step, problem, estimator),
                     in_shardings=(state_sh, inner_sh, outer_sh),
                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
   return step_fn, state_sh, inner_sh, outer_sh

@@ -1,15 +1,21 @@
-"""TFDS input pipeline: random-access splits, recorded label noise, and deterministic batches.
+"""TFDS input pipeline: splits as feature dicts, a record of what was corrupted, batch streams.
 
-A split is read through `tfds` array_record data sources (no TensorFlow needed). Batches are a pure
-function of (seed, position in the example stream), so the iterator's state is one integer that a
-checkpoint stores and a resumed run continues from, on any number of devices or processes.
+A split is read through TFDS array_record data sources (no TensorFlow needed) and decoded by
+feature type (`decode`): uint8 images and tensors become float32 in [0, 1], class labels and other
+integers int32. What a batch holds is the dataset's features, by their TFDS names, plus `index`;
+only tasks and dataset modules know what a feature means. Batches are a pure function of
+(seed, position in the example stream), so a stream's state is one integer that a checkpoint
+stores and a resumed run continues from, on any number of devices or processes.
 """
 import dataclasses
 import os
+from typing import Mapping, Optional
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from datarater.data import corruption as corruption_lib
 from datarater.data import sklearn_digits  # pylint: disable=unused-import  (registers the builder)
 from datarater.errors import UserError
 
@@ -30,82 +36,170 @@ def get_builder(name: str, data_dir: str = '') -> tfds.core.DatasetBuilder:
                     f'(built in here: {", ".join(sorted(BUNDLED))})') from None
   if not builder.is_prepared():
     if name not in BUNDLED:
-      raise UserError(f'dataset {name!r} is not prepared in {data_dir!r}: run '
-                      f'`tfds build {name} --file_format=array_record --data_dir={data_dir}`')
+      raise UserError(f'dataset {name!r} is not prepared in {data_dir!r}: prepare it in Python '
+                      f'with tfds.builder({name!r}, data_dir={data_dir!r}, '
+                      f"file_format='array_record').download_and_prepare()")
     builder.download_and_prepare()
   return builder
 
 
 @dataclasses.dataclass(frozen=True)
-class Split:
-  """One split held in memory as numpy arrays, with the labels possibly corrupted.
+class DataInfo:
+  """What a task needs to know of a dataset: its decoded features and which are class labels."""
+  name: str
+  spec: Mapping[str, jax.ShapeDtypeStruct]  # one decoded example
+  num_classes: Mapping[str, int]            # class-label features -> number of classes
+  supervised_keys: Optional[tuple]          # (input, target) feature names, if the dataset says
 
-  `ids` are the examples' indices in the TFDS split (their key in every scores file);
-  `clean_label` and `is_corrupted` record what the label noise did.
+  def to_json(self) -> dict:
+    return {'name': self.name, 'num_classes': dict(self.num_classes),
+            'supervised_keys': list(self.supervised_keys) if self.supervised_keys else None,
+            'spec': {k: {'shape': list(s.shape), 'dtype': np.dtype(s.dtype).name}
+                     for k, s in self.spec.items()}}
+
+  @classmethod
+  def from_json(cls, d: dict) -> 'DataInfo':
+    spec = {k: jax.ShapeDtypeStruct(tuple(v['shape']), np.dtype(v['dtype']))
+            for k, v in d['spec'].items()}
+    keys = d.get('supervised_keys')
+    return cls(d['name'], spec, dict(d['num_classes']), tuple(keys) if keys else None)
+
+  def matches(self, other: 'DataInfo', features) -> bool:
+    """Whether `other` has `features` with the same shapes, dtypes and class counts."""
+    return all(k in other.spec and self.spec[k] == other.spec[k]
+               and self.num_classes.get(k) == other.num_classes.get(k) for k in features)
+
+
+def _decoded_dtype(feature) -> Optional[np.dtype]:
+  """The dtype a TFDS feature decodes to, or None if it is not an array feature."""
+  if isinstance(feature, tfds.features.ClassLabel):
+    return np.dtype(np.int32)
+  dtype = getattr(feature, 'np_dtype', None)
+  if dtype is None or not isinstance(feature, tfds.features.Tensor):
+    return None
+  dtype = np.dtype(dtype)
+  if dtype == np.uint8:
+    return np.dtype(np.float32)  # pixels -> [0, 1]
+  if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+    return np.dtype(np.int32)
+  if np.issubdtype(dtype, np.floating):
+    return np.dtype(np.float32)
+  return None
+
+
+def data_info(builder: tfds.core.DatasetBuilder) -> DataInfo:
+  features = builder.info.features
+  spec, classes = {}, {}
+  for name, feature in features.items():
+    dtype = _decoded_dtype(feature)
+    if dtype is None:
+      continue
+    spec[name] = jax.ShapeDtypeStruct(tuple(feature.shape), dtype)
+    if isinstance(feature, tfds.features.ClassLabel):
+      classes[name] = feature.num_classes
+  keys = builder.info.supervised_keys
+  return DataInfo(builder.info.name, spec, classes, tuple(keys) if keys else None)
+
+
+def decode(info: DataInfo, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Stacked raw TFDS features (any of `info.spec`) -> decoded arrays (uint8 scaled to [0, 1])."""
+  out = {}
+  for name, x in raw.items():
+    s, x = info.spec[name], np.asarray(x)
+    out[name] = (x.astype(np.float32) / 255.0 if x.dtype == np.uint8 and s.dtype == np.float32
+                 else x.astype(s.dtype))
+  return out
+
+
+def stack_examples(info: DataInfo, examples) -> dict[str, np.ndarray]:
+  """A list of TFDS examples (dicts) -> raw arrays [N, ...] of the array features."""
+  return {name: np.stack([np.asarray(e[name]) for e in examples]) if examples
+          else np.zeros((0, *s.shape)) for name, s in info.spec.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split held in memory: decoded features [N, ...], ids and the corruption record.
+
+  `ids` are the examples' positions in the TFDS split expression (their key in scores files);
+  `corruption[i]` is 0 for an untouched example, else the index of its kind in
+  `corruption_kinds` (kinds[0] = 'clean'); `clean` keeps the original values of corrupted features.
   """
-  image: np.ndarray          # float32 [N, ...] in [0, 1]
-  label: np.ndarray          # int32 [N], what training sees
-  clean_label: np.ndarray    # int32 [N]
-  is_corrupted: np.ndarray   # bool [N]
-  ids: np.ndarray            # int64 [N]
-  num_classes: int
+  features: dict[str, np.ndarray]
+  ids: np.ndarray               # int64 [N]
+  corruption: np.ndarray        # int8 [N]
+  corruption_kinds: tuple
+  info: DataInfo
+  clean: dict = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
-    return len(self.label)
+    return len(self.ids)
+
+  @property
+  def is_corrupted(self) -> np.ndarray:
+    return self.corruption != 0
 
   def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """The examples at `idx` (any shape) as a batch dict with leading axes idx.shape."""
-    return {'image': self.image[idx], 'label': self.label[idx], 'index': self.ids[idx]}
+    """The examples at positions `idx` (any shape) as a batch, with `index` = those positions."""
+    idx = np.asarray(idx)
+    return {**{k: v[idx] for k, v in self.features.items()}, 'index': idx.astype(np.int32)}
+
+  def subset(self, idx: np.ndarray) -> 'Split':
+    """The examples at positions `idx`, keeping their ids and corruption record."""
+    idx = np.asarray(idx)
+    return dataclasses.replace(
+        self, features={k: v[idx] for k, v in self.features.items()}, ids=self.ids[idx],
+        corruption=self.corruption[idx], clean={k: v[idx] for k, v in self.clean.items()})
 
 
-def symmetric_label_noise(labels: np.ndarray, num_classes: int, rate: float, seed: int):
-  """Flips a `rate` fraction of labels (exactly round(rate*N)) to a different class, uniformly.
-
-  Returns (noisy_labels, is_corrupted). Deterministic in `seed`.
-  """
-  if not 0.0 <= rate < 1.0:
-    raise UserError(f'label_noise must be in [0, 1), got {rate}')
-  rng = np.random.default_rng(seed)
-  n = len(labels)
-  corrupted = np.zeros(n, bool)
-  corrupted[rng.permutation(n)[:int(round(rate * n))]] = True
-  shift = rng.integers(1, num_classes, size=n)  # never 0: a corrupted label always changes
-  noisy = np.where(corrupted, (labels + shift) % num_classes, labels)
-  return noisy.astype(np.int32), corrupted
+def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
+  """UserError unless `split` is a valid split expression of the builder."""
+  try:
+    builder.info.splits[split]  # Parses the expression and checks its splits and bounds.
+  except (ValueError, KeyError, AssertionError) as e:
+    raise UserError(f'dataset {builder.info.name!r} has no split {split!r} (it has: '
+                    f'{", ".join(builder.info.splits)}; slices like train[:80%] also work): '
+                    f'{str(e).splitlines()[0]}') from None
 
 
-def load_split(name: str, split: str, data_dir: str = '', label_noise: float = 0.0,
-               noise_seed: int = 0) -> Split:
-  """Reads a split of the TFDS dataset `name` into memory; see `read_split`."""
-  return read_split(get_builder(name, data_dir), split, label_noise, noise_seed)
-
-
-def read_split(builder: tfds.core.DatasetBuilder, split: str, label_noise: float = 0.0,
-               noise_seed: int = 0) -> Split:
-  """Reads an image-classification split (`image`, `label` features) of a prepared builder.
+def read_split(builder: tfds.core.DatasetBuilder, split: str,
+               corruption: Optional[corruption_lib.Corruption] = None) -> Split:
+  """Reads a split of a prepared builder into memory, corrupting it as `corruption` says.
 
   `split` is any TFDS split expression: a name ('train'), a slice ('train[:80%]',
   'train[100:400]') or a concatenation ('train[:299]+test'), as in `tfds.load` (e.g. for
   cross-validation folds). `ids` are then positions in that expression's example order.
   """
-  name = builder.info.name
-  try:
-    builder.info.splits[split]  # Parses the expression and checks its splits and bounds.
-  except (ValueError, KeyError, AssertionError) as e:
-    raise UserError(f'dataset {name!r} has no split {split!r} (it has: '
-                    f'{", ".join(builder.info.splits)}; slices like train[:80%] also work): '
-                    f'{str(e).splitlines()[0]}') from None
-  features = builder.info.features
-  if 'image' not in features or 'label' not in features:
-    raise UserError(f'dataset {name!r} has features {list(features)}; need `image` and `label`')
+  check_split(builder, split)
+  info = data_info(builder)
   source = builder.as_data_source(split=split)
-  examples = source.__getitems__(list(range(len(source))))
-  image = np.stack([np.asarray(e['image']) for e in examples]).astype(np.float32) / 255.0
-  clean = np.array([e['label'] for e in examples], np.int32)
-  num_classes = features['label'].num_classes
-  label, corrupted = symmetric_label_noise(clean, num_classes, label_noise, noise_seed)
-  return Split(image=image, label=label, clean_label=clean, is_corrupted=corrupted,
-               ids=np.arange(len(clean), dtype=np.int64), num_classes=num_classes)
+  raw = stack_examples(info, source.__getitems__(list(range(len(source)))))
+  n = len(source)
+  corruption = corruption or corruption_lib.Corruption()
+  raw, clean = corruption.apply(info, raw, np.arange(n), n)
+  return Split(features=decode(info, raw), ids=np.arange(n, dtype=np.int64),
+               corruption=corruption.record(n), corruption_kinds=corruption.kinds, info=info,
+               clean=decode(info, clean))
+
+
+def builder_of(data) -> tfds.core.DatasetBuilder:
+  """The builder of a `data` config section: the TFDS folder `dataset_dir` if set (e.g. the
+  output of launch.filter), else the dataset `name` prepared in `data_dir`."""
+  if data.get('dataset_dir', ''):
+    path = os.path.abspath(data.dataset_dir)
+    if not os.path.exists(os.path.join(path, 'dataset_info.json')):
+      raise UserError(f'data.dataset_dir {data.dataset_dir!r} is not a TFDS dataset folder '
+                      '(no dataset_info.json)')
+    return tfds.builder_from_directory(path)
+  return get_builder(data.name, data.data_dir)
+
+
+def load_split(data, split: str, corrupt: bool = False) -> Split:
+  """The split expression `split` of the dataset of a `data` config section.
+
+  With `corrupt`, the config's corruption (`corruption.from_config`) is applied and recorded.
+  """
+  return read_split(builder_of(data), split, corruption_lib.from_config(data) if corrupt else None)
 
 
 def stream_indices(num_examples: int, start: int, count: int, seed: int) -> np.ndarray:

@@ -1,7 +1,6 @@
 """Data valuations with one API (fit/accumulate over training, then score), all on `pergrad`."""
-from datarater.valuation.base import (TrainingRun, Valuation, fixed_order_batches, record_run,
-                                      score_split)
+from datarater.valuation.base import TrainingRun, Valuation, record_run
 from datarater.valuation.dvemb import DataValueEmbedding
 from datarater.valuation.mimic import Mimic, mimic_filter
 from datarater.valuation.rater import RaterValuation
-from datarater.valuation.tracin import TracIn, curriculum_weights
+from datarater.valuation.tracin import TracIn

@@ -1,13 +1,15 @@
-"""What every valuation shares: a recorded training run, the fit-then-score API, split scoring.
+"""What every valuation shares: a recorded training run and the fit-then-score API.
 
-A `TrainingRun` is one training trajectory with a fixed data order (batches [T, B, ...], each with
-the examples' `index` in the split), its learning rates and parameter checkpoints, produced by
-`record_run` from `inner_loop.unroll` (one `lax.scan` of unrolls, a checkpoint before each segment).
-A `Valuation` takes checkpoints one by one (`accumulate`, or `fit` over a run) and then `score`s
-batches; `value` orients the score so that higher means a more useful example.
+A `TrainingRun` is one training trajectory: every step's batch (leaves [T, B, ...], with the
+examples' positions in the split under `index`) and loss weights [T, B] (0 for the padding of an
+epoch's last batch), the learning rate of every step, and the parameters before steps
+`checkpoint_steps` (leaves [C, ...]). `record_run` makes one with the one trainer
+(`datarater.trainer`, `record_every`). A `Valuation` takes checkpoints one by one
+(`accumulate`, or `fit` over a run) and then `score`s batches; `value` orients the score so that
+higher means a more useful example, and `values(split)` values a whole split.
 """
 import abc
-from typing import Any, Callable, Optional
+from typing import Any
 
 import flax
 import jax
@@ -15,24 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from datarater import evaluation
-from datarater.data.pipeline import Split, stream_indices
 from datarater.errors import UserError
 from inner_loop.optimizers import make_inner_optimizer
-from inner_loop.unroll import init_inner_state, unroll
-from inner_loop.weighting import uniform_weights
-
-PerExampleLoss = Callable[[Any, dict], jax.Array]
 
 
 @flax.struct.dataclass
 class TrainingRun:
   """A recorded run: checkpoints[c] are the params before step checkpoint_steps[c]."""
   batches: dict                # leaves [T, B, ...]; batches['index'] = positions in the split
+  weights: jax.Array           # [T, B] loss weights of every step's examples
   step_lrs: jax.Array          # [T] learning rate of each step
   checkpoints: Any             # params pytree, leaves [C, ...]
   checkpoint_steps: jax.Array  # [C]
   final_params: Any
-  losses: jax.Array            # [T] (weighted) mean training loss of each step
 
   @property
   def num_steps(self) -> int:
@@ -46,50 +43,42 @@ class TrainingRun:
     return jax.tree.map(lambda x: x[c], self.checkpoints)
 
 
-def fixed_order_batches(split: Split, steps: int, batch_size: int, seed: int) -> dict:
-  """[steps, batch_size] batches of the split in a deterministic shuffled-epoch order."""
-  order = stream_indices(len(split), 0, steps * batch_size, seed).reshape(steps, batch_size)
-  return split.take(order)
+def record_run(task, split, *, steps: int, batch_size: int, learning_rate: float,
+               checkpoint_every: int, optimizer: str = 'sgd', seed: int = 0):
+  """Trains a fresh `task` model on `split` with uniform weights, recorded for valuations.
 
-
-def record_run(loss_fn: PerExampleLoss, params, batches: dict, learning_rate: float,
-               checkpoint_every: int, optimizer: str = 'sgd',
-               weights: Optional[jax.Array] = None) -> TrainingRun:
-  """Trains on `batches` (leaves [T, B, ...]) with `inner_loop.unroll`, keeping checkpoints.
-
-  `weights` [T, B] (default all ones) multiply each example's loss in the mean of its step; a 0
-  removes that example from that step only (how leave-one-out retraining is done). Pure and
-  traceable: vmap it over `weights` to retrain many variants at once.
+  Returns (TrainingRun, example-gradients spent). The data order and initialisation are those of
+  the trainer's `seed`.
   """
-  steps = jax.tree.leaves(batches)[0].shape[0]
+  from datarater.policies.base import weighting  # pylint: disable=g-import-not-at-top
+  from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
+  if steps < 1 or batch_size < 1:
+    raise UserError(f'valuation steps and batch_size must be >= 1, got {steps}, {batch_size}')
   if checkpoint_every < 1 or steps % checkpoint_every:
-    raise UserError(f'checkpoint_every={checkpoint_every} must be >= 1 and divide the {steps} steps')
-  opt = make_inner_optimizer(optimizer, learning_rate)
-  batches = {k: v for k, v in batches.items()}
-  if weights is None:
-    weight_fn = uniform_weights
-  else:
-    batches['weight'] = weights
-    weight_fn = lambda b: b['weight']
-  num = steps // checkpoint_every
-  segments = jax.tree.map(lambda x: jnp.reshape(x, (num, checkpoint_every, *x.shape[1:])), batches)
-
-  def segment(state, seg):
-    new, losses = unroll(loss_fn, opt, weight_fn, state, seg)
-    return new, (state.params, losses)
-
-  final, (checkpoints, losses) = jax.lax.scan(segment, init_inner_state(params, opt), segments)
-  batches.pop('weight', None)
-  return TrainingRun(batches=batches, step_lrs=jnp.full((steps,), learning_rate),
-                     checkpoints=checkpoints,
-                     checkpoint_steps=jnp.arange(num) * checkpoint_every,
-                     final_params=final.params, losses=losses.reshape(steps))
+    raise UserError(f'checkpoint_every={checkpoint_every} must be >= 1 and divide the {steps} '
+                    'steps')
+  if learning_rate <= 0:
+    raise UserError(f'valuation.learning_rate must be > 0, got {learning_rate}')
+  trainer = Trainer(task, make_inner_optimizer(optimizer, learning_rate),
+                    weighting('uniform', len(split)), batch_size, record_every=checkpoint_every)
+  result = trainer.run(split, {}, [seed], steps=steps)
+  rec = result.recording
+  one = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  positions = rec.positions[0]
+  run = TrainingRun(
+      batches=jax.tree.map(jnp.asarray, split.take(positions)),
+      weights=jnp.asarray(rec.weights[0]), step_lrs=jnp.full((steps,), learning_rate),
+      checkpoints=one(rec.checkpoints),
+      checkpoint_steps=jnp.arange(steps // checkpoint_every) * checkpoint_every,
+      final_params=one(result.params))
+  return run, result.example_gradients
 
 
 class Valuation(abc.ABC):
   """fit/accumulate over training, then score. `higher_is_better` orients `score` into `value`."""
   name: str = 'valuation'
   higher_is_better: bool = True
+  example_gradients: int = 0   # what making it cost (its recorded runs), for compute accounting
 
   def __init__(self):
     self._params, self._lrs = [], []
@@ -120,8 +109,7 @@ class Valuation(abc.ABC):
     s = self.score(batch)
     return s if self.higher_is_better else -s
 
-
-def score_split(score_fn: Callable[[dict], jax.Array], split: Split, batch_size: int = 256,
-                progress: bool = True, desc: str = 'scoring') -> np.ndarray:
-  """`datarater.evaluation.score_split` with a progress bar by default (valuations are slow)."""
-  return evaluation.score_split(score_fn, split, batch_size, progress=progress, desc=desc)
+  def values(self, split, batch_size: int = 256, progress: bool = False) -> np.ndarray:
+    """`value` of every example of `split`, in order, [N]."""
+    return evaluation.score_split(self.value, split, batch_size, progress=progress,
+                                  desc=f'{self.name} values')

@@ -1,15 +1,15 @@
 """Data value embedding (Wang et al. 2024): trajectory-specific leave-one-out in one dot product.
 
-Plain SGD on mean batch losses, theta_{t+1} = theta_t - (lr_t/B) sum_j g_j(theta_t). Removing
-example i from step s adds (lr_s/B) g_i(theta_s) to theta_{s+1}; to first order that change
-reaches the final parameters as
-    e_{s,i} = (lr_s/B) K_{s+1} g_i(theta_s),   K_{s+1} = prod_{t=T-1..s+1} (I - lr_t H_t),
+Plain SGD on weighted mean batch losses, theta_{t+1} = theta_t - (lr_t/B) sum_j w_j g_j(theta_t)
+(w_j = 1, or 0 for an epoch's padding). Removing example i from step s adds (lr_s/B) w_i g_i(theta_s)
+to theta_{s+1}; to first order that change reaches the final parameters as
+    e_{s,i} = (lr_s/B) w_i K_{s+1} g_i(theta_s),   K_{s+1} = prod_{t=T-1..s+1} (I - lr_t H_t),
 so the change of any test loss is <grad l_test(theta_T), e_{s,i}>: e is the data value
 embedding. H_t, the batch Hessian, is approximated from per-example gradients: by default the
-Gauss-Newton matrix (1/B) sum_j sum_c p_jc g_jc g_jc^T (gradients for every label c, weighted by
-the model's probabilities: exact Fisher of softmax cross-entropy), or the cheaper empirical Fisher
-(1/B) sum_j g_j g_j^T of the observed labels. Everything is kept in a k-dim random projection of
-the gradients (pergrad transforms), so K is k x k and the backward recursion
+Gauss-Newton matrix (1/B) sum_j w_j sum_c p_jc g_jc g_jc^T (gradients for every label c, weighted
+by the model's probabilities: exact Fisher of softmax cross-entropy; needs a classification task),
+or the cheaper empirical Fisher (1/B) sum_j w_j g_j g_j^T of the observed labels. Everything is
+kept in a k-dim random projection of the gradients (pergrad transforms), so K is k x k and the backward recursion
 K_t = K_{t+1} (I - lr_t H_t) is one `lax.scan` in reverse. An example's embedding sums
 its occurrences; summing only the steps of one phase (early/middle/late) gives value by phase.
 """
@@ -25,7 +25,8 @@ from jax.flatten_util import ravel_pytree
 
 from datarater import pergrad
 from datarater.errors import UserError
-from datarater.valuation.base import PerExampleLoss, TrainingRun, Valuation
+from datarater.tasks import Task
+from datarater.valuation.base import TrainingRun, Valuation
 
 CURVATURES = ('gauss_newton', 'empirical_fisher', 'exact', 'none')
 
@@ -37,44 +38,46 @@ class Embeddings:
   phase: jax.Array    # [P, N, k]: the same sum restricted to each of P equal phases of training
 
 
-def _k_times_hessian(loss_fn, params, batch, kmat, grads, transform, state, curvature,
-                     num_classes, chunk_size):
-  """K H_t for the batch-mean loss at `params`, H_t approximated as `curvature` says."""
+def _k_times_hessian(task, params, batch, weights, kmat, grads, transform, state, curvature,
+                     chunk_size):
+  """K H_t for the weighted batch-mean loss at `params`, H_t approximated as `curvature` says."""
+  loss_fn = task.per_example_loss
   b = grads.shape[0]
-  if curvature == 'empirical_fisher':  # (1/B) sum_j g_j g_j^T with the observed labels
-    return (kmat @ grads.T) @ grads / b
+  if curvature == 'empirical_fisher':  # (1/B) sum_j w_j g_j g_j^T with the observed labels
+    return ((kmat @ grads.T) * weights[None, :]) @ grads / b
   if curvature == 'gauss_newton':
     # For softmax cross-entropy the Gauss-Newton matrix is the model's Fisher:
-    # (1/B) sum_j sum_c p_jc g_jc g_jc^T, g_jc the gradient had the label been c, p_jc = e^-l_jc.
+    # (1/B) sum_j w_j sum_c p_jc g_jc g_jc^T, g_jc the gradient had the label been c, p_jc = e^-l_jc.
     def per_class(acc, c):
-      relabelled = dict(batch, label=jnp.full_like(batch['label'], c))
+      labels = task.labels(batch)
+      relabelled = task.with_labels(batch, jnp.full_like(labels, c))
       g = pergrad.per_example(loss_fn, params, relabelled, transform, state, chunk_size)
-      p = jnp.exp(-loss_fn(params, relabelled))
+      p = jnp.exp(-loss_fn(params, relabelled)) * weights
       return acc + ((kmat @ g.T) * p[None, :]) @ g / b, None
-    return jax.lax.scan(per_class, jnp.zeros_like(kmat), jnp.arange(num_classes))[0]
+    return jax.lax.scan(per_class, jnp.zeros_like(kmat), jnp.arange(task.num_classes))[0]
   # 'exact': rows of K are parameter-space vectors (unprojected); (K H)_r = H K_r by an HVP.
   flat, unravel = ravel_pytree(params)
-  grad_fn = jax.grad(lambda v: jnp.mean(loss_fn(unravel(v), batch)))
+  grad_fn = jax.grad(lambda v: jnp.mean(weights * loss_fn(unravel(v), batch)))
   hvp = lambda r: jax.jvp(grad_fn, (flat,), (r,))[1]
   return jax.lax.map(hvp, kmat, batch_size=min(64, kmat.shape[0]))
 
 
-def embed(loss_fn: PerExampleLoss, run: TrainingRun, num_examples: int,
+def embed(task: Task, run: TrainingRun, num_examples: int,
           transform: Optional[pergrad.GradTransform] = None, curvature: str = 'gauss_newton',
-          num_classes: Optional[int] = None, phases: int = 3,
-          chunk_size: Optional[int] = 64) -> Embeddings:
+          phases: int = 3, chunk_size: Optional[int] = 64) -> Embeddings:
   """Data value embeddings of a recorded run that has a checkpoint before every step.
 
   One reverse `lax.scan` over the steps: at step t, the (transformed) per-example gradients g_t
-  at theta_t give e_t = (lr_t/B) g_t K^T, then K <- K - lr_t K H_t. curvature: 'gauss_newton'
-  (default; needs `num_classes`, exact Fisher of a softmax cross-entropy), 'empirical_fisher'
-  (observed-label g g^T, cheapest), 'exact' (Hessian-vector products; unprojected gradients only,
-  K is P x P: tiny models), 'none' (K = I: a TracIn-like first-order value).
+  at theta_t give e_t = (lr_t/B) w_t g_t K^T, then K <- K - lr_t K H_t. curvature:
+  'gauss_newton' (default; a classification task: exact Fisher of a softmax cross-entropy),
+  'empirical_fisher' (observed-label g g^T, cheapest), 'exact' (Hessian-vector products;
+  unprojected gradients only, K is P x P: tiny models), 'none' (K = I: a first-order value).
   """
   if curvature not in CURVATURES:
     raise UserError(f'unknown curvature {curvature!r} (choose from {", ".join(CURVATURES)})')
-  if curvature == 'gauss_newton' and not num_classes:
-    raise UserError("curvature 'gauss_newton' needs num_classes")
+  if curvature == 'gauss_newton' and not task.num_classes:
+    raise UserError("curvature 'gauss_newton' needs a classification task (use empirical_fisher)")
+  loss_fn = task.per_example_loss
   if run.num_checkpoints != run.num_steps:
     raise UserError(f'data value embedding needs checkpoint_every=1 (the run has '
                     f'{run.num_checkpoints} checkpoints for {run.num_steps} steps)')
@@ -87,17 +90,18 @@ def embed(loss_fn: PerExampleLoss, run: TrainingRun, num_examples: int,
   dtype = jnp.result_type(*jax.tree.leaves(run.final_params))
 
   def body(kmat, step):
-    params, batch, lr = step
+    params, batch, weights, lr = step
     g = pergrad.per_example(loss_fn, params, batch, transform, state, chunk_size)
-    chex.assert_shape(g, (batch['label'].shape[0], k))
-    emb = (lr / g.shape[0]) * g @ kmat.T
+    chex.assert_shape(g, (weights.shape[0], k))
+    emb = (lr / g.shape[0]) * weights[:, None] * (g @ kmat.T)
     if curvature != 'none':
-      kmat = kmat - lr * _k_times_hessian(loss_fn, params, batch, kmat, g, transform, state,
-                                          curvature, num_classes, chunk_size)
+      kmat = kmat - lr * _k_times_hessian(task, params, batch, weights, kmat, g, transform, state,
+                                          curvature, chunk_size)
     return kmat, emb
 
   _, step = jax.lax.scan(body, jnp.eye(k, dtype=dtype),
-                         (run.checkpoints, run.batches, run.step_lrs), reverse=True)
+                         (run.checkpoints, run.batches, run.weights.astype(dtype), run.step_lrs),
+                         reverse=True)
   t, b, _ = step.shape
   index = run.batches['index'].reshape(-1)
   example = jax.ops.segment_sum(step.reshape(t * b, k), index, num_examples)
@@ -107,7 +111,7 @@ def embed(loss_fn: PerExampleLoss, run: TrainingRun, num_examples: int,
   return Embeddings(step=step, example=example, phase=phase)
 
 
-def test_direction(loss_fn: PerExampleLoss, params, test_batch: dict,
+def test_direction(loss_fn, params, test_batch: dict,
                    transform: Optional[pergrad.GradTransform] = None) -> jax.Array:
   """The transformed gradient of the mean test loss at the final params, [k] (linear transforms)."""
   transform = transform or pergrad.flatten()
@@ -120,13 +124,12 @@ class DataValueEmbedding(Valuation):
   name = 'dvemb'
   higher_is_better = True
 
-  def __init__(self, loss_fn: PerExampleLoss, num_examples: int, test_batch: dict,
+  def __init__(self, task: Task, num_examples: int, test_batch: dict,
                transform: Optional[pergrad.GradTransform] = None,
-               curvature: str = 'gauss_newton', num_classes: Optional[int] = None,
-               phases: int = 3, chunk_size: int = 64):
+               curvature: str = 'gauss_newton', phases: int = 3, chunk_size: int = 64):
     super().__init__()
-    self.loss_fn, self.num_examples, self.test_batch = loss_fn, num_examples, test_batch
-    self.transform, self.num_classes = transform, num_classes
+    self.task, self.num_examples, self.test_batch = task, num_examples, test_batch
+    self.transform = transform
     self.curvature, self.phases, self.chunk_size = curvature, phases, chunk_size
     self.embeddings: Optional[Embeddings] = None
     self.direction = None
@@ -135,11 +138,10 @@ class DataValueEmbedding(Valuation):
     raise UserError('data value embedding needs the whole recorded run: call fit(run)')
 
   def fit(self, run: TrainingRun) -> 'DataValueEmbedding':
-    self.embeddings = jax.jit(lambda r: embed(self.loss_fn, r, self.num_examples, self.transform,
-                                              self.curvature, self.num_classes, self.phases,
-                                              self.chunk_size))(run)
-    self.direction = test_direction(self.loss_fn, run.final_params, self.test_batch,
-                                    self.transform)
+    self.embeddings = jax.jit(lambda r: embed(self.task, r, self.num_examples, self.transform,
+                                              self.curvature, self.phases, self.chunk_size))(run)
+    self.direction = test_direction(self.task.per_example_loss, run.final_params,
+                                    self.test_batch, self.transform)
     return self
 
   def _check(self):

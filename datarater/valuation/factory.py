@@ -1,18 +1,17 @@
-"""From a config (configs/valuate.py) to a fitted valuation: the run, the reference, the method.
+"""From a config (its `valuation` section) to a fitted valuation of a task on a split.
 
-Shared by launch/valuate.py and bench/valuation_noise.py so both value the same thing.
+Shared by `datarater.valuation.run` (launch.valuate), the policies and the benchmarks, so all
+value the same thing. Each fitted valuation carries `example_gradients`, what making it cost.
 """
 from typing import Optional
 
-import jax
 import ml_collections
 
-from datarater import models, pergrad
-from datarater.data.pipeline import Split
+from datarater import pergrad
 from datarater.errors import UserError
-from datarater.valuation.base import TrainingRun, Valuation, fixed_order_batches, record_run
+from datarater.valuation.base import Valuation, record_run
 from datarater.valuation.dvemb import DataValueEmbedding
-from datarater.valuation.mimic import Mimic
+from datarater.valuation.mimic import Mimic, resolve_layers
 from datarater.valuation.rater import RaterValuation
 from datarater.valuation.tracin import TracIn
 
@@ -41,51 +40,63 @@ def make_projection(v: ml_collections.ConfigDict) -> Optional[pergrad.GradTransf
                   f'(choose from {", ".join(PROJECTIONS)})')
 
 
-def task_problem(config: ml_collections.ConfigDict, train: Split):
-  """(task model, per-example loss, initial params) of the config's task model."""
-  task = models.task_model(train.num_classes, tuple(config.task_model.hidden),
-                           config.task_model.activation)
-  loss_fn = lambda p, b: models.per_example_loss(task.apply, p, b)
-  params = task.init(jax.random.key(config.valuation.init_seed), train.image[:1])
-  return task, loss_fn, params
-
-
-def record(config, loss_fn, params, split: Split, steps: int, every: int,
-           learning_rate: Optional[float] = None) -> TrainingRun:
-  """Trains on `split` in the config's fixed order with plain `record_run` (jitted)."""
+def record(config, task, split, steps: int, every: int):
+  """The config's recorded SGD run of `task` on `split`: (TrainingRun, example-gradients)."""
   v = config.valuation
-  if steps < 1 or v.batch_size < 1:
-    raise UserError(f'valuation steps and batch_size must be >= 1, got {steps}, {v.batch_size}')
-  batches = fixed_order_batches(split, steps, v.batch_size, v.order_seed)
-  lr = v.learning_rate if learning_rate is None else learning_rate
-  if lr <= 0:
-    raise UserError(f'valuation.learning_rate must be > 0, got {lr}')
-  return jax.jit(lambda b: record_run(loss_fn, params, b, lr, every, v.optimizer))(batches)
+  return record_run(task, split, steps=steps, batch_size=v.batch_size,
+                    learning_rate=v.learning_rate, checkpoint_every=every,
+                    optimizer=v.optimizer, seed=v.seed)
 
 
-def heldout_batch(heldout: Split) -> dict:
-  return {'image': heldout.image, 'label': heldout.label}
+def mimic_reference(config, task, heldout):
+  """Grad-Mimic's reference model: trained on the trusted split. (params, example-gradients)."""
+  steps = config.valuation.reference_steps
+  run, cost = record(config, task, heldout, steps, steps)
+  return run.final_params, cost
 
 
-def build(method: str, config: ml_collections.ConfigDict, train: Split, heldout: Split,
-          workdir: str = '') -> Valuation:
-  """The fitted valuation `method` for the config's training run on `train`."""
+def mimic_layers(config, task, params, split):
+  return resolve_layers(task.per_example_loss, params, split.take([0, 1]),
+                        parse_layers(config.valuation.mimic_layers))
+
+
+def build(method: str, config, task, train, heldout) -> Valuation:
+  """The valuation `method`, fitted to the config's training run of `task` on `train`."""
   if method not in METHODS:
     raise UserError(f'unknown method {method!r} (choose from {", ".join(METHODS)})')
   v = config.valuation
   if method == 'datarater':
-    return RaterValuation.from_workdir(v.rater_workdir or workdir)
-  _, loss_fn, params = task_problem(config, train)
+    from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
+    if not v.rater:
+      raise UserError('method datarater needs valuation.rater (an exported rater or a '
+                      'launch.train_rater workdir)')
+    loaded = load_rater(v.rater)
+    loaded.check_matches(train.info, 'the training data')
+    valuation = RaterValuation(loaded.rater, loaded.params)
+    valuation.example_gradients = loaded.training_example_gradients
+    return valuation
   layers, chunk = parse_layers(v.layers), v.chunk_size
+  heldout_batch = heldout.take(range(len(heldout)))
   if method == 'dvemb':
-    run = record(config, loss_fn, params, train, v.dvemb_steps, 1)
-    return DataValueEmbedding(loss_fn, len(train), heldout_batch(heldout), make_projection(v),
-                              v.dvemb_curvature, train.num_classes, chunk_size=chunk).fit(run)
-  run = record(config, loss_fn, params, train, v.train_steps, v.checkpoint_every)
+    run, cost = record(config, task, train, v.dvemb_steps, 1)
+    valuation = DataValueEmbedding(task, len(train), heldout_batch, make_projection(v),
+                                   v.dvemb_curvature, chunk_size=chunk).fit(run)
+    # The run, then per-example gradients at every step (once per class for Gauss-Newton).
+    per_step = task.num_classes if v.dvemb_curvature == 'gauss_newton' else 0
+    valuation.example_gradients = cost * (2 + per_step)
+    return valuation
+  run, cost = record(config, task, train, v.train_steps, v.checkpoint_every)
   if method == 'tracin':
-    return TracIn(loss_fn, v.tracin_mode, heldout_batch(heldout), layers,
-                  make_projection(v) if v.tracin_project else None, chunk,
-                  ghost=v.tracin_ghost and v.tracin_mode == 'self' and not v.tracin_project).fit(run)
-  reference = record(config, loss_fn, params, heldout, v.reference_steps, v.reference_steps)
-  return Mimic(loss_fn, reference.final_params, parse_layers(v.mimic_layers), v.mimic_cosine,
-               chunk).fit(run)
+    ghost = (v.tracin_ghost and v.tracin_mode == 'self' and not v.tracin_project and
+             layers is None and pergrad.ghost_covers(task.per_example_loss, run.final_params,
+                                                     train.take([0, 1])))
+    valuation = TracIn(task.per_example_loss, v.tracin_mode, heldout_batch, layers,
+                       make_projection(v) if v.tracin_project else None, chunk,
+                       ghost=ghost).fit(run)
+    valuation.example_gradients = cost + len(train) * run.num_checkpoints
+    return valuation
+  reference, ref_cost = mimic_reference(config, task, heldout)
+  valuation = Mimic(task.per_example_loss, reference, parse_layers(v.mimic_layers),
+                    v.mimic_cosine, chunk).fit(run)
+  valuation.example_gradients = cost + ref_cost
+  return valuation

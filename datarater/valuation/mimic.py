@@ -4,7 +4,8 @@ A reference model theta_ref (same architecture, trained on trusted data) gives a
 the direction v = theta_ref - theta_t over chosen layers (default: the last Dense layer, as the
 authors do). A sample's Mimic score is its negative gradient projected on the unit vector v,
 <-g_i, v/||v||> (one JVP for the whole batch); `cosine=True` also divides by ||g_i||.
-Online: per-batch weights = B * softmax(scores / temperature) applied to each training step.
+Online: per-batch weights = B * softmax(scores / temperature) at each training step (the
+`mimic` policy, `datarater.policies.weighting`).
 Offline: scores averaged over training checkpoints, then a keep/drop filter whose threshold is set
 by a two-component Gaussian mixture on the scores or by a keep fraction.
 """
@@ -13,14 +14,12 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from sklearn.mixture import GaussianMixture
 
 from datarater import pergrad
 from datarater.errors import UserError
-from datarater.valuation.base import PerExampleLoss, Valuation
-from inner_loop.unroll import InnerState, inner_step
-from inner_loop.weighting import softmax_weights
+from datarater.tasks import PerExampleLoss, batch_size_of
+from datarater.valuation.base import Valuation
 
 Layers = Union[str, Sequence[str], None]  # 'last', a list of layer names, or None for all
 
@@ -71,29 +70,9 @@ class Mimic(Valuation):
       return acc + mimic_scores(self.loss_fn, params, self.ref_params, batch, layers, self.cosine,
                                 self.chunk_size), None
 
-    init = jnp.zeros(pergrad.batch_size_of(batch), jnp.result_type(*jax.tree.leaves(ckpts)))
+    init = jnp.zeros(batch_size_of(batch), jnp.result_type(*jax.tree.leaves(ckpts)))
     total = jax.lax.scan(body, init, ckpts)[0]
     return total / len(self._params)
-
-
-def train_online(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
-                 state: InnerState, batches: dict, ref_params, temperature: float = 1.0,
-                 layers: Optional[Sequence[str]] = None, cosine: bool = False):
-  """Grad-Mimic online: each step weighs its batch by B*softmax(mimic scores / temperature).
-
-  `layers` must already be resolved (see `resolve_layers`). Returns (final state, scores [T, B]);
-  the weights are a function of the current parameters, so this is a scan of `inner_step`.
-  """
-  if temperature <= 0:
-    raise UserError(f'mimic temperature must be > 0, got {temperature}')
-
-  def step(state, batch):
-    scores = mimic_scores(loss_fn, state.params, ref_params, batch, layers, cosine, None)
-    weights = jax.lax.stop_gradient(softmax_weights(scores, temperature))
-    state, _ = inner_step(loss_fn, optimizer, state, batch, weights)
-    return state, scores
-
-  return jax.lax.scan(step, state, batches)
 
 
 def mimic_filter(scores: np.ndarray, keep_fraction: Optional[float] = None, seed: int = 0):

@@ -5,21 +5,18 @@ TracInCP(z, z') = sum_c lr_c <grad l(z; theta_c), grad l(z'; theta_c)> over save
 - held-out influence: z' ranges over a held-out set, i.e. <g(z), mean held-out gradient>, one JVP
   per checkpoint for all examples; `cosine=True` divides by both norms ("Grad-Cos"), so a few large
   mislabelled gradients do not dominate every ranking;
-- `layers` restricts gradients to chosen layers, `projection` to a random k-dim sketch;
-- `curriculum_weights` turns values into per-example loss or sampling weights (soft weighting of
-  all data, or hard selection of a top fraction).
+- `layers` restricts gradients to chosen layers, `projection` to a random k-dim sketch.
 """
 from typing import Optional, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from datarater import pergrad
 from datarater.errors import UserError
-from datarater.valuation.base import PerExampleLoss, Valuation
-from inner_loop.weighting import softmax_weights
+from datarater.tasks import PerExampleLoss, batch_size_of
+from datarater.valuation.base import Valuation
 
 MODES = ('self', 'heldout', 'heldout_cos')
 
@@ -50,7 +47,7 @@ def self_influence(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batch: 
       return acc + lr * pergrad.ghost_sq_norms(loss_fn, params, batch, layers), None
     return acc + lr * pergrad.per_example(loss_fn, params, batch, t, chunk_size=chunk_size), None
 
-  init = jnp.zeros(pergrad.batch_size_of(batch), lrs.dtype)
+  init = jnp.zeros(batch_size_of(batch), lrs.dtype)
   return jax.lax.scan(body, init, (checkpoints, lrs))[0]
 
 
@@ -72,7 +69,7 @@ def heldout_influence(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batc
       d = d / jnp.maximum(n * pergrad.tree_norm(v), 1e-30)
     return acc + lr * d, None
 
-  init = jnp.zeros(pergrad.batch_size_of(batch), lrs.dtype)
+  init = jnp.zeros(batch_size_of(batch), lrs.dtype)
   return jax.lax.scan(body, init, (checkpoints, lrs))[0]
 
 
@@ -104,7 +101,7 @@ def tracin_cp(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batch_a: dic
     chex.assert_equal_shape([m, acc])
     return acc + lr * m, None
 
-  init = jnp.zeros((pergrad.batch_size_of(batch_a), pergrad.batch_size_of(batch_b)), lrs.dtype)
+  init = jnp.zeros((batch_size_of(batch_a), batch_size_of(batch_b)), lrs.dtype)
   return jax.lax.scan(body, init, (checkpoints, lrs))[0]
 
 
@@ -136,35 +133,3 @@ class TracIn(Valuation):
                             self.chunk_size, self.ghost)
     return heldout_influence(self.loss_fn, ckpts, lrs, batch, self.heldout, self.layers,
                              self.mode == 'heldout_cos', self.chunk_size)
-
-
-def curriculum_weights(values: np.ndarray, mode: str = 'weight', fraction: float = 0.2,
-                       temperature: float = 1.0) -> np.ndarray:
-  """Per-example weights (mean 1) from values (higher = better), to weight losses or sampling.
-
-  'weight': N * softmax(z / temperature) of the standardised values z, every example kept;
-  'select': the top `fraction` weigh 1/fraction, the rest 0 (hard subset selection).
-  """
-  values = np.asarray(values, np.float64)
-  if mode == 'weight':
-    if temperature <= 0:
-      raise UserError(f'curriculum temperature must be > 0, got {temperature}')
-    z = (values - values.mean()) / max(values.std(), 1e-12)
-    return np.asarray(softmax_weights(jnp.asarray(z), temperature), np.float64)
-  if mode == 'select':
-    if not 0 < fraction <= 1:
-      raise UserError(f'curriculum fraction must be in (0, 1], got {fraction}')
-    keep = max(1, int(round(fraction * len(values))))
-    w = np.zeros(len(values))
-    w[np.argsort(-values, kind='stable')[:keep]] = len(values) / keep
-    return w
-  raise UserError(f'unknown curriculum mode {mode!r} (choose from weight, select)')
-
-
-def sample_order(weights: np.ndarray, steps: int, batch_size: int, seed: int) -> np.ndarray:
-  """[steps, batch_size] example indices drawn with probability proportional to `weights`."""
-  p = np.asarray(weights, np.float64)
-  if (p < 0).any() or p.sum() <= 0:
-    raise UserError('sampling weights must be >= 0 with a positive sum')
-  rng = np.random.default_rng(seed)
-  return rng.choice(len(p), size=(steps, batch_size), p=p / p.sum())

@@ -6,7 +6,6 @@ features are copied from the source dataset's info; examples keep the source ord
 and are read from the source in chunks, so the subset never sits in memory. The files are a pure
 function of the selected examples (byte-identical across runs and processes).
 """
-import os
 from typing import Mapping, Optional
 from unittest import mock
 
@@ -77,8 +76,3 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
 
 def _serialize_deterministic(self, example):
   return self.get_tf_example(example).SerializeToString(deterministic=True)
-
-
-def load_dir(path: str) -> tfds.core.DatasetBuilder:
-  """The dataset written by `write_subset` (or any prepared TFDS folder)."""
-  return tfds.builder_from_directory(os.path.abspath(path))

@@ -20,22 +20,19 @@ From the codes Z [N, M] (>= 0) of every training example:
   suspects (`suspected_mislabels`) are either the examples with A_i < -`mislabel_margin` (rule
   `margin`) or, adaptively (rule `confident`), the K lowest-margin examples, where K counts the
   examples that look more like another class than the typical member of that class does (a
-  confident-learning estimate of the number of label errors: ~2% of clean digits, 87% of the
-  planted flips at 20% noise);
+  confident-learning estimate of the number of label errors);
 - curriculum: score_i = alpha(t) rank(R)_i + beta(t) rank(D)_i - lambda U_i, with alpha, beta
   moving linearly from their start to end values over training. With class-conditional R, rank(R)
   is the percentile within the example's class. alpha > 0 spends the budget on the most
-  representative examples first (the seed article's order); alpha < 0 (the default, chosen on
-  validation) leaves them out first: their factors are covered by the rest of their class, so they
-  are redundant, and the least representative are the informative (hard) ones -- the label guard
-  keeps that from favouring mislabels;
+  representative examples first (the seed article's order); alpha < 0 leaves them out first: their
+  factors are covered by the rest of their class, so they are redundant, and the least
+  representative are the informative (hard) ones -- the label guard keeps that from favouring
+  mislabels;
 - label guard (`mislabel_guard`): `penalty` (default) subtracts `mislabel_penalty` from the
   suspects' scores -- a soft guard: the usage penalty, diversity and the Gumbel noise can still
-  bring some back (at r=0.7 about a third of them per epoch); `exclude` ranks every suspect below
+  bring some back; `exclude` ranks every suspect below
   every other example after the noise (`exclude_last`), so suspects are selected only when the
-  others cannot fill the budget; `off` ignores the margin. On digits with 20% flipped labels,
-  `exclude` cuts the mislabelled share of gradients at r=0.7 from 14% to 5% yet gives lower
-  validation accuracy than `penalty`, hence the default (README, selection section).
+  others cannot fill the budget; `off` ignores the margin.
 """
 import flax
 import jax
@@ -43,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from datarater.errors import UserError
-from datarater.selection.base import percentile_rank
 
 
 @flax.struct.dataclass
@@ -127,6 +123,12 @@ def label_margin(stats: FactorStats) -> jax.Array:
   own = jnp.take_along_axis(per_class, stats.group[:, None], 1)[:, 0]
   mine = jax.nn.one_hot(stats.group, num_groups, dtype=bool)
   return own - jnp.max(jnp.where(mine, -jnp.inf, per_class), 1)
+
+
+def percentile_rank(x: jax.Array) -> jax.Array:
+  """Rank of each entry scaled to [0, 1] (0 = smallest); makes scores of any scale comparable."""
+  n = x.shape[0]
+  return jnp.argsort(jnp.argsort(x)).astype(jnp.float32) / max(n - 1, 1)
 
 
 def grouped_percentile_rank(x: jax.Array, group: jax.Array, num_groups: int) -> jax.Array:

@@ -1,0 +1,1 @@
+"""Curation: scores files, keep thresholds, the TFDS writer and the filter built on them."""

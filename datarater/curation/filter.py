@@ -1,0 +1,196 @@
+"""Filtering a TFDS dataset with a rater or a scores file into a new TFDS dataset.
+
+`filter_dataset(dataset, out, ...)` streams each filtered split in blocks (only one float score
+per example is held), scores every example (an exported rater on all local devices, or the
+`value` column of a scores file keyed by TFDS id), picks the kept examples (`keep`: exactly
+round(keep * N) of the best, ties to the lower id; `threshold='streaming'`: an approximate
+threshold from a reservoir sample; `min_score`: score >= value; `balance`: every class keeps its
+share) and writes `out`: the kept examples as a TFDS dataset with the source's features
+(`tfds.builder_from_directory(out)`), the other splits copied unchanged, `scores_<split>.parquet`
+(id, label, score, kept), `filter_report.json` and `scores.png`. Everything is written to a
+temporary folder beside `out` and renamed into place at the end (`files.atomic_dir`).
+`corruption` applies the same recorded corruption as the training pipeline to the filtered
+splits before scoring (and writes the corrupted examples), for experiments.
+"""
+import os
+import shutil
+from typing import Optional, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from datarater import files
+from datarater.curation import scores_file, select, tfds_writer
+from datarater.data import corruption as corruption_lib
+from datarater.data import pipeline
+from datarater.errors import UserError
+
+THRESHOLD_MODES = ('exact', 'streaming')
+
+
+def _blocks(source, batch_size: int, desc: str):
+  """(ids, examples) blocks of a random-access TFDS source, in id order."""
+  n = len(source)
+  for start in tqdm(range(0, n, batch_size), desc=desc, unit='batch', disable=None, leave=False):
+    ids = np.arange(start, min(n, start + batch_size), dtype=np.int64)
+    yield ids, source.__getitems__([int(i) for i in ids])
+
+
+def _save_histogram(path: str, per_split: dict) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(per_split), figsize=(5 * len(per_split), 3.5), squeeze=False)
+  for ax, (split, d) in zip(axes[0], per_split.items()):
+    s, kept = d['scores'], d['kept']
+    bins = np.linspace(s.min(), s.max() + 1e-9, 41)
+    ax.hist(s[kept], bins, alpha=0.7, label=f'kept ({int(kept.sum())})')
+    ax.hist(s[~kept], bins, alpha=0.7, label=f'dropped ({int((~kept).sum())})')
+    if d['record'] is not None and d['record'].any():
+      ax.hist(s[d['record'] != 0], bins, histtype='step', color='k', label='corrupted')
+    ax.set_title(f'{split}: scores')
+    ax.set_xlabel('score')
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  files.save_figure(fig, path, dpi=90)
+  plt.close(fig)
+
+
+def _example_transform(info, corruption, n):
+  """TFDS example -> the same example corrupted as the training pipeline would (for the writer)."""
+  def transform(i, example):
+    raw = {k: np.asarray(example[k])[None] for k in info.spec}
+    raw, _ = corruption.apply(info, raw, np.array([i]), n)
+    return {**example, **{k: v[0] for k, v in raw.items()}}
+  return transform
+
+
+def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *,
+                   rater: Optional[str] = None, scores: Optional[str] = None,
+                   keep: Optional[float] = None, min_score: Optional[float] = None,
+                   threshold: str = 'exact', balance: bool = False, data_dir: str = '',
+                   corruption: Optional[corruption_lib.Corruption] = None,
+                   copy_other_splits: bool = True, batch_size: int = 1024,
+                   overwrite: bool = False, devices=None) -> dict:
+  """Runs the filter (see the module docstring); returns the report. Checks everything first."""
+  if not out:
+    raise UserError('--out is required')
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:
+    raise UserError(f'output {out!r} already exists (pass --overwrite to replace it)')
+  if (rater is None) == (scores is None):
+    raise UserError('give exactly one of --rater and --scores')
+  if (keep is None) == (min_score is None):
+    raise UserError('give exactly one of --keep and --min_score')
+  if keep is not None:
+    select.check_keep(keep)
+  if threshold not in THRESHOLD_MODES:
+    raise UserError(f'unknown --threshold {threshold!r} (choose from {", ".join(THRESHOLD_MODES)})')
+  if balance and keep is None:
+    raise UserError('--balance needs --keep (a score threshold cannot balance classes)')
+  if batch_size < 1:
+    raise UserError(f'--batch_size must be >= 1, got {batch_size}')
+  splits = list(splits)
+  if not splits:
+    raise UserError('--split names no split')
+  corruption = corruption or corruption_lib.Corruption()
+  builder = pipeline.get_builder(dataset, data_dir)
+  info = pipeline.data_info(builder)
+  for s in splits:
+    if s not in builder.info.splits:
+      raise UserError(f'dataset {dataset!r} has no split {s!r} '
+                      f'(it has: {", ".join(builder.info.splits)})')
+  label = info.supervised_keys[1] if info.supervised_keys else None
+  num_classes = info.num_classes.get(label, 0)
+  if balance and not num_classes:
+    raise UserError(f'--balance needs a class-label target; dataset {dataset!r} has none')
+  sources = {s: builder.as_data_source(split=s) for s in builder.info.splits}
+  loaded = None
+  if rater is not None:
+    from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
+    loaded = load_rater(rater, devices=devices)
+    loaded.check_matches(info, f'dataset {dataset!r}')
+  elif len(splits) > 1:
+    raise UserError('--scores filters one split at a time (give one --split)')
+  given = scores_file.read_values(scores, len(sources[splits[0]]), splits[0]) if scores else None
+  if min_score is not None and not np.isfinite(min_score):
+    raise UserError(f'--min_score must be a finite number, got {min_score}')
+
+  # ---- pass 1: labels and scores, streamed
+  per_split = {}
+  for s in splits:
+    n = len(sources[s])
+    labels = np.zeros(n, np.int32)
+    split_scores = np.empty(n, np.float64) if given is None else given
+    groups = range(num_classes) if balance else [None]
+    sketch = {c: select.StreamingQuantile(seed=0 if c is None else c) for c in groups}
+    for ids, examples in _blocks(sources[s], batch_size, f'scoring {s}'):
+      raw = pipeline.stack_examples(info, examples)
+      raw, _ = corruption.apply(info, raw, ids, n)
+      if label is not None:
+        labels[ids] = raw[label]
+      if loaded is not None:
+        split_scores[ids] = loaded(pipeline.decode(info, raw))
+      if threshold == 'streaming':
+        for c, q in sketch.items():
+          q.update(split_scores[ids] if c is None else split_scores[ids][labels[ids] == c])
+    if not np.all(np.isfinite(split_scores)):
+      bad = int(np.flatnonzero(~np.isfinite(split_scores))[0])
+      raise UserError(f'the score of example {bad} of split {s!r} is not finite')
+    if min_score is not None:
+      kept, thr = select.select_threshold(split_scores, min_score), {'all': float(min_score)}
+    elif threshold == 'exact':
+      kept = select.select_top(split_scores, keep, np.arange(n), labels, num_classes, balance)
+      thr = {'all': float(split_scores[kept].min())}
+    else:
+      cut = {c: q.keep_threshold(keep) if q.count else np.inf for c, q in sketch.items()}
+      kept = split_scores >= (cut[None] if not balance else np.array([cut[c] for c in labels]))
+      thr = {'all' if c is None else str(c): float(v) for c, v in cut.items()}
+    if not kept.any():
+      raise UserError(f'nothing of split {s!r} is kept (threshold {thr}; scores range '
+                      f'{split_scores.min():.4g} .. {split_scores.max():.4g})')
+    record = corruption.record(n) if len(corruption.kinds) > 1 else None
+    per_split[s] = {'scores': split_scores, 'labels': labels, 'kept': kept, 'threshold': thr,
+                    'record': record}
+
+  # ---- pass 2: write into a temporary folder, renamed into place at the end
+  selection = {s: np.flatnonzero(d['kept']) for s, d in per_split.items()}
+  if copy_other_splits:
+    selection.update({s: np.arange(len(src)) for s, src in sources.items() if s not in splits})
+  transforms = {s: _example_transform(info, corruption, len(sources[s]))
+                for s, d in per_split.items() if d['record'] is not None}
+  source = f'rater {os.path.basename(os.path.normpath(rater))}' if rater else 'scores'
+  name = f'{builder.info.name}_filtered'
+  report = {'dataset': dataset, 'name': name, 'keep': keep, 'min_score': min_score,
+            'threshold_mode': threshold if keep is not None else 'min_score', 'balance': balance,
+            'corruption': {'kinds': list(corruption.kinds), 'label_noise': corruption.label_noise,
+                           'seed': corruption.seed},
+            'source': {'rater': rater, 'scores': scores},
+            'copied_splits': sorted(set(selection) - set(splits)), 'splits': {}}
+  with files.atomic_dir(out, overwrite) as tmp:
+    folder = tfds_writer.write_subset(builder, os.path.join(tmp, 'tfds'), name, selection,
+                                      f'{dataset} filtered by {source}', transforms)
+    for s, d in per_split.items():
+      kept, labels = d['kept'], d['labels']
+      extra = {'label': labels, 'kept': kept, 'split': np.full(len(kept), s)}
+      if d['record'] is not None:
+        extra['corruption'] = d['record']
+      scores_file.write(os.path.join(folder, f'scores_{s}.parquet'), np.arange(len(kept)),
+                        d['scores'], d['scores'], **extra)
+      info_s = {'num_examples': int(len(kept)), 'kept': int(kept.sum()),
+                'requested': select.keep_count(len(kept), keep) if keep is not None else None,
+                'threshold': d['threshold']}
+      if num_classes:
+        info_s['num_per_class'] = np.bincount(labels, minlength=num_classes).tolist()
+        info_s['kept_per_class'] = np.bincount(labels[kept], minlength=num_classes).tolist()
+      if d['record'] is not None:
+        info_s['corrupted'] = int((d['record'] != 0).sum())
+        info_s['kept_corrupted'] = int(((d['record'] != 0) & kept).sum())
+      report['splits'][s] = info_s
+    files.write_json(os.path.join(folder, 'filter_report.json'), report)
+    _save_histogram(os.path.join(folder, 'scores.png'), per_split)
+    # The dataset folder itself becomes `out`: move its contents up into the temporary root.
+    for entry in os.listdir(folder):
+      os.rename(os.path.join(folder, entry), os.path.join(tmp, entry))
+    shutil.rmtree(os.path.join(tmp, 'tfds'))
+  return report

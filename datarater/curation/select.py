@@ -1,0 +1,114 @@
+"""Choosing which examples of a split to keep from their scores (`launch.filter`).
+
+- `select_top`: exactly round(keep * N) examples with the highest scores (ties broken by the lower
+  example id, so the choice is a pure function of (scores, ids)); with `balance=True`, every class
+  keeps its share round(keep * N_c) (largest-remainder rounding so the total is still exact), so a
+  filter cannot silently drop a class whose examples all score low.
+- `select_threshold`: every example with score >= a given threshold.
+- `StreamingQuantile`: for splits whose scores do not fit in memory, a fixed-size uniform reservoir
+  sample (keyed, deterministic) of the scores seen; its (1 - keep) quantile is the threshold. The
+  kept fraction is then approximate: with a reservoir of m scores the rank error of the threshold
+  has standard deviation sqrt(keep * (1 - keep) / m) * N (0.4% of N for m = 16384, keep = 0.5).
+Online filtering during training is a training policy (`datarater.policies.filtering`).
+"""
+import math
+from typing import Optional
+
+import numpy as np
+
+from datarater.errors import UserError
+
+
+def check_keep(keep: float) -> float:
+  if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
+    raise UserError(f'keep fraction must be in (0, 1], got {keep}')
+  return float(keep)
+
+
+def keep_count(num_examples: int, keep: float) -> int:
+  """round(keep * N), at least 1: the exact number of examples `select_top` keeps."""
+  check_keep(keep)
+  return max(1, min(num_examples, int(math.floor(keep * num_examples + 0.5))))
+
+
+def _rank_order(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """Positions sorted by (score descending, id ascending): a total, deterministic order."""
+  scores = np.asarray(scores, np.float64)
+  if not np.all(np.isfinite(scores)):
+    bad = int(np.asarray(ids)[~np.isfinite(scores)][0])
+    raise UserError(f'score of example id {bad} is not finite')
+  return np.lexsort((np.asarray(ids), -scores))
+
+
+def class_quotas(counts: np.ndarray, total: int) -> np.ndarray:
+  """Integers q_c <= counts_c summing to `total`, proportional to counts (largest remainder)."""
+  counts = np.asarray(counts, np.int64)
+  exact = counts * (total / max(1, counts.sum()))
+  quota = np.floor(exact).astype(np.int64)
+  order = np.lexsort((np.arange(len(counts)), -(exact - quota)))  # largest remainder first
+  for c in order[:total - quota.sum()]:
+    quota[c] += 1
+  return np.minimum(quota, counts)
+
+
+def select_top(scores: np.ndarray, keep: float, ids: Optional[np.ndarray] = None,
+               labels: Optional[np.ndarray] = None, num_classes: Optional[int] = None,
+               balance: bool = False) -> np.ndarray:
+  """Boolean keep-mask of exactly keep_count(N, keep) examples: the highest scores.
+
+  With `balance`, each class c keeps its best-scored examples, as many as its share
+  `class_quotas` gives it.
+  """
+  scores = np.asarray(scores)
+  n = len(scores)
+  ids = np.arange(n) if ids is None else np.asarray(ids)
+  k = keep_count(n, keep)
+  mask = np.zeros(n, bool)
+  if not balance:
+    mask[_rank_order(scores, ids)[:k]] = True
+    return mask
+  if labels is None:
+    raise UserError('per-class balance needs the labels')
+  labels = np.asarray(labels)
+  num_classes = int(num_classes or labels.max() + 1)
+  quotas = class_quotas(np.bincount(labels, minlength=num_classes), k)
+  for c in range(num_classes):
+    members = np.flatnonzero(labels == c)
+    mask[members[_rank_order(scores[members], ids[members])[:quotas[c]]]] = True
+  return mask
+
+
+def select_threshold(scores: np.ndarray, min_score: float) -> np.ndarray:
+  """Keep-mask of every example whose score is >= `min_score`."""
+  return np.asarray(scores) >= min_score
+
+
+class StreamingQuantile:
+  """Approximate quantiles of a stream in O(capacity) memory: a uniform reservoir sample.
+
+  Algorithm R with a seeded generator: the same stream in the same chunks gives the same sample.
+  """
+
+  def __init__(self, capacity: int = 16384, seed: int = 0):
+    self.capacity, self.count = int(capacity), 0
+    self.sample = np.empty(self.capacity, np.float64)
+    self._rng = np.random.default_rng(seed)
+
+  def update(self, values: np.ndarray) -> None:
+    for v in np.asarray(values, np.float64).ravel():
+      if self.count < self.capacity:
+        self.sample[self.count] = v
+      else:
+        j = self._rng.integers(0, self.count + 1)
+        if j < self.capacity:
+          self.sample[j] = v
+      self.count += 1
+
+  def quantile(self, q: float) -> float:
+    if self.count == 0:
+      raise UserError('no scores seen: the split is empty')
+    return float(np.quantile(self.sample[:min(self.count, self.capacity)], q, method='higher'))
+
+  def keep_threshold(self, keep: float) -> float:
+    """The score above which about a `keep` fraction of the stream lies."""
+    return self.quantile(1.0 - check_keep(keep))

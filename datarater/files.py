@@ -1,0 +1,160 @@
+"""Writing files so that nothing is ever half-written: atomic files and folders.
+
+`atomic_path(path)` gives a temporary path in the same folder; when the block ends without an
+exception the file is renamed over `path` (readable by all, as a plain `open` would make it),
+otherwise it is removed. JSON, text, parquet and figures go through it. `atomic_dir(path)` does
+the same for a whole folder (an exported rater, a filtered dataset). `JsonlLog` is a run's
+JSON-lines log that a resumed run truncates to its restored point.
+"""
+import contextlib
+import glob
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from datarater.errors import UserError
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+  """Yields a temporary path beside `path`; renamed over `path` on success, removed on error."""
+  folder = os.path.dirname(os.path.abspath(path))
+  base = os.path.basename(path)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{base}.tmp-')
+  os.close(fd)
+  try:
+    yield tmp
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _leftovers(path: str, kind: str):
+  """(folder, pid) of `.<name>.<kind>-<pid>` folders beside `path` whose process is gone."""
+  parent, name = os.path.dirname(path), os.path.basename(path)
+  for folder in glob.glob(os.path.join(parent, f'.{name}.{kind}-*')):
+    try:
+      pid = int(folder.rsplit('-', 1)[1])
+    except ValueError:
+      continue
+    if not _pid_alive(pid):
+      yield folder, pid
+
+
+def recover_dir(path: str) -> None:
+  """Cleans up after killed `atomic_dir` writers of `path`: their temporary folders are removed,
+  and a previous `path` they had moved aside (to replace it) is put back if `path` is missing."""
+  for folder, _ in _leftovers(path, 'tmp'):
+    shutil.rmtree(folder, ignore_errors=True)
+  for folder, _ in _leftovers(path, 'old'):
+    if not os.path.exists(path):
+      os.rename(folder, path)
+    else:
+      shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str, overwrite: bool = False):
+  """Yields a temporary folder beside `path`, renamed to `path` when the block succeeds.
+
+  With `overwrite`, an existing `path` is moved aside first and deleted after the rename (a
+  killed run leaves it to be put back by `recover_dir`). On error the temporary folder goes.
+  """
+  path = os.path.abspath(path)
+  parent, name = os.path.dirname(path), os.path.basename(path)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    recover_dir(path)
+    if os.path.exists(path) and not overwrite:
+      raise UserError(f'output {path!r} already exists (pass --overwrite to replace it)')
+    tmp = os.path.join(parent, f'.{name}.tmp-{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  except OSError as e:
+    raise UserError(f'cannot write {path!r}: {e.strerror or e}') from None
+  try:
+    yield tmp
+    old = None
+    if os.path.exists(path):
+      old = os.path.join(parent, f'.{name}.old-{os.getpid()}')
+      os.rename(path, old)
+    os.rename(tmp, path)
+    if old:
+      shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f'{type(x).__name__} is not JSON serialisable')
+
+
+def write_json(path: str, obj: Any) -> None:
+  with atomic_path(path) as tmp, open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_default)
+
+
+def write_text(path: str, text: str) -> None:
+  with atomic_path(path) as tmp, open(tmp, 'w') as f:
+    f.write(text)
+
+
+def write_parquet(path: str, columns: dict) -> None:
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  with atomic_path(path) as tmp:
+    pq.write_table(pa.table(columns), tmp)
+
+
+def save_figure(fig, path: str, **kwargs) -> None:
+  """A matplotlib figure as PNG (no timestamp in the file, so equal figures give equal bytes)."""
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, format='png', metadata={'Software': None}, **kwargs)
+
+
+class JsonlLog:
+  """A JSON-lines log of a run; on resume, records past the restored point are dropped.
+
+  Records are dicts with a `key` field (e.g. 'step', 'epoch'); those with key <= `resume_at`
+  are kept (rewritten atomically), the rest are appended as the run goes.
+  """
+
+  def __init__(self, path: str, key: str, resume_at: float = 0):
+    self.path, self.history = path, []
+    if os.path.exists(path):
+      with open(path) as f:
+        self.history = [r for r in map(json.loads, f) if r[key] <= resume_at]
+    write_text(path, ''.join(json.dumps(r) + '\n' for r in self.history))
+
+  def write(self, record: dict) -> None:
+    self.history.append(record)
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record, default=_default) + '\n')

@@ -1,0 +1,93 @@
+"""The policy protocol: how training weighs, filters and selects examples, and the registry.
+
+A `Policy` is four pure functions (optax-style) plus its constants:
+  init(num_examples, key) -> state                        one state per trained model
+  select(aux, state) -> (positions [n], weights [n], state)   the examples of the next epoch
+  weigh(aux, state, params, batch) -> weights [B]         per batch; 0 filters an example out
+  update(aux, state, positions, weights, losses) -> state     after an epoch, with its losses
+`aux` holds the policy's constant arrays (rater parameters, a weight table, SAE statistics); it
+is an argument of the compiled functions, shared by every model. Selection policies implement
+`select` and `update`; weighting and online filtering implement `weigh`; the defaults below
+fill in the rest. `positions` index the training split; entries padded past its end carry weight 0.
+
+Policies are made by name from `POLICIES` (`@register_policy('name')` on a factory
+`(ctx: PolicyContext) -> Policy`).
+"""
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from datarater.errors import UserError
+from datarater.tasks import batch_size_of
+
+
+class Policy(NamedTuple):
+  name: str
+  num_selected: int                 # n: examples drawn per epoch
+  init: Callable[[int, jax.Array], Any]
+  select: Callable[[Any, Any], tuple]
+  weigh: Callable[[Any, Any, Any, dict], jax.Array]
+  update: Callable[[Any, Any, jax.Array, jax.Array, jax.Array], Any]
+  aux: Any = None
+  setup_example_gradients: int = 0  # compute spent once to make the policy (rater, valuation)
+  forwards_per_example: float = 0.0  # extra forward passes per example drawn (scoring)
+  spans_epochs: bool = False        # its choices depend on the total number of epochs
+
+
+def no_state(num_examples: int, key: jax.Array):
+  del num_examples, key
+  return ()
+
+
+def select_all(num_examples: int):
+  """`select` of a policy that visits every example once per epoch with weight 1."""
+  def select(aux, state):
+    del aux
+    return jnp.arange(num_examples, dtype=jnp.int32), jnp.ones(num_examples, jnp.float32), state
+  return select
+
+
+def weigh_uniform(aux, state, params, batch) -> jax.Array:
+  del aux, state, params
+  return jnp.ones(batch_size_of(batch), jnp.float32)
+
+
+def keep_state(aux, state, positions, weights, losses):
+  del aux, positions, weights, losses
+  return state
+
+
+def weighting(name: str, num_examples: int, weigh=weigh_uniform, aux=None,
+              **cost) -> Policy:
+  """A policy that trains on every example each epoch with the per-batch weights of `weigh`."""
+  return Policy(name, num_examples, no_state, select_all(num_examples), weigh, keep_state, aux,
+                **cost)
+
+
+@dataclasses.dataclass
+class PolicyContext:
+  """What a policy factory may read: the data, the task, the config and the launcher's inputs."""
+  train: Any                 # pipeline.Split
+  heldout: Any               # pipeline.Split
+  task: Any                  # tasks.Task
+  config: Any                # the run's config (sections policy, valuation, selection, ...)
+  rater: str = ''            # an exported rater or rater run (datarater policies)
+  scores: str = ''           # a scores file (policy 'scores')
+
+
+POLICIES: dict[str, Callable[[PolicyContext], Policy]] = {}
+
+
+def register_policy(name: str):
+  def add(factory):
+    POLICIES[name] = factory
+    return factory
+  return add
+
+
+def make_policy(name: str, ctx: PolicyContext) -> Policy:
+  if name not in POLICIES:
+    raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(POLICIES))})')
+  return POLICIES[name](ctx)

@@ -1,0 +1,108 @@
+"""Online filtering policies: a trained rater drops examples as batches arrive (weight 0).
+
+The two ways the DataRater paper deploys a rater online:
+- `datarater_batch_filter`: of each batch of B, only the N = floor((1 - rho) B) best-scored get a
+  gradient (weight B / N, so the loss is the mean over the N kept);
+- `datarater_accept`: each example is kept with the probability that it would survive batch-level
+  filtering of M = ceil(B / (1 - rho)) examples down to B, given its score's rank among the
+  rater's scores of the whole training split (computed once); kept examples share the batch's
+  loss equally. Per-example decisions need no batch, so this runs inside any input pipeline.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from datarater import evaluation
+from datarater.errors import UserError
+from datarater.policies.base import Policy, PolicyContext, register_policy, select_all
+from datarater.policies.weighting import loaded_rater
+from datarater.tasks import batch_size_of
+
+
+def check_rho(rho: float) -> float:
+  if not 0 <= rho < 1:
+    raise UserError(f'policy.rho (the filtered fraction) must be in [0, 1), got {rho}')
+  return float(rho)
+
+
+def source_batch_size(batch_size: int, rho: float) -> int:
+  """M = ceil(B / (1 - rho)): examples drawn per filtered batch of B."""
+  return int(math.ceil(batch_size / (1.0 - check_rho(rho)) - 1e-9))
+
+
+def survival_probability(rank_fraction: jax.Array, rho: float, batch_size: int) -> jax.Array:
+  """P(an example survives batch-level filtering) given the fraction u of scores below its own.
+
+  In a batch of M = ceil(B / (1 - rho)), it survives if fewer than B of the other M - 1 examples
+  score higher; that count is Binomial(M - 1, 1 - u), so P = I_u(M - B, B) (regularised beta).
+  """
+  m = source_batch_size(batch_size, rho)
+  if m == batch_size:
+    return jnp.ones_like(rank_fraction)
+  return jax.scipy.special.betainc(float(m - batch_size), float(batch_size),
+                                   jnp.clip(rank_fraction, 0.0, 1.0))
+
+
+def batch_filter(score_fn, score_params, rho: float, num_examples: int, **cost) -> Policy:
+  """Keeps the best floor((1 - rho) B) of every batch; `score_fn(params, batch) -> [B]`."""
+  check_rho(rho)
+
+  def weigh(aux, state, params, batch):
+    del state, params
+    b = batch_size_of(batch)
+    n = max(1, int((1 - rho) * b))
+    keep = jax.lax.top_k(score_fn(aux, batch), n)[1]
+    return jax.lax.stop_gradient(jnp.zeros(b).at[keep].set(b / n))
+  return Policy('datarater_batch_filter', num_examples, lambda n, key: (),
+                select_all(num_examples), weigh, lambda aux, s, *_: s, score_params,
+                forwards_per_example=1.0, **cost)
+
+
+def acceptance_filter(score_fn, score_params, reference_scores: np.ndarray, rho: float,
+                      batch_size: int, **cost) -> Policy:
+  """Keeps each example with its survival probability (see the module docstring).
+
+  The state holds a key and the epoch, so every (epoch, example) gets its own draw.
+  """
+  check_rho(rho)
+  num_examples = len(reference_scores)
+  aux = {'params': score_params, 'sorted': jnp.sort(jnp.asarray(reference_scores, jnp.float32))}
+
+  def init(num, key):
+    del num
+    return {'key': key, 'epoch': jnp.zeros((), jnp.int32)}
+
+  def weigh(aux, state, params, batch):
+    del params
+    scores = score_fn(aux['params'], batch)
+    below = jnp.searchsorted(aux['sorted'], scores, side='left') / num_examples
+    p = survival_probability(below, rho, batch_size)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(state['key'], state['epoch']),
+                                                 i))(batch['index'])
+    accept = jax.vmap(jax.random.uniform)(keys) < p
+    b = batch_size_of(batch)
+    return jax.lax.stop_gradient(accept * (b / jnp.maximum(jnp.sum(accept), 1)))
+
+  def update(aux, state, positions, weights, losses):
+    del aux, positions, weights, losses
+    return {**state, 'epoch': state['epoch'] + 1}
+  return Policy('datarater_accept', num_examples, init, select_all(num_examples), weigh, update,
+                aux, forwards_per_example=1.0, **cost)
+
+
+@register_policy('datarater_batch_filter')
+def _batch_filter(ctx: PolicyContext) -> Policy:
+  rater = loaded_rater(ctx, 'datarater_batch_filter')
+  return batch_filter(rater.rater.score, rater.params, ctx.config.policy.rho, len(ctx.train),
+                      setup_example_gradients=rater.training_example_gradients)
+
+
+@register_policy('datarater_accept')
+def _accept(ctx: PolicyContext) -> Policy:
+  rater = loaded_rater(ctx, 'datarater_accept')
+  scores = evaluation.score_split(lambda b: rater.rater.score(rater.params, b), ctx.train)
+  return acceptance_filter(rater.rater.score, rater.params, scores, ctx.config.policy.rho,
+                           ctx.config.train.batch_size,
+                           setup_example_gradients=rater.training_example_gradients)

@@ -1,0 +1,118 @@
+"""Weighting policies: every example every epoch, each batch's losses weighted.
+
+- `uniform`: weight 1 (plain training).
+- `datarater`: B * softmax(g_phi(batch) / tau) from a trained rater (the paper's online use).
+- `scores`: fixed per-example weights N * softmax(z / tau) of the standardised values of a
+  scores file (e.g. from `launch.valuate`), looked up by the batch's positions.
+- `tracin_curriculum`: the same from TracIn self-influence, computed when the policy is made.
+- `mimic`: Grad-Mimic online, B * softmax(<-g_i, u> / tau) toward a reference model trained on
+  the held-out split, from the current parameters at every step.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from datarater.errors import UserError
+from datarater.policies.base import Policy, PolicyContext, register_policy, weighting
+from inner_loop.weighting import softmax_weights
+
+
+def rater_weights(rater, rater_params, temperature: float, num_examples: int,
+                  setup_example_gradients: int = 0) -> Policy:
+  """Online DataRater weights B * softmax(g_phi(x) / tau); phi is the policy's `aux`."""
+  def weigh(aux, state, params, batch):
+    del state, params
+    return jax.lax.stop_gradient(softmax_weights(rater.score(aux, batch), temperature))
+  return weighting('datarater', num_examples, weigh, rater_params,
+                   setup_example_gradients=setup_example_gradients, forwards_per_example=1.0)
+
+
+def table(name: str, weights: np.ndarray, setup_example_gradients: int = 0) -> Policy:
+  """Fixed per-example weights [N], looked up by the batch's positions in the split."""
+  def weigh(aux, state, params, batch):
+    del state, params
+    return aux[batch['index']]
+  return weighting(name, len(weights), weigh, jnp.asarray(weights, jnp.float32),
+                   setup_example_gradients=int(setup_example_gradients))
+
+
+def curriculum_weights(values: np.ndarray, mode: str = 'weight', fraction: float = 0.2,
+                       temperature: float = 1.0) -> np.ndarray:
+  """Per-example weights (mean 1) from values (higher = better), to weight losses or sampling.
+
+  'weight': N * softmax(z / temperature) of the standardised values z, every example kept;
+  'select': the top `fraction` weigh 1/fraction, the rest 0 (hard subset selection).
+  """
+  values = np.asarray(values, np.float64)
+  if mode == 'weight':
+    if temperature <= 0:
+      raise UserError(f'policy.temperature must be > 0, got {temperature}')
+    z = (values - values.mean()) / max(values.std(), 1e-12)
+    return np.asarray(softmax_weights(jnp.asarray(z), temperature), np.float64)
+  if mode == 'select':
+    if not 0 < fraction <= 1:
+      raise UserError(f'curriculum fraction must be in (0, 1], got {fraction}')
+    keep = max(1, int(round(fraction * len(values))))
+    w = np.zeros(len(values))
+    w[np.argsort(-values, kind='stable')[:keep]] = len(values) / keep
+    return w
+  raise UserError(f'unknown curriculum mode {mode!r} (choose from weight, select)')
+
+
+def loaded_rater(ctx: PolicyContext, name: str):
+  """The rater of the launcher's --rater (an exported rater or a rater run), checked against
+  the training data."""
+  if not ctx.rater:
+    raise UserError(f'policy {name} needs --rater=RATER (launch.export_rater, or a '
+                    'launch.train_rater workdir)')
+  from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
+  rater = load_rater(ctx.rater)
+  rater.check_matches(ctx.train.info, 'the training data')
+  return rater
+
+
+@register_policy('uniform')
+def _uniform(ctx: PolicyContext) -> Policy:
+  return weighting('uniform', len(ctx.train))
+
+
+@register_policy('datarater')
+def _datarater(ctx: PolicyContext) -> Policy:
+  rater = loaded_rater(ctx, 'datarater')
+  return rater_weights(rater.rater, rater.params, rater.temperature, len(ctx.train),
+                       rater.training_example_gradients)
+
+
+@register_policy('scores')
+def _scores(ctx: PolicyContext) -> Policy:
+  if not ctx.scores:
+    raise UserError('policy scores needs --scores=FILE (e.g. from launch.valuate)')
+  from datarater.curation import scores_file  # pylint: disable=g-import-not-at-top
+  values = scores_file.read_values(ctx.scores, len(ctx.train), ctx.config.data.train_split)
+  return table('scores', curriculum_weights(values, temperature=ctx.config.policy.temperature))
+
+
+@register_policy('tracin_curriculum')
+def _tracin_curriculum(ctx: PolicyContext) -> Policy:
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  fitted = factory.build('tracin', ctx.config, ctx.task, ctx.train, ctx.heldout)
+  values = fitted.values(ctx.train)
+  return table('tracin_curriculum',
+               curriculum_weights(values, temperature=ctx.config.policy.temperature),
+               fitted.example_gradients)
+
+
+@register_policy('mimic')
+def _mimic(ctx: PolicyContext) -> Policy:
+  from datarater.valuation import factory, mimic  # pylint: disable=g-import-not-at-top
+  reference, cost = factory.mimic_reference(ctx.config, ctx.task, ctx.heldout)
+  layers = factory.mimic_layers(ctx.config, ctx.task, reference, ctx.train)
+  tau = ctx.config.policy.temperature
+  loss_fn = ctx.task.per_example_loss
+
+  def weigh(aux, state, params, batch):
+    del state
+    scores = mimic.mimic_scores(loss_fn, params, aux, batch, layers, False, None)
+    return jax.lax.stop_gradient(softmax_weights(scores, tau))
+  return weighting('mimic', len(ctx.train), weigh, reference, setup_example_gradients=cost,
+                   forwards_per_example=2.0)

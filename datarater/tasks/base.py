@@ -1,0 +1,78 @@
+"""The two interfaces everything else is written against: a `Task` and a `Rater`.
+
+A batch is a dict of arrays with a leading batch axis [B, ...], holding the features the dataset
+provides (see `datarater.data.pipeline`) plus `index`, each example's id in its TFDS split. Only a
+task or rater knows what its features mean; the bi-level step, the trainer, the per-example
+gradient layer, the valuations, selection and curation see these methods and nothing else.
+
+- `Task.init(key) -> params`, `Task.per_example_loss(params, batch) -> [B]`,
+  `Task.metrics(params, batch) -> {name: [B]}` (per-example; callers average), `Task.spec`.
+  Optional capabilities raise `UserError` unless a task has them: `embed` (a representation,
+  for selection features), and for classifiers `num_classes`, `labels` and `with_labels`
+  (class-conditional selection, the Gauss-Newton curvature of data value embedding).
+- `Rater.init(key) -> phi`, `Rater.score(phi, batch) -> [B]`, `Rater.spec`.
+"""
+import abc
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from datarater.errors import UserError
+
+Batch = Mapping[str, jax.Array]
+Params = Any
+FeatureSpec = Mapping[str, jax.ShapeDtypeStruct]  # the features of ONE example (no batch axis)
+PerExampleLoss = Callable[[Params, Batch], jax.Array]  # (params, batch) -> [B]
+
+
+def example_batch(spec: FeatureSpec, size: int = 1) -> dict:
+  """Zeros shaped like `size` examples of `spec` (for `init` and shape checks)."""
+  return {k: jnp.zeros((size, *s.shape), s.dtype) for k, s in spec.items()}
+
+
+def batch_size_of(batch: Batch) -> int:
+  return jax.tree.leaves(batch)[0].shape[0]
+
+
+class Task(abc.ABC):
+  """A model and the data it reads. Subclasses are frozen dataclasses (hashable, static)."""
+  spec: FeatureSpec
+  num_classes: Optional[int] = None  # classifiers only
+
+  @abc.abstractmethod
+  def init(self, key: jax.Array) -> Params:
+    """Fresh parameters."""
+
+  @abc.abstractmethod
+  def per_example_loss(self, params: Params, batch: Batch) -> jax.Array:
+    """The loss of every example, [B]; training minimises a weighted mean of it."""
+
+  def metrics(self, params: Params, batch: Batch) -> dict[str, jax.Array]:
+    """Per-example evaluation metrics {name: [B]}; `loss` is always one of them."""
+    return {'loss': self.per_example_loss(params, batch)}
+
+  def embed(self, params: Params, batch: Batch) -> jax.Array:
+    """A representation of every example, [B, D] (selection's feature space)."""
+    raise UserError(f'task {type(self).__name__} has no representation (embed) for features')
+
+  def labels(self, batch: Batch) -> jax.Array:
+    """Every example's class, int32 [B] (classifiers only)."""
+    raise UserError(f'task {type(self).__name__} has no class labels')
+
+  def with_labels(self, batch: Batch, labels: jax.Array) -> dict:
+    """The batch with its classes replaced by `labels` (classifiers only)."""
+    raise UserError(f'task {type(self).__name__} has no class labels')
+
+
+class Rater(abc.ABC):
+  """g_phi: one score per example (higher = worth more training). Frozen dataclasses."""
+  spec: FeatureSpec
+
+  @abc.abstractmethod
+  def init(self, key: jax.Array) -> Params:
+    """Fresh parameters phi."""
+
+  @abc.abstractmethod
+  def score(self, params: Params, batch: Batch) -> jax.Array:
+    """Scores [B]."""

@@ -1,0 +1,127 @@
+"""Classification tasks and label-aware raters over any Flax trunk.
+
+`Classifier` wraps a module `f(x, embed=False)` (logits [B, C]; with `embed=True`, the
+representation the logits are read from) as a `Task`: softmax cross-entropy per example, accuracy.
+`LabelledRater` wraps a module from x to one score per class and reads the score of the example's
+own label, g_phi(x, y), so it can judge whether a label fits its input.
+Which features are the input and the label comes from the config (`input`, `label`), by default
+the dataset's supervised keys. This file ships the MLP; other trunks register the same way.
+"""
+import dataclasses
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from datarater.errors import UserError
+from datarater.tasks.base import FeatureSpec, Rater, Task, example_batch
+from datarater.tasks.registry import register_rater, register_task
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'relu': nn.relu, 'gelu': nn.gelu, 'tanh': jnp.tanh, 'silu': nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise UserError(f'unknown activation {name!r} (choose from {", ".join(ACTIVATIONS)})')
+  return ACTIVATIONS[name]
+
+
+class MLP(nn.Module):
+  """Flattens each example, then Dense layers `dense_0..dense_L`; the last has `features[-1]`
+  outputs. `embed=True` returns the last hidden activation instead (the input if no hidden)."""
+  features: Sequence[int]
+  activation: str = 'relu'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, embed: bool = False) -> jax.Array:
+    x = x.reshape(x.shape[0], -1)
+    act = activation(self.activation)
+    for i, width in enumerate(self.features[:-1]):
+      x = act(nn.Dense(width, name=f'dense_{i}')(x))
+    if embed:
+      return x
+    return nn.Dense(self.features[-1], name=f'dense_{len(self.features) - 1}')(x)
+
+
+def _io_keys(config, info) -> tuple[str, str, int]:
+  """(input feature, label feature, number of classes) from the config or supervised keys."""
+  supervised = info.supervised_keys or (None, None)
+  x_key = config.get('input', '') or supervised[0]
+  y_key = config.get('label', '') or supervised[1]
+  if x_key not in info.spec or y_key not in info.num_classes:
+    raise UserError(f'a classifier needs an input feature and a class-label feature: got input '
+                    f'{x_key!r}, label {y_key!r}; dataset {info.name!r} has features '
+                    f'{sorted(info.spec)} (class labels: {sorted(info.num_classes)})')
+  return x_key, y_key, info.num_classes[y_key]
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier(Task):
+  """Softmax classifier over `module`; the batch's `input_key` is x, `label_key` the class."""
+  module: nn.Module
+  spec: FeatureSpec
+  input_key: str
+  label_key: str
+  num_classes: int
+
+  def init(self, key):
+    return self.module.init(key, example_batch(self.spec)[self.input_key])
+
+  def logits(self, params, batch):
+    return self.module.apply(params, batch[self.input_key])
+
+  def per_example_loss(self, params, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(self.logits(params, batch),
+                                                           batch[self.label_key])
+
+  def metrics(self, params, batch):
+    logits = self.logits(params, batch)
+    labels = batch[self.label_key]
+    return {'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+            'accuracy': (jnp.argmax(logits, -1) == labels).astype(jnp.float32)}
+
+  def embed(self, params, batch):
+    return self.module.apply(params, batch[self.input_key], embed=True)
+
+  def labels(self, batch):
+    return batch[self.label_key]
+
+  def with_labels(self, batch, labels):
+    return {**batch, self.label_key: labels.astype(batch[self.label_key].dtype)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledRater(Rater):
+  """g_phi(x, y): `module` maps x to one output per class; the score is the label's output."""
+  module: nn.Module
+  spec: FeatureSpec
+  input_key: str
+  label_key: str
+
+  def init(self, key):
+    return self.module.init(key, example_batch(self.spec)[self.input_key])
+
+  def score(self, params, batch):
+    per_class = self.module.apply(params, batch[self.input_key])
+    label = batch[self.label_key][:, None].astype(jnp.int32)
+    return jnp.take_along_axis(per_class, label, axis=1)[:, 0]
+
+
+@register_task('mlp_classifier')
+def mlp_classifier(config, info) -> Classifier:
+  """config: hidden (widths), activation, optional input / label feature names."""
+  x_key, y_key, num_classes = _io_keys(config, info)
+  module = MLP(features=(*config.hidden, num_classes), activation=config.activation)
+  return Classifier(module, info.spec, x_key, y_key, num_classes)
+
+
+@register_rater('mlp_rater')
+def mlp_rater(config, info) -> LabelledRater:
+  """config: hidden, activation, optional input / label feature names."""
+  x_key, y_key, num_classes = _io_keys(config, info)
+  module = MLP(features=(*config.hidden, num_classes), activation=config.activation)
+  return LabelledRater(module, info.spec, x_key, y_key)

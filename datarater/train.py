@@ -1,0 +1,118 @@
+"""Training task models from scratch under a policy: the run behind `launch.train`.
+
+`train(config, policy, ...)` reads the config's splits (or the TFDS folder `data.dataset_dir`, e.g.
+a filtered dataset), makes the task and the policy (`datarater.policies`: weighting, online
+filtering or per-epoch selection), and trains one model per `train.seeds` with the one trainer,
+printing held-out and eval figures after every epoch. With a `workdir` it writes history.jsonl,
+report.json and orbax checkpoints every `train.checkpoint_every` epochs, and a rerun resumes
+(or extends a finished run to more epochs, for policies whose choices do not span the epochs).
+"""
+import json
+import os
+from typing import Callable, Optional
+
+import ml_collections
+import numpy as np
+
+from datarater import checkpointing, files, policies, tasks
+from datarater.data import pipeline
+from datarater.errors import UserError
+from datarater.trainer import Trainer
+from inner_loop.optimizers import make_inner_optimizer
+
+
+def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
+                     spans_epochs: bool) -> checkpointing.RunCheckpointer:
+  """Checkpoints in `workdir`, tied to the config and to the launcher inputs that shape the run.
+
+  The epoch count may change on resume unless the policy's choices span the epochs.
+  """
+  fingerprint = config.copy_and_resolve_references()
+  with fingerprint.unlocked():
+    fingerprint.launch = ml_collections.ConfigDict({
+        'policy': policy, 'scores': scores and os.path.abspath(scores),
+        'rater': rater and os.path.abspath(rater)})
+  free = checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every',)
+  if not spans_epochs:
+    free += ('train.epochs',)
+  return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free)
+
+
+def format_record(record: dict, eval_split: str) -> str:
+  """One line per epoch: compute spent, then each split's metrics (mean +- std over seeds)."""
+  parts = [f'epoch {record["epoch"]:5.1f}', f'examples {record["example_gradients"]:8d}',
+           f'steps {record["step"]:6d}']
+  for split, label in (('heldout', 'held-out'), ('eval', eval_split)):
+    for metric, values in record.get(split, {}).items():
+      mean = float(np.mean(values))
+      shown = f'{100 * mean:.2f}%' if metric == 'accuracy' else f'{mean:.4f}'
+      if len(values) > 1:
+        std = float(np.std(values))
+        shown += f' (std {100 * std:.2f})' if metric == 'accuracy' else f' (std {std:.4f})'
+      parts.append(f'{label} {metric} {shown}')
+  return ' | '.join(parts)
+
+
+def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str = '',
+          workdir: str = '', stop_after: Optional[int] = None,
+          log: Callable[[str], None] = print) -> dict:
+  """Trains (or, from `workdir`'s checkpoint, resumes) the runs; returns the report.
+
+  `policy` overrides `config.policy.name`. If `stop_after` ends training early, returns
+  {'stopped_after': epochs done} and writes no report.
+  """
+  name = policy or config.policy.name
+  if name not in policies.POLICIES:
+    raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(policies.POLICIES))})')
+  d, t = config.data, config.train
+  if stop_after is not None and not workdir:
+    raise UserError('--stop_after needs --workdir (the checkpoint is written there)')
+  if stop_after is not None and stop_after < 1:
+    raise UserError(f'--stop_after must be >= 1, got {stop_after}')
+  train_split = pipeline.load_split(d, d.train_split, corrupt=True)
+  heldout = pipeline.load_split(d, d.heldout_split)
+  evals = pipeline.load_split(d, d.eval_split)
+  task = tasks.make_task(config.task, train_split.info)
+  made = policies.make_policy(name, policies.PolicyContext(
+      train_split, heldout, task, config, rater=rater, scores=scores))
+  trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size)
+  ckpt, history_log = None, None
+  if workdir:
+    ckpt = run_checkpointer(config, workdir, name, rater, scores, made.spans_epochs)
+    resume = ckpt.check_compatible()
+    if resume is not None and resume > t.epochs:
+      raise UserError(f'workdir {workdir!r} holds a checkpoint at epoch {resume}, past '
+                      f'train.epochs={t.epochs}')
+    try:  # every check passed: from here on the workdir is written
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise UserError(f'cannot write --workdir {workdir!r}: {e.strerror or e}') from None
+    history_log = files.JsonlLog(os.path.join(workdir, 'history.jsonl'), 'epoch', resume or 0)
+    if resume is not None:
+      log(f'resuming from the checkpoint at epoch {resume}')
+  source = d.get('dataset_dir', '') or f'{d.name}:{d.train_split}'
+  log(f'training {len(t.seeds)} {task.__class__.__name__} model(s) (seeds '
+      f'{", ".join(map(str, t.seeds))}) on {source} ({len(train_split)} examples, '
+      f'{int(train_split.is_corrupted.sum())} corrupted) for {t.epochs} epochs, policy {name} '
+      f'({made.num_selected} examples per epoch)')
+
+  def on_record(record):
+    log(format_record(record, d.eval_split))
+    if history_log:
+      history_log.write(record)
+  result = trainer.run(train_split, {'heldout': heldout, 'eval': evals}, t.seeds, epochs=t.epochs,
+                       log=on_record, checkpoints=ckpt, checkpoint_every=t.checkpoint_every,
+                       stop_after=stop_after)
+  if result.stopped_after is not None:
+    log(f'stopped after epoch {result.stopped_after} (checkpointed); run again with the same '
+        '--workdir to resume')
+    return {'stopped_after': result.stopped_after}
+  report = {'policy': name, 'num_train': len(train_split), **result.report(),
+            'config': json.loads(config.to_json_best_effort())}
+  if workdir:
+    files.write_json(os.path.join(workdir, 'report.json'), report)
+  log(f'{name}: {result.example_gradients} example-gradients in {result.steps} steps per model '
+      f'(+{result.setup_example_gradients} to make the policy)')
+  return report
+
+

@@ -1,0 +1,304 @@
+"""The one training loop: task models trained from scratch under a policy, evaluated as they go.
+
+`Trainer(task, optimizer, policy, batch_size).run(train, evals, seeds, epochs=E | steps=S)` trains
+one model per seed at once (vmapped: each seed has its own initialisation, data order and policy
+state). One epoch:
+  1. the policy selects its examples and weights (`Policy.select`; all of them, weight 1, for a
+     weighting policy); they are shuffled by (seed, epoch) and cut into batches of `batch_size`,
+     the last one padded with weight-0 entries;
+  2. a `lax.scan` takes one optimizer step per batch on the weighted mean loss, the selection
+     weights times the policy's per-batch weights (`Policy.weigh`; 0 filters an example out);
+  3. the per-example losses of those steps go back to the policy (`Policy.update`);
+  4. every split in `evals` is evaluated (`Task.metrics`, averaged), `evals_per_epoch` times.
+Compute is counted in example-gradients: (example, step) pairs with a weight > 0.
+Every random choice is keyed by (seed, epoch), so a run resumed from a checkpoint (`checkpoints`,
+a `RunCheckpointer`) equals an uninterrupted one. `record_every=k` keeps the parameters before
+every k-th step and the batches of every step (a `Recording`, what valuations replay).
+
+The history is a list of records, one per evaluation, all of one format:
+  {'epoch': float, 'step': int, 'example_gradients': int, 'scoring_forwards': int,
+   'wall_s': float, <split>: {<metric>: [one value per seed]}}.
+"""
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from datarater.checkpointing import RunCheckpointer, abstract_of
+from datarater.errors import UserError
+
+from datarater.tasks import Task
+from inner_loop.unroll import InnerState, init_inner_state, inner_step
+
+EVAL_BLOCK = 512  # examples evaluated per compiled block
+
+
+@flax.struct.dataclass
+class TrainState:
+  models: InnerState           # leaves [M, ...], one model per seed
+  policy: Any                  # the policy's per-model states, leaves [M, ...]
+  example_gradients: jax.Array  # int32 [M]
+  drawn: jax.Array             # int32 [M]: examples drawn (scored, for scoring policies)
+
+
+@dataclasses.dataclass
+class Recording:
+  """Parameters before steps 0, k, 2k, ... (leaves [M, C, ...]) and every step's batch:
+  positions in the training split and weights, [M, T, B]."""
+  checkpoints: Any
+  every: int
+  positions: np.ndarray
+  weights: np.ndarray
+
+
+@dataclasses.dataclass
+class TrainResult:
+  history: list
+  params: Any                   # final parameters, leaves [M, ...]
+  policy_state: Any
+  seeds: list
+  steps: int
+  example_gradients: int        # per model
+  scoring_forwards: int         # per model
+  setup_example_gradients: int
+  wall_s: float                 # training and evaluation, compilation excluded
+  compile_s: float
+  recording: Optional[Recording] = None
+  stopped_after: Optional[int] = None  # epochs done, if `stop_after` ended the run early
+
+  @property
+  def final(self) -> dict:
+    return self.history[-1]
+
+  def report(self) -> dict:
+    """JSON-ready summary: the history, totals, and the final mean and std of every metric."""
+    return {'seeds': list(self.seeds), 'history': self.history, 'final': summarize(self.final),
+            'steps': self.steps, 'example_gradients': self.example_gradients,
+            'scoring_forwards': self.scoring_forwards,
+            'setup_example_gradients': self.setup_example_gradients,
+            'total_example_gradients': self.example_gradients + self.setup_example_gradients,
+            'wall_s': self.wall_s, 'compile_s': self.compile_s}
+
+
+def summarize(record: dict) -> dict:
+  """A history record with every per-seed list replaced by {'mean', 'std', 'per_seed'}."""
+  out = {}
+  for k, v in record.items():
+    if isinstance(v, dict):
+      out[k] = {m: {'mean': float(np.mean(x)), 'std': float(np.std(x)), 'per_seed': list(x)}
+                for m, x in v.items()}
+    else:
+      out[k] = v
+  return out
+
+
+def _blocks(split, size: int):
+  """The split's features as device blocks [nb, size, ...] and a validity mask [nb, size]."""
+  n = len(split)
+  nb = max(1, math.ceil(n / size))
+  idx = np.arange(nb * size) % max(n, 1)
+  mask = (np.arange(nb * size) < n).astype(np.float32).reshape(nb, size)
+  data = {k: jnp.asarray(v[idx].reshape(nb, size, *v.shape[1:])) for k, v in split.features.items()}
+  return data, jnp.asarray(mask)
+
+
+class Trainer:
+  """Trains task models under `policy`; compiled once per (data shapes, chunk length)."""
+
+  def __init__(self, task: Task, optimizer: optax.GradientTransformation, policy,
+               batch_size: int, record_every: int = 0):
+    if batch_size < 1:
+      raise UserError(f'batch_size must be >= 1, got {batch_size}')
+    self.task, self.optimizer, self.policy = task, optimizer, policy
+    self.batch_size, self.record_every = batch_size, record_every
+    self.steps_per_epoch = math.ceil(policy.num_selected / batch_size)
+    self._plan = jax.jit(jax.vmap(self._plan_one, in_axes=(None, 0, 0, None)))
+    self._chunk = jax.jit(jax.vmap(self._chunk_one, in_axes=(0, 0, None, None, 0, 0, None, 0)))
+    self._update = jax.jit(jax.vmap(policy.update, in_axes=(None, 0, 0, 0, 0)))
+    self._evaluate = jax.jit(self._evaluate_all)
+
+  # ------------------------------------------------------------------------- compiled pieces
+
+  def _plan_one(self, aux, policy_state, key, epoch):
+    """One model's epoch: positions and weights [steps, B] in shuffled order, new policy state."""
+    positions, weights, policy_state = self.policy.select(aux, policy_state)
+    n = positions.shape[0]
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    pad = self.steps_per_epoch * self.batch_size - n
+    positions = jnp.concatenate([positions[order], jnp.zeros(pad, jnp.int32)])
+    weights = jnp.concatenate([weights[order], jnp.zeros(pad, jnp.float32)])
+    shape = (self.steps_per_epoch, self.batch_size)
+    return positions.reshape(shape), weights.reshape(shape), policy_state
+
+  def _chunk_one(self, model, policy_state, aux, data, positions, weights, first_step, buffer):
+    """Steps over `positions`/`weights` [L, B] for one model; records into `buffer`."""
+    every = self.record_every
+
+    def step(carry, xs):
+      model, buffer = carry
+      pos, w, t = xs
+      batch = {k: jnp.take(v, pos, axis=0, mode='clip') for k, v in data.items()}
+      batch['index'] = pos
+      w = w * self.policy.weigh(aux, policy_state, model.params, batch)
+      if every:  # the parameters before step t, at slot t / every (other steps are dropped)
+        slot = jnp.where(t % every == 0, t // every, jax.tree.leaves(buffer)[0].shape[0])
+        buffer = jax.tree.map(lambda b, p: b.at[slot].set(p, mode='drop'), buffer, model.params)
+      model, losses = inner_step(self.task.per_example_loss, self.optimizer, model, batch, w)
+      return (model, buffer), (losses, w)
+
+    steps = first_step + jnp.arange(positions.shape[0])
+    (model, buffer), (losses, used) = jax.lax.scan(step, (model, buffer),
+                                                   (positions, weights, steps))
+    return model, buffer, losses, used
+
+  def _evaluate_all(self, params, data, mask):
+    """Mean of every task metric over the valid examples, per model: {name: [M]}."""
+    def block(totals, xs):
+      batch, m = xs
+      metrics = jax.vmap(lambda p: self.task.metrics(p, batch))(params)
+      return {k: totals[k] + jnp.sum(v * m, -1) for k, v in metrics.items()}, None
+
+    first = jax.tree.map(lambda x: x[0], data)
+    shapes = jax.eval_shape(jax.vmap(lambda p: self.task.metrics(p, first)), params)
+    zeros = {k: jnp.zeros(s.shape[:1], jnp.float32) for k, s in shapes.items()}
+    totals, _ = jax.lax.scan(block, zeros, (data, mask))
+    return {k: v / jnp.sum(mask) for k, v in totals.items()}
+
+  # ------------------------------------------------------------------------- the loop
+
+  def init(self, seeds: Sequence[int], num_examples: int) -> tuple[TrainState, jax.Array]:
+    """Fresh models and policy states for `seeds`, and each seed's data-order key."""
+    keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+    init_keys, order_keys, policy_keys = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
+                                          for i in range(3))
+    models = jax.vmap(lambda k: init_inner_state(self.task.init(k), self.optimizer))(init_keys)
+    policy = jax.vmap(lambda k: self.policy.init(num_examples, k))(policy_keys)
+    zeros = jnp.zeros(len(seeds), jnp.int32)
+    return TrainState(models, policy, zeros, zeros), order_keys
+
+  def run(self, train, evals: dict, seeds: Sequence[int], *, epochs: Optional[int] = None,
+          steps: Optional[int] = None, evals_per_epoch: int = 1,
+          log: Optional[Callable[[dict], None]] = None,
+          checkpoints: Optional[RunCheckpointer] = None, checkpoint_every: int = 1,
+          stop_after: Optional[int] = None) -> TrainResult:
+    """Trains for `epochs` epochs or `steps` optimizer steps; see the module docstring.
+
+    With `checkpoints`, the state and history are saved every `checkpoint_every` epochs and at
+    the end, and a run finds its latest checkpoint and goes on from there. `stop_after`:
+    checkpoint and return after that many epochs (a preemption drill). `wall_s` counts the
+    training (selection, steps, policy updates), not compilation or evaluation.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+      raise UserError('no seeds to train (train.seeds is empty)')
+    if (epochs is None) == (steps is None) or (epochs or steps) < 1:
+      raise UserError(f'give a positive number of epochs or steps, got epochs={epochs}, '
+                      f'steps={steps}')
+    if len(train) == 0:
+      raise UserError('the training split is empty')
+    if evals_per_epoch < 1:
+      raise UserError(f'evals_per_epoch must be >= 1, got {evals_per_epoch}')
+    if self.record_every and checkpoints is not None:
+      raise UserError('a recorded run is not checkpointed (record_every with checkpoints)')
+    spe = self.steps_per_epoch
+    total = steps if steps is not None else epochs * spe
+    num_epochs = math.ceil(total / spe)
+    data = {k: jnp.asarray(v) for k, v in train.features.items()}
+    eval_data = {name: _blocks(split, min(EVAL_BLOCK, max(len(split), 1)))
+                 for name, split in evals.items()}
+    state, order_keys = self.init(seeds, len(train))
+    aux = self.policy.aux
+    recorder = jnp.zeros(len(seeds))  # carried through the steps; parameters if recording
+    if self.record_every:
+      count = math.ceil(total / self.record_every)
+      recorder = jax.tree.map(lambda p: jnp.zeros((p.shape[0], count, *p.shape[1:]), p.dtype),
+                              state.models.params)
+    positions_log, weights_log = [], []
+
+    history, train_s, start_epoch, done_steps = [], 0.0, 0, 0
+    if checkpoints is not None and (latest := checkpoints.latest_step()) is not None:
+      state, meta = checkpoints.restore(latest, abstract_of(state))
+      extra = meta['extra']
+      history, train_s = extra['history'], extra['wall_s']
+      start_epoch, done_steps = int(meta['step']), int(extra['steps'])
+    last_epoch = num_epochs if stop_after is None else max(start_epoch, min(stop_after, num_epochs))
+
+    compiled, compile_s = {}, 0.0
+
+    def compiled_call(name, fn, *args):
+      """`fn(*args)` through its executable for these shapes, compiled ahead (timed apart)."""
+      nonlocal compile_s
+      key = (name,) + tuple(jax.tree.map(lambda x: getattr(x, 'shape', ()),
+                                         jax.tree.leaves(args)))
+      if key not in compiled:
+        t = time.perf_counter()
+        compiled[key] = fn.lower(*args).compile()
+        compile_s += time.perf_counter() - t
+      return compiled[key](*args)
+
+    for epoch in range(start_epoch, last_epoch):
+      tick, compile_before = time.perf_counter(), compile_s
+      positions, weights, policy_state = compiled_call('plan', self._plan, aux, state.policy,
+                                                       order_keys, epoch)
+      epoch_steps = min(spe, total - done_steps)
+      cuts = np.linspace(0, epoch_steps, evals_per_epoch + 1).round().astype(int)
+      losses, used = [], []
+      for a, b in zip(cuts[:-1], cuts[1:]):
+        if a == b:
+          continue
+        models, recorder, part_losses, part_used = compiled_call(
+            'chunk', self._chunk, state.models, policy_state, aux, data, positions[:, a:b],
+            weights[:, a:b], done_steps + a, recorder)
+        losses.append(part_losses)
+        used.append(part_used)
+        state = state.replace(
+            models=models,
+            example_gradients=state.example_gradients + jnp.sum(part_used > 0, axis=(1, 2)),
+            drawn=state.drawn + jnp.sum(weights[:, a:b] > 0, axis=(1, 2)))
+        if self.record_every:
+          positions_log.append(np.asarray(positions[:, a:b]))
+          weights_log.append(np.asarray(part_used))
+        if b == epoch_steps:  # the epoch is over: the policy sees its losses
+          flat = lambda x: jnp.concatenate(x, axis=1).reshape(len(seeds), -1)
+          policy_state = compiled_call(
+              'update', self._update, aux, policy_state,
+              positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))
+          state = state.replace(policy=policy_state)
+        jax.block_until_ready(state)
+        train_s += time.perf_counter() - tick - (compile_s - compile_before)
+        record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b)}
+        for name, (blocks, mask) in eval_data.items():
+          metrics = self._evaluate(state.models.params, blocks, mask)
+          record[name] = {k: [float(x) for x in np.asarray(v)] for k, v in metrics.items()}
+        record.update(example_gradients=int(np.mean(state.example_gradients)),
+                      scoring_forwards=int(self.policy.forwards_per_example *
+                                           np.mean(state.drawn)),
+                      wall_s=round(train_s, 4))
+        history.append(record)
+        if log is not None:
+          log(record)
+        tick, compile_before = time.perf_counter(), compile_s
+      done_steps += epoch_steps
+      if checkpoints is not None and ((epoch + 1) % checkpoint_every == 0
+                                      or epoch + 1 == last_epoch):
+        checkpoints.save(epoch + 1, state, {'epoch': epoch + 1},
+                         extra={'history': history, 'wall_s': train_s, 'steps': done_steps})
+    if checkpoints is not None:
+      checkpoints.close()
+    recording = None
+    if self.record_every:
+      recording = Recording(recorder, self.record_every, np.concatenate(positions_log, 1),
+                            np.concatenate(weights_log, 1))
+    return TrainResult(
+        history=history, params=state.models.params, policy_state=state.policy, seeds=seeds,
+        steps=done_steps, example_gradients=int(np.mean(state.example_gradients)),
+        scoring_forwards=int(self.policy.forwards_per_example * np.mean(state.drawn)),
+        setup_example_gradients=int(self.policy.setup_example_gradients), wall_s=train_s,
+        compile_s=compile_s, recording=recording,
+        stopped_after=last_epoch if last_epoch < num_epochs else None)

@@ -1,0 +1,66 @@
+"""Meta-gradient estimators: how d(held-out loss)/d(phi) is taken through the inner unroll.
+
+The problem (`meta_step.MetaProblem`) says what is unrolled; an estimator says how it is
+differentiated, by the unroll it gives: `estimator.unroll(problem, phi, state, batches) ->
+(final state, losses [T])`, differentiable in phi. All give the same value; memory and time differ.
+  - `Reverse()`: plain reverse mode, every inner step's activations kept (memory grows with T);
+    `Reverse(remat=True)`: each inner step under `jax.checkpoint`, recomputed on the way back.
+  - `Mixed(recompute, segment)`: a custom backward pass (`outer_loop.mixed_mode`), Hessian terms
+    by forward-over-reverse, inner states recovered by running the optimizer backwards
+    ('invert': momentum, Adam) or replayed from kept states ('replay': any optimizer).
+To add one, write a class with that `unroll` and name it in `make_estimator`.
+"""
+import dataclasses
+from typing import Optional
+
+from datarater.errors import UserError
+from inner_loop.optimizers import StepInverse, make_step_inverse
+from inner_loop.unroll import unroll
+from outer_loop import mixed_mode
+
+META_GRADIENTS = ('reverse', 'remat', 'mixed')
+MIXED_RECOMPUTE = ('auto',) + mixed_mode.RECOMPUTE  # auto: invert if the optimizer can
+
+
+@dataclasses.dataclass(frozen=True)
+class Reverse:
+  remat: bool = False
+
+  def unroll(self, problem, phi, state, batches):
+    return unroll(problem.task.per_example_loss, problem.inner_optimizer,
+                  lambda batch: problem.weights(phi, batch), state, batches, remat=self.remat)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixed:
+  recompute: str = 'replay'         # 'invert' or 'replay' (see outer_loop.mixed_mode)
+  segment: int = 0                  # steps per segment; 0: the mode's default
+  inverse: Optional[StepInverse] = None  # the inner optimizer run backwards ('invert')
+
+  def unroll(self, problem, phi, state, batches):
+    inner = mixed_mode.InnerProblem(problem.task.per_example_loss, problem.inner_optimizer,
+                                    problem.weights, self.inverse)
+    return mixed_mode.mixed_unroll(inner, self.recompute, self.segment)(phi, state, batches)
+
+
+def make_estimator(outer, inner):
+  """The estimator of config sections `outer` (meta_gradient, mixed_*) and `inner` (optimizer)."""
+  name = outer.meta_gradient
+  if name not in META_GRADIENTS:
+    raise UserError(f'unknown outer.meta_gradient {name!r} (choose from '
+                    f'{", ".join(META_GRADIENTS)})')
+  if name != 'mixed':
+    return Reverse(remat=name == 'remat')
+  recompute = outer.mixed_recompute
+  if recompute not in MIXED_RECOMPUTE:
+    raise UserError(f'unknown outer.mixed_recompute {recompute!r} '
+                    f'(choose from {", ".join(MIXED_RECOMPUTE)})')
+  inverse = make_step_inverse(inner.optimizer, inner.learning_rate)
+  if recompute == 'auto':
+    recompute = 'invert' if inverse is not None else 'replay'
+  if recompute == 'invert' and inverse is None:
+    raise UserError(f"outer.mixed_recompute='invert' needs an inner optimizer that can be run "
+                    f"backwards (momentum, adam), got inner.optimizer={inner.optimizer!r}")
+  if outer.mixed_segment < 0:
+    raise UserError(f'outer.mixed_segment must be >= 0 (0: default), got {outer.mixed_segment}')
+  return Mixed(recompute, int(outer.mixed_segment), inverse)
