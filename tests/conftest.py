@@ -16,3 +16,11 @@ def tfds_dir(tmp_path_factory):
   from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.get_builder('sklearn_digits', path)
   return path
+
+
+def digits_data(tfds_dir, label_noise=0.0, noise_seed=0):
+  """The `data` config section of configs/digits.py, reading from `tfds_dir`."""
+  from configs.digits import get_config  # pylint: disable=g-import-not-at-top
+  data = get_config().data
+  data.data_dir, data.label_noise, data.noise_seed = tfds_dir, label_noise, noise_seed
+  return data

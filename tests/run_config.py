@@ -10,7 +10,7 @@ def small_config(data_dir: str, steps: int = 6):
   c.inner.batch_size = 16
   c.outer.batch_size = 16
   c.inner.reset_every = 4
-  c.task_model.hidden = (16,)
+  c.task.hidden = (16,)
   c.rater.hidden = (16,)
   c.log_every = 2
   c.checkpoint_every = 2
@@ -26,7 +26,7 @@ def as_flags(c) -> list[str]:
           f'--config.inner.batch_size={c.inner.batch_size}',
           f'--config.outer.batch_size={c.outer.batch_size}',
           f'--config.inner.reset_every={c.inner.reset_every}',
-          f'--config.task_model.hidden={tuple(c.task_model.hidden)}',
+          f'--config.task.hidden={tuple(c.task.hidden)}',
           f'--config.rater.hidden={tuple(c.rater.hidden)}', f'--config.log_every={c.log_every}',
           f'--config.checkpoint_every={c.checkpoint_every}',
           f'--config.final_eval.train_steps={c.final_eval.train_steps}',

@@ -2,7 +2,7 @@
 import pytest
 
 from configs.digits import get_config
-from launch import train_rater
+from datarater.meta_train import meta_train
 
 
 def _check(report):
@@ -17,7 +17,7 @@ def test_short_default_run_separates_noisy_examples(tfds_dir, tmp_path):
   config.outer.steps = 200
   config.final_eval.num_models = 2
   config.final_eval.train_steps = 200
-  _check(train_rater.train(config, str(tmp_path / 'run')))
+  _check(meta_train(config, str(tmp_path / 'run')))
 
 
 @pytest.mark.slow
@@ -26,4 +26,4 @@ def test_full_default_run(tfds_dir, tmp_path, seed):
   config = get_config()
   config.data.data_dir = tfds_dir
   config.seed = config.data.noise_seed = seed
-  _check(train_rater.train(config, str(tmp_path / 'run')))
+  _check(meta_train(config, str(tmp_path / 'run')))

@@ -1,5 +1,5 @@
-"""Two real processes (jax.distributed on 127.0.0.1, 2 CPU devices each) = one process, 4 devices;
-a killed two-process run resumes in one process to the same rater."""
+"""Two real processes (jax.distributed on 127.0.0.1, 2 CPU devices each) = one process, 4 devices
+(in the fast suite); a killed two-process run resumes in one process to the same rater (slow)."""
 import os
 import re
 import signal
@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from datarater.checkpointing import load_trained_rater
-from launch import train_rater
+from datarater.export import load_rater
+from datarater.meta_train import meta_train
 from tests.run_config import as_flags, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def _start_two_processes(workdir, config):
 
 
 def _params(workdir):
-  return jax.tree.leaves(load_trained_rater(str(workdir))[1])
+  return jax.tree.leaves(load_rater(str(workdir)).params)
 
 
 def _assert_same(a, b, atol=2e-6):
@@ -45,14 +45,13 @@ def _assert_same(a, b, atol=2e-6):
     np.testing.assert_allclose(x, y, rtol=2e-5, atol=atol)
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one_process_with_four_devices(tfds_dir, tmp_path):
-  config = small_config(tfds_dir, steps=6)
+  config = small_config(tfds_dir, steps=4)
   procs = _start_two_processes(tmp_path / 'two', config)
   for p in procs:
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out[-3000:]
-  train_rater.train(config, str(tmp_path / 'one'), devices=jax.devices()[:4])
+  meta_train(config, str(tmp_path / 'one'), devices=jax.devices()[:4])
   _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'one'))
 
 
@@ -74,8 +73,8 @@ def test_killed_two_process_run_resumes_in_one_process(tfds_dir, tmp_path):
   steps = [int(d) for d in os.listdir(ckpt_dir) if re.fullmatch(r'\d+', d)]
   assert steps and max(steps) < 12, steps  # killed mid-run
 
-  train_rater.train(config, str(workdir), devices=jax.devices()[:1])  # 1 process, 1 device
-  train_rater.train(config, str(tmp_path / 'straight'), devices=jax.devices()[:4])
+  meta_train(config, str(workdir), devices=jax.devices()[:1])  # 1 process, 1 device
+  meta_train(config, str(tmp_path / 'straight'), devices=jax.devices()[:4])
   # Over 12 Adam steps the device layouts' float32 summation orders drift apart by ~1e-6; the
   # outer learning rate is 1e-3, so 1e-5 is 1% of a single update.
   _assert_same(_params(workdir), _params(tmp_path / 'straight'), atol=1e-5)

@@ -7,8 +7,8 @@ import sys
 import jax
 import numpy as np
 
-from datarater.checkpointing import load_trained_rater
-from launch import train_rater
+from datarater.export import load_rater
+from datarater.meta_train import meta_train
 from tests.run_config import as_flags, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ def _launch(workdir, config, *extra):
 def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path):
   config = small_config(tfds_dir, steps=6)
   straight = tmp_path / 'straight'
-  train_rater.train(config, str(straight))
+  meta_train(config, str(straight))
 
   resumed = tmp_path / 'resumed'
   first = _launch(resumed, config, '--stop_after=3')
@@ -34,8 +34,8 @@ def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path):
   assert second.returncode == 0, second.stderr[-2000:]
   assert 'resumed from the checkpoint at outer step 3' in second.stdout
 
-  _, params_straight, _, _ = load_trained_rater(str(straight))
-  _, params_resumed, _, _ = load_trained_rater(str(resumed))
+  params_straight = load_rater(str(straight)).params
+  params_resumed = load_rater(str(resumed)).params
   for a, b in zip(jax.tree.leaves(params_straight), jax.tree.leaves(params_resumed)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # Metrics are one record per logged step, none repeated by the resume.

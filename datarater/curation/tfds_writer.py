@@ -13,6 +13,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
+from datarater.data import pipeline
+
 CHUNK = 1024  # examples read from the source at a time
 
 
@@ -69,7 +71,7 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
   # (PYTHONHASHSEED); deterministic serialisation sorts the keys, so the files are byte-identical.
   with mock.patch.object(example_serializer.ExampleSerializer, 'serialize_example',
                          _serialize_deterministic):
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+    pipeline.prepare(builder, download_config=tfds.download.DownloadConfig(
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder.data_dir
 

@@ -7,7 +7,10 @@ only tasks and dataset modules know what a feature means. Batches are a pure fun
 (seed, position in the example stream), so a stream's state is one integer that a checkpoint
 stores and a resumed run continues from, on any number of devices or processes.
 """
+import contextlib
 import dataclasses
+import io
+import logging
 import os
 from typing import Mapping, Optional
 
@@ -26,20 +29,41 @@ def default_data_dir(data_dir: str = '') -> str:
   return data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
 
 
+@contextlib.contextmanager
+def quiet_tfds():
+  """TFDS's own chatter off: its progress bars, stdout banners and absl warnings."""
+  tfds.disable_progress_bar()
+  absl = logging.getLogger('absl')
+  level = absl.level
+  absl.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl.setLevel(level)
+
+
+def prepare(builder: tfds.core.DatasetBuilder, **kwargs) -> None:
+  """`builder.download_and_prepare(**kwargs)` without TFDS's banners and progress bars."""
+  with quiet_tfds():
+    builder.download_and_prepare(**kwargs)
+
+
 def get_builder(name: str, data_dir: str = '') -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder for `name`; prepares the bundled datasets on first use."""
   data_dir = default_data_dir(data_dir)
-  try:
-    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
-  except tfds.core.registered.DatasetNotFoundError:
-    raise UserError(f'unknown dataset {name!r}: not a TFDS dataset name '
-                    f'(built in here: {", ".join(sorted(BUNDLED))})') from None
-  if not builder.is_prepared():
-    if name not in BUNDLED:
-      raise UserError(f'dataset {name!r} is not prepared in {data_dir!r}: prepare it in Python '
-                      f'with tfds.builder({name!r}, data_dir={data_dir!r}, '
-                      f"file_format='array_record').download_and_prepare()")
-    builder.download_and_prepare()
+  with quiet_tfds():
+    try:
+      builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    except tfds.core.registered.DatasetNotFoundError:
+      raise UserError(f'unknown dataset {name!r}: not a TFDS dataset name '
+                      f'(built in here: {", ".join(sorted(BUNDLED))})') from None
+    if not builder.is_prepared():
+      if name not in BUNDLED:
+        raise UserError(f'dataset {name!r} is not prepared in {data_dir!r}: prepare it in Python '
+                        f'with tfds.builder({name!r}, data_dir={data_dir!r}, '
+                        f"file_format='array_record').download_and_prepare()")
+      builder.download_and_prepare()
   return builder
 
 
@@ -190,7 +214,8 @@ def builder_of(data) -> tfds.core.DatasetBuilder:
     if not os.path.exists(os.path.join(path, 'dataset_info.json')):
       raise UserError(f'data.dataset_dir {data.dataset_dir!r} is not a TFDS dataset folder '
                       '(no dataset_info.json)')
-    return tfds.builder_from_directory(path)
+    with quiet_tfds():
+      return tfds.builder_from_directory(path)
   return get_builder(data.name, data.data_dir)
 
 

@@ -1,0 +1,131 @@
+"""The TFDS pipeline, the corruption record, the batch stream, batch weights and staggered resets."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from datarater.data import corruption, pipeline
+from datarater.errors import UserError
+from inner_loop.weighting import softmax_weights
+from outer_loop.population import reset_mask
+from tests.conftest import digits_data
+
+
+def test_digits_is_a_tfds_dataset_read_by_feature_type(tfds_dir):
+  builder = pipeline.get_builder('sklearn_digits', tfds_dir)
+  reloaded = tfds.builder_from_directory(builder.data_dir)
+  sizes = {name: info.num_examples for name, info in reloaded.info.splits.items()}
+  assert sizes == {'train': 1197, 'validation': 300, 'test': 300}
+  split = pipeline.load_split(digits_data(tfds_dir), 'train')
+  raw = reloaded.as_data_source(split='train')[5]
+  image, label = split.features['image'], split.features['label']
+  assert image.shape == (1197, 8, 8, 1) and image.dtype == np.float32
+  np.testing.assert_allclose(image[5], raw['image'] / 255.0, rtol=1e-6)  # uint8 -> [0, 1]
+  assert label.dtype == np.int32 and label[5] == raw['label']
+  assert set(np.unique(label)) == set(range(10))
+  assert split.info.num_classes == {'label': 10}
+  assert split.info.supervised_keys == ('image', 'label')
+  assert not split.is_corrupted.any() and split.corruption_kinds == ('clean',)
+
+
+def test_label_noise_flips_exactly_the_recorded_examples(tfds_dir):
+  clean = pipeline.load_split(digits_data(tfds_dir), 'train')
+  noisy = pipeline.load_split(digits_data(tfds_dir, 0.2, 3), 'train', corrupt=True)
+  was, now = clean.features['label'], noisy.features['label']
+  assert noisy.is_corrupted.sum() == round(0.2 * len(clean))
+  np.testing.assert_array_equal(now != was, noisy.is_corrupted)
+  np.testing.assert_array_equal(noisy.clean['label'], was)
+  np.testing.assert_array_equal(noisy.features['image'], clean.features['image'])
+  assert noisy.corruption_kinds[1] == 'label_symmetric'
+  shifts = (now - was)[noisy.is_corrupted] % 10  # symmetric: spread over the other classes
+  assert len(np.unique(shifts)) == 9
+  again = pipeline.load_split(digits_data(tfds_dir, 0.2, 3), 'train', corrupt=True)
+  np.testing.assert_array_equal(now, again.features['label'])
+
+
+def test_corruption_of_blocks_equals_corruption_of_the_whole_split(tfds_dir):
+  """A split streamed in blocks (as the filter reads it) is corrupted exactly like a whole one."""
+  whole = pipeline.load_split(digits_data(tfds_dir, 0.3, 7), 'train', corrupt=True)
+  info = whole.info
+  raw = {'label': pipeline.load_split(digits_data(tfds_dir), 'train').features['label']}
+  c = corruption.Corruption(0.3, 7)
+  blocks = [c.apply(info, {'label': raw['label'][ids]}, ids, len(whole))[0]['label']
+            for ids in np.array_split(np.arange(len(whole)), 5)]
+  np.testing.assert_array_equal(np.concatenate(blocks), whole.features['label'])
+
+
+def test_bad_split_and_noise_rate(tfds_dir):
+  with pytest.raises(UserError, match="has no split 'dev'"):
+    pipeline.load_split(digits_data(tfds_dir), 'dev')
+  with pytest.raises(UserError, match=r'label_noise must be in \[0, 1\), got 1.5'):
+    corruption.Corruption(1.5)
+  with pytest.raises(UserError, match=r"no split 'train\[:5000\]'.*incompatible with 1197"):
+    pipeline.load_split(digits_data(tfds_dir), 'train[:5000]')
+
+
+def test_split_expressions_read_the_same_examples_as_numpy_slices(tfds_dir):
+  """TFDS slices and concatenations (cross-validation folds) are the named splits' examples."""
+  data = digits_data(tfds_dir, 0.2, 1)
+  train = pipeline.load_split(data, 'train')
+  test = pipeline.load_split(data, 'test')
+  fold = pipeline.load_split(data, 'train[:299]+train[598:]+test', corrupt=True)
+  held_out = pipeline.load_split(data, 'train[299:598]')
+  keep = np.r_[0:299, 598:len(train)]
+  np.testing.assert_array_equal(
+      fold.features['image'], np.concatenate([train.features['image'][keep],
+                                              test.features['image']]))
+  np.testing.assert_array_equal(fold.clean['label'],
+                                np.r_[train.features['label'][keep], test.features['label']])
+  np.testing.assert_array_equal(held_out.features['label'], train.features['label'][299:598])
+  assert fold.is_corrupted.sum() == round(0.2 * len(fold))
+  np.testing.assert_array_equal(fold.ids, np.arange(len(fold)))
+
+
+def test_take_and_subset_keep_ids_and_records(tfds_dir):
+  split = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
+  idx = np.array([[3, 1], [7, 1190]])
+  batch = split.take(idx)
+  assert batch['image'].shape == (2, 2, 8, 8, 1)
+  np.testing.assert_array_equal(batch['index'], idx)
+  sub = split.subset(np.array([5, 9, 11]))
+  np.testing.assert_array_equal(sub.ids, [5, 9, 11])
+  np.testing.assert_array_equal(sub.corruption, split.corruption[[5, 9, 11]])
+  np.testing.assert_array_equal(sub.features['label'], split.features['label'][[5, 9, 11]])
+
+
+def test_data_info_round_trips_through_json(tfds_dir):
+  info = pipeline.load_split(digits_data(tfds_dir), 'test').info
+  assert pipeline.DataInfo.from_json(info.to_json()) == info
+
+
+def test_stream_visits_each_example_once_per_epoch_and_resumes_by_position():
+  n = 37
+  stream = pipeline.stream_indices(n, 0, 3 * n, seed=5)
+  for epoch in range(3):
+    assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n))
+  assert not np.array_equal(stream[:n], stream[n:2 * n])  # reshuffled each epoch
+  np.testing.assert_array_equal(pipeline.stream_indices(n, 50, 30, seed=5), stream[50:80])
+
+
+def test_softmax_weights_average_one_keep_the_order_and_sharpen_with_lower_temperature():
+  scores = jnp.array([[0.0, 1.0, 2.0, -1.0]])
+  for tau in (0.5, 1.0, 4.0):
+    w = np.asarray(softmax_weights(scores, tau), np.float64)
+    np.testing.assert_allclose(w.mean(), 1.0, rtol=1e-6)
+    assert list(np.argsort(w[0])) == [3, 0, 1, 2]  # higher score, higher weight
+    # The ratio of two weights is exp(score difference / tau), whatever the other scores.
+    np.testing.assert_allclose(w[0, 2] / w[0, 1], np.exp(1.0 / tau), rtol=1e-5)
+  np.testing.assert_allclose(softmax_weights(scores + 5.0, 1.0), softmax_weights(scores, 1.0),
+                             rtol=1e-6)
+  assert softmax_weights(scores, 0.5).max() > softmax_weights(scores, 4.0).max()
+
+
+def test_each_member_resets_every_r_steps_at_staggered_offsets():
+  k, r = 4, 8
+  masks = np.stack([np.asarray(reset_mask(jnp.int32(s), k, r)) for s in range(1, 4 * r + 1)])
+  for member in range(k):
+    resets = np.flatnonzero(masks[:, member]) + 1
+    assert np.all(np.diff(resets) == r)
+  first = [np.flatnonzero(masks[:, m])[0] for m in range(k)]
+  assert len(set(first)) == k  # no two members reset at the same step

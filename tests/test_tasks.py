@@ -1,0 +1,87 @@
+"""Tasks and raters against explicit numpy forward passes (float64), and the registry."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from datarater import tasks
+from datarater.errors import UserError
+from tests.tiny import tiny_info
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _mlp_forward(params, x, activation=np.tanh, embed=False):
+  """The MLP by hand: flatten, Dense layers dense_0..dense_L, activation between them."""
+  p = params['params']
+  h = np.asarray(x, np.float64).reshape(len(x), -1)
+  layers = sorted(p, key=lambda n: int(n.split('_')[1]))
+  for i, name in enumerate(layers):
+    if embed and i == len(layers) - 1:
+      return h
+    h = h @ np.asarray(p[name]['kernel']) + np.asarray(p[name]['bias'])
+    if i < len(layers) - 1:
+      h = activation(h)
+  return h
+
+
+def _batch(n=9, seed=0):
+  rng = np.random.default_rng(seed)
+  return {'image': jnp.asarray(rng.normal(size=(n, 5))),
+          'label': jnp.asarray(rng.integers(0, 3, n), jnp.int32), 'index': jnp.arange(n)}
+
+
+def _f64(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float64), tree)
+
+
+def test_mlp_classifier_loss_metrics_and_embedding_equal_a_hand_forward_pass():
+  task = tasks.make_task(ml_collections.ConfigDict(
+      {'name': 'mlp_classifier', 'hidden': (4, 6), 'activation': 'tanh'}), tiny_info())
+  params = _f64(task.init(jax.random.key(0)))
+  batch = _batch()
+  logits = _mlp_forward(params, batch['image'])
+  labels = np.asarray(batch['label'])
+  log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  want = -log_p[np.arange(len(labels)), labels]
+  np.testing.assert_allclose(task.per_example_loss(params, batch), want, rtol=1e-12)
+  metrics = task.metrics(params, batch)
+  np.testing.assert_allclose(metrics['loss'], want, rtol=1e-12)
+  np.testing.assert_array_equal(metrics['accuracy'], logits.argmax(1) == labels)
+  np.testing.assert_allclose(task.embed(params, batch), _mlp_forward(params, batch['image'],
+                                                                     embed=True), rtol=1e-12)
+  assert task.num_classes == 3
+  np.testing.assert_array_equal(task.labels(batch), labels)
+  relabelled = task.with_labels(batch, jnp.full(9, 2))
+  np.testing.assert_array_equal(relabelled['label'], 2)
+  np.testing.assert_array_equal(relabelled['image'], batch['image'])
+
+
+def test_labelled_rater_scores_its_label_output():
+  rater = tasks.make_rater(ml_collections.ConfigDict(
+      {'name': 'mlp_rater', 'hidden': (4,), 'activation': 'tanh'}), tiny_info())
+  params = _f64(rater.init(jax.random.key(1)))
+  batch = _batch(seed=1)
+  per_class = _mlp_forward(params, batch['image'])
+  want = per_class[np.arange(9), np.asarray(batch['label'])]
+  np.testing.assert_allclose(rater.score(params, batch), want, rtol=1e-12)
+
+
+def test_unknown_names_and_missing_features_are_user_errors():
+  with pytest.raises(UserError, match="unknown task.name 'resnet'"):
+    tasks.make_task(ml_collections.ConfigDict({'name': 'resnet'}), tiny_info())
+  with pytest.raises(UserError, match="unknown rater.name 'x'"):
+    tasks.make_rater(ml_collections.ConfigDict({'name': 'x'}), tiny_info())
+  with pytest.raises(UserError, match="input 'pixels'"):
+    tasks.make_task(ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (4,),
+                                               'activation': 'relu', 'input': 'pixels'}),
+                    tiny_info())
+  with pytest.raises(UserError, match="unknown activation 'swishy'"):
+    task = tasks.make_task(ml_collections.ConfigDict(
+        {'name': 'mlp_classifier', 'hidden': (4,), 'activation': 'swishy'}), tiny_info())
+    task.init(jax.random.key(0))

@@ -1,0 +1,143 @@
+"""The one trainer against explicit loops: its steps, data order, policies' weights, counting,
+evaluation, recording, vmapped seeds and resume."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from datarater import checkpointing, tasks
+from datarater.data import pipeline
+from datarater.policies import base, selection, weighting
+from datarater.trainer import Trainer
+from tests.conftest import digits_data
+
+
+@pytest.fixture(scope='module')
+def splits(tfds_dir):
+  train = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
+  test = pipeline.load_split(digits_data(tfds_dir), 'test')
+  return train, test
+
+
+def _task(info, hidden=(32,)):
+  return tasks.make_task(ml_collections.ConfigDict(
+      {'name': 'mlp_classifier', 'hidden': hidden, 'activation': 'relu'}), info)
+
+
+def _trainer(train, policy=None, optimizer=None, batch_size=100, **kw):
+  return Trainer(_task(train.info), optimizer or optax.adam(1e-2),
+                 policy or weighting.weighting('uniform', len(train)), batch_size, **kw)
+
+
+def test_steps_are_optax_steps_on_the_recorded_batches(splits):
+  """Replaying the recorded positions and weights with plain optax gives the same parameters,
+  and every epoch visits every example exactly once (the last batch padded with weight 0)."""
+  train, _ = splits
+  trainer = _trainer(train, optimizer=optax.sgd(0.1), batch_size=128, record_every=1)
+  run = trainer.run(train, {}, [4], epochs=2)
+  rec = run.recording
+  positions, weights = rec.positions[0], rec.weights[0]
+  assert positions.shape == (2 * 10, 128) and run.steps == 20
+  for epoch in range(2):
+    seen = positions[10 * epoch:10 * (epoch + 1)][weights[10 * epoch:10 * (epoch + 1)] > 0]
+    assert sorted(seen) == list(range(len(train)))
+  assert not np.array_equal(positions[:10], positions[10:])  # reshuffled each epoch
+  task = trainer.task
+  params = jax.tree.map(lambda x: x[0, 0], rec.checkpoints)  # before step 0 = the init
+  opt = optax.sgd(0.1)
+  state = opt.init(params)
+  grad = jax.jit(jax.grad(lambda p, b, w: jnp.mean(w * task.per_example_loss(p, b))))
+  for t in range(20):
+    for got, want in zip(jax.tree.leaves(rec.checkpoints), jax.tree.leaves(params)):
+      np.testing.assert_allclose(got[0, t], want, rtol=1e-5, atol=1e-6)
+    g = grad(params, train.take(positions[t]), jnp.asarray(weights[t]))
+    updates, state = opt.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  for got, want in zip(jax.tree.leaves(run.params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_vmapped_seeds_equal_single_runs_and_compute_is_counted(splits):
+  train, test = splits
+  trainer = _trainer(train)
+  both = trainer.run(train, {'eval': test}, [0, 1], epochs=2, evals_per_epoch=2)
+  one = trainer.run(train, {'eval': test}, [1], epochs=2)
+  assert both.example_gradients == 2 * len(train) and both.steps == 2 * 12
+  assert [r['epoch'] for r in both.history] == [0.5, 1.0, 1.5, 2.0]
+  assert [r['step'] for r in both.history] == [6, 12, 18, 24]
+  assert both.history[1]['example_gradients'] == len(train)
+  np.testing.assert_allclose(both.final['eval']['loss'][1], one.final['eval']['loss'][0],
+                             rtol=1e-5)
+  assert np.mean(both.final['eval']['accuracy']) > 0.5  # it learns
+
+
+def test_evaluation_is_the_mean_of_the_task_metrics(splits):
+  train, test = splits
+  trainer = _trainer(train)
+  run = trainer.run(train, {'eval': test}, [0], steps=15)
+  assert run.steps == 15 and run.final['step'] == 15
+  params = jax.tree.map(lambda x: x[0], run.params)
+  metrics = trainer.task.metrics(params, test.take(np.arange(len(test))))
+  for name, values in metrics.items():
+    np.testing.assert_allclose(run.final['eval'][name][0], np.mean(values), rtol=1e-5)
+
+
+def test_selection_visits_its_examples_like_training_on_the_subset(splits):
+  """A selection policy that always picks the clean examples trains exactly like the subset."""
+  train, test = splits
+  keep = jnp.asarray(np.flatnonzero(~train.is_corrupted), jnp.int32)
+
+  def select(aux, state):
+    return keep, jnp.ones(len(keep), jnp.float32), state
+  clean_only = base.Policy('clean_only', len(keep), base.no_state, select, base.weigh_uniform,
+                           base.keep_state)
+  selected = _trainer(train, clean_only, batch_size=64).run(train, {'eval': test}, [0], epochs=2)
+  subset = train.subset(np.asarray(keep))
+  plain = _trainer(subset, batch_size=64).run(subset, {'eval': test}, [0], epochs=2)
+  assert selected.example_gradients == plain.example_gradients == 2 * len(keep)
+  np.testing.assert_allclose(selected.final['eval']['loss'], plain.final['eval']['loss'],
+                             rtol=1e-5)
+
+
+def test_zero_weights_leave_the_initialisation_and_weights_follow_the_table(splits):
+  train, test = splits
+  zero = _trainer(train, weighting.table('zero', np.zeros(len(train))))
+  run = zero.run(train, {'eval': test}, [3], epochs=1)
+  init, _ = zero.init([3], len(train))
+  for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(init.models.params)):
+    np.testing.assert_array_equal(a, b)
+  assert run.example_gradients == 0
+  ones = _trainer(train, weighting.table('one', np.ones(len(train)))).run(
+      train, {'eval': test}, [3], epochs=1)
+  uniform = _trainer(train).run(train, {'eval': test}, [3], epochs=1)
+  np.testing.assert_allclose(ones.final['eval']['loss'], uniform.final['eval']['loss'], rtol=1e-6)
+
+
+def test_clean_oracle_weights_beat_uniform_under_noise(splits):
+  """Weights that zero the corrupted examples must do better than uniform at 20% noise."""
+  train, test = splits
+  kw = dict(epochs=15)
+  oracle = weighting.table('oracle', (~train.is_corrupted) * 1.25)
+  clean = _trainer(train, oracle, batch_size=128).run(train, {'eval': test}, [0, 1], **kw)
+  uniform = _trainer(train, batch_size=128).run(train, {'eval': test}, [0, 1], **kw)
+  assert np.mean(clean.final['eval']['loss']) < np.mean(uniform.final['eval']['loss'])
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted(splits, tmp_path):
+  """With a selection policy (its state is checkpointed too): stop after 2 of 4 epochs, resume."""
+  train, test = splits
+  config = ml_collections.ConfigDict({'x': 1})
+  policy = selection.infobatch(len(train), 0.5)
+  straight = _trainer(train, policy).run(train, {'eval': test}, [0, 1], epochs=4)
+  ckpt = lambda: checkpointing.RunCheckpointer(str(tmp_path), config)
+  stopped = _trainer(train, policy).run(train, {'eval': test}, [0, 1], epochs=4,
+                                        checkpoints=ckpt(), stop_after=2)
+  assert stopped.stopped_after == 2 and len(stopped.history) == 2
+  resumed = _trainer(train, policy).run(train, {'eval': test}, [0, 1], epochs=4,
+                                        checkpoints=ckpt())
+  assert [r['step'] for r in resumed.history] == [r['step'] for r in straight.history]
+  for a, b in zip(resumed.history, straight.history):
+    np.testing.assert_allclose(a['eval']['loss'], b['eval']['loss'], rtol=1e-6)
+  np.testing.assert_array_equal(resumed.policy_state.counts, straight.policy_state.counts)
