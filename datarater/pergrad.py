@@ -142,7 +142,7 @@ def gaussian_projection(dim: int, seed: int = 0, block_size: int = 4096) -> Grad
   """x -> x @ R with R [P, dim] i.i.d. N(0, 1/dim) (so E <xR, yR> = <x, y>), input flattened.
 
   R is never held: rows [b*block_size, (b+1)*block_size) are drawn from fold_in(seed, b) inside a
-  scan, so memory is block_size x dim. `gaussian_projection_matrix` builds the same R explicitly.
+  scan, so memory is block_size x dim.
   """
   if dim < 1:
     raise UserError(f'projection dim must be >= 1, got {dim}')
@@ -161,16 +161,6 @@ def gaussian_projection(dim: int, seed: int = 0, block_size: int = 4096) -> Grad
     return out
 
   return GradTransform(lambda g: jax.random.key(seed), apply)
-
-
-def gaussian_projection_matrix(num_params: int, dim: int, seed: int = 0, block_size: int = 4096,
-                               dtype=jnp.float32) -> jax.Array:
-  """The explicit [P, dim] matrix `gaussian_projection` applies (for tests on small P only)."""
-  bs = min(block_size, num_params)
-  nblocks = -(-num_params // bs)
-  key = jax.random.key(seed)
-  full = jnp.concatenate([_gaussian_block(key, b, bs, dim, dtype) for b in range(nblocks)])
-  return full[:num_params]
 
 
 def kronecker_projection(dim_in: int, dim_out: int, seed: int = 0) -> GradTransform:

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from datarater import models, pergrad
+import ml_collections
+
+from datarater import pergrad, tasks
 from datarater.errors import UserError
+from tests.tiny import tiny_info
 
 
 @pytest.fixture(autouse=True)
@@ -18,29 +21,33 @@ def x64():
 
 def tiny(num=7, seed=0, hidden=(5,)):
   """A float64 MLP 6 -> 5 -> 3 (tanh) and a batch of `num` examples."""
-  model = models.task_model(3, hidden, 'tanh')
+  task = tasks.make_task(ml_collections.ConfigDict(
+      {'name': 'mlp_classifier', 'hidden': hidden, 'activation': 'tanh'}), tiny_info(6))
   rng = np.random.default_rng(seed)
-  batch = {'image': jnp.asarray(rng.uniform(size=(num, 3, 2, 1))),
+  batch = {'image': jnp.asarray(rng.uniform(size=(num, 6))),
            'label': jnp.asarray(rng.integers(0, 3, num), jnp.int32)}
-  params = model.init(jax.random.key(seed), batch['image'])
-  params = jax.tree.map(lambda x: x.astype(jnp.float64) * 2.0, params)
-  loss = lambda p, b: models.per_example_loss(model.apply, p, b)
-  return loss, params, batch
+  params = jax.tree.map(lambda x: x.astype(jnp.float64) * 2.0, task.init(jax.random.key(seed)))
+  return task.per_example_loss, params, batch
+
+
+def _cross_entropy(logits, labels):
+  """-log softmax(logits)[label], written out (the oracle's loss, not the task's)."""
+  return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], 1)[:, 0]
 
 
 _GRADS = {}
 
 
-def loop_flat_grads(loss, params, batch, layers=None):
-  """[B, P] by an explicit Python loop of single-example gradients of the mean-of-one loss."""
+def loop_flat_grads(loss, params, batch, layer=None):
+  """[B, P] by an explicit Python loop of single-example gradients of the mean-of-one loss;
+  with `layer`, only that layer's parameters (read from the parameter dict by name)."""
   if loss not in _GRADS:  # one jitted gradient of a batch of one per loss function
     _GRADS[loss] = jax.jit(jax.grad(lambda p, ex: loss(p, ex)[0]))
   out = []
   for i in range(batch['label'].shape[0]):
     ex = {k: v[i:i + 1] for k, v in batch.items()}
     g = _GRADS[loss](params, ex)
-    g = pergrad.masked(g, layers) if layers else g
-    out.append(ravel_pytree(g)[0])
+    out.append(ravel_pytree(g['params'][layer] if layer else g)[0])
   return jnp.stack(out)
 
 
@@ -57,7 +64,7 @@ def test_per_example_grads_equal_loop(chunk):
 def test_select_norm_normalize_dot_equal_flat_definitions():
   loss, params, batch = tiny()
   flat = loop_flat_grads(loss, params, batch)
-  last = loop_flat_grads(loss, params, batch, layers=['dense_1'])
+  last = loop_flat_grads(loss, params, batch, layer='dense_1')
   got = pergrad.per_example(loss, params, batch, pergrad.chain(pergrad.select(['dense_1']),
                                                                pergrad.sq_norm()), chunk_size=2)
   np.testing.assert_allclose(got, jnp.sum(last ** 2, 1), rtol=1e-12)
@@ -75,13 +82,20 @@ def test_select_unknown_layer_is_user_error():
     pergrad.per_example(loss, params, batch, pergrad.select(['dense_9']))
 
 
+def _projection_matrix(transform, num_params, dtype=jnp.float64):
+  """The matrix a linear transform applies, recovered row by row from unit vectors."""
+  state = transform.init(jax.ShapeDtypeStruct((num_params,), dtype))
+  return jax.vmap(lambda e: transform.apply(e, state))(jnp.eye(num_params, dtype=dtype))
+
+
 @pytest.mark.parametrize('block', [5, 4096])
-def test_gaussian_projection_equals_explicit_matrix(block):
+def test_gaussian_projection_of_per_example_gradients_is_one_linear_map(block):
+  """Chunked per-example projection = each loop gradient times the projection's matrix."""
   loss, params, batch = tiny()
   flat = loop_flat_grads(loss, params, batch)
   t = pergrad.gaussian_projection(11, seed=3, block_size=block)
   got = pergrad.per_example(loss, params, batch, t, chunk_size=3)
-  matrix = pergrad.gaussian_projection_matrix(flat.shape[1], 11, 3, block, jnp.float64)
+  matrix = _projection_matrix(t, flat.shape[1])
   assert matrix.shape == (flat.shape[1], 11)
   np.testing.assert_allclose(got, flat @ matrix, rtol=1e-11, atol=1e-12)
 
@@ -89,7 +103,11 @@ def test_gaussian_projection_equals_explicit_matrix(block):
 def test_gaussian_projection_preserves_dots_in_expectation():
   """JL: entries ~ N(0, 1/k), so <Ra, Rb> averages <a, b> over seeds and blocks differ."""
   p, k = 40, 64  # the mean over 300 seeds has std ~0.18 here; the tolerance is ~5 of those
-  m = jnp.stack([pergrad.gaussian_projection_matrix(p, k, s, 16, jnp.float64) for s in range(300)])
+  t = pergrad.gaussian_projection(k, 0, 16)
+  like = jax.ShapeDtypeStruct((p,), jnp.float64)
+  states = jnp.stack([pergrad.gaussian_projection(k, s, 16).init(like) for s in range(300)])
+  eye = jnp.eye(p, dtype=jnp.float64)
+  m = jax.jit(jax.vmap(lambda st: jax.vmap(lambda e: t.apply(e, st))(eye)))(states)
   assert abs(float(m.mean())) < 0.005
   assert abs(float(m.var()) * k - 1.0) < 0.03
   a = jnp.sin(jnp.arange(p, dtype=jnp.float64))
@@ -143,9 +161,10 @@ def test_ghost_dots_equal_flat_dots():
   np.testing.assert_allclose(ab, ga @ gb.T, rtol=1e-11)
   np.testing.assert_allclose(aa, ga @ ga.T, rtol=1e-11)
   np.testing.assert_allclose(norms, jnp.sum(ga ** 2, 1), rtol=1e-11)
-  last = loop_flat_grads(loss, params, batch, layers=['dense_2'])
+  last = loop_flat_grads(loss, params, batch, layer='dense_2')
   np.testing.assert_allclose(last_norms, jnp.sum(last ** 2, 1), rtol=1e-11)
   assert pergrad.dense_layers(loss, params, batch) == ['dense_0', 'dense_1', 'dense_2']
+  assert pergrad.ghost_covers(loss, params, batch)
 
 
 class SeqModel(nn.Module):
@@ -163,7 +182,7 @@ def test_ghost_dots_with_positions_and_no_bias():
   _, _, batch = tiny()
   params = jax.tree.map(lambda x: x.astype(jnp.float64),
                         model.init(jax.random.key(0), batch['image']))
-  loss = lambda p, b: models.per_example_loss(model.apply, p, b)
+  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
   flat = loop_flat_grads(loss, params, batch)
   np.testing.assert_allclose(pergrad.ghost_dots(loss, params, batch), flat @ flat.T, rtol=1e-10)
   np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch), jnp.sum(flat ** 2, 1),
@@ -181,9 +200,10 @@ def test_ghost_refuses_non_dense_parameters():
   model = WithScale()
   _, _, batch = tiny()
   params = model.init(jax.random.key(0), batch['image'])
-  loss = lambda p, b: models.per_example_loss(model.apply, p, b)
+  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
   with pytest.raises(ValueError, match='Dense layers hold'):
     pergrad.ghost_sq_norms(loss, params, batch)
+  assert not pergrad.ghost_covers(loss, params, batch)
 
 
 def _temp_bytes(fn, *args):
@@ -193,14 +213,16 @@ def _temp_bytes(fn, *args):
 def test_chunked_projection_memory_does_not_grow_with_examples():
   """Scoring 10x more examples keeps the compiled temporary memory (peak minus in/out) flat."""
   with jax.enable_x64(False):
-    model = models.task_model(10, (64, 64))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
-    loss = lambda p, b: models.per_example_loss(model.apply, p, b)
+    info = tiny_info(64)
+    task = tasks.make_task(ml_collections.ConfigDict(
+        {'name': 'mlp_classifier', 'hidden': (64, 64), 'activation': 'relu'}), info)
+    params = task.init(jax.random.key(0))
+    loss = task.per_example_loss
     proj = pergrad.kronecker_projection(8, 8)
     state = proj.init(params)
 
     def batch(n):
-      return {'image': jnp.zeros((n, 8, 8, 1)), 'label': jnp.zeros((n,), jnp.int32)}
+      return {'image': jnp.zeros((n, 64)), 'label': jnp.zeros((n,), jnp.int32)}
 
     def chunked(b):
       return pergrad.per_example(loss, params, b, proj, state, chunk_size=32)

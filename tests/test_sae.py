@@ -6,9 +6,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from datarater import features, models, sae
+from datarater import features, sae
 from datarater.data import pipeline
 from datarater.errors import UserError
+from tests.conftest import digits_data
 
 
 def sparse_data(n=600, dim=16, atoms=32, active=3, seed=0):
@@ -63,33 +64,40 @@ def test_bad_features_shape_is_a_user_error():
     sae.train_sae(np.zeros((5,)), sae_config(), jax.random.PRNGKey(0))
 
 
-def test_penultimate_is_the_last_hidden_activation():
-  task = models.task_model(10, (12, 7))
-  x = jax.random.uniform(jax.random.PRNGKey(1), (5, 8, 8, 1))
-  params = task.init(jax.random.PRNGKey(0), x)
-  p = params['params']
-  h = jax.nn.relu(x.reshape(5, -1) @ p['dense_0']['kernel'] + p['dense_0']['bias'])
-  h = jax.nn.relu(h @ p['dense_1']['kernel'] + p['dense_1']['bias'])
-  got = features.extract(features.penultimate_fn((12, 7), 'relu', params), np.asarray(x), chunk=2)
-  np.testing.assert_allclose(got, h, rtol=1e-5, atol=1e-5)
+def _features_config(**kw):
+  c = ml_collections.ConfigDict(dict(
+      extractor='penultimate', task={'name': 'mlp_classifier', 'hidden': (32,), 'activation': 'relu'},
+      train_steps=100, batch_size=64, learning_rate=3e-3, seed=0))
+  c.update(kw)
+  return c
 
 
-def test_default_extractor_is_trained_and_any_function_plugs_in(tfds_dir):
-  train = pipeline.load_split('sklearn_digits', 'train', tfds_dir)
-  val = pipeline.load_split('sklearn_digits', 'validation', tfds_dir)
-  params, cost = features.train_feature_model(train, hidden=(32,), steps=100, learning_rate=3e-3,
-                                             seed=0)
-  assert cost == 100 * 64
-  task = models.task_model(10, (32,))
-  acc = float(models.accuracy(task.apply, params, {'image': val.image, 'label': val.label}))
-  assert acc > 0.85  # a trained model, not a random projection
+def test_default_extractor_is_a_trained_model_and_any_function_plugs_in(tfds_dir):
+  train = pipeline.load_split(digits_data(tfds_dir), 'train')
+  val = pipeline.load_split(digits_data(tfds_dir), 'validation')
+  task, params, cost = features.train_feature_model(train, _features_config())
+  # 100 steps of 64 over 1197 examples: 5 epochs of 19 batches (the last of 45) and 5 more steps.
+  assert cost == 5 * 1197 + 5 * 64
+  metrics = task.metrics(params, val.take(np.arange(len(val))))
+  assert float(jnp.mean(metrics['accuracy'])) > 0.85  # a trained model, not a random projection
+  real, cost_again = features.default_features(train, _features_config())
+  assert cost_again == cost and real.shape == (len(train), 32)
+  # Its features are the last hidden activation, relu(x W0 + b0), by hand.
+  p = params['params']['dense_0']
+  x = train.features['image'].reshape(len(train), -1)
+  np.testing.assert_allclose(real, np.maximum(x @ p['kernel'] + p['bias'], 0), rtol=1e-4,
+                             atol=1e-5)
   # The SAE on these real features: exactly-k codes, far below the mean-reconstruction error.
-  real = features.extract(features.penultimate_fn((32,), 'relu', params), train.image)
   trained, metrics = sae.train_sae(real, sae_config(num_factors=64, k=6), jax.random.PRNGKey(0))
   active = (sae.encode_all(trained, real) > 0).sum(-1)
   assert active.max() <= 6 and np.mean(active == 6) > 0.95
   assert metrics['mse'] < 0.2 * metrics['mse_mean_baseline'], metrics
-  feats = features.extract(lambda im: im.reshape(im.shape[0], -1)[:, :5], train.image)
+  pixels, zero = features.default_features(train, _features_config(extractor='pixels'))
+  np.testing.assert_array_equal(pixels, x)
+  assert zero == 0
+  feats = features.extract(lambda b: b['image'].reshape(b['image'].shape[0], -1)[:, :5], train)
   assert feats.shape == (len(train), 5)
   with pytest.raises(UserError, match='shape'):
-    features.extract(lambda im: im[:, 0, 0, 0], train.image)
+    features.extract(lambda b: b['image'][:, 0, 0, 0], train)
+  with pytest.raises(UserError, match='extractor'):
+    features.default_features(train, _features_config(extractor='clip'))

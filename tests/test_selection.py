@@ -5,12 +5,16 @@ import numpy as np
 import pytest
 
 from configs.selection import get_config
-from datarater import selection
+from datarater import tasks
 from datarater.data import pipeline
 from datarater.errors import UserError
-from datarater.selection import policies, scores
-from datarater.selection.base import gini, init_state, percentile_rank, record_epoch
+from datarater.policies import PolicyContext, make_policy
+from datarater.policies import sae_scores as scores
+from datarater.policies import selection as policies
+from datarater.policies.sae_scores import percentile_rank
+from datarater.policies.selection import gini, init_state, record_epoch
 from sklearn.metrics import roc_auc_score
+from tests.conftest import digits_data
 
 
 def synthetic_codes(n=300, factors=24, active=3, seed=0):
@@ -50,9 +54,9 @@ def run_selection(policy, num, epochs, seed=0, losses=None):
   state = policy.init(num, jax.random.PRNGKey(seed))
   select, update = jax.jit(policy.select), jax.jit(policy.update)
   for _ in range(epochs):
-    idx, w, state = select(state)
+    idx, w, state = select(policy.aux, state)
     l = jnp.zeros(idx.shape) if losses is None else jnp.asarray(losses)[idx]
-    state = update(state, idx, w, l)
+    state = update(policy.aux, state, idx, w, l)
   return state
 
 
@@ -67,23 +71,22 @@ def test_gini():
 def test_exact_budget_of_distinct_examples(name, ratio):
   num = 300
   cfg = get_config()
-  cfg.selection_ratio = ratio
   codes = synthetic_codes(num)
   policy = {'random': lambda: policies.random(num, ratio),
             'infobatch': lambda: policies.infobatch(num, ratio),
             'sae': lambda: policies.sae(codes, ratio, 10, cfg.sae_scores)}[name]()
   state = policy.init(num, jax.random.PRNGKey(0))
   state = state.replace(losses=jnp.asarray(np.random.default_rng(0).uniform(size=num), jnp.float32))
-  idx, w, state2 = policy.select(state)
+  idx, w, state2 = policy.select(policy.aux, state)
   assert idx.shape == (round(ratio * num),) == w.shape
   assert len(np.unique(idx)) == len(idx) and idx.min() >= 0 and idx.max() < num
   assert not np.array_equal(state.key, state2.key)  # randomness is consumed, not reused
-  again, _, _ = policy.select(state)
+  again, _, _ = policy.select(policy.aux, state)
   np.testing.assert_array_equal(idx, again)          # same state -> same selection
 
 
 def test_full_selects_everything_once():
-  idx, w, _ = policies.full(50).select(init_state(50, jax.random.PRNGKey(0)))
+  idx, w, _ = policies.full(50).select(None, init_state(50, jax.random.PRNGKey(0)))
   np.testing.assert_array_equal(idx, np.arange(50))
   np.testing.assert_array_equal(w, np.ones(50))
 
@@ -93,7 +96,7 @@ def test_infobatch_prunes_only_low_loss_and_rescales():
   losses = np.random.default_rng(1).exponential(size=num).astype(np.float32)
   policy = policies.infobatch(num, ratio, max_prune_prob=0.8)
   state = init_state(num, jax.random.PRNGKey(3)).replace(losses=jnp.asarray(losses))
-  idx, w, _ = policy.select(state)
+  idx, w, _ = policy.select(policy.aux, state)
   idx, w = np.asarray(idx), np.asarray(w)
   pruned = np.setdiff1d(np.arange(num), idx)
   assert len(pruned) == num - len(idx) == 120
@@ -108,7 +111,7 @@ def test_record_epoch_counts_only_weighted_and_drops_padding():
   codes = jnp.asarray([[1., 0.], [0., 2.], [1., 1.], [0., 0.], [3., 0.]])
   idx = jnp.asarray([0, 1, 4, 5, 5])  # 5 = padding
   w = jnp.asarray([1., 0., 2., 0., 0.])
-  state = record_epoch(state, idx, w, jnp.asarray([.1, .2, .3, .4, .5]), codes)
+  state = record_epoch({'codes': codes}, state, idx, w, jnp.asarray([.1, .2, .3, .4, .5]))
   np.testing.assert_array_equal(state.counts, [1, 0, 0, 0, 1])
   np.testing.assert_allclose(state.losses, [.1, 1., 1., 1., .3])
   np.testing.assert_allclose(state.factor_usage, [4., 0.])
@@ -207,19 +210,19 @@ def test_hard_guard_never_selects_a_suspect_while_others_remain(ratio):
   cfg.mislabel_guard, cfg.usage_penalty, cfg.temperature = 'exclude', 1.0, 1.0
   policy = policies.sae(codes, ratio, 8, cfg, labels=labels, num_classes=3)
   state = policy.init(len(codes), jax.random.PRNGKey(0))
-  suspect = np.asarray(state.aux['suspect'])
+  suspect = np.asarray(policy.aux['suspect'])
   num_ok = int((~suspect).sum())
   assert 0 < suspect.sum() and (num_ok > policy.num_selected) == (ratio == 0.5)
   select, update = jax.jit(policy.select), jax.jit(policy.update)
   for _ in range(8):
-    idx, w, state = select(state)
+    idx, w, state = select(policy.aux, state)
     picked = np.zeros(len(codes), bool)
     picked[np.asarray(idx)] = True
     if ratio == 0.5:
       assert not picked[suspect].any()
     else:
       assert picked[~suspect].all() and picked[suspect].sum() == policy.num_selected - num_ok
-    state = update(state, idx, w, jnp.zeros(idx.shape))
+    state = update(policy.aux, state, idx, w, jnp.zeros(idx.shape))
 
 
 def test_confident_error_count_adapts_to_the_noise_level():
@@ -248,12 +251,13 @@ def test_confident_error_count_adapts_to_the_noise_level():
 def test_class_conditional_scores_on_real_digits_with_label_noise(tfds_dir):
   """20% flipped digits labels: an SAE on raw pixels, class-conditional R ranks them low."""
   from datarater import sae as sae_lib  # pylint: disable=g-import-not-at-top
-  train = pipeline.load_split('sklearn_digits', 'train', tfds_dir, label_noise=0.2, noise_seed=0)
+  train = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
   cfg = get_config()
   cfg.sae.steps = 500
-  pixels = train.image.reshape(len(train), -1)
+  pixels = train.features['image'].reshape(len(train), -1)
   trained, _ = sae_lib.train_sae(pixels, cfg.sae, jax.random.PRNGKey(0))
-  stats = scores.factor_stats(sae_lib.encode_all(trained, pixels), 0.5, train.label, 10)
+  stats = scores.factor_stats(sae_lib.encode_all(trained, pixels), 0.5, train.features['label'],
+                              10)
   clean = ~train.is_corrupted
   assert roc_auc_score(clean, np.asarray(scores.representativeness(stats))) > 0.9
   assert roc_auc_score(clean, np.asarray(scores.label_margin(stats))) > 0.9
@@ -278,74 +282,45 @@ def test_usage_penalty_flattens_selection_counts(temperature):
   assert ginis[1.0] < 0.8 * ginis[0.0], ginis
 
 
+def _context(tfds_dir, cfg, noise=0.0):
+  cfg.data = digits_data(tfds_dir, noise)
+  train = pipeline.load_split(cfg.data, 'train', corrupt=True)
+  return PolicyContext(train, None, tasks.make_task(cfg.task, train.info), cfg)
+
+
 def test_bad_input_is_a_user_error(tfds_dir):
-  train = pipeline.load_split('sklearn_digits', 'train', tfds_dir)
   cfg = get_config()
+  ctx = _context(tfds_dir, cfg)
   with pytest.raises(UserError, match='bogus'):
-    selection.make_policy('bogus', train, cfg)
-  cfg.selection_ratio = 0.0
+    make_policy('bogus', ctx)
+  cfg.policy.ratio = 0.0
   with pytest.raises(UserError, match='0.0'):
-    selection.make_policy('random', train, cfg)
-  cfg.selection_ratio = 0.5
+    make_policy('random', ctx)
+  cfg.policy.ratio = 0.5
   with pytest.raises(UserError, match='10 examples'):  # class-conditional: caught at build time
-    selection.make_policy('sae', train, cfg, codes=synthetic_codes(10))
+    policies.sae_policy(ctx, codes=synthetic_codes(10))
   cfg.sae_scores.class_conditional = False
-  policy, _ = selection.make_policy('sae', train, cfg, codes=synthetic_codes(10))
+  policy = policies.sae_policy(ctx, codes=synthetic_codes(10))
   with pytest.raises(UserError, match='10 examples'):
-    policy.init(len(train), jax.random.PRNGKey(0))
+    policy.init(len(ctx.train), jax.random.PRNGKey(0))
 
 
-def test_harness_spends_the_budget_and_learns(tfds_dir):
-  train = pipeline.load_split('sklearn_digits', 'train', tfds_dir, label_noise=0.2)
-  val = pipeline.load_split('sklearn_digits', 'validation', tfds_dir)
-  policy = policies.infobatch(len(train), 0.5)
-  out = selection.train_with_selection(policy, train, {'validation': val}, hidden=(64,), epochs=4,
-                                       batch_size=64, learning_rate=3e-3, seed=0)
-  assert out['example_grads'] == 4 * policy.num_selected == 4 * round(0.5 * len(train))
-  assert [h['example_grads'] for h in out['history']] == [policy.num_selected * e for e in (1, 2, 3, 4)]
-  assert out['final']['validation']['accuracy'] > 0.7  # chance is 0.1
-  # InfoBatch keeps the high-loss examples, so noisy ones take more than their 20% share.
-  assert out['noisy_share_of_grads'] > 0.22
-
-
-def test_launch_train_selection_flag(tfds_dir, tmp_path):
-  """launch.train --selection=random --config=configs/selection.py, through its run()."""
-  import json  # pylint: disable=g-import-not-at-top
-  from launch import train as launch_train  # pylint: disable=g-import-not-at-top
+def test_infobatch_spends_the_budget_learns_and_trains_on_noisy_examples(tfds_dir):
+  """In the trainer: exactly n example-gradients per epoch; InfoBatch keeps the high-loss
+  examples, so under 20% label noise the noisy ones take more than their share."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
   cfg = get_config()
-  cfg.data.data_dir = tfds_dir
-  cfg.train.epochs, cfg.train.seeds, cfg.selection_ratio = 2, (3,), 0.5
-  lines = []
-  report = launch_train.run(cfg, 'uniform', workdir=str(tmp_path), log=lines.append,
-                            selection='random')
-  records = [json.loads(l) for l in open(tmp_path / 'history.jsonl')]
-  n = round(0.5 * 1197)
-  assert [r['examples'] for r in records] == [n, 2 * n]
-  assert records[-1]['steps'] == 2 * -(-n // cfg.train.batch_size)
-  assert report['example_gradients'] == 2 * n and len(report['final']['eval_accuracy_per_seed']) == 1
-  assert 0.0 <= report['final']['heldout_accuracy'] <= 1.0
-  assert 'held-out loss' in lines[0]
-  with pytest.raises(UserError, match='weighting=mimic'):
-    launch_train.run(cfg, 'mimic', selection='random')
-  from datarater.selection.run import run_selection  # pylint: disable=g-import-not-at-top
-  del cfg['selection_ratio']
-  with pytest.raises(UserError, match='configs/selection.py'):
-    run_selection(cfg, 'random')
-
-
-def test_bench_folds_partition_train_and_test(tfds_dir):
-  """bench.selection's folds: test folds tile train+test, each fold trains on exactly the rest."""
-  from collections import Counter  # pylint: disable=g-import-not-at-top
-  from bench.selection import fold_splits  # pylint: disable=g-import-not-at-top
-  rows = lambda s: Counter(map(bytes, np.concatenate([s.image.reshape(len(s), -1),
-                                                      s.label[:, None]], 1)))
-  load = lambda expr: pipeline.load_split('sklearn_digits', expr, tfds_dir)
-  pool = rows(load('train')) + rows(load('test'))
-  tested = Counter()
-  for fold in range(5):
-    train_expr, test_expr = fold_splits(fold, 5, 1197)
-    train, test = rows(load(train_expr)), rows(load(test_expr))
-    assert train + test == pool
-    assert 299 <= sum(test.values()) <= 300
-    tested += test
-  assert tested == pool
+  ctx = _context(tfds_dir, cfg, noise=0.2)
+  cfg.policy.ratio = 0.5
+  policy = make_policy('infobatch', ctx)
+  val = pipeline.load_split(cfg.data, 'validation')
+  run = Trainer(ctx.task, optax.adam(3e-3), policy, 64).run(ctx.train, {'validation': val}, [0],
+                                                            epochs=4)
+  n = round(0.5 * len(ctx.train))
+  assert policy.num_selected == n and run.example_gradients == 4 * n
+  assert [h['example_gradients'] for h in run.history] == [n * e for e in (1, 2, 3, 4)]
+  assert run.final['validation']['accuracy'][0] > 0.7  # chance is 0.1
+  counts = np.asarray(run.policy_state.counts[0])
+  assert counts.sum() == 4 * n
+  assert counts[ctx.train.is_corrupted].sum() / counts.sum() > 0.22

@@ -7,11 +7,12 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from scipy.stats import spearmanr
 
-from datarater import models, pergrad
+import ml_collections
+
+from datarater import evaluation, pergrad, tasks
 from datarater.errors import UserError
 from datarater.valuation import base, dvemb, mimic, tracin
-from datarater.valuation.rater import RaterValuation
-from inner_loop.unroll import init_inner_state
+from tests.tiny import tiny_info
 
 
 @pytest.fixture(autouse=True)
@@ -20,17 +21,20 @@ def x64():
     yield
 
 
-def problem(n=12, hidden=(5,), seed=0, classes=3, act='tanh'):
-  """A float64 MLP on random 6-dim inputs, its loss and a dataset with an `index` field."""
+def make_task(hidden=(5,), dim=6):
+  return tasks.make_task(ml_collections.ConfigDict(
+      {'name': 'mlp_classifier', 'hidden': hidden, 'activation': 'tanh'}), tiny_info(dim))
+
+
+def problem(n=12, hidden=(5,), seed=0):
+  """A float64 MLP (3 classes) on random 6-dim inputs, its loss and a dataset with `index`."""
   rng = np.random.default_rng(seed)
-  model = models.task_model(classes, hidden, act)
-  data = {'image': jnp.asarray(rng.normal(size=(n, 3, 2, 1))),
-          'label': jnp.asarray(rng.integers(0, classes, n), jnp.int32),
+  task = make_task(hidden)
+  data = {'image': jnp.asarray(rng.normal(size=(n, 6))),
+          'label': jnp.asarray(rng.integers(0, 3, n), jnp.int32),
           'index': jnp.arange(n)}
-  params = jax.tree.map(lambda x: x.astype(jnp.float64),
-                        model.init(jax.random.key(seed), data['image']))
-  loss = lambda p, b: models.per_example_loss(model.apply, p, b)
-  return loss, params, data
+  params = jax.tree.map(lambda x: x.astype(jnp.float64), task.init(jax.random.key(seed)))
+  return task.per_example_loss, params, data
 
 
 def sub(batch, idx):
@@ -45,7 +49,7 @@ def flat_grad(loss, params, batch, i, layers=None):
   if loss not in _GRADS:
     _GRADS[loss] = jax.jit(jax.grad(lambda p, ex: loss(p, ex)[0]))
   g = _GRADS[loss](params, sub(batch, [i]))
-  return ravel_pytree(pergrad.masked(g, layers))[0]
+  return ravel_pytree([g['params'][l] for l in layers] if layers else g)[0]
 
 
 def flat_grads(loss, params, batch, layers=None):
@@ -53,27 +57,51 @@ def flat_grads(loss, params, batch, layers=None):
                    for i in range(batch['label'].shape[0])])
 
 
-def sgd_run(loss, params, data, steps=6, batch_size=4, lr=0.3, every=2, seed=0):
+def sgd_run(loss, params, data, steps=6, batch_size=4, lr=0.3, every=2, seed=0, weights=None):
+  """A recorded run made by an explicit SGD loop on random batches of `data` (the oracle);
+  `weights` [T, B] multiply the examples' losses in each step's mean (default 1)."""
   order = np.random.default_rng(seed).integers(0, data['label'].shape[0], (steps, batch_size))
   batches = sub(data, order)
-  return base.record_run(loss, params, batches, lr, every), batches, order
-
-
-def test_record_run_equals_explicit_sgd_loop():
-  loss, params, data = problem()
-  run, batches, order = sgd_run(loss, params, data)
+  weights = jnp.ones((steps, batch_size)) if weights is None else jnp.asarray(weights)
+  grad = jax.jit(jax.grad(lambda p, b, w: jnp.mean(w * loss(p, b))))
   p, ckpts = params, []
-  for t in range(order.shape[0]):
-    if t % 2 == 0:
+  for t in range(steps):
+    if t % every == 0:
       ckpts.append(p)
-    g = jax.grad(lambda q: jnp.mean(loss(q, sub(data, order[t]))))(p)
-    p = jax.tree.map(lambda a, b: a - 0.3 * b, p, g)
-  for c, ref in enumerate(ckpts):
-    np.testing.assert_allclose(ravel_pytree(run.checkpoint(c))[0], ravel_pytree(ref)[0], rtol=1e-12)
-  np.testing.assert_allclose(ravel_pytree(run.final_params)[0], ravel_pytree(p)[0], rtol=1e-12)
-  np.testing.assert_array_equal(run.checkpoint_steps, [0, 2, 4])
-  with pytest.raises(UserError, match='checkpoint_every=4'):
-    base.record_run(loss, params, batches, 0.3, 4)
+    p = jax.tree.map(lambda a, g: a - lr * g, p, grad(p, sub(batches, t), weights[t]))
+  run = base.TrainingRun(
+      batches=batches, weights=weights, step_lrs=jnp.full((steps,), lr),
+      checkpoints=jax.tree.map(lambda *x: jnp.stack(x), *ckpts),
+      checkpoint_steps=jnp.arange(len(ckpts)) * every, final_params=p)
+  return run, batches, order
+
+
+def test_record_run_is_the_trainers_recording_of_plain_sgd(tfds_dir):
+  """record_run on a real split: checkpoints every k steps, batches at the recorded positions,
+  the final parameters k SGD steps past the last checkpoint."""
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tests.conftest import digits_data  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(False):
+    split = pipeline.load_split(digits_data(tfds_dir), 'validation')
+    task = tasks.make_task(ml_collections.ConfigDict(
+        {'name': 'mlp_classifier', 'hidden': (8,), 'activation': 'tanh'}), split.info)
+    run, cost = base.record_run(task, split, steps=12, batch_size=64, learning_rate=0.3,
+                                checkpoint_every=4)
+    np.testing.assert_array_equal(run.checkpoint_steps, [0, 4, 8])
+    assert run.batches['image'].shape == (12, 64, 8, 8, 1) and run.weights.shape == (12, 64)
+    pos = np.asarray(run.batches['index'])
+    np.testing.assert_array_equal(run.batches['label'], split.features['label'][pos])
+    assert cost == int(np.sum(np.asarray(run.weights) > 0)) == 12 * 64 - 2 * 20  # 2 padded
+    p = run.checkpoint(2)
+    grad = jax.jit(jax.grad(lambda q, t: jnp.mean(run.weights[t] * task.per_example_loss(
+        q, jax.tree.map(lambda x: x[t], run.batches)))))
+    for t in range(8, 12):
+      p = jax.tree.map(lambda a, g: a - 0.3 * g, p, grad(p, t))
+    for got, want in zip(jax.tree.leaves(run.final_params), jax.tree.leaves(p)):
+      np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    with pytest.raises(UserError, match='checkpoint_every=5'):
+      base.record_run(task, split, steps=12, batch_size=64, learning_rate=0.3,
+                      checkpoint_every=5)
 
 
 def explicit_tracin(loss, run, a, b, layers=None, cosine=False):
@@ -108,7 +136,8 @@ def test_tracin_cp_with_projection_equals_explicit_matrix():
   got = tracin.tracin_cp(loss, run.checkpoints, run.step_lrs[run.checkpoint_steps], a, b,
                          projection=proj)
   num = ravel_pytree(params)[0].size
-  r = np.asarray(pergrad.gaussian_projection_matrix(num, 7, 2, 10, jnp.float64))
+  state = proj.init(jax.ShapeDtypeStruct((num,), jnp.float64))
+  r = np.asarray(jax.vmap(lambda e: proj.apply(e, state))(jnp.eye(num)))  # the map, row by row
   want = 0.0
   for c in range(run.num_checkpoints):
     p = run.checkpoint(c)
@@ -124,7 +153,6 @@ def test_tracin_modes_equal_explicit(layers):
   self_inf = tracin.TracIn(loss, 'self', layers=layers, chunk_size=3).fit(run)
   np.testing.assert_allclose(self_inf.score(train),
                              np.diag(explicit_tracin(loss, run, train, train, layers)), rtol=1e-10)
-  np.testing.assert_allclose(self_inf.value(train), -self_inf.score(train))
   ghost = tracin.TracIn(loss, 'self', layers=layers, ghost=True).fit(run)
   np.testing.assert_allclose(ghost.score(train), self_inf.score(train), rtol=1e-10)
   want = explicit_tracin(loss, run, train, held, layers).mean(1)  # dot with the mean gradient
@@ -142,22 +170,9 @@ def test_tracin_modes_equal_explicit(layers):
     tracin.TracIn(loss, 'heldout')
 
 
-def test_curriculum_weights():
-  values = np.array([3., -1., 0.5, 2., 7., -4., 0., 1., 1.5, 2.5])
-  w = tracin.curriculum_weights(values, 'weight', temperature=0.5)
-  np.testing.assert_allclose(w.mean(), 1.0)
-  assert (np.diff(w[np.argsort(values)]) > 0).all()  # strictly increasing in the value
-  s = tracin.curriculum_weights(values, 'select', fraction=0.2)
-  np.testing.assert_allclose(s.mean(), 1.0)
-  assert set(np.flatnonzero(s)) == {4, 0}
-  order = tracin.sample_order(s, 50, 4, seed=0)
-  assert set(np.unique(order)) <= {0, 4}
-  with pytest.raises(UserError, match="'hard'"):
-    tracin.curriculum_weights(values, 'hard')
-
-
 def explicit_mimic(loss, params, ref, batch, layers, cosine=False):
-  v = ravel_pytree(pergrad.masked(jax.tree.map(jnp.subtract, ref, params), layers))[0]
+  diff = jax.tree.map(jnp.subtract, ref, params)
+  v = ravel_pytree([diff['params'][l] for l in layers] if layers else diff)[0]
   g = flat_grads(loss, params, batch, layers)
   s = -g @ v / np.linalg.norm(v)
   return s / np.linalg.norm(g, axis=1) if cosine else s
@@ -177,24 +192,6 @@ def test_mimic_score_equals_formula(layers, cosine):
   np.testing.assert_allclose(val.score(data), want, rtol=1e-10)
 
 
-def test_mimic_online_step_is_weighted_sgd_step():
-  loss, params, data = problem()
-  ref = jax.tree.map(lambda x: x + 0.3 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
-  batches = sub(data, np.arange(12).reshape(3, 4))
-  opt = optax.sgd(0.2)
-  state, scores = mimic.train_online(loss, opt, init_inner_state(params, opt), batches, ref,
-                                     temperature=0.5, layers=['dense_1'])
-  p = params
-  for t in range(3):
-    b = sub(batches, t)
-    s = explicit_mimic(loss, p, ref, b, ['dense_1'])
-    np.testing.assert_allclose(scores[t], s, rtol=1e-10)
-    w = 4 * np.exp(s / 0.5) / np.exp(s / 0.5).sum()
-    g = jax.grad(lambda q: jnp.mean(jnp.asarray(w) * loss(q, b)))(p)
-    p = jax.tree.map(lambda a, c: a - 0.2 * c, p, g)
-  np.testing.assert_allclose(ravel_pytree(state.params)[0], ravel_pytree(p)[0], rtol=1e-10)
-
-
 def test_mimic_filter_threshold():
   rng = np.random.default_rng(0)
   scores = np.concatenate([rng.normal(2, 0.3, 80), rng.normal(-1, 0.3, 20)])
@@ -205,50 +202,55 @@ def test_mimic_filter_threshold():
 
 
 def explicit_dvemb_none_or_ef(loss, run, batches, curvature):
-  """e_{t,j} = (lr/B) prod_{s>t}(I - lr H_s) g_{t,j} with H_s = explicit (1/B) G_s^T G_s."""
+  """e_{t,j} = (lr/B) w_tj prod_{s>t}(I - lr H_s) g_{t,j}, H_s = explicit (1/B) G_s^T W_s G_s."""
   steps, b = batches['label'].shape
+  w = np.asarray(run.weights)
   grads = [flat_grads(loss, run.checkpoint(t), sub(batches, t)) for t in range(steps)]
   out = []
   for t in range(steps):
     k = np.eye(grads[0].shape[1])
     for s in range(steps - 1, t, -1):
-      h = grads[s].T @ grads[s] / b if curvature == 'empirical_fisher' else 0 * k
+      h = (grads[s].T * w[s]) @ grads[s] / b if curvature == 'empirical_fisher' else 0 * k
       k = k @ (np.eye(len(k)) - 0.3 * h)
-    out.append(0.3 / b * grads[t] @ k.T)
+    out.append(0.3 / b * w[t][:, None] * grads[t] @ k.T)
   return np.stack(out)
 
 
-def explicit_ggn(loss, model_apply, params, batch, exact):
-  """(1/B) sum_j J_j^T (diag p_j - p_j p_j^T) J_j, or the exact Hessian of the mean loss."""
+def explicit_ggn(task, params, batch, weights, exact):
+  """(1/B) sum_j w_j J_j^T (diag p_j - p_j p_j^T) J_j, or the exact Hessian of the weighted
+  mean loss."""
   flat, unravel = ravel_pytree(params)
   if exact:
-    return jax.hessian(lambda v: jnp.mean(loss(unravel(v), batch)))(flat)
-  logits = lambda v: model_apply(unravel(v), batch['image'])
+    return jax.hessian(lambda v: jnp.mean(weights * task.per_example_loss(unravel(v), batch)))(
+        flat)
+  logits = lambda v: task.logits(unravel(v), batch)
   jac = jax.jacobian(logits)(flat)  # [B, C, P]
   p = jax.nn.softmax(logits(flat))
   h = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(p)
-  return jnp.einsum('bcp,bcd,bdq->pq', jac, h, jac) / p.shape[0]
+  return jnp.einsum('b,bcp,bcd,bdq->pq', weights, jac, h, jac) / p.shape[0]
 
 
 @pytest.mark.parametrize('curvature', ['none', 'empirical_fisher', 'gauss_newton', 'exact'])
 def test_dvemb_equals_explicit_backward_product(curvature):
   loss, params, data = problem(hidden=(3,))
-  run, batches, _ = sgd_run(loss, params, data, steps=5, every=1)
-  emb = dvemb.embed(loss, run, 12, None, curvature, num_classes=3, chunk_size=3)
+  task = make_task((3,))
+  weights = np.ones((5, 4))
+  weights[[1, 3, 4], [2, 0, 3]] = 0.0  # padding, as the last batch of an epoch has
+  run, batches, _ = sgd_run(loss, params, data, steps=5, every=1, weights=weights)
+  emb = dvemb.embed(task, run, 12, None, curvature, chunk_size=3)
   if curvature in ('none', 'empirical_fisher'):
     want = explicit_dvemb_none_or_ef(loss, run, batches, curvature)
   else:
-    model = models.task_model(3, (3,), 'tanh')
     steps, b = batches['label'].shape
     grads = [flat_grads(loss, run.checkpoint(t), sub(batches, t)) for t in range(steps)]
-    hs = [explicit_ggn(loss, model.apply, run.checkpoint(t), sub(batches, t), curvature == 'exact')
+    hs = [explicit_ggn(task, run.checkpoint(t), sub(batches, t), weights[t], curvature == 'exact')
           for t in range(steps)]
     want = []
     for t in range(steps):
       k = np.eye(grads[0].shape[1])
       for s in range(steps - 1, t, -1):
         k = k @ (np.eye(len(k)) - 0.3 * hs[s])
-      want.append(0.3 / b * grads[t] @ k.T)
+      want.append(0.3 / b * weights[t][:, None] * grads[t] @ k.T)
     want = np.stack(want)
   np.testing.assert_allclose(emb.step, want, rtol=1e-9, atol=1e-13)
   # Per-example and per-phase sums of the step embeddings.
@@ -267,39 +269,51 @@ def test_dvemb_refuses_sparse_checkpoints_and_projected_exact():
   loss, params, data = problem()
   run, _, _ = sgd_run(loss, params, data)
   with pytest.raises(UserError, match='checkpoint_every=1'):
-    dvemb.embed(loss, run, 12, curvature='none')
+    dvemb.embed(make_task(), run, 12, curvature='none')
   run, _, _ = sgd_run(loss, params, data, every=1)
   with pytest.raises(UserError, match='exact'):
-    dvemb.embed(loss, run, 12, pergrad.gaussian_projection(4), 'exact')
+    dvemb.embed(make_task(), run, 12, pergrad.gaussian_projection(4), 'exact')
 
 
 def loo_experiment(curvatures, removals=40, steps=300, lr=0.05, seed=0):
   """Predicted vs real change of the test loss when one example is dropped from one step.
 
   Tiny tanh MLP 6-16-3, plain SGD, batch 8 from 40 examples in a fixed order. Each removal is
-  a real retraining (vmapped `record_run` with that example's weight set to 0 at that step).
+  a real retraining (a vmapped SGD scan with that example's weight set to 0 at that step).
   """
   rng = np.random.default_rng(seed)
-  x = rng.normal(size=(70, 3, 2, 1))
-  y = np.argmax(x.reshape(-1, 6) @ rng.normal(size=(6, 3)) + rng.normal(size=(70, 3)), 1)
+  x = rng.normal(size=(70, 6))
+  y = np.argmax(x @ rng.normal(size=(6, 3)) + rng.normal(size=(70, 3)), 1)
   data = {'image': jnp.asarray(x), 'label': jnp.asarray(y, jnp.int32), 'index': jnp.arange(70)}
   train, test = sub(data, range(40)), sub(data, range(40, 70))
-  model = models.task_model(3, (16,), 'tanh')
-  params = jax.tree.map(lambda v: v.astype(jnp.float64), model.init(jax.random.key(seed), x[:1]))
-  loss = lambda p, b: models.per_example_loss(model.apply, p, b)
+  task = make_task((16,))
+  params = jax.tree.map(lambda v: v.astype(jnp.float64), task.init(jax.random.key(seed)))
+  loss = task.per_example_loss
   batches = sub(train, np.stack([rng.permutation(40)[:8] for _ in range(steps)]))
-  run = jax.jit(lambda b: base.record_run(loss, params, b, lr, 1))(batches)
+
+  def sgd(weights):
+    """Plain SGD over the batches with per-example weights [T, B]: (params before each step,
+    final params)."""
+    def step(p, xs):
+      batch, w = xs
+      g = jax.grad(lambda q: jnp.mean(w * loss(q, batch)))(p)
+      return jax.tree.map(lambda a, b: a - lr * b, p, g), p
+    return jax.lax.scan(step, params, (batches, weights))[::-1]
+  ones = jnp.ones((steps, 8))
+  checkpoints, final = jax.jit(sgd)(ones)
+  run = base.TrainingRun(batches=batches, weights=ones, step_lrs=jnp.full((steps,), lr),
+                         checkpoints=checkpoints, checkpoint_steps=jnp.arange(steps),
+                         final_params=final)
   test_loss = lambda p: jnp.mean(loss(p, test))
   at_t, at_j = rng.choice(steps, removals, replace=False), rng.integers(0, 8, removals)
   weights = np.ones((removals, steps, 8))
   weights[np.arange(removals), at_t, at_j] = 0.0
-  retrain = jax.vmap(lambda w: base.record_run(loss, params, batches, lr, steps, weights=w))
-  finals = jax.jit(retrain)(jnp.asarray(weights)).final_params
+  finals = jax.jit(jax.vmap(lambda w: sgd(w)[1]))(jnp.asarray(weights))
   real = np.asarray(jax.vmap(test_loss)(finals) - test_loss(run.final_params))
   direction = dvemb.test_direction(loss, run.final_params, test)
   out = {}
   for curvature in curvatures:
-    emb = jax.jit(lambda r, c=curvature: dvemb.embed(loss, r, 40, None, c, 3))(run)
+    emb = jax.jit(lambda r, c=curvature: dvemb.embed(task, r, 40, None, c))(run)
     out[curvature] = spearmanr(np.asarray(emb.step[at_t, at_j] @ direction), real)[0]
   return out
 
@@ -324,16 +338,23 @@ class _Index(base.Valuation):
     return batch['index'].astype(jnp.float64) * 2.0 + batch['label']
 
 
-def test_score_split_pads_and_keeps_order(tfds_dir):
+def test_values_of_a_split_pad_and_keep_the_order(tfds_dir):
   from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
-  split = pipeline.load_split('sklearn_digits', 'validation', tfds_dir, 0.2, 0)
-  got = base.score_split(_Index().score, split, batch_size=128, progress=False)
-  np.testing.assert_allclose(got, split.ids * 2.0 + split.label)
+  from tests.conftest import digits_data  # pylint: disable=g-import-not-at-top
+  split = pipeline.load_split(digits_data(tfds_dir, 0.2), 'validation', corrupt=True)
+  got = _Index().values(split, batch_size=128)
+  np.testing.assert_allclose(got, np.arange(len(split)) * 2.0 + split.features['label'])
 
 
-def test_rater_valuation_scores_are_rater_outputs():
-  _, _, data = problem()
-  rater = models.Rater(3, (4,))
-  params = rater.init(jax.random.key(0), data)
-  val = RaterValuation(rater, params).fit()
-  np.testing.assert_allclose(val.value(data), rater.apply(params, data))
+def test_noise_auroc_counts_clean_over_corrupted_pairs(tfds_dir):
+  """AUROC = P(a clean example scores above a corrupted one), ties half, by counting pairs;
+  per kind, each kind of corruption against the clean examples."""
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tests.conftest import digits_data  # pylint: disable=g-import-not-at-top
+  split = pipeline.load_split(digits_data(tfds_dir, 0.3, 2), 'validation', corrupt=True)
+  scores = np.random.default_rng(0).integers(0, 6, len(split)) + 2.0 * ~split.is_corrupted
+  clean, bad = scores[~split.is_corrupted], scores[split.is_corrupted]
+  pairs = (clean[:, None] > bad[None, :]).mean() + 0.5 * (clean[:, None] == bad[None, :]).mean()
+  assert evaluation.noise_auroc(scores, split.is_corrupted) == pytest.approx(pairs)
+  assert evaluation.auroc_by_kind(scores, split) == {'label_symmetric': pytest.approx(pairs)}
+  assert np.isnan(evaluation.noise_auroc(scores, np.zeros(len(split), bool)))

@@ -190,7 +190,8 @@ def _infobatch(ctx: PolicyContext) -> Policy:
 
 
 @register_policy('sae')
-def _sae(ctx: PolicyContext, codes=None) -> Policy:
+def sae_policy(ctx: PolicyContext, codes=None) -> Policy:
+  """The SAE policy of a config; `codes` skips the offline stage (precomputed SAE codes)."""
   cfg = ctx.config
   cost = 0
   if codes is None:

@@ -1,0 +1,171 @@
+"""Every training policy's weights against their definitions (numpy, brute force), and every
+registered policy run end to end through `datarater.train`."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from configs.digits import get_config
+from datarater import export, policies, tasks
+from datarater.curation import scores_file
+from datarater.data import pipeline
+from datarater.errors import UserError
+from datarater.meta_train import meta_train
+from datarater.policies import filtering, weighting
+from datarater.train import train
+from tests.conftest import digits_data
+from tests.run_config import small_config
+from tests.tiny import tiny_info
+
+
+def _softmax_weights(scores, tau):
+  z = np.asarray(scores, np.float64) / tau
+  e = np.exp(z - z.max())
+  return len(z) * e / e.sum()
+
+
+def _rater_and_batch(n=16):
+  rater = tasks.make_rater(ml_collections.ConfigDict(
+      {'name': 'mlp_rater', 'hidden': (4,), 'activation': 'tanh'}), tiny_info())
+  params = rater.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=(n, 5)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 3, n), jnp.int32), 'index': jnp.arange(n)}
+  return rater, params, batch
+
+
+def test_datarater_weights_are_the_batch_softmax_of_the_scores():
+  rater, params, batch = _rater_and_batch()
+  policy = weighting.rater_weights(rater, params, 0.5, 100)
+  got = policy.weigh(policy.aux, (), None, batch)
+  np.testing.assert_allclose(got, _softmax_weights(rater.score(params, batch), 0.5), rtol=1e-5)
+  assert policy.forwards_per_example == 1.0
+
+
+def test_batch_filter_keeps_exactly_the_best_scored_fraction():
+  rater, params, batch = _rater_and_batch(64)
+  policy = filtering.batch_filter(rater.score, params, 0.25, 100)
+  w = np.asarray(policy.weigh(policy.aux, (), None, batch))
+  top = np.argsort(-np.asarray(rater.score(params, batch)))[:48]
+  assert (w > 0).sum() == 48 and np.all(w[top] == 64 / 48) and np.isclose(w.mean(), 1.0)
+  with pytest.raises(UserError, match='got 1.0'):
+    filtering.batch_filter(rater.score, params, 1.0, 100)
+
+
+def _survival_brute_force(u, m, n):
+  """P(fewer than n of m - 1 i.i.d. others score higher), each higher with probability 1 - u."""
+  return sum(math.comb(m - 1, k) * (1 - u) ** k * u ** (m - 1 - k) for k in range(n))
+
+
+def test_acceptance_probability_is_the_batch_filter_survival_probability():
+  rho, n = 0.25, 48
+  m = filtering.source_batch_size(n, rho)
+  assert m == 64
+  u = np.array([0.05, 0.2, 0.25, 0.3, 0.5, 0.9])
+  np.testing.assert_allclose(filtering.survival_probability(jnp.asarray(u), rho, n),
+                             [_survival_brute_force(x, m, n) for x in u], rtol=1e-4, atol=1e-6)
+  # Inside training: each example is kept at that rate, re-drawn every epoch.
+  scores = np.linspace(0.0, 1.0, 400)
+  score_fn = lambda params, batch: batch['x']
+  policy = filtering.acceptance_filter(score_fn, None, scores, rho, n)
+  batch = {'x': jnp.asarray(scores, jnp.float32), 'index': jnp.arange(400)}
+  state = policy.init(400, jax.random.key(0))
+  kept = []
+  for _ in range(200):
+    kept.append(np.asarray(policy.weigh(policy.aux, state, None, batch)) > 0)
+    state = policy.update(policy.aux, state, None, None, None)
+  rate = np.mean(kept, 0)
+  want = np.array([_survival_brute_force(i / 400, m, n) for i in range(400)])
+  assert np.abs(rate - want).max() < 5 * np.sqrt(0.25 / 200)
+  assert np.isclose(rate.mean(), n / m, atol=0.02)
+
+
+def test_table_weights_are_the_softmax_of_standardised_values_or_a_hard_top_fraction():
+  values = np.random.default_rng(1).normal(size=50) * 3 + 1
+  z = (values - values.mean()) / values.std()
+  np.testing.assert_allclose(weighting.curriculum_weights(values, temperature=0.5),
+                             _softmax_weights(z, 0.5), rtol=1e-6)
+  hard = weighting.curriculum_weights(values, 'select', fraction=0.2)
+  assert set(np.flatnonzero(hard)) == set(np.argsort(-values)[:10]) and np.isclose(hard.mean(), 1)
+  policy = weighting.table('t', values)
+  got = policy.weigh(policy.aux, (), None, {'index': jnp.array([3, 7, 3])})
+  np.testing.assert_allclose(got, values[[3, 7, 3]], rtol=1e-6)
+
+
+def test_mimic_weights_follow_the_explicit_per_example_gradients(tfds_dir):
+  config = get_config()
+  config.data = digits_data(tfds_dir, 0.2)
+  config.task.hidden = (8,)
+  config.valuation.reference_steps, config.policy.temperature = 20, 0.7
+  tr = pipeline.load_split(config.data, 'train', corrupt=True)
+  held = pipeline.load_split(config.data, 'validation')
+  task = tasks.make_task(config.task, tr.info)
+  policy = policies.make_policy('mimic', policies.PolicyContext(tr, held, task, config))
+  params = task.init(jax.random.key(5))
+  batch = jax.tree.map(jnp.asarray, tr.take(np.arange(12)))
+  got = policy.weigh(policy.aux, (), params, batch)
+  # Grad-Mimic by hand: u = last layer of (reference - params), normalised; score = <-g_i, u>.
+  last = 'dense_1'
+  diff = jax.tree.map(jnp.subtract, policy.aux, params)['params'][last]
+  u = ravel_pytree(diff)[0]
+  u = u / jnp.linalg.norm(u)
+  grad = jax.jit(jax.grad(lambda p, one: task.per_example_loss(p, one)[0]))
+  scores = [-float(ravel_pytree(grad(params, jax.tree.map(lambda x: x[i:i + 1], batch))
+                                ['params'][last])[0] @ u) for i in range(12)]
+  np.testing.assert_allclose(got, _softmax_weights(scores, 0.7), rtol=1e-4)
+  assert policy.setup_example_gradients > 0 and policy.forwards_per_example == 2.0
+
+
+@pytest.fixture(scope='module')
+def trained(tfds_dir, tmp_path_factory):
+  """A 4-step rater run, its export, and a scores file for the training split."""
+  base = tmp_path_factory.mktemp('policies')
+  meta_train(small_config(tfds_dir, steps=4), str(base / 'run'))
+  export.export_rater(str(base / 'run'), str(base / 'rater'))
+  values = np.random.default_rng(2).normal(size=1197)
+  scores_file.write(str(base / 'scores.parquet'), np.arange(1197), -values, values)
+  return base, values
+
+
+def test_every_registered_policy_trains_through_the_launcher_path(tfds_dir, trained):
+  base, values = trained
+  config = get_config()
+  config.data = digits_data(tfds_dir, 0.2)
+  config.task.hidden = (16,)
+  config.train.epochs, config.train.seeds = 1, (0,)
+  config.valuation.train_steps, config.valuation.checkpoint_every = 20, 10
+  config.valuation.reference_steps = 20
+  config.features.train_steps, config.sae.steps, config.sae.num_factors = 20, 50, 32
+  names = sorted(policies.POLICIES)
+  assert {'uniform', 'datarater', 'datarater_batch_filter', 'datarater_accept', 'scores',
+          'tracin_curriculum', 'mimic', 'full', 'random', 'infobatch', 'sae'} <= set(names)
+  grads = {}
+  for name in names:
+    report = train(config, name, rater=str(base / 'rater'), scores=str(base / 'scores.parquet'),
+                   log=lambda line: None)
+    assert 0.0 <= report['final']['eval']['accuracy']['mean'] <= 1.0, name
+    grads[name] = report['example_gradients']
+  assert grads['uniform'] == grads['full'] == 1197
+  assert grads['datarater_batch_filter'] < 1197 and grads['random'] == round(0.7 * 1197)
+  # The scores policy's weights are the table of the file's values.
+  made = policies.make_policy('scores', policies.PolicyContext(
+      pipeline.load_split(config.data, 'train', corrupt=True), None, None, config,
+      scores=str(base / 'scores.parquet')))
+  np.testing.assert_allclose(made.aux, weighting.curriculum_weights(values), rtol=1e-5)
+
+
+def test_unknown_policy_and_missing_inputs_are_user_errors(tfds_dir):
+  config = get_config()
+  config.data = digits_data(tfds_dir)
+  tr = pipeline.load_split(config.data, 'train')
+  ctx = policies.PolicyContext(tr, tr, None, config)
+  with pytest.raises(UserError, match="unknown policy 'nope'"):
+    policies.make_policy('nope', ctx)
+  with pytest.raises(UserError, match='needs --rater'):
+    policies.make_policy('datarater', ctx)
+  with pytest.raises(UserError, match='needs --scores'):
+    policies.make_policy('scores', ctx)
