@@ -145,7 +145,7 @@ class Trainer:
       pos, w, t = xs
       batch = {k: jnp.take(v, pos, axis=0, mode='clip') for k, v in data.items()}
       batch['index'] = pos
-      w = w * self.policy.weigh(aux, policy_state, model.params, batch)
+      w = self.policy.weigh(aux, policy_state, model.params, batch, w)
       if every:  # the parameters before step t, at slot t / every (other steps are dropped)
         slot = jnp.where(t % every == 0, t // every, jax.tree.leaves(buffer)[0].shape[0])
         buffer = jax.tree.map(lambda b, p: b.at[slot].set(p, mode='drop'), buffer, model.params)

@@ -45,22 +45,21 @@ class Mixed:
 
 def make_estimator(outer, inner):
   """The estimator of config sections `outer` (meta_gradient, mixed_*) and `inner` (optimizer)."""
-  name = outer.meta_gradient
+  name, recompute = outer.meta_gradient, outer.mixed_recompute
   if name not in META_GRADIENTS:
     raise UserError(f'unknown outer.meta_gradient {name!r} (choose from '
                     f'{", ".join(META_GRADIENTS)})')
-  if name != 'mixed':
-    return Reverse(remat=name == 'remat')
-  recompute = outer.mixed_recompute
   if recompute not in MIXED_RECOMPUTE:
     raise UserError(f'unknown outer.mixed_recompute {recompute!r} '
                     f'(choose from {", ".join(MIXED_RECOMPUTE)})')
+  if outer.mixed_segment < 0:
+    raise UserError(f'outer.mixed_segment must be >= 0 (0: default), got {outer.mixed_segment}')
   inverse = make_step_inverse(inner.optimizer, inner.learning_rate)
-  if recompute == 'auto':
-    recompute = 'invert' if inverse is not None else 'replay'
   if recompute == 'invert' and inverse is None:
     raise UserError(f"outer.mixed_recompute='invert' needs an inner optimizer that can be run "
                     f"backwards (momentum, adam), got inner.optimizer={inner.optimizer!r}")
-  if outer.mixed_segment < 0:
-    raise UserError(f'outer.mixed_segment must be >= 0 (0: default), got {outer.mixed_segment}')
+  if name != 'mixed':
+    return Reverse(remat=name == 'remat')
+  if recompute == 'auto':
+    recompute = 'invert' if inverse is not None else 'replay'
   return Mixed(recompute, int(outer.mixed_segment), inverse)

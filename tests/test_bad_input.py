@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from datarater.errors import UserError
-from launch import train_rater
+from datarater.meta_train import meta_train
 from tests.run_config import as_flags, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,6 @@ def _snapshot(path):
     ('inner.batch_size', 6, 'inner.batch_size=6 does not divide over 4 devices'),
     ('inner.optimizer', 'adamw2', "unknown inner optimizer 'adamw2'"),
     ('outer.mixed_recompute', 'backwards', "unknown outer.mixed_recompute 'backwards'"),
-    ('outer.mixed_boundaries', 'store', "unknown outer.mixed_boundaries 'store'"),
     ('outer.mixed_segment', -2, 'outer.mixed_segment must be >= 0 (0: default), got -2'),
 ])
 def test_bad_config_writes_nothing(tfds_dir, tmp_path, field, value, message):
@@ -37,7 +36,7 @@ def test_bad_config_writes_nothing(tfds_dir, tmp_path, field, value, message):
   config[group][name] = value
   workdir = tmp_path / 'run'
   with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')) as err:
-    train_rater.train(config, str(workdir))
+    meta_train(config, str(workdir))
   assert '\n' not in str(err.value)
   assert not workdir.exists()
 
@@ -49,19 +48,19 @@ def test_invert_needs_an_invertible_inner_optimizer(tfds_dir, tmp_path):
   with pytest.raises(UserError, match="mixed_recompute='invert' needs an inner optimizer that can "
                                       r"be run backwards \(momentum, adam\), got "
                                       "inner.optimizer='sgd'"):
-    train_rater.train(config, str(workdir))
+    meta_train(config, str(workdir))
   assert not workdir.exists()
 
 
 def test_checkpoint_of_another_config_is_refused_untouched(tfds_dir, tmp_path):
   workdir = tmp_path / 'run'
-  train_rater.train(small_config(tfds_dir), str(workdir), stop_after=2)
+  meta_train(small_config(tfds_dir), str(workdir), stop_after=2)
   before = _snapshot(workdir)
   other = small_config(tfds_dir)
   other.inner.steps = 3
   with pytest.raises(UserError, match=r'holds a checkpoint of a different config '
                                       r'\(inner.steps=2 there, 3 here\)'):
-    train_rater.train(other, str(workdir))
+    meta_train(other, str(workdir))
   assert _snapshot(workdir) == before
 
 

@@ -2,7 +2,9 @@
 
 One small rater is meta-learned (a few outer steps) and exported once for the module.
 """
+import dataclasses
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,14 +20,18 @@ import pytest
 import tensorflow_datasets as tfds
 
 import datarater
-from datarater import checkpointing, export, filtering
+from configs.digits import get_config
+from datarater import checkpointing, export, tasks
+from datarater.curation import select
+from datarater.curation.filter import filter_dataset
 from datarater.data import pipeline
+from datarater.data.corruption import Corruption
+from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
-from launch import filter as filter_lib
-from launch import train as train_launch
-from launch import train_rater
-from configs import train as train_config
-from run_config import small_config
+from datarater.meta_train import meta_train
+from datarater.train import train
+from tests.conftest import digits_data
+from tests.run_config import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN = 1197
@@ -33,16 +40,17 @@ N_TRAIN = 1197
 @pytest.fixture(scope='module')
 def rater_dir(tfds_dir, tmp_path_factory):
   base = tmp_path_factory.mktemp('rater')
-  train_rater.train(small_config(tfds_dir, steps=4), str(base / 'run'))
+  meta_train(small_config(tfds_dir, steps=4), str(base / 'run'))
   out = str(base / 'exported')
   export.export_rater(str(base / 'run'), out)
   return out
 
 
 def _filter(tfds_dir, rater_dir, out, **kw):
-  args = dict(rater=rater_dir, keep=0.8, data_dir=tfds_dir, label_noise=0.2, batch_size=256)
+  args = dict(rater=rater_dir, keep=0.8, data_dir=tfds_dir, corruption=Corruption(0.2, 0),
+              batch_size=256)
   args.update(kw)
-  return filter_lib.filter_dataset('sklearn_digits', str(out), ['train'], **args)
+  return filter_dataset('sklearn_digits', str(out), ['train'], **args)
 
 
 def _files(folder):
@@ -51,17 +59,25 @@ def _files(folder):
 
 
 def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_path):
+  """The exported rater (and the run itself, loaded directly) score like the rater rebuilt by
+  hand from the run's config and latest checkpoint; 1 device and 4 give the same bits."""
   run = os.path.join(os.path.dirname(rater_dir), 'run')
-  module, params, _, spec = checkpointing.load_trained_rater(run)
-  split = pipeline.load_split('sklearn_digits', 'train', tfds_dir, 0.2, 0)
-  batch = {'image': split.image, 'label': split.label}
-  want = np.asarray(jax.jit(module.apply)(params, batch))
+  saved = json.load(open(os.path.join(run, 'config.json')))
+  rater = tasks.make_rater(ml_collections.ConfigDict(saved['config']['rater']),
+                           DataInfo.from_json(saved['data_info']))
+  params = checkpointing.restore_latest_on_host(os.path.join(run, 'checkpoints'))['rater_params']
+  split = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
+  batch = {k: split.features[k] for k in ('image', 'label')}
+  want = np.asarray(jax.jit(rater.score)(params, batch))
   one = datarater.load_rater(rater_dir, devices=jax.devices()[:1])
   four = datarater.load_rater(rater_dir)
+  direct = datarater.load_rater(run)
   assert len(four.devices) == 4
   np.testing.assert_allclose(one(batch), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(one(batch), four(batch))  # bitwise: same program per device
-  assert one.input_spec == spec
+  np.testing.assert_array_equal(direct(batch), four(batch))
+  assert one.info == split.info and one.temperature == 1.0
+  assert one.training_example_gradients == 4 * 2 * (2 * 16 + 16)  # 4 steps, K=2, T=2, B=16
   with pytest.raises(UserError, match='already exists'):
     export.export_rater(run, rater_dir)
 
@@ -69,7 +85,7 @@ def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_pat
 def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path):
   out = tmp_path / 'filtered'
   report = _filter(tfds_dir, rater_dir, out)
-  want = filtering.keep_count(N_TRAIN, 0.8)
+  want = select.keep_count(N_TRAIN, 0.8)
   assert report['splits']['train']['kept'] == want == 958
   builder = tfds.builder_from_directory(str(out))
   source = pipeline.get_builder('sklearn_digits', tfds_dir)
@@ -81,30 +97,35 @@ def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path
   table = pq.read_table(out / 'scores_train.parquet').to_pydict()
   scores, kept = np.asarray(table['score']), np.asarray(table['kept'])
   assert kept.sum() == want and scores[kept].min() >= scores[~kept].max()
-  noisy = pipeline.load_split('sklearn_digits', 'train', tfds_dir, 0.2, 0)
+  noisy = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
   written = builder.as_data_source()['train']
   ids = np.flatnonzero(kept)
+  np.testing.assert_array_equal(table['corruption'], noisy.corruption)
   for j in (0, 1, want // 2, want - 1):
-    np.testing.assert_array_equal(written[j]['image'], source.as_data_source()['train'][ids[j]]['image'])
-    assert written[j]['label'] == noisy.label[ids[j]]
+    np.testing.assert_array_equal(written[j]['image'],
+                                  source.as_data_source()['train'][ids[j]]['image'])
+    assert written[j]['label'] == noisy.features['label'][ids[j]]
   assert os.path.exists(out / 'scores.png') and os.path.exists(out / 'filter_report.json')
-  config = train_config.get_config()
-  config.data.data_dir, config.data.label_noise = tfds_dir, 0.0  # labels are already noisy
+  config = get_config()
+  config.data = digits_data(tfds_dir)  # no noise added: the written labels are already noisy
+  config.data.dataset_dir = str(out)
   config.train.epochs, config.train.seeds = 2, (0,)
-  result = train_launch.run(config, 'uniform', dataset_dir=str(out), log=lambda *_: None)
+  result = train(config, 'uniform', log=lambda *_: None)
   assert result['num_train'] == want and result['example_gradients'] == 2 * want
-  assert 0.0 <= result['final']['eval_accuracy'] <= 1.0
-  config.train.epochs, config.data.label_noise = 1, 0.2  # online: the source data, noisy labels
-  online = train_launch.run(config, 'datarater_batch_filter', rater=rater_dir, log=lambda *_: None)
-  assert online['examples_drawn'] == N_TRAIN and online['example_gradients'] == round(0.8 * N_TRAIN)
+  assert 0.0 <= result['final']['eval']['accuracy']['mean'] <= 1.0
+  config.data = digits_data(tfds_dir, 0.2)  # online: the source data, noisy labels
+  config.train.epochs = 1
+  online = train(config, 'datarater_batch_filter', rater=rater_dir, log=lambda *_: None)
+  # Each batch of 128 keeps floor(0.8 * 128) = 102; the last (45 examples) keeps 36.
+  assert online['scoring_forwards'] == N_TRAIN and online['example_gradients'] == 9 * 102 + 36
   assert online['setup_example_gradients'] == 4 * 2 * (2 * 16 + 16)  # small_config: 4 steps, K=2
 
 
 def test_balance_keeps_every_class_its_share(tfds_dir, rater_dir, tmp_path):
   report = _filter(tfds_dir, rater_dir, tmp_path / 'b', keep=0.5, balance=True)
   info = report['splits']['train']
-  assert info['kept'] == filtering.keep_count(N_TRAIN, 0.5)
-  quotas = filtering.class_quotas(np.array(info['num_per_class']), info['kept'])
+  assert info['kept'] == select.keep_count(N_TRAIN, 0.5)
+  quotas = select.class_quotas(np.array(info['num_per_class']), info['kept'])
   assert info['kept_per_class'] == quotas.tolist()
   assert min(info['kept_per_class']) > 0
 
@@ -160,13 +181,18 @@ def test_bad_inputs_one_line_errors(tfds_dir, rater_dir, tmp_path):
            ({'keep': 1.01}, 'got 1.01')]
   # A rater whose input spec does not match the dataset.
   other = tmp_path / 'other_rater'
-  import shutil, json  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import shutil  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   shutil.copytree(rater_dir, other)
   meta = json.load(open(other / 'rater.json'))
-  meta['input_spec']['image_shape'] = [28, 28, 1]
+  meta['data_info']['spec']['image']['shape'] = [28, 28, 1]
   json.dump(meta, open(other / 'rater.json', 'w'))
-  cases.append(({'rater': str(other)}, 'the rater expects images (28, 28, 1) with 10 classes, but '
-                                       "dataset 'sklearn_digits' has images (8, 8, 1)"))
+  cases.append(({'rater': str(other)}, 'its parameters do not fit the architecture it names'))
+  loaded = datarater.load_rater(rater_dir)
+  info = pipeline.load_split(digits_data(tfds_dir), 'test').info
+  wide = dataclasses.replace(info, spec={**info.spec,
+                                         'image': jax.ShapeDtypeStruct((28, 28, 1), np.float32)})
+  with pytest.raises(UserError, match=r"the rater reads features \{'image': \(\(8, 8, 1\)"):
+    loaded.check_matches(wide, 'that data')
   # A scores file that does not cover the split.
   partial = tmp_path / 'partial.parquet'
   pq.write_table(pa.table({'id': np.arange(N_TRAIN - 1), 'value': np.zeros(N_TRAIN - 1)}), partial)
@@ -193,13 +219,12 @@ def test_scores_file_filter_and_min_score(tfds_dir, tmp_path):
   path = tmp_path / 's.parquet'
   order = np.random.default_rng(1).permutation(N_TRAIN)  # rows in any order
   pq.write_table(pa.table({'id': order, 'value': values[order]}), path)
-  rep = filter_lib.filter_dataset('sklearn_digits', str(tmp_path / 'o1'), ['train'], scores=str(path),
-                                  keep=0.6, data_dir=tfds_dir, copy_other_splits=False)
-  assert rep['splits']['train']['kept'] == filtering.keep_count(N_TRAIN, 0.6)
+  run = lambda out, **kw: filter_dataset('sklearn_digits', str(tmp_path / out), ['train'],
+                                         scores=str(path), data_dir=tfds_dir, **kw)
+  rep = run('o1', keep=0.6, copy_other_splits=False)
+  assert rep['splits']['train']['kept'] == select.keep_count(N_TRAIN, 0.6)
   assert list(tfds.builder_from_directory(str(tmp_path / 'o1')).info.splits) == ['train']
-  rep = filter_lib.filter_dataset('sklearn_digits', str(tmp_path / 'o2'), ['train'], scores=str(path),
-                                  min_score=0.0, data_dir=tfds_dir)
+  rep = run('o2', min_score=0.0)
   assert rep['splits']['train']['kept'] == int((values >= 0).sum())
-  rep = filter_lib.filter_dataset('sklearn_digits', str(tmp_path / 'o3'), ['train'], scores=str(path),
-                                  keep=0.6, threshold='streaming', data_dir=tfds_dir)
-  assert abs(rep['splits']['train']['kept'] - filtering.keep_count(N_TRAIN, 0.6)) <= 1
+  rep = run('o3', keep=0.6, threshold='streaming')
+  assert abs(rep['splits']['train']['kept'] - select.keep_count(N_TRAIN, 0.6)) <= 1

@@ -41,17 +41,28 @@ def _rater_and_batch(n=16):
 def test_datarater_weights_are_the_batch_softmax_of_the_scores():
   rater, params, batch = _rater_and_batch()
   policy = weighting.rater_weights(rater, params, 0.5, 100)
-  got = policy.weigh(policy.aux, (), None, batch)
-  np.testing.assert_allclose(got, _softmax_weights(rater.score(params, batch), 0.5), rtol=1e-5)
+  ones = jnp.ones(16)
+  got = policy.weigh(policy.aux, (), None, batch, ones)
+  scores = np.asarray(rater.score(params, batch))
+  np.testing.assert_allclose(got, _softmax_weights(scores, 0.5), rtol=1e-5)
   assert policy.forwards_per_example == 1.0
+  # An epoch's last batch, padded: the softmax runs over its real examples only.
+  padded = policy.weigh(policy.aux, (), None, batch, ones.at[10:].set(0.0))
+  np.testing.assert_allclose(padded[:10], _softmax_weights(scores[:10], 0.5), rtol=1e-5)
+  np.testing.assert_array_equal(padded[10:], 0.0)
 
 
 def test_batch_filter_keeps_exactly_the_best_scored_fraction():
   rater, params, batch = _rater_and_batch(64)
   policy = filtering.batch_filter(rater.score, params, 0.25, 100)
-  w = np.asarray(policy.weigh(policy.aux, (), None, batch))
-  top = np.argsort(-np.asarray(rater.score(params, batch)))[:48]
-  assert (w > 0).sum() == 48 and np.all(w[top] == 64 / 48) and np.isclose(w.mean(), 1.0)
+  w = np.asarray(policy.weigh(policy.aux, (), None, batch, jnp.ones(64)))
+  scores = np.asarray(rater.score(params, batch))
+  top = np.argsort(-scores)[:48]
+  assert (w > 0).sum() == 48 and np.allclose(w[top], 64 / 48) and np.isclose(w.mean(), 1.0)
+  # Padded: the best floor(0.75 * 40) = 30 of the 40 real examples, weight 40 / 30.
+  w = np.asarray(policy.weigh(policy.aux, (), None, batch, jnp.ones(64).at[40:].set(0.0)))
+  top = np.argsort(-scores[:40])[:30]
+  assert (w > 0).sum() == 30 and np.allclose(w[top], 40 / 30) and not w[40:].any()
   with pytest.raises(UserError, match='got 1.0'):
     filtering.batch_filter(rater.score, params, 1.0, 100)
 
@@ -76,7 +87,7 @@ def test_acceptance_probability_is_the_batch_filter_survival_probability():
   state = policy.init(400, jax.random.key(0))
   kept = []
   for _ in range(200):
-    kept.append(np.asarray(policy.weigh(policy.aux, state, None, batch)) > 0)
+    kept.append(np.asarray(policy.weigh(policy.aux, state, None, batch, jnp.ones(400))) > 0)
     state = policy.update(policy.aux, state, None, None, None)
   rate = np.mean(kept, 0)
   want = np.array([_survival_brute_force(i / 400, m, n) for i in range(400)])
@@ -92,7 +103,7 @@ def test_table_weights_are_the_softmax_of_standardised_values_or_a_hard_top_frac
   hard = weighting.curriculum_weights(values, 'select', fraction=0.2)
   assert set(np.flatnonzero(hard)) == set(np.argsort(-values)[:10]) and np.isclose(hard.mean(), 1)
   policy = weighting.table('t', values)
-  got = policy.weigh(policy.aux, (), None, {'index': jnp.array([3, 7, 3])})
+  got = policy.weigh(policy.aux, (), None, {'index': jnp.array([3, 7, 3])}, jnp.ones(3))
   np.testing.assert_allclose(got, values[[3, 7, 3]], rtol=1e-6)
 
 
@@ -107,7 +118,7 @@ def test_mimic_weights_follow_the_explicit_per_example_gradients(tfds_dir):
   policy = policies.make_policy('mimic', policies.PolicyContext(tr, held, task, config))
   params = task.init(jax.random.key(5))
   batch = jax.tree.map(jnp.asarray, tr.take(np.arange(12)))
-  got = policy.weigh(policy.aux, (), params, batch)
+  got = policy.weigh(policy.aux, (), params, batch, jnp.ones(12))
   # Grad-Mimic by hand: u = last layer of (reference - params), normalised; score = <-g_i, u>.
   last = 'dense_1'
   diff = jax.tree.map(jnp.subtract, policy.aux, params)['params'][last]

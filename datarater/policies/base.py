@@ -3,7 +3,8 @@
 A `Policy` is four pure functions (optax-style) plus its constants:
   init(num_examples, key) -> state                        one state per trained model
   select(aux, state) -> (positions [n], weights [n], state)   the examples of the next epoch
-  weigh(aux, state, params, batch) -> weights [B]         per batch; 0 filters an example out
+  weigh(aux, state, params, batch, weights) -> weights [B]   per batch: the selection's weights
+                                                          (0 = padding) -> the loss weights
   update(aux, state, positions, weights, losses) -> state     after an epoch, with its losses
 `aux` holds the policy's constant arrays (rater parameters, a weight table, SAE statistics); it
 is an argument of the compiled functions, shared by every model. Selection policies implement
@@ -20,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from datarater.errors import UserError
-from datarater.tasks import batch_size_of
 
 
 class Policy(NamedTuple):
@@ -28,7 +28,7 @@ class Policy(NamedTuple):
   num_selected: int                 # n: examples drawn per epoch
   init: Callable[[int, jax.Array], Any]
   select: Callable[[Any, Any], tuple]
-  weigh: Callable[[Any, Any, Any, dict], jax.Array]
+  weigh: Callable[[Any, Any, Any, dict, jax.Array], jax.Array]
   update: Callable[[Any, Any, jax.Array, jax.Array, jax.Array], Any]
   aux: Any = None
   setup_example_gradients: int = 0  # compute spent once to make the policy (rater, valuation)
@@ -49,9 +49,10 @@ def select_all(num_examples: int):
   return select
 
 
-def weigh_uniform(aux, state, params, batch) -> jax.Array:
-  del aux, state, params
-  return jnp.ones(batch_size_of(batch), jnp.float32)
+def weigh_uniform(aux, state, params, batch, weights) -> jax.Array:
+  """The selection's weights as they are (padding 0, every drawn example its weight)."""
+  del aux, state, params, batch
+  return weights
 
 
 def keep_state(aux, state, positions, weights, losses):

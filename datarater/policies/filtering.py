@@ -2,7 +2,7 @@
 
 The two ways the DataRater paper deploys a rater online:
 - `datarater_batch_filter`: of each batch of B, only the N = floor((1 - rho) B) best-scored get a
-  gradient (weight B / N, so the loss is the mean over the N kept);
+  gradient (weight B / N, so the loss is the mean over the N kept; padding is not counted in B);
 - `datarater_accept`: each example is kept with the probability that it would survive batch-level
   filtering of M = ceil(B / (1 - rho)) examples down to B, given its score's rank among the
   rater's scores of the whole training split (computed once); kept examples share the batch's
@@ -16,9 +16,9 @@ import numpy as np
 
 from datarater import evaluation
 from datarater.errors import UserError
-from datarater.policies.base import Policy, PolicyContext, register_policy, select_all
+from datarater.policies.base import (Policy, PolicyContext, keep_state, no_state,
+                                     register_policy, select_all)
 from datarater.policies.weighting import loaded_rater
-from datarater.tasks import batch_size_of
 
 
 def check_rho(rho: float) -> float:
@@ -49,15 +49,17 @@ def batch_filter(score_fn, score_params, rho: float, num_examples: int, **cost) 
   """Keeps the best floor((1 - rho) B) of every batch; `score_fn(params, batch) -> [B]`."""
   check_rho(rho)
 
-  def weigh(aux, state, params, batch):
+  def weigh(aux, state, params, batch, weights):
     del state, params
-    b = batch_size_of(batch)
-    n = max(1, int((1 - rho) * b))
-    keep = jax.lax.top_k(score_fn(aux, batch), n)[1]
-    return jax.lax.stop_gradient(jnp.zeros(b).at[keep].set(b / n))
-  return Policy('datarater_batch_filter', num_examples, lambda n, key: (),
-                select_all(num_examples), weigh, lambda aux, s, *_: s, score_params,
-                forwards_per_example=1.0, **cost)
+    real = weights > 0
+    b = jnp.sum(real)
+    n = jnp.maximum(1, jnp.floor((1 - rho) * b + 1e-6)).astype(b.dtype)
+    scores = jnp.where(real, score_fn(aux, batch), -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-scores))  # 0 = best; ties to the lower position
+    keep = real & (rank < n)
+    return jax.lax.stop_gradient(weights * keep * (b / n))
+  return Policy('datarater_batch_filter', num_examples, no_state, select_all(num_examples), weigh,
+                keep_state, score_params, forwards_per_example=1.0, **cost)
 
 
 def acceptance_filter(score_fn, score_params, reference_scores: np.ndarray, rho: float,
@@ -74,16 +76,16 @@ def acceptance_filter(score_fn, score_params, reference_scores: np.ndarray, rho:
     del num
     return {'key': key, 'epoch': jnp.zeros((), jnp.int32)}
 
-  def weigh(aux, state, params, batch):
+  def weigh(aux, state, params, batch, weights):
     del params
     scores = score_fn(aux['params'], batch)
     below = jnp.searchsorted(aux['sorted'], scores, side='left') / num_examples
     p = survival_probability(below, rho, batch_size)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(state['key'], state['epoch']),
                                                  i))(batch['index'])
-    accept = jax.vmap(jax.random.uniform)(keys) < p
-    b = batch_size_of(batch)
-    return jax.lax.stop_gradient(accept * (b / jnp.maximum(jnp.sum(accept), 1)))
+    accept = (weights > 0) & (jax.vmap(jax.random.uniform)(keys) < p)
+    real = jnp.sum(weights > 0)
+    return jax.lax.stop_gradient(weights * accept * (real / jnp.maximum(jnp.sum(accept), 1)))
 
   def update(aux, state, positions, weights, losses):
     del aux, positions, weights, losses

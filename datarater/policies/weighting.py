@@ -19,19 +19,21 @@ from inner_loop.weighting import softmax_weights
 
 def rater_weights(rater, rater_params, temperature: float, num_examples: int,
                   setup_example_gradients: int = 0) -> Policy:
-  """Online DataRater weights B * softmax(g_phi(x) / tau); phi is the policy's `aux`."""
-  def weigh(aux, state, params, batch):
+  """Online DataRater weights B * softmax(g_phi(x) / tau) over the batch's real examples (B of
+  them); phi is the policy's `aux`."""
+  def weigh(aux, state, params, batch, weights):
     del state, params
-    return jax.lax.stop_gradient(softmax_weights(rater.score(aux, batch), temperature))
+    scores = rater.score(aux, batch)
+    return jax.lax.stop_gradient(weights * softmax_weights(scores, temperature, weights))
   return weighting('datarater', num_examples, weigh, rater_params,
                    setup_example_gradients=setup_example_gradients, forwards_per_example=1.0)
 
 
 def table(name: str, weights: np.ndarray, setup_example_gradients: int = 0) -> Policy:
   """Fixed per-example weights [N], looked up by the batch's positions in the split."""
-  def weigh(aux, state, params, batch):
+  def weigh(aux, state, params, batch, weights):
     del state, params
-    return aux[batch['index']]
+    return weights * aux[batch['index']]
   return weighting(name, len(weights), weigh, jnp.asarray(weights, jnp.float32),
                    setup_example_gradients=int(setup_example_gradients))
 
@@ -110,9 +112,9 @@ def _mimic(ctx: PolicyContext) -> Policy:
   tau = ctx.config.policy.temperature
   loss_fn = ctx.task.per_example_loss
 
-  def weigh(aux, state, params, batch):
+  def weigh(aux, state, params, batch, weights):
     del state
     scores = mimic.mimic_scores(loss_fn, params, aux, batch, layers, False, None)
-    return jax.lax.stop_gradient(softmax_weights(scores, tau))
+    return jax.lax.stop_gradient(weights * softmax_weights(scores, tau, weights))
   return weighting('mimic', len(ctx.train), weigh, reference, setup_example_gradients=cost,
                    forwards_per_example=2.0)
