@@ -1,23 +1,25 @@
-r"""Curation benchmark: filtered and re-weighted training vs all data and random subsets.
+r"""Curation benchmark: filtered and re-weighted training against all data and random subsets.
 
-  python -m bench.curation            # 0/20/40% noise x 3 seeds, keep 0.5..0.9
-  python -m bench.curation --quick    # 20% noise, 3 seeds, keep {0.5, 0.8}, 300-step raters
+  python -m bench.curation                                    # digits, 0/20/40% noise x 3 seeds
+  python -m bench.curation --config=configs/fashion_mnist.py --seeds=0,1,2,3,4
 
-Measured on 2 CPU cores shared with other jobs (load ~5): the full sweep 22 min, of which ~75% is
-meta-training the nine 600-step raters (`--rater_steps=300` halves that); --quick ~6 min.
-
-On sklearn_digits, per label-noise rate p and seed s (noise draw, rater, valuations, task init and
-data order all seeded by s): a DataRater is meta-learned (launch.train_rater, configs/digits.py)
-and exported; TracIn self-influence and Grad-Mimic values are computed (configs/valuate.py). Then a
-fresh task model (configs/train.py: MLP 128-128, Adam 1e-3, batch 128, fixed epochs) is trained on
-(a) all data, (b) a uniformly random subset, (c) each method's filtered subset (the same exact
-top-k as launch.filter) for every keep fraction, and (d) all data with each method's online
-weights (launch.train policies). Reported: test accuracy (mean +- std over seeds) and compute in
-example-gradients: training (epochs x examples) and, separately, the one-off cost of making the
-method (the rater's meta-training counted as in datarater.export.rater_training_compute, a lower
-bound; the valuations' recorded runs). Writes bench/results/curation{,_quick}.{json,png,md}.
+Per corruption rate p and seed s (corruption draw, rater, valuations, initialisation and data
+order all seeded by s), on the config's task and data: a DataRater is meta-learned
+(`datarater.meta_train`, the config's rater settings, --rater_steps outer steps); TracIn
+self-influence and Grad-Mimic values are computed (the config's `valuation` section). Then fresh
+task models (the config's `train` section, --epochs) are trained on (a) all data, (b) a uniformly
+random subset of each keep fraction, (c) each method's filtered subset (the same exact top-k as
+launch.filter) at each keep fraction and at the keep fraction the rater's own score histogram
+suggests (the share of its upper mode, from a 2-component Gaussian mixture), and (d) all data
+with each method's online weights (the launch.train policies datarater, tracin_curriculum, mimic).
+Reported: test accuracy (mean, std, and paired standard errors of the differences against all
+data and against the random subset of the same size, pairs = seeds), accuracy against training
+steps, the steps a filtered run needs to reach all data's final test accuracy (a fraction of all
+data's steps: the DataRater paper's compute-saving measure), and compute in example-gradients:
+training, and the one-off cost of each method (the rater's meta-training counted as in
+`datarater.export.rater_training_compute`, a lower bound), with the break-even number of
+training runs. Writes <out>.json, .md and .png.
 """
-import json
 import os
 import platform
 import shutil
@@ -29,180 +31,262 @@ from absl import flags
 from absl import logging as absl_logging
 import jax
 import numpy as np
+from ml_collections import config_flags
 
-from configs import digits as digits_config
-from configs import train as train_config
-from datarater import checkpointing, export, filtering, models, training
+from datarater import evaluation, export, files, policies, tasks
+from datarater.curation import select
 from datarater.data import pipeline
-from datarater.evaluation import noise_auroc
+from datarater.meta_train import meta_train
+from datarater.policies import weighting
+from datarater.trainer import Trainer
+from datarater.valuation import factory
+from datarater.valuation.mimic import mimic_filter
 from inner_loop.optimizers import make_inner_optimizer
 
-FLAGS = flags.FLAGS
-METHODS = ('datarater', 'tracin_self', 'mimic')
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config.')
+_NOISE = flags.DEFINE_list('noise', ['0.0', '0.2', '0.4'], 'Corruption rates.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
+_KEEP = flags.DEFINE_list('keep', ['0.5', '0.6', '0.7', '0.8', '0.9'], 'Keep fractions.')
+_METHODS = flags.DEFINE_list('methods', ['datarater', 'tracin_self', 'mimic'], 'Methods.')
+_RATER_STEPS = flags.DEFINE_integer('rater_steps', 600, 'Outer steps of each rater.')
+_EPOCHS = flags.DEFINE_integer('epochs', 40, 'Training epochs of every task model.')
+_EVALS = flags.DEFINE_integer('evals_per_epoch', 1, 'Test evaluations per epoch (curves).')
+_OUT = flags.DEFINE_string('out', 'bench/results/curation', 'Output prefix.')
+
 ONLINE = {'datarater': 'datarater', 'tracin_self': 'tracin_curriculum', 'mimic': 'mimic'}
 
 
-def define_flags() -> None:
-  flags.DEFINE_bool('quick', False, 'Smaller sweep: 20% noise, keep {0.5, 0.8}, 300 rater steps.')
-  flags.DEFINE_list('noise', ['0.0', '0.2', '0.4'], 'Label-noise rates.')
-  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
-  flags.DEFINE_list('keep', ['0.5', '0.6', '0.7', '0.8', '0.9'], 'Keep fractions.')
-  flags.DEFINE_integer('rater_steps', 600, 'Outer steps of each rater (configs/digits.py: 600).')
-  flags.DEFINE_integer('epochs', 40, 'Training epochs of every task model.')
-  flags.DEFINE_string('data_dir', '', 'TFDS data_dir.')
-  flags.DEFINE_string('out', '', 'Output prefix (default bench/results/curation[_quick]).')
+def seeded(config, noise: float, seed: int):
+  c = config.copy_and_resolve_references()
+  c.seed = c.data.noise_seed = c.valuation.seed = seed
+  c.data.label_noise = noise
+  return c
 
 
-def subset(split: pipeline.Split, mask: np.ndarray) -> pipeline.Split:
-  idx = np.flatnonzero(mask)
-  return pipeline.Split(split.image[idx], split.label[idx], split.clean_label[idx],
-                        split.is_corrupted[idx], np.arange(len(idx)), split.num_classes)
+def train_run(config, task, split, test, policy, seed: int) -> dict:
+  t = config.train
+  run = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), policy,
+                t.batch_size).run(split, {'test': test}, [seed], epochs=_EPOCHS.value,
+                                  evals_per_epoch=_EVALS.value)
+  curve = [(h['step'], h['test']['accuracy'][0]) for h in run.history]
+  return {'accuracy': curve[-1][1], 'loss': run.final['test']['loss'][0],
+          'example_gradients': run.example_gradients, 'steps': run.steps,
+          'num_train': len(split), 'curve': curve, 'wall_s': run.wall_s}
 
 
-def make_rater(noise: float, seed: int, steps: int, data_dir: str, tmp: str):
-  c = digits_config.get_config()
-  c.seed, c.data.noise_seed, c.data.label_noise, c.data.data_dir = seed, seed, noise, data_dir
-  c.outer.steps, c.log_every, c.checkpoint_every = steps, steps, steps
-  c.final_eval.train_steps, c.final_eval.num_models = 1, 1  # its report is not used here
-  from launch import train_rater  # pylint: disable=g-import-not-at-top
-  train_rater.train(c, os.path.join(tmp, 'run'))
-  export.export_rater(os.path.join(tmp, 'run'), os.path.join(tmp, 'rater'), overwrite=True)
-  return export.load_rater(os.path.join(tmp, 'rater'))
+def steps_to_reach(curve, target: float):
+  """The first evaluated step at which the accuracy reaches `target` (None if never)."""
+  for step, acc in curve:
+    if acc >= target - 1e-9:
+      return step
+  return None
 
 
-def run_one(noise, seed, keeps, args, trainers, tmp) -> dict:
-  cfg = train_config.get_config()
-  cfg.data.data_dir, cfg.data.label_noise, cfg.data.noise_seed = args['data_dir'], noise, seed
-  v = cfg.valuation
-  v.order_seed = v.init_seed = seed
-  d = cfg.data
-  train = pipeline.load_split(d.name, d.train_split, d.data_dir, noise, seed)
-  heldout = pipeline.load_split(d.name, d.heldout_split, d.data_dir)
-  test = pipeline.load_split(d.name, d.eval_split, d.data_dir)
-  task, loss_fn = trainers['task'], trainers['loss_fn']
-  ctx = training.PolicyContext(train, heldout, task, loss_fn, temperature=1.0,
-                               valuation_config=cfg, seed=seed)
+def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
+  c = seeded(config, noise, seed)
+  d = c.data
+  train = pipeline.load_split(d, d.train_split, corrupt=True)
+  heldout = pipeline.load_split(d, d.heldout_split)
+  test = pipeline.load_split(d, d.eval_split)
+  task = tasks.make_task(c.task, train.info)
+  values, setup, online, timing = {}, {}, {}, {}
+  if 'datarater' in methods:
+    t0 = time.time()
+    rc = c.copy_and_resolve_references()
+    rc.outer.steps, rc.log_every, rc.checkpoint_every = (_RATER_STEPS.value,) * 3
+    rc.final_eval.num_models = 0
+    meta_train(rc, os.path.join(tmp, 'rater'))
+    rater = export.load_rater(os.path.join(tmp, 'rater'))
+    values['datarater'] = rater(train.features)
+    setup['datarater'] = rater.training_example_gradients
+    online['datarater'] = weighting.rater_weights(rater.rater, rater.params, rater.temperature,
+                                                  len(train), setup['datarater'])
+    timing['datarater'] = time.time() - t0
+  ctx = policies.PolicyContext(train, heldout, task, c)
+  for name, method in (('tracin_self', 'tracin'), ('mimic', 'mimic')):
+    if name not in methods:
+      continue
+    t0 = time.time()
+    val = factory.build(method, c, task, train, heldout)
+    values[name] = val.values(train, c.valuation.score_batch_size)
+    setup[name] = val.example_gradients
+    online[name] = (weighting.table('tracin_curriculum', weighting.curriculum_weights(
+        values[name], temperature=c.policy.temperature), setup[name]) if name == 'tracin_self'
+                    else policies.make_policy('mimic', ctx))
+    timing[name] = time.time() - t0
+  suggested = None
+  if 'datarater' in values:  # the share of the rater's upper score mode
+    suggested = round(float(mimic_filter(values['datarater'])[0].mean()), 3)
   t0 = time.time()
-  rater = make_rater(noise, seed, args['rater_steps'], d.data_dir, tmp)
-  timing = {'rater': time.time() - t0}
-  values, setup, policies = {}, {}, {}
-  values['datarater'] = rater(train.take(np.arange(len(train))))
-  setup['datarater'] = rater.training_example_gradients
-  policies['datarater'] = training.rater_policy(rater)
-  t0 = time.time()
-  policies['tracin_self'] = training.make_policy('tracin_curriculum', ctx)
-  setup['tracin_self'] = policies['tracin_self'].setup_example_gradients
-  from datarater.valuation import base, factory  # pylint: disable=g-import-not-at-top
-  values['tracin_self'] = base.score_split(factory.build('tracin', cfg, train, heldout).value,
-                                           train, progress=False)
-  timing['tracin'] = time.time() - t0
-  t0 = time.time()
-  values['mimic'] = base.score_split(factory.build('mimic', cfg, train, heldout).value, train,
-                                     progress=False)
-  policies['mimic'] = training.make_policy('mimic', ctx)
-  setup['mimic'] = training.valuation_compute('mimic', cfg, len(train))
-  timing['mimic'] = time.time() - t0
-
-  def fit(split, policy, trainer='uniform'):
-    r = trainers[trainer].fit(split, {'test': test}, epochs=args['epochs'], batch_size=128,
-                              seeds=[seed], policy=policy)
-    return {'accuracy': r['final']['test_accuracy'], 'loss': r['final']['test_loss'],
-            'example_gradients': r['example_gradients'], 'num_train': len(split)}
-
-  t0 = time.time()
-  uniform = training.Policy('uniform')
-  out = {'all': fit(train, uniform), 'random': {}, 'filtered': {m: {} for m in METHODS},
-         'online': {}, 'setup_example_gradients': setup,
-         'auroc': {m: noise_auroc(values[m], train.is_corrupted) for m in METHODS}}
+  uniform = weighting.weighting('uniform', len(train))
+  out = {'all': train_run(c, task, train, test, uniform, seed), 'random': {},
+         'filtered': {m: {} for m in methods}, 'online': {}, 'setup_example_gradients': setup,
+         'suggested_keep': suggested,
+         'auroc': {m: evaluation.noise_auroc(values[m], train.is_corrupted) for m in methods},
+         'auroc_by_kind': {m: evaluation.auroc_by_kind(values[m], train) for m in methods}}
   rng = np.random.default_rng([seed, 7])
-  for keep in keeps:
-    k = filtering.keep_count(len(train), keep)
-    rand = np.zeros(len(train), bool)
-    rand[rng.permutation(len(train))[:k]] = True
-    out['random'][keep] = fit(subset(train, rand), uniform)
-    for m in METHODS:
-      mask = filtering.select_top(values[m], keep)
-      r = fit(subset(train, mask), uniform)
+  all_keeps = sorted(set(keeps) | ({suggested} if suggested and suggested < 1 else set()))
+  for keep in all_keeps:
+    k = select.keep_count(len(train), keep)
+    rand = np.sort(rng.permutation(len(train))[:k])
+    out['random'][keep] = train_run(c, task, train.subset(rand), test,
+                                    weighting.weighting('uniform', k), seed)
+    for m in methods:
+      mask = select.select_top(values[m], keep)
+      r = train_run(c, task, train.subset(np.flatnonzero(mask)), test,
+                    weighting.weighting('uniform', int(mask.sum())), seed)
       r['kept_corrupted'] = int((mask & train.is_corrupted).sum())
       out['filtered'][m][keep] = r
-  for m in METHODS:
-    out['online'][m] = fit(train, policies[m], ONLINE[m])
+  for m in methods:
+    out['online'][m] = train_run(c, task, train, test, online[m], seed)
   timing['training'] = time.time() - t0
   out['seconds'] = timing
   return out
 
 
-def summarize(results: dict, noises, keeps) -> dict:
-  """Mean and std over seeds of every (noise, setting)."""
-  def stats(rows):
-    acc = np.array([r['accuracy'] for r in rows])
-    return {'accuracy_mean': float(acc.mean()), 'accuracy_std': float(acc.std()),
-            'example_gradients': int(np.mean([r['example_gradients'] for r in rows])),
-            'num_train': int(np.mean([r['num_train'] for r in rows]))}
+def _stats(values) -> dict:
+  x = 100 * np.asarray(values, np.float64)
+  return {'mean': float(x.mean()), 'std': float(x.std()), 'n': len(x)}
+
+
+def _paired(a, b) -> dict:
+  """Mean difference a - b (points) and its paired standard error (pairs = seeds)."""
+  d = 100 * (np.asarray(a, np.float64) - np.asarray(b, np.float64))
+  se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float('nan')
+  return {'diff': float(d.mean()), 'se': se}
+
+
+def summarize(runs: dict, noises, keeps, methods) -> dict:
+  """Per noise: accuracy stats, paired differences, steps-to-target fractions, costs."""
   summary = {}
   for p in noises:
-    runs = list(results[str(p)].values())
-    s = {'all': stats([r['all'] for r in runs]),
-         'random': {k: stats([r['random'][k] for r in runs]) for k in keeps},
-         'filtered': {m: {k: stats([r['filtered'][m][k] for r in runs]) for k in keeps}
-                      for m in METHODS},
-         'online': {m: stats([r['online'][m] for r in runs]) for m in METHODS},
-         'setup_example_gradients': {m: int(np.mean([r['setup_example_gradients'][m]
-                                                     for r in runs])) for m in METHODS},
-         'auroc': {m: float(np.mean([r['auroc'][m] for r in runs])) for m in METHODS}}
+    rs = list(runs[str(p)].values())
+    acc = lambda get: [get(r)['accuracy'] for r in rs]
+    all_acc = acc(lambda r: r['all'])
+    s = {'all': {**_stats(all_acc), 'example_gradients': int(np.mean(
+        [r['all']['example_gradients'] for r in rs]))}, 'random': {}, 'filtered': {},
+         'online': {}, 'auroc': {}, 'auroc_by_kind': {}, 'setup_example_gradients': {}}
+    for k in keeps:
+      if all(k in r['random'] for r in rs):
+        s['random'][k] = _stats(acc(lambda r, k=k: r['random'][k]))
+    for m in methods:
+      s['auroc'][m] = float(np.mean([r['auroc'][m] for r in rs]))
+      kinds = sorted({kind for r in rs for kind in r['auroc_by_kind'][m]})
+      s['auroc_by_kind'][m] = {kind: float(np.mean([r['auroc_by_kind'][m][kind] for r in rs]))
+                               for kind in kinds}
+      s['setup_example_gradients'][m] = int(np.mean([r['setup_example_gradients'][m] for r in rs]))
+      s['filtered'][m] = {}
+      for k in keeps:
+        if not all(k in r['filtered'][m] for r in rs):
+          continue
+        fil = acc(lambda r, k=k: r['filtered'][m][k])
+        fractions = []
+        for r in rs:
+          reached = steps_to_reach(r['filtered'][m][k]['curve'], r['all']['accuracy'])
+          fractions.append(reached / r['all']['steps'] if reached is not None else None)
+        got = [f for f in fractions if f is not None]
+        s['filtered'][m][k] = {
+            **_stats(fil), 'vs_all': _paired(fil, all_acc),
+            'vs_random': _paired(fil, acc(lambda r, k=k: r['random'][k])),
+            'example_gradients': int(np.mean([r['filtered'][m][k]['example_gradients']
+                                              for r in rs])),
+            'kept_corrupted': float(np.mean([r['filtered'][m][k]['kept_corrupted'] for r in rs])),
+            'steps_to_all_final': fractions,
+            'steps_to_all_final_mean': float(np.mean(got)) if len(got) == len(rs) else None,
+            'steps_to_all_final_std': float(np.std(got)) if len(got) == len(rs) else None}
+      on = acc(lambda r, m=m: r['online'][m])
+      s['online'][m] = {**_stats(on), 'vs_all': _paired(on, all_acc)}
+    sug = [r['suggested_keep'] for r in rs if r.get('suggested_keep')]
+    if sug:
+      s['suggested_keep'] = sug
+      dr = [r['filtered']['datarater'][r['suggested_keep']] for r in rs]
+      s['datarater_at_suggested'] = {
+          **_stats([x['accuracy'] for x in dr]),
+          'vs_all': _paired([x['accuracy'] for x in dr], all_acc),
+          'vs_random': _paired([x['accuracy'] for x in dr],
+                               [r['random'][r['suggested_keep']]['accuracy'] for r in rs])}
     summary[str(p)] = s
   return summary
 
 
-def markdown(summary: dict, keeps, epochs: int) -> str:
-  lines = [f'Test accuracy (%) of a fresh MLP after {epochs} epochs, mean +- std over seeds; '
-           'compute in example-gradients (k = 1000): training + one-off method cost.', '',
-           '| noise | setting | keep | accuracy | train | method cost |', '|---|---|---|---|---|---|']
-  fmt = lambda s: f'{100 * s["accuracy_mean"]:.2f} +- {100 * s["accuracy_std"]:.2f}'
+def markdown(summary: dict, keeps, methods, epochs: int, dataset: str) -> str:
+  lines = [f'{dataset}: test accuracy (%) of fresh task models after {epochs} epochs, mean ± std '
+           'over seeds; differences in points with paired standard errors (pairs = seeds); '
+           '"steps to all" = steps a filtered run needs to reach all data\'s final test accuracy, '
+           'as a fraction of all data\'s steps (- = not reached); compute in example-gradients '
+           '(k = 1000).', '',
+           '| noise | setting | keep | accuracy | - all data | - random | steps to all | train | '
+           'method cost |', '|---|---|---|---|---|---|---|---|---|']
+  fmt = lambda s: f'{s["mean"]:.2f} ± {s["std"]:.2f}'
+  dif = lambda d: f'{d["diff"]:+.2f} ± {d["se"]:.2f}'
   for p, s in summary.items():
-    lines.append(f'| {float(p):.0%} | all data | 1.0 | {fmt(s["all"])} | '
+    lines.append(f'| {float(p):.0%} | all data | 1.0 | {fmt(s["all"])} | | | 1.0 | '
                  f'{s["all"]["example_gradients"] / 1e3:.0f}k | 0 |')
     for k in keeps:
-      lines.append(f'| {float(p):.0%} | random subset | {k} | {fmt(s["random"][k])} | '
-                   f'{s["random"][k]["example_gradients"] / 1e3:.0f}k | 0 |')
-    for m in METHODS:
+      if k in s['random']:
+        lines.append(f'| {float(p):.0%} | random subset | {k} | {fmt(s["random"][k])} | | | | | 0 |')
+    for m in methods:
       cost = f'{s["setup_example_gradients"][m] / 1e3:.0f}k'
       for k in keeps:
+        if k not in s['filtered'][m]:
+          continue
         f = s['filtered'][m][k]
-        lines.append(f'| {float(p):.0%} | {m} filtered | {k} | {fmt(f)} | '
-                     f'{f["example_gradients"] / 1e3:.0f}k | {cost} |')
+        steps = ('-' if f['steps_to_all_final_mean'] is None else
+                 f'{f["steps_to_all_final_mean"]:.2f} ± {f["steps_to_all_final_std"]:.2f}')
+        lines.append(f'| {float(p):.0%} | {m} filtered | {k} | {fmt(f)} | {dif(f["vs_all"])} | '
+                     f'{dif(f["vs_random"])} | {steps} | {f["example_gradients"] / 1e3:.0f}k | '
+                     f'{cost} |')
       o = s['online'][m]
-      lines.append(f'| {float(p):.0%} | {m} online weights | 1.0 | {fmt(o)} | '
-                   f'{o["example_gradients"] / 1e3:.0f}k | {cost} |')
+      lines.append(f'| {float(p):.0%} | {m} online weights | 1.0 | {fmt(o)} | {dif(o["vs_all"])} '
+                   f'| | | | {cost} |')
+    if 'datarater_at_suggested' in s:
+      d = s['datarater_at_suggested']
+      lines.append(f'| {float(p):.0%} | DataRater at its suggested keep | '
+                   f'{np.mean(s["suggested_keep"]):.3f} | {fmt(d)} | {dif(d["vs_all"])} | '
+                   f'{dif(d["vs_random"])} | | | |')
   return '\n'.join(lines) + '\n'
 
 
-def plot(path: str, summary: dict, keeps) -> None:
+def plot(path: str, summary: dict, runs: dict, keeps, methods) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 4), squeeze=False)
-  ks = list(keeps)
-  for ax, (p, s) in zip(axes[0], summary.items()):
-    def line(rows, label, **kw):
-      m = [100 * r['accuracy_mean'] for r in rows]
-      e = [100 * r['accuracy_std'] for r in rows]
-      ax.errorbar(ks + [1.0], m + [100 * s['all']['accuracy_mean']],
-                  yerr=e + [100 * s['all']['accuracy_std']], capsize=3, label=label, **kw)
-    line([s['random'][k] for k in keeps], 'random subset', color='gray', ls='--')
-    for m, c in zip(METHODS, ('C0', 'C1', 'C2')):
-      line([s['filtered'][m][k] for k in keeps], f'{m} filtered', color=c, marker='o')
+  fig, axes = plt.subplots(2, len(summary), figsize=(5.5 * len(summary), 8), squeeze=False)
+  for col, (p, s) in enumerate(summary.items()):
+    ax = axes[0][col]
+    ks = [k for k in keeps if k in s['random']]
+    ax.errorbar(ks + [1.0], [s['random'][k]['mean'] for k in ks] + [s['all']['mean']],
+                yerr=[s['random'][k]['std'] for k in ks] + [s['all']['std']], capsize=3,
+                label='random subset', color='gray', ls='--')
+    for i, m in enumerate(methods):
+      fk = [k for k in keeps if k in s['filtered'][m]]
+      ax.errorbar(fk, [s['filtered'][m][k]['mean'] for k in fk],
+                  yerr=[s['filtered'][m][k]['std'] for k in fk], capsize=3, marker='o',
+                  color=f'C{i}', label=f'{m} filtered')
       o = s['online'][m]
-      ax.errorbar([1.02], [100 * o['accuracy_mean']], yerr=[100 * o['accuracy_std']], color=c,
-                  marker='*', ms=11, capsize=3, ls='none', label=f'{m} online weights')
-    ax.set_title(f'{float(p):.0%} label noise'); ax.set_xlabel('keep fraction (1.0 = all data)')
-    ax.set_ylabel('test accuracy (%)'); ax.grid(alpha=0.3)
+      ax.errorbar([1.02 + 0.01 * i], [o['mean']], yerr=[o['std']], color=f'C{i}', marker='*',
+                  ms=11, capsize=3, ls='none', label=f'{m} online weights')
+    ax.set(title=f'{float(p):.0%} corrupted', xlabel='keep fraction (1.0 = all data)',
+           ylabel='test accuracy (%)')
+    ax.grid(alpha=0.3)
+    ax = axes[1][col]  # accuracy against steps, seed-averaged, at keep 0.8 (or the nearest)
+    k = min(keeps, key=lambda x: abs(x - 0.8))
+    rs = list(runs[p].values())
+    for name, get, color in [('all data', lambda r: r['all'], 'k'),
+                             (f'random {k}', lambda r: r['random'][k], 'gray')] + [
+        (f'{m} filtered {k}', lambda r, m=m: r['filtered'][m][k], f'C{i}')
+        for i, m in enumerate(methods)]:
+      curves = [np.asarray(get(r)['curve']) for r in rs]
+      n = min(len(c) for c in curves)
+      mean = np.mean([c[:n, 1] for c in curves], 0)
+      ax.plot(np.mean([c[:n, 0] for c in curves], 0), 100 * mean, color=color, label=name)
+    ax.set(xlabel='training steps', ylabel='test accuracy (%)', title='accuracy vs steps')
+    ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
+  axes[1][0].legend(fontsize=7)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def main(argv):
@@ -210,84 +294,42 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds.disable_progress_bar()
-  quick = FLAGS.quick
-  noises = [0.2] if quick else [float(x) for x in FLAGS.noise]
-  keeps = ['0.5', '0.8'] if quick else FLAGS.keep
-  seeds = [int(s) for s in FLAGS.seeds]
-  rater_steps = 300 if quick and FLAGS['rater_steps'].using_default_value else FLAGS.rater_steps
-  args = {'data_dir': FLAGS.data_dir, 'epochs': FLAGS.epochs, 'rater_steps': rater_steps}
-  out = FLAGS.out or ('bench/results/curation_quick' if quick else 'bench/results/curation')
-  cfg = train_config.get_config()
-  task = models.task_model(10, tuple(cfg.task_model.hidden), cfg.task_model.activation)
-  loss_fn = lambda p, b: models.per_example_loss(task.apply, p, b)
-  opt = make_inner_optimizer('adam', cfg.train.learning_rate)
-  trainers = {'task': task, 'loss_fn': loss_fn}
-  for name in ('uniform', *ONLINE.values()):
-    policy_fn = {'uniform': training.uniform_weight_fn,
-                 'tracin_curriculum': lambda t, p, b: t[b['index']]}.get(name)
-    trainers[name] = None if policy_fn is None else training.Trainer(task, opt, policy_fn)
-  results, t_start = {}, time.time()
+  config = _CONFIG.value
+  noises = [float(x) for x in _NOISE.value]
+  keeps = [float(k) for k in _KEEP.value]
+  seeds = [int(s) for s in _SEEDS.value]
+  methods = list(_METHODS.value)
+  runs, t_start = {}, time.time()
   tmp_root = tempfile.mkdtemp(prefix='bench_curation_')
   try:
     for p in noises:
-      results[str(p)] = {}
+      runs[str(p)] = {}
       for s in seeds:
-        # Policies that close over per-run functions (rater, mimic) get their Trainer on first use.
-        r = run_one_with_trainers(p, s, [float(k) for k in keeps], args, trainers, opt,
-                                  os.path.join(tmp_root, f'{p}_{s}'))
-        results[str(p)][str(s)] = r
-        print(f'noise {p:.0%} seed {s}: all {100 * r["all"]["accuracy"]:.2f}% | ' + ' | '.join(
-            f'{m} keep0.8 {100 * r["filtered"][m][0.8]["accuracy"]:.2f}% online '
-            f'{100 * r["online"][m]["accuracy"]:.2f}%' for m in METHODS if 0.8 in r['filtered'][m])
-            + f' | random keep0.8 {100 * r["random"].get(0.8, {"accuracy": float("nan")})["accuracy"]:.2f}%'
-            + f' | {r["seconds"]}', flush=True)
+        r = run_one(config, p, s, keeps, methods, os.path.join(tmp_root, f'{p}_{s}'))
+        runs[str(p)][str(s)] = r
+        k = min(keeps, key=lambda x: abs(x - 0.8))
+        print(f'noise {p:.0%} seed {s}: all {100 * r["all"]["accuracy"]:.2f}% | random {k} '
+              f'{100 * r["random"][k]["accuracy"]:.2f}% | ' + ' | '.join(
+                  f'{m} {k} {100 * r["filtered"][m][k]["accuracy"]:.2f}% online '
+                  f'{100 * r["online"][m]["accuracy"]:.2f}% (AUROC {r["auroc"][m]:.3f})'
+                  for m in methods) + f' | suggested keep {r["suggested_keep"]} | '
+              f'{ {k: round(v) for k, v in r["seconds"].items()} } s '
+              f'[{time.time() - t_start:.0f} s]', flush=True)
   finally:
     shutil.rmtree(tmp_root, ignore_errors=True)
-  fkeeps = [float(k) for k in keeps]
-  summary = summarize(results, noises, fkeeps)
-  table = markdown(summary, fkeeps, args['epochs'])
+  summary = summarize(runs, noises, keeps, methods)
+  table = markdown(summary, keeps, methods, _EPOCHS.value, config.data.name)
   print(table)
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  checkpointing.write_json_atomic(out + '.json', {
-      'summary': summary, 'runs': results, 'args': args, 'noise': noises, 'seeds': seeds,
-      'keep': fkeeps, 'seconds': time.time() - t_start, 'device': jax.devices()[0].device_kind,
-      'platform': platform.platform(), 'note': 'accuracy = test split; compute = example-gradients'})
-  with open(out + '.md.tmp', 'w') as f:
-    f.write(table)
-  os.replace(out + '.md.tmp', out + '.md')
-  plot(out + '.png', summary, fkeeps)
-  print(f'wrote {out}.json, {out}.md and {out}.png in {time.time() - t_start:.0f} s')
-
-
-def run_one_with_trainers(p, s, keeps, args, trainers, opt, tmp):
-  """run_one, after giving the datarater and mimic policies a shared Trainer (one compile)."""
-  if trainers.get('datarater') is None:
-    def rater_weights(rater_state, params, batch):
-      module, tau, rater_params = trainers['rater_module'], 1.0, rater_state
-      from inner_loop.weighting import softmax_weights  # pylint: disable=g-import-not-at-top
-      scores = module.apply(rater_params, {'image': batch['image'], 'label': batch['label']})
-      return jax.lax.stop_gradient(softmax_weights(scores, tau))
-    trainers['rater_module'] = models.Rater(10, tuple(digits_config.get_config().rater.hidden))
-    trainers['datarater'] = training.Trainer(trainers['task'], opt, rater_weights)
-  if trainers.get('mimic') is None:
-    trainers['mimic'] = _LazyTrainer(trainers['task'], opt)
-  return run_one(p, s, keeps, args, trainers, tmp)
-
-
-class _LazyTrainer:
-  """A Trainer built from the first policy it is given (its weight_fn is the same every run)."""
-
-  def __init__(self, task, opt):
-    self.task, self.opt, self.trainer = task, opt, None
-
-  def fit(self, split, evals, *, policy, **kw):
-    if self.trainer is None:
-      self.trainer = training.Trainer(self.task, self.opt, policy.weight_fn)
-    return self.trainer.fit(split, evals, policy=policy, **kw)
+  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+  files.write_json(_OUT.value + '.json', {
+      'summary': summary, 'runs': runs, 'noise': noises, 'seeds': seeds, 'keep': keeps,
+      'methods': methods, 'epochs': _EPOCHS.value, 'rater_steps': _RATER_STEPS.value,
+      'config': config.to_dict(), 'seconds': time.time() - t_start,
+      'device': jax.devices()[0].device_kind, 'platform': platform.platform()})
+  files.write_text(_OUT.value + '.md', table)
+  plot(_OUT.value + '.png', summary, runs, keeps, methods)
+  print(f'wrote {_OUT.value}.json, .md and .png in {time.time() - t_start:.0f} s')
 
 
 if __name__ == '__main__':
-  define_flags()
   app.run(main)

@@ -16,10 +16,9 @@ Accuracy: undoing Adam steps in float32 adds round-off, so each mode's float32 m
 compared with float64 reverse mode on real digits batches, from fresh inner models (Adam's
 worst case) and from models 200 steps into training.
 
-Goal (issue 6): mode 'mixed' temp memory at T = 32 <= 3x that at T = 1, and its step time
-<= 1.5x that of mode 'reverse'. Writes bench/results/meta_memory.json and .png.
+Goals: mode 'mixed' temp memory at T = 32 <= 3x that at T = 1, and its step time <= 1.5x that of
+mode 'reverse'. Writes bench/results/meta_memory.json and .png.
 """
-import dataclasses
 import argparse
 import json
 import os
@@ -31,9 +30,16 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from configs.digits import get_config
+from datarater import files
+from datarater.tasks import batch_size_of
 from datarater.data import pipeline
 from inner_loop.unroll import unroll
 from outer_loop import meta_step, setup
+
+DIGITS = pipeline.DataInfo(
+    'sklearn_digits', {'image': jax.ShapeDtypeStruct((8, 8, 1), np.float32),
+                       'label': jax.ShapeDtypeStruct((), np.int32)}, {'label': 10},
+    ('image', 'label'))
 
 # Benchmarked modes: outer.meta_gradient, optionally ':' outer.mixed_recompute.
 BENCH_MODES = ('reverse', 'remat', 'mixed', 'mixed:replay')
@@ -76,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _config(optimizer, hidden, population, batch, steps, mode):
   """configs/digits.py with the bench's model, K, B, T and mode ('mixed:replay' style)."""
   c = get_config()
-  c.inner.optimizer, c.task_model.hidden = optimizer, tuple(hidden)
+  c.inner.optimizer, c.task.hidden = optimizer, tuple(hidden)
   c.inner.population, c.inner.batch_size, c.outer.batch_size = population, batch, batch
   c.inner.steps = steps
   c.outer.meta_gradient, _, recompute = mode.partition(':')
@@ -88,21 +94,28 @@ def _num_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def compile_step(config, image_shape=(8, 8, 1), num_classes=10):
+def random_batch(info, lead: tuple, seed: int = 0) -> dict:
+  """Random features of `info`'s spec with leading axes `lead` (classes within range)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, s in info.spec.items():
+    shape = (*lead, *s.shape)
+    if np.issubdtype(s.dtype, np.floating):
+      out[name] = rng.random(shape).astype(s.dtype)
+    else:
+      out[name] = rng.integers(0, info.num_classes.get(name, 2), shape).astype(s.dtype)
+  return out
+
+
+def compile_step(config, info=DIGITS):
   """One compiled outer step on random data: (compiled, args, memory figures, #task params)."""
   k, t, b = config.inner.population, config.inner.steps, config.inner.batch_size
-  rng = np.random.default_rng(0)
-  inner = {'image': rng.random((k, t, b, *image_shape), np.float32),
-           'label': rng.integers(0, num_classes, (k, t, b)).astype(np.int32)}
-  outer = {'image': rng.random((k, config.outer.batch_size, *image_shape), np.float32),
-           'label': rng.integers(0, num_classes, (k, config.outer.batch_size)).astype(np.int32)}
-  example = jax.tree.map(lambda x: x[0, 0], inner)
-  problem, _, rater = setup.build_problem(config, num_classes, example)
-  state = meta_step.init_outer_state(problem, rater.init(jax.random.PRNGKey(0), example),
-                                     jax.random.PRNGKey(1), k)
+  inner, outer = random_batch(info, (k, t, b)), random_batch(info, (k, config.outer.batch_size))
+  problem, estimator = setup.build_problem(config, info)
+  state = meta_step.init_outer_state(problem, jax.random.PRNGKey(0), k)
   args = jax.device_put((state, inner, outer))
   t0 = time.perf_counter()
-  compiled = jax.jit(lambda s, i, o: meta_step.outer_step(problem, s, i, o)).lower(
+  compiled = jax.jit(lambda s, i, o: meta_step.outer_step(problem, estimator, s, i, o)).lower(
       *args).compile()
   mem = compiled.memory_analysis()
   figures = {'temp_bytes': int(mem.temp_size_in_bytes),
@@ -169,33 +182,31 @@ def accuracy(args) -> list[dict]:
   Default model, K = 4 members, B = 128, real digits (train split) batches.
   """
   k, b = 4, 128
-  split = pipeline.load_split('sklearn_digits', 'train')
+  data_config = get_config().data
+  split = pipeline.load_split(data_config, 'train')
   rng = np.random.default_rng(0)
 
   def draw(*shape):
-    idx = rng.integers(0, len(split.label), shape)
-    return {'image': split.image[idx], 'label': split.label[idx]}
+    return split.take(rng.integers(0, len(split), shape))
   rows = []
   for steps in args.accuracy_unrolls:
     config = _config(args.optimizer, args.hidden, k, b, steps, 'reverse')
     inner, outer = draw(k, steps, b), draw(k, b)
-    example = jax.tree.map(lambda x: x[0, 0], inner)
-    problem, _, rater = setup.build_problem(config, split.num_classes, example)
-    state = meta_step.init_outer_state(problem, rater.init(jax.random.PRNGKey(0), example),
-                                       jax.random.PRNGKey(1), k)
+    problem, _ = setup.build_problem(config, split.info)
+    state = meta_step.init_outer_state(problem, jax.random.PRNGKey(0), k)
     warm_batches = draw(k, args.accuracy_warm, b)
-    uniform = lambda batch: jax.numpy.ones(batch['label'].shape)
+    uniform = lambda batch: jax.numpy.ones(batch_size_of(batch))
     trained = jax.jit(jax.vmap(lambda s, bt: unroll(
-        problem.task_loss, problem.inner_optimizer, uniform, s, bt)[0]))(
+        problem.task.per_example_loss, problem.inner_optimizer, uniform, s, bt)[0]))(
             state.population, warm_batches)
     for start, population in (('fresh', state.population), ('trained', trained)):
       data = (state.rater_params, population, inner, outer)
       def grad(mode, x64=False):
-        p = dataclasses.replace(problem, meta_gradient=mode.partition(':')[0],
-                                mixed_recompute=mode.partition(':')[2] or 'auto')
+        est = setup.make_estimator(_config(args.optimizer, args.hidden, k, b, steps, mode).outer,
+                                   config.inner)
         args_ = data if not x64 else jax.tree.map(
             lambda a: a.astype(np.float64) if a.dtype == np.float32 else a, data)
-        g = jax.jit(lambda *a: meta_step.meta_gradient(p, *a)[1])(*args_)
+        g = jax.jit(lambda *a: meta_step.meta_gradient(problem, est, *a)[1])(*args_)
         return np.asarray(ravel_pytree(g)[0], np.float64)
       with jax.enable_x64():
         ref = grad('reverse', x64=True)
@@ -245,10 +256,7 @@ def plot(results: list[dict], path: str) -> None:
 
 def write(record: dict, out: str) -> None:
   os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-  tmp = out + '.json.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, out + '.json')
+  files.write_json(out + '.json', record)
   plot(record['results'], out + '.png')
   print(f'wrote {out}.json and {out}.png')
 

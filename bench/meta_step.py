@@ -8,7 +8,6 @@ ratios, not absolute numbers, on a shared machine). Memory is XLA's compiled
 `memory_analysis()`: temporaries (activations kept for the backward pass live here) plus
 arguments and outputs. Writes bench/results/meta_step.json and .png.
 """
-import json
 import os
 import platform
 import time
@@ -20,10 +19,11 @@ import numpy as np
 
 from configs.digits import get_config
 from bench.meta_memory import compile_step, plot_modes
-from outer_loop.meta_step import META_GRADIENT_MODES
+from datarater import files
+from outer_loop.estimators import META_GRADIENTS
 
 _UNROLLS = flags.DEFINE_list('unrolls', ['1', '4', '16'], 'Values of T (inner.steps).')
-_MODES = flags.DEFINE_list('modes', list(META_GRADIENT_MODES), 'Meta-gradient modes.')
+_MODES = flags.DEFINE_list('modes', list(META_GRADIENTS), 'Meta-gradient estimators.')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per setting (median reported).')
 _HIDDEN = flags.DEFINE_list('hidden', ['128', '128'], 'Task-model and rater hidden widths.')
 _OUT = flags.DEFINE_string('out', 'bench/results/meta_step', 'Output path prefix (.json, .png).')
@@ -63,7 +63,7 @@ def main(argv):
     for t in map(int, _UNROLLS.value):
       config = get_config()
       config.inner.steps, config.outer.meta_gradient = t, mode
-      config.task_model.hidden = config.rater.hidden = hidden
+      config.task.hidden = config.rater.hidden = hidden
       r = {'mode': mode, 'T': t, **measure(config, repeats=_REPEATS.value)}
       results.append(r)
       print(f'{mode:>8} {t:>4} {r["temp_bytes"] / 2**20:>10.2f} {r["peak_bytes"] / 2**20:>10.2f} '
@@ -74,10 +74,7 @@ def main(argv):
             'num_devices': 1, 'host': platform.node(), 'hidden': hidden,
             'population': c.inner.population, 'batch_size': c.inner.batch_size,
             'results': results}
-  tmp = _OUT.value + '.json.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, _OUT.value + '.json')
+  files.write_json(_OUT.value + '.json', record)
   plot(results, _OUT.value + '.png')
   print(f'wrote {_OUT.value}.json and {_OUT.value}.png')
 

@@ -13,7 +13,6 @@ after a warm-up (on the shared 2-core CPU machine: compare ratios). Writes
 bench/results/pergrad.{json,png}; bench/results/pergrad.h100.* came from
 `--batch=4096 --chunk=512 --out=bench/results/pergrad.h100` on one H100.
 """
-import json
 import os
 import platform
 import time
@@ -24,7 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datarater import models, pergrad
+import ml_collections
+
+from datarater import files, pergrad, tasks
+from datarater.data.pipeline import DataInfo
 
 _BATCH = flags.DEFINE_integer('batch', 256, 'Examples per call.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per setting (median).')
@@ -50,9 +52,13 @@ def _temp(fn, *args) -> int:
 
 
 def measure(shape, hidden, batch: int, repeats: int, loop_examples: int, chunk: int) -> dict:
-  model = models.task_model(10, hidden)
-  params = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
-  loss = lambda p, b: models.per_example_loss(model.apply, p, b)
+  info = DataInfo('random', {'image': jax.ShapeDtypeStruct(shape, np.float32),
+                             'label': jax.ShapeDtypeStruct((), np.int32)}, {'label': 10},
+                  ('image', 'label'))
+  task = tasks.make_task(ml_collections.ConfigDict(
+      {'name': 'mlp_classifier', 'hidden': hidden, 'activation': 'relu'}), info)
+  params = task.init(jax.random.key(0))
+  loss = task.per_example_loss
   rng = np.random.default_rng(0)
 
   def make(n):
@@ -127,17 +133,7 @@ def plot(results: dict, path: str) -> None:
               ylabel='compiled temp memory (MiB)', title='Memory vs examples')
   axes[1].legend(fontsize=7)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, obj) -> None:
-  """JSON through a temp file renamed into place (kept here: this bench needs only jax/flax)."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  files.save_figure(fig, path, dpi=110)
 
 
 def main(argv):
@@ -154,7 +150,7 @@ def main(argv):
           {k: round(x, 1) for k, x in r['speedup_vs_python_loop'].items()})
     print('  temp memory (bytes) by examples:', r['memory_temp_bytes'], flush=True)
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  write_json_atomic(_OUT.value + '.json', results)
+  files.write_json(_OUT.value + '.json', results)
   plot(results, _OUT.value + '.png')
 
 

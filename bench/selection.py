@@ -1,18 +1,17 @@
-r"""Dynamic data selection on digits: accuracy vs example-gradients for full/random/InfoBatch/SAE.
+r"""Dynamic data selection: accuracy vs example-gradients for full/random/InfoBatch/SAE policies.
 
-`python -m bench.selection [--quick]`: clean labels and 20% symmetric label noise, 5 folds x 10
-seeds, selection ratios {0.3, 0.5, 0.7}, every policy trained from scratch for the same epochs
-(configs/selection.py). The SAE-score defaults were chosen on the validation split, so accuracy is
-reported on held-out test folds (clean labels, used for no choice); validation accuracy is listed
-beside it. Fold 0 is the dataset's own split (train 1197 / test 300, what runs before 9eb6114
-measured); folds 1-4 each hold out a quarter of `train` (299-300 examples) and train on the rest
-plus `test`, read through TFDS split expressions. One 300-example test split resolves 0.33 points,
-about the size of the differences in question; the folds multiply the test examples by five.
-The issue's checks are read from the mean over every (fold, seed) pair; fold 0 alone is also
-reported. Three ablations of the SAE policy share its codes: `sae_hardguard` (suspected mislabels
-are excluded while the others can fill the budget, instead of losing a point of score),
-`sae_noguard` (no label guard) and `sae_prev` (the earlier defaults: split-wide
-representativeness, most representative first).
+`python -m bench.selection [--quick] [--config=configs/selection.py]`: clean labels and 20%
+symmetric label noise, 5 folds x 10 seeds, selection ratios {0.3, 0.5, 0.7}, every policy trained
+from scratch for the same epochs (the config's `train` section) with the one trainer. The
+SAE-score defaults were chosen on the validation split, so accuracy is reported on held-out test
+folds (clean labels, used for no choice); validation accuracy is listed beside it. Fold 0 is the
+dataset's own split; folds 1-4 each hold out a quarter of `train` and train on the rest plus
+`test`, read through TFDS split expressions (the folds multiply the test examples by five).
+The checks are read from the mean over every (fold, seed) pair; fold 0 alone is also reported.
+Three ablations of the SAE policy share its codes: `sae_hardguard` (suspected mislabels are
+excluded while the others can fill the budget, instead of losing a point of score),
+`sae_noguard` (no label guard) and `sae_prev` (split-wide representativeness, most
+representative first: the seed article's order).
 Writes bench/results/selection{,_quick}.json, .png (accuracy against example-gradients) and .md
 (the table), and prints the table. Also measures the Gini coefficient of per-example selection
 counts of the SAE policy with and without the usage penalty on the real SAE codes. Compiled epochs
@@ -38,16 +37,20 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from configs.selection import get_config  # pylint: disable=g-import-not-at-top
-from datarater import selection
+from datarater import files, tasks
 from datarater.data import pipeline
-from datarater.selection import policies, scores
-from datarater.selection.base import gini
+from datarater.policies import PolicyContext
+from datarater.policies import sae_scores as scores
+from datarater.policies import selection as policies
+from datarater.policies.selection import gini
+from datarater.trainer import Trainer
+from inner_loop.optimizers import make_inner_optimizer
 
 POLICY_ORDER = ('full', 'random', 'infobatch', 'sae', 'sae_hardguard', 'sae_noguard', 'sae_prev')
 COLORS = {'full': 'k', 'random': 'tab:gray', 'infobatch': 'tab:orange', 'sae': 'tab:blue',
           'sae_hardguard': 'tab:green', 'sae_noguard': 'tab:cyan', 'sae_prev': 'tab:purple'}
-# Bench-only SAE variants: (policy, sae_scores overrides). `sae_prev` = the defaults before the
-# class-conditional scores (commit 60f413d), kept to show what the change did.
+# Bench-only SAE variants: (policy, sae_scores overrides). `sae_prev`: split-wide scores, most
+# representative first (the seed article's order).
 VARIANTS = {'sae_hardguard': ('sae', {'mislabel_guard': 'exclude'}),
             'sae_noguard': ('sae', {'mislabel_guard': 'off'}),
             'sae_prev': ('sae', {'class_conditional': False, 'rep_weight_start': 1.0,
@@ -87,17 +90,17 @@ def count_gini_ablation(codes, labels, num_classes: int, ratio: float, epochs: i
     state = policy.init(len(codes), jax.random.PRNGKey(seed))
     select, update = jax.jit(policy.select), jax.jit(policy.update)
     for _ in range(epochs):
-      idx, w, state = select(state)
-      state = update(state, idx, w, np.zeros(idx.shape, np.float32))
+      idx, w, state = select(policy.aux, state)
+      state = update(policy.aux, state, idx, w, np.zeros(idx.shape, np.float32))
     out['with_penalty' if penalty else 'without_penalty'] = gini(state.counts)
   return out
 
 
-def mislabel_diagnostics(codes, train, cfg) -> dict:
+def mislabel_diagnostics(codes, train, labels, num_classes, cfg) -> dict:
   """The label guard on these codes: share of the split suspected and, under label noise, the
   margin's AUROC for the planted flips and the suspects' recall and precision."""
   sc = cfg.sae_scores
-  stats = scores.factor_stats(codes, sc.high_freq_fraction, train.label, train.num_classes)
+  stats = scores.factor_stats(codes, sc.high_freq_fraction, labels, num_classes)
   suspect = np.asarray(scores.suspected_mislabels(stats, sc.mislabel_rule, sc.mislabel_margin))
   out = {'suspect_share': float(suspect.mean()),
          'confident_error_count': int(scores.confident_error_count(stats))}
@@ -239,8 +242,23 @@ def plot(table: list[dict], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  files.save_figure(fig, path, dpi=120)
   plt.close(fig)
+
+
+def make_policy(name: str, cfg, num: int, codes, labels, num_classes: int, setup: int):
+  """A bench entry's policy at `cfg.policy.ratio` (the SAE ones on the shared codes)."""
+  policy, pcfg = variant_config(cfg, name)
+  ratio = pcfg.policy.ratio
+  if policy == 'full':
+    return policies.full(num)
+  if policy == 'random':
+    return policies.random(num, ratio)
+  if policy == 'infobatch':
+    return policies.infobatch(num, ratio, pcfg.policy.max_prune_prob)
+  cond = pcfg.sae_scores.class_conditional
+  return policies.sae(codes, ratio, pcfg.train.epochs, pcfg.sae_scores,
+                      labels if cond else None, num_classes if cond else 0, setup)
 
 
 def main():
@@ -250,64 +268,69 @@ def main():
   parser.add_argument('--out', default='bench/results')
   parser.add_argument('--folds', type=int, default=5, help='cross-validation folds (>= 1); '
                       'fold 0 is the dataset\'s own train/test split')
+  parser.add_argument('--seeds', type=int, default=10, help='seeds per fold')
   parser.add_argument('--extractor', default='', help="features.extractor: 'penultimate' "
                       "(default; its training is counted as offline cost) or 'pixels' (free)")
   args = parser.parse_args()
   cfg = get_config()
+  cfg.data.data_dir = args.data_dir
   if args.extractor:
     cfg.features.extractor = args.extractor
   if args.folds < 1:
     parser.error(f'--folds must be >= 1, got {args.folds}')
-  seeds = [0] if args.quick else list(range(10))
+  seeds = [0] if args.quick else list(range(args.seeds))
   folds = [0] if args.quick else list(range(args.folds))
   ratios = [0.3, 0.7] if args.quick else [0.3, 0.5, 0.7]
   if args.quick:
     cfg.train.epochs = 10
-  # One compilation per (policy, ratio): the epoch takes data and policy arrays as arguments.
+  # One compilation per (policy, ratio, train size): data and policy arrays are arguments.
   cache_dir = tempfile.mkdtemp(prefix='bench_selection_')
   atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  validation = pipeline.load_split('sklearn_digits', 'validation', args.data_dir)
-  num_train = pipeline.get_builder('sklearn_digits', args.data_dir).info.splits['train'].num_examples
+  validation = pipeline.load_split(cfg.data, cfg.data.heldout_split)
+  num_train = pipeline.builder_of(cfg.data).info.splits['train'].num_examples
+  optimizer = make_inner_optimizer(cfg.train.optimizer, cfg.train.learning_rate)
   runs, offline, ginis = [], [], {}
   t_start = time.time()
   for noise, fold, seed in itertools.product((0.0, 0.2), folds, seeds):
     train_split, test_split = fold_splits(fold, args.folds, num_train)
-    test = pipeline.load_split('sklearn_digits', test_split, args.data_dir)
-    train = pipeline.load_split('sklearn_digits', train_split, args.data_dir, label_noise=noise,
-                                noise_seed=seed)
+    cfg.data.label_noise, cfg.data.noise_seed = noise, seed
+    test = pipeline.load_split(cfg.data, test_split)
+    train = pipeline.load_split(cfg.data, train_split, corrupt=True)
+    task = tasks.make_task(cfg.task, train.info)
+    labels, num_classes = np.asarray(task.labels(train.features)), task.num_classes
     cfg.features.seed = seed
     t0 = time.perf_counter()
-    codes, info = selection.sae_codes(train, cfg, seed)
+    codes, info = policies.sae_codes(PolicyContext(train, None, task, cfg), seed)
     info.update(noise=noise, fold=fold, seed=seed, offline_s=time.perf_counter() - t0,
-                **mislabel_diagnostics(codes, train, cfg))
+                **mislabel_diagnostics(codes, train, labels, num_classes, cfg))
     offline.append(info)
     for ratio in ratios:
-      g = count_gini_ablation(codes, train.label, train.num_classes, ratio, cfg.train.epochs,
-                              cfg, seed)
+      g = count_gini_ablation(codes, labels, num_classes, ratio, cfg.train.epochs, cfg, seed)
       for k, v in g.items():
         ginis.setdefault(f'noise {noise:.0%}, ratio {ratio}', {}).setdefault(k, []).append(v)
     for policy in POLICY_ORDER:
       for ratio in ([1.0] if policy == 'full' else ratios):
-        cfg.selection_ratio = ratio
-        name, pcfg = variant_config(cfg, policy)
-        pol, _ = selection.make_policy(name, train, pcfg, seed, codes=codes)
-        res = selection.train_with_selection(
-            pol, train, {'validation': validation, 'test': test}, hidden=cfg.task_model.hidden,
-            activation=cfg.task_model.activation, optimizer=cfg.train.optimizer,
-            learning_rate=cfg.train.learning_rate, epochs=cfg.train.epochs,
-            batch_size=cfg.train.batch_size, seed=seed)
+        cfg.policy.ratio = ratio
+        setup = info['extractor_example_grads'] if policy.startswith('sae') else 0
+        pol = make_policy(policy, cfg, len(train), codes, labels, num_classes, setup)
+        res = Trainer(task, optimizer, pol, cfg.train.batch_size).run(
+            train, {'validation': validation, 'test': test}, [seed], epochs=cfg.train.epochs)
+        counts = np.asarray(res.policy_state.counts[0])
         run = {'noise': noise, 'fold': fold, 'seed': seed, 'policy': policy, 'ratio': ratio,
-               'offline_example_grads': (info['extractor_example_grads']
-                                         if name == 'sae' else 0),
-               'validation_accuracy': res['final']['validation']['accuracy'],
-               'test_accuracy': res['final']['test']['accuracy'],
-               'test_loss': res['final']['test']['loss'],
-               **{k: res[k] for k in ('example_grads', 'example_grads_full', 'wall_s',
-                                      'compile_s', 'count_gini', 'noisy_share_of_grads')},
-               'curve': [(h['example_grads'], h['test']['accuracy']) for h in res['history']]}
+               'offline_example_grads': setup,
+               'validation_accuracy': res.final['validation']['accuracy'][0],
+               'test_accuracy': res.final['test']['accuracy'][0],
+               'test_loss': res.final['test']['loss'][0],
+               'example_grads': res.example_gradients,
+               'example_grads_full': cfg.train.epochs * len(train),
+               'wall_s': res.wall_s, 'compile_s': res.compile_s, 'count_gini': gini(counts),
+               'noisy_share_of_grads': (float(counts[train.is_corrupted].sum() / counts.sum())
+                                        if train.is_corrupted.any() else 0.0),
+               'curve': [(h['example_gradients'], h['test']['accuracy'][0])
+                         for h in res.history]}
         runs.append(run)
         print(f"noise={noise} fold={fold} seed={seed} {policy:11s} r={ratio:.1f} "
               f"test={run['test_accuracy']:.4f} val={run['validation_accuracy']:.4f} "
@@ -333,11 +356,9 @@ def main():
   name = 'selection' + ('_quick' if args.quick else '') + (
       f'_{cfg.features.extractor}' if cfg.features.extractor != 'penultimate' else '')
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
-    json.dump(result, f, indent=1, default=float)
+  files.write_json(os.path.join(args.out, f'{name}.json'), result)
   md = markdown(table, ginis, offline)
-  with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
-    f.write(md)
+  files.write_text(os.path.join(args.out, f'{name}.md'), md)
   plot(table, os.path.join(args.out, f'{name}.png'))
   print(md)
   print(json.dumps(result['acceptance'], indent=1))

@@ -1,48 +1,50 @@
-r"""How well each valuation separates label-noise examples from clean ones, over seeds.
+r"""How well each valuation separates corrupted examples from clean ones, over seeds and noise.
 
-  python -m bench.valuation_noise                          # 3 seeds, every gradient method
-  python -m bench.valuation_noise --seeds=0 --rater_workdir=RUN   # + a trained DataRater
+  python -m bench.valuation_noise                                  # digits, 20% noise, 3 seeds
+  python -m bench.valuation_noise --config=configs/fashion_mnist.py --noise=0.2,0.4 --rater_steps=600
 
-On sklearn_digits with 20% symmetric label noise (configs/valuate.py), per seed s (noise seed,
-initialisation and data order all = s): each method's values over the training split and the
-AUROC P(value of a clean example > value of a corrupted one). Also: data value embedding's value
-by training phase, and TracIn curricula from two value sources (negative self-influence, and
-Grad-Cos influence on the held-out set): fresh models trained with soft loss weights, soft
-sampling weights or a hard top-20% subset, against uniform, scored by test accuracy; and
-Grad-Mimic online (per-batch softmax weights of the Mimic scores during training) vs uniform. Writes
-bench/results/valuation_noise.json and .png.
+Per noise rate p and seed s (corruption draw, initialisation and data order all = s), on the
+config's task and data: each method's values over the training split, and the AUROC
+P(value of a clean example > value of a corrupted one), overall and per corruption kind. Methods:
+TracIn self-influence, held-out influence and held-out Grad-Cos, Mimic (last layer, cosine, all
+layers), data value embedding, and (with --rater_steps > 0) a DataRater meta-trained here with the
+same data. Also: data value embedding's value by training phase, and curricula: fresh models
+trained (the valuation run's optimizer and length) with soft loss weights from the values or on a
+hard top-20% subset, and with Grad-Mimic's online weights, against uniform, by test accuracy.
+Writes <out>.json, .png and .md.
 """
-import json
 import os
 import platform
+import tempfile
 import time
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
-import jax.numpy as jnp
 import numpy as np
+from ml_collections import config_flags
 
-from configs.valuate import get_config
-from datarater import checkpointing, models
+from datarater import evaluation, files, policies, tasks
 from datarater.data import pipeline
-from datarater.evaluation import noise_auroc
-from datarater.valuation import base, factory, tracin
-from datarater.valuation import mimic as mimic_lib
+from datarater.meta_train import meta_train
+from datarater.policies import weighting
+from datarater.trainer import Trainer
+from datarater.valuation import factory
 from inner_loop.optimizers import make_inner_optimizer
-from inner_loop.unroll import init_inner_state
 
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (noise, init, data order).')
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (corruption, init, data order).')
+_NOISE = flags.DEFINE_list('noise', ['0.2'], 'Corruption rates (data.label_noise).')
 _VARIANTS = flags.DEFINE_list(
     'variants', ['tracin_self', 'tracin_heldout', 'tracin_heldout_cos', 'mimic', 'mimic_cos',
                  'mimic_all_layers', 'dvemb'], 'Which valuations to run.')
-_RATER = flags.DEFINE_string('rater_workdir', '', 'A train_rater workdir: adds the DataRater.')
-_CURRICULUM = flags.DEFINE_bool('curriculum', True, 'Run the TracIn curriculum comparison.')
-_DATA_DIR = flags.DEFINE_string('data_dir', '', 'TFDS data_dir ("" = default).')
-_OUT = flags.DEFINE_string('out', 'bench/results/valuation_noise', 'Output prefix (.json, .png).')
+_RATER_STEPS = flags.DEFINE_integer('rater_steps', 0, 'Outer steps of a DataRater per (noise, '
+                                    'seed), 0: no DataRater.')
+_CURRICULUM = flags.DEFINE_bool('curriculum', True, 'Run the curriculum comparisons.')
+_OUT = flags.DEFINE_string('out', 'bench/results/valuation_noise', 'Output prefix.')
 
-VARIANTS = {  # name -> (method, config overrides)
+VARIANTS = {  # name -> (method, valuation overrides)
     'tracin_self': ('tracin', {'tracin_mode': 'self'}),
     'tracin_heldout': ('tracin', {'tracin_mode': 'heldout'}),
     'tracin_heldout_cos': ('tracin', {'tracin_mode': 'heldout_cos'}),
@@ -52,176 +54,152 @@ VARIANTS = {  # name -> (method, config overrides)
     'dvemb': ('dvemb', {}),
     'datarater': ('datarater', {}),
 }
-
-
 CURRICULUM_SOURCES = ('tracin_self', 'tracin_heldout_cos')  # values that drive a curriculum
 
 
-def seeded_config(seed: int, data_dir: str, overrides: dict):
-  config = get_config()
-  config.data.data_dir = data_dir
-  config.data.noise_seed = seed
-  config.valuation.order_seed = seed
-  config.valuation.init_seed = seed
-  for k, val in overrides.items():
-    config.valuation[k] = val
-  return config
+def seeded(config, noise: float, seed: int, overrides=None):
+  c = config.copy_and_resolve_references()
+  c.seed = c.data.noise_seed = c.valuation.seed = seed
+  c.data.label_noise = noise
+  c.valuation.update(overrides or {})
+  return c
 
 
-def curriculum(config, train, test, values: np.ndarray, seed: int) -> dict:
-  """Test accuracy of fresh models (2 inits) trained uniformly vs with curriculum weights."""
+def fresh_accuracy(config, task, train, test, policy, seed: int) -> float:
+  """Test accuracy of 2 fresh models trained like the valuation run, under `policy`."""
   v = config.valuation
-  task, loss_fn, _ = factory.task_problem(config, train)
-  steps, b = v.train_steps, v.batch_size
-  fixed = pipeline.stream_indices(len(train), 0, steps * b, seed + 100).reshape(steps, b)
-  soft = tracin.curriculum_weights(values, 'weight', temperature=1.0)
-  hard = tracin.curriculum_weights(values, 'select', fraction=0.2)
-  setups = {
-      'uniform': (fixed, None),
-      'loss_weights': (fixed, soft[fixed]),
-      'sampling_weights': (tracin.sample_order(soft, steps, b, seed + 100), None),
-      'select_top20': (tracin.sample_order(hard, steps, b, seed + 100), None),
-  }
-  evaluate = jax.jit(lambda p: models.accuracy(task.apply, p, {'image': test.image,
-                                                               'label': test.label}))
+  run = Trainer(task, make_inner_optimizer(v.optimizer, v.learning_rate), policy,
+                v.batch_size).run(train, {'test': test}, [1000 + 10 * seed, 1001 + 10 * seed],
+                                  steps=v.train_steps)
+  return float(np.mean(run.final['test']['accuracy']))
+
+
+def curriculum(config, task, train, test, values, seed: int) -> dict:
+  soft = weighting.curriculum_weights(values, 'weight', temperature=1.0)
+  hard = weighting.curriculum_weights(values, 'select', fraction=0.2)
+  setups = {'uniform': weighting.weighting('uniform', len(train)),
+            'loss_weights': weighting.table('soft', soft),
+            'select_top20': weighting.table('top20', hard)}
+  return {name: fresh_accuracy(config, task, train, test, p, seed) for name, p in setups.items()}
+
+
+def mimic_online(config, task, train, heldout, test, seed: int, temperatures=(1.0, 0.1)) -> dict:
   out = {}
-  for name, (order, weights) in setups.items():
-    accs = []
-    for init in range(2):
-      params = task.init(jax.random.key(1000 + 10 * seed + init), train.image[:1])
-      w = None if weights is None else jnp.asarray(weights, jnp.float32)
-      run = jax.jit(lambda bt, w: base.record_run(loss_fn, params, bt, v.learning_rate, steps,
-                                                  v.optimizer, w))(train.take(order), w)
-      accs.append(float(evaluate(run.final_params)))
-    out[name] = float(np.mean(accs))
-  return out
-
-
-def mimic_online(config, train, heldout, test, temperatures=(1.0, 0.1)) -> dict:
-  """Test accuracy after training with Grad-Mimic's online softmax weights vs uniform weights.
-
-  Same initialisation and data order for both; the reference is trained on the held-out split.
-  """
-  v = config.valuation
-  task, loss_fn, params = factory.task_problem(config, train)
-  reference = factory.record(config, loss_fn, params, heldout, v.reference_steps,
-                             v.reference_steps).final_params
-  batches = base.fixed_order_batches(train, v.train_steps, v.batch_size, v.order_seed)
-  first = jax.tree.map(lambda x: x[0], batches)
-  layers = mimic_lib.resolve_layers(loss_fn, params, first, factory.parse_layers(v.mimic_layers))
-  opt = make_inner_optimizer(v.optimizer, v.learning_rate)
-  online = lambda b, tau: jax.jit(lambda b: mimic_lib.train_online(
-      loss_fn, opt, init_inner_state(params, opt), b, reference, tau, layers)[0].params)(b)
-  uniform = factory.record(config, loss_fn, params, train, v.train_steps, v.train_steps)
-  test_batch = {'image': test.image, 'label': test.label}
-  acc = lambda p: float(models.accuracy(task.apply, p, test_batch))
-  out = {'uniform': acc(uniform.final_params), 'reference_only': acc(reference)}
   for tau in temperatures:
-    out[f'mimic_online_tau{tau:g}'] = acc(online(batches, tau))
+    c = config.copy_and_resolve_references()
+    c.policy.temperature = tau
+    policy = policies.make_policy('mimic', policies.PolicyContext(train, heldout, task, c))
+    out[f'mimic_online_tau{tau:g}'] = fresh_accuracy(c, task, train, test, policy, seed)
   return out
 
 
-def main(argv):
-  del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / tfds chatter off
-  variants = list(_VARIANTS.value) + (['datarater'] if _RATER.value else [])
-  results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
-             'auroc': {n: {} for n in variants}, 'seconds': {n: {} for n in variants},
-             'dvemb_phase': {}, 'curriculum': {}, 'mimic_online': {},
-             'rater_workdir': _RATER.value or None,
-             'note': 'AUROC = P(value of a clean example > value of a corrupted one); the rater, '
-                     'if any, was trained by launch.train_rater on the noise of its own config'}
-  data_dir = _DATA_DIR.value
-  for s in map(int, _SEEDS.value):
-    base_cfg = seeded_config(s, data_dir, {})
-    d = base_cfg.data
-    train = pipeline.load_split(d.name, d.train_split, d.data_dir, d.label_noise, d.noise_seed)
-    heldout = pipeline.load_split(d.name, d.heldout_split, d.data_dir)
-    test = pipeline.load_split(d.name, d.eval_split, d.data_dir)
-    for name in variants:
-      method, overrides = VARIANTS[name]
-      config = seeded_config(s, data_dir, dict(overrides, rater_workdir=_RATER.value))
-      t0 = time.perf_counter()
-      val = factory.build(method, config, train, heldout)
-      values = base.score_split(val.value, train, config.valuation.score_batch_size,
-                                progress=False)
-      secs = time.perf_counter() - t0
-      auc = noise_auroc(values, train.is_corrupted)
-      results['auroc'][name][str(s)] = auc
-      results['seconds'][name][str(s)] = secs
-      print(f'seed {s} {name:20s} AUROC {auc:.3f}  ({secs:.1f} s)', flush=True)
-      if name == 'dvemb':
-        phases = val.phase_values()
-        results['dvemb_phase'][str(s)] = {
-            'mean_abs_value': [float(np.mean(np.abs(p))) for p in phases],
-            'auroc': [noise_auroc(p, train.is_corrupted) for p in phases]}
-        print(f'  dvemb by phase (early, middle, late): {results["dvemb_phase"][str(s)]}')
-      if name == 'mimic' and _CURRICULUM.value:
-        results['mimic_online'][str(s)] = mimic_online(config, train, heldout, test)
-        print(f'  mimic online vs uniform: test accuracy {results["mimic_online"][str(s)]}')
-      if name in CURRICULUM_SOURCES and _CURRICULUM.value:
-        cur = results['curriculum'].setdefault(name, {})
-        cur[str(s)] = curriculum(config, train, test, values, s)
-        print(f'  curriculum from {name}: test accuracy {cur[str(s)]}', flush=True)
-  summary = {}
-  for name in variants:
-    vals = np.array(list(results['auroc'][name].values()))
-    summary[name] = {'mean': float(vals.mean()), 'std': float(vals.std()), 'per_seed': vals.tolist()}
-  results['summary'] = summary
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  checkpointing.write_json_atomic(_OUT.value + '.json', results)
-  plot(results, _OUT.value + '.png')
-  print(json.dumps(summary, indent=1))
+def markdown(results: dict) -> str:
+  kinds = sorted({k for r in results['runs'] for k in r['auroc_by_kind']})
+  lines = [f'Noise AUROC (mean ± std over seeds {results["seeds"]}), '
+           f'{results["dataset"]}, task {results["task"]}:', '',
+           '| noise | method | overall | ' + ' | '.join(kinds) + ' | seconds |',
+           '|---|---|---|' + '---|' * len(kinds) + '---|']
+  for noise in results['noise']:
+    for name in results['variants']:
+      rs = [r for r in results['runs'] if r['noise'] == noise and r['variant'] == name]
+      if not rs:
+        continue
+      cell = lambda xs: f'{np.mean(xs):.3f} ± {np.std(xs):.3f}'
+      per_kind = [cell([r['auroc_by_kind'][k] for r in rs if k in r['auroc_by_kind']])
+                  if any(k in r['auroc_by_kind'] for r in rs) else '' for k in kinds]
+      lines.append(f'| {noise:.0%} | {name} | {cell([r["auroc"] for r in rs])} | '
+                   + ' | '.join(per_kind) + f' | {np.mean([r["seconds"] for r in rs]):.0f} |')
+  return '\n'.join(lines) + '\n'
 
 
 def plot(results: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  names = list(results['summary'])
-  fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.4),
-                                     gridspec_kw={'width_ratios': [2, 1, 0.8]})
-  for i, n in enumerate(names):
-    per_seed = results['summary'][n]['per_seed']
-    ax.bar(i, np.mean(per_seed), color='C0', alpha=0.6)
-    ax.plot([i] * len(per_seed), per_seed, 'k.', ms=8)
-  ax.axhline(0.85, color='r', ls='--', lw=1, label='0.85 target (TracIn self, Mimic)')
-  ax.axhline(0.5, color='gray', ls=':', lw=1, label='chance')
-  ax.set_xticks(range(len(names)), names, rotation=30, ha='right')
-  ax.set(ylim=(0.0, 1.0), ylabel='AUROC clean vs corrupted',
-         title='Separating 20% label noise on sklearn_digits (bars: mean, dots: seeds)')
-  ax.legend(loc='lower right', fontsize=8)
-  sources = results.get('curriculum') or {}
-  lows = []
-  for j, (source, cur) in enumerate(sources.items()):
-    keys = list(next(iter(cur.values())))
-    means = [np.mean([c[k] for c in cur.values()]) for k in keys]
-    lows.append(min(min(c.values()) for c in cur.values()))
-    x = np.arange(len(keys)) + 0.4 * j
-    ax2.bar(x, means, 0.4, color=f'C{j + 2}', alpha=0.7, label=f'values: {source}')
-    for i, k in enumerate(keys):
-      ax2.plot([x[i]] * len(cur), [c[k] for c in cur.values()], 'k.', ms=6)
-    ax2.set_xticks(np.arange(len(keys)) + 0.2, keys, rotation=30, ha='right')
-  if sources:
-    ax2.set(ylim=(max(0.0, min(lows) - 0.05), 1.0), ylabel='test accuracy',
-            title='TracIn curriculum (fresh models)')
-    ax2.legend(fontsize=8, loc='lower left')
-  phases = results.get('dvemb_phase') or {}
-  if phases:
-    names3 = ['early', 'middle', 'late']
-    for s, p in phases.items():
-      ax3.plot(names3, p['mean_abs_value'], 'o-', color='C4', alpha=0.7)
-    ax3.set(yscale='log', ylabel='mean |value| (predicted LOO change of held-out loss)',
-            title='Data value embedding by phase')
-    ax3b = ax3.twinx()
-    for s, p in phases.items():
-      ax3b.plot(names3, p['auroc'], 's--', color='C1', alpha=0.7)
-    ax3b.set_ylabel('noise AUROC of the phase value (dashed)')
-    ax3b.set_ylim(0.4, 1.0)
+  fig, axes = plt.subplots(1, len(results['noise']), figsize=(7 * len(results['noise']), 4.4),
+                           squeeze=False)
+  for ax, noise in zip(axes[0], results['noise']):
+    names = [n for n in results['variants']
+             if any(r['variant'] == n and r['noise'] == noise for r in results['runs'])]
+    for i, n in enumerate(names):
+      per_seed = [r['auroc'] for r in results['runs'] if r['variant'] == n and r['noise'] == noise]
+      ax.bar(i, np.mean(per_seed), color='C0', alpha=0.6)
+      ax.plot([i] * len(per_seed), per_seed, 'k.', ms=8)
+    ax.axhline(0.5, color='gray', ls=':', lw=1, label='chance')
+    ax.set_xticks(range(len(names)), names, rotation=30, ha='right')
+    ax.set(ylim=(0.0, 1.0), ylabel='AUROC clean vs corrupted',
+           title=f'{results["dataset"]}, {noise:.0%} corrupted (bars: mean, dots: seeds)')
+    ax.legend(loc='lower right', fontsize=8)
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  files.save_figure(fig, path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  config = _CONFIG.value
+  variants = list(_VARIANTS.value) + (['datarater'] if _RATER_STEPS.value else [])
+  noises = [float(x) for x in _NOISE.value]
+  seeds = [int(s) for s in _SEEDS.value]
+  results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
+             'dataset': config.data.name, 'task': config.task.name, 'noise': noises,
+             'seeds': seeds, 'variants': variants, 'rater_steps': _RATER_STEPS.value,
+             'runs': [], 'dvemb_phase': [], 'curriculum': [], 'mimic_online': []}
+  t_start = time.time()
+  for noise in noises:
+    for s in seeds:
+      base = seeded(config, noise, s)
+      d = base.data
+      train = pipeline.load_split(d, d.train_split, corrupt=True)
+      heldout = pipeline.load_split(d, d.heldout_split)
+      test = pipeline.load_split(d, d.eval_split)
+      task = tasks.make_task(base.task, train.info)
+      rater_dir = ''
+      if 'datarater' in variants:
+        rater_dir = tempfile.mkdtemp(prefix='bench_rater_')
+        rc = base.copy_and_resolve_references()
+        rc.outer.steps, rc.log_every, rc.checkpoint_every = (_RATER_STEPS.value,) * 3
+        rc.final_eval.num_models = 0
+        meta_train(rc, rater_dir)
+      for name in variants:
+        method, overrides = VARIANTS[name]
+        c = seeded(config, noise, s, dict(overrides, rater=rater_dir))
+        t0 = time.perf_counter()
+        val = factory.build(method, c, task, train, heldout)
+        values = val.values(train, c.valuation.score_batch_size)
+        secs = time.perf_counter() - t0
+        run = {'noise': noise, 'seed': s, 'variant': name, 'seconds': secs,
+               'example_gradients': int(val.example_gradients),
+               'auroc': evaluation.noise_auroc(values, train.is_corrupted),
+               'auroc_by_kind': evaluation.auroc_by_kind(values, train)}
+        if name == 'datarater':
+          run['seconds'] = None  # meta-training time is reported by launch.train_rater
+        results['runs'].append(run)
+        print(f'noise {noise:.0%} seed {s} {name:20s} AUROC {run["auroc"]:.3f} '
+              f'{run["auroc_by_kind"]} ({secs:.1f} s) [{time.time() - t_start:.0f} s]',
+              flush=True)
+        if name == 'dvemb':
+          phases = val.phase_values()
+          results['dvemb_phase'].append({
+              'noise': noise, 'seed': s,
+              'mean_abs_value': [float(np.mean(np.abs(p))) for p in phases],
+              'auroc': [evaluation.noise_auroc(p, train.is_corrupted) for p in phases]})
+        if name == 'mimic' and _CURRICULUM.value:
+          acc = mimic_online(c, task, train, heldout, test, s)
+          results['mimic_online'].append({'noise': noise, 'seed': s, **acc})
+          print(f'  mimic online: test accuracy {acc}', flush=True)
+        if name in CURRICULUM_SOURCES and _CURRICULUM.value:
+          acc = curriculum(c, task, train, test, values, s)
+          results['curriculum'].append({'noise': noise, 'seed': s, 'source': name, **acc})
+          print(f'  curriculum from {name}: test accuracy {acc}', flush=True)
+  results['total_s'] = time.time() - t_start
+  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+  files.write_json(_OUT.value + '.json', results)
+  md = markdown(results)
+  files.write_text(_OUT.value + '.md', md)
+  plot(results, _OUT.value + '.png')
+  print(md)
 
 
 if __name__ == '__main__':

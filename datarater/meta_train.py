@@ -144,8 +144,11 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
 
 def fresh_model_results(config, data, problem, rater_params) -> dict:
   """Fresh task models trained `final_eval.train_steps` steps with the rater's weights and with
-  uniform weights (same seeds: same initialisations and data order); held-out and eval figures."""
+  uniform weights (same seeds: same initialisations and data order); held-out and eval figures.
+  None when `final_eval.num_models` is 0."""
   fe = config.final_eval
+  if fe.num_models < 1:
+    return {}
   policies = {'rater': weighting.rater_weights(problem.rater, rater_params,
                                                problem.temperature, len(data.train)),
               'uniform': weighting.weighting('uniform', len(data.train))}

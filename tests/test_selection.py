@@ -324,3 +324,21 @@ def test_infobatch_spends_the_budget_learns_and_trains_on_noisy_examples(tfds_di
   counts = np.asarray(run.policy_state.counts[0])
   assert counts.sum() == 4 * n
   assert counts[ctx.train.is_corrupted].sum() / counts.sum() > 0.22
+
+
+def test_bench_folds_partition_train_and_test(tfds_dir):
+  """bench.selection's folds: test folds tile train+test, each fold trains on exactly the rest."""
+  from collections import Counter  # pylint: disable=g-import-not-at-top
+  from bench.selection import fold_splits  # pylint: disable=g-import-not-at-top
+  rows = lambda s: Counter(map(bytes, np.concatenate([
+      s.features['image'].reshape(len(s), -1), s.features['label'][:, None]], 1)))
+  load = lambda expr: pipeline.load_split(digits_data(tfds_dir), expr)
+  pool = rows(load('train')) + rows(load('test'))
+  tested = Counter()
+  for fold in range(5):
+    train_expr, test_expr = fold_splits(fold, 5, 1197)
+    train, test = rows(load(train_expr)), rows(load(test_expr))
+    assert train + test == pool
+    assert 299 <= sum(test.values()) <= 300
+    tested += test
+  assert tested == pool
