@@ -1,0 +1,90 @@
+"""A small convolutional classifier and rater, registered as `cnn_classifier` and `cnn_rater`.
+
+Each layer is a 3x3 convolution written as image patches times a Dense kernel
+(`conv_general_dilated_patches`, then `nn.Dense`): the same function as `nn.Conv`, but every
+parameter sits in a Dense layer whose inputs are the patches, so the per-example gradient layer's
+ghost dot products and factored projections (Dense inputs x output gradients, summed over
+positions) cover the convolutions too, and CPUs run the matmuls faster than conv kernels, also
+through the second-order terms of meta-gradients. After each convolution: group norm (gcd(groups,
+channels) groups) without learned scale or offset (per example: batch norm would mix the examples of a batch and break
+per-example losses and gradients) and the activation. Then a flatten or a global average pool
+(`pool`), an optional Dense layer (`hidden`, 0 = none), and the head. `embed` is the head's input.
+"""
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from datarater.errors import UserError
+from datarater.tasks.classifier import Classifier, LabelledRater, _io_keys, activation
+from datarater.tasks.registry import register_rater, register_task
+
+POOLS = ('flatten', 'mean')
+
+
+class PatchConv(nn.Module):
+  """A 3x3 'SAME' convolution: [B, H, W, C] -> [B, H / s, W / s, features], as patches @ kernel."""
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    patches = jax.lax.conv_general_dilated_patches(
+        x, (3, 3), (self.stride, self.stride), 'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return nn.Dense(self.features, name='kernel')(patches)
+
+
+class CNN(nn.Module):
+  """Images [B, H, W, C] (or [B, H, W]) -> `outputs` per example."""
+  channels: Sequence[int]
+  strides: Sequence[int]
+  outputs: int
+  pool: str = 'flatten'
+  hidden: int = 0
+  groups: int = 4
+  activation: str = 'relu'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, embed: bool = False) -> jax.Array:
+    if x.ndim == 3:
+      x = x[..., None]
+    act = activation(self.activation)
+    for i, (width, stride) in enumerate(zip(self.channels, self.strides)):
+      x = PatchConv(width, stride, name=f'conv_{i}')(x)
+      x = nn.GroupNorm(num_groups=math.gcd(self.groups, width), use_scale=False,
+                       use_bias=False)(x)
+      x = act(x)
+    x = x.reshape(x.shape[0], -1) if self.pool == 'flatten' else jnp.mean(x, axis=(1, 2))
+    if self.hidden:
+      x = act(nn.Dense(self.hidden, name='dense')(x))
+    if embed:
+      return x
+    return nn.Dense(self.outputs, name='head')(x)
+
+
+def _cnn(config, outputs: int) -> CNN:
+  channels, strides = tuple(config.channels), tuple(config.strides)
+  if not channels or len(channels) != len(strides) or min(channels) < 1 or min(strides) < 1:
+    raise UserError(f'a CNN needs as many positive strides as channels, got channels {channels} '
+                    f'and strides {strides}')
+  if config.pool not in POOLS:
+    raise UserError(f'unknown CNN pool {config.pool!r} (choose from {", ".join(POOLS)})')
+  return CNN(channels, strides, outputs, config.pool, int(config.hidden), int(config.groups),
+             config.activation)
+
+
+@register_task('cnn_classifier')
+def cnn_classifier(config, info) -> Classifier:
+  """config: channels, strides, pool, hidden, groups, activation, optional input / label."""
+  x_key, y_key, num_classes = _io_keys(config, info)
+  return Classifier(_cnn(config, num_classes), info.spec, x_key, y_key, num_classes)
+
+
+@register_rater('cnn_rater')
+def cnn_rater(config, info) -> LabelledRater:
+  """g_phi(x, y) from a CNN with one output per class (the label's output is the score)."""
+  x_key, y_key, num_classes = _io_keys(config, info)
+  return LabelledRater(_cnn(config, num_classes), info.spec, x_key, y_key)

@@ -1,0 +1,132 @@
+"""The CNN task and rater: convolutions equal flax's nn.Conv, examples stay independent (group
+norm), every parameter is reachable by ghost products, meta-gradients match finite differences,
+and every launcher runs end to end with configs/digits_cnn.py."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from configs import digits_cnn
+from datarater import export, pergrad, tasks
+from datarater.curation.filter import filter_dataset
+from datarater.data.corruption import Corruption
+from datarater.data.pipeline import DataInfo
+from datarater.meta_train import meta_train
+from datarater.tasks.cnn import PatchConv
+from datarater.train import train
+from datarater.valuation.run import valuate
+from outer_loop import meta_step
+from tests.conftest import digits_data
+from tests.tiny import as_float64, estimator, tiny_problem
+
+
+def _info(shape=(6, 6, 2)):
+  return DataInfo('images', {'image': jax.ShapeDtypeStruct(shape, np.float32),
+                             'label': jax.ShapeDtypeStruct((), np.int32)}, {'label': 3},
+                  ('image', 'label'))
+
+
+def _batch(n=5, shape=(6, 6, 2), seed=0):
+  rng = np.random.default_rng(seed)
+  return {'image': jnp.asarray(rng.normal(size=(n, *shape))),
+          'label': jnp.asarray(rng.integers(0, 3, n), jnp.int32)}
+
+
+@pytest.mark.parametrize('stride,size', [(1, 6), (2, 6), (2, 7)])
+def test_patch_convolution_equals_flax_conv(stride, size):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  conv = PatchConv(5, stride)
+  params = conv.init(jax.random.key(1), x)
+  dense = params['params']['kernel']
+  # Patches are ordered (input channel, row, column); nn.Conv's kernel is (row, column, in, out).
+  kernel = jnp.transpose(dense['kernel'].reshape(3, 3, 3, 5), (1, 2, 0, 3))
+  want = nn.Conv(5, (3, 3), strides=stride, padding='SAME').apply(
+      {'params': {'kernel': kernel, 'bias': dense['bias']}}, x)
+  np.testing.assert_allclose(conv.apply(params, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('pool', ['flatten', 'mean'])
+def test_examples_are_independent_and_ghost_products_cover_the_cnn(pool):
+  with jax.enable_x64():
+    config = digits_cnn.cnn(channels=(4, 6), strides=(1, 2), pool=pool, hidden=5)
+    task = tasks.make_task(config, _info())
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), task.init(jax.random.key(0)))
+    batch = _batch()
+    loss_fn = jax.jit(task.per_example_loss)
+    losses = loss_fn(params, batch)
+    alone = [loss_fn(params, jax.tree.map(lambda x: x[i:i + 1], batch))[0] for i in range(5)]
+    np.testing.assert_allclose(losses, alone, rtol=1e-12)  # nothing mixes the examples
+    assert jax.jit(task.embed)(params, batch).shape == (5, 5)
+    loss = task.per_example_loss
+    grad = jax.jit(jax.grad(lambda p, one: loss(p, one)[0]))
+    flat = np.stack([ravel_pytree(grad(params, jax.tree.map(lambda x: x[i:i + 1], batch)))[0]
+                     for i in range(5)])
+    assert pergrad.ghost_covers(loss, params, batch)
+    ghost = jax.jit(lambda p, b: pergrad.ghost_dots(loss, p, b))
+    np.testing.assert_allclose(ghost(params, batch), flat @ flat.T, rtol=1e-9)
+    got = jax.jit(lambda p, b: pergrad.per_example(loss, p, b, pergrad.flatten(),
+                                                   chunk_size=2))(params, batch)
+    np.testing.assert_allclose(got, flat, rtol=1e-10, atol=1e-12)
+
+
+def test_cnn_meta_gradient_matches_finite_differences():
+  """The bi-level problem with a CNN task and a CNN rater, float64, T = 2 SGD steps."""
+  with jax.enable_x64():
+    info = _info((5, 5, 1))
+    base = tiny_problem(optimizer='sgd', lr=0.3)
+    problem = meta_step.MetaProblem(
+        task=tasks.make_task(digits_cnn.cnn(channels=(3,), strides=(2,), activation='tanh'),
+                             info),
+        rater=tasks.make_rater(digits_cnn.cnn(name='cnn_rater', channels=(2,), strides=(2,),
+                                              activation='tanh'), info),
+        inner_optimizer=base.inner_optimizer, outer_optimizer=base.outer_optimizer,
+        temperature=0.7, reset_every=3)
+    est = estimator('reverse', 'sgd', 0.3)
+    rng = np.random.default_rng(0)
+    inner = {'image': jnp.asarray(rng.normal(size=(2, 2, 6, 5, 5, 1))),
+             'label': jnp.asarray(rng.integers(0, 3, (2, 2, 6)), jnp.int32)}
+    outer = {'image': jnp.asarray(rng.normal(size=(2, 6, 5, 5, 1))),
+             'label': jnp.asarray(rng.integers(0, 3, (2, 6)), jnp.int32)}
+    state = as_float64(meta_step.init_outer_state(problem, jax.random.PRNGKey(1), 2))
+    flat_phi, unravel = ravel_pytree(state.rater_params)
+    grads = jax.jit(lambda phi: meta_step.meta_gradient(
+        problem, est, phi, state.population, inner, outer)[1])(state.rater_params)
+    loss_of = jax.jit(lambda flat: meta_step.outer_loss(
+        problem, est, unravel(flat), state.population, inner, outer)[0])
+    eps = 1e-6
+    numeric = jax.vmap(lambda e: (loss_of(flat_phi + eps * e) - loss_of(flat_phi - eps * e))
+                       / (2 * eps))(jnp.eye(flat_phi.size, dtype=jnp.float64))
+    analytic = ravel_pytree(grads)[0]
+    assert float(jnp.linalg.norm(analytic)) > 1e-6
+    assert float(jnp.linalg.norm(analytic - numeric) / jnp.linalg.norm(numeric)) < 1e-5
+
+
+@pytest.mark.slow  # ~70 s; the CNN's own pieces are checked above, each launcher in CI with the MLP
+def test_every_launcher_runs_with_the_cnn_on_digits(tfds_dir, tmp_path):
+  c = digits_cnn.get_config()
+  c.data = digits_data(tfds_dir, 0.2)
+  c.outer.steps, c.inner.population, c.inner.batch_size, c.outer.batch_size = 4, 2, 16, 16
+  c.log_every = c.checkpoint_every = 2
+  c.final_eval.num_models = 0
+  v = c.valuation
+  v.train_steps, v.checkpoint_every, v.reference_steps, v.dvemb_steps = 10, 5, 10, 4
+  v.dvemb_curvature = 'empirical_fisher'  # (Gauss-Newton: test_valuation)
+  c.train.epochs, c.train.seeds = 1, (0,)
+  c.features.extractor, c.sae.steps, c.sae.num_factors = 'pixels', 50, 32
+  report = meta_train(c, str(tmp_path / 'run'))
+  assert 0.0 <= report['noise_auroc'] <= 1.0
+  export.export_rater(str(tmp_path / 'run'), str(tmp_path / 'rater'))
+  v.rater = str(tmp_path / 'rater')
+  for method in ('tracin', 'mimic', 'dvemb', 'datarater'):
+    summary = valuate(method, c, str(tmp_path / 'val'), progress=False)
+    assert summary['num_examples'] == 1197, method
+  filtered = filter_dataset('sklearn_digits', str(tmp_path / 'kept'), rater=str(tmp_path / 'rater'),
+                            keep=0.8, data_dir=tfds_dir, corruption=Corruption(0.2, 0))
+  assert filtered['splits']['train']['kept'] == 958
+  for policy in ('uniform', 'datarater_batch_filter', 'sae'):
+    out = train(c, policy, rater=str(tmp_path / 'rater'), log=lambda line: None)
+    assert 0.0 <= out['final']['eval']['accuracy']['mean'] <= 1.0, policy
+  c.data.dataset_dir, c.data.label_noise = str(tmp_path / 'kept'), 0.0
+  assert train(c, 'uniform', log=lambda line: None)['num_train'] == 958
