@@ -137,7 +137,8 @@ class Trainer:
     return positions.reshape(shape), weights.reshape(shape), policy_state
 
   def _chunk_one(self, model, policy_state, aux, data, positions, weights, first_step, buffer):
-    """Steps over `positions`/`weights` [L, B] for one model; records into `buffer`."""
+    """Steps over `positions`/`weights` [L, B] for one model; records into `buffer`. Returns
+    (model, buffer, losses [L, B], weights used [L, B], (example-gradients, examples drawn))."""
     every = self.record_every
 
     def step(carry, xs):
@@ -155,7 +156,8 @@ class Trainer:
     steps = first_step + jnp.arange(positions.shape[0])
     (model, buffer), (losses, used) = jax.lax.scan(step, (model, buffer),
                                                    (positions, weights, steps))
-    return model, buffer, losses, used
+    counts = jnp.stack([jnp.sum(used > 0), jnp.sum(weights > 0)]).astype(jnp.int32)
+    return model, buffer, losses, used, counts
 
   def _evaluate_all(self, params, data, mask):
     """Mean of every task metric over the valid examples, per model: {name: [M]}."""
@@ -174,13 +176,15 @@ class Trainer:
 
   def init(self, seeds: Sequence[int], num_examples: int) -> tuple[TrainState, jax.Array]:
     """Fresh models and policy states for `seeds`, and each seed's data-order key."""
-    keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
-    init_keys, order_keys, policy_keys = (jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys)
-                                          for i in range(3))
-    models = jax.vmap(lambda k: init_inner_state(self.task.init(k), self.optimizer))(init_keys)
-    policy = jax.vmap(lambda k: self.policy.init(num_examples, k))(policy_keys)
-    zeros = jnp.zeros(len(seeds), jnp.int32)
-    return TrainState(models, policy, zeros, zeros), order_keys
+    def init_all(seeds):
+      keys = jax.vmap(jax.random.PRNGKey)(seeds)
+      init_keys, order_keys, policy_keys = (
+          jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
+      models = jax.vmap(lambda k: init_inner_state(self.task.init(k), self.optimizer))(init_keys)
+      policy = jax.vmap(lambda k: self.policy.init(num_examples, k))(policy_keys)
+      zeros = jnp.zeros(len(seeds), jnp.int32)
+      return TrainState(models, policy, zeros, zeros), order_keys
+    return jax.jit(init_all)(jnp.asarray(seeds, jnp.int32))
 
   def run(self, train, evals: dict, seeds: Sequence[int], *, epochs: Optional[int] = None,
           steps: Optional[int] = None, evals_per_epoch: int = 1,
@@ -227,6 +231,8 @@ class Trainer:
       extra = meta['extra']
       history, train_s = extra['history'], extra['wall_s']
       start_epoch, done_steps = int(meta['step']), int(extra['steps'])
+    state = state.replace(example_gradients=np.asarray(state.example_gradients),  # host counters
+                          drawn=np.asarray(state.drawn))
     last_epoch = num_epochs if stop_after is None else max(start_epoch, min(stop_after, num_epochs))
 
     compiled, compile_s = {}, 0.0
@@ -245,27 +251,28 @@ class Trainer:
     for epoch in range(start_epoch, last_epoch):
       tick, compile_before = time.perf_counter(), compile_s
       positions, weights, policy_state = compiled_call('plan', self._plan, aux, state.policy,
-                                                       order_keys, epoch)
+                                                       order_keys, np.int32(epoch))
+      positions, weights = np.asarray(positions), np.asarray(weights)
       epoch_steps = min(spe, total - done_steps)
       cuts = np.linspace(0, epoch_steps, evals_per_epoch + 1).round().astype(int)
       losses, used = [], []
       for a, b in zip(cuts[:-1], cuts[1:]):
         if a == b:
           continue
-        models, recorder, part_losses, part_used = compiled_call(
+        models, recorder, part_losses, part_used, counts = compiled_call(
             'chunk', self._chunk, state.models, policy_state, aux, data, positions[:, a:b],
-            weights[:, a:b], done_steps + a, recorder)
-        losses.append(part_losses)
-        used.append(part_used)
-        state = state.replace(
-            models=models,
-            example_gradients=state.example_gradients + jnp.sum(part_used > 0, axis=(1, 2)),
-            drawn=state.drawn + jnp.sum(weights[:, a:b] > 0, axis=(1, 2)))
+            weights[:, a:b], np.int32(done_steps + a), recorder)
+        losses.append(np.asarray(part_losses))
+        used.append(np.asarray(part_used))
+        counts = np.asarray(counts)
+        state = state.replace(models=models,
+                              example_gradients=state.example_gradients + counts[:, 0],
+                              drawn=state.drawn + counts[:, 1])
         if self.record_every:
-          positions_log.append(np.asarray(positions[:, a:b]))
-          weights_log.append(np.asarray(part_used))
+          positions_log.append(positions[:, a:b])
+          weights_log.append(used[-1])
         if b == epoch_steps:  # the epoch is over: the policy sees its losses
-          flat = lambda x: jnp.concatenate(x, axis=1).reshape(len(seeds), -1)
+          flat = lambda x: np.concatenate(x, axis=1).reshape(len(seeds), -1)
           policy_state = compiled_call(
               'update', self._update, aux, policy_state,
               positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))

@@ -1,5 +1,4 @@
 """The TFDS pipeline, the corruption record, the batch stream, batch weights and staggered resets."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

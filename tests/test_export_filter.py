@@ -30,7 +30,7 @@ from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
 from datarater.meta_train import meta_train
 from datarater.train import train
-from tests.conftest import digits_data
+from tests.conftest import digits_data, subprocess_env
 from tests.run_config import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +139,7 @@ def test_deterministic_bytes_on_1_and_4_devices(tfds_dir, rater_dir, tmp_path):
 
 
 def _cli(args, **kw):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = subprocess_env(1)
   return subprocess.Popen([sys.executable, '-m', 'launch.filter', *args], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 

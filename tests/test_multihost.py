@@ -15,6 +15,7 @@ import pytest
 from datarater.export import load_rater
 from datarater.meta_train import meta_train
 from tests.run_config import as_flags, small_config
+from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +28,7 @@ def _free_port() -> int:
 
 def _start_two_processes(workdir, config):
   port, procs = _free_port(), []
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = subprocess_env(2)
   for i in range(2):
     procs.append(subprocess.Popen(
         [sys.executable, '-m', 'launch.train_rater', f'--workdir={workdir}', *as_flags(config),

@@ -1,4 +1,5 @@
-"""Training N steps straight equals N/2 steps, a stopped process, and a resumed one."""
+"""Training N steps straight equals a run stopped after N/2 steps (its own process, through the
+command line's --stop_after) and resumed from its checkpoint."""
 import json
 import os
 import subprocess
@@ -10,33 +11,30 @@ import numpy as np
 from datarater.export import load_rater
 from datarater.meta_train import meta_train
 from tests.run_config import as_flags, small_config
+from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _launch(workdir, config, *extra):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  return subprocess.run([sys.executable, '-m', 'launch.train_rater', f'--workdir={workdir}',
-                         *as_flags(config), *extra], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
-
-
-def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path):
+def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path, capsys):
   config = small_config(tfds_dir, steps=6)
   straight = tmp_path / 'straight'
-  meta_train(config, str(straight))
+  meta_train(config, str(straight), devices=jax.devices()[:1])
 
   resumed = tmp_path / 'resumed'
-  first = _launch(resumed, config, '--stop_after=3')
+  env = subprocess_env(1)
+  first = subprocess.run([sys.executable, '-m', 'launch.train_rater', f'--workdir={resumed}',
+                          *as_flags(config), '--stop_after=3'], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-2000:]
+  assert 'stopped after outer step 3' in first.stdout
   assert not (resumed / 'report.json').exists()  # really stopped half-way
-  second = _launch(resumed, config)
-  assert second.returncode == 0, second.stderr[-2000:]
-  assert 'resumed from the checkpoint at outer step 3' in second.stdout
+  capsys.readouterr()
+  meta_train(config, str(resumed), devices=jax.devices()[:1])
+  assert 'resumed from the checkpoint at outer step 3' in capsys.readouterr().out
 
-  params_straight = load_rater(str(straight)).params
-  params_resumed = load_rater(str(resumed)).params
-  for a, b in zip(jax.tree.leaves(params_straight), jax.tree.leaves(params_resumed)):
+  for a, b in zip(jax.tree.leaves(load_rater(str(straight)).params),
+                  jax.tree.leaves(load_rater(str(resumed)).params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # Metrics are one record per logged step, none repeated by the resume.
   steps = [json.loads(l)['step'] for l in open(resumed / 'metrics.jsonl')]

@@ -9,7 +9,7 @@ import pytest
 from configs import digits, selection
 from datarater.errors import UserError
 from datarater.train import train
-from tests.conftest import digits_data
+from tests.conftest import digits_data, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 quiet = lambda *_: None
@@ -89,7 +89,7 @@ def test_command_line_stop_and_resume(tfds_dir, tmp_path):
          f'--config.data.data_dir={tfds_dir}', '--config.train.epochs=3',
          '--config.train.seeds=(0,)', f'--workdir={tmp_path}', *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+        env=subprocess_env(1))
   first = launch('--stop_after=1')
   assert first.returncode == 0, first.stderr[-2000:]
   assert 'stopped after epoch 1 (checkpointed)' in first.stdout
