@@ -27,10 +27,22 @@ from outer_loop.batches import MetaBatches
 log = logging.getLogger('datarater')
 
 
+class _Stdout(logging.StreamHandler):
+  """A handler that writes to whatever `sys.stdout` is when a line is logged."""
+
+  @property
+  def stream(self):
+    return sys.stdout
+
+  @stream.setter
+  def stream(self, value):
+    del value
+
+
 def setup_logging() -> None:
   """Progress lines on stdout, library chatter (orbax, TFDS) off."""
   if not log.handlers:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _Stdout()
     handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -84,6 +96,15 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     files.write_json(os.path.join(workdir, 'config.json'), {
         'config': json.loads(config.to_json()), 'data_info': data.info.to_json()})
 
+  report_path = os.path.join(workdir, 'report.json')
+  if resume_step == config.outer.steps and os.path.exists(report_path):
+    with open(report_path) as f:
+      report = json.load(f)
+    if primary:
+      log.info('this run finished at outer step %d; its report is %s', resume_step, report_path)
+      log_report(config, report)
+    return report
+
   example_inner, example_outer = data.host_batches_at(0)
   init = lambda: meta_step.init_outer_state(problem, jax.random.PRNGKey(config.seed),
                                             config.inner.population)
@@ -113,6 +134,13 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
              'T=%d, K=%d, B=%d', start, config.outer.steps, mesh.devices.size,
              jax.process_count(), dict(mesh.shape), config.inner.steps, config.inner.population,
              config.inner.batch_size)
+  if start < last_step:
+    t0 = time.time()
+    if primary:
+      log.info('compiling the outer step (once, %s meta-gradients) ...', config.outer.meta_gradient)
+    step_fn = step_fn.lower(state, *data.device_batches_at(start, inner_sh, outer_sh)).compile()
+    if primary:
+      log.info('compiled in %.1f s', time.time() - t0)
   t0, s0, totals = time.time(), start, None
   for step in range(start, last_step):
     state, metrics = step_fn(state, *data.device_batches_at(step, inner_sh, outer_sh))
@@ -166,20 +194,29 @@ def final_report(config, workdir, data, problem, rater_params, history) -> dict:
   """Noise AUROC of the scores and fresh models trained with rater vs uniform weights."""
   scores = evaluation.score_split(lambda b: problem.rater.score(rater_params, b), data.train)
   auroc = evaluation.noise_auroc(scores, data.train.is_corrupted)
+  fe = config.final_eval
+  if fe.num_models:
+    log.info('training fresh models for the report: %d per weighting, %d steps ...',
+             fe.num_models, fe.train_steps)
   results = fresh_model_results(config, data, problem, rater_params)
-  report = {'noise_auroc': auroc, 'label_noise': config.data.label_noise,
-            'fresh_models': results, 'outer_steps': config.outer.steps}
+  report = {'noise_auroc': auroc, 'auroc_by_kind': evaluation.auroc_by_kind(scores, data.train),
+            'label_noise': config.data.label_noise, 'fresh_models': results,
+            'outer_steps': config.outer.steps}
   files.write_json(os.path.join(workdir, 'report.json'), report)
   plots.save_rater_report(os.path.join(workdir, 'rater_report.png'), history, scores,
                           data.train.is_corrupted)
-  log.info('noise AUROC of the rater scores on %s: %.4f (label noise %.0f%%)',
-           config.data.train_split, auroc, 100 * config.data.label_noise)
-  fe = config.final_eval
-  for name, r in results.items():
-    log.info('fresh models trained %d steps with %s weights: held-out loss %.4f, %s loss %.4f, '
-             '%s accuracy %.2f%%', fe.train_steps, name, r['heldout']['loss'],
-             config.data.eval_split, r['eval']['loss'], config.data.eval_split,
-             100 * r['eval']['accuracy'])
+  log_report(config, report)
   log.info('wrote %s and %s', os.path.join(workdir, 'report.json'),
            os.path.join(workdir, 'rater_report.png'))
   return report
+
+
+def log_report(config, report: dict) -> None:
+  log.info('noise AUROC of the rater scores on %s: %.4f (label noise %.0f%%)',
+           config.data.train_split, report['noise_auroc'], 100 * config.data.label_noise)
+  for name, r in report['fresh_models'].items():
+    metrics = ', '.join(f'{config.data.eval_split} {k} ' +
+                        (f'{100 * v:.2f}%' if k == 'accuracy' else f'{v:.4f}')
+                        for k, v in sorted(r['eval'].items(), key=lambda kv: kv[0] != 'loss'))
+    log.info('fresh models trained %d steps with %s weights: held-out loss %.4f, %s',
+             config.final_eval.train_steps, name, r['heldout']['loss'], metrics)

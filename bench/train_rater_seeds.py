@@ -1,0 +1,68 @@
+r"""The README's main command over seeds: what it prints and the figures of its report.
+
+  python -m bench.train_rater_seeds                   # seeds 0, 1, 2 of configs/digits.py
+  python -m bench.train_rater_seeds --seeds=0 --config=configs/digits_cnn.py --out=...
+
+Runs `python -m launch.train_rater --config=CONFIG --workdir=TMP --config.seed=S
+--config.data.noise_seed=S` per seed, as a user would, and writes <out>.json: each seed's noise
+AUROC, fresh-model held-out losses and test accuracies (rater weights vs uniform), wall time, and
+the lines the command printed (the README quotes seed 0's; tests/test_readme.py checks them).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+from datarater import files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_seed(config: str, seed: int, extra=()) -> dict:
+  with tempfile.TemporaryDirectory() as workdir:
+    t0 = time.time()
+    out = subprocess.run(
+        [sys.executable, '-m', 'launch.train_rater', f'--config={config}',
+         f'--workdir={workdir}', f'--config.seed={seed}', f'--config.data.noise_seed={seed}',
+         *extra], cwd=ROOT, capture_output=True, text=True, check=True)
+    wall = time.time() - t0
+    with open(os.path.join(workdir, 'report.json')) as f:
+      report = json.load(f)
+  fresh = report['fresh_models']
+  # Printed lines without their clock time, so runs can be compared.
+  lines = [re.sub(r'^\d\d:\d\d:\d\d ', '', l) for l in out.stdout.splitlines()]
+  return {'noise_auroc': report['noise_auroc'],
+          'heldout_loss_rater': fresh['rater']['heldout']['loss'],
+          'heldout_loss_uniform': fresh['uniform']['heldout']['loss'],
+          'test_accuracy_rater': fresh['rater']['eval']['accuracy'],
+          'test_accuracy_uniform': fresh['uniform']['eval']['accuracy'],
+          'wall_s': wall, 'printed': lines}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='configs/digits.py')
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--out', default='bench/results/train_rater_digits_seeds')
+  args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(',')]
+  results = {}
+  for seed in seeds:
+    results[str(seed)] = run_seed(args.config, seed)
+    r = results[str(seed)]
+    print(f'seed {seed}: noise AUROC {r["noise_auroc"]:.4f}, held-out loss rater '
+          f'{r["heldout_loss_rater"]:.4f} / uniform {r["heldout_loss_uniform"]:.4f}, test '
+          f'accuracy {100 * r["test_accuracy_rater"]:.2f}% / {100 * r["test_accuracy_uniform"]:.2f}%'
+          f' ({r["wall_s"]:.0f} s)', flush=True)
+  files.write_json(args.out + '.json', {
+      'command': f'python -m launch.train_rater --config={args.config} --workdir=DIR '
+                 '--config.seed=S --config.data.noise_seed=S',
+      'device': f'{os.cpu_count()}-core CPU', 'seeds': results})
+
+
+if __name__ == '__main__':
+  main()
