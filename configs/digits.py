@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
   # backwards, 'replay' recomputes from kept states, 'auto' = invert if the optimizer can.
   c.outer.mixed_recompute = 'auto'
   c.outer.mixed_segment = 0        # steps per segment (0: 16 for invert, sqrt(T) for replay)
+  # Outer steps whose meta-gradient is not finite are skipped (counted in the log); this many in
+  # a row stop the run.
+  c.outer.max_skipped_steps = 20
 
   c.log_every = 25
   c.checkpoint_every = 200

@@ -4,9 +4,11 @@ A workdir holds `config.json` (the run's config) and `checkpoints/<step>/` (orba
 training state plus a JSON record of the data position and the config fingerprint). A run started
 on a workdir whose checkpoint came from a different config stops with a one-line error before it
 writes anything. Fields that do not change the training trajectory (run length, logging, paths)
-may differ, so a finished run can be extended.
+may differ, so a finished run can be extended. A checkpoint that cannot be read (truncated,
+flipped bits, garbled metadata) is passed over with a one-line warning for the newest intact one.
 """
 import json
+import logging
 import os
 from typing import Any
 
@@ -18,6 +20,8 @@ import orbax.checkpoint as ocp
 from datarater.errors import UserError
 
 # Config fields a resumed run may change: they do not alter the state at a given step.
+log = logging.getLogger('datarater')
+
 NON_TRAJECTORY_FIELDS = ('outer.steps', 'log_every', 'checkpoint_every', 'final_eval',
                          'data.data_dir')
 
@@ -67,6 +71,7 @@ class RunCheckpointer:
     self.free_fields = free_fields
     self._manager = None
     self._max_to_keep = max_to_keep
+    self._unreadable = set()
 
   def _open(self, create: bool):
     if self._manager is None and (create or os.path.isdir(self.directory)):
@@ -75,9 +80,43 @@ class RunCheckpointer:
               max_to_keep=self._max_to_keep, create=create))
     return self._manager
 
+  def _steps(self) -> list[int]:
+    """Saved steps, newest first (none if the folder holds no checkpoint)."""
+    try:
+      manager = self._open(create=False)
+    except Exception as e:  # pylint: disable=broad-except  (a garbled checkpoint folder)
+      raise UserError(f'cannot read the checkpoints in {self.directory!r}: '
+                      f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    return [] if manager is None else sorted(manager.all_steps(), reverse=True)
+
+  def _warn_unreadable(self, step: int, error: Exception) -> None:
+    if step not in self._unreadable:
+      what = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+      log.warning('warning: checkpoint %s is unreadable (%s); using an earlier one',
+                  os.path.join(self.directory, str(step)), what)
+    self._unreadable.add(step)
+
+  def _set_aside_unreadable(self) -> None:
+    """Renames unreadable checkpoints to `unreadable-<step>` (kept for inspection; not steps to
+    orbax), so the run can save those steps again."""
+    if not self._unreadable:
+      return
+    self.close()
+    for step in sorted(self._unreadable):
+      path = os.path.join(self.directory, str(step))
+      if os.path.isdir(path):
+        os.rename(path, os.path.join(self.directory, f'unreadable-{step}-{os.getpid()}'))
+    self._unreadable = set()
+
   def latest_step(self) -> int | None:
-    manager = self._open(create=False)
-    return None if manager is None else manager.latest_step()
+    """The newest step whose record can be read (unreadable ones are passed over, warned)."""
+    for step in self._steps():
+      try:
+        self.meta(step)
+        return step
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore/JSON errors)
+        self._warn_unreadable(step, e)
+    return None
 
   def check_compatible(self) -> int | None:
     """Raises UserError if the latest checkpoint was made with another config; returns its step."""
@@ -92,6 +131,18 @@ class RunCheckpointer:
       raise UserError(f'workdir {self.workdir!r} holds a checkpoint of a different config '
                       f'({"; ".join(diffs[:3])}); use a new --workdir')
     return step
+
+  def restore_latest(self, abstract_state):
+    """(state, meta) of the newest checkpoint that restores; unreadable ones are passed over."""
+    for step in self._steps():
+      try:
+        restored = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        self._warn_unreadable(step, e)
+        continue
+      self._set_aside_unreadable()
+      return restored
+    raise UserError(f'no readable checkpoint in {self.directory!r}')
 
   def meta(self, step: int) -> dict:
     """The JSON record saved with checkpoint `step` (config, data position, step, extra)."""
@@ -137,17 +188,26 @@ def abstract_like(tree, shardings):
 
 
 def restore_latest_on_host(directory: str):
-  """The latest checkpoint's state on this process's first device, whatever mesh saved it."""
+  """The newest readable checkpoint's state on this process's first device, whatever mesh saved
+  it (unreadable ones are passed over with a warning); None if there is none."""
   if not os.path.isdir(directory):
     return None
-  manager = ocp.CheckpointManager(directory, item_handlers={
-      'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
-  step = manager.latest_step()
-  if step is None:
-    return None
+  try:
+    manager = ocp.CheckpointManager(directory, item_handlers={
+        'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'cannot read the checkpoints in {directory!r}: {str(e).splitlines()[0]}')
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        manager.item_metadata(step)['state'])
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  manager.close()
-  return state['state']
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              manager.item_metadata(step)['state'])
+        return manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))['state']
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning('warning: checkpoint %s is unreadable (%s); using an earlier one',
+                    os.path.join(directory, str(step)), str(e).splitlines()[0][:200])
+  finally:
+    manager.close()
+  return None

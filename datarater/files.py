@@ -7,6 +7,7 @@ the same for a whole folder (an exported rater, a filtered dataset). `JsonlLog` 
 JSON-lines log that a resumed run truncates to its restored point.
 """
 import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -107,6 +108,32 @@ def atomic_dir(path: str, overwrite: bool = False):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+@contextlib.contextmanager
+def workdir_lock(path: str):
+  """Creates the run folder `path` and holds its lock for the block: a second run on the same
+  folder stops with one line naming the process that holds it."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f'--workdir {path!r} exists and is not a folder')
+  try:
+    os.makedirs(path, exist_ok=True)
+    handle = open(os.path.join(path, '.lock'), 'a+')
+  except OSError as e:
+    raise UserError(f'cannot write --workdir {path!r}: {e.strerror or e}') from None
+  with handle:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or 'unknown'
+      raise UserError(f'--workdir {path!r} is in use by another run (process {holder}); wait for '
+                      'it or use another --workdir') from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    yield path
 
 
 def _default(x):

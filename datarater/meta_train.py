@@ -8,6 +8,7 @@ examples, and the held-out figures of fresh models trained with the rater's weig
 uniform weights. Every process of a `jax.distributed` job runs it alike; process 0 alone writes
 files and logs.
 """
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from datarater import checkpointing, evaluation, files, plots
+from datarater import checkpointing, config_checks, evaluation, files, plots
 from datarater.errors import UserError
 from datarater.policies import weighting
 from datarater.trainer import Trainer
@@ -51,51 +52,41 @@ def setup_logging() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
 
 
-def validate_config(config) -> None:
-  """One-line errors for hyper-parameters that cannot work, before anything is written."""
-  checks = [
-      (config.inner.steps >= 1, f'inner.steps (T) must be >= 1, got {config.inner.steps}'),
-      (config.inner.population >= 1,
-       f'inner.population (K) must be >= 1, got {config.inner.population}'),
-      (config.rater.temperature > 0,
-       f'rater.temperature (tau) must be > 0, got {config.rater.temperature}'),
-      (config.inner.reset_every >= 1,
-       f'inner.reset_every (R) must be >= 1, got {config.inner.reset_every}'),
-      (config.inner.batch_size >= 1, f'inner.batch_size must be >= 1, got {config.inner.batch_size}'),
-      (config.outer.batch_size >= 1, f'outer.batch_size must be >= 1, got {config.outer.batch_size}'),
-      (config.outer.steps >= 0, f'outer.steps must be >= 0, got {config.outer.steps}'),
-      (config.inner.learning_rate > 0,
-       f'inner.learning_rate must be > 0, got {config.inner.learning_rate}'),
-      (config.outer.learning_rate > 0,
-       f'outer.learning_rate must be > 0, got {config.outer.learning_rate}'),
-      (0 <= config.data.label_noise < 1,
-       f'data.label_noise must be in [0, 1), got {config.data.label_noise}'),
-  ]
-  for ok, message in checks:
-    if not ok:
-      raise UserError(message)
+SECTIONS = ('data', 'task', 'rater', 'inner', 'outer', 'final_eval')  # what a rater run reads
 
 
 def meta_train(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
   """Runs (or resumes) a rater training; returns the final report (empty if stopped early)."""
   setup_logging()
-  primary = jax.process_index() == 0
   if not workdir:
     raise UserError('--workdir is required')
-  validate_config(config)
+  if stop_after is not None and stop_after < 1:
+    raise UserError(f'--stop_after must be >= 1, got {stop_after}')
+  config_checks.validate(config, SECTIONS)
   mesh = sharding.make_mesh(config.inner.population, devices)
   sharding.check_batch_sizes(mesh, **{'inner.batch_size': config.inner.batch_size,
                                       'outer.batch_size': config.outer.batch_size})
   data = MetaBatches(config)
+  for field, size, split in (('inner.batch_size', config.inner.batch_size, data.train),
+                             ('outer.batch_size', config.outer.batch_size, data.heldout)):
+    if size > len(split):
+      raise UserError(f'{field}={size} is more than the {len(split)} examples it is drawn from')
   problem, estimator = setup.build_problem(config, data.info)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir {workdir!r} exists and is not a folder')
   ckpt = checkpointing.RunCheckpointer(workdir, config)
   resume_step = ckpt.check_compatible()
-  # Every check passed: from here on the workdir is written.
+  # Every check passed: from here on the workdir is written, by this run alone.
+  primary = jax.process_index() == 0
+  with files.workdir_lock(workdir) if primary else contextlib.nullcontext():
+    return _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resume_step)
+
+
+def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resume_step) -> dict:
+  primary = jax.process_index() == 0
   if primary:
-    os.makedirs(workdir, exist_ok=True)
     files.write_json(os.path.join(workdir, 'config.json'), {
         'config': json.loads(config.to_json()), 'data_info': data.info.to_json()})
-
   report_path = os.path.join(workdir, 'report.json')
   if resume_step == config.outer.steps and os.path.exists(report_path):
     with open(report_path) as f:
@@ -114,8 +105,8 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
   if resume_step is None:
     state, start = jax.jit(init, out_shardings=state_shardings)(), 0
   else:
-    state, meta = ckpt.restore(resume_step, checkpointing.abstract_like(
-        jax.eval_shape(init), state_shardings))
+    state, meta = ckpt.restore_latest(checkpointing.abstract_like(jax.eval_shape(init),
+                                                                  state_shardings))
     start = int(meta['step'])
     log.info('resumed from the checkpoint at outer step %d', start)
   metrics_log = (files.JsonlLog(os.path.join(workdir, 'metrics.jsonl'), 'step', start)
@@ -127,6 +118,16 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     params = sharding.host_copy(rater_params)
     scores = evaluation.score_split(lambda b: score(params, b), data.train, jit=False)
     return evaluation.noise_auroc(scores, data.train.is_corrupted)
+
+  def check_skipped(state, step):
+    """Stops the run (one line) when the meta-gradient has not been finite for too long."""
+    in_a_row = int(sharding.host_copy(state.skipped_in_a_row))
+    if in_a_row >= config.outer.max_skipped_steps:
+      raise UserError(
+          f'the meta-gradient was not finite at the last {in_a_row} outer steps (up to step '
+          f'{step}); the rater was left as it was and its last checkpoint holds finite values. '
+          f'Lower inner.learning_rate ({config.inner.learning_rate:g}) or outer.learning_rate '
+          f'({config.outer.learning_rate:g})')
 
   last_step = config.outer.steps if stop_after is None else min(stop_after, config.outer.steps)
   if primary:
@@ -141,25 +142,44 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     step_fn = step_fn.lower(state, *data.device_batches_at(start, inner_sh, outer_sh)).compile()
     if primary:
       log.info('compiled in %.1f s', time.time() - t0)
-  t0, s0, totals = time.time(), start, None
-  for step in range(start, last_step):
-    state, metrics = step_fn(state, *data.device_batches_at(step, inner_sh, outer_sh))
-    totals = metrics if totals is None else jax.tree.map(jax.numpy.add, totals, metrics)
-    done = step + 1
-    if primary and (done % config.log_every == 0 or done == last_step):
-      # Averages over the steps since the last record (single steps jump at member resets).
-      metrics = {k: float(v) / (done - s0) for k, v in sharding.host_copy(totals).items()}
-      rate = (done - s0) / (time.time() - t0)
-      record = {'step': done, **metrics, 'steps_per_sec': rate,
-                'noise_auroc': noise_auroc(state.rater_params)}
-      metrics_log.write(record)
-      log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
-               'noise AUROC %.3f | %.1f steps/s', done, config.outer.steps, record['outer_loss'],
-               record['inner_loss'], record['meta_grad_norm'], record['noise_auroc'], rate)
-      t0, s0, totals = time.time(), done, None
-    if done % config.checkpoint_every == 0 or done == last_step:
-      ckpt.save(done, state, data.position(done))  # collective: every process writes its shards
-  ckpt.close()
+  t0, s0, totals, flat_since = time.time(), start, None, None
+  try:  # pending checkpoint writes finish whatever happens
+    for step in range(start, last_step):
+      state, metrics = step_fn(state, *data.device_batches_at(step, inner_sh, outer_sh))
+      totals = metrics if totals is None else jax.tree.map(jax.numpy.add, totals, metrics)
+      done = step + 1
+      if done % config.log_every == 0 or done == last_step:
+        check_skipped(state, done)
+        if primary:
+          # Means over the steps since the last record that were not skipped (single steps jump
+          # at member resets); skipped steps and diverged inner models are counted.
+          sums = {k: float(v) for k, v in sharding.host_copy(totals).items()}
+          counts = ('skipped_steps', 'diverged_members')
+          taken = done - s0 - sums['skipped_steps']
+          record = {'step': done, **{k: v / taken if taken else float('nan')
+                                     for k, v in sums.items() if k not in counts},
+                    **{k: int(sums[k]) for k in counts},
+                    'steps_per_sec': (done - s0) / (time.time() - t0),
+                    'noise_auroc': noise_auroc(state.rater_params)}
+          metrics_log.write(record)
+          extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
+          log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
+                   'noise AUROC %.3f | %.1f steps/s%s', done, config.outer.steps,
+                   record['outer_loss'], record['inner_loss'], record['meta_grad_norm'],
+                   record['noise_auroc'], record['steps_per_sec'], extra)
+          if record['meta_grad_norm'] == 0.0 and not record['skipped_steps']:
+            flat_since = flat_since or s0 + 1
+            log.info('warning: the meta-gradient has been exactly 0 since outer step %d: the '
+                     "rater's weights have saturated (outer.learning_rate=%g may be too large)",
+                     flat_since, config.outer.learning_rate)
+          else:
+            flat_since = None
+        t0, s0, totals = time.time(), done, None
+      if done % config.checkpoint_every == 0 or done == last_step:
+        check_skipped(state, done)
+        ckpt.save(done, state, data.position(done))  # collective: every process writes its shards
+  finally:
+    ckpt.close()
   if last_step < config.outer.steps:
     if primary:
       log.info('stopped after outer step %d (checkpointed); run again to resume', last_step)
@@ -167,7 +187,7 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
   if not primary:
     return {}
   return final_report(config, workdir, data, problem, sharding.host_copy(state.rater_params),
-                      metrics_log.history)
+                      metrics_log.history, int(sharding.host_copy(state.skipped)))
 
 
 def fresh_model_results(config, data, problem, rater_params) -> dict:
@@ -190,7 +210,7 @@ def fresh_model_results(config, data, problem, rater_params) -> dict:
   return results
 
 
-def final_report(config, workdir, data, problem, rater_params, history) -> dict:
+def final_report(config, workdir, data, problem, rater_params, history, skipped: int) -> dict:
   """Noise AUROC of the scores and fresh models trained with rater vs uniform weights."""
   scores = evaluation.score_split(lambda b: problem.rater.score(rater_params, b), data.train)
   auroc = evaluation.noise_auroc(scores, data.train.is_corrupted)
@@ -201,7 +221,7 @@ def final_report(config, workdir, data, problem, rater_params, history) -> dict:
   results = fresh_model_results(config, data, problem, rater_params)
   report = {'noise_auroc': auroc, 'auroc_by_kind': evaluation.auroc_by_kind(scores, data.train),
             'label_noise': config.data.label_noise, 'fresh_models': results,
-            'outer_steps': config.outer.steps}
+            'outer_steps': config.outer.steps, 'skipped_steps': skipped}
   files.write_json(os.path.join(workdir, 'report.json'), report)
   plots.save_rater_report(os.path.join(workdir, 'rater_report.png'), history, scores,
                           data.train.is_corrupted)
@@ -212,6 +232,8 @@ def final_report(config, workdir, data, problem, rater_params, history) -> dict:
 
 
 def log_report(config, report: dict) -> None:
+  if report.get('skipped_steps'):
+    log.info('%d outer steps were skipped (meta-gradient not finite)', report['skipped_steps'])
   log.info('noise AUROC of the rater scores on %s: %.4f (label noise %.0f%%)',
            config.data.train_split, report['noise_auroc'], 100 * config.data.label_noise)
   for name, r in report['fresh_models'].items():

@@ -7,6 +7,7 @@ printing held-out and eval figures after every epoch. With a `workdir` it writes
 report.json and orbax checkpoints every `train.checkpoint_every` epochs, and a rerun resumes
 (or extends a finished run to more epochs, for policies whose choices do not span the epochs).
 """
+import contextlib
 import json
 import os
 from typing import Callable, Optional
@@ -14,11 +15,16 @@ from typing import Callable, Optional
 import ml_collections
 import numpy as np
 
-from datarater import checkpointing, files, policies, tasks
+from datarater import checkpointing, config_checks, files, policies, tasks
 from datarater.data import pipeline
 from datarater.errors import UserError
 from datarater.trainer import Trainer
 from inner_loop.optimizers import make_inner_optimizer
+
+
+SECTIONS = ('data', 'task', 'train', 'policy')  # what every training run reads
+POLICY_SECTIONS = {'tracin_curriculum': ('valuation',), 'mimic': ('valuation',),
+                   'sae': ('features', 'features.task', 'sae', 'sae_scores')}
 
 
 def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
@@ -64,6 +70,7 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   name = policy or config.policy.name
   if name not in policies.POLICIES:
     raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(policies.POLICIES))})')
+  config_checks.validate(config, SECTIONS + POLICY_SECTIONS.get(name, ()))
   d, t = config.data, config.train
   if stop_after is not None and not workdir:
     raise UserError('--stop_after needs --workdir (the checkpoint is written there)')
@@ -76,17 +83,26 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   made = policies.make_policy(name, policies.PolicyContext(
       train_split, heldout, task, config, rater=rater, scores=scores))
   trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size)
-  ckpt, history_log = None, None
+  ckpt, resume = None, None
   if workdir:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise UserError(f'--workdir {workdir!r} exists and is not a folder')
     ckpt = run_checkpointer(config, workdir, name, rater, scores, made.spans_epochs)
     resume = ckpt.check_compatible()
     if resume is not None and resume > t.epochs:
       raise UserError(f'workdir {workdir!r} holds a checkpoint at epoch {resume}, past '
                       f'train.epochs={t.epochs}')
-    try:  # every check passed: from here on the workdir is written
-      os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-      raise UserError(f'cannot write --workdir {workdir!r}: {e.strerror or e}') from None
+  # Every check passed: from here on the workdir is written, by this run alone.
+  with files.workdir_lock(workdir) if workdir else contextlib.nullcontext():
+    return _run(config, name, workdir, stop_after, log, train_split, heldout, evals, task, made,
+                trainer, ckpt, resume)
+
+
+def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, task, made, trainer,
+         ckpt, resume) -> dict:
+  d, t = config.data, config.train
+  history_log = None
+  if workdir:
     history_log = files.JsonlLog(os.path.join(workdir, 'history.jsonl'), 'epoch', resume or 0)
     if resume is not None:
       log(f'resuming from the checkpoint at epoch {resume}')

@@ -226,8 +226,8 @@ class Trainer:
     positions_log, weights_log = [], []
 
     history, train_s, start_epoch, done_steps = [], 0.0, 0, 0
-    if checkpoints is not None and (latest := checkpoints.latest_step()) is not None:
-      state, meta = checkpoints.restore(latest, abstract_of(state))
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+      state, meta = checkpoints.restore_latest(abstract_of(state))
       extra = meta['extra']
       history, train_s = extra['history'], extra['wall_s']
       start_epoch, done_steps = int(meta['step']), int(extra['steps'])
@@ -248,56 +248,58 @@ class Trainer:
         compile_s += time.perf_counter() - t
       return compiled[key](*args)
 
-    for epoch in range(start_epoch, last_epoch):
-      tick, compile_before = time.perf_counter(), compile_s
-      positions, weights, policy_state = compiled_call('plan', self._plan, aux, state.policy,
-                                                       order_keys, np.int32(epoch))
-      positions, weights = np.asarray(positions), np.asarray(weights)
-      epoch_steps = min(spe, total - done_steps)
-      cuts = np.linspace(0, epoch_steps, evals_per_epoch + 1).round().astype(int)
-      losses, used = [], []
-      for a, b in zip(cuts[:-1], cuts[1:]):
-        if a == b:
-          continue
-        models, recorder, part_losses, part_used, counts = compiled_call(
-            'chunk', self._chunk, state.models, policy_state, aux, data, positions[:, a:b],
-            weights[:, a:b], np.int32(done_steps + a), recorder)
-        losses.append(np.asarray(part_losses))
-        used.append(np.asarray(part_used))
-        counts = np.asarray(counts)
-        state = state.replace(models=models,
-                              example_gradients=state.example_gradients + counts[:, 0],
-                              drawn=state.drawn + counts[:, 1])
-        if self.record_every:
-          positions_log.append(positions[:, a:b])
-          weights_log.append(used[-1])
-        if b == epoch_steps:  # the epoch is over: the policy sees its losses
-          flat = lambda x: np.concatenate(x, axis=1).reshape(len(seeds), -1)
-          policy_state = compiled_call(
-              'update', self._update, aux, policy_state,
-              positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))
-          state = state.replace(policy=policy_state)
-        jax.block_until_ready(state)
-        train_s += time.perf_counter() - tick - (compile_s - compile_before)
-        record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b)}
-        for name, (blocks, mask) in eval_data.items():
-          metrics = self._evaluate(state.models.params, blocks, mask)
-          record[name] = {k: [float(x) for x in np.asarray(v)] for k, v in metrics.items()}
-        record.update(example_gradients=int(np.mean(state.example_gradients)),
-                      scoring_forwards=int(self.policy.forwards_per_example *
-                                           np.mean(state.drawn)),
-                      wall_s=round(train_s, 4))
-        history.append(record)
-        if log is not None:
-          log(record)
+    try:  # pending checkpoint writes finish whatever happens
+      for epoch in range(start_epoch, last_epoch):
         tick, compile_before = time.perf_counter(), compile_s
-      done_steps += epoch_steps
-      if checkpoints is not None and ((epoch + 1) % checkpoint_every == 0
-                                      or epoch + 1 == last_epoch):
-        checkpoints.save(epoch + 1, state, {'epoch': epoch + 1},
-                         extra={'history': history, 'wall_s': train_s, 'steps': done_steps})
-    if checkpoints is not None:
-      checkpoints.close()
+        positions, weights, policy_state = compiled_call('plan', self._plan, aux, state.policy,
+                                                         order_keys, np.int32(epoch))
+        positions, weights = np.asarray(positions), np.asarray(weights)
+        epoch_steps = min(spe, total - done_steps)
+        cuts = np.linspace(0, epoch_steps, evals_per_epoch + 1).round().astype(int)
+        losses, used = [], []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+          if a == b:
+            continue
+          models, recorder, part_losses, part_used, counts = compiled_call(
+              'chunk', self._chunk, state.models, policy_state, aux, data, positions[:, a:b],
+              weights[:, a:b], np.int32(done_steps + a), recorder)
+          losses.append(np.asarray(part_losses))
+          used.append(np.asarray(part_used))
+          counts = np.asarray(counts)
+          state = state.replace(models=models,
+                                example_gradients=state.example_gradients + counts[:, 0],
+                                drawn=state.drawn + counts[:, 1])
+          if self.record_every:
+            positions_log.append(positions[:, a:b])
+            weights_log.append(used[-1])
+          if b == epoch_steps:  # the epoch is over: the policy sees its losses
+            flat = lambda x: np.concatenate(x, axis=1).reshape(len(seeds), -1)
+            policy_state = compiled_call(
+                'update', self._update, aux, policy_state,
+                positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))
+            state = state.replace(policy=policy_state)
+          jax.block_until_ready(state)
+          train_s += time.perf_counter() - tick - (compile_s - compile_before)
+          record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b)}
+          for name, (blocks, mask) in eval_data.items():
+            metrics = self._evaluate(state.models.params, blocks, mask)
+            record[name] = {k: [float(x) for x in np.asarray(v)] for k, v in metrics.items()}
+          record.update(example_gradients=int(np.mean(state.example_gradients)),
+                        scoring_forwards=int(self.policy.forwards_per_example *
+                                             np.mean(state.drawn)),
+                        wall_s=round(train_s, 4))
+          history.append(record)
+          if log is not None:
+            log(record)
+          tick, compile_before = time.perf_counter(), compile_s
+        done_steps += epoch_steps
+        if checkpoints is not None and ((epoch + 1) % checkpoint_every == 0
+                                        or epoch + 1 == last_epoch):
+          checkpoints.save(epoch + 1, state, {'epoch': epoch + 1},
+                           extra={'history': history, 'wall_s': train_s, 'steps': done_steps})
+    finally:
+      if checkpoints is not None:
+        checkpoints.close()
     recording = None
     if self.record_every:
       recording = Recording(recorder, self.record_every, np.concatenate(positions_log, 1),

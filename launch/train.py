@@ -8,35 +8,36 @@ r"""Trains task models from scratch under a policy and reports per-epoch figures
 tracin_curriculum, mimic), online filtering (datarater_batch_filter, datarater_accept) or
 per-epoch selection (full, random, infobatch, sae). Runs `datarater.train.train`.
 """
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from datarater.errors import exit_on_user_error
 from datarater.train import train
+from launch import cli
 
-FLAGS = flags.FLAGS
 
-
-def define_flags() -> None:
-  config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.')
-  flags.DEFINE_string('policy', None, 'Policy name (default: config.policy.name).')
-  flags.DEFINE_string('rater', '', 'An exported rater or a rater run (datarater policies).')
-  flags.DEFINE_string('scores', '', 'A scores file (policy scores).')
+def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
+  config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.',
+                                  flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string('policy', None, 'Policy name (default: config.policy.name).',
+                      flag_values=fv)
+  flags.DEFINE_string('rater', '', 'An exported rater or a rater run (datarater policies).',
+                      flag_values=fv)
+  flags.DEFINE_string('scores', '', 'A scores file (policy scores).', flag_values=fv)
   flags.DEFINE_string('workdir', '', 'Optional output folder: history.jsonl, report.json, '
-                      'checkpoints (a rerun resumes).')
+                      'checkpoints (a rerun resumes).', flag_values=fv)
   flags.DEFINE_integer('stop_after', None, 'Checkpoint and exit after this many epochs (a '
-                       'preemption drill).')
+                       'preemption drill).', flag_values=fv)
 
 
-def main(argv):
+def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   with exit_on_user_error():
-    train(FLAGS.config, FLAGS.policy, rater=FLAGS.rater, scores=FLAGS.scores,
-          workdir=FLAGS.workdir, stop_after=FLAGS.stop_after)
+    train(fv.config, fv.policy, rater=fv.rater, scores=fv.scores, workdir=fv.workdir,
+          stop_after=fv.stop_after)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, __doc__)

@@ -3,33 +3,32 @@ r"""Meta-learns a DataRater: `python -m launch.train_rater --config=configs/digi
 Runs `datarater.meta_train.meta_train` on all devices of the job (see that module for what DIR
 receives); run it again with the same DIR to resume.
 """
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from datarater.errors import exit_on_user_error
 from datarater.meta_train import meta_train
-from launch import distributed
-
-FLAGS = flags.FLAGS
+from launch import cli, distributed
 
 
-def define_flags() -> None:
+def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   """Flags are defined when run as a program, so tests and tools can import this module freely."""
-  config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.')
-  flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, report.')
+  config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.',
+                                  flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, report.',
+                      flag_values=fv)
   flags.DEFINE_integer('stop_after', None,
-                       'Checkpoint and exit after this outer step (a preemption drill).')
-  distributed.define_flags()
+                       'Checkpoint and exit after this outer step (a preemption drill).',
+                       flag_values=fv)
+  distributed.define_flags(fv)
 
 
-def main(argv):
+def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
-  distributed.initialize_from_flags()
   with exit_on_user_error():
-    meta_train(FLAGS.config, FLAGS.workdir, stop_after=FLAGS.stop_after)
+    distributed.initialize_from_flags(fv)
+    meta_train(fv.config, fv.workdir, stop_after=fv.stop_after)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, __doc__)

@@ -7,7 +7,6 @@ r"""Values every training example with one method -> a scores file keyed by TFDS
 """
 import os
 
-from absl import app
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -15,25 +14,24 @@ from ml_collections import config_flags
 from datarater.errors import exit_on_user_error
 from datarater.valuation.factory import METHODS
 from datarater.valuation.run import valuate
-
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.')
-  flags.DEFINE_string('method', None, f'One of {", ".join(METHODS)}.')
-  flags.DEFINE_string('workdir', None, 'Output folder.')
+from launch import cli
 
 
-def main(argv):
+def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
+  config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.',
+                                  flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string('method', None, f'One of {", ".join(METHODS)}.', flag_values=fv)
+  flags.DEFINE_string('workdir', None, 'Output folder.', flag_values=fv)
+
+
+def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   with exit_on_user_error():
-    summary = valuate(FLAGS.method, FLAGS.config, FLAGS.workdir)
-  print(f'wrote {os.path.join(FLAGS.workdir, "scores_" + summary["method"] + ".parquet")}: '
+    summary = valuate(fv.method, fv.config, fv.workdir)
+  print(f'wrote {os.path.join(fv.workdir, "scores_" + summary["method"] + ".parquet")}: '
         f'{summary["num_examples"]} examples, noise AUROC {summary["noise_auroc"]:.3f}')
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, __doc__)

@@ -16,7 +16,7 @@ import optax
 from datarater.tasks import Rater, Task
 from inner_loop.unroll import InnerState, init_inner_state
 from inner_loop.weighting import softmax_weights
-from outer_loop.population import init_population, staggered_reset
+from outer_loop.population import init_population, reset_diverged, staggered_reset
 
 
 @flax.struct.dataclass
@@ -26,6 +26,8 @@ class OuterState:
   opt_state: Any             # outer optimizer state
   population: InnerState     # leaves [K, ...]
   key: jax.Array             # for re-initialising members
+  skipped: jax.Array         # int32 scalar: outer steps skipped, their meta-gradient not finite
+  skipped_in_a_row: jax.Array  # int32 scalar: of them, the latest consecutive ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,24 +73,39 @@ def meta_gradient(problem: MetaProblem, estimator, rater_params, population, inn
 def init_outer_state(problem: MetaProblem, key: jax.Array, population_size: int) -> OuterState:
   rater_key, init_key, reset_key = jax.random.split(key, 3)
   rater_params = problem.rater.init(rater_key)
-  return OuterState(step=jnp.zeros((), jnp.int32), rater_params=rater_params,
+  zero = jnp.zeros((), jnp.int32)
+  return OuterState(step=zero, rater_params=rater_params,
                     opt_state=problem.outer_optimizer.init(rater_params),
                     population=init_population(problem.init_member, init_key, population_size),
-                    key=reset_key)
+                    key=reset_key, skipped=zero, skipped_in_a_row=zero)
 
 
 def outer_step(problem: MetaProblem, estimator, state: OuterState, inner_batches: dict,
                outer_batches: dict):
-  """Reset due members, take one meta-gradient step on phi; returns (state, metrics)."""
+  """Reset due members, take one meta-gradient step on phi; returns (state, metrics).
+
+  A step whose meta-gradient (or outer loss) is not finite leaves the rater and its optimizer
+  state as they were and is counted as skipped; inner models whose parameters became
+  non-finite start afresh. So the state never holds a non-finite rater.
+  """
   population = staggered_reset(state.population, problem.init_member, state.key, state.step,
                                problem.reset_every)
   (loss, (population, inner_losses)), grads = meta_gradient(
       problem, estimator, state.rater_params, population, inner_batches, outer_batches)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
   updates, opt_state = problem.outer_optimizer.update(grads, state.opt_state, state.rater_params)
-  new_state = OuterState(step=state.step + 1,
-                         rater_params=optax.apply_updates(state.rater_params, updates),
-                         opt_state=opt_state, population=jax.lax.stop_gradient(population),
-                         key=state.key)
-  metrics = {'outer_loss': loss, 'inner_loss': jnp.mean(inner_losses),
-             'meta_grad_norm': optax.tree.norm(grads)}
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  population, diverged = reset_diverged(jax.lax.stop_gradient(population), problem.init_member,
+                                        state.key, state.step)
+  skip = (~finite).astype(jnp.int32)
+  new_state = OuterState(
+      step=state.step + 1,
+      rater_params=keep(optax.apply_updates(state.rater_params, updates), state.rater_params),
+      opt_state=keep(opt_state, state.opt_state), population=population, key=state.key,
+      skipped=state.skipped + skip, skipped_in_a_row=(state.skipped_in_a_row + skip) * skip)
+  only_finite = lambda x: jnp.where(finite, x, 0.0)  # a skipped step adds 0 to the means
+  metrics = {'outer_loss': only_finite(loss), 'inner_loss': only_finite(jnp.mean(inner_losses)),
+             'meta_grad_norm': only_finite(grad_norm), 'skipped_steps': skip.astype(jnp.float32),
+             'diverged_members': diverged.astype(jnp.float32)}
   return new_state, metrics

@@ -33,3 +33,26 @@ def staggered_reset(population: InnerState, init_member: InitMember, key: jax.Ar
   def select(new, old):
     return jnp.where(mask.reshape((size,) + (1,) * (old.ndim - 1)), new, old)
   return jax.tree.map(select, fresh, population)
+
+
+def finite_members(population: InnerState) -> jax.Array:
+  """bool [K]: members whose parameters and optimizer state are all finite."""
+  size = jax.tree.leaves(population)[0].shape[0]
+  ok = jnp.ones(size, bool)
+  for leaf in jax.tree.leaves(population):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+      ok &= jnp.all(jnp.isfinite(leaf.reshape(size, -1)), axis=1)
+  return ok
+
+
+def reset_diverged(population: InnerState, init_member: InitMember, key: jax.Array,
+                   step: jax.Array) -> tuple[InnerState, jax.Array]:
+  """Members with non-finite parameters or optimizer state start afresh; (population, count)."""
+  size = jax.tree.leaves(population)[0].shape[0]
+  ok = finite_members(population)
+  fresh = init_population(init_member, jax.random.fold_in(jax.random.fold_in(key, 0x7fffffff), step),
+                          size)
+
+  def select(new, old):
+    return jnp.where(ok.reshape((size,) + (1,) * (old.ndim - 1)), old, new)
+  return jax.tree.map(select, fresh, population), jnp.sum(~ok)

@@ -1,76 +1,214 @@
-"""Bad input stops with a one-line error naming the bad value, and the workdir is left as it was."""
-import os
-import subprocess
-import sys
+"""Bad input, launcher by launcher: exit code 2, exactly one `error:` line naming the bad value,
+and nothing written or damaged (every file under the test's folder hashed before and after).
 
+Each case runs the launcher in this process exactly as its command line would
+(`launch.cli.invoke`: its flags, parsing and `main`).
+"""
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from datarater.errors import UserError
+from datarater import export, files
 from datarater.meta_train import meta_train
+from launch import cli, export_rater, filter as filter_launcher, train, train_rater, valuate
 from tests.run_config import as_flags, small_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHERS = {'train_rater': train_rater, 'train': train, 'valuate': valuate,
+             'export_rater': export_rater, 'filter': filter_launcher}
 
 
-def _snapshot(path):
-  if not os.path.exists(path):
-    return None
-  return sorted((os.path.relpath(os.path.join(d, f), path), os.path.getmtime(os.path.join(d, f)))
-                for d, _, files in os.walk(path) for f in files)
+@pytest.fixture(scope='module')
+def world(tfds_dir, tmp_path_factory):
+  """A finished 2-step rater run, its export, odd files and folders the cases point at."""
+  root = tmp_path_factory.mktemp('world')
+  meta_train(small_config(tfds_dir, steps=2), str(root / 'run'))
+  export.export_rater(str(root / 'run'), str(root / 'rater'))
+  (root / 'a_file').write_text('not a folder')
+  bad_json = root / 'bad_json_rater'
+  shutil.copytree(root / 'rater', bad_json)
+  (bad_json / 'rater.json').write_text('{"format_version": 2, "rater": ')
+  no_params = root / 'no_params_rater'
+  shutil.copytree(root / 'rater', no_params)
+  shutil.rmtree(no_params / 'params')
+  other = root / 'other_architecture_rater'
+  shutil.copytree(root / 'rater', other)
+  meta = json.loads((other / 'rater.json').read_text())
+  meta['rater']['hidden'] = [32]
+  (other / 'rater.json').write_text(json.dumps(meta))
+  n = 1197
+  pq.write_table(pa.table({'id': np.arange(n) + 0.5, 'value': np.zeros(n)}), root / 'float_ids.parquet')
+  pq.write_table(pa.table({'id': np.arange(n), 'value': np.full(n, '1.5')}), root / 'str_values.parquet')
+  pq.write_table(pa.table({'id': np.arange(n), 'value': np.zeros(n)}), root / 'zeros.parquet')
+  (root / 'busy').mkdir()
+  return root
 
 
-@pytest.mark.parametrize('field,value,message', [
-    ('data.name', 'no_such_dataset', "unknown dataset 'no_such_dataset'"),
-    ('inner.steps', 0, 'inner.steps (T) must be >= 1, got 0'),
-    ('rater.temperature', 0.0, 'rater.temperature (tau) must be > 0, got 0.0'),
-    ('rater.temperature', -1.0, 'rater.temperature (tau) must be > 0, got -1.0'),
-    ('inner.batch_size', 6, 'inner.batch_size=6 does not divide over 4 devices'),
-    ('inner.optimizer', 'adamw2', "unknown inner optimizer 'adamw2'"),
-    ('outer.mixed_recompute', 'backwards', "unknown outer.mixed_recompute 'backwards'"),
-    ('outer.mixed_segment', -2, 'outer.mixed_segment must be >= 0 (0: default), got -2'),
-])
-def test_bad_config_writes_nothing(tfds_dir, tmp_path, field, value, message):
-  config = small_config(tfds_dir)
-  config.inner.population = 1  # so the 4 test devices all split the batch
-  group, name = field.split('.')
-  config[group][name] = value
-  workdir = tmp_path / 'run'
-  with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')) as err:
-    meta_train(config, str(workdir))
-  assert '\n' not in str(err.value)
-  assert not workdir.exists()
+def _cases(tfds_dir: str, w) -> list:
+  """(launcher, argv after the program name, what the error line must name)."""
+  data = f'--config.data.data_dir={tfds_dir}'
+  rater_run = as_flags(small_config(tfds_dir)) + [f'--workdir={w}/new_run']
+  tr = lambda *extra, out=f'--workdir={w}/new_run': ('train_rater', as_flags(small_config(
+      tfds_dir)) + [out, *extra])
+  cases = [
+      (*tr('--config.log_every=0'), 'log_every must be >= 1, got 0'),
+      (*tr('--config.checkpoint_every=0'), 'checkpoint_every must be >= 1, got 0'),
+      (*tr('--config.rater.activation=swishy'), "rater.activation must be one of 'relu', 'gelu', "
+                                               "'tanh', 'silu', got 'swishy'"),
+      (*tr('--config.data.noise_seed=-1'), 'data.noise_seed must be >= 0, got -1'),
+      (*tr('--config.inner.stepz=4'), "unknown config field 'stepz' (did you mean 'steps'?)"),
+      (*tr('--config.inner.steps=abc'), "--config.inner.steps=abc: invalid literal for int()"),
+      (*tr(out=f'--workdir={w}/a_file'), f"--workdir '{w}/a_file' exists and is not a folder"),
+      (*tr(out=f'--workdir={w}/a_file/under'), f"cannot write --workdir '{w}/a_file/under'"),
+      (*tr('--stop_after=-1'), '--stop_after must be >= 1, got -1'),
+      (*tr('--config.inner.batch_size=2000', '--config.inner.population=1'),
+       'inner.batch_size=2000 is more than the 1197 examples'),
+      (*tr('--config.outer.batch_size=400', '--config.inner.population=1'),
+       'outer.batch_size=400 is more than the 300 examples'),
+      (*tr('--config.inner.learning_rate=inf'), 'inner.learning_rate must be finite, got inf'),
+      (*tr('--config.outer.clip_norm=-1'), 'outer.clip_norm must be > 0, got -1'),
+      (*tr('--config.rater.temperature=-0.5'), 'rater.temperature must be > 0, got -0.5'),
+      (*tr('--config.inner.steps=0'), 'inner.steps must be >= 1, got 0'),
+      (*tr('--config.inner.population=0'), 'inner.population must be >= 1, got 0'),
+      (*tr('--config.inner.optimizer=adamw2'), "inner.optimizer must be one of 'sgd', "
+                                               "'momentum', 'adam', got 'adamw2'"),
+      (*tr('--config.outer.meta_gradient=forward'), "got 'forward'"),
+      (*tr('--config.outer.mixed_recompute=backwards'), "got 'backwards'"),
+      (*tr('--config.outer.mixed_segment=-2'), 'outer.mixed_segment must be >= 0, got -2'),
+      (*tr('--config.data.name=no_such_dataset'), "unknown dataset 'no_such_dataset'"),
+      (*tr('--config.data.label_noise=1.5'), 'data.label_noise must be < 1, got 1.5'),
+      (*tr('--config.data.train_split=dev'), "has no split 'dev'"),
+      (*tr('--config.inner.batch_size=6', '--config.inner.population=1'),
+       'inner.batch_size=6 does not divide over 4 devices'),
+      ('train_rater', ['--config=configs/nope.py', f'--workdir={w}/new_run'],
+       "No such file or directory: 'configs/nope.py'"),
+      (*tr('--config=configs/digits.py'), 'before a value for --config was specified'),
+      (*tr('--config.task.name=resnet'), "task.name must be a registered task"),
+      (*tr('--config.task.hidden=(0,)'), 'task.hidden must hold integers >= 1, got ('),
+      (*tr('--config.inner.optimizer=sgd', '--config.outer.mixed_recompute=invert'),
+       "mixed_recompute='invert' needs an inner optimizer that can be run backwards"),
+      (*tr('--config.final_eval.num_models=-1'), 'final_eval.num_models must be >= 0, got -1'),
+      (*tr('--config.outer.max_skipped_steps=0'), 'outer.max_skipped_steps must be >= 1, got 0'),
+      ('train_rater', rater_run[:-1], '--workdir is required'),
+      (*tr('--config.inner.steps=3', out=f'--workdir={w}/run'),
+       'holds a checkpoint of a different config (inner.steps=2 there, 3 here)'),
+      (*tr(out=f'--workdir={w}/busy'), f"--workdir '{w}/busy' is in use by another run"),
+      ('train', [data, '--config.train.batch_size=0'], 'train.batch_size must be >= 1, got 0'),
+      ('train', [data, '--config.train.seeds=()'], 'train.seeds must be a non-empty tuple'),
+      ('train', [data, '--config.train.epochs=0'], 'train.epochs must be >= 1, got 0'),
+      ('train', [data, '--policy=nope'], "unknown policy 'nope'"),
+      ('train', [data, '--policy=datarater'], 'policy datarater needs --rater'),
+      ('train', [data, '--policy=datarater', f'--rater={w}/nowhere'], f"no rater in '{w}/nowhere'"),
+      ('train', [data, '--policy=scores'], 'policy scores needs --scores'),
+      ('train', [data, '--policy=scores', f'--scores={w}/none.parquet'],
+       f"scores file '{w}/none.parquet' does not exist"),
+      ('train', [data, '--policy=random', '--config.policy.ratio=0'],
+       'policy.ratio must be > 0, got 0'),
+      ('train', [data, '--stop_after=2'], '--stop_after needs --workdir'),
+      ('train', [data, f'--config.data.dataset_dir={w}/nowhere'],
+       f"data.dataset_dir '{w}/nowhere' is not a TFDS dataset folder"),
+      ('train', [data, f'--workdir={w}/a_file'], f"--workdir '{w}/a_file' exists and is not"),
+      ('train', [data, '--config.train.optimizer=lion'], "got 'lion'"),
+      ('train', [data, '--policy=sae', '--config.sae.k=0'], 'sae.k must be >= 1, got 0'),
+      ('valuate', [data, '--method=shapley', f'--workdir={w}/val'], "unknown --method 'shapley'"),
+      ('valuate', [data, '--method=tracin'], '--workdir is required'),
+      ('valuate', [data, '--method=dvemb', '--config.valuation.projection=sparse',
+                   f'--workdir={w}/val'], "got 'sparse'"),
+      ('valuate', [data, '--method=tracin', '--config.valuation.layers=dense_9',
+                   f'--workdir={w}/val'], "'dense_9'"),
+      ('valuate', [data, '--method=tracin', '--config.valuation.checkpoint_every=7',
+                   f'--workdir={w}/val'], 'checkpoint_every=7 must be >= 1 and divide'),
+      ('valuate', [data, '--method=datarater', f'--workdir={w}/val'], 'needs valuation.rater'),
+      ('valuate', [data, '--method=tracin', '--config.valuation.batch_size=0',
+                   f'--workdir={w}/val'], 'valuation.batch_size must be >= 1, got 0'),
+      ('valuate', [data, '--method=tracin', '--config.valuation.tracin_mode=both',
+                   f'--workdir={w}/val'], "got 'both'"),
+      ('export_rater', [f'--out={w}/exported'], '--workdir is required'),
+      ('export_rater', [f'--workdir={w}/nowhere', f'--out={w}/exported'],
+       f"no rater run in '{w}/nowhere'"),
+      ('export_rater', [f'--workdir={w}/run', f'--out={w}/rater'],
+       f"output '{w}/rater' already exists"),
+      ('export_rater', [f'--workdir={w}/run', f'--out={w}/a_file/x'], f"{w}/a_file"),
+  ]
+  fl = lambda *extra: ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}',
+                       f'--out={w}/filtered', *extra]
+  rater = f'--rater={w}/rater'
+  cases += [
+      ('filter', fl(rater, '--keep=1.5'), 'keep fraction must be in (0, 1], got 1.5'),
+      ('filter', fl(rater, '--keep=0.5', '--min_score=0'), 'exactly one of --keep and --min_score'),
+      ('filter', fl('--keep=0.5'), 'exactly one of --rater and --scores'),
+      ('filter', fl(f'--rater={w}/bad_json_rater', '--keep=0.5'), 'is not readable JSON'),
+      ('filter', fl(f'--rater={w}/no_params_rater', '--keep=0.5'), 'has no params/ folder'),
+      ('filter', fl(f'--rater={w}/other_architecture_rater', '--keep=0.5'),
+       'its parameters do not fit the architecture it names'),
+      ('filter', fl(f'--scores={w}/float_ids.parquet', '--keep=0.5'),
+       'column `id` must hold integers, it holds double'),
+      ('filter', fl(f'--scores={w}/str_values.parquet', '--keep=0.5'),
+       'column `value` must hold numbers, it holds string'),
+      ('filter', fl(f'--scores={w}/zeros.parquet', '--min_score=1'),
+       "nothing of split 'train' is kept"),
+      ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
+                  f'--out={w}/a_file/out'], f'{w}/a_file'),
+      ('filter', fl(rater, '--keep=0.5', '--split=dev'), "has no split 'dev'"),
+      ('filter', ['--dataset=no_such', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
+                  f'--out={w}/filtered'], "unknown dataset 'no_such'"),
+      ('filter', fl(rater, '--keep=0.5', '--batch_size=0'), '--batch_size must be >= 1, got 0'),
+      ('filter', fl(rater, '--min_score=0', '--balance'), '--balance needs --keep'),
+      ('filter', fl(rater, '--keep=0.5', '--threshold=approx'),
+       "value should be one of <exact|streaming>"),
+      ('filter', fl(rater, '--keep=0.5', '--label_noise=2'), 'label_noise must be in [0, 1), got 2'),
+      ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
+                  f'--out={w}/rater'], "already exists (pass --overwrite to replace it)"),
+  ]
+  return cases
 
 
-def test_invert_needs_an_invertible_inner_optimizer(tfds_dir, tmp_path):
-  config = small_config(tfds_dir)
-  config.inner.optimizer, config.outer.mixed_recompute = 'sgd', 'invert'
-  workdir = tmp_path / 'run'
-  with pytest.raises(UserError, match="mixed_recompute='invert' needs an inner optimizer that can "
-                                      r"be run backwards \(momentum, adam\), got "
-                                      "inner.optimizer='sgd'"):
-    meta_train(config, str(workdir))
-  assert not workdir.exists()
+def _snapshot(root) -> dict:
+  out = {}
+  for folder, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(folder, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+  return out
 
 
-def test_checkpoint_of_another_config_is_refused_untouched(tfds_dir, tmp_path):
-  workdir = tmp_path / 'run'
-  meta_train(small_config(tfds_dir), str(workdir), stop_after=2)
-  before = _snapshot(workdir)
-  other = small_config(tfds_dir)
-  other.inner.steps = 3
-  with pytest.raises(UserError, match=r'holds a checkpoint of a different config '
-                                      r'\(inner.steps=2 there, 3 here\)'):
-    meta_train(other, str(workdir))
-  assert _snapshot(workdir) == before
+def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
+  cases = _cases(tfds_dir, world)
+  assert len(cases) >= 50 and {c[0] for c in cases} == set(LAUNCHERS)
 
 
-def test_cli_prints_one_line_and_exits_2(tfds_dir, tmp_path):
-  config = small_config(tfds_dir)
-  result = subprocess.run(
-      [sys.executable, '-m', 'launch.train_rater', f'--workdir={tmp_path / "run"}',
-       *as_flags(config), '--config.rater.temperature=-0.5'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == [
-      'error: rater.temperature (tau) must be > 0, got -0.5']
-  assert not (tmp_path / 'run').exists()
+@pytest.mark.parametrize('index', range(76))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tfds_dir, world, index):
+  cases = _cases(tfds_dir, world)
+  if index >= len(cases):
+    pytest.skip('no such case')
+  launcher, argv, named = cases[index]
+  before = _snapshot(world)
+  err = io.StringIO()
+  lock = None
+  if any(a.endswith('/busy') for a in argv):  # another run holds this workdir
+    lock = files.workdir_lock(str(world / 'busy'))
+    lock.__enter__()
+  try:
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+      code = cli.invoke(LAUNCHERS[launcher], [launcher, *argv])
+  finally:
+    if lock is not None:
+      lock.__exit__(None, None, None)
+  lines = [l for l in err.getvalue().splitlines() if l.strip()]
+  assert code == 2, (launcher, argv, err.getvalue()[-1500:])
+  assert len(lines) == 1 and lines[0].startswith('error: '), lines
+  assert named in lines[0], (named, lines[0])
+  after = _snapshot(world)
+  if lock is not None:  # the holder wrote its pid into the lock file
+    before.pop('busy/.lock', None), after.pop('busy/.lock', None)
+  assert after == before, (launcher, argv)
+  assert not any('.tmp-' in p for p in os.listdir(world))

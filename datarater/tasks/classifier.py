@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from datarater import config_checks as checks
 from datarater.errors import UserError
 from datarater.tasks.base import FeatureSpec, Rater, Task, example_batch
 from datarater.tasks.registry import register_rater, register_task
@@ -111,7 +112,13 @@ class LabelledRater(Rater):
     return jnp.take_along_axis(per_class, label, axis=1)[:, 0]
 
 
-@register_task('mlp_classifier')
+IO_FIELDS = {'input': checks.optional(checks.string()),  # feature names ('' = supervised keys)
+             'label': checks.optional(checks.string())}
+MLP_SCHEMA = {'hidden': checks.integers(1, nonempty=False),
+              'activation': checks.one_of(*ACTIVATIONS), **IO_FIELDS}
+
+
+@register_task('mlp_classifier', MLP_SCHEMA)
 def mlp_classifier(config, info) -> Classifier:
   """config: hidden (widths), activation, optional input / label feature names."""
   x_key, y_key, num_classes = _io_keys(config, info)
@@ -119,7 +126,7 @@ def mlp_classifier(config, info) -> Classifier:
   return Classifier(module, info.spec, x_key, y_key, num_classes)
 
 
-@register_rater('mlp_rater')
+@register_rater('mlp_rater', MLP_SCHEMA)
 def mlp_rater(config, info) -> LabelledRater:
   """config: hidden, activation, optional input / label feature names."""
   x_key, y_key, num_classes = _io_keys(config, info)

@@ -17,8 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from datarater import config_checks as checks
 from datarater.errors import UserError
-from datarater.tasks.classifier import Classifier, LabelledRater, _io_keys, activation
+from datarater.tasks.classifier import (ACTIVATIONS, IO_FIELDS, Classifier, LabelledRater,
+                                        _io_keys, activation)
 from datarater.tasks.registry import register_rater, register_task
 
 POOLS = ('flatten', 'mean')
@@ -76,14 +78,19 @@ def _cnn(config, outputs: int) -> CNN:
              config.activation)
 
 
-@register_task('cnn_classifier')
+CNN_SCHEMA = {'channels': checks.integers(1), 'strides': checks.integers(1),
+              'pool': checks.one_of(*POOLS), 'hidden': checks.integer(0),
+              'groups': checks.integer(1), 'activation': checks.one_of(*ACTIVATIONS), **IO_FIELDS}
+
+
+@register_task('cnn_classifier', CNN_SCHEMA)
 def cnn_classifier(config, info) -> Classifier:
   """config: channels, strides, pool, hidden, groups, activation, optional input / label."""
   x_key, y_key, num_classes = _io_keys(config, info)
   return Classifier(_cnn(config, num_classes), info.spec, x_key, y_key, num_classes)
 
 
-@register_rater('cnn_rater')
+@register_rater('cnn_rater', CNN_SCHEMA)
 def cnn_rater(config, info) -> LabelledRater:
   """g_phi(x, y) from a CNN with one output per class (the label's output is the score)."""
   x_key, y_key, num_classes = _io_keys(config, info)

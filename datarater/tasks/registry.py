@@ -1,7 +1,9 @@
 """Tasks and raters by name, built from a config section and the dataset's `DataInfo`.
 
-`@register_task('name')` / `@register_rater('name')` on a factory `(config, info) -> Task | Rater`
-adds one; `config.task.name` / `config.rater.name` picks it.
+`@register_task('name', schema)` / `@register_rater('name', schema)` on a factory
+`(config, info) -> Task | Rater` adds one; `config.task.name` / `config.rater.name` picks it.
+`schema` maps the section's other fields to their checks (`datarater.config_checks`), so a bad
+or unknown field is refused before a run starts.
 """
 from typing import Callable
 
@@ -10,20 +12,28 @@ from datarater.tasks.base import Rater, Task
 
 TASKS: dict[str, Callable[..., Task]] = {}
 RATERS: dict[str, Callable[..., Rater]] = {}
+SCHEMAS: dict[tuple[str, str], dict] = {}
 
 
-def register_task(name: str):
+def register_task(name: str, schema: dict):
   def add(factory):
     TASKS[name] = factory
+    SCHEMAS['task', name] = schema
     return factory
   return add
 
 
-def register_rater(name: str):
+def register_rater(name: str, schema: dict):
   def add(factory):
     RATERS[name] = factory
+    SCHEMAS['rater', name] = schema
     return factory
   return add
+
+
+def schema_of(kind: str, name: str) -> dict:
+  """The fields (besides `name`) a registered task or rater reads, with their checks."""
+  return SCHEMAS[kind, name]
 
 
 def make_task(config, info) -> Task:

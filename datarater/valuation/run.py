@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from datarater import evaluation, files, tasks
+from datarater import config_checks, evaluation, files, tasks
 from datarater.curation import scores_file
 from datarater.data import pipeline
 from datarater.errors import UserError
@@ -26,7 +26,9 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     raise UserError(f'unknown --method {method!r} (choose from {", ".join(factory.METHODS)})')
   if not workdir:
     raise UserError('--workdir is required')
-  factory.make_projection(config.valuation)  # a bad projection name fails before any work
+  config_checks.validate(config, ('data', 'task', 'valuation'))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir {workdir!r} exists and is not a folder')
   d = config.data
   train = pipeline.load_split(d, d.train_split, corrupt=True)
   heldout = pipeline.load_split(d, d.heldout_split)
@@ -34,10 +36,11 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
   valuation = factory.build(method, config, task, train, heldout)
   # Trace one scoring call before anything is written: bad layer names etc. fail here.
   jax.eval_shape(valuation.score, train.take(np.arange(min(2, len(train)))))
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'cannot write --workdir {workdir!r}: {e.strerror or e}') from None
+  with files.workdir_lock(workdir):
+    return _write(method, config, workdir, progress, train, valuation)
+
+
+def _write(method, config, workdir, progress, train, valuation) -> dict:
   scores = evaluation.score_split(valuation.score, train, config.valuation.score_batch_size,
                                   progress=progress, desc=f'{method} scores')
   values = scores if valuation.higher_is_better else -scores

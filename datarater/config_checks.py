@@ -1,0 +1,205 @@
+"""Config validation: one check per field, one schema per section, unknown fields refused.
+
+`validate(config, sections)` checks the named sections of a config (those a launcher reads)
+before anything is written, and raises a one-line `UserError` naming the first bad field and its
+value. The `task`, `rater` and `features.task` sections are checked against the schema their
+registered task or rater declares (`tasks.registry.schema_of`).
+"""
+import math
+from typing import Any, Callable, Optional
+
+from datarater.errors import UserError
+
+Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def integer(lo: Optional[int] = None, hi: Optional[int] = None) -> Check:
+  def check(v):
+    if not _is_int(v):
+      return 'must be an integer'
+    if lo is not None and v < lo:
+      return f'must be >= {lo}'
+    if hi is not None and v > hi:
+      return f'must be <= {hi}'
+    return None
+  return check
+
+
+def number(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+           hi_open: bool = False) -> Check:
+  """A finite real number in the interval [lo, hi] ('(' / ')' when open)."""
+  def check(v):
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+      return 'must be a number'
+    if not math.isfinite(v):
+      return 'must be finite'
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+      return f'must be {">" if lo_open else ">="} {lo}'
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+      return f'must be {"<" if hi_open else "<="} {hi}'
+    return None
+  return check
+
+
+def one_of(*choices) -> Check:
+  def check(v):
+    return None if v in choices else f'must be one of {", ".join(map(repr, choices))}'
+  return check
+
+
+def string(nonempty: bool = False) -> Check:
+  def check(v):
+    if not isinstance(v, str):
+      return 'must be a string'
+    return 'must not be empty' if nonempty and not v.strip() else None
+  return check
+
+
+def boolean() -> Check:
+  return lambda v: None if isinstance(v, bool) else 'must be True or False'
+
+
+def integers(lo: int = 1, nonempty: bool = True) -> Check:
+  """A tuple of integers >= lo."""
+  def check(v):
+    if not isinstance(v, (tuple, list)) or (nonempty and not v):
+      return f'must be a {"non-empty " if nonempty else ""}tuple of integers'
+    if not all(_is_int(x) and x >= lo for x in v):
+      return f'must hold integers >= {lo}'
+    return None
+  return check
+
+
+def optional(check: Check) -> Check:
+  """`check` for a field a section may leave out."""
+  def wrapped(v):
+    return check(v)
+  wrapped.optional = True
+  return wrapped
+
+
+def _choices(module_attr: str):
+  """The choices a module declares (imported lazily: the checks are leaf-level)."""
+  module, attr = module_attr.rsplit('.', 1)
+  import importlib  # pylint: disable=g-import-not-at-top
+  return getattr(importlib.import_module(module), attr)
+
+
+def _lazy_one_of(module_attr: str) -> Check:
+  return lambda v: one_of(*_choices(module_attr))(v)
+
+
+SECTIONS: dict[str, dict[str, Check]] = {
+    '': {'seed': integer(0), 'log_every': integer(1), 'checkpoint_every': integer(1)},
+    'data': {'name': string(nonempty=True), 'data_dir': string(), 'dataset_dir': string(),
+             'train_split': string(nonempty=True), 'heldout_split': string(nonempty=True),
+             'eval_split': string(nonempty=True), 'label_noise': number(0, 1, hi_open=True),
+             'noise_seed': integer(0)},
+    'inner': {'steps': integer(1), 'population': integer(1), 'batch_size': integer(1),
+              'optimizer': _lazy_one_of('inner_loop.optimizers.INNER_OPTIMIZERS'),
+              'learning_rate': number(0, lo_open=True), 'reset_every': integer(1)},
+    'outer': {'steps': integer(0), 'batch_size': integer(1),
+              'learning_rate': number(0, lo_open=True), 'warmup_steps': integer(0),
+              'clip_norm': number(0, lo_open=True),
+              'meta_gradient': _lazy_one_of('outer_loop.estimators.META_GRADIENTS'),
+              'mixed_recompute': _lazy_one_of('outer_loop.estimators.MIXED_RECOMPUTE'),
+              'mixed_segment': integer(0), 'max_skipped_steps': integer(1)},
+    'final_eval': {'train_steps': integer(1), 'num_models': integer(0)},
+    'train': {'epochs': integer(1), 'checkpoint_every': integer(1), 'batch_size': integer(1),
+              'optimizer': _lazy_one_of('inner_loop.optimizers.INNER_OPTIMIZERS'),
+              'learning_rate': number(0, lo_open=True), 'seeds': integers(0)},
+    'policy': {'name': string(nonempty=True), 'temperature': number(0, lo_open=True),
+               'rho': number(0, 1, hi_open=True), 'ratio': number(0, 1, lo_open=True),
+               'max_prune_prob': number(0, 1, lo_open=True, hi_open=True)},
+    'valuation': {
+        'train_steps': integer(1), 'batch_size': integer(1),
+        'optimizer': _lazy_one_of('inner_loop.optimizers.INNER_OPTIMIZERS'),
+        'learning_rate': number(0, lo_open=True), 'checkpoint_every': integer(1),
+        'seed': integer(0), 'layers': string(),
+        'projection': _lazy_one_of('datarater.valuation.factory.PROJECTIONS'),
+        'projection_dim': integer(1), 'projection_seed': integer(0), 'chunk_size': integer(1),
+        'score_batch_size': integer(1), 'tracin_mode': one_of('self', 'heldout', 'heldout_cos'),
+        'tracin_project': boolean(), 'tracin_ghost': boolean(), 'mimic_layers': string(),
+        'mimic_cosine': boolean(), 'mimic_keep_fraction': number(0, 1, hi_open=True),
+        'reference_steps': integer(1),
+        'dvemb_curvature': one_of('gauss_newton', 'empirical_fisher', 'exact', 'none'),
+        'dvemb_steps': integer(1), 'rater': string()},
+    'features': {'extractor': _lazy_one_of('datarater.features.EXTRACTORS'),
+                 'train_steps': integer(1), 'batch_size': integer(1),
+                 'learning_rate': number(0, lo_open=True), 'seed': integer(0)},
+    'sae': {'sparsity': _lazy_one_of('datarater.sae.SPARSITIES'), 'num_factors': integer(1),
+            'k': integer(1), 'l1_coef': number(0), 'steps': integer(1), 'batch_size': integer(1),
+            'learning_rate': number(0, lo_open=True)},
+    'sae_scores': {'class_conditional': boolean(),
+                   'high_freq_fraction': number(0, 1, lo_open=True, hi_open=True),
+                   'gate_width': number(0, 1, lo_open=True), 'rep_weight_start': number(),
+                   'rep_weight_end': number(), 'div_weight_start': number(),
+                   'div_weight_end': number(), 'usage_penalty': number(0),
+                   'temperature': number(0),
+                   'mislabel_guard': one_of('penalty', 'exclude', 'off'),
+                   'mislabel_rule': one_of('margin', 'confident'), 'mislabel_margin': number(0),
+                   'mislabel_penalty': number(0)},
+}
+MODEL_SECTIONS = {'task': 'task', 'rater': 'rater', 'features.task': 'task'}  # registry-checked
+
+
+def _fail(name: str, value, problem: str):
+  raise UserError(f'{name} {problem}, got {value!r}')
+
+
+def check_section(name: str, section, schema: dict[str, Check]) -> None:
+  """Every field of `section` known and valid; every field of `schema` present."""
+  prefix = f'{name}.' if name else ''
+  for field in section.keys():
+    if field not in schema and f'{prefix}{field}' not in MODEL_SECTIONS:
+      raise UserError(f'unknown config field {prefix}{field} (the fields of '
+                      f'{name or "the config"}: {", ".join(sorted(schema))})')
+  for field, check in schema.items():
+    if field not in section:
+      if getattr(check, 'optional', False):
+        continue
+      raise UserError(f'the config has no field {prefix}{field}')
+    problem = check(section[field])
+    if problem:
+      _fail(f'{prefix}{field}', section[field], problem)
+
+
+def _get(config, dotted: str):
+  node = config
+  for part in dotted.split('.'):
+    if part not in node:
+      raise UserError(f'the config has no section {dotted} (is it the right --config?)')
+    node = node[part]
+  return node
+
+
+def validate(config, sections) -> None:
+  """Checks the config's top-level fields and `sections` (names as in `SECTIONS`, or `task`,
+  `rater`, `features.task`, checked against their registered schema)."""
+  from datarater.tasks import registry  # pylint: disable=g-import-not-at-top
+  known = set(SECTIONS) | {'task', 'rater'}
+  for key in config.keys():
+    if key not in SECTIONS[''] and key not in known:
+      raise UserError(f'unknown config field {key} (top-level fields: '
+                      f'{", ".join(sorted(SECTIONS[""]))}; sections: '
+                      f'{", ".join(sorted(known - {""}))})')
+  top = {k: config[k] for k in config.keys() if k in SECTIONS['']}
+  check_section('', top, {k: v for k, v in SECTIONS[''].items() if k in top or k == 'seed'})
+  for name in sections:
+    section = _get(config, name)
+    if name in MODEL_SECTIONS:
+      kind = MODEL_SECTIONS[name]
+      registered = registry.TASKS if kind == 'task' else registry.RATERS
+      if section.get('name') not in registered:
+        _fail(f'{name}.name', section.get('name'),
+              f'must be a registered {kind} ({", ".join(sorted(registered))})')
+      schema = {'name': string(), **registry.schema_of(kind, section.name)}
+      if kind == 'rater':
+        schema['temperature'] = number(0, lo_open=True)
+      check_section(name, section, schema)
+    else:
+      check_section(name, section, SECTIONS[name])

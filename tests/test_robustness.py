@@ -1,0 +1,118 @@
+"""Runs that meet trouble: non-finite meta-gradients are skipped and never saved, a corrupted
+latest checkpoint gives way to the newest intact one, --help, file modes."""
+import contextlib
+import glob
+import io
+import json
+import os
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from datarater import checkpointing, export
+from datarater.meta_train import meta_train
+from launch import cli, train_rater
+from outer_loop import meta_step
+from tests.run_config import as_flags, small_config
+from tests.tiny import estimator, tiny_batches, tiny_problem
+
+
+def test_a_non_finite_meta_gradient_skips_the_step_and_resets_diverged_members():
+  problem, est = tiny_problem(), estimator()
+  inner, outer = tiny_batches(0, population=2, steps=2, batch=8)
+  state = meta_step.init_outer_state(problem, jax.random.PRNGKey(1), 2)
+  step = jax.jit(lambda s, i, o: meta_step.outer_step(problem, est, s, i, o))
+  good, metrics = step(state, inner, outer)
+  assert int(good.skipped) == 0 and float(metrics['skipped_steps']) == 0
+  poisoned = dict(inner, image=inner['image'].copy())
+  poisoned['image'][1, 0, 0, 0] = np.nan  # member 1 meets a NaN input: its update is NaN
+  bad, metrics = step(good, poisoned, outer)
+  np.testing.assert_array_equal(ravel_pytree(bad.rater_params)[0],
+                                ravel_pytree(good.rater_params)[0])  # rater untouched
+  assert int(bad.skipped) == 1 and int(bad.skipped_in_a_row) == 1
+  assert float(metrics['skipped_steps']) == 1 and float(metrics['diverged_members']) == 1
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(bad.population.params))
+  # Member 0 went on; member 1 was re-initialised (different from where it was).
+  after, _ = step(bad, inner, outer)
+  assert int(after.skipped_in_a_row) == 0 and int(after.skipped) == 1
+
+
+def test_a_rater_run_whose_meta_gradient_stays_non_finite_stops_with_finite_checkpoints(
+    tfds_dir, tmp_path):
+  workdir = tmp_path / 'nan'
+  argv = ['train_rater', *as_flags(small_config(tfds_dir, steps=10)), f'--workdir={workdir}',
+          '--config.inner.learning_rate=1e30', '--config.outer.max_skipped_steps=3']
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    code = cli.invoke(train_rater, argv)
+  lines = err.getvalue().strip().splitlines()
+  assert code == 2 and len(lines) == 1, err.getvalue()
+  assert 'the meta-gradient was not finite at the last 4 outer steps' in lines[0]
+  state = checkpointing.restore_latest_on_host(str(workdir / 'checkpoints'))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+  assert int(state['skipped']) >= 2  # what the checkpoint recorded as skipped
+  export.export_rater(str(workdir), str(tmp_path / 'rater'))  # finite: exportable
+
+
+def _corrupt(step_dir, how: str):
+  if how == 'truncated':
+    for path in glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True):
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+  elif how == 'flipped':
+    for path in glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True):
+      data = bytearray(open(path, 'rb').read())
+      for i in range(0, len(data), 7):
+        data[i] ^= 0xFF
+      open(path, 'wb').write(bytes(data))
+  else:
+    with open(os.path.join(step_dir, 'meta', 'metadata'), 'w') as f:
+      f.write('{"config": ')
+
+
+@pytest.mark.parametrize('how', ['truncated', 'flipped', 'garbled'])
+def test_a_corrupted_latest_checkpoint_gives_way_to_the_newest_intact_one(tfds_dir, tmp_path,
+                                                                           capsys, how):
+  config = small_config(tfds_dir, steps=4)
+  config.final_eval.num_models = 0
+  workdir = tmp_path / 'run'
+  meta_train(config, str(workdir), stop_after=4, devices=jax.devices()[:1])
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+  _corrupt(str(workdir / 'checkpoints' / '4'), how)
+  config.outer.steps = 6
+  capsys.readouterr()
+  report = meta_train(config, str(workdir), devices=jax.devices()[:1])
+  warned = [l for l in capsys.readouterr().out.splitlines() if 'unreadable' in l]
+  assert len(warned) == 1 and 'checkpoints/4 is unreadable' in warned[0], warned
+  assert report['outer_steps'] == 6
+  steps = [json.loads(l)['step'] for l in open(workdir / 'metrics.jsonl')]
+  assert steps == [2, 4, 6]  # resumed from step 2: the records after it were written again
+  export.export_rater(str(workdir), str(tmp_path / 'rater'))  # the run's newest, step 6
+
+
+def test_help_lists_the_flags_and_config_fields_and_exits_0():
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    code = cli.invoke(train_rater, ['train_rater', '--help'])
+  assert code == 0
+  text = out.getvalue()
+  assert '--workdir' in text and '--config.inner.steps=2' in text
+  assert '--config.outer.meta_gradient=' in text
+
+
+def test_written_files_are_readable_by_everyone(tfds_dir, tmp_path):
+  config = small_config(tfds_dir, steps=2)
+  config.final_eval.num_models = 0
+  old = os.umask(0o022)
+  try:
+    meta_train(config, str(tmp_path / 'run'))
+  finally:
+    os.umask(old)
+  for name in ('config.json', 'report.json', 'metrics.jsonl', 'rater_report.png'):
+    mode = stat.S_IMODE(os.stat(tmp_path / 'run' / name).st_mode)
+    assert mode == 0o644, (name, oct(mode))
