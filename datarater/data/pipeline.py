@@ -23,6 +23,7 @@ from datarater.data import sklearn_digits  # pylint: disable=unused-import  (reg
 from datarater.errors import UserError
 
 BUNDLED = {'sklearn_digits'}  # Datasets built locally from package data, so never downloaded.
+RECORDED = 'corruption'  # a class-label feature in which a dataset records its own bad data
 
 
 def default_data_dir(data_dir: str = '') -> str:
@@ -74,9 +75,11 @@ class DataInfo:
   spec: Mapping[str, jax.ShapeDtypeStruct]  # one decoded example
   num_classes: Mapping[str, int]            # class-label features -> number of classes
   supervised_keys: Optional[tuple]          # (input, target) feature names, if the dataset says
+  class_names: Mapping[str, tuple] = dataclasses.field(default_factory=dict)  # class labels'
 
   def to_json(self) -> dict:
     return {'name': self.name, 'num_classes': dict(self.num_classes),
+            'class_names': {k: list(v) for k, v in self.class_names.items()},
             'supervised_keys': list(self.supervised_keys) if self.supervised_keys else None,
             'spec': {k: {'shape': list(s.shape), 'dtype': np.dtype(s.dtype).name}
                      for k, s in self.spec.items()}}
@@ -86,7 +89,8 @@ class DataInfo:
     spec = {k: jax.ShapeDtypeStruct(tuple(v['shape']), np.dtype(v['dtype']))
             for k, v in d['spec'].items()}
     keys = d.get('supervised_keys')
-    return cls(d['name'], spec, dict(d['num_classes']), tuple(keys) if keys else None)
+    names = {k: tuple(v) for k, v in d.get('class_names', {}).items()}
+    return cls(d['name'], spec, dict(d['num_classes']), tuple(keys) if keys else None, names)
 
   def matches(self, other: 'DataInfo', features) -> bool:
     """Whether `other` has `features` with the same shapes, dtypes and class counts."""
@@ -113,7 +117,7 @@ def _decoded_dtype(feature) -> Optional[np.dtype]:
 
 def data_info(builder: tfds.core.DatasetBuilder) -> DataInfo:
   features = builder.info.features
-  spec, classes = {}, {}
+  spec, classes, names = {}, {}, {}
   for name, feature in features.items():
     dtype = _decoded_dtype(feature)
     if dtype is None:
@@ -121,8 +125,9 @@ def data_info(builder: tfds.core.DatasetBuilder) -> DataInfo:
     spec[name] = jax.ShapeDtypeStruct(tuple(feature.shape), dtype)
     if isinstance(feature, tfds.features.ClassLabel):
       classes[name] = feature.num_classes
+      names[name] = tuple(feature.names)
   keys = builder.info.supervised_keys
-  return DataInfo(builder.info.name, spec, classes, tuple(keys) if keys else None)
+  return DataInfo(builder.info.name, spec, classes, tuple(keys) if keys else None, names)
 
 
 def decode(info: DataInfo, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -148,6 +153,8 @@ class Split:
   `ids` are the examples' positions in the TFDS split expression (their key in scores files);
   `corruption[i]` is 0 for an untouched example, else the index of its kind in
   `corruption_kinds` (kinds[0] = 'clean'); `clean` keeps the original values of corrupted features.
+  A dataset that records its own bad data has a class-label feature `corruption` (class 0 =
+  clean); its record is then read from there.
   """
   features: dict[str, np.ndarray]
   ids: np.ndarray               # int64 [N]
@@ -201,8 +208,14 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str,
   n = len(source)
   corruption = corruption or corruption_lib.Corruption()
   raw, clean = corruption.apply(info, raw, np.arange(n), n)
+  record, kinds = corruption.record(n), corruption.kinds
+  if RECORDED in info.num_classes:  # the dataset's own record of its bad data
+    if len(kinds) > 1:
+      raise UserError(f'dataset {info.name!r} records its own corruption; plant none '
+                      '(data.label_noise = 0)')
+    record, kinds = raw[RECORDED].astype(np.int8), info.class_names[RECORDED]
   return Split(features=decode(info, raw), ids=np.arange(n, dtype=np.int64),
-               corruption=corruption.record(n), corruption_kinds=corruption.kinds, info=info,
+               corruption=record, corruption_kinds=tuple(kinds), info=info,
                clean=decode(info, clean))
 
 
