@@ -123,7 +123,8 @@ def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
          'filtered': {m: {} for m in methods}, 'online': {}, 'setup_example_gradients': setup,
          'suggested_keep': suggested,
          'auroc': {m: evaluation.noise_auroc(values[m], train.is_corrupted) for m in methods},
-         'auroc_by_kind': {m: evaluation.auroc_by_kind(values[m], train) for m in methods}}
+         'auroc_by_kind': {m: evaluation.auroc_by_kind(values[m], train.corruption,
+                                                       train.corruption_kinds) for m in methods}}
   rng = np.random.default_rng([seed, 7])
   all_keeps = sorted(set(keeps) | ({suggested} if suggested and suggested < 1 else set()))
   for keep in all_keeps:

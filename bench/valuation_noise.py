@@ -172,7 +172,8 @@ def main(argv):
         run = {'noise': noise, 'seed': s, 'variant': name, 'seconds': secs,
                'example_gradients': int(val.example_gradients),
                'auroc': evaluation.noise_auroc(values, train.is_corrupted),
-               'auroc_by_kind': evaluation.auroc_by_kind(values, train)}
+               'auroc_by_kind': evaluation.auroc_by_kind(values, train.corruption,
+                                                         train.corruption_kinds)}
         if name == 'datarater':
           run['seconds'] = None  # meta-training time is reported by launch.train_rater
         results['runs'].append(run)

@@ -21,8 +21,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_split = 'train'     # what models train on (corrupted below); any split expression
   c.data.heldout_split = 'validation'  # clean held-out data for the outer (meta) loss
   c.data.eval_split = 'test'       # final evaluation only
-  c.data.label_noise = 0.2         # symmetric label noise rate on the train split, recorded
+  c.data.label_noise = 0.2         # label noise rate on the train split, recorded
+  c.data.label_noise_kind = 'symmetric'  # 'symmetric' (any other class) | 'confusion' (a partner)
+  c.data.confusions = ()           # confusion: pairs of confusable class indices, e.g. ((0, 6),)
   c.data.noise_seed = 0
+  # Rates of input corruptions of the train split (disjoint from the label noise and each other,
+  # all recorded; datarater/data/corruption.py): heavy blur, heavy pixel noise, a grey rectangle
+  # over half the image, near-duplicates of clean examples, out-of-distribution digits.
+  c.data.input_corruption = ml_collections.ConfigDict(
+      {'blur': 0.0, 'pixel_noise': 0.0, 'occlusion': 0.0, 'duplicate': 0.0, 'ood': 0.0})
 
   c.task = ml_collections.ConfigDict()
   c.task.name = 'mlp_classifier'   # datarater.tasks.TASKS

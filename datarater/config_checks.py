@@ -74,6 +74,27 @@ def integers(lo: int = 1, nonempty: bool = True) -> Check:
   return check
 
 
+def pairs() -> Check:
+  """A tuple of pairs of two different integers >= 0 (e.g. confusable class indices)."""
+  def check(v):
+    if not isinstance(v, (tuple, list)) or not all(
+        isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(x) and x >= 0 for x in p)
+        and p[0] != p[1] for p in v):
+      return 'must be a tuple of pairs of two different integers >= 0'
+    return None
+  return check
+
+
+def section(name: str, schema: dict[str, Check]) -> Check:
+  """A nested section checked against its own schema (its errors name the nested field)."""
+  def check(v):
+    if not hasattr(v, 'keys'):
+      return 'must be a section (a ConfigDict)'
+    check_section(name, v, schema)
+    return None
+  return check
+
+
 def optional(check: Check) -> Check:
   """`check` for a field a section may leave out."""
   def wrapped(v):
@@ -98,7 +119,11 @@ SECTIONS: dict[str, dict[str, Check]] = {
     'data': {'name': string(nonempty=True), 'data_dir': string(), 'dataset_dir': string(),
              'train_split': string(nonempty=True), 'heldout_split': string(nonempty=True),
              'eval_split': string(nonempty=True), 'label_noise': number(0, 1, hi_open=True),
-             'noise_seed': integer(0)},
+             'label_noise_kind': one_of('symmetric', 'confusion'), 'confusions': pairs(),
+             'noise_seed': integer(0),
+             'input_corruption': section('data.input_corruption', {
+                 kind: number(0, 1, hi_open=True)
+                 for kind in ('blur', 'pixel_noise', 'occlusion', 'duplicate', 'ood')})},
     'inner': {'steps': integer(1), 'population': integer(1), 'batch_size': integer(1),
               'optimizer': _lazy_one_of('inner_loop.optimizers.INNER_OPTIMIZERS'),
               'learning_rate': number(0, lo_open=True), 'reset_every': integer(1)},

@@ -42,13 +42,13 @@ def noise_auroc(scores: np.ndarray, is_corrupted: np.ndarray) -> float:
   return float(roc_auc_score(~is_corrupted, scores))
 
 
-def auroc_by_kind(scores: np.ndarray, split) -> dict[str, float]:
-  """{kind: AUROC of clean examples against the examples of that corruption kind}."""
-  clean = split.corruption == 0
+def auroc_by_kind(scores: np.ndarray, record: np.ndarray, kinds) -> dict[str, float]:
+  """{kind: AUROC of the clean examples (record 0) against those of that corruption kind}."""
+  scores, record = np.asarray(scores), np.asarray(record)
   out = {}
-  for k, kind in enumerate(split.corruption_kinds):
-    if k == 0 or not (split.corruption == k).any():
+  for k, kind in enumerate(kinds):
+    if k == 0 or not (record == k).any():
       continue
-    keep = clean | (split.corruption == k)
-    out[kind] = noise_auroc(scores[keep], split.corruption[keep] == k)
+    keep = (record == 0) | (record == k)
+    out[kind] = noise_auroc(scores[keep], record[keep] == k)
   return out

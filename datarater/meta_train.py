@@ -219,7 +219,8 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
     log.info('training fresh models for the report: %d per weighting, %d steps ...',
              fe.num_models, fe.train_steps)
   results = fresh_model_results(config, data, problem, rater_params)
-  report = {'noise_auroc': auroc, 'auroc_by_kind': evaluation.auroc_by_kind(scores, data.train),
+  by_kind = evaluation.auroc_by_kind(scores, data.train.corruption, data.train.corruption_kinds)
+  report = {'noise_auroc': auroc, 'auroc_by_kind': by_kind,
             'label_noise': config.data.label_noise, 'fresh_models': results,
             'outer_steps': config.outer.steps, 'skipped_steps': skipped}
   files.write_json(os.path.join(workdir, 'report.json'), report)

@@ -14,12 +14,16 @@ Compute is counted in example-gradients: (example, step) pairs with a weight > 0
 Every random choice is keyed by (seed, epoch), so a run resumed from a checkpoint (`checkpoints`,
 a `RunCheckpointer`) equals an uninterrupted one. `record_every=k` keeps the parameters before
 every k-th step and the batches of every step (a `Recording`, what valuations replay).
+The training data is a `pipeline.Split` (held on the device, batches gathered inside the
+compiled steps) or a streaming `source.Source` (batches read on the host, `STREAM_CHUNK` steps at
+a time, so memory does not grow with the dataset); both give the same steps.
 
 The history is a list of records, one per evaluation, all of one format:
   {'epoch': float, 'step': int, 'example_gradients': int, 'scoring_forwards': int,
    'wall_s': float, <split>: {<metric>: [one value per seed]}}.
 """
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -37,6 +41,7 @@ from datarater.tasks import Task
 from inner_loop.unroll import InnerState, init_inner_state, inner_step
 
 EVAL_BLOCK = 512  # examples evaluated per compiled block
+STREAM_CHUNK = 32  # steps whose batches a streaming run reads at a time
 
 
 @flax.struct.dataclass
@@ -98,6 +103,13 @@ def summarize(record: dict) -> dict:
   return out
 
 
+def _chunks(cuts, size):
+  """Step ranges [a, b) between consecutive `cuts`, each split into pieces of at most `size`."""
+  for a, b in zip(cuts[:-1], cuts[1:]):
+    for start in range(a, b, size or max(b - a, 1)):
+      yield start, min(b, start + (size or b - a))
+
+
 def _blocks(split, size: int):
   """The split's features as device blocks [nb, size, ...] and a validity mask [nb, size]."""
   n = len(split)
@@ -119,7 +131,10 @@ class Trainer:
     self.batch_size, self.record_every = batch_size, record_every
     self.steps_per_epoch = math.ceil(policy.num_selected / batch_size)
     self._plan = jax.jit(jax.vmap(self._plan_one, in_axes=(None, 0, 0, None)))
-    self._chunk = jax.jit(jax.vmap(self._chunk_one, in_axes=(0, 0, None, None, 0, 0, None, 0)))
+    self._chunk = jax.jit(jax.vmap(functools.partial(self._chunk_one, read=False),
+                                   in_axes=(0, 0, None, None, 0, 0, None, 0)))
+    self._chunk_read = jax.jit(jax.vmap(functools.partial(self._chunk_one, read=True),
+                                        in_axes=(0, 0, None, 0, 0, 0, None, 0)))
     self._update = jax.jit(jax.vmap(policy.update, in_axes=(None, 0, 0, 0, 0)))
     self._evaluate = jax.jit(self._evaluate_all)
 
@@ -136,15 +151,21 @@ class Trainer:
     shape = (self.steps_per_epoch, self.batch_size)
     return positions.reshape(shape), weights.reshape(shape), policy_state
 
-  def _chunk_one(self, model, policy_state, aux, data, positions, weights, first_step, buffer):
+  def _chunk_one(self, model, policy_state, aux, data, positions, weights, first_step, buffer,
+                 read: bool):
     """Steps over `positions`/`weights` [L, B] for one model; records into `buffer`. Returns
-    (model, buffer, losses [L, B], weights used [L, B], (example-gradients, examples drawn))."""
+    (model, buffer, losses [L, B], weights used [L, B], (example-gradients, examples drawn)).
+    `data` is the whole split's features (batches gathered here) or, `read`, the chunk's batches
+    [L, B, ...] already read (streaming)."""
     every = self.record_every
 
     def step(carry, xs):
       model, buffer = carry
-      pos, w, t = xs
-      batch = {k: jnp.take(v, pos, axis=0, mode='clip') for k, v in data.items()}
+      pos, w, t, i = xs
+      if read:
+        batch = {k: v[i] for k, v in data.items()}
+      else:
+        batch = {k: jnp.take(v, pos, axis=0, mode='clip') for k, v in data.items()}
       batch['index'] = pos
       w = self.policy.weigh(aux, policy_state, model.params, batch, w)
       if every:  # the parameters before step t, at slot t / every (other steps are dropped)
@@ -154,8 +175,8 @@ class Trainer:
       return (model, buffer), (losses, w)
 
     steps = first_step + jnp.arange(positions.shape[0])
-    (model, buffer), (losses, used) = jax.lax.scan(step, (model, buffer),
-                                                   (positions, weights, steps))
+    (model, buffer), (losses, used) = jax.lax.scan(
+        step, (model, buffer), (positions, weights, steps, jnp.arange(positions.shape[0])))
     counts = jnp.stack([jnp.sum(used > 0), jnp.sum(weights > 0)]).astype(jnp.int32)
     return model, buffer, losses, used, counts
 
@@ -213,7 +234,8 @@ class Trainer:
     spe = self.steps_per_epoch
     total = steps if steps is not None else epochs * spe
     num_epochs = math.ceil(total / spe)
-    data = {k: jnp.asarray(v) for k, v in train.features.items()}
+    streaming = not hasattr(train, 'features')
+    data = None if streaming else {k: jnp.asarray(v) for k, v in train.features.items()}
     eval_data = {name: _blocks(split, min(EVAL_BLOCK, max(len(split), 1)))
                  for name, split in evals.items()}
     state, order_keys = self.init(seeds, len(train))
@@ -257,11 +279,14 @@ class Trainer:
         epoch_steps = min(spe, total - done_steps)
         cuts = np.linspace(0, epoch_steps, evals_per_epoch + 1).round().astype(int)
         losses, used = [], []
-        for a, b in zip(cuts[:-1], cuts[1:]):
-          if a == b:
-            continue
+        for a, b in _chunks(cuts, STREAM_CHUNK if streaming else None):
+          if streaming:  # this chunk's batches, read now: [M, L, B, ...]
+            read = {k: v for k, v in train.take(positions[:, a:b]).items() if k != 'index'}
+            chunk = ('chunk_read', self._chunk_read, read)
+          else:
+            chunk = ('chunk', self._chunk, data)
           models, recorder, part_losses, part_used, counts = compiled_call(
-              'chunk', self._chunk, state.models, policy_state, aux, data, positions[:, a:b],
+              chunk[0], chunk[1], state.models, policy_state, aux, chunk[2], positions[:, a:b],
               weights[:, a:b], np.int32(done_steps + a), recorder)
           losses.append(np.asarray(part_losses))
           used.append(np.asarray(part_used))
@@ -278,6 +303,8 @@ class Trainer:
                 'update', self._update, aux, policy_state,
                 positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))
             state = state.replace(policy=policy_state)
+          if b not in cuts:  # a streaming chunk inside an evaluation interval
+            continue
           jax.block_until_ready(state)
           train_s += time.perf_counter() - tick - (compile_s - compile_before)
           record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b)}

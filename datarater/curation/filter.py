@@ -23,17 +23,10 @@ from datarater import files
 from datarater.curation import scores_file, select, tfds_writer
 from datarater.data import corruption as corruption_lib
 from datarater.data import pipeline
+from datarater.data import source as source_lib
 from datarater.errors import UserError
 
 THRESHOLD_MODES = ('exact', 'streaming')
-
-
-def _blocks(source, batch_size: int, desc: str):
-  """(ids, examples) blocks of a random-access TFDS source, in id order."""
-  n = len(source)
-  for start in tqdm(range(0, n, batch_size), desc=desc, unit='batch', disable=None, leave=False):
-    ids = np.arange(start, min(n, start + batch_size), dtype=np.int64)
-    yield ids, source.__getitems__([int(i) for i in ids])
 
 
 def _save_histogram(path: str, per_split: dict) -> None:
@@ -56,12 +49,10 @@ def _save_histogram(path: str, per_split: dict) -> None:
   plt.close(fig)
 
 
-def _example_transform(info, corruption, n):
+def _example_transform(split: source_lib.Source):
   """TFDS example -> the same example corrupted as the training pipeline would (for the writer)."""
   def transform(i, example):
-    raw = {k: np.asarray(example[k])[None] for k in info.spec}
-    raw, _ = corruption.apply(info, raw, np.array([i]), n)
-    return {**example, **{k: v[0] for k, v in raw.items()}}
+    return {**example, **{k: v[0] for k, v in split.raw(np.array([i])).items()}}
   return transform
 
 
@@ -118,19 +109,25 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
 
   # ---- pass 1: labels and scores, streamed
   per_split = {}
+  streams = {s: source_lib.Source(builder, s, corruption) for s in splits}
   for s in splits:
-    n = len(sources[s])
+    n = len(streams[s])
     labels = np.zeros(n, np.int32)
+    record = streams[s].corruption_record
+    if record is None:  # the dataset's own record, read with the examples
+      record = np.zeros(n, np.int8)
     split_scores = np.empty(n, np.float64) if given is None else given
     groups = range(num_classes) if balance else [None]
     sketch = {c: select.StreamingQuantile(seed=0 if c is None else c) for c in groups}
-    for ids, examples in _blocks(sources[s], batch_size, f'scoring {s}'):
-      raw = pipeline.stack_examples(info, examples)
-      raw, _ = corruption.apply(info, raw, ids, n)
+    blocks = streams[s].blocks(batch_size)
+    for ids, batch in tqdm(blocks, total=len(streams[s].block_starts(batch_size)),
+                           desc=f'scoring {s}', unit='batch', disable=None, leave=False):
       if label is not None:
-        labels[ids] = raw[label]
+        labels[ids] = batch[label]
+      if pipeline.RECORDED in batch:
+        record[ids] = batch[pipeline.RECORDED]
       if loaded is not None:
-        split_scores[ids] = loaded(pipeline.decode(info, raw))
+        split_scores[ids] = loaded(batch)
       if threshold == 'streaming':
         for c, q in sketch.items():
           q.update(split_scores[ids] if c is None else split_scores[ids][labels[ids] == c])
@@ -149,7 +146,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     if not kept.any():
       raise UserError(f'nothing of split {s!r} is kept (threshold {thr}; scores range '
                       f'{split_scores.min():.4g} .. {split_scores.max():.4g})')
-    record = corruption.record(n) if len(corruption.kinds) > 1 else None
+    if len(streams[s].corruption_kinds) == 1:
+      record = None
     per_split[s] = {'scores': split_scores, 'labels': labels, 'kept': kept, 'threshold': thr,
                     'record': record}
 
@@ -157,8 +155,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   selection = {s: np.flatnonzero(d['kept']) for s, d in per_split.items()}
   if copy_other_splits:
     selection.update({s: np.arange(len(src)) for s, src in sources.items() if s not in splits})
-  transforms = {s: _example_transform(info, corruption, len(sources[s]))
-                for s, d in per_split.items() if d['record'] is not None}
+  transforms = {s: _example_transform(streams[s])  # planted corruption is written out
+                for s in splits if len(corruption.kinds) > 1}
   source = f'rater {os.path.basename(os.path.normpath(rater))}' if rater else 'scores'
   name = f'{builder.info.name}_filtered'
   report = {'dataset': dataset, 'name': name, 'keep': keep, 'min_score': min_score,

@@ -19,10 +19,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from datarater.data import corruption as corruption_lib
+from datarater.data import idx_mnist  # registers the builder of idx files (Fashion-MNIST)
 from datarater.data import sklearn_digits  # pylint: disable=unused-import  (registers the builder)
 from datarater.errors import UserError
 
-BUNDLED = {'sklearn_digits'}  # Datasets built locally from package data, so never downloaded.
+# Datasets built from local files, so never downloaded.
+BUNDLED = {'sklearn_digits', *idx_mnist.NAMES}
 RECORDED = 'corruption'  # a class-label feature in which a dataset records its own bad data
 
 
@@ -127,7 +129,8 @@ def data_info(builder: tfds.core.DatasetBuilder) -> DataInfo:
       classes[name] = feature.num_classes
       names[name] = tuple(feature.names)
   keys = builder.info.supervised_keys
-  return DataInfo(builder.info.name, spec, classes, tuple(keys) if keys else None, names)
+  name = builder.info.full_name.rsplit('/', 1)[0]  # with the config, without the version
+  return DataInfo(name, spec, classes, tuple(keys) if keys else None, names)
 
 
 def decode(info: DataInfo, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -152,7 +155,8 @@ class Split:
 
   `ids` are the examples' positions in the TFDS split expression (their key in scores files);
   `corruption[i]` is 0 for an untouched example, else the index of its kind in
-  `corruption_kinds` (kinds[0] = 'clean'); `clean` keeps the original values of corrupted features.
+  `corruption_kinds` (kinds[0] = 'clean'); `clean` keeps the original values of corrupted
+  integer features (labels; corrupted inputs are not kept twice).
   A dataset that records its own bad data has a class-label feature `corruption` (class 0 =
   clean); its record is then read from there.
   """
@@ -193,6 +197,17 @@ def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
                     f'{str(e).splitlines()[0]}') from None
 
 
+def corruption_kinds(info: DataInfo, corruption: corruption_lib.Corruption) -> tuple:
+  """The kind names of a split's corruption record: the dataset's own (a class-label feature
+  `corruption`) or those of the planted `corruption`, never both."""
+  if RECORDED not in info.num_classes:
+    return tuple(corruption.kinds)
+  if len(corruption.kinds) > 1:
+    raise UserError(f'dataset {info.name!r} records its own corruption; plant none '
+                    '(data.label_noise = 0 and every data.input_corruption rate 0)')
+  return tuple(info.class_names[RECORDED])
+
+
 def read_split(builder: tfds.core.DatasetBuilder, split: str,
                corruption: Optional[corruption_lib.Corruption] = None) -> Split:
   """Reads a split of a prepared builder into memory, corrupting it as `corruption` says.
@@ -208,12 +223,10 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str,
   n = len(source)
   corruption = corruption or corruption_lib.Corruption()
   raw, clean = corruption.apply(info, raw, np.arange(n), n)
-  record, kinds = corruption.record(n), corruption.kinds
-  if RECORDED in info.num_classes:  # the dataset's own record of its bad data
-    if len(kinds) > 1:
-      raise UserError(f'dataset {info.name!r} records its own corruption; plant none '
-                      '(data.label_noise = 0)')
-    record, kinds = raw[RECORDED].astype(np.int8), info.class_names[RECORDED]
+  kinds = corruption_kinds(info, corruption)
+  record = (raw[RECORDED].astype(np.int8) if RECORDED in info.num_classes
+            else corruption.record(n))
+  clean = {k: v for k, v in clean.items() if info.spec[k].dtype != np.float32}
   return Split(features=decode(info, raw), ids=np.arange(n, dtype=np.int64),
                corruption=record, corruption_kinds=tuple(kinds), info=info,
                clean=decode(info, clean))

@@ -5,6 +5,7 @@ value the same thing. Each fitted valuation carries `example_gradients`, what ma
 """
 from typing import Optional
 
+import jax
 import ml_collections
 
 from datarater import pergrad
@@ -40,18 +41,21 @@ def make_projection(v: ml_collections.ConfigDict) -> Optional[pergrad.GradTransf
                   f'(choose from {", ".join(PROJECTIONS)})')
 
 
-def record(config, task, split, steps: int, every: int):
-  """The config's recorded SGD run of `task` on `split`: (TrainingRun, example-gradients)."""
+def record(config, task, split, steps: int, every: int, cache=None, name: str = 'run'):
+  """The config's recorded SGD run of `task` on `split`: (TrainingRun, example-gradients).
+
+  With `cache` (e.g. `valuation.run.RunCache`), a run made before is read back instead."""
   v = config.valuation
-  return record_run(task, split, steps=steps, batch_size=v.batch_size,
-                    learning_rate=v.learning_rate, checkpoint_every=every,
-                    optimizer=v.optimizer, seed=v.seed)
+  make = lambda: record_run(task, split, steps=steps, batch_size=v.batch_size,
+                            learning_rate=v.learning_rate, checkpoint_every=every,
+                            optimizer=v.optimizer, seed=v.seed)
+  return make() if cache is None else cache.get(name, make)
 
 
-def mimic_reference(config, task, heldout):
+def mimic_reference(config, task, heldout, cache=None):
   """Grad-Mimic's reference model: trained on the trusted split. (params, example-gradients)."""
   steps = config.valuation.reference_steps
-  run, cost = record(config, task, heldout, steps, steps)
+  run, cost = record(config, task, heldout, steps, steps, cache, 'reference')
   return run.final_params, cost
 
 
@@ -60,32 +64,59 @@ def mimic_layers(config, task, params, split):
                         parse_layers(config.valuation.mimic_layers))
 
 
-def build(method: str, config, task, train, heldout) -> Valuation:
-  """The valuation `method`, fitted to the config's training run of `task` on `train`."""
+def rater_for(config, train):
+  """The rater of `valuation.rater`, checked against the training data."""
+  from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
+  if not config.valuation.rater:
+    raise UserError('method datarater needs valuation.rater (an exported rater or a '
+                    'launch.train_rater workdir)')
+  loaded = load_rater(config.valuation.rater)
+  loaded.check_matches(train.info, 'the training data')
+  return loaded
+
+
+def check(method: str, config, task, train) -> None:
+  """What `build` would refuse, found without fitting (layer names, run lengths)."""
+  v = config.valuation
+  if method not in METHODS:
+    raise UserError(f'unknown method {method!r} (choose from {", ".join(METHODS)})')
+  if method == 'datarater':
+    rater_for(config, train)
+    return
+  if method in ('tracin', 'mimic') and v.train_steps % v.checkpoint_every:
+    raise UserError(f'checkpoint_every={v.checkpoint_every} must be >= 1 and divide the '
+                    f'{v.train_steps} steps')
+  params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+  if parse_layers(v.layers) is not None:
+    pergrad.layer_mask(params, parse_layers(v.layers))
+  if method == 'mimic':
+    layers = mimic_layers(config, task, params, train)
+    if layers is not None:
+      pergrad.layer_mask(params, layers)
+
+
+def build(method: str, config, task, train, heldout, cache=None) -> Valuation:
+  """The valuation `method`, fitted to the config's training run of `task` on `train` (runs
+  read from `cache` when it has them)."""
   if method not in METHODS:
     raise UserError(f'unknown method {method!r} (choose from {", ".join(METHODS)})')
   v = config.valuation
   if method == 'datarater':
-    from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
-    if not v.rater:
-      raise UserError('method datarater needs valuation.rater (an exported rater or a '
-                      'launch.train_rater workdir)')
-    loaded = load_rater(v.rater)
-    loaded.check_matches(train.info, 'the training data')
+    loaded = rater_for(config, train)
     valuation = RaterValuation(loaded.rater, loaded.params)
     valuation.example_gradients = loaded.training_example_gradients
     return valuation
   layers, chunk = parse_layers(v.layers), v.chunk_size
   heldout_batch = heldout.take(range(len(heldout)))
   if method == 'dvemb':
-    run, cost = record(config, task, train, v.dvemb_steps, 1)
+    run, cost = record(config, task, train, v.dvemb_steps, 1, cache, 'dvemb_run')
     valuation = DataValueEmbedding(task, len(train), heldout_batch, make_projection(v),
                                    v.dvemb_curvature, chunk_size=chunk).fit(run)
     # The run, then per-example gradients at every step (once per class for Gauss-Newton).
     per_step = task.num_classes if v.dvemb_curvature == 'gauss_newton' else 0
     valuation.example_gradients = cost * (2 + per_step)
     return valuation
-  run, cost = record(config, task, train, v.train_steps, v.checkpoint_every)
+  run, cost = record(config, task, train, v.train_steps, v.checkpoint_every, cache)
   if method == 'tracin':
     ghost = (v.tracin_ghost and v.tracin_mode == 'self' and not v.tracin_project and
              layers is None and pergrad.ghost_covers(task.per_example_loss, run.final_params,
@@ -95,7 +126,7 @@ def build(method: str, config, task, train, heldout) -> Valuation:
                        ghost=ghost).fit(run)
     valuation.example_gradients = cost + len(train) * run.num_checkpoints
     return valuation
-  reference, ref_cost = mimic_reference(config, task, heldout)
+  reference, ref_cost = mimic_reference(config, task, heldout, cache)
   valuation = Mimic(task.per_example_loss, reference, parse_layers(v.mimic_layers),
                     v.mimic_cosine, chunk).fit(run)
   valuation.example_gradients = cost + ref_cost

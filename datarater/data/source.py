@@ -1,0 +1,80 @@
+"""A split read on demand: decoded, corrupted examples by position, in blocks, never all at once.
+
+`Source(builder, split, corruption)` is the streaming counterpart of `pipeline.Split`: the same
+features, ids, corruption record and `take(positions)`, but examples are read from the TFDS
+array_record files (`as_data_source`, random access) when asked for, and corrupted block by
+block (`Corruption.apply` gives a block the same values as the whole split). Memory is a few
+bytes per example (the corruption record) plus one block. `blocks(size, shard)` walks the split
+in fixed-size blocks, optionally only those of one process of a multi-process job.
+"""
+from typing import Iterator, Optional
+
+import numpy as np
+
+from datarater.data import corruption as corruption_lib
+from datarater.data import pipeline
+
+
+class Source:
+  """Random access to the decoded examples of a split expression."""
+
+  def __init__(self, builder, split: str,
+               corruption: Optional[corruption_lib.Corruption] = None):
+    pipeline.check_split(builder, split)
+    self.info = pipeline.data_info(builder)
+    self.split = split
+    self._source = builder.as_data_source(split=split)
+    self._n = len(self._source)
+    self.corruption = corruption or corruption_lib.Corruption()
+    self.ids = np.arange(self._n, dtype=np.int64)
+    self.corruption_kinds = pipeline.corruption_kinds(self.info, self.corruption)
+    self.corruption_record = (None if pipeline.RECORDED in self.info.num_classes  # per block
+                              else self.corruption.record(self._n))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def uncorrupted(self, positions) -> dict:
+    """Raw (undecoded) features of the examples at `positions` (1-d), as stored."""
+    examples = self._source.__getitems__([int(p) for p in np.asarray(positions)])
+    return pipeline.stack_examples(self.info, examples)
+
+  def raw(self, positions) -> dict:
+    """Raw (undecoded) features of the examples at `positions` (1-d), corrupted."""
+    positions = np.asarray(positions, np.int64)
+    return self.corruption.apply(self.info, self.uncorrupted(positions), positions, self._n,
+                                 source=self.uncorrupted)[0]
+
+  def take(self, positions) -> dict:
+    """Decoded features of the examples at `positions` (any shape), with `index` = positions."""
+    positions = np.asarray(positions)
+    flat = positions.reshape(-1)
+    batch = pipeline.decode(self.info, self.raw(flat))
+    batch = {k: v.reshape(*positions.shape, *v.shape[1:]) for k, v in batch.items()}
+    batch['index'] = positions.astype(np.int32)
+    return batch
+
+  def corruption_of(self, positions) -> np.ndarray:
+    """The corruption record (kind index) of the examples at `positions`."""
+    positions = np.asarray(positions, np.int64)
+    if self.corruption_record is not None:
+      return self.corruption_record[positions]
+    return self.raw(positions)[pipeline.RECORDED].astype(np.int8)
+
+  def block_starts(self, size: int, shard: int = 0, num_shards: int = 1) -> list[int]:
+    """Start positions of the fixed-size blocks that shard `shard` of `num_shards` reads."""
+    return list(range(shard * size, self._n, num_shards * size))
+
+  def blocks(self, size: int, shard: int = 0, num_shards: int = 1,
+             skip: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
+    """(positions, batch) of this shard's blocks after its first `skip`; the last block of the
+    split is shorter (callers that compile per shape pad it)."""
+    for start in self.block_starts(size, shard, num_shards)[skip:]:
+      positions = np.arange(start, min(start + size, self._n))
+      yield positions, self.take(positions)
+
+
+def open_source(data, split: str, corrupt: bool = False) -> Source:
+  """The streaming split `split` of the dataset of a `data` config section."""
+  return Source(pipeline.builder_of(data), split,
+                corruption_lib.from_config(data) if corrupt else None)
