@@ -9,7 +9,10 @@ A per-example loss `loss_fn(params, batch) -> [B]` (e.g. `models.per_example_los
 - `ghost_dots(...)` / `ghost_sq_norms(...)`: pairwise gradient dot products of Dense layers from
   their inputs a_i and output-gradients g_i, since grad_i(kernel) = a_i g_i^T gives
   <grad_i, grad_j> = (a_i.a_j)(g_i.g_j); the factors are captured with `flax.linen.intercept_methods`
-  (a zero perturbation added to each Dense output, as `Module.perturb` does, without editing models).
+  (a zero perturbation added to each Dense output, as `Module.perturb` does, without editing models);
+- `per_example_projected(...)`: a `factored_projection` of Dense-layer gradients (LoGra): per layer
+  sum_t (x_it P_in)^T (g_it P_out) from the same captured factors, [B, D], no gradient formed;
+  `project_params` maps a parameter-space vector into the same space.
 
 Transforms follow optax's init/apply pattern: `t.init(grads_like) -> state` (shapes suffice, so it
 can be built from `jax.eval_shape`), `t.apply(grads_of_one_example, state) -> output`; `chain`
@@ -20,6 +23,7 @@ matrix-shaped leaf G [d_in, d_out] as A^T G B with small per-layer factors.
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -240,8 +244,14 @@ def chunked_vmap(fn: Callable, batch, chunk_size: Optional[int]):
   batch in place, so the inputs are not copied into a [chunks, chunk_size, ...] layout (which
   would grow temporary memory with B); the last B % chunk_size examples get one more vmap.
   """
+  return chunked_batches(jax.vmap(fn), batch, chunk_size)
+
+
+def chunked_batches(fn: Callable, batch, chunk_size: Optional[int]):
+  """fn(batch) for a row-wise `fn` (output row i depends on example i only), computed on
+  `chunk_size` examples at a time in a `lax.scan` (as `chunked_vmap`, with fn taking a batch)."""
   if chunk_size is None:
-    return jax.vmap(fn)(batch)
+    return fn(batch)
   if chunk_size < 1:
     raise UserError(f'chunk_size must be >= 1, got {chunk_size}')
   n = batch_size_of(batch)
@@ -250,12 +260,12 @@ def chunked_vmap(fn: Callable, batch, chunk_size: Optional[int]):
 
   def body(_, i):
     part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * size, size), batch)
-    return None, jax.vmap(fn)(part)
+    return None, fn(part)
 
   _, out = jax.lax.scan(body, None, jnp.arange(full))
   out = jax.tree.map(lambda y: y.reshape(full * size, *y.shape[2:]), out)
   if rest:
-    tail = jax.vmap(fn)(jax.tree.map(lambda x: x[full * size:], batch))
+    tail = fn(jax.tree.map(lambda x: x[full * size:], batch))
     out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
   return out
 
@@ -425,3 +435,170 @@ def ghost_sq_norms(loss_fn: PerExampleLoss, params, batch: dict,
     if has_bias:
       total = total + jnp.sum(g.sum(1) ** 2, -1)
   return total
+
+
+# ----------------------------------------------------------------------------- factored projection
+
+
+@flax.struct.dataclass
+class FactoredState:
+  """The factors of a factored projection: Dense layer names[l] gets P_in [d_in + bias[l], k_in]
+  (its last row, with a bias, projects the bias as a constant-1 input) and P_out [d_out, k_out]."""
+  factors: tuple                                            # ((P_in, P_out), ...) in names order
+  names: tuple = flax.struct.field(pytree_node=False)       # Dense module paths, call order
+  bias: tuple = flax.struct.field(pytree_node=False)        # whether each layer has a bias
+  k_in: int = flax.struct.field(pytree_node=False)
+  k_out: int = flax.struct.field(pytree_node=False)
+  seed: int = flax.struct.field(pytree_node=False)
+  layers: Optional[tuple] = flax.struct.field(pytree_node=False)  # the selection (None: all)
+
+  @property
+  def dim(self) -> int:
+    """D, the length of a projected gradient: sum over layers of k_in * k_out."""
+    return len(self.names) * self.k_in * self.k_out
+
+  def describe(self) -> dict:
+    """What fixes the projection (JSON-able): kind, seed, k_in, k_out, the layers and shapes."""
+    return {'kind': 'factored_gaussian', 'seed': self.seed, 'k_in': self.k_in,
+            'k_out': self.k_out, 'layers': None if self.layers is None else list(self.layers),
+            'names': list(self.names), 'bias': list(self.bias), 'bias_handling': 'input_column',
+            'shapes': [[int(a.shape[0]), int(b.shape[0])] for a, b in self.factors],
+            'dim': self.dim}
+
+
+class FactoredProjection(NamedTuple):
+  """A seeded per-Dense-layer Kronecker projection; `init` draws its factors for a model."""
+  k_in: int
+  k_out: int
+  seed: int
+  layers: Optional[tuple]
+
+  def init(self, loss_fn: PerExampleLoss, params, batch: dict) -> FactoredState:
+    """Factors for the Dense layers `loss_fn` calls (shapes suffice for params and batch).
+
+    Layer i of the model's Dense call order (counting all of them, so a layer's factors do not
+    depend on which others are selected) gets P_in, P_out ~ N(0, 1/k_in), N(0, 1/k_out) from
+    the two halves of split(fold_in(key(seed), i)). With `layers=None` every parameter must sit
+    in a Dense layer called once.
+    """
+    try:
+      calls = _dense_calls(loss_fn, params, batch)
+    except ValueError as e:
+      raise UserError(f'factored projection: {e}') from None
+    if self.layers is None:
+      covered, total = _dense_params(calls), sum(x.size for x in jax.tree.leaves(params))
+      if covered != total:
+        raise UserError(f'factored projection: Dense layers hold {covered} of {total} parameters '
+                        '(name the layers to project, or use per_example with a GradTransform)')
+      names = list(calls)
+    else:
+      names = _named_dense(calls, self.layers)
+    if not names:
+      raise UserError('factored projection: the model calls no nn.Dense layer')
+    key = jax.random.key(self.seed)
+    factors, bias = [], []
+    for i, (name, (out, size, has_bias)) in enumerate(calls.items()):
+      if name not in names:
+        continue
+      d_out = out.shape[-1]
+      ka, kb = jax.random.split(jax.random.fold_in(key, i))
+      factors.append((
+          jax.random.normal(ka, (size // d_out + has_bias, self.k_in), out.dtype)
+          / math.sqrt(self.k_in),
+          jax.random.normal(kb, (d_out, self.k_out), out.dtype) / math.sqrt(self.k_out)))
+      bias.append(bool(has_bias))
+    return FactoredState(tuple(factors), tuple(names), tuple(bias), self.k_in, self.k_out,
+                         self.seed, self.layers)
+
+
+def factored_projection(k_in: int, k_out: int, seed: int = 0,
+                        layers: Optional[Sequence[str]] = None) -> FactoredProjection:
+  """LoGra-style projection of Dense-layer gradients without forming them.
+
+  A Dense layer y = x W + b has per-example gradient [W; b] -> sum_t [x_it, 1]^T g_it over its
+  positions t (x: inputs, g: output gradients). Projected with P_in, P_out it is
+  sum_t ([x_it, 1] P_in)^T (g_it P_out), a [k_in, k_out] block equal to the row-major
+  vec([dW; db]) times kron(P_in, P_out): the kernel and bias are one [(d_in + 1), d_out] matrix.
+  A projected gradient [D] is the row-major blocks of the layers in call order. `layers` selects
+  Dense layers by a path component (e.g. ['head'], ['conv_0']); None takes all.
+  """
+  if k_in < 1 or k_out < 1:
+    raise UserError(f'factored projection dims must be >= 1, got ({k_in}, {k_out})')
+  if layers is not None:
+    layers = (layers,) if isinstance(layers, str) else tuple(layers)
+  return FactoredProjection(int(k_in), int(k_out), int(seed), layers)
+
+
+def _named_dense(calls, layers) -> list[str]:
+  names = [n for n in calls if any(l in n.split('/') for l in layers)]
+  for l in layers:
+    if not any(l in n.split('/') for n in calls):
+      raise UserError(f'no Dense layer {l!r} (Dense layers: {", ".join(calls)})')
+  return names
+
+
+def _project_captured(state: FactoredState, captured) -> jax.Array:
+  """[B, D] projected gradients from `dense_factors` output (inputs, output gradients)."""
+  outs = []
+  for name, has_bias, (p_in, p_out) in zip(state.names, state.bias, state.factors):
+    x, g, _ = captured[name]
+    x, g = _as_3d(x), _as_3d(g)
+    xp = x @ p_in[:x.shape[-1]]
+    if has_bias:
+      xp = xp + p_in[-1]
+    outs.append(jnp.einsum('btk,btl->bkl', xp, g @ p_out).reshape(x.shape[0], -1))
+  return jnp.concatenate(outs, 1)
+
+
+def per_example_projected(loss_fn: PerExampleLoss, params, batch: dict,
+                          projection, then: Optional[GradTransform] = None,
+                          chunk_size: Optional[int] = 64) -> jax.Array:
+  """then.apply(projected grad l_i [D]) for every example i, stacked [B, ...].
+
+  `projection`: a `FactoredProjection` (initialised here) or its `FactoredState`. Each chunk of
+  `chunk_size` examples takes one forward/backward pass (`dense_factors`: the Dense inputs and
+  output gradients), then per layer two small matmuls and a contraction over positions; no
+  per-example gradient is formed. `then` (default identity) sees one example's [D] vector, e.g.
+  `normalize()`, `sq_norm()` or `dot(project_params(state, v))`.
+  """
+  state = projection.init(loss_fn, params, batch) if isinstance(
+      projection, FactoredProjection) else projection
+  then = then or identity()
+  dtype = state.factors[0][0].dtype
+  then_state = then.init(jax.ShapeDtypeStruct((state.dim,), dtype))
+
+  def block(b):
+    captured = dense_factors(loss_fn, params, b, state.layers, check_coverage=False)
+    return jax.vmap(lambda v: then.apply(v, then_state))(_project_captured(state, captured))
+
+  return chunked_batches(block, batch, chunk_size)
+
+
+def dense_matrices(state: FactoredState, tree) -> list[jax.Array]:
+  """Each projected layer's [kernel; bias] [(d_in + 1), d_out] (or kernel) read from a
+  params-shaped `tree` (e.g. a gradient or theta_ref - theta), in the projection's order."""
+  leaves = {_path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  out = []
+  for name, has_bias in zip(state.names, state.bias):
+    prefix = next((p for p in (f'params/{name}/', f'{name}/') if p + 'kernel' in leaves), None)
+    if prefix is None:
+      raise UserError(f'no kernel of Dense layer {name!r} in the parameters')
+    m = leaves[prefix + 'kernel']
+    out.append(jnp.concatenate([m, leaves[prefix + 'bias'][None]]) if has_bias else m)
+  return out
+
+
+def project_params(state: FactoredState, tree) -> jax.Array:
+  """A params-shaped vector projected like a gradient: P_in^T [W; b] P_out per layer, [D].
+
+  The same linear map as `per_example_projected`, so <projected g, projected v> estimates
+  <g, v> over the projected layers (unbiased: E kron(P_in, P_out) kron(P_in, P_out)^T = I).
+  """
+  return jnp.concatenate([(a.T @ m @ b).reshape(-1) for m, (a, b)
+                          in zip(dense_matrices(state, tree), state.factors)])
+
+
+def factored_transform(state: FactoredState) -> GradTransform:
+  """The factored projection as a GradTransform of formed gradients (e.g. for `per_example`
+  and data value embeddings): apply(g) = project_params(state, g)."""
+  return GradTransform(lambda g: state, lambda g, s: project_params(s, g))

@@ -1,0 +1,423 @@
+"""Factored per-example projections and the gradient store against brute force (float64):
+explicit loops of single-example gradients, explicit np.kron matrices, full score matrices."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.digits_cnn import cnn
+from datarater import pergrad, tasks
+from datarater.data.pipeline import DataInfo, Split
+from datarater.errors import UserError
+from datarater.valuation import base, store
+from tests.tiny import tiny_info
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def as64(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float64), tree)
+
+
+def mlp(hidden=(5,), dim=6):
+  return tasks.make_task(ml_collections.ConfigDict(
+      {'name': 'mlp_classifier', 'hidden': hidden, 'activation': 'tanh'}), tiny_info(dim))
+
+
+def image_info(size=6):
+  spec = {'image': jax.ShapeDtypeStruct((size, size, 1), np.float32),
+          'label': jax.ShapeDtypeStruct((), np.int32)}
+  return DataInfo('tiny_images', spec, {'label': 3}, ('image', 'label'))
+
+
+class SeqModel(nn.Module):
+  """A Dense layer shared by 3 positions of each example, a mean, then a bias-free head."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(4, name='embed')(x.reshape(x.shape[0], 3, 2))).mean(1)
+    return nn.Dense(3, use_bias=False, name='head')(h)
+
+
+def projected(loss, params, batch, projection, then=None, chunk=3):
+  """per_example_projected under jit (eagerly, every op of the tail chunk compiles alone)."""
+  return jax.jit(lambda p, b: pergrad.per_example_projected(loss, p, b, projection, then, chunk))(
+      params, batch)
+
+
+def cross_entropy(logits, labels):
+  return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], 1)[:, 0]
+
+
+def model(kind, num=7, seed=0):
+  """(loss, params, batch, the Dense layers as (name, path in params['params'])) of a tiny model:
+  'mlp' (6 -> 5 -> 3), 'cnn' (two patch convolutions over 6x6 images, then a head) or 'seq'
+  (a Dense over 3 positions, a head without bias)."""
+  rng = np.random.default_rng(seed)
+  labels = jnp.asarray(rng.integers(0, 3, num), jnp.int32)
+  if kind == 'mlp':
+    task = mlp()
+    batch = {'image': jnp.asarray(rng.normal(size=(num, 6))), 'label': labels}
+    layers = [('dense_0', ('dense_0',)), ('dense_1', ('dense_1',))]
+  elif kind == 'cnn':
+    task = tasks.make_task(cnn(channels=(2, 3), strides=(1, 2), groups=1, activation='tanh'),
+                           image_info())
+    batch = {'image': jnp.asarray(rng.normal(size=(num, 6, 6, 1))), 'label': labels}
+    layers = [('conv_0/kernel', ('conv_0', 'kernel')), ('conv_1/kernel', ('conv_1', 'kernel')),
+              ('head', ('head',))]
+  else:
+    m = SeqModel()
+    batch = {'image': jnp.asarray(rng.normal(size=(num, 6))), 'label': labels}
+    loss = lambda p, b: cross_entropy(m.apply(p, b['image']), b['label'])
+    return loss, as64(jax.jit(m.init)(jax.random.key(seed), batch['image'])), batch, [
+        ('embed', ('embed',)), ('head', ('head',))]
+  return task.per_example_loss, as64(jax.jit(task.init)(jax.random.key(seed))), batch, layers
+
+
+def augmented(tree, path):
+  """A layer's kernel with its bias appended as one more input row, row-major flattened."""
+  node = tree['params']
+  for k in path:
+    node = node[k]
+  m = np.asarray(node['kernel'])
+  if 'bias' in node:
+    m = np.concatenate([m, np.asarray(node['bias'])[None]])
+  return m.reshape(-1)
+
+
+_GRADS = {}
+
+
+def loop_grads(loss, params, batch):
+  """Each example's gradient pytree, by a Python loop of jax.grad on batches of one."""
+  if loss not in _GRADS:
+    _GRADS[loss] = jax.jit(jax.grad(lambda p, ex: loss(p, ex)[0]))
+  n = batch['label'].shape[0]
+  return [_GRADS[loss](params, jax.tree.map(lambda x: x[i:i + 1], batch)) for i in range(n)]
+
+
+def kron_project(trees, layers, state):
+  """[len(trees), D]: each layer's flattened [kernel; bias] times the explicit np.kron(P_in,
+  P_out) of the state's factors, layers side by side."""
+  mats = [np.kron(np.asarray(a), np.asarray(b)) for a, b in state.factors]
+  return np.stack([np.concatenate([augmented(t, path) @ k for (_, path), k in zip(layers, mats)])
+                   for t in trees])
+
+
+def projected_oracle(loss, params, batch, layers, state):
+  return kron_project(loop_grads(loss, params, batch), layers, state)
+
+
+@pytest.mark.parametrize('kind,chunk', [('mlp', None), ('mlp', 3), ('cnn', 4), ('seq', 2)])
+def test_factored_projection_equals_kron_of_loop_gradients(kind, chunk):
+  loss, params, batch, layers = model(kind)
+  proj = pergrad.factored_projection(3, 2, seed=5)
+  state = proj.init(loss, params, batch)
+  assert list(state.names) == [name for name, _ in layers]
+  got = projected(loss, params, batch, state, chunk=chunk)
+  want = projected_oracle(loss, params, batch, layers, state)
+  assert got.shape == (7, len(layers) * 6) == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+  # The projection object initialises itself; the factors are drawn from the seed alone.
+  np.testing.assert_allclose(projected(loss, params, batch, proj, chunk=chunk), got, rtol=1e-12,
+                             atol=1e-15)
+  if kind == 'cnn':  # a chosen layer: the same block as in the full projection
+    one = pergrad.factored_projection(3, 2, seed=5, layers=['conv_1'])
+    part = projected(loss, params, batch, one, chunk=chunk)
+    np.testing.assert_allclose(part, want[:, 6:12], rtol=1e-10, atol=1e-13)
+
+
+def test_projected_vectors_and_transforms_follow_the_definitions():
+  loss, params, batch, layers = model('cnn')
+  state = pergrad.factored_projection(4, 3, seed=1).init(loss, params, batch)
+  g = projected_oracle(loss, params, batch, layers, state)
+  v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype) + 2.).reshape(x.shape),
+                   params)
+  pv = kron_project([v], layers, state)[0]
+
+  @jax.jit
+  def everything(p, b, v):  # one compile for all of them
+    run = lambda then: pergrad.per_example_projected(loss, p, b, state, then, chunk_size=3)
+    pv = pergrad.project_params(state, v)
+    formed = pergrad.per_example(loss, p, b, pergrad.factored_transform(state), chunk_size=3)
+    return (pv, run(pergrad.dot(pv)), run(pergrad.sq_norm()), run(pergrad.normalize()), formed)
+
+  got_pv, dots, norms, units, formed = everything(params, batch, v)
+  np.testing.assert_allclose(got_pv, pv, rtol=1e-11)
+  np.testing.assert_allclose(dots, g @ pv, rtol=1e-10)
+  np.testing.assert_allclose(norms, np.sum(g ** 2, 1), rtol=1e-10)
+  np.testing.assert_allclose(units, g / np.linalg.norm(g, axis=1, keepdims=True), rtol=1e-10)
+  # The same map on formed gradients, as a GradTransform.
+  np.testing.assert_allclose(formed, g, rtol=1e-10, atol=1e-13)
+
+
+def test_factors_are_seeded_scaled_gaussians_per_layer():
+  task = mlp(hidden=(64,), dim=63)
+  loss, params = task.per_example_loss, as64(jax.jit(task.init)(jax.random.key(0)))
+  batch = {'image': jnp.zeros((2, 63)), 'label': jnp.zeros((2,), jnp.int32)}
+  state = pergrad.factored_projection(40, 30, seed=3).init(loss, params, batch)
+  (a0, b0), (a1, b1) = state.factors
+  assert a0.shape == (64, 40) and b0.shape == (64, 30) and a1.shape == (65, 40)
+  assert b1.shape == (3, 30)
+  for x, k in [(a0, 40), (b0, 30), (a1, 40)]:  # entries ~ N(0, 1/k): the var has rel. std ~3%
+    assert abs(float(x.mean())) < 0.1 / np.sqrt(k)
+    assert abs(float(x.var()) * k - 1) < 0.15
+  again = pergrad.factored_projection(40, 30, seed=3).init(loss, params, batch)
+  np.testing.assert_array_equal(again.factors[1][0], a1)
+  other = pergrad.factored_projection(40, 30, seed=4).init(loss, params, batch)
+  assert not np.allclose(other.factors[0][0], a0)
+  assert not np.allclose(a0[:, :30], b0[:64])  # in and out factors are distinct draws
+  assert state.describe()['shapes'] == [[64, 64], [65, 3]] and state.dim == 2 * 1200
+
+
+class WithScale(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(x) * self.param('scale', nn.initializers.ones, ())
+
+
+class Twice(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    d = nn.Dense(6)
+    return nn.Dense(3, name='head')(d(jnp.tanh(d(x))))
+
+
+def test_refuses_uncovered_parameters_and_bad_layers():
+  _, _, batch, _ = model('mlp')
+  for module in (WithScale(), Twice()):
+    params = module.init(jax.random.key(0), batch['image'])
+    loss = lambda p, b, m=module: cross_entropy(m.apply(p, b['image']), b['label'])
+    with pytest.raises(UserError, match='Dense layers hold|called twice'):
+      projected(loss, params, batch, pergrad.factored_projection(2, 2))
+  # Naming the covered layer projects only it.
+  module = WithScale()
+  params = module.init(jax.random.key(0), batch['image'])
+  loss = lambda p, b: cross_entropy(module.apply(p, b['image']), b['label'])
+  got = projected(loss, params, batch, pergrad.factored_projection(2, 2, layers='Dense_0'))
+  assert got.shape == (7, 4)
+  loss, params, batch, _ = model('mlp')
+  with pytest.raises(UserError, match="no Dense layer 'dense_7'"):
+    pergrad.factored_projection(2, 2, layers=['dense_1', 'dense_7']).init(loss, params, batch)
+  with pytest.raises(UserError, match='>= 1'):
+    pergrad.factored_projection(0, 2)
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def dataset(n=13, seed=0):
+  """A split of n random 6-dim examples with TFDS ids distinct from their positions."""
+  rng = np.random.default_rng(seed)
+  features = {'image': rng.normal(size=(n, 6)), 'label': rng.integers(0, 3, n).astype(np.int32)}
+  return Split(features, 100 + 3 * np.arange(n), np.zeros(n, np.int8), ('clean',), tiny_info(6))
+
+
+def sgd_run(loss, params, split, steps=6, batch_size=4, every=2, seed=0, weights=None):
+  """A recorded run from an explicit SGD loop on random batches (learning rate 0.3 / (1 + t/4))."""
+  order = np.random.default_rng(seed).integers(0, len(split), (steps, batch_size))
+  batches = jax.tree.map(jnp.asarray, split.take(order))
+  lrs = 0.3 / (1 + np.arange(steps) / 4)
+  weights = np.ones((steps, batch_size)) if weights is None else weights
+  grad = jax.jit(jax.grad(lambda p, b, w: jnp.mean(w * loss(p, b))))
+  p, ckpts = params, []
+  for t in range(steps):
+    if t % every == 0:
+      ckpts.append(p)
+    p = jax.tree.map(lambda a, g, t=t: a - lrs[t] * g, p,
+                     grad(p, jax.tree.map(lambda x, t=t: x[t], batches), weights[t]))
+  return base.TrainingRun(
+      batches=batches, weights=jnp.asarray(weights), step_lrs=jnp.asarray(lrs),
+      checkpoints=jax.tree.map(lambda *x: jnp.stack(x), *ckpts),
+      checkpoint_steps=jnp.arange(len(ckpts)) * every, final_params=p)
+
+
+LAYERS = [('dense_0', ('dense_0',)), ('dense_1', ('dense_1',))]
+
+
+@pytest.fixture(scope='module')
+def setup():
+  with jax.enable_x64(True):
+    task = mlp()
+    loss, params = task.per_example_loss, as64(jax.jit(task.init)(jax.random.key(0)))
+    split = dataset()
+    run = sgd_run(loss, params, split)
+    test = jax.tree.map(jnp.asarray, dataset(5, seed=1).take(np.arange(5)))
+    train = jax.tree.map(jnp.asarray, split.take(np.arange(len(split))))
+    state = pergrad.factored_projection(3, 2, seed=7).init(loss, params, train)
+    ckpts = [run.checkpoint(c) for c in range(run.num_checkpoints)]
+    oracle = {'train': [projected_oracle(loss, p, train, LAYERS, state) for p in ckpts],
+              'test': [projected_oracle(loss, p, test, LAYERS, state) for p in ckpts],
+              'lrs': [0.3, 0.3 / 1.5, 0.3 / 2]}
+    yield task, split, run, test, state, oracle
+
+
+def test_store_files_metadata_and_queries_equal_brute_force(setup, tmp_path):
+  task, split, run, test, state, o = setup
+  loss = task.per_example_loss
+  proj = pergrad.factored_projection(3, 2, seed=7)
+  s = store.build(str(tmp_path / 'g'), loss, run, split, proj, split_name='train[:13]',
+                  block_size=4, chunk_size=3, dtype='float64')
+  meta = json.load(open(tmp_path / 'g' / 'meta.json'))
+  assert meta['projection']['kind'] == 'factored_gaussian'
+  assert (meta['projection']['seed'], meta['projection']['k_in'], meta['projection']['k_out'],
+          meta['projection']['names']) == (7, 3, 2, ['dense_0', 'dense_1'])
+  assert meta['num_examples'] == 13 and meta['dim'] == 12 and meta['dataset'] == 'tiny'
+  assert meta['split'] == 'train[:13]' and meta['ids'] == list(100 + 3 * np.arange(13))
+  assert [c['step'] for c in meta['checkpoints']] == [0, 2, 4]
+  np.testing.assert_allclose([c['learning_rate'] for c in meta['checkpoints']], o['lrs'])
+  assert sorted(os.listdir(tmp_path)) == ['g']  # nothing partial left beside it
+  for c in range(3):
+    g = np.load(tmp_path / 'g' / f'grads_{c}.npy', mmap_mode='r')
+    assert g.dtype == np.float64 and g.shape == (13, 12)
+    np.testing.assert_allclose(g, o['train'][c], rtol=1e-10, atol=1e-13)
+  lrs, tr, te = o['lrs'], o['train'], o['test']
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  np.testing.assert_allclose(s.self_influence(block_size=5),
+                             sum(lr * np.sum(g ** 2, 1) for lr, g in zip(lrs, tr)), rtol=1e-10)
+  full = sum(lr * g @ t.T for lr, g, t in zip(lrs, tr, te))
+  np.testing.assert_allclose(s.tracin(loss, run, test, block_size=5, chunk_size=2), full,
+                             rtol=1e-10)
+  np.testing.assert_allclose(s.tracin(loss, run, test, cosine=True, block_size=5),
+                             sum(lr * unit(g) @ unit(t).T for lr, g, t in zip(lrs, tr, te)),
+                             rtol=1e-10)
+  # Held-out influence: the dot with the mean projected held-out gradient (or cosines).
+  np.testing.assert_allclose(s.heldout_influence(loss, run, test, block_size=5),
+                             sum(lr * g @ t.mean(0) for lr, g, t in zip(lrs, tr, te)), rtol=1e-10)
+  np.testing.assert_allclose(s.heldout_influence(loss, run, test, cosine=True),
+                             sum(lr * unit(g) @ unit(t.mean(0)) for lr, g, t in zip(lrs, tr, te)),
+                             rtol=1e-10)
+  # Mimic: -<g, P(ref - theta_c)> / ||ref - theta_c||, averaged over checkpoints.
+  ref = jax.tree.map(lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)),
+                     run.final_params)
+  for cosine in (False, True):
+    want = 0.0
+    for c in range(3):
+      diff = jax.tree.map(jnp.subtract, ref, run.checkpoint(c))
+      norm = np.linalg.norm(np.concatenate([augmented(diff, p) for _, p in LAYERS]))
+      g = unit(tr[c]) if cosine else tr[c]
+      want = want - g @ kron_project([diff], LAYERS, state)[0] / norm / 3
+    np.testing.assert_allclose(s.mimic(loss, run, ref, cosine, block_size=4), want, rtol=1e-10)
+  # Top-k by a running merge over blocks = argsort of the full [M, N] matrix.
+  top = s.top_k(loss, run, test, 3, block_size=4, test_block_size=2)
+  order = np.argsort(-full.T, axis=1, kind='stable')[:, :3]
+  np.testing.assert_array_equal(top.support_ids, s.ids[order])
+  np.testing.assert_allclose(top.support_scores, np.take_along_axis(full.T, order, 1), rtol=1e-10)
+  order = np.argsort(full.T, axis=1, kind='stable')[:, :3]
+  np.testing.assert_array_equal(top.oppose_ids, s.ids[order])
+  np.testing.assert_allclose(top.oppose_scores, np.take_along_axis(full.T, order, 1), rtol=1e-10)
+  cos_full = sum(lr * unit(g) @ unit(t).T for lr, g, t in zip(lrs, tr, te)).T
+  top = s.top_k(loss, run, test, 20, cosine=True, block_size=5)
+  assert top.support_ids.shape == (5, 13)  # k > N: all of them, in order
+  np.testing.assert_array_equal(top.support_ids,
+                                s.ids[np.argsort(-cos_full, axis=1, kind='stable')])
+  # The store answers only for its own run, and is not overwritten by accident.
+  other = sgd_run(loss, run.final_params, split)
+  with pytest.raises(UserError, match='not the one'):
+    s.tracin(loss, other, test)
+  with pytest.raises(UserError, match='already exists'):
+    store.build(str(tmp_path / 'g'), loss, run, split, proj)
+
+
+def test_killed_build_resumes_to_identical_files(setup, tmp_path, monkeypatch):
+  task, split, run, _, _, o = setup
+  loss, proj = task.per_example_loss, pergrad.factored_projection(3, 2, seed=7)
+  build = lambda name, **kw: store.build(str(tmp_path / name), loss, run, split, proj,
+                                         block_size=4, chunk_size=3, **kw)
+  build('whole')
+  saved, real = [], store._save_progress
+
+  def killed(partial, done):
+    if len(saved) == 2:  # after block 2's rows are written, before its count is saved
+      raise KeyboardInterrupt
+    saved.append(done)
+    real(partial, done)
+
+  monkeypatch.setattr(store, '_save_progress', killed)
+  with pytest.raises(KeyboardInterrupt):
+    build('resumed')
+  assert saved == [0, 4] and not (tmp_path / 'resumed').exists()
+  with pytest.raises(UserError, match='unfinished'):
+    store.GradientStore(str(tmp_path / 'resumed'))
+  saved.clear()
+  monkeypatch.setattr(store, '_save_progress', lambda p, d: (saved.append(d), real(p, d)))
+  s = build('resumed')
+  assert saved == [8, 12, 13]  # blocks 2..4 only
+  names = sorted(os.listdir(tmp_path / 'whole'))
+  assert names == sorted(os.listdir(tmp_path / 'resumed')) == [
+      'grads_0.npy', 'grads_1.npy', 'grads_2.npy', 'meta.json']
+  for name in names:
+    assert (tmp_path / 'whole' / name).read_bytes() == (tmp_path / 'resumed' / name).read_bytes()
+  assert s.grads(0).dtype == np.float32  # the default store: float32 of the float64 gradients
+  np.testing.assert_allclose(s.grads(2), o['train'][2], rtol=1e-5, atol=1e-7)
+  # A partial build made with other settings is started over, not mixed in.
+  monkeypatch.setattr(store, '_save_progress', killed)
+  saved.clear()
+  with pytest.raises(KeyboardInterrupt):
+    build('changed')
+  monkeypatch.setattr(store, '_save_progress', lambda p, d: (saved.append(d), real(p, d)))
+  saved.clear()
+  store.build(str(tmp_path / 'changed'), loss, run, split, pergrad.factored_projection(3, 2, 8),
+              block_size=4, chunk_size=3)
+  assert saved == [0, 4, 8, 12, 13]
+  assert json.load(open(tmp_path / 'changed' / 'meta.json'))['projection']['seed'] == 8
+
+
+def test_stored_data_value_embeddings_equal_explicit_backward_product(setup, tmp_path):
+  """Empirical-Fisher embeddings in the projected space, written out: e_{t,j} = (lr_t/B) w_tj
+  K_{t+1} g_tj, K_t = K_{t+1} (I - lr_t (1/B) G_t^T W_t G_t), summed per example; value =
+  <e_i, projected mean test gradient at the final params>."""
+  task, split, _, test, state, _ = setup
+  loss = task.per_example_loss
+  params = as64(task.init(jax.random.key(1)))
+  weights = np.ones((5, 4))
+  weights[[1, 4], [2, 0]] = 0.0
+  run = sgd_run(loss, params, split, steps=5, every=1, weights=weights)
+  s = store.build(str(tmp_path / 'g'), loss, run, split, pergrad.factored_projection(3, 2, 7),
+                  dtype='float64')
+  s.add_dvemb(task, run, 'empirical_fisher', chunk_size=3)
+  lrs = np.asarray(run.step_lrs)
+  grads = [projected_oracle(loss, run.checkpoint(t), jax.tree.map(lambda x, t=t: x[t],
+                                                                  run.batches), LAYERS, state)
+           for t in range(5)]
+  example = np.zeros((13, state.dim))
+  for t in range(5):
+    k = np.eye(state.dim)
+    for u in range(4, t, -1):
+      k = k @ (np.eye(state.dim) - lrs[u] * (grads[u].T * weights[u]) @ grads[u] / 4)
+    e = lrs[t] / 4 * weights[t][:, None] * grads[t] @ k.T
+    for j, i in enumerate(np.asarray(run.batches['index'][t])):
+      example[i] += e[j]
+  direction = projected_oracle(loss, run.final_params, test, LAYERS, state).mean(0)
+  reopened = store.GradientStore(str(tmp_path / 'g'))
+  assert reopened.meta['dvemb']['curvature'] == 'empirical_fisher'
+  np.testing.assert_allclose(np.load(tmp_path / 'g' / 'dvemb.npy'), example, rtol=1e-9,
+                             atol=1e-14)
+  np.testing.assert_allclose(reopened.dvemb_values(loss, run.final_params, test, block_size=5),
+                             example @ direction, rtol=1e-9, atol=1e-14)
+  with pytest.raises(UserError, match='not the final parameters'):
+    reopened.dvemb_values(loss, params, test)
+
+
+def test_projection_memory_does_not_grow_with_examples():
+  """10x more examples keep the compiled temporary memory (peak minus in/out) flat: chunks."""
+  with jax.enable_x64(False):
+    task = mlp(hidden=(64, 64), dim=64)
+    params, loss = task.init(jax.random.key(0)), task.per_example_loss
+    batch = lambda n: {'image': jnp.zeros((n, 64)), 'label': jnp.zeros((n,), jnp.int32)}
+    state = pergrad.factored_projection(8, 8).init(loss, params, batch(1))
+    temp = lambda n: jax.jit(lambda b: pergrad.per_example_projected(
+        loss, params, b, state, pergrad.sq_norm(), chunk_size=32)).lower(
+            batch(n)).compile().memory_analysis().temp_size_in_bytes
+    small, large = temp(256), temp(2560)
+    assert large <= 1.05 * small + 4096, (small, large)
