@@ -115,6 +115,10 @@ def get_config() -> ml_collections.ConfigDict:
   v.dvemb_curvature = 'gauss_newton'  # 'gauss_newton' | 'empirical_fisher' | 'none'
   v.dvemb_steps = 300              # DVEmb's run is shorter: it keeps a checkpoint per step
   v.rater = ''                     # method datarater: an exported rater or a train_rater workdir
+  v.store = False                  # scores from a gradient store (factored projections, on disk)
+  v.store_k = 8                    # the store's projection: k_in = k_out per Dense layer
+  v.topk = 0                       # > 0: each `topk_split` example's top supporting/opposing ones
+  v.topk_split = 'test'
 
   # Selection policy 'sae': plug-in feature space, a sparse autoencoder on it, the scores.
   c.features = ml_collections.ConfigDict()

@@ -15,7 +15,7 @@ from absl import logging as absl_logging
 from datarater.curation.filter import THRESHOLD_MODES, filter_dataset
 from datarater.data.corruption import Corruption
 from datarater.errors import exit_on_user_error
-from launch import cli
+from launch import cli, distributed
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
@@ -36,12 +36,14 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   d('integer', 'batch_size', 1024, 'Examples read and scored at a time.')
   d('string', 'out', None, 'Output folder (a TFDS dataset folder).')
   d('bool', 'overwrite', False, 'Replace OUT_DIR if it exists.')
+  distributed.define_flags(fv)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   with exit_on_user_error():
+    distributed.initialize_from_flags(fv)
     report = filter_dataset(
         fv.dataset, fv.out, fv.split, rater=fv.rater, scores=fv.scores, keep=fv.keep,
         min_score=fv.min_score, threshold=fv.threshold, balance=fv.balance,

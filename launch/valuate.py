@@ -14,7 +14,7 @@ from ml_collections import config_flags
 from datarater.errors import exit_on_user_error
 from datarater.valuation.factory import METHODS
 from datarater.valuation.run import valuate
-from launch import cli
+from launch import cli, distributed
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
@@ -22,13 +22,17 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
                                   flag_values=fv, sys_argv=argv)
   flags.DEFINE_string('method', None, f'One of {", ".join(METHODS)}.', flag_values=fv)
   flags.DEFINE_string('workdir', None, 'Output folder.', flag_values=fv)
+  distributed.define_flags(fv)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   with exit_on_user_error():
+    distributed.initialize_from_flags(fv)
     summary = valuate(fv.method, fv.config, fv.workdir)
+  if not summary:  # another process of a multi-process job wrote the files
+    return
   print(f'wrote {os.path.join(fv.workdir, "scores_" + summary["method"] + ".parquet")}: '
         f'{summary["num_examples"]} examples, noise AUROC {summary["noise_auroc"]:.3f}')
 

@@ -1,5 +1,6 @@
 """Two real processes (jax.distributed on 127.0.0.1, 2 CPU devices each) = one process, 4 devices
-(in the fast suite); a killed two-process run resumes in one process to the same rater (slow)."""
+for train_rater, valuate and filter (in the fast suite); a killed two-process run resumes in one
+process to the same rater (slow)."""
 import os
 import re
 import signal
@@ -8,12 +9,19 @@ import subprocess
 import sys
 import time
 
+import glob
+
 import jax
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+from configs.digits import get_config
+from datarater.curation.filter import filter_dataset
+from datarater.data.corruption import Corruption
 from datarater.export import load_rater
 from datarater.meta_train import meta_train
+from datarater.valuation.run import valuate
 from tests.run_config import as_flags, small_config
 from tests.conftest import subprocess_env
 
@@ -26,15 +34,29 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_two_processes(workdir, config):
+def _start(module, args):
+  """`python -m module args` as two jax.distributed processes of 2 CPU devices each."""
   port, procs = _free_port(), []
   env = subprocess_env(2)
   for i in range(2):
     procs.append(subprocess.Popen(
-        [sys.executable, '-m', 'launch.train_rater', f'--workdir={workdir}', *as_flags(config),
-         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+        [sys.executable, '-m', module, *args, f'--coordinator_address=127.0.0.1:{port}',
+         '--num_processes=2', f'--process_id={i}'],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   return procs
+
+
+def _finish(procs):
+  outs = []
+  for p in procs:
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+    outs.append(out)
+  return outs
+
+
+def _start_two_processes(workdir, config):
+  return _start('launch.train_rater', [f'--workdir={workdir}', *as_flags(config)])
 
 
 def _params(workdir):
@@ -48,12 +70,45 @@ def _assert_same(a, b, atol=2e-6):
 
 def test_two_processes_equal_one_process_with_four_devices(tfds_dir, tmp_path):
   config = small_config(tfds_dir, steps=4)
-  procs = _start_two_processes(tmp_path / 'two', config)
-  for p in procs:
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out[-3000:]
+  _finish(_start_two_processes(tmp_path / 'two', config))
   meta_train(config, str(tmp_path / 'one'), devices=jax.devices()[:4])
   _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'one'))
+
+
+def test_two_process_valuate_scores_equal_one_process(tfds_dir, tmp_path):
+  """Each process scores every other block; process 0 merges them into the one-process file."""
+  overrides = {'data.data_dir': tfds_dir, 'data.label_noise': 0.2, 'valuation.train_steps': 20,
+               'valuation.checkpoint_every': 10, 'valuation.batch_size': 32,
+               'valuation.score_batch_size': 100}
+  args = [f'--config={os.path.join(ROOT, "configs", "digits.py")}',
+          *[f'--config.{k}={v}' for k, v in overrides.items()], '--method=tracin']
+  outs = _finish(_start('launch.valuate', [*args, f'--workdir={tmp_path / "two"}']))
+  assert 'noise AUROC' in outs[0] and 'noise AUROC' not in outs[1]
+  config = get_config()
+  for k, v in overrides.items():
+    section, field = k.split('.')
+    setattr(config[section], field, v)
+  valuate('tracin', config, str(tmp_path / 'one'), progress=False)
+  two, one = (pq.read_table(tmp_path / d / 'scores_tracin.parquet').to_pydict()
+              for d in ('two', 'one'))
+  np.testing.assert_array_equal(two['id'], one['id'])
+  np.testing.assert_array_equal(two['corruption'], one['corruption'])
+  np.testing.assert_allclose(two['score'], one['score'], rtol=1e-5)
+
+
+def test_two_process_filter_writes_the_one_process_dataset(tfds_dir, tmp_path):
+  """Two processes score alternate blocks and exchange scores; process 0 writes the same bytes."""
+  meta_train(small_config(tfds_dir, steps=2), str(tmp_path / 'run'))
+  args = ['--dataset=sklearn_digits', f'--rater={tmp_path / "run"}', '--keep=0.7',
+          f'--data_dir={tfds_dir}', '--label_noise=0.2', '--batch_size=100', '--threshold=exact']
+  _finish(_start('launch.filter', [*args, f'--out={tmp_path / "two"}']))
+  filter_dataset('sklearn_digits', str(tmp_path / 'one'), ['train'], rater=str(tmp_path / 'run'),
+                 keep=0.7, data_dir=tfds_dir, corruption=Corruption(0.2, 0), batch_size=100,
+                 threshold='exact')
+  read = lambda d: {os.path.relpath(p, d): open(p, 'rb').read() for p in sorted(glob.glob(
+      os.path.join(d, '**'), recursive=True)) if os.path.isfile(p)}
+  two, one = read(tmp_path / 'two'), read(tmp_path / 'one')
+  assert len(one) >= 8 and two == one
 
 
 @pytest.mark.slow

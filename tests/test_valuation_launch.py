@@ -82,3 +82,54 @@ def test_valuate_datarater_scores_are_the_exported_raters(tfds_dir, tmp_path):
   np.testing.assert_allclose(table['score'], want, rtol=1e-5, atol=1e-6)
   assert summary['higher_is_better']
   assert summary['example_gradients'] == 2 * 2 * (2 * 16 + 16)
+
+
+def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path):
+  """valuation.store: self-influence from factored projections finds the noise as the exact one;
+  valuation.topk: each test example's supporters/opposers are the brute-force argsort of the
+  full train x test TracIn matrix (float64, from the stored train gradients and the test
+  examples' projected gradients); a second query reuses the store."""
+  from datarater import tasks
+  from datarater.data import source
+  from datarater.valuation import factory, store as store_lib
+  from datarater.valuation.run import RunCache, fingerprint
+  exact = small_config(tfds_dir)
+  want = valuate('tracin', exact, str(tmp_path / 'exact'), progress=False)
+  config = small_config(tfds_dir)
+  config.valuation.store, config.valuation.store_k, config.valuation.topk = True, 16, 3
+  work = str(tmp_path / 'store')
+  summary = valuate('tracin', config, work, progress=False)
+  table = pq.read_table(os.path.join(work, 'scores_tracin.parquet')).to_pydict()
+  assert abs(summary['noise_auroc'] - want['noise_auroc']) < 0.03, (summary, want)
+  test = pipeline.load_split(config.data, 'test')
+  m, k = len(test), 3
+  assert summary['topk'] == {'split': 'test', 'k': k, 'num_test': m}
+
+  train = source.open_source(config.data, config.data.train_split, corrupt=True)
+  task = tasks.make_task(config.task, train.info)
+  run, _ = factory.record(config, task, train, config.valuation.train_steps,
+                          config.valuation.checkpoint_every,
+                          RunCache(os.path.join(work, 'fit'), fingerprint('tracin', config)))
+  (path,) = [os.path.join(work, d) for d in os.listdir(work) if d.startswith('store_tracin')]
+  store = store_lib.GradientStore(path)
+  test_grads = np.asarray(store._test_grads(task.per_example_loss, run, test.take(np.arange(m)),
+                                            None), np.float64)  # [C, M, D]
+  full = sum(lr * np.asarray(store.grads(c), np.float64) @ test_grads[c].T
+             for c, lr in enumerate(store.lrs))  # [N, M]
+  top = pq.read_table(os.path.join(work, 'topk_tracin.parquet')).to_pydict()
+  np.testing.assert_array_equal(np.asarray(top['test_id']).reshape(m, k)[:, 0], test.ids)
+  support = np.asarray(top['support_id']).reshape(m, k)
+  oppose = np.asarray(top['oppose_id']).reshape(m, k)
+  position = {int(i): j for j, i in enumerate(store.ids)}
+  for j in range(m):
+    got_s = full[[position[int(i)] for i in support[j]], j]
+    got_o = full[[position[int(i)] for i in oppose[j]], j]
+    ranked = np.sort(full[:, j])
+    np.testing.assert_allclose(got_s, ranked[::-1][:k], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got_o, ranked[:k], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(top['support_score']).reshape(m, k)[:, 0], full.max(0),
+                             rtol=1e-4, atol=1e-7)
+  mtime = os.path.getmtime(os.path.join(path, store_lib.META))
+  config.valuation.topk = 0
+  valuate('tracin', config, work, progress=False)
+  assert os.path.getmtime(os.path.join(path, store_lib.META)) == mtime

@@ -10,12 +10,15 @@ share) and writes `out`: the kept examples as a TFDS dataset with the source's f
 (id, label, score, kept), `filter_report.json` and `scores.png`. Everything is written to a
 temporary folder beside `out` and renamed into place at the end (`files.atomic_dir`).
 `corruption` applies the same recorded corruption as the training pipeline to the filtered
-splits before scoring (and writes the corrupted examples), for experiments.
+splits before scoring (and writes the corrupted examples), for experiments. In a
+`jax.distributed` job every process scores every P-th block, only the scores and labels are
+exchanged, each process computes the same exact threshold, and process 0 writes the dataset.
 """
 import os
 import shutil
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -27,6 +30,15 @@ from datarater.data import source as source_lib
 from datarater.errors import UserError
 
 THRESHOLD_MODES = ('exact', 'streaming')
+
+
+def _exchange(split, block: int, arrays):
+  """Arrays over a split's examples, each process having filled its own blocks (block b is
+  process b % P's) -> the whole arrays, the same on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = [np.asarray(multihost_utils.process_allgather(a)) for a in arrays]  # [P, n] each
+  owner = (np.arange(len(split)) // block) % jax.process_count()
+  return tuple(g[owner, np.arange(len(split))] for g in gathered)
 
 
 def _save_histogram(path: str, per_split: dict) -> None:
@@ -119,8 +131,9 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     split_scores = np.empty(n, np.float64) if given is None else given
     groups = range(num_classes) if balance else [None]
     sketch = {c: select.StreamingQuantile(seed=0 if c is None else c) for c in groups}
-    blocks = streams[s].blocks(batch_size)
-    for ids, batch in tqdm(blocks, total=len(streams[s].block_starts(batch_size)),
+    p, num = jax.process_index(), jax.process_count()
+    blocks = streams[s].blocks(batch_size, p, num)
+    for ids, batch in tqdm(blocks, total=len(streams[s].block_starts(batch_size, p, num)),
                            desc=f'scoring {s}', unit='batch', disable=None, leave=False):
       if label is not None:
         labels[ids] = batch[label]
@@ -128,7 +141,12 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
         record[ids] = batch[pipeline.RECORDED]
       if loaded is not None:
         split_scores[ids] = loaded(batch)
-      if threshold == 'streaming':
+    if num > 1:  # every process gets every block's labels and scores (only those are exchanged)
+      labels, record, split_scores = _exchange(streams[s], batch_size,
+                                               (labels, record, split_scores))
+    if threshold == 'streaming':  # block by block in id order, as one process would
+      for start in streams[s].block_starts(batch_size):
+        ids = np.arange(start, min(start + batch_size, n))
         for c, q in sketch.items():
           q.update(split_scores[ids] if c is None else split_scores[ids][labels[ids] == c])
     if not np.all(np.isfinite(split_scores)):
@@ -165,6 +183,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
                            'seed': corruption.seed},
             'source': {'rater': rater, 'scores': scores},
             'copied_splits': sorted(set(selection) - set(splits)), 'splits': {}}
+  if jax.process_index() != 0:  # process 0 writes the dataset; the others only scored
+    return report
   with files.atomic_dir(out, overwrite) as tmp:
     folder = tfds_writer.write_subset(builder, os.path.join(tmp, 'tfds'), name, selection,
                                       f'{dataset} filtered by {source}', transforms)

@@ -4,7 +4,10 @@
 training split, scores every training example and writes `scores_<method>.parquet` (a scores
 file: id, score, value, the corruption record; Mimic adds its offline keep decision) and
 `scores_<method>.json` (noise AUROC overall and per corruption kind, what the method cost, the
-config). The training split is streamed (`data.source.Source`): the recorded training run reads
+config). With `valuation.store`, the training examples' factored-projected gradients are written
+once to a gradient store (`valuation/store.py`, `workdir/store_<method>`) and the scores come
+from it; `valuation.topk` > 0 also writes `topk_<method>.parquet`: for every example of
+`valuation.topk_split`, its most supporting and most opposing training examples (TracIn). The training split is streamed (`data.source.Source`): the recorded training run reads
 its batches as it goes and scoring reads fixed-size blocks, so memory does not grow with the
 split (a few bytes per example). The fitted runs are kept in `workdir/fit/` and every finished
 block's scores in a memory-mapped file, so a killed run resumes where it stopped and writes the
@@ -107,9 +110,14 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
   primary = jax.process_index() == 0
   with files.workdir_lock(workdir) if primary else contextlib.nullcontext():
     tag = fingerprint(method, config)
-    valuation = factory.build(method, config, task, train, heldout,
-                              RunCache(os.path.join(workdir, 'fit'), tag))
+    cache = RunCache(os.path.join(workdir, 'fit'), tag)
+    valuation = factory.build(method, config, task, train, heldout, cache)
     stem = os.path.join(workdir, f'scores_{method}')
+    if config.valuation.store or config.valuation.topk:
+      if jax.process_count() > 1:
+        raise UserError('valuation.store and valuation.topk run in one process')
+      return _from_store(method, config, task, train, heldout, workdir, stem, tag, valuation,
+                         cache, progress)
     partial = os.path.join(workdir, f'.scores_{method}-{tag}.part-{jax.process_index()}.npy')
     record = score_blocks(valuation.score, train, config.valuation.score_batch_size, partial,
                           progress and primary, f'{method} scores')
@@ -121,19 +129,75 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     return _write(method, config, workdir, stem, tag, train, valuation, record)
 
 
-def _write(method, config, workdir, stem, tag, train, valuation, record) -> dict:
-  """Merges the processes' blocks (process 0) and writes the scores file and its summary."""
+def _from_store(method, config, task, train, heldout, workdir, stem, tag, valuation, cache,
+                progress) -> dict:
+  """Scores (and top-k attribution) read from a gradient store of the fitted runs."""
+  from datarater import pergrad  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import store as store_lib  # pylint: disable=g-import-not-at-top
+  v = config.valuation
+  if method not in ('tracin', 'mimic', 'dvemb'):
+    raise UserError(f'valuation.store and valuation.topk need a gradient method, not {method!r}')
+  if v.topk and not (method == 'tracin'):
+    raise UserError('valuation.topk attributes with TracIn: use --method=tracin')
+  loss = task.per_example_loss
+  steps, every = ((v.dvemb_steps, 1) if method == 'dvemb' else (v.train_steps, v.checkpoint_every))
+  run, _ = factory.record(config, task, train, steps, every, cache,
+                          'dvemb_run' if method == 'dvemb' else 'run')
+  path = os.path.join(workdir, f'store_{method}-{tag}')
+  if os.path.exists(path):
+    store = store_lib.GradientStore(path)
+  else:
+    store = store_lib.build(path, loss, run, train, pergrad.factored_projection(
+        v.store_k, v.store_k, v.projection_seed), split_name=config.data.train_split,
+                            block_size=v.score_batch_size, chunk_size=v.chunk_size,
+                            progress=progress)
+  heldout_batch = heldout.take(np.arange(len(heldout)))
+  if method == 'tracin':
+    if v.tracin_mode == 'self':
+      scores = store.self_influence()
+    else:
+      scores = store.heldout_influence(loss, run, heldout_batch,
+                                       cosine=v.tracin_mode == 'heldout_cos')
+  elif method == 'mimic':
+    reference, _ = factory.mimic_reference(config, task, heldout, cache)
+    scores = store.mimic(loss, run, reference, cosine=v.mimic_cosine)
+  else:
+    if 'dvemb' not in store.meta:
+      store.add_dvemb(task, run, v.dvemb_curvature, v.chunk_size)
+    scores = store.dvemb_values(loss, run.final_params, heldout_batch)
+  record = train.corruption_of(np.arange(len(train)))
+  summary = _write(method, config, workdir, stem, tag, train, valuation, record, scores)
+  if v.topk:
+    test = pipeline.load_split(config.data, v.topk_split)
+    top = store.top_k(loss, run, test.take(np.arange(len(test))), v.topk,
+                      block_size=max(v.score_batch_size, 1024))
+    k = top.support_ids.shape[1]
+    scores_file_columns = {
+        'test_id': np.repeat(test.ids, k), 'rank': np.tile(np.arange(k), len(test)),
+        'support_id': top.support_ids.reshape(-1), 'support_score': top.support_scores.reshape(-1),
+        'oppose_id': top.oppose_ids.reshape(-1), 'oppose_score': top.oppose_scores.reshape(-1)}
+    files.write_parquet(os.path.join(workdir, f'topk_{method}.parquet'), scores_file_columns)
+    summary['topk'] = {'split': v.topk_split, 'k': int(k), 'num_test': len(test)}
+    files.write_json(stem + '.json', summary)
+  return summary
+
+
+def _write(method, config, workdir, stem, tag, train, valuation, record, scores=None) -> dict:
+  """Writes the scores file and its summary; without `scores`, merges the processes' blocks
+  (process 0) first."""
   n, block = len(train), config.valuation.score_batch_size
-  scores = np.empty(n, np.float64)
   parts = []
-  for p in range(jax.process_count()):
-    part = os.path.join(workdir, f'.scores_{method}-{tag}.part-{p}.npy')
-    data = np.load(part, mmap_mode='r')
-    for start in train.block_starts(block, p, jax.process_count()):
-      scores[start:start + block] = data[start:start + block]
-      if record[start] < 0:  # another process's block: its record too
-        record[start:start + block] = train.corruption_of(np.arange(start, min(start + block, n)))
-    parts.append(part)
+  if scores is None:
+    scores = np.empty(n, np.float64)
+    for p in range(jax.process_count()):
+      part = os.path.join(workdir, f'.scores_{method}-{tag}.part-{p}.npy')
+      data = np.load(part, mmap_mode='r')
+      for start in train.block_starts(block, p, jax.process_count()):
+        scores[start:start + block] = data[start:start + block]
+        if record[start] < 0:  # another process's block: its record too
+          record[start:start + block] = train.corruption_of(
+              np.arange(start, min(start + block, n)))
+      parts.append(part)
   values = scores if valuation.higher_is_better else -scores
   extra, columns = {}, {'corruption': record}
   if method == 'mimic':  # Grad-Mimic's offline filter: keep/drop with an automatic threshold.
