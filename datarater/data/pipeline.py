@@ -20,11 +20,12 @@ import tensorflow_datasets as tfds
 
 from datarater.data import corruption as corruption_lib
 from datarater.data import idx_mnist  # registers the builder of idx files (Fashion-MNIST)
+from datarater.data import python_text  # pylint: disable=unused-import  (registers the builder)
 from datarater.data import sklearn_digits  # pylint: disable=unused-import  (registers the builder)
 from datarater.errors import UserError
 
 # Datasets built from local files, so never downloaded.
-BUNDLED = {'sklearn_digits', *idx_mnist.NAMES}
+BUNDLED = {'python_text', 'sklearn_digits', *idx_mnist.NAMES}
 RECORDED = 'corruption'  # a class-label feature in which a dataset records its own bad data
 
 

@@ -1,0 +1,216 @@
+"""A decoder-only transformer language model over byte tokens, and a sequence rater on its trunk.
+
+Registered as the task `transformer_lm` and the rater `sequence_rater`. Every parameter sits in
+an `nn.Dense` layer, each called once per forward pass, so the per-example gradient layer's ghost
+dot products and factored projections cover the whole model: the token embedding is
+one-hot(tokens, vocab) @ Dense(d_model, no bias); positions are a fixed sinusoidal encoding;
+layer norms have no learned scale or offset; attention is written out with Dense query, key,
+value and output projections (not flax's attention modules, whose DenseGeneral layers pergrad
+does not see). Blocks are pre-norm: x + attention(norm(x)), then x + MLP(norm(x)); a final norm.
+
+The task predicts tokens[1:] from tokens[:-1] (causal attention): `per_token_loss` is the
+negative log-likelihood of each next token [B, L-1] (nats); `per_example_loss` its mean over the
+sequence, or with `token_weights` (a feature [L] named in the config; weight t weighs the
+prediction of token t, weight 0 is unused) the weighted mean sum_t w_t nll_t / sum_t w_t.
+The rater runs the trunk over the whole sequence (bidirectional attention unless `causal`), mean
+pools the final states and maps them to one score per sequence.
+
+Config fields: vocab (tokens are ints below it), d_model, num_heads (dividing d_model),
+num_layers, d_mlp (the MLP's hidden width), max_len (the longest sequence accepted, checked
+against the data), activation, optional input (the token feature, default 'tokens').
+"""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from datarater import config_checks as checks
+from datarater.errors import UserError
+from datarater.tasks.base import FeatureSpec, Rater, Task, example_batch
+from datarater.tasks.classifier import ACTIVATIONS, activation
+from datarater.tasks.registry import register_rater, register_task
+
+
+def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
+  """[length, dim]: sin(p / 10000^(2i/dim)) in even columns 2i, cos of the same in odd ones."""
+  pos = np.arange(length)[:, None]
+  rate = 1.0 / 10000.0 ** (2 * (np.arange(dim) // 2) / dim)
+  angles = pos * rate[None, :]
+  return np.where(np.arange(dim) % 2 == 0, np.sin(angles), np.cos(angles))
+
+
+def layer_norm() -> nn.LayerNorm:
+  return nn.LayerNorm(use_scale=False, use_bias=False)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention from Dense projections `query`, `key`, `value` and `out`."""
+  num_heads: int
+  causal: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, length, d = x.shape
+    head = d // self.num_heads
+    split = lambda y: y.reshape(b, length, self.num_heads, head)
+    q = split(nn.Dense(d, name='query')(x))
+    k = split(nn.Dense(d, name='key')(x))
+    v = split(nn.Dense(d, name='value')(x))
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(head)
+    if self.causal:
+      mask = jnp.tril(jnp.ones((length, length), bool))
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    attended = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1), v)
+    return nn.Dense(d, name='out')(attended.reshape(b, length, d))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x))."""
+  num_heads: int
+  d_mlp: int
+  activation: str = 'gelu'
+  causal: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + SelfAttention(self.num_heads, self.causal, name='attention')(layer_norm()(x))
+    h = nn.Dense(self.d_mlp, name='mlp_in')(layer_norm()(x))
+    return x + nn.Dense(x.shape[-1], name='mlp_out')(activation(self.activation)(h))
+
+
+class Transformer(nn.Module):
+  """Tokens int [B, L] -> final states [B, L, d_model] (`states`), or `outputs` per position
+  (per sequence from the states' mean over positions with `pool`)."""
+  vocab: int
+  d_model: int
+  num_heads: int
+  num_layers: int
+  d_mlp: int
+  outputs: int
+  activation: str = 'gelu'
+  causal: bool = True
+  pool: bool = False
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, states: bool = False) -> jax.Array:
+    onehot = jax.nn.one_hot(tokens, self.vocab, dtype=jnp.float32)
+    x = nn.Dense(self.d_model, use_bias=False, name='embed')(onehot)
+    x = x + jnp.asarray(sinusoidal_positions(tokens.shape[1], self.d_model), x.dtype)
+    for i in range(self.num_layers):
+      x = Block(self.num_heads, self.d_mlp, self.activation, self.causal, name=f'block_{i}')(x)
+    x = layer_norm()(x)
+    if states:
+      return x
+    return nn.Dense(self.outputs, name='head')(jnp.mean(x, axis=1) if self.pool else x)
+
+
+def _tokens_key(config, info) -> tuple[str, int]:
+  """(token feature name, sequence length), checked against the dataset and `max_len`."""
+  key = config.get('input', '') or 'tokens'
+  spec = info.spec.get(key)
+  if spec is None or len(spec.shape) != 1 or not np.issubdtype(spec.dtype, np.integer):
+    raise UserError(f'a sequence model reads an integer token feature of shape [L]: got input '
+                    f'{key!r}; dataset {info.name!r} has features '
+                    f'{ {k: tuple(s.shape) for k, s in sorted(info.spec.items())} }')
+  length = spec.shape[0]
+  if length > config.max_len:
+    raise UserError(f'the sequences of {key!r} have {length} tokens, more than max_len '
+                    f'{config.max_len}')
+  if config.d_model % config.num_heads:
+    raise UserError(f'd_model {config.d_model} must be a multiple of num_heads '
+                    f'{config.num_heads}')
+  return key, length
+
+
+def _transformer(config, outputs: int, causal: bool, pool: bool) -> Transformer:
+  return Transformer(int(config.vocab), int(config.d_model), int(config.num_heads),
+                     int(config.num_layers), int(config.d_mlp), outputs, config.activation, causal,
+                     pool)
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModel(Task):
+  """Next-token prediction over the batch's `input_key` tokens; `weight_key`: optional per-token
+  weights [L] (see the module docstring)."""
+  module: Transformer
+  spec: FeatureSpec
+  input_key: str
+  weight_key: str = ''
+
+  def init(self, key):
+    return self.module.init(key, example_batch(self.spec)[self.input_key])
+
+  def per_token_loss(self, params, batch):
+    """-log p(tokens[:, t+1] | tokens[:, :t+1]) for t < L-1, [B, L-1] (nats)."""
+    tokens = batch[self.input_key]
+    logits = self.module.apply(params, tokens[:, :-1])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+
+  def token_weights(self, batch):
+    """Weights of the L-1 predictions [B, L-1], or None (all equal)."""
+    if not self.weight_key:
+      return None
+    return batch[self.weight_key][:, 1:]
+
+  def per_example_loss(self, params, batch):
+    nll = self.per_token_loss(params, batch)
+    w = self.token_weights(batch)
+    if w is None:
+      return jnp.mean(nll, axis=-1)
+    w = w.astype(nll.dtype)
+    return jnp.sum(w * nll, -1) / jnp.maximum(jnp.sum(w, -1), jnp.finfo(nll.dtype).tiny)
+
+  def metrics(self, params, batch):
+    loss = self.per_example_loss(params, batch)
+    return {'loss': loss, 'bits_per_byte': loss / math.log(2.0)}
+
+  def embed(self, params, batch):
+    """The final states mean-pooled over the sequence, [B, d_model]."""
+    return jnp.mean(self.module.apply(params, batch[self.input_key], states=True), axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceRater(Rater):
+  """One score per sequence: the trunk's final states, mean-pooled, through a Dense layer."""
+  module: Transformer
+  spec: FeatureSpec
+  input_key: str
+
+  def init(self, key):
+    return self.module.init(key, example_batch(self.spec)[self.input_key])
+
+  def score(self, params, batch):
+    return self.module.apply(params, batch[self.input_key])[:, 0]
+
+
+SEQUENCE_SCHEMA = {'vocab': checks.integer(2), 'd_model': checks.integer(1),
+                   'num_heads': checks.integer(1), 'num_layers': checks.integer(0),
+                   'd_mlp': checks.integer(1), 'max_len': checks.integer(2),
+                   'activation': checks.one_of(*ACTIVATIONS),
+                   'input': checks.optional(checks.string())}  # '' = 'tokens'
+
+
+@register_task('transformer_lm', {**SEQUENCE_SCHEMA,
+                                  'token_weights': checks.optional(checks.string())})
+def transformer_lm(config, info) -> LanguageModel:
+  """config: vocab, d_model, num_heads, num_layers, d_mlp, max_len, activation, optional input
+  (token feature, default 'tokens') and token_weights (a float feature [L]; '' = none)."""
+  key, length = _tokens_key(config, info)
+  weights = config.get('token_weights', '')
+  if weights and (weights not in info.spec or info.spec[weights].shape != (length,)):
+    raise UserError(f'token_weights {weights!r} must be a feature of shape ({length},) of '
+                    f'dataset {info.name!r} (features: {", ".join(sorted(info.spec))})')
+  module = _transformer(config, int(config.vocab), causal=True, pool=False)
+  return LanguageModel(module, info.spec, key, weights)
+
+
+@register_rater('sequence_rater', {**SEQUENCE_SCHEMA, 'causal': checks.optional(checks.boolean())})
+def sequence_rater(config, info) -> SequenceRater:
+  """config: as transformer_lm's, and optional causal (default False: bidirectional)."""
+  key, _ = _tokens_key(config, info)
+  module = _transformer(config, 1, causal=bool(config.get('causal', False)), pool=True)
+  return SequenceRater(module, info.spec, key)

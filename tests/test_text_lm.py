@@ -1,0 +1,397 @@
+"""The python_text dataset and the transformer language model and sequence rater on it.
+
+Dataset: splits disjoint by document, heldout/test clean prose, every sequence checked against
+its source file (clean windows are the file's bytes; each corruption kind has its property), the
+pipeline reads the dataset's own record. Models: a float64 numpy re-implementation of the
+transformer as the loss oracle, causality, independent examples, ghost products = explicit
+per-example gradient products, meta-gradients = central finite differences.
+"""
+import collections
+import math
+import os
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from configs import text
+from datarater import config_checks, pergrad, tasks
+from datarater.data import pipeline, python_text
+from datarater.data.pipeline import DataInfo
+from datarater.errors import UserError
+from outer_loop import meta_step
+from tests.tiny import as_float64, estimator, tiny_problem
+
+L = python_text.SEQ_LEN
+NEEDS_DOCS = 'needs Debian package python3.11-doc (apt-get install python3.11-doc)'
+
+
+@pytest.fixture(scope='module')
+def data(tfds_dir):
+  """The three splits of python_text (built once in the session's TFDS folder), the builder and
+  the source files by document id."""
+  if not os.path.isdir(python_text.DOC_DIR):
+    pytest.skip(NEEDS_DOCS)
+  section = text.get_config().data
+  section.data_dir = tfds_dir
+  splits = {s: pipeline.load_split(section, s) for s in ('train', 'heldout', 'test')}
+  return splits, pipeline.builder_of(section), python_text.source_files()
+
+
+def _docs(split, kind=None, domain=0):
+  """{document id: its token rows} of a split's sequences of `kind` (all if None) and `domain`."""
+  f = split.features
+  sel = f['domain'] == domain
+  if kind is not None:
+    sel &= split.corruption == split.corruption_kinds.index(kind)
+  out = collections.defaultdict(list)
+  for doc, tokens in zip(f['document'][sel], f['tokens'][sel]):
+    out[int(doc)].append(bytes(tokens.astype(np.uint8)))
+  return out
+
+
+def _read(files, doc):
+  with open(files[doc][1], 'rb') as f:
+    return f.read()
+
+
+def _complete_lines(seq: bytes):
+  """The lines of a window with both ends inside it (its first and last pieces are cut)."""
+  return seq.split(b'\n')[1:-1]
+
+
+def _entropy(seq: bytes) -> float:
+  p = np.bincount(np.frombuffer(seq, np.uint8), minlength=256) / len(seq)
+  p = p[p > 0]
+  return float(-(p * np.log2(p)).sum())
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+def test_splits_are_disjoint_by_document_and_the_record_is_read(data):
+  splits, builder, files = data
+  train, heldout, test = splits['train'], splits['heldout'], splits['test']
+  assert 20_000 <= len(train) <= 40_000 and all(2_000 <= len(s) <= 4_000 for s in (heldout, test))
+  docs = {name: set(s.features['document'].tolist()) for name, s in splits.items()}
+  assert not docs['train'] & docs['heldout'] and not docs['train'] & docs['test']
+  assert not docs['heldout'] & docs['test']
+  names = builder.info.features['corruption'].names
+  assert names[0] == 'clean' and set(names) == {'clean', 'random_bytes', 'shuffled_words',
+                                                'boilerplate', 'markup_only', 'truncated'}
+  for split in splits.values():
+    assert split.corruption_kinds == tuple(names)
+    np.testing.assert_array_equal(split.corruption, split.features['corruption'])
+    assert split.features['tokens'].dtype == np.int32
+    assert split.features['tokens'].min() >= 0 and split.features['tokens'].max() <= 255
+  for split in (heldout, test):  # clean prose only
+    assert not split.is_corrupted.any() and (split.features['domain'] == 0).all()
+  f = train.features
+  counts = collections.Counter(train.corruption.tolist())
+  assert all(counts[k] >= 500 for k in range(len(names))), counts
+  code = f['domain'] == 1
+  assert 0.05 < code.mean() < 0.3 and not train.is_corrupted[code].any()
+  assert 0.5 < ((f['domain'] == 0) & ~train.is_corrupted).mean() < 0.7
+  for doc in np.unique(f['document']):  # one kind and one domain per document
+    rows = f['document'] == doc
+    assert len(np.unique(train.corruption[rows])) == 1 and len(np.unique(f['domain'][rows])) == 1
+    assert files[doc][0] == python_text.DOMAINS[f['domain'][rows][0]]
+  for name, split in splits.items():
+    assert len(np.unique(split.features['tokens'], axis=0)) >= 0.99 * len(split), name
+  again = python_text.assign(files)  # deterministic: the same documents, kinds and sizes
+  for (name, domain, kind), docs in again.items():
+    split = splits[name]
+    rows = ((split.features['domain'] == python_text.DOMAINS.index(domain))
+            & (split.corruption == names.index(kind)))
+    assert sorted(collections.Counter(split.features['document'][rows].tolist()).items()) == \
+        sorted((doc, len(w)) for doc, w in docs), (name, domain, kind)
+
+
+def test_clean_sequences_are_windows_of_their_source_files(data):
+  splits, _, files = data
+  for split, domain in ((splits['train'], 0), (splits['train'], 1), (splits['heldout'], 0),
+                        (splits['test'], 0)):
+    for doc, seqs in _docs(split, 'clean', domain).items():
+      source = _read(files, doc)
+      first = [source[i * L:(i + 1) * L] for i in range(len(seqs))]
+      assert collections.Counter(seqs) == collections.Counter(first), doc  # its first windows
+  assert files[0][0] == 'prose' and files[0][1].endswith('.rst.txt')
+
+
+def test_random_bytes_are_uniform_and_unlike_prose(data):
+  splits, _, files = data
+  noise = [s for seqs in _docs(splits['train'], 'random_bytes').values() for s in seqs]
+  prose = [s for seqs in _docs(splits['train'], 'clean').values() for s in seqs]
+  assert min(map(_entropy, noise)) > 6.0 > max(map(_entropy, prose))
+  counts = np.bincount(np.frombuffer(b''.join(noise), np.uint8), minlength=256)
+  expected = counts.sum() / 256
+  chi2 = float(((counts - expected) ** 2 / expected).sum())
+  assert chi2 < 255 + 6 * math.sqrt(2 * 255), chi2  # 255 degrees of freedom
+  for doc, seqs in list(_docs(splits['train'], 'random_bytes').items())[:10]:
+    source = _read(files, doc)
+    assert len(seqs) <= len(source) // L and not any(s in source for s in seqs)
+
+
+def test_shuffled_words_are_the_source_words_out_of_order(data):
+  splits, _, files = data
+  pairs_kept = {}
+  for kind in ('shuffled_words', 'clean'):
+    kept = total = 0
+    for doc, seqs in list(_docs(splits['train'], kind).items())[:20]:
+      words = _read(files, doc).split()
+      bigrams = set(zip(words, words[1:]))
+      seen = collections.Counter()
+      for s in seqs:
+        inner = s.split()[1:-1]  # the first and last words may be cut by the window
+        seen.update(inner)
+        kept += sum(pair in bigrams for pair in zip(inner, inner[1:]))
+        total += max(len(inner) - 1, 0)
+      if kind == 'shuffled_words':  # a sub-multiset of the source document's words
+        assert not seen - collections.Counter(words), doc
+        assert all(b' '.join(s.split()) == s.strip() for s in seqs)  # single spaces, no newlines
+    pairs_kept[kind] = kept / total
+  assert pairs_kept['clean'] > 0.95 and pairs_kept['shuffled_words'] < 0.3, pairs_kept
+
+
+def test_boilerplate_is_a_few_lines_repeated(data):
+  splits, _, files = data
+  docs = _docs(splits['train'], 'boilerplate')
+  lines = collections.Counter(l for seqs in docs.values() for s in seqs
+                              for l in _complete_lines(s))
+  assert len(lines) <= 10 and min(lines.values()) >= 100, lines.most_common()
+  assert set(lines) <= set(python_text.BOILERPLATE)
+  squeeze = lambda seqs: len(zlib.compress(b''.join(seqs))) / len(b''.join(seqs))
+  prose = _docs(splits['train'], 'clean')
+  assert squeeze([s for seqs in docs.values() for s in seqs]) < 0.05
+  assert squeeze([s for seqs in prose.values() for s in seqs]) > 0.2
+  cap = python_text.MAX_CORRUPTED_WINDOWS
+  short = [doc for doc, seqs in docs.items()  # each as long as its source document ...
+           if len(seqs) < min(cap, len(_read(files, doc)) // L)]
+  assert len(short) <= 1  # ... but the kind's last one, cut at its target size
+  assert all(len(seqs) <= min(cap, len(_read(files, doc)) // L + 1) for doc, seqs in docs.items())
+
+
+MARKUP = re.compile(rb'^\s*\.\. |^\s+:[\w -]+:|^([=\-~^"\'`#*+<>_:.])\1{3,}\s*$|`|\*\*|\]_|\|')
+
+
+def test_markup_only_keeps_markup_verbatim_and_drops_prose(data):
+  splits, _, files = data
+  checked = 0
+  for doc, seqs in _docs(splits['train'], 'markup_only').items():
+    source = _read(files, doc)
+    for s in seqs:
+      for line in _complete_lines(s):
+        assert line in source and MARKUP.search(line), (doc, line)
+        checked += 1
+  assert checked > 1000
+  density = lambda kind: np.median([np.isin(np.frombuffer(s, np.uint8), list(b'`:_=-*<>|[]#.'))
+                                    .mean() for seqs in _docs(splits['train'], kind).values()
+                                    for s in seqs])
+  assert density('markup_only') > 2.5 * density('clean')
+
+
+def test_truncated_lines_end_mid_word(data):
+  splits, _, files = data
+  checked = 0
+  for doc, seqs in _docs(splits['train'], 'truncated').items():
+    cuts = set()  # every prefix of a source line that ends between two letters
+    for line in _read(files, doc).split(b'\n'):
+      cuts.update(line[:i] for i in range(1, len(line))
+                  if chr(line[i - 1]).isalpha() and chr(line[i]).isalpha())
+    for s in seqs:
+      for line in _complete_lines(s):
+        assert line in cuts, (doc, line)
+        checked += 1
+  assert checked > 1000
+
+
+def test_missing_documentation_is_one_user_error(monkeypatch):
+  monkeypatch.setattr(python_text, 'DOC_DIR', '/nonexistent/python-doc/_sources')
+  with pytest.raises(UserError) as e:
+    python_text.source_files()
+  message = str(e.value)
+  assert '\n' not in message and '/nonexistent/python-doc/_sources' in message
+  assert 'apt-get install python3.11-doc' in message
+
+
+def test_text_config_is_valid_and_its_models_read_the_dataset(data):
+  splits, _, _ = data
+  c = text.get_config()
+  config_checks.validate(c, [*list(config_checks.SECTIONS)[1:], 'task', 'rater', 'features.task'])
+  info = splits['train'].info
+  task, rater = tasks.make_task(c.task, info), tasks.make_rater(c.rater, info)
+  params, phi = task.init(jax.random.key(0)), rater.init(jax.random.key(1))
+  batch = splits['train'].take(np.arange(4))
+  metrics = task.metrics(params, batch)
+  assert metrics['loss'].shape == (4,) and rater.score(phi, batch).shape == (4,)
+  assert np.all(np.abs(metrics['loss'] - math.log(256)) < 1.0)  # near-uniform at init
+  np.testing.assert_allclose(metrics['bits_per_byte'], metrics['loss'] / math.log(2), rtol=1e-6)
+  assert task.embed(params, batch).shape == (4, c.task.d_model)
+  assert pergrad.ghost_covers(task.per_example_loss, params, batch)
+  assert pergrad.ghost_covers(rater.score, phi, batch)
+  for field, value, error in (('max_len', L - 1, 'max_len'), ('num_heads', 3, 'multiple'),
+                              ('input', 'domain', 'token feature')):
+    bad = text.transformer(**{field: value})
+    with pytest.raises(UserError, match=error):
+      tasks.make_task(bad, info)
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+def _info(length=12, weights=False):
+  spec = {'tokens': jax.ShapeDtypeStruct((length,), np.int32)}
+  if weights:
+    spec['weights'] = jax.ShapeDtypeStruct((length,), np.float32)
+  return DataInfo('text', spec, {}, None)
+
+
+def _model(name='transformer_lm', **fields):
+  c = {'name': name, 'vocab': 16, 'd_model': 8, 'num_heads': 2, 'num_layers': 2, 'd_mlp': 12,
+       'max_len': 16, 'activation': 'gelu'}
+  c.update(fields)
+  return ml_collections.ConfigDict(c)
+
+
+def _tokens(n=4, length=12, vocab=16, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (n, length)), jnp.int32)
+
+
+def _f64(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float64), tree)
+
+
+def _reference_logits(p, tokens, num_heads, causal=True):
+  """The transformer in float64 numpy from its parameters: [B, L, vocab]."""
+  p = jax.tree.map(np.asarray, p['params'])
+  vocab, d = p['embed']['kernel'].shape
+  x = np.eye(vocab)[np.asarray(tokens)] @ p['embed']['kernel']
+  pos = np.arange(tokens.shape[1])[:, None]
+  angle = pos / 10000.0 ** (2 * (np.arange(d) // 2) / d)
+  x = x + np.where(np.arange(d) % 2 == 0, np.sin(angle), np.cos(angle))
+  norm = lambda y: (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-6)
+  dense = lambda y, q: y @ q['kernel'] + q['bias']
+  b, n = tokens.shape
+  h = d // num_heads
+  blocks = sorted((k for k in p if k.startswith('block_')), key=lambda k: int(k[6:]))
+  for name in blocks:
+    a = p[name]['attention']
+    y = norm(x)
+    q, k, v = (dense(y, a[m]).reshape(b, n, num_heads, h) for m in ('query', 'key', 'value'))
+    s = np.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(h)
+    if causal:
+      s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    x = x + dense(np.einsum('bhqk,bkhd->bqhd', w, v).reshape(b, n, d), a['out'])
+    g = dense(norm(x), p[name]['mlp_in'])
+    g = 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))  # gelu (tanh)
+    x = x + dense(g, p[name]['mlp_out'])
+  x = norm(x)
+  return x, x @ p['head']['kernel'] + p['head']['bias']
+
+
+def test_loss_equals_a_float64_reference_transformer():
+  with jax.enable_x64():
+    task = tasks.make_task(_model(token_weights='weights'), _info(weights=True))
+    params = _f64(task.init(jax.random.key(0)))
+    tokens = _tokens()
+    w = np.random.default_rng(1).uniform(0, 1, tokens.shape)
+    states, logits = _reference_logits(params, tokens[:, :-1], 2)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(task.per_token_loss(params, {'tokens': tokens}), nll, rtol=1e-10)
+    got = task.per_example_loss(params, {'tokens': tokens, 'weights': jnp.asarray(w)})
+    np.testing.assert_allclose(got, (w[:, 1:] * nll).sum(1) / w[:, 1:].sum(1), rtol=1e-10)
+    plain = tasks.make_task(_model(), _info())
+    metrics = plain.metrics(params, {'tokens': tokens})
+    np.testing.assert_allclose(metrics['loss'], nll.mean(1), rtol=1e-10)
+    np.testing.assert_allclose(metrics['bits_per_byte'], nll.mean(1) / math.log(2), rtol=1e-10)
+    full_states, _ = _reference_logits(params, tokens, 2)
+    np.testing.assert_allclose(plain.embed(params, {'tokens': tokens}), full_states.mean(1),
+                               rtol=1e-10, atol=1e-12)
+    rater = tasks.make_rater(_model('sequence_rater', num_layers=1), _info())
+    phi = _f64(rater.init(jax.random.key(2)))
+    states, _ = _reference_logits(phi, tokens, 2, causal=False)
+    head = phi['params']['head']
+    np.testing.assert_allclose(rater.score(phi, {'tokens': tokens}),
+                               (states.mean(1) @ head['kernel'] + head['bias'])[:, 0], rtol=1e-10)
+
+
+def test_the_language_model_is_causal_and_examples_are_independent():
+  with jax.enable_x64():
+    task = tasks.make_task(_model(), _info())
+    params = _f64(task.init(jax.random.key(0)))
+    tokens = _tokens()
+    loss = jax.jit(task.per_token_loss)
+    base = loss(params, {'tokens': tokens})
+    for t in (1, 5, 11):  # new tokens at positions >= t
+      changed = tokens.at[:, t:].set((tokens[:, t:] + 3) % 16)
+      after = loss(params, {'tokens': changed})
+      np.testing.assert_array_equal(after[:, :t - 1], base[:, :t - 1])  # predictions of < t
+      assert not np.allclose(after[:, t - 1:], base[:, t - 1:])
+    per_example = jax.jit(task.per_example_loss)
+    together = per_example(params, {'tokens': tokens})
+    alone = [per_example(params, {'tokens': tokens[i:i + 1]})[0] for i in range(len(tokens))]
+    np.testing.assert_allclose(together, alone, rtol=1e-12)
+    rater = tasks.make_rater(_model('sequence_rater'), _info())
+    phi = _f64(rater.init(jax.random.key(1)))
+    scores = rater.score(phi, {'tokens': tokens})
+    np.testing.assert_allclose(scores, [rater.score(phi, {'tokens': tokens[i:i + 1]})[0]
+                                        for i in range(len(tokens))], rtol=1e-12)
+
+
+@pytest.mark.parametrize('kind', ['task', 'rater'])
+def test_ghost_products_cover_the_model_and_equal_per_example_gradients(kind):
+  with jax.enable_x64():
+    if kind == 'task':
+      model = tasks.make_task(_model(), _info())
+      fn = model.per_example_loss
+    else:
+      model = tasks.make_rater(_model('sequence_rater', num_layers=1), _info())
+      fn = model.score
+    params = _f64(model.init(jax.random.key(0)))
+    batch = {'tokens': _tokens(5)}
+    assert pergrad.ghost_covers(fn, params, batch)
+    grad = jax.jit(jax.grad(lambda p, one: fn(p, one)[0]))
+    flat = np.stack([ravel_pytree(grad(params, {'tokens': batch['tokens'][i:i + 1]}))[0]
+                     for i in range(5)])
+    np.testing.assert_allclose(pergrad.ghost_dots(fn, params, batch), flat @ flat.T, rtol=1e-9)
+    np.testing.assert_allclose(pergrad.ghost_sq_norms(fn, params, batch),
+                               (flat ** 2).sum(1), rtol=1e-9)
+
+
+def test_text_meta_gradient_matches_finite_differences():
+  """The bi-level problem with a tiny transformer LM and sequence rater, float64, T = 2 SGD."""
+  with jax.enable_x64():
+    length, vocab = 6, 8
+    info = _info(length)
+    base = tiny_problem(optimizer='sgd', lr=0.3)
+    problem = meta_step.MetaProblem(
+        task=tasks.make_task(_model(vocab=vocab, d_model=4, num_layers=1, d_mlp=6), info),
+        rater=tasks.make_rater(_model('sequence_rater', vocab=vocab, d_model=4, num_heads=1,
+                                      num_layers=1, d_mlp=4), info),
+        inner_optimizer=base.inner_optimizer, outer_optimizer=base.outer_optimizer,
+        temperature=0.7, reset_every=3)
+    est = estimator('reverse', 'sgd', 0.3)
+    rng = np.random.default_rng(0)
+    inner = {'tokens': jnp.asarray(rng.integers(0, vocab, (2, 2, 6, length)), jnp.int32)}
+    outer = {'tokens': jnp.asarray(rng.integers(0, vocab, (2, 6, length)), jnp.int32)}
+    state = as_float64(meta_step.init_outer_state(problem, jax.random.PRNGKey(1), 2))
+    flat_phi, unravel = ravel_pytree(state.rater_params)
+    grads = jax.jit(lambda phi: meta_step.meta_gradient(
+        problem, est, phi, state.population, inner, outer)[1])(state.rater_params)
+    loss_of = jax.jit(lambda flat: meta_step.outer_loss(
+        problem, est, unravel(flat), state.population, inner, outer)[0])
+    eps = 1e-6
+    numeric = jax.vmap(lambda e: (loss_of(flat_phi + eps * e) - loss_of(flat_phi - eps * e))
+                       / (2 * eps))(jnp.eye(flat_phi.size, dtype=jnp.float64))
+    analytic = ravel_pytree(grads)[0]
+    assert float(jnp.linalg.norm(analytic)) > 1e-6
+    assert float(jnp.linalg.norm(analytic - numeric) / jnp.linalg.norm(numeric)) < 1e-5
