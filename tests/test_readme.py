@@ -1,0 +1,76 @@
+"""The README's example output is what its main command prints: the lines it quotes are those
+bench/results/train_rater_digits_seeds.json recorded for seed 0 (clock readings aside), and a slow
+check reruns the command and compares the figures with that file. The README's own-model example
+(my_task.py, my_config.py) meta-learns a rater and trains under it as written."""
+import importlib
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, 'bench', 'results', 'train_rater_digits_seeds.json')
+TIMING = re.compile(r'\d+(\.\d+)? (steps/s|s\b)')  # rates and durations vary run to run
+CLOCK = re.compile(r'^\d\d:\d\d:\d\d ')  # the log's time of day
+
+
+def _example_output() -> list[str]:
+  """The lines of the README's first code block after 'prints' (the example output)."""
+  text = open(os.path.join(ROOT, 'README.md')).read()
+  block = re.search(r'```\n(.*?)```', text[text.index('prints'):], re.S)
+  return [l for l in block.group(1).splitlines() if l.strip()]
+
+
+def _strip(line: str) -> str:
+  return TIMING.sub('<t>', CLOCK.sub('', line))
+
+
+def test_readme_output_is_the_recorded_output_of_seed_0():
+  recorded = [_strip(l) for l in json.load(open(RESULTS))['seeds']['0']['printed']]
+  quoted = _example_output()
+  assert len(quoted) >= 3
+  for line in quoted:
+    assert _strip(line) in recorded, line
+
+
+@pytest.mark.slow
+def test_the_main_command_reproduces_its_recorded_figures():
+  from bench.train_rater_seeds import run_seed  # pylint: disable=g-import-not-at-top
+  want = json.load(open(RESULTS))['seeds']['0']
+  got = run_seed('configs/digits.py', 0)
+  for key in ('noise_auroc', 'heldout_loss_rater', 'heldout_loss_uniform',
+              'test_accuracy_rater', 'test_accuracy_uniform'):
+    assert got[key] == pytest.approx(want[key], rel=2e-3, abs=2e-3), key
+
+
+def _python_block(name: str) -> str:
+  """The README's code block that starts with the comment `# name`."""
+  text = open(os.path.join(ROOT, 'README.md')).read()
+  return re.search(rf'```python\n(# {re.escape(name)}\n.*?)```', text, re.S).group(1)
+
+
+def test_own_model_example_runs(tfds_dir, tmp_path, monkeypatch):
+  from datarater import export  # pylint: disable=g-import-not-at-top
+  from datarater.meta_train import meta_train  # pylint: disable=g-import-not-at-top
+  from datarater.train import train  # pylint: disable=g-import-not-at-top
+  for name in ('my_task.py', 'my_config.py'):
+    (tmp_path / name).write_text(_python_block(name))
+  monkeypatch.syspath_prepend(str(tmp_path))
+  for module in ('my_task', 'my_config'):
+    sys.modules.pop(module, None)
+  config = importlib.import_module('my_config').get_config()
+  config.data.data_dir = tfds_dir
+  config.outer.steps, config.log_every, config.checkpoint_every = 3, 3, 3
+  config.inner.population, config.final_eval.num_models, config.final_eval.train_steps = 2, 1, 5
+  meta_train(config, str(tmp_path / 'run'))
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  split = pipeline.load_split(config.data, 'train')
+  assert np.isfinite(export.load_rater(str(tmp_path / 'run'))(split.features)).all()
+  config.train.epochs, config.train.seeds = 3, (0,)
+  report = train(config, 'datarater', rater=str(tmp_path / 'run'), workdir=str(tmp_path / 'fit'))
+  assert report['policy'] == 'datarater' and report['num_train'] == len(split)
+  assert os.path.exists(tmp_path / 'fit' / 'report.json')
