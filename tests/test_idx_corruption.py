@@ -97,12 +97,6 @@ def test_fashion_config_plants_confusions_in_the_train_split(fashion, tfds_dir):
   np.testing.assert_array_equal(heldout.features['label'], labels[50000:55000])
 
 
-def _write_idx(path: str, array: np.ndarray, compress: bool) -> None:
-  header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, '>u4').tobytes()
-  with (gzip.open if compress else open)(path, 'wb') as f:
-    f.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_builder_reads_plain_idx_files_from_the_folder_the_environment_names(tmp_path,
                                                                              monkeypatch):
   rng = np.random.default_rng(0)
@@ -111,8 +105,9 @@ def test_builder_reads_plain_idx_files_from_the_folder_the_environment_names(tmp
   folder = tmp_path / 'idx'
   folder.mkdir()
   for split, prefix in (('train', 'train'), ('test', 't10k')):
-    _write_idx(str(folder / f'{prefix}-images-idx3-ubyte'), data[split][0], compress=False)
-    _write_idx(str(folder / f'{prefix}-labels-idx1-ubyte.gz'), data[split][1], compress=True)
+    idx_mnist.write_idx(str(folder / f'{prefix}-images-idx3-ubyte'), data[split][0])
+    idx_mnist.write_idx(str(folder / f'{prefix}-labels-idx1-ubyte.gz'), data[split][1],
+                        compress=True)
   monkeypatch.setenv(idx_mnist.ENV_DIR, str(folder))
   builder = pipeline.get_builder('idx_mnist/mnist', str(tmp_path / 'tfds'))
   assert builder.info.features['label'].names == [str(i) for i in range(10)]

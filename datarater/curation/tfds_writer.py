@@ -3,15 +3,20 @@
 `write_subset(source_builder, data_dir, name, {split: ids})` builds `data_dir/name/VERSION/`, which
 `tfds.builder_from_directory` loads (no TensorFlow needed; read it with `as_data_source`). The
 features are copied from the source dataset's info; examples keep the source order (shuffling off),
-and are read from the source in chunks, so the subset never sits in memory. The files are a pure
+and are read from the source in chunks, and serialised examples wait for their shard in a
+temporary file (`OrderedSpool`), so the subset never sits in memory. The files are a pure
 function of the selected examples (byte-identical across runs and processes).
 """
+import os
+import struct
+import tempfile
 from typing import Mapping, Optional
 from unittest import mock
 
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
+from tensorflow_datasets.core import shuffle
 
 from datarater.data import pipeline
 
@@ -70,7 +75,8 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
   # tf.Example's feature map is serialised in hash order, which varies between processes
   # (PYTHONHASHSEED); deterministic serialisation sorts the keys, so the files are byte-identical.
   with mock.patch.object(example_serializer.ExampleSerializer, 'serialize_example',
-                         _serialize_deterministic):
+                         _serialize_deterministic), mock.patch.object(shuffle, 'Shuffler',
+                                                                      OrderedSpool):
     pipeline.prepare(builder, download_config=tfds.download.DownloadConfig(
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder.data_dir
@@ -78,3 +84,38 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
 
 def _serialize_deterministic(self, example):
   return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+
+class OrderedSpool:
+  """Stands in for TFDS's `shuffle.Shuffler` while a subset is written: with shuffling off the
+  examples come in ascending key order, so they are appended to a temporary file as they come
+  and read back in that order (the same records, shards and bytes). TFDS's own keeps up to 1 GB
+  of them in memory, then sorts a bucket of them in memory: the writer's memory grew with N."""
+
+  def __init__(self, dirpath, hash_salt, disable_shuffling: bool = False,
+               ignore_duplicates: bool = False):
+    del hash_salt, ignore_duplicates
+    if not disable_shuffling:
+      raise ValueError('OrderedSpool writes unshuffled datasets only')
+    self._file = tempfile.TemporaryFile(dir=os.fspath(dirpath) if os.path.isdir(dirpath) else None)
+    self._last = None
+    self.num_examples = self.size = 0
+
+  @property
+  def bucket_lengths(self) -> list[int]:
+    return [self.num_examples]
+
+  def add(self, key: int, data: bytes) -> None:
+    if self._last is not None and key <= self._last:
+      raise ValueError(f'example keys must ascend: {key} came after {self._last}')
+    self._last = key
+    self._file.write(struct.pack('<qq', key, len(data)) + data)
+    self.num_examples += 1
+    self.size += len(data)
+
+  def __iter__(self):
+    self._file.seek(0)
+    for _ in range(self.num_examples):
+      key, length = struct.unpack('<qq', self._file.read(16))
+      yield key, self._file.read(length)
+    self._file.close()

@@ -83,6 +83,14 @@ def read_idx(path: str) -> np.ndarray:
   return np.frombuffer(data, np.uint8, offset=offset).reshape(dims)
 
 
+def write_idx(path: str, array: np.ndarray, compress: bool = False) -> None:
+  """Writes `array` (as unsigned bytes) as an idx file, gzipped with `compress`: `read_idx`'s
+  inverse."""
+  header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, '>u4').tobytes()
+  with (gzip.open if compress else open)(path, 'wb') as f:
+    f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
 class IdxMnist(tfds.core.GeneratorBasedBuilder):
   """MNIST-format idx files as a TFDS dataset (image uint8 28x28x1, label: 10 classes)."""
 

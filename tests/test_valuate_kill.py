@@ -1,0 +1,78 @@
+"""launch.valuate killed by SIGKILL in the middle of block scoring resumes to the same scores file.
+
+The child process kills itself (SIGKILL, no clean-up) while scoring block KILL_AT: that block's
+scores are already in the memory-mapped partial file but its progress is not saved, so the
+resumed run must redo it and the blocks after it, and read the fitted run from the cache.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from configs.digits import get_config
+from datarater import files as files_lib
+from datarater.valuation.run import valuate
+from tests.conftest import subprocess_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK, KILL_AT = 64, 4  # the digits' 1,437 training examples: 23 blocks
+
+CHILD = textwrap.dedent('''
+    import os, signal, sys
+    from datarater import files
+    from launch import cli, valuate
+    write_json, saved, kill_at = files.write_json, [], int(sys.argv.pop(1))
+
+    def killed_while_scoring(path, obj):  # block KILL_AT's scores written, its progress not
+      if path.endswith('.npy.json'):
+        saved.append(obj)
+        if len(saved) == kill_at:
+          os.kill(os.getpid(), signal.SIGKILL)
+      write_json(path, obj)
+
+    files.write_json = killed_while_scoring
+    cli.run(valuate.main, valuate.define_flags, valuate.__doc__)
+''')
+
+
+def test_valuate_killed_while_scoring_resumes_to_the_same_scores_file(tfds_dir, tmp_path,
+                                                                      monkeypatch):
+  overrides = {'data.data_dir': tfds_dir, 'valuation.train_steps': 20,
+               'valuation.checkpoint_every': 10, 'valuation.batch_size': 32,
+               'valuation.score_batch_size': BLOCK}
+  killed, straight = str(tmp_path / 'killed'), str(tmp_path / 'straight')
+  proc = subprocess.run(
+      [sys.executable, '-c', CHILD, str(KILL_AT), '--method=tracin',
+       f'--config={os.path.join(ROOT, "configs", "digits.py")}', f'--workdir={killed}',
+       *[f'--config.{k}={v}' for k, v in overrides.items()]],
+      cwd=ROOT, env=subprocess_env(4), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  partial = [f for f in os.listdir(killed) if f.endswith('.npy.json')]
+  assert len(partial) == 1 and not os.path.exists(os.path.join(killed, 'scores_tracin.parquet'))
+  with open(os.path.join(killed, partial[0])) as f:
+    assert json.load(f) == {'blocks_done': KILL_AT - 1}  # block KILL_AT was being scored
+
+  config = get_config()
+  for k, v in overrides.items():
+    section, field = k.split('.')
+    setattr(config[section], field, v)
+  saved, write_json = [], files_lib.write_json
+  monkeypatch.setattr(files_lib, 'write_json', lambda path, obj: (
+      saved.append(obj) if path.endswith('.npy.json') else None, write_json(path, obj)))
+  resumed = valuate('tracin', config, killed, progress=False)
+  blocks = -(-resumed['num_examples'] // BLOCK)
+  assert saved == [{'blocks_done': b} for b in range(KILL_AT, blocks + 1)]  # only the rest
+  valuate('tracin', config, straight, progress=False)
+  files = [os.path.join(d, 'scores_tracin.parquet') for d in (killed, straight)]
+  a, b = (pq.read_table(f).to_pydict() for f in files)
+  assert a == b
+  with open(files[0], 'rb') as f, open(files[1], 'rb') as g:
+    assert f.read() == g.read()
+  assert resumed['num_examples'] == len(a['id']) > KILL_AT * BLOCK
+  assert np.std(a['score']) > 0
+  assert not [f for f in os.listdir(killed) if f.startswith('.scores_')]  # partials removed
