@@ -1,0 +1,50 @@
+"""What the curation benchmarks share (bench.curation, bench.lm_curation): fresh task models trained
+on a corpus with the one trainer, their curves, when a curve reaches a target, and statistics over
+seeds (paired differences, pairs = seeds)."""
+from typing import Optional
+
+import numpy as np
+
+from datarater.trainer import Trainer
+from inner_loop.optimizers import make_inner_optimizer
+
+
+def train_run(task, section, split, test, policy, seed: int, metric: str = 'accuracy',
+              evals_per_epoch: int = 1, **length) -> dict:
+  """A fresh `task` model (optimizer, learning rate and batch size from the config `section`)
+  trained on `split` under `policy` for `length` (epochs= or steps=), `metric` on `test` along
+  the way: the final value, the curve [(step, value)], the compute spent."""
+  run = Trainer(task, make_inner_optimizer(section.optimizer, section.learning_rate), policy,
+                section.batch_size).run(split, {'test': test}, [seed],
+                                        evals_per_epoch=evals_per_epoch, **length)
+  curve = [(h['step'], h['test'][metric][0]) for h in run.history]
+  return {metric: curve[-1][1], 'loss': run.final['test']['loss'][0],
+          'example_gradients': run.example_gradients, 'steps': run.steps,
+          'num_train': len(split), 'curve': curve, 'wall_s': run.wall_s}
+
+
+def steps_to_reach(curve, target: float, higher_is_better: bool = True,
+                   interpolate: bool = False) -> Optional[float]:
+  """The first evaluated step at which the curve reaches `target` (None if never); with
+  `interpolate`, the step where the straight line between the evaluations on either side of the
+  first crossing reaches it."""
+  reached = (lambda v: v >= target - 1e-9) if higher_is_better else (lambda v: v <= target + 1e-9)
+  for i, (step, value) in enumerate(curve):
+    if reached(value):
+      if not interpolate or i == 0:
+        return step
+      (s0, v0) = curve[i - 1]
+      return s0 + (step - s0) * (target - v0) / (value - v0)
+  return None
+
+
+def stats(values, scale: float = 100.0) -> dict:
+  x = scale * np.asarray(values, np.float64)
+  return {'mean': float(x.mean()), 'std': float(x.std()), 'n': len(x)}
+
+
+def paired(a, b, scale: float = 100.0) -> dict:
+  """Mean difference a - b (times `scale`) and its paired standard error (pairs = seeds)."""
+  d = scale * (np.asarray(a, np.float64) - np.asarray(b, np.float64))
+  se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float('nan')
+  return {'diff': float(d.mean()), 'se': se}
