@@ -25,6 +25,7 @@ import platform
 import shutil
 import tempfile
 import time
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -33,19 +34,24 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from bench import compare
+from bench import runs as bench_runs
 from datarater import evaluation, export, files, policies, tasks
 from datarater.curation import select
 from datarater.data import pipeline
-from datarater.meta_train import meta_train
 from datarater.policies import weighting
-from datarater.trainer import Trainer
 from datarater.valuation import factory
+from datarater.valuation.run import RunCache
 from datarater.valuation.mimic import mimic_filter
-from inner_loop.optimizers import make_inner_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config.')
 _NOISE = flags.DEFINE_list('noise', ['0.0', '0.2', '0.4'], 'Corruption rates.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
+_SEEDS_BY_NOISE = flags.DEFINE_list(
+    'seeds_by_noise', [], 'Per-noise seed counts overriding --seeds, e.g. 0.2:5 (seeds 0-4).')
+_RATER_DIR = flags.DEFINE_string(
+    'rater_dir', '', 'Keep each (noise, seed) rater in this folder and reuse finished ones (the '
+    'same folder given to bench.valuation_noise shares them); default: temporary.')
 _KEEP = flags.DEFINE_list('keep', ['0.5', '0.6', '0.7', '0.8', '0.9'], 'Keep fractions.')
 _METHODS = flags.DEFINE_list('methods', ['datarater', 'tracin_self', 'mimic'], 'Methods.')
 _RATER_STEPS = flags.DEFINE_integer('rater_steps', 600, 'Outer steps of each rater.')
@@ -56,34 +62,13 @@ _OUT = flags.DEFINE_string('out', 'bench/results/curation', 'Output prefix.')
 ONLINE = {'datarater': 'datarater', 'tracin_self': 'tracin_curriculum', 'mimic': 'mimic'}
 
 
-def seeded(config, noise: float, seed: int):
-  c = config.copy_and_resolve_references()
-  c.seed = c.data.noise_seed = c.valuation.seed = seed
-  c.data.label_noise = noise
-  return c
-
-
 def train_run(config, task, split, test, policy, seed: int) -> dict:
-  t = config.train
-  run = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), policy,
-                t.batch_size).run(split, {'test': test}, [seed], epochs=_EPOCHS.value,
-                                  evals_per_epoch=_EVALS.value)
-  curve = [(h['step'], h['test']['accuracy'][0]) for h in run.history]
-  return {'accuracy': curve[-1][1], 'loss': run.final['test']['loss'][0],
-          'example_gradients': run.example_gradients, 'steps': run.steps,
-          'num_train': len(split), 'curve': curve, 'wall_s': run.wall_s}
-
-
-def steps_to_reach(curve, target: float):
-  """The first evaluated step at which the accuracy reaches `target` (None if never)."""
-  for step, acc in curve:
-    if acc >= target - 1e-9:
-      return step
-  return None
+  return compare.train_run(task, config.train, split, test, policy, seed, 'accuracy',
+                           _EVALS.value, epochs=_EPOCHS.value)
 
 
 def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
-  c = seeded(config, noise, seed)
+  c = bench_runs.seeded(config, noise, seed)
   d = c.data
   train = pipeline.load_split(d, d.train_split, corrupt=True)
   heldout = pipeline.load_split(d, d.heldout_split)
@@ -92,22 +77,21 @@ def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
   values, setup, online, timing = {}, {}, {}, {}
   if 'datarater' in methods:
     t0 = time.time()
-    rc = c.copy_and_resolve_references()
-    rc.outer.steps, rc.log_every, rc.checkpoint_every = (_RATER_STEPS.value,) * 3
-    rc.final_eval.num_models = 0
-    meta_train(rc, os.path.join(tmp, 'rater'))
-    rater = export.load_rater(os.path.join(tmp, 'rater'))
+    rater_dir = bench_runs.train_rater(c, _RATER_STEPS.value, bench_runs.rater_workdir(
+        _RATER_DIR.value or tmp, noise, seed, _RATER_STEPS.value))
+    rater = export.load_rater(rater_dir)
     values['datarater'] = rater(train.features)
     setup['datarater'] = rater.training_example_gradients
     online['datarater'] = weighting.rater_weights(rater.rater, rater.params, rater.temperature,
                                                   len(train), setup['datarater'])
     timing['datarater'] = time.time() - t0
   ctx = policies.PolicyContext(train, heldout, task, c)
+  cache = RunCache(os.path.join(tmp, 'runs'), 'bench')  # TracIn and Mimic read the same run
   for name, method in (('tracin_self', 'tracin'), ('mimic', 'mimic')):
     if name not in methods:
       continue
     t0 = time.time()
-    val = factory.build(method, c, task, train, heldout)
+    val = factory.build(method, c, task, train, heldout, cache)
     values[name] = val.values(train, c.valuation.score_batch_size)
     setup[name] = val.example_gradients
     online[name] = (weighting.table('tracin_curriculum', weighting.curriculum_weights(
@@ -132,7 +116,8 @@ def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
     rand = np.sort(rng.permutation(len(train))[:k])
     out['random'][keep] = train_run(c, task, train.subset(rand), test,
                                     weighting.weighting('uniform', k), seed)
-    for m in methods:
+    # At the rater's suggested keep (if not a listed one): the rater's subset alone.
+    for m in (methods if keep in keeps else ['datarater']):
       mask = select.select_top(values[m], keep)
       r = train_run(c, task, train.subset(np.flatnonzero(mask)), test,
                     weighting.weighting('uniform', int(mask.sum())), seed)
@@ -145,16 +130,28 @@ def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
   return out
 
 
-def _stats(values) -> dict:
-  x = 100 * np.asarray(values, np.float64)
-  return {'mean': float(x.mean()), 'std': float(x.std()), 'n': len(x)}
+def break_even(setup: int, all_data: int, fraction) -> Optional[float]:
+  """Training runs after which a method's one-off cost `setup` is paid back, when each run on its
+  filtered data stops at all data's final accuracy, `fraction` of all data's example-gradients
+  `all_data` (None: never, the filtered runs do not get there sooner)."""
+  if fraction is None or fraction >= 1:
+    return None
+  return float(setup / (all_data * (1 - fraction)))
 
 
-def _paired(a, b) -> dict:
-  """Mean difference a - b (points) and its paired standard error (pairs = seeds)."""
-  d = 100 * (np.asarray(a, np.float64) - np.asarray(b, np.float64))
-  se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float('nan')
-  return {'diff': float(d.mean()), 'se': se}
+def checks(s: dict) -> dict:
+  """The issue's checks on one noise rate's summary, DataRater at its suggested keep: better than
+  all data and than the random subset by >= 2 paired standard errors, noise AUROC >= 0.95 (all
+  corrupted examples, and each kind), steps to all data's final accuracy <= 0.7 of all data's."""
+  d = s['datarater_at_suggested']
+  beats = lambda x: bool(x['diff'] - 2 * x['se'] > 0)
+  return {'beats_all_by_2se': beats(d['vs_all']), 'beats_random_by_2se': beats(d['vs_random']),
+          'auroc': s['auroc']['datarater'], 'auroc_ge_0.95': s['auroc']['datarater'] >= 0.95,
+          'auroc_by_kind': s['auroc_by_kind']['datarater'],
+          'steps_fraction': d['steps_to_all_final_mean'],
+          'steps_fraction_std': d['steps_to_all_final_std'],
+          'steps_fraction_le_0.7': bool(d['steps_to_all_final_mean'] is not None and
+                                        d['steps_to_all_final_mean'] <= 0.7)}
 
 
 def summarize(runs: dict, noises, keeps, methods) -> dict:
@@ -164,12 +161,12 @@ def summarize(runs: dict, noises, keeps, methods) -> dict:
     rs = list(runs[str(p)].values())
     acc = lambda get: [get(r)['accuracy'] for r in rs]
     all_acc = acc(lambda r: r['all'])
-    s = {'all': {**_stats(all_acc), 'example_gradients': int(np.mean(
+    s = {'all': {**compare.stats(all_acc), 'example_gradients': int(np.mean(
         [r['all']['example_gradients'] for r in rs]))}, 'random': {}, 'filtered': {},
          'online': {}, 'auroc': {}, 'auroc_by_kind': {}, 'setup_example_gradients': {}}
     for k in keeps:
       if all(k in r['random'] for r in rs):
-        s['random'][k] = _stats(acc(lambda r, k=k: r['random'][k]))
+        s['random'][k] = compare.stats(acc(lambda r, k=k: r['random'][k]))
     for m in methods:
       s['auroc'][m] = float(np.mean([r['auroc'][m] for r in rs]))
       kinds = sorted({kind for r in rs for kind in r['auroc_by_kind'][m]})
@@ -183,29 +180,41 @@ def summarize(runs: dict, noises, keeps, methods) -> dict:
         fil = acc(lambda r, k=k: r['filtered'][m][k])
         fractions = []
         for r in rs:
-          reached = steps_to_reach(r['filtered'][m][k]['curve'], r['all']['accuracy'])
+          reached = compare.steps_to_reach(r['filtered'][m][k]['curve'], r['all']['accuracy'])
           fractions.append(reached / r['all']['steps'] if reached is not None else None)
         got = [f for f in fractions if f is not None]
+        mean_fraction = float(np.mean(got)) if len(got) == len(rs) else None
         s['filtered'][m][k] = {
-            **_stats(fil), 'vs_all': _paired(fil, all_acc),
-            'vs_random': _paired(fil, acc(lambda r, k=k: r['random'][k])),
+            **compare.stats(fil), 'vs_all': compare.paired(fil, all_acc),
+            'vs_random': compare.paired(fil, acc(lambda r, k=k: r['random'][k])),
             'example_gradients': int(np.mean([r['filtered'][m][k]['example_gradients']
                                               for r in rs])),
             'kept_corrupted': float(np.mean([r['filtered'][m][k]['kept_corrupted'] for r in rs])),
             'steps_to_all_final': fractions,
-            'steps_to_all_final_mean': float(np.mean(got)) if len(got) == len(rs) else None,
-            'steps_to_all_final_std': float(np.std(got)) if len(got) == len(rs) else None}
+            'steps_to_all_final_mean': mean_fraction,
+            'steps_to_all_final_std': float(np.std(got)) if len(got) == len(rs) else None,
+            'break_even_runs': break_even(s['setup_example_gradients'][m],
+                                          s['all']['example_gradients'], mean_fraction)}
       on = acc(lambda r, m=m: r['online'][m])
-      s['online'][m] = {**_stats(on), 'vs_all': _paired(on, all_acc)}
+      s['online'][m] = {**compare.stats(on), 'vs_all': compare.paired(on, all_acc)}
     sug = [r['suggested_keep'] for r in rs if r.get('suggested_keep')]
     if sug:
       s['suggested_keep'] = sug
       dr = [r['filtered']['datarater'][r['suggested_keep']] for r in rs]
+      fractions = [compare.steps_to_reach(x['curve'], r['all']['accuracy']) for x, r in zip(dr, rs)]
+      fractions = [None if f is None else f / r['all']['steps'] for f, r in zip(fractions, rs)]
+      got = [f for f in fractions if f is not None]
+      mean_fraction = float(np.mean(got)) if len(got) == len(rs) else None
       s['datarater_at_suggested'] = {
-          **_stats([x['accuracy'] for x in dr]),
-          'vs_all': _paired([x['accuracy'] for x in dr], all_acc),
-          'vs_random': _paired([x['accuracy'] for x in dr],
-                               [r['random'][r['suggested_keep']]['accuracy'] for r in rs])}
+          **compare.stats([x['accuracy'] for x in dr]),
+          'vs_all': compare.paired([x['accuracy'] for x in dr], all_acc),
+          'vs_random': compare.paired([x['accuracy'] for x in dr],
+                               [r['random'][r['suggested_keep']]['accuracy'] for r in rs]),
+          'steps_to_all_final': fractions, 'steps_to_all_final_mean': mean_fraction,
+          'steps_to_all_final_std': float(np.std(got)) if got else None,
+          'break_even_runs': break_even(s['setup_example_gradients']['datarater'],
+                                        s['all']['example_gradients'], mean_fraction)}
+      s['checks'] = checks(s)
     summary[str(p)] = s
   return summary
 
@@ -214,37 +223,54 @@ def markdown(summary: dict, keeps, methods, epochs: int, dataset: str) -> str:
   lines = [f'{dataset}: test accuracy (%) of fresh task models after {epochs} epochs, mean ± std '
            'over seeds; differences in points with paired standard errors (pairs = seeds); '
            '"steps to all" = steps a filtered run needs to reach all data\'s final test accuracy, '
-           'as a fraction of all data\'s steps (- = not reached); compute in example-gradients '
-           '(k = 1000).', '',
+           'as a fraction of all data\'s steps (mean ± std over seeds, - = not reached in some '
+           'seed); compute in example-gradients (k = 1000); "break-even" = training runs (each '
+           'stopped at all data\'s final accuracy) after which the method\'s one-off cost is paid '
+           'back.', '',
            '| noise | setting | keep | accuracy | - all data | - random | steps to all | train | '
-           'method cost |', '|---|---|---|---|---|---|---|---|---|']
+           'method cost | break-even runs |', '|---|---|---|---|---|---|---|---|---|---|']
+  even = lambda x: '-' if x is None else f'{x:.1f}'
+  steps_cell = lambda f: ('-' if f['steps_to_all_final_mean'] is None else
+                          f'{f["steps_to_all_final_mean"]:.2f} ± {f["steps_to_all_final_std"]:.2f}')
   fmt = lambda s: f'{s["mean"]:.2f} ± {s["std"]:.2f}'
   dif = lambda d: f'{d["diff"]:+.2f} ± {d["se"]:.2f}'
   for p, s in summary.items():
     lines.append(f'| {float(p):.0%} | all data | 1.0 | {fmt(s["all"])} | | | 1.0 | '
-                 f'{s["all"]["example_gradients"] / 1e3:.0f}k | 0 |')
+                 f'{s["all"]["example_gradients"] / 1e3:.0f}k | 0 | |')
     for k in keeps:
       if k in s['random']:
-        lines.append(f'| {float(p):.0%} | random subset | {k} | {fmt(s["random"][k])} | | | | | 0 |')
+        lines.append(f'| {float(p):.0%} | random subset | {k} | {fmt(s["random"][k])} | | | | | 0 '
+                     '| |')
     for m in methods:
       cost = f'{s["setup_example_gradients"][m] / 1e3:.0f}k'
       for k in keeps:
         if k not in s['filtered'][m]:
           continue
         f = s['filtered'][m][k]
-        steps = ('-' if f['steps_to_all_final_mean'] is None else
-                 f'{f["steps_to_all_final_mean"]:.2f} ± {f["steps_to_all_final_std"]:.2f}')
         lines.append(f'| {float(p):.0%} | {m} filtered | {k} | {fmt(f)} | {dif(f["vs_all"])} | '
-                     f'{dif(f["vs_random"])} | {steps} | {f["example_gradients"] / 1e3:.0f}k | '
-                     f'{cost} |')
+                     f'{dif(f["vs_random"])} | {steps_cell(f)} | '
+                     f'{f["example_gradients"] / 1e3:.0f}k | {cost} | {even(f["break_even_runs"])} |')
       o = s['online'][m]
       lines.append(f'| {float(p):.0%} | {m} online weights | 1.0 | {fmt(o)} | {dif(o["vs_all"])} '
-                   f'| | | | {cost} |')
+                   f'| | | | {cost} | |')
     if 'datarater_at_suggested' in s:
       d = s['datarater_at_suggested']
       lines.append(f'| {float(p):.0%} | DataRater at its suggested keep | '
                    f'{np.mean(s["suggested_keep"]):.3f} | {fmt(d)} | {dif(d["vs_all"])} | '
-                   f'{dif(d["vs_random"])} | | | |')
+                   f'{dif(d["vs_random"])} | {steps_cell(d)} | | '
+                   f'{s["setup_example_gradients"]["datarater"] / 1e3:.0f}k | '
+                   f'{even(d["break_even_runs"])} |')
+  lines += ['', 'Checks (DataRater at its suggested keep; pass = difference > 2 paired s.e.):', '']
+  for p, s in summary.items():
+    if 'checks' in s:
+      c = s['checks']
+      kinds = ', '.join(f'{k} {v:.3f}' for k, v in c['auroc_by_kind'].items())
+      frac = '-' if c['steps_fraction'] is None else (f'{c["steps_fraction"]:.2f} ± '
+                                                      f'{c["steps_fraction_std"]:.2f}')
+      lines.append(f'- {float(p):.0%}: beats all data {c["beats_all_by_2se"]}, beats random '
+                   f'{c["beats_random_by_2se"]}; noise AUROC {c["auroc"]:.3f} (>= 0.95: '
+                   f'{c["auroc_ge_0.95"]}; by kind: {kinds}); steps to all data\'s final '
+                   f'accuracy {frac} (<= 0.7: {c["steps_fraction_le_0.7"]})')
   return '\n'.join(lines) + '\n'
 
 
@@ -299,13 +325,16 @@ def main(argv):
   noises = [float(x) for x in _NOISE.value]
   keeps = [float(k) for k in _KEEP.value]
   seeds = [int(s) for s in _SEEDS.value]
+  by_noise = {float(x.split(':')[0]): list(range(int(x.split(':')[1])))
+              for x in _SEEDS_BY_NOISE.value}
   methods = list(_METHODS.value)
   runs, t_start = {}, time.time()
   tmp_root = tempfile.mkdtemp(prefix='bench_curation_')
+  bench_runs.compilation_cache(os.path.join(tmp_root, 'jax_cache'))  # subsets of equal size
   try:
     for p in noises:
       runs[str(p)] = {}
-      for s in seeds:
+      for s in by_noise.get(p, seeds):
         r = run_one(config, p, s, keeps, methods, os.path.join(tmp_root, f'{p}_{s}'))
         runs[str(p)][str(s)] = r
         k = min(keeps, key=lambda x: abs(x - 0.8))
@@ -323,7 +352,8 @@ def main(argv):
   print(table)
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   files.write_json(_OUT.value + '.json', {
-      'summary': summary, 'runs': runs, 'noise': noises, 'seeds': seeds, 'keep': keeps,
+      'summary': summary, 'runs': runs, 'noise': noises,
+      'seeds': {str(p): by_noise.get(p, seeds) for p in noises}, 'keep': keeps,
       'methods': methods, 'epochs': _EPOCHS.value, 'rater_steps': _RATER_STEPS.value,
       'config': config.to_dict(), 'seconds': time.time() - t_start,
       'device': jax.devices()[0].device_kind, 'platform': platform.platform()})

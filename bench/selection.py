@@ -21,6 +21,7 @@ as the SAE's feature space (no offline extractor training; files get a `_pixels`
 """
 import argparse
 import atexit
+import importlib.util
 import itertools
 import json
 import os
@@ -36,7 +37,7 @@ from sklearn.metrics import roc_auc_score
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-from configs.selection import get_config  # pylint: disable=g-import-not-at-top
+from bench import runs as bench_runs  # pylint: disable=g-import-not-at-top
 from datarater import files, tasks
 from datarater.data import pipeline
 from datarater.policies import PolicyContext
@@ -69,10 +70,20 @@ def variant_config(cfg, name: str):
   return policy, c
 
 
-def fold_splits(fold: int, num_folds: int, num_train: int) -> tuple[str, str]:
-  """(train, test) TFDS split expressions of a cross-validation fold; fold 0 = ('train', 'test')."""
+def load_config(path: str):
+  """The `get_config()` of a config file (e.g. configs/selection.py)."""
+  spec = importlib.util.spec_from_file_location('bench_selection_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def fold_splits(fold: int, num_folds: int, num_train: int, train: str = 'train',
+                test: str = 'test') -> tuple[str, str]:
+  """(train, test) TFDS split expressions of a cross-validation fold; fold 0 = (`train`, `test`),
+  the config's own splits; folds 1.. hold out a quarter of the whole `train` split each."""
   if fold == 0:
-    return 'train', 'test'
+    return train, test
   bounds = np.round(np.linspace(0, num_train, num_folds)).astype(int)
   lo, hi = bounds[fold - 1], bounds[fold]
   kept = [f'train[{a}:{b}]' for a, b in ((0, lo), (hi, num_train)) if b > a]
@@ -132,13 +143,20 @@ def summarise(runs: list[dict]) -> list[dict]:
                   'offline_rel_full': float(np.mean([r['offline_example_grads'] /
                                                      r['example_grads_full'] for r in rs])),
                   'wall_s': float(np.mean([r['wall_s'] for r in rs])),
+                  'wall_incl_offline_s': float(np.mean([r['wall_s'] + r.get('offline_s', 0.0)
+                                                        for r in rs])),
+                  # mean wall of full training / mean wall with every overhead
+                  'speedup_vs_full': float(np.mean([r['full_wall_s'] for r in rs]) / np.mean(
+                      [r['wall_s'] + r.get('offline_s', 0.0) for r in rs]))
+                                     if all(r.get('full_wall_s') for r in rs) else None,
                   'compile_s': float(np.mean([r['compile_s'] for r in rs])),
                   'count_gini': float(np.mean([r['count_gini'] for r in rs])),
                   'noisy_share_of_grads': float(np.mean([r['noisy_share_of_grads'] for r in rs]))})
   return table
 
 
-def acceptance(table: list[dict], policy: str = 'sae', metric: str = 'accuracy') -> dict:
+def acceptance(table: list[dict], policy: str = 'sae', metric: str = 'accuracy',
+               noise: float = 0.2) -> dict:
   """The issue's two checks for `policy` on `metric` (test accuracy by default), from the table.
 
   Reported whichever way they come out.
@@ -153,10 +171,13 @@ def acceptance(table: list[dict], policy: str = 'sae', metric: str = 'accuracy')
     out['clean_r0.7_sae_grads_incl_offline_rel_full'] = (sae_clean['grads_rel_full'] +
                                                          sae_clean['offline_rel_full'])
     out['clean_r0.7_pass'] = bool(gap >= -0.5 and sae_clean['grads_rel_full'] <= 0.75)
+    if sae_clean.get('speedup_vs_full') is not None:  # issue 17: 0.3 points, 1.3x wall-clock
+      out['clean_r0.7_wall_speedup_incl_offline'] = sae_clean['speedup_vs_full']
+      out['clean_r0.7_pass_issue17'] = bool(gap >= -0.3 and sae_clean['speedup_vs_full'] >= 1.3)
   for ratio in sorted({r['ratio'] for r in table if r['policy'] == policy}):
     drops = {}
     for name in (policy, 'infobatch'):
-      clean, noisy = get.get((0.0, name, ratio)), get.get((0.2, name, ratio))
+      clean, noisy = get.get((0.0, name, ratio)), get.get((noise, name, ratio))
       if clean and noisy:
         drops[name] = clean[metric] - noisy[metric]
     if len(drops) == 2:
@@ -165,7 +186,7 @@ def acceptance(table: list[dict], policy: str = 'sae', metric: str = 'accuracy')
   return out
 
 
-def paired_differences(runs: list[dict], ratios) -> dict:
+def paired_differences(runs: list[dict], ratios, noise: float = 0.2) -> dict:
   """Per-(fold, seed) paired differences behind the issue's checks, with their standard errors.
 
   A (fold, seed) pair fixes the split, the label flips and the initialisation for every policy,
@@ -182,28 +203,34 @@ def paired_differences(runs: list[dict], ratios) -> dict:
     out['clean_r0.7_gap_per_pair'] = gaps
     out['clean_r0.7_gap_sem'] = sem(gaps)
   for ratio in ratios:
-    (sc, sn), (ic, in_) = [(acc_of(p, ratio, 0.0), acc_of(p, ratio, 0.2))
+    (sc, sn), (ic, in_) = [(acc_of(p, ratio, 0.0), acc_of(p, ratio, noise))
                            for p in ('sae', 'infobatch')]
     diff = [(sc[k] - sn[k]) - (ic[k] - in_[k]) for k in sorted(sc)
             if all(k in d for d in (sn, ic, in_))]
     if len(diff) > 1:
       out[f'noise_drop_r{ratio}_sae_minus_infobatch_per_pair'] = diff
+      out[f'noise_drop_r{ratio}_sae_minus_infobatch_mean'] = float(np.mean(diff))
       out[f'noise_drop_r{ratio}_sae_minus_infobatch_sem'] = sem(diff)
+      # issue 17: the SAE policy loses less than InfoBatch by at least 2 paired s.e.
+      out[f'noise_drop_r{ratio}_sae_less_by_2se'] = bool(np.mean(diff) + 2 * sem(diff) < 0)
   return out
 
 
 def markdown(table: list[dict], ginis: dict, offline: list[dict] = ()) -> str:
-  lines = ['| label noise | policy | ratio | test acc. (%) | validation acc. (%) | '
-           'example-grads (x full) | + offline extractor (x full) | train wall (s) | count Gini | '
-           'noisy share of grads |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+  lines = ['| corruption | policy | ratio | test acc. (%) | validation acc. (%) | '
+           'example-grads (x full) | + offline extractor (x full) | train wall (s) | '
+           '+ offline wall (s) | wall speed-up vs full | count Gini | noisy share of grads |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in table:
+    speedup = r.get('speedup_vs_full')
     lines.append(f"| {r['noise']:.0%} | {r['policy']} | {r['ratio']:.1f} | "
                  f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f} | "
                  f"{r['validation_accuracy']:.2f} ± {r['validation_accuracy_std']:.2f} | "
                  f"{r['grads_rel_full']:.2f} | "
                  f"{r['offline_rel_full']:.2f} | "
-                 f"{r['wall_s']:.2f} | {r['count_gini']:.3f} | {r['noisy_share_of_grads']:.3f} |")
+                 f"{r['wall_s']:.2f} | {r.get('wall_incl_offline_s', r['wall_s']):.2f} | "
+                 f"{'' if speedup is None else f'{speedup:.2f}x'} | "
+                 f"{r['count_gini']:.3f} | {r['noisy_share_of_grads']:.3f} |")
   lines.append('')
   lines.append('Gini of SAE-policy selection counts (real codes, mean over folds x seeds), '
                'without -> with the usage penalty:')
@@ -223,7 +250,7 @@ def markdown(table: list[dict], ginis: dict, offline: list[dict] = ()) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def plot(table: list[dict], path: str) -> None:
+def plot(table: list[dict], path: str, dataset: str = 'digits') -> None:
   noises = sorted({r['noise'] for r in table})
   fig, axes = plt.subplots(1, len(noises), figsize=(5.5 * len(noises), 4), squeeze=False)
   for ax, noise in zip(axes[0], noises):
@@ -238,7 +265,7 @@ def plot(table: list[dict], path: str) -> None:
                   ls='--' if policy in VARIANTS else '-')
     ax.set_xlabel('example-gradients (fraction of full data)')
     ax.set_ylabel('test accuracy (%), mean +- s.e. over folds x seeds')
-    ax.set_title(f'digits, {noise:.0%} label noise')
+    ax.set_title(f'{dataset}, {noise:.0%} corruption')
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
@@ -264,39 +291,59 @@ def make_policy(name: str, cfg, num: int, codes, labels, num_classes: int, setup
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true')
-  parser.add_argument('--data_dir', default='')
+  parser.add_argument('--config', default='configs/selection.py', help='experiment config file')
+  parser.add_argument('--name', default='', help='output file stem (default: selection, with '
+                      '_quick and _<extractor> suffixes)')
+  parser.add_argument('--data_dir', default=None, help='data.data_dir (default: the config\'s)')
   parser.add_argument('--out', default='bench/results')
   parser.add_argument('--folds', type=int, default=5, help='cross-validation folds (>= 1); '
                       'fold 0 is the dataset\'s own train/test split')
   parser.add_argument('--seeds', type=int, default=10, help='seeds per fold')
   parser.add_argument('--extractor', default='', help="features.extractor: 'penultimate' "
                       "(default; its training is counted as offline cost) or 'pixels' (free)")
+  parser.add_argument('--noise', type=float, default=0.2, help='corruption rate of the noisy '
+                      'setting (label noise of the config\'s kind plus its input corruptions)')
+  parser.add_argument('--ratios', default='0.3,0.5,0.7')
+  parser.add_argument('--policies', default=','.join(POLICY_ORDER),
+                      help='bench entries to run (full is always run: the reference)')
+  parser.add_argument('--epochs', type=int, default=0, help='train.epochs (0: the config\'s)')
   args = parser.parse_args()
-  cfg = get_config()
-  cfg.data.data_dir = args.data_dir
+  cfg = load_config(args.config)
+  if args.data_dir is not None:
+    cfg.data.data_dir = args.data_dir
+  if args.epochs:
+    cfg.train.epochs = args.epochs
+  policy_names = [p for p in POLICY_ORDER if p in args.policies.split(',') or p == 'full']
+  unknown = set(args.policies.split(',')) - set(POLICY_ORDER)
+  if unknown:
+    parser.error(f'unknown --policies {sorted(unknown)} (choose from {", ".join(POLICY_ORDER)})')
   if args.extractor:
     cfg.features.extractor = args.extractor
   if args.folds < 1:
     parser.error(f'--folds must be >= 1, got {args.folds}')
   seeds = [0] if args.quick else list(range(args.seeds))
   folds = [0] if args.quick else list(range(args.folds))
-  ratios = [0.3, 0.7] if args.quick else [0.3, 0.5, 0.7]
+  ratios = [0.3, 0.7] if args.quick else [float(r) for r in args.ratios.split(',')]
   if args.quick:
     cfg.train.epochs = 10
+  if args.folds > 1 and (cfg.data.train_split, cfg.data.eval_split) != ('train', 'test'):
+    parser.error('--folds > 1 needs a config training on the whole train split and testing on '
+                 f'test, not {cfg.data.train_split!r} / {cfg.data.eval_split!r}')
   # One compilation per (policy, ratio, train size): data and policy arrays are arguments.
   cache_dir = tempfile.mkdtemp(prefix='bench_selection_')
   atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
-  jax.config.update('jax_compilation_cache_dir', cache_dir)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  bench_runs.compilation_cache(cache_dir)
   validation = pipeline.load_split(cfg.data, cfg.data.heldout_split)
   num_train = pipeline.builder_of(cfg.data).info.splits['train'].num_examples
   optimizer = make_inner_optimizer(cfg.train.optimizer, cfg.train.learning_rate)
   runs, offline, ginis = [], [], {}
   t_start = time.time()
-  for noise, fold, seed in itertools.product((0.0, 0.2), folds, seeds):
-    train_split, test_split = fold_splits(fold, args.folds, num_train)
-    cfg.data.label_noise, cfg.data.noise_seed = noise, seed
+  base_cfg = cfg
+  for noise, fold, seed in itertools.product((0.0, args.noise), folds, seeds):
+    train_split, test_split = fold_splits(fold, args.folds, num_train, base_cfg.data.train_split,
+                                          base_cfg.data.eval_split)
+    cfg = bench_runs.corrupted(base_cfg, noise)  # 0: clean (input corruptions off too)
+    cfg.data.noise_seed = seed
     test = pipeline.load_split(cfg.data, test_split)
     train = pipeline.load_split(cfg.data, train_split, corrupt=True)
     task = tasks.make_task(cfg.task, train.info)
@@ -311,7 +358,8 @@ def main():
       g = count_gini_ablation(codes, labels, num_classes, ratio, cfg.train.epochs, cfg, seed)
       for k, v in g.items():
         ginis.setdefault(f'noise {noise:.0%}, ratio {ratio}', {}).setdefault(k, []).append(v)
-    for policy in POLICY_ORDER:
+    full_wall = None
+    for policy in policy_names:
       for ratio in ([1.0] if policy == 'full' else ratios):
         cfg.policy.ratio = ratio
         setup = info['extractor_example_grads'] if policy.startswith('sae') else 0
@@ -319,8 +367,12 @@ def main():
         res = Trainer(task, optimizer, pol, cfg.train.batch_size).run(
             train, {'validation': validation, 'test': test}, [seed], epochs=cfg.train.epochs)
         counts = np.asarray(res.policy_state.counts[0])
+        full_wall = res.wall_s if policy == 'full' else full_wall
         run = {'noise': noise, 'fold': fold, 'seed': seed, 'policy': policy, 'ratio': ratio,
                'offline_example_grads': setup,
+               # wall-clock overhead: extractor + SAE + codes (compilation included)
+               'offline_s': info['offline_s'] if policy.startswith('sae') else 0.0,
+               'full_wall_s': full_wall,
                'validation_accuracy': res.final['validation']['accuracy'][0],
                'test_accuracy': res.final['test']['accuracy'][0],
                'test_loss': res.final['test']['loss'][0],
@@ -339,27 +391,31 @@ def main():
               f"[{time.time() - t_start:.0f}s]", flush=True)
   ginis = {k: {kk: float(np.mean(vv)) for kk, vv in v.items()} for k, v in ginis.items()}
   table = summarise(runs)
-  acc = acceptance(table)
-  acc.update(paired_differences(runs, ratios))
+  acc = acceptance(table, noise=args.noise)
+  acc.update(paired_differences(runs, ratios, args.noise))
   fold0 = [r for r in runs if r['fold'] == 0]
-  fixed_split = {**acceptance(summarise(fold0)), **paired_differences(fold0, ratios)}
-  acc_by_fold = {f: acceptance(summarise([r for r in runs if r['fold'] == f])) for f in folds}
-  result = {'config': cfg.to_dict(), 'folds': folds, 'seeds': seeds, 'ratios': ratios,
+  fixed_split = {**acceptance(summarise(fold0), noise=args.noise),
+                 **paired_differences(fold0, ratios, args.noise)}
+  acc_by_fold = {f: acceptance(summarise([r for r in runs if r['fold'] == f]), noise=args.noise)
+                 for f in folds}
+  result = {'config': base_cfg.to_dict(), 'folds': folds, 'seeds': seeds, 'ratios': ratios,
             'table': table, 'acceptance': acc,
             'acceptance_other': {'fold0_fixed_split': fixed_split,
                                  **{f'fold{f}': a for f, a in acc_by_fold.items()},
-                                 'sae_on_validation': acceptance(table, metric='validation_accuracy'),
-                                 **{v: acceptance(table, v) for v in VARIANTS}},
+                                 'sae_on_validation': acceptance(
+                                     table, metric='validation_accuracy', noise=args.noise),
+                                 **{v: acceptance(table, v, noise=args.noise)
+                                    for v in VARIANTS if v in policy_names}},
             'gini_usage_penalty': ginis, 'offline': offline,
             'runs': runs, 'total_s': time.time() - t_start,
             'device': str(jax.devices()[0].platform)}
-  name = 'selection' + ('_quick' if args.quick else '') + (
+  name = args.name or 'selection' + ('_quick' if args.quick else '') + (
       f'_{cfg.features.extractor}' if cfg.features.extractor != 'penultimate' else '')
   os.makedirs(args.out, exist_ok=True)
   files.write_json(os.path.join(args.out, f'{name}.json'), result)
   md = markdown(table, ginis, offline)
   files.write_text(os.path.join(args.out, f'{name}.md'), md)
-  plot(table, os.path.join(args.out, f'{name}.png'))
+  plot(table, os.path.join(args.out, f'{name}.png'), base_cfg.data.name)
   print(md)
   print(json.dumps(result['acceptance'], indent=1))
   print(f'total {result["total_s"]:.0f}s')

@@ -15,6 +15,7 @@ Writes <out>.json, .png and .md.
 """
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -25,12 +26,13 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from bench import runs
 from datarater import evaluation, files, policies, tasks
 from datarater.data import pipeline
-from datarater.meta_train import meta_train
 from datarater.policies import weighting
 from datarater.trainer import Trainer
 from datarater.valuation import factory
+from datarater.valuation.run import RunCache
 from inner_loop.optimizers import make_inner_optimizer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config.')
@@ -41,6 +43,9 @@ _VARIANTS = flags.DEFINE_list(
                  'mimic_all_layers', 'dvemb'], 'Which valuations to run.')
 _RATER_STEPS = flags.DEFINE_integer('rater_steps', 0, 'Outer steps of a DataRater per (noise, '
                                     'seed), 0: no DataRater.')
+_RATER_DIR = flags.DEFINE_string(
+    'rater_dir', '', 'Keep each (noise, seed) rater in this folder and reuse finished ones (the '
+    'same folder given to bench.curation shares them); default: temporary.')
 _CURRICULUM = flags.DEFINE_bool('curriculum', True, 'Run the curriculum comparisons.')
 _OUT = flags.DEFINE_string('out', 'bench/results/valuation_noise', 'Output prefix.')
 
@@ -55,14 +60,6 @@ VARIANTS = {  # name -> (method, valuation overrides)
     'datarater': ('datarater', {}),
 }
 CURRICULUM_SOURCES = ('tracin_self', 'tracin_heldout_cos')  # values that drive a curriculum
-
-
-def seeded(config, noise: float, seed: int, overrides=None):
-  c = config.copy_and_resolve_references()
-  c.seed = c.data.noise_seed = c.valuation.seed = seed
-  c.data.label_noise = noise
-  c.valuation.update(overrides or {})
-  return c
 
 
 def fresh_accuracy(config, task, train, test, policy, seed: int) -> float:
@@ -95,8 +92,12 @@ def mimic_online(config, task, train, heldout, test, seed: int, temperatures=(1.
 
 def markdown(results: dict) -> str:
   kinds = sorted({k for r in results['runs'] for k in r['auroc_by_kind']})
+  inputs = ', '.join(f'{k} {v:g}' for k, v in results.get('input_corruption', {}).items() if v)
   lines = [f'Noise AUROC (mean ± std over seeds {results["seeds"]}), '
-           f'{results["dataset"]}, task {results["task"]}:', '',
+           f'{results["dataset"]} ({results.get("train_split", "train")}), task '
+           f'{results["task"]}; noise = {results.get("label_noise_kind", "symmetric")} label noise'
+           + (f' plus input corruptions ({inputs})' if inputs else '')
+           + f'; DataRater: {results["rater_steps"]} outer steps:', '',
            '| noise | method | overall | ' + ' | '.join(kinds) + ' | seconds |',
            '|---|---|---|' + '---|' * len(kinds) + '---|']
   for noise in results['noise']:
@@ -107,8 +108,9 @@ def markdown(results: dict) -> str:
       cell = lambda xs: f'{np.mean(xs):.3f} ± {np.std(xs):.3f}'
       per_kind = [cell([r['auroc_by_kind'][k] for r in rs if k in r['auroc_by_kind']])
                   if any(k in r['auroc_by_kind'] for r in rs) else '' for k in kinds]
+      secs = [r['seconds'] for r in rs if r['seconds'] is not None]  # None: meta-training
       lines.append(f'| {noise:.0%} | {name} | {cell([r["auroc"] for r in rs])} | '
-                   + ' | '.join(per_kind) + f' | {np.mean([r["seconds"] for r in rs]):.0f} |')
+                   + ' | '.join(per_kind) + f' | {f"{np.mean(secs):.0f}" if secs else ""} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -145,28 +147,34 @@ def main(argv):
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
              'dataset': config.data.name, 'task': config.task.name, 'noise': noises,
              'seeds': seeds, 'variants': variants, 'rater_steps': _RATER_STEPS.value,
+             'train_split': config.data.train_split,
+             'label_noise_kind': config.data.label_noise_kind,
+             'input_corruption': dict(config.data.input_corruption),
              'runs': [], 'dvemb_phase': [], 'curriculum': [], 'mimic_online': []}
   t_start = time.time()
+  tmp_root = tempfile.mkdtemp(prefix='bench_valuation_')
+  runs.compilation_cache(os.path.join(tmp_root, 'jax_cache'))
   for noise in noises:
     for s in seeds:
-      base = seeded(config, noise, s)
+      base = runs.seeded(config, noise, s)
       d = base.data
       train = pipeline.load_split(d, d.train_split, corrupt=True)
       heldout = pipeline.load_split(d, d.heldout_split)
       test = pipeline.load_split(d, d.eval_split)
       task = tasks.make_task(base.task, train.info)
+      # The variants of a method value the same recorded training run: recorded once.
+      cache = RunCache(os.path.join(tmp_root, f'runs_{noise:g}_{s}'), 'bench')
       rater_dir = ''
       if 'datarater' in variants:
-        rater_dir = tempfile.mkdtemp(prefix='bench_rater_')
-        rc = base.copy_and_resolve_references()
-        rc.outer.steps, rc.log_every, rc.checkpoint_every = (_RATER_STEPS.value,) * 3
-        rc.final_eval.num_models = 0
-        meta_train(rc, rater_dir)
+        t0 = time.perf_counter()
+        rater_dir = runs.train_rater(base, _RATER_STEPS.value, runs.rater_workdir(
+            _RATER_DIR.value or os.path.join(tmp_root, 'raters'), noise, s, _RATER_STEPS.value))
+        results.setdefault('rater_seconds', []).append(time.perf_counter() - t0)
       for name in variants:
         method, overrides = VARIANTS[name]
-        c = seeded(config, noise, s, dict(overrides, rater=rater_dir))
+        c = runs.seeded(config, noise, s, dict(overrides, rater=rater_dir))
         t0 = time.perf_counter()
-        val = factory.build(method, c, task, train, heldout)
+        val = factory.build(method, c, task, train, heldout, cache)
         values = val.values(train, c.valuation.score_batch_size)
         secs = time.perf_counter() - t0
         run = {'noise': noise, 'seed': s, 'variant': name, 'seconds': secs,
@@ -195,6 +203,7 @@ def main(argv):
           results['curriculum'].append({'noise': noise, 'seed': s, 'source': name, **acc})
           print(f'  curriculum from {name}: test accuracy {acc}', flush=True)
   results['total_s'] = time.time() - t_start
+  shutil.rmtree(tmp_root, ignore_errors=True)
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   files.write_json(_OUT.value + '.json', results)
   md = markdown(results)

@@ -51,18 +51,26 @@ def self_influence(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batch: 
   return jax.lax.scan(body, init, (checkpoints, lrs))[0]
 
 
+def heldout_direction(loss_fn: PerExampleLoss, params, heldout: dict,
+                      layers: Optional[Sequence[str]] = None):
+  """v = the mean held-out gradient at `params` (restricted to `layers`)."""
+  return pergrad.masked(pergrad.mean_grad(loss_fn, params, heldout), layers)
+
+
 def heldout_influence(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batch: dict,
                       heldout: dict, layers: Optional[Sequence[str]] = None, cosine: bool = False,
-                      chunk_size: Optional[int] = 64) -> jax.Array:
+                      chunk_size: Optional[int] = 64, directions=None) -> jax.Array:
   """sum_c lr_c <g_i, v_c> (or cos(g_i, v_c)), v_c = mean held-out gradient at theta_c, [B].
 
   Positive: a step on z_i lowers the held-out loss (a proponent). Dots come from one JVP each.
+  `directions`: the v_c stacked [C, ...] if already computed (else from `heldout` here).
   """
   norm_t = pergrad.chain(*_prefix(layers, None), pergrad.sq_norm())
+  if directions is None:
+    directions = jax.lax.map(lambda p: heldout_direction(loss_fn, p, heldout, layers), checkpoints)
 
   def body(acc, c):
-    params, lr = c
-    v = pergrad.masked(pergrad.mean_grad(loss_fn, params, heldout), layers)
+    params, lr, v = c
     d = pergrad.jvp_dots(loss_fn, params, batch, v, chunk_size)
     if cosine:
       n = jnp.sqrt(pergrad.per_example(loss_fn, params, batch, norm_t, chunk_size=chunk_size))
@@ -70,7 +78,7 @@ def heldout_influence(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batc
     return acc + lr * d, None
 
   init = jnp.zeros(batch_size_of(batch), lrs.dtype)
-  return jax.lax.scan(body, init, (checkpoints, lrs))[0]
+  return jax.lax.scan(body, init, (checkpoints, lrs, directions))[0]
 
 
 def tracin_cp(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batch_a: dict, batch_b: dict,
@@ -125,11 +133,19 @@ class TracIn(Valuation):
     self.ghost = ghost
     self.higher_is_better = mode != 'self'
     self.name = f'tracin_{mode}'
+    self._directions = []  # held-out modes: v_c of each checkpoint, computed once when taken
+    self._direction = jax.jit(lambda p, h: heldout_direction(loss_fn, p, h, layers))
+
+  def accumulate(self, params, learning_rate: float) -> 'TracIn':
+    if self.mode != 'self':
+      self._directions.append(self._direction(params, self.heldout))
+    return super().accumulate(params, learning_rate)
 
   def score(self, batch: dict) -> jax.Array:
     ckpts, lrs = self.stacked()
     if self.mode == 'self':
       return self_influence(self.loss_fn, ckpts, lrs, batch, self.layers, self.projection,
                             self.chunk_size, self.ghost)
+    directions = jax.tree.map(lambda *v: jnp.stack(v), *self._directions)
     return heldout_influence(self.loss_fn, ckpts, lrs, batch, self.heldout, self.layers,
-                             self.mode == 'heldout_cos', self.chunk_size)
+                             self.mode == 'heldout_cos', self.chunk_size, directions)

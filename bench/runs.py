@@ -1,0 +1,54 @@
+"""What the valuation, curation and selection benchmarks share: a config corrupted and seeded for
+one (corruption rate, seed) pair, a DataRater meta-trained for it (or read back from a folder of
+finished raters, so that benchmarks run on the same pairs share their raters), and the on-disk
+compilation cache that compiles each shape once per run."""
+import os
+from typing import Optional
+
+import jax
+
+from datarater.meta_train import meta_train
+
+
+def corrupted(config, noise: float):
+  """A copy of `config` whose training split is corrupted at rate `noise`: label noise `noise`
+  (of the config's kind) plus the config's input corruptions; `noise` 0 means clean data (the
+  input corruptions are switched off too)."""
+  c = config.copy_and_resolve_references()
+  c.data.label_noise = noise
+  if not noise:
+    for kind in c.data.input_corruption:
+      c.data.input_corruption[kind] = 0.0
+  return c
+
+
+def seeded(config, noise: float, seed: int, valuation_overrides: Optional[dict] = None):
+  """`corrupted(config, noise)` with the corruption draw, initialisations, data order and
+  valuation run all seeded by `seed`."""
+  c = corrupted(config, noise)
+  c.seed = c.data.noise_seed = c.valuation.seed = seed
+  c.valuation.update(valuation_overrides or {})
+  return c
+
+
+def rater_workdir(folder: str, noise: float, seed: int, steps: int) -> str:
+  """Where the rater of (noise, seed) trained for `steps` outer steps lives in `folder`."""
+  return os.path.join(folder, f'noise{noise:g}_seed{seed}_steps{steps}')
+
+
+def train_rater(config, steps: int, workdir: str) -> str:
+  """Meta-trains the rater of `config` (a `seeded` one) for `steps` outer steps in `workdir`, or
+  reads back the finished run there (`meta_train` resumes; a folder made by another config is
+  refused); returns `workdir`."""
+  c = config.copy_and_resolve_references()
+  c.outer.steps, c.log_every, c.checkpoint_every = (steps,) * 3
+  c.final_eval.num_models = 0
+  meta_train(c, workdir)
+  return workdir
+
+
+def compilation_cache(folder: str) -> None:
+  """Compiled programs kept in `folder`: the same shapes compile once for the whole run."""
+  jax.config.update('jax_compilation_cache_dir', folder)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
