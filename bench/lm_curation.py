@@ -54,10 +54,7 @@ from datarater.policies import weighting
 from datarater.valuation import factory
 from datarater.valuation.run import RunCache
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/text_bench.py', 'Experiment config.')
-_BENCH = config_flags.DEFINE_config_file('bench', 'configs/text_bench.py:bench',
-                                         'The fresh language models, seeds, keeps, methods.')
-_OUT = flags.DEFINE_string('out', 'bench/results/lm_curation', 'Output prefix.')
+FLAGS = flags.FLAGS
 
 ACCEPTANCE_KINDS = ('random_bytes', 'shuffled_words', 'boilerplate')
 AUROC_GOAL, FRACTION_GOAL = 0.9, 0.8
@@ -347,6 +344,14 @@ def plot(path: str, s: dict, seeds: dict, bench) -> None:
   plt.close(fig)
 
 
+def define_flags() -> None:
+  """Defined when run as a program, so tests can import this module (and others) freely."""
+  config_flags.DEFINE_config_file('config', 'configs/text_bench.py', 'Experiment config.')
+  config_flags.DEFINE_config_file('bench', 'configs/text_bench.py:bench',
+                                  'The fresh language models, seeds, keeps, methods.')
+  flags.DEFINE_string('out', 'bench/results/lm_curation', 'Output prefix.')
+
+
 def main(argv):
   del argv
   t_start = time.time()
@@ -354,7 +359,7 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
-  config, bench = _CONFIG.value, _BENCH.value
+  config, bench, out = FLAGS.config, FLAGS.bench, FLAGS.out
   tmp_root = tempfile.mkdtemp(prefix='bench_lm_curation_')
   # Programs compiled once (the meta-step, the trainer's chunks per corpus size) are reused by
   # the later seeds from a compilation cache that lives and dies with this run.
@@ -384,16 +389,17 @@ def main(argv):
   wall = time.time() - t_start
   table = markdown(summary, bench, config, wall)
   print(table)
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  files.write_json(_OUT.value + '.json', {
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  files.write_json(out + '.json', {
       'summary': summary, 'seeds': seeds, 'bench': bench.to_dict(), 'config': config.to_dict(),
       'num_train': first['num_train'], 'seconds': wall,
       'load_average_start_end': [load_start, os.getloadavg()], 'cpu_count': os.cpu_count(),
       'device': jax.devices()[0].device_kind, 'platform': platform.platform()})
-  files.write_text(_OUT.value + '.md', table)
-  plot(_OUT.value + '.png', summary, seeds, bench)
-  print(f'wrote {_OUT.value}.json, .md and .png in {time.time() - t_start:.0f} s')
+  files.write_text(out + '.md', table)
+  plot(out + '.png', summary, seeds, bench)
+  print(f'wrote {out}.json, .md and .png in {time.time() - t_start:.0f} s')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

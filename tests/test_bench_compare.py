@@ -1,0 +1,53 @@
+"""What the curation benchmarks compute from their runs: when a curve reaches a target (either
+direction, optionally interpolated), paired statistics, and bench.lm_curation's reading of what a
+method learned (AUROC of each kind against clean prose, the rater's mean weight per group)."""
+import jax
+import numpy as np
+import pytest
+
+from bench import compare, lm_curation
+from datarater.data import pipeline
+
+
+def test_steps_to_reach_first_crossing_either_direction_interpolated_or_not():
+  loss = [(10, 3.0), (20, 2.5), (30, 2.0), (40, 2.2)]
+  assert compare.steps_to_reach(loss, 2.5, higher_is_better=False) == 20
+  assert compare.steps_to_reach(loss, 2.25, higher_is_better=False) == 30
+  assert compare.steps_to_reach(loss, 2.25, higher_is_better=False,
+                                interpolate=True) == pytest.approx(25)
+  assert compare.steps_to_reach(loss, 3.5, higher_is_better=False, interpolate=True) == 10
+  assert compare.steps_to_reach(loss, 1.9, higher_is_better=False) is None
+  accuracy = [(1, 0.5), (2, 0.7)]
+  assert compare.steps_to_reach(accuracy, 0.6) == 2
+  assert compare.steps_to_reach(accuracy, 0.6, interpolate=True) == pytest.approx(1.5)
+  assert lm_curation._fraction(loss, 2.25) == pytest.approx(25 / 40)  # pylint: disable=protected-access
+  assert lm_curation._fraction(loss, 1.0) is None  # pylint: disable=protected-access
+
+
+def test_paired_differences_and_stats():
+  d = compare.paired([1.0, 2.0, 4.0], [0.5, 1.0, 2.0], scale=1.0)
+  assert d['diff'] == pytest.approx(7 / 6)
+  assert d['se'] == pytest.approx(np.std([0.5, 1.0, 2.0], ddof=1) / np.sqrt(3))
+  assert compare.stats([0.25, 0.75])['mean'] == pytest.approx(50.0)
+
+
+def test_learned_reads_kinds_against_clean_prose_and_weights_per_group():
+  # domain 0 = prose, 1 = code; kinds: clean, random_bytes, boilerplate
+  domain = np.array([0, 0, 0, 0, 1, 1, 0, 0])
+  record = np.array([0, 0, 0, 0, 0, 0, 1, 2], np.int8)
+  values = np.array([5.0, 6.0, 7.0, 8.0, 0.0, 9.0, 1.0, 6.5])
+  info = pipeline.DataInfo('text', {'domain': jax.ShapeDtypeStruct((), np.int32)},
+                           {'domain': 2}, None, {'domain': ('prose', 'code')})
+  split = pipeline.Split({'domain': domain}, np.arange(8), record,
+                         ('clean', 'random_bytes', 'boilerplate'), info)
+  got = lm_curation.learned(values, split, temperature=2.0)
+  assert got['auroc']['random_bytes'] == 1.0  # below every clean prose value
+  assert got['auroc']['boilerplate'] == pytest.approx(0.5)  # above 2 of the 4 clean prose
+  assert got['auroc']['code'] == pytest.approx(0.5)  # code: 0 (below all) and 9 (above all)
+  w = np.exp(values / 2.0)
+  w /= w.mean()
+  assert got['mean_weight']['clean prose'] == pytest.approx(w[:4].mean())
+  assert got['mean_weight']['code'] == pytest.approx(w[4:6].mean())
+  assert got['mean_weight']['boilerplate'] == pytest.approx(w[7])
+  assert got['mean_weight_domain']['all prose'] == pytest.approx(w[domain == 0].mean())
+  assert 'mean_weight' not in lm_curation.learned(values, split)
