@@ -111,6 +111,8 @@ def markdown(results: dict) -> str:
       secs = [r['seconds'] for r in rs if r['seconds'] is not None]  # None: meta-training
       lines.append(f'| {noise:.0%} | {name} | {cell([r["auroc"] for r in rs])} | '
                    + ' | '.join(per_kind) + f' | {f"{np.mean(secs):.0f}" if secs else ""} |')
+  for f in results.get('failed', []):
+    lines.append(f'\nFailed: {f["variant"]} at {f["noise"]:.0%}, seed {f["seed"]}: {f["error"]}')
   return '\n'.join(lines) + '\n'
 
 
@@ -150,7 +152,7 @@ def main(argv):
              'train_split': config.data.train_split,
              'label_noise_kind': config.data.label_noise_kind,
              'input_corruption': dict(config.data.input_corruption),
-             'runs': [], 'dvemb_phase': [], 'curriculum': [], 'mimic_online': []}
+             'runs': [], 'failed': [], 'dvemb_phase': [], 'curriculum': [], 'mimic_online': []}
   t_start = time.time()
   tmp_root = tempfile.mkdtemp(prefix='bench_valuation_')
   runs.compilation_cache(os.path.join(tmp_root, 'jax_cache'))
@@ -174,8 +176,17 @@ def main(argv):
         method, overrides = VARIANTS[name]
         c = runs.seeded(config, noise, s, dict(overrides, rater=rater_dir))
         t0 = time.perf_counter()
-        val = factory.build(method, c, task, train, heldout, cache)
-        values = val.values(train, c.valuation.score_batch_size)
+        try:  # a method that fails (or gives non-finite values) is reported, the others go on
+          val = factory.build(method, c, task, train, heldout, cache)
+          values = val.values(train, c.valuation.score_batch_size)
+          if not np.all(np.isfinite(values)):
+            raise FloatingPointError(f'{int(np.sum(~np.isfinite(values)))} non-finite values')
+        except Exception as e:  # pylint: disable=broad-except
+          results['failed'].append({'noise': noise, 'seed': s, 'variant': name,
+                                    'error': f'{type(e).__name__}: {e}'})
+          print(f'noise {noise:.0%} seed {s} {name:20s} FAILED: {type(e).__name__}: {e}',
+                flush=True)
+          continue
         secs = time.perf_counter() - t0
         run = {'noise': noise, 'seed': s, 'variant': name, 'seconds': secs,
                'example_gradients': int(val.example_gradients),
