@@ -16,6 +16,7 @@ issue fits in about two hours of two CPU cores shared with other jobs:
 - the rater: K=2 inner CNNs, inner batch 64, T=2 unrolled steps, outer batch 128 (the
   paper-sized K=8, B=128 ran 0.2-0.5 outer steps/s here); the benchmarks set the outer steps;
 - valuations: TracIn and Mimic read 4 checkpoints of the 600-step SGD run (every 150 steps);
+  data value embedding follows a 150-step run (300 steps took ~5 min per valuation here);
 - training runs: batch 128, Adam 1e-3, 4 epochs (156 steps on 5,000 images);
 - selection features: the penultimate layer (64 units) of a briefly trained CNN, and a 500-step
   SAE on them (the full 7x7x32 flattened maps and 1,500 SAE steps took ~150 s per run here).
@@ -40,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.outer.batch_size = 128
   c.final_eval.num_models = 0
   c.valuation.checkpoint_every = 150
+  c.valuation.dvemb_steps = 150
 
   c.train.epochs = 4
   c.train.seeds = (0,)
