@@ -358,3 +358,20 @@ def test_noise_auroc_counts_clean_over_corrupted_pairs(tfds_dir):
   by_kind = evaluation.auroc_by_kind(scores, split.corruption, split.corruption_kinds)
   assert by_kind == {'label_symmetric': pytest.approx(pairs)}
   assert np.isnan(evaluation.noise_auroc(scores, np.zeros(len(split), bool)))
+
+
+def test_dvemb_step_map_is_the_linearised_step_where_stable_and_never_amplifies():
+  """I - lr H exactly when lr * lambda_max <= 2; otherwise no direction grows (float64)."""
+  from datarater.valuation.dvemb import _step_map
+  rng = np.random.default_rng(0)
+  g = rng.normal(size=(40, 12))
+  h = g.T @ g / 40
+  lam_max = np.linalg.eigvalsh(h).max()
+  with jax.enable_x64():
+    stable_lr = 1.9 / lam_max
+    np.testing.assert_allclose(_step_map(jnp.asarray(h), stable_lr), np.eye(12) - stable_lr * h,
+                               atol=1e-12)
+    for lr in (3.0 / lam_max, 50.0 / lam_max):
+      m = np.asarray(_step_map(jnp.asarray(h), lr))
+      assert np.linalg.norm(np.eye(12) - lr * h, 2) > 1.0
+      assert np.linalg.norm(m, 2) <= 1.0 + 1e-12

@@ -198,6 +198,10 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
           record[start:start + block] = train.corruption_of(
               np.arange(start, min(start + block, n)))
       parts.append(part)
+  bad = int(np.sum(~np.isfinite(scores)))
+  if bad:  # nothing non-finite is written
+    raise UserError(f'{method}: {bad} of {n} scores are not finite (a diverged recorded run? try a '
+                    'smaller --config.valuation.learning_rate)')
   values = scores if valuation.higher_is_better else -scores
   extra, columns = {}, {'corruption': record}
   if method == 'mimic':  # Grad-Mimic's offline filter: keep/drop with an automatic threshold.
