@@ -77,6 +77,19 @@ def recover_dir(path: str) -> None:
       shutil.rmtree(folder, ignore_errors=True)
 
 
+def replace_dir(src: str, path: str) -> None:
+  """Renames the finished folder `src` to `path`; an existing `path` is moved aside first and
+  deleted after (a kill in between leaves it for `recover_dir`)."""
+  parent, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+  old = None
+  if os.path.exists(path):
+    old = os.path.join(parent, f'.{name}.old-{os.getpid()}')
+    os.rename(path, old)
+  os.rename(src, path)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str, overwrite: bool = False):
   """Yields a temporary folder beside `path`, renamed to `path` when the block succeeds.
@@ -98,13 +111,7 @@ def atomic_dir(path: str, overwrite: bool = False):
     raise UserError(f'cannot write {path!r}: {e.strerror or e}') from None
   try:
     yield tmp
-    old = None
-    if os.path.exists(path):
-      old = os.path.join(parent, f'.{name}.old-{os.getpid()}')
-      os.rename(path, old)
-    os.rename(tmp, path)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -25,7 +25,7 @@ from datarater.data import pipeline, python_text
 from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
 from outer_loop import meta_step
-from tests.tiny import as_float64, estimator, tiny_problem
+from tests.tiny import assert_meta_gradient_matches_finite_differences, estimator, tiny_problem
 
 L = python_text.SEQ_LEN
 NEEDS_DOCS = 'needs Debian package python3.11-doc (apt-get install python3.11-doc)'
@@ -383,15 +383,4 @@ def test_text_meta_gradient_matches_finite_differences():
     rng = np.random.default_rng(0)
     inner = {'tokens': jnp.asarray(rng.integers(0, vocab, (2, 2, 6, length)), jnp.int32)}
     outer = {'tokens': jnp.asarray(rng.integers(0, vocab, (2, 6, length)), jnp.int32)}
-    state = as_float64(meta_step.init_outer_state(problem, jax.random.PRNGKey(1), 2))
-    flat_phi, unravel = ravel_pytree(state.rater_params)
-    grads = jax.jit(lambda phi: meta_step.meta_gradient(
-        problem, est, phi, state.population, inner, outer)[1])(state.rater_params)
-    loss_of = jax.jit(lambda flat: meta_step.outer_loss(
-        problem, est, unravel(flat), state.population, inner, outer)[0])
-    eps = 1e-6
-    numeric = jax.vmap(lambda e: (loss_of(flat_phi + eps * e) - loss_of(flat_phi - eps * e))
-                       / (2 * eps))(jnp.eye(flat_phi.size, dtype=jnp.float64))
-    analytic = ravel_pytree(grads)[0]
-    assert float(jnp.linalg.norm(analytic)) > 1e-6
-    assert float(jnp.linalg.norm(analytic - numeric) / jnp.linalg.norm(numeric)) < 1e-5
+    assert_meta_gradient_matches_finite_differences(problem, est, inner, outer)

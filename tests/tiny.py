@@ -1,5 +1,6 @@
 """A tiny float-friendly bi-level problem shared by tests (tanh MLPs, so finite differences hold)."""
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -7,6 +8,9 @@ import optax
 from datarater.data.pipeline import DataInfo
 from datarater.tasks.classifier import mlp_classifier, mlp_rater
 from inner_loop.optimizers import make_inner_optimizer
+from jax.flatten_util import ravel_pytree
+
+from outer_loop import meta_step
 from outer_loop.estimators import make_estimator
 from outer_loop.meta_step import MetaProblem
 
@@ -48,3 +52,20 @@ def tiny_batches(seed, population, steps, batch, dim=5, dtype=np.float32):
 
 def as_float64(tree):
   return jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, tree)
+
+
+def assert_meta_gradient_matches_finite_differences(problem, est, inner, outer, rtol=1e-5):
+  """The meta-gradient of `problem` (float64, call under jax.enable_x64) against central finite
+  differences of the outer loss along every rater parameter."""
+  state = as_float64(meta_step.init_outer_state(problem, jax.random.PRNGKey(1), 2))
+  flat_phi, unravel = ravel_pytree(state.rater_params)
+  grads = jax.jit(lambda phi: meta_step.meta_gradient(
+      problem, est, phi, state.population, inner, outer)[1])(state.rater_params)
+  loss_of = jax.jit(lambda flat: meta_step.outer_loss(
+      problem, est, unravel(flat), state.population, inner, outer)[0])
+  eps = 1e-6
+  numeric = jax.vmap(lambda e: (loss_of(flat_phi + eps * e) - loss_of(flat_phi - eps * e))
+                     / (2 * eps))(jnp.eye(flat_phi.size, dtype=jnp.float64))
+  analytic = ravel_pytree(grads)[0]
+  assert float(jnp.linalg.norm(analytic)) > 1e-6
+  assert float(jnp.linalg.norm(analytic - numeric) / jnp.linalg.norm(numeric)) < rtol

@@ -139,13 +139,7 @@ def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
       bar.update(rows)
   del arrays
   os.remove(os.path.join(partial, PROGRESS))
-  old = None
-  if os.path.exists(path):
-    old = os.path.join(parent, f'.{name}.old-{os.getpid()}')
-    os.rename(path, old)
-  os.rename(partial, path)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
+  files.replace_dir(partial, path)
   return GradientStore(path)
 
 
