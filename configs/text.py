@@ -33,17 +33,17 @@ def get_config() -> ml_collections.ConfigDict:
                         temperature=1.0)
 
   c.inner.steps = 2
-  c.inner.population = 4
-  c.inner.batch_size = 32
+  c.inner.population = 2          # K and B sized for 2 CPU cores (about 4x less than K=4, B=32)
+  c.inner.batch_size = 16
   c.inner.optimizer = 'adam'
   c.inner.learning_rate = 3e-3
   c.inner.reset_every = 100
 
   c.outer.steps = 300
-  c.outer.batch_size = 32
+  c.outer.batch_size = 16
   c.outer.warmup_steps = 30
 
-  c.log_every = 50                 # each log scores all of train with the rater
+  c.log_every = 100                # each log scores all of train with the rater
   c.checkpoint_every = 100
 
   c.final_eval.train_steps = 200
