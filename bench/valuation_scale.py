@@ -4,7 +4,7 @@ r"""Valuation at dataset scale: projected per-example gradients, launcher memory
   python -m bench.valuation_scale --quick    # the same with tiny sizes (a smoke run)
 
 Three sections (`--sections`), each measured in fresh subprocesses (peak resident memory is the
-child's own `ru_maxrss`, from `os.wait4`), written to bench/results/valuation_scale.{json,png,md}:
+child's own high-water mark, VmHWM, which it writes at exit), written to bench/results/valuation_scale.{json,png,md}:
 
 - `methods`: examples/s and peak RSS against N examples processed (blocks of `--block` real
   training examples, read once and cycled) of each example's projected gradient at equal
@@ -20,13 +20,12 @@ child's own `ru_maxrss`, from `os.wait4`), written to bench/results/valuation_sc
   Dense layer), the transformer also at k = 4 and 16.
 - `launchers`: peak RSS and wall time of `launch.valuate` and `launch.filter` run as
   subprocesses on N = 10k ... 60k real Fashion-MNIST training examples and, by repetition, up to
-  1M. valuate reads the split expression 'train[:N]' or 'train+train+...+train[:r]' (ids are
-  positions in the expression, so unique) with the cheapest method that streams: TracIn
-  self-influence (exact ghost squared norms) of an MLP (configs/digits.py's) on a 20-step recorded
-  run with one checkpoint; its time is the scoring. The filter takes a named split: the same N
-  examples are written as idx files and prepared as an `idx_mnist/fashion` dataset of their own
-  (not measured), then filtered with valuate's scores file (keep 0.8, exact threshold), which
-  writes the kept examples as a TFDS dataset.
+  1M: the first N training images (cycled past 60k) are written as idx files and prepared as an
+  `idx_mnist/fashion` dataset of their own (not measured). valuate scores its `train` split with
+  the cheapest method that streams: TracIn self-influence (exact ghost squared norms) of an MLP
+  (configs/digits.py's) on a 20-step recorded run with one checkpoint; its time is the scoring.
+  The filter then filters that split with valuate's scores file (keep 0.8, exact threshold),
+  writing the kept examples as a TFDS dataset.
 - `store`: TracIn train x test from a gradient store (`valuation/store.py`) of the 60k
   Fashion-MNIST training examples (the CNN, 3 checkpoints): the first query (build the store,
   score test[:1000]) against a second one on a new test set (test[1000:2000]) read from the store,
@@ -83,22 +82,47 @@ def _status_mib(field: str) -> float:
   return float('nan')
 
 
+# Runs `python ARGS` and writes the process's own peak resident set (VmHWM, kB) to a file at exit.
+# A child's ru_maxrss from wait4 is no measure of it: Linux carries the parent's high-water mark
+# across fork and exec into the child's, and this bench's own process holds up to N images.
+_PEAK_WRAPPER = """
+import atexit, runpy, sys
+peak_file = sys.argv.pop(1)
+def _write_peak():
+  with open('/proc/self/status') as f:
+    kb = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+  with open(peak_file, 'w') as f:
+    f.write(str(kb))
+atexit.register(_write_peak)
+if sys.argv[1] == '-m':
+  sys.argv = [sys.argv[2], *sys.argv[3:]]
+  runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+else:
+  code, sys.argv = sys.argv[2], ['-c', *sys.argv[3:]]
+  exec(compile(code, '<string>', 'exec'), {'__name__': '__main__'})
+"""
+
+
 def run_child(args: list[str], log: str, env: dict = None) -> dict:
-  """Runs `python args`; its wall time, peak RSS (its ru_maxrss, from wait4) and the JSON of the
-  last stdout line (if any). stderr goes to `log`."""
+  """Runs `python args` (args start with -m or -c); its wall time, peak RSS (the child's own
+  VmHWM) and the JSON of the last stdout line (if any). stderr goes to `log`."""
+  peak_file = log + '.peak_kb'
+  if os.path.exists(peak_file):
+    os.remove(peak_file)
   t0 = time.perf_counter()
   with open(log, 'w') as err:
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=err,
-                            env=dict(os.environ, **(env or {})), text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-  wall, code = time.perf_counter() - t0, os.waitstatus_to_exitcode(status)
-  if code:
+    proc = subprocess.run([sys.executable, '-c', _PEAK_WRAPPER, peak_file, *args],
+                          stdout=subprocess.PIPE, stderr=err, env=dict(os.environ, **(env or {})),
+                          text=True, check=False)
+  wall = time.perf_counter() - t0
+  if proc.returncode:
     with open(log) as f:
-      raise RuntimeError(f'{" ".join(args)} exited with {code}:\n{f.read()[-3000:]}')
-  lines = out.strip().splitlines()
+      raise RuntimeError(f'{" ".join(args)} exited with {proc.returncode}:\n{f.read()[-3000:]}')
+  with open(peak_file) as f:
+    peak_kb = int(f.read())
+  lines = proc.stdout.strip().splitlines()
   result = json.loads(lines[-1]) if lines and lines[-1].startswith('{') else {}
-  return {**result, 'wall_s': wall, 'peak_rss_mib': usage.ru_maxrss / 1024}
+  return {**result, 'wall_s': wall, 'peak_rss_mib': peak_kb / 1024}
 
 
 def _config(task: str):
@@ -209,8 +233,8 @@ def run_methods(quick: bool, scratch: str, block: int) -> dict:
 
 
 def split_expression(n: int) -> str:
-  """The first n examples of Fashion-MNIST's training split repeated: 'train[:n]' or
-  'train+...+train[:r]'."""
+  """The first n examples of Fashion-MNIST's training split, cycled, as a split expression of
+  the real dataset: 'train[:n]' or 'train+...+train[:r]'."""
   if n <= REAL:
     return f'train[:{n}]'
   reps, rest = divmod(n, REAL)
@@ -235,24 +259,24 @@ def run_launchers(quick: bool, scratch: str, ns: list[int]) -> dict:
     base = os.path.join(scratch, f'n{n}')
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(base)
-    workdir = os.path.join(base, 'valuate')
-    valuate = run_child([
-        '-m', 'launch.valuate', '--method=tracin', '--config=configs/digits.py',
-        f'--workdir={workdir}', '--config.data.name=idx_mnist/fashion',
-        f'--config.data.train_split={split_expression(n)}',
-        '--config.data.heldout_split=test[:1000]', '--config.valuation.train_steps=20',
-        '--config.valuation.checkpoint_every=20', '--config.valuation.score_batch_size=1024'],
-                        os.path.join(scratch, f'valuate_{n}.log'))
-    with open(os.path.join(workdir, 'scores_tracin.json')) as f:
-      summary = json.load(f)
-    assert summary['num_examples'] == n, summary['num_examples']
-    # The filter's input: the same n examples as a dataset of their own (prepared, not measured).
+    # The input of both: the N examples as a dataset of their own (prepared, not measured).
     idx, data_dir = os.path.join(base, 'idx'), os.path.join(base, 'tfds')
     write_idx_dataset(idx, n)
     env = {'DATARATER_IDX_DIR': idx}
     prepare = run_child(['-c', 'import sys; from datarater.data import pipeline; '
                          'pipeline.get_builder("idx_mnist/fashion", sys.argv[1])', data_dir],
                         os.path.join(scratch, f'prepare_{n}.log'), env)
+    workdir = os.path.join(base, 'valuate')
+    valuate = run_child([
+        '-m', 'launch.valuate', '--method=tracin', '--config=configs/digits.py',
+        f'--workdir={workdir}', '--config.data.name=idx_mnist/fashion',
+        f'--config.data.data_dir={data_dir}', '--config.data.train_split=train',
+        '--config.data.heldout_split=test[:1000]', '--config.valuation.train_steps=20',
+        '--config.valuation.checkpoint_every=20', '--config.valuation.score_batch_size=1024'],
+                        os.path.join(scratch, f'valuate_{n}.log'), env)
+    with open(os.path.join(workdir, 'scores_tracin.json')) as f:
+      summary = json.load(f)
+    assert summary['num_examples'] == n, summary['num_examples']
     out = os.path.join(base, 'filtered')
     filt = run_child([
         '-m', 'launch.filter', '--dataset=idx_mnist/fashion', f'--data_dir={data_dir}',
@@ -261,7 +285,7 @@ def run_launchers(quick: bool, scratch: str, ns: list[int]) -> dict:
                      os.path.join(scratch, f'filter_{n}.log'), env)
     with open(os.path.join(out, 'filter_report.json')) as f:
       kept = json.load(f)['splits']['train']['kept']
-    rows.append({'n': n, 'split_expression': split_expression(n),
+    rows.append({'n': n, 'examples': split_expression(n),
                  'valuate': {'wall_s': valuate['wall_s'], 'peak_rss_mib': valuate['peak_rss_mib'],
                              'noise_auroc': summary['noise_auroc']},
                  'filter': {'wall_s': filt['wall_s'], 'peak_rss_mib': filt['peak_rss_mib'],
