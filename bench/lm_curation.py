@@ -31,7 +31,6 @@ configs/text_bench.py) every seed's DataRater-filtered model reaches all data's 
 within 0.8 of the tokens and ends below the random subset of the same size. No choice is made on
 the test split (it only gives the reported curves). Writes <out>.json, .md and .png.
 """
-import math
 import os
 import platform
 import shutil

@@ -75,7 +75,8 @@ def _corrupt(step_dir, how: str):
       f.write('{"config": ')
 
 
-@pytest.mark.parametrize('how', ['truncated', 'flipped', 'garbled'])
+@pytest.mark.parametrize('how', ['truncated', pytest.param('flipped', marks=pytest.mark.slow),
+                                 pytest.param('garbled', marks=pytest.mark.slow)])
 def test_a_corrupted_latest_checkpoint_gives_way_to_the_newest_intact_one(tfds_dir, tmp_path,
                                                                            capsys, how):
   config = small_config(tfds_dir, steps=4)

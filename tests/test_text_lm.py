@@ -347,7 +347,7 @@ def test_the_language_model_is_causal_and_examples_are_independent():
                                         for i in range(len(tokens))], rtol=1e-12)
 
 
-@pytest.mark.parametrize('kind', ['task', 'rater'])
+@pytest.mark.parametrize('kind', ['task', pytest.param('rater', marks=pytest.mark.slow)])
 def test_ghost_products_cover_the_model_and_equal_per_example_gradients(kind):
   with jax.enable_x64():
     if kind == 'task':
@@ -367,6 +367,7 @@ def test_ghost_products_cover_the_model_and_equal_per_example_gradients(kind):
                                (flat ** 2).sum(1), rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_text_meta_gradient_matches_finite_differences():
   """The bi-level problem with a tiny transformer LM and sequence rater, float64, T = 2 SGD."""
   with jax.enable_x64():

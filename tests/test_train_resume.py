@@ -29,6 +29,7 @@ def _config(tfds_dir, epochs, module=digits):
   return c
 
 
+@pytest.mark.slow
 def test_weighting_run_stopped_resumed_and_extended_equals_uninterrupted(tfds_dir, tmp_path):
   straight = train(_config(tfds_dir, 5), 'uniform', workdir=str(tmp_path / 'a'), log=quiet)
 
@@ -50,6 +51,7 @@ def test_weighting_run_stopped_resumed_and_extended_equals_uninterrupted(tfds_di
   assert _history(extended) == _history(straight)
 
 
+@pytest.mark.slow
 def test_sae_selection_run_resumed_equals_uninterrupted(tfds_dir, tmp_path):
   """The SAE policy's usage counts and factor usage are checkpointed with the models."""
   straight = train(_config(tfds_dir, 3, selection), 'sae', workdir=str(tmp_path / 'a'), log=quiet)

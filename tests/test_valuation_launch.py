@@ -112,6 +112,7 @@ def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path):
                           RunCache(os.path.join(work, 'fit'), fingerprint('tracin', config)))
   (path,) = [os.path.join(work, d) for d in os.listdir(work) if d.startswith('store_tracin')]
   store = store_lib.GradientStore(path)
+  assert sorted(table['id']) == sorted(int(i) for i in store.ids)  # a score per stored example
   test_grads = np.asarray(store._test_grads(task.per_example_loss, run, test.take(np.arange(m)),
                                             None), np.float64)  # [C, M, D]
   full = sum(lr * np.asarray(store.grads(c), np.float64) @ test_grads[c].T
