@@ -155,8 +155,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     if min_score is not None:
       kept, thr = select.select_threshold(split_scores, min_score), {'all': float(min_score)}
     elif threshold == 'exact':
-      kept = select.select_top(split_scores, keep, np.arange(n), labels, num_classes, balance)
-      thr = {'all': float(split_scores[kept].min())}
+      kept = select.select_top(split_scores, keep, None, labels, num_classes, balance)
+      thr = {'all': float(np.min(split_scores, where=kept, initial=np.inf))}
     else:
       cut = {c: q.keep_threshold(keep) if q.count else np.inf for c, q in sketch.items()}
       kept = split_scores >= (cut[None] if not balance else np.array([cut[c] for c in labels]))
@@ -190,7 +190,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
                                       f'{dataset} filtered by {source}', transforms)
     for s, d in per_split.items():
       kept, labels = d['kept'], d['labels']
-      extra = {'label': labels, 'kept': kept, 'split': np.full(len(kept), s)}
+      extra = {'label': labels, 'kept': kept}  # the split is in the file's name
       if d['record'] is not None:
         extra['corruption'] = d['record']
       scores_file.write(os.path.join(folder, f'scores_{s}.parquet'), np.arange(len(kept)),

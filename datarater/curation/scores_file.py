@@ -25,20 +25,22 @@ def write(path: str, ids: np.ndarray, score: np.ndarray, value: np.ndarray, **co
 def read_values(path: str, num_examples: int, split: Optional[str] = None) -> np.ndarray:
   """Values [N] in id order for a split of `num_examples` (rows of other splits skipped)."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise UserError(f'scores file {path!r} does not exist')
   try:
-    table = pq.read_table(path)
+    cols = pq.read_schema(path).names
+    column = 'value' if 'value' in cols else 'score' if 'score' in cols else None
+    if 'id' not in cols or column is None:
+      raise UserError(f'scores file {path!r} has columns {cols}; it needs `id` and `value` or '
+                      '`score`')
+    by_split = 'split' in cols and split is not None
+    table = pq.read_table(path, columns=['id', column] + (['split'] if by_split else []))
   except (pa.ArrowInvalid, OSError) as e:
     raise UserError(f'scores file {path!r} is not a readable parquet file ({e})') from None
-  cols = table.column_names
-  column = 'value' if 'value' in cols else 'score' if 'score' in cols else None
-  if 'id' not in cols or column is None:
-    raise UserError(f'scores file {path!r} has columns {cols}; it needs `id` and `value` or `score`')
-  if 'split' in cols and split is not None:
-    mask = np.asarray(table.column('split').to_pylist()) == split
-    table = table.filter(pa.array(mask))
+  if by_split:
+    table = table.filter(pc.equal(table.column('split'), split))
   id_type, value_type = table.schema.field('id').type, table.schema.field(column).type
   if not pa.types.is_integer(id_type):
     raise UserError(f'scores file {path!r}: column `id` must hold integers, it holds {id_type}')

@@ -31,12 +31,15 @@ def keep_count(num_examples: int, keep: float) -> int:
   return max(1, min(num_examples, int(math.floor(keep * num_examples + 0.5))))
 
 
-def _rank_order(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
-  """Positions sorted by (score descending, id ascending): a total, deterministic order."""
+def _rank_order(scores: np.ndarray, ids: Optional[np.ndarray]) -> np.ndarray:
+  """Positions sorted by (score descending, id ascending): a total, deterministic order.
+  `ids=None`: the ids are the positions (a stable sort of the scores alone)."""
   scores = np.asarray(scores, np.float64)
   if not np.all(np.isfinite(scores)):
-    bad = int(np.asarray(ids)[~np.isfinite(scores)][0])
-    raise UserError(f'score of example id {bad} is not finite')
+    bad = np.flatnonzero(~np.isfinite(scores))[0]
+    raise UserError(f'score of example id {int(bad if ids is None else ids[bad])} is not finite')
+  if ids is None:
+    return np.argsort(-scores, kind='stable')
   return np.lexsort((np.asarray(ids), -scores))
 
 
@@ -61,12 +64,12 @@ def select_top(scores: np.ndarray, keep: float, ids: Optional[np.ndarray] = None
   """
   scores = np.asarray(scores)
   n = len(scores)
-  ids = np.arange(n) if ids is None else np.asarray(ids)
   k = keep_count(n, keep)
   mask = np.zeros(n, bool)
   if not balance:
-    mask[_rank_order(scores, ids)[:k]] = True
+    mask[_rank_order(scores, None if ids is None else np.asarray(ids))[:k]] = True
     return mask
+  ids = np.arange(n) if ids is None else np.asarray(ids)
   if labels is None:
     raise UserError('per-class balance needs the labels')
   labels = np.asarray(labels)
