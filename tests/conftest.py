@@ -5,7 +5,10 @@ import os
 import sys
 
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count=4 {FAST_COMPILE}')
+# Two pytest workers share two cores: each runs XLA's CPU kernels on one thread.
+ONE_THREAD = '--xla_cpu_multi_thread_eigen=false'
+os.environ.setdefault('XLA_FLAGS',
+                      f'--xla_force_host_platform_device_count=4 {FAST_COMPILE} {ONE_THREAD}')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,7 +27,8 @@ def tfds_dir(tmp_path_factory):
 def subprocess_env(devices: int) -> dict:
   """The environment of a subprocess with `devices` fake CPU devices and quick compiles."""
   return dict(os.environ,
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}')
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE} '
+                        f'{ONE_THREAD}')
 
 
 def digits_data(tfds_dir, label_noise=0.0, noise_seed=0):

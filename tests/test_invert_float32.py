@@ -64,6 +64,7 @@ def test_momentum_is_undone_accurately_without_replayed_steps(tfds_dir):
   assert invert <= max(3 * reverse, 1e-5), (invert, reverse)
 
 
+@pytest.mark.slow
 def test_undoing_a_long_fresh_adam_stretch_at_once_is_what_goes_wrong(tfds_dir):
   """Why the plan replays Adam's first steps and keeps exact states: without them (one 36-step
   segment undone from the end) float32 round-off takes over, so the check above can fail."""

@@ -41,7 +41,8 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-@pytest.mark.parametrize('optimizer,steps', [('sgd', 4), ('adam', 9), ('momentum', 9)])
+@pytest.mark.parametrize('optimizer,steps', [('sgd', 4), ('adam', 9),
+                                             pytest.param('momentum', 9, marks=pytest.mark.slow)])
 def test_estimators_agree(optimizer, steps):
   """Every estimator; mixed by running the optimizer backwards where it can (adam T = 9: the
   first 4 steps replayed, the rest undone) and by replay."""
