@@ -71,7 +71,9 @@ def test_text_rater_run_resumed_on_four_devices_equals_one_device_straight(tfds_
   for name, x in leaves(a.params).items():
     if name.endswith("['head']['bias']"):  # weights are softmax(scores): shifting every score
       continue  # changes nothing, so its meta-gradient is rounding noise, which Adam scales up
-    np.testing.assert_allclose(x, leaves(b.params)[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    # 1 and 4 devices sum in different orders; Adam divides by sqrt(v), so float32 rounding in a
+    # coordinate with a tiny gradient (a rare byte's embedding) moves it by up to a few 1e-5.
+    np.testing.assert_allclose(x, leaves(b.params)[name], rtol=1e-4, atol=5e-5, err_msg=name)
   train = pipeline.load_split(_config(tfds_dir).data, OVERRIDES['data.train_split'])
   centred = lambda s: s - s.mean()
   np.testing.assert_allclose(centred(a(train.features)), centred(b(train.features)), atol=1e-4)
