@@ -171,9 +171,9 @@ def acceptance(table: list[dict], policy: str = 'sae', metric: str = 'accuracy',
     out['clean_r0.7_sae_grads_incl_offline_rel_full'] = (sae_clean['grads_rel_full'] +
                                                          sae_clean['offline_rel_full'])
     out['clean_r0.7_pass'] = bool(gap >= -0.5 and sae_clean['grads_rel_full'] <= 0.75)
-    if sae_clean.get('speedup_vs_full') is not None:  # issue 17: 0.3 points, 1.3x wall-clock
+    if sae_clean.get('speedup_vs_full') is not None:  # within 0.3 points at >= 1.3x wall-clock
       out['clean_r0.7_wall_speedup_incl_offline'] = sae_clean['speedup_vs_full']
-      out['clean_r0.7_pass_issue17'] = bool(gap >= -0.3 and sae_clean['speedup_vs_full'] >= 1.3)
+      out['clean_r0.7_pass_wall_speedup'] = bool(gap >= -0.3 and sae_clean['speedup_vs_full'] >= 1.3)
   for ratio in sorted({r['ratio'] for r in table if r['policy'] == policy}):
     drops = {}
     for name in (policy, 'infobatch'):
@@ -211,7 +211,7 @@ def paired_differences(runs: list[dict], ratios, noise: float = 0.2) -> dict:
       out[f'noise_drop_r{ratio}_sae_minus_infobatch_per_pair'] = diff
       out[f'noise_drop_r{ratio}_sae_minus_infobatch_mean'] = float(np.mean(diff))
       out[f'noise_drop_r{ratio}_sae_minus_infobatch_sem'] = sem(diff)
-      # issue 17: the SAE policy loses less than InfoBatch by at least 2 paired s.e.
+      # the SAE policy loses less than InfoBatch by at least 2 paired standard errors
       out[f'noise_drop_r{ratio}_sae_less_by_2se'] = bool(np.mean(diff) + 2 * sem(diff) < 0)
   return out
 
