@@ -161,11 +161,17 @@ def write_text(path: str, text: str) -> None:
     f.write(text)
 
 
-def write_parquet(path: str, columns: dict) -> None:
+def write_parquet(path: str, columns: dict, row_group: int = 65536) -> None:
+  """Equal-length columns as a parquet file, `row_group` rows at a time (readers can stream it)."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  with atomic_path(path) as tmp:
-    pq.write_table(pa.table(columns), tmp)
+  n = len(next(iter(columns.values())))
+  first = pa.table({k: v[:row_group] for k, v in columns.items()})
+  with atomic_path(path) as tmp, pq.ParquetWriter(tmp, first.schema) as writer:
+    writer.write_table(first)
+    for start in range(row_group, n, row_group):
+      writer.write_table(pa.table({k: v[start:start + row_group] for k, v in columns.items()},
+                                  schema=first.schema))
 
 
 def save_figure(fig, path: str, **kwargs) -> None:

@@ -228,3 +228,29 @@ def test_scores_file_filter_and_min_score(tfds_dir, tmp_path):
   assert rep['splits']['train']['kept'] == int((values >= 0).sum())
   rep = run('o3', keep=0.6, threshold='streaming')
   assert abs(rep['splits']['train']['kept'] - select.keep_count(N_TRAIN, 0.6)) <= 1
+
+
+def test_scores_file_read_in_row_batches(tmp_path, monkeypatch):
+  """A scores file of many small row groups, two splits interleaved and ids shuffled, reads back
+  as the values placed by id (numpy fancy indexing as the oracle); a duplicate in another row
+  group and an id out of range are refused."""
+  from datarater import files  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from datarater.curation import scores_file  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  monkeypatch.setattr(scores_file, '_READ_ROWS', 5)
+  rng = np.random.default_rng(0)
+  n = 37
+  order = rng.permutation(2 * n)
+  split = np.where(order % 2 == 0, 'train', 'test')
+  ids, values = order // 2, rng.normal(size=2 * n)
+  path = str(tmp_path / 'scores.parquet')
+  files.write_parquet(path, {'id': ids, 'value': values, 'split': split}, row_group=6)
+  assert pq.ParquetFile(path).num_row_groups == 13
+  for s in ('train', 'test'):
+    expected = np.empty(n)
+    expected[ids[split == s]] = values[split == s]
+    np.testing.assert_array_equal(scores_file.read_values(path, n, s), expected)
+  for bad_ids, msg in ((np.r_[np.arange(n), 3], 'duplicate ids'),
+                       (np.r_[np.arange(n), n], f'id {n} out of range')):
+    files.write_parquet(path, {'id': bad_ids, 'value': np.zeros(n + 1)}, row_group=6)
+    with pytest.raises(UserError, match=msg):
+      scores_file.read_values(path, n)

@@ -187,7 +187,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     return report
   with files.atomic_dir(out, overwrite) as tmp:
     folder = tfds_writer.write_subset(builder, os.path.join(tmp, 'tfds'), name, selection,
-                                      f'{dataset} filtered by {source}', transforms)
+                                      f'{dataset} filtered by {source}', transforms,
+                                      {s: streams[s].data_source for s in splits})
     for s, d in per_split.items():
       kept, labels = d['kept'], d['labels']
       extra = {'label': labels, 'kept': kept}  # the split is in the file's name

@@ -14,6 +14,8 @@ import numpy as np
 from datarater import files
 from datarater.errors import UserError
 
+_READ_ROWS = 65536  # rows read at a time
+
 
 def write(path: str, ids: np.ndarray, score: np.ndarray, value: np.ndarray, **columns) -> None:
   files.write_parquet(path, {'id': np.asarray(ids, np.int64),
@@ -30,37 +32,49 @@ def read_values(path: str, num_examples: int, split: Optional[str] = None) -> np
   if not os.path.exists(path):
     raise UserError(f'scores file {path!r} does not exist')
   try:
-    cols = pq.read_schema(path).names
-    column = 'value' if 'value' in cols else 'score' if 'score' in cols else None
-    if 'id' not in cols or column is None:
-      raise UserError(f'scores file {path!r} has columns {cols}; it needs `id` and `value` or '
-                      '`score`')
-    by_split = 'split' in cols and split is not None
-    table = pq.read_table(path, columns=['id', column] + (['split'] if by_split else []))
+    reader = pq.ParquetFile(path)
+    schema = reader.schema_arrow
   except (pa.ArrowInvalid, OSError) as e:
     raise UserError(f'scores file {path!r} is not a readable parquet file ({e})') from None
-  if by_split:
-    table = table.filter(pc.equal(table.column('split'), split))
-  id_type, value_type = table.schema.field('id').type, table.schema.field(column).type
+  cols = schema.names
+  column = 'value' if 'value' in cols else 'score' if 'score' in cols else None
+  if 'id' not in cols or column is None:
+    raise UserError(f'scores file {path!r} has columns {cols}; it needs `id` and `value` or '
+                    '`score`')
+  by_split = 'split' in cols and split is not None
+  id_type, value_type = schema.field('id').type, schema.field(column).type
   if not pa.types.is_integer(id_type):
     raise UserError(f'scores file {path!r}: column `id` must hold integers, it holds {id_type}')
   if not (pa.types.is_floating(value_type) or pa.types.is_integer(value_type)):
     raise UserError(f'scores file {path!r}: column `{column}` must hold numbers, it holds '
                     f'{value_type}')
-  ids = np.asarray(table.column('id').to_numpy(), np.int64)
-  values = np.asarray(table.column(column).to_numpy(), np.float64)
-  inside = (ids >= 0) & (ids < num_examples)
+  # Read a row batch at a time: only the [N] scores and a coverage mask are held.
+  scores = np.empty(num_examples, np.float64)
   covered = np.zeros(num_examples, bool)
-  covered[ids[inside]] = True
-  if not covered.all() or len(ids) != num_examples or not inside.all():
+  rows, outside = 0, None  # rows read; the first id out of range
+  try:
+    for batch in reader.iter_batches(_READ_ROWS, columns=['id', column] +
+                                     (['split'] if by_split else [])):
+      if by_split:
+        batch = batch.filter(pc.equal(batch.column('split'), split))
+      ids = np.asarray(batch.column('id').to_numpy(zero_copy_only=False), np.int64)
+      values = np.asarray(batch.column(column).to_numpy(zero_copy_only=False), np.float64)
+      rows += len(ids)
+      inside = (ids >= 0) & (ids < num_examples)
+      if outside is None and not inside.all():
+        outside = int(ids[~inside][0])
+      ids, values = ids[inside], values[inside]
+      covered[ids] = True
+      scores[ids] = values
+  except (pa.ArrowInvalid, OSError) as e:
+    raise UserError(f'scores file {path!r} is not a readable parquet file ({e})') from None
+  if not covered.all() or rows != num_examples or outside is not None:
     missing = np.flatnonzero(~covered)
     detail = (f'missing id {int(missing[0])}' if len(missing) else
-              f'id {int(ids[~inside][0])} out of range' if (~inside).any() else 'duplicate ids')
+              f'id {outside} out of range' if outside is not None else 'duplicate ids')  # rows > N
     raise UserError(f'scores file {path!r} covers {int(covered.sum())} of the {num_examples} '
                     f'examples{f" of split {split!r}" if split else ""} ({detail}, '
-                    f'{len(ids)} rows)')
-  scores = np.empty(num_examples, np.float64)
-  scores[ids] = values
+                    f'{rows} rows)')
   if not np.all(np.isfinite(scores)):
     raise UserError(f'scores file {path!r} has a non-finite score (id '
                     f'{int(np.flatnonzero(~np.isfinite(scores))[0])})')

@@ -60,17 +60,21 @@ def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, descripti
 
 def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: str,
                  selection: Mapping[str, np.ndarray], description: str = '',
-                 transforms: Optional[Mapping] = None) -> str:
+                 transforms: Optional[Mapping] = None,
+                 sources: Optional[Mapping] = None) -> str:
   """Writes the examples `selection[split]` (source ids, ascending) of each split; returns the
   dataset's folder (data_dir/name/version).
 
   `transforms[split](id, example) -> example` may rewrite examples on the way (e.g. the recorded
-  label noise of an experiment).
+  label noise of an experiment). `sources[split]` is a data source of the split already open (its
+  readers hold each file's record index, so a caller that has read the split passes it on).
   """
   cls = _make_builder_class(source_builder.info, name, description)
   builder = cls(data_dir=data_dir, file_format='array_record')
   builder.selection = {s: np.sort(np.asarray(ids, np.int64)) for s, ids in selection.items()}
-  builder.sources = {s: source_builder.as_data_source(split=s) for s in selection}
+  sources = dict(sources or {})
+  builder.sources = {s: sources[s] if s in sources else source_builder.as_data_source(split=s)
+                     for s in selection}
   builder.transforms = dict(transforms or {})
   # tf.Example's feature map is serialised in hash order, which varies between processes
   # (PYTHONHASHSEED); deterministic serialisation sorts the keys, so the files are byte-identical.

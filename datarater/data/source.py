@@ -23,8 +23,8 @@ class Source:
     pipeline.check_split(builder, split)
     self.info = pipeline.data_info(builder)
     self.split = split
-    self._source = builder.as_data_source(split=split)
-    self._n = len(self._source)
+    self.data_source = builder.as_data_source(split=split)  # the split's records (TFDS ids)
+    self._n = len(self.data_source)
     self.corruption = corruption or corruption_lib.Corruption()
     self.ids = np.arange(self._n, dtype=np.int64)
     self.corruption_kinds = pipeline.corruption_kinds(self.info, self.corruption)
@@ -36,7 +36,7 @@ class Source:
 
   def uncorrupted(self, positions) -> dict:
     """Raw (undecoded) features of the examples at `positions` (1-d), as stored."""
-    examples = self._source.__getitems__([int(p) for p in np.asarray(positions)])
+    examples = self.data_source.__getitems__([int(p) for p in np.asarray(positions)])
     return pipeline.stack_examples(self.info, examples)
 
   def raw(self, positions) -> dict:
