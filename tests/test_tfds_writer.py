@@ -9,6 +9,7 @@ from tensorflow_datasets.core import shuffle
 
 from datarater.curation import tfds_writer
 from datarater.data import pipeline
+from datarater.data import source as source_lib
 
 
 def _files(folder):
@@ -20,7 +21,10 @@ def test_spool_writes_the_bytes_tfds_shuffler_writes(tfds_dir, tmp_path, monkeyp
   builder = pipeline.get_builder('sklearn_digits', tfds_dir)
   selection = {'train': np.arange(0, len(builder.as_data_source(split='train')), 3),
                'test': np.arange(50)}
-  spooled = tfds_writer.write_subset(builder, str(tmp_path / 'spool'), 'sub', selection)
+  with monkeypatch.context() as m:  # small chunks, file readers closed every other chunk
+    m.setattr(tfds_writer, 'CHUNK', 16)
+    m.setattr(source_lib, 'RELEASE_EVERY', 32)
+    spooled = tfds_writer.write_subset(builder, str(tmp_path / 'spool'), 'sub', selection)
   monkeypatch.setattr(tfds_writer, 'OrderedSpool', shuffle.Shuffler)
   shuffled = tfds_writer.write_subset(builder, str(tmp_path / 'tfds'), 'sub', selection)
   a, b = _files(spooled), _files(shuffled)
@@ -41,3 +45,13 @@ def test_spool_refuses_keys_out_of_order(tmp_path):
   assert list(spool) == [(3, b'abc'), (7, b'')]
   with pytest.raises(ValueError, match='unshuffled'):
     tfds_writer.OrderedSpool(str(tmp_path), 'salt')
+
+
+def test_block_walk_that_closes_its_readers_reads_the_same_examples(tfds_dir, monkeypatch):
+  builder = pipeline.get_builder('sklearn_digits', tfds_dir)
+  whole = source_lib.Source(builder, 'train')
+  expected = whole.take(np.arange(len(whole)))
+  monkeypatch.setattr(source_lib, 'RELEASE_EVERY', 100)
+  blocks = list(source_lib.Source(builder, 'train').blocks(64))
+  for key, value in expected.items():
+    np.testing.assert_array_equal(np.concatenate([b[key] for _, b in blocks]), value)

@@ -49,10 +49,11 @@ def _save_histogram(path: str, per_split: dict) -> None:
   for ax, (split, d) in zip(axes[0], per_split.items()):
     s, kept = d['scores'], d['kept']
     bins = np.linspace(s.min(), s.max() + 1e-9, 41)
-    ax.hist(s[kept], bins, alpha=0.7, label=f'kept ({int(kept.sum())})')
-    ax.hist(s[~kept], bins, alpha=0.7, label=f'dropped ({int((~kept).sum())})')
+    count = lambda mask: np.histogram(s, bins, weights=mask.astype(np.float32))[0]  # no copy of s
+    ax.stairs(count(kept), bins, fill=True, alpha=0.7, label=f'kept ({int(kept.sum())})')
+    ax.stairs(count(~kept), bins, fill=True, alpha=0.7, label=f'dropped ({int((~kept).sum())})')
     if d['record'] is not None and d['record'].any():
-      ax.hist(s[d['record'] != 0], bins, histtype='step', color='k', label='corrupted')
+      ax.stairs(count(d['record'] != 0), bins, color='k', label='corrupted')
     ax.set_title(f'{split}: scores')
     ax.set_xlabel('score')
     ax.legend(fontsize=8)

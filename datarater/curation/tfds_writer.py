@@ -19,6 +19,7 @@ from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core import shuffle
 
 from datarater.data import pipeline
+from datarater.data import source as source_lib
 
 CHUNK = 1024  # examples read from the source at a time
 
@@ -48,6 +49,8 @@ def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, descripti
       transform = self.transforms.get(split)
       for start in range(0, len(ids), CHUNK):
         chunk = [int(i) for i in ids[start:start + CHUNK]]
+        if start % source_lib.RELEASE_EVERY < CHUNK:  # now and then, as the files are passed
+          source_lib.release_readers(source)
         examples = source.__getitems__(chunk)
         for i, example in zip(chunk, examples):
           if transform is not None:

@@ -15,6 +15,9 @@ from datarater.data import corruption as corruption_lib
 from datarater.data import pipeline
 
 
+RELEASE_EVERY = 1 << 17  # examples a sequential walk reads between closing its file readers
+
+
 class Source:
   """Random access to the decoded examples of a split expression."""
 
@@ -69,9 +72,23 @@ class Source:
              skip: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
     """(positions, batch) of this shard's blocks after its first `skip`; the last block of the
     split is shorter (callers that compile per shape pad it)."""
+    walked = 0
     for start in self.block_starts(size, shard, num_shards)[skip:]:
       positions = np.arange(start, min(start + size, self._n))
+      walked += len(positions)
+      if walked > RELEASE_EVERY:  # the files behind are done with
+        release_readers(self.data_source)
+        walked = len(positions)
       yield positions, self.take(positions)
+
+
+def release_readers(data_source) -> None:
+  """Closes the open file readers of a TFDS array_record data source (each holds its file's
+  record index in memory, ~50 bytes a record); the next read reopens the file it needs.
+  Sequential walks call it now and then, so memory does not grow with the files passed."""
+  readers = getattr(data_source, 'data_source', None)
+  if hasattr(readers, '__exit__'):
+    readers.__exit__(None, None, None)
 
 
 def open_source(data, split: str, corrupt: bool = False) -> Source:

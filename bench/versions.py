@@ -1,0 +1,106 @@
+r"""Two versions of the code on the same seeds: per figure, the paired difference and a verdict.
+
+  python -m bench.versions --before=OLD_PREFIX --after=NEW_PREFIX --out=bench/results/redesign_check
+
+Each prefix names the outputs of one tree's runs: PREFIX_seeds.json from `bench.train_rater_seeds`
+and, if present, PREFIX_curation.json from `bench.curation` (one noise rate). For every figure
+(noise AUROC, fresh-model test accuracy and held-out loss; curation accuracy per row and
+AUROC per method) it reports both means, their spread over seeds, the difference after minus
+before with its paired standard error (pairs = seeds), and the verdict of the rule fixed before
+the runs: `reproduces` if the difference is no worse than 2 standard errors, else `regression`
+(for a loss, higher is worse). Writes OUT.json and OUT.md.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+from bench.compare import paired
+from datarater import files
+
+SEEDS_FIGURES = (  # (key, label, scale, higher is better)
+    ('noise_auroc', 'noise AUROC', 1.0, True),
+    ('test_accuracy_rater', 'test accuracy (%), rater weights', 100.0, True),
+    ('test_accuracy_uniform', 'test accuracy (%), uniform', 100.0, True),
+    ('heldout_loss_rater', 'held-out loss, rater weights', 1.0, False),
+    ('heldout_loss_uniform', 'held-out loss, uniform', 1.0, False))
+
+
+def seeds_figures(path: str) -> dict:
+  """{label: {seed: value}} of a bench.train_rater_seeds output."""
+  with open(path) as f:
+    seeds = json.load(f)['seeds']
+  return {label: {s: (r[key], scale, better) for s, r in seeds.items()}
+          for key, label, scale, better in SEEDS_FIGURES}
+
+
+def curation_figures(path: str) -> dict:
+  """{label: {seed: value}} of a bench.curation output at its one noise rate."""
+  with open(path) as f:
+    runs = json.load(f)['runs']
+  if len(runs) != 1:
+    raise SystemExit(f'{path}: expected one noise rate, found {sorted(runs)}')
+  (noise, by_seed), = runs.items()
+  out = {}
+  def add(label, seed, value, scale):
+    out.setdefault(f'curation {float(noise):.0%}: {label}', {})[seed] = (value, scale, True)
+  for seed, r in by_seed.items():
+    add('all data, accuracy (%)', seed, r['all']['accuracy'], 100.0)
+    for keep, v in r['random'].items():
+      add(f'random subset {keep}, accuracy (%)', seed, v['accuracy'], 100.0)
+    for method, by_keep in r['filtered'].items():
+      for keep, v in by_keep.items():
+        add(f'{method} filtered {keep}, accuracy (%)', seed, v['accuracy'], 100.0)
+    for method, v in r['online'].items():
+      add(f'{method} online weights, accuracy (%)', seed, v['accuracy'], 100.0)
+    for method, v in r['auroc'].items():
+      add(f'{method} noise AUROC', seed, v, 1.0)
+  return out
+
+
+def compare(before: dict, after: dict) -> list[dict]:
+  rows = []
+  for label, b in before.items():
+    seeds = sorted(set(b) & set(after.get(label, {})), key=int)
+    if not seeds:
+      continue
+    scale, better = b[seeds[0]][1], b[seeds[0]][2]
+    x0 = np.array([b[s][0] for s in seeds])
+    x1 = np.array([after[label][s][0] for s in seeds])
+    d = paired(x1, x0, scale)
+    worse = -d['diff'] if better else d['diff']  # > 0: after is worse
+    rows.append({'figure': label, 'seeds': len(seeds),
+                 'before_mean': float(scale * x0.mean()), 'before_std': float(scale * x0.std(ddof=1)),
+                 'after_mean': float(scale * x1.mean()), 'after_std': float(scale * x1.std(ddof=1)),
+                 'diff': d['diff'], 'paired_se': d['se'],
+                 'verdict': 'regression' if worse > 2 * d['se'] else 'reproduces'})
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--before', required=True)
+  parser.add_argument('--after', required=True)
+  parser.add_argument('--out', required=True)
+  args = parser.parse_args()
+  figures = {}
+  for side in ('before', 'after'):
+    prefix = getattr(args, side)
+    figures[side] = seeds_figures(prefix + '_seeds.json')
+    if os.path.exists(prefix + '_curation.json'):
+      figures[side].update(curation_figures(prefix + '_curation.json'))
+  rows = compare(figures['before'], figures['after'])
+  lines = ['| figure | seeds | before | after | after - before | verdict |',
+           '|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f'| {r["figure"]} | {r["seeds"]} | {r["before_mean"]:.3f} +- {r["before_std"]:.3f}'
+                 f' | {r["after_mean"]:.3f} +- {r["after_std"]:.3f} | {r["diff"]:+.3f} +- '
+                 f'{r["paired_se"]:.3f} | {r["verdict"]} |')
+  print('\n'.join(lines))
+  files.write_json(args.out + '.json', {'before': args.before, 'after': args.after, 'rows': rows})
+  files.write_text(args.out + '.md', '\n'.join(lines) + '\n')
+
+
+if __name__ == '__main__':
+  main()
