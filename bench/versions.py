@@ -2,10 +2,11 @@ r"""Two versions of the code on the same seeds: per figure, the paired differenc
 
   python -m bench.versions --before=OLD_PREFIX --after=NEW_PREFIX --out=bench/results/redesign_check
 
-Each prefix names the outputs of one tree's runs: PREFIX_seeds.json from `bench.train_rater_seeds`
-and, if present, PREFIX_curation.json from `bench.curation` (one noise rate). For every figure
-(noise AUROC, fresh-model test accuracy and held-out loss; curation accuracy per row and
-AUROC per method) it reports both means, their spread over seeds, the difference after minus
+Each prefix names the outputs of one tree's runs, any of: PREFIX_seeds.json from
+`bench.train_rater_seeds`, PREFIX_curation.json from `bench.curation` (one noise rate) and
+PREFIX_valuation.json from `bench.valuation_noise` (one noise rate). For every figure (noise
+AUROC, fresh-model test accuracy and held-out loss; curation accuracy per row and AUROC per
+method; each valuation's AUROC) it reports both means, their spread over seeds, the difference after minus
 before with its paired standard error (pairs = seeds), and the verdict of the rule fixed before
 the runs: `reproduces` if the difference is no worse than 2 standard errors, else `regression`
 (for a loss, higher is worse). Writes OUT.json and OUT.md.
@@ -59,6 +60,26 @@ def curation_figures(path: str) -> dict:
   return out
 
 
+def valuation_figures(path: str) -> dict:
+  """{label: {seed: value}} of a bench.valuation_noise output at one noise rate: its `runs`
+  records, or (older versions of the bench) its `auroc` table {method: {seed: value}}."""
+  with open(path) as f:
+    d = json.load(f)
+  if 'runs' in d:
+    if len(set(r['noise'] for r in d['runs'])) > 1:
+      raise SystemExit(f'{path}: expected one noise rate')
+    table = {}
+    for r in d['runs']:
+      table.setdefault(r['variant'], {})[str(r['seed'])] = r['auroc']
+  else:
+    table = d['auroc']
+  return {f'valuation: {method} noise AUROC': {s: (v, 1.0, True) for s, v in per_seed.items()}
+          for method, per_seed in table.items()}
+
+
+READERS = {'seeds': seeds_figures, 'curation': curation_figures, 'valuation': valuation_figures}
+
+
 def compare(before: dict, after: dict) -> list[dict]:
   rows = []
   for label, b in before.items():
@@ -86,10 +107,10 @@ def main():
   args = parser.parse_args()
   figures = {}
   for side in ('before', 'after'):
-    prefix = getattr(args, side)
-    figures[side] = seeds_figures(prefix + '_seeds.json')
-    if os.path.exists(prefix + '_curation.json'):
-      figures[side].update(curation_figures(prefix + '_curation.json'))
+    prefix, figures[side] = getattr(args, side), {}
+    for kind, read in READERS.items():
+      if os.path.exists(f'{prefix}_{kind}.json'):
+        figures[side].update(read(f'{prefix}_{kind}.json'))
   rows = compare(figures['before'], figures['after'])
   lines = ['| figure | seeds | before | after | after - before | verdict |',
            '|---|---|---|---|---|---|']
