@@ -37,21 +37,3 @@ def digits_data(tfds_dir, label_noise=0.0, noise_seed=0):
   data = get_config().data
   data.data_dir, data.label_noise, data.noise_seed = tfds_dir, label_noise, noise_seed
   return data
-
-
-# The longest fast tests (about 20-50 s each on one core) run first, so that the two xdist
-# workers finish together instead of one waiting on a long test started last.
-LONGEST_FIRST = (
-    'test_default_run.py::test_short_default_run_separates_noisy_examples',
-    'test_multihost.py::test_two_processes_equal_one_process_with_four_devices',
-    'test_policies.py::test_every_registered_policy_trains_through_the_launcher_path',
-    'test_resume.py::test_resumed_run_equals_uninterrupted_run',
-    'test_multihost.py::test_two_process_filter_writes_the_one_process_dataset',
-    'test_valuation.py::test_dvemb_predicts_real_leave_one_out_retraining',
-)
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  key = lambda item: rank.get(item.nodeid.split('/')[-1], len(rank))
-  items.sort(key=key)  # stable: the rest keep their order
