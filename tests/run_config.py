@@ -15,7 +15,7 @@ def small_config(data_dir: str, steps: int = 6):
   c.log_every = 2
   c.checkpoint_every = 2
   c.final_eval.train_steps = 5
-  c.final_eval.num_models = 0  # the report's fresh models: test_default_run, and 2 processes below
+  c.final_eval.num_models = 0  # no end-of-run fresh models (test_default_run checks them)
   return c
 
 
