@@ -6,8 +6,9 @@ state). One epoch:
   1. the policy selects its examples and weights (`Policy.select`; all of them, weight 1, for a
      weighting policy); they are shuffled by (seed, epoch) and cut into batches of `batch_size`,
      the last one padded with weight-0 entries;
-  2. a `lax.scan` takes one optimizer step per batch on the weighted mean loss, the selection
-     weights times the policy's per-batch weights (`Policy.weigh`; 0 filters an example out);
+  2. a `lax.scan` takes one optimizer step per batch on the weighted loss, the selection
+     weights times the policy's per-batch weights (`Policy.weigh`; 0 filters an example out),
+     averaged over the batch's real examples (a padded last batch is not a smaller step);
   3. the per-example losses of those steps go back to the policy (`Policy.update`);
   4. every split in `evals` is evaluated (`Task.metrics`, averaged), `evals_per_epoch` times.
 Compute is counted in example-gradients: (example, step) pairs with a weight > 0.
@@ -167,7 +168,10 @@ class Trainer:
       else:
         batch = {k: jnp.take(v, pos, axis=0, mode='clip') for k, v in data.items()}
       batch['index'] = pos
-      w = self.policy.weigh(aux, policy_state, model.params, batch, w)
+      # A batch's loss is the mean over its real (non-padding) examples: the weights are scaled
+      # by B / (real examples), so an epoch's short last batch takes a full-sized step.
+      real = jnp.maximum(jnp.sum(w > 0), 1)
+      w = self.policy.weigh(aux, policy_state, model.params, batch, w) * (w.shape[0] / real)
       if every:  # the parameters before step t, at slot t / every (other steps are dropped)
         slot = jnp.where(t % every == 0, t // every, jax.tree.leaves(buffer)[0].shape[0])
         buffer = jax.tree.map(lambda b, p: b.at[slot].set(p, mode='drop'), buffer, model.params)
