@@ -3,13 +3,15 @@ r"""Two versions of the code on the same seeds: per figure, the paired differenc
   python -m bench.versions --before=OLD_PREFIX --after=NEW_PREFIX --out=bench/results/redesign_check
 
 Each prefix names the outputs of one tree's runs, any of: PREFIX_seeds.json from
-`bench.train_rater_seeds`, PREFIX_curation.json from `bench.curation` (one noise rate) and
-PREFIX_valuation.json from `bench.valuation_noise` (one noise rate). For every figure (noise
-AUROC, fresh-model test accuracy and held-out loss; curation accuracy per row and AUROC per
-method; each valuation's AUROC) it reports both means, their spread over seeds, the difference after minus
-before with its paired standard error (pairs = seeds), and the verdict of the rule fixed before
-the runs: `reproduces` if the difference is no worse than 2 standard errors, else `regression`
-(for a loss, higher is worse). Writes OUT.json and OUT.md.
+`bench.train_rater_seeds`, PREFIX_curation.json from `bench.curation` (one noise rate),
+PREFIX_valuation.json from `bench.valuation_noise` (one noise rate) and PREFIX_selection.json from
+`bench.selection` (runs paired by fold and seed; a fold only one side ran is left out). For every
+figure (noise AUROC, fresh-model test accuracy and held-out loss; curation accuracy per row and
+AUROC per method; each valuation's AUROC; selection accuracy per policy and ratio) it reports both
+means, their spread over seeds, the difference after minus before with its paired standard error
+(pairs = seeds), and the verdict of the rule fixed before the runs: `reproduces` if the difference
+is no worse than 2 standard errors, else `regression` (for a loss, higher is worse). Writes
+OUT.json and OUT.md.
 """
 import argparse
 import json
@@ -77,7 +79,20 @@ def valuation_figures(path: str) -> dict:
           for method, per_seed in table.items()}
 
 
-READERS = {'seeds': seeds_figures, 'curation': curation_figures, 'valuation': valuation_figures}
+def selection_figures(path: str) -> dict:
+  """{label: {pair: value}} of a bench.selection output: test accuracy per (noise, policy, ratio),
+  paired by (fold, seed), keyed fold * 1000 + seed."""
+  with open(path) as f:
+    runs = json.load(f)['runs']
+  out = {}
+  for r in runs:
+    label = f'selection {r["noise"]:.0%}: {r["policy"]} r={r["ratio"]}, accuracy (%)'
+    out.setdefault(label, {})[str(1000 * r['fold'] + r['seed'])] = (r['test_accuracy'], 100.0, True)
+  return out
+
+
+READERS = {'seeds': seeds_figures, 'curation': curation_figures, 'valuation': valuation_figures,
+           'selection': selection_figures}
 
 
 def compare(before: dict, after: dict) -> list[dict]:
