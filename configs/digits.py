@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.inner.optimizer = 'adam'       # 'sgd' | 'momentum' | 'adam'
   c.inner.learning_rate = 1e-3
   c.inner.reset_every = 200        # R: each member is re-initialised every R outer steps, staggered
+  c.inner.advance_steps = 0        # A: weighted steps per outer step before the T, no meta-gradient
 
   c.outer = ml_collections.ConfigDict()
   c.outer.steps = 600

@@ -29,13 +29,15 @@ FORMAT_VERSION = 2
 def rater_training_compute(config) -> int:
   """Task-model example-gradients of a rater run (a lower bound on its cost).
 
-  Each outer step trains K inner models for T steps of B examples and evaluates their loss on a
-  held-out batch, then back-propagates through all of it; we count the forward+backward example
-  passes of the inner models, K * (T * B + B_outer) per outer step. The meta-backward through the
-  unroll roughly doubles that again; it is not counted here, so the figure is conservative.
+  Each outer step trains K inner models for A + T steps of B examples (A advanced, T unrolled)
+  and evaluates their loss on a held-out batch, then back-propagates through the last T; we count
+  the forward+backward example passes of the inner models, K * ((A + T) * B + B_outer) per outer
+  step. The meta-backward through the unroll roughly doubles the T part again; it is not counted
+  here, so the figure is conservative.
   """
+  inner_steps = config.inner.get('advance_steps', 0) + config.inner.steps  # a saved config may lack A
   return int(config.outer.steps * config.inner.population *
-             (config.inner.steps * config.inner.batch_size + config.outer.batch_size))
+             (inner_steps * config.inner.batch_size + config.outer.batch_size))
 
 
 def _check_finite(params, where: str) -> None:

@@ -132,9 +132,11 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
   last_step = config.outer.steps if stop_after is None else min(stop_after, config.outer.steps)
   if primary:
     log.info('training the rater: outer steps %d..%d on %d device(s) in %d process(es) (mesh %s), '
-             'T=%d, K=%d, B=%d', start, config.outer.steps, mesh.devices.size,
+             'T=%d, K=%d, B=%d%s', start, config.outer.steps, mesh.devices.size,
              jax.process_count(), dict(mesh.shape), config.inner.steps, config.inner.population,
-             config.inner.batch_size)
+             config.inner.batch_size,
+             f', advancing A={config.inner.advance_steps} steps before each unroll'
+             if config.inner.advance_steps else '')
   if start < last_step:
     t0 = time.time()
     if primary:

@@ -1,4 +1,4 @@
-"""The bi-level step's data: inner batches [K, T, B, ...] and held-out batches [K, B, ...].
+"""The bi-level step's data: inner batches [K, A + T, B, ...] and held-out batches [K, B, ...].
 
 Which examples go where is a pure function of the outer step (`pipeline.stream_indices`), so a
 resumed run continues the stream exactly, and every process agrees on the global batch while
@@ -20,7 +20,8 @@ class MetaBatches:
     self.eval = pipeline.load_split(d, d.eval_split)
     self.info = self.train.info
     self.seed = config.seed
-    self.k, self.t = config.inner.population, config.inner.steps
+    self.k = config.inner.population
+    self.t = config.inner.advance_steps + config.inner.steps  # advanced, then unrolled
     self.b_in, self.b_out = config.inner.batch_size, config.outer.batch_size
 
   def position(self, step: int) -> dict[str, int]:
@@ -28,7 +29,7 @@ class MetaBatches:
     return {'train': step * self.k * self.t * self.b_in, 'heldout': step * self.k * self.b_out}
 
   def indices_at(self, step: int):
-    """Example positions (inner [K, T, B], held-out [K, B]) of outer step `step`."""
+    """Example positions (inner [K, A + T, B], held-out [K, B]) of outer step `step`."""
     pos = self.position(step)
     inner = pipeline.stream_indices(len(self.train), pos['train'], self.k * self.t * self.b_in,
                                     self.seed).reshape(self.k, self.t, self.b_in)

@@ -2,8 +2,10 @@
 
 `outer_loss(problem, estimator, phi, ...)` is a pure function of the rater parameters;
 `outer_step(problem, estimator, state, inner_batches, outer_batches) -> (state, metrics)` resets
-due members, takes the meta-gradient and one outer optimizer step; `sharding.jit_outer_step`
-compiles it for a device mesh.
+due members, advances them A weighted steps outside the meta-gradient (truncated backpropagation:
+members age A + T steps per outer step at the cost of A plain steps), takes the meta-gradient
+through the next T and one outer optimizer step; `sharding.jit_outer_step` compiles it for a
+device mesh.
 """
 import dataclasses
 from typing import Any
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from datarater.tasks import Rater, Task
-from inner_loop.unroll import InnerState, init_inner_state
+from inner_loop.unroll import InnerState, init_inner_state, unroll
 from inner_loop.weighting import softmax_weights
 from outer_loop.population import init_population, reset_diverged, staggered_reset
 
@@ -39,6 +41,7 @@ class MetaProblem:
   outer_optimizer: optax.GradientTransformation
   temperature: float
   reset_every: int
+  advance_steps: int = 0     # A: weighted inner steps per outer step before the unrolled T
 
   def weights(self, rater_params, batch) -> jax.Array:
     """Loss weights w = B * softmax(g_phi(batch) / tau), mean 1."""
@@ -80,9 +83,20 @@ def init_outer_state(problem: MetaProblem, key: jax.Array, population_size: int)
                     key=reset_key, skipped=zero, skipped_in_a_row=zero)
 
 
+def advance(problem: MetaProblem, rater_params, population: InnerState, batches: dict):
+  """Each member takes the weighted steps of `batches` (leaves [K, A, B, ...]), phi held fixed."""
+  weight_fn = lambda batch: problem.weights(jax.lax.stop_gradient(rater_params), batch)
+  return jax.vmap(lambda state, member_batches: unroll(
+      problem.task.per_example_loss, problem.inner_optimizer, weight_fn, state,
+      member_batches)[0])(population, batches)
+
+
 def outer_step(problem: MetaProblem, estimator, state: OuterState, inner_batches: dict,
                outer_batches: dict):
-  """Reset due members, take one meta-gradient step on phi; returns (state, metrics).
+  """Reset due members, advance them, take one meta-gradient step on phi; returns (state, metrics).
+
+  inner_batches leaves are [K, A + T, B, ...]: the first A steps advance the members, the
+  meta-gradient goes through the last T.
 
   A step whose meta-gradient (or outer loss) is not finite leaves the rater and its optimizer
   state as they were and is counted as skipped; inner models whose parameters became
@@ -90,6 +104,11 @@ def outer_step(problem: MetaProblem, estimator, state: OuterState, inner_batches
   """
   population = staggered_reset(state.population, problem.init_member, state.key, state.step,
                                problem.reset_every)
+  a = problem.advance_steps
+  if a:
+    population = advance(problem, state.rater_params, population,
+                         jax.tree.map(lambda x: x[:, :a], inner_batches))
+    inner_batches = jax.tree.map(lambda x: x[:, a:], inner_batches)
   (loss, (population, inner_losses)), grads = meta_gradient(
       problem, estimator, state.rater_params, population, inner_batches, outer_batches)
   grad_norm = optax.tree.norm(grads)

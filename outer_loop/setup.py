@@ -20,5 +20,6 @@ def build_problem(config: ml_collections.ConfigDict, info):
       task=tasks.make_task(config.task, info), rater=tasks.make_rater(config.rater, info),
       inner_optimizer=make_inner_optimizer(config.inner.optimizer, config.inner.learning_rate),
       outer_optimizer=make_outer_optimizer(config.outer),
-      temperature=config.rater.temperature, reset_every=config.inner.reset_every)
+      temperature=config.rater.temperature, reset_every=config.inner.reset_every,
+      advance_steps=config.inner.advance_steps)
   return problem, make_estimator(config.outer, config.inner)

@@ -1,10 +1,15 @@
 """d(outer loss)/d(phi) through T unrolled inner steps equals central finite differences (float64)."""
+import dataclasses
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from inner_loop.unroll import InnerState
 from outer_loop import meta_step
 from tests.tiny import as_float64, estimator, tiny_batches, tiny_problem
 
@@ -58,3 +63,55 @@ def test_outer_step_uses_the_meta_gradient():
   assert int(new_state.step) == 1
   moved = ravel_pytree(new_state.rater_params)[0] - ravel_pytree(state.rater_params)[0]
   assert float(jnp.linalg.norm(moved)) > 0
+
+
+
+def test_advance_steps_train_outside_the_meta_gradient():
+  """With A advance steps the members first take A weighted Adam steps (phi fixed), and the
+  meta-gradient is that of the T-step problem from the advanced members (finite differences)."""
+  a, t, k = 3, 2, 2
+  problem = dataclasses.replace(tiny_problem(optimizer='adam', lr=0.05, reset_every=100),
+                                advance_steps=a)
+  est = estimator('reverse', 'adam', 0.05)
+  with jax.enable_x64():
+    inner, outer = jax.tree.map(jnp.asarray, tiny_batches(2, population=k, steps=a + t, batch=8,
+                                                          dtype=np.float64))
+    state = as_float64(meta_step.init_outer_state(problem, jax.random.PRNGKey(3), k))
+    # Oracle: A optax steps per member on mean(w * loss), w = B softmax(score / tau), in a loop.
+    opt = problem.inner_optimizer
+    members = []
+    for m in range(k):
+      params = jax.tree.map(lambda x, m=m: x[m], state.population.params)
+      opt_state = opt.init(params)
+      for s in range(a):
+        batch = jax.tree.map(lambda x, m=m, s=s: x[m, s], inner)
+        scores = problem.rater.score(state.rater_params, batch)
+        w = batch['label'].shape[0] * jax.nn.softmax(scores / problem.temperature)
+        grads = jax.grad(lambda p, w=w, batch=batch: jnp.mean(
+            w * problem.task.per_example_loss(p, batch)))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+      members.append(InnerState(params, opt_state))
+    advanced = jax.tree.map(lambda *xs: jnp.stack(xs), *members)
+
+    seen, original = {}, meta_step.meta_gradient
+    def spy(problem_, est_, phi, population, inner_, outer_):
+      out = original(problem_, est_, phi, population, inner_, outer_)
+      seen.update(population=population, inner=inner_, grads=out[1])
+      return out
+    with mock.patch.object(meta_step, 'meta_gradient', spy):
+      meta_step.outer_step(problem, est, state, inner, outer)
+    for got, want in zip(jax.tree.leaves(seen['population']), jax.tree.leaves(advanced)):
+      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(seen['inner']['image'], inner['image'][:, a:])
+
+    tail = jax.tree.map(lambda x: x[:, a:], inner)
+    flat_phi, unravel = ravel_pytree(state.rater_params)
+    loss_of = jax.jit(lambda flat: meta_step.outer_loss(problem, est, unravel(flat), advanced,
+                                                        tail, outer)[0])
+    eps = 1e-6
+    numeric = jax.vmap(lambda e: (loss_of(flat_phi + eps * e) - loss_of(flat_phi - eps * e))
+                       / (2 * eps))(jnp.eye(flat_phi.size, dtype=jnp.float64))
+    analytic = ravel_pytree(seen['grads'])[0]
+    assert float(jnp.linalg.norm(analytic)) > 1e-6
+    assert float(jnp.linalg.norm(analytic - numeric) / jnp.linalg.norm(numeric)) < 1e-5
