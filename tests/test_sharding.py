@@ -1,4 +1,6 @@
 """The outer step on 4 devices (population and/or batch split) equals the 1-device step."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ def _put(tree, shardings):
 
 
 def _run(problem, est, devices, population, steps=2, unroll=2):
-  inner, outer = tiny_batches(3, population=population, steps=unroll, batch=16)
+  inner, outer = tiny_batches(3, population=population, steps=problem.advance_steps + unroll,
+                              batch=16)
   init = lambda: meta_step.init_outer_state(problem, jax.random.PRNGKey(1), population)
   mesh = sharding.make_mesh(population, devices)
   step_fn, state_sh, inner_sh, outer_sh = sharding.jit_outer_step(
@@ -25,13 +28,15 @@ def _run(problem, est, devices, population, steps=2, unroll=2):
   return mesh, jax.device_get(state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize('population,meta_gradient,unroll',
-                         [pytest.param(4, 'reverse', 2, marks=pytest.mark.slow),  # mesh (4, 1)
-                          (1, 'reverse', 2),  # mesh (1, 4)
-                          pytest.param(2, 'mixed', 9, marks=pytest.mark.slow)])  # (2, 2); mixed T = 9: 4 replayed, 1 + 2 x 2 undone
-def test_four_devices_equal_one(population, meta_gradient, unroll):
+@pytest.mark.parametrize('population,meta_gradient,unroll,advance',
+                         [pytest.param(4, 'reverse', 2, 0, marks=pytest.mark.slow),  # mesh (4, 1)
+                          (1, 'reverse', 2, 0),  # mesh (1, 4)
+                          (2, 'reverse', 2, 3),  # mesh (2, 2), 3 advance steps before the unroll
+                          pytest.param(2, 'mixed', 9, 0, marks=pytest.mark.slow)])  # (2, 2); mixed T = 9: 4 replayed, 1 + 2 x 2 undone
+def test_four_devices_equal_one(population, meta_gradient, unroll, advance):
   assert jax.device_count() >= 4, 'tests/conftest.py sets 4 fake CPU devices'
-  problem = tiny_problem(optimizer='adam', lr=0.05, reset_every=2)
+  problem = dataclasses.replace(tiny_problem(optimizer='adam', lr=0.05, reset_every=2),
+                                advance_steps=advance)
   est = estimator(meta_gradient, 'adam', 0.05, segment=2)
   _, one_state, one_metrics = _run(problem, est, jax.devices()[:1], population, unroll=unroll)
   mesh, four_state, four_metrics = _run(problem, est, jax.devices()[:4], population,
