@@ -1,13 +1,20 @@
 """The DataRater's per-kind AUROC on the text bench's corpus, with config overrides.
 
-  PYTHONPATH=. python bench/lm_advance_probe.py SEED inner.advance_steps=10 inner.reset_every=100
+  python -m bench.lm_advance_probe SEED inner.advance_steps=10 inner.reset_every=100
 
 Meta-trains the rater of configs/text_bench.py with the overrides, exports it, scores the training
 corpus and prints one JSON line (AUROC of each corruption kind and of code against clean prose).
 Results: bench/results/lm_advance_probe.md.
 """
-import os, sys, tempfile, time, json
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
 import numpy as np
+
 from configs import text_bench
 from bench.lm_curation import seeded, learned
 from datarater import export, tasks
@@ -37,5 +44,6 @@ small = tasks.make_task(c.task, train.info)
 v = factory.build('datarater', c, small, train, heldout, RunCache(os.path.join(tmp, 'runs'), 'x'))
 vals = np.asarray(v.values(train, c.valuation.score_batch_size), np.float64)
 out = learned(vals, train, c.rater.temperature)
+shutil.rmtree(tmp)
 print(json.dumps({'seed': seed, **over, 'seconds': secs,
                   'auroc': {k: round(x, 3) for k, x in out['auroc'].items()}}))

@@ -65,7 +65,6 @@ def test_outer_step_uses_the_meta_gradient():
   assert float(jnp.linalg.norm(moved)) > 0
 
 
-
 def test_advance_steps_train_outside_the_meta_gradient():
   """With A advance steps the members first take A weighted Adam steps (phi fixed), and the
   meta-gradient is that of the T-step problem from the advanced members (finite differences)."""
