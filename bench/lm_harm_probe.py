@@ -10,12 +10,14 @@ batches of the whole training corpus; at each age (steps taken) it reports
 - the held-out loss change after `--group_steps` more steps on one group only (clean prose or one
   corruption kind), from the same state: is the kind harmful to a model of that age;
 - the first-order influence of each of `--examples` sampled training sequences on the held-out
-  loss, g_i . g_heldout (what one SGD step on it changes, to first order), and the same through
-  the optimizer's current Adam preconditioner, g_i . g_heldout / (sqrt(nu) + eps); and the AUROC
+  loss, g_i . g_heldout (what one SGD step on it changes, to first order; `pergrad.jvp_dots`), and
+  the same through the optimizer's current Adam preconditioner, g_i . g_heldout / (sqrt(nu) +
+  eps); and the AUROC
   of each corruption kind against clean prose when sequences are ranked by it.
 A DataRater meta-learned through T-step unrolls from such models sees, per example, about this
 first-order signal. Writes <out>.jsonl (one line per size, seed and age) and <out>.md.
 """
+import functools
 import json
 import os
 
@@ -27,17 +29,11 @@ import numpy as np
 import optax
 
 from configs import text_bench
-from datarater import evaluation, files, tasks
+from datarater import evaluation, files, pergrad, tasks
 from datarater.data import pipeline
 from inner_loop.optimizers import ADAM_B2, ADAM_EPS, make_inner_optimizer
 
 FLAGS = flags.FLAGS
-
-
-def flat(tree, batch_dims: int = 0) -> jax.Array:
-  leaves = jax.tree.leaves(tree)
-  lead = leaves[0].shape[:batch_dims]
-  return jnp.concatenate([x.reshape(*lead, -1) for x in leaves], -1)
 
 
 def adam_nu(state):
@@ -58,8 +54,7 @@ def probe(task, section, train, heldout, seed: int, ages, group_steps: int, exam
     updates, state = opt.update(jax.grad(loss)(params, batch), state, params)
     return optax.apply_updates(params, updates), state
 
-  grads = jax.jit(jax.vmap(jax.grad(lambda p, b: loss(p, jax.tree.map(lambda x: x[None], b))),
-                           (None, 0)))
+  first_order = jax.jit(functools.partial(pergrad.jvp_dots, task.per_example_loss))
   heldout_loss = jax.jit(loss)
   rng = np.random.default_rng(seed)
   take = lambda split, idx: {k: jnp.asarray(v[idx]) for k, v in split.features.items()
@@ -82,15 +77,16 @@ def probe(task, section, train, heldout, seed: int, ages, group_steps: int, exam
       for _ in range(group_steps):
         p, s = step(p, s, take(train, rng.choice(rows, batch_size, False)))
       effect[kind] = float(heldout_loss(p, held)) - base
-    g_held = flat(jax.grad(loss)(params, held))
+    g_held = pergrad.mean_grad(task.per_example_loss, params, held)
     nu, count = adam_nu(state)
-    pre = g_held if nu is None else g_held / (jnp.sqrt(flat(nu) / (1 - ADAM_B2 ** count)) + ADAM_EPS)
+    pre = g_held if nu is None else jax.tree.map(
+        lambda g, v: g / (jnp.sqrt(v / (1 - ADAM_B2 ** count)) + ADAM_EPS), g_held, nu)
     sample = np.sort(rng.choice(np.flatnonzero(prose), examples, False))
     sgd, adam = [], []
     for c in range(0, examples, 64):
-      g = flat(grads(params, take(train, sample[c:c + 64])), 1)
-      sgd.append(np.asarray(g @ g_held))
-      adam.append(np.asarray(g @ pre))
+      batch = take(train, sample[c:c + 64])
+      sgd.append(np.asarray(first_order(params, batch, g_held)))
+      adam.append(np.asarray(first_order(params, batch, pre)))
     auroc = lambda v: evaluation.auroc_by_kind(np.concatenate(v), train.corruption[sample], kinds)
     out.append({'seed': seed, 'age': age, 'heldout_loss': base, 'group_effect': effect,
                 'auroc_sgd': auroc(sgd), 'auroc_adam': auroc(adam)})
