@@ -37,7 +37,8 @@ FLAGS = flags.FLAGS
 
 
 def adam_nu(state):
-  """The second-moment estimate of an optax Adam state (possibly chained), or None."""
+  """(second-moment estimate, step count) of an optax Adam state, possibly chained; (None, 0)
+  for another optimizer."""
   for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)):
     if isinstance(s, optax.ScaleByAdamState):
       return s.nu, int(s.count)
@@ -95,7 +96,7 @@ def probe(task, section, train, heldout, seed: int, ages, group_steps: int, exam
 
 
 def markdown(rows: list, flags_used: dict) -> str:
-  kinds = [k for k in rows[0]['auroc_sgd'] if k != 'overall']
+  kinds = list(rows[0]['auroc_sgd'])
   lines = [f"`python -m bench.lm_harm_probe` ({flags_used}); configs/text_bench.py's corpus "
            "(train[:8192], held-out loss on heldout[:1024]).", '',
            'Held-out loss change (nats/byte) after the group-only steps, from the same state '
