@@ -58,8 +58,7 @@ def probe(task, section, train, heldout, seed: int, ages, group_steps: int, exam
   first_order = jax.jit(functools.partial(pergrad.jvp_dots, task.per_example_loss))
   heldout_loss = jax.jit(loss)
   rng = np.random.default_rng(seed)
-  take = lambda split, idx: {k: jnp.asarray(v[idx]) for k, v in split.features.items()
-                             if k == task.input_key}
+  take = lambda split, idx: {task.input_key: jnp.asarray(split.features[task.input_key][idx])}
   kinds = train.corruption_kinds
   prose = train.features['domain'] == train.info.class_names['domain'].index('prose')
   group_rows = {kind: np.flatnonzero(prose & (train.corruption == k)) for k, kind in
