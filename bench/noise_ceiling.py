@@ -1,0 +1,150 @@
+r"""How far any per-example score can separate the corrupted examples, with the config's own model.
+
+  python -m bench.noise_ceiling --config=configs/fashion_mnist_bench.py --noise=0.2,0.4
+
+A corrupted label is found by asking how likely a model finds it: score = log p(given label | x).
+Per noise rate p and seed s (corruption draw = s, as in bench.valuation_noise), the config's task
+trained with uniform weights gives three such detectors of the training split:
+- `crossfit_noisy`: k-fold cross-fitting on the split itself, each fold scored by a model trained
+  on the other folds' (corrupted) labels: what a detector that sees only the corrupted split can
+  reach with this model (confident learning's recipe);
+- `crossfit_clean`: the same folds, trained on the other folds' *true* labels: the model knows
+  the labelling, so only the ambiguity of the images and the model's limits remain;
+- `clean_other`: one model per seed trained on `--other_split` (other images of the dataset, never
+  corrupted), scoring the whole split: the same with 9x more data.
+AUROC of clean against corrupted, overall and per corruption kind, and each model's accuracy on
+the validation split (the test split is not read). Writes <out>.json and .md.
+"""
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import dataclasses
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from bench import runs
+from datarater import evaluation, files, tasks
+from datarater.data import pipeline
+from datarater.policies import weighting
+from datarater.trainer import Trainer
+from inner_loop.optimizers import make_inner_optimizer
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/fashion_mnist_bench.py',
+                                          'Experiment config.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (corruption draw, init, order).')
+_NOISE = flags.DEFINE_list('noise', ['0.2', '0.4'], 'Corruption rates (data.label_noise).')
+_FOLDS = flags.DEFINE_integer('folds', 5, 'Cross-fitting folds.')
+_EPOCHS = flags.DEFINE_integer('epochs', 8, 'Epochs of every detector model.')
+_OTHER = flags.DEFINE_string('other_split', 'train[5000:50000]',
+                             'Uncorrupted images for `clean_other` ("" skips it).')
+_VAL = flags.DEFINE_string('val_split', 'train[55000:]', 'Where detector accuracy is measured.')
+_OUT = flags.DEFINE_string('out', 'bench/results/noise_ceiling', 'Output prefix.')
+
+
+def with_clean_labels(split):
+  """`split` with its original labels put back (corrupted inputs stay as they are)."""
+  return dataclasses.replace(split, features={**split.features, **split.clean})
+
+
+def train_model(config, task, fit, val, seed: int):
+  """(parameters of a model of `task` trained on `fit` with uniform weights, its val accuracy)."""
+  t = config.train
+  trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate),
+                    weighting.weighting('uniform', len(fit)), t.batch_size)
+  result = trainer.run(fit, {'val': val}, [seed], epochs=_EPOCHS.value)
+  return (jax.tree.map(lambda p: p[0], result.params),
+          float(result.final['val']['accuracy'][0]))
+
+
+def log_likelihood(task, params, split) -> np.ndarray:
+  """log p(given label | x) of every example of `split` (= minus its loss)."""
+  return evaluation.score_split(lambda b: -task.per_example_loss(params, b), split)
+
+
+def markdown(results: dict) -> str:
+  kinds = sorted({k for r in results['runs'] for k in r['auroc_by_kind']})
+  lines = [f'Noise AUROC of log p(given label | x) (mean ± std over seeds {results["seeds"]}), '
+           f'{results["dataset"]} ({results["train_split"]}), task {results["task"]}, '
+           f'{results["epochs"]} epochs per model, {results["folds"]}-fold cross-fitting; '
+           f'`clean_other`: trained on {results["other_split"]}; val accuracy on '
+           f'{results["val_split"]}:', '',
+           '| noise | detector | overall | ' + ' | '.join(kinds) + ' | val accuracy |',
+           '|---|---|---|' + '---|' * len(kinds) + '---|']
+  cell = lambda xs: f'{np.mean(xs):.3f} ± {np.std(xs):.3f}'
+  for noise in results['noise']:
+    for name in ('crossfit_noisy', 'crossfit_clean', 'clean_other'):
+      rs = [r for r in results['runs'] if r['noise'] == noise and r['detector'] == name]
+      if not rs:
+        continue
+      lines.append(f'| {noise:.0%} | {name} | {cell([r["auroc"] for r in rs])} | '
+                   + ' | '.join(cell([r['auroc_by_kind'][k] for r in rs]) for k in kinds)
+                   + f' | {cell([r["val_accuracy"] for r in rs])} |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  config = _CONFIG.value
+  noises, seeds = [float(x) for x in _NOISE.value], [int(s) for s in _SEEDS.value]
+  results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
+             'dataset': config.data.name, 'task': config.task.name,
+             'train_split': config.data.train_split, 'other_split': _OTHER.value,
+             'val_split': _VAL.value, 'noise': noises, 'seeds': seeds, 'folds': _FOLDS.value,
+             'epochs': _EPOCHS.value, 'runs': []}
+  t_start = time.time()
+  tmp_root = tempfile.mkdtemp(prefix='bench_ceiling_')
+  runs.compilation_cache(os.path.join(tmp_root, 'jax_cache'))
+  val = pipeline.load_split(config.data, _VAL.value)
+  other = pipeline.load_split(config.data, _OTHER.value) if _OTHER.value else None
+  other_models = {}
+
+  def record(noise, s, name, train, scores, accuracy):
+    run = {'noise': noise, 'seed': s, 'detector': name, 'val_accuracy': accuracy,
+           'auroc': evaluation.noise_auroc(scores, train.is_corrupted),
+           'auroc_by_kind': evaluation.auroc_by_kind(scores, train.corruption,
+                                                     train.corruption_kinds)}
+    results['runs'].append(run)
+    print(f'noise {noise:.0%} seed {s} {name:15s} AUROC {run["auroc"]:.3f} '
+          f'{ {k: round(v, 3) for k, v in run["auroc_by_kind"].items()} } val acc '
+          f'{accuracy:.4f} [{time.time() - t_start:.0f} s]', flush=True)
+
+  for noise in noises:
+    for s in seeds:
+      c = runs.seeded(config, noise, s)
+      train = pipeline.load_split(c.data, c.data.train_split, corrupt=True)
+      task = tasks.make_task(c.task, train.info)
+      fixed = with_clean_labels(train)
+      folds = np.random.default_rng(s).permutation(len(train)) % _FOLDS.value
+      for name, fit_split in (('crossfit_noisy', train), ('crossfit_clean', fixed)):
+        scores, accs = np.zeros(len(train)), []
+        for f in range(_FOLDS.value):
+          out = np.flatnonzero(folds == f)
+          params, acc = train_model(c, task, fit_split.subset(np.flatnonzero(folds != f)), val,
+                                    100 * s + f)
+          scores[out] = log_likelihood(task, params, train.subset(out))
+          accs.append(acc)
+        record(noise, s, name, train, scores, float(np.mean(accs)))
+      if other is not None:
+        if s not in other_models:  # one model per seed scores every noise rate's split
+          other_models[s] = train_model(c, task, other, val, 100 * s + 99)
+        params, acc = other_models[s]
+        record(noise, s, 'clean_other', train, log_likelihood(task, params, train), acc)
+  results['total_s'] = time.time() - t_start
+  shutil.rmtree(tmp_root, ignore_errors=True)
+  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+  files.write_json(_OUT.value + '.json', results)
+  md = markdown(results)
+  files.write_text(_OUT.value + '.md', md)
+  print(md)
+
+
+if __name__ == '__main__':
+  app.run(main)
