@@ -1,8 +1,13 @@
 """Test setup: 4 fake CPU devices (sharding tests compare 4 devices with 1), quick compiles, quiet
 logs. The tests' programs are small and compiled once or twice each, so XLA's cheaper backend
-passes (`FAST_COMPILE`) halve their compile time; `subprocess_env` gives subprocesses the same."""
+passes (`FAST_COMPILE`) halve their compile time; `subprocess_env` gives subprocesses the same.
+Many tests compile the same programs (the small rater run, the trainer's steps): one on-disk
+compilation cache, made by the first process that imports this file and inherited by the pytest
+workers and the tests' subprocesses, compiles each once per session."""
 import os
+import shutil
 import sys
+import tempfile
 
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 # Two pytest workers share two cores: each runs XLA's CPU kernels on one thread.
@@ -10,9 +15,18 @@ ONE_THREAD = '--xla_cpu_multi_thread_eigen=false'
 os.environ.setdefault('XLA_FLAGS',
                       f'--xla_force_host_platform_device_count=4 {FAST_COMPILE} {ONE_THREAD}')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _OWN_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='datarater_tests_jax_cache_')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # pylint: disable=g-import-not-at-top
+
+
+def pytest_sessionfinish(session):
+  if _OWN_CACHE:  # the process that made the cache (pytest itself, not a worker) removes it
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -21,6 +21,8 @@ from datarater.meta_train import meta_train
 from launch import cli, export_rater, filter as filter_launcher, train, train_rater, valuate
 from tests.run_config import as_flags, small_config
 
+pytestmark = pytest.mark.xdist_group('bad_input')  # one worker builds the module's `world`
+
 LAUNCHERS = {'train_rater': train_rater, 'train': train, 'valuate': valuate,
              'export_rater': export_rater, 'filter': filter_launcher}
 

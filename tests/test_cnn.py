@@ -47,7 +47,7 @@ def test_patch_convolution_equals_flax_conv(stride, size):
   np.testing.assert_allclose(conv.apply(params, x), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('pool', ['flatten', 'mean'])
+@pytest.mark.parametrize('pool', ['flatten', pytest.param('mean', marks=pytest.mark.slow)])
 def test_examples_are_independent_and_ghost_products_cover_the_cnn(pool):
   with jax.enable_x64():
     config = digits_cnn.cnn(channels=(4, 6), strides=(1, 2), pool=pool, hidden=5)

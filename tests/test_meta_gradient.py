@@ -78,28 +78,37 @@ def test_advance_steps_train_outside_the_meta_gradient():
     state = as_float64(meta_step.init_outer_state(problem, jax.random.PRNGKey(3), k))
     # Oracle: A optax steps per member on mean(w * loss), w = B softmax(score / tau), in a loop.
     opt = problem.inner_optimizer
-    members = []
-    for m in range(k):
-      params = jax.tree.map(lambda x, m=m: x[m], state.population.params)
-      opt_state = opt.init(params)
-      for s in range(a):
-        batch = jax.tree.map(lambda x, m=m, s=s: x[m, s], inner)
-        scores = problem.rater.score(state.rater_params, batch)
-        w = batch['label'].shape[0] * jax.nn.softmax(scores / problem.temperature)
-        grads = jax.grad(lambda p, w=w, batch=batch: jnp.mean(
-            w * problem.task.per_example_loss(p, batch)))(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-      members.append(InnerState(params, opt_state))
-    advanced = jax.tree.map(lambda *xs: jnp.stack(xs), *members)
 
-    seen, original = {}, meta_step.meta_gradient
-    def spy(problem_, est_, phi, population, inner_, outer_):
-      out = original(problem_, est_, phi, population, inner_, outer_)
-      seen.update(population=population, inner=inner_, grads=out[1])
-      return out
-    with mock.patch.object(meta_step, 'meta_gradient', spy):
-      meta_step.outer_step(problem, est, state, inner, outer)
+    @jax.jit
+    def oracle(state, inner):
+      members = []
+      for m in range(k):
+        params = jax.tree.map(lambda x, m=m: x[m], state.population.params)
+        opt_state = opt.init(params)
+        for s in range(a):
+          batch = jax.tree.map(lambda x, m=m, s=s: x[m, s], inner)
+          scores = problem.rater.score(state.rater_params, batch)
+          w = batch['label'].shape[0] * jax.nn.softmax(scores / problem.temperature)
+          grads = jax.grad(lambda p, w=w, batch=batch: jnp.mean(
+              w * problem.task.per_example_loss(p, batch)))(params)
+          updates, opt_state = opt.update(grads, opt_state, params)
+          params = optax.apply_updates(params, updates)
+        members.append(InnerState(params, opt_state))
+      return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
+    advanced = oracle(state, inner)
+
+    @jax.jit
+    def seen_by_meta_gradient(state, inner):
+      """What outer_step hands to meta_gradient, and the gradient it gets back (traced)."""
+      seen, original = {}, meta_step.meta_gradient
+      def spy(problem_, est_, phi, population, inner_, outer_):
+        out = original(problem_, est_, phi, population, inner_, outer_)
+        seen.update(population=population, inner=inner_, grads=out[1])
+        return out
+      with mock.patch.object(meta_step, 'meta_gradient', spy):
+        meta_step.outer_step(problem, est, state, inner, outer)
+      return seen
+    seen = seen_by_meta_gradient(state, inner)
     for got, want in zip(jax.tree.leaves(seen['population']), jax.tree.leaves(advanced)):
       np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(seen['inner']['image'], inner['image'][:, a:])

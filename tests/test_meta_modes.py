@@ -41,7 +41,8 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-@pytest.mark.parametrize('optimizer,steps', [('sgd', 4), ('adam', 9),
+@pytest.mark.parametrize('optimizer,steps', [('sgd', 4),
+                                             pytest.param('adam', 9, marks=pytest.mark.slow),
                                              pytest.param('momentum', 9, marks=pytest.mark.slow)])
 def test_estimators_agree(optimizer, steps):
   """Every estimator; mixed by running the optimizer backwards where it can (adam T = 9: the
@@ -72,9 +73,10 @@ def test_estimators_agree(optimizer, steps):
 
 
 @pytest.mark.parametrize('optimizer,segment,recompute',
-                         [('momentum', 1, 'replay'), ('adam', 2, 'replay'),
-                          ('adam', 0, 'invert'), ('momentum', 2, 'invert'),
-                          ('adam', 2, 'invert'), ('adam', 3, 'invert')])
+                         [('momentum', 1, 'replay'), ('adam', 0, 'invert'),
+                          *(pytest.param(*case, marks=pytest.mark.slow) for case in (
+                              ('adam', 2, 'replay'), ('momentum', 2, 'invert'),
+                              ('adam', 2, 'invert'), ('adam', 3, 'invert')))])
 def test_mixed_vjp_of_every_input_and_output(optimizer, segment, recompute):
   """Custom VJP = jax.vjp of the plain unroll, for d/d(phi, initial state) of (state, losses).
 

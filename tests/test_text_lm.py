@@ -227,11 +227,11 @@ def test_text_config_is_valid_and_its_models_read_the_dataset(data):
   task, rater = tasks.make_task(c.task, info), tasks.make_rater(c.rater, info)
   params, phi = task.init(jax.random.key(0)), rater.init(jax.random.key(1))
   batch = splits['train'].take(np.arange(4))
-  metrics = task.metrics(params, batch)
-  assert metrics['loss'].shape == (4,) and rater.score(phi, batch).shape == (4,)
+  metrics = jax.jit(task.metrics)(params, batch)
+  assert metrics['loss'].shape == (4,) and jax.jit(rater.score)(phi, batch).shape == (4,)
   assert np.all(np.abs(metrics['loss'] - math.log(256)) < 1.0)  # near-uniform at init
   np.testing.assert_allclose(metrics['bits_per_byte'], metrics['loss'] / math.log(2), rtol=1e-6)
-  assert task.embed(params, batch).shape == (4, c.task.d_model)
+  assert jax.jit(task.embed)(params, batch).shape == (4, c.task.d_model)
   assert pergrad.ghost_covers(task.per_example_loss, params, batch)
   assert pergrad.ghost_covers(rater.score, phi, batch)
   for field, value, error in (('max_len', L - 1, 'max_len'), ('num_heads', 3, 'multiple'),
@@ -306,21 +306,22 @@ def test_loss_equals_a_float64_reference_transformer():
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], -1)[..., 0]
-    np.testing.assert_allclose(task.per_token_loss(params, {'tokens': tokens}), nll, rtol=1e-10)
-    got = task.per_example_loss(params, {'tokens': tokens, 'weights': jnp.asarray(w)})
+    np.testing.assert_allclose(jax.jit(task.per_token_loss)(params, {'tokens': tokens}), nll,
+                               rtol=1e-10)
+    got = jax.jit(task.per_example_loss)(params, {'tokens': tokens, 'weights': jnp.asarray(w)})
     np.testing.assert_allclose(got, (w[:, 1:] * nll).sum(1) / w[:, 1:].sum(1), rtol=1e-10)
     plain = tasks.make_task(_model(), _info())
-    metrics = plain.metrics(params, {'tokens': tokens})
+    metrics = jax.jit(plain.metrics)(params, {'tokens': tokens})
     np.testing.assert_allclose(metrics['loss'], nll.mean(1), rtol=1e-10)
     np.testing.assert_allclose(metrics['bits_per_byte'], nll.mean(1) / math.log(2), rtol=1e-10)
     full_states, _ = _reference_logits(params, tokens, 2)
-    np.testing.assert_allclose(plain.embed(params, {'tokens': tokens}), full_states.mean(1),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(jax.jit(plain.embed)(params, {'tokens': tokens}),
+                               full_states.mean(1), rtol=1e-10, atol=1e-12)
     rater = tasks.make_rater(_model('sequence_rater', num_layers=1), _info())
     phi = _f64(rater.init(jax.random.key(2)))
     states, _ = _reference_logits(phi, tokens, 2, causal=False)
     head = phi['params']['head']
-    np.testing.assert_allclose(rater.score(phi, {'tokens': tokens}),
+    np.testing.assert_allclose(jax.jit(rater.score)(phi, {'tokens': tokens}),
                                (states.mean(1) @ head['kernel'] + head['bias'])[:, 0], rtol=1e-10)
 
 
@@ -342,8 +343,9 @@ def test_the_language_model_is_causal_and_examples_are_independent():
     np.testing.assert_allclose(together, alone, rtol=1e-12)
     rater = tasks.make_rater(_model('sequence_rater'), _info())
     phi = _f64(rater.init(jax.random.key(1)))
-    scores = rater.score(phi, {'tokens': tokens})
-    np.testing.assert_allclose(scores, [rater.score(phi, {'tokens': tokens[i:i + 1]})[0]
+    score = jax.jit(rater.score)
+    scores = score(phi, {'tokens': tokens})
+    np.testing.assert_allclose(scores, [score(phi, {'tokens': tokens[i:i + 1]})[0]
                                         for i in range(len(tokens))], rtol=1e-12)
 
 
@@ -362,9 +364,10 @@ def test_ghost_products_cover_the_model_and_equal_per_example_gradients(kind):
     grad = jax.jit(jax.grad(lambda p, one: fn(p, one)[0]))
     flat = np.stack([ravel_pytree(grad(params, {'tokens': batch['tokens'][i:i + 1]}))[0]
                      for i in range(5)])
-    np.testing.assert_allclose(pergrad.ghost_dots(fn, params, batch), flat @ flat.T, rtol=1e-9)
-    np.testing.assert_allclose(pergrad.ghost_sq_norms(fn, params, batch),
-                               (flat ** 2).sum(1), rtol=1e-9)
+    dots, sq_norms = jax.jit(lambda p, b: (pergrad.ghost_dots(fn, p, b),
+                                           pergrad.ghost_sq_norms(fn, p, b)))(params, batch)
+    np.testing.assert_allclose(dots, flat @ flat.T, rtol=1e-9)
+    np.testing.assert_allclose(sq_norms, (flat ** 2).sum(1), rtol=1e-9)
 
 
 @pytest.mark.slow

@@ -229,7 +229,8 @@ def explicit_ggn(task, params, batch, weights, exact):
   return jnp.einsum('b,bcp,bcd,bdq->pq', weights, jac, h, jac) / p.shape[0]
 
 
-@pytest.mark.parametrize('curvature', ['none', 'empirical_fisher', 'gauss_newton', 'exact'])
+@pytest.mark.parametrize('curvature', ['none', 'empirical_fisher', 'gauss_newton',
+                                       pytest.param('exact', marks=pytest.mark.slow)])
 def test_dvemb_equals_explicit_backward_product(curvature):
   loss, params, data = problem(hidden=(3,))
   task = make_task((3,))
