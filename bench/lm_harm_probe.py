@@ -13,7 +13,9 @@ batches of the whole training corpus; at each age (steps taken) it reports
   loss, g_i . g_heldout (what one SGD step on it changes, to first order; `pergrad.jvp_dots`), and
   the same through the optimizer's current Adam preconditioner, g_i . g_heldout / (sqrt(nu) +
   eps); and the AUROC
-  of each corruption kind against clean prose when sequences are ranked by it.
+  of each corruption kind against clean prose when sequences are ranked by it;
+- the same AUROC with sequences ranked by the model's own loss on them (lower loss ranks
+  higher): whether a model of that age tells the kind apart by likelihood at all.
 A DataRater meta-learned through T-step unrolls from such models sees, per example, about this
 first-order signal. Writes <out>.jsonl (one line per size, seed and age) and <out>.md.
 """
@@ -56,6 +58,7 @@ def probe(task, section, train, heldout, seed: int, ages, group_steps: int, exam
     return optax.apply_updates(params, updates), state
 
   first_order = jax.jit(functools.partial(pergrad.jvp_dots, task.per_example_loss))
+  own_loss = jax.jit(task.per_example_loss)
   heldout_loss = jax.jit(loss)
   rng = np.random.default_rng(seed)
   take = lambda split, idx: {task.input_key: jnp.asarray(split.features[task.input_key][idx])}
@@ -82,14 +85,16 @@ def probe(task, section, train, heldout, seed: int, ages, group_steps: int, exam
     pre = g_held if nu is None else jax.tree.map(
         lambda g, v: g / (jnp.sqrt(v / (1 - ADAM_B2 ** count)) + ADAM_EPS), g_held, nu)
     sample = np.sort(rng.choice(np.flatnonzero(prose), examples, False))
-    sgd, adam = [], []
+    sgd, adam, likelihood = [], [], []
     for c in range(0, examples, 64):
       batch = take(train, sample[c:c + 64])
       sgd.append(np.asarray(first_order(params, batch, g_held)))
       adam.append(np.asarray(first_order(params, batch, pre)))
+      likelihood.append(-np.asarray(own_loss(params, batch)))
     auroc = lambda v: evaluation.auroc_by_kind(np.concatenate(v), train.corruption[sample], kinds)
     out.append({'seed': seed, 'age': age, 'heldout_loss': base, 'group_effect': effect,
-                'auroc_sgd': auroc(sgd), 'auroc_adam': auroc(adam)})
+                'auroc_sgd': auroc(sgd), 'auroc_adam': auroc(adam),
+                'auroc_loss': auroc(likelihood)})
     print(json.dumps(out[-1]), flush=True)
   return out
 
@@ -111,6 +116,12 @@ def markdown(rows: list, flags_used: dict) -> str:
                  ' | '.join(f"{r['group_effect'][k]:+.3f}" for k in ['clean'] + kinds) + ' | ' +
                  ' | '.join(f"{r['auroc_sgd'][k]:.2f} / {r['auroc_adam'][k]:.2f}"
                             for k in kinds) + ' |')
+  lines += ['', 'AUROC of each kind against clean prose when sequences are ranked by the '
+            "model's own loss on them (lower loss ranks higher):", '',
+            '| size | seed | age | ' + ' | '.join(kinds) + ' |', '|' + '---|' * (3 + len(kinds))]
+  for r in rows:
+    lines.append(f"| {r['size']} | {r['seed']} | {r['age']} | " +
+                 ' | '.join(f"{r['auroc_loss'][k]:.2f}" for k in kinds) + ' |')
   return '\n'.join(lines) + '\n'
 
 
