@@ -125,11 +125,6 @@ def markdown(rows: list, flags_used: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def write_text(path: str, text: str) -> None:
-  with files.atomic_path(path) as tmp, open(tmp, 'w') as f:
-    f.write(text)
-
-
 def main(argv):
   del argv
   config, bench = text_bench.get_config(), text_bench.get_config('bench')
@@ -144,8 +139,8 @@ def main(argv):
                      FLAGS.group_steps, FLAGS.examples, config.inner.batch_size):
         rows.append({'size': size, **r})
   used = {k: getattr(FLAGS, k) for k in ('sizes', 'seeds', 'ages', 'group_steps', 'examples')}
-  write_text(FLAGS.out + '.jsonl', ''.join(json.dumps(r) + '\n' for r in rows))
-  write_text(FLAGS.out + '.md', markdown(rows, used))
+  files.write_text(FLAGS.out + '.jsonl', ''.join(json.dumps(r) + '\n' for r in rows))
+  files.write_text(FLAGS.out + '.md', markdown(rows, used))
   print(markdown(rows, used))
 
 

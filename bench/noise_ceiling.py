@@ -15,6 +15,7 @@ trained with uniform weights gives three such detectors of the training split:
 AUROC of clean against corrupted, overall and per corruption kind, and each model's accuracy on
 the validation split (the test split is not read). Writes <out>.json and .md.
 """
+import dataclasses
 import os
 import platform
 import shutil
@@ -24,7 +25,6 @@ import time
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
-import dataclasses
 import jax
 import numpy as np
 from ml_collections import config_flags
