@@ -6,7 +6,8 @@ held-out influence show it?
 
 For each model size (`inner`: the rater's inner LM of configs/text_bench.py; `transfer`: the larger
 fresh LM of its bench part) and seed, a model is trained with the inner optimizer on uniform
-batches of the whole training corpus; at each age (steps taken) it reports
+batches of the whole training corpus (`--train_on=clean`: of its clean prose only, a model that
+knows what clean prose looks like); at each age (steps taken) it reports
 - the held-out loss change after `--group_steps` more steps on one group only (clean prose or one
   corruption kind), from the same state: is the kind harmful to a model of that age;
 - the first-order influence of each of `--examples` sampled training sequences on the held-out
@@ -48,7 +49,7 @@ def adam_nu(state):
 
 
 def probe(task, section, train, heldout, seed: int, ages, group_steps: int, examples: int,
-          batch_size: int) -> list:
+          batch_size: int, clean_only: bool = False) -> list:
   opt = make_inner_optimizer(section.optimizer, section.learning_rate)
   loss = lambda p, batch: jnp.mean(task.per_example_loss(p, batch))
 
@@ -67,11 +68,12 @@ def probe(task, section, train, heldout, seed: int, ages, group_steps: int, exam
   group_rows = {kind: np.flatnonzero(prose & (train.corruption == k)) for k, kind in
                 enumerate(kinds)}
   held = take(heldout, np.arange(len(heldout)))
+  fit_rows = group_rows['clean'] if clean_only else np.arange(len(train))
   params = task.init(jax.random.PRNGKey(seed))
   state, age, out = opt.init(params), 0, []
   for target in ages:
     while age < target:
-      params, state = step(params, state, take(train, rng.choice(len(train), batch_size, False)))
+      params, state = step(params, state, take(train, rng.choice(fit_rows, batch_size, False)))
       age += 1
     base = float(heldout_loss(params, held))
     effect = {}
@@ -136,9 +138,11 @@ def main(argv):
     task = tasks.make_task(sizes[size], train.info)
     for seed in map(int, FLAGS.seeds):
       for r in probe(task, config.inner, train, heldout, seed, list(map(int, FLAGS.ages)),
-                     FLAGS.group_steps, FLAGS.examples, config.inner.batch_size):
+                     FLAGS.group_steps, FLAGS.examples, config.inner.batch_size,
+                     FLAGS.train_on == 'clean'):
         rows.append({'size': size, **r})
-  used = {k: getattr(FLAGS, k) for k in ('sizes', 'seeds', 'ages', 'group_steps', 'examples')}
+  used = {k: getattr(FLAGS, k) for k in ('sizes', 'seeds', 'ages', 'group_steps', 'examples',
+                                         'train_on')}
   files.write_text(FLAGS.out + '.jsonl', ''.join(json.dumps(r) + '\n' for r in rows))
   files.write_text(FLAGS.out + '.md', markdown(rows, used))
   print(markdown(rows, used))
@@ -149,6 +153,8 @@ if __name__ == '__main__':
   flags.DEFINE_list('seeds', ['0', '1'], 'seeds (initialisation and batches)')
   flags.DEFINE_list('ages', ['100', '400', '1600'], 'ages (steps on all data) probed')
   flags.DEFINE_integer('group_steps', 20, 'steps on one group only, per group')
+  flags.DEFINE_enum('train_on', 'all', ['all', 'clean'],
+                    'what the models train on up to each age: the whole corpus or its clean prose')
   flags.DEFINE_integer('examples', 1024, 'prose training sequences ranked by influence')
   flags.DEFINE_string('out', os.path.join('bench', 'results', 'lm_harm_probe'), 'output prefix')
   app.run(main)
