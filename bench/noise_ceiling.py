@@ -30,7 +30,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from bench import runs
-from datarater import evaluation, files, tasks
+from datarater import evaluation, tasks
 from datarater.data import pipeline
 from datarater.policies import weighting
 from datarater.trainer import Trainer
@@ -139,10 +139,8 @@ def main(argv):
         record(noise, s, 'clean_other', train, log_likelihood(task, params, train), acc)
   results['total_s'] = time.time() - t_start
   shutil.rmtree(tmp_root, ignore_errors=True)
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  files.write_json(_OUT.value + '.json', results)
   md = markdown(results)
-  files.write_text(_OUT.value + '.md', md)
+  runs.write_results(_OUT.value, results, md)
   print(md)
 
 

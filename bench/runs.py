@@ -1,12 +1,13 @@
 """What the valuation, curation and selection benchmarks share: a config corrupted and seeded for
 one (corruption rate, seed) pair, a DataRater meta-trained for it (or read back from a folder of
 finished raters, so that benchmarks run on the same pairs share their raters), and the on-disk
-compilation cache that compiles each shape once per run."""
+compilation cache that compiles each shape once per run; and how a benchmark writes its results."""
 import os
 from typing import Optional
 
 import jax
 
+from datarater import files
 from datarater.meta_train import meta_train
 
 
@@ -52,3 +53,10 @@ def compilation_cache(folder: str) -> None:
   jax.config.update('jax_compilation_cache_dir', folder)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def write_results(prefix: str, results: dict, markdown: str) -> None:
+  """`results` as <prefix>.json and `markdown` as <prefix>.md, the folder made if needed."""
+  os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
+  files.write_json(prefix + '.json', results)
+  files.write_text(prefix + '.md', markdown)

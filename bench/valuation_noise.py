@@ -215,10 +215,8 @@ def main(argv):
           print(f'  curriculum from {name}: test accuracy {acc}', flush=True)
   results['total_s'] = time.time() - t_start
   shutil.rmtree(tmp_root, ignore_errors=True)
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  files.write_json(_OUT.value + '.json', results)
   md = markdown(results)
-  files.write_text(_OUT.value + '.md', md)
+  runs.write_results(_OUT.value, results, md)
   plot(results, _OUT.value + '.png')
   print(md)
 
