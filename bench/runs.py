@@ -1,7 +1,8 @@
 """What the valuation, curation and selection benchmarks share: a config corrupted and seeded for
 one (corruption rate, seed) pair, a DataRater meta-trained for it (or read back from a folder of
 finished raters, so that benchmarks run on the same pairs share their raters), and the on-disk
-compilation cache that compiles each shape once per run; and how a benchmark writes its results."""
+compilation cache that compiles each shape once per run; the seconds spent compiling, so that wall
+times can leave them out; and how a benchmark writes its results."""
 import os
 from typing import Optional
 
@@ -53,6 +54,27 @@ def compilation_cache(folder: str) -> None:
   jax.config.update('jax_compilation_cache_dir', folder)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+# JAX's own timings of tracing, lowering and backend compilation (a persistent-cache load included).
+COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
+                  '/jax/core/compile/jaxpr_to_mlir_module_duration',
+                  '/jax/core/compile/backend_compile_duration')
+_compile_total = [0.0, False]  # seconds so far, listener registered
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+  if event in COMPILE_EVENTS:
+    _compile_total[0] += seconds
+
+
+def compile_seconds() -> float:
+  """Seconds JAX has spent compiling in this process since the first call: the difference of two
+  calls is the compilation inside the code between them (eager ops' compiles included)."""
+  if not _compile_total[1]:
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    _compile_total[1] = True
+  return _compile_total[0]
 
 
 def write_results(prefix: str, results: dict, markdown: str) -> None:

@@ -106,7 +106,7 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
   batch_size = min(config.batch_size, x.shape[0])
 
   @jax.jit
-  def fit(params, data_key):
+  def fit(params, x, data_key):  # x an argument, not a constant folded into the program
     def step(carry, k):
       params, opt_state = carry
       batch = x[jax.random.randint(k, (batch_size,), 0, x.shape[0])]
@@ -118,7 +118,7 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
                                      jax.random.split(data_key, config.steps))
     return params, mses
 
-  params, mses = fit(params, data_key)
+  params, mses = fit(params, x, data_key)
   x_hat, codes = module.apply(params, x)
   metrics = {'mse': float(jnp.mean(jnp.sum((x_hat - x) ** 2, -1))),
              'mse_mean_baseline': float(jnp.mean(jnp.sum(x ** 2, -1))),
