@@ -53,6 +53,9 @@ def setup_logging() -> None:
 
 
 SECTIONS = ('data', 'task', 'rater', 'inner', 'outer', 'final_eval')  # what a rater run reads
+# A logged mean effective sample size of the weights below this fraction of the batch is reported
+# as a collapse onto a few examples.
+COLLAPSED_ESS = 0.1
 
 
 def meta_train(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
@@ -166,9 +169,16 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
           metrics_log.write(record)
           extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
           log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
-                   'noise AUROC %.3f | %.1f steps/s%s', done, config.outer.steps,
-                   record['outer_loss'], record['inner_loss'], record['meta_grad_norm'],
-                   record['noise_auroc'], record['steps_per_sec'], extra)
+                   'weights ESS %.2f | noise AUROC %.3f | %.1f steps/s%s', done,
+                   config.outer.steps, record['outer_loss'], record['inner_loss'],
+                   record['meta_grad_norm'], record['weight_ess'], record['noise_auroc'],
+                   record['steps_per_sec'], extra)
+          if record['weight_ess'] < COLLAPSED_ESS:
+            log.info("warning: the rater's weights rest on a few examples of each batch "
+                     '(effective sample size %.1f%% of it): the inner models fit those alone. '
+                     'outer.learning_rate=%g may be too large, or rater.temperature=%g too low',
+                     100 * record['weight_ess'], config.outer.learning_rate,
+                     config.rater.temperature)
           if record['meta_grad_norm'] == 0.0 and not record['skipped_steps']:
             flat_since = flat_since or s0 + 1
             log.info('warning: the meta-gradient has been exactly 0 since outer step %d: the '

@@ -47,6 +47,13 @@ class MetaProblem:
     """Loss weights w = B * softmax(g_phi(batch) / tau), mean 1."""
     return softmax_weights(self.rater.score(rater_params, batch), self.temperature)
 
+  def weight_ess(self, rater_params, batches) -> jax.Array:
+    """Kish effective sample size of the weights as a fraction of the batch, (sum w)^2 / (B sum
+    w^2) = 1 / mean(w^2): 1 for uniform weights, 1/B when one example takes all. Mean over the
+    leading axis of `batches` (leaves [K, B, ...])."""
+    w = jax.vmap(lambda b: self.weights(jax.lax.stop_gradient(rater_params), b))(batches)
+    return jnp.mean(1.0 / jnp.mean(w ** 2, axis=-1))
+
   def init_member(self, key) -> InnerState:
     return init_inner_state(self.task.init(key), self.inner_optimizer)
 
@@ -109,6 +116,7 @@ def outer_step(problem: MetaProblem, estimator, state: OuterState, inner_batches
     population = advance(problem, state.rater_params, population,
                          jax.tree.map(lambda x: x[:, :a], inner_batches))
     inner_batches = jax.tree.map(lambda x: x[:, a:], inner_batches)
+  ess = problem.weight_ess(state.rater_params, jax.tree.map(lambda x: x[:, 0], inner_batches))
   (loss, (population, inner_losses)), grads = meta_gradient(
       problem, estimator, state.rater_params, population, inner_batches, outer_batches)
   grad_norm = optax.tree.norm(grads)
@@ -125,6 +133,7 @@ def outer_step(problem: MetaProblem, estimator, state: OuterState, inner_batches
       skipped=state.skipped + skip, skipped_in_a_row=(state.skipped_in_a_row + skip) * skip)
   only_finite = lambda x: jnp.where(finite, x, 0.0)  # a skipped step adds 0 to the means
   metrics = {'outer_loss': only_finite(loss), 'inner_loss': only_finite(jnp.mean(inner_losses)),
-             'meta_grad_norm': only_finite(grad_norm), 'skipped_steps': skip.astype(jnp.float32),
+             'meta_grad_norm': only_finite(grad_norm), 'weight_ess': only_finite(ess),
+             'skipped_steps': skip.astype(jnp.float32),
              'diverged_members': diverged.astype(jnp.float32)}
   return new_state, metrics

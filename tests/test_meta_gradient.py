@@ -65,6 +65,28 @@ def test_outer_step_uses_the_meta_gradient():
   assert float(jnp.linalg.norm(moved)) > 0
 
 
+@pytest.mark.parametrize('temperature', [0.7, 0.01])
+def test_weight_ess_is_the_kish_effective_sample_size(temperature):
+  """The logged `weight_ess` is Kish's (sum w)^2 / (B sum w^2) of each member's weights on its
+  first unrolled batch (numpy, float64, from the raw scores; the formula is scale-free), mean
+  over members; toward 1/B as the softmax sharpens."""
+  problem = dataclasses.replace(tiny_problem(), temperature=temperature)
+  inner, outer = tiny_batches(4, population=2, steps=2, batch=8)
+  state = meta_step.init_outer_state(problem, jax.random.PRNGKey(5), 2)
+  _, metrics = jax.jit(lambda s: meta_step.outer_step(problem, estimator(), s, inner, outer))(
+      state)
+  kish = []
+  for member in range(2):
+    first = jax.tree.map(lambda x: x[member, 0], inner)  # pylint: disable=cell-var-from-loop
+    s = np.asarray(problem.rater.score(state.rater_params, first), np.float64) / temperature
+    w = np.exp(s - s.max())
+    kish.append(w.sum() ** 2 / (len(w) * (w ** 2).sum()))
+  np.testing.assert_allclose(float(metrics['weight_ess']), np.mean(kish), rtol=1e-4)
+  assert 1 / 8 <= float(metrics['weight_ess']) <= 1 + 1e-6
+  if temperature == 0.01:
+    assert float(metrics['weight_ess']) < 0.5  # the check can tell a sharp softmax apart
+
+
 def test_advance_steps_train_outside_the_meta_gradient():
   """With A advance steps the members first take A weighted Adam steps (phi fixed), and the
   meta-gradient is that of the T-step problem from the advanced members (finite differences)."""

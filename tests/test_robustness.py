@@ -1,5 +1,6 @@
 """Runs that meet trouble: non-finite meta-gradients are skipped and never saved, a corrupted
-latest checkpoint gives way to the newest intact one, --help, file modes."""
+latest checkpoint gives way to the newest intact one, collapsed weights are reported, --help,
+file modes."""
 import contextlib
 import glob
 import io
@@ -88,8 +89,10 @@ def test_a_corrupted_latest_checkpoint_gives_way_to_the_newest_intact_one(tfds_d
   config.outer.steps = 6
   capsys.readouterr()
   report = meta_train(config, str(workdir), devices=jax.devices()[:1])
-  warned = [l for l in capsys.readouterr().out.splitlines() if 'unreadable' in l]
+  out = capsys.readouterr().out
+  warned = [l for l in out.splitlines() if 'unreadable' in l]
   assert len(warned) == 1 and 'checkpoints/4 is unreadable' in warned[0], warned
+  assert 'rest on a few examples' not in out  # a healthy run raises no collapse warning
   assert report['outer_steps'] == 6
   steps = [json.loads(l)['step'] for l in open(workdir / 'metrics.jsonl')]
   assert steps == [2, 4, 6]  # resumed from step 2: the records after it were written again
@@ -117,3 +120,16 @@ def test_written_files_are_readable_by_everyone(tfds_dir, tmp_path):
   for name in ('config.json', 'report.json', 'metrics.jsonl', 'rater_report.png'):
     mode = stat.S_IMODE(os.stat(tmp_path / 'run' / name).st_mode)
     assert mode == 0o644, (name, oct(mode))
+
+
+def test_weights_collapsed_onto_a_few_examples_are_reported(tfds_dir, tmp_path, capsys):
+  """A temperature so low that each batch's weight sits on its top-scored example: the logged
+  weight ESS is near 1/B and a warning line names the settings to change."""
+  config = small_config(tfds_dir, steps=2)
+  config.final_eval.num_models = 0
+  config.rater.temperature = 1e-4
+  meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  warned = [l for l in capsys.readouterr().out.splitlines() if 'rest on a few examples' in l]
+  assert warned and 'rater.temperature=0.0001 too low' in warned[0], warned
+  records = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
+  assert records and all(r['weight_ess'] < 0.1 for r in records), records
