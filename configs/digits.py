@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.rater.hidden = (128, 128)
   c.rater.activation = 'relu'
   c.rater.temperature = 1.0        # tau in w = B * softmax(score / tau)
+  c.rater.readout = 'logit'        # score: the label's output 'logit' | its 'log_softmax'
 
   c.inner = ml_collections.ConfigDict()
   c.inner.steps = 2                # T: unrolled inner steps per outer step

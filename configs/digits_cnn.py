@@ -18,6 +18,6 @@ def cnn(**fields) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   c = digits.get_config()
   c.task = cnn()
-  c.rater = cnn(name='cnn_rater', channels=(8, 16), temperature=1.0)
+  c.rater = cnn(name='cnn_rater', channels=(8, 16), temperature=1.0, readout='logit')
   c.features.task = cnn(channels=(8, 16))
   return c

@@ -32,7 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.confusions = CONFUSIONS
 
   c.task = digits_cnn.cnn(channels=(16, 32), strides=(2, 2), pool='flatten')
-  c.rater = digits_cnn.cnn(name='cnn_rater', channels=(8, 16), strides=(2, 2), temperature=1.0)
+  c.rater = digits_cnn.cnn(name='cnn_rater', channels=(8, 16), strides=(2, 2), temperature=1.0,
+                         readout='logit')
   c.features.task = digits_cnn.cnn(channels=(16, 32), strides=(2, 2), pool='flatten')
 
   c.train.batch_size = 128

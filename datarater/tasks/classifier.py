@@ -97,23 +97,33 @@ class Classifier(Task):
 
 @dataclasses.dataclass(frozen=True)
 class LabelledRater(Rater):
-  """g_phi(x, y): `module` maps x to one output per class; the score is the label's output."""
+  """g_phi(x, y): `module` maps x to one output per class; the score is the label's output.
+
+  `readout` 'logit' reads the raw output; 'log_softmax' reads log softmax(outputs)[y], the
+  label's log-likelihood under the rater read as a classifier, so raising one class's score lowers
+  the others' and a score judges the label only relative to the other classes.
+  """
   module: nn.Module
   spec: FeatureSpec
   input_key: str
   label_key: str
+  readout: str = 'logit'
 
   def init(self, key):
     return self.module.init(key, example_batch(self.spec)[self.input_key])
 
   def score(self, params, batch):
     per_class = self.module.apply(params, batch[self.input_key])
+    if self.readout == 'log_softmax':
+      per_class = jax.nn.log_softmax(per_class, axis=-1)
     label = batch[self.label_key][:, None].astype(jnp.int32)
     return jnp.take_along_axis(per_class, label, axis=1)[:, 0]
 
 
 IO_FIELDS = {'input': checks.optional(checks.string()),  # feature names ('' = supervised keys)
              'label': checks.optional(checks.string())}
+READOUTS = ('logit', 'log_softmax')
+RATER_FIELDS = {'readout': checks.optional(checks.one_of(*READOUTS))}
 MLP_SCHEMA = {'hidden': checks.integers(1, nonempty=False),
               'activation': checks.one_of(*ACTIVATIONS), **IO_FIELDS}
 
@@ -126,9 +136,9 @@ def mlp_classifier(config, info) -> Classifier:
   return Classifier(module, info.spec, x_key, y_key, num_classes)
 
 
-@register_rater('mlp_rater', MLP_SCHEMA)
+@register_rater('mlp_rater', {**MLP_SCHEMA, **RATER_FIELDS})
 def mlp_rater(config, info) -> LabelledRater:
-  """config: hidden, activation, optional input / label feature names."""
+  """config: hidden, activation, optional input / label feature names and readout."""
   x_key, y_key, num_classes = _io_keys(config, info)
   module = MLP(features=(*config.hidden, num_classes), activation=config.activation)
-  return LabelledRater(module, info.spec, x_key, y_key)
+  return LabelledRater(module, info.spec, x_key, y_key, config.get('readout', 'logit'))

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 from datarater import config_checks as checks
 from datarater.errors import UserError
-from datarater.tasks.classifier import (ACTIVATIONS, IO_FIELDS, Classifier, LabelledRater,
-                                        _io_keys, activation)
+from datarater.tasks.classifier import (ACTIVATIONS, IO_FIELDS, RATER_FIELDS, Classifier,
+                                        LabelledRater, _io_keys, activation)
 from datarater.tasks.registry import register_rater, register_task
 
 POOLS = ('flatten', 'mean')
@@ -90,8 +90,9 @@ def cnn_classifier(config, info) -> Classifier:
   return Classifier(_cnn(config, num_classes), info.spec, x_key, y_key, num_classes)
 
 
-@register_rater('cnn_rater', CNN_SCHEMA)
+@register_rater('cnn_rater', {**CNN_SCHEMA, **RATER_FIELDS})
 def cnn_rater(config, info) -> LabelledRater:
   """g_phi(x, y) from a CNN with one output per class (the label's output is the score)."""
   x_key, y_key, num_classes = _io_keys(config, info)
-  return LabelledRater(_cnn(config, num_classes), info.spec, x_key, y_key)
+  return LabelledRater(_cnn(config, num_classes), info.spec, x_key, y_key,
+                       config.get('readout', 'logit'))
