@@ -72,6 +72,23 @@ def test_labelled_rater_scores_its_label_output():
   np.testing.assert_allclose(rater.score(params, batch), want, rtol=1e-12)
 
 
+def test_log_softmax_readout_scores_the_labels_log_likelihood():
+  rater = tasks.make_rater(ml_collections.ConfigDict(
+      {'name': 'mlp_rater', 'hidden': (4,), 'activation': 'tanh', 'readout': 'log_softmax'}),
+      tiny_info())
+  params = _f64(rater.init(jax.random.key(1)))
+  batch = _batch(seed=1)
+  per_class = _mlp_forward(params, batch['image'])
+  p = np.exp(per_class) / np.exp(per_class).sum(1, keepdims=True)
+  want = np.log(p[np.arange(9), np.asarray(batch['label'])])
+  np.testing.assert_allclose(rater.score(params, batch), want, rtol=1e-12)
+  assert (want < 0).all()
+  with pytest.raises(UserError, match='readout'):
+    tasks.make_rater(ml_collections.ConfigDict(
+        {'name': 'mlp_rater', 'hidden': (4,), 'activation': 'tanh', 'readout': 'softmax'}),
+        tiny_info())
+
+
 def test_unknown_names_and_missing_features_are_user_errors():
   with pytest.raises(UserError, match="unknown task.name 'resnet'"):
     tasks.make_task(ml_collections.ConfigDict({'name': 'resnet'}), tiny_info())

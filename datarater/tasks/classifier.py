@@ -124,6 +124,14 @@ IO_FIELDS = {'input': checks.optional(checks.string()),  # feature names ('' = s
              'label': checks.optional(checks.string())}
 READOUTS = ('logit', 'log_softmax')
 RATER_FIELDS = {'readout': checks.optional(checks.one_of(*READOUTS))}
+
+
+def readout(config) -> str:
+  """A labelled rater's `readout` field ('logit' when left out)."""
+  name = config.get('readout', 'logit')
+  if name not in READOUTS:
+    raise UserError(f'unknown rater.readout {name!r} (choose from {", ".join(READOUTS)})')
+  return name
 MLP_SCHEMA = {'hidden': checks.integers(1, nonempty=False),
               'activation': checks.one_of(*ACTIVATIONS), **IO_FIELDS}
 
@@ -141,4 +149,4 @@ def mlp_rater(config, info) -> LabelledRater:
   """config: hidden, activation, optional input / label feature names and readout."""
   x_key, y_key, num_classes = _io_keys(config, info)
   module = MLP(features=(*config.hidden, num_classes), activation=config.activation)
-  return LabelledRater(module, info.spec, x_key, y_key, config.get('readout', 'logit'))
+  return LabelledRater(module, info.spec, x_key, y_key, readout(config))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from datarater import config_checks as checks
 from datarater.errors import UserError
 from datarater.tasks.classifier import (ACTIVATIONS, IO_FIELDS, RATER_FIELDS, Classifier,
-                                        LabelledRater, _io_keys, activation)
+                                        LabelledRater, _io_keys, activation, readout)
 from datarater.tasks.registry import register_rater, register_task
 
 POOLS = ('flatten', 'mean')
@@ -94,5 +94,4 @@ def cnn_classifier(config, info) -> Classifier:
 def cnn_rater(config, info) -> LabelledRater:
   """g_phi(x, y) from a CNN with one output per class (the label's output is the score)."""
   x_key, y_key, num_classes = _io_keys(config, info)
-  return LabelledRater(_cnn(config, num_classes), info.spec, x_key, y_key,
-                       config.get('readout', 'logit'))
+  return LabelledRater(_cnn(config, num_classes), info.spec, x_key, y_key, readout(config))
