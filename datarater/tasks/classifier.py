@@ -132,6 +132,8 @@ def readout(config) -> str:
   if name not in READOUTS:
     raise UserError(f'unknown rater.readout {name!r} (choose from {", ".join(READOUTS)})')
   return name
+
+
 MLP_SCHEMA = {'hidden': checks.integers(1, nonempty=False),
               'activation': checks.one_of(*ACTIVATIONS), **IO_FIELDS}
 

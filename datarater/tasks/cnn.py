@@ -92,6 +92,7 @@ def cnn_classifier(config, info) -> Classifier:
 
 @register_rater('cnn_rater', {**CNN_SCHEMA, **RATER_FIELDS})
 def cnn_rater(config, info) -> LabelledRater:
-  """g_phi(x, y) from a CNN with one output per class (the label's output is the score)."""
+  """g_phi(x, y) from a CNN with one output per class (the label's output, or its log-softmax
+  with readout=log_softmax, is the score)."""
   x_key, y_key, num_classes = _io_keys(config, info)
   return LabelledRater(_cnn(config, num_classes), info.spec, x_key, y_key, readout(config))
