@@ -109,15 +109,20 @@ def count_gini_ablation(codes, labels, num_classes: int, ratio: float, epochs: i
 
 def mislabel_diagnostics(codes, train, labels, num_classes, cfg) -> dict:
   """The label guard on these codes: share of the split suspected and, under label noise, the
-  margin's AUROC for the planted flips and the suspects' recall and precision."""
+  AUROC for the planted corruptions of the margin and of the k-NN own-label share, and the
+  suspects' recall and precision."""
   sc = cfg.sae_scores
+  knn = sc.get('mislabel_knn', 50)
   stats = scores.factor_stats(codes, sc.high_freq_fraction, labels, num_classes)
-  suspect = np.asarray(scores.suspected_mislabels(stats, sc.mislabel_rule, sc.mislabel_margin))
+  suspect = np.asarray(scores.suspected_mislabels(stats, sc.mislabel_rule, sc.mislabel_margin,
+                                                  knn))
   out = {'suspect_share': float(suspect.mean()),
          'confident_error_count': int(scores.confident_error_count(stats))}
   flipped = train.is_corrupted
   if flipped.any():
+    own = np.asarray(scores.knn_label_shares(stats, knn))[np.arange(len(labels)), labels]
     out.update(margin_auroc=float(roc_auc_score(flipped, -np.asarray(scores.label_margin(stats)))),
+               knn_auroc=float(roc_auc_score(flipped, -own)),
                suspect_recall=float(suspect[flipped].mean()),
                suspect_precision=float(flipped[suspect].mean()) if suspect.any() else 0.0)
   return out
@@ -255,8 +260,10 @@ def markdown(table: list[dict], ginis: dict, offline: list[dict] = ()) -> str:
     line = (f"- {noise:.0%} noise: {mean('suspect_share'):.1%} of the split suspected "
             f"(confident-learning count {mean('confident_error_count'):.0f})")
     if noise:
-      line += (f"; margin AUROC for the flips {mean('margin_auroc'):.3f}, suspects' recall "
-               f"{mean('suspect_recall'):.2f}, precision {mean('suspect_precision'):.2f}")
+      line += (f"; AUROC for the corrupted examples: margin {mean('margin_auroc'):.3f}"
+               + (f", k-NN label share {mean('knn_auroc'):.3f}" if 'knn_auroc' in os_[0] else '')
+               + f"; suspects' recall {mean('suspect_recall'):.2f}, precision "
+               f"{mean('suspect_precision'):.2f}")
     lines.append(line)
   return '\n'.join(lines) + '\n'
 

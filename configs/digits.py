@@ -156,10 +156,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae_scores.temperature = 0.3         # Gumbel noise on the scores (0 = deterministic top-n)
   # Label guard against likely mislabels (class_conditional only): rule 'margin' = factors more
   # typical of another class than of its own by > `mislabel_margin`; 'confident' = an estimated
-  # number of label errors, lowest margins first. Guard 'penalty': suspects lose
-  # `mislabel_penalty` score; 'exclude': selected only when the others cannot fill the budget.
+  # number of label errors, lowest margins first; 'knn' = an estimated number of label errors,
+  # those whose label is rarest among their `mislabel_knn` nearest neighbours in code space first.
+  # Guard 'penalty': suspects lose `mislabel_penalty` score; 'exclude': selected only when the
+  # others cannot fill the budget.
   c.sae_scores.mislabel_guard = 'penalty'
   c.sae_scores.mislabel_rule = 'margin'
   c.sae_scores.mislabel_margin = 0.25
+  c.sae_scores.mislabel_knn = 50
   c.sae_scores.mislabel_penalty = 1.0
   return c

@@ -168,7 +168,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
                    'div_weight_end': number(), 'usage_penalty': number(0),
                    'temperature': number(0),
                    'mislabel_guard': one_of('penalty', 'exclude', 'off'),
-                   'mislabel_rule': one_of('margin', 'confident'), 'mislabel_margin': number(0),
+                   'mislabel_rule': one_of('margin', 'confident', 'knn'),
+                   'mislabel_margin': number(0), 'mislabel_knn': integer(1),
                    'mislabel_penalty': number(0)},
 }
 MODEL_SECTIONS = {'task': 'task', 'rater': 'rater', 'features.task': 'task'}  # registry-checked

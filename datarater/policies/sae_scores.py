@@ -20,7 +20,9 @@ From the codes Z [N, M] (>= 0) of every training example:
   suspects (`suspected_mislabels`) are either the examples with A_i < -`mislabel_margin` (rule
   `margin`) or, adaptively (rule `confident`), the K lowest-margin examples, where K counts the
   examples that look more like another class than the typical member of that class does (a
-  confident-learning estimate of the number of label errors);
+  confident-learning estimate of the number of label errors); rule `knn` reads the labels of each
+  example's k nearest neighbours in code space instead (cosine similarity): the K examples whose
+  own label is rarest among their neighbours, K the confident-learning count of those shares;
 - curriculum: score_i = alpha(t) rank(R)_i + beta(t) rank(D)_i - lambda U_i, with alpha, beta
   moving linearly from their start to end values over training. With class-conditional R, rank(R)
   is the percentile within the example's class. alpha > 0 spends the budget on the most
@@ -163,34 +165,61 @@ def curriculum(progress: jax.Array, start: float, end: float) -> jax.Array:
 
 
 GUARDS = ('penalty', 'exclude', 'off')
-SUSPECT_RULES = ('margin', 'confident')
+SUSPECT_RULES = ('margin', 'confident', 'knn')
 
 
-def confident_error_count(stats: FactorStats) -> jax.Array:
-  """Estimated number of label errors (confident-learning style, from class representativeness).
+def confident_joint_errors(per_class: jax.Array, group: jax.Array) -> jax.Array:
+  """Number of examples off the diagonal of the confident joint of class scores [N, G].
 
-  Per class c the threshold t_c is the mean R_i(c) over the examples labelled c (how typical of c
-  its own members are). Example i counts as an error when some other class clears its threshold
-  (R_i(c) >= t_c) and has a larger R_i than every class that does, its own label included: the
-  off-diagonal of the confident joint. 0 without labels.
+  Per class c the threshold t_c is the mean score of class c over the examples labelled c (how
+  typical of c its own members are). Example i counts as an error when some other class clears its
+  threshold (s_i(c) >= t_c) and scores higher than every class that does, its own label included.
   """
-  num_groups = stats.rep_weight.shape[0]
-  if num_groups == 1:
-    return jnp.zeros((), jnp.int32)
-  per_class = class_representativeness(stats)
-  mine = jax.nn.one_hot(stats.group, num_groups, dtype=jnp.float32)
+  mine = jax.nn.one_hot(group, per_class.shape[1], dtype=jnp.float32)
   thresh = jnp.sum(mine * per_class, 0) / jnp.maximum(jnp.sum(mine, 0), 1.0)   # [G]
   confident = jnp.where(per_class >= thresh, per_class, -jnp.inf)
-  other = jnp.isfinite(jnp.max(confident, 1)) & (jnp.argmax(confident, 1) != stats.group)
+  other = jnp.isfinite(jnp.max(confident, 1)) & (jnp.argmax(confident, 1) != group)
   return jnp.sum(other).astype(jnp.int32)
 
 
-def suspected_mislabels(stats: FactorStats, rule: str = 'margin',
-                        margin: float = 0.25) -> jax.Array:
+def confident_error_count(stats: FactorStats) -> jax.Array:
+  """Estimated number of label errors (confident-learning style, from class representativeness
+  R_i(c)); 0 without labels."""
+  if stats.rep_weight.shape[0] == 1:
+    return jnp.zeros((), jnp.int32)
+  return confident_joint_errors(class_representativeness(stats), stats.group)
+
+
+def knn_label_shares(stats: FactorStats, k: int, chunk: int = 1024) -> jax.Array:
+  """[N, G]: the share of each group among the labels of each example's k nearest neighbours.
+
+  Neighbours by cosine similarity of the codes (the example itself left out), found `chunk` rows
+  at a time so that memory stays O(chunk * N).
+  """
+  n, num_groups = stats.mass.shape[0], stats.rep_weight.shape[0]
+  if not 0 < k < n:
+    raise UserError(f'sae_scores.mislabel_knn must be in [1, {n - 1}] for {n} examples, got {k}')
+  unit = stats.mass / jnp.maximum(jnp.linalg.norm(stats.mass, axis=-1, keepdims=True), 1e-12)
+  onehot = jax.nn.one_hot(stats.group, num_groups, dtype=jnp.float32)
+  chunk = min(chunk, n)
+  starts = jnp.arange(0, n, chunk)
+  padded = jnp.pad(unit, ((0, len(starts) * chunk - n), (0, 0)))
+
+  def rows(start):
+    sim = jax.lax.dynamic_slice_in_dim(padded, start, chunk) @ unit.T        # [chunk, N]
+    sim = jnp.where(start + jnp.arange(chunk)[:, None] == jnp.arange(n), -jnp.inf, sim)
+    return jnp.mean(onehot[jax.lax.top_k(sim, k)[1]], 1)                    # [chunk, G]
+  return jax.lax.map(rows, starts).reshape(-1, num_groups)[:n]
+
+
+def suspected_mislabels(stats: FactorStats, rule: str = 'margin', margin: float = 0.25,
+                        knn: int = 50) -> jax.Array:
   """bool [N]: likely mislabelled examples (none without labels).
 
   `margin`: label margin A_i < -margin. `confident`: the `confident_error_count` examples with the
-  lowest margin (the count adapts to the noise level; ties broken by index).
+  lowest margin (the count adapts to the noise level; ties broken by index). `knn`: the
+  confident-joint count of the `knn`-nearest-neighbour label shares, taken lowest own-label share
+  first (ties: lowest margin first).
   """
   if rule not in SUSPECT_RULES:
     raise UserError(f'sae_scores.mislabel_rule must be one of {SUSPECT_RULES}, got {rule!r}')
@@ -199,8 +228,13 @@ def suspected_mislabels(stats: FactorStats, rule: str = 'margin',
     return jnp.zeros(a.shape, bool)
   if rule == 'margin':
     return a < -margin
-  order_rank = jnp.argsort(jnp.argsort(a))                  # 0 = lowest margin
-  return order_rank < confident_error_count(stats)
+  if rule == 'confident':
+    order_rank = jnp.argsort(jnp.argsort(a))                # 0 = lowest margin
+    return order_rank < confident_error_count(stats)
+  shares = knn_label_shares(stats, knn)
+  own = jnp.take_along_axis(shares, stats.group[:, None], 1)[:, 0]
+  order_rank = jnp.argsort(jnp.lexsort((a, own)))           # 0 = rarest own label
+  return order_rank < confident_joint_errors(shares, stats.group)
 
 
 def exclude_last(score: jax.Array, excluded: jax.Array) -> jax.Array:
