@@ -6,6 +6,8 @@ largest pre-activations of each example (then ReLU: at most k factors active); `
 and adds `l1_coef * |z|_1` to the loss. Features are standardised first (`Normaliser`), so one
 learning rate and L1 coefficient suit any extractor.
 """
+import functools
+
 import flax
 import flax.linen as nn
 import jax
@@ -88,6 +90,25 @@ def sae_loss(module: SAE, params, x: jax.Array, l1_coef: float):
   return mse + penalty, mse
 
 
+@functools.partial(jax.jit, static_argnames=('module', 'steps', 'batch_size', 'learning_rate',
+                                             'l1_coef'))
+def _fit(params, x, data_key, *, module, steps, batch_size, learning_rate, l1_coef):
+  """`steps` Adam steps on random minibatches of x; (params, per-step MSE). One compilation per
+  SAE shape and setting (x is an argument, not a constant folded into the program)."""
+  optimizer = optax.adam(learning_rate)
+
+  def step(carry, k):
+    params, opt_state = carry
+    batch = x[jax.random.randint(k, (batch_size,), 0, x.shape[0])]
+    (_, mse), grads = jax.value_and_grad(sae_loss, argnums=1, has_aux=True)(
+        module, params, batch, l1_coef)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), mse
+  (params, _), mses = jax.lax.scan(step, (params, optimizer.init(params)),
+                                   jax.random.split(data_key, steps))
+  return params, mses
+
+
 def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
   """Fits an SAE to `features` [N, D] with Adam over `config.steps` minibatches (one `lax.scan`).
 
@@ -102,23 +123,9 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
   x = normaliser(features)
   init_key, data_key = jax.random.split(key)
   params = module.init(init_key, x[:2])
-  optimizer = optax.adam(config.learning_rate)
-  batch_size = min(config.batch_size, x.shape[0])
-
-  @jax.jit
-  def fit(params, x, data_key):  # x an argument, not a constant folded into the program
-    def step(carry, k):
-      params, opt_state = carry
-      batch = x[jax.random.randint(k, (batch_size,), 0, x.shape[0])]
-      (_, mse), grads = jax.value_and_grad(sae_loss, argnums=1, has_aux=True)(
-          module, params, batch, config.l1_coef)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), mse
-    (params, _), mses = jax.lax.scan(step, (params, optimizer.init(params)),
-                                     jax.random.split(data_key, config.steps))
-    return params, mses
-
-  params, mses = fit(params, x, data_key)
+  params, mses = _fit(params, x, data_key, module=module, steps=int(config.steps),
+                      batch_size=min(int(config.batch_size), x.shape[0]),
+                      learning_rate=float(config.learning_rate), l1_coef=float(config.l1_coef))
   x_hat, codes = module.apply(params, x)
   metrics = {'mse': float(jnp.mean(jnp.sum((x_hat - x) ** 2, -1))),
              'mse_mean_baseline': float(jnp.mean(jnp.sum(x ** 2, -1))),
