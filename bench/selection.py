@@ -20,6 +20,7 @@ are cached on disk for the run (same shapes -> one compilation per policy and ra
 as the SAE's feature space (no offline extractor training; files get a `_pixels` suffix).
 """
 import argparse
+import ast
 import atexit
 import importlib.util
 import itertools
@@ -70,12 +71,29 @@ def variant_config(cfg, name: str):
   return policy, c
 
 
-def load_config(path: str):
-  """The `get_config()` of a config file (e.g. configs/selection.py)."""
+def load_config(path: str, overrides=()):
+  """The `get_config()` of a config file (e.g. configs/selection.py), with `overrides`
+  ('section.field=value' strings; values read as Python literals, else as strings)."""
   spec = importlib.util.spec_from_file_location('bench_selection_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  cfg = module.get_config()
+  for item in overrides:
+    key, sep, text = item.partition('=')
+    if not sep:
+      raise ValueError(f'--set needs section.field=value, got {item!r}')
+    *path, field = key.split('.')
+    section = cfg
+    for part in path:
+      section = section.get(part) if hasattr(section, 'get') else None
+    if section is None or field not in section:
+      raise ValueError(f'--set names no config field: {key!r}')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    cfg.update_from_flattened_dict({key: value})
+  return cfg
 
 
 def fold_splits(fold: int, num_folds: int, num_train: int, train: str = 'train',
@@ -325,8 +343,14 @@ def main():
   parser.add_argument('--policies', default=','.join(POLICY_ORDER),
                       help='bench entries to run (full is always run: the reference)')
   parser.add_argument('--epochs', type=int, default=0, help='train.epochs (0: the config\'s)')
+  parser.add_argument('--set', action='append', default=[], metavar='SECTION.FIELD=VALUE',
+                      help='override a config field (repeatable), e.g. '
+                      'sae_scores.mislabel_rule=knn')
   args = parser.parse_args()
-  cfg = load_config(args.config)
+  try:
+    cfg = load_config(args.config, args.set)
+  except (ValueError, KeyError, TypeError) as e:
+    parser.error(f'bad --set: {e}')
   if args.data_dir is not None:
     cfg.data.data_dir = args.data_dir
   if args.epochs:
