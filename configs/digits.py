@@ -164,5 +164,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae_scores.mislabel_rule = 'margin'
   c.sae_scores.mislabel_margin = 0.25
   c.sae_scores.mislabel_knn = 50
+  c.sae_scores.mislabel_knn_reference = 10000  # 'knn' searches this many random examples (0: all)
   c.sae_scores.mislabel_penalty = 1.0
   return c

@@ -170,6 +170,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
                    'mislabel_guard': one_of('penalty', 'exclude', 'off'),
                    'mislabel_rule': one_of('margin', 'confident', 'knn'),
                    'mislabel_margin': number(0), 'mislabel_knn': integer(1),
+                   'mislabel_knn_reference': integer(0),
                    'mislabel_penalty': number(0)},
 }
 MODEL_SECTIONS = {'task': 'task', 'rater': 'rater', 'features.task': 'task'}  # registry-checked

@@ -345,27 +345,37 @@ def test_bench_folds_partition_train_and_test(tfds_dir):
 
 
 def test_knn_label_shares_match_a_brute_force_neighbour_count():
-  """Each row's class shares equal a float64 numpy count over its k most cosine-similar other rows
-  (chunks that do not divide N included), and the `knn` rule's suspects are nearly all flipped."""
+  """Each row's class shares equal a float64 numpy count over its k most cosine-similar other rows,
+  among all rows or a reference sample (chunks that do not divide N included), and the `knn`
+  rule's suspects are nearly all flipped."""
   codes, labels, flipped = class_codes(n=301, flip=0.15)
   stats = scores.factor_stats(jnp.asarray(codes), 0.5, labels, 3)
   k = 7
   x = codes.astype(np.float64)
   unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-  sim = unit @ unit.T
-  np.fill_diagonal(sim, -np.inf)
-  for chunk in (64, 1024):
-    shares = np.asarray(scores.knn_label_shares(stats, k, chunk=chunk))
-    for i in range(len(codes)):
-      order = np.argsort(-sim[i])
-      kth = sim[i, order[k - 1]]
-      if np.isclose(sim[i, order[k]], kth, atol=1e-6):
-        continue  # a tie at the k-th neighbour: either choice is a valid k-nearest set
-      want = np.bincount(labels[order[:k]], minlength=3) / k
-      np.testing.assert_allclose(shares[i], want, atol=1e-6)
+  sample = scores.knn_reference(len(codes), 150, jax.random.PRNGKey(3))
+  assert scores.knn_reference(len(codes), 0, jax.random.PRNGKey(3)) is None
+  assert scores.knn_reference(len(codes), len(codes), jax.random.PRNGKey(3)) is None
+  assert len(set(np.asarray(sample).tolist())) == 150
+  for reference in (None, sample):
+    ref = np.arange(len(codes)) if reference is None else np.asarray(reference)
+    sim = unit @ unit[ref].T
+    sim[ref[None, :] == np.arange(len(codes))[:, None]] = -np.inf  # never its own neighbour
+    for chunk in (64, 1024):
+      shares = np.asarray(scores.knn_label_shares(stats, k, chunk=chunk, reference=reference))
+      for i in range(len(codes)):
+        order = np.argsort(-sim[i])
+        kth = sim[i, order[k - 1]]
+        if np.isclose(sim[i, order[k]], kth, atol=1e-6):
+          continue  # a tie at the k-th neighbour: either choice is a valid k-nearest set
+        want = np.bincount(labels[ref[order[:k]]], minlength=3) / k
+        np.testing.assert_allclose(shares[i], want, atol=1e-6)
   suspect = np.asarray(scores.suspected_mislabels(stats, 'knn', knn=k))
-  assert suspect.sum() == int(scores.confident_joint_errors(jnp.asarray(shares), jnp.asarray(labels)))
+  shares = scores.knn_label_shares(stats, k)
+  assert suspect.sum() == int(scores.confident_joint_errors(shares, jnp.asarray(labels)))
   assert 0.6 * flipped.sum() <= suspect.sum() <= 1.2 * flipped.sum()
   assert flipped[suspect].mean() > 0.9
   with pytest.raises(UserError, match='mislabel_knn'):
     scores.knn_label_shares(stats, len(codes))
+  with pytest.raises(UserError, match='mislabel_knn'):
+    scores.knn_label_shares(stats, 150, reference=sample)

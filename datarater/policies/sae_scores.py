@@ -22,7 +22,8 @@ From the codes Z [N, M] (>= 0) of every training example:
   examples that look more like another class than the typical member of that class does (a
   confident-learning estimate of the number of label errors); rule `knn` reads the labels of each
   example's k nearest neighbours in code space instead (cosine similarity): the K examples whose
-  own label is rarest among their neighbours, K the confident-learning count of those shares;
+  own label is rarest among their neighbours, K the confident-learning count of those shares
+  (neighbours among a fixed random sample of `mislabel_knn_reference` examples on large splits);
 - curriculum: score_i = alpha(t) rank(R)_i + beta(t) rank(D)_i - lambda U_i, with alpha, beta
   moving linearly from their start to end values over training. With class-conditional R, rank(R)
   is the percentile within the example's class. alpha > 0 spends the budget on the most
@@ -190,36 +191,60 @@ def confident_error_count(stats: FactorStats) -> jax.Array:
   return confident_joint_errors(class_representativeness(stats), stats.group)
 
 
-def knn_label_shares(stats: FactorStats, k: int, chunk: int = 1024) -> jax.Array:
+def knn_label_shares(stats: FactorStats, k: int, chunk: int = 1024,
+                     reference=None) -> jax.Array:
   """[N, G]: the share of each group among the labels of each example's k nearest neighbours.
 
-  Neighbours by cosine similarity of the codes (the example itself left out), found `chunk` rows
-  at a time so that memory stays O(chunk * N).
+  Neighbours by cosine similarity of the codes (the example itself left out) among the examples
+  at the indices `reference` (all N if None), found `chunk` rows at a time so that time is
+  O(N * R) and memory O(chunk * R) for R reference examples.
   """
   n, num_groups = stats.mass.shape[0], stats.rep_weight.shape[0]
-  if not 0 < k < n:
-    raise UserError(f'sae_scores.mislabel_knn must be in [1, {n - 1}] for {n} examples, got {k}')
+  reference = jnp.arange(n) if reference is None else jnp.asarray(reference, jnp.int32)
+  if not 0 < k < reference.shape[0]:
+    raise UserError(f'sae_scores.mislabel_knn must be in [1, {reference.shape[0] - 1}] for '
+                    f'{reference.shape[0]} reference examples, got {k}')
   unit = stats.mass / jnp.maximum(jnp.linalg.norm(stats.mass, axis=-1, keepdims=True), 1e-12)
-  onehot = jax.nn.one_hot(stats.group, num_groups, dtype=jnp.float32)
+  ref_unit = unit[reference]
+  ref_onehot = jax.nn.one_hot(stats.group[reference], num_groups, dtype=jnp.float32)
   chunk = min(chunk, n)
   starts = jnp.arange(0, n, chunk)
   padded = jnp.pad(unit, ((0, len(starts) * chunk - n), (0, 0)))
 
   def rows(start):
-    sim = jax.lax.dynamic_slice_in_dim(padded, start, chunk) @ unit.T        # [chunk, N]
-    sim = jnp.where(start + jnp.arange(chunk)[:, None] == jnp.arange(n), -jnp.inf, sim)
-    return jnp.mean(onehot[jax.lax.top_k(sim, k)[1]], 1)                    # [chunk, G]
+    sim = jax.lax.dynamic_slice_in_dim(padded, start, chunk) @ ref_unit.T    # [chunk, R]
+    sim = jnp.where(start + jnp.arange(chunk)[:, None] == reference, -jnp.inf, sim)
+    return jnp.mean(ref_onehot[jax.lax.top_k(sim, k)[1]], 1)                # [chunk, G]
   return jax.lax.map(rows, starts).reshape(-1, num_groups)[:n]
 
 
+def knn_reference(num_examples: int, size: int, key: jax.Array):
+  """Sorted indices of a uniform sample of `size` examples (None: all, when size is 0 or >= N)."""
+  if size < 0:
+    raise UserError(f'sae_scores.mislabel_knn_reference must be >= 0, got {size}')
+  if size == 0 or size >= num_examples:
+    return None
+  return jnp.sort(jax.random.choice(key, num_examples, (size,), replace=False))
+
+
+def config_suspects(stats: FactorStats, cfg) -> jax.Array:
+  """bool [N]: `suspected_mislabels` under an `sae_scores` config's rule (its k-NN reference
+  sample drawn with key 0, so the suspects are a function of the codes and labels)."""
+  reference = knn_reference(stats.mass.shape[0], cfg.get('mislabel_knn_reference', 0),
+                            jax.random.PRNGKey(0))
+  return suspected_mislabels(stats, cfg.mislabel_rule, cfg.mislabel_margin,
+                             cfg.get('mislabel_knn', 50), reference)
+
+
 def suspected_mislabels(stats: FactorStats, rule: str = 'margin', margin: float = 0.25,
-                        knn: int = 50) -> jax.Array:
+                        knn: int = 50, reference=None) -> jax.Array:
   """bool [N]: likely mislabelled examples (none without labels).
 
   `margin`: label margin A_i < -margin. `confident`: the `confident_error_count` examples with the
   lowest margin (the count adapts to the noise level; ties broken by index). `knn`: the
-  confident-joint count of the `knn`-nearest-neighbour label shares, taken lowest own-label share
-  first (ties: lowest margin first).
+  confident-joint count of the `knn`-nearest-neighbour label shares (neighbours among the
+  `reference` indices, all if None), taken lowest own-label share first (ties: lowest margin
+  first).
   """
   if rule not in SUSPECT_RULES:
     raise UserError(f'sae_scores.mislabel_rule must be one of {SUSPECT_RULES}, got {rule!r}')
@@ -231,7 +256,7 @@ def suspected_mislabels(stats: FactorStats, rule: str = 'margin', margin: float 
   if rule == 'confident':
     order_rank = jnp.argsort(jnp.argsort(a))                # 0 = lowest margin
     return order_rank < confident_error_count(stats)
-  shares = knn_label_shares(stats, knn)
+  shares = knn_label_shares(stats, knn, reference=reference)
   own = jnp.take_along_axis(shares, stats.group[:, None], 1)[:, 0]
   order_rank = jnp.argsort(jnp.lexsort((a, own)))           # 0 = rarest own label
   return order_rank < confident_joint_errors(shares, stats.group)

@@ -140,9 +140,8 @@ def sae(codes, ratio: float, num_epochs: int, cfg, labels=None, num_classes: int
     raise UserError(f'SAE codes cover {num_examples} examples but the split has {len(labels)}')
   stats = sae_scores.factor_stats(codes, cfg.high_freq_fraction, labels, num_classes)
   guard = sae_scores.mislabel_guard(cfg)
-  suspect = (sae_scores.suspected_mislabels(stats, cfg.mislabel_rule, cfg.mislabel_margin,
-                                            cfg.get('mislabel_knn', 50))
-             if guard != 'off' else jnp.zeros(num_examples, bool))
+  suspect = (sae_scores.config_suspects(stats, cfg) if guard != 'off'
+             else jnp.zeros(num_examples, bool))
 
   def select(aux, state):
     key, sub = jax.random.split(state.key)
