@@ -139,8 +139,7 @@ def mislabel_diagnostics(codes, train, labels, num_classes, cfg) -> dict:
          'confident_error_count': int(scores.confident_error_count(stats))}
   flipped = train.is_corrupted
   if flipped.any():
-    reference = scores.knn_reference(len(labels), sc.get('mislabel_knn_reference', 0),
-                                     jax.random.PRNGKey(0))  # the one config_suspects reads
+    reference = scores.config_reference(len(labels), sc)  # the one config_suspects reads
     own = np.asarray(scores.knn_label_shares(stats, knn, reference=reference))[
         np.arange(len(labels)), labels]
     out.update(margin_auroc=float(roc_auc_score(flipped, -np.asarray(scores.label_margin(stats)))),

@@ -200,13 +200,16 @@ def knn_label_shares(stats: FactorStats, k: int, chunk: int = 1024,
   O(N * R) and memory O(chunk * R) for R reference examples.
   """
   n, num_groups = stats.mass.shape[0], stats.rep_weight.shape[0]
-  reference = jnp.arange(n) if reference is None else jnp.asarray(reference, jnp.int32)
+  unit = stats.mass / jnp.maximum(jnp.linalg.norm(stats.mass, axis=-1, keepdims=True), 1e-12)
+  onehot = jax.nn.one_hot(stats.group, num_groups, dtype=jnp.float32)
+  if reference is None:
+    reference, ref_unit, ref_onehot = jnp.arange(n), unit, onehot
+  else:
+    reference = jnp.asarray(reference, jnp.int32)
+    ref_unit, ref_onehot = unit[reference], onehot[reference]
   if not 0 < k < reference.shape[0]:
     raise UserError(f'sae_scores.mislabel_knn must be in [1, {reference.shape[0] - 1}] for '
                     f'{reference.shape[0]} reference examples, got {k}')
-  unit = stats.mass / jnp.maximum(jnp.linalg.norm(stats.mass, axis=-1, keepdims=True), 1e-12)
-  ref_unit = unit[reference]
-  ref_onehot = jax.nn.one_hot(stats.group[reference], num_groups, dtype=jnp.float32)
   chunk = min(chunk, n)
   starts = jnp.arange(0, n, chunk)
   padded = jnp.pad(unit, ((0, len(starts) * chunk - n), (0, 0)))
@@ -227,13 +230,17 @@ def knn_reference(num_examples: int, size: int, key: jax.Array):
   return jnp.sort(jax.random.choice(key, num_examples, (size,), replace=False))
 
 
+def config_reference(num_examples: int, cfg):
+  """The k-NN reference sample of an `sae_scores` config, drawn with key 0 (so the suspects are a
+  function of the codes and labels); None: all examples."""
+  return knn_reference(num_examples, cfg.get('mislabel_knn_reference', 0), jax.random.PRNGKey(0))
+
+
 def config_suspects(stats: FactorStats, cfg) -> jax.Array:
-  """bool [N]: `suspected_mislabels` under an `sae_scores` config's rule (its k-NN reference
-  sample drawn with key 0, so the suspects are a function of the codes and labels)."""
-  reference = knn_reference(stats.mass.shape[0], cfg.get('mislabel_knn_reference', 0),
-                            jax.random.PRNGKey(0))
+  """bool [N]: `suspected_mislabels` under an `sae_scores` config's rule and reference sample."""
   return suspected_mislabels(stats, cfg.mislabel_rule, cfg.mislabel_margin,
-                             cfg.get('mislabel_knn', 50), reference)
+                             cfg.get('mislabel_knn', 50),
+                             config_reference(stats.mass.shape[0], cfg))
 
 
 def suspected_mislabels(stats: FactorStats, rule: str = 'margin', margin: float = 0.25,
