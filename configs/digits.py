@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.outer.batch_size = 128
   c.outer.learning_rate = 1e-3
   c.outer.warmup_steps = 50
+  c.outer.schedule = 'constant'    # after the warm-up: 'constant' | 'cosine' (to 0 at outer.steps)
   c.outer.clip_norm = 1.0
   # The meta-gradient estimator (outer_loop.estimators): 'reverse' | 'remat' (jax.checkpoint per
   # inner step) | 'mixed' (custom backward, forward-over-reverse HVPs, memory nearly flat in T).

@@ -130,7 +130,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
               'advance_steps': integer(0)},
     'outer': {'steps': integer(0), 'batch_size': integer(1),
               'learning_rate': number(0, lo_open=True), 'warmup_steps': integer(0),
-              'clip_norm': number(0, lo_open=True),
+              'schedule': one_of('constant', 'cosine'), 'clip_norm': number(0, lo_open=True),
               'meta_gradient': _lazy_one_of('outer_loop.estimators.META_GRADIENTS'),
               'mixed_recompute': _lazy_one_of('outer_loop.estimators.MIXED_RECOMPUTE'),
               'mixed_segment': integer(0), 'max_skipped_steps': integer(1)},

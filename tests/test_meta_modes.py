@@ -178,3 +178,27 @@ def test_adam_step_vjp_is_the_vjp_of_the_optax_step():
       for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
       params, state = out
+
+
+@pytest.mark.parametrize('schedule', ['constant', 'cosine'])
+def test_outer_learning_rate_follows_the_configured_schedule(schedule):
+  """With a constant gradient Adam's step is exactly the learning rate (bias correction), so the
+  steps of the outer optimizer trace its schedule: linear warm-up, then flat or a cosine to 0."""
+  import ml_collections
+  from outer_loop.setup import make_outer_optimizer
+  lr, warmup, steps = 2e-3, 10, 50
+  opt = make_outer_optimizer(ml_collections.ConfigDict(dict(
+      learning_rate=lr, warmup_steps=warmup, steps=steps, schedule=schedule, clip_norm=1e6)))
+  params = jnp.zeros(3)
+  grads = jnp.array([0.5, -2.0, 3.0])
+  state = opt.init(params)
+  taken = []
+  for _ in range(steps):
+    updates, state = opt.update(grads, state, params)
+    taken.append(-np.asarray(updates) / np.sign(np.asarray(grads)))
+  t = np.arange(steps, dtype=np.float64)
+  after = np.clip((t - warmup) / (steps - warmup), 0, 1)
+  decay = 0.5 * (1 + np.cos(np.pi * after)) if schedule == 'cosine' else np.ones(steps)
+  expected = np.where(t < warmup, lr * t / warmup, lr * decay)
+  np.testing.assert_allclose(np.array(taken), np.repeat(expected[:, None], 3, 1),
+                             rtol=1e-4, atol=1e-8)
