@@ -3,10 +3,12 @@
 Mixed mode's custom VJP is also checked against plain reverse mode for every input (rater params
 and initial inner state) and every output (final state and the inner losses), with uneven
 splits of the unroll and both ways of recovering inner states (optimizer run backwards, replay).
-The optimizer inverses are checked alone, against optax.
+The optimizer inverses are checked alone, against optax, and the outer optimizer's learning-rate
+schedule against its closed form.
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -16,6 +18,7 @@ from datarater.errors import UserError
 from inner_loop.optimizers import make_inner_optimizer, make_step_inverse
 from inner_loop.unroll import InnerState, unroll
 from outer_loop import meta_step, mixed_mode
+from outer_loop.setup import make_outer_optimizer
 from tests.tiny import as_float64, estimator, tiny_batches, tiny_problem
 
 LEARNING_RATES = {'sgd': 0.3, 'momentum': 0.1, 'adam': 0.05}
@@ -184,8 +187,6 @@ def test_adam_step_vjp_is_the_vjp_of_the_optax_step():
 def test_outer_learning_rate_follows_the_configured_schedule(schedule):
   """With a constant gradient Adam's step is exactly the learning rate (bias correction), so the
   steps of the outer optimizer trace its schedule: linear warm-up, then flat or a cosine to 0."""
-  import ml_collections
-  from outer_loop.setup import make_outer_optimizer
   lr, warmup, steps = 2e-3, 10, 50
   opt = make_outer_optimizer(ml_collections.ConfigDict(dict(
       learning_rate=lr, warmup_steps=warmup, steps=steps, schedule=schedule, clip_norm=1e6)))
