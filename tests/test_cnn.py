@@ -14,7 +14,7 @@ from datarater.curation.filter import filter_dataset
 from datarater.data.corruption import Corruption
 from datarater.data.pipeline import DataInfo
 from datarater.meta_train import meta_train
-from datarater.tasks.cnn import PatchConv
+from datarater.tasks.cnn import PatchConv, patches_3x3
 from datarater.train import train
 from datarater.valuation.run import valuate
 from outer_loop import meta_step
@@ -32,6 +32,15 @@ def _batch(n=5, shape=(6, 6, 2), seed=0):
   rng = np.random.default_rng(seed)
   return {'image': jnp.asarray(rng.normal(size=(n, *shape))),
           'label': jnp.asarray(rng.integers(0, 3, n), jnp.int32)}
+
+
+@pytest.mark.parametrize('stride', [1, 2, 3])
+@pytest.mark.parametrize('height,width', [(6, 6), (7, 5), (28, 28), (1, 4)])
+def test_patches_equal_lax_conv_patches(stride, height, width):
+  x = jax.random.normal(jax.random.key(0), (2, height, width, 3))
+  want = jax.lax.conv_general_dilated_patches(x, (3, 3), (stride, stride), 'SAME',
+                                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_array_equal(patches_3x3(x, stride), want)
 
 
 @pytest.mark.parametrize('stride,size', [(1, 6), (2, 6), (2, 7)])

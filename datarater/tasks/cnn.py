@@ -1,7 +1,7 @@
 """A small convolutional classifier and rater, registered as `cnn_classifier` and `cnn_rater`.
 
-Each layer is a 3x3 convolution written as image patches times a Dense kernel
-(`conv_general_dilated_patches`, then `nn.Dense`): the same function as `nn.Conv`, but every
+Each layer is a 3x3 convolution written as image patches times a Dense kernel (`patches_3x3`,
+then `nn.Dense`): the same function as `nn.Conv`, but every
 parameter sits in a Dense layer whose inputs are the patches, so the per-example gradient layer's
 ghost dot products and factored projections (Dense inputs x output gradients, summed over
 positions) cover the convolutions too, and CPUs run the matmuls faster than conv kernels, also
@@ -26,6 +26,23 @@ from datarater.tasks.registry import register_rater, register_task
 POOLS = ('flatten', 'mean')
 
 
+def patches_3x3(x: jax.Array, stride: int) -> jax.Array:
+  """The 3x3 'SAME' patches of images [B, H, W, C]: [B, ceil(H / s), ceil(W / s), C * 9], ordered
+  (channel, row, column) as `lax.conv_general_dilated_patches` orders them.
+
+  Nine strided slices of the padded images, stacked: on CPU this runs the CNN's gradient several
+  times faster than `conv_general_dilated_patches` (an identity-kernel convolution).
+  """
+  _, h, w, c = x.shape
+  out_h, out_w = -(-h // stride), -(-w // stride)
+  pad_h, pad_w = max((out_h - 1) * stride + 3 - h, 0), max((out_w - 1) * stride + 3 - w, 0)
+  x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
+                  (0, 0)))
+  span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
+  taps = [x[:, i:i + span_h:stride, j:j + span_w:stride, :] for i in range(3) for j in range(3)]
+  return jnp.stack(taps, axis=-1).reshape(x.shape[0], out_h, out_w, c * 9)
+
+
 class PatchConv(nn.Module):
   """A 3x3 'SAME' convolution: [B, H, W, C] -> [B, H / s, W / s, features], as patches @ kernel."""
   features: int
@@ -33,10 +50,7 @@ class PatchConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    patches = jax.lax.conv_general_dilated_patches(
-        x, (3, 3), (self.stride, self.stride), 'SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return nn.Dense(self.features, name='kernel')(patches)
+    return nn.Dense(self.features, name='kernel')(patches_3x3(x, self.stride))
 
 
 class CNN(nn.Module):

@@ -1,0 +1,137 @@
+r"""The CNN's 3x3 patches as nine strided slices against `lax.conv_general_dilated_patches`.
+
+  python -m bench.cnn_patches          # Fashion-MNIST bench CNNs (needs dataset-fashion-mnist)
+
+Both give the same patches (`tests/test_cnn.py`), so the models and their results are the same;
+this measures their speed on three jobs of `configs/fashion_mnist_bench.py`, compilation apart:
+- `train`: the one trainer, full data, the bench's task CNN on `train[:5000]` (microseconds per
+  example-gradient);
+- `meta`: one compiled outer step of the bench's DataRater at K = 4, T = 8 (milliseconds, median
+  of 5 calls after a warm-up);
+- `features`: the selection extractor's forward pass over the 5,000 images (microseconds per
+  example).
+The two implementations alternate within each of `--repeats` rounds; the ratio lax / slices is
+reported per round, with its mean and standard error. Writes bench/results/cnn_patches.{json,png}.
+"""
+import contextlib
+import functools
+import platform
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from bench.meta_memory import compile_step
+from configs import fashion_mnist_bench
+from datarater import evaluation, files, tasks
+from datarater.data import pipeline
+from datarater.policies import selection
+from datarater.tasks import cnn
+from datarater.trainer import Trainer
+from inner_loop import make_inner_optimizer
+
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Rounds; each times both implementations.')
+_OUT = flags.DEFINE_string('out', 'bench/results/cnn_patches', 'Output path prefix.')
+FEATURE_CHUNK = 512  # as features.extract
+
+IMPLEMENTATIONS = {
+    'lax': lambda x, s: jax.lax.conv_general_dilated_patches(
+        x, (3, 3), (s, s), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
+    'slices': cnn.patches_3x3,
+}
+
+
+@contextlib.contextmanager
+def patches(name: str):
+  """PatchConv traces with implementation `name` inside the block."""
+  kept = cnn.patches_3x3
+  cnn.patches_3x3 = IMPLEMENTATIONS[name]
+  try:
+    yield
+  finally:
+    cnn.patches_3x3 = kept
+
+
+def time_train(config, train) -> float:
+  """Microseconds per example-gradient of 2 full-data epochs (compilation apart)."""
+  task = tasks.make_task(config.task, train.info)
+  trainer = Trainer(task, make_inner_optimizer('adam', config.train.learning_rate),
+                    selection.full(len(train)), config.train.batch_size)
+  run = trainer.run(train, {}, [0], epochs=2)
+  return 1e6 * run.wall_s / run.example_gradients
+
+
+def time_meta(config, info) -> float:
+  """Milliseconds per outer step (median of 5 after a warm-up)."""
+  compiled, args, _, _ = compile_step(config, info)
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
+def time_features(config, train) -> float:
+  """Microseconds per example of the extractor's forward pass over the split (after a warm-up)."""
+  task = tasks.make_task(config.features.task, train.info)
+  params = task.init(jax.random.PRNGKey(0))
+  fn = functools.partial(jax.jit(task.embed), params)
+  evaluation.score_split(fn, train, FEATURE_CHUNK, jit=False)  # compiles
+  t0 = time.perf_counter()
+  evaluation.score_split(fn, train, FEATURE_CHUNK, jit=False)
+  return 1e6 * (time.perf_counter() - t0) / len(train)
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  jobs = list(results['ratio'])
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  means = [results['ratio'][j]['mean'] for j in jobs]
+  ax.bar(jobs, means, yerr=[results['ratio'][j]['sem'] for j in jobs], capsize=4)
+  ax.axhline(1.0, color='k', lw=0.8)
+  ax.set_ylabel('time with lax patches / with slices')
+  ax.set_title(f'Fashion-MNIST bench CNNs, {platform.processor() or platform.machine()}')
+  fig.tight_layout()
+  files.save_figure(fig, path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  config = fashion_mnist_bench.get_config()
+  config.inner.steps, config.inner.population = 8, 4
+  config.rater.readout = 'log_softmax'
+  train = pipeline.load_split(config.data, config.data.train_split)
+  jobs = {'train (us/example-gradient)': lambda: time_train(config, train),
+          'meta (ms/outer step, K=4, T=8)': lambda: time_meta(config, train.info),
+          'features (us/example)': lambda: time_features(config, train)}
+  times = {job: {name: [] for name in IMPLEMENTATIONS} for job in jobs}
+  for r in range(_REPEATS.value):
+    for job, measure in jobs.items():
+      for name in IMPLEMENTATIONS:
+        with patches(name):
+          times[job][name].append(measure())
+      print(f'round {r}: {job}: ' + ', '.join(f'{n} {v[-1]:.1f}' for n, v in times[job].items()),
+            flush=True)
+  ratio = {}
+  for job, t in times.items():
+    x = np.array(t['lax']) / np.array(t['slices'])
+    ratio[job] = {'mean': float(x.mean()), 'sem': float(x.std(ddof=1) / np.sqrt(len(x)))
+                  if len(x) > 1 else float('nan'), 'per_round': x.tolist()}
+    print(f'{job}: lax {np.mean(t["lax"]):.1f}, slices {np.mean(t["slices"]):.1f}; '
+          f'lax / slices {x.mean():.2f} +- {ratio[job]["sem"]:.2f}')
+  results = {'times': times, 'ratio': ratio, 'repeats': _REPEATS.value,
+             'device': jax.devices()[0].device_kind, 'cpu': platform.processor(),
+             'config': 'configs/fashion_mnist_bench.py, K=4, T=8, log_softmax readout'}
+  files.write_json(_OUT.value + '.json', results)
+  plot(results, _OUT.value + '.png')
+
+
+if __name__ == '__main__':
+  app.run(main)
