@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.outer.warmup_steps = 50
   c.outer.schedule = 'constant'    # after the warm-up: 'constant' | 'cosine' (to 0 at outer.steps)
   c.outer.clip_norm = 1.0
+  c.outer.ema = 0.0                # decay of the rater's Polyak average, the rater reported (0: off)
   # The meta-gradient estimator (outer_loop.estimators): 'reverse' | 'remat' (jax.checkpoint per
   # inner step) | 'mixed' (custom backward, forward-over-reverse HVPs, memory nearly flat in T).
   c.outer.meta_gradient = 'reverse'

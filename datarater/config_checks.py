@@ -131,6 +131,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
     'outer': {'steps': integer(0), 'batch_size': integer(1),
               'learning_rate': number(0, lo_open=True), 'warmup_steps': integer(0),
               'schedule': one_of('constant', 'cosine'), 'clip_norm': number(0, lo_open=True),
+              'ema': number(0, 1, hi_open=True),
               'meta_gradient': _lazy_one_of('outer_loop.estimators.META_GRADIENTS'),
               'mixed_recompute': _lazy_one_of('outer_loop.estimators.MIXED_RECOMPUTE'),
               'mixed_segment': integer(0), 'max_skipped_steps': integer(1)},

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from datarater import checkpointing, files, tasks
 from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
+from outer_loop import averaging
 
 FORMAT_VERSION = 2
 
@@ -59,7 +60,9 @@ def _read_run(workdir: str):
                                                             'checkpoints'))
   if state is None:
     raise UserError(f'no checkpoint in {workdir!r}: run launch.train_rater there first')
-  params = state['rater_params']
+  # The rater of the run: its Polyak average when it kept one (outer.ema > 0), as meta_train reports.
+  params = averaging.debiased(state.get('rater_average') or None, state['rater_params'],
+                              config.outer.get('ema', 0.0), state['step'] - state['skipped'])
   _check_finite(params, f'the latest checkpoint of {workdir!r}')
   return config, DataInfo.from_json(saved['data_info']), params
 

@@ -165,7 +165,9 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
                                      for k, v in sums.items() if k not in counts},
                     **{k: int(sums[k]) for k in counts},
                     'steps_per_sec': (done - s0) / (time.time() - t0),
-                    'noise_auroc': noise_auroc(state.rater_params)}
+                    'noise_auroc': noise_auroc(problem.rater_params_of(state))}
+          if problem.ema:  # the rater scored above is the average; its last iterate beside it
+            record['noise_auroc_last_iterate'] = noise_auroc(state.rater_params)
           metrics_log.write(record)
           extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
           log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
@@ -198,8 +200,10 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     return {}
   if not primary:
     return {}
-  return final_report(config, workdir, data, problem, sharding.host_copy(state.rater_params),
-                      metrics_log.history, int(sharding.host_copy(state.skipped)))
+  last_iterate = sharding.host_copy(state.rater_params) if problem.ema else None
+  return final_report(config, workdir, data, problem,
+                      sharding.host_copy(problem.rater_params_of(state)), metrics_log.history,
+                      int(sharding.host_copy(state.skipped)), last_iterate)
 
 
 def fresh_model_results(config, data, problem, rater_params) -> dict:
@@ -222,8 +226,13 @@ def fresh_model_results(config, data, problem, rater_params) -> dict:
   return results
 
 
-def final_report(config, workdir, data, problem, rater_params, history, skipped: int) -> dict:
-  """Noise AUROC of the scores and fresh models trained with rater vs uniform weights."""
+def final_report(config, workdir, data, problem, rater_params, history, skipped: int,
+                 last_iterate=None) -> dict:
+  """Noise AUROC of the scores and fresh models trained with rater vs uniform weights.
+
+  `last_iterate`: the rater's last parameters when `rater_params` is their Polyak average; its
+  AUROCs are reported beside.
+  """
   scores = evaluation.score_split(lambda b: problem.rater.score(rater_params, b), data.train)
   auroc = evaluation.noise_auroc(scores, data.train.is_corrupted)
   fe = config.final_eval
@@ -235,6 +244,12 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
   report = {'noise_auroc': auroc, 'auroc_by_kind': by_kind,
             'label_noise': config.data.label_noise, 'fresh_models': results,
             'outer_steps': config.outer.steps, 'skipped_steps': skipped}
+  if last_iterate is not None:
+    last = evaluation.score_split(lambda b: problem.rater.score(last_iterate, b), data.train)
+    report['last_iterate'] = {
+        'noise_auroc': evaluation.noise_auroc(last, data.train.is_corrupted),
+        'auroc_by_kind': evaluation.auroc_by_kind(last, data.train.corruption,
+                                                  data.train.corruption_kinds)}
   files.write_json(os.path.join(workdir, 'report.json'), report)
   plots.save_rater_report(os.path.join(workdir, 'rater_report.png'), history, scores,
                           data.train.is_corrupted)

@@ -18,6 +18,7 @@ import optax
 from datarater.tasks import Rater, Task
 from inner_loop.unroll import InnerState, init_inner_state, unroll
 from inner_loop.weighting import softmax_weights
+from outer_loop import averaging
 from outer_loop.population import init_population, reset_diverged, staggered_reset
 
 
@@ -30,6 +31,7 @@ class OuterState:
   key: jax.Array             # for re-initialising members
   skipped: jax.Array         # int32 scalar: outer steps skipped, their meta-gradient not finite
   skipped_in_a_row: jax.Array  # int32 scalar: of them, the latest consecutive ones
+  rater_average: Any = None  # Polyak average of rater_params (outer_loop.averaging); None: off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,7 @@ class MetaProblem:
   temperature: float
   reset_every: int
   advance_steps: int = 0     # A: weighted inner steps per outer step before the unrolled T
+  ema: float = 0.0           # decay of the rater's Polyak average (0: off, the last iterate)
 
   def weights(self, rater_params, batch) -> jax.Array:
     """Loss weights w = B * softmax(g_phi(batch) / tau), mean 1."""
@@ -53,6 +56,12 @@ class MetaProblem:
     leading axis of `batches` (leaves [K, B, ...])."""
     w = jax.vmap(lambda b: self.weights(jax.lax.stop_gradient(rater_params), b))(batches)
     return jnp.mean(1.0 / jnp.mean(w ** 2, axis=-1))
+
+  def rater_params_of(self, state: OuterState):
+    """The rater a run scores, reports and exports: the debiased Polyak average of the iterates
+    when `ema` > 0 (skipped steps add none), else the last iterate."""
+    return averaging.debiased(state.rater_average, state.rater_params, self.ema,
+                              state.step - state.skipped)
 
   def init_member(self, key) -> InnerState:
     return init_inner_state(self.task.init(key), self.inner_optimizer)
@@ -87,7 +96,8 @@ def init_outer_state(problem: MetaProblem, key: jax.Array, population_size: int)
   return OuterState(step=zero, rater_params=rater_params,
                     opt_state=problem.outer_optimizer.init(rater_params),
                     population=init_population(problem.init_member, init_key, population_size),
-                    key=reset_key, skipped=zero, skipped_in_a_row=zero)
+                    key=reset_key, skipped=zero, skipped_in_a_row=zero,
+                    rater_average=averaging.init(rater_params, problem.ema))
 
 
 def advance(problem: MetaProblem, rater_params, population: InnerState, batches: dict):
@@ -126,9 +136,11 @@ def outer_step(problem: MetaProblem, estimator, state: OuterState, inner_batches
   population, diverged = reset_diverged(jax.lax.stop_gradient(population), problem.init_member,
                                         state.key, state.step)
   skip = (~finite).astype(jnp.int32)
+  rater_params = keep(optax.apply_updates(state.rater_params, updates), state.rater_params)
   new_state = OuterState(
-      step=state.step + 1,
-      rater_params=keep(optax.apply_updates(state.rater_params, updates), state.rater_params),
+      step=state.step + 1, rater_params=rater_params,
+      rater_average=keep(averaging.update(state.rater_average, rater_params, problem.ema),
+                         state.rater_average),
       opt_state=keep(opt_state, state.opt_state), population=population, key=state.key,
       skipped=state.skipped + skip, skipped_in_a_row=(state.skipped_in_a_row + skip) * skip)
   only_finite = lambda x: jnp.where(finite, x, 0.0)  # a skipped step adds 0 to the means

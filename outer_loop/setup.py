@@ -28,5 +28,5 @@ def build_problem(config: ml_collections.ConfigDict, info):
       inner_optimizer=make_inner_optimizer(config.inner.optimizer, config.inner.learning_rate),
       outer_optimizer=make_outer_optimizer(config.outer),
       temperature=config.rater.temperature, reset_every=config.inner.reset_every,
-      advance_steps=config.inner.advance_steps)
+      advance_steps=config.inner.advance_steps, ema=config.outer.ema)
   return problem, make_estimator(config.outer, config.inner)
