@@ -117,10 +117,16 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
 
   score = jax.jit(problem.rater.score)  # compiled once, reused at every logging step
 
-  def noise_auroc(rater_params):
-    params = sharding.host_copy(rater_params)
+  def noise_auroc(params):
+    """AUROC of the scores of rater `params` (host copies) against the corruption record."""
     scores = evaluation.score_split(lambda b: score(params, b), data.train, jit=False)
     return evaluation.noise_auroc(scores, data.train.is_corrupted)
+
+  def reported_rater(state):
+    """Host copies of (the rater as reported, its last iterate): averaged here, on this process's
+    copies, since process 0 alone logs and reports."""
+    host = sharding.host_copy(state.replace(population=None, opt_state=None))
+    return jax.device_get(problem.rater_params_of(host)), host.rater_params
 
   def check_skipped(state, step):
     """Stops the run (one line) when the meta-gradient has not been finite for too long."""
@@ -159,15 +165,16 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
           # Means over the steps since the last record that were not skipped (single steps jump
           # at member resets); skipped steps and diverged inner models are counted.
           sums = {k: float(v) for k, v in sharding.host_copy(totals).items()}
+          rater = reported_rater(state)
           counts = ('skipped_steps', 'diverged_members')
           taken = done - s0 - sums['skipped_steps']
           record = {'step': done, **{k: v / taken if taken else float('nan')
                                      for k, v in sums.items() if k not in counts},
                     **{k: int(sums[k]) for k in counts},
                     'steps_per_sec': (done - s0) / (time.time() - t0),
-                    'noise_auroc': noise_auroc(problem.rater_params_of(state))}
+                    'noise_auroc': noise_auroc(rater[0])}
           if problem.ema:  # the rater scored above is the average; its last iterate beside it
-            record['noise_auroc_last_iterate'] = noise_auroc(state.rater_params)
+            record['noise_auroc_last_iterate'] = noise_auroc(rater[1])
           metrics_log.write(record)
           extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
           log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
@@ -200,10 +207,10 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     return {}
   if not primary:
     return {}
-  last_iterate = sharding.host_copy(state.rater_params) if problem.ema else None
-  return final_report(config, workdir, data, problem,
-                      sharding.host_copy(problem.rater_params_of(state)), metrics_log.history,
-                      int(sharding.host_copy(state.skipped)), last_iterate)
+  rater_params, last_iterate = reported_rater(state)
+  return final_report(config, workdir, data, problem, rater_params, metrics_log.history,
+                      int(sharding.host_copy(state.skipped)),
+                      last_iterate if problem.ema else None)
 
 
 def fresh_model_results(config, data, problem, rater_params) -> dict:

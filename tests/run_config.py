@@ -30,4 +30,5 @@ def as_flags(c) -> list[str]:
           f'--config.rater.hidden={tuple(c.rater.hidden)}', f'--config.log_every={c.log_every}',
           f'--config.checkpoint_every={c.checkpoint_every}',
           f'--config.final_eval.train_steps={c.final_eval.train_steps}',
-          f'--config.final_eval.num_models={c.final_eval.num_models}']
+          f'--config.final_eval.num_models={c.final_eval.num_models}',
+          f'--config.outer.ema={c.outer.ema}']
