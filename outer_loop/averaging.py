@@ -7,6 +7,7 @@ rater's training; it is the rater that is scored, reported and exported when `ou
 """
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def init(params, decay: float):
@@ -15,17 +16,17 @@ def init(params, decay: float):
 
 
 def update(average, params, decay: float):
-  """One more iterate into the (undebiased) average."""
+  """One more iterate into the (undebiased) average: decay * average + (1 - decay) * params."""
   if average is None:
     return None
-  return jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, average, params)
+  return optax.incremental_update(params, average, 1.0 - decay)
 
 
 def debiased(average, params, decay: float, count):
-  """The averaged parameters after `count` updates; `params` (the last iterate) when averaging is
-  off or nothing has been averaged yet."""
+  """The averaged parameters after `count` updates (optax's bias correction); `params` (the last
+  iterate) when averaging is off or nothing has been averaged yet."""
   if average is None:
     return params
-  correction = 1.0 - jnp.asarray(decay, jnp.float32) ** count
-  return jax.tree.map(lambda a, p: jnp.where(count > 0, a / jnp.maximum(correction, 1e-12), p),
-                      average, params)
+  count = jnp.asarray(count, jnp.int32)
+  corrected = optax.tree.bias_correction(average, decay, jnp.maximum(count, 1))
+  return jax.tree.map(lambda a, p: jnp.where(count > 0, a, p), corrected, params)
