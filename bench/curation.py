@@ -10,7 +10,7 @@ self-influence and Grad-Mimic values are computed (the config's `valuation` sect
 task models (the config's `train` section, --epochs) are trained on (a) all data, (b) a uniformly
 random subset of each keep fraction, (c) each method's filtered subset (the same exact top-k as
 launch.filter) at each keep fraction and at the keep fraction the rater's own score histogram
-suggests (the share of its upper mode, from a 2-component Gaussian mixture), and (d) all data
+suggests (the share of its upper cluster, `select.suggest_keep`), and (d) all data
 with each method's online weights (the launch.train policies datarater, tracin_curriculum, mimic).
 Reported: test accuracy (mean, std, and paired standard errors of the differences against all
 data and against the random subset of the same size, pairs = seeds), accuracy against training
@@ -42,7 +42,6 @@ from datarater.data import pipeline
 from datarater.policies import weighting
 from datarater.valuation import factory
 from datarater.valuation.run import RunCache
-from datarater.valuation.mimic import mimic_filter
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config.')
 _NOISE = flags.DEFINE_list('noise', ['0.0', '0.2', '0.4'], 'Corruption rates.')
@@ -99,8 +98,8 @@ def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
                     else policies.make_policy('mimic', ctx))
     timing[name] = time.time() - t0
   suggested = None
-  if 'datarater' in values:  # the share of the rater's upper score mode
-    suggested = round(float(mimic_filter(values['datarater'])[0].mean()), 3)
+  if 'datarater' in values:  # the share of the rater's upper score cluster
+    suggested = round(select.suggest_keep(values['datarater']), 3)
   t0 = time.time()
   uniform = weighting.weighting('uniform', len(train))
   out = {'all': train_run(c, task, train, test, uniform, seed), 'random': {},

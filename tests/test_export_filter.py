@@ -254,3 +254,26 @@ def test_scores_file_read_in_row_batches(tmp_path, monkeypatch):
     files.write_parquet(path, {'id': bad_ids, 'value': np.zeros(n + 1)}, row_group=6)
     with pytest.raises(UserError, match=msg):
       scores_file.read_values(path, n)
+
+
+def _otsu_keep(scores):
+  """Brute force: over every split of the sorted scores, the upper share of the split with the
+  least within-group sum of squares (float64)."""
+  s = np.sort(np.asarray(scores, np.float64))
+  best = min(range(1, len(s)), key=lambda k: s[:k].var() * k + s[k:].var() * (len(s) - k))
+  return 1 - best / len(s)
+
+
+def test_suggested_keep_is_the_otsu_split_and_ignores_a_spike_of_good_scores():
+  rng = np.random.default_rng(0)
+  # Good examples: a spike of confident scores near 0 and a tail of hard ones; bad: a broad mode.
+  good = np.concatenate([-np.abs(rng.normal(0, 0.1, 450)), -np.abs(rng.normal(0, 1.2, 300))])
+  bad = rng.normal(-4.5, 1.0, 250)
+  scores = rng.permutation(np.concatenate([good, bad]))
+  keep = select.suggest_keep(scores)
+  assert keep == pytest.approx(_otsu_keep(scores), abs=1e-9)
+  assert abs(keep - 0.75) < 0.05  # near the good share, where a Gaussian mixture splits off the spike
+  assert select.suggest_keep(3 * scores + 7) == keep  # a property of the ranks' grouping only
+  assert select.suggest_keep(np.full(10, 2.0)) == 1.0
+  with pytest.raises(UserError, match='finite'):
+    select.suggest_keep(np.array([0.0, np.nan]))

@@ -5,6 +5,7 @@
   keeps its share round(keep * N_c) (largest-remainder rounding so the total is still exact), so a
   filter cannot silently drop a class whose examples all score low.
 - `select_threshold`: every example with score >= a given threshold.
+- `suggest_keep`: the keep fraction a score histogram suggests (the share of its upper cluster).
 - `StreamingQuantile`: for splits whose scores do not fit in memory, a fixed-size uniform reservoir
   sample (keyed, deterministic) of the scores seen; its (1 - keep) quantile is the threshold. The
   kept fraction is then approximate: with a reservoir of m scores the rank error of the threshold
@@ -15,6 +16,7 @@ import math
 from typing import Optional
 
 import numpy as np
+from sklearn.cluster import KMeans
 
 from datarater.errors import UserError
 
@@ -29,6 +31,22 @@ def keep_count(num_examples: int, keep: float) -> int:
   """round(keep * N), at least 1: the exact number of examples `select_top` keeps."""
   check_keep(keep)
   return max(1, min(num_examples, int(math.floor(keep * num_examples + 0.5))))
+
+
+def suggest_keep(scores: np.ndarray, seed: int = 0) -> float:
+  """The share of the upper of two clusters of the scores: 1-D 2-means, whose split is Otsu's
+  threshold (the one minimising the within-group variance).
+
+  It assumes no shape per group, so a spike of confidently good scores beside a long tail does
+  not make a group of its own, as it does for a 2-component Gaussian mixture (`mimic_filter`).
+  """
+  s = np.asarray(scores, np.float64).reshape(-1, 1)
+  if not np.isfinite(s).all():
+    raise UserError('scores must be finite to suggest a keep fraction')
+  if s.size < 2 or np.ptp(s) == 0:
+    return 1.0
+  km = KMeans(2, n_init=10, random_state=seed).fit(s)
+  return float(np.mean(km.labels_ == int(np.argmax(km.cluster_centers_[:, 0]))))
 
 
 def _rank_order(scores: np.ndarray, ids: Optional[np.ndarray]) -> np.ndarray:
