@@ -4,6 +4,7 @@ r"""Filters a TFDS dataset with a rater or a scores file into a new TFDS dataset
       --out=OUT_DIR
   python -m launch.filter --dataset=sklearn_digits --split=train --scores=scores.parquet \
       --min_score=0.0 --out=OUT_DIR
+  python -m launch.filter --dataset=sklearn_digits --rater=RATER_DIR --suggest_keep --out=OUT_DIR
 
 Runs `datarater.curation.filter.filter_dataset` (see there for what OUT_DIR receives); the kept
 examples load with `tfds.builder_from_directory(OUT_DIR)`. `--label_noise` applies the training
@@ -28,6 +29,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   d('string', 'scores', None, 'A scores file: `id` and `value` or `score` columns.')
   d('float', 'keep', None, 'Fraction of each filtered split to keep, in (0, 1].')
   d('float', 'min_score', None, 'Keep examples scoring >= this (instead of --keep).')
+  d('bool', 'suggest_keep', False, 'Keep the share of the upper cluster of each split\'s scores '
+    '(2-means; instead of --keep).')
   d('enum', 'threshold', 'exact', THRESHOLD_MODES, 'How --keep finds its threshold.')
   d('bool', 'balance', False, 'Per-class balance: each class keeps its --keep share.')
   d('float', 'label_noise', 0.0, 'Symmetric label noise applied to the filtered splits.')
@@ -46,12 +49,13 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     distributed.initialize_from_flags(fv)
     report = filter_dataset(
         fv.dataset, fv.out, fv.split, rater=fv.rater, scores=fv.scores, keep=fv.keep,
-        min_score=fv.min_score, threshold=fv.threshold, balance=fv.balance,
+        min_score=fv.min_score, suggest_keep=fv.suggest_keep, threshold=fv.threshold, balance=fv.balance,
         data_dir=fv.data_dir, corruption=Corruption(fv.label_noise, fv.noise_seed),
         copy_other_splits=fv.copy_other_splits, batch_size=fv.batch_size,
         overwrite=fv.overwrite)
   for s, info in report['splits'].items():
-    print(f'{s}: kept {info["kept"]} of {info["num_examples"]} examples')
+    print(f'{s}: kept {info["kept"]} of {info["num_examples"]} examples'
+          + (f' (suggested keep {info["keep"]:.3f})' if fv.suggest_keep else ''))
   print(f'wrote {fv.out} (tfds.builder_from_directory({fv.out!r}))')
 
 

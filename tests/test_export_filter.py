@@ -228,6 +228,14 @@ def test_scores_file_filter_and_min_score(tfds_dir, tmp_path):
   assert rep['splits']['train']['kept'] == int((values >= 0).sum())
   rep = run('o3', keep=0.6, threshold='streaming')
   assert abs(rep['splits']['train']['kept'] - select.keep_count(N_TRAIN, 0.6)) <= 1
+  # Two groups of scores, 70% high: the suggested keep is the brute-force Otsu split's share.
+  values = np.where(np.random.default_rng(2).random(N_TRAIN) < 0.7, 1.0, -2.0) + values / 2
+  pq.write_table(pa.table({'id': order, 'value': values[order]}), path)
+  rep = run('o4', suggest_keep=True, balance=True)
+  want = _otsu_keep(values)
+  assert rep['splits']['train']['keep'] == pytest.approx(want, abs=1e-9)
+  assert rep['splits']['train']['kept'] == select.keep_count(N_TRAIN, want)
+  assert abs(want - 0.7) < 0.03
 
 
 def test_scores_file_read_in_row_batches(tmp_path, monkeypatch):

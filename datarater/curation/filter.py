@@ -4,8 +4,9 @@
 per example is held), scores every example (an exported rater on all local devices, or the
 `value` column of a scores file keyed by TFDS id), picks the kept examples (`keep`: exactly
 round(keep * N) of the best, ties to the lower id; `threshold='streaming'`: an approximate
-threshold from a reservoir sample; `min_score`: score >= value; `balance`: every class keeps its
-share) and writes `out`: the kept examples as a TFDS dataset with the source's features
+threshold from a reservoir sample; `min_score`: score >= value; `suggest_keep`: `keep` is the
+share of the upper cluster of the split's scores, `select.suggest_keep`; `balance`: every class
+keeps its share) and writes `out`: the kept examples as a TFDS dataset with the source's features
 (`tfds.builder_from_directory(out)`), the other splits copied unchanged, `scores_<split>.parquet`
 (id, label, score, kept), `filter_report.json` and `scores.png`. Everything is written to a
 temporary folder beside `out` and renamed into place at the end (`files.atomic_dir`).
@@ -72,7 +73,7 @@ def _example_transform(split: source_lib.Source):
 def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *,
                    rater: Optional[str] = None, scores: Optional[str] = None,
                    keep: Optional[float] = None, min_score: Optional[float] = None,
-                   threshold: str = 'exact', balance: bool = False, data_dir: str = '',
+                   suggest_keep: bool = False, threshold: str = 'exact', balance: bool = False, data_dir: str = '',
                    corruption: Optional[corruption_lib.Corruption] = None,
                    copy_other_splits: bool = True, batch_size: int = 1024,
                    overwrite: bool = False, devices=None) -> dict:
@@ -84,14 +85,15 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     raise UserError(f'output {out!r} already exists (pass --overwrite to replace it)')
   if (rater is None) == (scores is None):
     raise UserError('give exactly one of --rater and --scores')
-  if (keep is None) == (min_score is None):
-    raise UserError('give exactly one of --keep and --min_score')
+  if (keep is not None) + (min_score is not None) + bool(suggest_keep) != 1:
+    raise UserError('give exactly one of --keep, --min_score and --suggest_keep')
   if keep is not None:
     select.check_keep(keep)
   if threshold not in THRESHOLD_MODES:
     raise UserError(f'unknown --threshold {threshold!r} (choose from {", ".join(THRESHOLD_MODES)})')
-  if balance and keep is None:
-    raise UserError('--balance needs --keep (a score threshold cannot balance classes)')
+  if balance and min_score is not None:
+    raise UserError('--balance needs --keep or --suggest_keep (a score threshold cannot balance '
+                    'classes)')
   if batch_size < 1:
     raise UserError(f'--batch_size must be >= 1, got {batch_size}')
   splits = list(splits)
@@ -153,13 +155,14 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     if not np.all(np.isfinite(split_scores)):
       bad = int(np.flatnonzero(~np.isfinite(split_scores))[0])
       raise UserError(f'the score of example {bad} of split {s!r} is not finite')
+    split_keep = select.suggest_keep(split_scores) if suggest_keep else keep
     if min_score is not None:
       kept, thr = select.select_threshold(split_scores, min_score), {'all': float(min_score)}
     elif threshold == 'exact':
-      kept = select.select_top(split_scores, keep, None, labels, num_classes, balance)
+      kept = select.select_top(split_scores, split_keep, None, labels, num_classes, balance)
       thr = {'all': float(np.min(split_scores, where=kept, initial=np.inf))}
     else:
-      cut = {c: q.keep_threshold(keep) if q.count else np.inf for c, q in sketch.items()}
+      cut = {c: q.keep_threshold(split_keep) if q.count else np.inf for c, q in sketch.items()}
       kept = split_scores >= (cut[None] if not balance else np.array([cut[c] for c in labels]))
       thr = {'all' if c is None else str(c): float(v) for c, v in cut.items()}
     if not kept.any():
@@ -168,7 +171,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     if len(streams[s].corruption_kinds) == 1:
       record = None
     per_split[s] = {'scores': split_scores, 'labels': labels, 'kept': kept, 'threshold': thr,
-                    'record': record}
+                    'record': record, 'keep': split_keep}
 
   # ---- pass 2: write into a temporary folder, renamed into place at the end
   selection = {s: np.flatnonzero(d['kept']) for s, d in per_split.items()}
@@ -179,7 +182,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   source = f'rater {os.path.basename(os.path.normpath(rater))}' if rater else 'scores'
   name = f'{builder.info.name}_filtered'
   report = {'dataset': dataset, 'name': name, 'keep': keep, 'min_score': min_score,
-            'threshold_mode': threshold if keep is not None else 'min_score', 'balance': balance,
+            'suggest_keep': bool(suggest_keep),
+            'threshold_mode': threshold if min_score is None else 'min_score', 'balance': balance,
             'corruption': {'kinds': list(corruption.kinds), 'label_noise': corruption.label_noise,
                            'seed': corruption.seed},
             'source': {'rater': rater, 'scores': scores},
@@ -197,8 +201,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
         extra['corruption'] = d['record']
       scores_file.write(os.path.join(folder, f'scores_{s}.parquet'), np.arange(len(kept)),
                         d['scores'], d['scores'], **extra)
-      info_s = {'num_examples': int(len(kept)), 'kept': int(kept.sum()),
-                'requested': select.keep_count(len(kept), keep) if keep is not None else None,
+      info_s = {'num_examples': int(len(kept)), 'kept': int(kept.sum()), 'keep': d['keep'],
+                'requested': select.keep_count(len(kept), d['keep']) if d['keep'] else None,
                 'threshold': d['threshold']}
       if num_classes:
         info_s['num_per_class'] = np.bincount(labels, minlength=num_classes).tolist()
