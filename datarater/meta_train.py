@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from datarater import checkpointing, config_checks, evaluation, files, plots
+from datarater.curation import select
 from datarater.errors import UserError
 from datarater.policies import weighting
 from datarater.trainer import Trainer
@@ -235,7 +236,8 @@ def fresh_model_results(config, data, problem, rater_params) -> dict:
 
 def final_report(config, workdir, data, problem, rater_params, history, skipped: int,
                  last_iterate=None) -> dict:
-  """Noise AUROC of the scores and fresh models trained with rater vs uniform weights.
+  """Noise AUROC of the scores, the keep their histogram suggests, and fresh models trained with
+  rater vs uniform weights.
 
   `last_iterate`: the rater's last parameters when `rater_params` is their Polyak average; its
   AUROCs are reported beside.
@@ -249,6 +251,7 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
   results = fresh_model_results(config, data, problem, rater_params)
   by_kind = evaluation.auroc_by_kind(scores, data.train.corruption, data.train.corruption_kinds)
   report = {'noise_auroc': auroc, 'auroc_by_kind': by_kind,
+            'suggested_keep': select.suggest_keep(scores),  # launch.filter --suggest_keep
             'label_noise': config.data.label_noise, 'fresh_models': results,
             'outer_steps': config.outer.steps, 'skipped_steps': skipped}
   if last_iterate is not None:
