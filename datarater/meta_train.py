@@ -251,7 +251,8 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
   results = fresh_model_results(config, data, problem, rater_params)
   by_kind = evaluation.auroc_by_kind(scores, data.train.corruption, data.train.corruption_kinds)
   report = {'noise_auroc': auroc, 'auroc_by_kind': by_kind,
-            'suggested_keep': select.suggest_keep(scores),  # launch.filter --suggest_keep
+            'suggested_keep': (select.suggest_keep(scores)  # as launch.filter --suggest_keep
+                               if np.isfinite(scores).all() else None),
             'label_noise': config.data.label_noise, 'fresh_models': results,
             'outer_steps': config.outer.steps, 'skipped_steps': skipped}
   if last_iterate is not None:

@@ -49,10 +49,10 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     distributed.initialize_from_flags(fv)
     report = filter_dataset(
         fv.dataset, fv.out, fv.split, rater=fv.rater, scores=fv.scores, keep=fv.keep,
-        min_score=fv.min_score, suggest_keep=fv.suggest_keep, threshold=fv.threshold, balance=fv.balance,
-        data_dir=fv.data_dir, corruption=Corruption(fv.label_noise, fv.noise_seed),
-        copy_other_splits=fv.copy_other_splits, batch_size=fv.batch_size,
-        overwrite=fv.overwrite)
+        min_score=fv.min_score, suggest_keep=fv.suggest_keep, threshold=fv.threshold,
+        balance=fv.balance, data_dir=fv.data_dir,
+        corruption=Corruption(fv.label_noise, fv.noise_seed),
+        copy_other_splits=fv.copy_other_splits, batch_size=fv.batch_size, overwrite=fv.overwrite)
   for s, info in report['splits'].items():
     print(f'{s}: kept {info["kept"]} of {info["num_examples"]} examples'
           + (f' (suggested keep {info["keep"]:.3f})' if fv.suggest_keep else ''))

@@ -144,7 +144,10 @@ def _cases(tfds_dir: str, w) -> list:
   rater = f'--rater={w}/rater'
   cases += [
       ('filter', fl(rater, '--keep=1.5'), 'keep fraction must be in (0, 1], got 1.5'),
-      ('filter', fl(rater, '--keep=0.5', '--min_score=0'), 'exactly one of --keep, --min_score and --suggest_keep'),
+      ('filter', fl(rater, '--keep=0.5', '--min_score=0'),
+       'exactly one of --keep, --min_score and --suggest_keep'),
+      ('filter', fl(rater, '--suggest_keep', '--min_score=0', '--balance'),
+       'exactly one of --keep, --min_score and --suggest_keep'),
       ('filter', fl('--keep=0.5'), 'exactly one of --rater and --scores'),
       ('filter', fl(f'--rater={w}/bad_json_rater', '--keep=0.5'), 'is not readable JSON'),
       ('filter', fl(f'--rater={w}/no_params_rater', '--keep=0.5'), 'has no params/ folder'),

@@ -280,7 +280,7 @@ def test_suggested_keep_is_the_otsu_split_and_ignores_a_spike_of_good_scores():
   scores = rng.permutation(np.concatenate([good, bad]))
   keep = select.suggest_keep(scores)
   assert keep == pytest.approx(_otsu_keep(scores), abs=1e-9)
-  assert abs(keep - 0.75) < 0.05  # near the good share, where a Gaussian mixture splits off the spike
+  assert abs(keep - 0.75) < 0.05  # the good share (a Gaussian mixture splits off the spike)
   assert select.suggest_keep(3 * scores + 7) == keep  # a property of the ranks' grouping only
   assert select.suggest_keep(np.full(10, 2.0)) == 1.0
   with pytest.raises(UserError, match='finite'):

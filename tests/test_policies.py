@@ -150,7 +150,8 @@ def test_every_registered_policy_trains_through_the_launcher_path(tfds_dir, trai
   config.train.epochs, config.train.seeds = 1, (0,)
   config.valuation.train_steps, config.valuation.checkpoint_every = 20, 10
   config.valuation.reference_steps = 20
-  config.features.train_steps, config.sae.steps, config.sae.num_factors = 20, 50, 32
+  config.features.extractor = 'pixels'  # the trained extractor is tested in test_sae
+  config.sae.steps, config.sae.num_factors = 50, 32
   names = sorted(policies.POLICIES)
   assert {'uniform', 'datarater', 'datarater_batch_filter', 'datarater_accept', 'scores',
           'tracin_curriculum', 'mimic', 'full', 'random', 'infobatch', 'sae'} <= set(names)

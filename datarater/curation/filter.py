@@ -73,7 +73,8 @@ def _example_transform(split: source_lib.Source):
 def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *,
                    rater: Optional[str] = None, scores: Optional[str] = None,
                    keep: Optional[float] = None, min_score: Optional[float] = None,
-                   suggest_keep: bool = False, threshold: str = 'exact', balance: bool = False, data_dir: str = '',
+                   suggest_keep: bool = False, threshold: str = 'exact', balance: bool = False,
+                   data_dir: str = '',
                    corruption: Optional[corruption_lib.Corruption] = None,
                    copy_other_splits: bool = True, batch_size: int = 1024,
                    overwrite: bool = False, devices=None) -> dict:
