@@ -45,6 +45,15 @@ def subprocess_env(devices: int) -> dict:
                         f'{ONE_THREAD}')
 
 
+def otsu_keep(scores) -> float:
+  """Brute force: over every split of the sorted scores, the upper share of the split with the
+  least within-group sum of squares (float64)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  s = np.sort(np.asarray(scores, np.float64))
+  best = min(range(1, len(s)), key=lambda k: s[:k].var() * k + s[k:].var() * (len(s) - k))
+  return 1 - best / len(s)
+
+
 def digits_data(tfds_dir, label_noise=0.0, noise_seed=0):
   """The `data` config section of configs/digits.py, reading from `tfds_dir`."""
   from configs.digits import get_config  # pylint: disable=g-import-not-at-top

@@ -30,7 +30,7 @@ from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
 from datarater.meta_train import meta_train
 from datarater.train import train
-from tests.conftest import digits_data, subprocess_env
+from tests.conftest import digits_data, otsu_keep, subprocess_env
 from tests.run_config import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,7 +232,7 @@ def test_scores_file_filter_and_min_score(tfds_dir, tmp_path):
   values = np.where(np.random.default_rng(2).random(N_TRAIN) < 0.7, 1.0, -2.0) + values / 2
   pq.write_table(pa.table({'id': order, 'value': values[order]}), path)
   rep = run('o4', suggest_keep=True, balance=True)
-  want = _otsu_keep(values)
+  want = otsu_keep(values)
   assert rep['splits']['train']['keep'] == pytest.approx(want, abs=1e-9)
   assert rep['splits']['train']['kept'] == select.keep_count(N_TRAIN, want)
   assert abs(want - 0.7) < 0.03
@@ -264,14 +264,6 @@ def test_scores_file_read_in_row_batches(tmp_path, monkeypatch):
       scores_file.read_values(path, n)
 
 
-def _otsu_keep(scores):
-  """Brute force: over every split of the sorted scores, the upper share of the split with the
-  least within-group sum of squares (float64)."""
-  s = np.sort(np.asarray(scores, np.float64))
-  best = min(range(1, len(s)), key=lambda k: s[:k].var() * k + s[k:].var() * (len(s) - k))
-  return 1 - best / len(s)
-
-
 def test_suggested_keep_is_the_otsu_split_and_ignores_a_spike_of_good_scores():
   rng = np.random.default_rng(0)
   # Good examples: a spike of confident scores near 0 and a tail of hard ones; bad: a broad mode.
@@ -279,7 +271,7 @@ def test_suggested_keep_is_the_otsu_split_and_ignores_a_spike_of_good_scores():
   bad = rng.normal(-4.5, 1.0, 250)
   scores = rng.permutation(np.concatenate([good, bad]))
   keep = select.suggest_keep(scores)
-  assert keep == pytest.approx(_otsu_keep(scores), abs=1e-9)
+  assert keep == pytest.approx(otsu_keep(scores), abs=1e-9)
   assert abs(keep - 0.75) < 0.05  # the good share (a Gaussian mixture splits off the spike)
   assert select.suggest_keep(3 * scores + 7) == keep  # a property of the ranks' grouping only
   assert select.suggest_keep(np.full(10, 2.0)) == 1.0
