@@ -273,7 +273,7 @@ def test_suggested_keep_is_the_otsu_split_and_ignores_a_spike_of_good_scores():
   keep = select.suggest_keep(scores)
   assert keep == pytest.approx(otsu_keep(scores), abs=1e-9)
   assert abs(keep - 0.75) < 0.05  # the good share (a Gaussian mixture splits off the spike)
-  assert select.suggest_keep(3 * scores + 7) == keep  # a property of the ranks' grouping only
+  assert select.suggest_keep(3 * scores + 7) == keep  # unchanged by a positive affine map
   assert select.suggest_keep(np.full(10, 2.0)) == 1.0
   with pytest.raises(UserError, match='finite'):
     select.suggest_keep(np.array([0.0, np.nan]))
