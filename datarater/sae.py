@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from datarater.errors import UserError
+from datarater.tasks.base import init_module
 
 SPARSITIES = ('top_k', 'l1')
 
@@ -64,11 +65,16 @@ class TrainedSAE:
   module: SAE = flax.struct.field(pytree_node=False)
 
   def encode(self, x: jax.Array) -> jax.Array:
-    return self.module.apply(self.params, self.normaliser(x))[1]
+    return _apply(self.module, self.params, self.normaliser(x))[1]
 
   def reconstruct(self, x: jax.Array) -> jax.Array:
     """Reconstruction in the normalised space (compare with `self.normaliser(x)`)."""
-    return self.module.apply(self.params, self.normaliser(x))[0]
+    return _apply(self.module, self.params, self.normaliser(x))[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module: SAE, params, x: jax.Array):
+  return module.apply(params, x)
 
 
 def make_sae(config) -> SAE:
@@ -122,11 +128,11 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
   normaliser = Normaliser.fit(features)
   x = normaliser(features)
   init_key, data_key = jax.random.split(key)
-  params = module.init(init_key, x[:2])
+  params = init_module(module, init_key, x[:2])
   params, mses = _fit(params, x, data_key, module=module, steps=int(config.steps),
                       batch_size=min(int(config.batch_size), x.shape[0]),
                       learning_rate=float(config.learning_rate), l1_coef=float(config.l1_coef))
-  x_hat, codes = module.apply(params, x)
+  x_hat, codes = _apply(module, params, x)
   metrics = {'mse': float(jnp.mean(jnp.sum((x_hat - x) ** 2, -1))),
              'mse_mean_baseline': float(jnp.mean(jnp.sum(x ** 2, -1))),
              'active_mean': float(jnp.mean(jnp.sum(codes > 0, -1))),

@@ -13,6 +13,7 @@ gradient layer, the valuations, selection and curation see these methods and not
 - `Rater.init(key) -> phi`, `Rater.score(phi, batch) -> [B]`, `Rater.spec`.
 """
 import abc
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -29,6 +30,13 @@ PerExampleLoss = Callable[[Params, Batch], jax.Array]  # (params, batch) -> [B]
 def example_batch(spec: FeatureSpec, size: int = 1) -> dict:
   """Zeros shaped like `size` examples of `spec` (for `init` and shape checks)."""
   return {k: jnp.zeros((size, *s.shape), s.dtype) for k, s in spec.items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_module(module, key: jax.Array, x: jax.Array) -> Params:
+  """`module.init(key, x)` as one compiled program (flax modules are hashable, so each module and
+  input shape compiles once; an eager init compiles every layer's operations one by one)."""
+  return module.init(key, x)
 
 
 def batch_size_of(batch: Batch) -> int:

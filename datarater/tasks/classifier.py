@@ -17,7 +17,7 @@ import optax
 
 from datarater import config_checks as checks
 from datarater.errors import UserError
-from datarater.tasks.base import FeatureSpec, Rater, Task, example_batch
+from datarater.tasks.base import FeatureSpec, Rater, Task, example_batch, init_module
 from datarater.tasks.registry import register_rater, register_task
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -70,7 +70,7 @@ class Classifier(Task):
   num_classes: int
 
   def init(self, key):
-    return self.module.init(key, example_batch(self.spec)[self.input_key])
+    return init_module(self.module, key, example_batch(self.spec)[self.input_key])
 
   def logits(self, params, batch):
     return self.module.apply(params, batch[self.input_key])
@@ -110,7 +110,7 @@ class LabelledRater(Rater):
   readout: str = 'logit'
 
   def init(self, key):
-    return self.module.init(key, example_batch(self.spec)[self.input_key])
+    return init_module(self.module, key, example_batch(self.spec)[self.input_key])
 
   def score(self, params, batch):
     per_class = self.module.apply(params, batch[self.input_key])

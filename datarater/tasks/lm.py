@@ -29,7 +29,7 @@ import numpy as np
 
 from datarater import config_checks as checks
 from datarater.errors import UserError
-from datarater.tasks.base import FeatureSpec, Rater, Task, example_batch
+from datarater.tasks.base import FeatureSpec, Rater, Task, example_batch, init_module
 from datarater.tasks.classifier import ACTIVATIONS, activation
 from datarater.tasks.registry import register_rater, register_task
 
@@ -141,7 +141,7 @@ class LanguageModel(Task):
   weight_key: str = ''
 
   def init(self, key):
-    return self.module.init(key, example_batch(self.spec)[self.input_key])
+    return init_module(self.module, key, example_batch(self.spec)[self.input_key])
 
   def per_token_loss(self, params, batch):
     """-log p(tokens[:, t+1] | tokens[:, :t+1]) for t < L-1, [B, L-1] (nats)."""
@@ -181,7 +181,7 @@ class SequenceRater(Rater):
   input_key: str
 
   def init(self, key):
-    return self.module.init(key, example_batch(self.spec)[self.input_key])
+    return init_module(self.module, key, example_batch(self.spec)[self.input_key])
 
   def score(self, params, batch):
     return self.module.apply(params, batch[self.input_key])[:, 0]
