@@ -1,7 +1,7 @@
 """Test setup: 4 fake CPU devices (sharding tests compare 4 devices with 1), quick compiles, quiet
 logs. The tests' programs are small and compiled once or twice each, and compiling is most of the
 suite's time: XLA's cheaper backend passes and its older elemental emitter for fusions
-(`FAST_COMPILE`) compile them in about a third of the default time; `subprocess_env` gives
+(`FAST_COMPILE`) cut their compile time several-fold; `subprocess_env` gives
 subprocesses the same.
 Many tests compile the same programs (the small rater run, the trainer's steps): one on-disk
 compilation cache, made by the first process that imports this file and inherited by the pytest
