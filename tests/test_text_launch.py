@@ -15,6 +15,7 @@ from datarater.export import load_rater
 from datarater.meta_train import meta_train
 from launch import cli, train_rater
 
+pytestmark = pytest.mark.xdist_group('python_text')  # the worker of test_text_lm: one build
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'name': 'transformer_lm', 'd_model': 8, 'num_heads': 2, 'num_layers': 1, 'd_mlp': 16}
 OVERRIDES = {
@@ -48,7 +49,6 @@ def _launch(tfds_dir, workdir, *extra) -> str:
   return out.getvalue()
 
 
-@pytest.mark.slow
 def test_text_rater_run_resumed_on_four_devices_equals_one_device_straight(tfds_dir, tmp_path):
   if not os.path.isdir(python_text.DOC_DIR):
     pytest.skip('needs Debian package python3.11-doc (apt-get install python3.11-doc)')

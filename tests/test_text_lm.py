@@ -27,6 +27,7 @@ from datarater.errors import UserError
 from outer_loop import meta_step
 from tests.tiny import assert_meta_gradient_matches_finite_differences, estimator, tiny_problem
 
+pytestmark = pytest.mark.xdist_group('python_text')  # one worker builds the dataset
 L = python_text.SEQ_LEN
 NEEDS_DOCS = 'needs Debian package python3.11-doc (apt-get install python3.11-doc)'
 
@@ -349,7 +350,7 @@ def test_the_language_model_is_causal_and_examples_are_independent():
                                         for i in range(len(tokens))], rtol=1e-12)
 
 
-@pytest.mark.parametrize('kind', ['task', pytest.param('rater', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('kind', ['task', 'rater'])
 def test_ghost_products_cover_the_model_and_equal_per_example_gradients(kind):
   with jax.enable_x64():
     if kind == 'task':
@@ -370,7 +371,6 @@ def test_ghost_products_cover_the_model_and_equal_per_example_gradients(kind):
     np.testing.assert_allclose(sq_norms, (flat ** 2).sum(1), rtol=1e-9)
 
 
-@pytest.mark.slow
 def test_text_meta_gradient_matches_finite_differences():
   """The bi-level problem with a tiny transformer LM and sequence rater, float64, T = 2 SGD."""
   with jax.enable_x64():
