@@ -2,8 +2,10 @@
 
 One small rater is meta-learned (a few outer steps) and exported once for the module.
 """
+import contextlib
 import dataclasses
 import glob
+import io
 import json
 import os
 import signal
@@ -30,6 +32,7 @@ from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
 from datarater.meta_train import meta_train
 from datarater.train import train
+from launch import cli, filter as filter_launcher
 from tests.conftest import digits_data, otsu_keep, subprocess_env
 from tests.run_config import small_config
 
@@ -231,11 +234,18 @@ def test_scores_file_filter_and_min_score(tfds_dir, tmp_path):
   # Two groups of scores, 70% high: the suggested keep is the brute-force Otsu split's share.
   values = np.where(np.random.default_rng(2).random(N_TRAIN) < 0.7, 1.0, -2.0) + values / 2
   pq.write_table(pa.table({'id': order, 'value': values[order]}), path)
-  rep = run('o4', suggest_keep=True, balance=True)
+  out = io.StringIO()  # through the launcher, which prints each split's suggested keep
+  with contextlib.redirect_stdout(out):
+    assert cli.invoke(filter_launcher, [
+        'filter', '--dataset=sklearn_digits', f'--scores={path}', '--suggest_keep', '--balance',
+        f'--data_dir={tfds_dir}', f'--out={tmp_path / "o4"}']) == 0
+  rep = json.loads((tmp_path / 'o4' / 'filter_report.json').read_text())
   want = otsu_keep(values)
   assert rep['splits']['train']['keep'] == pytest.approx(want, abs=1e-9)
   assert rep['splits']['train']['kept'] == select.keep_count(N_TRAIN, want)
   assert abs(want - 0.7) < 0.03
+  assert (f"train: kept {rep['splits']['train']['kept']} of {N_TRAIN} examples "
+          f'(suggested keep {want:.3f})') in out.getvalue()
 
 
 def test_scores_file_read_in_row_batches(tmp_path, monkeypatch):
