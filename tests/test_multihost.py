@@ -1,6 +1,6 @@
 """Two real processes (jax.distributed on 127.0.0.1, 2 CPU devices each) = one process, 4 devices
-for train_rater, valuate and filter (in the fast suite); a killed two-process run resumes in one
-process to the same rater (slow)."""
+for train_rater, valuate and filter; a killed two-process run resumes in one process to the same
+rater."""
 import os
 import re
 import signal
@@ -14,7 +14,6 @@ import glob
 import jax
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from configs.digits import get_config
 from datarater.curation.filter import filter_dataset
@@ -113,7 +112,6 @@ def test_two_process_filter_writes_the_one_process_dataset(tfds_dir, tmp_path):
   assert len(one) >= 8 and two == one
 
 
-@pytest.mark.slow
 def test_killed_two_process_run_resumes_in_one_process(tfds_dir, tmp_path):
   config = small_config(tfds_dir, steps=12)
   config.checkpoint_every = 2
