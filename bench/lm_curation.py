@@ -45,6 +45,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from bench import compare
+from bench import runs as bench_runs
 from datarater import evaluation, export, files, tasks
 from datarater.curation import select
 from datarater.data import pipeline
@@ -362,7 +363,7 @@ def main(argv):
   tmp_root = tempfile.mkdtemp(prefix='bench_lm_curation_')
   # Programs compiled once (the meta-step, the trainer's chunks per corpus size) are reused by
   # the later seeds from a compilation cache that lives and dies with this run.
-  jax.config.update('jax_compilation_cache_dir', os.path.join(tmp_root, 'xla_cache'))
+  bench_runs.compilation_cache(os.path.join(tmp_root, 'xla_cache'))
   seeds = {}
   try:
     for s in bench.seeds:
