@@ -18,8 +18,9 @@ issue fits in about two hours of two CPU cores shared with other jobs:
 - valuations: TracIn and Mimic read 4 checkpoints of the 600-step SGD run (every 150 steps);
   data value embedding follows a 150-step run (300 steps took ~5 min per valuation here);
 - training runs: batch 128, Adam 1e-3, 4 epochs (156 steps on 5,000 images);
-- selection features: the penultimate layer (64 units) of a briefly trained (8, 16)-channel CNN,
-  and a 250-step SAE of batch 128 on them (the full 7x7x32 flattened maps and 1,500 SAE steps took
+- selection features: the hidden layer (64 units) of an MLP trained for 300 steps, and a 250-step
+  SAE of batch 128 on them (an (8, 16)-channel CNN extractor selected no better on the tuning split
+  at twice the offline wall: `bench/results/selection_mlp_extractor_prereg.md`) (the full 7x7x32 flattened maps and 1,500 SAE steps took
   ~150 s per run here; the (16, 32)-channel extractor with a 500 x 256 SAE selected no better on
   the tuning split at twice the offline wall: `bench/results/selection_small_extractor_prereg.md`).
 """
@@ -48,7 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.epochs = 4
   c.train.seeds = (0,)
 
-  c.features.task = digits_cnn.cnn(channels=(8, 16), strides=(2, 2), pool='flatten', hidden=64)
+  c.features.task = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (64,),
+                                               'activation': 'relu'})
+  c.features.train_steps = 300
   c.sae.steps = 250
   c.sae.batch_size = 128
   return c
