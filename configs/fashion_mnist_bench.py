@@ -21,8 +21,8 @@ issue fits in about two hours of two CPU cores shared with other jobs:
 - selection features: the hidden layer (64 units) of an MLP trained for 300 steps, and a 250-step
   SAE of batch 128 on them. They replaced, each time with equal validation accuracy on the tuning
   split and a fraction of the offline wall, a (16, 32)-channel CNN with a 500 x 256 SAE and then an
-  (8, 16)-channel CNN (`bench/results/selection_{small,mlp}_extractor_prereg.md`); the full 7x7x32 flattened maps and
-  1,500 SAE steps took ~150 s per run here.
+  (8, 16)-channel CNN (`bench/results/selection_{small,mlp}_extractor_prereg.md`); the full
+  7x7x32 flattened maps and 1,500 SAE steps took ~150 s per run here.
 """
 import ml_collections
 
