@@ -18,11 +18,11 @@ import functools
 import platform
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
+from bench import cli as bench_cli
 from bench.meta_memory import compile_step
 from configs import fashion_mnist_bench
 from datarater import evaluation, files, tasks
@@ -134,4 +134,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  bench_cli.run(main, __doc__)

@@ -27,23 +27,22 @@ import tempfile
 import time
 from typing import Optional
 
-from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
 import numpy as np
-from ml_collections import config_flags
 
+from bench import cli as bench_cli
 from bench import compare
 from bench import runs as bench_runs
 from datarater import evaluation, export, files, policies, tasks
 from datarater.curation import select
 from datarater.data import pipeline
+from datarater.errors import UserError
 from datarater.policies import weighting
 from datarater.valuation import factory
 from datarater.valuation.run import RunCache
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config.')
 _NOISE = flags.DEFINE_list('noise', ['0.0', '0.2', '0.4'], 'Corruption rates.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
 _SEEDS_BY_NOISE = flags.DEFINE_list(
@@ -52,7 +51,8 @@ _RATER_DIR = flags.DEFINE_string(
     'rater_dir', '', 'Keep each (noise, seed) rater in this folder and reuse finished ones (the '
     'same folder given to bench.valuation_noise shares them); default: temporary.')
 _KEEP = flags.DEFINE_list('keep', ['0.5', '0.6', '0.7', '0.8', '0.9'], 'Keep fractions.')
-_METHODS = flags.DEFINE_list('methods', ['datarater', 'tracin_self', 'mimic'], 'Methods.')
+METHODS = ('datarater', 'tracin_self', 'mimic')
+_METHODS = flags.DEFINE_list('methods', list(METHODS), 'Methods.')
 _RATER_STEPS = flags.DEFINE_integer('rater_steps', 600, 'Outer steps of each rater.')
 _EPOCHS = flags.DEFINE_integer('epochs', 40, 'Training epochs of every task model.')
 _EVALS = flags.DEFINE_integer('evals_per_epoch', 1, 'Test evaluations per epoch (curves).')
@@ -320,13 +320,21 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
-  config = _CONFIG.value
-  noises = [float(x) for x in _NOISE.value]
-  keeps = [float(k) for k in _KEEP.value]
-  seeds = [int(s) for s in _SEEDS.value]
-  by_noise = {float(x.split(':')[0]): list(range(int(x.split(':')[1])))
-              for x in _SEEDS_BY_NOISE.value}
+  config = flags.FLAGS.config
+  noises = bench_cli.noise_rates(_NOISE.value)
+  keeps = bench_cli.numbers('keep', _KEEP.value, float, lambda x: 0 < x <= 1, 'in (0, 1]')
+  seeds = bench_cli.seeds(_SEEDS.value)
+  try:
+    by_noise = {float(x.split(':')[0]): list(range(int(x.split(':')[1])))
+                for x in _SEEDS_BY_NOISE.value}
+  except (ValueError, IndexError):
+    raise UserError('--seeds_by_noise must be NOISE:COUNT pairs separated by commas, got '
+                    f'{",".join(_SEEDS_BY_NOISE.value)!r}') from None
   methods = list(_METHODS.value)
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    raise UserError(f'unknown --methods {unknown} (choose from {", ".join(METHODS)})')
+  bench_cli.out_folder(_OUT.value)
   runs, t_start = {}, time.time()
   tmp_root = tempfile.mkdtemp(prefix='bench_curation_')
   bench_runs.compilation_cache(os.path.join(tmp_root, 'jax_cache'))  # subsets of equal size
@@ -362,4 +370,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  bench_cli.run(main, __doc__, bench_cli.config_file('configs/digits.py'))

@@ -37,13 +37,13 @@ import shutil
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
 import numpy as np
 from ml_collections import config_flags
 
+from bench import cli as bench_cli
 from bench import compare
 from bench import runs as bench_runs
 from datarater import evaluation, export, files, tasks
@@ -360,6 +360,7 @@ def main(argv):
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   config, bench, out = FLAGS.config, FLAGS.bench, FLAGS.out
+  bench_cli.out_folder(out)
   tmp_root = tempfile.mkdtemp(prefix='bench_lm_curation_')
   # Programs compiled once (the meta-step, the trainer's chunks per corpus size) are reused by
   # the later seeds from a compilation cache that lives and dies with this run.
@@ -401,5 +402,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  bench_cli.run(main, __doc__, define_flags)

@@ -24,13 +24,13 @@ import functools
 import json
 import os
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bench import cli as bench_cli
 from configs import text_bench
 from datarater import evaluation, files, pergrad, tasks
 from datarater.data import pipeline
@@ -157,4 +157,4 @@ if __name__ == '__main__':
                     'what the models train on up to each age: the whole corpus or its clean prose')
   flags.DEFINE_integer('examples', 1024, 'prose training sequences ranked by influence')
   flags.DEFINE_string('out', os.path.join('bench', 'results', 'lm_harm_probe'), 'output prefix')
-  app.run(main)
+  bench_cli.run(main, __doc__)

@@ -29,8 +29,10 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from bench import cli as bench_cli
 from configs.digits import get_config
 from datarater import files
+from datarater.errors import exit_on_user_error
 from datarater.tasks import batch_size_of
 from datarater.data import pipeline
 from inner_loop.unroll import unroll
@@ -50,7 +52,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p = bench_cli.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--quick', action='store_true',
                  help='T in {1,4,32}, 2 repeats, large model at K=2, B=32 (a smoke run).')
   p.add_argument('--unrolls', type=_ints, default=(1, 2, 4, 8, 16, 32), help='Values of T.')
@@ -305,4 +307,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  with exit_on_user_error():  # a bad value: one line, exit 2
+    main()

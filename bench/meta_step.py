@@ -12,12 +12,12 @@ import os
 import platform
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
 from configs.digits import get_config
+from bench import cli as bench_cli
 from bench.meta_memory import compile_step, plot_modes
 from datarater import files
 from outer_loop.estimators import META_GRADIENTS
@@ -80,4 +80,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  bench_cli.run(main, __doc__)

@@ -22,13 +22,12 @@ import shutil
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
 import numpy as np
-from ml_collections import config_flags
 
+from bench import cli as bench_cli
 from bench import runs
 from datarater import evaluation, tasks
 from datarater.data import pipeline
@@ -36,8 +35,6 @@ from datarater.policies import weighting
 from datarater.trainer import Trainer
 from inner_loop.optimizers import make_inner_optimizer
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/fashion_mnist_bench.py',
-                                          'Experiment config.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (corruption draw, init, order).')
 _NOISE = flags.DEFINE_list('noise', ['0.2', '0.4'], 'Corruption rates (data.label_noise).')
 _FOLDS = flags.DEFINE_integer('folds', 5, 'Cross-fitting folds.')
@@ -92,8 +89,10 @@ def markdown(results: dict) -> str:
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
-  config = _CONFIG.value
-  noises, seeds = [float(x) for x in _NOISE.value], [int(s) for s in _SEEDS.value]
+  config = flags.FLAGS.config
+  noises = bench_cli.noise_rates(_NOISE.value)
+  seeds = bench_cli.seeds(_SEEDS.value)
+  bench_cli.out_folder(_OUT.value)
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
              'dataset': config.data.name, 'task': config.task.name,
              'train_split': config.data.train_split, 'other_split': _OTHER.value,
@@ -145,4 +144,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  bench_cli.run(main, __doc__, bench_cli.config_file('configs/fashion_mnist_bench.py'))

@@ -17,7 +17,6 @@ import os
 import platform
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ import numpy as np
 
 import ml_collections
 
+from bench import cli as bench_cli
 from datarater import files, pergrad, tasks
 from datarater.data.pipeline import DataInfo
 
@@ -155,4 +155,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  bench_cli.run(main, __doc__)

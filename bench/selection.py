@@ -21,7 +21,6 @@ the feature extraction, the SAE and its codes, and the policy's setup (score sta
 guard). `--quick`: fold 0, 1 seed, ratios {0.3, 0.7}, 10 epochs. `--extractor=pixels` uses raw pixels
 as the SAE's feature space (no offline extractor training; files get a `_pixels` suffix).
 """
-import argparse
 import ast
 import atexit
 import importlib.util
@@ -40,9 +39,12 @@ from sklearn.metrics import roc_auc_score
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+from bench import cli as bench_cli  # pylint: disable=g-import-not-at-top
 from bench import runs as bench_runs  # pylint: disable=g-import-not-at-top
-from datarater import files, tasks
+from datarater import config_checks, files, tasks
+from datarater import train as train_lib
 from datarater.data import pipeline
+from datarater.errors import exit_on_user_error
 from datarater.policies import PolicyContext
 from datarater.policies import sae_scores as scores
 from datarater.policies import selection as policies
@@ -328,7 +330,7 @@ def make_policy(name: str, cfg, num: int, codes, labels, num_classes: int, setup
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = bench_cli.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--config', default='configs/selection.py', help='experiment config file')
   parser.add_argument('--name', default='', help='output file stem (default: selection, with '
@@ -354,6 +356,7 @@ def main():
     cfg = load_config(args.config, args.set)
   except (ValueError, KeyError, TypeError) as e:
     parser.error(f'bad --set: {e}')
+  config_checks.validate(cfg, train_lib.SECTIONS + train_lib.POLICY_SECTIONS['sae'])
   if args.data_dir is not None:
     cfg.data.data_dir = args.data_dir
   if args.epochs:
@@ -366,9 +369,17 @@ def main():
     cfg.features.extractor = args.extractor
   if args.folds < 1:
     parser.error(f'--folds must be >= 1, got {args.folds}')
+  if args.seeds < 1:
+    parser.error(f'--seeds must be >= 1, got {args.seeds}')
+  if not 0 <= args.noise < 1:
+    parser.error(f'--noise must be in [0, 1), got {args.noise}')
+  os.makedirs(args.out, exist_ok=True)  # an unwritable --out fails now, not after the runs
+  try:
+    ratios = [0.3, 0.7] if args.quick else [float(r) for r in args.ratios.split(',')]
+  except ValueError:
+    parser.error(f'--ratios must be numbers separated by commas, got {args.ratios!r}')
   seeds = [0] if args.quick else list(range(args.seeds))
   folds = [0] if args.quick else list(range(args.folds))
-  ratios = [0.3, 0.7] if args.quick else [float(r) for r in args.ratios.split(',')]
   if args.quick:
     cfg.train.epochs = 10
   if args.folds > 1 and (cfg.data.train_split, cfg.data.eval_split) != ('train', 'test'):
@@ -481,4 +492,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  with exit_on_user_error():  # a bad value: one line, exit 2
+    main()

@@ -8,7 +8,6 @@ Runs `python -m launch.train_rater --config=CONFIG --workdir=TMP --config.seed=S
 AUROC, fresh-model held-out losses and test accuracies (rater weights vs uniform), wall time, and
 the lines the command printed (the README quotes seed 0's; tests/test_readme.py checks them).
 """
-import argparse
 import json
 import os
 import re
@@ -17,7 +16,9 @@ import sys
 import tempfile
 import time
 
+from bench import cli as bench_cli
 from datarater import files
+from datarater.errors import exit_on_user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,12 +45,12 @@ def run_seed(config: str, seed: int, extra=()) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = bench_cli.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='configs/digits.py')
   parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--out', default='bench/results/train_rater_digits_seeds')
   args = parser.parse_args()
-  seeds = [int(s) for s in args.seeds.split(',')]
+  seeds = bench_cli.seeds(args.seeds.split(','))
   results = {}
   for seed in seeds:
     results[str(seed)] = run_seed(args.config, seed)
@@ -65,4 +66,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  with exit_on_user_error():  # a bad value: one line, exit 2
+    main()

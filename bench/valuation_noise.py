@@ -19,23 +19,22 @@ import shutil
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from absl import logging as absl_logging
 import jax
 import numpy as np
-from ml_collections import config_flags
 
+from bench import cli as bench_cli
 from bench import runs
 from datarater import evaluation, files, policies, tasks
 from datarater.data import pipeline
+from datarater.errors import UserError
 from datarater.policies import weighting
 from datarater.trainer import Trainer
 from datarater.valuation import factory
 from datarater.valuation.run import RunCache
 from inner_loop.optimizers import make_inner_optimizer
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (corruption, init, data order).')
 _NOISE = flags.DEFINE_list('noise', ['0.2'], 'Corruption rates (data.label_noise).')
 _VARIANTS = flags.DEFINE_list(
@@ -142,10 +141,14 @@ def plot(results: dict, path: str) -> None:
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   variants = list(_VARIANTS.value) + (['datarater'] if _RATER_STEPS.value else [])
-  noises = [float(x) for x in _NOISE.value]
-  seeds = [int(s) for s in _SEEDS.value]
+  unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
+  if unknown:
+    raise UserError(f'unknown --variants {unknown} (choose from {", ".join(VARIANTS)})')
+  noises = bench_cli.noise_rates(_NOISE.value)
+  seeds = bench_cli.seeds(_SEEDS.value)
+  bench_cli.out_folder(_OUT.value)
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
              'dataset': config.data.name, 'task': config.task.name, 'noise': noises,
              'seeds': seeds, 'variants': variants, 'rater_steps': _RATER_STEPS.value,
@@ -222,4 +225,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  bench_cli.run(main, __doc__, bench_cli.config_file('configs/digits.py'))

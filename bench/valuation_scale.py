@@ -44,11 +44,12 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from bench import cli as bench_cli
 from datarater import files
+from datarater.errors import UserError
 
 SECTIONS = ('methods', 'launchers', 'store')
 METHODS = ('dense_gaussian', 'dense_kronecker', 'factored', 'ghost_sq_norms', 'batched_grad')
@@ -491,7 +492,8 @@ def main(argv):
     return
   unknown = set(_SECTIONS.value) - set(SECTIONS)
   if unknown:
-    raise app.UsageError(f'unknown sections {sorted(unknown)} (choose from {SECTIONS})')
+    raise UserError(f'unknown --sections {sorted(unknown)} (choose from {SECTIONS})')
+  launcher_ns = bench_cli.numbers('launcher_ns', _LAUNCHER_NS.value, int, lambda x: x >= 1, '>= 1')
   scratch = os.path.abspath(_SCRATCH.value)
   os.makedirs(scratch, exist_ok=True)
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
@@ -504,7 +506,7 @@ def main(argv):
   results.update(platform=platform.platform(), cpus=os.cpu_count(), quick=_QUICK.value)
   runners = {'methods': lambda: run_methods(_QUICK.value, scratch, _BLOCK.value),
              'launchers': lambda: run_launchers(_QUICK.value, scratch,
-                                                [int(n) for n in _LAUNCHER_NS.value]),
+                                                launcher_ns),
              'store': lambda: run_store(_QUICK.value, scratch)}
   for section in SECTIONS:
     if section in _SECTIONS.value:
@@ -518,4 +520,4 @@ def main(argv):
   print(f'wrote {_OUT.value}.{{json,png,md}}: {results["wall_s"]:.0f} s of sections')
 
 if __name__ == '__main__':
-  app.run(main)
+  bench_cli.run(main, __doc__)

@@ -13,14 +13,15 @@ means, their spread over seeds, the difference after minus before with its paire
 is no worse than 2 standard errors, else `regression` (for a loss, higher is worse). Writes
 OUT.json and OUT.md.
 """
-import argparse
 import json
 import os
 
 import numpy as np
 
+from bench import cli as bench_cli
 from bench.compare import paired
 from datarater import files
+from datarater.errors import exit_on_user_error
 
 SEEDS_FIGURES = (  # (key, label, scale, higher is better)
     ('noise_auroc', 'noise AUROC', 1.0, True),
@@ -115,7 +116,7 @@ def compare(before: dict, after: dict) -> list[dict]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = bench_cli.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--before', required=True)
   parser.add_argument('--after', required=True)
   parser.add_argument('--out', required=True)
@@ -139,4 +140,5 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  with exit_on_user_error():  # a bad value: one line, exit 2
+    main()

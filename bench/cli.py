@@ -1,0 +1,66 @@
+"""A benchmark's command line, failing as the launchers do: one `error:` line and exit 2.
+
+`run(main, doc, define_flags)` is the launchers' `launch.cli.run` (bad flags and config overrides
+in one line, `--help` with the config fields) with every `UserError` or I/O error inside `main`
+caught too (`datarater.errors.exit_on_user_error`); `ArgumentParser` does the same for the
+argparse benchmarks. `numbers` reads a comma-list flag and `out_folder` makes the output folder
+at the start, so that a bad value or an unwritable --out fails at once, not after the runs.
+"""
+import argparse
+import os
+import sys
+from typing import Callable
+
+from ml_collections import config_flags
+
+from datarater.errors import UserError, exit_on_user_error
+from launch import cli
+
+
+def run(main: Callable, doc: str, define_flags: Callable = lambda: None) -> None:
+  """Runs `main` under absl after `define_flags()` (where a --config file flag belongs: its
+  overrides are read when it is defined)."""
+  with exit_on_user_error():
+    cli.run(main, define_flags, doc)
+
+
+def config_file(default: str) -> Callable:
+  """A `define_flags` for `run`: the --config experiment file flag, `default` unless given."""
+  return lambda: config_flags.DEFINE_config_file('config', default, 'Experiment config file.')
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse for the benchmarks that use it: a bad argument is one `error:` line, exit 2."""
+
+  def error(self, message):
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def numbers(flag: str, values, kind: type = float, ok: Callable = lambda x: True,
+            within: str = '') -> list:
+  """The items of comma-list flag --`flag` as `kind`; each must pass `ok` (`within` says how)."""
+  try:
+    out = [kind(v) for v in values]
+  except ValueError:
+    raise UserError(f'--{flag} must be {kind.__name__}s separated by commas, got '
+                    f'{",".join(values)!r}') from None
+  bad = [x for x in out if not ok(x)]
+  if bad:
+    raise UserError(f'--{flag} values must be {within}, got {bad[0]}')
+  return out
+
+
+def out_folder(prefix: str) -> None:
+  """Creates the folder of output prefix `prefix` (raises OSError when it cannot)."""
+  os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
+
+
+def noise_rates(values) -> list:
+  """The --noise flag's corruption rates."""
+  return numbers('noise', values, float, lambda x: 0 <= x < 1, 'in [0, 1)')
+
+
+def seeds(values) -> list:
+  """The --seeds flag's seeds."""
+  return numbers('seeds', values, int, lambda x: x >= 0, '>= 0')
