@@ -1,4 +1,8 @@
-"""A seconds-long variant of the default experiment for launcher tests."""
+"""A seconds-long variant of the default experiment for launcher tests, and configs overridden
+field by field for any launcher run."""
+import contextlib
+import io
+
 from configs.digits import get_config
 
 
@@ -32,3 +36,27 @@ def as_flags(c) -> list[str]:
           f'--config.final_eval.train_steps={c.final_eval.train_steps}',
           f'--config.final_eval.num_models={c.final_eval.num_models}',
           f'--config.outer.ema={c.outer.ema}']
+
+
+def overridden(c, overrides: dict):
+  """Config `c` with each dotted field of `overrides` ('inner.batch_size': 4, ...) set."""
+  for path, value in overrides.items():
+    *parents, field = path.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[field] = value
+  return c
+
+
+def launch_train_rater(config_file: str, overrides: dict, *extra) -> str:
+  """`launch.train_rater --config=config_file` with `overrides` as --config.* flags, in this
+  process; asserts exit code 0 and returns what it printed."""
+  from launch import cli, train_rater  # pylint: disable=g-import-not-at-top
+  argv = ['train_rater', f'--config={config_file}', *extra,
+          *(f'--config.{k}={v}' for k, v in overrides.items())]
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    code = cli.invoke(train_rater, argv)
+  assert code == 0, out.getvalue()[-2000:]
+  return out.getvalue()

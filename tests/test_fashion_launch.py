@@ -14,7 +14,7 @@ from configs import fashion_mnist
 from datarater.data import pipeline
 from datarater.export import load_rater
 from datarater.meta_train import meta_train
-from launch import cli, train_rater
+from tests.run_config import launch_train_rater, overridden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_DIR = '/usr/share/datasets/fashion-mnist'
@@ -26,25 +26,13 @@ OVERRIDES = {
 
 
 def _config(tfds_dir):
-  c = fashion_mnist.get_config()
-  for path, value in {**OVERRIDES, 'data.data_dir': tfds_dir}.items():
-    *parents, field = path.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[field] = value
-  return c
+  return overridden(fashion_mnist.get_config(), {**OVERRIDES, 'data.data_dir': tfds_dir})
 
 
 def _launch(tfds_dir, workdir, *extra) -> str:
-  argv = ['train_rater', f'--config={os.path.join(ROOT, "configs", "fashion_mnist.py")}',
-          f'--config.data.data_dir={tfds_dir}', f'--workdir={workdir}', *extra,
-          *(f'--config.{k}={v}' for k, v in OVERRIDES.items())]
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out):
-    code = cli.invoke(train_rater, argv)
-  assert code == 0, out.getvalue()[-2000:]
-  return out.getvalue()
+  return launch_train_rater(os.path.join(ROOT, 'configs', 'fashion_mnist.py'),
+                            {**OVERRIDES, 'data.data_dir': tfds_dir}, f'--workdir={workdir}',
+                            *extra)
 
 
 def _brute_force_auroc(clean_scores, bad_scores) -> float:

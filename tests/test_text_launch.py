@@ -13,7 +13,7 @@ from configs import text
 from datarater.data import pipeline, python_text
 from datarater.export import load_rater
 from datarater.meta_train import meta_train
-from launch import cli, train_rater
+from tests.run_config import launch_train_rater, overridden
 
 pytestmark = pytest.mark.xdist_group('python_text')  # the worker of test_text_lm: one build
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,25 +28,13 @@ OVERRIDES = {
 
 
 def _config(tfds_dir):
-  c = text.get_config()
-  for path, value in {**OVERRIDES, 'data.data_dir': tfds_dir}.items():
-    *parents, field = path.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[field] = value
-  return c
+  return overridden(text.get_config(), {**OVERRIDES, 'data.data_dir': tfds_dir})
 
 
 def _launch(tfds_dir, workdir, *extra) -> str:
-  argv = ['train_rater', f'--config={os.path.join(ROOT, "configs", "text.py")}',
-          f'--config.data.data_dir={tfds_dir}', f'--workdir={workdir}', *extra,
-          *(f'--config.{k}={v}' for k, v in OVERRIDES.items())]
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out):
-    code = cli.invoke(train_rater, argv)
-  assert code == 0, out.getvalue()[-2000:]
-  return out.getvalue()
+  return launch_train_rater(os.path.join(ROOT, 'configs', 'text.py'),
+                            {**OVERRIDES, 'data.data_dir': tfds_dir}, f'--workdir={workdir}',
+                            *extra)
 
 
 def test_text_rater_run_resumed_on_four_devices_equals_one_device_straight(tfds_dir, tmp_path):
