@@ -357,7 +357,6 @@ def main(argv):
   summary = summarize(runs, noises, keeps, methods)
   table = markdown(summary, keeps, methods, _EPOCHS.value, config.data.name)
   print(table)
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   files.write_json(_OUT.value + '.json', {
       'summary': summary, 'runs': runs, 'noise': noises,
       'seeds': {str(p): by_noise.get(p, seeds) for p in noises}, 'keep': keeps,

@@ -390,7 +390,6 @@ def main(argv):
   wall = time.time() - t_start
   table = markdown(summary, bench, config, wall)
   print(table)
-  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
   files.write_json(out + '.json', {
       'summary': summary, 'seeds': seeds, 'bench': bench.to_dict(), 'config': config.to_dict(),
       'num_train': first['num_train'], 'seconds': wall,

@@ -481,7 +481,6 @@ def main():
             'device': str(jax.devices()[0].platform)}
   name = args.name or 'selection' + ('_quick' if args.quick else '') + (
       f'_{cfg.features.extractor}' if cfg.features.extractor != 'penultimate' else '')
-  os.makedirs(args.out, exist_ok=True)
   files.write_json(os.path.join(args.out, f'{name}.json'), result)
   md = markdown(table, ginis, offline)
   files.write_text(os.path.join(args.out, f'{name}.md'), md)

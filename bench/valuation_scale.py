@@ -496,7 +496,7 @@ def main(argv):
   launcher_ns = bench_cli.numbers('launcher_ns', _LAUNCHER_NS.value, int, lambda x: x >= 1, '>= 1')
   scratch = os.path.abspath(_SCRATCH.value)
   os.makedirs(scratch, exist_ok=True)
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+  bench_cli.out_folder(_OUT.value)
   results = {}
   if os.path.exists(_OUT.value + '.json'):  # sections run before (e.g. one rerun alone) stay
     with open(_OUT.value + '.json') as f:

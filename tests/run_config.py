@@ -60,3 +60,14 @@ def launch_train_rater(config_file: str, overrides: dict, *extra) -> str:
     code = cli.invoke(train_rater, argv)
   assert code == 0, out.getvalue()[-2000:]
   return out.getvalue()
+
+
+def stopped_and_resumed(launch, workdir) -> None:
+  """`launch(workdir, *flags)` (a run on all 4 devices) stopped after outer step 2, then resumed
+  to the end from its checkpoint."""
+  first = launch(workdir, '--stop_after=2')
+  assert 'on 4 device(s)' in first and 'stopped after outer step 2' in first
+  assert not (workdir / 'report.json').exists()
+  second = launch(workdir)
+  assert 'resumed from the checkpoint at outer step 2' in second
+  assert (workdir / 'report.json').exists()
