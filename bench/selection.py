@@ -20,6 +20,8 @@ Wall-clock times leave compilation out; an SAE row's offline time counts the ext
 the feature extraction, the SAE and its codes, and the policy's setup (score statistics, label
 guard). `--quick`: fold 0, 1 seed, ratios {0.3, 0.7}, 10 epochs. `--extractor=pixels` uses raw pixels
 as the SAE's feature space (no offline extractor training; files get a `_pixels` suffix).
+`--offline_only` runs the offline stage and the label guard alone (no model is trained) and
+writes the guard's suspect share, recall, precision and AUROC per run.
 """
 import ast
 import atexit
@@ -276,7 +278,13 @@ def markdown(table: list[dict], ginis: dict, offline: list[dict] = ()) -> str:
   for key, g in sorted(ginis.items()):
     lines.append(f"- {key}: {g['without_penalty']:.3f} -> {g['with_penalty']:.3f}")
   if offline:
-    lines += ['', 'Label guard on the SAE codes (mean over folds x seeds):']
+    lines += ['', 'Label guard on the SAE codes (mean over folds x seeds):'] + guard_lines(offline)
+  return '\n'.join(lines) + '\n'
+
+
+def guard_lines(offline: list[dict]) -> list[str]:
+  """One line per noise level: the label guard's suspect share, AUROCs, recall and precision."""
+  lines = []
   for noise in sorted({o['noise'] for o in offline}):
     os_ = [o for o in offline if o['noise'] == noise]
     mean = lambda k: float(np.mean([o[k] for o in os_]))  # pylint: disable=cell-var-from-loop
@@ -288,7 +296,23 @@ def markdown(table: list[dict], ginis: dict, offline: list[dict] = ()) -> str:
                + f"; suspects' recall {mean('suspect_recall'):.2f}, precision "
                f"{mean('suspect_precision'):.2f}")
     lines.append(line)
-  return '\n'.join(lines) + '\n'
+  return lines
+
+
+def write_offline(stem: str, cfg, offline: list[dict], total_s: float) -> None:
+  """`--offline_only`: the offline stage and label guard per run, as <stem>.json and .md."""
+  lines = ['| noise | fold | seed | offline (s) | suspected | recall | precision | k-NN AUROC |',
+           '|---|---|---|---|---|---|---|---|']
+  for o in offline:
+    cell = lambda k: f'{o[k]:.3f}' if k in o else ''  # pylint: disable=cell-var-from-loop
+    lines.append(f"| {o['noise']:.0%} | {o['fold']} | {o['seed']} | {o['offline_s']:.2f} | "
+                 f"{o['suspect_share']:.2%} | {cell('suspect_recall')} | "
+                 f"{cell('suspect_precision')} | {cell('knn_auroc')} |")
+  md = '\n'.join(lines + ['', 'Mean over folds x seeds:'] + guard_lines(offline)) + '\n'
+  files.write_json(f'{stem}.json', {'config': cfg.to_dict(), 'offline': offline,
+                                    'total_s': total_s, 'device': jax.devices()[0].platform})
+  files.write_text(f'{stem}.md', md)
+  print(md)
 
 
 def plot(table: list[dict], path: str, dataset: str = 'digits') -> None:
@@ -348,6 +372,8 @@ def main():
   parser.add_argument('--policies', default=','.join(POLICY_ORDER),
                       help='bench entries to run (full is always run: the reference)')
   parser.add_argument('--epochs', type=int, default=0, help='train.epochs (0: the config\'s)')
+  parser.add_argument('--offline_only', action='store_true', help='run the SAE policy\'s offline '
+                      'stage and label guard only (no training): writes <name>.json and .md')
   parser.add_argument('--set', action='append', default=[], metavar='SECTION.FIELD=VALUE',
                       help='override a config field (repeatable), e.g. '
                       'sae_scores.mislabel_rule=knn')
@@ -414,6 +440,10 @@ def main():
                 offline_s=time.perf_counter() - t0 - compile_s,
                 **mislabel_diagnostics(codes, train, labels, num_classes, cfg))
     offline.append(info)
+    print(f'noise={noise} fold={fold} seed={seed} offline={info["offline_s"]:.2f}s '
+          f'suspects={info["suspect_share"]:.4f}', flush=True)
+    if args.offline_only:
+      continue
     for ratio in ratios:
       g = count_gini_ablation(codes, labels, num_classes, ratio, cfg.train.epochs, cfg, seed)
       for k, v in g.items():
@@ -459,6 +489,11 @@ def main():
               f"grads={run['example_grads']} "
               f"wall={run['wall_s']:.2f}s gini={run['count_gini']:.3f} "
               f"[{time.time() - t_start:.0f}s]", flush=True)
+  name = args.name or 'selection' + ('_quick' if args.quick else '') + (
+      f'_{cfg.features.extractor}' if cfg.features.extractor != 'penultimate' else '')
+  if args.offline_only:
+    write_offline(os.path.join(args.out, name), base_cfg, offline, time.time() - t_start)
+    return
   ginis = {k: {kk: float(np.mean(vv)) for kk, vv in v.items()} for k, v in ginis.items()}
   table = summarise(runs)
   acc = acceptance(table, noise=args.noise)
@@ -479,8 +514,6 @@ def main():
             'gini_usage_penalty': ginis, 'offline': offline,
             'runs': runs, 'total_s': time.time() - t_start,
             'device': str(jax.devices()[0].platform)}
-  name = args.name or 'selection' + ('_quick' if args.quick else '') + (
-      f'_{cfg.features.extractor}' if cfg.features.extractor != 'penultimate' else '')
   files.write_json(os.path.join(args.out, f'{name}.json'), result)
   md = markdown(table, ginis, offline)
   files.write_text(os.path.join(args.out, f'{name}.md'), md)

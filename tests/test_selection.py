@@ -379,3 +379,38 @@ def test_knn_label_shares_match_a_brute_force_neighbour_count():
     scores.knn_label_shares(stats, len(codes))
   with pytest.raises(UserError, match='mislabel_knn'):
     scores.knn_label_shares(stats, 150, reference=sample)
+
+
+def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_path):
+  """`bench.selection --offline_only` on digits: one row per (noise, seed), no training runs; the
+  guard's recall and precision describe one suspect set: recall x corrupted examples (counted
+  from the pipeline's own corruption record) = precision x suspected examples."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from bench.runs import corrupted  # pylint: disable=g-import-not-at-top
+  from tests.conftest import subprocess_env  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'bench.selection', '--offline_only', '--folds=1', '--seeds=2',
+       f'--data_dir={tfds_dir}', f'--out={tmp_path}', '--name=guard'],
+      cwd=root, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / 'guard.json').read_text())
+  assert 'runs' not in result and (tmp_path / 'guard.md').is_file()
+  rows = result['offline']
+  assert sorted((r['noise'], r['seed']) for r in rows) == [(0.0, 0), (0.0, 1), (0.2, 0), (0.2, 1)]
+  cfg = get_config()
+  cfg.data.data_dir = tfds_dir
+  for r in rows:
+    c = corrupted(cfg, r['noise'])
+    c.data.noise_seed = r['seed']
+    train = pipeline.load_split(c.data, c.data.train_split, corrupt=True)
+    if not r['noise']:
+      assert 'suspect_recall' not in r and not train.is_corrupted.any()
+      continue
+    suspected = r['suspect_share'] * len(train)
+    true_positives = r['suspect_recall'] * train.is_corrupted.sum()
+    assert true_positives > 0
+    np.testing.assert_allclose(true_positives, r['suspect_precision'] * suspected, rtol=1e-6)
