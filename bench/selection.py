@@ -4,7 +4,8 @@ r"""Dynamic data selection: accuracy vs example-gradients for full/random/InfoBa
 symmetric label noise, 5 folds x 10 seeds, selection ratios {0.3, 0.5, 0.7}, every policy trained
 from scratch for the same epochs (the config's `train` section) with the one trainer. The
 SAE-score defaults were chosen on the validation split, so accuracy is reported on held-out test
-folds (clean labels, used for no choice); validation accuracy is listed beside it. Fold 0 is the
+folds (clean labels, used for no choice); validation accuracy (on the config's
+`data.heldout_split`, which no policy reads) is listed beside it. Fold 0 is the
 dataset's own split; folds 1-4 each hold out a quarter of `train` and train on the rest plus
 `test`, read through TFDS split expressions (the folds multiply the test examples by five).
 The checks are read from the mean over every (fold, seed) pair; fold 0 alone is also reported.

@@ -130,6 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.features.task = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (64,),
                                                'activation': 'relu'})
   c.features.train_steps = 150
+  c.features.train_epochs = 0.0    # > 0: passes over the training split instead of train_steps
   c.features.batch_size = 64
   c.features.learning_rate = 3e-3
   c.features.seed = 1
@@ -140,6 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae.k = 8                      # active factors per example (top_k)
   c.sae.l1_coef = 0.1              # L1 penalty on the codes (l1)
   c.sae.steps = 1500
+  c.sae.epochs = 0.0               # > 0: passes over the features instead of steps
   c.sae.batch_size = 256
   c.sae.learning_rate = 3e-3
 

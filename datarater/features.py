@@ -12,6 +12,7 @@ import numpy as np
 
 from datarater import evaluation, tasks
 from datarater.errors import UserError
+from datarater.sae import offline_steps
 from inner_loop import make_inner_optimizer
 
 FeatureFn = Callable[[dict], jax.Array]  # batch -> features [B, D]
@@ -19,15 +20,18 @@ EXTRACTORS = ('penultimate', 'pixels')
 
 
 def train_feature_model(train, config):
-  """A task model (`config.task`) trained with uniform weights; (task, params, example-grads)."""
+  """A task model (`config.task`) trained with uniform weights for `config.train_steps` steps,
+  or `config.train_epochs` passes when that is set (> 0); (task, params, example-grads)."""
   from datarater.policies.base import weighting  # pylint: disable=g-import-not-at-top
   from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
-  if config.train_steps <= 0:
+  steps = offline_steps(config.train_steps, config.get('train_epochs', 0), len(train),
+                        config.batch_size)
+  if steps <= 0:
     raise UserError(f'features.train_steps must be positive, got {config.train_steps}')
   task = tasks.make_task(config.task, train.info)
   trainer = Trainer(task, make_inner_optimizer('adam', config.learning_rate),
                     weighting('uniform', len(train)), config.batch_size)
-  run = trainer.run(train, {}, [config.seed], steps=config.train_steps)
+  run = trainer.run(train, {}, [config.seed], steps=steps)
   params = jax.tree.map(lambda x: x[0], run.params)
   return task, params, run.example_gradients
 

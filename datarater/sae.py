@@ -7,6 +7,7 @@ and adds `l1_coef * |z|_1` to the loss. Features are standardised first (`Normal
 learning rate and L1 coefficient suit any extractor.
 """
 import functools
+import math
 
 import flax
 import flax.linen as nn
@@ -19,6 +20,17 @@ from datarater.errors import UserError
 from datarater.tasks.base import init_module
 
 SPARSITIES = ('top_k', 'l1')
+
+
+def offline_steps(steps: int, epochs: float, num_examples: int, batch_size: int) -> int:
+  """Steps of an offline stage: `epochs` passes over `num_examples` when > 0, else `steps`.
+
+  Sizing by passes keeps the stage in step with the split (the same config serves 5,000 or
+  50,000 examples).
+  """
+  if epochs > 0:
+    return max(1, math.ceil(epochs * num_examples / min(batch_size, num_examples) - 1e-9))
+  return int(steps)
 
 
 class SAE(nn.Module):
@@ -116,7 +128,8 @@ def _fit(params, x, data_key, *, module, steps, batch_size, learning_rate, l1_co
 
 
 def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
-  """Fits an SAE to `features` [N, D] with Adam over `config.steps` minibatches (one `lax.scan`).
+  """Fits an SAE to `features` [N, D] with Adam over `config.steps` minibatches (one `lax.scan`),
+  or over `config.epochs` passes when that is set (> 0).
 
   Returns the trained SAE and metrics: final normalised MSE, the MSE of the trivial mean
   reconstruction (1.0 by construction of the normaliser) and the mean number of active factors.
@@ -129,8 +142,9 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
   x = normaliser(features)
   init_key, data_key = jax.random.split(key)
   params = init_module(module, init_key, x[:2])
-  params, mses = _fit(params, x, data_key, module=module, steps=int(config.steps),
-                      batch_size=min(int(config.batch_size), x.shape[0]),
+  batch_size = min(int(config.batch_size), x.shape[0])
+  steps = offline_steps(config.steps, config.get('epochs', 0), x.shape[0], batch_size)
+  params, mses = _fit(params, x, data_key, module=module, steps=steps, batch_size=batch_size,
                       learning_rate=float(config.learning_rate), l1_coef=float(config.l1_coef))
   x_hat, codes = _apply(module, params, x)
   metrics = {'mse': float(jnp.mean(jnp.sum((x_hat - x) ** 2, -1))),

@@ -101,3 +101,25 @@ def test_default_extractor_is_a_trained_model_and_any_function_plugs_in(tfds_dir
     features.extract(lambda b: b['image'][:, 0, 0, 0], train)
   with pytest.raises(UserError, match='extractor'):
     features.default_features(train, _features_config(extractor='clip'))
+
+
+@pytest.mark.parametrize('n, batch, epochs', [(5000, 64, 3.84), (50000, 128, 6.4), (300, 128, 1.0),
+                                              (1000, 64, 0.01), (100, 256, 2.5)])
+def test_offline_steps_cover_the_asked_passes(n, batch, epochs):
+  """Counted batch by batch: the fewest steps whose examples reach `epochs` passes over n."""
+  batch_now, seen, steps = min(batch, n), 0, 0
+  while seen < epochs * n - 1e-6:
+    seen, steps = seen + batch_now, steps + 1
+  assert sae.offline_steps(123, epochs, n, batch) == max(steps, 1)
+  assert sae.offline_steps(123, 0.0, n, batch) == 123  # no passes: the step count
+
+
+def test_fashion_bench_offline_stage_keeps_its_5k_steps_and_scales():
+  """configs/fashion_mnist_bench.py sizes the stage in passes: 300 / 250 steps on its 5,000
+  images (the steps its 5,000-image results were measured with), 10x that on 50,000."""
+  from configs import fashion_mnist_bench  # pylint: disable=g-import-not-at-top
+  c = fashion_mnist_bench.get_config()
+  steps = lambda n: (sae.offline_steps(c.features.train_steps, c.features.train_epochs, n,
+                                       c.features.batch_size),
+                     sae.offline_steps(c.sae.steps, c.sae.epochs, n, c.sae.batch_size))
+  assert steps(5000) == (300, 250) and steps(50000) == (3000, 2500)
