@@ -18,9 +18,9 @@ issue fits in about two hours of two CPU cores shared with other jobs:
 - valuations: TracIn and Mimic read 4 checkpoints of the 600-step SGD run (every 150 steps);
   data value embedding follows a 150-step run (300 steps took ~5 min per valuation here);
 - training runs: batch 128, Adam 1e-3, 4 epochs (156 steps on 5,000 images);
-- selection features: the hidden layer (64 units) of an MLP trained for 3.84 passes over the
-  training split (300 steps of batch 64 on 5,000 images), and an SAE of batch 128 trained for 6.4
-  passes (250 steps) on them. They replaced, each time with equal validation accuracy on the
+- selection features (set in configs/fashion_mnist.py, sized in passes over the split): the
+  hidden layer (64 units) of an MLP trained for 3.84 passes (300 steps of batch 64 on 5,000
+  images), and an SAE of batch 128 trained for 6.4 passes (250 steps) on them. They replaced, each time with equal validation accuracy on the
   tuning split and a fraction of the offline wall, a (16, 32)-channel CNN with a 500 x 256 SAE and
   then an (8, 16)-channel CNN (`bench/results/selection_{small,mlp}_extractor_prereg.md`); the
   full 7x7x32 flattened maps and 1,500 SAE steps took ~150 s per run here. Sized in passes, the
@@ -52,9 +52,4 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.epochs = 4
   c.train.seeds = (0,)
 
-  c.features.task = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (64,),
-                                               'activation': 'relu'})
-  c.features.train_epochs = 3.84  # passes: 300 steps of batch 64 on 5,000 images, 3,000 on 50,000
-  c.sae.epochs = 6.4              # passes: 250 steps of batch 128 on 5,000 images, 2,500 on 50,000
-  c.sae.batch_size = 128
   return c

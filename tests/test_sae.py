@@ -114,11 +114,12 @@ def test_offline_steps_cover_the_asked_passes(n, batch, epochs):
   assert sae.offline_steps(123, 0.0, n, batch) == 123  # no passes: the step count
 
 
-def test_fashion_bench_offline_stage_keeps_its_5k_steps_and_scales():
-  """configs/fashion_mnist_bench.py sizes the stage in passes: 300 / 250 steps on its 5,000
-  images (the steps its 5,000-image results were measured with), 10x that on 50,000."""
-  from configs import fashion_mnist_bench  # pylint: disable=g-import-not-at-top
-  c = fashion_mnist_bench.get_config()
+@pytest.mark.parametrize('name', ['fashion_mnist', 'fashion_mnist_bench'])
+def test_fashion_offline_stage_keeps_its_5k_steps_and_scales(name):
+  """The Fashion-MNIST configs size the stage in passes: 300 / 250 steps on 5,000 images (the
+  steps the bench's 5,000-image results were measured with), 10x that on 50,000."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  c = importlib.import_module(f'configs.{name}').get_config()
   steps = lambda n: (sae.offline_steps(c.features.train_steps, c.features.train_epochs, n,
                                        c.features.batch_size),
                      sae.offline_steps(c.sae.steps, c.sae.epochs, n, c.sae.batch_size))
