@@ -23,7 +23,9 @@ SPARSITIES = ('top_k', 'l1')
 
 
 def offline_steps(steps: int, epochs: float, num_examples: int, batch_size: int) -> int:
-  """Steps of an offline stage: `epochs` passes over `num_examples` when > 0, else `steps`.
+  """Steps of an offline stage: when `epochs` > 0, the fewest batches of `batch_size` examples
+  that add up to `epochs` passes over `num_examples` (a trainer's short last batch of an epoch
+  is not counted apart); else `steps`.
 
   Sizing by passes keeps the stage in step with the split (the same config serves 5,000 or
   50,000 examples).
