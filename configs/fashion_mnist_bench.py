@@ -20,13 +20,13 @@ issue fits in about two hours of two CPU cores shared with other jobs:
 - training runs: batch 128, Adam 1e-3, 4 epochs (156 steps on 5,000 images);
 - selection features (set in configs/fashion_mnist.py, sized in passes over the split): the
   hidden layer (64 units) of an MLP trained for 3.84 passes (300 steps of batch 64 on 5,000
-  images), and an SAE of batch 128 trained for 6.4 passes (250 steps) on them. They replaced, each time with equal validation accuracy on the
-  tuning split and a fraction of the offline wall, a (16, 32)-channel CNN with a 500 x 256 SAE and
-  then an (8, 16)-channel CNN (`bench/results/selection_{small,mlp}_extractor_prereg.md`); the
-  full 7x7x32 flattened maps and 1,500 SAE steps took ~150 s per run here. Sized in passes, the
-  stage keeps pace with the split: on 50,000 images the 5,000-image step counts left the k-NN label
-  guard suspecting 5.9% of the clean split, the passes 3.7%
-  (`bench/results/selection_offline_scale_prereg.md`).
+  images), and an SAE of batch 128 trained for 6.4 passes (250 steps) on them. They replaced,
+  each time with equal validation accuracy on the tuning split and a fraction of the offline
+  wall, a (16, 32)-channel CNN with a 500 x 256 SAE and then an (8, 16)-channel CNN
+  (`bench/results/selection_{small,mlp}_extractor_prereg.md`); the full 7x7x32 flattened maps
+  and 1,500 SAE steps took ~150 s per run here. Sized in passes, the stage keeps pace with the
+  split: on 50,000 images the 5,000-image step counts left the k-NN label guard suspecting 5.9%
+  of the clean split, the passes 3.7% (`bench/results/selection_offline_scale_prereg.md`).
 """
 import ml_collections
 

@@ -1,4 +1,9 @@
 """Selection policies: exact budgets, InfoBatch rescaling, SAE scores, usage penalty flattens counts."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -385,10 +390,6 @@ def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_pat
   """`bench.selection --offline_only` on digits: one row per (noise, seed), no training runs; the
   guard's recall and precision describe one suspect set: recall x corrupted examples (counted
   from the pipeline's own corruption record) = precision x suspected examples."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   from bench.runs import corrupted  # pylint: disable=g-import-not-at-top
   from tests.conftest import subprocess_env  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
