@@ -155,6 +155,15 @@ def test_class_conditional_scores_flag_label_flips():
   np.testing.assert_array_equal(scores.label_margin(glob), 0.0)  # no labels, no margin
 
 
+def test_percentile_rank_counts_smaller_entries_and_earlier_ties():
+  """Rank i = #{j: x_j < x_i} + #{j < i: x_j = x_i}, scaled by N - 1 (counted pairwise, with ties)."""
+  x = np.random.default_rng(1).integers(0, 20, 300).astype(np.float32)
+  idx = np.arange(len(x))
+  want = ((x[None, :] < x[:, None]) | ((x[None, :] == x[:, None]) & (idx[None, :] < idx[:, None])))
+  got = np.asarray(percentile_rank(jnp.asarray(x)), np.float64) * (len(x) - 1)
+  np.testing.assert_allclose(got, want.sum(1), atol=1e-3)  # the ranks are whole numbers
+
+
 def test_grouped_percentile_rank_ranks_within_each_group():
   rng = np.random.default_rng(0)
   x, group = rng.normal(size=200).astype(np.float32), rng.integers(0, 4, 200).astype(np.int32)
@@ -351,8 +360,8 @@ def test_bench_folds_partition_train_and_test(tfds_dir):
 
 def test_knn_label_shares_match_a_brute_force_neighbour_count():
   """Each row's class shares equal a float64 numpy count over its k most cosine-similar other rows,
-  among all rows or a reference sample (chunks that do not divide N included), and the `knn`
-  rule's suspects are nearly all flipped."""
+  among all rows or a reference sample (chunks that do not divide N included, shared among
+  threads or not: bit for bit the same), and the `knn` rule's suspects are nearly all flipped."""
   codes, labels, flipped = class_codes(n=301, flip=0.15)
   stats = scores.factor_stats(jnp.asarray(codes), 0.5, labels, 3)
   k = 7
@@ -366,8 +375,9 @@ def test_knn_label_shares_match_a_brute_force_neighbour_count():
     ref = np.arange(len(codes)) if reference is None else np.asarray(reference)
     sim = unit @ unit[ref].T
     sim[ref[None, :] == np.arange(len(codes))[:, None]] = -np.inf  # never its own neighbour
-    for chunk in (64, 1024):
-      shares = np.asarray(scores.knn_label_shares(stats, k, chunk=chunk, reference=reference))
+    for chunk, threads in ((64, 1), (64, 3), (1024, 0)):
+      shares = np.asarray(scores.knn_label_shares(stats, k, chunk=chunk, reference=reference,
+                                                  threads=threads))
       for i in range(len(codes)):
         order = np.argsort(-sim[i])
         kth = sim[i, order[k - 1]]
@@ -375,6 +385,10 @@ def test_knn_label_shares_match_a_brute_force_neighbour_count():
           continue  # a tie at the k-th neighbour: either choice is a valid k-nearest set
         want = np.bincount(labels[ref[order[:k]]], minlength=3) / k
         np.testing.assert_allclose(shares[i], want, atol=1e-6)
+    by_thread = [np.asarray(scores.knn_label_shares(stats, k, chunk=64, reference=reference,
+                                                    threads=t)) for t in (1, 2, 3, 5)]
+    for other in by_thread[1:]:
+      np.testing.assert_array_equal(other, by_thread[0])
   suspect = np.asarray(scores.suspected_mislabels(stats, 'knn', knn=k))
   shares = scores.knn_label_shares(stats, k)
   assert suspect.sum() == int(scores.confident_joint_errors(shares, jnp.asarray(labels)))

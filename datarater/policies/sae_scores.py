@@ -37,6 +37,10 @@ From the codes Z [N, M] (>= 0) of every training example:
   every other example after the noise (`exclude_last`), so suspects are selected only when the
   others cannot fill the budget; `off` ignores the margin.
 """
+import concurrent.futures
+import functools
+import os
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -131,7 +135,8 @@ def label_margin(stats: FactorStats) -> jax.Array:
 def percentile_rank(x: jax.Array) -> jax.Array:
   """Rank of each entry scaled to [0, 1] (0 = smallest); makes scores of any scale comparable."""
   n = x.shape[0]
-  return jnp.argsort(jnp.argsort(x)).astype(jnp.float32) / max(n - 1, 1)
+  rank = jnp.zeros(n, jnp.int32).at[jnp.argsort(x)].set(jnp.arange(n, dtype=jnp.int32))
+  return rank.astype(jnp.float32) / max(n - 1, 1)  # the inverse of the sort: one sort, not two
 
 
 def grouped_percentile_rank(x: jax.Array, group: jax.Array, num_groups: int) -> jax.Array:
@@ -192,12 +197,15 @@ def confident_error_count(stats: FactorStats) -> jax.Array:
 
 
 def knn_label_shares(stats: FactorStats, k: int, chunk: int = 1024,
-                     reference=None) -> jax.Array:
+                     reference=None, threads: int = 0) -> jax.Array:
   """[N, G]: the share of each group among the labels of each example's k nearest neighbours.
 
   Neighbours by cosine similarity of the codes (the example itself left out) among the examples
   at the indices `reference` (all N if None), found `chunk` rows at a time so that time is
-  O(N * R) and memory O(chunk * R) for R reference examples.
+  O(N * R) and memory O(chunk * R) for R reference examples. The chunks are shared among
+  `threads` host threads (0: one per core, at most 8, on the CPU backend, where XLA's top-k runs
+  on a single core; 1 elsewhere); every chunk is computed alike, so the result does not depend
+  on them.
   """
   n, num_groups = stats.mass.shape[0], stats.rep_weight.shape[0]
   unit = stats.mass / jnp.maximum(jnp.linalg.norm(stats.mass, axis=-1, keepdims=True), 1e-12)
@@ -211,14 +219,31 @@ def knn_label_shares(stats: FactorStats, k: int, chunk: int = 1024,
     raise UserError(f'sae_scores.mislabel_knn must be in [1, {reference.shape[0] - 1}] for '
                     f'{reference.shape[0]} reference examples, got {k}')
   chunk = min(chunk, n)
-  starts = jnp.arange(0, n, chunk)
+  starts = np.arange(0, n, chunk, dtype=np.int32)
   padded = jnp.pad(unit, ((0, len(starts) * chunk - n), (0, 0)))
+  if threads <= 0:
+    threads = min(os.cpu_count() or 1, 8) if jax.default_backend() == 'cpu' else 1
+  threads = min(threads, len(starts))
+  per_thread = -(-len(starts) // threads)  # every thread gets as many chunks (one compilation)
+  parts = np.resize(starts, threads * per_thread).reshape(threads, per_thread)
+  search = lambda part: np.asarray(_knn_chunks(padded, ref_unit, ref_onehot, reference, part,
+                                               k=k, chunk=chunk))
+  if threads == 1:
+    shares = search(parts[0])
+  else:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      shares = np.concatenate(list(pool.map(search, parts)))
+  return jnp.asarray(shares[:len(starts)].reshape(-1, num_groups)[:n])
 
+
+@functools.partial(jax.jit, static_argnames=('k', 'chunk'))
+def _knn_chunks(padded, ref_unit, ref_onehot, reference, starts, *, k: int, chunk: int):
+  """[len(starts), chunk, G]: the k-NN label shares of the rows starting at each of `starts`."""
   def rows(start):
     sim = jax.lax.dynamic_slice_in_dim(padded, start, chunk) @ ref_unit.T    # [chunk, R]
     sim = jnp.where(start + jnp.arange(chunk)[:, None] == reference, -jnp.inf, sim)
     return jnp.mean(ref_onehot[jax.lax.top_k(sim, k)[1]], 1)                # [chunk, G]
-  return jax.lax.map(rows, starts).reshape(-1, num_groups)[:n]
+  return jax.lax.map(rows, starts)
 
 
 def knn_reference(num_examples: int, size: int, key: jax.Array):
