@@ -361,7 +361,8 @@ def test_bench_folds_partition_train_and_test(tfds_dir):
 def test_knn_label_shares_match_a_brute_force_neighbour_count():
   """Each row's class shares equal a float64 numpy count over its k most cosine-similar other rows,
   among all rows or a reference sample (chunks that do not divide N included, shared among
-  threads or not: bit for bit the same), and the `knn` rule's suspects are nearly all flipped."""
+  threads or not, or under jit: bit for bit the same), and the `knn` rule's suspects are nearly
+  all flipped."""
   codes, labels, flipped = class_codes(n=301, flip=0.15)
   stats = scores.factor_stats(jnp.asarray(codes), 0.5, labels, 3)
   k = 7
@@ -387,6 +388,8 @@ def test_knn_label_shares_match_a_brute_force_neighbour_count():
         np.testing.assert_allclose(shares[i], want, atol=1e-6)
     by_thread = [np.asarray(scores.knn_label_shares(stats, k, chunk=64, reference=reference,
                                                     threads=t)) for t in (1, 2, 3, 5)]
+    by_thread.append(np.asarray(jax.jit(lambda st, r: scores.knn_label_shares(
+        st, k, chunk=64, reference=r))(stats, reference)))  # traced: one program
     for other in by_thread[1:]:
       np.testing.assert_array_equal(other, by_thread[0])
   suspect = np.asarray(scores.suspected_mislabels(stats, 'knn', knn=k))

@@ -204,8 +204,8 @@ def knn_label_shares(stats: FactorStats, k: int, chunk: int = 1024,
   at the indices `reference` (all N if None), found `chunk` rows at a time so that time is
   O(N * R) and memory O(chunk * R) for R reference examples. The chunks are shared among
   `threads` host threads (0: one per core, at most 8, on the CPU backend, where XLA's top-k runs
-  on a single core; 1 elsewhere); every chunk is computed alike, so the result does not depend
-  on them.
+  on a single core; 1 elsewhere and under `jit`); every chunk is computed alike, so the result
+  does not depend on them.
   """
   n, num_groups = stats.mass.shape[0], stats.rep_weight.shape[0]
   unit = stats.mass / jnp.maximum(jnp.linalg.norm(stats.mass, axis=-1, keepdims=True), 1e-12)
@@ -221,19 +221,21 @@ def knn_label_shares(stats: FactorStats, k: int, chunk: int = 1024,
   chunk = min(chunk, n)
   starts = np.arange(0, n, chunk, dtype=np.int32)
   padded = jnp.pad(unit, ((0, len(starts) * chunk - n), (0, 0)))
-  if threads <= 0:
+  if isinstance(unit, jax.core.Tracer):  # inside a transformation: one program, no threads
+    threads = 1
+  elif threads <= 0:
     threads = min(os.cpu_count() or 1, 8) if jax.default_backend() == 'cpu' else 1
   threads = min(threads, len(starts))
   per_thread = -(-len(starts) // threads)  # every thread gets as many chunks (one compilation)
   parts = np.resize(starts, threads * per_thread).reshape(threads, per_thread)
-  search = lambda part: np.asarray(_knn_chunks(padded, ref_unit, ref_onehot, reference, part,
-                                               k=k, chunk=chunk))
+  search = lambda part: _knn_chunks(padded, ref_unit, ref_onehot, reference, part, k=k,
+                                    chunk=chunk)
   if threads == 1:
     shares = search(parts[0])
-  else:
+  else:  # each thread waits for its own chunks, so their top-k run at once
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      shares = np.concatenate(list(pool.map(search, parts)))
-  return jnp.asarray(shares[:len(starts)].reshape(-1, num_groups)[:n])
+      shares = jnp.concatenate(list(pool.map(lambda p: jax.block_until_ready(search(p)), parts)))
+  return shares[:len(starts)].reshape(-1, num_groups)[:n]
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'chunk'))
