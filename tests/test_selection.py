@@ -156,7 +156,7 @@ def test_class_conditional_scores_flag_label_flips():
 
 
 def test_percentile_rank_counts_smaller_entries_and_earlier_ties():
-  """Rank i = #{j: x_j < x_i} + #{j < i: x_j = x_i}, scaled by N - 1 (counted pairwise, with ties)."""
+  """Rank i = #{j: x_j < x_i} + #{j < i: x_j = x_i}, scaled by N - 1 (counted pairwise)."""
   x = np.random.default_rng(1).integers(0, 20, 300).astype(np.float32)
   idx = np.arange(len(x))
   want = ((x[None, :] < x[:, None]) | ((x[None, :] == x[:, None]) & (idx[None, :] < idx[:, None])))
