@@ -1,49 +1,55 @@
-"""The DataRater's per-kind AUROC on the text bench's corpus, with config overrides.
+r"""The DataRater's per-kind AUROC on the text bench's corpus, with config overrides.
 
-  python -m bench.lm_advance_probe SEED inner.advance_steps=10 inner.reset_every=100
+  python -m bench.lm_advance_probe --seed=5 --config.inner.advance_steps=10 \
+      --config.inner.reset_every=100
 
-Meta-trains the rater of configs/text_bench.py with the overrides, exports it, scores the training
-corpus and prints one JSON line (AUROC of each corruption kind and of code against clean prose).
-Results: bench/results/lm_advance_probe.md.
+Meta-trains the rater of the config (configs/text_bench.py unless --config says otherwise) with
+its overrides, exports it, scores the training corpus and prints one JSON line: the seed, the
+overrides, the rater's seconds and the AUROC of each corruption kind and of code against clean
+prose. Results: bench/results/lm_advance_probe.md.
 """
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
 
+from absl import flags
 import numpy as np
 
-from configs import text_bench
-from bench.lm_curation import seeded, learned
+from bench import cli as bench_cli
+from bench.lm_curation import learned, seeded
 from datarater import export, tasks
 from datarater.data import pipeline
 from datarater.meta_train import meta_train
 from datarater.valuation import factory
 from datarater.valuation.run import RunCache
 
-seed = int(sys.argv[1])
-c = seeded(text_bench.get_config(), seed)
-over = {}
-for kv in sys.argv[2:]:
-  k, v = kv.split('=')
-  sec, f = k.split('.')
-  c[sec][f] = type(c[sec][f])(v)
-  over[k] = v
-c.log_every = c.checkpoint_every = c.outer.steps
-tmp = tempfile.mkdtemp()
-t0 = time.time()
-meta_train(c, os.path.join(tmp, 'run'))
-c.valuation.rater = os.path.join(tmp, 'rater')
-export.export_rater(os.path.join(tmp, 'run'), c.valuation.rater)
-secs = time.time() - t0
-train = pipeline.load_split(c.data, c.data.train_split, corrupt=True)
-heldout = pipeline.load_split(c.data, c.data.heldout_split)
-small = tasks.make_task(c.task, train.info)
-v = factory.build('datarater', c, small, train, heldout, RunCache(os.path.join(tmp, 'runs'), 'x'))
-vals = np.asarray(v.values(train, c.valuation.score_batch_size), np.float64)
-out = learned(vals, train, c.rater.temperature)
-shutil.rmtree(tmp)
-print(json.dumps({'seed': seed, **over, 'seconds': secs,
-                  'auroc': {k: round(x, 3) for k, x in out['auroc'].items()}}))
+_SEED = flags.DEFINE_integer('seed', 5, 'Seed of the rater, its inner models and the valuation.')
+
+
+def main(argv):
+  del argv
+  c = seeded(flags.FLAGS.config, _SEED.value)
+  c.log_every = c.checkpoint_every = c.outer.steps
+  overrides = dict(a[len('--config.'):].split('=', 1) for a in sys.argv[1:]
+                   if a.startswith('--config.') and '=' in a)
+  with tempfile.TemporaryDirectory() as tmp:
+    start = time.time()
+    meta_train(c, os.path.join(tmp, 'run'))
+    c.valuation.rater = os.path.join(tmp, 'rater')
+    export.export_rater(os.path.join(tmp, 'run'), c.valuation.rater)
+    seconds = time.time() - start
+    train = pipeline.load_split(c.data, c.data.train_split, corrupt=True)
+    heldout = pipeline.load_split(c.data, c.data.heldout_split)
+    task = tasks.make_task(c.task, train.info)
+    valuation = factory.build('datarater', c, task, train, heldout,
+                              RunCache(os.path.join(tmp, 'runs'), 'probe'))
+    values = np.asarray(valuation.values(train, c.valuation.score_batch_size), np.float64)
+    out = learned(values, train, c.rater.temperature)
+  print(json.dumps({'seed': _SEED.value, **overrides, 'seconds': seconds,
+                    'auroc': {k: round(x, 3) for k, x in out['auroc'].items()}}))
+
+
+if __name__ == '__main__':
+  bench_cli.run(main, __doc__, bench_cli.config_file('configs/text_bench.py'))
