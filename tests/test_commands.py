@@ -1,0 +1,144 @@
+"""Every command the docs show parses: the README's, WORKSPACE.md's and those in the docstrings of
+the launchers, benchmarks and configs. Its module exists, its flags and config overrides are
+known and well typed, and its --config file loads; nothing runs.
+
+Run as a script, this file checks the commands given as JSON on stdin. One process imports the
+stack once; each command runs in a child forked from it, up to its flag parsing (absl's through
+`launch.cli.run`, argparse's `parse_args`), where it exits.
+"""
+import ast
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Shown to be completed by the reader: elided flags, the README's own-model files (which
+# tests/test_readme.py runs), and placeholders that are not values of their flags' types.
+PLACEHOLDERS = ('...', 'my_config.py', '--num_processes=N', '--config=CONFIG')
+COMMAND = re.compile(r'python -m ((?:bench|launch)\.\w+)(.*)')
+
+
+def _command(text: str):
+  """(module, argv) of a `python -m bench.X|launch.X ...` line, or None for a placeholder."""
+  text = ' '.join(text.replace('[', ' ').replace(']', ' ').split())  # [--optional] flags
+  match = COMMAND.search(text)
+  if not match or any(p in text for p in PLACEHOLDERS):
+    return None
+  return match.group(1), shlex.split(match.group(2), comments=True)
+
+
+def _commands_in(text: str) -> list[str]:
+  """The lines of fenced blocks, the inline code spans and the other lines (a docstring's usage
+  lines) that hold a `python -m` command; a line ending in a backslash continues."""
+  lines = []
+  for block in re.findall(r'```[a-z]*\n(.*?)```', text, re.S):
+    lines += block.replace('\\\n', ' ').splitlines()
+  text = re.sub(r'```[a-z]*\n.*?```', '', text, flags=re.S)
+  lines += re.findall(r'`([^`]*python -m [^`]*)`', text)
+  text = re.sub(r'`[^`]*`', '', text)
+  return lines + [l for l in text.replace('\\\n', ' ').splitlines() if 'python -m' in l]
+
+
+def documented_commands() -> list[tuple[str, list[str], str]]:
+  """(module, argv, where) of every documented command."""
+  found = []
+  for name in ('README.md', 'WORKSPACE.md'):
+    found += [(line, name) for line in _commands_in(open(os.path.join(ROOT, name)).read())]
+  for path in sorted(glob.glob(os.path.join(ROOT, '*', '*.py'))):
+    if os.path.basename(os.path.dirname(path)) in ('bench', 'launch', 'configs'):
+      doc = ast.get_docstring(ast.parse(open(path).read())) or ''
+      found += [(line, os.path.relpath(path, ROOT)) for line in _commands_in(doc)]
+  commands = [(_command(line), where) for line, where in found]
+  return [(*c, where) for c, where in commands if c]
+
+
+def parse_commands(commands: list[tuple[str, list[str]]]) -> list[tuple[int, str]]:
+  """(exit code, output) of each (module, argv) run to its flag parsing, in a subprocess."""
+  proc = subprocess.run([sys.executable, __file__], input=json.dumps(commands), cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_every_documented_command_parses():
+  commands = documented_commands()
+  modules = {m for m, _, _ in commands}
+  assert {'launch.train_rater', 'launch.filter', 'bench.curation', 'bench.selection'} <= modules
+  results = parse_commands([(m, argv) for m, argv, _ in commands])
+  bad = [f'{where}: python -m {m} {" ".join(argv)}\n  -> exit {code}: {out.strip()[-500:]}'
+         for (m, argv, where), (code, out) in zip(commands, results) if code != 0]
+  assert not bad, '\n'.join(bad)
+
+
+def test_the_check_fails_a_bad_command():
+  """The oracle for the check itself: commands known bad in each way fail it, naming what is
+  bad, and a good one passes."""
+  bad = [
+      (('launch.train', ['--no_such_flag=1']), 'no_such_flag'),
+      (('launch.train', ['--config.train.no_such_field=1']), 'no_such_field'),
+      (('launch.train', ['--config=configs/no_such_config.py']), 'no_such_config.py'),
+      (('launch.filter', ['--keep=high']), 'high'),
+      (('bench.selection', ['--seeds=x']), "'x'"),
+      (('bench.curation', ['--no_such_flag=1']), 'no_such_flag'),
+      (('bench.no_such_bench', []), 'bench.no_such_bench'),
+  ]
+  results = parse_commands([('launch.train', ['--config=configs/digits.py'])]
+                           + [command for command, _ in bad])
+  assert results[0] == [0, ''], results[0]
+  for (command, says), (code, out) in zip(bad, results[1:]):
+    assert code != 0 and says in out, (command, code, out)
+
+
+def _parse_only(module: str, argv: list[str]) -> None:
+  """Runs `module` as `python -m module *argv` and exits 0 once its flags are parsed."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
+  from launch import cli  # pylint: disable=g-import-not-at-top
+  run = cli.run
+  cli.run = lambda main, define_flags, doc: run(lambda argv: sys.exit(0), define_flags, doc)
+  parse_args = argparse.ArgumentParser.parse_args
+  def parse_and_exit(self, *args, **kwargs):
+    parse_args(self, *args, **kwargs)
+    sys.exit(0)
+  argparse.ArgumentParser.parse_args = parse_and_exit
+  sys.argv = [module, *argv]
+  runpy.run_module(module, run_name='__main__', alter_sys=True)
+  print(f'{module} ran to its end without parsing flags through launch.cli or argparse')
+  sys.exit(1)
+
+
+def _check_in_child(module: str, argv: list[str]) -> tuple[int, str]:
+  import tempfile  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryFile() as out:
+    pid = os.fork()
+    if pid == 0:  # the child: its output goes to `out`; it never returns
+      os.dup2(out.fileno(), 1)
+      os.dup2(out.fileno(), 2)
+      code = 1
+      try:
+        _parse_only(module, argv)
+      except SystemExit as e:
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+      except BaseException as e:  # pylint: disable=broad-except
+        print(f'{type(e).__name__}: {e}')
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    out.seek(0)
+    return os.waitstatus_to_exitcode(status), out.read().decode(errors='replace')
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, ROOT)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  # What the launchers and benchmarks import, once, so that each child only imports its module.
+  import importlib  # pylint: disable=g-import-not-at-top
+  for name in ('jax', 'flax', 'optax', 'tensorflow_datasets', 'datarater.meta_train',
+               'datarater.train', 'launch.cli', 'bench.cli'):
+    importlib.import_module(name)
+  print(json.dumps([_check_in_child(m, argv) for m, argv in json.loads(sys.stdin.read())]))
