@@ -1,7 +1,8 @@
 """The README's example output is what its main command prints: the lines it quotes are those
 bench/results/train_rater_digits_seeds.json recorded for seed 0 (clock readings aside), and a slow
 check reruns the command and compares the figures with that file. The README's own-model example
-(my_task.py, my_config.py) meta-learns a rater and trains under it as written."""
+(my_task.py, my_config.py) meta-learns a rater and trains under it as written. Every repository
+path the README and WORKSPACE.md name exists."""
 import importlib
 import json
 import os
@@ -74,3 +75,24 @@ def test_own_model_example_runs(tfds_dir, tmp_path, monkeypatch):
   report = train(config, 'datarater', rater=str(tmp_path / 'run'), workdir=str(tmp_path / 'fit'))
   assert report['policy'] == 'datarater' and report['num_train'] == len(split)
   assert os.path.exists(tmp_path / 'fit' / 'report.json')
+
+
+def _named_paths(text: str) -> list[str]:
+  """The repository paths in `text`'s code spans (a `{a,b}` part names each of a and b)."""
+  tops = '|'.join(re.escape(d) for d in sorted(os.listdir(ROOT)) if not d.startswith('.git'))
+  paths = []
+  for span in re.findall(r'`([^`\s]+)`', text):
+    span = span.split('::')[0].rstrip('/')  # file::symbol, folder/
+    if re.match(rf'({tops})(/|$)', span) and '<' not in span and '*' not in span:
+      alternatives = re.search(r'\{([^}]*)\}', span)
+      paths += ([span.replace(alternatives.group(0), a) for a in alternatives.group(1).split(',')]
+                if alternatives else [span])
+  return paths
+
+
+def test_every_path_the_docs_name_exists():
+  for name in ('README.md', 'WORKSPACE.md'):
+    paths = _named_paths(open(os.path.join(ROOT, name)).read())
+    assert len(paths) > 20, name
+    missing = [p for p in paths if not os.path.exists(os.path.join(ROOT, p))]
+    assert not missing, f'{name} names paths that do not exist: {missing}'
