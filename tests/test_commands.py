@@ -24,7 +24,7 @@ COMMAND = re.compile(r'python -m ((?:bench|launch)\.\w+)(.*)')
 
 def _command(text: str):
   """(module, argv) of a `python -m bench.X|launch.X ...` line, or None for a placeholder."""
-  text = ' '.join(text.replace('[', ' ').replace(']', ' ').split())  # [--optional] flags
+  text = ' '.join(re.sub(r'\[(--[^]]*)\]', r'\1', text).split())  # [--optional] flags
   match = COMMAND.search(text)
   if not match or any(p in text for p in PLACEHOLDERS):
     return None
