@@ -16,7 +16,8 @@ from datarater.errors import UserError
 from datarater.policies import PolicyContext, make_policy
 from datarater.policies import sae_scores as scores
 from datarater.policies import selection as policies
-from datarater.policies.sae_scores import percentile_rank
+from datarater.policies import ranks
+from datarater.policies.ranks import percentile_rank
 from datarater.policies.selection import gini, init_state, record_epoch
 from sklearn.metrics import roc_auc_score
 from tests.conftest import digits_data
@@ -155,23 +156,34 @@ def test_class_conditional_scores_flag_label_flips():
   np.testing.assert_array_equal(scores.label_margin(glob), 0.0)  # no labels, no margin
 
 
-def test_percentile_rank_counts_smaller_entries_and_earlier_ties():
-  """Rank i = #{j: x_j < x_i} + #{j < i: x_j = x_i}, scaled by N - 1 (counted pairwise)."""
-  x = np.random.default_rng(1).integers(0, 20, 300).astype(np.float32)
+def _pairwise_rank(x: np.ndarray) -> np.ndarray:
+  """Rank i = #{j: x_j < x_i} + #{j < i: x_j = x_i}, counted pairwise."""
   idx = np.arange(len(x))
-  want = ((x[None, :] < x[:, None]) | ((x[None, :] == x[:, None]) & (idx[None, :] < idx[:, None])))
+  return ((x[None, :] < x[:, None]) |
+          ((x[None, :] == x[:, None]) & (idx[None, :] < idx[:, None]))).sum(1)
+
+
+def test_rank_counts_smaller_entries_and_earlier_ties():
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 20, 300).astype(np.float32)   # many ties
+  np.testing.assert_array_equal(ranks.rank(jnp.asarray(x)), _pairwise_rank(x))
   got = np.asarray(percentile_rank(jnp.asarray(x)), np.float64) * (len(x) - 1)
-  np.testing.assert_allclose(got, want.sum(1), atol=1e-3)  # the ranks are whole numbers
+  np.testing.assert_allclose(got, _pairwise_rank(x), atol=1e-3)  # the ranks are whole numbers
+  rows = rng.integers(0, 5, (4, 30)).astype(np.float32)  # along the last axis, row by row
+  np.testing.assert_array_equal(ranks.rank(jnp.asarray(rows)),
+                                np.stack([_pairwise_rank(r) for r in rows]))
+  order = rng.permutation(50)
+  np.testing.assert_array_equal(ranks.inverse_permutation(jnp.asarray(order)), np.argsort(order))
 
 
 def test_grouped_percentile_rank_ranks_within_each_group():
   rng = np.random.default_rng(0)
   x, group = rng.normal(size=200).astype(np.float32), rng.integers(0, 4, 200).astype(np.int32)
-  got = np.asarray(scores.grouped_percentile_rank(jnp.asarray(x), jnp.asarray(group), 4))
+  got = np.asarray(ranks.grouped_percentile_rank(jnp.asarray(x), jnp.asarray(group), 4))
   for g in range(4):
     np.testing.assert_allclose(got[group == g], percentile_rank(jnp.asarray(x[group == g])),
                                atol=1e-6)
-  np.testing.assert_allclose(scores.grouped_percentile_rank(jnp.asarray(x), jnp.zeros(200, jnp.int32),
+  np.testing.assert_allclose(ranks.grouped_percentile_rank(jnp.asarray(x), jnp.zeros(200, jnp.int32),
                                                             1), percentile_rank(jnp.asarray(x)))
 
 

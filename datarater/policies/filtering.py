@@ -16,6 +16,7 @@ import numpy as np
 
 from datarater import evaluation
 from datarater.errors import UserError
+from datarater.policies import ranks
 from datarater.policies.base import (Policy, PolicyContext, keep_state, no_state,
                                      register_policy, select_all)
 from datarater.policies.weighting import loaded_rater
@@ -55,7 +56,7 @@ def batch_filter(score_fn, score_params, rho: float, num_examples: int, **cost) 
     b = jnp.sum(real)
     n = jnp.maximum(1, jnp.floor((1 - rho) * b + 1e-6)).astype(b.dtype)
     scores = jnp.where(real, score_fn(aux, batch), -jnp.inf)
-    rank = jnp.argsort(jnp.argsort(-scores))  # 0 = best; ties to the lower position
+    rank = ranks.rank(-scores)  # 0 = best; ties to the lower position
     keep = real & (rank < n)
     return jax.lax.stop_gradient(weights * keep * (b / n))
   return Policy('datarater_batch_filter', num_examples, no_state, select_all(num_examples), weigh,

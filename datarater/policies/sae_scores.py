@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from datarater.errors import UserError
+from datarater.policies import ranks
 
 
 @flax.struct.dataclass
@@ -63,7 +64,7 @@ class FactorStats:
 def _high_and_rarity(freq: jax.Array, high_freq_fraction: float):
   """High-frequency mask (most frequent first) and rarity rank of the other factors."""
   m = freq.shape[-1]
-  rank = jnp.argsort(jnp.argsort(-freq, axis=-1), axis=-1)   # 0 = most frequent
+  rank = ranks.rank(-freq)   # 0 = most frequent
   num_high = max(1, int(round(high_freq_fraction * m)))
   high = rank < num_high
   rarity = jnp.where(high, 0.0, (rank - num_high) / max(m - num_high - 1, 1))
@@ -98,8 +99,8 @@ def factor_stats(codes: jax.Array, high_freq_fraction: float, labels=None,
   group_high, _ = _high_and_rarity(group_freq, high_freq_fraction)
   peak = jnp.maximum(jnp.max(group_freq, -1, keepdims=True), 1e-12)
   rep_weight = jnp.where(group_high, group_freq / peak, 0.0)
-  rep_rank = grouped_percentile_rank(_representativeness(mass, rep_weight, group), group,
-                                     num_groups)
+  rep_rank = ranks.grouped_percentile_rank(_representativeness(mass, rep_weight, group), group,
+                                           num_groups)
   return FactorStats(mass=mass, frequency=freq, high=high, rarity=rarity, group=group,
                      rep_weight=rep_weight, rep_rank=rep_rank)
 
@@ -130,24 +131,6 @@ def label_margin(stats: FactorStats) -> jax.Array:
   own = jnp.take_along_axis(per_class, stats.group[:, None], 1)[:, 0]
   mine = jax.nn.one_hot(stats.group, num_groups, dtype=bool)
   return own - jnp.max(jnp.where(mine, -jnp.inf, per_class), 1)
-
-
-def percentile_rank(x: jax.Array) -> jax.Array:
-  """Rank of each entry scaled to [0, 1] (0 = smallest); makes scores of any scale comparable."""
-  n = x.shape[0]
-  rank = jnp.zeros(n, jnp.int32).at[jnp.argsort(x)].set(jnp.arange(n, dtype=jnp.int32))
-  return rank.astype(jnp.float32) / max(n - 1, 1)  # the inverse of the sort: one sort, not two
-
-
-def grouped_percentile_rank(x: jax.Array, group: jax.Array, num_groups: int) -> jax.Array:
-  """Rank of each entry among the entries of its group, scaled to [0, 1] (0 = smallest)."""
-  if num_groups == 1:
-    return percentile_rank(x)
-  order = jnp.lexsort((x, group))                  # by group, then by x
-  pos = jnp.zeros_like(group).at[order].set(jnp.arange(x.shape[0], dtype=group.dtype))
-  size = jnp.bincount(group, length=num_groups)
-  start = jnp.cumsum(size) - size
-  return ((pos - start[group]) / jnp.maximum(size[group] - 1, 1)).astype(jnp.float32)
 
 
 def diversity(stats: FactorStats, factor_usage: jax.Array, progress: jax.Array,
@@ -288,11 +271,11 @@ def suspected_mislabels(stats: FactorStats, rule: str = 'margin', margin: float 
   if rule == 'margin':
     return a < -margin
   if rule == 'confident':
-    order_rank = jnp.argsort(jnp.argsort(a))                # 0 = lowest margin
+    order_rank = ranks.rank(a)                              # 0 = lowest margin
     return order_rank < confident_error_count(stats)
   shares = knn_label_shares(stats, knn, reference=reference)
   own = jnp.take_along_axis(shares, stats.group[:, None], 1)[:, 0]
-  order_rank = jnp.argsort(jnp.lexsort((a, own)))           # 0 = rarest own label
+  order_rank = ranks.inverse_permutation(jnp.lexsort((a, own)))  # 0 = rarest own label
   return order_rank < confident_joint_errors(shares, stats.group)
 
 
@@ -324,7 +307,7 @@ def combined_score(stats: FactorStats, counts, factor_usage, epoch, num_epochs: 
   progress = epoch.astype(jnp.float32) / max(num_epochs - 1, 1)
   alpha = curriculum(progress, cfg.rep_weight_start, cfg.rep_weight_end)
   beta = curriculum(progress, cfg.div_weight_start, cfg.div_weight_end)
-  div = percentile_rank(diversity(stats, factor_usage, progress, cfg.gate_width))
+  div = ranks.percentile_rank(diversity(stats, factor_usage, progress, cfg.gate_width))
   score = alpha * stats.rep_rank + beta * div - cfg.usage_penalty * usage_penalty(counts, epoch)
   if suspect is not None and mislabel_guard(cfg) == 'penalty':
     score = score - cfg.get('mislabel_penalty', 0.0) * suspect

@@ -16,7 +16,7 @@ import numpy as np
 from datarater import features as features_lib
 from datarater import sae as sae_lib
 from datarater.errors import UserError
-from datarater.policies import sae_scores
+from datarater.policies import ranks, sae_scores
 from datarater.policies.base import Policy, PolicyContext, register_policy, weigh_uniform
 
 
@@ -108,7 +108,7 @@ def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> P
   def select(aux, state):
     key, k_tie, k_prune = jax.random.split(state.key, 3)
     losses = state.losses + 1e-6 * jax.random.uniform(k_tie, state.losses.shape)  # random ties
-    loss_rank = jnp.argsort(jnp.argsort(losses))
+    loss_rank = ranks.rank(losses)
     below = losses < jnp.mean(losses)
     num_candidates = jnp.maximum(jnp.sum(below), min_candidates)
     candidate = loss_rank < num_candidates
