@@ -23,11 +23,15 @@ def _fail(e: Exception) -> None:
   """A flag or config error as one `error:` line, exit 2."""
   text = str(e).replace('\\n', '\n').replace("\\'", "'")
   unknown = re.search(r"'(\w+)'.*?Did you mean \"?(\w+)\"?", text, re.S)
+  cause = e.args[0] if isinstance(e, AttributeError) and e.args else None
   if 'Failed loading config file' in text or 'earlier failure to load' in text:
     reason = [l.strip() for l in text.splitlines() if 'Errno' in l or 'Error' in l]
     message = f'cannot load the --config file: {reason[-1] if reason else text.splitlines()[0]}'
   elif unknown and not isinstance(e, flags.Error):
     message = f'unknown config field {unknown.group(1)!r} (did you mean {unknown.group(2)!r}?)'
+  elif isinstance(cause, KeyError) and cause.args and isinstance(cause.args[0], str):
+    field = cause.args[0].strip("'")  # ml_collections found no close name to suggest
+    message = f'unknown config field {field!r}'
   elif not isinstance(e, flags.Error):
     message = f'bad config override: {" ".join(text.split())}'
   else:

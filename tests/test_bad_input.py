@@ -66,6 +66,7 @@ def _cases(tfds_dir: str, w) -> list:
                                                "'tanh', 'silu', got 'swishy'"),
       (*tr('--config.data.noise_seed=-1'), 'data.noise_seed must be >= 0, got -1'),
       (*tr('--config.inner.stepz=4'), "unknown config field 'stepz' (did you mean 'steps'?)"),
+      (*tr('--config.inner.zzz=4'), "unknown config field 'zzz'"),
       (*tr('--config.inner.steps=abc'), "--config.inner.steps=abc: invalid literal for int()"),
       (*tr(out=f'--workdir={w}/a_file'), f"--workdir '{w}/a_file' exists and is not a folder"),
       (*tr(out=f'--workdir={w}/a_file/under'), f"cannot write --workdir '{w}/a_file/under'"),
