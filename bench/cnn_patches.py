@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from bench import cli as bench_cli
+from bench import provenance
 from bench.meta_memory import compile_step
 from configs import fashion_mnist_bench
 from datarater import evaluation, files, tasks
@@ -129,7 +130,7 @@ def main(argv):
   results = {'times': times, 'ratio': ratio, 'repeats': _REPEATS.value,
              'device': jax.devices()[0].device_kind, 'cpu': platform.processor(),
              'config': 'configs/fashion_mnist_bench.py, K=4, T=8, log_softmax readout'}
-  files.write_json(_OUT.value + '.json', results)
+  provenance.write_json(_OUT.value + '.json', results)
   plot(results, _OUT.value + '.png')
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from bench import cli as bench_cli
 from bench import compare
+from bench import provenance
 from bench import runs as bench_runs
 from datarater import evaluation, export, files, policies, tasks
 from datarater.curation import select
@@ -357,7 +358,7 @@ def main(argv):
   summary = summarize(runs, noises, keeps, methods)
   table = markdown(summary, keeps, methods, _EPOCHS.value, config.data.name)
   print(table)
-  files.write_json(_OUT.value + '.json', {
+  provenance.write_json(_OUT.value + '.json', {
       'summary': summary, 'runs': runs, 'noise': noises,
       'seeds': {str(p): by_noise.get(p, seeds) for p in noises}, 'keep': keeps,
       'methods': methods, 'epochs': _EPOCHS.value, 'rater_steps': _RATER_STEPS.value,

@@ -45,6 +45,7 @@ from ml_collections import config_flags
 
 from bench import cli as bench_cli
 from bench import compare
+from bench import provenance
 from bench import runs as bench_runs
 from datarater import evaluation, export, files, tasks
 from datarater.curation import select
@@ -390,7 +391,7 @@ def main(argv):
   wall = time.time() - t_start
   table = markdown(summary, bench, config, wall)
   print(table)
-  files.write_json(out + '.json', {
+  provenance.write_json(out + '.json', {
       'summary': summary, 'seeds': seeds, 'bench': bench.to_dict(), 'config': config.to_dict(),
       'num_train': first['num_train'], 'seconds': wall,
       'load_average_start_end': [load_start, os.getloadavg()], 'cpu_count': os.cpu_count(),

@@ -30,8 +30,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from bench import cli as bench_cli
+from bench import provenance
 from configs.digits import get_config
-from datarater import files
 from datarater.errors import exit_on_user_error
 from datarater.tasks import batch_size_of
 from datarater.data import pipeline
@@ -258,7 +258,7 @@ def plot(results: list[dict], path: str) -> None:
 
 def write(record: dict, out: str) -> None:
   os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-  files.write_json(out + '.json', record)
+  provenance.write_json(out + '.json', record)
   plot(record['results'], out + '.png')
   print(f'wrote {out}.json and {out}.png')
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from configs.digits import get_config
 from bench import cli as bench_cli
+from bench import provenance
 from bench.meta_memory import compile_step, plot_modes
-from datarater import files
 from outer_loop.estimators import META_GRADIENTS
 
 _UNROLLS = flags.DEFINE_list('unrolls', ['1', '4', '16'], 'Values of T (inner.steps).')
@@ -74,7 +74,7 @@ def main(argv):
             'num_devices': 1, 'host': platform.node(), 'hidden': hidden,
             'population': c.inner.population, 'batch_size': c.inner.batch_size,
             'results': results}
-  files.write_json(_OUT.value + '.json', record)
+  provenance.write_json(_OUT.value + '.json', record)
   plot(results, _OUT.value + '.png')
   print(f'wrote {_OUT.value}.json and {_OUT.value}.png')
 

@@ -25,6 +25,7 @@ import numpy as np
 import ml_collections
 
 from bench import cli as bench_cli
+from bench import provenance
 from datarater import files, pergrad, tasks
 from datarater.data.pipeline import DataInfo
 
@@ -150,7 +151,7 @@ def main(argv):
           {k: round(x, 1) for k, x in r['speedup_vs_python_loop'].items()})
     print('  temp memory (bytes) by examples:', r['memory_temp_bytes'], flush=True)
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  files.write_json(_OUT.value + '.json', results)
+  provenance.write_json(_OUT.value + '.json', results)
   plot(results, _OUT.value + '.png')
 
 

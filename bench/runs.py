@@ -8,6 +8,7 @@ from typing import Optional
 
 import jax
 
+from bench import provenance
 from datarater import files
 from datarater.meta_train import meta_train
 
@@ -80,5 +81,5 @@ def compile_seconds() -> float:
 def write_results(prefix: str, results: dict, markdown: str) -> None:
   """`results` as <prefix>.json and `markdown` as <prefix>.md, the folder made if needed."""
   os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
-  files.write_json(prefix + '.json', results)
+  provenance.write_json(prefix + '.json', results)
   files.write_text(prefix + '.md', markdown)

@@ -43,6 +43,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from bench import cli as bench_cli  # pylint: disable=g-import-not-at-top
+from bench import provenance  # pylint: disable=g-import-not-at-top
 from bench import runs as bench_runs  # pylint: disable=g-import-not-at-top
 from datarater import config_checks, files, tasks
 from datarater import train as train_lib
@@ -310,7 +311,7 @@ def write_offline(stem: str, cfg, offline: list[dict], total_s: float) -> None:
                  f"{o['suspect_share']:.2%} | {cell('suspect_recall')} | "
                  f"{cell('suspect_precision')} | {cell('knn_auroc')} |")
   md = '\n'.join(lines + ['', 'Mean over folds x seeds:'] + guard_lines(offline)) + '\n'
-  files.write_json(f'{stem}.json', {'config': cfg.to_dict(), 'offline': offline,
+  provenance.write_json(f'{stem}.json', {'config': cfg.to_dict(), 'offline': offline,
                                     'total_s': total_s, 'device': jax.devices()[0].platform})
   files.write_text(f'{stem}.md', md)
   print(md)
@@ -515,7 +516,7 @@ def main():
             'gini_usage_penalty': ginis, 'offline': offline,
             'runs': runs, 'total_s': time.time() - t_start,
             'device': str(jax.devices()[0].platform)}
-  files.write_json(os.path.join(args.out, f'{name}.json'), result)
+  provenance.write_json(os.path.join(args.out, f'{name}.json'), result)
   md = markdown(table, ginis, offline)
   files.write_text(os.path.join(args.out, f'{name}.md'), md)
   plot(table, os.path.join(args.out, f'{name}.png'), base_cfg.data.name)

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from bench import cli as bench_cli
-from datarater import files
+from bench import provenance
 from datarater.errors import exit_on_user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def main():
           f'{r["heldout_loss_rater"]:.4f} / uniform {r["heldout_loss_uniform"]:.4f}, test '
           f'accuracy {100 * r["test_accuracy_rater"]:.2f}% / {100 * r["test_accuracy_uniform"]:.2f}%'
           f' ({r["wall_s"]:.0f} s)', flush=True)
-  files.write_json(args.out + '.json', {
+  provenance.write_json(args.out + '.json', {
       'command': f'python -m launch.train_rater --config={args.config} --workdir=DIR '
                  '--config.seed=S --config.data.noise_seed=S',
       'device': f'{os.cpu_count()}-core CPU', 'seeds': results})

@@ -48,6 +48,7 @@ from absl import flags
 import numpy as np
 
 from bench import cli as bench_cli
+from bench import provenance
 from datarater import files
 from datarater.errors import UserError
 
@@ -514,7 +515,7 @@ def main(argv):
       results[section] = runners[section]()
       results[section]['section_wall_s'] = time.perf_counter() - t0
       results['wall_s'] = sum(results[s]['section_wall_s'] for s in SECTIONS if s in results)
-      files.write_json(_OUT.value + '.json', results)  # after each section
+      provenance.write_json(_OUT.value + '.json', results)  # after each section
   plot(results, _OUT.value + '.png')
   files.write_text(_OUT.value + '.md', markdown(results))
   print(f'wrote {_OUT.value}.{{json,png,md}}: {results["wall_s"]:.0f} s of sections')

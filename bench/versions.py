@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from bench import cli as bench_cli
+from bench import provenance
 from bench.compare import paired
 from datarater import files
 from datarater.errors import exit_on_user_error
@@ -135,7 +136,7 @@ def main():
                  f' | {r["after_mean"]:.3f} +- {r["after_std"]:.3f} | {r["diff"]:+.3f} +- '
                  f'{r["paired_se"]:.3f} | {r["verdict"]} |')
   print('\n'.join(lines))
-  files.write_json(args.out + '.json', {'before': args.before, 'after': args.after, 'rows': rows})
+  provenance.write_json(args.out + '.json', {'before': args.before, 'after': args.after, 'rows': rows})
   files.write_text(args.out + '.md', '\n'.join(lines) + '\n')
 
 

@@ -1,6 +1,7 @@
 """Selection policies: exact budgets, InfoBatch rescaling, SAE scores, usage penalty flattens counts."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -429,6 +430,11 @@ def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_pat
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / 'guard.json').read_text())
   assert 'runs' not in result and (tmp_path / 'guard.md').is_file()
+  assert shlex.split(result['made_by']['command']) == ['python', *proc.args[1:]]
+  head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True,
+                        text=True)
+  if head.returncode == 0:  # a git checkout: the version names its commit
+    assert head.stdout.strip()[:7] in result['made_by']['code_version']
   rows = result['offline']
   assert sorted((r['noise'], r['seed']) for r in rows) == [(0.0, 0), (0.0, 1), (0.2, 0), (0.2, 1)]
   cfg = get_config()
