@@ -59,8 +59,6 @@ _EPOCHS = flags.DEFINE_integer('epochs', 40, 'Training epochs of every task mode
 _EVALS = flags.DEFINE_integer('evals_per_epoch', 1, 'Test evaluations per epoch (curves).')
 _OUT = flags.DEFINE_string('out', 'bench/results/curation', 'Output prefix.')
 
-ONLINE = {'datarater': 'datarater', 'tracin_self': 'tracin_curriculum', 'mimic': 'mimic'}
-
 
 def train_run(config, task, split, test, policy, seed: int) -> dict:
   return compare.train_run(task, config.train, split, test, policy, seed, 'accuracy',

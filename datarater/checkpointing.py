@@ -165,10 +165,6 @@ class RunCheckpointer:
                          abstract_state, restored['state'])
     return state, restored['meta']
 
-  def wait(self) -> None:
-    if self._manager is not None:
-      self._manager.wait_until_finished()
-
   def close(self) -> None:
     if self._manager is not None:
       self._manager.wait_until_finished()
