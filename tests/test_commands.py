@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -116,6 +117,7 @@ def _check_in_child(module: str, argv: list[str]) -> tuple[int, str]:
   with tempfile.TemporaryFile() as out:
     pid = os.fork()
     if pid == 0:  # the child: its output goes to `out`; it never returns
+      signal.alarm(120)  # a module that runs past its flags is killed, not waited for
       os.dup2(out.fileno(), 1)
       os.dup2(out.fileno(), 2)
       code = 1
