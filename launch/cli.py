@@ -23,7 +23,7 @@ def _fail(e: Exception) -> None:
   """A flag or config error as one `error:` line, exit 2."""
   text = str(e).replace('\\n', '\n').replace("\\'", "'")
   unknown = re.search(r"'(\w+)'.*?Did you mean \"?(\w+)\"?", text, re.S)
-  cause = e.args[0] if isinstance(e, AttributeError) and e.args else None
+  cause = e.args[0] if isinstance(e, AttributeError) and e.args else e  # a field or a section
   if 'Failed loading config file' in text or 'earlier failure to load' in text:
     reason = [l.strip() for l in text.splitlines() if 'Errno' in l or 'Error' in l]
     message = f'cannot load the --config file: {reason[-1] if reason else text.splitlines()[0]}'

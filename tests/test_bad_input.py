@@ -67,6 +67,7 @@ def _cases(tfds_dir: str, w) -> list:
       (*tr('--config.data.noise_seed=-1'), 'data.noise_seed must be >= 0, got -1'),
       (*tr('--config.inner.stepz=4'), "unknown config field 'stepz' (did you mean 'steps'?)"),
       (*tr('--config.inner.zzz=4'), "unknown config field 'zzz'"),
+      (*tr('--config.zzz.steps=4'), "unknown config field 'zzz'"),
       (*tr('--config.inner.steps=abc'), "--config.inner.steps=abc: invalid literal for int()"),
       (*tr(out=f'--workdir={w}/a_file'), f"--workdir '{w}/a_file' exists and is not a folder"),
       (*tr(out=f'--workdir={w}/a_file/under'), f"cannot write --workdir '{w}/a_file/under'"),
@@ -186,12 +187,16 @@ def _snapshot(root) -> dict:
   return out
 
 
+NUM_CASES = 80  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+
+
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
   cases = _cases(tfds_dir, world)
   assert len(cases) >= 50 and {c[0] for c in cases} == set(LAUNCHERS)
+  assert len(cases) == NUM_CASES, f'set NUM_CASES to {len(cases)}'
 
 
-@pytest.mark.parametrize('index', range(76))
+@pytest.mark.parametrize('index', range(NUM_CASES))
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tfds_dir, world, index):
   cases = _cases(tfds_dir, world)
   if index >= len(cases):
