@@ -1,6 +1,7 @@
 r"""Dynamic data selection: accuracy vs example-gradients for full/random/InfoBatch/SAE policies.
 
-`python -m bench.selection [--quick] [--config=configs/selection.py]`: clean labels and 20%
+`python -m bench.selection [--quick] [--config=configs/selection.py] [--config.FIELD=VALUE ...]`
+(e.g. `--config.sae_scores.mislabel_rule=knn`; `--help` lists every field): clean labels and 20%
 symmetric label noise, 5 folds x 10 seeds, selection ratios {0.3, 0.5, 0.7}, every policy trained
 from scratch for the same epochs (the config's `train` section) with the one trainer. The
 SAE-score defaults were chosen on the validation split, so accuracy is reported on held-out test
@@ -24,9 +25,7 @@ as the SAE's feature space (no offline extractor training; files get a `_pixels`
 `--offline_only` runs the offline stage and the label guard alone (no model is trained) and
 writes the guard's suspect share, recall, precision and AUROC per run.
 """
-import ast
 import atexit
-import importlib.util
 import itertools
 import json
 import os
@@ -34,6 +33,7 @@ import shutil
 import tempfile
 import time
 
+from absl import flags
 import jax
 import matplotlib
 import numpy as np
@@ -48,7 +48,7 @@ from bench import runs as bench_runs  # pylint: disable=g-import-not-at-top
 from datarater import config_checks, files, tasks
 from datarater import train as train_lib
 from datarater.data import pipeline
-from datarater.errors import exit_on_user_error
+from datarater.errors import UserError
 from datarater.policies import PolicyContext
 from datarater.policies import sae_scores as scores
 from datarater.policies import selection as policies
@@ -59,6 +59,24 @@ from inner_loop.optimizers import make_inner_optimizer
 POLICY_ORDER = ('full', 'random', 'infobatch', 'sae', 'sae_hardguard', 'sae_noguard', 'sae_prev')
 COLORS = {'full': 'k', 'random': 'tab:gray', 'infobatch': 'tab:orange', 'sae': 'tab:blue',
           'sae_hardguard': 'tab:green', 'sae_noguard': 'tab:cyan', 'sae_prev': 'tab:purple'}
+_QUICK = flags.DEFINE_bool('quick', False, 'Fold 0, 1 seed, ratios 0.3 and 0.7, 10 epochs.')
+_NAME = flags.DEFINE_string('name', '', 'Output file stem (default: selection, with _quick and '
+                            '_<extractor> suffixes).')
+_OUT = flags.DEFINE_string('out', 'bench/results', 'Output folder.')
+_FOLDS = flags.DEFINE_integer('folds', 5, "Cross-validation folds (>= 1); fold 0 is the "
+                              "dataset's own train/test split.")
+_SEEDS = flags.DEFINE_integer('seeds', 10, 'Seeds per fold.')
+_EXTRACTOR = flags.DEFINE_string('extractor', '', "features.extractor: 'penultimate' (its "
+                                 "training is counted as offline cost) or 'pixels' (free).")
+_NOISE = flags.DEFINE_float('noise', 0.2, "Corruption rate of the noisy setting (label noise of "
+                            "the config's kind plus its input corruptions); 0: clean data only.")
+_RATIOS = flags.DEFINE_list('ratios', ['0.3', '0.5', '0.7'], 'Selection ratios.')
+_POLICIES = flags.DEFINE_list('policies', list(POLICY_ORDER),
+                              'Bench entries to run (full is always run: the reference).')
+_EPOCHS = flags.DEFINE_integer('epochs', 0, "train.epochs (0: the config's).")
+_OFFLINE_ONLY = flags.DEFINE_bool('offline_only', False, "Run the SAE policy's offline stage and "
+                                  'label guard only (no training): writes <name>.json and .md.')
+
 # Bench-only SAE variants: (policy, sae_scores overrides). `sae_prev`: split-wide scores, most
 # representative first (the seed article's order).
 VARIANTS = {'sae_hardguard': ('sae', {'mislabel_guard': 'exclude'}),
@@ -77,31 +95,6 @@ def variant_config(cfg, name: str):
   c = cfg.copy_and_resolve_references()
   c.sae_scores.update(overrides)
   return policy, c
-
-
-def load_config(path: str, overrides=()):
-  """The `get_config()` of a config file (e.g. configs/selection.py), with `overrides`
-  ('section.field=value' strings; values read as Python literals, else as strings)."""
-  spec = importlib.util.spec_from_file_location('bench_selection_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
-  for item in overrides:
-    key, sep, text = item.partition('=')
-    if not sep:
-      raise ValueError(f'--set needs section.field=value, got {item!r}')
-    *path, field = key.split('.')
-    section = cfg
-    for part in path:
-      section = section.get(part) if hasattr(section, 'get') else None
-    if section is None or field not in section:
-      raise ValueError(f'--set names no config field: {key!r}')
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    cfg.update_from_flattened_dict({key: value})
-  return cfg
 
 
 def fold_splits(fold: int, num_folds: int, num_train: int, train: str = 'train',
@@ -355,64 +348,34 @@ def make_policy(name: str, cfg, num: int, codes, labels, num_classes: int, setup
                       labels if cond else None, num_classes if cond else 0, setup)
 
 
-def main():
-  parser = bench_cli.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--quick', action='store_true')
-  parser.add_argument('--config', default='configs/selection.py', help='experiment config file')
-  parser.add_argument('--name', default='', help='output file stem (default: selection, with '
-                      '_quick and _<extractor> suffixes)')
-  parser.add_argument('--data_dir', default=None, help='data.data_dir (default: the config\'s)')
-  parser.add_argument('--out', default='bench/results')
-  parser.add_argument('--folds', type=int, default=5, help='cross-validation folds (>= 1); '
-                      'fold 0 is the dataset\'s own train/test split')
-  parser.add_argument('--seeds', type=int, default=10, help='seeds per fold')
-  parser.add_argument('--extractor', default='', help="features.extractor: 'penultimate' "
-                      "(default; its training is counted as offline cost) or 'pixels' (free)")
-  parser.add_argument('--noise', type=float, default=0.2, help='corruption rate of the noisy '
-                      'setting (label noise of the config\'s kind plus its input corruptions)')
-  parser.add_argument('--ratios', default='0.3,0.5,0.7')
-  parser.add_argument('--policies', default=','.join(POLICY_ORDER),
-                      help='bench entries to run (full is always run: the reference)')
-  parser.add_argument('--epochs', type=int, default=0, help='train.epochs (0: the config\'s)')
-  parser.add_argument('--offline_only', action='store_true', help='run the SAE policy\'s offline '
-                      'stage and label guard only (no training): writes <name>.json and .md')
-  parser.add_argument('--set', action='append', default=[], metavar='SECTION.FIELD=VALUE',
-                      help='override a config field (repeatable), e.g. '
-                      'sae_scores.mislabel_rule=knn')
-  args = parser.parse_args()
-  try:
-    cfg = load_config(args.config, args.set)
-  except (ValueError, KeyError, TypeError) as e:
-    parser.error(f'bad --set: {e}')
+def main(argv):
+  del argv
+  cfg = flags.FLAGS.config
   config_checks.validate(cfg, train_lib.SECTIONS + train_lib.POLICY_SECTIONS['sae'])
-  if args.data_dir is not None:
-    cfg.data.data_dir = args.data_dir
-  if args.epochs:
-    cfg.train.epochs = args.epochs
-  policy_names = [p for p in POLICY_ORDER if p in args.policies.split(',') or p == 'full']
-  unknown = set(args.policies.split(',')) - set(POLICY_ORDER)
+  if _EPOCHS.value:
+    cfg.train.epochs = _EPOCHS.value
+  unknown = sorted(set(_POLICIES.value) - set(POLICY_ORDER))
   if unknown:
-    parser.error(f'unknown --policies {sorted(unknown)} (choose from {", ".join(POLICY_ORDER)})')
-  if args.extractor:
-    cfg.features.extractor = args.extractor
-  if args.folds < 1:
-    parser.error(f'--folds must be >= 1, got {args.folds}')
-  if args.seeds < 1:
-    parser.error(f'--seeds must be >= 1, got {args.seeds}')
-  if not 0 <= args.noise < 1:
-    parser.error(f'--noise must be in [0, 1), got {args.noise}')
-  os.makedirs(args.out, exist_ok=True)  # an unwritable --out fails now, not after the runs
-  try:
-    ratios = [0.3, 0.7] if args.quick else [float(r) for r in args.ratios.split(',')]
-  except ValueError:
-    parser.error(f'--ratios must be numbers separated by commas, got {args.ratios!r}')
-  seeds = [0] if args.quick else list(range(args.seeds))
-  folds = [0] if args.quick else list(range(args.folds))
-  if args.quick:
-    cfg.train.epochs = 10
-  if args.folds > 1 and (cfg.data.train_split, cfg.data.eval_split) != ('train', 'test'):
-    parser.error('--folds > 1 needs a config training on the whole train split and testing on '
-                 f'test, not {cfg.data.train_split!r} / {cfg.data.eval_split!r}')
+    raise UserError(f'unknown --policies {unknown} (choose from {", ".join(POLICY_ORDER)})')
+  policy_names = [p for p in POLICY_ORDER if p in _POLICIES.value or p == 'full']
+  if _EXTRACTOR.value:
+    cfg.features.extractor = _EXTRACTOR.value
+  if _FOLDS.value < 1:
+    raise UserError(f'--folds must be >= 1, got {_FOLDS.value}')
+  if _SEEDS.value < 1:
+    raise UserError(f'--seeds must be >= 1, got {_SEEDS.value}')
+  if not 0 <= _NOISE.value < 1:
+    raise UserError(f'--noise must be in [0, 1), got {_NOISE.value}')
+  ratios = bench_cli.numbers('ratios', _RATIOS.value, float, lambda x: 0 < x <= 1, 'in (0, 1]')
+  os.makedirs(_OUT.value, exist_ok=True)  # an unwritable --out fails now, not after the runs
+  quick = _QUICK.value
+  if quick:
+    ratios, cfg.train.epochs = [0.3, 0.7], 10
+  seeds = [0] if quick else list(range(_SEEDS.value))
+  folds = [0] if quick else list(range(_FOLDS.value))
+  if _FOLDS.value > 1 and (cfg.data.train_split, cfg.data.eval_split) != ('train', 'test'):
+    raise UserError('--folds > 1 needs a config training on the whole train split and testing '
+                    f'on test, not {cfg.data.train_split!r} / {cfg.data.eval_split!r}')
   # One compilation per (policy, ratio, train size): data and policy arrays are arguments.
   cache_dir = tempfile.mkdtemp(prefix='bench_selection_')
   atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
@@ -423,9 +386,9 @@ def main():
   runs, offline, ginis = [], [], {}
   t_start = time.time()
   base_cfg = cfg
-  noises = (0.0, args.noise) if args.noise else (0.0,)  # --noise=0: clean data only
+  noises = (0.0, _NOISE.value) if _NOISE.value else (0.0,)  # --noise=0: clean data only
   for noise, fold, seed in itertools.product(noises, folds, seeds):
-    train_split, test_split = fold_splits(fold, args.folds, num_train, base_cfg.data.train_split,
+    train_split, test_split = fold_splits(fold, _FOLDS.value, num_train, base_cfg.data.train_split,
                                           base_cfg.data.eval_split)
     cfg = bench_runs.corrupted(base_cfg, noise)  # 0: clean (input corruptions off too)
     cfg.data.noise_seed = seed
@@ -444,7 +407,7 @@ def main():
     offline.append(info)
     print(f'noise={noise} fold={fold} seed={seed} offline={info["offline_s"]:.2f}s '
           f'suspects={info["suspect_share"]:.4f}', flush=True)
-    if args.offline_only:
+    if _OFFLINE_ONLY.value:
       continue
     for ratio in ratios:
       g = count_gini_ablation(codes, labels, num_classes, ratio, cfg.train.epochs, cfg, seed)
@@ -491,40 +454,39 @@ def main():
               f"grads={run['example_grads']} "
               f"wall={run['wall_s']:.2f}s gini={run['count_gini']:.3f} "
               f"[{time.time() - t_start:.0f}s]", flush=True)
-  name = args.name or 'selection' + ('_quick' if args.quick else '') + (
+  name = _NAME.value or 'selection' + ('_quick' if quick else '') + (
       f'_{cfg.features.extractor}' if cfg.features.extractor != 'penultimate' else '')
-  if args.offline_only:
-    write_offline(os.path.join(args.out, name), base_cfg, offline, time.time() - t_start)
+  if _OFFLINE_ONLY.value:
+    write_offline(os.path.join(_OUT.value, name), base_cfg, offline, time.time() - t_start)
     return
   ginis = {k: {kk: float(np.mean(vv)) for kk, vv in v.items()} for k, v in ginis.items()}
   table = summarise(runs)
-  acc = acceptance(table, noise=args.noise)
-  acc.update(paired_differences(runs, ratios, args.noise))
+  acc = acceptance(table, noise=_NOISE.value)
+  acc.update(paired_differences(runs, ratios, _NOISE.value))
   fold0 = [r for r in runs if r['fold'] == 0]
-  fixed_split = {**acceptance(summarise(fold0), noise=args.noise),
-                 **paired_differences(fold0, ratios, args.noise)}
-  acc_by_fold = {f: acceptance(summarise([r for r in runs if r['fold'] == f]), noise=args.noise)
+  fixed_split = {**acceptance(summarise(fold0), noise=_NOISE.value),
+                 **paired_differences(fold0, ratios, _NOISE.value)}
+  acc_by_fold = {f: acceptance(summarise([r for r in runs if r['fold'] == f]), noise=_NOISE.value)
                  for f in folds}
   result = {'config': base_cfg.to_dict(), 'folds': folds, 'seeds': seeds, 'ratios': ratios,
             'table': table, 'acceptance': acc,
             'acceptance_other': {'fold0_fixed_split': fixed_split,
                                  **{f'fold{f}': a for f, a in acc_by_fold.items()},
                                  'sae_on_validation': acceptance(
-                                     table, metric='validation_accuracy', noise=args.noise),
-                                 **{v: acceptance(table, v, noise=args.noise)
+                                     table, metric='validation_accuracy', noise=_NOISE.value),
+                                 **{v: acceptance(table, v, noise=_NOISE.value)
                                     for v in VARIANTS if v in policy_names}},
             'gini_usage_penalty': ginis, 'offline': offline,
             'runs': runs, 'total_s': time.time() - t_start,
             'device': str(jax.devices()[0].platform)}
-  provenance.write_json(os.path.join(args.out, f'{name}.json'), result)
+  provenance.write_json(os.path.join(_OUT.value, f'{name}.json'), result)
   md = markdown(table, ginis, offline)
-  files.write_text(os.path.join(args.out, f'{name}.md'), md)
-  plot(table, os.path.join(args.out, f'{name}.png'), base_cfg.data.name)
+  files.write_text(os.path.join(_OUT.value, f'{name}.md'), md)
+  plot(table, os.path.join(_OUT.value, f'{name}.png'), base_cfg.data.name)
   print(md)
   print(json.dumps(result['acceptance'], indent=1))
   print(f'total {result["total_s"]:.0f}s')
 
 
 if __name__ == '__main__':
-  with exit_on_user_error():  # a bad value: one line, exit 2
-    main()
+  bench_cli.run(main, __doc__, bench_cli.config_file('configs/selection.py'))

@@ -17,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('curation', ['--methods=datarater,nope'], "unknown --methods ['nope']"),
     ('valuation_noise', ['--noise=1'], '--noise values must be in [0, 1), got 1.0'),
     ('curation', ['--config.no_such_field=1'], 'no_such_field'),
-    ('selection', ['--ratios=0.3,a'], "--ratios must be numbers separated by commas, got '0.3,a'"),
-    ('selection', ['--set', 'sae_scores.mislabel_guard=bogus'], "got 'bogus'"),
+    ('selection', ['--ratios=0.3,a'], "--ratios must be floats separated by commas, got '0.3,a'"),
+    ('selection', ['--config.sae_scores.mislabel_guard=bogus'], "got 'bogus'"),
+    ('selection', ['--config.sae_scores.no_such_field=1'], "unknown config field 'no_such_field'"),
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'
