@@ -28,7 +28,6 @@ writes the guard's suspect share, recall, precision and AUROC per run.
 import atexit
 import itertools
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -60,9 +59,8 @@ POLICY_ORDER = ('full', 'random', 'infobatch', 'sae', 'sae_hardguard', 'sae_nogu
 COLORS = {'full': 'k', 'random': 'tab:gray', 'infobatch': 'tab:orange', 'sae': 'tab:blue',
           'sae_hardguard': 'tab:green', 'sae_noguard': 'tab:cyan', 'sae_prev': 'tab:purple'}
 _QUICK = flags.DEFINE_bool('quick', False, 'Fold 0, 1 seed, ratios 0.3 and 0.7, 10 epochs.')
-_NAME = flags.DEFINE_string('name', '', 'Output file stem (default: selection, with _quick and '
-                            '_<extractor> suffixes).')
-_OUT = flags.DEFINE_string('out', 'bench/results', 'Output folder.')
+_OUT = flags.DEFINE_string('out', '', 'Output prefix of <out>.json, .md and .png (default: '
+                           'bench/results/selection, with _quick and _<extractor> suffixes).')
 _FOLDS = flags.DEFINE_integer('folds', 5, "Cross-validation folds (>= 1); fold 0 is the "
                               "dataset's own train/test split.")
 _SEEDS = flags.DEFINE_integer('seeds', 10, 'Seeds per fold.')
@@ -75,7 +73,7 @@ _POLICIES = flags.DEFINE_list('policies', list(POLICY_ORDER),
                               'Bench entries to run (full is always run: the reference).')
 _EPOCHS = flags.DEFINE_integer('epochs', 0, "train.epochs (0: the config's).")
 _OFFLINE_ONLY = flags.DEFINE_bool('offline_only', False, "Run the SAE policy's offline stage and "
-                                  'label guard only (no training): writes <name>.json and .md.')
+                                  'label guard only (no training): writes <out>.json and .md.')
 
 # Bench-only SAE variants: (policy, sae_scores overrides). `sae_prev`: split-wide scores, most
 # representative first (the seed article's order).
@@ -367,7 +365,9 @@ def main(argv):
   if not 0 <= _NOISE.value < 1:
     raise UserError(f'--noise must be in [0, 1), got {_NOISE.value}')
   ratios = bench_cli.numbers('ratios', _RATIOS.value, float, lambda x: 0 < x <= 1, 'in (0, 1]')
-  os.makedirs(_OUT.value, exist_ok=True)  # an unwritable --out fails now, not after the runs
+  out = _OUT.value or 'bench/results/selection' + ('_quick' if _QUICK.value else '') + (
+      f'_{cfg.features.extractor}' if cfg.features.extractor != 'penultimate' else '')
+  bench_cli.out_folder(out)  # an unwritable --out fails now, not after the runs
   quick = _QUICK.value
   if quick:
     ratios, cfg.train.epochs = [0.3, 0.7], 10
@@ -454,10 +454,8 @@ def main(argv):
               f"grads={run['example_grads']} "
               f"wall={run['wall_s']:.2f}s gini={run['count_gini']:.3f} "
               f"[{time.time() - t_start:.0f}s]", flush=True)
-  name = _NAME.value or 'selection' + ('_quick' if quick else '') + (
-      f'_{cfg.features.extractor}' if cfg.features.extractor != 'penultimate' else '')
   if _OFFLINE_ONLY.value:
-    write_offline(os.path.join(_OUT.value, name), base_cfg, offline, time.time() - t_start)
+    write_offline(out, base_cfg, offline, time.time() - t_start)
     return
   ginis = {k: {kk: float(np.mean(vv)) for kk, vv in v.items()} for k, v in ginis.items()}
   table = summarise(runs)
@@ -479,10 +477,10 @@ def main(argv):
             'gini_usage_penalty': ginis, 'offline': offline,
             'runs': runs, 'total_s': time.time() - t_start,
             'device': str(jax.devices()[0].platform)}
-  provenance.write_json(os.path.join(_OUT.value, f'{name}.json'), result)
+  provenance.write_json(out + '.json', result)
   md = markdown(table, ginis, offline)
-  files.write_text(os.path.join(_OUT.value, f'{name}.md'), md)
-  plot(table, os.path.join(_OUT.value, f'{name}.png'), base_cfg.data.name)
+  files.write_text(out + '.md', md)
+  plot(table, out + '.png', base_cfg.data.name)
   print(md)
   print(json.dumps(result['acceptance'], indent=1))
   print(f'total {result["total_s"]:.0f}s')

@@ -425,7 +425,7 @@ def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_pat
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
       [sys.executable, '-m', 'bench.selection', '--offline_only', '--folds=1', '--seeds=2',
-       f'--config.data.data_dir={tfds_dir}', f'--out={tmp_path}', '--name=guard'],
+       f'--config.data.data_dir={tfds_dir}', f'--out={tmp_path}/guard'],
       cwd=root, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / 'guard.json').read_text())
