@@ -55,26 +55,10 @@ from datarater.policies.selection import gini
 from datarater.trainer import Trainer
 from inner_loop.optimizers import make_inner_optimizer
 
+FLAGS = flags.FLAGS
 POLICY_ORDER = ('full', 'random', 'infobatch', 'sae', 'sae_hardguard', 'sae_noguard', 'sae_prev')
 COLORS = {'full': 'k', 'random': 'tab:gray', 'infobatch': 'tab:orange', 'sae': 'tab:blue',
           'sae_hardguard': 'tab:green', 'sae_noguard': 'tab:cyan', 'sae_prev': 'tab:purple'}
-_QUICK = flags.DEFINE_bool('quick', False, 'Fold 0, 1 seed, ratios 0.3 and 0.7, 10 epochs.')
-_OUT = flags.DEFINE_string('out', '', 'Output prefix of <out>.json, .md and .png (default: '
-                           'bench/results/selection, with _quick and _<extractor> suffixes).')
-_FOLDS = flags.DEFINE_integer('folds', 5, "Cross-validation folds (>= 1); fold 0 is the "
-                              "dataset's own train/test split.")
-_SEEDS = flags.DEFINE_integer('seeds', 10, 'Seeds per fold.')
-_EXTRACTOR = flags.DEFINE_string('extractor', '', "features.extractor: 'penultimate' (its "
-                                 "training is counted as offline cost) or 'pixels' (free).")
-_NOISE = flags.DEFINE_float('noise', 0.2, "Corruption rate of the noisy setting (label noise of "
-                            "the config's kind plus its input corruptions); 0: clean data only.")
-_RATIOS = flags.DEFINE_list('ratios', ['0.3', '0.5', '0.7'], 'Selection ratios.')
-_POLICIES = flags.DEFINE_list('policies', list(POLICY_ORDER),
-                              'Bench entries to run (full is always run: the reference).')
-_EPOCHS = flags.DEFINE_integer('epochs', 0, "train.epochs (0: the config's).")
-_OFFLINE_ONLY = flags.DEFINE_bool('offline_only', False, "Run the SAE policy's offline stage and "
-                                  'label guard only (no training): writes <out>.json and .md.')
-
 # Bench-only SAE variants: (policy, sae_scores overrides). `sae_prev`: split-wide scores, most
 # representative first (the seed article's order).
 VARIANTS = {'sae_hardguard': ('sae', {'mislabel_guard': 'exclude'}),
@@ -346,34 +330,55 @@ def make_policy(name: str, cfg, num: int, codes, labels, num_classes: int, setup
                       labels if cond else None, num_classes if cond else 0, setup)
 
 
+def define_flags() -> None:
+  """Defined when run as a program, so tests can import this module (and others) freely."""
+  bench_cli.config_file('configs/selection.py')()
+  flags.DEFINE_bool('quick', False, 'Fold 0, 1 seed, ratios 0.3 and 0.7, 10 epochs.')
+  flags.DEFINE_string('out', '', 'Output prefix of <out>.json, .md and .png (default: '
+                      'bench/results/selection, with _quick and _<extractor> suffixes).')
+  flags.DEFINE_integer('folds', 5, "Cross-validation folds (>= 1); fold 0 is the dataset's own "
+                       'train/test split.')
+  flags.DEFINE_integer('seeds', 10, 'Seeds per fold.')
+  flags.DEFINE_string('extractor', '', "features.extractor: 'penultimate' (its training is "
+                      "counted as offline cost) or 'pixels' (free).")
+  flags.DEFINE_float('noise', 0.2, "Corruption rate of the noisy setting (label noise of the "
+                     "config's kind plus its input corruptions); 0: clean data only.")
+  flags.DEFINE_list('ratios', ['0.3', '0.5', '0.7'], 'Selection ratios.')
+  flags.DEFINE_list('policies', list(POLICY_ORDER),
+                    'Bench entries to run (full is always run: the reference).')
+  flags.DEFINE_integer('epochs', 0, "train.epochs (0: the config's).")
+  flags.DEFINE_bool('offline_only', False, "Run the SAE policy's offline stage and label guard "
+                    'only (no training): writes <out>.json and .md.')
+
+
 def main(argv):
   del argv
-  cfg = flags.FLAGS.config
+  cfg = FLAGS.config
   config_checks.validate(cfg, train_lib.SECTIONS + train_lib.POLICY_SECTIONS['sae'])
-  if _EPOCHS.value:
-    cfg.train.epochs = _EPOCHS.value
-  unknown = sorted(set(_POLICIES.value) - set(POLICY_ORDER))
+  if FLAGS.epochs:
+    cfg.train.epochs = FLAGS.epochs
+  unknown = sorted(set(FLAGS.policies) - set(POLICY_ORDER))
   if unknown:
     raise UserError(f'unknown --policies {unknown} (choose from {", ".join(POLICY_ORDER)})')
-  policy_names = [p for p in POLICY_ORDER if p in _POLICIES.value or p == 'full']
-  if _EXTRACTOR.value:
-    cfg.features.extractor = _EXTRACTOR.value
-  if _FOLDS.value < 1:
-    raise UserError(f'--folds must be >= 1, got {_FOLDS.value}')
-  if _SEEDS.value < 1:
-    raise UserError(f'--seeds must be >= 1, got {_SEEDS.value}')
-  if not 0 <= _NOISE.value < 1:
-    raise UserError(f'--noise must be in [0, 1), got {_NOISE.value}')
-  ratios = bench_cli.numbers('ratios', _RATIOS.value, float, lambda x: 0 < x <= 1, 'in (0, 1]')
-  out = _OUT.value or 'bench/results/selection' + ('_quick' if _QUICK.value else '') + (
+  policy_names = [p for p in POLICY_ORDER if p in FLAGS.policies or p == 'full']
+  if FLAGS.extractor:
+    cfg.features.extractor = FLAGS.extractor
+  if FLAGS.folds < 1:
+    raise UserError(f'--folds must be >= 1, got {FLAGS.folds}')
+  if FLAGS.seeds < 1:
+    raise UserError(f'--seeds must be >= 1, got {FLAGS.seeds}')
+  if not 0 <= FLAGS.noise < 1:
+    raise UserError(f'--noise must be in [0, 1), got {FLAGS.noise}')
+  ratios = bench_cli.numbers('ratios', FLAGS.ratios, float, lambda x: 0 < x <= 1, 'in (0, 1]')
+  out = FLAGS.out or 'bench/results/selection' + ('_quick' if FLAGS.quick else '') + (
       f'_{cfg.features.extractor}' if cfg.features.extractor != 'penultimate' else '')
   bench_cli.out_folder(out)  # an unwritable --out fails now, not after the runs
-  quick = _QUICK.value
+  quick = FLAGS.quick
   if quick:
     ratios, cfg.train.epochs = [0.3, 0.7], 10
-  seeds = [0] if quick else list(range(_SEEDS.value))
-  folds = [0] if quick else list(range(_FOLDS.value))
-  if _FOLDS.value > 1 and (cfg.data.train_split, cfg.data.eval_split) != ('train', 'test'):
+  seeds = [0] if quick else list(range(FLAGS.seeds))
+  folds = [0] if quick else list(range(FLAGS.folds))
+  if FLAGS.folds > 1 and (cfg.data.train_split, cfg.data.eval_split) != ('train', 'test'):
     raise UserError('--folds > 1 needs a config training on the whole train split and testing '
                     f'on test, not {cfg.data.train_split!r} / {cfg.data.eval_split!r}')
   # One compilation per (policy, ratio, train size): data and policy arrays are arguments.
@@ -386,9 +391,9 @@ def main(argv):
   runs, offline, ginis = [], [], {}
   t_start = time.time()
   base_cfg = cfg
-  noises = (0.0, _NOISE.value) if _NOISE.value else (0.0,)  # --noise=0: clean data only
+  noises = (0.0, FLAGS.noise) if FLAGS.noise else (0.0,)  # --noise=0: clean data only
   for noise, fold, seed in itertools.product(noises, folds, seeds):
-    train_split, test_split = fold_splits(fold, _FOLDS.value, num_train, base_cfg.data.train_split,
+    train_split, test_split = fold_splits(fold, FLAGS.folds, num_train, base_cfg.data.train_split,
                                           base_cfg.data.eval_split)
     cfg = bench_runs.corrupted(base_cfg, noise)  # 0: clean (input corruptions off too)
     cfg.data.noise_seed = seed
@@ -407,7 +412,7 @@ def main(argv):
     offline.append(info)
     print(f'noise={noise} fold={fold} seed={seed} offline={info["offline_s"]:.2f}s '
           f'suspects={info["suspect_share"]:.4f}', flush=True)
-    if _OFFLINE_ONLY.value:
+    if FLAGS.offline_only:
       continue
     for ratio in ratios:
       g = count_gini_ablation(codes, labels, num_classes, ratio, cfg.train.epochs, cfg, seed)
@@ -454,25 +459,25 @@ def main(argv):
               f"grads={run['example_grads']} "
               f"wall={run['wall_s']:.2f}s gini={run['count_gini']:.3f} "
               f"[{time.time() - t_start:.0f}s]", flush=True)
-  if _OFFLINE_ONLY.value:
+  if FLAGS.offline_only:
     write_offline(out, base_cfg, offline, time.time() - t_start)
     return
   ginis = {k: {kk: float(np.mean(vv)) for kk, vv in v.items()} for k, v in ginis.items()}
   table = summarise(runs)
-  acc = acceptance(table, noise=_NOISE.value)
-  acc.update(paired_differences(runs, ratios, _NOISE.value))
+  acc = acceptance(table, noise=FLAGS.noise)
+  acc.update(paired_differences(runs, ratios, FLAGS.noise))
   fold0 = [r for r in runs if r['fold'] == 0]
-  fixed_split = {**acceptance(summarise(fold0), noise=_NOISE.value),
-                 **paired_differences(fold0, ratios, _NOISE.value)}
-  acc_by_fold = {f: acceptance(summarise([r for r in runs if r['fold'] == f]), noise=_NOISE.value)
+  fixed_split = {**acceptance(summarise(fold0), noise=FLAGS.noise),
+                 **paired_differences(fold0, ratios, FLAGS.noise)}
+  acc_by_fold = {f: acceptance(summarise([r for r in runs if r['fold'] == f]), noise=FLAGS.noise)
                  for f in folds}
   result = {'config': base_cfg.to_dict(), 'folds': folds, 'seeds': seeds, 'ratios': ratios,
             'table': table, 'acceptance': acc,
             'acceptance_other': {'fold0_fixed_split': fixed_split,
                                  **{f'fold{f}': a for f, a in acc_by_fold.items()},
                                  'sae_on_validation': acceptance(
-                                     table, metric='validation_accuracy', noise=_NOISE.value),
-                                 **{v: acceptance(table, v, noise=_NOISE.value)
+                                     table, metric='validation_accuracy', noise=FLAGS.noise),
+                                 **{v: acceptance(table, v, noise=FLAGS.noise)
                                     for v in VARIANTS if v in policy_names}},
             'gini_usage_penalty': ginis, 'offline': offline,
             'runs': runs, 'total_s': time.time() - t_start,
@@ -487,4 +492,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  bench_cli.run(main, __doc__, bench_cli.config_file('configs/selection.py'))
+  bench_cli.run(main, __doc__, define_flags)
