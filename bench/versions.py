@@ -136,7 +136,8 @@ def main():
                  f' | {r["after_mean"]:.3f} +- {r["after_std"]:.3f} | {r["diff"]:+.3f} +- '
                  f'{r["paired_se"]:.3f} | {r["verdict"]} |')
   print('\n'.join(lines))
-  provenance.write_json(args.out + '.json', {'before': args.before, 'after': args.after, 'rows': rows})
+  provenance.write_json(args.out + '.json',
+                        {'before': args.before, 'after': args.after, 'rows': rows})
   files.write_text(args.out + '.md', '\n'.join(lines) + '\n')
 
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 
 def inverse_permutation(order: jax.Array) -> jax.Array:
-  """The permutation p with p[order[i]] = i, along the last axis (`argsort(order)` without a sort)."""
+  """The permutation p with p[order[i]] = i along the last axis: `argsort(order)` without a
+  sort."""
   invert = lambda o: jnp.zeros_like(o).at[o].set(jnp.arange(o.shape[0], dtype=o.dtype))
   for _ in range(order.ndim - 1):
     invert = jax.vmap(invert)
