@@ -287,7 +287,7 @@ def write_offline(stem: str, cfg, offline: list[dict], total_s: float) -> None:
                  f"{cell('suspect_precision')} | {cell('knn_auroc')} |")
   md = '\n'.join(lines + ['', 'Mean over folds x seeds:'] + guard_lines(offline)) + '\n'
   provenance.write_json(f'{stem}.json', {'config': cfg.to_dict(), 'offline': offline,
-                                    'total_s': total_s, 'device': jax.devices()[0].platform})
+                                         'total_s': total_s, 'device': jax.devices()[0].platform})
   files.write_text(f'{stem}.md', md)
   print(md)
 
