@@ -77,9 +77,14 @@ def test_own_model_example_runs(tfds_dir, tmp_path, monkeypatch):
   assert os.path.exists(tmp_path / 'fit' / 'report.json')
 
 
+# What the repository holds at its top (a run's outputs, e.g. workdirs/, are not checked).
+REPOSITORY_TOP = ('datarater', 'inner_loop', 'outer_loop', 'launch', 'configs', 'tests', 'bench',
+                  '.ci', 'README.md', 'WORKSPACE.md', 'requirements.txt', 'pytest.ini')
+
+
 def _named_paths(text: str) -> list[str]:
   """The repository paths in `text`'s code spans (a `{a,b}` part names each of a and b)."""
-  tops = '|'.join(re.escape(d) for d in sorted(os.listdir(ROOT)) if not d.startswith('.git'))
+  tops = '|'.join(re.escape(d) for d in REPOSITORY_TOP)
   paths = []
   for span in re.findall(r'`([^`\s]+)`', text):
     span = span.split('::')[0].rstrip('/')  # file::symbol, folder/
