@@ -2,13 +2,11 @@
 
 `run(main, doc, define_flags)` is the launchers' `launch.cli.run` (bad flags and config overrides
 in one line, `--help` with the config fields) with every `UserError` or I/O error inside `main`
-caught too (`datarater.errors.exit_on_user_error`); `ArgumentParser` does the same for the
-argparse benchmarks. `numbers` reads a comma-list flag and `out_folder` makes the output folder
-at the start, so that a bad value or an unwritable --out fails at once, not after the runs.
+caught too (`datarater.errors.exit_on_user_error`). `numbers` reads a comma-list flag and
+`out_folder` makes the output folder at the start, so that a bad value or an unwritable --out
+fails at once, not after the runs.
 """
-import argparse
 import os
-import sys
 from typing import Callable
 
 from ml_collections import config_flags
@@ -27,14 +25,6 @@ def run(main: Callable, doc: str, define_flags: Callable = lambda: None) -> None
 def config_file(default: str) -> Callable:
   """A `define_flags` for `run`: the --config experiment file flag, `default` unless given."""
   return lambda: config_flags.DEFINE_config_file('config', default, 'Experiment config file.')
-
-
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse for the benchmarks that use it: a bad argument is one `error:` line, exit 2."""
-
-  def error(self, message):
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 def numbers(flag: str, values, kind: type = float, ok: Callable = lambda x: True,

@@ -28,7 +28,6 @@ import time
 from typing import Optional
 
 from absl import flags
-from absl import logging as absl_logging
 import jax
 import numpy as np
 
@@ -316,7 +315,6 @@ def plot(path: str, summary: dict, runs: dict, keeps, methods) -> None:
 
 def main(argv):
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   config = flags.FLAGS.config

@@ -10,7 +10,6 @@ prose. Results: bench/results/lm_advance_probe.md.
 """
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -32,8 +31,7 @@ def main(argv):
   del argv
   c = seeded(flags.FLAGS.config, _SEED.value)
   c.log_every = c.checkpoint_every = c.outer.steps
-  overrides = dict(a[len('--config.'):].split('=', 1) for a in sys.argv[1:]
-                   if a.startswith('--config.') and '=' in a)
+  overrides = flags.FLAGS['config'].override_values  # {'inner.reset_every': 100, ...}
   with tempfile.TemporaryDirectory() as tmp:
     start = time.time()
     meta_train(c, os.path.join(tmp, 'run'))

@@ -38,7 +38,6 @@ import tempfile
 import time
 
 from absl import flags
-from absl import logging as absl_logging
 import jax
 import numpy as np
 from ml_collections import config_flags
@@ -357,7 +356,6 @@ def main(argv):
   del argv
   t_start = time.time()
   load_start = os.getloadavg()
-  absl_logging.set_verbosity(absl_logging.WARNING)
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   config, bench, out = FLAGS.config, FLAGS.bench, FLAGS.out

@@ -34,6 +34,7 @@ from bench import cli as bench_cli
 from configs import text_bench
 from datarater import evaluation, files, pergrad, tasks
 from datarater.data import pipeline
+from datarater.errors import UserError
 from inner_loop.optimizers import ADAM_B2, ADAM_EPS, make_inner_optimizer
 
 FLAGS = flags.FLAGS
@@ -130,14 +131,19 @@ def markdown(rows: list, flags_used: dict) -> str:
 def main(argv):
   del argv
   config, bench = text_bench.get_config(), text_bench.get_config('bench')
+  sizes = {'inner': config.task, 'transfer': bench.transfer.task}
+  unknown = sorted(set(FLAGS.sizes) - set(sizes))
+  if unknown:
+    raise UserError(f'unknown --sizes {unknown} (choose from {", ".join(sizes)})')
+  seeds = bench_cli.seeds(FLAGS.seeds)
+  ages = bench_cli.numbers('ages', FLAGS.ages, int, lambda x: x >= 0, '>= 0')
   train = pipeline.load_split(config.data, config.data.train_split)
   heldout = pipeline.load_split(config.data, config.data.heldout_split)
-  sizes = {'inner': config.task, 'transfer': bench.transfer.task}
   rows = []
   for size in FLAGS.sizes:
     task = tasks.make_task(sizes[size], train.info)
-    for seed in map(int, FLAGS.seeds):
-      for r in probe(task, config.inner, train, heldout, seed, list(map(int, FLAGS.ages)),
+    for seed in seeds:
+      for r in probe(task, config.inner, train, heldout, seed, ages,
                      FLAGS.group_steps, FLAGS.examples, config.inner.batch_size,
                      FLAGS.train_on == 'clean'):
         rows.append({'size': size, **r})

@@ -19,12 +19,13 @@ worst case) and from models 200 steps into training.
 Goals: mode 'mixed' temp memory at T = 32 <= 3x that at T = 1, and its step time <= 1.5x that of
 mode 'reverse'. Writes bench/results/meta_memory.json and .png.
 """
-import argparse
 import json
 import os
 import platform
 import time
+import types
 
+from absl import flags
 import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
@@ -32,7 +33,7 @@ from jax.flatten_util import ravel_pytree
 from bench import cli as bench_cli
 from bench import provenance
 from configs.digits import get_config
-from datarater.errors import exit_on_user_error
+from datarater.errors import UserError
 from datarater.tasks import batch_size_of
 from datarater.data import pipeline
 from inner_loop.unroll import unroll
@@ -45,36 +46,52 @@ DIGITS = pipeline.DataInfo(
 
 # Benchmarked modes: outer.meta_gradient, optionally ':' outer.mixed_recompute.
 BENCH_MODES = ('reverse', 'remat', 'mixed', 'mixed:replay')
+MODELS = ('default', 'large')
 
 
-def _ints(text: str) -> tuple[int, ...]:
-  return tuple(int(x) for x in text.split(',') if x)
+def define_flags() -> None:
+  """The flags, defined only when this file runs as a program (bench.meta_step and
+  bench.cnn_patches import it and define flags of the same names)."""
+  flags.DEFINE_bool('quick', False, 'T in {1,4,32}, 2 repeats, large model at K=2, B=32 (a smoke '
+                    'run).')
+  flags.DEFINE_list('unrolls', ['1', '2', '4', '8', '16', '32'], 'Values of T.')
+  flags.DEFINE_list('modes', list(BENCH_MODES), 'Meta-gradient modes (outer.meta_gradient, '
+                    "optionally ':' outer.mixed_recompute).")
+  flags.DEFINE_list('models', list(MODELS), 'Task-model sizes.')
+  flags.DEFINE_integer('repeats', 5, 'Timed calls per setting (median).')
+  flags.DEFINE_enum('optimizer', 'adam', ['sgd', 'momentum', 'adam'], 'Inner optimizer.')
+  flags.DEFINE_list('hidden', ['128', '128'], 'Default task model hidden.')
+  flags.DEFINE_integer('population', 8, 'K for the default model.')
+  flags.DEFINE_integer('batch', 128, 'Inner and outer batch, default model.')
+  flags.DEFINE_list('large_hidden', ['1024', '1024'], 'Large model hidden.')
+  flags.DEFINE_integer('large_population', 2, 'K for the large model.')
+  flags.DEFINE_integer('large_batch', 64, 'Batch for the large model.')
+  flags.DEFINE_list('accuracy_unrolls', ['4', '32'],
+                    'T values of the float32-vs-float64 accuracy check (empty: skip it).')
+  flags.DEFINE_integer('accuracy_warm', 200,
+                       'Adam steps the "trained" inner models take before the accuracy check.')
+  flags.DEFINE_string('out', 'bench/results/meta_memory', 'Output prefix (.json/.png).')
+  flags.DEFINE_list('merge', [], 'Measure nothing: combine these JSON files (e.g. one run per '
+                    'model, run side by side) into --out.')
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = bench_cli.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--quick', action='store_true',
-                 help='T in {1,4,32}, 2 repeats, large model at K=2, B=32 (a smoke run).')
-  p.add_argument('--unrolls', type=_ints, default=(1, 2, 4, 8, 16, 32), help='Values of T.')
-  p.add_argument('--modes', type=lambda s: tuple(s.split(',')), default=BENCH_MODES)
-  p.add_argument('--models', type=lambda s: tuple(s.split(',')), default=('default', 'large'))
-  p.add_argument('--repeats', type=int, default=5, help='Timed calls per setting (median).')
-  p.add_argument('--optimizer', default='adam', help='Inner optimizer (sgd, momentum, adam).')
-  p.add_argument('--hidden', type=_ints, default=(128, 128), help='Default task model hidden.')
-  p.add_argument('--population', type=int, default=8, help='K for the default model.')
-  p.add_argument('--batch', type=int, default=128, help='Inner and outer batch, default model.')
-  p.add_argument('--large_hidden', type=_ints, default=(1024, 1024), help='Large model hidden.')
-  p.add_argument('--large_population', type=int, default=2, help='K for the large model.')
-  p.add_argument('--large_batch', type=int, default=64, help='Batch for the large model.')
-  p.add_argument('--accuracy_unrolls', type=_ints, default=(4, 32),
-                 help='T values of the float32-vs-float64 accuracy check (empty: skip it).')
-  p.add_argument('--accuracy_warm', type=int, default=200,
-                 help='Adam steps the "trained" inner models take before the accuracy check.')
-  p.add_argument('--out', default='bench/results/meta_memory', help='Output prefix (.json/.png).')
-  p.add_argument('--merge', type=lambda s: tuple(s.split(',')), default=(),
-                 help='Measure nothing: combine these JSON files (e.g. one run per model, run '
-                      'side by side) into --out.')
-  args = p.parse_args(argv)
+def settings() -> types.SimpleNamespace:
+  """The flags' values, checked, with --quick applied."""
+  fv = flags.FLAGS
+  positive = lambda name: tuple(bench_cli.numbers(name, fv[name].value, int, lambda x: x > 0,
+                                                  '> 0'))
+  args = types.SimpleNamespace(
+      **{name: fv[name].value for name in (
+          'quick', 'modes', 'models', 'repeats', 'optimizer', 'population', 'batch',
+          'large_population', 'large_batch', 'accuracy_warm', 'out', 'merge')},
+      **{name: positive(name) for name in (
+          'unrolls', 'hidden', 'large_hidden', 'accuracy_unrolls')})
+  unknown = sorted(set(args.models) - set(MODELS))
+  if unknown:
+    raise UserError(f'unknown --models {unknown} (choose from {", ".join(MODELS)})')
+  for name in ('repeats', 'population', 'batch', 'large_population', 'large_batch'):
+    if getattr(args, name) < 1:
+      raise UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
   if args.quick:
     args.unrolls, args.repeats, args.large_batch = (1, 4, 32), 2, 32
     args.accuracy_unrolls = (32,)
@@ -276,8 +293,9 @@ def merge(paths, out: str) -> None:
   write(record, out)
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def main(argv):
+  del argv
+  args = settings()
   if args.merge:
     merge(args.merge, args.out)
     return
@@ -307,5 +325,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  with exit_on_user_error():  # a bad value: one line, exit 2
-    main()
+  bench_cli.run(main, __doc__, define_flags)

@@ -57,10 +57,11 @@ def plot(results: list[dict], path: str) -> None:
 def main(argv):
   del argv
   results = []
-  hidden = tuple(int(h) for h in _HIDDEN.value)
+  hidden = tuple(bench_cli.numbers('hidden', _HIDDEN.value, int, lambda x: x > 0, '> 0'))
+  unrolls = bench_cli.numbers('unrolls', _UNROLLS.value, int, lambda x: x > 0, '> 0')
   print(f'{"mode":>8} {"T":>4} {"temp MiB":>10} {"peak MiB":>10} {"step ms":>9} {"compile s":>9}')
   for mode in _MODES.value:
-    for t in map(int, _UNROLLS.value):
+    for t in unrolls:
       config = get_config()
       config.inner.steps, config.outer.meta_gradient = t, mode
       config.task.hidden = config.rater.hidden = hidden

@@ -23,7 +23,6 @@ import tempfile
 import time
 
 from absl import flags
-from absl import logging as absl_logging
 import jax
 import numpy as np
 
@@ -88,7 +87,6 @@ def markdown(results: dict) -> str:
 
 def main(argv):
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)
   config = flags.FLAGS.config
   noises = bench_cli.noise_rates(_NOISE.value)
   seeds = bench_cli.seeds(_SEEDS.value)

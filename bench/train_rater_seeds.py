@@ -16,9 +16,11 @@ import sys
 import tempfile
 import time
 
+from absl import flags
+
 from bench import cli as bench_cli
 from bench import provenance
-from datarater.errors import exit_on_user_error
+from datarater.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,27 +46,32 @@ def run_seed(config: str, seed: int, extra=()) -> dict:
           'wall_s': wall, 'printed': lines}
 
 
-def main():
-  parser = bench_cli.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', default='configs/digits.py')
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--out', default='bench/results/train_rater_digits_seeds')
-  args = parser.parse_args()
-  seeds = bench_cli.seeds(args.seeds.split(','))
+_CONFIG = flags.DEFINE_string('config', 'configs/digits.py',
+                              'Config file given to launch.train_rater (its overrides are not '
+                              'taken: the seeds are set per run).')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (config.seed and data.noise_seed).')
+_OUT = flags.DEFINE_string('out', 'bench/results/train_rater_digits_seeds', 'Output prefix.')
+
+
+def main(argv):
+  del argv
+  seeds = bench_cli.seeds(_SEEDS.value)
+  if not os.path.isfile(os.path.join(ROOT, _CONFIG.value)):
+    raise UserError(f'--config {_CONFIG.value!r}: no such file')
+  bench_cli.out_folder(_OUT.value)
   results = {}
   for seed in seeds:
-    results[str(seed)] = run_seed(args.config, seed)
+    results[str(seed)] = run_seed(_CONFIG.value, seed)
     r = results[str(seed)]
     print(f'seed {seed}: noise AUROC {r["noise_auroc"]:.4f}, held-out loss rater '
           f'{r["heldout_loss_rater"]:.4f} / uniform {r["heldout_loss_uniform"]:.4f}, test '
           f'accuracy {100 * r["test_accuracy_rater"]:.2f}% / {100 * r["test_accuracy_uniform"]:.2f}%'
           f' ({r["wall_s"]:.0f} s)', flush=True)
-  provenance.write_json(args.out + '.json', {
-      'command': f'python -m launch.train_rater --config={args.config} --workdir=DIR '
+  provenance.write_json(_OUT.value + '.json', {
+      'command': f'python -m launch.train_rater --config={_CONFIG.value} --workdir=DIR '
                  '--config.seed=S --config.data.noise_seed=S',
       'device': f'{os.cpu_count()}-core CPU', 'seeds': results})
 
 
 if __name__ == '__main__':
-  with exit_on_user_error():  # a bad value: one line, exit 2
-    main()
+  bench_cli.run(main, __doc__)

@@ -20,7 +20,6 @@ import tempfile
 import time
 
 from absl import flags
-from absl import logging as absl_logging
 import jax
 import numpy as np
 
@@ -140,7 +139,6 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv):
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)
   config = flags.FLAGS.config
   variants = list(_VARIANTS.value) + (['datarater'] if _RATER_STEPS.value else [])
   unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))

@@ -16,13 +16,14 @@ OUT.json and OUT.md.
 import json
 import os
 
+from absl import flags
 import numpy as np
 
 from bench import cli as bench_cli
 from bench import provenance
 from bench.compare import paired
 from datarater import files
-from datarater.errors import exit_on_user_error
+from datarater.errors import UserError
 
 SEEDS_FIGURES = (  # (key, label, scale, higher is better)
     ('noise_auroc', 'noise AUROC', 1.0, True),
@@ -116,18 +117,25 @@ def compare(before: dict, after: dict) -> list[dict]:
   return rows
 
 
-def main():
-  parser = bench_cli.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--before', required=True)
-  parser.add_argument('--after', required=True)
-  parser.add_argument('--out', required=True)
-  args = parser.parse_args()
+def define_flags() -> None:
+  for name, help_ in (('before', 'Output prefix of the old tree\'s runs.'),
+                      ('after', 'Output prefix of the new tree\'s runs.'),
+                      ('out', 'Output prefix of OUT.json and OUT.md.')):
+    flags.DEFINE_string(name, None, help_)
+    flags.mark_flag_as_required(name)
+
+
+def main(argv):
+  del argv
+  fv = flags.FLAGS
   figures = {}
   for side in ('before', 'after'):
-    prefix, figures[side] = getattr(args, side), {}
+    prefix, figures[side] = fv[side].value, {}
     for kind, read in READERS.items():
       if os.path.exists(f'{prefix}_{kind}.json'):
         figures[side].update(read(f'{prefix}_{kind}.json'))
+    if not figures[side]:
+      raise UserError(f'--{side} {prefix!r}: no {prefix}_{{{",".join(READERS)}}}.json')
   rows = compare(figures['before'], figures['after'])
   lines = ['| figure | seeds | before | after | after - before | verdict |',
            '|---|---|---|---|---|---|']
@@ -136,11 +144,9 @@ def main():
                  f' | {r["after_mean"]:.3f} +- {r["after_std"]:.3f} | {r["diff"]:+.3f} +- '
                  f'{r["paired_se"]:.3f} | {r["verdict"]} |')
   print('\n'.join(lines))
-  provenance.write_json(args.out + '.json',
-                        {'before': args.before, 'after': args.after, 'rows': rows})
-  files.write_text(args.out + '.md', '\n'.join(lines) + '\n')
+  provenance.write_json(fv.out + '.json', {'before': fv.before, 'after': fv.after, 'rows': rows})
+  files.write_text(fv.out + '.md', '\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':
-  with exit_on_user_error():  # a bad value: one line, exit 2
-    main()
+  bench_cli.run(main, __doc__, define_flags)

@@ -1,9 +1,9 @@
 """What every launcher shares: flag parsing that fails in one line, --help with the config fields.
 
-`run(main, define_flags, doc)` defines a launcher's flags and runs `main` under absl. A bad flag,
-config file or config override (an unknown field, a value of the wrong type) prints one `error:`
-line and exits 2, like every `UserError` and I/O error inside `main`
-(`datarater.errors.exit_on_user_error`). `--help` prints the launcher's description, its flags
+`run(main, define_flags, doc)` defines a launcher's flags and runs `main` under absl, with absl's
+log at WARNING unless --verbosity is given. A bad flag, config file or config override (an
+unknown field, a value of the wrong type) prints one `error:` line and exits 2, like every
+`UserError` and I/O error inside `main` (`datarater.errors.exit_on_user_error`). `--help` prints the launcher's description, its flags
 and every field of its config, and exits 0. `invoke(module, argv)` runs a launcher in this
 process exactly as its command line would (tests use it to try many inputs quickly).
 """
@@ -13,6 +13,7 @@ from typing import Callable
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 HELP = ('--help', '-h', '--helpfull', '-?')
 # What a bad flag or config override raises (ml_collections raises the builtin ones).
@@ -76,7 +77,7 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
     _help(argv, doc, fv)
   try:
     rest = fv(argv)
-    if 'config' in fv:
+    if 'config' in fv and not isinstance(fv.config, str):  # a config file flag
       fv.config.keys()  # a config file that failed to load raises here
     return rest
   except OVERRIDE_ERRORS + (OSError,) as e:
@@ -88,7 +89,12 @@ def run(main: Callable, define_flags: Callable, doc: str) -> None:
     define_flags()  # config_flags reads the --config.* overrides of sys.argv here
   except OVERRIDE_ERRORS as e:
     _fail(e)
-  app.run(main, flags_parser=lambda argv: parse_flags(argv, doc))
+
+  def quiet_main(argv):
+    if not flags.FLAGS['verbosity'].present:  # library chatter (XLA, orbax, TFDS) off
+      absl_logging.set_verbosity(absl_logging.WARNING)
+    return main(argv)
+  app.run(quiet_main, flags_parser=lambda argv: parse_flags(argv, doc))
 
 
 def invoke(module, argv: list[str]) -> int:

@@ -4,7 +4,6 @@ DIR is a `launch.train_rater` run; RATER_DIR gets `params/` (orbax) and `rater.j
 anywhere with `datarater.load_rater(RATER_DIR)`, on any number of devices.
 """
 from absl import flags
-from absl import logging as absl_logging
 
 from datarater import export
 from datarater.errors import UserError, exit_on_user_error
@@ -20,7 +19,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)
   with exit_on_user_error():
     if not fv.workdir:
       raise UserError('--workdir is required')

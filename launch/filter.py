@@ -11,7 +11,6 @@ examples load with `tfds.builder_from_directory(OUT_DIR)`. `--label_noise` appli
 pipeline's recorded symmetric label noise to the filtered splits first, for experiments.
 """
 from absl import flags
-from absl import logging as absl_logging
 
 from datarater.curation.filter import THRESHOLD_MODES, filter_dataset
 from datarater.data.corruption import Corruption
@@ -44,7 +43,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)
   with exit_on_user_error():
     distributed.initialize_from_flags(fv)
     report = filter_dataset(

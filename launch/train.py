@@ -9,7 +9,6 @@ tracin_curriculum, mimic), online filtering (datarater_batch_filter, datarater_a
 per-epoch selection (full, random, infobatch, sae). Runs `datarater.train.train`.
 """
 from absl import flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from datarater.errors import exit_on_user_error
@@ -33,7 +32,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)
   with exit_on_user_error():
     train(fv.config, fv.policy, rater=fv.rater, scores=fv.scores, workdir=fv.workdir,
           stop_after=fv.stop_after)

@@ -8,7 +8,6 @@ r"""Values every training example with one method -> a scores file keyed by TFDS
 import os
 
 from absl import flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from datarater.errors import exit_on_user_error
@@ -27,7 +26,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)
   with exit_on_user_error():
     distributed.initialize_from_flags(fv)
     summary = valuate(fv.method, fv.config, fv.workdir)

@@ -3,8 +3,8 @@ the launchers, benchmarks and configs. Its module exists, its flags and config o
 known and well typed, and its --config file loads; nothing runs.
 
 Run as a script, this file checks the commands given as JSON on stdin. One process imports the
-stack once; each command runs in a child forked from it, up to its flag parsing (absl's through
-`launch.cli.run`, argparse's `parse_args`), where it exits.
+stack once; each command runs in a child forked from it, up to its flag parsing (through
+`launch.cli.run`), where it exits.
 """
 import ast
 import glob
@@ -96,19 +96,13 @@ def test_the_check_fails_a_bad_command():
 
 def _parse_only(module: str, argv: list[str]) -> None:
   """Runs `module` as `python -m module *argv` and exits 0 once its flags are parsed."""
-  import argparse  # pylint: disable=g-import-not-at-top
   import runpy  # pylint: disable=g-import-not-at-top
   from launch import cli  # pylint: disable=g-import-not-at-top
   run = cli.run
   cli.run = lambda main, define_flags, doc: run(lambda argv: sys.exit(0), define_flags, doc)
-  parse_args = argparse.ArgumentParser.parse_args
-  def parse_and_exit(self, *args, **kwargs):
-    parse_args(self, *args, **kwargs)
-    sys.exit(0)
-  argparse.ArgumentParser.parse_args = parse_and_exit
   sys.argv = [module, *argv]
   runpy.run_module(module, run_name='__main__', alter_sys=True)
-  print(f'{module} ran to its end without parsing flags through launch.cli or argparse')
+  print(f'{module} ran to its end without parsing flags through launch.cli')
   sys.exit(1)
 
 

@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -77,14 +78,16 @@ def test_own_model_example_runs(tfds_dir, tmp_path, monkeypatch):
   assert os.path.exists(tmp_path / 'fit' / 'report.json')
 
 
-# What the repository holds at its top (a run's outputs, e.g. workdirs/, are not checked).
-REPOSITORY_TOP = ('datarater', 'inner_loop', 'outer_loop', 'launch', 'configs', 'tests', 'bench',
-                  '.ci', 'README.md', 'WORKSPACE.md', 'requirements.txt', 'pytest.ini')
+def _repository_top() -> set[str]:
+  """The top-level entries git tracks (a run's outputs, e.g. workdirs/, are not checked)."""
+  listed = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout
+  return {line.split('/')[0] for line in listed.splitlines()}
 
 
 def _named_paths(text: str) -> list[str]:
   """The repository paths in `text`'s code spans (a `{a,b}` part names each of a and b)."""
-  tops = '|'.join(re.escape(d) for d in REPOSITORY_TOP)
+  tops = '|'.join(re.escape(d) for d in sorted(_repository_top()))
   paths = []
   for span in re.findall(r'`([^`\s]+)`', text):
     span = span.split('::')[0].rstrip('/')  # file::symbol, folder/
