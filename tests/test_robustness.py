@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from configs.digits import get_config
 from datarater import checkpointing, export
 from datarater.meta_train import meta_train
 from launch import cli, train_rater
-from outer_loop import meta_step
+from outer_loop import meta_step, setup
 from tests.run_config import as_flags, small_config
 from tests.tiny import estimator, tiny_batches, tiny_problem
 
@@ -98,6 +99,24 @@ def test_a_corrupted_latest_checkpoint_gives_way_to_the_newest_intact_one(tfds_d
   steps = [json.loads(l)['step'] for l in open(workdir / 'metrics.jsonl')]
   assert steps == [2, 4, 6]  # resumed from step 2: the records after it were written again
   export.export_rater(str(workdir), str(tmp_path / 'rater'))  # the run's newest, step 6
+
+
+@pytest.mark.parametrize('schedule', ['constant', 'cosine'])
+def test_a_run_may_be_extended_exactly_when_its_updates_so_far_stay(schedule):
+  """Oracle: the outer optimizer's first 600 updates (a constant gradient) under a run length of
+  600 and of 1,200 steps; the checkpoint's config fingerprint must match exactly when they do."""
+  def updates(steps):
+    config = get_config()
+    config.outer.schedule, config.outer.steps = schedule, steps
+    optimizer = setup.make_outer_optimizer(config.outer)
+    grad = jnp.full((), 1e-3)
+    step = lambda state, _: optimizer.update(grad, state)[::-1]
+    return jax.lax.scan(step, optimizer.init(grad), length=600)[1], config
+  (short, config_short), (long, config_long) = updates(600), updates(1200)
+  same_updates = bool(np.allclose(short, long, rtol=1e-6, atol=0))
+  assert same_updates == (schedule == 'constant')
+  assert same_updates == (checkpointing.trajectory_fields(config_short)
+                          == checkpointing.trajectory_fields(config_long))
 
 
 def test_help_lists_the_flags_and_config_fields_and_exits_0():
