@@ -73,6 +73,12 @@ def _path_name(path) -> str:
   return '/'.join(parts)
 
 
+def _in_layer(path: str, layer: str) -> bool:
+  """Whether module or parameter path 'a/b/c' lies in `layer`: a component ('b') or a leading
+  path ('a/b', 'a/b/c')."""
+  return layer in path.split('/') or path == layer or path.startswith(layer + '/')
+
+
 def layer_mask(tree, layers: Optional[Sequence[str]]):
   """A bool pytree: True on leaves whose path has one of `layers` as a component (None: all)."""
   if layers is None:
@@ -83,7 +89,7 @@ def layer_mask(tree, layers: Optional[Sequence[str]]):
 
   def keep(path):
     name = _path_name(path)
-    hit = [l for l in layers if l in name.split('/') or name.startswith(l + '/')]
+    hit = [l for l in layers if _in_layer(name, l)]
     for l in hit:
       found[l] = True
     return bool(hit)
@@ -520,7 +526,7 @@ def factored_projection(k_in: int, k_out: int, seed: int = 0,
   sum_t ([x_it, 1] P_in)^T (g_it P_out), a [k_in, k_out] block equal to the row-major
   vec([dW; db]) times kron(P_in, P_out): the kernel and bias are one [(d_in + 1), d_out] matrix.
   A projected gradient [D] is the row-major blocks of the layers in call order. `layers` selects
-  Dense layers by a path component (e.g. ['head'], ['conv_0']); None takes all.
+  Dense layers by a path component or leading path (e.g. ['head'], ['conv_0']); None takes all.
   """
   if k_in < 1 or k_out < 1:
     raise UserError(f'factored projection dims must be >= 1, got ({k_in}, {k_out})')
@@ -530,9 +536,9 @@ def factored_projection(k_in: int, k_out: int, seed: int = 0,
 
 
 def _named_dense(calls, layers) -> list[str]:
-  names = [n for n in calls if any(l in n.split('/') for l in layers)]
+  names = [n for n in calls if any(_in_layer(n, l) for l in layers)]
   for l in layers:
-    if not any(l in n.split('/') for n in calls):
+    if not any(_in_layer(n, l) for n in calls):
       raise UserError(f'no Dense layer {l!r} (Dense layers: {", ".join(calls)})')
   return names
 

@@ -65,6 +65,10 @@ def test_valuate_errors_are_one_line_and_write_nothing(tfds_dir, tmp_path):
   config.valuation.checkpoint_every = 7
   with pytest.raises(UserError, match='checkpoint_every=7'):
     valuate('tracin', config, str(tmp_path / 'd'))
+  config = small_config(tfds_dir)
+  config.valuation.store, config.valuation.topk, config.valuation.topk_split = True, 3, 'tset'
+  with pytest.raises(UserError, match="no split 'tset'"):
+    valuate('tracin', config, str(tmp_path / 'f'))
   assert not os.listdir(tmp_path)
 
 
@@ -134,3 +138,24 @@ def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path):
   config.valuation.topk = 0
   valuate('tracin', config, work, progress=False)
   assert os.path.getmtime(os.path.join(path, store_lib.META)) == mtime
+
+
+def test_a_gradient_store_projects_the_layers_of_its_method(tfds_dir, tmp_path):
+  """Mimic (valuation.mimic_layers='last') from a store projects only the model's last Dense
+  layer, as in-memory Mimic scores it; its scores approach the exact ones as the projection grows
+  (at k = 16 per factor the rank correlation was 0.29, at 64 0.75, at 256 0.97)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import store as store_lib  # pylint: disable=g-import-not-at-top
+  exact = small_config(tfds_dir)
+  valuate('mimic', exact, str(tmp_path / 'exact'), progress=False)
+  config = small_config(tfds_dir)
+  config.valuation.store, config.valuation.store_k = True, 64
+  work = str(tmp_path / 'store')
+  valuate('mimic', config, work, progress=False)
+  (path,) = [os.path.join(work, d) for d in os.listdir(work) if d.startswith('store_mimic')]
+  projection = store_lib.GradientStore(path).meta['projection']
+  assert projection['names'] == ['dense_2'] and projection['dim'] == 64 * 64, projection
+  read = lambda w: pq.read_table(os.path.join(w, 'scores_mimic.parquet')).to_pydict()
+  want, got = read(str(tmp_path / 'exact')), read(work)
+  assert want['id'] == got['id']
+  assert stats.spearmanr(want['score'], got['score']).statistic > 0.6

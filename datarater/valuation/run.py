@@ -107,6 +107,8 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
   task = tasks.make_task(config.task, train.info)
   factory.make_projection(config.valuation)  # a bad name fails before any work
   factory.check(method, config, task, train)  # bad layer names etc. fail before any work
+  if config.valuation.topk:
+    pipeline.check_split(pipeline.builder_of(d), config.valuation.topk_split)
   primary = jax.process_index() == 0
   with files.workdir_lock(workdir) if primary else contextlib.nullcontext():
     tag = fingerprint(method, config)
@@ -143,12 +145,17 @@ def _from_store(method, config, task, train, heldout, workdir, stem, tag, valuat
   steps, every = ((v.dvemb_steps, 1) if method == 'dvemb' else (v.train_steps, v.checkpoint_every))
   run, _ = factory.record(config, task, train, steps, every, cache,
                           'dvemb_run' if method == 'dvemb' else 'run')
+  # The in-memory method's layers (data value embedding takes every parameter).
+  if method == 'mimic':
+    layers = factory.mimic_layers(config, task, run.final_params, train)
+  else:
+    layers = factory.parse_layers(v.layers) if method == 'tracin' else None
   path = os.path.join(workdir, f'store_{method}-{tag}')
   if os.path.exists(path):
     store = store_lib.GradientStore(path)
   else:
     store = store_lib.build(path, loss, run, train, pergrad.factored_projection(
-        v.store_k, v.store_k, v.projection_seed), split_name=config.data.train_split,
+        v.store_k, v.store_k, v.projection_seed, layers), split_name=config.data.train_split,
                             block_size=v.score_batch_size, chunk_size=v.chunk_size,
                             progress=progress)
   heldout_batch = heldout.take(np.arange(len(heldout)))
