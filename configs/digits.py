@@ -99,7 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   v = c.valuation = ml_collections.ConfigDict()
   v.train_steps = 600
   v.batch_size = 64
-  v.optimizer = 'sgd'              # TracIn and data value embedding assume plain SGD
+  v.optimizer = 'sgd'              # DVEmb needs it; TracIn weighs checkpoints by the nominal lr
   v.learning_rate = 0.1
   v.checkpoint_every = 60          # TracIn / Mimic checkpoints (DVEmb records every step)
   v.seed = 0                       # initialisation and data order of the run

@@ -171,6 +171,8 @@ def _cases(tfds_dir: str, w) -> list:
       ('filter', fl(rater, '--keep=0.5', '--threshold=approx'),
        "value should be one of <exact|streaming>"),
       ('filter', fl(rater, '--keep=0.5', '--label_noise=2'), 'label_noise must be in [0, 1), got 2'),
+      ('filter', fl(rater, '--keep=0.5', '--noise_seed=-1'),
+       'the corruption seed (data.noise_seed) must be an integer >= 0, got -1'),
       ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
                   f'--out={w}/rater'], "already exists (pass --overwrite to replace it)"),
   ]
@@ -187,7 +189,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 80  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 81  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

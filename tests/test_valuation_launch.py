@@ -66,6 +66,10 @@ def test_valuate_errors_are_one_line_and_write_nothing(tfds_dir, tmp_path):
   with pytest.raises(UserError, match='checkpoint_every=7'):
     valuate('tracin', config, str(tmp_path / 'd'))
   config = small_config(tfds_dir)
+  config.valuation.optimizer = 'adam'
+  with pytest.raises(UserError, match="method dvemb needs valuation.optimizer='sgd', got 'adam'"):
+    valuate('dvemb', config, str(tmp_path / 'g'))
+  config = small_config(tfds_dir)
   config.valuation.store, config.valuation.topk, config.valuation.topk_split = True, 3, 'tset'
   with pytest.raises(UserError, match="no split 'tset'"):
     valuate('tracin', config, str(tmp_path / 'f'))

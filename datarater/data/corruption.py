@@ -54,6 +54,9 @@ class Corruption:
   ood: float = 0.0
 
   def __post_init__(self):
+    if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+      raise UserError(f'the corruption seed (data.noise_seed) must be an integer >= 0, got '
+                      f'{self.seed!r}')
     if not 0.0 <= self.label_noise < 1.0:
       raise UserError(f'data.label_noise must be in [0, 1), got {self.label_noise}')
     if self.label_noise_kind not in LABEL_KINDS:
@@ -86,11 +89,6 @@ class Corruption:
   def kinds(self) -> tuple:
     """Kind names; the record stores their index (0 = clean)."""
     return (CLEAN, *(k for k, _ in self._rates()))
-
-  @property
-  def needs_source(self) -> bool:
-    """Whether `apply` reads other examples of the split (near-duplicates copy them)."""
-    return bool(self.duplicate)
 
   def record(self, n: int) -> np.ndarray:
     """int8 [n]: the kind index of every example of a split of n."""

@@ -83,6 +83,8 @@ def check(method: str, config, task, train) -> None:
   if method == 'datarater':
     rater_for(config, train)
     return
+  if method == 'dvemb' and v.optimizer != 'sgd':  # its recursion is the SGD step's
+    raise UserError(f"method dvemb needs valuation.optimizer='sgd', got {v.optimizer!r}")
   if method in ('tracin', 'mimic') and v.train_steps % v.checkpoint_every:
     raise UserError(f'checkpoint_every={v.checkpoint_every} must be >= 1 and divide the '
                     f'{v.train_steps} steps')

@@ -1,6 +1,7 @@
 """TracIn / TracInCP (Pruthi et al. 2020) on the shared per-example gradient layer.
 
-TracInCP(z, z') = sum_c lr_c <grad l(z; theta_c), grad l(z'; theta_c)> over saved checkpoints c.
+TracInCP(z, z') = sum_c lr_c <grad l(z; theta_c), grad l(z'; theta_c)> over saved checkpoints c
+(lr_c the nominal learning rate: exact for plain SGD, the paper's heuristic for other optimizers).
 - self-influence (z = z'): large for mislabelled / noisy examples (their gradients stay large);
 - held-out influence: z' ranges over a held-out set, i.e. <g(z), mean held-out gradient>, one JVP
   per checkpoint for all examples; `cosine=True` divides by both norms ("Grad-Cos"), so a few large
