@@ -27,8 +27,9 @@ from outer_loop import averaging
 FORMAT_VERSION = 2
 
 
-def rater_training_compute(config) -> int:
-  """Task-model example-gradients of a rater run (a lower bound on its cost).
+def rater_training_compute(config, steps: int) -> int:
+  """Task-model example-gradients of `steps` outer steps of a rater run (a lower bound on its
+  cost).
 
   Each outer step trains K inner models for A + T steps of B examples (A advanced, T unrolled)
   and evaluates their loss on a held-out batch, then back-propagates through the last T; we count
@@ -37,7 +38,7 @@ def rater_training_compute(config) -> int:
   here, so the figure is conservative.
   """
   inner_steps = config.inner.get('advance_steps', 0) + config.inner.steps  # a saved config may lack A
-  return int(config.outer.steps * config.inner.population *
+  return int(steps * config.inner.population *
              (inner_steps * config.inner.batch_size + config.outer.batch_size))
 
 
@@ -48,14 +49,20 @@ def _check_finite(params, where: str) -> None:
 
 
 def _read_run(workdir: str):
-  """(config, DataInfo, rater params on the first local device) of a rater run's latest step."""
+  """(config, DataInfo, rater params on the first local device, outer steps taken) of a rater
+  run's latest checkpoint."""
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise UserError(f'no rater run in {workdir!r}: {config_path!r} is missing '
                     '(make one with launch.train_rater)')
-  with open(config_path) as f:
-    saved = json.load(f)
-  config = ml_collections.ConfigDict(saved['config'])
+  try:
+    with open(config_path) as f:
+      saved = json.load(f)
+    config = ml_collections.ConfigDict(saved['config'])
+    info = DataInfo.from_json(saved['data_info'])
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f'{config_path!r} is not the config of a launch.train_rater run '
+                    f'({type(e).__name__}: {e})') from None
   state = checkpointing.restore_latest_on_host(os.path.join(os.path.abspath(workdir),
                                                             'checkpoints'))
   if state is None:
@@ -64,7 +71,7 @@ def _read_run(workdir: str):
   params = averaging.debiased(state.get('rater_average') or None, state['rater_params'],
                               config.outer.get('ema', 0.0), state['step'] - state['skipped'])
   _check_finite(params, f'the latest checkpoint of {workdir!r}')
-  return config, DataInfo.from_json(saved['data_info']), params
+  return config, info, params, int(state['step'])
 
 
 def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
@@ -73,7 +80,7 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
     raise UserError('--out is required')
   if os.path.exists(out_dir) and not overwrite:
     raise UserError(f'output {out_dir!r} already exists (pass --overwrite to replace it)')
-  config, info, params = _read_run(workdir)
+  config, info, params, steps = _read_run(workdir)
   meta = {
       'format_version': FORMAT_VERSION,
       'rater': json.loads(config.rater.to_json()),
@@ -82,7 +89,8 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
       'trained_on': {'dataset': config.data.name, 'split': config.data.train_split,
                      'label_noise': float(config.data.label_noise),
                      'noise_seed': int(config.data.noise_seed)},
-      'training_example_gradients': rater_training_compute(config),
+      'outer_steps': steps,
+      'training_example_gradients': rater_training_compute(config, steps),
       'config': json.loads(config.to_json()),
   }
   with files.atomic_dir(out_dir, overwrite) as tmp:
@@ -161,10 +169,10 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
     _check_finite(params, f'rater {path!r}')
     temperature = float(meta['temperature'])
   elif os.path.exists(os.path.join(path, 'config.json')):
-    config, info, params = _read_run(path)
+    config, info, params, steps = _read_run(path)
     rater = tasks.make_rater(config.rater, info)
     temperature = float(config.rater.temperature)
-    meta = {'training_example_gradients': rater_training_compute(config),
+    meta = {'training_example_gradients': rater_training_compute(config, steps),
             'config': json.loads(config.to_json())}
   else:
     raise UserError(f'no rater in {path!r}: neither an exported rater (rater.json, from '

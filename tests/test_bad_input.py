@@ -50,6 +50,8 @@ def world(tfds_dir, tmp_path_factory):
   pq.write_table(pa.table({'id': np.arange(n), 'value': np.full(n, '1.5')}), root / 'str_values.parquet')
   pq.write_table(pa.table({'id': np.arange(n), 'value': np.zeros(n)}), root / 'zeros.parquet')
   (root / 'busy').mkdir()
+  (root / 'foreign').mkdir()
+  (root / 'foreign' / 'config.json').write_text('{"model": "not a rater run"}')
   return root
 
 
@@ -140,6 +142,8 @@ def _cases(tfds_dir: str, w) -> list:
       ('export_rater', [f'--workdir={w}/run', f'--out={w}/rater'],
        f"output '{w}/rater' already exists"),
       ('export_rater', [f'--workdir={w}/run', f'--out={w}/a_file/x'], f"{w}/a_file"),
+      ('export_rater', [f'--workdir={w}/foreign', f'--out={w}/exported'],
+       f"'{w}/foreign/config.json' is not the config of a launch.train_rater run"),
   ]
   fl = lambda *extra: ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}',
                        f'--out={w}/filtered', *extra]
@@ -189,7 +193,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 81  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 82  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

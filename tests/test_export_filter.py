@@ -49,6 +49,17 @@ def rater_dir(tfds_dir, tmp_path_factory):
   return out
 
 
+def test_a_rater_stopped_early_counts_the_steps_it_took(tfds_dir, tmp_path):
+  """Exported after 2 of its 6 outer steps, a rater's compute is that of 2 steps, counted by
+  hand: K=2 inner models, T=2 steps of B=16, one held-out batch of 16 each."""
+  run = str(tmp_path / 'run')
+  meta_train(small_config(tfds_dir, steps=6), run, stop_after=2, devices=jax.devices()[:1])
+  meta = export.export_rater(run, str(tmp_path / 'exported'))
+  assert meta['outer_steps'] == 2
+  assert meta['training_example_gradients'] == 2 * 2 * (2 * 16 + 16)
+  assert datarater.load_rater(run).training_example_gradients == 2 * 2 * (2 * 16 + 16)
+
+
 def _filter(tfds_dir, rater_dir, out, **kw):
   args = dict(rater=rater_dir, keep=0.8, data_dir=tfds_dir, corruption=Corruption(0.2, 0),
               batch_size=256)

@@ -3,6 +3,7 @@ bench/results/train_rater_digits_seeds.json recorded for seed 0 (clock readings 
 check reruns the command and compares the figures with that file. The README's own-model example
 (my_task.py, my_config.py) meta-learns a rater and trains under it as written. Every repository
 path the README and WORKSPACE.md name exists."""
+import glob
 import importlib
 import json
 import os
@@ -104,3 +105,44 @@ def test_every_path_the_docs_name_exists():
     assert len(paths) > 20, name
     missing = [p for p in paths if not os.path.exists(os.path.join(ROOT, p))]
     assert not missing, f'{name} names paths that do not exist: {missing}'
+
+
+def _config_fields() -> set[str]:
+  """Every section and field (dotted) of every config in configs/, its named parts included."""
+  fields = set()
+
+  def add(config, prefix=''):
+    for key, value in config.items():
+      fields.add(prefix + key)
+      if hasattr(value, 'items'):
+        add(value, f'{prefix}{key}.')
+  for path in glob.glob(os.path.join(ROOT, 'configs', '*.py')):
+    module = importlib.import_module(f'configs.{os.path.basename(path)[:-3]}')
+    add(module.get_config())
+    if module.__name__ == 'configs.text_bench':
+      add(module.get_config('bench'))
+  return fields
+
+
+def _is_module(name: str) -> bool:
+  """Whether dotted `name` starts with a module of the library ('valuation.base.Valuation')."""
+  parts = name.split('.')
+  return any(os.path.exists(os.path.join(ROOT, 'datarater', *parts[:i]) + '.py')
+             for i in range(1, len(parts) + 1))
+
+
+def test_every_config_field_the_docs_name_exists():
+  """A dotted name in a code span that starts with a config section ('outer.schedule',
+  '--config.valuation.store=True') must be a field of some config."""
+  fields = _config_fields()
+  sections = sorted({f.split('.')[0] for f in fields if '.' in f})
+  name = re.compile(r'(?<![\w./])((?:%s)(?:\.\w+)+)' % '|'.join(sections))  # not a.b.outer
+  for doc in ('README.md', 'WORKSPACE.md'):
+    text = open(os.path.join(ROOT, doc)).read()
+    blocks = re.findall(r'```[a-z]*\n(.*?)```', text, re.S)
+    spans = blocks + re.findall(r'`([^`]+)`', re.sub(r'```[a-z]*\n.*?```', '', text, flags=re.S))
+    named = {m for span in spans for m in name.findall(re.sub(r'(--)?config\.', ' ', span))}
+    named = {n for n in named if not re.search(r'\.(py|md|json|jsonl|png|parquet|log)$', n)}
+    assert len(named) > 5, doc
+    unknown = sorted(n for n in named - fields if not _is_module(n))
+    assert not unknown, f'{doc} names config fields no config has: {unknown}'
