@@ -32,6 +32,7 @@ from jax.flatten_util import ravel_pytree
 
 from bench import cli as bench_cli
 from bench import provenance
+from datarater import files
 from configs.digits import get_config
 from datarater.errors import UserError
 from datarater.tasks import batch_size_of
@@ -269,7 +270,7 @@ def plot(results: list[dict], path: str) -> None:
     plot_modes(ax_mem, ax_time, rows_m, log_y=True, titles=(desc, 'step time (median)'))
   fig.suptitle(f'Meta-gradient modes on {jax.devices()[0].device_kind}')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 

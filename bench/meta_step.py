@@ -20,6 +20,7 @@ from configs.digits import get_config
 from bench import cli as bench_cli
 from bench import provenance
 from bench.meta_memory import compile_step, plot_modes
+from datarater import files
 from outer_loop.estimators import META_GRADIENTS
 
 _UNROLLS = flags.DEFINE_list('unrolls', ['1', '4', '16'], 'Values of T (inner.steps).')
@@ -50,7 +51,7 @@ def plot(results: list[dict], path: str) -> None:
   plot_modes(ax_mem, ax_time, results)
   fig.suptitle(f'DataRater outer step on {jax.devices()[0].device_kind}')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 

@@ -1,10 +1,10 @@
 """Pictures of a rater run: learning curves and how scores split clean from corrupted examples."""
-import os
-
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
+
+from datarater import files
 
 
 def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
@@ -28,7 +28,5 @@ def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
   axes[2].set(xlabel='rater score', ylabel='density', title='Scores on the training split')
   axes[2].legend()
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
