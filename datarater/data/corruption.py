@@ -34,7 +34,7 @@ OCCLUSION_AREA = (0.4, 0.6)   # fraction of the image, uniform per example
 OCCLUSION_VALUE = 128
 DUPLICATE_NOISE_STD = 3.0     # grey levels, on top of a one-pixel shift
 
-Source = Callable[[np.ndarray], dict]  # ids -> raw features of those examples of the split
+ReadRaw = Callable[[np.ndarray], dict]  # ids -> raw features of those examples of the split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,12 +127,12 @@ class Corruption:
     return draw
 
   def apply(self, info, raw: dict, ids: np.ndarray, n: int,
-            source: Optional[Source] = None) -> tuple[dict, dict]:
+            source: Optional[ReadRaw] = None) -> tuple[dict, dict]:
     """(raw features of examples `ids` of a split of n, corrupted; original values changed).
 
     Near-duplicates copy clean examples of the split that may lie outside the block: those are
     read from `raw` when the block holds them, else from `source(ids)`, the raw (uncorrupted)
-    features of those examples of the split (needed only if `needs_source`).
+    features of those examples of the split (needed only with near-duplicates).
     """
     rates = dict(self._rates())
     if not rates:
@@ -215,7 +215,7 @@ class Corruption:
 
 
 def _lookup(raw: dict, ids: np.ndarray, wanted: np.ndarray, features: tuple,
-            source: Optional[Source]) -> tuple:
+            source: Optional[ReadRaw]) -> tuple:
   """The raw `features` of examples `wanted`: from the block (`raw`, examples `ids`) where it
   holds them, else from `source`."""
   order = np.argsort(ids, kind='stable')
