@@ -80,6 +80,12 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     raise UserError(f'--workdir {workdir!r} exists and is not a folder')
   ckpt = checkpointing.RunCheckpointer(workdir, config)
   resume_step = ckpt.check_compatible()
+  if resume_step is not None and resume_step > config.outer.steps:
+    raise UserError(f'--workdir {workdir!r} holds a checkpoint at outer step {resume_step}, past '
+                    f'outer.steps={config.outer.steps}; use a new --workdir')
+  if resume_step is not None and stop_after is not None and resume_step > stop_after:
+    raise UserError(f'--workdir {workdir!r} holds a checkpoint at outer step {resume_step}, past '
+                    f'--stop_after={stop_after}')
   # Every check passed: from here on the workdir is written, by this run alone.
   primary = jax.process_index() == 0
   with files.workdir_lock(workdir) if primary else contextlib.nullcontext():
@@ -106,12 +112,17 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
   step_fn, state_shardings, inner_sh, outer_sh = sharding.jit_outer_step(
       problem, estimator, mesh, jax.eval_shape(init), example_inner, example_outer)
 
+  # Progress since the last metrics record (sums of the step metrics, the step they start
+  # after, the step since which the meta-gradient has been 0), kept in each checkpoint so that a
+  # resumed run writes the records an uninterrupted one would.
+  progress = {'totals': None, 'since': 0, 'flat_since': None}
   if resume_step is None:
     state, start = jax.jit(init, out_shardings=state_shardings)(), 0
   else:
     state, meta = ckpt.restore_latest(checkpointing.abstract_like(jax.eval_shape(init),
                                                                   state_shardings))
     start = int(meta['step'])
+    progress = (meta.get('extra') or {}).get('progress') or {**progress, 'since': start}
     log.info('resumed from the checkpoint at outer step %d', start)
   metrics_log = (files.JsonlLog(os.path.join(workdir, 'metrics.jsonl'), 'step', start)
                  if primary else None)
@@ -129,12 +140,13 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     host = sharding.host_copy(state.replace(population=None, opt_state=None))
     return jax.device_get(problem.rater_params_of(host)), host.rater_params
 
-  def check_skipped(state, step):
-    """Stops the run (one line) when the meta-gradient has not been finite for too long."""
-    in_a_row = int(sharding.host_copy(state.skipped_in_a_row))
+  def check_skipped(longest_run, step):
+    """Stops the run (one line) when the meta-gradient has not been finite at
+    outer.max_skipped_steps steps in a row (`longest_run`: the most since the last check)."""
+    in_a_row = int(sharding.host_copy(longest_run))
     if in_a_row >= config.outer.max_skipped_steps:
       raise UserError(
-          f'the meta-gradient was not finite at the last {in_a_row} outer steps (up to step '
+          f'the meta-gradient was not finite at {in_a_row} outer steps in a row (by step '
           f'{step}); the rater was left as it was and its last checkpoint holds finite values. '
           f'Lower inner.learning_rate ({config.inner.learning_rate:g}) or outer.learning_rate '
           f'({config.outer.learning_rate:g})')
@@ -154,14 +166,22 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     step_fn = step_fn.lower(state, *data.device_batches_at(start, inner_sh, outer_sh)).compile()
     if primary:
       log.info('compiled in %.1f s', time.time() - t0)
-  t0, s0, totals, flat_since = time.time(), start, None, None
+  t0, timed_from, longest_run = time.time(), start, None
+  s0, flat_since = progress['since'], progress['flat_since']
+  totals = progress['totals'] and {k: np.float32(v) for k, v in progress['totals'].items()}
   try:  # pending checkpoint writes finish whatever happens
     for step in range(start, last_step):
       state, metrics = step_fn(state, *data.device_batches_at(step, inner_sh, outer_sh))
+      in_a_row = metrics.pop('skipped_in_a_row')
+      longest_run = in_a_row if longest_run is None else jax.numpy.maximum(longest_run, in_a_row)
       totals = metrics if totals is None else jax.tree.map(jax.numpy.add, totals, metrics)
       done = step + 1
-      if done % config.log_every == 0 or done == last_step:
-        check_skipped(state, done)
+      record_now = done % config.log_every == 0 or done == config.outer.steps
+      save_now = done % config.checkpoint_every == 0 or done == last_step
+      if record_now or save_now:
+        check_skipped(longest_run, done)
+        longest_run = None
+      if record_now:
         if primary:
           # Means over the steps since the last record that were not skipped (single steps jump
           # at member resets); skipped steps and diverged inner models are counted.
@@ -172,7 +192,7 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
           record = {'step': done, **{k: v / taken if taken else float('nan')
                                      for k, v in sums.items() if k not in counts},
                     **{k: int(sums[k]) for k in counts},
-                    'steps_per_sec': (done - s0) / (time.time() - t0),
+                    'steps_per_sec': (done - max(s0, timed_from)) / (time.time() - t0),
                     'noise_auroc': noise_auroc(rater[0])}
           if problem.ema:  # the rater scored above is the average; its last iterate beside it
             record['noise_auroc_last_iterate'] = noise_auroc(rater[1])
@@ -196,10 +216,13 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
                      flat_since, config.outer.learning_rate)
           else:
             flat_since = None
-        t0, s0, totals = time.time(), done, None
-      if done % config.checkpoint_every == 0 or done == last_step:
-        check_skipped(state, done)
-        ckpt.save(done, state, data.position(done))  # collective: every process writes its shards
+        t0, timed_from, s0, totals = time.time(), done, done, None
+      if save_now:
+        progress = {'totals': totals and {k: float(v) for k, v in
+                                          sharding.host_copy(totals).items()},
+                    'since': s0, 'flat_since': flat_since}
+        # collective: every process writes its shards
+        ckpt.save(done, state, data.position(done), {'progress': progress})
   finally:
     ckpt.close()
   if last_step < config.outer.steps:

@@ -147,5 +147,6 @@ def outer_step(problem: MetaProblem, estimator, state: OuterState, inner_batches
   metrics = {'outer_loss': only_finite(loss), 'inner_loss': only_finite(jnp.mean(inner_losses)),
              'meta_grad_norm': only_finite(grad_norm), 'weight_ess': only_finite(ess),
              'skipped_steps': skip.astype(jnp.float32),
-             'diverged_members': diverged.astype(jnp.float32)}
+             'diverged_members': diverged.astype(jnp.float32),
+             'skipped_in_a_row': new_state.skipped_in_a_row}
   return new_state, metrics

@@ -106,6 +106,10 @@ def _cases(tfds_dir: str, w) -> list:
       (*tr('--config.inner.steps=3', out=f'--workdir={w}/run'),
        'holds a checkpoint of a different config (inner.steps=2 there, 3 here)'),
       (*tr(out=f'--workdir={w}/busy'), f"--workdir '{w}/busy' is in use by another run"),
+      (*tr('--config.outer.steps=1', out=f'--workdir={w}/run'),
+       f"--workdir '{w}/run' holds a checkpoint at outer step 2, past outer.steps=1"),
+      (*tr('--stop_after=1', out=f'--workdir={w}/run'),
+       f"--workdir '{w}/run' holds a checkpoint at outer step 2, past --stop_after=1"),
       ('train', [data, '--config.train.batch_size=0'], 'train.batch_size must be >= 1, got 0'),
       ('train', [data, '--config.train.seeds=()'], 'train.seeds must be a non-empty tuple'),
       ('train', [data, '--config.train.epochs=0'], 'train.epochs must be >= 1, got 0'),
@@ -193,7 +197,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 82  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 84  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -17,9 +17,10 @@ from jax.flatten_util import ravel_pytree
 
 from configs.digits import get_config
 from datarater import checkpointing, export
+from datarater.errors import UserError
 from datarater.meta_train import meta_train
 from launch import cli, train_rater
-from outer_loop import meta_step, setup
+from outer_loop import meta_step, setup, sharding
 from tests.run_config import as_flags, small_config
 from tests.tiny import estimator, tiny_batches, tiny_problem
 
@@ -54,12 +55,28 @@ def test_a_rater_run_whose_meta_gradient_stays_non_finite_stops_with_finite_chec
     code = cli.invoke(train_rater, argv)
   lines = err.getvalue().strip().splitlines()
   assert code == 2 and len(lines) == 1, err.getvalue()
-  assert 'the meta-gradient was not finite at the last 4 outer steps' in lines[0]
+  assert 'the meta-gradient was not finite at 4 outer steps in a row (by step 4)' in lines[0]
   state = checkpointing.restore_latest_on_host(str(workdir / 'checkpoints'))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state)
              if np.issubdtype(np.asarray(x).dtype, np.floating))
   assert int(state['skipped']) >= 2  # what the checkpoint recorded as skipped
   export.export_rater(str(workdir), str(tmp_path / 'rater'))  # finite: exportable
+
+
+def test_skipped_steps_in_a_row_that_end_between_checks_still_stop_the_run(
+    tfds_dir, tmp_path, monkeypatch):
+  """Steps 1-3 scripted as skipped in a row, then finite again; the run checks at step 5 only."""
+  real = sharding.outer_step
+
+  def scripted(problem, estimator, state, inner, outer):
+    new_state, metrics = real(problem, estimator, state, inner, outer)
+    return new_state, {**metrics, 'skipped_in_a_row': jnp.where(state.step < 3, state.step + 1, 0)}
+  monkeypatch.setattr(sharding, 'outer_step', scripted)
+  config = small_config(tfds_dir, steps=10)
+  config.log_every = config.checkpoint_every = 5
+  config.outer.max_skipped_steps = 3
+  with pytest.raises(UserError, match=r'not finite at 3 outer steps in a row \(by step 5\)'):
+    meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
 
 
 def _corrupt(step_dir, how: str):
