@@ -73,14 +73,21 @@ def _path_name(path) -> str:
   return '/'.join(parts)
 
 
+def _module_path(path) -> str:
+  """A parameter's path as its module's names give it, without flax's 'params' collection:
+  'block_0/attention/kernel'."""
+  name = _path_name(path)
+  return name[len('params/'):] if name.startswith('params/') else name
+
+
 def _in_layer(path: str, layer: str) -> bool:
-  """Whether module or parameter path 'a/b/c' lies in `layer`: a component ('b') or a leading
-  path ('a/b', 'a/b/c')."""
+  """Whether module or parameter path 'a/b/c' (no 'params/') lies in `layer`: a component ('b')
+  or a leading path ('a/b', 'a/b/c'). The one rule for a layer name, wherever one is taken."""
   return layer in path.split('/') or path == layer or path.startswith(layer + '/')
 
 
 def layer_mask(tree, layers: Optional[Sequence[str]]):
-  """A bool pytree: True on leaves whose path has one of `layers` as a component (None: all)."""
+  """A bool pytree: True on leaves in one of `layers` (`_in_layer`; None: all)."""
   if layers is None:
     return jax.tree.map(lambda _: True, tree)
   layers = [layers] if isinstance(layers, str) else list(layers)
@@ -88,7 +95,7 @@ def layer_mask(tree, layers: Optional[Sequence[str]]):
   found = {l: False for l in layers}
 
   def keep(path):
-    name = _path_name(path)
+    name = _module_path(path)
     hit = [l for l in layers if _in_layer(name, l)]
     for l in hit:
       found[l] = True
@@ -97,7 +104,7 @@ def layer_mask(tree, layers: Optional[Sequence[str]]):
   mask = jax.tree_util.tree_map_with_path(lambda p, _: keep(p), tree)
   missing = [l for l, ok in found.items() if not ok]
   if missing:
-    names = sorted({_path_name(p).rsplit('/', 1)[0] for p, _ in paths})
+    names = sorted({_module_path(p).rsplit('/', 1)[0] for p, _ in paths})
     raise UserError(f'layer {missing[0]!r} not found in the parameters (layers: {", ".join(names)})')
   return mask
 
@@ -371,10 +378,9 @@ def dense_factors(loss_fn: PerExampleLoss, params, batch: dict,
   Dense layers taken do not hold every parameter (ghost products would then miss a part).
   """
   calls = _dense_calls(loss_fn, params, batch)
-  names = list(calls) if layers is None else [n for n in calls
-                                              if any(l in n.split('/') for l in layers)]
-  if layers is not None and not names:
-    raise UserError(f'no Dense layer among {list(layers)!r} (Dense layers: {", ".join(calls)})')
+  if isinstance(layers, str):
+    layers = [layers]
+  names = list(calls) if layers is None else _named_dense(calls, layers)
   if check_coverage and layers is None:
     covered = _dense_params(calls)
     total = sum(x.size for x in jax.tree.leaves(params))
@@ -574,7 +580,7 @@ def per_example_projected(loss_fn: PerExampleLoss, params, batch: dict,
   then_state = then.init(jax.ShapeDtypeStruct((state.dim,), dtype))
 
   def block(b):
-    captured = dense_factors(loss_fn, params, b, state.layers, check_coverage=False)
+    captured = dense_factors(loss_fn, params, b, list(state.names), check_coverage=False)
     return jax.vmap(lambda v: then.apply(v, then_state))(_project_captured(state, captured))
 
   return chunked_batches(block, batch, chunk_size)

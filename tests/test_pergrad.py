@@ -82,6 +82,37 @@ def test_select_unknown_layer_is_user_error():
     pergrad.per_example(loss, params, batch, pergrad.select(['dense_9']))
 
 
+def test_a_layer_name_selects_the_same_parameters_everywhere():
+  """On a transformer (nested modules), a component ('attention') or a leading path
+  ('block_0/attention') names the same Dense layers to the parameter mask, the factored
+  projection and the ghost products; flax's 'params/' prefix and unknown names are refused by
+  all three."""
+  from datarater.tasks.lm import LanguageModel, Transformer  # pylint: disable=g-import-not-at-top
+  spec = {'tokens': jax.ShapeDtypeStruct((6,), jnp.int32)}
+  task = LanguageModel(Transformer(10, 8, 2, 1, 12, 10), spec, 'tokens')
+  params = task.init(jax.random.key(0))
+  batch = {'tokens': jnp.array([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]], jnp.int32)}
+  loss = task.per_example_loss
+  masked_modules = lambda layers: {
+      '/'.join(str(k.key) for k in path[1:-1])
+      for path, keep in jax.tree_util.tree_flatten_with_path(pergrad.layer_mask(params, layers))[0]
+      if keep}
+  for layers in (['attention'], ['block_0/attention'], ['head', 'block_0/mlp_in']):
+    state = pergrad.factored_projection(2, 2, layers=layers).init(loss, params, batch)
+    assert masked_modules(layers) == set(state.names), layers
+    ghost = pergrad.dense_factors(loss, params, batch, layers, check_coverage=False)
+    assert set(ghost) == set(state.names), layers
+    got = pergrad.per_example_projected(loss, params, batch, state)
+    assert got.shape == (2, 4 * len(state.names))
+  for bad in (['params/block_0/attention'], ['head', 'nowhere']):
+    with pytest.raises(UserError, match=bad[-1]):
+      pergrad.layer_mask(params, bad)
+    with pytest.raises(UserError, match=bad[-1]):
+      pergrad.factored_projection(2, 2, layers=bad).init(loss, params, batch)
+    with pytest.raises(UserError, match=bad[-1]):
+      pergrad.ghost_sq_norms(loss, params, batch, bad)
+
+
 def _projection_matrix(transform, num_params, dtype=jnp.float64):
   """The matrix a linear transform applies, recovered row by row from unit vectors."""
   state = transform.init(jax.ShapeDtypeStruct((num_params,), dtype))
