@@ -70,6 +70,14 @@ def test_valuate_errors_are_one_line_and_write_nothing(tfds_dir, tmp_path):
   with pytest.raises(UserError, match="method dvemb needs valuation.optimizer='sgd', got 'adam'"):
     valuate('dvemb', config, str(tmp_path / 'g'))
   config = small_config(tfds_dir)
+  config.valuation.dvemb_curvature = 'exact'
+  with pytest.raises(UserError, match="dvemb_curvature='exact' works on unprojected gradients"):
+    valuate('dvemb', config, str(tmp_path / 'h'))
+  config = small_config(tfds_dir)
+  config.valuation.store, config.valuation.topk = True, 3
+  with pytest.raises(UserError, match='valuation.topk attributes with TracIn'):
+    valuate('mimic', config, str(tmp_path / 'i'))
+  config = small_config(tfds_dir)
   config.valuation.store, config.valuation.topk, config.valuation.topk_split = True, 3, 'tset'
   with pytest.raises(UserError, match="no split 'tset'"):
     valuate('tracin', config, str(tmp_path / 'f'))

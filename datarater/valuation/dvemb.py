@@ -1,7 +1,8 @@
 """Data value embedding (Wang et al. 2024): trajectory-specific leave-one-out in one dot product.
 
 Plain SGD on weighted mean batch losses, theta_{t+1} = theta_t - (lr_t/B) sum_j w_j g_j(theta_t)
-(w_j = 1, or 0 for an epoch's padding). Removing example i from step s adds (lr_s/B) w_i g_i(theta_s)
+(w_j as the run recorded them: 1, or B/real for the real examples of an epoch's short last batch
+and 0 for its padding). Removing example i from step s adds (lr_s/B) w_i g_i(theta_s)
 to theta_{s+1}; to first order that change reaches the final parameters as
     e_{s,i} = (lr_s/B) w_i K_{s+1} g_i(theta_s),   K_{s+1} = prod_{t=T-1..s+1} (I - lr_t H_t),
 so the change of any test loss is <grad l_test(theta_T), e_{s,i}>: e is the data value

@@ -83,8 +83,19 @@ def check(method: str, config, task, train) -> None:
   if method == 'datarater':
     rater_for(config, train)
     return
-  if method == 'dvemb' and v.optimizer != 'sgd':  # its recursion is the SGD step's
-    raise UserError(f"method dvemb needs valuation.optimizer='sgd', got {v.optimizer!r}")
+  if method == 'dvemb':
+    if v.optimizer != 'sgd':  # its recursion is the SGD step's
+      raise UserError(f"method dvemb needs valuation.optimizer='sgd', got {v.optimizer!r}")
+    if v.dvemb_curvature == 'gauss_newton' and not task.num_classes:
+      raise UserError("valuation.dvemb_curvature='gauss_newton' needs a classification task "
+                      "(use 'empirical_fisher')")
+    if v.dvemb_curvature == 'exact' and v.projection != 'none':
+      raise UserError("valuation.dvemb_curvature='exact' works on unprojected gradients: set "
+                      f"valuation.projection='none' (got {v.projection!r})")
+  if (v.store or v.topk) and method not in ('tracin', 'mimic', 'dvemb'):
+    raise UserError(f'valuation.store and valuation.topk need a gradient method, not {method!r}')
+  if v.topk and method != 'tracin':
+    raise UserError('valuation.topk attributes with TracIn: use --method=tracin')
   if method in ('tracin', 'mimic') and v.train_steps % v.checkpoint_every:
     raise UserError(f'checkpoint_every={v.checkpoint_every} must be >= 1 and divide the '
                     f'{v.train_steps} steps')

@@ -109,6 +109,8 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
   factory.check(method, config, task, train)  # bad layer names etc. fail before any work
   if config.valuation.topk:
     pipeline.check_split(pipeline.builder_of(d), config.valuation.topk_split)
+  if (config.valuation.store or config.valuation.topk) and jax.process_count() > 1:
+    raise UserError('valuation.store and valuation.topk run in one process')
   primary = jax.process_index() == 0
   with files.workdir_lock(workdir) if primary else contextlib.nullcontext():
     tag = fingerprint(method, config)
@@ -116,8 +118,6 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     valuation = factory.build(method, config, task, train, heldout, cache)
     stem = os.path.join(workdir, f'scores_{method}')
     if config.valuation.store or config.valuation.topk:
-      if jax.process_count() > 1:
-        raise UserError('valuation.store and valuation.topk run in one process')
       return _from_store(method, config, task, train, heldout, workdir, stem, tag, valuation,
                          cache, progress)
     partial = os.path.join(workdir, f'.scores_{method}-{tag}.part-{jax.process_index()}.npy')
@@ -137,10 +137,6 @@ def _from_store(method, config, task, train, heldout, workdir, stem, tag, valuat
   from datarater import pergrad  # pylint: disable=g-import-not-at-top
   from datarater.valuation import store as store_lib  # pylint: disable=g-import-not-at-top
   v = config.valuation
-  if method not in ('tracin', 'mimic', 'dvemb'):
-    raise UserError(f'valuation.store and valuation.topk need a gradient method, not {method!r}')
-  if v.topk and not (method == 'tracin'):
-    raise UserError('valuation.topk attributes with TracIn: use --method=tracin')
   loss = task.per_example_loss
   steps, every = ((v.dvemb_steps, 1) if method == 'dvemb' else (v.train_steps, v.checkpoint_every))
   run, _ = factory.record(config, task, train, steps, every, cache,
