@@ -8,6 +8,8 @@ lists every process's devices and one mesh spans them all.
 from absl import flags
 import jax
 
+from datarater.errors import UserError
+
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """The multi-process flags, for an entry point to define before `app.run`."""
@@ -20,8 +22,27 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Starts `jax.distributed` as the flags say (nothing without them); bad values and a failed
+  start are one `UserError` line."""
   if fv.coordinator_address:
-    jax.distributed.initialize(coordinator_address=fv.coordinator_address,
-                               num_processes=fv.num_processes, process_id=fv.process_id)
+    host, _, port = fv.coordinator_address.rpartition(':')
+    if not host or not port.isdigit():
+      raise UserError(f'--coordinator_address must be HOST:PORT, got {fv.coordinator_address!r}')
+    if fv.num_processes is None or fv.num_processes < 1:
+      raise UserError(f'--num_processes must be >= 1 with --coordinator_address, got '
+                      f'{fv.num_processes}')
+    if fv.process_id is None or not 0 <= fv.process_id < fv.num_processes:
+      raise UserError(f'--process_id must be in 0..{fv.num_processes - 1}, got {fv.process_id}')
+    start = lambda: jax.distributed.initialize(coordinator_address=fv.coordinator_address,
+                                               num_processes=fv.num_processes,
+                                               process_id=fv.process_id)
+  elif fv.num_processes is not None or fv.process_id is not None:
+    raise UserError('--num_processes and --process_id need --coordinator_address')
   elif fv.distributed:
-    jax.distributed.initialize()
+    start = jax.distributed.initialize
+  else:
+    return
+  try:
+    start()
+  except (ValueError, RuntimeError) as e:
+    raise UserError(f'cannot start jax.distributed: {str(e).splitlines()[0]}') from None

@@ -179,6 +179,12 @@ def _cases(tfds_dir: str, w) -> list:
       ('filter', fl(rater, '--keep=0.5', '--threshold=approx'),
        "value should be one of <exact|streaming>"),
       ('filter', fl(rater, '--keep=0.5', '--label_noise=2'), 'label_noise must be in [0, 1), got 2'),
+      ('filter', fl(rater, '--keep=0.5', '--coordinator_address=127.0.0.1:1',
+                    '--num_processes=2', '--process_id=5'), '--process_id must be in 0..1, got 5'),
+      ('filter', fl(rater, '--keep=0.5', '--coordinator_address=nowhere', '--num_processes=2',
+                    '--process_id=0'), "--coordinator_address must be HOST:PORT, got 'nowhere'"),
+      ('filter', fl(rater, '--keep=0.5', '--num_processes=2'),
+       '--num_processes and --process_id need --coordinator_address'),
       ('filter', fl(rater, '--keep=0.5', '--noise_seed=-1'),
        'the corruption seed (data.noise_seed) must be an integer >= 0, got -1'),
       ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
@@ -197,7 +203,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 84  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 87  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -13,6 +13,7 @@ import glob
 
 import jax
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from configs.digits import get_config
@@ -109,6 +110,18 @@ def test_two_process_filter_writes_the_one_process_dataset(tfds_dir, tmp_path):
   read = lambda d: {os.path.relpath(p, d): open(p, 'rb').read() for p in sorted(glob.glob(
       os.path.join(d, '**'), recursive=True)) if os.path.isfile(p)}
   two, one = read(tmp_path / 'two'), read(tmp_path / 'one')
+  assert len(one) >= 8 and two == one
+  # A scores file's float64 values travel between the processes bit for bit (here they differ
+  # only past float32's precision: rounded, the keep threshold would fall elsewhere).
+  n = len(pq.read_table(tmp_path / 'one' / 'scores_train.parquet'))
+  scores = tmp_path / 'fine.parquet'
+  pq.write_table(pa.table({'id': np.arange(n), 'value': 1 + np.arange(n) * 1e-10}), scores)
+  args = ['--dataset=sklearn_digits', f'--scores={scores}', '--keep=0.5', f'--data_dir={tfds_dir}',
+          '--batch_size=100', '--threshold=exact']
+  _finish(_start('launch.filter', [*args, f'--out={tmp_path / "two_scores"}']))
+  filter_dataset('sklearn_digits', str(tmp_path / 'one_scores'), ['train'], scores=str(scores),
+                 keep=0.5, data_dir=tfds_dir, batch_size=100, threshold='exact')
+  two, one = read(tmp_path / 'two_scores'), read(tmp_path / 'one_scores')
   assert len(one) >= 8 and two == one
 
 
