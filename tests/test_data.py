@@ -107,6 +107,17 @@ def test_stream_visits_each_example_once_per_epoch_and_resumes_by_position():
   np.testing.assert_array_equal(pipeline.stream_indices(n, 50, 30, seed=5), stream[50:80])
 
 
+def test_the_stream_does_not_follow_the_corruption_record_of_the_same_seed():
+  """The benches set seed = noise_seed. Were the stream's epoch 0 the record's permutation, its
+  first rate * N positions would all be corrupted; independent, the share is binomial around the
+  rate (here 200 of 1,000 at 20%: at most 0.3 by any seed, a 3.5 sigma bound)."""
+  n, rate = 1000, 0.2
+  for seed in range(5):
+    corrupted = corruption.Corruption(rate, seed).record(n) != 0
+    first = pipeline.stream_indices(n, 0, int(rate * n), seed)
+    assert corrupted[first].mean() < 0.3, (seed, corrupted[first].mean())
+
+
 def test_softmax_weights_average_one_keep_the_order_and_sharpen_with_lower_temperature():
   scores = jnp.array([[0.0, 1.0, 2.0, -1.0]])
   for tau in (0.5, 1.0, 4.0):

@@ -254,17 +254,22 @@ def load_split(data, split: str, corrupt: bool = False) -> Split:
   return read_split(builder_of(data), split, corruption_lib.from_config(data) if corrupt else None)
 
 
+STREAM_TAG = 0x5354524D  # 'STRM': the shuffled stream's own generators
+
+
 def stream_indices(num_examples: int, start: int, count: int, seed: int) -> np.ndarray:
   """Positions [start, start+count) of an endless stream of shuffled epochs over the split.
 
   Epoch e is `permutation(seed, e)`; position p is example perm_{p // N}[p % N]. Pure in its
-  arguments, so the stream can be resumed or sharded by position alone.
+  arguments, so the stream can be resumed or sharded by position alone. The generator's seed
+  starts with a tag of its own: numpy seeds [s, 0] and s alike, so without it epoch 0 of seed s
+  would be the corruption record's permutation of noise seed s (every corrupted example first).
   """
   positions = np.arange(start, start + count, dtype=np.int64)
   epochs = positions // num_examples
   out = np.empty(count, np.int64)
   for epoch in np.unique(epochs):
-    perm = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
+    perm = np.random.default_rng([STREAM_TAG, seed, int(epoch)]).permutation(num_examples)
     sel = epochs == epoch
     out[sel] = perm[positions[sel] % num_examples]
   return out
