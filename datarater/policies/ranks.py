@@ -1,8 +1,10 @@
 """Ranks: each entry's position in a stable ascending sort (0 = smallest; equal entries in index
 order), with one sort instead of `argsort(argsort(x))`: the sort's inverse permutation.
 
-`rank(x)` ranks along the last axis; `percentile_rank` scales a rank to [0, 1], which makes
-scores of any scale comparable; `grouped_percentile_rank` ranks each entry within its group.
+`rank(x)` ranks along the last axis (a strict order, for choosing by position);
+`percentile_rank` scales ranks to [0, 1], which makes scores of any scale comparable, and
+`grouped_percentile_rank` ranks each entry within its group. As scores, equal entries share
+their mean rank: a tie broken by position would favour examples by where they lie in the split.
 """
 import jax
 import jax.numpy as jnp
@@ -22,16 +24,27 @@ def rank(x: jax.Array) -> jax.Array:
   return inverse_permutation(jnp.argsort(x, axis=-1))
 
 
+def _mean_rank(key: jax.Array) -> jax.Array:
+  """Each entry's rank in the ascending sort of 1-D `key`, equal entries sharing their mean."""
+  ordered = jnp.sort(key)
+  first = jnp.searchsorted(ordered, key, side='left')
+  last = jnp.searchsorted(ordered, key, side='right') - 1
+  return (first + last) / 2
+
+
 def percentile_rank(x: jax.Array) -> jax.Array:
-  """Rank of each entry of 1-D `x` scaled to [0, 1] (0 = smallest)."""
-  return rank(x).astype(jnp.float32) / max(x.shape[0] - 1, 1)
+  """Rank of each entry of 1-D `x` scaled to [0, 1] (0 = smallest; ties share their mean)."""
+  return (_mean_rank(x) / max(x.shape[0] - 1, 1)).astype(jnp.float32)
 
 
 def grouped_percentile_rank(x: jax.Array, group: jax.Array, num_groups: int) -> jax.Array:
-  """Rank of each entry among the entries of its group, scaled to [0, 1] (0 = smallest)."""
+  """Rank of each entry among the entries of its group, scaled to [0, 1] (0 = smallest; ties
+  share their mean)."""
   if num_groups == 1:
     return percentile_rank(x)
-  pos = inverse_permutation(jnp.lexsort((x, group)).astype(group.dtype))  # by group, then by x
+  n = x.shape[0]
+  # One integer key ordered by group, then by x (equal x, equal key): x's first sorted position.
+  key = group.astype(jnp.int32) * n + jnp.searchsorted(jnp.sort(x), x, side='left')
   size = jnp.bincount(group, length=num_groups)
   start = jnp.cumsum(size) - size
-  return ((pos - start[group]) / jnp.maximum(size[group] - 1, 1)).astype(jnp.float32)
+  return ((_mean_rank(key) - start[group]) / jnp.maximum(size[group] - 1, 1)).astype(jnp.float32)
