@@ -14,7 +14,7 @@ from absl import flags
 
 from datarater.curation.filter import THRESHOLD_MODES, filter_dataset
 from datarater.data.corruption import Corruption
-from datarater.errors import exit_on_user_error
+from datarater.errors import UserError, exit_on_user_error
 from launch import cli, distributed
 
 
@@ -44,6 +44,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
+    if not 0 <= fv.label_noise < 1:  # checked here to name the flag, not the config field
+      raise UserError(f'--label_noise must be in [0, 1), got {fv.label_noise}')
+    if fv.noise_seed < 0:
+      raise UserError(f'--noise_seed must be >= 0, got {fv.noise_seed}')
     distributed.initialize_from_flags(fv)
     report = filter_dataset(
         fv.dataset, fv.out, fv.split, rater=fv.rater, scores=fv.scores, keep=fv.keep,

@@ -178,7 +178,7 @@ def _cases(tfds_dir: str, w) -> list:
       ('filter', fl(rater, '--min_score=0', '--balance'), '--balance needs --keep'),
       ('filter', fl(rater, '--keep=0.5', '--threshold=approx'),
        "value should be one of <exact|streaming>"),
-      ('filter', fl(rater, '--keep=0.5', '--label_noise=2'), 'label_noise must be in [0, 1), got 2'),
+      ('filter', fl(rater, '--keep=0.5', '--label_noise=2'), '--label_noise must be in [0, 1), got 2'),
       ('filter', fl(rater, '--keep=0.5', '--coordinator_address=127.0.0.1:1',
                     '--num_processes=2', '--process_id=5'), '--process_id must be in 0..1, got 5'),
       ('filter', fl(rater, '--keep=0.5', '--coordinator_address=nowhere', '--num_processes=2',
@@ -186,7 +186,7 @@ def _cases(tfds_dir: str, w) -> list:
       ('filter', fl(rater, '--keep=0.5', '--num_processes=2'),
        '--num_processes and --process_id need --coordinator_address'),
       ('filter', fl(rater, '--keep=0.5', '--noise_seed=-1'),
-       'the corruption seed (data.noise_seed) must be an integer >= 0, got -1'),
+       '--noise_seed must be >= 0, got -1'),
       ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
                   f'--out={w}/rater'], "already exists (pass --overwrite to replace it)"),
   ]
