@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.outer.warmup_steps = 50
   c.outer.schedule = 'constant'    # after the warm-up: 'constant' | 'cosine' (to 0 at outer.steps)
   c.outer.clip_norm = 1.0
-  c.outer.ema = 0.0                # decay of the rater's Polyak average, the rater reported (0: off)
+  c.outer.ema = 0.0                # decay of the rater's Polyak average, the one reported (0: off)
   # The meta-gradient estimator (outer_loop.estimators): 'reverse' | 'remat' (jax.checkpoint per
   # inner step) | 'mixed' (custom backward, forward-over-reverse HVPs, memory nearly flat in T).
   c.outer.meta_gradient = 'reverse'
@@ -114,8 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
   v.tracin_ghost = True            # self-influence from Dense inputs x output grads, if all-Dense
   v.mimic_layers = 'last'          # 'last' | '' (all) | comma-separated names
   v.mimic_cosine = False
-  v.mimic_keep_fraction = 0.0      # offline filter: keep this top fraction; 0 = 2-Gaussian threshold
-  v.reference_steps = 400          # SGD steps of the Mimic reference on the trusted (held-out) split
+  v.mimic_keep_fraction = 0.0      # offline filter: keep this top share; 0 = 2-Gaussian threshold
+  v.reference_steps = 400          # SGD steps of the Mimic reference on the trusted held-out split
   v.dvemb_curvature = 'gauss_newton'  # 'gauss_newton' | 'empirical_fisher' | 'none'
   v.dvemb_steps = 300              # DVEmb's run is shorter: it keeps a checkpoint per step
   v.rater = ''                     # method datarater: an exported rater or a train_rater workdir
@@ -126,7 +126,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Selection policy 'sae': plug-in feature space, a sparse autoencoder on it, the scores.
   c.features = ml_collections.ConfigDict()
-  c.features.extractor = 'penultimate'  # 'penultimate' (Task.embed of a briefly trained task) | 'pixels'
+  # 'penultimate' (Task.embed of a briefly trained task) | 'pixels'
+  c.features.extractor = 'penultimate'
   c.features.task = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (64,),
                                                'activation': 'relu'})
   c.features.train_steps = 150

@@ -1,4 +1,4 @@
-"""datarater: learned data curation in JAX/Flax. `datarater.load_rater(DIR)` loads an exported rater."""
+"""datarater: learned data curation in JAX/Flax. `datarater.load_rater(DIR)` loads a rater."""
 
 
 def __getattr__(name):

@@ -41,7 +41,8 @@ def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
 def trajectory_fields(config: ml_collections.ConfigDict,
                       free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS) -> dict[str, Any]:
   """The flattened config minus `free_fields` (JSON-normalised: tuples become lists). Under
-  `outer.schedule='cosine'` the run length sets the learning rate's decay, so `outer.steps` stays."""
+  `outer.schedule='cosine'` the run length sets the learning rate's decay, so `outer.steps`
+  stays."""
   flat = _flatten(json.loads(config.to_json()))
   if flat.get('outer.schedule') == 'cosine':
     free_fields = tuple(f for f in free_fields if f != 'outer.steps')

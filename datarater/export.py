@@ -37,7 +37,8 @@ def rater_training_compute(config, steps: int) -> int:
   step. The meta-backward through the unroll roughly doubles the T part again; it is not counted
   here, so the figure is conservative.
   """
-  inner_steps = config.inner.get('advance_steps', 0) + config.inner.steps  # a saved config may lack A
+  # A + T (a config saved before advance_steps existed lacks A)
+  inner_steps = config.inner.get('advance_steps', 0) + config.inner.steps
   return int(steps * config.inner.population *
              (inner_steps * config.inner.batch_size + config.outer.batch_size))
 
@@ -67,7 +68,8 @@ def _read_run(workdir: str):
                                                             'checkpoints'))
   if state is None:
     raise UserError(f'no checkpoint in {workdir!r}: run launch.train_rater there first')
-  # The rater of the run: its Polyak average when it kept one (outer.ema > 0), as meta_train reports.
+  # The rater of the run: its Polyak average when it kept one (outer.ema > 0), as meta_train
+  # reports.
   params = averaging.debiased(state.get('rater_average') or None, state['rater_params'],
                               config.outer.get('ema', 0.0), state['step'] - state['skipped'])
   _check_finite(params, f'the latest checkpoint of {workdir!r}')

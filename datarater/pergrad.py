@@ -7,9 +7,9 @@ A per-example loss `loss_fn(params, batch) -> [B]` (e.g. `models.per_example_los
 - `jvp_dots(...)`: all B dot products <grad l_i, v> with a fixed vector v from ONE forward-mode JVP,
   never forming a per-example gradient;
 - `ghost_dots(...)` / `ghost_sq_norms(...)`: pairwise gradient dot products of Dense layers from
-  their inputs a_i and output-gradients g_i, since grad_i(kernel) = a_i g_i^T gives
-  <grad_i, grad_j> = (a_i.a_j)(g_i.g_j); the factors are captured with `flax.linen.intercept_methods`
-  (a zero perturbation added to each Dense output, as `Module.perturb` does, without editing models);
+  their inputs a_i and output-gradients g_i, since grad_i(kernel) = a_i g_i^T gives <grad_i, grad_j>
+  = (a_i.a_j)(g_i.g_j); the factors are captured with `flax.linen.intercept_methods` (a zero
+  perturbation added to each Dense output, as `Module.perturb` does, without editing models);
 - `per_example_projected(...)`: a `factored_projection` of Dense-layer gradients (LoGra): per layer
   sum_t (x_it P_in)^T (g_it P_out) from the same captured factors, [B, D], no gradient formed;
   `project_params` maps a parameter-space vector into the same space.
@@ -105,7 +105,8 @@ def layer_mask(tree, layers: Optional[Sequence[str]]):
   missing = [l for l, ok in found.items() if not ok]
   if missing:
     names = sorted({_module_path(p).rsplit('/', 1)[0] for p, _ in paths})
-    raise UserError(f'layer {missing[0]!r} not found in the parameters (layers: {", ".join(names)})')
+    raise UserError(f'layer {missing[0]!r} not found in the parameters '
+                    f'(layers: {", ".join(names)})')
   return mask
 
 
@@ -347,7 +348,8 @@ def _dense_calls(loss_fn: PerExampleLoss, params, batch: dict):
     return out
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda p, b: loss_fn(p, b), params, batch)  # a fresh fn: eval_shape caches traces
+    # A fresh function: eval_shape caches traces.
+    jax.eval_shape(lambda p, b: loss_fn(p, b), params, batch)
   return calls
 
 

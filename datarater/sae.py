@@ -94,7 +94,8 @@ def _apply(module: SAE, params, x: jax.Array):
 def make_sae(config) -> SAE:
   """The SAE of a `sae` ConfigDict: num_factors, sparsity, k."""
   if config.sparsity not in SPARSITIES:
-    raise UserError(f'unknown sae.sparsity {config.sparsity!r} (choose from {", ".join(SPARSITIES)})')
+    raise UserError(f'unknown sae.sparsity {config.sparsity!r} '
+                    f'(choose from {", ".join(SPARSITIES)})')
   if config.num_factors <= 0:
     raise UserError(f'sae.num_factors must be positive, got {config.num_factors}')
   if config.sparsity == 'top_k' and not 0 < config.k <= config.num_factors:

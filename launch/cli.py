@@ -1,11 +1,12 @@
 """What every launcher shares: flag parsing that fails in one line, --help with the config fields.
 
 `run(main, define_flags, doc)` defines a launcher's flags and runs `main` under absl, with absl's
-log at WARNING unless --verbosity is given. A bad flag, config file or config override (an
-unknown field, a value of the wrong type) prints one `error:` line and exits 2, like every
-`UserError` and I/O error inside `main` (`datarater.errors.exit_on_user_error`). `--help` prints the launcher's description, its flags
-and every field of its config, and exits 0. `invoke(module, argv)` runs a launcher in this
-process exactly as its command line would (tests use it to try many inputs quickly).
+log at WARNING unless --verbosity is given. A bad flag, config file or config override (an unknown
+field, a value of the wrong type) prints one `error:` line and exits 2, like every `UserError` and
+I/O error inside `main` (`datarater.errors.exit_on_user_error`). `--help` prints the launcher's
+description, its flags and every field of its config, and exits 0. `invoke(module, argv)` runs a
+launcher in this process exactly as its command line would (tests use it to try many inputs
+quickly).
 """
 import re
 import sys

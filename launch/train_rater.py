@@ -1,4 +1,4 @@
-r"""Meta-learns a DataRater: `python -m launch.train_rater --config=configs/digits.py --workdir=DIR`.
+r"""Meta-learns a DataRater (`launch.train_rater --config=configs/digits.py --workdir=DIR`).
 
 Runs `datarater.meta_train.meta_train` on all devices of the job (see that module for what DIR
 receives); run it again with the same DIR to resume.

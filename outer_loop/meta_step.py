@@ -1,4 +1,4 @@
-"""The bi-level step: K inner models unroll T weighted steps; the rater follows d(held-out loss)/d(phi).
+"""The bi-level step: K inner models unroll T weighted steps; the rater follows their held-out loss.
 
 `outer_loss(problem, estimator, phi, ...)` is a pure function of the rater parameters;
 `outer_step(problem, estimator, state, inner_batches, outer_batches) -> (state, metrics)` resets

@@ -50,8 +50,8 @@ def reset_diverged(population: InnerState, init_member: InitMember, key: jax.Arr
   """Members with non-finite parameters or optimizer state start afresh; (population, count)."""
   size = jax.tree.leaves(population)[0].shape[0]
   ok = finite_members(population)
-  fresh = init_population(init_member, jax.random.fold_in(jax.random.fold_in(key, 0x7fffffff), step),
-                          size)
+  reset_key = jax.random.fold_in(jax.random.fold_in(key, 0x7fffffff), step)
+  fresh = init_population(init_member, reset_key, size)
 
   def select(new, old):
     return jnp.where(ok.reshape((size,) + (1,) * (old.ndim - 1)), old, new)

@@ -9,8 +9,8 @@ From the codes Z [N, M] (>= 0) of every training example:
   (`labels` given): f, H and max f are those of the examples sharing i's label, so R_i is how
   typical i's factors are *of its labelled class*; a mislabelled example is made of factors common
   in another class and scores low (the feature space becomes noise-aware without any losses);
-- diversity D_i(t) = sum_{j rare} a_ij gate_j(t) novelty_j (global frequencies): rare factors are let
-  in gradually, the less rare first (gate_j(t) ramps linearly from 0 to 1 over
+- diversity D_i(t) = sum_{j rare} a_ij gate_j(t) novelty_j (global frequencies): rare factors are
+  let in gradually, the less rare first (gate_j(t) ramps linearly from 0 to 1 over
   t in [rho_j (1 - w), rho_j (1 - w) + w], w = gate_width, t = training progress in [0, 1], so every
   factor is fully in by the end), and factors already trained on a lot count less
   (novelty_j = 1 / (1 + usage_j / mean usage));
@@ -57,7 +57,8 @@ class FactorStats:
   high: jax.Array        # [M] bool: in the (split-wide) high-frequency set
   rarity: jax.Array      # [M] rho_j in [0, 1] for rare factors, 0 for high-frequency ones
   group: jax.Array       # [N] int32: the example's class (class-conditional) or 0
-  rep_weight: jax.Array  # [G, M]: f_{j|g} / max f_{.|g} on the high-frequency set of group g, else 0
+  # [G, M]: f_{j|g} / max f_{.|g} on the high-frequency set of group g, else 0
+  rep_weight: jax.Array
   rep_rank: jax.Array    # [N]: percentile of R_i within its group (constant: computed once here)
 
 
@@ -110,7 +111,8 @@ def _representativeness(mass, rep_weight, group):
 
 
 def representativeness(stats: FactorStats) -> jax.Array:
-  """R_i: the example's code mass on high-frequency factors (of its group), weighted by frequency."""
+  """R_i: the example's code mass on high-frequency factors (of its group), weighted by
+  frequency."""
   return _representativeness(stats.mass, stats.rep_weight, stats.group)
 
 

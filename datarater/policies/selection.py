@@ -95,10 +95,10 @@ def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> P
 
   Candidates are the examples whose last loss is below the mean (InfoBatch's rule), widened to the
   lowest-loss ceil((N - n) / max_prune_prob) if there are too few, so exactly N - n are pruned with
-  probability p = (N - n) / #candidates <= max_prune_prob (when the ratio is below
-  1 - max_prune_prob, every example is a candidate and p = 1 - ratio exceeds it); kept candidates
-  get weight 1 / (1 - p) so the expected gradient matches the full-data one. Losses are those seen in training (the
-  forward pass of the last epoch an example was in); all start equal, so epoch 0 is random.
+  probability p = (N - n) / #candidates <= max_prune_prob (when the ratio is below 1-max_prune_prob,
+  every example is a candidate and p = 1 - ratio exceeds it); kept candidates get weight 1 / (1 - p)
+  so the expected gradient matches the full-data one. Losses are those seen in training (the forward
+  pass of the last epoch an example was in); all start equal, so epoch 0 is random.
   """
   n = num_selected(num_examples, ratio)
   pruned = num_examples - n

@@ -6,9 +6,10 @@ parameter sits in a Dense layer whose inputs are the patches, so the per-example
 ghost dot products and factored projections (Dense inputs x output gradients, summed over
 positions) cover the convolutions too, and CPUs run the matmuls faster than conv kernels, also
 through the second-order terms of meta-gradients. After each convolution: group norm (gcd(groups,
-channels) groups) without learned scale or offset (per example: batch norm would mix the examples of a batch and break
-per-example losses and gradients) and the activation. Then a flatten or a global average pool
-(`pool`), an optional Dense layer (`hidden`, 0 = none), and the head. `embed` is the head's input.
+channels) groups) without learned scale or offset (per example: batch norm would mix the examples of
+a batch and break per-example losses and gradients) and the activation. Then a flatten or a global
+average pool (`pool`), an optional Dense layer (`hidden`, 0 = none), and the head. `embed` is the
+head's input.
 """
 import math
 from typing import Sequence

@@ -9,10 +9,10 @@ so the change of any test loss is <grad l_test(theta_T), e_{s,i}>: e is the data
 embedding. H_t, the batch Hessian, is approximated from per-example gradients: by default the
 Gauss-Newton matrix (1/B) sum_j w_j sum_c p_jc g_jc g_jc^T (gradients for every label c, weighted
 by the model's probabilities: exact Fisher of softmax cross-entropy; needs a classification task),
-or the cheaper empirical Fisher (1/B) sum_j w_j g_j g_j^T of the observed labels. Everything is
-kept in a k-dim random projection of the gradients (pergrad transforms), so K is k x k and the backward recursion
-K_t = K_{t+1} (I - lr_t H_t) is one `lax.scan` in reverse. An example's embedding sums
-its occurrences; summing only the steps of one phase (early/middle/late) gives value by phase.
+or the cheaper empirical Fisher (1/B) sum_j w_j g_j g_j^T of the observed labels. Everything is kept
+in a k-dim random projection of the gradients (pergrad transforms), so K is k x k and the backward
+recursion K_t = K_{t+1} (I - lr_t H_t) is one `lax.scan` in reverse. An example's embedding sums its
+occurrences; summing only the steps of one phase (early/middle/late) gives value by phase.
 """
 from typing import Optional
 
@@ -48,7 +48,8 @@ def _k_times_hessian(task, params, batch, weights, kmat, grads, transform, state
     return ((kmat @ grads.T) * weights[None, :]) @ grads / b
   if curvature == 'gauss_newton':
     # For softmax cross-entropy the Gauss-Newton matrix is the model's Fisher:
-    # (1/B) sum_j w_j sum_c p_jc g_jc g_jc^T, g_jc the gradient had the label been c, p_jc = e^-l_jc.
+    # (1/B) sum_j w_j sum_c p_jc g_jc g_jc^T, g_jc the gradient had the label been c,
+    # p_jc = e^-l_jc.
     def per_class(acc, c):
       labels = task.labels(batch)
       relabelled = task.with_labels(batch, jnp.full_like(labels, c))
@@ -110,8 +111,9 @@ def embed(task: Task, run: TrainingRun, num_examples: int,
       kmat = kmat - lr * _k_times_hessian(task, params, batch, weights, kmat, g, transform, state,
                                           curvature, chunk_size)
     elif curvature != 'none':
-      kmat = kmat @ _step_map(_k_times_hessian(task, params, batch, weights, jnp.eye(k, dtype=dtype),
-                                               g, transform, state, curvature, chunk_size), lr)
+      hessian = _k_times_hessian(task, params, batch, weights, jnp.eye(k, dtype=dtype), g,
+                                 transform, state, curvature, chunk_size)
+      kmat = kmat @ _step_map(hessian, lr)
     return kmat, emb
 
   _, step = jax.lax.scan(body, jnp.eye(k, dtype=dtype),

@@ -39,7 +39,8 @@ def resolve_layers(loss_fn: PerExampleLoss, params, batch: dict, layers: Layers)
 def mimic_scores(loss_fn: PerExampleLoss, params, ref_params, batch: dict,
                  layers: Optional[Sequence[str]], cosine: bool = False,
                  chunk_size: Optional[int] = 64) -> jax.Array:
-  """<-grad l_i(theta), u>, u = (theta_ref - theta)/||.|| over `layers`; / ||g_i|| if cosine. [B]."""
+  """<-grad l_i(theta), u>, u = (theta_ref - theta)/||.|| over `layers`; / ||g_i|| if cosine.
+  [B]."""
   v = pergrad.masked(jax.tree.map(jnp.subtract, ref_params, params), layers)
   u = jax.tree.map(lambda x: x / jnp.maximum(pergrad.tree_norm(v), 1e-30), v)
   s = -pergrad.jvp_dots(loss_fn, params, batch, u, chunk_size)

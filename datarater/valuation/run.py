@@ -1,18 +1,19 @@
 """Valuing every training example with one method: the run behind `launch.valuate`.
 
 `valuate(method, config, workdir)` fits the method (`factory.build`) to the config's task and
-training split, scores every training example and writes `scores_<method>.parquet` (a scores
-file: id, score, value, the corruption record; Mimic adds its offline keep decision) and
+training split, scores every training example and writes `scores_<method>.parquet` (a scores file:
+id, score, value, the corruption record; Mimic adds its offline keep decision) and
 `scores_<method>.json` (noise AUROC overall and per corruption kind, what the method cost, the
 config). With `valuation.store`, the training examples' factored-projected gradients are written
-once to a gradient store (`valuation/store.py`, `workdir/store_<method>`) and the scores come
-from it; `valuation.topk` > 0 also writes `topk_<method>.parquet`: for every example of
-`valuation.topk_split`, its most supporting and most opposing training examples (TracIn). The training split is streamed (`data.source.Source`): the recorded training run reads
-its batches as it goes and scoring reads fixed-size blocks, so memory does not grow with the
-split (a few bytes per example). The fitted runs are kept in `workdir/fit/` and every finished
-block's scores in a memory-mapped file, so a killed run resumes where it stopped and writes the
-same files. In a `jax.distributed` job every process fits the same runs, scores every P-th
-block, and process 0 merges the blocks into the one scores file.
+once to a gradient store (`valuation/store.py`, `workdir/store_<method>`) and the scores come from
+it; `valuation.topk` > 0 also writes `topk_<method>.parquet`: for every example of
+`valuation.topk_split`, its most supporting and most opposing training examples (TracIn). The
+training split is streamed (`data.source.Source`): the recorded training run reads its batches as it
+goes and scoring reads fixed-size blocks, so memory does not grow with the split (a few bytes per
+example). The fitted runs are kept in `workdir/fit/` and every finished block's scores in a
+memory-mapped file, so a killed run resumes where it stopped and writes the same files. In a
+`jax.distributed` job every process fits the same runs, scores every P-th block, and process 0
+merges the blocks into the one scores file.
 """
 import contextlib
 import hashlib
