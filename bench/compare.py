@@ -1,6 +1,7 @@
-"""What the curation benchmarks share (bench.curation, bench.lm_curation): fresh task models trained
-on a corpus with the one trainer, their curves, when a curve reaches a target, and statistics over
-seeds (paired differences, pairs = seeds)."""
+"""What the curation benchmarks share (bench.curation, bench.lm_curation, bench.steps_saved): fresh
+task models trained on a corpus with the one trainer, their curves, when a curve reaches a target,
+statistics over seeds (paired differences, pairs = seeds), and the compute a filtered subset saves
+(`break_even`, `steps_saved`)."""
 from typing import Optional
 
 import numpy as np
@@ -38,6 +39,12 @@ def steps_to_reach(curve, target: float, higher_is_better: bool = True,
   return None
 
 
+def fraction_to_own_final(run: dict) -> float:
+  """The share of its steps a training run (`curve`, final `accuracy`, `steps`) takes to first
+  reach its own final accuracy: below 1 when the curve peaks early, as it does under noise."""
+  return steps_to_reach(run['curve'], run['accuracy']) / run['steps']
+
+
 def stats(values, scale: float = 100.0) -> dict:
   x = scale * np.asarray(values, np.float64)
   return {'mean': float(x.mean()), 'std': float(x.std()), 'n': len(x)}
@@ -48,3 +55,27 @@ def paired(a, b, scale: float = 100.0) -> dict:
   d = scale * (np.asarray(a, np.float64) - np.asarray(b, np.float64))
   se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float('nan')
   return {'diff': float(d.mean()), 'se': se}
+
+
+def break_even(setup: int, all_data: int, fraction, all_fraction=1.0) -> Optional[float]:
+  """Training runs after which a method's one-off cost `setup` is paid back, when each run on its
+  filtered data stops at all data's final accuracy, `fraction` of all data's example-gradients
+  `all_data`, and each run on all data stops after `all_fraction` of them: 1 (trained to the end)
+  or the share it needs to reach its own final accuracy (None: never paid back)."""
+  if fraction is None or fraction >= all_fraction:
+    return None
+  return float(setup / (all_data * (all_fraction - fraction)))
+
+
+def steps_saved(rs: list, fractions: list, setup: int, all_data: int) -> dict:
+  """Against all data stopped as soon as it reaches its own final accuracy (it gets there early
+  when its curve peaks before the end): all data's shares per seed, the paired saving
+  (all data's share minus the filtered run's), and the break-even runs at that saving."""
+  own = [fraction_to_own_final(r['all']) for r in rs]
+  out = {'all_steps_to_own_final': own, 'saved_vs_all_own': None,
+         'break_even_runs_vs_all_own': None}
+  if all(f is not None for f in fractions):
+    out['saved_vs_all_own'] = paired(own, fractions, scale=1.0)
+    out['break_even_runs_vs_all_own'] = break_even(setup, all_data, float(np.mean(fractions)),
+                                                   float(np.mean(own)))
+  return out

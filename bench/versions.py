@@ -10,8 +10,8 @@ figure (noise AUROC, fresh-model test accuracy and held-out loss; curation accur
 AUROC per method; each valuation's AUROC; selection accuracy per policy and ratio) it reports both
 means, their spread over seeds, the difference after minus before with its paired standard error
 (pairs = seeds), and the verdict of the rule fixed before the runs: `reproduces` if the difference
-is no worse than 2 standard errors, else `regression` (for a loss, higher is worse). Writes
-OUT.json and OUT.md.
+is no worse than 2 standard errors, else `regression` (for a loss, higher is worse);
+`undetermined` with fewer than 2 seeds. Writes OUT.json and OUT.md.
 """
 import json
 import os
@@ -110,10 +110,12 @@ def compare(before: dict, after: dict) -> list[dict]:
     d = paired(x1, x0, scale)
     worse = -d['diff'] if better else d['diff']  # > 0: after is worse
     rows.append({'figure': label, 'seeds': len(seeds),
-                 'before_mean': float(scale * x0.mean()), 'before_std': float(scale * x0.std(ddof=1)),
+                 'before_mean': float(scale * x0.mean()),
+                 'before_std': float(scale * x0.std(ddof=1)),
                  'after_mean': float(scale * x1.mean()), 'after_std': float(scale * x1.std(ddof=1)),
                  'diff': d['diff'], 'paired_se': d['se'],
-                 'verdict': 'regression' if worse > 2 * d['se'] else 'reproduces'})
+                 'verdict': ('undetermined' if len(seeds) < 2 else
+                             'regression' if worse > 2 * d['se'] else 'reproduces')})
   return rows
 
 

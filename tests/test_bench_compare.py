@@ -31,6 +31,25 @@ def test_paired_differences_and_stats():
   assert compare.stats([0.25, 0.75])['mean'] == pytest.approx(50.0)
 
 
+def test_steps_saved_charges_all_data_only_until_its_own_final_accuracy():
+  """Two seeds worked by hand. All data peaks early: seed 0 reaches its final 0.80 at step 20 of
+  80 (share 0.25), seed 1 only at its end (share 1). The filtered runs reach all data's final
+  accuracy at steps 20 and 40 (fractions 0.25, 0.5): saved 0 and 0.5, mean 0.25; against all data
+  run to the end, 0.75 and 0.5."""
+  runs = [{'all': {'curve': [(20, 0.80), (40, 0.85), (80, 0.80)], 'accuracy': 0.80, 'steps': 80}},
+          {'all': {'curve': [(20, 0.70), (40, 0.75), (80, 0.80)], 'accuracy': 0.80, 'steps': 80}}]
+  assert [compare.fraction_to_own_final(r['all']) for r in runs] == [0.25, 1.0]
+  out = compare.steps_saved(runs, [0.25, 0.5], setup=1000, all_data=100)
+  assert out['saved_vs_all_own']['diff'] == pytest.approx(0.25)
+  assert out['saved_vs_all_own']['se'] == pytest.approx(np.std([0.0, 0.5], ddof=1) / np.sqrt(2))
+  # Paid back after setup / (all_data * saving) runs: 1000 / (100 * 0.25) = 40 stopped at the own
+  # final accuracy, 1000 / (100 * (1 - 0.375)) = 16 against all data run to the end.
+  assert out['break_even_runs_vs_all_own'] == pytest.approx(40)
+  assert compare.break_even(1000, 100, 0.375) == pytest.approx(16)
+  assert compare.break_even(1000, 100, 0.5, all_fraction=0.4) is None  # never paid back
+  assert compare.steps_saved(runs, [0.25, None], 1000, 100)['saved_vs_all_own'] is None
+
+
 def test_learned_reads_kinds_against_clean_prose_and_weights_per_group():
   # domain 0 = prose, 1 = code; kinds: clean, random_bytes, boilerplate
   domain = np.array([0, 0, 0, 0, 1, 1, 0, 0])

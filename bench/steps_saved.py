@@ -1,0 +1,96 @@
+r"""Compute saved by a filtered subset against all data stopped at its own final accuracy.
+
+  python -m bench.steps_saved --results=bench/results/curation_fashion_mnist_50k.json
+
+`bench.curation`'s steps fraction is the share of all data's steps that a filtered run needs to
+reach all data's final test accuracy; it charges all data its whole run. Under label noise all
+data's curve often peaks early and reaches its final accuracy before its last step. From the runs
+stored in each curation results JSON (their accuracy curves; nothing is trained), this gives, for
+the DataRater at its suggested keep and for every method and keep: the steps fraction, all data's
+own share, the paired saving (own share minus the filtered run's, pairs = seeds) and the
+break-even training runs both ways. Writes <out>.json and .md.
+"""
+import json
+import os
+
+from absl import flags
+import numpy as np
+
+from bench import cli as bench_cli
+from bench import compare
+from bench import provenance
+from datarater import files
+from datarater.errors import UserError
+
+_RESULTS = flags.DEFINE_list('results', [], 'Curation results JSON files (bench.curation).')
+_OUT = flags.DEFINE_string('out', 'bench/results/steps_saved', 'Output prefix (.json, .md).')
+
+
+def rows_of(results: dict) -> list[dict]:
+  """One row per (noise, setting) with steps fractions of every seed."""
+  rows = []
+  for noise, by_seed in results['runs'].items():
+    rs = list(by_seed.values())
+    setup = lambda m: int(np.mean([r['setup_example_gradients'][m] for r in rs]))
+    all_data = int(np.mean([r['all']['example_gradients'] for r in rs]))
+    settings = [(m, k, lambda r, m=m, k=k: r['filtered'][m].get(k))
+                for m in results['methods'] for k in sorted(rs[0]['filtered'][m], key=float)
+                if all(k in r['filtered'][m] for r in rs)]
+    if all(r.get('suggested_keep') for r in rs):
+      settings.append(('datarater', 'suggested',
+                       lambda r: r['filtered']['datarater'][str(r['suggested_keep'])]))
+    for method, keep, get in settings:
+      reached = [compare.steps_to_reach(get(r)['curve'], r['all']['accuracy'])
+                 for r in rs]
+      fractions = [None if x is None else x / r['all']['steps'] for x, r in zip(reached, rs)]
+      saved = compare.steps_saved(rs, fractions, setup(method), all_data)
+      whole = (float(np.mean(fractions)) if all(f is not None for f in fractions) else None)
+      rows.append({'noise': float(noise), 'method': method, 'keep': keep, 'seeds': len(rs),
+                   'steps_fraction': fractions, 'steps_fraction_mean': whole,
+                   'break_even_runs': compare.break_even(setup(method), all_data, whole),
+                   **saved})
+  return rows
+
+
+def markdown(tables: dict) -> str:
+  lines = ['Steps fraction: steps a filtered run needs to reach all data\'s final test accuracy, '
+           'as a share of all data\'s steps; "all data, own": the share all data needs to reach '
+           'its own final accuracy; saved: own share minus steps fraction, paired standard error '
+           '(pairs = seeds); break-even: training runs after which the method\'s one-off cost is '
+           'paid back, against all data run to the end / stopped at its own final accuracy.', '']
+  cell = lambda x, f='{:.2f}': '-' if x is None else f.format(x)
+  for path, rows in tables.items():
+    lines += [f'## {path}', '', '| noise | method | keep | steps fraction | all data, own | saved '
+              '| break-even (to the end) | break-even (own) |', '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+      s = r['saved_vs_all_own']
+      saved = '-' if s is None else f'{s["diff"]:+.2f} ± {s["se"]:.2f}'
+      lines.append(
+          f'| {r["noise"]:.0%} | {r["method"]} | {r["keep"]} | {cell(r["steps_fraction_mean"])} '
+          f'| {np.mean(r["all_steps_to_own_final"]):.2f} | {saved} '
+          f'| {cell(r["break_even_runs"], "{:.0f}")} '
+          f'| {cell(r["break_even_runs_vs_all_own"], "{:.0f}")} |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  if not _RESULTS.value:
+    raise UserError('--results names no curation results file')
+  tables = {}
+  for path in _RESULTS.value:
+    with open(path) as f:
+      results = json.load(f)
+    if 'runs' not in results or 'methods' not in results:
+      raise UserError(f'{path!r} is not a bench.curation results file')
+    tables[os.path.relpath(path)] = rows_of(results)
+  bench_cli.out_folder(_OUT.value)
+  provenance.write_json(_OUT.value + '.json', {'tables': tables})
+  text = markdown(tables)
+  files.write_text(_OUT.value + '.md', text)
+  print(text)
+
+
+if __name__ == '__main__':
+  bench_cli.run(main, __doc__)
