@@ -142,5 +142,6 @@ def build(method: str, config, task, train, heldout, cache=None) -> Valuation:
   reference, ref_cost = mimic_reference(config, task, heldout, cache)
   valuation = Mimic(task.per_example_loss, reference, parse_layers(v.mimic_layers),
                     v.mimic_cosine, chunk).fit(run)
-  valuation.example_gradients = cost + ref_cost
+  # The runs, then one Jacobian-vector product per example at every checkpoint (as TracIn).
+  valuation.example_gradients = cost + ref_cost + len(train) * run.num_checkpoints
   return valuation
