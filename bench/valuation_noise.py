@@ -95,7 +95,9 @@ def markdown(results: dict) -> str:
            f'{results["dataset"]} ({results.get("train_split", "train")}), task '
            f'{results["task"]}; noise = {results.get("label_noise_kind", "symmetric")} label noise'
            + (f' plus input corruptions ({inputs})' if inputs else '')
-           + f'; DataRater: {results["rater_steps"]} outer steps:', '',
+           + f'; DataRater: {results["rater_steps"]} outer steps; seconds: each variant\'s own '
+           'wall, the training run the gradient methods share counted in the first that records '
+           'it:', '',
            '| noise | method | overall | ' + ' | '.join(kinds) + ' | seconds |',
            '|---|---|---|' + '---|' * len(kinds) + '---|']
   for noise in results['noise']:
