@@ -59,6 +59,7 @@ _RATER_STEPS = flags.DEFINE_integer('rater_steps', 600, 'Outer steps of each rat
 _EPOCHS = flags.DEFINE_integer('epochs', 40, 'Training epochs of every task model.')
 _EVALS = flags.DEFINE_integer('evals_per_epoch', 1, 'Test evaluations per epoch (curves).')
 _OUT = flags.DEFINE_string('out', 'bench/results/curation', 'Output prefix.')
+_RANDOM_SUBSET = 0x52414E44  # 'RAND': the random subsets' own generators
 
 
 def train_run(config, task, split, test, policy, seed: int) -> dict:
@@ -108,11 +109,11 @@ def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
          'auroc': {m: evaluation.noise_auroc(values[m], train.is_corrupted) for m in methods},
          'auroc_by_kind': {m: evaluation.auroc_by_kind(values[m], train.corruption,
                                                        train.corruption_kinds) for m in methods}}
-  rng = np.random.default_rng([seed, 7])
   all_keeps = sorted(set(keeps) | ({suggested} if suggested and suggested < 1 else set()))
   for keep in all_keeps:
     k = select.keep_count(len(train), keep)
-    rand = np.sort(rng.permutation(len(train))[:k])
+    # Its own draw per (seed, size): the same subset whichever other keeps the run holds.
+    rand = np.sort(np.random.default_rng([_RANDOM_SUBSET, seed, k]).permutation(len(train))[:k])
     out['random'][keep] = train_run(c, task, train.subset(rand), test,
                                     weighting.weighting('uniform', k), seed)
     # At the rater's suggested keep (if not a listed one): the rater's subset alone.
