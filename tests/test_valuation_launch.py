@@ -77,6 +77,9 @@ def test_valuate_errors_are_one_line_and_write_nothing(tfds_dir, tmp_path):
   config.valuation.store, config.valuation.topk = True, 3
   with pytest.raises(UserError, match='valuation.topk attributes with TracIn'):
     valuate('mimic', config, str(tmp_path / 'i'))
+  config.valuation.topk = 0
+  with pytest.raises(UserError, match="need a gradient method, not 'datarater'"):
+    valuate('datarater', config, str(tmp_path / 'j'))
   config = small_config(tfds_dir)
   config.valuation.store, config.valuation.topk, config.valuation.topk_split = True, 3, 'tset'
   with pytest.raises(UserError, match="no split 'tset'"):

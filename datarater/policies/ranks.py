@@ -42,9 +42,12 @@ def grouped_percentile_rank(x: jax.Array, group: jax.Array, num_groups: int) -> 
   share their mean)."""
   if num_groups == 1:
     return percentile_rank(x)
-  n = x.shape[0]
-  # One integer key ordered by group, then by x (equal x, equal key): x's first sorted position.
-  key = group.astype(jnp.int32) * n + jnp.searchsorted(jnp.sort(x), x, side='left')
+  # One integer key < N ordered by group, then by x: the index of the entry's run of equal
+  # (group, x) pairs in that order (no product of group and N, which could overflow int32).
+  order = jnp.lexsort((x, group))
+  g, v = group[order], x[order]
+  new_run = jnp.concatenate([jnp.ones(1, bool), (g[1:] != g[:-1]) | (v[1:] != v[:-1])])
+  key = jnp.zeros_like(order).at[order].set(jnp.cumsum(new_run) - 1)
   size = jnp.bincount(group, length=num_groups)
   start = jnp.cumsum(size) - size
   return ((_mean_rank(key) - start[group]) / jnp.maximum(size[group] - 1, 1)).astype(jnp.float32)

@@ -80,6 +80,10 @@ def check(method: str, config, task, train) -> None:
   v = config.valuation
   if method not in METHODS:
     raise UserError(f'unknown method {method!r} (choose from {", ".join(METHODS)})')
+  if (v.store or v.topk) and method not in ('tracin', 'mimic', 'dvemb'):
+    raise UserError(f'valuation.store and valuation.topk need a gradient method, not {method!r}')
+  if v.topk and method != 'tracin':
+    raise UserError('valuation.topk attributes with TracIn: use --method=tracin')
   if method == 'datarater':
     rater_for(config, train)
     return
@@ -92,10 +96,6 @@ def check(method: str, config, task, train) -> None:
     if v.dvemb_curvature == 'exact' and v.projection != 'none':
       raise UserError("valuation.dvemb_curvature='exact' works on unprojected gradients: set "
                       f"valuation.projection='none' (got {v.projection!r})")
-  if (v.store or v.topk) and method not in ('tracin', 'mimic', 'dvemb'):
-    raise UserError(f'valuation.store and valuation.topk need a gradient method, not {method!r}')
-  if v.topk and method != 'tracin':
-    raise UserError('valuation.topk attributes with TracIn: use --method=tracin')
   if method in ('tracin', 'mimic') and v.train_steps % v.checkpoint_every:
     raise UserError(f'checkpoint_every={v.checkpoint_every} must be >= 1 and divide the '
                     f'{v.train_steps} steps')
