@@ -1,4 +1,5 @@
 """launch.valuate end to end on the digits: one row per training example keyed by id, errors."""
+import json
 import os
 
 import jax
@@ -170,6 +171,13 @@ def test_a_gradient_store_projects_the_layers_of_its_method(tfds_dir, tmp_path):
   (path,) = [os.path.join(work, d) for d in os.listdir(work) if d.startswith('store_mimic')]
   projection = store_lib.GradientStore(path).meta['projection']
   assert projection['names'] == ['dense_2'] and projection['dim'] == 64 * 64, projection
+  # A store that projects other layers (as older code built it) is rebuilt, not read.
+  meta_path = os.path.join(path, store_lib.META)
+  meta = json.load(open(meta_path))
+  meta['projection']['layers'] = None
+  json.dump(meta, open(meta_path, 'w'))
+  valuate('mimic', config, work, progress=False)
+  assert store_lib.GradientStore(path).meta['projection']['layers'] == ['dense_2']
   read = lambda w: pq.read_table(os.path.join(w, 'scores_mimic.parquet')).to_pydict()
   want, got = read(str(tmp_path / 'exact')), read(work)
   assert want['id'] == got['id']

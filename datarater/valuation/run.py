@@ -18,6 +18,7 @@ merges the blocks into the one scores file.
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import pickle
 
@@ -31,6 +32,8 @@ from datarater.data import pipeline, source
 from datarater.errors import UserError
 from datarater.valuation import factory
 from datarater.valuation.mimic import mimic_filter
+
+log = logging.getLogger('datarater')
 
 SECTIONS = ('data', 'task', 'valuation')
 
@@ -148,13 +151,17 @@ def _from_store(method, config, task, train, heldout, workdir, stem, tag, valuat
   else:
     layers = factory.parse_layers(v.layers) if method == 'tracin' else None
   path = os.path.join(workdir, f'store_{method}-{tag}')
-  if os.path.exists(path):
-    store = store_lib.GradientStore(path)
-  else:
+  store = store_lib.GradientStore(path) if os.path.exists(path) else None
+  if store is not None and store.meta['projection']['layers'] != (
+      None if layers is None else list(layers)):  # made by code that projected other layers
+    log.info('rebuilding %s: it projects layers %s, the method reads %s', path,
+             store.meta['projection']['layers'], layers)
+    store = None
+  if store is None:
     store = store_lib.build(path, loss, run, train, pergrad.factored_projection(
         v.store_k, v.store_k, v.projection_seed, layers), split_name=config.data.train_split,
                             block_size=v.score_batch_size, chunk_size=v.chunk_size,
-                            progress=progress)
+                            overwrite=True, progress=progress)
   heldout_batch = heldout.take(np.arange(len(heldout)))
   if method == 'tracin':
     if v.tracin_mode == 'self':
