@@ -20,6 +20,7 @@ import numpy as np
 
 from datarater import checkpointing, config_checks, evaluation, files, plots
 from datarater.curation import select
+from datarater.data import pipeline
 from datarater.errors import UserError
 from datarater.policies import weighting
 from datarater.trainer import Trainer
@@ -78,7 +79,12 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
   problem, estimator = setup.build_problem(config, data.info)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir {workdir!r} exists and is not a folder')
-  ckpt = checkpointing.RunCheckpointer(workdir, config)
+  # The checkpoints are tied to the config and to how the stream shuffles (code before the
+  # stream's own generator tag shuffled otherwise: its checkpoints cannot be resumed exactly).
+  fingerprint = config.copy_and_resolve_references()
+  with fingerprint.unlocked():
+    fingerprint.data_stream = pipeline.STREAM_VERSION
+  ckpt = checkpointing.RunCheckpointer(workdir, fingerprint)
   resume_step = ckpt.check_compatible()
   if resume_step is not None and resume_step > config.outer.steps:
     raise UserError(f'--workdir {workdir!r} holds a checkpoint at outer step {resume_step}, past '

@@ -79,6 +79,20 @@ def test_skipped_steps_in_a_row_that_end_between_checks_still_stop_the_run(
     meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
 
 
+def test_a_checkpoint_of_the_stream_before_its_tag_is_not_resumed(tfds_dir, tmp_path):
+  """Code before the stream's generator tag shuffled the meta-training stream otherwise; its
+  checkpoints (no data_stream in their config fingerprint) are refused, not resumed mixed."""
+  config = small_config(tfds_dir, steps=4)
+  workdir = tmp_path / 'old'
+  meta_train(config, str(workdir), stop_after=2, devices=jax.devices()[:1])
+  (meta_file,) = glob.glob(str(workdir / 'checkpoints' / '2' / 'meta' / 'metadata'))
+  meta = json.load(open(meta_file))
+  del meta['config']['data_stream']
+  json.dump(meta, open(meta_file, 'w'))
+  with pytest.raises(UserError, match='different config .data_stream=None there, 2 here'):
+    meta_train(config, str(workdir), devices=jax.devices()[:1])
+
+
 def _corrupt(step_dir, how: str):
   if how == 'truncated':
     for path in glob.glob(os.path.join(step_dir, 'state', '**', 'd', '*'), recursive=True):

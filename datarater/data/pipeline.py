@@ -255,6 +255,7 @@ def load_split(data, split: str, corrupt: bool = False) -> Split:
 
 
 STREAM_TAG = 0x5354524D  # 'STRM': the shuffled stream's own generators
+STREAM_VERSION = 2  # how stream_indices shuffles; meta-training checkpoints record it
 
 
 def stream_indices(num_examples: int, start: int, count: int, seed: int) -> np.ndarray:
