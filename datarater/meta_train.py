@@ -77,6 +77,9 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     if size > len(split):
       raise UserError(f'{field}={size} is more than the {len(split)} examples it is drawn from')
   problem, estimator = setup.build_problem(config, data.info)
+  for split in (data.train, data.heldout, data.eval):  # e.g. tokens outside the vocabulary
+    problem.task.check_data(split.features)
+    problem.rater.check_data(split.features)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir {workdir!r} exists and is not a folder')
   # The checkpoints are tied to the config and to how the stream shuffles (code before the

@@ -80,6 +80,8 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   heldout = pipeline.load_split(d, d.heldout_split)
   evals = pipeline.load_split(d, d.eval_split)
   task = tasks.make_task(config.task, train_split.info)
+  for split in (train_split, heldout, evals):  # e.g. tokens outside the vocabulary
+    task.check_data(split.features)
   made = policies.make_policy(name, policies.PolicyContext(
       train_split, heldout, task, config, rater=rater, scores=scores))
   trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size)

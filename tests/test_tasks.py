@@ -102,3 +102,22 @@ def test_unknown_names_and_missing_features_are_user_errors():
     task = tasks.make_task(ml_collections.ConfigDict(
         {'name': 'mlp_classifier', 'hidden': (4,), 'activation': 'swishy'}), tiny_info())
     task.init(jax.random.key(0))
+
+
+def test_tokens_outside_the_vocabulary_are_one_line_not_a_nan_loss():
+  """Without the check, a token >= vocab makes the LM's loss NaN (take_along_axis fills NaN)."""
+  from datarater.tasks.lm import LanguageModel, SequenceRater, Transformer  # pylint: disable=g-import-not-at-top
+  spec = {'tokens': jax.ShapeDtypeStruct((6,), jnp.int32)}
+  task = LanguageModel(Transformer(10, 8, 2, 1, 12, 10), spec, 'tokens')
+  rater = SequenceRater(Transformer(10, 8, 2, 1, 12, 1, pool=True, causal=False), spec, 'tokens')
+  good = {'tokens': np.array([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 9]], np.int32)}
+  bad = {'tokens': np.array([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 200]], np.int32)}
+  task.check_data(good)
+  rater.check_data(good)
+  params = task.init(jax.random.key(0))
+  assert np.isnan(np.asarray(task.per_example_loss(params, bad))[1])  # what the check prevents
+  with pytest.raises(UserError, match=r"tokens in \[1, 200\], outside the vocabulary of "
+                                      r"task.vocab=10 \(set it to at least 201\)"):
+    task.check_data(bad)
+  with pytest.raises(UserError, match='rater.vocab=10'):
+    rater.check_data(bad)

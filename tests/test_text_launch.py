@@ -12,6 +12,7 @@ import pytest
 
 from configs import text
 from datarater.data import pipeline, python_text
+from datarater.errors import UserError
 from datarater.export import load_rater
 from datarater.meta_train import meta_train
 from tests.run_config import launch_train_rater, overridden, stopped_and_resumed
@@ -65,3 +66,12 @@ def test_text_rater_run_resumed_on_four_devices_equals_one_device_straight(tfds_
   records = [json.loads(l) for l in open(resumed / 'metrics.jsonl')]
   assert [r['step'] for r in records] == [2, 4]  # none repeated by the resume
   assert all(r['meta_grad_norm'] > 0 for r in records)  # the rater really moved
+
+
+def test_a_vocabulary_smaller_than_the_corpus_bytes_stops_before_any_work(tfds_dir, tmp_path):
+  if not os.path.isdir(python_text.DOC_DIR):
+    pytest.skip('needs Debian package python3.11-doc (apt-get install python3.11-doc)')
+  config = overridden(_config(tfds_dir), {'task.vocab': 100})
+  with pytest.raises(UserError, match='outside the vocabulary of task.vocab=100'):
+    meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  assert not (tmp_path / 'run').exists()

@@ -72,6 +72,10 @@ class Task(abc.ABC):
     """The batch with its classes replaced by `labels` (classifiers only)."""
     raise UserError(f'task {type(self).__name__} has no class labels')
 
+  def check_data(self, features: Batch) -> None:
+    """Raises a UserError if host `features` (a split's, [N, ...]) cannot be this task's input,
+    e.g. tokens outside its vocabulary; runs check their in-memory splits with it."""
+
 
 class Rater(abc.ABC):
   """g_phi: one score per example (higher = worth more training). Frozen dataclasses."""
@@ -84,3 +88,6 @@ class Rater(abc.ABC):
   @abc.abstractmethod
   def score(self, params: Params, batch: Batch) -> jax.Array:
     """Scores [B]."""
+
+  def check_data(self, features: Batch) -> None:
+    """As `Task.check_data`, for the rater's input."""

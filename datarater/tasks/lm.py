@@ -131,6 +131,15 @@ def _transformer(config, outputs: int, causal: bool, pool: bool) -> Transformer:
                      pool)
 
 
+def _check_tokens(tokens, vocab: int, key: str, section: str) -> None:
+  """Tokens outside [0, vocab) would index past the embedding (a NaN loss): one line instead."""
+  tokens = np.asarray(tokens)
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+    raise UserError(f'the {key!r} feature holds tokens in [{tokens.min()}, {tokens.max()}], '
+                    f'outside the vocabulary of {section}.vocab={vocab} (set it to at least '
+                    f'{tokens.max() + 1})')
+
+
 @dataclasses.dataclass(frozen=True)
 class LanguageModel(Task):
   """Next-token prediction over the batch's `input_key` tokens; `weight_key`: optional per-token
@@ -142,6 +151,9 @@ class LanguageModel(Task):
 
   def init(self, key):
     return init_module(self.module, key, example_batch(self.spec)[self.input_key])
+
+  def check_data(self, features):
+    _check_tokens(features[self.input_key], self.module.vocab, self.input_key, 'task')
 
   def per_token_loss(self, params, batch):
     """-log p(tokens[:, t+1] | tokens[:, :t+1]) for t < L-1, [B, L-1] (nats)."""
@@ -182,6 +194,9 @@ class SequenceRater(Rater):
 
   def init(self, key):
     return init_module(self.module, key, example_batch(self.spec)[self.input_key])
+
+  def check_data(self, features):
+    _check_tokens(features[self.input_key], self.module.vocab, self.input_key, 'rater')
 
   def score(self, params, batch):
     return self.module.apply(params, batch[self.input_key])[:, 0]
