@@ -7,6 +7,7 @@ import pytest
 
 from datarater import tasks
 from datarater.errors import UserError
+from datarater.tasks.lm import LanguageModel, SequenceRater, Transformer
 from tests.tiny import tiny_info
 
 
@@ -106,7 +107,6 @@ def test_unknown_names_and_missing_features_are_user_errors():
 
 def test_tokens_outside_the_vocabulary_are_one_line_not_a_nan_loss():
   """Without the check, a token >= vocab makes the LM's loss NaN (take_along_axis fills NaN)."""
-  from datarater.tasks.lm import LanguageModel, SequenceRater, Transformer  # pylint: disable=g-import-not-at-top
   spec = {'tokens': jax.ShapeDtypeStruct((6,), jnp.int32)}
   task = LanguageModel(Transformer(10, 8, 2, 1, 12, 10), spec, 'tokens')
   rater = SequenceRater(Transformer(10, 8, 2, 1, 12, 1, pool=True, causal=False), spec, 'tokens')
