@@ -4,9 +4,9 @@ A workdir holds `config.json` (the run's config) and `checkpoints/<step>/` (orba
 training state plus a JSON record of the data position and the config fingerprint). A run started
 on a workdir whose checkpoint came from a different config stops with a one-line error before it
 writes anything. Fields that do not change the training trajectory (run length, logging, paths)
-may differ, so a finished run can be extended (not under a cosine outer schedule, whose decay the
-run length sets). A checkpoint that cannot be read (truncated,
-flipped bits, garbled metadata) is passed over with a one-line warning for the newest intact one.
+may differ, so a finished run can be extended; a run's own checkpointer may narrow them. A
+checkpoint that cannot be read (truncated, flipped bits, garbled metadata) is passed over with a
+one-line warning for the newest intact one.
 """
 import json
 import logging
@@ -40,12 +40,8 @@ def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
 
 def trajectory_fields(config: ml_collections.ConfigDict,
                       free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS) -> dict[str, Any]:
-  """The flattened config minus `free_fields` (JSON-normalised: tuples become lists). Under
-  `outer.schedule='cosine'` the run length sets the learning rate's decay, so `outer.steps`
-  stays."""
+  """The flattened config minus `free_fields` (JSON-normalised: tuples become lists)."""
   flat = _flatten(json.loads(config.to_json()))
-  if flat.get('outer.schedule') == 'cosine':
-    free_fields = tuple(f for f in free_fields if f != 'outer.steps')
   return {k: v for k, v in flat.items()
           if not any(k == f or k.startswith(f + '.') for f in free_fields)}
 

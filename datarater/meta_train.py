@@ -60,6 +60,20 @@ SECTIONS = ('data', 'task', 'rater', 'inner', 'outer', 'final_eval')  # what a r
 COLLAPSED_ESS = 0.1
 
 
+def run_checkpointer(config, workdir: str) -> checkpointing.RunCheckpointer:
+  """Checkpoints in `workdir`, tied to the config and to how the meta-training stream shuffles
+  (code before the stream's own generator tag shuffled otherwise: its checkpoints cannot be
+  resumed exactly). A finished run may be extended with more outer steps, except under a cosine
+  outer schedule, whose decay the run length sets."""
+  fingerprint = config.copy_and_resolve_references()
+  with fingerprint.unlocked():
+    fingerprint.data_stream = pipeline.STREAM_VERSION
+  free = checkpointing.NON_TRAJECTORY_FIELDS
+  if config.outer.schedule == 'cosine':
+    free = tuple(f for f in free if f != 'outer.steps')
+  return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free)
+
+
 def meta_train(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
   """Runs (or resumes) a rater training; returns the final report (empty if stopped early)."""
   setup_logging()
@@ -82,12 +96,7 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     problem.rater.check_data(split.features)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir {workdir!r} exists and is not a folder')
-  # The checkpoints are tied to the config and to how the stream shuffles (code before the
-  # stream's own generator tag shuffled otherwise: its checkpoints cannot be resumed exactly).
-  fingerprint = config.copy_and_resolve_references()
-  with fingerprint.unlocked():
-    fingerprint.data_stream = pipeline.STREAM_VERSION
-  ckpt = checkpointing.RunCheckpointer(workdir, fingerprint)
+  ckpt = run_checkpointer(config, workdir)
   resume_step = ckpt.check_compatible()
   if resume_step is not None and resume_step > config.outer.steps:
     raise UserError(f'--workdir {workdir!r} holds a checkpoint at outer step {resume_step}, past '
