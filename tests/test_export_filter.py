@@ -138,10 +138,25 @@ def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path
 def test_balance_keeps_every_class_its_share(tfds_dir, rater_dir, tmp_path):
   report = _filter(tfds_dir, rater_dir, tmp_path / 'b', keep=0.5, balance=True)
   info = report['splits']['train']
-  assert info['kept'] == select.keep_count(N_TRAIN, 0.5)
-  quotas = select.class_quotas(np.array(info['num_per_class']), info['kept'])
-  assert info['kept_per_class'] == quotas.tolist()
-  assert min(info['kept_per_class']) > 0
+  k = select.keep_count(N_TRAIN, 0.5)
+  assert info['kept'] == k
+  # Oracle: each class's quota is its exact share rounded down or up, summing to k ...
+  table = pq.read_table(tmp_path / 'b' / 'scores_train.parquet').to_pydict()
+  labels, scores = np.asarray(table['label']), np.asarray(table['score'])
+  kept, ids = np.asarray(table['kept']), np.asarray(table['id'])
+  counts = np.bincount(labels, minlength=10)
+  quota = np.bincount(labels[kept], minlength=10)
+  exact = counts * k / N_TRAIN
+  assert quota.sum() == k and np.all(np.abs(quota - exact) < 1) and quota.min() > 0
+  assert info['num_per_class'] == counts.tolist() and info['kept_per_class'] == quota.tolist()
+  # ... and a class keeps its best-scored examples, ties to the lower id (sorted by hand).
+  for c in range(10):
+    members = sorted(np.flatnonzero(labels == c), key=lambda i: (-scores[i], ids[i]))
+    assert set(np.flatnonzero(kept & (labels == c))) == set(members[:quota[c]])
+  # The written split holds exactly that label histogram.
+  written = tfds.builder_from_directory(str(tmp_path / 'b')).as_data_source()['train']
+  np.testing.assert_array_equal(
+      np.bincount([written[j]['label'] for j in range(len(written))], minlength=10), quota)
 
 
 def test_deterministic_bytes_on_1_and_4_devices(tfds_dir, rater_dir, tmp_path):
@@ -298,3 +313,19 @@ def test_suggested_keep_is_the_otsu_split_and_ignores_a_spike_of_good_scores():
   assert select.suggest_keep(np.full(10, 2.0)) == 1.0
   with pytest.raises(UserError, match='finite'):
     select.suggest_keep(np.array([0.0, np.nan]))
+
+
+def test_class_quotas_are_the_closest_integer_shares_by_brute_force():
+  """Largest remainder = the integer vector with sum `total` nearest the exact shares in squared
+  distance (ties to the lower class), found here by enumerating every vector."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for _ in range(30):
+    counts = rng.integers(0, 7, size=int(rng.integers(1, 5)))
+    for total in range(counts.sum() + 1):
+      exact = counts * total / max(1, counts.sum())
+      best = min((q for q in itertools.product(*(range(c + 1) for c in counts))
+                  if sum(q) == total),
+                 key=lambda q: (round(float(np.sum((np.array(q) - exact) ** 2)), 9),
+                                [-x for x in q]))
+      np.testing.assert_array_equal(select.class_quotas(counts, total), best)
