@@ -76,3 +76,46 @@ def test_valuate_killed_while_scoring_resumes_to_the_same_scores_file(tfds_dir, 
   assert resumed['num_examples'] == len(a['id']) > KILL_AT * BLOCK
   assert np.std(a['score']) > 0
   assert not [f for f in os.listdir(killed) if f.startswith('.scores_')]  # partials removed
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_a_partial_of_another_process_count_is_not_resumed(tfds_dir, tmp_path, monkeypatch):
+  """Process 0 of 2 scores blocks 0, 2, 4, ...; stopped after two of them and resumed by one
+  process (which scores 0, 1, 2, ...), its partial must not count as blocks 0 and 1 done."""
+  import types  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import run  # pylint: disable=g-import-not-at-top
+  config = get_config()
+  config.data.data_dir = tfds_dir
+  v = config.valuation
+  v.train_steps, v.checkpoint_every, v.batch_size, v.score_batch_size = 20, 10, 32, BLOCK
+  straight = valuate('tracin', config, str(tmp_path / 'straight'), progress=False)
+  want = pq.read_table(tmp_path / 'straight' / 'scores_tracin.parquet').to_pydict()
+
+  class TwoProcesses(types.SimpleNamespace):  # process 0 of 2, to run.py only
+    def __getattr__(self, name):
+      return getattr(jax, name)
+  saved, write_json = [], files_lib.write_json
+
+  def stop_after_two_blocks(path, obj):
+    write_json(path, obj)
+    if path.endswith('.npy.json'):
+      saved.append(obj)
+      if len(saved) == 2:
+        raise _Stop
+  with monkeypatch.context() as m:
+    m.setattr(run, 'jax', TwoProcesses(process_index=lambda: 0, process_count=lambda: 2))
+    m.setattr(files_lib, 'write_json', stop_after_two_blocks)
+    try:
+      valuate('tracin', config, str(tmp_path / 'w'), progress=False)
+    except _Stop:
+      pass
+  assert saved == [{'blocks_done': 1}, {'blocks_done': 2}]
+  resumed = valuate('tracin', config, str(tmp_path / 'w'), progress=False)
+  got = pq.read_table(tmp_path / 'w' / 'scores_tracin.parquet').to_pydict()
+  np.testing.assert_array_equal(got['score'], want['score'])
+  assert resumed['noise_auroc'] == straight['noise_auroc']
+  assert not [f for f in os.listdir(tmp_path / 'w') if f.startswith('.scores_')]

@@ -125,6 +125,37 @@ def test_valuate_datarater_scores_are_the_exported_raters(tfds_dir, tmp_path):
   assert summary['example_gradients'] == 2 * 2 * (2 * 16 + 16)
 
 
+def test_valuate_datarater_resumed_after_its_rater_run_trained_on_scores_with_the_new_rater(
+    tfds_dir, tmp_path, monkeypatch):
+  """valuation.rater names a train_rater run; valuate stops after one block, the run trains two
+  more outer steps, and the resumed valuation is entirely the newer rater's (no stale block)."""
+  from datarater import files  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / 'run')
+  meta_train(small_rater_config(tfds_dir, steps=4), run, stop_after=2)
+  config = small_config(tfds_dir)
+  config.valuation.rater, config.valuation.score_batch_size = run, 256
+  write_json = files.write_json
+
+  class Stop(Exception):
+    pass
+
+  def stop_after_one_block(path, obj):
+    write_json(path, obj)
+    if path.endswith('.npy.json'):
+      raise Stop
+  with monkeypatch.context() as m:
+    m.setattr(files, 'write_json', stop_after_one_block)
+    with pytest.raises(Stop):
+      valuate('datarater', config, str(tmp_path / 'val'), progress=False)
+  meta_train(small_rater_config(tfds_dir, steps=4), run)
+  valuate('datarater', config, str(tmp_path / 'val'), progress=False)
+  table = pq.read_table(os.path.join(tmp_path, 'val', 'scores_datarater.parquet')).to_pydict()
+  train = pipeline.load_split(config.data, 'train', corrupt=True)
+  new = export.load_rater(run, devices=jax.devices()[:1])
+  assert new.training_example_gradients == 4 * 2 * (2 * 16 + 16)  # it did train on
+  np.testing.assert_allclose(table['score'], new(train.features), rtol=1e-5, atol=1e-6)
+
+
 def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path):
   """valuation.store: self-influence from factored projections finds the noise as the exact one;
   valuation.topk: each test example's supporters/opposers are the brute-force argsort of the

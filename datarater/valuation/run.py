@@ -16,6 +16,7 @@ memory-mapped file, so a killed run resumes where it stopped and writes the same
 merges the blocks into the one scores file.
 """
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from datarater import checkpointing, config_checks, evaluation, files, tasks
 from datarater.curation import scores_file
 from datarater.data import pipeline, source
 from datarater.errors import UserError
-from datarater.valuation import factory
+from datarater.valuation import factory, store
 from datarater.valuation.mimic import mimic_filter
 
 log = logging.getLogger('datarater')
@@ -38,11 +39,18 @@ log = logging.getLogger('datarater')
 SECTIONS = ('data', 'task', 'valuation')
 
 
-def fingerprint(method: str, config) -> str:
-  """What fixes a valuation's numbers: the method and the config's data, task and valuation."""
+def fingerprint(method: str, config, fitted: str = '') -> str:
+  """What fixes a valuation's numbers: the method, the config's data, task and valuation, and
+  `fitted`, a digest of anything read from outside the config (a rater's parameters)."""
   fields = checkpointing.trajectory_fields(config)
   kept = {k: v for k, v in fields.items() if k.split('.')[0] in SECTIONS}
-  return hashlib.sha256(json.dumps([method, kept], sort_keys=True).encode()).hexdigest()[:16]
+  return hashlib.sha256(json.dumps([method, kept, fitted], sort_keys=True).encode()
+                        ).hexdigest()[:16]
+
+
+def _part_path(workdir: str, method: str, tag: str, p: int, num: int) -> str:
+  """Process p's partial scores; the name holds the process count, as the blocks p scores do."""
+  return os.path.join(workdir, f'.scores_{method}-{tag}.part-{p}-of-{num}.npy')
 
 
 class RunCache:
@@ -121,11 +129,13 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     tag = fingerprint(method, config)
     cache = RunCache(os.path.join(workdir, 'fit'), tag)
     valuation = factory.build(method, config, task, train, heldout, cache)
+    if method == 'datarater':  # the path may be a rater run that has trained on since
+      tag = fingerprint(method, config, store.digest(jax.device_get(valuation.params)))
     stem = os.path.join(workdir, f'scores_{method}')
     if config.valuation.store or config.valuation.topk:
       return _from_store(method, config, task, train, heldout, workdir, stem, tag, valuation,
                          cache, progress)
-    partial = os.path.join(workdir, f'.scores_{method}-{tag}.part-{jax.process_index()}.npy')
+    partial = _part_path(workdir, method, tag, jax.process_index(), jax.process_count())
     record = score_blocks(valuation.score, train, config.valuation.score_batch_size, partial,
                           progress and primary, f'{method} scores')
     if jax.process_count() > 1:
@@ -198,18 +208,16 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
   """Writes the scores file and its summary; without `scores`, merges the processes' blocks
   (process 0) first."""
   n, block = len(train), config.valuation.score_batch_size
-  parts = []
   if scores is None:
     scores = np.empty(n, np.float64)
     for p in range(jax.process_count()):
-      part = os.path.join(workdir, f'.scores_{method}-{tag}.part-{p}.npy')
+      part = _part_path(workdir, method, tag, p, jax.process_count())
       data = np.load(part, mmap_mode='r')
       for start in train.block_starts(block, p, jax.process_count()):
         scores[start:start + block] = data[start:start + block]
         if record[start] < 0:  # another process's block: its record too
           record[start:start + block] = train.corruption_of(
               np.arange(start, min(start + block, n)))
-      parts.append(part)
   bad = int(np.sum(~np.isfinite(scores)))
   if bad:  # nothing non-finite is written
     raise UserError(f'{method}: {bad} of {n} scores are not finite (a diverged recorded run? try a '
@@ -229,8 +237,7 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
              'example_gradients': int(valuation.example_gradients), **extra,
              'config': json.loads(config.to_json_best_effort())}
   files.write_json(stem + '.json', summary)
-  for part in parts:  # the scores file holds them now
-    for path in (part, part + '.json'):
-      if os.path.exists(path):
-        os.remove(path)
+  # The scores file holds them now; parts left by a run with another process count go too.
+  for path in glob.glob(os.path.join(glob.escape(workdir), f'.scores_{method}-{tag}.part-*')):
+    os.remove(path)
   return summary
