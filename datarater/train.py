@@ -97,17 +97,20 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   # Every check passed: from here on the workdir is written, by this run alone.
   with files.workdir_lock(workdir) if workdir else contextlib.nullcontext():
     return _run(config, name, workdir, stop_after, log, train_split, heldout, evals, task, made,
-                trainer, ckpt, resume)
+                trainer, ckpt)
 
 
 def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, task, made, trainer,
-         ckpt, resume) -> dict:
+         ckpt) -> dict:
   d, t = config.data, config.train
   history_log = None
-  if workdir:
-    history_log = files.JsonlLog(os.path.join(workdir, 'history.jsonl'), 'epoch', resume or 0)
-    if resume is not None:
-      log(f'resuming from the checkpoint at epoch {resume}')
+
+  def on_start(epoch):  # the epoch of the checkpoint restored (an older one if the newest is bad)
+    nonlocal history_log
+    if workdir:
+      history_log = files.JsonlLog(os.path.join(workdir, 'history.jsonl'), 'epoch', epoch)
+    if epoch:
+      log(f'resuming from the checkpoint at epoch {epoch}')
   source = d.get('dataset_dir', '') or f'{d.name}:{d.train_split}'
   log(f'training {len(t.seeds)} {task.__class__.__name__} model(s) (seeds '
       f'{", ".join(map(str, t.seeds))}) on {source} ({len(train_split)} examples, '
@@ -120,7 +123,7 @@ def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, ta
       history_log.write(record)
   result = trainer.run(train_split, {'heldout': heldout, 'eval': evals}, t.seeds, epochs=t.epochs,
                        log=on_record, checkpoints=ckpt, checkpoint_every=t.checkpoint_every,
-                       stop_after=stop_after)
+                       stop_after=stop_after, on_start=on_start)
   if result.stopped_after is not None:
     log(f'stopped after epoch {result.stopped_after} (checkpointed); run again with the same '
         '--workdir to resume')

@@ -215,11 +215,13 @@ class Trainer:
           steps: Optional[int] = None, evals_per_epoch: int = 1,
           log: Optional[Callable[[dict], None]] = None,
           checkpoints: Optional[RunCheckpointer] = None, checkpoint_every: int = 1,
-          stop_after: Optional[int] = None) -> TrainResult:
+          stop_after: Optional[int] = None,
+          on_start: Optional[Callable[[int], None]] = None) -> TrainResult:
     """Trains for `epochs` epochs or `steps` optimizer steps; see the module docstring.
 
     With `checkpoints`, the state and history are saved every `checkpoint_every` epochs and at
-    the end, and a run finds its latest checkpoint and goes on from there. `stop_after`:
+    the end, and a run finds its latest readable checkpoint and goes on from there; `on_start`
+    is called with the epoch it starts from (0 when fresh) before any record. `stop_after`:
     checkpoint and return after that many epochs (a preemption drill). `wall_s` counts the
     training (selection, steps, policy updates), not compilation or evaluation.
     """
@@ -257,6 +259,8 @@ class Trainer:
       extra = meta['extra']
       history, train_s = extra['history'], extra['wall_s']
       start_epoch, done_steps = int(meta['step']), int(extra['steps'])
+    if on_start is not None:
+      on_start(start_epoch)
     state = state.replace(example_gradients=np.asarray(state.example_gradients),  # host counters
                           drawn=np.asarray(state.drawn))
     last_epoch = num_epochs if stop_after is None else max(start_epoch, min(stop_after, num_epochs))

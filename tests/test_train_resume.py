@@ -40,7 +40,7 @@ def test_weighting_run_stopped_resumed_and_extended_equals_uninterrupted(tfds_di
   assert not (tmp_path / 'b' / 'report.json').exists()
   lines = []
   resumed = train(config, 'uniform', workdir=str(tmp_path / 'b'), log=lines.append)
-  assert lines[0] == 'resuming from the checkpoint at epoch 3'
+  assert 'resuming from the checkpoint at epoch 3' in lines
   assert _history(resumed) == _history(straight)
   records = [json.loads(l) for l in open(tmp_path / 'b' / 'history.jsonl')]
   assert [r['epoch'] for r in records] == [1, 2, 3, 4, 5]  # no epoch twice, none missing
@@ -99,3 +99,22 @@ def test_command_line_stop_and_resume(tfds_dir, tmp_path):
   assert second.returncode == 0, second.stderr[-2000:]
   assert 'resuming from the checkpoint at epoch 1' in second.stdout
   assert json.loads((tmp_path / 'report.json').read_text())['final']['epoch'] == 3
+
+
+def test_resumed_past_an_unreadable_checkpoint_equals_uninterrupted(tfds_dir, tmp_path, caplog):
+  """The newest checkpoint (epoch 3) is damaged: the run resumes from epoch 2, writes epochs 3
+  and 4 again, once each, and its history equals an uninterrupted run's."""
+  from tests.test_robustness import _corrupt  # pylint: disable=g-import-not-at-top
+  config = _config(tfds_dir, 4)
+  config.train.seeds, config.train.checkpoint_every = (0,), 1
+  straight = train(config, 'uniform', workdir=str(tmp_path / 'a'), log=quiet)
+  workdir = tmp_path / 'b'
+  train(config, 'uniform', workdir=str(workdir), stop_after=3, log=quiet)
+  _corrupt(str(workdir / 'checkpoints' / '3'), 'truncated')
+  lines = []
+  resumed = train(config, 'uniform', workdir=str(workdir), log=lines.append)
+  assert 'resuming from the checkpoint at epoch 2' in lines
+  assert 'checkpoints/3 is unreadable' in caplog.text
+  assert _history(resumed) == _history(straight)
+  records = [json.loads(l) for l in open(workdir / 'history.jsonl')]
+  assert [r['epoch'] for r in records] == [1, 2, 3, 4]  # no epoch twice, none missing
