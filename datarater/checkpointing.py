@@ -17,7 +17,9 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from datarater import multihost
 from datarater.errors import UserError
 
 log = logging.getLogger('datarater')
@@ -103,20 +105,30 @@ class RunCheckpointer:
     if not self._unreadable:
       return
     self.close()
-    for step in sorted(self._unreadable):
-      path = os.path.join(self.directory, str(step))
-      if os.path.isdir(path):
-        os.rename(path, os.path.join(self.directory, f'unreadable-{step}-{os.getpid()}'))
+    if jax.process_index() == 0:  # one process renames; the others wait for it
+      for step in sorted(self._unreadable):
+        path = os.path.join(self.directory, str(step))
+        if os.path.isdir(path):
+          os.rename(path, os.path.join(self.directory, f'unreadable-{step}-{os.getpid()}'))
+    multihost.barrier('datarater.checkpointing: unreadable set aside')
     self._unreadable = set()
+
+  def _readable_everywhere(self, step: int, read):
+    """`read(step)` if it works on every process (each reads its own shards), else None."""
+    try:
+      value, error = read(step), None
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore/JSON errors)
+      value, error = None, e
+    if multihost.agree(error is None):
+      return value, True
+    self._warn_unreadable(step, error or RuntimeError('unreadable on another process'))
+    return None, False
 
   def latest_step(self) -> int | None:
     """The newest step whose record can be read (unreadable ones are passed over, warned)."""
     for step in self._steps():
-      try:
-        self.meta(step)
+      if self._readable_everywhere(step, self.meta)[1]:
         return step
-      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore/JSON errors)
-        self._warn_unreadable(step, e)
     return None
 
   def check_compatible(self) -> int | None:
@@ -134,15 +146,13 @@ class RunCheckpointer:
     return step
 
   def restore_latest(self, abstract_state):
-    """(state, meta) of the newest checkpoint that restores; unreadable ones are passed over."""
+    """(state, meta) of the newest checkpoint that restores on every process; unreadable ones
+    are passed over (and renamed, by process 0)."""
     for step in self._steps():
-      try:
-        restored = self.restore(step, abstract_state)
-      except Exception as e:  # pylint: disable=broad-except
-        self._warn_unreadable(step, e)
-        continue
-      self._set_aside_unreadable()
-      return restored
+      restored, ok = self._readable_everywhere(step, lambda s: self.restore(s, abstract_state))
+      if ok:
+        self._set_aside_unreadable()
+        return restored
     raise UserError(f'no readable checkpoint in {self.directory!r}')
 
   def meta(self, step: int) -> dict:
@@ -159,12 +169,21 @@ class RunCheckpointer:
                                                meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step: int, abstract_state):
-    """(state placed as `abstract_state`'s shardings say, meta dict)."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_drop_empty(abstract_state)), meta=ocp.args.JsonRestore()))
+    """(state placed as `abstract_state`'s shardings say, meta dict).
+
+    Each process reads its own shards through the handler, not the manager, whose restore ends
+    in a barrier: a process that fails to read would otherwise leave the others waiting there.
+    """
+    meta = self.meta(step)
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      restored = handler.restore(epath.Path(self.directory) / str(step) / 'state',
+                                 args=ocp.args.StandardRestore(_drop_empty(abstract_state)))
+    finally:
+      handler.close()
     state = jax.tree.map(lambda like, x: _empty_like(like) if x is None else x,
-                         abstract_state, restored['state'])
-    return state, restored['meta']
+                         abstract_state, restored)
+    return state, meta
 
   def close(self) -> None:
     if self._manager is not None:

@@ -8,7 +8,6 @@ examples, and the held-out figures of fresh models trained with the rater's weig
 uniform weights. Every process of a `jax.distributed` job runs it alike; process 0 alone writes
 files and logs.
 """
-import contextlib
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from datarater import checkpointing, config_checks, evaluation, files, plots
+from datarater import checkpointing, config_checks, evaluation, files, multihost, plots
 from datarater.curation import select
 from datarater.data import pipeline
 from datarater.errors import UserError
@@ -105,8 +104,7 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     raise UserError(f'--workdir {workdir!r} holds a checkpoint at outer step {resume_step}, past '
                     f'--stop_after={stop_after}')
   # Every check passed: from here on the workdir is written, by this run alone.
-  primary = jax.process_index() == 0
-  with files.workdir_lock(workdir) if primary else contextlib.nullcontext():
+  with multihost.workdir_lock(workdir):
     return _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resume_step)
 
 

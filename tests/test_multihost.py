@@ -1,6 +1,7 @@
 """Two real processes (jax.distributed on 127.0.0.1, 2 CPU devices each) = one process, 4 devices
 for train_rater, valuate and filter; a killed two-process run resumes in one process to the same
 rater."""
+import json
 import os
 import re
 import signal
@@ -75,6 +76,41 @@ def test_two_processes_equal_one_process_with_four_devices(tfds_dir, tmp_path):
   _finish(_start_two_processes(tmp_path / 'two', config))
   meta_train(config, str(tmp_path / 'one'), devices=jax.devices()[:4])
   _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'one'))
+
+  # Process 1's shards of checkpoint 4 are damaged: both processes must resume from step 2
+  # (had process 0 taken step 4 and process 1 step 2, they would train on different steps).
+  shards = glob.glob(str(tmp_path / 'two' / 'checkpoints' / '4' / 'state' / 'ocdbt.process_1' /
+                         'd' / '*'))
+  assert shards
+  for path in shards:  # flipped bits
+    data = bytearray(open(path, 'rb').read())
+    data[::7] = bytes(b ^ 0xFF for b in data[::7])
+    open(path, 'wb').write(bytes(data))
+  config.outer.steps = 6
+  outs = _finish(_start_two_processes(tmp_path / 'two', config))
+  assert all('checkpoints/4 is unreadable' in out for out in outs), outs[1][-3000:]
+  assert len(glob.glob(str(tmp_path / 'two' / 'checkpoints' / 'unreadable-4-*'))) == 1
+  steps = [json.loads(l)['step'] for l in open(tmp_path / 'two' / 'metrics.jsonl')]
+  assert steps == [2, 4, 6]
+  meta_train(config, str(tmp_path / 'one'), devices=jax.devices()[:4])  # extended from step 4
+  _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'one'))
+
+
+def test_a_workdir_in_use_stops_both_processes_in_one_line(tfds_dir, tmp_path):
+  """Process 0 finds the lock taken; process 1 must not run on into a collective alone."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'busy'
+  workdir.mkdir()
+  with open(workdir / '.lock', 'a+') as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    procs = _start_two_processes(workdir, small_config(tfds_dir, steps=2))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out, msg in zip(procs, outs, ('is in use by another run',
+                                       'could not be locked by process 0')):
+    errors = [l for l in out.splitlines() if l.startswith('error: ')]
+    assert p.returncode == 2 and len(errors) == 1 and msg in errors[0], out[-2000:]
+    assert 'Traceback' not in out
+  assert sorted(os.listdir(workdir)) == ['.lock']
 
 
 def test_two_process_valuate_scores_equal_one_process(tfds_dir, tmp_path):

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from datarater import files
+from datarater import files, multihost
 from datarater.curation import scores_file, select, tfds_writer
 from datarater.data import corruption as corruption_lib
 from datarater.data import pipeline
@@ -33,20 +33,10 @@ from datarater.errors import UserError
 THRESHOLD_MODES = ('exact', 'streaming')
 
 
-def _allgather(a: np.ndarray) -> np.ndarray:
-  """[P, n]: every process's `a`, bit for bit (8-byte values travel as uint32 pairs, since JAX
-  without x64 would round float64 to float32 and int64 to int32)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  a = np.ascontiguousarray(a)
-  if a.dtype.itemsize == 8:
-    return np.asarray(multihost_utils.process_allgather(a.view(np.uint32))).view(a.dtype)
-  return np.asarray(multihost_utils.process_allgather(a))
-
-
 def _exchange(split, block: int, arrays):
   """Arrays over a split's examples, each process having filled its own blocks (block b is
   process b % P's) -> the whole arrays, the same on every process."""
-  gathered = [_allgather(a) for a in arrays]  # [P, n] each
+  gathered = [multihost.allgather(a) for a in arrays]  # [P, n] each
   owner = (np.arange(len(split)) // block) % jax.process_count()
   return tuple(g[owner, np.arange(len(split))] for g in gathered)
 

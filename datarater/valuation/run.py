@@ -15,7 +15,6 @@ memory-mapped file, so a killed run resumes where it stopped and writes the same
 `jax.distributed` job every process fits the same runs, scores every P-th block, and process 0
 merges the blocks into the one scores file.
 """
-import contextlib
 import glob
 import hashlib
 import json
@@ -27,7 +26,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from datarater import checkpointing, config_checks, evaluation, files, tasks
+from datarater import checkpointing, config_checks, evaluation, files, multihost, tasks
 from datarater.curation import scores_file
 from datarater.data import pipeline, source
 from datarater.errors import UserError
@@ -124,8 +123,7 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     pipeline.check_split(pipeline.builder_of(d), config.valuation.topk_split)
   if (config.valuation.store or config.valuation.topk) and jax.process_count() > 1:
     raise UserError('valuation.store and valuation.topk run in one process')
-  primary = jax.process_index() == 0
-  with files.workdir_lock(workdir) if primary else contextlib.nullcontext():
+  with multihost.workdir_lock(workdir):
     tag = fingerprint(method, config)
     cache = RunCache(os.path.join(workdir, 'fit'), tag)
     valuation = factory.build(method, config, task, train, heldout, cache)
@@ -137,11 +135,9 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
                          cache, progress)
     partial = _part_path(workdir, method, tag, jax.process_index(), jax.process_count())
     record = score_blocks(valuation.score, train, config.valuation.score_batch_size, partial,
-                          progress and primary, f'{method} scores')
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices('datarater.valuate: blocks scored')
-    if not primary:
+                          progress and jax.process_index() == 0, f'{method} scores')
+    multihost.barrier('datarater.valuate: blocks scored')
+    if jax.process_index() != 0:
       return {}
     return _write(method, config, workdir, stem, tag, train, valuation, record)
 

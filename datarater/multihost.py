@@ -1,0 +1,54 @@
+"""What the processes of a `jax.distributed` run decide together.
+
+A choice one process makes alone (is the workdir free? does this checkpoint read?) must be the
+same on every process, or they part ways and wait forever in the next collective. Each function
+here is a no-op in a single process.
+"""
+import contextlib
+
+import jax
+import numpy as np
+
+from datarater import files
+from datarater.errors import UserError
+
+
+def allgather(a: np.ndarray) -> np.ndarray:
+  """[P, ...]: every process's `a`, bit for bit (8-byte values travel as uint32 pairs, since JAX
+  without x64 would round float64 to float32 and int64 to int32)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  a = np.ascontiguousarray(a)
+  if a.dtype.itemsize == 8:
+    return np.asarray(multihost_utils.process_allgather(a.view(np.uint32))).view(a.dtype)
+  return np.asarray(multihost_utils.process_allgather(a))
+
+
+def agree(ok: bool) -> bool:
+  """True on every process if `ok` is true on every process."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  return bool(np.all(allgather(np.asarray([ok], np.int32))))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process gets here."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def workdir_lock(path: str):
+  """`files.workdir_lock`, taken by process 0 for the run; if process 0 cannot take it, every
+  process stops with a UserError (process 0 with the one naming the holder)."""
+  with contextlib.ExitStack() as stack:
+    error = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(files.workdir_lock(path))
+      except UserError as e:
+        error = e
+    if not agree(error is None):
+      raise error or UserError(f'--workdir {path!r} could not be locked by process 0 (see its '
+                               'error)')
+    yield path
