@@ -156,6 +156,28 @@ def test_valuate_datarater_resumed_after_its_rater_run_trained_on_scores_with_th
   np.testing.assert_allclose(table['score'], new(train.features), rtol=1e-5, atol=1e-6)
 
 
+def test_valuate_refits_when_its_dataset_folder_is_written_again(tfds_dir, tmp_path):
+  """data.dataset_dir names a folder launch.filter writes; written again (--overwrite, another
+  keep), the resumed workdir must not reuse the run fitted on the old examples."""
+  from datarater import files  # pylint: disable=g-import-not-at-top
+  from datarater.curation.filter import filter_dataset  # pylint: disable=g-import-not-at-top
+  n = len(pipeline.load_split(small_config(tfds_dir).data, 'train'))
+  scores = str(tmp_path / 'scores.parquet')
+  files.write_parquet(scores, {'id': np.arange(n),
+                               'value': np.random.default_rng(0).normal(size=n)})
+  folder = str(tmp_path / 'filtered')
+  config = small_config(tfds_dir)
+  config.data.dataset_dir, config.data.label_noise = folder, 0.0
+  for keep in (0.5, 0.9):
+    filter_dataset('sklearn_digits', folder, ['train'], scores=scores, keep=keep,
+                   data_dir=tfds_dir, batch_size=256, overwrite=True)
+    summary = valuate('tracin', config, str(tmp_path / 'val'), progress=False)
+  fresh = valuate('tracin', config, str(tmp_path / 'fresh'), progress=False)
+  assert summary['num_examples'] == fresh['num_examples'] == round(0.9 * n)
+  read = lambda d: pq.read_table(tmp_path / d / 'scores_tracin.parquet').to_pydict()
+  assert read('val') == read('fresh')
+
+
 def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path):
   """valuation.store: self-influence from factored projections finds the noise as the exact one;
   valuation.topk: each test example's supporters/opposers are the brute-force argsort of the
@@ -181,7 +203,8 @@ def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path):
   task = tasks.make_task(config.task, train.info)
   run, _ = factory.record(config, task, train, config.valuation.train_steps,
                           config.valuation.checkpoint_every,
-                          RunCache(os.path.join(work, 'fit'), fingerprint('tracin', config)))
+                          RunCache(os.path.join(work, 'fit'), fingerprint(
+                              'tracin', config, pipeline.files_digest(pipeline.builder_of(config.data)))))
   (path,) = [os.path.join(work, d) for d in os.listdir(work) if d.startswith('store_tracin')]
   store = store_lib.GradientStore(path)
   assert sorted(table['id']) == sorted(int(i) for i in store.ids)  # a score per stored example

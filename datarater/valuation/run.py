@@ -38,12 +38,12 @@ log = logging.getLogger('datarater')
 SECTIONS = ('data', 'task', 'valuation')
 
 
-def fingerprint(method: str, config, fitted: str = '') -> str:
+def fingerprint(method: str, config, *outside: str) -> str:
   """What fixes a valuation's numbers: the method, the config's data, task and valuation, and
-  `fitted`, a digest of anything read from outside the config (a rater's parameters)."""
+  digests of what the config only names (the dataset's files, a rater's parameters)."""
   fields = checkpointing.trajectory_fields(config)
   kept = {k: v for k, v in fields.items() if k.split('.')[0] in SECTIONS}
-  return hashlib.sha256(json.dumps([method, kept, fitted], sort_keys=True).encode()
+  return hashlib.sha256(json.dumps([method, kept, *outside], sort_keys=True).encode()
                         ).hexdigest()[:16]
 
 
@@ -124,11 +124,13 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
   if (config.valuation.store or config.valuation.topk) and jax.process_count() > 1:
     raise UserError('valuation.store and valuation.topk run in one process')
   with multihost.workdir_lock(workdir):
-    tag = fingerprint(method, config)
+    data_files = pipeline.files_digest(pipeline.builder_of(d))  # a folder written again
+    tag = fingerprint(method, config, data_files)
     cache = RunCache(os.path.join(workdir, 'fit'), tag)
     valuation = factory.build(method, config, task, train, heldout, cache)
     if method == 'datarater':  # the path may be a rater run that has trained on since
-      tag = fingerprint(method, config, store.digest(jax.device_get(valuation.params)))
+      tag = fingerprint(method, config, data_files,
+                        store.digest(jax.device_get(valuation.params)))
     stem = os.path.join(workdir, f'scores_{method}')
     if config.valuation.store or config.valuation.topk:
       return _from_store(method, config, task, train, heldout, workdir, stem, tag, valuation,
