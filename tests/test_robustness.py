@@ -239,3 +239,25 @@ def test_a_run_with_polyak_averaging_reports_and_exports_the_average(tfds_dir, t
   np.testing.assert_array_equal(exported[0.0], iterates[-1])
   np.testing.assert_allclose(exported[decay], w @ np.array(iterates), rtol=1e-5, atol=1e-7)
   assert not np.allclose(exported[decay], iterates[-1])
+
+
+def test_a_finished_run_prints_its_report_only_if_it_reports_these_steps_and_models(
+    tfds_dir, tmp_path, capsys):
+  """Run again, a finished run prints its report; one stopped past an older report (extended,
+  then stopped and shortened), or asked for fresh models the report lacks, reports anew."""
+  config = small_config(tfds_dir, steps=2)
+  workdir = str(tmp_path / 'run')
+  first = meta_train(config, workdir, devices=jax.devices()[:1])
+  capsys.readouterr()
+  assert meta_train(config, workdir, devices=jax.devices()[:1]) == first
+  assert 'this run finished at outer step 2' in capsys.readouterr().out
+  config.outer.steps = 4
+  meta_train(config, workdir, stop_after=3, devices=jax.devices()[:1])
+  config.outer.steps = 3
+  third = meta_train(config, workdir, devices=jax.devices()[:1])
+  assert third['outer_steps'] == 3 and 'this run finished' not in capsys.readouterr().out
+  assert json.load(open(os.path.join(workdir, 'report.json')))['outer_steps'] == 3
+  config.final_eval.num_models = 1
+  with_models = meta_train(config, workdir, devices=jax.devices()[:1])
+  assert with_models['fresh_models'] and not third['fresh_models']
+  assert with_models['noise_auroc'] == third['noise_auroc']  # the same rater, reported again
