@@ -80,6 +80,7 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
   """Writes the rater of `workdir` to `out_dir` (temp folder, then rename); returns rater.json."""
   if not out_dir:
     raise UserError('--out is required')
+  files.check_apart(out_dir, '--out', workdir=workdir)
   if os.path.exists(out_dir) and not overwrite:
     raise UserError(f'output {out_dir!r} already exists (pass --overwrite to replace it)')
   config, info, params, steps = _read_run(workdir)

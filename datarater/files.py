@@ -117,6 +117,18 @@ def atomic_dir(path: str, overwrite: bool = False):
     raise
 
 
+def check_apart(out: str, flag: str, **inputs: str) -> None:
+  """Refuses an output folder that is, or holds, one of the command's inputs (`--overwrite`
+  would replace it): `inputs` maps each input's flag to its path."""
+  target = os.path.realpath(out)
+  for name, path in inputs.items():
+    if not path:
+      continue
+    where = os.path.realpath(path)
+    if where == target or where.startswith(target.rstrip(os.sep) + os.sep):
+      raise UserError(f'{flag} {out!r} would replace --{name} {path!r}; write elsewhere')
+
+
 @contextlib.contextmanager
 def workdir_lock(path: str):
   """Creates the run folder `path` and holds its lock for the block: a second run on the same
@@ -180,18 +192,30 @@ def save_figure(fig, path: str, **kwargs) -> None:
     fig.savefig(tmp, format='png', metadata={'Software': None}, **kwargs)
 
 
+def _record(line: str, key: str):
+  """The record of a JSON line with a numeric `key` field, or None."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  ok = isinstance(record, dict) and isinstance(record.get(key), (int, float))
+  return record if ok and not isinstance(record[key], bool) else None
+
+
 class JsonlLog:
   """A JSON-lines log of a run; on resume, records past the restored point are dropped.
 
   Records are dicts with a `key` field (e.g. 'step', 'epoch'); those with key <= `resume_at`
-  are kept (rewritten atomically), the rest are appended as the run goes.
+  are kept (rewritten atomically), the rest are appended as the run goes. A line that does not
+  parse as such a record (the partial last line of a run killed mid-append) is dropped.
   """
 
   def __init__(self, path: str, key: str, resume_at: float = 0):
     self.path, self.history = path, []
     if os.path.exists(path):
       with open(path) as f:
-        self.history = [r for r in map(json.loads, f) if r[key] <= resume_at]
+        records = [_record(line, key) for line in f]
+      self.history = [r for r in records if r is not None and r[key] <= resume_at]
     write_text(path, ''.join(json.dumps(r) + '\n' for r in self.history))
 
   def write(self, record: dict) -> None:

@@ -329,3 +329,17 @@ def test_class_quotas_are_the_closest_integer_shares_by_brute_force():
                  key=lambda q: (round(float(np.sum((np.array(q) - exact) ** 2)), 9),
                                 [-x for x in q]))
       np.testing.assert_array_equal(select.class_quotas(counts, total), best)
+
+
+def test_an_output_that_would_replace_an_input_is_refused(tfds_dir, rater_dir, tmp_path):
+  """--overwrite onto the command's own input (or a folder holding it) would delete it."""
+  run = os.path.join(os.path.dirname(rater_dir), 'run')
+  before = _files(run)
+  for out in (run, os.path.dirname(run)):
+    with pytest.raises(UserError, match='would replace --workdir'):
+      export.export_rater(run, out, overwrite=True)
+  source = str(pipeline.get_builder('sklearn_digits', tfds_dir).data_dir)
+  for out, msg in ((source, '--data_dir'), (tfds_dir, '--data_dir'), (rater_dir, '--rater')):
+    with pytest.raises(UserError, match=f'would replace {msg}'):
+      _filter(tfds_dir, rater_dir, out, overwrite=True)
+  assert _files(run) == before and os.path.exists(os.path.join(source, 'dataset_info.json'))

@@ -101,6 +101,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     raise UserError('--split names no split')
   corruption = corruption or corruption_lib.Corruption()
   builder = pipeline.get_builder(dataset, data_dir)
+  files.check_apart(out, '--out', data_dir=str(builder.data_dir), rater=rater or '',
+                    scores=scores or '')
   info = pipeline.data_info(builder)
   for s in splits:
     if s not in builder.info.splits:
