@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import ml_collections
@@ -177,17 +176,22 @@ def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir
   out = tmp_path / 'killed'
   args = ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', f'--rater={rater_dir}',
           '--keep=0.8', '--label_noise=0.2', '--batch_size=256', f'--out={out}']
-  proc = _cli(args)
-  deadline, killed_mid_write = time.time() + 120, False
-  while time.time() < deadline and proc.poll() is None:
-    if glob.glob(str(tmp_path / '.killed.tmp-*')):
-      os.kill(proc.pid, signal.SIGKILL)
-      killed_mid_write = True
-      break
-    time.sleep(0.002)
-  proc.wait()
-  assert killed_mid_write, proc.stderr.read()[-2000:]
-  assert not os.path.exists(out)  # absent, never partial
+  # The child kills itself (SIGKILL, no clean-up) once the dataset is written in its temporary
+  # folder, before the rename: the latest point a kill can leave a partial output.
+  child = ('import os, signal\n'
+           'from datarater.curation import tfds_writer\n'
+           'from launch import cli, filter as f\n'
+           'write = tfds_writer.write_subset\n'
+           'def killed(*a, **k):\n'
+           '  write(*a, **k)\n'
+           '  os.kill(os.getpid(), signal.SIGKILL)\n'
+           'tfds_writer.write_subset = killed\n'
+           'cli.run(f.main, f.define_flags, f.__doc__)\n')
+  proc = subprocess.run([sys.executable, '-c', child, *args], cwd=ROOT, env=subprocess_env(1),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert glob.glob(str(tmp_path / '.killed.tmp-*'))  # killed mid-write ...
+  assert not os.path.exists(out)  # ... the output is absent, never partial
   rerun = _cli(args)
   assert rerun.wait(timeout=180) == 0, rerun.stderr.read()[-2000:]
   assert not glob.glob(str(tmp_path / '.killed.tmp-*'))  # the dead run's temp folder is gone
@@ -343,3 +347,18 @@ def test_an_output_that_would_replace_an_input_is_refused(tfds_dir, rater_dir, t
     with pytest.raises(UserError, match=f'would replace {msg}'):
       _filter(tfds_dir, rater_dir, out, overwrite=True)
   assert _files(run) == before and os.path.exists(os.path.join(source, 'dataset_info.json'))
+
+
+def test_a_rater_with_non_finite_parameters_is_refused(rater_dir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  bad = str(tmp_path / 'bad')
+  shutil.copytree(rater_dir, bad)
+  params = jax.device_get(datarater.load_rater(rater_dir).params)
+  leaves, tree = jax.tree.flatten(params)
+  leaves[0] = np.where(np.arange(leaves[0].size).reshape(leaves[0].shape) == 0, np.nan, leaves[0])
+  shutil.rmtree(os.path.join(bad, 'params'))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(bad, 'params'), jax.tree.unflatten(tree, leaves))
+  with pytest.raises(UserError, match='holds 1 non-finite rater parameters'):
+    datarater.load_rater(bad)

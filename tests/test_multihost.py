@@ -171,6 +171,8 @@ def test_killed_two_process_run_resumes_in_one_process(tfds_dir, tmp_path):
   while time.time() < deadline:  # wait for the first finished checkpoint, then kill both
     if ckpt_dir.exists() and any(re.fullmatch(r'\d+', d) for d in os.listdir(ckpt_dir)):
       break
+    ended = [p for p in procs if p.poll() is not None]
+    assert not ended, ended[0].communicate()[0][-3000:]  # e.g. the port was taken meanwhile
     time.sleep(0.05)
   for p in procs:
     p.send_signal(signal.SIGKILL)

@@ -97,9 +97,12 @@ def test_a_layer_name_selects_the_same_parameters_everywhere():
       '/'.join(str(k.key) for k in path[1:-1])
       for path, keep in jax.tree_util.tree_flatten_with_path(pergrad.layer_mask(params, layers))[0]
       if keep}
-  for layers in (['attention'], ['block_0/attention'], ['head', 'block_0/mlp_in']):
+  attention = {f'block_0/attention/{n}' for n in ('query', 'key', 'value', 'out')}
+  for layers, want in ((['attention'], attention), (['block_0/attention'], attention),
+                       (['head', 'block_0/mlp_in'], {'head', 'block_0/mlp_in'}),
+                       (['block_0/attention/out'], {'block_0/attention/out'})):
     state = pergrad.factored_projection(2, 2, layers=layers).init(loss, params, batch)
-    assert masked_modules(layers) == set(state.names), layers
+    assert masked_modules(layers) == set(state.names) == want, layers
     ghost = pergrad.dense_factors(loss, params, batch, layers, check_coverage=False)
     assert set(ghost) == set(state.names), layers
     got = pergrad.per_example_projected(loss, params, batch, state)

@@ -40,7 +40,12 @@ def test_a_non_finite_meta_gradient_skips_the_step_and_resets_diverged_members()
   assert int(bad.skipped) == 1 and int(bad.skipped_in_a_row) == 1
   assert float(metrics['skipped_steps']) == 1 and float(metrics['diverged_members']) == 1
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(bad.population.params))
-  # Member 0 went on; member 1 was re-initialised (different from where it was).
+  # Member 0 went on as it would have without member 1's NaN; member 1 was re-initialised.
+  clean, _ = step(good, inner, outer)
+  member = lambda s, k: ravel_pytree(jax.tree.map(lambda x: x[k], s.population.params))[0]
+  np.testing.assert_array_equal(member(bad, 0), member(clean, 0))
+  assert not np.allclose(member(bad, 1), member(clean, 1))
+  assert not np.allclose(member(bad, 1), member(good, 1))
   after, _ = step(bad, inner, outer)
   assert int(after.skipped_in_a_row) == 0 and int(after.skipped) == 1
 
