@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -173,12 +173,14 @@ def write_text(path: str, text: str) -> None:
     f.write(text)
 
 
-def write_parquet(path: str, columns: dict, row_group: int = 65536) -> None:
-  """Equal-length columns as a parquet file, `row_group` rows at a time (readers can stream it)."""
+def write_parquet(path: str, columns: dict, row_group: int = 65536,
+                  metadata: Optional[dict] = None) -> None:
+  """Equal-length columns as a parquet file, `row_group` rows at a time (readers can stream it);
+  `metadata`: string keys and values kept in the file's schema."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   n = len(next(iter(columns.values())))
-  first = pa.table({k: v[:row_group] for k, v in columns.items()})
+  first = pa.table({k: v[:row_group] for k, v in columns.items()}, metadata=metadata)
   with atomic_path(path) as tmp, pq.ParquetWriter(tmp, first.schema) as writer:
     writer.write_table(first)
     for start in range(row_group, n, row_group):

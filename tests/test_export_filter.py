@@ -22,8 +22,8 @@ import tensorflow_datasets as tfds
 
 import datarater
 from configs.digits import get_config
-from datarater import checkpointing, export, tasks
-from datarater.curation import select
+from datarater import checkpointing, export, files, tasks
+from datarater.curation import scores_file, select
 from datarater.curation.filter import filter_dataset
 from datarater.data import pipeline
 from datarater.data.corruption import Corruption
@@ -283,7 +283,6 @@ def test_scores_file_read_in_row_batches(tmp_path, monkeypatch):
   as the values placed by id (numpy fancy indexing as the oracle); a duplicate in another row
   group and an id out of range are refused."""
   from datarater import files  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  from datarater.curation import scores_file  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   monkeypatch.setattr(scores_file, '_READ_ROWS', 5)
   rng = np.random.default_rng(0)
   n = 37
@@ -362,3 +361,19 @@ def test_a_rater_with_non_finite_parameters_is_refused(rater_dir, tmp_path):
     ckptr.save(os.path.join(bad, 'params'), jax.tree.unflatten(tree, leaves))
   with pytest.raises(UserError, match='holds 1 non-finite rater parameters'):
     datarater.load_rater(bad)
+
+
+def test_a_scores_file_of_another_split_or_dataset_is_refused(tmp_path):
+  """validation and test have 300 examples each: only the file's record tells them apart."""
+  path = str(tmp_path / 'scores.parquet')
+  values = np.arange(300, dtype=np.float64)
+  scores_file.write(path, np.arange(300), values, values, dataset='sklearn_digits',
+                    split='validation')
+  np.testing.assert_array_equal(
+      scores_file.read_values(path, 300, 'validation', 'sklearn_digits'), values)
+  with pytest.raises(UserError, match="scores split 'validation', not 'test'"):
+    scores_file.read_values(path, 300, 'test', 'sklearn_digits')
+  with pytest.raises(UserError, match="scores dataset 'sklearn_digits', not 'fashion_mnist'"):
+    scores_file.read_values(path, 300, 'validation', 'fashion_mnist')
+  files.write_parquet(path, {'id': np.arange(300), 'value': values})  # by hand: ids only
+  np.testing.assert_array_equal(scores_file.read_values(path, 300, 'test', 'x'), values)

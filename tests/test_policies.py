@@ -138,7 +138,8 @@ def trained(tfds_dir, tmp_path_factory):
   meta_train(small_config(tfds_dir, steps=4), str(base / 'run'))
   export.export_rater(str(base / 'run'), str(base / 'rater'))
   values = np.random.default_rng(2).normal(size=1197)
-  scores_file.write(str(base / 'scores.parquet'), np.arange(1197), -values, values)
+  scores_file.write(str(base / 'scores.parquet'), np.arange(1197), -values, values,
+                    dataset='sklearn_digits', split='train')
   return base, values
 
 

@@ -2,10 +2,12 @@
 
 Columns: `id` (int64, the example's position in its split), `score` (the method's raw score),
 `value` (oriented: higher = more useful); optionally `split` and anything else a writer records
-(label, corruption kind, a keep decision). `write` makes one atomically; `read_values` reads the
-`value` (or, failing that, `score`) of every example of a split, in id order, and refuses files
-that do not cover the split exactly.
+(label, corruption kind, a keep decision). `write` makes one atomically, with the dataset and
+split it scores in the file's metadata; `read_values` reads the `value` (or, failing that,
+`score`) of every example of a split, in id order, and refuses files that do not cover the split
+exactly or were written for another dataset or split.
 """
+import json
 import os
 from typing import Optional
 
@@ -17,15 +19,34 @@ from datarater.errors import UserError
 _READ_ROWS = 65536  # rows read at a time
 
 
-def write(path: str, ids: np.ndarray, score: np.ndarray, value: np.ndarray, **columns) -> None:
+_SCORED = b'datarater.scored'  # metadata key: {"dataset": ..., "split": ...} the rows score
+
+
+def write(path: str, ids: np.ndarray, score: np.ndarray, value: np.ndarray, *, dataset: str,
+          split: str, **columns) -> None:
+  """The scores of split `split` of `dataset` (a name, or a dataset folder)."""
   files.write_parquet(path, {'id': np.asarray(ids, np.int64),
                              'score': np.asarray(score, np.float64),
                              'value': np.asarray(value, np.float64),
-                             **{k: np.asarray(v) for k, v in columns.items()}})
+                             **{k: np.asarray(v) for k, v in columns.items()}},
+                      metadata={_SCORED: json.dumps({'dataset': dataset, 'split': split})})
 
 
-def read_values(path: str, num_examples: int, split: Optional[str] = None) -> np.ndarray:
-  """Values [N] in id order for a split of `num_examples` (rows of other splits skipped)."""
+def _check_scored(path: str, metadata, dataset: Optional[str], split: Optional[str]) -> None:
+  """Refuses a file whose metadata says it scores another dataset or split than the reader's."""
+  try:
+    scored = json.loads((metadata or {})[_SCORED])
+  except (KeyError, ValueError):
+    return  # not written by `write` (e.g. by hand): the ids are all there is to check
+  for what, want in (('dataset', dataset), ('split', split)):
+    if want is not None and scored.get(what) not in (None, want):
+      raise UserError(f'scores file {path!r} scores {what} {scored[what]!r}, not {want!r}')
+
+
+def read_values(path: str, num_examples: int, split: Optional[str] = None,
+                dataset: Optional[str] = None) -> np.ndarray:
+  """Values [N] in id order for a split of `num_examples` (rows of other splits skipped) of
+  `dataset` (a name, or a dataset folder; None: not checked)."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
@@ -37,6 +58,7 @@ def read_values(path: str, num_examples: int, split: Optional[str] = None) -> np
   except (pa.ArrowInvalid, OSError) as e:
     raise UserError(f'scores file {path!r} is not a readable parquet file ({e})') from None
   cols = schema.names
+  _check_scored(path, schema.metadata, dataset, None if 'split' in cols else split)
   column = 'value' if 'value' in cols else 'score' if 'score' in cols else None
   if 'id' not in cols or column is None:
     raise UserError(f'scores file {path!r} has columns {cols}; it needs `id` and `value` or '

@@ -247,6 +247,14 @@ def builder_of(data) -> tfds.core.DatasetBuilder:
   return get_builder(data.name, data.data_dir)
 
 
+def dataset_name(data) -> str:
+  """What names a `data` config section's dataset in files: its folder (absolute) if
+  `dataset_dir` is set, else its TFDS name."""
+  if data.get('dataset_dir', ''):
+    return os.path.abspath(data.dataset_dir)
+  return data.name
+
+
 def files_digest(builder) -> str:
   """sha256 of the names, sizes and modification times of a prepared dataset's files: what
   tells a dataset written again into the same folder (launch.filter --overwrite) from the old."""

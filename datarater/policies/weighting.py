@@ -90,7 +90,9 @@ def _scores(ctx: PolicyContext) -> Policy:
   if not ctx.scores:
     raise UserError('policy scores needs --scores=FILE (e.g. one written by launch.valuate)')
   from datarater.curation import scores_file  # pylint: disable=g-import-not-at-top
-  values = scores_file.read_values(ctx.scores, len(ctx.train), ctx.config.data.train_split)
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  values = scores_file.read_values(ctx.scores, len(ctx.train), ctx.config.data.train_split,
+                                   pipeline.dataset_name(ctx.config.data))
   return table('scores', curriculum_weights(values, temperature=ctx.config.policy.temperature))
 
 

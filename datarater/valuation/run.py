@@ -226,7 +226,9 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
     fraction = config.valuation.mimic_keep_fraction or None
     columns['keep'], extra['keep_threshold'] = mimic_filter(values, fraction)
     extra['kept'] = int(columns['keep'].sum())
-  scores_file.write(stem + '.parquet', train.ids, scores, values, **columns)
+  scores_file.write(stem + '.parquet', train.ids, scores, values,
+                    dataset=pipeline.dataset_name(config.data), split=config.data.train_split,
+                    **columns)
   summary = {'method': method, 'valuation': valuation.name, 'num_examples': n,
              'higher_is_better': valuation.higher_is_better,
              'noise_auroc': evaluation.noise_auroc(values, record != 0),
