@@ -17,6 +17,33 @@ def exit_on_user_error():
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except OSError as e:
-    where = f' ({e.filename})' if getattr(e, 'filename', None) else ''
-    print(f'error: {" ".join(str(e.strerror or e).split())}{where}', file=sys.stderr)
+    print(f'error: {_os_error_line(e)}', file=sys.stderr)
     sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    # Libraries report a failed write in their own types (orbax a ValueError, TFDS a
+    # RuntimeError): an OSError behind one, or a full disk named in its text, is still one line.
+    cause = _os_error_in(e)
+    if cause is not None:
+      print(f'error: {_os_error_line(cause)}', file=sys.stderr)
+      sys.exit(2)
+    if 'No space left on device' in str(e):
+      print(f'error: no space left on device ({str(e).splitlines()[0][:300]})', file=sys.stderr)
+      sys.exit(2)
+    raise
+
+
+def _os_error_in(e: BaseException):
+  """The first OSError among `e`'s explicit causes (`raise ... from`), or None. (Not its
+  context: an error raised while handling an OSError is a bug of its own.)"""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__
+  return None
+
+
+def _os_error_line(e: OSError) -> str:
+  where = f' ({e.filename})' if getattr(e, 'filename', None) else ''
+  return f'{" ".join(str(e.strerror or e).split())}{where}'

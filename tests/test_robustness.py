@@ -266,3 +266,35 @@ def test_a_finished_run_prints_its_report_only_if_it_reports_these_steps_and_mod
   with_models = meta_train(config, workdir, devices=jax.devices()[:1])
   assert with_models['fresh_models'] and not third['fresh_models']
   assert with_models['noise_auroc'] == third['noise_auroc']  # the same rater, reported again
+
+
+def test_write_failures_reported_in_library_types_are_one_line(capsys):
+  """A full disk as orbax reports it (ValueError), a RuntimeError raised from an OSError (as
+  TFDS's writer does): one line, exit 2. An error raised while handling an OSError is a bug and
+  keeps its traceback."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from datarater import errors  # pylint: disable=g-import-not-at-top
+
+  def raised_from_oserror():
+    try:
+      raise OSError(errno.EROFS, 'Read-only file system', '/data/out')
+    except OSError as e:
+      raise RuntimeError('Failed to finalize writing of split "train"') from e
+  cases = ((lambda: (_ for _ in ()).throw(ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "manifest.ocdbt": No space left on device\nmore')),
+            'error: no space left on device (RESOURCE_EXHAUSTED: Error writing'),
+           (raised_from_oserror, 'error: Read-only file system (/data/out)'))
+  for fail, line in cases:
+    with pytest.raises(SystemExit) as exit_info, errors.exit_on_user_error():
+      fail()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(line), err
+
+  def bug_while_handling():
+    try:
+      raise OSError(errno.ENOENT, 'No such file or directory', 'x')
+    except OSError:
+      return {}['missing']
+  with pytest.raises(KeyError), errors.exit_on_user_error():
+    bug_while_handling()
