@@ -43,11 +43,16 @@ def test_reverse_meta_gradient_matches_finite_differences(optimizer, steps):
     _fd_check('reverse', optimizer, steps)
 
 
-@pytest.mark.parametrize('optimizer', ['sgd', 'adam'])
-def test_mixed_meta_gradient_matches_finite_differences(optimizer):
-  """T = 3: replay splits it into a 1-step head and one 2-step segment; Adam is undone."""
+@pytest.mark.parametrize('optimizer,steps', [('sgd', 3), ('adam', 6)])
+def test_mixed_meta_gradient_matches_finite_differences(optimizer, steps):
+  """SGD, T = 3: replay splits it into a 1-step head and one 2-step segment. Adam, T = 6: its
+  first 4 steps are replayed from the exact input state, the last 2 undone by its inverse."""
+  from outer_loop import mixed_mode  # pylint: disable=g-import-not-at-top
+  if optimizer == 'adam':
+    plan = mixed_mode.make_plan(steps, 'invert', 0, estimator('mixed', 'adam').inverse.exact_steps)
+    assert plan.head == 4 and plan.part + plan.segment * plan.count == 2  # 2 steps undone
   with jax.enable_x64():
-    _fd_check('mixed', optimizer, 3)
+    _fd_check('mixed', optimizer, steps)
 
 
 def test_outer_step_uses_the_meta_gradient():
