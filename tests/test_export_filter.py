@@ -377,3 +377,34 @@ def test_a_scores_file_of_another_split_or_dataset_is_refused(tmp_path):
     scores_file.read_values(path, 300, 'validation', 'fashion_mnist')
   files.write_parquet(path, {'id': np.arange(300), 'value': values})  # by hand: ids only
   np.testing.assert_array_equal(scores_file.read_values(path, 300, 'test', 'x'), values)
+
+
+def test_streaming_quantile_is_algorithm_r_and_its_sample_is_uniform():
+  """The reservoir equals Algorithm R's, draw for draw (the textbook loop over the same
+  generator), whatever the chunks; each value is kept with probability capacity / N."""
+  def algorithm_r(values, capacity, seed):
+    rng, sample = np.random.default_rng(seed), np.empty(capacity)
+    for i, v in enumerate(values):
+      if i < capacity:
+        sample[i] = v
+      else:
+        j = rng.integers(0, i + 1)
+        if j < capacity:
+          sample[j] = v
+    return sample
+  values = np.random.default_rng(7).normal(size=5000)
+  for chunks in ([5000], [3, 997, 1, 3999], [50] * 100):
+    sketch = select.StreamingQuantile(capacity=64, seed=3)
+    for part in np.split(values, np.cumsum(chunks)[:-1]):
+      sketch.update(part)
+    np.testing.assert_array_equal(sketch.sample, algorithm_r(values, 64, 3))
+  exact = select.StreamingQuantile(capacity=6000)
+  exact.update(values)
+  assert exact.quantile(0.3) == np.quantile(values, 0.3, method='higher')
+  kept = np.zeros(200)
+  for seed in range(2000):
+    sketch = select.StreamingQuantile(capacity=20, seed=seed)
+    sketch.update(np.arange(200.0))
+    kept[sketch.sample.astype(int)] += 1
+  # Each of 200 values kept in 2000 trials with p = 0.1: mean 200, sd 13.4.
+  assert np.abs(kept - 200).max() < 6 * 13.4 and abs(kept[:20].mean() - 200) < 20

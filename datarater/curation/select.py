@@ -116,14 +116,17 @@ class StreamingQuantile:
     self._rng = np.random.default_rng(seed)
 
   def update(self, values: np.ndarray) -> None:
-    for v in np.asarray(values, np.float64).ravel():
-      if self.count < self.capacity:
-        self.sample[self.count] = v
-      else:
-        j = self._rng.integers(0, self.count + 1)
-        if j < self.capacity:
-          self.sample[j] = v
-      self.count += 1
+    v = np.asarray(values, np.float64).ravel()
+    fill = min(len(v), max(0, self.capacity - self.count))  # the reservoir's first entries
+    self.sample[self.count:self.count + fill] = v[:fill]
+    self.count += fill
+    rest = v[fill:]
+    if len(rest):  # value i of the rest replaces slot j ~ U{0..count+i} if j < capacity
+      j = self._rng.integers(0, self.count + 1 + np.arange(len(rest)))
+      hit = np.flatnonzero(j < self.capacity)
+      slots, first = np.unique(j[hit][::-1], return_index=True)  # a slot drawn twice: the later
+      self.sample[slots] = rest[hit[::-1][first]]
+      self.count += len(rest)
 
   def quantile(self, q: float) -> float:
     if self.count == 0:
