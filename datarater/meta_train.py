@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -114,9 +115,8 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     files.write_json(os.path.join(workdir, 'config.json'), {
         'config': json.loads(config.to_json()), 'data_info': data.info.to_json()})
   report_path = os.path.join(workdir, 'report.json')
-  if resume_step == config.outer.steps and os.path.exists(report_path):
-    with open(report_path) as f:
-      report = json.load(f)
+  report = _finished_report(report_path, config) if resume_step == config.outer.steps else None
+  if report is not None:
     if primary:
       log.info('this run finished at outer step %d; its report is %s', resume_step, report_path)
       log_report(config, report)
@@ -273,6 +273,20 @@ def fresh_model_results(config, data, problem, rater_params) -> dict:
   return results
 
 
+def _finished_report(path: str, config) -> Optional[dict]:
+  """The report a finished run wrote, if it reports this config's steps and fresh models (a run
+  extended, or given other final_eval settings, reports again)."""
+  try:
+    with open(path) as f:
+      report = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if (not isinstance(report, dict) or report.get('outer_steps') != config.outer.steps
+      or report.get('final_eval') != config.final_eval.to_dict()):
+    return None
+  return report
+
+
 def final_report(config, workdir, data, problem, rater_params, history, skipped: int,
                  last_iterate=None) -> dict:
   """Noise AUROC of the scores, the keep their histogram suggests, and fresh models trained with
@@ -293,7 +307,8 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
             'suggested_keep': (select.suggest_keep(scores)  # as launch.filter --suggest_keep
                                if np.isfinite(scores).all() else None),
             'label_noise': config.data.label_noise, 'fresh_models': results,
-            'outer_steps': config.outer.steps, 'skipped_steps': skipped}
+            'outer_steps': config.outer.steps, 'skipped_steps': skipped,
+            'final_eval': config.final_eval.to_dict()}
   if last_iterate is not None:
     last = evaluation.score_split(lambda b: problem.rater.score(last_iterate, b), data.train)
     report['last_iterate'] = {
