@@ -91,6 +91,8 @@ def _cases(tfds_dir: str, w) -> list:
       (*tr('--config.data.name=no_such_dataset'), "unknown dataset 'no_such_dataset'"),
       (*tr('--config.data.label_noise=1.5'), 'data.label_noise must be < 1, got 1.5'),
       (*tr('--config.data.train_split=dev'), "has no split 'dev'"),
+      (*tr('--config.data.train_split=train[:0]'),
+       "split 'train[:0]' of 'sklearn_digits' selects no examples"),
       (*tr('--config.inner.batch_size=6', '--config.inner.population=1'),
        'inner.batch_size=6 does not divide over 4 devices'),
       ('train_rater', ['--config=configs/nope.py', f'--workdir={w}/new_run'],
@@ -126,6 +128,8 @@ def _cases(tfds_dir: str, w) -> list:
        f"data.dataset_dir '{w}/nowhere' is not a TFDS dataset folder"),
       ('train', [data, f'--workdir={w}/a_file'], f"--workdir '{w}/a_file' exists and is not"),
       ('train', [data, '--config.train.optimizer=lion'], "got 'lion'"),
+      ('train', [data, '--config.data.eval_split=test[:0]'],
+       "split 'test[:0]' of 'sklearn_digits' selects no examples"),
       ('train', [data, '--policy=sae', '--config.sae.k=0'], 'sae.k must be >= 1, got 0'),
       ('valuate', [data, '--method=shapley', f'--workdir={w}/val'], "unknown --method 'shapley'"),
       ('valuate', [data, '--method=tracin'], '--workdir is required'),
@@ -140,6 +144,8 @@ def _cases(tfds_dir: str, w) -> list:
                    f'--workdir={w}/val'], 'valuation.batch_size must be >= 1, got 0'),
       ('valuate', [data, '--method=tracin', '--config.valuation.tracin_mode=both',
                    f'--workdir={w}/val'], "got 'both'"),
+      ('valuate', [data, '--method=tracin', '--config.data.train_split=train[10:10]',
+                   f'--workdir={w}/val'], "split 'train[10:10]' of 'sklearn_digits' selects no"),
       ('export_rater', [f'--out={w}/exported'], '--workdir is required'),
       ('export_rater', [f'--workdir={w}/nowhere', f'--out={w}/exported'],
        f"no rater run in '{w}/nowhere'"),
@@ -204,7 +210,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 87  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 90  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

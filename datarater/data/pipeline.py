@@ -190,13 +190,16 @@ class Split:
 
 
 def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
-  """UserError unless `split` is a valid split expression of the builder."""
+  """UserError unless `split` is a valid split expression of the builder that selects at least
+  one example."""
   try:
-    builder.info.splits[split]  # Parses the expression and checks its splits and bounds.
+    selected = builder.info.splits[split]  # Parses the expression, checks splits and bounds.
   except (ValueError, KeyError, AssertionError) as e:
     raise UserError(f'dataset {builder.info.name!r} has no split {split!r} (it has: '
                     f'{", ".join(builder.info.splits)}; slices like train[:80%] also work): '
                     f'{str(e).splitlines()[0]}') from None
+  if not selected.num_examples:  # TFDS cannot open a data source of no files
+    raise UserError(f'split {split!r} of {builder.info.name!r} selects no examples')
 
 
 def corruption_kinds(info: DataInfo, corruption: corruption_lib.Corruption) -> tuple:
