@@ -16,7 +16,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from configs.digits import get_config
-from datarater import checkpointing, export
+from datarater import checkpointing, export, files
 from datarater.errors import UserError
 from datarater.meta_train import meta_train, run_checkpointer
 from launch import cli, train_rater
@@ -135,6 +135,28 @@ def test_a_corrupted_latest_checkpoint_gives_way_to_the_newest_intact_one(tfds_d
   steps = [json.loads(l)['step'] for l in open(workdir / 'metrics.jsonl')]
   assert steps == [2, 4, 6]  # resumed from step 2: the records after it were written again
   export.export_rater(str(workdir), str(tmp_path / 'rater'))  # the run's newest, step 6
+
+
+def test_a_run_log_resumes_past_a_half_written_last_line(tmp_path):
+  """A kill mid-append leaves a partial last line; a resumed log drops it (and any other line
+  that is not a record with the key) and keeps the records up to the restored point."""
+  path = tmp_path / 'history.jsonl'
+  path.write_text('{"epoch": 1.0, "step": 10}\n[2]\n{"step": 15}\n{"epoch": 2.0, "step": 20}\n'
+                  '{"epoch": 2.0, "step')
+  log = files.JsonlLog(str(path), 'epoch', resume_at=2)
+  assert log.history == [{'epoch': 1.0, 'step': 10}, {'epoch': 2.0, 'step': 20}]
+  log.write({'epoch': 3.0, 'step': 30})
+  assert [json.loads(l)['epoch'] for l in open(path)] == [1, 2, 3]
+
+
+def test_a_rater_run_killed_mid_append_resumes(tfds_dir, tmp_path):
+  config = small_config(tfds_dir, steps=4)
+  workdir = tmp_path / 'run'
+  meta_train(config, str(workdir), stop_after=2, devices=jax.devices()[:1])
+  with open(workdir / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 4, "outer_lo')
+  meta_train(config, str(workdir), devices=jax.devices()[:1])
+  assert [json.loads(l)['step'] for l in open(workdir / 'metrics.jsonl')] == [2, 4]
 
 
 @pytest.mark.parametrize('schedule', ['constant', 'cosine'])
