@@ -9,7 +9,6 @@ fails at once, not after the runs.
 import os
 from typing import Callable
 
-from ml_collections import config_flags
 
 from datarater.errors import UserError, exit_on_user_error
 from launch import cli
@@ -24,7 +23,7 @@ def run(main: Callable, doc: str, define_flags: Callable = lambda: None) -> None
 
 def config_file(default: str) -> Callable:
   """A `define_flags` for `run`: the --config experiment file flag, `default` unless given."""
-  return lambda: config_flags.DEFINE_config_file('config', default, 'Experiment config file.')
+  return lambda: cli.define_config_file('config', default, 'Experiment config file.')
 
 
 def numbers(flag: str, values, kind: type = float, ok: Callable = lambda x: True,

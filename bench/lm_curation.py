@@ -40,7 +40,6 @@ import time
 from absl import flags
 import jax
 import numpy as np
-from ml_collections import config_flags
 
 from bench import cli as bench_cli
 from bench import compare
@@ -53,6 +52,7 @@ from datarater.meta_train import meta_train
 from datarater.policies import weighting
 from datarater.valuation import factory
 from datarater.valuation.run import RunCache
+from launch import cli
 
 FLAGS = flags.FLAGS
 
@@ -346,9 +346,9 @@ def plot(path: str, s: dict, seeds: dict, bench) -> None:
 
 def define_flags() -> None:
   """Defined when run as a program, so tests can import this module (and others) freely."""
-  config_flags.DEFINE_config_file('config', 'configs/text_bench.py', 'Experiment config.')
-  config_flags.DEFINE_config_file('bench', 'configs/text_bench.py:bench',
-                                  'The fresh language models, seeds, keeps, methods.')
+  cli.define_config_file('config', 'configs/text_bench.py', 'Experiment config.')
+  cli.define_config_file('bench', 'configs/text_bench.py:bench',
+                         'The fresh language models, seeds, keeps, methods.')
   flags.DEFINE_string('out', 'bench/results/lm_curation', 'Output prefix.')
 
 

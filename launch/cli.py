@@ -1,13 +1,15 @@
 """What every launcher shares: flag parsing that fails in one line, --help with the config fields.
 
 `run(main, define_flags, doc)` defines a launcher's flags and runs `main` under absl, with absl's
-log at WARNING unless --verbosity is given. A bad flag, config file or config override (an unknown
-field, a value of the wrong type) prints one `error:` line and exits 2, like every `UserError` and
-I/O error inside `main` (`datarater.errors.exit_on_user_error`). `--help` prints the launcher's
-description, its flags and every field of its config, and exits 0. `invoke(module, argv)` runs a
-launcher in this process exactly as its command line would (tests use it to try many inputs
-quickly).
+log at WARNING unless --verbosity is given. A bad flag, config file (`define_config_file`: one
+that is missing, does not compile, has no get_config or whose get_config fails) or config override
+(an unknown field, a value of the wrong type) prints one `error:` line and exits 2, like every
+`UserError` and I/O error inside `main` (`datarater.errors.exit_on_user_error`). `--help` prints
+the launcher's description, its flags and every field of its config, and exits 0.
+`invoke(module, argv)` runs a launcher in this process exactly as its command line would (tests
+use it to try many inputs quickly).
 """
+import logging
 import re
 import sys
 from typing import Callable
@@ -15,10 +17,71 @@ from typing import Callable
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
+import ml_collections
+from ml_collections import config_flags
 
 HELP = ('--help', '-h', '--helpfull', '-?')
-# What a bad flag or config override raises (ml_collections raises the builtin ones).
-OVERRIDE_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+class ConfigFileError(Exception):
+  """A config file flag's file that cannot be loaded; the message is the one error line."""
+
+
+# What a bad flag, config file or config override raises (ml_collections raises the builtin ones).
+OVERRIDE_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, ConfigFileError)
+
+
+def _why(e: BaseException) -> str:
+  """Why a config file did not load, in one line."""
+  if isinstance(e, SyntaxError):
+    return f'{type(e).__name__}: {e.msg}' + (f' (line {e.lineno})' if e.lineno else '')
+  if isinstance(e, AttributeError) and getattr(e, 'name', None) == 'get_config':
+    return 'it defines no get_config()'
+  if isinstance(e, OSError):  # the file's own error, after ml_collections' account of it
+    errno = [l.strip() for l in str(e.__cause__ or e).splitlines() if 'Errno' in l]
+    return re.sub(r'^\[Errno \d+\] ', '', errno[-1]) if errno else ' '.join(str(e).split())
+  return f'{type(e).__name__}: {" ".join(str(e).split())}'
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """ml_collections' config file parser `inner`, with every failure to load the file raised at
+  once as one `ConfigFileError` line naming it (ml_collections lets a SyntaxError through, defers
+  a missing file, and writes a traceback into the message of an error in get_config)."""
+
+  def __init__(self, name: str, inner: flags.ArgumentParser):
+    self.name, self.inner = name, inner
+
+  def flag_type(self) -> str:
+    return self.inner.flag_type()
+
+  def parse(self, path):
+    absl_log = logging.getLogger('absl')
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # its warning on a get_config() that returns None
+    # ml_collections runs the file in module `<name>_config`; one loaded before in this process
+    # (launch.cli.invoke) would lend the new file its get_config.
+    sys.modules.pop(f'{self.name}_config', None)
+    try:
+      config = self.inner.parse(path)
+      if not isinstance(config, ml_collections.ConfigDict):
+        getattr(config, 'keys', None)  # a file that could not be read: its stand-in raises here
+        raise TypeError(f'get_config() returned {type(config).__name__}, not a ConfigDict')
+    except Exception as e:  # pylint: disable=broad-except  (anything the file's code raises)
+      cause = e.__context__ if 'Error whilst parsing config file' in str(e) else e
+      raise ConfigFileError(f'cannot load --{self.name} {path!r}: {_why(cause)}') from None
+    finally:
+      absl_log.setLevel(level)
+    return config
+
+
+def define_config_file(name: str, default: str, help_string: str,
+                       fv: flags.FlagValues = flags.FLAGS, argv=None):
+  """`config_flags.DEFINE_config_file`, with a file that fails to load refused in one line."""
+  holder = config_flags.DEFINE_config_file(name, None, help_string, flag_values=fv,
+                                           sys_argv=argv)
+  fv[name].parser = _ConfigFileParser(name, fv[name].parser)
+  fv.set_default(name, default)  # parsed now unless the command line names the file
+  return holder
 
 
 def _fail(e: Exception) -> None:
@@ -26,9 +89,8 @@ def _fail(e: Exception) -> None:
   text = str(e).replace('\\n', '\n').replace("\\'", "'")
   unknown = re.search(r"'(\w+)'.*?Did you mean \"?(\w+)\"?", text, re.S)
   cause = e.args[0] if isinstance(e, AttributeError) and e.args else e  # a field or a section
-  if 'Failed loading config file' in text or 'earlier failure to load' in text:
-    reason = [l.strip() for l in text.splitlines() if 'Errno' in l or 'Error' in l]
-    message = f'cannot load the --config file: {reason[-1] if reason else text.splitlines()[0]}'
+  if isinstance(e, ConfigFileError):
+    message = str(e)
   elif unknown and not isinstance(e, flags.Error):
     message = f'unknown config field {unknown.group(1)!r} (did you mean {unknown.group(2)!r}?)'
   elif isinstance(cause, KeyError) and cause.args and isinstance(cause.args[0], str):
@@ -77,10 +139,7 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
   if any(a in HELP for a in argv[1:]):
     _help(argv, doc, fv)
   try:
-    rest = fv(argv)
-    if 'config' in fv and not isinstance(fv.config, str):  # a config file flag
-      fv.config.keys()  # a config file that failed to load raises here
-    return rest
+    return fv(argv)  # a config file flag (define_config_file) loads its file here
   except OVERRIDE_ERRORS + (OSError,) as e:
     _fail(e)
 

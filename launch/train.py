@@ -9,7 +9,6 @@ tracin_curriculum, mimic), online filtering (datarater_batch_filter, datarater_a
 per-epoch selection (full, random, infobatch, sae). Runs `datarater.train.train`.
 """
 from absl import flags
-from ml_collections import config_flags
 
 from datarater.errors import exit_on_user_error
 from datarater.train import train
@@ -17,8 +16,7 @@ from launch import cli
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
-  config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.',
-                                  flag_values=fv, sys_argv=argv)
+  cli.define_config_file('config', 'configs/digits.py', 'Experiment config file.', fv, argv)
   flags.DEFINE_string('policy', None, 'Policy name (default: config.policy.name).',
                       flag_values=fv)
   flags.DEFINE_string('rater', '', 'An exported rater or a rater run (datarater policies).',

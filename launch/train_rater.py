@@ -4,7 +4,6 @@ Runs `datarater.meta_train.meta_train` on all devices of the job (see that modul
 receives); run it again with the same DIR to resume.
 """
 from absl import flags
-from ml_collections import config_flags
 
 from datarater.errors import exit_on_user_error
 from datarater.meta_train import meta_train
@@ -13,8 +12,7 @@ from launch import cli, distributed
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   """Flags are defined when run as a program, so tests and tools can import this module freely."""
-  config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.',
-                                  flag_values=fv, sys_argv=argv)
+  cli.define_config_file('config', 'configs/digits.py', 'Experiment config file.', fv, argv)
   flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, report.',
                       flag_values=fv)
   flags.DEFINE_integer('stop_after', None,

@@ -8,7 +8,6 @@ r"""Values every training example with one method -> a scores file keyed by TFDS
 import os
 
 from absl import flags
-from ml_collections import config_flags
 
 from datarater.errors import exit_on_user_error
 from datarater.valuation.factory import METHODS
@@ -17,8 +16,7 @@ from launch import cli, distributed
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
-  config_flags.DEFINE_config_file('config', 'configs/digits.py', 'Experiment config file.',
-                                  flag_values=fv, sys_argv=argv)
+  cli.define_config_file('config', 'configs/digits.py', 'Experiment config file.', fv, argv)
   flags.DEFINE_string('method', None, f'One of {", ".join(METHODS)}.', flag_values=fv)
   flags.DEFINE_string('workdir', None, 'Output folder.', flag_values=fv)
   distributed.define_flags(fv)

@@ -97,6 +97,13 @@ def _cases(tfds_dir: str, w) -> list:
        'inner.batch_size=6 does not divide over 4 devices'),
       ('train_rater', ['--config=configs/nope.py', f'--workdir={w}/new_run'],
        "No such file or directory: 'configs/nope.py'"),
+      ('train_rater', ['--config=README.md', f'--workdir={w}/new_run'],
+       "cannot load --config 'README.md': SyntaxError: invalid decimal literal (line "),
+      ('train_rater', ['--config=launch/cli.py', f'--workdir={w}/new_run'],
+       "cannot load --config 'launch/cli.py': it defines no get_config()"),
+      ('train_rater', ['--config=configs/text_bench.py:nope', f'--workdir={w}/new_run'],
+       "cannot load --config 'configs/text_bench.py:nope': ValueError: configs/text_bench.py: "
+       "unknown part 'nope'"),
       (*tr('--config=configs/digits.py'), 'before a value for --config was specified'),
       (*tr('--config.task.name=resnet'), "task.name must be a registered task"),
       (*tr('--config.task.hidden=(0,)'), 'task.hidden must hold integers >= 1, got ('),
@@ -210,7 +217,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 90  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 93  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -20,6 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('selection', ['--ratios=0.3,a'], "--ratios must be floats separated by commas, got '0.3,a'"),
     ('selection', ['--config.sae_scores.mislabel_guard=bogus'], "got 'bogus'"),
     ('selection', ['--config.sae_scores.no_such_field=1'], "unknown config field 'no_such_field'"),
+    ('curation', ['--config=README.md'], "cannot load --config 'README.md': SyntaxError"),
+    ('lm_curation', ['--bench=configs/text_bench.py:nope'],
+     "cannot load --bench 'configs/text_bench.py:nope': ValueError"),
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'
