@@ -49,6 +49,8 @@ def world(tfds_dir, tmp_path_factory):
   pq.write_table(pa.table({'id': np.arange(n) + 0.5, 'value': np.zeros(n)}), root / 'float_ids.parquet')
   pq.write_table(pa.table({'id': np.arange(n), 'value': np.full(n, '1.5')}), root / 'str_values.parquet')
   pq.write_table(pa.table({'id': np.arange(n), 'value': np.zeros(n)}), root / 'zeros.parquet')
+  pq.write_table(pa.table({'id': np.arange(n), 'value': np.zeros(n), 'split': np.zeros(n, int)}),
+                 root / 'int_split.parquet')
   (root / 'busy').mkdir()
   (root / 'foreign').mkdir()
   (root / 'foreign' / 'config.json').write_text('{"model": "not a rater run"}')
@@ -128,6 +130,8 @@ def _cases(tfds_dir: str, w) -> list:
       ('train', [data, '--policy=scores'], 'policy scores needs --scores'),
       ('train', [data, '--policy=scores', f'--scores={w}/none.parquet'],
        f"scores file '{w}/none.parquet' does not exist"),
+      ('train', [data, '--policy=scores', f'--scores={w}/int_split.parquet'],
+       'column `split` must hold split names (strings), it holds int64'),
       ('train', [data, '--policy=random', '--config.policy.ratio=0'],
        'policy.ratio must be > 0, got 0'),
       ('train', [data, '--stop_after=2'], '--stop_after needs --workdir'),
@@ -182,6 +186,8 @@ def _cases(tfds_dir: str, w) -> list:
        'column `value` must hold numbers, it holds string'),
       ('filter', fl(f'--scores={w}/zeros.parquet', '--min_score=1'),
        "nothing of split 'train' is kept"),
+      ('filter', fl(f'--scores={w}/int_split.parquet', '--keep=0.5'),
+       'column `split` must hold split names (strings), it holds int64'),
       ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
                   f'--out={w}/a_file/out'], f'{w}/a_file'),
       ('filter', fl(rater, '--keep=0.5', '--split=dev'), "has no split 'dev'"),
@@ -217,7 +223,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 93  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 95  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

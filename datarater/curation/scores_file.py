@@ -70,6 +70,11 @@ def read_values(path: str, num_examples: int, split: Optional[str] = None,
   if not (pa.types.is_floating(value_type) or pa.types.is_integer(value_type)):
     raise UserError(f'scores file {path!r}: column `{column}` must hold numbers, it holds '
                     f'{value_type}')
+  split_type = schema.field('split').type if by_split else pa.string()
+  names = split_type.value_type if pa.types.is_dictionary(split_type) else split_type
+  if not (pa.types.is_string(names) or pa.types.is_large_string(names)):
+    raise UserError(f'scores file {path!r}: column `split` must hold split names (strings), it '
+                    f'holds {split_type}')
   # Read a row batch at a time: only the [N] scores and a coverage mask are held.
   scores = np.empty(num_examples, np.float64)
   covered = np.zeros(num_examples, bool)
