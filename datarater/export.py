@@ -25,6 +25,24 @@ from datarater.errors import UserError
 from outer_loop import averaging
 
 FORMAT_VERSION = 2
+# What exporting or loading the rater of a run reads of its config.json's config.
+RUN_FIELDS = ('rater.name', 'rater.temperature', 'inner.population', 'inner.steps',
+              'inner.batch_size', 'outer.batch_size', 'data.name', 'data.train_split',
+              'data.label_noise', 'data.noise_seed')
+META_FIELDS = ('rater', 'rater.name', 'data_info', 'temperature')  # what load_rater reads
+INFO_ERRORS = (AttributeError, KeyError, TypeError, ValueError)  # of a malformed DataInfo
+
+
+def _first_missing(d, fields) -> Optional[str]:
+  """The first dotted field of `fields` that JSON object `d` lacks (as far as it lacks it: the
+  section when the whole section is missing), or None."""
+  for dotted in fields:
+    node, parts = d, dotted.split('.')
+    for i, part in enumerate(parts):
+      if not isinstance(node, dict) or part not in node:
+        return '.'.join(parts[:i + 1])
+      node = node[part]
+  return None
 
 
 def rater_training_compute(config, steps: int) -> int:
@@ -61,9 +79,13 @@ def _read_run(workdir: str):
       saved = json.load(f)
     config = ml_collections.ConfigDict(saved['config'])
     info = DataInfo.from_json(saved['data_info'])
-  except (ValueError, KeyError, TypeError) as e:
+  except INFO_ERRORS as e:
     raise UserError(f'{config_path!r} is not the config of a launch.train_rater run '
                     f'({type(e).__name__}: {e})') from None
+  missing = _first_missing(saved['config'], RUN_FIELDS)
+  if missing:
+    raise UserError(f'{config_path!r} is not the config of a launch.train_rater run (its '
+                    f'config has no {missing})')
   state = checkpointing.restore_latest_on_host(os.path.join(os.path.abspath(workdir),
                                                             'checkpoints'))
   if state is None:
@@ -156,10 +178,24 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
         meta = json.load(f)
     except (OSError, ValueError) as e:
       raise UserError(f'rater {path!r}: {meta_path!r} is not readable JSON ({e})') from None
+    if not isinstance(meta, dict):
+      raise UserError(f'rater {path!r}: {meta_path!r} holds a JSON {type(meta).__name__}, not '
+                      'the object launch.export_rater writes')
     if meta.get('format_version') != FORMAT_VERSION:
       raise UserError(f'rater {path!r} has format_version {meta.get("format_version")!r}; '
                       f'this code reads {FORMAT_VERSION}')
-    info = DataInfo.from_json(meta['data_info'])
+    missing = _first_missing(meta, META_FIELDS)
+    if missing:
+      raise UserError(f'rater {path!r}: {meta_path!r} has no {missing}')
+    temperature = meta['temperature']
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+      raise UserError(f'rater {path!r}: {meta_path!r} has temperature {temperature!r}, not a '
+                      'number')
+    try:
+      info = DataInfo.from_json(meta['data_info'])
+    except INFO_ERRORS as e:
+      raise UserError(f'rater {path!r}: {meta_path!r} has a malformed data_info '
+                      f'({type(e).__name__}: {e})') from None
     rater = tasks.make_rater(ml_collections.ConfigDict(meta['rater']), info)
     host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params_path = os.path.abspath(os.path.join(path, 'params'))
@@ -170,7 +206,7 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
                             ckptr.metadata(params_path).item_metadata.tree)
       params = ckptr.restore(params_path, target)
     _check_finite(params, f'rater {path!r}')
-    temperature = float(meta['temperature'])
+    temperature = float(temperature)
   elif os.path.exists(os.path.join(path, 'config.json')):
     config, info, params, steps = _read_run(path)
     rater = tasks.make_rater(config.rater, info)

@@ -45,6 +45,17 @@ def world(tfds_dir, tmp_path_factory):
   meta = json.loads((other / 'rater.json').read_text())
   meta['rater']['hidden'] = [32]
   (other / 'rater.json').write_text(json.dumps(meta))
+  meta = json.loads((root / 'rater' / 'rater.json').read_text())
+  without = lambda key: {k: v for k, v in meta.items() if k != key}
+  for name, bad in [('no_temperature', without('temperature')),
+                    ('no_data_info', without('data_info')), ('no_rater', without('rater')),
+                    ('list', [2])]:
+    shutil.copytree(root / 'rater', root / f'{name}_rater')
+    (root / f'{name}_rater' / 'rater.json').write_text(json.dumps(bad))
+  (root / 'no_outer_run').mkdir()
+  saved = json.loads((root / 'run' / 'config.json').read_text())
+  del saved['config']['outer']
+  (root / 'no_outer_run' / 'config.json').write_text(json.dumps(saved))
   n = 1197
   pq.write_table(pa.table({'id': np.arange(n) + 0.5, 'value': np.zeros(n)}), root / 'float_ids.parquet')
   pq.write_table(pa.table({'id': np.arange(n), 'value': np.full(n, '1.5')}), root / 'str_values.parquet')
@@ -165,6 +176,9 @@ def _cases(tfds_dir: str, w) -> list:
       ('export_rater', [f'--workdir={w}/run', f'--out={w}/a_file/x'], f"{w}/a_file"),
       ('export_rater', [f'--workdir={w}/foreign', f'--out={w}/exported'],
        f"'{w}/foreign/config.json' is not the config of a launch.train_rater run"),
+      ('export_rater', [f'--workdir={w}/no_outer_run', f'--out={w}/exported'],
+       f"'{w}/no_outer_run/config.json' is not the config of a launch.train_rater run (its "
+       "config has no outer)"),
   ]
   fl = lambda *extra: ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}',
                        f'--out={w}/filtered', *extra]
@@ -178,6 +192,16 @@ def _cases(tfds_dir: str, w) -> list:
       ('filter', fl('--keep=0.5'), 'exactly one of --rater and --scores'),
       ('filter', fl(f'--rater={w}/bad_json_rater', '--keep=0.5'), 'is not readable JSON'),
       ('filter', fl(f'--rater={w}/no_params_rater', '--keep=0.5'), 'has no params/ folder'),
+      ('filter', fl(f'--rater={w}/no_temperature_rater', '--keep=0.5'),
+       f"'{w}/no_temperature_rater/rater.json' has no temperature"),
+      ('filter', fl(f'--rater={w}/no_data_info_rater', '--keep=0.5'),
+       f"'{w}/no_data_info_rater/rater.json' has no data_info"),
+      ('filter', fl(f'--rater={w}/no_rater_rater', '--keep=0.5'),
+       f"'{w}/no_rater_rater/rater.json' has no rater"),
+      ('filter', fl(f'--rater={w}/list_rater', '--keep=0.5'),
+       f"'{w}/list_rater/rater.json' holds a JSON list, not the object launch.export_rater"),
+      ('train', [data, '--policy=datarater', f'--rater={w}/no_outer_run'],
+       f"'{w}/no_outer_run/config.json' is not the config of a launch.train_rater run"),
       ('filter', fl(f'--rater={w}/other_architecture_rater', '--keep=0.5'),
        'its parameters do not fit the architecture it names'),
       ('filter', fl(f'--scores={w}/float_ids.parquet', '--keep=0.5'),
@@ -223,7 +247,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 95  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 101  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
