@@ -2,10 +2,12 @@
 
 `run(main, doc, define_flags)` is the launchers' `launch.cli.run` (bad flags and config overrides
 in one line, `--help` with the config fields) with every `UserError` or I/O error inside `main`
-caught too (`datarater.errors.exit_on_user_error`). `numbers` reads a comma-list flag and
-`out_folder` makes the output folder at the start, so that a bad value or an unwritable --out
-fails at once, not after the runs.
+caught too (`datarater.errors.exit_on_user_error`). `numbers` reads a comma-list flag, `at_least`
+bounds an integer flag and `out_folder` makes the output folder at the start, so that a bad value
+or an unwritable --out fails at once, not after the runs. `read_json` reads another bench's
+results file, refusing one that is not (a truncated file, another kind) in one line.
 """
+import json
 import os
 from typing import Callable
 
@@ -38,6 +40,29 @@ def numbers(flag: str, values, kind: type = float, ok: Callable = lambda x: True
   if bad:
     raise UserError(f'--{flag} values must be {within}, got {bad[0]}')
   return out
+
+
+def at_least(flag: str, value: int, lo: int) -> int:
+  """The value of integer flag --`flag`, refused unless it is >= `lo`."""
+  if value < lo:
+    raise UserError(f'--{flag} must be >= {lo}, got {value}')
+  return value
+
+
+def read_json(path: str, what: str, *keys: str) -> dict:
+  """The JSON object in results file `path`, which must be `what` (e.g. 'bench.curation results
+  file') and hold `keys`."""
+  with open(path) as f:
+    try:
+      data = json.load(f)
+    except ValueError as e:
+      raise UserError(f'{path!r} is not readable JSON ({e}); expected a {what}') from None
+  if not isinstance(data, dict):
+    raise UserError(f'{path!r} holds a JSON {type(data).__name__}; expected a {what}')
+  missing = [k for k in keys if k not in data]
+  if missing:
+    raise UserError(f'{path!r} is not a {what} (it has no {", ".join(missing)})')
+  return data
 
 
 def out_folder(prefix: str) -> None:

@@ -323,6 +323,8 @@ def main(argv):
   noises = bench_cli.noise_rates(_NOISE.value)
   keeps = bench_cli.numbers('keep', _KEEP.value, float, lambda x: 0 < x <= 1, 'in (0, 1]')
   seeds = bench_cli.seeds(_SEEDS.value)
+  bench_cli.at_least('epochs', _EPOCHS.value, 1)
+  bench_cli.at_least('evals_per_epoch', _EVALS.value, 1)
   try:
     by_noise = {float(x.split(':')[0]): list(range(int(x.split(':')[1])))
                 for x in _SEEDS_BY_NOISE.value}

@@ -60,6 +60,7 @@ def main(argv):
   results = []
   hidden = tuple(bench_cli.numbers('hidden', _HIDDEN.value, int, lambda x: x > 0, '> 0'))
   unrolls = bench_cli.numbers('unrolls', _UNROLLS.value, int, lambda x: x > 0, '> 0')
+  bench_cli.at_least('repeats', _REPEATS.value, 1)
   print(f'{"mode":>8} {"T":>4} {"temp MiB":>10} {"peak MiB":>10} {"step ms":>9} {"compile s":>9}')
   for mode in _MODES.value:
     for t in unrolls:

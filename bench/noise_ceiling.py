@@ -36,7 +36,7 @@ from inner_loop.optimizers import make_inner_optimizer
 
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (corruption draw, init, order).')
 _NOISE = flags.DEFINE_list('noise', ['0.2', '0.4'], 'Corruption rates (data.label_noise).')
-_FOLDS = flags.DEFINE_integer('folds', 5, 'Cross-fitting folds.')
+_FOLDS = flags.DEFINE_integer('folds', 5, 'Cross-fitting folds (>= 2).')
 _EPOCHS = flags.DEFINE_integer('epochs', 8, 'Epochs of every detector model.')
 _OTHER = flags.DEFINE_string('other_split', 'train[5000:50000]',
                              'Uncorrupted images for `clean_other` ("" skips it).')
@@ -90,6 +90,8 @@ def main(argv):
   config = flags.FLAGS.config
   noises = bench_cli.noise_rates(_NOISE.value)
   seeds = bench_cli.seeds(_SEEDS.value)
+  bench_cli.at_least('folds', _FOLDS.value, 2)  # each fold is scored by the others' models
+  bench_cli.at_least('epochs', _EPOCHS.value, 1)
   bench_cli.out_folder(_OUT.value)
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
              'dataset': config.data.name, 'task': config.task.name,

@@ -10,7 +10,6 @@ the DataRater at its suggested keep and for every method and keep: the steps fra
 own share, the paired saving (own share minus the filtered run's, pairs = seeds) and the
 break-even training runs both ways. Writes <out>.json and .md.
 """
-import json
 import os
 
 from absl import flags
@@ -80,10 +79,7 @@ def main(argv):
     raise UserError('--results names no curation results file')
   tables = {}
   for path in _RESULTS.value:
-    with open(path) as f:
-      results = json.load(f)
-    if 'runs' not in results or 'methods' not in results:
-      raise UserError(f'{path!r} is not a bench.curation results file')
+    results = bench_cli.read_json(path, 'bench.curation results file', 'runs', 'methods')
     tables[os.path.relpath(path)] = rows_of(results)
   bench_cli.out_folder(_OUT.value)
   provenance.write_json(_OUT.value + '.json', {'tables': tables})

@@ -13,7 +13,6 @@ means, their spread over seeds, the difference after minus before with its paire
 is no worse than 2 standard errors, else `regression` (for a loss, higher is worse);
 `undetermined` with fewer than 2 seeds. Writes OUT.json and OUT.md.
 """
-import json
 import os
 
 from absl import flags
@@ -35,18 +34,16 @@ SEEDS_FIGURES = (  # (key, label, scale, higher is better)
 
 def seeds_figures(path: str) -> dict:
   """{label: {seed: value}} of a bench.train_rater_seeds output."""
-  with open(path) as f:
-    seeds = json.load(f)['seeds']
+  seeds = bench_cli.read_json(path, 'bench.train_rater_seeds output', 'seeds')['seeds']
   return {label: {s: (r[key], scale, better) for s, r in seeds.items()}
           for key, label, scale, better in SEEDS_FIGURES}
 
 
 def curation_figures(path: str) -> dict:
   """{label: {seed: value}} of a bench.curation output at its one noise rate."""
-  with open(path) as f:
-    runs = json.load(f)['runs']
+  runs = bench_cli.read_json(path, 'bench.curation output', 'runs')['runs']
   if len(runs) != 1:
-    raise SystemExit(f'{path}: expected one noise rate, found {sorted(runs)}')
+    raise UserError(f'{path}: expected one noise rate, found {sorted(runs)}')
   (noise, by_seed), = runs.items()
   out = {}
   def add(label, seed, value, scale):
@@ -68,11 +65,12 @@ def curation_figures(path: str) -> dict:
 def valuation_figures(path: str) -> dict:
   """{label: {seed: value}} of a bench.valuation_noise output at one noise rate: its `runs`
   records, or (older versions of the bench) its `auroc` table {method: {seed: value}}."""
-  with open(path) as f:
-    d = json.load(f)
+  d = bench_cli.read_json(path, 'bench.valuation_noise output')
+  if 'runs' not in d and 'auroc' not in d:
+    raise UserError(f"{path!r} is not a bench.valuation_noise output (it has no 'runs')")
   if 'runs' in d:
     if len(set(r['noise'] for r in d['runs'])) > 1:
-      raise SystemExit(f'{path}: expected one noise rate')
+      raise UserError(f'{path}: expected one noise rate')
     table = {}
     for r in d['runs']:
       table.setdefault(r['variant'], {})[str(r['seed'])] = r['auroc']
@@ -85,8 +83,7 @@ def valuation_figures(path: str) -> dict:
 def selection_figures(path: str) -> dict:
   """{label: {pair: value}} of a bench.selection output: test accuracy per (noise, policy, ratio),
   paired by (fold, seed), keyed fold * 1000 + seed."""
-  with open(path) as f:
-    runs = json.load(f)['runs']
+  runs = bench_cli.read_json(path, 'bench.selection output', 'runs')['runs']
   out = {}
   for r in runs:
     label = f'selection {r["noise"]:.0%}: {r["policy"]} r={r["ratio"]}, accuracy (%)'

@@ -228,7 +228,7 @@ class Trainer:
     seeds = [int(s) for s in seeds]
     if not seeds:
       raise UserError('no seeds to train (train.seeds is empty)')
-    if (epochs is None) == (steps is None) or (epochs or steps) < 1:
+    if (epochs is None) == (steps is None) or (epochs if steps is None else steps) < 1:
       raise UserError(f'give a positive number of epochs or steps, got epochs={epochs}, '
                       f'steps={steps}')
     if len(train) == 0:

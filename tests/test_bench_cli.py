@@ -23,6 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('curation', ['--config=README.md'], "cannot load --config 'README.md': SyntaxError"),
     ('lm_curation', ['--bench=configs/text_bench.py:nope'],
      "cannot load --bench 'configs/text_bench.py:nope': ValueError"),
+    ('curation', ['--epochs=0'], '--epochs must be >= 1, got 0'),
+    ('curation', ['--evals_per_epoch=0'], '--evals_per_epoch must be >= 1, got 0'),
+    ('noise_ceiling', ['--epochs=0'], '--epochs must be >= 1, got 0'),
+    ('noise_ceiling', ['--folds=0'], '--folds must be >= 2, got 0'),
+    ('noise_ceiling', ['--folds=1'], '--folds must be >= 2, got 1'),
+    ('meta_step', ['--repeats=0'], '--repeats must be >= 1, got 0'),
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'
@@ -34,3 +40,27 @@ def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   assert len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
   assert not proc.stdout.strip()  # nothing ran
   assert not any(f.is_file() for f in tmp_path.rglob('*'))  # nothing written
+
+
+@pytest.mark.parametrize('bench, kind, flag, says', [
+    ('steps_saved', 'curation', '--results={}_curation.json', 'expected a bench.curation results'),
+    ('versions', 'seeds', '--before={}', 'expected a bench.train_rater_seeds output'),
+    ('versions', 'curation', '--before={}', 'expected a bench.curation output'),
+    ('versions', 'valuation', '--before={}', 'expected a bench.valuation_noise output'),
+    ('versions', 'selection', '--before={}', 'expected a bench.selection output'),
+])
+def test_a_truncated_results_file_is_one_line_and_exit_2(tmp_path, bench, kind, flag, says):
+  prefix = tmp_path / 'in' / 'old'
+  prefix.parent.mkdir()
+  path = tmp_path / 'in' / f'old_{kind}.json'
+  path.write_text('{"runs": {"0.2": {"0": {"all": ')  # a copy cut short
+  out = tmp_path / 'out' / 'result'
+  args = [flag.format(prefix)] + ([f'--after={prefix}'] if bench == 'versions' else [])
+  proc = subprocess.run([sys.executable, '-m', f'bench.{bench}', f'--out={out}', *args],
+                        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
+                        timeout=300)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(lines) == 1 and f"'{path}' is not readable JSON" in lines[0], lines
+  assert says in lines[0], lines
+  assert [f for f in tmp_path.rglob('*') if f.is_file()] == [path]  # nothing written

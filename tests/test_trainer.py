@@ -9,6 +9,7 @@ import pytest
 
 from datarater import checkpointing, tasks
 from datarater.data import pipeline
+from datarater.errors import UserError
 from datarater.policies import base, selection, weighting
 from datarater.trainer import Trainer
 from tests.conftest import digits_data
@@ -125,6 +126,14 @@ def test_clean_oracle_weights_beat_uniform_under_noise(splits):
   clean = _trainer(train, oracle, batch_size=128).run(train, {'eval': test}, [0, 1], **kw)
   uniform = _trainer(train, batch_size=128).run(train, {'eval': test}, [0, 1], **kw)
   assert np.mean(clean.final['eval']['loss']) < np.mean(uniform.final['eval']['loss'])
+
+
+@pytest.mark.parametrize('length', [{'epochs': 0}, {'steps': 0}, {'epochs': -1}, {},
+                                    {'epochs': 1, 'steps': 1}])
+def test_a_run_of_no_epochs_or_steps_is_refused(splits, length):
+  train, _ = splits
+  with pytest.raises(UserError, match='give a positive number of epochs or steps'):
+    _trainer(train).run(train, {}, [0], **length)
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted(splits, tmp_path):
