@@ -31,8 +31,10 @@ if [[ $STAGES == *A* ]]; then
 fi
 if [[ $STAGES == *B* ]]; then
   for policy in uniform datarater datarater_batch_filter; do
+    rater=--rater=$OUT/rater$first  # read only by the datarater policies; refused by uniform
+    [[ $policy == datarater* ]] || rater=
     stage train_$policy python -m launch.train --config=$C --policy=$policy \
-      --rater=$OUT/rater$first --workdir=$OUT/train_$policy
+      $rater --workdir=$OUT/train_$policy
   done
 fi
 if [[ $STAGES == *C* ]]; then

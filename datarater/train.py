@@ -70,6 +70,7 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   name = policy or config.policy.name
   if name not in policies.POLICIES:
     raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(policies.POLICIES))})')
+  policies.check_inputs(name, rater=rater, scores=scores)
   config_checks.validate(config, SECTIONS + POLICY_SECTIONS.get(name, ()))
   d, t = config.data, config.train
   if stop_after is not None and not workdir:

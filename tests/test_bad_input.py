@@ -139,6 +139,11 @@ def _cases(tfds_dir: str, w) -> list:
       ('train', [data, '--policy=datarater'], 'policy datarater needs --rater'),
       ('train', [data, '--policy=datarater', f'--rater={w}/nowhere'], f"no rater in '{w}/nowhere'"),
       ('train', [data, '--policy=scores'], 'policy scores needs --scores'),
+      ('train', [data, f'--rater={w}/rater'], "--rater is read only by policies datarater, "
+                                               "datarater_batch_filter, datarater_accept (policy "
+                                               "is 'uniform')"),
+      ('train', [data, '--policy=datarater', f'--rater={w}/rater', f'--scores={w}/zeros.parquet'],
+       "--scores is read only by policy scores (policy is 'datarater')"),
       ('train', [data, '--policy=scores', f'--scores={w}/none.parquet'],
        f"scores file '{w}/none.parquet' does not exist"),
       ('train', [data, '--policy=scores', f'--scores={w}/int_split.parquet'],
@@ -219,6 +224,8 @@ def _cases(tfds_dir: str, w) -> list:
                   f'--out={w}/filtered'], "unknown dataset 'no_such'"),
       ('filter', fl(rater, '--keep=0.5', '--batch_size=0'), '--batch_size must be >= 1, got 0'),
       ('filter', fl(rater, '--min_score=0', '--balance'), '--balance needs --keep'),
+      ('filter', fl(rater, '--min_score=0', '--threshold=streaming'),
+       '--threshold=streaming needs --keep or --suggest_keep'),
       ('filter', fl(rater, '--keep=0.5', '--threshold=approx'),
        "value should be one of <exact|streaming>"),
       ('filter', fl(rater, '--keep=0.5', '--label_noise=2'),
@@ -247,7 +254,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 101  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 104  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

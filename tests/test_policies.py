@@ -157,8 +157,9 @@ def test_every_registered_policy_trains_through_the_launcher_path(tfds_dir, trai
   assert {'uniform', 'datarater', 'datarater_batch_filter', 'datarater_accept', 'scores',
           'tracin_curriculum', 'mimic', 'full', 'random', 'infobatch', 'sae'} <= set(names)
   grads = {}
+  inputs = {'rater': str(base / 'rater'), 'scores': str(base / 'scores.parquet')}
   for name in names:
-    report = train(config, name, rater=str(base / 'rater'), scores=str(base / 'scores.parquet'),
+    report = train(config, name, **{k: v for k, v in inputs.items() if k in policies.READS[name]},
                    log=lambda line: None)
     assert 0.0 <= report['final']['eval']['accuracy']['mean'] <= 1.0, name
     grads[name] = report['example_gradients']
@@ -182,3 +183,18 @@ def test_unknown_policy_and_missing_inputs_are_user_errors(tfds_dir):
     policies.make_policy('datarater', ctx)
   with pytest.raises(UserError, match='needs --scores'):
     policies.make_policy('scores', ctx)
+
+
+def test_an_input_is_given_only_to_the_policies_that_read_it():
+  readers = lambda field: {p for p, reads in policies.READS.items() if field in reads}
+  assert readers('rater') == {'datarater', 'datarater_batch_filter', 'datarater_accept'}
+  assert readers('scores') == {'scores'}
+  assert set(policies.READS) == set(policies.POLICIES)
+  policies.check_inputs('datarater', rater='r', scores='')
+  policies.check_inputs('uniform', rater='', scores='')
+  with pytest.raises(UserError, match=r"--rater is read only by policies datarater, "
+                     r"datarater_batch_filter, datarater_accept \(policy is 'sae'\)"):
+    policies.check_inputs('sae', rater='r')
+  with pytest.raises(UserError, match=r"--scores is read only by policy scores \(policy is "
+                     r"'datarater_accept'\)"):
+    policies.check_inputs('datarater_accept', rater='r', scores='s')

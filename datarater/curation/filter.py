@@ -91,6 +91,9 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     select.check_keep(keep)
   if threshold not in THRESHOLD_MODES:
     raise UserError(f'unknown --threshold {threshold!r} (choose from {", ".join(THRESHOLD_MODES)})')
+  if threshold != 'exact' and min_score is not None:
+    raise UserError(f'--threshold={threshold} needs --keep or --suggest_keep (it finds their '
+                    'threshold; --min_score is one)')
   if balance and min_score is not None:
     raise UserError('--balance needs --keep or --suggest_keep (a score threshold cannot balance '
                     'classes)')

@@ -12,7 +12,8 @@ is an argument of the compiled functions, shared by every model. Selection polic
 fill in the rest. `positions` index the training split; entries padded past its end carry weight 0.
 
 Policies are made by name from `POLICIES` (`@register_policy('name')` on a factory
-`(ctx: PolicyContext) -> Policy`).
+`(ctx: PolicyContext) -> Policy`; `reads=('rater',)` names the launcher inputs it reads, and
+`check_inputs` refuses an input given to a policy that would ignore it).
 """
 import dataclasses
 from typing import Any, Callable, NamedTuple
@@ -79,13 +80,25 @@ class PolicyContext:
 
 
 POLICIES: dict[str, Callable[[PolicyContext], Policy]] = {}
+INPUTS = ('rater', 'scores')  # the launcher inputs of a PolicyContext (flags of launch.train)
+READS: dict[str, tuple[str, ...]] = {}  # policy -> the inputs it reads
 
 
-def register_policy(name: str):
+def register_policy(name: str, reads: tuple[str, ...] = ()):
+  assert set(reads) <= set(INPUTS), reads
   def add(factory):
-    POLICIES[name] = factory
+    POLICIES[name], READS[name] = factory, tuple(reads)
     return factory
   return add
+
+
+def check_inputs(name: str, **given: str) -> None:
+  """UserError if an input (rater=..., scores=...) is given to policy `name`, which ignores it."""
+  for field, value in given.items():
+    if value and field not in READS.get(name, ()):
+      readers = [p for p, reads in READS.items() if field in reads]
+      raise UserError(f'--{field} is read only by polic{"ies" if len(readers) > 1 else "y"} '
+                      f'{", ".join(readers)} (policy is {name!r})')
 
 
 def make_policy(name: str, ctx: PolicyContext) -> Policy:

@@ -95,14 +95,14 @@ def acceptance_filter(score_fn, score_params, reference_scores: np.ndarray, rho:
                 aux, forwards_per_example=1.0, **cost)
 
 
-@register_policy('datarater_batch_filter')
+@register_policy('datarater_batch_filter', reads=('rater',))
 def _batch_filter(ctx: PolicyContext) -> Policy:
   rater = loaded_rater(ctx, 'datarater_batch_filter')
   return batch_filter(rater.rater.score, rater.params, ctx.config.policy.rho, len(ctx.train),
                       setup_example_gradients=rater.training_example_gradients)
 
 
-@register_policy('datarater_accept')
+@register_policy('datarater_accept', reads=('rater',))
 def _accept(ctx: PolicyContext) -> Policy:
   rater = loaded_rater(ctx, 'datarater_accept')
   scores = evaluation.score_split(lambda b: rater.rater.score(rater.params, b), ctx.train)

@@ -78,14 +78,14 @@ def _uniform(ctx: PolicyContext) -> Policy:
   return weighting('uniform', len(ctx.train))
 
 
-@register_policy('datarater')
+@register_policy('datarater', reads=('rater',))
 def _datarater(ctx: PolicyContext) -> Policy:
   rater = loaded_rater(ctx, 'datarater')
   return rater_weights(rater.rater, rater.params, rater.temperature, len(ctx.train),
                        rater.training_example_gradients)
 
 
-@register_policy('scores')
+@register_policy('scores', reads=('scores',))
 def _scores(ctx: PolicyContext) -> Policy:
   if not ctx.scores:
     raise UserError('policy scores needs --scores=FILE (e.g. one written by launch.valuate)')
