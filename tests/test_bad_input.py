@@ -158,6 +158,9 @@ def _cases(tfds_dir: str, w) -> list:
       ('train', [data, '--config.data.eval_split=test[:0]'],
        "split 'test[:0]' of 'sklearn_digits' selects no examples"),
       ('train', [data, '--policy=sae', '--config.sae.k=0'], 'sae.k must be >= 1, got 0'),
+      ('train', [data, '--policy=datarater_batch_filter', f'--rater={w}/rater',
+                 '--config.train.batch_size=4', '--config.policy.rho=0.99'],
+       'policy.rho=0.99 keeps floor((1 - rho) * 4) = 0 of each batch of train.batch_size=4'),
       ('valuate', [data, '--method=shapley', f'--workdir={w}/val'], "unknown --method 'shapley'"),
       ('valuate', [data, '--method=tracin'], '--workdir is required'),
       ('valuate', [data, '--method=dvemb', '--config.valuation.projection=sparse',
@@ -254,7 +257,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 104  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 105  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

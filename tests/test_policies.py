@@ -67,6 +67,20 @@ def test_batch_filter_keeps_exactly_the_best_scored_fraction():
     filtering.batch_filter(rater.score, params, 1.0, 100)
 
 
+@pytest.mark.parametrize('batch_size, rho, kept', [
+    (4, 0.75, 1), (4, 0.99, 0), (1, 0.2, 0), (1, 0, 1), (128, 0.2, 102), (10, 0.9, 1),
+    (10, 0.91, 0), (100, 0.99, 1)])
+def test_a_rho_that_would_keep_none_of_a_batch_is_refused(batch_size, rho, kept):
+  """The filter keeps at least one per batch, so a rho with floor((1 - rho) B) = 0 would filter
+  less than asked: refused; every other rho keeps exactly floor((1 - rho) B)."""
+  if kept:
+    assert filtering.kept_per_batch(batch_size, rho) == kept
+  else:
+    with pytest.raises(UserError, match=f'policy.rho={rho} keeps .* = 0 of each batch of '
+                                        f'train.batch_size={batch_size}'):
+      filtering.kept_per_batch(batch_size, rho)
+
+
 def _survival_brute_force(u, m, n):
   """P(fewer than n of m - 1 i.i.d. others score higher), each higher with probability 1 - u."""
   return sum(math.comb(m - 1, k) * (1 - u) ** k * u ** (m - 1 - k) for k in range(n))

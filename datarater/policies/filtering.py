@@ -3,6 +3,7 @@
 The two ways the DataRater paper deploys a rater online:
 - `datarater_batch_filter`: of each batch of B, only the N = floor((1 - rho) B) best-scored get a
   gradient (weight B / N, so the loss is the mean over the N kept; padding is not counted in B);
+  a rho with N = 0 for train.batch_size is refused (`kept_per_batch`);
 - `datarater_accept`: each example is kept with the probability that it would survive batch-level
   filtering of M = ceil(B / (1 - rho)) examples down to B, given its score's rank among the
   rater's scores of the whole training split (computed once); kept examples share the batch's
@@ -26,6 +27,17 @@ def check_rho(rho: float) -> float:
   if not 0 <= rho < 1:
     raise UserError(f'policy.rho (the filtered fraction) must be in [0, 1), got {rho}')
   return float(rho)
+
+
+def kept_per_batch(batch_size: int, rho: float) -> int:
+  """N = floor((1 - rho) B), the examples of a batch of B the batch filter keeps. A rho that
+  keeps none is refused: the filter keeps at least one, so it would filter less than rho."""
+  n = int(math.floor((1 - check_rho(rho)) * batch_size + 1e-6))
+  if n < 1:
+    raise UserError(f'policy.rho={rho} keeps floor((1 - rho) * {batch_size}) = 0 of each batch of '
+                    f'train.batch_size={batch_size}: use rho <= {1 - 1 / batch_size:.4g} or '
+                    f'train.batch_size >= {math.ceil(1 / (1 - rho) - 1e-6)}')
+  return n
 
 
 def source_batch_size(batch_size: int, rho: float) -> int:
@@ -54,6 +66,8 @@ def batch_filter(score_fn, score_params, rho: float, num_examples: int, **cost) 
     del state, params
     real = weights > 0
     b = jnp.sum(real)
+    # At least one: an epoch's short last batch may round to none (kept_per_batch refuses a rho
+    # that does so for a full batch).
     n = jnp.maximum(1, jnp.floor((1 - rho) * b + 1e-6)).astype(b.dtype)
     scores = jnp.where(real, score_fn(aux, batch), -jnp.inf)
     rank = ranks.rank(-scores)  # 0 = best; ties to the lower position
@@ -97,6 +111,7 @@ def acceptance_filter(score_fn, score_params, reference_scores: np.ndarray, rho:
 
 @register_policy('datarater_batch_filter', reads=('rater',))
 def _batch_filter(ctx: PolicyContext) -> Policy:
+  kept_per_batch(ctx.config.train.batch_size, ctx.config.policy.rho)  # before loading the rater
   rater = loaded_rater(ctx, 'datarater_batch_filter')
   return batch_filter(rater.rater.score, rater.params, ctx.config.policy.rho, len(ctx.train),
                       setup_example_gradients=rater.training_example_gradients)
