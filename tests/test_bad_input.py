@@ -248,8 +248,10 @@ def _cases(tfds_dir: str, w) -> list:
 
 
 def _snapshot(root) -> dict:
+  """Every file's hash and every folder (an empty folder made by a refused run counts too)."""
   out = {}
-  for folder, _, names in os.walk(root):
+  for folder, dirs, names in os.walk(root):
+    out.update({os.path.relpath(os.path.join(folder, d), root): 'folder' for d in dirs})
     for name in names:
       path = os.path.join(folder, name)
       with open(path, 'rb') as f:
@@ -288,6 +290,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tfds_dir, world, ind
   assert code == 2, (launcher, argv, err.getvalue()[-1500:])
   assert len(lines) == 1 and lines[0].startswith('error: '), lines
   assert named in lines[0], (named, lines[0])
+  if lock is not None:  # the line names the process holding the workdir
+    assert f'(process {os.getpid()})' in lines[0], lines[0]
   after = _snapshot(world)
   if lock is not None:  # the holder wrote its pid into the lock file
     before.pop('busy/.lock', None), after.pop('busy/.lock', None)
