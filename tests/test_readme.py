@@ -146,3 +146,9 @@ def test_every_config_field_the_docs_name_exists():
     assert len(named) > 5, doc
     unknown = sorted(n for n in named - fields if not _is_module(n))
     assert not unknown, f'{doc} names config fields no config has: {unknown}'
+
+
+def test_the_count_of_bad_inputs_the_readme_gives_is_the_tests():
+  from tests.test_bad_input import NUM_CASES  # pylint: disable=g-import-not-at-top
+  readme = open(os.path.join(ROOT, 'README.md')).read()
+  assert f'`tests/test_bad_input.py` runs {NUM_CASES} bad inputs' in ' '.join(readme.split())
