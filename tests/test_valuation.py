@@ -370,9 +370,44 @@ def test_dvemb_step_map_is_the_linearised_step_where_stable_and_never_amplifies(
   lam_max = np.linalg.eigvalsh(h).max()
   with jax.enable_x64():
     stable_lr = 1.9 / lam_max
-    np.testing.assert_allclose(_step_map(jnp.asarray(h), stable_lr), np.eye(12) - stable_lr * h,
-                               atol=1e-12)
+    for psd in (True, False):
+      np.testing.assert_allclose(_step_map(jnp.asarray(h), stable_lr, psd),
+                                 np.eye(12) - stable_lr * h, atol=1e-12)
     for lr in (3.0 / lam_max, 50.0 / lam_max):
-      m = np.asarray(_step_map(jnp.asarray(h), lr))
+      m = np.asarray(_step_map(jnp.asarray(h), lr, True))
       assert np.linalg.norm(np.eye(12) - lr * h, 2) > 1.0
       assert np.linalg.norm(m, 2) <= 1.0 + 1e-12
+
+
+def test_dvemb_step_map_skips_the_eigendecomposition_only_where_no_clip_acts():
+  """On PSD matrices (full rank and rank-deficient, whose computed eigenvalues go ~-eps), of
+  small and large norms, the map without an eigendecomposition (lr ||H||_F <= 2, psd) equals the
+  clipped eigendecomposition's (psd=False always takes it), float64; a matrix that needs the clip
+  takes it either way."""
+  from datarater.valuation.dvemb import _step_map
+  rng = np.random.default_rng(1)
+  eigh_map = lambda h, lr: np.eye(len(h)) - (lambda lam, u: (u * np.clip(lr * lam, 0, 2)) @ u.T)(
+      *np.linalg.eigh(h))
+  with jax.enable_x64():
+    for rows, scale in ((40, 1e-3), (40, 1.0), (5, 1.0), (5, 1e3), (40, 1e4)):
+      g = scale * rng.normal(size=(rows, 16))
+      h = g.T @ g / rows
+      fro = np.linalg.norm(h)
+      for lr in (0.5 / fro, 2.0 / fro, 0.1, 1.9 / np.linalg.eigvalsh(h).max()):
+        cheap = np.asarray(_step_map(jnp.asarray(h), lr, True))
+        clipped = np.asarray(_step_map(jnp.asarray(h), lr, False))
+        np.testing.assert_allclose(cheap, clipped, atol=1e-12)
+        np.testing.assert_allclose(cheap, eigh_map(h, lr), atol=1e-12)
+      big = 3.0 / np.linalg.eigvalsh(h).max()  # needs the clip at 2: taken with psd=True too
+      np.testing.assert_allclose(_step_map(jnp.asarray(h), big, True), eigh_map(h, big),
+                                 atol=1e-12)
+      assert np.abs(eigh_map(h, big) - (np.eye(16) - big * h)).max() > 0.1
+    # An indefinite H: psd=False clips its negative eigenvalues at 0 (nothing grows); psd=True
+    # is a promise the caller keeps (embed passes weights >= 0), not checked here.
+    s = rng.normal(size=(16, 16))
+    h = (s + s.T) / 2 * 1e-2
+    lr = 1.0 / np.linalg.norm(h)
+    np.testing.assert_allclose(_step_map(jnp.asarray(h), lr, False), eigh_map(h, lr), atol=1e-12)
+    assert np.linalg.eigvalsh(eigh_map(h, lr)).max() <= 1 + 1e-12
+    np.testing.assert_allclose(_step_map(jnp.asarray(h), lr, True), np.eye(16) - lr * h,
+                               atol=1e-12)

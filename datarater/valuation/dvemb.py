@@ -39,39 +39,57 @@ class Embeddings:
   phase: jax.Array    # [P, N, k]: the same sum restricted to each of P equal phases of training
 
 
-def _k_times_hessian(task, params, batch, weights, kmat, grads, transform, state, curvature,
-                     chunk_size):
-  """K H_t for the weighted batch-mean loss at `params`, H_t approximated as `curvature` says."""
+def _curvature(task, params, batch, weights, grads, transform, state, curvature, chunk_size):
+  """H_t [k, k], the weighted batch-mean loss's curvature in the projection, approximated as
+  `curvature` ('gauss_newton' or 'empirical_fisher') says."""
   loss_fn = task.per_example_loss
   b = grads.shape[0]
   if curvature == 'empirical_fisher':  # (1/B) sum_j w_j g_j g_j^T with the observed labels
-    return ((kmat @ grads.T) * weights[None, :]) @ grads / b
-  if curvature == 'gauss_newton':
-    # For softmax cross-entropy the Gauss-Newton matrix is the model's Fisher:
-    # (1/B) sum_j w_j sum_c p_jc g_jc g_jc^T, g_jc the gradient had the label been c,
-    # p_jc = e^-l_jc.
-    def per_class(acc, c):
-      labels = task.labels(batch)
-      relabelled = task.with_labels(batch, jnp.full_like(labels, c))
-      g = pergrad.per_example(loss_fn, params, relabelled, transform, state, chunk_size)
-      p = jnp.exp(-loss_fn(params, relabelled)) * weights
-      return acc + ((kmat @ g.T) * p[None, :]) @ g / b, None
-    return jax.lax.scan(per_class, jnp.zeros_like(kmat), jnp.arange(task.num_classes))[0]
-  # 'exact': rows of K are parameter-space vectors (unprojected); (K H)_r = H K_r by an HVP.
+    return (grads.T * weights[None, :]) @ grads / b
+  # For softmax cross-entropy the Gauss-Newton matrix is the model's Fisher:
+  # (1/B) sum_j w_j sum_c p_jc g_jc g_jc^T, g_jc the gradient had the label been c,
+  # p_jc = e^-l_jc.
+  def per_class(acc, c):
+    labels = task.labels(batch)
+    relabelled = task.with_labels(batch, jnp.full_like(labels, c))
+    g = pergrad.per_example(loss_fn, params, relabelled, transform, state, chunk_size)
+    p = jnp.exp(-loss_fn(params, relabelled)) * weights
+    return acc + (g.T * p[None, :]) @ g / b, None
+  k = grads.shape[1]
+  return jax.lax.scan(per_class, jnp.zeros((k, k), grads.dtype), jnp.arange(task.num_classes))[0]
+
+
+def _k_times_exact_hessian(task, params, batch, weights, kmat):
+  """K H_t, H_t the exact Hessian of the weighted batch-mean loss at `params`: rows of K are
+  parameter-space vectors (unprojected), (K H)_r = H K_r by a Hessian-vector product."""
+  loss_fn = task.per_example_loss
   flat, unravel = ravel_pytree(params)
   grad_fn = jax.grad(lambda v: jnp.mean(weights * loss_fn(unravel(v), batch)))
   hvp = lambda r: jax.jvp(grad_fn, (flat,), (r,))[1]
   return jax.lax.map(hvp, kmat, batch_size=min(64, kmat.shape[0]))
 
 
-def _step_map(h: jax.Array, lr) -> jax.Array:
-  """I - lr H for a k x k PSD curvature H, with lr * eigenvalue clipped to [0, 2]: equal to it
+def _step_map(h: jax.Array, lr, psd) -> jax.Array:
+  """I - lr H for a k x k curvature H, with lr * eigenvalue clipped to [0, 2]: equal to it
   wherever the linearised step is stable (lr lambda <= 2), and never amplifying elsewhere. In a
   k-dim projection H's trace is packed into k directions, so its top eigenvalues exceed the full
   Hessian's, and without the clip K blows up over long runs (a CNN at lr 0.1: inf after ~120 steps
-  back)."""
-  lam, u = jnp.linalg.eigh((h + h.T) / 2)
-  return jnp.eye(h.shape[0], dtype=h.dtype) - (u * jnp.clip(lr * lam, 0.0, 2.0)) @ u.T
+  back).
+
+  The eigendecomposition is skipped when no clip can act: |lambda| <= ||H||_F, so
+  lr ||H||_F <= 2 bounds lr lambda above by 2; `psd` (a bool, may be traced) says H is positive
+  semi-definite by construction (a Gauss-Newton or empirical Fisher matrix with weights >= 0),
+  so with lr >= 0 the clip at 0 would only remove round-off (eigenvalues ~ -eps ||H||), and
+  I - lr H is the clipped map up to that round-off."""
+  h = (h + h.T) / 2
+  eye = jnp.eye(h.shape[0], dtype=h.dtype)
+
+  def clipped(h):
+    lam, u = jnp.linalg.eigh(h)
+    return eye - (u * jnp.clip(lr * lam, 0.0, 2.0)) @ u.T
+
+  cheap = jnp.logical_and(psd, jnp.logical_and(lr >= 0, lr * jnp.linalg.norm(h) <= 2.0))
+  return jax.lax.cond(cheap, lambda h: eye - lr * h, clipped, h)
 
 
 def embed(task: Task, run: TrainingRun, num_examples: int,
@@ -108,12 +126,11 @@ def embed(task: Task, run: TrainingRun, num_examples: int,
     chex.assert_shape(g, (weights.shape[0], k))
     emb = (lr / g.shape[0]) * weights[:, None] * (g @ kmat.T)
     if curvature == 'exact':
-      kmat = kmat - lr * _k_times_hessian(task, params, batch, weights, kmat, g, transform, state,
-                                          curvature, chunk_size)
+      kmat = kmat - lr * _k_times_exact_hessian(task, params, batch, weights, kmat)
     elif curvature != 'none':
-      hessian = _k_times_hessian(task, params, batch, weights, jnp.eye(k, dtype=dtype), g,
-                                 transform, state, curvature, chunk_size)
-      kmat = kmat @ _step_map(hessian, lr)
+      hessian = _curvature(task, params, batch, weights, g, transform, state, curvature,
+                           chunk_size)
+      kmat = kmat @ _step_map(hessian, lr, jnp.all(weights >= 0))
     return kmat, emb
 
   _, step = jax.lax.scan(body, jnp.eye(k, dtype=dtype),
