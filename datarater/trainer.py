@@ -132,10 +132,14 @@ class Trainer:
     self.batch_size, self.record_every = batch_size, record_every
     self.steps_per_epoch = math.ceil(policy.num_selected / batch_size)
     self._plan = jax.jit(jax.vmap(self._plan_one, in_axes=(None, 0, 0, None)))
+    # The models and the recording buffer are donated: run() replaces them by the outputs, so
+    # the steps update them in place (no copy of the [M, C, ...] buffer per chunk).
     self._chunk = jax.jit(jax.vmap(functools.partial(self._chunk_one, read=False),
-                                   in_axes=(0, 0, None, None, 0, 0, None, 0)))
+                                   in_axes=(0, 0, None, None, 0, 0, None, 0)),
+                          donate_argnums=(0, 7))
     self._chunk_read = jax.jit(jax.vmap(functools.partial(self._chunk_one, read=True),
-                                        in_axes=(0, 0, None, 0, 0, 0, None, 0)))
+                                        in_axes=(0, 0, None, 0, 0, 0, None, 0)),
+                               donate_argnums=(0, 7))
     self._update = jax.jit(jax.vmap(policy.update, in_axes=(None, 0, 0, 0, 0)))
     self._evaluate = jax.jit(self._evaluate_all)
 
