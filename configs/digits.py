@@ -111,7 +111,8 @@ def get_config() -> ml_collections.ConfigDict:
   v.score_batch_size = 256         # examples per scoring call (the progress bar's step)
   v.tracin_mode = 'self'           # 'self' | 'heldout' | 'heldout_cos'
   v.tracin_project = False         # TracIn on projected gradients (exact gradients if False)
-  v.tracin_ghost = True            # self-influence from Dense inputs x output grads, if all-Dense
+  v.tracin_ghost = True            # self-influence / heldout_cos norms from Dense inputs x output
+                                   # grads, if Dense layers hold the layers read
   v.mimic_layers = 'last'          # 'last' | '' (all) | comma-separated names
   v.mimic_cosine = False
   v.mimic_keep_fraction = 0.0      # offline filter: keep this top share; 0 = 2-Gaussian threshold

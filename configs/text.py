@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   v.layers = ''                    # all parameters ('head' = the output layer)
   v.projection = 'kronecker'
   v.chunk_size = 16
-  v.tracin_ghost = True            # the model is all Dense layers: exact self-influence
+  v.tracin_ghost = True            # all Dense layers: exact self-influence, heldout_cos norms
   v.reference_steps = 200
   v.dvemb_curvature = 'empirical_fisher'  # no class labels: no Gauss-Newton
   v.dvemb_steps = 100

@@ -362,13 +362,31 @@ def dense_layers(loss_fn: PerExampleLoss, params, batch: dict) -> list[str]:
   return list(_dense_calls(loss_fn, params, batch))
 
 
-def ghost_covers(loss_fn: PerExampleLoss, params, batch: dict) -> bool:
-  """Whether the model's Dense layers hold all its parameters (ghost products are then exact)."""
+def ghost_covers(loss_fn: PerExampleLoss, params, batch: dict,
+                 layers: Optional[Sequence[str]] = None) -> bool:
+  """Whether the Dense layers in `layers` (None: all) hold every parameter in `layers` (ghost
+  products over `layers` are then exact: the same gradients `select(layers)` keeps)."""
   try:
     calls = _dense_calls(loss_fn, params, batch)
-  except ValueError:
+    if layers is None:
+      return _dense_params(calls) == sum(x.size for x in jax.tree.leaves(params))
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    taken = {n: calls[n] for n in _named_dense(calls, layers)}
+    mask = jax.tree.leaves(layer_mask(params, layers))
+  except (ValueError, UserError):  # a Dense layer called twice, or a layer that is not Dense
     return False
-  return _dense_params(calls) == sum(x.size for x in jax.tree.leaves(params))
+  # Every taken Dense layer's parameters lie in `layers`, so equal counts mean equal sets.
+  return _dense_params(taken) == sum(x.size for x, m in zip(jax.tree.leaves(params), mask) if m)
+
+
+def dense_positions(loss_fn: PerExampleLoss, params, batch: dict,
+                    layers: Optional[Sequence[str]] = None) -> int:
+  """The most positions per example any Dense layer in `layers` (None: all) is applied at: 1 for
+  an MLP, patches for a CNN, tokens for a sequence model."""
+  calls = _dense_calls(loss_fn, params, batch)
+  names = list(calls) if layers is None else _named_dense(
+      calls, [layers] if isinstance(layers, str) else layers)
+  return max((math.prod(calls[n][0].shape[1:-1]) for n in names), default=1)
 
 
 def dense_factors(loss_fn: PerExampleLoss, params, batch: dict,

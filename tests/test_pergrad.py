@@ -221,6 +221,9 @@ def test_ghost_dots_with_positions_and_no_bias():
   np.testing.assert_allclose(pergrad.ghost_dots(loss, params, batch), flat @ flat.T, rtol=1e-10)
   np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch), jnp.sum(flat ** 2, 1),
                              rtol=1e-10)
+  assert pergrad.dense_positions(loss, params, batch) == 3
+  assert pergrad.dense_positions(loss, params, batch, ['head']) == 1
+  assert pergrad.dense_positions(*tiny()) == 1
 
 
 class WithScale(nn.Module):
@@ -238,6 +241,41 @@ def test_ghost_refuses_non_dense_parameters():
   with pytest.raises(ValueError, match='Dense layers hold'):
     pergrad.ghost_sq_norms(loss, params, batch)
   assert not pergrad.ghost_covers(loss, params, batch)
+  # The Dense layer alone is covered (its gradient flows through the scale); the scale is not.
+  assert pergrad.ghost_covers(loss, params, batch, ['Dense_0'])
+  assert not pergrad.ghost_covers(loss, params, batch, ['scale'])
+  params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+  flat = loop_flat_grads(loss, params, batch, layer='Dense_0')
+  np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch, ['Dense_0']),
+                             jnp.sum(flat ** 2, 1), rtol=1e-10)
+
+
+class Block(nn.Module):
+  """A Dense layer and a scale in one named module."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name='proj')(x) * self.param('scale', nn.initializers.ones, ())
+
+
+class TwoBlocks(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name='head')(Block(name='block')(x.reshape(x.shape[0], -1)))
+
+
+def test_ghost_covers_named_layers_only_when_dense_holds_all_their_parameters():
+  model = TwoBlocks()
+  _, _, batch = tiny()
+  params = model.init(jax.random.key(0), batch['image'])
+  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  assert pergrad.ghost_covers(loss, params, batch, ['head'])
+  assert pergrad.ghost_covers(loss, params, batch, ['proj'])
+  assert pergrad.ghost_covers(loss, params, batch, ['head', 'proj'])
+  assert not pergrad.ghost_covers(loss, params, batch, ['block'])  # its scale is not Dense
+  assert not pergrad.ghost_covers(loss, params, batch, ['head', 'block'])
+  assert not pergrad.ghost_covers(loss, params, batch)
+  assert not pergrad.ghost_covers(loss, params, batch, ['nowhere'])
 
 
 def _temp_bytes(fn, *args):

@@ -165,6 +165,9 @@ def test_tracin_modes_equal_explicit(layers):
     want = want + 0.3 * g @ v / (np.linalg.norm(g, axis=1) * np.linalg.norm(v))
   got = tracin.TracIn(loss, 'heldout_cos', held, layers=layers, chunk_size=5).fit(run).score(train)
   np.testing.assert_allclose(got, want, rtol=1e-10)
+  assert pergrad.ghost_covers(loss, params, train, layers)
+  got = tracin.TracIn(loss, 'heldout_cos', held, layers=layers, ghost=True).fit(run).score(train)
+  np.testing.assert_allclose(got, want, rtol=1e-10)
   with pytest.raises(UserError, match='needs a held-out'):
     tracin.TracIn(loss, 'heldout')
 
@@ -189,6 +192,33 @@ def test_mimic_score_equals_formula(layers, cosine):
   want = np.mean([explicit_mimic(loss, run.checkpoint(c), ref, data, resolved, cosine)
                   for c in range(run.num_checkpoints)], 0)
   np.testing.assert_allclose(val.score(data), want, rtol=1e-10)
+  ghost = mimic.Mimic(loss, ref, layers, cosine, ghost=True).fit(run)  # norms without gradients
+  np.testing.assert_allclose(ghost.score(data), want, rtol=1e-10)
+
+
+def test_ghost_cosine_norms_equal_materialised_in_float32():
+  """heldout_cos and Mimic's cosine with ghost norms equal the per-example-gradient path in
+  float32 (a 6 -> 16 -> 8 -> 3 MLP, 64 examples, all layers and the last one) to ~1e-6."""
+  with jax.enable_x64(False):
+    rng = np.random.default_rng(3)
+    task = make_task((16, 8))
+    loss = task.per_example_loss
+    data = {'image': jnp.asarray(rng.normal(size=(64, 6)), jnp.float32),
+            'label': jnp.asarray(rng.integers(0, 3, 64), jnp.int32), 'index': jnp.arange(64)}
+    params = task.init(jax.random.key(3))
+    run, _, _ = sgd_run(loss, params, data, steps=4, batch_size=16, every=2)
+    run = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64 else x, run)
+    held = sub(data, range(48, 64))
+    ref = jax.tree.map(lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
+    for layers in (None, ['dense_2']):
+      assert pergrad.ghost_covers(loss, params, data, layers)
+      got = [tracin.TracIn(loss, 'heldout_cos', held, layers=layers, ghost=g).fit(run).score(data)
+             for g in (False, True)]
+      assert got[0].dtype == jnp.float32
+      np.testing.assert_allclose(got[1], got[0], rtol=2e-6, atol=1e-6 * np.abs(got[0]).max())
+      got = [mimic.Mimic(loss, ref, layers, True, ghost=g).fit(run).score(data)
+             for g in (False, True)]
+      np.testing.assert_allclose(got[1], got[0], rtol=2e-6, atol=1e-6 * np.abs(got[0]).max())
 
 
 def test_mimic_filter_threshold():

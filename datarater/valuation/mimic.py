@@ -38,29 +38,34 @@ def resolve_layers(loss_fn: PerExampleLoss, params, batch: dict, layers: Layers)
 
 def mimic_scores(loss_fn: PerExampleLoss, params, ref_params, batch: dict,
                  layers: Optional[Sequence[str]], cosine: bool = False,
-                 chunk_size: Optional[int] = 64) -> jax.Array:
+                 chunk_size: Optional[int] = 64, ghost: bool = False) -> jax.Array:
   """<-grad l_i(theta), u>, u = (theta_ref - theta)/||.|| over `layers`; / ||g_i|| if cosine.
-  [B]."""
+  [B]. `ghost=True` (Dense `layers`: `pergrad.ghost_covers`) takes ||g_i|| from activations and
+  output gradients (exact, no per-example gradient formed)."""
   v = pergrad.masked(jax.tree.map(jnp.subtract, ref_params, params), layers)
   u = jax.tree.map(lambda x: x / jnp.maximum(pergrad.tree_norm(v), 1e-30), v)
   s = -pergrad.jvp_dots(loss_fn, params, batch, u, chunk_size)
   if cosine:
-    t = pergrad.chain(pergrad.select(layers), pergrad.sq_norm()) if layers else pergrad.sq_norm()
-    n = jnp.sqrt(pergrad.per_example(loss_fn, params, batch, t, chunk_size=chunk_size))
-    s = s / jnp.maximum(n, 1e-30)
+    if ghost:
+      sq = pergrad.ghost_sq_norms(loss_fn, params, batch, layers)
+    else:
+      t = pergrad.chain(pergrad.select(layers), pergrad.sq_norm()) if layers else pergrad.sq_norm()
+      sq = pergrad.per_example(loss_fn, params, batch, t, chunk_size=chunk_size)
+    s = s / jnp.maximum(jnp.sqrt(sq), 1e-30)
   return s
 
 
 class Mimic(Valuation):
-  """Offline Mimic score: the mean over accumulated checkpoints of each example's score."""
+  """Offline Mimic score: the mean over accumulated checkpoints of each example's score
+  (`ghost`: the cosine's norms without per-example gradients, `mimic_scores`)."""
   name = 'mimic'
   higher_is_better = True
 
   def __init__(self, loss_fn: PerExampleLoss, ref_params, layers: Layers = 'last',
-               cosine: bool = False, chunk_size: int = 64):
+               cosine: bool = False, chunk_size: int = 64, ghost: bool = False):
     super().__init__()
     self.loss_fn, self.ref_params, self.layers = loss_fn, ref_params, layers
-    self.cosine, self.chunk_size = cosine, chunk_size
+    self.cosine, self.chunk_size, self.ghost = cosine, chunk_size, ghost
     self.name = 'mimic_cos' if cosine else 'mimic'
 
   def score(self, batch: dict) -> jax.Array:
@@ -69,7 +74,7 @@ class Mimic(Valuation):
 
     def body(acc, params):
       return acc + mimic_scores(self.loss_fn, params, self.ref_params, batch, layers, self.cosine,
-                                self.chunk_size), None
+                                self.chunk_size, self.ghost), None
 
     init = jnp.zeros(batch_size_of(batch), jnp.result_type(*jax.tree.leaves(ckpts)))
     total = jax.lax.scan(body, init, ckpts)[0]

@@ -60,11 +60,14 @@ def heldout_direction(loss_fn: PerExampleLoss, params, heldout: dict,
 
 def heldout_influence(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batch: dict,
                       heldout: dict, layers: Optional[Sequence[str]] = None, cosine: bool = False,
-                      chunk_size: Optional[int] = 64, directions=None) -> jax.Array:
+                      chunk_size: Optional[int] = 64, directions=None,
+                      ghost: bool = False) -> jax.Array:
   """sum_c lr_c <g_i, v_c> (or cos(g_i, v_c)), v_c = mean held-out gradient at theta_c, [B].
 
   Positive: a step on z_i lowers the held-out loss (a proponent). Dots come from one JVP each.
   `directions`: the v_c stacked [C, ...] if already computed (else from `heldout` here).
+  `ghost=True` (Dense `layers`: `pergrad.ghost_covers`) takes the cosine's norms ||g_i|| from
+  activations and output gradients (exact, no per-example gradient formed).
   """
   norm_t = pergrad.chain(*_prefix(layers, None), pergrad.sq_norm())
   if directions is None:
@@ -74,7 +77,10 @@ def heldout_influence(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batc
     params, lr, v = c
     d = pergrad.jvp_dots(loss_fn, params, batch, v, chunk_size)
     if cosine:
-      n = jnp.sqrt(pergrad.per_example(loss_fn, params, batch, norm_t, chunk_size=chunk_size))
+      if ghost:
+        n = jnp.sqrt(pergrad.ghost_sq_norms(loss_fn, params, batch, layers))
+      else:
+        n = jnp.sqrt(pergrad.per_example(loss_fn, params, batch, norm_t, chunk_size=chunk_size))
       d = d / jnp.maximum(n * pergrad.tree_norm(v), 1e-30)
     return acc + lr * d, None
 
@@ -116,8 +122,10 @@ def tracin_cp(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batch_a: dic
 
 class TracIn(Valuation):
   """TracIn over accumulated checkpoints. mode: 'self' (self-influence; high = suspicious, so
-  `value` is its negative; `ghost=True` for Dense-only models skips per-example gradients),
-  'heldout' or 'heldout_cos' (influence on `heldout`; high = useful)."""
+  `value` is its negative), 'heldout' or 'heldout_cos' (influence on `heldout`; high = useful).
+  `ghost=True` where Dense layers hold the parameters of `layers` (`pergrad.ghost_covers`) skips
+  per-example gradients: self-influence and the norms of 'heldout_cos' come from activations and
+  output gradients."""
   name = 'tracin'
 
   def __init__(self, loss_fn: PerExampleLoss, mode: str = 'self', heldout: Optional[dict] = None,
@@ -149,4 +157,4 @@ class TracIn(Valuation):
                             self.chunk_size, self.ghost)
     directions = jax.tree.map(lambda *v: jnp.stack(v), *self._directions)
     return heldout_influence(self.loss_fn, ckpts, lrs, batch, self.heldout, self.layers,
-                             self.mode == 'heldout_cos', self.chunk_size, directions)
+                             self.mode == 'heldout_cos', self.chunk_size, directions, self.ghost)
