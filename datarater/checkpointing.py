@@ -114,7 +114,8 @@ class RunCheckpointer:
     self._unreadable = set()
 
   def _readable_everywhere(self, step: int, read):
-    """`read(step)` if it works on every process (each reads its own shards), else None."""
+    """(read(step), True) if it works on every process (each reads its own shards), else
+    (None, False), warned."""
     try:
       value, error = read(step), None
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore/JSON errors)
