@@ -329,6 +329,44 @@ def test_store_files_metadata_and_queries_equal_brute_force(setup, tmp_path):
     store.build(str(tmp_path / 'g'), loss, run, split, proj)
 
 
+def _stable_merge(best_s, best_i, s, i, k, sign):
+  """The host merge by stable sort the device merge replaced (the oracle for ties)."""
+  s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
+  order = np.argsort(-sign * s, axis=1, kind='stable')[:, :k]
+  return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_running_top_k_breaks_ties_as_a_stable_sort(dtype):
+  """Scores with many ties, +-0.0, +-inf and NaN, merged block by block on the device: the
+  same rows (and scores, bit for bit) as the stable host sort and as argsort of all of them."""
+  rng = np.random.default_rng(0)
+  full = rng.integers(-3, 4, (6, 37)).astype(dtype)
+  full[rng.random(full.shape) < 0.1] = -0.0
+  full[0, [3, 9]], full[1, [5, 20]], full[2, [1, 30]] = np.inf, -np.inf, np.nan
+  full[2, [2, 25]], full[2, 7] = -np.inf, np.inf  # NaN goes after -inf, for either sign
+  full[3, :] = 0.0
+  full[3, ::3] = -0.0
+  for k, block in ((1, 5), (3, 4), (7, 7), (10, 3), (37, 8)):
+    empty = (jnp.zeros((6, 0), dtype), jnp.zeros((6, 0), jnp.int32))
+    dev, host_sup = (empty, empty), (full[:, :0], np.zeros((6, 0), np.int64))
+    host_opp = host_sup
+    for start in range(0, 37, block):
+      s = full[:, start:start + block]
+      i = np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)
+      dev = store._merge_block(*dev, jnp.asarray(s), np.int32(start), k)
+      host_sup = _stable_merge(*host_sup, s, i, k, 1)
+      host_opp = _stable_merge(*host_opp, s, i, k, -1)
+    (sup_s, sup_i), (opp_s, opp_i) = jax.device_get(dev)
+    for (got_s, got_i), (want_s, want_i), sign in (((sup_s, sup_i), host_sup, 1),
+                                                   ((opp_s, opp_i), host_opp, -1)):
+      np.testing.assert_array_equal(got_i, want_i)
+      np.testing.assert_array_equal(got_i, np.argsort(-sign * full, 1, kind='stable')[:, :k])
+      assert got_s.dtype == dtype
+      np.testing.assert_array_equal(got_s.view(f'u{got_s.itemsize}'),
+                                    want_s.view(f'u{want_s.itemsize}'))
+
+
 def test_killed_build_resumes_to_identical_files(setup, tmp_path, monkeypatch):
   task, split, run, _, _, o = setup
   loss, proj = task.per_example_loss, pergrad.factored_projection(3, 2, seed=7)
