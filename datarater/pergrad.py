@@ -296,14 +296,26 @@ def mean_grad(loss_fn: PerExampleLoss, params, batch: dict):
 
 
 def jvp_dots(loss_fn: PerExampleLoss, params, batch: dict, vector,
-             chunk_size: Optional[int] = None) -> jax.Array:
+             chunk_size: Optional[int] = None,
+             layers: Optional[Sequence[str]] = None) -> jax.Array:
   """<grad l_i(params), vector> for all i from one JVP of the loss vector along `vector`.
 
   d/de l_i(params + e v) at e = 0 is exactly the dot product, for every i at the cost of about
   one forward pass, and no per-example gradient is formed. `chunk_size` bounds activation memory.
+  `layers`: `vector` is zero outside them, so the tangent starts there (the layers before carry
+  none: with the last layer only, the JVP costs little more than the forward pass).
   """
+  leaves, treedef = jax.tree.flatten(params)
+  chosen = [i for i, keep in enumerate(jax.tree.leaves(layer_mask(params, layers))) if keep]
+  tangents = jax.tree.leaves(vector)
+
   def dots(b):
-    return jax.jvp(lambda p: loss_fn(p, b), (params,), (vector,))[1]
+    def loss_of(selected):
+      full = list(leaves)
+      for i, x in zip(chosen, selected):
+        full[i] = x
+      return loss_fn(jax.tree.unflatten(treedef, full), b)
+    return jax.jvp(loss_of, ([leaves[i] for i in chosen],), ([tangents[i] for i in chosen],))[1]
 
   if chunk_size is None:
     return dots(batch)

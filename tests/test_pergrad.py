@@ -180,8 +180,13 @@ def test_jvp_dots_equal_flat_dots(chunk):
   v = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size, dtype=x.dtype) + 1.).reshape(x.shape),
                    params)
   got = pergrad.jvp_dots(loss, params, batch, v, chunk_size=chunk)
-  np.testing.assert_allclose(got, loop_flat_grads(loss, params, batch) @ ravel_pytree(v)[0],
-                             rtol=1e-11)
+  flat = loop_flat_grads(loss, params, batch)
+  np.testing.assert_allclose(got, flat @ ravel_pytree(v)[0], rtol=1e-11)
+  # With `layers`, the tangent runs through those layers only: the dots with v zeroed elsewhere.
+  last = sorted(params['params'])[-1]
+  outside = pergrad.masked(v, [last])
+  got = pergrad.jvp_dots(loss, params, batch, v, chunk_size=chunk, layers=[last])
+  np.testing.assert_allclose(got, flat @ ravel_pytree(outside)[0], rtol=1e-11)
 
 
 def test_ghost_dots_equal_flat_dots():

@@ -44,7 +44,7 @@ def mimic_scores(loss_fn: PerExampleLoss, params, ref_params, batch: dict,
   output gradients (exact, no per-example gradient formed)."""
   v = pergrad.masked(jax.tree.map(jnp.subtract, ref_params, params), layers)
   u = jax.tree.map(lambda x: x / jnp.maximum(pergrad.tree_norm(v), 1e-30), v)
-  s = -pergrad.jvp_dots(loss_fn, params, batch, u, chunk_size)
+  s = -pergrad.jvp_dots(loss_fn, params, batch, u, chunk_size, layers)
   if cosine:
     if ghost:
       sq = pergrad.ghost_sq_norms(loss_fn, params, batch, layers)

@@ -75,7 +75,7 @@ def heldout_influence(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batc
 
   def body(acc, c):
     params, lr, v = c
-    d = pergrad.jvp_dots(loss_fn, params, batch, v, chunk_size)
+    d = pergrad.jvp_dots(loss_fn, params, batch, v, chunk_size, layers)
     if cosine:
       if ghost:
         n = jnp.sqrt(pergrad.ghost_sq_norms(loss_fn, params, batch, layers))
