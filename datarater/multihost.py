@@ -30,6 +30,15 @@ def agree(ok: bool) -> bool:
   return bool(np.all(allgather(np.asarray([ok], np.int32))))
 
 
+def same_everywhere(digest: str) -> bool:
+  """True on every process if every process holds the same hex `digest` (e.g. of what each
+  loaded from a path another job may be rewriting)."""
+  if jax.process_count() == 1:
+    return True
+  mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
+  return bool(np.all(allgather(mine) == mine[None]))
+
+
 def barrier(name: str) -> None:
   """Waits until every process gets here."""
   if jax.process_count() > 1:

@@ -129,8 +129,11 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     cache = RunCache(os.path.join(workdir, 'fit'), tag)
     valuation = factory.build(method, config, task, train, heldout, cache)
     if method == 'datarater':  # the path may be a rater run that has trained on since
-      tag = fingerprint(method, config, data_files,
-                        store.digest(jax.device_get(valuation.params)))
+      rater_digest = store.digest(jax.device_get(valuation.params))
+      if not multihost.same_everywhere(rater_digest):
+        raise UserError(f'valuation.rater {config.valuation.rater!r} changed while the processes '
+                        'loaded it (a run still training?): run again')
+      tag = fingerprint(method, config, data_files, rater_digest)
     stem = os.path.join(workdir, f'scores_{method}')
     if config.valuation.store or config.valuation.topk:
       return _from_store(method, config, task, train, heldout, workdir, stem, tag, valuation,
