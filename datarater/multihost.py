@@ -55,7 +55,7 @@ def workdir_lock(path: str):
     if jax.process_index() == 0:
       try:
         stack.enter_context(files.workdir_lock(path))
-      except UserError as e:
+      except Exception as e:  # pylint: disable=broad-except  (re-raised below, after agreeing)
         error = e
     if not agree(error is None):
       raise error or UserError(f'--workdir {path!r} could not be locked by process 0 (see its '

@@ -251,10 +251,10 @@ def builder_of(data) -> tfds.core.DatasetBuilder:
 
 
 def dataset_name(data) -> str:
-  """What names a `data` config section's dataset in files: its folder (absolute) if
-  `dataset_dir` is set, else its TFDS name."""
+  """What names a `data` config section's dataset in files: its folder (absolute, links
+  resolved) if `dataset_dir` is set, else its TFDS name."""
   if data.get('dataset_dir', ''):
-    return os.path.abspath(data.dataset_dir)
+    return os.path.realpath(data.dataset_dir)
   return data.name
 
 
