@@ -257,3 +257,19 @@ def test_a_gradient_store_projects_the_layers_of_its_method(tfds_dir, tmp_path):
   want, got = read(str(tmp_path / 'exact')), read(work)
   assert want['id'] == got['id']
   assert stats.spearmanr(want['score'], got['score']).statistic > 0.6
+
+
+def test_ghost_self_influence_only_where_dense_layers_hold_every_parameter(tfds_dir,
+                                                                          monkeypatch):
+  """A model with a parameter outside Dense layers (ghost_covers False) keeps the exact
+  per-example path; ghost products would raise on it."""
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.data import source  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  config = small_config(tfds_dir)
+  train = source.open_source(config.data, config.data.train_split, corrupt=True)
+  heldout = pipeline.load_split(config.data, config.data.heldout_split)
+  task = tasks.make_task(config.task, train.info)
+  assert factory.build('tracin', config, task, train, heldout).ghost  # the MLP: all Dense
+  monkeypatch.setattr(factory.pergrad, 'ghost_covers', lambda *a, **k: False)
+  assert not factory.build('tracin', config, task, train, heldout).ghost
