@@ -104,6 +104,11 @@ def summarize(record: dict) -> dict:
   return out
 
 
+def _eval_cuts(steps: int, evals: int) -> np.ndarray:
+  """The steps of an epoch of `steps` after which its `evals` evaluations come: [0, ..., steps]."""
+  return np.linspace(0, steps, evals + 1).round().astype(int)
+
+
 def _chunks(cuts, size):
   """Step ranges [a, b) between consecutive `cuts`, each split into pieces of at most `size`."""
   for a, b in zip(cuts[:-1], cuts[1:]):
@@ -122,7 +127,8 @@ def _blocks(split, size: int):
 
 
 class Trainer:
-  """Trains task models under `policy`; compiled once per (data shapes, chunk length)."""
+  """Trains task models under `policy`; its steps compile once per run (chunks padded to one
+  length)."""
 
   def __init__(self, task: Task, optimizer: optax.GradientTransformation, policy,
                batch_size: int, record_every: int = 0):
@@ -135,11 +141,11 @@ class Trainer:
     # The models and the recording buffer are donated: run() replaces them by the outputs, so
     # the steps update them in place (no copy of the [M, C, ...] buffer per chunk).
     self._chunk = jax.jit(jax.vmap(functools.partial(self._chunk_one, read=False),
-                                   in_axes=(0, 0, None, None, 0, 0, None, 0)),
-                          donate_argnums=(0, 7))
+                                   in_axes=(0, 0, None, None, 0, 0, None, None, 0)),
+                          donate_argnums=(0, 8))
     self._chunk_read = jax.jit(jax.vmap(functools.partial(self._chunk_one, read=True),
-                                        in_axes=(0, 0, None, 0, 0, 0, None, 0)),
-                               donate_argnums=(0, 7))
+                                        in_axes=(0, 0, None, 0, 0, 0, None, None, 0)),
+                               donate_argnums=(0, 8))
     self._update = jax.jit(jax.vmap(policy.update, in_axes=(None, 0, 0, 0, 0)))
     self._evaluate = jax.jit(self._evaluate_all)
 
@@ -156,9 +162,10 @@ class Trainer:
     shape = (self.steps_per_epoch, self.batch_size)
     return positions.reshape(shape), weights.reshape(shape), policy_state
 
-  def _chunk_one(self, model, policy_state, aux, data, positions, weights, first_step, buffer,
-                 read: bool):
-    """Steps over `positions`/`weights` [L, B] for one model; records into `buffer`. Returns
+  def _chunk_one(self, model, policy_state, aux, data, positions, weights, first_step, length,
+                 buffer, read: bool):
+    """The first `length` steps over `positions`/`weights` [L, B] for one model (the rest is
+    padding); records into `buffer`. Returns
     (model, buffer, losses [L, B], weights used [L, B], (example-gradients, examples drawn)).
     `data` is the whole split's features (batches gathered here) or, `read`, the chunk's batches
     [L, B, ...] already read (streaming)."""
@@ -182,9 +189,16 @@ class Trainer:
       model, losses = inner_step(self.task.per_example_loss, self.optimizer, model, batch, w)
       return (model, buffer), (losses, w)
 
+    def step_or_skip(carry, xs):
+      # Steps past `length` only pad the chunk to its fixed length: they change nothing. The
+      # predicate is the same for every model, so under vmap this stays a branch, not a select.
+      outputs = jax.eval_shape(step, carry, xs)[1]
+      skip = lambda carry, xs: (carry, jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), outputs))
+      return jax.lax.cond(xs[3] < length, step, skip, carry, xs)
+
     steps = first_step + jnp.arange(positions.shape[0])
     (model, buffer), (losses, used) = jax.lax.scan(
-        step, (model, buffer), (positions, weights, steps, jnp.arange(positions.shape[0])))
+        step_or_skip, (model, buffer), (positions, weights, steps, jnp.arange(positions.shape[0])))
     counts = jnp.stack([jnp.sum(used > 0), jnp.sum(weights > 0)]).astype(jnp.int32)
     return model, buffer, losses, used, counts
 
@@ -269,6 +283,10 @@ class Trainer:
                           drawn=np.asarray(state.drawn))
     last_epoch = num_epochs if stop_after is None else max(start_epoch, min(stop_after, num_epochs))
 
+    # Every chunk of steps is padded to one length, so the steps compile once per run.
+    chunk_size = STREAM_CHUNK if streaming else None
+    length = max(b - a for a, b in _chunks(_eval_cuts(min(spe, total), evals_per_epoch),
+                                           chunk_size))
     compiled, compile_s = {}, 0.0
 
     def compiled_call(name, fn, *args):
@@ -289,17 +307,19 @@ class Trainer:
                                                          order_keys, np.int32(epoch))
         positions, weights = np.asarray(positions), np.asarray(weights)
         epoch_steps = min(spe, total - done_steps)
-        cuts = np.linspace(0, epoch_steps, evals_per_epoch + 1).round().astype(int)
         losses, used = [], []
-        for a, b in _chunks(cuts, STREAM_CHUNK if streaming else None):
+        for a, b in _chunks(_eval_cuts(epoch_steps, evals_per_epoch), chunk_size):
+          pad = lambda x: np.pad(x, [(0, 0), (0, length - (b - a))] + [(0, 0)] * (x.ndim - 2))
           if streaming:  # this chunk's batches, read now: [M, L, B, ...]
-            read = {k: v for k, v in train.take(positions[:, a:b]).items() if k != 'index'}
+            read = {k: pad(v) for k, v in train.take(positions[:, a:b]).items() if k != 'index'}
             chunk = ('chunk_read', self._chunk_read, read)
           else:
             chunk = ('chunk', self._chunk, data)
           models, recorder, part_losses, part_used, counts = compiled_call(
-              chunk[0], chunk[1], state.models, policy_state, aux, chunk[2], positions[:, a:b],
-              weights[:, a:b], np.int32(done_steps + a), recorder)
+              chunk[0], chunk[1], state.models, policy_state, aux, chunk[2],
+              pad(positions[:, a:b]), pad(weights[:, a:b]), np.int32(done_steps + a),
+              np.int32(b - a), recorder)
+          part_losses, part_used = part_losses[:, :b - a], part_used[:, :b - a]
           losses.append(np.asarray(part_losses))
           used.append(np.asarray(part_used))
           counts = np.asarray(counts)
@@ -315,7 +335,7 @@ class Trainer:
                 'update', self._update, aux, policy_state,
                 positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))
             state = state.replace(policy=policy_state)
-          if b not in cuts:  # a streaming chunk inside an evaluation interval
+          if b not in _eval_cuts(epoch_steps, evals_per_epoch):  # a chunk inside an interval
             continue
           jax.block_until_ready(state)
           train_s += time.perf_counter() - tick - (compile_s - compile_before)

@@ -62,6 +62,41 @@ def test_steps_are_optax_steps_on_the_recorded_batches(splits):
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
 
 
+def test_unequal_chunks_compile_once_and_padding_steps_change_nothing(splits):
+  """Evaluations that cut epochs into chunks of 3 and 4 steps, and a last epoch of 3 steps, run
+  through ONE compiled program of padded chunks; the padding steps must not move Adam's state:
+  the run equals plain optax Adam steps on its recorded batches."""
+  train, _ = splits
+  trainer = _trainer(train, optimizer=optax.adam(1e-2), batch_size=128, record_every=1)
+  lowered = []
+
+  class Counting:
+    def __init__(self, fn):
+      self.fn = fn
+
+    def lower(self, *args):
+      lowered.append(args[4].shape)
+      return self.fn.lower(*args)
+  trainer._chunk = Counting(trainer._chunk)
+  run = trainer.run(train, {}, [2], steps=23, evals_per_epoch=3)
+  assert len(lowered) == 1 and run.steps == 23
+  assert [r['step'] for r in run.history] == [3, 7, 10, 13, 17, 20, 21, 22, 23]
+  rec = run.recording
+  assert rec.positions.shape == (1, 23, 128)
+  task, opt = trainer.task, optax.adam(1e-2)
+  params = jax.tree.map(lambda x: x[0, 0], rec.checkpoints)
+  state = opt.init(params)
+  grad = jax.grad(lambda p, b: jnp.mean(task.per_example_loss(p, b)))
+  for t in range(23):
+    keep = rec.weights[0, t] > 0
+    g = grad(params, train.take(rec.positions[0, t][keep]))
+    updates, state = opt.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  for got, want in zip(jax.tree.leaves(run.params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
+  assert run.example_gradients == 2 * len(train) + 3 * 128
+
+
 def test_vmapped_seeds_equal_single_runs_and_compute_is_counted(splits):
   train, test = splits
   trainer = _trainer(train)
