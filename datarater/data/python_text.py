@@ -19,8 +19,15 @@ Each document goes to the bucket furthest below its target (`SIZES`), so every s
 gets its share. Features: `tokens` [SEQ_LEN] int32, `document` (its id: the index in
 `source_files()`), `domain` (prose or code) and `corruption` (class 0 = clean, which code is too),
 the record `pipeline.read_split` reads.
+
+The code documents are the standard library of the Python that builds the dataset, so installs
+with other library files (a pyenv build holds ~1,800 `.py` files, Debian's `/usr/lib/python3.11`
+~670) build other corpora: other documents, windows and order. A build records what it read in
+its metadata (`info.metadata`: `stdlib`, `python`, `sources_sha256`); results name it by that.
 """
+import hashlib
 import os
+import platform
 import re
 import sysconfig
 from typing import Optional
@@ -72,6 +79,15 @@ def source_files(doc_dir: str = '', code_dir: str = '') -> list[tuple[str, str]]
   prose = _walk(doc_dir, '.rst.txt', ())
   code = _walk(code_dir, '.py', ('site-packages', '__pycache__'))
   return [('prose', p) for p in prose] + [('code', p) for p in code]
+
+
+def sources_digest(files: list[tuple[str, str]]) -> str:
+  """sha256 (16 hex digits) of every source document's domain and bytes, in document-id order."""
+  h = hashlib.sha256()
+  for domain, path in files:
+    with open(path, 'rb') as f:
+      h.update(domain.encode() + hashlib.sha256(f.read()).digest())
+  return h.hexdigest()[:16]
 
 
 def _walk(root: str, suffix: str, skip: tuple) -> list[str]:
@@ -181,11 +197,15 @@ class PythonText(tfds.core.GeneratorBasedBuilder):
                      'standard library modules (code) and prose documents corrupted in one of '
                      f'{len(CORRUPTIONS) - 1} recorded ways (train only).'),
         homepage='https://docs.python.org/3.11/',
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: the sources are installed files.
-    buckets = assign(source_files())
+    files = source_files()
+    self.info.metadata.update(stdlib=stdlib_dir(), python=platform.python_version(),
+                              sources_sha256=sources_digest(files))
+    buckets = assign(files)
     return {split: self._generate_examples(
         {b: docs for b, docs in buckets.items() if b[0] == split})
         for split in ('train', 'heldout', 'test')}

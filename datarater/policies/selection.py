@@ -3,7 +3,7 @@
 Every policy except `full` trains on exactly n = round(ratio * N) examples per epoch, so at equal
 ratio all spend the same example-gradients; they differ only in which examples and weights. Their
 per-model state is a `SelectionState`: how often each example was trained on, its last training
-loss, the SAE factor mass trained on so far, the epoch and a key; `record_epoch` is the shared
+loss, the SAE codes of the examples trained on, summed, the epoch and a key; `record_epoch` is the shared
 `update`. The SAE policy builds its feature space offline (`sae_codes`) when it is made.
 """
 import math
@@ -24,7 +24,7 @@ from datarater.policies.base import Policy, PolicyContext, register_policy, weig
 class SelectionState:
   counts: jax.Array        # int32 [N]: epochs in which each example was trained on
   losses: jax.Array        # float32 [N]: each example's last observed training loss
-  factor_usage: jax.Array  # float32 [M]: SAE factor mass trained on so far (M = 0 if unused)
+  factor_usage: jax.Array  # float32 [M]: SAE codes trained on so far, summed (M = 0 if unused)
   epoch: jax.Array         # int32 []: epochs completed
   key: jax.Array
 
@@ -97,8 +97,10 @@ def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> P
   lowest-loss ceil((N - n) / max_prune_prob) if there are too few, so exactly N - n are pruned with
   probability p = (N - n) / #candidates <= max_prune_prob (when the ratio is below 1-max_prune_prob,
   every example is a candidate and p = 1 - ratio exceeds it); kept candidates get weight 1 / (1 - p)
-  so the expected gradient matches the full-data one. Losses are those seen in training (the forward
-  pass of the last epoch an example was in); all start equal, so epoch 0 is random.
+  so the expected gradient matches the full-data one. InfoBatch's annealing (its last ~12.5% of
+  epochs on all data) is left out: every epoch trains on n examples, the budget every selection
+  policy here has. Losses are those seen in training (the forward pass of the last epoch an
+  example was in); all start equal, so epoch 0 is random.
   """
   n = num_selected(num_examples, ratio)
   pruned = num_examples - n
