@@ -3,8 +3,8 @@
 Every policy except `full` trains on exactly n = round(ratio * N) examples per epoch, so at equal
 ratio all spend the same example-gradients; they differ only in which examples and weights. Their
 per-model state is a `SelectionState`: how often each example was trained on, its last training
-loss, the SAE codes of the examples trained on, summed, the epoch and a key; `record_epoch` is the shared
-`update`. The SAE policy builds its feature space offline (`sae_codes`) when it is made.
+loss, the summed SAE codes of the examples trained on, the epoch and a key; `record_epoch` is
+the shared `update`. The SAE policy builds its feature space offline (`sae_codes`) when it is made.
 """
 import math
 
