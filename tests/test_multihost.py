@@ -161,6 +161,53 @@ def test_two_process_filter_writes_the_one_process_dataset(tfds_dir, tmp_path):
   assert len(one) >= 8 and two == one
 
 
+_DIFFERENT_RATERS = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import jax
+from configs.digits import get_config
+from datarater.curation.filter import filter_dataset
+from datarater.errors import UserError
+from datarater.valuation.run import valuate
+pid, port, tfds_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+rater = os.path.join(out, f'run{pid}')  # each process is handed its own rater
+try:
+  filter_dataset('sklearn_digits', os.path.join(out, 'filtered'), ['train'], rater=rater,
+                 keep=0.7, data_dir=tfds_dir, batch_size=100)
+except UserError as e:
+  print('filter: ' + str(e))
+config = get_config()
+config.data.data_dir, config.valuation.rater = tfds_dir, rater
+try:
+  valuate('datarater', config, os.path.join(out, 'val'), progress=False)
+except UserError as e:
+  print('valuate: ' + str(e))
+"""
+
+
+def test_processes_that_loaded_different_raters_stop_in_one_line(tfds_dir, tmp_path):
+  """A rater run still training can hand the processes different checkpoints: filter and valuate
+  must refuse on every process rather than mix two raters' blocks (nothing is written)."""
+  for seed in (0, 1):
+    config = small_config(tfds_dir, steps=2)
+    config.seed = seed
+    meta_train(config, str(tmp_path / f'run{seed}'))
+  driver = tmp_path / 'driver.py'
+  driver.write_text(_DIFFERENT_RATERS)
+  port, env = _free_port(), subprocess_env(2)
+  procs = [subprocess.Popen([sys.executable, str(driver), str(i), str(port), tfds_dir,
+                             str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  for out in _finish(procs):
+    assert re.search(r'^filter: --rater .*run\d.* changed while the processes loaded it',
+                     out, re.M), out[-3000:]
+    assert re.search(r'^valuate: valuation.rater .*run\d.* changed while the processes loaded',
+                     out, re.M), out[-3000:]
+  assert not (tmp_path / 'filtered').exists()
+  assert not glob.glob(str(tmp_path / 'val' / 'scores_*'))
+
+
 def test_killed_two_process_run_resumes_in_one_process(tfds_dir, tmp_path):
   config = small_config(tfds_dir, steps=12)
   config.checkpoint_every = 2
