@@ -344,24 +344,35 @@ def _dense_name(context) -> str:
   return '/'.join(context.module.path)
 
 
-def _dense_calls(loss_fn: PerExampleLoss, params, batch: dict):
-  """{Dense name: (output shape, kernel size, use_bias)} of the nn.Dense calls `loss_fn` makes."""
-  calls = {}
+def _dense_calls(loss_fn: PerExampleLoss, params, batch: dict, layers=None):
+  """{Dense name: (output shape, kernel size, use_bias)} of the nn.Dense calls `loss_fn` makes.
+  Raises ValueError where ghost products cannot follow a call of a layer in `layers` (None:
+  any): a layer called twice, or applied to inputs whose first axis is not the examples."""
+  calls, bad, size = {}, {}, jax.tree.leaves(batch)[0].shape[0]
 
   def record(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if _is_dense_call(context):
       name = _dense_name(context)
-      if name in calls:
-        raise ValueError(f'Dense layer {name!r} is called twice: ghost products need one call')
       x = args[0] if args else kwargs['inputs']
-      calls[name] = (jax.ShapeDtypeStruct(out.shape, out.dtype), x.shape[-1] * out.shape[-1],
-                     context.module.use_bias)
+      if name in calls:
+        bad[name] = f'Dense layer {name!r} is called twice: ghost products need one call'
+      elif x.ndim < 2 or x.shape[0] != size:
+        bad[name] = (f'Dense layer {name!r} takes inputs of shape {tuple(x.shape)}, whose first '
+                     f'axis is not the batch of {size} examples: ghost products need it to be')
+      if name not in calls:
+        calls[name] = (jax.ShapeDtypeStruct(out.shape, out.dtype), x.shape[-1] * out.shape[-1],
+                       context.module.use_bias)
     return out
 
   with nn.intercept_methods(record):
     # A fresh function: eval_shape caches traces.
     jax.eval_shape(lambda p, b: loss_fn(p, b), params, batch)
+  taken = list(calls) if layers is None else _named_dense(
+      calls, [layers] if isinstance(layers, str) else layers)
+  for name in taken:
+    if name in bad:
+      raise ValueError(bad[name])
   return calls
 
 
@@ -369,33 +380,63 @@ def _dense_params(calls) -> int:
   return sum(size + (shape.shape[-1] if bias else 0) for shape, size, bias in calls.values())
 
 
-def dense_layers(loss_fn: PerExampleLoss, params, batch: dict) -> list[str]:
-  """Names (module paths) of the nn.Dense calls made by `loss_fn`, in call order."""
-  return list(_dense_calls(loss_fn, params, batch))
+def param_layers(loss_fn: PerExampleLoss, params, batch: dict) -> list[str]:
+  """Module paths of the layers that hold parameters (any module), in the order their calls
+  made by `loss_fn` return: the last is the model's last layer."""
+  owners = {_module_path(path).rpartition('/')[0]
+            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  order = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    name = '/'.join(context.module.path)
+    if context.method_name == '__call__' and name in owners:
+      if name in order:
+        order.remove(name)
+      order.append(name)
+    return out
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda p, b: loss_fn(p, b), params, batch)
+  return order
+
+
+def _check_covers(calls, params, layers) -> list[str]:
+  """The Dense layers in `layers` (None: all); raises ValueError unless they hold every
+  parameter in `layers` (ghost and factored products then see the gradients `select` keeps)."""
+  if layers is None:
+    names, inside = list(calls), sum(x.size for x in jax.tree.leaves(params))
+  else:
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    names = _named_dense(calls, layers)
+    mask = jax.tree.leaves(layer_mask(params, layers))
+    inside = sum(x.size for x, m in zip(jax.tree.leaves(params), mask) if m)
+  # Every taken Dense layer's parameters lie in `layers`, so equal counts mean equal sets.
+  covered = _dense_params({n: calls[n] for n in names})
+  if covered != inside:
+    where = 'the model' if layers is None else f'layers {", ".join(layers)}'
+    raise ValueError(f'Dense layers hold {covered} of the {inside} parameters of {where}: '
+                     'ghost and factored products cover Dense layers only')
+  return names
 
 
 def ghost_covers(loss_fn: PerExampleLoss, params, batch: dict,
                  layers: Optional[Sequence[str]] = None) -> bool:
-  """Whether the Dense layers in `layers` (None: all) hold every parameter in `layers` (ghost
-  products over `layers` are then exact: the same gradients `select(layers)` keeps)."""
+  """Whether the Dense layers in `layers` (None: all) hold every parameter in `layers`, each
+  called once on the batch's examples (ghost products over `layers` are then exact: the same
+  gradients `select(layers)` keeps)."""
   try:
-    calls = _dense_calls(loss_fn, params, batch)
-    if layers is None:
-      return _dense_params(calls) == sum(x.size for x in jax.tree.leaves(params))
-    layers = [layers] if isinstance(layers, str) else list(layers)
-    taken = {n: calls[n] for n in _named_dense(calls, layers)}
-    mask = jax.tree.leaves(layer_mask(params, layers))
+    _check_covers(_dense_calls(loss_fn, params, batch, layers), params, layers)
   except (ValueError, UserError):  # a Dense layer called twice, or a layer that is not Dense
     return False
-  # Every taken Dense layer's parameters lie in `layers`, so equal counts mean equal sets.
-  return _dense_params(taken) == sum(x.size for x, m in zip(jax.tree.leaves(params), mask) if m)
+  return True
 
 
 def dense_positions(loss_fn: PerExampleLoss, params, batch: dict,
                     layers: Optional[Sequence[str]] = None) -> int:
   """The most positions per example any Dense layer in `layers` (None: all) is applied at: 1 for
   an MLP, patches for a CNN, tokens for a sequence model."""
-  calls = _dense_calls(loss_fn, params, batch)
+  calls = _dense_calls(loss_fn, params, batch, layers)
   names = list(calls) if layers is None else _named_dense(
       calls, [layers] if isinstance(layers, str) else layers)
   return max((math.prod(calls[n][0].shape[1:-1]) for n in names), default=1)
@@ -409,16 +450,13 @@ def dense_factors(loss_fn: PerExampleLoss, params, batch: dict,
   through zero perturbations added to the Dense outputs. With `check_coverage`, raises if the
   Dense layers taken do not hold every parameter (ghost products would then miss a part).
   """
-  calls = _dense_calls(loss_fn, params, batch)
   if isinstance(layers, str):
     layers = [layers]
-  names = list(calls) if layers is None else _named_dense(calls, layers)
-  if check_coverage and layers is None:
-    covered = _dense_params(calls)
-    total = sum(x.size for x in jax.tree.leaves(params))
-    if covered != total:
-      raise ValueError(f'Dense layers hold {covered} of {total} parameters: ghost dot products '
-                       'cover only Dense layers (use per_example with flatten instead)')
+  calls = _dense_calls(loss_fn, params, batch, layers)
+  if check_coverage:
+    names = _check_covers(calls, params, layers)
+  else:
+    names = list(calls) if layers is None else _named_dense(calls, layers)
 
   def total_loss(eps):
     acts = {}
@@ -522,21 +560,15 @@ class FactoredProjection(NamedTuple):
 
     Layer i of the model's Dense call order (counting all of them, so a layer's factors do not
     depend on which others are selected) gets P_in, P_out ~ N(0, 1/k_in), N(0, 1/k_out) from
-    the two halves of split(fold_in(key(seed), i)). With `layers=None` every parameter must sit
-    in a Dense layer called once.
+    the two halves of split(fold_in(key(seed), i)). Every parameter of `layers` (None: of the
+    model) must sit in a Dense layer called once on the batch's examples.
     """
     try:
-      calls = _dense_calls(loss_fn, params, batch)
+      calls = _dense_calls(loss_fn, params, batch, self.layers)
+      names = _check_covers(calls, params, self.layers)
     except ValueError as e:
-      raise UserError(f'factored projection: {e}') from None
-    if self.layers is None:
-      covered, total = _dense_params(calls), sum(x.size for x in jax.tree.leaves(params))
-      if covered != total:
-        raise UserError(f'factored projection: Dense layers hold {covered} of {total} parameters '
-                        '(name the layers to project, or use per_example with a GradTransform)')
-      names = list(calls)
-    else:
-      names = _named_dense(calls, self.layers)
+      raise UserError(f'factored projection: {e} (project named Dense layers only, or value '
+                      'without the gradient store)') from None
     if not names:
       raise UserError('factored projection: the model calls no nn.Dense layer')
     key = jax.random.key(self.seed)

@@ -10,6 +10,7 @@ import ml_collections
 
 from datarater import pergrad, tasks
 from datarater.errors import UserError
+from datarater.valuation import mimic
 from tests.tiny import tiny_info
 
 
@@ -202,7 +203,7 @@ def test_ghost_dots_equal_flat_dots():
   np.testing.assert_allclose(norms, jnp.sum(ga ** 2, 1), rtol=1e-11)
   last = loop_flat_grads(loss, params, batch, layer='dense_2')
   np.testing.assert_allclose(last_norms, jnp.sum(last ** 2, 1), rtol=1e-11)
-  assert pergrad.dense_layers(loss, params, batch) == ['dense_0', 'dense_1', 'dense_2']
+  assert pergrad.param_layers(loss, params, batch) == ['dense_0', 'dense_1', 'dense_2']
   assert pergrad.ghost_covers(loss, params, batch)
 
 
@@ -281,6 +282,72 @@ def test_ghost_covers_named_layers_only_when_dense_holds_all_their_parameters():
   assert not pergrad.ghost_covers(loss, params, batch, ['head', 'block'])
   assert not pergrad.ghost_covers(loss, params, batch)
   assert not pergrad.ghost_covers(loss, params, batch, ['nowhere'])
+
+
+def test_named_layers_with_non_dense_parameters_are_refused_by_ghost_and_factored_products():
+  """`block` holds a Dense layer (6 x 3 + 3) and a scale: ghost norms over it would miss the
+  scale's gradient, and a factored projection of it would silently value the Dense part only."""
+  model = TwoBlocks()
+  _, _, batch = tiny()
+  params = model.init(jax.random.key(0), batch['image'])
+  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  with pytest.raises(ValueError, match='parameters of layers block'):
+    pergrad.ghost_sq_norms(loss, params, batch, ['block'])
+  with pytest.raises(UserError, match='factored projection: Dense layers hold 21 of the 22'):
+    pergrad.factored_projection(2, 2, layers=['block']).init(loss, params, batch)
+  assert pergrad.factored_projection(2, 2, layers=['proj']).init(loss, params, batch).names == (
+      'block/proj',)
+
+
+class RowsNotExamples(nn.Module):
+  """A Dense layer applied to every pixel as a row of its own: its first axis is not the batch."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(2, name='pixel')(x.reshape(-1, 1))).reshape(x.shape[0], -1)
+    return nn.Dense(3, name='head')(h)
+
+
+def test_dense_over_rows_that_are_not_examples_takes_no_ghost_products():
+  model = RowsNotExamples()
+  _, _, batch = tiny()
+  params = jax.tree.map(lambda x: x.astype(jnp.float64),
+                        model.init(jax.random.key(0), batch['image']))
+  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  assert not pergrad.ghost_covers(loss, params, batch)
+  assert pergrad.ghost_covers(loss, params, batch, ['head'])  # its rows are the examples
+  with pytest.raises(UserError, match="Dense layer 'pixel' takes inputs of shape"):
+    pergrad.factored_projection(2, 2).init(loss, params, batch)
+  flat = loop_flat_grads(loss, params, batch, layer='head')
+  np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch, ['head']),
+                             jnp.sum(flat ** 2, 1), rtol=1e-10)
+
+
+class ConvHead(nn.Module):
+  """Dense, then a shared Dense cell called twice, then a 1x1 convolution as the last layer."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(4, name='proj')(x.reshape(x.shape[0], 1, -1))
+    cell = nn.Dense(4, name='cell')
+    h = cell(jnp.tanh(cell(h)))
+    return nn.Conv(3, (1,), name='classifier')(h)[:, 0]
+
+
+def test_the_last_layer_is_the_last_called_module_with_parameters_of_any_kind():
+  model = ConvHead()
+  _, _, batch = tiny()
+  params = model.init(jax.random.key(0), batch['image'])
+  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  assert pergrad.param_layers(loss, params, batch) == ['proj', 'cell', 'classifier']
+  assert mimic.resolve_layers(loss, params, batch, 'last') == ['classifier']
+  assert not pergrad.ghost_covers(loss, params, batch)  # 'cell' is called twice
+  assert not pergrad.ghost_covers(loss, params, batch, ['cell'])
+  assert pergrad.ghost_covers(loss, params, batch, ['proj'])  # called once: ghost products hold
+  params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+  flat = loop_flat_grads(loss, params, batch, layer='proj')
+  np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch, ['proj']),
+                             jnp.sum(flat ** 2, 1), rtol=1e-10)
 
 
 def _temp_bytes(fn, *args):

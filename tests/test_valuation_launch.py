@@ -44,6 +44,10 @@ def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, method):
   assert summary['example_gradients'] > 0
   assert not [f for f in os.listdir(tmp_path) if 'tmp' in f]
   if method == 'mimic':  # the filter keeps exactly the examples valued at or above its threshold
+    from datarater import tasks  # pylint: disable=g-import-not-at-top
+    params = jax.eval_shape(tasks.make_task(config.task, train.info).init, jax.random.key(0))
+    assert summary['layers'] == [n for n, p in params['params'].items()  # the 10-class head
+                                 if p['kernel'].shape[-1] == 10]
     np.testing.assert_array_equal(table['keep'],
                                   np.asarray(table['value']) >= summary['keep_threshold'])
     assert 0 < summary['kept'] < len(table['id'])
@@ -273,3 +277,49 @@ def test_ghost_self_influence_only_where_dense_layers_hold_every_parameter(tfds_
   assert factory.build('tracin', config, task, train, heldout).ghost  # the MLP: all Dense
   monkeypatch.setattr(factory.pergrad, 'ghost_covers', lambda *a, **k: False)
   assert not factory.build('tracin', config, task, train, heldout).ghost
+
+
+def test_what_the_store_or_curvature_cannot_follow_is_refused_before_any_fit(tfds_dir):
+  """A named layer holding a Dense layer and a scale cannot be projected by the gradient store
+  (it would value the Dense part only), and Gauss-Newton curvature needs labels(): both are one
+  line from factory.check, before a run is recorded."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(10, name='proj')(x) * self.param('scale', nn.initializers.ones, ())
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return Block(name='block')(x)
+
+  @dataclasses.dataclass(frozen=True)
+  class Scaled(tasks.Task):
+    spec: tasks.FeatureSpec
+    num_classes: int = 10
+
+    def init(self, key):
+      return Model().init(key, jnp.zeros((1, 64)))
+
+    def per_example_loss(self, params, batch):
+      logits = Model().apply(params, batch['image'].reshape(-1, 64))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+
+  config = small_config(tfds_dir)
+  train = pipeline.load_split(config.data, 'train', corrupt=True)
+  task = Scaled(train.info.spec)
+  config.valuation.layers, config.valuation.store = 'block', True
+  with pytest.raises(UserError, match='Dense layers hold 650 of the 651 parameters of layers'):
+    factory.check('tracin', config, task, train)
+  config.valuation.layers = 'proj'
+  factory.check('tracin', config, task, train)
+  config.valuation.store = False
+  with pytest.raises(UserError, match='has no class labels'):
+    factory.check('dvemb', config, task, train)

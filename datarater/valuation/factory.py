@@ -93,6 +93,8 @@ def check(method: str, config, task, train) -> None:
     if v.dvemb_curvature == 'gauss_newton' and not task.num_classes:
       raise UserError("valuation.dvemb_curvature='gauss_newton' needs a classification task "
                       "(use 'empirical_fisher')")
+    if v.dvemb_curvature == 'gauss_newton':
+      task.labels(train.take([0]))  # a classifier without labels() says so before any fit
     if v.dvemb_curvature == 'exact' and v.projection != 'none':
       raise UserError("valuation.dvemb_curvature='exact' works on unprojected gradients: set "
                       f"valuation.projection='none' (got {v.projection!r})")
@@ -106,6 +108,11 @@ def check(method: str, config, task, train) -> None:
     layers = mimic_layers(config, task, params, train)
     if layers is not None:
       pergrad.layer_mask(params, layers)
+  if v.store or v.topk:  # layers the store's projection cannot follow fail now, not after a fit
+    layers = (mimic_layers(config, task, params, train) if method == 'mimic' else
+              parse_layers(v.layers) if method == 'tracin' else None)
+    pergrad.factored_projection(1, 1, layers=layers).init(task.per_example_loss, params,
+                                                          train.take([0, 1]))
 
 
 def ghost_norms_pay(task, run, train, layers) -> bool:
@@ -155,8 +162,9 @@ def build(method: str, config, task, train, heldout, cache=None) -> Valuation:
   reference, ref_cost = mimic_reference(config, task, heldout, cache)
   ghost = v.mimic_cosine and ghost_norms_pay(task, run, train,
                                              mimic_layers(config, task, run.final_params, train))
-  valuation = Mimic(task.per_example_loss, reference, parse_layers(v.mimic_layers),
-                    v.mimic_cosine, chunk, ghost).fit(run)
+  valuation = Mimic(task.per_example_loss, reference,
+                    mimic_layers(config, task, run.final_params, train), v.mimic_cosine, chunk,
+                    ghost).fit(run)
   # The runs, then one Jacobian-vector product per example at every checkpoint (as TracIn).
   valuation.example_gradients = cost + ref_cost + len(train) * run.num_checkpoints
   return valuation

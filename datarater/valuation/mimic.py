@@ -1,8 +1,8 @@
 """Grad-Mimic's Mimic score (Huang et al. 2025) on the shared per-example gradient layer.
 
 A reference model theta_ref (same architecture, trained on trusted data) gives at training step t
-the direction v = theta_ref - theta_t over chosen layers (default: the last Dense layer, as the
-authors do). A sample's Mimic score is its negative gradient projected on the unit vector v,
+the direction v = theta_ref - theta_t over chosen layers (default: the model's last layer, as
+the authors do). A sample's Mimic score is its negative gradient projected on the unit vector v,
 <-g_i, v/||v||> (one JVP for the whole batch); `cosine=True` also divides by ||g_i||.
 Online: per-batch weights = B * softmax(scores / temperature) at each training step (the
 `mimic` policy, `datarater.policies.weighting`).
@@ -25,11 +25,12 @@ Layers = Union[str, Sequence[str], None]  # 'last', a list of layer names, or No
 
 
 def resolve_layers(loss_fn: PerExampleLoss, params, batch: dict, layers: Layers):
-  """'last' -> [name of the last Dense layer called by the model]; other values unchanged."""
+  """'last' -> [the model's last layer: of the modules holding parameters, the last whose call
+  returns (`pergrad.param_layers`)]; other values unchanged."""
   if layers == 'last':
-    names = pergrad.dense_layers(loss_fn, params, batch)
+    names = pergrad.param_layers(loss_fn, params, batch)
     if not names:
-      raise UserError("layers='last' needs a model with nn.Dense layers; name the layers instead")
+      raise UserError("layers='last' found no layer called with parameters; name the layers")
     return [names[-1]]
   if isinstance(layers, str):
     return [layers]

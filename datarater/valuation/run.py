@@ -226,6 +226,7 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
   values = scores if valuation.higher_is_better else -scores
   extra, columns = {}, {'corruption': record}
   if method == 'mimic':  # Grad-Mimic's offline filter: keep/drop with an automatic threshold.
+    extra['layers'] = None if valuation.layers is None else list(valuation.layers)
     fraction = config.valuation.mimic_keep_fraction or None
     columns['keep'], extra['keep_threshold'] = mimic_filter(values, fraction)
     extra['kept'] = int(columns['keep'].sum())
