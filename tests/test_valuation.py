@@ -283,16 +283,38 @@ def test_dvemb_equals_explicit_backward_product(curvature):
       want.append(0.3 / b * weights[t][:, None] * grads[t] @ k.T)
     want = np.stack(want)
   np.testing.assert_allclose(emb.step, want, rtol=1e-9, atol=1e-13)
-  # Per-example and per-phase sums of the step embeddings.
+  # Per-example and per-phase sums of the step embeddings, over all 12 examples (0 for those
+  # the run never trained on), against the rows the embeddings keep.
   idx = np.asarray(batches['index'])
-  ex = np.zeros_like(emb.example)
-  ph = np.zeros_like(emb.phase)
+  ex = np.zeros((12, want.shape[-1]))
+  ph = np.zeros((3, 12, want.shape[-1]))
   for t in range(5):
     for j in range(4):
       ex[idx[t, j]] += want[t, j]
       ph[t * 3 // 5, idx[t, j]] += want[t, j]
-  np.testing.assert_allclose(emb.example, ex, rtol=1e-9, atol=1e-13)
-  np.testing.assert_allclose(emb.phase, ph, rtol=1e-9, atol=1e-13)
+  row, found = emb.rows(jnp.arange(12))
+  assert np.array_equal(found, np.isin(np.arange(12), idx))
+  got = np.where(np.asarray(found)[:, None], np.asarray(emb.example)[np.asarray(row)], 0.0)
+  np.testing.assert_allclose(got, ex, rtol=1e-9, atol=1e-13)
+  got = np.where(np.asarray(found)[None, :, None], np.asarray(emb.phase)[:, np.asarray(row)], 0.0)
+  np.testing.assert_allclose(got, ph, rtol=1e-9, atol=1e-13)
+
+
+def test_dvemb_memory_follows_the_run_not_the_split():
+  """A split of 10^9 examples: embeddings hold rows for the run's 5 x 4 batch entries only (a
+  dense [N, k] would need terabytes); examples outside the run score 0, inside as the rows."""
+  loss, params, data = problem(hidden=(3,))
+  run, batches, _ = sgd_run(loss, params, data, steps=5, every=1)
+  n = 10 ** 9
+  val = dvemb.DataValueEmbedding(make_task((3,)), n, data, curvature='none').fit(run)
+  assert val.embeddings.example.shape[0] == 5 * 4
+  idx = np.asarray(batches['index'])
+  inside = int(idx[2, 1])
+  scores = val.score({'index': jnp.asarray([inside, n - 1, 12])})
+  direction = dvemb.test_direction(loss, run.final_params, data)
+  want = sum(np.asarray(val.embeddings.step)[t, j] for t in range(5) for j in range(4)
+             if idx[t, j] == inside) @ np.asarray(direction)
+  np.testing.assert_allclose(scores, [want, 0.0, 0.0], rtol=1e-9, atol=1e-15)
 
 
 def test_dvemb_refuses_sparse_checkpoints_and_projected_exact():

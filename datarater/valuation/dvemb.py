@@ -34,9 +34,17 @@ CURVATURES = ('gauss_newton', 'empirical_fisher', 'exact', 'none')
 
 @flax.struct.dataclass
 class Embeddings:
+  """Rows only for the examples the run trained on (`ids`), so memory follows the run, not the
+  split; every other example's embedding is 0."""
   step: jax.Array    # [T, B, k]: e_{t,j}, removing the j-th example of step t
-  example: jax.Array  # [N, k]: summed over each example's occurrences
-  phase: jax.Array    # [P, N, k]: the same sum restricted to each of P equal phases of training
+  ids: jax.Array     # [T * B] int: the examples of the run's batches, sorted, then N (unused)
+  example: jax.Array  # [T * B, k]: example ids[r]'s embedding, summed over its occurrences
+  phase: jax.Array    # [P, T * B, k]: the same sum restricted to each of P equal phases
+
+  def rows(self, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(row of each example in `index`, whether it has one): its embedding is example[row]."""
+    row = jnp.clip(jnp.searchsorted(self.ids, index), 0, self.ids.shape[0] - 1)
+    return row, self.ids[row] == index
 
 
 def _curvature(task, params, batch, weights, grads, transform, state, curvature, chunk_size):
@@ -138,11 +146,13 @@ def embed(task: Task, run: TrainingRun, num_examples: int,
                          reverse=True)
   t, b, _ = step.shape
   index = run.batches['index'].reshape(-1)
-  example = jax.ops.segment_sum(step.reshape(t * b, k), index, num_examples)
+  ids = jnp.unique(index, size=t * b, fill_value=num_examples)
+  row = jnp.searchsorted(ids, index)
+  example = jax.ops.segment_sum(step.reshape(t * b, k), row, t * b)
   phase_of = jnp.repeat(jnp.arange(t) * phases // t, b)
-  phase = jax.ops.segment_sum(step.reshape(t * b, k), phase_of * num_examples + index,
-                              phases * num_examples).reshape(phases, num_examples, k)
-  return Embeddings(step=step, example=example, phase=phase)
+  phase = jax.ops.segment_sum(step.reshape(t * b, k), phase_of * t * b + row,
+                              phases * t * b).reshape(phases, t * b, k)
+  return Embeddings(step=step, ids=ids, example=example, phase=phase)
 
 
 def test_direction(loss_fn, params, test_batch: dict,
@@ -167,6 +177,7 @@ class DataValueEmbedding(Valuation):
     self.curvature, self.phases, self.chunk_size = curvature, phases, chunk_size
     self.embeddings: Optional[Embeddings] = None
     self.direction = None
+    self._values = None  # [T * B]: <embedding, direction> of each row of the embeddings
 
   def accumulate(self, params, learning_rate):
     raise UserError('data value embedding needs the whole recorded run: call fit(run)')
@@ -176,6 +187,7 @@ class DataValueEmbedding(Valuation):
                                               self.curvature, self.phases, self.chunk_size))(run)
     self.direction = test_direction(self.task.per_example_loss, run.final_params,
                                     self.test_batch, self.transform)
+    self._values = self.embeddings.example @ self.direction
     return self
 
   def _check(self):
@@ -184,9 +196,14 @@ class DataValueEmbedding(Valuation):
 
   def score(self, batch: dict) -> jax.Array:
     self._check()
-    return self.embeddings.example[batch['index']] @ self.direction
+    row, found = self.embeddings.rows(batch['index'])
+    return jnp.where(found, self._values[row], 0.0)
 
   def phase_values(self) -> np.ndarray:
     """[phases, N]: each example's value from the steps of each training phase."""
     self._check()
-    return np.asarray(self.embeddings.phase @ self.direction)
+    ids = np.asarray(self.embeddings.ids)
+    real = ids < self.num_examples
+    out = np.zeros((self.phases, self.num_examples), np.asarray(self._values).dtype)
+    out[:, ids[real]] = np.asarray(self.embeddings.phase @ self.direction)[:, real]
+    return out

@@ -360,9 +360,15 @@ class GradientStore:
     state = self.projection_state(task.per_example_loss, run.final_params, batch)
     emb = jax.jit(lambda r: dvemb.embed(task, r, self.num_examples,
                                         pergrad.factored_transform(state), curvature, 1,
-                                        chunk_size).example)(run)
-    with files.atomic_path(os.path.join(self.path, DVEMB)) as tmp, open(tmp, 'wb') as f:
-      np.save(f, np.asarray(emb, np.dtype(self.meta['dtype'])))
+                                        chunk_size))(run)
+    ids, rows = np.asarray(emb.ids), np.asarray(emb.example)
+    real = ids < self.num_examples
+    with files.atomic_path(os.path.join(self.path, DVEMB)) as tmp:  # zeros, then the run's rows
+      out = np.lib.format.open_memmap(tmp, 'w+', np.dtype(self.meta['dtype']),
+                                      (self.num_examples, rows.shape[1]))
+      out[ids[real]] = rows[real]
+      out.flush()
+      del out
     self.meta['dvemb'] = {'file': DVEMB, 'curvature': curvature, 'steps': int(run.num_steps),
                           'final_params_digest': digest(run.final_params)}
     files.write_json(os.path.join(self.path, META), self.meta)
