@@ -63,9 +63,11 @@ def _save_histogram(path: str, per_split: dict) -> None:
 
 
 def _example_transform(split: source_lib.Source):
-  """TFDS example -> the same example corrupted as the training pipeline would (for the writer)."""
-  def transform(i, example):
-    return {**example, **{k: v[0] for k, v in split.raw(np.array([i])).items()}}
+  """TFDS examples (a chunk, by id) -> the same examples corrupted as the training pipeline
+  would, the whole chunk at once (for the writer)."""
+  def transform(ids, examples):
+    raw = split.raw(np.asarray(ids))
+    return [{**example, **{k: v[j] for k, v in raw.items()}} for j, example in enumerate(examples)]
   return transform
 
 

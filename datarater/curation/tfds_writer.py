@@ -52,10 +52,9 @@ def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, descripti
         if start % source_lib.RELEASE_EVERY < CHUNK:  # now and then, as the files are passed
           source_lib.release_readers(source)
         examples = source.__getitems__(chunk)
-        for i, example in zip(chunk, examples):
-          if transform is not None:
-            example = transform(i, example)
-          yield i, example
+        if transform is not None:
+          examples = transform(chunk, examples)
+        yield from zip(chunk, examples)
 
   FilteredDataset.name = name
   return FilteredDataset
@@ -68,8 +67,8 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
   """Writes the examples `selection[split]` (source ids, ascending) of each split; returns the
   dataset's folder (data_dir/name/version).
 
-  `transforms[split](id, example) -> example` may rewrite examples on the way (e.g. the recorded
-  label noise of an experiment). `sources[split]` is a data source of the split already open (its
+  `transforms[split](ids, examples) -> examples` may rewrite the examples of each chunk read on
+  the way (e.g. the recorded label noise of an experiment). `sources[split]` is a data source of the split already open (its
   readers hold each file's record index, so a caller that has read the split passes it on).
   """
   cls = _make_builder_class(source_builder.info, name, description)
