@@ -87,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.optimizer = 'adam'
   c.train.learning_rate = 1e-3
   c.train.seeds = (0, 1, 2)        # one fresh model per seed (initialisation, data order), vmapped
+  c.train.stream = False           # read the training split block by block (not the sae policy)
 
   c.policy = ml_collections.ConfigDict()
   c.policy.name = 'uniform'        # datarater.policies.POLICIES (launch.train --policy sets it)

@@ -16,13 +16,14 @@ import ml_collections
 import numpy as np
 
 from datarater import checkpointing, config_checks, files, policies, tasks
-from datarater.data import pipeline
+from datarater.data import pipeline, source
 from datarater.errors import UserError
 from datarater.trainer import Trainer
 from inner_loop.optimizers import make_inner_optimizer
 
 
 SECTIONS = ('data', 'task', 'train', 'policy')  # what every training run reads
+READS_WHOLE_SPLIT = ('sae',)  # policies that need the training split in memory
 POLICY_SECTIONS = {'tracin_curriculum': ('valuation',), 'mimic': ('valuation',),
                    'sae': ('features', 'features.task', 'sae', 'sae_scores')}
 
@@ -38,7 +39,7 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
     fingerprint.launch = ml_collections.ConfigDict({
         'policy': policy, 'scores': scores and os.path.abspath(scores),
         'rater': rater and os.path.abspath(rater)})
-  free = checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every',)
+  free = checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every', 'train.stream')
   if not spans_epochs:
     free += ('train.epochs',)
   return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free)
@@ -77,12 +78,19 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
     raise UserError('--stop_after needs --workdir (the checkpoint is written there)')
   if stop_after is not None and stop_after < 1:
     raise UserError(f'--stop_after must be >= 1, got {stop_after}')
-  train_split = pipeline.load_split(d, d.train_split, corrupt=True)
+  if t.get('stream', False):  # read as the steps go (the trainer checks each chunk it reads)
+    if name in READS_WHOLE_SPLIT:
+      raise UserError(f'policy {name} reads the whole training split (its features): it cannot '
+                      'stream it (set train.stream=False)')
+    train_split = source.open_source(d, d.train_split, corrupt=True)
+  else:
+    train_split = pipeline.load_split(d, d.train_split, corrupt=True)
   heldout = pipeline.load_split(d, d.heldout_split)
   evals = pipeline.load_split(d, d.eval_split)
   task = tasks.make_task(config.task, train_split.info)
   for split in (train_split, heldout, evals):  # e.g. tokens outside the vocabulary
-    task.check_data(split.features)
+    if hasattr(split, 'features'):
+      task.check_data(split.features)
   made = policies.make_policy(name, policies.PolicyContext(
       train_split, heldout, task, config, rater=rater, scores=scores))
   trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size)
@@ -112,11 +120,14 @@ def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, ta
       history_log = files.JsonlLog(os.path.join(workdir, 'history.jsonl'), 'epoch', epoch)
     if epoch:
       log(f'resuming from the checkpoint at epoch {epoch}')
-  source = d.get('dataset_dir', '') or f'{d.name}:{d.train_split}'
+  origin = d.get('dataset_dir', '') or f'{d.name}:{d.train_split}'
+  if hasattr(train_split, 'features'):
+    held = f'{int(train_split.is_corrupted.sum())} corrupted'
+  else:
+    held = 'streamed'
   log(f'training {len(t.seeds)} {task.__class__.__name__} model(s) (seeds '
-      f'{", ".join(map(str, t.seeds))}) on {source} ({len(train_split)} examples, '
-      f'{int(train_split.is_corrupted.sum())} corrupted) for {t.epochs} epochs, policy {name} '
-      f'({made.num_selected} examples per epoch)')
+      f'{", ".join(map(str, t.seeds))}) on {origin} ({len(train_split)} examples, {held}) for '
+      f'{t.epochs} epochs, policy {name} ({made.num_selected} examples per epoch)')
 
   def on_record(record):
     log(format_record(record, d.eval_split))

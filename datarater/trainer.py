@@ -311,7 +311,9 @@ class Trainer:
         for a, b in _chunks(_eval_cuts(epoch_steps, evals_per_epoch), chunk_size):
           pad = lambda x: np.pad(x, [(0, 0), (0, length - (b - a))] + [(0, 0)] * (x.ndim - 2))
           if streaming:  # this chunk's batches, read now: [M, L, B, ...]
-            read = {k: pad(v) for k, v in train.take(positions[:, a:b]).items() if k != 'index'}
+            read = {k: v for k, v in train.take(positions[:, a:b]).items() if k != 'index'}
+            self.task.check_data(read)  # e.g. tokens outside the vocabulary
+            read = {k: pad(v) for k, v in read.items()}
             chunk = ('chunk_read', self._chunk_read, read)
           else:
             chunk = ('chunk', self._chunk, data)

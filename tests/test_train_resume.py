@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import digits, selection
@@ -120,3 +121,30 @@ def test_resumed_past_an_unreadable_checkpoint_equals_uninterrupted(tfds_dir, tm
   assert _history(resumed) == _history(straight)
   records = [json.loads(l) for l in open(workdir / 'history.jsonl')]
   assert [r['epoch'] for r in records] == [1, 2, 3, 4]  # no epoch twice, none missing
+
+
+@pytest.mark.parametrize('policy', ['uniform', 'infobatch'])
+def test_a_streamed_training_split_trains_like_one_in_memory(tfds_dir, tmp_path, policy):
+  """train.stream reads the batches from the TFDS files as the steps go: the same steps, so the
+  same figures; stopped and resumed from a streamed run's checkpoint in memory, too (streaming is
+  not part of the trajectory)."""
+  config = _config(tfds_dir, 3, selection if policy == 'infobatch' else digits)
+  memory = train(config, policy, log=quiet)
+  config.train.stream = True
+  lines = []
+  streamed = train(config, policy, workdir=str(tmp_path / 's'), stop_after=2, log=lines.append)
+  assert streamed == {'stopped_after': 2} and 'streamed)' in lines[0], lines[0]
+  config.train.stream = False
+  resumed = train(config, policy, workdir=str(tmp_path / 's'), log=quiet)
+  for got, want in zip(_history(resumed), _history(memory)):
+    assert got[:3] == want[:3]
+    for split in (3, 4):
+      for metric, values in want[split].items():
+        np.testing.assert_allclose(got[split][metric], values, rtol=1e-5, atol=1e-6)
+
+
+def test_the_sae_policy_refuses_a_streamed_split_in_one_line(tfds_dir):
+  config = _config(tfds_dir, 1, selection)
+  config.train.stream = True
+  with pytest.raises(UserError, match='policy sae reads the whole training split'):
+    train(config, 'sae', log=quiet)
