@@ -79,6 +79,16 @@ def test_builder_reads_exactly_the_debian_files(fashion):
 
 
 @needs_fashion
+def test_a_written_subset_keeps_the_class_names(fashion, tmp_path):
+  """The filter's TFDS writer copies the features with their ClassLabel names (a JSON round
+  trip of the features dropped them, leaving '0'..'9')."""
+  from datarater.curation import tfds_writer  # pylint: disable=g-import-not-at-top
+  out = tfds_writer.write_subset(fashion, str(tmp_path), 'sub', {'test': np.arange(10)})
+  names = tfds.builder_from_directory(out).info.features['label'].names
+  assert names[0] == 'T-shirt/top' and names == fashion.info.features['label'].names
+
+
+@needs_fashion
 def test_fashion_config_plants_confusions_in_the_train_split(fashion, tfds_dir):
   config = fashion_mnist.get_config()
   config_checks.validate(config, ['data', 'task', 'rater', 'features.task', 'train'])

@@ -7,6 +7,7 @@ and are read from the source in chunks, and serialised examples wait for their s
 temporary file (`OrderedSpool`), so the subset never sits in memory. The files are a pure
 function of the selected examples (byte-identical across runs and processes).
 """
+import copy
 import os
 import struct
 import tempfile
@@ -25,7 +26,7 @@ CHUNK = 1024  # examples read from the source at a time
 
 
 def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, description: str):
-  features_json = source_info.features.to_json()
+  features = source_info.features  # copied, not through JSON: that drops ClassLabel names
   supervised = source_info.supervised_keys
 
   class FilteredDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -35,7 +36,7 @@ def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, descripti
 
     def _info(self) -> tfds.core.DatasetInfo:
       return self.dataset_info_from_configs(
-          features=tfds.features.FeatureConnector.from_json(features_json),
+          features=copy.deepcopy(features),
           supervised_keys=supervised, description=description,
           disable_shuffling=True)
 
