@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from datarater import checkpointing, config_checks, files, policies, tasks
-from datarater.data import pipeline, source
+from datarater.data import corruption, pipeline, source
 from datarater.errors import UserError
 from datarater.trainer import Trainer
 from inner_loop.optimizers import make_inner_optimizer
@@ -88,6 +88,7 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   heldout = pipeline.load_split(d, d.heldout_split)
   evals = pipeline.load_split(d, d.eval_split)
   task = tasks.make_task(config.task, train_split.info)
+  corruption.from_config(d).check_targets(train_split.info, task)
   for split in (train_split, heldout, evals):  # e.g. tokens outside the vocabulary
     if hasattr(split, 'features'):
       task.check_data(split.features)

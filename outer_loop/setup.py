@@ -3,6 +3,7 @@ import ml_collections
 import optax
 
 from datarater import tasks
+from datarater.data import corruption
 from outer_loop.estimators import make_estimator
 from outer_loop.meta_step import MetaProblem
 from inner_loop.optimizers import make_inner_optimizer
@@ -23,8 +24,10 @@ def make_outer_optimizer(outer: ml_collections.ConfigDict) -> optax.GradientTran
 
 def build_problem(config: ml_collections.ConfigDict, info):
   """(MetaProblem, estimator) of the config, for data described by `info` (pipeline.DataInfo)."""
+  task, rater = tasks.make_task(config.task, info), tasks.make_rater(config.rater, info)
+  corruption.from_config(config.data).check_targets(info, task, rater)
   problem = MetaProblem(
-      task=tasks.make_task(config.task, info), rater=tasks.make_rater(config.rater, info),
+      task=task, rater=rater,
       inner_optimizer=make_inner_optimizer(config.inner.optimizer, config.inner.learning_rate),
       outer_optimizer=make_outer_optimizer(config.outer),
       temperature=config.rater.temperature, reset_every=config.inner.reset_every,

@@ -150,6 +150,25 @@ def test_missing_files_are_one_line_naming_the_path_and_the_remedy(tmp_path, mon
 
 # ---- which examples get which kind
 
+def test_corruption_planted_away_from_what_a_model_reads_is_refused():
+  """Label noise changes the supervised label, input corruption the supervised input: a model
+  reading another feature would train on clean data that the record calls corrupted."""
+  import types  # pylint: disable=g-import-not-at-top
+  info = _info()
+  fine = types.SimpleNamespace(input_key='image', label_key='label')
+  coarse = types.SimpleNamespace(input_key='image', label_key='coarse_label')
+  pixels = types.SimpleNamespace(input_key='pixels', label_key='label')
+  noisy = corruption.Corruption(label_noise=0.2)
+  noisy.check_targets(info, fine, object())  # a model without feature keys (an LM) passes
+  with pytest.raises(UserError, match="label noise is planted in the dataset's supervised "
+                     "feature 'label', but SimpleNamespace reads 'coarse_label'"):
+    noisy.check_targets(info, fine, coarse)
+  noisy.check_targets(info, pixels)  # no input corruption planted
+  corruption.Corruption().check_targets(info, coarse, pixels)
+  with pytest.raises(UserError, match="input corruption is planted .* 'image'.* reads 'pixels'"):
+    corruption.Corruption(blur=0.1).check_targets(info, pixels)
+
+
 def test_each_kind_gets_exactly_its_count_disjointly():
   c = corruption.Corruption(**ALL_KINDS)
   assert c.kinds == ('clean', 'label_confusion', 'blur', 'pixel_noise', 'occlusion',

@@ -85,6 +85,23 @@ class Corruption:
     out += tuple((kind, getattr(self, kind)) for kind in INPUT_KINDS)
     return tuple((k, float(r)) for k, r in out if r)
 
+  def check_targets(self, info, *models) -> None:
+    """Refuses planted corruption aimed away from what `models` (tasks or raters) read: label
+    noise changes the dataset's supervised label and input corruption its supervised input, so
+    a model reading another feature (its config's `label` or `input`) would see clean data while
+    the record calls it corrupted."""
+    keys = info.supervised_keys or (None, None)
+    planted = (('label_key', keys[1], self.label_noise > 0, 'label noise'),
+               ('input_key', keys[0], any(getattr(self, k) > 0 for k in INPUT_KINDS),
+                'input corruption'))
+    for model in models:
+      for attr, target, on, what in planted:
+        read = getattr(model, attr, None)
+        if on and read is not None and read != target:
+          raise UserError(f'{what} is planted in the dataset\'s supervised feature {target!r}, '
+                          f'but {type(model).__name__} reads {read!r}: read {target!r} or plant '
+                          'none')
+
   @property
   def kinds(self) -> tuple:
     """Kind names; the record stores their index (0 = clean)."""

@@ -116,6 +116,7 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
   train = source.open_source(d, d.train_split, corrupt=True)
   heldout = pipeline.load_split(d, d.heldout_split)
   task = tasks.make_task(config.task, train.info)
+  train.corruption.check_targets(train.info, task)
   task.check_data(heldout.features)  # (the streamed training split is not read whole here)
   factory.make_projection(config.valuation)  # a bad name fails before any work
   factory.check(method, config, task, train)  # bad layer names etc. fail before any work
