@@ -159,8 +159,10 @@ class LoadedRater:
   def check_matches(self, info: DataInfo, what: str) -> None:
     """UserError unless `info` has the features (shapes, dtypes, classes) the rater reads."""
     if not self.info.matches(info, self.info.spec):
-      want = {k: (tuple(s.shape), np.dtype(s.dtype).name) for k, s in self.info.spec.items()}
-      got = {k: (tuple(s.shape), np.dtype(s.dtype).name) for k, s in info.spec.items()}
+      want = {k: (tuple(s.shape), self.info.stored.get(k, np.dtype(s.dtype).name))
+              for k, s in self.info.spec.items()}
+      got = {k: (tuple(s.shape), info.stored.get(k, np.dtype(s.dtype).name))
+             for k, s in info.spec.items()}
       raise UserError(f'the rater reads features {want} (classes {dict(self.info.num_classes)}), '
                       f'but {what} has {got} (classes {dict(info.num_classes)})')
 

@@ -139,3 +139,23 @@ def test_each_member_resets_every_r_steps_at_staggered_offsets():
     assert np.all(np.diff(resets) == r)
   first = [np.flatnonzero(masks[:, m])[0] for m in range(k)]
   assert len(set(first)) == k  # no two members reset at the same step
+
+
+def test_data_info_leaves_out_what_is_not_a_fixed_shape_array_and_records_stored_dtypes():
+  """A variable-length feature no model reads (e.g. tokens of any length) used to crash every
+  launcher when the examples were stacked; it is left out like text. Stored dtypes tell uint8
+  pixels (decoded to [0, 1]) from float ones (kept as they are)."""
+  import types  # pylint: disable=g-import-not-at-top
+  features = tfds.features.FeaturesDict({
+      'image': tfds.features.Tensor(shape=(4, 4), dtype=np.uint8),
+      'depth': tfds.features.Tensor(shape=(4, 4), dtype=np.float64),
+      'tokens': tfds.features.Tensor(shape=(None,), dtype=np.int64),
+      'caption': tfds.features.Text(),
+      'label': tfds.features.ClassLabel(names=['a', 'b'])})
+  builder = types.SimpleNamespace(info=types.SimpleNamespace(
+      features=features, supervised_keys=('image', 'label'), full_name='mine/1.0.0'))
+  info = pipeline.data_info(builder)
+  assert set(info.spec) == {'image', 'depth', 'label'}
+  assert info.stored == {'image': 'uint8', 'depth': 'float64', 'label': 'int64'}
+  assert info.spec['image'].dtype == info.spec['depth'].dtype == np.float32
+  assert pipeline.DataInfo.from_json(info.to_json()) == info

@@ -226,6 +226,18 @@ def test_bad_inputs_one_line_errors(tfds_dir, rater_dir, tmp_path):
                                          'image': jax.ShapeDtypeStruct((28, 28, 1), np.float32)})
   with pytest.raises(UserError, match=r"the rater reads features \{'image': \(\(8, 8, 1\)"):
     loaded.check_matches(wide, 'that data')
+  # The same pixels stored as float64 decode to 0-255, not [0, 1]: refused (older exports
+  # that record no stored dtypes are still read).
+  stored = info.stored['image']
+  floats = dataclasses.replace(info, stored={**info.stored, 'image': 'float64'})
+  with pytest.raises(UserError, match=rf"reads features \{{'image': \(\(8, 8, 1\), '{stored}'\)"):
+    loaded.check_matches(floats, 'that data')
+  old = tmp_path / 'old_rater'
+  shutil.copytree(rater_dir, old)
+  meta = json.load(open(old / 'rater.json'))
+  del meta['data_info']['stored']
+  json.dump(meta, open(old / 'rater.json', 'w'))
+  datarater.load_rater(str(old)).check_matches(floats, 'that data')
   # A scores file that does not cover the split.
   partial = tmp_path / 'partial.parquet'
   pq.write_table(pa.table({'id': np.arange(N_TRAIN - 1), 'value': np.zeros(N_TRAIN - 1)}), partial)

@@ -80,13 +80,15 @@ class DataInfo:
   num_classes: Mapping[str, int]            # class-label features -> number of classes
   supervised_keys: Optional[tuple]          # (input, target) feature names, if the dataset says
   class_names: Mapping[str, tuple] = dataclasses.field(default_factory=dict)  # class labels'
+  # Array features' dtypes as stored (uint8 decodes to [0, 1], other numbers keep their values).
+  stored: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict:
     return {'name': self.name, 'num_classes': dict(self.num_classes),
             'class_names': {k: list(v) for k, v in self.class_names.items()},
             'supervised_keys': list(self.supervised_keys) if self.supervised_keys else None,
             'spec': {k: {'shape': list(s.shape), 'dtype': np.dtype(s.dtype).name}
-                     for k, s in self.spec.items()}}
+                     for k, s in self.spec.items()}, 'stored': dict(self.stored)}
 
   @classmethod
   def from_json(cls, d: dict) -> 'DataInfo':
@@ -94,12 +96,18 @@ class DataInfo:
             for k, v in d['spec'].items()}
     keys = d.get('supervised_keys')
     names = {k: tuple(v) for k, v in d.get('class_names', {}).items()}
-    return cls(d['name'], spec, dict(d['num_classes']), tuple(keys) if keys else None, names)
+    return cls(d['name'], spec, dict(d['num_classes']), tuple(keys) if keys else None, names,
+               dict(d.get('stored', {})))
 
   def matches(self, other: 'DataInfo', features) -> bool:
-    """Whether `other` has `features` with the same shapes, dtypes and class counts."""
+    """Whether `other` has `features` with the same shapes, dtypes, class counts and, where both
+    record it, stored dtypes (uint8 pixels and float pixels of 0-255 decode alike otherwise)."""
+    def same_storage(k):  # older exports record no stored dtypes
+      a, b = self.stored.get(k), other.stored.get(k)
+      return a is None or b is None or a == b
     return all(k in other.spec and self.spec[k] == other.spec[k]
-               and self.num_classes.get(k) == other.num_classes.get(k) for k in features)
+               and self.num_classes.get(k) == other.num_classes.get(k) and same_storage(k)
+               for k in features)
 
 
 def _decoded_dtype(feature) -> Optional[np.dtype]:
@@ -121,18 +129,19 @@ def _decoded_dtype(feature) -> Optional[np.dtype]:
 
 def data_info(builder: tfds.core.DatasetBuilder) -> DataInfo:
   features = builder.info.features
-  spec, classes, names = {}, {}, {}
+  spec, classes, names, stored = {}, {}, {}, {}
   for name, feature in features.items():
     dtype = _decoded_dtype(feature)
-    if dtype is None:
+    if dtype is None or None in tuple(feature.shape):  # not a fixed-shape array: left out
       continue
     spec[name] = jax.ShapeDtypeStruct(tuple(feature.shape), dtype)
+    stored[name] = np.dtype(feature.np_dtype).name
     if isinstance(feature, tfds.features.ClassLabel):
       classes[name] = feature.num_classes
       names[name] = tuple(feature.names)
   keys = builder.info.supervised_keys
   name = builder.info.full_name.rsplit('/', 1)[0]  # with the config, without the version
-  return DataInfo(name, spec, classes, tuple(keys) if keys else None, names)
+  return DataInfo(name, spec, classes, tuple(keys) if keys else None, names, stored)
 
 
 def decode(info: DataInfo, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
