@@ -21,7 +21,8 @@ from launch import cli, distributed
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   del argv
   d = lambda kind, *args: getattr(flags, f'DEFINE_{kind}')(*args, flag_values=fv)
-  d('string', 'dataset', 'sklearn_digits', 'TFDS dataset name (prepared in --data_dir).')
+  d('string', 'dataset', 'sklearn_digits',
+    'TFDS dataset name (prepared in --data_dir), or a TFDS dataset folder.')
   d('string', 'data_dir', '', 'TFDS data_dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets).')
   d('list', 'split', ['train'], 'Split(s) to filter; other splits are copied unchanged.')
   d('string', 'rater', None, 'An exported rater (launch.export_rater) or a rater run.')

@@ -132,6 +132,13 @@ def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path
   # Each batch of 128 keeps floor(0.8 * 128) = 102; the last (45 examples) keeps 36.
   assert online['scoring_forwards'] == N_TRAIN and online['example_gradients'] == 9 * 102 + 36
   assert online['setup_example_gradients'] == 4 * 2 * (2 * 16 + 16)  # small_config: 4 steps, K=2
+  # The filtered folder is itself a dataset the filter takes (--dataset=FOLDER): filtered again
+  # by the same rater it keeps the best-scored 0.5 of its 958, exactly the rater's order.
+  again = filter_dataset(str(out), str(tmp_path / 'again'), ['train'], rater=rater_dir, keep=0.5,
+                         batch_size=256)
+  assert again['splits']['train']['kept'] == select.keep_count(want, 0.5)
+  table2 = pq.read_table(tmp_path / 'again' / 'scores_train.parquet').to_pydict()
+  np.testing.assert_allclose(table2['score'], scores[kept], rtol=1e-5, atol=1e-6)
 
 
 def test_balance_keeps_every_class_its_share(tfds_dir, rater_dir, tmp_path):

@@ -20,6 +20,7 @@ import shutil
 from typing import Optional, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -105,7 +106,10 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   if not splits:
     raise UserError('--split names no split')
   corruption = corruption or corruption_lib.Corruption()
-  builder = pipeline.get_builder(dataset, data_dir)
+  # A TFDS name prepared in data_dir, or a TFDS dataset folder (e.g. an earlier filter's output).
+  section = ml_collections.ConfigDict({'name': dataset, 'data_dir': data_dir, 'dataset_dir':
+                                       dataset if os.path.isdir(dataset) else ''})
+  builder, dataset = pipeline.builder_of(section), pipeline.dataset_name(section)
   files.check_apart(out, '--out', data_dir=str(builder.data_dir), rater=rater or '',
                     scores=scores or '')
   info = pipeline.data_info(builder)
