@@ -112,9 +112,10 @@ def _tokens_key(config, info) -> tuple[str, int]:
   key = config.get('input', '') or 'tokens'
   spec = info.spec.get(key)
   if spec is None or len(spec.shape) != 1 or not np.issubdtype(spec.dtype, np.integer):
+    decoded = {k: (tuple(s.shape), np.dtype(s.dtype).name) for k, s in sorted(info.spec.items())}
     raise UserError(f'a sequence model reads an integer token feature of shape [L]: got input '
-                    f'{key!r}; dataset {info.name!r} has features '
-                    f'{ {k: tuple(s.shape) for k, s in sorted(info.spec.items())} }')
+                    f'{key!r}; dataset {info.name!r} has features (decoded) {decoded} (uint8 '
+                    'decodes to float pixels: store tokens as int32)')
   length = spec.shape[0]
   if length > config.max_len:
     raise UserError(f'the sequences of {key!r} have {length} tokens, more than max_len '
