@@ -213,7 +213,9 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
                                       {s: streams[s].data_source for s in splits})
     for s, d in per_split.items():
       kept, labels = d['kept'], d['labels']
-      extra = {'label': labels, 'kept': kept}  # the split is in the file's name
+      extra = {'kept': kept}  # the split is in the file's name
+      if num_classes:  # the supervised label (none without supervised keys)
+        extra['label'] = labels
       if d['record'] is not None:
         extra['corruption'] = d['record']
       scores_file.write(os.path.join(folder, f'scores_{s}.parquet'), np.arange(len(kept)),
