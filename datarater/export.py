@@ -9,6 +9,7 @@ blocks, so every example's score is computed by the same compiled program whatev
 devices: scores are bit-identical on 1 or N. Non-finite parameters are never exported or loaded.
 """
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Optional
@@ -146,21 +147,36 @@ class LoadedRater:
   def training_example_gradients(self) -> int:
     return int(self.meta.get('training_example_gradients', 0))
 
+  @functools.cached_property
+  def reads(self) -> tuple:
+    """The features of its training data the rater reads: those without which scoring an
+    example fails (traced, not run); other features of that data may be absent elsewhere."""
+    example = tasks.example_batch(self.info.spec)
+    out = []
+    for name in self.info.spec:
+      rest = {k: v for k, v in example.items() if k != name}
+      try:
+        jax.eval_shape(self.rater.score, self.params, rest)
+      except Exception:  # pylint: disable=broad-except  (missing, or its shape was needed)
+        out.append(name)
+    return tuple(out)
+
   def __call__(self, batch: dict) -> np.ndarray:
     n = len(next(iter(batch.values())))
     chunk = self.block * len(self.devices)
     out = []
     for start in range(0, n, chunk):
       idx = np.arange(start, start + chunk) % n  # pad the last chunk by wrapping (one shape)
-      part = {k: np.asarray(batch[k])[idx].astype(s.dtype) for k, s in self.info.spec.items()}
+      part = {k: np.asarray(batch[k])[idx].astype(self.info.spec[k].dtype) for k in self.reads}
       out.append(np.asarray(self.scorer(part))[:min(chunk, n - start)])
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
   def check_matches(self, info: DataInfo, what: str) -> None:
     """UserError unless `info` has the features (shapes, dtypes, classes) the rater reads."""
-    if not self.info.matches(info, self.info.spec):
-      want = {k: (tuple(s.shape), self.info.stored.get(k, np.dtype(s.dtype).name))
-              for k, s in self.info.spec.items()}
+    if not self.info.matches(info, self.reads):
+      want = {k: (tuple(self.info.spec[k].shape),
+                  self.info.stored.get(k, np.dtype(self.info.spec[k].dtype).name))
+              for k in self.reads}
       got = {k: (tuple(s.shape), info.stored.get(k, np.dtype(s.dtype).name))
              for k, s in info.spec.items()}
       raise UserError(f'the rater reads features {want} (classes {dict(self.info.num_classes)}), '

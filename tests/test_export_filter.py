@@ -233,6 +233,13 @@ def test_bad_inputs_one_line_errors(tfds_dir, rater_dir, tmp_path):
                                          'image': jax.ShapeDtypeStruct((28, 28, 1), np.float32)})
   with pytest.raises(UserError, match=r"the rater reads features \{'image': \(\(8, 8, 1\)"):
     loaded.check_matches(wide, 'that data')
+  # A feature of the rater's training data that it does not read may be missing elsewhere.
+  extra = dataclasses.replace(loaded, info=dataclasses.replace(
+      loaded.info, spec={**loaded.info.spec, 'weight': jax.ShapeDtypeStruct((), np.float32)}))
+  assert set(extra.reads) == {'image', 'label'}  # the labelled MLP rater: pixels and the label
+  extra.check_matches(info, 'data without weight')
+  batch = pipeline.load_split(digits_data(tfds_dir), 'test').take(np.arange(20))
+  np.testing.assert_array_equal(extra(batch), loaded(batch))
   # The same pixels stored as float64 decode to 0-255, not [0, 1]: refused (older exports
   # that record no stored dtypes are still read).
   stored = info.stored['image']
