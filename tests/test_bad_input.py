@@ -223,6 +223,8 @@ def _cases(tfds_dir: str, w) -> list:
       ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
                   f'--out={w}/a_file/out'], f'{w}/a_file'),
       ('filter', fl(rater, '--keep=0.5', '--split=dev'), "has no split 'dev'"),
+      ('filter', fl(rater, '--keep=0.5', '--split=train[:50%]'),
+       "is filtered by whole splits, not expressions like 'train[:50%]'"),
       ('filter', ['--dataset=no_such', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
                   f'--out={w}/filtered'], "unknown dataset 'no_such'"),
       ('filter', fl(rater, '--keep=0.5', '--batch_size=0'), '--batch_size must be >= 1, got 0'),
@@ -259,7 +261,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 105  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 106  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -115,7 +115,9 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   info = pipeline.data_info(builder)
   for s in splits:
     if s not in builder.info.splits:
-      raise UserError(f'dataset {dataset!r} has no split {s!r} '
+      what = ('is filtered by whole splits, not expressions like' if '[' in s or '+' in s
+              else 'has no split')
+      raise UserError(f'dataset {dataset!r} {what} {s!r} '
                       f'(it has: {", ".join(builder.info.splits)})')
   label = info.supervised_keys[1] if info.supervised_keys else None
   num_classes = info.num_classes.get(label, 0)
