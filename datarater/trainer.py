@@ -16,8 +16,9 @@ Every random choice is keyed by (seed, epoch), so a run resumed from a checkpoin
 a `RunCheckpointer`) equals an uninterrupted one. `record_every=k` keeps the parameters before
 every k-th step and the batches of every step (a `Recording`, what valuations replay).
 The training data is a `pipeline.Split` (held on the device, batches gathered inside the
-compiled steps) or a streaming `source.Source` (batches read on the host, `STREAM_CHUNK` steps at
-a time, so memory does not grow with the dataset); both give the same steps.
+compiled steps) or a streaming `source.Source` (batches read on the host, at most `STREAM_CHUNK`
+steps and `STREAM_EXAMPLES` examples at a time, so memory does not grow with the dataset); both
+give the same steps.
 
 The history is a list of records, one per evaluation, all of one format:
   {'epoch': float, 'step': int, 'example_gradients': int, 'scoring_forwards': int,
@@ -42,7 +43,8 @@ from datarater.tasks import Task
 from inner_loop.unroll import InnerState, init_inner_state, inner_step
 
 EVAL_BLOCK = 512  # examples evaluated per compiled block
-STREAM_CHUNK = 32  # steps whose batches a streaming run reads at a time
+STREAM_CHUNK = 32  # steps whose batches a streaming run reads at a time, at most
+STREAM_EXAMPLES = 1 << 14  # ... and at most this many examples (all models' batches) at a time
 
 
 @flax.struct.dataclass
@@ -284,7 +286,8 @@ class Trainer:
     last_epoch = num_epochs if stop_after is None else max(start_epoch, min(stop_after, num_epochs))
 
     # Every chunk of steps is padded to one length, so the steps compile once per run.
-    chunk_size = STREAM_CHUNK if streaming else None
+    chunk_size = (max(1, min(STREAM_CHUNK, STREAM_EXAMPLES // (len(seeds) * self.batch_size)))
+                  if streaming else None)
     length = max(b - a for a, b in _chunks(_eval_cuts(min(spe, total), evals_per_epoch),
                                            chunk_size))
     compiled, compile_s = {}, 0.0
