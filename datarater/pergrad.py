@@ -384,7 +384,7 @@ def param_layers(loss_fn: PerExampleLoss, params, batch: dict) -> list[str]:
   """Module paths of the layers that hold parameters (any module), in the order their calls
   made by `loss_fn` return: the last is the model's last layer."""
   owners = {_module_path(path).rpartition('/')[0]
-            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]} - {''}  # not the top
   order = []
 
   def record(next_fun, args, kwargs, context):

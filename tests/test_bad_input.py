@@ -227,6 +227,8 @@ def _cases(tfds_dir: str, w) -> list:
        "is filtered by whole splits, not expressions like 'train[:50%]'"),
       ('filter', ['--dataset=no_such', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
                   f'--out={w}/filtered'], "unknown dataset 'no_such'"),
+      ('filter', [f'--dataset={w}/no_such_folder', rater, '--keep=0.5', f'--out={w}/filtered'],
+       f"--dataset '{w}/no_such_folder' is not a TFDS dataset folder (no dataset_info.json)"),
       ('filter', fl(rater, '--keep=0.5', '--batch_size=0'), '--batch_size must be >= 1, got 0'),
       ('filter', fl(rater, '--min_score=0', '--balance'), '--balance needs --keep'),
       ('filter', fl(rater, '--min_score=0', '--threshold=streaming'),
@@ -261,7 +263,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 106  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 107  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

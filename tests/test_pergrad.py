@@ -334,6 +334,24 @@ class ConvHead(nn.Module):
     return nn.Conv(3, (1,), name='classifier')(h)[:, 0]
 
 
+class TopTemperature(nn.Module):
+  """A parameter of the top module itself (a learned temperature) after the head."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(4, name='hidden')(x.reshape(x.shape[0], -1))
+    return nn.Dense(3, name='head')(h) * self.param('temp', nn.initializers.ones, ())
+
+
+def test_the_top_modules_own_parameters_are_not_a_layer():
+  model = TopTemperature()
+  _, _, batch = tiny()
+  params = model.init(jax.random.key(0), batch['image'])
+  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  assert pergrad.param_layers(loss, params, batch) == ['hidden', 'head']
+  assert mimic.resolve_layers(loss, params, batch, 'last') == ['head']
+
+
 def test_the_last_layer_is_the_last_called_module_with_parameters_of_any_kind():
   model = ConvHead()
   _, _, batch = tiny()

@@ -292,6 +292,7 @@ def test_dvemb_equals_explicit_backward_product(curvature):
     for j in range(4):
       ex[idx[t, j]] += want[t, j]
       ph[t * 3 // 5, idx[t, j]] += want[t, j]
+  assert emb.example.shape[0] == 12  # rows: min(5 x 4 batch entries, the split's 12 examples)
   row, found = emb.rows(jnp.arange(12))
   assert np.array_equal(found, np.isin(np.arange(12), idx))
   got = np.where(np.asarray(found)[:, None], np.asarray(emb.example)[np.asarray(row)], 0.0)

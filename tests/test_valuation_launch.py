@@ -323,3 +323,27 @@ def test_what_the_store_or_curvature_cannot_follow_is_refused_before_any_fit(tfd
   config.valuation.store = False
   with pytest.raises(UserError, match='has no class labels'):
     factory.check('dvemb', config, task, train)
+
+
+def test_a_rater_is_checked_against_the_planted_corruption_wherever_it_is_loaded(tfds_dir,
+                                                                                 tmp_path,
+                                                                                 monkeypatch):
+  """valuate --method=datarater and launch.train's rater policies check that the rater reads
+  the features the corruption is planted in (as train_rater and filter do)."""
+  from datarater.data import corruption  # pylint: disable=g-import-not-at-top
+  from datarater.policies import base as policy_base  # pylint: disable=g-import-not-at-top
+  from datarater.policies import weighting  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  meta_train(small_rater_config(tfds_dir, steps=2), str(tmp_path / 'run'))
+  checked = []
+  monkeypatch.setattr(corruption.Corruption, 'check_targets',
+                      lambda self, info, *models: checked.append(
+                          (self.label_noise, [type(m).__name__ for m in models])))
+  config = small_config(tfds_dir)
+  config.valuation.rater = str(tmp_path / 'run')
+  train = pipeline.load_split(config.data, 'train', corrupt=True)
+  factory.rater_for(config, train)
+  weighting.loaded_rater(policy_base.PolicyContext(train, None, None, config,
+                                                   rater=str(tmp_path / 'run')), 'datarater')
+  rater = type(export.load_rater(str(tmp_path / 'run')).rater).__name__
+  assert checked == [(0.2, [rater]), (0.2, [rater])]

@@ -107,8 +107,11 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     raise UserError('--split names no split')
   corruption = corruption or corruption_lib.Corruption()
   # A TFDS name prepared in data_dir, or a TFDS dataset folder (e.g. an earlier filter's output).
-  section = ml_collections.ConfigDict({'name': dataset, 'data_dir': data_dir, 'dataset_dir':
-                                       dataset if os.path.isdir(dataset) else ''})
+  folder = os.path.exists(os.path.join(dataset, 'dataset_info.json'))
+  if not folder and (os.path.isabs(dataset) or dataset.startswith('.')):
+    raise UserError(f'--dataset {dataset!r} is not a TFDS dataset folder (no dataset_info.json)')
+  section = ml_collections.ConfigDict({'name': dataset, 'data_dir': data_dir,
+                                       'dataset_dir': dataset if folder else ''})
   builder, dataset = pipeline.builder_of(section), pipeline.dataset_name(section)
   files.check_apart(out, '--out', data_dir=str(builder.data_dir), rater=rater or '',
                     scores=scores or '')

@@ -69,8 +69,9 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
   dataset's folder (data_dir/name/version).
 
   `transforms[split](ids, examples) -> examples` may rewrite the examples of each chunk read on
-  the way (e.g. the recorded label noise of an experiment). `sources[split]` is a data source of the split already open (its
-  readers hold each file's record index, so a caller that has read the split passes it on).
+  the way (e.g. the recorded label noise of an experiment). `sources[split]` is a data source of
+  the split already open (its readers hold each file's record index, so a caller that has read
+  the split passes it on).
   """
   cls = _make_builder_class(source_builder.info, name, description)
   builder = cls(data_dir=data_dir, file_format='array_record')

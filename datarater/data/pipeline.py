@@ -63,6 +63,9 @@ def get_builder(name: str, data_dir: str = '') -> tfds.core.DatasetBuilder:
     except tfds.core.registered.DatasetNotFoundError:
       raise UserError(f'unknown dataset {name!r}: not a TFDS dataset name '
                       f'(built in here: {", ".join(sorted(BUNDLED))})') from None
+    except ValueError as e:  # a name TFDS cannot parse, e.g. a path
+      raise UserError(f'dataset {name!r} is not a TFDS dataset name ({str(e).splitlines()[0]})'
+                      ) from None
     if not builder.is_prepared():
       if name not in BUNDLED:
         raise UserError(f'dataset {name!r} is not prepared in {data_dir!r}: prepare it in Python '

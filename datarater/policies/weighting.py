@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datarater.data import corruption
 from datarater.errors import UserError
 from datarater.policies.base import Policy, PolicyContext, register_policy, weighting
 from inner_loop.weighting import softmax_weights
@@ -70,6 +71,7 @@ def loaded_rater(ctx: PolicyContext, name: str):
   from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
   rater = load_rater(ctx.rater)
   rater.check_matches(ctx.train.info, 'the training data')
+  corruption.from_config(ctx.config.data).check_targets(ctx.train.info, rater.rater)
   return rater
 
 

@@ -37,9 +37,9 @@ class Embeddings:
   """Rows only for the examples the run trained on (`ids`), so memory follows the run, not the
   split; every other example's embedding is 0."""
   step: jax.Array    # [T, B, k]: e_{t,j}, removing the j-th example of step t
-  ids: jax.Array     # [T * B] int: the examples of the run's batches, sorted, then N (unused)
-  example: jax.Array  # [T * B, k]: example ids[r]'s embedding, summed over its occurrences
-  phase: jax.Array    # [P, T * B, k]: the same sum restricted to each of P equal phases
+  ids: jax.Array     # [R] int, R = min(T * B, N): the run's examples, sorted, then N (unused)
+  example: jax.Array  # [R, k]: example ids[r]'s embedding, summed over its occurrences
+  phase: jax.Array    # [P, R, k]: the same sum restricted to each of P equal phases
 
   def rows(self, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(row of each example in `index`, whether it has one): its embedding is example[row]."""
@@ -146,12 +146,13 @@ def embed(task: Task, run: TrainingRun, num_examples: int,
                          reverse=True)
   t, b, _ = step.shape
   index = run.batches['index'].reshape(-1)
-  ids = jnp.unique(index, size=t * b, fill_value=num_examples)
+  rows = min(t * b, num_examples)  # examples the run can have trained on
+  ids = jnp.unique(index, size=rows, fill_value=num_examples)
   row = jnp.searchsorted(ids, index)
-  example = jax.ops.segment_sum(step.reshape(t * b, k), row, t * b)
+  example = jax.ops.segment_sum(step.reshape(t * b, k), row, rows)
   phase_of = jnp.repeat(jnp.arange(t) * phases // t, b)
-  phase = jax.ops.segment_sum(step.reshape(t * b, k), phase_of * t * b + row,
-                              phases * t * b).reshape(phases, t * b, k)
+  phase = jax.ops.segment_sum(step.reshape(t * b, k), phase_of * rows + row,
+                              phases * rows).reshape(phases, rows, k)
   return Embeddings(step=step, ids=ids, example=example, phase=phase)
 
 
@@ -177,7 +178,7 @@ class DataValueEmbedding(Valuation):
     self.curvature, self.phases, self.chunk_size = curvature, phases, chunk_size
     self.embeddings: Optional[Embeddings] = None
     self.direction = None
-    self._values = None  # [T * B]: <embedding, direction> of each row of the embeddings
+    self._values = None  # [R]: <embedding, direction> of each row of the embeddings
 
   def accumulate(self, params, learning_rate):
     raise UserError('data value embedding needs the whole recorded run: call fit(run)')

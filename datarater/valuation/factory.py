@@ -9,6 +9,7 @@ import jax
 import ml_collections
 
 from datarater import pergrad
+from datarater.data import corruption
 from datarater.errors import UserError
 from datarater.valuation.base import Valuation, record_run
 from datarater.valuation.dvemb import DataValueEmbedding
@@ -72,6 +73,7 @@ def rater_for(config, train):
                     'launch.train_rater workdir)')
   loaded = load_rater(config.valuation.rater)
   loaded.check_matches(train.info, 'the training data')
+  corruption.from_config(config.data).check_targets(train.info, loaded.rater)
   return loaded
 
 
