@@ -343,6 +343,8 @@ def main(argv):
     for p in noises:
       runs[str(p)] = {}
       for s in by_noise.get(p, seeds):
+        print(f'noise {p:.0%} seed {s}: the valuations and raters, then fresh models on every '
+              f'corpus ... [{time.time() - t_start:.0f} s]', flush=True)
         r = run_one(config, p, s, keeps, methods, os.path.join(tmp_root, f'{p}_{s}'))
         runs[str(p)][str(s)] = r
         k = min(keeps, key=lambda x: abs(x - 0.8))

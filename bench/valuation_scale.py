@@ -1,6 +1,6 @@
 r"""Valuation at dataset scale: projected per-example gradients, launcher memory, the gradient store.
 
-  python -m bench.valuation_scale            # everything (about 35 minutes on 2 CPU cores)
+  python -m bench.valuation_scale            # everything (about 13 minutes on 2 CPU cores)
   python -m bench.valuation_scale --quick    # the same with tiny sizes (a smoke run)
 
 Three sections (`--sections`), each measured in fresh subprocesses (peak resident memory is the
