@@ -23,8 +23,9 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     if not fv.workdir:
       raise UserError('--workdir is required')
     meta = export.export_rater(fv.workdir, fv.out, fv.overwrite)
+    reads = export.load_rater(fv.out).reads
   print(f'exported the rater of {fv.workdir} to {fv.out} '
-        f'(reads {", ".join(meta["data_info"]["spec"])} of {meta["data_info"]["name"]})')
+        f'(reads {", ".join(reads)} of {meta["data_info"]["name"]})')
 
 
 if __name__ == '__main__':

@@ -1,4 +1,7 @@
 """The TFDS pipeline, the corruption record, the batch stream, batch weights and staggered resets."""
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -159,3 +162,15 @@ def test_data_info_leaves_out_what_is_not_a_fixed_shape_array_and_records_stored
   assert info.stored == {'image': 'uint8', 'depth': 'float64', 'label': 'int64'}
   assert info.spec['image'].dtype == info.spec['depth'].dtype == np.float32
   assert pipeline.DataInfo.from_json(info.to_json()) == info
+
+
+def test_a_recorded_corruption_whose_class_0_is_not_clean_is_refused():
+  """Every reader takes class 0 of a dataset's own `corruption` record as clean; a record whose
+  classes come in another order would count the clean examples as corrupted."""
+  info = pipeline.DataInfo('mine', {'corruption': jax.ShapeDtypeStruct((), np.int32)},
+                           {'corruption': 3}, None,
+                           {'corruption': ('random_bytes', 'clean', 'shuffled')})
+  with pytest.raises(UserError, match="class 0 of feature 'corruption' must be 'clean'"):
+    pipeline.corruption_kinds(info, corruption.Corruption())
+  ok = dataclasses.replace(info, class_names={'corruption': ('clean', 'random_bytes', 'x')})
+  assert pipeline.corruption_kinds(ok, corruption.Corruption()) == ('clean', 'random_bytes', 'x')

@@ -222,7 +222,11 @@ def corruption_kinds(info: DataInfo, corruption: corruption_lib.Corruption) -> t
   if len(corruption.kinds) > 1:
     raise UserError(f'dataset {info.name!r} records its own corruption; plant none '
                     '(data.label_noise = 0 and every data.input_corruption rate 0)')
-  return tuple(info.class_names[RECORDED])
+  names = tuple(info.class_names[RECORDED])
+  if names[0] != corruption_lib.CLEAN:  # class 0 is what every reader takes as clean
+    raise UserError(f'dataset {info.name!r} records its corruption with class 0 {names[0]!r}: '
+                    f'class 0 of feature {RECORDED!r} must be {corruption_lib.CLEAN!r}')
+  return names
 
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str,

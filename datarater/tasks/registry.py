@@ -46,5 +46,7 @@ def make_task(config, info) -> Task:
 def make_rater(config, info) -> Rater:
   """The rater `config.name` for data described by `info`."""
   if config.name not in RATERS:
-    raise UserError(f'unknown rater.name {config.name!r} (choose from {", ".join(sorted(RATERS))})')
+    raise UserError(f'unknown rater.name {config.name!r} (choose from {", ".join(sorted(RATERS))}; '
+                    'a rater of your own loads everywhere once datarater/tasks/__init__.py '
+                    'imports its module)')
   return RATERS[config.name](config, info)
