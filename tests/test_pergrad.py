@@ -207,6 +207,16 @@ def test_ghost_dots_equal_flat_dots():
   assert pergrad.ghost_covers(loss, params, batch)
 
 
+def _module_problem(model: nn.Module, float64: bool = False):
+  """(loss, params, batch): `model`'s cross-entropy on tiny()'s batch (its parameters in
+  float64 if asked; tiny()'s batch is float64 already)."""
+  _, _, batch = tiny()
+  params = model.init(jax.random.key(0), batch['image'])
+  if float64:
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+  return lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label']), params, batch
+
+
 class SeqModel(nn.Module):
   """A Dense layer shared by 3 positions of each example, then a mean and a bias-free head."""
 
@@ -218,11 +228,7 @@ class SeqModel(nn.Module):
 
 
 def test_ghost_dots_with_positions_and_no_bias():
-  model = SeqModel()
-  _, _, batch = tiny()
-  params = jax.tree.map(lambda x: x.astype(jnp.float64),
-                        model.init(jax.random.key(0), batch['image']))
-  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  loss, params, batch = _module_problem(SeqModel(), float64=True)
   flat = loop_flat_grads(loss, params, batch)
   np.testing.assert_allclose(pergrad.ghost_dots(loss, params, batch), flat @ flat.T, rtol=1e-10)
   np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch), jnp.sum(flat ** 2, 1),
@@ -230,6 +236,14 @@ def test_ghost_dots_with_positions_and_no_bias():
   assert pergrad.dense_positions(loss, params, batch) == 3
   assert pergrad.dense_positions(loss, params, batch, ['head']) == 1
   assert pergrad.dense_positions(*tiny()) == 1
+
+
+def _assert_ghost_norms_equal_loop(loss, params, batch, layer):
+  """Ghost squared norms over `layer` against the explicit loop's, in float64."""
+  params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+  flat = loop_flat_grads(loss, params, batch, layer=layer)
+  np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch, [layer]),
+                             jnp.sum(flat ** 2, 1), rtol=1e-10)
 
 
 class WithScale(nn.Module):
@@ -240,20 +254,14 @@ class WithScale(nn.Module):
 
 
 def test_ghost_refuses_non_dense_parameters():
-  model = WithScale()
-  _, _, batch = tiny()
-  params = model.init(jax.random.key(0), batch['image'])
-  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  loss, params, batch = _module_problem(WithScale())
   with pytest.raises(ValueError, match='Dense layers hold'):
     pergrad.ghost_sq_norms(loss, params, batch)
   assert not pergrad.ghost_covers(loss, params, batch)
   # The Dense layer alone is covered (its gradient flows through the scale); the scale is not.
   assert pergrad.ghost_covers(loss, params, batch, ['Dense_0'])
   assert not pergrad.ghost_covers(loss, params, batch, ['scale'])
-  params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
-  flat = loop_flat_grads(loss, params, batch, layer='Dense_0')
-  np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch, ['Dense_0']),
-                             jnp.sum(flat ** 2, 1), rtol=1e-10)
+  _assert_ghost_norms_equal_loop(loss, params, batch, 'Dense_0')
 
 
 class Block(nn.Module):
@@ -271,10 +279,7 @@ class TwoBlocks(nn.Module):
 
 
 def test_ghost_covers_named_layers_only_when_dense_holds_all_their_parameters():
-  model = TwoBlocks()
-  _, _, batch = tiny()
-  params = model.init(jax.random.key(0), batch['image'])
-  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  loss, params, batch = _module_problem(TwoBlocks())
   assert pergrad.ghost_covers(loss, params, batch, ['head'])
   assert pergrad.ghost_covers(loss, params, batch, ['proj'])
   assert pergrad.ghost_covers(loss, params, batch, ['head', 'proj'])
@@ -287,10 +292,7 @@ def test_ghost_covers_named_layers_only_when_dense_holds_all_their_parameters():
 def test_named_layers_with_non_dense_parameters_are_refused_by_ghost_and_factored_products():
   """`block` holds a Dense layer (6 x 3 + 3) and a scale: ghost norms over it would miss the
   scale's gradient, and a factored projection of it would silently value the Dense part only."""
-  model = TwoBlocks()
-  _, _, batch = tiny()
-  params = model.init(jax.random.key(0), batch['image'])
-  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  loss, params, batch = _module_problem(TwoBlocks())
   with pytest.raises(ValueError, match='parameters of layers block'):
     pergrad.ghost_sq_norms(loss, params, batch, ['block'])
   with pytest.raises(UserError, match='factored projection: Dense layers hold 21 of the 22'):
@@ -309,18 +311,12 @@ class RowsNotExamples(nn.Module):
 
 
 def test_dense_over_rows_that_are_not_examples_takes_no_ghost_products():
-  model = RowsNotExamples()
-  _, _, batch = tiny()
-  params = jax.tree.map(lambda x: x.astype(jnp.float64),
-                        model.init(jax.random.key(0), batch['image']))
-  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  loss, params, batch = _module_problem(RowsNotExamples(), float64=True)
   assert not pergrad.ghost_covers(loss, params, batch)
   assert pergrad.ghost_covers(loss, params, batch, ['head'])  # its rows are the examples
   with pytest.raises(UserError, match="Dense layer 'pixel' takes inputs of shape"):
     pergrad.factored_projection(2, 2).init(loss, params, batch)
-  flat = loop_flat_grads(loss, params, batch, layer='head')
-  np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch, ['head']),
-                             jnp.sum(flat ** 2, 1), rtol=1e-10)
+  _assert_ghost_norms_equal_loop(loss, params, batch, 'head')
 
 
 class ConvHead(nn.Module):
@@ -344,28 +340,19 @@ class TopTemperature(nn.Module):
 
 
 def test_the_top_modules_own_parameters_are_not_a_layer():
-  model = TopTemperature()
-  _, _, batch = tiny()
-  params = model.init(jax.random.key(0), batch['image'])
-  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  loss, params, batch = _module_problem(TopTemperature())
   assert pergrad.param_layers(loss, params, batch) == ['hidden', 'head']
   assert mimic.resolve_layers(loss, params, batch, 'last') == ['head']
 
 
 def test_the_last_layer_is_the_last_called_module_with_parameters_of_any_kind():
-  model = ConvHead()
-  _, _, batch = tiny()
-  params = model.init(jax.random.key(0), batch['image'])
-  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  loss, params, batch = _module_problem(ConvHead())
   assert pergrad.param_layers(loss, params, batch) == ['proj', 'cell', 'classifier']
   assert mimic.resolve_layers(loss, params, batch, 'last') == ['classifier']
   assert not pergrad.ghost_covers(loss, params, batch)  # 'cell' is called twice
   assert not pergrad.ghost_covers(loss, params, batch, ['cell'])
   assert pergrad.ghost_covers(loss, params, batch, ['proj'])  # called once: ghost products hold
-  params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
-  flat = loop_flat_grads(loss, params, batch, layer='proj')
-  np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch, ['proj']),
-                             jnp.sum(flat ** 2, 1), rtol=1e-10)
+  _assert_ghost_norms_equal_loop(loss, params, batch, 'proj')
 
 
 def _temp_bytes(fn, *args):
