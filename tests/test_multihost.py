@@ -14,6 +14,7 @@ import glob
 
 import jax
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -27,6 +28,10 @@ from tests.run_config import as_flags, small_config
 from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One worker runs these one after another: two jobs starting at once on the two CI workers could
+# race for a coordinator port (_free_port releases it before process 0 binds it), and each job
+# already keeps both cores busy.
+pytestmark = pytest.mark.xdist_group('multihost')
 
 
 def _free_port() -> int:
