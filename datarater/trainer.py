@@ -310,8 +310,9 @@ class Trainer:
                                                          order_keys, np.int32(epoch))
         positions, weights = np.asarray(positions), np.asarray(weights)
         epoch_steps = min(spe, total - done_steps)
+        cuts = _eval_cuts(epoch_steps, evals_per_epoch)
         losses, used = [], []
-        for a, b in _chunks(_eval_cuts(epoch_steps, evals_per_epoch), chunk_size):
+        for a, b in _chunks(cuts, chunk_size):
           pad = lambda x: np.pad(x, [(0, 0), (0, length - (b - a))] + [(0, 0)] * (x.ndim - 2))
           if streaming:  # this chunk's batches, read now: [M, L, B, ...]
             read = {k: v for k, v in train.take(positions[:, a:b]).items() if k != 'index'}
@@ -324,9 +325,8 @@ class Trainer:
               chunk[0], chunk[1], state.models, policy_state, aux, chunk[2],
               pad(positions[:, a:b]), pad(weights[:, a:b]), np.int32(done_steps + a),
               np.int32(b - a), recorder)
-          part_losses, part_used = part_losses[:, :b - a], part_used[:, :b - a]
-          losses.append(np.asarray(part_losses))
-          used.append(np.asarray(part_used))
+          losses.append(np.asarray(part_losses)[:, :b - a])  # the padding steps dropped
+          used.append(np.asarray(part_used)[:, :b - a])
           counts = np.asarray(counts)
           state = state.replace(models=models,
                                 example_gradients=state.example_gradients + counts[:, 0],
@@ -340,7 +340,7 @@ class Trainer:
                 'update', self._update, aux, policy_state,
                 positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))
             state = state.replace(policy=policy_state)
-          if b not in _eval_cuts(epoch_steps, evals_per_epoch):  # a chunk inside an interval
+          if b not in cuts:  # a chunk inside an evaluation interval
             continue
           jax.block_until_ready(state)
           train_s += time.perf_counter() - tick - (compile_s - compile_before)

@@ -106,13 +106,12 @@ def check(method: str, config, task, train) -> None:
   params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
   if parse_layers(v.layers) is not None:
     pergrad.layer_mask(params, parse_layers(v.layers))
+  layers = parse_layers(v.layers) if method == 'tracin' else None  # dvemb: every parameter
   if method == 'mimic':
     layers = mimic_layers(config, task, params, train)
     if layers is not None:
       pergrad.layer_mask(params, layers)
   if v.store or v.topk:  # layers the store's projection cannot follow fail now, not after a fit
-    layers = (mimic_layers(config, task, params, train) if method == 'mimic' else
-              parse_layers(v.layers) if method == 'tracin' else None)
     pergrad.factored_projection(1, 1, layers=layers).init(task.per_example_loss, params,
                                                           train.take([0, 1]))
 
@@ -162,10 +161,9 @@ def build(method: str, config, task, train, heldout, cache=None) -> Valuation:
     valuation.example_gradients = cost + len(train) * run.num_checkpoints
     return valuation
   reference, ref_cost = mimic_reference(config, task, heldout, cache)
-  ghost = v.mimic_cosine and ghost_norms_pay(task, run, train,
-                                             mimic_layers(config, task, run.final_params, train))
-  valuation = Mimic(task.per_example_loss, reference,
-                    mimic_layers(config, task, run.final_params, train), v.mimic_cosine, chunk,
+  layers = mimic_layers(config, task, run.final_params, train)
+  ghost = v.mimic_cosine and ghost_norms_pay(task, run, train, layers)
+  valuation = Mimic(task.per_example_loss, reference, layers, v.mimic_cosine, chunk,
                     ghost).fit(run)
   # The runs, then one Jacobian-vector product per example at every checkpoint (as TracIn).
   valuation.example_gradients = cost + ref_cost + len(train) * run.num_checkpoints
