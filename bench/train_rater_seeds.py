@@ -38,7 +38,8 @@ def run_seed(config: str, seed: int, extra=()) -> dict:
   fresh = report['fresh_models']
   # Printed lines without their clock time, so runs can be compared.
   lines = [re.sub(r'^\d\d:\d\d:\d\d ', '', l) for l in out.stdout.splitlines()]
-  return {'noise_auroc': report['noise_auroc'],
+  auroc = report['noise_auroc']  # null where nothing is recorded corrupted
+  return {'noise_auroc': float('nan') if auroc is None else auroc,
           'heldout_loss_rater': fresh['rater']['heldout']['loss'],
           'heldout_loss_uniform': fresh['uniform']['heldout']['loss'],
           'test_accuracy_rater': fresh['rater']['eval']['accuracy'],

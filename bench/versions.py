@@ -102,8 +102,8 @@ def compare(before: dict, after: dict) -> list[dict]:
     if not seeds:
       continue
     scale, better = b[seeds[0]][1], b[seeds[0]][2]
-    x0 = np.array([b[s][0] for s in seeds])
-    x1 = np.array([after[label][s][0] for s in seeds])
+    x0 = np.array([b[s][0] for s in seeds], dtype=float)  # null (not defined) -> NaN
+    x1 = np.array([after[label][s][0] for s in seeds], dtype=float)
     d = paired(x1, x0, scale)
     worse = -d['diff'] if better else d['diff']  # > 0: after is worse
     rows.append({'figure': label, 'seeds': len(seeds),

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import glob
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -155,17 +156,24 @@ def workdir_lock(path: str):
     yield path
 
 
-def _default(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f'{type(x).__name__} is not JSON serialisable')
+def json_safe(obj: Any) -> Any:
+  """`obj` with every non-finite float (NaN, inf; e.g. an AUROC where nothing is corrupted) as
+  None, so the JSON written is standard (null, not NaN) and other tools read it."""
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  if isinstance(obj, (np.ndarray, np.generic)):
+    return json_safe(obj.tolist())
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
 
 
 def write_json(path: str, obj: Any) -> None:
+  """`obj` as standard JSON (non-finite floats as null), atomically."""
   with atomic_path(path) as tmp, open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_default)
+    json.dump(json_safe(obj), f, indent=2, sort_keys=True, allow_nan=False)
 
 
 def write_text(path: str, text: str) -> None:
@@ -218,9 +226,10 @@ class JsonlLog:
       with open(path) as f:
         records = [_record(line, key) for line in f]
       self.history = [r for r in records if r is not None and r[key] <= resume_at]
-    write_text(path, ''.join(json.dumps(r) + '\n' for r in self.history))
+    write_text(path, ''.join(json.dumps(json_safe(r), allow_nan=False) + '\n'
+                             for r in self.history))
 
   def write(self, record: dict) -> None:
     self.history.append(record)
     with open(self.path, 'a') as f:
-      f.write(json.dumps(record, default=_default) + '\n')
+      f.write(json.dumps(json_safe(record), allow_nan=False) + '\n')

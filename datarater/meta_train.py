@@ -145,10 +145,13 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
 
   score = jax.jit(problem.rater.score)  # compiled once, reused at every logging step
 
+  corrupted = data.train.is_corrupted
+  measurable = bool(corrupted.any() and not corrupted.all())  # else no AUROC, and no pass
+
   def noise_auroc(params):
     """AUROC of the scores of rater `params` (host copies) against the corruption record."""
     scores = evaluation.score_split(lambda b: score(params, b), data.train, jit=False)
-    return evaluation.noise_auroc(scores, data.train.is_corrupted)
+    return evaluation.noise_auroc(scores, corrupted)
 
   def reported_rater(state):
     """Host copies of (the rater as reported, its last iterate): averaged here, on this process's
@@ -208,16 +211,18 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
           record = {'step': done, **{k: v / taken if taken else float('nan')
                                      for k, v in sums.items() if k not in counts},
                     **{k: int(sums[k]) for k in counts},
-                    'steps_per_sec': (done - max(s0, timed_from)) / (time.time() - t0),
-                    'noise_auroc': noise_auroc(rater[0])}
-          if problem.ema:  # the rater scored above is the average; its last iterate beside it
-            record['noise_auroc_last_iterate'] = noise_auroc(rater[1])
+                    'steps_per_sec': (done - max(s0, timed_from)) / (time.time() - t0)}
+          if measurable:
+            record['noise_auroc'] = noise_auroc(rater[0])
+            if problem.ema:  # the rater scored above is the average; its last iterate beside it
+              record['noise_auroc_last_iterate'] = noise_auroc(rater[1])
           metrics_log.write(record)
           extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
+          auroc = f' | noise AUROC {record["noise_auroc"]:.3f}' if measurable else ''
           log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
-                   'weights ESS %.2f | noise AUROC %.3f | %.1f steps/s%s', done,
+                   'weights ESS %.2f%s | %.1f steps/s%s', done,
                    config.outer.steps, record['outer_loss'], record['inner_loss'],
-                   record['meta_grad_norm'], record['weight_ess'], record['noise_auroc'],
+                   record['meta_grad_norm'], record['weight_ess'], auroc,
                    record['steps_per_sec'], extra)
           if record['weight_ess'] < COLLAPSED_ESS:
             log.info("warning: the rater's weights rest on a few examples of each batch "
@@ -315,6 +320,7 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
         'noise_auroc': evaluation.noise_auroc(last, data.train.is_corrupted),
         'auroc_by_kind': evaluation.auroc_by_kind(last, data.train.corruption,
                                                   data.train.corruption_kinds)}
+  report = files.json_safe(report)  # returned as written (an AUROC not defined is None)
   files.write_json(os.path.join(workdir, 'report.json'), report)
   plots.save_rater_report(os.path.join(workdir, 'rater_report.png'), history, scores,
                           data.train.is_corrupted)
@@ -327,8 +333,10 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
 def log_report(config, report: dict) -> None:
   if report.get('skipped_steps'):
     log.info('%d outer steps were skipped (meta-gradient not finite)', report['skipped_steps'])
-  log.info('noise AUROC of the rater scores on %s: %.4f (label noise %.0f%%)',
-           config.data.train_split, report['noise_auroc'], 100 * config.data.label_noise)
+  auroc = report['noise_auroc']  # None where no example (or every one) is recorded corrupted
+  if auroc is not None:
+    log.info('noise AUROC of the rater scores on %s: %.4f (label noise %.0f%%)',
+             config.data.train_split, auroc, 100 * config.data.label_noise)
   for name, r in report['fresh_models'].items():
     metrics = ', '.join(f'{config.data.eval_split} {k} ' +
                         (f'{100 * v:.2f}%' if k == 'accuracy' else f'{v:.4f}')

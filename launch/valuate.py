@@ -29,8 +29,10 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     summary = valuate(fv.method, fv.config, fv.workdir)
   if not summary:  # another process of a multi-process job wrote the files
     return
+  auroc = summary['noise_auroc']  # None where no example (or every one) is recorded corrupted
   print(f'wrote {os.path.join(fv.workdir, "scores_" + summary["method"] + ".parquet")}: '
-        f'{summary["num_examples"]} examples, noise AUROC {summary["noise_auroc"]:.3f}')
+        f'{summary["num_examples"]} examples' +
+        (f', noise AUROC {auroc:.3f}' if auroc is not None else ''))
 
 
 if __name__ == '__main__':

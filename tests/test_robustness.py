@@ -149,6 +149,52 @@ def test_a_run_log_resumes_past_a_half_written_last_line(tmp_path):
   assert [json.loads(l)['epoch'] for l in open(path)] == [1, 2, 3]
 
 
+def _strict_json(text: str):
+  """`text` parsed as standard JSON: NaN and Infinity, which Python alone writes, are refused."""
+  def refuse(name):
+    raise ValueError(f'{name} is not standard JSON')
+  return json.loads(text, parse_constant=refuse)
+
+
+def test_written_json_is_standard_with_non_finite_floats_as_null(tmp_path):
+  record = {'step': 2, 'auroc': float('nan'), 'hi': np.float32(np.inf), 'ok': np.float64(0.5),
+            'rows': np.array([1.0, -np.inf]), 'pair': (np.nan, 3)}
+  want = {'step': 2, 'auroc': None, 'hi': None, 'ok': 0.5, 'rows': [1.0, None], 'pair': [None, 3]}
+  files.write_json(str(tmp_path / 'a.json'), record)
+  assert _strict_json((tmp_path / 'a.json').read_text()) == want
+  log = files.JsonlLog(str(tmp_path / 'a.jsonl'), 'step')
+  log.write(record)
+  (tmp_path / 'b.jsonl').write_text('{"step": 1, "x": NaN}\n')  # as older versions wrote
+  files.JsonlLog(str(tmp_path / 'b.jsonl'), 'step', resume_at=1).write(record)
+  for name in ('a.jsonl', 'b.jsonl'):
+    lines = [_strict_json(l) for l in open(tmp_path / name)]
+    assert lines[-1] == want and (name == 'a.jsonl' or lines[0] == {'step': 1, 'x': None})
+
+
+def test_a_rater_run_without_corruption_records_no_auroc_and_scores_no_extra_pass(
+    tfds_dir, tmp_path, monkeypatch, capsys):
+  """No example recorded corrupted: no noise AUROC per logged step (and no pass over the
+  training split for one), report.json's is null; the files are standard JSON; run again, the
+  finished run prints its report."""
+  from datarater import evaluation  # pylint: disable=g-import-not-at-top
+  passes = []
+  score_split = evaluation.score_split
+  monkeypatch.setattr(evaluation, 'score_split', lambda *a, **k: passes.append(1) or
+                      score_split(*a, **k))
+  config = small_config(tfds_dir, steps=4)
+  config.data.label_noise = 0.0
+  workdir = tmp_path / 'run'
+  report = meta_train(config, str(workdir), devices=jax.devices()[:1])
+  assert len(passes) == 1  # the report's scores only (with label noise, one more per logged step)
+  records = [_strict_json(l) for l in open(workdir / 'metrics.jsonl')]
+  assert [r['step'] for r in records] == [2, 4] and not any('noise_auroc' in r for r in records)
+  written = _strict_json((workdir / 'report.json').read_text())
+  assert written['noise_auroc'] is None and written == report
+  assert 'noise AUROC' not in capsys.readouterr().out
+  assert meta_train(config, str(workdir), devices=jax.devices()[:1]) == report
+  assert 'this run finished at outer step 4' in capsys.readouterr().out
+
+
 def test_a_rater_run_killed_mid_append_resumes(tfds_dir, tmp_path):
   config = small_config(tfds_dir, steps=4)
   workdir = tmp_path / 'run'

@@ -205,7 +205,8 @@ def _from_store(method, config, task, train, heldout, workdir, stem, tag, valuat
         'oppose_id': top.oppose_ids.reshape(-1), 'oppose_score': top.oppose_scores.reshape(-1)}
     files.write_parquet(os.path.join(workdir, f'topk_{method}.parquet'), scores_file_columns)
     summary['topk'] = {'split': v.topk_split, 'k': int(k), 'num_test': len(test)}
-    files.write_json(stem + '.json', summary)
+    summary = files.json_safe(summary)  # returned as written (an AUROC not defined is None)
+  files.write_json(stem + '.json', summary)
   return summary
 
 
@@ -244,6 +245,7 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
              'corruption_kinds': list(train.corruption_kinds),
              'example_gradients': int(valuation.example_gradients), **extra,
              'config': json.loads(config.to_json_best_effort())}
+  summary = files.json_safe(summary)  # returned as written (an AUROC not defined is None)
   files.write_json(stem + '.json', summary)
   # The scores file holds them now; parts left by a run with another process count go too.
   for path in glob.glob(os.path.join(glob.escape(workdir), f'.scores_{method}-{tag}.part-*')):

@@ -118,7 +118,7 @@ def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
                           for c, (s, lr) in enumerate(zip(np.asarray(run.checkpoint_steps), lrs))],
           'checkpoints_digest': digest(run.checkpoints),
           'build': {'block_size': block_size, 'chunk_size': chunk_size}}
-  meta = json.loads(json.dumps(meta))  # as it reads back, to compare with a partial build's
+  meta = json.loads(json.dumps(files.json_safe(meta)))  # as read back: compared with a partial's
   try:
     os.makedirs(parent, exist_ok=True)
     files.recover_dir(path)  # an old store a killed overwrite had moved aside goes back
@@ -241,7 +241,7 @@ class GradientStore:
     p = self.meta['projection']
     state = pergrad.factored_projection(p['k_in'], p['k_out'], p['seed'], p['layers']).init(
         loss_fn, params, jax.tree.map(lambda x: x[:1], batch))
-    if json.loads(json.dumps(state.describe())) != p:
+    if json.loads(json.dumps(files.json_safe(state.describe()))) != p:
       raise UserError(f'the model does not match the gradient store {self.path!r}: its projection '
                       f'covers {p["names"]} with shapes {p["shapes"]}, the model gives '
                       f'{list(state.names)} with {state.describe()["shapes"]}')
