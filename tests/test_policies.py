@@ -107,6 +107,11 @@ def test_acceptance_probability_is_the_batch_filter_survival_probability():
   want = np.array([_survival_brute_force(i / 400, m, n) for i in range(400)])
   assert np.abs(rate - want).max() < 5 * np.sqrt(0.25 / 200)
   assert np.isclose(rate.mean(), n / m, atol=0.02)
+  # Kept examples share the batch's weight equally; padding (weight 0) is never kept.
+  real = jnp.asarray(np.arange(400) < 390, jnp.float32)
+  w = np.asarray(policy.weigh(policy.aux, state, None, batch, real), np.float64)
+  assert not w[390:].any() and 0 < np.sum(w > 0) < 390
+  np.testing.assert_allclose(w[w > 0], 390 / np.sum(w > 0), rtol=1e-6)
 
 
 def test_table_weights_are_the_softmax_of_standardised_values_or_a_hard_top_fraction():
@@ -184,6 +189,24 @@ def test_every_registered_policy_trains_through_the_launcher_path(tfds_dir, trai
       pipeline.load_split(config.data, 'train', corrupt=True), None, None, config,
       scores=str(base / 'scores.parquet')))
   np.testing.assert_allclose(made.aux, weighting.curriculum_weights(values), rtol=1e-5)
+
+
+def test_tracin_curriculum_weighs_mislabelled_examples_down(tfds_dir):
+  """Weights of mean 1 that rank the clean digits above the 20% mislabelled (AUROC counted by
+  pairs); a curriculum of reversed values would rank them below."""
+  config = get_config()
+  config.data = digits_data(tfds_dir, 0.2)
+  config.task.hidden = (16,)
+  config.valuation.train_steps, config.valuation.checkpoint_every = 200, 50
+  tr = pipeline.load_split(config.data, 'train', corrupt=True)
+  task = tasks.make_task(config.task, tr.info)
+  made = policies.make_policy('tracin_curriculum', policies.PolicyContext(
+      tr, pipeline.load_split(config.data, 'validation'), task, config))
+  w = np.asarray(made.aux, np.float64)
+  clean, bad = w[~tr.is_corrupted], w[tr.is_corrupted]
+  pairs = (clean[:, None] > bad[None, :]).mean() + 0.5 * (clean[:, None] == bad[None, :]).mean()
+  assert pairs > 0.75 and np.isclose(w.mean(), 1.0), (pairs, w.mean())
+  assert made.setup_example_gradients > 0
 
 
 def test_unknown_policy_and_missing_inputs_are_user_errors(tfds_dir):

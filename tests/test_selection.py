@@ -92,6 +92,21 @@ def test_exact_budget_of_distinct_examples(name, ratio):
   np.testing.assert_array_equal(idx, again)          # same state -> same selection
 
 
+def test_random_draws_a_fresh_uniform_subset_each_epoch():
+  """Over 400 epochs each example is picked in a fraction `ratio` of them (binomial bound), and
+  no two consecutive epochs pick the same subset."""
+  num, ratio, epochs = 300, 0.3, 400
+  policy = policies.random(num, ratio)
+  select = jax.jit(lambda state: policy.select(policy.aux, state))
+  state, picked, last = init_state(num, jax.random.PRNGKey(0)), np.zeros(num), None
+  for _ in range(epochs):
+    idx, _, state = select(state)
+    idx = np.sort(np.asarray(idx))
+    assert last is None or not np.array_equal(idx, last)
+    picked[idx], last = picked[idx] + 1, idx
+  assert np.abs(picked / epochs - ratio).max() < 5 * np.sqrt(ratio * (1 - ratio) / epochs)
+
+
 def test_full_selects_everything_once():
   idx, w, _ = policies.full(50).select(None, init_state(50, jax.random.PRNGKey(0)))
   np.testing.assert_array_equal(idx, np.arange(50))

@@ -39,8 +39,11 @@ def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, method):
   sign = 1 if summary['higher_is_better'] else -1
   np.testing.assert_allclose(table['value'], sign * np.asarray(table['score']))
   assert np.isfinite(table['score']).all() and np.std(table['score']) > 0
-  assert 0.0 <= summary['noise_auroc'] <= 1.0
-  assert set(summary['auroc_by_kind']) == {'label_symmetric'}
+  value, noisy = np.asarray(table['value'], np.float64), np.asarray(table['corruption']) != 0
+  clean, bad = value[~noisy], value[noisy]  # the reported AUROC, by counting pairs
+  pairs = (clean[:, None] > bad[None, :]).mean() + 0.5 * (clean[:, None] == bad[None, :]).mean()
+  assert summary['noise_auroc'] == pytest.approx(pairs, abs=1e-9)
+  assert summary['auroc_by_kind'] == {'label_symmetric': pytest.approx(pairs, abs=1e-9)}
   assert summary['example_gradients'] > 0
   assert not [f for f in os.listdir(tmp_path) if 'tmp' in f]
   if method == 'mimic':  # the filter keeps exactly the examples valued at or above its threshold
@@ -66,12 +69,13 @@ def test_values_point_the_right_way_on_planted_label_noise(tfds_dir, tmp_path, m
   v.tracin_mode = mode
   if method == 'dvemb':
     config.task.hidden = (8,)
-  valuate(method, config, str(tmp_path), progress=False)
+  summary = valuate(method, config, str(tmp_path), progress=False)
   table = pq.read_table(os.path.join(tmp_path, f'scores_{method}.parquet')).to_pydict()
   value, noisy = np.asarray(table['value']), np.asarray(table['corruption']) != 0
   clean, bad = value[~noisy], value[noisy]
   pairs = (clean[:, None] > bad[None, :]).mean() + 0.5 * (clean[:, None] == bad[None, :]).mean()
   assert pairs > floor, (method, mode, pairs)
+  assert summary['noise_auroc'] == pytest.approx(pairs, abs=1e-9)  # as reported
 
 
 def test_valuate_errors_are_one_line_and_write_nothing(tfds_dir, tmp_path):
