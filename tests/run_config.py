@@ -35,7 +35,8 @@ def as_flags(c) -> list[str]:
           f'--config.checkpoint_every={c.checkpoint_every}',
           f'--config.final_eval.train_steps={c.final_eval.train_steps}',
           f'--config.final_eval.num_models={c.final_eval.num_models}',
-          f'--config.outer.ema={c.outer.ema}']
+          f'--config.outer.ema={c.outer.ema}',
+          f'--config.outer.warmup_steps={c.outer.warmup_steps}']
 
 
 def overridden(c, overrides: dict):

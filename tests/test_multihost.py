@@ -78,9 +78,17 @@ def test_two_processes_equal_one_process_with_four_devices(tfds_dir, tmp_path):
   config = small_config(tfds_dir, steps=4)
   config.final_eval.num_models = 1  # the end-of-run fresh models run in both processes too
   config.outer.ema = 0.5  # process 0 alone averages the rater it logs, reports and exports
+  config.outer.warmup_steps = 0  # full outer steps: a meta-gradient off by a factor would show
   _finish(_start_two_processes(tmp_path / 'two', config))
   meta_train(config, str(tmp_path / 'one'), devices=jax.devices()[:4])
   _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'one'))
+  logged = {}  # every logged metric, meta-gradient norm included, but the clock's
+  for name in ('two', 'one'):
+    records = [json.loads(l) for l in open(tmp_path / name / 'metrics.jsonl')]
+    logged[name] = [{k: v for k, v in r.items() if k != 'steps_per_sec'} for r in records]
+  assert [r['step'] for r in logged['two']] == [2, 4]
+  for a, b in zip(logged['two'], logged['one']):
+    assert a.keys() == b.keys() and a == pytest.approx(b, rel=2e-5, abs=2e-6), (a, b)
 
   # Process 1's shards of checkpoint 4 are damaged: both processes must resume from step 2
   # (had process 0 taken step 4 and process 1 step 2, they would train on different steps).
