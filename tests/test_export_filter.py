@@ -340,6 +340,12 @@ def test_suggested_keep_is_the_otsu_split_and_ignores_a_spike_of_good_scores():
   assert abs(keep - 0.75) < 0.05  # the good share (a Gaussian mixture splits off the spike)
   assert select.suggest_keep(3 * scores + 7) == keep  # unchanged by a positive affine map
   assert select.suggest_keep(np.full(10, 2.0)) == 1.0
+  # Overlapping groups, where 2-means stopped by a tolerance lands examples away from the optimum.
+  for seed in range(5):
+    rng = np.random.default_rng(seed)
+    mixed = np.where(rng.random(1500) < 0.2, rng.normal(0, 1, 1500), rng.normal(2.5, 1, 1500))
+    assert select.suggest_keep(mixed) == pytest.approx(otsu_keep(mixed), abs=1e-9)
+  assert select.suggest_keep(np.array([0.0, 0, 0, 1, 1])) == pytest.approx(0.4)  # ties stay whole
   with pytest.raises(UserError, match='finite'):
     select.suggest_keep(np.array([0.0, np.nan]))
 

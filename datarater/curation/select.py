@@ -16,7 +16,6 @@ import math
 from typing import Optional
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 from datarater.errors import UserError
 
@@ -33,20 +32,26 @@ def keep_count(num_examples: int, keep: float) -> int:
   return max(1, min(num_examples, int(math.floor(keep * num_examples + 0.5))))
 
 
-def suggest_keep(scores: np.ndarray, seed: int = 0) -> float:
-  """The share of the upper of two clusters of the scores: 1-D 2-means, whose split is Otsu's
-  threshold (the one minimising the within-group variance).
+def suggest_keep(scores: np.ndarray) -> float:
+  """The share of the upper of two clusters of the scores at Otsu's threshold: of all splits of
+  the sorted scores between two distinct values, the one minimising the within-group variance
+  (the optimum of 1-D 2-means, found exactly by cumulative sums).
 
   It assumes no shape per group, so a spike of confidently good scores beside a long tail does
   not make a group of its own, as it does for a 2-component Gaussian mixture (`mimic_filter`).
   """
-  s = np.asarray(scores, np.float64).reshape(-1, 1)
+  s = np.sort(np.asarray(scores, np.float64).ravel())
   if not np.isfinite(s).all():
     raise UserError('scores must be finite to suggest a keep fraction')
-  if s.size < 2 or np.ptp(s) == 0:
+  n = s.size
+  if n < 2 or s[0] == s[-1]:
     return 1.0
-  km = KMeans(2, n_init=10, random_state=seed).fit(s)
-  return float(np.mean(km.labels_ == int(np.argmax(km.cluster_centers_[:, 0]))))
+  s = (s - s.mean()) / s.std()
+  k = np.arange(1, n)                    # the lower group's size at each split
+  lower = np.cumsum(s)[:-1]              # its sum; the upper group's is -lower (s sums to 0)
+  # Minimising the within-group variance maximises the between-group one, n lower^2 / (k (n-k)).
+  between = np.where(s[1:] > s[:-1], lower ** 2 / (k * (n - k)), -np.inf)
+  return float(1 - k[np.argmax(between)] / n)
 
 
 def _rank_order(scores: np.ndarray, ids: Optional[np.ndarray]) -> np.ndarray:
