@@ -364,6 +364,9 @@ def test_class_quotas_are_the_closest_integer_shares_by_brute_force():
                  key=lambda q: (round(float(np.sum((np.array(q) - exact) ** 2)), 9),
                                 [-x for x in q]))
       np.testing.assert_array_equal(select.class_quotas(counts, total), best)
+  # Equal remainders that floats would tell apart (51/170 * 31 = 9.3, * 21 = 6.3): lower class.
+  np.testing.assert_array_equal(select.class_quotas(np.array([31, 24, 19, 21, 27, 21, 27]), 51),
+                                [10, 7, 6, 6, 8, 6, 8])
 
 
 def test_an_output_that_would_replace_an_input_is_refused(tfds_dir, rater_dir, tmp_path):

@@ -69,9 +69,8 @@ def _rank_order(scores: np.ndarray, ids: Optional[np.ndarray]) -> np.ndarray:
 def class_quotas(counts: np.ndarray, total: int) -> np.ndarray:
   """Integers q_c <= counts_c summing to `total`, proportional to counts (largest remainder)."""
   counts = np.asarray(counts, np.int64)
-  exact = counts * (total / max(1, counts.sum()))
-  quota = np.floor(exact).astype(np.int64)
-  order = np.lexsort((np.arange(len(counts)), -(exact - quota)))  # largest remainder first
+  quota, remainder = np.divmod(counts * total, max(1, counts.sum()))  # in integers: exact ties
+  order = np.lexsort((np.arange(len(counts)), -remainder))  # largest remainder, then lower class
   for c in order[:total - quota.sum()]:
     quota[c] += 1
   return np.minimum(quota, counts)
