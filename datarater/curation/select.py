@@ -9,7 +9,8 @@
 - `StreamingQuantile`: for splits whose scores do not fit in memory, a fixed-size uniform reservoir
   sample (keyed, deterministic) of the scores seen; its (1 - keep) quantile is the threshold. The
   kept fraction is then approximate: with a reservoir of m scores the rank error of the threshold
-  has standard deviation sqrt(keep * (1 - keep) / m) * N (0.4% of N for m = 16384, keep = 0.5).
+  has standard deviation sqrt(keep * (1 - keep) / m) * N (0.4% of N for m = 16384, keep = 0.5),
+  and every example tied at the threshold is kept (tied scores can keep many more).
 Online filtering during training is a training policy (`datarater.policies.filtering`).
 """
 import math
