@@ -58,18 +58,20 @@ def flat_grads(loss, params, batch, layers=None):
 
 def sgd_run(loss, params, data, steps=6, batch_size=4, lr=0.3, every=2, seed=0, weights=None):
   """A recorded run made by an explicit SGD loop on random batches of `data` (the oracle);
-  `weights` [T, B] multiply the examples' losses in each step's mean (default 1)."""
+  `weights` [T, B] multiply the examples' losses in each step's mean (default 1); `lr`: one
+  learning rate, or one per step."""
   order = np.random.default_rng(seed).integers(0, data['label'].shape[0], (steps, batch_size))
   batches = sub(data, order)
   weights = jnp.ones((steps, batch_size)) if weights is None else jnp.asarray(weights)
   grad = jax.jit(jax.grad(lambda p, b, w: jnp.mean(w * loss(p, b))))
+  lrs = np.broadcast_to(np.asarray(lr, np.float64), (steps,))
   p, ckpts = params, []
   for t in range(steps):
     if t % every == 0:
       ckpts.append(p)
-    p = jax.tree.map(lambda a, g: a - lr * g, p, grad(p, sub(batches, t), weights[t]))
+    p = jax.tree.map(lambda a, g: a - lrs[t] * g, p, grad(p, sub(batches, t), weights[t]))
   run = base.TrainingRun(
-      batches=batches, weights=weights, step_lrs=jnp.full((steps,), lr),
+      batches=batches, weights=weights, step_lrs=jnp.asarray(lrs),
       checkpoints=jax.tree.map(lambda *x: jnp.stack(x), *ckpts),
       checkpoint_steps=jnp.arange(len(ckpts)) * every, final_params=p)
   return run, batches, order
@@ -111,7 +113,7 @@ def explicit_tracin(loss, run, a, b, layers=None, cosine=False):
     if cosine:
       ga = ga / np.linalg.norm(ga, axis=1, keepdims=True)
       gb = gb / np.linalg.norm(gb, axis=1, keepdims=True)
-    total = total + float(run.step_lrs[c]) * ga @ gb.T
+    total = total + float(run.step_lrs[int(run.checkpoint_steps[c])]) * ga @ gb.T
   return total
 
 
@@ -120,7 +122,7 @@ def explicit_tracin(loss, run, a, b, layers=None, cosine=False):
                                                  (['dense_0'], True, False)])
 def test_tracin_cp_equals_explicit_sum(layers, cosine, ghost):
   loss, params, data = problem()
-  run, _, _ = sgd_run(loss, params, data)
+  run, _, _ = sgd_run(loss, params, data, lr=0.3 * 0.7 ** np.arange(6))  # each checkpoint its own
   a, b = sub(data, range(5)), sub(data, range(5, 12))
   ckpts, lrs = run.checkpoints, run.step_lrs[run.checkpoint_steps]
   got = tracin.tracin_cp(loss, ckpts, lrs, a, b, layers, None, cosine, ghost, chunk_size=2)
