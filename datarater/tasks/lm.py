@@ -178,8 +178,11 @@ class LanguageModel(Task):
     return jnp.sum(w * nll, -1) / jnp.maximum(jnp.sum(w, -1), jnp.finfo(nll.dtype).tiny)
 
   def metrics(self, params, batch):
+    """The loss (nats per token) and the same in bits: `bits_per_byte` over byte tokens (vocab
+    256, as the text builder writes), `bits_per_token` over any other vocabulary."""
     loss = self.per_example_loss(params, batch)
-    return {'loss': loss, 'bits_per_byte': loss / math.log(2.0)}
+    bits = 'bits_per_byte' if self.module.vocab == 256 else 'bits_per_token'
+    return {'loss': loss, bits: loss / math.log(2.0)}
 
   def embed(self, params, batch):
     """The final states mean-pooled over the sequence, [B, d_model]."""
