@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from datarater import checkpointing, files, tasks
 from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
+from datarater.tasks.base import features_read
 from outer_loop import averaging
 
 FORMAT_VERSION = 2
@@ -151,15 +152,7 @@ class LoadedRater:
   def reads(self) -> tuple:
     """The features of its training data the rater reads: those without which scoring an
     example fails (traced, not run); other features of that data may be absent elsewhere."""
-    example = tasks.example_batch(self.info.spec)
-    out = []
-    for name in self.info.spec:
-      rest = {k: v for k, v in example.items() if k != name}
-      try:
-        jax.eval_shape(self.rater.score, self.params, rest)
-      except Exception:  # pylint: disable=broad-except  (missing, or its shape was needed)
-        out.append(name)
-    return tuple(out)
+    return features_read(self.rater.score, self.params, self.info.spec)
 
   def __call__(self, batch: dict) -> np.ndarray:
     n = len(next(iter(batch.values())))

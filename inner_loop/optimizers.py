@@ -110,6 +110,6 @@ def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
           grads, ct_mu, ct_nu)
       return ct_g, (ct_adam._replace(mu=ct_mu, nu=ct_nu), ct_rest), ct_next.params
     return StepInverse(params, opt_state, exact_steps=ADAM_EXACT_STEPS, step_vjp=step_vjp)
-  if name == 'sgd':
-    return None
-  raise UserError(f'unknown inner optimizer {name!r} (choose from {", ".join(INNER_OPTIMIZERS)})')
+  if name not in INNER_OPTIMIZERS:
+    raise UserError(f'unknown inner optimizer {name!r} (choose from {", ".join(INNER_OPTIMIZERS)})')
+  return None  # sgd, or an optimizer without an inverse here: mixed mode replays its states

@@ -58,8 +58,11 @@ def make_estimator(outer, inner):
   if recompute == 'invert' and inverse is None:
     raise UserError(f"outer.mixed_recompute='invert' needs an inner optimizer that can be run "
                     f"backwards (momentum, adam), got inner.optimizer={inner.optimizer!r}")
-  if name != 'mixed':
+  if name in ('reverse', 'remat'):
     return Reverse(remat=name == 'remat')
-  if recompute == 'auto':
-    recompute = 'invert' if inverse is not None else 'replay'
-  return Mixed(recompute, int(outer.mixed_segment), inverse)
+  if name == 'mixed':
+    if recompute == 'auto':
+      recompute = 'invert' if inverse is not None else 'replay'
+    return Mixed(recompute, int(outer.mixed_segment), inverse)
+  raise NotImplementedError(f'outer.meta_gradient {name!r} is in META_GRADIENTS but '
+                            'make_estimator does not build it')

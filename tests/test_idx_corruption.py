@@ -152,16 +152,32 @@ def test_missing_files_are_one_line_naming_the_path_and_the_remedy(tmp_path, mon
 
 def test_corruption_planted_away_from_what_a_model_reads_is_refused():
   """Label noise changes the supervised label, input corruption the supervised input: a model
-  reading another feature would train on clean data that the record calls corrupted."""
-  import types  # pylint: disable=g-import-not-at-top
+  reading another feature of that kind instead would train on clean data that the record calls
+  corrupted. What a model reads is traced, whatever its fields are called."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+
+  @dataclasses.dataclass(frozen=True)
+  class Reads(tasks.Task):  # a loss over the features named (fields not called input/label)
+    x_name: str = 'image'
+    y_name: str = ''
+    def init(self, key):
+      return jnp.zeros(())
+    def per_example_loss(self, params, batch):
+      x = batch[self.x_name].reshape(batch[self.x_name].shape[0], -1).sum(1)
+      return params + x + (batch[self.y_name] if self.y_name else 0)
+
   info = _info()
-  fine = types.SimpleNamespace(input_key='image', label_key='label')
-  coarse = types.SimpleNamespace(input_key='image', label_key='coarse_label')
-  pixels = types.SimpleNamespace(input_key='pixels', label_key='label')
+  info = pipeline.DataInfo('synthetic', {**info.spec, 'pixels': info.spec['image'],
+                                         'coarse_label': info.spec['label']},
+                           {'label': 10, 'coarse_label': 5}, ('image', 'label'))
+  fine, coarse = Reads(y_name='label'), Reads(y_name='coarse_label')
+  pixels, images_only = Reads(x_name='pixels', y_name='label'), Reads()
   noisy = corruption.Corruption(label_noise=0.2)
-  noisy.check_targets(info, fine, object())  # a model without feature keys (an LM) passes
+  noisy.check_targets(info, fine, images_only)  # a model reading no class label passes
   with pytest.raises(UserError, match="label noise is planted in the dataset's supervised "
-                     "feature 'label', but SimpleNamespace reads 'coarse_label'"):
+                     "feature 'label', but Reads reads 'coarse_label'"):
     noisy.check_targets(info, fine, coarse)
   noisy.check_targets(info, pixels)  # no input corruption planted
   corruption.Corruption().check_targets(info, coarse, pixels)

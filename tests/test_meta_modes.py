@@ -219,3 +219,19 @@ def test_mixed_mode_memory_is_nearly_flat_in_the_unroll_length():
   reverse_long = temp_bytes('reverse', 24)
   assert mixed_long < 1.3 * mixed_short, (mixed_short, mixed_long)
   assert reverse_long > 3 * mixed_long, (reverse_long, mixed_long)
+
+
+def test_an_added_optimizer_or_estimator_is_never_silently_another(monkeypatch):
+  """WORKSPACE's recipes: an inner optimizer listed without a StepInverse has none (reverse mode
+  and replaying mixed mode use it); an estimator listed but not built is an error, not Reverse."""
+  from inner_loop import optimizers  # pylint: disable=g-import-not-at-top
+  from outer_loop import estimators  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(optimizers, 'INNER_OPTIMIZERS', optimizers.INNER_OPTIMIZERS + ('rmsprop',))
+  monkeypatch.setattr(estimators, 'META_GRADIENTS', estimators.META_GRADIENTS + ('pyloop',))
+  assert make_step_inverse('rmsprop', 0.1) is None
+  assert estimator('reverse', 'rmsprop') == estimators.Reverse()
+  assert estimator('mixed', 'rmsprop') == estimators.Mixed('replay', 0, None)
+  with pytest.raises(UserError, match="unknown inner optimizer 'lion'"):
+    make_step_inverse('lion', 0.1)
+  with pytest.raises(NotImplementedError, match="'pyloop'"):
+    estimator('pyloop', 'adam')

@@ -88,19 +88,25 @@ class Corruption:
   def check_targets(self, info, *models) -> None:
     """Refuses planted corruption aimed away from what `models` (tasks or raters) read: label
     noise changes the dataset's supervised label and input corruption its supervised input, so
-    a model reading another feature (its config's `label` or `input`) would see clean data while
-    the record calls it corrupted."""
+    a model reading another feature of that kind (class label or not) instead would see clean
+    data while the record calls it corrupted. What a model reads is traced (`model_reads`)."""
     keys = info.supervised_keys or (None, None)
-    planted = (('label_key', keys[1], self.label_noise > 0, 'label noise'),
-               ('input_key', keys[0], any(getattr(self, k) > 0 for k in INPUT_KINDS),
-                'input corruption'))
+    planted = [(target, what) for target, on, what in (
+        (keys[1], self.label_noise > 0, 'label noise'),
+        (keys[0], any(getattr(self, k) > 0 for k in INPUT_KINDS), 'input corruption'))
+               if on and target is not None]
+    if not planted:
+      return
+    from datarater.tasks.base import model_reads  # pylint: disable=g-import-not-at-top
+    labels = set(info.num_classes)
     for model in models:
-      for attr, target, on, what in planted:
-        read = getattr(model, attr, None)
-        if on and read is not None and read != target:
+      read = model_reads(model, info.spec)
+      for target, what in planted:
+        other = [k for k in read if (k in labels) == (target in labels)]
+        if target not in read and other:
           raise UserError(f'{what} is planted in the dataset\'s supervised feature {target!r}, '
-                          f'but {type(model).__name__} reads {read!r}: read {target!r} or plant '
-                          'none')
+                          f'but {type(model).__name__} reads {other[0]!r}: read {target!r} or '
+                          'plant none')
 
   @property
   def kinds(self) -> tuple:

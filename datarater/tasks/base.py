@@ -39,6 +39,27 @@ def init_module(module, key: jax.Array, x: jax.Array) -> Params:
   return module.init(key, x)
 
 
+def features_read(fn: Callable[[Params, Batch], jax.Array], params: Params,
+                  spec: FeatureSpec) -> tuple:
+  """The features of `spec` that `fn(params, batch)` reads: those without which it fails
+  (traced by `jax.eval_shape`, not run); `params` may be shapes (`jax.eval_shape` of an init)."""
+  example = example_batch(spec)
+  out = []
+  for name in spec:
+    rest = {k: v for k, v in example.items() if k != name}
+    try:
+      jax.eval_shape(fn, params, rest)
+    except Exception:  # pylint: disable=broad-except  (missing, or its shape was needed)
+      out.append(name)
+  return tuple(out)
+
+
+def model_reads(model: 'Task | Rater', spec: FeatureSpec) -> tuple:
+  """The features of `spec` a task's loss or a rater's score reads."""
+  fn = model.score if isinstance(model, Rater) else model.per_example_loss
+  return features_read(fn, jax.eval_shape(model.init, jax.random.key(0)), spec)
+
+
 def batch_size_of(batch: Batch) -> int:
   return jax.tree.leaves(batch)[0].shape[0]
 
