@@ -8,6 +8,7 @@ registered task or rater declares (`tasks.registry.schema_of`).
 import math
 from typing import Any, Callable, Optional
 
+from datarater.data.corruption import INPUT_KINDS
 from datarater.errors import UserError
 
 Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
@@ -122,8 +123,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
              'label_noise_kind': one_of('symmetric', 'confusion'), 'confusions': pairs(),
              'noise_seed': integer(0),
              'input_corruption': section('data.input_corruption', {
-                 kind: number(0, 1, hi_open=True)
-                 for kind in ('blur', 'pixel_noise', 'occlusion', 'duplicate', 'ood')})},
+                 kind: optional(number(0, 1, hi_open=True)) for kind in INPUT_KINDS})},
     'inner': {'steps': integer(1), 'population': integer(1), 'batch_size': integer(1),
               'optimizer': _lazy_one_of('inner_loop.optimizers.INNER_OPTIMIZERS'),
               'learning_rate': number(0, lo_open=True), 'reset_every': integer(1),

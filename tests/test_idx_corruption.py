@@ -442,3 +442,14 @@ def test_configs_hold_every_corruption_field_and_are_checked():
   config.data.label_noise, config.data.input_corruption.duplicate = 0.6, 0.5
   with pytest.raises(UserError, match='add up to 1.1'):
     corruption.from_config(config.data)
+  # The checked kinds are the library's; a config (or an older run's) without one plants none.
+  assert set(digits.get_config().data.input_corruption) == set(corruption.INPUT_KINDS)
+  for kind in corruption.INPUT_KINDS:
+    config = digits.get_config()
+    config.data.input_corruption[kind] = 1.5
+    with pytest.raises(UserError, match=f'^data.input_corruption.{kind} must be < 1'):
+      config_checks.validate(config, ['data'])
+  config = digits.get_config()
+  del config.data.input_corruption['ood']
+  config_checks.validate(config, ['data'])
+  assert corruption.from_config(config.data) == corruption.Corruption(0.2, 0)

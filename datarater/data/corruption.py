@@ -163,7 +163,7 @@ class Corruption:
     ids = np.asarray(ids, np.int64)
     kind_of = self._record(n)[ids]
     kinds = self.kinds
-    changes_label = set(rates) - {'blur', 'pixel_noise', 'occlusion'}
+    changes_label = set(rates) - set(IMAGE_TRANSFORMS)
     label = label_feature(info) if changes_label else None
     image = image_feature(info, raw) if set(rates) & set(INPUT_KINDS) else None
     num_classes = info.num_classes[label] if label else 2
@@ -198,7 +198,7 @@ class Corruption:
         new_images[at] = ood_images(images.shape[1:])[draw['digit'][who]]
         new_labels[at] = draw['ood_label'][who]
       else:
-        transform = {'blur': _blur, 'pixel_noise': _pixel_noise, 'occlusion': _occlude}[name]
+        transform = IMAGE_TRANSFORMS[name]
         for j, i in enumerate(who):
           new_images[at[j]] = transform(images[at[j]], self._rng(name, i))
     if label:
@@ -286,6 +286,10 @@ def _occlude(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return out
 
 
+# Input kinds that rewrite each image alone, keeping its label: (image, rng) -> image.
+IMAGE_TRANSFORMS = {'blur': _blur, 'pixel_noise': _pixel_noise, 'occlusion': _occlude}
+
+
 def _near_copy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """`image` shifted by one pixel (one of 8 directions, edges repeated) plus small noise."""
   dy, dx = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1) if a or b][rng.integers(8)]
@@ -350,8 +354,9 @@ def image_feature(info, raw: dict) -> str:
 
 def from_config(data) -> Corruption:
   """The corruption of a `data` config section (label_noise, label_noise_kind, confusions,
-  noise_seed, input_corruption.{blur, pixel_noise, occlusion, duplicate, ood})."""
-  rates = {kind: float(data.input_corruption[kind]) for kind in INPUT_KINDS}
+  noise_seed, input_corruption.{blur, pixel_noise, occlusion, duplicate, ood}; a kind left
+  out is 0)."""
+  rates = {kind: float(data.input_corruption.get(kind, 0.0)) for kind in INPUT_KINDS}
   return Corruption(label_noise=float(data.label_noise), seed=int(data.noise_seed),
                     label_noise_kind=str(data.label_noise_kind),
                     confusions=tuple(tuple(p) for p in data.confusions), **rates)
