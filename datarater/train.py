@@ -23,7 +23,6 @@ from inner_loop.optimizers import make_inner_optimizer
 
 
 SECTIONS = ('data', 'task', 'train', 'policy')  # what every training run reads
-READS_WHOLE_SPLIT = ('sae',)  # policies that need the training split in memory
 POLICY_SECTIONS = {'tracin_curriculum': ('valuation',), 'mimic': ('valuation',),
                    'sae': ('features', 'features.task', 'sae', 'sae_scores')}
 
@@ -79,7 +78,7 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   if stop_after is not None and stop_after < 1:
     raise UserError(f'--stop_after must be >= 1, got {stop_after}')
   if t.get('stream', False):  # read as the steps go (the trainer checks each chunk it reads)
-    if name in READS_WHOLE_SPLIT:
+    if name in policies.WHOLE_SPLIT:
       raise UserError(f'policy {name} reads the whole training split (its features): it cannot '
                       'stream it (set train.stream=False)')
     train_split = source.open_source(d, d.train_split, corrupt=True)

@@ -71,7 +71,8 @@ def weighting(name: str, num_examples: int, weigh=weigh_uniform, aux=None,
 @dataclasses.dataclass
 class PolicyContext:
   """What a policy factory may read: the data, the task, the config and the launcher's inputs."""
-  train: Any                 # pipeline.Split
+  train: Any                 # pipeline.Split; with train.stream, a data.source.Source (len,
+                             # info, take(positions), corruption_of(positions): no features)
   heldout: Any               # pipeline.Split
   task: Any                  # tasks.Task
   config: Any                # the run's config (sections policy, valuation, selection, ...)
@@ -82,12 +83,17 @@ class PolicyContext:
 POLICIES: dict[str, Callable[[PolicyContext], Policy]] = {}
 INPUTS = ('rater', 'scores')  # the launcher inputs of a PolicyContext (flags of launch.train)
 READS: dict[str, tuple[str, ...]] = {}  # policy -> the inputs it reads
+WHOLE_SPLIT: set[str] = set()  # policies that read the training split's features in memory
 
 
-def register_policy(name: str, reads: tuple[str, ...] = ()):
+def register_policy(name: str, reads: tuple[str, ...] = (), whole_split: bool = False):
+  """Registers a policy factory; `whole_split`: it reads `ctx.train`'s features in memory (a
+  Split), so `train.stream=True` is refused for it."""
   assert set(reads) <= set(INPUTS), reads
   def add(factory):
     POLICIES[name], READS[name] = factory, tuple(reads)
+    if whole_split:
+      WHOLE_SPLIT.add(name)
     return factory
   return add
 

@@ -192,7 +192,7 @@ def _infobatch(ctx: PolicyContext) -> Policy:
   return infobatch(len(ctx.train), ctx.config.policy.ratio, ctx.config.policy.max_prune_prob)
 
 
-@register_policy('sae')
+@register_policy('sae', whole_split=True)
 def sae_policy(ctx: PolicyContext, codes=None) -> Policy:
   """The SAE policy of a config; `codes` skips the offline stage (precomputed SAE codes)."""
   cfg = ctx.config
