@@ -345,6 +345,23 @@ def test_the_top_modules_own_parameters_are_not_a_layer():
   assert mimic.resolve_layers(loss, params, batch, 'last') == ['head']
 
 
+def test_the_last_layer_of_a_one_layer_model_is_all_of_it():
+  """The README's bring-your-own example is a bare nn.Dense: its top module holds every
+  parameter, so Mimic's 'last' layer is the whole model (scores as with all parameters)."""
+  loss, params, batch = _module_problem(nn.Dense(3), float64=True)
+  assert pergrad.param_layers(loss, params, batch) == []
+  assert mimic.resolve_layers(loss, params, batch, 'last') is None
+  ref = jax.tree.map(lambda x: x + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
+  u = ravel_pytree(jax.tree.map(jnp.subtract, ref, params))[0]
+  u = u / jnp.linalg.norm(u)
+  one = lambda p, i: loss(p, jax.tree.map(lambda x: x[i:i + 1], batch))[0]
+  want = [-float(ravel_pytree(jax.grad(one)(params, i))[0] @ u)  # every parameter, by hand
+          for i in range(len(batch['label']))]
+  got = mimic.mimic_scores(loss, params, ref, batch, mimic.resolve_layers(loss, params, batch,
+                                                                          'last'))
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
 def test_the_last_layer_is_the_last_called_module_with_parameters_of_any_kind():
   loss, params, batch = _module_problem(ConvHead())
   assert pergrad.param_layers(loss, params, batch) == ['proj', 'cell', 'classifier']

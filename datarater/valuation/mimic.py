@@ -26,12 +26,11 @@ Layers = Union[str, Sequence[str], None]  # 'last', a list of layer names, or No
 
 def resolve_layers(loss_fn: PerExampleLoss, params, batch: dict, layers: Layers):
   """'last' -> [the model's last layer: of the modules holding parameters, the last whose call
-  returns (`pergrad.param_layers`)]; other values unchanged."""
+  returns (`pergrad.param_layers`)], or None (all) when the model's top module holds every
+  parameter itself (a one-layer model); other values unchanged."""
   if layers == 'last':
     names = pergrad.param_layers(loss_fn, params, batch)
-    if not names:
-      raise UserError("layers='last' found no layer called with parameters; name the layers")
-    return [names[-1]]
+    return [names[-1]] if names else None
   if isinstance(layers, str):
     return [layers]
   return layers
