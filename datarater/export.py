@@ -161,6 +161,7 @@ class LoadedRater:
     for start in range(0, n, chunk):
       idx = np.arange(start, start + chunk) % n  # pad the last chunk by wrapping (one shape)
       part = {k: np.asarray(batch[k])[idx].astype(self.info.spec[k].dtype) for k in self.reads}
+      self.rater.check_data(part)  # e.g. tokens outside its vocabulary
       out.append(np.asarray(self.scorer(part))[:min(chunk, n - start)])
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 

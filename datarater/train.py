@@ -93,6 +93,8 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
       task.check_data(split.features)
   made = policies.make_policy(name, policies.PolicyContext(
       train_split, heldout, task, config, rater=rater, scores=scores))
+  if made.check_data and hasattr(train_split, 'features'):  # streamed: the trainer checks chunks
+    made.check_data(train_split.features)
   trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size)
   ckpt, resume = None, None
   if workdir:

@@ -317,6 +317,8 @@ class Trainer:
           if streaming:  # this chunk's batches, read now: [M, L, B, ...]
             read = {k: v for k, v in train.take(positions[:, a:b]).items() if k != 'index'}
             self.task.check_data(read)  # e.g. tokens outside the vocabulary
+            if self.policy.check_data:  # e.g. a rater's vocabulary
+              self.policy.check_data(read)
             read = {k: pad(v) for k, v in read.items()}
             chunk = ('chunk_read', self._chunk_read, read)
           else:

@@ -209,6 +209,38 @@ def test_tracin_curriculum_weighs_mislabelled_examples_down(tfds_dir):
   assert made.setup_example_gradients > 0
 
 
+def test_a_rater_checks_the_data_it_scores_wherever_it_is_used(tfds_dir, trained, tmp_path,
+                                                                monkeypatch):
+  """The rater's own check_data (e.g. an LM rater's vocabulary) runs on the examples it scores in
+  launch.train's rater policies (in memory and streamed), valuate --method=datarater and the
+  filter, not only in train_rater; here it refuses every example."""
+  from datarater.curation.filter import filter_dataset  # pylint: disable=g-import-not-at-top
+  from datarater.valuation.run import valuate  # pylint: disable=g-import-not-at-top
+  base, _ = trained
+  seen = []
+  def refuse(self, features):
+    seen.append(len(next(iter(features.values()))))
+    raise UserError('refused by the rater')
+  monkeypatch.setattr(type(export.load_rater(str(base / 'rater')).rater), 'check_data', refuse)
+  config = get_config()
+  config.data = digits_data(tfds_dir, 0.2)
+  config.task.hidden = (16,)
+  config.train.epochs, config.train.seeds = 1, (0,)
+  for name in ('datarater', 'datarater_batch_filter', 'datarater_accept'):
+    for stream in (False, True):
+      config.train.stream = stream
+      with pytest.raises(UserError, match='refused by the rater'):
+        train(config, name, rater=str(base / 'rater'), log=lambda line: None)
+  config.train.stream = False
+  config.valuation.rater = str(base / 'rater')
+  with pytest.raises(UserError, match='refused by the rater'):
+    valuate('datarater', config, str(tmp_path / 'valuate'), progress=False)
+  with pytest.raises(UserError, match='refused by the rater'):
+    filter_dataset('sklearn_digits', str(tmp_path / 'filtered'), ['train'],
+                   rater=str(base / 'rater'), keep=0.5, data_dir=tfds_dir)
+  assert len(seen) == 8 and not (tmp_path / 'filtered').exists()
+
+
 def test_unknown_policy_and_missing_inputs_are_user_errors(tfds_dir):
   config = get_config()
   config.data = digits_data(tfds_dir)

@@ -16,7 +16,7 @@ Policies are made by name from `POLICIES` (`@register_policy('name')` on a facto
 `check_inputs` refuses an input given to a policy that would ignore it).
 """
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ class Policy(NamedTuple):
   setup_example_gradients: int = 0  # compute spent once to make the policy (rater, valuation)
   forwards_per_example: float = 0.0  # extra forward passes per example drawn (scoring)
   spans_epochs: bool = False        # its choices depend on the total number of epochs
+  check_data: Optional[Callable[[dict], None]] = None  # refuses host features it cannot read
 
 
 def no_state(num_examples: int, key: jax.Array):

@@ -114,7 +114,8 @@ def _batch_filter(ctx: PolicyContext) -> Policy:
   kept_per_batch(ctx.config.train.batch_size, ctx.config.policy.rho)  # before loading the rater
   rater = loaded_rater(ctx, 'datarater_batch_filter')
   return batch_filter(rater.rater.score, rater.params, ctx.config.policy.rho, len(ctx.train),
-                      setup_example_gradients=rater.training_example_gradients)
+                      setup_example_gradients=rater.training_example_gradients,
+                      check_data=rater.rater.check_data)
 
 
 @register_policy('datarater_accept', reads=('rater',))
@@ -123,4 +124,5 @@ def _accept(ctx: PolicyContext) -> Policy:
   scores = evaluation.score_split(lambda b: rater.rater.score(rater.params, b), ctx.train)
   return acceptance_filter(rater.rater.score, rater.params, scores, ctx.config.policy.rho,
                            ctx.config.train.batch_size,
-                           setup_example_gradients=rater.training_example_gradients)
+                           setup_example_gradients=rater.training_example_gradients,
+                           check_data=rater.rater.check_data)

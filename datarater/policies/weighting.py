@@ -27,7 +27,8 @@ def rater_weights(rater, rater_params, temperature: float, num_examples: int,
     scores = rater.score(aux, batch)
     return jax.lax.stop_gradient(weights * softmax_weights(scores, temperature, weights))
   return weighting('datarater', num_examples, weigh, rater_params,
-                   setup_example_gradients=setup_example_gradients, forwards_per_example=1.0)
+                   setup_example_gradients=setup_example_gradients, forwards_per_example=1.0,
+                   check_data=rater.check_data)
 
 
 def table(name: str, weights: np.ndarray, setup_example_gradients: int = 0) -> Policy:

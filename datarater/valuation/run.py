@@ -71,10 +71,11 @@ class RunCache:
     return value
 
 
-def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc: str):
+def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc: str,
+                 check_data=None):
   """Scores this process's blocks of `split` into the memory-mapped [N] file `partial`, resuming
   after the blocks a `<partial>.json` says are done; returns the corruption record of those
-  blocks (int8 [N], -1 elsewhere)."""
+  blocks (int8 [N], -1 elsewhere). `check_data(features)` refuses a block the scorer cannot read."""
   p, num = jax.process_index(), jax.process_count()
   starts = split.block_starts(block, p, num)
   n = len(split)
@@ -92,6 +93,8 @@ def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc
   fn = jax.jit(score_fn)
   with tqdm(total=len(starts), initial=done, desc=desc, unit='block', disable=not progress) as bar:
     for positions, batch in split.blocks(block, p, num, skip=done):
+      if check_data:  # e.g. tokens outside the vocabulary (scored, they would be garbage)
+        check_data({k: v for k, v in batch.items() if k != 'index'})
       padded = np.arange(positions[0], positions[0] + block) % n  # one shape: one compile
       out = np.asarray(fn(split.take(padded) if len(positions) < block else batch))
       scores[positions] = out[:len(positions)]
@@ -143,8 +146,10 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
       return _from_store(method, config, task, train, heldout, workdir, stem, tag, valuation,
                          cache, progress)
     partial = _part_path(workdir, method, tag, jax.process_index(), jax.process_count())
+    scorer = valuation.rater if method == 'datarater' else task  # what reads the examples
     record = score_blocks(valuation.score, train, config.valuation.score_batch_size, partial,
-                          progress and jax.process_index() == 0, f'{method} scores')
+                          progress and jax.process_index() == 0, f'{method} scores',
+                          scorer.check_data)
     multihost.barrier('datarater.valuate: blocks scored')
     if jax.process_index() != 0:
       return {}
@@ -205,8 +210,7 @@ def _from_store(method, config, task, train, heldout, workdir, stem, tag, valuat
         'oppose_id': top.oppose_ids.reshape(-1), 'oppose_score': top.oppose_scores.reshape(-1)}
     files.write_parquet(os.path.join(workdir, f'topk_{method}.parquet'), scores_file_columns)
     summary['topk'] = {'split': v.topk_split, 'k': int(k), 'num_test': len(test)}
-    summary = files.json_safe(summary)  # returned as written (an AUROC not defined is None)
-  files.write_json(stem + '.json', summary)
+    files.write_json(stem + '.json', summary)
   return summary
 
 
