@@ -211,7 +211,6 @@ def _get(config, dotted: str):
 def validate(config, sections) -> None:
   """Checks the config's top-level fields and `sections` (names as in `SECTIONS`, or `task`,
   `rater`, `features.task`, checked against their registered schema)."""
-  from datarater.tasks import registry  # pylint: disable=g-import-not-at-top
   known = set(SECTIONS) | {'task', 'rater'}
   for key in config.keys():
     if key not in SECTIONS[''] and key not in known:
@@ -223,14 +222,20 @@ def validate(config, sections) -> None:
   for name in sections:
     section = _get(config, name)
     if name in MODEL_SECTIONS:
-      kind = MODEL_SECTIONS[name]
-      registered = registry.TASKS if kind == 'task' else registry.RATERS
-      if section.get('name') not in registered:
-        _fail(f'{name}.name', section.get('name'),
-              f'must be a registered {kind} ({", ".join(sorted(registered))})')
-      schema = {'name': string(), **registry.schema_of(kind, section.name)}
-      if kind == 'rater':
-        schema['temperature'] = number(0, lo_open=True)
-      check_section(name, section, schema)
+      check_model(name, section)
     else:
       check_section(name, section, SECTIONS[name])
+
+
+def check_model(name: str, section) -> None:
+  """A task or rater section (`name` in MODEL_SECTIONS) against its model's registered schema."""
+  from datarater.tasks import registry  # pylint: disable=g-import-not-at-top
+  kind = MODEL_SECTIONS[name]
+  registered = registry.TASKS if kind == 'task' else registry.RATERS
+  if section.get('name') not in registered:
+    _fail(f'{name}.name', section.get('name'),
+          f'must be a registered {kind} ({", ".join(sorted(registered))})')
+  schema = {'name': string(), **registry.schema_of(kind, section.name)}
+  if kind == 'rater':
+    schema['temperature'] = number(0, lo_open=True)
+  check_section(name, section, schema)

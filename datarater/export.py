@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from datarater import checkpointing, files, tasks
+from datarater import checkpointing, config_checks, files, tasks
 from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
 from datarater.tasks.base import features_read
@@ -69,6 +69,16 @@ def _check_finite(params, where: str) -> None:
     raise UserError(f'{where} holds {bad} non-finite rater parameters (NaN or inf): refusing it')
 
 
+def _make_rater(section, info, where: str) -> tasks.Rater:
+  """The rater of a saved `rater` config section, checked against its schema (a hand-edited
+  file fails in one line naming `where`)."""
+  try:
+    config_checks.check_model('rater', section)
+  except UserError as e:
+    raise UserError(f'{where!r}: {e}') from None
+  return tasks.make_rater(section, info)
+
+
 def _read_run(workdir: str):
   """(config, DataInfo, rater params on the first local device, outer steps taken) of a rater
   run's latest checkpoint."""
@@ -88,6 +98,7 @@ def _read_run(workdir: str):
   if missing:
     raise UserError(f'{config_path!r} is not the config of a launch.train_rater run (its '
                     f'config has no {missing})')
+  _make_rater(config.rater, info, config_path)  # a hand-edited section fails here, in one line
   state = checkpointing.restore_latest_on_host(os.path.join(os.path.abspath(workdir),
                                                             'checkpoints'))
   if state is None:
@@ -200,28 +211,34 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
     if missing:
       raise UserError(f'rater {path!r}: {meta_path!r} has no {missing}')
     temperature = meta['temperature']
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-      raise UserError(f'rater {path!r}: {meta_path!r} has temperature {temperature!r}, not a '
-                      'number')
+    problem = config_checks.number(0, lo_open=True)(temperature)
+    if problem:  # 0, NaN or < 0 would weigh every example by NaN, or the worst ones up
+      raise UserError(f'rater {path!r}: {meta_path!r} has temperature {temperature!r}; it '
+                      f'{problem}')
     try:
       info = DataInfo.from_json(meta['data_info'])
     except INFO_ERRORS as e:
       raise UserError(f'rater {path!r}: {meta_path!r} has a malformed data_info '
                       f'({type(e).__name__}: {e})') from None
-    rater = tasks.make_rater(ml_collections.ConfigDict(meta['rater']), info)
+    rater = _make_rater(ml_collections.ConfigDict(meta['rater']), info, meta_path)
     host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params_path = os.path.abspath(os.path.join(path, 'params'))
     if not os.path.isdir(params_path):
       raise UserError(f'rater {path!r} has no params/ folder')
-    with ocp.StandardCheckpointer() as ckptr:
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
-                            ckptr.metadata(params_path).item_metadata.tree)
-      params = ckptr.restore(params_path, target)
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
+                              ckptr.metadata(params_path).item_metadata.tree)
+        params = ckptr.restore(params_path, target)
+    except Exception as e:  # pylint: disable=broad-except  (orbax's errors of damaged files)
+      why = ' '.join(str(e).split())[:200]
+      raise UserError(f'rater {path!r}: its params/ folder is unreadable ({type(e).__name__}: '
+                      f'{why})') from None
     _check_finite(params, f'rater {path!r}')
     temperature = float(temperature)
   elif os.path.exists(os.path.join(path, 'config.json')):
     config, info, params, steps = _read_run(path)
-    rater = tasks.make_rater(config.rater, info)
+    rater = tasks.make_rater(config.rater, info)  # its section checked by _read_run
     temperature = float(config.rater.temperature)
     meta = {'training_example_gradients': rater_training_compute(config, steps),
             'config': json.loads(config.to_json())}

@@ -139,9 +139,25 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
   if any(a in HELP for a in argv[1:]):
     _help(argv, doc, fv)
   try:
-    return fv(argv)  # a config file flag (define_config_file) loads its file here
+    parsed = fv(argv)  # a config file flag (define_config_file) loads its file here
   except OVERRIDE_ERRORS + (OSError,) as e:
     _fail(e)
+  _refuse_joined_tuples(argv, fv)
+  return parsed
+
+
+def _refuse_joined_tuples(argv, fv: flags.FlagValues) -> None:
+  """A tuple field overridden twice: ml_collections joins the two tuples (a scalar field keeps
+  the last value, as absl flags do), which no one means."""
+  names = [a.split('=', 1)[0][len('--config.'):] for a in argv[1:] if a.startswith('--config.')]
+  for name in sorted({n for n in names if names.count(n) > 1}):
+    node = fv['config'].value
+    for part in name.split('.'):
+      node = node[part] if hasattr(node, 'keys') and part in node else None
+    if isinstance(node, tuple):
+      print(f'error: --config.{name} is given twice (the tuples would be joined, '
+            f'{node!r}); give it once', file=sys.stderr)
+      sys.exit(2)
 
 
 def run(main: Callable, define_flags: Callable, doc: str) -> None:

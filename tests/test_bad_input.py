@@ -49,9 +49,18 @@ def world(tfds_dir, tmp_path_factory):
   without = lambda key: {k: v for k, v in meta.items() if k != key}
   for name, bad in [('no_temperature', without('temperature')),
                     ('no_data_info', without('data_info')), ('no_rater', without('rater')),
-                    ('list', [2])]:
+                    ('list', [2]), ('cold', {**meta, 'temperature': 0}),
+                    ('string_hidden', {**meta, 'rater': {**meta['rater'], 'hidden': '16'}})]:
     shutil.copytree(root / 'rater', root / f'{name}_rater')
     (root / f'{name}_rater' / 'rater.json').write_text(json.dumps(bad))
+  shutil.copytree(root / 'rater', root / 'truncated_rater')
+  for path in (root / 'truncated_rater' / 'params').rglob('*'):
+    if path.is_file() and path.parent.name == 'd':  # the arrays' data files, cut short
+      path.write_bytes(path.read_bytes()[:10])
+  shutil.copytree(root / 'run', root / 'cold_run', ignore=shutil.ignore_patterns('.lock'))
+  saved = json.loads((root / 'cold_run' / 'config.json').read_text())
+  saved['config']['rater']['temperature'] = -1.0
+  (root / 'cold_run' / 'config.json').write_text(json.dumps(saved))
   (root / 'no_outer_run').mkdir()
   saved = json.loads((root / 'run' / 'config.json').read_text())
   del saved['config']['outer']
@@ -119,7 +128,8 @@ def _cases(tfds_dir: str, w) -> list:
        "unknown part 'nope'"),
       (*tr('--config=configs/digits.py'), 'before a value for --config was specified'),
       (*tr('--config.task.name=resnet'), "task.name must be a registered task"),
-      (*tr('--config.task.hidden=(0,)'), 'task.hidden must hold integers >= 1, got ('),
+      ('train_rater', [f for f in rater_run if not f.startswith('--config.task.hidden')] +
+       ['--config.task.hidden=(0,)'], 'task.hidden must hold integers >= 1, got (0,)'),
       (*tr('--config.inner.optimizer=sgd', '--config.outer.mixed_recompute=invert'),
        "mixed_recompute='invert' needs an inner optimizer that can be run backwards"),
       (*tr('--config.final_eval.num_models=-1'), 'final_eval.num_models must be >= 0, got -1'),
@@ -208,6 +218,18 @@ def _cases(tfds_dir: str, w) -> list:
        f"'{w}/no_rater_rater/rater.json' has no rater"),
       ('filter', fl(f'--rater={w}/list_rater', '--keep=0.5'),
        f"'{w}/list_rater/rater.json' holds a JSON list, not the object launch.export_rater"),
+      ('filter', fl(f'--rater={w}/cold_rater', '--keep=0.5'),
+       f"'{w}/cold_rater/rater.json' has temperature 0; it must be > 0"),
+      ('filter', fl(f'--rater={w}/string_hidden_rater', '--keep=0.5'),
+       f"'{w}/string_hidden_rater/rater.json': rater.hidden must be"),
+      ('filter', fl(f'--rater={w}/truncated_rater', '--keep=0.5'),
+       f"rater '{w}/truncated_rater': its params/ folder is unreadable"),
+      ('train', [data, '--policy=datarater', f'--rater={w}/cold_run'],
+       f"'{w}/cold_run/config.json': rater.temperature must be > 0, got -1.0"),
+      ('export_rater', [f'--workdir={w}/cold_run', f'--out={w}/exported'],
+       f"'{w}/cold_run/config.json': rater.temperature must be > 0, got -1.0"),
+      ('train', [data, '--config.train.seeds=(0,1)', '--config.train.seeds=(2,)'],
+       '--config.train.seeds is given twice'),
       ('train', [data, '--policy=datarater', f'--rater={w}/no_outer_run'],
        f"'{w}/no_outer_run/config.json' is not the config of a launch.train_rater run"),
       ('filter', fl(f'--rater={w}/other_architecture_rater', '--keep=0.5'),
@@ -263,7 +285,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 107  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 113  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
