@@ -29,8 +29,11 @@ def config_file(default: str) -> Callable:
 
 
 def numbers(flag: str, values, kind: type = float, ok: Callable = lambda x: True,
-            within: str = '') -> list:
-  """The items of comma-list flag --`flag` as `kind`; each must pass `ok` (`within` says how)."""
+            within: str = '', empty_ok: bool = False) -> list:
+  """The items of comma-list flag --`flag` as `kind`; each must pass `ok` (`within` says how);
+  at least one unless `empty_ok`."""
+  if not values and not empty_ok:
+    raise UserError(f'--{flag} is empty: give at least one value')
   try:
     out = [kind(v) for v in values]
   except ValueError:

@@ -324,6 +324,7 @@ def main(argv):
   keeps = bench_cli.numbers('keep', _KEEP.value, float, lambda x: 0 < x <= 1, 'in (0, 1]')
   seeds = bench_cli.seeds(_SEEDS.value)
   bench_cli.at_least('epochs', _EPOCHS.value, 1)
+  bench_cli.at_least('rater_steps', _RATER_STEPS.value, 1)
   bench_cli.at_least('evals_per_epoch', _EVALS.value, 1)
   try:
     by_noise = {float(x.split(':')[0]): list(range(int(x.split(':')[1])))

@@ -284,8 +284,7 @@ def write(record: dict, out: str) -> None:
 def merge(paths, out: str) -> None:
   records = []
   for path in paths:
-    with open(path) as f:
-      records.append(json.load(f))
+    records.append(bench_cli.read_json(path, 'bench.meta_memory results file', 'results'))
   results = [r for rec in records for r in rec['results']]
   record = {**records[0], 'results': results, 'goals': goals(results),
             'merged_from': [os.path.basename(p) for p in paths]}

@@ -58,7 +58,8 @@ def plot(results: list[dict], path: str) -> None:
 def main(argv):
   del argv
   results = []
-  hidden = tuple(bench_cli.numbers('hidden', _HIDDEN.value, int, lambda x: x > 0, '> 0'))
+  hidden = tuple(bench_cli.numbers('hidden', _HIDDEN.value, int, lambda x: x > 0, '> 0',
+                                  empty_ok=True))  # no hidden layer: a linear model
   unrolls = bench_cli.numbers('unrolls', _UNROLLS.value, int, lambda x: x > 0, '> 0')
   bench_cli.at_least('repeats', _REPEATS.value, 1)
   print(f'{"mode":>8} {"T":>4} {"temp MiB":>10} {"peak MiB":>10} {"step ms":>9} {"compile s":>9}')

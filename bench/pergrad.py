@@ -13,7 +13,6 @@ after a warm-up (on the shared 2-core CPU machine: compare ratios). Writes
 bench/results/pergrad.{json,png}; bench/results/pergrad.h100.* came from
 `--batch=4096 --chunk=512 --out=bench/results/pergrad.h100` on one H100.
 """
-import os
 import platform
 import time
 
@@ -139,6 +138,9 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv):
   del argv
+  for flag in (_BATCH, _REPEATS, _CHUNK, _LOOP):
+    bench_cli.at_least(flag.name, flag.value, 1)
+  bench_cli.out_folder(_OUT.value)
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
              'batch': _BATCH.value, 'chunk': _CHUNK.value, 'models': {}}
   for name, (shape, hidden) in MODELS.items():
@@ -150,7 +152,6 @@ def main(argv):
     print('  speed-up over the Python loop:',
           {k: round(x, 1) for k, x in r['speedup_vs_python_loop'].items()})
     print('  temp memory (bytes) by examples:', r['memory_temp_bytes'], flush=True)
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   provenance.write_json(_OUT.value + '.json', results)
   plot(results, _OUT.value + '.png')
 

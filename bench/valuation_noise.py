@@ -148,6 +148,7 @@ def main(argv):
     raise UserError(f'unknown --variants {unknown} (choose from {", ".join(VARIANTS)})')
   noises = bench_cli.noise_rates(_NOISE.value)
   seeds = bench_cli.seeds(_SEEDS.value)
+  bench_cli.at_least('rater_steps', _RATER_STEPS.value, 0)  # 0: no DataRater
   bench_cli.out_folder(_OUT.value)
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
              'dataset': config.data.name, 'task': config.task.name, 'noise': noises,

@@ -29,6 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('noise_ceiling', ['--folds=0'], '--folds must be >= 2, got 0'),
     ('noise_ceiling', ['--folds=1'], '--folds must be >= 2, got 1'),
     ('meta_step', ['--repeats=0'], '--repeats must be >= 1, got 0'),
+    ('noise_ceiling', ['--seeds='], '--seeds is empty'),  # it wrote results of no runs
+    ('pergrad', ['--batch=0'], '--batch must be >= 1, got 0'),
+    ('cnn_patches', ['--repeats=0'], '--repeats must be >= 1, got 0'),
+    ('curation', ['--rater_steps=-1'], '--rater_steps must be >= 1, got -1'),
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'
@@ -48,6 +52,8 @@ def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
     ('versions', 'curation', '--before={}', 'expected a bench.curation output'),
     ('versions', 'valuation', '--before={}', 'expected a bench.valuation_noise output'),
     ('versions', 'selection', '--before={}', 'expected a bench.selection output'),
+    ('meta_memory', 'meta_memory', '--merge={}_meta_memory.json',
+     'expected a bench.meta_memory results file'),
 ])
 def test_a_truncated_results_file_is_one_line_and_exit_2(tmp_path, bench, kind, flag, says):
   prefix = tmp_path / 'in' / 'old'
