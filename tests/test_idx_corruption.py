@@ -2,6 +2,7 @@
 against independent checks, on small synthetic splits."""
 import gzip
 import os
+import re
 
 import jax
 import numpy as np
@@ -125,6 +126,16 @@ def test_builder_reads_plain_idx_files_from_the_folder_the_environment_names(tmp
     read = pipeline.read_split(builder, split)
     np.testing.assert_array_equal(read.features['image'][..., 0] * 255.0, images)
     np.testing.assert_array_equal(read.features['label'], labels)
+
+
+def test_a_damaged_gzip_file_is_one_line_naming_it(tmp_path):
+  path = str(tmp_path / 'train-labels-idx1-ubyte.gz')
+  idx_mnist.write_idx(path, np.arange(3000) % 10, compress=True)
+  whole = open(path, 'rb').read()
+  for damaged in (whole[:len(whole) // 2], b'garbage'):  # cut short; not gzip at all
+    open(path, 'wb').write(damaged)
+    with pytest.raises(UserError, match=f'^{re.escape(path)} is not a readable gzip file'):
+      idx_mnist.read_idx(path)
 
 
 def test_missing_files_are_one_line_naming_the_path_and_the_remedy(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ the original archives' checksums, which Debian's re-gzipped copies do not match.
 import dataclasses
 import gzip
 import os
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -70,8 +71,11 @@ def _find(folder: str, name: str, config: IdxConfig) -> str:
 
 def read_idx(path: str) -> np.ndarray:
   """The uint8 array of an idx file (gzipped or not), shaped by its header."""
-  with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
-    data = f.read()
+  try:
+    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+      data = f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # cut short, or not gzip at all
+    raise UserError(f'{path} is not a readable gzip file ({type(e).__name__}: {e})') from None
   if len(data) < 4 or data[:3] != b'\x00\x00\x08':
     raise UserError(f'{path} is not an idx file of unsigned bytes (magic {data[:4].hex()})')
   ndim = data[3]
