@@ -173,6 +173,8 @@ def _cases(tfds_dir: str, w) -> list:
        'policy.rho=0.99 keeps floor((1 - rho) * 4) = 0 of each batch of train.batch_size=4'),
       ('valuate', [data, '--method=shapley', f'--workdir={w}/val'], "unknown --method 'shapley'"),
       ('valuate', [data, '--method=tracin'], '--workdir is required'),
+      ('valuate', [data, '--method=tracin', '--config.data.train_split=train[:1]',
+                   f'--workdir={w}/val'], "data.train_split 'train[:1]' holds 1 example(s)"),
       ('valuate', [data, '--method=dvemb', '--config.valuation.projection=sparse',
                    f'--workdir={w}/val'], "got 'sparse'"),
       ('valuate', [data, '--method=tracin', '--config.valuation.layers=dense_9',
@@ -285,7 +287,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 113  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 114  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

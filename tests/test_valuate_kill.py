@@ -119,3 +119,16 @@ def test_a_partial_of_another_process_count_is_not_resumed(tfds_dir, tmp_path, m
   np.testing.assert_array_equal(got['score'], want['score'])
   assert resumed['noise_auroc'] == straight['noise_auroc']
   assert not [f for f in os.listdir(tmp_path / 'w') if f.startswith('.scores_')]
+
+
+def test_a_damaged_fit_cache_entry_is_fitted_again(tmp_path):
+  """A cached run cut short (a full disk, a copy) is made again, not a pickle traceback."""
+  from datarater.valuation.run import RunCache  # pylint: disable=g-import-not-at-top
+  cache = RunCache(str(tmp_path / 'fit'), 'tag')
+  assert cache.get('run', lambda: {'x': np.arange(1000)})['x'].sum() == 499500
+  path = tmp_path / 'fit' / 'run-tag.pkl'
+  path.write_bytes(path.read_bytes()[:100])
+  made = []
+  again = cache.get('run', lambda: made.append(1) or {'x': np.arange(10)})
+  assert made == [1] and again['x'].sum() == 45
+  assert RunCache(str(tmp_path / 'fit'), 'tag').get('run', lambda: 1 / 0)['x'].sum() == 45

@@ -61,8 +61,11 @@ class RunCache:
   def get(self, name: str, make):
     path = os.path.join(self.folder, f'{name}-{self.tag}.pkl')
     if os.path.exists(path):
-      with open(path, 'rb') as f:
-        return pickle.load(f)
+      try:
+        with open(path, 'rb') as f:
+          return pickle.load(f)
+      except (EOFError, pickle.UnpicklingError, ValueError) as e:  # damaged: made again
+        log.warning('%s is unreadable (%s); fitting it again', path, e)
     value = jax.device_get(make())
     if jax.process_index() == 0:
       os.makedirs(self.folder, exist_ok=True)
@@ -117,6 +120,9 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     raise UserError(f'--workdir {workdir!r} exists and is not a folder')
   d = config.data
   train = source.open_source(d, d.train_split, corrupt=True)
+  if len(train) < 2:  # nothing to rank (and the layer probes take two examples)
+    raise UserError(f'data.train_split {d.train_split!r} holds {len(train)} example(s); '
+                    'valuing needs at least 2')
   heldout = pipeline.load_split(d, d.heldout_split)
   task = tasks.make_task(config.task, train.info)
   train.corruption.check_targets(train.info, task)
