@@ -5,6 +5,7 @@ Each case runs the launcher in this process exactly as its command line would
 (`launch.cli.invoke`: its flags, parsing and `main`).
 """
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -71,6 +72,12 @@ def world(tfds_dir, tmp_path_factory):
   pq.write_table(pa.table({'id': np.arange(n), 'value': np.zeros(n)}), root / 'zeros.parquet')
   pq.write_table(pa.table({'id': np.arange(n), 'value': np.zeros(n), 'split': np.zeros(n, int)}),
                  root / 'int_split.parquet')
+  prepared = os.path.dirname(glob.glob(f'{tfds_dir}/sklearn_digits/*/dataset_info.json')[0])
+  for name in ('cut_dataset', 'bad_info_dataset'):
+    shutil.copytree(prepared, root / name)
+  train_records = next(iter((root / 'cut_dataset').glob('*-train.array_record*')))
+  train_records.write_bytes(train_records.read_bytes()[:train_records.stat().st_size // 2])
+  (root / 'bad_info_dataset' / 'dataset_info.json').write_text('{"name": ')
   (root / 'busy').mkdir()
   (root / 'foreign').mkdir()
   (root / 'foreign' / 'config.json').write_text('{"model": "not a rater run"}')
@@ -173,6 +180,8 @@ def _cases(tfds_dir: str, w) -> list:
        'policy.rho=0.99 keeps floor((1 - rho) * 4) = 0 of each batch of train.batch_size=4'),
       ('valuate', [data, '--method=shapley', f'--workdir={w}/val'], "unknown --method 'shapley'"),
       ('valuate', [data, '--method=tracin'], '--workdir is required'),
+      ('train', [f'--config.data.dataset_dir={w}/cut_dataset'],
+       f"the record files of '{w}/cut_dataset' are damaged or missing"),
       ('valuate', [data, '--method=tracin', '--config.data.train_split=train[:1]',
                    f'--workdir={w}/val'], "data.train_split 'train[:1]' holds 1 example(s)"),
       ('valuate', [data, '--method=dvemb', '--config.valuation.projection=sparse',
@@ -205,6 +214,8 @@ def _cases(tfds_dir: str, w) -> list:
   rater = f'--rater={w}/rater'
   cases += [
       ('filter', fl(rater, '--keep=1.5'), 'keep fraction must be in (0, 1], got 1.5'),
+      ('filter', [f'--dataset={w}/bad_info_dataset', rater, '--keep=0.5', f'--out={w}/filtered'],
+       f"TFDS dataset folder '{w}/bad_info_dataset': its dataset_info.json is unreadable"),
       ('filter', fl(rater, '--keep=0.5', '--min_score=0'),
        'exactly one of --keep, --min_score and --suggest_keep'),
       ('filter', fl(rater, '--suggest_keep', '--min_score=0', '--balance'),
@@ -287,7 +298,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 114  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 116  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

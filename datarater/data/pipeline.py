@@ -35,6 +35,20 @@ def default_data_dir(data_dir: str = '') -> str:
 
 
 @contextlib.contextmanager
+def damaged_records(builder):
+  """Reading `builder`'s record files: a file missing or cut short (array_record's
+  RuntimeError) becomes one line naming the dataset's folder."""
+  try:
+    yield
+  except RuntimeError as e:
+    text = ' '.join(str(e).split())
+    if not any(s in text for s in ('Riegeli', 'records file', 'open() failed', 'array_record')):
+      raise
+    raise UserError(f'the record files of {builder.data_dir!r} are damaged or missing '
+                    f'({text[:240]})') from None
+
+
+@contextlib.contextmanager
 def quiet_tfds():
   """TFDS's own chatter off: its progress bars, stdout banners and absl warnings."""
   tfds.disable_progress_bar()
@@ -239,8 +253,9 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str,
   """
   check_split(builder, split)
   info = data_info(builder)
-  source = builder.as_data_source(split=split)
-  raw = stack_examples(info, source.__getitems__(list(range(len(source)))))
+  with damaged_records(builder):
+    source = builder.as_data_source(split=split)
+    raw = stack_examples(info, source.__getitems__(list(range(len(source)))))
   n = len(source)
   corruption = corruption or corruption_lib.Corruption()
   raw, clean = corruption.apply(info, raw, np.arange(n), n)
@@ -261,8 +276,13 @@ def builder_of(data) -> tfds.core.DatasetBuilder:
     if not os.path.exists(os.path.join(path, 'dataset_info.json')):
       raise UserError(f'data.dataset_dir {data.dataset_dir!r} is not a TFDS dataset folder '
                       '(no dataset_info.json)')
-    with quiet_tfds():
-      return tfds.builder_from_directory(path)
+    try:
+      with quiet_tfds():
+        return tfds.builder_from_directory(path)
+    except Exception as e:  # pylint: disable=broad-except  (a hand-edited or cut-short file)
+      raise UserError(f'TFDS dataset folder {data.dataset_dir!r}: its dataset_info.json is '
+                      f'unreadable ({type(e).__name__}: {" ".join(str(e).split())[:200]})'
+                      ) from None
   return get_builder(data.name, data.data_dir)
 
 

@@ -26,7 +26,9 @@ class Source:
     pipeline.check_split(builder, split)
     self.info = pipeline.data_info(builder)
     self.split = split
-    self.data_source = builder.as_data_source(split=split)  # the split's records (TFDS ids)
+    self._builder = builder
+    with pipeline.damaged_records(builder):
+      self.data_source = builder.as_data_source(split=split)  # the split's records (TFDS ids)
     self._n = len(self.data_source)
     self.corruption = corruption or corruption_lib.Corruption()
     self.ids = np.arange(self._n, dtype=np.int64)
@@ -39,7 +41,8 @@ class Source:
 
   def uncorrupted(self, positions) -> dict:
     """Raw (undecoded) features of the examples at `positions` (1-d), as stored."""
-    examples = self.data_source.__getitems__([int(p) for p in np.asarray(positions)])
+    with pipeline.damaged_records(self._builder):
+      examples = self.data_source.__getitems__([int(p) for p in np.asarray(positions)])
     return pipeline.stack_examples(self.info, examples)
 
   def raw(self, positions) -> dict:
