@@ -414,6 +414,35 @@ def test_a_scores_file_of_another_split_or_dataset_is_refused(tmp_path):
   np.testing.assert_array_equal(scores_file.read_values(path, 300, 'test', 'x'), values)
 
 
+def test_a_scores_file_of_other_planted_corruption_is_refused(tfds_dir, tmp_path):
+  """Scores made where other examples were corrupted (another noise seed or rate, or none)
+  value other data: the filter and launch.train's scores policy refuse them."""
+  from configs.digits import get_config  # pylint: disable=g-import-not-at-top
+  from datarater import policies  # pylint: disable=g-import-not-at-top
+  from datarater.data import corruption as corruption_lib  # pylint: disable=g-import-not-at-top
+  path, n = str(tmp_path / 'scores.parquet'), 1197
+  values = np.random.default_rng(0).normal(size=n)
+  scored = corruption_lib.Corruption(0.2, 0)
+  scores_file.write(path, np.arange(n), values, values, dataset='sklearn_digits', split='train',
+                    planted=scored.describe())
+  for other in (corruption_lib.Corruption(0.2, 7), corruption_lib.Corruption(0.3, 0), None):
+    with pytest.raises(UserError, match='scores examples under planted corruption'):
+      filter_dataset('sklearn_digits', str(tmp_path / 'out'), ['train'], scores=path, keep=0.5,
+                     data_dir=tfds_dir, corruption=other)
+  config = get_config()
+  config.data.data_dir, config.data.noise_seed = tfds_dir, 7
+  train = pipeline.load_split(config.data, 'train', corrupt=True)
+  with pytest.raises(UserError, match='scores examples under planted corruption'):
+    policies.make_policy('scores', policies.PolicyContext(train, None, None, config, scores=path))
+  config.data.noise_seed = 0  # the draw the scores were made under
+  made = policies.make_policy('scores', policies.PolicyContext(train, None, None, config,
+                                                               scores=path))
+  assert made.aux.shape == (n,)
+  report = filter_dataset('sklearn_digits', str(tmp_path / 'out'), ['train'], scores=path,
+                          keep=0.5, data_dir=tfds_dir, corruption=scored)
+  assert report['splits']['train']['kept'] == int(np.floor(0.5 * n + 0.5))  # half up
+
+
 def test_streaming_quantile_is_algorithm_r_and_its_sample_is_uniform():
   """The reservoir equals Algorithm R's, draw for draw (the textbook loop over the same
   generator), whatever the chunks; each value is kept with probability capacity / N."""

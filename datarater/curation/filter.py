@@ -139,8 +139,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
                       'training?): filter again')
   elif len(splits) > 1:
     raise UserError('--scores filters one split at a time (give one --split)')
-  given = (scores_file.read_values(scores, len(sources[splits[0]]), splits[0], dataset)
-           if scores else None)
+  given = (scores_file.read_values(scores, len(sources[splits[0]]), splits[0], dataset,
+                                   planted=corruption.describe()) if scores else None)
   if min_score is not None and not np.isfinite(min_score):
     raise UserError(f'--min_score must be a finite number, got {min_score}')
 
@@ -224,7 +224,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
       if d['record'] is not None:
         extra['corruption'] = d['record']
       scores_file.write(os.path.join(folder, f'scores_{s}.parquet'), np.arange(len(kept)),
-                        d['scores'], d['scores'], dataset=dataset, split=s, **extra)
+                        d['scores'], d['scores'], dataset=dataset, split=s,
+                        planted=corruption.describe(), **extra)
       info_s = {'num_examples': int(len(kept)), 'kept': int(kept.sum()), 'keep': d['keep'],
                 'requested': select.keep_count(len(kept), d['keep']) if d['keep'] else None,
                 'threshold': d['threshold']}

@@ -19,21 +19,29 @@ from datarater.errors import UserError
 _READ_ROWS = 65536  # rows read at a time
 
 
-_SCORED = b'datarater.scored'  # metadata key: {"dataset": ..., "split": ...} the rows score
+_SCORED = b'datarater.scored'  # metadata key: {"dataset", "split", "planted"} the rows score
+UNCHECKED = object()  # planted=UNCHECKED: not said (write) or not checked (read_values)
 
 
 def write(path: str, ids: np.ndarray, score: np.ndarray, value: np.ndarray, *, dataset: str,
-          split: str, **columns) -> None:
-  """The scores of split `split` of `dataset` (a name, or a dataset folder)."""
+          split: str, planted=UNCHECKED, **columns) -> None:
+  """The scores of split `split` of `dataset` (a name, or a dataset folder), corrupted as
+  `planted` (`Corruption.describe()`: None when nothing was planted; UNCHECKED: not said)
+  describes."""
+  scored = {'dataset': dataset, 'split': split}
+  if planted is not UNCHECKED:
+    scored['planted'] = planted
   files.write_parquet(path, {'id': np.asarray(ids, np.int64),
                              'score': np.asarray(score, np.float64),
                              'value': np.asarray(value, np.float64),
                              **{k: np.asarray(v) for k, v in columns.items()}},
-                      metadata={_SCORED: json.dumps({'dataset': dataset, 'split': split})})
+                      metadata={_SCORED: json.dumps(scored)})
 
 
-def _check_scored(path: str, metadata, dataset: Optional[str], split: Optional[str]) -> None:
-  """Refuses a file whose metadata says it scores another dataset or split than the reader's."""
+def _check_scored(path: str, metadata, dataset: Optional[str], split: Optional[str],
+                  planted) -> None:
+  """Refuses a file whose metadata says it scores another dataset, split or planted
+  corruption than the reader's."""
   try:
     scored = json.loads((metadata or {})[_SCORED])
   except (KeyError, ValueError):
@@ -41,12 +49,18 @@ def _check_scored(path: str, metadata, dataset: Optional[str], split: Optional[s
   for what, want in (('dataset', dataset), ('split', split)):
     if want is not None and scored.get(what) not in (None, want):
       raise UserError(f'scores file {path!r} scores {what} {scored[what]!r}, not {want!r}')
+  if planted is not UNCHECKED and 'planted' in scored and scored['planted'] != (
+      json.loads(json.dumps(planted))):
+    raise UserError(f'scores file {path!r} scores examples under planted corruption '
+                    f'{scored["planted"]}, not {planted} (data.label_noise, noise_seed, '
+                    'input_corruption): other examples are corrupted here')
 
 
 def read_values(path: str, num_examples: int, split: Optional[str] = None,
-                dataset: Optional[str] = None) -> np.ndarray:
+                dataset: Optional[str] = None, planted=UNCHECKED) -> np.ndarray:
   """Values [N] in id order for a split of `num_examples` (rows of other splits skipped) of
-  `dataset` (a name, or a dataset folder; None: not checked)."""
+  `dataset` (a name, or a dataset folder; None: not checked), corrupted as `planted`
+  (`Corruption.describe()`) says."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
@@ -58,7 +72,7 @@ def read_values(path: str, num_examples: int, split: Optional[str] = None,
   except (pa.ArrowInvalid, OSError) as e:
     raise UserError(f'scores file {path!r} is not a readable parquet file ({e})') from None
   cols = schema.names
-  _check_scored(path, schema.metadata, dataset, None if 'split' in cols else split)
+  _check_scored(path, schema.metadata, dataset, None if 'split' in cols else split, planted)
   column = 'value' if 'value' in cols else 'score' if 'score' in cols else None
   if 'id' not in cols or column is None:
     raise UserError(f'scores file {path!r} has columns {cols}; it needs `id` and `value` or '

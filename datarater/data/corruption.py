@@ -85,6 +85,17 @@ class Corruption:
     out += tuple((kind, getattr(self, kind)) for kind in INPUT_KINDS)
     return tuple((k, float(r)) for k, r in out if r)
 
+  def describe(self) -> Optional[dict]:
+    """What decides every example's corruption (kinds and rates, seed, partners), as JSON;
+    None when nothing is planted. Equal descriptions corrupt a split identically."""
+    rates = dict(self._rates())
+    if not rates:
+      return None
+    out = {'rates': rates, 'seed': int(self.seed)}
+    if 'label_confusion' in rates:
+      out['confusions'] = [list(p) for p in self.confusions]
+    return out
+
   def check_targets(self, info, *models) -> None:
     """Refuses planted corruption aimed away from what `models` (tasks or raters) read: label
     noise changes the dataset's supervised label and input corruption its supervised input, so

@@ -95,7 +95,8 @@ def _scores(ctx: PolicyContext) -> Policy:
   from datarater.curation import scores_file  # pylint: disable=g-import-not-at-top
   from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
   values = scores_file.read_values(ctx.scores, len(ctx.train), ctx.config.data.train_split,
-                                   pipeline.dataset_name(ctx.config.data))
+                                   pipeline.dataset_name(ctx.config.data),
+                                   planted=corruption.from_config(ctx.config.data).describe())
   return table('scores', curriculum_weights(values, temperature=ctx.config.policy.temperature))
 
 

@@ -247,7 +247,7 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
     extra['kept'] = int(columns['keep'].sum())
   scores_file.write(stem + '.parquet', train.ids, scores, values,
                     dataset=pipeline.dataset_name(config.data), split=config.data.train_split,
-                    **columns)
+                    planted=train.corruption.describe(), **columns)
   summary = {'method': method, 'valuation': valuation.name, 'num_examples': n,
              'higher_is_better': valuation.higher_is_better,
              'noise_auroc': evaluation.noise_auroc(values, record != 0),
