@@ -96,6 +96,9 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     problem.rater.check_data(split.features)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir {workdir!r} exists and is not a folder')
+  if os.path.exists(os.path.join(workdir, 'history.jsonl')):
+    raise UserError(f'--workdir {workdir!r} holds a launch.train run (history.jsonl); give the '
+                    'rater run a folder of its own')
   ckpt = run_checkpointer(config, workdir)
   resume_step = ckpt.check_compatible()
   if resume_step is not None and resume_step > config.outer.steps:

@@ -100,6 +100,9 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   if workdir:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
+    if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+      raise UserError(f'--workdir {workdir!r} holds a launch.train_rater run (metrics.jsonl); '
+                      'give the training run a folder of its own')
     ckpt = run_checkpointer(config, workdir, name, rater, scores, made.spans_epochs)
     resume = ckpt.check_compatible()
     if resume is not None and resume > t.epochs:

@@ -78,6 +78,8 @@ def world(tfds_dir, tmp_path_factory):
   train_records = next(iter((root / 'cut_dataset').glob('*-train.array_record*')))
   train_records.write_bytes(train_records.read_bytes()[:train_records.stat().st_size // 2])
   (root / 'bad_info_dataset' / 'dataset_info.json').write_text('{"name": ')
+  (root / 'train_run').mkdir()
+  (root / 'train_run' / 'history.jsonl').write_text('{"epoch": 1.0}\n')
   (root / 'busy').mkdir()
   (root / 'foreign').mkdir()
   (root / 'foreign' / 'config.json').write_text('{"model": "not a rater run"}')
@@ -180,6 +182,10 @@ def _cases(tfds_dir: str, w) -> list:
        'policy.rho=0.99 keeps floor((1 - rho) * 4) = 0 of each batch of train.batch_size=4'),
       ('valuate', [data, '--method=shapley', f'--workdir={w}/val'], "unknown --method 'shapley'"),
       ('valuate', [data, '--method=tracin'], '--workdir is required'),
+      ('train', [data, f'--workdir={w}/run'],
+       f"--workdir '{w}/run' holds a launch.train_rater run (metrics.jsonl)"),
+      (*tr(out=f'--workdir={w}/train_run'),
+       f"--workdir '{w}/train_run' holds a launch.train run (history.jsonl)"),
       ('train', [f'--config.data.dataset_dir={w}/cut_dataset'],
        f"the record files of '{w}/cut_dataset' are damaged or missing"),
       ('valuate', [data, '--method=tracin', '--config.data.train_split=train[:1]',
@@ -214,6 +220,8 @@ def _cases(tfds_dir: str, w) -> list:
   rater = f'--rater={w}/rater'
   cases += [
       ('filter', fl(rater, '--keep=1.5'), 'keep fraction must be in (0, 1], got 1.5'),
+      ('filter', [f'--dataset={w}/cut_dataset', rater, '--keep=0.5', f'--out={w}/cut_dataset',
+                  '--overwrite'], f"--out '{w}/cut_dataset' would replace --dataset"),
       ('filter', [f'--dataset={w}/bad_info_dataset', rater, '--keep=0.5', f'--out={w}/filtered'],
        f"TFDS dataset folder '{w}/bad_info_dataset': its dataset_info.json is unreadable"),
       ('filter', fl(rater, '--keep=0.5', '--min_score=0'),
@@ -298,7 +306,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 116  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 119  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -113,8 +113,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   section = ml_collections.ConfigDict({'name': dataset, 'data_dir': data_dir,
                                        'dataset_dir': dataset if folder else ''})
   builder, dataset = pipeline.builder_of(section), pipeline.dataset_name(section)
-  files.check_apart(out, '--out', data_dir=str(builder.data_dir), rater=rater or '',
-                    scores=scores or '')
+  files.check_apart(out, '--out', **{'dataset' if folder else 'data_dir': str(builder.data_dir)},
+                    rater=rater or '', scores=scores or '')
   info = pipeline.data_info(builder)
   for s in splits:
     if s not in builder.info.splits:
