@@ -327,6 +327,10 @@ def test_scores_file_read_in_row_batches(tmp_path, monkeypatch):
     files.write_parquet(path, {'id': bad_ids, 'value': np.zeros(n + 1)}, row_group=6)
     with pytest.raises(UserError, match=msg):
       scores_file.read_values(path, n)
+  with_null = pa.array([*range(8), None, *range(9, n)], pa.int64())  # row 8, in the second batch
+  pq.write_table(pa.table({'id': with_null, 'value': np.zeros(n)}), path)
+  with pytest.raises(UserError, match=r'column `id` holds a null \(row 8\)'):
+    scores_file.read_values(path, n)
 
 
 def test_suggested_keep_is_the_otsu_split_and_ignores_a_spike_of_good_scores():

@@ -98,6 +98,9 @@ def read_values(path: str, num_examples: int, split: Optional[str] = None,
                                      (['split'] if by_split else [])):
       if by_split:
         batch = batch.filter(pc.equal(batch.column('split'), split))
+      if batch.column('id').null_count:
+        raise UserError(f'scores file {path!r}: column `id` holds a null (row '
+                        f'{rows + batch.column("id").is_null().index(True).as_py()})')
       ids = np.asarray(batch.column('id').to_numpy(zero_copy_only=False), np.int64)
       values = np.asarray(batch.column(column).to_numpy(zero_copy_only=False), np.float64)
       rows += len(ids)
