@@ -354,9 +354,10 @@ def define_flags() -> None:
 def main(argv):
   del argv
   cfg = FLAGS.config
-  config_checks.validate(cfg, train_lib.SECTIONS + train_lib.POLICY_SECTIONS['sae'])
+  bench_cli.at_least('epochs', FLAGS.epochs, 0)  # 0: the config's
   if FLAGS.epochs:
     cfg.train.epochs = FLAGS.epochs
+  config_checks.validate(cfg, train_lib.SECTIONS + train_lib.POLICY_SECTIONS['sae'])
   unknown = sorted(set(FLAGS.policies) - set(POLICY_ORDER))
   if unknown:
     raise UserError(f'unknown --policies {unknown} (choose from {", ".join(POLICY_ORDER)})')
