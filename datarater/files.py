@@ -133,7 +133,8 @@ def check_apart(out: str, flag: str, **inputs: str) -> None:
 @contextlib.contextmanager
 def workdir_lock(path: str):
   """Creates the run folder `path` and holds its lock for the block: a second run on the same
-  folder stops with one line naming the process that holds it."""
+  folder stops with one line naming the process that holds it. Temporary files that a killed run
+  left in it (`atomic_path`'s) are removed once the lock is held."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f'--workdir {path!r} exists and is not a folder')
   try:
@@ -153,6 +154,10 @@ def workdir_lock(path: str):
     handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
+    for stale in glob.glob(os.path.join(glob.escape(path), '.*.tmp-*')):
+      if os.path.isfile(stale):
+        with contextlib.suppress(OSError):
+          os.remove(stale)
     yield path
 
 

@@ -324,9 +324,10 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
         'auroc_by_kind': evaluation.auroc_by_kind(last, data.train.corruption,
                                                   data.train.corruption_kinds)}
   report = files.json_safe(report)  # returned as written (an AUROC not defined is None)
-  files.write_json(os.path.join(workdir, 'report.json'), report)
+  # The plot first: report.json marks the run finished (a rerun then only prints it).
   plots.save_rater_report(os.path.join(workdir, 'rater_report.png'), history, scores,
                           data.train.is_corrupted)
+  files.write_json(os.path.join(workdir, 'report.json'), report)
   log_report(config, report)
   log.info('wrote %s and %s', os.path.join(workdir, 'report.json'),
            os.path.join(workdir, 'rater_report.png'))

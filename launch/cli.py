@@ -11,6 +11,7 @@ use it to try many inputs quickly).
 """
 import logging
 import re
+import signal
 import sys
 from typing import Callable
 
@@ -170,7 +171,15 @@ def run(main: Callable, define_flags: Callable, doc: str) -> None:
     if not flags.FLAGS['verbosity'].present:  # library chatter (XLA, orbax, TFDS) off
       absl_logging.set_verbosity(absl_logging.WARNING)
     return main(argv)
+  signal.signal(signal.SIGTERM, _terminated)
   app.run(quiet_main, flags_parser=lambda argv: parse_flags(argv, doc))
+
+
+def _terminated(signum, frame) -> None:
+  """SIGTERM (a scheduler's kill) ends the run as Ctrl-C does: temporary files and folders
+  are removed on the way out, instead of being left beside the outputs."""
+  del frame
+  sys.exit(128 + signum)
 
 
 def invoke(module, argv: list[str]) -> int:

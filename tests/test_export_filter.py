@@ -216,6 +216,28 @@ def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir
   assert not os.path.exists(f'{tmp_path}/x')
 
 
+def test_sigterm_removes_the_temporary_output(tfds_dir, rater_dir, tmp_path):
+  """SIGTERM (a scheduler's kill) mid-write ends the run as Ctrl-C does: exit 143, no output and
+  no temporary folder left beside it."""
+  child = ('import os, signal\n'
+           'from datarater.curation import tfds_writer\n'
+           'from launch import cli, filter as f\n'
+           'write = tfds_writer.write_subset\n'
+           'def terminated(*a, **k):\n'
+           '  out = write(*a, **k)\n'
+           '  os.kill(os.getpid(), signal.SIGTERM)\n'
+           '  return out\n'
+           'tfds_writer.write_subset = terminated\n'
+           'cli.run(f.main, f.define_flags, f.__doc__)\n')
+  proc = subprocess.run([sys.executable, '-c', child, '--dataset=sklearn_digits',
+                         f'--data_dir={tfds_dir}', f'--rater={rater_dir}', '--keep=0.8',
+                         '--batch_size=256', f'--out={tmp_path / "out"}'],
+                        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+  assert os.listdir(tmp_path) == []
+
+
 def test_bad_inputs_one_line_errors(tfds_dir, rater_dir, tmp_path):
   cases = [({'keep': 0.0}, 'keep fraction must be in (0, 1], got 0.0'),
            ({'keep': 1.01}, 'got 1.01')]

@@ -336,6 +336,27 @@ def test_a_finished_run_prints_its_report_only_if_it_reports_these_steps_and_mod
   assert with_models['noise_auroc'] == third['noise_auroc']  # the same rater, reported again
 
 
+def test_a_run_killed_while_reporting_reports_again_whole(tfds_dir, tmp_path, monkeypatch):
+  """Killed while drawing its report's plot, a finished run has no report.json yet: run again,
+  it writes both (not only report.json, then prints it forever without the plot); temporary
+  files a killed run left in the workdir are removed."""
+  from datarater import plots  # pylint: disable=g-import-not-at-top
+  config = small_config(tfds_dir, steps=2)
+  workdir = tmp_path / 'run'
+  draw = plots.save_rater_report
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(plots, 'save_rater_report', killed)
+  with pytest.raises(KeyboardInterrupt):
+    meta_train(config, str(workdir), devices=jax.devices()[:1])
+  assert not (workdir / 'report.json').exists()
+  (workdir / '.rater_report.png.tmp-dead1234').write_bytes(b'')  # as SIGKILL leaves it
+  monkeypatch.setattr(plots, 'save_rater_report', draw)
+  meta_train(config, str(workdir), devices=jax.devices()[:1])
+  assert (workdir / 'report.json').exists() and (workdir / 'rater_report.png').exists()
+  assert not list(workdir.glob('.*.tmp-*'))
+
+
 def test_write_failures_reported_in_library_types_are_one_line(capsys):
   """A full disk as orbax reports it (ValueError), a RuntimeError raised from an OSError (as
   TFDS's writer does): one line, exit 2. An error raised while handling an OSError is a bug and

@@ -257,7 +257,8 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
              'config': json.loads(config.to_json_best_effort())}
   summary = files.json_safe(summary)  # returned as written (an AUROC not defined is None)
   files.write_json(stem + '.json', summary)
-  # The scores file holds them now; parts left by a run with another process count go too.
-  for path in glob.glob(os.path.join(glob.escape(workdir), f'.scores_{method}-{tag}.part-*')):
+  # The scores file holds them now; parts left by a run with another process count, or by a
+  # killed run of another config (whose scores file this one replaces), go too.
+  for path in glob.glob(os.path.join(glob.escape(workdir), f'.scores_{method}-*.part-*')):
     os.remove(path)
   return summary
