@@ -102,7 +102,12 @@ def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path
   assert report['splits']['train']['kept'] == want == 958
   builder = tfds.builder_from_directory(str(out))
   source = pipeline.get_builder('sklearn_digits', tfds_dir)
-  assert builder.info.features.to_json() == source.info.features.to_json()
+  # The source's features, and the planted corruption recorded per example (as a dataset with its
+  # own record has it: class 0 clean).
+  features = builder.info.features.to_json()['content']['features']
+  assert {k: v for k, v in features.items() if k != 'corruption'} == (
+      source.info.features.to_json()['content']['features'])
+  assert builder.info.features['corruption'].names == ['clean', 'label_symmetric']
   assert builder.info.splits['train'].num_examples == want
   assert builder.info.splits['test'].num_examples == 300
   assert builder.info.splits['validation'].num_examples == 300
@@ -118,6 +123,11 @@ def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path
     np.testing.assert_array_equal(written[j]['image'],
                                   source.as_data_source()['train'][ids[j]]['image'])
     assert written[j]['label'] == noisy.features['label'][ids[j]]
+  recorded = pipeline.load_split(ml_collections.ConfigDict(
+      {'name': 'x', 'data_dir': '', 'dataset_dir': str(out)}), 'train')
+  np.testing.assert_array_equal(recorded.corruption, noisy.corruption[ids])
+  assert recorded.is_corrupted.sum() == report['splits']['train']['kept_corrupted'] > 0
+  assert not any(e['corruption'] for e in builder.as_data_source()['test'])  # copied, clean
   assert os.path.exists(out / 'scores.png') and os.path.exists(out / 'filter_report.json')
   config = get_config()
   config.data = digits_data(tfds_dir)  # no noise added: the written labels are already noisy

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 from datarater import files, multihost
@@ -63,12 +64,17 @@ def _save_histogram(path: str, per_split: dict) -> None:
   plt.close(fig)
 
 
-def _example_transform(split: source_lib.Source):
+def _example_transform(split: Optional[source_lib.Source]):
   """TFDS examples (a chunk, by id) -> the same examples corrupted as the training pipeline
-  would, the whole chunk at once (for the writer)."""
+  would, each with its kind in the `corruption` record, the whole chunk at once (for the
+  writer); `split=None`: a split copied as it is (every example clean)."""
   def transform(ids, examples):
+    if split is None:
+      return [{**example, pipeline.RECORDED: 0} for example in examples]
     raw = split.raw(np.asarray(ids))
-    return [{**example, **{k: v[j] for k, v in raw.items()}} for j, example in enumerate(examples)]
+    kinds = split.corruption_of(np.asarray(ids))
+    return [{**example, **{k: v[j] for k, v in raw.items()}, pipeline.RECORDED: int(kinds[j])}
+            for j, example in enumerate(examples)]
   return transform
 
 
@@ -199,8 +205,13 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   selection = {s: np.flatnonzero(d['kept']) for s, d in per_split.items()}
   if copy_other_splits:
     selection.update({s: np.arange(len(src)) for s, src in sources.items() if s not in splits})
-  transforms = {s: _example_transform(streams[s])  # planted corruption is written out
-                for s in splits if len(corruption.kinds) > 1}
+  # Planted corruption is written out, and recorded per example in a `corruption` feature (so
+  # the output knows its own bad data, as a dataset with its own record does).
+  planted = len(corruption.kinds) > 1
+  transforms = {s: _example_transform(streams[s] if s in splits else None)
+                for s in selection} if planted else {}
+  added = ({pipeline.RECORDED: tfds.features.ClassLabel(names=list(corruption.kinds))}
+           if planted else None)
   source = f'rater {os.path.basename(os.path.normpath(rater))}' if rater else 'scores'
   name = f'{builder.info.name}_filtered'
   report = {'dataset': dataset, 'name': name, 'keep': keep, 'min_score': min_score,
@@ -215,7 +226,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   with files.atomic_dir(out, overwrite) as tmp:
     folder = tfds_writer.write_subset(builder, os.path.join(tmp, 'tfds'), name, selection,
                                       f'{dataset} filtered by {source}', transforms,
-                                      {s: streams[s].data_source for s in splits})
+                                      {s: streams[s].data_source for s in splits}, added)
     for s, d in per_split.items():
       kept, labels = d['kept'], d['labels']
       extra = {'kept': kept}  # the split is in the file's name

@@ -25,8 +25,11 @@ from datarater.data import source as source_lib
 CHUNK = 1024  # examples read from the source at a time
 
 
-def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, description: str):
-  features = source_info.features  # copied, not through JSON: that drops ClassLabel names
+def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, description: str,
+                        added: Optional[Mapping] = None):
+  # Copied, not through JSON (that drops ClassLabel names); `added` features after the source's.
+  features = (tfds.features.FeaturesDict({**source_info.features, **added}) if added
+              else source_info.features)
   supervised = source_info.supervised_keys
 
   class FilteredDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -64,16 +67,17 @@ def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, descripti
 def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: str,
                  selection: Mapping[str, np.ndarray], description: str = '',
                  transforms: Optional[Mapping] = None,
-                 sources: Optional[Mapping] = None) -> str:
+                 sources: Optional[Mapping] = None, added: Optional[Mapping] = None) -> str:
   """Writes the examples `selection[split]` (source ids, ascending) of each split; returns the
   dataset's folder (data_dir/name/version).
 
   `transforms[split](ids, examples) -> examples` may rewrite the examples of each chunk read on
-  the way (e.g. the recorded label noise of an experiment). `sources[split]` is a data source of
-  the split already open (its readers hold each file's record index, so a caller that has read
-  the split passes it on).
+  the way (e.g. the planted corruption of an experiment), and must fill the `added` features
+  ({name: feature}, e.g. a corruption record) of every split. `sources[split]` is a data source
+  of the split already open (its readers hold each file's record index, so a caller that has
+  read the split passes it on).
   """
-  cls = _make_builder_class(source_builder.info, name, description)
+  cls = _make_builder_class(source_builder.info, name, description, added)
   builder = cls(data_dir=data_dir, file_format='array_record')
   builder.selection = {s: np.sort(np.asarray(ids, np.int64)) for s, ids in selection.items()}
   sources = dict(sources or {})
