@@ -133,6 +133,7 @@ def main(argv):
              'config': 'configs/fashion_mnist_bench.py, K=4, T=8, log_softmax readout'}
   provenance.write_json(_OUT.value + '.json', results)
   plot(results, _OUT.value + '.png')
+  print(f'wrote {_OUT.value}.json and .png')
 
 
 if __name__ == '__main__':

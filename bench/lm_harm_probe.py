@@ -151,6 +151,7 @@ def main(argv):
                                          'train_on')}
   files.write_text(FLAGS.out + '.jsonl', ''.join(json.dumps(r) + '\n' for r in rows))
   files.write_text(FLAGS.out + '.md', markdown(rows, used))
+  print(f'wrote {FLAGS.out}.jsonl and .md')
   print(markdown(rows, used))
 
 

@@ -141,6 +141,7 @@ def main(argv):
   md = markdown(results)
   runs.write_results(_OUT.value, results, md)
   print(md)
+  print(f'wrote {_OUT.value}.json and .md')
 
 
 if __name__ == '__main__':

@@ -154,6 +154,7 @@ def main(argv):
     print('  temp memory (bytes) by examples:', r['memory_temp_bytes'], flush=True)
   provenance.write_json(_OUT.value + '.json', results)
   plot(results, _OUT.value + '.png')
+  print(f'wrote {_OUT.value}.json and .png')
 
 
 if __name__ == '__main__':

@@ -489,7 +489,7 @@ def main(argv):
   plot(table, out + '.png', base_cfg.data.name)
   print(md)
   print(json.dumps(result['acceptance'], indent=1))
-  print(f'total {result["total_s"]:.0f}s')
+  print(f'wrote {out}.json, .md and .png in {result["total_s"]:.0f} s')
 
 
 if __name__ == '__main__':

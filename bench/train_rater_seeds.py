@@ -72,6 +72,7 @@ def main(argv):
       'command': f'python -m launch.train_rater --config={_CONFIG.value} --workdir=DIR '
                  '--config.seed=S --config.data.noise_seed=S',
       'device': f'{os.cpu_count()}-core CPU', 'seeds': results})
+  print(f'wrote {_OUT.value}.json')
 
 
 if __name__ == '__main__':

@@ -223,6 +223,7 @@ def main(argv):
   runs.write_results(_OUT.value, results, md)
   plot(results, _OUT.value + '.png')
   print(md)
+  print(f'wrote {_OUT.value}.json, .md and .png')
 
 
 if __name__ == '__main__':

@@ -338,9 +338,15 @@ def log_report(config, report: dict) -> None:
   if report.get('skipped_steps'):
     log.info('%d outer steps were skipped (meta-gradient not finite)', report['skipped_steps'])
   auroc = report['noise_auroc']  # None where no example (or every one) is recorded corrupted
-  if auroc is not None:
+  by_kind = report.get('auroc_by_kind') or {}
+  if auroc is not None and set(by_kind) <= {'label_symmetric', 'label_confusion'}:
     log.info('noise AUROC of the rater scores on %s: %.4f (label noise %.0f%%)',
              config.data.train_split, auroc, 100 * config.data.label_noise)
+  elif auroc is not None:  # several kinds (planted or the dataset's own record): each
+    kinds = ', '.join(f'{k} {v:.3f}' if v is not None else f'{k} n/a'
+                      for k, v in by_kind.items())
+    log.info('noise AUROC of the rater scores on %s: %.4f (by kind: %s)',
+             config.data.train_split, auroc, kinds)
   for name, r in report['fresh_models'].items():
     metrics = ', '.join(f'{config.data.eval_split} {k} ' +
                         (f'{100 * v:.2f}%' if k == 'accuracy' else f'{v:.4f}')

@@ -117,10 +117,11 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
 def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, task, made, trainer,
          ckpt) -> dict:
   d, t = config.data, config.train
-  history_log = None
+  history_log, restored = None, 0
 
   def on_start(epoch):  # the epoch of the checkpoint restored (an older one if the newest is bad)
-    nonlocal history_log
+    nonlocal history_log, restored
+    restored = epoch
     if workdir:
       history_log = files.JsonlLog(os.path.join(workdir, 'history.jsonl'), 'epoch', epoch)
     if epoch:
@@ -147,10 +148,14 @@ def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, ta
     return {'stopped_after': result.stopped_after}
   report = {'policy': name, 'num_train': len(train_split), **result.report(),
             'config': json.loads(config.to_json_best_effort())}
-  if workdir:
-    files.write_json(os.path.join(workdir, 'report.json'), report)
+  if history_log and history_log.history and restored >= t.epochs:  # finished: its last record
+    log(f'this run finished at epoch {restored}; its last record:')
+    log(format_record(history_log.history[-1], d.eval_split))
   log(f'{name}: {result.example_gradients} example-gradients in {result.steps} steps per model '
       f'(+{result.setup_example_gradients} to make the policy)')
+  if workdir:
+    files.write_json(os.path.join(workdir, 'report.json'), report)
+    log(f'wrote {os.path.join(workdir, "report.json")} and history.jsonl')
   return report
 
 

@@ -138,8 +138,10 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     tag = fingerprint(method, config, data_files)
     cache = RunCache(os.path.join(workdir, 'fit'), tag)
     if progress and jax.process_index() == 0:  # before the scoring bar, a progress line
-      tqdm.write(f'{method}: fitting to {len(train)} training examples (runs kept in '
-                 f'{os.path.join(workdir, "fit")}) ...')
+      fit = os.path.join(workdir, 'fit')
+      tqdm.write(f'datarater: loading the rater {config.valuation.rater} ...'
+                 if method == 'datarater' else
+                 f'{method}: fitting to {len(train)} training examples (runs kept in {fit}) ...')
     valuation = factory.build(method, config, task, train, heldout, cache)
     if method == 'datarater':  # the path may be a rater run that has trained on since
       rater_digest = store.digest(jax.device_get(valuation.params))
