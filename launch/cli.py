@@ -123,15 +123,17 @@ def _help(argv, doc: str, fv: flags.FlagValues) -> None:
          if module in ('__main__', argv[0]) or module.startswith('launch.') or
          module.endswith('.py') for flag in defined]
   for flag in sorted({f.name: f for f in own}.values(), key=lambda f: f.name):
-    if flag.name != 'config':
-      print(f'  --{flag.name}: {flag.help} (default {flag.default!r})')
-  if 'config' in fv:
+    config_file = isinstance(flag.parser, _ConfigFileParser)  # its default: the file's path
+    default = flag.default_as_str if config_file else repr(flag.default)
+    print(f'  --{flag.name}: {flag.help} (default {default})')
+  if 'config' in fv and isinstance(fv['config'].parser, _ConfigFileParser):  # a config file
     try:
       fv([argv[0], *[a for a in argv[1:] if a not in HELP]])
+    except Exception as e:  # pylint: disable=broad-except  (help still lists the flags)
+      print(f'\nconfig fields: none listed ({" ".join(str(e).split())[:200]})')
+    else:
       print('\nconfig fields (override any with --config.<field>=<value>):')
       print('\n'.join(_config_fields(fv.config)))
-    except Exception:  # pylint: disable=broad-except  (help still lists the flags)
-      pass
   sys.exit(0)
 
 

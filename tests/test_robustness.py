@@ -233,6 +233,12 @@ def test_help_lists_the_flags_and_config_fields_and_exits_0():
   text = out.getvalue()
   assert '--workdir' in text and '--config.inner.steps=2' in text
   assert '--config.outer.meta_gradient=' in text
+  assert "--config: " in text and "(default 'configs/digits.py')" in text  # the file, not a dump
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    code = cli.invoke(train_rater, ['train_rater', '--config=configs/nope.py', '--help'])
+  assert code == 0 and "config fields: none listed (cannot load --config 'configs/nope.py'" in (
+      out.getvalue())
 
 
 def test_written_files_are_readable_by_everyone(tfds_dir, tmp_path):
