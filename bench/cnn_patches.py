@@ -94,7 +94,8 @@ def plot(results: dict, path: str) -> None:
   jobs = list(results['ratio'])
   fig, ax = plt.subplots(figsize=(6, 3.5))
   means = [results['ratio'][j]['mean'] for j in jobs]
-  ax.bar(jobs, means, yerr=[results['ratio'][j]['sem'] for j in jobs], capsize=4)
+  ax.bar([j.replace(' (', '\n(') for j in jobs], means,  # two-line labels: they do not overlap
+         yerr=[results['ratio'][j]['sem'] for j in jobs], capsize=4)
   ax.axhline(1.0, color='k', lw=0.8)
   ax.set_ylabel('time with lax patches / with slices')
   ax.set_title(f'Fashion-MNIST bench CNNs, {platform.processor() or platform.machine()}')
@@ -116,6 +117,7 @@ def main(argv):
   times = {job: {name: [] for name in IMPLEMENTATIONS} for job in jobs}
   for r in range(_REPEATS.value):
     for job, measure in jobs.items():
+      print(f'round {r}: timing {job} ...', flush=True)
       for name in IMPLEMENTATIONS:
         with patches(name):
           times[job][name].append(measure())

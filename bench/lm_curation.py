@@ -114,6 +114,7 @@ def run_seed(config, bench, seed: int, tmp: str) -> dict:
   small = tasks.make_task(c.task, train.info)
   seconds, values, cost = {}, {}, {}
   t0 = time.time()
+  print(f'seed {seed}: training the rater ({c.outer.steps} outer steps) ...', flush=True)
   meta_train(c, os.path.join(tmp, 'rater_run'))
   c.valuation.rater = os.path.join(tmp, 'rater')
   export.export_rater(os.path.join(tmp, 'rater_run'), c.valuation.rater)
@@ -121,6 +122,7 @@ def run_seed(config, bench, seed: int, tmp: str) -> dict:
   cache = RunCache(os.path.join(tmp, 'runs'), f'seed{seed}')  # TracIn and Mimic share a run
   for m in bench.methods:
     t0 = time.time()
+    print(f'seed {seed}: {m} values of {len(train)} sequences ...', flush=True)
     valuation = factory.build(m, c, small, train, heldout, cache)
     values[m] = np.asarray(valuation.values(train, c.valuation.score_batch_size), np.float64)
     cost[m] = int(valuation.example_gradients)
@@ -141,7 +143,10 @@ def run_seed(config, bench, seed: int, tmp: str) -> dict:
   big = tasks.make_task(bench.transfer.task, train.info)
   t = bench.transfer
   runs = {}
-  for (name, k), idx in corpora.items():
+  for i, ((name, k), idx) in enumerate(corpora.items()):
+    print(f'seed {seed}: language model {i + 1}/{len(corpora)} on {name}'
+          f'{"" if k is None else f" keep {k:g}"} ({len(idx)} sequences, {t.steps} steps) ...',
+          flush=True)
     part = train.subset(idx)
     r = compare.train_run(big, t, part, test, weighting.weighting('uniform', len(part)), seed,
                           'loss', t.evals, steps=t.steps)

@@ -150,6 +150,7 @@ def measure_unroll(args, model, hidden, population, batch, steps) -> list[dict]:
   """All modes at one (model, T): memory per mode, then step times taken round-robin."""
   runs = {}
   for mode in args.modes:
+    print(f'{model} model, T={steps}, {mode}: compiling ...', flush=True)
     config = _config(args.optimizer, hidden, population, batch, steps, mode)
     compiled, call_args, figures, n_params = compile_step(config)
     jax.block_until_ready(compiled(*call_args))  # warm-up

@@ -233,7 +233,8 @@ def paired_differences(runs: list[dict], ratios, noise: float = 0.2) -> dict:
 
 
 def markdown(table: list[dict], ginis: dict, offline: list[dict] = ()) -> str:
-  lines = ['| corruption | policy | ratio | test acc. (%) | validation acc. (%) | '
+  lines = ['| corruption | policy | ratio | test acc. (%, mean ± std over folds x seeds) | '
+           'validation acc. (%, mean ± std) | '
            'example-grads (x full) | + offline extractor (x full) | train wall (s) | '
            '+ offline wall (s) | wall speed-up vs full | with compilation | count Gini | '
            'noisy share of grads |',

@@ -62,6 +62,7 @@ def main(argv):
   bench_cli.out_folder(_OUT.value)
   results = {}
   for seed in seeds:
+    print(f'seed {seed}: launch.train_rater --config={_CONFIG.value} ...', flush=True)
     results[str(seed)] = run_seed(_CONFIG.value, seed)
     r = results[str(seed)]
     print(f'seed {seed}: noise AUROC {r["noise_auroc"]:.4f}, held-out loss rater '

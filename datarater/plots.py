@@ -12,13 +12,14 @@ def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
   """Three panels: outer/inner loss, noise AUROC over outer steps, final score histograms."""
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   steps = [h['step'] for h in history]
+  dots = {'marker': 'o', 'ms': 3} if len(steps) < 30 else {}  # a few logged points stay visible
   for key in ('outer_loss', 'inner_loss'):
-    axes[0].plot(steps, [h[key] for h in history], label=key.replace('_', ' '))
+    axes[0].plot(steps, [h[key] for h in history], label=key.replace('_', ' '), **dots)
   axes[0].set(xlabel='outer step', ylabel='loss', title='Losses')
   axes[0].legend()
   auroc = [(h['step'], h['noise_auroc']) for h in history if 'noise_auroc' in h]
   if auroc:
-    axes[1].plot(*zip(*auroc))
+    axes[1].plot(*zip(*auroc), **dots)
   axes[1].set(xlabel='outer step', ylabel='AUROC', title='Rater: clean ranked above corrupted',
               ylim=(0.4, 1.0))
   bins = np.linspace(scores.min(), scores.max(), 40)
