@@ -9,7 +9,8 @@ from typing import Callable
 import jax
 import numpy as np
 from sklearn.metrics import roc_auc_score
-from tqdm import tqdm
+
+from datarater.progress import bar as progress_bar
 
 ScoreFn = Callable[[dict], jax.Array]  # batch -> [B, ...]
 
@@ -24,7 +25,7 @@ def score_split(score_fn: ScoreFn, split, batch_size: int = 1024, progress: bool
   """
   fn = jax.jit(score_fn) if jit else score_fn
   n, out = len(split), []
-  with tqdm(total=n, desc=desc, unit='ex', disable=not progress) as bar:
+  with progress_bar(total=n, desc=desc, unit='ex', disable=not progress) as bar:
     for start in range(0, n, batch_size):
       idx = np.arange(start, start + batch_size) % n
       out.append(np.asarray(fn(split.take(idx)))[:min(batch_size, n - start)])

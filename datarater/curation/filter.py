@@ -23,7 +23,6 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from tqdm import tqdm
 
 from datarater import files, multihost
 from datarater.curation import scores_file, select, tfds_writer
@@ -31,6 +30,7 @@ from datarater.data import corruption as corruption_lib
 from datarater.data import pipeline
 from datarater.data import source as source_lib
 from datarater.errors import UserError
+from datarater.progress import bar as progress_bar
 
 THRESHOLD_MODES = ('exact', 'streaming')
 
@@ -164,8 +164,9 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     sketch = {c: select.StreamingQuantile(seed=0 if c is None else c) for c in groups}
     p, num = jax.process_index(), jax.process_count()
     blocks = streams[s].blocks(batch_size, p, num)
-    for ids, batch in tqdm(blocks, total=len(streams[s].block_starts(batch_size, p, num)),
-                           desc=f'scoring {s}', unit='batch', disable=None, leave=False):
+    for ids, batch in progress_bar(iterable=blocks,
+                                   total=len(streams[s].block_starts(batch_size, p, num)),
+                                   desc=f'scoring {s}', unit='batch', leave=False):
       if label is not None:
         labels[ids] = batch[label]
       if pipeline.RECORDED in batch:

@@ -30,6 +30,7 @@ from datarater import checkpointing, config_checks, evaluation, files, multihost
 from datarater.curation import scores_file
 from datarater.data import pipeline, source
 from datarater.errors import UserError
+from datarater.progress import bar as progress_bar
 from datarater.valuation import factory, store
 from datarater.valuation.mimic import mimic_filter
 
@@ -94,7 +95,8 @@ def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc
   for start in starts[:done]:
     record[start:start + block] = split.corruption_of(np.arange(start, min(start + block, n)))
   fn = jax.jit(score_fn)
-  with tqdm(total=len(starts), initial=done, desc=desc, unit='block', disable=not progress) as bar:
+  with progress_bar(total=len(starts), initial=done, desc=desc, unit='block',
+                    disable=not progress) as bar:
     for positions, batch in split.blocks(block, p, num, skip=done):
       if check_data:  # e.g. tokens outside the vocabulary (scored, they would be garbage)
         check_data({k: v for k, v in batch.items() if k != 'index'})

@@ -31,10 +31,10 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from datarater import files, pergrad
 from datarater.errors import UserError
+from datarater.progress import bar as progress_bar
 from datarater.tasks import PerExampleLoss, Task
 from datarater.valuation import dvemb
 from datarater.valuation.base import TrainingRun
@@ -129,7 +129,8 @@ def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
   arrays = [np.lib.format.open_memmap(os.path.join(partial, c['file']), mode='r+')
             for c in meta['checkpoints']]
   fn, size = _grads_fn(loss_fn, chunk_size), min(block_size, n)
-  with tqdm(total=n, initial=done, desc='gradient store', unit='ex', disable=not progress) as bar:
+  with progress_bar(total=n, initial=done, desc='gradient store', unit='ex',
+                    disable=not progress) as bar:
     for start in range(done, n, size):
       out = np.asarray(fn(run.checkpoints, split.take(np.arange(start, start + size) % n), state))
       rows = min(size, n - start)

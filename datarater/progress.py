@@ -1,0 +1,34 @@
+"""Progress bars a person can follow on a terminal and in a log file.
+
+`bar(...)` takes `tqdm`'s arguments. On a terminal it is tqdm's bar, redrawn in place; when
+stderr is a file or a pipe (a job's log) tqdm's carriage-return redraws would pile up on one line
+that ends only when the bar does, so there it writes one plain line at most every
+`LOG_INTERVAL_S` seconds, and one when the bar closes.
+"""
+import sys
+
+from tqdm import tqdm
+
+LOG_INTERVAL_S = 30.0
+
+
+class _Lines:
+  """A stream for tqdm that turns each redraw into a line of its own."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    text = text.replace('\r', '').strip()
+    if text:
+      self.stream.write(text + '\n')
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+
+def bar(**kwargs) -> tqdm:
+  if kwargs.get('disable') or sys.stderr.isatty():
+    return tqdm(**kwargs)
+  return tqdm(file=_Lines(sys.stderr), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S,
+              ascii=True, **kwargs)
