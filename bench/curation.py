@@ -202,6 +202,8 @@ def summarize(runs: dict, noises, keeps, methods) -> dict:
       fractions = [None if f is None else f / r['all']['steps'] for f, r in zip(fractions, rs)]
       got = [f for f in fractions if f is not None]
       mean_fraction = float(np.mean(got)) if len(got) == len(rs) else None
+      s['random_at_suggested'] = compare.stats(
+          [r['random'][r['suggested_keep']]['accuracy'] for r in rs])
       s['datarater_at_suggested'] = {
           **compare.stats([x['accuracy'] for x in dr]),
           'vs_all': compare.paired([x['accuracy'] for x in dr], all_acc),
@@ -232,7 +234,7 @@ def markdown(summary: dict, keeps, methods, epochs: int, dataset: str) -> str:
   steps_cell = lambda f: ('-' if f['steps_to_all_final_mean'] is None else
                           f'{f["steps_to_all_final_mean"]:.2f} ± {f["steps_to_all_final_std"]:.2f}')
   fmt = lambda s: f'{s["mean"]:.2f} ± {s["std"]:.2f}'
-  dif = lambda d: f'{d["diff"]:+.2f} ± {d["se"]:.2f}'
+  dif = lambda d: f'{d["diff"]:+.2f} ± ' + (f'{d["se"]:.2f}' if np.isfinite(d['se']) else 'n/a')
   for p, s in summary.items():
     lines.append(f'| {float(p):.0%} | all data | 1.0 | {fmt(s["all"])} | | | 1.0 | '
                  f'{s["all"]["example_gradients"] / 1e3:.0f}k | 0 | |')
@@ -254,6 +256,9 @@ def markdown(summary: dict, keeps, methods, epochs: int, dataset: str) -> str:
                    f'| | | | {cost} | |')
     if 'datarater_at_suggested' in s:
       d = s['datarater_at_suggested']
+      lines.append(f'| {float(p):.0%} | random subset at that keep (its - random baseline) | '
+                   f'{np.mean(s["suggested_keep"]):.3f} | {fmt(s["random_at_suggested"])} | | | | '
+                   '| 0 | |')
       lines.append(f'| {float(p):.0%} | DataRater at its suggested keep | '
                    f'{np.mean(s["suggested_keep"]):.3f} | {fmt(d)} | {dif(d["vs_all"])} | '
                    f'{dif(d["vs_random"])} | {steps_cell(d)} | | '

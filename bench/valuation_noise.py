@@ -200,9 +200,9 @@ def main(argv):
         if name == 'datarater':
           run['seconds'] = None  # meta-training time is reported by launch.train_rater
         results['runs'].append(run)
-        print(f'noise {noise:.0%} seed {s} {name:20s} AUROC {run["auroc"]:.3f} '
-              f'{run["auroc_by_kind"]} ({secs:.1f} s) [{time.time() - t_start:.0f} s]',
-              flush=True)
+        kinds = ', '.join(f'{k} {v:.3f}' for k, v in run['auroc_by_kind'].items())
+        print(f'noise {noise:.0%} seed {s} {name:20s} AUROC {run["auroc"]:.3f} ({kinds}) '
+              f'({secs:.1f} s) [{time.time() - t_start:.0f} s]', flush=True)
         if name == 'dvemb':
           phases = val.phase_values()
           results['dvemb_phase'].append({
@@ -212,11 +212,13 @@ def main(argv):
         if name == 'mimic' and _CURRICULUM.value:
           acc = mimic_online(c, task, train, heldout, test, s)
           results['mimic_online'].append({'noise': noise, 'seed': s, **acc})
-          print(f'  mimic online: test accuracy {acc}', flush=True)
+          print('  mimic online: test accuracy ' + ', '.join(
+              f'{k} {100 * v:.2f}%' for k, v in acc.items()), flush=True)
         if name in CURRICULUM_SOURCES and _CURRICULUM.value:
           acc = curriculum(c, task, train, test, values, s)
           results['curriculum'].append({'noise': noise, 'seed': s, 'source': name, **acc})
-          print(f'  curriculum from {name}: test accuracy {acc}', flush=True)
+          print(f'  curriculum from {name}: test accuracy ' + ', '.join(
+              f'{k} {100 * v:.2f}%' for k, v in acc.items()), flush=True)
   results['total_s'] = time.time() - t_start
   shutil.rmtree(tmp_root, ignore_errors=True)
   md = markdown(results)
