@@ -52,12 +52,20 @@ def _start(module, args):
   return procs
 
 
-def _finish(procs):
+def _finish(procs, timeout: int = 300):
+  """Both processes' output once they exit 0; a hung job is killed and both outputs shown."""
   outs = []
   for p in procs:
-    out, _ = p.communicate(timeout=600)
+    try:
+      outs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      tails = outs + [q.communicate()[0] for q in procs[len(outs):]]
+      pytest.fail(f'the two processes did not finish in {timeout} s; their output:\n' +
+                  '\n---\n'.join(t[-2000:] for t in tails))
+  for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
-    outs.append(out)
   return outs
 
 
