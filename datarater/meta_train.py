@@ -221,6 +221,9 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
               record['noise_auroc_last_iterate'] = noise_auroc(rater[1])
           metrics_log.write(record)
           extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
+          left = (config.outer.steps - done) / max(record['steps_per_sec'], 1e-9)
+          if done < config.outer.steps:  # the time to the run's last step at this rate
+            extra += f' | ETA {left:.0f} s' if left < 90 else f' | ETA {left / 60:.0f} min'
           auroc = f' | noise AUROC {record["noise_auroc"]:.3f}' if measurable else ''
           log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
                    'weights ESS %.2f%s | %.1f steps/s%s', done,
