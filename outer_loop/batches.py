@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from datarater.data import pipeline
+from datarater.errors import UserError
 
 
 class MetaBatches:
@@ -17,6 +18,11 @@ class MetaBatches:
     d = config.data
     self.train = pipeline.load_split(d, d.train_split, corrupt=True)
     self.heldout = pipeline.load_split(d, d.heldout_split)
+    shared = pipeline.shared_examples(pipeline.builder_of(d), d.train_split, d.heldout_split)
+    if shared:  # the outer loss would score clean copies of (possibly corrupted) training data
+      raise UserError(f'data.heldout_split {d.heldout_split!r} shares {shared} examples with '
+                      f'data.train_split {d.train_split!r}: the held-out loss the rater learns '
+                      'from must come from other examples (choose disjoint splits)')
     self.eval = pipeline.load_split(d, d.eval_split)
     self.info = self.train.info
     self.seed = config.seed

@@ -84,6 +84,30 @@ def test_split_expressions_read_the_same_examples_as_numpy_slices(tfds_dir):
   np.testing.assert_array_equal(fold.ids, np.arange(len(fold)))
 
 
+def test_shared_examples_of_two_split_expressions_by_brute_force(tfds_dir):
+  """The examples two expressions both select, against sets of (split, index); a rater's
+  held-out split sharing examples with its training split is refused."""
+  from datarater.meta_train import meta_train  # pylint: disable=g-import-not-at-top
+  from tests.run_config import small_config  # pylint: disable=g-import-not-at-top
+  builder = pipeline.get_builder('sklearn_digits', tfds_dir)
+  def chosen(expr):
+    out = set()
+    for part in expr.split('+'):
+      name, _, sl = part.partition('[')
+      lo, hi = (sl.rstrip(']').split(':') + [''])[:2] if sl else ('', '')
+      n = builder.info.splits[name].num_examples
+      out |= {(name, i) for i in range(int(lo or 0), int(hi or n))}
+    return out
+  for a, b in [('train', 'validation'), ('train[:500]', 'train[400:]'),
+               ('train[:100]+train[50:200]', 'train[150:300]+test'), ('train', 'train[1000:]'),
+               ('train[:299]+train[598:]+test', 'train[299:598]')]:
+    assert pipeline.shared_examples(builder, a, b) == len(chosen(a) & chosen(b)), (a, b)
+  config = small_config(tfds_dir, steps=2)
+  config.data.heldout_split = 'train[1000:]'
+  with pytest.raises(UserError, match="data.heldout_split 'train\\[1000:\\]' shares 197 examples"):
+    meta_train(config, 'never_written')
+
+
 def test_take_and_subset_keep_ids_and_records(tfds_dir):
   split = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
   idx = np.array([[3, 1], [7, 1190]])

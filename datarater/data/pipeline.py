@@ -228,6 +228,29 @@ def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
     raise UserError(f'split {split!r} of {builder.info.name!r} selects no examples')
 
 
+def shared_examples(builder: tfds.core.DatasetBuilder, a: str, b: str) -> int:
+  """How many stored examples split expressions `a` and `b` both select (from the record
+  ranges TFDS reads for each: e.g. 'train[:80%]' and 'train[70%:]' share 10%)."""
+  def ranges(split):
+    out = {}
+    for f in builder.info.splits[split].file_instructions:
+      take = f.take if f.take >= 0 else f.examples_in_shard - f.skip
+      out.setdefault(f.filename, []).append((f.skip, f.skip + take))
+    return out
+  def covered(intervals):  # sorted, merged
+    merged = []
+    for lo, hi in sorted(intervals):
+      if merged and lo <= merged[-1][1]:
+        merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+      else:
+        merged.append((lo, hi))
+    return merged
+  ra, rb = ranges(a), ranges(b)
+  return sum(max(0, min(h1, h2) - max(l1, l2))
+             for name in set(ra) & set(rb)
+             for l1, h1 in covered(ra[name]) for l2, h2 in covered(rb[name]))
+
+
 def corruption_kinds(info: DataInfo, corruption: corruption_lib.Corruption) -> tuple:
   """The kind names of a split's corruption record: the dataset's own (a class-label feature
   `corruption`) or those of the planted `corruption`, never both."""
