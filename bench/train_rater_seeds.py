@@ -38,12 +38,12 @@ def run_seed(config: str, seed: int, extra=()) -> dict:
   fresh = report['fresh_models']
   # Printed lines without their clock time, so runs can be compared.
   lines = [re.sub(r'^\d\d:\d\d:\d\d ', '', l) for l in out.stdout.splitlines()]
-  auroc = report['noise_auroc']  # null where nothing is recorded corrupted
-  return {'noise_auroc': float('nan') if auroc is None else auroc,
-          'heldout_loss_rater': fresh['rater']['heldout']['loss'],
-          'heldout_loss_uniform': fresh['uniform']['heldout']['loss'],
-          'test_accuracy_rater': fresh['rater']['eval']['accuracy'],
-          'test_accuracy_uniform': fresh['uniform']['eval']['accuracy'],
+  num = lambda v: float('nan') if v is None else v  # null: not defined, or a model diverged
+  return {'noise_auroc': num(report['noise_auroc']),
+          'heldout_loss_rater': num(fresh['rater']['heldout']['loss']),
+          'heldout_loss_uniform': num(fresh['uniform']['heldout']['loss']),
+          'test_accuracy_rater': num(fresh['rater']['eval']['accuracy']),
+          'test_accuracy_uniform': num(fresh['uniform']['eval']['accuracy']),
           'wall_s': wall, 'printed': lines}
 
 

@@ -350,9 +350,10 @@ def log_report(config, report: dict) -> None:
                       for k, v in by_kind.items())
     log.info('noise AUROC of the rater scores on %s: %.4f (by kind: %s)',
              config.data.train_split, auroc, kinds)
+  shown = lambda v, percent: ('n/a' if v is None or not np.isfinite(v)  # a diverged model
+                              else f'{100 * v:.2f}%' if percent else f'{v:.4f}')
   for name, r in report['fresh_models'].items():
-    metrics = ', '.join(f'{config.data.eval_split} {k} ' +
-                        (f'{100 * v:.2f}%' if k == 'accuracy' else f'{v:.4f}')
+    metrics = ', '.join(f'{config.data.eval_split} {k} {shown(v, k == "accuracy")}'
                         for k, v in sorted(r['eval'].items(), key=lambda kv: kv[0] != 'loss'))
-    log.info('fresh models trained %d steps with %s weights: held-out loss %.4f, %s',
-             config.final_eval.train_steps, name, r['heldout']['loss'], metrics)
+    log.info('fresh models trained %d steps with %s weights: held-out loss %s, %s',
+             config.final_eval.train_steps, name, shown(r['heldout']['loss'], False), metrics)

@@ -380,11 +380,16 @@ def _dense_params(calls) -> int:
   return sum(size + (shape.shape[-1] if bias else 0) for shape, size, bias in calls.values())
 
 
+def param_owners(params) -> set[str]:
+  """Module paths of the parameters' modules, the top module ('') left out."""
+  return {_module_path(path).rpartition('/')[0]
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]} - {''}
+
+
 def param_layers(loss_fn: PerExampleLoss, params, batch: dict) -> list[str]:
   """Module paths of the layers that hold parameters (any module), in the order their calls
   made by `loss_fn` return: the last is the model's last layer."""
-  owners = {_module_path(path).rpartition('/')[0]
-            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]} - {''}  # not the top
+  owners = param_owners(params)
   order = []
 
   def record(next_fun, args, kwargs, context):

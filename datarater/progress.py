@@ -30,5 +30,6 @@ class _Lines:
 def bar(**kwargs) -> tqdm:
   if kwargs.get('disable') or sys.stderr.isatty():
     return tqdm(**kwargs)
+  kwargs['leave'] = True  # a bar that clears itself would leave only its first line in a log
   return tqdm(file=_Lines(sys.stderr), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S,
               ascii=True, **kwargs)

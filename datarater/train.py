@@ -50,6 +50,7 @@ def format_record(record: dict, eval_split: str) -> str:
            f'steps {record["step"]:6d}']
   for split, label in (('heldout', 'held-out'), ('eval', eval_split)):
     for metric, values in record.get(split, {}).items():
+      values = np.array([np.nan if v is None else v for v in values], float)  # null: diverged
       mean = float(np.mean(values))
       shown = f'{100 * mean:.2f}%' if metric == 'accuracy' else f'{mean:.4f}'
       if len(values) > 1:

@@ -351,6 +351,12 @@ def test_the_last_layer_of_a_one_layer_model_is_all_of_it():
   loss, params, batch = _module_problem(nn.Dense(3), float64=True)
   assert pergrad.param_layers(loss, params, batch) == []
   assert mimic.resolve_layers(loss, params, batch, 'last') is None
+  # A two-layer model in plain JAX (no flax calls to see) still has to name its layers.
+  two = {'hidden': {'w': jnp.ones((batch['image'][0].size, 8))}, 'out': {'w': jnp.ones((8, 3))}}
+  plain = lambda p, b: -jax.nn.log_softmax(jnp.tanh(b['image'].reshape(len(b['image']), -1)
+                                                    @ p['hidden']['w']) @ p['out']['w'])[:, 0]
+  with pytest.raises(UserError, match="layers='last' found no layer called with parameters"):
+    mimic.resolve_layers(plain, two, batch, 'last')
   ref = jax.tree.map(lambda x: x + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
   u = ravel_pytree(jax.tree.map(jnp.subtract, ref, params))[0]
   u = u / jnp.linalg.norm(u)

@@ -400,9 +400,28 @@ def test_progress_in_a_log_file_is_whole_lines(monkeypatch, capsys):
   last one the finished count; on a terminal it is tqdm's own bar."""
   from datarater import progress  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(progress, 'LOG_INTERVAL_S', 0.0)
-  for _ in progress.bar(iterable=range(5), desc='scoring', unit='ex'):
-    pass
-  err = capsys.readouterr().err
-  lines = err.splitlines()
-  assert '\r' not in err and err.endswith('\n') and len(lines) >= 2
-  assert lines[-1].startswith('scoring: 100%') and '5/5' in lines[-1]
+  for leave in (True, False):  # a bar that would clear itself on a terminal too
+    for _ in progress.bar(iterable=range(5), desc='scoring', unit='ex', leave=leave):
+      pass
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert '\r' not in err and err.endswith('\n') and len(lines) >= 2
+    assert lines[-1].startswith('scoring: 100%') and '5/5' in lines[-1]
+
+
+def test_reports_with_a_diverged_model_print_n_a(monkeypatch):
+  """A metric written as null (NaN: a fresh model diverged) prints, and reprints from the
+  files on a rerun, as n/a or nan instead of stopping the run."""
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
+  from datarater.train import format_record  # pylint: disable=g-import-not-at-top
+  lines = []
+  monkeypatch.setattr(meta_train_lib.log, 'info', lambda msg, *a: lines.append(msg % a))
+  report = files.json_safe({'noise_auroc': 0.8, 'auroc_by_kind': {'label_symmetric': 0.8},
+                            'fresh_models': {'uniform': {'eval': {'loss': float('nan'),
+                                                                  'accuracy': 0.1},
+                                                         'heldout': {'loss': float('nan')}}}})
+  meta_train_lib.log_report(get_config(), report)
+  assert 'held-out loss n/a, test loss n/a, test accuracy 10.00%' in lines[-1], lines
+  line = format_record({'epoch': 1.0, 'example_gradients': 10, 'step': 1,
+                        'heldout': {'loss': [None, 0.5], 'accuracy': [0.5, 0.7]}}, 'test')
+  assert 'held-out loss nan' in line and 'held-out accuracy 60.00%' in line

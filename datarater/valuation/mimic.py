@@ -29,8 +29,12 @@ def resolve_layers(loss_fn: PerExampleLoss, params, batch: dict, layers: Layers)
   returns (`pergrad.param_layers`)], or None (all) when the model's top module holds every
   parameter itself (a one-layer model); other values unchanged."""
   if layers == 'last':
+    if not pergrad.param_owners(params):  # the top module holds them all: it is the last layer
+      return None
     names = pergrad.param_layers(loss_fn, params, batch)
-    return [names[-1]] if names else None
+    if not names:  # e.g. a model in plain JAX: no flax module calls to see
+      raise UserError("layers='last' found no layer called with parameters; name the layers")
+    return [names[-1]]
   if isinstance(layers, str):
     return [layers]
   return layers
