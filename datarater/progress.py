@@ -1,9 +1,10 @@
 """Progress bars a person can follow on a terminal and in a log file.
 
-`bar(...)` takes `tqdm`'s arguments. On a terminal it is tqdm's bar, redrawn in place; when
-stderr is a file or a pipe (a job's log) tqdm's carriage-return redraws would pile up on one line
-that ends only when the bar does, so there it writes one plain line at most every
-`LOG_INTERVAL_S` seconds, and one when the bar closes.
+`bar(...)` takes `tqdm`'s arguments. On a terminal it is tqdm's bar on stderr, redrawn in place;
+when stderr is a file or a pipe (a job's log) tqdm's carriage-return redraws would pile up on one
+line that ends only when the bar does, so there it writes one plain line at most every
+`LOG_INTERVAL_S` seconds, and one when the bar closes, to stdout with the run's other progress
+lines (stderr keeps only errors: one line for bad input).
 """
 import sys
 
@@ -31,5 +32,5 @@ def bar(**kwargs) -> tqdm:
   if kwargs.get('disable') or sys.stderr.isatty():
     return tqdm(**kwargs)
   kwargs['leave'] = True  # a bar that clears itself would leave only its first line in a log
-  return tqdm(file=_Lines(sys.stderr), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S,
+  return tqdm(file=_Lines(sys.stdout), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S,
               ascii=True, **kwargs)

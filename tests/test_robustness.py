@@ -396,16 +396,16 @@ def test_write_failures_reported_in_library_types_are_one_line(capsys):
 
 
 def test_progress_in_a_log_file_is_whole_lines(monkeypatch, capsys):
-  """stderr not a terminal (a job's log): the bar writes plain lines, no carriage returns, the
-  last one the finished count; on a terminal it is tqdm's own bar."""
+  """stderr not a terminal (a job's log): the bar writes plain lines to stdout, no carriage
+  returns, the last one the finished count; on a terminal it is tqdm's own bar."""
   from datarater import progress  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(progress, 'LOG_INTERVAL_S', 0.0)
   for leave in (True, False):  # a bar that would clear itself on a terminal too
     for _ in progress.bar(iterable=range(5), desc='scoring', unit='ex', leave=leave):
       pass
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert '\r' not in err and err.endswith('\n') and len(lines) >= 2
+    captured = capsys.readouterr()
+    err, lines = captured.out, captured.out.splitlines()
+    assert not captured.err and '\r' not in err and err.endswith('\n') and len(lines) >= 2
     assert lines[-1].startswith('scoring: 100%') and '5/5' in lines[-1]
 
 
