@@ -56,6 +56,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
         balance=fv.balance, data_dir=fv.data_dir,
         corruption=Corruption(fv.label_noise, fv.noise_seed),
         copy_other_splits=fv.copy_other_splits, batch_size=fv.batch_size, overwrite=fv.overwrite)
+  if not report['splits']:  # another process of a multi-process job: process 0 wrote it
+    return
   for s, info in report['splits'].items():
     print(f'{s}: kept {info["kept"]} of {info["num_examples"]} examples'
           + (f' (suggested keep {info["keep"]:.3f})' if fv.suggest_keep else ''))
