@@ -139,7 +139,8 @@ class RunCheckpointer:
       return None
     meta = self.meta(step)
     theirs, ours = meta['config'], trajectory_fields(self.config, self.free_fields)
-    diffs = [f'{k}={theirs.get(k)!r} there, {ours.get(k)!r} here'
+    shown = lambda fields, k: repr(fields[k]) if k in fields else '(not recorded)'  # free, or older
+    diffs = [f'{k}={shown(theirs, k)} there, {shown(ours, k)} here'
              for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     if diffs:
       raise UserError(f'workdir {self.workdir!r} holds a checkpoint of a different config '
