@@ -58,6 +58,7 @@ SECTIONS = ('data', 'task', 'rater', 'inner', 'outer', 'final_eval')  # what a r
 # A logged mean effective sample size of the weights below this fraction of the batch is reported
 # as a collapse onto a few examples.
 COLLAPSED_ESS = 0.1
+HEARTBEAT_S = 60.0  # between logged steps, a short progress line at least this often
 
 
 def run_checkpointer(config, workdir: str) -> checkpointing.RunCheckpointer:
@@ -189,6 +190,14 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     if primary:
       log.info('compiled in %.1f s', time.time() - t0)
   t0, timed_from, longest_run = time.time(), start, None
+  last_line = t0
+
+  def eta(done):
+    """' | ETA ...' to the run's last step at the rate since the clock started ('' at the end)."""
+    if done >= config.outer.steps:
+      return ''
+    left = (config.outer.steps - done) * (time.time() - t0) / max(done - max(s0, timed_from), 1)
+    return f' | ETA {left:.0f} s' if left < 90 else f' | ETA {left / 60:.0f} min'
   s0, flat_since = progress['since'], progress['flat_since']
   totals = progress['totals'] and {k: np.float32(v) for k, v in progress['totals'].items()}
   try:  # pending checkpoint writes finish whatever happens
@@ -203,6 +212,12 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
       if record_now or save_now:
         check_skipped(longest_run, done)
         longest_run = None
+      if primary and not record_now and time.time() - last_line > HEARTBEAT_S:
+        jax.block_until_ready(in_a_row)  # step `done` has run (dispatch runs ahead of it)
+        log.info('step %5d/%d | %.2f steps/s%s (metrics every %d steps)', done,
+                 config.outer.steps, (done - max(s0, timed_from)) / (time.time() - t0), eta(done),
+                 config.log_every)
+        last_line = time.time()
       if record_now:
         if primary:
           # Means over the steps since the last record that were not skipped (single steps jump
@@ -221,15 +236,14 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
               record['noise_auroc_last_iterate'] = noise_auroc(rater[1])
           metrics_log.write(record)
           extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
-          left = (config.outer.steps - done) / max(record['steps_per_sec'], 1e-9)
-          if done < config.outer.steps:  # the time to the run's last step at this rate
-            extra += f' | ETA {left:.0f} s' if left < 90 else f' | ETA {left / 60:.0f} min'
+          extra += eta(done)
           auroc = f' | noise AUROC {record["noise_auroc"]:.3f}' if measurable else ''
           log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
                    'weights ESS %.2f%s | %.1f steps/s%s', done,
                    config.outer.steps, record['outer_loss'], record['inner_loss'],
                    record['meta_grad_norm'], record['weight_ess'], auroc,
                    record['steps_per_sec'], extra)
+          last_line = time.time()
           if record['weight_ess'] < COLLAPSED_ESS:
             log.info("warning: the rater's weights rest on a few examples of each batch "
                      '(effective sample size %.1f%% of it): the inner models fit those alone. '

@@ -268,6 +268,22 @@ def test_weights_collapsed_onto_a_few_examples_are_reported(tfds_dir, tmp_path, 
   assert records and all(r['weight_ess'] < 0.1 for r in records), records
 
 
+def test_between_logged_steps_a_progress_line_comes_at_least_every_heartbeat(
+    tfds_dir, tmp_path, capsys, monkeypatch):
+  """A run whose log_every is far apart (text: about 200 s) still says where it is: a short
+  line with the step, rate and ETA; the metrics records stay at log_every."""
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(meta_train_lib, 'HEARTBEAT_S', 0.0)
+  config = small_config(tfds_dir, steps=4)
+  config.log_every = config.checkpoint_every = 4
+  meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  out = capsys.readouterr().out
+  beats = [l for l in out.splitlines() if '(metrics every 4 steps)' in l]
+  assert [l.split('step')[1].split('/')[0].strip() for l in beats] == ['1', '2', '3'], out
+  assert all('steps/s | ETA' in l for l in beats)
+  assert [json.loads(l)['step'] for l in open(tmp_path / 'run' / 'metrics.jsonl')] == [4]
+
+
 def test_polyak_average_is_the_weighted_mean_of_the_finite_iterates():
   """outer.ema = d: after t finite steps the reported rater is sum_s (1-d) d^(t-s) phi_s / (1-d^t),
   computed here in float64 from the recorded iterates; a skipped step adds no iterate."""
