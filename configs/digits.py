@@ -128,7 +128,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Selection policy 'sae': plug-in feature space, a sparse autoencoder on it, the scores.
   c.features = ml_collections.ConfigDict()
-  # 'penultimate' (Task.embed of a briefly trained task) | 'pixels'
+  # 'penultimate' (Task.embed of a briefly trained task: the fields below, up to seed, train
+  # it) | 'pixels' (the inputs as they are; those fields unused)
   c.features.extractor = 'penultimate'
   c.features.task = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (64,),
                                                'activation': 'relu'})

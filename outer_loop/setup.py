@@ -10,15 +10,15 @@ from inner_loop.optimizers import make_inner_optimizer
 
 
 def make_outer_optimizer(outer: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with global-norm clipping; its learning rate warms up linearly over `warmup_steps`, then
-  stays constant (`schedule='constant'`) or follows a cosine down to 0 at `outer.steps`
-  (`schedule='cosine'`)."""
-  warmup = max(outer.warmup_steps, 1)
+  """Adam with global-norm clipping; its learning rate warms up linearly over `warmup_steps` (0:
+  none, the first step at the full rate), then stays constant (`schedule='constant'`) or follows
+  a cosine down to 0 at `outer.steps` (`schedule='cosine'`)."""
+  warmup, lr = outer.warmup_steps, outer.learning_rate
   if outer.schedule == 'cosine':
-    schedule = optax.warmup_cosine_decay_schedule(0.0, outer.learning_rate, warmup,
-                                                  max(outer.steps, warmup + 1))
+    schedule = (optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(outer.steps, warmup + 1))
+                if warmup else optax.cosine_decay_schedule(lr, max(outer.steps, 1)))
   else:
-    schedule = optax.linear_schedule(0.0, outer.learning_rate, warmup)
+    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
   return optax.chain(optax.clip_by_global_norm(outer.clip_norm), optax.adam(schedule))
 
 

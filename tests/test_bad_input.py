@@ -182,6 +182,8 @@ def _cases(tfds_dir: str, w) -> list:
        'policy.rho=0.99 keeps floor((1 - rho) * 4) = 0 of each batch of train.batch_size=4'),
       ('valuate', [data, '--method=shapley', f'--workdir={w}/val'], "unknown --method 'shapley'"),
       ('valuate', [data, '--method=tracin'], '--workdir is required'),
+      ('valuate', [data, '--method=dvemb', '--config.valuation.layers=dense_2',
+                   f'--workdir={w}/val'], "valuation.layers='dense_2' chooses TracIn layers"),
       ('train', [data, f'--workdir={w}/run'],
        f"--workdir '{w}/run' holds a launch.train_rater run (metrics.jsonl)"),
       (*tr(out=f'--workdir={w}/train_run'),
@@ -306,7 +308,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 119  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 120  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -235,3 +235,17 @@ def test_an_added_optimizer_or_estimator_is_never_silently_another(monkeypatch):
     make_step_inverse('lion', 0.1)
   with pytest.raises(NotImplementedError, match="'pyloop'"):
     estimator('pyloop', 'adam')
+
+
+@pytest.mark.parametrize('schedule', ['constant', 'cosine'])
+def test_outer_warmup_of_zero_steps_starts_at_the_full_rate(schedule):
+  """warmup_steps = 0: the first outer update is Adam's full step (about lr per coordinate);
+  with warm-up, the first update is 0 (the schedule starts at 0)."""
+  grad = jnp.full((3,), 0.5)
+  def first_update(warmup):
+    outer = ml_collections.ConfigDict({'warmup_steps': warmup, 'learning_rate': 1e-2,
+                                       'schedule': schedule, 'steps': 100, 'clip_norm': 10.0})
+    opt = make_outer_optimizer(outer)
+    return np.asarray(opt.update(grad, opt.init(grad))[0])
+  np.testing.assert_allclose(first_update(0), -1e-2, rtol=1e-3)
+  np.testing.assert_array_equal(first_update(5), 0.0)

@@ -144,10 +144,17 @@ def test_mimic_weights_follow_the_explicit_per_example_gradients(tfds_dir):
   u = ravel_pytree(diff)[0]
   u = u / jnp.linalg.norm(u)
   grad = jax.jit(jax.grad(lambda p, one: task.per_example_loss(p, one)[0]))
-  scores = [-float(ravel_pytree(grad(params, jax.tree.map(lambda x: x[i:i + 1], batch))
-                                ['params'][last])[0] @ u) for i in range(12)]
+  g = [ravel_pytree(grad(params, jax.tree.map(lambda x: x[i:i + 1], batch))['params'][last])[0]
+       for i in range(12)]
+  scores = [-float(gi @ u) for gi in g]
   np.testing.assert_allclose(got, _softmax_weights(scores, 0.7), rtol=1e-4)
   assert policy.setup_example_gradients > 0 and policy.forwards_per_example == 2.0
+  config.valuation.mimic_cosine = True  # the cosine variant: <-g_i, u> / ||g_i||
+  cos = policies.make_policy('mimic', policies.PolicyContext(tr, held, task, config))
+  got = cos.weigh(cos.aux, (), params, batch, jnp.ones(12))
+  np.testing.assert_allclose(
+      got, _softmax_weights([s / float(jnp.linalg.norm(gi)) for s, gi in zip(scores, g)], 0.7),
+      rtol=1e-4)
 
 
 @pytest.fixture(scope='module')

@@ -117,10 +117,11 @@ def _mimic(ctx: PolicyContext) -> Policy:
   layers = factory.mimic_layers(ctx.config, ctx.task, reference, ctx.train)
   tau = ctx.config.policy.temperature
   loss_fn = ctx.task.per_example_loss
+  cosine = bool(ctx.config.valuation.mimic_cosine)
 
   def weigh(aux, state, params, batch, weights):
     del state
-    scores = mimic.mimic_scores(loss_fn, params, aux, batch, layers, False, None)
+    scores = mimic.mimic_scores(loss_fn, params, aux, batch, layers, cosine, None)
     return jax.lax.stop_gradient(weights * softmax_weights(scores, tau, weights))
   return weighting('mimic', len(ctx.train), weigh, reference, setup_example_gradients=cost,
                    forwards_per_example=2.0)

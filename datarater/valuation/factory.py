@@ -105,6 +105,9 @@ def check(method: str, config, task, train) -> None:
                     f'{v.train_steps} steps')
   params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
   if parse_layers(v.layers) is not None:
+    if method == 'dvemb':  # it would be ignored: the embedding spans every parameter
+      raise UserError(f'valuation.layers={v.layers!r} chooses TracIn layers; the data value '
+                      "embedding values every parameter (set valuation.layers='')")
     pergrad.layer_mask(params, parse_layers(v.layers))
   layers = parse_layers(v.layers) if method == 'tracin' else None  # dvemb: every parameter
   if method == 'mimic':
