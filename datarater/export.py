@@ -176,8 +176,9 @@ class LoadedRater:
       out.append(np.asarray(self.scorer(part))[:min(chunk, n - start)])
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-  def check_matches(self, info: DataInfo, what: str) -> None:
-    """UserError unless `info` has the features (shapes, dtypes, classes) the rater reads."""
+  def check_matches(self, info: DataInfo, what: str, corruption=None) -> None:
+    """UserError unless `info` has the features (shapes, dtypes, classes) the rater reads, and
+    `corruption` (a `Corruption` planted in that data, if given) is planted where it reads."""
     if not self.info.matches(info, self.reads):
       want = {k: (tuple(self.info.spec[k].shape),
                   self.info.stored.get(k, np.dtype(self.info.spec[k].dtype).name))
@@ -186,6 +187,8 @@ class LoadedRater:
              for k, s in info.spec.items()}
       raise UserError(f'the rater reads features {want} (classes {dict(self.info.num_classes)}), '
                       f'but {what} has {got} (classes {dict(info.num_classes)})')
+    if corruption is not None:
+      corruption.check_targets(info, self.rater)
 
 
 def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> LoadedRater:

@@ -368,9 +368,7 @@ def _dense_calls(loss_fn: PerExampleLoss, params, batch: dict, layers=None):
   with nn.intercept_methods(record):
     # A fresh function: eval_shape caches traces.
     jax.eval_shape(lambda p, b: loss_fn(p, b), params, batch)
-  taken = list(calls) if layers is None else _named_dense(
-      calls, [layers] if isinstance(layers, str) else layers)
-  for name in taken:
+  for name in _named_dense(calls, layers):
     if name in bad:
       raise ValueError(bad[name])
   return calls
@@ -409,11 +407,11 @@ def param_layers(loss_fn: PerExampleLoss, params, batch: dict) -> list[str]:
 def _check_covers(calls, params, layers) -> list[str]:
   """The Dense layers in `layers` (None: all); raises ValueError unless they hold every
   parameter in `layers` (ghost and factored products then see the gradients `select` keeps)."""
+  names = _named_dense(calls, layers)
   if layers is None:
-    names, inside = list(calls), sum(x.size for x in jax.tree.leaves(params))
+    inside = sum(x.size for x in jax.tree.leaves(params))
   else:
     layers = [layers] if isinstance(layers, str) else list(layers)
-    names = _named_dense(calls, layers)
     mask = jax.tree.leaves(layer_mask(params, layers))
     inside = sum(x.size for x, m in zip(jax.tree.leaves(params), mask) if m)
   # Every taken Dense layer's parameters lie in `layers`, so equal counts mean equal sets.
@@ -442,8 +440,7 @@ def dense_positions(loss_fn: PerExampleLoss, params, batch: dict,
   """The most positions per example any Dense layer in `layers` (None: all) is applied at: 1 for
   an MLP, patches for a CNN, tokens for a sequence model."""
   calls = _dense_calls(loss_fn, params, batch, layers)
-  names = list(calls) if layers is None else _named_dense(
-      calls, [layers] if isinstance(layers, str) else layers)
+  names = _named_dense(calls, layers)
   return max((math.prod(calls[n][0].shape[1:-1]) for n in names), default=1)
 
 
@@ -458,10 +455,7 @@ def dense_factors(loss_fn: PerExampleLoss, params, batch: dict,
   if isinstance(layers, str):
     layers = [layers]
   calls = _dense_calls(loss_fn, params, batch, layers)
-  if check_coverage:
-    names = _check_covers(calls, params, layers)
-  else:
-    names = list(calls) if layers is None else _named_dense(calls, layers)
+  names = _check_covers(calls, params, layers) if check_coverage else _named_dense(calls, layers)
 
   def total_loss(eps):
     acts = {}
@@ -611,6 +605,10 @@ def factored_projection(k_in: int, k_out: int, seed: int = 0,
 
 
 def _named_dense(calls, layers) -> list[str]:
+  """The Dense calls in `layers` (a name, names, or None: all of them), in call order."""
+  if layers is None:
+    return list(calls)
+  layers = [layers] if isinstance(layers, str) else layers
   names = [n for n in calls if any(_in_layer(n, l) for l in layers)]
   for l in layers:
     if not any(_in_layer(n, l) for n in calls):

@@ -137,8 +137,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   if rater is not None:
     from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
     loaded = load_rater(rater, devices=devices)
-    loaded.check_matches(info, f'dataset {dataset!r}')
-    corruption.check_targets(info, loaded.rater)
+    loaded.check_matches(info, f'dataset {dataset!r}', corruption)
     from datarater.valuation import store  # pylint: disable=g-import-not-at-top
     if not multihost.same_everywhere(store.digest(jax.device_get(loaded.params))):
       raise UserError(f'--rater {rater!r} changed while the processes loaded it (a run still '

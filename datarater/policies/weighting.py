@@ -71,8 +71,7 @@ def loaded_rater(ctx: PolicyContext, name: str):
                     'launch.train_rater workdir)')
   from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
   rater = load_rater(ctx.rater)
-  rater.check_matches(ctx.train.info, 'the training data')
-  corruption.from_config(ctx.config.data).check_targets(ctx.train.info, rater.rater)
+  rater.check_matches(ctx.train.info, 'the training data', corruption.from_config(ctx.config.data))
   return rater
 
 

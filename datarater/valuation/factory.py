@@ -72,8 +72,7 @@ def rater_for(config, train):
     raise UserError('method datarater needs valuation.rater (an exported rater or a '
                     'launch.train_rater workdir)')
   loaded = load_rater(config.valuation.rater)
-  loaded.check_matches(train.info, 'the training data')
-  corruption.from_config(config.data).check_targets(train.info, loaded.rater)
+  loaded.check_matches(train.info, 'the training data', corruption.from_config(config.data))
   return loaded
 
 
