@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.name = 'mlp_classifier'   # datarater.tasks.TASKS
   c.task.hidden = (128, 128)
   c.task.activation = 'relu'
+  c.task.input = ''                # feature names read ('': the dataset's supervised keys)
+  c.task.label = ''
 
   c.rater = ml_collections.ConfigDict()
   c.rater.name = 'mlp_rater'       # datarater.tasks.RATERS
@@ -42,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.rater.activation = 'relu'
   c.rater.temperature = 1.0        # tau in w = B * softmax(score / tau)
   c.rater.readout = 'logit'        # score: the label's output 'logit' | its 'log_softmax'
+  c.rater.input = ''
+  c.rater.label = ''
 
   c.inner = ml_collections.ConfigDict()
   c.inner.steps = 2                # T: unrolled inner steps per outer step
@@ -132,7 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   # it) | 'pixels' (the inputs as they are; those fields unused)
   c.features.extractor = 'penultimate'
   c.features.task = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (64,),
-                                               'activation': 'relu'})
+                                               'activation': 'relu', 'input': '', 'label': ''})
   c.features.train_steps = 150
   c.features.train_epochs = 0.0    # > 0: passes over the training split instead of train_steps
   c.features.batch_size = 64

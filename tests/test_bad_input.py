@@ -101,6 +101,7 @@ def _cases(tfds_dir: str, w) -> list:
       (*tr('--config.inner.stepz=4'), "unknown config field 'stepz' (did you mean 'steps'?)"),
       (*tr('--config.inner.zzz=4'), "unknown config field 'zzz'"),
       (*tr('--config.zzz.steps=4'), "unknown config field 'zzz'"),
+      (*tr('--config.task.label=nope'), "got input 'image', label 'nope'; dataset 'sklearn_digits'"),
       (*tr('--config.inner.steps=abc'), "--config.inner.steps=abc: invalid literal for int()"),
       (*tr(out=f'--workdir={w}/a_file'), f"--workdir '{w}/a_file' exists and is not a folder"),
       (*tr(out=f'--workdir={w}/a_file/under'), f"cannot write --workdir '{w}/a_file/under'"),
@@ -308,7 +309,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 120  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 121  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
