@@ -11,7 +11,6 @@ use it to try many inputs quickly).
 """
 import logging
 import re
-import signal
 import sys
 from typing import Callable
 
@@ -20,6 +19,8 @@ from absl import flags
 from absl import logging as absl_logging
 import ml_collections
 from ml_collections import config_flags
+
+from launch import interrupts
 
 HELP = ('--help', '-h', '--helpfull', '-?')
 
@@ -173,15 +174,8 @@ def run(main: Callable, define_flags: Callable, doc: str) -> None:
     if not flags.FLAGS['verbosity'].present:  # library chatter (XLA, orbax, TFDS) off
       absl_logging.set_verbosity(absl_logging.WARNING)
     return main(argv)
-  signal.signal(signal.SIGTERM, _terminated)
+  interrupts.install()
   app.run(quiet_main, flags_parser=lambda argv: parse_flags(argv, doc))
-
-
-def _terminated(signum, frame) -> None:
-  """SIGTERM (a scheduler's kill) ends the run as Ctrl-C does: temporary files and folders
-  are removed on the way out, instead of being left beside the outputs."""
-  del frame
-  sys.exit(128 + signum)
 
 
 def invoke(module, argv: list[str]) -> int:

@@ -1,0 +1,50 @@
+"""Ctrl-C and SIGTERM stop a launcher even when handled inside a garbage-collector callback."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A gc callback (as JAX registers one) that signals its own process once: the handler runs inside
+# the callback, where Python prints and drops whatever it raises.
+CHILD = '''
+import gc, os, signal, sys, time
+from launch import interrupts
+if sys.argv[2] == 'install':
+  interrupts.install()
+else:
+  signal.signal(signal.SIGTERM, lambda s, f: sys.exit(128 + s))  # raises, as a plain handler
+sent = []
+def callback(phase, info):
+  if phase == 'start' and not sent:
+    sent.append(1)
+    os.kill(os.getpid(), int(sys.argv[1]))
+    sum(range(1000))  # handled here, inside the callback
+gc.callbacks.append(callback)
+start = time.time()
+while time.time() - start < 5:
+  class Node: pass
+  node = Node(); node.self = node
+print('went on to the end')
+'''
+
+
+def _run(signum: int, mode: str):
+  return subprocess.run([sys.executable, '-c', CHILD, str(signum), mode], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60,
+                        env={**os.environ, 'PYTHONPATH': ROOT})
+
+
+@pytest.mark.parametrize('signum,code', [(signal.SIGINT, -signal.SIGINT),
+                                         (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_signal_inside_a_gc_callback_stops_the_run(signum, code):
+  lost = _run(signum, 'plain')  # the failure this guards against: the signal is dropped
+  assert lost.returncode == 0 and 'went on to the end' in lost.stdout, lost.stderr[-2000:]
+  stopped = _run(signum, 'install')
+  assert stopped.returncode == code, stopped.stderr[-2000:]
+  assert 'went on to the end' not in stopped.stdout
+  if signum == signal.SIGINT:
+    assert stopped.stderr.rstrip().endswith('KeyboardInterrupt'), stopped.stderr[-2000:]
