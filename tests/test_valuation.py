@@ -230,6 +230,17 @@ def test_mimic_filter_threshold():
   assert keep[:80].all() and not keep[80:].any() and -1 < thr < 2
   keep, thr = mimic.mimic_filter(scores, keep_fraction=0.5)
   assert keep.sum() == 50 and (scores[keep] >= scores[~keep].max()).all()
+  # Mimic's keep column keeps what `launch.filter --keep` keeps: round(keep * N), also with ties
+  # (brute force: sort by (score descending, id ascending), take the first round(keep * N)).
+  for scores, ids, fraction in [(np.array([0., 1, 1, 1, 1, 2]), np.arange(6)[::-1], 0.5),
+                                (np.arange(101.), np.arange(101), 0.05),
+                                (rng.integers(0, 4, 999).astype(float), rng.permutation(999), 0.3)]:
+    keep, thr = mimic.mimic_filter(scores, keep_fraction=fraction, ids=ids)
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], ids[i]))
+    want = np.zeros(len(scores), bool)
+    want[order[:int(fraction * len(scores) + 0.5)]] = True
+    np.testing.assert_array_equal(keep, want)
+    assert thr == scores[want].min()
 
 
 def explicit_dvemb_none_or_ef(loss, run, batches, curvature):

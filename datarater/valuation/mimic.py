@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.mixture import GaussianMixture
 
 from datarater import pergrad
+from datarater.curation import select
 from datarater.errors import UserError
 from datarater.tasks import PerExampleLoss, batch_size_of
 from datarater.valuation.base import Valuation
@@ -85,19 +86,19 @@ class Mimic(Valuation):
     return total / len(self._params)
 
 
-def mimic_filter(scores: np.ndarray, keep_fraction: Optional[float] = None, seed: int = 0):
-  """(keep mask [N], threshold): keep scores >= threshold.
+def mimic_filter(scores: np.ndarray, keep_fraction: Optional[float] = None, seed: int = 0,
+                 ids: Optional[np.ndarray] = None):
+  """(keep mask [N], threshold: the lowest kept score).
 
-  With `keep_fraction`, the threshold keeps that top fraction; otherwise a two-component Gaussian
-  mixture is fitted to the scores and the threshold is where the higher-mean component becomes
-  the more probable one.
+  With `keep_fraction`, the top fraction as `launch.filter --keep` keeps it (`select.select_top`:
+  exactly round(keep * N), ties broken by id); otherwise every score >= a threshold where a
+  two-component Gaussian mixture fitted to the scores makes its higher-mean component the more
+  probable one.
   """
   scores = np.asarray(scores, np.float64)
   if keep_fraction is not None:
-    if not 0 < keep_fraction <= 1:
-      raise UserError(f'keep_fraction must be in (0, 1], got {keep_fraction}')
-    threshold = float(np.quantile(scores, 1 - keep_fraction, method='higher'))
-    return scores >= threshold, threshold
+    keep = select.select_top(scores, keep_fraction, ids)
+    return keep, float(scores[keep].min())
   gm = GaussianMixture(2, random_state=seed).fit(scores[:, None])
   good = int(np.argmax(gm.means_[:, 0]))
   is_good = gm.predict_proba(scores[:, None])[:, good] >= 0.5

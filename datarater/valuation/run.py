@@ -247,7 +247,7 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
   if method == 'mimic':  # Grad-Mimic's offline filter: keep/drop with an automatic threshold.
     extra['layers'] = None if valuation.layers is None else list(valuation.layers)
     fraction = config.valuation.mimic_keep_fraction or None
-    columns['keep'], extra['keep_threshold'] = mimic_filter(values, fraction)
+    columns['keep'], extra['keep_threshold'] = mimic_filter(values, fraction, ids=train.ids)
     extra['kept'] = int(columns['keep'].sum())
   scores_file.write(stem + '.parquet', train.ids, scores, values,
                     dataset=pipeline.dataset_name(config.data), split=config.data.train_split,
