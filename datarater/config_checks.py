@@ -8,7 +8,7 @@ registered task or rater declares (`tasks.registry.schema_of`).
 import math
 from typing import Any, Callable, Optional
 
-from datarater.data.corruption import INPUT_KINDS
+from datarater.data.corruption import INPUT_KINDS, LABEL_KINDS
 from datarater.errors import UserError
 
 Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
@@ -120,7 +120,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
     'data': {'name': string(nonempty=True), 'data_dir': string(), 'dataset_dir': string(),
              'train_split': string(nonempty=True), 'heldout_split': string(nonempty=True),
              'eval_split': string(nonempty=True), 'label_noise': number(0, 1, hi_open=True),
-             'label_noise_kind': one_of('symmetric', 'confusion'), 'confusions': pairs(),
+             'label_noise_kind': one_of(*LABEL_KINDS), 'confusions': pairs(),
              'noise_seed': integer(0),
              'input_corruption': section('data.input_corruption', {
                  kind: optional(number(0, 1, hi_open=True)) for kind in INPUT_KINDS})},
@@ -130,7 +130,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
               'advance_steps': integer(0)},
     'outer': {'steps': integer(0), 'batch_size': integer(1),
               'learning_rate': number(0, lo_open=True), 'warmup_steps': integer(0),
-              'schedule': one_of('constant', 'cosine'), 'clip_norm': number(0, lo_open=True),
+              'schedule': _lazy_one_of('outer_loop.setup.SCHEDULES'), 'clip_norm': number(0, lo_open=True),
               'ema': number(0, 1, hi_open=True),
               'meta_gradient': _lazy_one_of('outer_loop.estimators.META_GRADIENTS'),
               'mixed_recompute': _lazy_one_of('outer_loop.estimators.MIXED_RECOMPUTE'),
@@ -150,11 +150,11 @@ SECTIONS: dict[str, dict[str, Check]] = {
         'seed': integer(0), 'layers': string(),
         'projection': _lazy_one_of('datarater.valuation.factory.PROJECTIONS'),
         'projection_dim': integer(1), 'projection_seed': integer(0), 'chunk_size': integer(1),
-        'score_batch_size': integer(1), 'tracin_mode': one_of('self', 'heldout', 'heldout_cos'),
+        'score_batch_size': integer(1), 'tracin_mode': _lazy_one_of('datarater.valuation.tracin.MODES'),
         'tracin_project': boolean(), 'tracin_ghost': boolean(), 'mimic_layers': string(),
         'mimic_cosine': boolean(), 'mimic_keep_fraction': number(0, 1, hi_open=True),
         'reference_steps': integer(1),
-        'dvemb_curvature': one_of('gauss_newton', 'empirical_fisher', 'exact', 'none'),
+        'dvemb_curvature': _lazy_one_of('datarater.valuation.dvemb.CURVATURES'),
         'dvemb_steps': integer(1), 'rater': string(), 'store': boolean(),
         'store_k': integer(1), 'topk': integer(0), 'topk_split': string(nonempty=True)},
     'features': {'extractor': _lazy_one_of('datarater.features.EXTRACTORS'),
@@ -169,8 +169,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
                    'rep_weight_end': number(), 'div_weight_start': number(),
                    'div_weight_end': number(), 'usage_penalty': number(0),
                    'temperature': number(0),
-                   'mislabel_guard': one_of('penalty', 'exclude', 'off'),
-                   'mislabel_rule': one_of('margin', 'confident', 'knn'),
+                   'mislabel_guard': _lazy_one_of('datarater.policies.sae_scores.GUARDS'),
+                   'mislabel_rule': _lazy_one_of('datarater.policies.sae_scores.SUSPECT_RULES'),
                    'mislabel_margin': number(0), 'mislabel_knn': integer(1),
                    'mislabel_knn_reference': integer(0),
                    'mislabel_penalty': number(0)},

@@ -8,6 +8,8 @@ from outer_loop.estimators import make_estimator
 from outer_loop.meta_step import MetaProblem
 from inner_loop.optimizers import make_inner_optimizer
 
+SCHEDULES = ('constant', 'cosine')  # the outer learning rate after its warm-up
+
 
 def make_outer_optimizer(outer: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam with global-norm clipping; its learning rate warms up linearly over `warmup_steps` (0:

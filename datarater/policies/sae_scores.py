@@ -245,13 +245,13 @@ def knn_reference(num_examples: int, size: int, key: jax.Array):
 def config_reference(num_examples: int, cfg):
   """The k-NN reference sample of an `sae_scores` config, drawn with key 0 (so the suspects are a
   function of the codes and labels); None: all examples."""
-  return knn_reference(num_examples, cfg.get('mislabel_knn_reference', 0), jax.random.PRNGKey(0))
+  return knn_reference(num_examples, cfg.mislabel_knn_reference, jax.random.PRNGKey(0))
 
 
 def config_suspects(stats: FactorStats, cfg) -> jax.Array:
   """bool [N]: `suspected_mislabels` under an `sae_scores` config's rule and reference sample."""
   return suspected_mislabels(stats, cfg.mislabel_rule, cfg.mislabel_margin,
-                             cfg.get('mislabel_knn', 50),
+                             cfg.mislabel_knn,
                              config_reference(stats.mass.shape[0], cfg))
 
 
@@ -291,14 +291,6 @@ def exclude_last(score: jax.Array, excluded: jax.Array) -> jax.Array:
   return jnp.where(excluded, score - span, score)
 
 
-def mislabel_guard(cfg) -> str:
-  """The guard mode of an `sae_scores` config (configs without the field: the soft penalty)."""
-  guard = cfg.get('mislabel_guard', 'penalty')
-  if guard not in GUARDS:
-    raise UserError(f'sae_scores.mislabel_guard must be one of {GUARDS}, got {guard!r}')
-  return guard
-
-
 def combined_score(stats: FactorStats, counts, factor_usage, epoch, num_epochs: int, cfg,
                    suspect=None):
   """The selection score of every example at `epoch` (higher = more wanted).
@@ -311,6 +303,6 @@ def combined_score(stats: FactorStats, counts, factor_usage, epoch, num_epochs: 
   beta = curriculum(progress, cfg.div_weight_start, cfg.div_weight_end)
   div = ranks.percentile_rank(diversity(stats, factor_usage, progress, cfg.gate_width))
   score = alpha * stats.rep_rank + beta * div - cfg.usage_penalty * usage_penalty(counts, epoch)
-  if suspect is not None and mislabel_guard(cfg) == 'penalty':
-    score = score - cfg.get('mislabel_penalty', 0.0) * suspect
+  if suspect is not None and cfg.mislabel_guard == 'penalty':
+    score = score - cfg.mislabel_penalty * suspect
   return score

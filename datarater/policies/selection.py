@@ -142,7 +142,7 @@ def sae(codes, ratio: float, num_epochs: int, cfg, labels=None, num_classes: int
   if labels is not None and len(labels) != num_examples:
     raise UserError(f'SAE codes cover {num_examples} examples but the split has {len(labels)}')
   stats = sae_scores.factor_stats(codes, cfg.high_freq_fraction, labels, num_classes)
-  guard = sae_scores.mislabel_guard(cfg)
+  guard = cfg.mislabel_guard
   suspect = (sae_scores.config_suspects(stats, cfg) if guard != 'off'
              else jnp.zeros(num_examples, bool))
 
