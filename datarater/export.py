@@ -113,6 +113,8 @@ def _read_run(workdir: str):
 
 def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
   """Writes the rater of `workdir` to `out_dir` (temp folder, then rename); returns rater.json."""
+  if not workdir:
+    raise UserError('--workdir is required')
   if not out_dir:
     raise UserError('--out is required')
   files.check_apart(out_dir, '--out', workdir=workdir)

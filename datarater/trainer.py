@@ -60,7 +60,6 @@ class Recording:
   """Parameters before steps 0, k, 2k, ... (leaves [M, C, ...]) and every step's batch:
   positions in the training split and weights, [M, T, B]."""
   checkpoints: Any
-  every: int
   positions: np.ndarray
   weights: np.ndarray
 
@@ -368,7 +367,7 @@ class Trainer:
         checkpoints.close()
     recording = None
     if self.record_every:
-      recording = Recording(recorder, self.record_every, np.concatenate(positions_log, 1),
+      recording = Recording(recorder, np.concatenate(positions_log, 1),
                             np.concatenate(weights_log, 1))
     return TrainResult(
         history=history, params=state.models.params, policy_state=state.policy, seeds=seeds,

@@ -6,7 +6,7 @@ anywhere with `datarater.load_rater(RATER_DIR)`, on any number of devices.
 from absl import flags
 
 from datarater import export
-from datarater.errors import UserError, exit_on_user_error
+from datarater.errors import exit_on_user_error
 from launch import cli
 
 
@@ -20,8 +20,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
-    if not fv.workdir:
-      raise UserError('--workdir is required')
     meta = export.export_rater(fv.workdir, fv.out, fv.overwrite)
     reads = export.load_rater(fv.out).reads
   print(f'exported the rater of {fv.workdir} to {fv.out} '

@@ -5,7 +5,6 @@ r"""Values every training example with one method -> a scores file keyed by TFDS
 --method is tracin, mimic, dvemb or datarater (with --config.valuation.rater=RATER). Runs
 `datarater.valuation.run.valuate`: DIR gets scores_<method>.parquet and scores_<method>.json.
 """
-import os
 
 from absl import flags
 
@@ -30,7 +29,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   if not summary:  # another process of a multi-process job wrote the files
     return
   auroc = summary['noise_auroc']  # None where no example (or every one) is recorded corrupted
-  print(f'wrote {os.path.join(fv.workdir, "scores_" + summary["method"] + ".parquet")}: '
+  print(f'wrote {summary["scores_file"]}: '
         f'{summary["num_examples"]} examples' +
         (f', noise AUROC {auroc:.3f}' if auroc is not None else ''))
 

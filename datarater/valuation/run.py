@@ -252,7 +252,8 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
   scores_file.write(stem + '.parquet', train.ids, scores, values,
                     dataset=pipeline.dataset_name(config.data), split=config.data.train_split,
                     planted=train.corruption.describe(), **columns)
-  summary = {'method': method, 'valuation': valuation.name, 'num_examples': n,
+  summary = {'method': method, 'valuation': valuation.name, 'scores_file': stem + '.parquet',
+             'num_examples': n,
              'higher_is_better': valuation.higher_is_better,
              'noise_auroc': evaluation.noise_auroc(values, record != 0),
              'auroc_by_kind': evaluation.auroc_by_kind(values, record, train.corruption_kinds),
