@@ -1,4 +1,4 @@
-"""configs/fashion_mnist.py sized for the issue-17 benchmarks on 2 shared CPU cores.
+"""configs/fashion_mnist.py sized for the Fashion-MNIST benchmarks on 2 shared CPU cores.
 
   python -m bench.valuation_noise --config=configs/fashion_mnist_bench.py ...
   python -m bench.curation --config=configs/fashion_mnist_bench.py ...
@@ -14,19 +14,17 @@ issue fits in about two hours of two CPU cores shared with other jobs:
   drowned in pixel noise, occluded, a near-duplicate and an out-of-distribution digit (5% input
   corruption in all, recorded per kind; the benchmarks switch them off at --noise=0);
 - the rater: K=2 inner CNNs, inner batch 64, T=2 unrolled steps, outer batch 128 (the
-  paper-sized K=8, B=128 ran 0.2-0.5 outer steps/s here); the benchmarks set the outer steps;
+  paper-sized K=8, B=128 is too slow here); the benchmarks set the outer steps;
 - valuations: TracIn and Mimic read 4 checkpoints of the 600-step SGD run (every 150 steps);
-  data value embedding follows a 150-step run (300 steps took ~5 min per valuation here);
-- training runs: batch 128, Adam 1e-3, 4 epochs (156 steps on 5,000 images);
-- selection features (set in configs/fashion_mnist.py, sized in passes over the split): the
-  hidden layer (64 units) of an MLP trained for 3.84 passes (300 steps of batch 64 on 5,000
-  images), and an SAE of batch 128 trained for 6.4 passes (250 steps) on them. They replaced,
-  each time with equal validation accuracy on the tuning split and a fraction of the offline
-  wall, a (16, 32)-channel CNN with a 500 x 256 SAE and then an (8, 16)-channel CNN
-  (`bench/results/selection_{small,mlp}_extractor_prereg.md`); the full 7x7x32 flattened maps
-  and 1,500 SAE steps took ~150 s per run here. Sized in passes, the stage keeps pace with the
-  split: on 50,000 images the 5,000-image step counts left the k-NN label guard suspecting 5.9%
-  of the clean split, the passes 3.7% (`bench/results/selection_offline_scale_prereg.md`).
+  data value embedding follows a 150-step run;
+- training runs: batch 128, Adam 1e-3, 4 epochs (160 steps on 5,000 images: 40 per epoch, the
+  last one short);
+- selection features (set in configs/fashion_mnist.py, sized in passes over the split, so the
+  stage keeps pace with the split): the hidden layer (64 units) of an MLP trained for 3.84
+  passes (300 steps of batch 64 on 5,000 images), and an SAE of batch 128 trained for 6.4
+  passes (250 steps) on them; chosen on the tuning split against larger CNN extractors and
+  SAEs (`bench/results/selection_{small,mlp}_extractor_prereg.md`,
+  `bench/results/selection_offline_scale_prereg.md`).
 """
 import ml_collections
 

@@ -63,8 +63,7 @@ HEARTBEAT_S = 60.0  # between logged steps, a short progress line at least this 
 
 def run_checkpointer(config, workdir: str) -> checkpointing.RunCheckpointer:
   """Checkpoints in `workdir`, tied to the config and to how the meta-training stream shuffles
-  (code before the stream's own generator tag shuffled otherwise: its checkpoints cannot be
-  resumed exactly). A finished run may be extended with more outer steps, except under a cosine
+  (`data_stream`: a checkpoint of another shuffle cannot be resumed exactly). A finished run may be extended with more outer steps, except under a cosine
   outer schedule, whose decay the run length sets."""
   fingerprint = config.copy_and_resolve_references()
   with fingerprint.unlocked():

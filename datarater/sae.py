@@ -49,7 +49,7 @@ class SAE(nn.Module):
     w_dec = w_dec / (jnp.linalg.norm(w_dec, axis=-1, keepdims=True) + 1e-8)
     pre = nn.Dense(self.num_factors, name='encoder')(x - b_pre)
     if self.sparsity == 'top_k':
-      # The k-th largest pre-activation per row (jnp.partition is ~7x faster than top_k on CPU).
+      # The k-th largest pre-activation per row (jnp.partition is faster than top_k on CPU).
       kth = jax.lax.stop_gradient(-jnp.partition(-pre, self.k - 1, axis=-1)[:, self.k - 1:self.k])
       codes = jnp.where(pre >= kth, nn.relu(pre), 0.0)  # a mask, not a scatter: cheap backward
     else:

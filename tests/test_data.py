@@ -169,8 +169,8 @@ def test_each_member_resets_every_r_steps_at_staggered_offsets():
 
 
 def test_data_info_leaves_out_what_is_not_a_fixed_shape_array_and_records_stored_dtypes():
-  """A variable-length feature no model reads (e.g. tokens of any length) used to crash every
-  launcher when the examples were stacked; it is left out like text. Stored dtypes tell uint8
+  """A variable-length feature no model reads (e.g. tokens of any length) is left out like text
+  (the examples could not be stacked). Stored dtypes tell uint8
   pixels (decoded to [0, 1]) from float ones (kept as they are)."""
   import types  # pylint: disable=g-import-not-at-top
   features = tfds.features.FeaturesDict({

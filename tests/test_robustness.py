@@ -85,8 +85,8 @@ def test_skipped_steps_in_a_row_that_end_between_checks_still_stop_the_run(
 
 
 def test_a_checkpoint_of_the_stream_before_its_tag_is_not_resumed(tfds_dir, tmp_path):
-  """Code before the stream's generator tag shuffled the meta-training stream otherwise; its
-  checkpoints (no data_stream in their config fingerprint) are refused, not resumed mixed."""
+  """A checkpoint with no data_stream in its config fingerprint was shuffled otherwise (by code
+  before the stream's generator tag): it is refused, not resumed mixed."""
   config = small_config(tfds_dir, steps=4)
   workdir = tmp_path / 'old'
   meta_train(config, str(workdir), stop_after=2, devices=jax.devices()[:1])

@@ -254,7 +254,7 @@ def test_a_gradient_store_projects_the_layers_of_its_method(tfds_dir, tmp_path):
   (path,) = [os.path.join(work, d) for d in os.listdir(work) if d.startswith('store_mimic')]
   projection = store_lib.GradientStore(path).meta['projection']
   assert projection['names'] == ['dense_2'] and projection['dim'] == 64 * 64, projection
-  # A store that projects other layers (as older code built it) is rebuilt, not read.
+  # A store that projects other layers than the config's is rebuilt, not read.
   meta_path = os.path.join(path, store_lib.META)
   meta = json.load(open(meta_path))
   meta['projection']['layers'] = None

@@ -121,8 +121,8 @@ def check(method: str, config, task, train) -> None:
 def ghost_norms_pay(task, run, train, layers) -> bool:
   """Whether a cosine's per-example gradient norms over `layers` come from ghost norms: exact
   where Dense layers hold those parameters (`pergrad.ghost_covers`), and taken where each Dense
-  layer sees one position per example (MLPs: 2.6x to 4.9x faster). Over positions (patches,
-  tokens) they measured 0.9x to 1.3x (CNN, text LM), so those keep forming the gradients."""
+  layer sees one position per example (MLPs). Over positions (patches, tokens) they are no faster
+  than forming the gradients (`bench/results/valuation_scale.md`), which those keep doing."""
   loss, batch = task.per_example_loss, train.take([0, 1])
   return (pergrad.ghost_covers(loss, run.final_params, batch, layers) and
           pergrad.dense_positions(loss, run.final_params, batch, layers) == 1)

@@ -186,7 +186,7 @@ def _merge(best_s, best_i, s, i, k: int, sign: int):
   """The k best of (running, new) candidates by sign * score, on the device. `lax.top_k` puts
   the lower position first on ties, so, as a stable sort, lower rows win (running rows precede
   the block's, and are themselves in that order). With a NaN among the scores, integer keys
-  rank it below -inf (top_k of integers is a full sort on CPU: ~75x slower than of floats)."""
+  rank it below -inf (top_k of integers is a full sort on CPU, far slower than of floats)."""
   s, i = jnp.concatenate([best_s, s], 1), jnp.concatenate([best_i, i], 1)
   t, k = sign * s, min(k, s.shape[1])
   order = jax.lax.cond(jnp.any(jnp.isnan(t)), lambda t: jax.lax.top_k(_int_key(t), k)[1],
