@@ -108,17 +108,23 @@ def test_fashion_config_plants_confusions_in_the_train_split(fashion, tfds_dir):
   np.testing.assert_array_equal(heldout.features['label'], labels[50000:55000])
 
 
-def test_builder_reads_plain_idx_files_from_the_folder_the_environment_names(tmp_path,
-                                                                             monkeypatch):
-  rng = np.random.default_rng(0)
-  data = {'train': (rng.integers(0, 256, (7, 28, 28)), rng.integers(0, 10, 7)),
+def _idx_folder(folder, n_train: int, seed: int = 0) -> dict:
+  """Random idx files (plain images, gzipped labels) in `folder`; their arrays by split."""
+  rng = np.random.default_rng(seed)
+  data = {'train': (rng.integers(0, 256, (n_train, 28, 28)), rng.integers(0, 10, n_train)),
           'test': (rng.integers(0, 256, (3, 28, 28)), rng.integers(0, 10, 3))}
-  folder = tmp_path / 'idx'
   folder.mkdir()
   for split, prefix in (('train', 'train'), ('test', 't10k')):
     idx_mnist.write_idx(str(folder / f'{prefix}-images-idx3-ubyte'), data[split][0])
     idx_mnist.write_idx(str(folder / f'{prefix}-labels-idx1-ubyte.gz'), data[split][1],
                         compress=True)
+  return data
+
+
+def test_builder_reads_plain_idx_files_from_the_folder_the_environment_names(tmp_path,
+                                                                             monkeypatch):
+  folder = tmp_path / 'idx'
+  data = _idx_folder(folder, 7)
   monkeypatch.setenv(idx_mnist.ENV_DIR, str(folder))
   builder = pipeline.get_builder('idx_mnist/mnist', str(tmp_path / 'tfds'))
   assert builder.info.features['label'].names == [str(i) for i in range(10)]
@@ -126,6 +132,36 @@ def test_builder_reads_plain_idx_files_from_the_folder_the_environment_names(tmp
     read = pipeline.read_split(builder, split)
     np.testing.assert_array_equal(read.features['image'][..., 0] * 255.0, images)
     np.testing.assert_array_equal(read.features['label'], labels)
+
+
+def test_a_dataset_built_from_other_idx_files_is_refused_not_read(tmp_path, monkeypatch):
+  """The prepared dataset is tied to the files it was built from: pointing $DATARATER_IDX_DIR at
+  other files (or unsetting it where the default folder holds other ones) does not silently
+  read the old build."""
+  first, second = tmp_path / 'first', tmp_path / 'second'
+  _idx_folder(first, 7)
+  _idx_folder(second, 9, seed=1)
+  tfds_dir = str(tmp_path / 'tfds')
+  monkeypatch.setenv(idx_mnist.ENV_DIR, str(first))
+  assert pipeline.read_split(pipeline.get_builder('idx_mnist/mnist', tfds_dir), 'train').ids.size == 7
+  assert pipeline.get_builder('idx_mnist/mnist', tfds_dir).is_prepared()  # same files: read
+  monkeypatch.setenv(idx_mnist.ENV_DIR, str(second))
+  with pytest.raises(UserError) as e:
+    pipeline.get_builder('idx_mnist/mnist', tfds_dir)
+  assert f'built from the idx files in {first}, not from those in {second}' in str(e.value)
+  assert '\n' not in str(e.value)
+  monkeypatch.delenv(idx_mnist.ENV_DIR)  # mnist has no default folder: nothing to compare with
+  assert pipeline.get_builder('idx_mnist/mnist', tfds_dir).is_prepared()
+  (second / 'train-images-idx3-ubyte').unlink()
+  idx_mnist.write_idx(str(second / 'train-images-idx3-ubyte'),  # 9 other images, same size
+                      np.zeros((9, 28, 28), np.uint8))
+  monkeypatch.setenv(idx_mnist.ENV_DIR, str(second))
+  other = str(tmp_path / 'tfds2')
+  pipeline.get_builder('idx_mnist/mnist', other)
+  (second / 'train-labels-idx1-ubyte.gz').unlink()  # now a folder with three of the four files
+  idx_mnist.write_idx(str(second / 'train-labels-idx1-ubyte'), np.zeros(9, np.uint8))
+  with pytest.raises(UserError, match='built from the idx files in'):
+    pipeline.get_builder('idx_mnist/mnist', other)
 
 
 def test_a_damaged_gzip_file_is_one_line_naming_it(tmp_path):

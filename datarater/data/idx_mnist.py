@@ -5,7 +5,9 @@ Fashion-MNIST, MNIST and KMNIST ship as four idx files (`train-images-idx3-ubyte
 `idx_mnist/<config>` writes them once into an array_record TFDS dataset (splits `train` and
 `test`, examples in file order) that is then read like any other TFDS dataset. The folder is the
 config's default (Fashion-MNIST: where the Debian package `dataset-fashion-mnist` puts it) or the
-environment variable DATARATER_IDX_DIR. TFDS's own `fashion_mnist` builder downloads and checks
+environment variable DATARATER_IDX_DIR. A build records the folder and its files' sizes
+(`info.metadata['source']`), and a prepared dataset is refused when the folder that would build
+it now (the variable's, or the default) holds other files. TFDS's own `fashion_mnist` builder downloads and checks
 the original archives' checksums, which Debian's re-gzipped copies do not match.
 """
 import dataclasses
@@ -52,6 +54,28 @@ NAMES = ('idx_mnist', *(f'idx_mnist/{c.name}' for c in CONFIGS))  # names pipeli
 def directory(config: IdxConfig) -> str:
   """The folder the files of `config` are read from: $DATARATER_IDX_DIR, else its default."""
   return os.environ.get(ENV_DIR, '') or config.directory
+
+
+def _sizes(folder: str) -> dict:
+  """{file name: bytes} of the idx files present in `folder`."""
+  names = [n + gz for pair in _FILES.values() for n in pair for gz in ('.gz', '')]
+  return {n: os.path.getsize(os.path.join(folder, n)) for n in names
+          if os.path.isfile(os.path.join(folder, n))}
+
+
+def check_source(builder: tfds.core.DatasetBuilder) -> None:
+  """UserError if the idx files that would build `builder`'s config now are not the ones its
+  prepared dataset was built from (a folder that holds none is no evidence either way)."""
+  recorded = (builder.info.metadata or {}).get('source')
+  folder = directory(builder.builder_config)
+  if not recorded or not folder or not _sizes(folder):
+    return  # built before sources were recorded, or nothing to compare with
+  if (os.path.realpath(folder), _sizes(folder)) != (recorded['folder'], recorded['files']):
+    raise UserError(
+        f'idx_mnist/{builder.builder_config.name} in {builder.data_dir} was built from the idx '
+        f'files in {recorded["folder"]}, not from those in {folder}'
+        + (f' (${ENV_DIR})' if os.environ.get(ENV_DIR) else '')
+        + f': remove {builder.data_dir} to rebuild it, or pass another --config.data.data_dir')
 
 
 def _find(folder: str, name: str, config: IdxConfig) -> str:
@@ -112,12 +136,14 @@ class IdxMnist(tfds.core.GeneratorBasedBuilder):
         supervised_keys=('image', 'label'),
         disable_shuffling=True,  # examples in file order
         description=f'{self.builder_config.description} Read from local idx files.',
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: the files are local.
     config, folder = self.builder_config, directory(self.builder_config)
     paths = {s: tuple(_find(folder, f, config) for f in names) for s, names in _FILES.items()}
+    self.info.metadata.update(source={'folder': os.path.realpath(folder), 'files': _sizes(folder)})
     return {s: self._generate_examples(*p) for s, p in paths.items()}
 
   def _generate_examples(self, images_path: str, labels_path: str):

@@ -86,6 +86,8 @@ def get_builder(name: str, data_dir: str = '') -> tfds.core.DatasetBuilder:
                         f'with tfds.builder({name!r}, data_dir={data_dir!r}, '
                         f"file_format='array_record').download_and_prepare()")
       builder.download_and_prepare()
+  if builder.name == 'idx_mnist':
+    idx_mnist.check_source(builder)
   return builder
 
 
