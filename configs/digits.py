@@ -122,7 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
   v.mimic_cosine = False
   v.mimic_keep_fraction = 0.0      # offline filter: keep this top share; 0 = 2-Gaussian threshold
   v.reference_steps = 400          # SGD steps of the Mimic reference on the trusted held-out split
-  v.dvemb_curvature = 'gauss_newton'  # 'gauss_newton' | 'empirical_fisher' | 'none'
+  v.dvemb_curvature = 'gauss_newton'  # | 'empirical_fisher' | 'exact' (unprojected) | 'none'
   v.dvemb_steps = 300              # DVEmb's run is shorter: it keeps a checkpoint per step
   v.rater = ''                     # method datarater: an exported rater or a train_rater workdir
   v.store = False                  # scores from a gradient store (factored projections, on disk)
@@ -171,7 +171,7 @@ def get_config() -> ml_collections.ConfigDict:
   # number of label errors, lowest margins first; 'knn' = an estimated number of label errors,
   # those whose label is rarest among their `mislabel_knn` nearest neighbours in code space first.
   # Guard 'penalty': suspects lose `mislabel_penalty` score; 'exclude': selected only when the
-  # others cannot fill the budget.
+  # others cannot fill the budget; 'off': no guard.
   c.sae_scores.mislabel_guard = 'penalty'
   c.sae_scores.mislabel_rule = 'margin'
   c.sae_scores.mislabel_margin = 0.25

@@ -233,8 +233,9 @@ def check_model(name: str, section) -> None:
   kind = MODEL_SECTIONS[name]
   registered = registry.TASKS if kind == 'task' else registry.RATERS
   if section.get('name') not in registered:
-    _fail(f'{name}.name', section.get('name'),
-          f'must be a registered {kind} ({", ".join(sorted(registered))})')
+    raise UserError(f'{name}.name must be a registered {kind} ({", ".join(sorted(registered))}; '
+                    f'one of your own is known everywhere once datarater/tasks/__init__.py '
+                    f'imports its module), got {section.get("name")!r}')
   schema = {'name': string(), **registry.schema_of(kind, section.name)}
   if kind == 'rater':
     schema['temperature'] = number(0, lo_open=True)

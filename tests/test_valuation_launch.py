@@ -279,6 +279,15 @@ def test_ghost_self_influence_only_where_dense_layers_hold_every_parameter(tfds_
   heldout = pipeline.load_split(config.data, config.data.heldout_split)
   task = tasks.make_task(config.task, train.info)
   assert factory.build('tracin', config, task, train, heldout).ghost  # the MLP: all Dense
+  # Named Dense layers take ghost norms too, and score as the per-example gradients do.
+  config.valuation.layers = 'dense_2'
+  ghost = factory.build('tracin', config, task, train, heldout)
+  config.valuation.tracin_ghost = False
+  exact = factory.build('tracin', config, task, train, heldout)
+  assert ghost.ghost and not exact.ghost
+  batch = train.take(range(64))
+  np.testing.assert_allclose(ghost.score(batch), exact.score(batch), rtol=1e-4)
+  config.valuation.layers, config.valuation.tracin_ghost = '', True
   monkeypatch.setattr(factory.pergrad, 'ghost_covers', lambda *a, **k: False)
   assert not factory.build('tracin', config, task, train, heldout).ghost
 

@@ -9,7 +9,8 @@ so the change of any test loss is <grad l_test(theta_T), e_{s,i}>: e is the data
 embedding. H_t, the batch Hessian, is approximated from per-example gradients: by default the
 Gauss-Newton matrix (1/B) sum_j w_j sum_c p_jc g_jc g_jc^T (gradients for every label c, weighted
 by the model's probabilities: exact Fisher of softmax cross-entropy; needs a classification task),
-or the cheaper empirical Fisher (1/B) sum_j w_j g_j g_j^T of the observed labels. Everything is kept
+or the cheaper empirical Fisher (1/B) sum_j w_j g_j g_j^T of the observed labels, or exactly by
+Hessian-vector products (unprojected gradients only), or not at all. Otherwise everything is kept
 in a k-dim random projection of the gradients (pergrad transforms), so K is k x k and the backward
 recursion K_t = K_{t+1} (I - lr_t H_t) is one `lax.scan` in reverse. An example's embedding sums its
 occurrences; summing only the steps of one phase (early/middle/late) gives value by phase.

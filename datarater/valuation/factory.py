@@ -151,11 +151,12 @@ def build(method: str, config, task, train, heldout, cache=None) -> Valuation:
     return valuation
   run, cost = record(config, task, train, v.train_steps, v.checkpoint_every, cache)
   if method == 'tracin':
-    # Ghost norms where Dense layers hold the parameters read: self-influence (unprojected, all
-    # layers) and heldout_cos's norms (its dots are JVPs; 'heldout' forms no gradient).
+    # Ghost norms where Dense layers hold the parameters read: self-influence (unprojected) and
+    # heldout_cos's norms (its dots are JVPs; 'heldout' forms no gradient).
     ghost = v.tracin_ghost and (
-        (v.tracin_mode == 'self' and not v.tracin_project and layers is None and
-         pergrad.ghost_covers(task.per_example_loss, run.final_params, train.take([0, 1]))) or
+        (v.tracin_mode == 'self' and not v.tracin_project and
+         pergrad.ghost_covers(task.per_example_loss, run.final_params, train.take([0, 1]),
+                              layers)) or
         (v.tracin_mode == 'heldout_cos' and ghost_norms_pay(task, run, train, layers)))
     valuation = TracIn(task.per_example_loss, v.tracin_mode, heldout_batch, layers,
                        make_projection(v) if v.tracin_project else None, chunk,
