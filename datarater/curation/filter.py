@@ -145,7 +145,9 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   elif len(splits) > 1:
     raise UserError('--scores filters one split at a time (give one --split)')
   given = (scores_file.read_values(scores, len(sources[splits[0]]), splits[0], dataset,
-                                   planted=corruption.describe()) if scores else None)
+                                   planted=corruption.describe(),
+                                   planted_by='launch.filter plants only symmetric noise: '
+                                   '--label_noise, --noise_seed') if scores else None)
   if min_score is not None and not np.isfinite(min_score):
     raise UserError(f'--min_score must be a finite number, got {min_score}')
 

@@ -39,7 +39,7 @@ def write(path: str, ids: np.ndarray, score: np.ndarray, value: np.ndarray, *, d
 
 
 def _check_scored(path: str, metadata, dataset: Optional[str], split: Optional[str],
-                  planted) -> None:
+                  planted, planted_by: str) -> None:
   """Refuses a file whose metadata says it scores another dataset, split or planted
   corruption than the reader's."""
   try:
@@ -52,15 +52,16 @@ def _check_scored(path: str, metadata, dataset: Optional[str], split: Optional[s
   if planted is not UNCHECKED and 'planted' in scored and scored['planted'] != (
       json.loads(json.dumps(planted))):
     raise UserError(f'scores file {path!r} scores examples under planted corruption '
-                    f'{scored["planted"]}, not {planted} (data.label_noise, noise_seed, '
-                    'input_corruption): other examples are corrupted here')
+                    f'{scored["planted"]}, not {planted} ({planted_by}): other examples are '
+                    'corrupted here')
 
 
 def read_values(path: str, num_examples: int, split: Optional[str] = None,
-                dataset: Optional[str] = None, planted=UNCHECKED) -> np.ndarray:
+                dataset: Optional[str] = None, planted=UNCHECKED,
+                planted_by: str = 'data.label_noise, noise_seed, input_corruption') -> np.ndarray:
   """Values [N] in id order for a split of `num_examples` (rows of other splits skipped) of
   `dataset` (a name, or a dataset folder; None: not checked), corrupted as `planted`
-  (`Corruption.describe()`) says."""
+  (`Corruption.describe()`) says; a mismatch names `planted_by`, what sets it for the reader."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
@@ -72,7 +73,8 @@ def read_values(path: str, num_examples: int, split: Optional[str] = None,
   except (pa.ArrowInvalid, OSError) as e:
     raise UserError(f'scores file {path!r} is not a readable parquet file ({e})') from None
   cols = schema.names
-  _check_scored(path, schema.metadata, dataset, None if 'split' in cols else split, planted)
+  _check_scored(path, schema.metadata, dataset, None if 'split' in cols else split, planted,
+                planted_by)
   column = 'value' if 'value' in cols else 'score' if 'score' in cols else None
   if 'id' not in cols or column is None:
     raise UserError(f'scores file {path!r} has columns {cols}; it needs `id` and `value` or '
