@@ -48,7 +48,7 @@ from datarater import config_checks, files, tasks
 from datarater import train as train_lib
 from datarater.data import pipeline
 from datarater.errors import UserError
-from datarater.policies import PolicyContext
+from datarater.policies import PolicyContext, make_policy as registered_policy
 from datarater.policies import sae_scores as scores
 from datarater.policies import selection as policies
 from datarater.policies.selection import gini
@@ -316,19 +316,14 @@ def plot(table: list[dict], path: str, dataset: str = 'digits') -> None:
   plt.close(fig)
 
 
-def make_policy(name: str, cfg, num: int, codes, labels, num_classes: int, setup: int):
-  """A bench entry's policy at `cfg.policy.ratio` (the SAE ones on the shared codes)."""
+def make_policy(name: str, cfg, train, task, codes, setup: int):
+  """A bench entry's policy at `cfg.policy.ratio`, as launch.train makes it (the SAE ones on the
+  shared codes, which cost `setup` example-gradients)."""
   policy, pcfg = variant_config(cfg, name)
-  ratio = pcfg.policy.ratio
-  if policy == 'full':
-    return policies.full(num)
-  if policy == 'random':
-    return policies.random(num, ratio)
-  if policy == 'infobatch':
-    return policies.infobatch(num, ratio, pcfg.policy.max_prune_prob)
-  cond = pcfg.sae_scores.class_conditional
-  return policies.sae(codes, ratio, pcfg.train.epochs, pcfg.sae_scores,
-                      labels if cond else None, num_classes if cond else 0, setup)
+  ctx = PolicyContext(train, None, task, pcfg)
+  if policy == 'sae':
+    return policies.sae_policy(ctx, codes, setup)
+  return registered_policy(policy, ctx)
 
 
 def define_flags() -> None:
@@ -426,7 +421,7 @@ def main(argv):
         cfg.policy.ratio = ratio
         setup = info['extractor_example_grads'] if policy.startswith('sae') else 0
         t0, c0 = time.perf_counter(), bench_runs.compile_seconds()
-        pol = make_policy(policy, cfg, len(train), codes, labels, num_classes, setup)
+        pol = make_policy(policy, cfg, train, task, codes, setup)
         jax.block_until_ready(pol.aux)
         # the policy's own setup (the SAE scores' statistics and label guard), compilation apart
         policy_compile_s = bench_runs.compile_seconds() - c0

@@ -193,10 +193,10 @@ def _infobatch(ctx: PolicyContext) -> Policy:
 
 
 @register_policy('sae', whole_split=True)
-def sae_policy(ctx: PolicyContext, codes=None) -> Policy:
-  """The SAE policy of a config; `codes` skips the offline stage (precomputed SAE codes)."""
+def sae_policy(ctx: PolicyContext, codes=None, cost: int = 0) -> Policy:
+  """The SAE policy of a config; `codes` skips the offline stage (precomputed SAE codes, which
+  cost `cost` example-gradients)."""
   cfg = ctx.config
-  cost = 0
   if codes is None:
     codes, info = sae_codes(ctx, cfg.features.seed)
     cost = info['extractor_example_grads']
