@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datarater import config_checks
 from datarater import features as features_lib
 from datarater import sae as sae_lib
 from datarater.errors import UserError
@@ -137,8 +138,7 @@ def sae(codes, ratio: float, num_epochs: int, cfg, labels=None, num_classes: int
   codes = jnp.asarray(codes, jnp.float32)
   num_examples, num_factors = codes.shape
   n = num_selected(num_examples, ratio)
-  if cfg.temperature < 0:
-    raise UserError(f'sae_scores.temperature must be >= 0, got {cfg.temperature}')
+  config_checks.check_section('sae_scores', cfg, config_checks.SECTIONS['sae_scores'])
   if labels is not None and len(labels) != num_examples:
     raise UserError(f'SAE codes cover {num_examples} examples but the split has {len(labels)}')
   stats = sae_scores.factor_stats(codes, cfg.high_freq_fraction, labels, num_classes)
