@@ -5,6 +5,8 @@ same on every process, or they part ways and wait forever in the next collective
 here is a no-op in a single process.
 """
 import contextlib
+import hashlib
+import json
 
 import jax
 import numpy as np
@@ -37,6 +39,26 @@ def same_everywhere(digest: str) -> bool:
     return True
   mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
   return bool(np.all(allgather(mine) == mine[None]))
+
+
+def check_same_settings(settings: dict) -> None:
+  """UserError on every process, naming the first setting (name -> JSON-able value) that not
+  every process holds alike: the processes of one job must run one computation."""
+  if jax.process_count() == 1:
+    return
+  digest = lambda x: np.frombuffer(hashlib.sha256(
+      json.dumps(x, sort_keys=True, default=repr).encode()).digest()[:8], np.uint8)
+  names = sorted(settings)
+  if not same_everywhere(digest(names).tobytes().hex()):  # then each gathers as many digests
+    raise UserError('the processes of this job hold different settings (another --config file '
+                    'or launcher?): give every process the same flags')
+  gathered = allgather(np.stack([digest([n, settings[n]]) for n in names] or
+                                [np.zeros(8, np.uint8)]))
+  for i, name in enumerate(names):
+    if not np.all(gathered[:, i] == gathered[0, i]):
+      raise UserError(f'the processes of this job were given different {name} (this process, '
+                      f'{jax.process_index()}: {settings[name]!r}): give every process the same '
+                      'flags')
 
 
 def barrier(name: str) -> None:

@@ -5,9 +5,13 @@ it needs from the environment (`--distributed`); elsewhere name the coordinator 
 (`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`). After it, `jax.devices()`
 lists every process's devices and one mesh spans them all.
 """
+import json
+
 from absl import flags
 import jax
+import ml_collections
 
+from datarater import multihost
 from datarater.errors import UserError
 
 
@@ -46,3 +50,31 @@ def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     start()
   except (ValueError, RuntimeError) as e:
     raise UserError(f'cannot start jax.distributed: {str(e).splitlines()[0]}') from None
+  multihost.check_same_settings(settings(fv))
+
+
+def settings(fv: flags.FlagValues) -> dict:
+  """The launcher's flags by name (a config flag field by field), but --process_id: every
+  process of a job must hold the same."""
+  out = {}
+  for module, module_flags in fv.flags_by_module_dict().items():
+    if module.startswith('absl.'):
+      continue
+    for flag in module_flags:
+      if flag.name == 'process_id':
+        continue
+      if isinstance(flag.value, ml_collections.ConfigDict):
+        out.update(_flat(json.loads(flag.value.to_json_best_effort()), f'--{flag.name}.'))
+      else:
+        out[f'--{flag.name}'] = flag.value
+  return out
+
+
+def _flat(tree: dict, prefix: str) -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out

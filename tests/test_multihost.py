@@ -40,13 +40,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(module, args):
-  """`python -m module args` as two jax.distributed processes of 2 CPU devices each."""
+def _start(module, args, extra=((), ())):
+  """`python -m module args` as two jax.distributed processes of 2 CPU devices each (process i
+  also given `extra[i]`)."""
   port, procs = _free_port(), []
   env = subprocess_env(2)
   for i in range(2):
     procs.append(subprocess.Popen(
-        [sys.executable, '-m', module, *args, f'--coordinator_address=127.0.0.1:{port}',
+        [sys.executable, '-m', module, *args, *extra[i], f'--coordinator_address=127.0.0.1:{port}',
          '--num_processes=2', f'--process_id={i}'],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   return procs
@@ -132,6 +133,31 @@ def test_a_workdir_in_use_stops_both_processes_in_one_line(tfds_dir, tmp_path):
     assert p.returncode == 2 and len(errors) == 1 and msg in errors[0], out[-2000:]
     assert 'Traceback' not in out
   assert sorted(os.listdir(workdir)) == ['.lock']
+
+
+@pytest.mark.parametrize('module,args,extra,name', [
+    ('train_rater', ['--workdir=W'], ['--config.seed=1'], '--config.seed'),
+    ('filter', ['--dataset=sklearn_digits', '--rater=none', '--keep=0.5', '--out=W'],
+     ['--batch_size=300'], '--batch_size'),
+    ('valuate', ['--method=tracin', '--workdir=W'], ['--config.valuation.train_steps=10'],
+     '--config.valuation.train_steps')])
+def test_processes_given_different_flags_stop_in_one_line(tfds_dir, tmp_path, module, args,
+                                                          extra, name):
+  """Each process would compute its own share with its own settings (a filter with another
+  block size read slots no process wrote): one line on both, nothing written."""
+  args = [a.replace('W', str(tmp_path / 'out')) for a in args]
+  if module != 'filter':
+    args += as_flags(small_config(tfds_dir, steps=2))
+  else:
+    args.append(f'--data_dir={tfds_dir}')
+  procs = _start(f'launch.{module}', args, ((), extra))
+  for i, p in enumerate(procs):
+    out = p.communicate(timeout=300)[0]
+    errors = [l for l in out.splitlines() if l.startswith('error: ')]
+    assert p.returncode == 2 and len(errors) == 1, out[-2000:]
+    assert f'were given different {name} (this process, {i}' in errors[0], errors
+    assert 'Traceback' not in out
+  assert not os.path.exists(tmp_path / 'out')
 
 
 def test_two_process_valuate_scores_equal_one_process(tfds_dir, tmp_path):
