@@ -260,7 +260,8 @@ def corruption_kinds(info: DataInfo, corruption: corruption_lib.Corruption) -> t
     return tuple(corruption.kinds)
   if len(corruption.kinds) > 1:
     raise UserError(f'dataset {info.name!r} records its own corruption; plant none '
-                    '(data.label_noise = 0 and every data.input_corruption rate 0)')
+                    '(data.label_noise = 0 and every data.input_corruption rate 0; '
+                    'launch.filter: --label_noise=0)')
   names = tuple(info.class_names[RECORDED])
   if names[0] != corruption_lib.CLEAN:  # class 0 is what every reader takes as clean
     raise UserError(f'dataset {info.name!r} records its corruption with class 0 {names[0]!r}: '
