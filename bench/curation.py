@@ -344,7 +344,6 @@ def main(argv):
   bench_cli.out_folder(_OUT.value)
   runs, t_start = {}, time.time()
   tmp_root = tempfile.mkdtemp(prefix='bench_curation_')
-  bench_runs.compilation_cache(os.path.join(tmp_root, 'jax_cache'))  # subsets of equal size
   try:
     for p in noises:
       runs[str(p)] = {}

@@ -46,7 +46,6 @@ import numpy as np
 from bench import cli as bench_cli
 from bench import compare
 from bench import provenance
-from bench import runs as bench_runs
 from datarater import evaluation, export, files, tasks
 from datarater.curation import select
 from datarater.data import pipeline
@@ -369,8 +368,7 @@ def main(argv):
   bench_cli.out_folder(out)
   tmp_root = tempfile.mkdtemp(prefix='bench_lm_curation_')
   # Programs compiled once (the meta-step, the trainer's chunks per corpus size) are reused by
-  # the later seeds from a compilation cache that lives and dies with this run.
-  bench_runs.compilation_cache(os.path.join(tmp_root, 'xla_cache'))
+  # the later seeds from the compilation cache of this process (launch.cli.run).
   seeds = {}
   try:
     for s in bench.seeds:

@@ -16,10 +16,7 @@ AUROC of clean against corrupted, overall and per corruption kind, and each mode
 the validation split (the test split is not read). Writes <out>.json and .md.
 """
 import dataclasses
-import os
 import platform
-import shutil
-import tempfile
 import time
 
 from absl import flags
@@ -99,8 +96,6 @@ def main(argv):
              'val_split': _VAL.value, 'noise': noises, 'seeds': seeds, 'folds': _FOLDS.value,
              'epochs': _EPOCHS.value, 'runs': []}
   t_start = time.time()
-  tmp_root = tempfile.mkdtemp(prefix='bench_ceiling_')
-  runs.compilation_cache(os.path.join(tmp_root, 'jax_cache'))
   val = pipeline.load_split(config.data, _VAL.value)
   other = pipeline.load_split(config.data, _OTHER.value) if _OTHER.value else None
   other_models = {}
@@ -137,7 +132,6 @@ def main(argv):
         params, acc = other_models[s]
         record(noise, s, 'clean_other', train, log_likelihood(task, params, train), acc)
   results['total_s'] = time.time() - t_start
-  shutil.rmtree(tmp_root, ignore_errors=True)
   md = markdown(results)
   runs.write_results(_OUT.value, results, md)
   print(md)

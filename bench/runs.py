@@ -1,7 +1,7 @@
 """What the valuation, curation and selection benchmarks share: a config corrupted and seeded for
 one (corruption rate, seed) pair, a DataRater meta-trained for it (or read back from a folder of
-finished raters, so that benchmarks run on the same pairs share their raters), and the on-disk
-compilation cache that compiles each shape once per run; the seconds spent compiling, so that wall
+finished raters, so that benchmarks run on the same pairs share their raters); the seconds spent
+compiling (or loading from the process's compilation cache, `launch.cli.run`), so that wall
 times can leave them out; and how a benchmark writes its results."""
 import os
 from typing import Optional
@@ -48,13 +48,6 @@ def train_rater(config, steps: int, workdir: str) -> str:
   c.final_eval.num_models = 0
   meta_train(c, workdir)
   return workdir
-
-
-def compilation_cache(folder: str) -> None:
-  """Compiled programs kept in `folder`: the same shapes compile once for the whole run."""
-  jax.config.update('jax_compilation_cache_dir', folder)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 # JAX's own timings of tracing, lowering and backend compilation (a persistent-cache load included).

@@ -25,11 +25,8 @@ as the SAE's feature space (no offline extractor training; files get a `_pixels`
 `--offline_only` runs the offline stage and the label guard alone (no model is trained) and
 writes the guard's suspect share, recall, precision and AUROC per run.
 """
-import atexit
 import itertools
 import json
-import shutil
-import tempfile
 import time
 
 from absl import flags
@@ -378,10 +375,8 @@ def main(argv):
   if FLAGS.folds > 1 and (cfg.data.train_split, cfg.data.eval_split) != ('train', 'test'):
     raise UserError('--folds > 1 needs a config training on the whole train split and testing '
                     f'on test, not {cfg.data.train_split!r} / {cfg.data.eval_split!r}')
-  # One compilation per (policy, ratio, train size): data and policy arrays are arguments.
-  cache_dir = tempfile.mkdtemp(prefix='bench_selection_')
-  atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
-  bench_runs.compilation_cache(cache_dir)
+  # One compilation per (policy, ratio, train size): data and policy arrays are arguments (and
+  # the compilation cache of launch.cli.run holds what the trainers compile alike).
   validation = pipeline.load_split(cfg.data, cfg.data.heldout_split)
   num_train = pipeline.builder_of(cfg.data).info.splits['train'].num_examples
   optimizer = make_inner_optimizer(cfg.train.optimizer, cfg.train.learning_rate)

@@ -159,7 +159,6 @@ def main(argv):
              'runs': [], 'failed': [], 'dvemb_phase': [], 'curriculum': [], 'mimic_online': []}
   t_start = time.time()
   tmp_root = tempfile.mkdtemp(prefix='bench_valuation_')
-  runs.compilation_cache(os.path.join(tmp_root, 'jax_cache'))
   for noise in noises:
     for s in seeds:
       base = runs.seeded(config, noise, s)

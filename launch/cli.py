@@ -9,14 +9,19 @@ the launcher's description, its flags and every field of its config, and exits 0
 `invoke(module, argv)` runs a launcher in this process exactly as its command line would (tests
 use it to try many inputs quickly).
 """
+import atexit
 import logging
+import os
 import re
+import shutil
 import sys
+import tempfile
 from typing import Callable
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
+import jax
 import ml_collections
 from ml_collections import config_flags
 
@@ -175,7 +180,26 @@ def run(main: Callable, define_flags: Callable, doc: str) -> None:
       absl_logging.set_verbosity(absl_logging.WARNING)
     return main(argv)
   interrupts.install()
+  process_compilation_cache()
   app.run(quiet_main, flags_parser=lambda argv: parse_flags(argv, doc))
+
+
+def compilation_cache(folder: str) -> None:
+  """Compiled programs kept in `folder`: a program lowered alike again (another trainer's, a
+  subset of equal size) loads instead of compiling."""
+  jax.config.update('jax_compilation_cache_dir', folder)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def process_compilation_cache() -> None:
+  """`compilation_cache` in a temporary folder of this process, removed at exit, unless
+  JAX_COMPILATION_CACHE_DIR names one to keep across runs."""
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return
+  folder = tempfile.mkdtemp(prefix='datarater-xla-')
+  atexit.register(shutil.rmtree, folder, ignore_errors=True)
+  compilation_cache(folder)
 
 
 def invoke(module, argv: list[str]) -> int:

@@ -1,0 +1,42 @@
+"""A launcher's process keeps compiled programs in a temporary compilation cache (a program lowered
+alike again loads instead of compiling) and removes it at exit; JAX_COMPILATION_CACHE_DIR wins."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = '''
+import os, sys, jax, jax.numpy as jnp
+from launch import cli
+cli.process_compilation_cache()
+print('cache', jax.config.jax_compilation_cache_dir)
+x = jnp.ones(5)
+def f(x):
+  return jnp.sin(x) * 3
+jax.jit(f)(x).block_until_ready()
+before = len(os.listdir(jax.config.jax_compilation_cache_dir))
+def f(x):  # another function, the same program
+  return jnp.sin(x) * 3
+jax.jit(f)(x).block_until_ready()
+print('entries', before, len(os.listdir(jax.config.jax_compilation_cache_dir)))
+'''
+
+
+def _run(tmp_path, **env):
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'} | env
+  out = subprocess.run([sys.executable, '-c', CHILD], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**env, 'PYTHONPATH': ROOT, 'TMPDIR': str(tmp_path)})
+  assert out.returncode == 0, out.stderr[-2000:]
+  return dict(line.split(' ', 1) for line in out.stdout.splitlines())
+
+
+def test_a_launcher_process_caches_compiled_programs_in_a_folder_removed_at_exit(tmp_path):
+  got = _run(tmp_path)
+  assert os.path.dirname(got['cache']) == str(tmp_path)
+  before, after = got['entries'].split()
+  assert int(before) >= 1 and after == before  # the second jit loaded the first's program
+  assert os.listdir(tmp_path) == []
+  kept = tmp_path / 'kept'
+  got = _run(tmp_path, JAX_COMPILATION_CACHE_DIR=str(kept))
+  assert got['cache'] == str(kept) and os.path.isdir(kept)
