@@ -151,9 +151,12 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
   corrupted = data.train.is_corrupted
   measurable = bool(corrupted.any() and not corrupted.all())  # else no AUROC, and no pass
 
-  def noise_auroc(params):
+  scored = {}  # the scores of the last record, by step and role: the report reuses the final ones
+
+  def noise_auroc(params, step, role):
     """AUROC of the scores of rater `params` (host copies) against the corruption record."""
     scores = evaluation.score_split(lambda b: score(params, b), data.train, jit=False)
+    scored[step, role] = scores
     return evaluation.noise_auroc(scores, corrupted)
 
   def reported_rater(state):
@@ -230,9 +233,10 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
                     **{k: int(sums[k]) for k in counts},
                     'steps_per_sec': (done - max(s0, timed_from)) / (time.time() - t0)}
           if measurable:
-            record['noise_auroc'] = noise_auroc(rater[0])
+            scored.clear()
+            record['noise_auroc'] = noise_auroc(rater[0], done, 'reported')
             if problem.ema:  # the rater scored above is the average; its last iterate beside it
-              record['noise_auroc_last_iterate'] = noise_auroc(rater[1])
+              record['noise_auroc_last_iterate'] = noise_auroc(rater[1], done, 'last_iterate')
           metrics_log.write(record)
           extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
           extra += eta(done)
@@ -274,7 +278,9 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
   rater_params, last_iterate = reported_rater(state)
   return final_report(config, workdir, data, problem, rater_params, metrics_log.history,
                       int(sharding.host_copy(state.skipped)),
-                      last_iterate if problem.ema else None)
+                      last_iterate if problem.ema else None,
+                      scored.get((config.outer.steps, 'reported')),
+                      scored.get((config.outer.steps, 'last_iterate')))
 
 
 def fresh_model_results(config, data, problem, rater_params) -> dict:
@@ -312,14 +318,16 @@ def _finished_report(path: str, config) -> Optional[dict]:
 
 
 def final_report(config, workdir, data, problem, rater_params, history, skipped: int,
-                 last_iterate=None) -> dict:
+                 last_iterate=None, scores=None, last=None) -> dict:
   """Noise AUROC of the scores, the keep their histogram suggests, and fresh models trained with
   rater vs uniform weights.
 
   `last_iterate`: the rater's last parameters when `rater_params` is their Polyak average; its
-  AUROCs are reported beside.
+  AUROCs are reported beside. `scores` / `last`: those parameters' scores of the training split
+  if already computed (by the last log step).
   """
-  scores = evaluation.score_split(lambda b: problem.rater.score(rater_params, b), data.train)
+  if scores is None:
+    scores = evaluation.score_split(lambda b: problem.rater.score(rater_params, b), data.train)
   auroc = evaluation.noise_auroc(scores, data.train.is_corrupted)
   fe = config.final_eval
   if fe.num_models:
@@ -334,7 +342,8 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
             'outer_steps': config.outer.steps, 'skipped_steps': skipped,
             'final_eval': config.final_eval.to_dict()}
   if last_iterate is not None:
-    last = evaluation.score_split(lambda b: problem.rater.score(last_iterate, b), data.train)
+    if last is None:
+      last = evaluation.score_split(lambda b: problem.rater.score(last_iterate, b), data.train)
     report['last_iterate'] = {
         'noise_auroc': evaluation.noise_auroc(last, data.train.is_corrupted),
         'auroc_by_kind': evaluation.auroc_by_kind(last, data.train.corruption,

@@ -307,6 +307,31 @@ def test_polyak_average_is_the_weighted_mean_of_the_finite_iterates():
   assert int(state.skipped) == 1
 
 
+@pytest.mark.parametrize('ema', [0.0, 0.5])
+def test_the_report_reuses_the_last_logged_steps_scores(tfds_dir, tmp_path, monkeypatch, ema):
+  """With label noise each logged step scores the training split (twice with outer.ema: the
+  average and the last iterate); the report reads the final step's scores, no pass of its own."""
+  from datarater import evaluation  # pylint: disable=g-import-not-at-top
+  passes = []
+  score_split = evaluation.score_split
+  monkeypatch.setattr(evaluation, 'score_split', lambda *a, **k: passes.append(1) or
+                      score_split(*a, **k))
+  config = small_config(tfds_dir, steps=4)
+  config.outer.ema = ema
+  report = meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  records = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
+  assert len(passes) == len(records) * (2 if ema else 1) == (4 if ema else 2)
+  assert report['noise_auroc'] == records[-1]['noise_auroc']
+  if ema:
+    assert report['last_iterate']['noise_auroc'] == records[-1]['noise_auroc_last_iterate']
+  resumed = tmp_path / 'resumed'  # killed after the last step, before its report: one pass
+  meta_train(config, str(resumed), devices=jax.devices()[:1])
+  os.remove(resumed / 'report.json')
+  passes.clear()
+  assert meta_train(config, str(resumed), devices=jax.devices()[:1]) == report
+  assert len(passes) == (2 if ema else 1)
+
+
 def test_a_run_with_polyak_averaging_reports_and_exports_the_average(tfds_dir, tmp_path):
   """The same run with and without outer.ema: identical training (the last iterates are equal);
   the averaged run, stopped and resumed after every step, reports its last iterate's AUROCs as
