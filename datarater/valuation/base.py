@@ -64,9 +64,11 @@ def record_run(task, split, *, steps: int, batch_size: int, learning_rate: float
   result = trainer.run(split, {}, [seed], steps=steps)
   rec = result.recording
   one = lambda tree: jax.tree.map(lambda x: x[0], tree)
-  positions = rec.positions[0]
+  # Each example is read once (a streamed split decodes it from its files), then repeated.
+  unique, where = np.unique(rec.positions[0], return_inverse=True)
   run = TrainingRun(
-      batches=jax.tree.map(jnp.asarray, split.take(positions)),
+      batches=jax.tree.map(lambda x: jnp.asarray(x[where.reshape(rec.positions[0].shape)]),
+                           split.take(unique)),
       weights=jnp.asarray(rec.weights[0]), step_lrs=jnp.full((steps,), learning_rate),
       checkpoints=one(rec.checkpoints),
       checkpoint_steps=jnp.arange(steps // checkpoint_every) * checkpoint_every,
