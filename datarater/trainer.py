@@ -149,6 +149,7 @@ class Trainer:
                                donate_argnums=(0, 8))
     self._update = jax.jit(jax.vmap(policy.update, in_axes=(None, 0, 0, 0, 0)))
     self._evaluate = jax.jit(self._evaluate_all)
+    self._init = jax.jit(self._init_all, static_argnums=1)  # compiled once per seed count
 
   # ------------------------------------------------------------------------- compiled pieces
 
@@ -218,17 +219,18 @@ class Trainer:
 
   # ------------------------------------------------------------------------- the loop
 
+  def _init_all(self, seeds, num_examples: int):
+    keys = jax.vmap(jax.random.PRNGKey)(seeds)
+    init_keys, order_keys, policy_keys = (
+        jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
+    models = jax.vmap(lambda k: init_inner_state(self.task.init(k), self.optimizer))(init_keys)
+    policy = jax.vmap(lambda k: self.policy.init(num_examples, k))(policy_keys)
+    zeros = jnp.zeros(len(seeds), jnp.int32)
+    return TrainState(models, policy, zeros, zeros), order_keys
+
   def init(self, seeds: Sequence[int], num_examples: int) -> tuple[TrainState, jax.Array]:
     """Fresh models and policy states for `seeds`, and each seed's data-order key."""
-    def init_all(seeds):
-      keys = jax.vmap(jax.random.PRNGKey)(seeds)
-      init_keys, order_keys, policy_keys = (
-          jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
-      models = jax.vmap(lambda k: init_inner_state(self.task.init(k), self.optimizer))(init_keys)
-      policy = jax.vmap(lambda k: self.policy.init(num_examples, k))(policy_keys)
-      zeros = jnp.zeros(len(seeds), jnp.int32)
-      return TrainState(models, policy, zeros, zeros), order_keys
-    return jax.jit(init_all)(jnp.asarray(seeds, jnp.int32))
+    return self._init(jnp.asarray(seeds, jnp.int32), num_examples)
 
   def run(self, train, evals: dict, seeds: Sequence[int], *, epochs: Optional[int] = None,
           steps: Optional[int] = None, evals_per_epoch: int = 1,
