@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+import numpy as np
 
 from datarater.errors import UserError
 from datarater.tasks import PerExampleLoss, batch_size_of
@@ -426,13 +427,21 @@ def _check_covers(calls, params, layers) -> list[str]:
 def ghost_covers(loss_fn: PerExampleLoss, params, batch: dict,
                  layers: Optional[Sequence[str]] = None) -> bool:
   """Whether the Dense layers in `layers` (None: all) hold every parameter in `layers`, each
-  called once on the batch's examples (ghost products over `layers` are then exact: the same
-  gradients `select(layers)` keeps)."""
+  called once on the batch's examples, and their calls make the whole gradient (ghost products
+  over `layers` are then exact: the same gradients `select(layers)` keeps).
+
+  The last is checked on the batch: ghost squared norms against exact ones, which differ where
+  the loss also reads a Dense layer's weights outside its call (a weight penalty, tied weights)
+  or a layer's first axis only happens to have the batch's size."""
+  layers = [layers] if isinstance(layers, str) else layers
   try:
     _check_covers(_dense_calls(loss_fn, params, batch, layers), params, layers)
   except (ValueError, UserError):  # a Dense layer called twice, or a layer that is not Dense
     return False
-  return True
+  ghost = np.asarray(ghost_sq_norms(loss_fn, params, batch, layers), np.float64)
+  exact = np.asarray(per_example(loss_fn, params, batch, chain(select(layers), sq_norm())),
+                     np.float64)
+  return bool(np.allclose(ghost, exact, rtol=1e-3, atol=1e-6 * np.abs(exact).max()))
 
 
 def dense_positions(loss_fn: PerExampleLoss, params, batch: dict,

@@ -205,6 +205,12 @@ def test_ghost_dots_equal_flat_dots():
   np.testing.assert_allclose(last_norms, jnp.sum(last ** 2, 1), rtol=1e-11)
   assert pergrad.param_layers(loss, params, batch) == ['dense_0', 'dense_1', 'dense_2']
   assert pergrad.ghost_covers(loss, params, batch)
+  # A loss that reads a Dense kernel outside its call (a weight penalty): ghost products miss
+  # that part of the gradient, so they are not taken where it lies; elsewhere they still are.
+  penalised = lambda p, b: loss(p, b) + 0.05 * jnp.sum(p['params']['dense_2']['kernel'] ** 2)
+  assert not pergrad.ghost_covers(penalised, params, batch)
+  assert not pergrad.ghost_covers(penalised, params, batch, ['dense_2'])
+  assert pergrad.ghost_covers(penalised, params, batch, ['dense_0'])
 
 
 def _module_problem(model: nn.Module, float64: bool = False):
