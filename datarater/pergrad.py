@@ -81,10 +81,13 @@ def _module_path(path) -> str:
   return name[len('params/'):] if name.startswith('params/') else name
 
 
-def _in_layer(path: str, layer: str) -> bool:
-  """Whether module or parameter path 'a/b/c' (no 'params/') lies in `layer`: a component ('b')
-  or a leading path ('a/b', 'a/b/c'). The one rule for a layer name, wherever one is taken."""
-  return layer in path.split('/') or path == layer or path.startswith(layer + '/')
+def _in_layer(path: str, layer: str, parameter: bool = False) -> bool:
+  """Whether module path 'a/b/c' (or, with `parameter`, the path of parameter 'c' of module 'a/b';
+  no 'params/') lies in `layer`: a module's name ('b'; not a parameter's, such as 'kernel') or a
+  leading path ('a/b', 'a/b/c': a top-level parameter by its own name). The one rule for a layer
+  name, wherever one is taken."""
+  modules = path.split('/')[:-1] if parameter else path.split('/')
+  return layer in modules or path == layer or path.startswith(layer + '/')
 
 
 def layer_mask(tree, layers: Optional[Sequence[str]]):
@@ -97,7 +100,7 @@ def layer_mask(tree, layers: Optional[Sequence[str]]):
 
   def keep(path):
     name = _module_path(path)
-    hit = [l for l in layers if _in_layer(name, l)]
+    hit = [l for l in layers if _in_layer(name, l, parameter=True)]
     for l in hit:
       found[l] = True
     return bool(hit)

@@ -117,6 +117,21 @@ def test_a_layer_name_selects_the_same_parameters_everywhere():
       pergrad.ghost_sq_norms(loss, params, batch, bad)
 
 
+def test_a_layer_name_is_a_modules_not_a_parameters():
+  """'scale' names the top module's own parameter `scale` (a leading path), not every module's
+  `scale` (a LayerNorm's); 'kernel' names no layer."""
+  params = {'params': {'norm': {'scale': jnp.ones(2), 'bias': jnp.zeros(2)},
+                       'scale': jnp.ones(()), 'dense': {'kernel': jnp.ones((2, 2))}}}
+  kept = lambda layers: sorted(
+      '/'.join(str(k.key) for k in path[1:])
+      for path, keep in jax.tree_util.tree_flatten_with_path(pergrad.layer_mask(params, layers))[0]
+      if keep)
+  assert kept(['scale']) == ['scale']
+  assert kept(['norm']) == ['norm/bias', 'norm/scale'] and kept(['norm/scale']) == ['norm/scale']
+  with pytest.raises(UserError, match="layer 'kernel' not found"):
+    pergrad.layer_mask(params, ['kernel'])
+
+
 def _projection_matrix(transform, num_params, dtype=jnp.float64):
   """The matrix a linear transform applies, recovered row by row from unit vectors."""
   state = transform.init(jax.ShapeDtypeStruct((num_params,), dtype))
