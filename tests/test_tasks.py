@@ -121,3 +121,24 @@ def test_tokens_outside_the_vocabulary_are_one_line_not_a_nan_loss():
     task.check_data(bad)
   with pytest.raises(UserError, match='rater.vocab=10'):
     rater.check_data(bad)
+
+
+def test_a_loss_that_reads_the_rest_of_the_batch_is_refused_for_per_example_gradients():
+  """Batch norm in training mode (here: inputs centred on the batch mean) makes an example's loss
+  depend on its batch-mates; the shipped MLP's does not."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (4,),
+                                      'activation': 'tanh'})
+  mlp = tasks.make_task(config, tiny_info())
+  params, batch = mlp.init(jax.random.key(0)), _batch(4)
+  tasks.check_per_example(mlp, params, batch)
+
+  @dataclasses.dataclass(frozen=True)
+  class BatchCentred(type(mlp)):
+    def per_example_loss(self, params, batch):
+      x = batch['image'] - batch['image'].mean(0)
+      return super().per_example_loss(params, {**batch, 'image': x})
+
+  centred = BatchCentred(**{f.name: getattr(mlp, f.name) for f in dataclasses.fields(mlp)})
+  with pytest.raises(UserError, match="task BatchCentred: an example's loss depends on the rest"):
+    tasks.check_per_example(centred, params, batch)

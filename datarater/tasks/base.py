@@ -60,6 +60,21 @@ def model_reads(model: 'Task | Rater', spec: FeatureSpec) -> tuple:
   return features_read(fn, jax.eval_shape(model.init, jax.random.key(0)), spec)
 
 
+def check_per_example(task: 'Task', params: Params, batch: Batch) -> None:
+  """UserError unless every example's loss in `batch` is its loss alone: per-example gradients
+  (the valuations) read one example at a time, so a loss that depends on the example's
+  batch-mates (batch norm in training mode) would give every valuation another model's
+  gradients."""
+  together = jax.device_get(task.per_example_loss(params, batch))
+  alone = [float(jax.device_get(task.per_example_loss(
+      params, jax.tree.map(lambda x, i=i: x[i:i + 1], batch)))[0])
+           for i in range(batch_size_of(batch))]
+  if not jnp.allclose(together, jnp.asarray(alone), rtol=1e-4, atol=1e-6):
+    raise UserError(f'task {type(task).__name__}: an example\'s '
+                    'loss depends on the rest of its batch (batch norm in training mode?): '
+                    'per-example gradients need per_example_loss to read each example alone')
+
+
 def batch_size_of(batch: Batch) -> int:
   return jax.tree.leaves(batch)[0].shape[0]
 

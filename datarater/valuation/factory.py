@@ -8,7 +8,7 @@ from typing import Optional
 import jax
 import ml_collections
 
-from datarater import pergrad
+from datarater import pergrad, tasks
 from datarater.data import corruption
 from datarater.errors import UserError
 from datarater.valuation.base import Valuation, record_run
@@ -141,6 +141,8 @@ def build(method: str, config, task, train, heldout, cache=None) -> Valuation:
     return valuation
   layers, chunk = parse_layers(v.layers), v.chunk_size
   heldout_batch = heldout.take(range(len(heldout)))
+  tasks.check_per_example(task, task.init(jax.random.key(v.seed)),
+                          jax.tree.map(lambda x: x[:4], heldout_batch))
   if method == 'dvemb':
     run, cost = record(config, task, train, v.dvemb_steps, 1, cache, 'dvemb_run')
     valuation = DataValueEmbedding(task, len(train), heldout_batch, make_projection(v),
