@@ -578,8 +578,8 @@ class FactoredProjection(NamedTuple):
       calls = _dense_calls(loss_fn, params, batch, self.layers)
       names = _check_covers(calls, params, self.layers)
     except ValueError as e:
-      raise UserError(f'factored projection: {e} (project named Dense layers only, or value '
-                      'without the gradient store)') from None
+      raise UserError(f'factored projection: {e} (project named Dense layers only: the gradient '
+                      'store, which valuation.topk always uses, projects this way)') from None
     if not names:
       raise UserError('factored projection: the model calls no nn.Dense layer')
     key = jax.random.key(self.seed)
