@@ -34,6 +34,8 @@ def _handler(signum, frame) -> None:
 
 
 def install() -> None:
-  """Handles SIGINT and SIGTERM as above (from the main thread, as every Python handler)."""
-  signal.signal(signal.SIGINT, _handler)
-  signal.signal(signal.SIGTERM, _handler)
+  """Handles SIGINT and SIGTERM as above (from the main thread, as every Python handler); a
+  signal the process was started ignoring (SIGINT in a shell's background job) stays ignored."""
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    if signal.getsignal(signum) != signal.SIG_IGN:
+      signal.signal(signum, _handler)

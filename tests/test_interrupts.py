@@ -48,3 +48,14 @@ def test_signal_inside_a_gc_callback_stops_the_run(signum, code):
   assert 'went on to the end' not in stopped.stdout
   if signum == signal.SIGINT:
     assert stopped.stderr.rstrip().endswith('KeyboardInterrupt'), stopped.stderr[-2000:]
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored():
+  """A shell's background job starts with SIGINT ignored; installing the handlers keeps it so."""
+  code = ('import signal\nfrom launch import interrupts\ninterrupts.install()\n'
+          'print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN, '
+          'signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)')
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, 'PYTHONPATH': ROOT},
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+  assert out.stdout.split() == ['True', 'False'], out.stderr[-2000:]
