@@ -25,6 +25,11 @@ from datarater.errors import UserError
 log = logging.getLogger('datarater')
 
 # Config fields a resumed run may change: they do not alter the state at a given step.
+# Fields added to the configs after checkpoints were written without them, at the value that
+# behaves as their absence did: such a checkpoint still matches.
+ADDED_FIELDS = {f'{section}.{name}': '' for section in ('task', 'rater', 'features.task')
+                for name in ('input', 'label')}
+ADDED_FIELDS.update({'task.token_weights': '', 'rater.causal': False})
 NON_TRAJECTORY_FIELDS = ('outer.steps', 'log_every', 'checkpoint_every', 'final_eval',
                          'data.data_dir')
 
@@ -140,8 +145,9 @@ class RunCheckpointer:
     meta = self.meta(step)
     theirs, ours = meta['config'], trajectory_fields(self.config, self.free_fields)
     shown = lambda fields, k: repr(fields[k]) if k in fields else '(not recorded)'  # free, or older
+    value = lambda fields, k: fields.get(k, ADDED_FIELDS.get(k))
     diffs = [f'{k}={shown(theirs, k)} there, {shown(ours, k)} here'
-             for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+             for k in sorted(set(theirs) | set(ours)) if value(theirs, k) != value(ours, k)]
     if diffs:
       raise UserError(f'workdir {self.workdir!r} holds a checkpoint of a different config '
                       f'({"; ".join(diffs[:3])}); use a new --workdir')

@@ -193,12 +193,13 @@ def compilation_cache(folder: str) -> None:
 
 
 def process_compilation_cache() -> None:
-  """`compilation_cache` in a temporary folder of this process, removed at exit, unless
-  JAX_COMPILATION_CACHE_DIR names one to keep across runs."""
-  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-    return
-  folder = tempfile.mkdtemp(prefix='datarater-xla-')
-  atexit.register(shutil.rmtree, folder, ignore_errors=True)
+  """`compilation_cache` in JAX_COMPILATION_CACHE_DIR (kept across runs), else in a temporary
+  folder of this process, removed at exit. JAX writes cache entries from process 0 only, so in a
+  multi-process job the other processes compile for themselves."""
+  folder = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  if not folder:
+    folder = tempfile.mkdtemp(prefix='datarater-xla-')
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
   compilation_cache(folder)
 
 

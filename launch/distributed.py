@@ -6,6 +6,7 @@ it needs from the environment (`--distributed`); elsewhere name the coordinator 
 lists every process's devices and one mesh spans them all.
 """
 import json
+import sys
 
 from absl import flags
 import jax
@@ -53,21 +54,24 @@ def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   multihost.check_same_settings(settings(fv))
 
 
+LOCAL = ('--process_id', '--data_dir', '--config.data.data_dir')  # may differ per process
+
+
 def settings(fv: flags.FlagValues) -> dict:
-  """The launcher's flags by name (a config flag field by field), but --process_id: every
-  process of a job must hold the same."""
+  """The launcher's own flags by name (a config flag field by field), but those of `LOCAL`
+  (where this process keeps its prepared TFDS data may differ): every process of a job must hold
+  the same."""
   out = {}
   for module, module_flags in fv.flags_by_module_dict().items():
-    if module.startswith('absl.'):
+    # The program's own (absl names them by its path) and our modules', not other packages'.
+    if module != sys.argv[0] and not module.startswith(('launch', 'bench')):
       continue
     for flag in module_flags:
-      if flag.name == 'process_id':
-        continue
       if isinstance(flag.value, ml_collections.ConfigDict):
         out.update(_flat(json.loads(flag.value.to_json_best_effort()), f'--{flag.name}.'))
       else:
         out[f'--{flag.name}'] = flag.value
-  return out
+  return {k: v for k, v in out.items() if k not in LOCAL}
 
 
 def _flat(tree: dict, prefix: str) -> dict:

@@ -1,10 +1,11 @@
 """Ctrl-C and SIGTERM that always stop a launcher.
 
-Python drops (prints, then ignores) an exception raised inside a garbage-collector callback, and
-JAX registers one: an interrupt handled during a collection was lost and the run went on. Here
-a signal handled inside such a callback is sent again a moment later, to be raised in the
-launcher's own code. SIGTERM (a scheduler's kill) ends a run as Ctrl-C does: temporary files and
-folders are removed on the way out (exit code 128 + 15).
+Python drops (prints, then ignores) an exception raised inside a garbage-collector callback (JAX
+registers one), a `__del__` or a weakref callback: an interrupt handled there was lost and the
+run went on. Here a signal handled inside a gc callback, or whose exception such code dropped,
+is sent again a moment later, to be raised in the launcher's own code. SIGTERM (a scheduler's
+kill) ends a run as Ctrl-C does: temporary files and folders are removed on the way out (exit
+code 128 + 15).
 """
 import gc
 import os
@@ -13,6 +14,7 @@ import sys
 import threading
 
 RESEND_S = 0.05
+_in_hook = [0]  # > 0 while the unraisable hook runs: what it raises would be dropped too
 
 
 def _in_gc_callback(frame) -> bool:
@@ -24,13 +26,34 @@ def _in_gc_callback(frame) -> bool:
   return False
 
 
+def _resend(signum: int) -> None:
+  threading.Timer(RESEND_S, os.kill, (os.getpid(), signum)).start()
+
+
 def _handler(signum, frame) -> None:
-  if _in_gc_callback(frame):
-    threading.Timer(RESEND_S, os.kill, (os.getpid(), signum)).start()
+  if _in_hook[0] or _in_gc_callback(frame):
+    _resend(signum)
   elif signum == signal.SIGINT:
     raise KeyboardInterrupt
   else:
     sys.exit(128 + signum)
+
+
+def _dropped(previous):
+  def hook(unraisable) -> None:
+    _in_hook[0] += 1
+    try:
+      exc = unraisable.exc_value
+      if isinstance(exc, KeyboardInterrupt):
+        _resend(signal.SIGINT)
+      elif isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM:
+        _resend(signal.SIGTERM)
+      else:
+        previous(unraisable)
+    finally:
+      _in_hook[0] -= 1
+  hook.resends = True
+  return hook
 
 
 def install() -> None:
@@ -39,3 +62,5 @@ def install() -> None:
   for signum in (signal.SIGINT, signal.SIGTERM):
     if signal.getsignal(signum) != signal.SIG_IGN:
       signal.signal(signum, _handler)
+  if not getattr(sys.unraisablehook, 'resends', False):  # once, however often it is called
+    sys.unraisablehook = _dropped(sys.unraisablehook)

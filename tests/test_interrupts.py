@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM stop a launcher even when handled inside a garbage-collector callback."""
+"""Ctrl-C and SIGTERM stop a launcher even when handled inside a garbage-collector callback or a
+finalizer, where Python drops what they raise."""
 import os
 import signal
 import subprocess
@@ -23,7 +24,13 @@ def callback(phase, info):
     sent.append(1)
     os.kill(os.getpid(), int(sys.argv[1]))
     sum(range(1000))  # handled here, inside the callback
-gc.callbacks.append(callback)
+if sys.argv[3] == 'gc':
+  gc.callbacks.append(callback)
+else:  # a finalizer: handled in __del__
+  class Finalized:
+    def __del__(self):
+      callback('start', None)
+  Finalized()
 start = time.time()
 while time.time() - start < 5:
   class Node: pass
@@ -32,18 +39,19 @@ print('went on to the end')
 '''
 
 
-def _run(signum: int, mode: str):
-  return subprocess.run([sys.executable, '-c', CHILD, str(signum), mode], cwd=ROOT,
+def _run(signum: int, mode: str, where: str):
+  return subprocess.run([sys.executable, '-c', CHILD, str(signum), mode, where], cwd=ROOT,
                         capture_output=True, text=True, timeout=60,
                         env={**os.environ, 'PYTHONPATH': ROOT})
 
 
+@pytest.mark.parametrize('where', ['gc', 'finalizer'])
 @pytest.mark.parametrize('signum,code', [(signal.SIGINT, -signal.SIGINT),
                                          (signal.SIGTERM, 128 + signal.SIGTERM)])
-def test_signal_inside_a_gc_callback_stops_the_run(signum, code):
-  lost = _run(signum, 'plain')  # the failure this guards against: the signal is dropped
+def test_signal_inside_a_gc_callback_or_finalizer_stops_the_run(signum, code, where):
+  lost = _run(signum, 'plain', where)  # the failure this guards against: the signal is dropped
   assert lost.returncode == 0 and 'went on to the end' in lost.stdout, lost.stderr[-2000:]
-  stopped = _run(signum, 'install')
+  stopped = _run(signum, 'install', where)
   assert stopped.returncode == code, stopped.stderr[-2000:]
   assert 'went on to the end' not in stopped.stdout
   if signum == signal.SIGINT:

@@ -307,6 +307,23 @@ def test_polyak_average_is_the_weighted_mean_of_the_finite_iterates():
   assert int(state.skipped) == 1
 
 
+def test_a_checkpoint_from_before_fields_were_added_resumes(tfds_dir, tmp_path, monkeypatch):
+  """A checkpoint that does not record a field added since (task.input, ...) matches a config
+  holding it at the value that behaves as its absence did, and no other value."""
+  config, workdir = small_config(tfds_dir, steps=4), str(tmp_path / 'run')
+  recorded = checkpointing.trajectory_fields
+  monkeypatch.setattr(checkpointing, 'trajectory_fields', lambda *a, **k: {
+      f: v for f, v in recorded(*a, **k).items() if f not in checkpointing.ADDED_FIELDS})
+  meta_train(config, workdir, stop_after=2)
+  monkeypatch.undo()
+  assert 'task.input' in checkpointing.trajectory_fields(config)
+  changed = config.copy_and_resolve_references()
+  changed.task.label = 'label'
+  with pytest.raises(UserError, match="task.label=\\(not recorded\\) there, 'label' here"):
+    meta_train(changed, workdir)
+  assert meta_train(config, workdir)['outer_steps'] == 4
+
+
 @pytest.mark.parametrize('ema', [0.0, 0.5])
 def test_the_report_reuses_the_last_logged_steps_scores(tfds_dir, tmp_path, monkeypatch, ema):
   """With label noise each logged step scores the training split (twice with outer.ema: the
