@@ -178,7 +178,10 @@ def run(main: Callable, define_flags: Callable, doc: str) -> None:
   def quiet_main(argv):
     if not flags.FLAGS['verbosity'].present:  # library chatter (XLA, orbax, TFDS) off
       absl_logging.set_verbosity(absl_logging.WARNING)
-    return main(argv)
+    try:
+      return main(argv)
+    finally:
+      interrupts.disarm()
   interrupts.install()
   process_compilation_cache()
   app.run(quiet_main, flags_parser=lambda argv: parse_flags(argv, doc))
@@ -188,8 +191,10 @@ def compilation_cache(folder: str) -> None:
   """Compiled programs kept in `folder`: a program lowered alike again (another trainer's, a
   subset of equal size) loads instead of compiling."""
   jax.config.update('jax_compilation_cache_dir', folder)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  for option in ('jax_persistent_cache_min_compile_time_secs',
+                 'jax_persistent_cache_min_entry_size_bytes'):
+    if option.upper() not in os.environ:  # thresholds a user set stay
+      jax.config.update(option, 0)
 
 
 def process_compilation_cache() -> None:

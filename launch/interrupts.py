@@ -15,6 +15,7 @@ import threading
 
 RESEND_S = 0.05
 _in_hook = [0]  # > 0 while the unraisable hook runs: what it raises would be dropped too
+_armed = [False]  # from `install` until `disarm`: the launcher's own code runs
 
 
 def _in_gc_callback(frame) -> bool:
@@ -26,8 +27,15 @@ def _in_gc_callback(frame) -> bool:
   return False
 
 
+def _fire(signum: int) -> None:
+  if _armed[0]:
+    os.kill(os.getpid(), signum)
+
+
 def _resend(signum: int) -> None:
-  threading.Timer(RESEND_S, os.kill, (os.getpid(), signum)).start()
+  timer = threading.Timer(RESEND_S, _fire, (signum,))
+  timer.daemon = True  # exit does not wait for it
+  timer.start()
 
 
 def _handler(signum, frame) -> None:
@@ -44,7 +52,9 @@ def _dropped(previous):
     _in_hook[0] += 1
     try:
       exc = unraisable.exc_value
-      if isinstance(exc, KeyboardInterrupt):
+      if not _armed[0] or (unraisable.err_msg or '').startswith('Exception ignored in atexit'):
+        previous(unraisable)  # the run is over: exit's own clean-up goes on
+      elif isinstance(exc, KeyboardInterrupt):
         _resend(signal.SIGINT)
       elif isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM:
         _resend(signal.SIGTERM)
@@ -64,3 +74,10 @@ def install() -> None:
       signal.signal(signum, _handler)
   if not getattr(sys.unraisablehook, 'resends', False):  # once, however often it is called
     sys.unraisablehook = _dropped(sys.unraisablehook)
+  _armed[0] = True
+
+
+def disarm() -> None:
+  """The launcher's code is done: a dropped signal is no longer sent again (it would interrupt
+  exit's clean-up, e.g. the removal of temporary folders)."""
+  _armed[0] = False

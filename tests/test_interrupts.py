@@ -67,3 +67,19 @@ def test_a_signal_the_process_was_started_ignoring_stays_ignored():
                        timeout=60, env={**os.environ, 'PYTHONPATH': ROOT},
                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
   assert out.stdout.split() == ['True', 'False'], out.stderr[-2000:]
+
+
+def test_after_the_launchers_code_a_dropped_signal_is_not_sent_into_exits_clean_up(tmp_path):
+  """Disarmed (the launcher's main has returned), a signal a finalizer dropped stays dropped:
+  sent again, it would cut short atexit's clean-up (temporary folders left behind)."""
+  code = ('import atexit, os, signal, sys, time\nfrom launch import interrupts\n'
+          'interrupts.install()\ninterrupts.disarm()\n'
+          'def clean_up():\n  time.sleep(0.5)\n  open(sys.argv[1], "w").write("done")\n'
+          'atexit.register(clean_up)\n'
+          'class Finalized:\n  def __del__(self):\n'
+          '    os.kill(os.getpid(), signal.SIGINT)\n    sum(range(1000))\n'
+          'Finalized()\n')
+  marker = tmp_path / 'cleaned'
+  out = subprocess.run([sys.executable, '-c', code, str(marker)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env={**os.environ, 'PYTHONPATH': ROOT})
+  assert out.returncode == 0 and marker.read_text() == 'done', out.stderr[-2000:]
