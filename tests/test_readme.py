@@ -42,9 +42,16 @@ def test_readme_output_is_the_recorded_output_of_seed_0():
 
 @pytest.mark.slow
 def test_the_main_command_reproduces_its_recorded_figures():
-  from bench.train_rater_seeds import run_seed  # pylint: disable=g-import-not-at-top
+  """Run as the README runs it: in a process without the tests' quick-compile XLA flags (they
+  change the numerics: held-out loss 0.1111 against 0.1086)."""
   want = json.load(open(RESULTS))['seeds']['0']
-  got = run_seed('configs/digits.py', 0)
+  code = ('import json\nfrom bench.train_rater_seeds import run_seed\n'
+          'print(json.dumps(run_seed("configs/digits.py", 0)))')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=1200, env={**env, 'PYTHONPATH': ROOT})
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
   for key in ('noise_auroc', 'heldout_loss_rater', 'heldout_loss_uniform',
               'test_accuracy_rater', 'test_accuracy_uniform'):
     assert got[key] == pytest.approx(want[key], rel=2e-3, abs=2e-3), key
