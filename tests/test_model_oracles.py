@@ -115,7 +115,7 @@ def _per_example_flat_grads(loss, params, batch):
                    for i in range(n)])
 
 
-@pytest.mark.parametrize('kind', ['cnn', 'lm'])
+@pytest.mark.parametrize('kind', ['cnn', pytest.param('lm', marks=pytest.mark.slow)])
 def test_dvemb_exact_is_the_trajectory_leave_one_out_derivative(kind):
   """DVEmb 'exact' = -d(test loss)/d(eps) where every occurrence of example i has its loss
   multiplied by (1 - eps): jax.grad through the whole 4-step SGD loop w.r.t. per-occurrence
@@ -224,7 +224,7 @@ META_LRS = {'sgd': 0.3, 'momentum': 0.1, 'adam': 0.05}
 
 @pytest.mark.parametrize('kind,optimizer,steps,variants', [
     ('cnn', 'adam', 5, [('mixed', 'invert', 0), ('remat', 'auto', 0)]),
-    ('cnn', 'momentum', 4, [('mixed', 'replay', 0)]),
+    pytest.param('cnn', 'momentum', 4, [('mixed', 'replay', 0)], marks=pytest.mark.slow),
     ('lm', 'momentum', 3, [('mixed', 'invert', 0)]),
 ])
 def test_mixed_and_remat_meta_gradients_equal_reverse(kind, optimizer, steps, variants):
