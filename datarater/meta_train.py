@@ -63,8 +63,9 @@ HEARTBEAT_S = 60.0  # between logged steps, a short progress line at least this 
 
 def run_checkpointer(config, workdir: str) -> checkpointing.RunCheckpointer:
   """Checkpoints in `workdir`, tied to the config and to how the meta-training stream shuffles
-  (`data_stream`: a checkpoint of another shuffle cannot be resumed exactly). A finished run may be extended with more outer steps, except under a cosine
-  outer schedule, whose decay the run length sets."""
+  (`data_stream`: a checkpoint of another shuffle cannot be resumed exactly). A finished run may
+  be extended with more outer steps, except under a cosine outer schedule, whose decay the run
+  length sets."""
   fingerprint = config.copy_and_resolve_references()
   with fingerprint.unlocked():
     fingerprint.data_stream = pipeline.STREAM_VERSION

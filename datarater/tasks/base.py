@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from datarater.errors import UserError
 
@@ -65,11 +66,10 @@ def check_per_example(task: 'Task', params: Params, batch: Batch) -> None:
   (the valuations) read one example at a time, so a loss that depends on the example's
   batch-mates (batch norm in training mode) would give every valuation another model's
   gradients."""
-  together = jax.device_get(task.per_example_loss(params, batch))
-  alone = [float(jax.device_get(task.per_example_loss(
-      params, jax.tree.map(lambda x, i=i: x[i:i + 1], batch)))[0])
-           for i in range(batch_size_of(batch))]
-  if not jnp.allclose(together, jnp.asarray(alone), rtol=1e-4, atol=1e-6):
+  together = task.per_example_loss(params, batch)
+  alone = jax.vmap(lambda example: task.per_example_loss(
+      params, jax.tree.map(lambda x: x[None], example))[0])(batch)
+  if not np.allclose(together, alone, rtol=1e-4, atol=1e-6):
     raise UserError(f'task {type(task).__name__}: an example\'s '
                     'loss depends on the rest of its batch (batch norm in training mode?): '
                     'per-example gradients need per_example_loss to read each example alone')
