@@ -113,19 +113,38 @@ def test_full_selects_everything_once():
   np.testing.assert_array_equal(w, np.ones(50))
 
 
-def test_infobatch_prunes_only_low_loss_and_rescales():
-  num, ratio = 400, 0.7
-  losses = np.random.default_rng(1).exponential(size=num).astype(np.float32)
+@pytest.mark.parametrize('case', ['below_mean', 'widened'])
+def test_infobatch_prunes_only_low_loss_and_rescales(case):
+  """InfoBatch's rule by brute force: candidates are the below-mean losses (widened to the lowest
+  ceil(pruned / 0.8) when fewer); each draw prunes exactly N - n of them, each candidate with
+  probability (N - n) / #candidates over draws, and rescales the kept candidates by 1 / (1 - p)."""
+  num, ratio, draws = 400, 0.7, 400
+  rng = np.random.default_rng(1)
+  if case == 'below_mean':  # ~250 below the mean: more than ceil(120 / 0.8) = 150
+    losses = rng.exponential(size=num)
+  else:  # 40 below the mean (9.5): widened to the lowest 150
+    losses = np.concatenate([np.linspace(0, 0.1, 40), np.linspace(10, 11, num - 40)])
+    losses = rng.permutation(losses)
+  losses = losses.astype(np.float32)
+  pruned = num - round(num * ratio)
+  below = np.flatnonzero(losses < losses.mean())
+  candidates = below if len(below) >= 150 else np.argsort(losses)[:150]
+  assert (len(candidates) == 150) == (case == 'widened')
+  prob = pruned / len(candidates)
   policy = policies.infobatch(num, ratio, max_prune_prob=0.8)
   state = init_state(num, jax.random.PRNGKey(3)).replace(losses=jnp.asarray(losses))
-  idx, w, _ = policy.select(policy.aux, state)
-  idx, w = np.asarray(idx), np.asarray(w)
-  pruned = np.setdiff1d(np.arange(num), idx)
-  assert len(pruned) == num - len(idx) == 120
-  assert losses[pruned].max() < losses.mean() or len(pruned) > (losses < losses.mean()).sum()
-  assert set(np.flatnonzero(losses >= losses.mean())) <= set(idx)  # hard examples always kept
-  assert w.sum() == pytest.approx(num, rel=1e-5)  # rescaling keeps the total weight of the split
-  assert w.max() > 1 and w.min() == 1
+  keys = jax.random.split(jax.random.PRNGKey(4), draws)
+  idx, w, _ = jax.vmap(lambda k: policy.select(policy.aux, state.replace(key=k)))(keys)
+  times_pruned = np.zeros(num)
+  for i, wi in zip(np.asarray(idx), np.asarray(w)):
+    out = np.setdiff1d(np.arange(num), i)
+    assert len(i) == len(set(i)) == num - pruned and set(out) <= set(candidates)
+    want = np.where(np.isin(i, candidates), 1 / (1 - prob), 1.0)
+    np.testing.assert_allclose(wi, want, rtol=1e-6)
+    times_pruned[out] += 1
+  assert not times_pruned[np.setdiff1d(np.arange(num), candidates)].any()
+  bound = 5 * np.sqrt(prob * (1 - prob) / draws)
+  assert np.abs(times_pruned[candidates] / draws - prob).max() < bound
 
 
 def test_record_epoch_counts_only_weighted_and_drops_padding():

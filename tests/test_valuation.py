@@ -149,7 +149,7 @@ def test_tracin_cp_with_projection_equals_explicit_matrix():
 @pytest.mark.parametrize('layers', [None, ['dense_1']])
 def test_tracin_modes_equal_explicit(layers):
   loss, params, data = problem()
-  run, _, _ = sgd_run(loss, params, data)
+  run, _, _ = sgd_run(loss, params, data, lr=0.3 * 0.7 ** np.arange(6))  # each step its own rate
   train, held = sub(data, range(8)), sub(data, range(8, 12))
   self_inf = tracin.TracIn(loss, 'self', layers=layers, chunk_size=3).fit(run)
   np.testing.assert_allclose(self_inf.score(train),
@@ -164,7 +164,8 @@ def test_tracin_modes_equal_explicit(layers):
     p = run.checkpoint(c)
     g = flat_grads(loss, p, train, layers)
     v = flat_grads(loss, p, held, layers).mean(0)
-    want = want + 0.3 * g @ v / (np.linalg.norm(g, axis=1) * np.linalg.norm(v))
+    lr = 0.3 * 0.7 ** (2 * c)  # the rate of step 2c, where checkpoint c was taken
+    want = want + lr * g @ v / (np.linalg.norm(g, axis=1) * np.linalg.norm(v))
   got = tracin.TracIn(loss, 'heldout_cos', held, layers=layers, chunk_size=5).fit(run).score(train)
   np.testing.assert_allclose(got, want, rtol=1e-10)
   assert pergrad.ghost_covers(loss, params, train, layers)
