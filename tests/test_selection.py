@@ -175,6 +175,25 @@ def test_representativeness_favours_common_factors_and_diversity_opens_gradually
   assert late[1] == pytest.approx(1.0) and early[1] == 0.0    # the rarest factor comes in only late
   used = usage.at[rarest].set(10.0)
   assert scores.diversity(probe, used, jnp.asarray(1.0), 0.15)[1] < late[1]
+  # Every factor alone, unused, over a grid of progress: the high-frequency set is the most
+  # frequent half and carries nothing; rare factors open in order of frequency (the more frequent
+  # first), each gate rising over time from 0 to 1, the least rare open by t = 0.15 and the rarest
+  # closed until 0.85.
+  each = stats.replace(mass=jnp.eye(20), group=jnp.zeros(20, jnp.int32))
+  high = np.asarray(stats.high)
+  assert high.sum() == 10 and freq[high].min() >= freq[~high].max()
+  grid = np.linspace(0, 1, 41)
+  gates = np.stack([np.asarray(scores.diversity(each, usage, jnp.asarray(t), 0.15)) for t in grid])
+  assert not gates[:, high].any() and gates.min() == 0.0 and gates.max() == pytest.approx(1.0)
+  assert (np.diff(gates, axis=0) >= -1e-6).all()  # no gate closes as progress grows
+  rare = np.flatnonzero(~high)
+  for a in rare:
+    for b in rare:
+      if freq[a] > freq[b]:  # a is less rare than b: at least as open at every t
+        assert (gates[:, a] >= gates[:, b] - 1e-6).all(), (a, b)
+  least, most = rare[np.argmax(freq[rare])], rare[np.argmin(freq[rare])]
+  assert gates[grid >= 0.15, least].min() == pytest.approx(1.0)
+  assert gates[grid <= 0.85, most].max() == pytest.approx(0.0)
 
 
 def test_class_conditional_scores_flag_label_flips():
