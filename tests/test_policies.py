@@ -16,6 +16,7 @@ from datarater.data import pipeline
 from datarater.errors import UserError
 from datarater.meta_train import meta_train
 from datarater.policies import filtering, weighting
+from datarater.valuation import base
 from datarater.train import train
 from tests.conftest import digits_data
 from tests.run_config import small_config
@@ -148,7 +149,17 @@ def test_mimic_weights_follow_the_explicit_per_example_gradients(tfds_dir):
        for i in range(12)]
   scores = [-float(gi @ u) for gi in g]
   np.testing.assert_allclose(got, _softmax_weights(scores, 0.7), rtol=1e-4)
-  assert policy.setup_example_gradients > 0 and policy.forwards_per_example == 2.0
+  # The reference: valuation.reference_steps of the valuation's SGD on the held-out split (not
+  # on the noisy training split); its cost: 300 held-out examples make 5 batches of 64 (the last
+  # one of 44), so its 20 steps are 4 passes, 1,200 example-gradients.
+  v = config.valuation
+  on = lambda split: base.record_run(task, split, steps=20, batch_size=v.batch_size,
+                                     learning_rate=v.learning_rate, checkpoint_every=20,
+                                     optimizer=v.optimizer, seed=v.seed)[0].final_params
+  leaves = lambda tree: ravel_pytree(tree)[0]
+  np.testing.assert_allclose(leaves(policy.aux), leaves(on(held)), rtol=1e-5, atol=1e-6)
+  assert np.abs(leaves(on(tr)) - leaves(policy.aux)).max() > 1e-3
+  assert len(held) == 300 and policy.setup_example_gradients == 4 * 300 and policy.forwards_per_example == 2.0
   config.valuation.mimic_cosine = True  # the cosine variant: <-g_i, u> / ||g_i||
   cos = policies.make_policy('mimic', policies.PolicyContext(tr, held, task, config))
   got = cos.weigh(cos.aux, (), params, batch, jnp.ones(12))
