@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pyarrow as pa
@@ -22,7 +23,7 @@ import tensorflow_datasets as tfds
 
 import datarater
 from configs.digits import get_config
-from datarater import checkpointing, export, files, tasks
+from datarater import checkpointing, export, files, policies, tasks
 from datarater.curation import scores_file, select
 from datarater.curation.filter import filter_dataset
 from datarater.data import pipeline
@@ -42,7 +43,9 @@ N_TRAIN = 1197
 @pytest.fixture(scope='module')
 def rater_dir(tfds_dir, tmp_path_factory):
   base = tmp_path_factory.mktemp('rater')
-  meta_train(small_config(tfds_dir, steps=4), str(base / 'run'))
+  config = small_config(tfds_dir, steps=4)
+  config.rater.temperature = 0.37  # not the default: the export must carry it
+  meta_train(config, str(base / 'run'))
   out = str(base / 'exported')
   export.export_rater(str(base / 'run'), out)
   return out
@@ -89,7 +92,16 @@ def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_pat
   np.testing.assert_allclose(one(batch), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(one(batch), four(batch))  # bitwise: same program per device
   np.testing.assert_array_equal(direct(batch), four(batch))
-  assert one.info == split.info and one.temperature == 1.0
+  assert one.info == split.info and one.temperature == direct.temperature == 0.37
+  # launch.train's datarater policy weighs a batch of B real examples (and 4 of padding) by
+  # B * softmax(score / 0.37), in float64 here.
+  ctx = policies.PolicyContext(split, None, None, small_config(tfds_dir), rater=rater_dir)
+  policy = policies.make_policy('datarater', ctx)
+  mask = np.r_[np.ones(12), np.zeros(4)].astype(np.float32)
+  sixteen = {k: v[:16] for k, v in batch.items()}
+  got = policy.weigh(policy.aux, (), None, sixteen, jnp.asarray(mask))
+  z = np.exp(np.asarray(want[:12], np.float64) / 0.37)
+  np.testing.assert_allclose(got, np.r_[12 * z / z.sum(), np.zeros(4)], rtol=1e-4, atol=1e-7)
   assert one.training_example_gradients == 4 * 2 * (2 * 16 + 16)  # 4 steps, K=2, T=2, B=16
   with pytest.raises(UserError, match='already exists'):
     export.export_rater(run, rater_dir)
