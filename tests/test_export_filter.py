@@ -327,8 +327,12 @@ def test_scores_file_filter_and_min_score(tfds_dir, tmp_path):
   rep = run('o1', keep=0.6, copy_other_splits=False)
   assert rep['splits']['train']['kept'] == select.keep_count(N_TRAIN, 0.6)
   assert list(tfds.builder_from_directory(str(tmp_path / 'o1')).info.splits) == ['train']
-  rep = run('o2', min_score=0.0)
-  assert rep['splits']['train']['kept'] == int((values >= 0).sum())
+  halves = np.round(2 * values) / 2  # ~190 scores exactly at the threshold: --min_score keeps them
+  pq.write_table(pa.table({'id': order, 'value': halves[order]}), tmp_path / 'h.parquet')
+  rep = filter_dataset('sklearn_digits', str(tmp_path / 'o2'), ['train'], min_score=0.5,
+                       scores=str(tmp_path / 'h.parquet'), data_dir=tfds_dir)
+  assert (halves == 0.5).sum() > 100
+  assert rep['splits']['train']['kept'] == int((halves >= 0.5).sum())
   rep = run('o3', keep=0.6, threshold='streaming')
   assert abs(rep['splits']['train']['kept'] - select.keep_count(N_TRAIN, 0.6)) <= 1
   # Two groups of scores, 70% high: the suggested keep is the brute-force Otsu split's share.
