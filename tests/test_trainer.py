@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from datarater import checkpointing, tasks
+from datarater import trainer as trainer_lib
 from datarater.data import pipeline
 from datarater.errors import UserError
 from datarater.policies import base, selection, weighting
@@ -111,8 +112,12 @@ def test_vmapped_seeds_equal_single_runs_and_compute_is_counted(splits):
   assert np.mean(both.final['eval']['accuracy']) > 0.5  # it learns
 
 
-def test_evaluation_is_the_mean_of_the_task_metrics(splits):
+def test_evaluation_is_the_mean_of_the_task_metrics(splits, monkeypatch):
+  """Evaluated in blocks of 128: 300 test examples fill 2 and 44 of a third, padded; the means
+  are over the 300 alone."""
+  monkeypatch.setattr(trainer_lib, 'EVAL_BLOCK', 128)
   train, test = splits
+  assert len(test) == 300
   trainer = _trainer(train)
   run = trainer.run(train, {'eval': test}, [0], steps=15)
   assert run.steps == 15 and run.final['step'] == 15
