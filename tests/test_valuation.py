@@ -426,6 +426,21 @@ def test_noise_auroc_counts_clean_over_corrupted_pairs(tfds_dir):
   by_kind = evaluation.auroc_by_kind(scores, split.corruption, split.corruption_kinds)
   assert by_kind == {'label_symmetric': pytest.approx(pairs)}
   assert np.isnan(evaluation.noise_auroc(scores, np.zeros(len(split), bool)))
+  # Three kinds, each separated from the clean examples by its own amount (one not present): each
+  # kind's pairs with the clean examples alone, not with the other kinds.
+  rng = np.random.default_rng(1)
+  record = rng.integers(0, 4, 400)
+  record[record == 3] = 2
+  scores = rng.integers(0, 6, 400) + np.array([2.0, 0.0, 3.0, 0.0])[record]
+  kinds = ('clean', 'blur', 'flip', 'absent')
+  by_kind = evaluation.auroc_by_kind(scores, record, kinds)
+  assert sorted(by_kind) == ['blur', 'flip']
+  clean = scores[record == 0]
+  for k, kind in ((1, 'blur'), (2, 'flip')):
+    bad = scores[record == k]
+    pairs = ((clean[:, None] > bad[None, :]).mean()
+             + 0.5 * (clean[:, None] == bad[None, :]).mean())
+    assert by_kind[kind] == pytest.approx(pairs)
 
 
 def test_dvemb_step_map_is_the_linearised_step_where_stable_and_never_amplifies():
