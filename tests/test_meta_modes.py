@@ -205,6 +205,32 @@ def test_outer_learning_rate_follows_the_configured_schedule(schedule):
                              rtol=1e-4, atol=1e-8)
 
 
+def test_outer_optimizer_clips_the_global_norm_before_adam():
+  """Gradients of global norm 5, 0.2 and 3 under clip_norm 0.5: the updates are Adam's (float64
+  by hand, beta 0.9 / 0.999, eps 1e-8) on the gradients rescaled to norm <= 0.5; unclipped, the
+  large first gradient would dominate Adam's second moment and the steps differ."""
+  rng = np.random.default_rng(0)
+  grads = [rng.normal(size=4) for _ in range(3)]
+  grads = [g / np.linalg.norm(g) * n for g, n in zip(grads, (5.0, 0.2, 3.0))]
+  def by_hand(clip):
+    m = v = np.zeros(4)
+    out = []
+    for t, g in enumerate(grads, 1):
+      g = g * min(1.0, clip / np.linalg.norm(g))
+      m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+      out.append(-0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8))
+    return np.array(out)
+  opt = make_outer_optimizer(ml_collections.ConfigDict(dict(
+      learning_rate=0.1, warmup_steps=0, steps=10, schedule='constant', clip_norm=0.5)))
+  params = jnp.zeros(4, jnp.float32)
+  state, got = opt.init(params), []
+  for g in grads:
+    updates, state = opt.update(jnp.asarray(g, jnp.float32), state, params)
+    got.append(np.asarray(updates))
+  np.testing.assert_allclose(got, by_hand(0.5), rtol=1e-4, atol=1e-7)
+  assert np.abs(by_hand(0.5) - by_hand(np.inf)).max() > 1e-2  # the clip changes the steps
+
+
 def test_mixed_mode_memory_is_nearly_flat_in_the_unroll_length():
   """XLA's compiled temporaries of one outer step: mixed mode at T = 24 keeps little more than at
   T = 2, while reverse mode at T = 24 keeps every inner step's activations (several times more)."""

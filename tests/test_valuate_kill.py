@@ -20,7 +20,7 @@ from datarater.valuation.run import valuate
 from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCK, KILL_AT = 64, 4  # the digits' 1,437 training examples: 23 blocks
+BLOCK, KILL_AT = 64, 4  # the digits' 1,197 training examples: 19 blocks
 
 CHILD = textwrap.dedent('''
     import os, signal, sys
