@@ -7,7 +7,6 @@ rater's training; it is the rater that is scored, reported and exported when `ou
 """
 import jax
 import jax.numpy as jnp
-import optax
 
 
 def init(params, decay: float):
@@ -15,18 +14,32 @@ def init(params, decay: float):
   return jax.tree.map(jnp.zeros_like, params) if decay else None
 
 
+def _decay(decay: float, like):
+  """(d, 1 - d) in the dtype of `like`: d is rounded once and both weights use that d (1 - d exact
+  for d >= 1/2), so the weights of the iterates sum to what `debiased` divides by, at any d."""
+  d = jnp.asarray(decay, jnp.result_type(like))
+  return d, 1 - d
+
+
 def update(average, params, decay: float):
-  """One more iterate into the (undebiased) average: decay * average + (1 - decay) * params."""
+  """One more iterate into the (undebiased) average: d * average + (1 - d) * params."""
   if average is None:
     return None
-  return optax.incremental_update(params, average, 1.0 - decay)
+  def one(a, p):
+    d, e = _decay(decay, a)
+    return d * a + e * p
+  return jax.tree.map(one, average, params)
 
 
 def debiased(average, params, decay: float, count):
-  """The averaged parameters after `count` updates (optax's bias correction); `params` (the last
-  iterate) when averaging is off or nothing has been averaged yet."""
+  """The averaged parameters after `count` updates, divided by the sum of the iterates' weights,
+  1 - d^count (as -expm1(count log1p(-(1 - d))): no cancellation for d near 1); `params` (the
+  last iterate) when averaging is off or nothing has been averaged yet."""
   if average is None:
     return params
   count = jnp.asarray(count, jnp.int32)
-  corrected = optax.tree.bias_correction(average, decay, jnp.maximum(count, 1))
-  return jax.tree.map(lambda a, p: jnp.where(count > 0, a, p), corrected, params)
+  def one(a, p):
+    _, e = _decay(decay, a)
+    total = -jnp.expm1(jnp.maximum(count, 1).astype(e.dtype) * jnp.log1p(-e))
+    return jnp.where(count > 0, a / total, p)
+  return jax.tree.map(one, average, params)
