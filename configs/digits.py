@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   # mixed only: how inner states come back on the backward pass. 'invert' runs momentum/Adam
   # backwards, 'replay' recomputes from kept states, 'auto' = invert if the optimizer can.
   c.outer.mixed_recompute = 'auto'
-  c.outer.mixed_segment = 0        # steps per segment (0: 16 for invert, sqrt(T) for replay)
+  c.outer.mixed_segment = 0        # steps per segment (0: 16 for invert, its most; sqrt(T), replay)
   # Outer steps whose meta-gradient is not finite are skipped (counted in the log); this many in
   # a row stop the run.
   c.outer.max_skipped_steps = 20

@@ -58,6 +58,13 @@ def make_estimator(outer, inner):
   if recompute == 'invert' and inverse is None:
     raise UserError(f"outer.mixed_recompute='invert' needs an inner optimizer that can be run "
                     f"backwards (momentum, adam), got inner.optimizer={inner.optimizer!r}")
+  limit = mixed_mode.INVERT_SEGMENT
+  if (name == 'mixed' and outer.mixed_segment > limit
+      and (recompute == 'invert' or (recompute == 'auto' and inverse is not None))):
+    raise UserError(f'outer.mixed_segment={outer.mixed_segment} undoes more than {limit} inner '
+                    f'steps of {inner.optimizer} from one exact state, where float32 round-off '
+                    f'grows (the meta-gradient can be wrong or NaN): use at most {limit}, or '
+                    "outer.mixed_recompute='replay'")
   if name in ('reverse', 'remat'):
     return Reverse(remat=name == 'remat')
   if name == 'mixed':
