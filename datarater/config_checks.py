@@ -11,6 +11,11 @@ from typing import Any, Callable, Optional
 from datarater.data.corruption import INPUT_KINDS, LABEL_KINDS
 from datarater.errors import UserError
 
+# The least softmax temperature (rater.temperature, policy.temperature, an exported rater's): below
+# ~1e-38 float32 flushes it to 0 (score / 0 is +-inf, the weights NaN); 1e-6 leaves room for scores
+# up to ~1e32.
+MIN_TEMPERATURE = 1e-6
+
 Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
 
 
@@ -140,7 +145,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
               'optimizer': _lazy_one_of('inner_loop.optimizers.INNER_OPTIMIZERS'),
               'learning_rate': number(0, lo_open=True), 'seeds': integers(0),
               'stream': optional(boolean())},
-    'policy': {'name': string(nonempty=True), 'temperature': number(0, lo_open=True),
+    'policy': {'name': string(nonempty=True), 'temperature': number(MIN_TEMPERATURE),
                'rho': number(0, 1, hi_open=True), 'ratio': number(0, 1, lo_open=True),
                'max_prune_prob': number(0, 1, lo_open=True, hi_open=True)},
     'valuation': {
@@ -238,5 +243,5 @@ def check_model(name: str, section) -> None:
                     f'imports its module), got {section.get("name")!r}')
   schema = {'name': string(), **registry.schema_of(kind, section.name)}
   if kind == 'rater':
-    schema['temperature'] = number(0, lo_open=True)
+    schema['temperature'] = number(MIN_TEMPERATURE)
   check_section(name, section, schema)

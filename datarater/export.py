@@ -216,7 +216,7 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
     if missing:
       raise UserError(f'rater {path!r}: {meta_path!r} has no {missing}')
     temperature = meta['temperature']
-    problem = config_checks.number(0, lo_open=True)(temperature)
+    problem = config_checks.number(config_checks.MIN_TEMPERATURE)(temperature)
     if problem:  # 0, NaN or < 0 would weigh every example by NaN, or the worst ones up
       raise UserError(f'rater {path!r}: {meta_path!r} has temperature {temperature!r}; it '
                       f'{problem}')
