@@ -27,6 +27,7 @@ from datarater import checkpointing, export, files, policies, tasks
 from datarater.curation import scores_file, select
 from datarater.curation.filter import filter_dataset
 from datarater.data import pipeline
+from datarater.data import source as source_lib
 from datarater.data.corruption import Corruption
 from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
@@ -107,7 +108,7 @@ def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_pat
     export.export_rater(run, rater_dir)
 
 
-def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path):
+def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path, monkeypatch):
   out = tmp_path / 'filtered'
   report = _filter(tfds_dir, rater_dir, out)
   want = select.keep_count(N_TRAIN, 0.8)
@@ -138,6 +139,12 @@ def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path
   recorded = pipeline.load_split(ml_collections.ConfigDict(
       {'name': 'x', 'data_dir': '', 'dataset_dir': str(out)}), 'train')
   np.testing.assert_array_equal(recorded.corruption, noisy.corruption[ids])
+  # Streamed, the record is read a block at a time (blocks of 100 here), for positions in any
+  # order and shape.
+  monkeypatch.setattr(source_lib, 'RECORD_BLOCK', 100)
+  streamed = source_lib.Source(builder, 'train')
+  order = np.random.default_rng(0).permutation(want).reshape(2, -1)
+  np.testing.assert_array_equal(streamed.corruption_of(order), noisy.corruption[ids][order])
   assert recorded.is_corrupted.sum() == report['splits']['train']['kept_corrupted'] > 0
   assert not any(e['corruption'] for e in builder.as_data_source()['test'])  # copied, clean
   assert os.path.exists(out / 'scores.png') and os.path.exists(out / 'filter_report.json')

@@ -16,6 +16,7 @@ from datarater.data import pipeline
 
 
 RELEASE_EVERY = 1 << 17  # examples a sequential walk reads between closing its file readers
+RECORD_BLOCK = 4096  # examples read at once for a dataset's own corruption record
 
 
 class Source:
@@ -65,7 +66,13 @@ class Source:
     positions = np.asarray(positions, np.int64)
     if self.corruption_record is not None:
       return self.corruption_record[positions]
-    return self.raw(positions)[pipeline.RECORDED].astype(np.int8)
+    # A dataset's own record is a feature of each example: whole examples are read, a block at a
+    # time, so a record of the whole split costs a byte an example.
+    flat = positions.reshape(-1)
+    out = np.empty(len(flat), np.int8)
+    for i in range(0, len(flat), RECORD_BLOCK):
+      out[i:i + RECORD_BLOCK] = self.raw(flat[i:i + RECORD_BLOCK])[pipeline.RECORDED]
+    return out.reshape(positions.shape)
 
   def block_starts(self, size: int, shard: int = 0, num_shards: int = 1) -> list[int]:
     """Start positions of the fixed-size blocks that shard `shard` of `num_shards` reads."""
