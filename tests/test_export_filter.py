@@ -342,6 +342,15 @@ def test_scores_file_filter_and_min_score(tfds_dir, tmp_path):
   assert rep['splits']['train']['kept'] == int((halves >= 0.5).sum())
   rep = run('o3', keep=0.6, threshold='streaming')
   assert abs(rep['splits']['train']['kept'] - select.keep_count(N_TRAIN, 0.6)) <= 1
+  # Per class (--balance), streamed: each class keeps its best ~60% (the reservoir holds them all).
+  rep = run('o5', keep=0.6, threshold='streaming', balance=True)
+  table = pq.read_table(tmp_path / 'o5' / 'scores_train.parquet').to_pydict()
+  ids, kept = np.asarray(table['id']), np.asarray(table['kept'])
+  labels = pipeline.load_split(digits_data(tfds_dir), 'train').features['label'][ids]
+  for c in range(10):
+    mine, ours = values[ids][labels == c], kept[labels == c]
+    assert abs(ours.sum() - 0.6 * len(mine)) <= 1 and mine[ours].min() > mine[~ours].max()
+  assert rep['splits']['train']['kept'] == kept.sum()
   # Two groups of scores, 70% high: the suggested keep is the brute-force Otsu split's share.
   values = np.where(np.random.default_rng(2).random(N_TRAIN) < 0.7, 1.0, -2.0) + values / 2
   pq.write_table(pa.table({'id': order, 'value': values[order]}), path)
@@ -531,3 +540,24 @@ def test_streaming_quantile_is_algorithm_r_and_its_sample_is_uniform():
     kept[sketch.sample.astype(int)] += 1
   # Each of 200 values kept in 2000 trials with p = 0.1: mean 200, sd 13.4.
   assert np.abs(kept - 200).max() < 6 * 13.4 and abs(kept[:20].mean() - 200) < 20
+
+
+def test_exchange_takes_each_block_from_its_process_a_slice_at_a_time(monkeypatch):
+  """Three processes (simulated: process p's copy of a value is value + 1000 p), blocks of 4 over
+  47 examples, slices of 10 gathered at a time: example i comes from process (i // 4) % 3, and
+  no gather holds more than a slice."""
+  from datarater.curation import filter as filter_lib  # pylint: disable=g-import-not-at-top
+  sizes = []
+  def allgather(a):
+    sizes.append(a.size)
+    return np.stack([a + 1000 * p for p in range(3)]).astype(a.dtype)
+  monkeypatch.setattr(filter_lib.jax, 'process_count', lambda: 3)
+  monkeypatch.setattr(filter_lib.multihost, 'allgather', allgather)
+  monkeypatch.setattr(filter_lib, 'EXCHANGE_VALUES', 30)
+  values = np.random.default_rng(0).normal(size=47)
+  labels = np.arange(47, dtype=np.int32)
+  got_values, got_labels = filter_lib._exchange(range(47), 4, (values, labels))
+  owner = (np.arange(47) // 4) % 3
+  np.testing.assert_array_equal(got_values, values + 1000 * owner)
+  np.testing.assert_array_equal(got_labels, labels + 1000 * owner)
+  assert got_labels.dtype == np.int32 and max(sizes) == 10 and sum(sizes) == 2 * 47

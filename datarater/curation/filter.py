@@ -35,12 +35,22 @@ from datarater.progress import bar as progress_bar
 THRESHOLD_MODES = ('exact', 'streaming')
 
 
+EXCHANGE_VALUES = 1 << 22  # values of one array gathered from all processes at once
+
+
 def _exchange(split, block: int, arrays):
   """Arrays over a split's examples, each process having filled its own blocks (block b is
-  process b % P's) -> the whole arrays, the same on every process."""
-  gathered = [multihost.allgather(a) for a in arrays]  # [P, n] each
-  owner = (np.arange(len(split)) // block) % jax.process_count()
-  return tuple(g[owner, np.arange(len(split))] for g in gathered)
+  process b % P's) -> the whole arrays, the same on every process. Gathered a slice at a time:
+  P copies of a slice, not of the split, are held at once."""
+  n, num = len(split), jax.process_count()
+  out = tuple(np.empty_like(a) for a in arrays)
+  step = max(1, EXCHANGE_VALUES // num)
+  for start in range(0, n, step):
+    rows = np.arange(start, min(start + step, n))
+    owner = (rows // block) % num
+    for a, whole in zip(arrays, out):
+      whole[rows] = multihost.allgather(a[rows])[owner, rows - start]  # [P, slice] gathered
+  return out
 
 
 def _save_histogram(path: str, per_split: dict) -> None:
@@ -193,7 +203,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
       thr = {'all': float(np.min(split_scores, where=kept, initial=np.inf))}
     else:
       cut = {c: q.keep_threshold(split_keep) if q.count else np.inf for c, q in sketch.items()}
-      kept = split_scores >= (cut[None] if not balance else np.array([cut[c] for c in labels]))
+      bar = cut[None] if not balance else np.array([cut[c] for c in groups])[labels]
+      kept = split_scores >= bar
       thr = {'all' if c is None else str(c): float(v) for c, v in cut.items()}
     if not kept.any():
       raise UserError(f'nothing of split {s!r} is kept (threshold {thr}; scores range '

@@ -6,8 +6,9 @@
   filter cannot silently drop a class whose examples all score low.
 - `select_threshold`: every example with score >= a given threshold.
 - `suggest_keep`: the keep fraction a score histogram suggests (the share of its upper cluster).
-- `StreamingQuantile`: for splits whose scores do not fit in memory, a fixed-size uniform reservoir
-  sample (keyed, deterministic) of the scores seen; its (1 - keep) quantile is the threshold. The
+- `StreamingQuantile`: a threshold from a fixed-size uniform reservoir sample (keyed,
+  deterministic) of the scores as they stream by, its (1 - keep) quantile (`launch.filter`
+  still holds one float64 score per example; the sketch itself is O(capacity)). The
   kept fraction is then approximate: with a reservoir of m scores the rank error of the threshold
   has standard deviation sqrt(keep * (1 - keep) / m) * N (0.4% of N for m = 16384, keep = 0.5),
   and every example tied at the threshold is kept (tied scores can keep many more).
