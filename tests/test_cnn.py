@@ -1,6 +1,8 @@
 """The CNN task and rater: convolutions equal flax's nn.Conv, examples stay independent (group
 norm), every parameter is reachable by ghost products, meta-gradients match finite differences,
 and every launcher runs end to end with configs/digits_cnn.py."""
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,6 +80,67 @@ def test_examples_are_independent_and_ghost_products_cover_the_cnn(pool):
     got = jax.jit(lambda p, b: pergrad.per_example(loss, p, b, pergrad.flatten(),
                                                    chunk_size=2))(params, batch)
     np.testing.assert_allclose(got, flat, rtol=1e-10, atol=1e-12)
+
+
+STRIDES = (1, 2)  # the reference CNN's layers' strides
+
+
+def _reference_cnn(params, images, groups, pool, embed=False):
+  """The CNN in float64 numpy from its definition: each layer a 3x3 'SAME' convolution (output
+  [y, x] reads input rows y*s + r - top, columns x*s + q - left, zero outside; the Dense kernel's
+  row c*9 + r*3 + q holds tap (c, r, q)), group norm over (rows, columns, the channels of each of
+  gcd(groups, width) contiguous groups) with no scale or offset (epsilon 1e-6), ReLU; then flatten
+  or the mean over positions, the hidden Dense layer and ReLU, and the head."""
+  p = jax.tree.map(np.asarray, params['params'])
+  x = np.asarray(images, np.float64)
+  convs = sorted((k for k in p if k.startswith('conv_')), key=lambda k: int(k[5:]))
+  for name, stride in zip(convs, STRIDES):
+    kernel, bias = p[name]['kernel']['kernel'], p[name]['kernel']['bias']
+    b, h, w, c = x.shape
+    out_h, out_w = -(-h // stride), -(-w // stride)
+    top = max((out_h - 1) * stride + 3 - h, 0) // 2
+    left = max((out_w - 1) * stride + 3 - w, 0) // 2
+    y = np.tile(bias, (b, out_h, out_w, 1))
+    for oy in range(out_h):
+      for ox in range(out_w):
+        for r in range(3):
+          for q in range(3):
+            iy, ix = oy * stride + r - top, ox * stride + q - left
+            if 0 <= iy < h and 0 <= ix < w:
+              for ch in range(c):
+                y[:, oy, ox] += np.outer(x[:, iy, ix, ch], kernel[ch * 9 + r * 3 + q])
+    width = y.shape[-1]
+    g = math.gcd(groups, width)
+    for j in range(g):
+      part = y[..., j * width // g:(j + 1) * width // g]
+      mean = part.mean(axis=(1, 2, 3), keepdims=True)
+      var = ((part - mean) ** 2).mean(axis=(1, 2, 3), keepdims=True)
+      y[..., j * width // g:(j + 1) * width // g] = (part - mean) / np.sqrt(var + 1e-6)
+    x = np.maximum(y, 0.0)
+  x = x.reshape(len(x), -1) if pool == 'flatten' else x.mean(axis=(1, 2))
+  x = np.maximum(x @ p['dense']['kernel'] + p['dense']['bias'], 0.0)
+  return x if embed else x @ p['head']['kernel'] + p['head']['bias']
+
+
+@pytest.mark.parametrize('pool', ['flatten', 'mean'])
+@pytest.mark.parametrize('groups', [1, 2, 4])
+def test_cnn_loss_and_embedding_equal_a_float64_reference_with_gcd_groups(groups, pool):
+  """The CNN classifier's per-example loss (softmax cross-entropy) and embedding equal the float64
+  numpy reference `_reference_cnn` on the module's own parameters, with `groups` normalising
+  gcd(groups, width) channel groups (layers of 4 and 8 channels), for both pools."""
+  with jax.enable_x64():
+    task = tasks.make_task(digits_cnn.cnn(channels=(4, 8), strides=STRIDES, pool=pool, hidden=5,
+                                          groups=groups), _info())
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), task.init(jax.random.key(groups)))
+    batch = _batch(seed=groups)
+    logits = _reference_cnn(params, batch['image'], groups, pool)
+    log_p = logits - logits.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    want = -log_p[np.arange(len(logits)), np.asarray(batch['label'])]
+    np.testing.assert_allclose(jax.jit(task.per_example_loss)(params, batch), want, rtol=1e-10)
+    np.testing.assert_allclose(jax.jit(task.embed)(params, batch),
+                               _reference_cnn(params, batch['image'], groups, pool, embed=True),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_cnn_meta_gradient_matches_finite_differences():

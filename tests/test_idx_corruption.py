@@ -392,6 +392,41 @@ def test_near_duplicates_are_shifted_copies_of_clean_examples_with_their_labels(
     assert source in clean and out['label'][i] == raw['label'][source]
 
 
+def test_each_near_duplicate_is_its_source_moved_one_pixel_in_one_of_the_eight_directions():
+  """A near-duplicate is its source shifted by one pixel (dy, dx in -1..1, not both 0; edges
+  repeated) plus noise of std DUPLICATE_NOISE_STD: on white noise, exactly one nonzero shift of
+  the source (written from the definition, out[i, j] = src[clip(i - dy), clip(j - dx)]) lies
+  within noise of the copy over the whole image, the unshifted source is far from it, and over
+  120 copies every one of the 8 directions occurs."""
+  n, h, w = 600, 10, 10
+  raw = _split(n, shape=(h, w, 1), seed=8)
+  c = corruption.Corruption(seed=2, duplicate=0.2)
+  out, _ = c.apply(_info((h, w, 1)), raw, np.arange(n), n)
+  dups = np.flatnonzero(c.record(n) == 1)
+  assert len(dups) == 120
+  images = raw['image'][..., 0].astype(np.float64)
+  rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
+
+  def moved(src, dy, dx):
+    return src[np.clip(rows - dy, 0, h - 1), np.clip(cols - dx, 0, w - 1)]
+
+  seen, residuals = set(), []
+  for i in dups:
+    copy = out['image'][i, ..., 0].astype(np.float64)
+    source = images[int(np.argmin(_shift_distance(out['image'][i, ..., 0],
+                                                  raw['image'][..., 0])))]
+    dist = {(dy, dx): np.abs(copy - moved(source, dy, dx)).max()
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    near = [s for s, d in dist.items() if d <= 6 * corruption.DUPLICATE_NOISE_STD]
+    assert len(near) == 1 and near[0] != (0, 0), dist
+    assert np.abs(copy - source).mean() > 30  # white noise: unshifted, ~85 grey levels apart
+    seen.add(near[0])
+    residuals.append((copy - moved(source, *near[0])).ravel())
+  assert seen == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)} - {(0, 0)}
+  assert np.std(np.concatenate(residuals)) == pytest.approx(corruption.DUPLICATE_NOISE_STD,
+                                                            rel=0.15)
+
+
 def test_ood_images_are_upsampled_sklearn_digits():
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top

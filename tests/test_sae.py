@@ -53,6 +53,40 @@ def test_l1_is_sparse_and_the_coefficient_controls_it():
   assert strong['mse'] < 0.3, strong
 
 
+@pytest.mark.parametrize('sparsity', ['top_k', 'l1'])
+def test_decoder_rows_are_unit_normed_so_their_scale_does_not_matter(sparsity):
+  """The SAE equals a float64 numpy forward pass with W_dec's rows explicitly divided by their
+  norms (x_hat = sparsify(W_enc (x - b_pre) + b_enc) W_dec_unit + b_pre), with a nonzero b_pre and
+  decoder rows of very different norms; and multiplying each decoder row by its own positive
+  factor changes neither the reconstruction nor the codes."""
+  rng = np.random.default_rng(0)
+  factors, dim, k = 7, 5, 3
+  module = sae.make_sae(sae_config(sparsity=sparsity, num_factors=factors, k=k))
+  x = rng.normal(size=(6, dim))
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                          module.init(jax.random.PRNGKey(0), jnp.asarray(x)))
+    p = params['params']
+    p['b_pre'] = rng.normal(size=dim)
+    p['w_dec'] = p['w_dec'] * rng.uniform(0.2, 5.0, (factors, 1))
+    pre = (x - p['b_pre']) @ p['encoder']['kernel'] + p['encoder']['bias']
+    codes = np.maximum(pre, 0.0)
+    if sparsity == 'top_k':
+      kept = np.zeros_like(codes, bool)  # each example's k largest pre-activations
+      np.put_along_axis(kept, np.argsort(-pre, axis=1)[:, :k], True, axis=1)
+      codes = np.where(kept, codes, 0.0)
+    unit = p['w_dec'] / np.linalg.norm(p['w_dec'], axis=1, keepdims=True)
+    want = codes @ unit + p['b_pre']
+    recon, got_codes = module.apply(params, jnp.asarray(x))
+    np.testing.assert_allclose(got_codes, codes, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(recon, want, rtol=1e-6, atol=1e-8)  # the norm's 1e-8 guard
+    rescaled = jax.tree.map(lambda a: a, params)  # a new tree, the same leaves
+    rescaled['params']['w_dec'] = p['w_dec'] * rng.uniform(0.1, 10.0, (factors, 1))
+    recon2, codes2 = module.apply(rescaled, jnp.asarray(x))
+    np.testing.assert_allclose(recon2, recon, rtol=1e-6, atol=1e-8)
+    np.testing.assert_array_equal(codes2, got_codes)
+
+
 @pytest.mark.parametrize('bad', [dict(sparsity='dense'), dict(k=0), dict(k=49), dict(num_factors=0)])
 def test_bad_sae_config_is_a_user_error(bad):
   with pytest.raises(UserError, match='sae'):

@@ -142,3 +142,51 @@ def test_a_loss_that_reads_the_rest_of_the_batch_is_refused_for_per_example_grad
   centred = BatchCentred(**{f.name: getattr(mlp, f.name) for f in dataclasses.fields(mlp)})
   with pytest.raises(UserError, match="task BatchCentred: an example's loss depends on the rest"):
     tasks.check_per_example(centred, params, batch)
+
+
+def test_input_and_label_fields_choose_the_features_the_classifier_and_rater_read():
+  """task.input / task.label (and rater.input / rater.label) name the features read, not the
+  dataset's supervised keys: with two image-like and two label features holding different values,
+  the loss and the score equal a hand forward pass on the chosen ones, and change when only the
+  chosen input changes, not when the other input does."""
+  from datarater.data.pipeline import DataInfo  # pylint: disable=g-import-not-at-top
+  spec = {'image': jax.ShapeDtypeStruct((5,), np.float32),
+          'pixels': jax.ShapeDtypeStruct((5,), np.float32),
+          'label': jax.ShapeDtypeStruct((), np.int32),
+          'coarse_label': jax.ShapeDtypeStruct((), np.int32)}
+  info = DataInfo('two_views', spec, {'label': 3, 'coarse_label': 4}, ('image', 'label'))
+  fields = {'hidden': (4,), 'activation': 'tanh', 'input': 'pixels', 'label': 'coarse_label'}
+  task = tasks.make_task(ml_collections.ConfigDict({'name': 'mlp_classifier', **fields}), info)
+  rater = tasks.make_rater(ml_collections.ConfigDict({'name': 'mlp_rater', **fields}), info)
+  assert task.num_classes == 4
+  params, phi = _f64(task.init(jax.random.key(0))), _f64(rater.init(jax.random.key(1)))
+  rng = np.random.default_rng(3)
+  n = 8
+  batch = {'image': jnp.asarray(rng.normal(size=(n, 5))),
+           'pixels': jnp.asarray(rng.normal(size=(n, 5))),
+           'label': jnp.asarray(rng.integers(0, 3, n), jnp.int32),
+           'coarse_label': jnp.asarray((np.arange(n) % 4 + 1) % 4, jnp.int32),
+           'index': jnp.arange(n)}
+
+  def want_loss(b):
+    logits = _mlp_forward(params, b['pixels'])
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return -log_p[np.arange(n), np.asarray(b['coarse_label'])]
+
+  def want_score(b):
+    return _mlp_forward(phi, b['pixels'])[np.arange(n), np.asarray(b['coarse_label'])]
+
+  other = {**batch, 'image': jnp.asarray(rng.normal(size=(n, 5))),
+           'label': jnp.asarray(rng.integers(0, 3, n), jnp.int32)}
+  chosen = {**batch, 'pixels': jnp.asarray(rng.normal(size=(n, 5)))}
+  for b in (batch, other, chosen):
+    np.testing.assert_allclose(task.per_example_loss(params, b), want_loss(b), rtol=1e-12)
+    np.testing.assert_allclose(rater.score(phi, b), want_score(b), rtol=1e-12)
+  np.testing.assert_array_equal(task.labels(batch), batch['coarse_label'])
+  # Only the chosen features matter: the other input and label leave loss and score unchanged.
+  np.testing.assert_array_equal(task.per_example_loss(params, other),
+                                task.per_example_loss(params, batch))
+  np.testing.assert_array_equal(rater.score(phi, other), rater.score(phi, batch))
+  assert np.abs(np.asarray(task.per_example_loss(params, chosen)
+                           - task.per_example_loss(params, batch))).min() > 1e-6
+  assert np.abs(np.asarray(rater.score(phi, chosen) - rater.score(phi, batch))).min() > 1e-6

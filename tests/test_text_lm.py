@@ -372,6 +372,33 @@ def test_the_language_model_is_causal_and_examples_are_independent():
                                         for i in range(len(tokens))], rtol=1e-12)
 
 
+def test_a_causal_sequence_rater_equals_the_causal_reference_and_pools_its_states():
+  """rater.causal=True: the score equals the float64 reference transformer with causal attention,
+  mean-pooled through the head (and differs from the bidirectional reference); changing only the
+  last token leaves every earlier state unchanged, so the score moves by exactly the head of the
+  last state's change over L, as the reference says."""
+  with jax.enable_x64():
+    length = 6
+    rater = tasks.make_rater(_model('sequence_rater', num_layers=1, causal=True), _info(length))
+    phi = _f64(rater.init(jax.random.key(3)))
+    head = phi['params']['head']
+    pooled = lambda states: (states.mean(1) @ head['kernel'] + head['bias'])[:, 0]
+    tokens = _tokens(n=3, length=length, seed=4)
+    score = jax.jit(rater.score)
+    got = score(phi, {'tokens': tokens})
+    states, _ = _reference_logits(phi, tokens, 2, causal=True)
+    np.testing.assert_allclose(got, pooled(states), rtol=1e-10)
+    bidirectional, _ = _reference_logits(phi, tokens, 2, causal=False)
+    assert np.abs(pooled(bidirectional) - pooled(states)).min() > 1e-6  # the check can tell
+    changed = tokens.at[:, -1].set((tokens[:, -1] + 5) % 16)
+    states2, _ = _reference_logits(phi, changed, 2, causal=True)
+    np.testing.assert_array_equal(states2[:, :-1], states[:, :-1])
+    moved = score(phi, {'tokens': changed}) - got
+    want = ((states2[:, -1] - states[:, -1]) @ head['kernel'])[:, 0] / length
+    assert np.abs(want).min() > 1e-6
+    np.testing.assert_allclose(moved, want, rtol=1e-8, atol=1e-13)
+
+
 @pytest.mark.parametrize('kind', ['task', 'rater'])
 def test_ghost_products_cover_the_model_and_equal_per_example_gradients(kind):
   with jax.enable_x64():
