@@ -154,3 +154,37 @@ def test_advance_steps_train_outside_the_meta_gradient():
     analytic = ravel_pytree(seen['grads'])[0]
     assert float(jnp.linalg.norm(analytic)) > 1e-6
     assert float(jnp.linalg.norm(analytic - numeric) / jnp.linalg.norm(numeric)) < 1e-5
+
+
+def test_members_due_for_a_reset_reach_the_meta_gradient_fresh():
+  """At an outer step where some members are due (K=4, R=2, step 1: offsets k*R//K = 0,0,1,1, so
+  (1 + offset) % 2 == 0 for members 2 and 3), the population the meta-gradient differentiates
+  through has those members re-initialised from fold_in(key, step) (member k from the k-th of K
+  split keys, population.py's documented rule) and the others bit-identical to before."""
+  k, due = 4, (2, 3)
+  problem, est = tiny_problem(reset_every=2), estimator()
+  inner, outer = tiny_batches(6, population=k, steps=1, batch=4)
+  state = meta_step.init_outer_state(problem, jax.random.PRNGKey(2), k).replace(
+      step=jnp.int32(1))
+
+  @jax.jit
+  def seen_by_meta_gradient(state):
+    seen, original = {}, meta_step.meta_gradient
+    def spy(problem_, est_, phi, population, inner_, outer_):
+      seen['population'] = population
+      return original(problem_, est_, phi, population, inner_, outer_)
+    with mock.patch.object(meta_step, 'meta_gradient', spy):
+      meta_step.outer_step(problem, est, state, inner, outer)
+    return seen['population']
+  seen = seen_by_meta_gradient(state)
+  keys = jax.random.split(jax.random.fold_in(state.key, 1), k)
+  member = lambda tree, m: jax.tree.map(lambda x: np.asarray(x[m]), tree)
+  for m in range(k):
+    got = member(seen, m)
+    if m in due:
+      want = jax.device_get(problem.init_member(keys[m]))
+      old = ravel_pytree(member(state.population, m).params)[0]
+      assert not np.allclose(ravel_pytree(want.params)[0], old)  # a reset is visible
+      jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), got, want)
+    else:
+      jax.tree.map(np.testing.assert_array_equal, got, member(state.population, m))
