@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 from datarater.data import corruption, pipeline
 from datarater.errors import UserError
 from inner_loop.weighting import softmax_weights
+from outer_loop.batches import MetaBatches
 from outer_loop.population import reset_mask
 from tests.conftest import digits_data
 
@@ -132,6 +133,36 @@ def test_stream_visits_each_example_once_per_epoch_and_resumes_by_position():
     assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n))
   assert not np.array_equal(stream[:n], stream[n:2 * n])  # reshuffled each epoch
   np.testing.assert_array_equal(pipeline.stream_indices(n, 50, 30, seed=5), stream[50:80])
+
+
+def test_meta_batches_of_consecutive_steps_are_consecutive_disjoint_slices_of_the_stream(
+    tfds_dir):
+  """MetaBatches' steps 0..3 read the train stream (`stream_indices` of the train split, config
+  seed) in consecutive, disjoint slices of K * (A + T) * B positions, each laid out [K, A + T, B]
+  in C order, and the held-out stream (seed + 1) in slices of K * B_out, laid out [K, B_out];
+  `position(s)` is what steps 0..s-1 consumed. Four steps pass the end of each split's first
+  epoch (4 * 2 * 3 * 64 > 1197, 4 * 2 * 48 > 300): each whole epoch is a permutation of the
+  split, and the epoch begun after it repeats no example."""
+  from configs.digits import get_config  # pylint: disable=g-import-not-at-top
+  config = get_config()
+  config.data = digits_data(tfds_dir)
+  config.seed, config.inner.population, config.inner.advance_steps = 3, 2, 1
+  config.inner.steps, config.inner.batch_size, config.outer.batch_size = 2, 64, 48
+  data = MetaBatches(config)
+  n_train, n_heldout = len(data.train), len(data.heldout)
+  steps = [data.indices_at(s) for s in range(4)]
+  for inner, outer in steps:
+    assert inner.shape == (2, 3, 64) and outer.shape == (2, 48)
+  for name, got, n, per_step, seed in (
+      ('train', [inner.reshape(-1) for inner, _ in steps], n_train, 2 * 3 * 64, 3),
+      ('heldout', [outer.reshape(-1) for _, outer in steps], n_heldout, 2 * 48, 4)):
+    stream = np.concatenate(got)
+    assert len(stream) == 4 * per_step > n
+    np.testing.assert_array_equal(stream, pipeline.stream_indices(n, 0, 4 * per_step, seed))
+    assert sorted(stream[:n]) == list(range(n))  # epoch 0: every example once
+    assert len(set(stream[n:])) == len(stream) - n  # epoch 1 so far: no example twice
+    for s in range(5):
+      assert data.position(s)[name] == s * per_step
 
 
 def test_the_stream_does_not_follow_the_corruption_record_of_the_same_seed():

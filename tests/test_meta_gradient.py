@@ -10,7 +10,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from inner_loop.unroll import InnerState
-from outer_loop import meta_step
+from outer_loop import meta_step, setup
+from outer_loop.batches import MetaBatches
+from tests.run_config import small_config
 from tests.tiny import as_float64, estimator, tiny_batches, tiny_problem
 
 
@@ -96,6 +98,38 @@ def test_weight_ess_is_the_kish_effective_sample_size(temperature):
     assert float(metrics['weight_ess']) < 0.5  # the check can tell a sharp softmax apart
 
 
+def _advanced_by_hand(problem, state, inner, a):
+  """Oracle: A optax steps per member of `state.population` on mean(w * loss), w = B
+  softmax(score / tau) of `state.rater_params`, in a loop over members and steps."""
+  opt, k = problem.inner_optimizer, jax.tree.leaves(inner)[0].shape[0]
+  members = []
+  for m in range(k):
+    params = jax.tree.map(lambda x, m=m: x[m], state.population.params)
+    opt_state = opt.init(params)
+    for s in range(a):
+      batch = jax.tree.map(lambda x, m=m, s=s: x[m, s], inner)
+      scores = problem.rater.score(state.rater_params, batch)
+      w = batch['label'].shape[0] * jax.nn.softmax(scores / problem.temperature)
+      grads = jax.grad(lambda p, w=w, batch=batch: jnp.mean(
+          w * problem.task.per_example_loss(p, batch)))(params)
+      updates, opt_state = opt.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+    members.append(InnerState(params, opt_state))
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
+
+
+def _seen_by_meta_gradient(problem, est, state, inner, outer):
+  """What outer_step hands to meta_gradient, and the gradient it gets back (traced)."""
+  seen, original = {}, meta_step.meta_gradient
+  def spy(problem_, est_, phi, population, inner_, outer_):
+    out = original(problem_, est_, phi, population, inner_, outer_)
+    seen.update(population=population, inner=inner_, grads=out[1])
+    return out
+  with mock.patch.object(meta_step, 'meta_gradient', spy):
+    meta_step.outer_step(problem, est, state, inner, outer)
+  return seen
+
+
 def test_advance_steps_train_outside_the_meta_gradient():
   """With A advance steps the members first take A weighted Adam steps (phi fixed), and the
   meta-gradient is that of the T-step problem from the advanced members (finite differences)."""
@@ -107,39 +141,11 @@ def test_advance_steps_train_outside_the_meta_gradient():
     inner, outer = jax.tree.map(jnp.asarray, tiny_batches(2, population=k, steps=a + t, batch=8,
                                                           dtype=np.float64))
     state = as_float64(meta_step.init_outer_state(problem, jax.random.PRNGKey(3), k))
-    # Oracle: A optax steps per member on mean(w * loss), w = B softmax(score / tau), in a loop.
-    opt = problem.inner_optimizer
+    advanced = jax.jit(lambda state, inner: _advanced_by_hand(problem, state, inner, a))(
+        state, inner)
 
-    @jax.jit
-    def oracle(state, inner):
-      members = []
-      for m in range(k):
-        params = jax.tree.map(lambda x, m=m: x[m], state.population.params)
-        opt_state = opt.init(params)
-        for s in range(a):
-          batch = jax.tree.map(lambda x, m=m, s=s: x[m, s], inner)
-          scores = problem.rater.score(state.rater_params, batch)
-          w = batch['label'].shape[0] * jax.nn.softmax(scores / problem.temperature)
-          grads = jax.grad(lambda p, w=w, batch=batch: jnp.mean(
-              w * problem.task.per_example_loss(p, batch)))(params)
-          updates, opt_state = opt.update(grads, opt_state, params)
-          params = optax.apply_updates(params, updates)
-        members.append(InnerState(params, opt_state))
-      return jax.tree.map(lambda *xs: jnp.stack(xs), *members)
-    advanced = oracle(state, inner)
-
-    @jax.jit
-    def seen_by_meta_gradient(state, inner):
-      """What outer_step hands to meta_gradient, and the gradient it gets back (traced)."""
-      seen, original = {}, meta_step.meta_gradient
-      def spy(problem_, est_, phi, population, inner_, outer_):
-        out = original(problem_, est_, phi, population, inner_, outer_)
-        seen.update(population=population, inner=inner_, grads=out[1])
-        return out
-      with mock.patch.object(meta_step, 'meta_gradient', spy):
-        meta_step.outer_step(problem, est, state, inner, outer)
-      return seen
-    seen = seen_by_meta_gradient(state, inner)
+    seen = jax.jit(lambda state, inner: _seen_by_meta_gradient(problem, est, state, inner,
+                                                               outer))(state, inner)
     for got, want in zip(jax.tree.leaves(seen['population']), jax.tree.leaves(advanced)):
       np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(seen['inner']['image'], inner['image'][:, a:])
@@ -154,3 +160,55 @@ def test_advance_steps_train_outside_the_meta_gradient():
     analytic = ravel_pytree(seen['grads'])[0]
     assert float(jnp.linalg.norm(analytic)) > 1e-6
     assert float(jnp.linalg.norm(analytic - numeric) / jnp.linalg.norm(numeric)) < 1e-5
+
+
+def test_members_due_for_a_reset_reach_the_meta_gradient_fresh():
+  """At an outer step where some members are due (K=4, R=2, step 1: offsets k*R//K = 0,0,1,1, so
+  (1 + offset) % 2 == 0 for members 2 and 3), the population the meta-gradient differentiates
+  through has those members re-initialised from fold_in(key, step) (member k from the k-th of K
+  split keys, population.py's documented rule) and the others bit-identical to before."""
+  k, due = 4, (2, 3)
+  problem, est = tiny_problem(reset_every=2), estimator()
+  inner, outer = tiny_batches(6, population=k, steps=1, batch=4)
+  state = meta_step.init_outer_state(problem, jax.random.PRNGKey(2), k).replace(
+      step=jnp.int32(1))
+
+  seen = jax.jit(lambda state: _seen_by_meta_gradient(problem, est, state, inner, outer)[
+      'population'])(state)
+  keys = jax.random.split(jax.random.fold_in(state.key, 1), k)
+  member = lambda tree, m: jax.tree.map(lambda x: np.asarray(x[m]), tree)
+  for m in range(k):
+    got = member(seen, m)
+    if m in due:
+      want = jax.device_get(problem.init_member(keys[m]))
+      old = ravel_pytree(member(state.population, m).params)[0]
+      assert not np.allclose(ravel_pytree(want.params)[0], old)  # a reset is visible
+      jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), got, want)
+    else:
+      jax.tree.map(np.testing.assert_array_equal, got, member(state.population, m))
+
+
+def test_advance_steps_of_a_config_reach_the_problem_the_batches_and_the_step(tfds_dir):
+  """inner.advance_steps=2 in a config (the small digits run, T=1): build_problem's problem
+  advances A=2, MetaBatches' inner batches hold A + T steps, and the outer step takes the first A
+  outside the meta-gradient: it differentiates through the last T from the members advanced by
+  A weighted Adam steps (computed by hand in a loop, _advanced_by_hand)."""
+  config = small_config(tfds_dir)
+  a = 2
+  config.inner.advance_steps, config.inner.steps = a, 1
+  data = MetaBatches(config)
+  problem, est = setup.build_problem(config, data.info)
+  assert problem.advance_steps == a
+  inner, outer = data.host_batches_at(0)
+  k, t, b = config.inner.population, config.inner.steps, config.inner.batch_size
+  assert inner['image'].shape[:3] == (k, a + t, b) and inner['label'].shape == (k, a + t, b)
+  state = meta_step.init_outer_state(problem, jax.random.PRNGKey(config.seed), k)
+  seen = jax.jit(lambda state, inner, outer: _seen_by_meta_gradient(problem, est, state, inner,
+                                                                    outer))(state, inner, outer)
+  np.testing.assert_array_equal(seen['inner']['image'], inner['image'][:, a:])
+  advanced = jax.jit(lambda state, inner: _advanced_by_hand(problem, state, inner, a))(
+      state, inner)
+  moved = ravel_pytree(advanced.params)[0] - ravel_pytree(state.population.params)[0]
+  assert float(jnp.max(jnp.abs(moved))) > 1e-4  # the A steps moved the members
+  for got, want in zip(jax.tree.leaves(seen['population']), jax.tree.leaves(advanced)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

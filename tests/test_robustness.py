@@ -21,6 +21,7 @@ from datarater.errors import UserError
 from datarater.meta_train import meta_train, run_checkpointer
 from launch import cli, train_rater
 from outer_loop import meta_step, setup, sharding
+from outer_loop.batches import MetaBatches
 from tests.run_config import as_flags, small_config
 from tests.tiny import estimator, tiny_batches, tiny_problem
 
@@ -82,6 +83,66 @@ def test_skipped_steps_in_a_row_that_end_between_checks_still_stop_the_run(
   config.outer.max_skipped_steps = 3
   with pytest.raises(UserError, match=r'not finite at 3 outer steps in a row \(by step 5\)'):
     meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+
+
+def test_metrics_records_are_means_over_the_steps_not_skipped(tfds_dir, tmp_path, monkeypatch):
+  """Each metrics.jsonl record holds, per metric, the float64 mean over the steps since the last
+  record whose meta-gradient was finite, and counts the skipped steps and diverged members: a
+  5-step run logging every 2 steps, step 3 skipped (a NaN pixel in member 0's first inner batch),
+  each step's metrics recorded on the host as the compiled step returns them; its records are at
+  steps 2 (2 steps), 4 (1 step taken, 1 skipped) and 5 (the partial last window: 1 step)."""
+  per_step = []
+
+  class Recording:
+    """The compiled step as meta_train lowers, compiles and calls it; keeps each call's metrics."""
+
+    def __init__(self, fn):
+      self.fn = fn
+
+    def lower(self, *args):
+      return Recording(self.fn.lower(*args))
+
+    def compile(self):
+      return Recording(self.fn.compile())
+
+    def __call__(self, *args):
+      state, metrics = self.fn(*args)
+      per_step.append(jax.device_get(metrics))
+      return state, metrics
+  real_jit, real_batches = sharding.jit_outer_step, MetaBatches.device_batches_at
+
+  def recording_jit(*args):
+    step_fn, *shardings = real_jit(*args)
+    return (Recording(step_fn), *shardings)
+  monkeypatch.setattr(sharding, 'jit_outer_step', recording_jit)
+
+  def poisoned(self, step, *shardings):
+    inner, outer = real_batches(self, step, *shardings)
+    if step == 2 and len(per_step) == 2:  # outer step 3 (not the batches the step is lowered on)
+      image = np.array(inner['image'])
+      image[0, 0, 0] = np.nan
+      inner = dict(inner, image=jax.device_put(image, inner['image'].sharding))
+    return inner, outer
+  monkeypatch.setattr(MetaBatches, 'device_batches_at', poisoned)
+  from datarater import plots  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(plots, 'save_rater_report', lambda *a, **k: None)  # not read here
+  config = small_config(tfds_dir, steps=5)
+  config.log_every, config.checkpoint_every = 2, 5
+  meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+
+  assert len(per_step) == 5
+  assert [int(m['skipped_steps']) for m in per_step] == [0, 0, 1, 0, 0]
+  with open(tmp_path / 'run' / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert [r['step'] for r in records] == [2, 4, 5]
+  for record, window in zip(records, ([0, 1], [2, 3], [4])):
+    taken = [s for s in window if not per_step[s]['skipped_steps']]
+    assert record['skipped_steps'] == len(window) - len(taken)
+    assert record['diverged_members'] == sum(int(per_step[s]['diverged_members']) for s in window)
+    for name in ('outer_loss', 'inner_loss', 'meta_grad_norm', 'weight_ess'):
+      want = np.mean([np.float64(per_step[s][name]) for s in taken])
+      np.testing.assert_allclose(record[name], want, rtol=1e-6, err_msg=(record['step'], name))
+  assert records[1]['skipped_steps'] == 1 and records[1]['diverged_members'] >= 1
 
 
 def test_a_checkpoint_of_the_stream_before_its_tag_is_not_resumed(tfds_dir, tmp_path):
