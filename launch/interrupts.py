@@ -2,16 +2,18 @@
 
 Python drops (prints, then ignores) an exception raised inside a garbage-collector callback (JAX
 registers one), a `__del__` or a weakref callback: an interrupt handled there was lost and the
-run went on. Here a signal handled inside a gc callback, or whose exception such code dropped,
-is sent again a moment later, to be raised in the launcher's own code. SIGTERM (a scheduler's
-kill) ends a run as Ctrl-C does: temporary files and folders are removed on the way out (exit
-code 128 + 15).
+run went on; one raised while XLA compiles crashed the process. Here a signal handled inside a gc
+callback or a compilation, or whose exception such code dropped, is sent again a moment later
+(again until the compilation is over), to be raised in the launcher's own code. SIGTERM (a
+scheduler's kill) ends a run as Ctrl-C does: temporary files and folders are removed on the way
+out (exit code 128 + 15). Ctrl-C ends with one line saying where, not a traceback.
 """
 import gc
 import os
 import signal
 import sys
 import threading
+import traceback
 
 RESEND_S = 0.05
 _in_hook = [0]  # > 0 while the unraisable hook runs: what it raises would be dropped too
@@ -22,6 +24,25 @@ def _in_gc_callback(frame) -> bool:
   codes = {getattr(callback, '__code__', None) for callback in gc.callbacks}
   while frame is not None:
     if frame.f_code in codes:
+      return True
+    frame = frame.f_back
+  return False
+
+
+_JAX = os.path.join('jax', '_src', '')
+COMPILING = tuple(_JAX + f for f in ('compiler.py', 'compilation_cache.py'))
+EXECUTABLE = os.path.join(_JAX, 'interpreters', 'pxla.py')
+
+
+def _in_compile(frame) -> bool:
+  """Inside JAX's compilation (from the lowered program to the loaded executable, its on-disk
+  cache included): an exception raised while XLA compiles crashes the process (a segmentation
+  fault, not exit code 130); the executable's layouts and shardings are read under bare
+  `except:` clauses that swallow it; a cache entry could be left half-written."""
+  while frame is not None:
+    code = frame.f_code
+    if code.co_filename.endswith(COMPILING) or (code.co_name == 'from_hlo'
+                                                and code.co_filename.endswith(EXECUTABLE)):
       return True
     frame = frame.f_back
   return False
@@ -39,7 +60,7 @@ def _resend(signum: int) -> None:
 
 
 def _handler(signum, frame) -> None:
-  if _in_hook[0] or _in_gc_callback(frame):
+  if _in_hook[0] or _in_gc_callback(frame) or _in_compile(frame):
     _resend(signum)
   elif signum == signal.SIGINT:
     raise KeyboardInterrupt
@@ -66,6 +87,19 @@ def _dropped(previous):
   return hook
 
 
+def _one_line(previous):
+  """sys.excepthook: an uncaught KeyboardInterrupt prints one line (where it stopped), not a
+  traceback; Python still exits as killed by SIGINT."""
+  def hook(exc_type, exc, tb) -> None:
+    if not issubclass(exc_type, KeyboardInterrupt):
+      return previous(exc_type, exc, tb)
+    frames = [f for f in traceback.extract_tb(tb) if f.filename != __file__]  # not the handler
+    where = f' at {frames[-1].filename}:{frames[-1].lineno}' if frames else ''
+    print(f'interrupted (Ctrl-C){where}', file=sys.stderr)
+  hook.one_line = True
+  return hook
+
+
 def install() -> None:
   """Handles SIGINT and SIGTERM as above (from the main thread, as every Python handler); a
   signal the process was started ignoring (SIGINT in a shell's background job) stays ignored."""
@@ -74,6 +108,8 @@ def install() -> None:
       signal.signal(signum, _handler)
   if not getattr(sys.unraisablehook, 'resends', False):  # once, however often it is called
     sys.unraisablehook = _dropped(sys.unraisablehook)
+  if not getattr(sys.excepthook, 'one_line', False):
+    sys.excepthook = _one_line(sys.excepthook)
   _armed[0] = True
 
 
