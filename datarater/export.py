@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from datarater import checkpointing, config_checks, files, tasks
+from datarater.data import pipeline
 from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
 from datarater.tasks.base import features_read
@@ -145,7 +146,8 @@ class LoadedRater:
   """A rater and its parameters on this process's devices.
 
   `rater.score(params, batch)` is traceable (for use inside other jitted code, e.g. training
-  weights); `loaded(batch)` scores any batch of numpy arrays in blocks of `block` examples per
+  weights); `loaded(batch)` scores any batch of numpy arrays (the features by their TFDS names,
+  raw as TFDS reads them or decoded as the pipeline gives them) in blocks of `block` examples per
   device, split over `devices`, and returns numpy float32 scores.
   """
   rater: tasks.Rater
@@ -173,7 +175,9 @@ class LoadedRater:
     out = []
     for start in range(0, n, chunk):
       idx = np.arange(start, start + chunk) % n  # pad the last chunk by wrapping (one shape)
-      part = {k: np.asarray(batch[k])[idx].astype(self.info.spec[k].dtype) for k in self.reads}
+      # Raw TFDS features (uint8 pixels) are decoded as the pipeline decodes them; decoded
+      # ones pass through.
+      part = pipeline.decode(self.info, {k: np.asarray(batch[k])[idx] for k in self.reads})
       self.rater.check_data(part)  # e.g. tokens outside its vocabulary
       out.append(np.asarray(self.scorer(part))[:min(chunk, n - start)])
     return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -93,6 +93,12 @@ def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_pat
   np.testing.assert_allclose(one(batch), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(one(batch), four(batch))  # bitwise: same program per device
   np.testing.assert_array_equal(direct(batch), four(batch))
+  # Raw TFDS examples (uint8 pixels, as a data source reads them) score as the decoded ones.
+  source = pipeline.get_builder('sklearn_digits', tfds_dir).as_data_source(split='train')
+  raw = pipeline.stack_examples(split.info, [source[i] for i in range(20)])
+  assert raw['image'].dtype == np.uint8
+  clean = {'image': batch['image'][:20], 'label': split.clean['label'][:20]}  # not the flips
+  np.testing.assert_array_equal(one(raw), one(clean))
   assert one.info == split.info and one.temperature == direct.temperature == 0.37
   # launch.train's datarater policy weighs a batch of B real examples (and 4 of padding) by
   # B * softmax(score / 0.37), in float64 here.
