@@ -190,3 +190,35 @@ def test_input_and_label_fields_choose_the_features_the_classifier_and_rater_rea
   assert np.abs(np.asarray(task.per_example_loss(params, chosen)
                            - task.per_example_loss(params, batch))).min() > 1e-6
   assert np.abs(np.asarray(rater.score(phi, chosen) - rater.score(phi, batch))).min() > 1e-6
+
+
+def test_a_task_dataclass_may_add_fields_after_num_classes():
+  """WORKSPACE's recipe: a frozen dataclass with spec, num_classes and a field of its own, none
+  with a default (a default inherited from the interface made `width` need one too); a task
+  without num_classes has none."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  @dataclasses.dataclass(frozen=True)
+  class Wide(tasks.Task):
+    spec: dict
+    num_classes: int
+    width: int
+
+    def init(self, key):
+      return {}
+
+    def per_example_loss(self, params, batch):
+      return batch['x'].sum(-1)
+
+  @dataclasses.dataclass(frozen=True)
+  class Unlabelled(tasks.Task):
+    spec: dict
+
+    def init(self, key):
+      return {}
+
+    def per_example_loss(self, params, batch):
+      return batch['x'].sum(-1)
+
+  assert tasks.num_classes(Wide({}, 3, 8)) == 3 and Wide({}, 3, 8).width == 8
+  assert tasks.num_classes(Unlabelled({})) is None

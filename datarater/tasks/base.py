@@ -80,9 +80,11 @@ def batch_size_of(batch: Batch) -> int:
 
 
 class Task(abc.ABC):
-  """A model and the data it reads. Subclasses are frozen dataclasses (hashable, static)."""
+  """A model and the data it reads. Subclasses are frozen dataclasses (hashable, static) with
+  a field `spec`; classifiers also a field `num_classes` (read with `num_classes(task)`: None for
+  other tasks). No field here has a default, which would be inherited by a subclass's field of
+  that name and make every field after it need one too."""
   spec: FeatureSpec
-  num_classes: Optional[int] = None  # classifiers only
 
   @abc.abstractmethod
   def init(self, key: jax.Array) -> Params:
@@ -111,6 +113,11 @@ class Task(abc.ABC):
   def check_data(self, features: Batch) -> None:
     """Raises a UserError if host `features` (a split's, [N, ...]) cannot be this task's input,
     e.g. tokens outside its vocabulary; runs check their in-memory splits with it."""
+
+
+def num_classes(task: Task) -> Optional[int]:
+  """The classes of a classifier task, None for any other."""
+  return getattr(task, 'num_classes', None)
 
 
 class Rater(abc.ABC):

@@ -25,7 +25,7 @@ import numpy as np
 
 from jax.flatten_util import ravel_pytree
 
-from datarater import pergrad
+from datarater import pergrad, tasks
 from datarater.errors import UserError
 from datarater.tasks import Task
 from datarater.valuation.base import TrainingRun, Valuation
@@ -115,7 +115,7 @@ def embed(task: Task, run: TrainingRun, num_examples: int,
   """
   if curvature not in CURVATURES:
     raise UserError(f'unknown curvature {curvature!r} (choose from {", ".join(CURVATURES)})')
-  if curvature == 'gauss_newton' and not task.num_classes:
+  if curvature == 'gauss_newton' and not tasks.num_classes(task):
     raise UserError("curvature 'gauss_newton' needs a classification task (use empirical_fisher)")
   loss_fn = task.per_example_loss
   if run.num_checkpoints != run.num_steps:

@@ -91,7 +91,7 @@ def check(method: str, config, task, train) -> None:
   if method == 'dvemb':
     if v.optimizer != 'sgd':  # its recursion is the SGD step's
       raise UserError(f"method dvemb needs valuation.optimizer='sgd', got {v.optimizer!r}")
-    if v.dvemb_curvature == 'gauss_newton' and not task.num_classes:
+    if v.dvemb_curvature == 'gauss_newton' and not tasks.num_classes(task):
       raise UserError("valuation.dvemb_curvature='gauss_newton' needs a classification task "
                       "(use 'empirical_fisher')")
     if v.dvemb_curvature == 'gauss_newton':
@@ -148,7 +148,7 @@ def build(method: str, config, task, train, heldout, cache=None) -> Valuation:
     valuation = DataValueEmbedding(task, len(train), heldout_batch, make_projection(v),
                                    v.dvemb_curvature, chunk_size=chunk).fit(run)
     # The run, then per-example gradients at every step (once per class for Gauss-Newton).
-    per_step = task.num_classes if v.dvemb_curvature == 'gauss_newton' else 0
+    per_step = tasks.num_classes(task) if v.dvemb_curvature == 'gauss_newton' else 0
     valuation.example_gradients = cost * (2 + per_step)
     return valuation
   run, cost = record(config, task, train, v.train_steps, v.checkpoint_every, cache)
