@@ -91,6 +91,17 @@ def replace_dir(src: str, path: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def why_not(path: str, error: OSError) -> str:
+  """Why `path` could not be written: a file where a folder above it should be, else the OS's
+  reason."""
+  above = os.path.dirname(os.path.abspath(path))
+  while above and not os.path.exists(above) and above != os.path.dirname(above):
+    above = os.path.dirname(above)
+  if os.path.exists(above) and not os.path.isdir(above):
+    return f'{above!r} is a file, not a folder'
+  return error.strerror or str(error)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str, overwrite: bool = False):
   """Yields a temporary folder beside `path`, renamed to `path` when the block succeeds.
@@ -109,7 +120,7 @@ def atomic_dir(path: str, overwrite: bool = False):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
   except OSError as e:
-    raise UserError(f'cannot write {path!r}: {e.strerror or e}') from None
+    raise UserError(f'cannot write {path!r}: {why_not(path, e)}') from None
   try:
     yield tmp
     replace_dir(tmp, path)
@@ -141,7 +152,7 @@ def workdir_lock(path: str):
     os.makedirs(path, exist_ok=True)
     handle = open(os.path.join(path, '.lock'), 'a+')
   except OSError as e:
-    raise UserError(f'cannot write --workdir {path!r}: {e.strerror or e}') from None
+    raise UserError(f'cannot write --workdir {path!r}: {why_not(path, e)}') from None
   with handle:
     try:
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -125,7 +125,7 @@ def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
     partial = os.path.join(parent, f'.{name}.partial')
     done = _open_partial(partial, meta)
   except OSError as e:
-    raise UserError(f'cannot write gradient store {path!r}: {e.strerror or e}') from None
+    raise UserError(f'cannot write gradient store {path!r}: {files.why_not(path, e)}') from None
   arrays = [np.lib.format.open_memmap(os.path.join(partial, c['file']), mode='r+')
             for c in meta['checkpoints']]
   fn, size = _grads_fn(loss_fn, chunk_size), min(block_size, n)
