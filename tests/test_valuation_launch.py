@@ -46,6 +46,11 @@ def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, method):
   assert summary['auroc_by_kind'] == {'label_symmetric': pytest.approx(pairs, abs=1e-9)}
   assert summary['example_gradients'] > 0
   assert not [f for f in os.listdir(tmp_path) if 'tmp' in f]
+  if method == 'tracin':  # launch.train's scores policy counts what made the scores it reads
+    from datarater import policies  # pylint: disable=g-import-not-at-top
+    made = policies.make_policy('scores', policies.PolicyContext(
+        train, None, None, config, scores=summary['scores_file']))
+    assert made.setup_example_gradients == summary['example_gradients']
   if method == 'mimic':  # the filter keeps exactly the examples valued at or above its threshold
     from datarater import tasks  # pylint: disable=g-import-not-at-top
     params = jax.eval_shape(tasks.make_task(config.task, train.info).init, jax.random.key(0))

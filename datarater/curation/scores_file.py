@@ -19,18 +19,22 @@ from datarater.errors import UserError
 _READ_ROWS = 65536  # rows read at a time
 
 
-_SCORED = b'datarater.scored'  # metadata key: {"dataset", "split", "planted"} the rows score
+_SCORED = b'datarater.scored'  # metadata key: {"dataset", "split", "planted"} the rows score,
+# and the example-gradients spent making them ("example_gradients", when the writer says)
 UNCHECKED = object()  # planted=UNCHECKED: not said (write) or not checked (read_values)
 
 
 def write(path: str, ids: np.ndarray, score: np.ndarray, value: np.ndarray, *, dataset: str,
-          split: str, planted=UNCHECKED, **columns) -> None:
+          split: str, planted=UNCHECKED, example_gradients: Optional[int] = None,
+          **columns) -> None:
   """The scores of split `split` of `dataset` (a name, or a dataset folder), corrupted as
   `planted` (`Corruption.describe()`: None when nothing was planted; UNCHECKED: not said)
-  describes."""
+  describes, made with `example_gradients` (None: not said)."""
   scored = {'dataset': dataset, 'split': split}
   if planted is not UNCHECKED:
     scored['planted'] = planted
+  if example_gradients is not None:
+    scored['example_gradients'] = int(example_gradients)
   files.write_parquet(path, {'id': np.asarray(ids, np.int64),
                              'score': np.asarray(score, np.float64),
                              'value': np.asarray(value, np.float64),
@@ -54,6 +58,16 @@ def _check_scored(path: str, metadata, dataset: Optional[str], split: Optional[s
     raise UserError(f'scores file {path!r} scores examples under planted corruption '
                     f'{scored["planted"]}, not {planted} ({planted_by}): other examples are '
                     'corrupted here')
+
+
+def cost(path: str) -> int:
+  """The example-gradients spent making the scores of `path`, as its writer recorded them (0 if
+  it did not)."""
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  try:
+    return int(json.loads(pq.read_schema(path).metadata[_SCORED]).get('example_gradients', 0))
+  except (KeyError, TypeError, ValueError, OSError):
+    return 0
 
 
 def read_values(path: str, num_examples: int, split: Optional[str] = None,

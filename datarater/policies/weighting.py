@@ -96,7 +96,8 @@ def _scores(ctx: PolicyContext) -> Policy:
   values = scores_file.read_values(ctx.scores, len(ctx.train), ctx.config.data.train_split,
                                    pipeline.dataset_name(ctx.config.data),
                                    planted=corruption.from_config(ctx.config.data).describe())
-  return table('scores', curriculum_weights(values, temperature=ctx.config.policy.temperature))
+  return table('scores', curriculum_weights(values, temperature=ctx.config.policy.temperature),
+               scores_file.cost(ctx.scores))  # what made the scores, if their file says
 
 
 @register_policy('tracin_curriculum')

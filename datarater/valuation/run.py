@@ -251,7 +251,8 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
     extra['kept'] = int(columns['keep'].sum())
   scores_file.write(stem + '.parquet', train.ids, scores, values,
                     dataset=pipeline.dataset_name(config.data), split=config.data.train_split,
-                    planted=train.corruption.describe(), **columns)
+                    planted=train.corruption.describe(),
+                    example_gradients=valuation.example_gradients, **columns)
   summary = {'method': method, 'valuation': valuation.name, 'scores_file': stem + '.parquet',
              'num_examples': n,
              'higher_is_better': valuation.higher_is_better,
