@@ -225,7 +225,7 @@ META_LRS = {'sgd': 0.3, 'momentum': 0.1, 'adam': 0.05}
 @pytest.mark.parametrize('kind,optimizer,steps,variants', [
     ('cnn', 'adam', 5, [('mixed', 'invert', 0), ('remat', 'auto', 0)]),
     pytest.param('cnn', 'momentum', 4, [('mixed', 'replay', 0)], marks=pytest.mark.slow),
-    ('lm', 'momentum', 3, [('mixed', 'invert', 0)]),
+    pytest.param('lm', 'momentum', 3, [('mixed', 'invert', 0)], marks=pytest.mark.slow),
 ])
 def test_mixed_and_remat_meta_gradients_equal_reverse(kind, optimizer, steps, variants):
   """d(outer loss)/d(rater params), population 3: Mixed (optimizer run backwards: Adam T = 5,

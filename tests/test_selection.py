@@ -483,7 +483,7 @@ def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_pat
   from tests.conftest import subprocess_env  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
-      [sys.executable, '-m', 'bench.selection', '--offline_only', '--folds=1', '--seeds=2',
+      [sys.executable, '-m', 'bench.selection', '--offline_only', '--folds=1', '--seeds=1',
        f'--config.data.data_dir={tfds_dir}', f'--out={tmp_path}/guard'],
       cwd=root, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -495,7 +495,7 @@ def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_pat
   if head.returncode == 0:  # a git checkout: the version names its commit
     assert head.stdout.strip()[:7] in result['made_by']['code_version']
   rows = result['offline']
-  assert sorted((r['noise'], r['seed']) for r in rows) == [(0.0, 0), (0.0, 1), (0.2, 0), (0.2, 1)]
+  assert sorted((r['noise'], r['seed']) for r in rows) == [(0.0, 0), (0.2, 0)]
   cfg = get_config()
   cfg.data.data_dir = tfds_dir
   for r in rows:

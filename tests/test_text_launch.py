@@ -39,6 +39,7 @@ def _launch(tfds_dir, workdir, *extra) -> str:
                             *extra)
 
 
+@pytest.mark.slow  # 32 s; the fast suite resumes on 4 devices the digits and Fashion-MNIST runs
 def test_text_rater_run_resumed_on_four_devices_equals_one_device_straight(tfds_dir, tmp_path):
   if not os.path.isdir(python_text.DOC_DIR):
     pytest.skip('needs Debian package python3.11-doc (apt-get install python3.11-doc)')
