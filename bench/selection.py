@@ -392,7 +392,7 @@ def main(argv):
     test = pipeline.load_split(cfg.data, test_split)
     train = pipeline.load_split(cfg.data, train_split, corrupt=True)
     task = tasks.make_task(cfg.task, train.info)
-    labels, num_classes = np.asarray(task.labels(train.features)), task.num_classes
+    labels, num_classes = np.asarray(task.labels(train.features)), tasks.num_classes(task)
     cfg.features.seed = seed
     t0, c0 = time.perf_counter(), bench_runs.compile_seconds()
     codes, info = policies.sae_codes(PolicyContext(train, None, task, cfg), seed)

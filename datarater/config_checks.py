@@ -15,6 +15,9 @@ from datarater.errors import UserError
 # ~1e-38 float32 flushes it to 0 (score / 0 is +-inf, the weights NaN); 1e-6 leaves room for scores
 # up to ~1e32.
 MIN_TEMPERATURE = 1e-6
+# The largest outer.ema: float32's largest number below 1 (a decay that rounds to 1 averages
+# nothing, and the debiased average is 0 / 0).
+MAX_EMA = 1 - 2 ** -24
 
 Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
 
@@ -136,7 +139,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
     'outer': {'steps': integer(0), 'batch_size': integer(1),
               'learning_rate': number(0, lo_open=True), 'warmup_steps': integer(0),
               'schedule': _lazy_one_of('outer_loop.setup.SCHEDULES'), 'clip_norm': number(0, lo_open=True),
-              'ema': number(0, 1, hi_open=True),
+              'ema': number(0, MAX_EMA),
               'meta_gradient': _lazy_one_of('outer_loop.estimators.META_GRADIENTS'),
               'mixed_recompute': _lazy_one_of('outer_loop.estimators.MIXED_RECOMPUTE'),
               'mixed_segment': integer(0), 'max_skipped_steps': integer(1)},

@@ -144,6 +144,8 @@ def _cases(tfds_dir: str, w) -> list:
        ['--config.task.hidden=(0,)'], 'task.hidden must hold integers >= 1, got (0,)'),
       (*tr('--config.inner.optimizer=sgd', '--config.outer.mixed_recompute=invert'),
        "mixed_recompute='invert' needs an inner optimizer that can be run backwards"),
+      (*tr('--config.outer.ema=0.99999999'),
+       'outer.ema must be <= 0.9999999403953552, got 0.99999999'),
       (*tr('--config.outer.meta_gradient=mixed', '--config.outer.mixed_segment=32'),
        'outer.mixed_segment=32 undoes more than 16 inner steps of adam from one exact state'),
       (*tr('--config.final_eval.num_models=-1'), 'final_eval.num_models must be >= 0, got -1'),
@@ -314,7 +316,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 122  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 123  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

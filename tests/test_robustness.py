@@ -368,7 +368,7 @@ def test_polyak_average_is_the_weighted_mean_of_the_finite_iterates():
   assert int(state.skipped) == 1
 
 
-@pytest.mark.parametrize('decay', [0.8, 0.9999, 0.9999999])
+@pytest.mark.parametrize('decay', [0.8, 0.9999, 0.9999999, 1 - 2 ** -24])  # the largest allowed
 def test_polyak_average_has_no_scale_bias_at_any_decay(decay):
   """600 float32 iterates averaged with decay d: the debiased average equals the float64 weighted
   mean (1-d) sum_s d^(t-s) phi_s / (1-d^t) to float32 round-off, d near 1 included (rounding d

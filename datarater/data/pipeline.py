@@ -164,11 +164,14 @@ def data_info(builder: tfds.core.DatasetBuilder) -> DataInfo:
 
 
 def decode(info: DataInfo, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Stacked raw TFDS features (any of `info.spec`) -> decoded arrays (uint8 scaled to [0, 1])."""
+  """Stacked raw TFDS features (any of `info.spec`) -> decoded arrays (uint8 scaled to [0, 1]);
+  features already decoded pass through (cast to the spec's dtype)."""
   out = {}
   for name, x in raw.items():
     s, x = info.spec[name], np.asarray(x)
-    out[name] = (x.astype(np.float32) / 255.0 if x.dtype == np.uint8 and s.dtype == np.float32
+    stored_uint8 = info.stored.get(name, 'uint8') == 'uint8'
+    out[name] = (x.astype(np.float32) / 255.0
+                 if x.dtype == np.uint8 and s.dtype == np.float32 and stored_uint8
                  else x.astype(s.dtype))
   return out
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datarater import config_checks
+from datarater import config_checks, tasks
 from datarater import features as features_lib
 from datarater import sae as sae_lib
 from datarater.errors import UserError
@@ -202,6 +202,6 @@ def sae_policy(ctx: PolicyContext, codes=None, cost: int = 0) -> Policy:
     cost = info['extractor_example_grads']
   labels, num_classes = None, 0
   if cfg.sae_scores.class_conditional:
-    labels, num_classes = np.asarray(ctx.task.labels(ctx.train.features)), ctx.task.num_classes
+    labels, num_classes = np.asarray(ctx.task.labels(ctx.train.features)), tasks.num_classes(ctx.task)
   return sae(codes, cfg.policy.ratio, cfg.train.epochs, cfg.sae_scores, labels, num_classes,
              setup_example_gradients=cost)
