@@ -4,7 +4,8 @@ Python drops (prints, then ignores) an exception raised inside a garbage-collect
 registers one), a `__del__` or a weakref callback: an interrupt handled there was lost and the
 run went on; one raised while XLA compiles crashed the process. Here a signal handled inside a gc
 callback or a compilation, or whose exception such code dropped, is sent again a moment later
-(again until the compilation is over), to be raised in the launcher's own code. SIGTERM (a
+(again until the compilation is over, unless the user signals again: a hung compilation can
+still be stopped), to be raised in the launcher's own code. SIGTERM (a
 scheduler's kill) ends a run as Ctrl-C does: temporary files and folders are removed on the way
 out (exit code 128 + 15). Ctrl-C ends with one line saying where, not a traceback.
 """
@@ -16,8 +17,11 @@ import threading
 import traceback
 
 RESEND_S = 0.05
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _in_hook = [0]  # > 0 while the unraisable hook runs: what it raises would be dropped too
 _armed = [False]  # from `install` until `disarm`: the launcher's own code runs
+_sent = [0]  # signals sent again by this module, not yet handled
+_deferred = [False]  # a signal is being sent again until a compilation is over
 
 
 def _in_gc_callback(frame) -> bool:
@@ -50,6 +54,7 @@ def _in_compile(frame) -> bool:
 
 def _fire(signum: int) -> None:
   if _armed[0]:
+    _sent[0] += 1
     os.kill(os.getpid(), signum)
 
 
@@ -60,9 +65,15 @@ def _resend(signum: int) -> None:
 
 
 def _handler(signum, frame) -> None:
-  if _in_hook[0] or _in_gc_callback(frame) or _in_compile(frame):
+  again = _sent[0] > 0  # one this module sent itself
+  _sent[0] -= again
+  if _in_hook[0] or _in_gc_callback(frame):
+    _resend(signum)
+  elif _in_compile(frame) and (again or not _deferred[0]):  # a second Ctrl-C stops at once
+    _deferred[0] = True
     _resend(signum)
   elif signum == signal.SIGINT:
+    _deferred[0] = False
     raise KeyboardInterrupt
   else:
     sys.exit(128 + signum)
@@ -88,13 +99,14 @@ def _dropped(previous):
 
 
 def _one_line(previous):
-  """sys.excepthook: an uncaught KeyboardInterrupt prints one line (where it stopped), not a
-  traceback; Python still exits as killed by SIGINT."""
+  """sys.excepthook: an uncaught KeyboardInterrupt prints one line (the last line of this
+  codebase it went through), not a traceback; Python still exits as killed by SIGINT."""
   def hook(exc_type, exc, tb) -> None:
     if not issubclass(exc_type, KeyboardInterrupt):
       return previous(exc_type, exc, tb)
     frames = [f for f in traceback.extract_tb(tb) if f.filename != __file__]  # not the handler
-    where = f' at {frames[-1].filename}:{frames[-1].lineno}' if frames else ''
+    ours = [f for f in frames if f.filename.startswith(_ROOT)] or frames  # the codebase's line
+    where = f' at {ours[-1].filename}:{ours[-1].lineno}' if ours else ''
     print(f'interrupted (Ctrl-C){where}', file=sys.stderr)
   hook.one_line = True
   return hook

@@ -127,7 +127,8 @@ def test_ctrl_c_while_xla_compiles_stops_after_the_compilation_without_a_crash()
 def test_a_signal_inside_jax_compile_code_is_deferred_elsewhere_raised(monkeypatch):
   """The handler raises KeyboardInterrupt in the launcher's code, but defers (sends again later)
   inside JAX's compiler, its cache, and pxla's `from_hlo` (bare `except:` clauses there swallowed
-  the interrupt: 2 of 12 Ctrl-Cs at compile time were lost)."""
+  the interrupt: 2 of 12 Ctrl-Cs at compile time were lost), until the compilation is over or the
+  user signals a second time."""
   from launch import interrupts  # pylint: disable=g-import-not-at-top
   resent = []
   monkeypatch.setattr(interrupts, '_resend', resent.append)
@@ -136,11 +137,18 @@ def test_a_signal_inside_jax_compile_code_is_deferred_elsewhere_raised(monkeypat
     exec(compile(f'def {name}(handler, frame):\n  return handler(2, frame())\n', path, 'exec'),
          namespace)
     return namespace[name](interrupts._handler, sys._getframe)
-  for path, name in ((os.path.join('x', 'jax', '_src', 'compiler.py'), 'anything'),
+  compiling = os.path.join('x', 'jax', '_src', 'compiler.py')
+  for path, name in ((compiling, 'anything'),
                      (os.path.join('x', 'jax', '_src', 'compilation_cache.py'), 'put'),
                      (os.path.join('x', 'jax', '_src', 'interpreters', 'pxla.py'), 'from_hlo')):
+    monkeypatch.setattr(interrupts, '_deferred', [False])  # a first Ctrl-C
     assert call_from(path, name) is None
   assert resent == [signal.SIGINT] * 3
+  monkeypatch.setattr(interrupts, '_sent', [1])  # the one sent again: deferred again
+  assert call_from(compiling, 'anything') is None and interrupts._sent == [0]
+  with pytest.raises(KeyboardInterrupt):  # the user's second Ctrl-C: a hung compile stops
+    call_from(compiling, 'anything')
+  assert resent == [signal.SIGINT] * 4 and interrupts._deferred == [False]
   for path, name in ((os.path.join('x', 'jax', '_src', 'interpreters', 'pxla.py'), 'execute'),
                      (os.path.join('x', 'datarater', 'meta_train.py'), '_run')):
     with pytest.raises(KeyboardInterrupt):
