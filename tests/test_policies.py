@@ -285,3 +285,38 @@ def test_an_input_is_given_only_to_the_policies_that_read_it():
   with pytest.raises(UserError, match=r"--scores is read only by policy scores \(policy is "
                      r"'datarater_accept'\)"):
     policies.check_inputs('datarater_accept', rater='r', scores='s')
+
+
+def test_online_filters_by_hand(monkeypatch):
+  """Batch filter, B = 10 real examples (and 2 of padding), rho = 0.25: the best floor(7.5) = 7
+  kept, each weighted 10 / 7 (the batch's total weight stays B). Acceptance: the fraction of
+  reference scores strictly below an example's (reference [0, 1, 1, 2], score 1 -> 1/4), and
+  draws that follow the example's id: the same examples in another order are accepted alike."""
+  scores_of = lambda aux, batch: batch['s']
+  s = np.random.default_rng(0).permutation(10).astype(np.float32)
+  batch = {'s': jnp.asarray(np.r_[s, 99.0, 99.0]), 'index': jnp.arange(12)}
+  weights = jnp.asarray(np.r_[np.ones(10), 0.0, 0.0], jnp.float32)
+  kept = filtering.batch_filter(scores_of, None, 0.25, 100)
+  got = np.asarray(kept.weigh(kept.aux, (), None, batch, weights))
+  np.testing.assert_allclose(got, np.r_[np.where(s >= 3, 10 / 7, 0.0), 0.0, 0.0], rtol=1e-6)
+
+  seen = []
+  real_survival = filtering.survival_probability
+  monkeypatch.setattr(filtering, 'survival_probability',
+                      lambda u, rho, b: seen.append(np.asarray(u)) or real_survival(u, rho, b))
+  ties = filtering.acceptance_filter(scores_of, None, np.array([0.0, 1.0, 1.0, 2.0]), 0.25, 10)
+  ties.weigh(ties.aux, ties.init(4, jax.random.key(0)), None,
+             {'s': jnp.asarray([0.0, 1.0, 2.0, 3.0]), 'index': jnp.arange(4)}, jnp.ones(4))
+  np.testing.assert_allclose(seen[0], [0.0, 0.25, 0.75, 1.0])
+  monkeypatch.setattr(filtering, 'survival_probability', real_survival)
+
+  accept = filtering.acceptance_filter(scores_of, None, np.arange(100.0), 0.25, 10)
+  assert 0.2 < float(real_survival(jnp.float32(0.3), 0.25, 10)) < 0.8  # mixed decisions
+  state = accept.init(100, jax.random.key(1))
+  ids = np.arange(40, 80)
+  order = np.random.default_rng(1).permutation(40)
+  weigh = lambda idx: np.asarray(accept.weigh(accept.aux, state, None, {
+      's': jnp.full(40, 30.0), 'index': jnp.asarray(idx)}, jnp.ones(40)))
+  straight, shuffled = weigh(ids), weigh(ids[order])
+  assert 0 < (straight > 0).sum() < 40
+  np.testing.assert_array_equal(shuffled, straight[order])  # example ids[order[j]] at position j
