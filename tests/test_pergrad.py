@@ -108,6 +108,14 @@ def test_a_layer_name_selects_the_same_parameters_everywhere():
     assert set(ghost) == set(state.names), layers
     got = pergrad.per_example_projected(loss, params, batch, state)
     assert got.shape == (2, 4 * len(state.names))
+  # A name is a whole module name or leading path, never a prefix of one: 'dense_1' is not
+  # 'dense_10' or 'dense_11' (12 layers, a tree written out).
+  twelve = {'params': {f'dense_{i}': {'kernel': np.ones((2, 2)), 'bias': np.ones(2)}
+                       for i in range(12)}}
+  kept = {'/'.join(str(k.key) for k in path[1:-1])
+          for path, keep in jax.tree_util.tree_flatten_with_path(
+              pergrad.layer_mask(twelve, ['dense_1']))[0] if keep}
+  assert kept == {'dense_1'}
   for bad in (['params/block_0/attention'], ['head', 'nowhere']):
     with pytest.raises(UserError, match=bad[-1]):
       pergrad.layer_mask(params, bad)
