@@ -329,6 +329,27 @@ def test_store_files_metadata_and_queries_equal_brute_force(setup, tmp_path):
     store.build(str(tmp_path / 'g'), loss, run, split, proj)
 
 
+def test_a_model_of_other_layer_sizes_is_refused_though_the_dimension_matches(setup, tmp_path):
+  """A store built with a 6-5-3 MLP (factors [6+1 bias, 5] and [5+1, 3]) refuses a 6-7-3 MLP
+  (factors [7, 7] and [8, 3]): same 2 layers, k_in=3 and k_out=2, so both give dim 2*3*2 = 12,
+  yet its gradients are projected by different factors. One UserError names both layouts; the
+  store's own model still passes."""
+  task, split, run, test, _, _ = setup
+  s = store.build(str(tmp_path / 'g'), task.per_example_loss, run, split,
+                  pergrad.factored_projection(3, 2, seed=7), block_size=13, dtype='float64')
+  assert s.dim == 12
+  s.projection_state(task.per_example_loss, run.final_params, test)  # its own model: accepted
+  wide = mlp(hidden=(7,))
+  params = as64(jax.jit(wide.init)(jax.random.key(0)))
+  assert pergrad.factored_projection(3, 2, seed=7).init(
+      wide.per_example_loss, params, test).dim == 12  # the dimension alone cannot tell
+  with pytest.raises(UserError, match='does not match the gradient store') as e:
+    s.projection_state(wide.per_example_loss, params, test)
+  message = str(e.value)
+  assert '\n' not in message
+  assert '[[7, 5], [6, 3]]' in message and '[[7, 7], [8, 3]]' in message
+
+
 def _stable_merge(best_s, best_i, s, i, k, sign):
   """The host merge by stable sort the device merge replaced (the oracle for ties)."""
   s, i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)

@@ -535,3 +535,27 @@ def test_configs_hold_every_corruption_field_and_are_checked():
   del config.data.input_corruption['ood']
   config_checks.validate(config, ['data'])
   assert corruption.from_config(config.data) == corruption.Corruption(0.2, 0)
+
+
+def test_blur_is_spatial_and_leaves_colour_channels_apart():
+  """Blur is a Gaussian over height and width (sigma 2-3 px, uniform): colour channels are never
+  mixed. Channels constant at 0, 128 and 255 come back unchanged, and each channel of a random
+  RGB image equals, in the interior (beyond the filter's reach of the border, so edge handling
+  does not matter), a float64 2-D Gaussian of that channel alone, rounded to uint8."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  h, w = 40, 40
+  flat = np.stack([np.full((h, w), v, np.uint8) for v in (0, 128, 255)], axis=-1)
+  out = corruption._blur(flat, np.random.default_rng(0))  # pylint: disable=protected-access
+  assert out.shape == flat.shape and out.dtype == np.uint8
+  np.testing.assert_array_equal(out, flat)
+
+  image = np.random.default_rng(1).integers(0, 256, (h, w, 3)).astype(np.uint8)
+  out = corruption._blur(image, np.random.default_rng(5))  # pylint: disable=protected-access
+  sigma = np.random.default_rng(5).uniform(2.0, 3.0)  # the documented per-example draw
+  reach = int(4.0 * sigma + 0.5)  # scipy's default truncation: 4 sigma
+  inner = (slice(reach, h - reach), slice(reach, w - reach))
+  for c in range(3):
+    expected = ndimage.gaussian_filter(image[..., c].astype(np.float64), sigma)
+    expected = np.clip(np.round(expected), 0, 255)
+    diff = np.abs(out[..., c].astype(np.float64) - expected)[inner]
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.95, (c, diff.max())

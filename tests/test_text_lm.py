@@ -232,6 +232,24 @@ def test_truncated_lines_end_mid_word(data):
   assert checked > 1000
 
 
+def test_every_bucket_holds_exactly_its_target_number_of_windows(data):
+  """Each (split, domain, kind) bucket of the built dataset has exactly SIZES[bucket] sequences,
+  counted from the splits' own rows (domain and corruption columns), never more: a document is
+  cut to the room its bucket has left. Per split: train 18000 clean prose + 4500 code + 5 kinds
+  x 1500 corrupted prose = 30000; heldout and test 3000 each."""
+  splits, builder, _ = data
+  names = builder.info.features['corruption'].names
+  counted = collections.Counter()
+  for name, split in splits.items():
+    for domain, kind in zip(split.features['domain'].tolist(), split.corruption.tolist()):
+      counted[(name, python_text.DOMAINS[domain], names[kind])] += 1
+  assert dict(counted) == python_text.SIZES
+  assert {name: len(split) for name, split in splits.items()} == \
+      {'train': 30_000, 'heldout': 3_000, 'test': 3_000}
+  assert {s.name: s.num_examples for s in builder.info.splits.values()} == \
+      {'train': 30_000, 'heldout': 3_000, 'test': 3_000}
+
+
 def test_missing_documentation_is_one_user_error(monkeypatch):
   monkeypatch.setattr(python_text, 'DOC_DIR', '/nonexistent/python-doc/_sources')
   with pytest.raises(UserError) as e:
