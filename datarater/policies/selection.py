@@ -202,6 +202,7 @@ def sae_policy(ctx: PolicyContext, codes=None, cost: int = 0) -> Policy:
     cost = info['extractor_example_grads']
   labels, num_classes = None, 0
   if cfg.sae_scores.class_conditional:
-    labels, num_classes = np.asarray(ctx.task.labels(ctx.train.features)), tasks.num_classes(ctx.task)
+    labels = np.asarray(ctx.task.labels(ctx.train.features))
+    num_classes = tasks.num_classes(ctx.task)
   return sae(codes, cfg.policy.ratio, cfg.train.epochs, cfg.sae_scores, labels, num_classes,
              setup_example_gradients=cost)
