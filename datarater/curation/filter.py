@@ -8,8 +8,9 @@ threshold from a reservoir sample; `min_score`: score >= value; `suggest_keep`: 
 share of the upper cluster of the split's scores, `select.suggest_keep`; `balance`: every class
 keeps its share) and writes `out`: the kept examples as a TFDS dataset with the source's features
 (`tfds.builder_from_directory(out)`), the other splits copied unchanged, `scores_<split>.parquet`
-(id, label, score, kept), `filter_report.json` and `scores.png`. Everything is written to a
-temporary folder beside `out` and renamed into place at the end (`files.atomic_dir`).
+(id, score, value, kept; label and corruption where the split has them), `filter_report.json`
+and `scores.png`. Everything is written to a temporary folder beside `out` and renamed into place
+at the end (`files.atomic_dir`).
 `corruption` applies the same recorded corruption as the training pipeline to the filtered
 splits before scoring (and writes the corrupted examples), for experiments. In a
 `jax.distributed` job every process scores every P-th block, only the scores and labels are

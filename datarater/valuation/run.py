@@ -5,9 +5,10 @@ training split, scores every training example and writes `scores_<method>.parque
 id, score, value, the corruption record; Mimic adds its offline keep decision) and
 `scores_<method>.json` (noise AUROC overall and per corruption kind, what the method cost, the
 config). With `valuation.store`, the training examples' factored-projected gradients are written
-once to a gradient store (`valuation/store.py`, `workdir/store_<method>`) and the scores come from
-it; `valuation.topk` > 0 also writes `topk_<method>.parquet`: for every example of
-`valuation.topk_split`, its most supporting and most opposing training examples (TracIn). The
+once to a gradient store (`valuation/store.py`, `workdir/store_<method>-<fingerprint>`: a hash of
+the method, config and data it depends on) and the scores come from it; `valuation.topk` > 0
+also writes `topk_<method>.parquet`: for every example of `valuation.topk_split`, its most
+supporting and most opposing training examples (TracIn). The
 training split is streamed (`data.source.Source`): the recorded training run reads its batches as it
 goes and scoring reads fixed-size blocks, so memory does not grow with the split (a few bytes per
 example). The fitted runs are kept in `workdir/fit/` and every finished block's scores in a
