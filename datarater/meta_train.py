@@ -329,6 +329,12 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
   """
   if scores is None:
     scores = evaluation.score_split(lambda b: problem.rater.score(rater_params, b), data.train)
+  if not np.isfinite(scores).all():  # finite parameters whose scores overflow
+    raise UserError(
+        f"the rater's scores are not finite on {int((~np.isfinite(scores)).sum())} of "
+        f'{len(scores)} training examples after outer step {config.outer.steps} (its '
+        f'checkpoints are kept); outer.learning_rate={config.outer.learning_rate:g} may be too '
+        'large')
   auroc = evaluation.noise_auroc(scores, data.train.is_corrupted)
   fe = config.final_eval
   if fe.num_models:
@@ -337,8 +343,7 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
   results = fresh_model_results(config, data, problem, rater_params)
   by_kind = evaluation.auroc_by_kind(scores, data.train.corruption, data.train.corruption_kinds)
   report = {'noise_auroc': auroc, 'auroc_by_kind': by_kind,
-            'suggested_keep': (select.suggest_keep(scores)  # as launch.filter --suggest_keep
-                               if np.isfinite(scores).all() else None),
+            'suggested_keep': select.suggest_keep(scores),  # as launch.filter --suggest_keep
             'label_noise': config.data.label_noise, 'fresh_models': results,
             'outer_steps': config.outer.steps, 'skipped_steps': skipped,
             'final_eval': config.final_eval.to_dict()}

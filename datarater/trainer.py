@@ -127,6 +127,17 @@ def _blocks(split, size: int):
   return data, jnp.asarray(mask)
 
 
+def _check_weights(policy: str, used: np.ndarray, seeds, first_step: int) -> None:
+  """Refuses loss weights [M, L, B] that are not finite (a rater whose scores overflow): the
+  steps would train on nothing and report NaN losses."""
+  bad = np.argwhere(~np.isfinite(used))
+  if len(bad):
+    m, t, _ = bad[0]
+    raise UserError(f'policy {policy} gave loss weights that are not finite at step '
+                    f'{first_step + t + 1} (model seed {seeds[m]}, {len(bad)} weights in '
+                    f'{used.shape[1]} steps)')
+
+
 class Trainer:
   """Trains task models under `policy`; its steps compile once per run (chunks padded to one
   length)."""
@@ -330,6 +341,7 @@ class Trainer:
               np.int32(b - a), recorder)
           losses.append(np.asarray(part_losses)[:, :b - a])  # the padding steps dropped
           used.append(np.asarray(part_used)[:, :b - a])
+          _check_weights(self.policy.name, used[-1], seeds, done_steps + a)
           counts = np.asarray(counts)
           state = state.replace(models=models,
                                 example_gradients=state.example_gradients + counts[:, 0],

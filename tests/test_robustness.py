@@ -19,7 +19,7 @@ from configs.digits import get_config
 from datarater import checkpointing, export, files
 from datarater.errors import UserError
 from datarater.meta_train import meta_train, run_checkpointer
-from launch import cli, train_rater
+from launch import cli, train, train_rater
 from outer_loop import meta_step, setup, sharding
 from outer_loop.batches import MetaBatches
 from tests.run_config import as_flags, small_config
@@ -67,6 +67,30 @@ def test_a_rater_run_whose_meta_gradient_stays_non_finite_stops_with_finite_chec
              if np.issubdtype(np.asarray(x).dtype, np.floating))
   assert int(state['skipped']) >= 2  # what the checkpoint recorded as skipped
   export.export_rater(str(workdir), str(tmp_path / 'rater'))  # finite: exportable
+
+
+def test_a_rater_whose_scores_overflow_is_no_success_and_trains_nothing(tfds_dir, tmp_path):
+  """Outer steps of 1e30 leave finite parameters (~1e28) whose scores overflow: the run ends in
+  one line with no report, and training with that rater stops at its first step."""
+  def invoke(launcher, argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+      code = cli.invoke(launcher, argv)
+    return code, err.getvalue().strip().splitlines()
+
+  workdir = tmp_path / 'hot'
+  code, lines = invoke(train_rater, ['train_rater', *as_flags(small_config(tfds_dir, steps=2)),
+                                     f'--workdir={workdir}', '--config.outer.learning_rate=1e30'])
+  assert code == 2 and len(lines) == 1, lines
+  assert "the rater's scores are not finite on 1197 of 1197 training examples" in lines[0]
+  assert not (workdir / 'report.json').exists()
+  state = checkpointing.restore_latest_on_host(str(workdir / 'checkpoints'))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['rater_params']))
+  code, lines = invoke(train, ['train', f'--config.data.data_dir={tfds_dir}',
+                               '--config.train.epochs=1', '--policy=datarater',
+                               f'--rater={workdir}', f'--workdir={tmp_path / "trained"}'])
+  assert code == 2 and len(lines) == 1, lines
+  assert 'policy datarater gave loss weights that are not finite at step 1' in lines[0]
 
 
 def test_skipped_steps_in_a_row_that_end_between_checks_still_stop_the_run(
