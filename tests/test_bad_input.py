@@ -1,5 +1,6 @@
-"""Bad input, launcher by launcher: exit code 2, exactly one `error:` line naming the bad value,
-and nothing written or damaged (every file under the test's folder hashed before and after).
+"""Bad input, launcher by launcher: exit code 2, exactly one `error:` line naming the bad value
+(a RuntimeWarning, which the program would print, counts as a line), and nothing written or
+damaged (every file under the test's folder hashed before and after).
 
 Each case runs the launcher in this process exactly as its command line would
 (`launch.cli.invoke`: its flags, parsing and `main`).
