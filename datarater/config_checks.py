@@ -18,6 +18,8 @@ MIN_TEMPERATURE = 1e-6
 # The largest outer.ema: float32's largest number below 1 (a decay that rounds to 1 averages
 # nothing, and the debiased average is 0 / 0).
 MAX_EMA = 1 - 2 ** -24
+# The largest seed: jax.random.PRNGKey takes a C long (int64); 2**63 overflows it.
+MAX_SEED = 2 ** 63 - 1
 
 Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
 
@@ -72,15 +74,27 @@ def boolean() -> Check:
   return lambda v: None if isinstance(v, bool) else 'must be True or False'
 
 
-def integers(lo: int = 1, nonempty: bool = True) -> Check:
-  """A tuple of integers >= lo."""
+def integers(lo: int = 1, nonempty: bool = True, hi: Optional[int] = None,
+             distinct: str = '') -> Check:
+  """A tuple of integers in [lo, hi]; with `distinct` (what one is called), none twice (a
+  repeated seed trains the same model twice)."""
   def check(v):
     if not isinstance(v, (tuple, list)) or (nonempty and not v):
       return f'must be a {"non-empty " if nonempty else ""}tuple of integers'
     if not all(_is_int(x) and x >= lo for x in v):
       return f'must hold integers >= {lo}'
+    if hi is not None and not all(x <= hi for x in v):
+      return f'must hold integers <= {hi}'
+    repeated = [x for i, x in enumerate(v) if x in v[:i]]
+    if distinct and repeated:
+      return f'repeats {distinct} {repeated[0]}'
     return None
   return check
+
+
+def seed() -> Check:
+  """A seed: an integer that jax.random.PRNGKey takes."""
+  return integer(0, MAX_SEED)
 
 
 def pairs() -> Check:
@@ -124,12 +138,12 @@ def _lazy_one_of(module_attr: str) -> Check:
 
 
 SECTIONS: dict[str, dict[str, Check]] = {
-    '': {'seed': integer(0), 'log_every': integer(1), 'checkpoint_every': integer(1)},
+    '': {'seed': seed(), 'log_every': integer(1), 'checkpoint_every': integer(1)},
     'data': {'name': string(nonempty=True), 'data_dir': string(), 'dataset_dir': string(),
              'train_split': string(nonempty=True), 'heldout_split': string(nonempty=True),
              'eval_split': string(nonempty=True), 'label_noise': number(0, 1, hi_open=True),
              'label_noise_kind': one_of(*LABEL_KINDS), 'confusions': pairs(),
-             'noise_seed': integer(0),
+             'noise_seed': seed(),
              'input_corruption': section('data.input_corruption', {
                  kind: optional(number(0, 1, hi_open=True)) for kind in INPUT_KINDS})},
     'inner': {'steps': integer(1), 'population': integer(1), 'batch_size': integer(1),
@@ -146,7 +160,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
     'final_eval': {'train_steps': integer(1), 'num_models': integer(0)},
     'train': {'epochs': integer(1), 'checkpoint_every': integer(1), 'batch_size': integer(1),
               'optimizer': _lazy_one_of('inner_loop.optimizers.INNER_OPTIMIZERS'),
-              'learning_rate': number(0, lo_open=True), 'seeds': integers(0),
+              'learning_rate': number(0, lo_open=True),
+              'seeds': integers(0, hi=MAX_SEED, distinct='seed'),
               'stream': optional(boolean())},
     'policy': {'name': string(nonempty=True), 'temperature': number(MIN_TEMPERATURE),
                'rho': number(0, 1, hi_open=True), 'ratio': number(0, 1, lo_open=True),
@@ -155,9 +170,9 @@ SECTIONS: dict[str, dict[str, Check]] = {
         'train_steps': integer(1), 'batch_size': integer(1),
         'optimizer': _lazy_one_of('inner_loop.optimizers.INNER_OPTIMIZERS'),
         'learning_rate': number(0, lo_open=True), 'checkpoint_every': integer(1),
-        'seed': integer(0), 'layers': string(),
+        'seed': seed(), 'layers': string(),
         'projection': _lazy_one_of('datarater.valuation.factory.PROJECTIONS'),
-        'projection_dim': integer(1), 'projection_seed': integer(0), 'chunk_size': integer(1),
+        'projection_dim': integer(1), 'projection_seed': seed(), 'chunk_size': integer(1),
         'score_batch_size': integer(1), 'tracin_mode': _lazy_one_of('datarater.valuation.tracin.MODES'),
         'tracin_project': boolean(), 'tracin_ghost': boolean(), 'mimic_layers': string(),
         'mimic_cosine': boolean(), 'mimic_keep_fraction': number(0, 1, hi_open=True),
@@ -167,7 +182,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
         'store_k': integer(1), 'topk': integer(0), 'topk_split': string(nonempty=True)},
     'features': {'extractor': _lazy_one_of('datarater.features.EXTRACTORS'),
                  'train_steps': integer(1), 'train_epochs': number(0), 'batch_size': integer(1),
-                 'learning_rate': number(0, lo_open=True), 'seed': integer(0)},
+                 'learning_rate': number(0, lo_open=True), 'seed': seed()},
     'sae': {'sparsity': _lazy_one_of('datarater.sae.SPARSITIES'), 'num_factors': integer(1),
             'k': integer(1), 'l1_coef': number(0), 'steps': integer(1), 'epochs': number(0),
             'batch_size': integer(1), 'learning_rate': number(0, lo_open=True)},

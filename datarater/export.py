@@ -48,6 +48,19 @@ def _first_missing(d, fields) -> Optional[str]:
   return None
 
 
+def _info_problem(d: dict) -> Optional[str]:
+  """What is wrong with the values of a saved DataInfo `d` (a hand-edited file): its features'
+  shapes must hold sizes >= 1 and its class counts be >= 1; else None."""
+  for name, spec in d['spec'].items():
+    shape = spec['shape']
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in shape):
+      return f'data_info.spec.{name}.shape {shape!r}; it must hold sizes >= 1'
+  for name, count in d['num_classes'].items():
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+      return f'data_info.num_classes.{name} {count!r}; it must be an integer >= 1'
+  return None
+
+
 def rater_training_compute(config, steps: int) -> int:
   """Task-model example-gradients of `steps` outer steps of a rater run (a lower bound on its
   cost).
@@ -95,6 +108,9 @@ def _read_run(workdir: str):
   except INFO_ERRORS as e:
     raise UserError(f'{config_path!r} is not the config of a launch.train_rater run '
                     f'({type(e).__name__}: {e})') from None
+  problem = _info_problem(saved['data_info'])
+  if problem:
+    raise UserError(f'{config_path!r} has {problem}')
   missing = _first_missing(saved['config'], RUN_FIELDS)
   if missing:
     raise UserError(f'{config_path!r} is not the config of a launch.train_rater run (its '
@@ -229,6 +245,9 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
     except INFO_ERRORS as e:
       raise UserError(f'rater {path!r}: {meta_path!r} has a malformed data_info '
                       f'({type(e).__name__}: {e})') from None
+    problem = _info_problem(meta['data_info'])
+    if problem:
+      raise UserError(f'rater {path!r}: {meta_path!r} has {problem}')
     rater = _make_rater(ml_collections.ConfigDict(meta['rater']), info, meta_path)
     host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params_path = os.path.abspath(os.path.join(path, 'params'))

@@ -100,6 +100,9 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
   if os.path.exists(os.path.join(workdir, 'history.jsonl')):
     raise UserError(f'--workdir {workdir!r} holds a launch.train run (history.jsonl); give the '
                     'rater run a folder of its own')
+  if os.path.exists(os.path.join(workdir, 'rater.json')):
+    raise UserError(f'--workdir {workdir!r} holds an exported rater (rater.json); give the rater '
+                    'run a folder of its own')
   ckpt = run_checkpointer(config, workdir)
   resume_step = ckpt.check_compatible()
   if resume_step is not None and resume_step > config.outer.steps:
@@ -306,7 +309,8 @@ def fresh_model_results(config, data, problem, rater_params) -> dict:
 
 def _finished_report(path: str, config) -> Optional[dict]:
   """The report a finished run wrote, if it reports this config's steps and fresh models (a run
-  extended, or given other final_eval settings, reports again)."""
+  extended, or given other final_eval settings, reports again, as does one whose report is
+  unreadable or lacks what `log_report` prints)."""
   try:
     with open(path) as f:
       report = json.load(f)
@@ -314,6 +318,12 @@ def _finished_report(path: str, config) -> Optional[dict]:
     return None
   if (not isinstance(report, dict) or report.get('outer_steps') != config.outer.steps
       or report.get('final_eval') != config.final_eval.to_dict()):
+    return None
+  models = report.get('fresh_models')
+  if 'noise_auroc' not in report or not isinstance(models, dict) or not all(
+      isinstance(r, dict) and isinstance(r.get('eval'), dict)
+      and isinstance(r.get('heldout'), dict) and 'loss' in r['heldout']
+      for r in models.values()):
     return None
   return report
 

@@ -444,6 +444,8 @@ def ghost_covers(loss_fn: PerExampleLoss, params, batch: dict,
   ghost = np.asarray(ghost_sq_norms(loss_fn, params, batch, layers), np.float64)
   exact = np.asarray(per_example(loss_fn, params, batch, chain(select(layers), sq_norm())),
                      np.float64)
+  if not (np.isfinite(ghost).all() and np.isfinite(exact).all()):  # diverged params: no answer
+    return False  # (and no numpy warning of a NaN tolerance on the way to its error)
   return bool(np.allclose(ghost, exact, rtol=1e-3, atol=1e-6 * np.abs(exact).max()))
 
 

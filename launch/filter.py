@@ -12,6 +12,7 @@ pipeline's recorded symmetric label noise to the filtered splits first, for expe
 """
 from absl import flags
 
+from datarater.config_checks import MAX_SEED
 from datarater.curation.filter import THRESHOLD_MODES, filter_dataset
 from datarater.data.corruption import Corruption
 from datarater.errors import UserError, exit_on_user_error
@@ -47,8 +48,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   with exit_on_user_error():
     if not 0 <= fv.label_noise < 1:  # checked here to name the flag, not the config field
       raise UserError(f'--label_noise must be in [0, 1), got {fv.label_noise}')
-    if fv.noise_seed < 0:
-      raise UserError(f'--noise_seed must be >= 0, got {fv.noise_seed}')
+    if not 0 <= fv.noise_seed <= MAX_SEED:
+      raise UserError(f'--noise_seed must be in [0, {MAX_SEED}], got {fv.noise_seed}')
     distributed.initialize_from_flags(fv)
     report = filter_dataset(
         fv.dataset, fv.out, fv.split, rater=fv.rater, scores=fv.scores, keep=fv.keep,

@@ -1,5 +1,6 @@
-"""Bad input, launcher by launcher: exit code 2, exactly one `error:` line naming the bad value,
-and nothing written or damaged (every file under the test's folder hashed before and after).
+"""Bad input, launcher by launcher: exit code 2, exactly one `error:` line naming the bad value
+(a RuntimeWarning, which the program would print, counts as a line), and nothing written or
+damaged (every file under the test's folder hashed before and after).
 
 Each case runs the launcher in this process exactly as its command line would
 (`launch.cli.invoke`: its flags, parsing and `main`).
@@ -11,8 +12,11 @@ import io
 import json
 import os
 import shutil
+import warnings
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -78,6 +82,21 @@ def world(tfds_dir, tmp_path_factory):
   train_records = next(iter((root / 'cut_dataset').glob('*-train.array_record*')))
   train_records.write_bytes(train_records.read_bytes()[:train_records.stat().st_size // 2])
   (root / 'bad_info_dataset' / 'dataset_info.json').write_text('{"name": ')
+  for name, edit in [('negative_shape', lambda m: m['data_info']['spec']['image'].update(
+                         shape=[-1, 8, 1])),
+                     ('no_classes', lambda m: m['data_info']['num_classes'].update(label=0))]:
+    shutil.copytree(root / 'rater', root / f'{name}_rater')
+    meta = json.loads((root / 'rater' / 'rater.json').read_text())
+    edit(meta)
+    (root / f'{name}_rater' / 'rater.json').write_text(json.dumps(meta))
+  # Finite parameters whose scores overflow float32.
+  shutil.copytree(root / 'rater', root / 'huge_rater', ignore=shutil.ignore_patterns('params'))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(root / 'huge_rater' / 'params', jax.tree.map(
+        lambda x: np.asarray(x) * 1e30, export.load_rater(str(root / 'rater')).params))
+  shutil.copytree(tfds_dir, root / 'bad_info_data_dir')
+  for info in (root / 'bad_info_data_dir').glob('sklearn_digits/*/dataset_info.json'):
+    info.write_text('{"name')
   (root / 'train_run').mkdir()
   (root / 'train_run' / 'history.jsonl').write_text('{"epoch": 1.0}\n')
   (root / 'busy').mkdir()
@@ -297,9 +316,69 @@ def _cases(tfds_dir: str, w) -> list:
       ('filter', fl(rater, '--keep=0.5', '--num_processes=2'),
        '--num_processes and --process_id need --coordinator_address'),
       ('filter', fl(rater, '--keep=0.5', '--noise_seed=-1'),
-       '--noise_seed must be >= 0, got -1'),
+       '--noise_seed must be in [0, 9223372036854775807], got -1'),
       ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
                   f'--out={w}/rater'], "already exists (pass --overwrite to replace it)"),
+  ]
+  outside = f'--workdir={w}_val'  # runs refused only after fitting: their workdir is elsewhere
+  val = lambda method, *extra: ('valuate', [data, f'--method={method}', *extra,
+                                            f'--workdir={w}/val'])
+  big = 2 ** 64
+  cases += [
+      (*val('tracin', '--config.valuation.layers=,'), "valuation.layers=',' names no layer"),
+      (*val('mimic', '--config.valuation.mimic_layers=,'),
+       "valuation.mimic_layers=',' names no layer"),
+      ('export_rater', [f'--workdir={w}/run', f'--out={w}/run/checkpoints', '--overwrite'],
+       f"--out '{w}/run/checkpoints' is inside --workdir '{w}/run'"),
+      ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
+                  f'--out={w}/rater/params', '--overwrite'],
+       f"--out '{w}/rater/params' is inside --rater '{w}/rater'"),
+      ('train', [data, '--config.train.seeds=(0,0)'], 'train.seeds repeats seed 0'),
+      (*tr('--config.data.train_split=train[90%:10%]'),
+       "split 'train[90%:10%]' of 'sklearn_digits' selects no examples (its end is before"),
+      ('train', [data, '--config.data.eval_split=test[5:3]'],
+       "split 'test[5:3]' of 'sklearn_digits' selects no examples (its end is before"),
+      (*val('tracin', '--config.data.train_split=train[50:10]'),
+       "split 'train[50:10]' of 'sklearn_digits' selects no examples (its end is before"),
+      (*val('tracin', '--config.valuation.topk=2', '--config.valuation.topk_split=test[5:3]'),
+       "split 'test[5:3]' of 'sklearn_digits' selects no examples (its end is before"),
+      (*tr(f'--config.seed={big}'), f'seed must be <= {2**63 - 1}, got {big}'),
+      ('train', [data, f'--config.train.seeds=({big},)'],
+       f'train.seeds must hold integers <= {2**63 - 1}'),
+      (*val('tracin', f'--config.valuation.seed={big}'), 'valuation.seed must be <= '),
+      (*val('tracin', f'--config.valuation.projection_seed={2**63}'),
+       'valuation.projection_seed must be <= '),
+      (*tr(f'--config.data.noise_seed={big}'), 'data.noise_seed must be <= '),
+      ('filter', fl(rater, '--keep=0.5', f'--noise_seed={big}'),
+       f'--noise_seed must be in [0, {2**63 - 1}], got {big}'),
+      ('train', [f'--config.data.data_dir={w}/bad_info_data_dir'],
+       f"TFDS dataset 'sklearn_digits' in data.data_dir '{w}/bad_info_data_dir': its "
+       'dataset_info.json is unreadable'),
+      (*tr(f'--config.data.data_dir={w}/bad_info_data_dir'),
+       f"in data.data_dir '{w}/bad_info_data_dir': its dataset_info.json is unreadable"),
+      ('filter', ['--dataset=sklearn_digits', f'--data_dir={w}/bad_info_data_dir', rater,
+                  '--keep=0.5', f'--out={w}/filtered'],
+       f"in --data_dir '{w}/bad_info_data_dir': its dataset_info.json is unreadable"),
+      ('filter', fl(f'--rater={w}/negative_shape_rater', '--keep=0.5'),
+       'has data_info.spec.image.shape [-1, 8, 1]'),
+      ('filter', fl(f'--rater={w}/no_classes_rater', '--keep=0.5'),
+       'has data_info.num_classes.label 0'),
+      (*val('datarater', f'--config.valuation.rater={w}/no_classes_rater'),
+       'has data_info.num_classes.label 0'),
+      ('train', [f'--config.data.data_dir={w}/a_file'],
+       f"data.data_dir '{w}/a_file' is a file, not a folder"),
+      ('filter', ['--dataset=sklearn_digits', f'--data_dir={w}/a_file', rater, '--keep=0.5',
+                  f'--out={w}/filtered'], f"--data_dir '{w}/a_file' is a file, not a folder"),
+      ('train', ['--config.data.data_dir=/proc/tfds'],
+       "data.data_dir '/proc/tfds': cannot prepare 'sklearn_digits' there"),
+      (*val('tracin', '--config.valuation.store=True', '--config.valuation.store_k=100000'),
+       'valuation.store_k=100000 makes a gradient store of at least'),
+      ('valuate', [data, '--method=tracin', '--config.valuation.learning_rate=1e30', outside],
+       'scores are not finite (a diverged recorded run? try a smaller'),
+      ('valuate', [data, '--method=datarater', f'--config.valuation.rater={w}/huge_rater',
+                   outside], f"(the rater valuation.rater='{w}/huge_rater' gives them)"),
+      (*tr(out=f'--workdir={w}/rater'),
+       f"--workdir '{w}/rater' holds an exported rater (rater.json)"),
   ]
   return cases
 
@@ -316,7 +395,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 123  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 151  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
@@ -338,12 +417,16 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tfds_dir, world, ind
     lock = files.workdir_lock(str(world / 'busy'))
     lock.__enter__()
   try:
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+        warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always', RuntimeWarning)  # e.g. numpy's overflow: a printed line
       code = cli.invoke(LAUNCHERS[launcher], [launcher, *argv])
   finally:
     if lock is not None:
       lock.__exit__(None, None, None)
   lines = [l for l in err.getvalue().splitlines() if l.strip()]
+  lines += [f'{w.category.__name__}: {w.message}' for w in caught
+            if issubclass(w.category, RuntimeWarning)]
   assert code == 2, (launcher, argv, err.getvalue()[-1500:])
   assert len(lines) == 1 and lines[0].startswith('error: '), lines
   assert named in lines[0], (named, lines[0])

@@ -485,13 +485,20 @@ def test_a_run_with_polyak_averaging_reports_and_exports_the_average(tfds_dir, t
 def test_a_finished_run_prints_its_report_only_if_it_reports_these_steps_and_models(
     tfds_dir, tmp_path, capsys):
   """Run again, a finished run prints its report; one stopped past an older report (extended,
-  then stopped and shortened), or asked for fresh models the report lacks, reports anew."""
+  then stopped and shortened), asked for fresh models the report lacks, or whose report lacks
+  what is printed (hand-edited), reports anew."""
   config = small_config(tfds_dir, steps=2)
   workdir = str(tmp_path / 'run')
   first = meta_train(config, workdir, devices=jax.devices()[:1])
   capsys.readouterr()
   assert meta_train(config, workdir, devices=jax.devices()[:1]) == first
   assert 'this run finished at outer step 2' in capsys.readouterr().out
+  report_path = os.path.join(workdir, 'report.json')
+  files.write_json(report_path, {'outer_steps': 2, 'final_eval': config.final_eval.to_dict()})
+  again = meta_train(config, workdir, devices=jax.devices()[:1])
+  assert again['noise_auroc'] == first['noise_auroc'] and 'this run finished' not in (
+      capsys.readouterr().out)
+  assert json.load(open(report_path))['noise_auroc'] == first['noise_auroc']
   config.outer.steps = 4
   meta_train(config, workdir, stop_after=3, devices=jax.devices()[:1])
   config.outer.steps = 3

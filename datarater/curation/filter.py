@@ -129,7 +129,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     raise UserError(f'--dataset {dataset!r} is not a TFDS dataset folder (no dataset_info.json)')
   section = ml_collections.ConfigDict({'name': dataset, 'data_dir': data_dir,
                                        'dataset_dir': dataset if folder else ''})
-  builder, dataset = pipeline.builder_of(section), pipeline.dataset_name(section)
+  builder, dataset = pipeline.builder_of(section, '--data_dir'), pipeline.dataset_name(section)
   files.check_apart(out, '--out', **{'dataset' if folder else 'data_dir': str(builder.data_dir)},
                     rater=rater or '', scores=scores or '')
   info = pipeline.data_info(builder)

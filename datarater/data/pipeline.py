@@ -18,11 +18,13 @@ from typing import Mapping, Optional
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 
 from datarater.data import corruption as corruption_lib
 from datarater.data import idx_mnist  # registers the builder of idx files (Fashion-MNIST)
 from datarater.data import python_text  # pylint: disable=unused-import  (registers the builder)
 from datarater.data import sklearn_digits  # pylint: disable=unused-import  (registers the builder)
+from datarater import files
 from datarater.errors import UserError
 
 # Datasets built from local files, so never downloaded.
@@ -68,12 +70,25 @@ def prepare(builder: tfds.core.DatasetBuilder, **kwargs) -> None:
     builder.download_and_prepare(**kwargs)
 
 
-def get_builder(name: str, data_dir: str = '') -> tfds.core.DatasetBuilder:
-  """The prepared TFDS builder for `name`; prepares the bundled datasets on first use."""
-  data_dir = default_data_dir(data_dir)
+def _unreadable_info(where: str, e: Exception) -> UserError:
+  """A dataset's dataset_info.json that TFDS cannot parse (hand-edited or cut short)."""
+  return UserError(f'{where}: its dataset_info.json is unreadable ({type(e).__name__}: '
+                   f'{" ".join(str(e).split())[:200]})')
+
+
+def get_builder(name: str, data_dir: str = '',
+                field: str = 'data.data_dir') -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder for `name`; prepares the bundled datasets on first use. A
+  `data_dir` that cannot hold datasets is refused naming `field`, the flag or config field that
+  gave it."""
+  given, data_dir = data_dir, default_data_dir(data_dir)
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise UserError(f'{field} {given or data_dir!r} is a file, not a folder')
   with quiet_tfds():
     try:
       builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    except json_format.ParseError as e:
+      raise _unreadable_info(f'TFDS dataset {name!r} in {field} {data_dir!r}', e) from None
     except tfds.core.registered.DatasetNotFoundError:
       raise UserError(f'unknown dataset {name!r}: not a TFDS dataset name '
                       f'(built in here: {", ".join(sorted(BUNDLED))})') from None
@@ -85,7 +100,11 @@ def get_builder(name: str, data_dir: str = '') -> tfds.core.DatasetBuilder:
         raise UserError(f'dataset {name!r} is not prepared in {data_dir!r}: prepare it in Python '
                         f'with tfds.builder({name!r}, data_dir={data_dir!r}, '
                         f"file_format='array_record').download_and_prepare()")
-      builder.download_and_prepare()
+      try:
+        builder.download_and_prepare()
+      except OSError as e:
+        raise UserError(f'{field} {given or data_dir!r}: cannot prepare {name!r} there '
+                        f'({files.why_not(e.filename or data_dir, e)})') from None
   if builder.name == 'idx_mnist':
     idx_mnist.check_source(builder)
   return builder
@@ -229,6 +248,9 @@ def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
     raise UserError(f'dataset {builder.info.name!r} has no split {split!r} (it has: '
                     f'{", ".join(builder.info.splits)}; slices like train[:80%] also work): '
                     f'{str(e).splitlines()[0]}') from None
+  if selected.num_examples < 0:  # a slice whose end is before its start (TFDS counts < 0)
+    raise UserError(f'split {split!r} of {builder.info.name!r} selects no examples (its end is '
+                    'before its start)')
   if not selected.num_examples:  # TFDS cannot open a data source of no files
     raise UserError(f'split {split!r} of {builder.info.name!r} selects no examples')
 
@@ -297,9 +319,10 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str,
                clean=decode(info, clean))
 
 
-def builder_of(data) -> tfds.core.DatasetBuilder:
+def builder_of(data, data_dir_field: str = 'data.data_dir') -> tfds.core.DatasetBuilder:
   """The builder of a `data` config section: the TFDS folder `dataset_dir` if set (e.g. the
-  output of launch.filter), else the dataset `name` prepared in `data_dir`."""
+  output of launch.filter), else the dataset `name` prepared in `data_dir` (a bad one named as
+  `data_dir_field`)."""
   if data.get('dataset_dir', ''):
     path = os.path.abspath(data.dataset_dir)
     if not os.path.exists(os.path.join(path, 'dataset_info.json')):
@@ -309,10 +332,8 @@ def builder_of(data) -> tfds.core.DatasetBuilder:
       with quiet_tfds():
         return tfds.builder_from_directory(path)
     except Exception as e:  # pylint: disable=broad-except  (a hand-edited or cut-short file)
-      raise UserError(f'TFDS dataset folder {data.dataset_dir!r}: its dataset_info.json is '
-                      f'unreadable ({type(e).__name__}: {" ".join(str(e).split())[:200]})'
-                      ) from None
-  return get_builder(data.name, data.data_dir)
+      raise _unreadable_info(f'TFDS dataset folder {data.dataset_dir!r}', e) from None
+  return get_builder(data.name, data.data_dir, data_dir_field)
 
 
 def dataset_name(data) -> str:

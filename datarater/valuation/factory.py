@@ -21,14 +21,17 @@ METHODS = ('tracin', 'mimic', 'dvemb', 'datarater')
 PROJECTIONS = ('none', 'kronecker', 'gaussian')
 
 
-def parse_layers(spec: str):
-  """'' -> None (all parameters); 'last' stays 'last'; 'a,b' -> ['a', 'b']."""
-  spec = spec.strip()
-  if not spec:
+def parse_layers(spec: str, field: str = 'valuation.layers'):
+  """'' -> None (all parameters); 'last' stays 'last'; 'a,b' -> ['a', 'b']; commas alone (no
+  name) are refused, naming config field `field`."""
+  if not spec.strip():
     return None
-  if spec == 'last':
+  if spec.strip() == 'last':
     return 'last'
-  return [s.strip() for s in spec.split(',') if s.strip()]
+  layers = [s.strip() for s in spec.split(',') if s.strip()]
+  if not layers:
+    raise UserError(f'{field}={spec!r} names no layer')
+  return layers
 
 
 def make_projection(v: ml_collections.ConfigDict) -> Optional[pergrad.GradTransform]:
@@ -62,7 +65,7 @@ def mimic_reference(config, task, heldout, cache=None):
 
 def mimic_layers(config, task, params, split):
   return resolve_layers(task.per_example_loss, params, split.take([0, 1]),
-                        parse_layers(config.valuation.mimic_layers))
+                        parse_layers(config.valuation.mimic_layers, 'valuation.mimic_layers'))
 
 
 def rater_for(config, train):

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 
 import jax
 import numpy as np
@@ -134,6 +135,8 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
   factory.check(method, config, task, train)  # bad layer names etc. fail before any work
   if config.valuation.topk:
     pipeline.check_split(pipeline.builder_of(d), config.valuation.topk_split)
+  if config.valuation.store or config.valuation.topk:
+    _check_store_size(method, config, len(train), workdir)
   if (config.valuation.store or config.valuation.topk) and jax.process_count() > 1:
     raise UserError('valuation.store and valuation.topk run in one process')
   with multihost.workdir_lock(workdir):
@@ -165,6 +168,24 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     if jax.process_index() != 0:
       return {}
     return _write(method, config, workdir, stem, tag, train, valuation, record)
+
+
+def _check_store_size(method: str, config, n: int, workdir: str) -> None:
+  """Refuses a gradient store larger than the free space where it would go: at least
+  valuation.store_k**2 float32s per example and checkpoint (one per projected layer)."""
+  v = config.valuation
+  steps, every = ((v.dvemb_steps, 1) if method == 'dvemb' else (v.train_steps, v.checkpoint_every))
+  checkpoints = max(1, steps // every)
+  need = n * v.store_k ** 2 * 4 * checkpoints
+  folder = os.path.abspath(workdir)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  free = shutil.disk_usage(folder).free
+  if need > free:
+    raise UserError(f'valuation.store_k={v.store_k} makes a gradient store of at least '
+                    f'{need / 2**30:.3g} GiB ({n} examples x {v.store_k}**2 float32 x '
+                    f'{checkpoints} checkpoint(s)), more than the {free / 2**30:.3g} GiB free in '
+                    f'{folder!r}')
 
 
 def _from_store(method, config, task, train, heldout, workdir, stem, tag, valuation, cache,
@@ -241,8 +262,10 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
               np.arange(start, min(start + block, n)))
   bad = int(np.sum(~np.isfinite(scores)))
   if bad:  # nothing non-finite is written
-    raise UserError(f'{method}: {bad} of {n} scores are not finite (a diverged recorded run? try a '
-                    'smaller --config.valuation.learning_rate)')
+    why = (f'the rater valuation.rater={config.valuation.rater!r} gives them'
+           if method == 'datarater' else
+           'a diverged recorded run? try a smaller --config.valuation.learning_rate')
+    raise UserError(f'{method}: {bad} of {n} scores are not finite ({why})')
   values = scores if valuation.higher_is_better else -scores
   extra, columns = {}, {'corruption': record}
   if method == 'mimic':  # Grad-Mimic's offline filter: keep/drop with an automatic threshold.
