@@ -242,6 +242,18 @@ def _strict_json(text: str):
   return json.loads(text, parse_constant=refuse)
 
 
+def test_an_output_is_refused_where_overwriting_it_would_replace_an_input(tmp_path):
+  (tmp_path / 'run' / 'checkpoints').mkdir(parents=True)
+  run, inside = str(tmp_path / 'run'), str(tmp_path / 'run' / 'checkpoints')
+  for out in (run, str(tmp_path)):  # the input itself, a folder holding it
+    with pytest.raises(UserError, match='would replace --workdir'):
+      files.check_apart(out, '--out', workdir=run)
+  with pytest.raises(UserError, match='is inside --workdir'):  # an existing part of it
+    files.check_apart(inside, '--out', workdir=run)
+  files.check_apart(str(tmp_path / 'run' / 'new'), '--out', workdir=run)  # new: nothing replaced
+  files.check_apart(str(tmp_path / 'other'), '--out', workdir=run, rater='')
+
+
 def test_written_json_is_standard_with_non_finite_floats_as_null(tmp_path):
   record = {'step': 2, 'auroc': float('nan'), 'hi': np.float32(np.inf), 'ok': np.float64(0.5),
             'rows': np.array([1.0, -np.inf]), 'pair': (np.nan, 3)}
