@@ -59,6 +59,7 @@ def test_a_rater_run_on_a_dataset_folder_written_again_is_not_resumed(tfds_dir, 
   config.data.dataset_dir, config.data.label_noise = folder, 0.0
   workdir = tmp_path / 'run'
   meta_train(config, str(workdir), stop_after=2, devices=jax.devices()[:1])
+  meta_train(config, str(workdir), stop_after=3, devices=jax.devices()[:1])  # unchanged: resumed
   filter_dataset('sklearn_digits', folder, ['train'], scores=scores, keep=0.9,
                  data_dir=tfds_dir, batch_size=256, overwrite=True)
   _refused(train_rater, [*as_flags(config), f'--config.data.dataset_dir={folder}',
@@ -94,6 +95,24 @@ def test_a_training_run_whose_scores_file_changed_is_not_resumed(tfds_dir, tmp_p
   lines = []
   train(config, 'scores', scores=scores, workdir=str(workdir), log=lines.append)
   assert 'resuming from the checkpoint at epoch 2' in lines
+
+
+def test_a_training_run_whose_rater_trained_on_is_not_resumed(tfds_dir, tmp_path):
+  """--rater names a rater run that has since been extended: its rater is another."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  rater_run, workdir = str(tmp_path / 'rater_run'), str(tmp_path / 'run')
+  rater_config = small_config(tfds_dir, steps=2)
+  meta_train(rater_config, rater_run, devices=jax.devices()[:1])
+  config = digits.get_config()
+  config.data.data_dir, config.train.epochs, config.train.seeds = tfds_dir, 2, (0,)
+  assert train(config, 'datarater', rater=rater_run, workdir=workdir, stop_after=1,
+               log=quiet) == {'stopped_after': 1}
+  rater_config.outer.steps = 4
+  meta_train(rater_config, rater_run, devices=jax.devices()[:1])
+  _refused(train_launcher, ['--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
+                            '--config.train.epochs=2', '--config.train.seeds=(0,)',
+                            '--policy=datarater', f'--rater={rater_run}', f'--workdir={workdir}'],
+           tmp_path / 'run', f"--rater '{rater_run}' changed since the checkpoint")
 
 
 def _garble_every_checkpoint(workdir):
