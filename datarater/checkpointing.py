@@ -64,7 +64,8 @@ def _why(error: Exception) -> str:
 def _drop_closed_loop_noise() -> None:
   """Drops the 'Event loop is closed' errors that tensorstore reports as unraisable (a traceback
   each on stderr, some after the call returns) when orbax gives up reading a damaged checkpoint;
-  others go to the hook in place. Installed once, at the first read."""
+  others go to the hook in place. Installed once, at the first read (a hook that wraps it keeps
+  its marker: launch.interrupts')."""
   hook = sys.unraisablehook
   if getattr(hook, 'drops_closed_loop_noise', False):
     return
@@ -73,6 +74,7 @@ def _drop_closed_loop_noise() -> None:
     e = unraisable.exc_value
     if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
       hook(unraisable)
+  dropping.__dict__.update(getattr(hook, '__dict__', {}))  # the markers of hooks below it
   dropping.drops_closed_loop_noise = True
   sys.unraisablehook = dropping
 
