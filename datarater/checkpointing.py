@@ -6,12 +6,16 @@ on a workdir whose checkpoint came from a different config stops with a one-line
 writes anything. Fields that do not change the training trajectory (run length, logging, paths)
 may differ, so a finished run can be extended; a run's own checkpointer may narrow them. A
 checkpoint that cannot be read (truncated, flipped bits, garbled metadata) is passed over with a
-one-line warning for the newest intact one.
+one-line warning for the newest intact one; if none can be read, the run stops with one line
+and nothing written. Inputs the config names by path only (a `dataset_dir`, a scores file, a
+rater) are digested into each checkpoint, and a resume with other contents there is refused.
 """
+import contextlib
 import json
 import logging
 import os
-from typing import Any
+import sys
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -53,6 +57,59 @@ def trajectory_fields(config: ml_collections.ConfigDict,
           if not any(k == f or k.startswith(f + '.') for f in free_fields)}
 
 
+def _why(error: Exception) -> str:
+  return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
+def _drop_closed_loop_noise() -> None:
+  """Drops the 'Event loop is closed' errors that tensorstore reports as unraisable (a traceback
+  each on stderr, some after the call returns) when orbax gives up reading a damaged checkpoint;
+  others go to the hook in place. Installed once, at the first read (a hook that wraps it keeps
+  its marker: launch.interrupts')."""
+  hook = sys.unraisablehook
+  if getattr(hook, 'drops_closed_loop_noise', False):
+    return
+
+  def dropping(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
+      hook(unraisable)
+  dropping.__dict__.update(getattr(hook, '__dict__', {}))  # the markers of hooks below it
+  dropping.drops_closed_loop_noise = True
+  sys.unraisablehook = dropping
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+  """Reading with orbax, without its absl warnings about a damaged or foreign folder (the
+  caller's error says what is wrong in one line) or tensorstore's closed-loop tracebacks."""
+  _drop_closed_loop_noise()
+  absl_log = logging.getLogger('absl')
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_log.setLevel(level)
+
+
+def path_inputs(data, **launcher_inputs: str) -> dict[str, tuple[str, str]]:
+  """{field: (path, content digest)} of what a run reads by path alone: `data.dataset_dir` and
+  the launcher's inputs (`--scores=...`, `--rater=...`) that are set.
+
+  A TFDS dataset named in `data.data_dir` is not digested: its name and version fix its
+  contents, and data_dir is free to move (NON_TRAJECTORY_FIELDS) -- prepared again elsewhere, or
+  a copy per host of a multi-process job, it would differ in files but not in examples. What a
+  path alone names (launch.filter's --out written again with --overwrite, a scores file or rater
+  replaced) has nothing else to tell it apart. The digest is of the bytes, not times, so a copy
+  made for each host of a job, or with the workdir to another machine, still matches.
+  """
+  from datarater import files  # pylint: disable=g-import-not-at-top
+  named = {'data.dataset_dir': data.get('dataset_dir', '')}
+  named.update({f'--{k}': v for k, v in launcher_inputs.items()})
+  return {k: (v, files.content_digest(v)) for k, v in named.items() if v}
+
+
 def _drop_empty(tree):
   """Zero-size leaves -> None: orbax cannot save them, and they carry nothing."""
   return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
@@ -69,17 +126,22 @@ class RunCheckpointer:
   """Saves and restores (state, data position, JSON extras) in `workdir/checkpoints` with orbax.
 
   `free_fields`: config fields a resumed run may change (default NON_TRAJECTORY_FIELDS).
+  `inputs`: {field: (path, digest)} of what the run reads by path (`path_inputs`); a checkpoint
+  records the digests, and one made from other contents is not resumed.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, max_to_keep: int = 2,
-               free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS):
+               free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS,
+               inputs: Optional[dict[str, tuple[str, str]]] = None):
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.config = config
     self.free_fields = free_fields
+    self.inputs = dict(inputs or {})
     self._manager = None
     self._max_to_keep = max_to_keep
-    self._unreadable = set()
+    self._unreadable = {}  # step -> why, for the steps passed over
+    self._warned = set()
 
   def _open(self, create: bool):
     if self._manager is None and (create or os.path.isdir(self.directory)):
@@ -97,12 +159,22 @@ class RunCheckpointer:
                       f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
     return [] if manager is None else sorted(manager.all_steps(), reverse=True)
 
-  def _warn_unreadable(self, step: int, error: Exception) -> None:
-    if step not in self._unreadable:
-      what = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+  def _warn_passed_over(self) -> None:
+    """Warns (once each) of the unreadable checkpoints passed over for a readable one."""
+    for step in sorted(set(self._unreadable) - self._warned, reverse=True):
       log.warning('warning: checkpoint %s is unreadable (%s); using an earlier one',
-                  os.path.join(self.directory, str(step)), what)
-    self._unreadable.add(step)
+                  os.path.join(self.directory, str(step)), _why(self._unreadable[step]))
+      self._warned.add(step)
+
+  def _none_readable(self) -> UserError:
+    """The error of a workdir whose every checkpoint is unreadable: resuming is impossible and
+    starting afresh would overwrite the old run's logs, so nothing is written."""
+    steps = sorted(self._unreadable, reverse=True)
+    if not steps:  # (the folder emptied meanwhile)
+      return UserError(f'no checkpoint in {self.directory!r} any more; use a new --workdir')
+    return UserError(f'no readable checkpoint in {self.directory!r} (step(s) '
+                     f'{", ".join(map(str, steps))} unreadable; {steps[0]}: '
+                     f'{_why(self._unreadable[steps[0]])}); move it aside or use a new --workdir')
 
   def _set_aside_unreadable(self) -> None:
     """Renames unreadable checkpoints to `unreadable-<step>` (kept for inspection; not steps to
@@ -116,7 +188,7 @@ class RunCheckpointer:
         if os.path.isdir(path):
           os.rename(path, os.path.join(self.directory, f'unreadable-{step}-{os.getpid()}'))
     multihost.barrier('datarater.checkpointing: unreadable set aside')
-    self._unreadable = set()
+    self._unreadable, self._warned = {}, set()
 
   def _readable_everywhere(self, step: int, read):
     """(read(step), True) if it works on every process (each reads its own shards), else
@@ -127,14 +199,19 @@ class RunCheckpointer:
       value, error = None, e
     if multihost.agree(error is None):
       return value, True
-    self._warn_unreadable(step, error or RuntimeError('unreadable on another process'))
+    self._unreadable.setdefault(step, error or RuntimeError('unreadable on another process'))
     return None, False
 
   def latest_step(self) -> int | None:
-    """The newest step whose record can be read (unreadable ones are passed over, warned)."""
-    for step in self._steps():
+    """The newest step whose record can be read (unreadable ones are passed over, warned); None
+    if there is no checkpoint, UserError if there are some but none can be read."""
+    steps = self._steps()
+    for step in steps:
       if self._readable_everywhere(step, self.meta)[1]:
+        self._warn_passed_over()
         return step
+    if steps:
+      raise self._none_readable()
     return None
 
   def check_compatible(self) -> int | None:
@@ -151,6 +228,16 @@ class RunCheckpointer:
     if diffs:
       raise UserError(f'workdir {self.workdir!r} holds a checkpoint of a different config '
                       f'({"; ".join(diffs[:3])}); use a new --workdir')
+    # A checkpoint of older code records no digests: it resumes unchecked, as it did then (like a
+    # field it lacks in ADDED_FIELDS). A field it holds is checked on every process, which read
+    # the path for themselves, and refused on all if any sees other contents.
+    recorded = meta.get('inputs') or {}
+    for field in sorted(set(recorded) & set(self.inputs)):
+      path, digest = self.inputs[field]
+      if not multihost.agree(recorded[field] == digest):
+        raise UserError(f'{field} {path!r} changed since the checkpoint in {self.workdir!r} was '
+                        'made (its contents differ); resuming would mix the two: use a new '
+                        '--workdir')
     return step
 
   def restore_latest(self, abstract_state):
@@ -159,20 +246,24 @@ class RunCheckpointer:
     for step in self._steps():
       restored, ok = self._readable_everywhere(step, lambda s: self.restore(s, abstract_state))
       if ok:
+        self._warn_passed_over()
         self._set_aside_unreadable()
         return restored
-    raise UserError(f'no readable checkpoint in {self.directory!r}')
+    raise self._none_readable()
 
   def meta(self, step: int) -> dict:
     """The JSON record saved with checkpoint `step` (config, data position, step, extra)."""
     self._open(create=False)
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    with quiet_orbax():
+      return self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
 
   def save(self, step: int, state, data_position: dict[str, int], extra: Any = None) -> None:
     """`extra`: JSON-serialisable progress kept beside the state (e.g. the metrics so far)."""
     manager = self._open(create=True)
     meta = {'config': trajectory_fields(self.config, self.free_fields),
-            'data_position': data_position, 'step': int(step), 'extra': extra}
+            'data_position': data_position, 'step': int(step), 'extra': extra,
+            'inputs': {field: digest for field, (_, digest) in self.inputs.items()}}
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_drop_empty(state)),
                                                meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -184,11 +275,12 @@ class RunCheckpointer:
     """
     meta = self.meta(step)
     handler = ocp.StandardCheckpointHandler()
-    try:
-      restored = handler.restore(epath.Path(self.directory) / str(step) / 'state',
-                                 args=ocp.args.StandardRestore(_drop_empty(abstract_state)))
-    finally:
-      handler.close()
+    with quiet_orbax():
+      try:
+        restored = handler.restore(epath.Path(self.directory) / str(step) / 'state',
+                                   args=ocp.args.StandardRestore(_drop_empty(abstract_state)))
+      finally:
+        handler.close()
     state = jax.tree.map(lambda like, x: _empty_like(like) if x is None else x,
                          abstract_state, restored)
     return state, meta
@@ -213,25 +305,39 @@ def abstract_like(tree, shardings):
 
 def restore_latest_on_host(directory: str):
   """The newest readable checkpoint's state on this process's first device, whatever mesh saved
-  it (unreadable ones are passed over with a warning); None if there is none."""
+  it (unreadable ones passed over for it are warned of); None if there is none, UserError if
+  there are some but none can be read."""
   if not os.path.isdir(directory):
     return None
   try:
-    manager = ocp.CheckpointManager(directory, item_handlers={
-        'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+    with quiet_orbax():
+      manager = ocp.CheckpointManager(directory, item_handlers={
+          'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
   except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'cannot read the checkpoints in {directory!r}: {str(e).splitlines()[0]}')
+    raise UserError(f'cannot read the checkpoints in {directory!r}: {_why(e)}') from None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  unreadable = {}
   try:
     for step in sorted(manager.all_steps(), reverse=True):
       try:
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              manager.item_metadata(step)['state'])
-        return manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))['state']
+        with quiet_orbax():
+          target = jax.tree.map(
+              lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+              manager.item_metadata(step)['state'])
+          state = manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target)))['state']
       except Exception as e:  # pylint: disable=broad-except
+        unreadable[step] = e
+        continue
+      for passed, e in unreadable.items():
         log.warning('warning: checkpoint %s is unreadable (%s); using an earlier one',
-                    os.path.join(directory, str(step)), str(e).splitlines()[0][:200])
+                    os.path.join(directory, str(passed)), _why(e))
+      return state
   finally:
     manager.close()
+  if unreadable:
+    newest = max(unreadable)
+    raise UserError(f'no readable checkpoint in {directory!r}: every one is unreadable (step(s) '
+                    f'{", ".join(map(str, sorted(unreadable, reverse=True)))}; {newest}: '
+                    f'{_why(unreadable[newest])})')
   return None

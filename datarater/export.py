@@ -254,7 +254,7 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
     if not os.path.isdir(params_path):
       raise UserError(f'rater {path!r} has no params/ folder')
     try:
-      with ocp.StandardCheckpointer() as ckptr:
+      with checkpointing.quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
                               ckptr.metadata(params_path).item_metadata.tree)
         params = ckptr.restore(params_path, target)

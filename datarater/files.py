@@ -9,6 +9,7 @@ JSON-lines log that a resumed run truncates to its restored point.
 import contextlib
 import fcntl
 import glob
+import hashlib
 import json
 import math
 import os
@@ -175,6 +176,30 @@ def workdir_lock(path: str):
         with contextlib.suppress(OSError):
           os.remove(stale)
     yield path
+
+
+def content_digest(path: str) -> str:
+  """sha256 of a file's bytes, or of every file's relative name, size and bytes under a folder;
+  names starting with '.' (a workdir's lock, temporary files) are left out: they change while
+  the content does not."""
+  h = hashlib.sha256()
+  root = os.path.abspath(path)
+  if os.path.isfile(root):
+    walked = [(os.path.dirname(root), [os.path.basename(root)])]
+    root = os.path.dirname(root)
+  else:
+    walked = []
+    for folder, dirs, names in os.walk(root):
+      dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+      walked.append((folder, sorted(n for n in names if not n.startswith('.'))))
+  for folder, names in walked:
+    for name in names:
+      full = os.path.join(folder, name)
+      h.update(f'{os.path.relpath(full, root)}:{os.path.getsize(full)};'.encode())
+      with open(full, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):  # pylint: disable=cell-var-from-loop
+          h.update(block)
+  return h.hexdigest()[:16]
 
 
 def json_safe(obj: Any) -> Any:

@@ -63,16 +63,17 @@ HEARTBEAT_S = 60.0  # between logged steps, a short progress line at least this 
 
 def run_checkpointer(config, workdir: str) -> checkpointing.RunCheckpointer:
   """Checkpoints in `workdir`, tied to the config and to how the meta-training stream shuffles
-  (`data_stream`: a checkpoint of another shuffle cannot be resumed exactly). A finished run may
-  be extended with more outer steps, except under a cosine outer schedule, whose decay the run
-  length sets."""
+  (`data_stream`: a checkpoint of another shuffle cannot be resumed exactly) and to the contents
+  of a `data.dataset_dir` (`checkpointing.path_inputs`). A finished run may be extended with
+  more outer steps, except under a cosine outer schedule, whose decay the run length sets."""
   fingerprint = config.copy_and_resolve_references()
   with fingerprint.unlocked():
     fingerprint.data_stream = pipeline.STREAM_VERSION
   free = checkpointing.NON_TRAJECTORY_FIELDS
   if config.outer.schedule == 'cosine':
     free = tuple(f for f in free if f != 'outer.steps')
-  return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free)
+  return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free,
+                                      inputs=checkpointing.path_inputs(config.data))
 
 
 def meta_train(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
@@ -118,12 +119,15 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
 
 def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resume_step) -> dict:
   primary = jax.process_index() == 0
-  if primary:
-    files.write_json(os.path.join(workdir, 'config.json'), {
-        'config': json.loads(config.to_json()), 'data_info': data.info.to_json()})
+
+  def write_config():
+    if primary:
+      files.write_json(os.path.join(workdir, 'config.json'), {
+          'config': json.loads(config.to_json()), 'data_info': data.info.to_json()})
   report_path = os.path.join(workdir, 'report.json')
   report = _finished_report(report_path, config) if resume_step == config.outer.steps else None
   if report is not None:
+    write_config()
     if primary:
       log.info('this run finished at outer step %d; its report is %s', resume_step, report_path)
       log_report(config, report)
@@ -147,6 +151,7 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     start = int(meta['step'])
     progress = (meta.get('extra') or {}).get('progress') or {**progress, 'since': start}
     log.info('resumed from the checkpoint at outer step %d', start)
+  write_config()  # after the restore: a workdir whose checkpoints all fail to restore is unchanged
   metrics_log = (files.JsonlLog(os.path.join(workdir, 'metrics.jsonl'), 'step', start)
                  if primary else None)
 

@@ -29,7 +29,8 @@ POLICY_SECTIONS = {'tracin_curriculum': ('valuation',), 'mimic': ('valuation',),
 
 def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
                      spans_epochs: bool) -> checkpointing.RunCheckpointer:
-  """Checkpoints in `workdir`, tied to the config and to the launcher inputs that shape the run.
+  """Checkpoints in `workdir`, tied to the config and to the launcher inputs that shape the run
+  (their paths, and the contents of those named by path alone: `checkpointing.path_inputs`).
 
   The epoch count may change on resume unless the policy's choices span the epochs.
   """
@@ -41,7 +42,9 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
   free = checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every', 'train.stream')
   if not spans_epochs:
     free += ('train.epochs',)
-  return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free)
+  return checkpointing.RunCheckpointer(
+      workdir, fingerprint, free_fields=free,
+      inputs=checkpointing.path_inputs(config.data, scores=scores, rater=rater))
 
 
 def format_record(record: dict, eval_split: str) -> str:

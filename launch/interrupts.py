@@ -94,6 +94,7 @@ def _dropped(previous):
         previous(unraisable)
     finally:
       _in_hook[0] -= 1
+  hook.__dict__.update(getattr(previous, '__dict__', {}))  # the markers of hooks below it
   hook.resends = True
   return hook
 

@@ -279,3 +279,49 @@ def test_killed_two_process_run_resumes_in_one_process(tfds_dir, tmp_path):
   # Over 12 Adam steps the device layouts' float32 summation orders drift apart by ~1e-6; the
   # outer learning rate is 1e-3, so 1e-5 is 1% of a single update.
   _assert_same(_params(workdir), _params(tmp_path / 'straight'), atol=1e-5)
+
+
+_ONE_SEES_ANOTHER_DATASET = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import jax
+from datarater import files
+from datarater.errors import UserError
+from datarater.meta_train import meta_train
+from tests.run_config import small_config
+pid, port, tfds_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+config = small_config(tfds_dir, steps=4)
+config.data.dataset_dir, config.data.label_noise = os.path.join(out, 'filtered'), 0.0
+meta_train(config, os.path.join(out, 'run'), stop_after=2)
+if pid == 1:  # process 1 alone sees the folder written again
+  files.content_digest = lambda path: '0' * 16
+try:
+  meta_train(config, os.path.join(out, 'run'))
+except UserError as e:
+  print('refused: ' + str(e))
+"""
+
+
+def test_a_dataset_folder_changed_for_one_process_stops_both(tfds_dir, tmp_path):
+  """Each process digests data.dataset_dir itself; if one sees other contents than the checkpoint
+  was made from, both refuse to resume (neither waits alone in a collective)."""
+  from datarater import files  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  n = len(pipeline.load_split(small_config(tfds_dir).data, 'train'))
+  scores = str(tmp_path / 'scores.parquet')
+  files.write_parquet(scores, {'id': np.arange(n),
+                               'value': np.random.default_rng(0).normal(size=n)})
+  filter_dataset('sklearn_digits', str(tmp_path / 'filtered'), ['train'], scores=scores,
+                 keep=0.5, data_dir=tfds_dir, batch_size=256)
+  driver = tmp_path / 'driver.py'
+  driver.write_text(_ONE_SEES_ANOTHER_DATASET)
+  port, env = _free_port(), subprocess_env(2)
+  procs = [subprocess.Popen([sys.executable, str(driver), str(i), str(port), tfds_dir,
+                             str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  for out in _finish(procs):
+    assert re.search(r"^refused: data.dataset_dir '.*filtered' changed since the checkpoint",
+                     out, re.M), out[-3000:]
+  steps = [json.loads(l)['step'] for l in open(tmp_path / 'run' / 'metrics.jsonl')]
+  assert steps == [2]  # nothing written by the refused resume

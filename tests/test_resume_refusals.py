@@ -1,0 +1,183 @@
+"""Workdirs a run must not resume: inputs named by path whose contents changed since the
+checkpoint, or checkpoints that are all unreadable. Each is refused in one line, nothing
+written; a rater whose checkpoints or params cannot be read is refused in one line too."""
+import contextlib
+import glob
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from datarater import export, files
+from datarater.curation.filter import filter_dataset
+from datarater.data import pipeline
+from datarater.meta_train import meta_train
+from datarater.train import train
+from launch import cli, train as train_launcher, train_rater
+from tests.conftest import subprocess_env
+from tests.run_config import as_flags, small_config
+from tests.test_bad_input import _snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+quiet = lambda *_: None
+
+
+def _refused(launcher, argv, root, *named):
+  """Runs `launcher` in this process: exit 2, one `error:` line holding `named`, `root`
+  unchanged."""
+  before = _snapshot(root)
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    code = cli.invoke(launcher, [launcher.__name__.split('.')[-1], *argv])
+  lines = [l for l in err.getvalue().splitlines() if l.strip()]
+  assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), err.getvalue()[-3000:]
+  for part in named:
+    assert part in lines[0], (part, lines[0])
+  assert _snapshot(root) == before
+  return lines[0]
+
+
+def _scores(path, n, seed):
+  files.write_parquet(path, {'id': np.arange(n),
+                             'value': np.random.default_rng(seed).normal(size=n)})
+
+
+def test_a_rater_run_on_a_dataset_folder_written_again_is_not_resumed(tfds_dir, tmp_path):
+  """launch.filter --overwrite writes another dataset into the folder data.dataset_dir names:
+  the resumed run would mix the two, so it stops, naming the field and the folder."""
+  n = len(pipeline.load_split(small_config(tfds_dir).data, 'train'))
+  scores, folder = str(tmp_path / 'scores.parquet'), str(tmp_path / 'filtered')
+  _scores(scores, n, 0)
+  filter_dataset('sklearn_digits', folder, ['train'], scores=scores, keep=0.5,
+                 data_dir=tfds_dir, batch_size=256)
+  config = small_config(tfds_dir, steps=4)
+  config.data.dataset_dir, config.data.label_noise = folder, 0.0
+  workdir = tmp_path / 'run'
+  meta_train(config, str(workdir), stop_after=2, devices=jax.devices()[:1])
+  meta_train(config, str(workdir), stop_after=3, devices=jax.devices()[:1])  # unchanged: resumed
+  filter_dataset('sklearn_digits', folder, ['train'], scores=scores, keep=0.9,
+                 data_dir=tfds_dir, batch_size=256, overwrite=True)
+  _refused(train_rater, [*as_flags(config), f'--config.data.dataset_dir={folder}',
+                         '--config.data.label_noise=0.0', f'--workdir={workdir}'], tmp_path,
+           f"data.dataset_dir '{folder}' changed since the checkpoint", 'use a new --workdir')
+
+
+def test_a_training_run_whose_scores_file_changed_is_not_resumed(tfds_dir, tmp_path):
+  """The same bytes written again resume; other scores at the same path are refused; a
+  checkpoint of older code, which recorded no digest, resumes unchecked as it did."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  config.data.data_dir, config.train.epochs, config.train.seeds = tfds_dir, 3, (0,)
+  config.train.checkpoint_every = 1
+  n = len(pipeline.load_split(config.data, 'train'))
+  scores, workdir = str(tmp_path / 'scores.parquet'), tmp_path / 'run'
+  _scores(scores, n, 0)
+  run = lambda **kw: train(config, 'scores', scores=scores, workdir=str(workdir), log=quiet, **kw)
+  assert run(stop_after=1) == {'stopped_after': 1}
+  _scores(scores, n, 0)  # rewritten alike (a new modification time): resumed
+  assert run(stop_after=2) == {'stopped_after': 2}
+  _scores(scores, n, 1)
+  flags = ['--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
+           '--config.train.epochs=3', '--config.train.seeds=(0,)',
+           '--config.train.checkpoint_every=1', '--policy=scores', f'--scores={scores}',
+           f'--workdir={workdir}']
+  _refused(train_launcher, flags, workdir, f"--scores '{scores}' changed since the checkpoint",
+           'use a new --workdir')
+  for meta_file in glob.glob(str(workdir / 'checkpoints' / '*' / 'meta' / 'metadata')):
+    meta = json.load(open(meta_file))
+    del meta['inputs']  # as written before the digests were recorded
+    json.dump(meta, open(meta_file, 'w'))
+  lines = []
+  train(config, 'scores', scores=scores, workdir=str(workdir), log=lines.append)
+  assert 'resuming from the checkpoint at epoch 2' in lines
+
+
+def test_a_training_run_whose_rater_trained_on_is_not_resumed(tfds_dir, tmp_path):
+  """--rater names a rater run that has since been extended: its rater is another."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  rater_run, workdir = str(tmp_path / 'rater_run'), str(tmp_path / 'run')
+  rater_config = small_config(tfds_dir, steps=2)
+  meta_train(rater_config, rater_run, devices=jax.devices()[:1])
+  config = digits.get_config()
+  config.data.data_dir, config.train.epochs, config.train.seeds = tfds_dir, 2, (0,)
+  assert train(config, 'datarater', rater=rater_run, workdir=workdir, stop_after=1,
+               log=quiet) == {'stopped_after': 1}
+  rater_config.outer.steps = 4
+  meta_train(rater_config, rater_run, devices=jax.devices()[:1])
+  _refused(train_launcher, ['--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
+                            '--config.train.epochs=2', '--config.train.seeds=(0,)',
+                            '--policy=datarater', f'--rater={rater_run}', f'--workdir={workdir}'],
+           tmp_path / 'run', f"--rater '{rater_run}' changed since the checkpoint")
+
+
+def _garble_every_checkpoint(workdir):
+  steps = os.listdir(workdir / 'checkpoints')
+  for step in steps:
+    with open(workdir / 'checkpoints' / step / 'meta' / 'metadata', 'w') as f:
+      f.write('{"config": ')
+  return sorted(steps, key=int, reverse=True)
+
+
+def test_a_rater_run_whose_every_checkpoint_is_unreadable_stops_and_keeps_its_files(
+    tfds_dir, tmp_path):
+  """Not a fresh start over the old run's metrics (nor a crash on its step folders)."""
+  config = small_config(tfds_dir, steps=4)
+  config.checkpoint_every = 1
+  workdir = tmp_path / 'run'
+  meta_train(config, str(workdir), stop_after=2, devices=jax.devices()[:1])
+  assert _garble_every_checkpoint(workdir) == ['2', '1']
+  _refused(train_rater, [*as_flags(config), f'--workdir={workdir}'], tmp_path,
+           f"error: no readable checkpoint in '{workdir}/checkpoints' (step(s) 2, 1 unreadable",
+           'move it aside or use a new --workdir')
+
+
+def test_a_training_run_whose_every_checkpoint_is_unreadable_stops_and_keeps_its_files(
+    tfds_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  flags = ['--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
+           '--config.train.epochs=3', '--config.train.seeds=(0,)',
+           '--config.train.checkpoint_every=1', f'--workdir={workdir}']
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert cli.invoke(train_launcher, ['train', *flags, '--stop_after=2']) == 0
+  assert _garble_every_checkpoint(workdir) == ['2', '1']
+  _refused(train_launcher, flags, tmp_path,
+           f"error: no readable checkpoint in '{workdir}/checkpoints' (step(s) 2, 1 unreadable",
+           'move it aside or use a new --workdir')
+
+
+def test_a_rater_whose_checkpoints_or_params_cannot_be_read_is_refused_in_one_line(
+    tfds_dir, tmp_path):
+  """Every checkpoint's array files gone, or a params/ folder of foreign files: launch.export_rater
+  and launch.filter say so in one line on stderr (their own processes: tensorstore's closed-loop
+  tracebacks and orbax's warnings reach stderr there), not 'no checkpoint'."""
+  run, copy, rater = tmp_path / 'run', tmp_path / 'copy', tmp_path / 'rater'
+  meta_train(small_config(tfds_dir, steps=4), str(run), devices=jax.devices()[:1])
+  export.export_rater(str(run), str(rater))
+  shutil.copytree(run, copy)
+  for data in glob.glob(str(copy / 'checkpoints' / '*' / 'state' / '**' / 'd'), recursive=True):
+    shutil.rmtree(data)
+  shutil.rmtree(rater / 'params')
+  os.makedirs(rater / 'params')
+  (rater / 'params' / '_METADATA').write_text('x')
+
+  def stderr_of(module, *argv):
+    before = _snapshot(tmp_path)
+    done = subprocess.run([sys.executable, '-m', module, *argv], cwd=ROOT, env=subprocess_env(1),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and _snapshot(tmp_path) == before, done.stderr[-3000:]
+    lines = [l for l in done.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith('error: '), done.stderr[-3000:]
+    return lines[0]
+  unreadable = f"no readable checkpoint in '{copy}/checkpoints': every one is unreadable"
+  assert unreadable in stderr_of('launch.export_rater', f'--workdir={copy}',
+                                 f'--out={tmp_path}/out')
+  filter_flags = ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', '--split=train',
+                  '--keep=0.5', f'--out={tmp_path}/out']
+  assert unreadable in stderr_of('launch.filter', f'--rater={copy}', *filter_flags)
+  assert 'its params/ folder is unreadable' in stderr_of('launch.filter', f'--rater={rater}',
+                                                         *filter_flags)
