@@ -32,6 +32,29 @@ def test_digits_is_a_tfds_dataset_read_by_feature_type(tfds_dir):
   assert not split.is_corrupted.any() and split.corruption_kinds == ('clean',)
 
 
+def test_digits_splits_partition_load_digits_with_grey_levels_rounded(tfds_dir):
+  """The three prepared splits hold every scikit-learn digit exactly once between them
+  (multisets of (pixels, label) rows), each 16-level pixel v as round(v * 255 / 16)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  want_images = np.round(digits.images.astype(np.float64) * 255 / 16)
+  assert (want_images != np.floor(digits.images * 255 / 16)).mean() > 0.1  # rounding shows
+  rows = lambda images, labels: collections.Counter(
+      (np.asarray(x, np.uint8).tobytes(), int(y)) for x, y in zip(images, labels))
+  want = rows(want_images.reshape(-1, 8, 8, 1), digits.target)
+  builder = tfds.builder_from_directory(pipeline.get_builder('sklearn_digits', tfds_dir).data_dir)
+  got = collections.Counter()
+  for name, size in (('train', 1197), ('validation', 300), ('test', 300)):
+    source = builder.as_data_source(split=name)
+    assert len(source) == size
+    examples = [source[i] for i in range(size)]
+    split_rows = rows([e['image'] for e in examples], [e['label'] for e in examples])
+    assert not split_rows & got  # disjoint from the splits before
+    got += split_rows
+  assert got == want
+
+
 def test_label_noise_flips_exactly_the_recorded_examples(tfds_dir):
   clean = pipeline.load_split(digits_data(tfds_dir), 'train')
   noisy = pipeline.load_split(digits_data(tfds_dir, 0.2, 3), 'train', corrupt=True)
