@@ -158,6 +158,50 @@ def test_stream_visits_each_example_once_per_epoch_and_resumes_by_position():
   np.testing.assert_array_equal(pipeline.stream_indices(n, 50, 30, seed=5), stream[50:80])
 
 
+def test_epochs_of_the_stream_are_the_documented_independent_permutations():
+  """Epoch e of seed s is numpy's permutation seeded [STREAM_TAG, s, e] (the docstring), so
+  neighbouring (seed, epoch) pairs never share an epoch: seed s's epoch 1 is not seed s+1's
+  epoch 0, as it would be were the epoch added to the seed."""
+  n = 50
+  stream = {s: pipeline.stream_indices(n, 0, 3 * n, s) for s in range(4)}
+  for s in range(4):
+    for e in range(3):
+      want = np.random.default_rng([pipeline.STREAM_TAG, s, e]).permutation(n)
+      np.testing.assert_array_equal(stream[s][e * n:(e + 1) * n], want)
+  epochs = [stream[s][e * n:(e + 1) * n].tobytes() for s in range(4) for e in range(3)]
+  assert len(set(epochs)) == len(epochs)
+
+
+def test_data_infos_differing_only_in_class_count_do_not_match(tfds_dir):
+  """A rater made for 10 classes reads a 9- or 11-class label as out of its range: the infos
+  must not match on the label, while the image alone still does."""
+  info = pipeline.load_split(digits_data(tfds_dir), 'test').info
+  assert info.matches(info, ('image', 'label'))
+  for classes in (9, 11):
+    other = dataclasses.replace(info, num_classes={'label': classes})
+    assert other.spec == info.spec and other.stored == info.stored
+    assert not info.matches(other, ('image', 'label'))
+    assert not other.matches(info, ('label',))
+    assert info.matches(other, ('image',))
+
+
+def test_an_info_saved_without_stored_dtypes_still_scales_uint8_pixels():
+  """Exports written before `stored` existed have no such key: their uint8 pixels are still
+  decoded as value / 255 (float64 oracle), and an int label keeps its value."""
+  saved = {'name': 'sklearn_digits', 'num_classes': {'label': 10}, 'supervised_keys':
+           ['image', 'label'], 'spec': {'image': {'shape': [8, 8, 1], 'dtype': 'float32'},
+                                        'label': {'shape': [], 'dtype': 'int32'}}}
+  info = pipeline.DataInfo.from_json(saved)
+  assert info.stored == {}
+  raw = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1)).astype(np.uint8)
+  labels = np.arange(5, dtype=np.int64)
+  out = pipeline.decode(info, {'image': raw, 'label': labels})
+  assert out['image'].dtype == np.float32
+  np.testing.assert_allclose(out['image'], raw.astype(np.float64) / 255.0, rtol=1e-6, atol=0)
+  assert out['image'].max() <= 1.0
+  np.testing.assert_array_equal(out['label'], labels)
+
+
 def test_meta_batches_of_consecutive_steps_are_consecutive_disjoint_slices_of_the_stream(
     tfds_dir):
   """MetaBatches' steps 0..3 read the train stream (`stream_indices` of the train split, config
