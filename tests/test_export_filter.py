@@ -608,3 +608,29 @@ def test_exact_filter_breaks_ties_to_the_lower_id_and_reports_what_it_wrote(tfds
   assert rep['threshold'] == {'all': float(scores[kept].min())}
   assert scores[kept].min() > scores[~kept].max()
   assert kept.sum() == k
+
+
+def test_streaming_threshold_of_process_0_of_two_sees_every_block(tfds_dir, tmp_path, monkeypatch):
+  """Process 0 of two (simulated: it reads blocks 0, 2, 4, ... and the exchange hands it the
+  other process's blocks of the scores file, which every process reads whole) streams every
+  block into the threshold sketch, as one process does: it keeps exactly the examples one
+  process keeps, here those at or above the 599th best score (the reservoir holds them all)."""
+  from datarater.curation import filter as filter_lib  # pylint: disable=g-import-not-at-top
+  values = np.random.default_rng(5).normal(size=N_TRAIN)
+  path = str(tmp_path / 's.parquet')
+  scores_file.write(path, np.arange(N_TRAIN), values, values, dataset='sklearn_digits',
+                    split='train', planted=None)
+  run = lambda out: filter_dataset('sklearn_digits', str(tmp_path / out), ['train'], scores=path,
+                                   keep=0.5, data_dir=tfds_dir, batch_size=100,
+                                   threshold='streaming', copy_other_splits=False)
+  kept = lambda out: np.asarray(pq.read_table(tmp_path / out / 'scores_train.parquet',
+                                              columns=['kept'])['kept'])
+  one = run('one')
+  want = values >= np.sort(values)[::-1][select.keep_count(N_TRAIN, 0.5) - 1]
+  np.testing.assert_array_equal(kept('one'), want)
+  monkeypatch.setattr(filter_lib.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(filter_lib.jax, 'process_index', lambda: 0)
+  monkeypatch.setattr(filter_lib.multihost, 'allgather', lambda a: np.stack([a, a]))
+  two = run('two')
+  np.testing.assert_array_equal(kept('two'), want)
+  assert two['splits']['train']['threshold'] == one['splits']['train']['threshold']
