@@ -183,6 +183,12 @@ def test_data_infos_differing_only_in_class_count_do_not_match(tfds_dir):
     assert not info.matches(other, ('image', 'label'))
     assert not other.matches(info, ('label',))
     assert info.matches(other, ('image',))
+    # What the filter, valuation and the datarater policy call before scoring: a one-line refusal.
+    import types  # pylint: disable=g-import-not-at-top
+    from datarater import export  # pylint: disable=g-import-not-at-top
+    rater = types.SimpleNamespace(info=info, reads=('image', 'label'), rater=None)
+    with pytest.raises(UserError, match=f"classes {{'label': {classes}}}"):
+      export.LoadedRater.check_matches(rater, other, 'the training data')
 
 
 def test_an_info_saved_without_stored_dtypes_still_scales_uint8_pixels():
