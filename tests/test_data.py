@@ -32,6 +32,29 @@ def test_digits_is_a_tfds_dataset_read_by_feature_type(tfds_dir):
   assert not split.is_corrupted.any() and split.corruption_kinds == ('clean',)
 
 
+def test_digits_splits_partition_load_digits_with_grey_levels_rounded(tfds_dir):
+  """The three prepared splits hold every scikit-learn digit exactly once between them
+  (multisets of (pixels, label) rows), each 16-level pixel v as round(v * 255 / 16)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  want_images = np.round(digits.images.astype(np.float64) * 255 / 16)
+  assert (want_images != np.floor(digits.images * 255 / 16)).mean() > 0.1  # rounding shows
+  rows = lambda images, labels: collections.Counter(
+      (np.asarray(x, np.uint8).tobytes(), int(y)) for x, y in zip(images, labels))
+  want = rows(want_images.reshape(-1, 8, 8, 1), digits.target)
+  builder = tfds.builder_from_directory(pipeline.get_builder('sklearn_digits', tfds_dir).data_dir)
+  got = collections.Counter()
+  for name, size in (('train', 1197), ('validation', 300), ('test', 300)):
+    source = builder.as_data_source(split=name)
+    assert len(source) == size
+    examples = [source[i] for i in range(size)]
+    split_rows = rows([e['image'] for e in examples], [e['label'] for e in examples])
+    assert not split_rows & got  # disjoint from the splits before
+    got += split_rows
+  assert got == want
+
+
 def test_label_noise_flips_exactly_the_recorded_examples(tfds_dir):
   clean = pipeline.load_split(digits_data(tfds_dir), 'train')
   noisy = pipeline.load_split(digits_data(tfds_dir, 0.2, 3), 'train', corrupt=True)
@@ -133,6 +156,56 @@ def test_stream_visits_each_example_once_per_epoch_and_resumes_by_position():
     assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n))
   assert not np.array_equal(stream[:n], stream[n:2 * n])  # reshuffled each epoch
   np.testing.assert_array_equal(pipeline.stream_indices(n, 50, 30, seed=5), stream[50:80])
+
+
+def test_epochs_of_the_stream_are_the_documented_independent_permutations():
+  """Epoch e of seed s is numpy's permutation seeded [STREAM_TAG, s, e] (the docstring), so
+  neighbouring (seed, epoch) pairs never share an epoch: seed s's epoch 1 is not seed s+1's
+  epoch 0, as it would be were the epoch added to the seed."""
+  n = 50
+  stream = {s: pipeline.stream_indices(n, 0, 3 * n, s) for s in range(4)}
+  for s in range(4):
+    for e in range(3):
+      want = np.random.default_rng([pipeline.STREAM_TAG, s, e]).permutation(n)
+      np.testing.assert_array_equal(stream[s][e * n:(e + 1) * n], want)
+  epochs = [stream[s][e * n:(e + 1) * n].tobytes() for s in range(4) for e in range(3)]
+  assert len(set(epochs)) == len(epochs)
+
+
+def test_data_infos_differing_only_in_class_count_do_not_match(tfds_dir):
+  """A rater made for 10 classes reads a 9- or 11-class label as out of its range: the infos
+  must not match on the label, while the image alone still does."""
+  info = pipeline.load_split(digits_data(tfds_dir), 'test').info
+  assert info.matches(info, ('image', 'label'))
+  for classes in (9, 11):
+    other = dataclasses.replace(info, num_classes={'label': classes})
+    assert other.spec == info.spec and other.stored == info.stored
+    assert not info.matches(other, ('image', 'label'))
+    assert not other.matches(info, ('label',))
+    assert info.matches(other, ('image',))
+    # What the filter, valuation and the datarater policy call before scoring: a one-line refusal.
+    import types  # pylint: disable=g-import-not-at-top
+    from datarater import export  # pylint: disable=g-import-not-at-top
+    rater = types.SimpleNamespace(info=info, reads=('image', 'label'), rater=None)
+    with pytest.raises(UserError, match=f"classes {{'label': {classes}}}"):
+      export.LoadedRater.check_matches(rater, other, 'the training data')
+
+
+def test_an_info_saved_without_stored_dtypes_still_scales_uint8_pixels():
+  """Exports written before `stored` existed have no such key: their uint8 pixels are still
+  decoded as value / 255 (float64 oracle), and an int label keeps its value."""
+  saved = {'name': 'sklearn_digits', 'num_classes': {'label': 10}, 'supervised_keys':
+           ['image', 'label'], 'spec': {'image': {'shape': [8, 8, 1], 'dtype': 'float32'},
+                                        'label': {'shape': [], 'dtype': 'int32'}}}
+  info = pipeline.DataInfo.from_json(saved)
+  assert info.stored == {}
+  raw = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1)).astype(np.uint8)
+  labels = np.arange(5, dtype=np.int64)
+  out = pipeline.decode(info, {'image': raw, 'label': labels})
+  assert out['image'].dtype == np.float32
+  np.testing.assert_allclose(out['image'], raw.astype(np.float64) / 255.0, rtol=1e-6, atol=0)
+  assert out['image'].max() <= 1.0
+  np.testing.assert_array_equal(out['label'], labels)
 
 
 def test_meta_batches_of_consecutive_steps_are_consecutive_disjoint_slices_of_the_stream(

@@ -567,3 +567,70 @@ def test_exchange_takes_each_block_from_its_process_a_slice_at_a_time(monkeypatc
   np.testing.assert_array_equal(got_values, values + 1000 * owner)
   np.testing.assert_array_equal(got_labels, labels + 1000 * owner)
   assert got_labels.dtype == np.int32 and max(sizes) == 10 and sum(sizes) == 2 * 47
+
+
+def test_exact_filter_breaks_ties_to_the_lower_id_and_reports_what_it_wrote(tfds_dir, tmp_path):
+  """From the written scores file alone: the kept examples are the first keep_count of the ids
+  sorted by (score descending, id ascending) (brute force over many tied scores), the reported
+  threshold is the lowest kept score, and `corrupted` counts the examples the record marks
+  (several kinds planted, so kind indices above 1 occur)."""
+  n, keep = N_TRAIN, 0.5
+  k = int(np.floor(keep * n + 0.5))  # 599
+  planted = Corruption(label_noise=0.1, seed=3, blur=0.05, occlusion=0.04)
+
+  def run(out, values):
+    path = str(tmp_path / f'{out}.parquet')
+    scores_file.write(path, np.arange(n), values, values, dataset='sklearn_digits',
+                      split='train', planted=planted.describe())
+    report = filter_dataset('sklearn_digits', str(tmp_path / out), ['train'], scores=path,
+                            keep=keep, data_dir=tfds_dir, corruption=planted,
+                            copy_other_splits=False)
+    table = pq.read_table(tmp_path / out / 'scores_train.parquet').to_pydict()
+    order = np.argsort(table['id'])
+    return report['splits']['train'], {c: np.asarray(v)[order] for c, v in table.items()}
+
+  rng = np.random.default_rng(0)
+  tied = rng.integers(0, 4, n).astype(np.float64)  # ~300 examples per score: the cut splits one
+  rep, table = run('tied', tied)
+  want = sorted(sorted(range(n), key=lambda i: (-tied[i], i))[:k])
+  assert sorted(np.flatnonzero(table['kept'])) == want
+  assert rep['kept'] == k
+  # The record: nonzero entries of the written corruption column, and a hand count of the rates.
+  record = table['corruption']
+  assert set(np.unique(record)) == {0, 1, 2, 3}
+  assert rep['corrupted'] == int(np.count_nonzero(record)) == round(0.1 * n) + round(
+      0.05 * n) + round(0.04 * n)
+  assert rep['kept_corrupted'] == int(np.count_nonzero(record[table['kept']]))
+
+  distinct = rng.permutation(n) / n  # no ties: the lowest kept score is below the best dropped
+  rep, table = run('distinct', distinct)
+  scores, kept = table['score'], table['kept']
+  assert rep['threshold'] == {'all': float(scores[kept].min())}
+  assert scores[kept].min() > scores[~kept].max()
+  assert kept.sum() == k
+
+
+def test_streaming_threshold_of_process_0_of_two_sees_every_block(tfds_dir, tmp_path, monkeypatch):
+  """Process 0 of two (simulated: it reads blocks 0, 2, 4, ... and the exchange hands it the
+  other process's blocks of the scores file, which every process reads whole) streams every
+  block into the threshold sketch, as one process does: it keeps exactly the examples one
+  process keeps, here those at or above the 599th best score (the reservoir holds them all)."""
+  from datarater.curation import filter as filter_lib  # pylint: disable=g-import-not-at-top
+  values = np.random.default_rng(5).normal(size=N_TRAIN)
+  path = str(tmp_path / 's.parquet')
+  scores_file.write(path, np.arange(N_TRAIN), values, values, dataset='sklearn_digits',
+                    split='train', planted=None)
+  run = lambda out: filter_dataset('sklearn_digits', str(tmp_path / out), ['train'], scores=path,
+                                   keep=0.5, data_dir=tfds_dir, batch_size=100,
+                                   threshold='streaming', copy_other_splits=False)
+  kept = lambda out: np.asarray(pq.read_table(tmp_path / out / 'scores_train.parquet',
+                                              columns=['kept'])['kept'])
+  one = run('one')
+  want = values >= np.sort(values)[::-1][select.keep_count(N_TRAIN, 0.5) - 1]
+  np.testing.assert_array_equal(kept('one'), want)
+  monkeypatch.setattr(filter_lib.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(filter_lib.jax, 'process_index', lambda: 0)
+  monkeypatch.setattr(filter_lib.multihost, 'allgather', lambda a: np.stack([a, a]))
+  two = run('two')
+  np.testing.assert_array_equal(kept('two'), want)
+  assert two['splits']['train']['threshold'] == one['splits']['train']['threshold']

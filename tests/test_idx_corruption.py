@@ -258,6 +258,39 @@ def test_each_kind_gets_exactly_its_count_disjointly():
     corruption.Corruption(label_noise=0.1, label_noise_kind='pairs')
 
 
+def test_counts_are_python_round_of_rate_times_n_at_exact_halves():
+  """rate * n exactly x.5 (dyadic rates): each kind gets round(rate * n) examples, Python's
+  round (halves to even), as the docstring and the record's other readers compute it."""
+  halves = 0
+  for n in range(2, 41):
+    for rate in (0.125, 0.25, 0.375):
+      if rate * n % 1 == 0.5:
+        halves += 1
+      for c in (corruption.Corruption(rate, 5), corruption.Corruption(0.0, 5, blur=rate),
+                corruption.Corruption(0.125, 5, occlusion=rate)):
+        record = c.record(n)
+        for k, (_, r) in enumerate(c._rates(), 1):  # pylint: disable=protected-access
+          assert (record == k).sum() == round(r * n), (n, r, c.kinds)
+  assert halves == 20 and round(2.5) == 2  # halves to even occur, both ways (0.25 * 10, * 14)
+
+
+def test_descriptions_tell_apart_confusions_that_corrupt_differently():
+  """Equal descriptions corrupt a split identically: two confusion lists that move labels
+  differently (same rate and seed) must describe differently, as must a symmetric draw."""
+  n = 200
+  raw = _split(n, seed=4)
+  a = corruption.Corruption(0.3, 1, label_noise_kind='confusion', confusions=((0, 1),))
+  b = corruption.Corruption(0.3, 1, label_noise_kind='confusion', confusions=((2, 3), (4, 5)))
+  np.testing.assert_array_equal(a.record(n), b.record(n))
+  labels_a = a.apply(_info(), raw, np.arange(n), n)[0]['label']
+  labels_b = b.apply(_info(), raw, np.arange(n), n)[0]['label']
+  assert (labels_a != labels_b).sum() > 10
+  assert a.describe() != b.describe()
+  assert a.describe() != corruption.Corruption(0.3, 1).describe()
+  assert a.describe() == corruption.Corruption(0.3, 1, label_noise_kind='confusion',
+                                               confusions=[[0, 1]]).describe()
+
+
 def _old_symmetric(labels, rate, seed, classes):
   """The symmetric label noise as first implemented (the draw it must keep)."""
   n = len(labels)
@@ -392,6 +425,22 @@ def test_near_duplicates_are_shifted_copies_of_clean_examples_with_their_labels(
     assert source in clean and out['label'][i] == raw['label'][source]
 
 
+def test_near_duplicates_copy_every_clean_example_the_split_has():
+  """Two clean examples and 198 near-duplicates: each duplicate carries its source's label, and
+  labels here are the example ids, so both clean examples must appear as sources."""
+  n = 200
+  raw = _split(n, classes=n, seed=9)
+  raw['label'] = np.arange(n)
+  c = corruption.Corruption(seed=2, duplicate=0.99)
+  record = c.record(n)
+  clean = np.flatnonzero(record == 0)
+  assert len(clean) == 2
+  out, _ = c.apply(_info(classes=n), raw, np.arange(n), n)
+  sources = out['label'][record != 0]
+  assert set(sources.tolist()) == set(clean.tolist())
+  assert min(np.bincount(sources, minlength=n)[clean]) > 50  # uniform: ~99 each
+
+
 def test_each_near_duplicate_is_its_source_moved_one_pixel_in_one_of_the_eight_directions():
   """A near-duplicate is its source shifted by one pixel (dy, dx in -1..1, not both 0; edges
   repeated) plus noise of std DUPLICATE_NOISE_STD: on white noise, exactly one nonzero shift of
@@ -485,6 +534,27 @@ def test_blur_noise_and_occlusion_do_what_they_say():
     outside[box] = False
     assert not changed[outside].any()  # ... and nothing else
     assert 0.38 <= changed[box].size / changed.size <= 0.62
+
+
+def test_occlusions_reach_every_edge_of_the_image():
+  """The rectangle's top-left corner is uniform over every place it fits: over many examples,
+  rectangles shorter (narrower) than the image touch the first and the last row (column)."""
+  n, h, w = 1200, 8, 10
+  raw = {'image': np.zeros((n, h, w, 1), np.uint8), 'label': np.zeros(n, np.int64)}
+  c = corruption.Corruption(seed=4, occlusion=0.9)
+  out, _ = c.apply(_info((h, w, 1)), raw, np.arange(n), n)
+  occluded = out['image'][c.record(n) != 0, ..., 0] == corruption.OCCLUSION_VALUE
+  assert len(occluded) == 1080
+  rows, cols = occluded.any(axis=2), occluded.any(axis=1)  # [examples, h], [examples, w]
+  for hits, size in ((rows, h), (cols, w)):
+    short = hits[hits.sum(1) < size]  # rectangles that do not span the whole side
+    assert len(short) > 200
+    first = short.argmax(1)
+    last = size - 1 - short[:, ::-1].argmax(1)
+    assert (first == 0).sum() > 20 and (last == size - 1).sum() > 20
+    for span in np.unique(last - first + 1):  # each place of a span of that length is used
+      assert set(first[last - first + 1 == span]) == set(range(size - span + 1)) or (
+          (last - first + 1 == span).sum() < 40)
 
 
 def test_input_corruption_keeps_any_image_shape():

@@ -422,6 +422,52 @@ def test_polyak_average_has_no_scale_bias_at_any_decay(decay):
                                  atol=1e-6)
 
 
+def test_a_run_with_skipped_steps_loads_its_average_debiased_by_the_iterates_it_holds(
+    tfds_dir, tmp_path):
+  """A run's checkpoint at outer step 5 with 2 steps skipped and outer.ema = d holds an average of
+  3 iterates, so the loaded (and exported) rater is sum_s (1-d) d^(3-s) phi_s / (1-d^3) (float64
+  here from the iterates); its compute counts all 5 steps, K * ((A + T) * B + B_outer) each, with
+  A = 3 advanced steps and B = 16 != B_outer = 24 (the docstring's formula, by hand)."""
+  from jax.flatten_util import ravel_pytree as ravel  # pylint: disable=g-import-not-at-top
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tests.conftest import digits_data  # pylint: disable=g-import-not-at-top
+  decay = 0.6
+  config = small_config(tfds_dir)
+  config.outer.ema, config.inner.advance_steps, config.inner.steps = decay, 3, 2
+  config.inner.population, config.inner.batch_size, config.outer.batch_size = 2, 16, 24
+  info = pipeline.load_split(digits_data(tfds_dir), 'test').info
+  rater = tasks.make_rater(config.rater, info)
+  phis = [rater.init(jax.random.PRNGKey(s)) for s in range(3)]
+  average = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), phis[0])
+  for phi in phis:  # the undebiased average: d * average + (1 - d) * phi, one update per iterate
+    average = jax.tree.map(lambda a, p: np.float32(decay) * a + np.float32(1 - decay) * p,
+                           average, phi)
+  state = {'step': jnp.int32(5), 'skipped': jnp.int32(2), 'rater_params': phis[-1],
+           'rater_average': average}
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'config.json').write_text(json.dumps({'config': json.loads(config.to_json()),
+                                               'data_info': info.to_json()}))
+  ckpt = checkpointing.RunCheckpointer(str(run), config)
+  ckpt.save(5, state, {})
+  ckpt.close()
+  flat = np.array([np.asarray(ravel(phi)[0], np.float64) for phi in phis])
+  w = (1 - decay) * decay ** np.arange(2, -1, -1, dtype=np.float64)
+  want = w @ flat / w.sum()
+  assert w.sum() == pytest.approx(1 - decay ** 3)
+  loaded = export.load_rater(str(run))
+  np.testing.assert_allclose(np.asarray(ravel(loaded.params)[0], np.float64), want,
+                             rtol=1e-5, atol=1e-7)
+  assert not np.allclose(want, flat[-1], rtol=1e-2)
+  assert loaded.training_example_gradients == 5 * 2 * ((3 + 2) * 16 + 24)
+  meta = export.export_rater(str(run), str(tmp_path / 'exported'))
+  assert meta['training_example_gradients'] == 5 * 2 * ((3 + 2) * 16 + 24)
+  np.testing.assert_allclose(
+      np.asarray(ravel(export.load_rater(str(tmp_path / 'exported')).params)[0], np.float64),
+      want, rtol=1e-5, atol=1e-7)
+
+
 def test_a_checkpoint_from_before_fields_were_added_resumes(tfds_dir, tmp_path, monkeypatch):
   """A checkpoint that does not record a field added since (task.input, ...) matches a config
   holding it at the value that behaves as its absence did, and no other value."""
