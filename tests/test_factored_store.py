@@ -179,6 +179,25 @@ def test_factors_are_seeded_scaled_gaussians_per_layer():
   assert state.describe()['shapes'] == [[64, 64], [65, 3]] and state.dim == 2 * 1200
 
 
+
+def test_equal_shaped_layers_get_their_own_factors():
+  """Each Dense layer draws its own factors: in an MLP 7 -> 8 -> 8 -> 3 the output factors of
+  layers 0 and 1 ([8, k_out] both) and the input factors of layers 1 and 2 ([9, k_in] both) have
+  equal shapes but must be different draws (one key for all layers would make them equal)."""
+  task = mlp(hidden=(8, 8), dim=7)
+  loss, params = task.per_example_loss, as64(jax.jit(task.init)(jax.random.key(0)))
+  batch = {'image': jnp.zeros((2, 7)), 'label': jnp.zeros((2,), jnp.int32)}
+  state = pergrad.factored_projection(4, 3, seed=2).init(loss, params, batch)
+  (a0, b0), (a1, b1), (a2, b2) = state.factors
+  assert b0.shape == b1.shape == (8, 3) and a1.shape == a2.shape == (9, 4)
+  assert not np.allclose(b0, b1)
+  assert not np.allclose(a1, a2)
+  # A layer's factors do not depend on which others are selected.
+  name = state.names[1]
+  alone = pergrad.factored_projection(4, 3, seed=2, layers=[name]).init(loss, params, batch)
+  np.testing.assert_array_equal(alone.factors[0][0], a1)
+  np.testing.assert_array_equal(alone.factors[0][1], b1)
+
 class WithScale(nn.Module):
   @nn.compact
   def __call__(self, x):
