@@ -179,6 +179,25 @@ def test_factors_are_seeded_scaled_gaussians_per_layer():
   assert state.describe()['shapes'] == [[64, 64], [65, 3]] and state.dim == 2 * 1200
 
 
+
+def test_equal_shaped_layers_get_their_own_factors():
+  """Each Dense layer draws its own factors: in an MLP 7 -> 8 -> 8 -> 3 the output factors of
+  layers 0 and 1 ([8, k_out] both) and the input factors of layers 1 and 2 ([9, k_in] both) have
+  equal shapes but must be different draws (one key for all layers would make them equal)."""
+  task = mlp(hidden=(8, 8), dim=7)
+  loss, params = task.per_example_loss, as64(jax.jit(task.init)(jax.random.key(0)))
+  batch = {'image': jnp.zeros((2, 7)), 'label': jnp.zeros((2,), jnp.int32)}
+  state = pergrad.factored_projection(4, 3, seed=2).init(loss, params, batch)
+  (a0, b0), (a1, b1), (a2, b2) = state.factors
+  assert b0.shape == b1.shape == (8, 3) and a1.shape == a2.shape == (9, 4)
+  assert not np.allclose(b0, b1)
+  assert not np.allclose(a1, a2)
+  # A layer's factors do not depend on which others are selected.
+  name = state.names[1]
+  alone = pergrad.factored_projection(4, 3, seed=2, layers=[name]).init(loss, params, batch)
+  np.testing.assert_array_equal(alone.factors[0][0], a1)
+  np.testing.assert_array_equal(alone.factors[0][1], b1)
+
 class WithScale(nn.Module):
   @nn.compact
   def __call__(self, x):
@@ -328,6 +347,32 @@ def test_store_files_metadata_and_queries_equal_brute_force(setup, tmp_path):
   with pytest.raises(UserError, match='already exists'):
     store.build(str(tmp_path / 'g'), loss, run, split, proj)
 
+
+def test_mimic_of_a_store_of_some_layers_normalises_by_those_layers_only(setup, tmp_path):
+  """A store projecting only 'dense_1' of the MLP: Mimic = mean over checkpoints of
+  -<g_ic, P(ref - theta_c)> / ||ref - theta_c|| with the norm over dense_1's [kernel; bias] alone
+  (float64 brute force: loop gradients, explicit np.kron); dense_0's difference counts nowhere."""
+  task, split, run, _, _, _ = setup
+  loss = task.per_example_loss
+  one = [('dense_1', ('dense_1',))]
+  proj = pergrad.factored_projection(3, 2, seed=7, layers=['dense_1'])
+  s = store.build(str(tmp_path / 'g1'), loss, run, split, proj, block_size=4, chunk_size=3,
+                  dtype='float64')
+  train = jax.tree.map(jnp.asarray, split.take(np.arange(len(split))))
+  state = proj.init(loss, run.final_params, train)
+  assert state.names == ('dense_1',)
+  ref = jax.tree.map(lambda x: x + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
+                     run.final_params)
+  want, ratio = 0.0, []
+  for c in range(run.num_checkpoints):
+    diff = jax.tree.map(jnp.subtract, ref, run.checkpoint(c))
+    norm = np.linalg.norm(augmented(diff, ('dense_1',)))
+    ratio.append(np.linalg.norm(np.concatenate([augmented(diff, ('dense_0',)),
+                                                augmented(diff, ('dense_1',))])) / norm)
+    g = projected_oracle(loss, run.checkpoint(c), train, one, state)
+    want = want - g @ kron_project([diff], one, state)[0] / norm / run.num_checkpoints
+  assert min(ratio) > 1.05  # the unprojected layer's share of the difference is not negligible
+  np.testing.assert_allclose(s.mimic(loss, run, ref, block_size=4), want, rtol=1e-10)
 
 def test_a_model_of_other_layer_sizes_is_refused_though_the_dimension_matches(setup, tmp_path):
   """A store built with a 6-5-3 MLP (factors [6+1 bias, 5] and [5+1, 3]) refuses a 6-7-3 MLP

@@ -212,3 +212,22 @@ def test_advance_steps_of_a_config_reach_the_problem_the_batches_and_the_step(tf
   assert float(jnp.max(jnp.abs(moved))) > 1e-4  # the A steps moved the members
   for got, want in zip(jax.tree.leaves(seen['population']), jax.tree.leaves(advanced)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_outer_loss_and_meta_gradient_are_the_mean_over_members():
+  """With K = 3 different members, the outer loss and d outer / d phi equal the hand mean of the
+  three one-member problems (each member's own slice of the population and batches)."""
+  problem, est = tiny_problem(), estimator()
+  inner, outer = jax.tree.map(jnp.asarray, tiny_batches(2, population=3, steps=2, batch=8))
+  state = meta_step.init_outer_state(problem, jax.random.PRNGKey(1), 3)
+  run = jax.jit(lambda pop, i, o: meta_step.meta_gradient(problem, est, state.rater_params,
+                                                          pop, i, o))
+  (loss, _), grads = run(state.population, inner, outer)
+  singles = [run(*jax.tree.map(lambda x, k=k: x[k:k + 1], (state.population, inner, outer)))
+             for k in range(3)]
+  losses = np.array([float(s[0][0]) for s in singles], np.float64)
+  assert np.ptp(losses) > 1e-4  # the members differ
+  np.testing.assert_allclose(float(loss), losses.sum() / 3, rtol=1e-5)
+  member_grads = np.stack([np.asarray(ravel_pytree(s[1])[0], np.float64) for s in singles])
+  np.testing.assert_allclose(ravel_pytree(grads)[0], member_grads.sum(0) / 3, rtol=1e-4,
+                             atol=1e-7)

@@ -688,3 +688,38 @@ def test_a_member_whose_optimizer_state_alone_is_infinite_is_reset():
   assert np.all(np.isfinite(member(new.params, 1)))
   assert not np.allclose(member(new.params, 1), member(pop.params, 1))
   np.testing.assert_array_equal(population_lib.finite_members(new), [True, True, True])
+
+
+def test_fresh_models_trained_with_the_rater_use_its_temperature(tfds_dir):
+  """fresh_model_results' 'rater' entry is a Trainer run with the rater's weights at the problem's
+  temperature tau = 0.1 (same seed and steps), and differs from the same run at tau = 1."""
+  import types  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  from datarater.meta_train import fresh_model_results  # pylint: disable=g-import-not-at-top
+  from datarater.policies import weighting  # pylint: disable=g-import-not-at-top
+  from datarater.tasks.classifier import mlp_rater  # pylint: disable=g-import-not-at-top
+  from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
+  from inner_loop.optimizers import make_inner_optimizer  # pylint: disable=g-import-not-at-top
+  from tests.conftest import digits_data  # pylint: disable=g-import-not-at-top
+  train = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
+  heldout = pipeline.load_split(digits_data(tfds_dir), 'validation')
+  data = types.SimpleNamespace(train=train, heldout=heldout, eval=heldout)
+  mlp = ml_collections.ConfigDict({'hidden': (8,), 'activation': 'tanh'})
+  task = tasks.make_task(ml_collections.ConfigDict({'name': 'mlp_classifier', **mlp}), train.info)
+  rater = mlp_rater(mlp, train.info)
+  rater_params = jax.tree.map(lambda x: 5.0 * x, rater.init(jax.random.PRNGKey(3)))
+  problem = types.SimpleNamespace(task=task, rater=rater, temperature=0.1,
+                                  inner_optimizer=make_inner_optimizer('sgd', 0.3))
+  config = ml_collections.ConfigDict({'seed': 1, 'inner': {'batch_size': 32},
+                                      'final_eval': {'num_models': 1, 'train_steps': 8}})
+  got = fresh_model_results(config, data, problem, rater_params)['rater']['heldout']['loss']
+
+  def by_hand(tau):
+    run = Trainer(task, problem.inner_optimizer,
+                  weighting.rater_weights(rater, rater_params, tau, len(train)), 32).run(
+                      train, {'heldout': heldout}, [1], steps=8)
+    return float(np.mean(run.final['heldout']['loss']))
+  assert got == pytest.approx(by_hand(0.1), rel=1e-5)
+  assert abs(by_hand(1.0) - got) > 1e-4

@@ -158,3 +158,17 @@ def test_fashion_offline_stage_keeps_its_5k_steps_and_scales(name):
                                        c.features.batch_size),
                      sae.offline_steps(c.sae.steps, c.sae.epochs, n, c.sae.batch_size))
   assert steps(5000) == (300, 250) and steps(50000) == (3000, 2500)
+
+
+def test_dead_factors_counts_factors_inactive_on_every_example():
+  """'dead_factors' = the factors that no example activates. With k=1 and 5 examples at most 5 of
+  16 factors are ever active: the count equals 16 minus the number of distinct active factors
+  (counted from the codes), so it lies in [11, 16) whenever one factor fires somewhere."""
+  x = sparse_data(n=5, dim=8, atoms=6, active=2, seed=3)
+  trained, metrics = sae.train_sae(x, sae_config(num_factors=16, k=1, steps=3, batch_size=5),
+                                   jax.random.PRNGKey(0))
+  codes = sae.encode_all(trained, x)
+  rows, cols = np.nonzero(codes > 0)
+  assert len(rows) > 0  # some factor fires, so not every factor is dead
+  assert metrics['dead_factors'] == 16 - len(set(cols.tolist()))
+  assert 11 <= metrics['dead_factors'] < 16

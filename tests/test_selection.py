@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -20,6 +21,7 @@ from datarater.policies import selection as policies
 from datarater.policies import ranks
 from datarater.policies.ranks import percentile_rank
 from datarater.policies.selection import gini, init_state, record_epoch
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 from tests.conftest import digits_data
 
@@ -509,3 +511,32 @@ def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_pat
     true_positives = r['suspect_recall'] * train.is_corrupted.sum()
     assert true_positives > 0
     np.testing.assert_allclose(true_positives, r['suspect_precision'] * suspected, rtol=1e-6)
+
+
+def test_combined_score_reaches_its_end_weights_with_every_gate_open_at_the_last_epoch():
+  """At epoch E - 1 of E the curriculum is over: score = rep_end * R_rank + div_end *
+  percentile(D) - lambda * counts / (E - 1), where every rare factor's gate is open, so
+  D_i = sum over rare factors j of a_ij / (1 + u_j / mean(u)) (float64 numpy, ranks by
+  scipy's average rankdata); at epoch 0 it is rep_start * R_rank + div_start * percentile(D(0))
+  with div_start = 0."""
+  codes = synthetic_codes(200, factors=16, seed=4)
+  stats = scores.factor_stats(jnp.asarray(codes), 0.5)
+  cfg = ml_collections.ConfigDict(dict(rep_weight_start=-1.0, rep_weight_end=1.0,
+                                       div_weight_start=0.0, div_weight_end=0.5, gate_width=0.15,
+                                       usage_penalty=0.3, mislabel_guard='off'))
+  rng = np.random.default_rng(0)
+  epochs = 4
+  usage = rng.uniform(0.0, 5.0, 16)
+  counts = rng.integers(0, epochs, 200)
+  got = np.asarray(scores.combined_score(stats, jnp.asarray(counts, jnp.int32),
+                                         jnp.asarray(usage, jnp.float32), jnp.asarray(epochs - 1),
+                                         epochs, cfg))
+  mass, high = np.asarray(stats.mass, np.float64), np.asarray(stats.high)
+  d = mass @ np.where(high, 0.0, 1.0 / (1.0 + usage / usage.mean()))
+  pct = (rankdata(d, 'average') - 1) / (len(d) - 1)
+  rep = np.asarray(stats.rep_rank, np.float64)
+  np.testing.assert_allclose(got, rep + 0.5 * pct - 0.3 * counts / (epochs - 1), atol=1e-5)
+  first = np.asarray(scores.combined_score(stats, jnp.zeros(200, jnp.int32),
+                                           jnp.asarray(usage, jnp.float32), jnp.asarray(0),
+                                           epochs, cfg))
+  np.testing.assert_allclose(first, -rep, atol=1e-6)

@@ -82,6 +82,12 @@ def test_unequal_chunks_compile_once_and_padding_steps_change_nothing(splits):
   run = trainer.run(train, {}, [2], steps=23, evals_per_epoch=3)
   assert len(lowered) == 1 and run.steps == 23
   assert [r['step'] for r in run.history] == [3, 7, 10, 13, 17, 20, 21, 22, 23]
+  # A record's epoch is its step over the steps of a full epoch (ceil(N / 128) = 10), also in the
+  # short last epoch: the run ends at epoch 2.3, not 3.
+  spe = -(-len(train) // 128)
+  assert spe == 10
+  assert [r['epoch'] for r in run.history] == pytest.approx([r['step'] / spe for r in run.history],
+                                                            abs=1e-6)
   rec = run.recording
   assert rec.positions.shape == (1, 23, 128)
   task, opt = trainer.task, optax.adam(1e-2)
