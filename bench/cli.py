@@ -2,15 +2,18 @@
 
 `run(main, doc, define_flags)` is the launchers' `launch.cli.run` (bad flags and config overrides
 in one line, `--help` with the config fields) with every `UserError` or I/O error inside `main`
-caught too (`datarater.errors.exit_on_user_error`). `numbers` reads a comma-list flag, `at_least`
-bounds an integer flag and `out_folder` makes the output folder at the start, so that a bad value
-or an unwritable --out fails at once, not after the runs. `read_json` reads another bench's
-results file, refusing one that is not (a truncated file, another kind) in one line.
+caught too (`datarater.errors.exit_on_user_error`), and an --out whose folder cannot be made (a
+file above it, no write permission) refused before `main` runs (`writable`). `numbers` reads a
+comma-list flag, `at_least` bounds an integer flag and `out_folder` makes the output folder at the
+start, so that a bad value or an unwritable --out fails at once, not after the runs. `read_json`
+reads another bench's results file, refusing one that is not (a truncated file, another kind) in
+one line.
 """
 import json
 import os
 from typing import Callable
 
+from absl import flags
 
 from datarater.errors import UserError, exit_on_user_error
 from launch import cli
@@ -19,8 +22,31 @@ from launch import cli
 def run(main: Callable, doc: str, define_flags: Callable = lambda: None) -> None:
   """Runs `main` under absl after `define_flags()` (where a --config file flag belongs: its
   overrides are read when it is defined)."""
+  def checked_main(argv):
+    if 'out' in flags.FLAGS and flags.FLAGS.out:  # selection's '' picks a default later
+      writable('out', flags.FLAGS.out)
+    return main(argv)
   with exit_on_user_error():
-    cli.run(main, define_flags, doc)
+    cli.run(checked_main, define_flags, doc)
+
+
+def writable(flag: str, path: str, folder: bool = False) -> None:
+  """Refuses output prefix --`flag` `path` (with `folder`, a folder) unless its folder exists or
+  can be made there: a file where a folder should be, or a folder it may not write in. Nothing is
+  created."""
+  target = os.path.abspath(path if folder else os.path.dirname(path) or '.')
+  if not folder and path.endswith(os.sep):
+    raise UserError(f'--{flag} {path!r} ends in {os.sep!r}: give a file prefix, e.g. '
+                    f'{os.path.join(path, "result")!r}')
+  above = target
+  while not os.path.exists(above) and above != os.path.dirname(above):
+    above = os.path.dirname(above)
+  if not os.path.isdir(above):
+    if above == os.path.abspath(path):
+      raise UserError(f'--{flag} {path!r} is a file, not a folder')
+    raise UserError(f'--{flag} {path!r}: {above!r} is a file, not a folder')
+  if not os.access(above, os.W_OK | os.X_OK):
+    raise UserError(f'--{flag} {path!r}: cannot write in {above!r} (permission denied)')
 
 
 def config_file(default: str) -> Callable:

@@ -107,6 +107,7 @@ def plot(results: dict, path: str) -> None:
 def main(argv):
   del argv
   bench_cli.at_least('repeats', _REPEATS.value, 1)
+  bench_cli.out_folder(_OUT.value)
   config = fashion_mnist_bench.get_config()
   config.inner.steps, config.inner.population = 8, 4
   config.rater.readout = 'log_softmax'

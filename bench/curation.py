@@ -337,10 +337,16 @@ def main(argv):
   except (ValueError, IndexError):
     raise UserError('--seeds_by_noise must be NOISE:COUNT pairs separated by commas, got '
                     f'{",".join(_SEEDS_BY_NOISE.value)!r}') from None
+  bad = [x for x in _SEEDS_BY_NOISE.value if not 0 <= float(x.split(':')[0]) < 1
+         or int(x.split(':')[1]) < 1]
+  if bad:
+    raise UserError(f'--seeds_by_noise needs a noise in [0, 1) and a count >= 1, got {bad[0]!r}')
   methods = list(_METHODS.value)
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     raise UserError(f'unknown --methods {unknown} (choose from {", ".join(METHODS)})')
+  if _RATER_DIR.value:
+    bench_cli.writable('rater_dir', _RATER_DIR.value, folder=True)
   bench_cli.out_folder(_OUT.value)
   runs, t_start = {}, time.time()
   tmp_root = tempfile.mkdtemp(prefix='bench_curation_')

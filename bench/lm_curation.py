@@ -49,6 +49,7 @@ from bench import provenance
 from datarater import evaluation, export, files, tasks
 from datarater.curation import select
 from datarater.data import pipeline
+from datarater.errors import UserError
 from datarater.meta_train import meta_train
 from datarater.policies import weighting
 from datarater.valuation import factory
@@ -358,6 +359,20 @@ def define_flags() -> None:
   flags.DEFINE_string('out', 'bench/results/lm_curation', 'Output prefix.')
 
 
+def check_bench(bench) -> None:
+  """Refuses --bench seeds, keeps or methods that would fail only after the first seed's runs."""
+  bench_cli.numbers('bench.seeds', [str(x) for x in bench.seeds], int, lambda x: x >= 0, '>= 0')
+  keeps = bench_cli.numbers('bench.keeps', [str(x) for x in bench.keeps], float,
+                            lambda x: 0 < x <= 1, 'in (0, 1]')
+  unknown = sorted(set(bench.methods) - set(factory.METHODS))
+  if unknown:
+    raise UserError(f'unknown --bench.methods {unknown} (choose from '
+                    f'{", ".join(factory.METHODS)})')
+  if f'{bench.primary_keep:g}' not in {f'{k:g}' for k in keeps}:
+    raise UserError(f'--bench.primary_keep {bench.primary_keep:g} is not one of --bench.keeps '
+                    f'{", ".join(f"{k:g}" for k in keeps)}')
+
+
 def main(argv):
   del argv
   t_start = time.time()
@@ -365,6 +380,7 @@ def main(argv):
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   config, bench, out = FLAGS.config, FLAGS.bench, FLAGS.out
+  check_bench(bench)
   bench_cli.out_folder(out)
   tmp_root = tempfile.mkdtemp(prefix='bench_lm_curation_')
   # Programs compiled once (the meta-step, the trainer's chunks per corpus size) are reused by

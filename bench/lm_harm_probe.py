@@ -133,12 +133,21 @@ def main(argv):
   config, bench = text_bench.get_config(), text_bench.get_config('bench')
   sizes = {'inner': config.task, 'transfer': bench.transfer.task}
   unknown = sorted(set(FLAGS.sizes) - set(sizes))
+  if not FLAGS.sizes:
+    raise UserError(f'--sizes is empty: give at least one of {", ".join(sizes)}')
   if unknown:
     raise UserError(f'unknown --sizes {unknown} (choose from {", ".join(sizes)})')
   seeds = bench_cli.seeds(FLAGS.seeds)
   ages = bench_cli.numbers('ages', FLAGS.ages, int, lambda x: x >= 0, '>= 0')
+  bench_cli.at_least('group_steps', FLAGS.group_steps, 1)  # 0: every group effect would be 0
+  bench_cli.at_least('examples', FLAGS.examples, 1)
   train = pipeline.load_split(config.data, config.data.train_split)
   heldout = pipeline.load_split(config.data, config.data.heldout_split)
+  prose = int(np.sum(train.features['domain'] == train.info.class_names['domain'].index('prose')))
+  if FLAGS.examples > prose:  # sampled without replacement
+    raise UserError(f'--examples must be <= {prose} (the prose training sequences), got '
+                    f'{FLAGS.examples}')
+  bench_cli.out_folder(FLAGS.out)
   rows = []
   for size in FLAGS.sizes:
     task = tasks.make_task(sizes[size], train.info)

@@ -39,6 +39,7 @@ from datarater.tasks import batch_size_of
 from datarater.data import pipeline
 from inner_loop.unroll import unroll
 from outer_loop import meta_step, setup
+from outer_loop.estimators import META_GRADIENTS, MIXED_RECOMPUTE
 
 DIGITS = pipeline.DataInfo(
     'sklearn_digits', {'image': jax.ShapeDtypeStruct((8, 8, 1), np.float32),
@@ -87,9 +88,13 @@ def settings() -> types.SimpleNamespace:
           'large_population', 'large_batch', 'accuracy_warm', 'out', 'merge')},
       **{name: positive(name) for name in (
           'unrolls', 'hidden', 'large_hidden', 'accuracy_unrolls')})
-  unknown = sorted(set(args.models) - set(MODELS))
-  if unknown:
-    raise UserError(f'unknown --models {unknown} (choose from {", ".join(MODELS)})')
+  modes = [f'{g}:{r}' for g in META_GRADIENTS for r in MIXED_RECOMPUTE if g == 'mixed']
+  for name, known in (('models', MODELS), ('modes', (*META_GRADIENTS, *modes))):
+    unknown = sorted(set(getattr(args, name)) - set(known))
+    if not getattr(args, name) and not args.merge:
+      raise UserError(f'--{name} is empty: give at least one of {", ".join(known)}')
+    if unknown:
+      raise UserError(f'unknown --{name} {unknown} (choose from {", ".join(known)})')
   for name in ('repeats', 'population', 'batch', 'large_population', 'large_batch'):
     if getattr(args, name) < 1:
       raise UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
@@ -297,6 +302,7 @@ def merge(paths, out: str) -> None:
 def main(argv):
   del argv
   args = settings()
+  bench_cli.out_folder(args.out)
   if args.merge:
     merge(args.merge, args.out)
     return

@@ -8,7 +8,6 @@ ratios, not absolute numbers, on a shared machine). Memory is XLA's compiled
 `memory_analysis()`: temporaries (activations kept for the backward pass live here) plus
 arguments and outputs. Writes bench/results/meta_step.json and .png.
 """
-import os
 import platform
 import time
 
@@ -21,12 +20,14 @@ from bench import cli as bench_cli
 from bench import provenance
 from bench.meta_memory import compile_step, plot_modes
 from datarater import files
+from datarater.errors import UserError
 from outer_loop.estimators import META_GRADIENTS
 
 _UNROLLS = flags.DEFINE_list('unrolls', ['1', '4', '16'], 'Values of T (inner.steps).')
 _MODES = flags.DEFINE_list('modes', list(META_GRADIENTS), 'Meta-gradient estimators.')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per setting (median reported).')
-_HIDDEN = flags.DEFINE_list('hidden', ['128', '128'], 'Task-model and rater hidden widths.')
+_HIDDEN = flags.DEFINE_list('hidden', ['128', '128'], 'Task-model and rater hidden widths '
+                            '(empty: no hidden layer, linear models).')
 _OUT = flags.DEFINE_string('out', 'bench/results/meta_step', 'Output path prefix (.json, .png).')
 
 
@@ -62,6 +63,12 @@ def main(argv):
                                   empty_ok=True))  # no hidden layer: a linear model
   unrolls = bench_cli.numbers('unrolls', _UNROLLS.value, int, lambda x: x > 0, '> 0')
   bench_cli.at_least('repeats', _REPEATS.value, 1)
+  unknown = sorted(set(_MODES.value) - set(META_GRADIENTS))
+  if not _MODES.value:
+    raise UserError(f'--modes is empty: give at least one of {", ".join(META_GRADIENTS)}')
+  if unknown:
+    raise UserError(f'unknown --modes {unknown} (choose from {", ".join(META_GRADIENTS)})')
+  bench_cli.out_folder(_OUT.value)
   print(f'{"mode":>8} {"T":>4} {"temp MiB":>10} {"peak MiB":>10} {"step ms":>9} {"compile s":>9}')
   for mode in _MODES.value:
     for t in unrolls:
@@ -72,7 +79,6 @@ def main(argv):
       results.append(r)
       print(f'{mode:>8} {t:>4} {r["temp_bytes"] / 2**20:>10.2f} {r["peak_bytes"] / 2**20:>10.2f} '
             f'{r["step_ms"]:>9.2f} {r["compile_s"]:>9.1f}', flush=True)
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   c = get_config()
   record = {'device': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
             'num_devices': 1, 'host': platform.node(), 'hidden': hidden,

@@ -25,6 +25,44 @@ _RESULTS = flags.DEFINE_list('results', [], 'Curation results JSON files (bench.
 _OUT = flags.DEFINE_string('out', 'bench/results/steps_saved', 'Output prefix (.json, .md).')
 
 
+def check(path: str, results: dict) -> None:
+  """Refuses curation results `results` (read from `path`) that lack what `rows_of` reads: one
+  line naming the file and the first thing missing."""
+  def fail(what):
+    raise UserError(f'{path!r} is not a bench.curation results file ({what})')
+  def need(obj, keys, where):
+    for key in keys:
+      if not isinstance(obj, dict) or key not in obj:
+        fail(f'{where} has no {key!r}')
+  runs, methods = results['runs'], results['methods']
+  if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+    fail(f'methods is not a list of names: {methods!r}'[:200])
+  if not isinstance(runs, dict) or not runs:
+    fail('runs holds no noise rates')
+  for noise, by_seed in runs.items():
+    try:
+      float(noise)
+    except ValueError:
+      fail(f'runs has {noise!r}, not a noise rate')
+    if not isinstance(by_seed, dict) or not by_seed:
+      fail(f'runs[{noise!r}] holds no seeds')
+    for seed, r in by_seed.items():
+      where = f'runs[{noise!r}][{seed!r}]'
+      need(r, ('all', 'filtered', 'setup_example_gradients'), where)
+      need(r['all'], ('curve', 'accuracy', 'steps', 'example_gradients'), f"{where}['all']")
+      need(r['filtered'], methods, f"{where}['filtered']")
+      need(r['setup_example_gradients'], methods, f"{where}['setup_example_gradients']")
+      for m in methods:
+        if not isinstance(r['filtered'][m], dict):
+          fail(f"{where}['filtered'][{m!r}] is not an object of keeps")
+        for keep, run in r['filtered'][m].items():
+          need(run, ('curve',), f"{where}['filtered'][{m!r}][{keep!r}]")
+      if r.get('suggested_keep'):
+        need(r['filtered'], ('datarater',), f"{where}['filtered']")
+        need(r['filtered']['datarater'], (str(r['suggested_keep']),),
+             f"{where}['filtered']['datarater'] (its suggested_keep)")
+
+
 def rows_of(results: dict) -> list[dict]:
   """One row per (noise, setting) with steps fractions of every seed."""
   rows = []
@@ -80,6 +118,7 @@ def main(argv):
   tables = {}
   for path in _RESULTS.value:
     results = bench_cli.read_json(path, 'bench.curation results file', 'runs', 'methods')
+    check(path, results)
     tables[os.path.relpath(path)] = rows_of(results)
   bench_cli.out_folder(_OUT.value)
   provenance.write_json(_OUT.value + '.json', {'tables': tables})

@@ -149,6 +149,8 @@ def main(argv):
   noises = bench_cli.noise_rates(_NOISE.value)
   seeds = bench_cli.seeds(_SEEDS.value)
   bench_cli.at_least('rater_steps', _RATER_STEPS.value, 0)  # 0: no DataRater
+  if _RATER_DIR.value:
+    bench_cli.writable('rater_dir', _RATER_DIR.value, folder=True)
   bench_cli.out_folder(_OUT.value)
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
              'dataset': config.data.name, 'task': config.task.name, 'noise': noises,

@@ -492,18 +492,22 @@ def main(argv):
     print(json.dumps(store_worker(_TRAIN.value, _SCRATCH.value, _QUICK.value)))
     return
   unknown = set(_SECTIONS.value) - set(SECTIONS)
+  if not _SECTIONS.value:
+    raise UserError(f'--sections is empty: give at least one of {", ".join(SECTIONS)}')
   if unknown:
     raise UserError(f'unknown --sections {sorted(unknown)} (choose from {SECTIONS})')
-  launcher_ns = bench_cli.numbers('launcher_ns', _LAUNCHER_NS.value, int, lambda x: x >= 1, '>= 1')
+  launcher_ns = bench_cli.numbers('launcher_ns', _LAUNCHER_NS.value, int, lambda x: x >= 1,
+                                  '>= 1', empty_ok=True)  # empty: run_launchers' default sizes
+  bench_cli.at_least('block', _BLOCK.value, 1)
+  bench_cli.writable('scratch', _SCRATCH.value, folder=True)
+  results = {}
+  if os.path.exists(_OUT.value + '.json'):  # sections run before (e.g. one rerun alone) stay
+    results = bench_cli.read_json(_OUT.value + '.json', 'bench.valuation_scale results file')
+    if results.get('quick') != _QUICK.value:
+      results = {}
   scratch = os.path.abspath(_SCRATCH.value)
   os.makedirs(scratch, exist_ok=True)
   bench_cli.out_folder(_OUT.value)
-  results = {}
-  if os.path.exists(_OUT.value + '.json'):  # sections run before (e.g. one rerun alone) stay
-    with open(_OUT.value + '.json') as f:
-      results = json.load(f)
-    if results.get('quick') != _QUICK.value:
-      results = {}
   results.update(platform=platform.platform(), cpus=os.cpu_count(), quick=_QUICK.value)
   runners = {'methods': lambda: run_methods(_QUICK.value, scratch, _BLOCK.value),
              'launchers': lambda: run_launchers(_QUICK.value, scratch,

@@ -135,6 +135,7 @@ def main(argv):
         figures[side].update(read(f'{prefix}_{kind}.json'))
     if not figures[side]:
       raise UserError(f'--{side} {prefix!r}: no {prefix}_{{{",".join(READERS)}}}.json')
+  bench_cli.out_folder(fv.out)
   rows = compare(figures['before'], figures['after'])
   lines = ['| figure | seeds | before | after | after - before | verdict |',
            '|---|---|---|---|---|---|']

@@ -33,6 +33,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('pergrad', ['--batch=0'], '--batch must be >= 1, got 0'),
     ('cnn_patches', ['--repeats=0'], '--repeats must be >= 1, got 0'),
     ('curation', ['--rater_steps=-1'], '--rater_steps must be >= 1, got -1'),
+    ('curation', ['--seeds_by_noise=0.2:0'], "a count >= 1, got '0.2:0'"),  # it ran no seeds
+    # An empty --launcher_ns means the default sizes; it was refused before --block was read.
+    ('valuation_scale', ['--block=0'], '--block must be >= 1, got 0'),
+    ('valuation_scale', ['--sections='], '--sections is empty'),
+    ('lm_harm_probe', ['--group_steps=0'], '--group_steps must be >= 1, got 0'),  # effects all 0
+    ('lm_harm_probe', ['--examples=0'], '--examples must be >= 1, got 0'),
+    ('lm_harm_probe', ['--examples=100000'], '--examples must be <= '),  # after the data loads
+    ('lm_harm_probe', ['--sizes='], '--sizes is empty'),
+    ('meta_step', ['--modes=nope'], "unknown --modes ['nope']"),  # the table header came first
+    ('meta_memory', ['--modes=nope'], "unknown --modes ['nope']"),
+    ('meta_memory', ['--models='], '--models is empty'),
+    ('lm_curation', ['--bench.primary_keep=0.6'], '--bench.primary_keep 0.6 is not one of'),
+    ('lm_curation', ['--bench.methods=("nope",)'], "unknown --bench.methods ['nope']"),
+    ('lm_curation', ['--bench.seeds=()'], '--bench.seeds is empty'),
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'
@@ -70,3 +84,60 @@ def test_a_truncated_results_file_is_one_line_and_exit_2(tmp_path, bench, kind, 
   assert len(lines) == 1 and f"'{path}' is not readable JSON" in lines[0], lines
   assert says in lines[0], lines
   assert [f for f in tmp_path.rglob('*') if f.is_file()] == [path]  # nothing written
+
+
+# A file where --out's folder should be is refused before the run (it ran the whole bench, then
+# failed to write its results). bench_cli.run checks it for every bench: a few are run here.
+OUT_BENCHES = ['lm_harm_probe', 'meta_step', 'steps_saved', 'valuation_scale', 'versions']
+
+
+def test_every_bench_with_an_out_runs_through_bench_cli():
+  """The --out check lives in bench_cli.run: every bench that writes an --out must use it."""
+  names = [n for n in os.listdir(os.path.join(ROOT, 'bench')) if n.endswith('.py')]
+  for name in sorted(set(names) - {'cli.py'}):
+    with open(os.path.join(ROOT, 'bench', name)) as f:
+      text = f.read()
+    if "'out'" in text:
+      assert 'bench_cli.run(main' in text, name
+
+
+@pytest.mark.parametrize('bench, flag, path, says', [
+    *[(b, '--out', '{f}/x', "--out '{f}/x': '{f}' is a file, not a folder") for b in OUT_BENCHES],
+    ('meta_step', '--out', '{d}/', "--out '{d}/' ends in '/': give a file prefix"),
+    ('curation', '--rater_dir', '{f}', "--rater_dir '{f}' is a file, not a folder"),
+    ('valuation_noise', '--rater_dir', '{f}/r', "--rater_dir '{f}/r': '{f}' is a file, not a"),
+    ('valuation_scale', '--scratch', '{f}/s', "--scratch '{f}/s': '{f}' is a file, not a folder"),
+])
+def test_an_output_under_a_file_is_one_line_before_the_run(tmp_path, bench, flag, path, says):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('kept')
+  where = {'f': a_file, 'd': tmp_path / 'd'}
+  args = [f'{flag}={path.format(**where)}']
+  if flag != '--out':
+    args.append(f'--out={tmp_path / "out" / "result"}')
+  if bench == 'versions':
+    args += [f'--before={tmp_path}/b', f'--after={tmp_path}/a']
+  proc = subprocess.run([sys.executable, '-m', f'bench.{bench}', *args],
+                        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
+                        timeout=300)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(lines) == 1 and says.format(**where) in lines[0], lines
+  assert not proc.stdout.strip()  # nothing ran
+  assert [f for f in tmp_path.rglob('*') if f.is_file()] == [a_file]
+  assert a_file.read_text() == 'kept'
+
+
+def test_a_curation_file_without_runs_is_one_line_naming_it(tmp_path):
+  """steps_saved read any JSON with runs and methods (a KeyError traceback on the first run)."""
+  path = tmp_path / 'curation.json'
+  path.write_text('{"runs": {"0.2": {"0": {"x": 1}}}, "methods": ["datarater"]}')
+  proc = subprocess.run([sys.executable, '-m', 'bench.steps_saved', f'--results={path}',
+                         f'--out={tmp_path / "out" / "result"}'],
+                        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
+                        timeout=300)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert lines == [f"error: '{path}' is not a bench.curation results file "
+                   "(runs['0.2']['0'] has no 'all')"], lines
+  assert [f for f in tmp_path.rglob('*') if f.is_file()] == [path]
