@@ -53,6 +53,17 @@ def _start(module, args, extra=((), ())):
   return procs
 
 
+def _start_driver(source: str, tfds_dir: str, tmp_path):
+  """The script `source` as two jax.distributed processes of 2 CPU devices each, given
+  (process index, port, tfds_dir, tmp_path) as arguments."""
+  driver = tmp_path / 'driver.py'
+  driver.write_text(source)
+  port, env = _free_port(), subprocess_env(2)
+  return [subprocess.Popen([sys.executable, str(driver), str(i), str(port), tfds_dir,
+                            str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
 def _finish(procs, timeout: int = 300):
   """Both processes' output once they exit 0; a hung job is killed and both outputs shown."""
   outs = []
@@ -240,13 +251,7 @@ def test_processes_that_loaded_different_raters_stop_in_one_line(tfds_dir, tmp_p
     config = small_config(tfds_dir, steps=2)
     config.seed = seed
     meta_train(config, str(tmp_path / f'run{seed}'))
-  driver = tmp_path / 'driver.py'
-  driver.write_text(_DIFFERENT_RATERS)
-  port, env = _free_port(), subprocess_env(2)
-  procs = [subprocess.Popen([sys.executable, str(driver), str(i), str(port), tfds_dir,
-                             str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  for out in _finish(procs):
+  for out in _finish(_start_driver(_DIFFERENT_RATERS, tfds_dir, tmp_path)):
     assert re.search(r'^filter: --rater .*run\d.* changed while the processes loaded it',
                      out, re.M), out[-3000:]
     assert re.search(r'^valuate: valuation.rater .*run\d.* changed while the processes loaded',
@@ -314,13 +319,7 @@ def test_a_dataset_folder_changed_for_one_process_stops_both(tfds_dir, tmp_path)
                                'value': np.random.default_rng(0).normal(size=n)})
   filter_dataset('sklearn_digits', str(tmp_path / 'filtered'), ['train'], scores=scores,
                  keep=0.5, data_dir=tfds_dir, batch_size=256)
-  driver = tmp_path / 'driver.py'
-  driver.write_text(_ONE_SEES_ANOTHER_DATASET)
-  port, env = _free_port(), subprocess_env(2)
-  procs = [subprocess.Popen([sys.executable, str(driver), str(i), str(port), tfds_dir,
-                             str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  for out in _finish(procs):
+  for out in _finish(_start_driver(_ONE_SEES_ANOTHER_DATASET, tfds_dir, tmp_path)):
     assert re.search(r"^refused: data.dataset_dir '.*filtered' changed since the checkpoint",
                      out, re.M), out[-3000:]
   steps = [json.loads(l)['step'] for l in open(tmp_path / 'run' / 'metrics.jsonl')]
