@@ -102,12 +102,24 @@ def path_inputs(data, **launcher_inputs: str) -> dict[str, tuple[str, str]]:
   a copy per host of a multi-process job, it would differ in files but not in examples. What a
   path alone names (launch.filter's --out written again with --overwrite, a scores file or rater
   replaced) has nothing else to tell it apart. The digest is of the bytes, not times, so a copy
-  made for each host of a job, or with the workdir to another machine, still matches.
+  made for each host of a job, or with the workdir to another machine, still matches; the price
+  is one read of those inputs at every start (about 1 s per GiB here). One a process cannot
+  read stops every process in one line.
   """
   from datarater import files  # pylint: disable=g-import-not-at-top
   named = {'data.dataset_dir': data.get('dataset_dir', '')}
   named.update({f'--{k}': v for k, v in launcher_inputs.items()})
-  return {k: (v, files.content_digest(v)) for k, v in named.items() if v}
+  digests, problem = {}, None
+  for field, path in named.items():
+    try:
+      if path:
+        digests[field] = (path, files.content_digest(path))
+    except OSError as e:  # a broken link, an unreadable file, one removed while read
+      problem = problem or (f'{field} {path!r} cannot be read to check it against the '
+                            f'checkpoint ({e.strerror or type(e).__name__}: {e.filename or path})')
+  if not multihost.agree(problem is None):
+    raise UserError(problem or 'an input named by path cannot be read on another process')
+  return digests
 
 
 def _drop_empty(tree):

@@ -18,8 +18,8 @@ MIN_TEMPERATURE = 1e-6
 # The largest outer.ema: float32's largest number below 1 (a decay that rounds to 1 averages
 # nothing, and the debiased average is 0 / 0).
 MAX_EMA = 1 - 2 ** -24
-# The largest seed: jax.random.PRNGKey takes a C long (int64); 2**63 overflows it.
-MAX_SEED = 2 ** 63 - 1
+# The largest seed: models are trained vmapped over int32 seeds (trainer.Trainer).
+MAX_SEED = 2 ** 31 - 1
 
 Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
 
@@ -248,6 +248,11 @@ def validate(config, sections) -> None:
       check_model(name, section)
     else:
       check_section(name, section, SECTIONS[name])
+  if 'final_eval' in sections:  # the report's fresh models take seeds seed * n + m, m < n
+    n = config.final_eval.num_models
+    if config.seed * n + n - 1 > MAX_SEED:
+      raise UserError(f'seed={config.seed} is too large for final_eval.num_models={n}: the '
+                      f'fresh models take seeds up to seed * {n} + {n - 1}, at most {MAX_SEED}')
 
 
 def check_model(name: str, section) -> None:

@@ -131,9 +131,8 @@ def atomic_dir(path: str, overwrite: bool = False):
 
 
 def check_apart(out: str, flag: str, **inputs: str) -> None:
-  """Refuses an output folder that is or holds one of the command's inputs, or is an existing
-  part of one (`--overwrite` would replace it, or part of it): `inputs` maps each input's flag to
-  its path."""
+  """Refuses an output folder that is, holds or lies inside one of the command's inputs
+  (`--overwrite` would replace it, or part of it): `inputs` maps each input's flag to its path."""
   target = os.path.realpath(out)
   inside = lambda a, b: a.startswith(b.rstrip(os.sep) + os.sep)  # a below folder b
   for name, path in inputs.items():
@@ -142,9 +141,8 @@ def check_apart(out: str, flag: str, **inputs: str) -> None:
     where = os.path.realpath(path)
     if where == target or inside(where, target):
       raise UserError(f'{flag} {out!r} would replace --{name} {path!r}; write elsewhere')
-    if inside(target, where) and os.path.lexists(target):  # a new folder inside harms nothing
-      raise UserError(f'{flag} {out!r} is inside --{name} {path!r} (it would replace part of '
-                      'it); write elsewhere')
+    if inside(target, where):  # (a new folder too: a rerun with --overwrite would be refused)
+      raise UserError(f'{flag} {out!r} is inside --{name} {path!r}; write elsewhere')
 
 
 @contextlib.contextmanager

@@ -12,13 +12,15 @@ import json
 import os
 from typing import Callable, Optional
 
+import jax
 import ml_collections
 import numpy as np
 
-from datarater import checkpointing, config_checks, files, policies, tasks
+from datarater import checkpointing, config_checks, export, files, policies, tasks
 from datarater.data import corruption, pipeline, source
 from datarater.errors import UserError
 from datarater.trainer import Trainer
+from datarater.valuation import store
 from inner_loop.optimizers import make_inner_optimizer
 
 
@@ -42,9 +44,18 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
   free = checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every', 'train.stream')
   if not spans_epochs:
     free += ('train.epochs',)
-  return checkpointing.RunCheckpointer(
-      workdir, fingerprint, free_fields=free,
-      inputs=checkpointing.path_inputs(config.data, scores=scores, rater=rater))
+  inputs = checkpointing.path_inputs(config.data, scores=scores)
+  if rater:  # what is read from it: a run's report or config written again changes nothing
+    inputs['--rater'] = (rater, rater_digest(rater))
+  return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free, inputs=inputs)
+
+
+def rater_digest(path: str) -> str:
+  """sha256 of the parameters and temperature `load_rater(path)` gives: what a policy reads
+  from a rater, exported or a rater run (its newest readable checkpoint)."""
+  loaded = export.load_rater(path)
+  return store.digest({'params': jax.device_get(loaded.params),
+                 'temperature': np.float64(loaded.temperature)})[:16]
 
 
 def format_record(record: dict, eval_split: str) -> str:

@@ -316,7 +316,7 @@ def _cases(tfds_dir: str, w) -> list:
       ('filter', fl(rater, '--keep=0.5', '--num_processes=2'),
        '--num_processes and --process_id need --coordinator_address'),
       ('filter', fl(rater, '--keep=0.5', '--noise_seed=-1'),
-       '--noise_seed must be in [0, 9223372036854775807], got -1'),
+       f'--noise_seed must be in [0, {2**31 - 1}], got -1'),
       ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
                   f'--out={w}/rater'], "already exists (pass --overwrite to replace it)"),
   ]
@@ -342,15 +342,19 @@ def _cases(tfds_dir: str, w) -> list:
        "split 'train[50:10]' of 'sklearn_digits' selects no examples (its end is before"),
       (*val('tracin', '--config.valuation.topk=2', '--config.valuation.topk_split=test[5:3]'),
        "split 'test[5:3]' of 'sklearn_digits' selects no examples (its end is before"),
-      (*tr(f'--config.seed={big}'), f'seed must be <= {2**63 - 1}, got {big}'),
+      (*tr(f'--config.seed={big}'), f'seed must be <= {2**31 - 1}, got {big}'),
       ('train', [data, f'--config.train.seeds=({big},)'],
-       f'train.seeds must hold integers <= {2**63 - 1}'),
+       f'train.seeds must hold integers <= {2**31 - 1}'),
       (*val('tracin', f'--config.valuation.seed={big}'), 'valuation.seed must be <= '),
+      ('train', [data, f'--config.train.seeds=({2**31},)'],  # models train on int32 seeds
+       f'train.seeds must hold integers <= {2**31 - 1}'),
+      (*tr(f'--config.seed={2**29}', '--config.final_eval.num_models=4'),
+       f'seed={2**29} is too large for final_eval.num_models=4'),
       (*val('tracin', f'--config.valuation.projection_seed={2**63}'),
        'valuation.projection_seed must be <= '),
       (*tr(f'--config.data.noise_seed={big}'), 'data.noise_seed must be <= '),
       ('filter', fl(rater, '--keep=0.5', f'--noise_seed={big}'),
-       f'--noise_seed must be in [0, {2**63 - 1}], got {big}'),
+       f'--noise_seed must be in [0, {2**31 - 1}], got {big}'),
       ('train', [f'--config.data.data_dir={w}/bad_info_data_dir'],
        f"TFDS dataset 'sklearn_digits' in data.data_dir '{w}/bad_info_data_dir': its "
        'dataset_info.json is unreadable'),
@@ -395,7 +399,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 151  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 153  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

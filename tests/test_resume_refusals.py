@@ -98,21 +98,39 @@ def test_a_training_run_whose_scores_file_changed_is_not_resumed(tfds_dir, tmp_p
 
 
 def test_a_training_run_whose_rater_trained_on_is_not_resumed(tfds_dir, tmp_path):
-  """--rater names a rater run that has since been extended: its rater is another."""
+  """--rater names a rater run that has since been extended: its rater is another. The same
+  run reporting again (its config.json written anew, the rater unchanged) still resumes."""
   from configs import digits  # pylint: disable=g-import-not-at-top
   rater_run, workdir = str(tmp_path / 'rater_run'), str(tmp_path / 'run')
   rater_config = small_config(tfds_dir, steps=2)
   meta_train(rater_config, rater_run, devices=jax.devices()[:1])
   config = digits.get_config()
-  config.data.data_dir, config.train.epochs, config.train.seeds = tfds_dir, 2, (0,)
+  config.data.data_dir, config.train.epochs, config.train.seeds = tfds_dir, 3, (0,)
   assert train(config, 'datarater', rater=rater_run, workdir=workdir, stop_after=1,
                log=quiet) == {'stopped_after': 1}
+  before = open(os.path.join(rater_run, 'config.json')).read()
+  rater_config.log_every = 1  # a field a finished run may change: it only reports again
+  meta_train(rater_config, rater_run, devices=jax.devices()[:1])
+  assert open(os.path.join(rater_run, 'config.json')).read() != before
+  assert train(config, 'datarater', rater=rater_run, workdir=workdir, stop_after=2,
+               log=quiet) == {'stopped_after': 2}
   rater_config.outer.steps = 4
   meta_train(rater_config, rater_run, devices=jax.devices()[:1])
   _refused(train_launcher, ['--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
-                            '--config.train.epochs=2', '--config.train.seeds=(0,)',
+                            '--config.train.epochs=3', '--config.train.seeds=(0,)',
                             '--policy=datarater', f'--rater={rater_run}', f'--workdir={workdir}'],
            tmp_path / 'run', f"--rater '{rater_run}' changed since the checkpoint")
+
+
+def test_a_dataset_folder_that_cannot_be_read_is_one_line(tfds_dir, tmp_path):
+  """A broken link inside data.dataset_dir: one line naming the field, nothing written."""
+  folder = tmp_path / 'data'
+  shutil.copytree(os.path.dirname(glob.glob(f'{tfds_dir}/sklearn_digits/*/dataset_info.json')[0]),
+                  folder)
+  os.symlink(tmp_path / 'nowhere', folder / 'broken')
+  _refused(train_rater, [*as_flags(small_config(tfds_dir)), f'--config.data.dataset_dir={folder}',
+                         f'--workdir={tmp_path / "run"}'], tmp_path / 'run',
+           f"data.dataset_dir '{folder}' cannot be read to check it against the checkpoint")
 
 
 def _garble_every_checkpoint(workdir):

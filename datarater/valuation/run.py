@@ -172,7 +172,9 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
 
 def _check_store_size(method: str, config, n: int, workdir: str) -> None:
   """Refuses a gradient store larger than the free space where it would go: at least
-  valuation.store_k**2 float32s per example and checkpoint (one per projected layer)."""
+  valuation.store_k**2 float32s per example and checkpoint (one per projected layer). The
+  method's stores already there count as free (one may be the store reused), so the check errs
+  toward running."""
   v = config.valuation
   steps, every = ((v.dvemb_steps, 1) if method == 'dvemb' else (v.train_steps, v.checkpoint_every))
   checkpoints = max(1, steps // every)
@@ -181,6 +183,9 @@ def _check_store_size(method: str, config, n: int, workdir: str) -> None:
   while not os.path.exists(folder):
     folder = os.path.dirname(folder)
   free = shutil.disk_usage(folder).free
+  for old in glob.glob(os.path.join(workdir, f'store_{method}-*')):
+    free += sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(old)
+                for f in names)
   if need > free:
     raise UserError(f'valuation.store_k={v.store_k} makes a gradient store of at least '
                     f'{need / 2**30:.3g} GiB ({n} examples x {v.store_k}**2 float32 x '
