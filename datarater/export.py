@@ -218,6 +218,8 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
 
   Scores are computed in blocks of `block` examples per device with `jax.shard_map`; each device
   runs the same [block]-shaped program, so results do not depend on the number of devices.
+  Reading with orbax wraps `sys.unraisablehook` (once per process) to drop tensorstore's 'Event
+  loop is closed' reports of a damaged folder (`checkpointing.quiet_orbax`).
   """
   meta_path = os.path.join(path, 'rater.json')
   if os.path.exists(meta_path):

@@ -153,3 +153,32 @@ def test_a_signal_inside_jax_compile_code_is_deferred_elsewhere_raised(monkeypat
                      (os.path.join('x', 'datarater', 'meta_train.py'), '_run')):
     with pytest.raises(KeyboardInterrupt):
       call_from(path, name)
+
+
+def test_the_unraisable_hooks_install_once_in_either_order(monkeypatch):
+  """launch.interrupts' resender and checkpointing's closed-loop filter each wrap
+  sys.unraisablehook once, whichever comes first and however often launchers run in a process;
+  the filter drops only tensorstore's 'Event loop is closed' and passes the rest on."""
+  import types  # pylint: disable=g-import-not-at-top
+  from datarater import checkpointing  # pylint: disable=g-import-not-at-top
+  from launch import interrupts  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(signal, 'signal', lambda *_: None)  # this test's process keeps its handlers
+  monkeypatch.setattr(sys, 'excepthook', sys.excepthook)
+  for first, second in [(interrupts.install, checkpointing._drop_closed_loop_noise),
+                        (checkpointing._drop_closed_loop_noise, interrupts.install)]:
+    seen = []
+    base = seen.append
+    monkeypatch.setattr(sys, 'unraisablehook', base)
+    for _ in range(3):
+      first(), second()
+    interrupts.disarm()
+    depth, hook = 0, sys.unraisablehook
+    while hook is not base:
+      depth += 1
+      hook = next(c.cell_contents for c in hook.__closure__ if callable(c.cell_contents)
+                  and c.cell_contents is not hook)
+    assert depth == 2
+    noise, other = RuntimeError('Event loop is closed'), RuntimeError('something else')
+    for e in (noise, other):
+      sys.unraisablehook(types.SimpleNamespace(exc_value=e, err_msg=None, object=None))
+    assert [u.exc_value for u in seen] == [other]
