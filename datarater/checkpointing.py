@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import ml_collections
@@ -93,33 +93,46 @@ def quiet_orbax():
     absl_log.setLevel(level)
 
 
-def path_inputs(data, **launcher_inputs: str) -> dict[str, tuple[str, str]]:
-  """{field: (path, content digest)} of what a run reads by path alone: `data.dataset_dir` and
-  the launcher's inputs (`--scores=...`, `--rater=...`) that are set.
+class PathInput(NamedTuple):
+  """An input a run reads by path alone: `stat` digests its files' names, sizes and times
+  (`files.stat_digest`, cheap), `digest` its contents (`files.content_digest`, read when first
+  needed unless given)."""
+  path: str
+  stat: str
+  digest: Optional[str] = None
+
+
+def path_inputs(data, **launcher_inputs: str) -> dict[str, PathInput]:
+  """{field: PathInput} of what a run reads by path alone: `data.dataset_dir` and the launcher's
+  inputs (`--scores=...`, `--rater=...`) that are set.
 
   A TFDS dataset named in `data.data_dir` is not digested: its name and version fix its
   contents, and data_dir is free to move (NON_TRAJECTORY_FIELDS) -- prepared again elsewhere, or
   a copy per host of a multi-process job, it would differ in files but not in examples. What a
   path alone names (launch.filter's --out written again with --overwrite, a scores file or rater
-  replaced) has nothing else to tell it apart. The digest is of the bytes, not times, so a copy
-  made for each host of a job, or with the workdir to another machine, still matches; the price
-  is one read of those inputs at every start (about 1 s per GiB here). One a process cannot
-  read stops every process in one line.
+  replaced) has nothing else to tell it apart. A checkpoint records the contents' digest, so a
+  copy made for each host of a job, or moved with the workdir, still matches; it also records
+  the stat digest, and files whose names, sizes and times are as recorded are not read again.
+  One a process cannot read stops every process in one line.
   """
   from datarater import files  # pylint: disable=g-import-not-at-top
   named = {'data.dataset_dir': data.get('dataset_dir', '')}
   named.update({f'--{k}': v for k, v in launcher_inputs.items()})
-  digests, problem = {}, None
+  inputs, problem = {}, None
   for field, path in named.items():
     try:
       if path:
-        digests[field] = (path, files.content_digest(path))
-    except OSError as e:  # a broken link, an unreadable file, one removed while read
-      problem = problem or (f'{field} {path!r} cannot be read to check it against the '
-                            f'checkpoint ({e.strerror or type(e).__name__}: {e.filename or path})')
+        inputs[field] = PathInput(path, files.stat_digest(path))
+    except OSError as e:  # a broken link, an unreadable file, one removed meanwhile
+      problem = problem or _unreadable_input(field, path, e)
   if not multihost.agree(problem is None):
     raise UserError(problem or 'an input named by path cannot be read on another process')
-  return digests
+  return inputs
+
+
+def _unreadable_input(field: str, path: str, e: OSError) -> str:
+  return (f'{field} {path!r} cannot be read to check it against the checkpoint '
+          f'({e.strerror or type(e).__name__}: {e.filename or path})')
 
 
 def _drop_empty(tree):
@@ -138,13 +151,13 @@ class RunCheckpointer:
   """Saves and restores (state, data position, JSON extras) in `workdir/checkpoints` with orbax.
 
   `free_fields`: config fields a resumed run may change (default NON_TRAJECTORY_FIELDS).
-  `inputs`: {field: (path, digest)} of what the run reads by path (`path_inputs`); a checkpoint
-  records the digests, and one made from other contents is not resumed.
+  `inputs`: {field: PathInput} of what the run reads by path (`path_inputs`); a checkpoint
+  records their digests, and one made from other contents is not resumed.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, max_to_keep: int = 2,
                free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS,
-               inputs: Optional[dict[str, tuple[str, str]]] = None):
+               inputs: Optional[dict[str, PathInput]] = None):
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.config = config
@@ -243,14 +256,28 @@ class RunCheckpointer:
     # A checkpoint of older code records no digests: it resumes unchecked, as it did then (like a
     # field it lacks in ADDED_FIELDS). A field it holds is checked on every process, which read
     # the path for themselves, and refused on all if any sees other contents.
-    recorded = meta.get('inputs') or {}
+    recorded, stats = meta.get('inputs') or {}, meta.get('input_stats') or {}
     for field in sorted(set(recorded) & set(self.inputs)):
-      path, digest = self.inputs[field]
-      if not multihost.agree(recorded[field] == digest):
-        raise UserError(f'{field} {path!r} changed since the checkpoint in {self.workdir!r} was '
-                        'made (its contents differ); resuming would mix the two: use a new '
-                        '--workdir')
+      given = self.inputs[field]
+      if given.digest is None and stats.get(field) == given.stat:  # the same files, untouched
+        self.inputs[field] = given._replace(digest=recorded[field])
+      try:
+        same, problem = self._digest(field) == recorded[field], None
+      except OSError as e:
+        same, problem = False, _unreadable_input(field, given.path, e)
+      if not multihost.agree(same):
+        raise UserError(problem or f'{field} {given.path!r} changed since the checkpoint in '
+                        f'{self.workdir!r} was made (its contents differ); resuming would mix '
+                        'the two: use a new --workdir')
     return step
+
+  def _digest(self, field: str) -> str:
+    """The contents' digest of input `field`, read once."""
+    from datarater import files  # pylint: disable=g-import-not-at-top
+    given = self.inputs[field]
+    if given.digest is None:
+      self.inputs[field] = given._replace(digest=files.content_digest(given.path))
+    return self.inputs[field].digest
 
   def restore_latest(self, abstract_state):
     """(state, meta) of the newest checkpoint that restores on every process; unreadable ones
@@ -275,7 +302,8 @@ class RunCheckpointer:
     manager = self._open(create=True)
     meta = {'config': trajectory_fields(self.config, self.free_fields),
             'data_position': data_position, 'step': int(step), 'extra': extra,
-            'inputs': {field: digest for field, (_, digest) in self.inputs.items()}}
+            'inputs': {field: self._digest(field) for field in self.inputs},
+            'input_stats': {field: given.stat for field, given in self.inputs.items()}}
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_drop_empty(state)),
                                                meta=ocp.args.JsonSave(meta)), force=True)
 

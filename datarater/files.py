@@ -176,6 +176,29 @@ def workdir_lock(path: str):
     yield path
 
 
+def stat_digest(path: str, hidden: bool = False) -> str:
+  """sha256 of the relative names, sizes and modification times of a file or of the files under
+  a folder (names starting with '.' left out unless `hidden`): cheap, and it tells a file written
+  again from the old one, but a copy elsewhere differs from its source too."""
+  h = hashlib.sha256()
+  root = os.path.abspath(path)
+  if os.path.isfile(root):
+    walked = [(os.path.dirname(root), [], [os.path.basename(root)])]
+    root = os.path.dirname(root)
+  else:
+    walked = sorted(os.walk(root))
+  for folder, _, names in walked:
+    rel = os.path.relpath(folder, root)
+    if not hidden and any(part.startswith('.') for part in rel.split(os.sep) if part != '.'):
+      continue
+    for name in sorted(names):
+      if hidden or not name.startswith('.'):
+        st = os.stat(os.path.join(folder, name))
+        h.update(f'{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:'
+                 f'{st.st_mtime_ns}\n'.encode())
+  return h.hexdigest()[:16]
+
+
 def content_digest(path: str) -> str:
   """sha256 of a file's bytes, or of every file's relative name, size and bytes under a folder;
   names starting with '.' (a workdir's lock, temporary files) are left out: they change while

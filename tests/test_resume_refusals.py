@@ -67,23 +67,29 @@ def test_a_rater_run_on_a_dataset_folder_written_again_is_not_resumed(tfds_dir, 
            f"data.dataset_dir '{folder}' changed since the checkpoint", 'use a new --workdir')
 
 
-def test_a_training_run_whose_scores_file_changed_is_not_resumed(tfds_dir, tmp_path):
-  """The same bytes written again resume; other scores at the same path are refused; a
-  checkpoint of older code, which recorded no digest, resumes unchecked as it did."""
+def test_a_training_run_whose_scores_file_changed_is_not_resumed(tfds_dir, tmp_path,
+                                                                  monkeypatch):
+  """An untouched file is not read again; the same bytes written again resume; other scores at
+  the same path are refused; a checkpoint of older code, which recorded no digest, resumes
+  unchecked as it did."""
   from configs import digits  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
-  config.data.data_dir, config.train.epochs, config.train.seeds = tfds_dir, 3, (0,)
+  config.data.data_dir, config.train.epochs, config.train.seeds = tfds_dir, 4, (0,)
   config.train.checkpoint_every = 1
   n = len(pipeline.load_split(config.data, 'train'))
   scores, workdir = str(tmp_path / 'scores.parquet'), tmp_path / 'run'
   _scores(scores, n, 0)
   run = lambda **kw: train(config, 'scores', scores=scores, workdir=str(workdir), log=quiet, **kw)
   assert run(stop_after=1) == {'stopped_after': 1}
-  _scores(scores, n, 0)  # rewritten alike (a new modification time): resumed
+  read, content_digest = [], files.content_digest
+  monkeypatch.setattr(files, 'content_digest', lambda p: read.append(p) or content_digest(p))
   assert run(stop_after=2) == {'stopped_after': 2}
+  assert not read  # names, sizes and times as recorded: the digest recorded is kept
+  _scores(scores, n, 0)  # rewritten alike (a new modification time): read again, resumed
+  assert run(stop_after=3) == {'stopped_after': 3} and read == [scores]
   _scores(scores, n, 1)
   flags = ['--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
-           '--config.train.epochs=3', '--config.train.seeds=(0,)',
+           '--config.train.epochs=4', '--config.train.seeds=(0,)',
            '--config.train.checkpoint_every=1', '--policy=scores', f'--scores={scores}',
            f'--workdir={workdir}']
   _refused(train_launcher, flags, workdir, f"--scores '{scores}' changed since the checkpoint",
@@ -94,7 +100,7 @@ def test_a_training_run_whose_scores_file_changed_is_not_resumed(tfds_dir, tmp_p
     json.dump(meta, open(meta_file, 'w'))
   lines = []
   train(config, 'scores', scores=scores, workdir=str(workdir), log=lines.append)
-  assert 'resuming from the checkpoint at epoch 2' in lines
+  assert 'resuming from the checkpoint at epoch 3' in lines
 
 
 def test_a_training_run_whose_rater_trained_on_is_not_resumed(tfds_dir, tmp_path):

@@ -9,7 +9,6 @@ stores and a resumed run continues from, on any number of devices or processes.
 """
 import contextlib
 import dataclasses
-import hashlib
 import io
 import logging
 import os
@@ -347,14 +346,7 @@ def dataset_name(data) -> str:
 def files_digest(builder) -> str:
   """sha256 of the names, sizes and modification times of a prepared dataset's files: what
   tells a dataset written again into the same folder (launch.filter --overwrite) from the old."""
-  h = hashlib.sha256()
-  root = str(builder.data_dir)
-  for folder, _, names in sorted(os.walk(root)):
-    for name in sorted(names):
-      st = os.stat(os.path.join(folder, name))
-      h.update(f'{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:'
-               f'{st.st_mtime_ns}\n'.encode())
-  return h.hexdigest()[:16]
+  return files.stat_digest(str(builder.data_dir), hidden=True)
 
 
 def load_split(data, split: str, corrupt: bool = False) -> Split:
