@@ -455,3 +455,21 @@ def test_text_meta_gradient_matches_finite_differences():
     inner = {'tokens': jnp.asarray(rng.integers(0, vocab, (2, 2, 6, length)), jnp.int32)}
     outer = {'tokens': jnp.asarray(rng.integers(0, vocab, (2, 6, length)), jnp.int32)}
     assert_meta_gradient_matches_finite_differences(problem, est, inner, outer)
+
+
+def test_tokens_outside_the_vocabulary_are_refused_at_its_edges():
+  """Tokens 0..vocab-1 are read; a token equal to vocab (one past the last embedding row) or
+  below 0 is one UserError line naming the smallest vocab that would hold them, for the task and
+  for the rater."""
+  task = tasks.make_task(_model(), _info())
+  rater = tasks.make_rater(_model('sequence_rater'), _info())
+  ok = np.arange(12)[None, :] + np.array([[0], [4]])  # 0..15: every row of the embedding
+  assert ok.max() == 15
+  for model in (task, rater):
+    model.check_data({'tokens': ok})
+    for bad, hint in ((16, 'at least 17'), (-1, '[-1, ')):
+      tokens = ok.copy()
+      tokens[1, 7] = bad
+      with pytest.raises(UserError) as e:
+        model.check_data({'tokens': tokens})
+      assert '\n' not in str(e.value) and hint in str(e.value), str(e.value)
