@@ -473,3 +473,28 @@ def test_tokens_outside_the_vocabulary_are_refused_at_its_edges():
       with pytest.raises(UserError) as e:
         model.check_data({'tokens': tokens})
       assert '\n' not in str(e.value) and hint in str(e.value), str(e.value)
+
+
+def test_small_token_weights_give_the_weighted_mean_token_by_token():
+  """The weighted loss is sum_t w_t nll_t / sum_t w_t whatever the weights' scale: weights that
+  sum below 1 (and weights x 1e-3 of others) give the same mean, token 0's weight is unused, and
+  all-zero weights give 0, not NaN. The nll is recomputed token by token in float64 numpy."""
+  with jax.enable_x64():
+    task = tasks.make_task(_model(token_weights='weights'), _info(weights=True))
+    params = _f64(task.init(jax.random.key(5)))
+    tokens = _tokens(n=3, seed=6)
+    _, logits = _reference_logits(params, tokens[:, :-1], 2)
+    toks = np.asarray(tokens)
+    nll = np.zeros((3, 11))
+    for b in range(3):
+      for t in range(11):
+        row = logits[b, t]
+        nll[b, t] = np.log(np.exp(row - row.max()).sum()) + row.max() - row[toks[b, t + 1]]
+    w = np.random.default_rng(7).uniform(0.1, 1.0, (3, 12)) * np.array([[1e-3], [0.05], [1.0]])
+    w[:, 0] = 1e3  # token 0 is never predicted
+    want = [sum(w[b, t + 1] * nll[b, t] for t in range(11)) / sum(w[b, 1:]) for b in range(3)]
+    loss = jax.jit(task.per_example_loss)
+    np.testing.assert_allclose(loss(params, {'tokens': tokens, 'weights': jnp.asarray(w)}), want,
+                               rtol=1e-10)
+    zero = loss(params, {'tokens': tokens, 'weights': jnp.zeros((3, 12))})
+    np.testing.assert_array_equal(zero, np.zeros(3))
