@@ -498,3 +498,76 @@ def test_small_token_weights_give_the_weighted_mean_token_by_token():
                                rtol=1e-10)
     zero = loss(params, {'tokens': tokens, 'weights': jnp.zeros((3, 12))})
     np.testing.assert_array_equal(zero, np.zeros(3))
+
+
+# ----------------------------------------------------------------------------- the rewrites, one
+# document at a time (no build): each checked against its definition on a hand-made text
+
+
+PROSE = (b'The quick brown fox jumps over the lazy dog while seven wizards quietly hex\n'
+         b'  every jovial bishop; a mazy pack of jumbled liquor bottles waits beside them.\n'
+         b'Sphinx of black quartz judge my vow, then fly away to the distant northern hills.\n')
+
+
+def test_shuffled_words_keeps_every_word_once_and_reorders_them():
+  words = PROSE.split()
+  orders = set()
+  for seed in range(5):
+    out = python_text.shuffled_words(PROSE, np.random.default_rng(seed))
+    assert collections.Counter(out.split()) == collections.Counter(words)  # every word, once
+    assert out == b' '.join(out.split())  # single spaces, no newlines
+    orders.add(out)
+  assert len(orders) == 5 and b' '.join(words) not in orders
+
+
+def test_truncated_cuts_each_line_at_a_random_place_between_two_letters():
+  """Each line is cut at one of the places with a letter on both sides, each place about as
+  likely (counted over seeds, by brute force over the line's characters); lines with no such place
+  are dropped."""
+  lines = PROSE.split(b'\n') + [b'1 2 3 + 4;', b'']
+  places = [[i for i in range(1, len(l)) if chr(l[i - 1]).isalpha() and chr(l[i]).isalpha()]
+            for l in lines]
+  counts = [collections.Counter() for _ in lines]
+  for seed in range(300):
+    out = python_text.truncated(PROSE + b'\n1 2 3 + 4;\n', np.random.default_rng(seed))
+    got = out.split(b'\n')
+    assert len(got) == sum(map(bool, places))  # the line of digits is dropped
+    for i, line in zip([i for i, p in enumerate(places) if p], got):
+      assert lines[i].startswith(line) and len(line) in places[i], (i, line)
+      counts[i][len(line)] += 1
+  for i, p in enumerate(places):
+    if p:  # a uniform choice among ~50 places: most seen in 300 draws, none far too often
+      assert len(counts[i]) > 0.8 * len(p) and max(counts[i].values()) < 25, (i, counts[i])
+
+
+def test_boilerplate_uses_every_line_until_the_text_is_covered():
+  text = PROSE * 300
+  out = python_text.boilerplate(text, np.random.default_rng(0))
+  lines = out.split(b'\n')
+  assert set(lines) == set(python_text.BOILERPLATE)  # every line, the last one too
+  assert len(text) <= len(out) < len(text) + max(map(len, python_text.BOILERPLATE)) + 1
+  assert len(out) - len(lines[-1]) - 1 < len(text)  # no line more than needed
+  shares = collections.Counter(lines)
+  assert min(shares.values()) > len(lines) / len(python_text.BOILERPLATE) / 2, shares
+
+
+def test_markup_only_puts_each_inline_item_on_a_line_and_keeps_markup_lines():
+  text = (b'See :func:`len` and ``x`` and **bold** or a link `Python <https://x>`_ and |sub| '
+          b'here [#f1]_.\n.. note::\n   :class: x\nplain prose line\n====\nTitle\n')
+  assert python_text.markup_only(text, None).split(b'\n') == [
+      b':func:`len`', b'``x``', b'**bold**', b'`Python <https://x>`_', b'|sub|', b'[#f1]_',
+      b'.. note::', b'   :class: x', b'====']
+
+
+@pytest.mark.parametrize('length', [0, 1, L - 1, L, L + 1, 2 * L, 5 * L + 17])
+def test_windows_are_the_consecutive_whole_windows_of_the_text(length):
+  text = bytes(np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8))
+  for limit in (0, 1, 2, 100):
+    got = python_text.windows(text, limit)
+    want = []
+    start = 0
+    while start + L <= len(text) and len(want) < limit:  # recounted, one window at a time
+      want.append(list(text[start:start + L]))
+      start += L
+    assert got.dtype == np.int32 and got.shape == (len(want), L)
+    assert got.tolist() == want, (length, limit)
