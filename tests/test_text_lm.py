@@ -571,3 +571,40 @@ def test_windows_are_the_consecutive_whole_windows_of_the_text(length):
       start += L
     assert got.dtype == np.int32 and got.shape == (len(want), L)
     assert got.tolist() == want, (length, limit)
+
+
+def test_source_files_are_every_rst_source_and_library_module_recounted():
+  """Prose = every .rst.txt under the documentation sources, code = every .py of the standard
+  library outside site-packages and __pycache__ (found here with pathlib), each sorted by its
+  path under its root, prose first; a document's domain is part of the corpus digest."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(python_text.DOC_DIR):
+    pytest.skip(NEEDS_DOCS)
+  root = pathlib.Path(python_text.stdlib_dir())
+  code = sorted((p for p in root.rglob('*.py')
+                 if not {'site-packages', '__pycache__'} & set(p.relative_to(root).parts[:-1])),
+                key=lambda p: str(p.relative_to(root)).split(os.sep))
+  docs = pathlib.Path(python_text.DOC_DIR)
+  prose = sorted(docs.rglob('*.rst.txt'), key=lambda p: str(p.relative_to(docs)).split(os.sep))
+  files = python_text.source_files()
+  assert [d for d, _ in files] == ['prose'] * len(prose) + ['code'] * len(code)
+  assert sorted(p for _, p in files[:len(prose)]) == sorted(map(str, prose))
+  assert sorted(p for _, p in files[len(prose):]) == sorted(map(str, code))
+  one = files[:1]
+  assert python_text.sources_digest(one) != python_text.sources_digest([('code', one[0][1])])
+
+
+def test_a_streamed_split_reads_the_recorded_kind_at_any_positions(data):
+  """source.Source of python_text: corruption_of(positions), in any order and shape, is the
+  `corruption` feature of the examples at those positions (read in blocks of RECORD_BLOCK)."""
+  from datarater.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  splits, builder, _ = data
+  train = splits['train']
+  src = source_lib.Source(builder, 'train')
+  assert src.corruption_record is None and src.corruption_kinds == train.corruption_kinds
+  rng = np.random.default_rng(0)
+  positions = rng.permutation(len(train))[:6000]
+  got = src.corruption_of(positions)
+  np.testing.assert_array_equal(got, [train.features['corruption'][p] for p in positions])
+  np.testing.assert_array_equal(src.corruption_of(positions[:10].reshape(2, 5)),
+                                train.corruption[positions[:10]].reshape(2, 5))
