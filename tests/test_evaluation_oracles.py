@@ -55,3 +55,19 @@ def test_score_split_is_the_score_of_each_example_in_order(n, batch):
                                jit=False)
   want = np.array([i * 10 + 3 for i in range(n)], np.float32)
   np.testing.assert_array_equal(got, want)
+
+
+def test_scoring_in_a_log_writes_a_line_at_most_every_interval(monkeypatch, capsys):
+  """stderr not a terminal: score_split's progress is whole lines on stdout, no more often than
+  LOG_INTERVAL_S (here far longer than the run: the opening and the closing line only), the last
+  one the finished count."""
+  from datarater import progress  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(progress, 'LOG_INTERVAL_S', 1e6)
+  got = evaluation.score_split(lambda b: b['value'], _Split(50), batch_size=2, progress=True,
+                               desc='scoring', jit=False)
+  assert len(got) == 50
+  captured = capsys.readouterr()
+  lines = captured.out.splitlines()
+  assert not captured.err and '\r' not in captured.out
+  assert 1 <= len(lines) <= 2, lines
+  assert lines[-1].startswith('scoring: 100%') and '50/50' in lines[-1], lines
