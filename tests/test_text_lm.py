@@ -608,3 +608,63 @@ def test_a_streamed_split_reads_the_recorded_kind_at_any_positions(data):
   np.testing.assert_array_equal(got, [train.features['corruption'][p] for p in positions])
   np.testing.assert_array_equal(src.corruption_of(positions[:10].reshape(2, 5)),
                                 train.corruption[positions[:10]].reshape(2, 5))
+
+
+def _corpus(tmp_path, prose=40, code=12, lengths=(40, 500)):
+  """Made-up source documents: prose of random words, some as literals (a few hundred bytes to
+  ~4 kB), and code."""
+  rng = np.random.default_rng(0)
+  vocab = [bytes(rng.integers(97, 123, rng.integers(2, 9), dtype=np.uint8)) for _ in range(300)]
+  files = []
+  for i in range(prose + code):
+    domain = 'prose' if i < prose else 'code'
+    words = [vocab[j] for j in rng.integers(0, len(vocab), rng.integers(*lengths))]
+    text = b''.join((b'``%s``' % w if k % 4 == 0 else w) + (b'\n' if k % 9 == 8 else b' ')
+                    for k, w in enumerate(words))  # with inline literals for markup_only
+    path = tmp_path / f'{i:03d}.{"rst.txt" if domain == "prose" else "py"}'
+    path.write_bytes(text if domain == 'prose' else b'def f():\n    return ' + text)
+    files.append((domain, str(path)))
+  return files
+
+
+def test_assign_fills_each_bucket_from_its_own_shuffled_documents(tmp_path):
+  """On made-up documents and small targets: every bucket holds exactly its target of windows,
+  no document in two buckets, clean windows are the file's first windows (recounted), corrupted
+  ones its rewrite's (seeded by the document); which document goes where follows the seed."""
+  files = _corpus(tmp_path)
+  sizes = {('heldout', 'prose', 'clean'): 8, ('test', 'prose', 'clean'): 8,
+           ('train', 'prose', 'clean'): 30, ('train', 'code', 'clean'): 10,
+           **{('train', 'prose', kind): 6 for kind in python_text.CORRUPTIONS[1:]}}
+  owner = {}
+  for seed in (0, 1, 2):
+    got = python_text.assign(files, sizes, seed)
+    assert set(got) == set(sizes)
+    where = {}
+    for bucket, docs in got.items():
+      assert sum(len(w) for _, w in docs) == sizes[bucket], bucket
+      for doc, w in docs:
+        assert doc not in where and files[doc][0] == bucket[1], (doc, bucket)
+        where[doc] = bucket
+        text = open(files[doc][1], 'rb').read()
+        if bucket[2] != 'clean':
+          text = python_text.REWRITE[bucket[2]](text, np.random.default_rng([seed, doc]))
+        want = [list(text[i * L:(i + 1) * L]) for i in range(len(w))]
+        assert w.tolist() == want, (doc, bucket)
+    owner[seed] = where
+  assert owner[0] != owner[1] and owner[1] != owner[2]  # the shuffle follows the seed
+  again = python_text.assign(files, sizes, 1)
+  assert {doc: b for b, docs in again.items() for doc, _ in docs} == owner[1]
+
+
+def test_assign_short_of_documents_fills_every_bucket_to_the_same_share(tmp_path):
+  """Targets far beyond the documents: each document goes to the bucket furthest below its
+  target in proportion, so every prose bucket ends at about the same fraction of its target
+  (within a few documents' windows), the large train bucket as much as the small ones."""
+  files = _corpus(tmp_path, prose=200, code=0, lengths=(30, 150))
+  sizes = {('heldout', 'prose', 'clean'): 100, ('test', 'prose', 'clean'): 100,
+           ('train', 'prose', 'clean'): 400,
+           **{('train', 'prose', kind): 100 for kind in python_text.CORRUPTIONS[1:]}}
+  got = python_text.assign(files, sizes)
+  fill = {b: sum(len(w) for _, w in docs) / sizes[b] for b, docs in got.items()}
+  assert 0.2 < min(fill.values()) and max(fill.values()) < 0.9, fill
+  assert max(fill.values()) - min(fill.values()) < 0.15, fill
