@@ -668,3 +668,14 @@ def test_assign_short_of_documents_fills_every_bucket_to_the_same_share(tmp_path
   fill = {b: sum(len(w) for _, w in docs) / sizes[b] for b, docs in got.items()}
   assert 0.2 < min(fill.values()) and max(fill.values()) < 0.9, fill
   assert max(fill.values()) - min(fill.values()) < 0.15, fill
+
+
+def test_bits_are_per_byte_only_for_a_vocabulary_of_bytes():
+  """vocab 256 (the text builder's bytes) reports bits_per_byte; any other vocabulary, larger or
+  smaller, bits_per_token (a token of a larger vocabulary is not a byte)."""
+  for vocab, name in ((256, 'bits_per_byte'), (257, 'bits_per_token'), (512, 'bits_per_token'),
+                      (255, 'bits_per_token')):
+    task = tasks.make_task(_model(vocab=vocab), _info())
+    params = jax.eval_shape(task.init, jax.random.key(0))
+    metrics = jax.eval_shape(task.metrics, params, {'tokens': _tokens(vocab=vocab)})
+    assert sorted(metrics) == sorted(['loss', name]), (vocab, sorted(metrics))
