@@ -35,3 +35,23 @@ def test_blocks_of_all_shards_read_every_position_once(digits, split, size, shar
         if skip == 0:
           seen.extend(positions.tolist())
   assert sorted(seen) == list(range(n))
+
+
+def test_a_block_read_is_corrupted_as_in_the_whole_split(tfds_dir):
+  """With label noise planted: a streamed read of any positions, in blocks of any size, has the
+  labels of the whole split loaded at once, and they differ from the stored labels exactly where
+  the corruption record says."""
+  from tests.conftest import digits_data  # pylint: disable=g-import-not-at-top
+  data = digits_data(tfds_dir, 0.3, 2)
+  whole = pipeline.load_split(data, 'validation', corrupt=True)
+  src = source_lib.open_source(data, 'validation', corrupt=True)
+  n = len(src)
+  np.testing.assert_array_equal(src.corruption_of(np.arange(n)), whole.corruption)
+  stored = src.uncorrupted(np.arange(n))['label']
+  positions = np.random.default_rng(0).permutation(n)
+  for size in (1, 7, n):
+    for start in range(0, n, size):
+      p = positions[start:start + size]
+      got = src.take(p)['label']
+      np.testing.assert_array_equal(got, whole.features['label'][p], size)
+      np.testing.assert_array_equal(got != stored[p], whole.corruption[p] != 0, size)
