@@ -455,3 +455,227 @@ def test_text_meta_gradient_matches_finite_differences():
     inner = {'tokens': jnp.asarray(rng.integers(0, vocab, (2, 2, 6, length)), jnp.int32)}
     outer = {'tokens': jnp.asarray(rng.integers(0, vocab, (2, 6, length)), jnp.int32)}
     assert_meta_gradient_matches_finite_differences(problem, est, inner, outer)
+
+
+def test_tokens_outside_the_vocabulary_are_refused_at_its_edges():
+  """Tokens 0..vocab-1 are read; a token equal to vocab (one past the last embedding row) or
+  below 0 is one UserError line naming the smallest vocab that would hold them, for the task and
+  for the rater."""
+  task = tasks.make_task(_model(), _info())
+  rater = tasks.make_rater(_model('sequence_rater'), _info())
+  ok = np.arange(12)[None, :] + np.array([[0], [4]])  # 0..15: every row of the embedding
+  assert ok.max() == 15
+  for model in (task, rater):
+    model.check_data({'tokens': ok})
+    for bad, hint in ((16, 'at least 17'), (-1, '[-1, ')):
+      tokens = ok.copy()
+      tokens[1, 7] = bad
+      with pytest.raises(UserError) as e:
+        model.check_data({'tokens': tokens})
+      assert '\n' not in str(e.value) and hint in str(e.value), str(e.value)
+
+
+def test_small_token_weights_give_the_weighted_mean_token_by_token():
+  """The weighted loss is sum_t w_t nll_t / sum_t w_t whatever the weights' scale: weights that
+  sum below 1 (and weights x 1e-3 of others) give the same mean, token 0's weight is unused, and
+  all-zero weights give 0, not NaN. The nll is recomputed token by token in float64 numpy."""
+  with jax.enable_x64():
+    task = tasks.make_task(_model(token_weights='weights'), _info(weights=True))
+    params = _f64(task.init(jax.random.key(5)))
+    tokens = _tokens(n=3, seed=6)
+    _, logits = _reference_logits(params, tokens[:, :-1], 2)
+    toks = np.asarray(tokens)
+    nll = np.zeros((3, 11))
+    for b in range(3):
+      for t in range(11):
+        row = logits[b, t]
+        nll[b, t] = np.log(np.exp(row - row.max()).sum()) + row.max() - row[toks[b, t + 1]]
+    w = np.random.default_rng(7).uniform(0.1, 1.0, (3, 12)) * np.array([[1e-3], [0.05], [1.0]])
+    w[:, 0] = 1e3  # token 0 is never predicted
+    want = [sum(w[b, t + 1] * nll[b, t] for t in range(11)) / sum(w[b, 1:]) for b in range(3)]
+    loss = jax.jit(task.per_example_loss)
+    np.testing.assert_allclose(loss(params, {'tokens': tokens, 'weights': jnp.asarray(w)}), want,
+                               rtol=1e-10)
+    zero = loss(params, {'tokens': tokens, 'weights': jnp.zeros((3, 12))})
+    np.testing.assert_array_equal(zero, np.zeros(3))
+
+
+# ----------------------------------------------------------------------------- the rewrites, one
+# document at a time (no build): each checked against its definition on a hand-made text
+
+
+PROSE = (b'The quick brown fox jumps over the lazy dog while seven wizards quietly hex\n'
+         b'  every jovial bishop; a mazy pack of jumbled liquor bottles waits beside them.\n'
+         b'Sphinx of black quartz judge my vow, then fly away to the distant northern hills.\n')
+
+
+def test_shuffled_words_keeps_every_word_once_and_reorders_them():
+  words = PROSE.split()
+  orders = set()
+  for seed in range(5):
+    out = python_text.shuffled_words(PROSE, np.random.default_rng(seed))
+    assert collections.Counter(out.split()) == collections.Counter(words)  # every word, once
+    assert out == b' '.join(out.split())  # single spaces, no newlines
+    orders.add(out)
+  assert len(orders) == 5 and b' '.join(words) not in orders
+
+
+def test_truncated_cuts_each_line_at_a_random_place_between_two_letters():
+  """Each line is cut at one of the places with a letter on both sides, each place about as
+  likely (counted over seeds, by brute force over the line's characters); lines with no such place
+  are dropped."""
+  lines = PROSE.split(b'\n') + [b'1 2 3 + 4;', b'']
+  places = [[i for i in range(1, len(l)) if chr(l[i - 1]).isalpha() and chr(l[i]).isalpha()]
+            for l in lines]
+  counts = [collections.Counter() for _ in lines]
+  for seed in range(300):
+    out = python_text.truncated(PROSE + b'\n1 2 3 + 4;\n', np.random.default_rng(seed))
+    got = out.split(b'\n')
+    assert len(got) == sum(map(bool, places))  # the line of digits is dropped
+    for i, line in zip([i for i, p in enumerate(places) if p], got):
+      assert lines[i].startswith(line) and len(line) in places[i], (i, line)
+      counts[i][len(line)] += 1
+  for i, p in enumerate(places):
+    if p:  # a uniform choice among ~50 places: most seen in 300 draws, none far too often
+      assert len(counts[i]) > 0.8 * len(p) and max(counts[i].values()) < 25, (i, counts[i])
+
+
+def test_boilerplate_uses_every_line_until_the_text_is_covered():
+  text = PROSE * 300
+  out = python_text.boilerplate(text, np.random.default_rng(0))
+  lines = out.split(b'\n')
+  assert set(lines) == set(python_text.BOILERPLATE)  # every line, the last one too
+  assert len(text) <= len(out) < len(text) + max(map(len, python_text.BOILERPLATE)) + 1
+  assert len(out) - len(lines[-1]) - 1 < len(text)  # no line more than needed
+  shares = collections.Counter(lines)
+  assert min(shares.values()) > len(lines) / len(python_text.BOILERPLATE) / 2, shares
+
+
+def test_markup_only_puts_each_inline_item_on_a_line_and_keeps_markup_lines():
+  text = (b'See :func:`len` and ``x`` and **bold** or a link `Python <https://x>`_ and |sub| '
+          b'here [#f1]_.\n.. note::\n   :class: x\nplain prose line\n====\nTitle\n')
+  assert python_text.markup_only(text, None).split(b'\n') == [
+      b':func:`len`', b'``x``', b'**bold**', b'`Python <https://x>`_', b'|sub|', b'[#f1]_',
+      b'.. note::', b'   :class: x', b'====']
+
+
+@pytest.mark.parametrize('length', [0, 1, L - 1, L, L + 1, 2 * L, 5 * L + 17])
+def test_windows_are_the_consecutive_whole_windows_of_the_text(length):
+  text = bytes(np.random.default_rng(length).integers(0, 256, length, dtype=np.uint8))
+  for limit in (0, 1, 2, 100):
+    got = python_text.windows(text, limit)
+    want = []
+    start = 0
+    while start + L <= len(text) and len(want) < limit:  # recounted, one window at a time
+      want.append(list(text[start:start + L]))
+      start += L
+    assert got.dtype == np.int32 and got.shape == (len(want), L)
+    assert got.tolist() == want, (length, limit)
+
+
+def test_source_files_are_every_rst_source_and_library_module_recounted():
+  """Prose = every .rst.txt under the documentation sources, code = every .py of the standard
+  library outside site-packages and __pycache__ (found here with pathlib), each sorted by its
+  path under its root, prose first; a document's domain is part of the corpus digest."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(python_text.DOC_DIR):
+    pytest.skip(NEEDS_DOCS)
+  root = pathlib.Path(python_text.stdlib_dir())
+  code = sorted((p for p in root.rglob('*.py')
+                 if not {'site-packages', '__pycache__'} & set(p.relative_to(root).parts[:-1])),
+                key=lambda p: str(p.relative_to(root)).split(os.sep))
+  docs = pathlib.Path(python_text.DOC_DIR)
+  prose = sorted(docs.rglob('*.rst.txt'), key=lambda p: str(p.relative_to(docs)).split(os.sep))
+  files = python_text.source_files()
+  assert [d for d, _ in files] == ['prose'] * len(prose) + ['code'] * len(code)
+  assert sorted(p for _, p in files[:len(prose)]) == sorted(map(str, prose))
+  assert sorted(p for _, p in files[len(prose):]) == sorted(map(str, code))
+  one = files[:1]
+  assert python_text.sources_digest(one) != python_text.sources_digest([('code', one[0][1])])
+
+
+def test_a_streamed_split_reads_the_recorded_kind_at_any_positions(data):
+  """source.Source of python_text: corruption_of(positions), in any order and shape, is the
+  `corruption` feature of the examples at those positions (read in blocks of RECORD_BLOCK)."""
+  from datarater.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  splits, builder, _ = data
+  train = splits['train']
+  src = source_lib.Source(builder, 'train')
+  assert src.corruption_record is None and src.corruption_kinds == train.corruption_kinds
+  rng = np.random.default_rng(0)
+  positions = rng.permutation(len(train))[:6000]
+  got = src.corruption_of(positions)
+  np.testing.assert_array_equal(got, [train.features['corruption'][p] for p in positions])
+  np.testing.assert_array_equal(src.corruption_of(positions[:10].reshape(2, 5)),
+                                train.corruption[positions[:10]].reshape(2, 5))
+
+
+def _corpus(tmp_path, prose=40, code=12, lengths=(40, 500)):
+  """Made-up source documents: prose of random words, some as literals (a few hundred bytes to
+  ~4 kB), and code."""
+  rng = np.random.default_rng(0)
+  vocab = [bytes(rng.integers(97, 123, rng.integers(2, 9), dtype=np.uint8)) for _ in range(300)]
+  files = []
+  for i in range(prose + code):
+    domain = 'prose' if i < prose else 'code'
+    words = [vocab[j] for j in rng.integers(0, len(vocab), rng.integers(*lengths))]
+    text = b''.join((b'``%s``' % w if k % 4 == 0 else w) + (b'\n' if k % 9 == 8 else b' ')
+                    for k, w in enumerate(words))  # with inline literals for markup_only
+    path = tmp_path / f'{i:03d}.{"rst.txt" if domain == "prose" else "py"}'
+    path.write_bytes(text if domain == 'prose' else b'def f():\n    return ' + text)
+    files.append((domain, str(path)))
+  return files
+
+
+def test_assign_fills_each_bucket_from_its_own_shuffled_documents(tmp_path):
+  """On made-up documents and small targets: every bucket holds exactly its target of windows,
+  no document in two buckets, clean windows are the file's first windows (recounted), corrupted
+  ones its rewrite's (seeded by the document); which document goes where follows the seed."""
+  files = _corpus(tmp_path)
+  sizes = {('heldout', 'prose', 'clean'): 8, ('test', 'prose', 'clean'): 8,
+           ('train', 'prose', 'clean'): 30, ('train', 'code', 'clean'): 10,
+           **{('train', 'prose', kind): 6 for kind in python_text.CORRUPTIONS[1:]}}
+  owner = {}
+  for seed in (0, 1, 2):
+    got = python_text.assign(files, sizes, seed)
+    assert set(got) == set(sizes)
+    where = {}
+    for bucket, docs in got.items():
+      assert sum(len(w) for _, w in docs) == sizes[bucket], bucket
+      for doc, w in docs:
+        assert doc not in where and files[doc][0] == bucket[1], (doc, bucket)
+        where[doc] = bucket
+        text = open(files[doc][1], 'rb').read()
+        if bucket[2] != 'clean':
+          text = python_text.REWRITE[bucket[2]](text, np.random.default_rng([seed, doc]))
+        want = [list(text[i * L:(i + 1) * L]) for i in range(len(w))]
+        assert w.tolist() == want, (doc, bucket)
+    owner[seed] = where
+  assert owner[0] != owner[1] and owner[1] != owner[2]  # the shuffle follows the seed
+  again = python_text.assign(files, sizes, 1)
+  assert {doc: b for b, docs in again.items() for doc, _ in docs} == owner[1]
+
+
+def test_assign_short_of_documents_fills_every_bucket_to_the_same_share(tmp_path):
+  """Targets far beyond the documents: each document goes to the bucket furthest below its
+  target in proportion, so every prose bucket ends at about the same fraction of its target
+  (within a few documents' windows), the large train bucket as much as the small ones."""
+  files = _corpus(tmp_path, prose=200, code=0, lengths=(30, 150))
+  sizes = {('heldout', 'prose', 'clean'): 100, ('test', 'prose', 'clean'): 100,
+           ('train', 'prose', 'clean'): 400,
+           **{('train', 'prose', kind): 100 for kind in python_text.CORRUPTIONS[1:]}}
+  got = python_text.assign(files, sizes)
+  fill = {b: sum(len(w) for _, w in docs) / sizes[b] for b, docs in got.items()}
+  assert 0.2 < min(fill.values()) and max(fill.values()) < 0.9, fill
+  assert max(fill.values()) - min(fill.values()) < 0.15, fill
+
+
+def test_bits_are_per_byte_only_for_a_vocabulary_of_bytes():
+  """vocab 256 (the text builder's bytes) reports bits_per_byte; any other vocabulary, larger or
+  smaller, bits_per_token (a token of a larger vocabulary is not a byte)."""
+  for vocab, name in ((256, 'bits_per_byte'), (257, 'bits_per_token'), (512, 'bits_per_token'),
+                      (255, 'bits_per_token')):
+    task = tasks.make_task(_model(vocab=vocab), _info())
+    params = jax.eval_shape(task.init, jax.random.key(0))
+    metrics = jax.eval_shape(task.metrics, params, {'tokens': _tokens(vocab=vocab)})
+    assert sorted(metrics) == sorted(['loss', name]), (vocab, sorted(metrics))

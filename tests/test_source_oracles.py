@@ -1,0 +1,57 @@
+"""source.Source's block walk against brute force: every position read exactly once over the
+shards, block b (of consecutive `size` positions, the last one shorter) read by shard b mod
+num_shards, and `skip` leaving out a shard's own first blocks."""
+import numpy as np
+import pytest
+
+from datarater.data import pipeline
+from datarater.data import source as source_lib
+
+
+@pytest.fixture(scope='module')
+def digits(tfds_dir):
+  return pipeline.get_builder('sklearn_digits', tfds_dir)
+
+
+@pytest.mark.parametrize('split,size,shards', [('train[:100]', 32, 1), ('train[:100]', 32, 3),
+                                               ('train[:96]', 32, 2), ('train[:7]', 4, 4),
+                                               ('train[:50]', 60, 2)])
+def test_blocks_of_all_shards_read_every_position_once(digits, split, size, shards):
+  src = source_lib.Source(digits, split)
+  n = len(src)
+  whole = src.take(np.arange(n))
+  blocks = [[list(range(b, min(b + size, n))) for b in range(0, n, size)][s::shards]
+            for s in range(shards)]  # brute force: block b of the split goes to shard b % shards
+  seen = []
+  for shard in range(shards):
+    for skip in (0, 1):
+      got = list(src.blocks(size, shard, shards, skip=skip))
+      assert [p.tolist() for p, _ in got] == blocks[shard][skip:], (shard, skip)
+      for positions, batch in got:
+        for key, value in whole.items():
+          if key != 'index':
+            np.testing.assert_array_equal(batch[key], value[positions], key)
+        np.testing.assert_array_equal(batch['index'], positions)
+        if skip == 0:
+          seen.extend(positions.tolist())
+  assert sorted(seen) == list(range(n))
+
+
+def test_a_block_read_is_corrupted_as_in_the_whole_split(tfds_dir):
+  """With label noise planted: a streamed read of any positions, in blocks of any size, has the
+  labels of the whole split loaded at once, and they differ from the stored labels exactly where
+  the corruption record says."""
+  from tests.conftest import digits_data  # pylint: disable=g-import-not-at-top
+  data = digits_data(tfds_dir, 0.3, 2)
+  whole = pipeline.load_split(data, 'validation', corrupt=True)
+  src = source_lib.open_source(data, 'validation', corrupt=True)
+  n = len(src)
+  np.testing.assert_array_equal(src.corruption_of(np.arange(n)), whole.corruption)
+  stored = src.uncorrupted(np.arange(n))['label']
+  positions = np.random.default_rng(0).permutation(n)
+  for size in (1, 7, n):
+    for start in range(0, n, size):
+      p = positions[start:start + size]
+      got = src.take(p)['label']
+      np.testing.assert_array_equal(got, whole.features['label'][p], size)
+      np.testing.assert_array_equal(got != stored[p], whole.corruption[p] != 0, size)
