@@ -9,6 +9,9 @@ import pytest
 from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Cases added after the first ones: each a subprocess (~3 s), run with the slow checks to keep
+# CI under its time limit; the first cases and one of each kind below stay in CI.
+SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize('bench, args, says', [
@@ -33,20 +36,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('pergrad', ['--batch=0'], '--batch must be >= 1, got 0'),
     ('cnn_patches', ['--repeats=0'], '--repeats must be >= 1, got 0'),
     ('curation', ['--rater_steps=-1'], '--rater_steps must be >= 1, got -1'),
-    ('curation', ['--seeds_by_noise=0.2:0'], "a count >= 1, got '0.2:0'"),  # it ran no seeds
+    pytest.param('curation', ['--seeds_by_noise=0.2:0'], "a count >= 1, got '0.2:0'", marks=SLOW),  # it ran no seeds
     # An empty --launcher_ns means the default sizes; it was refused before --block was read.
-    ('valuation_scale', ['--block=0'], '--block must be >= 1, got 0'),
-    ('valuation_scale', ['--sections='], '--sections is empty'),
-    ('lm_harm_probe', ['--group_steps=0'], '--group_steps must be >= 1, got 0'),  # effects all 0
-    ('lm_harm_probe', ['--examples=0'], '--examples must be >= 1, got 0'),
-    ('lm_harm_probe', ['--examples=100000'], '--examples must be <= '),  # after the data loads
-    ('lm_harm_probe', ['--sizes='], '--sizes is empty'),
-    ('meta_step', ['--modes=nope'], "unknown --modes ['nope']"),  # the table header came first
-    ('meta_memory', ['--modes=nope'], "unknown --modes ['nope']"),
-    ('meta_memory', ['--models='], '--models is empty'),
-    ('lm_curation', ['--bench.primary_keep=0.6'], '--bench.primary_keep 0.6 is not one of'),
-    ('lm_curation', ['--bench.methods=("nope",)'], "unknown --bench.methods ['nope']"),
-    ('lm_curation', ['--bench.seeds=()'], '--bench.seeds is empty'),
+    pytest.param('valuation_scale', ['--block=0'], '--block must be >= 1, got 0', marks=SLOW),
+    pytest.param('valuation_scale', ['--sections='], '--sections is empty', marks=SLOW),
+    pytest.param('lm_harm_probe', ['--group_steps=0'], '--group_steps must be >= 1, got 0', marks=SLOW),  # effects all 0
+    pytest.param('lm_harm_probe', ['--examples=0'], '--examples must be >= 1, got 0', marks=SLOW),
+    pytest.param('lm_harm_probe', ['--examples=100000'], '--examples must be <= ', marks=SLOW),  # after the data loads
+    pytest.param('lm_harm_probe', ['--sizes='], '--sizes is empty', marks=SLOW),
+    pytest.param('meta_step', ['--modes=nope'], "unknown --modes ['nope']", marks=SLOW),  # the table header came first
+    pytest.param('meta_memory', ['--modes=nope'], "unknown --modes ['nope']", marks=SLOW),
+    pytest.param('meta_memory', ['--models='], '--models is empty', marks=SLOW),
+    pytest.param('lm_curation', ['--bench.primary_keep=0.6'], '--bench.primary_keep 0.6 is not one of', marks=SLOW),
+    pytest.param('lm_curation', ['--bench.methods=("nope",)'], "unknown --bench.methods ['nope']", marks=SLOW),
+    pytest.param('lm_curation', ['--bench.seeds=()'], '--bench.seeds is empty', marks=SLOW),
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'
@@ -104,11 +107,14 @@ def test_every_bench_with_an_out_runs_through_bench_cli():
 @pytest.mark.parametrize('bench, flag, path, says', [
     # Every bench's --out goes through bench_cli.run (checked above): one in CI, the rest slow.
     *[pytest.param(b, '--out', '{f}/x', "--out '{f}/x': '{f}' is a file, not a folder",
-                   marks=[pytest.mark.slow] if i else []) for i, b in enumerate(OUT_BENCHES)],
-    ('meta_step', '--out', '{d}/', "--out '{d}/' ends in '/': give a file prefix"),
+                   marks=SLOW if i else ()) for i, b in enumerate(OUT_BENCHES)],
+    pytest.param('meta_step', '--out', '{d}/', "--out '{d}/' ends in '/': give a file prefix",
+                 marks=SLOW),
     ('curation', '--rater_dir', '{f}', "--rater_dir '{f}' is a file, not a folder"),
-    ('valuation_noise', '--rater_dir', '{f}/r', "--rater_dir '{f}/r': '{f}' is a file, not a"),
-    ('valuation_scale', '--scratch', '{f}/s', "--scratch '{f}/s': '{f}' is a file, not a folder"),
+    pytest.param('valuation_noise', '--rater_dir', '{f}/r',
+                 "--rater_dir '{f}/r': '{f}' is a file, not a", marks=SLOW),
+    pytest.param('valuation_scale', '--scratch', '{f}/s',
+                 "--scratch '{f}/s': '{f}' is a file, not a folder", marks=SLOW),
 ])
 def test_an_output_under_a_file_is_one_line_before_the_run(tmp_path, bench, flag, path, says):
   a_file = tmp_path / 'a_file'
