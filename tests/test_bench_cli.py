@@ -1,17 +1,14 @@
 """Benchmarks fail on a bad command line as the launchers do: one `error:` line naming the bad
-value, exit 2, before any run and without writing anything."""
+value, exit 2, before any run and without writing anything. Each case is its command line in its
+own process (`tests.forked`)."""
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests import forked
 from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Cases added after the first ones: each a subprocess (~3 s), run with the slow checks to keep
-# CI under its time limit; the first cases and one of each kind below stay in CI.
-SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize('bench, args, says', [
@@ -36,26 +33,24 @@ SLOW = pytest.mark.slow
     ('pergrad', ['--batch=0'], '--batch must be >= 1, got 0'),
     ('cnn_patches', ['--repeats=0'], '--repeats must be >= 1, got 0'),
     ('curation', ['--rater_steps=-1'], '--rater_steps must be >= 1, got -1'),
-    pytest.param('curation', ['--seeds_by_noise=0.2:0'], "a count >= 1, got '0.2:0'", marks=SLOW),  # it ran no seeds
+    ('curation', ['--seeds_by_noise=0.2:0'], "a count >= 1, got '0.2:0'"),  # it ran no seeds
     # An empty --launcher_ns means the default sizes; it was refused before --block was read.
-    pytest.param('valuation_scale', ['--block=0'], '--block must be >= 1, got 0', marks=SLOW),
-    pytest.param('valuation_scale', ['--sections='], '--sections is empty', marks=SLOW),
-    pytest.param('lm_harm_probe', ['--group_steps=0'], '--group_steps must be >= 1, got 0', marks=SLOW),  # effects all 0
-    pytest.param('lm_harm_probe', ['--examples=0'], '--examples must be >= 1, got 0', marks=SLOW),
-    pytest.param('lm_harm_probe', ['--examples=100000'], '--examples must be <= ', marks=SLOW),  # after the data loads
-    pytest.param('lm_harm_probe', ['--sizes='], '--sizes is empty', marks=SLOW),
-    pytest.param('meta_step', ['--modes=nope'], "unknown --modes ['nope']", marks=SLOW),  # the table header came first
-    pytest.param('meta_memory', ['--modes=nope'], "unknown --modes ['nope']", marks=SLOW),
-    pytest.param('meta_memory', ['--models='], '--models is empty', marks=SLOW),
-    pytest.param('lm_curation', ['--bench.primary_keep=0.6'], '--bench.primary_keep 0.6 is not one of', marks=SLOW),
-    pytest.param('lm_curation', ['--bench.methods=("nope",)'], "unknown --bench.methods ['nope']", marks=SLOW),
-    pytest.param('lm_curation', ['--bench.seeds=()'], '--bench.seeds is empty', marks=SLOW),
+    ('valuation_scale', ['--block=0'], '--block must be >= 1, got 0'),
+    ('valuation_scale', ['--sections='], '--sections is empty'),
+    ('lm_harm_probe', ['--group_steps=0'], '--group_steps must be >= 1, got 0'),  # effects all 0
+    ('lm_harm_probe', ['--examples=0'], '--examples must be >= 1, got 0'),
+    ('lm_harm_probe', ['--examples=100000'], '--examples must be <= '),  # after the data loads
+    ('lm_harm_probe', ['--sizes='], '--sizes is empty'),
+    ('meta_step', ['--modes=nope'], "unknown --modes ['nope']"),  # the table header came first
+    ('meta_memory', ['--modes=nope'], "unknown --modes ['nope']"),
+    ('meta_memory', ['--models='], '--models is empty'),
+    ('lm_curation', ['--bench.primary_keep=0.6'], '--bench.primary_keep 0.6 is not one of'),
+    ('lm_curation', ['--bench.methods=("nope",)'], "unknown --bench.methods ['nope']"),
+    ('lm_curation', ['--bench.seeds=()'], '--bench.seeds is empty'),
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'
-  proc = subprocess.run([sys.executable, '-m', f'bench.{bench}', f'--out={out}', *args],
-                        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
-                        timeout=300)
+  proc = forked.run(f'bench.{bench}', [f'--out={out}', *args], subprocess_env(1), ROOT)
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
@@ -79,9 +74,7 @@ def test_a_truncated_results_file_is_one_line_and_exit_2(tmp_path, bench, kind, 
   path.write_text('{"runs": {"0.2": {"0": {"all": ')  # a copy cut short
   out = tmp_path / 'out' / 'result'
   args = [flag.format(prefix)] + ([f'--after={prefix}'] if bench == 'versions' else [])
-  proc = subprocess.run([sys.executable, '-m', f'bench.{bench}', f'--out={out}', *args],
-                        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
-                        timeout=300)
+  proc = forked.run(f'bench.{bench}', [f'--out={out}', *args], subprocess_env(1), ROOT)
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert len(lines) == 1 and f"'{path}' is not readable JSON" in lines[0], lines
@@ -105,16 +98,11 @@ def test_every_bench_with_an_out_runs_through_bench_cli():
 
 
 @pytest.mark.parametrize('bench, flag, path, says', [
-    # Every bench's --out goes through bench_cli.run (checked above): one in CI, the rest slow.
-    *[pytest.param(b, '--out', '{f}/x', "--out '{f}/x': '{f}' is a file, not a folder",
-                   marks=SLOW if i else ()) for i, b in enumerate(OUT_BENCHES)],
-    pytest.param('meta_step', '--out', '{d}/', "--out '{d}/' ends in '/': give a file prefix",
-                 marks=SLOW),
+    *[(b, '--out', '{f}/x', "--out '{f}/x': '{f}' is a file, not a folder") for b in OUT_BENCHES],
+    ('meta_step', '--out', '{d}/', "--out '{d}/' ends in '/': give a file prefix"),
     ('curation', '--rater_dir', '{f}', "--rater_dir '{f}' is a file, not a folder"),
-    pytest.param('valuation_noise', '--rater_dir', '{f}/r',
-                 "--rater_dir '{f}/r': '{f}' is a file, not a", marks=SLOW),
-    pytest.param('valuation_scale', '--scratch', '{f}/s',
-                 "--scratch '{f}/s': '{f}' is a file, not a folder", marks=SLOW),
+    ('valuation_noise', '--rater_dir', '{f}/r', "--rater_dir '{f}/r': '{f}' is a file, not a"),
+    ('valuation_scale', '--scratch', '{f}/s', "--scratch '{f}/s': '{f}' is a file, not a folder"),
 ])
 def test_an_output_under_a_file_is_one_line_before_the_run(tmp_path, bench, flag, path, says):
   a_file = tmp_path / 'a_file'
@@ -125,9 +113,7 @@ def test_an_output_under_a_file_is_one_line_before_the_run(tmp_path, bench, flag
     args.append(f'--out={tmp_path / "out" / "result"}')
   if bench == 'versions':
     args += [f'--before={tmp_path}/b', f'--after={tmp_path}/a']
-  proc = subprocess.run([sys.executable, '-m', f'bench.{bench}', *args],
-                        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
-                        timeout=300)
+  proc = forked.run(f'bench.{bench}', [*args], subprocess_env(1), ROOT)
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert len(lines) == 1 and says.format(**where) in lines[0], lines
@@ -140,10 +126,9 @@ def test_a_curation_file_without_runs_is_one_line_naming_it(tmp_path):
   """steps_saved read any JSON with runs and methods (a KeyError traceback on the first run)."""
   path = tmp_path / 'curation.json'
   path.write_text('{"runs": {"0.2": {"0": {"x": 1}}}, "methods": ["datarater"]}')
-  proc = subprocess.run([sys.executable, '-m', 'bench.steps_saved', f'--results={path}',
-                         f'--out={tmp_path / "out" / "result"}'],
-                        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
-                        timeout=300)
+  out = tmp_path / 'out' / 'result'
+  proc = forked.run('bench.steps_saved', [f'--results={path}', f'--out={out}'], subprocess_env(1),
+                    ROOT)
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert lines == [f"error: '{path}' is not a bench.curation results file "

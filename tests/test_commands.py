@@ -2,19 +2,17 @@
 the launchers, benchmarks and configs. Its module exists, its flags and config overrides are
 known and well typed, and its --config file loads; nothing runs.
 
-Run as a script, this file checks the commands given as JSON on stdin. One process imports the
-stack once; each command runs in a child forked from it, up to its flag parsing (through
+Each command runs in its own process (`tests.forked`) up to its flag parsing (through
 `launch.cli.run`), where it exits.
 """
 import ast
 import glob
-import json
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
+
+from tests import forked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Shown to be completed by the reader: elided flags, the README's own-model files (which
@@ -58,11 +56,12 @@ def documented_commands() -> list[tuple[str, list[str], str]]:
 
 
 def parse_commands(commands: list[tuple[str, list[str]]]) -> list[tuple[int, str]]:
-  """(exit code, output) of each (module, argv) run to its flag parsing, in a subprocess."""
-  proc = subprocess.run([sys.executable, __file__], input=json.dumps(commands), cwd=ROOT,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.splitlines()[-1])
+  """(exit code, output) of each (module, argv) run to its flag parsing, in its own process."""
+  results = []
+  for module, argv in commands:
+    proc = forked.call(_parse_only, module, argv, env=os.environ, timeout=120)
+    results.append((proc.returncode, proc.stdout + proc.stderr))
+  return results
 
 
 def test_every_documented_command_parses():
@@ -89,7 +88,7 @@ def test_the_check_fails_a_bad_command():
   ]
   results = parse_commands([('launch.train', ['--config=configs/digits.py'])]
                            + [command for command, _ in bad])
-  assert results[0] == [0, ''], results[0]
+  assert results[0] == (0, ''), results[0]
   for (command, says), (code, out) in zip(bad, results[1:]):
     assert code != 0 and says in out, (command, code, out)
 
@@ -104,37 +103,3 @@ def _parse_only(module: str, argv: list[str]) -> None:
   runpy.run_module(module, run_name='__main__', alter_sys=True)
   print(f'{module} ran to its end without parsing flags through launch.cli')
   sys.exit(1)
-
-
-def _check_in_child(module: str, argv: list[str]) -> tuple[int, str]:
-  import tempfile  # pylint: disable=g-import-not-at-top
-  with tempfile.TemporaryFile() as out:
-    pid = os.fork()
-    if pid == 0:  # the child: its output goes to `out`; it never returns
-      signal.alarm(120)  # a module that runs past its flags is killed, not waited for
-      os.dup2(out.fileno(), 1)
-      os.dup2(out.fileno(), 2)
-      code = 1
-      try:
-        _parse_only(module, argv)
-      except SystemExit as e:
-        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-      except BaseException as e:  # pylint: disable=broad-except
-        print(f'{type(e).__name__}: {e}')
-      sys.stdout.flush()
-      sys.stderr.flush()
-      os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    out.seek(0)
-    return os.waitstatus_to_exitcode(status), out.read().decode(errors='replace')
-
-
-if __name__ == '__main__':
-  sys.path.insert(0, ROOT)
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  # What the launchers and benchmarks import, once, so that each child only imports its module.
-  import importlib  # pylint: disable=g-import-not-at-top
-  for name in ('jax', 'flax', 'optax', 'tensorflow_datasets', 'datarater.meta_train',
-               'datarater.train', 'launch.cli', 'bench.cli'):
-    importlib.import_module(name)
-  print(json.dumps([_check_in_child(m, argv) for m, argv in json.loads(sys.stdin.read())]))
