@@ -16,7 +16,8 @@ from typing import Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Imported once by the fork server; none of them starts a thread or a JAX backend.
 PRELOAD = ['jax', 'optax', 'flax.linen', 'tensorflow_datasets', 'matplotlib.pyplot',
-           'datarater.meta_train', 'datarater.train', 'datarater.trainer', 'bench.runs', 'bench.cli', 'launch.cli']
+           'datarater.meta_train', 'datarater.train', 'datarater.trainer', 'bench.runs',
+           'bench.cli', 'launch.cli']
 
 
 def _child(function: Callable, args: tuple, env: dict, out: str, err: str) -> None:
