@@ -5,6 +5,7 @@ that imported JAX and the library once (~0.3 s a run instead of ~3 s).
 with that argv and environment, so its exit code and output are the command line's. `call` runs
 any importable function in such a child.
 """
+import atexit
 import multiprocessing
 import os
 import runpy
@@ -25,7 +26,10 @@ def _child(function: Callable, args: tuple, env: dict, out: str, err: str) -> No
   os.environ.update(env)
   for fd, path in ((1, out), (2, err)):
     os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
-  function(*args)  # multiprocessing turns SystemExit(code) into the exit code
+  try:
+    function(*args)  # multiprocessing turns SystemExit(code) into the exit code
+  finally:
+    atexit._run_exitfuncs()  # pylint: disable=protected-access  # as at a process's exit
 
 
 def call(function: Callable, *args, env: dict, cwd: str = ROOT,
