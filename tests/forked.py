@@ -3,7 +3,9 @@ that imported JAX and the library once (~0.3 s a run instead of ~3 s).
 
 `run(module, args, env)` is `python -m module *args`: the child runs the module as `__main__`
 with that argv and environment, so its exit code and output are the command line's. `call` runs
-any importable function in such a child.
+any importable function in such a child. JAX reads its own `JAX_*` variables when it is imported,
+in the fork server, so a child's `env` changes what is read later (`XLA_FLAGS`, the launchers'
+`JAX_COMPILATION_CACHE_DIR`), not those.
 """
 import atexit
 import multiprocessing
@@ -68,5 +70,8 @@ def _as_main(module: str, args: list) -> None:
 
 def run(module: str, args: list, env: dict, cwd: str = ROOT) -> subprocess.CompletedProcess:
   """`python -m module *args` with environment `env` in folder `cwd`, as
-  `subprocess.run(..., capture_output=True, text=True)` returns it."""
-  return call(_as_main, module, list(args), env=env, cwd=cwd)
+  `subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True)` returns
+  it."""
+  done = call(_as_main, module, list(args), env=env, cwd=cwd)
+  done.args = [sys.executable, '-m', module, *args]
+  return done

@@ -2,14 +2,13 @@
 command line's --stop_after) and resumed from its checkpoint."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 
 from datarater.export import load_rater
 from datarater.meta_train import meta_train
+from tests import forked
 from tests.run_config import as_flags, small_config
 from tests.conftest import subprocess_env
 
@@ -23,9 +22,8 @@ def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path, capsys):
 
   resumed = tmp_path / 'resumed'
   env = subprocess_env(1)
-  first = subprocess.run([sys.executable, '-m', 'launch.train_rater', f'--workdir={resumed}',
-                          *as_flags(config), '--stop_after=3'], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+  first = forked.run('launch.train_rater', [f'--workdir={resumed}', *as_flags(config),
+                                            '--stop_after=3'], env)
   assert first.returncode == 0, first.stderr[-2000:]
   assert 'stopped after outer step 3' in first.stdout
   assert not (resumed / 'report.json').exists()  # really stopped half-way

@@ -7,8 +7,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,6 +17,7 @@ from datarater.data import pipeline
 from datarater.meta_train import meta_train
 from datarater.train import train
 from launch import cli, train as train_launcher, train_rater
+from tests import forked
 from tests.conftest import subprocess_env
 from tests.run_config import as_flags, small_config
 from tests.test_bad_input import _snapshot
@@ -191,8 +190,7 @@ def test_a_rater_whose_checkpoints_or_params_cannot_be_read_is_refused_in_one_li
 
   def stderr_of(module, *argv):
     before = _snapshot(tmp_path)
-    done = subprocess.run([sys.executable, '-m', module, *argv], cwd=ROOT, env=subprocess_env(1),
-                          capture_output=True, text=True, timeout=600)
+    done = forked.run(module, argv, subprocess_env(1))
     assert done.returncode == 2 and _snapshot(tmp_path) == before, done.stderr[-3000:]
     lines = [l for l in done.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith('error: '), done.stderr[-3000:]

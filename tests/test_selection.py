@@ -3,7 +3,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from datarater.policies.ranks import percentile_rank
 from datarater.policies.selection import gini, init_state, record_epoch
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
+from tests import forked
 from tests.conftest import digits_data
 
 
@@ -484,10 +484,9 @@ def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_pat
   from bench.runs import corrupted  # pylint: disable=g-import-not-at-top
   from tests.conftest import subprocess_env  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run(
-      [sys.executable, '-m', 'bench.selection', '--offline_only', '--folds=1', '--seeds=1',
-       f'--config.data.data_dir={tfds_dir}', f'--out={tmp_path}/guard'],
-      cwd=root, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  proc = forked.run('bench.selection', [
+      '--offline_only', '--folds=1', '--seeds=1', f'--config.data.data_dir={tfds_dir}',
+      f'--out={tmp_path}/guard'], subprocess_env(1))
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / 'guard.json').read_text())
   assert 'runs' not in result and (tmp_path / 'guard.md').is_file()

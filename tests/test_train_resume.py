@@ -1,8 +1,6 @@
 """launch.train resumes from its workdir: a stopped and resumed run equals an uninterrupted one."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import pytest
 from configs import digits, selection
 from datarater.errors import UserError
 from datarater.train import train
+from tests import forked
 from tests.conftest import digits_data, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,12 +86,10 @@ def test_resume_with_another_config_is_refused_and_writes_nothing(tfds_dir, tmp_
 def test_command_line_stop_and_resume(tfds_dir, tmp_path):
   """The flags end to end: --stop_after exits 0 with a checkpoint, a rerun finishes the run."""
   def launch(*extra):
-    return subprocess.run(
-        [sys.executable, '-m', 'launch.train', '--config=configs/digits.py',
-         f'--config.data.data_dir={tfds_dir}', '--config.train.epochs=3',
-         '--config.train.seeds=(0,)', f'--workdir={tmp_path}', *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=subprocess_env(1))
+    return forked.run('launch.train', [
+        '--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
+        '--config.train.epochs=3', '--config.train.seeds=(0,)', f'--workdir={tmp_path}', *extra],
+        subprocess_env(1))
   first = launch('--stop_after=1')
   assert first.returncode == 0, first.stderr[-2000:]
   assert 'stopped after epoch 1 (checkpointed)' in first.stdout
