@@ -222,3 +222,104 @@ def test_a_task_dataclass_may_add_fields_after_num_classes():
 
   assert tasks.num_classes(Wide({}, 3, 8)) == 3 and Wide({}, 3, 8).width == 8
   assert tasks.num_classes(Unlabelled({})) is None
+
+
+@pytest.mark.parametrize('loss, metrics, says', [
+    (lambda l: l.mean(), None, 'per_example_loss must return one value per example, shape (B,): '
+                              'on a batch of 3 it returned shape ()'),
+    (lambda l: l[:, None], None, 'per_example_loss must return one value per example, shape '
+                                 '(B,): on a batch of 3 it returned shape (3, 1)'),
+    (None, lambda m: {'accuracy': m['accuracy']}, "holding the per-example 'loss'; it returned "
+                                                  "['accuracy']"),
+    (None, lambda m: {k: v.mean() for k, v in m.items()},
+     "on a batch of 3 it returned {'accuracy': (), 'loss': ()}"),
+    (None, lambda m: m['loss'], "holding the per-example 'loss'; it returned ShapeDtypeStruct"),
+])
+def test_a_task_returning_other_shapes_is_refused_when_it_is_built(loss, metrics, says):
+  """A loss of shape [] or [B, 1] trained without a word (the weighted mean broadcasts) and the
+  rater learned nothing; metrics without per-example `loss` failed after the whole run."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (4,),
+                                      'activation': 'tanh'})
+  mlp = tasks.make_task(config, tiny_info())  # the shipped task passes
+
+  @dataclasses.dataclass(frozen=True)
+  class Odd(type(mlp)):
+    def per_example_loss(self, params, batch):
+      out = super().per_example_loss(params, batch)
+      return loss(out) if loss else out
+
+    def metrics(self, params, batch):
+      out = super().metrics(params, batch)
+      return metrics(out) if metrics else out
+
+  tasks.register_task('odd_for_test', {})(
+      lambda config, info: Odd(**{f.name: getattr(mlp, f.name) for f in dataclasses.fields(mlp)}))
+  try:
+    with pytest.raises(UserError) as raised:
+      tasks.make_task(ml_collections.ConfigDict({'name': 'odd_for_test'}), tiny_info())
+    assert f'Odd.{"per_example_loss" if loss else "metrics"} must return' in str(raised.value)
+    assert says in str(raised.value), str(raised.value)
+  finally:
+    tasks.TASKS.pop('odd_for_test')
+
+
+def test_a_rater_scoring_other_shapes_is_refused_when_it_is_built():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'name': 'mlp_rater', 'hidden': (4,), 'activation': 'tanh'})
+  rater = tasks.make_rater(config, tiny_info())
+
+  @dataclasses.dataclass(frozen=True)
+  class Column(type(rater)):
+    def score(self, params, batch):
+      return super().score(params, batch)[:, None]
+
+  tasks.register_rater('column_for_test', {})(
+      lambda config, info: Column(**{f.name: getattr(rater, f.name)
+                                     for f in dataclasses.fields(rater)}))
+  try:
+    with pytest.raises(UserError, match=r'Column.score must return one value per example, shape '
+                                        r'\(B,\): on a batch of 3 it returned shape \(3, 1\)'):
+      tasks.make_rater(ml_collections.ConfigDict({'name': 'column_for_test'}), tiny_info())
+  finally:
+    tasks.RATERS.pop('column_for_test')
+
+
+def test_what_needs_class_labels_names_its_setting_for_a_task_without_them(tmp_path):
+  """A classifier without labels/with_labels (the README's example) under the default
+  Gauss-Newton curvature of dvemb, or class-conditional SAE selection: one line naming the setting
+  and what to set instead, before any fitting; a task with them passes."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from configs.digits import get_config  # pylint: disable=g-import-not-at-top
+  from datarater import policies  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  mlp = tasks.make_task(ml_collections.ConfigDict(
+      {'name': 'mlp_classifier', 'hidden': (4,), 'activation': 'tanh'}), tiny_info())
+
+  @dataclasses.dataclass(frozen=True)
+  class NoLabels(tasks.Task):
+    spec: dict
+    num_classes: int
+
+    def init(self, key):
+      return mlp.init(key)
+
+    def per_example_loss(self, params, batch):
+      return mlp.per_example_loss(params, batch)
+
+  bare = NoLabels(mlp.spec, mlp.num_classes)
+  config = get_config()
+  config.valuation.optimizer = 'sgd'
+  assert config.valuation.dvemb_curvature == 'gauss_newton'
+  factory.check('dvemb', config, mlp, None)
+  with pytest.raises(UserError, match=r"^valuation.dvemb_curvature='gauss_newton' needs class "
+                     r'labels: task NoLabels defines no labels\(batch\) / with_labels\(batch, '
+                     r'labels\); define them, or set '
+                     r'--config.valuation.dvemb_curvature=empirical_fisher$'):
+    factory.check('dvemb', config, bare, None)
+  config.valuation.dvemb_curvature = 'empirical_fisher'
+  factory.check('dvemb', config, bare, None)
+  assert config.sae_scores.class_conditional
+  with pytest.raises(UserError, match=r'^sae_scores.class_conditional=True needs class labels: '
+                     r'task NoLabels .* or set --config.sae_scores.class_conditional=false$'):
+    policies.make_policy('sae', policies.PolicyContext(None, None, bare, config))

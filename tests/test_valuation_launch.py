@@ -339,7 +339,7 @@ def test_what_the_store_or_curvature_cannot_follow_is_refused_before_any_fit(tfd
   config.valuation.layers = 'proj'
   factory.check('tracin', config, task, train)
   config.valuation.store = False
-  with pytest.raises(UserError, match='has no class labels'):
+  with pytest.raises(UserError, match='needs class labels: task Scaled defines no labels'):
     factory.check('dvemb', config, task, train)
 
 

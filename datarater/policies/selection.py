@@ -197,6 +197,9 @@ def sae_policy(ctx: PolicyContext, codes=None, cost: int = 0) -> Policy:
   """The SAE policy of a config; `codes` skips the offline stage (precomputed SAE codes, which
   cost `cost` example-gradients)."""
   cfg = ctx.config
+  if cfg.sae_scores.class_conditional:  # before the SAE is trained
+    tasks.require_labels(ctx.task, 'sae_scores.class_conditional=True',
+                         'set --config.sae_scores.class_conditional=false')
   if codes is None:
     codes, info = sae_codes(ctx, cfg.features.seed)
     cost = info['extractor_example_grads']

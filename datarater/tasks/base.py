@@ -75,6 +75,40 @@ def check_per_example(task: 'Task', params: Params, batch: Batch) -> None:
                     'per-example gradients need per_example_loss to read each example alone')
 
 
+CHECK_BATCH = 3  # examples in the batch `check_outputs` traces
+
+
+def check_outputs(model: 'Task | Rater') -> None:
+  """UserError unless a task's `per_example_loss` gives one loss per example ([B]) and its
+  `metrics` a dict of [B] arrays holding `loss`, or a rater's `score` one score per example.
+  Traced by `jax.eval_shape` on a batch of `CHECK_BATCH` examples, not run: a loss of shape
+  [] or [B, 1] would otherwise train (weights times losses broadcast) and learn nothing."""
+  b, name = CHECK_BATCH, type(model).__name__
+  batch = {'index': jax.ShapeDtypeStruct((b,), jnp.int32),
+           **{k: jax.ShapeDtypeStruct((b, *s.shape), s.dtype) for k, s in model.spec.items()}}
+  params = jax.eval_shape(model.init, jax.random.key(0))
+
+  def shape(x):
+    return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
+  outputs = ({'score': model.score} if isinstance(model, Rater) else
+             {'per_example_loss': model.per_example_loss})
+  for method, fn in outputs.items():
+    out = jax.eval_shape(fn, params, batch)
+    if shape(out) != (b,):
+      raise UserError(f'{name}.{method} must return one value per example, shape (B,): on a '
+                      f'batch of {b} it returned shape {shape(out)}')
+  if isinstance(model, Task):
+    metrics = jax.eval_shape(model.metrics, params, batch)
+    if not isinstance(metrics, Mapping) or 'loss' not in metrics:
+      got = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
+      raise UserError(f'{name}.metrics must return a dict {{name: [B]}} holding the per-example '
+                      f"'loss'; it returned {got}")
+    bad = {k: shape(v) for k, v in metrics.items() if shape(v) != (b,)}
+    if bad:
+      raise UserError(f'{name}.metrics must return one value per example for each name, shape '
+                      f'(B,): on a batch of {b} it returned {bad}')
+
+
 def batch_size_of(batch: Batch) -> int:
   return jax.tree.leaves(batch)[0].shape[0]
 
@@ -118,6 +152,14 @@ class Task(abc.ABC):
 def num_classes(task: Task) -> Optional[int]:
   """The classes of a classifier task, None for any other."""
   return getattr(task, 'num_classes', None)
+
+
+def require_labels(task: Task, what: str, otherwise: str) -> None:
+  """UserError unless `task` defines `labels` and `with_labels`, which `what` (a setting) needs;
+  `otherwise` says what to set instead."""
+  if type(task).labels is Task.labels or type(task).with_labels is Task.with_labels:
+    raise UserError(f'{what} needs class labels: task {type(task).__name__} defines no '
+                    f'labels(batch) / with_labels(batch, labels); define them, or {otherwise}')
 
 
 class Rater(abc.ABC):

@@ -3,12 +3,13 @@
 `@register_task('name', schema)` / `@register_rater('name', schema)` on a factory
 `(config, info) -> Task | Rater` adds one; `config.task.name` / `config.rater.name` picks it.
 `schema` maps the section's other fields to their checks (`datarater.config_checks`), so a bad
-or unknown field is refused before a run starts.
+or unknown field is refused before a run starts; what the model returns is checked when it is
+built (`base.check_outputs`).
 """
 from typing import Callable
 
 from datarater.errors import UserError
-from datarater.tasks.base import Rater, Task
+from datarater.tasks.base import Rater, Task, check_outputs
 
 TASKS: dict[str, Callable[..., Task]] = {}
 RATERS: dict[str, Callable[..., Rater]] = {}
@@ -40,7 +41,9 @@ def make_task(config, info) -> Task:
   """The task `config.name` for data described by `info` (`pipeline.DataInfo`)."""
   if config.name not in TASKS:
     raise UserError(f'unknown task.name {config.name!r} (choose from {", ".join(sorted(TASKS))})')
-  return TASKS[config.name](config, info)
+  task = TASKS[config.name](config, info)
+  check_outputs(task)
+  return task
 
 
 def make_rater(config, info) -> Rater:
@@ -49,4 +52,6 @@ def make_rater(config, info) -> Rater:
     raise UserError(f'unknown rater.name {config.name!r} (choose from {", ".join(sorted(RATERS))}; '
                     'a rater of your own loads everywhere once datarater/tasks/__init__.py '
                     'imports its module)')
-  return RATERS[config.name](config, info)
+  rater = RATERS[config.name](config, info)
+  check_outputs(rater)
+  return rater

@@ -97,14 +97,15 @@ def check(method: str, config, task, train) -> None:
     if v.dvemb_curvature == 'gauss_newton' and not tasks.num_classes(task):
       raise UserError("valuation.dvemb_curvature='gauss_newton' needs a classification task "
                       "(use 'empirical_fisher')")
-    if v.dvemb_curvature == 'gauss_newton':
-      task.labels(train.take([0]))  # a classifier without labels() says so before any fit
+    if v.dvemb_curvature == 'gauss_newton':  # before any fit
+      tasks.require_labels(task, "valuation.dvemb_curvature='gauss_newton'",
+                           "set --config.valuation.dvemb_curvature=empirical_fisher")
     if v.dvemb_curvature == 'exact' and v.projection != 'none':
       raise UserError("valuation.dvemb_curvature='exact' works on unprojected gradients: set "
                       f"valuation.projection='none' (got {v.projection!r})")
   if method in ('tracin', 'mimic') and v.train_steps % v.checkpoint_every:
-    raise UserError(f'checkpoint_every={v.checkpoint_every} must be >= 1 and divide the '
-                    f'{v.train_steps} steps')
+    raise UserError(f'valuation.checkpoint_every={v.checkpoint_every} must be >= 1 and divide '
+                    f'valuation.train_steps={v.train_steps}')
   params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
   if parse_layers(v.layers) is not None:
     if method == 'dvemb':  # it would be ignored: the embedding spans every parameter
