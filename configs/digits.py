@@ -110,7 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
   v.seed = 0                       # initialisation and data order of the run
   v.layers = ''                    # comma-separated layer names ('dense_2'); '' = all parameters
   v.projection = 'kronecker'       # 'none' | 'kronecker' | 'gaussian' (where a method projects)
-  v.projection_dim = 8             # kronecker: 8 x 8 per matrix leaf; gaussian: this many dims
+  v.projection_dim = 8             # kronecker: 8 x 8 per matrix leaf, a leaf with one axis (a
+                                   # bias, a norm's scale) or <= 64 entries kept whole (the size
+                                   # DVEmb's curvature squares); gaussian: this many dims
   v.projection_seed = 0
   v.chunk_size = 64                # per-example gradients alive at once
   v.score_batch_size = 256         # examples per scoring call (the progress bar's step)

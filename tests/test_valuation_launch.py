@@ -365,3 +365,26 @@ def test_a_rater_is_checked_against_the_planted_corruption_wherever_it_is_loaded
                                                    rater=str(tmp_path / 'run')), 'datarater')
   rater = type(export.load_rater(str(tmp_path / 'run')).rater).__name__
   assert checked == [(0.2, [rater]), (0.2, [rater])]
+
+
+def test_dvemb_warns_before_its_fit_when_the_projected_gradient_is_long(caplog):
+  """A norm's 16384 scales stay whole under the Kronecker projection: k (the length the
+  projection really returns) makes DVEmb's k x k curvature 1 GiB, said before the fit with the
+  leaf and the setting that bounds k; a short k says nothing."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  v = get_config().valuation
+  wide = {'a': {'kernel': jnp.zeros((64, 16384)), 'scale': jnp.zeros(16384)},
+          'b': {'kernel': jnp.zeros((4, 4)), 'bias': jnp.zeros(3)}}
+  projection = factory.make_projection(v)
+  k = projection.apply(wide, projection.init(wide)).shape[0]
+  assert factory.projected_dim(v, wide) == (k, ["['a']['scale'] (16384)"])
+  with caplog.at_level('WARNING'):
+    factory.warn_dvemb_dim(v, wide)
+    factory.warn_dvemb_dim(v, wide['b'])
+  [line] = [r.getMessage() for r in caplog.records]
+  assert line.startswith(f'method dvemb: {k} projected gradient entries per example (a 1.0 GiB')
+  assert "keeps leaves with one axis whole: ['a']['scale'] (16384)" in line
+  assert line.endswith("valuation.projection='gaussian' bounds k by valuation.projection_dim")
+  v.projection = 'gaussian'
+  assert factory.projected_dim(v, wide) == (v.projection_dim, [])

@@ -5,6 +5,7 @@ value the same thing. Each fitted valuation carries `example_gradients`, what ma
 """
 from typing import Optional
 
+from absl import logging as absl_logging
 import jax
 import ml_collections
 
@@ -19,6 +20,8 @@ from datarater.valuation.tracin import TracIn
 
 METHODS = ('tracin', 'mimic', 'dvemb', 'datarater')
 PROJECTIONS = ('none', 'kronecker', 'gaussian')
+# DVEmb keeps a k x k curvature and decomposes it every step: above this k it warns before the fit.
+DVEMB_WARN_DIM = 4096
 
 
 def parse_layers(spec: str, field: str = 'valuation.layers'):
@@ -113,6 +116,8 @@ def check(method: str, config, task, train) -> None:
                       "embedding values every parameter (set valuation.layers='')")
     pergrad.layer_mask(params, parse_layers(v.layers))
   layers = parse_layers(v.layers) if method == 'tracin' else None  # dvemb: every parameter
+  if method == 'dvemb':
+    warn_dvemb_dim(v, params)
   if method == 'mimic':
     layers = mimic_layers(config, task, params, train)
     if layers is not None:
@@ -120,6 +125,36 @@ def check(method: str, config, task, train) -> None:
   if v.store or v.topk:  # layers the store's projection cannot follow fail now, not after a fit
     pergrad.factored_projection(1, 1, layers=layers).init(task.per_example_loss, params,
                                                           train.take([0, 1]))
+
+
+def projected_dim(v: ml_collections.ConfigDict, params) -> tuple[int, list[str]]:
+  """(k, leaves kept whole larger than projection_dim**2): the entries of an example's gradient
+  under the projection of `v` (`pergrad.kronecker_projection` keeps leaves with one axis or at
+  most projection_dim**2 entries whole)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  if v.projection == 'none':
+    return sum(x.size for _, x in flat), []
+  if v.projection == 'gaussian':
+    return v.projection_dim, []
+  d2 = v.projection_dim ** 2
+  whole = [(jax.tree_util.keystr(path), x.size) for path, x in flat
+           if len(x.shape) < 2 and x.size > d2]
+  return sum(x.size if len(x.shape) < 2 or x.size <= d2 else d2 for _, x in flat), [
+      f'{name} ({size})' for name, size in sorted(whole, key=lambda w: -w[1])]
+
+
+def warn_dvemb_dim(v: ml_collections.ConfigDict, params) -> None:
+  """A warning line when DVEmb's k x k curvature is large (memory, and an eigendecomposition
+  of it at every recorded step): what makes k large and how to bound it."""
+  k, whole = projected_dim(v, params)
+  if k <= DVEMB_WARN_DIM:
+    return
+  why = (f"; the Kronecker projection keeps leaves with one axis whole: {', '.join(whole[:3])}"
+         if whole else '')
+  absl_logging.warning(
+      'method dvemb: %d projected gradient entries per example (a %.1f GiB k x k curvature, '
+      "decomposed at each of valuation.dvemb_steps=%d steps)%s; valuation.projection='gaussian' "
+      'bounds k by valuation.projection_dim', k, k * k * 4 / 2**30, v.dvemb_steps, why)
 
 
 def ghost_norms_pay(task, run, train, layers) -> bool:
