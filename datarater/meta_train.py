@@ -183,7 +183,8 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
           f'the meta-gradient was not finite at {in_a_row} outer steps in a row (by step '
           f'{step}); the rater was left as it was and its last checkpoint holds finite values. '
           f'Lower inner.learning_rate ({config.inner.learning_rate:g}) or outer.learning_rate '
-          f'({config.outer.learning_rate:g})')
+          f'({config.outer.learning_rate:g}), or check that the task\'s loss is finite at '
+          'initialisation')
 
   last_step = config.outer.steps if stop_after is None else min(stop_after, config.outer.steps)
   if primary:
