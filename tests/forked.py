@@ -1,20 +1,22 @@
-"""Short command lines run as their own processes, forked from a `multiprocessing` fork server
-that imported JAX and the library once (~0.3 s a run instead of ~3 s).
+"""Command lines run as their own processes, forked from a `multiprocessing` fork server that
+imported JAX and the library once (~0.3 s a start instead of ~3 s).
 
 `run(module, args, env)` is `python -m module *args`: the child runs the module as `__main__`
 with that argv and environment, so its exit code and output are the command line's. `call` runs
-any importable function in such a child. JAX reads its own `JAX_*` variables when it is imported,
-in the fork server, so a child's `env` changes what is read later (`XLA_FLAGS`, the launchers'
-`JAX_COMPILATION_CACHE_DIR`), not those.
+any importable function in such a child; `start` and `start_module` return at once with a handle
+that has the part of `subprocess.Popen` the tests use. JAX reads its own `JAX_*` variables when it
+is imported, in the fork server, so a child's `env` changes what is read later (`XLA_FLAGS`, the
+launchers' `JAX_COMPILATION_CACHE_DIR`), not those.
 """
 import atexit
 import multiprocessing
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
-from typing import Callable
+from typing import Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Imported once by the fork server; none of them starts a thread or a JAX backend.
@@ -27,45 +29,101 @@ def _child(function: Callable, args: tuple, env: dict, out: str, err: str) -> No
   os.environ.clear()
   os.environ.update(env)
   for fd, path in ((1, out), (2, err)):
-    os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
+    os.dup2(os.open(path, os.O_WRONLY | os.O_APPEND), fd)
   try:
     function(*args)  # multiprocessing turns SystemExit(code) into the exit code
   finally:
     atexit._run_exitfuncs()  # pylint: disable=protected-access  # as at a process's exit
 
 
-def call(function: Callable, *args, env: dict, cwd: str = ROOT,
-         timeout: float = 300) -> subprocess.CompletedProcess:
-  """`function(*args)` in a forked child with environment `env`, in folder `cwd`: its exit code
-  (0 on return, 1 on an exception) and its stdout and stderr as text."""
+class Started:
+  """A child `start` forked: `poll`, `wait`, `send_signal`, `kill`, `communicate` and
+  `returncode` as `subprocess.Popen`'s, output as text read once it has exited."""
+
+  def __init__(self, process, folder: tempfile.TemporaryDirectory, out: str, err: str):
+    self._process, self._folder, self._out, self._err = process, folder, out, err
+    self.pid = process.pid
+
+  @property
+  def returncode(self) -> Optional[int]:
+    return self._process.exitcode
+
+  def poll(self) -> Optional[int]:
+    return self._process.exitcode
+
+  def wait(self, timeout: Optional[float] = None) -> int:
+    self._process.join(timeout)
+    if self._process.exitcode is None:
+      raise subprocess.TimeoutExpired(repr(self._process), timeout)
+    return self._process.exitcode
+
+  def send_signal(self, signum: int) -> None:
+    if self._process.exitcode is None:
+      os.kill(self._process.pid, signum)
+
+  def kill(self) -> None:
+    self.send_signal(signal.SIGKILL)
+
+  def outputs(self) -> tuple[str, str]:
+    """(stdout, stderr) so far (one text, and '', when they were merged)."""
+    with open(self._out) as f:
+      out = f.read()
+    if self._err == self._out:
+      return out, ''
+    with open(self._err) as f:
+      return out, f.read()
+
+  def communicate(self, timeout: Optional[float] = None) -> tuple[str, Optional[str]]:
+    self.wait(timeout)
+    out, err = self.outputs()
+    self._folder.cleanup()
+    return out, err if self._err != self._out else None
+
+
+def start(function: Callable, *args, env: dict, cwd: str = ROOT, merged: bool = False) -> Started:
+  """`function(*args)` in a forked child with environment `env`, in folder `cwd` (`merged`:
+  stderr into stdout, as `stderr=subprocess.STDOUT`); its exit code is 0 on return, 1 on an
+  exception."""
   context = multiprocessing.get_context('forkserver')
   context.set_forkserver_preload(PRELOAD)
-  with tempfile.TemporaryDirectory() as tmp:
-    out, err = os.path.join(tmp, 'stdout'), os.path.join(tmp, 'stderr')
-    open(out, 'w').close()
-    open(err, 'w').close()
-    here = os.getcwd()
-    os.chdir(cwd)  # the child starts in the folder its parent is in at start()
-    try:
-      process = context.Process(target=_child, args=(function, args, dict(env), out, err))
-      process.start()
-    finally:
-      os.chdir(here)
-    process.join(timeout)
-    killed = process.exitcode is None
-    if killed:
-      process.kill()
-      process.join()
-    with open(out) as f_out, open(err) as f_err:
-      stdout, stderr = f_out.read(), f_err.read()
-  if killed:
-    raise TimeoutError(f'{function.__name__}{args} ran over {timeout} s:\n{stderr[-2000:]}')
-  return subprocess.CompletedProcess(args, process.exitcode, stdout, stderr)
+  folder = tempfile.TemporaryDirectory()
+  out = os.path.join(folder.name, 'stdout')
+  err = out if merged else os.path.join(folder.name, 'stderr')
+  for path in {out, err}:
+    open(path, 'w').close()
+  here = os.getcwd()
+  os.chdir(cwd)  # the child starts in the folder its parent is in at start()
+  try:
+    process = context.Process(target=_child, args=(function, args, dict(env), out, err))
+    process.start()
+  finally:
+    os.chdir(here)
+  return Started(process, folder, out, err)
+
+
+def call(function: Callable, *args, env: dict, cwd: str = ROOT,
+         timeout: float = 300) -> subprocess.CompletedProcess:
+  """`start(function, *args, ...)` waited for: its exit code and its stdout and stderr."""
+  child = start(function, *args, env=env, cwd=cwd)
+  try:
+    child.wait(timeout)
+  except subprocess.TimeoutExpired:
+    child.kill()
+    child.wait()
+    raise TimeoutError(f'{function.__name__}{args} ran over {timeout} s:\n'
+                       f'{child.outputs()[1][-2000:]}') from None
+  stdout, stderr = child.communicate()
+  return subprocess.CompletedProcess(args, child.returncode, stdout, stderr)
 
 
 def _as_main(module: str, args: list) -> None:
   sys.argv = [module, *args]
   runpy.run_module(module, run_name='__main__', alter_sys=True)
+
+
+def _as_script(path: str, args: list) -> None:
+  sys.argv = [path, *args]
+  runpy.run_path(path, run_name='__main__')
 
 
 def run(module: str, args: list, env: dict, cwd: str = ROOT) -> subprocess.CompletedProcess:
@@ -75,3 +133,13 @@ def run(module: str, args: list, env: dict, cwd: str = ROOT) -> subprocess.Compl
   done = call(_as_main, module, list(args), env=env, cwd=cwd)
   done.args = [sys.executable, '-m', module, *args]
   return done
+
+
+def start_module(module: str, args: list, env: dict, cwd: str = ROOT) -> Started:
+  """`python -m module *args` started, its stderr merged into its stdout."""
+  return start(_as_main, module, list(args), env=env, cwd=cwd, merged=True)
+
+
+def start_script(path: str, args: list, env: dict, cwd: str = ROOT) -> Started:
+  """`python path *args` started, its stderr merged into its stdout."""
+  return start(_as_script, path, list(args), env=env, cwd=cwd, merged=True)

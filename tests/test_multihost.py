@@ -7,7 +7,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import glob
@@ -24,6 +23,7 @@ from datarater.data.corruption import Corruption
 from datarater.export import load_rater
 from datarater.meta_train import meta_train
 from datarater.valuation.run import valuate
+from tests import forked
 from tests.run_config import as_flags, small_config
 from tests.conftest import subprocess_env
 
@@ -43,14 +43,10 @@ def _free_port() -> int:
 def _start(module, args, extra=((), ())):
   """`python -m module args` as two jax.distributed processes of 2 CPU devices each (process i
   also given `extra[i]`)."""
-  port, procs = _free_port(), []
-  env = subprocess_env(2)
-  for i in range(2):
-    procs.append(subprocess.Popen(
-        [sys.executable, '-m', module, *args, *extra[i], f'--coordinator_address=127.0.0.1:{port}',
-         '--num_processes=2', f'--process_id={i}'],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  return procs
+  port = _free_port()
+  return [forked.start_module(module, [*args, *extra[i], f'--coordinator_address=127.0.0.1:{port}',
+                                       '--num_processes=2', f'--process_id={i}'],
+                              subprocess_env(2)) for i in range(2)]
 
 
 def _start_driver(source: str, tfds_dir: str, tmp_path):
@@ -58,10 +54,9 @@ def _start_driver(source: str, tfds_dir: str, tmp_path):
   (process index, port, tfds_dir, tmp_path) as arguments."""
   driver = tmp_path / 'driver.py'
   driver.write_text(source)
-  port, env = _free_port(), subprocess_env(2)
-  return [subprocess.Popen([sys.executable, str(driver), str(i), str(port), tfds_dir,
-                            str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  port = _free_port()
+  return [forked.start_script(str(driver), [str(i), str(port), tfds_dir, str(tmp_path)],
+                              subprocess_env(2)) for i in range(2)]
 
 
 def _finish(procs, timeout: int = 300):
