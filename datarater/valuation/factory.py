@@ -128,19 +128,20 @@ def check(method: str, config, task, train) -> None:
 
 
 def projected_dim(v: ml_collections.ConfigDict, params) -> tuple[int, list[str]]:
-  """(k, leaves kept whole larger than projection_dim**2): the entries of an example's gradient
-  under the projection of `v` (`pergrad.kronecker_projection` keeps leaves with one axis or at
-  most projection_dim**2 entries whole)."""
+  """(k, the leaves the projection keeps whole that are larger than projection_dim**2): k is the
+  length of an example's gradient under the projection of `v`, traced (`jax.eval_shape`) from
+  the projection itself."""
+  projection = make_projection(v)
+  if projection is None:
+    return sum(x.size for x in jax.tree.leaves(params)), []
+  k = jax.eval_shape(lambda p: projection.apply(p, projection.init(p)), params).shape[0]
+  if v.projection != 'kronecker':
+    return k, []
+  factors = jax.eval_shape(projection.init, params)  # None: a leaf kept whole
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  if v.projection == 'none':
-    return sum(x.size for _, x in flat), []
-  if v.projection == 'gaussian':
-    return v.projection_dim, []
-  d2 = v.projection_dim ** 2
-  whole = [(jax.tree_util.keystr(path), x.size) for path, x in flat
-           if len(x.shape) < 2 and x.size > d2]
-  return sum(x.size if len(x.shape) < 2 or x.size <= d2 else d2 for _, x in flat), [
-      f'{name} ({size})' for name, size in sorted(whole, key=lambda w: -w[1])]
+  whole = [(x.size, jax.tree_util.keystr(path)) for (path, x), f in zip(flat, factors)
+           if f is None and x.size > v.projection_dim ** 2]
+  return k, [f'{name} ({size})' for size, name in sorted(whole, reverse=True)]
 
 
 def warn_dvemb_dim(v: ml_collections.ConfigDict, params) -> None:
