@@ -63,8 +63,8 @@ def _why(error: Exception) -> str:
 
 def _drop_closed_loop_noise() -> None:
   """Drops the 'Event loop is closed' errors that tensorstore reports as unraisable (a traceback
-  each on stderr, some after the call returns) when orbax gives up reading a damaged checkpoint;
-  others go to the hook in place. Installed once, at the first read (a hook that wraps it keeps
+  each on stderr, some after the call returns) when orbax gives up reading a damaged checkpoint,
+  and asyncio's reports of its read errors left in other tasks; others go to the hook in place. Installed once, at the first read (a hook that wraps it keeps
   its marker: launch.interrupts')."""
   hook = sys.unraisablehook
   if getattr(hook, 'drops_closed_loop_noise', False):
@@ -77,6 +77,16 @@ def _drop_closed_loop_noise() -> None:
   dropping.__dict__.update(getattr(hook, '__dict__', {}))  # the markers of hooks below it
   dropping.drops_closed_loop_noise = True
   sys.unraisablehook = dropping
+  logging.getLogger('asyncio').addFilter(_unretrieved_tensorstore_error)
+
+
+def _unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
+  """False for asyncio's 'Task exception was never retrieved' report of a tensorstore read
+  error (a traceback on stderr, some after the call returns): orbax reads the arrays of a
+  damaged checkpoint in several tasks and raises the first error, which the caller reports."""
+  error = record.exc_info[1] if record.exc_info else None
+  return not (str(record.msg).startswith('Task exception was never retrieved')
+              and 'tensorstore_spec' in str(error))
 
 
 @contextlib.contextmanager

@@ -6,8 +6,10 @@ import dataclasses
 import glob
 import io
 import json
+import logging
 import os
 import stat
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -723,3 +725,37 @@ def test_fresh_models_trained_with_the_rater_use_its_temperature(tfds_dir):
     return float(np.mean(run.final['heldout']['loss']))
   assert got == pytest.approx(by_hand(0.1), rel=1e-5)
   assert abs(by_hand(1.0) - got) > 1e-4
+
+
+def test_asyncio_reports_of_unretrieved_tensorstore_read_errors_are_dropped(caplog, monkeypatch):
+  """orbax reads a damaged checkpoint's arrays in several asyncio tasks and raises the first
+  error; the others, collected unretrieved, made asyncio log a traceback each. Once a checkpoint
+  has been read (`quiet_orbax`), those reports are dropped and any other task's are kept."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import gc  # pylint: disable=g-import-not-at-top
+  from datarater import checkpointing  # pylint: disable=g-import-not-at-top
+
+  def unretrieved(message):
+    async def fail():
+      raise ValueError(message)
+
+    async def start_and_drop():
+      task = asyncio.ensure_future(fail())
+      await asyncio.sleep(0)  # the task runs and fails; nobody asks for its result
+      del task
+
+    caplog.clear()
+    asyncio.run(start_and_drop())
+    gc.collect()
+    return [r for r in caplog.records if 'never retrieved' in r.getMessage()]
+
+  tensorstore = 'NOT_FOUND: Error opening "zarr" driver [tensorstore_spec=\'{}\']'
+  # As in a process that has read no checkpoint yet (this one may have).
+  logging.getLogger('asyncio').removeFilter(checkpointing._unretrieved_tensorstore_error)
+  monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)
+  with caplog.at_level(logging.ERROR, logger='asyncio'):
+    assert len(unretrieved(tensorstore)) == 1
+    with checkpointing.quiet_orbax():
+      pass
+    assert not unretrieved(tensorstore)
+    assert len(unretrieved('another failure')) == 1
