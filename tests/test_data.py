@@ -302,3 +302,30 @@ def test_a_recorded_corruption_whose_class_0_is_not_clean_is_refused():
     pipeline.corruption_kinds(info, corruption.Corruption())
   ok = dataclasses.replace(info, class_names={'corruption': ('clean', 'random_bytes', 'x')})
   assert pipeline.corruption_kinds(ok, corruption.Corruption()) == ('clean', 'random_bytes', 'x')
+
+
+def test_a_split_read_again_is_the_folders_current_contents_and_its_own_copy(tfds_dir, tmp_path):
+  """Splits read before are kept in memory: a dataset written again into the same folder
+  (launch.filter --overwrite) is read again, and changing a returned split's arrays changes
+  no later read. Oracle: the folder's examples read by TFDS directly."""
+  from datarater import files  # pylint: disable=g-import-not-at-top
+  from datarater.curation.filter import filter_dataset  # pylint: disable=g-import-not-at-top
+  n = len(pipeline.load_split(digits_data(tfds_dir), 'train'))
+  scores, folder = str(tmp_path / 'scores.parquet'), str(tmp_path / 'filtered')
+  files.write_parquet(scores, {'id': np.arange(n),
+                               'value': np.random.default_rng(0).normal(size=n)})
+  data = digits_data(tfds_dir)
+  data.dataset_dir = folder
+  for keep in (0.5, 0.9):
+    filter_dataset('sklearn_digits', folder, ['train'], scores=scores, keep=keep,
+                   data_dir=tfds_dir, batch_size=256, overwrite=keep > 0.5)
+    direct = tfds.builder_from_directory(folder).as_data_source(split='train')
+    for _ in range(2):
+      split = pipeline.load_split(data, 'train')
+      assert len(split) == len(direct)
+      np.testing.assert_array_equal(split.features['label'], [e['label'] for e in direct])
+      np.testing.assert_allclose(split.features['image'][:, :, :, 0] * 255,
+                                 [e['image'][:, :, 0] for e in direct], rtol=1e-6)
+      split.features['image'][:] = -1  # the caller's own arrays
+      split.features['label'][:] = -1
+  assert len(direct) == round(0.9 * n) != round(0.5 * n)
