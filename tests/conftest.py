@@ -32,6 +32,12 @@ def pytest_sessionfinish(session):
     shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
+def pytest_collection_modifyitems(items):
+  """The modules kept on one worker (`xdist_group`, a minute or more each) are handed out first,
+  so that the single tests fill in around them and the two workers end together."""
+  items.sort(key=lambda item: item.get_closest_marker('xdist_group') is None)
+
+
 @pytest.fixture(scope='session')
 def tfds_dir(tmp_path_factory):
   """A TFDS data_dir shared by the session's tests, with the bundled digits prepared once."""
