@@ -64,8 +64,8 @@ def _why(error: Exception) -> str:
 def _drop_closed_loop_noise() -> None:
   """Drops the 'Event loop is closed' errors that tensorstore reports as unraisable (a traceback
   each on stderr, some after the call returns) when orbax gives up reading a damaged checkpoint,
-  and asyncio's reports of its read errors left in other tasks; others go to the hook in place. Installed once, at the first read (a hook that wraps it keeps
-  its marker: launch.interrupts')."""
+  and asyncio's reports of its read errors left in other tasks; others go to the hook in place.
+  Installed once, at the first read (a hook that wraps it keeps its marker: launch.interrupts')."""
   hook = sys.unraisablehook
   if getattr(hook, 'drops_closed_loop_noise', False):
     return
@@ -81,11 +81,12 @@ def _drop_closed_loop_noise() -> None:
 
 
 def _unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
-  """False for asyncio's 'Task exception was never retrieved' report of a tensorstore read
-  error (a traceback on stderr, some after the call returns): orbax reads the arrays of a
+  """False for asyncio's '(Task|Future) exception was never retrieved' report of a tensorstore
+  read error (a traceback on stderr, some after the call returns): orbax reads the arrays of a
   damaged checkpoint in several tasks and raises the first error, which the caller reports."""
   error = record.exc_info[1] if record.exc_info else None
-  return not (str(record.msg).startswith('Task exception was never retrieved')
+  first = str(record.msg).split('\n', 1)[0]
+  return not (first.endswith('exception was never retrieved')
               and 'tensorstore_spec' in str(error))
 
 

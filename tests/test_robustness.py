@@ -730,7 +730,8 @@ def test_fresh_models_trained_with_the_rater_use_its_temperature(tfds_dir):
 def test_asyncio_reports_of_unretrieved_tensorstore_read_errors_are_dropped(caplog, monkeypatch):
   """orbax reads a damaged checkpoint's arrays in several asyncio tasks and raises the first
   error; the others, collected unretrieved, made asyncio log a traceback each. Once a checkpoint
-  has been read (`quiet_orbax`), those reports are dropped and any other task's are kept."""
+  has been read (`quiet_orbax`), those reports (of tasks and of futures) are dropped and any
+  other's are kept."""
   import asyncio  # pylint: disable=g-import-not-at-top
   import gc  # pylint: disable=g-import-not-at-top
   from datarater import checkpointing  # pylint: disable=g-import-not-at-top
@@ -742,7 +743,9 @@ def test_asyncio_reports_of_unretrieved_tensorstore_read_errors_are_dropped(capl
     async def start_and_drop():
       task = asyncio.ensure_future(fail())
       await asyncio.sleep(0)  # the task runs and fails; nobody asks for its result
-      del task
+      future = asyncio.get_running_loop().create_future()
+      future.set_exception(ValueError(message))  # a future failed likewise
+      del task, future
 
     caplog.clear()
     asyncio.run(start_and_drop())
@@ -754,8 +757,8 @@ def test_asyncio_reports_of_unretrieved_tensorstore_read_errors_are_dropped(capl
   logging.getLogger('asyncio').removeFilter(checkpointing._unretrieved_tensorstore_error)
   monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)
   with caplog.at_level(logging.ERROR, logger='asyncio'):
-    assert len(unretrieved(tensorstore)) == 1
+    assert len(unretrieved(tensorstore)) == 2
     with checkpointing.quiet_orbax():
       pass
     assert not unretrieved(tensorstore)
-    assert len(unretrieved('another failure')) == 1
+    assert len(unretrieved('another failure')) == 2
