@@ -326,7 +326,10 @@ def _read_raw(builder, info: DataInfo, split: str) -> dict[str, np.ndarray]:
   the 1,797 digits, seconds for 60k images), and a process often reads a split again (a bench's
   seeds, a run's final report): the last few splits are kept, keyed by the folder's file names,
   sizes and times (`files_digest`), so a dataset written again is read again."""
-  key = (os.path.realpath(str(builder.data_dir)), files_digest(builder), split)
+  try:
+    key = (os.path.realpath(str(builder.data_dir)), files_digest(builder), split)
+  except OSError:  # e.g. a broken link in the folder: read it (and fail) as without the cache
+    key = None
   if key in _RAW_CACHE:
     _RAW_CACHE.move_to_end(key)
     return _RAW_CACHE[key]
@@ -335,7 +338,8 @@ def _read_raw(builder, info: DataInfo, split: str) -> dict[str, np.ndarray]:
     raw = stack_examples(info, source.__getitems__(list(range(len(source)))))
   for x in raw.values():
     x.setflags(write=False)  # shared by every later read: corruption and decoding copy
-  _RAW_CACHE[key] = raw
+  if key is not None:
+    _RAW_CACHE[key] = raw
   while len(_RAW_CACHE) > RAW_CACHE_SIZE:
     _RAW_CACHE.popitem(last=False)
   return raw
