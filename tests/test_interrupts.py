@@ -14,6 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = '''
 import gc, os, signal, sys, time
 from launch import interrupts
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as started from a terminal, even when
+# the tests run as a shell's background job (started ignoring SIGINT, as their children are)
 if sys.argv[2] == 'install':
   interrupts.install()
 else:
