@@ -283,14 +283,34 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     if primary:
       log.info('stopped after outer step %d (checkpointed); run again to resume', last_step)
     return {}
+  scores = problem_line = None
+  if primary:  # process 0 scores and reports; every process stops if the scores are not finite
+    rater_params, last_iterate = reported_rater(state)
+    scores = scored.get((config.outer.steps, 'reported'))
+    if scores is None:
+      scores = evaluation.score_split(lambda b: score(rater_params, b), data.train, jit=False)
+    problem_line = unscorable(config, scores)
+  if not multihost.agree(problem_line is None):
+    raise UserError(problem_line or unscorable(config, None))
   if not primary:
     return {}
-  rater_params, last_iterate = reported_rater(state)
   return final_report(config, workdir, data, problem, rater_params, metrics_log.history,
                       int(sharding.host_copy(state.skipped)),
-                      last_iterate if problem.ema else None,
-                      scored.get((config.outer.steps, 'reported')),
+                      last_iterate if problem.ema else None, scores,
                       scored.get((config.outer.steps, 'last_iterate')))
+
+
+def unscorable(config, scores: Optional[np.ndarray]) -> Optional[str]:
+  """The line that stops a run whose final rater's scores of the training split overflow
+  (finite parameters, e.g. ~1e28 after huge outer steps), else None; `scores` None: process 0's
+  scores, as another process reports them."""
+  if scores is not None and np.isfinite(scores).all():
+    return None
+  where = (f'on {int((~np.isfinite(scores)).sum())} of {len(scores)} training examples'
+           if scores is not None else "on process 0's training examples")
+  return (f"the rater's scores are not finite {where} after outer step {config.outer.steps} "
+          f'(its checkpoints are kept); outer.learning_rate={config.outer.learning_rate:g} may '
+          'be too large')
 
 
 def fresh_model_results(config, data, problem, rater_params) -> dict:
@@ -335,22 +355,13 @@ def _finished_report(path: str, config) -> Optional[dict]:
 
 
 def final_report(config, workdir, data, problem, rater_params, history, skipped: int,
-                 last_iterate=None, scores=None, last=None) -> dict:
-  """Noise AUROC of the scores, the keep their histogram suggests, and fresh models trained with
-  rater vs uniform weights.
+                 last_iterate, scores: np.ndarray, last=None) -> dict:
+  """Noise AUROC of `scores` (the rater's, finite, of the training split), the keep their
+  histogram suggests, and fresh models trained with rater vs uniform weights.
 
   `last_iterate`: the rater's last parameters when `rater_params` is their Polyak average; its
-  AUROCs are reported beside. `scores` / `last`: those parameters' scores of the training split
-  if already computed (by the last log step).
+  AUROCs are reported beside. `last`: its scores if already computed (by the last log step).
   """
-  if scores is None:
-    scores = evaluation.score_split(lambda b: problem.rater.score(rater_params, b), data.train)
-  if not np.isfinite(scores).all():  # finite parameters whose scores overflow
-    raise UserError(
-        f"the rater's scores are not finite on {int((~np.isfinite(scores)).sum())} of "
-        f'{len(scores)} training examples after outer step {config.outer.steps} (its '
-        f'checkpoints are kept); outer.learning_rate={config.outer.learning_rate:g} may be too '
-        'large')
   auroc = evaluation.noise_auroc(scores, data.train.is_corrupted)
   fe = config.final_eval
   if fe.num_models:

@@ -141,6 +141,22 @@ def test_a_workdir_in_use_stops_both_processes_in_one_line(tfds_dir, tmp_path):
   assert sorted(os.listdir(workdir)) == ['.lock']
 
 
+def test_a_rater_whose_scores_overflow_stops_both_processes_in_one_line(tfds_dir, tmp_path):
+  """Outer steps of 1e30 leave finite parameters whose scores overflow: process 0, which scores
+  and reports, and process 1 both end with exit 2 and one line; no report is written."""
+  workdir = tmp_path / 'hot'
+  procs = _start('launch.train_rater', [f'--workdir={workdir}',
+                                        *as_flags(small_config(tfds_dir, steps=2)),
+                                        '--config.outer.learning_rate=1e30'])
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out, where in zip(procs, outs, ('on 1197 of 1197 training examples',
+                                         "on process 0's training examples")):
+    errors = [l for l in out.splitlines() if l.startswith('error: ')]
+    assert p.returncode == 2 and len(errors) == 1, out[-3000:]
+    assert f"the rater's scores are not finite {where} after outer step 2" in errors[0], errors
+  assert not (workdir / 'report.json').exists()
+
+
 @pytest.mark.parametrize('module,args,extra,name', [
     ('train_rater', ['--workdir=W'], ['--config.seed=1'], '--config.seed'),
     ('filter', ['--dataset=sklearn_digits', '--rater=none', '--keep=0.5', '--out=W'],
