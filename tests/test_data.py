@@ -329,3 +329,20 @@ def test_a_split_read_again_is_the_folders_current_contents_and_its_own_copy(tfd
       split.features['image'][:] = -1  # the caller's own arrays
       split.features['label'][:] = -1
   assert len(direct) == round(0.9 * n) != round(0.5 * n)
+
+
+def test_splits_kept_in_memory_stay_within_their_byte_budget(tfds_dir, monkeypatch):
+  """Oldest first out; a split larger than the whole budget is not kept."""
+  data = digits_data(tfds_dir)
+  monkeypatch.setattr(pipeline, '_RAW_CACHE', type(pipeline._RAW_CACHE)())
+  size = lambda split: sum(x.nbytes for x in pipeline._read_raw(
+      pipeline.builder_of(data), pipeline.data_info(pipeline.builder_of(data)), split).values())
+  train, test = size('train'), size('test')
+  kept = lambda: sorted(key[-1] for key in pipeline._RAW_CACHE)
+  assert kept() == ['test', 'train']
+  monkeypatch.setattr(pipeline, 'RAW_CACHE_BYTES', train + test - 1)
+  pipeline.load_split(data, 'validation')
+  assert kept() == ['test', 'validation']  # train, the oldest, went first
+  monkeypatch.setattr(pipeline, 'RAW_CACHE_BYTES', train - 1)
+  pipeline.load_split(data, 'train')
+  assert 'train' not in kept()

@@ -318,14 +318,15 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str,
 
 
 _RAW_CACHE: 'collections.OrderedDict[tuple, dict]' = collections.OrderedDict()
-RAW_CACHE_SIZE = 4  # splits; Fashion-MNIST's train split is 47 MB of raw uint8
+RAW_CACHE_BYTES = 1 << 30  # raw arrays kept at most (Fashion-MNIST's train split: 47 MB)
 
 
 def _read_raw(builder, info: DataInfo, split: str) -> dict[str, np.ndarray]:
   """The split's raw stacked features (read-only). TFDS decodes example by example (0.1 s for
   the 1,797 digits, seconds for 60k images), and a process often reads a split again (a bench's
-  seeds, a run's final report): the last few splits are kept, keyed by the folder's file names,
-  sizes and times (`files_digest`), so a dataset written again is read again."""
+  seeds, a run's final report): the splits read last are kept, up to `RAW_CACHE_BYTES`, keyed by
+  the folder's file names, sizes and times (`files_digest`), so a dataset written again is read
+  again."""
   try:
     key = (os.path.realpath(str(builder.data_dir)), files_digest(builder), split)
   except OSError:  # e.g. a broken link in the folder: read it (and fail) as without the cache
@@ -340,8 +341,9 @@ def _read_raw(builder, info: DataInfo, split: str) -> dict[str, np.ndarray]:
     x.setflags(write=False)  # shared by every later read: corruption and decoding copy
   if key is not None:
     _RAW_CACHE[key] = raw
-  while len(_RAW_CACHE) > RAW_CACHE_SIZE:
-    _RAW_CACHE.popitem(last=False)
+  nbytes = lambda arrays: sum(x.nbytes for x in arrays.values())
+  while _RAW_CACHE and sum(map(nbytes, _RAW_CACHE.values())) > RAW_CACHE_BYTES:
+    _RAW_CACHE.popitem(last=False)  # the oldest first; a split over the budget is not kept
   return raw
 
 
