@@ -486,6 +486,7 @@ def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_pat
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = forked.run('bench.selection', [
       '--offline_only', '--folds=1', '--seeds=1', f'--config.data.data_dir={tfds_dir}',
+      '--config.sae.steps=100', '--config.features.train_steps=40',  # small: this tests bookkeeping
       f'--out={tmp_path}/guard'], subprocess_env(1))
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / 'guard.json').read_text())
