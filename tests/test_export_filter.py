@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +33,10 @@ from datarater.errors import UserError
 from datarater.meta_train import meta_train
 from datarater.train import train
 from launch import cli, filter as filter_launcher
+from tests import forked
 from tests.conftest import digits_data, otsu_keep, subprocess_env
 from tests.run_config import small_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN = 1197
 
 
@@ -208,34 +207,36 @@ def test_deterministic_bytes_on_1_and_4_devices(tfds_dir, rater_dir, tmp_path):
   assert len(a) >= 8 and a == b == c
 
 
-def _cli(args, **kw):
-  env = subprocess_env(1)
-  return subprocess.Popen([sys.executable, '-m', 'launch.filter', *args], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+def _cli(args) -> subprocess.CompletedProcess:
+  """`python -m launch.filter *args`, run to its end."""
+  return forked.run('launch.filter', args, subprocess_env(1))
+
+
+def _filter_then(signum: int, args: list) -> None:
+  """launch.filter whose process sends itself `signum` once the dataset is written in its
+  temporary folder, before the rename: the latest point a kill can leave a partial output."""
+  from datarater.curation import tfds_writer  # pylint: disable=g-import-not-at-top
+  write = tfds_writer.write_subset
+
+  def signalled(*a, **k):
+    out = write(*a, **k)
+    os.kill(os.getpid(), signum)
+    return out
+  tfds_writer.write_subset = signalled
+  forked._as_main('launch.filter', args)  # pylint: disable=protected-access
 
 
 def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir, tmp_path):
   out = tmp_path / 'killed'
   args = ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', f'--rater={rater_dir}',
           '--keep=0.8', '--label_noise=0.2', '--batch_size=256', f'--out={out}']
-  # The child kills itself (SIGKILL, no clean-up) once the dataset is written in its temporary
-  # folder, before the rename: the latest point a kill can leave a partial output.
-  child = ('import os, signal\n'
-           'from datarater.curation import tfds_writer\n'
-           'from launch import cli, filter as f\n'
-           'write = tfds_writer.write_subset\n'
-           'def killed(*a, **k):\n'
-           '  write(*a, **k)\n'
-           '  os.kill(os.getpid(), signal.SIGKILL)\n'
-           'tfds_writer.write_subset = killed\n'
-           'cli.run(f.main, f.define_flags, f.__doc__)\n')
-  proc = subprocess.run([sys.executable, '-c', child, *args], cwd=ROOT, env=subprocess_env(1),
-                        capture_output=True, text=True, timeout=300)
+  # SIGKILL: no clean-up runs.
+  proc = forked.call(_filter_then, signal.SIGKILL, args, env=subprocess_env(1))
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
   assert glob.glob(str(tmp_path / '.killed.tmp-*'))  # killed mid-write ...
   assert not os.path.exists(out)  # ... the output is absent, never partial
   rerun = _cli(args)
-  assert rerun.wait(timeout=180) == 0, rerun.stderr.read()[-2000:]
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert not glob.glob(str(tmp_path / '.killed.tmp-*'))  # the dead run's temp folder is gone
   _filter(tfds_dir, rater_dir, tmp_path / 'ref')
   assert _files(out) == _files(tmp_path / 'ref')
@@ -244,7 +245,7 @@ def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir
                    (args[:-1] + [f'--out={tmp_path}/x', '--keep=1.5'],
                     'keep fraction must be in (0, 1], got 1.5')):
     p = _cli(bad)
-    _, err = p.communicate(timeout=180)
+    err = p.stderr
     lines = err.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), err
     assert msg in lines[0]
@@ -254,21 +255,9 @@ def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir
 def test_sigterm_removes_the_temporary_output(tfds_dir, rater_dir, tmp_path):
   """SIGTERM (a scheduler's kill) mid-write ends the run as Ctrl-C does: exit 143, no output and
   no temporary folder left beside it."""
-  child = ('import os, signal\n'
-           'from datarater.curation import tfds_writer\n'
-           'from launch import cli, filter as f\n'
-           'write = tfds_writer.write_subset\n'
-           'def terminated(*a, **k):\n'
-           '  out = write(*a, **k)\n'
-           '  os.kill(os.getpid(), signal.SIGTERM)\n'
-           '  return out\n'
-           'tfds_writer.write_subset = terminated\n'
-           'cli.run(f.main, f.define_flags, f.__doc__)\n')
-  proc = subprocess.run([sys.executable, '-c', child, '--dataset=sklearn_digits',
-                         f'--data_dir={tfds_dir}', f'--rater={rater_dir}', '--keep=0.8',
-                         '--batch_size=256', f'--out={tmp_path / "out"}'],
-                        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
-                        timeout=300)
+  proc = forked.call(_filter_then, signal.SIGTERM, [
+      '--dataset=sklearn_digits', f'--data_dir={tfds_dir}', f'--rater={rater_dir}', '--keep=0.8',
+      '--batch_size=256', f'--out={tmp_path / "out"}'], env=subprocess_env(1))
   assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
   assert os.listdir(tmp_path) == []
 

@@ -7,9 +7,6 @@ resumed run must redo it and the blocks after it, and read the fitted run from t
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,27 +14,25 @@ import pyarrow.parquet as pq
 from configs.digits import get_config
 from datarater import files as files_lib
 from datarater.valuation.run import valuate
+from tests import forked
 from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK, KILL_AT = 64, 4  # the digits' 1,197 training examples: 19 blocks
 
-CHILD = textwrap.dedent('''
-    import os, signal, sys
-    from datarater import files
-    from launch import cli, valuate
-    write_json, saved, kill_at = files.write_json, [], int(sys.argv.pop(1))
+def _valuate_killed_at(kill_at: int, args: list) -> None:
+  """launch.valuate whose process kills itself once block `kill_at`'s scores are written and
+  before its progress is."""
+  write_json, saved = files_lib.write_json, []
 
-    def killed_while_scoring(path, obj):  # block KILL_AT's scores written, its progress not
-      if path.endswith('.npy.json'):
-        saved.append(obj)
-        if len(saved) == kill_at:
-          os.kill(os.getpid(), signal.SIGKILL)
-      write_json(path, obj)
-
-    files.write_json = killed_while_scoring
-    cli.run(valuate.main, valuate.define_flags, valuate.__doc__)
-''')
+  def killed_while_scoring(path, obj):
+    if path.endswith('.npy.json'):
+      saved.append(obj)
+      if len(saved) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_json(path, obj)
+  files_lib.write_json = killed_while_scoring
+  forked._as_main('launch.valuate', args)  # pylint: disable=protected-access
 
 
 def test_valuate_killed_while_scoring_resumes_to_the_same_scores_file(tfds_dir, tmp_path,
@@ -46,11 +41,10 @@ def test_valuate_killed_while_scoring_resumes_to_the_same_scores_file(tfds_dir, 
                'valuation.checkpoint_every': 10, 'valuation.batch_size': 32,
                'valuation.score_batch_size': BLOCK}
   killed, straight = str(tmp_path / 'killed'), str(tmp_path / 'straight')
-  proc = subprocess.run(
-      [sys.executable, '-c', CHILD, str(KILL_AT), '--method=tracin',
-       f'--config={os.path.join(ROOT, "configs", "digits.py")}', f'--workdir={killed}',
-       *[f'--config.{k}={v}' for k, v in overrides.items()]],
-      cwd=ROOT, env=subprocess_env(4), capture_output=True, text=True, timeout=600)
+  proc = forked.call(_valuate_killed_at, KILL_AT, [
+      '--method=tracin', f'--config={os.path.join(ROOT, "configs", "digits.py")}',
+      f'--workdir={killed}', *[f'--config.{k}={v}' for k, v in overrides.items()]],
+      env=subprocess_env(4), timeout=600)
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   partial = [f for f in os.listdir(killed) if f.endswith('.npy.json')]
   assert len(partial) == 1 and not os.path.exists(os.path.join(killed, 'scores_tracin.parquet'))
