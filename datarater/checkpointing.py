@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -61,11 +62,17 @@ def _why(error: Exception) -> str:
   return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
+UNAWAITED_METADATA_READ = r"coroutine 'Store\._get_array_metadatas' was never awaited"
+
+
 def _drop_closed_loop_noise() -> None:
   """Drops the 'Event loop is closed' errors that tensorstore reports as unraisable (a traceback
   each on stderr, some after the call returns) when orbax gives up reading a damaged checkpoint,
   and asyncio's reports of its read errors left in other tasks; others go to the hook in place.
-  Installed once, at the first read (a hook that wraps it keeps its marker: launch.interrupts')."""
+  Installed once, at the first read (a hook that wraps it keeps its marker: launch.interrupts').
+  Also ignores the RuntimeWarning that one of orbax's metadata reads was never awaited (seen
+  after a damaged checkpoint's read failed), printed whenever the garbage collector finds one."""
+  warnings.filterwarnings('ignore', UNAWAITED_METADATA_READ, RuntimeWarning)  # idempotent
   hook = sys.unraisablehook
   if getattr(hook, 'drops_closed_loop_noise', False):
     return

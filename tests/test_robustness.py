@@ -762,3 +762,34 @@ def test_asyncio_reports_of_unretrieved_tensorstore_read_errors_are_dropped(capl
       pass
     assert not unretrieved(tensorstore)
     assert len(unretrieved('another failure')) == 2
+
+
+def test_orbax_metadata_reads_never_awaited_warn_no_more_once_a_checkpoint_is_read():
+  """A coroutine of orbax's metadata read dropped unawaited (as after a damaged checkpoint's read
+  failed) warns as the garbage collector finds it, until `quiet_orbax` has run; another
+  coroutine dropped so still warns."""
+  import gc  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.metadata.array_metadata_store import Store
+  from datarater import checkpointing  # pylint: disable=g-import-not-at-top
+
+  async def other_read():
+    pass
+
+  def warned(make):
+    with warnings.catch_warnings(record=True) as seen:
+      warnings.simplefilter('always')
+      if installed:
+        with checkpointing.quiet_orbax():
+          pass
+      coroutine = make()
+      del coroutine
+      gc.collect()
+    return [str(w.message) for w in seen if 'was never awaited' in str(w.message)]
+
+  metadata_read = lambda: Store._get_array_metadatas(None, None)  # pylint: disable=protected-access
+  installed = False
+  assert len(warned(metadata_read)) == 1
+  installed = True
+  assert not warned(metadata_read)
+  assert len(warned(other_read)) == 1
