@@ -116,7 +116,8 @@ def call(function: Callable, *args, env: dict, cwd: str = ROOT,
   return subprocess.CompletedProcess(args, child.returncode, stdout, stderr)
 
 
-def _as_main(module: str, args: list) -> None:
+def as_main(module: str, args: list) -> None:
+  """`python -m module *args`, in this process (a child patched first runs a launcher so)."""
   sys.argv = [module, *args]
   runpy.run_module(module, run_name='__main__', alter_sys=True)
 
@@ -130,14 +131,14 @@ def run(module: str, args: list, env: dict, cwd: str = ROOT) -> subprocess.Compl
   """`python -m module *args` with environment `env` in folder `cwd`, as
   `subprocess.run([sys.executable, '-m', module, *args], capture_output=True, text=True)` returns
   it."""
-  done = call(_as_main, module, list(args), env=env, cwd=cwd)
+  done = call(as_main, module, list(args), env=env, cwd=cwd)
   done.args = [sys.executable, '-m', module, *args]
   return done
 
 
 def start_module(module: str, args: list, env: dict, cwd: str = ROOT) -> Started:
   """`python -m module *args` started, its stderr merged into its stdout."""
-  return start(_as_main, module, list(args), env=env, cwd=cwd, merged=True)
+  return start(as_main, module, list(args), env=env, cwd=cwd, merged=True)
 
 
 def start_script(path: str, args: list, env: dict, cwd: str = ROOT) -> Started:

@@ -223,7 +223,7 @@ def _filter_then(signum: int, args: list) -> None:
     os.kill(os.getpid(), signum)
     return out
   tfds_writer.write_subset = signalled
-  forked._as_main('launch.filter', args)  # pylint: disable=protected-access
+  forked.as_main('launch.filter', args)
 
 
 def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir, tmp_path):
@@ -245,9 +245,8 @@ def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir
                    (args[:-1] + [f'--out={tmp_path}/x', '--keep=1.5'],
                     'keep fraction must be in (0, 1], got 1.5')):
     p = _cli(bad)
-    err = p.stderr
-    lines = err.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), err
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), p.stderr
     assert msg in lines[0]
   assert not os.path.exists(f'{tmp_path}/x')
 

@@ -776,9 +776,9 @@ def test_orbax_metadata_reads_never_awaited_warn_no_more_once_a_checkpoint_is_re
   async def other_read():
     pass
 
-  def warned(make):
+  def warned(make, installed):
     with warnings.catch_warnings(record=True) as seen:
-      warnings.simplefilter('always')
+      warnings.simplefilter('always')  # the filter, if installed, goes in front of it
       if installed:
         with checkpointing.quiet_orbax():
           pass
@@ -788,8 +788,6 @@ def test_orbax_metadata_reads_never_awaited_warn_no_more_once_a_checkpoint_is_re
     return [str(w.message) for w in seen if 'was never awaited' in str(w.message)]
 
   metadata_read = lambda: Store._get_array_metadatas(None, None)  # pylint: disable=protected-access
-  installed = False
-  assert len(warned(metadata_read)) == 1
-  installed = True
-  assert not warned(metadata_read)
-  assert len(warned(other_read)) == 1
+  assert len(warned(metadata_read, installed=False)) == 1
+  assert not warned(metadata_read, installed=True)
+  assert len(warned(other_read, installed=True)) == 1

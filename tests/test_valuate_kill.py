@@ -20,6 +20,7 @@ from tests.conftest import subprocess_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK, KILL_AT = 64, 4  # the digits' 1,197 training examples: 19 blocks
 
+
 def _valuate_killed_at(kill_at: int, args: list) -> None:
   """launch.valuate whose process kills itself once block `kill_at`'s scores are written and
   before its progress is."""
@@ -32,7 +33,7 @@ def _valuate_killed_at(kill_at: int, args: list) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     write_json(path, obj)
   files_lib.write_json = killed_while_scoring
-  forked._as_main('launch.valuate', args)  # pylint: disable=protected-access
+  forked.as_main('launch.valuate', args)
 
 
 def test_valuate_killed_while_scoring_resumes_to_the_same_scores_file(tfds_dir, tmp_path,

@@ -339,11 +339,12 @@ def _read_raw(builder, info: DataInfo, split: str) -> dict[str, np.ndarray]:
     raw = stack_examples(info, source.__getitems__(list(range(len(source)))))
   for x in raw.values():
     x.setflags(write=False)  # shared by every later read: corruption and decoding copy
-  if key is not None:
-    _RAW_CACHE[key] = raw
   nbytes = lambda arrays: sum(x.nbytes for x in arrays.values())
-  while _RAW_CACHE and sum(map(nbytes, _RAW_CACHE.values())) > RAW_CACHE_BYTES:
-    _RAW_CACHE.popitem(last=False)  # the oldest first; a split over the budget is not kept
+  if key is None or nbytes(raw) > RAW_CACHE_BYTES:  # a split over the whole budget is not kept
+    return raw
+  _RAW_CACHE[key] = raw
+  while sum(map(nbytes, _RAW_CACHE.values())) > RAW_CACHE_BYTES:
+    _RAW_CACHE.popitem(last=False)  # the oldest first
   return raw
 
 
