@@ -149,6 +149,22 @@ def test_infobatch_prunes_only_low_loss_and_rescales(case):
   assert np.abs(times_pruned[candidates] / draws - prob).max() < bound
 
 
+def test_infobatch_ranks_equal_losses_in_a_random_order():
+  """With every loss equal (epoch 0), each example is kept with probability n / N wherever it lies
+  in the split (float32 losses of 4.0: a tie-break added to the losses would be rounded away)."""
+  num, ratio, draws = 200, 0.3, 400
+  policy = policies.infobatch(num, ratio, max_prune_prob=0.8)
+  state = init_state(num, jax.random.PRNGKey(0), initial_loss=4.0)
+  keys = jax.random.split(jax.random.PRNGKey(1), draws)
+  idx, _, _ = jax.vmap(lambda k: policy.select(policy.aux, state.replace(key=k)))(keys)
+  kept = np.zeros((draws, num))
+  kept[np.arange(draws)[:, None], np.asarray(idx)] = 1
+  share = policy.num_selected / num
+  freq = kept.mean(0)
+  assert np.abs(freq - share).max() < 5 * np.sqrt(share * (1 - share) / draws)
+  np.testing.assert_allclose(freq.reshape(4, -1).mean(1), share, atol=0.02)  # by quarter
+
+
 def test_record_epoch_counts_only_weighted_and_drops_padding():
   state = init_state(5, jax.random.PRNGKey(0), num_factors=2)
   codes = jnp.asarray([[1., 0.], [0., 2.], [1., 1.], [0., 0.], [3., 0.]])
@@ -430,6 +446,28 @@ def test_bench_folds_partition_train_and_test(tfds_dir):
     assert 299 <= sum(test.values()) <= 300
     tested += test
   assert tested == pool
+
+
+def test_confident_joint_errors_match_the_definition_with_an_empty_class():
+  """The confident joint's off-diagonal count against a float64 loop over its definition: class
+  c's threshold is its members' mean score for c; example i is an error when the highest-scoring
+  class clearing its threshold is not i's label. A class with no members has no threshold (its
+  scores count for nothing), whether it lies between present classes or after them."""
+  rng = np.random.default_rng(0)
+  num, classes = 300, 4
+  for empty in (None, 1, 3):
+    present = [c for c in range(classes) if c != empty]
+    labels = rng.choice(present, num)
+    per_class = rng.uniform(0, 0.8, (num, classes))
+    per_class[np.arange(num), labels] = rng.uniform(0.3, 1.0, num)
+    thresh = {c: per_class[labels == c, c].mean() for c in present}
+    want = 0
+    for i in range(num):
+      confident = [c for c in present if per_class[i, c] >= thresh[c]]
+      want += bool(confident) and max(confident, key=lambda c: per_class[i, c]) != labels[i]
+    got = int(scores.confident_joint_errors(jnp.asarray(per_class, jnp.float32),
+                                            jnp.asarray(labels)))
+    assert got == want and 0 < want < num // 2, (empty, got, want)
 
 
 def test_knn_label_shares_match_a_brute_force_neighbour_count():

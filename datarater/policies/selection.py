@@ -101,7 +101,7 @@ def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> P
   so the expected gradient matches the full-data one. InfoBatch's annealing (its last ~12.5% of
   epochs on all data) is left out: every epoch trains on n examples, the budget every selection
   policy here has. Losses are those seen in training (the forward pass of the last epoch an
-  example was in); all start equal, so epoch 0 is random.
+  example was in); equal losses are ranked in a random order, so epoch 0 (all equal) is random.
   """
   n = num_selected(num_examples, ratio)
   pruned = num_examples - n
@@ -111,8 +111,9 @@ def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> P
 
   def select(aux, state):
     key, k_tie, k_prune = jax.random.split(state.key, 3)
-    losses = state.losses + 1e-6 * jax.random.uniform(k_tie, state.losses.shape)  # random ties
-    loss_rank = ranks.rank(losses)
+    losses = state.losses
+    tie = jax.random.uniform(k_tie, losses.shape)  # equal losses ranked in a random order
+    loss_rank = ranks.inverse_permutation(jnp.lexsort((tie, losses)))
     below = losses < jnp.mean(losses)
     num_candidates = jnp.maximum(jnp.sum(below), min_candidates)
     candidate = loss_rank < num_candidates
