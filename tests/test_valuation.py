@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 from scipy.stats import spearmanr
+from sklearn.mixture import GaussianMixture
 
 import ml_collections
 
@@ -276,6 +277,20 @@ def test_mimic_filter_threshold():
     want[order[:int(fraction * len(scores) + 0.5)]] = True
     np.testing.assert_array_equal(keep, want)
     assert thr == scores[want].min()
+  # Components of unequal widths: the kept scores are those above where the posteriors cross
+  # between the two means (found on a grid), whatever the wider component claims far out: a
+  # harmful outlier below the narrow low mode (posterior crossing twice), a very good one above
+  # the narrow high mode.
+  for good, bad, outlier in [((2, 1.5, 200), (-1, 0.05, 50), -3.0),
+                             ((2, 0.1, 200), (0, 1.5, 100), 8.0)]:
+    scores = np.concatenate([rng.normal(*good), rng.normal(*bad), [outlier]])
+    gm = GaussianMixture(2, random_state=0).fit(scores[:, None])
+    grid = np.linspace(gm.means_.min(), gm.means_.max(), 200001)
+    upper = gm.predict_proba(grid[:, None])[:, np.argmax(gm.means_[:, 0])] >= 0.5
+    assert upper[-1] and np.sum(upper[1:] != upper[:-1]) == 1  # one crossing between the means
+    keep, thr = mimic.mimic_filter(scores)
+    np.testing.assert_array_equal(keep, scores >= grid[np.argmax(upper)])
+    assert keep[-1] == (outlier > 0) and thr == scores[keep].min()
 
 
 def explicit_dvemb_none_or_ef(loss, run, batches, curvature):

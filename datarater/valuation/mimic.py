@@ -93,7 +93,9 @@ def mimic_filter(scores: np.ndarray, keep_fraction: Optional[float] = None, seed
   With `keep_fraction`, the top fraction as `launch.filter --keep` keeps it (`select.select_top`:
   exactly round(keep * N), ties broken by id); otherwise every score >= a threshold where a
   two-component Gaussian mixture fitted to the scores makes its higher-mean component the more
-  probable one.
+  probable one: the lowest score of the run of such scores (in score order) that starts at or
+  above the lower component's mean. With unequal widths that component can also be the more
+  probable far below both means; those scores are not kept.
   """
   scores = np.asarray(scores, np.float64)
   if keep_fraction is not None:
@@ -101,8 +103,11 @@ def mimic_filter(scores: np.ndarray, keep_fraction: Optional[float] = None, seed
     return keep, float(scores[keep].min())
   gm = GaussianMixture(2, random_state=seed).fit(scores[:, None])
   good = int(np.argmax(gm.means_[:, 0]))
-  is_good = gm.predict_proba(scores[:, None])[:, good] >= 0.5
-  if is_good.all() or not is_good.any():
-    return np.ones_like(is_good), float(scores.min())
-  threshold = float(scores[is_good].min())
+  ordered = np.sort(scores)
+  is_good = gm.predict_proba(ordered[:, None])[:, good] >= 0.5
+  upper = np.flatnonzero(is_good & (ordered >= gm.means_[:, 0].min()))
+  if not upper.size:
+    return np.ones(len(scores), bool), float(ordered[0])
+  bad_below = np.flatnonzero(~is_good[:upper[0]])
+  threshold = float(ordered[bad_below[-1] + 1 if bad_below.size else 0])
   return scores >= threshold, threshold
