@@ -165,6 +165,16 @@ def _empty_like(like):
   return jax.device_put(empty, sharding) if sharding is not None else jax.numpy.asarray(empty)
 
 
+def check_writable_path(path: str, flag: str) -> None:
+  """Refuses a folder for orbax checkpoints whose path holds a glob character (`*`, `?`, `[`):
+  orbax finds a checkpoint's per-process parts by a glob over the whole path, so under such a
+  path it writes checkpoints it cannot read back."""
+  bad = sorted(set('*?[') & set(os.path.abspath(path)))
+  if bad:
+    raise UserError(f'{flag} {path!r} holds {"".join(bad)!r} in its path: orbax cannot read back '
+                    'checkpoints written under it; choose a folder without *, ? or [')
+
+
 class RunCheckpointer:
   """Saves and restores (state, data position, JSON extras) in `workdir/checkpoints` with orbax.
 
@@ -176,6 +186,7 @@ class RunCheckpointer:
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, max_to_keep: int = 2,
                free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS,
                inputs: Optional[dict[str, PathInput]] = None):
+    check_writable_path(workdir, '--workdir')
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.config = config

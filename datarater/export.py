@@ -135,6 +135,7 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
   if not out_dir:
     raise UserError('--out is required')
   files.check_apart(out_dir, '--out', workdir=workdir)
+  checkpointing.check_writable_path(out_dir, '--out')
   if os.path.exists(out_dir) and not overwrite:
     raise UserError(f'output {out_dir!r} already exists (pass --overwrite to replace it)')
   config, info, params, steps = _read_run(workdir)

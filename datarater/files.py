@@ -58,7 +58,7 @@ def _pid_alive(pid: int) -> bool:
 def _leftovers(path: str, kind: str):
   """(folder, pid) of `.<name>.<kind>-<pid>` folders beside `path` whose process is gone."""
   parent, name = os.path.dirname(path), os.path.basename(path)
-  for folder in glob.glob(os.path.join(parent, f'.{name}.{kind}-*')):
+  for folder in glob.glob(os.path.join(glob.escape(parent), f'.{glob.escape(name)}.{kind}-*')):
     try:
       pid = int(folder.rsplit('-', 1)[1])
     except ValueError:

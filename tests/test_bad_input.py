@@ -142,6 +142,9 @@ def _cases(tfds_dir: str, w) -> list:
       (*tr('--config.outer.mixed_recompute=backwards'), "got 'backwards'"),
       (*tr('--config.outer.mixed_segment=-2'), 'outer.mixed_segment must be >= 0, got -2'),
       (*tr('--config.data.name=no_such_dataset'), "unknown dataset 'no_such_dataset'"),
+      (*tr('--config.data.name=sklearn_digits:2.0.0'),
+       "dataset 'sklearn_digits:2.0.0' cannot be loaded at version 2.0.0, only: 1.0.0"),
+      (*tr(out=f'--workdir={w}/run[1]'), f"--workdir '{w}/run[1]' holds '[' in its path: orbax"),
       (*tr('--config.data.label_noise=1.5'), 'data.label_noise must be < 1, got 1.5'),
       (*tr('--config.data.train_split=dev'), "has no split 'dev'"),
       (*tr('--config.data.train_split=train[:0]'),
@@ -233,6 +236,9 @@ def _cases(tfds_dir: str, w) -> list:
       ('valuate', [data, '--method=tracin', '--config.data.train_split=train[10:10]',
                    f'--workdir={w}/val'], "split 'train[10:10]' of 'sklearn_digits' selects no"),
       ('export_rater', [f'--out={w}/exported'], '--workdir is required'),
+      ('export_rater', [f'--workdir={w}/run', f'--out={w}/exported*'],
+       f"--out '{w}/exported*' holds '*' in its path"),
+      ('train', [data, f'--workdir={w}/train?'], f"--workdir '{w}/train?' holds '?' in its path"),
       ('export_rater', [f'--workdir={w}/nowhere', f'--out={w}/exported'],
        f"no rater run in '{w}/nowhere'"),
       ('export_rater', [f'--workdir={w}/run', f'--out={w}/rater'],
@@ -250,6 +256,8 @@ def _cases(tfds_dir: str, w) -> list:
   rater = f'--rater={w}/rater'
   cases += [
       ('filter', fl(rater, '--keep=1.5'), 'keep fraction must be in (0, 1], got 1.5'),
+      ('filter', [*fl(rater, '--keep=0.5'), '--dataset=sklearn_digits:2.0.0'],
+       "dataset 'sklearn_digits:2.0.0' cannot be loaded at version 2.0.0"),
       ('filter', [f'--dataset={w}/cut_dataset', rater, '--keep=0.5', f'--out={w}/cut_dataset',
                   '--overwrite'], f"--out '{w}/cut_dataset' would replace --dataset"),
       ('filter', [f'--dataset={w}/bad_info_dataset', rater, '--keep=0.5', f'--out={w}/filtered'],
@@ -401,7 +409,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 153  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 158  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

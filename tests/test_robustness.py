@@ -256,6 +256,22 @@ def test_an_output_is_refused_where_overwriting_it_would_replace_an_input(tmp_pa
   files.check_apart(str(tmp_path / 'other'), '--out', workdir=run, rater='')
 
 
+def test_leftovers_of_killed_writers_are_matched_by_name_literally(tmp_path):
+  """`recover_dir` finds a dead writer's `.NAME.tmp-PID` / `.NAME.old-PID` folders with NAME and
+  its folder taken literally: glob characters in them neither hide a leftover nor match another
+  output's."""
+  dead = 2 ** 22 + 1  # above Linux's default pid_max: no such process
+  (tmp_path / f'.r1.old-{dead}').mkdir()
+  (tmp_path / f'.r1.old-{dead}' / 'rater.json').write_text('r1')
+  odd = tmp_path / 'd[1]'
+  (odd / f'.r.tmp-{dead}').mkdir(parents=True)
+  (odd / f'.r.old-{dead}').mkdir()
+  files.recover_dir(str(tmp_path / 'r[1]'))  # '[1]' would match '1'
+  files.recover_dir(str(odd / 'r'))
+  assert sorted(os.listdir(tmp_path)) == [f'.r1.old-{dead}', 'd[1]']
+  assert sorted(os.listdir(odd)) == ['r']  # the temp folder removed, the moved-aside one back
+
+
 def test_written_json_is_standard_with_non_finite_floats_as_null(tmp_path):
   record = {'step': 2, 'auroc': float('nan'), 'hi': np.float32(np.inf), 'ok': np.float64(0.5),
             'rows': np.array([1.0, -np.inf]), 'pair': (np.nan, 3)}

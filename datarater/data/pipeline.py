@@ -95,8 +95,12 @@ def get_builder(name: str, data_dir: str = '',
     except ValueError as e:  # a name TFDS cannot parse, e.g. a path
       raise UserError(f'dataset {name!r} is not a TFDS dataset name ({str(e).splitlines()[0]})'
                       ) from None
+    except AssertionError as e:  # a version the builder does not have
+      reason = str(e).splitlines()[0]
+      reason = reason[reason.find('cannot be loaded'):] if 'cannot be loaded' in reason else reason
+      raise UserError(f'dataset {name!r} {reason}') from None
     if not builder.is_prepared():
-      if name not in BUNDLED:
+      if name.split(':')[0] not in BUNDLED:
         raise UserError(f'dataset {name!r} is not prepared in {data_dir!r}: prepare it in Python '
                         f'with tfds.builder({name!r}, data_dir={data_dir!r}, '
                         f"file_format='array_record').download_and_prepare()")
