@@ -99,8 +99,8 @@ def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
                     else policies.make_policy('mimic', ctx))
     timing[name] = time.time() - t0
   suggested = None
-  if 'datarater' in values:  # the share of the rater's upper score cluster
-    suggested = round(select.suggest_keep(values['datarater']), 3)
+  if 'datarater' in values:  # the share of the rater's upper score cluster, exactly its count
+    suggested = select.suggest_keep(values['datarater'])
   t0 = time.time()
   uniform = weighting.weighting('uniform', len(train))
   out = {'all': train_run(c, task, train, test, uniform, seed), 'random': {},
@@ -210,7 +210,7 @@ def summarize(runs: dict, noises, keeps, methods) -> dict:
           'vs_random': compare.paired([x['accuracy'] for x in dr],
                                [r['random'][r['suggested_keep']]['accuracy'] for r in rs]),
           'steps_to_all_final': fractions, 'steps_to_all_final_mean': mean_fraction,
-          'steps_to_all_final_std': float(np.std(got)) if got else None,
+          'steps_to_all_final_std': float(np.std(got)) if len(got) == len(rs) else None,
           'break_even_runs': compare.break_even(s['setup_example_gradients']['datarater'],
                                         s['all']['example_gradients'], mean_fraction),
           **compare.steps_saved(rs, fractions, s['setup_example_gradients']['datarater'],
@@ -363,7 +363,7 @@ def main(argv):
               f'{100 * r["random"][k]["accuracy"]:.2f}% | ' + ' | '.join(
                   f'{m} {k} {100 * r["filtered"][m][k]["accuracy"]:.2f}% online '
                   f'{100 * r["online"][m]["accuracy"]:.2f}% (AUROC {r["auroc"][m]:.3f})'
-                  for m in methods) + f' | suggested keep {r["suggested_keep"]} | '
+                  for m in methods) + f' | suggested keep {r["suggested_keep"] or 0:.3f} | '
               f'{ {k: round(v) for k, v in r["seconds"].items()} } s '
               f'[{time.time() - t_start:.0f} s]', flush=True)
   finally:

@@ -3,6 +3,7 @@ value, exit 2, before any run and without writing anything. Each case is its com
 own process (`tests.forked`)."""
 import os
 
+import numpy as np
 import pytest
 
 from tests import forked
@@ -134,3 +135,32 @@ def test_a_curation_file_without_runs_is_one_line_naming_it(tmp_path):
   assert lines == [f"error: '{path}' is not a bench.curation results file "
                    "(runs['0.2']['0'] has no 'all')"], lines
   assert [f for f in tmp_path.rglob('*') if f.is_file()] == [path]
+
+
+def _curation_run(all_curve, filtered_curve, keep=0.5):
+  """One seed's record as bench.curation writes it, the filtered subset at `keep` being also the
+  rater's suggested keep; curves are (step, accuracy) pairs."""
+  whole = {'curve': all_curve, 'accuracy': all_curve[-1][1], 'steps': all_curve[-1][0],
+           'example_gradients': 100}
+  sub = {'curve': filtered_curve, 'accuracy': filtered_curve[-1][1], 'example_gradients': 50,
+         'kept_corrupted': 0}
+  return {'all': whole, 'random': {keep: sub}, 'filtered': {'datarater': {keep: sub}},
+          'online': {'datarater': sub}, 'auroc': {'datarater': 0.9},
+          'auroc_by_kind': {'datarater': {}}, 'setup_example_gradients': {'datarater': 10},
+          'suggested_keep': keep}
+
+
+def test_curation_steps_fraction_has_a_spread_only_where_every_seed_reaches():
+  """Steps to all data's final accuracy, as a fraction of its steps: each seed's read off by hand;
+  their mean and std only when every seed gets there, at a listed keep and at the suggested one."""
+  from bench import curation  # pylint: disable=g-import-not-at-top
+  all_curve = [(1, 0.5), (2, 0.8)]
+  seeds = {'0': [(1, 0.9), (2, 0.9)], '1': [(1, 0.6), (2, 0.85)], '2': [(1, 0.6), (2, 0.7)]}
+  runs = {'0.2': {s: _curation_run(all_curve, seeds[s]) for s in ('0', '1')}}
+  for want in ([0.5, 1.0], [0.5, 1.0, None]):
+    out = curation.summarize(runs, [0.2], [0.5], ['datarater'])['0.2']
+    for row in (out['filtered']['datarater'][0.5], out['datarater_at_suggested']):
+      assert row['steps_to_all_final'] == want
+      mean, std = (np.mean(want), np.std(want)) if None not in want else (None, None)
+      assert (row['steps_to_all_final_mean'], row['steps_to_all_final_std']) == (mean, std)
+    runs['0.2']['2'] = _curation_run(all_curve, seeds['2'])  # never reaches 0.8
