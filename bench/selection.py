@@ -168,9 +168,12 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def acceptance(table: list[dict], policy: str = 'sae', metric: str = 'accuracy',
                noise: float = 0.2) -> dict:
-  """The issue's two checks for `policy` on `metric` (test accuracy by default), from the table.
+  """The selection checks for `policy` on `metric` (test accuracy by default), from the table.
 
-  Reported whichever way they come out.
+  Clean, r = 0.7: `clean_r0.7_pass` is issue 5's (within 0.5 points of full data at <= 0.75x its
+  example-gradients), `clean_r0.7_pass_wall_speedup` issue 17's (within 0.3 points at >= 1.3x
+  its wall-clock, the offline stages included). Under noise, per ratio: the policy's drop minus
+  InfoBatch's, with its paired standard error. Reported whichever way they come out.
   """
   get = {(r['noise'], r['policy'], r['ratio']): r for r in table}
   out = {'policy': policy, 'metric': metric}
