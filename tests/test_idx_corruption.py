@@ -209,11 +209,13 @@ def test_corruption_planted_away_from_what_a_model_reads_is_refused():
   class Reads(tasks.Task):  # a loss over the features named (fields not called input/label)
     x_name: str = 'image'
     y_name: str = ''
+    keyed: bool = False  # also reads the batch's positions (as dropout keyed by `index` would)
     def init(self, key):
       return jnp.zeros(())
     def per_example_loss(self, params, batch):
       x = batch[self.x_name].reshape(batch[self.x_name].shape[0], -1).sum(1)
-      return params + x + (batch[self.y_name] if self.y_name else 0)
+      return (params + x + (batch[self.y_name] if self.y_name else 0) +
+              (0 * batch['index'] if self.keyed else 0))
 
   info = _info()
   info = pipeline.DataInfo('synthetic', {**info.spec, 'pixels': info.spec['image'],
@@ -226,6 +228,8 @@ def test_corruption_planted_away_from_what_a_model_reads_is_refused():
   with pytest.raises(UserError, match="label noise is planted in the dataset's supervised "
                      "feature 'label', but Reads reads 'coarse_label'"):
     noisy.check_targets(info, fine, coarse)
+  with pytest.raises(UserError, match="but Reads reads 'coarse_label'"):
+    noisy.check_targets(info, Reads(y_name='coarse_label', keyed=True))
   noisy.check_targets(info, pixels)  # no input corruption planted
   corruption.Corruption().check_targets(info, coarse, pixels)
   with pytest.raises(UserError, match="input corruption is planted .* 'image'.* reads 'pixels'"):

@@ -43,8 +43,9 @@ def init_module(module, key: jax.Array, x: jax.Array) -> Params:
 def features_read(fn: Callable[[Params, Batch], jax.Array], params: Params,
                   spec: FeatureSpec) -> tuple:
   """The features of `spec` that `fn(params, batch)` reads: those without which it fails
-  (traced by `jax.eval_shape`, not run); `params` may be shapes (`jax.eval_shape` of an init)."""
-  example = example_batch(spec)
+  (traced by `jax.eval_shape`, not run); `params` may be shapes (`jax.eval_shape` of an init).
+  The traced batch also holds `index`, as the trainer's batches do (e.g. for dropout keys)."""
+  example = {**example_batch(spec), 'index': jnp.zeros((1,), jnp.int32)}
   out = []
   for name in spec:
     rest = {k: v for k, v in example.items() if k != name}
