@@ -11,7 +11,9 @@ AUROC per method; each valuation's AUROC; selection accuracy per policy and rati
 means, their spread over seeds, the difference after minus before with its paired standard error
 (pairs = seeds), and the verdict of the rule fixed before the runs: `reproduces` if the difference
 is no worse than 2 standard errors, else `regression` (for a loss, higher is worse);
-`undetermined` with fewer than 2 seeds. Writes OUT.json and OUT.md.
+`undetermined` with fewer than 2 seeds. A value not defined (null: a diverged model) on a seed
+is left out of the pair; undefined after but defined before is a `regression` whatever the other
+seeds show. Writes OUT.json and OUT.md.
 """
 import os
 
@@ -104,14 +106,19 @@ def compare(before: dict, after: dict) -> list[dict]:
     scale, better = b[seeds[0]][1], b[seeds[0]][2]
     x0 = np.array([b[s][0] for s in seeds], dtype=float)  # null (not defined) -> NaN
     x1 = np.array([after[label][s][0] for s in seeds], dtype=float)
-    d = paired(x1, x0, scale)
+    lost = int(np.sum(np.isfinite(x0) & ~np.isfinite(x1)))  # defined before, not after
+    both = np.isfinite(x0) & np.isfinite(x1)
+    x0, x1 = x0[both], x1[both]
+    n = len(x0)
+    d = paired(x1, x0, scale) if n >= 2 else {'diff': float('nan'), 'se': float('nan')}
     worse = -d['diff'] if better else d['diff']  # > 0: after is worse
-    rows.append({'figure': label, 'seeds': len(seeds),
-                 'before_mean': float(scale * x0.mean()),
-                 'before_std': float(scale * x0.std(ddof=1)),
-                 'after_mean': float(scale * x1.mean()), 'after_std': float(scale * x1.std(ddof=1)),
-                 'diff': d['diff'], 'paired_se': d['se'],
-                 'verdict': ('undetermined' if len(seeds) < 2 else
+    spread = lambda x: float(scale * x.std(ddof=1)) if n >= 2 else float('nan')
+    rows.append({'figure': label, 'seeds': n, 'undefined_after': lost,
+                 'before_mean': float(scale * x0.mean()) if n else float('nan'),
+                 'before_std': spread(x0),
+                 'after_mean': float(scale * x1.mean()) if n else float('nan'),
+                 'after_std': spread(x1), 'diff': d['diff'], 'paired_se': d['se'],
+                 'verdict': ('regression' if lost else 'undetermined' if n < 2 else
                              'regression' if worse > 2 * d['se'] else 'reproduces')})
   return rows
 
@@ -142,7 +149,9 @@ def main(argv):
   for r in rows:
     lines.append(f'| {r["figure"]} | {r["seeds"]} | {r["before_mean"]:.3f} +- {r["before_std"]:.3f}'
                  f' | {r["after_mean"]:.3f} +- {r["after_std"]:.3f} | {r["diff"]:+.3f} +- '
-                 f'{r["paired_se"]:.3f} | {r["verdict"]} |')
+                 f'{r["paired_se"]:.3f} | {r["verdict"]}'
+                 + (f' ({r["undefined_after"]} seed(s) null after) |' if r['undefined_after']
+                    else ' |'))
   print('\n'.join(lines))
   provenance.write_json(fv.out + '.json', {'before': fv.before, 'after': fv.after, 'rows': rows})
   files.write_text(fv.out + '.md', '\n'.join(lines) + '\n')

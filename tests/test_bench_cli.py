@@ -164,3 +164,24 @@ def test_curation_steps_fraction_has_a_spread_only_where_every_seed_reaches():
       mean, std = (np.mean(want), np.std(want)) if None not in want else (None, None)
       assert (row['steps_to_all_final_mean'], row['steps_to_all_final_std']) == (mean, std)
     runs['0.2']['2'] = _curation_run(all_curve, seeds['2'])  # never reaches 0.8
+
+
+def test_versions_judges_a_figure_undefined_after_a_regression():
+  """bench.versions' verdict per figure: a paired difference within 2 standard errors (scipy's
+  sem of the per-seed differences) reproduces; a value defined before but null after (a diverged
+  model) is a regression; a seed undefined on the before side only is left out of the pair."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from bench import versions  # pylint: disable=g-import-not-at-top
+  before = {'0': 0.90, '1': 0.92, '2': 0.95, '3': 0.91}
+  fig = lambda values: {'noise AUROC': {s: (v, 1.0, True) for s, v in values.items()}}
+  noisy = {'0': 0.91, '1': 0.90, '2': 0.96, '3': 0.90}
+  row, = versions.compare(fig(before), fig(noisy))
+  diffs = np.array([noisy[s] - before[s] for s in '0123'])
+  assert row['verdict'] == 'reproduces' and row['seeds'] == 4
+  assert np.isclose(row['diff'], diffs.mean()) and np.isclose(row['paired_se'], stats.sem(diffs))
+  row, = versions.compare(fig(before), fig({s: v - 0.05 for s, v in before.items()}))
+  assert row['verdict'] == 'regression'
+  row, = versions.compare(fig(before), fig({**noisy, '2': None}))
+  assert (row['verdict'], row['undefined_after'], row['seeds']) == ('regression', 1, 3)
+  row, = versions.compare(fig({**before, '2': None}), fig(noisy))
+  assert (row['verdict'], row['undefined_after'], row['seeds']) == ('reproduces', 0, 3)
