@@ -49,6 +49,16 @@ def adam_nu(state):
   return None, 0
 
 
+def adam_precondition(grad, state):
+  """grad / (sqrt(nu / (1 - b2^count)) + eps) with the second moment of an Adam `state`; `grad`
+  itself for another optimizer, or before Adam's first step (no statistics yet)."""
+  nu, count = adam_nu(state)
+  if nu is None or count == 0:
+    return grad
+  return jax.tree.map(lambda g, v: g / (jnp.sqrt(v / (1 - ADAM_B2 ** count)) + ADAM_EPS),
+                      grad, nu)
+
+
 def probe(task, section, train, heldout, seed: int, ages, group_steps: int, examples: int,
           batch_size: int, clean_only: bool = False) -> list:
   opt = make_inner_optimizer(section.optimizer, section.learning_rate)
@@ -84,9 +94,7 @@ def probe(task, section, train, heldout, seed: int, ages, group_steps: int, exam
         p, s = step(p, s, take(train, rng.choice(rows, batch_size, False)))
       effect[kind] = float(heldout_loss(p, held)) - base
     g_held = pergrad.mean_grad(task.per_example_loss, params, held)
-    nu, count = adam_nu(state)
-    pre = g_held if nu is None else jax.tree.map(
-        lambda g, v: g / (jnp.sqrt(v / (1 - ADAM_B2 ** count)) + ADAM_EPS), g_held, nu)
+    pre = adam_precondition(g_held, state)
     sample = np.sort(rng.choice(np.flatnonzero(prose), examples, False))
     sgd, adam, likelihood = [], [], []
     for c in range(0, examples, 64):

@@ -185,3 +185,26 @@ def test_versions_judges_a_figure_undefined_after_a_regression():
   assert (row['verdict'], row['undefined_after'], row['seeds']) == ('regression', 1, 3)
   row, = versions.compare(fig({**before, '2': None}), fig(noisy))
   assert (row['verdict'], row['undefined_after'], row['seeds']) == ('reproduces', 0, 3)
+
+
+def test_harm_probe_preconditions_by_adams_bias_corrected_second_moment():
+  """The probe's Adam-preconditioned gradient against nu accumulated by hand in float64 from the
+  gradients the optimizer saw; before the first step (age 0) the gradient itself, not 0 / 0."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bench import lm_harm_probe  # pylint: disable=g-import-not-at-top
+  from inner_loop.optimizers import ADAM_B2, ADAM_EPS, make_inner_optimizer  # pylint: disable=all
+  rng = np.random.default_rng(0)
+  opt = make_inner_optimizer('adam', 0.01)
+  params = {'w': np.zeros(3, np.float32)}
+  state, nu = opt.init(params), np.zeros(3)
+  held = {'w': rng.normal(size=3).astype(np.float32)}
+  for count in range(4):
+    got = np.asarray(lm_harm_probe.adam_precondition(held, state)['w'])
+    want = held['w'] if count == 0 else held['w'] / (
+        np.sqrt(nu / (1 - ADAM_B2 ** count)) + ADAM_EPS)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    g = rng.normal(size=3)
+    nu = ADAM_B2 * nu + (1 - ADAM_B2) * g ** 2
+    _, state = opt.update({'w': jax.numpy.asarray(g, jax.numpy.float32)}, state, params)
+  sgd = make_inner_optimizer('sgd', 0.01)
+  assert lm_harm_probe.adam_precondition(held, sgd.init(params)) is held
