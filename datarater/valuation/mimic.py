@@ -93,9 +93,9 @@ def mimic_filter(scores: np.ndarray, keep_fraction: Optional[float] = None, seed
   With `keep_fraction`, the top fraction as `launch.filter --keep` keeps it (`select.select_top`:
   exactly round(keep * N), ties broken by id); otherwise every score >= a threshold where a
   two-component Gaussian mixture fitted to the scores makes its higher-mean component the more
-  probable one: the lowest score of the run of such scores (in score order) that starts at or
-  above the lower component's mean. With unequal widths that component can also be the more
-  probable far below both means; those scores are not kept.
+  probable one: the start of the unbroken run of such scores (in score order) that holds the first
+  of them at or above the lower component's mean. (With unequal widths the wider component is
+  also the more probable far out beyond the narrow one; those scores do not set the threshold.)
   """
   scores = np.asarray(scores, np.float64)
   if keep_fraction is not None:
