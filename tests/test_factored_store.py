@@ -348,6 +348,23 @@ def test_store_files_metadata_and_queries_equal_brute_force(setup, tmp_path):
     store.build(str(tmp_path / 'g'), loss, run, split, proj)
 
 
+def test_a_store_of_a_layer_whose_weights_the_loss_also_reads_elsewhere_is_refused(setup,
+                                                                                   tmp_path):
+  """A loss that also reads dense_0's kernel outside its call (a tied decoder) has per-example
+  gradients the projected Dense gradients miss: the store refuses it, not writes them; a store
+  of dense_1 alone is exact (test above) and still built."""
+  task, split, run, *_ = setup
+  kernel = lambda p: p['params']['dense_0']['kernel']
+  tied = lambda p, b: task.per_example_loss(p, b) + 0.1 * jnp.sum(
+      (b['image'] @ kernel(p)) ** 2, -1)
+  with pytest.raises(UserError, match=r"gradient store: the Dense layers \['dense_0', 'dense_1'\] "
+                     'called on each example do not make its whole gradient'):
+    store.build(str(tmp_path / 'g'), tied, run, split, pergrad.factored_projection(3, 2))
+  assert not os.listdir(tmp_path)
+  store.build(str(tmp_path / 'g1'), tied, run, split,
+              pergrad.factored_projection(3, 2, layers=['dense_1']))
+
+
 def test_mimic_of_a_store_of_some_layers_normalises_by_those_layers_only(setup, tmp_path):
   """A store projecting only 'dense_1' of the MLP: Mimic = mean over checkpoints of
   -<g_ic, P(ref - theta_c)> / ||ref - theta_c|| with the norm over dense_1's [kernel; bias] alone

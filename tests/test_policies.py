@@ -168,6 +168,27 @@ def test_mimic_weights_follow_the_explicit_per_example_gradients(tfds_dir):
       rtol=1e-4)
 
 
+def test_online_mimic_refuses_a_loss_that_reads_the_rest_of_the_batch(tfds_dir):
+  """As every valuation does: centring inputs on the batch mean (batch norm in training mode)
+  makes one example's gradient another model's; refused before the reference is trained."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  config = get_config()
+  config.data = digits_data(tfds_dir, 0.2)
+  tr = pipeline.load_split(config.data, 'train', corrupt=True)
+  held = pipeline.load_split(config.data, 'validation')
+  mlp = tasks.make_task(config.task, tr.info)
+
+  @dataclasses.dataclass(frozen=True)
+  class BatchCentred(type(mlp)):
+    def per_example_loss(self, params, batch):
+      return super().per_example_loss(
+          params, {**batch, 'image': batch['image'] - batch['image'].mean(0)})
+
+  centred = BatchCentred(**{f.name: getattr(mlp, f.name) for f in dataclasses.fields(mlp)})
+  with pytest.raises(UserError, match="an example's loss depends on the rest of its batch"):
+    policies.make_policy('mimic', policies.PolicyContext(tr, held, centred, config))
+
+
 @pytest.fixture(scope='module')
 def trained(tfds_dir, tmp_path_factory):
   """A 4-step rater run, its export, and a scores file for the training split."""

@@ -110,6 +110,12 @@ def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
   if np.dtype(dtype) not in (np.float32, np.float64):
     raise UserError(f'gradient store dtype must be float32 or float64, got {dtype!r}')
   state = projection.init(loss_fn, run.final_params, split.take(np.arange(1)))
+  if not pergrad.ghost_covers(loss_fn, run.final_params, split.take(np.arange(min(8, n))),
+                              projection.layers):
+    raise UserError(f'gradient store: the Dense layers {list(state.names)} called on each example '
+                    'do not make its whole gradient of them (the loss reads their weights '
+                    'outside their calls, e.g. tied weights or a weight penalty, or the '
+                    'gradients are not finite); store other layers (valuation.layers)')
   lrs = checkpoint_lrs(run)
   meta = {'format': FORMAT, 'projection': state.describe(), 'num_examples': n, 'dim': state.dim,
           'dtype': np.dtype(dtype).name, 'dataset': split.info.name, 'split': split_name,
