@@ -83,27 +83,28 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     raise UserError('--workdir is required')
   if stop_after is not None and stop_after < 1:
     raise UserError(f'--stop_after must be >= 1, got {stop_after}')
-  config_checks.validate(config, SECTIONS)
-  mesh = sharding.make_mesh(config.inner.population, devices)
-  sharding.check_batch_sizes(mesh, **{'inner.batch_size': config.inner.batch_size,
-                                      'outer.batch_size': config.outer.batch_size})
-  data = MetaBatches(config)
-  for field, size, split in (('inner.batch_size', config.inner.batch_size, data.train),
-                             ('outer.batch_size', config.outer.batch_size, data.heldout)):
-    if size > len(split):
-      raise UserError(f'{field}={size} is more than the {len(split)} examples it is drawn from')
-  problem, estimator = setup.build_problem(config, data.info)
-  for split in (data.train, data.heldout, data.eval):  # e.g. tokens outside the vocabulary
-    problem.task.check_data(split.features)
-    problem.rater.check_data(split.features)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f'--workdir {workdir!r} exists and is not a folder')
-  if os.path.exists(os.path.join(workdir, 'history.jsonl')):
-    raise UserError(f'--workdir {workdir!r} holds a launch.train run (history.jsonl); give the '
-                    'rater run a folder of its own')
-  if os.path.exists(os.path.join(workdir, 'rater.json')):
-    raise UserError(f'--workdir {workdir!r} holds an exported rater (rater.json); give the rater '
-                    'run a folder of its own')
+  with multihost.together('checking its settings and data'):
+    config_checks.validate(config, SECTIONS)
+    mesh = sharding.make_mesh(config.inner.population, devices)
+    sharding.check_batch_sizes(mesh, **{'inner.batch_size': config.inner.batch_size,
+                                        'outer.batch_size': config.outer.batch_size})
+    data = MetaBatches(config)
+    for field, size, split in (('inner.batch_size', config.inner.batch_size, data.train),
+                               ('outer.batch_size', config.outer.batch_size, data.heldout)):
+      if size > len(split):
+        raise UserError(f'{field}={size} is more than the {len(split)} examples it is drawn from')
+    problem, estimator = setup.build_problem(config, data.info)
+    for split in (data.train, data.heldout, data.eval):  # e.g. tokens outside the vocabulary
+      problem.task.check_data(split.features)
+      problem.rater.check_data(split.features)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise UserError(f'--workdir {workdir!r} exists and is not a folder')
+    if os.path.exists(os.path.join(workdir, 'history.jsonl')):
+      raise UserError(f'--workdir {workdir!r} holds a launch.train run (history.jsonl); give the '
+                      'rater run a folder of its own')
+    if os.path.exists(os.path.join(workdir, 'rater.json')):
+      raise UserError(f'--workdir {workdir!r} holds an exported rater (rater.json); give the rater '
+                      'run a folder of its own')
   ckpt = run_checkpointer(config, workdir)
   resume_step = ckpt.check_compatible()
   if resume_step is not None and resume_step > config.outer.steps:

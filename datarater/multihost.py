@@ -32,6 +32,24 @@ def agree(ok: bool) -> bool:
   return bool(np.all(allgather(np.asarray([ok], np.int32))))
 
 
+@contextlib.contextmanager
+def together(what: str):
+  """Runs the block on every process; an error raised in it on any process stops every process
+  once all have run it (the others with a UserError naming the process that failed), so none is
+  left waiting alone in a collective. The block itself must run no collective."""
+  error = None
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (re-raised below, after agreeing)
+    error = e
+  if jax.process_count() > 1:
+    failed = np.flatnonzero(allgather(np.asarray([error is not None], np.int32))[:, 0])
+    if failed.size and error is None:
+      raise UserError(f'process {failed[0]} of this job stopped {what} (its error line says why)')
+  if error is not None:
+    raise error
+
+
 def same_everywhere(digest: str) -> bool:
   """True on every process if every process holds the same hex `digest` (e.g. of what each
   loaded from a path another job may be rewriting)."""

@@ -61,6 +61,14 @@ def _start_driver(source: str, tfds_dir: str, tmp_path):
 
 def _finish(procs, timeout: int = 300):
   """Both processes' output once they exit 0; a hung job is killed and both outputs shown."""
+  outs = _outputs(procs, timeout)
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def _outputs(procs, timeout: int = 300):
+  """Both processes' output once they exit; a hung job is killed and both outputs shown."""
   outs = []
   for p in procs:
     try:
@@ -71,8 +79,6 @@ def _finish(procs, timeout: int = 300):
       tails = outs + [q.communicate()[0] for q in procs[len(outs):]]
       pytest.fail(f'the two processes did not finish in {timeout} s; their output:\n' +
                   '\n---\n'.join(t[-2000:] for t in tails))
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
   return outs
 
 
@@ -336,3 +342,32 @@ def test_a_dataset_folder_changed_for_one_process_stops_both(tfds_dir, tmp_path)
                      out, re.M), out[-3000:]
   steps = [json.loads(l)['step'] for l in open(tmp_path / 'run' / 'metrics.jsonl')]
   assert steps == [2]  # nothing written by the refused resume
+
+
+@pytest.mark.parametrize('module,args', [
+    ('filter', ['--dataset=sklearn_digits', '--scores=S', '--keep=0.5', '--out=W']),
+    ('train_rater', ['--workdir=W']),
+    ('valuate', ['--method=tracin', '--workdir=W'])])
+def test_bad_input_on_one_process_stops_both_in_one_line(tfds_dir, tmp_path, module, args):
+  """Process 1 alone is given a data folder that is a file (a flag each machine may set for
+  itself): it stops with its line, process 0 with one naming it, neither left waiting for the
+  other in a collective; nothing is written."""
+  (tmp_path / 'a_file').write_text('not a folder')
+  scores = tmp_path / 'scores.parquet'
+  pq.write_table(pa.table({'id': np.arange(1197), 'value': np.zeros(1197)}), scores)
+  args = [a.replace('W', str(tmp_path / 'out')).replace('S', str(scores)) for a in args]
+  if module == 'filter':
+    args.append(f'--data_dir={tfds_dir}')
+    bad = f'--data_dir={tmp_path}/a_file'
+  else:
+    args += as_flags(small_config(tfds_dir, steps=2))
+    bad = f'--config.data.data_dir={tmp_path}/a_file'
+  procs = _start(f'launch.{module}', args, ((), (bad,)))
+  outs = _outputs(procs, timeout=120)
+  for p, out, msg in zip(procs, outs, (
+      'process 1 of this job stopped checking its settings and data',
+      f"data_dir '{tmp_path}/a_file' is a file, not a folder")):
+    errors = [l for l in out.splitlines() if l.startswith('error: ')]
+    assert p.returncode == 2 and len(errors) == 1 and msg in errors[0], out[-2000:]
+    assert 'Traceback' not in out
+  assert not os.path.exists(tmp_path / 'out')

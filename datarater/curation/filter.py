@@ -98,52 +98,54 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
                    copy_other_splits: bool = True, batch_size: int = 1024,
                    overwrite: bool = False, devices=None) -> dict:
   """Runs the filter (see the module docstring); returns the report. Checks everything first."""
-  if not out:
-    raise UserError('--out is required')
-  out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite:
-    raise UserError(f'output {out!r} already exists (pass --overwrite to replace it)')
-  if (rater is None) == (scores is None):
-    raise UserError('give exactly one of --rater and --scores')
-  if (keep is not None) + (min_score is not None) + bool(suggest_keep) != 1:
-    raise UserError('give exactly one of --keep, --min_score and --suggest_keep')
-  if keep is not None:
-    select.check_keep(keep)
-  if threshold not in THRESHOLD_MODES:
-    raise UserError(f'unknown --threshold {threshold!r} (choose from {", ".join(THRESHOLD_MODES)})')
-  if threshold != 'exact' and min_score is not None:
-    raise UserError(f'--threshold={threshold} needs --keep or --suggest_keep (it finds their '
-                    'threshold; --min_score is one)')
-  if balance and min_score is not None:
-    raise UserError('--balance needs --keep or --suggest_keep (a score threshold cannot balance '
-                    'classes)')
-  if batch_size < 1:
-    raise UserError(f'--batch_size must be >= 1, got {batch_size}')
-  splits = list(splits)
-  if not splits:
-    raise UserError('--split names no split')
-  corruption = corruption or corruption_lib.Corruption()
-  # A TFDS name prepared in data_dir, or a TFDS dataset folder (e.g. an earlier filter's output).
-  folder = os.path.exists(os.path.join(dataset, 'dataset_info.json'))
-  if not folder and (os.path.isabs(dataset) or dataset.startswith('.')):
-    raise UserError(f'--dataset {dataset!r} is not a TFDS dataset folder (no dataset_info.json)')
-  section = ml_collections.ConfigDict({'name': dataset, 'data_dir': data_dir,
-                                       'dataset_dir': dataset if folder else ''})
-  builder, dataset = pipeline.builder_of(section, '--data_dir'), pipeline.dataset_name(section)
-  files.check_apart(out, '--out', **{'dataset' if folder else 'data_dir': str(builder.data_dir)},
-                    rater=rater or '', scores=scores or '')
-  info = pipeline.data_info(builder)
-  for s in splits:
-    if s not in builder.info.splits:
-      what = ('is filtered by whole splits, not expressions like' if '[' in s or '+' in s
-              else 'has no split')
-      raise UserError(f'dataset {dataset!r} {what} {s!r} '
-                      f'(it has: {", ".join(builder.info.splits)})')
-  label = info.supervised_keys[1] if info.supervised_keys else None
-  num_classes = info.num_classes.get(label, 0)
-  if balance and not num_classes:
-    raise UserError(f'--balance needs a class-label target; dataset {dataset!r} has none')
-  sources = {s: builder.as_data_source(split=s) for s in builder.info.splits}
+  with multihost.together('checking its settings and data'):
+    if not out:
+      raise UserError('--out is required')
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+      raise UserError(f'output {out!r} already exists (pass --overwrite to replace it)')
+    if (rater is None) == (scores is None):
+      raise UserError('give exactly one of --rater and --scores')
+    if (keep is not None) + (min_score is not None) + bool(suggest_keep) != 1:
+      raise UserError('give exactly one of --keep, --min_score and --suggest_keep')
+    if keep is not None:
+      select.check_keep(keep)
+    if threshold not in THRESHOLD_MODES:
+      raise UserError(f'unknown --threshold {threshold!r} '
+                      f'(choose from {", ".join(THRESHOLD_MODES)})')
+    if threshold != 'exact' and min_score is not None:
+      raise UserError(f'--threshold={threshold} needs --keep or --suggest_keep (it finds their '
+                      'threshold; --min_score is one)')
+    if balance and min_score is not None:
+      raise UserError('--balance needs --keep or --suggest_keep (a score threshold cannot balance '
+                      'classes)')
+    if batch_size < 1:
+      raise UserError(f'--batch_size must be >= 1, got {batch_size}')
+    splits = list(splits)
+    if not splits:
+      raise UserError('--split names no split')
+    corruption = corruption or corruption_lib.Corruption()
+    # A TFDS name prepared in data_dir, or a TFDS dataset folder (e.g. an earlier filter's output).
+    folder = os.path.exists(os.path.join(dataset, 'dataset_info.json'))
+    if not folder and (os.path.isabs(dataset) or dataset.startswith('.')):
+      raise UserError(f'--dataset {dataset!r} is not a TFDS dataset folder (no dataset_info.json)')
+    section = ml_collections.ConfigDict({'name': dataset, 'data_dir': data_dir,
+                                         'dataset_dir': dataset if folder else ''})
+    builder, dataset = pipeline.builder_of(section, '--data_dir'), pipeline.dataset_name(section)
+    files.check_apart(out, '--out', **{'dataset' if folder else 'data_dir': str(builder.data_dir)},
+                      rater=rater or '', scores=scores or '')
+    info = pipeline.data_info(builder)
+    for s in splits:
+      if s not in builder.info.splits:
+        what = ('is filtered by whole splits, not expressions like' if '[' in s or '+' in s
+                else 'has no split')
+        raise UserError(f'dataset {dataset!r} {what} {s!r} '
+                        f'(it has: {", ".join(builder.info.splits)})')
+    label = info.supervised_keys[1] if info.supervised_keys else None
+    num_classes = info.num_classes.get(label, 0)
+    if balance and not num_classes:
+      raise UserError(f'--balance needs a class-label target; dataset {dataset!r} has none')
+    sources = {s: builder.as_data_source(split=s) for s in builder.info.splits}
   loaded = None
   if rater is not None:
     from datarater.export import load_rater  # pylint: disable=g-import-not-at-top

@@ -119,26 +119,27 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     raise UserError(f'unknown --method {method!r} (choose from {", ".join(factory.METHODS)})')
   if not workdir:
     raise UserError('--workdir is required')
-  config_checks.validate(config, SECTIONS)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f'--workdir {workdir!r} exists and is not a folder')
-  d = config.data
-  train = source.open_source(d, d.train_split, corrupt=True)
-  if len(train) < 2:  # nothing to rank (and the layer probes take two examples)
-    raise UserError(f'data.train_split {d.train_split!r} holds {len(train)} example(s); '
-                    'valuing needs at least 2')
-  heldout = pipeline.load_split(d, d.heldout_split)
-  task = tasks.make_task(config.task, train.info)
-  train.corruption.check_targets(train.info, task)
-  task.check_data(heldout.features)  # (the streamed training split is not read whole here)
-  factory.make_projection(config.valuation)  # a bad name fails before any work
-  factory.check(method, config, task, train)  # bad layer names etc. fail before any work
-  if config.valuation.topk:
-    pipeline.check_split(pipeline.builder_of(d), config.valuation.topk_split)
-  if config.valuation.store or config.valuation.topk:
-    _check_store_size(method, config, len(train), workdir)
-  if (config.valuation.store or config.valuation.topk) and jax.process_count() > 1:
-    raise UserError('valuation.store and valuation.topk run in one process')
+  with multihost.together('checking its settings and data'):
+    config_checks.validate(config, SECTIONS)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise UserError(f'--workdir {workdir!r} exists and is not a folder')
+    d = config.data
+    train = source.open_source(d, d.train_split, corrupt=True)
+    if len(train) < 2:  # nothing to rank (and the layer probes take two examples)
+      raise UserError(f'data.train_split {d.train_split!r} holds {len(train)} example(s); '
+                      'valuing needs at least 2')
+    heldout = pipeline.load_split(d, d.heldout_split)
+    task = tasks.make_task(config.task, train.info)
+    train.corruption.check_targets(train.info, task)
+    task.check_data(heldout.features)  # (the streamed training split is not read whole here)
+    factory.make_projection(config.valuation)  # a bad name fails before any work
+    factory.check(method, config, task, train)  # bad layer names etc. fail before any work
+    if config.valuation.topk:
+      pipeline.check_split(pipeline.builder_of(d), config.valuation.topk_split)
+    if config.valuation.store or config.valuation.topk:
+      _check_store_size(method, config, len(train), workdir)
+    if (config.valuation.store or config.valuation.topk) and jax.process_count() > 1:
+      raise UserError('valuation.store and valuation.topk run in one process')
   with multihost.workdir_lock(workdir):
     data_files = pipeline.files_digest(pipeline.builder_of(d))  # a folder written again
     tag = fingerprint(method, config, data_files)
