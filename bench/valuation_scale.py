@@ -23,7 +23,8 @@ child's own high-water mark, VmHWM, which it writes at exit), written to bench/r
   1M: the first N training images (cycled past 60k) are written as idx files and prepared as an
   `idx_mnist/fashion` dataset of their own (not measured). valuate scores its `train` split with
   the cheapest method that streams: TracIn self-influence (exact ghost squared norms) of an MLP
-  (configs/digits.py's) on a 20-step recorded run with one checkpoint; its time is the scoring.
+  (configs/digits.py's) on a 20-step recorded run with one checkpoint; its time is the whole
+  subprocess's wall clock (start-up, the recorded run and compilation included).
   The filter then filters that split with valuate's scores file (keep 0.8, exact threshold),
   writing the kept examples as a TFDS dataset.
 - `store`: TracIn train x test from a gradient store (`valuation/store.py`) of the 60k
@@ -144,9 +145,9 @@ def method_fn(method: str, loss, params, state, chunk: int):
     num_params = sum(x.size for x in jax.tree.leaves(params))
     r = np.random.default_rng(1).standard_normal((num_params, state.dim), np.float32)
     r *= 1 / math.sqrt(state.dim)
+    r = jax.block_until_ready(jax.device_put(r))  # one copy (on CPU, device_put copies)
     dense = pergrad.chain(pergrad.flatten(), pergrad.GradTransform(lambda g: r, lambda g, m: g @ m))
-    return (lambda p, b, s: pergrad.per_example(loss, p, b, dense, s, chunk)), jax.device_put(
-        dense.init(params))
+    return (lambda p, b, s: pergrad.per_example(loss, p, b, dense, s, chunk)), dense.init(params)
   if method == 'dense_kronecker':
     return (lambda p, b, s: pergrad.per_example(loss, p, b, pergrad.factored_transform(s), s,
                                                 chunk)), state

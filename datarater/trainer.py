@@ -74,7 +74,7 @@ class TrainResult:
   example_gradients: int        # per model
   scoring_forwards: int         # per model
   setup_example_gradients: int
-  wall_s: float                 # training and evaluation, compilation excluded
+  wall_s: float                 # training (selection, steps, policy updates); no compile, eval
   compile_s: float
   recording: Optional[Recording] = None
   stopped_after: Optional[int] = None  # epochs done, if `stop_after` ended the run early
