@@ -297,6 +297,27 @@ def test_ghost_self_influence_only_where_dense_layers_hold_every_parameter(tfds_
   assert not factory.build('tracin', config, task, train, heldout).ghost
 
 
+def test_build_refuses_what_a_method_cannot_compute_as_the_launcher_does(tfds_dir):
+  """Benchmarks call factory.build directly: DVEmb's recursion is the SGD step's and it values
+  every parameter, so another optimizer or named layers are refused there too, before any fit."""
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  config = small_config(tfds_dir)
+  train = pipeline.load_split(config.data, config.data.train_split, corrupt=True)
+  heldout = pipeline.load_split(config.data, config.data.heldout_split)
+  task = tasks.make_task(config.task, train.info)
+  fit = lambda *a, **k: pytest.fail('fitted before refusing')
+  for field, value, line in [
+      ('optimizer', 'momentum', "method dvemb needs valuation.optimizer='sgd', got 'momentum'"),
+      ('layers', 'dense_0', "valuation.layers='dense_0' chooses TracIn layers")]:
+    bad = small_config(tfds_dir)
+    bad.valuation[field] = value
+    with pytest.MonkeyPatch.context() as m:
+      m.setattr(factory, 'record', fit)
+      with pytest.raises(UserError, match=line):
+        factory.build('dvemb', bad, task, train, heldout)
+
+
 def test_what_the_store_or_curvature_cannot_follow_is_refused_before_any_fit(tfds_dir):
   """A named layer holding a Dense layer and a scale cannot be projected by the gradient store
   (it would value the Dense part only), and Gauss-Newton curvature needs labels(): both are one

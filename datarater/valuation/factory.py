@@ -94,6 +94,26 @@ def check(method: str, config, task, train) -> None:
   if method == 'datarater':
     rater_for(config, train)
     return
+  check_settings(method, config, task)
+  params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+  if parse_layers(v.layers) is not None:
+    pergrad.layer_mask(params, parse_layers(v.layers))
+  layers = parse_layers(v.layers) if method == 'tracin' else None  # dvemb: every parameter
+  if method == 'dvemb':
+    warn_dvemb_dim(v, params)
+  if method == 'mimic':
+    layers = mimic_layers(config, task, params, train)
+    if layers is not None:
+      pergrad.layer_mask(params, layers)
+  if v.store or v.topk:  # layers the store's projection cannot follow fail now, not after a fit
+    pergrad.factored_projection(1, 1, layers=layers).init(task.per_example_loss, params,
+                                                          train.take([0, 1]))
+
+
+def check_settings(method: str, config, task) -> None:
+  """The settings a gradient `method` cannot compute its definition with, refused by `check`
+  and again by `build` (which benchmarks call directly)."""
+  v = config.valuation
   if method == 'dvemb':
     if v.optimizer != 'sgd':  # its recursion is the SGD step's
       raise UserError(f"method dvemb needs valuation.optimizer='sgd', got {v.optimizer!r}")
@@ -109,22 +129,9 @@ def check(method: str, config, task, train) -> None:
   if method in ('tracin', 'mimic') and v.train_steps % v.checkpoint_every:
     raise UserError(f'valuation.checkpoint_every={v.checkpoint_every} must be >= 1 and divide '
                     f'valuation.train_steps={v.train_steps}')
-  params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
-  if parse_layers(v.layers) is not None:
-    if method == 'dvemb':  # it would be ignored: the embedding spans every parameter
-      raise UserError(f'valuation.layers={v.layers!r} chooses TracIn layers; the data value '
-                      "embedding values every parameter (set valuation.layers='')")
-    pergrad.layer_mask(params, parse_layers(v.layers))
-  layers = parse_layers(v.layers) if method == 'tracin' else None  # dvemb: every parameter
-  if method == 'dvemb':
-    warn_dvemb_dim(v, params)
-  if method == 'mimic':
-    layers = mimic_layers(config, task, params, train)
-    if layers is not None:
-      pergrad.layer_mask(params, layers)
-  if v.store or v.topk:  # layers the store's projection cannot follow fail now, not after a fit
-    pergrad.factored_projection(1, 1, layers=layers).init(task.per_example_loss, params,
-                                                          train.take([0, 1]))
+  if method == 'dvemb' and parse_layers(v.layers) is not None:  # it would be ignored
+    raise UserError(f'valuation.layers={v.layers!r} chooses TracIn layers; the data value '
+                    "embedding values every parameter (set valuation.layers='')")
 
 
 def projected_dim(v: ml_collections.ConfigDict, params) -> tuple[int, list[str]]:
@@ -179,6 +186,7 @@ def build(method: str, config, task, train, heldout, cache=None) -> Valuation:
     valuation = RaterValuation(loaded.rater, loaded.params)
     valuation.example_gradients = loaded.training_example_gradients
     return valuation
+  check_settings(method, config, task)
   layers, chunk = parse_layers(v.layers), v.chunk_size
   heldout_batch = heldout.take(range(len(heldout)))
   tasks.check_per_example(task, task.init(jax.random.key(v.seed)),
