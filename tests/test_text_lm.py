@@ -679,3 +679,16 @@ def test_bits_are_per_byte_only_for_a_vocabulary_of_bytes():
     params = jax.eval_shape(task.init, jax.random.key(0))
     metrics = jax.eval_shape(task.metrics, params, {'tokens': _tokens(vocab=vocab)})
     assert sorted(metrics) == sorted(['loss', name]), (vocab, sorted(metrics))
+
+
+def test_token_weights_must_be_a_float_feature_of_one_weight_per_token():
+  """An integer feature (the tokens themselves, a document id) would weigh each prediction by its
+  value: refused in one line; a feature of another length too."""
+  info = _info(weights=True)
+  info = DataInfo('text', {**info.spec, 'ids': jax.ShapeDtypeStruct((12,), np.int32),
+                           'short': jax.ShapeDtypeStruct((11,), np.float32)}, {}, None)
+  assert tasks.make_task(_model(token_weights='weights'), info).weight_key == 'weights'
+  for name in ('tokens', 'ids', 'short', 'nope'):
+    with pytest.raises(UserError, match=f"token_weights '{name}' must be a float feature of "
+                       r'shape \(12,\)'):
+      tasks.make_task(_model(token_weights=name), info)

@@ -55,3 +55,14 @@ def test_block_walk_that_closes_its_readers_reads_the_same_examples(tfds_dir, mo
   blocks = list(source_lib.Source(builder, 'train').blocks(64))
   for key, value in expected.items():
     np.testing.assert_array_equal(np.concatenate([b[key] for _, b in blocks]), value)
+
+
+def test_a_subset_keeps_its_source_metadata(tfds_dir, tmp_path, monkeypatch):
+  """A dataset's provenance (python_text records which standard library it read) survives
+  filtering: the subset's info.metadata is the source's."""
+  builder = pipeline.get_builder('sklearn_digits', tfds_dir)
+  monkeypatch.setattr(builder.info, '_metadata',
+                      tfds.core.MetadataDict(stdlib='/usr/lib/python3.11', sources_sha256='ab12'))
+  out = tfds_writer.write_subset(builder, str(tmp_path / 'sub'), 'sub', {'train': np.arange(9)})
+  assert dict(tfds.builder_from_directory(out).info.metadata) == {
+      'stdlib': '/usr/lib/python3.11', 'sources_sha256': 'ab12'}

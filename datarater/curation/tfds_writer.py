@@ -41,6 +41,7 @@ def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, descripti
       return self.dataset_info_from_configs(
           features=copy.deepcopy(features),
           supervised_keys=supervised, description=description,
+          metadata=tfds.core.MetadataDict(source_info.metadata or {}),  # the source's provenance
           disable_shuffling=True)
 
     def _split_generators(self, dl_manager):

@@ -220,9 +220,10 @@ def transformer_lm(config, info) -> LanguageModel:
   (token feature, default 'tokens') and token_weights (a float feature [L]; '' = none)."""
   key, length = _tokens_key(config, info)
   weights = config.get('token_weights', '')
-  if weights and (weights not in info.spec or info.spec[weights].shape != (length,)):
-    raise UserError(f'token_weights {weights!r} must be a feature of shape ({length},) of '
-                    f'dataset {info.name!r} (features: {", ".join(sorted(info.spec))})')
+  if weights and (weights not in info.spec or info.spec[weights].shape != (length,)
+                  or not np.issubdtype(info.spec[weights].dtype, np.floating)):
+    raise UserError(f'token_weights {weights!r} must be a float feature of shape ({length},) of '
+                    f'dataset {info.name!r} (features, decoded: {", ".join(sorted(info.spec))})')
   module = _transformer(config, int(config.vocab), causal=True, pool=False)
   return LanguageModel(module, info.spec, key, weights)
 
