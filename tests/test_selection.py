@@ -450,9 +450,10 @@ def test_bench_folds_partition_train_and_test(tfds_dir):
 
 def test_confident_joint_errors_match_the_definition_with_an_empty_class():
   """The confident joint's off-diagonal count against a float64 loop over its definition: class
-  c's threshold is its members' mean score for c; example i is an error when the highest-scoring
-  class clearing its threshold is not i's label. A class with no members has no threshold (its
-  scores count for nothing), whether it lies between present classes or after them."""
+  c's threshold is its members' mean score for c; example i is an error when some other class
+  clearing its threshold scores higher than every class that does, its label included (a tie
+  with the label is not higher). A class with no members has no threshold (its scores count for
+  nothing), whether it lies between present classes or after them."""
   rng = np.random.default_rng(0)
   num, classes = 300, 4
   for empty in (None, 1, 3):
@@ -460,11 +461,15 @@ def test_confident_joint_errors_match_the_definition_with_an_empty_class():
     labels = rng.choice(present, num)
     per_class = rng.uniform(0, 0.8, (num, classes))
     per_class[np.arange(num), labels] = rng.uniform(0.3, 1.0, num)
+    for i in range(20):  # exact ties between the label and another class, high and low
+      per_class[i, present[(present.index(labels[i]) + 1) % 3]] = per_class[i, labels[i]] = (
+          0.96875 if i % 2 else 0.03125)
     thresh = {c: per_class[labels == c, c].mean() for c in present}
     want = 0
     for i in range(num):
-      confident = [c for c in present if per_class[i, c] >= thresh[c]]
-      want += bool(confident) and max(confident, key=lambda c: per_class[i, c]) != labels[i]
+      score = {c: per_class[i, c] for c in present if per_class[i, c] >= thresh[c]}
+      own = score.pop(labels[i], -np.inf)
+      want += any(s > own for s in score.values())
     got = int(scores.confident_joint_errors(jnp.asarray(per_class, jnp.float32),
                                             jnp.asarray(labels)))
     assert got == want and 0 < want < num // 2, (empty, got, want)

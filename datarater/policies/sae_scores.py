@@ -165,14 +165,16 @@ def confident_joint_errors(per_class: jax.Array, group: jax.Array) -> jax.Array:
   Per class c the threshold t_c is the mean score of class c over the examples labelled c (how
   typical of c its own members are). Example i counts as an error when some other class clears its
   threshold (s_i(c) >= t_c) and scores higher than every class that does, its own label included.
-  A class no example is labelled with has no threshold and is never confident.
+  A class no example is labelled with has no threshold and is never confident; another class
+  that ties with the label is not higher.
   """
   mine = jax.nn.one_hot(group, per_class.shape[1], dtype=jnp.float32)
   members = jnp.sum(mine, 0)
   thresh = jnp.sum(mine * per_class, 0) / jnp.maximum(members, 1.0)   # [G]
   confident = jnp.where((per_class >= thresh) & (members > 0), per_class, -jnp.inf)
-  other = jnp.isfinite(jnp.max(confident, 1)) & (jnp.argmax(confident, 1) != group)
-  return jnp.sum(other).astype(jnp.int32)
+  own = jnp.max(jnp.where(mine > 0, confident, -jnp.inf), 1)       # -inf unless confident
+  best_other = jnp.max(jnp.where(mine > 0, -jnp.inf, confident), 1)
+  return jnp.sum(best_other > own).astype(jnp.int32)
 
 
 def confident_error_count(stats: FactorStats) -> jax.Array:
