@@ -157,8 +157,11 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
 
 def _refuse_joined_tuples(argv, fv: flags.FlagValues) -> None:
   """A tuple field overridden twice: ml_collections joins the two tuples (a scalar field keeps
-  the last value, as absl flags do), which no one means."""
-  names = [a.split('=', 1)[0][len('--config.'):] for a in argv[1:] if a.startswith('--config.')]
+  the last value, as absl flags do), which no one means. Counted in every spelling absl reads:
+  -config.x or --config.x, and the lines of a --flagfile."""
+  args = [a.lstrip('-') for a in fv.read_flags_from_files(argv[1:], force_gnu=False)
+          if a.startswith('-')]
+  names = [a.split('=', 1)[0][len('config.'):] for a in args if a.startswith('config.')]
   for name in sorted({n for n in names if names.count(n) > 1}):
     node = fv['config'].value
     for part in name.split('.'):

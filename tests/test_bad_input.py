@@ -39,6 +39,7 @@ def world(tfds_dir, tmp_path_factory):
   meta_train(small_config(tfds_dir, steps=2), str(root / 'run'))
   export.export_rater(str(root / 'run'), str(root / 'rater'))
   (root / 'a_file').write_text('not a folder')
+  (root / 'seeds_flags').write_text('--config.train.seeds=(0,1)\n')  # a --flagfile
   bad_json = root / 'bad_json_rater'
   shutil.copytree(root / 'rater', bad_json)
   (bad_json / 'rater.json').write_text('{"format_version": 2, "rater": ')
@@ -289,6 +290,10 @@ def _cases(tfds_dir: str, w) -> list:
        f"'{w}/cold_run/config.json': rater.temperature must be >= 1e-06, got -1.0"),
       ('train', [data, '--config.train.seeds=(0,1)', '--config.train.seeds=(2,)'],
        '--config.train.seeds is given twice'),
+      ('train', [data, '--config.train.seeds=(0,1)', '-config.train.seeds=(2,)'],
+       '--config.train.seeds is given twice'),  # absl's one-dash spelling
+      ('train', [data, f'--flagfile={w}/seeds_flags', '--config.train.seeds=(2,)'],
+       '--config.train.seeds is given twice'),
       ('train', [data, '--policy=datarater', f'--rater={w}/no_outer_run'],
        f"'{w}/no_outer_run/config.json' is not the config of a launch.train_rater run"),
       ('filter', fl(f'--rater={w}/other_architecture_rater', '--keep=0.5'),
@@ -409,7 +414,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 158  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 160  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
