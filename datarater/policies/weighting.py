@@ -112,11 +112,8 @@ def _tracin_curriculum(ctx: PolicyContext) -> Policy:
 
 @register_policy('mimic')
 def _mimic(ctx: PolicyContext) -> Policy:
-  from datarater import tasks  # pylint: disable=g-import-not-at-top
   from datarater.valuation import factory, mimic  # pylint: disable=g-import-not-at-top
-  # Refused as every valuation refuses it: a loss that reads other examples of the batch.
-  tasks.check_per_example(ctx.task, ctx.task.init(jax.random.key(ctx.config.valuation.seed)),
-                          ctx.heldout.take(np.arange(min(4, len(ctx.heldout)))))
+  factory.check_per_example(ctx.config, ctx.task, ctx.heldout)  # as every valuation does
   reference, cost = factory.mimic_reference(ctx.config, ctx.task, ctx.heldout)
   layers = factory.mimic_layers(ctx.config, ctx.task, reference, ctx.train)
   tau = ctx.config.policy.temperature

@@ -8,6 +8,7 @@ from typing import Optional
 from absl import logging as absl_logging
 import jax
 import ml_collections
+import numpy as np
 
 from datarater import pergrad, tasks
 from datarater.data import corruption
@@ -57,6 +58,13 @@ def record(config, task, split, steps: int, every: int, cache=None, name: str = 
                             learning_rate=v.learning_rate, checkpoint_every=every,
                             optimizer=v.optimizer, seed=v.seed)
   return make() if cache is None else cache.get(name, make)
+
+
+def check_per_example(config, task, heldout) -> None:
+  """Refuses a loss that reads other examples of its batch (`tasks.check_per_example`, on the
+  valuation seed's initial parameters and the first held-out examples)."""
+  tasks.check_per_example(task, task.init(jax.random.key(config.valuation.seed)),
+                          heldout.take(np.arange(min(4, len(heldout)))))
 
 
 def mimic_reference(config, task, heldout, cache=None):
@@ -189,8 +197,7 @@ def build(method: str, config, task, train, heldout, cache=None) -> Valuation:
   check_settings(method, config, task)
   layers, chunk = parse_layers(v.layers), v.chunk_size
   heldout_batch = heldout.take(range(len(heldout)))
-  tasks.check_per_example(task, task.init(jax.random.key(v.seed)),
-                          jax.tree.map(lambda x: x[:4], heldout_batch))
+  check_per_example(config, task, heldout)
   if method == 'dvemb':
     run, cost = record(config, task, train, v.dvemb_steps, 1, cache, 'dvemb_run')
     valuation = DataValueEmbedding(task, len(train), heldout_batch, make_projection(v),
