@@ -549,6 +549,10 @@ def test_boilerplate_uses_every_line_until_the_text_is_covered():
   assert len(out) - len(lines[-1]) - 1 < len(text)  # no line more than needed
   shares = collections.Counter(lines)
   assert min(shares.values()) > len(lines) / len(python_text.BOILERPLATE) / 2, shares
+  for size in range(1, 400):  # every length: covered, and no line more than needed
+    for seed in range(4):
+      out = python_text.boilerplate(b'x' * size, np.random.default_rng(seed))
+      assert len(out) >= size and len(out) - len(out.split(b'\n')[-1]) - 1 < size, (size, seed)
 
 
 def test_markup_only_puts_each_inline_item_on_a_line_and_keeps_markup_lines():

@@ -12,8 +12,8 @@ Documents are assigned whole, by a seeded shuffle of the sorted file lists, to
   (`CORRUPTIONS`): uniform random bytes of the document's length; its words shuffled, joined by
   spaces; navigation and copyright lines (`BOILERPLATE`) repeated to its length; its markup only
   (directive, option and section-underline lines verbatim, then every inline role, link, literal
-  and emphasis on its own line); every line cut off after a random letter inside a word (lines
-  with no such place dropped).
+  and strong emphasis on its own line); every line cut off after a random letter inside a word
+  (lines with no such place dropped).
 
 Each document goes to the bucket furthest below its target (`SIZES`), so every split and kind
 gets its share. Features: `tokens` [SEQ_LEN] int32, `document` (its id: the index in
@@ -111,7 +111,7 @@ def shuffled_words(text: bytes, rng: np.random.Generator) -> bytes:
 
 def boilerplate(text: bytes, rng: np.random.Generator) -> bytes:
   """Random `BOILERPLATE` lines until the result is as long as `text`."""
-  lines, size = [], 0
+  lines, size = [], -1  # size: the length of b'\n'.join(lines)
   while size < len(text):
     lines.append(BOILERPLATE[rng.integers(len(BOILERPLATE))])
     size += len(lines[-1]) + 1
