@@ -29,10 +29,15 @@ def check_rho(rho: float) -> float:
   return float(rho)
 
 
+def _floor_kept(batch_size: int, rho: float) -> int:
+  # In float64 on the host: in float32 (1 - rho) * B can fall below an integer by more than 1e-6.
+  return int(math.floor((1 - rho) * batch_size + 1e-6))
+
+
 def kept_per_batch(batch_size: int, rho: float) -> int:
   """N = floor((1 - rho) B), the examples of a batch of B the batch filter keeps. A rho that
   keeps none is refused: the filter keeps at least one, so it would filter less than rho."""
-  n = int(math.floor((1 - check_rho(rho)) * batch_size + 1e-6))
+  n = _floor_kept(batch_size, check_rho(rho))
   if n < 1:
     raise UserError(f'policy.rho={rho} keeps floor((1 - rho) * {batch_size}) = 0 of each batch of '
                     f'train.batch_size={batch_size}: use rho <= {1 - 1 / batch_size:.4g} or '
@@ -66,9 +71,11 @@ def batch_filter(score_fn, score_params, rho: float, num_examples: int, **cost) 
     del state, params
     real = weights > 0
     b = jnp.sum(real)
-    # At least one: an epoch's short last batch may round to none (kept_per_batch refuses a rho
-    # that does so for a full batch).
-    n = jnp.maximum(1, jnp.floor((1 - rho) * b + 1e-6)).astype(b.dtype)
+    # N for every count of real rows b <= B, at least one: an epoch's short last batch may round
+    # to none (kept_per_batch refuses a rho that does so for a full batch).
+    kept = jnp.asarray([max(1, _floor_kept(k, rho)) for k in range(weights.shape[0] + 1)],
+                       b.dtype)
+    n = kept[b]
     scores = jnp.where(real, score_fn(aux, batch), -jnp.inf)
     rank = ranks.rank(-scores)  # 0 = best; ties to the lower position
     keep = real & (rank < n)

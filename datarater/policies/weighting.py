@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datarater.curation import select
 from datarater.data import corruption
 from datarater.errors import UserError
 from datarater.policies.base import Policy, PolicyContext, register_policy, weighting
@@ -45,7 +46,8 @@ def curriculum_weights(values: np.ndarray, mode: str = 'weight', fraction: float
   """Per-example weights (mean 1) from values (higher = better), to weight losses or sampling.
 
   'weight': N * softmax(z / temperature) of the standardised values z, every example kept;
-  'select': the top `fraction` weigh 1/fraction, the rest 0 (hard subset selection).
+  'select': the top round(fraction * N) (`select.keep_count`, as `launch.filter --keep` keeps)
+  weigh N / their number, the rest 0 (hard subset selection).
   """
   values = np.asarray(values, np.float64)
   if mode == 'weight':
@@ -56,7 +58,7 @@ def curriculum_weights(values: np.ndarray, mode: str = 'weight', fraction: float
   if mode == 'select':
     if not 0 < fraction <= 1:
       raise UserError(f'curriculum fraction must be in (0, 1], got {fraction}')
-    keep = max(1, int(round(fraction * len(values))))
+    keep = select.keep_count(len(values), fraction)
     w = np.zeros(len(values))
     w[np.argsort(-values, kind='stable')[:keep]] = len(values) / keep
     return w
