@@ -174,6 +174,18 @@ def test_a_damaged_gzip_file_is_one_line_naming_it(tmp_path):
       idx_mnist.read_idx(path)
 
 
+def test_an_idx_header_cut_short_or_too_large_is_one_line_naming_the_file(tmp_path):
+  path = str(tmp_path / 'train-images-idx3-ubyte')
+  whole = bytes([0, 0, 8, 3]) + np.array([2, 28, 28], '>u4').tobytes()
+  open(path, 'wb').write(whole[:9])  # three dimensions announced, one and a bit given
+  with pytest.raises(UserError, match=f'^{re.escape(path)} is cut short in its header'):
+    idx_mnist.read_idx(path)
+  # 65536 ** 4 = 2 ** 64 bytes: an int64 product wraps to 0, the size of this empty body
+  open(path, 'wb').write(bytes([0, 0, 8, 4]) + np.array([65536] * 4, '>u4').tobytes())
+  with pytest.raises(UserError, match=f'holds 0 bytes after its header, not the {2 ** 64} '):
+    idx_mnist.read_idx(path)
+
+
 def test_missing_files_are_one_line_naming_the_path_and_the_remedy(tmp_path, monkeypatch):
   empty = tmp_path / 'empty'
   empty.mkdir()
@@ -326,6 +338,22 @@ def test_symmetric_noise_alone_is_bit_identical_to_the_original_draw(n, rate, se
 
 
 # ---- what each kind does
+
+def test_label_noise_on_one_class_is_refused_in_one_line():
+  with pytest.raises(UserError, match="label noise needs two classes or more; 'label' has 1"):
+    corruption.Corruption(0.2, 0).apply(_info(classes=1), _split(10, classes=1), np.arange(10), 10)
+
+
+def test_a_reversed_part_of_a_sum_of_splits_is_refused_not_read_short(tfds_dir):
+  """TFDS counts train[20:15] as -5 rows and reads 5 fewer of the other part: refused."""
+  builder = pipeline.get_builder('sklearn_digits', tfds_dir)
+  for split, part in (('train[:10]+train[20:15]', 'train[20:15]'),
+                      ('train[20:10] + test', 'train[20:10]')):
+    with pytest.raises(UserError, match=re.escape(f"split {split!r}'s part {part!r} of "
+                                                  "'sklearn_digits' selects no examples")):
+      pipeline.check_split(builder, split)
+  pipeline.check_split(builder, 'train[:10]+train[20:25]')  # both parts forward: read
+
 
 def test_the_record_says_what_changed():
   n = 400

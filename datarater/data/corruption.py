@@ -10,9 +10,9 @@ corrupted identically, and detection can be measured per kind.
 Kinds: label noise on the supervised target, 'label_symmetric' (another class, uniformly) or
 'label_confusion' (a confusable class from a list of pairs), and input corruptions of the
 supervised input, a uint8 image [H, W] or [H, W, C]: 'blur' (Gaussian, sigma 2-3 px),
-'pixel_noise' (Gaussian, std 30% of the range), 'occlusion' (a grey rectangle over 40-60% of the
-image), 'duplicate' (a shifted, slightly noisy copy of a clean example of the split, with its
-label) and 'ood' (a scikit-learn 8x8 digit resized to the image, under a random label).
+'pixel_noise' (Gaussian, std 30% of the range), 'occlusion' (a grey rectangle over about 40-60%
+of the image), 'duplicate' (a shifted, slightly noisy copy of a clean example of the split, with
+its label) and 'ood' (a scikit-learn 8x8 digit resized to the image, under a random label).
 """
 import dataclasses
 import functools
@@ -178,6 +178,8 @@ class Corruption:
     label = label_feature(info) if changes_label else None
     image = image_feature(info, raw) if set(rates) & set(INPUT_KINDS) else None
     num_classes = info.num_classes[label] if label else 2
+    if label and num_classes < 2:
+      raise UserError(f'label noise needs two classes or more; {label!r} has {num_classes}')
     draw = self._draw(n, num_classes)
     if 'label_confusion' in rates:
       self._partners(num_classes)  # checked whatever the block holds

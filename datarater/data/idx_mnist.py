@@ -12,6 +12,7 @@ the original archives' checksums, which Debian's re-gzipped copies do not match.
 """
 import dataclasses
 import gzip
+import math
 import os
 import zlib
 
@@ -103,11 +104,14 @@ def read_idx(path: str) -> np.ndarray:
   if len(data) < 4 or data[:3] != b'\x00\x00\x08':
     raise UserError(f'{path} is not an idx file of unsigned bytes (magic {data[:4].hex()})')
   ndim = data[3]
-  dims = tuple(int(d) for d in np.frombuffer(data, '>u4', count=ndim, offset=4))
   offset = 4 + 4 * ndim
-  if len(data) - offset != int(np.prod(dims)):
+  if len(data) < offset:
+    raise UserError(f'{path} is cut short in its header ({len(data)} bytes; {ndim} dimensions '
+                    f'need {offset})')
+  dims = tuple(int(d) for d in np.frombuffer(data, '>u4', count=ndim, offset=4))
+  if len(data) - offset != math.prod(dims):  # Python integers: no overflow
     raise UserError(f'{path} holds {len(data) - offset} bytes after its header, not the '
-                    f'{int(np.prod(dims))} of shape {dims}')
+                    f'{math.prod(dims)} of shape {dims}')
   return np.frombuffer(data, np.uint8, offset=offset).reshape(dims)
 
 

@@ -252,9 +252,12 @@ def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
     raise UserError(f'dataset {builder.info.name!r} has no split {split!r} (it has: '
                     f'{", ".join(builder.info.splits)}; slices like train[:80%] also work): '
                     f'{str(e).splitlines()[0]}') from None
-  if selected.num_examples < 0:  # a slice whose end is before its start (TFDS counts < 0)
-    raise UserError(f'split {split!r} of {builder.info.name!r} selects no examples (its end is '
-                    'before its start)')
+  for part in split.split('+'):  # TFDS counts a slice whose end is before its start as < 0, and
+    # a sum of parts reads fewer rows of the others: each part is checked
+    if builder.info.splits[part.strip()].num_examples < 0:
+      what = f'split {split!r}' + (f"'s part {part.strip()!r}" if '+' in split else '')
+      raise UserError(f'{what} of {builder.info.name!r} selects no examples (its end is '
+                      'before its start)')
   if not selected.num_examples:  # TFDS cannot open a data source of no files
     raise UserError(f'split {split!r} of {builder.info.name!r} selects no examples')
 
