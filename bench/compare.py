@@ -28,20 +28,24 @@ def steps_to_reach(curve, target: float, higher_is_better: bool = True,
                    interpolate: bool = False) -> Optional[float]:
   """The first evaluated step at which the curve reaches `target` (None if never); with
   `interpolate`, the step where the straight line between the evaluations on either side of the
-  first crossing reaches it."""
+  first crossing reaches it (the last finite one before it: NaN evaluations are skipped)."""
   reached = (lambda v: v >= target - 1e-9) if higher_is_better else (lambda v: v <= target + 1e-9)
-  for i, (step, value) in enumerate(curve):
+  before = None  # the last finite evaluation so far
+  for step, value in curve:
     if reached(value):
-      if not interpolate or i == 0:
+      if not interpolate or before is None:
         return step
-      (s0, v0) = curve[i - 1]
+      (s0, v0) = before
       return s0 + (step - s0) * (target - v0) / (value - v0)
+    if np.isfinite(value):
+      before = (step, value)
   return None
 
 
 def fraction_to_own_final(run: dict) -> float:
   """The share of its steps a training run (`curve`, final `accuracy`, `steps`) takes to first
-  reach its own final accuracy: below 1 when the curve peaks early, as it does under noise."""
+  reach its own final accuracy: below 1 when the curve peaks early, as it does under noise
+  (`bench.steps_saved.check` refuses a run whose curve never reaches it)."""
   return steps_to_reach(run['curve'], run['accuracy']) / run['steps']
 
 

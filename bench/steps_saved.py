@@ -25,6 +25,21 @@ _RESULTS = flags.DEFINE_list('results', [], 'Curation results JSON files (bench.
 _OUT = flags.DEFINE_string('out', 'bench/results/steps_saved', 'Output prefix (.json, .md).')
 
 
+def _number(x) -> bool:
+  """Whether x is a finite number (or a string of one: a keep fraction as a JSON key)."""
+  try:
+    return not isinstance(x, bool) and np.isfinite(float(x))
+  except (TypeError, ValueError):
+    return False
+
+
+def _check_curve(fail, curve, where: str) -> None:
+  if (not isinstance(curve, list) or not curve or not all(
+      isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p)
+      for p in curve)):
+    fail(f'{where} has curve {curve!r}, not a list of [step, accuracy] pairs'[:300])
+
+
 def check(path: str, results: dict) -> None:
   """Refuses curation results `results` (read from `path`) that lack what `rows_of` reads: one
   line naming the file and the first thing missing."""
@@ -50,13 +65,24 @@ def check(path: str, results: dict) -> None:
       where = f'runs[{noise!r}][{seed!r}]'
       need(r, ('all', 'filtered', 'setup_example_gradients'), where)
       need(r['all'], ('curve', 'accuracy', 'steps', 'example_gradients'), f"{where}['all']")
+      run = r['all']
+      if not _number(run['accuracy']) or not _number(run['steps']) or run['steps'] <= 0:
+        fail(f"{where}['all'] has accuracy {run['accuracy']!r} and steps {run['steps']!r}, not "
+             'a number and a positive number')
+      _check_curve(fail, run['curve'], f"{where}['all']")
+      if compare.steps_to_reach(run['curve'], run['accuracy']) is None:
+        fail(f"{where}['all']'s curve never reaches its final accuracy {run['accuracy']!r}")
       need(r['filtered'], methods, f"{where}['filtered']")
       need(r['setup_example_gradients'], methods, f"{where}['setup_example_gradients']")
       for m in methods:
         if not isinstance(r['filtered'][m], dict):
           fail(f"{where}['filtered'][{m!r}] is not an object of keeps")
         for keep, run in r['filtered'][m].items():
-          need(run, ('curve',), f"{where}['filtered'][{m!r}][{keep!r}]")
+          what = f"{where}['filtered'][{m!r}][{keep!r}]"
+          if not _number(keep):
+            fail(f"{where}['filtered'][{m!r}] has {keep!r}, not a keep fraction")
+          need(run, ('curve',), what)
+          _check_curve(fail, run['curve'], what)
       if r.get('suggested_keep'):
         need(r['filtered'], ('datarater',), f"{where}['filtered']")
         need(r['filtered']['datarater'], (str(r['suggested_keep']),),

@@ -1,6 +1,7 @@
 """Benchmarks fail on a bad command line as the launchers do: one `error:` line naming the bad
 value, exit 2, before any run and without writing anything. Each case is its command line in its
 own process (`tests.forked`)."""
+import json
 import os
 
 import numpy as np
@@ -135,6 +136,27 @@ def test_a_curation_file_without_runs_is_one_line_naming_it(tmp_path):
   assert lines == [f"error: '{path}' is not a bench.curation results file "
                    "(runs['0.2']['0'] has no 'all')"], lines
   assert [f for f in tmp_path.rglob('*') if f.is_file()] == [path]
+
+
+@pytest.mark.parametrize('change, says', [
+    (lambda r: r['all'].update(accuracy=None), "['all'] has accuracy None and steps 80, not"),
+    (lambda r: r['all'].update(steps=0), "['all'] has accuracy 0.8 and steps 0, not"),
+    (lambda r: r['all'].update(curve=[]), "['all'] has curve [], not a list of [step, accuracy]"),
+    (lambda r: r['all'].update(accuracy=0.9), "['all']'s curve never reaches its final accuracy"),
+    (lambda r: r['filtered']['datarater'].update(half={'curve': [[80, 0.8]]}),
+     "['filtered']['datarater'] has 'half', not a keep fraction")])
+def test_a_curation_file_that_steps_saved_cannot_read_is_one_line(tmp_path, change, says):
+  """Files with every key but values steps_saved cannot use (each was a traceback, exit 1)."""
+  run = _curation_run([[40, 0.7], [80, 0.8]], [[40, 0.8], [80, 0.82]])
+  change(run)
+  path = tmp_path / 'curation.json'
+  path.write_text(json.dumps({'runs': {'0.2': {'0': run}}, 'methods': ['datarater']}))
+  proc = forked.run('bench.steps_saved', [f'--results={path}', f'--out={tmp_path}/out/r'],
+                    subprocess_env(1), ROOT)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith(f"error: '{path}' is not a bench.curation results file (runs['0.2']"
+                             "['0']") and says in lines[0], lines
 
 
 def _curation_run(all_curve, filtered_curve, keep=0.5):

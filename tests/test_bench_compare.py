@@ -17,6 +17,10 @@ def test_steps_to_reach_first_crossing_either_direction_interpolated_or_not():
                                 interpolate=True) == pytest.approx(25)
   assert compare.steps_to_reach(loss, 3.5, higher_is_better=False, interpolate=True) == 10
   assert compare.steps_to_reach(loss, 1.9, higher_is_better=False) is None
+  # A NaN evaluation before the crossing is skipped: the line runs from the last finite one.
+  gap = [(10, 0.5), (20, float('nan')), (30, 0.8)]
+  assert compare.steps_to_reach(gap, 0.7) == 30
+  assert compare.steps_to_reach(gap, 0.7, interpolate=True) == pytest.approx(10 + 20 * 2 / 3)
   accuracy = [(1, 0.5), (2, 0.7)]
   assert compare.steps_to_reach(accuracy, 0.6) == 2
   assert compare.steps_to_reach(accuracy, 0.6, interpolate=True) == pytest.approx(1.5)
