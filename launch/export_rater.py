@@ -3,6 +3,11 @@ r"""Exports a trained rater: `python -m launch.export_rater --workdir=DIR --out=
 DIR is a `launch.train_rater` run; RATER_DIR gets `params/` (orbax) and `rater.json`. Load it
 anywhere with `datarater.load_rater(RATER_DIR)`, on any number of devices.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 from absl import flags
 
 from datarater import export

@@ -10,6 +10,11 @@ Runs `datarater.curation.filter.filter_dataset` (see there for what OUT_DIR rece
 examples load with `tfds.builder_from_directory(OUT_DIR)`. `--label_noise` applies the training
 pipeline's recorded symmetric label noise to the filtered splits first, for experiments.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 from absl import flags
 
 from datarater.config_checks import MAX_SEED

@@ -8,6 +8,11 @@ r"""Trains task models from scratch under a policy and reports per-epoch figures
 tracin_curriculum, mimic), online filtering (datarater_batch_filter, datarater_accept) or
 per-epoch selection (full, random, infobatch, sae). Runs `datarater.train.train`.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 from absl import flags
 
 from datarater.errors import exit_on_user_error

@@ -3,6 +3,11 @@ r"""Meta-learns a DataRater (`launch.train_rater --config=configs/digits.py --wo
 Runs `datarater.meta_train.meta_train` on all devices of the job (see that module for what DIR
 receives); run it again with the same DIR to resume.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 from absl import flags
 
 from datarater.errors import exit_on_user_error

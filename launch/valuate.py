@@ -6,6 +6,11 @@ r"""Values every training example with one method -> a scores file keyed by TFDS
 `datarater.valuation.run.valuate`: DIR gets scores_<method>.parquet and scores_<method>.json.
 """
 
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 from absl import flags
 
 from datarater.errors import exit_on_user_error

@@ -61,6 +61,30 @@ def test_signal_inside_a_gc_callback_or_finalizer_stops_the_run(signum, code, wh
     assert len(stopped.stderr.strip().splitlines()) == 1, stopped.stderr[-2000:]
 
 
+# Stops at the first import of jax and says which SIGINT handler is in place then.
+AT_JAX_IMPORT = '''
+import importlib.abc, os, runpy, signal, sys
+class Watch(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name == 'jax':
+      print(getattr(signal.getsignal(signal.SIGINT), '__module__', None), flush=True)
+      os._exit(0)
+sys.meta_path.insert(0, Watch())
+sys.argv = [sys.argv[1]]
+runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+'''
+
+
+@pytest.mark.parametrize('launcher', ['train_rater', 'train', 'valuate', 'export_rater', 'filter'])
+def test_a_launcher_handles_ctrl_c_before_jax_is_imported(launcher):
+  """A Ctrl-C handled in JAX's gc callback while the launcher's imports ran was dropped and the
+  run went on to exit 0: the handlers go in before JAX loads."""
+  proc = subprocess.run([sys.executable, '-c', AT_JAX_IMPORT, f'launch.{launcher}'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60,
+                        env={**os.environ, 'PYTHONPATH': ROOT})
+  assert proc.stdout.strip() == 'launch.interrupts', (proc.stdout, proc.stderr[-2000:])
+
+
 def test_a_signal_the_process_was_started_ignoring_stays_ignored():
   """A shell's background job starts with SIGINT ignored; installing the handlers keeps it so."""
   code = ('import signal\nfrom launch import interrupts\ninterrupts.install()\n'
