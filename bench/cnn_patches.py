@@ -13,6 +13,11 @@ this measures their speed on three jobs of `configs/fashion_mnist_bench.py`, com
 The two implementations alternate within each of `--repeats` rounds; the ratio lax / slices is
 reported per round, with its mean and standard error. Writes bench/results/cnn_patches.{json,png}.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import contextlib
 import functools
 import platform

@@ -23,6 +23,11 @@ summary also gives that share per seed, the paired saving against it and the bre
 saving (`compare.steps_saved`; `bench.steps_saved` reads it off stored results). Writes
 <out>.json, .md and .png.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import os
 import platform
 import shutil

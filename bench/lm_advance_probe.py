@@ -8,6 +8,11 @@ its overrides, exports it, scores the training corpus and prints one JSON line: 
 overrides, the rater's seconds and the AUROC of each corruption kind and of code against clean
 prose. Results: bench/results/lm_advance_probe.md.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import json
 import os
 import tempfile

@@ -33,6 +33,11 @@ configs/text_bench.py) every seed's DataRater-filtered model reaches all data's 
 within 0.8 of the tokens and ends below the random subset of the same size. No choice is made on
 the test split (it only gives the reported curves). Writes <out>.json, .md and .png.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import os
 import platform
 import shutil

@@ -20,6 +20,11 @@ knows what clean prose looks like); at each age (steps taken) it reports
 A DataRater meta-learned through T-step unrolls from such models sees, per example, about this
 first-order signal. Writes <out>.jsonl (one line per size, seed and age) and <out>.md.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import functools
 import json
 import os

@@ -19,6 +19,11 @@ worst case) and from models 200 steps into training.
 Goals: mode 'mixed' temp memory at T = 32 <= 3x that at T = 1, and its step time <= 1.5x that of
 mode 'reverse'. Writes bench/results/meta_memory.json and .png.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import json
 import os
 import platform

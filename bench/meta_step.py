@@ -8,6 +8,11 @@ ratios, not absolute numbers, on a shared machine). Memory is XLA's compiled
 `memory_analysis()`: temporaries (activations kept for the backward pass live here) plus
 arguments and outputs. Writes bench/results/meta_step.json and .png.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import platform
 import time
 

@@ -15,6 +15,11 @@ trained with uniform weights gives three such detectors of the training split:
 AUROC of clean against corrupted, overall and per corruption kind, and each model's accuracy on
 the validation split (the test split is not read). Writes <out>.json and .md.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import dataclasses
 import platform
 import time

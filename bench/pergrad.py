@@ -13,6 +13,11 @@ after a warm-up (on the shared 2-core CPU machine: compare ratios). Writes
 bench/results/pergrad.{json,png}; bench/results/pergrad.h100.* came from
 `--batch=4096 --chunk=512 --out=bench/results/pergrad.h100` on one H100.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import platform
 import time
 

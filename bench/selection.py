@@ -25,6 +25,11 @@ as the SAE's feature space (no offline extractor training; files get a `_pixels`
 `--offline_only` runs the offline stage and the label guard alone (no model is trained) and
 writes the guard's suspect share, recall, precision and AUROC per run.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import itertools
 import json
 import time

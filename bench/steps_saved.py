@@ -10,6 +10,11 @@ the DataRater at its suggested keep and for every method and keep: the steps fra
 own share, the paired saving (own share minus the filtered run's, pairs = seeds) and the
 break-even training runs both ways. Writes <out>.json and .md.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import os
 
 from absl import flags

@@ -8,6 +8,11 @@ Runs `python -m launch.train_rater --config=CONFIG --workdir=TMP --config.seed=S
 AUROC, fresh-model held-out losses and test accuracies (rater weights vs uniform), wall time, and
 the lines the command printed (the README quotes seed 0's; tests/test_readme.py checks them).
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import json
 import os
 import re

@@ -13,6 +13,11 @@ trained (the valuation run's optimizer and length) with soft loss weights from t
 hard top-20% subset, and with Grad-Mimic's online weights, against uniform, by test accuracy.
 Writes <out>.json, .png and .md.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import os
 import platform
 import shutil

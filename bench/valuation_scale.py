@@ -35,6 +35,11 @@ child's own high-water mark, VmHWM, which it writes at exit), written to bench/r
 
 Timings on the shared 2-core machine move with its load: compare ratios within one run.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import importlib
 import json
 import math

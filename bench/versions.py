@@ -15,6 +15,11 @@ is no worse than 2 standard errors, else `regression` (for a loss, higher is wor
 is left out of the pair; undefined after but defined before is a `regression` whatever the other
 seeds show. Writes OUT.json and OUT.md.
 """
+from launch import interrupts
+
+if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
+  interrupts.install()
+# pylint: disable=wrong-import-position
 import os
 
 from absl import flags

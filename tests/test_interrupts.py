@@ -75,11 +75,19 @@ runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
 '''
 
 
-@pytest.mark.parametrize('launcher', ['train_rater', 'train', 'valuate', 'export_rater', 'filter'])
-def test_a_launcher_handles_ctrl_c_before_jax_is_imported(launcher):
-  """A Ctrl-C handled in JAX's gc callback while the launcher's imports ran was dropped and the
-  run went on to exit 0: the handlers go in before JAX loads."""
-  proc = subprocess.run([sys.executable, '-c', AT_JAX_IMPORT, f'launch.{launcher}'], cwd=ROOT,
+def _entry_points() -> list[str]:
+  names = lambda folder: sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, folder))
+                                if f.endswith('.py') and 'cli.run(' in open(
+                                    os.path.join(ROOT, folder, f)).read())
+  return [f'launch.{n}' for n in names('launch') if n != 'cli'] + [f'bench.{n}' for n in
+                                                                    names('bench') if n != 'cli']
+
+
+@pytest.mark.parametrize('module', _entry_points())
+def test_an_entry_point_handles_ctrl_c_before_jax_is_imported(module):
+  """A Ctrl-C handled in JAX's gc callback while a launcher's imports ran was dropped and the
+  run went on to exit 0: the handlers go in before JAX loads (every launch and bench script)."""
+  proc = subprocess.run([sys.executable, '-c', AT_JAX_IMPORT, module], cwd=ROOT,
                         capture_output=True, text=True, timeout=60,
                         env={**os.environ, 'PYTHONPATH': ROOT})
   assert proc.stdout.strip() == 'launch.interrupts', (proc.stdout, proc.stderr[-2000:])
