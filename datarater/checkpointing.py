@@ -373,9 +373,9 @@ def abstract_like(tree, shardings):
 
 
 def restore_latest_on_host(directory: str):
-  """The newest readable checkpoint's state on this process's first device, whatever mesh saved
-  it (unreadable ones passed over for it are warned of); None if there is none, UserError if
-  there are some but none can be read."""
+  """(state, meta) of the newest readable checkpoint, its state on this process's first device,
+  whatever mesh saved it (unreadable ones passed over for it are warned of); None if there is
+  none, UserError if there are some but none can be read."""
   if not os.path.isdir(directory):
     return None
   try:
@@ -393,15 +393,15 @@ def restore_latest_on_host(directory: str):
           target = jax.tree.map(
               lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
               manager.item_metadata(step)['state'])
-          state = manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(target)))['state']
+          restored = manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
         unreadable[step] = e
         continue
       for passed, e in unreadable.items():
         log.warning('warning: checkpoint %s is unreadable (%s); using an earlier one',
                     os.path.join(directory, str(passed)), _why(e))
-      return state
+      return restored['state'], restored['meta']
   finally:
     manager.close()
   if unreadable:

@@ -55,6 +55,8 @@ def _info_problem(d: dict) -> Optional[str]:
     shape = spec['shape']
     if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in shape):
       return f'data_info.spec.{name}.shape {shape!r}; it must hold sizes >= 1'
+    if np.dtype(spec['dtype']).kind not in 'biuf':  # parsed by DataInfo.from_json before
+      return f'data_info.spec.{name}.dtype {spec["dtype"]!r}; it must be a number or bool type'
   for name, count in d['num_classes'].items():
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
       return f'data_info.num_classes.{name} {count!r}; it must be an integer >= 1'
@@ -81,6 +83,13 @@ def _check_finite(params, where: str) -> None:
   bad = sum(int(np.sum(~np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(params))
   if bad:
     raise UserError(f'{where} holds {bad} non-finite rater parameters (NaN or inf): refusing it')
+
+
+def _check_fits(rater: tasks.Rater, params, where: str) -> None:
+  expected = jax.eval_shape(rater.init, jax.random.PRNGKey(0))
+  if jax.tree.structure(expected) != jax.tree.structure(params) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params))):
+    raise UserError(f'{where}: its parameters do not fit the architecture it names')
 
 
 def _make_rater(section, info, where: str) -> tasks.Rater:
@@ -115,11 +124,22 @@ def _read_run(workdir: str):
   if missing:
     raise UserError(f'{config_path!r} is not the config of a launch.train_rater run (its '
                     f'config has no {missing})')
-  _make_rater(config.rater, info, config_path)  # a hand-edited section fails here, in one line
-  state = checkpointing.restore_latest_on_host(os.path.join(os.path.abspath(workdir),
-                                                            'checkpoints'))
-  if state is None:
+  rater = _make_rater(config.rater, info, config_path)  # a hand-edited section fails in one line
+  restored = checkpointing.restore_latest_on_host(os.path.join(os.path.abspath(workdir),
+                                                               'checkpoints'))
+  if restored is None:
     raise UserError(f'no checkpoint in {workdir!r}: run launch.train_rater there first')
+  state, meta = restored
+  # The checkpoint records the config that made it (less the fields a run may change, plus
+  # `data_stream`, which config.json does not hold).
+  recorded, ours = meta.get('config') or {}, checkpointing.trajectory_fields(config, ())
+  value = lambda fields, k: fields.get(k, checkpointing.ADDED_FIELDS.get(k))
+  diffs = [f'{k}={recorded[k]!r} there, {value(ours, k)!r} here' for k in sorted(recorded)
+           if (k in ours or k in checkpointing.ADDED_FIELDS) and value(ours, k) != recorded[k]]
+  if diffs:
+    raise UserError(f'{config_path!r} is not the config of its latest checkpoint '
+                    f'({"; ".join(diffs[:3])})')
+  _check_fits(rater, state['rater_params'], f'the latest checkpoint of {workdir!r}')
   # The rater of the run: its Polyak average when it kept one (outer.ema > 0), as meta_train
   # reports.
   params = averaging.debiased(state.get('rater_average') or None, state['rater_params'],
@@ -276,10 +296,7 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
   else:
     raise UserError(f'no rater in {path!r}: neither an exported rater (rater.json, from '
                     'launch.export_rater) nor a launch.train_rater run (config.json)')
-  expected = jax.eval_shape(rater.init, jax.random.PRNGKey(0))
-  if jax.tree.structure(expected) != jax.tree.structure(params) or any(
-      a.shape != b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params))):
-    raise UserError(f'rater {path!r}: its parameters do not fit the architecture it names')
+  _check_fits(rater, params, f'rater {path!r}')
   devices = tuple(devices or jax.local_devices())
   mesh = Mesh(np.array(devices), ('batch',))
   params_repl = jax.device_put(params, NamedSharding(mesh, P()))

@@ -8,6 +8,8 @@ import glob
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 
@@ -81,7 +83,8 @@ def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_pat
   saved = json.load(open(os.path.join(run, 'config.json')))
   rater = tasks.make_rater(ml_collections.ConfigDict(saved['config']['rater']),
                            DataInfo.from_json(saved['data_info']))
-  params = checkpointing.restore_latest_on_host(os.path.join(run, 'checkpoints'))['rater_params']
+  state, _ = checkpointing.restore_latest_on_host(os.path.join(run, 'checkpoints'))
+  params = state['rater_params']
   split = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
   batch = {k: split.features[k] for k in ('image', 'label')}
   want = np.asarray(jax.jit(rater.score)(params, batch))
@@ -111,6 +114,32 @@ def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_pat
   assert one.training_example_gradients == 4 * 2 * (2 * 16 + 16)  # 4 steps, K=2, T=2, B=16
   with pytest.raises(UserError, match='already exists'):
     export.export_rater(run, rater_dir)
+  # Classes outside the rater's 10 would read past its outputs (label -1 scored as class 9).
+  for bad in (10, -1):
+    with pytest.raises(UserError, match=r"'label' feature holds classes in .* outside the 10 "):
+      one({'image': batch['image'][:2], 'label': np.array([0, bad])})
+
+
+def test_a_run_whose_config_json_was_edited_is_not_exported(rater_dir, tmp_path):
+  """config.json that no longer matches the run's checkpoint (here hand-edited) exported a
+  rater of another activation or of an undone average, scoring wrongly: refused in one line,
+  nothing written; so is a feature dtype JAX cannot take (a traceback)."""
+  run = os.path.join(os.path.dirname(rater_dir), 'run')
+  for edit, says in (
+      (lambda d: d['config']['rater'].update(activation='tanh'),
+       "is not the config of its latest checkpoint (rater.activation='relu' there, 'tanh' here)"),
+      (lambda d: d['config']['rater'].update(hidden=[3]), 'rater.hidden=[16] there, [3] here'),
+      (lambda d: d['data_info']['spec']['image'].update(dtype='object'),
+       "has data_info.spec.image.dtype 'object'; it must be a number or bool type")):
+    edited = tmp_path / 'run'
+    shutil.rmtree(edited, ignore_errors=True)
+    shutil.copytree(run, edited)
+    saved = json.load(open(edited / 'config.json'))
+    edit(saved)
+    json.dump(saved, open(edited / 'config.json', 'w'))
+    with pytest.raises(UserError, match=re.escape(says)):
+      export.export_rater(str(edited), str(tmp_path / 'out'))
+    assert not (tmp_path / 'out').exists()
 
 
 def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path, monkeypatch):

@@ -64,7 +64,7 @@ def test_a_rater_run_whose_meta_gradient_stays_non_finite_stops_with_finite_chec
   lines = err.getvalue().strip().splitlines()
   assert code == 2 and len(lines) == 1, err.getvalue()
   assert 'the meta-gradient was not finite at 4 outer steps in a row (by step 4)' in lines[0]
-  state = checkpointing.restore_latest_on_host(str(workdir / 'checkpoints'))
+  state, _ = checkpointing.restore_latest_on_host(str(workdir / 'checkpoints'))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state)
              if np.issubdtype(np.asarray(x).dtype, np.floating))
   assert int(state['skipped']) >= 2  # what the checkpoint recorded as skipped
@@ -86,7 +86,7 @@ def test_a_rater_whose_scores_overflow_is_no_success_and_trains_nothing(tfds_dir
   assert code == 2 and len(lines) == 1, lines
   assert "the rater's scores are not finite on 1197 of 1197 training examples" in lines[0]
   assert not (workdir / 'report.json').exists()
-  state = checkpointing.restore_latest_on_host(str(workdir / 'checkpoints'))
+  state, _ = checkpointing.restore_latest_on_host(str(workdir / 'checkpoints'))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['rater_params']))
   code, lines = invoke(train, ['train', f'--config.data.data_dir={tfds_dir}',
                                '--config.train.epochs=1', '--policy=datarater',
@@ -542,7 +542,7 @@ def test_a_run_with_polyak_averaging_reports_and_exports_the_average(tfds_dir, t
   iterates = []
   for s in range(1, steps + 1):
     averaged = meta_train(configs[decay], runs[decay], stop_after=s)
-    state = checkpointing.restore_latest_on_host(os.path.join(runs[decay], 'checkpoints'))
+    state, _ = checkpointing.restore_latest_on_host(os.path.join(runs[decay], 'checkpoints'))
     iterates.append(np.asarray(ravel_pytree(state['rater_params'])[0], np.float64))
   assert averaged['last_iterate']['noise_auroc'] == plain['noise_auroc']
   assert averaged['last_iterate']['auroc_by_kind'] == plain['auroc_by_kind']

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from datarater import config_checks as checks
@@ -60,6 +61,15 @@ def _io_keys(config, info) -> tuple[str, str, int]:
   return x_key, y_key, info.num_classes[y_key]
 
 
+def _check_labels(features, key: str, num_classes: int) -> None:
+  """Classes outside [0, num_classes) would read past the outputs (a NaN loss, or a score of
+  another class): one line instead."""
+  labels = np.asarray(features[key])
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise UserError(f'the {key!r} feature holds classes in [{labels.min()}, {labels.max()}], '
+                    f'outside the {num_classes} classes [0, {num_classes})')
+
+
 @dataclasses.dataclass(frozen=True)
 class Classifier(Task):
   """Softmax classifier over `module`; the batch's `input_key` is x, `label_key` the class."""
@@ -88,6 +98,9 @@ class Classifier(Task):
   def embed(self, params, batch):
     return self.module.apply(params, batch[self.input_key], embed=True)
 
+  def check_data(self, features):
+    _check_labels(features, self.label_key, self.num_classes)
+
   def labels(self, batch):
     return batch[self.label_key]
 
@@ -108,9 +121,14 @@ class LabelledRater(Rater):
   input_key: str
   label_key: str
   readout: str = 'logit'
+  num_classes: int = 0  # > 0: `check_data` refuses classes outside [0, num_classes)
 
   def init(self, key):
     return init_module(self.module, key, example_batch(self.spec)[self.input_key])
+
+  def check_data(self, features):
+    if self.num_classes:
+      _check_labels(features, self.label_key, self.num_classes)
 
   def score(self, params, batch):
     per_class = self.module.apply(params, batch[self.input_key])
@@ -151,4 +169,4 @@ def mlp_rater(config, info) -> LabelledRater:
   """config: hidden, activation, optional input / label feature names and readout."""
   x_key, y_key, num_classes = _io_keys(config, info)
   module = MLP(features=(*config.hidden, num_classes), activation=config.activation)
-  return LabelledRater(module, info.spec, x_key, y_key, readout(config))
+  return LabelledRater(module, info.spec, x_key, y_key, readout(config), num_classes)

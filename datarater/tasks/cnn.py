@@ -110,4 +110,5 @@ def cnn_rater(config, info) -> LabelledRater:
   """g_phi(x, y) from a CNN with one output per class (the label's output, or its log-softmax
   with readout=log_softmax, is the score)."""
   x_key, y_key, num_classes = _io_keys(config, info)
-  return LabelledRater(_cnn(config, num_classes), info.spec, x_key, y_key, readout(config))
+  return LabelledRater(_cnn(config, num_classes), info.spec, x_key, y_key, readout(config),
+                       num_classes)
