@@ -7,6 +7,7 @@ import dataclasses
 import glob
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -563,6 +564,19 @@ def test_streaming_quantile_is_algorithm_r_and_its_sample_is_uniform():
     kept[sketch.sample.astype(int)] += 1
   # Each of 200 values kept in 2000 trials with p = 0.1: mean 200, sd 13.4.
   assert np.abs(kept - 200).max() < 6 * 13.4 and abs(kept[:20].mean() - 200) < 20
+  # keep 1 keeps every score, not only those above the sample's lowest.
+  assert sketch.keep_threshold(1.0) <= 0.0 and sketch.keep_threshold(0.5) > 0.0
+
+
+def test_keep_count_rounds_the_decimal_keep_times_n_halves_up():
+  """round(keep * N) of keep as written in decimal (0.205 * 300 = 61.5 -> 62), exact
+  fractions as the oracle; in binary 0.205 * 300 fell below the half and kept 61."""
+  from fractions import Fraction
+  for n in range(1, 400):
+    for k in range(1, 1000, 7):
+      keep = k / 1000
+      want = max(1, math.floor(Fraction(k, 1000) * n + Fraction(1, 2)))
+      assert select.keep_count(n, keep) == want, (n, keep)
 
 
 def test_exchange_takes_each_block_from_its_process_a_slice_at_a_time(monkeypatch):

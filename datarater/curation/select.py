@@ -29,9 +29,10 @@ def check_keep(keep: float) -> float:
 
 
 def keep_count(num_examples: int, keep: float) -> int:
-  """round(keep * N), at least 1: the exact number of examples `select_top` keeps."""
+  """round(keep * N), halves up, at least 1: the exact number of examples `select_top` keeps.
+  keep * N is rounded to 9 decimals first: 0.205 * 300 is 61.4999... in binary, a half here."""
   check_keep(keep)
-  return max(1, min(num_examples, int(math.floor(keep * num_examples + 0.5))))
+  return max(1, min(num_examples, int(math.floor(round(keep * num_examples, 9) + 0.5))))
 
 
 def suggest_keep(scores: np.ndarray) -> float:
@@ -140,5 +141,6 @@ class StreamingQuantile:
     return float(np.quantile(self.sample[:min(self.count, self.capacity)], q, method='higher'))
 
   def keep_threshold(self, keep: float) -> float:
-    """The score above which about a `keep` fraction of the stream lies."""
-    return self.quantile(1.0 - check_keep(keep))
+    """The score above which about a `keep` fraction of the stream lies (-inf at keep 1: every
+    score, not only those above the sample's lowest)."""
+    return -math.inf if check_keep(keep) == 1.0 else self.quantile(1.0 - keep)
