@@ -140,15 +140,26 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
   features = jnp.asarray(features, jnp.float32)
   if features.ndim != 2 or features.shape[0] < 2:
     raise UserError(f'SAE features must be [N >= 2, D], got shape {tuple(features.shape)}')
+  bad = int(jnp.sum(~jnp.isfinite(features)))
+  if bad:
+    raise UserError(f'SAE features hold {bad} non-finite values (NaN or inf) of {features.size}: '
+                    'did the feature extractor diverge?')
   module = make_sae(config)
   normaliser = Normaliser.fit(features)
+  if float(normaliser.scale) - 1e-8 <= 1e-6 * max(1.0, float(jnp.max(jnp.abs(features)))):
+    raise UserError(f'SAE features of all {features.shape[0]} examples are the same vector: '
+                    'nothing to encode (a feature extractor whose units all died gives this; '
+                    'try a lower features.learning_rate)')
   x = normaliser(features)
   init_key, data_key = jax.random.split(key)
   params = init_module(module, init_key, x[:2])
   batch_size = min(int(config.batch_size), x.shape[0])
   steps = offline_steps(config.steps, config.get('epochs', 0), x.shape[0], batch_size)
-  params, mses = _fit(params, x, data_key, module=module, steps=steps, batch_size=batch_size,
-                      learning_rate=float(config.learning_rate), l1_coef=float(config.l1_coef))
+  # Waited for: a caller timing the offline stage without compilation (bench.selection) would
+  # otherwise take _apply's compilation, overlapping this training, off its wall.
+  params, mses = jax.block_until_ready(_fit(
+      params, x, data_key, module=module, steps=steps, batch_size=batch_size,
+      learning_rate=float(config.learning_rate), l1_coef=float(config.l1_coef)))
   x_hat, codes = _apply(module, params, x)
   metrics = {'mse': float(jnp.mean(jnp.sum((x_hat - x) ** 2, -1))),
              'mse_mean_baseline': float(jnp.mean(jnp.sum(x ** 2, -1))),

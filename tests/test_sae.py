@@ -98,6 +98,19 @@ def test_bad_features_shape_is_a_user_error():
     sae.train_sae(np.zeros((5,)), sae_config(), jax.random.PRNGKey(0))
 
 
+def test_features_that_cannot_be_encoded_are_refused_not_coded_zero():
+  """Constant features (an extractor whose units all died) or a NaN gave all-zero codes, and the
+  SAE policy then selected by its noise alone."""
+  x = np.random.default_rng(0).normal(size=(40, 6))
+  with pytest.raises(UserError, match='SAE features of all 40 examples are the same vector'):
+    sae.train_sae(np.zeros((40, 6)), sae_config(), jax.random.PRNGKey(0))
+  with pytest.raises(UserError, match='are the same vector'):
+    sae.train_sae(np.tile(x[:1] * 1e3, (40, 1)), sae_config(), jax.random.PRNGKey(0))
+  with pytest.raises(UserError, match=r'SAE features hold 1 non-finite values \(NaN or inf\)'):
+    sae.train_sae(np.where(np.arange(240).reshape(40, 6) == 7, np.nan, x), sae_config(),
+                  jax.random.PRNGKey(0))
+
+
 def _features_config(**kw):
   c = ml_collections.ConfigDict(dict(
       extractor='penultimate', task={'name': 'mlp_classifier', 'hidden': (32,), 'activation': 'relu'},
