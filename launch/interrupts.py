@@ -2,14 +2,17 @@
 
 Python drops (prints, then ignores) an exception raised inside a garbage-collector callback (JAX
 registers one), a `__del__` or a weakref callback: an interrupt handled there was lost and the
-run went on; one raised while XLA compiles crashed the process. Here a signal handled inside a gc
-callback or a compilation, or whose exception such code dropped, is sent again a moment later
-(again until the compilation is over, unless the user signals again: a hung compilation can
-still be stopped), to be raised in the launcher's own code. SIGTERM (a
-scheduler's kill) ends a run as Ctrl-C does: temporary files and folders are removed on the way
-out (exit code 128 + 15). Ctrl-C ends with one line saying where, not a traceback.
+run went on; one raised while JAX compiles, or while a compiled module initialises, crashed the
+process. Here a signal handled inside a gc callback, a compilation or such an initialisation, or
+whose exception such code dropped, is sent again a moment later (again until the compilation is
+over, unless the user signals again), to be raised in the launcher's own code, or when it ends
+(`disarm`). Python runs handlers between bytecodes only: a signal that comes while XLA's
+compiler itself runs is handled when it returns. SIGTERM (a scheduler's kill) ends a run as
+Ctrl-C does: temporary files and folders are removed on the way out (exit code 128 + 15). Ctrl-C
+ends with one line saying where, not a traceback.
 """
 import gc
+import importlib.machinery
 import os
 import signal
 import sys
@@ -22,6 +25,7 @@ _in_hook = [0]  # > 0 while the unraisable hook runs: what it raises would be dr
 _armed = [False]  # from `install` until `disarm`: the launcher's own code runs
 _sent = [0]  # signals sent again by this module, not yet handled
 _deferred = [False]  # a signal is being sent again until a compilation is over
+_pending = [0]  # the signal being sent again, not yet raised (0: none)
 
 
 def _in_gc_callback(frame) -> bool:
@@ -52,6 +56,17 @@ def _in_compile(frame) -> bool:
   return False
 
 
+def _in_extension_init(frame) -> bool:
+  """Inside a compiled module's initialisation (e.g. matplotlib's ft2font, imported lazily): an
+  exception raised there aborts the process (a fatal error, SIGABRT)."""
+  while frame is not None:
+    if frame.f_code.co_name in ('create_module', 'exec_module') and isinstance(
+        frame.f_locals.get('self'), importlib.machinery.ExtensionFileLoader):
+      return True
+    frame = frame.f_back
+  return False
+
+
 def _fire(signum: int) -> None:
   if _armed[0]:
     _sent[0] += 1
@@ -59,6 +74,7 @@ def _fire(signum: int) -> None:
 
 
 def _resend(signum: int) -> None:
+  _pending[0] = signum
   timer = threading.Timer(RESEND_S, _fire, (signum,))
   timer.daemon = True  # exit does not wait for it
   timer.start()
@@ -67,16 +83,23 @@ def _resend(signum: int) -> None:
 def _handler(signum, frame) -> None:
   again = _sent[0] > 0  # one this module sent itself
   _sent[0] -= again
+  if again and not _armed[0]:  # sent just before `disarm`, which raised it
+    return
   if _in_hook[0] or _in_gc_callback(frame):
     _resend(signum)
-  elif _in_compile(frame) and (again or not _deferred[0]):  # a second Ctrl-C stops at once
+  elif ((_in_compile(frame) or _in_extension_init(frame))
+        and (again or not _deferred[0])):  # a second Ctrl-C stops at once
     _deferred[0] = True
     _resend(signum)
-  elif signum == signal.SIGINT:
-    _deferred[0] = False
-    raise KeyboardInterrupt
   else:
-    sys.exit(128 + signum)
+    _raise(signum)
+
+
+def _raise(signum: int) -> None:
+  _deferred[0], _pending[0] = False, 0
+  if signum == signal.SIGINT:
+    raise KeyboardInterrupt
+  sys.exit(128 + signum)
 
 
 def _dropped(previous):
@@ -128,5 +151,8 @@ def install() -> None:
 
 def disarm() -> None:
   """The launcher's code is done: a dropped signal is no longer sent again (it would interrupt
-  exit's clean-up, e.g. the removal of temporary folders)."""
+  exit's clean-up, e.g. the removal of temporary folders). One that came while the launcher's
+  code ran and is still being sent again is raised here: the run stops as it would have."""
   _armed[0] = False
+  if _pending[0]:
+    _raise(_pending[0])

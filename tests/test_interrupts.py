@@ -93,6 +93,39 @@ def test_an_entry_point_handles_ctrl_c_before_jax_is_imported(module):
   assert proc.stdout.strip() == 'launch.interrupts', (proc.stdout, proc.stderr[-2000:])
 
 
+# A compiled module's initialisation (its loader's exec_module) signalled from inside: raised
+# there, the exception aborted the process (matplotlib's ft2font: a fatal error, SIGABRT).
+IN_EXTENSION_INIT = '''
+import importlib.machinery, os, signal, sys
+from launch import interrupts
+signal.signal(signal.SIGINT, signal.default_int_handler)
+interrupts.install()
+class Loader(importlib.machinery.ExtensionFileLoader):
+  def exec_module(self, module):
+    os.kill(os.getpid(), int(sys.argv[1]))
+    sum(range(1000))  # handled here
+    print('initialised', flush=True)
+try:
+  Loader('ext', 'ext.so').exec_module(None)
+  print('main went on', flush=True)  # then ends at once: the deferred signal is still raised
+finally:
+  interrupts.disarm()
+'''
+
+
+@pytest.mark.parametrize('signum,code', [(signal.SIGINT, -signal.SIGINT),
+                                         (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_a_signal_inside_a_compiled_modules_initialisation_is_raised_after_it(signum, code):
+  proc = subprocess.run([sys.executable, '-c', IN_EXTENSION_INIT, str(signum)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60,
+                        env={**os.environ, 'PYTHONPATH': ROOT})
+  assert proc.returncode == code, proc.stderr[-2000:]
+  assert proc.stdout.split('\n')[0] == 'initialised', proc.stdout  # not cut inside it
+  if signum == signal.SIGINT:
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith('interrupted (Ctrl-C) at <string>:')
+
+
 def test_a_signal_the_process_was_started_ignoring_stays_ignored():
   """A shell's background job starts with SIGINT ignored; installing the handlers keeps it so."""
   code = ('import signal\nfrom launch import interrupts\ninterrupts.install()\n'
@@ -178,9 +211,10 @@ def test_a_signal_inside_jax_compile_code_is_deferred_elsewhere_raised(monkeypat
     monkeypatch.setattr(interrupts, '_deferred', [False])  # a first Ctrl-C
     assert call_from(path, name) is None
   assert resent == [signal.SIGINT] * 3
+  monkeypatch.setattr(interrupts, '_armed', [True])  # in the launcher's code
   monkeypatch.setattr(interrupts, '_sent', [1])  # the one sent again: deferred again
   assert call_from(compiling, 'anything') is None and interrupts._sent == [0]
-  with pytest.raises(KeyboardInterrupt):  # the user's second Ctrl-C: a hung compile stops
+  with pytest.raises(KeyboardInterrupt):  # the user's second Ctrl-C: raised at once
     call_from(compiling, 'anything')
   assert resent == [signal.SIGINT] * 4 and interrupts._deferred == [False]
   for path, name in ((os.path.join('x', 'jax', '_src', 'interpreters', 'pxla.py'), 'execute'),
