@@ -76,20 +76,33 @@ def recover_dir(path: str) -> None:
     if not os.path.exists(path):
       os.rename(folder, path)
     else:
-      shutil.rmtree(folder, ignore_errors=True)
+      _remove(folder)
+
+
+def _remove(path: str) -> None:
+  """Removes a folder, or a file (what --overwrite may have replaced)."""
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    os.remove(path)
 
 
 def replace_dir(src: str, path: str) -> None:
   """Renames the finished folder `src` to `path`; an existing `path` is moved aside first and
-  deleted after (a kill in between leaves it for `recover_dir`)."""
+  deleted after (put back if the second rename fails or is interrupted; a kill in between leaves
+  it for `recover_dir`)."""
   parent, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-  old = None
-  if os.path.exists(path):
-    old = os.path.join(parent, f'.{name}.old-{os.getpid()}')
-    os.rename(path, old)
-  os.rename(src, path)
+  old = os.path.join(parent, f'.{name}.old-{os.getpid()}') if os.path.lexists(path) else None
+  try:
+    if old:
+      os.rename(path, old)
+    os.rename(src, path)
+  except BaseException:
+    if old and os.path.lexists(old) and not os.path.lexists(path):
+      os.rename(old, path)
+    raise
   if old:
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 def why_not(path: str, error: OSError) -> str:

@@ -272,6 +272,33 @@ def test_leftovers_of_killed_writers_are_matched_by_name_literally(tmp_path):
   assert sorted(os.listdir(odd)) == ['r']  # the temp folder removed, the moved-aside one back
 
 
+def test_an_overwrite_interrupted_between_its_renames_keeps_the_old_output(tmp_path,
+                                                                             monkeypatch):
+  """Ctrl-C after the old output was moved aside, before the new one took its place, left no
+  output (the temporary folder removed, the old one hidden); an overwritten plain file was left
+  beside the new output for good."""
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'a').write_text('old')
+  rename, calls = os.rename, []
+  def interrupted(src, dst):
+    calls.append(dst)
+    if len(calls) == 2:  # the second rename: the new output into place
+      raise KeyboardInterrupt
+    rename(src, dst)
+  monkeypatch.setattr(os, 'rename', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    with files.atomic_dir(str(out), overwrite=True) as tmp:
+      open(os.path.join(tmp, 'a'), 'w').write('new')
+  monkeypatch.setattr(os, 'rename', rename)
+  assert sorted(os.listdir(tmp_path)) == ['out'] and (out / 'a').read_text() == 'old'
+  plain = tmp_path / 'plain'
+  plain.write_text('a file')
+  with files.atomic_dir(str(plain), overwrite=True) as tmp:
+    open(os.path.join(tmp, 'a'), 'w').write('new')
+  assert sorted(os.listdir(tmp_path)) == ['out', 'plain'] and (plain / 'a').read_text() == 'new'
+
+
 def test_written_json_is_standard_with_non_finite_floats_as_null(tmp_path):
   record = {'step': 2, 'auroc': float('nan'), 'hi': np.float32(np.inf), 'ok': np.float64(0.5),
             'rows': np.array([1.0, -np.inf]), 'pair': (np.nan, 3)}
