@@ -20,9 +20,12 @@ def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
   auroc = [(h['step'], h['noise_auroc']) for h in history if 'noise_auroc' in h]
   if auroc:
     axes[1].plot(*zip(*auroc), **dots)
+  seen = [a for _, a in auroc if a is not None and np.isfinite(a)]
+  low = max(0.0, min([0.4] + [a - 0.05 for a in seen]))  # a rater worse than chance shows too
   axes[1].set(xlabel='outer step', ylabel='AUROC', title='Rater: clean ranked above corrupted',
-              ylim=(0.4, 1.0))
-  bins = np.linspace(scores.min(), scores.max(), 40)
+              ylim=(low, 1.0))
+  lo, hi = float(scores.min()), float(scores.max())
+  bins = np.linspace(lo, hi, 40) if hi > lo else np.linspace(lo - 0.5, hi + 0.5, 40)
   axes[2].hist(scores[~is_corrupted], bins=bins, alpha=0.6, label='clean', density=True)
   if is_corrupted.any():
     axes[2].hist(scores[is_corrupted], bins=bins, alpha=0.6, label='corrupted', density=True)

@@ -834,3 +834,20 @@ def test_orbax_metadata_reads_never_awaited_warn_no_more_once_a_checkpoint_is_re
   assert len(warned(metadata_read, installed=False)) == 1
   assert not warned(metadata_read, installed=True)
   assert len(warned(other_read, installed=True)) == 1
+
+
+def test_the_report_figure_shows_an_auroc_below_chance_and_constant_scores(tmp_path,
+                                                                           monkeypatch):
+  """Its AUROC axis began at 0.4 (a rater ranking corrupted examples first was cut off) and
+  equal scores gave an empty histogram."""
+  from datarater import plots  # pylint: disable=g-import-not-at-top
+  drawn = []
+  monkeypatch.setattr(files, 'save_figure', lambda fig, path, **kw: drawn.append(fig))
+  history = [{'step': s, 'outer_loss': 1.0, 'inner_loss': 1.0, 'noise_auroc': a}
+             for s, a in ((1, 0.45), (2, 0.21), (3, None), (4, float('nan')))]
+  plots.save_rater_report(str(tmp_path / 'r.png'), history, np.full(10, 2.0),
+                          np.arange(10) < 3)
+  auroc_axis, histogram = drawn[0].axes[1], drawn[0].axes[2]
+  low, high = auroc_axis.get_ylim()
+  assert low <= 0.21 and high == 1.0
+  assert sum(p.get_height() for p in histogram.patches) > 0  # both groups drawn
