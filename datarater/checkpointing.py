@@ -166,13 +166,14 @@ def _empty_like(like):
 
 
 def check_writable_path(path: str, flag: str) -> None:
-  """Refuses a folder for orbax checkpoints whose path holds a glob character (`*`, `?`, `[`):
-  orbax finds a checkpoint's per-process parts by a glob over the whole path, so under such a
+  """Refuses a folder for orbax checkpoints whose path holds a glob character (`*`, `?`, `[`) or
+  a backslash: orbax finds a checkpoint's per-process parts by a glob over the whole path, and
+  tensorstore reads a backslash as a separator (the arrays go to another folder), so under such a
   path it writes checkpoints it cannot read back."""
-  bad = sorted(set('*?[') & set(os.path.abspath(path)))
+  bad = sorted(set('*?[\\') & set(os.path.abspath(path)))
   if bad:
     raise UserError(f'{flag} {path!r} holds {"".join(bad)!r} in its path: orbax cannot read back '
-                    'checkpoints written under it; choose a folder without *, ? or [')
+                    'checkpoints written under it; choose a folder without *, ?, [ or \\')
 
 
 class RunCheckpointer:
@@ -271,7 +272,15 @@ class RunCheckpointer:
   def check_compatible(self) -> int | None:
     """Raises UserError if the latest checkpoint was made with another config; returns its step."""
     step = self.latest_step()
-    if step is None:
+    if step is None:  # a fresh run: its inputs' contents now, as it reads them, not at its
+      problem = None  # first save (changed meanwhile, they would be recorded as read)
+      for field in sorted(self.inputs):
+        try:
+          self._digest(field)
+        except OSError as e:
+          problem = problem or _unreadable_input(field, self.inputs[field].path, e)
+      if not multihost.agree(problem is None):
+        raise UserError(problem or 'an input named by path cannot be read on another process')
       return None
     meta = self.meta(step)
     theirs, ours = meta['config'], trajectory_fields(self.config, self.free_fields)

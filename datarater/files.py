@@ -63,8 +63,8 @@ def _leftovers(path: str, kind: str):
       pid = int(folder.rsplit('-', 1)[1])
     except ValueError:
       continue
-    if not _pid_alive(pid):
-      yield folder, pid
+    if pid == os.getpid() or not _pid_alive(pid):  # this process writes none yet: its pid
+      yield folder, pid  # is a dead writer's, reused (as in every fresh container)
 
 
 def recover_dir(path: str) -> None:
@@ -191,13 +191,14 @@ def workdir_lock(path: str):
 
 def stat_digest(path: str, hidden: bool = False) -> str:
   """sha256 of the relative names, sizes and modification times of a file or of the files under
-  a folder (names starting with '.' left out unless `hidden`): cheap, and it tells a file written
-  again from the old one, but a copy elsewhere differs from its source too."""
+  a folder (names starting with '.' left out unless `hidden`; a file named itself is always in):
+  cheap, and it tells a file written again from the old one, but a copy elsewhere differs from
+  its source too."""
   h = hashlib.sha256()
   root = os.path.abspath(path)
   if os.path.isfile(root):
     walked = [(os.path.dirname(root), [], [os.path.basename(root)])]
-    root = os.path.dirname(root)
+    root, hidden = os.path.dirname(root), True
   else:
     walked = sorted(os.walk(root))
   for folder, _, names in walked:

@@ -10,6 +10,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from datarater import export, files
 from datarater.curation.filter import filter_dataset
@@ -100,6 +101,47 @@ def test_a_training_run_whose_scores_file_changed_is_not_resumed(tfds_dir, tmp_p
   lines = []
   train(config, 'scores', scores=scores, workdir=str(workdir), log=lines.append)
   assert 'resuming from the checkpoint at epoch 3' in lines
+
+
+def test_an_input_is_recorded_as_the_run_read_it_not_as_it_was_at_the_first_save(tmp_path):
+  """A fresh run digests its inputs when it starts: contents replaced before its first
+  checkpoint were recorded as read (a resume on them accepted, one on the contents it trained on
+  refused). A file named itself is in its stat digest even when its name starts with '.' (the
+  digest of nothing: a changed file resumed unread)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from datarater import checkpointing  # pylint: disable=g-import-not-at-top
+  from datarater.errors import UserError  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / 'ds'
+  folder.mkdir()
+  (folder / 'train.bin').write_bytes(b'v1' * 100)
+  config = ml_collections.ConfigDict({'seed': 0, 'data': {'data_dir': '', 'dataset_dir':
+                                                          str(folder)}})
+  ckpt = lambda: checkpointing.RunCheckpointer(str(tmp_path / 'w'), config,
+                                               inputs=checkpointing.path_inputs(config.data))
+  run = ckpt()
+  assert run.check_compatible() is None  # fresh: the run reads v1 now
+  (folder / 'train.bin').write_bytes(b'v2' * 100)
+  run.save(1, {'a': jnp.ones(3)}, {'position': 1})
+  run.close()
+  with pytest.raises(UserError, match='changed since the checkpoint'):
+    ckpt().check_compatible()
+  (folder / 'train.bin').write_bytes(b'v1' * 100)
+  assert ckpt().check_compatible() == 1
+  hidden = tmp_path / '.scores.bin'
+  hidden.write_bytes(b'0' * 10)
+  before = files.stat_digest(str(hidden))
+  hidden.write_bytes(b'0' * 11)
+  assert files.stat_digest(str(hidden)) != before != files.stat_digest(str(tmp_path / 'none'))
+
+
+def test_a_checkpoint_folder_with_a_backslash_is_refused(tmp_path):
+  """tensorstore reads a backslash as a separator: checkpoints under such a folder were written
+  elsewhere and never read back."""
+  from datarater import checkpointing  # pylint: disable=g-import-not-at-top
+  from datarater.errors import UserError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match=r"holds '\\\\' in its path"):
+    checkpointing.check_writable_path(str(tmp_path / 'a\\run'), '--workdir')
 
 
 def test_a_training_run_whose_rater_trained_on_is_not_resumed(tfds_dir, tmp_path):

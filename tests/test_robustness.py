@@ -299,6 +299,18 @@ def test_an_overwrite_interrupted_between_its_renames_keeps_the_old_output(tmp_p
   assert sorted(os.listdir(tmp_path)) == ['out', 'plain'] and (plain / 'a').read_text() == 'new'
 
 
+def test_a_leftover_under_this_processs_own_pid_is_a_dead_writers(tmp_path):
+  """A pid reused (the same in every fresh container) made a dead writer's moved-aside output
+  look alive: it was not put back, and the next --overwrite failed with a traceback."""
+  aside = tmp_path / f'.out.old-{os.getpid()}'
+  aside.mkdir()
+  (aside / 'a').write_text('old')
+  with pytest.raises(UserError, match='already exists'):
+    with files.atomic_dir(str(tmp_path / 'out')):
+      pass
+  assert (tmp_path / 'out' / 'a').read_text() == 'old' and not aside.exists()
+
+
 def test_written_json_is_standard_with_non_finite_floats_as_null(tmp_path):
   record = {'step': 2, 'auroc': float('nan'), 'hi': np.float32(np.inf), 'ok': np.float64(0.5),
             'rows': np.array([1.0, -np.inf]), 'pair': (np.nan, 3)}
