@@ -15,6 +15,7 @@ from typing import Callable
 
 from absl import flags
 
+from datarater.config_checks import MAX_SEED
 from datarater.errors import UserError, exit_on_user_error
 from launch import cli
 
@@ -105,5 +106,9 @@ def noise_rates(values) -> list:
 
 
 def seeds(values) -> list:
-  """The --seeds flag's seeds."""
-  return numbers('seeds', values, int, lambda x: x >= 0, '>= 0')
+  """The --seeds flag's seeds: distinct (a seed twice would count one model twice)."""
+  out = numbers('seeds', values, int, lambda x: 0 <= x <= MAX_SEED, f'in [0, {MAX_SEED}]')
+  repeated = sorted({x for x in out if out.count(x) > 1})
+  if repeated:
+    raise UserError(f'--seeds repeats seed {repeated[0]}: give each seed once')
+  return out

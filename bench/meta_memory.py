@@ -103,6 +103,8 @@ def settings() -> types.SimpleNamespace:
   for name in ('repeats', 'population', 'batch', 'large_population', 'large_batch'):
     if getattr(args, name) < 1:
       raise UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
+  if args.accuracy_warm < 0:
+    raise UserError(f'--accuracy_warm must be >= 0, got {args.accuracy_warm}')
   if args.quick:
     args.unrolls, args.repeats, args.large_batch = (1, 4, 32), 2, 32
     args.accuracy_unrolls = (32,)

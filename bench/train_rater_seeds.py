@@ -36,8 +36,12 @@ def run_seed(config: str, seed: int, extra=()) -> dict:
     out = subprocess.run(
         [sys.executable, '-m', 'launch.train_rater', f'--config={config}',
          f'--workdir={workdir}', f'--config.seed={seed}', f'--config.data.noise_seed={seed}',
-         *extra], cwd=ROOT, capture_output=True, text=True, check=True)
+         *extra], cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
+    if out.returncode:  # its own error line (e.g. a config it refuses), not a traceback here
+      said = [l for l in out.stderr.splitlines() if l.strip()] or [f'exit {out.returncode}']
+      raise UserError(f'launch.train_rater --config={config} (seed {seed}) failed: '
+                      f'{said[-1].removeprefix("error: ")}')
     with open(os.path.join(workdir, 'report.json')) as f:
       report = json.load(f)
   fresh = report['fresh_models']

@@ -20,6 +20,7 @@ MIN_TEMPERATURE = 1e-6
 MAX_EMA = 1 - 2 ** -24
 # The largest seed: models are trained vmapped over int32 seeds (trainer.Trainer).
 MAX_SEED = 2 ** 31 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 
 Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
 
@@ -42,12 +43,15 @@ def integer(lo: Optional[int] = None, hi: Optional[int] = None) -> Check:
 
 def number(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
            hi_open: bool = False) -> Check:
-  """A finite real number in the interval [lo, hi] ('(' / ')' when open)."""
+  """A finite real number in the interval [lo, hi] ('(' / ')' when open), finite in float32 too
+  (the computations' type)."""
   def check(v):
     if not isinstance(v, (int, float)) or isinstance(v, bool):
       return 'must be a number'
     if not math.isfinite(v):
       return 'must be finite'
+    if abs(v) > FLOAT32_MAX:
+      return f'must be finite in float32 (at most {FLOAT32_MAX:.4g} in size)'
     if lo is not None and (v < lo or (lo_open and v == lo)):
       return f'must be {">" if lo_open else ">="} {lo}'
     if hi is not None and (v > hi or (hi_open and v == hi)):

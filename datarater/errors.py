@@ -19,6 +19,10 @@ def exit_on_user_error():
   except OSError as e:
     print(f'error: {_os_error_line(e)}', file=sys.stderr)
     sys.exit(2)
+  except MemoryError as e:  # numpy's, for an array a size in the config makes too large
+    print(f'error: out of memory ({_first_line(e)}): a size in the config (a batch, a model, a '
+          'number of steps) is too large for this machine', file=sys.stderr)
+    sys.exit(2)
   except Exception as e:  # pylint: disable=broad-except
     # Libraries report a failed write in their own types (orbax a ValueError, TFDS a
     # RuntimeError): an OSError behind one, or a full disk named in its text, is still one line.
@@ -29,7 +33,15 @@ def exit_on_user_error():
     if 'No space left on device' in str(e):
       print(f'error: no space left on device ({str(e).splitlines()[0][:300]})', file=sys.stderr)
       sys.exit(2)
+    if 'out of memory' in str(e).lower():  # XLA's RESOURCE_EXHAUSTED on a device
+      print(f'error: out of memory ({_first_line(e)}): a size in the config (a batch, a model, '
+            'a number of steps) is too large for this device', file=sys.stderr)
+      sys.exit(2)
     raise
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _os_error_in(e: BaseException):

@@ -156,8 +156,7 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
     raise UserError('--out is required')
   files.check_apart(out_dir, '--out', workdir=workdir)
   checkpointing.check_writable_path(out_dir, '--out')
-  if os.path.exists(out_dir) and not overwrite:
-    raise UserError(f'output {out_dir!r} already exists (pass --overwrite to replace it)')
+  files.check_replaceable(out_dir, overwrite, 'rater.json')
   config, info, params, steps = _read_run(workdir)
   meta = {
       'format_version': FORMAT_VERSION,
@@ -171,7 +170,7 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
       'training_example_gradients': rater_training_compute(config, steps),
       'config': json.loads(config.to_json()),
   }
-  with files.atomic_dir(out_dir, overwrite) as tmp:
+  with files.atomic_dir(out_dir, overwrite, marker='rater.json') as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, 'params'), jax.device_get(params))
     files.write_json(os.path.join(tmp, 'rater.json'), meta)

@@ -116,20 +116,33 @@ def why_not(path: str, error: OSError) -> str:
   return error.strerror or str(error)
 
 
+def check_replaceable(path: str, overwrite: bool, marker: str = '') -> None:
+  """Refuses an existing output `path` unless `overwrite`, and with `marker` one that is not a
+  folder holding that file (an earlier output of the same kind: a typo in --out with --overwrite
+  would delete an unrelated folder or file)."""
+  if os.path.lexists(path) and not overwrite:
+    raise UserError(f'output {path!r} already exists (pass --overwrite to replace it)')
+  if os.path.lexists(path) and marker and not os.path.isfile(os.path.join(path, marker)):
+    raise UserError(f'output {path!r} exists but is not an earlier output of this command (it '
+                    f'holds no {marker}): --overwrite replaces only those; remove it yourself or '
+                    'write elsewhere')
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str, overwrite: bool = False):
+def atomic_dir(path: str, overwrite: bool = False, marker: str = ''):
   """Yields a temporary folder beside `path`, renamed to `path` when the block succeeds.
 
   With `overwrite`, an existing `path` is moved aside first and deleted after the rename (a
-  killed run leaves it to be put back by `recover_dir`). On error the temporary folder goes.
+  killed run leaves it to be put back by `recover_dir`); with `marker`, only a folder holding
+  that file (an earlier output of the same kind) is replaced, anything else is refused. On error
+  the temporary folder goes.
   """
   path = os.path.abspath(path)
   parent, name = os.path.dirname(path), os.path.basename(path)
   try:
     os.makedirs(parent, exist_ok=True)
     recover_dir(path)
-    if os.path.exists(path) and not overwrite:
-      raise UserError(f'output {path!r} already exists (pass --overwrite to replace it)')
+    check_replaceable(path, overwrite, marker)
     tmp = os.path.join(parent, f'.{name}.tmp-{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

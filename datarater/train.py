@@ -101,6 +101,9 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
     train_split = pipeline.load_split(d, d.train_split, corrupt=True)
   heldout = pipeline.load_split(d, d.heldout_split)
   evals = pipeline.load_split(d, d.eval_split)
+  if t.batch_size > len(train_split):  # an epoch would be one batch, mostly padding
+    raise UserError(f'train.batch_size={t.batch_size} is more than the {len(train_split)} '
+                    f'examples of data.train_split={d.train_split!r}')
   task = tasks.make_task(config.task, train_split.info)
   corruption.from_config(d).check_targets(train_split.info, task)
   for split in (train_split, heldout, evals):  # e.g. tokens outside the vocabulary
@@ -115,9 +118,11 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   if workdir:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
-    if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
-      raise UserError(f'--workdir {workdir!r} holds a launch.train_rater run (metrics.jsonl); '
-                      'give the training run a folder of its own')
+    for marker, what in (('metrics.jsonl', 'a launch.train_rater run'),
+                         ('rater.json', 'an exported rater')):
+      if os.path.exists(os.path.join(workdir, marker)):
+        raise UserError(f'--workdir {workdir!r} holds {what} ({marker}); give the training run '
+                        'a folder of its own')
     ckpt = run_checkpointer(config, workdir, name, rater, scores, made.spans_epochs)
     resume = ckpt.check_compatible()
     if resume is not None and resume > t.epochs:

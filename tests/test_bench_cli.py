@@ -49,6 +49,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('lm_curation', ['--bench.primary_keep=0.6'], '--bench.primary_keep 0.6 is not one of'),
     ('lm_curation', ['--bench.methods=("nope",)'], "unknown --bench.methods ['nope']"),
     ('lm_curation', ['--bench.seeds=()'], '--bench.seeds is empty'),
+    # A seed twice counted one model twice (a std of 0); one past int32 failed every run.
+    ('valuation_noise', ['--seeds=5,5'], '--seeds repeats seed 5: give each seed once'),
+    ('train_rater_seeds', ['--seeds=3000000000'], '--seeds values must be in [0, 2147483647]'),
+    ('meta_memory', ['--accuracy_warm=-5'], '--accuracy_warm must be >= 0, got -5'),  # at the end
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'
@@ -58,6 +62,17 @@ def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   assert len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
   assert not proc.stdout.strip()  # nothing ran
   assert not any(f.is_file() for f in tmp_path.rglob('*'))  # nothing written
+
+
+def test_a_run_the_seeds_bench_starts_that_fails_is_its_one_line(tmp_path):
+  """bench.train_rater_seeds ran launch.train_rater with check=True: a config it refused was a
+  CalledProcessError traceback hiding the launcher's own line."""
+  proc = forked.run('bench.train_rater_seeds', [f'--out={tmp_path}/r', '--config=README.md',
+                                                '--seeds=0'], subprocess_env(1), ROOT)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith('error: launch.train_rater --config=README.md (seed 0) failed: '
+                             "cannot load --config 'README.md'"), lines
 
 
 @pytest.mark.parametrize('bench, kind, flag, says', [

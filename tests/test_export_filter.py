@@ -475,6 +475,29 @@ def test_an_output_that_would_replace_an_input_is_refused(tfds_dir, rater_dir, t
   assert _files(run) == before and os.path.exists(os.path.join(source, 'dataset_info.json'))
 
 
+def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(tfds_dir, rater_dir,
+                                                                        tmp_path):
+  """--overwrite deleted whatever --out named (a typo: a folder of notes, a file); now only an
+  earlier output of the command (filter_report.json, rater.json in it) is replaced."""
+  run = os.path.join(os.path.dirname(rater_dir), 'run')
+  notes = tmp_path / 'notes'
+  notes.mkdir()
+  (notes / 'thesis.tex').write_text('mine')
+  (tmp_path / 'plain').write_text('a file')
+  for out in (notes, tmp_path / 'plain'):
+    with pytest.raises(UserError, match='exists but is not an earlier output of this command '
+                                        r'\(it holds no filter_report.json\)'):
+      _filter(tfds_dir, rater_dir, out, overwrite=True)
+    with pytest.raises(UserError, match=r'it holds no rater.json'):
+      export.export_rater(run, str(out), overwrite=True)
+  assert (notes / 'thesis.tex').read_text() == 'mine' and os.listdir(notes) == ['thesis.tex']
+  assert (tmp_path / 'plain').read_text() == 'a file'
+  export.export_rater(run, str(tmp_path / 'r'))
+  export.export_rater(run, str(tmp_path / 'r'), overwrite=True)  # its own earlier output
+  with pytest.raises(UserError, match='it holds no filter_report.json'):  # not a filter's
+    _filter(tfds_dir, rater_dir, tmp_path / 'r', overwrite=True)
+
+
 def test_a_rater_with_non_finite_parameters_is_refused(rater_dir, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top

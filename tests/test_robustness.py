@@ -662,7 +662,12 @@ def test_write_failures_reported_in_library_types_are_one_line(capsys):
   cases = ((lambda: (_ for _ in ()).throw(ValueError(
       'RESOURCE_EXHAUSTED: Error writing "manifest.ocdbt": No space left on device\nmore')),
             'error: no space left on device (RESOURCE_EXHAUSTED: Error writing'),
-           (raised_from_oserror, 'error: Read-only file system (/data/out)'))
+           (raised_from_oserror, 'error: Read-only file system (/data/out)'),
+           (lambda: np.zeros(2 ** 50, np.int64),  # numpy's MemoryError, a size from a config
+            'error: out of memory (Unable to allocate'),
+           (lambda: (_ for _ in ()).throw(RuntimeError(  # as XLA reports a device's
+               'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8796093022208 bytes.')),
+            'error: out of memory (RESOURCE_EXHAUSTED: Out of memory while trying'))
   for fail, line in cases:
     with pytest.raises(SystemExit) as exit_info, errors.exit_on_user_error():
       fail()

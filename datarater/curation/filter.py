@@ -34,6 +34,7 @@ from datarater.errors import UserError
 from datarater.progress import bar as progress_bar
 
 THRESHOLD_MODES = ('exact', 'streaming')
+REPORT = 'filter_report.json'  # in every output: what --overwrite may replace
 
 
 EXCHANGE_VALUES = 1 << 22  # values of one array gathered from all processes at once
@@ -102,8 +103,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     if not out:
       raise UserError('--out is required')
     out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-      raise UserError(f'output {out!r} already exists (pass --overwrite to replace it)')
+    files.check_replaceable(out, overwrite)
     if (rater is None) == (scores is None):
       raise UserError('give exactly one of --rater and --scores')
     if (keep is not None) + (min_score is not None) + bool(suggest_keep) != 1:
@@ -134,6 +134,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     builder, dataset = pipeline.builder_of(section, '--data_dir'), pipeline.dataset_name(section)
     files.check_apart(out, '--out', **{'dataset' if folder else 'data_dir': str(builder.data_dir)},
                       rater=rater or '', scores=scores or '')
+    files.check_replaceable(out, overwrite, REPORT)  # not an input: is it an earlier output?
     info = pipeline.data_info(builder)
     for s in splits:
       if s not in builder.info.splits:
@@ -239,7 +240,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
             'copied_splits': sorted(set(selection) - set(splits)), 'splits': {}}
   if jax.process_index() != 0:  # process 0 writes the dataset; the others only scored
     return report
-  with files.atomic_dir(out, overwrite) as tmp:
+  with files.atomic_dir(out, overwrite, marker=REPORT) as tmp:
     folder = tfds_writer.write_subset(builder, os.path.join(tmp, 'tfds'), name, selection,
                                       f'{dataset} filtered by {source}', transforms,
                                       {s: streams[s].data_source for s in splits}, added)
@@ -263,7 +264,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
         info_s['corrupted'] = int((d['record'] != 0).sum())
         info_s['kept_corrupted'] = int(((d['record'] != 0) & kept).sum())
       report['splits'][s] = info_s
-    files.write_json(os.path.join(folder, 'filter_report.json'), report)
+    files.write_json(os.path.join(folder, REPORT), report)
     _save_histogram(os.path.join(folder, 'scores.png'), per_split)
     # The dataset folder itself becomes `out`: move its contents up into the temporary root.
     for entry in os.listdir(folder):
