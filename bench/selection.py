@@ -359,6 +359,8 @@ def main(argv):
   if FLAGS.epochs:
     cfg.train.epochs = FLAGS.epochs
   config_checks.validate(cfg, train_lib.SECTIONS + train_lib.POLICY_SECTIONS['sae'])
+  if not FLAGS.policies:  # (full alone would run)
+    raise UserError(f'--policies is empty: give at least one of {", ".join(POLICY_ORDER)}')
   unknown = sorted(set(FLAGS.policies) - set(POLICY_ORDER))
   if unknown:
     raise UserError(f'unknown --policies {unknown} (choose from {", ".join(POLICY_ORDER)})')

@@ -82,7 +82,7 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   `policy` overrides `config.policy.name`. If `stop_after` ends training early, returns
   {'stopped_after': epochs done} and writes no report.
   """
-  name = policy or config.policy.name
+  name = config.policy.name if policy is None else policy  # '' (--policy=) is no name
   if name not in policies.POLICIES:
     raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(policies.POLICIES))})')
   policies.check_inputs(name, rater=rater, scores=scores)

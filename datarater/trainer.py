@@ -10,7 +10,8 @@ state). One epoch:
      weights times the policy's per-batch weights (`Policy.weigh`; 0 filters an example out),
      averaged over the batch's real examples (a padded last batch is not a smaller step);
   3. the per-example losses of those steps go back to the policy (`Policy.update`);
-  4. every split in `evals` is evaluated (`Task.metrics`, averaged), `evals_per_epoch` times.
+  4. every split in `evals` is evaluated (`Task.metrics`, averaged), `evals_per_epoch` times
+     (at most once per step).
 Compute is counted in example-gradients: (example, step) pairs with a weight > 0.
 Every random choice is keyed by (seed, epoch), so a run resumed from a checkpoint (`checkpoints`,
 a `RunCheckpointer`) equals an uninterrupted one. `record_every=k` keeps the parameters before

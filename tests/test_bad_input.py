@@ -402,6 +402,7 @@ def _cases(tfds_dir: str, w) -> list:
        f"--workdir '{w}/rater' holds an exported rater (rater.json)"),
       (*tr('--config.outer.learning_rate=1e39'),  # finite in float64 only: every loss NaN
        'outer.learning_rate must be finite in float32 (at most 3.403e+38 in size), got 1e+39'),
+      ('train', [data, '--policy='], "unknown policy '' (choose from"),  # it took the config's
       ('train', [data, '--config.train.batch_size=5000'],  # an epoch of one padded batch
        "train.batch_size=5000 is more than the 1197 examples of data.train_split='train'"),
   ]
@@ -420,7 +421,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 163  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 164  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -64,6 +64,7 @@ def test_signal_inside_a_gc_callback_or_finalizer_stops_the_run(signum, code, wh
 # Stops at the first import of jax and says which SIGINT handler is in place then.
 AT_JAX_IMPORT = '''
 import importlib.abc, os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (see CHILD)
 class Watch(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path, target=None):
     if name == 'jax':
