@@ -62,7 +62,7 @@ def bench() -> ml_collections.ConfigDict:
   b.transfer.batch_size = 32            # 4,096 sequences: under the smallest kept corpus
   b.transfer.optimizer = 'adam'
   b.transfer.learning_rate = 3e-3
-  b.transfer.evals = 8                  # test-loss evaluations along the run
+  b.transfer.evals = 8                  # test-loss evaluations per epoch (the run: under one)
 
   b.seeds = (0, 1, 2)                   # each seeds the rater, valuations, subsets and fresh LMs
   b.keeps = (0.5, 0.7, 0.9)

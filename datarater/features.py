@@ -29,6 +29,8 @@ def train_feature_model(train, config):
   if steps <= 0:
     raise UserError(f'features.train_steps must be positive, got {config.train_steps}')
   task = tasks.make_task(config.task, train.info)
+  if hasattr(train, 'features'):  # e.g. tokens outside features.task.vocab (a streamed split's
+    task.check_data(train.features)  # chunks are checked by the trainer)
   trainer = Trainer(task, make_inner_optimizer('adam', config.learning_rate),
                     weighting('uniform', len(train)), config.batch_size)
   run = trainer.run(train, {}, [config.seed], steps=steps)

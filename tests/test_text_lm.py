@@ -467,12 +467,27 @@ def test_tokens_outside_the_vocabulary_are_refused_at_its_edges():
   assert ok.max() == 15
   for model in (task, rater):
     model.check_data({'tokens': ok})
-    for bad, hint in ((16, 'at least 17'), (-1, '[-1, ')):
+    for bad, hint in ((16, 'at least 17'), (-1, '[-1, 15]: tokens must be >= 0 (padding')):
       tokens = ok.copy()
       tokens[1, 7] = bad
       with pytest.raises(UserError) as e:
         model.check_data({'tokens': tokens})
       assert '\n' not in str(e.value) and hint in str(e.value), str(e.value)
+
+
+def test_a_feature_model_that_cannot_read_the_tokens_is_refused():
+  """features.task with a vocabulary below the data's bytes trained on all-zero inputs for
+  them (NaN losses) and gave finite, meaningless SAE features: refused as launch.train refuses
+  such a task."""
+  from datarater import features  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  tokens = np.arange(24).reshape(2, 12) * 10  # up to 230
+  split = pipeline.Split({'tokens': tokens}, np.arange(2), np.zeros(2, np.int8), ('clean',),
+                         _info())
+  config = ml_collections.ConfigDict({'task': _model(), 'train_steps': 1, 'train_epochs': 0,
+                                      'batch_size': 2, 'learning_rate': 1e-3, 'seed': 0})
+  with pytest.raises(UserError, match='outside the vocabulary of task.vocab=16'):
+    features.train_feature_model(split, config)
 
 
 def test_small_token_weights_give_the_weighted_mean_token_by_token():

@@ -135,7 +135,10 @@ def _transformer(config, outputs: int, causal: bool, pool: bool) -> Transformer:
 def _check_tokens(tokens, vocab: int, key: str, section: str) -> None:
   """Tokens outside [0, vocab) would index past the embedding (a NaN loss): one line instead."""
   tokens = np.asarray(tokens)
-  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+  if tokens.size and tokens.min() < 0:
+    raise UserError(f'the {key!r} feature holds tokens in [{tokens.min()}, {tokens.max()}]: '
+                    'tokens must be >= 0 (padding too)')
+  if tokens.size and tokens.max() >= vocab:
     raise UserError(f'the {key!r} feature holds tokens in [{tokens.min()}, {tokens.max()}], '
                     f'outside the vocabulary of {section}.vocab={vocab} (set it to at least '
                     f'{tokens.max() + 1})')
