@@ -32,6 +32,7 @@ from bench import cli as bench_cli
 from bench import runs
 from datarater import evaluation, files, policies, tasks
 from datarater.data import pipeline
+from datarater.config_checks import MAX_SEED
 from datarater.errors import UserError
 from datarater.policies import weighting
 from datarater.trainer import Trainer
@@ -153,6 +154,9 @@ def main(argv):
     raise UserError(f'unknown --variants {unknown} (choose from {", ".join(VARIANTS)})')
   noises = bench_cli.noise_rates(_NOISE.value)
   seeds = bench_cli.seeds(_SEEDS.value)
+  if max(seeds) > (MAX_SEED - 1001) // 10:  # the fresh models' seeds: 1000 + 10 s, 1001 + 10 s
+    raise UserError(f'--seeds values must be <= {(MAX_SEED - 1001) // 10} (fresh models are '
+                    f'seeded 1001 + 10 * seed), got {max(seeds)}')
   bench_cli.at_least('rater_steps', _RATER_STEPS.value, 0)  # 0: no DataRater
   if _RATER_DIR.value:
     bench_cli.writable('rater_dir', _RATER_DIR.value, folder=True)

@@ -8,6 +8,8 @@ registered task or rater declares (`tasks.registry.schema_of`).
 import math
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from datarater.data.corruption import INPUT_KINDS, LABEL_KINDS
 from datarater.errors import UserError
 
@@ -52,6 +54,8 @@ def number(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool
       return 'must be finite'
     if abs(v) > FLOAT32_MAX:
       return f'must be finite in float32 (at most {FLOAT32_MAX:.4g} in size)'
+    if lo is not None and lo_open and float(np.float32(v)) <= lo:  # e.g. 1e-46 is 0 there
+      return f'must be > {lo} in float32 (the computations\' type)'
     if lo is not None and (v < lo or (lo_open and v == lo)):
       return f'must be {">" if lo_open else ">="} {lo}'
     if hi is not None and (v > hi or (hi_open and v == hi)):

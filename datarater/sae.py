@@ -146,7 +146,7 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
                     'did the feature extractor diverge?')
   module = make_sae(config)
   normaliser = Normaliser.fit(features)
-  if float(normaliser.scale) - 1e-8 <= 1e-6 * max(1.0, float(jnp.max(jnp.abs(features)))):
+  if float(normaliser.scale) - 1e-8 <= 1e-6 * float(jnp.max(jnp.abs(features))):  # relative
     raise UserError(f'SAE features of all {features.shape[0]} examples are the same vector: '
                     'nothing to encode (a feature extractor whose units all died gives this; '
                     'try a lower features.learning_rate)')

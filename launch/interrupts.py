@@ -68,7 +68,7 @@ def _in_extension_init(frame) -> bool:
 
 
 def _fire(signum: int) -> None:
-  if _armed[0]:
+  if _armed[0] and _pending[0] == signum:  # not raised meanwhile (by a second Ctrl-C)
     _sent[0] += 1
     os.kill(os.getpid(), signum)
 

@@ -51,6 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('lm_curation', ['--bench.seeds=()'], '--bench.seeds is empty'),
     # A seed twice counted one model twice (a std of 0); one past int32 failed every run.
     ('valuation_noise', ['--seeds=5,5'], '--seeds repeats seed 5: give each seed once'),
+    ('valuation_noise', ['--seeds=214748365'], '--seeds values must be <= 214748264 (fresh'),
     ('train_rater_seeds', ['--seeds=3000000000'], '--seeds values must be in [0, 2147483647]'),
     ('meta_memory', ['--accuracy_warm=-5'], '--accuracy_warm must be >= 0, got -5'),  # at the end
     ('selection', ['--policies='], '--policies is empty'),  # it ran full data alone

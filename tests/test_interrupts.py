@@ -224,6 +224,23 @@ def test_a_signal_inside_jax_compile_code_is_deferred_elsewhere_raised(monkeypat
       call_from(path, name)
 
 
+def test_a_signal_raised_before_its_resend_is_not_sent_again(monkeypatch):
+  """A Ctrl-C deferred (in a gc callback), then a second one raised in the launcher's code: the
+  timer of the first sent it again into the clean-up the second had started."""
+  from launch import interrupts  # pylint: disable=g-import-not-at-top
+  sent = []
+  monkeypatch.setattr(os, 'kill', lambda pid, signum: sent.append(signum))
+  monkeypatch.setattr(interrupts, '_armed', [True])
+  monkeypatch.setattr(interrupts, '_sent', [0])
+  monkeypatch.setattr(interrupts, '_pending', [signal.SIGINT])  # deferred, its timer running
+  interrupts._fire(signal.SIGINT)  # pylint: disable=protected-access
+  assert sent == [signal.SIGINT]
+  with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C, raised at once
+    interrupts._raise(signal.SIGINT)  # pylint: disable=protected-access
+  interrupts._fire(signal.SIGINT)  # pylint: disable=protected-access  (the first's timer)
+  assert sent == [signal.SIGINT] and interrupts._sent == [1]  # pylint: disable=protected-access
+
+
 def test_the_unraisable_hooks_install_once_in_either_order(monkeypatch):
   """launch.interrupts' resender and checkpointing's closed-loop filter each wrap
   sys.unraisablehook once, whichever comes first and however often launchers run in a process;

@@ -106,6 +106,8 @@ def test_features_that_cannot_be_encoded_are_refused_not_coded_zero():
     sae.train_sae(np.zeros((40, 6)), sae_config(), jax.random.PRNGKey(0))
   with pytest.raises(UserError, match='are the same vector'):
     sae.train_sae(np.tile(x[:1] * 1e3, (40, 1)), sae_config(), jax.random.PRNGKey(0))
+  tiny = sae.train_sae(x * 1e-7, sae_config(), jax.random.PRNGKey(0))[1]  # a scale, not equal
+  assert tiny['active_mean'] > 0 and tiny['mse'] < tiny['mse_mean_baseline']
   with pytest.raises(UserError, match=r'SAE features hold 1 non-finite values \(NaN or inf\)'):
     sae.train_sae(np.where(np.arange(240).reshape(40, 6) == 7, np.nan, x), sae_config(),
                   jax.random.PRNGKey(0))
