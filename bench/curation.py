@@ -103,6 +103,11 @@ def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
         values[name], temperature=c.policy.temperature), setup[name]) if name == 'tracin_self'
                     else policies.make_policy('mimic', ctx))
     timing[name] = time.time() - t0
+  for m, v in values.items():  # (select_top's refusal named an example id, not the method)
+    bad = int(np.sum(~np.isfinite(v)))
+    if bad:
+      raise UserError(f'{m} gave {bad} non-finite values at noise {noise:g}, seed {seed}: it '
+                      'cannot rank the split (leave it out of --methods, or change its settings)')
   suggested = None
   if 'datarater' in values:  # the share of the rater's upper score cluster, exactly its count
     suggested = select.suggest_keep(values['datarater'])
@@ -346,6 +351,9 @@ def main(argv):
          or int(x.split(':')[1]) < 1]
   if bad:
     raise UserError(f'--seeds_by_noise needs a noise in [0, 1) and a count >= 1, got {bad[0]!r}')
+  unused = sorted(set(by_noise) - set(noises))
+  if unused:
+    raise UserError(f'--seeds_by_noise names noise {unused[0]:g}, which --noise does not hold')
   methods = list(_METHODS.value)
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:

@@ -111,7 +111,9 @@ def markdown(results: dict) -> str:
       rs = [r for r in results['runs'] if r['noise'] == noise and r['variant'] == name]
       if not rs:
         continue
-      cell = lambda xs: f'{np.mean(xs):.3f} ± {np.std(xs):.3f}'
+      n = len(results['seeds'])  # a seed that failed is named: its row holds fewer
+      cell = lambda xs: f'{np.mean(xs):.3f} ± {np.std(xs):.3f}' + (
+          f' (n={len(xs)} of {n})' if len(xs) < n else '')
       per_kind = [cell([r['auroc_by_kind'][k] for r in rs if k in r['auroc_by_kind']])
                   if any(k in r['auroc_by_kind'] for r in rs) else '' for k in kinds]
       secs = [r['seconds'] for r in rs if r['seconds'] is not None]  # None: meta-training
@@ -148,10 +150,13 @@ def plot(results: dict, path: str) -> None:
 def main(argv):
   del argv
   config = flags.FLAGS.config
-  variants = list(_VARIANTS.value) + (['datarater'] if _RATER_STEPS.value else [])
+  variants = list(dict.fromkeys(  # each once; the DataRater's when it has outer steps
+      list(_VARIANTS.value) + (['datarater'] if _RATER_STEPS.value else [])))
   unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
   if unknown:
     raise UserError(f'unknown --variants {unknown} (choose from {", ".join(VARIANTS)})')
+  if 'datarater' in variants and not _RATER_STEPS.value:
+    raise UserError('--variants datarater needs --rater_steps >= 1 (its outer steps)')
   noises = bench_cli.noise_rates(_NOISE.value)
   seeds = bench_cli.seeds(_SEEDS.value)
   if max(seeds) > (MAX_SEED - 1001) // 10:  # the fresh models' seeds: 1000 + 10 s, 1001 + 10 s

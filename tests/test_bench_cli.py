@@ -55,6 +55,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('train_rater_seeds', ['--seeds=3000000000'], '--seeds values must be in [0, 2147483647]'),
     ('meta_memory', ['--accuracy_warm=-5'], '--accuracy_warm must be >= 0, got -5'),  # at the end
     ('selection', ['--policies='], '--policies is empty'),  # it ran full data alone
+    ('curation', ['--noise=0.2', '--seeds_by_noise=0.4:3'],  # it ran 0.2 alone
+     '--seeds_by_noise names noise 0.4, which --noise does not hold'),
+    ('valuation_noise', ['--variants=datarater', '--rater_steps=0'],  # 'log_every must be >= 1'
+     '--variants datarater needs --rater_steps >= 1'),
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'

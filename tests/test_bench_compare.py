@@ -28,6 +28,20 @@ def test_steps_to_reach_first_crossing_either_direction_interpolated_or_not():
   assert lm_curation._fraction(loss, 1.0) is None  # pylint: disable=protected-access
 
 
+def test_a_noise_table_row_missing_a_seed_says_how_many_it_holds():
+  """A method that failed on one of two seeds was averaged over the other, shown as '± 0.000'
+  under a heading of both seeds."""
+  from bench import valuation_noise  # pylint: disable=g-import-not-at-top
+  run = lambda seed, auroc: {'noise': 0.2, 'variant': 'mimic', 'seed': seed, 'auroc': auroc,
+                             'auroc_by_kind': {}, 'seconds': 1.0}
+  results = {'seeds': [0, 1], 'dataset': 'd', 'task': 't', 'rater_steps': 0, 'noise': [0.2],
+             'variants': ['mimic'], 'runs': [run(0, 0.75)],
+             'failed': [{'noise': 0.2, 'seed': 1, 'variant': 'mimic', 'error': 'x'}]}
+  assert '| 20% | mimic | 0.750 ± 0.000 (n=1 of 2) |' in valuation_noise.markdown(results)
+  results['runs'].append(run(1, 0.25))
+  assert '| 20% | mimic | 0.500 ± 0.250 |' in valuation_noise.markdown(results)
+
+
 def test_paired_differences_and_stats():
   d = compare.paired([1.0, 2.0, 4.0], [0.5, 1.0, 2.0], scale=1.0)
   assert d['diff'] == pytest.approx(7 / 6)
