@@ -242,6 +242,8 @@ def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path):
   config.valuation.topk = 0
   valuate('tracin', config, work, progress=False)
   assert os.path.getmtime(os.path.join(path, store_lib.META)) == mtime
+  # The earlier run's top-k went with its summary (it stayed beside scores it did not match).
+  assert not os.path.exists(os.path.join(work, 'topk_tracin.parquet'))
 
 
 def test_a_gradient_store_projects_the_layers_of_its_method(tfds_dir, tmp_path):

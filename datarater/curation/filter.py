@@ -2,7 +2,7 @@
 
 `filter_dataset(dataset, out, ...)` streams each filtered split in blocks (only one float score
 per example is held), scores every example (an exported rater on all local devices, or the
-`value` column of a scores file keyed by TFDS id), picks the kept examples (`keep`: exactly
+`value` column of a scores file keyed by id), picks the kept examples (`keep`: exactly
 round(keep * N) of the best, ties to the lower id; `threshold='streaming'`: an approximate
 threshold from a reservoir sample; `min_score`: score >= value; `suggest_keep`: `keep` is the
 share of the upper cluster of the split's scores, `select.suggest_keep`; `balance`: every class

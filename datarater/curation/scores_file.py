@@ -1,4 +1,4 @@
-"""The scores file: one row per example of a split, keyed by its TFDS id (parquet).
+"""The scores file: one row per example of a split, keyed by its id (parquet).
 
 Columns: `id` (int64, the example's position in its split), `score` (the method's raw score),
 `value` (oriented: higher = more useful); optionally `split` and anything else a writer records

@@ -29,7 +29,7 @@ class Source:
     self.split = split
     self._builder = builder
     with pipeline.damaged_records(builder):
-      self.data_source = builder.as_data_source(split=split)  # the split's records (TFDS ids)
+      self.data_source = builder.as_data_source(split=split)  # the split's records, by id
     self._n = len(self.data_source)
     self.corruption = corruption or corruption_lib.Corruption()
     self.ids = np.arange(self._n, dtype=np.int64)

@@ -183,9 +183,10 @@ def ghost_norms_pay(task, run, train, layers) -> bool:
           pergrad.dense_positions(loss, run.final_params, batch, layers) == 1)
 
 
-def build(method: str, config, task, train, heldout, cache=None) -> Valuation:
+def build(method: str, config, task, train, heldout, cache=None, fit: bool = True) -> Valuation:
   """The valuation `method`, fitted to the config's training run of `task` on `train` (runs
-  read from `cache` when it has them)."""
+  read from `cache` when it has them). `fit=False` leaves the data value embedding unfitted (its
+  name, orientation and cost only: a gradient store computes the embeddings itself)."""
   if method not in METHODS:
     raise UserError(f'unknown method {method!r} (choose from {", ".join(METHODS)})')
   v = config.valuation
@@ -201,7 +202,9 @@ def build(method: str, config, task, train, heldout, cache=None) -> Valuation:
   if method == 'dvemb':
     run, cost = record(config, task, train, v.dvemb_steps, 1, cache, 'dvemb_run')
     valuation = DataValueEmbedding(task, len(train), heldout_batch, make_projection(v),
-                                   v.dvemb_curvature, chunk_size=chunk).fit(run)
+                                   v.dvemb_curvature, chunk_size=chunk)
+    if fit:
+      valuation = valuation.fit(run)
     # The run, then per-example gradients at every step (once per class for Gauss-Newton).
     per_step = tasks.num_classes(task) if v.dvemb_curvature == 'gauss_newton' else 0
     valuation.example_gradients = cost * (2 + per_step)

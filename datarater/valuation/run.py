@@ -149,7 +149,8 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
       tqdm.write(f'datarater: loading the rater {config.valuation.rater} ...'
                  if method == 'datarater' else
                  f'{method}: fitting to {len(train)} training examples (runs kept in {fit}) ...')
-    valuation = factory.build(method, config, task, train, heldout, cache)
+    from_store = bool(config.valuation.store or config.valuation.topk)
+    valuation = factory.build(method, config, task, train, heldout, cache, fit=not from_store)
     if method == 'datarater':  # the path may be a rater run that has trained on since
       rater_digest = store.digest(jax.device_get(valuation.params))
       if not multihost.same_everywhere(rater_digest):
@@ -293,6 +294,9 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
              'config': json.loads(config.to_json_best_effort())}
   summary = files.json_safe(summary)  # returned as written (an AUROC not defined is None)
   files.write_json(stem + '.json', summary)
+  stale = os.path.join(workdir, f'topk_{method}.parquet')  # an earlier run's: this run's scores
+  if os.path.exists(stale):  # replace those it was computed with (a top-k run writes it anew)
+    os.remove(stale)
   # The scores file holds them now; parts left by a run with another process count, or by a
   # killed run of another config (whose scores file this one replaces), go too.
   for path in glob.glob(os.path.join(glob.escape(workdir), f'.scores_{method}-*.part-*')):

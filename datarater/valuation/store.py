@@ -4,7 +4,8 @@ written once, then read by queries instead of recomputing training gradients.
 A store is a folder:
 - `meta.json`: the projection (`pergrad.FactoredState.describe()`: kind, seed, k_in, k_out, the
   layers and their shapes), the checkpoints (step, learning rate, file), N, D, the dtype, the
-  dataset and split names, the examples' TFDS ids (row i: position i of the split, id ids[i]),
+  dataset and split names, the examples' ids (their positions in the split expression: row i
+  is example ids[i]),
   a digest of the run's checkpoints (queries check they get the same run), the build settings;
 - `grads_<c>.npy`: [N, D] (float32 by default) in `np.lib.format`, so `np.load(mmap_mode='r')`
   reads rows in place: row i is example i's projected gradient at checkpoint c;
