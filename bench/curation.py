@@ -42,7 +42,7 @@ from bench import cli as bench_cli
 from bench import compare
 from bench import provenance
 from bench import runs as bench_runs
-from datarater import evaluation, export, files, policies, tasks
+from datarater import config_checks, evaluation, export, files, policies, tasks
 from datarater.curation import select
 from datarater.data import pipeline
 from datarater.errors import UserError
@@ -335,6 +335,9 @@ def main(argv):
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   config = flags.FLAGS.config
+  # What its rater runs, valuations and fresh models read: checked before any run.
+  config_checks.validate(config, ('data', 'task', 'rater', 'inner', 'outer', 'final_eval',
+                                  'train', 'policy', 'valuation'))
   noises = bench_cli.noise_rates(_NOISE.value)
   keeps = bench_cli.numbers('keep', _KEEP.value, float, lambda x: 0 < x <= 1, 'in (0, 1]')
   seeds = bench_cli.seeds(_SEEDS.value)

@@ -30,7 +30,7 @@ import numpy as np
 
 from bench import cli as bench_cli
 from bench import runs
-from datarater import evaluation, files, policies, tasks
+from datarater import config_checks, evaluation, files, policies, tasks
 from datarater.data import pipeline
 from datarater.config_checks import MAX_SEED
 from datarater.errors import UserError
@@ -157,6 +157,10 @@ def main(argv):
     raise UserError(f'unknown --variants {unknown} (choose from {", ".join(VARIANTS)})')
   if 'datarater' in variants and not _RATER_STEPS.value:
     raise UserError('--variants datarater needs --rater_steps >= 1 (its outer steps)')
+  # What the runs read, checked before any (a bad value had each variant 'fail', exit 0).
+  config_checks.validate(config, ('data', 'task', 'valuation')
+                         + (('rater', 'inner', 'outer', 'final_eval') if 'datarater' in variants
+                            else ()) + (('train', 'policy') if _CURRICULUM.value else ()))
   noises = bench_cli.noise_rates(_NOISE.value)
   seeds = bench_cli.seeds(_SEEDS.value)
   if max(seeds) > (MAX_SEED - 1001) // 10:  # the fresh models' seeds: 1000 + 10 s, 1001 + 10 s

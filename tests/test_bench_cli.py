@@ -55,6 +55,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('train_rater_seeds', ['--seeds=3000000000'], '--seeds values must be in [0, 2147483647]'),
     ('meta_memory', ['--accuracy_warm=-5'], '--accuracy_warm must be >= 0, got -5'),  # at the end
     ('selection', ['--policies='], '--policies is empty'),  # it ran full data alone
+    # Out of range: valuation_noise wrote a results file of failed variants, exit 0; curation
+    # refused after its first valuations, naming 'batch_size'.
+    ('valuation_noise', ['--config.valuation.train_steps=0'],
+     'valuation.train_steps must be >= 1, got 0'),
+    ('curation', ['--config.train.batch_size=0'], 'train.batch_size must be >= 1, got 0'),
     ('curation', ['--noise=0.2', '--seeds_by_noise=0.4:3'],  # it ran 0.2 alone
      '--seeds_by_noise names noise 0.4, which --noise does not hold'),
     ('valuation_noise', ['--variants=datarater', '--rater_steps=0'],  # 'log_every must be >= 1'
