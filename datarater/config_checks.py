@@ -54,12 +54,12 @@ def number(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool
       return 'must be finite'
     if abs(v) > FLOAT32_MAX:
       return f'must be finite in float32 (at most {FLOAT32_MAX:.4g} in size)'
-    if lo is not None and lo_open and float(np.float32(v)) <= lo:  # e.g. 1e-46 is 0 there
-      return f'must be > {lo} in float32 (the computations\' type)'
     if lo is not None and (v < lo or (lo_open and v == lo)):
       return f'must be {">" if lo_open else ">="} {lo}'
     if hi is not None and (v > hi or (hi_open and v == hi)):
       return f'must be {"<" if hi_open else "<="} {hi}'
+    if lo is not None and lo_open and float(np.float32(v)) <= lo:  # e.g. 1e-46 is 0 there
+      return f'must be > {lo} in float32 (the computations\' type)'
     return None
   return check
 

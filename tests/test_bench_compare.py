@@ -1,12 +1,19 @@
 """What the curation benchmarks compute from their runs: when a curve reaches a target (either
 direction, optionally interpolated), paired statistics, and bench.lm_curation's reading of what a
 method learned (AUROC of each kind against clean prose, the rater's mean weight per group)."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
 from bench import compare, lm_curation
 from datarater.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_steps_to_reach_first_crossing_either_direction_interpolated_or_not():
@@ -31,15 +38,20 @@ def test_steps_to_reach_first_crossing_either_direction_interpolated_or_not():
 def test_a_noise_table_row_missing_a_seed_says_how_many_it_holds():
   """A method that failed on one of two seeds was averaged over the other, shown as '± 0.000'
   under a heading of both seeds."""
-  from bench import valuation_noise  # pylint: disable=g-import-not-at-top
   run = lambda seed, auroc: {'noise': 0.2, 'variant': 'mimic', 'seed': seed, 'auroc': auroc,
                              'auroc_by_kind': {}, 'seconds': 1.0}
   results = {'seeds': [0, 1], 'dataset': 'd', 'task': 't', 'rater_steps': 0, 'noise': [0.2],
              'variants': ['mimic'], 'runs': [run(0, 0.75)],
              'failed': [{'noise': 0.2, 'seed': 1, 'variant': 'mimic', 'error': 'x'}]}
-  assert '| 20% | mimic | 0.750 ± 0.000 (n=1 of 2) |' in valuation_noise.markdown(results)
+  def markdown(results):  # in a process of its own: bench.valuation_noise defines its flags
+    code = ('import json, sys\nfrom bench import valuation_noise\n'  # on import
+            'print(valuation_noise.markdown(json.loads(sys.argv[1])))')
+    return subprocess.run([sys.executable, '-c', code, json.dumps(results)], cwd=ROOT,
+                          capture_output=True, text=True, check=True, timeout=120,
+                          env={**os.environ, 'PYTHONPATH': ROOT}).stdout
+  assert '| 20% | mimic | 0.750 ± 0.000 (n=1 of 2) |' in markdown(results)
   results['runs'].append(run(1, 0.25))
-  assert '| 20% | mimic | 0.500 ± 0.250 |' in valuation_noise.markdown(results)
+  assert '| 20% | mimic | 0.500 ± 0.250 |' in markdown(results)
 
 
 def test_paired_differences_and_stats():
