@@ -152,6 +152,10 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
   except OVERRIDE_ERRORS + (OSError,) as e:
     _fail(e)
   _refuse_joined_tuples(argv, fv)
+  if len(parsed) > 1:  # no launcher reads one: a word split off a flag's value (a space in it)
+    print(f'error: unexpected argument {parsed[1]!r} (flags are --name=value; quote a value '
+          'holding spaces)', file=sys.stderr)
+    sys.exit(2)
   return parsed
 
 

@@ -28,7 +28,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Starts `jax.distributed` as the flags say (nothing without them); bad values and a failed
-  start are one `UserError` line."""
+  start are one `UserError` line in this process (processes that did start wait out JAX's
+  start-up timeout for it, then abort: JAX gives no error to catch there)."""
   if fv.coordinator_address:
     host, _, port = fv.coordinator_address.rpartition(':')
     if not host or not port.isdigit():

@@ -29,9 +29,10 @@ case "$action" in
     ;;
   train)
     [[ $# -ge 1 ]] || usage
-    workdir=$1
+    workdir=$(printf '%q' "$1")  # quoted for the worker's shell, as every argument after it
     shift
-    args=$(printf '%q ' "$@")
+    args=''
+    if [[ $# -gt 0 ]]; then args=$(printf '%q ' "$@"); fi
     run gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command \
       "cd $remote_dir && python3 -m launch.train_rater --distributed --workdir=$workdir $args"
     ;;

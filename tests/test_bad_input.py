@@ -403,6 +403,7 @@ def _cases(tfds_dir: str, w) -> list:
       (*tr('--config.outer.learning_rate=1e39'),  # finite in float64 only: every loss NaN
        'outer.learning_rate must be finite in float32 (at most 3.403e+38 in size), got 1e+39'),
       ('train', [data, '--policy='], "unknown policy '' (choose from"),  # it took the config's
+      (*tr('run'), "unexpected argument 'run' (flags are --name=value"),  # '--workdir=a run'
       ('train', [data, '--config.train.learning_rate=1e-46'],  # 0 in float32: nothing learnt
        'train.learning_rate must be > 0 in float32'),
       ('train', [data, '--config.train.batch_size=5000'],  # an epoch of one padded batch
@@ -423,7 +424,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 165  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 166  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

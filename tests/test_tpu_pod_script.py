@@ -22,6 +22,20 @@ def test_train_runs_the_same_command_on_every_worker():
     assert part in line.replace('\\', ''), (part, line)
 
 
+def test_the_worker_runs_the_workdir_and_arguments_as_given():
+  """The workdir went unquoted into the worker's shell: a space split it (the run trained into
+  '/mnt/my') and a ';' ran a command; with no extra arguments an empty one was passed."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  for workdir, extra in (('/mnt/my run', ["--config.data.train_split=train[:50%]"]),
+                         ('/mnt/a;echo INJECTED', [])):
+    out = _dry('train', 'my-pod', 'z', workdir, *extra)
+    assert out.returncode == 0, out.stderr
+    gcloud = shlex.split(out.stdout)
+    remote = shlex.split(gcloud[gcloud.index('--command') + 1])
+    assert remote == ['cd', '~/datarater', '&&', 'python3', '-m', 'launch.train_rater',
+                      '--distributed', f'--workdir={workdir}', *extra], remote
+
+
 def test_setup_copies_and_installs_on_all_workers():
   out = _dry('setup', 'my-pod', 'europe-west4-a')
   assert out.returncode == 0, out.stderr
