@@ -58,6 +58,16 @@ def trajectory_fields(config: ml_collections.ConfigDict,
           if not any(k == f or k.startswith(f + '.') for f in free_fields)}
 
 
+def config_differences(theirs: dict, ours: dict, fields=None) -> list[str]:
+  """'field=X there, Y here' for each of `fields` (default: every field of either flattened
+  config) whose values differ; a field an older record lacks counts as its ADDED_FIELDS default."""
+  shown = lambda config, k: repr(config[k]) if k in config else '(not recorded)'  # free, or older
+  value = lambda config, k: config.get(k, ADDED_FIELDS.get(k))
+  fields = sorted(set(theirs) | set(ours)) if fields is None else fields
+  return [f'{k}={shown(theirs, k)} there, {shown(ours, k)} here' for k in fields
+          if value(theirs, k) != value(ours, k)]
+
+
 def _why(error: Exception) -> str:
   return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
@@ -283,11 +293,7 @@ class RunCheckpointer:
         raise UserError(problem or 'an input named by path cannot be read on another process')
       return None
     meta = self.meta(step)
-    theirs, ours = meta['config'], trajectory_fields(self.config, self.free_fields)
-    shown = lambda fields, k: repr(fields[k]) if k in fields else '(not recorded)'  # free, or older
-    value = lambda fields, k: fields.get(k, ADDED_FIELDS.get(k))
-    diffs = [f'{k}={shown(theirs, k)} there, {shown(ours, k)} here'
-             for k in sorted(set(theirs) | set(ours)) if value(theirs, k) != value(ours, k)]
+    diffs = config_differences(meta['config'], trajectory_fields(self.config, self.free_fields))
     if diffs:
       raise UserError(f'workdir {self.workdir!r} holds a checkpoint of a different config '
                       f'({"; ".join(diffs[:3])}); use a new --workdir')

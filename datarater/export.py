@@ -133,9 +133,8 @@ def _read_run(workdir: str):
   # The checkpoint records the config that made it (less the fields a run may change, plus
   # `data_stream`, which config.json does not hold).
   recorded, ours = meta.get('config') or {}, checkpointing.trajectory_fields(config, ())
-  value = lambda fields, k: fields.get(k, checkpointing.ADDED_FIELDS.get(k))
-  diffs = [f'{k}={recorded[k]!r} there, {value(ours, k)!r} here' for k in sorted(recorded)
-           if (k in ours or k in checkpointing.ADDED_FIELDS) and value(ours, k) != recorded[k]]
+  diffs = checkpointing.config_differences(recorded, ours, [
+      k for k in sorted(recorded) if k in ours or k in checkpointing.ADDED_FIELDS])
   if diffs:
     raise UserError(f'{config_path!r} is not the config of its latest checkpoint '
                     f'({"; ".join(diffs[:3])})')

@@ -134,11 +134,12 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     task.check_data(heldout.features)  # (the streamed training split is not read whole here)
     factory.make_projection(config.valuation)  # a bad name fails before any work
     factory.check(method, config, task, train)  # bad layer names etc. fail before any work
+    from_store = bool(config.valuation.store or config.valuation.topk)
     if config.valuation.topk:
       pipeline.check_split(pipeline.builder_of(d), config.valuation.topk_split)
-    if config.valuation.store or config.valuation.topk:
+    if from_store:
       _check_store_size(method, config, len(train), workdir)
-    if (config.valuation.store or config.valuation.topk) and jax.process_count() > 1:
+    if from_store and jax.process_count() > 1:
       raise UserError('valuation.store and valuation.topk run in one process')
   with multihost.workdir_lock(workdir):
     data_files = pipeline.files_digest(pipeline.builder_of(d))  # a folder written again
@@ -149,7 +150,6 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
       tqdm.write(f'datarater: loading the rater {config.valuation.rater} ...'
                  if method == 'datarater' else
                  f'{method}: fitting to {len(train)} training examples (runs kept in {fit}) ...')
-    from_store = bool(config.valuation.store or config.valuation.topk)
     valuation = factory.build(method, config, task, train, heldout, cache, fit=not from_store)
     if method == 'datarater':  # the path may be a rater run that has trained on since
       rater_digest = store.digest(jax.device_get(valuation.params))
@@ -158,7 +158,7 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
                         'loaded it (a run still training?): run again')
       tag = fingerprint(method, config, data_files, rater_digest)
     stem = os.path.join(workdir, f'scores_{method}')
-    if config.valuation.store or config.valuation.topk:
+    if from_store:
       return _from_store(method, config, task, train, heldout, workdir, stem, tag, valuation,
                          cache, progress)
     partial = _part_path(workdir, method, tag, jax.process_index(), jax.process_count())
