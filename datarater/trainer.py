@@ -119,12 +119,13 @@ def _chunks(cuts, size):
 
 
 def _blocks(split, size: int):
-  """The split's features as device blocks [nb, size, ...] and a validity mask [nb, size]."""
+  """The split's features and `index` (the task's batches hold it) as device blocks
+  [nb, size, ...], and a validity mask [nb, size]."""
   n = len(split)
   nb = max(1, math.ceil(n / size))
   idx = np.arange(nb * size) % max(n, 1)
   mask = (np.arange(nb * size) < n).astype(np.float32).reshape(nb, size)
-  data = {k: jnp.asarray(v[idx].reshape(nb, size, *v.shape[1:])) for k, v in split.features.items()}
+  data = {k: jnp.asarray(v.reshape(nb, size, *v.shape[1:])) for k, v in split.take(idx).items()}
   return data, jnp.asarray(mask)
 
 

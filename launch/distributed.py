@@ -14,6 +14,7 @@ import ml_collections
 
 from datarater import multihost
 from datarater.errors import UserError
+from launch import interrupts
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -52,6 +53,9 @@ def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     start()
   except (ValueError, RuntimeError) as e:
     raise UserError(f'cannot start jax.distributed: {str(e).splitlines()[0]}') from None
+  # jax.distributed's preemption notifier took SIGTERM over (it only logs it, and the run went
+  # on): this process's handlers go back in, so that SIGTERM stops it as it stops one process.
+  interrupts.install()
   multihost.check_same_settings(settings(fv))
 
 

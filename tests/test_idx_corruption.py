@@ -355,6 +355,14 @@ def test_a_reversed_part_of_a_sum_of_splits_is_refused_not_read_short(tfds_dir):
   pipeline.check_split(builder, 'train[:10]+train[20:25]')  # both parts forward: read
 
 
+@pytest.mark.parametrize('split', ['train[5:4]', 'train[10:20]+train[5:4]'])
+def test_a_slice_ending_one_before_its_start_is_refused_not_read_to_the_end(tfds_dir, split):
+  """TFDS reads train[5:4] as train[5:] (1192 rows): refused, as any end before the start."""
+  builder = pipeline.get_builder('sklearn_digits', tfds_dir)
+  with pytest.raises(UserError, match=re.escape("'train[5:4]'") + '.* selects no examples'):
+    pipeline.check_split(builder, split)
+
+
 def test_the_record_says_what_changed():
   n = 400
   raw = _split(n)

@@ -2,6 +2,7 @@
 finalizer, where Python drops what they raise."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -268,3 +269,32 @@ def test_the_unraisable_hooks_install_once_in_either_order(monkeypatch):
     for e in (noise, other):
       sys.unraisablehook(types.SimpleNamespace(exc_value=e, err_msg=None, object=None))
     assert [u.exc_value for u in seen] == [other]
+
+
+# One jax.distributed process that sends itself SIGTERM once started.
+IN_DISTRIBUTED = '''
+import os, signal, sys, time
+from absl import flags
+from launch import distributed, interrupts
+interrupts.install()
+distributed.define_flags()
+flags.FLAGS([sys.argv[0], f'--coordinator_address=127.0.0.1:{sys.argv[1]}', '--num_processes=1',
+             '--process_id=0'])
+distributed.initialize_from_flags()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(2)
+print('went on to the end', flush=True)
+'''
+
+
+def test_sigterm_stops_a_jax_distributed_process():
+  """jax.distributed's preemption notifier takes SIGTERM over and only logs it: a
+  multi-process run went on when killed with SIGTERM."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  proc = subprocess.run([sys.executable, '-c', IN_DISTRIBUTED, str(port)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, 'PYTHONPATH': ROOT})
+  assert 'went on to the end' not in proc.stdout, proc.stderr[-2000:]
+  assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]

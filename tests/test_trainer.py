@@ -133,6 +133,30 @@ def test_evaluation_is_the_mean_of_the_task_metrics(splits, monkeypatch):
     np.testing.assert_allclose(run.final['eval'][name][0], np.mean(values), rtol=1e-5)
 
 
+class _IndexMetric:
+  """A task whose metrics include each example's `index` (its position in the split)."""
+
+  def __init__(self, task):
+    self.task = task
+
+  def __getattr__(self, name):
+    return getattr(self.task, name)
+
+  def metrics(self, params, batch):
+    return {**self.task.metrics(params, batch), 'index': batch['index'].astype(jnp.float32)}
+
+
+def test_evaluation_batches_hold_the_examples_positions(splits, monkeypatch):
+  """Every batch a task sees holds `index` (a task may key its dropout on it): the evaluation's
+  too, where it was missing (a KeyError at the first evaluation)."""
+  monkeypatch.setattr(trainer_lib, 'EVAL_BLOCK', 128)
+  train, test = splits
+  trainer = Trainer(_IndexMetric(_task(train.info)), optax.sgd(0.1),
+                    weighting.weighting('uniform', len(train)), 100)
+  run = trainer.run(train, {'eval': test}, [0], steps=2)
+  assert run.final['eval']['index'][0] == pytest.approx(np.mean(np.arange(len(test))))
+
+
 def test_selection_visits_its_examples_like_training_on_the_subset(splits):
   """A selection policy that always picks the clean examples trains exactly like the subset."""
   train, test = splits

@@ -252,9 +252,10 @@ def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
     raise UserError(f'dataset {builder.info.name!r} has no split {split!r} (it has: '
                     f'{", ".join(builder.info.splits)}; slices like train[:80%] also work): '
                     f'{str(e).splitlines()[0]}') from None
-  for part in split.split('+'):  # TFDS counts a slice whose end is before its start as < 0, and
-    # a sum of parts reads fewer rows of the others: each part is checked
-    if builder.info.splits[part.strip()].num_examples < 0:
+  for part in split.split('+'):  # TFDS reads a slice whose end is one before its start to the
+    # split's end, and counts an earlier end as < 0 (a sum then reads fewer rows of the others)
+    bounds, = tfds.core.ReadInstruction.from_spec(part.strip()).to_absolute(builder.info.splits)
+    if None not in (bounds.from_, bounds.to) and bounds.to < bounds.from_:
       what = f'split {split!r}' + (f"'s part {part.strip()!r}" if '+' in split else '')
       raise UserError(f'{what} of {builder.info.name!r} selects no examples (its end is '
                       'before its start)')
