@@ -86,7 +86,7 @@ def settings() -> types.SimpleNamespace:
   """The flags' values, checked, with --quick applied."""
   fv = flags.FLAGS
   positive = lambda name: tuple(bench_cli.numbers(name, fv[name].value, int, lambda x: x > 0,
-                                                  '> 0'))
+                                                  '> 0', empty_ok=name == 'accuracy_unrolls'))
   args = types.SimpleNamespace(
       **{name: fv[name].value for name in (
           'quick', 'modes', 'models', 'repeats', 'optimizer', 'population', 'batch',
@@ -107,7 +107,7 @@ def settings() -> types.SimpleNamespace:
     raise UserError(f'--accuracy_warm must be >= 0, got {args.accuracy_warm}')
   if args.quick:
     args.unrolls, args.repeats, args.large_batch = (1, 4, 32), 2, 32
-    args.accuracy_unrolls = (32,)
+    args.accuracy_unrolls = (32,) if args.accuracy_unrolls else ()
   return args
 
 

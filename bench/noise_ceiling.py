@@ -32,6 +32,7 @@ from bench import cli as bench_cli
 from bench import runs
 from datarater import evaluation, tasks
 from datarater.data import pipeline
+from datarater.errors import UserError
 from datarater.policies import weighting
 from datarater.trainer import Trainer
 from inner_loop.optimizers import make_inner_optimizer
@@ -90,7 +91,8 @@ def markdown(results: dict) -> str:
 def main(argv):
   del argv
   config = flags.FLAGS.config
-  noises = bench_cli.noise_rates(_NOISE.value)
+  noises = bench_cli.numbers('noise', _NOISE.value, float, lambda x: 0 < x < 1,
+                             'in (0, 1): at 0 there is nothing to detect')
   seeds = bench_cli.seeds(_SEEDS.value)
   bench_cli.at_least('folds', _FOLDS.value, 2)  # each fold is scored by the others' models
   bench_cli.at_least('epochs', _EPOCHS.value, 1)
@@ -119,6 +121,9 @@ def main(argv):
     for s in seeds:
       c = runs.seeded(config, noise, s)
       train = pipeline.load_split(c.data, c.data.train_split, corrupt=True)
+      if _FOLDS.value > len(train):
+        raise UserError(f'--folds must be at most the {len(train)} examples of '
+                        f'{c.data.train_split!r}, got {_FOLDS.value}')
       task = tasks.make_task(c.task, train.info)
       fixed = with_clean_labels(train)
       folds = np.random.default_rng(s).permutation(len(train)) % _FOLDS.value

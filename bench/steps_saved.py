@@ -30,6 +30,11 @@ _RESULTS = flags.DEFINE_list('results', [], 'Curation results JSON files (bench.
 _OUT = flags.DEFINE_string('out', 'bench/results/steps_saved', 'Output prefix (.json, .md).')
 
 
+def _figure(x) -> bool:
+  """Whether x is a finite JSON number (not a string, a bool or null)."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
 def _number(x) -> bool:
   """Whether x is a finite number (or a string of one: a keep fraction as a JSON key)."""
   try:
@@ -71,14 +76,19 @@ def check(path: str, results: dict) -> None:
       need(r, ('all', 'filtered', 'setup_example_gradients'), where)
       need(r['all'], ('curve', 'accuracy', 'steps', 'example_gradients'), f"{where}['all']")
       run = r['all']
-      if not _number(run['accuracy']) or not _number(run['steps']) or run['steps'] <= 0:
-        fail(f"{where}['all'] has accuracy {run['accuracy']!r} and steps {run['steps']!r}, not "
-             'a number and a positive number')
+      if (not _figure(run['accuracy']) or not _figure(run['steps']) or run['steps'] <= 0
+          or not _figure(run['example_gradients'])):
+        fail(f"{where}['all'] has accuracy {run['accuracy']!r}, steps {run['steps']!r} and "
+             f"example_gradients {run['example_gradients']!r}, not numbers (steps positive)")
       _check_curve(fail, run['curve'], f"{where}['all']")
       if compare.steps_to_reach(run['curve'], run['accuracy']) is None:
         fail(f"{where}['all']'s curve never reaches its final accuracy {run['accuracy']!r}")
       need(r['filtered'], methods, f"{where}['filtered']")
       need(r['setup_example_gradients'], methods, f"{where}['setup_example_gradients']")
+      for m in methods:
+        if not _figure(r['setup_example_gradients'][m]):
+          fail(f"{where}['setup_example_gradients'][{m!r}] is "
+               f"{r['setup_example_gradients'][m]!r}, not a number")
       for m in methods:
         if not isinstance(r['filtered'][m], dict):
           fail(f"{where}['filtered'][{m!r}] is not an object of keeps")

@@ -63,6 +63,7 @@ METHODS = ('dense_gaussian', 'dense_kronecker', 'factored', 'ghost_sq_norms', 'b
 TASKS = {'cnn': 'fashion_mnist', 'transformer': 'text'}  # configs/<name>.py
 REAL = 60_000  # Fashion-MNIST training examples
 IDX_DIR = '/usr/share/datasets/fashion-mnist'
+LAUNCHER_NOISE = 0.2  # launchers: symmetric label noise planted in the split scored and filtered
 
 _OUT = flags.DEFINE_string('out', 'bench/results/valuation_scale', 'Output prefix.')
 _QUICK = flags.DEFINE_bool('quick', False, 'Tiny sizes: a smoke run of every section.')
@@ -286,6 +287,7 @@ def run_launchers(quick: bool, scratch: str, ns: list[int]) -> dict:
         f'--workdir={workdir}', '--config.data.name=idx_mnist/fashion',
         f'--config.data.data_dir={data_dir}', '--config.data.train_split=train',
         '--config.data.heldout_split=test[:1000]', '--config.valuation.train_steps=20',
+        f'--config.data.label_noise={LAUNCHER_NOISE}', '--config.data.noise_seed=0',
         '--config.valuation.checkpoint_every=20', '--config.valuation.score_batch_size=1024'],
                         os.path.join(scratch, f'valuate_{n}.log'), env)
     with open(os.path.join(workdir, 'scores_tracin.json')) as f:
@@ -295,7 +297,8 @@ def run_launchers(quick: bool, scratch: str, ns: list[int]) -> dict:
     filt = run_child([
         '-m', 'launch.filter', '--dataset=idx_mnist/fashion', f'--data_dir={data_dir}',
         '--split=train', f'--scores={os.path.join(workdir, "scores_tracin.parquet")}',
-        '--keep=0.8', '--copy_other_splits=false', '--batch_size=1024', f'--out={out}'],
+        '--keep=0.8', '--copy_other_splits=false', '--batch_size=1024', f'--out={out}',
+        f'--label_noise={LAUNCHER_NOISE}', '--noise_seed=0'],  # the data the scores were made on
                      os.path.join(scratch, f'filter_{n}.log'), env)
     with open(os.path.join(out, 'filter_report.json')) as f:
       kept = json.load(f)['splits']['train']['kept']
@@ -450,10 +453,13 @@ def plot(results: dict, path: str) -> None:
 
 
 def markdown(results: dict) -> str:
-  out = [f'# Valuation at dataset scale ({results["platform"]})', '',
-         f'`python -m bench.valuation_scale`: {results["wall_s"]:.0f} s ('
-         + ', '.join(f'{s} {results[s]["section_wall_s"]:.0f} s' for s in SECTIONS if s in results)
-         + '); peak RSS is each subprocess\'s own maximum resident set.', '']
+  made = lambda s: results[s].get('made_by') or {}  # sections of older files lack it
+  out = ['# Valuation at dataset scale', '',
+         'Each section as run (peak RSS is each subprocess\'s own maximum resident set):', '']
+  out += [f'- {s}: {results[s]["section_wall_s"]:.0f} s, `{made(s).get("command", "?")}` '
+          f'(code {made(s).get("code_version", "?")}, {made(s).get("platform", "?")})'
+          for s in SECTIONS if s in results]
+  out.append('')
   m = results.get('methods')
   if m:
     out += ['## Projected per-example gradients at equal dimension D', '',
@@ -511,6 +517,11 @@ def main(argv):
   launcher_ns = bench_cli.numbers('launcher_ns', _LAUNCHER_NS.value, int, lambda x: x >= 1,
                                   '>= 1', empty_ok=True)  # empty: run_launchers' default sizes
   bench_cli.at_least('block', _BLOCK.value, 1)
+  for task in TASKS:  # each call is split into chunks of the task's valuation.chunk_size
+    chunk = _config(task).valuation.chunk_size
+    if _BLOCK.value > chunk and _BLOCK.value % chunk:
+      raise UserError(f'--block must be at most or a multiple of {task} valuation.chunk_size '
+                      f'{chunk}, got {_BLOCK.value}')
   bench_cli.writable('scratch', _SCRATCH.value, folder=True)
   results = {}
   if os.path.exists(_OUT.value + '.json'):  # sections run before (e.g. one rerun alone) stay
@@ -530,6 +541,10 @@ def main(argv):
       t0 = time.perf_counter()
       results[section] = runners[section]()
       results[section]['section_wall_s'] = time.perf_counter() - t0
+      # Sections kept from an earlier run keep their own command, code and machine.
+      results[section]['made_by'] = {'command': provenance.command(),
+                                     'code_version': provenance.code_version(),
+                                     'platform': platform.platform()}
       results['wall_s'] = sum(results[s]['section_wall_s'] for s in SECTIONS if s in results)
       provenance.write_json(_OUT.value + '.json', results)  # after each section
   plot(results, _OUT.value + '.png')

@@ -136,6 +136,21 @@ def define_flags() -> None:
     flags.mark_flag_as_required(name)
 
 
+def _checked(read, path: str, kind: str) -> dict:
+  """read(path), refused in one line where a record lacks a figure or one is not a number
+  (null, a figure not defined in that run, is kept)."""
+  try:
+    figures = read(path)
+  except (KeyError, TypeError, AttributeError) as e:
+    raise UserError(f'{path!r} is not a {kind} output as expected: {type(e).__name__} '
+                    f'{e}') from None
+  for label, by_seed in figures.items():
+    for seed, (value, _, _) in by_seed.items():
+      if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise UserError(f'{path!r}: {label} of seed {seed} is {value!r}, not a number')
+  return figures
+
+
 def main(argv):
   del argv
   fv = flags.FLAGS
@@ -144,7 +159,7 @@ def main(argv):
     prefix, figures[side] = fv[side].value, {}
     for kind, read in READERS.items():
       if os.path.exists(f'{prefix}_{kind}.json'):
-        figures[side].update(read(f'{prefix}_{kind}.json'))
+        figures[side].update(_checked(read, f'{prefix}_{kind}.json', kind))
     if not figures[side]:
       raise UserError(f'--{side} {prefix!r}: no {prefix}_{{{",".join(READERS)}}}.json')
   bench_cli.out_folder(fv.out)

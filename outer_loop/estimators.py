@@ -55,7 +55,7 @@ def make_estimator(outer, inner):
   if outer.mixed_segment < 0:
     raise UserError(f'outer.mixed_segment must be >= 0 (0: default), got {outer.mixed_segment}')
   inverse = make_step_inverse(inner.optimizer, inner.learning_rate)
-  if recompute == 'invert' and inverse is None:
+  if name == 'mixed' and recompute == 'invert' and inverse is None:  # others never read it
     raise UserError(f"outer.mixed_recompute='invert' needs an inner optimizer that can be run "
                     f"backwards (momentum, adam), got inner.optimizer={inner.optimizer!r}")
   limit = mixed_mode.INVERT_SEGMENT

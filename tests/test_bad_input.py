@@ -165,7 +165,8 @@ def _cases(tfds_dir: str, w) -> list:
       (*tr('--config.task.name=resnet'), "task.name must be a registered task"),
       ('train_rater', [f for f in rater_run if not f.startswith('--config.task.hidden')] +
        ['--config.task.hidden=(0,)'], 'task.hidden must hold integers >= 1, got (0,)'),
-      (*tr('--config.inner.optimizer=sgd', '--config.outer.mixed_recompute=invert'),
+      (*tr('--config.inner.optimizer=sgd', '--config.outer.mixed_recompute=invert',
+           '--config.outer.meta_gradient=mixed'),
        "mixed_recompute='invert' needs an inner optimizer that can be run backwards"),
       (*tr('--config.outer.ema=0.99999999'),
        'outer.ema must be <= 0.9999999403953552, got 0.99999999'),

@@ -39,6 +39,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # An empty --launcher_ns means the default sizes; it was refused before --block was read.
     ('valuation_scale', ['--block=0'], '--block must be >= 1, got 0'),
     ('valuation_scale', ['--sections='], '--sections is empty'),
+    # A block not split evenly into the tasks' gradient chunks: a reshape traceback mid-run.
+    ('valuation_scale', ['--block=100'],
+     '--block must be at most or a multiple of cnn valuation.chunk_size 64, got 100'),
+    # Noise 0 crashed writing the table after every model had trained; folds past the split
+    # gave a traceback after the earlier folds had trained.
+    ('noise_ceiling', ['--noise=0,0.2'], '--noise values must be in (0, 1): at 0 there is nothing'),
+    ('noise_ceiling', ['--config=configs/digits.py', '--config.data.train_split=train[:10]',
+                       '--folds=12', '--other_split=', '--val_split=validation'],
+     "--folds must be at most the 10 examples of 'train[:10]', got 12"),
     ('lm_harm_probe', ['--group_steps=0'], '--group_steps must be >= 1, got 0'),  # effects all 0
     ('lm_harm_probe', ['--examples=0'], '--examples must be >= 1, got 0'),
     ('lm_harm_probe', ['--examples=100000'], '--examples must be <= '),  # after the data loads
@@ -46,6 +55,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('meta_step', ['--modes=nope'], "unknown --modes ['nope']"),  # the table header came first
     ('meta_memory', ['--modes=nope'], "unknown --modes ['nope']"),
     ('meta_memory', ['--models='], '--models is empty'),
+    # An empty --accuracy_unrolls skips that check, as its help says (it was refused).
+    ('meta_memory', ['--accuracy_unrolls=', '--modes=nope'], "unknown --modes ['nope']"),
     ('lm_curation', ['--bench.primary_keep=0.6'], '--bench.primary_keep 0.6 is not one of'),
     ('lm_curation', ['--bench.methods=("nope",)'], "unknown --bench.methods ['nope']"),
     ('lm_curation', ['--bench.seeds=()'], '--bench.seeds is empty'),
@@ -108,6 +119,46 @@ def test_a_truncated_results_file_is_one_line_and_exit_2(tmp_path, bench, kind, 
   assert len(lines) == 1 and f"'{path}' is not readable JSON" in lines[0], lines
   assert says in lines[0], lines
   assert [f for f in tmp_path.rglob('*') if f.is_file()] == [path]  # nothing written
+
+
+def _edited(source: str, dest, edit) -> None:
+  with open(os.path.join(ROOT, source)) as f:
+    data = json.load(f)
+  edit(data)
+  dest.write_text(json.dumps(data))
+
+
+def _first(d: dict):
+  return next(iter(d.values()))
+
+
+@pytest.mark.parametrize('bench, source, edit, says', [
+    # Figures of the wrong type were TypeError tracebacks.
+    ('steps_saved', 'curation.json',
+     lambda d: _first(_first(d['runs']))['all'].update(steps='160'), "steps '160'"),
+    ('steps_saved', 'curation.json',
+     lambda d: _first(_first(d['runs']))['all'].update(example_gradients=None),
+     'example_gradients None'),
+    ('steps_saved', 'curation.json',
+     lambda d: _first(_first(d['runs']))['setup_example_gradients'].update(datarater='lots'),
+     "['setup_example_gradients']['datarater'] is 'lots', not a number"),
+    # A record missing a figure was a KeyError traceback.
+    ('versions', 'stream_tag_check/before_seeds.json',
+     lambda d: _first(d['seeds']).pop('noise_auroc'), "KeyError 'noise_auroc'"),
+    ('versions', 'stream_tag_check/before_seeds.json',
+     lambda d: _first(d['seeds']).update(noise_auroc='high'), "is 'high', not a number"),
+])
+def test_a_malformed_results_file_is_one_line_and_exit_2(tmp_path, bench, source, edit, says):
+  path = tmp_path / ('old_seeds.json' if bench == 'versions' else 'old_curation.json')
+  _edited(os.path.join('bench', 'results', source), path, edit)
+  out = tmp_path / 'out' / 'result'
+  args = ([f'--before={tmp_path}/old', f'--after={tmp_path}/old'] if bench == 'versions'
+          else [f'--results={path}'])
+  proc = forked.run(f'bench.{bench}', [f'--out={out}', *args], subprocess_env(1), ROOT)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(lines) == 1 and says in lines[0], lines
+  assert not out.parent.exists()  # nothing written
 
 
 # A file where --out's folder should be is refused before the run (it ran the whole bench, then

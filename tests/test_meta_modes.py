@@ -247,6 +247,16 @@ def test_mixed_mode_memory_is_nearly_flat_in_the_unroll_length():
   assert reverse_long > 3 * mixed_long, (reverse_long, mixed_long)
 
 
+def test_the_mixed_options_bind_mixed_mode_alone():
+  """outer.mixed_recompute='invert' with plain SGD (no inverse) is refused for mixed mode, and
+  ignored by reverse and remat, which never read it (they were refused too)."""
+  from outer_loop import estimators  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match="mixed_recompute='invert' needs an inner optimizer"):
+    estimator('mixed', 'sgd', recompute='invert')
+  assert estimator('reverse', 'sgd', recompute='invert') == estimators.Reverse()
+  assert estimator('remat', 'sgd', recompute='invert') == estimator('remat', 'sgd')
+
+
 def test_an_added_optimizer_or_estimator_is_never_silently_another(monkeypatch):
   """WORKSPACE's recipes: an inner optimizer listed without a StepInverse has none (reverse mode
   and replaying mixed mode use it); an estimator listed but not built is an error, not Reverse."""
