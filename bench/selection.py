@@ -7,8 +7,9 @@ from scratch for the same epochs (the config's `train` section) with the one tra
 SAE-score defaults were chosen on the validation split, so accuracy is reported on held-out test
 folds (clean labels, used for no choice); validation accuracy (on the config's
 `data.heldout_split`, which no policy reads) is listed beside it. Fold 0 is the
-dataset's own split; folds 1-4 each hold out a quarter of `train` and train on the rest plus
-`test`, read through TFDS split expressions (the folds multiply the test examples by five).
+dataset's own split; folds 1-4 each hold out a quarter of `train` (1/(F-1) at F folds) and
+train on the rest plus `test`, read through TFDS split expressions (the folds multiply the test
+examples by five).
 The checks are read from the mean over every (fold, seed) pair; fold 0 alone is also reported.
 Three ablations of the SAE policy share its codes: `sae_hardguard` (suspected mislabels are
 excluded while the others can fill the budget, instead of losing a point of score),
@@ -84,7 +85,8 @@ def variant_config(cfg, name: str):
 def fold_splits(fold: int, num_folds: int, num_train: int, train: str = 'train',
                 test: str = 'test') -> tuple[str, str]:
   """(train, test) TFDS split expressions of a cross-validation fold; fold 0 = (`train`, `test`),
-  the config's own splits; folds 1.. hold out a quarter of the whole `train` split each."""
+  the config's own splits; folds 1..num_folds-1 each hold out 1/(num_folds-1) of the whole
+  `train` split (a quarter at 5 folds)."""
   if fold == 0:
     return train, test
   bounds = np.round(np.linspace(0, num_train, num_folds)).astype(int)
@@ -367,8 +369,9 @@ def main(argv):
   policy_names = [p for p in POLICY_ORDER if p in FLAGS.policies or p == 'full']
   if FLAGS.extractor:
     cfg.features.extractor = FLAGS.extractor
-  if FLAGS.folds < 1:
-    raise UserError(f'--folds must be >= 1, got {FLAGS.folds}')
+  if FLAGS.folds < 1 or FLAGS.folds == 2:  # at 2, fold 1 would hold out all of train
+    raise UserError(f'--folds must be 1 or >= 3 (folds 1.. each hold out 1/(folds-1) of train), '
+                    f'got {FLAGS.folds}')
   if FLAGS.seeds < 1:
     raise UserError(f'--seeds must be >= 1, got {FLAGS.seeds}')
   if not 0 <= FLAGS.noise < 1:
@@ -451,6 +454,7 @@ def main(argv):
                'example_grads': res.example_gradients,
                'example_grads_full': cfg.train.epochs * len(train),
                'wall_s': res.wall_s, 'compile_s': res.compile_s, 'count_gini': gini(counts),
+               # of the selections (compute), not of the weighted loss: InfoBatch up-weights
                'noisy_share_of_grads': (float(counts[train.is_corrupted].sum() / counts.sum())
                                         if train.is_corrupted.any() else 0.0),
                'curve': [(h['example_gradients'], h['test']['accuracy'][0])
