@@ -51,7 +51,7 @@ import numpy as np
 from bench import cli as bench_cli
 from bench import compare
 from bench import provenance
-from datarater import evaluation, export, files, tasks
+from datarater import config_checks, evaluation, export, files, tasks
 from datarater.curation import select
 from datarater.data import pipeline
 from datarater.errors import UserError
@@ -373,6 +373,11 @@ def check_bench(bench) -> None:
   if unknown:
     raise UserError(f'unknown --bench.methods {unknown} (choose from '
                     f'{", ".join(factory.METHODS)})')
+  cc = config_checks
+  cc.check_section('--bench.transfer', bench.transfer, {
+      'task': lambda v: None, 'steps': cc.integer(1), 'batch_size': cc.integer(1),
+      'optimizer': cc.SECTIONS['train']['optimizer'],
+      'learning_rate': cc.number(0, lo_open=True), 'evals': cc.integer(1)})
   if f'{bench.primary_keep:g}' not in {f'{k:g}' for k in keeps}:
     raise UserError(f'--bench.primary_keep {bench.primary_keep:g} is not one of --bench.keeps '
                     f'{", ".join(f"{k:g}" for k in keeps)}')

@@ -116,7 +116,11 @@ def probe(task, section, train, heldout, seed: int, ages, group_steps: int, exam
 
 
 def markdown(rows: list, flags_used: dict) -> str:
-  kinds = list(rows[0]['auroc_sgd'])
+  # Every kind any row measured (a row's AUROCs cover only the kinds its sample drew): '-' where
+  # a row has none.
+  kinds = list(dict.fromkeys(k for r in rows for k in [*r['group_effect'], *r['auroc_sgd']]
+                             if k != 'clean'))
+  fmt = lambda d, k, spec: format(d[k], spec) if k in d else '-'
   lines = [f"`python -m bench.lm_harm_probe` ({flags_used}); configs/text_bench.py's corpus "
            "(train[:8192], held-out loss on heldout[:1024]).", '',
            'Held-out loss change (nats/byte) after the group-only steps, from the same state '
@@ -129,15 +133,15 @@ def markdown(rows: list, flags_used: dict) -> str:
            '|' + '---|' * (4 + 2 * len(kinds) + 1)]
   for r in rows:
     lines.append(f"| {r['size']} | {r['seed']} | {r['age']} | {r['heldout_loss']:.3f} | " +
-                 ' | '.join(f"{r['group_effect'][k]:+.3f}" for k in ['clean'] + kinds) + ' | ' +
-                 ' | '.join(f"{r['auroc_sgd'][k]:.2f} / {r['auroc_adam'][k]:.2f}"
-                            for k in kinds) + ' |')
+                 ' | '.join(fmt(r['group_effect'], k, '+.3f') for k in ['clean'] + kinds) +
+                 ' | ' + ' | '.join(f"{fmt(r['auroc_sgd'], k, '.2f')} / "
+                                    f"{fmt(r['auroc_adam'], k, '.2f')}" for k in kinds) + ' |')
   lines += ['', 'AUROC of each kind against clean prose when sequences are ranked by the '
             "model's own loss on them (lower loss ranks higher):", '',
             '| size | seed | age | ' + ' | '.join(kinds) + ' |', '|' + '---|' * (3 + len(kinds))]
   for r in rows:
     lines.append(f"| {r['size']} | {r['seed']} | {r['age']} | " +
-                 ' | '.join(f"{r['auroc_loss'][k]:.2f}" for k in kinds) + ' |')
+                 ' | '.join(fmt(r['auroc_loss'], k, '.2f') for k in kinds) + ' |')
   return '\n'.join(lines) + '\n'
 
 

@@ -60,6 +60,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('lm_curation', ['--bench.primary_keep=0.6'], '--bench.primary_keep 0.6 is not one of'),
     ('lm_curation', ['--bench.methods=("nope",)'], "unknown --bench.methods ['nope']"),
     ('lm_curation', ['--bench.seeds=()'], '--bench.seeds is empty'),
+    # Refused only after the first seed's rater and valuations had trained.
+    ('lm_curation', ['--bench.transfer.steps=0'], '--bench.transfer.steps must be >= 1, got 0'),
     # A seed twice counted one model twice (a std of 0); one past int32 failed every run.
     ('valuation_noise', ['--seeds=5,5'], '--seeds repeats seed 5: give each seed once'),
     ('valuation_noise', ['--seeds=214748365'], '--seeds values must be <= 214748264 (fresh'),

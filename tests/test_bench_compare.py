@@ -100,3 +100,20 @@ def test_learned_reads_kinds_against_clean_prose_and_weights_per_group():
   assert got['mean_weight']['boilerplate'] == pytest.approx(w[7])
   assert got['mean_weight_domain']['all prose'] == pytest.approx(w[domain == 0].mean())
   assert 'mean_weight' not in lm_curation.learned(values, split)
+
+
+def test_the_harm_probe_table_holds_every_kind_any_row_measured():
+  """A row's AUROCs cover the kinds its sample drew: the table took its columns from the first
+  row (dropping the others' group effects) and failed on a later row lacking one (KeyError)."""
+  from bench import lm_harm_probe  # pylint: disable=g-import-not-at-top
+  row = lambda age, kinds: {
+      'size': 'inner', 'seed': 0, 'age': age, 'heldout_loss': 2.0,
+      'group_effect': {'clean': -0.01, 'random_bytes': 0.02, 'truncated': 0.0},
+      **{f'auroc_{m}': {k: 0.25 for k in kinds} for m in ('sgd', 'adam', 'loss')}}
+  md = lm_harm_probe.markdown([row(1, ['truncated']), row(2, ['random_bytes'])], {})
+  header, _, first, second = [l for l in md.splitlines() if l.startswith('|')][:4]
+  cells = lambda line: [c.strip() for c in line.strip('|').split('|')]
+  assert cells(header)[4:] == ['clean change', 'random_bytes change', 'truncated change',
+                               'random_bytes AUROC', 'truncated AUROC']
+  assert cells(first)[4:] == ['-0.010', '+0.020', '+0.000', '- / -', '0.25 / 0.25']
+  assert cells(second)[-2:] == ['0.25 / 0.25', '- / -']
