@@ -15,6 +15,7 @@ from datarater import export, pergrad, tasks
 from datarater.curation.filter import filter_dataset
 from datarater.data.corruption import Corruption
 from datarater.data.pipeline import DataInfo
+from datarater.errors import UserError
 from datarater.meta_train import meta_train
 from datarater.tasks.cnn import PatchConv, patches_3x3
 from datarater.train import train
@@ -193,3 +194,15 @@ def test_every_launcher_runs_with_the_cnn_on_digits(tfds_dir, tmp_path):
     assert 0.0 <= out['final']['eval']['accuracy']['mean'] <= 1.0, policy
   c.data.dataset_dir, c.data.label_noise = str(tmp_path / 'kept'), 0.0
   assert train(c, 'uniform', log=lambda line: None)['num_train'] == 958
+
+
+
+@pytest.mark.parametrize('shape', [(20,), (2, 8, 8, 3)])
+def test_a_cnn_on_a_feature_that_is_not_an_image_is_one_line(shape):
+  """A CNN task or rater on a vector (or a video) failed with a traceback inside the model."""
+  says = r"a CNN reads images \[H, W\] or \[H, W, C\]: feature 'image'"
+  with pytest.raises(UserError, match=says):
+    tasks.make_task(digits_cnn.cnn(), _info(shape))
+  with pytest.raises(UserError, match=says):
+    tasks.make_rater(digits_cnn.cnn(name='cnn_rater', temperature=1.0, readout='logit'),
+                     _info(shape))

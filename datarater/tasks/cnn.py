@@ -82,7 +82,11 @@ class CNN(nn.Module):
     return nn.Dense(self.outputs, name='head')(x)
 
 
-def _cnn(config, outputs: int) -> CNN:
+def _cnn(config, outputs: int, info, x_key: str) -> CNN:
+  shape = tuple(info.spec[x_key].shape)
+  if len(shape) not in (2, 3):
+    raise UserError(f'a CNN reads images [H, W] or [H, W, C]: feature {x_key!r} of '
+                    f'{info.name!r} has shape {shape}')
   channels, strides = tuple(config.channels), tuple(config.strides)
   if not channels or len(channels) != len(strides) or min(channels) < 1 or min(strides) < 1:
     raise UserError(f'a CNN needs as many positive strides as channels, got channels {channels} '
@@ -102,7 +106,8 @@ CNN_SCHEMA = {'channels': checks.integers(1), 'strides': checks.integers(1),
 def cnn_classifier(config, info) -> Classifier:
   """config: channels, strides, pool, hidden, groups, activation, optional input / label."""
   x_key, y_key, num_classes = _io_keys(config, info)
-  return Classifier(_cnn(config, num_classes), info.spec, x_key, y_key, num_classes)
+  return Classifier(_cnn(config, num_classes, info, x_key), info.spec, x_key, y_key,
+                    num_classes)
 
 
 @register_rater('cnn_rater', {**CNN_SCHEMA, **RATER_FIELDS})
@@ -110,5 +115,5 @@ def cnn_rater(config, info) -> LabelledRater:
   """g_phi(x, y) from a CNN with one output per class (the label's output, or its log-softmax
   with readout=log_softmax, is the score)."""
   x_key, y_key, num_classes = _io_keys(config, info)
-  return LabelledRater(_cnn(config, num_classes), info.spec, x_key, y_key, readout(config),
-                       num_classes)
+  return LabelledRater(_cnn(config, num_classes, info, x_key), info.spec, x_key, y_key,
+                       readout(config), num_classes)
