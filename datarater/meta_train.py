@@ -188,6 +188,11 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
           'initialisation')
 
   last_step = config.outer.steps if stop_after is None else min(stop_after, config.outer.steps)
+  # Multi-process on CPU, each step finishes before the next is dispatched: with steps queued
+  # ahead, two-process runs on 2 cores hung mid-run (one device of a process waiting in the
+  # cross-process all-reduce, the other's launch of the same step waiting behind XLA's limit on
+  # queued programs); 5 of 8 such runs of 300 steps hung without this, 0 of 6 with it.
+  one_step_at_a_time = jax.process_count() > 1 and jax.default_backend() == 'cpu'
   if primary:
     log.info('training the rater: outer steps %d..%d on %d device(s) in %d process(es) (mesh %s), '
              'T=%d, K=%d, B=%d%s', start, config.outer.steps, mesh.devices.size,
@@ -219,6 +224,8 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
       in_a_row = metrics.pop('skipped_in_a_row')
       longest_run = in_a_row if longest_run is None else jax.numpy.maximum(longest_run, in_a_row)
       totals = metrics if totals is None else jax.tree.map(jax.numpy.add, totals, metrics)
+      if one_step_at_a_time:
+        jax.block_until_ready((state, totals, longest_run))
       done = step + 1
       record_now = done % config.log_every == 0 or done == config.outer.steps
       save_now = done % config.checkpoint_every == 0 or done == last_step
