@@ -22,8 +22,8 @@ from absl import flags
 import numpy as np
 
 from bench import cli as bench_cli
-from bench.lm_curation import learned, seeded
-from datarater import export, tasks
+from bench.lm_curation import CONFIG_SECTIONS, learned, seeded
+from datarater import config_checks, export, tasks
 from datarater.data import pipeline
 from datarater.meta_train import meta_train
 from datarater.valuation import factory
@@ -34,6 +34,7 @@ _SEED = flags.DEFINE_integer('seed', 5, 'Seed of the rater, its inner models and
 
 def main(argv):
   del argv
+  config_checks.validate(flags.FLAGS.config, CONFIG_SECTIONS)
   c = seeded(flags.FLAGS.config, _SEED.value)
   c.log_every = c.checkpoint_every = c.outer.steps
   overrides = flags.FLAGS['config'].override_values  # {'inner.reset_every': 100, ...}

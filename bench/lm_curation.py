@@ -364,16 +364,25 @@ def define_flags() -> None:
   flags.DEFINE_string('out', 'bench/results/lm_curation', 'Output prefix.')
 
 
+CONFIG_SECTIONS = ('data', 'task', 'rater', 'inner', 'outer', 'final_eval', 'valuation')
+
+
 def check_bench(bench) -> None:
   """Refuses --bench seeds, keeps or methods that would fail only after the first seed's runs."""
+  cc = config_checks
+  any_value = lambda v: None  # checked below
+  cc.check_section('--bench', bench, {k: any_value for k in (
+      'transfer', 'seeds', 'keeps', 'primary_keep', 'methods')})
   bench_cli.numbers('bench.seeds', [str(x) for x in bench.seeds], int, lambda x: x >= 0, '>= 0')
   keeps = bench_cli.numbers('bench.keeps', [str(x) for x in bench.keeps], float,
                             lambda x: 0 < x <= 1, 'in (0, 1]')
+  if not bench.methods:  # every result was lost writing the table, after all the runs
+    raise UserError('--bench.methods is empty: give at least one of '
+                    f'{", ".join(factory.METHODS)}')
   unknown = sorted(set(bench.methods) - set(factory.METHODS))
   if unknown:
     raise UserError(f'unknown --bench.methods {unknown} (choose from '
                     f'{", ".join(factory.METHODS)})')
-  cc = config_checks
   cc.check_section('--bench.transfer', bench.transfer, {
       'task': lambda v: None, 'steps': cc.integer(1), 'batch_size': cc.integer(1),
       'optimizer': cc.SECTIONS['train']['optimizer'],
@@ -390,6 +399,7 @@ def main(argv):
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   config, bench, out = FLAGS.config, FLAGS.bench, FLAGS.out
+  config_checks.validate(config, CONFIG_SECTIONS)
   check_bench(bench)
   bench_cli.out_folder(out)
   tmp_root = tempfile.mkdtemp(prefix='bench_lm_curation_')

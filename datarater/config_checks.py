@@ -23,6 +23,9 @@ MAX_EMA = 1 - 2 ** -24
 # The largest seed: models are trained vmapped over int32 seeds (trainer.Trainer).
 MAX_SEED = 2 ** 31 - 1
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
+# The largest config integer: steps, sizes and counts meet int32 arithmetic inside jit (a larger
+# reset_every or warmup_steps overflowed there).
+INT32_MAX = 2 ** 31 - 1
 
 Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
 
@@ -31,7 +34,7 @@ def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
 
-def integer(lo: Optional[int] = None, hi: Optional[int] = None) -> Check:
+def integer(lo: Optional[int] = None, hi: int = INT32_MAX) -> Check:
   def check(v):
     if not _is_int(v):
       return 'must be an integer'
@@ -82,7 +85,7 @@ def boolean() -> Check:
   return lambda v: None if isinstance(v, bool) else 'must be True or False'
 
 
-def integers(lo: int = 1, nonempty: bool = True, hi: Optional[int] = None,
+def integers(lo: int = 1, nonempty: bool = True, hi: int = INT32_MAX,
              distinct: str = '') -> Check:
   """A tuple of integers in [lo, hi]; with `distinct` (what one is called), none twice (a
   repeated seed trains the same model twice)."""

@@ -165,15 +165,16 @@ def _refuse_joined_tuples(argv, fv: flags.FlagValues) -> None:
   -config.x or --config.x, and the lines of a --flagfile."""
   args = [a.lstrip('-') for a in fv.read_flags_from_files(argv[1:], force_gnu=False)
           if a.startswith('-')]
-  names = [a.split('=', 1)[0][len('config.'):] for a in args if a.startswith('config.')]
-  for name in sorted({n for n in names if names.count(n) > 1}):
-    node = fv['config'].value
-    for part in name.split('.'):
-      node = node[part] if hasattr(node, 'keys') and part in node else None
-    if isinstance(node, tuple):
-      print(f'error: --config.{name} is given twice (the tuples would be joined, '
-            f'{node!r}); give it once', file=sys.stderr)
-      sys.exit(2)
+  for flag in [f for f in fv if isinstance(fv[f].parser, _ConfigFileParser)]:  # --config, --bench
+    names = [a.split('=', 1)[0][len(flag) + 1:] for a in args if a.startswith(f'{flag}.')]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+      node = fv[flag].value
+      for part in name.split('.'):
+        node = node[part] if hasattr(node, 'keys') and part in node else None
+      if isinstance(node, tuple):
+        print(f'error: --{flag}.{name} is given twice (the tuples would be joined, '
+              f'{node!r}); give it once', file=sys.stderr)
+        sys.exit(2)
 
 
 def run(main: Callable, define_flags: Callable, doc: str) -> None:

@@ -19,8 +19,11 @@ def init_population(init_member: InitMember, key: jax.Array, size: int) -> Inner
 
 def reset_mask(step: jax.Array, size: int, reset_every: int) -> jax.Array:
   """bool [K]: which members are re-initialised at this outer step (never at step 0)."""
-  offsets = (jnp.arange(size) * reset_every) // size
-  return (step > 0) & ((step + offsets) % reset_every == 0)
+  # (step + offset) % R == 0 as step % R == (R - offset) % R, offsets exact in Python ints:
+  # nothing leaves int32 for any R and step in it.
+  due = jnp.asarray([(reset_every - k * reset_every // size) % reset_every for k in range(size)],
+                    jnp.int32)
+  return (step > 0) & (step % reset_every == due)
 
 
 def staggered_reset(population: InnerState, init_member: InitMember, key: jax.Array,

@@ -168,6 +168,9 @@ def _cases(tfds_dir: str, w) -> list:
       (*tr('--config.inner.optimizer=sgd', '--config.outer.mixed_recompute=invert',
            '--config.outer.meta_gradient=mixed'),
        "mixed_recompute='invert' needs an inner optimizer that can be run backwards"),
+      # Past int32 it overflowed inside jit (a traceback after the workdir was written).
+      (*tr('--config.inner.reset_every=10000000000'),
+       'inner.reset_every must be <= 2147483647, got 10000000000'),
       (*tr('--config.outer.ema=0.99999999'),
        'outer.ema must be <= 0.9999999403953552, got 0.99999999'),
       (*tr('--config.outer.meta_gradient=mixed', '--config.outer.mixed_segment=32'),
@@ -215,6 +218,10 @@ def _cases(tfds_dir: str, w) -> list:
       ('valuate', [data, '--method=tracin'], '--workdir is required'),
       ('valuate', [data, '--method=dvemb', '--config.valuation.layers=dense_2',
                    f'--workdir={w}/val'], "valuation.layers='dense_2' chooses TracIn layers"),
+      # The held-out modes ignored it (their scores were the unprojected ones).
+      ('valuate', [data, '--method=tracin', '--config.valuation.tracin_mode=heldout',
+                   '--config.valuation.tracin_project=true', f'--workdir={w}/val'],
+       "valuation.tracin_project projects tracin_mode='self' alone"),
       ('train', [data, f'--workdir={w}/run'],
        f"--workdir '{w}/run' holds a launch.train_rater run (metrics.jsonl)"),
       (*tr(out=f'--workdir={w}/train_run'),
@@ -348,6 +355,10 @@ def _cases(tfds_dir: str, w) -> list:
       ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
                   f'--out={w}/rater/params', '--overwrite'],
        f"--out '{w}/rater/params' is inside --rater '{w}/rater'"),
+      # A version folder of its own beside the source: plain tfds.builder loaded it instead.
+      ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
+                  f'--out={tfds_dir}/sklearn_digits/9.0.0'],
+       f"--out '{tfds_dir}/sklearn_digits/9.0.0' is inside --data_dir"),
       ('train', [data, '--config.train.seeds=(0,0)'], 'train.seeds repeats seed 0'),
       (*tr('--config.data.train_split=train[90%:10%]'),
        "split 'train[90%:10%]' of 'sklearn_digits' selects no examples (its end is before"),
@@ -425,7 +436,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 166  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 169  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -60,6 +60,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('lm_curation', ['--bench.primary_keep=0.6'], '--bench.primary_keep 0.6 is not one of'),
     ('lm_curation', ['--bench.methods=("nope",)'], "unknown --bench.methods ['nope']"),
     ('lm_curation', ['--bench.seeds=()'], '--bench.seeds is empty'),
+    # Parts swapped or forgotten were tracebacks; no methods ran the whole bench, then lost it.
+    ('lm_curation', ['--bench=configs/text_bench.py'], 'unknown config field --bench.'),
+    ('lm_curation', ['--bench.methods=()'], '--bench.methods is empty'),
+    # Joined into (5, 6, 7) for --bench (refused for --config alone).
+    ('lm_curation', ['--bench.seeds=(5,6)', '--bench.seeds=(7,)'], '--bench.seeds is given twice'),
     # Refused only after the first seed's rater and valuations had trained.
     ('lm_curation', ['--bench.transfer.steps=0'], '--bench.transfer.steps must be >= 1, got 0'),
     # A seed twice counted one model twice (a std of 0); one past int32 failed every run.
@@ -88,6 +93,15 @@ def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   assert len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
   assert not proc.stdout.strip()  # nothing ran
   assert not any(f.is_file() for f in tmp_path.rglob('*'))  # nothing written
+
+
+def test_the_advance_probe_given_the_bench_part_is_one_line():
+  """lm_advance_probe read text_bench.py's bench part as its config: a traceback."""
+  proc = forked.run('bench.lm_advance_probe', ['--config=configs/text_bench.py:bench'],
+                    subprocess_env(1), ROOT)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert 'unknown config field keeps' in lines[0], lines
 
 
 def test_a_run_the_seeds_bench_starts_that_fails_is_its_one_line(tmp_path):
@@ -136,29 +150,17 @@ def _first(d: dict):
   return next(iter(d.values()))
 
 
-@pytest.mark.parametrize('bench, source, edit, says', [
-    # Figures of the wrong type were TypeError tracebacks.
-    ('steps_saved', 'curation.json',
-     lambda d: _first(_first(d['runs']))['all'].update(steps='160'), "steps '160'"),
-    ('steps_saved', 'curation.json',
-     lambda d: _first(_first(d['runs']))['all'].update(example_gradients=None),
-     'example_gradients None'),
-    ('steps_saved', 'curation.json',
-     lambda d: _first(_first(d['runs']))['setup_example_gradients'].update(datarater='lots'),
-     "['setup_example_gradients']['datarater'] is 'lots', not a number"),
-    # A record missing a figure was a KeyError traceback.
-    ('versions', 'stream_tag_check/before_seeds.json',
-     lambda d: _first(d['seeds']).pop('noise_auroc'), "KeyError 'noise_auroc'"),
-    ('versions', 'stream_tag_check/before_seeds.json',
-     lambda d: _first(d['seeds']).update(noise_auroc='high'), "is 'high', not a number"),
+@pytest.mark.parametrize('edit, says', [
+    # A record missing a figure was a KeyError traceback; one not a number, a TypeError.
+    (lambda d: _first(d['seeds']).pop('noise_auroc'), "KeyError 'noise_auroc'"),
+    (lambda d: _first(d['seeds']).update(noise_auroc='high'), "is 'high', not a number"),
 ])
-def test_a_malformed_results_file_is_one_line_and_exit_2(tmp_path, bench, source, edit, says):
-  path = tmp_path / ('old_seeds.json' if bench == 'versions' else 'old_curation.json')
-  _edited(os.path.join('bench', 'results', source), path, edit)
+def test_a_seeds_file_versions_cannot_read_is_one_line(tmp_path, edit, says):
+  path = tmp_path / 'old_seeds.json'
+  _edited(os.path.join('bench', 'results', 'stream_tag_check', 'before_seeds.json'), path, edit)
   out = tmp_path / 'out' / 'result'
-  args = ([f'--before={tmp_path}/old', f'--after={tmp_path}/old'] if bench == 'versions'
-          else [f'--results={path}'])
-  proc = forked.run(f'bench.{bench}', [f'--out={out}', *args], subprocess_env(1), ROOT)
+  proc = forked.run('bench.versions', [f'--out={out}', f'--before={tmp_path}/old',
+                                       f'--after={tmp_path}/old'], subprocess_env(1), ROOT)
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert len(lines) == 1 and says in lines[0], lines
@@ -220,8 +222,12 @@ def test_a_curation_file_without_runs_is_one_line_naming_it(tmp_path):
 
 
 @pytest.mark.parametrize('change, says', [
-    (lambda r: r['all'].update(accuracy=None), "['all'] has accuracy None and steps 80, not"),
-    (lambda r: r['all'].update(steps=0), "['all'] has accuracy 0.8 and steps 0, not"),
+    (lambda r: r['all'].update(accuracy=None), "['all'] has accuracy None, steps 80 and"),
+    (lambda r: r['all'].update(steps=0), "['all'] has accuracy 0.8, steps 0 and"),
+    (lambda r: r['all'].update(steps='80'), "['all'] has accuracy 0.8, steps '80' and"),
+    (lambda r: r['all'].update(example_gradients=None), 'and example_gradients None, not'),
+    (lambda r: r['setup_example_gradients'].update(datarater='lots'),
+     "['setup_example_gradients']['datarater'] is 'lots', not a number"),
     (lambda r: r['all'].update(curve=[]), "['all'] has curve [], not a list of [step, accuracy]"),
     (lambda r: r['all'].update(accuracy=0.9), "['all']'s curve never reaches its final accuracy"),
     (lambda r: r['filtered']['datarater'].update(half={'curve': [[80, 0.8]]}),

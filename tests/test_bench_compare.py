@@ -117,3 +117,11 @@ def test_the_harm_probe_table_holds_every_kind_any_row_measured():
                                'random_bytes AUROC', 'truncated AUROC']
   assert cells(first)[4:] == ['-0.010', '+0.020', '+0.000', '- / -', '0.25 / 0.25']
   assert cells(second)[-2:] == ['0.25 / 0.25', '- / -']
+
+
+def test_the_text_bench_config_passes_the_lm_benches_checks():
+  """The checks lm_curation and lm_advance_probe run before any run accept their own config."""
+  from configs import text_bench  # pylint: disable=g-import-not-at-top
+  from datarater import config_checks  # pylint: disable=g-import-not-at-top
+  config_checks.validate(text_bench.get_config(), lm_curation.CONFIG_SECTIONS)
+  lm_curation.check_bench(text_bench.get_config('bench'))

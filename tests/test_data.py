@@ -272,6 +272,16 @@ def test_each_member_resets_every_r_steps_at_staggered_offsets():
   assert len(set(first)) == k  # no two members reset at the same step
 
 
+@pytest.mark.parametrize('k, r', [(8, 2 ** 31 - 1), (3, 10 ** 9 + 7), (5, 7), (8, 3)])
+def test_the_reset_mask_is_its_definition_in_python_ints(k, r):
+  """(step + k * R // K) % R == 0, step > 0, in exact integers: with R near int32's largest,
+  k * R overflowed in int32 and members 2, 4, 6 of 8 were reset at step 1."""
+  steps = [1, 2, 3, r - 1, r, r + 1, 2 ** 31 - 2] + [r - k_ * r // k for k_ in range(k)]
+  for step in sorted({s for s in steps if 0 < s < 2 ** 31}):
+    want = [(step + m * r // k) % r == 0 for m in range(k)]
+    assert np.asarray(reset_mask(jnp.int32(step), k, r)).tolist() == want, step
+
+
 def test_data_info_leaves_out_what_is_not_a_fixed_shape_array_and_records_stored_dtypes():
   """A variable-length feature no model reads (e.g. tokens of any length) is left out like text
   (the examples could not be stacked). Stored dtypes tell uint8

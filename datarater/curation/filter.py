@@ -8,9 +8,10 @@ threshold from a reservoir sample; `min_score`: score >= value; `suggest_keep`: 
 share of the upper cluster of the split's scores, `select.suggest_keep`; `balance`: every class
 keeps its share) and writes `out`: the kept examples as a TFDS dataset with the source's features
 (`tfds.builder_from_directory(out)`), the other splits copied unchanged, `scores_<split>.parquet`
-(id, score, value, kept; label and corruption where the split has them), `filter_report.json`
-and `scores.png`. Everything is written to a temporary folder beside `out` and renamed into place
-at the end (`files.atomic_dir`).
+(id, kept, and as both score and value the value filtered on: the rater's score, or the scores
+file's `value`, e.g. minus TracIn's raw score; label and corruption where the split has them),
+`filter_report.json` and `scores.png`. Everything is written to a temporary folder beside `out`
+and renamed into place at the end (`files.atomic_dir`).
 `corruption` applies the same recorded corruption as the training pipeline to the filtered
 splits before scoring (and writes the corrupted examples), for experiments. In a
 `jax.distributed` job every process scores every P-th block, only the scores and labels are
@@ -134,6 +135,9 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     builder, dataset = pipeline.builder_of(section, '--data_dir'), pipeline.dataset_name(section)
     files.check_apart(out, '--out', **{'dataset' if folder else 'data_dir': str(builder.data_dir)},
                       rater=rater or '', scores=scores or '')
+    if not folder:  # nor anywhere among a prepared name's versions (a folder there named like a
+      # later version is what a plain tfds.builder(name) would then load)
+      files.check_apart(out, '--out', data_dir=os.path.dirname(str(builder.data_dir)))
     files.check_replaceable(out, overwrite, REPORT)  # not an input: is it an earlier output?
     info = pipeline.data_info(builder)
     for s in splits:

@@ -137,6 +137,9 @@ def check_settings(method: str, config, task) -> None:
   if method in ('tracin', 'mimic') and v.train_steps % v.checkpoint_every:
     raise UserError(f'valuation.checkpoint_every={v.checkpoint_every} must be >= 1 and divide '
                     f'valuation.train_steps={v.train_steps}')
+  if method == 'tracin' and v.tracin_project and v.tracin_mode != 'self':  # it would be ignored
+    raise UserError("valuation.tracin_project projects tracin_mode='self' alone (the held-out "
+                    f'modes take exact products), got tracin_mode={v.tracin_mode!r}')
   if method == 'dvemb' and parse_layers(v.layers) is not None:  # it would be ignored
     raise UserError(f'valuation.layers={v.layers!r} chooses TracIn layers; the data value '
                     "embedding values every parameter (set valuation.layers='')")
