@@ -141,11 +141,13 @@ def _checked(read, path: str, kind: str) -> dict:
   (null, a figure not defined in that run, is kept)."""
   try:
     figures = read(path)
-  except (KeyError, TypeError, AttributeError) as e:
+  except (KeyError, TypeError, AttributeError, ValueError) as e:
     raise UserError(f'{path!r} is not a {kind} output as expected: {type(e).__name__} '
                     f'{e}') from None
   for label, by_seed in figures.items():
     for seed, (value, _, _) in by_seed.items():
+      if not str(seed).lstrip('-').isdigit():
+        raise UserError(f'{path!r}: {label} has seed {seed!r}, not an integer')
       if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise UserError(f'{path!r}: {label} of seed {seed} is {value!r}, not a number')
   return figures

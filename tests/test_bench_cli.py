@@ -154,6 +154,7 @@ def _first(d: dict):
     # A record missing a figure was a KeyError traceback; one not a number, a TypeError.
     (lambda d: _first(d['seeds']).pop('noise_auroc'), "KeyError 'noise_auroc'"),
     (lambda d: _first(d['seeds']).update(noise_auroc='high'), "is 'high', not a number"),
+    (lambda d: d['seeds'].update(a=_first(d['seeds'])), "has seed 'a', not an integer"),
 ])
 def test_a_seeds_file_versions_cannot_read_is_one_line(tmp_path, edit, says):
   path = tmp_path / 'old_seeds.json'

@@ -137,7 +137,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
                       rater=rater or '', scores=scores or '')
     if not folder:  # nor anywhere among a prepared name's versions (a folder there named like a
       # later version is what a plain tfds.builder(name) would then load)
-      files.check_apart(out, '--out', data_dir=os.path.dirname(str(builder.data_dir)))
+      files.check_apart(out, '--out', **{f'data_dir\'s {dataset} versions folder':
+                                         os.path.dirname(str(builder.data_dir))})
     files.check_replaceable(out, overwrite, REPORT)  # not an input: is it an earlier output?
     info = pipeline.data_info(builder)
     for s in splits:
