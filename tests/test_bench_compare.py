@@ -1,10 +1,7 @@
 """What the curation benchmarks compute from their runs: when a curve reaches a target (either
 direction, optionally interpolated), paired statistics, and bench.lm_curation's reading of what a
 method learned (AUROC of each kind against clean prose, the rater's mean weight per group)."""
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,8 +9,7 @@ import pytest
 
 from bench import compare, lm_curation
 from datarater.data import pipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import forked
 
 
 def test_steps_to_reach_first_crossing_either_direction_interpolated_or_not():
@@ -44,14 +40,17 @@ def test_a_noise_table_row_missing_a_seed_says_how_many_it_holds():
              'variants': ['mimic'], 'runs': [run(0, 0.75)],
              'failed': [{'noise': 0.2, 'seed': 1, 'variant': 'mimic', 'error': 'x'}]}
   def markdown(results):  # in a process of its own: bench.valuation_noise defines its flags
-    code = ('import json, sys\nfrom bench import valuation_noise\n'  # on import
-            'print(valuation_noise.markdown(json.loads(sys.argv[1])))')
-    return subprocess.run([sys.executable, '-c', code, json.dumps(results)], cwd=ROOT,
-                          capture_output=True, text=True, check=True, timeout=120,
-                          env={**os.environ, 'PYTHONPATH': ROOT}).stdout
+    done = forked.call(_print_noise_markdown, results, env=os.environ, timeout=120)  # on import
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
   assert '| 20% | mimic | 0.750 ± 0.000 (n=1 of 2) |' in markdown(results)
   results['runs'].append(run(1, 0.25))
   assert '| 20% | mimic | 0.500 ± 0.250 |' in markdown(results)
+
+
+def _print_noise_markdown(results: dict) -> None:
+  from bench import valuation_noise  # pylint: disable=g-import-not-at-top
+  print(valuation_noise.markdown(results), flush=True)
 
 
 def test_paired_differences_and_stats():
