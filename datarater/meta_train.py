@@ -8,6 +8,7 @@ examples, and the held-out figures of fresh models trained with the rater's weig
 uniform weights. Every process of a `jax.distributed` job runs it alike; process 0 alone writes
 files and logs.
 """
+import contextlib
 import json
 import logging
 import os
@@ -218,7 +219,9 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     return f' | ETA {left:.0f} s' if left < 90 else f' | ETA {left / 60:.0f} min'
   s0, flat_since = progress['since'], progress['flat_since']
   totals = progress['totals'] and {k: np.float32(v) for k, v in progress['totals'].items()}
-  try:  # pending checkpoint writes finish whatever happens
+  # Pending checkpoint writes finish whatever happens. A SIGTERM to any process of a
+  # multi-process job stops every process after one step, checkpointed there (`StopVote`).
+  with contextlib.closing(ckpt), multihost.StopVote(mesh.devices) as vote:
     for step in range(start, last_step):
       state, metrics = step_fn(state, *data.device_batches_at(step, inner_sh, outer_sh))
       in_a_row = metrics.pop('skipped_in_a_row')
@@ -227,8 +230,9 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
       if one_step_at_a_time:
         jax.block_until_ready((state, totals, longest_run))
       done = step + 1
+      stop = vote.after(done)
       record_now = done % config.log_every == 0 or done == config.outer.steps
-      save_now = done % config.checkpoint_every == 0 or done == last_step
+      save_now = done % config.checkpoint_every == 0 or done == last_step or stop
       if record_now or save_now:
         check_skipped(longest_run, done)
         longest_run = None
@@ -285,8 +289,11 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
                     'since': s0, 'flat_since': flat_since}
         # collective: every process writes its shards
         ckpt.save(done, state, data.position(done), {'progress': progress})
-  finally:
-    ckpt.close()
+      if stop:
+        if primary:
+          log.info('stopped after outer step %d (checkpointed): a process of this job was sent '
+                   'SIGTERM; run again to resume', done)
+        break
   if last_step < config.outer.steps:
     if primary:
       log.info('stopped after outer step %d (checkpointed); run again to resume', last_step)

@@ -7,6 +7,8 @@ here is a no-op in a single process.
 import contextlib
 import hashlib
 import json
+import os
+import signal
 
 import jax
 import numpy as np
@@ -77,6 +79,58 @@ def check_same_settings(settings: dict) -> None:
       raise UserError(f'the processes of this job were given different {name} (this process, '
                       f'{jax.process_index()}: {settings[name]!r}): give every process the same '
                       'flags')
+
+
+_voting = [False]  # a StopVote loop runs in this process
+_asked = [False]  # a SIGTERM came to this process while it ran
+
+
+def ask_to_stop() -> bool:
+  """For a SIGTERM handler: True if a `StopVote` loop runs, which then stops every process of the
+  job at one step (the handler need do nothing more); False: stop as usual."""
+  if _voting[0]:
+    _asked[0] = True
+  return _voting[0]
+
+
+class StopVote:
+  """A SIGTERM to any process of a multi-process training loop stops every process after the
+  same step (a process stopped alone leaves the others waiting in the next step's collective).
+  After each step every process casts whether it was asked to stop (`ask_to_stop`), max-reduced
+  over all devices in a program queued behind the step, and reads the result: every process
+  reads the same votes after the same step, so `after(done)` is True on all or none (and each
+  step finishes before the next is queued). On leaving, a process whose loop stopped so, or that
+  was asked after its last vote, is sent its SIGTERM again: its handler then stops it as usual.
+  In one process, `after` is always False."""
+
+  def __init__(self, devices):
+    self._on, self.stopped_at = jax.process_count() > 1, None
+    if self._on:
+      mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ('devices',))
+      self._shape = (mesh.devices.size,)
+      self._local = [d.process_index for d in mesh.devices.flat].count(jax.process_index())
+      self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
+      self._max = jax.jit(jax.numpy.max, out_shardings=jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec()))
+
+  def __enter__(self):
+    _voting[0], _asked[0] = self._on, False
+    return self
+
+  def __exit__(self, *exc_info):
+    _voting[0] = False
+    if _asked[0] or self.stopped_at is not None:
+      _asked[0] = False
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def after(self, done: int) -> bool:
+    """After step `done` is queued: True if every process stops here (then at every later call)."""
+    if self._on and self.stopped_at is None:
+      votes = jax.make_array_from_process_local_data(
+          self._sharding, np.full(self._local, int(_asked[0]), np.int32), self._shape)
+      if int(np.asarray(self._max(votes).addressable_data(0))):
+        self.stopped_at = done
+    return self.stopped_at is not None
 
 
 def barrier(name: str) -> None:

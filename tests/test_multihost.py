@@ -1,6 +1,6 @@
 """Two real processes (jax.distributed on 127.0.0.1, 2 CPU devices each) = one process, 4 devices
-for train_rater, valuate and filter; a killed two-process run resumes in one process to the same
-rater."""
+for train_rater, valuate and filter; a SIGTERM to one process of a rater run stops both after one
+step, which resumes in one process to the same rater."""
 import json
 import os
 import re
@@ -277,24 +277,30 @@ def test_processes_that_loaded_different_raters_stop_in_one_line(tfds_dir, tmp_p
   assert not glob.glob(str(tmp_path / 'val' / 'scores_*'))
 
 
-def test_killed_two_process_run_resumes_in_one_process(tfds_dir, tmp_path):
+def test_sigterm_to_one_process_stops_both_after_one_step_that_resumes(tfds_dir, tmp_path):
+  """SIGTERM to process 1 alone (a preempted host): both processes stop after the same outer step,
+  checkpointed there, with exit code 143 at once (not after JAX's 300 s shutdown barrier); resumed
+  in one process on one device, the rater equals an uninterrupted run's."""
   config = small_config(tfds_dir, steps=12)
   config.checkpoint_every = 2
-  workdir = tmp_path / 'killed'
+  workdir = tmp_path / 'stopped'
   procs = _start_two_processes(workdir, config)
   ckpt_dir = workdir / 'checkpoints'
   deadline = time.time() + 600
-  while time.time() < deadline:  # wait for the first finished checkpoint, then kill both
+  while time.time() < deadline:  # wait for the first finished checkpoint, then signal one
     if ckpt_dir.exists() and any(re.fullmatch(r'\d+', d) for d in os.listdir(ckpt_dir)):
       break
     ended = [p for p in procs if p.poll() is not None]
     assert not ended, ended[0].communicate()[0][-3000:]  # e.g. the port was taken meanwhile
     time.sleep(0.05)
-  for p in procs:
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _outputs(procs, timeout=60)
+  assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
+  stopped = re.findall(r'stopped after outer step (\d+) \(checkpointed\): a process of this job '
+                       'was sent SIGTERM', outs[0])
+  assert len(stopped) == 1, outs[0][-3000:]
   steps = [int(d) for d in os.listdir(ckpt_dir) if re.fullmatch(r'\d+', d)]
-  assert steps and max(steps) < 12, steps  # killed mid-run
+  assert max(steps) == int(stopped[0]) < 12, (steps, stopped)  # checkpointed where it stopped
 
   meta_train(config, str(workdir), devices=jax.devices()[:1])  # 1 process, 1 device
   meta_train(config, str(tmp_path / 'straight'), devices=jax.devices()[:4])
