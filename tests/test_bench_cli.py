@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('noise_ceiling', ['--folds=0'], '--folds must be >= 2, got 0'),
     ('noise_ceiling', ['--folds=1'], '--folds must be >= 2, got 1'),
     ('meta_step', ['--repeats=0'], '--repeats must be >= 1, got 0'),
+    ('multihost_stop', ['--tries=0'], '--tries must be >= 1, got 0'),
+    ('multihost_stop', ['--steps=10'], '--steps must be >= 40, got 10'),  # 3 records of 10 steps
     ('noise_ceiling', ['--seeds='], '--seeds is empty'),  # it wrote results of no runs
     ('pergrad', ['--batch=0'], '--batch must be >= 1, got 0'),
     ('cnn_patches', ['--repeats=0'], '--repeats must be >= 1, got 0'),
