@@ -87,7 +87,8 @@ def _handler(signum, frame) -> None:
   if again and not _armed[0]:  # sent just before `disarm`, which raised it
     return
   if signum == signal.SIGTERM and _stops_at_an_agreed_step():
-    _deferred[0], _pending[0] = False, 0
+    if _pending[0] == signum:  # one being sent again: the vote has it now
+      _deferred[0], _pending[0] = False, 0
     return
   if _in_hook[0] or _in_gc_callback(frame):
     _resend(signum)
