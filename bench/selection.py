@@ -51,6 +51,7 @@ from datarater import config_checks, files, tasks
 from datarater import train as train_lib
 from datarater.data import pipeline
 from datarater.errors import UserError
+from datarater.policies import SECTIONS as POLICY_SECTIONS
 from datarater.policies import PolicyContext, make_policy as registered_policy
 from datarater.policies import sae_scores as scores
 from datarater.policies import selection as policies
@@ -360,7 +361,7 @@ def main(argv):
   bench_cli.at_least('epochs', FLAGS.epochs, 0)  # 0: the config's
   if FLAGS.epochs:
     cfg.train.epochs = FLAGS.epochs
-  config_checks.validate(cfg, train_lib.SECTIONS + train_lib.POLICY_SECTIONS['sae'])
+  config_checks.validate(cfg, train_lib.SECTIONS + POLICY_SECTIONS['sae'])
   if not FLAGS.policies:  # (full alone would run)
     raise UserError(f'--policies is empty: give at least one of {", ".join(POLICY_ORDER)}')
   unknown = sorted(set(FLAGS.policies) - set(POLICY_ORDER))

@@ -24,9 +24,8 @@ from datarater.valuation import store
 from inner_loop.optimizers import make_inner_optimizer
 
 
-SECTIONS = ('data', 'task', 'train', 'policy')  # what every training run reads
-POLICY_SECTIONS = {'tracin_curriculum': ('valuation',), 'mimic': ('valuation',),
-                   'sae': ('features', 'features.task', 'sae', 'sae_scores')}
+SECTIONS = ('data', 'task', 'train', 'policy')  # what every training run reads (a policy's
+# own sections besides: policies.SECTIONS)
 
 
 def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
@@ -86,7 +85,7 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   if name not in policies.POLICIES:
     raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(policies.POLICIES))})')
   policies.check_inputs(name, rater=rater, scores=scores)
-  config_checks.validate(config, SECTIONS + POLICY_SECTIONS.get(name, ()))
+  config_checks.validate(config, SECTIONS + policies.SECTIONS.get(name, ()))
   d, t = config.data, config.train
   if stop_after is not None and not workdir:
     raise UserError('--stop_after needs --workdir (the checkpoint is written there)')

@@ -361,3 +361,22 @@ def test_online_filters_by_hand(monkeypatch):
   straight, shuffled = weigh(ids), weigh(ids[order])
   assert 0 < (straight > 0).sum() < 40
   np.testing.assert_array_equal(shuffled, straight[order])  # example ids[order[j]] at position j
+
+
+def test_the_config_sections_a_policy_registers_are_checked_before_any_work(tfds_dir):
+  """A policy of one's own that reads `valuation` (as tracin_curriculum does) had that section
+  unchecked: a misspelt field was ignored and the run went on with the default."""
+  made = []
+  policies.register_policy('reads_valuation_for_test', sections=('valuation',))(
+      lambda ctx: made.append(1) or policies.POLICIES['uniform'](ctx))
+  try:
+    config = get_config()
+    config.data = digits_data(tfds_dir)
+    with config.valuation.unlocked():
+      config.valuation.train_step = 20  # train_steps misspelt
+    with pytest.raises(UserError, match='unknown config field valuation.train_step'):
+      train(config, 'reads_valuation_for_test', log=lambda line: None)
+    assert not made
+  finally:
+    for table in (policies.POLICIES, policies.READS, policies.SECTIONS):
+      table.pop('reads_valuation_for_test')

@@ -285,6 +285,21 @@ def test_a_rater_scoring_other_shapes_is_refused_when_it_is_built():
     tasks.RATERS.pop('column_for_test')
 
 
+@pytest.mark.parametrize('register, make, kind', [
+    (tasks.register_task, tasks.make_task, 'Task'),
+    (tasks.register_rater, tasks.make_rater, 'Rater')])
+def test_a_factory_that_makes_no_task_or_rater_is_refused_in_one_line(register, make, kind):
+  """A factory that forgot its `return` was an AttributeError traceback ('NoneType' object has
+  no attribute 'spec')."""
+  register('none_for_test', {})(lambda config, info: None)
+  try:
+    with pytest.raises(UserError, match=f"factory registered as 'none_for_test' returned a "
+                                        f'NoneType, not a datarater.tasks.{kind}'):
+      make(ml_collections.ConfigDict({'name': 'none_for_test'}), tiny_info())
+  finally:
+    (tasks.TASKS if kind == 'Task' else tasks.RATERS).pop('none_for_test')
+
+
 def test_what_needs_class_labels_names_its_setting_for_a_task_without_them(tmp_path):
   """A classifier without labels/with_labels (the README's example) under the default
   Gauss-Newton curvature of dvemb, or class-conditional SAE selection: one line naming the setting

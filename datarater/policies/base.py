@@ -84,15 +84,19 @@ class PolicyContext:
 POLICIES: dict[str, Callable[[PolicyContext], Policy]] = {}
 INPUTS = ('rater', 'scores')  # the launcher inputs of a PolicyContext (flags of launch.train)
 READS: dict[str, tuple[str, ...]] = {}  # policy -> the inputs it reads
+SECTIONS: dict[str, tuple[str, ...]] = {}  # policy -> the config sections it reads besides train's
 WHOLE_SPLIT: set[str] = set()  # policies that read the training split's features in memory
 
 
-def register_policy(name: str, reads: tuple[str, ...] = (), whole_split: bool = False):
-  """Registers a policy factory; `whole_split`: it reads `ctx.train`'s features in memory (a
-  Split), so `train.stream=True` is refused for it."""
+def register_policy(name: str, reads: tuple[str, ...] = (), whole_split: bool = False,
+                    sections: tuple[str, ...] = ()):
+  """Registers a policy factory; `reads`: the launcher inputs it reads (`INPUTS`);
+  `whole_split`: it reads `ctx.train`'s features in memory (a Split), so `train.stream=True` is
+  refused for it; `sections`: the config sections it reads besides those of every training run
+  (e.g. 'valuation'), checked with them before any work."""
   assert set(reads) <= set(INPUTS), reads
   def add(factory):
-    POLICIES[name], READS[name] = factory, tuple(reads)
+    POLICIES[name], READS[name], SECTIONS[name] = factory, tuple(reads), tuple(sections)
     if whole_split:
       WHOLE_SPLIT.add(name)
     return factory

@@ -193,7 +193,8 @@ def _infobatch(ctx: PolicyContext) -> Policy:
   return infobatch(len(ctx.train), ctx.config.policy.ratio, ctx.config.policy.max_prune_prob)
 
 
-@register_policy('sae', whole_split=True)
+@register_policy('sae', whole_split=True,
+                 sections=('features', 'features.task', 'sae', 'sae_scores'))
 def sae_policy(ctx: PolicyContext, codes=None, cost: int = 0) -> Policy:
   """The SAE policy of a config; `codes` skips the offline stage (precomputed SAE codes, which
   cost `cost` example-gradients)."""

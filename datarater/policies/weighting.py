@@ -102,7 +102,7 @@ def _scores(ctx: PolicyContext) -> Policy:
                scores_file.cost(ctx.scores))  # what made the scores, if their file says
 
 
-@register_policy('tracin_curriculum')
+@register_policy('tracin_curriculum', sections=('valuation',))
 def _tracin_curriculum(ctx: PolicyContext) -> Policy:
   from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
   fitted = factory.build('tracin', ctx.config, ctx.task, ctx.train, ctx.heldout)
@@ -112,7 +112,7 @@ def _tracin_curriculum(ctx: PolicyContext) -> Policy:
                fitted.example_gradients)
 
 
-@register_policy('mimic')
+@register_policy('mimic', sections=('valuation',))
 def _mimic(ctx: PolicyContext) -> Policy:
   from datarater.valuation import factory, mimic  # pylint: disable=g-import-not-at-top
   factory.check_per_example(ctx.config, ctx.task, ctx.heldout)  # as every valuation does

@@ -42,6 +42,7 @@ def make_task(config, info) -> Task:
   if config.name not in TASKS:
     raise UserError(f'unknown task.name {config.name!r} (choose from {", ".join(sorted(TASKS))})')
   task = TASKS[config.name](config, info)
+  _check_kind(task, Task, 'task', config.name)
   check_outputs(task)
   return task
 
@@ -53,5 +54,14 @@ def make_rater(config, info) -> Rater:
                     'a rater of your own loads everywhere once datarater/tasks/__init__.py '
                     'imports its module)')
   rater = RATERS[config.name](config, info)
+  _check_kind(rater, Rater, 'rater', config.name)
   check_outputs(rater)
   return rater
+
+
+def _check_kind(made, kind: type, what: str, name: str) -> None:
+  """UserError unless the factory registered as `name` made a `kind` (a factory that forgot its
+  `return` made None)."""
+  if not isinstance(made, kind):
+    raise UserError(f'the {what} factory registered as {name!r} returned a '
+                    f'{type(made).__name__}, not a datarater.tasks.{kind.__name__}')
