@@ -201,27 +201,35 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
              config.inner.batch_size,
              f', advancing A={config.inner.advance_steps} steps before each unroll'
              if config.inner.advance_steps else '')
-  if start < last_step:
-    t0 = time.time()
+  def stopped(step):
     if primary:
-      log.info('compiling the outer step (once, %s meta-gradients) ...', config.outer.meta_gradient)
-    step_fn = step_fn.lower(state, *data.device_batches_at(start, inner_sh, outer_sh)).compile()
-    if primary:
-      log.info('compiled in %.1f s', time.time() - t0)
-  t0, timed_from, longest_run = time.time(), start, None
-  last_line = t0
+      log.info('stopped after outer step %d (checkpointed): a process of this job was sent '
+               'SIGTERM; run again to %s', step,
+               'write the report' if step == config.outer.steps else 'resume')
 
-  def eta(done):
-    """' | ETA ...' to the run's last step at the rate since the clock started ('' at the end)."""
-    if done >= config.outer.steps:
-      return ''
-    left = (config.outer.steps - done) * (time.time() - t0) / max(done - max(s0, timed_from), 1)
-    return f' | ETA {left:.0f} s' if left < 90 else f' | ETA {left / 60:.0f} min'
-  s0, flat_since = progress['since'], progress['flat_since']
-  totals = progress['totals'] and {k: np.float32(v) for k, v in progress['totals'].items()}
-  # Pending checkpoint writes finish whatever happens. A SIGTERM to any process of a
-  # multi-process job stops every process after one step, checkpointed there (`StopVote`).
-  with contextlib.closing(ckpt), multihost.StopVote(mesh.devices) as vote:
+  # From the compilation on, a SIGTERM to any process of a multi-process job stops every process
+  # after one step, checkpointed there (`StopVote`: the vote also takes one that comes while the
+  # pending checkpoint writes finish, as they do whatever happens).
+  with multihost.StopVote(mesh.devices, start, stopped) as vote, contextlib.closing(ckpt):
+    if start < last_step:
+      t0 = time.time()
+      if primary:
+        log.info('compiling the outer step (once, %s meta-gradients) ...',
+                 config.outer.meta_gradient)
+      step_fn = step_fn.lower(state, *data.device_batches_at(start, inner_sh, outer_sh)).compile()
+      if primary:
+        log.info('compiled in %.1f s', time.time() - t0)
+    t0, timed_from, longest_run = time.time(), start, None
+    last_line = t0
+
+    def eta(done):
+      """' | ETA ...' to the run's last step at the rate since the clock started ('' at the end)."""
+      if done >= config.outer.steps:
+        return ''
+      left = (config.outer.steps - done) * (time.time() - t0) / max(done - max(s0, timed_from), 1)
+      return f' | ETA {left:.0f} s' if left < 90 else f' | ETA {left / 60:.0f} min'
+    s0, flat_since = progress['since'], progress['flat_since']
+    totals = progress['totals'] and {k: np.float32(v) for k, v in progress['totals'].items()}
     for step in range(start, last_step):
       state, metrics = step_fn(state, *data.device_batches_at(step, inner_sh, outer_sh))
       in_a_row = metrics.pop('skipped_in_a_row')
@@ -290,9 +298,6 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
         # collective: every process writes its shards
         ckpt.save(done, state, data.position(done), {'progress': progress})
       if stop:
-        if primary:
-          log.info('stopped after outer step %d (checkpointed): a process of this job was sent '
-                   'SIGTERM; run again to resume', done)
         break
   if last_step < config.outer.steps:
     if primary:

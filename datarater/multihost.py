@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import signal
+from typing import Callable
 
 import jax
 import numpy as np
@@ -95,16 +96,18 @@ def ask_to_stop() -> bool:
 
 class StopVote:
   """A SIGTERM to any process of a multi-process training loop stops every process after the
-  same step (a process stopped alone leaves the others waiting in the next step's collective).
-  After each step every process casts whether it was asked to stop (`ask_to_stop`), max-reduced
-  over all devices in a program queued behind the step, and reads the result: every process
-  reads the same votes after the same step, so `after(done)` is True on all or none (and each
-  step finishes before the next is queued). On leaving, a process whose loop stopped so, or that
-  was asked after its last vote, is sent its SIGTERM again: its handler then stops it as usual.
-  In one process, `after` is always False."""
+  same step (a process stopped alone leaves the others waiting in the next collective). After
+  each step every process casts whether it was asked to stop (`ask_to_stop`), max-reduced over
+  all devices in a program queued behind the step, and reads the result: every process reads the
+  same votes after the same step, so `after(done)` is True on all or none (and each step finishes
+  before the next is queued). Leaving the block normally, the processes vote once more (a SIGTERM
+  after the last step's vote, e.g. while its checkpoint is written). A process whose loop stopped
+  so calls `on_stop(step)` and is sent its SIGTERM again: its handler then stops it as usual; so
+  is one asked while the block ends by an exception. In one process, `after` is always False."""
 
-  def __init__(self, devices):
-    self._on, self.stopped_at = jax.process_count() > 1, None
+  def __init__(self, devices, step: int, on_stop: Callable[[int], None] = lambda step: None):
+    self._on, self.stopped_at, self._step, self._on_stop = (jax.process_count() > 1, None, step,
+                                                            on_stop)
     if self._on:
       mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ('devices',))
       self._shape = (mesh.devices.size,)
@@ -117,14 +120,21 @@ class StopVote:
     _voting[0], _asked[0] = self._on, False
     return self
 
-  def __exit__(self, *exc_info):
-    _voting[0] = False
-    if _asked[0] or self.stopped_at is not None:
-      _asked[0] = False
-      os.kill(os.getpid(), signal.SIGTERM)
+  def __exit__(self, exc_type, *exc_info):
+    try:
+      if exc_type is None:  # every process got here: the last vote
+        self.after(self._step)
+      if self.stopped_at is not None:
+        self._on_stop(self.stopped_at)
+    finally:
+      _voting[0] = False
+      if _asked[0] or self.stopped_at is not None:
+        _asked[0] = False
+        os.kill(os.getpid(), signal.SIGTERM)
 
   def after(self, done: int) -> bool:
     """After step `done` is queued: True if every process stops here (then at every later call)."""
+    self._step = done
     if self._on and self.stopped_at is None:
       votes = jax.make_array_from_process_local_data(
           self._sharding, np.full(self._local, int(_asked[0]), np.int32), self._shape)
