@@ -198,6 +198,8 @@ class RunCheckpointer:
                free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS,
                inputs: Optional[dict[str, PathInput]] = None):
     check_writable_path(workdir, '--workdir')
+    from datarater import files  # pylint: disable=g-import-not-at-top
+    files.check_outside(workdir, **{field: i.path for field, i in (inputs or {}).items()})
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.config = config

@@ -171,6 +171,20 @@ def check_apart(out: str, flag: str, **inputs: str) -> None:
       raise UserError(f'{flag} {out!r} is inside --{name} {path!r}; write elsewhere')
 
 
+def check_outside(workdir: str, **folders: str) -> None:
+  """Refuses a run folder that is, or lies inside, a folder the run reads (`folders`: each one's
+  name, as the user set it, to its path): the run's own files would change that folder's
+  digest, and no resume would match its checkpoints."""
+  target = os.path.realpath(workdir)
+  for name, path in folders.items():
+    if path and os.path.isdir(path):
+      where = os.path.realpath(path)
+      if target == where or target.startswith(where.rstrip(os.sep) + os.sep):
+        raise UserError(f'--workdir {workdir!r} is inside {name} {path!r}, which the run reads '
+                        '(its own files would change it, and it could not resume): give a folder '
+                        'outside it')
+
+
 @contextlib.contextmanager
 def workdir_lock(path: str):
   """Creates the run folder `path` and holds its lock for the block: a second run on the same

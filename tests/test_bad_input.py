@@ -78,7 +78,7 @@ def world(tfds_dir, tmp_path_factory):
   pq.write_table(pa.table({'id': np.arange(n), 'value': np.zeros(n), 'split': np.zeros(n, int)}),
                  root / 'int_split.parquet')
   prepared = os.path.dirname(glob.glob(f'{tfds_dir}/sklearn_digits/*/dataset_info.json')[0])
-  for name in ('cut_dataset', 'bad_info_dataset'):
+  for name in ('cut_dataset', 'bad_info_dataset', 'good_dataset'):
     shutil.copytree(prepared, root / name)
   train_records = next(iter((root / 'cut_dataset').glob('*-train.array_record*')))
   train_records.write_bytes(train_records.read_bytes()[:train_records.stat().st_size // 2])
@@ -228,6 +228,15 @@ def _cases(tfds_dir: str, w) -> list:
        f"--workdir '{w}/train_run' holds a launch.train run (history.jsonl)"),
       ('train', [f'--config.data.dataset_dir={w}/cut_dataset'],
        f"the record files of '{w}/cut_dataset' are damaged or missing"),
+      # A run folder inside the dataset folder it reads changed that folder's digest: trained
+      # once, it could never resume or be rerun ('data.dataset_dir ... changed').
+      ('train', [f'--config.data.dataset_dir={w}/good_dataset', f'--workdir={w}/good_dataset/run'],
+       f"--workdir '{w}/good_dataset/run' is inside data.dataset_dir '{w}/good_dataset'"),
+      (*tr(f'--config.data.dataset_dir={w}/good_dataset', out=f'--workdir={w}/good_dataset'),
+       f"--workdir '{w}/good_dataset' is inside data.dataset_dir '{w}/good_dataset'"),
+      ('valuate', [data, '--method=tracin', f'--config.data.dataset_dir={w}/good_dataset',
+                   f'--workdir={w}/good_dataset/val'],
+       f"--workdir '{w}/good_dataset/val' is inside data.dataset_dir '{w}/good_dataset'"),
       ('valuate', [data, '--method=tracin', '--config.data.train_split=train[:1]',
                    f'--workdir={w}/val'], "data.train_split 'train[:1]' holds 1 example(s)"),
       ('valuate', [data, '--method=dvemb', '--config.valuation.projection=sparse',
@@ -436,7 +445,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 169  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 172  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -124,6 +124,7 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
     d = config.data
+    files.check_outside(workdir, **{'data.dataset_dir': d.get('dataset_dir', '')})
     train = source.open_source(d, d.train_split, corrupt=True)
     if len(train) < 2:  # nothing to rank (and the layer probes take two examples)
       raise UserError(f'data.train_split {d.train_split!r} holds {len(train)} example(s); '
