@@ -377,3 +377,38 @@ def test_bad_input_on_one_process_stops_both_in_one_line(tfds_dir, tmp_path, mod
     assert p.returncode == 2 and len(errors) == 1 and msg in errors[0], out[-2000:]
     assert 'Traceback' not in out
   assert not os.path.exists(tmp_path / 'out')
+
+
+_STOP_VOTES = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import jax
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+from datarater import multihost
+sent = []
+signal.signal(signal.SIGTERM, lambda *args: sent.append(1))  # the launcher's handler would exit
+with multihost.StopVote(jax.devices(), 0, lambda step: print('A stopped after', step)) as vote:
+  for step in range(1, 6):
+    if pid == 0 and step == 2:
+      assert multihost.ask_to_stop()  # what a SIGTERM does to this process now
+    if vote.after(step):
+      break
+print('A signals', len(sent))
+with multihost.StopVote(jax.devices(), 0, lambda step: print('B stopped after', step)) as vote:
+  assert not any(vote.after(step) for step in (1, 2, 3))
+  if pid == 1:  # after the last step's vote, e.g. while its checkpoint is written
+    assert multihost.ask_to_stop()
+print('B signals', len(sent))
+assert not multihost.ask_to_stop()  # no vote runs: a SIGTERM stops this process as usual
+"""
+
+
+def test_every_process_stops_after_the_step_the_vote_agrees_on(tfds_dir, tmp_path):
+  """Process 0 asked to stop at step 2: both stop after it; process 1 asked after the last
+  step's vote: the vote as the block ends stops both after step 3. Each process is sent its
+  SIGTERM again once, per stop."""
+  outs = _finish(_start_driver(_STOP_VOTES, tfds_dir, tmp_path), timeout=120)
+  for out in outs:
+    lines = [l for l in out.splitlines() if l.startswith(('A ', 'B '))]
+    assert lines == ['A stopped after 2', 'A signals 1', 'B stopped after 3', 'B signals 2'], out
