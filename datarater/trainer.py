@@ -287,11 +287,12 @@ class Trainer:
                               state.models.params)
     positions_log, weights_log = [], []
 
-    history, train_s, start_epoch, done_steps = [], 0.0, 0, 0
+    history, train_s, compile_s, start_epoch, done_steps = [], 0.0, 0.0, 0, 0
     if checkpoints is not None and checkpoints.latest_step() is not None:
       state, meta = checkpoints.restore_latest(abstract_of(state))
       extra = meta['extra']
       history, train_s = extra['history'], extra['wall_s']
+      compile_s = extra.get('compile_s', 0.0)  # (checkpoints before it was kept: 0)
       start_epoch, done_steps = int(meta['step']), int(extra['steps'])
     if on_start is not None:
       on_start(start_epoch)
@@ -304,7 +305,7 @@ class Trainer:
                   if streaming else None)
     length = max(b - a for a, b in _chunks(_eval_cuts(min(spe, total), evals_per_epoch),
                                            chunk_size))
-    compiled, compile_s = {}, 0.0
+    compiled = {}
 
     def compiled_call(name, fn, *args):
       """`fn(*args)` through its executable for these shapes, compiled ahead (timed apart)."""
@@ -377,7 +378,8 @@ class Trainer:
         if checkpoints is not None and ((epoch + 1) % checkpoint_every == 0
                                         or epoch + 1 == last_epoch):
           checkpoints.save(epoch + 1, state, {'epoch': epoch + 1},
-                           extra={'history': history, 'wall_s': train_s, 'steps': done_steps})
+                           extra={'history': history, 'wall_s': train_s,
+                                  'compile_s': compile_s, 'steps': done_steps})
     finally:
       if checkpoints is not None:
         checkpoints.close()

@@ -222,3 +222,9 @@ def test_stopped_and_resumed_run_equals_uninterrupted(splits, tmp_path):
   for a, b in zip(resumed.history, straight.history):
     np.testing.assert_allclose(a['eval']['loss'], b['eval']['loss'], rtol=1e-6)
   np.testing.assert_array_equal(resumed.policy_state.counts, straight.policy_state.counts)
+  # The clocks go on from the checkpoint: a finished run run again reports its own (compile_s
+  # was the last process's alone, 0 on a rerun).
+  assert resumed.compile_s > stopped.compile_s > 0 and resumed.wall_s > stopped.wall_s > 0
+  again = _trainer(train, policy).run(train, {'eval': test}, [0, 1], epochs=4,
+                                      checkpoints=ckpt())
+  assert (again.compile_s, again.wall_s) == (resumed.compile_s, resumed.wall_s)
