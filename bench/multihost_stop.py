@@ -157,6 +157,7 @@ def main(argv):
   del argv
   bench_cli.at_least('tries', _TRIES.value, 1)
   bench_cli.at_least('steps', _STEPS.value, 40)
+  bench_cli.out_folder(_OUT.value)
   with tempfile.TemporaryDirectory(prefix='multihost_stop_') as scratch:
     from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
     data_dir = os.path.join(scratch, 'tfds')
