@@ -101,7 +101,8 @@ class StopVote:
   all devices in a program queued behind the step, and reads the result: every process reads the
   same votes after the same step, so `after(done)` is True on all or none (and each step finishes
   before the next is queued). Leaving the block normally, the processes vote once more (a SIGTERM
-  after the last step's vote, e.g. while its checkpoint is written). A process whose loop stopped
+  after the last step's vote, e.g. while its checkpoint is written), on the last step given to
+  `after` (`step`, where the loop starts, if none). A process whose loop stopped
   so calls `on_stop(step)` and is sent its SIGTERM again: its handler then stops it as usual; so
   is one asked while the block ends by an exception. In one process, `after` is always False."""
 
