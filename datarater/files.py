@@ -156,18 +156,22 @@ def atomic_dir(path: str, overwrite: bool = False, marker: str = ''):
     raise
 
 
+def _below(a: str, b: str) -> bool:
+  """Resolved path `a` lies below folder `b` (not `b` itself)."""
+  return a.startswith(b.rstrip(os.sep) + os.sep)
+
+
 def check_apart(out: str, flag: str, **inputs: str) -> None:
   """Refuses an output folder that is, holds or lies inside one of the command's inputs
   (`--overwrite` would replace it, or part of it): `inputs` maps each input's flag to its path."""
   target = os.path.realpath(out)
-  inside = lambda a, b: a.startswith(b.rstrip(os.sep) + os.sep)  # a below folder b
   for name, path in inputs.items():
     if not path:
       continue
     where = os.path.realpath(path)
-    if where == target or inside(where, target):
+    if where == target or _below(where, target):
       raise UserError(f'{flag} {out!r} would replace --{name} {path!r}; write elsewhere')
-    if inside(target, where):  # (a new folder too: a rerun with --overwrite would be refused)
+    if _below(target, where):  # (a new folder too: a rerun with --overwrite would be refused)
       raise UserError(f'{flag} {out!r} is inside --{name} {path!r}; write elsewhere')
 
 
@@ -179,7 +183,7 @@ def check_outside(workdir: str, **folders: str) -> None:
   for name, path in folders.items():
     if path and os.path.isdir(path):
       where = os.path.realpath(path)
-      if target == where or target.startswith(where.rstrip(os.sep) + os.sep):
+      if target == where or _below(target, where):
         raise UserError(f'--workdir {workdir!r} is inside {name} {path!r}, which the run reads '
                         '(its own files would change it, and it could not resume): give a folder '
                         'outside it')

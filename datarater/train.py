@@ -24,8 +24,8 @@ from datarater.valuation import store
 from inner_loop.optimizers import make_inner_optimizer
 
 
-SECTIONS = ('data', 'task', 'train', 'policy')  # what every training run reads (a policy's
-# own sections besides: policies.SECTIONS)
+# What every training run reads; a policy's own sections besides are in policies.SECTIONS.
+SECTIONS = ('data', 'task', 'train', 'policy')
 
 
 def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
