@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -201,15 +202,16 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
              config.inner.batch_size,
              f', advancing A={config.inner.advance_steps} steps before each unroll'
              if config.inner.advance_steps else '')
-  def stopped(step):
+  def stopped(step, signum):
     if primary:
-      log.info('stopped after outer step %d (checkpointed): a process of this job was sent '
-               'SIGTERM; run again to %s', step,
-               'write the report' if step == config.outer.steps else 'resume')
+      log.info('stopped after outer step %d (checkpointed): a process of this job was %s; run '
+               'again to %s', step, 'sent SIGTERM' if signum == signal.SIGTERM else
+               'interrupted (Ctrl-C)', 'write the report' if step == config.outer.steps else
+               'resume')
 
-  # From the compilation on, a SIGTERM to any process of a multi-process job stops every process
-  # after one step, checkpointed there (`StopVote`: the vote also takes one that comes while the
-  # pending checkpoint writes finish, as they do whatever happens).
+  # From the compilation on, Ctrl-C or SIGTERM to any process of a multi-process job stops every
+  # process after one step, checkpointed there (`StopVote`: the vote also takes one that comes
+  # while the pending checkpoint writes finish, as they do whatever happens).
   with multihost.StopVote(mesh.devices, start, stopped) as vote, contextlib.closing(ckpt):
     if start < last_step:
       t0 = time.time()

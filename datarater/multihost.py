@@ -83,32 +83,36 @@ def check_same_settings(settings: dict) -> None:
 
 
 _voting = [False]  # a StopVote loop runs in this process
-_asked = [False]  # a SIGTERM came to this process while it ran
+_asked = [0]  # the signal (SIGINT or SIGTERM) that came to this process while it ran
 
 
-def ask_to_stop() -> bool:
-  """For a SIGTERM handler: True if a `StopVote` loop runs, which then stops every process of the
-  job at one step (the handler need do nothing more); False: stop as usual."""
-  if _voting[0]:
-    _asked[0] = True
-  return _voting[0]
+def ask_to_stop(signum: int) -> bool:
+  """For a SIGINT or SIGTERM handler: True if a `StopVote` loop runs, which then stops every
+  process of the job at one step (the handler need do nothing more); False: stop as usual, as
+  for a second Ctrl-C to a process already asked by one (it stops that process alone, at once)."""
+  if not _voting[0] or signum == _asked[0] == signal.SIGINT:
+    return False
+  _asked[0] = max(_asked[0], signum)
+  return True
 
 
 class StopVote:
-  """A SIGTERM to any process of a multi-process training loop stops every process after the
-  same step (a process stopped alone leaves the others waiting in the next collective). After
-  each step every process casts whether it was asked to stop (`ask_to_stop`), max-reduced over
-  all devices in a program queued behind the step, and reads the result: every process reads the
-  same votes after the same step, so `after(done)` is True on all or none (and each step finishes
-  before the next is queued). Leaving the block normally, the processes vote once more (a SIGTERM
-  after the last step's vote, e.g. while its checkpoint is written), on the last step given to
-  `after` (`step`, where the loop starts, if none). A process whose loop stopped
-  so calls `on_stop(step)` and is sent its SIGTERM again: its handler then stops it as usual; so
-  is one asked while the block ends by an exception. In one process, `after` is always False."""
+  """Ctrl-C or SIGTERM to any process of a multi-process training loop stops every process after
+  the same step (a process stopped alone leaves the others waiting in the next collective). After
+  each step every process casts the signal it was asked to stop by (`ask_to_stop`; 0: none),
+  max-reduced over all devices in a program queued behind the step, and reads the result: every
+  process reads the same votes after the same step, so `after(done)` is True on all or none (and
+  each step finishes before the next is queued). Leaving the block normally, the processes vote
+  once more (a signal after the last step's vote, e.g. while its checkpoint is written), on the
+  last step given to `after` (`step`, where the loop starts, if none). A process whose loop
+  stopped so calls `on_stop(step, signum)` and is sent the agreed signal again (SIGTERM where any
+  process had one): its handler then stops it as usual; so is one asked while the block ends by an
+  exception, with its own. In one process, `after` is always False."""
 
-  def __init__(self, devices, step: int, on_stop: Callable[[int], None] = lambda step: None):
-    self._on, self.stopped_at, self._step, self._on_stop = (jax.process_count() > 1, None, step,
-                                                            on_stop)
+  def __init__(self, devices, step: int,
+               on_stop: Callable[[int, int], None] = lambda step, signum: None):
+    self._on, self.stopped_at, self.signum, self._step, self._on_stop = (
+        jax.process_count() > 1, None, 0, step, on_stop)
     if self._on:
       mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ('devices',))
       self._shape = (mesh.devices.size,)
@@ -118,7 +122,7 @@ class StopVote:
           mesh, jax.sharding.PartitionSpec()))
 
   def __enter__(self):
-    _voting[0], _asked[0] = self._on, False
+    _voting[0], _asked[0] = self._on, 0
     return self
 
   def __exit__(self, exc_type, *exc_info):
@@ -126,20 +130,21 @@ class StopVote:
       if exc_type is None:  # every process got here: the last vote
         self.after(self._step)
       if self.stopped_at is not None:
-        self._on_stop(self.stopped_at)
+        self._on_stop(self.stopped_at, self.signum)
     finally:
       _voting[0] = False
-      if _asked[0] or self.stopped_at is not None:
-        _asked[0] = False
-        os.kill(os.getpid(), signal.SIGTERM)
+      signum, _asked[0] = self.signum or _asked[0], 0
+      if signum:
+        os.kill(os.getpid(), signum)
 
   def after(self, done: int) -> bool:
     """After step `done` is queued: True if every process stops here (then at every later call)."""
     self._step = done
     if self._on and self.stopped_at is None:
       votes = jax.make_array_from_process_local_data(
-          self._sharding, np.full(self._local, int(_asked[0]), np.int32), self._shape)
-      if int(np.asarray(self._max(votes).addressable_data(0))):
+          self._sharding, np.full(self._local, _asked[0], np.int32), self._shape)
+      self.signum = int(np.asarray(self._max(votes).addressable_data(0)))
+      if self.signum:
         self.stopped_at = done
     return self.stopped_at is not None
 

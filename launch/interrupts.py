@@ -8,9 +8,10 @@ whose exception such code dropped, is sent again a moment later (again until the
 over, unless the user signals again), to be raised in the launcher's own code, or when it ends
 (`disarm`). Python runs handlers between bytecodes only: a signal that comes while XLA's
 compiler itself runs is handled when it returns. SIGTERM (a scheduler's kill) ends a run as
-Ctrl-C does: temporary files and folders are removed on the way out (exit code 128 + 15); in a
-multi-process rater run's outer loop, after the step every process agrees on (checkpointed).
-Ctrl-C ends with one line saying where, not a traceback.
+Ctrl-C does: temporary files and folders are removed on the way out (exit code 128 + 15). In a
+multi-process rater run's outer loop either stops every process after the step they agree on
+(checkpointed); a second Ctrl-C stops the process at once. Ctrl-C ends with one line saying
+where, not a traceback.
 """
 import gc
 import importlib.machinery
@@ -86,9 +87,10 @@ def _handler(signum, frame) -> None:
   _sent[0] -= again
   if again and not _armed[0]:  # sent just before `disarm`, which raised it
     return
-  if signum == signal.SIGTERM and _stops_at_an_agreed_step():
+  if _stops_at_an_agreed_step(signum):
     if _pending[0] == signum:  # one being sent again: the vote has it now
-      _deferred[0], _pending[0] = False, 0
+      _pending[0] = 0
+    _deferred[0] = signum == signal.SIGINT  # a second Ctrl-C stops at once, compiling or not
     return
   if _in_hook[0] or _in_gc_callback(frame):
     _resend(signum)
@@ -100,12 +102,12 @@ def _handler(signum, frame) -> None:
     _raise(signum)
 
 
-def _stops_at_an_agreed_step() -> bool:
+def _stops_at_an_agreed_step(signum: int) -> bool:
   """A multi-process training loop runs that stops every process after the same step
-  (`datarater.multihost.StopVote`, which sends SIGTERM again once it has). Not imported here:
+  (`datarater.multihost.StopVote`, which sends the signal again once it has). Not imported here:
   this module is installed before JAX loads."""
   multihost = sys.modules.get('datarater.multihost')
-  return multihost is not None and multihost.ask_to_stop()
+  return multihost is not None and multihost.ask_to_stop(signum)
 
 
 def _raise(signum: int) -> None:

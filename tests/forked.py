@@ -30,10 +30,22 @@ def _child(function: Callable, args: tuple, env: dict, out: str, err: str) -> No
   os.environ.update(env)
   for fd, path in ((1, out), (2, err)):
     os.dup2(os.open(path, os.O_WRONLY | os.O_APPEND), fd)
+  # As a command started from a terminal (the tests may run as a shell's background job, whose
+  # children start ignoring SIGINT).
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  interrupted = False
   try:
     function(*args)  # multiprocessing turns SystemExit(code) into the exit code
+  except KeyboardInterrupt:  # as Python's main: sys.excepthook, exit's clean-up, killed by SIGINT
+    sys.excepthook(*sys.exc_info())
+    interrupted = True
   finally:
     atexit._run_exitfuncs()  # pylint: disable=protected-access  # as at a process's exit
+  if interrupted:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 class Started:

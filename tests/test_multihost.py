@@ -277,10 +277,13 @@ def test_processes_that_loaded_different_raters_stop_in_one_line(tfds_dir, tmp_p
   assert not glob.glob(str(tmp_path / 'val' / 'scores_*'))
 
 
-def test_sigterm_to_one_process_stops_both_after_one_step_that_resumes(tfds_dir, tmp_path):
-  """SIGTERM to process 1 alone (a preempted host): both processes stop after the same outer step,
-  checkpointed there, with exit code 143 at once (not after JAX's 300 s shutdown barrier); resumed
-  in one process on one device, the rater equals an uninterrupted run's."""
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_a_signal_to_one_process_stops_both_after_one_step_that_resumes(tfds_dir, tmp_path,
+                                                                         signum):
+  """SIGTERM (a preempted host) or Ctrl-C to process 1 alone: both processes stop after the same
+  outer step, checkpointed there, at once (not after JAX's 300 s shutdown barrier), with exit code
+  143 or as killed by SIGINT with one line; resumed in one process on one device, the rater
+  equals an uninterrupted run's."""
   config = small_config(tfds_dir, steps=12)
   config.checkpoint_every = 2
   workdir = tmp_path / 'stopped'
@@ -293,12 +296,17 @@ def test_sigterm_to_one_process_stops_both_after_one_step_that_resumes(tfds_dir,
     ended = [p for p in procs if p.poll() is not None]
     assert not ended, ended[0].communicate()[0][-3000:]  # e.g. the port was taken meanwhile
     time.sleep(0.05)
-  procs[1].send_signal(signal.SIGTERM)
+  procs[1].send_signal(signum)
   outs = _outputs(procs, timeout=60)
-  assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
+  code, why = {signal.SIGTERM: (143, 'sent SIGTERM'),
+               signal.SIGINT: (-signal.SIGINT, 'interrupted \\(Ctrl-C\\)')}[signum]
+  assert [p.returncode for p in procs] == [code, code], outs[0][-3000:] + outs[1][-3000:]
   stopped = re.findall(r'stopped after outer step (\d+) \(checkpointed\): a process of this job '
-                       'was sent SIGTERM', outs[0])
+                       f'was {why}', outs[0])
   assert len(stopped) == 1, outs[0][-3000:]
+  assert all('Traceback' not in out for out in outs), outs[0][-3000:] + outs[1][-3000:]
+  if signum == signal.SIGINT:  # one line each, saying where
+    assert all(out.count('interrupted (Ctrl-C) at ') == 1 for out in outs), outs
   steps = [int(d) for d in os.listdir(ckpt_dir) if re.fullmatch(r'\d+', d)]
   assert max(steps) == int(stopped[0]) < 12, (steps, stopped)  # checkpointed where it stopped
 
@@ -386,29 +394,41 @@ import jax
 pid, port = int(sys.argv[1]), sys.argv[2]
 jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
 from datarater import multihost
-sent = []
-signal.signal(signal.SIGTERM, lambda *args: sent.append(1))  # the launcher's handler would exit
-with multihost.StopVote(jax.devices(), 0, lambda step: print('A stopped after', step)) as vote:
+sent = []  # the signals each block sends this process again (the launcher's handler would stop)
+for signum in (signal.SIGINT, signal.SIGTERM):
+  signal.signal(signum, lambda signum, frame: sent.append(signal.Signals(signum).name))
+def stopped(block):
+  return lambda step, signum: print(block, 'stopped after', step, signal.Signals(signum).name)
+with multihost.StopVote(jax.devices(), 0, stopped('A')) as vote:
   for step in range(1, 6):
     if pid == 0 and step == 2:
-      assert multihost.ask_to_stop()  # what a SIGTERM does to this process now
+      assert multihost.ask_to_stop(signal.SIGINT)  # what a Ctrl-C does to this process now
+      assert not multihost.ask_to_stop(signal.SIGINT)  # a second one stops this process alone
     if vote.after(step):
       break
-print('A signals', len(sent))
-with multihost.StopVote(jax.devices(), 0, lambda step: print('B stopped after', step)) as vote:
+print('A signals', *sent)
+sent.clear()
+with multihost.StopVote(jax.devices(), 0, stopped('B')) as vote:
   assert not any(vote.after(step) for step in (1, 2, 3))
   if pid == 1:  # after the last step's vote, e.g. while its checkpoint is written
-    assert multihost.ask_to_stop()
-print('B signals', len(sent))
-assert not multihost.ask_to_stop()  # no vote runs: a SIGTERM stops this process as usual
+    assert multihost.ask_to_stop(signal.SIGTERM)
+print('B signals', *sent)
+sent.clear()
+with multihost.StopVote(jax.devices(), 0, stopped('C')) as vote:  # Ctrl-C to one, SIGTERM to one
+  assert multihost.ask_to_stop([signal.SIGINT, signal.SIGTERM][pid])
+  assert vote.after(1) and vote.after(2)
+print('C signals', *sent)
+assert not multihost.ask_to_stop(signal.SIGTERM)  # no vote runs: a signal stops this process
 """
 
 
 def test_every_process_stops_after_the_step_the_vote_agrees_on(tfds_dir, tmp_path):
-  """Process 0 asked to stop at step 2: both stop after it; process 1 asked after the last
-  step's vote: the vote as the block ends stops both after step 3. Each process is sent its
-  SIGTERM again once, per stop."""
+  """Process 0 asked to stop by Ctrl-C at step 2: both stop after it and are sent SIGINT; process
+  1 asked by SIGTERM after the last step's vote: the vote as the block ends stops both after step
+  3 and sends them SIGTERM; Ctrl-C to one and SIGTERM to the other: SIGTERM to both."""
   outs = _finish(_start_driver(_STOP_VOTES, tfds_dir, tmp_path), timeout=120)
   for out in outs:
-    lines = [l for l in out.splitlines() if l.startswith(('A ', 'B '))]
-    assert lines == ['A stopped after 2', 'A signals 1', 'B stopped after 3', 'B signals 2'], out
+    lines = [l for l in out.splitlines() if l.startswith(('A ', 'B ', 'C '))]
+    assert lines == ['A stopped after 2 SIGINT', 'A signals SIGINT',
+                     'B stopped after 3 SIGTERM', 'B signals SIGTERM',
+                     'C stopped after 1 SIGTERM', 'C signals SIGTERM'], out
