@@ -475,6 +475,26 @@ def test_tokens_outside_the_vocabulary_are_refused_at_its_edges():
       assert '\n' not in str(e.value) and hint in str(e.value), str(e.value)
 
 
+def test_token_weights_below_0_or_not_finite_and_one_token_sequences_are_refused():
+  """A weighted mean over weights summing to 0 or less was finite garbage (a row [0, 1, -1]: loss
+  -1e38); a sequence of one token has no prediction (NaN losses): each one UserError line."""
+  task = tasks.make_task(_model(token_weights='weights'), _info(weights=True))
+  tokens = np.zeros((2, 12), np.int32)
+  ok = np.ones((2, 12), np.float32)
+  ok[0, :5] = 0.0  # padding: weight 0
+  task.check_data({'tokens': tokens, 'weights': ok})
+  for bad in (-1.0, np.nan, np.inf):
+    w = ok.copy()
+    w[1, 3] = bad
+    with pytest.raises(UserError, match=f'holds 1 weights that are negative or not finite '
+                       rf'\(e.g. {bad}\)') as e:
+      task.check_data({'tokens': tokens, 'weights': w})
+    assert '\n' not in str(e.value)
+  with pytest.raises(UserError, match="the sequences of 'tokens' need at least 2 tokens, got 1"):
+    tasks.make_task(_model(), _info(length=1))
+  assert tasks.make_rater(_model('sequence_rater'), _info(length=1))  # a rater reads one token
+
+
 def test_a_feature_model_that_cannot_read_the_tokens_is_refused():
   """features.task with a vocabulary below the data's bytes trained on all-zero inputs for
   them (NaN losses) and gave finite, meaningless SAE features: refused as launch.train refuses

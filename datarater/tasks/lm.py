@@ -158,6 +158,13 @@ class LanguageModel(Task):
 
   def check_data(self, features):
     _check_tokens(features[self.input_key], self.module.vocab, self.input_key, 'task')
+    if self.weight_key:  # a weighted mean needs weights >= 0 (a negative one flips the loss)
+      w = np.asarray(features[self.weight_key])
+      bad = w[~(w >= 0) | ~np.isfinite(w)]  # NaN fails both
+      if bad.size:
+        raise UserError(f'the {self.weight_key!r} feature (task.token_weights) holds {bad.size} '
+                        f'weights that are negative or not finite (e.g. {bad[0]}): token weights '
+                        'must be finite and >= 0')
 
   def per_token_loss(self, params, batch):
     """-log p(tokens[:, t+1] | tokens[:, :t+1]) for t < L-1, [B, L-1] (nats)."""
@@ -222,6 +229,9 @@ def transformer_lm(config, info) -> LanguageModel:
   """config: vocab, d_model, num_heads, num_layers, d_mlp, max_len, activation, optional input
   (token feature, default 'tokens') and token_weights (a float feature [L]; '' = none)."""
   key, length = _tokens_key(config, info)
+  if length < 2:
+    raise UserError(f'a language model predicts each token from those before it: the sequences '
+                    f'of {key!r} need at least 2 tokens, got {length}')
   weights = config.get('token_weights', '')
   if weights and (weights not in info.spec or info.spec[weights].shape != (length,)
                   or not np.issubdtype(info.spec[weights].dtype, np.floating)):
