@@ -204,14 +204,14 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
              if config.inner.advance_steps else '')
   def stopped(step, signum):
     if primary:
-      log.info('stopped after outer step %d (checkpointed): a process of this job was %s; run '
-               'again to %s', step, 'sent SIGTERM' if signum == signal.SIGTERM else
-               'interrupted (Ctrl-C)', 'write the report' if step == config.outer.steps else
-               'resume')
+      log.info('stopped after outer step %d (checkpointed): %s was %s; run again to %s', step,
+               'a process of this job' if jax.process_count() > 1 else 'the run',
+               'sent SIGTERM' if signum == signal.SIGTERM else 'interrupted (Ctrl-C)',
+               'write the report' if step == config.outer.steps else 'resume')
 
-  # From the compilation on, Ctrl-C or SIGTERM to any process of a multi-process job stops every
-  # process after one step, checkpointed there (`StopVote`: the vote also takes one that comes
-  # while the pending checkpoint writes finish, as they do whatever happens).
+  # From the compilation on, Ctrl-C or SIGTERM to any process stops every process after one step,
+  # checkpointed there (`StopVote`: the vote also takes one that comes while the pending
+  # checkpoint writes finish, as they do whatever happens).
   with multihost.StopVote(mesh.devices, start, stopped) as vote, contextlib.closing(ckpt):
     if start < last_step:
       t0 = time.time()

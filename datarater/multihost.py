@@ -82,23 +82,24 @@ def check_same_settings(settings: dict) -> None:
                       'flags')
 
 
-_voting = [False]  # a StopVote loop runs in this process
+_voting = [0]  # the processes the running StopVote loop spans (0: none runs)
 _asked = [0]  # the signal (SIGINT or SIGTERM) that came to this process while it ran
 
 
 def ask_to_stop(signum: int) -> bool:
   """For a SIGINT or SIGTERM handler: True if a `StopVote` loop runs, which then stops every
-  process of the job at one step (the handler need do nothing more); False: stop as usual, as
-  for a second Ctrl-C to a process already asked by one (it stops that process alone, at once)."""
-  if not _voting[0] or signum == _asked[0] == signal.SIGINT:
+  process of the job after one step (the handler need do nothing more); False: stop as usual, as
+  for a second Ctrl-C to a job of one process (in several, a process stopped alone would wait at
+  exit for the others: every Ctrl-C waits for the vote)."""
+  if not _voting[0] or signum == _asked[0] == signal.SIGINT and _voting[0] == 1:
     return False
   _asked[0] = max(_asked[0], signum)
   return True
 
 
 class StopVote:
-  """Ctrl-C or SIGTERM to any process of a multi-process training loop stops every process after
-  the same step (a process stopped alone leaves the others waiting in the next collective). After
+  """Ctrl-C or SIGTERM to any process of a training loop stops every process after the same step
+  (in several, a process stopped alone leaves the others waiting in the next collective). After
   each step every process casts the signal it was asked to stop by (`ask_to_stop`; 0: none),
   max-reduced over all devices in a program queued behind the step, and reads the result: every
   process reads the same votes after the same step, so `after(done)` is True on all or none (and
@@ -107,13 +108,13 @@ class StopVote:
   last step given to `after` (`step`, where the loop starts, if none). A process whose loop
   stopped so calls `on_stop(step, signum)` and is sent the agreed signal again (SIGTERM where any
   process had one): its handler then stops it as usual; so is one asked while the block ends by an
-  exception, with its own. In one process, `after` is always False."""
+  exception, with its own. In one process the vote is its own signal, read without a program."""
 
   def __init__(self, devices, step: int,
                on_stop: Callable[[int, int], None] = lambda step, signum: None):
-    self._on, self.stopped_at, self.signum, self._step, self._on_stop = (
-        jax.process_count() > 1, None, 0, step, on_stop)
-    if self._on:
+    self._processes, self.stopped_at, self.signum, self._step, self._on_stop = (
+        jax.process_count(), None, 0, step, on_stop)
+    if self._processes > 1:
       mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ('devices',))
       self._shape = (mesh.devices.size,)
       self._local = [d.process_index for d in mesh.devices.flat].count(jax.process_index())
@@ -122,7 +123,7 @@ class StopVote:
           mesh, jax.sharding.PartitionSpec()))
 
   def __enter__(self):
-    _voting[0], _asked[0] = self._on, 0
+    _voting[0], _asked[0] = self._processes, 0
     return self
 
   def __exit__(self, exc_type, *exc_info):
@@ -132,7 +133,7 @@ class StopVote:
       if self.stopped_at is not None:
         self._on_stop(self.stopped_at, self.signum)
     finally:
-      _voting[0] = False
+      _voting[0] = 0
       signum, _asked[0] = self.signum or _asked[0], 0
       if signum:
         os.kill(os.getpid(), signum)
@@ -140,10 +141,12 @@ class StopVote:
   def after(self, done: int) -> bool:
     """After step `done` is queued: True if every process stops here (then at every later call)."""
     self._step = done
-    if self._on and self.stopped_at is None:
-      votes = jax.make_array_from_process_local_data(
-          self._sharding, np.full(self._local, _asked[0], np.int32), self._shape)
-      self.signum = int(np.asarray(self._max(votes).addressable_data(0)))
+    if self.stopped_at is None:
+      self.signum = _asked[0]
+      if self._processes > 1:
+        votes = jax.make_array_from_process_local_data(
+            self._sharding, np.full(self._local, self.signum, np.int32), self._shape)
+        self.signum = int(np.asarray(self._max(votes).addressable_data(0)))
       if self.signum:
         self.stopped_at = done
     return self.stopped_at is not None

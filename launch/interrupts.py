@@ -9,9 +9,9 @@ over, unless the user signals again), to be raised in the launcher's own code, o
 (`disarm`). Python runs handlers between bytecodes only: a signal that comes while XLA's
 compiler itself runs is handled when it returns. SIGTERM (a scheduler's kill) ends a run as
 Ctrl-C does: temporary files and folders are removed on the way out (exit code 128 + 15). In a
-multi-process rater run's outer loop either stops every process after the step they agree on
-(checkpointed); a second Ctrl-C stops the process at once. Ctrl-C ends with one line saying
-where, not a traceback.
+rater run's outer loop either stops every process after the step they agree on (checkpointed);
+in a job of one process a second Ctrl-C stops it at once. Ctrl-C ends with one line saying where,
+not a traceback.
 """
 import gc
 import importlib.machinery
@@ -90,7 +90,7 @@ def _handler(signum, frame) -> None:
   if _stops_at_an_agreed_step(signum):
     if _pending[0] == signum:  # one being sent again: the vote has it now
       _pending[0] = 0
-    _deferred[0] = signum == signal.SIGINT  # a second Ctrl-C stops at once, compiling or not
+    _deferred[0] = signum == signal.SIGINT  # a second Ctrl-C it lets through stops at once
     return
   if _in_hook[0] or _in_gc_callback(frame):
     _resend(signum)
@@ -103,7 +103,7 @@ def _handler(signum, frame) -> None:
 
 
 def _stops_at_an_agreed_step(signum: int) -> bool:
-  """A multi-process training loop runs that stops every process after the same step
+  """A training loop runs that stops every process after the same step
   (`datarater.multihost.StopVote`, which sends the signal again once it has). Not imported here:
   this module is installed before JAX loads."""
   multihost = sys.modules.get('datarater.multihost')

@@ -277,17 +277,20 @@ def test_processes_that_loaded_different_raters_stop_in_one_line(tfds_dir, tmp_p
   assert not glob.glob(str(tmp_path / 'val' / 'scores_*'))
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+@pytest.mark.parametrize('signum,processes', [(signal.SIGTERM, 2), (signal.SIGINT, 2),
+                                              (signal.SIGINT, 1)],
+                         ids=['SIGTERM', 'SIGINT', 'SIGINT-one-process'])
 def test_a_signal_to_one_process_stops_both_after_one_step_that_resumes(tfds_dir, tmp_path,
-                                                                         signum):
+                                                                         signum, processes):
   """SIGTERM (a preempted host) or Ctrl-C to process 1 alone: both processes stop after the same
   outer step, checkpointed there, at once (not after JAX's 300 s shutdown barrier), with exit code
   143 or as killed by SIGINT with one line; resumed in one process on one device, the rater
-  equals an uninterrupted run's (after SIGTERM)."""
+  equals an uninterrupted run's (after SIGTERM). A job of one process stops so too."""
   config = small_config(tfds_dir, steps=12)
   config.checkpoint_every = 2
   workdir = tmp_path / 'stopped'
-  procs = _start_two_processes(workdir, config)
+  procs = _start_two_processes(workdir, config) if processes == 2 else [forked.start_module(
+      'launch.train_rater', [f'--workdir={workdir}', *as_flags(config)], subprocess_env(2))]
   ckpt_dir = workdir / 'checkpoints'
   deadline = time.time() + 600
   while time.time() < deadline:  # wait for the first finished checkpoint, then signal one
@@ -296,15 +299,16 @@ def test_a_signal_to_one_process_stops_both_after_one_step_that_resumes(tfds_dir
     ended = [p for p in procs if p.poll() is not None]
     assert not ended, ended[0].communicate()[0][-3000:]  # e.g. the port was taken meanwhile
     time.sleep(0.05)
-  procs[1].send_signal(signum)
+  procs[-1].send_signal(signum)
   outs = _outputs(procs, timeout=60)
   code, why = {signal.SIGTERM: (143, 'sent SIGTERM'),
                signal.SIGINT: (-signal.SIGINT, 'interrupted \\(Ctrl-C\\)')}[signum]
-  assert [p.returncode for p in procs] == [code, code], outs[0][-3000:] + outs[1][-3000:]
-  stopped = re.findall(r'stopped after outer step (\d+) \(checkpointed\): a process of this job '
-                       f'was {why}', outs[0])
+  assert [p.returncode for p in procs] == [code] * processes, '\n'.join(outs)[-6000:]
+  who = 'a process of this job' if processes == 2 else 'the run'
+  stopped = re.findall(r'stopped after outer step (\d+) \(checkpointed\): ' + who +
+                       f' was {why}', outs[0])
   assert len(stopped) == 1, outs[0][-3000:]
-  assert all('Traceback' not in out for out in outs), outs[0][-3000:] + outs[1][-3000:]
+  assert all('Traceback' not in out for out in outs), '\n'.join(outs)[-6000:]
   if signum == signal.SIGINT:  # one line each, saying where
     assert all(out.count('interrupted (Ctrl-C) at ') == 1 for out in outs), outs
   steps = [int(d) for d in os.listdir(ckpt_dir) if re.fullmatch(r'\d+', d)]
@@ -340,6 +344,25 @@ try:
 except UserError as e:
   print('refused: ' + str(e))
 """
+
+
+def test_in_one_process_a_signal_stops_after_the_step_and_a_second_ctrl_c_at_once(monkeypatch):
+  """The vote of one process is its own signal: asked during step 2, the loop stops after it and
+  the signal is sent again once; a second Ctrl-C is let through (stops at once); no loop runs:
+  a signal stops the process as usual."""
+  from datarater import multihost  # pylint: disable=g-import-not-at-top
+  sent = []
+  monkeypatch.setattr(multihost.os, 'kill', lambda pid, signum: sent.append(('sent', signum)))
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    sent.clear()
+    with multihost.StopVote(jax.devices()[:1], 0,
+                            lambda step, agreed: sent.append((step, agreed))) as vote:
+      assert not vote.after(1)
+      assert multihost.ask_to_stop(signum)
+      assert multihost.ask_to_stop(signum) == (signum == signal.SIGTERM)  # 2nd Ctrl-C: at once
+      assert vote.after(2) and vote.after(3)
+    assert sent == [(2, signum), ('sent', signum)]
+    assert not multihost.ask_to_stop(signum)
 
 
 def test_a_dataset_folder_changed_for_one_process_stops_both(tfds_dir, tmp_path):
@@ -405,7 +428,7 @@ with multihost.StopVote(jax.devices(), 0, stopped('A')) as vote:
   for step in range(1, 6):
     if pid == 0 and step == 2:
       assert multihost.ask_to_stop(signal.SIGINT)  # what a Ctrl-C does to this process now
-      assert not multihost.ask_to_stop(signal.SIGINT)  # a second one stops this process alone
+      assert multihost.ask_to_stop(signal.SIGINT)  # a second too (alone it would wait at exit)
     if vote.after(step):
       break
 print('A signals', *sent)
