@@ -48,6 +48,10 @@ def writable(flag: str, path: str, folder: bool = False) -> None:
     raise UserError(f'--{flag} {path!r}: {above!r} is a file, not a folder')
   if not os.access(above, os.W_OK | os.X_OK):
     raise UserError(f'--{flag} {path!r}: cannot write in {above!r} (permission denied)')
+  taken = [path + ext for ext in ('.json', '.md', '.png')
+           if not folder and os.path.isdir(path + ext)]
+  if taken:
+    raise UserError(f'--{flag} {path!r}: {taken[0]!r} is a folder, where a results file goes')
 
 
 def config_file(default: str) -> Callable:
@@ -56,9 +60,9 @@ def config_file(default: str) -> Callable:
 
 
 def numbers(flag: str, values, kind: type = float, ok: Callable = lambda x: True,
-            within: str = '', empty_ok: bool = False) -> list:
+            within: str = '', empty_ok: bool = False, distinct: bool = False) -> list:
   """The items of comma-list flag --`flag` as `kind`; each must pass `ok` (`within` says how);
-  at least one unless `empty_ok`."""
+  at least one unless `empty_ok`; each once if `distinct`."""
   if not values and not empty_ok:
     raise UserError(f'--{flag} is empty: give at least one value')
   try:
@@ -69,7 +73,24 @@ def numbers(flag: str, values, kind: type = float, ok: Callable = lambda x: True
   bad = [x for x in out if not ok(x)]
   if bad:
     raise UserError(f'--{flag} values must be {within}, got {bad[0]}')
+  repeated = [x for x in out if out.count(x) > 1]
+  if distinct and repeated:
+    raise UserError(f'--{flag} repeats {repeated[0]}: give each value once')
   return out
+
+
+def names(flag: str, values, known, empty_ok: bool = False) -> list:
+  """The items of comma-list flag --`flag`, each one of `known` and given once; at least one
+  unless `empty_ok`."""
+  if not values and not empty_ok:
+    raise UserError(f'--{flag} is empty: give at least one of {", ".join(known)}')
+  unknown = sorted(set(values) - set(known))
+  if unknown:
+    raise UserError(f'unknown --{flag} {unknown} (choose from {", ".join(known)})')
+  repeated = [x for x in values if list(values).count(x) > 1]
+  if repeated:
+    raise UserError(f'--{flag} repeats {repeated[0]}: give each once')
+  return list(values)
 
 
 def at_least(flag: str, value: int, lo: int) -> int:
@@ -102,7 +123,7 @@ def out_folder(prefix: str) -> None:
 
 def noise_rates(values) -> list:
   """The --noise flag's corruption rates."""
-  return numbers('noise', values, float, lambda x: 0 <= x < 1, 'in [0, 1)')
+  return numbers('noise', values, float, lambda x: 0 <= x < 1, 'in [0, 1)', distinct=True)
 
 
 def seeds(values) -> list:

@@ -339,28 +339,30 @@ def main(argv):
   config_checks.validate(config, ('data', 'task', 'rater', 'inner', 'outer', 'final_eval',
                                   'train', 'policy', 'valuation'))
   noises = bench_cli.noise_rates(_NOISE.value)
-  keeps = bench_cli.numbers('keep', _KEEP.value, float, lambda x: 0 < x <= 1, 'in (0, 1]')
+  keeps = bench_cli.numbers('keep', _KEEP.value, float, lambda x: 0 < x <= 1, 'in (0, 1]',
+                            distinct=True)
   seeds = bench_cli.seeds(_SEEDS.value)
   bench_cli.at_least('epochs', _EPOCHS.value, 1)
   bench_cli.at_least('rater_steps', _RATER_STEPS.value, 1)
   bench_cli.at_least('evals_per_epoch', _EVALS.value, 1)
   try:
-    by_noise = {float(x.split(':')[0]): list(range(int(x.split(':')[1])))
-                for x in _SEEDS_BY_NOISE.value}
+    pairs = [(float(x.split(':')[0]), int(x.split(':')[1])) for x in _SEEDS_BY_NOISE.value]
   except (ValueError, IndexError):
     raise UserError('--seeds_by_noise must be NOISE:COUNT pairs separated by commas, got '
                     f'{",".join(_SEEDS_BY_NOISE.value)!r}') from None
-  bad = [x for x in _SEEDS_BY_NOISE.value if not 0 <= float(x.split(':')[0]) < 1
-         or int(x.split(':')[1]) < 1]
+  most = config_checks.MAX_SEED + 1
+  bad = [x for x, (p, n) in zip(_SEEDS_BY_NOISE.value, pairs)
+         if not (0 <= p < 1 and 1 <= n <= most)]
   if bad:
-    raise UserError(f'--seeds_by_noise needs a noise in [0, 1) and a count >= 1, got {bad[0]!r}')
+    raise UserError(f'--seeds_by_noise needs a noise in [0, 1) and a count in [1, {most}], got '
+                    f'{bad[0]!r}')
+  by_noise = {p: range(n) for p, n in pairs}
+  if len(by_noise) < len(pairs):
+    raise UserError(f'--seeds_by_noise names a noise twice: {",".join(_SEEDS_BY_NOISE.value)!r}')
   unused = sorted(set(by_noise) - set(noises))
   if unused:
     raise UserError(f'--seeds_by_noise names noise {unused[0]:g}, which --noise does not hold')
-  methods = list(_METHODS.value)
-  unknown = sorted(set(methods) - set(METHODS))
-  if unknown:
-    raise UserError(f'unknown --methods {unknown} (choose from {", ".join(METHODS)})')
+  methods = bench_cli.names('methods', _METHODS.value, METHODS)
   if _RATER_DIR.value:
     bench_cli.writable('rater_dir', _RATER_DIR.value, folder=True)
   bench_cli.out_folder(_OUT.value)
@@ -389,7 +391,7 @@ def main(argv):
   print(table)
   provenance.write_json(_OUT.value + '.json', {
       'summary': summary, 'runs': runs, 'noise': noises,
-      'seeds': {str(p): by_noise.get(p, seeds) for p in noises}, 'keep': keeps,
+      'seeds': {str(p): list(by_noise.get(p, seeds)) for p in noises}, 'keep': keeps,
       'methods': methods, 'epochs': _EPOCHS.value, 'rater_steps': _RATER_STEPS.value,
       'config': config.to_dict(), 'seconds': time.time() - t_start,
       'device': jax.devices()[0].device_kind, 'platform': platform.platform()})

@@ -104,7 +104,7 @@ def markdown(results: dict) -> str:
            + f'; DataRater: {results["rater_steps"]} outer steps; seconds: each variant\'s own '
            'wall, the training run the gradient methods share counted in the first that records '
            'it:', '',
-           '| noise | method | overall | ' + ' | '.join(kinds) + ' | seconds |',
+           '| ' + ' | '.join(['noise', 'method', 'overall', *kinds, 'seconds']) + ' |',
            '|---|---|---|' + '---|' * len(kinds) + '---|']
   for noise in results['noise']:
     for name in results['variants']:
@@ -117,8 +117,8 @@ def markdown(results: dict) -> str:
       per_kind = [cell([r['auroc_by_kind'][k] for r in rs if k in r['auroc_by_kind']])
                   if any(k in r['auroc_by_kind'] for r in rs) else '' for k in kinds]
       secs = [r['seconds'] for r in rs if r['seconds'] is not None]  # None: meta-training
-      lines.append(f'| {noise:.0%} | {name} | {cell([r["auroc"] for r in rs])} | '
-                   + ' | '.join(per_kind) + f' | {f"{np.mean(secs):.0f}" if secs else ""} |')
+      lines.append('| ' + ' | '.join([f'{noise:.0%}', name, cell([r['auroc'] for r in rs]),
+                                      *per_kind, f'{np.mean(secs):.0f}' if secs else '']) + ' |')
   for f in results.get('failed', []):
     lines.append(f'\nFailed: {f["variant"]} at {f["noise"]:.0%}, seed {f["seed"]}: {f["error"]}')
   return '\n'.join(lines) + '\n'
@@ -150,11 +150,9 @@ def plot(results: dict, path: str) -> None:
 def main(argv):
   del argv
   config = flags.FLAGS.config
-  variants = list(dict.fromkeys(  # each once; the DataRater's when it has outer steps
-      list(_VARIANTS.value) + (['datarater'] if _RATER_STEPS.value else [])))
-  unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
-  if unknown:
-    raise UserError(f'unknown --variants {unknown} (choose from {", ".join(VARIANTS)})')
+  variants = list(dict.fromkeys(  # the DataRater's too when it has outer steps
+      bench_cli.names('variants', _VARIANTS.value, VARIANTS, empty_ok=bool(_RATER_STEPS.value))
+      + (['datarater'] if _RATER_STEPS.value else [])))
   if 'datarater' in variants and not _RATER_STEPS.value:
     raise UserError('--variants datarater needs --rater_steps >= 1 (its outer steps)')
   # What the runs read, checked before any (a bad value had each variant 'fail', exit 0).
@@ -179,67 +177,69 @@ def main(argv):
              'runs': [], 'failed': [], 'dvemb_phase': [], 'curriculum': [], 'mimic_online': []}
   t_start = time.time()
   tmp_root = tempfile.mkdtemp(prefix='bench_valuation_')
-  for noise in noises:
-    for s in seeds:
-      base = runs.seeded(config, noise, s)
-      d = base.data
-      train = pipeline.load_split(d, d.train_split, corrupt=True)
-      heldout = pipeline.load_split(d, d.heldout_split)
-      test = pipeline.load_split(d, d.eval_split)
-      task = tasks.make_task(base.task, train.info)
-      # The variants of a method value the same recorded training run: recorded once.
-      cache = RunCache(os.path.join(tmp_root, f'runs_{noise:g}_{s}'), 'bench')
-      rater_dir = ''
-      if 'datarater' in variants:
-        t0 = time.perf_counter()
-        rater_dir = runs.train_rater(base, _RATER_STEPS.value, runs.rater_workdir(
-            _RATER_DIR.value or os.path.join(tmp_root, 'raters'), noise, s, _RATER_STEPS.value))
-        results.setdefault('rater_seconds', []).append(time.perf_counter() - t0)
-      for name in variants:
-        method, overrides = VARIANTS[name]
-        c = runs.seeded(config, noise, s, dict(overrides, rater=rater_dir))
-        t0 = time.perf_counter()
-        try:  # a method that fails (or gives non-finite values) is reported, the others go on
-          val = factory.build(method, c, task, train, heldout, cache)
-          values = val.values(train, c.valuation.score_batch_size)
-          if not np.all(np.isfinite(values)):
-            raise FloatingPointError(f'{int(np.sum(~np.isfinite(values)))} non-finite values')
-        except Exception as e:  # pylint: disable=broad-except
-          results['failed'].append({'noise': noise, 'seed': s, 'variant': name,
-                                    'error': f'{type(e).__name__}: {e}'})
-          print(f'noise {noise:.0%} seed {s} {name:20s} FAILED: {type(e).__name__}: {e}',
-                flush=True)
-          continue
-        secs = time.perf_counter() - t0
-        run = {'noise': noise, 'seed': s, 'variant': name, 'seconds': secs,
-               'example_gradients': int(val.example_gradients),
-               'auroc': evaluation.noise_auroc(values, train.is_corrupted),
-               'auroc_by_kind': evaluation.auroc_by_kind(values, train.corruption,
-                                                         train.corruption_kinds)}
-        if name == 'datarater':
-          run['seconds'] = None  # meta-training time is reported by launch.train_rater
-        results['runs'].append(run)
-        kinds = ', '.join(f'{k} {v:.3f}' for k, v in run['auroc_by_kind'].items())
-        print(f'noise {noise:.0%} seed {s} {name:20s} AUROC {run["auroc"]:.3f} ({kinds}) '
-              f'({secs:.1f} s) [{time.time() - t_start:.0f} s]', flush=True)
-        if name == 'dvemb':
-          phases = val.phase_values()
-          results['dvemb_phase'].append({
-              'noise': noise, 'seed': s,
-              'mean_abs_value': [float(np.mean(np.abs(p))) for p in phases],
-              'auroc': [evaluation.noise_auroc(p, train.is_corrupted) for p in phases]})
-        if name == 'mimic' and _CURRICULUM.value:
-          acc = mimic_online(c, task, train, heldout, test, s)
-          results['mimic_online'].append({'noise': noise, 'seed': s, **acc})
-          print('  mimic online: test accuracy ' + ', '.join(
-              f'{k} {100 * v:.2f}%' for k, v in acc.items()), flush=True)
-        if name in CURRICULUM_SOURCES and _CURRICULUM.value:
-          acc = curriculum(c, task, train, test, values, s)
-          results['curriculum'].append({'noise': noise, 'seed': s, 'source': name, **acc})
-          print(f'  curriculum from {name}: test accuracy ' + ', '.join(
-              f'{k} {100 * v:.2f}%' for k, v in acc.items()), flush=True)
+  try:  # removed however the runs end
+    for noise in noises:
+      for s in seeds:
+        base = runs.seeded(config, noise, s)
+        d = base.data
+        train = pipeline.load_split(d, d.train_split, corrupt=True)
+        heldout = pipeline.load_split(d, d.heldout_split)
+        test = pipeline.load_split(d, d.eval_split)
+        task = tasks.make_task(base.task, train.info)
+        # The variants of a method value the same recorded training run: recorded once.
+        cache = RunCache(os.path.join(tmp_root, f'runs_{noise:g}_{s}'), 'bench')
+        rater_dir = ''
+        if 'datarater' in variants:
+          t0 = time.perf_counter()
+          rater_dir = runs.train_rater(base, _RATER_STEPS.value, runs.rater_workdir(
+              _RATER_DIR.value or os.path.join(tmp_root, 'raters'), noise, s, _RATER_STEPS.value))
+          results.setdefault('rater_seconds', []).append(time.perf_counter() - t0)
+        for name in variants:
+          method, overrides = VARIANTS[name]
+          c = runs.seeded(config, noise, s, dict(overrides, rater=rater_dir))
+          t0 = time.perf_counter()
+          try:  # a method that fails (or gives non-finite values) is reported, the others go on
+            val = factory.build(method, c, task, train, heldout, cache)
+            values = val.values(train, c.valuation.score_batch_size)
+            if not np.all(np.isfinite(values)):
+              raise FloatingPointError(f'{int(np.sum(~np.isfinite(values)))} non-finite values')
+          except Exception as e:  # pylint: disable=broad-except
+            results['failed'].append({'noise': noise, 'seed': s, 'variant': name,
+                                      'error': f'{type(e).__name__}: {e}'})
+            print(f'noise {noise:.0%} seed {s} {name:20s} FAILED: {type(e).__name__}: {e}',
+                  flush=True)
+            continue
+          secs = time.perf_counter() - t0
+          run = {'noise': noise, 'seed': s, 'variant': name, 'seconds': secs,
+                 'example_gradients': int(val.example_gradients),
+                 'auroc': evaluation.noise_auroc(values, train.is_corrupted),
+                 'auroc_by_kind': evaluation.auroc_by_kind(values, train.corruption,
+                                                           train.corruption_kinds)}
+          if name == 'datarater':
+            run['seconds'] = None  # meta-training time is reported by launch.train_rater
+          results['runs'].append(run)
+          kinds = ', '.join(f'{k} {v:.3f}' for k, v in run['auroc_by_kind'].items())
+          print(f'noise {noise:.0%} seed {s} {name:20s} AUROC {run["auroc"]:.3f} ({kinds}) '
+                f'({secs:.1f} s) [{time.time() - t_start:.0f} s]', flush=True)
+          if name == 'dvemb':
+            phases = val.phase_values()
+            results['dvemb_phase'].append({
+                'noise': noise, 'seed': s,
+                'mean_abs_value': [float(np.mean(np.abs(p))) for p in phases],
+                'auroc': [evaluation.noise_auroc(p, train.is_corrupted) for p in phases]})
+          if name == 'mimic' and _CURRICULUM.value:
+            acc = mimic_online(c, task, train, heldout, test, s)
+            results['mimic_online'].append({'noise': noise, 'seed': s, **acc})
+            print('  mimic online: test accuracy ' + ', '.join(
+                f'{k} {100 * v:.2f}%' for k, v in acc.items()), flush=True)
+          if name in CURRICULUM_SOURCES and _CURRICULUM.value:
+            acc = curriculum(c, task, train, test, values, s)
+            results['curriculum'].append({'noise': noise, 'seed': s, 'source': name, **acc})
+            print(f'  curriculum from {name}: test accuracy ' + ', '.join(
+                f'{k} {100 * v:.2f}%' for k, v in acc.items()), flush=True)
+  finally:
+    shutil.rmtree(tmp_root, ignore_errors=True)
   results['total_s'] = time.time() - t_start
-  shutil.rmtree(tmp_root, ignore_errors=True)
   md = markdown(results)
   runs.write_results(_OUT.value, results, md)
   plot(results, _OUT.value + '.png')

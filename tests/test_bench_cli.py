@@ -3,6 +3,7 @@ value, exit 2, before any run and without writing anything. Each case is its com
 own process (`tests.forked`)."""
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -37,7 +38,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('pergrad', ['--batch=0'], '--batch must be >= 1, got 0'),
     ('cnn_patches', ['--repeats=0'], '--repeats must be >= 1, got 0'),
     ('curation', ['--rater_steps=-1'], '--rater_steps must be >= 1, got -1'),
-    ('curation', ['--seeds_by_noise=0.2:0'], "a count >= 1, got '0.2:0'"),  # it ran no seeds
+    ('curation', ['--seeds_by_noise=0.2:0'], "a count in [1, 2147483648], got '0.2:0'"),
+    ('curation', ['--seeds_by_noise=0.2:3000000000'], "got '0.2:3000000000'"),  # a 3e9 list
+    # Empty: curation ran every corpus with no method, valuation_noise wrote an empty table.
+    ('curation', ['--methods='], '--methods is empty: give at least one of'),
+    ('valuation_noise', ['--variants='], '--variants is empty: give at least one of'),
+    # Twice: the same runs stored twice, or run again and overwritten.
+    ('valuation_noise', ['--noise=0.2,0.2'], '--noise repeats 0.2: give each value once'),
+    ('curation', ['--keep=0.5,0.5'], '--keep repeats 0.5: give each value once'),
+    ('curation', ['--methods=mimic,mimic'], '--methods repeats mimic: give each once'),
     # An empty --launcher_ns means the default sizes; it was refused before --block was read.
     ('valuation_scale', ['--block=0'], '--block must be >= 1, got 0'),
     ('valuation_scale', ['--sections='], '--sections is empty'),
@@ -191,11 +200,14 @@ def test_every_bench_with_an_out_runs_through_bench_cli():
     ('curation', '--rater_dir', '{f}', "--rater_dir '{f}' is a file, not a folder"),
     ('valuation_noise', '--rater_dir', '{f}/r', "--rater_dir '{f}/r': '{f}' is a file, not a"),
     ('valuation_scale', '--scratch', '{f}/s', "--scratch '{f}/s': '{f}' is a file, not a folder"),
+    # The runs went on, then their results could not be written (named by a temporary file).
+    ('valuation_noise', '--out', '{j}/res', "--out '{j}/res': '{j}/res.json' is a folder, where"),
 ])
 def test_an_output_under_a_file_is_one_line_before_the_run(tmp_path, bench, flag, path, says):
   a_file = tmp_path / 'a_file'
   a_file.write_text('kept')
-  where = {'f': a_file, 'd': tmp_path / 'd'}
+  (tmp_path / 'j' / 'res.json').mkdir(parents=True)
+  where = {'f': a_file, 'd': tmp_path / 'd', 'j': tmp_path / 'j'}
   args = [f'{flag}={path.format(**where)}']
   if flag != '--out':
     args.append(f'--out={tmp_path / "out" / "result"}')
@@ -320,3 +332,26 @@ def test_harm_probe_preconditions_by_adams_bias_corrected_second_moment():
     _, state = opt.update({'w': jax.numpy.asarray(g, jax.numpy.float32)}, state, params)
   sgd = make_inner_optimizer('sgd', 0.01)
   assert lm_harm_probe.adam_precondition(held, sgd.init(params)) is held
+
+
+def _interrupted_valuation_noise(tmp: str, out: str) -> None:
+  """bench.valuation_noise run with temporary folders in `tmp`, stopped by Ctrl-C as its first
+  seed begins."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from bench import runs  # pylint: disable=g-import-not-at-top
+  tempfile.tempdir = tmp
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  runs.seeded = interrupted
+  forked.as_main('bench.valuation_noise', [f'--out={out}', '--seeds=0', '--noise=0.2'])
+
+
+def test_an_interrupted_valuation_bench_removes_its_temporary_folder(tmp_path):
+  """Its recorded training runs and raters stayed behind in the temporary folder."""
+  tmp = tmp_path / 'tmp'
+  tmp.mkdir()
+  done = forked.call(_interrupted_valuation_noise, str(tmp), str(tmp_path / 'out' / 'r'),
+                     env=subprocess_env(1), timeout=120)
+  assert done.returncode == -signal.SIGINT, done.stderr[-2000:]
+  assert 'interrupted (Ctrl-C)' in done.stderr and 'Traceback' not in done.stderr, done.stderr
+  assert not list(tmp.iterdir())

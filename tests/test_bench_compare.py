@@ -42,6 +42,8 @@ def test_a_noise_table_row_missing_a_seed_says_how_many_it_holds():
   def markdown(results):  # in a process of its own: bench.valuation_noise defines its flags
     done = forked.call(_print_noise_markdown, results, env=os.environ, timeout=120)  # on import
     assert done.returncode == 0, done.stderr[-2000:]
+    rows = [l for l in done.stdout.splitlines() if l.startswith('|')]
+    assert len({l.count('|') for l in rows}) == 1, rows  # no kinds: as many cells in each row
     return done.stdout
   assert '| 20% | mimic | 0.750 ± 0.000 (n=1 of 2) |' in markdown(results)
   results['runs'].append(run(1, 0.25))
