@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from datarater import multihost
 from datarater.checkpointing import RunCheckpointer, abstract_of
 from datarater.errors import UserError
 
@@ -377,12 +378,16 @@ class Trainer:
         done_steps += epoch_steps
         if checkpoints is not None and ((epoch + 1) % checkpoint_every == 0
                                         or epoch + 1 == last_epoch):
-          checkpoints.save(epoch + 1, state, {'epoch': epoch + 1},
-                           extra={'history': history, 'wall_s': train_s,
-                                  'compile_s': compile_s, 'steps': done_steps})
+          # Ctrl-C or SIGTERM (with launch.interrupts) as a checkpoint is written stops the run
+          # once it is: orbax interrupted mid-write printed tracebacks, or hung at exit.
+          with multihost.StopVote(jax.local_devices(), epoch + 1):
+            checkpoints.save(epoch + 1, state, {'epoch': epoch + 1},
+                             extra={'history': history, 'wall_s': train_s,
+                                    'compile_s': compile_s, 'steps': done_steps})
     finally:
       if checkpoints is not None:
-        checkpoints.close()
+        with multihost.StopVote(jax.local_devices(), last_epoch):
+          checkpoints.close()
     recording = None
     if self.record_every:
       recording = Recording(recorder, np.concatenate(positions_log, 1),

@@ -277,9 +277,9 @@ def test_processes_that_loaded_different_raters_stop_in_one_line(tfds_dir, tmp_p
   assert not glob.glob(str(tmp_path / 'val' / 'scores_*'))
 
 
-@pytest.mark.parametrize('signum,processes', [(signal.SIGTERM, 2), (signal.SIGINT, 2),
-                                              (signal.SIGINT, 1)],
-                         ids=['SIGTERM', 'SIGINT', 'SIGINT-one-process'])
+@pytest.mark.parametrize('signum,processes', [  # the vote of Ctrl-C in two: test_every_process_...
+    (signal.SIGTERM, 2), pytest.param(signal.SIGINT, 2, marks=pytest.mark.slow),
+    (signal.SIGINT, 1)], ids=['SIGTERM', 'SIGINT', 'SIGINT-one-process'])
 def test_a_signal_to_one_process_stops_both_after_one_step_that_resumes(tfds_dir, tmp_path,
                                                                          signum, processes):
   """SIGTERM (a preempted host) or Ctrl-C to process 1 alone: both processes stop after the same

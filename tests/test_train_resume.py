@@ -1,6 +1,7 @@
 """launch.train resumes from its workdir: a stopped and resumed run equals an uninterrupted one."""
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -97,6 +98,33 @@ def test_command_line_stop_and_resume(tfds_dir, tmp_path):
   assert second.returncode == 0, second.stderr[-2000:]
   assert 'resuming from the checkpoint at epoch 1' in second.stdout
   assert json.loads((tmp_path / 'report.json').read_text())['final']['epoch'] == 3
+
+
+def _ctrl_c_as_epoch_1_is_checkpointed(args: list) -> None:
+  """launch.train `args`, sent Ctrl-C as its first checkpoint's write begins."""
+  from datarater import checkpointing  # pylint: disable=g-import-not-at-top
+  save = checkpointing.RunCheckpointer.save
+  def interrupted(self, step, *rest, **kwargs):
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGINT)
+    save(self, step, *rest, **kwargs)
+  checkpointing.RunCheckpointer.save = interrupted
+  forked.as_main('launch.train', args)
+
+
+def test_ctrl_c_as_a_checkpoint_is_written_stops_once_it_is(tfds_dir, tmp_path):
+  """It interrupted orbax's write (tracebacks of its threads, at times a hang at exit, and no
+  checkpoint): now the run stops with Ctrl-C's one line after the checkpoint, and resumes there."""
+  args = ['--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
+          '--config.train.epochs=3', '--config.train.seeds=(0,)',
+          '--config.train.checkpoint_every=1', f'--workdir={tmp_path}']
+  done = forked.call(_ctrl_c_as_epoch_1_is_checkpointed, args, env=subprocess_env(1), timeout=120)
+  assert done.returncode == -signal.SIGINT, done.stderr[-3000:]
+  out = done.stdout + done.stderr
+  assert 'Traceback' not in out and out.count('interrupted (Ctrl-C) at ') == 1, out[-3000:]
+  again = forked.run('launch.train', args, subprocess_env(1))
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert 'resuming from the checkpoint at epoch 1' in again.stdout
 
 
 def test_resumed_past_an_unreadable_checkpoint_equals_uninterrupted(tfds_dir, tmp_path, caplog,
