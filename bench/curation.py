@@ -42,9 +42,8 @@ from bench import cli as bench_cli
 from bench import compare
 from bench import provenance
 from bench import runs as bench_runs
-from datarater import config_checks, evaluation, export, files, policies, tasks
+from datarater import config_checks, evaluation, export, files, policies
 from datarater.curation import select
-from datarater.data import pipeline
 from datarater.errors import UserError
 from datarater.policies import weighting
 from datarater.valuation import factory
@@ -74,11 +73,7 @@ def train_run(config, task, split, test, policy, seed: int) -> dict:
 
 def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
   c = bench_runs.seeded(config, noise, seed)
-  d = c.data
-  train = pipeline.load_split(d, d.train_split, corrupt=True)
-  heldout = pipeline.load_split(d, d.heldout_split)
-  test = pipeline.load_split(d, d.eval_split)
-  task = tasks.make_task(c.task, train.info)
+  train, heldout, test, task = bench_runs.splits_and_task(c)
   values, setup, online, timing = {}, {}, {}, {}
   if 'datarater' in methods:
     t0 = time.time()

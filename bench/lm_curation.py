@@ -51,6 +51,7 @@ import numpy as np
 from bench import cli as bench_cli
 from bench import compare
 from bench import provenance
+from bench.runs import splits_and_task
 from datarater import config_checks, evaluation, export, files, tasks
 from datarater.curation import select
 from datarater.data import pipeline
@@ -112,11 +113,7 @@ def learned(values: np.ndarray, split, temperature=None) -> dict:
 
 def run_seed(config, bench, seed: int, tmp: str) -> dict:
   c = seeded(config, seed)
-  d = c.data
-  train = pipeline.load_split(d, d.train_split, corrupt=True)
-  heldout = pipeline.load_split(d, d.heldout_split)
-  test = pipeline.load_split(d, d.eval_split)
-  small = tasks.make_task(c.task, train.info)
+  train, heldout, test, small = splits_and_task(c)
   seconds, values, cost = {}, {}, {}
   t0 = time.time()
   print(f'seed {seed}: training the rater ({c.outer.steps} outer steps) ...', flush=True)

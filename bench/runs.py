@@ -9,7 +9,8 @@ from typing import Optional
 import jax
 
 from bench import provenance
-from datarater import files
+from datarater import files, tasks
+from datarater.data import pipeline
 from datarater.meta_train import meta_train
 
 
@@ -32,6 +33,15 @@ def seeded(config, noise: float, seed: int, valuation_overrides: Optional[dict] 
   c.seed = c.data.noise_seed = c.valuation.seed = seed
   c.valuation.update(valuation_overrides or {})
   return c
+
+
+def splits_and_task(config):
+  """(train with its corruption planted, held-out, test, task) of `config`: what a bench's runs
+  of one (noise, seed) read."""
+  d = config.data
+  train = pipeline.load_split(d, d.train_split, corrupt=True)
+  return (train, pipeline.load_split(d, d.heldout_split), pipeline.load_split(d, d.eval_split),
+          tasks.make_task(config.task, train.info))
 
 
 def rater_workdir(folder: str, noise: float, seed: int, steps: int) -> str:

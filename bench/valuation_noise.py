@@ -30,8 +30,7 @@ import numpy as np
 
 from bench import cli as bench_cli
 from bench import runs
-from datarater import config_checks, evaluation, files, policies, tasks
-from datarater.data import pipeline
+from datarater import config_checks, evaluation, files, policies
 from datarater.config_checks import MAX_SEED
 from datarater.errors import UserError
 from datarater.policies import weighting
@@ -181,11 +180,7 @@ def main(argv):
     for noise in noises:
       for s in seeds:
         base = runs.seeded(config, noise, s)
-        d = base.data
-        train = pipeline.load_split(d, d.train_split, corrupt=True)
-        heldout = pipeline.load_split(d, d.heldout_split)
-        test = pipeline.load_split(d, d.eval_split)
-        task = tasks.make_task(base.task, train.info)
+        train, heldout, test, task = runs.splits_and_task(base)
         # The variants of a method value the same recorded training run: recorded once.
         cache = RunCache(os.path.join(tmp_root, f'runs_{noise:g}_{s}'), 'bench')
         rater_dir = ''
