@@ -48,7 +48,7 @@ def writable(flag: str, path: str, folder: bool = False) -> None:
     raise UserError(f'--{flag} {path!r}: {above!r} is a file, not a folder')
   if not os.access(above, os.W_OK | os.X_OK):
     raise UserError(f'--{flag} {path!r}: cannot write in {above!r} (permission denied)')
-  taken = [path + ext for ext in ('.json', '.md', '.png')
+  taken = [path + ext for ext in ('.json', '.jsonl', '.md', '.png')
            if not folder and os.path.isdir(path + ext)]
   if taken:
     raise UserError(f'--{flag} {path!r}: {taken[0]!r} is a folder, where a results file goes')

@@ -18,6 +18,7 @@ from launch import interrupts
 if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
   interrupts.install()
 # pylint: disable=wrong-import-position
+import logging
 import os
 import platform
 import shutil
@@ -174,6 +175,8 @@ def main(argv):
              'label_noise_kind': config.data.label_noise_kind,
              'input_corruption': dict(config.data.input_corruption),
              'runs': [], 'failed': [], 'dvemb_phase': [], 'curriculum': [], 'mimic_online': []}
+  if not _RATER_DIR.value:  # its 'run again to resume' would name a temporary folder, removed
+    logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   t_start = time.time()
   tmp_root = tempfile.mkdtemp(prefix='bench_valuation_')
   try:  # removed however the runs end

@@ -84,6 +84,7 @@ def check_same_settings(settings: dict) -> None:
 
 _voting = [0]  # the processes the running StopVote loop spans (0: none runs)
 _asked = [0]  # the signal (SIGINT or SIGTERM) that came to this process while it ran
+_ctrl_c = [False]  # a SIGINT came to this process while it ran
 
 
 def ask_to_stop(signum: int) -> bool:
@@ -91,9 +92,10 @@ def ask_to_stop(signum: int) -> bool:
   process of the job after one step (the handler need do nothing more); False: stop as usual, as
   for a second Ctrl-C to a job of one process (in several, a process stopped alone would wait at
   exit for the others: every Ctrl-C waits for the vote)."""
-  if not _voting[0] or signum == _asked[0] == signal.SIGINT and _voting[0] == 1:
+  if not _voting[0] or signum == signal.SIGINT and _ctrl_c[0] and _voting[0] == 1:
     return False
   _asked[0] = max(_asked[0], signum)
+  _ctrl_c[0] = _ctrl_c[0] or signum == signal.SIGINT
   return True
 
 
@@ -123,7 +125,7 @@ class StopVote:
           mesh, jax.sharding.PartitionSpec()))
 
   def __enter__(self):
-    _voting[0], _asked[0] = self._processes, 0
+    _voting[0], _asked[0], _ctrl_c[0] = self._processes, 0, False
     return self
 
   def __exit__(self, exc_type, *exc_info):
@@ -133,7 +135,7 @@ class StopVote:
       if self.stopped_at is not None:
         self._on_stop(self.stopped_at, self.signum)
     finally:
-      _voting[0] = 0
+      _voting[0], _ctrl_c[0] = 0, False
       signum, _asked[0] = self.signum or _asked[0], 0
       if signum:
         os.kill(os.getpid(), signum)

@@ -202,11 +202,13 @@ def test_every_bench_with_an_out_runs_through_bench_cli():
     ('valuation_scale', '--scratch', '{f}/s', "--scratch '{f}/s': '{f}' is a file, not a folder"),
     # The runs went on, then their results could not be written (named by a temporary file).
     ('valuation_noise', '--out', '{j}/res', "--out '{j}/res': '{j}/res.json' is a folder, where"),
+    ('lm_harm_probe', '--out', '{j}/log', "--out '{j}/log': '{j}/log.jsonl' is a folder, where"),
 ])
 def test_an_output_under_a_file_is_one_line_before_the_run(tmp_path, bench, flag, path, says):
   a_file = tmp_path / 'a_file'
   a_file.write_text('kept')
   (tmp_path / 'j' / 'res.json').mkdir(parents=True)
+  (tmp_path / 'j' / 'log.jsonl').mkdir()
   where = {'f': a_file, 'd': tmp_path / 'd', 'j': tmp_path / 'j'}
   args = [f'{flag}={path.format(**where)}']
   if flag != '--out':

@@ -363,6 +363,9 @@ def test_in_one_process_a_signal_stops_after_the_step_and_a_second_ctrl_c_at_onc
       assert vote.after(2) and vote.after(3)
     assert sent == [(2, signum), ('sent', signum)]
     assert not multihost.ask_to_stop(signum)
+  with multihost.StopVote(jax.devices()[:1], 0):  # after a SIGTERM too, a second Ctrl-C stops
+    assert multihost.ask_to_stop(signal.SIGTERM) and multihost.ask_to_stop(signal.SIGINT)
+    assert not multihost.ask_to_stop(signal.SIGINT)
 
 
 def test_a_dataset_folder_changed_for_one_process_stops_both(tfds_dir, tmp_path):
