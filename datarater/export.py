@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from datarater import checkpointing, config_checks, files, tasks
+from datarater import checkpointing, config_checks, files, multihost, tasks
 from datarater.data import pipeline
 from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
@@ -170,7 +170,10 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
       'config': json.loads(config.to_json()),
   }
   with files.atomic_dir(out_dir, overwrite, marker='rater.json') as tmp:
-    with ocp.StandardCheckpointer() as ckptr:
+    # Ctrl-C or SIGTERM (with launch.interrupts) as orbax writes stops the export once the write
+    # is done: its threads, interrupted, printed tracebacks, wrote on into the removed folder or
+    # hung at exit.
+    with multihost.StopVote(jax.local_devices(), 0), ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, 'params'), jax.device_get(params))
     files.write_json(os.path.join(tmp, 'rater.json'), meta)
   return meta
@@ -274,8 +277,9 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
     params_path = os.path.abspath(os.path.join(path, 'params'))
     if not os.path.isdir(params_path):
       raise UserError(f'rater {path!r} has no params/ folder')
-    try:
-      with checkpointing.quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
+    try:  # a signal as orbax reads is held until it is done (interrupted, it said 'unreadable')
+      with multihost.StopVote(jax.local_devices(), 0), checkpointing.quiet_orbax(), \
+          ocp.StandardCheckpointer() as ckptr:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
                               ckptr.metadata(params_path).item_metadata.tree)
         params = ckptr.restore(params_path, target)
