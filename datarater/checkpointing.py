@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from datarater import multihost
+from datarater import files, multihost
 from datarater.errors import UserError
 
 log = logging.getLogger('datarater')
@@ -143,7 +143,6 @@ def path_inputs(data, **launcher_inputs: str) -> dict[str, PathInput]:
   the stat digest, and files whose names, sizes and times are as recorded are not read again.
   One a process cannot read stops every process in one line.
   """
-  from datarater import files  # pylint: disable=g-import-not-at-top
   named = {'data.dataset_dir': data.get('dataset_dir', '')}
   named.update({f'--{k}': v for k, v in launcher_inputs.items()})
   inputs, problem = {}, None
@@ -198,7 +197,6 @@ class RunCheckpointer:
                free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS,
                inputs: Optional[dict[str, PathInput]] = None):
     check_writable_path(workdir, '--workdir')
-    from datarater import files  # pylint: disable=g-import-not-at-top
     files.check_outside(workdir, **{field: i.path for field, i in (inputs or {}).items()})
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
@@ -319,7 +317,6 @@ class RunCheckpointer:
 
   def _digest(self, field: str) -> str:
     """The contents' digest of input `field`, read once."""
-    from datarater import files  # pylint: disable=g-import-not-at-top
     given = self.inputs[field]
     if given.digest is None:
       self.inputs[field] = given._replace(digest=files.content_digest(given.path))
