@@ -11,9 +11,11 @@ compiler itself runs is handled when it returns. SIGTERM (a scheduler's kill) en
 Ctrl-C does: temporary files and folders are removed on the way out (exit code 128 + 15). In a
 rater run's outer loop either stops every process after the step they agree on (checkpointed);
 in launch.train one that comes while a checkpoint is written stops the run once the checkpoint
-is (`multihost.StopVote`). In a job of one process a second Ctrl-C stops it at once. Ctrl-C ends with one line saying where,
-not a traceback.
+is (`multihost.StopVote`). In a job of one process a second Ctrl-C stops it at once. Ctrl-C
+ends with one line saying where, not a traceback. A signal while the process exits, its
+launcher's code done, lets exit's clean-up finish, then exits by it; a second stops it at once.
 """
+import atexit
 import gc
 import importlib.machinery
 import os
@@ -29,6 +31,8 @@ _armed = [False]  # from `install` until `disarm`: the launcher's own code runs
 _sent = [0]  # signals sent again by this module, not yet handled
 _deferred = [False]  # a signal is being sent again until a compilation is over
 _pending = [0]  # the signal being sent again, not yet raised (0: none)
+_installed = [False]  # `_exit_by_signal` is registered
+_exiting = [0]  # a signal that came after `disarm`, while the process exits (0: none)
 
 
 def _in_gc_callback(frame) -> bool:
@@ -88,6 +92,9 @@ def _handler(signum, frame) -> None:
   _sent[0] -= again
   if again and not _armed[0]:  # sent just before `disarm`, which raised it
     return
+  if not _armed[0]:
+    _while_exiting(signum)
+    return
   if _stops_at_an_agreed_step(signum):
     if _pending[0] == signum:  # one being sent again: the vote has it now
       _pending[0] = 0
@@ -116,6 +123,33 @@ def _raise(signum: int) -> None:
   if signum == signal.SIGINT:
     raise KeyboardInterrupt
   sys.exit(128 + signum)
+
+
+def _while_exiting(signum: int) -> None:
+  """A signal after the launcher's code: raised, it would cut short the exit's clean-up (an
+  atexit callback, e.g. the removal of a temporary folder) with a traceback. Clean-up finishes
+  first and the process then exits by it (`_exit_by_signal`); a second signal stops it at once."""
+  if _exiting[0]:
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return
+  _exiting[0] = signum
+  if signum == signal.SIGINT:
+    print('interrupted (Ctrl-C) while exiting: its clean-up finishes first (Ctrl-C again stops '
+          'at once)', file=sys.stderr)
+
+
+def _exit_by_signal() -> None:
+  """The last atexit callback (registered by `install`, before any other module's): a process
+  signalled while it exited exits as it would have in its run: killed by SIGINT, or 128 + 15."""
+  signum = _exiting[0]
+  if signum:
+    for stream in (sys.stdout, sys.stderr):
+      stream.flush()
+    if signum == signal.SIGINT:
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+    os._exit(128 + signum)
 
 
 def _dropped(previous):
@@ -155,6 +189,10 @@ def _one_line(previous):
 def install() -> None:
   """Handles SIGINT and SIGTERM as above (from the main thread, as every Python handler); a
   signal the process was started ignoring (SIGINT in a shell's background job) stays ignored."""
+  if not _installed[0]:
+    atexit.register(_exit_by_signal)
+    _installed[0] = True
+  _armed[0] = True  # before the handlers: one at once is not taken for one while exiting
   for signum in (signal.SIGINT, signal.SIGTERM):
     if signal.getsignal(signum) != signal.SIG_IGN:
       signal.signal(signum, _handler)
@@ -162,13 +200,13 @@ def install() -> None:
     sys.unraisablehook = _dropped(sys.unraisablehook)
   if not getattr(sys.excepthook, 'one_line', False):
     sys.excepthook = _one_line(sys.excepthook)
-  _armed[0] = True
 
 
 def disarm() -> None:
   """The launcher's code is done: a dropped signal is no longer sent again (it would interrupt
   exit's clean-up, e.g. the removal of temporary folders). One that came while the launcher's
-  code ran and is still being sent again is raised here: the run stops as it would have."""
+  code ran and is still being sent again is raised here: the run stops as it would have. One
+  that comes later waits for exit's clean-up (`_while_exiting`)."""
   _armed[0] = False
   if _pending[0]:
     _raise(_pending[0])

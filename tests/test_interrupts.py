@@ -140,9 +140,11 @@ def test_a_signal_the_process_was_started_ignoring_stays_ignored():
 
 
 def test_after_the_launchers_code_a_dropped_signal_is_not_sent_into_exits_clean_up(tmp_path):
-  """Disarmed (the launcher's main has returned), a signal a finalizer dropped stays dropped:
-  sent again, it would cut short atexit's clean-up (temporary folders left behind)."""
+  """Disarmed (the launcher's main has returned), a signal a finalizer dropped is not sent again:
+  it would cut short atexit's clean-up (temporary folders left behind). The process exits by it
+  once the clean-up is done."""
   code = ('import atexit, os, signal, sys, time\nfrom launch import interrupts\n'
+          'signal.signal(signal.SIGINT, signal.default_int_handler)\n'
           'interrupts.install()\ninterrupts.disarm()\n'
           'def clean_up():\n  time.sleep(0.5)\n  open(sys.argv[1], "w").write("done")\n'
           'atexit.register(clean_up)\n'
@@ -152,7 +154,37 @@ def test_after_the_launchers_code_a_dropped_signal_is_not_sent_into_exits_clean_
   marker = tmp_path / 'cleaned'
   out = subprocess.run([sys.executable, '-c', code, str(marker)], cwd=ROOT, capture_output=True,
                        text=True, timeout=60, env={**os.environ, 'PYTHONPATH': ROOT})
-  assert out.returncode == 0 and marker.read_text() == 'done', out.stderr[-2000:]
+  assert out.returncode == -signal.SIGINT and marker.read_text() == 'done', out.stderr[-2000:]
+
+
+
+@pytest.mark.parametrize('signals,code', [((signal.SIGINT,), -signal.SIGINT),
+                                          ((signal.SIGTERM,), 128 + signal.SIGTERM),
+                                          ((signal.SIGINT, signal.SIGINT), -signal.SIGINT),
+                                          ((signal.SIGTERM, signal.SIGTERM), -signal.SIGTERM)])
+def test_a_signal_while_the_process_exits_waits_for_its_clean_up_then_exits_by_it(
+    tmp_path, signals, code):
+  """After the launcher's code, a signal in an atexit clean-up (JAX's, the removal of a temporary
+  folder) lets it finish, without a traceback, and the process then exits as killed by it; a
+  second signal stops it at once. Raised there, it cut the clean-up short with a traceback."""
+  code_ = ('import atexit, os, signal, sys, time\nfrom launch import interrupts\n'
+           'signal.signal(signal.SIGINT, signal.default_int_handler)\n'  # as from a terminal
+           'interrupts.install()\ninterrupts.disarm()\n'
+           'def clean_up():\n'
+           '  for s in sys.argv[2:]:\n    os.kill(os.getpid(), int(s))\n    time.sleep(0.2)\n'
+           '  open(sys.argv[1], "w").write("done")\n'
+           'atexit.register(clean_up)\nprint("work done", flush=True)\n')
+  marker = tmp_path / 'cleaned'
+  out = subprocess.run([sys.executable, '-c', code_, str(marker), *map(str, signals)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, 'PYTHONPATH': ROOT})
+  assert out.returncode == code, out.stderr[-2000:]
+  assert out.stdout == 'work done\n' and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert marker.exists() == (len(signals) == 1)
+  if signals[0] == signal.SIGINT:
+    assert out.stderr.count('\n') == 1 and 'while exiting' in out.stderr, out.stderr
+  else:
+    assert out.stderr == ''
 
 
 # A program whose compilation takes ~1.5 s (more under load), interrupted 0.2 s into it.
@@ -201,6 +233,7 @@ def test_a_signal_inside_jax_compile_code_is_deferred_elsewhere_raised(monkeypat
   from launch import interrupts  # pylint: disable=g-import-not-at-top
   resent = []
   monkeypatch.setattr(interrupts, '_resend', resent.append)
+  monkeypatch.setattr(interrupts, '_armed', [True])  # in the launcher's code
   def call_from(path, name):
     namespace = {}
     exec(compile(f'def {name}(handler, frame):\n  return handler(2, frame())\n', path, 'exec'),
@@ -213,7 +246,6 @@ def test_a_signal_inside_jax_compile_code_is_deferred_elsewhere_raised(monkeypat
     monkeypatch.setattr(interrupts, '_deferred', [False])  # a first Ctrl-C
     assert call_from(path, name) is None
   assert resent == [signal.SIGINT] * 3
-  monkeypatch.setattr(interrupts, '_armed', [True])  # in the launcher's code
   monkeypatch.setattr(interrupts, '_sent', [1])  # the one sent again: deferred again
   assert call_from(compiling, 'anything') is None and interrupts._sent == [0]
   with pytest.raises(KeyboardInterrupt):  # the user's second Ctrl-C: raised at once
@@ -250,6 +282,7 @@ def test_the_unraisable_hooks_install_once_in_either_order(monkeypatch):
   from datarater import checkpointing  # pylint: disable=g-import-not-at-top
   from launch import interrupts  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(signal, 'signal', lambda *_: None)  # this test's process keeps its handlers
+  monkeypatch.setattr(interrupts, '_installed', [True])  # and its atexit callbacks
   monkeypatch.setattr(sys, 'excepthook', sys.excepthook)
   for first, second in [(interrupts.install, checkpointing._drop_closed_loop_noise),
                         (checkpointing._drop_closed_loop_noise, interrupts.install)]:
