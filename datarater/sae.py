@@ -146,7 +146,10 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
                     'did the feature extractor diverge?')
   module = make_sae(config)
   normaliser = Normaliser.fit(features)
-  if float(normaliser.scale) - 1e-8 <= 1e-6 * float(jnp.max(jnp.abs(features))):  # relative
+  # Relative to their size, by the spread of each dimension: the normaliser's scale of equal
+  # vectors is float32 rounding of the mean, which grows with D (1e-6 of the size at D = 784).
+  spread = jnp.max(jnp.max(features, 0) - jnp.min(features, 0))
+  if float(spread) <= 1e-6 * float(jnp.max(jnp.abs(features))):
     raise UserError(f'SAE features of all {features.shape[0]} examples are the same vector: '
                     'nothing to encode (a feature extractor whose units all died gives this; '
                     'try a lower features.learning_rate)')

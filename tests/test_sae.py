@@ -106,6 +106,9 @@ def test_features_that_cannot_be_encoded_are_refused_not_coded_zero():
     sae.train_sae(np.zeros((40, 6)), sae_config(), jax.random.PRNGKey(0))
   with pytest.raises(UserError, match='are the same vector'):
     sae.train_sae(np.tile(x[:1] * 1e3, (40, 1)), sae_config(), jax.random.PRNGKey(0))
+  pixels = np.random.default_rng(1).integers(0, 256, 784) / 255  # where rounding of the mean
+  with pytest.raises(UserError, match='SAE features of all 5000 examples are the same vector'):
+    sae.train_sae(np.tile(pixels, (5000, 1)), sae_config(), jax.random.PRNGKey(0))  # passed
   tiny = sae.train_sae(x * 1e-7, sae_config(), jax.random.PRNGKey(0))[1]  # a scale, not equal
   assert tiny['active_mean'] > 0 and tiny['mse'] < tiny['mse_mean_baseline']
   with pytest.raises(UserError, match=r'SAE features hold 1 non-finite values \(NaN or inf\)'):
