@@ -100,7 +100,7 @@ def count_gini_ablation(codes, labels, num_classes: int, ratio: float, epochs: i
                         seed: int) -> dict:
   """Selection counts of the SAE policy (select/update only) with and without the usage penalty."""
   out = {}
-  for penalty in (0.0, cfg.sae_scores.usage_penalty):
+  for key, penalty in (('without_penalty', 0.0), ('with_penalty', cfg.sae_scores.usage_penalty)):
     c = cfg.sae_scores.copy_and_resolve_references()
     c.usage_penalty = penalty
     policy = policies.sae(codes, ratio, epochs, c, labels=labels, num_classes=num_classes)
@@ -109,7 +109,7 @@ def count_gini_ablation(codes, labels, num_classes: int, ratio: float, epochs: i
     for _ in range(epochs):
       idx, w, state = select(policy.aux, state)
       state = update(policy.aux, state, idx, w, np.zeros(idx.shape, np.float32))
-    out['with_penalty' if penalty else 'without_penalty'] = gini(state.counts)
+    out[key] = gini(state.counts)  # (equal where the config's penalty is 0)
   return out
 
 

@@ -115,26 +115,36 @@ def test_full_selects_everything_once():
   np.testing.assert_array_equal(w, np.ones(50))
 
 
-@pytest.mark.parametrize('case', ['below_mean', 'widened'])
+@pytest.mark.parametrize('case', ['below_mean', 'widened', 'unseen', 'widened_unseen'])
 def test_infobatch_prunes_only_low_loss_and_rescales(case):
-  """InfoBatch's rule by brute force: candidates are the below-mean losses (widened to the lowest
-  ceil(pruned / 0.8) when fewer); each draw prunes exactly N - n of them, each candidate with
-  probability (N - n) / #candidates over draws, and rescales the kept candidates by 1 / (1 - p)."""
+  """InfoBatch's rule by brute force: candidates are the losses below the mean of the examples
+  seen (widened to the lowest ceil(pruned / 0.8) when fewer, those not yet seen last); each draw
+  prunes exactly N - n of them, each candidate with probability (N - n) / #candidates over draws,
+  and rescales the kept candidates by 1 / (1 - p). An example not yet trained on is never below
+  the mean (its stored loss, 0, is no loss seen)."""
   num, ratio, draws = 400, 0.7, 400
   rng = np.random.default_rng(1)
-  if case == 'below_mean':  # ~250 below the mean: more than ceil(120 / 0.8) = 150
+  if case.startswith('below_mean') or case == 'unseen':  # ~250 below the mean: more than 150
     losses = rng.exponential(size=num)
   else:  # 40 below the mean (9.5): widened to the lowest 150
-    losses = np.concatenate([np.linspace(0, 0.1, 40), np.linspace(10, 11, num - 40)])
+    losses = np.concatenate([np.linspace(0.01, 0.1, 40), np.linspace(10, 11, num - 40)])
     losses = rng.permutation(losses)
-  losses = losses.astype(np.float32)
+  seen = np.ones(num, bool)
+  if case.endswith('unseen'):  # 30 of the lowest 60 not trained on yet
+    seen[rng.choice(np.argsort(losses)[:60], 30, replace=False)] = False
+  losses = np.where(seen, losses, 0).astype(np.float32)
   pruned = num - round(num * ratio)
-  below = np.flatnonzero(losses < losses.mean())
-  candidates = below if len(below) >= 150 else np.argsort(losses)[:150]
-  assert (len(candidates) == 150) == (case == 'widened')
+  mean = losses[seen].astype(np.float64).mean()
+  below = np.flatnonzero(seen & (losses < mean))
+  by_loss = np.argsort(np.where(seen, losses, np.inf), kind='stable')
+  widened = case.startswith('widened')
+  assert (len(below) < 150) == widened
+  candidates = below if not widened else by_loss[:150]
+  assert seen[candidates].all()
   prob = pruned / len(candidates)
   policy = policies.infobatch(num, ratio, max_prune_prob=0.8)
-  state = init_state(num, jax.random.PRNGKey(3)).replace(losses=jnp.asarray(losses))
+  state = init_state(num, jax.random.PRNGKey(3)).replace(
+      losses=jnp.asarray(losses), counts=jnp.asarray(seen, jnp.int32))
   keys = jax.random.split(jax.random.PRNGKey(4), draws)
   idx, w, _ = jax.vmap(lambda k: policy.select(policy.aux, state.replace(key=k)))(keys)
   times_pruned = np.zeros(num)
@@ -150,11 +160,18 @@ def test_infobatch_prunes_only_low_loss_and_rescales(case):
 
 
 def test_infobatch_ranks_equal_losses_in_a_random_order():
-  """With every loss equal (epoch 0), each example is kept with probability n / N wherever it lies
-  in the split (float32 losses of 4.0: a tie-break added to the losses would be rounded away)."""
+  """With every loss equal, or none seen (epoch 0), each example is kept with probability n / N
+  wherever it lies in the split (float32 losses of 4.0: a tie-break added to the losses would be
+  rounded away)."""
   num, ratio, draws = 200, 0.3, 400
   policy = policies.infobatch(num, ratio, max_prune_prob=0.8)
-  state = init_state(num, jax.random.PRNGKey(0), initial_loss=4.0)
+  for state in (init_state(num, jax.random.PRNGKey(0)),
+                init_state(num, jax.random.PRNGKey(0)).replace(
+                    counts=jnp.ones(num, jnp.int32), losses=jnp.full(num, 4.0, jnp.float32))):
+    _equal_keep_rates(policy, state, num, draws)
+
+
+def _equal_keep_rates(policy, state, num, draws):
   keys = jax.random.split(jax.random.PRNGKey(1), draws)
   idx, _, _ = jax.vmap(lambda k: policy.select(policy.aux, state.replace(key=k)))(keys)
   kept = np.zeros((draws, num))
@@ -172,7 +189,7 @@ def test_record_epoch_counts_only_weighted_and_drops_padding():
   w = jnp.asarray([1., 0., 2., 0., 0.])
   state = record_epoch({'codes': codes}, state, idx, w, jnp.asarray([.1, .2, .3, .4, .5]))
   np.testing.assert_array_equal(state.counts, [1, 0, 0, 0, 1])
-  np.testing.assert_allclose(state.losses, [.1, 1., 1., 1., .3])
+  np.testing.assert_allclose(state.losses, [.1, 0., 0., 0., .3])
   np.testing.assert_allclose(state.factor_usage, [4., 0.])
   assert int(state.epoch) == 1
 
@@ -447,6 +464,17 @@ def test_bench_folds_partition_train_and_test(tfds_dir):
     tested += test
   assert tested == pool
 
+
+def test_bench_gini_ablation_has_both_rows_when_the_configs_penalty_is_zero():
+  """A usage penalty of 0 is a valid config: both rows of the ablation are its one policy (the
+  second row was missing and the Markdown table raised KeyError after every run)."""
+  from bench import selection as bench  # pylint: disable=g-import-not-at-top
+  cfg = get_config()
+  cfg.sae_scores.usage_penalty = 0.0
+  codes, labels, _ = class_codes(n=200)
+  ginis = bench.count_gini_ablation(codes, labels, 3, 0.5, 3, cfg, 0)
+  assert set(ginis) == {'without_penalty', 'with_penalty'}
+  assert ginis['without_penalty'] == ginis['with_penalty'] > 0
 
 def test_confident_joint_errors_match_the_definition_with_an_empty_class():
   """The confident joint's off-diagonal count against a float64 loop over its definition: class

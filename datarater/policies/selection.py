@@ -24,16 +24,15 @@ from datarater.policies.base import Policy, PolicyContext, register_policy, weig
 @flax.struct.dataclass
 class SelectionState:
   counts: jax.Array        # int32 [N]: epochs in which each example was trained on
-  losses: jax.Array        # float32 [N]: each example's last observed training loss
+  losses: jax.Array        # float32 [N]: each example's last observed training loss (0: unseen)
   factor_usage: jax.Array  # float32 [M]: SAE codes trained on so far, summed (M = 0 if unused)
   epoch: jax.Array         # int32 []: epochs completed
   key: jax.Array
 
 
-def init_state(num_examples: int, key: jax.Array, num_factors: int = 0,
-               initial_loss: float = 1.0) -> SelectionState:
+def init_state(num_examples: int, key: jax.Array, num_factors: int = 0) -> SelectionState:
   return SelectionState(counts=jnp.zeros(num_examples, jnp.int32),
-                        losses=jnp.full(num_examples, initial_loss, jnp.float32),
+                        losses=jnp.zeros(num_examples, jnp.float32),
                         factor_usage=jnp.zeros(num_factors, jnp.float32),
                         epoch=jnp.zeros((), jnp.int32), key=key)
 
@@ -101,7 +100,10 @@ def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> P
   so the expected gradient matches the full-data one. InfoBatch's annealing (its last ~12.5% of
   epochs on all data) is left out: every epoch trains on n examples, the budget every selection
   policy here has. Losses are those seen in training (the forward pass of the last epoch an
-  example was in); equal losses are ranked in a random order, so epoch 0 (all equal) is random.
+  example was in): the mean is over the examples seen so far, and those not yet trained on are
+  never below it and rank after every seen one (a placeholder loss counted as seen made them
+  prunable or not by the task's loss scale). Equal losses are ranked in a random order, so
+  epoch 0 (none seen) is random.
   """
   n = num_selected(num_examples, ratio)
   pruned = num_examples - n
@@ -111,10 +113,12 @@ def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> P
 
   def select(aux, state):
     key, k_tie, k_prune = jax.random.split(state.key, 3)
-    losses = state.losses
+    seen = state.counts > 0
+    losses = jnp.where(seen, state.losses, jnp.inf)
+    mean = jnp.sum(jnp.where(seen, state.losses, 0.0)) / jnp.maximum(jnp.sum(seen), 1)
     tie = jax.random.uniform(k_tie, losses.shape)  # equal losses ranked in a random order
     loss_rank = ranks.inverse_permutation(jnp.lexsort((tie, losses)))
-    below = losses < jnp.mean(losses)
+    below = losses < mean
     num_candidates = jnp.maximum(jnp.sum(below), min_candidates)
     candidate = loss_rank < num_candidates
     # Prune the `pruned` candidates with the smallest random priorities; keep everything else.
