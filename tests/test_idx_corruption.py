@@ -158,6 +158,12 @@ def test_a_dataset_built_from_other_idx_files_is_refused_not_read(tmp_path, monk
   monkeypatch.setenv(idx_mnist.ENV_DIR, str(second))
   other = str(tmp_path / 'tfds2')
   pipeline.get_builder('idx_mnist/mnist', other)
+  idx_mnist.write_idx(str(second / 'train-images-idx3-ubyte'),  # the same size, other images
+                      np.ones((9, 28, 28), np.uint8))
+  with pytest.raises(UserError, match='built from the idx files in'):  # was read
+    pipeline.get_builder('idx_mnist/mnist', other)
+  idx_mnist.write_idx(str(second / 'train-images-idx3-ubyte'), np.zeros((9, 28, 28), np.uint8))
+  assert pipeline.get_builder('idx_mnist/mnist', other).is_prepared()  # the same bytes again
   (second / 'train-labels-idx1-ubyte.gz').unlink()  # now a folder with three of the four files
   idx_mnist.write_idx(str(second / 'train-labels-idx1-ubyte'), np.zeros(9, np.uint8))
   with pytest.raises(UserError, match='built from the idx files in'):
@@ -268,6 +274,10 @@ def test_each_kind_gets_exactly_its_count_disjointly():
   with pytest.raises(UserError, match='ask for 12 of a split of 10'):  # round(1.5) = 2, six times
     corruption.Corruption(**{**ALL_KINDS, 'label_noise': 0.15, 'blur': 0.15, 'pixel_noise': 0.15,
                              'occlusion': 0.15, 'duplicate': 0.15, 'ood': 0.15}).record(10)
+  with pytest.raises(UserError, match='add up to 1;'):  # 0.9999999999999999 as floats add
+    corruption.Corruption(label_noise=0.7, blur=0.2, pixel_noise=0.1)
+  with pytest.raises(UserError, match='ask for 3 of a split of 3 examples: none would be left'):
+    corruption.Corruption(label_noise=0.5, blur=0.4).record(3)  # round(1.5) = 2, round(1.2) = 1
   with pytest.raises(UserError, match='input_corruption.blur must be in'):
     corruption.Corruption(blur=-0.1)
   with pytest.raises(UserError, match='label_noise_kind'):

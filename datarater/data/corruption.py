@@ -16,6 +16,7 @@ its label) and 'ood' (a scikit-learn 8x8 digit resized to the image, under a ran
 """
 import dataclasses
 import functools
+import math
 from typing import Callable, Optional
 
 import numpy as np
@@ -66,7 +67,7 @@ class Corruption:
       if not 0.0 <= getattr(self, kind) < 1.0:
         raise UserError(f'data.input_corruption.{kind} must be in [0, 1), got '
                         f'{getattr(self, kind)}')
-    total = sum(rate for _, rate in self._rates())
+    total = math.fsum(rate for _, rate in self._rates())  # exact: 0.7 + 0.2 + 0.1 is 1
     if total >= 1.0:
       raise UserError(f'the corruption rates add up to {total:g}; they must add up to < 1 '
                       '(data.label_noise + data.input_corruption.*)')
@@ -132,8 +133,9 @@ class Corruption:
   def _record(self, n: int) -> np.ndarray:
     order = np.random.default_rng(self.seed).permutation(n)
     counts = [int(round(rate * n)) for _, rate in self._rates()]
-    if sum(counts) > n:
-      raise UserError(f'the corruption rates ask for {sum(counts)} of a split of {n} examples')
+    if sum(counts) >= max(n, 1):
+      raise UserError(f'the corruption rates ask for {sum(counts)} of a split of {n} examples: '
+                      'none would be left clean')
     record, start = np.zeros(n, np.int8), 0
     for k, count in enumerate(counts, 1):
       record[order[start:start + count]] = k

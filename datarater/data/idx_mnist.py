@@ -5,10 +5,11 @@ Fashion-MNIST, MNIST and KMNIST ship as four idx files (`train-images-idx3-ubyte
 `idx_mnist/<config>` writes them once into an array_record TFDS dataset (splits `train` and
 `test`, examples in file order) that is then read like any other TFDS dataset. The folder is the
 config's default (Fashion-MNIST: where the Debian package `dataset-fashion-mnist` puts it) or the
-environment variable DATARATER_IDX_DIR. A build records the folder and its files' sizes
-(`info.metadata['source']`), and a prepared dataset is refused when the folder that would build
-it now (the variable's, or the default) holds other files. TFDS's own `fashion_mnist` builder downloads and checks
-the original archives' checksums, which Debian's re-gzipped copies do not match.
+environment variable DATARATER_IDX_DIR. A build records the folder and its files' sizes and
+contents (sha256; `info.metadata['source']`), and a prepared dataset is refused when the folder
+that would build it now (the variable's, or the default) holds other files (MNIST's, KMNIST's and
+Fashion-MNIST's have equal sizes). TFDS's own `fashion_mnist` builder downloads and checks the
+original archives' checksums, which Debian's re-gzipped copies do not match.
 """
 import dataclasses
 import gzip
@@ -19,6 +20,7 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from datarater import files
 from datarater.errors import UserError
 
 ENV_DIR = 'DATARATER_IDX_DIR'
@@ -64,6 +66,22 @@ def _sizes(folder: str) -> dict:
           if os.path.isfile(os.path.join(folder, n))}
 
 
+_digests = {}  # (path, size, mtime) -> content digest: a folder is read once per process
+
+
+def _contents(folder: str) -> dict:
+  """{file name: sha256 of its bytes} of the idx files present in `folder`."""
+  out = {}
+  for name in _sizes(folder):
+    path = os.path.realpath(os.path.join(folder, name))
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+      _digests[key] = files.content_digest(path)
+    out[name] = _digests[key]
+  return out
+
+
 def check_source(builder: tfds.core.DatasetBuilder) -> None:
   """UserError if the idx files that would build `builder`'s config now are not the ones its
   prepared dataset was built from (a folder that holds none is no evidence either way)."""
@@ -71,11 +89,13 @@ def check_source(builder: tfds.core.DatasetBuilder) -> None:
   folder = directory(builder.builder_config)
   if not recorded or not folder or not _sizes(folder):
     return  # built before sources were recorded, or nothing to compare with
-  if (os.path.realpath(folder), _sizes(folder)) != (recorded['folder'], recorded['files']):
+  if ((os.path.realpath(folder), _sizes(folder)) != (recorded['folder'], recorded['files'])
+      or 'contents' in recorded and _contents(folder) != recorded['contents']):
     raise UserError(
         f'idx_mnist/{builder.builder_config.name} in {builder.data_dir} was built from the idx '
         f'files in {recorded["folder"]}, not from those in {folder}'
         + (f' (${ENV_DIR})' if os.environ.get(ENV_DIR) else '')
+        + (' now (rewritten since)' if os.path.realpath(folder) == recorded['folder'] else '')
         + f': remove {builder.data_dir} to rebuild it, or pass another --config.data.data_dir')
 
 
@@ -147,7 +167,8 @@ class IdxMnist(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Nothing to download: the files are local.
     config, folder = self.builder_config, directory(self.builder_config)
     paths = {s: tuple(_find(folder, f, config) for f in names) for s, names in _FILES.items()}
-    self.info.metadata.update(source={'folder': os.path.realpath(folder), 'files': _sizes(folder)})
+    self.info.metadata.update(source={'folder': os.path.realpath(folder), 'files': _sizes(folder),
+                                      'contents': _contents(folder)})
     return {s: self._generate_examples(*p) for s, p in paths.items()}
 
   def _generate_examples(self, images_path: str, labels_path: str):
