@@ -435,6 +435,17 @@ def test_scores_file_filter_and_min_score(tfds_dir, tmp_path):
   assert abs(want - 0.7) < 0.03
   assert (f"train: kept {rep['splits']['train']['kept']} of {N_TRAIN} examples "
           f'(suggested keep {want:.3f})') in out.getvalue()
+  # The same scores times 2^1021, near float64's largest: the same split (their squares and their
+  # range overflowed: it suggested keeping all but one; the histogram raised ValueError).
+  pq.write_table(pa.table({'id': order, 'value': np.ldexp(values[order], 1021)}), path)
+  assert np.isfinite(np.ldexp(values, 1021)).all() and np.abs(np.ldexp(values, 1021)).max() > 1e307
+  assert cli.invoke(filter_launcher, [
+      'filter', '--dataset=sklearn_digits', f'--scores={path}', '--suggest_keep', '--balance',
+      f'--data_dir={tfds_dir}', f'--out={tmp_path / "o6"}']) == 0
+  huge = json.loads((tmp_path / 'o6' / 'filter_report.json').read_text())['splits']['train']
+  assert (huge['keep'], huge['kept']) == (rep['splits']['train']['keep'],
+                                          rep['splits']['train']['kept'])
+  assert (tmp_path / 'o6' / 'scores.png').stat().st_size > 0
 
 
 def test_scores_file_read_in_row_batches(tmp_path, monkeypatch):

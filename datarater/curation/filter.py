@@ -63,6 +63,9 @@ def _save_histogram(path: str, per_split: dict) -> None:
   fig, axes = plt.subplots(1, len(per_split), figsize=(5 * len(per_split), 3.5), squeeze=False)
   for ax, (split, d) in zip(axes[0], per_split.items()):
     s, kept = d['scores'], d['kept']
+    top = np.abs(s).max()
+    unit = 10.0 ** np.floor(np.log10(top)) if top > 1e100 else 1.0  # a range of 1e308 overflows
+    s = s / unit if unit != 1.0 else s
     bins = np.linspace(s.min(), s.max() + 1e-9, 41)
     count = lambda mask: np.histogram(s, bins, weights=mask.astype(np.float32))[0]  # no copy of s
     ax.stairs(count(kept), bins, fill=True, alpha=0.7, label=f'kept ({int(kept.sum())})')
@@ -70,7 +73,7 @@ def _save_histogram(path: str, per_split: dict) -> None:
     if d['record'] is not None and d['record'].any():
       ax.stairs(count(d['record'] != 0), bins, color='k', label='corrupted')
     ax.set_title(f'{split}: scores')
-    ax.set_xlabel('score')
+    ax.set_xlabel('score' if unit == 1.0 else f'score / {unit:.0e}')
     ax.legend(fontsize=8)
   fig.tight_layout()
   files.save_figure(fig, path, dpi=90)

@@ -49,6 +49,7 @@ def suggest_keep(scores: np.ndarray) -> float:
   n = s.size
   if n < 2 or s[0] == s[-1]:
     return 1.0
+  s = np.ldexp(s, -np.frexp(np.abs(s).max())[1])  # |s| <= 1, exactly: squares of 1e160 overflow
   s = (s - s.mean()) / s.std()
   k = np.arange(1, n)                    # the lower group's size at each split
   lower = np.cumsum(s)[:-1]              # its sum; the upper group's is -lower (s sums to 0)
