@@ -6,6 +6,7 @@ here is a no-op in a single process.
 """
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -100,8 +101,9 @@ def ask_to_stop(signum: int) -> bool:
 
 
 class StopVote:
-  """Ctrl-C or SIGTERM to any process of a training loop stops every process after the same step
-  (in several, a process stopped alone leaves the others waiting in the next collective). After
+  """Ctrl-C or SIGTERM to any process of a loop (training steps, blocks of examples scored) stops
+  every process after the same step (in several, a process stopped alone leaves the others
+  waiting in the next collective; loops of unequal length vote as often: `in_rounds`). After
   each step every process casts the signal it was asked to stop by (`ask_to_stop`; 0: none),
   max-reduced over all devices in a program queued behind the step, and reads the result: every
   process reads the same votes after the same step, so `after(done)` is True on all or none (and
@@ -152,6 +154,16 @@ class StopVote:
       if self.signum:
         self.stopped_at = done
     return self.stopped_at is not None
+
+
+def in_rounds(items, count: int):
+  """This process's `count` `items`, then None until every process has had as many rounds as the
+  one with the most: a loop over each process's own blocks that votes after each round
+  (`StopVote.after`) votes as often on every process."""
+  most = count
+  if jax.process_count() > 1:
+    most = int(np.max(allgather(np.asarray([count], np.int64))))
+  return itertools.chain(items, itertools.repeat(None, most - count))
 
 
 def barrier(name: str) -> None:

@@ -188,14 +188,53 @@ def test_processes_given_different_flags_stop_in_one_line(tfds_dir, tmp_path, mo
   assert not os.path.exists(tmp_path / 'out')
 
 
-def test_two_process_valuate_scores_equal_one_process(tfds_dir, tmp_path):
-  """Each process scores every other block; process 0 merges them into the one-process file."""
+# A launcher as one of two jax.distributed processes; process 1 is sent `signum` as it reads its
+# second block of examples to score (0: none).
+_SIGNAL_AT_A_BLOCK = """
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+from datarater.data import source
+pid, port = int(sys.argv[1]), sys.argv[2]
+module, signum, args = {module!r}, {signum}, {args!r}
+blocks = source.Source.blocks
+def signalled(self, *a, **k):
+  for i, item in enumerate(blocks(self, *a, **k)):
+    if pid == 1 and i == 1 and signum:
+      os.kill(os.getpid(), signum)
+    yield item
+source.Source.blocks = signalled
+sys.argv = [module, *args, f'--coordinator_address=127.0.0.1:{{port}}', '--num_processes=2',
+            f'--process_id={{pid}}']
+runpy.run_module(module, run_name='__main__')
+"""
+
+
+def _signalled_at_a_block(module, args, signum, tfds_dir, tmp_path):
+  """Both processes' exit codes and outputs, within 120 s (not JAX's 300 s shutdown timeout)."""
+  procs = _start_driver(_SIGNAL_AT_A_BLOCK.format(module=module, signum=int(signum), args=args),
+                        tfds_dir, tmp_path)
+  outs = _outputs(procs, timeout=120)
+  assert all('Traceback' not in out for out in outs), '\n'.join(outs)[-6000:]
+  return [p.returncode for p in procs], outs
+
+
+def test_two_process_valuate_scores_equal_one_process_and_stop_together(tfds_dir, tmp_path):
+  """Each process scores every other block; process 0 merges them into the one-process file.
+  SIGTERM to process 1 as it scores stops both after the same block (the others waited up to
+  JAX's 300 s shutdown timeout), their blocks kept; run again, they resume to the same file."""
   overrides = {'data.data_dir': tfds_dir, 'data.label_noise': 0.2, 'valuation.train_steps': 20,
                'valuation.checkpoint_every': 10, 'valuation.batch_size': 32,
                'valuation.score_batch_size': 100}
   args = [f'--config={os.path.join(ROOT, "configs", "digits.py")}',
-          *[f'--config.{k}={v}' for k, v in overrides.items()], '--method=tracin']
-  outs = _finish(_start('launch.valuate', [*args, f'--workdir={tmp_path / "two"}']))
+          *[f'--config.{k}={v}' for k, v in overrides.items()], '--method=tracin',
+          f'--workdir={tmp_path / "two"}']
+  codes, outs = _signalled_at_a_block('launch.valuate', args, signal.SIGTERM, tfds_dir, tmp_path)
+  assert codes == [143, 143], '\n'.join(outs)[-6000:]
+  assert re.findall(r'tracin scores: stopped after (\d+) of 6 blocks \(kept\): a process of '
+                    r'this job was sent SIGTERM; run again to resume', outs[0]) == ['2'], outs[0]
+  parts = sorted(glob.glob(str(tmp_path / 'two' / '.scores_tracin-*.part-*.json')))
+  assert [json.load(open(f))['blocks_done'] for f in parts] == [2, 2], parts
+  outs = _finish(_start('launch.valuate', args))
   assert 'noise AUROC' in outs[0] and 'noise AUROC' not in outs[1]
   config = get_config()
   for k, v in overrides.items():
@@ -210,10 +249,17 @@ def test_two_process_valuate_scores_equal_one_process(tfds_dir, tmp_path):
 
 
 def test_two_process_filter_writes_the_one_process_dataset(tfds_dir, tmp_path):
-  """Two processes score alternate blocks and exchange scores; process 0 writes the same bytes."""
+  """Two processes score alternate blocks and exchange scores; process 0 writes the same bytes.
+  Ctrl-C to process 1 as it scores stops both after the same block, with one line each and
+  nothing written."""
   meta_train(small_config(tfds_dir, steps=2), str(tmp_path / 'run'))
   args = ['--dataset=sklearn_digits', f'--rater={tmp_path / "run"}', '--keep=0.7',
           f'--data_dir={tfds_dir}', '--label_noise=0.2', '--batch_size=100', '--threshold=exact']
+  codes, outs = _signalled_at_a_block('launch.filter', [*args, f'--out={tmp_path / "two"}'],
+                                      signal.SIGINT, tfds_dir, tmp_path)
+  assert codes == [-signal.SIGINT] * 2, '\n'.join(outs)[-6000:]
+  assert all(out.count('interrupted (Ctrl-C) at ') == 1 for out in outs), outs
+  assert not os.path.exists(tmp_path / 'two')
   _finish(_start('launch.filter', [*args, f'--out={tmp_path / "two"}']))
   filter_dataset('sklearn_digits', str(tmp_path / 'one'), ['train'], rater=str(tmp_path / 'run'),
                  keep=0.7, data_dir=tfds_dir, corruption=Corruption(0.2, 0), batch_size=100,

@@ -186,19 +186,27 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     groups = range(num_classes) if balance else [None]
     sketch = {c: select.StreamingQuantile(seed=0 if c is None else c) for c in groups}
     p, num = jax.process_index(), jax.process_count()
-    blocks = streams[s].blocks(batch_size, p, num)
-    for ids, batch in progress_bar(iterable=blocks,
-                                   total=len(streams[s].block_starts(batch_size, p, num)),
-                                   desc=f'scoring {s}', unit='batch', leave=False):
-      if label is not None:
-        labels[ids] = batch[label]
-      if pipeline.RECORDED in batch:
-        record[ids] = batch[pipeline.RECORDED]
-      if loaded is not None:
-        split_scores[ids] = loaded(batch)
-    if num > 1:  # every process gets every block's labels and scores (only those are exchanged)
-      labels, record, split_scores = _exchange(streams[s], batch_size,
-                                               (labels, record, split_scores))
+    count = len(streams[s].block_starts(batch_size, p, num))
+    # Ctrl-C or SIGTERM to any process stops every process after the block it is in, or after
+    # the exchange (`StopVote`); nothing is written.
+    with multihost.StopVote(jax.devices(), 0) as vote, progress_bar(
+        total=count, desc=f'scoring {s}', unit='batch', leave=False) as bar:
+      for done, item in enumerate(multihost.in_rounds(streams[s].blocks(batch_size, p, num),
+                                                      count), 1):
+        if item is not None:
+          ids, batch = item
+          if label is not None:
+            labels[ids] = batch[label]
+          if pipeline.RECORDED in batch:
+            record[ids] = batch[pipeline.RECORDED]
+          if loaded is not None:
+            split_scores[ids] = loaded(batch)
+          bar.update(1)
+        if vote.after(done):
+          break
+      if num > 1 and vote.stopped_at is None:  # every process gets every block's labels and scores
+        labels, record, split_scores = _exchange(streams[s], batch_size,  # (only those)
+                                                 (labels, record, split_scores))
     if threshold == 'streaming':  # block by block in id order, as one process would
       for start in streams[s].block_starts(batch_size):
         ids = np.arange(start, min(start + batch_size, n))

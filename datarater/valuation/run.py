@@ -12,7 +12,8 @@ supporting and most opposing training examples (TracIn). The
 training split is streamed (`data.source.Source`): the recorded training run reads its batches as it
 goes and scoring reads fixed-size blocks, so memory does not grow with the split (a few bytes per
 example). The fitted runs are kept in `workdir/fit/` and every finished block's scores in a
-memory-mapped file, so a killed run resumes where it stopped and writes the same files. In a
+memory-mapped file, so a killed run resumes where it stopped and writes the same files (Ctrl-C
+or SIGTERM stops it after the block it scores, every process of a job after the same one). In a
 `jax.distributed` job every process fits the same runs, scores every P-th block, and process 0
 merges the blocks into the one scores file.
 """
@@ -23,6 +24,7 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -97,19 +99,32 @@ def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc
   for start in starts[:done]:
     record[start:start + block] = split.corruption_of(np.arange(start, min(start + block, n)))
   fn = jax.jit(score_fn)
-  with progress_bar(total=len(starts), initial=done, desc=desc, unit='block',
-                    disable=not progress) as bar:
-    for positions, batch in split.blocks(block, p, num, skip=done):
-      if check_data:  # e.g. tokens outside the vocabulary (scored, they would be garbage)
-        check_data({k: v for k, v in batch.items() if k != 'index'})
-      padded = np.arange(positions[0], positions[0] + block) % n  # one shape: one compile
-      out = np.asarray(fn(split.take(padded) if len(positions) < block else batch))
-      scores[positions] = out[:len(positions)]
-      record[positions] = split.corruption_of(positions)
-      done += 1
-      scores.flush()
-      files.write_json(progress_path, {'blocks_done': done})
-      bar.update(1)
+
+  def stopped(blocks_done, signum):
+    if p == 0:
+      tqdm.write(f'{desc}: stopped after {blocks_done} of {len(starts)} blocks (kept): '
+                 f'{"a process of this job" if num > 1 else "the run"} was '
+                 f'{"sent SIGTERM" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"}; '
+                 'run again to resume')
+
+  # Ctrl-C or SIGTERM to any process stops every process after the block it is in (`StopVote`).
+  with multihost.StopVote(jax.devices(), done, stopped) as vote, progress_bar(
+      total=len(starts), initial=done, desc=desc, unit='block', disable=not progress) as bar:
+    for item in multihost.in_rounds(split.blocks(block, p, num, skip=done), len(starts) - done):
+      if item is not None:
+        positions, batch = item
+        if check_data:  # e.g. tokens outside the vocabulary (scored, they would be garbage)
+          check_data({k: v for k, v in batch.items() if k != 'index'})
+        padded = np.arange(positions[0], positions[0] + block) % n  # one shape: one compile
+        out = np.asarray(fn(split.take(padded) if len(positions) < block else batch))
+        scores[positions] = out[:len(positions)]
+        record[positions] = split.corruption_of(positions)
+        done += 1
+        scores.flush()
+        files.write_json(progress_path, {'blocks_done': done})
+        bar.update(1)
+      if vote.after(done):
+        break
   return record
 
 
