@@ -684,6 +684,24 @@ def test_write_failures_reported_in_library_types_are_one_line(capsys):
     bug_while_handling()
 
 
+def test_progress_in_a_log_file_writes_a_line_once_its_interval_has_passed(monkeypatch, capsys):
+  """When updates slow down, a line comes with the first update past the interval: tqdm's own
+  count of updates between lines, fitted to the earlier rate, held them back (lines 40 s apart,
+  then two 0.4 s apart, at an interval of 30 s)."""
+  import time  # pylint: disable=g-import-not-at-top
+  from datarater import progress  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(progress, 'LOG_INTERVAL_S', 0.2)
+  with progress.bar(total=100, desc='scoring', unit='ex') as bar:
+    for _ in range(40):  # fast: many updates per interval
+      time.sleep(0.01)
+      bar.update(1)
+    capsys.readouterr()
+    for _ in range(4):  # slow: each update comes after the interval has passed
+      time.sleep(0.25)
+      bar.update(1)
+      assert capsys.readouterr().out.count('\n') == 1
+
+
 def test_progress_in_a_log_file_is_whole_lines(monkeypatch, capsys):
   """stderr not a terminal (a job's log): the bar writes plain lines to stdout, no carriage
   returns, the last one the finished count; on a terminal it is tqdm's own bar."""

@@ -54,6 +54,8 @@ def test_mlp_classifier_loss_metrics_and_embedding_equal_a_hand_forward_pass():
   metrics = task.metrics(params, batch)
   np.testing.assert_allclose(metrics['loss'], want, rtol=1e-12)
   np.testing.assert_array_equal(metrics['accuracy'], logits.argmax(1) == labels)
+  diverged = jax.tree.map(lambda x: x * np.nan, params)  # NaN logits: no class is predicted
+  assert np.isnan(task.metrics(diverged, batch)['accuracy']).all()  # (argmax gave class 0)
   np.testing.assert_allclose(task.embed(params, batch), _mlp_forward(params, batch['image'],
                                                                      embed=True), rtol=1e-12)
   assert task.num_classes == 3

@@ -92,8 +92,9 @@ class Classifier(Task):
   def metrics(self, params, batch):
     logits = self.logits(params, batch)
     labels = batch[self.label_key]
-    return {'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),
-            'accuracy': (jnp.argmax(logits, -1) == labels).astype(jnp.float32)}
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),  # NaN logits
+            'accuracy': jnp.where(jnp.isfinite(logits).all(-1), correct, jnp.nan)}  # pick class 0
 
   def embed(self, params, batch):
     return self.module.apply(params, batch[self.input_key], embed=True)
