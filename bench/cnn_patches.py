@@ -8,8 +8,9 @@ this measures their speed on three jobs of `configs/fashion_mnist_bench.py`, com
   example-gradient);
 - `meta`: one compiled outer step of the bench's DataRater at K = 4, T = 8 (milliseconds, median
   of 5 calls after a warm-up);
-- `features`: the selection extractor's forward pass over the 5,000 images (microseconds per
-  example).
+- `features`: a CNN extractor's forward pass over the 5,000 images (microseconds per example):
+  the selection runs' extractor until they took an MLP's hidden layer (`EXTRACTOR`; an MLP has no
+  patches).
 The two implementations alternate within each of `--repeats` rounds; the ratio lax / slices is
 reported per round, with its mean and standard error. Writes bench/results/cnn_patches.{json,png}.
 """
@@ -30,7 +31,7 @@ import numpy as np
 from bench import cli as bench_cli
 from bench import provenance
 from bench.meta_memory import compile_step
-from configs import fashion_mnist_bench
+from configs import digits_cnn, fashion_mnist_bench
 from datarater import evaluation, files, tasks
 from datarater.data import pipeline
 from datarater.policies import selection
@@ -41,6 +42,7 @@ from inner_loop import make_inner_optimizer
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Rounds; each times both implementations.')
 _OUT = flags.DEFINE_string('out', 'bench/results/cnn_patches', 'Output path prefix.')
 FEATURE_CHUNK = 512  # as features.extract
+EXTRACTOR = digits_cnn.cnn(channels=(16, 32), strides=(2, 2), pool='flatten', hidden=64)
 
 IMPLEMENTATIONS = {
     'lax': lambda x, s: jax.lax.conv_general_dilated_patches(
@@ -81,9 +83,9 @@ def time_meta(config, info) -> float:
   return 1e3 * float(np.median(times))
 
 
-def time_features(config, train) -> float:
-  """Microseconds per example of the extractor's forward pass over the split (after a warm-up)."""
-  task = tasks.make_task(config.features.task, train.info)
+def time_features(train) -> float:
+  """Microseconds per example of `EXTRACTOR`'s forward pass over the split (after a warm-up)."""
+  task = tasks.make_task(EXTRACTOR, train.info)
   params = task.init(jax.random.PRNGKey(0))
   fn = functools.partial(jax.jit(task.embed), params)
   evaluation.score_split(fn, train, FEATURE_CHUNK, jit=False)  # compiles
@@ -119,7 +121,7 @@ def main(argv):
   train = pipeline.load_split(config.data, config.data.train_split)
   jobs = {'train (us/example-gradient)': lambda: time_train(config, train),
           'meta (ms/outer step, K=4, T=8)': lambda: time_meta(config, train.info),
-          'features (us/example)': lambda: time_features(config, train)}
+          'features (us/example)': lambda: time_features(train)}
   times = {job: {name: [] for name in IMPLEMENTATIONS} for job in jobs}
   for r in range(_REPEATS.value):
     for job, measure in jobs.items():

@@ -295,9 +295,15 @@ def write(record: dict, out: str) -> None:
 
 
 def merge(paths, out: str) -> None:
-  records = []
+  records, fields = [], ('model', 'mode', 'T', 'temp_bytes', 'step_ms')  # what `goals` reads
   for path in paths:
-    records.append(bench_cli.read_json(path, 'bench.meta_memory results file', 'results'))
+    record = bench_cli.read_json(path, 'bench.meta_memory results file', 'results')
+    rows = record['results']
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and all(f in r for f in fields) for r in rows):
+      raise UserError(f'{path!r} is not a bench.meta_memory results file (its results are not '
+                      f'rows of {", ".join(fields)})')
+    records.append(record)
   results = [r for rec in records for r in rec['results']]
   record = {**records[0], 'results': results, 'goals': goals(results),
             'merged_from': [os.path.basename(p) for p in paths]}

@@ -268,7 +268,7 @@ def write_idx_dataset(folder: str, n: int) -> None:
 
 
 def run_launchers(quick: bool, scratch: str, ns: list[int]) -> dict:
-  ns = ns or ([1000, 2000] if quick else [10_000, 30_000, 60_000, 250_000, 1_000_000])
+  ns = sorted(ns or ([1000, 2000] if quick else [10_000, 30_000, 60_000, 250_000, 1_000_000]))
   rows = []
   for n in ns:
     base = os.path.join(scratch, f'n{n}')

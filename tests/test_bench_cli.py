@@ -357,3 +357,54 @@ def test_an_interrupted_valuation_bench_removes_its_temporary_folder(tmp_path):
   assert done.returncode == -signal.SIGINT, done.stderr[-2000:]
   assert 'interrupted (Ctrl-C)' in done.stderr and 'Traceback' not in done.stderr, done.stderr
   assert not list(tmp.iterdir())
+
+
+def test_meta_memory_refuses_to_merge_another_benchs_results_in_one_line(tmp_path):
+  """bench.meta_step's file has `results` too, rows without a model: a KeyError traceback."""
+  proc = forked.run('bench.meta_memory', [f'--out={tmp_path}/m', '--merge=' + os.path.join(
+      ROOT, 'bench', 'results', 'meta_step.json')], subprocess_env(1), ROOT)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert 'is not a bench.meta_memory results file (its results are not rows of' in lines[0]
+  assert not list(tmp_path.iterdir())
+
+
+def test_valuation_scale_sets_the_largest_run_against_the_smallest_in_any_flag_order(
+    tmp_path, monkeypatch):
+  """The launchers' memory ratio is the largest N's peak over the smallest's, however the sizes
+  were given (in the flags' order, --launcher_ns=2000,1000 gave smallest over largest, 0.5).
+  The runs are stubbed: a peak of N / 10 MiB."""
+  import re  # pylint: disable=g-import-not-at-top
+  from bench import valuation_scale  # pylint: disable=g-import-not-at-top
+  def child(args, log, env=None):
+    del log, env
+    n = int(re.search(r'/n(\d+)/', ' '.join(args)).group(1))
+    for flag, name, record in (('--workdir=', 'scores_tracin.json',
+                                {'num_examples': n, 'noise_auroc': 0.5}),
+                               ('--out=', 'filter_report.json',
+                                {'splits': {'train': {'kept': n // 2}}})):
+      folder = next((a[len(flag):] for a in args if a.startswith(flag)), None)
+      if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name), 'w') as f:
+          json.dump(record, f)
+    return {'wall_s': 1.0, 'peak_rss_mib': n / 10}
+  monkeypatch.setattr(valuation_scale, 'run_child', child)
+  monkeypatch.setattr(valuation_scale, 'write_idx_dataset', lambda folder, n: None)
+  for ns in ([1000, 2000], [2000, 1000]):
+    ratio = valuation_scale.run_launchers(False, str(tmp_path), ns)[
+        'rss_ratio_largest_over_smallest']
+    assert ratio == {'valuate': 2.0, 'filter': 2.0}, (ns, ratio)
+
+
+def test_cnn_patches_times_the_patches_on_the_feature_job(tfds_dir, monkeypatch):
+  """The features job runs a CNN extractor (the selection config's MLP extractor, which it read
+  once the config changed, takes no patches: both arms timed the same program)."""
+  from bench import cnn_patches  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  from datarater.tasks import cnn  # pylint: disable=g-import-not-at-top
+  from tests.conftest import digits_data  # pylint: disable=g-import-not-at-top
+  calls, patches = [], cnn.patches_3x3
+  monkeypatch.setattr(cnn, 'patches_3x3', lambda x, s: calls.append(s) or patches(x, s))
+  cnn_patches.time_features(pipeline.load_split(digits_data(tfds_dir), 'train[:64]'))
+  assert calls
