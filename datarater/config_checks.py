@@ -273,8 +273,8 @@ def check_model(name: str, section) -> None:
   registered = registry.TASKS if kind == 'task' else registry.RATERS
   if section.get('name') not in registered:
     raise UserError(f'{name}.name must be a registered {kind} ({", ".join(sorted(registered))}; '
-                    f'one of your own is known everywhere once datarater/tasks/__init__.py '
-                    f'imports its module), got {section.get("name")!r}')
+                    f'one of your own is known where its module is imported), got '
+                    f'{section.get("name")!r}')
   schema = {'name': string(), **registry.schema_of(kind, section.name)}
   if kind == 'rater':
     schema['temperature'] = number(MIN_TEMPERATURE)

@@ -92,9 +92,10 @@ def _check_fits(rater: tasks.Rater, params, where: str) -> None:
     raise UserError(f'{where}: its parameters do not fit the architecture it names')
 
 
-def _make_rater(section, info, where: str) -> tasks.Rater:
+def _make_rater(section, info, where: str, module=None) -> tasks.Rater:
   """The rater of a saved `rater` config section, checked against its schema (a hand-edited
-  file fails in one line naming `where`)."""
+  file fails in one line naming `where`); `module`, where it registered, is imported if need be."""
+  tasks.registry.import_module_of(section.get('name'), module, where)
   try:
     config_checks.check_model('rater', section)
   except UserError as e:
@@ -124,7 +125,8 @@ def _read_run(workdir: str):
   if missing:
     raise UserError(f'{config_path!r} is not the config of a launch.train_rater run (its '
                     f'config has no {missing})')
-  rater = _make_rater(config.rater, info, config_path)  # a hand-edited section fails in one line
+  rater = _make_rater(config.rater, info, config_path,  # a hand-edited section: one line
+                      saved.get('rater_module'))
   restored = checkpointing.restore_latest_on_host(os.path.join(os.path.abspath(workdir),
                                                                'checkpoints'))
   if restored is None:
@@ -168,6 +170,7 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
       'outer_steps': steps,
       'training_example_gradients': rater_training_compute(config, steps),
       'config': json.loads(config.to_json()),
+      'rater_module': tasks.registry.module_of('rater', config.rater.name),
   }
   with files.atomic_dir(out_dir, overwrite, marker='rater.json') as tmp:
     # Ctrl-C or SIGTERM (with launch.interrupts) as orbax writes stops the export once the write
@@ -272,7 +275,8 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
     problem = _info_problem(meta['data_info'])
     if problem:
       raise UserError(f'rater {path!r}: {meta_path!r} has {problem}')
-    rater = _make_rater(ml_collections.ConfigDict(meta['rater']), info, meta_path)
+    rater = _make_rater(ml_collections.ConfigDict(meta['rater']), info, meta_path,
+                        meta.get('rater_module'))
     host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params_path = os.path.abspath(os.path.join(path, 'params'))
     if not os.path.isdir(params_path):

@@ -20,7 +20,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from datarater import checkpointing, config_checks, evaluation, files, multihost, plots
+from datarater import checkpointing, config_checks, evaluation, files, multihost, plots, tasks
 from datarater.curation import select
 from datarater.data import pipeline
 from datarater.errors import UserError
@@ -126,7 +126,8 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
   def write_config():
     if primary:
       files.write_json(os.path.join(workdir, 'config.json'), {
-          'config': json.loads(config.to_json()), 'data_info': data.info.to_json()})
+          'config': json.loads(config.to_json()), 'data_info': data.info.to_json(),
+          'rater_module': tasks.registry.module_of('rater', config.rater.name)})
   report_path = os.path.join(workdir, 'report.json')
   report = _finished_report(report_path, config) if resume_step == config.outer.steps else None
   if report is not None:

@@ -744,3 +744,49 @@ def test_streaming_threshold_of_process_0_of_two_sees_every_block(tfds_dir, tmp_
   two = run('two')
   np.testing.assert_array_equal(kept('two'), want)
   assert two['splits']['train']['threshold'] == one['splits']['train']['threshold']
+
+
+OUTSIDE_RATER = '''
+from datarater import tasks
+from datarater.tasks import registry
+
+
+@tasks.register_rater('outside_mlp_rater', schema=registry.schema_of('rater', 'mlp_rater'))
+def outside_mlp_rater(config, info):
+  return registry.RATERS['mlp_rater'](config, info)
+'''
+
+
+def test_a_rater_of_ones_own_exports_and_loads_where_its_module_imports(tfds_dir, tmp_path,
+                                                                        monkeypatch):
+  """A rater registered outside the package: its run and its export record the module, which
+  export_rater and load_rater (launch.filter's, which take no config) import in a process that
+  has not (export_rater refused it); where it does not import, one line says so."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from datarater.tasks import registry  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / 'mine'
+  folder.mkdir()
+  (folder / 'my_outside_rater.py').write_text(OUTSIDE_RATER)
+  monkeypatch.syspath_prepend(str(folder))
+  __import__('my_outside_rater')
+  config = small_config(tfds_dir, steps=2)
+  config.rater.name = 'outside_mlp_rater'
+  meta_train(config, str(tmp_path / 'run'))
+
+  def fresh_process():  # as a process that never imported the module
+    monkeypatch.delitem(registry.RATERS, 'outside_mlp_rater')
+    monkeypatch.delitem(sys.modules, 'my_outside_rater')
+  fresh_process()
+  meta = export.export_rater(str(tmp_path / 'run'), str(tmp_path / 'exported'))
+  assert meta['rater_module'] == 'my_outside_rater'
+  fresh_process()
+  features = pipeline.load_split(digits_data(tfds_dir), 'train').features
+  batch = {k: v[:8] for k, v in features.items()}
+  got = datarater.load_rater(str(tmp_path / 'exported'))(batch)
+  np.testing.assert_array_equal(got, datarater.load_rater(str(tmp_path / 'run'))(batch))
+  fresh_process()
+  monkeypatch.setattr(sys, 'path', [p for p in sys.path if p != str(folder)])
+  with pytest.raises(UserError, match=r"rater 'outside_mlp_rater' is registered by module "
+                     r"'my_outside_rater', which does not import here \(ModuleNotFoundError.*"
+                     'put its folder on PYTHONPATH'):
+    datarater.load_rater(str(tmp_path / 'exported'))

@@ -4,9 +4,11 @@
 `(config, info) -> Task | Rater` adds one; `config.task.name` / `config.rater.name` picks it.
 `schema` maps the section's other fields to their checks (`datarater.config_checks`), so a bad
 or unknown field is refused before a run starts; what the model returns is checked when it is
-built (`base.check_outputs`).
+built (`base.check_outputs`). A rater's registering module is recorded with a rater run and an
+exported rater (`module_of`), so what loads one without a config imports it (`import_module_of`).
 """
-from typing import Callable
+import importlib
+from typing import Callable, Optional
 
 from datarater.errors import UserError
 from datarater.tasks.base import Rater, Task, check_outputs
@@ -14,12 +16,14 @@ from datarater.tasks.base import Rater, Task, check_outputs
 TASKS: dict[str, Callable[..., Task]] = {}
 RATERS: dict[str, Callable[..., Rater]] = {}
 SCHEMAS: dict[tuple[str, str], dict] = {}
+MODULES: dict[tuple[str, str], str] = {}  # (kind, name) -> the module its factory is defined in
 
 
 def register_task(name: str, schema: dict):
   def add(factory):
     TASKS[name] = factory
     SCHEMAS['task', name] = schema
+    MODULES['task', name] = factory.__module__
     return factory
   return add
 
@@ -28,6 +32,7 @@ def register_rater(name: str, schema: dict):
   def add(factory):
     RATERS[name] = factory
     SCHEMAS['rater', name] = schema
+    MODULES['rater', name] = factory.__module__
     return factory
   return add
 
@@ -35,6 +40,24 @@ def register_rater(name: str, schema: dict):
 def schema_of(kind: str, name: str) -> dict:
   """The fields (besides `name`) a registered task or rater reads, with their checks."""
   return SCHEMAS[kind, name]
+
+
+def module_of(kind: str, name: str) -> Optional[str]:
+  """The module whose factory registered task or rater `name` (None if none did)."""
+  return MODULES.get((kind, name))
+
+
+def import_module_of(name: str, module: Optional[str], where: str) -> None:
+  """Imports `module`, recorded in `where` as the one that registered rater `name`, when no
+  module imported so far did: a rater of one's own loads where its module imports."""
+  if name in RATERS or not module:
+    return
+  try:
+    importlib.import_module(module)
+  except Exception as e:  # pylint: disable=broad-except  (any error of the user's module)
+    raise UserError(f'{where!r}: rater {name!r} is registered by module {module!r}, which does '
+                    f'not import here ({type(e).__name__}: {e}): put its folder on PYTHONPATH') \
+        from None
 
 
 def make_task(config, info) -> Task:
@@ -51,8 +74,7 @@ def make_rater(config, info) -> Rater:
   """The rater `config.name` for data described by `info`."""
   if config.name not in RATERS:
     raise UserError(f'unknown rater.name {config.name!r} (choose from {", ".join(sorted(RATERS))}; '
-                    'a rater of your own loads everywhere once datarater/tasks/__init__.py '
-                    'imports its module)')
+                    'a rater of your own loads where its module is imported)')
   rater = RATERS[config.name](config, info)
   _check_kind(rater, Rater, 'rater', config.name)
   check_outputs(rater)
