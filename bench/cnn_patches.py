@@ -39,8 +39,14 @@ from datarater.tasks import cnn
 from datarater.trainer import Trainer
 from inner_loop import make_inner_optimizer
 
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Rounds; each times both implementations.')
-_OUT = flags.DEFINE_string('out', 'bench/results/cnn_patches', 'Output path prefix.')
+
+def define_flags() -> None:
+  """Defined when run as a script, not on import (tests import it beside other benches)."""
+  global _REPEATS, _OUT
+  _REPEATS = flags.DEFINE_integer('repeats', 3, 'Rounds; each times both implementations.')
+  _OUT = flags.DEFINE_string('out', 'bench/results/cnn_patches', 'Output path prefix.')
+
+
 FEATURE_CHUNK = 512  # as features.extract
 EXTRACTOR = digits_cnn.cnn(channels=(16, 32), strides=(2, 2), pool='flatten', hidden=64)
 
@@ -147,4 +153,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   bench_cli.run(main, __doc__)

@@ -65,21 +65,26 @@ REAL = 60_000  # Fashion-MNIST training examples
 IDX_DIR = '/usr/share/datasets/fashion-mnist'
 LAUNCHER_NOISE = 0.2  # launchers: symmetric label noise planted in the split scored and filtered
 
-_OUT = flags.DEFINE_string('out', 'bench/results/valuation_scale', 'Output prefix.')
-_QUICK = flags.DEFINE_bool('quick', False, 'Tiny sizes: a smoke run of every section.')
-_SECTIONS = flags.DEFINE_list('sections', list(SECTIONS), 'Sections to run.')
-_SCRATCH = flags.DEFINE_string('scratch', '/tmp/datarater_valuation_scale',
-                               'Folder for workdirs, datasets and logs (emptied per size).')
-_BLOCK = flags.DEFINE_integer('block', 256, 'methods: examples per call.')
-_LAUNCHER_NS = flags.DEFINE_list('launcher_ns', [], 'launchers: the sizes N (default: 10k..1M).')
-# One measurement in a subprocess (internal).
-_WORKER = flags.DEFINE_enum('worker', None, ['method', 'store'], 'internal: one measurement.')
-_TASK = flags.DEFINE_enum('task', 'cnn', list(TASKS), 'internal (method): the task.')
-_METHOD = flags.DEFINE_enum('method', 'factored', list(METHODS), 'internal (method): the method.')
-_K = flags.DEFINE_integer('k', 8, 'internal (method): k_in = k_out per Dense layer.')
-_NS = flags.DEFINE_list('ns', ['1024'], 'internal (method): N milestones.')
-_SAVE = flags.DEFINE_string('save', '', 'internal (method): .npy of the first block\'s output.')
-_TRAIN = flags.DEFINE_string('train_split', 'train', 'internal (store): the training split.')
+
+def define_flags() -> None:
+  """Defined when run as a script, not on import (tests import it beside other benches)."""
+  global _OUT, _QUICK, _SECTIONS, _SCRATCH, _BLOCK, _LAUNCHER_NS
+  global _WORKER, _TASK, _METHOD, _K, _NS, _SAVE, _TRAIN
+  _OUT = flags.DEFINE_string('out', 'bench/results/valuation_scale', 'Output prefix.')
+  _QUICK = flags.DEFINE_bool('quick', False, 'Tiny sizes: a smoke run of every section.')
+  _SECTIONS = flags.DEFINE_list('sections', list(SECTIONS), 'Sections to run.')
+  _SCRATCH = flags.DEFINE_string('scratch', '/tmp/datarater_valuation_scale',
+                                 'Folder for workdirs, datasets and logs (emptied per size).')
+  _BLOCK = flags.DEFINE_integer('block', 256, 'methods: examples per call.')
+  _LAUNCHER_NS = flags.DEFINE_list('launcher_ns', [], 'launchers: the sizes N (default: 10k..1M).')
+  # One measurement in a subprocess (internal).
+  _WORKER = flags.DEFINE_enum('worker', None, ['method', 'store'], 'internal: one measurement.')
+  _TASK = flags.DEFINE_enum('task', 'cnn', list(TASKS), 'internal (method): the task.')
+  _METHOD = flags.DEFINE_enum('method', 'factored', list(METHODS), 'internal (method): the method.')
+  _K = flags.DEFINE_integer('k', 8, 'internal (method): k_in = k_out per Dense layer.')
+  _NS = flags.DEFINE_list('ns', ['1024'], 'internal (method): N milestones.')
+  _SAVE = flags.DEFINE_string('save', '', 'internal (method): .npy of the first block\'s output.')
+  _TRAIN = flags.DEFINE_string('train_split', 'train', 'internal (store): the training split.')
 
 
 def _status_mib(field: str) -> float:
@@ -552,4 +557,5 @@ def main(argv):
   print(f'wrote {_OUT.value}.{{json,png,md}}: {results["wall_s"]:.0f} s of sections')
 
 if __name__ == '__main__':
+  define_flags()
   bench_cli.run(main, __doc__)

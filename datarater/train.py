@@ -81,6 +81,8 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   `policy` overrides `config.policy.name`. If `stop_after` ends training early, returns
   {'stopped_after': epochs done} and writes no report.
   """
+  if policy is None and 'policy' not in config:  # (a config of another launcher)
+    raise UserError("the config has no policy section: give --policy or a config with one")
   name = config.policy.name if policy is None else policy  # '' (--policy=) is no name
   if name not in policies.POLICIES:
     raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(policies.POLICIES))})')

@@ -311,6 +311,9 @@ def test_unknown_policy_and_missing_inputs_are_user_errors(tfds_dir):
     policies.make_policy('datarater', ctx)
   with pytest.raises(UserError, match='needs --scores'):
     policies.make_policy('scores', ctx)
+  del config.policy  # another launcher's config (bench sizings): launch.train raised AttributeError
+  with pytest.raises(UserError, match='the config has no policy section: give --policy'):
+    train(config)
 
 
 def test_an_input_is_given_only_to_the_policies_that_read_it():
