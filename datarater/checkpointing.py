@@ -190,19 +190,26 @@ class RunCheckpointer:
 
   `free_fields`: config fields a resumed run may change (default NON_TRAJECTORY_FIELDS).
   `inputs`: {field: PathInput} of what the run reads by path (`path_inputs`); a checkpoint
-  records their digests, and one made from other contents is not resumed.
+  records their digests, and one made from other contents is not resumed. `extra_fields`: what
+  the run's `extra` must hold (a record without them is unreadable).
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, max_to_keep: int = 2,
                free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS,
-               inputs: Optional[dict[str, PathInput]] = None):
+               inputs: Optional[dict[str, PathInput]] = None,
+               extra_fields: tuple[str, ...] = ()):
     check_writable_path(workdir, '--workdir')
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
+      raise UserError(f'--workdir {workdir!r} holds {checkpoints!r}, which is not a folder: '
+                      'remove it or use a new --workdir')
     files.check_outside(workdir, **{field: i.path for field, i in (inputs or {}).items()})
     self.workdir = workdir
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.config = config
     self.free_fields = free_fields
     self.inputs = dict(inputs or {})
+    self.extra_fields = extra_fields
     self._manager = None
     self._max_to_keep = max_to_keep
     self._unreadable = {}  # step -> why, for the steps passed over
@@ -337,8 +344,8 @@ class RunCheckpointer:
     """The JSON record saved with checkpoint `step` (config, data position, step, extra)."""
     self._open(create=False)
     with quiet_orbax():
-      return self._manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))['meta']
+      return checked_meta(self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta'], self.extra_fields)
 
   def save(self, step: int, state, data_position: dict[str, int], extra: Any = None) -> None:
     """`extra`: JSON-serialisable progress kept beside the state (e.g. the metrics so far)."""
@@ -375,6 +382,19 @@ class RunCheckpointer:
       self._manager = None
 
 
+def checked_meta(meta, extra_fields: tuple[str, ...] = ()) -> dict:
+  """A checkpoint's JSON record; ValueError (unreadable: passed over) if it lacks what a resume
+  reads: a dict `config`, an integer `step`, an `extra` holding `extra_fields` (a record damaged
+  into other valid JSON)."""
+  if not (isinstance(meta, dict) and isinstance(meta.get('config'), dict)
+          and type(meta.get('step')) is int):  # pylint: disable=unidiomatic-typecheck  (not bool)
+    raise ValueError('its record has no config or step')
+  extra = meta.get('extra')
+  if extra_fields and not (isinstance(extra, dict) and all(f in extra for f in extra_fields)):
+    raise ValueError(f'its record has no {", ".join(extra_fields)}')
+  return meta
+
+
 def abstract_of(tree):
   """ShapeDtypeStructs of a tree of placed arrays, keeping each array's sharding."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -409,6 +429,7 @@ def restore_latest_on_host(directory: str):
               manager.item_metadata(step)['state'])
           restored = manager.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        checked_meta(restored['meta'])
       except Exception as e:  # pylint: disable=broad-except
         unreadable[step] = e
         continue

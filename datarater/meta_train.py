@@ -123,11 +123,17 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
 def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resume_step) -> dict:
   primary = jax.process_index() == 0
 
+  rater_module = tasks.registry.module_of('rater', config.rater.name)
+  if primary and rater_module is None:
+    log.warning('warning: rater %r is registered where no other process can import it (a script '
+                'or a --config file): launch.export_rater and launch.filter will not know it; '
+                'register it in a module on PYTHONPATH', config.rater.name)
+
   def write_config():
     if primary:
       files.write_json(os.path.join(workdir, 'config.json'), {
           'config': json.loads(config.to_json()), 'data_info': data.info.to_json(),
-          'rater_module': tasks.registry.module_of('rater', config.rater.name)})
+          'rater_module': rater_module})
   report_path = os.path.join(workdir, 'report.json')
   report = _finished_report(report_path, config) if resume_step == config.outer.steps else None
   if report is not None:

@@ -46,7 +46,8 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
   inputs = checkpointing.path_inputs(config.data, scores=scores)
   if rater:  # what is read from it: a run's report or config written again changes nothing
     inputs['--rater'] = checkpointing.PathInput(rater, '', rater_digest(rater))
-  return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free, inputs=inputs)
+  return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free, inputs=inputs,
+                                       extra_fields=('history', 'wall_s', 'steps'))
 
 
 def rater_digest(path: str) -> str:

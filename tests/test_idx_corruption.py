@@ -276,6 +276,8 @@ def test_each_kind_gets_exactly_its_count_disjointly():
                              'occlusion': 0.15, 'duplicate': 0.15, 'ood': 0.15}).record(10)
   with pytest.raises(UserError, match='add up to 1;'):  # 0.9999999999999999 as floats add
     corruption.Corruption(label_noise=0.7, blur=0.2, pixel_noise=0.1)
+  with pytest.raises(UserError, match='add up to 1;'):  # 0.9999999999999999 even in math.fsum
+    corruption.Corruption(label_noise=0.01, blur=0.29, pixel_noise=0.7)
   with pytest.raises(UserError, match='ask for 3 of a split of 3 examples: none would be left'):
     corruption.Corruption(label_noise=0.5, blur=0.4).record(3)  # round(1.5) = 2, round(1.2) = 1
   with pytest.raises(UserError, match='input_corruption.blur must be in'):

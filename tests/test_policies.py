@@ -136,6 +136,10 @@ def test_table_weights_are_the_softmax_of_standardised_values_or_a_hard_top_frac
   z = (values - values.mean()) / values.std()
   np.testing.assert_allclose(weighting.curriculum_weights(values, temperature=0.5),
                              _softmax_weights(z, 0.5), rtol=1e-6)
+  for power in (530, 1020, -560):  # standardised alike at any scale (overflowed: NaN or all 1)
+    scaled = np.ldexp(values, power)
+    np.testing.assert_allclose(weighting.curriculum_weights(scaled, temperature=0.5),
+                               _softmax_weights(z, 0.5), rtol=1e-6)
   hard = weighting.curriculum_weights(values, 'select', fraction=0.2)
   assert set(np.flatnonzero(hard)) == set(np.argsort(-values)[:10]) and np.isclose(hard.mean(), 1)
   # A half rounds up, as `launch.filter --keep` keeps: 0.25 of 10 is 3 examples of weight 10 / 3.

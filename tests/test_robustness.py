@@ -197,13 +197,19 @@ def _corrupt(step_dir, how: str):
       for i in range(0, len(data), 7):
         data[i] ^= 0xFF
       open(path, 'wb').write(bytes(data))
+  elif how == 'renamed':  # valid JSON that lacks a field (one letter flipped in a key)
+    path = os.path.join(step_dir, 'meta', 'metadata')
+    meta = json.load(open(path))
+    meta['stap'] = meta.pop('step')
+    json.dump(meta, open(path, 'w'))
   else:
     with open(os.path.join(step_dir, 'meta', 'metadata'), 'w') as f:
       f.write('{"config": ')
 
 
 @pytest.mark.parametrize('how', ['truncated', pytest.param('flipped', marks=pytest.mark.slow),
-                                 pytest.param('garbled', marks=pytest.mark.slow)])
+                                 pytest.param('garbled', marks=pytest.mark.slow),
+                                 pytest.param('renamed', marks=pytest.mark.slow)])
 def test_a_corrupted_latest_checkpoint_gives_way_to_the_newest_intact_one(tfds_dir, tmp_path,
                                                                            capsys, how):
   config = small_config(tfds_dir, steps=4)
@@ -223,6 +229,19 @@ def test_a_corrupted_latest_checkpoint_gives_way_to_the_newest_intact_one(tfds_d
   steps = [json.loads(l)['step'] for l in open(workdir / 'metrics.jsonl')]
   assert steps == [2, 4, 6]  # resumed from step 2: the records after it were written again
   export.export_rater(str(workdir), str(tmp_path / 'rater'))  # the run's newest, step 6
+
+
+def test_a_checkpoint_record_without_what_a_resume_reads_is_unreadable():
+  """Valid JSON that lacks a field (a flipped letter in a key) is passed over as unreadable, as
+  a record that does not parse is (a KeyError traceback, exit 1)."""
+  good = {'config': {}, 'step': 2, 'data_position': {}, 'extra': {'history': [], 'wall_s': 1.0,
+                                                                  'steps': 4}}
+  assert checkpointing.checked_meta(good, ('history', 'wall_s', 'steps')) is good
+  for bad, fields in (([], ()), ({**good, 'config': None}, ()), ({**good, 'step': True}, ()),
+                      ({**good, 'step': '2'}, ()), ({'config': {}, 'stap': 2}, ()),
+                      ({**good, 'extra': {'history': []}}, ('history', 'steps'))):
+    with pytest.raises(ValueError):
+      checkpointing.checked_meta(bad, fields)
 
 
 def test_a_run_log_resumes_past_a_half_written_last_line(tmp_path):

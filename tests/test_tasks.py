@@ -340,3 +340,13 @@ def test_what_needs_class_labels_names_its_setting_for_a_task_without_them(tmp_p
   with pytest.raises(UserError, match=r'^sae_scores.class_conditional=True needs class labels: '
                      r'task NoLabels .* or set --config.sae_scores.class_conditional=false$'):
     policies.make_policy('sae', policies.PolicyContext(None, None, bare, config))
+
+
+def test_a_raters_module_is_recorded_only_where_another_process_can_import_it(monkeypatch):
+  """A rater registered in a script (`__main__`) or a --config file (a module name ml_collections
+  makes up) records no module: importing it elsewhere would load the launcher, or fail."""
+  from datarater.tasks import registry  # pylint: disable=g-import-not-at-top
+  for module, recorded in (('datarater.tasks.classifier', 'datarater.tasks.classifier'),
+                           ('__main__', None), ('config_config', None)):
+    monkeypatch.setitem(registry.MODULES, ('rater', 'mine'), module)
+    assert registry.module_of('rater', 'mine') == recorded

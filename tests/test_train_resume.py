@@ -127,17 +127,19 @@ def test_ctrl_c_as_a_checkpoint_is_written_stops_once_it_is(tfds_dir, tmp_path):
   assert 'resuming from the checkpoint at epoch 1' in again.stdout
 
 
+@pytest.mark.parametrize('how', ['truncated', 'renamed'])
 def test_resumed_past_an_unreadable_checkpoint_equals_uninterrupted(tfds_dir, tmp_path, caplog,
-                                                                    capsys):
-  """The newest checkpoint (epoch 3) is damaged: the run resumes from epoch 2, writes epochs 3
-  and 4 again, once each, and its history equals an uninterrupted run's."""
+                                                                    capsys, how):
+  """The newest checkpoint (epoch 3) is damaged, its arrays cut short or its record valid JSON
+  without its step (a KeyError traceback): the run resumes from epoch 2, writes epochs 3 and 4
+  again, once each, and its history equals an uninterrupted run's."""
   from tests.test_robustness import _corrupt  # pylint: disable=g-import-not-at-top
   config = _config(tfds_dir, 4)
   config.train.seeds, config.train.checkpoint_every = (0,), 1
   straight = train(config, 'uniform', workdir=str(tmp_path / 'a'), log=quiet)
   workdir = tmp_path / 'b'
   train(config, 'uniform', workdir=str(workdir), stop_after=3, log=quiet)
-  _corrupt(str(workdir / 'checkpoints' / '3'), 'truncated')
+  _corrupt(str(workdir / 'checkpoints' / '3'), how)
   lines = []
   resumed = train(config, 'uniform', workdir=str(workdir), log=lines.append)
   assert 'resuming from the checkpoint at epoch 2' in lines

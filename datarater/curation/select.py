@@ -35,6 +35,13 @@ def keep_count(num_examples: int, keep: float) -> int:
   return max(1, min(num_examples, int(math.floor(round(keep * num_examples, 9) + 0.5))))
 
 
+def to_unit(values: np.ndarray) -> np.ndarray:
+  """`values` (finite float64) times the power of two that puts the largest |value| in [0.5, 1),
+  exactly: their squares and sums then neither overflow (at 1e160) nor underflow."""
+  top = np.abs(values).max(initial=0.0)
+  return np.ldexp(values, -np.frexp(top)[1]) if top > 0 else values
+
+
 def suggest_keep(scores: np.ndarray) -> float:
   """The share of the upper of two clusters of the scores at Otsu's threshold: of all splits of
   the sorted scores between two distinct values, the one minimising the within-group variance
@@ -49,7 +56,7 @@ def suggest_keep(scores: np.ndarray) -> float:
   n = s.size
   if n < 2 or s[0] == s[-1]:
     return 1.0
-  s = np.ldexp(s, -np.frexp(np.abs(s).max())[1])  # |s| <= 1, exactly: squares of 1e160 overflow
+  s = to_unit(s)
   s = (s - s.mean()) / s.std()
   k = np.arange(1, n)                    # the lower group's size at each split
   lower = np.cumsum(s)[:-1]              # its sum; the upper group's is -lower (s sums to 0)

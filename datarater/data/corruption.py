@@ -15,8 +15,8 @@ of the image), 'duplicate' (a shifted, slightly noisy copy of a clean example of
 its label) and 'ood' (a scikit-learn 8x8 digit resized to the image, under a random label).
 """
 import dataclasses
+import fractions
 import functools
-import math
 from typing import Callable, Optional
 
 import numpy as np
@@ -67,7 +67,8 @@ class Corruption:
       if not 0.0 <= getattr(self, kind) < 1.0:
         raise UserError(f'data.input_corruption.{kind} must be in [0, 1), got '
                         f'{getattr(self, kind)}')
-    total = math.fsum(rate for _, rate in self._rates())  # exact: 0.7 + 0.2 + 0.1 is 1
+    # The rates as the decimals written (0.7 + 0.2 + 0.1 is 1; as floats 0.9999999999999999).
+    total = float(sum(fractions.Fraction(repr(rate)) for _, rate in self._rates()))
     if total >= 1.0:
       raise UserError(f'the corruption rates add up to {total:g}; they must add up to < 1 '
                       '(data.label_noise + data.input_corruption.*)')

@@ -53,6 +53,9 @@ def curriculum_weights(values: np.ndarray, mode: str = 'weight', fraction: float
   if mode == 'weight':
     if temperature <= 0:
       raise UserError(f'policy.temperature must be > 0, got {temperature}')
+    if not np.isfinite(values).all():
+      raise UserError('curriculum values must be finite')
+    values = select.to_unit(values)  # standardised alike at any scale (squares of 1e160 overflow)
     z = (values - values.mean()) / max(values.std(), 1e-12)
     return np.asarray(softmax_weights(jnp.asarray(z), temperature), np.float64)
   if mode == 'select':

@@ -8,6 +8,7 @@ built (`base.check_outputs`). A rater's registering module is recorded with a ra
 exported rater (`module_of`), so what loads one without a config imports it (`import_module_of`).
 """
 import importlib
+import importlib.util
 from typing import Callable, Optional
 
 from datarater.errors import UserError
@@ -43,8 +44,15 @@ def schema_of(kind: str, name: str) -> dict:
 
 
 def module_of(kind: str, name: str) -> Optional[str]:
-  """The module whose factory registered task or rater `name` (None if none did)."""
-  return MODULES.get((kind, name))
+  """The module whose factory registered task or rater `name`, if another process can import it
+  by that name (None for one registered in a script, `__main__`, or in a --config file)."""
+  module = MODULES.get((kind, name))
+  if module in (None, '__main__'):
+    return None
+  try:
+    return module if importlib.util.find_spec(module) is not None else None
+  except (ImportError, ValueError):
+    return None
 
 
 def import_module_of(name: str, module: Optional[str], where: str) -> None:
