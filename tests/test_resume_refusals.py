@@ -245,3 +245,17 @@ def test_a_rater_whose_checkpoints_or_params_cannot_be_read_is_refused_in_one_li
   assert unreadable in stderr_of('launch.filter', f'--rater={copy}', *filter_flags)
   assert 'its params/ folder is unreadable' in stderr_of('launch.filter', f'--rater={rater}',
                                                          *filter_flags)
+
+
+def test_a_workdir_whose_checkpoints_is_a_file_is_refused_before_any_work(tfds_dir, tmp_path):
+  """It was taken for 'no checkpoints': the run trained, wrote config.json and its log, then
+  died at its first save with orbax's tracebacks."""
+  config = small_config(tfds_dir, steps=2)
+  for launcher, argv in ((train_rater, as_flags(config)),
+                         (train_launcher, [f'--config.data.data_dir={tfds_dir}',
+                                           '--config.train.epochs=1'])):
+    workdir = tmp_path / launcher.__name__.split('.')[-1]
+    workdir.mkdir()
+    (workdir / 'checkpoints').write_text('not a folder')
+    _refused(launcher, [f'--workdir={workdir}', *argv], str(workdir), 'checkpoints',
+             'which is not a folder')

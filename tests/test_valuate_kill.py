@@ -127,3 +127,26 @@ def test_a_damaged_fit_cache_entry_is_fitted_again(tmp_path):
   again = cache.get('run', lambda: made.append(1) or {'x': np.arange(10)})
   assert made == [1] and again['x'].sum() == 45
   assert RunCache(str(tmp_path / 'fit'), 'tag').get('run', lambda: 1 / 0)['x'].sum() == 45
+
+
+def test_a_partial_scores_file_is_resumed_only_when_it_is_whole_and_its_count_fits(tmp_path):
+  """What an earlier run left is kept only when it is what this run writes: a float64 [n] file,
+  whole, and a block count of 0..blocks (a file cut short was read as zeros, a count past the
+  blocks kept another run's values, a short file or an empty count raised a traceback)."""
+  from datarater.valuation import run  # pylint: disable=g-import-not-at-top
+  n, blocks = 100, 4
+  partial, progress = str(tmp_path / 'p.npy'), str(tmp_path / 'p.npy.json')
+  def left(array=None, count=2, cut=0, text=None):
+    np.save(partial, np.arange(n, dtype=np.float64) if array is None else array)
+    if cut:
+      os.truncate(partial, os.path.getsize(partial) - cut)
+    with open(progress, 'w') as f:
+      f.write(json.dumps({'blocks_done': count}) if text is None else text)
+    return run._blocks_kept(partial, progress, n, blocks)  # pylint: disable=protected-access
+  assert left() == 2 and left(count=blocks) == blocks
+  for kept in (left(cut=8), left(count=blocks + 1), left(count=-1), left(count=2.0),
+               left(np.zeros(n - 1)), left(np.zeros((n, 1))), left(np.zeros(n, np.float32)),
+               left(text=''), left(text='[2]')):
+    assert kept == 0
+  os.remove(progress)
+  assert run._blocks_kept(partial, progress, n, blocks) == 0  # pylint: disable=protected-access

@@ -79,6 +79,32 @@ class RunCache:
     return value
 
 
+def _blocks_kept(partial: str, progress_path: str, n: int, num_blocks: int) -> int:
+  """The blocks an earlier run scored into `partial` (and counted in `progress_path`), if both
+  hold what this run would write: a float64 [n] file, whole, and a count of 0..num_blocks
+  (a file cut short was read as zeros, a count past the blocks kept what another run left).
+  Otherwise 0, warned: scored again."""
+  if not (os.path.exists(partial) and os.path.exists(progress_path)):
+    return 0
+  try:
+    with open(progress_path) as f:
+      done = json.load(f)['blocks_done']
+    with open(partial, 'rb') as f:
+      version = np.lib.format.read_magic(f)
+      shape, _, dtype = {(1, 0): np.lib.format.read_array_header_1_0,
+                         (2, 0): np.lib.format.read_array_header_2_0}[version](f)
+      whole = os.path.getsize(partial) >= f.tell() + 8 * n
+    if (type(done) is int and 0 <= done <= num_blocks  # pylint: disable=unidiomatic-typecheck
+        and shape == (n,) and dtype == np.float64 and whole):
+      return done
+    why = 'another length or count'
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    why = f'{type(e).__name__}: {e}'
+  log.warning('warning: %s is not a partial scores file of this run (%s); scoring from the first '
+              'block', partial, why)
+  return 0
+
+
 def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc: str,
                  check_data=None):
   """Scores this process's blocks of `split` into the memory-mapped [N] file `partial`, resuming
@@ -88,10 +114,8 @@ def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc
   starts = split.block_starts(block, p, num)
   n = len(split)
   progress_path = partial + '.json'
-  done = 0
-  if os.path.exists(partial) and os.path.exists(progress_path):
-    with open(progress_path) as f:
-      done = json.load(f)['blocks_done']
+  done = _blocks_kept(partial, progress_path, n, len(starts))
+  if done:
     scores = np.lib.format.open_memmap(partial, mode='r+')
   else:
     scores = np.lib.format.open_memmap(partial, mode='w+', dtype=np.float64, shape=(n,))
