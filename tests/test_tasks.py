@@ -346,6 +346,10 @@ def test_a_raters_module_is_recorded_only_where_another_process_can_import_it(mo
   """A rater registered in a script (`__main__`) or a --config file (a module name ml_collections
   makes up) records no module: importing it elsewhere would load the launcher, or fail."""
   from datarater.tasks import registry  # pylint: disable=g-import-not-at-top
+  import importlib.util, sys, types  # pylint: disable=g-import-not-at-top,multiple-imports
+  loaded = types.ModuleType('config_config')  # as ml_collections loads a --config file
+  loaded.__spec__ = importlib.util.spec_from_loader('config_config', loader=None)
+  monkeypatch.setitem(sys.modules, 'config_config', loaded)
   for module, recorded in (('datarater.tasks.classifier', 'datarater.tasks.classifier'),
                            ('__main__', None), ('config_config', None)):
     monkeypatch.setitem(registry.MODULES, ('rater', 'mine'), module)

@@ -8,7 +8,7 @@ built (`base.check_outputs`). A rater's registering module is recorded with a ra
 exported rater (`module_of`), so what loads one without a config imports it (`import_module_of`).
 """
 import importlib
-import importlib.util
+import importlib.machinery
 from typing import Callable, Optional
 
 from datarater.errors import UserError
@@ -49,10 +49,13 @@ def module_of(kind: str, name: str) -> Optional[str]:
   module = MODULES.get((kind, name))
   if module in (None, '__main__'):
     return None
+  parent, _, leaf = module.rpartition('.')  # searched for on the path, not in sys.modules
   try:
-    return module if importlib.util.find_spec(module) is not None else None
-  except (ImportError, ValueError):
+    path = importlib.import_module(parent).__path__ if parent else None
+    found = importlib.machinery.PathFinder.find_spec(leaf, path)
+  except (ImportError, AttributeError, ValueError):
     return None
+  return module if found is not None else None
 
 
 def import_module_of(name: str, module: Optional[str], where: str) -> None:
