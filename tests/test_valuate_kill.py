@@ -9,6 +9,7 @@ import os
 import signal
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 
 from configs.digits import get_config
@@ -150,3 +151,41 @@ def test_a_partial_scores_file_is_resumed_only_when_it_is_whole_and_its_count_fi
     assert kept == 0
   os.remove(progress)
   assert run._blocks_kept(partial, progress, n, blocks) == 0  # pylint: disable=protected-access
+
+
+def test_a_partial_refused_then_killed_before_a_block_is_not_resumed_as_zeros(tmp_path):
+  """A refused partial is made anew (zeros); its old count, left beside it until the first block
+  was kept, resumed those zeros as scores after a kill in that block."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import run  # pylint: disable=g-import-not-at-top
+
+  class Split:  # a split of n examples whose true score is its position + 1
+    def __init__(self, n):
+      self.n = n
+    def __len__(self):
+      return self.n
+    def block_starts(self, size, shard=0, num=1):
+      return list(range(shard * size, self.n, num * size))
+    def blocks(self, size, shard=0, num=1, skip=0):
+      for start in self.block_starts(size, shard, num)[skip:]:
+        positions = np.arange(start, min(start + size, self.n))
+        yield positions, self.take(positions)
+    def take(self, positions):
+      return {'x': jnp.asarray(np.asarray(positions, np.float32)), 'index': np.asarray(positions)}
+    def corruption_of(self, positions):
+      return np.zeros(np.shape(positions), np.int8)
+
+  class Killed(Exception):
+    pass
+  def dies(batch):
+    raise Killed
+  partial, n = str(tmp_path / 'p.npy'), 40
+  score = lambda batch: batch['x'] + 1.0
+  run.score_blocks(score, Split(n), 10, partial, False, 'x')
+  with open(partial + '.json', 'w') as f:
+    json.dump({'blocks_done': 3}, f)
+  os.truncate(partial, os.path.getsize(partial) - 8)  # damaged: refused
+  with pytest.raises(Killed):
+    run.score_blocks(dies, Split(n), 10, partial, False, 'x')
+  run.score_blocks(score, Split(n), 10, partial, False, 'x')
+  np.testing.assert_array_equal(np.load(partial), np.arange(n) + 1.0)

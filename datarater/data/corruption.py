@@ -68,9 +68,9 @@ class Corruption:
         raise UserError(f'data.input_corruption.{kind} must be in [0, 1), got '
                         f'{getattr(self, kind)}')
     # The rates as the decimals written (0.7 + 0.2 + 0.1 is 1; as floats 0.9999999999999999).
-    total = float(sum(fractions.Fraction(repr(rate)) for _, rate in self._rates()))
-    if total >= 1.0:
-      raise UserError(f'the corruption rates add up to {total:g}; they must add up to < 1 '
+    total = sum(fractions.Fraction(repr(rate)) for _, rate in self._rates())
+    if total >= 1:
+      raise UserError(f'the corruption rates add up to {float(total):g}; they must add up to < 1 '
                       '(data.label_noise + data.input_corruption.*)')
     try:
       pairs = tuple((int(a), int(b)) for a, b in self.confusions)

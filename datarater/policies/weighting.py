@@ -56,7 +56,8 @@ def curriculum_weights(values: np.ndarray, mode: str = 'weight', fraction: float
     if not np.isfinite(values).all():
       raise UserError('curriculum values must be finite')
     values = select.to_unit(values)  # standardised alike at any scale (squares of 1e160 overflow)
-    z = (values - values.mean()) / max(values.std(), 1e-12)
+    spread = values.std()
+    z = (values - values.mean()) / spread if spread > 0 else np.zeros_like(values)
     return np.asarray(softmax_weights(jnp.asarray(z), temperature), np.float64)
   if mode == 'select':
     if not 0 < fraction <= 1:

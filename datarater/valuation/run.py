@@ -117,7 +117,9 @@ def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc
   done = _blocks_kept(partial, progress_path, n, len(starts))
   if done:
     scores = np.lib.format.open_memmap(partial, mode='r+')
-  else:
+  else:  # its count goes first: beside the new file of zeros it would keep them as scores
+    if os.path.exists(progress_path):
+      os.remove(progress_path)
     scores = np.lib.format.open_memmap(partial, mode='w+', dtype=np.float64, shape=(n,))
   record = np.full(n, -1, np.int8)
   for start in starts[:done]:
