@@ -86,6 +86,7 @@ def check_same_settings(settings: dict) -> None:
 _voting = [0]  # the processes the running StopVote loop spans (0: none runs)
 _asked = [0]  # the signal (SIGINT or SIGTERM) that came to this process while it ran
 _ctrl_c = [False]  # a SIGINT came to this process while it ran
+_FAILED = 1 << 10  # the vote of process p that left the loop by an error: _FAILED + p
 
 
 def ask_to_stop(signum: int) -> bool:
@@ -112,12 +113,16 @@ class StopVote:
   last step given to `after` (`step`, where the loop starts, if none). A process whose loop
   stopped so calls `on_stop(step, signum)` and is sent the agreed signal again (SIGTERM where any
   process had one): its handler then stops it as usual; so is one asked while the block ends by an
-  exception, with its own. In one process the vote is its own signal, read without a program."""
+  exception, with its own. A process that leaves the block by an error casts one more vote, for
+  its error, and every other process stops at that vote with a UserError naming it (it would
+  otherwise wait in its next vote for good). In one process the vote is its own signal, read
+  without a program."""
 
   def __init__(self, devices, step: int,
                on_stop: Callable[[int, int], None] = lambda step, signum: None):
     self._processes, self.stopped_at, self.signum, self._step, self._on_stop = (
         jax.process_count(), None, 0, step, on_stop)
+    self._voting_now = self._failed = False
     if self._processes > 1:
       mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ('devices',))
       self._shape = (mesh.devices.size,)
@@ -134,6 +139,9 @@ class StopVote:
     try:
       if exc_type is None:  # every process got here: the last vote
         self.after(self._step)
+      elif (self._processes > 1 and issubclass(exc_type, Exception) and not self._failed
+            and not self._voting_now):  # (not an error of the vote itself)
+        self._vote(_FAILED + jax.process_index())  # the others stop at this vote
       if self.stopped_at is not None:
         self._on_stop(self.stopped_at, self.signum)
     finally:
@@ -146,14 +154,24 @@ class StopVote:
     """After step `done` is queued: True if every process stops here (then at every later call)."""
     self._step = done
     if self.stopped_at is None:
-      self.signum = _asked[0]
-      if self._processes > 1:
-        votes = jax.make_array_from_process_local_data(
-            self._sharding, np.full(self._local, self.signum, np.int32), self._shape)
-        self.signum = int(np.asarray(self._max(votes).addressable_data(0)))
+      self.signum = self._vote(_asked[0])
+      if self.signum >= _FAILED:
+        failed, self.signum, self._failed = self.signum - _FAILED, 0, True
+        raise UserError(f'process {failed} of this job stopped (its error line says why)')
       if self.signum:
         self.stopped_at = done
     return self.stopped_at is not None
+
+  def _vote(self, vote: int) -> int:
+    """The largest of the processes' votes (this process's own in a job of one)."""
+    if self._processes == 1:
+      return vote
+    self._voting_now = True
+    votes = jax.make_array_from_process_local_data(
+        self._sharding, np.full(self._local, vote, np.int32), self._shape)
+    largest = int(np.asarray(self._max(votes).addressable_data(0)))
+    self._voting_now = False
+    return largest
 
 
 def in_rounds(items, count: int):

@@ -189,17 +189,20 @@ def test_processes_given_different_flags_stop_in_one_line(tfds_dir, tmp_path, mo
 
 
 # A launcher as one of two jax.distributed processes; process 1 is sent `signum` as it reads its
-# second block of examples to score (0: none).
+# second block of examples to score (0: none; -1: it fails there with an error of its own).
 _SIGNAL_AT_A_BLOCK = """
 import os, runpy, sys
 sys.path.insert(0, os.getcwd())
 from datarater.data import source
+from datarater.errors import UserError
 pid, port = int(sys.argv[1]), sys.argv[2]
 module, signum, args = {module!r}, {signum}, {args!r}
 blocks = source.Source.blocks
 def signalled(self, *a, **k):
   for i, item in enumerate(blocks(self, *a, **k)):
-    if pid == 1 and i == 1 and signum:
+    if pid == 1 and i == 1 and signum < 0:
+      raise UserError('a planted error in its second block')
+    if pid == 1 and i == 1 and signum > 0:
       os.kill(os.getpid(), signum)
     yield item
 source.Source.blocks = signalled
@@ -251,7 +254,7 @@ def test_two_process_valuate_scores_equal_one_process_and_stop_together(tfds_dir
 def test_two_process_filter_writes_the_one_process_dataset(tfds_dir, tmp_path):
   """Two processes score alternate blocks and exchange scores; process 0 writes the same bytes.
   Ctrl-C to process 1 as it scores stops both after the same block, with one line each and
-  nothing written."""
+  nothing written; so does an error in a block of process 1, with its line and one naming it."""
   meta_train(small_config(tfds_dir, steps=2), str(tmp_path / 'run'))
   args = ['--dataset=sklearn_digits', f'--rater={tmp_path / "run"}', '--keep=0.7',
           f'--data_dir={tfds_dir}', '--label_noise=0.2', '--batch_size=100', '--threshold=exact']
@@ -259,6 +262,13 @@ def test_two_process_filter_writes_the_one_process_dataset(tfds_dir, tmp_path):
                                       signal.SIGINT, tfds_dir, tmp_path)
   assert codes == [-signal.SIGINT] * 2, '\n'.join(outs)[-6000:]
   assert all(out.count('interrupted (Ctrl-C) at ') == 1 for out in outs), outs
+  assert not os.path.exists(tmp_path / 'two')
+  # An error in one process's block stops the other at its next vote (it waited there for good).
+  codes, outs = _signalled_at_a_block('launch.filter', [*args, f'--out={tmp_path / "two"}'], -1,
+                                      tfds_dir, tmp_path)
+  assert codes == [2, 2], '\n'.join(outs)[-6000:]
+  assert 'error: process 1 of this job stopped (its error line says why)' in outs[0], outs[0]
+  assert 'error: a planted error in its second block' in outs[1], outs[1]
   assert not os.path.exists(tmp_path / 'two')
   _finish(_start('launch.filter', [*args, f'--out={tmp_path / "two"}']))
   filter_dataset('sklearn_digits', str(tmp_path / 'one'), ['train'], rater=str(tmp_path / 'run'),
