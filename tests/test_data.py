@@ -79,6 +79,9 @@ def test_corruption_of_blocks_equals_corruption_of_the_whole_split(tfds_dir):
   blocks = [c.apply(info, {'label': raw['label'][ids]}, ids, len(whole))[0]['label']
             for ids in np.array_split(np.arange(len(whole)), 5)]
   np.testing.assert_array_equal(np.concatenate(blocks), whole.features['label'])
+  changed = np.flatnonzero(whole.features['label'] != raw['label'])  # 30% flipped, recorded
+  np.testing.assert_array_equal(changed, np.flatnonzero(whole.is_corrupted))
+  assert len(changed) == round(0.3 * len(whole))
 
 
 def test_bad_split_and_noise_rate(tfds_dir):

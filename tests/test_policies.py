@@ -247,11 +247,13 @@ def test_every_registered_policy_trains_through_the_launcher_path(tfds_dir, trai
     grads[name] = report['example_gradients']
   assert grads['uniform'] == grads['full'] == 1197
   assert grads['datarater_batch_filter'] < 1197 and grads['random'] == round(0.7 * 1197)
-  # The scores policy's weights are the table of the file's values.
+  # The scores policy's weights: n softmax(z / temperature) of the file's standardised values.
+  config.policy.temperature = 0.37
   made = policies.make_policy('scores', policies.PolicyContext(
       pipeline.load_split(config.data, 'train', corrupt=True), None, None, config,
       scores=str(base / 'scores.parquet')))
-  np.testing.assert_allclose(made.aux, weighting.curriculum_weights(values), rtol=1e-5)
+  np.testing.assert_allclose(made.aux, _softmax_weights((values - values.mean()) / values.std(),
+                                                        0.37), rtol=1e-5)
 
 
 def test_tracin_curriculum_weighs_mislabelled_examples_down(tfds_dir):

@@ -108,13 +108,17 @@ def test_vmapped_seeds_equal_single_runs_and_compute_is_counted(splits):
   train, test = splits
   trainer = _trainer(train)
   both = trainer.run(train, {'eval': test}, [0, 1], epochs=2, evals_per_epoch=2)
-  one = trainer.run(train, {'eval': test}, [1], epochs=2)
   assert both.example_gradients == 2 * len(train) and both.steps == 2 * 12
   assert [r['epoch'] for r in both.history] == [0.5, 1.0, 1.5, 2.0]
   assert [r['step'] for r in both.history] == [6, 12, 18, 24]
   assert both.history[1]['example_gradients'] == len(train)
-  np.testing.assert_allclose(both.final['eval']['loss'][1], one.final['eval']['loss'][0],
-                             rtol=1e-5)
+  for member, seed in enumerate([0, 1]):  # each member is its seed's run alone, and they differ
+    alone = trainer.run(train, {'eval': test}, [seed], epochs=2)
+    np.testing.assert_allclose(both.final['eval']['loss'][member], alone.final['eval']['loss'][0],
+                               rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(both.params), jax.tree.leaves(alone.params)):
+      np.testing.assert_allclose(got[member], want[0], rtol=1e-4, atol=1e-6)
+  assert not np.allclose(jax.tree.leaves(both.params)[0][0], jax.tree.leaves(both.params)[0][1])
   assert np.mean(both.final['eval']['accuracy']) > 0.5  # it learns
 
 
