@@ -76,6 +76,7 @@ class TrainResult:
   example_gradients: int        # per model
   scoring_forwards: int         # per model
   setup_example_gradients: int
+  setup_forwards: int           # e.g. the acceptance filter's scoring of the split, once
   wall_s: float                 # training (selection, steps, policy updates); no compile, eval
   compile_s: float
   recording: Optional[Recording] = None
@@ -91,6 +92,7 @@ class TrainResult:
             'steps': self.steps, 'example_gradients': self.example_gradients,
             'scoring_forwards': self.scoring_forwards,
             'setup_example_gradients': self.setup_example_gradients,
+            'setup_forwards': self.setup_forwards,
             'total_example_gradients': self.example_gradients + self.setup_example_gradients,
             'wall_s': self.wall_s, 'compile_s': self.compile_s}
 
@@ -396,6 +398,7 @@ class Trainer:
         history=history, params=state.models.params, policy_state=state.policy, seeds=seeds,
         steps=done_steps, example_gradients=int(np.mean(state.example_gradients)),
         scoring_forwards=int(self.policy.forwards_per_example * np.mean(state.drawn)),
-        setup_example_gradients=int(self.policy.setup_example_gradients), wall_s=train_s,
+        setup_example_gradients=int(self.policy.setup_example_gradients),
+        setup_forwards=int(self.policy.setup_forwards), wall_s=train_s,
         compile_s=compile_s, recording=recording,
         stopped_after=last_epoch if last_epoch < num_epochs else None)

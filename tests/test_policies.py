@@ -245,6 +245,7 @@ def test_every_registered_policy_trains_through_the_launcher_path(tfds_dir, trai
                    log=lambda line: None)
     assert 0.0 <= report['final']['eval']['accuracy']['mean'] <= 1.0, name
     grads[name] = report['example_gradients']
+    assert report['setup_forwards'] == (1197 if name == 'datarater_accept' else 0), name
   assert grads['uniform'] == grads['full'] == 1197
   assert grads['datarater_batch_filter'] < 1197 and grads['random'] == round(0.7 * 1197)
   # The scores policy's weights: n softmax(z / temperature) of the file's standardised values.

@@ -34,6 +34,7 @@ class Policy(NamedTuple):
   aux: Any = None
   setup_example_gradients: int = 0  # compute spent once to make the policy (rater, valuation)
   forwards_per_example: float = 0.0  # extra forward passes per example drawn (scoring)
+  setup_forwards: int = 0           # forward passes spent once to make the policy (scoring)
   spans_epochs: bool = False        # its choices depend on the total number of epochs
   check_data: Optional[Callable[[dict], None]] = None  # refuses host features it cannot read
 

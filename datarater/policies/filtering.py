@@ -132,4 +132,4 @@ def _accept(ctx: PolicyContext) -> Policy:
   return acceptance_filter(rater.rater.score, rater.params, scores, ctx.config.policy.rho,
                            ctx.config.train.batch_size,
                            setup_example_gradients=rater.training_example_gradients,
-                           check_data=rater.rater.check_data)
+                           setup_forwards=len(ctx.train), check_data=rater.rater.check_data)
