@@ -164,6 +164,15 @@ def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path
   scores, kept = np.asarray(table['score']), np.asarray(table['kept'])
   assert kept.sum() == want and scores[kept].min() >= scores[~kept].max()
   noisy = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
+  # The scores are the rater's own, called on the whole noisy split (not through the loader's
+  # blocks), and the kept ones its top `want` by (score, lower id).
+  np.testing.assert_array_equal(table['id'], np.arange(N_TRAIN))
+  loaded = datarater.load_rater(rater_dir)
+  direct = np.asarray(loaded.rater.score(loaded.params, {
+      k: jnp.asarray(v) for k, v in noisy.features.items() if k in ('image', 'label')}))
+  np.testing.assert_allclose(scores, direct, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(kept, np.isin(np.arange(N_TRAIN),
+                                              np.lexsort((np.arange(N_TRAIN), -scores))[:want]))
   written = builder.as_data_source()['train']
   ids = np.flatnonzero(kept)
   np.testing.assert_array_equal(table['corruption'], noisy.corruption)
@@ -189,7 +198,7 @@ def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path
   config.train.epochs, config.train.seeds = 2, (0,)
   result = train(config, 'uniform', log=lambda *_: None)
   assert result['num_train'] == want and result['example_gradients'] == 2 * want
-  assert 0.0 <= result['final']['eval']['accuracy']['mean'] <= 1.0
+  assert result['final']['eval']['accuracy']['mean'] > 0.5  # it learns (10 classes)
   config.data = digits_data(tfds_dir, 0.2)  # online: the source data, noisy labels
   config.train.epochs = 1
   online = train(config, 'datarater_batch_filter', rater=rater_dir, log=lambda *_: None)

@@ -91,6 +91,7 @@ def _params(workdir):
 
 
 def _assert_same(a, b, atol=2e-6):
+  assert len(a) == len(b) > 0
   for x, y in zip(a, b):
     np.testing.assert_allclose(x, y, rtol=2e-5, atol=atol)
 
@@ -107,7 +108,7 @@ def test_two_processes_equal_one_process_with_four_devices(tfds_dir, tmp_path):
   for name in ('two', 'one'):
     records = [json.loads(l) for l in open(tmp_path / name / 'metrics.jsonl')]
     logged[name] = [{k: v for k, v in r.items() if k != 'steps_per_sec'} for r in records]
-  assert [r['step'] for r in logged['two']] == [2, 4]
+  assert [r['step'] for r in logged['two']] == [r['step'] for r in logged['one']] == [2, 4]
   for a, b in zip(logged['two'], logged['one']):
     assert a.keys() == b.keys() and a == pytest.approx(b, rel=2e-5, abs=2e-6), (a, b)
 

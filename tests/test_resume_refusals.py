@@ -5,6 +5,7 @@ import contextlib
 import glob
 import io
 import json
+import logging
 import os
 import shutil
 
@@ -47,7 +48,8 @@ def _scores(path, n, seed):
                              'value': np.random.default_rng(seed).normal(size=n)})
 
 
-def test_a_rater_run_on_a_dataset_folder_written_again_is_not_resumed(tfds_dir, tmp_path):
+def test_a_rater_run_on_a_dataset_folder_written_again_is_not_resumed(tfds_dir, tmp_path,
+                                                                      caplog, capsys):
   """launch.filter --overwrite writes another dataset into the folder data.dataset_dir names:
   the resumed run would mix the two, so it stops, naming the field and the folder."""
   n = len(pipeline.load_split(small_config(tfds_dir).data, 'train'))
@@ -59,7 +61,10 @@ def test_a_rater_run_on_a_dataset_folder_written_again_is_not_resumed(tfds_dir, 
   config.data.dataset_dir, config.data.label_noise = folder, 0.0
   workdir = tmp_path / 'run'
   meta_train(config, str(workdir), stop_after=2, devices=jax.devices()[:1])
-  meta_train(config, str(workdir), stop_after=3, devices=jax.devices()[:1])  # unchanged: resumed
+  with caplog.at_level(logging.INFO, logger='datarater'):  # the folder unchanged: resumed
+    meta_train(config, str(workdir), stop_after=3, devices=jax.devices()[:1])
+  said = caplog.text + capsys.readouterr().out  # (stdout once a run set the log's handler up)
+  assert 'resumed from the checkpoint at outer step 2' in said
   filter_dataset('sklearn_digits', folder, ['train'], scores=scores, keep=0.9,
                  data_dir=tfds_dir, batch_size=256, overwrite=True)
   _refused(train_rater, [*as_flags(config), f'--config.data.dataset_dir={folder}',

@@ -306,6 +306,14 @@ def _f64(tree):
   return jax.tree.map(lambda x: x.astype(jnp.float64), tree)
 
 
+def _moved(tree, seed=0):
+  """Float64 parameters moved off their initial values (biases start at 0, LayerNorm scales at
+  1: at init the reference would not test how they are applied)."""
+  leaves, treedef = jax.tree.flatten(_f64(tree))
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [x + 0.1 * rng.normal(size=x.shape) for x in leaves])
+
+
 def _reference_logits(p, tokens, num_heads, causal=True):
   """The transformer in float64 numpy from its parameters: [B, L, vocab]."""
   p = jax.tree.map(np.asarray, p['params'])
@@ -339,7 +347,7 @@ def _reference_logits(p, tokens, num_heads, causal=True):
 def test_loss_equals_a_float64_reference_transformer():
   with jax.enable_x64():
     task = tasks.make_task(_model(token_weights='weights'), _info(weights=True))
-    params = _f64(task.init(jax.random.key(0)))
+    params = _moved(task.init(jax.random.key(0)))
     tokens = _tokens()
     w = np.random.default_rng(1).uniform(0, 1, tokens.shape)
     states, logits = _reference_logits(params, tokens[:, :-1], 2)
@@ -359,7 +367,7 @@ def test_loss_equals_a_float64_reference_transformer():
     np.testing.assert_allclose(jax.jit(plain.embed)(params, {'tokens': tokens}),
                                full_states.mean(1), rtol=1e-10, atol=1e-12)
     rater = tasks.make_rater(_model('sequence_rater', num_layers=1), _info())
-    phi = _f64(rater.init(jax.random.key(2)))
+    phi = _moved(rater.init(jax.random.key(2)), 1)
     states, _ = _reference_logits(phi, tokens, 2, causal=False)
     head = phi['params']['head']
     np.testing.assert_allclose(jax.jit(rater.score)(phi, {'tokens': tokens}),
@@ -398,7 +406,7 @@ def test_a_causal_sequence_rater_equals_the_causal_reference_and_pools_its_state
   with jax.enable_x64():
     length = 6
     rater = tasks.make_rater(_model('sequence_rater', num_layers=1, causal=True), _info(length))
-    phi = _f64(rater.init(jax.random.key(3)))
+    phi = _moved(rater.init(jax.random.key(3)), 2)
     head = phi['params']['head']
     pooled = lambda states: (states.mean(1) @ head['kernel'] + head['bias'])[:, 0]
     tokens = _tokens(n=3, length=length, seed=4)

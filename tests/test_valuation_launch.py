@@ -44,7 +44,13 @@ def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, method):
   pairs = (clean[:, None] > bad[None, :]).mean() + 0.5 * (clean[:, None] == bad[None, :]).mean()
   assert summary['noise_auroc'] == pytest.approx(pairs, abs=1e-9)
   assert summary['auroc_by_kind'] == {'label_symmetric': pytest.approx(pairs, abs=1e-9)}
-  assert summary['example_gradients'] > 0
+  # Counted by hand: the recorded run's 20 steps x batch 32, then per example one gradient (or
+  # JVP) at each of its 2 checkpoints (steps 10, 20); Mimic's reference run of 20 steps on the
+  # 300 held-out examples is 2 passes of 10 batches, the last of 12; DVEmb's run of 6 steps with
+  # one gradient per example and step plus one per class (Gauss-Newton, 10 classes).
+  assert summary['example_gradients'] == {'tracin': 20 * 32 + 2 * len(train),
+                                          'mimic': 20 * 32 + 2 * 300 + 2 * len(train),
+                                          'dvemb': 6 * 32 * (2 + 10)}[method]
   assert not [f for f in os.listdir(tmp_path) if 'tmp' in f]
   if method == 'tracin':  # launch.train's scores policy counts what made the scores it reads
     from datarater import policies  # pylint: disable=g-import-not-at-top
