@@ -1,8 +1,10 @@
 """The TFDS pipeline, the corruption record, the batch stream, batch weights and staggered resets."""
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -359,3 +361,23 @@ def test_splits_kept_in_memory_stay_within_their_byte_budget(tfds_dir, monkeypat
   monkeypatch.setattr(pipeline, 'RAW_CACHE_BYTES', train - 1)
   pipeline.load_split(data, 'train')
   assert kept() == ['test', 'validation']
+
+
+def test_a_dataset_prepared_as_tfrecord_says_how_to_prepare_it(tfds_dir, tmp_path):
+  """TFDS prepares tfrecord files unless told otherwise; by name it was called no TFDS dataset
+  name, by folder its record files damaged."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  (version,) = glob.glob(os.path.join(tfds_dir, 'sklearn_digits', '*', 'dataset_info.json'))
+  folder = tmp_path / 'sklearn_digits' / os.path.basename(os.path.dirname(version))
+  shutil.copytree(os.path.dirname(version), folder)
+  info = folder / 'dataset_info.json'
+  info.write_text(info.read_text().replace('"array_record"', '"tfrecord"'))
+  for path in folder.glob('*array_record*'):
+    path.rename(str(path).replace('array_record', 'tfrecord'))
+  says = "prepare it with builder.download_and_prepare\\(file_format='array_record'\\)"
+  with pytest.raises(UserError, match=f'holds tfrecord files: .*{says}'):
+    pipeline.builder_of(ml_collections.ConfigDict({'dataset_dir': str(folder)}))
+  with pytest.raises(UserError, match=f"'sklearn_digits' in data.data_dir .* is prepared in "
+                                      f'another file format .*{says}'):
+    pipeline.get_builder('sklearn_digits', str(tmp_path))

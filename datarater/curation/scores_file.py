@@ -56,8 +56,9 @@ def _check_scored(path: str, metadata, dataset: Optional[str], split: Optional[s
   if planted is not UNCHECKED and 'planted' in scored and scored['planted'] != (
       json.loads(json.dumps(planted))):
     raise UserError(f'scores file {path!r} scores examples under planted corruption '
-                    f'{scored["planted"]}, not {planted} ({planted_by}): other examples are '
-                    'corrupted here')
+                    f'{scored["planted"]}, but here '
+                    f'{"none is planted" if planted is None else f"it is {planted}"} '
+                    f'({planted_by}): other examples are corrupted here')
 
 
 def cost(path: str) -> int:

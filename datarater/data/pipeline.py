@@ -29,6 +29,8 @@ from datarater.errors import UserError
 
 # Datasets built from local files, so never downloaded.
 BUNDLED = {'python_text', 'sklearn_digits', *idx_mnist.NAMES}
+ARRAY_RECORD = ('this codebase reads array_record files (random access, no TensorFlow): prepare it '
+                "with builder.download_and_prepare(file_format='array_record')")
 RECORDED = 'corruption'  # a class-label feature in which a dataset records its own bad data
 
 
@@ -92,7 +94,12 @@ def get_builder(name: str, data_dir: str = '',
     except tfds.core.registered.DatasetNotFoundError:
       raise UserError(f'unknown dataset {name!r}: not a TFDS dataset name '
                       f'(built in here: {", ".join(sorted(BUNDLED))})') from None
-    except ValueError as e:  # a name TFDS cannot parse, e.g. a path
+    except ValueError as e:  # a name TFDS cannot parse, e.g. a path; or one of another format
+      why = str(e).splitlines()[0]
+      if 'does not match the file formats' in why or 'File format is already set' in why:
+        why = why[why.find('File format'):]
+        raise UserError(f'dataset {name!r} in {field} {data_dir!r} is prepared in another file '
+                        f'format ({why}): {ARRAY_RECORD}') from None
       raise UserError(f'dataset {name!r} is not a TFDS dataset name ({str(e).splitlines()[0]})'
                       ) from None
     except AssertionError as e:  # a version the builder does not have
@@ -367,9 +374,14 @@ def builder_of(data, data_dir_field: str = 'data.data_dir') -> tfds.core.Dataset
                       '(no dataset_info.json)')
     try:
       with quiet_tfds():
-        return tfds.builder_from_directory(path)
+        builder = tfds.builder_from_directory(path)
     except Exception as e:  # pylint: disable=broad-except  (a hand-edited or cut-short file)
       raise _unreadable_info(f'TFDS dataset folder {data.dataset_dir!r}', e) from None
+    file_format = getattr(builder.info.file_format, 'value', builder.info.file_format)
+    if file_format not in (None, 'array_record'):
+      raise UserError(f'data.dataset_dir {data.dataset_dir!r} holds {file_format} files: '
+                      f'{ARRAY_RECORD}')
+    return builder
   return get_builder(data.name, data.data_dir, data_dir_field)
 
 
