@@ -170,7 +170,7 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
       'outer_steps': steps,
       'training_example_gradients': rater_training_compute(config, steps),
       'config': json.loads(config.to_json()),
-      'rater_module': tasks.registry.module_of('rater', config.rater.name),
+      'rater_module': tasks.registry.module_of(config.rater.name),
   }
   with files.atomic_dir(out_dir, overwrite, marker='rater.json') as tmp:
     # Ctrl-C or SIGTERM (with launch.interrupts) as orbax writes stops the export once the write

@@ -123,7 +123,7 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
 def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resume_step) -> dict:
   primary = jax.process_index() == 0
 
-  rater_module = tasks.registry.module_of('rater', config.rater.name)
+  rater_module = tasks.registry.module_of(config.rater.name)
   if primary and rater_module is None:
     log.warning('warning: rater %r is registered where no other process can import it (a script '
                 'or a --config file): launch.export_rater and launch.filter will not know it; '

@@ -352,5 +352,5 @@ def test_a_raters_module_is_recorded_only_where_another_process_can_import_it(mo
   monkeypatch.setitem(sys.modules, 'config_config', loaded)
   for module, recorded in (('datarater.tasks.classifier', 'datarater.tasks.classifier'),
                            ('__main__', None), ('config_config', None)):
-    monkeypatch.setitem(registry.MODULES, ('rater', 'mine'), module)
-    assert registry.module_of('rater', 'mine') == recorded
+    monkeypatch.setitem(registry.RATER_MODULES, 'mine', module)
+    assert registry.module_of('mine') == recorded

@@ -17,14 +17,13 @@ from datarater.tasks.base import Rater, Task, check_outputs
 TASKS: dict[str, Callable[..., Task]] = {}
 RATERS: dict[str, Callable[..., Rater]] = {}
 SCHEMAS: dict[tuple[str, str], dict] = {}
-MODULES: dict[tuple[str, str], str] = {}  # (kind, name) -> the module its factory is defined in
+RATER_MODULES: dict[str, str] = {}  # rater name -> the module its factory is defined in
 
 
 def register_task(name: str, schema: dict):
   def add(factory):
     TASKS[name] = factory
     SCHEMAS['task', name] = schema
-    MODULES['task', name] = factory.__module__
     return factory
   return add
 
@@ -33,7 +32,7 @@ def register_rater(name: str, schema: dict):
   def add(factory):
     RATERS[name] = factory
     SCHEMAS['rater', name] = schema
-    MODULES['rater', name] = factory.__module__
+    RATER_MODULES[name] = factory.__module__
     return factory
   return add
 
@@ -43,10 +42,10 @@ def schema_of(kind: str, name: str) -> dict:
   return SCHEMAS[kind, name]
 
 
-def module_of(kind: str, name: str) -> Optional[str]:
-  """The module whose factory registered task or rater `name`, if another process can import it
-  by that name (None for one registered in a script, `__main__`, or in a --config file)."""
-  module = MODULES.get((kind, name))
+def module_of(name: str) -> Optional[str]:
+  """The module whose factory registered rater `name`, if another process can import it by that
+  name (None for one registered in a script, `__main__`, or in a --config file)."""
+  module = RATER_MODULES.get(name)
   if module in (None, '__main__'):
     return None
   parent, _, leaf = module.rpartition('.')  # searched for on the path, not in sys.modules
