@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any, NamedTuple, Optional
@@ -105,6 +106,29 @@ def _unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
   first = str(record.msg).split('\n', 1)[0]
   return not (first.endswith('exception was never retrieved')
               and 'tensorstore_spec' in str(error))
+
+
+_BACKGROUND_SAVE_REPORT = re.compile(
+    r'_SignalingThread\.run\(\) raised an exception|in background save thread'
+    r'|Save Finalize thread .*failed')
+
+
+def _background_save_report(record: logging.LogRecord) -> bool:
+  """False for orbax's error logs (each with a traceback) of a save that failed in its background
+  threads, e.g. on a full disk: orbax raises that error again in the caller's next save, wait or
+  close, which reports it in one line."""
+  return not (record.levelno >= logging.ERROR and
+              f'{os.sep}orbax{os.sep}' in record.pathname and
+              _BACKGROUND_SAVE_REPORT.search(str(record.msg)) is not None)
+
+
+def _drop_background_save_reports() -> None:
+  """Installs `_background_save_report` on absl's logger (once) and drops tensorstore's
+  closed-loop tracebacks, which a failed write prints as well."""
+  _drop_closed_loop_noise()
+  absl_log = logging.getLogger('absl')
+  if _background_save_report not in absl_log.filters:
+    absl_log.addFilter(_background_save_report)
 
 
 @contextlib.contextmanager
@@ -349,6 +373,7 @@ class RunCheckpointer:
 
   def save(self, step: int, state, data_position: dict[str, int], extra: Any = None) -> None:
     """`extra`: JSON-serialisable progress kept beside the state (e.g. the metrics so far)."""
+    _drop_background_save_reports()
     manager = self._open(create=True)
     meta = {'config': trajectory_fields(self.config, self.free_fields),
             'data_position': data_position, 'step': int(step), 'extra': extra,

@@ -1,5 +1,7 @@
 """User-facing errors: one line that names the bad value; the launchers print it, no traceback."""
 import contextlib
+import os
+import re
 import sys
 
 
@@ -25,10 +27,15 @@ def exit_on_user_error():
     sys.exit(2)
   except Exception as e:  # pylint: disable=broad-except
     # Libraries report a failed write in their own types (orbax a ValueError, TFDS a
-    # RuntimeError): an OSError behind one, or a full disk named in its text, is still one line.
+    # RuntimeError): an OSError behind one, an OS error code in tensorstore's text or a full disk
+    # named in it is still one line.
     cause = _os_error_in(e)
     if cause is not None:
       print(f'error: {_os_error_line(cause)}', file=sys.stderr)
+      sys.exit(2)
+    code = re.search(r"\[os_error_code='(\d+)'\]", str(e))  # tensorstore's (orbax's writes)
+    if code:
+      print(f'error: {os.strerror(int(code.group(1)))} ({_first_line(e)})', file=sys.stderr)
       sys.exit(2)
     if 'No space left on device' in str(e):
       print(f'error: no space left on device ({str(e).splitlines()[0][:300]})', file=sys.stderr)

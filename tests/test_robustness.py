@@ -703,6 +703,36 @@ def test_write_failures_reported_in_library_types_are_one_line(capsys):
     bug_while_handling()
 
 
+def test_a_checkpoint_write_that_fails_in_orbax_threads_is_one_line(tmp_path, caplog, capfd):
+  """A write that fails in orbax's background save threads (here a file-size limit; a full disk
+  or a quota fails the same way) ends in one line naming the OS error: orbax logged it first with
+  tracebacks (about 470 lines on a full disk) and tensorstore printed closed-loop tracebacks, and
+  a file too large was a traceback. No step is kept half-written."""
+  import resource  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from datarater import errors  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'seed': 0})
+  checkpointer = checkpointing.RunCheckpointer(str(tmp_path / 'run'), config)
+  state = {'w': np.arange(2 ** 19, dtype=np.float32)}  # 2 MiB in one file
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
+  resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, limits[1]))
+  capfd.readouterr()
+  try:
+    with pytest.raises(SystemExit) as exit_info, errors.exit_on_user_error():
+      checkpointer.save(1, state, {'train': 0})
+      checkpointer.close()
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, handler)
+  assert exit_info.value.code == 2
+  err = capfd.readouterr().err
+  assert err.startswith('error: File too large (') and len(err.strip().splitlines()) == 1, err
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+  assert not (tmp_path / 'run' / 'checkpoints' / '1').exists()
+
+
 def test_progress_in_a_log_file_writes_a_line_once_its_interval_has_passed(monkeypatch, capsys):
   """When updates slow down, a line comes with the first update past the interval: tqdm's own
   count of updates between lines, fitted to the earlier rate, held them back (lines 40 s apart,
