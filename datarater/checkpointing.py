@@ -54,9 +54,19 @@ def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
 def trajectory_fields(config: ml_collections.ConfigDict,
                       free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS) -> dict[str, Any]:
   """The flattened config minus `free_fields` (JSON-normalised: tuples become lists)."""
-  flat = _flatten(json.loads(config.to_json()))
+  return _without(_flatten(json.loads(config.to_json())), free_fields)
+
+
+def _without(flat: dict[str, Any], free_fields: tuple[str, ...]) -> dict[str, Any]:
   return {k: v for k, v in flat.items()
           if not any(k == f or k.startswith(f + '.') for f in free_fields)}
+
+
+def unread_sections(config: ml_collections.ConfigDict, read: tuple[str, ...]) -> tuple[str, ...]:
+  """The config's sections (top-level ConfigDicts) not in `read`: free fields of a run that reads
+  only `read`, so a setting added to another section leaves its checkpoints resumable."""
+  return tuple(k for k in sorted(config.keys())
+               if isinstance(config[k], ml_collections.ConfigDict) and k not in read)
 
 
 def config_differences(theirs: dict, ours: dict, fields=None) -> list[str]:
@@ -324,7 +334,9 @@ class RunCheckpointer:
         raise UserError(problem or 'an input named by path cannot be read on another process')
       return None
     meta = self.meta(step)
-    diffs = config_differences(meta['config'], trajectory_fields(self.config, self.free_fields))
+    # (a field free now is not compared, though an older record may hold it)
+    diffs = config_differences(_without(meta['config'], self.free_fields),
+                               trajectory_fields(self.config, self.free_fields))
     if diffs:
       raise UserError(f'workdir {self.workdir!r} holds a checkpoint of a different config '
                       f'({"; ".join(diffs[:3])}); use a new --workdir')

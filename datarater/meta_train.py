@@ -66,12 +66,13 @@ HEARTBEAT_S = 60.0  # between logged steps, a short progress line at least this 
 def run_checkpointer(config, workdir: str) -> checkpointing.RunCheckpointer:
   """Checkpoints in `workdir`, tied to the config and to how the meta-training stream shuffles
   (`data_stream`: a checkpoint of another shuffle cannot be resumed exactly) and to the contents
-  of a `data.dataset_dir` (`checkpointing.path_inputs`). A finished run may be extended with
+  of a `data.dataset_dir` (`checkpointing.path_inputs`); the config's sections a rater run does
+  not read (`policy`, `valuation`, ...) may change. A finished run may be extended with
   more outer steps, except under a cosine outer schedule, whose decay the run length sets."""
   fingerprint = config.copy_and_resolve_references()
   with fingerprint.unlocked():
     fingerprint.data_stream = pipeline.STREAM_VERSION
-  free = checkpointing.NON_TRAJECTORY_FIELDS
+  free = checkpointing.NON_TRAJECTORY_FIELDS + checkpointing.unread_sections(config, SECTIONS)
   if config.outer.schedule == 'cosine':
     free = tuple(f for f in free if f != 'outer.steps')
   return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free,

@@ -33,14 +33,16 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
   """Checkpoints in `workdir`, tied to the config and to the launcher inputs that shape the run
   (their paths, and the contents of those named by path alone: `checkpointing.path_inputs`).
 
-  The epoch count may change on resume unless the policy's choices span the epochs.
+  The epoch count may change on resume unless the policy's choices span the epochs; so may the
+  config's sections the policy does not read.
   """
   fingerprint = config.copy_and_resolve_references()
   with fingerprint.unlocked():
     fingerprint.launch = ml_collections.ConfigDict({
         'policy': policy, 'scores': scores and os.path.abspath(scores),
         'rater': rater and os.path.abspath(rater)})
-  free = checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every', 'train.stream')
+  free = (checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every', 'train.stream')
+          + checkpointing.unread_sections(config, SECTIONS + policies.SECTIONS.get(policy, ())))
   if not spans_epochs:
     free += ('train.epochs',)
   inputs = checkpointing.path_inputs(config.data, scores=scores)

@@ -8,7 +8,8 @@ state). One epoch:
      the last one padded with weight-0 entries;
   2. a `lax.scan` takes one optimizer step per batch on the weighted loss, the selection
      weights times the policy's per-batch weights (`Policy.weigh`; 0 filters an example out),
-     averaged over the batch's real examples (a padded last batch is not a smaller step);
+     averaged over the batch's real examples (a padded last batch is not a smaller step; a batch
+     with no weight > 0 is no step; padding rows stay 0 whatever `weigh` gives);
   3. the per-example losses of those steps go back to the policy (`Policy.update`);
   4. every split in `evals` is evaluated (`Task.metrics`, averaged), `evals_per_epoch` times
      (at most once per step).
@@ -200,11 +201,16 @@ class Trainer:
       # A batch's loss is the mean over its real (non-padding) examples: the weights are scaled
       # by B / (real examples), so an epoch's short last batch takes a full-sized step.
       real = jnp.maximum(jnp.sum(w > 0), 1)
-      w = self.policy.weigh(aux, policy_state, model.params, batch, w) * (w.shape[0] / real)
+      # Rows the selection weighs 0 (padding: copies of position 0) stay 0 whatever `weigh` gives.
+      w = jnp.where(w > 0, self.policy.weigh(aux, policy_state, model.params, batch, w), 0.0)
+      w = w * (w.shape[0] / real)
       if every:  # the parameters before step t, at slot t / every (other steps are dropped)
         slot = jnp.where(t % every == 0, t // every, jax.tree.leaves(buffer)[0].shape[0])
         buffer = jax.tree.map(lambda b, p: b.at[slot].set(p, mode='drop'), buffer, model.params)
-      model, losses = inner_step(self.task.per_example_loss, self.optimizer, model, batch, w)
+      stepped, losses = inner_step(self.task.per_example_loss, self.optimizer, model, batch, w)
+      # A batch with no weight > 0 (a selection's or filter's zero weights) trains on nothing:
+      # no step, though its gradient is 0 (Adam's momentum would still move the parameters).
+      model = jax.tree.map(lambda new, old: jnp.where(jnp.any(w > 0), new, old), stepped, model)
       return (model, buffer), (losses, w)
 
     def step_or_skip(carry, xs):

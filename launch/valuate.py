@@ -2,7 +2,8 @@ r"""Values every training example with one method -> a scores file keyed by TFDS
 
   python -m launch.valuate --method=tracin --config=configs/digits.py --workdir=DIR
 
---method is tracin, mimic, dvemb or datarater (with --config.valuation.rater=RATER). Runs
+--method is one of `datarater.valuation.factory.METHODS` (datarater with
+--config.valuation.rater=RATER). Runs
 `datarater.valuation.run.valuate`: DIR gets scores_<method>.parquet and scores_<method>.json.
 """
 

@@ -16,6 +16,7 @@ import pytest
 from datarater import export, files
 from datarater.curation.filter import filter_dataset
 from datarater.data import pipeline
+from datarater.errors import UserError
 from datarater.meta_train import meta_train
 from datarater.train import train
 from launch import cli, train as train_launcher, train_rater
@@ -116,7 +117,6 @@ def test_an_input_is_recorded_as_the_run_read_it_not_as_it_was_at_the_first_save
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from datarater import checkpointing  # pylint: disable=g-import-not-at-top
-  from datarater.errors import UserError  # pylint: disable=g-import-not-at-top
   folder = tmp_path / 'ds'
   folder.mkdir()
   (folder / 'train.bin').write_bytes(b'v1' * 100)
@@ -144,7 +144,6 @@ def test_a_checkpoint_folder_with_a_backslash_is_refused(tmp_path):
   """tensorstore reads a backslash as a separator: checkpoints under such a folder were written
   elsewhere and never read back."""
   from datarater import checkpointing  # pylint: disable=g-import-not-at-top
-  from datarater.errors import UserError  # pylint: disable=g-import-not-at-top
   with pytest.raises(UserError, match=r"holds '\\\\' in its path"):
     checkpointing.check_writable_path(str(tmp_path / 'a\\run'), '--workdir')
 
@@ -264,3 +263,34 @@ def test_a_workdir_whose_checkpoints_is_a_file_is_refused_before_any_work(tfds_d
     (workdir / 'checkpoints').write_text('not a folder')
     _refused(launcher, [f'--workdir={workdir}', *argv], str(workdir), 'checkpoints',
              'which is not a folder')
+
+
+def test_a_run_resumes_past_settings_of_sections_it_does_not_read(tfds_dir, tmp_path, capsys):
+  """A rater run stopped at step 2 resumes under a config with a setting added to its `policy`
+  section and another changed in `valuation` (sections it does not read: a researcher adding a
+  policy's setting) and ends with the uninterrupted run's rater; a changed setting of a section it
+  reads is still refused. So does a training run with a setting added to `outer`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = small_config(tfds_dir, steps=4)
+  meta_train(config, str(tmp_path / 'straight'), devices=jax.devices()[:1])
+  meta_train(config, str(tmp_path / 'resumed'), stop_after=2, devices=jax.devices()[:1])
+  changed = ml_collections.ConfigDict(config.to_dict())
+  changed.policy.new_setting = 0.5
+  changed.valuation.train_steps += 10
+  other = ml_collections.ConfigDict(changed.to_dict())
+  other.rater.temperature *= 2
+  with pytest.raises(UserError, match='a checkpoint of a different config .*rater.temperature'):
+    meta_train(other, str(tmp_path / 'resumed'), devices=jax.devices()[:1])
+  capsys.readouterr()
+  meta_train(changed, str(tmp_path / 'resumed'), devices=jax.devices()[:1])
+  assert 'resumed from the checkpoint at outer step 2' in capsys.readouterr().out
+  for a, b in zip(jax.tree.leaves(export.load_rater(str(tmp_path / 'straight')).params),
+                  jax.tree.leaves(export.load_rater(str(tmp_path / 'resumed')).params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+  config.train.epochs, config.train.seeds, config.train.checkpoint_every = 2, (0,), 1
+  straight = train(config, 'uniform', workdir=str(tmp_path / 'a'), log=quiet)
+  train(config, 'uniform', workdir=str(tmp_path / 'b'), stop_after=1, log=quiet)
+  config.outer.new_setting = 1
+  resumed = train(config, 'uniform', workdir=str(tmp_path / 'b'), log=quiet)
+  assert [r['heldout'] for r in resumed['history']] == [r['heldout'] for r in straight['history']]

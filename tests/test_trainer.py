@@ -192,6 +192,35 @@ def test_zero_weights_leave_the_initialisation_and_weights_follow_the_table(spli
   np.testing.assert_allclose(ones.final['eval']['loss'], uniform.final['eval']['loss'], rtol=1e-6)
 
 
+def test_a_batch_of_zero_weights_is_no_step_after_training(splits):
+  """An epoch whose selection weighs every example 0 trains on nothing: the parameters after it
+  equal those before it (Adam's momentum from the epoch before must not move them)."""
+  train, _ = splits
+  n = len(train)
+
+  def select(aux, state):  # epoch 0: every example; epoch 1: every example with weight 0
+    weights = jnp.where(state.epoch == 0, 1.0, 0.0) * jnp.ones(n, jnp.float32)
+    return jnp.arange(n, dtype=jnp.int32), weights, state
+  policy = base.Policy('first_epoch_only', n, lambda num, key: selection.init_state(num, key),
+                       select, base.weigh_uniform, selection.record_epoch)
+  one = _trainer(train, policy).run(train, {}, [0], epochs=1)
+  two = _trainer(train, policy).run(train, {}, [0], epochs=2)
+  assert one.example_gradients == two.example_gradients == n
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_padding_rows_stay_at_weight_0_whatever_weigh_gives(splits):
+  """A `weigh` that gives every row weight 1 trains on the epoch's examples once each: the padding
+  rows of the short last batch (copies of position 0) are not trained on or counted."""
+  train, _ = splits
+  ones = base.weighting('ones', len(train), weigh=lambda aux, s, p, b, w: jnp.ones_like(w))
+  run = _trainer(train, ones, batch_size=100, record_every=1).run(train, {}, [0], epochs=1)
+  weights, positions = run.recording.weights[0], run.recording.positions[0]
+  assert run.example_gradients == len(train)
+  assert sorted(positions[weights > 0]) == list(range(len(train)))
+
+
 def test_clean_oracle_weights_beat_uniform_under_noise(splits):
   """Weights that zero the corrupted examples must do better than uniform at 20% noise."""
   train, test = splits

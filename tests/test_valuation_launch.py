@@ -119,7 +119,7 @@ def test_valuate_errors_are_one_line_and_write_nothing(tfds_dir, tmp_path):
   with pytest.raises(UserError, match='valuation.topk attributes with TracIn'):
     valuate('mimic', config, str(tmp_path / 'i'))
   config.valuation.topk = 0
-  with pytest.raises(UserError, match="need a gradient method, not 'datarater'"):
+  with pytest.raises(UserError, match="work with tracin, mimic and dvemb, not 'datarater'"):
     valuate('datarater', config, str(tmp_path / 'j'))
   config = small_config(tfds_dir)
   config.valuation.store, config.valuation.topk, config.valuation.topk_split = True, 3, 'tset'
@@ -370,6 +370,22 @@ def test_what_the_store_or_curvature_cannot_follow_is_refused_before_any_fit(tfd
   config.valuation.store = False
   with pytest.raises(UserError, match='needs class labels: task Scaled defines no labels'):
     factory.check('dvemb', config, task, train)
+
+
+def test_a_new_methods_run_length_is_checked_before_any_fit(tfds_dir, monkeypatch):
+  """A method added to METHODS (WORKSPACE's 'A valuation') records the config's SGD run too: a
+  checkpoint_every that does not divide train_steps is one line from factory.check, before the
+  workdir is made, not from record_run after it."""
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(factory, 'METHODS', (*factory.METHODS, 'new_method'))
+  config = small_config(tfds_dir)
+  train = pipeline.load_split(config.data, 'train', corrupt=True)
+  task = tasks.make_task(config.task, train.info)
+  config.valuation.checkpoint_every = 7
+  with pytest.raises(UserError, match='valuation.checkpoint_every=7 must be >= 1 and divide '
+                                      'valuation.train_steps=20'):
+    factory.check('new_method', config, task, train)
 
 
 def test_a_rater_is_checked_against_the_planted_corruption_wherever_it_is_loaded(tfds_dir,

@@ -96,7 +96,8 @@ def check(method: str, config, task, train) -> None:
   if method not in METHODS:
     raise UserError(f'unknown method {method!r} (choose from {", ".join(METHODS)})')
   if (v.store or v.topk) and method not in ('tracin', 'mimic', 'dvemb'):
-    raise UserError(f'valuation.store and valuation.topk need a gradient method, not {method!r}')
+    raise UserError('valuation.store and valuation.topk work with tracin, mimic and dvemb, not '
+                    f'{method!r}')
   if v.topk and method != 'tracin':
     raise UserError('valuation.topk attributes with TracIn: use --method=tracin')
   if method == 'datarater':
@@ -134,7 +135,9 @@ def check_settings(method: str, config, task) -> None:
     if v.dvemb_curvature == 'exact' and v.projection != 'none':
       raise UserError("valuation.dvemb_curvature='exact' works on unprojected gradients: set "
                       f"valuation.projection='none' (got {v.projection!r})")
-  if method in ('tracin', 'mimic') and v.train_steps % v.checkpoint_every:
+  # Every gradient method but dvemb (a checkpoint per step) records `record(.., train_steps,
+  # checkpoint_every)`: a new method too, refused here before a workdir is made.
+  if method not in ('dvemb', 'datarater') and v.train_steps % v.checkpoint_every:
     raise UserError(f'valuation.checkpoint_every={v.checkpoint_every} must be >= 1 and divide '
                     f'valuation.train_steps={v.train_steps}')
   if method == 'tracin' and v.tracin_project and v.tracin_mode != 'self':  # it would be ignored
