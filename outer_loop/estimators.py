@@ -14,6 +14,7 @@ import dataclasses
 from typing import Optional
 
 from datarater.errors import UserError
+from inner_loop import optimizers
 from inner_loop.optimizers import StepInverse, make_step_inverse
 from inner_loop.unroll import unroll
 from outer_loop import mixed_mode
@@ -56,8 +57,9 @@ def make_estimator(outer, inner):
     raise UserError(f'outer.mixed_segment must be >= 0 (0: default), got {outer.mixed_segment}')
   inverse = make_step_inverse(inner.optimizer, inner.learning_rate)
   if name == 'mixed' and recompute == 'invert' and inverse is None:  # others never read it
+    invertible = [o for o in optimizers.INNER_OPTIMIZERS if make_step_inverse(o, 1.0) is not None]
     raise UserError(f"outer.mixed_recompute='invert' needs an inner optimizer that can be run "
-                    f"backwards (momentum, adam), got inner.optimizer={inner.optimizer!r}")
+                    f"backwards ({', '.join(invertible)}), got inner.optimizer={inner.optimizer!r}")
   limit = mixed_mode.INVERT_SEGMENT
   if (name == 'mixed' and outer.mixed_segment > limit
       and (recompute == 'invert' or (recompute == 'auto' and inverse is not None))):

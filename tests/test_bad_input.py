@@ -23,6 +23,7 @@ import pytest
 
 from datarater import export, files
 from datarater.meta_train import meta_train
+from inner_loop.optimizers import INNER_OPTIMIZERS
 from launch import cli, export_rater, filter as filter_launcher, train, train_rater, valuate
 from tests.run_config import as_flags, small_config
 
@@ -137,8 +138,8 @@ def _cases(tfds_dir: str, w) -> list:
        'rater.temperature must be >= 1e-06, got 1e-38'),
       (*tr('--config.inner.steps=0'), 'inner.steps must be >= 1, got 0'),
       (*tr('--config.inner.population=0'), 'inner.population must be >= 1, got 0'),
-      (*tr('--config.inner.optimizer=adamw2'), "inner.optimizer must be one of 'sgd', "
-                                               "'momentum', 'adam', got 'adamw2'"),
+      (*tr('--config.inner.optimizer=adamw2'), "inner.optimizer must be one of "
+       f"{', '.join(map(repr, INNER_OPTIMIZERS))}, got 'adamw2'"),  # a new optimizer is listed
       (*tr('--config.outer.meta_gradient=forward'), "got 'forward'"),
       (*tr('--config.outer.mixed_recompute=backwards'), "got 'backwards'"),
       (*tr('--config.outer.mixed_segment=-2'), 'outer.mixed_segment must be >= 0, got -2'),

@@ -90,15 +90,16 @@ def test_mixed_vjp_of_every_input_and_output(optimizer, segment, recompute):
   3-step segment (3).
   """
   with jax.enable_x64():
-    steps = 9 if recompute == 'invert' else 5
+    lr = LEARNING_RATES[optimizer]
+    mixed = estimator('mixed', optimizer, lr, recompute=recompute, segment=segment)
+    exact = mixed.inverse.exact_steps if recompute == 'invert' else 0
+    steps = max(9, exact + 5) if recompute == 'invert' else 5  # invert: some steps undone
     problem, state, inner, _ = _setup(optimizer, steps=steps, population=1)
     member = jax.tree.map(lambda x: x[0], state.population)
     batches = jax.tree.map(lambda x: x[0], inner)
-    lr = LEARNING_RATES[optimizer]
-    mixed = estimator('mixed', optimizer, lr, recompute=recompute, segment=segment)
-    plan = mixed_mode.make_plan(steps, recompute, segment,
-                                mixed.inverse.exact_steps if recompute == 'invert' else 0)
+    plan = mixed_mode.make_plan(steps, recompute, segment, exact)
     assert plan.head + plan.part + plan.count * plan.segment == steps
+    assert recompute != 'invert' or plan.head < steps
     plain = lambda phi, s: unroll(problem.task.per_example_loss, problem.inner_optimizer,
                                   lambda b: problem.weights(phi, b), s, batches)
     custom = lambda phi, s: mixed.unroll(problem, phi, s, batches)
@@ -262,11 +263,12 @@ def test_an_added_optimizer_or_estimator_is_never_silently_another(monkeypatch):
   and replaying mixed mode use it); an estimator listed but not built is an error, not Reverse."""
   from inner_loop import optimizers  # pylint: disable=g-import-not-at-top
   from outer_loop import estimators  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(optimizers, 'INNER_OPTIMIZERS', optimizers.INNER_OPTIMIZERS + ('rmsprop',))
+  new = 'listed_not_built'  # no real optimizer's name: adding one (rmsprop) broke this test
+  monkeypatch.setattr(optimizers, 'INNER_OPTIMIZERS', optimizers.INNER_OPTIMIZERS + (new,))
   monkeypatch.setattr(estimators, 'META_GRADIENTS', estimators.META_GRADIENTS + ('pyloop',))
-  assert make_step_inverse('rmsprop', 0.1) is None
-  assert estimator('reverse', 'rmsprop') == estimators.Reverse()
-  assert estimator('mixed', 'rmsprop') == estimators.Mixed('replay', 0, None)
+  assert make_step_inverse(new, 0.1) is None
+  assert estimator('reverse', new) == estimators.Reverse()
+  assert estimator('mixed', new) == estimators.Mixed('replay', 0, None)
   with pytest.raises(UserError, match="unknown inner optimizer 'lion'"):
     make_step_inverse('lion', 0.1)
   with pytest.raises(NotImplementedError, match="'pyloop'"):
@@ -285,3 +287,27 @@ def test_outer_warmup_of_zero_steps_starts_at_the_full_rate(schedule):
     return np.asarray(opt.update(grad, opt.init(grad))[0])
   np.testing.assert_allclose(first_update(0), -1e-2, rtol=1e-3)
   np.testing.assert_array_equal(first_update(5), 0.0)
+
+
+def test_the_invert_refusal_names_the_optimizers_that_have_an_inverse(monkeypatch):
+  """An optimizer given a StepInverse is named by the refusal (it named momentum, adam as text)."""
+  from inner_loop import optimizers  # pylint: disable=g-import-not-at-top
+  from outer_loop import estimators  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(optimizers, 'INNER_OPTIMIZERS', optimizers.INNER_OPTIMIZERS + ('lion',))
+  inverse = make_step_inverse('momentum', 0.1)
+  monkeypatch.setattr(estimators, 'make_step_inverse', lambda name, lr: (
+      inverse if name == 'lion' else None if name == 'sgd' else make_step_inverse(name, lr)))
+  with pytest.raises(UserError,
+                     match=r"backwards \(momentum, adam, lion\), got inner.optimizer='sgd'"):
+    estimator('mixed', 'sgd', recompute='invert')
+
+
+def test_the_finite_difference_helper_takes_tiny_batches_with_mixed_mode():
+  """tests/tiny.py's helper with tiny_batches' numpy arrays and a custom-VJP estimator (it raised
+  JAX's internal 'AssertionError: non-canonical constant of type ndarray')."""
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64():
+    inner, outer = tiny_batches(0, population=2, steps=3, batch=8, dtype=np.float64)
+    tiny.assert_meta_gradient_matches_finite_differences(
+        tiny_problem(optimizer='momentum', lr=0.1), estimator('mixed', 'momentum', 0.1),
+        inner, outer)

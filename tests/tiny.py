@@ -58,6 +58,9 @@ def assert_meta_gradient_matches_finite_differences(problem, est, inner, outer, 
   """The meta-gradient of `problem` (float64, call under jax.enable_x64) against central finite
   differences of the outer loss along every rater parameter."""
   state = as_float64(meta_step.init_outer_state(problem, jax.random.PRNGKey(1), 2))
+  # As jax arrays: numpy arrays (tiny_batches') closed over by the jitted loss reach mixed
+  # mode's custom_vjp as constants, which JAX rejects under vmap ('non-canonical constant').
+  inner, outer = jax.tree.map(jnp.asarray, (inner, outer))
   flat_phi, unravel = ravel_pytree(state.rater_params)
   grads = jax.jit(lambda phi: meta_step.meta_gradient(
       problem, est, phi, state.population, inner, outer)[1])(state.rater_params)
