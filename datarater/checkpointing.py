@@ -1,10 +1,11 @@
 """Orbax checkpoints of a run, tied to the config that made them.
 
-A workdir holds `config.json` (the run's config) and `checkpoints/<step>/` (orbax: the whole
-training state plus a JSON record of the data position and the config fingerprint). A run started
+A workdir holds `checkpoints/<step>/` (orbax: the whole training state plus a JSON record of the
+data position, the config fingerprint and the inputs' digests). A run started
 on a workdir whose checkpoint came from a different config stops with a one-line error before it
 writes anything. Fields that do not change the training trajectory (run length, logging, paths)
-may differ, so a finished run can be extended; a run's own checkpointer may narrow them. A
+may differ, so a finished run can be extended; a run's own checkpointer adds to them (the
+config sections it does not read) or narrows them (a cosine schedule fixes `outer.steps`). A
 checkpoint that cannot be read (truncated, flipped bits, garbled metadata) is passed over with a
 one-line warning for the newest intact one; if none can be read, the run stops with one line
 and nothing written. Inputs the config names by path only (a `dataset_dir`, a scores file, a
@@ -30,12 +31,12 @@ from datarater.errors import UserError
 
 log = logging.getLogger('datarater')
 
-# Config fields a resumed run may change: they do not alter the state at a given step.
 # Fields added to the configs after checkpoints were written without them, at the value that
 # behaves as their absence did: such a checkpoint still matches.
 ADDED_FIELDS = {f'{section}.{name}': '' for section in ('task', 'rater', 'features.task')
                 for name in ('input', 'label')}
 ADDED_FIELDS.update({'task.token_weights': '', 'rater.causal': False})
+# Config fields a resumed run may change: they do not alter the state at a given step.
 NON_TRAJECTORY_FIELDS = ('outer.steps', 'log_every', 'checkpoint_every', 'final_eval',
                          'data.data_dir')
 
@@ -90,7 +91,8 @@ def _drop_closed_loop_noise() -> None:
   """Drops the 'Event loop is closed' errors that tensorstore reports as unraisable (a traceback
   each on stderr, some after the call returns) when orbax gives up reading a damaged checkpoint,
   and asyncio's reports of its read errors left in other tasks; others go to the hook in place.
-  Installed once, at the first read (a hook that wraps it keeps its marker: launch.interrupts').
+  Installed once, at the first read or save (a hook that wraps it keeps its marker:
+  launch.interrupts').
   Also ignores the RuntimeWarning that one of orbax's metadata reads was never awaited (seen
   after a damaged checkpoint's read failed), printed whenever the garbage collector finds one."""
   warnings.filterwarnings('ignore', UNAWAITED_METADATA_READ, RuntimeWarning)  # idempotent
@@ -166,7 +168,8 @@ class PathInput(NamedTuple):
 
 def path_inputs(data, **launcher_inputs: str) -> dict[str, PathInput]:
   """{field: PathInput} of what a run reads by path alone: `data.dataset_dir` and the launcher's
-  inputs (`--scores=...`, `--rater=...`) that are set.
+  inputs given as keywords that are set (`scores=PATH` is field `--scores`; launch.train adds
+  `--rater` itself, digested as the parameters `load_rater` gives).
 
   A TFDS dataset named in `data.data_dir` is not digested: its name and version fix its
   contents, and data_dir is free to move (NON_TRAJECTORY_FIELDS) -- prepared again elsewhere, or
@@ -283,8 +286,8 @@ class RunCheckpointer:
                      f'{_why(self._unreadable[steps[0]])}); move it aside or use a new --workdir')
 
   def _set_aside_unreadable(self) -> None:
-    """Renames unreadable checkpoints to `unreadable-<step>` (kept for inspection; not steps to
-    orbax), so the run can save those steps again."""
+    """Renames unreadable checkpoints to `unreadable-<step>-<pid>` (kept for inspection; not
+    steps to orbax), so the run can save those steps again."""
     if not self._unreadable:
       return
     self.close()
@@ -321,7 +324,8 @@ class RunCheckpointer:
     return None
 
   def check_compatible(self) -> int | None:
-    """Raises UserError if the latest checkpoint was made with another config; returns its step."""
+    """The latest readable checkpoint's step, None if there is none; UserError if it was made
+    with another config, or an input named by path now has other contents or cannot be read."""
     step = self.latest_step()
     if step is None:  # a fresh run: its inputs' contents now, as it reads them, not at its
       problem = None  # first save (changed meanwhile, they would be recorded as read)

@@ -1,6 +1,7 @@
 """A trained rater as a self-contained folder, and the one way to load a rater.
 
-`export_rater(workdir, out_dir)` copies the latest rater of a `launch.train_rater` run into
+`export_rater(workdir, out_dir)` copies the rater of a `launch.train_rater` run's latest
+checkpoint (its Polyak average when `outer.ema` > 0, as the run reports) into
 `out_dir`: `params/` (orbax, restorable on any device layout) and `rater.json` (the rater's
 config, the data it reads (`pipeline.DataInfo`), the softmax temperature, the data it was trained
 on and the example-gradients its training cost). `load_rater(path)` loads either such a folder or
@@ -50,7 +51,8 @@ def _first_missing(d, fields) -> Optional[str]:
 
 def _info_problem(d: dict) -> Optional[str]:
   """What is wrong with the values of a saved DataInfo `d` (a hand-edited file): its features'
-  shapes must hold sizes >= 1 and its class counts be >= 1; else None."""
+  shapes must hold sizes >= 1, their dtypes be numbers or bool, and its class counts be >= 1;
+  else None."""
   for name, spec in d['spec'].items():
     shape = spec['shape']
     if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in shape):

@@ -6,7 +6,8 @@ feature spec), metrics.jsonl (one record per logged step), orbax checkpoints, an
 report.json and rater_report.png: how well the scores separate corrupted from clean training
 examples, and the held-out figures of fresh models trained with the rater's weights versus
 uniform weights. Every process of a `jax.distributed` job runs it alike; process 0 alone writes
-files and logs.
+config.json, metrics.jsonl, the report and logs; every process writes its shards of the
+checkpoints.
 """
 import contextlib
 import json
@@ -80,7 +81,8 @@ def run_checkpointer(config, workdir: str) -> checkpointing.RunCheckpointer:
 
 
 def meta_train(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
-  """Runs (or resumes) a rater training; returns the final report (empty if stopped early)."""
+  """Runs (or resumes) a rater training; returns the final report ({} if stopped early, and on
+  processes other than 0 once a run has trained)."""
   setup_logging()
   if not workdir:
     raise UserError('--workdir is required')
@@ -169,7 +171,8 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
   score = jax.jit(problem.rater.score)  # compiled once, reused at every logging step
 
   corrupted = data.train.is_corrupted
-  measurable = bool(corrupted.any() and not corrupted.all())  # else no AUROC, and no pass
+  # else no AUROC, and no scoring pass over the training split at each record
+  measurable = bool(corrupted.any() and not corrupted.all())
 
   scored = {}  # the scores of the last record, by step and role: the report reuses the final ones
 
@@ -346,7 +349,7 @@ def unscorable(config, scores: Optional[np.ndarray]) -> Optional[str]:
 def fresh_model_results(config, data, problem, rater_params) -> dict:
   """Fresh task models trained `final_eval.train_steps` steps with the rater's weights and with
   uniform weights (same seeds: same initialisations and data order); held-out and eval figures.
-  None when `final_eval.num_models` is 0."""
+  {} when `final_eval.num_models` is 0."""
   fe = config.final_eval
   if fe.num_models < 1:
     return {}

@@ -1,8 +1,9 @@
 """What the processes of a `jax.distributed` run decide together.
 
 A choice one process makes alone (is the workdir free? does this checkpoint read?) must be the
-same on every process, or they part ways and wait forever in the next collective. Each function
-here is a no-op in a single process.
+same on every process, or they part ways and wait forever in the next collective. In a single
+process nothing here runs a collective and the process's own answer stands (`workdir_lock` still
+takes the lock; `StopVote` still holds Ctrl-C and SIGTERM until the step ends).
 """
 import contextlib
 import hashlib

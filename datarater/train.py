@@ -53,8 +53,9 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
 
 
 def rater_digest(path: str) -> str:
-  """sha256 of the parameters and temperature `load_rater(path)` gives: what a policy reads
-  from a rater, exported or a rater run (its newest readable checkpoint)."""
+  """sha256 (its first 16 hex digits) of the parameters and temperature `load_rater(path)`
+  gives: what a policy reads from a rater, exported or a rater run (its newest readable
+  checkpoint)."""
   loaded = export.load_rater(path)
   return store.digest({'params': jax.device_get(loaded.params),
                  'temperature': np.float64(loaded.temperature)})[:16]

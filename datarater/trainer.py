@@ -19,8 +19,8 @@ a `RunCheckpointer`) equals an uninterrupted one. `record_every=k` keeps the par
 every k-th step and the batches of every step (a `Recording`, what valuations replay).
 The training data is a `pipeline.Split` (held on the device, batches gathered inside the
 compiled steps) or a streaming `source.Source` (batches read on the host, at most `STREAM_CHUNK`
-steps and `STREAM_EXAMPLES` examples at a time, so memory does not grow with the dataset); both
-give the same steps.
+steps and `STREAM_EXAMPLES` examples at a time, or one step when its batches alone are more, so
+memory does not grow with the dataset); both give the same steps.
 
 The history is a list of records, one per evaluation, all of one format:
   {'epoch': float, 'step': int, 'example_gradients': int, 'scoring_forwards': int,

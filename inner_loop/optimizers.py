@@ -35,13 +35,16 @@ class StepInverse(NamedTuple):
   The step is theta' = theta + u(s') with s' = f(s, g): its update depends on the new state only.
   `params(theta', s')` gives theta; `opt_state(s', g)` gives s once g = grad L(theta) is known.
   Both are exact in real arithmetic; in floats each undone step adds about one ulp of error,
-  amplified by 1 / decay per step in the first moment (so checkpoint every few dozen steps).
+  amplified by 1 / decay per step in the first moment (so mixed mode undoes at most
+  `outer_loop.mixed_mode.INVERT_SEGMENT` = 16 steps from one exact state).
   `exact_steps`: how many first steps of a fresh optimizer state must not be undone but replayed
   from the exact start (Adam: tiny second moments make its first updates ill-conditioned).
-  `step_vjp(s', g, ct_state') -> (ct_g, ct_s, ct_theta)`, optional: the step's VJP in closed form
-  from the state after it (cotangents as scan carries: 0. for integer leaves). Elementwise and
-  free of shared intermediates, it lets XLA update the backward pass's carries in place, where
-  `jax.vjp` of the optax update stores a few parameter-sized intermediates per step.
+  `step_vjp(s', g, ct_next) -> (ct_g, ct_s, ct_theta)`, optional: the step's VJP in closed form
+  from the optimizer state s' after it; `ct_next` is the cotangent of the whole inner state
+  after it (an `InnerState` of d/d theta', d/d s'; scan carries: 0. for integer leaves).
+  Elementwise and free of shared intermediates, it lets XLA update the backward pass's carries
+  in place, where `jax.vjp` of the optax update stores a few parameter-sized intermediates per
+  step.
   """
   params: Callable[[Any, Any], Any]
   opt_state: Callable[[Any, Any], Any]
@@ -85,8 +88,6 @@ def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
           lambda v, g: jnp.where(first, 0, jnp.maximum((v - (1 - ADAM_B2) * g * g) / ADAM_B2, 0)),
           adam.nu, grads)
       return (adam._replace(count=adam.count - 1, mu=mu, nu=nu), rest)
-    # d update / d g ~ 1 / sqrt(eps_root) while v is tiny: undoing the first steps from the end
-    # amplifies round-off without bound in float32 (tests/test_invert_float32.py).
     def step_vjp(state_next, grads, ct_next):
       # theta' = theta - lr m'/(c1 d), d = sqrt(v'/c2 + eps_root) + eps, m' = b1 m + (1 - b1) g,
       # v' = b2 v + (1 - b2) g^2, with c1 = 1 - b1^count', c2 = 1 - b2^count'.
@@ -109,6 +110,8 @@ def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
           lambda g, a, b: (1 - ADAM_B1) / ADAM_B1 * a + 2 * (1 - ADAM_B2) / ADAM_B2 * g * b,
           grads, ct_mu, ct_nu)
       return ct_g, (ct_adam._replace(mu=ct_mu, nu=ct_nu), ct_rest), ct_next.params
+    # d update / d g ~ 1 / sqrt(eps_root) while v is tiny: undoing the first steps from the end
+    # amplifies round-off without bound in float32 (tests/test_invert_float32.py).
     return StepInverse(params, opt_state, exact_steps=ADAM_EXACT_STEPS, step_vjp=step_vjp)
   if name not in INNER_OPTIMIZERS:
     raise UserError(f'unknown inner optimizer {name!r} (choose from {", ".join(INNER_OPTIMIZERS)})')

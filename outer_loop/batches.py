@@ -1,8 +1,8 @@
 """The bi-level step's data: inner batches [K, A + T, B, ...] and held-out batches [K, B, ...].
 
 Which examples go where is a pure function of the outer step (`pipeline.stream_indices`), so a
-resumed run continues the stream exactly, and every process agrees on the global batch while
-reading only the rows that its own devices hold.
+resumed run continues the stream exactly, and every process (each holding the whole splits)
+agrees on the global batch while gathering only the rows that its own devices hold.
 """
 import jax
 import numpy as np
@@ -12,7 +12,8 @@ from datarater.errors import UserError
 
 
 class MetaBatches:
-  """The train (possibly corrupted), held-out and eval splits, and the batch stream over them."""
+  """The train (possibly corrupted), held-out and eval splits, and the batch stream over the
+  first two."""
 
   def __init__(self, config):
     d = config.data

@@ -15,10 +15,11 @@ inner state back:
     theta_t from state t+1, then s_t from g_t, which the jvp above computes anyway. Each segment
     of S steps (default 16, to bound round-off drift) is undone from its exact end state, which
     is replayed from the unroll's input when the backward pass reaches it: nothing is stored, so
-    memory does not depend on T; the end state at step t costs t extra steps (none for
-    T <= S + 4, 16 at T = 32, ~T^2 / 2S for long unrolls). The optimizer's first
-    `inverse.exact_steps` steps (Adam: 4) are replayed from the exact input state instead: a
-    fresh Adam state cannot be undone accurately in float32.
+    memory does not depend on T; the end state at step t costs t extra steps (none while
+    T <= S + E: S for momentum, S + 4 for Adam; 16 at T = 32; ~T^2 / 2S for long unrolls). The
+    optimizer's first E = `inverse.exact_steps` steps (Adam: 4) are replayed from the exact
+    input state instead (E(E-1)/2 extra steps, 6 for Adam): a fresh Adam state cannot be undone
+    accurately in float32.
   - 'replay': the start state of every segment of S = round(sqrt(T)) steps is kept; a step's
     state is recomputed from its segment's start when needed (S(S-1)/2 extra steps per segment,
     T / S states kept). Exact up to float round-off; works for any optimizer.
