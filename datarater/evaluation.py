@@ -34,7 +34,8 @@ def score_split(score_fn: ScoreFn, split, batch_size: int = 1024, progress: bool
 
 
 def noise_auroc(scores: np.ndarray, is_corrupted: np.ndarray) -> float:
-  """P(score of a clean example > score of a corrupted one); 0.5 = no separation, 1 = perfect."""
+  """P(score of a clean example > score of a corrupted one); 0.5 = no separation, 1 = perfect.
+  NaN when either group is empty or a score is not finite."""
   scores, is_corrupted = np.asarray(scores), np.asarray(is_corrupted)
   if is_corrupted.all() or not is_corrupted.any():
     return float('nan')

@@ -1,9 +1,9 @@
 """The one per-example gradient layer every valuation uses (TracIn, Mimic, data value embedding).
 
-A per-example loss `loss_fn(params, batch) -> [B]` (e.g. `models.per_example_loss`) is turned into:
+A per-example loss `loss_fn(params, batch) -> [B]` (e.g. `Task.per_example_loss`) is turned into:
 - `per_example(...)`: each example's gradient passed through a `GradTransform` (select layers,
   flatten, project, norm, dot, normalise), vmapped in chunks of `chunk_size` examples inside a
-  `lax.map`, so at most `chunk_size` full gradients are alive at once however large the batch;
+  `lax.scan`, so at most `chunk_size` full gradients are alive at once however large the batch;
 - `jvp_dots(...)`: all B dot products <grad l_i, v> with a fixed vector v from ONE forward-mode JVP,
   never forming a per-example gradient;
 - `ghost_dots(...)` / `ghost_sq_norms(...)`: pairwise gradient dot products of Dense layers from
@@ -190,8 +190,9 @@ def kronecker_projection(dim_in: int, dim_out: int, seed: int = 0) -> GradTransf
 
   A leaf reshaped to G [d_in, d_out] (last axis = outputs) with d_in*d_out > dim_in*dim_out is
   mapped to A^T G B, A [d_in, dim_in] ~ N(0, 1/dim_in), B [d_out, dim_out] ~ N(0, 1/dim_out): the
-  dense equivalent is kron(A, B) on the row-major flattened leaf, never formed. Smaller leaves
-  (biases) are kept exactly. Factors are drawn from fold_in(seed, leaf index) in `init`.
+  dense equivalent is kron(A, B) on the row-major flattened leaf, never formed. Other leaves
+  (one axis, e.g. biases, at any size; or at most dim_in*dim_out entries) are kept exactly.
+  Factors are drawn from fold_in(seed, leaf index) in `init`.
   """
   if dim_in < 1 or dim_out < 1:
     raise UserError(f'kronecker projection dims must be >= 1, got ({dim_in}, {dim_out})')
@@ -240,7 +241,7 @@ def per_example(loss_fn: PerExampleLoss, params, batch: dict,
                 chunk_size: Optional[int] = 64):
   """transform.apply(grad l_i, state) for every example i, stacked on a leading axis [B, ...].
 
-  Gradients are vmapped over chunks of `chunk_size` examples, chunk after chunk in a `lax.map`:
+  Gradients are vmapped over chunks of `chunk_size` examples, chunk after chunk in a `lax.scan`:
   peak memory holds `chunk_size` per-example gradients, not B. `chunk_size=None` vmaps all B.
   `state` defaults to `transform.init(params)`; pass it to reuse e.g. projection factors.
   """
@@ -306,8 +307,9 @@ def jvp_dots(loss_fn: PerExampleLoss, params, batch: dict, vector,
 
   d/de l_i(params + e v) at e = 0 is exactly the dot product, for every i at the cost of about
   one forward pass, and no per-example gradient is formed. `chunk_size` bounds activation memory.
-  `layers`: `vector` is zero outside them, so the tangent starts there (the layers before carry
-  none: with the last layer only, the JVP costs little more than the forward pass).
+  `layers`: only `vector`'s entries in them are read (the rest count as zero), so the tangent
+  starts there (the layers before carry none: with the last layer only, the JVP costs little
+  more than the forward pass).
   """
   leaves, treedef = jax.tree.flatten(params)
   chosen = [i for i, keep in enumerate(jax.tree.leaves(layer_mask(params, layers))) if keep]

@@ -135,7 +135,8 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
   or over `config.epochs` passes when that is set (> 0).
 
   Returns the trained SAE and metrics: final normalised MSE, the MSE of the trivial mean
-  reconstruction (1.0 by construction of the normaliser) and the mean number of active factors.
+  reconstruction (1.0 by construction of the normaliser), the mean number of active factors,
+  the factors never active, and the first and last training steps' minibatch MSE.
   """
   features = jnp.asarray(features, jnp.float32)
   if features.ndim != 2 or features.shape[0] < 2:

@@ -6,8 +6,9 @@ that is missing, does not compile, has no get_config or whose get_config fails) 
 (an unknown field, a value of the wrong type) prints one `error:` line and exits 2, like every
 `UserError` and I/O error inside `main` (`datarater.errors.exit_on_user_error`). `--help` prints
 the launcher's description, its flags and every field of its config, and exits 0.
-`invoke(module, argv)` runs a launcher in this process exactly as its command line would (tests
-use it to try many inputs quickly).
+`invoke(module, argv)` runs a launcher's flags and `main` in this process as its command line
+would, without absl's own flags (--verbosity), signal handlers or compilation cache (tests use
+it to try many inputs quickly).
 """
 import atexit
 import logging

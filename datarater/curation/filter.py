@@ -1,21 +1,22 @@
 """Filtering a TFDS dataset with a rater or a scores file into a new TFDS dataset.
 
-`filter_dataset(dataset, out, ...)` streams each filtered split in blocks (only one float score
-per example is held), scores every example (an exported rater on all local devices, or the
-`value` column of a scores file keyed by id), picks the kept examples (`keep`: exactly
-round(keep * N) of the best, ties to the lower id; `threshold='streaming'`: an approximate
-threshold from a reservoir sample; `min_score`: score >= value; `suggest_keep`: `keep` is the
-share of the upper cluster of the split's scores, `select.suggest_keep`; `balance`: every class
-keeps its share) and writes `out`: the kept examples as a TFDS dataset with the source's features
-(`tfds.builder_from_directory(out)`), the other splits copied unchanged, `scores_<split>.parquet`
-(id, kept, and as both score and value the value filtered on: the rater's score, or the scores
-file's `value`, e.g. minus TracIn's raw score; label and corruption where the split has them),
-`filter_report.json` and `scores.png`. Everything is written to a temporary folder beside `out`
-and renamed into place at the end (`files.atomic_dir`).
+`filter_dataset(dataset, out, ...)` streams each filtered split in blocks (per example only a
+float64 score, an int32 label and an int8 corruption record are held), scores every example (an
+exported rater on all local devices, or the `value` column of a scores file keyed by id), picks the
+kept examples (`keep`: exactly round(keep * N) of the best, ties to the lower id;
+`threshold='streaming'`: an approximate threshold from a reservoir sample; `min_score`: score >=
+value; `suggest_keep`: `keep` is the share of the upper cluster of the split's scores,
+`select.suggest_keep`; `balance`: every class keeps its share) and writes `out`: the kept examples
+as a TFDS dataset with the source's features (`tfds.builder_from_directory(out)`), the other splits
+copied unchanged, `scores_<split>.parquet` (id, kept, and as both score and value the value filtered
+on: the rater's score, or the scores file's `value`, e.g. minus TracIn's raw score; label and
+corruption where the split has them), `filter_report.json` and `scores.png`. Everything is written
+to a temporary folder beside `out` and renamed into place at the end (`files.atomic_dir`).
 `corruption` applies the same recorded corruption as the training pipeline to the filtered
 splits before scoring (and writes the corrupted examples), for experiments. In a
-`jax.distributed` job every process scores every P-th block, only the scores and labels are
-exchanged, each process computes the same exact threshold, and process 0 writes the dataset.
+`jax.distributed` job every process scores every P-th block, only the scores, labels and
+corruption record are exchanged, each process computes the same exact threshold, and process 0
+writes the dataset.
 """
 import os
 import shutil

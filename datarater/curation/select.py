@@ -1,8 +1,9 @@
 """Choosing which examples of a split to keep from their scores (`launch.filter`).
 
 - `select_top`: exactly round(keep * N) examples with the highest scores (ties broken by the lower
-  example id, so the choice is a pure function of (scores, ids)); with `balance=True`, every class
-  keeps its share round(keep * N_c) (largest-remainder rounding so the total is still exact), so a
+  example id, so the choice is a pure function of (scores, ids)); with `balance=True`, the
+  round(keep * N) kept are shared among the classes in proportion to their sizes N_c (largest
+  remainder, so the total is still exact; a class may keep one less than round(keep * N_c)), so a
   filter cannot silently drop a class whose examples all score low.
 - `select_threshold`: every example with score >= a given threshold.
 - `suggest_keep`: the keep fraction a score histogram suggests (the share of its upper cluster).

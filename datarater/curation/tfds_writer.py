@@ -69,8 +69,8 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
                  selection: Mapping[str, np.ndarray], description: str = '',
                  transforms: Optional[Mapping] = None,
                  sources: Optional[Mapping] = None, added: Optional[Mapping] = None) -> str:
-  """Writes the examples `selection[split]` (source ids, ascending) of each split; returns the
-  dataset's folder (data_dir/name/version).
+  """Writes the examples `selection[split]` (source ids, in any order: written ascending) of each
+  split; returns the dataset's folder (data_dir/name/version).
 
   `transforms[split](ids, examples) -> examples` may rewrite the examples of each chunk read on
   the way (e.g. the planted corruption of an experiment), and must fill the `added` features

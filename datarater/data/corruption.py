@@ -1,11 +1,11 @@
 """Planted corruption of a training split, recorded per example with its kind.
 
 A `Corruption` decides, from its seed and the split's size N alone, which examples get which
-kind (`record`: exactly round(rate * N) examples per kind, disjoint, consecutive runs of one
-seeded permutation of the split in the order of `kinds`), and rewrites the raw (undecoded)
-features of any block of examples given their ids (`apply`). Every random choice is a function
-of (seed, N) or of (seed, kind, example id), so a split read whole and one streamed in blocks are
-corrupted identically, and detection can be measured per kind.
+kind (`record`: exactly round(rate * N) examples per kind (Python's round: halves to even),
+disjoint, consecutive runs of one seeded permutation of the split in the order of `kinds`), and
+rewrites the raw (undecoded) features of any block of examples given their ids (`apply`). Every
+random choice is a function of (seed, N) or of (seed, kind, example id), so a split read whole and
+one streamed in blocks are corrupted identically, and detection can be measured per kind.
 
 Kinds: label noise on the supervised target, 'label_symmetric' (another class, uniformly) or
 'label_confusion' (a confusable class from a list of pairs), and input corruptions of the

@@ -5,11 +5,17 @@ A `Policy` is four pure functions (optax-style) plus its constants:
   select(aux, state) -> (positions [n], weights [n], state)   the examples of the next epoch
   weigh(aux, state, params, batch, weights) -> weights [B]   per batch: the selection's weights
                                                           (0 = padding) -> the loss weights
+                                                          (the trainer keeps 0 where the
+                                                          selection has 0, then scales by
+                                                          B / the batch's real examples)
   update(aux, state, positions, weights, losses) -> state     after an epoch, with its losses
+                                                          and the loss weights used (0: not
+                                                          trained on)
 `aux` holds the policy's constant arrays (rater parameters, a weight table, SAE statistics); it
 is an argument of the compiled functions, shared by every model. Selection policies implement
 `select` and `update`; weighting and online filtering implement `weigh`; the defaults below
-fill in the rest. `positions` index the training split; entries padded past its end carry weight 0.
+fill in the rest. `positions` index the training split; an epoch's last batch is padded with
+position 0 at weight 0.
 
 Policies are made by name from `POLICIES` (`@register_policy('name')` on a factory
 `(ctx: PolicyContext) -> Policy`; `reads=('rater',)` names the launcher inputs it reads, and
@@ -77,7 +83,7 @@ class PolicyContext:
                              # info, take(positions), corruption_of(positions): no features)
   heldout: Any               # pipeline.Split
   task: Any                  # tasks.Task
-  config: Any                # the run's config (sections policy, valuation, selection, ...)
+  config: Any                # the run's config (sections policy, valuation, features, sae, ...)
   rater: str = ''            # an exported rater or rater run (datarater policies)
   scores: str = ''           # a scores file (policy 'scores')
 

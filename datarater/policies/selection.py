@@ -1,6 +1,7 @@
 """Per-epoch selection policies: full data, random, InfoBatch-style loss pruning, SAE scores.
 
-Every policy except `full` trains on exactly n = round(ratio * N) examples per epoch, so at equal
+Every policy except `full` trains on exactly n = max(1, round(ratio * N)) examples per epoch
+(Python's round: halves to even, unlike `launch.filter --keep`'s halves up), so at equal
 ratio all spend the same example-gradients; they differ only in which examples and weights. Their
 per-model state is a `SelectionState`: how often each example was trained on, its last training
 loss, the summed SAE codes of the examples trained on, the epoch and a key; `record_epoch` is

@@ -4,7 +4,8 @@
 - `datarater`: B * softmax(g_phi(batch) / tau) from a trained rater (the paper's online use).
 - `scores`: fixed per-example weights N * softmax(z / tau) of the standardised values of a
   scores file (e.g. from `launch.valuate`), looked up by the batch's positions.
-- `tracin_curriculum`: the same from TracIn self-influence, computed when the policy is made.
+- `tracin_curriculum`: the same from TracIn's values in `valuation.tracin_mode` (self-influence
+  by default), computed when the policy is made.
 - `mimic`: Grad-Mimic online, B * softmax(<-g_i, u> / tau) toward a reference model trained on
   the held-out split, from the current parameters at every step.
 """

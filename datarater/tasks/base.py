@@ -1,15 +1,17 @@
 """The two interfaces everything else is written against: a `Task` and a `Rater`.
 
 A batch is a dict of arrays with a leading batch axis [B, ...], holding the features the dataset
-provides (see `datarater.data.pipeline`) plus `index`, each example's id in its TFDS split. Only a
-task or rater knows what its features mean; the bi-level step, the trainer, the per-example
-gradient layer, the valuations, selection and curation see these methods and nothing else.
+provides (see `datarater.data.pipeline`) plus `index`, each example's position in the split being
+read (its TFDS id for a split read whole, not for a `Split.subset`). Only a task or rater knows
+what its features mean; the bi-level step, the trainer, the per-example gradient layer, the
+valuations, selection and curation see these methods and nothing else.
 
 - `Task.init(key) -> params`, `Task.per_example_loss(params, batch) -> [B]`,
   `Task.metrics(params, batch) -> {name: [B]}` (per-example; callers average), `Task.spec`.
   Optional capabilities raise `UserError` unless a task has them: `embed` (a representation,
-  for selection features), and for classifiers `num_classes`, `labels` and `with_labels`
-  (class-conditional selection, the Gauss-Newton curvature of data value embedding).
+  for selection features), and for classifiers `labels` and `with_labels` (class-conditional
+  selection, the Gauss-Newton curvature of data value embedding); a classifier's field
+  `num_classes` is read with `num_classes(task)`, None for other tasks.
 - `Rater.init(key) -> phi`, `Rater.score(phi, batch) -> [B]`, `Rater.spec`.
 """
 import abc

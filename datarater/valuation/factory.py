@@ -50,7 +50,8 @@ def make_projection(v: ml_collections.ConfigDict) -> Optional[pergrad.GradTransf
 
 
 def record(config, task, split, steps: int, every: int, cache=None, name: str = 'run'):
-  """The config's recorded SGD run of `task` on `split`: (TrainingRun, example-gradients).
+  """The config's recorded run of `task` on `split` (`valuation.optimizer`; dvemb refuses all
+  but sgd): (TrainingRun, example-gradients).
 
   With `cache` (e.g. `valuation.run.RunCache`), a run made before is read back instead."""
   v = config.valuation

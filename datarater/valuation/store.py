@@ -99,8 +99,9 @@ def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
           projection: pergrad.FactoredProjection, *, split_name: str = '',
           block_size: int = 1024, chunk_size: Optional[int] = 64, dtype: str = 'float32',
           overwrite: bool = False, progress: bool = False) -> 'GradientStore':
-  """Projects every example of `split` (a `pipeline.Split`) at every checkpoint of `run` and
-  writes the store at `path` (resuming a killed build of the same store); returns it opened."""
+  """Projects every example of `split` (a `pipeline.Split` or a streamed `source.Source`) at
+  every checkpoint of `run` and writes the store at `path` (resuming a killed build of the same
+  store); returns it opened."""
   path = os.path.abspath(path)
   parent, name = os.path.dirname(path), os.path.basename(path)
   if os.path.exists(path) and not overwrite:
