@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -294,3 +295,60 @@ def test_a_run_resumes_past_settings_of_sections_it_does_not_read(tfds_dir, tmp_
   config.outer.new_setting = 1
   resumed = train(config, 'uniform', workdir=str(tmp_path / 'b'), log=quiet)
   assert [r['heldout'] for r in resumed['history']] == [r['heldout'] for r in straight['history']]
+
+
+def _save_one(ckpt, step: int = 2, extra=None) -> None:
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  ckpt.save(step, {'a': jnp.ones(3)}, {'train': 0}, extra)
+  ckpt.close()
+
+
+def test_a_checkpoint_that_recorded_every_section_resumes_past_those_the_run_does_not_read(
+    tmp_path):
+  """A rater run's checkpoint written before runs compared only the sections they read (its
+  record holds `policy` and `valuation` fields, at other values than now) is resumed; the
+  top-level `seed` and a section the run reads are still compared."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
+  config = small_config(str(tmp_path / 'tfds'))
+  workdir = str(tmp_path / 'run')
+  _save_one(meta_train_lib.run_checkpointer(config, workdir))
+  (meta_file,) = glob.glob(os.path.join(workdir, 'checkpoints', '2', 'meta', 'metadata'))
+  meta = json.load(open(meta_file))
+  assert not [k for k in meta['config'] if k.startswith(('policy.', 'valuation.'))]
+  meta['config'].update({'policy.ratio': 0.123, 'valuation.train_steps': 7})  # as recorded then
+  json.dump(meta, open(meta_file, 'w'))
+  assert meta_train_lib.run_checkpointer(config, workdir).check_compatible() == 2
+  for field, value in (('seed', config.seed + 1),
+                       ('inner.learning_rate', config.inner.learning_rate * 2)):
+    other = ml_collections.ConfigDict(config.to_dict())
+    section, _, name = field.rpartition('.')
+    setattr(other[section] if section else other, name, value)
+    with pytest.raises(UserError, match=rf'different config \({re.escape(field)}='):
+      meta_train_lib.run_checkpointer(other, workdir).check_compatible()
+
+
+@pytest.mark.parametrize('policy, field, value', [
+    ('tracin_curriculum', 'valuation.train_steps', 7),
+    ('sae', 'sae_scores.temperature', 0.9),
+    ('sae', 'features.seed', 5)])
+def test_a_training_run_compares_the_sections_its_policy_reads(tmp_path, policy, field, value):
+  """A section a policy reads besides train's (`policies.SECTIONS`: tracin_curriculum's
+  valuation, the SAE policy's features, sae, sae_scores) shapes the run: a checkpoint made under
+  other values of it is refused, where a uniform run resumes past the same change."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from datarater import train as train_lib  # pylint: disable=g-import-not-at-top
+  config = small_config(str(tmp_path / 'tfds'))
+  changed = ml_collections.ConfigDict(config.to_dict())
+  section, name = field.split('.')
+  changed[section][name] = value
+  for name_, refused in ((policy, True), ('uniform', False)):
+    workdir = str(tmp_path / name_)
+    _save_one(train_lib.run_checkpointer(config, workdir, name_, '', '', False),
+              extra={'history': [], 'wall_s': 0.0, 'steps': 0})
+    resumed = train_lib.run_checkpointer(changed, workdir, name_, '', '', False)
+    if refused:
+      with pytest.raises(UserError, match=rf'different config \({re.escape(field)}='):
+        resumed.check_compatible()
+    else:
+      assert resumed.check_compatible() == 2

@@ -733,6 +733,29 @@ def test_a_checkpoint_write_that_fails_in_orbax_threads_is_one_line(tmp_path, ca
   assert not (tmp_path / 'run' / 'checkpoints' / '1').exists()
 
 
+def test_only_orbaxs_background_save_reports_are_dropped(tmp_path, caplog):
+  """Once a checkpoint is saved, absl's logger drops orbax's report of a failed background save
+  (orbax raises it again) but passes the same words at ERROR from anywhere else, and orbax's
+  lower-level messages: those are nobody's one-line error."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  checkpointer = checkpointing.RunCheckpointer(str(tmp_path / 'run'),
+                                               ml_collections.ConfigDict({'seed': 0}))
+  checkpointer.save(1, {'w': jnp.ones(3)}, {'train': 0})
+  checkpointer.close()
+  absl_log = logging.getLogger('absl')
+  orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', 'future.py')
+  message = 'Failed to run 4 Handler Commit operations in background save thread, directory: x'
+  caplog.clear()
+  for path, level in ((orbax_file, logging.ERROR), (__file__, logging.ERROR),
+                      (os.path.join(os.sep, 'site-packages', 'tensorstore', 'x.py'),
+                       logging.ERROR), (orbax_file, logging.WARNING)):
+    absl_log.handle(absl_log.makeRecord('absl', level, path, 1, message, (), None))
+  assert [(r.pathname, r.levelno) for r in caplog.records] == [
+      (__file__, logging.ERROR),
+      (os.path.join(os.sep, 'site-packages', 'tensorstore', 'x.py'), logging.ERROR),
+      (orbax_file, logging.WARNING)]
+
+
 def test_progress_in_a_log_file_writes_a_line_once_its_interval_has_passed(monkeypatch, capsys):
   """When updates slow down, a line comes with the first update past the interval: tqdm's own
   count of updates between lines, fitted to the earlier rate, held them back (lines 40 s apart,

@@ -210,6 +210,39 @@ def test_a_batch_of_zero_weights_is_no_step_after_training(splits):
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_filtered_out_epoch_is_no_step_for_adams_state_either(splits):
+  """Plain optax Adam on the recorded batches, taking no step where a batch has no weight > 0,
+  gives the run's parameters before every step and after the last: an epoch whose `weigh`
+  filters every example out (not the selection) moves neither the parameters nor Adam's
+  moments and step count, so the epoch after it trains as if it had not happened."""
+  train, _ = splits
+  n = len(train)
+
+  def weigh(aux, state, params, batch, weights):  # epoch 1: every example filtered out
+    return jnp.where(state.epoch == 1, 0.0, weights)
+  policy = base.Policy('filter_epoch_1', n, lambda num, key: selection.init_state(num, key),
+                       base.select_all(n), weigh, selection.record_epoch)
+  trainer = _trainer(train, policy, optimizer=optax.adam(1e-2), batch_size=128, record_every=1)
+  run = trainer.run(train, {}, [0], epochs=3)
+  rec = run.recording
+  positions, weights = rec.positions[0], rec.weights[0]
+  assert run.steps == 30 and not (weights[10:20] > 0).any() and (weights[20:] > 0).any()
+  task = trainer.task
+  params = jax.tree.map(lambda x: x[0, 0], rec.checkpoints)
+  opt = optax.adam(1e-2)
+  state = opt.init(params)
+  grad = jax.grad(lambda p, b: jnp.mean(task.per_example_loss(p, b)))
+  for t in range(30):
+    for got, want in zip(jax.tree.leaves(rec.checkpoints), jax.tree.leaves(params)):
+      np.testing.assert_allclose(got[0, t], want, rtol=1e-5, atol=1e-6, err_msg=f'step {t}')
+    if (weights[t] > 0).any():
+      g = grad(params, train.take(positions[t][weights[t] > 0]))
+      updates, state = opt.update(g, state, params)
+      params = optax.apply_updates(params, updates)
+  for got, want in zip(jax.tree.leaves(run.params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+
+
 def test_padding_rows_stay_at_weight_0_whatever_weigh_gives(splits):
   """A `weigh` that gives every row weight 1 trains on the epoch's examples once each: the padding
   rows of the short last batch (copies of position 0) are not trained on or counted."""

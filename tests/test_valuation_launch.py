@@ -388,6 +388,21 @@ def test_a_new_methods_run_length_is_checked_before_any_fit(tfds_dir, monkeypatc
     factory.check('new_method', config, task, train)
 
 
+def test_dvembs_run_length_is_not_checkpoint_every(tfds_dir):
+  """The data value embedding records `valuation.dvemb_steps` with a checkpoint at every step:
+  a checkpoint_every that does not divide train_steps (which TracIn and Mimic record) is no
+  reason to refuse it, while tracin is refused."""
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  config = small_config(tfds_dir)
+  train = pipeline.load_split(config.data, 'train', corrupt=True)
+  task = tasks.make_task(config.task, train.info)
+  config.valuation.checkpoint_every = 7
+  factory.check('dvemb', config, task, train)
+  with pytest.raises(UserError, match='valuation.checkpoint_every=7'):
+    factory.check('tracin', config, task, train)
+
+
 def test_a_rater_is_checked_against_the_planted_corruption_wherever_it_is_loaded(tfds_dir,
                                                                                  tmp_path,
                                                                                  monkeypatch):
