@@ -190,8 +190,9 @@ class LoadedRater:
 
   `rater.score(params, batch)` is traceable (for use inside other jitted code, e.g. training
   weights); `loaded(batch)` scores any batch of numpy arrays (the features by their TFDS names,
-  raw as TFDS reads them or decoded as the pipeline gives them) in blocks of `block` examples per
-  device, split over `devices`, and returns numpy float32 scores.
+  raw as TFDS reads them or decoded as the pipeline gives them, and `index`, their positions in
+  the split, if known) in blocks of `block` examples per device, split over `devices`, and returns
+  numpy float32 scores.
   """
   rater: tasks.Rater
   params: Any
@@ -221,6 +222,10 @@ class LoadedRater:
       # Raw TFDS features (uint8 pixels) are decoded as the pipeline decodes them; decoded
       # ones pass through.
       part = pipeline.decode(self.info, {k: np.asarray(batch[k])[idx] for k in self.reads})
+      # Every batch a rater sees holds `index` (a rater may key its dropout on it): the batch's,
+      # else the examples' positions in it.
+      part['index'] = np.asarray(batch['index'] if 'index' in batch else np.arange(n),
+                                 np.int32)[idx]
       self.rater.check_data(part)  # e.g. tokens outside its vocabulary
       out.append(np.asarray(self.scorer(part))[:min(chunk, n - start)])
     return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -102,6 +102,10 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     for split in (data.train, data.heldout, data.eval):  # e.g. tokens outside the vocabulary
       problem.task.check_data(split.features)
       problem.rater.check_data(split.features)
+    # The rater scores splits in blocks of any size once trained (filter, valuate, policies):
+    # each score must read its example alone.
+    tasks.check_per_example(problem.rater, problem.rater.init(jax.random.key(config.seed)),
+                            data.heldout.take(np.arange(min(4, len(data.heldout)))))
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
     if os.path.exists(os.path.join(workdir, 'history.jsonl')):

@@ -800,3 +800,62 @@ def test_a_rater_of_ones_own_exports_and_loads_where_its_module_imports(tfds_dir
                      r"'my_outside_rater', which does not import here \(ModuleNotFoundError.*"
                      'put its folder on PYTHONPATH'):
     datarater.load_rater(str(tmp_path / 'exported'))
+
+
+def _as(cls, made):
+  return cls(**{f.name: getattr(made, f.name) for f in dataclasses.fields(made)})
+
+
+def test_a_rater_keyed_on_index_scores_each_example_alike_in_any_batch(tfds_dir, rater_dir,
+                                                                      tmp_path, monkeypatch):
+  """Every batch a rater sees holds `index` (a rater may key its dropout on it, as the README's
+  dropout does): `loaded(batch)` and the filter pass it (both were a KeyError traceback); the
+  scores equal the rater's own on the split's positions, whatever the filter's batch size."""
+  from datarater.tasks import registry  # pylint: disable=g-import-not-at-top
+  mlp_rater = registry.RATERS['mlp_rater']
+
+  @dataclasses.dataclass(frozen=True)
+  class Keyed(type(mlp_rater(small_config(tfds_dir).rater, pipeline.load_split(
+      digits_data(tfds_dir), 'validation').info))):
+    def score(self, params, batch):
+      draw = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(jax.random.key(7), i)))
+      return super().score(params, batch) + draw(batch['index'])
+
+  monkeypatch.setitem(registry.RATERS, 'mlp_rater',
+                      lambda config, info: _as(Keyed, mlp_rater(config, info)))
+  loaded = datarater.load_rater(rater_dir, block=8)
+  assert isinstance(loaded.rater, Keyed)
+  split = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
+  batch = split.take(np.arange(len(split)))
+  want = np.asarray(jax.jit(loaded.rater.score)(loaded.params, batch))
+  np.testing.assert_allclose(loaded(batch), want, rtol=1e-5, atol=1e-6)
+  shifted = split.take(np.arange(5, 25))  # positions 5..24, scored from their own keys
+  np.testing.assert_allclose(loaded(shifted), want[5:25], rtol=1e-5, atol=1e-6)
+  for size in (256, 7):
+    _filter(tfds_dir, rater_dir, tmp_path / f'out_{size}', batch_size=size)
+    table = pq.read_table(str(tmp_path / f'out_{size}' / 'scores_train.parquet')).to_pydict()
+    order = np.argsort(table['id'])
+    np.testing.assert_allclose(np.asarray(table['score'])[order], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rater_whose_score_reads_its_batch_mates_is_refused_before_its_run(tfds_dir, tmp_path,
+                                                                           monkeypatch):
+  """A rater scores splits in blocks of any size once trained: one centred on its batch's mean
+  (batch norm in training mode) would filter by the batch size. Refused before the workdir is
+  made (it trained, exported and filtered before)."""
+  from datarater.tasks import registry  # pylint: disable=g-import-not-at-top
+  mlp_rater = registry.RATERS['mlp_rater']
+  config = small_config(tfds_dir, steps=2)
+
+  @dataclasses.dataclass(frozen=True)
+  class Centred(type(mlp_rater(config.rater, pipeline.load_split(
+      digits_data(tfds_dir), 'validation').info))):
+    def score(self, params, batch):
+      return super().score(params, {**batch, 'image': batch['image'] - batch['image'].mean(0)})
+
+  monkeypatch.setitem(registry.RATERS, 'mlp_rater',
+                      lambda config, info: _as(Centred, mlp_rater(config, info)))
+  with pytest.raises(UserError, match="rater Centred: an example's score depends on the rest of "
+                                      'its batch or its place in it'):
+    meta_train(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')

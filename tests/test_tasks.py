@@ -1,8 +1,12 @@
 """Tasks and raters against explicit numpy forward passes (float64), and the registry."""
+import dataclasses
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from datarater import tasks
@@ -354,3 +358,139 @@ def test_a_raters_module_is_recorded_only_where_another_process_can_import_it(mo
                            ('__main__', None), ('config_config', None)):
     monkeypatch.setitem(registry.RATER_MODULES, 'mine', module)
     assert registry.module_of('mine') == recorded
+
+
+# ---- a researcher's flax model with batch norm and dropout (the Task contract)
+
+
+class _Published(nn.Module):
+  """As published flax CNNs are written: a norm layer and dropout, switched by `train`."""
+  norm: str  # 'batch' | 'layer'
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(4)(x)
+    x = (nn.BatchNorm(use_running_average=not train)(x) if self.norm == 'batch' else
+         nn.LayerNorm()(x))
+    x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
+    return nn.Dense(3)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlaxTask(tasks.Task):
+  """`apply`: 'eval' (frozen statistics, no dropout), 'train' (no key, immutable collections:
+  as a tutorial's training step without its rngs / mutable arguments), 'batch_key' (one dropout
+  key for the batch) or 'example_key' (the README's: a key per example from `index`)."""
+  spec: tasks.FeatureSpec
+  num_classes: int
+  norm: str
+  dropout: float
+  apply: str
+  params_only: bool = False
+
+  @property
+  def module(self):
+    return _Published(self.norm, self.dropout)
+
+  def init(self, key):
+    variables = self.module.init(key, tasks.example_batch(self.spec, 2)['image'], train=False)
+    return {'params': variables['params']} if self.params_only else variables
+
+  def per_example_loss(self, params, batch):
+    x, m = batch['image'], self.module
+    if self.apply == 'eval':
+      logits = m.apply(params, x, train=False)
+    elif self.apply == 'train':
+      logits = m.apply(params, x, train=True)
+    elif self.apply == 'batch_key':
+      logits = m.apply(params, x, train=True, rngs={'dropout': jax.random.key(7)})
+    else:
+      def one(xi, i):
+        key = jax.random.fold_in(jax.random.key(7), i)
+        return m.apply(params, xi[None], train=True, rngs={'dropout': key})[0]
+      logits = jax.vmap(one)(x, batch['index'])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+
+
+def _made(task):
+  tasks.register_task('flax_for_test', {})(lambda config, info: task)
+  try:
+    return tasks.make_task(ml_collections.ConfigDict({'name': 'flax_for_test'}), tiny_info())
+  finally:
+    tasks.TASKS.pop('flax_for_test')
+
+
+def test_a_flax_init_returning_batch_stats_is_refused_when_built():
+  """nn.BatchNorm with use_running_average=True ('frozen' statistics) is per example, but what
+  init returns is all trained: one inner step moves the statistics (they were trained as
+  parameters, e.g. by valuation SGD and the inner Adam). Refused at build time, naming them."""
+  from inner_loop.unroll import inner_step, init_inner_state  # pylint: disable=g-import-not-at-top
+  frozen = _FlaxTask(tiny_info().spec, 3, 'batch', 0.0, 'eval')
+  params, batch, sgd = frozen.init(jax.random.key(0)), _batch(6), optax.sgd(0.1)
+  stepped, _ = inner_step(frozen.per_example_loss, sgd, init_inner_state(params, sgd), batch,
+                          jnp.ones(6))
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params['batch_stats'],
+                       stepped.params['batch_stats'])
+  assert max(jax.tree.leaves(moved)) > 1e-3  # what the refusal prevents
+  with pytest.raises(UserError, match=r"_FlaxTask.init returned flax collections "
+                                      r"\['batch_stats'\] beside 'params'.*nn.GroupNorm"):
+    _made(frozen)
+  with pytest.raises(UserError, match=r"init returned flax collections \['batch_stats'\]"):
+    _made(_FlaxTask(tiny_info().spec, 3, 'batch', 0.0, 'train'))  # batch statistics too
+
+
+@pytest.mark.parametrize('norm, dropout, params_only, says', [
+    ('layer', 0.5, False, 'InvalidRngError: Dropout_0 needs PRNG for "dropout"'),
+    ('batch', 0.0, True, 'ScopeCollectionNotFound: Tried to access "mean" from collection '
+                         '"batch_stats"')])
+def test_a_loss_asking_flax_for_a_key_or_a_collection_is_one_line(norm, dropout, params_only,
+                                                                   says):
+  """A training-mode apply without rngs (dropout), or batch norm once init returns params alone:
+  flax's error while the shapes are traced was a traceback; one line says what to use."""
+  with pytest.raises(UserError) as raised:
+    _made(_FlaxTask(tiny_info().spec, 3, norm, dropout, 'train', params_only))
+  line = str(raised.value)
+  assert '\n' not in line and says in line and "a key per example from batch['index']" in line
+  assert line.startswith('_FlaxTask.per_example_loss asks flax for what the interface does not')
+
+
+def test_dropout_keyed_per_example_reads_each_example_alone_and_one_key_does_not():
+  """The README's dropout (a key per example from `index`): an example's loss is the same alone,
+  in a batch and at another place in it (a permuted batch), so it builds and passes the
+  per-example check; one key for the whole batch draws masks by place and is refused."""
+  keyed = _made(_FlaxTask(tiny_info().spec, 3, 'layer', 0.5, 'example_key'))
+  params, batch = keyed.init(jax.random.key(0)), _batch(6)
+  together = np.asarray(keyed.per_example_loss(params, batch))
+  perm = np.array([3, 5, 0, 1, 4, 2])
+  permuted = np.asarray(keyed.per_example_loss(params, jax.tree.map(lambda x: x[perm], batch)))
+  alone = [float(keyed.per_example_loss(params, jax.tree.map(lambda x: x[i:i + 1], batch))[0])
+           for i in range(6)]
+  np.testing.assert_allclose(permuted, together[perm], rtol=1e-12)
+  np.testing.assert_allclose(alone, together, rtol=1e-12)
+  no_dropout = _FlaxTask(tiny_info().spec, 3, 'layer', 0.0, 'example_key')
+  assert not np.allclose(together, no_dropout.per_example_loss(params, batch))  # masks drawn
+  tasks.check_per_example(keyed, params, batch)
+  one_key = _made(_FlaxTask(tiny_info().spec, 3, 'layer', 0.5, 'batch_key'))
+  with pytest.raises(UserError, match="task _FlaxTask: an example's loss depends on the rest of "
+                                      'its batch or its place in it'):
+    tasks.check_per_example(one_key, params, batch)
+
+
+def test_a_rater_score_that_reads_the_rest_of_the_batch_is_refused():
+  """As for a task's loss: a rater's score must read its example alone (it scores splits in
+  blocks of any size); the shipped MLP rater's does, one centred on the batch mean does not."""
+  config = ml_collections.ConfigDict({'name': 'mlp_rater', 'hidden': (4,), 'activation': 'tanh'})
+  rater = tasks.make_rater(config, tiny_info())
+  params, batch = rater.init(jax.random.key(0)), _batch(4)
+  tasks.check_per_example(rater, params, batch)
+
+  @dataclasses.dataclass(frozen=True)
+  class Centred(type(rater)):
+    def score(self, params, batch):
+      return super().score(params, {**batch, 'image': batch['image'] - batch['image'].mean(0)})
+
+  centred = Centred(**{f.name: getattr(rater, f.name) for f in dataclasses.fields(rater)})
+  with pytest.raises(UserError, match="rater Centred: an example's score depends on the rest of "
+                                      'its batch'):
+    tasks.check_per_example(centred, params, batch)

@@ -13,6 +13,13 @@ valuations, selection and curation see these methods and nothing else.
   selection, the Gauss-Newton curvature of data value embedding); a classifier's field
   `num_classes` is read with `num_classes(task)`, None for other tasks.
 - `Rater.init(key) -> phi`, `Rater.score(phi, batch) -> [B]`, `Rater.spec`.
+
+The contract of both: `init` returns only what is trained (the inner optimizer, the meta-gradient
+and per-example gradients take every leaf as a parameter; no flax collection such as
+`batch_stats` is ever updated, so `make_task` / `make_rater` refuse any beside `params`), and a
+loss or score is a deterministic function of (params, batch) in which each row reads its own
+example alone: no PRNG key and no mutable state are passed (batch norm: use `nn.GroupNorm` or
+`nn.LayerNorm`; dropout: a key per example from `batch['index']`, one fixed mask per example).
 """
 import abc
 import functools
@@ -64,18 +71,40 @@ def model_reads(model: 'Task | Rater', spec: FeatureSpec) -> tuple:
   return features_read(fn, jax.eval_shape(model.init, jax.random.key(0)), spec)
 
 
-def check_per_example(task: 'Task', params: Params, batch: Batch) -> None:
-  """UserError unless every example's loss in `batch` is its loss alone: per-example gradients
-  (the valuations) read one example at a time, so a loss that depends on the example's
-  batch-mates (batch norm in training mode) would give every valuation another model's
-  gradients."""
-  together = task.per_example_loss(params, batch)
-  alone = jax.vmap(lambda example: task.per_example_loss(
-      params, jax.tree.map(lambda x: x[None], example))[0])(batch)
+def check_per_example(model: 'Task | Rater', params: Params, batch: Batch) -> None:
+  """UserError unless every example's loss (a rater's score) in `batch` is its loss alone:
+  per-example gradients (the valuations) read one example at a time, and raters score a split
+  in blocks of any size, so a loss or score that depends on the example's batch-mates (batch
+  norm in training mode) or its place in the batch (dropout with one key for the batch) would
+  give every valuation another model's gradients, and a filter's choice would follow its
+  batch size."""
+  rater = isinstance(model, Rater)
+  fn = model.score if rater else model.per_example_loss
+
+  def rows(params, batch):  # one program (a compilation cache holds it), not op by op
+    alone = jax.vmap(lambda example: fn(params, jax.tree.map(lambda x: x[None], example))[0])
+    return fn(params, batch), alone(batch)
+  together, alone = jax.jit(rows)(params, batch)
   if not np.allclose(together, alone, rtol=1e-4, atol=1e-6):
-    raise UserError(f'task {type(task).__name__}: an example\'s '
-                    'loss depends on the rest of its batch (batch norm in training mode?): '
-                    'per-example gradients need per_example_loss to read each example alone')
+    raise UserError(f'{"rater" if rater else "task"} {type(model).__name__}: an example\'s '
+                    f'{"score" if rater else "loss"} depends on the rest of its batch or its place '
+                    'in it (batch norm in training mode? dropout with one key for the batch?): '
+                    f'{"score" if rater else "per_example_loss"} must read each example alone '
+                    "(nn.GroupNorm or nn.LayerNorm for batch norm; a dropout key per example from "
+                    "batch['index'])")
+
+
+def _collections(params: Params) -> list:
+  """The flax collections besides 'params' in what an init returned (flax's `init` returns every
+  collection its module made, e.g. {'params': ..., 'batch_stats': ...})."""
+  if isinstance(params, Mapping) and 'params' in params:
+    return sorted(str(k) for k in params if k != 'params')
+  return []
+
+
+# flax's errors for a module applied without the PRNG key or the collections besides `params` it
+# needs (dropout, batch norm): the interface passes neither.
+_STATE_ERRORS = ('InvalidRngError', 'ModifyScopeVariableError', 'ScopeCollectionNotFound')
 
 
 CHECK_BATCH = 3  # examples in the batch `check_outputs` traces
@@ -85,18 +114,37 @@ def check_outputs(model: 'Task | Rater') -> None:
   """UserError unless a task's `per_example_loss` gives one loss per example ([B]) and its
   `metrics` a dict of [B] arrays holding `loss`, or a rater's `score` one score per example.
   Traced by `jax.eval_shape` on a batch of `CHECK_BATCH` examples, not run: a loss of shape
-  [] or [B, 1] would otherwise train (weights times losses broadcast) and learn nothing."""
+  [] or [B, 1] would otherwise train (weights times losses broadcast) and learn nothing. Also
+  refused: an `init` returning flax collections besides `params` (`batch_stats` would be trained
+  as parameters), and a method that needs a PRNG key or a mutable collection (flax's errors)."""
   b, name = CHECK_BATCH, type(model).__name__
   batch = {'index': jax.ShapeDtypeStruct((b,), jnp.int32),
            **{k: jax.ShapeDtypeStruct((b, *s.shape), s.dtype) for k, s in model.spec.items()}}
   params = jax.eval_shape(model.init, jax.random.key(0))
+  extra = _collections(params)
+  if extra:
+    what = 'score' if isinstance(model, Rater) else 'per_example_loss'
+    raise UserError(f'{name}.init returned flax collections {extra} beside \'params\': all it '
+                    'returns is trained as parameters and no collection is ever updated (batch '
+                    "norm: nn.GroupNorm or nn.LayerNorm); return {'params': variables['params']} "
+                    f'and make {what} a function of (params, batch) alone')
 
   def shape(x):
     return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
   outputs = ({'score': model.score} if isinstance(model, Rater) else
              {'per_example_loss': model.per_example_loss})
   for method, fn in outputs.items():
-    out = jax.eval_shape(fn, params, batch)
+    try:
+      out = jax.eval_shape(fn, params, batch)
+    except Exception as e:  # pylint: disable=broad-except
+      if type(e).__name__ not in _STATE_ERRORS:
+        raise
+      first = str(e).splitlines()[0].split(' (https')[0]
+      raise UserError(f'{name}.{method} asks flax for what the interface does not pass '
+                      f'({type(e).__name__}: {first}): no PRNG key is passed and no collection '
+                      "but 'params' is kept, so it must be a function of (params, batch) alone "
+                      '(batch norm: nn.GroupNorm or nn.LayerNorm; dropout: a key per example from '
+                      "batch['index'])") from None
     if shape(out) != (b,):
       raise UserError(f'{name}.{method} must return one value per example, shape (B,): on a '
                       f'batch of {b} it returned shape {shape(out)}')
