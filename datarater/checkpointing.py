@@ -455,8 +455,13 @@ def restore_latest_on_host(directory: str):
     return None
   try:
     with quiet_orbax():
+      # Each process reads alone (its barriers span this process only): in a multi-process job
+      # one that fails here must not leave the others in orbax's barriers.
+      alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                 active_processes={jax.process_index()})
       manager = ocp.CheckpointManager(directory, item_handlers={
-          'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
+          'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
+          options=ocp.CheckpointManagerOptions(create=False, multiprocessing_options=alone))
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'cannot read the checkpoints in {directory!r}: {_why(e)}') from None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

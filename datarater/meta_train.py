@@ -168,9 +168,11 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     start = int(meta['step'])
     progress = (meta.get('extra') or {}).get('progress') or {**progress, 'since': start}
     log.info('resumed from the checkpoint at outer step %d', start)
-  write_config()  # after the restore: a workdir whose checkpoints all fail to restore is unchanged
-  metrics_log = (files.JsonlLog(os.path.join(workdir, 'metrics.jsonl'), 'step', start)
-                 if primary else None)
+  # Process 0 writes them: if it fails (or any process is signalled), every process stops here.
+  with multihost.together('writing config.json and metrics.jsonl'):
+    write_config()  # after the restore: a workdir whose checkpoints all fail to restore is kept
+    metrics_log = (files.JsonlLog(os.path.join(workdir, 'metrics.jsonl'), 'step', start)
+                   if primary else None)
 
   score = jax.jit(problem.rater.score)  # compiled once, reused at every logging step
 
@@ -233,7 +235,9 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
       if primary:
         log.info('compiling the outer step (once, %s meta-gradients) ...',
                  config.outer.meta_gradient)
-      step_fn = step_fn.lower(state, *data.device_batches_at(start, inner_sh, outer_sh)).compile()
+      with multihost.together('compiling the outer step'):  # (an error here, alone, would leave
+        step_fn = step_fn.lower(  # the others in the first step: the vote below is not reached)
+            state, *data.device_batches_at(start, inner_sh, outer_sh)).compile()
       if primary:
         log.info('compiled in %.1f s', time.time() - t0)
     t0, timed_from, longest_run = time.time(), start, None
@@ -268,45 +272,48 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
                  config.log_every)
         last_line = time.time()
       if record_now:
-        if primary:
-          # Means over the steps since the last record that were not skipped (single steps jump
-          # at member resets); skipped steps and diverged inner models are counted.
-          sums = {k: float(v) for k, v in sharding.host_copy(totals).items()}
-          rater = reported_rater(state)
-          counts = ('skipped_steps', 'diverged_members')
-          taken = done - s0 - sums['skipped_steps']
-          record = {'step': done, **{k: v / taken if taken else float('nan')
-                                     for k, v in sums.items() if k not in counts},
-                    **{k: int(sums[k]) for k in counts},
-                    'steps_per_sec': (done - max(s0, timed_from)) / (time.time() - t0)}
-          if measurable:
-            scored.clear()
-            record['noise_auroc'] = noise_auroc(rater[0], done, 'reported')
-            if problem.ema:  # the rater scored above is the average; its last iterate beside it
-              record['noise_auroc_last_iterate'] = noise_auroc(rater[1], done, 'last_iterate')
-          metrics_log.write(record)
-          extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
-          extra += eta(done)
-          auroc = f' | noise AUROC {record["noise_auroc"]:.3f}' if measurable else ''
-          log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
-                   'weights ESS %.2f%s | %.1f steps/s%s', done,
-                   config.outer.steps, record['outer_loss'], record['inner_loss'],
-                   record['meta_grad_norm'], record['weight_ess'], auroc,
-                   record['steps_per_sec'], extra)
-          last_line = time.time()
-          if record['weight_ess'] < COLLAPSED_ESS:
-            log.info("warning: the rater's weights rest on a few examples of each batch "
-                     '(effective sample size %.1f%% of it): the inner models fit those alone. '
-                     'outer.learning_rate=%g may be too large, or rater.temperature=%g too low',
-                     100 * record['weight_ess'], config.outer.learning_rate,
-                     config.rater.temperature)
-          if record['meta_grad_norm'] == 0.0 and not record['skipped_steps']:
-            flat_since = flat_since or s0 + 1
-            log.info('warning: the meta-gradient has been exactly 0 since outer step %d: the '
-                     "rater's weights have saturated (outer.learning_rate=%g may be too large)",
-                     flat_since, config.outer.learning_rate)
-          else:
-            flat_since = None
+        # Process 0 alone logs: a failure there (a full disk) stops every process here, not in the
+        # next step or checkpoint, which the others would wait in for good.
+        with multihost.together(f'logging outer step {done}'):
+          if primary:
+            # Means over the steps since the last record that were not skipped (single steps jump
+            # at member resets); skipped steps and diverged inner models are counted.
+            sums = {k: float(v) for k, v in sharding.host_copy(totals).items()}
+            rater = reported_rater(state)
+            counts = ('skipped_steps', 'diverged_members')
+            taken = done - s0 - sums['skipped_steps']
+            record = {'step': done, **{k: v / taken if taken else float('nan')
+                                       for k, v in sums.items() if k not in counts},
+                      **{k: int(sums[k]) for k in counts},
+                      'steps_per_sec': (done - max(s0, timed_from)) / (time.time() - t0)}
+            if measurable:
+              scored.clear()
+              record['noise_auroc'] = noise_auroc(rater[0], done, 'reported')
+              if problem.ema:  # the rater scored above is the average; its last iterate beside it
+                record['noise_auroc_last_iterate'] = noise_auroc(rater[1], done, 'last_iterate')
+            metrics_log.write(record)
+            extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
+            extra += eta(done)
+            auroc = f' | noise AUROC {record["noise_auroc"]:.3f}' if measurable else ''
+            log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
+                     'weights ESS %.2f%s | %.1f steps/s%s', done,
+                     config.outer.steps, record['outer_loss'], record['inner_loss'],
+                     record['meta_grad_norm'], record['weight_ess'], auroc,
+                     record['steps_per_sec'], extra)
+            last_line = time.time()
+            if record['weight_ess'] < COLLAPSED_ESS:
+              log.info("warning: the rater's weights rest on a few examples of each batch "
+                       '(effective sample size %.1f%% of it): the inner models fit those alone. '
+                       'outer.learning_rate=%g may be too large, or rater.temperature=%g too low',
+                       100 * record['weight_ess'], config.outer.learning_rate,
+                       config.rater.temperature)
+            if record['meta_grad_norm'] == 0.0 and not record['skipped_steps']:
+              flat_since = flat_since or s0 + 1
+              log.info('warning: the meta-gradient has been exactly 0 since outer step %d: the '
+                       "rater's weights have saturated (outer.learning_rate=%g may be too large)",
+                       flat_since, config.outer.learning_rate)
+            else:
+              flat_since = None
         t0, timed_from, s0, totals = time.time(), done, done, None
       if save_now:
         progress = {'totals': totals and {k: float(v) for k, v in
@@ -321,20 +328,25 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
       log.info('stopped after outer step %d (checkpointed); run again to resume', last_step)
     return {}
   scores = problem_line = None
-  if primary:  # process 0 scores and reports; every process stops if the scores are not finite
-    rater_params, last_iterate = reported_rater(state)
-    scores = scored.get((config.outer.steps, 'reported'))
-    if scores is None:
-      scores = evaluation.score_split(lambda b: score(rater_params, b), data.train, jit=False)
-    problem_line = unscorable(config, scores)
+  # Process 0 scores and reports while the others wait for it here (waiting at exit, JAX aborted
+  # them all after 300 s); if it fails, or any process is signalled, every process stops.
+  with multihost.together('scoring the final rater'):
+    if primary:  # every process stops if the scores are not finite
+      rater_params, last_iterate = reported_rater(state)
+      scores = scored.get((config.outer.steps, 'reported'))
+      if scores is None:
+        scores = evaluation.score_split(lambda b: score(rater_params, b), data.train, jit=False)
+      problem_line = unscorable(config, scores)
   if not multihost.agree(problem_line is None):
     raise UserError(problem_line or unscorable(config, None))
-  if not primary:
-    return {}
-  return final_report(config, workdir, data, problem, rater_params, metrics_log.history,
-                      int(sharding.host_copy(state.skipped)),
-                      last_iterate if problem.ema else None, scores,
-                      scored.get((config.outer.steps, 'last_iterate')))
+  report = {}
+  with multihost.together('writing the report'):
+    if primary:
+      report = final_report(config, workdir, data, problem, rater_params, metrics_log.history,
+                            int(sharding.host_copy(state.skipped)),
+                            last_iterate if problem.ema else None, scores,
+                            scored.get((config.outer.steps, 'last_iterate')))
+  return report
 
 
 def unscorable(config, scores: Optional[np.ndarray]) -> Optional[str]:

@@ -40,19 +40,16 @@ def agree(ok: bool) -> bool:
 @contextlib.contextmanager
 def together(what: str):
   """Runs the block on every process; an error raised in it on any process stops every process
-  once all have run it (the others with a UserError naming the process that failed), so none is
-  left waiting alone in a collective. The block itself must run no collective."""
-  error = None
-  try:
+  once all have run it (the others with a UserError naming the process that failed), and so does
+  a Ctrl-C or SIGTERM to any process (`StopVote`: the agreed signal, as the block ends), so none is
+  left waiting alone in a collective, nor at exit (where JAX aborts a job whose processes end over
+  300 s apart), however long the block takes on one. The block itself must run no collective. In
+  a job of one process it is the block alone (a signal stops it at once)."""
+  if jax.process_count() == 1:
     yield
-  except Exception as e:  # pylint: disable=broad-except  (re-raised below, after agreeing)
-    error = e
-  if jax.process_count() > 1:
-    failed = np.flatnonzero(allgather(np.asarray([error is not None], np.int32))[:, 0])
-    if failed.size and error is None:
-      raise UserError(f'process {failed[0]} of this job stopped {what} (its error line says why)')
-  if error is not None:
-    raise error
+    return
+  with StopVote(jax.devices(), 0, what=what):
+    yield
 
 
 def same_everywhere(digest: str) -> bool:
@@ -116,13 +113,19 @@ class StopVote:
   process had one): its handler then stops it as usual; so is one asked while the block ends by an
   exception, with its own. A process that leaves the block by an error casts one more vote, for
   its error, and every other process stops at that vote with a UserError naming it (it would
-  otherwise wait in its next vote for good). In one process the vote is its own signal, read
-  without a program."""
+  otherwise wait in its next vote for good): so between two votes a process may run no collective
+  after work that can fail on it alone (end that work in `together`). Around a stage without
+  steps or collectives (every process fitting alone, process 0 writing the output while the others
+  wait) the block's own votes stop every process as it ends, by an error or a signal to any; the
+  last vote is cast twice, so that a signal that came while a process waited in it for the others
+  counts too. Votes nest: an inner block's agreed signal goes to the enclosing vote. In one
+  process the vote is its own signal, read without a program."""
 
   def __init__(self, devices, step: int,
-               on_stop: Callable[[int, int], None] = lambda step, signum: None):
+               on_stop: Callable[[int, int], None] = lambda step, signum: None, what: str = ''):
     self._processes, self.stopped_at, self.signum, self._step, self._on_stop = (
         jax.process_count(), None, 0, step, on_stop)
+    self._what = f' {what}' if what else ''  # the stage, for the others' error line
     self._voting_now = self._failed = False
     if self._processes > 1:
       mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ('devices',))
@@ -133,21 +136,24 @@ class StopVote:
           mesh, jax.sharding.PartitionSpec()))
 
   def __enter__(self):
+    self._outer = (_voting[0], _asked[0], _ctrl_c[0])  # of an enclosing vote (none: 0, 0, False)
     _voting[0], _asked[0], _ctrl_c[0] = self._processes, 0, False
     return self
 
   def __exit__(self, exc_type, *exc_info):
     try:
-      if exc_type is None:  # every process got here: the last vote
-        self.after(self._step)
+      if exc_type is None:  # every process got here: the last vote, twice in several (a signal
+        self.after(self._step)  # that came while this one waited in it for the others counts)
+        if self._processes > 1:
+          self.after(self._step)
       elif (self._processes > 1 and issubclass(exc_type, Exception) and not self._failed
             and not self._voting_now):  # (not an error of the vote itself)
         self._vote(_FAILED + jax.process_index())  # the others stop at this vote
       if self.stopped_at is not None:
         self._on_stop(self.stopped_at, self.signum)
     finally:
-      _voting[0], _ctrl_c[0] = 0, False
-      signum, _asked[0] = self.signum or _asked[0], 0
+      signum = self.signum or _asked[0]
+      _voting[0], _asked[0], _ctrl_c[0] = self._outer  # an enclosing vote takes the signal
       if signum:
         os.kill(os.getpid(), signum)
 
@@ -158,7 +164,8 @@ class StopVote:
       self.signum = self._vote(_asked[0])
       if self.signum >= _FAILED:
         failed, self.signum, self._failed = self.signum - _FAILED, 0, True
-        raise UserError(f'process {failed} of this job stopped (its error line says why)')
+        raise UserError(f'process {failed} of this job stopped{self._what} (its error line says '
+                        'why)')
       if self.signum:
         self.stopped_at = done
     return self.stopped_at is not None

@@ -425,6 +425,29 @@ def test_in_one_process_a_signal_stops_after_the_step_and_a_second_ctrl_c_at_onc
     assert not multihost.ask_to_stop(signal.SIGINT)
 
 
+def test_a_signal_in_a_vote_nested_in_another_stops_the_outer_one(monkeypatch):
+  """A vote inside another (a rater loaded, or a checkpoint written, in a stage that votes as it
+  ends): the signal the inner one agrees on is sent again, and the outer vote, which the
+  process's handler then asks (here, as it would), stops after its next step; the signal asked
+  before the inner block is kept for the outer one too. Before, the inner block's end left no
+  vote running: the signal stopped this process alone."""
+  from datarater import multihost  # pylint: disable=g-import-not-at-top
+  handled = []  # what the launcher's handler does with a signal sent again: ask the vote running
+  monkeypatch.setattr(multihost.os, 'kill',
+                      lambda pid, signum: handled.append(multihost.ask_to_stop(signum)))
+  for asked_before in (False, True):
+    handled.clear()
+    with multihost.StopVote(jax.devices()[:1], 0) as outer:
+      if asked_before:
+        assert multihost.ask_to_stop(signal.SIGTERM)
+      with multihost.StopVote(jax.devices()[:1], 0):
+        if not asked_before:
+          assert multihost.ask_to_stop(signal.SIGTERM)
+      assert handled == ([] if asked_before else [True])  # the outer vote took it
+      assert outer.after(1) and outer.stopped_at == 1 and outer.signum == signal.SIGTERM
+    assert handled[-1] is False  # sent again after the outer block: no vote runs, it stops
+
+
 def test_a_dataset_folder_changed_for_one_process_stops_both(tfds_dir, tmp_path):
   """Each process digests data.dataset_dir itself; if one sees other contents than the checkpoint
   was made from, both refuse to resume (neither waits alone in a collective)."""
@@ -517,3 +540,93 @@ def test_every_process_stops_after_the_step_the_vote_agrees_on(tfds_dir, tmp_pat
     assert lines == ['A stopped after 2 SIGINT', 'A signals SIGINT',
                      'B stopped after 3 SIGTERM', 'B signals SIGTERM',
                      'C stopped after 1 SIGTERM', 'C signals SIGTERM'], out
+
+
+# A launcher as one of two jax.distributed processes whose shutdown barrier gives up after
+# SHUTDOWN_S (JAX's default, 300 s, scaled down); process `who` meets `fault` as it calls `target`
+# ('module:function' or 'module:Class.method'): 'error' (a full disk), 'sigterm' (sent to itself),
+# or 'slow' (SLOW_S more seconds of work, past the other's shutdown barrier).
+_FAULT_AT = """
+import functools, importlib, os, runpy, signal, sys, time
+sys.path.insert(0, os.getcwd())
+import jax
+pid, port = int(sys.argv[1]), sys.argv[2]
+module, target, who, fault, args = {module!r}, {target!r}, {who}, {fault!r}, {args!r}
+jax.distributed.initialize = functools.partial(jax.distributed.initialize,
+                                               shutdown_timeout_seconds={shutdown_s})
+name, attribute = target.split(':')
+owner = importlib.import_module(name)
+*path, attribute = attribute.split('.')
+for part in path:
+  owner = getattr(owner, part)
+original = getattr(owner, attribute)
+def planted(*a, **k):
+  if pid == who and fault == 'error':
+    raise OSError(28, 'No space left on device', 'planted')
+  if pid == who and fault == 'sigterm':
+    os.kill(os.getpid(), signal.SIGTERM)
+  if pid == who and fault == 'slow':
+    time.sleep({slow_s})
+  return original(*a, **k)
+setattr(owner, attribute, planted)
+sys.argv = [module, *args, f'--coordinator_address=127.0.0.1:{{port}}', '--num_processes=2',
+            f'--process_id={{pid}}']
+runpy.run_module(module, run_name='__main__')
+"""
+SHUTDOWN_S, SLOW_S = 5, 12
+
+
+slow = pytest.mark.slow  # (each case is a two-process job)
+
+
+@pytest.mark.parametrize('module,target,who,fault,codes', [
+    pytest.param('valuate', 'datarater.config_checks:validate', 1, 'sigterm', [143, 143],
+                 id='valuate-startup-sigterm'),
+    pytest.param('valuate', 'datarater.valuation.factory:build', 1, 'error', [2, 2],
+                 id='valuate-fit-error'),
+    pytest.param('valuate', 'datarater.valuation.factory:build', 1, 'sigterm', [143, 143],
+                 id='valuate-fit-sigterm', marks=slow),
+    pytest.param('valuate', 'datarater.curation.scores_file:write', 0, 'error', [2, 2],
+                 id='valuate-write-error'),
+    pytest.param('filter', 'datarater.export:load_rater', 1, 'error', [2, 2],
+                 id='filter-load-error'),
+    pytest.param('filter', 'datarater.curation.tfds_writer:write_subset', 0, 'slow', [0, 0],
+                 id='filter-slow-write'),
+    pytest.param('train_rater', 'datarater.files:JsonlLog.write', 0, 'error', [2, 2],
+                 id='train_rater-log-error'),
+    pytest.param('train_rater', 'datarater.meta_train:final_report', 0, 'slow', [0, 0],
+                 id='train_rater-slow-report', marks=slow)])
+def test_one_process_failing_signalled_or_slow_outside_a_loop_stops_or_waits_for_all(
+    tfds_dir, tmp_path, module, target, who, fault, codes):
+  """Where the processes work alone (start-up checks, a valuation's fit, the filter's rater
+  loading, process 0 logging a rater run's step or writing the output), one that fails or is
+  signalled stops every process there, each with its line; one that works on past the others'
+  shutdown barrier (JAX's 300 s, here SHUTDOWN_S) finishes its output. Before: the others waited
+  in their next collective up to the shutdown timeout and all aborted with JAX's C++ trace, or (a
+  rater run's log) for good; a slow output was lost the same way."""
+  out = tmp_path / 'out'
+  if module == 'valuate':
+    args = [f'--config={os.path.join(ROOT, "configs", "digits.py")}',
+            f'--config.data.data_dir={tfds_dir}', '--config.valuation.train_steps=10',
+            '--config.valuation.checkpoint_every=5', '--config.valuation.score_batch_size=300',
+            '--method=tracin', f'--workdir={out}']
+  elif module == 'filter':
+    meta_train(small_config(tfds_dir, steps=2), str(tmp_path / 'run'))
+    args = ['--dataset=sklearn_digits', f'--rater={tmp_path / "run"}', '--keep=0.7',
+            f'--data_dir={tfds_dir}', '--batch_size=300', f'--out={out}']
+  else:
+    args = [f'--workdir={out}', *as_flags(small_config(tfds_dir, steps=4))]
+  procs = _start_driver(_FAULT_AT.format(
+      module=f'launch.{module}', target=target, who=who, fault=fault, args=args,
+      shutdown_s=SHUTDOWN_S, slow_s=SLOW_S), tfds_dir, tmp_path)
+  outs = _outputs(procs, timeout=120)
+  assert [p.returncode for p in procs] == codes, '\n---\n'.join(o[-3000:] for o in outs)
+  assert all('Traceback' not in o and 'Check failure' not in o for o in outs), outs
+  if fault == 'error':  # the failed process's line, and one naming it on the other
+    errors = [[l for l in o.splitlines() if l.startswith('error: ')] for o in outs]
+    assert errors[who] == ['error: No space left on device (planted)'], errors
+    assert len(errors[1 - who]) == 1 and (f'process {who} of this job stopped'
+                                          in errors[1 - who][0]), errors
+  written = {'valuate': out / 'scores_tracin.parquet', 'filter': out / 'filter_report.json',
+             'train_rater': out / 'report.json'}[module]
+  assert written.exists() == (fault == 'slow')

@@ -159,18 +159,21 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   loaded = None
   if rater is not None:
     from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
-    loaded = load_rater(rater, devices=devices)
-    loaded.check_matches(info, f'dataset {dataset!r}', corruption)
+    # Each process loads it alone: one that fails or is signalled stops every process.
+    with multihost.together('loading the rater'):
+      loaded = load_rater(rater, devices=devices)
+      loaded.check_matches(info, f'dataset {dataset!r}', corruption)
     from datarater.valuation import store  # pylint: disable=g-import-not-at-top
     if not multihost.same_everywhere(store.digest(jax.device_get(loaded.params))):
       raise UserError(f'--rater {rater!r} changed while the processes loaded it (a run still '
                       'training?): filter again')
   elif len(splits) > 1:
     raise UserError('--scores filters one split at a time (give one --split)')
-  given = (scores_file.read_values(scores, len(sources[splits[0]]), splits[0], dataset,
-                                   planted=corruption.describe(),
-                                   planted_by='launch.filter plants only symmetric noise: '
-                                   '--label_noise, --noise_seed') if scores else None)
+  with multihost.together('reading --scores'):
+    given = (scores_file.read_values(scores, len(sources[splits[0]]), splits[0], dataset,
+                                     planted=corruption.describe(),
+                                     planted_by='launch.filter plants only symmetric noise: '
+                                     '--label_noise, --noise_seed') if scores else None)
   if min_score is not None and not np.isfinite(min_score):
     raise UserError(f'--min_score must be a finite number, got {min_score}')
 
@@ -255,8 +258,18 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
                            'seed': corruption.seed},
             'source': {'rater': rater, 'scores': scores},
             'copied_splits': sorted(set(selection) - set(splits)), 'splits': {}}
-  if jax.process_index() != 0:  # process 0 writes the dataset; the others only scored
-    return report
+  # Process 0 writes the dataset; the others wait for it here (waiting at exit, JAX aborted them
+  # all after 300 s) and stop with it if it fails or any process is signalled.
+  with multihost.together('writing the filtered dataset'):
+    if jax.process_index() == 0:
+      _write(out, overwrite, builder, name, selection, dataset, source, transforms, streams, splits,
+             added, per_split, num_classes, corruption, report)
+  return report  # (its splits only on process 0)
+
+
+def _write(out, overwrite, builder, name, selection, dataset, source, transforms, streams, splits,
+           added, per_split, num_classes, corruption, report) -> None:
+  """Writes the filtered dataset, its scores files, report and figure (fills report['splits'])."""
   with files.atomic_dir(out, overwrite, marker=REPORT) as tmp:
     folder = tfds_writer.write_subset(builder, os.path.join(tmp, 'tfds'), name, selection,
                                       f'{dataset} filtered by {source}', transforms,
@@ -287,4 +300,3 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     for entry in os.listdir(folder):
       os.rename(os.path.join(folder, entry), os.path.join(tmp, entry))
     shutil.rmtree(os.path.join(tmp, 'tfds'))
-  return report

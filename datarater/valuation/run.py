@@ -192,7 +192,10 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
       tqdm.write(f'datarater: loading the rater {config.valuation.rater} ...'
                  if method == 'datarater' else
                  f'{method}: fitting to {len(train)} training examples (runs kept in {fit}) ...')
-    valuation = factory.build(method, config, task, train, heldout, cache, fit=not from_store)
+    # Each process fits alone (no collective; process 0 keeps the runs): one that fails or is
+    # signalled stops every process once all have fitted (not alone, the others left waiting).
+    with multihost.together('fitting'):
+      valuation = factory.build(method, config, task, train, heldout, cache, fit=not from_store)
     if method == 'datarater':  # the path may be a rater run that has trained on since
       rater_digest = store.digest(jax.device_get(valuation.params))
       if not multihost.same_everywhere(rater_digest):
@@ -209,9 +212,12 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
                           progress and jax.process_index() == 0, f'{method} scores',
                           scorer.check_data)
     multihost.barrier('datarater.valuate: blocks scored')
-    if jax.process_index() != 0:
-      return {}
-    return _write(method, config, workdir, stem, tag, train, valuation, record)
+    summary = {}  # process 0 writes the files; the others wait for it here (waiting at exit, JAX
+    # aborted them all after 300 s) and stop with it if it fails or any process is signalled
+    with multihost.together('writing the scores file'):
+      if jax.process_index() == 0:
+        summary = _write(method, config, workdir, stem, tag, train, valuation, record)
+    return summary
 
 
 def _check_store_size(method: str, config, n: int, workdir: str) -> None:
