@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from configs.digits import get_config
 from datarater.curation.filter import filter_dataset
 from datarater.data.corruption import Corruption
-from datarater.export import load_rater
+from datarater.export import export_rater, load_rater
 from datarater.meta_train import meta_train
 from datarater.valuation.run import valuate
 from tests import forked
@@ -590,6 +590,8 @@ slow = pytest.mark.slow  # (each case is a two-process job)
                  id='valuate-write-error'),
     pytest.param('filter', 'datarater.export:load_rater', 1, 'error', [2, 2],
                  id='filter-load-error'),
+    pytest.param('filter-exported', 'datarater.export:load_rater', 1, 'error', [2, 2],
+                 id='filter-exported-load-error'),
     pytest.param('filter', 'datarater.curation.tfds_writer:write_subset', 0, 'slow', [0, 0],
                  id='filter-slow-write'),
     pytest.param('train_rater', 'datarater.files:JsonlLog.write', 0, 'error', [2, 2],
@@ -610,9 +612,13 @@ def test_one_process_failing_signalled_or_slow_outside_a_loop_stops_or_waits_for
             f'--config.data.data_dir={tfds_dir}', '--config.valuation.train_steps=10',
             '--config.valuation.checkpoint_every=5', '--config.valuation.score_batch_size=300',
             '--method=tracin', f'--workdir={out}']
-  elif module == 'filter':
+  elif module.startswith('filter'):  # the rater a run, or exported (read by another orbax call)
     meta_train(small_config(tfds_dir, steps=2), str(tmp_path / 'run'))
-    args = ['--dataset=sklearn_digits', f'--rater={tmp_path / "run"}', '--keep=0.7',
+    rater = tmp_path / 'run'
+    if module == 'filter-exported':
+      module, rater = 'filter', tmp_path / 'exported'
+      export_rater(str(tmp_path / "run"), str(rater))
+    args = ['--dataset=sklearn_digits', f'--rater={rater}', '--keep=0.7',
             f'--data_dir={tfds_dir}', '--batch_size=300', f'--out={out}']
   else:
     args = [f'--workdir={out}', *as_flags(small_config(tfds_dir, steps=4))]

@@ -84,7 +84,8 @@ def check_per_example(model: 'Task | Rater', params: Params, batch: Batch) -> No
   def rows(params, batch):  # one program (a compilation cache holds it), not op by op
     alone = jax.vmap(lambda example: fn(params, jax.tree.map(lambda x: x[None], example))[0])
     return fn(params, batch), alone(batch)
-  together, alone = jax.jit(rows)(params, batch)
+  with jax.default_matmul_precision('highest'):  # (not TF32: batch sizes would round apart)
+    together, alone = jax.jit(rows)(params, batch)
   if not np.allclose(together, alone, rtol=1e-4, atol=1e-6):
     raise UserError(f'{"rater" if rater else "task"} {type(model).__name__}: an example\'s '
                     f'{"score" if rater else "loss"} depends on the rest of its batch or its place '
