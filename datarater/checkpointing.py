@@ -447,6 +447,13 @@ def abstract_like(tree, shardings):
                       tree, shardings)
 
 
+def this_process_alone() -> ocp.options.MultiprocessingOptions:
+  """Orbax options whose barriers span this process only: a read each process makes alone, where
+  one that fails must not leave the others in orbax's barriers."""
+  return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                            active_processes={jax.process_index()})
+
+
 def restore_latest_on_host(directory: str):
   """(state, meta) of the newest readable checkpoint, its state on this process's first device,
   whatever mesh saved it (unreadable ones passed over for it are warned of); None if there is
@@ -455,13 +462,10 @@ def restore_latest_on_host(directory: str):
     return None
   try:
     with quiet_orbax():
-      # Each process reads alone (its barriers span this process only): in a multi-process job
-      # one that fails here must not leave the others in orbax's barriers.
-      alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                                 active_processes={jax.process_index()})
       manager = ocp.CheckpointManager(directory, item_handlers={
           'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
-          options=ocp.CheckpointManagerOptions(create=False, multiprocessing_options=alone))
+          options=ocp.CheckpointManagerOptions(create=False,
+                                               multiprocessing_options=this_process_alone()))
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'cannot read the checkpoints in {directory!r}: {_why(e)}') from None
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -289,12 +289,9 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
     if not os.path.isdir(params_path):
       raise UserError(f'rater {path!r} has no params/ folder')
     try:  # a signal as orbax reads is held until it is done (interrupted, it said 'unreadable')
-      # Each process reads alone (orbax's barriers span this process only): in a multi-process
-      # job one that fails before it reads must not leave the others in orbax's barrier.
-      alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                                 active_processes={jax.process_index()})
       with multihost.StopVote(jax.local_devices(), 0), checkpointing.quiet_orbax(), \
-          ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
+          ocp.StandardCheckpointer(
+              multiprocessing_options=checkpointing.this_process_alone()) as ckptr:
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
                               ckptr.metadata(params_path).item_metadata.tree)
         params = ckptr.restore(params_path, target)

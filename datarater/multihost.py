@@ -6,6 +6,7 @@ process nothing here runs a collective and the process's own answer stands (`wor
 takes the lock; `StopVote` still holds Ctrl-C and SIGTERM until the step ends).
 """
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -128,12 +129,7 @@ class StopVote:
     self._what = f' {what}' if what else ''  # the stage, for the others' error line
     self._voting_now = self._failed = False
     if self._processes > 1:
-      mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ('devices',))
-      self._shape = (mesh.devices.size,)
-      self._local = [d.process_index for d in mesh.devices.flat].count(jax.process_index())
-      self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
-      self._max = jax.jit(jax.numpy.max, out_shardings=jax.sharding.NamedSharding(
-          mesh, jax.sharding.PartitionSpec()))
+      self._sharding, self._local, self._max = _vote_program(tuple(np.asarray(devices).flat))
 
   def __enter__(self):
     self._outer = (_voting[0], _asked[0], _ctrl_c[0])  # of an enclosing vote (none: 0, 0, False)
@@ -176,10 +172,22 @@ class StopVote:
       return vote
     self._voting_now = True
     votes = jax.make_array_from_process_local_data(
-        self._sharding, np.full(self._local, vote, np.int32), self._shape)
+        self._sharding, np.full(self._local, vote, np.int32), (self._sharding.mesh.size,))
     largest = int(np.asarray(self._max(votes).addressable_data(0)))
     self._voting_now = False
     return largest
+
+
+@functools.lru_cache(maxsize=None)
+def _vote_program(devices: tuple):
+  """(sharding of one vote per device, this process's devices, the compiled max of the votes):
+  one per device set, so the votes of every `StopVote` and `together` over it (a rater run votes
+  at each logged step) share one program."""
+  mesh = jax.sharding.Mesh(np.asarray(devices), ('devices',))
+  local = [d.process_index for d in devices].count(jax.process_index())
+  return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices')), local,
+          jax.jit(jax.numpy.max, out_shardings=jax.sharding.NamedSharding(
+              mesh, jax.sharding.PartitionSpec())))
 
 
 def in_rounds(items, count: int):

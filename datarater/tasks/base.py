@@ -25,6 +25,7 @@ import abc
 import functools
 from typing import Any, Callable, Mapping, Optional
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,7 +106,8 @@ def _collections(params: Params) -> list:
 
 # flax's errors for a module applied without the PRNG key or the collections besides `params` it
 # needs (dropout, batch norm): the interface passes neither.
-_STATE_ERRORS = ('InvalidRngError', 'ModifyScopeVariableError', 'ScopeCollectionNotFound')
+_STATE_ERRORS = (flax.errors.InvalidRngError, flax.errors.ModifyScopeVariableError,
+                 flax.errors.ScopeCollectionNotFound)
 
 
 CHECK_BATCH = 3  # examples in the batch `check_outputs` traces
@@ -137,9 +139,7 @@ def check_outputs(model: 'Task | Rater') -> None:
   for method, fn in outputs.items():
     try:
       out = jax.eval_shape(fn, params, batch)
-    except Exception as e:  # pylint: disable=broad-except
-      if type(e).__name__ not in _STATE_ERRORS:
-        raise
+    except _STATE_ERRORS as e:
       first = str(e).splitlines()[0].split(' (https')[0]
       raise UserError(f'{name}.{method} asks flax for what the interface does not pass '
                       f'({type(e).__name__}: {first}): no PRNG key is passed and no collection '
