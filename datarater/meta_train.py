@@ -155,56 +155,20 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
                                             config.inner.population)
   step_fn, state_shardings, inner_sh, outer_sh = sharding.jit_outer_step(
       problem, estimator, mesh, jax.eval_shape(init), example_inner, example_outer)
-
-  # Progress since the last metrics record (sums of the step metrics, the step they start
-  # after, the step since which the meta-gradient has been 0), kept in each checkpoint so that a
-  # resumed run writes the records an uninterrupted one would.
-  progress = {'totals': None, 'since': 0, 'flat_since': None}
   if resume_step is None:
-    state, start = jax.jit(init, out_shardings=state_shardings)(), 0
+    state, start, saved = jax.jit(init, out_shardings=state_shardings)(), 0, None
   else:
     state, meta = ckpt.restore_latest(checkpointing.abstract_like(jax.eval_shape(init),
                                                                   state_shardings))
     start = int(meta['step'])
-    progress = (meta.get('extra') or {}).get('progress') or {**progress, 'since': start}
+    saved = (meta.get('extra') or {}).get('progress')
     log.info('resumed from the checkpoint at outer step %d', start)
   # Process 0 writes them: if it fails (or any process is signalled), every process stops here.
   with multihost.together('writing config.json and metrics.jsonl'):
     write_config()  # after the restore: a workdir whose checkpoints all fail to restore is kept
     metrics_log = (files.JsonlLog(os.path.join(workdir, 'metrics.jsonl'), 'step', start)
                    if primary else None)
-
-  score = jax.jit(problem.rater.score)  # compiled once, reused at every logging step
-
-  corrupted = data.train.is_corrupted
-  # else no AUROC, and no scoring pass over the training split at each record
-  measurable = bool(corrupted.any() and not corrupted.all())
-
-  scored = {}  # the scores of the last record, by step and role: the report reuses the final ones
-
-  def noise_auroc(params, step, role):
-    """AUROC of the scores of rater `params` (host copies) against the corruption record."""
-    scores = evaluation.score_split(lambda b: score(params, b), data.train, jit=False)
-    scored[step, role] = scores
-    return evaluation.noise_auroc(scores, corrupted)
-
-  def reported_rater(state):
-    """Host copies of (the rater as reported, its last iterate): averaged here, on this process's
-    copies, since process 0 alone logs and reports."""
-    host = sharding.host_copy(state.replace(population=None, opt_state=None))
-    return jax.device_get(problem.rater_params_of(host)), host.rater_params
-
-  def check_skipped(longest_run, step):
-    """Stops the run (one line) when the meta-gradient has not been finite at
-    outer.max_skipped_steps steps in a row (`longest_run`: the most since the last check)."""
-    in_a_row = int(sharding.host_copy(longest_run))
-    if in_a_row >= config.outer.max_skipped_steps:
-      raise UserError(
-          f'the meta-gradient was not finite at {in_a_row} outer steps in a row (by step '
-          f'{step}); the rater was left as it was and its last checkpoint holds finite values. '
-          f'Lower inner.learning_rate ({config.inner.learning_rate:g}) or outer.learning_rate '
-          f'({config.outer.learning_rate:g}), or check that the task\'s loss is finite at '
-          'initialisation')
+  progress = _Progress(config, problem, data, metrics_log, start, saved)
 
   last_step = config.outer.steps if stop_after is None else min(stop_after, config.outer.steps)
   # Multi-process on CPU, each step finishes before the next is dispatched: with steps queued
@@ -236,91 +200,36 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
         log.info('compiling the outer step (once, %s meta-gradients) ...',
                  config.outer.meta_gradient)
       with multihost.together('compiling the outer step'):  # (an error here, alone, would leave
-        step_fn = step_fn.lower(  # the others in the first step: the vote below is not reached)
-            state, *data.device_batches_at(start, inner_sh, outer_sh)).compile()
+        batches = data.device_batches_at(start, inner_sh, outer_sh)  # the others in the first
+        step_fn = step_fn.lower(state, *batches).compile()  # step: the vote below is not reached)
       if primary:
         log.info('compiled in %.1f s', time.time() - t0)
-    t0, timed_from, longest_run = time.time(), start, None
-    last_line = t0
-
-    def eta(done):
-      """' | ETA ...' to the run's last step at the rate since the clock started ('' at the end)."""
-      if done >= config.outer.steps:
-        return ''
-      left = (config.outer.steps - done) * (time.time() - t0) / max(done - max(s0, timed_from), 1)
-      return f' | ETA {left:.0f} s' if left < 90 else f' | ETA {left / 60:.0f} min'
-    s0, flat_since = progress['since'], progress['flat_since']
-    totals = progress['totals'] and {k: np.float32(v) for k, v in progress['totals'].items()}
+    progress.start_clock(start)
     for step in range(start, last_step):
-      state, metrics = step_fn(state, *data.device_batches_at(step, inner_sh, outer_sh))
-      in_a_row = metrics.pop('skipped_in_a_row')
-      longest_run = in_a_row if longest_run is None else jax.numpy.maximum(longest_run, in_a_row)
-      totals = metrics if totals is None else jax.tree.map(jax.numpy.add, totals, metrics)
-      if one_step_at_a_time:
-        jax.block_until_ready((state, totals, longest_run))
+      state, metrics = step_fn(state, *batches)
+      progress.add(metrics)
       done = step + 1
+      if done < last_step:  # the next step's, gathered while this one runs, before the vote: an
+        batches = data.device_batches_at(done, inner_sh, outer_sh)  # error on one process stops
+      if one_step_at_a_time:  # every process there
+        jax.block_until_ready(state)
+        progress.block_until_ready()
       stop = vote.after(done)
       record_now = done % config.log_every == 0 or done == config.outer.steps
       save_now = done % config.checkpoint_every == 0 or done == last_step or stop
       if record_now or save_now:
-        check_skipped(longest_run, done)
-        longest_run = None
-      if primary and not record_now and time.time() - last_line > HEARTBEAT_S:
-        jax.block_until_ready(in_a_row)  # step `done` has run (dispatch runs ahead of it)
-        log.info('step %5d/%d | %.2f steps/s%s (metrics every %d steps)', done,
-                 config.outer.steps, (done - max(s0, timed_from)) / (time.time() - t0), eta(done),
-                 config.log_every)
-        last_line = time.time()
+        progress.check_skipped(done)
       if record_now:
         # Process 0 alone logs: a failure there (a full disk) stops every process here, not in the
         # next step or checkpoint, which the others would wait in for good.
         with multihost.together(f'logging outer step {done}'):
           if primary:
-            # Means over the steps since the last record that were not skipped (single steps jump
-            # at member resets); skipped steps and diverged inner models are counted.
-            sums = {k: float(v) for k, v in sharding.host_copy(totals).items()}
-            rater = reported_rater(state)
-            counts = ('skipped_steps', 'diverged_members')
-            taken = done - s0 - sums['skipped_steps']
-            record = {'step': done, **{k: v / taken if taken else float('nan')
-                                       for k, v in sums.items() if k not in counts},
-                      **{k: int(sums[k]) for k in counts},
-                      'steps_per_sec': (done - max(s0, timed_from)) / (time.time() - t0)}
-            if measurable:
-              scored.clear()
-              record['noise_auroc'] = noise_auroc(rater[0], done, 'reported')
-              if problem.ema:  # the rater scored above is the average; its last iterate beside it
-                record['noise_auroc_last_iterate'] = noise_auroc(rater[1], done, 'last_iterate')
-            metrics_log.write(record)
-            extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
-            extra += eta(done)
-            auroc = f' | noise AUROC {record["noise_auroc"]:.3f}' if measurable else ''
-            log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
-                     'weights ESS %.2f%s | %.1f steps/s%s', done,
-                     config.outer.steps, record['outer_loss'], record['inner_loss'],
-                     record['meta_grad_norm'], record['weight_ess'], auroc,
-                     record['steps_per_sec'], extra)
-            last_line = time.time()
-            if record['weight_ess'] < COLLAPSED_ESS:
-              log.info("warning: the rater's weights rest on a few examples of each batch "
-                       '(effective sample size %.1f%% of it): the inner models fit those alone. '
-                       'outer.learning_rate=%g may be too large, or rater.temperature=%g too low',
-                       100 * record['weight_ess'], config.outer.learning_rate,
-                       config.rater.temperature)
-            if record['meta_grad_norm'] == 0.0 and not record['skipped_steps']:
-              flat_since = flat_since or s0 + 1
-              log.info('warning: the meta-gradient has been exactly 0 since outer step %d: the '
-                       "rater's weights have saturated (outer.learning_rate=%g may be too large)",
-                       flat_since, config.outer.learning_rate)
-            else:
-              flat_since = None
-        t0, timed_from, s0, totals = time.time(), done, done, None
-      if save_now:
-        progress = {'totals': totals and {k: float(v) for k, v in
-                                          sharding.host_copy(totals).items()},
-                    'since': s0, 'flat_since': flat_since}
-        # collective: every process writes its shards
-        ckpt.save(done, state, data.position(done), {'progress': progress})
+            progress.record(done, state)
+        progress.restart(done)
+      elif primary:
+        progress.heartbeat(done)
+      if save_now:  # collective: every process writes its shards
+        ckpt.save(done, state, data.position(done), {'progress': progress.saved()})
       if stop:
         break
   if last_step < config.outer.steps:
@@ -332,10 +241,8 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
   # them all after 300 s); if it fails, or any process is signalled, every process stops.
   with multihost.together('scoring the final rater'):
     if primary:  # every process stops if the scores are not finite
-      rater_params, last_iterate = reported_rater(state)
-      scores = scored.get((config.outer.steps, 'reported'))
-      if scores is None:
-        scores = evaluation.score_split(lambda b: score(rater_params, b), data.train, jit=False)
+      rater_params, last_iterate = _reported_rater(problem, state)
+      scores = progress.scores(rater_params, config.outer.steps, 'reported')
       problem_line = unscorable(config, scores)
   if not multihost.agree(problem_line is None):
     raise UserError(problem_line or unscorable(config, None))
@@ -345,8 +252,143 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
       report = final_report(config, workdir, data, problem, rater_params, metrics_log.history,
                             int(sharding.host_copy(state.skipped)),
                             last_iterate if problem.ema else None, scores,
-                            scored.get((config.outer.steps, 'last_iterate')))
+                            progress.scored.get((config.outer.steps, 'last_iterate')))
   return report
+
+
+def _reported_rater(problem, state):
+  """Host copies of (the rater as reported, its last iterate): averaged here, on this process's
+  copies, since process 0 alone logs and reports."""
+  host = sharding.host_copy(state.replace(population=None, opt_state=None))
+  return jax.device_get(problem.rater_params_of(host)), host.rater_params
+
+
+class _Progress:
+  """What a rater run logs between its records: the sums of the step metrics since the last
+  record (on the devices), the step they start after (`since`), the step since which the
+  meta-gradient has been 0, and the clock behind steps/s and the ETA. `saved()` goes into each
+  checkpoint, so that a resumed run writes the records an uninterrupted one would. Process 0
+  writes the records (metrics.jsonl, a progress line, the rater's noise AUROC)."""
+
+  def __init__(self, config, problem, data, metrics_log, start: int, saved: Optional[dict]):
+    self._config, self._problem, self._data, self._log = config, problem, data, metrics_log
+    saved = saved or {'totals': None, 'since': start, 'flat_since': None}
+    self.since, self._flat_since = saved['since'], saved['flat_since']
+    self.totals = saved['totals'] and {k: np.float32(v) for k, v in saved['totals'].items()}
+    self._longest_run = None  # the most steps skipped in a row since the last check
+    self._score = jax.jit(problem.rater.score)  # compiled once, reused at every record
+    corrupted = data.train.is_corrupted
+    # else no AUROC, and no scoring pass over the training split at each record
+    self._measurable = bool(corrupted.any() and not corrupted.all())
+    self.scored = {}  # the scores of the last record, by step and role: the report reuses them
+    self.start_clock(start)
+
+  def start_clock(self, step: int) -> None:
+    self._t0 = self._last_line = time.time()
+    self._timed_from = step
+
+  def add(self, metrics: dict) -> None:
+    in_a_row = metrics.pop('skipped_in_a_row')
+    self._longest_run = (in_a_row if self._longest_run is None
+                         else jax.numpy.maximum(self._longest_run, in_a_row))
+    self.totals = metrics if self.totals is None else jax.tree.map(jax.numpy.add, self.totals,
+                                                                   metrics)
+
+  def block_until_ready(self) -> None:
+    jax.block_until_ready((self.totals, self._longest_run))
+
+  def restart(self, step: int) -> None:
+    """After the record at `step`: sums and clock from there."""
+    self.start_clock(step)
+    self.since, self.totals = step, None
+
+  def saved(self) -> dict:
+    return {'totals': self.totals and {k: float(v) for k, v in
+                                       sharding.host_copy(self.totals).items()},
+            'since': self.since, 'flat_since': self._flat_since}
+
+  def check_skipped(self, step: int) -> None:
+    """Stops the run (one line) when the meta-gradient has not been finite at
+    outer.max_skipped_steps steps in a row (by `step`)."""
+    in_a_row, self._longest_run = int(sharding.host_copy(self._longest_run)), None
+    config = self._config
+    if in_a_row >= config.outer.max_skipped_steps:
+      raise UserError(
+          f'the meta-gradient was not finite at {in_a_row} outer steps in a row (by step '
+          f'{step}); the rater was left as it was and its last checkpoint holds finite values. '
+          f'Lower inner.learning_rate ({config.inner.learning_rate:g}) or outer.learning_rate '
+          f'({config.outer.learning_rate:g}), or check that the task\'s loss is finite at '
+          'initialisation')
+
+  def _rate(self, done: int) -> float:
+    return (done - max(self.since, self._timed_from)) / (time.time() - self._t0)
+
+  def _eta(self, done: int) -> str:
+    """' | ETA ...' to the run's last step at the rate since the clock started ('' at the end)."""
+    steps = self._config.outer.steps
+    if done >= steps:
+      return ''
+    left = (steps - done) * (time.time() - self._t0) / max(done - max(self.since,
+                                                                      self._timed_from), 1)
+    return f' | ETA {left:.0f} s' if left < 90 else f' | ETA {left / 60:.0f} min'
+
+  def heartbeat(self, done: int) -> None:
+    """A short progress line if none has been logged for HEARTBEAT_S."""
+    if time.time() - self._last_line > HEARTBEAT_S:
+      self.block_until_ready()  # step `done` has run (dispatch runs ahead of it)
+      log.info('step %5d/%d | %.2f steps/s%s (metrics every %d steps)', done,
+               self._config.outer.steps, self._rate(done), self._eta(done),
+               self._config.log_every)
+      self._last_line = time.time()
+
+  def scores(self, params, step: int, role: str) -> np.ndarray:
+    """The scores of rater `params` (host copies) of the training split, as recorded at `step`
+    for `role`, or computed."""
+    if (step, role) not in self.scored:
+      self.scored[step, role] = evaluation.score_split(
+          lambda b: self._score(params, b), self._data.train, jit=False)
+    return self.scored[step, role]
+
+  def record(self, done: int, state) -> None:
+    """Process 0's record of step `done`: metrics.jsonl, a progress line, warnings. Means over the
+    steps since the last record that were not skipped (single steps jump at member resets);
+    skipped steps and diverged inner models are counted."""
+    config = self._config
+    sums = {k: float(v) for k, v in sharding.host_copy(self.totals).items()}
+    counts = ('skipped_steps', 'diverged_members')
+    taken = done - self.since - sums['skipped_steps']
+    record = {'step': done, **{k: v / taken if taken else float('nan')
+                               for k, v in sums.items() if k not in counts},
+              **{k: int(sums[k]) for k in counts}, 'steps_per_sec': self._rate(done)}
+    if self._measurable:
+      self.scored.clear()
+      rater, last_iterate = _reported_rater(self._problem, state)
+      corrupted = self._data.train.is_corrupted
+      record['noise_auroc'] = evaluation.noise_auroc(self.scores(rater, done, 'reported'),
+                                                     corrupted)
+      if self._problem.ema:  # the rater scored above is the average; its last iterate beside it
+        record['noise_auroc_last_iterate'] = evaluation.noise_auroc(
+            self.scores(last_iterate, done, 'last_iterate'), corrupted)
+    self._log.write(record)
+    extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
+    auroc = f' | noise AUROC {record["noise_auroc"]:.3f}' if self._measurable else ''
+    log.info('step %5d/%d | outer loss %.4f | inner loss %.4f | meta-grad norm %.3g | '
+             'weights ESS %.2f%s | %.1f steps/s%s', done, config.outer.steps,
+             record['outer_loss'], record['inner_loss'], record['meta_grad_norm'],
+             record['weight_ess'], auroc, record['steps_per_sec'], extra + self._eta(done))
+    self._last_line = time.time()
+    if record['weight_ess'] < COLLAPSED_ESS:
+      log.info("warning: the rater's weights rest on a few examples of each batch "
+               '(effective sample size %.1f%% of it): the inner models fit those alone. '
+               'outer.learning_rate=%g may be too large, or rater.temperature=%g too low',
+               100 * record['weight_ess'], config.outer.learning_rate, config.rater.temperature)
+    if record['meta_grad_norm'] == 0.0 and not record['skipped_steps']:
+      self._flat_since = self._flat_since or self.since + 1
+      log.info('warning: the meta-gradient has been exactly 0 since outer step %d: the '
+               "rater's weights have saturated (outer.learning_rate=%g may be too large)",
+               self._flat_since, config.outer.learning_rate)
+    else:
+      self._flat_since = None
 
 
 def unscorable(config, scores: Optional[np.ndarray]) -> Optional[str]:
