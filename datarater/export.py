@@ -69,13 +69,13 @@ def rater_training_compute(config, steps: int) -> int:
   """Task-model example-gradients of `steps` outer steps of a rater run (a lower bound on its
   cost).
 
-  Each outer step trains K inner models for A + T steps of B examples (A advanced, T unrolled)
+  Each outer step trains K inner models for A + T steps of B examples (A advanced, T unrolled;
+  A = 0 where the config has no `inner.advance_steps`)
   and evaluates their loss on a held-out batch, then back-propagates through the last T; we count
   the forward+backward example passes of the inner models, K * ((A + T) * B + B_outer) per outer
   step. The meta-backward through the unroll roughly doubles the T part again; it is not counted
   here, so the figure is conservative.
   """
-  # A + T (a config saved before advance_steps existed lacks A)
   inner_steps = config.inner.get('advance_steps', 0) + config.inner.steps
   return int(steps * config.inner.population *
              (inner_steps * config.inner.batch_size + config.outer.batch_size))
@@ -106,8 +106,8 @@ def _make_rater(section, info, where: str, module=None) -> tasks.Rater:
 
 
 def _read_run(workdir: str):
-  """(config, DataInfo, rater params on the first local device, outer steps taken) of a rater
-  run's latest checkpoint."""
+  """(config, DataInfo, rater, its params on the first local device, outer steps taken) of a
+  rater run's latest checkpoint."""
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise UserError(f'no rater run in {workdir!r}: {config_path!r} is missing '
@@ -148,7 +148,7 @@ def _read_run(workdir: str):
   params = averaging.debiased(state.get('rater_average') or None, state['rater_params'],
                               config.outer.get('ema', 0.0), state['step'] - state['skipped'])
   _check_finite(params, f'the latest checkpoint of {workdir!r}')
-  return config, info, params, int(state['step'])
+  return config, info, rater, params, int(state['step'])
 
 
 def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
@@ -160,7 +160,7 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
   files.check_apart(out_dir, '--out', workdir=workdir)
   checkpointing.check_writable_path(out_dir, '--out')
   files.check_replaceable(out_dir, overwrite, 'rater.json')
-  config, info, params, steps = _read_run(workdir)
+  config, info, _, params, steps = _read_run(workdir)
   meta = {
       'format_version': FORMAT_VERSION,
       'rater': json.loads(config.rater.to_json()),
@@ -175,9 +175,9 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
       'rater_module': tasks.registry.module_of(config.rater.name),
   }
   with files.atomic_dir(out_dir, overwrite, marker='rater.json') as tmp:
-    # Ctrl-C or SIGTERM (with launch.interrupts) as orbax writes stops the export once the write
-    # is done: its threads, interrupted, printed tracebacks, wrote on into the removed folder or
-    # hung at exit.
+    # A Ctrl-C or SIGTERM (with launch.interrupts) while orbax writes stops the export once the
+    # write is done: orbax's threads stopped mid-write print tracebacks, write on into the removed
+    # folder or hang at exit.
     with multihost.StopVote(jax.local_devices(), 0), ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, 'params'), jax.device_get(params))
     files.write_json(os.path.join(tmp, 'rater.json'), meta)
@@ -245,6 +245,58 @@ class LoadedRater:
       corruption.check_targets(info, self.rater)
 
 
+def _read_exported(path: str):
+  """(rater, DataInfo, params on the first local device, temperature, rater.json) of a folder
+  `launch.export_rater` wrote, each part checked (a hand-edited file fails in one line)."""
+  meta_path = os.path.join(path, 'rater.json')
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f'rater {path!r}: {meta_path!r} is not readable JSON ({e})') from None
+  if not isinstance(meta, dict):
+    raise UserError(f'rater {path!r}: {meta_path!r} holds a JSON {type(meta).__name__}, not '
+                    'the object launch.export_rater writes')
+  if meta.get('format_version') != FORMAT_VERSION:
+    raise UserError(f'rater {path!r} has format_version {meta.get("format_version")!r}; '
+                    f'this code reads {FORMAT_VERSION}')
+  missing = _first_missing(meta, META_FIELDS)
+  if missing:
+    raise UserError(f'rater {path!r}: {meta_path!r} has no {missing}')
+  temperature = meta['temperature']
+  problem = config_checks.number(config_checks.MIN_TEMPERATURE)(temperature)
+  if problem:  # 0, NaN or < 0 would weigh every example by NaN, or the worst ones up
+    raise UserError(f'rater {path!r}: {meta_path!r} has temperature {temperature!r}; it '
+                    f'{problem}')
+  try:
+    info = DataInfo.from_json(meta['data_info'])
+  except INFO_ERRORS as e:
+    raise UserError(f'rater {path!r}: {meta_path!r} has a malformed data_info '
+                    f'({type(e).__name__}: {e})') from None
+  problem = _info_problem(meta['data_info'])
+  if problem:
+    raise UserError(f'rater {path!r}: {meta_path!r} has {problem}')
+  rater = _make_rater(ml_collections.ConfigDict(meta['rater']), info, meta_path,
+                      meta.get('rater_module'))
+  host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params_path = os.path.abspath(os.path.join(path, 'params'))
+  if not os.path.isdir(params_path):
+    raise UserError(f'rater {path!r} has no params/ folder')
+  try:  # a signal as orbax reads is held until it is done (interrupted, it said 'unreadable')
+    with multihost.StopVote(jax.local_devices(), 0), checkpointing.quiet_orbax(), \
+        ocp.StandardCheckpointer(
+            multiprocessing_options=checkpointing.this_process_alone()) as ckptr:
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
+                            ckptr.metadata(params_path).item_metadata.tree)
+      params = ckptr.restore(params_path, target)
+  except Exception as e:  # pylint: disable=broad-except  (orbax's errors of damaged files)
+    why = ' '.join(str(e).split())[:200]
+    raise UserError(f'rater {path!r}: its params/ folder is unreadable ({type(e).__name__}: '
+                    f'{why})') from None
+  _check_finite(params, f'rater {path!r}')
+  return rater, info, params, float(temperature), meta
+
+
 def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> LoadedRater:
   """Loads the rater of an exported folder or of a `launch.train_rater` run onto `devices`.
 
@@ -253,57 +305,10 @@ def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> L
   Reading with orbax wraps `sys.unraisablehook` (once per process) to drop tensorstore's 'Event
   loop is closed' reports of a damaged folder (`checkpointing.quiet_orbax`).
   """
-  meta_path = os.path.join(path, 'rater.json')
-  if os.path.exists(meta_path):
-    try:
-      with open(meta_path) as f:
-        meta = json.load(f)
-    except (OSError, ValueError) as e:
-      raise UserError(f'rater {path!r}: {meta_path!r} is not readable JSON ({e})') from None
-    if not isinstance(meta, dict):
-      raise UserError(f'rater {path!r}: {meta_path!r} holds a JSON {type(meta).__name__}, not '
-                      'the object launch.export_rater writes')
-    if meta.get('format_version') != FORMAT_VERSION:
-      raise UserError(f'rater {path!r} has format_version {meta.get("format_version")!r}; '
-                      f'this code reads {FORMAT_VERSION}')
-    missing = _first_missing(meta, META_FIELDS)
-    if missing:
-      raise UserError(f'rater {path!r}: {meta_path!r} has no {missing}')
-    temperature = meta['temperature']
-    problem = config_checks.number(config_checks.MIN_TEMPERATURE)(temperature)
-    if problem:  # 0, NaN or < 0 would weigh every example by NaN, or the worst ones up
-      raise UserError(f'rater {path!r}: {meta_path!r} has temperature {temperature!r}; it '
-                      f'{problem}')
-    try:
-      info = DataInfo.from_json(meta['data_info'])
-    except INFO_ERRORS as e:
-      raise UserError(f'rater {path!r}: {meta_path!r} has a malformed data_info '
-                      f'({type(e).__name__}: {e})') from None
-    problem = _info_problem(meta['data_info'])
-    if problem:
-      raise UserError(f'rater {path!r}: {meta_path!r} has {problem}')
-    rater = _make_rater(ml_collections.ConfigDict(meta['rater']), info, meta_path,
-                        meta.get('rater_module'))
-    host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    params_path = os.path.abspath(os.path.join(path, 'params'))
-    if not os.path.isdir(params_path):
-      raise UserError(f'rater {path!r} has no params/ folder')
-    try:  # a signal as orbax reads is held until it is done (interrupted, it said 'unreadable')
-      with multihost.StopVote(jax.local_devices(), 0), checkpointing.quiet_orbax(), \
-          ocp.StandardCheckpointer(
-              multiprocessing_options=checkpointing.this_process_alone()) as ckptr:
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
-                              ckptr.metadata(params_path).item_metadata.tree)
-        params = ckptr.restore(params_path, target)
-    except Exception as e:  # pylint: disable=broad-except  (orbax's errors of damaged files)
-      why = ' '.join(str(e).split())[:200]
-      raise UserError(f'rater {path!r}: its params/ folder is unreadable ({type(e).__name__}: '
-                      f'{why})') from None
-    _check_finite(params, f'rater {path!r}')
-    temperature = float(temperature)
+  if os.path.exists(os.path.join(path, 'rater.json')):
+    rater, info, params, temperature, meta = _read_exported(path)
   elif os.path.exists(os.path.join(path, 'config.json')):
-    config, info, params, steps = _read_run(path)
-    rater = tasks.make_rater(config.rater, info)  # its section checked by _read_run
+    config, info, rater, params, steps = _read_run(path)
     temperature = float(config.rater.temperature)
     meta = {'training_example_gradients': rater_training_compute(config, steps),
             'config': json.loads(config.to_json())}

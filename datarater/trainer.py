@@ -269,17 +269,7 @@ class Trainer:
     training (selection, steps, policy updates), not compilation or evaluation.
     """
     seeds = [int(s) for s in seeds]
-    if not seeds:
-      raise UserError('no seeds to train (train.seeds is empty)')
-    if (epochs is None) == (steps is None) or (epochs if steps is None else steps) < 1:
-      raise UserError(f'give a positive number of epochs or steps, got epochs={epochs}, '
-                      f'steps={steps}')
-    if len(train) == 0:
-      raise UserError('the training split is empty')
-    if evals_per_epoch < 1:
-      raise UserError(f'evals_per_epoch must be >= 1, got {evals_per_epoch}')
-    if self.record_every and checkpoints is not None:
-      raise UserError('a recorded run is not checkpointed (record_every with checkpoints)')
+    self._check_run(train, seeds, epochs, steps, evals_per_epoch, checkpoints)
     spe = self.steps_per_epoch
     total = steps if steps is not None else epochs * spe
     num_epochs = math.ceil(total / spe)
@@ -298,11 +288,7 @@ class Trainer:
 
     history, train_s, compile_s, start_epoch, done_steps = [], 0.0, 0.0, 0, 0
     if checkpoints is not None and checkpoints.latest_step() is not None:
-      state, meta = checkpoints.restore_latest(abstract_of(state))
-      extra = meta['extra']
-      history, train_s = extra['history'], extra['wall_s']
-      compile_s = extra.get('compile_s', 0.0)  # (checkpoints before it was kept: 0)
-      start_epoch, done_steps = int(meta['step']), int(extra['steps'])
+      state, history, train_s, compile_s, start_epoch, done_steps = _restore(checkpoints, state)
     if on_start is not None:
       on_start(start_epoch)
     state = state.replace(example_gradients=np.asarray(state.example_gradients),  # host counters
@@ -314,24 +300,13 @@ class Trainer:
                   if streaming else None)
     length = max(b - a for a, b in _chunks(_eval_cuts(min(spe, total), evals_per_epoch),
                                            chunk_size))
-    compiled = {}
-
-    def compiled_call(name, fn, *args):
-      """`fn(*args)` through its executable for these shapes, compiled ahead (timed apart)."""
-      nonlocal compile_s
-      key = (name,) + tuple(jax.tree.map(lambda x: getattr(x, 'shape', ()),
-                                         jax.tree.leaves(args)))
-      if key not in compiled:
-        t = time.perf_counter()
-        compiled[key] = fn.lower(*args).compile()
-        compile_s += time.perf_counter() - t
-      return compiled[key](*args)
+    compiled = _AheadOfTime(compile_s)
 
     try:  # pending checkpoint writes finish whatever happens
       for epoch in range(start_epoch, last_epoch):
-        tick, compile_before = time.perf_counter(), compile_s
-        positions, weights, policy_state = compiled_call('plan', self._plan, aux, state.policy,
-                                                         order_keys, np.int32(epoch))
+        tick, compile_before = time.perf_counter(), compiled.seconds
+        positions, weights, policy_state = compiled('plan', self._plan, aux, state.policy,
+                                                    order_keys, np.int32(epoch))
         positions, weights = np.asarray(positions), np.asarray(weights)
         epoch_steps = min(spe, total - done_steps)
         cuts = _eval_cuts(epoch_steps, evals_per_epoch)
@@ -339,15 +314,11 @@ class Trainer:
         for a, b in _chunks(cuts, chunk_size):
           pad = lambda x: np.pad(x, [(0, 0), (0, length - (b - a))] + [(0, 0)] * (x.ndim - 2))
           if streaming:  # this chunk's batches, read now: [M, L, B, ...]
-            read = {k: v for k, v in train.take(positions[:, a:b]).items() if k != 'index'}
-            self.task.check_data(read)  # e.g. tokens outside the vocabulary
-            if self.policy.check_data:  # e.g. a rater's vocabulary
-              self.policy.check_data(read)
-            read = {k: pad(v) for k, v in read.items()}
-            chunk = ('chunk_read', self._chunk_read, read)
+            chunk = ('chunk_read', self._chunk_read,
+                     {k: pad(v) for k, v in self._read(train, positions[:, a:b]).items()})
           else:
             chunk = ('chunk', self._chunk, data)
-          models, recorder, part_losses, part_used, counts = compiled_call(
+          models, recorder, part_losses, part_used, counts = compiled(
               chunk[0], chunk[1], state.models, policy_state, aux, chunk[2],
               pad(positions[:, a:b]), pad(weights[:, a:b]), np.int32(done_steps + a),
               np.int32(b - a), recorder)
@@ -363,35 +334,30 @@ class Trainer:
             weights_log.append(used[-1])
           if b == epoch_steps:  # the epoch is over: the policy sees its losses
             flat = lambda x: np.concatenate(x, axis=1).reshape(len(seeds), -1)
-            policy_state = compiled_call(
+            policy_state = compiled(
                 'update', self._update, aux, policy_state,
                 positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))
             state = state.replace(policy=policy_state)
           if b not in cuts:  # a chunk inside an evaluation interval
             continue
           jax.block_until_ready(state)
-          train_s += time.perf_counter() - tick - (compile_s - compile_before)
-          record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b)}
-          for name, (blocks, mask) in eval_data.items():
-            metrics = self._evaluate(state.models.params, blocks, mask)
-            record[name] = {k: [float(x) for x in np.asarray(v)] for k, v in metrics.items()}
-          record.update(example_gradients=int(np.mean(state.example_gradients)),
-                        scoring_forwards=int(self.policy.forwards_per_example *
-                                             np.mean(state.drawn)),
-                        wall_s=round(train_s, 4))
+          train_s += time.perf_counter() - tick - (compiled.seconds - compile_before)
+          record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b),
+                    **self._evaluate_splits(state, eval_data),
+                    **self._compute_spent(state), 'wall_s': round(train_s, 4)}
           history.append(record)
           if log is not None:
             log(record)
-          tick, compile_before = time.perf_counter(), compile_s
+          tick, compile_before = time.perf_counter(), compiled.seconds
         done_steps += epoch_steps
         if checkpoints is not None and ((epoch + 1) % checkpoint_every == 0
                                         or epoch + 1 == last_epoch):
-          # Ctrl-C or SIGTERM (with launch.interrupts) as a checkpoint is written stops the run
-          # once it is: orbax interrupted mid-write printed tracebacks, or hung at exit.
+          # A Ctrl-C or SIGTERM (with launch.interrupts) while a checkpoint is written stops the
+          # run once it is written: orbax stopped mid-write prints tracebacks or hangs at exit.
           with multihost.StopVote(jax.local_devices(), epoch + 1):
             checkpoints.save(epoch + 1, state, {'epoch': epoch + 1},
                              extra={'history': history, 'wall_s': train_s,
-                                    'compile_s': compile_s, 'steps': done_steps})
+                                    'compile_s': compiled.seconds, 'steps': done_steps})
     finally:
       if checkpoints is not None:
         with multihost.StopVote(jax.local_devices(), last_epoch):
@@ -400,11 +366,75 @@ class Trainer:
     if self.record_every:
       recording = Recording(recorder, np.concatenate(positions_log, 1),
                             np.concatenate(weights_log, 1))
+    spent = self._compute_spent(state)
     return TrainResult(
         history=history, params=state.models.params, policy_state=state.policy, seeds=seeds,
-        steps=done_steps, example_gradients=int(np.mean(state.example_gradients)),
-        scoring_forwards=int(self.policy.forwards_per_example * np.mean(state.drawn)),
+        steps=done_steps, example_gradients=spent['example_gradients'],
+        scoring_forwards=spent['scoring_forwards'],
         setup_example_gradients=int(self.policy.setup_example_gradients),
         setup_forwards=int(self.policy.setup_forwards), wall_s=train_s,
-        compile_s=compile_s, recording=recording,
+        compile_s=compiled.seconds, recording=recording,
         stopped_after=last_epoch if last_epoch < num_epochs else None)
+
+  def _check_run(self, train, seeds: list, epochs, steps, evals_per_epoch: int,
+                 checkpoints) -> None:
+    """UserError for a run that cannot start: no seeds, no length, no data, no evaluations."""
+    if not seeds:
+      raise UserError('no seeds to train (train.seeds is empty)')
+    if (epochs is None) == (steps is None) or (epochs if steps is None else steps) < 1:
+      raise UserError(f'give a positive number of epochs or steps, got epochs={epochs}, '
+                      f'steps={steps}')
+    if len(train) == 0:
+      raise UserError('the training split is empty')
+    if evals_per_epoch < 1:
+      raise UserError(f'evals_per_epoch must be >= 1, got {evals_per_epoch}')
+    if self.record_every and checkpoints is not None:
+      raise UserError('a recorded run is not checkpointed (record_every with checkpoints)')
+
+  def _read(self, train, positions: np.ndarray) -> dict:
+    """The batches of `positions` [M, L, B] read from a streamed split, checked by the task and
+    the policy (e.g. tokens outside a vocabulary): features [M, L, B, ...]."""
+    read = {k: v for k, v in train.take(positions).items() if k != 'index'}
+    self.task.check_data(read)
+    if self.policy.check_data:
+      self.policy.check_data(read)
+    return read
+
+  def _evaluate_splits(self, state: TrainState, eval_data: dict) -> dict:
+    """{split: {metric: [one mean per model]}} of the evaluation splits' device blocks."""
+    out = {}
+    for name, (blocks, mask) in eval_data.items():
+      metrics = self._evaluate(state.models.params, blocks, mask)
+      out[name] = {k: [float(x) for x in np.asarray(v)] for k, v in metrics.items()}
+    return out
+
+  def _compute_spent(self, state: TrainState) -> dict:
+    """Example-gradients and scoring forward passes so far, means over the models."""
+    return {'example_gradients': int(np.mean(state.example_gradients)),
+            'scoring_forwards': int(self.policy.forwards_per_example * np.mean(state.drawn))}
+
+
+class _AheadOfTime:
+  """`compiled(name, fn, *args)` is `fn(*args)` through an executable compiled ahead for these
+  argument shapes (once per shapes); `seconds` adds up the compile time, apart from the calls."""
+
+  def __init__(self, seconds: float = 0.0):
+    self.seconds, self._executables = seconds, {}
+
+  def __call__(self, name: str, fn, *args):
+    key = (name,) + tuple(jax.tree.map(lambda x: getattr(x, 'shape', ()),
+                                       jax.tree.leaves(args)))
+    if key not in self._executables:
+      t = time.perf_counter()
+      self._executables[key] = fn.lower(*args).compile()
+      self.seconds += time.perf_counter() - t
+    return self._executables[key](*args)
+
+
+def _restore(checkpoints: RunCheckpointer, state: TrainState):
+  """(state, history, wall_s, compile_s, epoch, steps) of the latest readable checkpoint."""
+  state, meta = checkpoints.restore_latest(abstract_of(state))
+  extra = meta['extra']
+  return (state, extra['history'], extra['wall_s'],
+          extra.get('compile_s', 0.0),  # 0 where a checkpoint does not hold it
+          int(meta['step']), int(extra['steps']))

@@ -4,6 +4,7 @@
 weights (from a rater, or uniform). Gradients with respect to anything `weight_fn` closes over
 (the rater's parameters) flow back through every step, optimizer state included.
 """
+import functools
 from typing import Any, Callable
 
 import flax
@@ -41,6 +42,15 @@ def inner_step(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
   return InnerState(optax.apply_updates(state.params, updates), opt_state), losses
 
 
+def weighted_step(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
+                  weight_fn: WeightFn, state: InnerState, batch: dict):
+  """`inner_step` on the weights `weight_fn(batch)`; returns (new state, the weighted loss
+  mean(w_i * l_i) before it)."""
+  weights = weight_fn(batch)
+  state, losses = inner_step(loss_fn, optimizer, state, batch, weights)
+  return state, jnp.mean(weights * losses)
+
+
 def unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation, weight_fn: WeightFn,
            state: InnerState, batches: dict, remat: bool = False):
   """T inner steps over `batches` (leaves [T, B, ...]); returns (final state, weighted losses [T]).
@@ -48,10 +58,7 @@ def unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation, wei
   `remat=True` wraps each step in `jax.checkpoint`: the backward pass recomputes a step's
   activations instead of storing them, trading compute for memory that grows with T.
   """
-  def step(state, batch):
-    weights = weight_fn(batch)
-    state, losses = inner_step(loss_fn, optimizer, state, batch, weights)
-    return state, jnp.mean(weights * losses)
+  step = functools.partial(weighted_step, loss_fn, optimizer, weight_fn)
   if remat:
     step = jax.checkpoint(step)
   return jax.lax.scan(step, state, batches)

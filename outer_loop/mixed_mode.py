@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from inner_loop.optimizers import StepInverse
-from inner_loop.unroll import InnerState, inner_step, weighted_loss
+from inner_loop.unroll import InnerState, weighted_loss, weighted_step
 from datarater.tasks.base import PerExampleLoss
 
 RECOMPUTE = ('invert', 'replay')
@@ -49,7 +49,7 @@ class InnerProblem:
   """What one inner step needs: the loss, the optimizer (and its inverse), the weights."""
   loss_fn: PerExampleLoss
   optimizer: optax.GradientTransformation
-  weights_fn: Callable[[Any, dict], jax.Array]  # (phi, batch) -> weights [B]
+  weights: Callable[[Any, dict], jax.Array]  # (phi, batch) -> weights [B]: `MetaProblem.weights`
   inverse: Optional[StepInverse] = None
 
 
@@ -116,10 +116,8 @@ def _num_steps(batches) -> int:
 
 def step(inner: InnerProblem, phi, state: InnerState, batches, t):
   """Inner step t: (new state, weighted loss before it)."""
-  batch = _at(batches, t)
-  weights = inner.weights_fn(phi, batch)
-  state, losses = inner_step(inner.loss_fn, inner.optimizer, state, batch, weights)
-  return state, jnp.mean(weights * losses)
+  return weighted_step(inner.loss_fn, inner.optimizer, functools.partial(inner.weights, phi),
+                       state, _at(batches, t))
 
 
 def run_steps(inner: InnerProblem, phi, state, batches, first: int, length: int):
@@ -197,7 +195,7 @@ def step_bwd(inner: InnerProblem, phi, batch, ct_next, ct_loss, state=None, stat
   Given the step's input `state`, or (invert) its output `state_next`, from which the input
   is recovered with the gradient the forward-over-reverse product computes anyway.
   """
-  weights, weights_vjp = jax.vjp(lambda p: inner.weights_fn(p, batch), phi)
+  weights, weights_vjp = jax.vjp(lambda p: inner.weights(p, batch), phi)
   params = (state.params if state is not None
             else inner.inverse.params(state_next.params, state_next.opt_state))
   # (d/dtheta, d/dw) of the weighted loss L, and its linearisation in theta.

@@ -20,7 +20,7 @@ writes the dataset.
 """
 import os
 import shutil
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import ml_collections
@@ -104,132 +104,35 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
                    copy_other_splits: bool = True, batch_size: int = 1024,
                    overwrite: bool = False, devices=None) -> dict:
   """Runs the filter (see the module docstring); returns the report. Checks everything first."""
+  splits = list(splits)
+  corruption = corruption or corruption_lib.Corruption()
   with multihost.together('checking its settings and data'):
     if not out:
       raise UserError('--out is required')
     out = os.path.abspath(out)
     files.check_replaceable(out, overwrite)
-    if (rater is None) == (scores is None):
-      raise UserError('give exactly one of --rater and --scores')
-    if (keep is not None) + (min_score is not None) + bool(suggest_keep) != 1:
-      raise UserError('give exactly one of --keep, --min_score and --suggest_keep')
-    if keep is not None:
-      select.check_keep(keep)
-    if threshold not in THRESHOLD_MODES:
-      raise UserError(f'unknown --threshold {threshold!r} '
-                      f'(choose from {", ".join(THRESHOLD_MODES)})')
-    if threshold != 'exact' and min_score is not None:
-      raise UserError(f'--threshold={threshold} needs --keep or --suggest_keep (it finds their '
-                      'threshold; --min_score is one)')
-    if balance and min_score is not None:
-      raise UserError('--balance needs --keep or --suggest_keep (a score threshold cannot balance '
-                      'classes)')
-    if batch_size < 1:
-      raise UserError(f'--batch_size must be >= 1, got {batch_size}')
-    splits = list(splits)
-    if not splits:
-      raise UserError('--split names no split')
-    corruption = corruption or corruption_lib.Corruption()
-    # A TFDS name prepared in data_dir, or a TFDS dataset folder (e.g. an earlier filter's output).
-    folder = os.path.exists(os.path.join(dataset, 'dataset_info.json'))
-    if not folder and (os.path.isabs(dataset) or dataset.startswith('.')):
-      raise UserError(f'--dataset {dataset!r} is not a TFDS dataset folder (no dataset_info.json)')
-    section = ml_collections.ConfigDict({'name': dataset, 'data_dir': data_dir,
-                                         'dataset_dir': dataset if folder else ''})
-    builder, dataset = pipeline.builder_of(section, '--data_dir'), pipeline.dataset_name(section)
-    files.check_apart(out, '--out', **{'dataset' if folder else 'data_dir': str(builder.data_dir)},
-                      rater=rater or '', scores=scores or '')
-    if not folder:  # nor anywhere among a prepared name's versions (a folder there named like a
-      # later version is what a plain tfds.builder(name) would then load)
-      files.check_apart(out, '--out', **{f'data_dir\'s {dataset} versions folder':
-                                         os.path.dirname(str(builder.data_dir))})
-    files.check_replaceable(out, overwrite, REPORT)  # not an input: is it an earlier output?
-    info = pipeline.data_info(builder)
-    for s in splits:
-      if s not in builder.info.splits:
-        what = ('is filtered by whole splits, not expressions like' if '[' in s or '+' in s
-                else 'has no split')
-        raise UserError(f'dataset {dataset!r} {what} {s!r} '
-                        f'(it has: {", ".join(builder.info.splits)})')
-    label = info.supervised_keys[1] if info.supervised_keys else None
-    num_classes = info.num_classes.get(label, 0)
-    if balance and not num_classes:
-      raise UserError(f'--balance needs a class-label target; dataset {dataset!r} has none')
-    sources = {s: builder.as_data_source(split=s) for s in builder.info.splits}
-  loaded = None
-  if rater is not None:
-    from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
-    # Each process loads it alone: one that fails or is signalled stops every process.
-    with multihost.together('loading the rater'):
-      loaded = load_rater(rater, devices=devices)
-      loaded.check_matches(info, f'dataset {dataset!r}', corruption)
-    from datarater.valuation import store  # pylint: disable=g-import-not-at-top
-    if not multihost.same_everywhere(store.digest(jax.device_get(loaded.params))):
-      raise UserError(f'--rater {rater!r} changed while the processes loaded it (a run still '
-                      'training?): filter again')
-  elif len(splits) > 1:
-    raise UserError('--scores filters one split at a time (give one --split)')
+    _check_settings(splits, rater, scores, keep, min_score, suggest_keep, threshold, balance,
+                    batch_size)
+    data = _open_dataset(dataset, data_dir, out, overwrite, splits, rater, scores, balance)
+  loaded = None if rater is None else _load_rater(rater, devices, data, corruption)
   with multihost.together('reading --scores'):
-    given = (scores_file.read_values(scores, len(sources[splits[0]]), splits[0], dataset,
+    given = (scores_file.read_values(scores, len(data.sources[splits[0]]), splits[0], data.name,
                                      planted=corruption.describe(),
                                      planted_by='launch.filter plants only symmetric noise: '
                                      '--label_noise, --noise_seed') if scores else None)
-  if min_score is not None and not np.isfinite(min_score):
-    raise UserError(f'--min_score must be a finite number, got {min_score}')
 
-  # ---- pass 1: labels and scores, streamed
+  # ---- pass 1: labels and scores, streamed; the kept examples chosen
   per_split = {}
-  streams = {s: source_lib.Source(builder, s, corruption) for s in splits}
+  streams = {s: source_lib.Source(data.builder, s, corruption) for s in splits}
   for s in splits:
-    n = len(streams[s])
-    labels = np.zeros(n, np.int32)
-    record = streams[s].corruption_record
-    if record is None:  # the dataset's own record, read with the examples
-      record = np.zeros(n, np.int8)
-    split_scores = np.empty(n, np.float64) if given is None else given
-    groups = range(num_classes) if balance else [None]
-    sketch = {c: select.StreamingQuantile(seed=0 if c is None else c) for c in groups}
-    p, num = jax.process_index(), jax.process_count()
-    count = len(streams[s].block_starts(batch_size, p, num))
-    # Ctrl-C or SIGTERM to any process stops every process after the block it is in, or after
-    # the exchange (`StopVote`); nothing is written.
-    with multihost.StopVote(jax.devices(), 0) as vote, progress_bar(
-        total=count, desc=f'scoring {s}', unit='batch', leave=False) as bar:
-      for done, item in enumerate(multihost.in_rounds(streams[s].blocks(batch_size, p, num),
-                                                      count), 1):
-        if item is not None:
-          ids, batch = item
-          if label is not None:
-            labels[ids] = batch[label]
-          if pipeline.RECORDED in batch:
-            record[ids] = batch[pipeline.RECORDED]
-          if loaded is not None:
-            split_scores[ids] = loaded(batch)
-          bar.update(1)
-        if vote.after(done):
-          break
-      if num > 1 and vote.stopped_at is None:  # every process gets every block's labels and scores
-        labels, record, split_scores = _exchange(streams[s], batch_size,  # (only those)
-                                                 (labels, record, split_scores))
-    if threshold == 'streaming':  # block by block in id order, as one process would
-      for start in streams[s].block_starts(batch_size):
-        ids = np.arange(start, min(start + batch_size, n))
-        for c, q in sketch.items():
-          q.update(split_scores[ids] if c is None else split_scores[ids][labels[ids] == c])
+    split_scores, labels, record = _score_split(s, streams[s], batch_size, data.label, loaded,
+                                                given)
     if not np.all(np.isfinite(split_scores)):
       bad = int(np.flatnonzero(~np.isfinite(split_scores))[0])
       raise UserError(f'the score of example {bad} of split {s!r} is not finite')
     split_keep = select.suggest_keep(split_scores) if suggest_keep else keep
-    if min_score is not None:
-      kept, thr = select.select_threshold(split_scores, min_score), {'all': float(min_score)}
-    elif threshold == 'exact':
-      kept = select.select_top(split_scores, split_keep, None, labels, num_classes, balance)
-      thr = {'all': float(np.min(split_scores, where=kept, initial=np.inf))}
-    else:
-      cut = {c: q.keep_threshold(split_keep) if q.count else np.inf for c, q in sketch.items()}
-      bar = cut[None] if not balance else np.array([cut[c] for c in groups])[labels]
-      kept = split_scores >= bar
-      thr = {'all' if c is None else str(c): float(v) for c, v in cut.items()}
+    kept, thr = _choose(split_scores, labels, split_keep, min_score, threshold, balance,
+                        data.num_classes, batch_size)
     if not kept.any():
       raise UserError(f'nothing of split {s!r} is kept (threshold {thr}; scores range '
                       f'{split_scores.min():.4g} .. {split_scores.max():.4g})')
@@ -241,7 +144,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   # ---- pass 2: write into a temporary folder, renamed into place at the end
   selection = {s: np.flatnonzero(d['kept']) for s, d in per_split.items()}
   if copy_other_splits:
-    selection.update({s: np.arange(len(src)) for s, src in sources.items() if s not in splits})
+    selection.update({s: np.arange(len(src)) for s, src in data.sources.items()
+                      if s not in splits})
   # Planted corruption is written out, and recorded per example in a `corruption` feature (so
   # the output knows its own bad data, as a dataset with its own record does).
   planted = len(corruption.kinds) > 1
@@ -250,21 +154,162 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   added = ({pipeline.RECORDED: tfds.features.ClassLabel(names=list(corruption.kinds))}
            if planted else None)
   source = f'rater {os.path.basename(os.path.normpath(rater))}' if rater else 'scores'
-  name = f'{builder.info.name}_filtered'
-  report = {'dataset': dataset, 'name': name, 'keep': keep, 'min_score': min_score,
+  name = f'{data.builder.info.name}_filtered'
+  report = {'dataset': data.name, 'name': name, 'keep': keep, 'min_score': min_score,
             'suggest_keep': bool(suggest_keep),
             'threshold_mode': threshold if min_score is None else 'min_score', 'balance': balance,
             'corruption': {'kinds': list(corruption.kinds), 'label_noise': corruption.label_noise,
                            'seed': corruption.seed},
             'source': {'rater': rater, 'scores': scores},
             'copied_splits': sorted(set(selection) - set(splits)), 'splits': {}}
-  # Process 0 writes the dataset; the others wait for it here (waiting at exit, JAX aborted them
-  # all after 300 s) and stop with it if it fails or any process is signalled.
+  # Process 0 writes the dataset; the others wait for it here (not at exit, where JAX aborts a
+  # job whose processes end over 300 s apart) and stop with it if it fails or any process is
+  # signalled.
   with multihost.together('writing the filtered dataset'):
     if jax.process_index() == 0:
-      _write(out, overwrite, builder, name, selection, dataset, source, transforms, streams, splits,
-             added, per_split, num_classes, corruption, report)
+      _write(out, overwrite, data.builder, name, selection, data.name, source, transforms,
+             streams, splits, added, per_split, data.num_classes, corruption, report)
   return report  # (its splits only on process 0)
+
+
+def _check_settings(splits, rater, scores, keep, min_score, suggest_keep, threshold, balance,
+                    batch_size) -> None:
+  """UserError for settings that contradict each other or are out of range (no data read)."""
+  if (rater is None) == (scores is None):
+    raise UserError('give exactly one of --rater and --scores')
+  if (keep is not None) + (min_score is not None) + bool(suggest_keep) != 1:
+    raise UserError('give exactly one of --keep, --min_score and --suggest_keep')
+  if keep is not None:
+    select.check_keep(keep)
+  if min_score is not None and not np.isfinite(min_score):
+    raise UserError(f'--min_score must be a finite number, got {min_score}')
+  if threshold not in THRESHOLD_MODES:
+    raise UserError(f'unknown --threshold {threshold!r} '
+                    f'(choose from {", ".join(THRESHOLD_MODES)})')
+  if threshold != 'exact' and min_score is not None:
+    raise UserError(f'--threshold={threshold} needs --keep or --suggest_keep (it finds their '
+                    'threshold; --min_score is one)')
+  if balance and min_score is not None:
+    raise UserError('--balance needs --keep or --suggest_keep (a score threshold cannot balance '
+                    'classes)')
+  if batch_size < 1:
+    raise UserError(f'--batch_size must be >= 1, got {batch_size}')
+  if not splits:
+    raise UserError('--split names no split')
+  if scores is not None and len(splits) > 1:
+    raise UserError('--scores filters one split at a time (give one --split)')
+
+
+class _Dataset(NamedTuple):
+  """The dataset to filter."""
+  builder: tfds.core.DatasetBuilder
+  name: str                 # as reports and scores files name it
+  info: pipeline.DataInfo
+  label: Optional[str]      # the supervised label feature (None without supervised keys)
+  num_classes: int          # of `label` (0: none)
+  sources: dict             # every split's TFDS data source
+
+
+def _open_dataset(dataset, data_dir, out, overwrite, splits, rater, scores,
+                  balance) -> _Dataset:
+  """`dataset` (a TFDS name prepared in `data_dir`, or a TFDS dataset folder such as an earlier
+  filter's output), checked: `out` is none of the inputs, and every split in `splits` exists."""
+  folder = os.path.exists(os.path.join(dataset, 'dataset_info.json'))
+  if not folder and (os.path.isabs(dataset) or dataset.startswith('.')):
+    raise UserError(f'--dataset {dataset!r} is not a TFDS dataset folder (no dataset_info.json)')
+  section = ml_collections.ConfigDict({'name': dataset, 'data_dir': data_dir,
+                                       'dataset_dir': dataset if folder else ''})
+  builder, dataset = pipeline.builder_of(section, '--data_dir'), pipeline.dataset_name(section)
+  files.check_apart(out, '--out', **{'dataset' if folder else 'data_dir': str(builder.data_dir)},
+                    rater=rater or '', scores=scores or '')
+  if not folder:  # nor anywhere among a prepared name's versions (a folder there named like a
+    # later version is what a plain tfds.builder(name) would then load)
+    files.check_apart(out, '--out', **{f'data_dir\'s {dataset} versions folder':
+                                       os.path.dirname(str(builder.data_dir))})
+  files.check_replaceable(out, overwrite, REPORT)  # not an input: is it an earlier output?
+  info = pipeline.data_info(builder)
+  for s in splits:
+    if s not in builder.info.splits:
+      what = ('is filtered by whole splits, not expressions like' if '[' in s or '+' in s
+              else 'has no split')
+      raise UserError(f'dataset {dataset!r} {what} {s!r} '
+                      f'(it has: {", ".join(builder.info.splits)})')
+  label = info.supervised_keys[1] if info.supervised_keys else None
+  num_classes = info.num_classes.get(label, 0)
+  if balance and not num_classes:
+    raise UserError(f'--balance needs a class-label target; dataset {dataset!r} has none')
+  sources = {s: builder.as_data_source(split=s) for s in builder.info.splits}
+  return _Dataset(builder, dataset, info, label, num_classes, sources)
+
+
+def _load_rater(rater: str, devices, data: _Dataset, corruption):
+  """The exported rater or rater run `rater`, checked against the data; the same on every
+  process."""
+  from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
+  # Each process loads it alone: one that fails or is signalled stops every process.
+  with multihost.together('loading the rater'):
+    loaded = load_rater(rater, devices=devices)
+    loaded.check_matches(data.info, f'dataset {data.name!r}', corruption)
+  from datarater.valuation import store  # pylint: disable=g-import-not-at-top
+  if not multihost.same_everywhere(store.digest(jax.device_get(loaded.params))):
+    raise UserError(f'--rater {rater!r} changed while the processes loaded it (a run still '
+                    'training?): filter again')
+  return loaded
+
+
+def _score_split(name: str, stream: source_lib.Source, batch_size: int, label: Optional[str],
+                 loaded, given: Optional[np.ndarray]):
+  """(scores float64 [N], labels int32 [N], corruption record int8 [N]) of a split, streamed in
+  blocks: each process scores its own blocks, then every process gets all of them. The scores
+  are the rater's, or `given` (a scores file's values)."""
+  n = len(stream)
+  labels = np.zeros(n, np.int32)
+  record = stream.corruption_record
+  if record is None:  # the dataset's own record, read with the examples
+    record = np.zeros(n, np.int8)
+  scores = np.empty(n, np.float64) if given is None else given
+  p, num = jax.process_index(), jax.process_count()
+  count = len(stream.block_starts(batch_size, p, num))
+  # Ctrl-C or SIGTERM to any process stops every process after the block it is in, or after
+  # the exchange (`StopVote`); nothing is written.
+  with multihost.StopVote(jax.devices(), 0) as vote, progress_bar(
+      total=count, desc=f'scoring {name}', unit='batch', leave=False) as bar:
+    for done, item in enumerate(multihost.in_rounds(stream.blocks(batch_size, p, num), count), 1):
+      if item is not None:
+        ids, batch = item
+        if label is not None:
+          labels[ids] = batch[label]
+        if pipeline.RECORDED in batch:
+          record[ids] = batch[pipeline.RECORDED]
+        if loaded is not None:
+          scores[ids] = loaded(batch)
+        bar.update(1)
+      if vote.after(done):
+        break
+    if num > 1 and vote.stopped_at is None:  # every process gets every block's labels and scores
+      labels, record, scores = _exchange(stream, batch_size,  # (only those)
+                                         (labels, record, scores))
+  return scores, labels, record
+
+
+def _choose(scores, labels, keep, min_score, threshold, balance, num_classes, batch_size):
+  """(kept mask [N], thresholds {'all' or class: score}) of a split's scores: `min_score`, or
+  the best `keep` share (`threshold`: 'exact', or 'streaming' from a sketch fed block by block
+  in id order, as one process reads them), per class with `balance`."""
+  if min_score is not None:
+    return select.select_threshold(scores, min_score), {'all': float(min_score)}
+  if threshold == 'exact':
+    kept = select.select_top(scores, keep, None, labels, num_classes, balance)
+    return kept, {'all': float(np.min(scores, where=kept, initial=np.inf))}
+  groups = range(num_classes) if balance else [None]
+  sketch = {c: select.StreamingQuantile(seed=0 if c is None else c) for c in groups}
+  for start in range(0, len(scores), batch_size):  # the blocks of `Source.block_starts`
+    ids = np.arange(start, min(start + batch_size, len(scores)))
+    for c, q in sketch.items():
+      q.update(scores[ids] if c is None else scores[ids][labels[ids] == c])
+  cut = {c: q.keep_threshold(keep) if q.count else np.inf for c, q in sketch.items()}
+  lowest = cut[None] if not balance else np.array([cut[c] for c in groups])[labels]
+  return scores >= lowest, {'all' if c is None else str(c): float(v) for c, v in cut.items()}
 
 
 def _write(out, overwrite, builder, name, selection, dataset, source, transforms, streams, splits,

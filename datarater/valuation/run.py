@@ -212,8 +212,9 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
                           progress and jax.process_index() == 0, f'{method} scores',
                           scorer.check_data)
     multihost.barrier('datarater.valuate: blocks scored')
-    summary = {}  # process 0 writes the files; the others wait for it here (waiting at exit, JAX
-    # aborted them all after 300 s) and stop with it if it fails or any process is signalled
+    summary = {}  # process 0 writes the files; the others wait for it here (not at exit, where
+    # JAX aborts a job whose processes end over 300 s apart) and stop with it if it fails or any
+    # process is signalled
     with multihost.together('writing the scores file'):
       if jax.process_index() == 0:
         summary = _write(method, config, workdir, stem, tag, train, valuation, record)
