@@ -544,8 +544,9 @@ def test_every_process_stops_after_the_step_the_vote_agrees_on(tfds_dir, tmp_pat
 
 # A launcher as one of two jax.distributed processes whose shutdown barrier gives up after
 # SHUTDOWN_S (JAX's default, 300 s, scaled down); process `who` meets `fault` as it calls `target`
-# ('module:function' or 'module:Class.method'): 'error' (a full disk), 'sigterm' (sent to itself),
-# or 'slow' (SLOW_S more seconds of work, past the other's shutdown barrier).
+# ('module:function' or 'module:Class.method', with '@n': from its call n + 1 on): 'error' (a full
+# disk), 'sigterm' (sent to itself), or 'slow' (SLOW_S more seconds of work, past the other's
+# shutdown barrier).
 _FAULT_AT = """
 import functools, importlib, os, runpy, signal, sys, time
 sys.path.insert(0, os.getcwd())
@@ -554,6 +555,8 @@ pid, port = int(sys.argv[1]), sys.argv[2]
 module, target, who, fault, args = {module!r}, {target!r}, {who}, {fault!r}, {args!r}
 jax.distributed.initialize = functools.partial(jax.distributed.initialize,
                                                shutdown_timeout_seconds={shutdown_s})
+target, _, skip = target.partition('@')
+calls = [0]
 name, attribute = target.split(':')
 owner = importlib.import_module(name)
 *path, attribute = attribute.split('.')
@@ -561,6 +564,9 @@ for part in path:
   owner = getattr(owner, part)
 original = getattr(owner, attribute)
 def planted(*a, **k):
+  calls[0] += 1
+  if calls[0] <= int(skip or 0):
+    return original(*a, **k)
   if pid == who and fault == 'error':
     raise OSError(28, 'No space left on device', 'planted')
   if pid == who and fault == 'sigterm':
@@ -596,16 +602,19 @@ slow = pytest.mark.slow  # (each case is a two-process job)
                  id='filter-slow-write'),
     pytest.param('train_rater', 'datarater.files:JsonlLog.write', 0, 'error', [2, 2],
                  id='train_rater-log-error'),
+    pytest.param('train_rater', 'outer_loop.batches:MetaBatches.device_batches_at@2', 1, 'error',
+                 [2, 2], id='train_rater-batches-error'),
     pytest.param('train_rater', 'datarater.meta_train:final_report', 0, 'slow', [0, 0],
                  id='train_rater-slow-report', marks=slow)])
-def test_one_process_failing_signalled_or_slow_outside_a_loop_stops_or_waits_for_all(
+def test_one_process_failing_signalled_or_slow_where_each_works_alone_stops_or_waits_for_all(
     tfds_dir, tmp_path, module, target, who, fault, codes):
   """Where the processes work alone (start-up checks, a valuation's fit, the filter's rater
-  loading, process 0 logging a rater run's step or writing the output), one that fails or is
-  signalled stops every process there, each with its line; one that works on past the others'
-  shutdown barrier (JAX's 300 s, here SHUTDOWN_S) finishes its output. Before: the others waited
-  in their next collective up to the shutdown timeout and all aborted with JAX's C++ trace, or (a
-  rater run's log) for good; a slow output was lost the same way."""
+  loading, a rater run's gathering of its next step's batches, process 0 logging a rater run's
+  step or writing the output), one that fails or is signalled stops every process there, each
+  with its line; one that works on past the others' shutdown barrier (JAX's 300 s, here
+  SHUTDOWN_S) finishes its output. Before: the others waited in their next collective up to the
+  shutdown timeout and all aborted with JAX's C++ trace, or (a rater run's log or batches) for
+  good; a slow output was lost the same way."""
   out = tmp_path / 'out'
   if module == 'valuate':
     args = [f'--config={os.path.join(ROOT, "configs", "digits.py")}',
