@@ -165,7 +165,7 @@ def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, ta
     if history_log:
       history_log.write(record)
   result = trainer.run(train_split, {'heldout': heldout, 'eval': evals}, t.seeds, epochs=t.epochs,
-                       log=on_record, checkpoints=ckpt, checkpoint_every=t.checkpoint_every,
+                       log=on_record, checkpointer=ckpt, checkpoint_every=t.checkpoint_every,
                        stop_after=stop_after, on_start=on_start)
   if result.stopped_after is not None:
     log(f'stopped after epoch {result.stopped_after} (checkpointed); run again with the same '

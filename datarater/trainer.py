@@ -14,7 +14,7 @@ state). One epoch:
   4. every split in `evals` is evaluated (`Task.metrics`, averaged), `evals_per_epoch` times
      (at most once per step).
 Compute is counted in example-gradients: (example, step) pairs with a weight > 0.
-Every random choice is keyed by (seed, epoch), so a run resumed from a checkpoint (`checkpoints`,
+Every random choice is keyed by (seed, epoch), so a run resumed from a checkpoint (`checkpointer`,
 a `RunCheckpointer`) equals an uninterrupted one. `record_every=k` keeps the parameters before
 every k-th step and the batches of every step (a `Recording`, what valuations replay).
 The training data is a `pipeline.Split` (held on the device, batches gathered inside the
@@ -133,13 +133,13 @@ def _blocks(split, size: int):
   return data, jnp.asarray(mask)
 
 
-def _check_weights(policy: str, used: np.ndarray, seeds, first_step: int) -> None:
+def _check_weights(policy_name: str, used: np.ndarray, seeds, first_step: int) -> None:
   """Refuses loss weights [M, L, B] that are not finite (a rater whose scores overflow): the
   steps would train on nothing and report NaN losses."""
   bad = np.argwhere(~np.isfinite(used))
   if len(bad):
     m, t, _ = bad[0]
-    raise UserError(f'policy {policy} gave loss weights that are not finite at step '
+    raise UserError(f'policy {policy_name} gave loss weights that are not finite at step '
                     f'{first_step + t + 1} (model seed {seeds[m]}, {len(bad)} weights in '
                     f'{used.shape[1]} steps)')
 
@@ -257,19 +257,19 @@ class Trainer:
   def run(self, train, evals: dict, seeds: Sequence[int], *, epochs: Optional[int] = None,
           steps: Optional[int] = None, evals_per_epoch: int = 1,
           log: Optional[Callable[[dict], None]] = None,
-          checkpoints: Optional[RunCheckpointer] = None, checkpoint_every: int = 1,
+          checkpointer: Optional[RunCheckpointer] = None, checkpoint_every: int = 1,
           stop_after: Optional[int] = None,
           on_start: Optional[Callable[[int], None]] = None) -> TrainResult:
     """Trains for `epochs` epochs or `steps` optimizer steps; see the module docstring.
 
-    With `checkpoints`, the state and history are saved every `checkpoint_every` epochs and at
+    With `checkpointer`, the state and history are saved every `checkpoint_every` epochs and at
     the end, and a run finds its latest readable checkpoint and goes on from there; `on_start`
     is called with the epoch it starts from (0 when fresh) before any record. `stop_after`:
     checkpoint and return after that many epochs (a preemption drill). `wall_s` counts the
     training (selection, steps, policy updates), not compilation or evaluation.
     """
     seeds = [int(s) for s in seeds]
-    self._check_run(train, seeds, epochs, steps, evals_per_epoch, checkpoints)
+    self._check_run(train, seeds, epochs, steps, evals_per_epoch, checkpointer)
     spe = self.steps_per_epoch
     total = steps if steps is not None else epochs * spe
     num_epochs = math.ceil(total / spe)
@@ -287,8 +287,8 @@ class Trainer:
     positions_log, weights_log = [], []
 
     history, train_s, compile_s, start_epoch, done_steps = [], 0.0, 0.0, 0, 0
-    if checkpoints is not None and checkpoints.latest_step() is not None:
-      state, history, train_s, compile_s, start_epoch, done_steps = _restore(checkpoints, state)
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+      state, history, train_s, compile_s, start_epoch, done_steps = _restore(checkpointer, state)
     if on_start is not None:
       on_start(start_epoch)
     state = state.replace(example_gradients=np.asarray(state.example_gradients),  # host counters
@@ -350,18 +350,18 @@ class Trainer:
             log(record)
           tick, compile_before = time.perf_counter(), compiled.seconds
         done_steps += epoch_steps
-        if checkpoints is not None and ((epoch + 1) % checkpoint_every == 0
+        if checkpointer is not None and ((epoch + 1) % checkpoint_every == 0
                                         or epoch + 1 == last_epoch):
           # A Ctrl-C or SIGTERM (with launch.interrupts) while a checkpoint is written stops the
           # run once it is written: orbax stopped mid-write prints tracebacks or hangs at exit.
           with multihost.StopVote(jax.local_devices(), epoch + 1):
-            checkpoints.save(epoch + 1, state, {'epoch': epoch + 1},
-                             extra={'history': history, 'wall_s': train_s,
-                                    'compile_s': compiled.seconds, 'steps': done_steps})
+            checkpointer.save(epoch + 1, state, {'epoch': epoch + 1},
+                              extra={'history': history, 'wall_s': train_s,
+                                     'compile_s': compiled.seconds, 'steps': done_steps})
     finally:
-      if checkpoints is not None:
+      if checkpointer is not None:
         with multihost.StopVote(jax.local_devices(), last_epoch):
-          checkpoints.close()
+          checkpointer.close()
     recording = None
     if self.record_every:
       recording = Recording(recorder, np.concatenate(positions_log, 1),
@@ -377,7 +377,7 @@ class Trainer:
         stopped_after=last_epoch if last_epoch < num_epochs else None)
 
   def _check_run(self, train, seeds: list, epochs, steps, evals_per_epoch: int,
-                 checkpoints) -> None:
+                 checkpointer) -> None:
     """UserError for a run that cannot start: no seeds, no length, no data, no evaluations."""
     if not seeds:
       raise UserError('no seeds to train (train.seeds is empty)')
@@ -388,8 +388,8 @@ class Trainer:
       raise UserError('the training split is empty')
     if evals_per_epoch < 1:
       raise UserError(f'evals_per_epoch must be >= 1, got {evals_per_epoch}')
-    if self.record_every and checkpoints is not None:
-      raise UserError('a recorded run is not checkpointed (record_every with checkpoints)')
+    if self.record_every and checkpointer is not None:
+      raise UserError('a recorded run is not checkpointed (record_every with a checkpointer)')
 
   def _read(self, train, positions: np.ndarray) -> dict:
     """The batches of `positions` [M, L, B] read from a streamed split, checked by the task and
@@ -431,9 +431,9 @@ class _AheadOfTime:
     return self._executables[key](*args)
 
 
-def _restore(checkpoints: RunCheckpointer, state: TrainState):
+def _restore(checkpointer: RunCheckpointer, state: TrainState):
   """(state, history, wall_s, compile_s, epoch, steps) of the latest readable checkpoint."""
-  state, meta = checkpoints.restore_latest(abstract_of(state))
+  state, meta = checkpointer.restore_latest(abstract_of(state))
   extra = meta['extra']
   return (state, extra['history'], extra['wall_s'],
           extra.get('compile_s', 0.0),  # 0 where a checkpoint does not hold it

@@ -26,7 +26,11 @@ def make_inner_optimizer(name: str, learning_rate: float) -> optax.GradientTrans
     return optax.sgd(learning_rate, momentum=MOMENTUM)
   if name == 'adam':
     return optax.adam(learning_rate, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS, eps_root=ADAM_EPS_ROOT)
-  raise UserError(f'unknown inner optimizer {name!r} (choose from {", ".join(INNER_OPTIMIZERS)})')
+  raise _unknown(name)
+
+
+def _unknown(name: str) -> UserError:
+  return UserError(f'unknown inner optimizer {name!r} (choose from {", ".join(INNER_OPTIMIZERS)})')
 
 
 class StepInverse(NamedTuple):
@@ -114,5 +118,5 @@ def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
     # amplifies round-off without bound in float32 (tests/test_invert_float32.py).
     return StepInverse(params, opt_state, exact_steps=ADAM_EXACT_STEPS, step_vjp=step_vjp)
   if name not in INNER_OPTIMIZERS:
-    raise UserError(f'unknown inner optimizer {name!r} (choose from {", ".join(INNER_OPTIMIZERS)})')
+    raise _unknown(name)
   return None  # sgd, or an optimizer without an inverse here: mixed mode replays its states

@@ -280,10 +280,10 @@ def test_stopped_and_resumed_run_equals_uninterrupted(splits, tmp_path):
   straight = _trainer(train, policy).run(train, {'eval': test}, [0, 1], epochs=4)
   ckpt = lambda: checkpointing.RunCheckpointer(str(tmp_path), config)
   stopped = _trainer(train, policy).run(train, {'eval': test}, [0, 1], epochs=4,
-                                        checkpoints=ckpt(), stop_after=2)
+                                        checkpointer=ckpt(), stop_after=2)
   assert stopped.stopped_after == 2 and len(stopped.history) == 2
   resumed = _trainer(train, policy).run(train, {'eval': test}, [0, 1], epochs=4,
-                                        checkpoints=ckpt())
+                                        checkpointer=ckpt())
   assert [r['step'] for r in resumed.history] == [r['step'] for r in straight.history]
   for a, b in zip(resumed.history, straight.history):
     np.testing.assert_allclose(a['eval']['loss'], b['eval']['loss'], rtol=1e-6)
@@ -292,5 +292,5 @@ def test_stopped_and_resumed_run_equals_uninterrupted(splits, tmp_path):
   # was the last process's alone, 0 on a rerun).
   assert resumed.compile_s > stopped.compile_s > 0 and resumed.wall_s > stopped.wall_s > 0
   again = _trainer(train, policy).run(train, {'eval': test}, [0, 1], epochs=4,
-                                      checkpoints=ckpt())
+                                      checkpointer=ckpt())
   assert (again.compile_s, again.wall_s) == (resumed.compile_s, resumed.wall_s)
