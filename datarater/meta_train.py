@@ -236,11 +236,17 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     if primary:
       log.info('stopped after outer step %d (checkpointed); run again to resume', last_step)
     return {}
+  return _score_and_report(config, workdir, data, problem, state, progress, metrics_log)
+
+
+def _score_and_report(config, workdir, data, problem, state, progress, metrics_log) -> dict:
+  """Process 0 scores the final rater and reports while the others wait for it here (not at
+  exit, where JAX aborts a job whose processes end over 300 s apart); if it fails, its scores are
+  not finite, or any process is signalled, every process stops. The report on process 0, else {}."""
+  primary = jax.process_index() == 0
   scores = problem_line = None
-  # Process 0 scores and reports while the others wait for it here (waiting at exit, JAX aborted
-  # them all after 300 s); if it fails, or any process is signalled, every process stops.
   with multihost.together('scoring the final rater'):
-    if primary:  # every process stops if the scores are not finite
+    if primary:
       rater_params, last_iterate = _reported_rater(problem, state)
       scores = progress.scores(rater_params, config.outer.steps, 'reported')
       problem_line = unscorable(config, scores)
