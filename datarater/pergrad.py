@@ -443,9 +443,11 @@ def ghost_covers(loss_fn: PerExampleLoss, params, batch: dict,
     _check_covers(_dense_calls(loss_fn, params, batch, layers), params, layers)
   except (ValueError, UserError):  # a Dense layer called twice, or a layer that is not Dense
     return False
-  ghost = np.asarray(ghost_sq_norms(loss_fn, params, batch, layers), np.float64)
-  exact = np.asarray(per_example(loss_fn, params, batch, chain(select(layers), sq_norm())),
-                     np.float64)
+  # One compiled program (op by op, its dozens of primitives each compiled alone took seconds).
+  ghost, exact = jax.jit(lambda p, b: (
+      ghost_sq_norms(loss_fn, p, b, layers),
+      per_example(loss_fn, p, b, chain(select(layers), sq_norm()))))(params, batch)
+  ghost, exact = np.asarray(ghost, np.float64), np.asarray(exact, np.float64)
   if not (np.isfinite(ghost).all() and np.isfinite(exact).all()):  # diverged params: no answer
     return False  # (and no numpy warning of a NaN tolerance on the way to its error)
   return bool(np.allclose(ghost, exact, rtol=1e-3, atol=1e-6 * np.abs(exact).max()))

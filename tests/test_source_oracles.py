@@ -55,3 +55,32 @@ def test_a_block_read_is_corrupted_as_in_the_whole_split(tfds_dir):
       got = src.take(p)['label']
       np.testing.assert_array_equal(got, whole.features['label'][p], size)
       np.testing.assert_array_equal(got != stored[p], whole.corruption[p] != 0, size)
+
+
+def test_a_read_with_repeats_reads_each_example_once(tfds_dir):
+  """Positions repeated (a streamed chunk holds every seed's batches) come back as the whole
+  split loaded at once has them, in their shape, with input corruptions and label noise planted,
+  and the data source is asked for each example once."""
+  from tests.conftest import digits_data  # pylint: disable=g-import-not-at-top
+  data = digits_data(tfds_dir, 0.3, 2)
+  for kind in ('blur', 'duplicate', 'ood'):
+    data.input_corruption[kind] = 0.1
+  whole = pipeline.load_split(data, 'validation', corrupt=True)
+  src = source_lib.open_source(data, 'validation', corrupt=True)
+  n = len(src)
+  rng = np.random.default_rng(0)
+  positions = np.stack([rng.permutation(n)[:n // 2] for _ in range(3)]).reshape(3, 2, -1)
+  asked = []
+  read = src.data_source.__getitems__
+  src.data_source.__getitems__ = lambda ids: asked.append(list(ids)) or read(ids)
+  try:
+    got = src.take(positions)
+  finally:
+    del src.data_source.__getitems__
+  for key, value in whole.features.items():
+    np.testing.assert_array_equal(got[key], value[positions], key)
+  np.testing.assert_array_equal(got['index'], positions)
+  wanted = np.unique(positions)
+  # (a duplicate's source example is read too: every id asked beyond the wanted ones is one)
+  first = asked[0]
+  assert sorted(first) == wanted.tolist(), (len(first), len(wanted))

@@ -55,9 +55,11 @@ class Source:
   def take(self, positions) -> dict:
     """Decoded features of the examples at `positions` (any shape), with `index` = positions."""
     positions = np.asarray(positions)
-    flat = positions.reshape(-1)
-    batch = pipeline.decode(self.info, self.raw(flat))
-    batch = {k: v.reshape(*positions.shape, *v.shape[1:]) for k, v in batch.items()}
+    # Each example once (a streamed chunk holds every seed's batches: on a small split, the same
+    # examples several times), then repeated where asked.
+    unique, inverse = np.unique(positions.reshape(-1), return_inverse=True)
+    batch = pipeline.decode(self.info, self.raw(unique))
+    batch = {k: v[inverse].reshape(*positions.shape, *v.shape[1:]) for k, v in batch.items()}
     batch['index'] = positions.astype(np.int32)
     return batch
 
