@@ -111,7 +111,8 @@ def plot(results: dict, path: str) -> None:
          yerr=[results['ratio'][j]['sem'] for j in jobs], capsize=4)
   ax.axhline(1.0, color='k', lw=0.8)
   ax.set_ylabel('time with lax patches / with slices')
-  ax.set_title(f'Fashion-MNIST bench CNNs, {platform.processor() or platform.machine()}')
+  machine = results.get('cpu') or results['device']  # the run's, not the plotting one's
+  ax.set_title(f'Fashion-MNIST bench CNNs, {machine}')
   fig.tight_layout()
   files.save_figure(fig, path, dpi=110)
   plt.close(fig)

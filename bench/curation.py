@@ -302,8 +302,8 @@ def plot(path: str, summary: dict, runs: dict, keeps, methods) -> None:
       o = s['online'][m]
       ax.errorbar([1.02 + 0.01 * i], [o['mean']], yerr=[o['std']], color=f'C{i}', marker='*',
                   ms=11, capsize=3, ls='none', label=f'{m} online weights')
-    ax.set(title=f'{float(p):.0%} corrupted', xlabel='keep fraction (1.0 = all data)',
-           ylabel='test accuracy (%)')
+    ax.set(title=f'{float(p):.0%} corrupted ({len(runs[p])} seeds)',
+           xlabel='keep fraction (1.0 = all data)', ylabel='test accuracy (%), mean ± std')
     ax.grid(alpha=0.3)
     ax = axes[1][col]  # accuracy against steps, seed-averaged, at keep 0.8 (or the nearest)
     k = min(keeps, key=lambda x: abs(x - 0.8))
@@ -316,10 +316,12 @@ def plot(path: str, summary: dict, runs: dict, keeps, methods) -> None:
       n = min(len(c) for c in curves)
       mean = np.mean([c[:n, 1] for c in curves], 0)
       ax.plot(np.mean([c[:n, 0] for c in curves], 0), 100 * mean, color=color, label=name)
-    ax.set(xlabel='training steps', ylabel='test accuracy (%)', title='accuracy vs steps')
+    ax.set(xlabel='training steps', ylabel='test accuracy (%), seed mean',
+           title=f'accuracy vs steps, keep {k}')
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
   axes[1][0].legend(fontsize=7)
+  fig.suptitle(os.path.basename(path).removesuffix('.png'))
   fig.tight_layout()
   files.save_figure(fig, path, dpi=100)
   plt.close(fig)

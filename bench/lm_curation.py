@@ -324,7 +324,8 @@ def plot(path: str, s: dict, seeds: dict, bench) -> None:
                 ls='--' if name == 'random' else '-')
   ax.axhline(s['all']['mean'], color='k', label='all data')
   ax.axhline(s['corpora']['oracle']['-']['mean'], color='k', ls=':', label='oracle')
-  ax.set(xlabel='keep fraction', ylabel='final test loss', title='final test loss by keep')
+  ax.set(xlabel='keep fraction', ylabel='final test loss (nats/byte), mean ± std over seeds',
+         title='final test loss by keep')
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   ax = axes[1][0]
@@ -334,10 +335,11 @@ def plot(path: str, s: dict, seeds: dict, bench) -> None:
     a = s['learned'][m]['auroc']
     ax.bar(np.arange(len(kinds)) + i * width, [a[k]['mean'] for k in kinds], width,
            yerr=[a[k]['std'] for k in kinds], capsize=2, color=f'C{i}', label=m)
-  ax.axhline(0.5, color='k', lw=0.6)
-  ax.axhline(AUROC_GOAL, color='k', lw=0.6, ls='--')
+  ax.axhline(0.5, color='k', lw=0.6, label='chance')
+  ax.axhline(AUROC_GOAL, color='k', lw=0.6, ls='--', label=f'goal {AUROC_GOAL:g}')
   ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds, rotation=20, fontsize=8)
-  ax.set(ylabel='AUROC against clean prose', title='what each method values', ylim=(0, 1.02))
+  ax.set(ylabel='AUROC against clean prose, mean ± std', title='what each method values',
+         ylim=(0, 1.02))
   ax.legend(fontsize=8)
   ax = axes[1][1]
   if 'datarater' in s['learned'] and 'mean_weight' in s['learned']['datarater']:
@@ -348,6 +350,7 @@ def plot(path: str, s: dict, seeds: dict, bench) -> None:
     ax.set_yscale('log')
     ax.tick_params(axis='x', rotation=20, labelsize=8)
     ax.set(ylabel='mean weight N softmax(score/tau)', title='the rater\'s weight per group')
+  fig.suptitle(os.path.basename(path).removesuffix('.png'))
   fig.tight_layout()
   files.save_figure(fig, path, dpi=100)
   plt.close(fig)

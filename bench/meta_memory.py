@@ -253,23 +253,33 @@ def accuracy(args) -> list[dict]:
   return rows
 
 
+MODE_COLORS = {'reverse': 'C3', 'remat': 'C2', 'mixed': 'C0', 'mixed:replay': 'C1'}
+
+
 def plot_modes(ax_mem, ax_time, results: list[dict], log_y: bool = False,
                titles=('Peak temporary memory', 'Step time')) -> None:
   """Compiled temp memory and step time against T, one line per mode (also bench.meta_step)."""
   for mode in sorted({r['mode'] for r in results}):
     rows = sorted((r for r in results if r['mode'] == mode), key=lambda r: r['T'])
     ts = [r['T'] for r in rows]
-    ax_mem.plot(ts, [r['temp_bytes'] / 2**20 for r in rows], 'o-', label=mode)
-    ax_time.plot(ts, [r['step_ms'] for r in rows], 'o-', label=mode)
+    color = MODE_COLORS.get(mode)  # one colour per mode in every figure, whichever modes ran
+    ax_mem.plot(ts, [r['temp_bytes'] / 2**20 for r in rows], 'o-', label=mode, color=color)
+    ms = [r['step_ms'] for r in rows]
+    spread = [[m - min(r.get('step_ms_all', [m])) for m, r in zip(ms, rows)],
+              [max(r.get('step_ms_all', [m])) - m for m, r in zip(ms, rows)]]
+    ax_time.errorbar(ts, ms, yerr=spread, fmt='o-', capsize=2, label=mode, color=color)
   y = {'yscale': 'log'} if log_y else {}
   ax_mem.set(xscale='log', xlabel='inner steps T', ylabel='compiled temp memory (MiB)',
              title=titles[0], **y)
   ax_time.set(xscale='log', xlabel='inner steps T', ylabel='outer step (ms)', title=titles[1], **y)
+  unrolls = sorted({r['T'] for r in results})
   for ax in (ax_mem, ax_time):
+    ax.set_xticks(unrolls, [str(t) for t in unrolls])  # the measured T, not 10^0, 10^1
+    ax.minorticks_off()
     ax.legend()
 
 
-def plot(results: list[dict], path: str) -> None:
+def plot(results: list[dict], path: str, device: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -280,8 +290,9 @@ def plot(results: list[dict], path: str) -> None:
     r0 = rows_m[0]
     desc = (f'{model}: hidden {tuple(r0["hidden"])}, {r0["task_params"]:,} params, '
             f'K={r0["population"]}, B={r0["batch"]}')
-    plot_modes(ax_mem, ax_time, rows_m, log_y=True, titles=(desc, 'step time (median)'))
-  fig.suptitle(f'Meta-gradient modes on {jax.devices()[0].device_kind}')
+    plot_modes(ax_mem, ax_time, rows_m, log_y=True,
+               titles=(desc, 'step time (median, bars: min-max of repeats)'))
+  fig.suptitle(f'Meta-gradient modes on {device}')
   fig.tight_layout()
   files.save_figure(fig, path, dpi=100)
   plt.close(fig)
@@ -290,7 +301,7 @@ def plot(results: list[dict], path: str) -> None:
 def write(record: dict, out: str) -> None:
   os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
   provenance.write_json(out + '.json', record)
-  plot(record['results'], out + '.png')
+  plot(record['results'], out + '.png', record['device'])
   print(f'wrote {out}.json and {out}.png')
 
 

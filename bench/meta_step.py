@@ -49,13 +49,13 @@ def measure(config, repeats=10) -> dict:
   return {**figures, 'peak_bytes': peak, 'step_ms': 1e3 * float(np.median(times))}
 
 
-def plot(results: list[dict], path: str) -> None:
+def plot(results: list[dict], path: str, device: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
   plot_modes(ax_mem, ax_time, results)
-  fig.suptitle(f'DataRater outer step on {jax.devices()[0].device_kind}')
+  fig.suptitle(f'DataRater outer step on {device}')
   fig.tight_layout()
   files.save_figure(fig, path, dpi=100)
   plt.close(fig)
@@ -90,7 +90,7 @@ def main(argv):
             'population': c.inner.population, 'batch_size': c.inner.batch_size,
             'results': results}
   provenance.write_json(_OUT.value + '.json', record)
-  plot(results, _OUT.value + '.png')
+  plot(results, _OUT.value + '.png', record['device'])
   print(f'wrote {_OUT.value}.json and {_OUT.value}.png')
 
 

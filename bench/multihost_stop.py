@@ -140,13 +140,17 @@ def plot(results: dict, path: str) -> None:
   x = np.arange(len(pairs))
   ax_cost.bar(x - 0.2, [p['steps_per_sec_no_vote'] for p in pairs], 0.4, label='no vote')
   ax_cost.bar(x + 0.2, [p['steps_per_sec_vote'] for p in pairs], 0.4, label='vote')
-  ax_cost.set(xlabel='pair', ylabel='outer steps / s', title='Two CPU processes, no signal')
+  ax_cost.set(xlabel='pair', ylabel='outer steps / s', title='Two CPU processes, no signal',
+              xticks=x)
   ax_cost.legend()
   for mode, marker in (('one', 'o'), ('both', 's')):
     tries = [t for t in results['stops'] if t['mode'] == mode]
     ax_stop.plot(range(len(tries)), [t['seconds_to_stop'] for t in tries], marker, label=mode)
   ax_stop.set(xlabel='try', ylabel='seconds from SIGTERM until both exited',
-              title='SIGTERM to one / both processes', ylim=(0, None))
+              title='SIGTERM to one / both processes',
+              ylim=(0, 1.1 * max(t['seconds_to_stop'] for t in results['stops'])),  # top dot whole
+              xticks=range(max(len([t for t in results['stops'] if t['mode'] == m])
+                               for m in ('one', 'both'))))
   ax_stop.legend()
   fig.tight_layout()
   files.save_figure(fig, path, dpi=100)

@@ -126,8 +126,10 @@ def plot(results: dict, path: str) -> None:
     eps = results['models'][m]['examples_per_s']
     axes[0].bar(np.arange(len(keys)) + i * width, [eps[k] for k in keys], width, label=m)
   axes[0].set_xticks(np.arange(len(keys)) + width / 2, keys, rotation=30, ha='right', fontsize=8)
-  axes[0].set(yscale='log', ylabel='examples / s', title=f'Throughput (batch {results["batch"]})')
-  axes[0].legend()
+  axes[0].set(yscale='log', ylabel='examples / s',
+              title=f'Throughput on {results["device"]} (batch {results["batch"]})')
+  axes[0].set_ylim(top=axes[0].get_ylim()[1] * 8)  # headroom: the legend sits above the bars
+  axes[0].legend(ncol=len(names), loc='upper center')
   for i, m in enumerate(names):
     mem = results['models'][m]['memory_temp_bytes']
     ns = sorted(mem, key=int)
@@ -136,9 +138,10 @@ def plot(results: dict, path: str) -> None:
                    color=f'C{j}', linestyle='-' if i == 0 else '--', label=f'{m}: {kind}')
   axes[1].set(xscale='log', yscale='log', xlabel='examples scored in one call',
               ylabel='compiled temp memory (MiB)', title='Memory vs examples')
-  axes[1].legend(fontsize=7)
+  axes[1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0))  # off the lines
   fig.tight_layout()
   files.save_figure(fig, path, dpi=110)
+  plt.close(fig)
 
 
 def main(argv):

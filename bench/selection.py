@@ -33,6 +33,7 @@ if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callbac
 # pylint: disable=wrong-import-position
 import itertools
 import json
+import os
 import time
 
 from absl import flags
@@ -310,16 +311,21 @@ def plot(table: list[dict], path: str, dataset: str = 'digits') -> None:
                   key=lambda r: r['ratio'])
       if not rs:
         continue
-      ax.errorbar([r['grads_rel_full'] for r in rs], [r['accuracy'] for r in rs],
+      ax.errorbar([r['grads_rel_full'] + r.get('offline_rel_full', 0.0) for r in rs],
+                  [r['accuracy'] for r in rs],
                   yerr=[r['accuracy_sem'] for r in rs], marker='o' if policy != 'full' else '*',
                   ms=10 if policy == 'full' else 5, capsize=3, color=COLORS[policy], label=policy,
                   ls='--' if policy in VARIANTS else '-')
-    ax.set_xlabel('example-gradients (fraction of full data)')
-    ax.set_ylabel('test accuracy (%), mean +- s.e. over folds x seeds')
-    ax.set_title(f'{dataset}, {noise:.0%} corruption')
+    ax.set_xlabel('example-gradients incl. offline extractor (fraction of full data)')
+    ax.set_ylabel('test accuracy (%), mean ± s.e.')
+    ax.set_title(f'{dataset}, {noise:.0%} corruption, '
+                 f'{max(r["runs"] for r in table if r["noise"] == noise)} runs')
     ax.grid(alpha=0.3)
-    ax.legend()
-  fig.tight_layout()
+  handles = {l: h for ax in axes[0] for h, l in zip(*ax.get_legend_handles_labels())}
+  fig.legend(handles.values(), handles.keys(), loc='lower center',  # off the data
+             ncol=len(handles))
+  fig.suptitle(os.path.basename(path).removesuffix('.png'))
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
   files.save_figure(fig, path, dpi=120)
   plt.close(fig)
 

@@ -22,15 +22,18 @@ def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
     axes[1].plot(*zip(*auroc), **dots)
   seen = [a for _, a in auroc if a is not None and np.isfinite(a)]
   low = max(0.0, min([0.4] + [a - 0.05 for a in seen]))  # a rater worse than chance shows too
-  axes[1].set(xlabel='outer step', ylabel='AUROC', title='Rater: clean ranked above corrupted',
-              ylim=(low, 1.0))
+  axes[1].axhline(0.5, color='gray', ls=':', lw=1, label='chance')
+  axes[1].set(xlabel='outer step', ylabel='noise AUROC',
+              title='Rater: clean ranked above corrupted', ylim=(low, 1.0))
+  axes[1].legend(loc='lower right')
   lo, hi = float(scores.min()), float(scores.max())
   bins = np.linspace(lo, hi, 40) if hi > lo else np.linspace(lo - 0.5, hi + 0.5, 40)
   axes[2].hist(scores[~is_corrupted], bins=bins, alpha=0.6, label='clean', density=True)
   if is_corrupted.any():
     axes[2].hist(scores[is_corrupted], bins=bins, alpha=0.6, label='corrupted', density=True)
-  axes[2].set(xlabel='rater score', ylabel='density', title='Scores on the training split')
-  axes[2].legend()
+  axes[2].set(xlabel='rater score', ylabel='density (area 1 per group)',
+              title='Scores on the training split')
+  axes[2].legend(loc='best')
   fig.tight_layout()
   files.save_figure(fig, path, dpi=100)
   plt.close(fig)

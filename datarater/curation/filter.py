@@ -72,8 +72,11 @@ def _save_histogram(path: str, per_split: dict) -> None:
     ax.stairs(count(kept), bins, fill=True, alpha=0.7, label=f'kept ({int(kept.sum())})')
     ax.stairs(count(~kept), bins, fill=True, alpha=0.7, label=f'dropped ({int((~kept).sum())})')
     if d['record'] is not None and d['record'].any():
-      ax.stairs(count(d['record'] != 0), bins, color='k', label='corrupted')
-    ax.set_title(f'{split}: scores')
+      bad = d['record'] != 0
+      ax.stairs(count(bad), bins, color='k',
+                label=f'corrupted ({int(bad.sum())}, {int((bad & kept).sum())} kept)')
+    ax.set_title(f'{split}: scores' + (f', keep {d["keep"]:g}' if d['keep'] else ''))
+    ax.set_ylabel('examples')
     ax.set_xlabel('score' if unit == 1.0 else f'score / {unit:.0e}')
     ax.legend(fontsize=8)
   fig.tight_layout()
