@@ -130,6 +130,32 @@ def _seen_by_meta_gradient(problem, est, state, inner, outer):
   return seen
 
 
+def test_outer_step_logs_the_losses_of_the_unroll():
+  """The logged `inner_loss` is the mean over members and the T unrolled steps of each step's
+  weighted loss mean(w * l) before the step, and `outer_loss` the mean over members of the
+  held-out loss after the T steps: SGD by hand in a loop over members and steps (float64)."""
+  problem, est = tiny_problem(), estimator()
+  with jax.enable_x64():
+    inner, outer = jax.tree.map(jnp.asarray, tiny_batches(1, population=2, steps=3, batch=8,
+                                                          dtype=np.float64))
+    state = as_float64(meta_step.init_outer_state(problem, jax.random.PRNGKey(1), 2))
+    _, metrics = jax.jit(lambda s: meta_step.outer_step(problem, est, s, inner, outer))(state)
+    step_losses, held_out = [], []
+    for m in range(2):
+      params = jax.tree.map(lambda x, m=m: x[m], state.population.params)
+      for s in range(3):
+        batch = jax.tree.map(lambda x, m=m, s=s: x[m, s], inner)
+        w = 8 * jax.nn.softmax(problem.rater.score(state.rater_params, batch) / problem.temperature)
+        loss = lambda p, w=w, batch=batch: jnp.mean(w * problem.task.per_example_loss(p, batch))
+        step_losses.append(float(loss(params)))
+        params = jax.tree.map(lambda a, g: a - 0.1 * g, params, jax.grad(loss)(params))
+      held_out.append(float(jnp.mean(problem.task.per_example_loss(
+          params, jax.tree.map(lambda x, m=m: x[m], outer)))))
+  assert np.ptp(step_losses) > 1e-3  # the steps' losses differ: a mean of some would show
+  np.testing.assert_allclose(float(metrics['inner_loss']), np.mean(step_losses), rtol=1e-9)
+  np.testing.assert_allclose(float(metrics['outer_loss']), np.mean(held_out), rtol=1e-9)
+
+
 def test_advance_steps_train_outside_the_meta_gradient():
   """With A advance steps the members first take A weighted Adam steps (phi fixed), and the
   meta-gradient is that of the T-step problem from the advanced members (finite differences)."""

@@ -810,36 +810,43 @@ def test_a_member_whose_optimizer_state_alone_is_infinite_is_reset():
   """Finite parameters are not enough: a member whose Adam second moment holds an inf (its next
   update is 0/inf or inf-driven) counts as diverged and starts afresh -- fresh parameters and
   optax's fresh Adam state (count 0, both moments zero) -- while the other members, finite
-  everywhere, keep their parameters and optimizer state bit for bit."""
+  everywhere, keep their parameters and optimizer state bit for bit. Two members diverged at
+  once (1 and 3 of 4) get two different fresh models: a population is not collapsed."""
   from outer_loop import population as population_lib  # pylint: disable=g-import-not-at-top
   problem = tiny_problem(optimizer='adam')
-  pop = population_lib.init_population(problem.init_member, jax.random.PRNGKey(3), 3)
+  pop = population_lib.init_population(problem.init_member, jax.random.PRNGKey(3), 4)
   adam, rest = pop.opt_state
-  # Moments as after some steps (finite, non-zero), then one inf in member 1's second moment.
+  # Moments as after some steps (finite, non-zero), then one inf in members 1 and 3's second
+  # moments.
   mu = jax.tree.map(lambda m: jnp.full_like(m, 0.25), adam.mu)
   nu = jax.tree.map(lambda v: jnp.full_like(v, 0.5), adam.nu)
   first = jax.tree.leaves(nu)[0]
   poisoned_leaf = first.at[(1,) + (0,) * (first.ndim - 1)].set(jnp.inf)
+  poisoned_leaf = poisoned_leaf.at[(3,) + (0,) * (first.ndim - 1)].set(jnp.inf)
   nu = jax.tree.unflatten(jax.tree.structure(nu), [poisoned_leaf] + jax.tree.leaves(nu)[1:])
   count = jnp.full_like(adam.count, 7)
   pop = dataclasses.replace(pop, opt_state=(adam._replace(count=count, mu=mu, nu=nu), rest))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(pop.params))
 
-  np.testing.assert_array_equal(population_lib.finite_members(pop), [True, False, True])
+  np.testing.assert_array_equal(population_lib.finite_members(pop), [True, False, True, False])
   new, diverged = population_lib.reset_diverged(pop, problem.init_member, jax.random.PRNGKey(4),
                                                 jnp.asarray(5))
-  assert int(diverged) == 1
+  assert int(diverged) == 2
   member = lambda tree, k: ravel_pytree(jax.tree.map(lambda x: x[k], tree))[0]
   for k in (0, 2):  # untouched
     np.testing.assert_array_equal(member(new.params, k), member(pop.params, k))
     np.testing.assert_array_equal(member(new.opt_state, k), member(pop.opt_state, k))
-  # Member 1: a fresh Adam state by optax's definition, and newly drawn finite parameters.
+  # Members 1 and 3: a fresh Adam state by optax's definition, and newly drawn finite
+  # parameters, each its own draw, unlike any member before.
   new_adam = new.opt_state[0]
-  assert int(new_adam.count[1]) == 0
-  assert not np.any(member(new_adam.mu, 1)) and not np.any(member(new_adam.nu, 1))
-  assert np.all(np.isfinite(member(new.params, 1)))
-  assert not np.allclose(member(new.params, 1), member(pop.params, 1))
-  np.testing.assert_array_equal(population_lib.finite_members(new), [True, True, True])
+  for k in (1, 3):
+    assert int(new_adam.count[k]) == 0
+    assert not np.any(member(new_adam.mu, k)) and not np.any(member(new_adam.nu, k))
+    assert np.all(np.isfinite(member(new.params, k)))
+    for old in range(4):
+      assert not np.allclose(member(new.params, k), member(pop.params, old)), (k, old)
+  assert not np.allclose(member(new.params, 1), member(new.params, 3))
+  np.testing.assert_array_equal(population_lib.finite_members(new), [True] * 4)
 
 
 def test_fresh_models_trained_with_the_rater_use_its_temperature(tfds_dir):

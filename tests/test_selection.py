@@ -386,6 +386,30 @@ def test_class_conditional_scores_on_real_digits_with_label_noise(tfds_dir):
     scores.factor_stats(jnp.ones((5, 3)), 0.5, np.array([0, 1, 2, 3, 9]), 4)
 
 
+def test_sae_policy_without_noise_selects_the_top_n_of_the_score_of_its_epoch():
+  """Temperature 0: at every epoch e of E the SAE policy selects n examples whose combined score
+  at e (sae_scores.combined_score, checked against its definition above) -- from the counts and
+  factor usage recorded so far -- is at least every unselected one's, each with weight 1."""
+  num, epochs, ratio = 300, 5, 0.3
+  codes = synthetic_codes(num)
+  cfg = get_config().sae_scores
+  cfg.temperature, cfg.mislabel_guard = 0.0, 'off'
+  policy = policies.sae(codes, ratio, epochs, cfg)
+  stats = scores.factor_stats(jnp.asarray(codes), cfg.high_freq_fraction)
+  state = policy.init(num, jax.random.PRNGKey(0))
+  select, update = jax.jit(policy.select), jax.jit(policy.update)
+  for epoch in range(epochs):
+    want = np.asarray(scores.combined_score(stats, state.counts, state.factor_usage,
+                                            jnp.asarray(epoch), epochs, cfg), np.float64)
+    idx, w, state = select(policy.aux, state)
+    picked = np.zeros(num, bool)
+    picked[np.asarray(idx)] = True
+    assert picked.sum() == policy.num_selected == round(ratio * num)
+    np.testing.assert_array_equal(w, 1.0)
+    assert want[picked].min() >= want[~picked].max() - 1e-6, epoch
+    state = update(policy.aux, state, idx, w, jnp.zeros(idx.shape))
+
+
 @pytest.mark.parametrize('temperature', [0.0, 0.1])
 def test_usage_penalty_flattens_selection_counts(temperature):
   num, epochs = 400, 20
@@ -584,30 +608,56 @@ def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_pat
     np.testing.assert_allclose(true_positives, r['suspect_precision'] * suspected, rtol=1e-6)
 
 
+def _rep_rank_by_definition(codes, high_fraction, labels=None):
+  """float64 numpy, from the documented definition: mass = codes / row sum; within each group
+  (class, or one group without labels) the frequency f_j of factor j (share of the group's
+  examples with code_j > 0), its high set the round(fraction x M) most frequent (ties to the
+  lower index), weights f_j / max f on it and 0 elsewhere; R_i = mass_i . weights of i's group;
+  rep_rank = R_i's average rank among its group's, over (group size - 1)."""
+  codes = np.asarray(codes, np.float64)
+  n, m = codes.shape
+  group = np.zeros(n, int) if labels is None else np.asarray(labels)
+  mass = codes / np.maximum(codes.sum(1, keepdims=True), 1e-12)
+  out = np.zeros(n)
+  for g in np.unique(group):
+    mine = group == g
+    freq = (codes[mine] > 0).mean(0)
+    high = np.zeros(m, bool)
+    high[np.argsort(-freq, kind='stable')[:max(1, round(high_fraction * m))]] = True
+    r = mass[mine] @ np.where(high, freq / freq.max(), 0.0)
+    out[mine] = (rankdata(r, 'average') - 1) / max(mine.sum() - 1, 1)
+  return out
+
+
 def test_combined_score_reaches_its_end_weights_with_every_gate_open_at_the_last_epoch():
   """At epoch E - 1 of E the curriculum is over: score = rep_end * R_rank + div_end *
   percentile(D) - lambda * counts / (E - 1), where every rare factor's gate is open, so
   D_i = sum over rare factors j of a_ij / (1 + u_j / mean(u)) (float64 numpy, ranks by
   scipy's average rankdata); at epoch 0 it is rep_start * R_rank + div_start * percentile(D(0))
-  with div_start = 0."""
+  with div_start = 0. R_rank by its definition too (_rep_rank_by_definition), split-wide and
+  within each class."""
   codes = synthetic_codes(200, factors=16, seed=4)
-  stats = scores.factor_stats(jnp.asarray(codes), 0.5)
-  cfg = ml_collections.ConfigDict(dict(rep_weight_start=-1.0, rep_weight_end=1.0,
-                                       div_weight_start=0.0, div_weight_end=0.5, gate_width=0.15,
-                                       usage_penalty=0.3, mislabel_guard='off'))
-  rng = np.random.default_rng(0)
-  epochs = 4
-  usage = rng.uniform(0.0, 5.0, 16)
-  counts = rng.integers(0, epochs, 200)
-  got = np.asarray(scores.combined_score(stats, jnp.asarray(counts, jnp.int32),
-                                         jnp.asarray(usage, jnp.float32), jnp.asarray(epochs - 1),
-                                         epochs, cfg))
-  mass, high = np.asarray(stats.mass, np.float64), np.asarray(stats.high)
-  d = mass @ np.where(high, 0.0, 1.0 / (1.0 + usage / usage.mean()))
-  pct = (rankdata(d, 'average') - 1) / (len(d) - 1)
-  rep = np.asarray(stats.rep_rank, np.float64)
-  np.testing.assert_allclose(got, rep + 0.5 * pct - 0.3 * counts / (epochs - 1), atol=1e-5)
-  first = np.asarray(scores.combined_score(stats, jnp.zeros(200, jnp.int32),
-                                           jnp.asarray(usage, jnp.float32), jnp.asarray(0),
-                                           epochs, cfg))
-  np.testing.assert_allclose(first, -rep, atol=1e-6)
+  labels = np.random.default_rng(1).integers(0, 3, 200)
+  for lab in (None, labels):
+    stats = (scores.factor_stats(jnp.asarray(codes), 0.5) if lab is None else
+             scores.factor_stats(jnp.asarray(codes), 0.5, lab, 3))
+    rep = _rep_rank_by_definition(codes, 0.5, lab)
+    np.testing.assert_allclose(stats.rep_rank, rep, atol=1e-6)
+    cfg = ml_collections.ConfigDict(dict(rep_weight_start=-1.0, rep_weight_end=1.0,
+                                         div_weight_start=0.0, div_weight_end=0.5,
+                                         gate_width=0.15, usage_penalty=0.3, mislabel_guard='off'))
+    rng = np.random.default_rng(0)
+    epochs = 4
+    usage = rng.uniform(0.0, 5.0, 16)
+    counts = rng.integers(0, epochs, 200)
+    got = np.asarray(scores.combined_score(stats, jnp.asarray(counts, jnp.int32),
+                                           jnp.asarray(usage, jnp.float32),
+                                           jnp.asarray(epochs - 1), epochs, cfg))
+    mass, high = np.asarray(stats.mass, np.float64), np.asarray(stats.high)
+    d = mass @ np.where(high, 0.0, 1.0 / (1.0 + usage / usage.mean()))
+    pct = (rankdata(d, 'average') - 1) / (len(d) - 1)
+    np.testing.assert_allclose(got, rep + 0.5 * pct - 0.3 * counts / (epochs - 1), atol=1e-5)
+    first = np.asarray(scores.combined_score(stats, jnp.zeros(200, jnp.int32),
+                                             jnp.asarray(usage, jnp.float32), jnp.asarray(0),
+                                             epochs, cfg))
+    np.testing.assert_allclose(first, -rep, atol=1e-6)

@@ -52,7 +52,25 @@ def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, method):
                                           'mimic': 20 * 32 + 2 * 300 + 2 * len(train),
                                           'dvemb': 6 * 32 * (2 + 10)}[method]
   assert not [f for f in os.listdir(tmp_path) if 'tmp' in f]
-  if method == 'tracin':  # launch.train's scores policy counts what made the scores it reads
+  if method == 'tracin':  # the file's scores are each example's self-influence, by hand:
+    # sum over the recorded run's checkpoints c of lr_c |grad loss(theta_c; x_i, y_i)|^2, with
+    # the planted (corrupted) label, a batch of one at a time, for examples in the first, a
+    # middle and the last, short block (1197 = 4 x 256 + 173).
+    import glob  # pylint: disable=g-import-not-at-top
+    import pickle  # pylint: disable=g-import-not-at-top
+    from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
+    from datarater import tasks  # pylint: disable=g-import-not-at-top
+    (fit,) = glob.glob(os.path.join(tmp_path, 'fit', 'run-*.pkl'))
+    with open(fit, 'rb') as f:
+      run, _ = pickle.load(f)
+    task = tasks.make_task(config.task, train.info)
+    grad = jax.jit(jax.grad(lambda p, ex: task.per_example_loss(p, ex)[0]))
+    positions = [0, 255, 600, 1024, 1100, len(train) - 1]
+    want = [sum(float(run.step_lrs[int(run.checkpoint_steps[c])]) * float(
+        np.sum(ravel_pytree(grad(run.checkpoint(c), train.take([i])))[0] ** 2))
+                for c in range(run.num_checkpoints)) for i in positions]
+    np.testing.assert_allclose(np.asarray(table['score'])[positions], want, rtol=1e-4)
+    # launch.train's scores policy counts what made the scores it reads
     from datarater import policies  # pylint: disable=g-import-not-at-top
     made = policies.make_policy('scores', policies.PolicyContext(
         train, None, None, config, scores=summary['scores_file']))
