@@ -11,12 +11,15 @@ one-line warning for the newest intact one; if none can be read, the run stops w
 and nothing written. Inputs the config names by path only (a `dataset_dir`, a scores file, a
 rater) are digested into each checkpoint, and a resume with other contents there is refused.
 """
+import collections
 import contextlib
 import json
 import logging
 import os
 import re
 import sys
+import threading
+import time
 import warnings
 from typing import Any, NamedTuple, Optional
 
@@ -113,11 +116,13 @@ def _drop_closed_loop_noise() -> None:
 def _unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
   """False for asyncio's '(Task|Future) exception was never retrieved' report of a tensorstore
   read error (a traceback on stderr, some after the call returns): orbax reads the arrays of a
-  damaged checkpoint in several tasks and raises the first error, which the caller reports."""
+  damaged checkpoint in several tasks and raises the first error, which the caller reports; and
+  for its 'Task was destroyed but it is pending!' of an orbax task left when a save failed."""
   error = record.exc_info[1] if record.exc_info else None
-  first = str(record.msg).split('\n', 1)[0]
-  return not (first.endswith('exception was never retrieved')
-              and 'tensorstore_spec' in str(error))
+  first, *rest = str(record.msg).split('\n', 1)
+  return not (first.endswith('exception was never retrieved') and 'tensorstore_spec' in str(error)
+              or first == 'Task was destroyed but it is pending!'
+              and f'{os.sep}orbax{os.sep}' in ''.join(rest))
 
 
 _BACKGROUND_SAVE_REPORT = re.compile(
@@ -128,10 +133,103 @@ _BACKGROUND_SAVE_REPORT = re.compile(
 def _background_save_report(record: logging.LogRecord) -> bool:
   """False for orbax's error logs (each with a traceback) of a save that failed in its background
   threads, e.g. on a full disk: orbax raises that error again in the caller's next save, wait or
-  close, which reports it in one line."""
-  return not (record.levelno >= logging.ERROR and
-              f'{os.sep}orbax{os.sep}' in record.pathname and
-              _BACKGROUND_SAVE_REPORT.search(str(record.msg)) is not None)
+  close, which reports it in one line. A failure of this process's part of a multi-process save
+  is also made known to the other processes here (`_SaveBarrier.fail`): orbax logs it in the
+  failed thread, before that process skips the barriers the others wait in."""
+  if not (record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname and
+          _BACKGROUND_SAVE_REPORT.search(str(record.msg)) is not None):
+    return True
+  error = record.exc_info[1] if record.exc_info else None
+  if error is not None and not isinstance(error, _AnotherProcessFailed):
+    for barrier in list(_SaveBarrier.saving):  # (the one whose folder the report names)
+      if f'{barrier.directory}{os.sep}' in record.getMessage():
+        barrier.fail(error)
+  return False
+
+
+class _AnotherProcessFailed(RuntimeError):
+  """Raised in orbax's save threads of every process when one process's part of a save failed."""
+
+  def __init__(self, process: int):
+    super().__init__(f'process {process} of this job could not write its part of a checkpoint')
+    self.process = process
+
+
+class _SaveBarrier:
+  """orbax's barrier for the saves of one `RunCheckpointer` across the processes of a job
+  (`AsyncOptions.barrier_sync_fn`), which every process leaves as soon as any process's part of a
+  save has failed. With orbax's own barrier (the coordinator's), a process whose shards failed to
+  write (a full disk) waited in one barrier for the others' finalizing while they waited in
+  another for its write, each up to orbax's timeout (20 min), then all ended in tracebacks. Each
+  process counts itself in at a barrier (a counter in the coordinator's key-value store, one per
+  call of a barrier name) and waits until every process has, or one has marked its save failed
+  (`fail`), then raises `_AnotherProcessFailed` (orbax ends that save there and raises it again
+  in the next save, wait or close).
+
+  Every process makes the same RunCheckpointers in the same order: the folder and the number of
+  those made for it before name the keys of one.
+  """
+  saving = set()  # those of this process with a save written in the background, by `fail`
+  _made = collections.Counter()  # by folder
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self._prefix = f'datarater/checkpoints/{directory}/{_SaveBarrier._made[directory]}'
+    _SaveBarrier._made[directory] += 1
+    self._calls = collections.Counter()
+    self._passed = set()  # the (barrier, call) this process left with every process there
+    self._lock = threading.Lock()
+    self.error = None  # this process's own failed part of a save (what orbax raised)
+
+  @staticmethod
+  def _client():
+    return jax._src.distributed.global_state.client  # pylint: disable=protected-access
+
+  def fail(self, error: BaseException) -> None:
+    """Marks this process's part of a save failed: every process's barriers raise from now on."""
+    self.error = self.error or error
+    if jax.process_count() == 1:
+      return
+    try:
+      self._client().key_value_set(f'{self._prefix}/failed', str(jax.process_index()))
+    except jax.errors.JaxRuntimeError:  # ALREADY_EXISTS: another process failed first
+      pass
+
+  def failed_process(self) -> Optional[int]:
+    """The process whose part of a save failed first, if one has."""
+    try:
+      return int(self._client().key_value_try_get(f'{self._prefix}/failed'))
+    except jax.errors.JaxRuntimeError:  # NOT_FOUND
+      return None
+
+  def __call__(self, *, key: str, timeout_ms: int) -> None:
+    with self._lock:
+      n = self._calls[key]
+      self._calls[key] += 1
+    client, name = self._client(), f'{self._prefix}/{key}/'
+    client.key_value_increment(f'{name}{n}', 1)
+    if (key, n - 1) in self._passed:  # every process reached its last call: its counter goes
+      self._passed.discard((key, n - 1))
+      client.key_value_delete(f'{name}{n - 1}')
+    deadline, pause = time.monotonic() + timeout_ms / 1000, 0.001
+    while self._count(f'{name}{n}') < jax.process_count():
+      failed = self.failed_process()
+      if failed is not None:
+        raise _AnotherProcessFailed(failed)
+      if time.monotonic() > deadline:
+        raise TimeoutError(f'the processes did not all reach barrier {key} of a checkpoint save '
+                           f'in {timeout_ms / 1000:.0f} s')
+      time.sleep(pause)
+      pause = min(2 * pause, 0.005)
+    self._passed.add((key, n))
+
+  def _count(self, name: str) -> int:
+    """The processes counted in at a barrier's call; all, once another process has deleted it
+    (at its next call of that barrier, after every process counted itself in at this one)."""
+    try:
+      return int(self._client().key_value_try_get(name))
+    except jax.errors.JaxRuntimeError:  # NOT_FOUND: deleted
+      return jax.process_count()
 
 
 def _drop_background_save_reports() -> None:
@@ -249,14 +347,19 @@ class RunCheckpointer:
     self.extra_fields = extra_fields
     self._manager = None
     self._max_to_keep = max_to_keep
+    # (made on every process, single or not, so that all count their checkpointers alike)
+    self._barrier = _SaveBarrier(self.directory)
     self._unreadable = {}  # step -> why, for the steps passed over
     self._warned = set()
 
   def _open(self, create: bool):
     if self._manager is None and (create or os.path.isdir(self.directory)):
+      async_options = None
+      if jax.process_count() > 1:
+        async_options = ocp.AsyncOptions(barrier_sync_fn=self._barrier)
       self._manager = ocp.CheckpointManager(
           self.directory, options=ocp.CheckpointManagerOptions(
-              max_to_keep=self._max_to_keep, create=create))
+              max_to_keep=self._max_to_keep, create=create, async_options=async_options))
     return self._manager
 
   def _steps(self) -> list[int]:
@@ -395,8 +498,37 @@ class RunCheckpointer:
             'data_position': data_position, 'step': int(step), 'extra': extra,
             'inputs': {field: self._digest(field) for field in self.inputs},
             'input_stats': {field: given.stat for field, given in self.inputs.items()}}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_drop_empty(state)),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
+    with self._failing_together():
+      _SaveBarrier.saving.add(self._barrier)
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_drop_empty(state)), meta=ocp.args.JsonSave(meta)),
+                   force=True)
+
+  def check(self) -> None:
+    """Raises the error of this process's part of a save written in the background once orbax
+    has reported it (orbax itself raises it at the next save, wait or close): a run calls it before
+    each step's vote (`multihost.StopVote`), which then stops every process there."""
+    if self._barrier.error is not None:
+      raise self._barrier.error
+
+  @contextlib.contextmanager
+  def _failing_together(self):
+    """In a multi-process job, an error of this process in a save, wait or close marks its part
+    failed, so that no other process waits for it in a barrier; where another process's part
+    failed first, a UserError naming it (its own error line says why)."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (re-raised)
+      if jax.process_count() == 1:
+        raise
+      failed, own = self._barrier.failed_process(), self._barrier.error
+      if failed == jax.process_index() and own is not None and own is not e:
+        raise own from None  # (orbax may raise another process's abort over it)
+      if isinstance(e, _AnotherProcessFailed) or failed not in (None, jax.process_index()):
+        raise UserError(f'process {failed} of this job could not write its part of a checkpoint '
+                        f'in {self.directory!r} (its error line says why)') from None
+      self._barrier.fail(e)
+      raise
 
   def restore(self, step: int, abstract_state):
     """(state placed as `abstract_state`'s shardings say, meta dict).
@@ -418,9 +550,27 @@ class RunCheckpointer:
 
   def close(self) -> None:
     if self._manager is not None:
-      self._manager.wait_until_finished()
-      self._manager.close()
-      self._manager = None
+      manager, self._manager = self._manager, None
+      try:
+        with self._failing_together():
+          manager.wait_until_finished()
+          manager.close()
+      finally:  # (not before: a write failing meanwhile must still be made known)
+        _SaveBarrier.saving.discard(self._barrier)
+
+  @contextlib.contextmanager
+  def closing(self):
+    """Closes on leaving the block; leaving it by an error, the error stands, not a failed save's
+    own (raised again by orbax at close, or another process's, which stops there too)."""
+    try:
+      yield self
+    except BaseException:
+      try:
+        self.close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+      raise
+    self.close()
 
 
 def checked_meta(meta, extra_fields: tuple[str, ...] = ()) -> dict:

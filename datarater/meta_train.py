@@ -9,7 +9,6 @@ uniform weights. Every process of a `jax.distributed` job runs it alike; process
 config.json, metrics.jsonl, the report and logs; every process writes its shards of the
 checkpoints.
 """
-import contextlib
 import json
 import logging
 import os
@@ -193,7 +192,7 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
   # From the compilation on, Ctrl-C or SIGTERM to any process stops every process after one step,
   # checkpointed there (`StopVote`: the vote also takes one that comes while the pending
   # checkpoint writes finish, as they do whatever happens).
-  with multihost.StopVote(mesh.devices, start, stopped) as vote, contextlib.closing(ckpt):
+  with multihost.StopVote(mesh.devices, start, stopped) as vote, ckpt.closing():
     if start < last_step:
       t0 = time.time()
       if primary:
@@ -214,6 +213,7 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
       if one_step_at_a_time:  # every process there
         jax.block_until_ready(state)
         progress.block_until_ready()
+      ckpt.check()  # this process's part of the last checkpoint failed: every process stops here
       stop = vote.after(done)
       record_now = done % config.log_every == 0 or done == config.outer.steps
       save_now = done % config.checkpoint_every == 0 or done == last_step or stop

@@ -645,3 +645,53 @@ def test_one_process_failing_signalled_or_slow_where_each_works_alone_stops_or_w
   written = {'valuate': out / 'scores_tracin.parquet', 'filter': out / 'filter_report.json',
              'train_rater': out / 'report.json'}[module]
   assert written.exists() == (fault == 'slow')
+
+
+# A rater run as one of two jax.distributed processes; process 1 cannot write files over 8 KiB
+# from its save of checkpoint `at` on (its shards are ~19 KiB: EFBIG, as on a full quota).
+_CANNOT_WRITE_ITS_PART = """
+import os, resource, runpy, signal, sys
+sys.path.insert(0, os.getcwd())
+from datarater import checkpointing
+pid, port = int(sys.argv[1]), sys.argv[2]
+at, args = {at}, {args!r}
+save = checkpointing.RunCheckpointer.save
+def limited(self, step, *a, **k):
+  if pid == 1 and step == at:
+    self._open(create=True).wait_until_finished()  # (the last save's writes are not limited)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+  return save(self, step, *a, **k)
+checkpointing.RunCheckpointer.save = limited
+sys.argv = ['launch.train_rater', *args, f'--coordinator_address=127.0.0.1:{{port}}',
+            '--num_processes=2', f'--process_id={{pid}}']
+runpy.run_module('launch.train_rater', run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize('at,kept', [(4, ['2']), pytest.param(8, ['4', '6'], marks=slow)],
+                         ids=['mid-run', 'last'])
+def test_one_process_that_cannot_write_its_part_of_a_checkpoint_stops_both(tfds_dir, tmp_path,
+                                                                           at, kept):
+  """Process 1's shards of checkpoint `at` fail to write (orbax writes them in the background):
+  both processes stop within seconds (mid-run: at the next step's vote; at the last step: as the
+  run closes its checkpoints), each with one line (process 0's naming process 1), and the run
+  resumes from the last checkpoint kept to the uninterrupted run's rater. Before, process 0
+  waited in orbax's barrier for process 1's write, and process 1 in another for process 0, each
+  up to orbax's 20 minute timeout (twice), then both ended in tracebacks."""
+  config = small_config(tfds_dir, steps=8)
+  workdir = tmp_path / 'run'
+  procs = _start_driver(_CANNOT_WRITE_ITS_PART.format(
+      at=at, args=[f'--workdir={workdir}', *as_flags(config)]), tfds_dir, tmp_path)
+  outs = _outputs(procs, timeout=120)
+  assert [p.returncode for p in procs] == [2, 2], '\n---\n'.join(o[-3000:] for o in outs)
+  assert all('Traceback' not in o for o in outs), '\n---\n'.join(o[-3000:] for o in outs)
+  errors = [[l for l in o.splitlines() if l.startswith('error: ')] for o in outs]
+  assert len(errors[0]) == 1 and 'error: process 1 of this job ' in errors[0][0], errors
+  assert len(errors[1]) == 1 and errors[1][0].startswith('error: File too large'), errors
+  steps = sorted(d for d in os.listdir(workdir / 'checkpoints') if re.fullmatch(r'\d+', d))
+  assert steps == kept, os.listdir(workdir / 'checkpoints')
+  assert not (workdir / 'report.json').exists()
+  meta_train(config, str(workdir), devices=jax.devices()[:4])  # resumed from the last kept
+  meta_train(config, str(tmp_path / 'straight'), devices=jax.devices()[:4])
+  _assert_same(_params(workdir), _params(tmp_path / 'straight'), atol=1e-5)
