@@ -210,6 +210,9 @@ SECTIONS: dict[str, dict[str, Check]] = {
                    'mislabel_penalty': number(0)},
 }
 MODEL_SECTIONS = {'task': 'task', 'rater': 'rater', 'features.task': 'task'}  # registry-checked
+# The top-level fields a rater run (a config checked with its `outer` section) reads, so requires:
+# a config without one passed its checks and stopped with a traceback at the first logged step.
+RATER_RUN_FIELDS = ('seed', 'log_every', 'checkpoint_every')
 
 
 def _fail(name: str, value, problem: str):
@@ -252,7 +255,8 @@ def validate(config, sections) -> None:
                       f'{", ".join(sorted(SECTIONS[""]))}; sections: '
                       f'{", ".join(sorted(known - {""}))})')
   top = {k: config[k] for k in config.keys() if k in SECTIONS['']}
-  check_section('', top, {k: v for k, v in SECTIONS[''].items() if k in top or k == 'seed'})
+  required = RATER_RUN_FIELDS if 'outer' in sections else ('seed',)
+  check_section('', top, {k: v for k, v in SECTIONS[''].items() if k in top or k in required})
   for name in sections:
     section = _get(config, name)
     if name in MODEL_SECTIONS:

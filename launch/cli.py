@@ -92,7 +92,15 @@ def define_config_file(name: str, default: str, help_string: str,
   return holder
 
 
-def _fail(e: Exception) -> None:
+def _override_of(field: str, argv) -> str:
+  """The `--config.a.b` override of `argv` whose path holds `field`, if one alone does ('' if
+  none or several): ml_collections names only the unknown part of the path."""
+  found = {f'--{name}' for name in (a.lstrip('-').split('=', 1)[0] for a in argv or ())
+           if '.' in name and field in name.split('.')[1:]}
+  return found.pop() if len(found) == 1 else ''
+
+
+def _fail(e: Exception, argv=None) -> None:
   """A flag or config error as one `error:` line, exit 2."""
   text = str(e).replace('\\n', '\n').replace("\\'", "'")
   unknown = re.search(r"'(\w+)'.*?Did you mean \"?(\w+)\"?", text, re.S)
@@ -100,10 +108,13 @@ def _fail(e: Exception) -> None:
   if isinstance(e, ConfigFileError):
     message = str(e)
   elif unknown and not isinstance(e, flags.Error):
-    message = f'unknown config field {unknown.group(1)!r} (did you mean {unknown.group(2)!r}?)'
+    where = _override_of(unknown.group(1), argv)
+    message = (f'unknown config field {unknown.group(1)!r} (did you mean {unknown.group(2)!r}?)'
+               + (f': {where}' if where else ''))
   elif isinstance(cause, KeyError) and cause.args and isinstance(cause.args[0], str):
     field = cause.args[0].strip("'")  # ml_collections found no close name to suggest
-    message = f'unknown config field {field!r}'
+    where = _override_of(field, argv)
+    message = f'unknown config field {field!r}' + (f': {where}' if where else '')
   elif not isinstance(e, flags.Error):
     message = f'bad config override: {" ".join(text.split())}'
   else:
@@ -151,7 +162,7 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
   try:
     parsed = fv(argv)  # a config file flag (define_config_file) loads its file here
   except OVERRIDE_ERRORS + (OSError,) as e:
-    _fail(e)
+    _fail(e, argv)
   _refuse_joined_tuples(argv, fv)
   if len(parsed) > 1:  # no launcher reads one: a word split off a flag's value (a space in it)
     print(f'error: unexpected argument {parsed[1]!r} (flags are --name=value; quote a value '
@@ -182,7 +193,7 @@ def run(main: Callable, define_flags: Callable, doc: str) -> None:
   try:
     define_flags()  # config_flags reads the --config.* overrides of sys.argv here
   except OVERRIDE_ERRORS as e:
-    _fail(e)
+    _fail(e, sys.argv)
 
   def quiet_main(argv):
     if not flags.FLAGS['verbosity'].present:  # library chatter (XLA, orbax, TFDS) off
@@ -224,7 +235,7 @@ def invoke(module, argv: list[str]) -> int:
     try:
       module.define_flags(fv, argv)
     except OVERRIDE_ERRORS as e:
-      _fail(e)
+      _fail(e, argv)
     module.main(parse_flags(argv, module.__doc__, fv), fv)
     return 0
   except SystemExit as e:

@@ -41,6 +41,10 @@ def world(tfds_dir, tmp_path_factory):
   export.export_rater(str(root / 'run'), str(root / 'rater'))
   (root / 'a_file').write_text('not a folder')
   (root / 'seeds_flags').write_text('--config.train.seeds=(0,1)\n')  # a --flagfile
+  for field in ('log_every', 'checkpoint_every'):  # config files without a field rater runs read
+    (root / f'no_{field}.py').write_text('from configs import digits\n\n\ndef get_config():\n'
+                                         f'  c = digits.get_config()\n  del c[{field!r}]\n'
+                                         '  return c\n')
   bad_json = root / 'bad_json_rater'
   shutil.copytree(root / 'rater', bad_json)
   (bad_json / 'rater.json').write_text('{"format_version": 2, "rater": ')
@@ -121,7 +125,13 @@ def _cases(tfds_dir: str, w) -> list:
       (*tr('--config.data.noise_seed=-1'), 'data.noise_seed must be >= 0, got -1'),
       (*tr('--config.inner.stepz=4'), "unknown config field 'stepz' (did you mean 'steps'?)"),
       (*tr('--config.inner.zzz=4'), "unknown config field 'zzz'"),
-      (*tr('--config.zzz.steps=4'), "unknown config field 'zzz'"),
+      (*tr('--config.zzz.steps=4'), "unknown config field 'zzz': --config.zzz.steps"),
+      (*tr('--config.outer.stepz=3'),  # (and --config.outer.steps=6 among the flags)
+       "unknown config field 'stepz' (did you mean 'steps'?): --config.outer.stepz"),
+      ('train_rater', [f'--config={w}/no_log_every.py', data, f'--workdir={w}/new_run'],
+       'the config has no field log_every'),
+      ('train_rater', [f'--config={w}/no_checkpoint_every.py', data, f'--workdir={w}/new_run'],
+       'the config has no field checkpoint_every'),
       (*tr('--config.task.label=nope'), "got input 'image', label 'nope'; dataset 'sklearn_digits'"),
       (*tr('--config.inner.steps=abc'), "--config.inner.steps=abc: invalid literal for int()"),
       (*tr(out=f'--workdir={w}/a_file'), f"--workdir '{w}/a_file' exists and is not a folder"),
@@ -190,6 +200,9 @@ def _cases(tfds_dir: str, w) -> list:
       ('train', [data, '--config.train.seeds=()'], 'train.seeds must be a non-empty tuple'),
       ('train', [data, '--config.train.epochs=0'], 'train.epochs must be >= 1, got 0'),
       ('train', [data, '--policy=nope'], "unknown policy 'nope'"),
+      ('train', [data, '--policy=mimic', '--config.valuation.mimic_layers=nope',
+                 '--config.valuation.reference_steps=5', f'--workdir={w}/new_train'],
+       "layer 'nope' not found"),
       ('train', [data, '--policy=datarater'], 'policy datarater needs --rater'),
       ('train', [data, '--policy=datarater', f'--rater={w}/nowhere'], f"no rater in '{w}/nowhere'"),
       ('train', [data, '--policy=scores'], 'policy scores needs --scores'),
@@ -446,7 +459,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 172  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 176  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -121,6 +121,7 @@ def _tracin_curriculum(ctx: PolicyContext) -> Policy:
 def _mimic(ctx: PolicyContext) -> Policy:
   from datarater.valuation import factory, mimic  # pylint: disable=g-import-not-at-top
   factory.check_per_example(ctx.config, ctx.task, ctx.heldout)  # as every valuation does
+  factory.check_mimic_layers(ctx.config, ctx.task, ctx.train)  # before the reference is trained
   reference, cost = factory.mimic_reference(ctx.config, ctx.task, ctx.heldout)
   layers = factory.mimic_layers(ctx.config, ctx.task, reference, ctx.train)
   tau = ctx.config.policy.temperature

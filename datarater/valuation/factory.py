@@ -80,6 +80,16 @@ def mimic_layers(config, task, params, split):
                         parse_layers(config.valuation.mimic_layers, 'valuation.mimic_layers'))
 
 
+def check_mimic_layers(config, task, split):
+  """`valuation.mimic_layers` resolved on the task's parameter shapes (nothing trained): a name
+  that holds no parameter is refused in one line; returns the layers (None: all)."""
+  params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+  layers = mimic_layers(config, task, params, split)
+  if layers is not None:
+    pergrad.layer_mask(params, layers)
+  return layers
+
+
 def rater_for(config, train):
   """The rater of `valuation.rater`, checked against the training data."""
   from datarater.export import load_rater  # pylint: disable=g-import-not-at-top
@@ -112,9 +122,7 @@ def check(method: str, config, task, train) -> None:
   if method == 'dvemb':
     warn_dvemb_dim(v, params)
   if method == 'mimic':
-    layers = mimic_layers(config, task, params, train)
-    if layers is not None:
-      pergrad.layer_mask(params, layers)
+    layers = check_mimic_layers(config, task, train)
   if v.store or v.topk:  # layers the store's projection cannot follow fail now, not after a fit
     pergrad.factored_projection(1, 1, layers=layers).init(task.per_example_loss, params,
                                                           train.take([0, 1]))
