@@ -25,7 +25,7 @@ def train_feature_model(train, config):
   from datarater.policies.base import weighting  # pylint: disable=g-import-not-at-top
   from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
   steps = offline_steps(config.train_steps, config.get('train_epochs', 0), len(train),
-                        config.batch_size)
+                        config.batch_size, 'features.train_epochs')
   if steps <= 0:
     raise UserError(f'features.train_steps must be positive, got {config.train_steps}')
   task = tasks.make_task(config.task, train.info)

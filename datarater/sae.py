@@ -22,16 +22,24 @@ from datarater.tasks.base import init_module
 SPARSITIES = ('top_k', 'l1')
 
 
-def offline_steps(steps: int, epochs: float, num_examples: int, batch_size: int) -> int:
+MAX_STEPS = 2 ** 31 - 1  # as every step count of a config
+
+
+def offline_steps(steps: int, epochs: float, num_examples: int, batch_size: int,
+                  field: str = 'epochs') -> int:
   """Steps of an offline stage: when `epochs` > 0, the fewest batches of `batch_size` examples
   that add up to `epochs` passes over `num_examples` (a trainer's short last batch of an epoch
-  is not counted apart); else `steps`.
+  is not counted apart); else `steps`. More than MAX_STEPS is refused, naming `field`.
 
   Sizing by passes keeps the stage in step with the split (the same config serves 5,000 or
   50,000 examples).
   """
   if epochs > 0:
-    return max(1, math.ceil(epochs * num_examples / min(batch_size, num_examples) - 1e-9))
+    batches = epochs * num_examples / min(batch_size, num_examples)
+    if batches > MAX_STEPS:
+      raise UserError(f'{field}={epochs:g} is {batches:.3g} steps of {batch_size} examples, more '
+                      f'than {MAX_STEPS}')
+    return max(1, math.ceil(batches - 1e-9))
   return int(steps)
 
 
@@ -158,7 +166,8 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
   init_key, data_key = jax.random.split(key)
   params = init_module(module, init_key, x[:2])
   batch_size = min(int(config.batch_size), x.shape[0])
-  steps = offline_steps(config.steps, config.get('epochs', 0), x.shape[0], batch_size)
+  steps = offline_steps(config.steps, config.get('epochs', 0), x.shape[0], batch_size,
+                        'sae.epochs')
   # Waited for: a caller timing the offline stage without compilation (bench.selection) would
   # otherwise take _apply's compilation, overlapping this training, off its wall.
   params, mses = jax.block_until_ready(_fit(
