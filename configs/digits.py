@@ -167,7 +167,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sae_scores.div_weight_start = 0.0    # rare factors come in over training ...
   c.sae_scores.div_weight_end = 0.5      # ... up to this weight at the end
   c.sae_scores.usage_penalty = 0.3       # lambda on the share of past epochs an example was used
-  c.sae_scores.temperature = 0.3         # Gumbel noise on the scores (0 = deterministic top-n)
+  c.sae_scores.temperature = 0.3         # tau: n drawn from softmax(score / tau) (0 = top n)
   # Label guard against likely mislabels (class_conditional only): rule 'margin' = factors more
   # typical of another class than of its own by > `mislabel_margin`; 'confident' = an estimated
   # number of label errors, lowest margins first; 'knn' = an estimated number of label errors,

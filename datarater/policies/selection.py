@@ -156,6 +156,7 @@ def sae(codes, ratio: float, num_epochs: int, cfg, labels=None, num_classes: int
     key, sub = jax.random.split(state.key)
     score = sae_scores.combined_score(aux['stats'], state.counts, state.factor_usage,
                                       state.epoch, num_epochs, cfg, aux['suspect'])
+    # Gumbel top-n: n examples drawn without replacement from softmax(score / temperature)
     score = score + cfg.temperature * jax.random.gumbel(sub, score.shape)
     if guard == 'exclude':  # after the noise: suspects only fill what the others cannot
       score = sae_scores.exclude_last(score, aux['suspect'])
