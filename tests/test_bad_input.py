@@ -503,3 +503,22 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tfds_dir, world, ind
     before.pop('busy/.lock', None), after.pop('busy/.lock', None)
   assert after == before, (launcher, argv)
   assert not any('.tmp-' in p for p in os.listdir(world))
+
+
+def test_an_unknown_field_names_its_override_on_the_command_line_only_where_one_alone_holds_it(
+    tfds_dir, tmp_path):
+  """`python -m launch.train_rater` (the launcher's own flag parsing, not `cli.invoke`): an
+  unknown config field is named with the one override that holds it; where two overrides hold
+  it, with neither (the line would name one of them at random)."""
+  from tests import forked  # pylint: disable=g-import-not-at-top
+  from tests.conftest import subprocess_env  # pylint: disable=g-import-not-at-top
+  base = [f'--config.data.data_dir={tfds_dir}', f'--workdir={tmp_path / "run"}']
+  one = forked.run('launch.train_rater', [*base, '--config.zzz.steps=4'], subprocess_env(1))
+  assert one.returncode == 2, one.stderr[-2000:]
+  assert one.stderr.strip() == "error: unknown config field 'zzz': --config.zzz.steps", one.stderr
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    code = cli.invoke(LAUNCHERS['train_rater'], ['train_rater', *base, '--config.inner.zzz=1',
+                                                 '--config.outer.zzz=2'])
+  assert code == 2 and err.getvalue().strip() == "error: unknown config field 'zzz'", err.getvalue()
+  assert not os.path.exists(tmp_path / 'run')

@@ -859,3 +859,20 @@ def test_a_rater_whose_score_reads_its_batch_mates_is_refused_before_its_run(tfd
                                       'its batch or its place in it'):
     meta_train(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.mark.parametrize('kwargs, named', [
+    ({'splits': ['train', 'test'], 'keep': 0.5}, '--scores filters one split at a time'),
+    ({'min_score': float('inf')}, '--min_score must be a finite number, got inf'),
+    ({'min_score': -float('inf')}, '--min_score must be a finite number, got -inf')])
+def test_a_scores_file_filter_refuses_settings_it_cannot_follow(tfds_dir, tmp_path, kwargs, named):
+  """A scores file holds one split's scores (a second split would be filtered by the first's);
+  an infinite --min_score keeps all or nothing: refused in one line, nothing written."""
+  path = str(tmp_path / 's.parquet')
+  values = np.zeros(N_TRAIN)
+  scores_file.write(path, np.arange(N_TRAIN), values, values, dataset='sklearn_digits',
+                    split='train', planted=None)
+  with pytest.raises(UserError, match=re.escape(named)):
+    filter_dataset('sklearn_digits', str(tmp_path / 'out'), scores=path, data_dir=tfds_dir,
+                   **{'splits': ['train'], **kwargs})
+  assert not os.path.exists(tmp_path / 'out')

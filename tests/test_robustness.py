@@ -965,3 +965,180 @@ def test_the_report_figure_shows_an_auroc_below_chance_and_constant_scores(tmp_p
   low, high = auroc_axis.get_ylim()
   assert low <= 0.21 and high == 1.0
   assert sum(p.get_height() for p in histogram.patches) > 0  # both groups drawn
+
+
+class _FakeClock:
+  """meta_train's clock (`time.time`), advanced by hand: 100 s per compilation of the outer step
+  and 1 s per outer step the run calls, nothing otherwise."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def time(self):
+    return self.now
+
+  def stepping(self, fn):
+    clock = self
+
+    class Stepping:
+      def lower(self, *args):
+        lowered = fn.lower(*args)
+
+        class Lowered:
+          def compile(self):
+            clock.now += 100.0
+            return clock.stepping(lowered.compile())
+        return Lowered()
+
+      def __call__(self, *args):
+        clock.now += 1.0
+        return fn(*args)
+    return Stepping()
+
+
+def test_progress_lines_and_steps_per_sec_follow_the_clock_of_the_steps(tfds_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+  """On a clock that moves 1 s per outer step and 100 s per compilation (by hand), a run of 9
+  steps recording only at its end with HEARTBEAT_S = 2.5 writes a progress line once more than
+  2.5 s have passed since the last one: at steps 3 and 6 only, each at 1.00 steps/s with the ETA
+  of the steps left at that rate (6 s, 3 s); its record says 1.0 steps/s (compilation not
+  counted). A run stopped at step 6 and resumed, recording at 4 and 8, says 1.0 steps/s at both
+  records: the resumed one times the 2 steps it ran in 2 s, not the 4 since the last record."""
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
+  from datarater import plots  # pylint: disable=g-import-not-at-top
+  clock = _FakeClock()
+  monkeypatch.setattr(meta_train_lib, 'time', clock)
+  monkeypatch.setattr(meta_train_lib, 'HEARTBEAT_S', 2.5)
+  real_jit = sharding.jit_outer_step
+  monkeypatch.setattr(sharding, 'jit_outer_step', lambda *a: (
+      lambda step_fn, *shardings: (clock.stepping(step_fn), *shardings))(*real_jit(*a)))
+  monkeypatch.setattr(plots, 'save_rater_report', lambda *a, **k: None)  # not read here
+  config = small_config(tfds_dir, steps=9)
+  config.final_eval.num_models = 0
+  config.log_every = config.checkpoint_every = 9
+  meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  beats = [l for l in capsys.readouterr().out.splitlines() if '(metrics every 9 steps)' in l]
+  assert [' '.join(l.split()[l.split().index('step'):]) for l in beats] == [
+      'step 3/9 | 1.00 steps/s | ETA 6 s (metrics every 9 steps)',
+      'step 6/9 | 1.00 steps/s | ETA 3 s (metrics every 9 steps)'], beats
+  read = lambda run: [json.loads(l) for l in open(tmp_path / run / 'metrics.jsonl')]
+  assert [(r['step'], r['steps_per_sec']) for r in read('run')] == [(9, 1.0)]
+
+  config = small_config(tfds_dir, steps=8)
+  config.final_eval.num_models = 0
+  config.log_every, config.checkpoint_every = 4, 8
+  meta_train(config, str(tmp_path / 'resumed'), stop_after=6, devices=jax.devices()[:1])
+  meta_train(config, str(tmp_path / 'resumed'), devices=jax.devices()[:1])
+  assert [(r['step'], r['steps_per_sec']) for r in read('resumed')] == [(4, 1.0), (8, 1.0)]
+
+
+def test_a_flat_meta_gradient_is_reported_since_the_first_step_of_its_stretch(
+    tfds_dir, tmp_path, monkeypatch, capsys):
+  """The meta-gradient norm scripted 0 at outer steps 3-6 and 9-10 of a 10-step run recording
+  every 2 steps: the warning at records 4 and 6 names step 3 (where the stretch of flat records
+  began), none at 8, and at 10 step 9 (a new stretch), though the run stopped at step 5 and was
+  resumed in between."""
+  real = sharding.outer_step
+  flat = jnp.array([s in (3, 4, 5, 6, 9, 10) for s in range(1, 11)])
+
+  def scripted(problem, estimator, state, inner, outer):
+    new_state, metrics = real(problem, estimator, state, inner, outer)
+    return new_state, {**metrics, 'meta_grad_norm': jnp.where(
+        flat[state.step], 0.0, metrics['meta_grad_norm'])}
+  monkeypatch.setattr(sharding, 'outer_step', scripted)
+  from datarater import plots  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(plots, 'save_rater_report', lambda *a, **k: None)  # not read here
+  config = small_config(tfds_dir, steps=10)
+  config.final_eval.num_models = 0
+  config.log_every, config.checkpoint_every = 2, 2
+  meta_train(config, str(tmp_path / 'run'), stop_after=5, devices=jax.devices()[:1])
+  meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  records, warned = [], {}
+  for line in capsys.readouterr().out.splitlines():
+    if '| outer loss' in line:
+      records.append(int(line.split('step')[1].split('/')[0]))
+    elif 'exactly 0 since outer step' in line:
+      warned[records[-1]] = int(line.split('since outer step ')[1].split(':')[0])
+  assert records == [2, 4, 6, 8, 10] and warned == {4: 3, 6: 3, 10: 9}, (records, warned)
+
+
+def test_a_checkpoint_without_progress_resumes_records_over_the_steps_since_the_resume(
+    tfds_dir, tmp_path, monkeypatch):
+  """A checkpoint written before checkpoints kept the progress between records (here its
+  `progress` dropped as it is saved), resumed at step 3 of a run recording every 2 steps: its
+  record at step 4 holds the means of step 4 alone, as an uninterrupted run recording every step
+  logs them at step 4; later records are whole again."""
+  from datarater import plots  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(plots, 'save_rater_report', lambda *a, **k: None)  # not read here
+  config = small_config(tfds_dir, steps=6)
+  config.final_eval.num_models = 0
+  every_step = config.copy_and_resolve_references()
+  every_step.log_every = every_step.checkpoint_every = 1
+  meta_train(every_step, str(tmp_path / 'straight'), devices=jax.devices()[:1])
+  save = checkpointing.RunCheckpointer.save
+  monkeypatch.setattr(checkpointing.RunCheckpointer, 'save', lambda self, step, state, pos,
+                      extra=None: save(self, step, state, pos, {k: v for k, v in extra.items()
+                                                                 if k != 'progress'}))
+  meta_train(config, str(tmp_path / 'old'), stop_after=3, devices=jax.devices()[:1])
+  monkeypatch.setattr(checkpointing.RunCheckpointer, 'save', save)
+  meta_train(config, str(tmp_path / 'old'), devices=jax.devices()[:1])
+  read = lambda run: {r['step']: r for r in map(json.loads, open(tmp_path / run / 'metrics.jsonl'))}
+  straight, got = read('straight'), read('old')
+  assert sorted(got) == [2, 4, 6]
+  for name in ('outer_loss', 'inner_loss', 'meta_grad_norm', 'weight_ess'):
+    np.testing.assert_allclose(got[4][name], straight[4][name], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got[6][name], (straight[5][name] + straight[6][name]) / 2,
+                               rtol=1e-5, err_msg=name)
+
+
+def test_skipped_steps_in_a_row_stop_the_run_at_the_next_checkpoint_between_records(
+    tfds_dir, tmp_path, monkeypatch):
+  """Steps 1-3 scripted as skipped in a row, checkpoints every 2 steps, records every 10: the run
+  stops at the checkpoint of step 4 (the first save after the third skipped step), not at the
+  record of step 10."""
+  real = sharding.outer_step
+
+  def scripted(problem, estimator, state, inner, outer):
+    new_state, metrics = real(problem, estimator, state, inner, outer)
+    return new_state, {**metrics, 'skipped_in_a_row': jnp.where(state.step < 3, state.step + 1, 0)}
+  monkeypatch.setattr(sharding, 'outer_step', scripted)
+  config = small_config(tfds_dir, steps=10)
+  config.log_every, config.checkpoint_every = 10, 2
+  config.outer.max_skipped_steps = 3
+  with pytest.raises(UserError, match=r'not finite at 3 outer steps in a row \(by step 4\)'):
+    meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+
+
+def test_a_failed_background_save_is_raised_by_check_and_closing_keeps_the_blocks_own_error(
+    tmp_path):
+  """A save whose write fails in orbax's background threads (a file-size limit): `check()` raises
+  that OS error once orbax has reported it, with no later save, wait or close; and an error that
+  leaves a `closing()` block stands, not the failed save's own error raised again at close."""
+  import resource  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  checkpointer = checkpointing.RunCheckpointer(str(tmp_path / 'run'),
+                                               ml_collections.ConfigDict({'seed': 0}))
+  state = {'w': np.arange(2 ** 19, dtype=np.float32)}  # 2 MiB in one file
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG
+  resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, limits[1]))
+  raised = None
+  try:
+    with pytest.raises(KeyError, match='the run'):
+      with checkpointer.closing():
+        checkpointer.save(1, state, {'train': 0})
+        deadline = time.monotonic() + 60
+        while raised is None and time.monotonic() < deadline:
+          try:
+            checkpointer.check()
+          except Exception as e:  # pylint: disable=broad-except
+            raised = e
+          time.sleep(0.05)
+        raise KeyError('the run')
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, handler)
+  assert raised is not None and 'File too large' in str(raised), raised
+  assert not (tmp_path / 'run' / 'checkpoints' / '1').exists()

@@ -294,3 +294,36 @@ def test_stopped_and_resumed_run_equals_uninterrupted(splits, tmp_path):
   again = _trainer(train, policy).run(train, {'eval': test}, [0, 1], epochs=4,
                                       checkpointer=ckpt())
   assert (again.compile_s, again.wall_s) == (resumed.compile_s, resumed.wall_s)
+
+
+def test_compile_time_is_counted_apart_from_the_training_and_kept_across_a_resume(
+    splits, tmp_path, monkeypatch):
+  """Each compilation made 1000 s long on the trainer's clock (by hand, counted as it happens):
+  compile_s is 1000 s per compilation plus the real time (well under 1000 s), and wall_s stays
+  under 1000 s, in a run stopped after an epoch and in its resumed run (whose compile_s adds its
+  own compilations to the checkpoint's)."""
+  import time as real_time  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  extra = {'s': 0.0, 'compiles': 0}
+  compile_ = jax.stages.Lowered.compile
+
+  def slow_compile(self, *a, **k):
+    extra['s'] += 1000.0
+    extra['compiles'] += 1
+    return compile_(self, *a, **k)
+  monkeypatch.setattr(jax.stages.Lowered, 'compile', slow_compile)
+  monkeypatch.setattr(trainer_lib, 'time', types.SimpleNamespace(
+      perf_counter=lambda: real_time.perf_counter() + extra['s']))
+  train, test = splits
+  config = ml_collections.ConfigDict({'x': 1})
+  ckpt = lambda: checkpointing.RunCheckpointer(str(tmp_path), config)
+  stopped = _trainer(train).run(train, {'eval': test}, [0], epochs=2, checkpointer=ckpt(),
+                                stop_after=1)
+  first = extra['compiles']
+  assert first >= 2 and 1000 * first <= stopped.compile_s < 1000 * first + 500, stopped.compile_s
+  assert 0 < stopped.wall_s < 500, stopped.wall_s
+  resumed = _trainer(train).run(train, {'eval': test}, [0], epochs=2, checkpointer=ckpt())
+  total = extra['compiles']
+  assert total > first and 1000 * total <= resumed.compile_s < 1000 * total + 500, (
+      resumed.compile_s, total)
+  assert stopped.wall_s < resumed.wall_s < 500, resumed.wall_s
