@@ -13,6 +13,7 @@ rater) are digested into each checkpoint, and a resume with other contents there
 """
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -166,16 +167,16 @@ class _SaveBarrier:
   (`fail`), then raises `_AnotherProcessFailed` (orbax ends that save there and raises it again
   in the next save, wait or close).
 
-  Every process makes the same RunCheckpointers in the same order: the folder and the number of
-  those made for it before name the keys of one.
+  Every process makes the same RunCheckpointers in the same order: the number of those made
+  before names the keys of one (not its folder's path, which may differ between hosts that mount
+  one file system at different points).
   """
   saving = set()  # those of this process with a save written in the background, by `fail`
-  _made = collections.Counter()  # by folder
+  _made = itertools.count()
 
   def __init__(self, directory: str):
-    self.directory = directory
-    self._prefix = f'datarater/checkpoints/{directory}/{_SaveBarrier._made[directory]}'
-    _SaveBarrier._made[directory] += 1
+    self.directory = directory  # (this process's path of it: orbax's error logs name it)
+    self._prefix = f'datarater/checkpoints/{next(_SaveBarrier._made)}'
     self._calls = collections.Counter()
     self._passed = set()  # the (barrier, call) this process left with every process there
     self._lock = threading.Lock()
@@ -220,7 +221,7 @@ class _SaveBarrier:
         raise TimeoutError(f'the processes did not all reach barrier {key} of a checkpoint save '
                            f'in {timeout_ms / 1000:.0f} s')
       time.sleep(pause)
-      pause = min(2 * pause, 0.005)
+      pause = min(2 * pause, 0.05)  # (at 5 ms, 20% of a core waiting for a slow process)
     self._passed.add((key, n))
 
   def _count(self, name: str) -> int:
@@ -228,8 +229,10 @@ class _SaveBarrier:
     (at its next call of that barrier, after every process counted itself in at this one)."""
     try:
       return int(self._client().key_value_try_get(name))
-    except jax.errors.JaxRuntimeError:  # NOT_FOUND: deleted
-      return jax.process_count()
+    except jax.errors.JaxRuntimeError as e:
+      if 'NOT_FOUND' not in str(e):  # (an unreachable coordinator is no proof that all came)
+        raise
+      return jax.process_count()  # deleted
 
 
 def _drop_background_save_reports() -> None:

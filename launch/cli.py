@@ -95,7 +95,8 @@ def define_config_file(name: str, default: str, help_string: str,
 def _override_of(field: str, argv) -> str:
   """The `--config.a.b` override of `argv` whose path holds `field`, if one alone does ('' if
   none or several): ml_collections names only the unknown part of the path."""
-  found = {f'--{name}' for name in (a.lstrip('-').split('=', 1)[0] for a in argv or ())
+  found = {f'--{name}' for name in (a.lstrip('-').split('=', 1)[0] for a in argv or ()
+                                    if a.startswith('-'))
            if '.' in name and field in name.split('.')[1:]}
   return found.pop() if len(found) == 1 else ''
 

@@ -695,3 +695,33 @@ def test_one_process_that_cannot_write_its_part_of_a_checkpoint_stops_both(tfds_
   meta_train(config, str(workdir), devices=jax.devices()[:4])  # resumed from the last kept
   meta_train(config, str(tmp_path / 'straight'), devices=jax.devices()[:4])
   _assert_same(_params(workdir), _params(tmp_path / 'straight'), atol=1e-5)
+
+
+# A rater run as one of two jax.distributed processes that reach its workdir by two paths (as
+# two hosts that mount one file system at different points; here a symlink on process 1).
+_ONE_FOLDER_TWO_PATHS = """
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import jax
+from datarater.meta_train import meta_train
+from tests.run_config import small_config
+pid, port, tfds_dir, tmp = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+meta_train(small_config(tfds_dir, steps=4),
+           os.path.join(tmp, ('shared', 'mounted')[pid], 'run'))
+print('finished')
+"""
+
+
+def test_processes_that_reach_the_workdir_by_two_paths_checkpoint_it(tfds_dir, tmp_path):
+  """Every checkpoint is written, and the run ends with one process's rater. Before, the save
+  barriers were named by each process's own path of the folder: the processes waited for each
+  other there (orbax's 20 minutes) from the first checkpoint on."""
+  (tmp_path / 'shared').mkdir()
+  os.symlink(tmp_path / 'shared', tmp_path / 'mounted')
+  _finish(_start_driver(_ONE_FOLDER_TWO_PATHS, tfds_dir, tmp_path), timeout=120)
+  assert sorted(d for d in os.listdir(tmp_path / 'shared' / 'run' / 'checkpoints')
+                if re.fullmatch(r'\d+', d)) == ['2', '4']
+  config = small_config(tfds_dir, steps=4)
+  meta_train(config, str(tmp_path / 'straight'), devices=jax.devices()[:4])
+  _assert_same(_params(tmp_path / 'shared' / 'run'), _params(tmp_path / 'straight'), atol=1e-5)
