@@ -95,9 +95,12 @@ def test_a_rater_whose_scores_overflow_is_no_success_and_trains_nothing(tfds_dir
   assert 'policy datarater gave loss weights that are not finite at step 1' in lines[0]
 
 
+@pytest.mark.parametrize('log_every,checkpoint_every,by', [(5, 5, 5), (10, 2, 4)])
 def test_skipped_steps_in_a_row_that_end_between_checks_still_stop_the_run(
-    tfds_dir, tmp_path, monkeypatch):
-  """Steps 1-3 scripted as skipped in a row, then finite again; the run checks at step 5 only."""
+    tfds_dir, tmp_path, monkeypatch, log_every, checkpoint_every, by):
+  """Steps 1-3 scripted as skipped in a row, then finite again: the run stops at its first record
+  or checkpoint after them (records and checkpoints every 5 steps: step 5; records every 10,
+  checkpoints every 2: step 4)."""
   real = sharding.outer_step
 
   def scripted(problem, estimator, state, inner, outer):
@@ -105,9 +108,9 @@ def test_skipped_steps_in_a_row_that_end_between_checks_still_stop_the_run(
     return new_state, {**metrics, 'skipped_in_a_row': jnp.where(state.step < 3, state.step + 1, 0)}
   monkeypatch.setattr(sharding, 'outer_step', scripted)
   config = small_config(tfds_dir, steps=10)
-  config.log_every = config.checkpoint_every = 5
+  config.log_every, config.checkpoint_every = log_every, checkpoint_every
   config.outer.max_skipped_steps = 3
-  with pytest.raises(UserError, match=r'not finite at 3 outer steps in a row \(by step 5\)'):
+  with pytest.raises(UserError, match=rf'not finite at 3 outer steps in a row \(by step {by}\)'):
     meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
 
 
@@ -1089,24 +1092,6 @@ def test_a_checkpoint_without_progress_resumes_records_over_the_steps_since_the_
     np.testing.assert_allclose(got[4][name], straight[4][name], rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(got[6][name], (straight[5][name] + straight[6][name]) / 2,
                                rtol=1e-5, err_msg=name)
-
-
-def test_skipped_steps_in_a_row_stop_the_run_at_the_next_checkpoint_between_records(
-    tfds_dir, tmp_path, monkeypatch):
-  """Steps 1-3 scripted as skipped in a row, checkpoints every 2 steps, records every 10: the run
-  stops at the checkpoint of step 4 (the first save after the third skipped step), not at the
-  record of step 10."""
-  real = sharding.outer_step
-
-  def scripted(problem, estimator, state, inner, outer):
-    new_state, metrics = real(problem, estimator, state, inner, outer)
-    return new_state, {**metrics, 'skipped_in_a_row': jnp.where(state.step < 3, state.step + 1, 0)}
-  monkeypatch.setattr(sharding, 'outer_step', scripted)
-  config = small_config(tfds_dir, steps=10)
-  config.log_every, config.checkpoint_every = 10, 2
-  config.outer.max_skipped_steps = 3
-  with pytest.raises(UserError, match=r'not finite at 3 outer steps in a row \(by step 4\)'):
-    meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
 
 
 def test_a_failed_background_save_is_raised_by_check_and_closing_keeps_the_blocks_own_error(
