@@ -202,6 +202,9 @@ def _cases(tfds_dir: str, w) -> list:
       ('train', [data, '--policy=nope'], "unknown policy 'nope'"),
       ('train', [data, '--policy=sae', '--config.features.train_epochs=1e30',
                  f'--workdir={w}/new_train'], 'features.train_epochs=1e+30 is 1.87e+31 steps'),
+      ('train', [data, '--policy=sae', '--config.features.extractor=pixels',
+                 '--config.sae.epochs=1e30', f'--workdir={w}/new_train'],
+       'sae.epochs=1e+30 is 4.68e+30 steps'),
       ('train', [data, '--policy=mimic', '--config.valuation.mimic_layers=nope',
                  '--config.valuation.reference_steps=5', f'--workdir={w}/new_train'],
        "layer 'nope' not found"),
@@ -461,7 +464,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 177  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 178  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -419,7 +419,7 @@ def _stable_merge(best_s, best_i, s, i, k, sign):
   return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
 
 
-@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+@pytest.mark.parametrize('dtype', [np.float32, pytest.param(np.float64, marks=pytest.mark.slow)])
 def test_running_top_k_breaks_ties_as_a_stable_sort(dtype):
   """Scores with many ties, +-0.0, +-inf and NaN, merged block by block on the device: the
   same rows (and scores, bit for bit) as the stable host sort and as argsort of all of them."""

@@ -148,6 +148,7 @@ def test_a_workdir_in_use_stops_both_processes_in_one_line(tfds_dir, tmp_path):
   assert sorted(os.listdir(workdir)) == ['.lock']
 
 
+@pytest.mark.slow  # (a two-process job for a case the README does not claim)
 def test_a_rater_whose_scores_overflow_stops_both_processes_in_one_line(tfds_dir, tmp_path):
   """Outer steps of 1e30 leave finite parameters whose scores overflow: process 0, which scores
   and reports, and process 1 both end with exit 2 and one line; no report is written."""
@@ -318,6 +319,7 @@ except UserError as e:
 """
 
 
+@pytest.mark.slow  # (a two-process job for a case the README does not claim)
 def test_processes_that_loaded_different_raters_stop_in_one_line(tfds_dir, tmp_path):
   """A rater run still training can hand the processes different checkpoints: filter and valuate
   must refuse on every process rather than mix two raters' blocks (nothing is written)."""
@@ -448,6 +450,7 @@ def test_a_signal_in_a_vote_nested_in_another_stops_the_outer_one(monkeypatch):
     assert handled[-1] is False  # sent again after the outer block: no vote runs, it stops
 
 
+@pytest.mark.slow  # (a two-process job for a case the README does not claim)
 def test_a_dataset_folder_changed_for_one_process_stops_both(tfds_dir, tmp_path):
   """Each process digests data.dataset_dir itself; if one sees other contents than the checkpoint
   was made from, both refuse to resume (neither waits alone in a collective)."""
@@ -593,11 +596,11 @@ slow = pytest.mark.slow  # (each case is a two-process job)
     pytest.param('valuate', 'datarater.valuation.factory:build', 1, 'sigterm', [143, 143],
                  id='valuate-fit-sigterm', marks=slow),
     pytest.param('valuate', 'datarater.curation.scores_file:write', 0, 'error', [2, 2],
-                 id='valuate-write-error'),
+                 id='valuate-write-error', marks=slow),
     pytest.param('filter', 'datarater.export:load_rater', 1, 'error', [2, 2],
                  id='filter-load-error'),
     pytest.param('filter-exported', 'datarater.export:load_rater', 1, 'error', [2, 2],
-                 id='filter-exported-load-error'),
+                 id='filter-exported-load-error', marks=slow),
     pytest.param('filter', 'datarater.curation.tfds_writer:write_subset', 0, 'slow', [0, 0],
                  id='filter-slow-write'),
     pytest.param('train_rater', 'datarater.files:JsonlLog.write', 0, 'error', [2, 2],
@@ -713,6 +716,7 @@ print('finished')
 """
 
 
+@pytest.mark.slow  # (a two-process job for a case the README does not claim)
 def test_processes_that_reach_the_workdir_by_two_paths_checkpoint_it(tfds_dir, tmp_path):
   """Every checkpoint is written, and the run ends with one process's rater. Before, the save
   barriers were named by each process's own path of the folder: the processes waited for each

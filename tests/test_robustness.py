@@ -564,7 +564,7 @@ def test_a_checkpoint_from_before_fields_were_added_resumes(tfds_dir, tmp_path, 
   assert meta_train(config, workdir)['outer_steps'] == 4
 
 
-@pytest.mark.parametrize('ema', [0.0, 0.5])
+@pytest.mark.parametrize('ema', [pytest.param(0.0, marks=pytest.mark.slow), 0.5])
 def test_the_report_reuses_the_last_logged_steps_scores(tfds_dir, tmp_path, monkeypatch, ema):
   """With label noise each logged step scores the training split (twice with outer.ema: the
   average and the last iterate); the report reads the final step's scores, no pass of its own."""

@@ -150,7 +150,7 @@ def test_resumed_past_an_unreadable_checkpoint_equals_uninterrupted(tfds_dir, tm
   assert [r['epoch'] for r in records] == [1, 2, 3, 4]  # no epoch twice, none missing
 
 
-@pytest.mark.parametrize('policy', ['uniform', 'infobatch'])
+@pytest.mark.parametrize('policy', [pytest.param('uniform', marks=pytest.mark.slow), 'infobatch'])
 def test_a_streamed_training_split_trains_like_one_in_memory(tfds_dir, tmp_path, policy):
   """train.stream reads the batches from the TFDS files as the steps go: the same steps, so the
   same figures; stopped and resumed from a streamed run's checkpoint in memory, too (streaming is
