@@ -115,6 +115,7 @@ def test_the_advance_probe_given_the_bench_part_is_one_line():
   assert 'unknown config field keeps' in lines[0], lines
 
 
+@pytest.mark.slow
 def test_a_run_the_seeds_bench_starts_that_fails_is_its_one_line(tmp_path):
   """bench.train_rater_seeds ran launch.train_rater with check=True: a config it refused was a
   CalledProcessError traceback hiding the launcher's own line."""

@@ -431,6 +431,7 @@ def test_written_files_are_readable_by_everyone(tfds_dir, tmp_path):
     assert mode == 0o644, (name, oct(mode))
 
 
+@pytest.mark.slow
 def test_weights_collapsed_onto_a_few_examples_are_reported(tfds_dir, tmp_path, capsys):
   """A temperature so low that each batch's weight sits on its top-scored example: the logged
   weight ESS is near 1/B and a warning line names the settings to change."""
@@ -547,6 +548,7 @@ def test_a_run_with_skipped_steps_loads_its_average_debiased_by_the_iterates_it_
       want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_fields_were_added_resumes(tfds_dir, tmp_path, monkeypatch):
   """A checkpoint that does not record a field added since (task.input, ...) matches a config
   holding it at the value that behaves as its absence did, and no other value."""
@@ -619,6 +621,7 @@ def test_a_run_with_polyak_averaging_reports_and_exports_the_average(tfds_dir, t
   assert not np.allclose(exported[decay], iterates[-1])
 
 
+@pytest.mark.slow
 def test_a_finished_run_prints_its_report_only_if_it_reports_these_steps_and_models(
     tfds_dir, tmp_path, capsys):
   """Run again, a finished run prints its report; one stopped past an older report (extended,
@@ -887,6 +890,7 @@ def test_fresh_models_trained_with_the_rater_use_its_temperature(tfds_dir):
   assert abs(by_hand(1.0) - got) > 1e-4
 
 
+@pytest.mark.slow
 def test_asyncio_reports_of_unretrieved_tensorstore_read_errors_are_dropped(caplog, monkeypatch):
   """orbax reads a damaged checkpoint's arrays in several asyncio tasks and raises the first
   error; the others, collected unretrieved, made asyncio log a traceback each. Once a checkpoint
@@ -924,6 +928,7 @@ def test_asyncio_reports_of_unretrieved_tensorstore_read_errors_are_dropped(capl
     assert len(unretrieved('another failure')) == 2
 
 
+@pytest.mark.slow
 def test_orbax_metadata_reads_never_awaited_warn_no_more_once_a_checkpoint_is_read():
   """A coroutine of orbax's metadata read dropped unawaited (as after a damaged checkpoint's read
   failed) warns as the garbage collector finds it, until `quiet_orbax` has run; another
@@ -1035,6 +1040,7 @@ def test_progress_lines_and_steps_per_sec_follow_the_clock_of_the_steps(tfds_dir
   assert [(r['step'], r['steps_per_sec']) for r in read('resumed')] == [(4, 1.0), (8, 1.0)]
 
 
+@pytest.mark.slow
 def test_a_flat_meta_gradient_is_reported_since_the_first_step_of_its_stretch(
     tfds_dir, tmp_path, monkeypatch, capsys):
   """The meta-gradient norm scripted 0 at outer steps 3-6 and 9-10 of a 10-step run recording
@@ -1065,6 +1071,7 @@ def test_a_flat_meta_gradient_is_reported_since_the_first_step_of_its_stretch(
   assert records == [2, 4, 6, 8, 10] and warned == {4: 3, 6: 3, 10: 9}, (records, warned)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_progress_resumes_records_over_the_steps_since_the_resume(
     tfds_dir, tmp_path, monkeypatch):
   """A checkpoint written before checkpoints kept the progress between records (here its

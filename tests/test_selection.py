@@ -489,6 +489,7 @@ def test_bench_folds_partition_train_and_test(tfds_dir):
   assert tested == pool
 
 
+@pytest.mark.slow
 def test_bench_gini_ablation_has_both_rows_when_the_configs_penalty_is_zero():
   """A usage penalty of 0 is a valid config: both rows of the ablation are its one policy (the
   second row was missing and the Markdown table raised KeyError after every run)."""
@@ -572,6 +573,7 @@ def test_knn_label_shares_match_a_brute_force_neighbour_count():
     scores.knn_label_shares(stats, 150, reference=sample)
 
 
+@pytest.mark.slow
 def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_path):
   """`bench.selection --offline_only` on digits: one row per (noise, seed), no training runs; the
   guard's recall and precision describe one suspect set: recall x corrupted examples (counted

@@ -127,7 +127,7 @@ def test_ctrl_c_as_a_checkpoint_is_written_stops_once_it_is(tfds_dir, tmp_path):
   assert 'resuming from the checkpoint at epoch 1' in again.stdout
 
 
-@pytest.mark.parametrize('how', ['truncated', 'renamed'])
+@pytest.mark.parametrize('how', ['truncated', pytest.param('renamed', marks=pytest.mark.slow)])
 def test_resumed_past_an_unreadable_checkpoint_equals_uninterrupted(tfds_dir, tmp_path, caplog,
                                                                     capsys, how):
   """The newest checkpoint (epoch 3) is damaged, its arrays cut short or its record valid JSON

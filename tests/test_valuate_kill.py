@@ -78,6 +78,7 @@ class _Stop(Exception):
   pass
 
 
+@pytest.mark.slow
 def test_a_partial_of_another_process_count_is_not_resumed(tfds_dir, tmp_path, monkeypatch):
   """Process 0 of 2 scores blocks 0, 2, 4, ...; stopped after two of them and resumed by one
   process (which scores 0, 1, 2, ...), its partial must not count as blocks 0 and 1 done."""
