@@ -431,7 +431,6 @@ def test_written_files_are_readable_by_everyone(tfds_dir, tmp_path):
     assert mode == 0o644, (name, oct(mode))
 
 
-@pytest.mark.slow
 def test_weights_collapsed_onto_a_few_examples_are_reported(tfds_dir, tmp_path, capsys):
   """A temperature so low that each batch's weight sits on its top-scored example: the logged
   weight ESS is near 1/B and a warning line names the settings to change."""
