@@ -329,17 +329,25 @@ def test_what_needs_class_labels_names_its_setting_for_a_task_without_them(tmp_p
       return mlp.per_example_loss(params, batch)
 
   bare = NoLabels(mlp.spec, mlp.num_classes)
+
+  class Rows:  # the training split, as much of it as `check` reads
+    def __len__(self):
+      return 4
+
+    def take(self, indices):
+      return jax.tree.map(lambda x: x[np.asarray(indices)], _batch(4))
+  train = Rows()
   config = get_config()
   config.valuation.optimizer = 'sgd'
   assert config.valuation.dvemb_curvature == 'gauss_newton'
-  factory.check('dvemb', config, mlp, None)
+  factory.check('dvemb', config, mlp, train)
   with pytest.raises(UserError, match=r"^valuation.dvemb_curvature='gauss_newton' needs class "
                      r'labels: task NoLabels defines no labels\(batch\) / with_labels\(batch, '
                      r'labels\); define them, or set '
                      r'--config.valuation.dvemb_curvature=empirical_fisher$'):
-    factory.check('dvemb', config, bare, None)
+    factory.check('dvemb', config, bare, train)
   config.valuation.dvemb_curvature = 'empirical_fisher'
-  factory.check('dvemb', config, bare, None)
+  factory.check('dvemb', config, bare, train)
   assert config.sae_scores.class_conditional
   with pytest.raises(UserError, match=r'^sae_scores.class_conditional=True needs class labels: '
                      r'task NoLabels .* or set --config.sae_scores.class_conditional=false$'):
@@ -494,3 +502,44 @@ def test_a_rater_score_that_reads_the_rest_of_the_batch_is_refused():
   with pytest.raises(UserError, match="rater Centred: an example's score depends on the rest of "
                                       'its batch'):
     tasks.check_per_example(centred, params, batch)
+
+
+def test_a_batch_reading_loss_hidden_at_init_by_a_zero_last_layer_is_refused():
+  """Hidden units normalised over the batch (batch norm in training mode, by hand) before a
+  zero-initialised last layer: at init every logit is 0 alone and in a batch, so the loss values
+  agree, but the gradient of the last layer is the normalised units, which read the batch-mates
+  (alone an example's are all 0). The float64 gradient of one row of the batch loss differs from
+  the same example's gradient alone; the check compares derivatives too and refuses it."""
+
+  class Head(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(4)(x.reshape(x.shape[0], -1)))
+      h = (h - h.mean(0)) / jnp.sqrt(h.var(0) + 1e-5)
+      return nn.Dense(3, kernel_init=nn.initializers.zeros)(h)
+
+  @dataclasses.dataclass(frozen=True)
+  class ZeroHead(tasks.Task):
+    spec: tasks.FeatureSpec
+
+    def init(self, key):
+      return Head().init(key, tasks.example_batch(self.spec)['image'])
+
+    def per_example_loss(self, params, batch):
+      return optax.softmax_cross_entropy_with_integer_labels(Head().apply(params, batch['image']),
+                                                             batch['label'])
+
+  task, batch = ZeroHead(tiny_info().spec), _batch(4)
+  params = task.init(jax.random.key(0))
+  with jax.enable_x64():
+    p64 = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    b64 = {**batch, 'image': jnp.asarray(batch['image'], jnp.float64)}
+    in_batch = jax.grad(lambda p: task.per_example_loss(p, b64)[0])(p64)
+    alone = jax.grad(lambda p: task.per_example_loss(p, jax.tree.map(lambda x: x[:1], b64))[0])(
+        p64)
+    np.testing.assert_allclose(task.per_example_loss(p64, b64)[:1],
+                               task.per_example_loss(p64, jax.tree.map(lambda x: x[:1], b64)))
+    assert max(float(jnp.abs(a - b).max()) for a, b in
+               zip(jax.tree.leaves(in_batch), jax.tree.leaves(alone))) > 1e-2  # what is prevented
+  with pytest.raises(UserError, match="task ZeroHead: an example's loss depends on the rest"):
+    tasks.check_per_example(task, params, batch)

@@ -466,3 +466,28 @@ def test_dvemb_warns_before_its_fit_when_the_projected_gradient_is_long(caplog):
   assert line.endswith("valuation.projection='gaussian' bounds k by valuation.projection_dim")
   v.projection = 'gaussian'
   assert factory.projected_dim(v, wide) == (v.projection_dim, [])
+
+
+def test_a_loss_that_reads_its_batch_mates_is_refused_before_the_workdir_is_made(
+    tfds_dir, tmp_path, monkeypatch):
+  """Bad input is refused before anything is written: a loss centred on its batch's mean (batch
+  norm in training mode) stopped valuate in one line, but after its workdir (with a lock file)
+  was made."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from datarater.tasks import registry  # pylint: disable=g-import-not-at-top
+  mlp = registry.TASKS['mlp_classifier']
+
+  def centred(config, info):
+    task = mlp(config, info)
+
+    @dataclasses.dataclass(frozen=True)
+    class Centred(type(task)):
+      def per_example_loss(self, params, batch):
+        return super().per_example_loss(
+            params, {**batch, 'image': batch['image'] - batch['image'].mean(0)})
+    return Centred(**{f.name: getattr(task, f.name) for f in dataclasses.fields(task)})
+
+  monkeypatch.setitem(registry.TASKS, 'mlp_classifier', centred)
+  with pytest.raises(UserError, match="task Centred: an example's loss depends on the rest"):
+    valuate('tracin', small_config(tfds_dir), str(tmp_path / 'val'), progress=False)
+  assert not os.path.exists(tmp_path / 'val')

@@ -78,16 +78,31 @@ def check_per_example(model: 'Task | Rater', params: Params, batch: Batch) -> No
   in blocks of any size, so a loss or score that depends on the example's batch-mates (batch
   norm in training mode) or its place in the batch (dropout with one key for the batch) would
   give every valuation another model's gradients, and a filter's choice would follow its
-  batch size."""
+  batch size. Compared: the values and their derivatives along a random direction of the
+  parameters (one JVP), so a loss whose values alone agree at `params` is still caught."""
   rater = isinstance(model, Rater)
   fn = model.score if rater else model.per_example_loss
+  # Values and their derivatives along a random direction: at a degenerate point such as a
+  # zero-initialised last layer the values can be the same alone and in a batch while the
+  # gradients (what is trained and valued) still read the batch-mates.
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(0), max(1, len(leaves)))
+  tangent = jax.tree.unflatten(treedef, [
+      jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+      if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else
+      np.zeros(jnp.shape(x), jax.dtypes.float0) for k, x in zip(keys, leaves)])
 
-  def rows(params, batch):  # one program (a compilation cache holds it), not op by op
-    alone = jax.vmap(lambda example: fn(params, jax.tree.map(lambda x: x[None], example))[0])
-    return fn(params, batch), alone(batch)
+  def rows(params, batch, tangent):  # one program (a compilation cache holds it), not op by op
+    def one(example):
+      return jax.jvp(lambda p: fn(p, jax.tree.map(lambda x: x[None], example))[0], (params,),
+                     (tangent,))
+    return jax.jvp(lambda p: fn(p, batch), (params,), (tangent,)), jax.vmap(one)(batch)
   with jax.default_matmul_precision('highest'):  # (not TF32: batch sizes would round apart)
-    together, alone = jax.jit(rows)(params, batch)
-  if not np.allclose(together, alone, rtol=1e-4, atol=1e-6):
+    (together, d_together), (alone, d_alone) = jax.jit(rows)(params, batch, tangent)
+  d_together, d_alone = np.asarray(d_together), np.asarray(d_alone)
+  scale = float(np.abs(d_alone).max()) if d_alone.size else 0.0
+  if not (np.allclose(together, alone, rtol=1e-4, atol=1e-6) and
+          np.allclose(d_together, d_alone, rtol=1e-4, atol=1e-5 * scale + 1e-6)):
     raise UserError(f'{"rater" if rater else "task"} {type(model).__name__}: an example\'s '
                     f'{"score" if rater else "loss"} depends on the rest of its batch or its place '
                     'in it (batch norm in training mode? dropout with one key for the batch?): '

@@ -61,11 +61,11 @@ def record(config, task, split, steps: int, every: int, cache=None, name: str = 
   return make() if cache is None else cache.get(name, make)
 
 
-def check_per_example(config, task, heldout) -> None:
+def check_per_example(config, task, split) -> None:
   """Refuses a loss that reads other examples of its batch (`tasks.check_per_example`, on the
-  valuation seed's initial parameters and the first held-out examples)."""
+  valuation seed's initial parameters and the first examples of `split`)."""
   tasks.check_per_example(task, task.init(jax.random.key(config.valuation.seed)),
-                          heldout.take(np.arange(min(4, len(heldout)))))
+                          split.take(np.arange(min(4, len(split)))))
 
 
 def mimic_reference(config, task, heldout, cache=None):
@@ -115,6 +115,7 @@ def check(method: str, config, task, train) -> None:
     rater_for(config, train)
     return
   check_settings(method, config, task)
+  check_per_example(config, task, train)  # before the workdir is made (build checks it again)
   params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
   if parse_layers(v.layers) is not None:
     pergrad.layer_mask(params, parse_layers(v.layers))
