@@ -94,10 +94,16 @@ def _check_fits(rater: tasks.Rater, params, where: str) -> None:
     raise UserError(f'{where}: its parameters do not fit the architecture it names')
 
 
-def _make_rater(section, info, where: str, module=None) -> tasks.Rater:
+def _make_rater(section, info, where: str, saved: dict) -> tasks.Rater:
   """The rater of a saved `rater` config section, checked against its schema (a hand-edited
-  file fails in one line naming `where`); `module`, where it registered, is imported if need be."""
-  tasks.registry.import_module_of(section.get('name'), module, where)
+  file fails in one line naming `where`); the module that registered it (`saved['rater_module']`)
+  is imported if need be."""
+  name, module = section.get('name'), saved.get('rater_module')
+  if 'rater_module' in saved and module is None and name not in tasks.RATERS:
+    raise UserError(f'{where!r}: rater {name!r} was registered in a script or a --config file, '
+                    'which nothing else imports: register it in a module on PYTHONPATH and train '
+                    'with that, or register it in the script that loads this rater first')
+  tasks.registry.import_module_of(name, module, where)
   try:
     config_checks.check_model('rater', section)
   except UserError as e:
@@ -127,8 +133,7 @@ def _read_run(workdir: str):
   if missing:
     raise UserError(f'{config_path!r} is not the config of a launch.train_rater run (its '
                     f'config has no {missing})')
-  rater = _make_rater(config.rater, info, config_path,  # a hand-edited section: one line
-                      saved.get('rater_module'))
+  rater = _make_rater(config.rater, info, config_path, saved)  # hand-edited: one line
   restored = checkpointing.restore_latest_on_host(os.path.join(os.path.abspath(workdir),
                                                                'checkpoints'))
   if restored is None:
@@ -276,8 +281,7 @@ def _read_exported(path: str):
   problem = _info_problem(meta['data_info'])
   if problem:
     raise UserError(f'rater {path!r}: {meta_path!r} has {problem}')
-  rater = _make_rater(ml_collections.ConfigDict(meta['rater']), info, meta_path,
-                      meta.get('rater_module'))
+  rater = _make_rater(ml_collections.ConfigDict(meta['rater']), info, meta_path, meta)
   host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   params_path = os.path.abspath(os.path.join(path, 'params'))
   if not os.path.isdir(params_path):

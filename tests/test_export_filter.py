@@ -800,6 +800,14 @@ def test_a_rater_of_ones_own_exports_and_loads_where_its_module_imports(tfds_dir
                      r"'my_outside_rater', which does not import here \(ModuleNotFoundError.*"
                      'put its folder on PYTHONPATH'):
     datarater.load_rater(str(tmp_path / 'exported'))
+  # A run of a rater registered in a script or a --config file records no module: one line
+  # says where to register it (it said that the name must be a registered rater).
+  saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  (tmp_path / 'run' / 'config.json').write_text(json.dumps({**saved, 'rater_module': None}))
+  with pytest.raises(UserError, match=r"rater 'outside_mlp_rater' was registered in a script or a "
+                     '--config file, which nothing else imports: register it in a module on '
+                     'PYTHONPATH'):
+    export.export_rater(str(tmp_path / 'run'), str(tmp_path / 'exported_again'))
 
 
 def _as(cls, made):
