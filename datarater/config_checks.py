@@ -213,6 +213,8 @@ MODEL_SECTIONS = {'task': 'task', 'rater': 'rater', 'features.task': 'task'}  # 
 # The top-level fields a rater run (a config checked with its `outer` section) reads, so requires:
 # a config without one passed its checks and stopped with a traceback at the first logged step.
 RATER_RUN_FIELDS = ('seed', 'log_every', 'checkpoint_every')
+# A stage's length in steps, not read while the field it maps to is > 0 (passes over the data).
+STEPS_UNREAD_WHILE = {'features.train_steps': 'features.train_epochs', 'sae.steps': 'sae.epochs'}
 
 
 def _fail(name: str, value, problem: str):

@@ -165,6 +165,7 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
   except OVERRIDE_ERRORS + (OSError,) as e:
     _fail(e, argv)
   _refuse_joined_tuples(argv, fv)
+  _refuse_unread_steps(argv, fv)
   if len(parsed) > 1:  # no launcher reads one: a word split off a flag's value (a space in it)
     print(f'error: unexpected argument {parsed[1]!r} (flags are --name=value; quote a value '
           'holding spaces)', file=sys.stderr)
@@ -188,6 +189,25 @@ def _refuse_joined_tuples(argv, fv: flags.FlagValues) -> None:
         print(f'error: --{flag}.{name} is given twice (the tuples would be joined, '
               f'{node!r}); give it once', file=sys.stderr)
         sys.exit(2)
+
+
+def _refuse_unread_steps(argv, fv: flags.FlagValues) -> None:
+  """A stage's steps given on the command line where its config sizes it in passes instead
+  (`sae.steps` while `sae.epochs` > 0): the run would ignore it and train the passes."""
+  from datarater.config_checks import STEPS_UNREAD_WHILE  # pylint: disable=g-import-not-at-top
+  if 'config' not in fv or not isinstance(fv['config'].parser, _ConfigFileParser):
+    return
+  given = {a.lstrip('-').split('=', 1)[0]
+           for a in fv.read_flags_from_files(argv[1:], force_gnu=False) if a.startswith('-')}
+  for steps, passes in STEPS_UNREAD_WHILE.items():
+    node = fv['config'].value
+    for part in passes.split('.'):
+      node = node[part] if hasattr(node, 'keys') and part in node else None
+    if f'config.{steps}' in given and isinstance(node, (int, float)) and node > 0:
+      print(f'error: --config.{steps} is not read while {passes}={node:g} > 0 (passes over the '
+            f'data size the stage); give --config.{passes}=0 too to train that many steps',
+            file=sys.stderr)
+      sys.exit(2)
 
 
 def run(main: Callable, define_flags: Callable, doc: str) -> None:

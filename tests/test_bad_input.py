@@ -205,6 +205,12 @@ def _cases(tfds_dir: str, w) -> list:
       ('train', [data, '--policy=sae', '--config.features.extractor=pixels',
                  '--config.sae.epochs=1e30', f'--workdir={w}/new_train'],
        'sae.epochs=1e+30 is 4.68e+30 steps'),
+      ('train', [data, '--policy=sae', '--config.sae.epochs=2', '--config.sae.steps=100',
+                 f'--workdir={w}/new_train'],
+       '--config.sae.steps is not read while sae.epochs=2 > 0'),
+      ('valuate', [data, '--method=tracin', '--config.features.train_epochs=0.5',
+                   '--config.features.train_steps=9', f'--workdir={w}/new_val'],
+       '--config.features.train_steps is not read while features.train_epochs=0.5 > 0'),
       ('train', [data, '--policy=mimic', '--config.valuation.mimic_layers=nope',
                  '--config.valuation.reference_steps=5', f'--workdir={w}/new_train'],
        "layer 'nope' not found"),
@@ -464,7 +470,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 178  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 180  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
