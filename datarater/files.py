@@ -120,9 +120,13 @@ def check_replaceable(path: str, overwrite: bool, marker: str = '') -> None:
   """Refuses an existing output `path` unless `overwrite`, and with `marker` one that is not a
   folder holding that file (an earlier output of the same kind: a typo in --out with --overwrite
   would delete an unrelated folder or file)."""
-  if os.path.lexists(path) and not overwrite:
+  # An earlier output a killed writer moved aside (to replace it) is still this output:
+  # `atomic_dir` puts it back before writing, so it is refused here, before any work.
+  found = path if os.path.lexists(path) else next(
+      (folder for folder, _ in _leftovers(os.path.abspath(path), 'old')), None)
+  if found and not overwrite:
     raise UserError(f'output {path!r} already exists (pass --overwrite to replace it)')
-  if os.path.lexists(path) and marker and not os.path.isfile(os.path.join(path, marker)):
+  if found and marker and not os.path.isfile(os.path.join(found, marker)):
     raise UserError(f'output {path!r} exists but is not an earlier output of this command (it '
                     f'holds no {marker}): --overwrite replaces only those; remove it yourself or '
                     'write elsewhere')

@@ -884,3 +884,39 @@ def test_a_scores_file_filter_refuses_settings_it_cannot_follow(tfds_dir, tmp_pa
     filter_dataset('sklearn_digits', str(tmp_path / 'out'), scores=path, data_dir=tfds_dir,
                    **{'splits': ['train'], **kwargs})
   assert not os.path.exists(tmp_path / 'out')
+
+
+def test_an_output_moved_aside_by_a_killed_run_is_refused_before_scoring(tfds_dir, tmp_path,
+                                                                          monkeypatch):
+  """A run killed between moving OUT aside and renaming its own into place leaves OUT only as
+  `.OUT.old-PID`; a rerun without --overwrite must refuse at once, not after scoring the split
+  (atomic_dir puts the old folder back at the end, then refuses)."""
+  path = str(tmp_path / 's.parquet')
+  scores_file.write(path, np.arange(N_TRAIN), np.arange(N_TRAIN, dtype=float),
+                    np.arange(N_TRAIN, dtype=float), dataset='sklearn_digits', split='train')
+  out = tmp_path / 'out'
+  filter_dataset('sklearn_digits', str(out), ['train'], scores=path, keep=0.5, data_dir=tfds_dir)
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  os.rename(out, tmp_path / f'.out.old-{dead.pid}')
+  from datarater.curation import filter as filter_lib
+  monkeypatch.setattr(filter_lib, '_score_split', lambda *a, **k: pytest.fail('scored first'))
+  with pytest.raises(UserError, match='already exists'):
+    filter_dataset('sklearn_digits', str(out), ['train'], scores=path, keep=0.5,
+                   data_dir=tfds_dir)
+
+
+def test_the_filter_report_names_its_sources_by_their_real_paths(tfds_dir, tmp_path,
+                                                                 monkeypatch):
+  """Two runs on the same scores file given by a relative path and through a link write equal
+  reports (the source was recorded as typed)."""
+  path = tmp_path / 's.parquet'
+  scores_file.write(str(path), np.arange(N_TRAIN), np.arange(N_TRAIN, dtype=float),
+                    np.arange(N_TRAIN, dtype=float), dataset='sklearn_digits', split='train')
+  os.symlink(path, tmp_path / 'link.parquet')
+  monkeypatch.chdir(tmp_path)
+  reports = [filter_dataset('sklearn_digits', str(tmp_path / out), ['train'], scores=scores,
+                            keep=0.5, data_dir=tfds_dir)
+             for out, scores in (('a', 's.parquet'), ('b', str(tmp_path / 'link.parquet')))]
+  assert reports[0]['source'] == reports[1]['source'] == {'rater': None,
+                                                            'scores': os.path.realpath(path)}

@@ -163,7 +163,8 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
             'threshold_mode': threshold if min_score is None else 'min_score', 'balance': balance,
             'corruption': {'kinds': list(corruption.kinds), 'label_noise': corruption.label_noise,
                            'seed': corruption.seed},
-            'source': {'rater': rater, 'scores': scores},
+            'source': {k: v and os.path.realpath(v) for k, v in (('rater', rater),
+                                                                    ('scores', scores))},
             'copied_splits': sorted(set(selection) - set(splits)), 'splits': {}}
   # Process 0 writes the dataset; the others wait for it here (not at exit, where JAX aborts a
   # job whose processes end over 300 s apart) and stop with it if it fails or any process is
