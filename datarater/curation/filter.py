@@ -200,6 +200,9 @@ def _check_settings(splits, rater, scores, keep, min_score, suggest_keep, thresh
     raise UserError(f'--batch_size must be >= 1, got {batch_size}')
   if not splits:
     raise UserError('--split names no split')
+  twice = sorted({s for s in splits if list(splits).count(s) > 1})
+  if twice:
+    raise UserError(f'--split names {twice[0]!r} twice')
   if scores is not None and len(splits) > 1:
     raise UserError('--scores filters one split at a time (give one --split)')
 
