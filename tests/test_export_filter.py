@@ -484,6 +484,11 @@ def test_scores_file_read_in_row_batches(tmp_path, monkeypatch):
   pq.write_table(pa.table({'id': with_null, 'value': np.zeros(n)}), path)
   with pytest.raises(UserError, match=r'column `id` holds a null \(row 8\)'):
     scores_file.read_values(path, n)
+  for value in (None, np.inf):  # id 11's value missing (null), or not finite
+    column = pa.array([*np.zeros(11), value, *np.zeros(n - 12)], pa.float64())
+    pq.write_table(pa.table({'id': np.arange(n), 'value': column}), path)
+    with pytest.raises(UserError, match=r'has a missing \(null\) or non-finite score \(id 11\)'):
+      scores_file.read_values(path, n)
 
 
 def test_suggested_keep_is_the_otsu_split_and_ignores_a_spike_of_good_scores():

@@ -137,6 +137,6 @@ def read_values(path: str, num_examples: int, split: Optional[str] = None,
                     f'examples{f" of split {split!r}" if split else ""} ({detail}, '
                     f'{rows} rows)')
   if not np.all(np.isfinite(scores)):
-    raise UserError(f'scores file {path!r} has a non-finite score (id '
+    raise UserError(f'scores file {path!r} has a missing (null) or non-finite score (id '
                     f'{int(np.flatnonzero(~np.isfinite(scores))[0])})')
   return scores
