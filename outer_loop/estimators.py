@@ -8,7 +8,8 @@ differentiated, by the unroll it gives: `estimator.unroll(problem, phi, state, b
   - `Mixed(recompute, segment)`: a custom backward pass (`outer_loop.mixed_mode`), Hessian terms
     by forward-over-reverse, inner states recovered by running the optimizer backwards
     ('invert': momentum, Adam) or replayed from kept states ('replay': any optimizer).
-To add one, write a class with that `unroll` and name it in `make_estimator`.
+To add one, write a class with that `unroll`, add its name to `META_GRADIENTS` (the config
+check's choices) and build it in `make_estimator` (WORKSPACE.md: its settings).
 """
 import dataclasses
 from typing import Optional
