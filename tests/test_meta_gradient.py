@@ -39,7 +39,8 @@ def _fd_check(name, optimizer, steps, **kw):
   assert rel < 1e-5, rel
 
 
-@pytest.mark.parametrize('optimizer,steps', [('sgd', 1), ('sgd', 3), ('adam', 3)])
+@pytest.mark.parametrize('optimizer,steps', [pytest.param('sgd', 1, marks=pytest.mark.slow),
+                                             ('sgd', 3), ('adam', 3)])
 def test_reverse_meta_gradient_matches_finite_differences(optimizer, steps):
   with jax.enable_x64():
     _fd_check('reverse', optimizer, steps)

@@ -152,7 +152,8 @@ def explicit_tracin(loss, run, a, b, layers=None, cosine=False):
   return total
 
 
-@pytest.mark.parametrize('layers,cosine,ghost', [(None, False, False), (None, True, True),
+@pytest.mark.parametrize('layers,cosine,ghost', [(None, False, False),
+                                                 pytest.param(None, True, True, marks=pytest.mark.slow),
                                                  (['dense_1'], False, True),
                                                  (['dense_0'], True, False)])
 def test_tracin_cp_equals_explicit_sum(layers, cosine, ghost):
@@ -181,7 +182,7 @@ def test_tracin_cp_with_projection_equals_explicit_matrix():
   np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
-@pytest.mark.parametrize('layers', [None, ['dense_1']])
+@pytest.mark.parametrize('layers', [None, pytest.param(['dense_1'], marks=pytest.mark.slow)])
 def test_tracin_modes_equal_explicit(layers):
   loss, params, data = problem()
   run, _, _ = sgd_run(loss, params, data, lr=0.3 * 0.7 ** np.arange(6))  # each step its own rate
