@@ -173,21 +173,31 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
   return parsed
 
 
+def _given(argv, fv: flags.FlagValues) -> list[str]:
+  """The names of the flags `argv` gives, in every spelling absl reads: -config.x or --config.x,
+  and the lines of a --flagfile."""
+  return [a.lstrip('-').split('=', 1)[0]
+          for a in fv.read_flags_from_files(argv[1:], force_gnu=False) if a.startswith('-')]
+
+
+def _field(config, path: str):
+  """The value of the dotted field `path` of `config`, None if it has none."""
+  for part in path.split('.'):
+    config = config[part] if hasattr(config, 'keys') and part in config else None
+  return config
+
+
 def _refuse_joined_tuples(argv, fv: flags.FlagValues) -> None:
   """A tuple field overridden twice: ml_collections joins the two tuples (a scalar field keeps
-  the last value, as absl flags do), which no one means. Counted in every spelling absl reads:
-  -config.x or --config.x, and the lines of a --flagfile."""
-  args = [a.lstrip('-') for a in fv.read_flags_from_files(argv[1:], force_gnu=False)
-          if a.startswith('-')]
+  the last value, as absl flags do), which no one means."""
+  given = _given(argv, fv)
   for flag in [f for f in fv if isinstance(fv[f].parser, _ConfigFileParser)]:  # --config, --bench
-    names = [a.split('=', 1)[0][len(flag) + 1:] for a in args if a.startswith(f'{flag}.')]
+    names = [a[len(flag) + 1:] for a in given if a.startswith(f'{flag}.')]
     for name in sorted({n for n in names if names.count(n) > 1}):
-      node = fv[flag].value
-      for part in name.split('.'):
-        node = node[part] if hasattr(node, 'keys') and part in node else None
-      if isinstance(node, tuple):
+      value = _field(fv[flag].value, name)
+      if isinstance(value, tuple):
         print(f'error: --{flag}.{name} is given twice (the tuples would be joined, '
-              f'{node!r}); give it once', file=sys.stderr)
+              f'{value!r}); give it once', file=sys.stderr)
         sys.exit(2)
 
 
@@ -197,14 +207,11 @@ def _refuse_unread_steps(argv, fv: flags.FlagValues) -> None:
   from datarater.config_checks import STEPS_UNREAD_WHILE  # pylint: disable=g-import-not-at-top
   if 'config' not in fv or not isinstance(fv['config'].parser, _ConfigFileParser):
     return
-  given = {a.lstrip('-').split('=', 1)[0]
-           for a in fv.read_flags_from_files(argv[1:], force_gnu=False) if a.startswith('-')}
+  given = set(_given(argv, fv))
   for steps, passes in STEPS_UNREAD_WHILE.items():
-    node = fv['config'].value
-    for part in passes.split('.'):
-      node = node[part] if hasattr(node, 'keys') and part in node else None
-    if f'config.{steps}' in given and isinstance(node, (int, float)) and node > 0:
-      print(f'error: --config.{steps} is not read while {passes}={node:g} > 0 (passes over the '
+    value = _field(fv['config'].value, passes)
+    if f'config.{steps}' in given and isinstance(value, (int, float)) and value > 0:
+      print(f'error: --config.{steps} is not read while {passes}={value:g} > 0 (passes over the '
             f'data size the stage); give --config.{passes}=0 too to train that many steps',
             file=sys.stderr)
       sys.exit(2)
