@@ -20,8 +20,8 @@ def _check(report):
 def test_short_default_run_separates_noisy_examples(tfds_dir, tmp_path):
   config = get_config()
   config.data.data_dir = tfds_dir
-  config.outer.steps = 100
-  config.final_eval.num_models = 1  # held-out loss 0.28 with the rater, 0.41 uniform, here
+  config.outer.steps = 70  # noise AUROC 0.93; 3% of the kept labels corrupted (20% in all)
+  config.final_eval.num_models = 1  # held-out loss 0.32 with the rater, 0.41 uniform, here
   config.final_eval.train_steps = 150
   report = meta_train(config, str(tmp_path / 'run'))
   _check(report)
