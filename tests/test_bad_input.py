@@ -6,8 +6,8 @@ Each case runs the launcher in this process exactly as its command line would
 (`launch.cli.invoke`: its flags, parsing and `main`).
 """
 import contextlib
+import functools
 import glob
-import hashlib
 import io
 import json
 import os
@@ -111,6 +111,7 @@ def world(tfds_dir, tmp_path_factory):
   return root
 
 
+@functools.cache  # built once: each case reads its own entry
 def _cases(tfds_dir: str, w) -> list:
   """(launcher, argv after the program name, what the error line must name)."""
   data = f'--config.data.data_dir={tfds_dir}'
@@ -461,14 +462,15 @@ def _cases(tfds_dir: str, w) -> list:
 
 
 def _snapshot(root) -> dict:
-  """Every file's hash and every folder (an empty folder made by a refused run counts too)."""
+  """Every file's size and time of last change (any write changes it) and every folder (an empty
+  folder made by a refused run counts too)."""
   out = {}
   for folder, dirs, names in os.walk(root):
     out.update({os.path.relpath(os.path.join(folder, d), root): 'folder' for d in dirs})
     for name in names:
       path = os.path.join(folder, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+      stat = os.stat(path)
+      out[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns)
   return out
 
 
