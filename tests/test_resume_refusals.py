@@ -45,6 +45,15 @@ def _refused(launcher, argv, root, *named):
   return lines[0]
 
 
+@pytest.fixture(scope='module')
+def finished_run(tfds_dir, tmp_path_factory):
+  """The small rater run of 4 outer steps on one device, run to its end once for the module:
+  the tests that need such a run read it (or copy it) and never write in it."""
+  run = tmp_path_factory.mktemp('finished') / 'run'
+  meta_train(small_config(tfds_dir, steps=4), str(run), devices=jax.devices()[:1])
+  return run
+
+
 def _scores(path, n, seed):
   files.write_parquet(path, {'id': np.arange(n),
                              'value': np.random.default_rng(seed).normal(size=n)})
@@ -221,12 +230,11 @@ def test_a_training_run_whose_every_checkpoint_is_unreadable_stops_and_keeps_its
 
 
 def test_a_rater_whose_checkpoints_or_params_cannot_be_read_is_refused_in_one_line(
-    tfds_dir, tmp_path):
+    tfds_dir, tmp_path, finished_run):
   """Every checkpoint's array files gone, or a params/ folder of foreign files: launch.export_rater
   and launch.filter say so in one line on stderr (their own processes: tensorstore's closed-loop
   tracebacks and orbax's warnings reach stderr there), not 'no checkpoint'."""
-  run, copy, rater = tmp_path / 'run', tmp_path / 'copy', tmp_path / 'rater'
-  meta_train(small_config(tfds_dir, steps=4), str(run), devices=jax.devices()[:1])
+  run, copy, rater = finished_run, tmp_path / 'copy', tmp_path / 'rater'
   export.export_rater(str(run), str(rater))
   shutil.copytree(run, copy)
   for data in glob.glob(str(copy / 'checkpoints' / '*' / 'state' / '**' / 'd'), recursive=True):
@@ -266,14 +274,14 @@ def test_a_workdir_whose_checkpoints_is_a_file_is_refused_before_any_work(tfds_d
              'which is not a folder')
 
 
-def test_a_run_resumes_past_settings_of_sections_it_does_not_read(tfds_dir, tmp_path, capsys):
+def test_a_run_resumes_past_settings_of_sections_it_does_not_read(tfds_dir, tmp_path, capsys,
+                                                                  finished_run):
   """A rater run stopped at step 2 resumes under a config with a setting added to its `policy`
   section and another changed in `valuation` (sections it does not read: a researcher adding a
   policy's setting) and ends with the uninterrupted run's rater; a changed setting of a section it
   reads is still refused. So does a training run with a setting added to `outer`."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  config = small_config(tfds_dir, steps=4)
-  meta_train(config, str(tmp_path / 'straight'), devices=jax.devices()[:1])
+  config = small_config(tfds_dir, steps=4)  # the config of `finished_run`, run straight
   meta_train(config, str(tmp_path / 'resumed'), stop_after=2, devices=jax.devices()[:1])
   changed = ml_collections.ConfigDict(config.to_dict())
   changed.policy.new_setting = 0.5
@@ -285,7 +293,7 @@ def test_a_run_resumes_past_settings_of_sections_it_does_not_read(tfds_dir, tmp_
   capsys.readouterr()
   meta_train(changed, str(tmp_path / 'resumed'), devices=jax.devices()[:1])
   assert 'resumed from the checkpoint at outer step 2' in capsys.readouterr().out
-  for a, b in zip(jax.tree.leaves(export.load_rater(str(tmp_path / 'straight')).params),
+  for a, b in zip(jax.tree.leaves(export.load_rater(str(finished_run)).params),
                   jax.tree.leaves(export.load_rater(str(tmp_path / 'resumed')).params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

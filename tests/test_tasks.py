@@ -48,20 +48,20 @@ def _f64(tree):
 def test_mlp_classifier_loss_metrics_and_embedding_equal_a_hand_forward_pass():
   task = tasks.make_task(ml_collections.ConfigDict(
       {'name': 'mlp_classifier', 'hidden': (4, 6), 'activation': 'tanh'}), tiny_info())
-  params = _f64(task.init(jax.random.key(0)))
+  params = _f64(jax.jit(task.init)(jax.random.key(0)))  # (each call jitted: op by op was slow)
   batch = _batch()
   logits = _mlp_forward(params, batch['image'])
   labels = np.asarray(batch['label'])
   log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   want = -log_p[np.arange(len(labels)), labels]
-  np.testing.assert_allclose(task.per_example_loss(params, batch), want, rtol=1e-12)
-  metrics = task.metrics(params, batch)
+  np.testing.assert_allclose(jax.jit(task.per_example_loss)(params, batch), want, rtol=1e-12)
+  metrics = jax.jit(task.metrics)(params, batch)
   np.testing.assert_allclose(metrics['loss'], want, rtol=1e-12)
   np.testing.assert_array_equal(metrics['accuracy'], logits.argmax(1) == labels)
   diverged = jax.tree.map(lambda x: x * np.nan, params)  # NaN logits: no class is predicted
-  assert np.isnan(task.metrics(diverged, batch)['accuracy']).all()  # (argmax gave class 0)
-  np.testing.assert_allclose(task.embed(params, batch), _mlp_forward(params, batch['image'],
-                                                                     embed=True), rtol=1e-12)
+  assert np.isnan(jax.jit(task.metrics)(diverged, batch)['accuracy']).all()  # (argmax: class 0)
+  np.testing.assert_allclose(jax.jit(task.embed)(params, batch),
+                             _mlp_forward(params, batch['image'], embed=True), rtol=1e-12)
   assert task.num_classes == 3
   np.testing.assert_array_equal(task.labels(batch), labels)
   relabelled = task.with_labels(batch, jnp.full(9, 2))
@@ -120,8 +120,8 @@ def test_tokens_outside_the_vocabulary_are_one_line_not_a_nan_loss():
   bad = {'tokens': np.array([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 200]], np.int32)}
   task.check_data(good)
   rater.check_data(good)
-  params = task.init(jax.random.key(0))
-  assert np.isnan(np.asarray(task.per_example_loss(params, bad))[1])  # what the check prevents
+  params = jax.jit(task.init)(jax.random.key(0))  # (jitted: op by op was most of the time)
+  assert np.isnan(np.asarray(jax.jit(task.per_example_loss)(params, bad))[1])  # the check's aim
   with pytest.raises(UserError, match=r"tokens in \[1, 200\], outside the vocabulary of "
                                       r"task.vocab=10 \(set it to at least 201\)"):
     task.check_data(bad)
@@ -136,7 +136,7 @@ def test_a_loss_that_reads_the_rest_of_the_batch_is_refused_for_per_example_grad
   config = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (4,),
                                       'activation': 'tanh'})
   mlp = tasks.make_task(config, tiny_info())
-  params, batch = mlp.init(jax.random.key(0)), _batch(4)
+  params, batch = jax.jit(mlp.init)(jax.random.key(0)), _batch(4)
   tasks.check_per_example(mlp, params, batch)
 
   @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,9 @@ def test_input_and_label_fields_choose_the_features_the_classifier_and_rater_rea
   task = tasks.make_task(ml_collections.ConfigDict({'name': 'mlp_classifier', **fields}), info)
   rater = tasks.make_rater(ml_collections.ConfigDict({'name': 'mlp_rater', **fields}), info)
   assert task.num_classes == 4
-  params, phi = _f64(task.init(jax.random.key(0))), _f64(rater.init(jax.random.key(1)))
+  params = _f64(jax.jit(task.init)(jax.random.key(0)))  # (each call jitted: op by op was slow)
+  phi = _f64(jax.jit(rater.init)(jax.random.key(1)))
+  loss, score = jax.jit(task.per_example_loss), jax.jit(rater.score)
   rng = np.random.default_rng(3)
   n = 8
   batch = {'image': jnp.asarray(rng.normal(size=(n, 5))),
@@ -186,16 +188,14 @@ def test_input_and_label_fields_choose_the_features_the_classifier_and_rater_rea
            'label': jnp.asarray(rng.integers(0, 3, n), jnp.int32)}
   chosen = {**batch, 'pixels': jnp.asarray(rng.normal(size=(n, 5)))}
   for b in (batch, other, chosen):
-    np.testing.assert_allclose(task.per_example_loss(params, b), want_loss(b), rtol=1e-12)
-    np.testing.assert_allclose(rater.score(phi, b), want_score(b), rtol=1e-12)
+    np.testing.assert_allclose(loss(params, b), want_loss(b), rtol=1e-12)
+    np.testing.assert_allclose(score(phi, b), want_score(b), rtol=1e-12)
   np.testing.assert_array_equal(task.labels(batch), batch['coarse_label'])
   # Only the chosen features matter: the other input and label leave loss and score unchanged.
-  np.testing.assert_array_equal(task.per_example_loss(params, other),
-                                task.per_example_loss(params, batch))
-  np.testing.assert_array_equal(rater.score(phi, other), rater.score(phi, batch))
-  assert np.abs(np.asarray(task.per_example_loss(params, chosen)
-                           - task.per_example_loss(params, batch))).min() > 1e-6
-  assert np.abs(np.asarray(rater.score(phi, chosen) - rater.score(phi, batch))).min() > 1e-6
+  np.testing.assert_array_equal(loss(params, other), loss(params, batch))
+  np.testing.assert_array_equal(score(phi, other), score(phi, batch))
+  assert np.abs(np.asarray(loss(params, chosen) - loss(params, batch))).min() > 1e-6
+  assert np.abs(np.asarray(score(phi, chosen) - score(phi, batch))).min() > 1e-6
 
 
 def test_a_task_dataclass_may_add_fields_after_num_classes():
@@ -435,9 +435,10 @@ def test_a_flax_init_returning_batch_stats_is_refused_when_built():
   parameters, e.g. by valuation SGD and the inner Adam). Refused at build time, naming them."""
   from inner_loop.unroll import inner_step, init_inner_state  # pylint: disable=g-import-not-at-top
   frozen = _FlaxTask(tiny_info().spec, 3, 'batch', 0.0, 'eval')
-  params, batch, sgd = frozen.init(jax.random.key(0)), _batch(6), optax.sgd(0.1)
-  stepped, _ = inner_step(frozen.per_example_loss, sgd, init_inner_state(params, sgd), batch,
-                          jnp.ones(6))
+  params, batch, sgd = jax.jit(frozen.init)(jax.random.key(0)), _batch(6), optax.sgd(0.1)
+  stepped, _ = jax.jit(lambda params, batch: inner_step(  # one program, not op by op
+      frozen.per_example_loss, sgd, init_inner_state(params, sgd), batch, jnp.ones(6)))(
+          params, batch)
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params['batch_stats'],
                        stepped.params['batch_stats'])
   assert max(jax.tree.leaves(moved)) > 1e-3  # what the refusal prevents
@@ -468,16 +469,18 @@ def test_dropout_keyed_per_example_reads_each_example_alone_and_one_key_does_not
   in a batch and at another place in it (a permuted batch), so it builds and passes the
   per-example check; one key for the whole batch draws masks by place and is refused."""
   keyed = _made(_FlaxTask(tiny_info().spec, 3, 'layer', 0.5, 'example_key'))
-  params, batch = keyed.init(jax.random.key(0)), _batch(6)
-  together = np.asarray(keyed.per_example_loss(params, batch))
+  # Each call one compiled program, the batches sliced in numpy (op by op, flax's apply and
+  # each slice compiled one primitive at a time: most of this test's time).
+  params, batch = jax.jit(keyed.init)(jax.random.key(0)), jax.tree.map(np.asarray, _batch(6))
+  loss = jax.jit(keyed.per_example_loss)
+  together = np.asarray(loss(params, batch))
   perm = np.array([3, 5, 0, 1, 4, 2])
-  permuted = np.asarray(keyed.per_example_loss(params, jax.tree.map(lambda x: x[perm], batch)))
-  alone = [float(keyed.per_example_loss(params, jax.tree.map(lambda x: x[i:i + 1], batch))[0])
-           for i in range(6)]
+  permuted = np.asarray(loss(params, jax.tree.map(lambda x: x[perm], batch)))
+  alone = [float(loss(params, jax.tree.map(lambda x: x[i:i + 1], batch))[0]) for i in range(6)]
   np.testing.assert_allclose(permuted, together[perm], rtol=1e-12)
   np.testing.assert_allclose(alone, together, rtol=1e-12)
   no_dropout = _FlaxTask(tiny_info().spec, 3, 'layer', 0.0, 'example_key')
-  assert not np.allclose(together, no_dropout.per_example_loss(params, batch))  # masks drawn
+  assert not np.allclose(together, jax.jit(no_dropout.per_example_loss)(params, batch))  # masks
   tasks.check_per_example(keyed, params, batch)
   one_key = _made(_FlaxTask(tiny_info().spec, 3, 'layer', 0.5, 'batch_key'))
   with pytest.raises(UserError, match="task _FlaxTask: an example's loss depends on the rest of "
@@ -530,15 +533,15 @@ def test_a_batch_reading_loss_hidden_at_init_by_a_zero_last_layer_is_refused():
                                                              batch['label'])
 
   task, batch = ZeroHead(tiny_info().spec), _batch(4)
-  params = task.init(jax.random.key(0))
+  params = jax.jit(task.init)(jax.random.key(0))  # (jitted: op by op was most of the time)
   with jax.enable_x64():
-    p64 = jax.tree.map(lambda x: x.astype(jnp.float64), params)
-    b64 = {**batch, 'image': jnp.asarray(batch['image'], jnp.float64)}
-    in_batch = jax.grad(lambda p: task.per_example_loss(p, b64)[0])(p64)
-    alone = jax.grad(lambda p: task.per_example_loss(p, jax.tree.map(lambda x: x[:1], b64))[0])(
-        p64)
-    np.testing.assert_allclose(task.per_example_loss(p64, b64)[:1],
-                               task.per_example_loss(p64, jax.tree.map(lambda x: x[:1], b64)))
+    p64 = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    b64 = {**jax.tree.map(np.asarray, batch), 'image': np.asarray(batch['image'], np.float64)}
+    first = jax.tree.map(lambda x: x[:1], b64)
+    loss = jax.jit(task.per_example_loss)
+    grad_first = jax.jit(jax.grad(lambda p, b: task.per_example_loss(p, b)[0]))
+    in_batch, alone = grad_first(p64, b64), grad_first(p64, first)
+    np.testing.assert_allclose(loss(p64, b64)[:1], loss(p64, first))
     assert max(float(jnp.abs(a - b).max()) for a, b in
                zip(jax.tree.leaves(in_batch), jax.tree.leaves(alone))) > 1e-2  # what is prevented
   with pytest.raises(UserError, match="task ZeroHead: an example's loss depends on the rest"):
