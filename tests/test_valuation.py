@@ -496,6 +496,7 @@ def test_noise_auroc_counts_clean_over_corrupted_pairs(tfds_dir):
 def test_dvemb_step_map_is_the_linearised_step_where_stable_and_never_amplifies():
   """I - lr H exactly when lr * lambda_max <= 2; otherwise no direction grows (float64)."""
   from datarater.valuation.dvemb import _step_map
+  _step_map = jax.jit(_step_map)  # traced lr and psd, as in embed's scan: one compile for all
   rng = np.random.default_rng(0)
   g = rng.normal(size=(40, 12))
   h = g.T @ g / 40
@@ -517,6 +518,9 @@ def test_dvemb_step_map_skips_the_eigendecomposition_only_where_no_clip_acts():
   clipped eigendecomposition's (psd=False always takes it), float64; a matrix that needs the clip
   takes it either way."""
   from datarater.valuation.dvemb import _step_map
+  # Traced lr and psd, as in embed's scan: eagerly, each lr closed over by the lax.cond's branch
+  # compiled a program of its own (dozens here).
+  _step_map = jax.jit(_step_map)
   rng = np.random.default_rng(1)
   eigh_map = lambda h, lr: np.eye(len(h)) - (lambda lam, u: (u * np.clip(lr * lam, 0, 2)) @ u.T)(
       *np.linalg.eigh(h))

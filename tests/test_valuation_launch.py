@@ -26,13 +26,36 @@ def small_config(tfds_dir):
   return c
 
 
-@pytest.mark.parametrize('method', ['tracin', 'mimic', 'dvemb'])
-def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, method):
+# The tests that read small_config's TracIn or Mimic valuation share one run of each (`exact`),
+# on one pytest worker.
+SHARED = pytest.mark.xdist_group('valuation_launch_exact')
+
+
+@pytest.fixture(scope='module')
+def exact(tfds_dir, tmp_path_factory):
+  """method -> (summary, workdir) of valuate(method, small_config(tfds_dir)), run on first use.
+  Its tests only read the workdir."""
+  root, done = tmp_path_factory.mktemp('exact'), {}
+
+  def get(method):
+    if method not in done:
+      work = root / method
+      done[method] = valuate(method, small_config(tfds_dir), str(work), progress=False), work
+    return done[method]
+  return get
+
+
+@pytest.mark.parametrize('method', [pytest.param('tracin', marks=SHARED),
+                                    pytest.param('mimic', marks=SHARED), 'dvemb'])
+def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, exact, method):
   config = small_config(tfds_dir)
   if method == 'dvemb':
     config.task.hidden = (8,)
-  summary = valuate(method, config, str(tmp_path), progress=False)
-  table = pq.read_table(os.path.join(tmp_path, f'scores_{method}.parquet')).to_pydict()
+    work = tmp_path
+    summary = valuate(method, config, str(work), progress=False)
+  else:  # small_config's TracIn or Mimic, shared
+    summary, work = exact(method)
+  table = pq.read_table(os.path.join(work, f'scores_{method}.parquet')).to_pydict()
   train = pipeline.load_split(config.data, 'train', corrupt=True)
   np.testing.assert_array_equal(table['id'], train.ids)
   np.testing.assert_array_equal(table['corruption'], train.corruption)
@@ -51,7 +74,7 @@ def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, method):
   assert summary['example_gradients'] == {'tracin': 20 * 32 + 2 * len(train),
                                           'mimic': 20 * 32 + 2 * 300 + 2 * len(train),
                                           'dvemb': 6 * 32 * (2 + 10)}[method]
-  assert not [f for f in os.listdir(tmp_path) if 'tmp' in f]
+  assert not [f for f in os.listdir(work) if 'tmp' in f]
   if method == 'tracin':  # the file's scores are each example's self-influence, by hand:
     # sum over the recorded run's checkpoints c of lr_c |grad loss(theta_c; x_i, y_i)|^2, with
     # the planted (corrupted) label, a batch of one at a time, for examples in the first, a
@@ -60,7 +83,7 @@ def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, method):
     import pickle  # pylint: disable=g-import-not-at-top
     from jax.flatten_util import ravel_pytree  # pylint: disable=g-import-not-at-top
     from datarater import tasks  # pylint: disable=g-import-not-at-top
-    (fit,) = glob.glob(os.path.join(tmp_path, 'fit', 'run-*.pkl'))
+    (fit,) = glob.glob(os.path.join(work, 'fit', 'run-*.pkl'))
     with open(fit, 'rb') as f:
       run, _ = pickle.load(f)
     task = tasks.make_task(config.task, train.info)
@@ -146,11 +169,21 @@ def test_valuate_errors_are_one_line_and_write_nothing(tfds_dir, tmp_path):
   assert not os.listdir(tmp_path)
 
 
-def test_valuate_datarater_scores_are_the_exported_raters(tfds_dir, tmp_path):
+RATER = pytest.mark.xdist_group('valuation_launch_rater')  # the tests of `rater_run`: one worker
+
+
+@pytest.fixture(scope='module')
+def rater_run(tfds_dir, tmp_path_factory):
+  """A 2-step rater run of tests/run_config.py, made once; its tests only read it."""
+  run = str(tmp_path_factory.mktemp('rater') / 'run')
+  meta_train(small_rater_config(tfds_dir, steps=2), run)
+  return run
+
+
+@RATER
+def test_valuate_datarater_scores_are_the_exported_raters(tfds_dir, tmp_path, rater_run):
   """A 2-step rater run, exported; valuate's scores are the exported scorer's (sharded path)."""
-  rater_config = small_rater_config(tfds_dir, steps=2)
-  meta_train(rater_config, str(tmp_path / 'run'))
-  export.export_rater(str(tmp_path / 'run'), str(tmp_path / 'rater'))
+  export.export_rater(rater_run, str(tmp_path / 'rater'))
   config = small_config(tfds_dir)
   config.valuation.rater = str(tmp_path / 'rater')
   summary = valuate('datarater', config, str(tmp_path / 'val'), progress=False)
@@ -215,7 +248,8 @@ def test_valuate_refits_when_its_dataset_folder_is_written_again(tfds_dir, tmp_p
   assert read('val') == read('fresh')
 
 
-def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path):
+@SHARED
+def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path, exact):
   """valuation.store: self-influence from factored projections finds the noise as the exact one;
   valuation.topk: each test example's supporters/opposers are the brute-force argsort of the
   full train x test TracIn matrix (float64, from the stored train gradients and the test
@@ -224,8 +258,7 @@ def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path):
   from datarater.data import source
   from datarater.valuation import factory, store as store_lib
   from datarater.valuation.run import RunCache, fingerprint
-  exact = small_config(tfds_dir)
-  want = valuate('tracin', exact, str(tmp_path / 'exact'), progress=False)
+  want, _ = exact('tracin')
   config = small_config(tfds_dir)
   config.valuation.store, config.valuation.store_k, config.valuation.topk = True, 16, 3
   work = str(tmp_path / 'store')
@@ -270,14 +303,14 @@ def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path):
   assert not os.path.exists(os.path.join(work, 'topk_tracin.parquet'))
 
 
-def test_a_gradient_store_projects_the_layers_of_its_method(tfds_dir, tmp_path):
+@SHARED
+def test_a_gradient_store_projects_the_layers_of_its_method(tfds_dir, tmp_path, exact):
   """Mimic (valuation.mimic_layers='last') from a store projects only the model's last Dense
   layer, as in-memory Mimic scores it; its scores approach the exact ones as the projection grows
   (at k = 16 per factor the rank correlation was 0.29, at 64 0.75, at 256 0.97)."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
   from datarater.valuation import store as store_lib  # pylint: disable=g-import-not-at-top
-  exact = small_config(tfds_dir)
-  valuate('mimic', exact, str(tmp_path / 'exact'), progress=False)
+  _, exact_work = exact('mimic')
   config = small_config(tfds_dir)
   config.valuation.store, config.valuation.store_k = True, 64
   work = str(tmp_path / 'store')
@@ -293,7 +326,7 @@ def test_a_gradient_store_projects_the_layers_of_its_method(tfds_dir, tmp_path):
   valuate('mimic', config, work, progress=False)
   assert store_lib.GradientStore(path).meta['projection']['layers'] == ['dense_2']
   read = lambda w: pq.read_table(os.path.join(w, 'scores_mimic.parquet')).to_pydict()
-  want, got = read(str(tmp_path / 'exact')), read(work)
+  want, got = read(str(exact_work)), read(work)
   assert want['id'] == got['id']
   assert stats.spearmanr(want['score'], got['score']).statistic > 0.6
 
@@ -421,8 +454,9 @@ def test_dvembs_run_length_is_not_checkpoint_every(tfds_dir):
     factory.check('tracin', config, task, train)
 
 
+@RATER
 def test_a_rater_is_checked_against_the_planted_corruption_wherever_it_is_loaded(tfds_dir,
-                                                                                 tmp_path,
+                                                                                 rater_run,
                                                                                  monkeypatch):
   """valuate --method=datarater and launch.train's rater policies check that the rater reads
   the features the corruption is planted in (as train_rater and filter do)."""
@@ -430,18 +464,17 @@ def test_a_rater_is_checked_against_the_planted_corruption_wherever_it_is_loaded
   from datarater.policies import base as policy_base  # pylint: disable=g-import-not-at-top
   from datarater.policies import weighting  # pylint: disable=g-import-not-at-top
   from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
-  meta_train(small_rater_config(tfds_dir, steps=2), str(tmp_path / 'run'))
   checked = []
   monkeypatch.setattr(corruption.Corruption, 'check_targets',
                       lambda self, info, *models: checked.append(
                           (self.label_noise, [type(m).__name__ for m in models])))
   config = small_config(tfds_dir)
-  config.valuation.rater = str(tmp_path / 'run')
+  config.valuation.rater = rater_run
   train = pipeline.load_split(config.data, 'train', corrupt=True)
   factory.rater_for(config, train)
   weighting.loaded_rater(policy_base.PolicyContext(train, None, None, config,
-                                                   rater=str(tmp_path / 'run')), 'datarater')
-  rater = type(export.load_rater(str(tmp_path / 'run')).rater).__name__
+                                                   rater=rater_run), 'datarater')
+  rater = type(export.load_rater(rater_run).rater).__name__
   assert checked == [(0.2, [rater]), (0.2, [rater])]
 
 
