@@ -162,7 +162,7 @@ def test_mimic_weights_follow_the_explicit_per_example_gradients(tfds_dir):
   policy = policies.make_policy('mimic', policies.PolicyContext(tr, held, task, config))
   params = task.init(jax.random.key(5))
   batch = jax.tree.map(jnp.asarray, tr.take(np.arange(12)))
-  got = policy.weigh(policy.aux, (), params, batch, jnp.ones(12))
+  got = jax.jit(policy.weigh)(policy.aux, (), params, batch, jnp.ones(12))  # as in training
   # Grad-Mimic by hand: u = last layer of (reference - params), normalised; score = <-g_i, u>.
   last = 'dense_1'
   diff = jax.tree.map(jnp.subtract, policy.aux, params)['params'][last]
@@ -186,7 +186,7 @@ def test_mimic_weights_follow_the_explicit_per_example_gradients(tfds_dir):
   assert len(held) == 300 and policy.setup_example_gradients == 4 * 300 and policy.forwards_per_example == 2.0
   config.valuation.mimic_cosine = True  # the cosine variant: <-g_i, u> / ||g_i||
   cos = policies.make_policy('mimic', policies.PolicyContext(tr, held, task, config))
-  got = cos.weigh(cos.aux, (), params, batch, jnp.ones(12))
+  got = jax.jit(cos.weigh)(cos.aux, (), params, batch, jnp.ones(12))
   np.testing.assert_allclose(
       got, _softmax_weights([s / float(jnp.linalg.norm(gi)) for s, gi in zip(scores, g)], 0.7),
       rtol=1e-4)

@@ -86,11 +86,12 @@ def test_exact_budget_of_distinct_examples(name, ratio):
             'sae': lambda: policies.sae(codes, ratio, 10, cfg.sae_scores)}[name]()
   state = policy.init(num, jax.random.PRNGKey(0))
   state = state.replace(losses=jnp.asarray(np.random.default_rng(0).uniform(size=num), jnp.float32))
-  idx, w, state2 = policy.select(policy.aux, state)
+  select = jax.jit(policy.select)  # as the trainer runs it (eager, sae's took seconds)
+  idx, w, state2 = select(policy.aux, state)
   assert idx.shape == (round(ratio * num),) == w.shape
   assert len(np.unique(idx)) == len(idx) and idx.min() >= 0 and idx.max() < num
   assert not np.array_equal(state.key, state2.key)  # randomness is consumed, not reused
-  again, _, _ = policy.select(policy.aux, state)
+  again, _, _ = select(policy.aux, state)
   np.testing.assert_array_equal(idx, again)          # same state -> same selection
 
 

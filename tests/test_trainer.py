@@ -33,6 +33,16 @@ def _trainer(train, policy=None, optimizer=None, batch_size=100, **kw):
                  policy or weighting.weighting('uniform', len(train)), batch_size, **kw)
 
 
+def _optax_step(task, opt):
+  """One plain optax step on the mean loss of a batch (the oracle of the trainer's steps), jitted
+  once per batch shape: eager, each of the loops below spent seconds dispatching its ops."""
+  def step(params, state, batch):
+    g = jax.grad(lambda p: jnp.mean(task.per_example_loss(p, batch)))(params)
+    updates, state = opt.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+  return jax.jit(step)
+
+
 def test_steps_are_optax_steps_on_the_recorded_batches(splits):
   """Plain optax steps on the mean loss of each recorded batch's real examples give the same
   parameters (the short last batch of an epoch included), and every epoch visits every example
@@ -50,15 +60,12 @@ def test_steps_are_optax_steps_on_the_recorded_batches(splits):
   task = trainer.task
   params = jax.tree.map(lambda x: x[0, 0], rec.checkpoints)  # before step 0 = the init
   opt = optax.sgd(0.1)
-  state = opt.init(params)
-  grad = jax.grad(lambda p, b: jnp.mean(task.per_example_loss(p, b)))
+  state, step = opt.init(params), _optax_step(task, opt)
   assert (weights[9] > 0).sum() == len(train) - 9 * 128  # a short last batch
   for t in range(20):
     for got, want in zip(jax.tree.leaves(rec.checkpoints), jax.tree.leaves(params)):
       np.testing.assert_allclose(got[0, t], want, rtol=1e-5, atol=1e-6)
-    g = grad(params, train.take(positions[t][weights[t] > 0]))
-    updates, state = opt.update(g, state, params)
-    params = optax.apply_updates(params, updates)
+    params, state = step(params, state, train.take(positions[t][weights[t] > 0]))
   for got, want in zip(jax.tree.leaves(run.params), jax.tree.leaves(params)):
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
 
@@ -92,13 +99,10 @@ def test_unequal_chunks_compile_once_and_padding_steps_change_nothing(splits):
   assert rec.positions.shape == (1, 23, 128)
   task, opt = trainer.task, optax.adam(1e-2)
   params = jax.tree.map(lambda x: x[0, 0], rec.checkpoints)
-  state = opt.init(params)
-  grad = jax.grad(lambda p, b: jnp.mean(task.per_example_loss(p, b)))
+  state, step = opt.init(params), _optax_step(task, opt)
   for t in range(23):
     keep = rec.weights[0, t] > 0
-    g = grad(params, train.take(rec.positions[0, t][keep]))
-    updates, state = opt.update(g, state, params)
-    params = optax.apply_updates(params, updates)
+    params, state = step(params, state, train.take(rec.positions[0, t][keep]))
   for got, want in zip(jax.tree.leaves(run.params), jax.tree.leaves(params)):
     np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
   assert run.example_gradients == 2 * len(train) + 3 * 128
@@ -230,15 +234,12 @@ def test_a_filtered_out_epoch_is_no_step_for_adams_state_either(splits):
   task = trainer.task
   params = jax.tree.map(lambda x: x[0, 0], rec.checkpoints)
   opt = optax.adam(1e-2)
-  state = opt.init(params)
-  grad = jax.grad(lambda p, b: jnp.mean(task.per_example_loss(p, b)))
+  state, step = opt.init(params), _optax_step(task, opt)
   for t in range(30):
     for got, want in zip(jax.tree.leaves(rec.checkpoints), jax.tree.leaves(params)):
       np.testing.assert_allclose(got[0, t], want, rtol=1e-5, atol=1e-6, err_msg=f'step {t}')
     if (weights[t] > 0).any():
-      g = grad(params, train.take(positions[t][weights[t] > 0]))
-      updates, state = opt.update(g, state, params)
-      params = optax.apply_updates(params, updates)
+      params, state = step(params, state, train.take(positions[t][weights[t] > 0]))
   for got, want in zip(jax.tree.leaves(run.params), jax.tree.leaves(params)):
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
 
