@@ -114,13 +114,8 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   for split in (train_split, heldout, evals):  # e.g. tokens outside the vocabulary
     if hasattr(split, 'features'):
       task.check_data(split.features)
-  made = policies.make_policy(name, policies.PolicyContext(
-      train_split, heldout, task, config, rater=rater, scores=scores))
-  if made.check_data and hasattr(train_split, 'features'):  # streamed: the trainer checks chunks
-    made.check_data(train_split.features)
-  trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size)
-  ckpt, resume = None, None
-  if workdir:
+  ckpt = None
+  if workdir:  # checked before the policy's set-up (a TracIn fit, an SAE's training)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
     for marker, what in (('metrics.jsonl', 'a launch.train_rater run'),
@@ -128,11 +123,19 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
       if os.path.exists(os.path.join(workdir, marker)):
         raise UserError(f'--workdir {workdir!r} holds {what} ({marker}); give the training run '
                         'a folder of its own')
-    ckpt = run_checkpointer(config, workdir, name, rater, scores, made.spans_epochs)
+    ckpt = run_checkpointer(config, workdir, name, rater, scores, spans_epochs=False)
     resume = ckpt.check_compatible()
     if resume is not None and resume > t.epochs:
       raise UserError(f'workdir {workdir!r} holds a checkpoint at epoch {resume}, past '
                       f'train.epochs={t.epochs}')
+  made = policies.make_policy(name, policies.PolicyContext(
+      train_split, heldout, task, config, rater=rater, scores=scores))
+  if made.check_data and hasattr(train_split, 'features'):  # streamed: the trainer checks chunks
+    made.check_data(train_split.features)
+  trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size)
+  if ckpt is not None and made.spans_epochs:  # its choices depend on train.epochs: compared too
+    ckpt.free_fields = tuple(f for f in ckpt.free_fields if f != 'train.epochs')
+    ckpt.check_compatible()  # (the inputs' digests are not read again)
   # Every check passed: from here on the workdir is written, by this run alone.
   with files.workdir_lock(workdir) if workdir else contextlib.nullcontext():
     return _run(config, name, workdir, stop_after, log, train_split, heldout, evals, task, made,

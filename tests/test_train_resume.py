@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import digits, selection
+from datarater import policies
 from datarater.errors import UserError
 from datarater.train import train
 from tests import forked
@@ -65,7 +66,8 @@ def test_sae_selection_run_resumed_equals_uninterrupted(tfds_dir, tmp_path):
     train(_config(tfds_dir, 4, selection), 'sae', workdir=workdir, log=quiet)
 
 
-def test_resume_with_another_config_is_refused_and_writes_nothing(tfds_dir, tmp_path):
+def test_resume_with_another_config_is_refused_and_writes_nothing(tfds_dir, tmp_path,
+                                                                   monkeypatch):
   workdir = tmp_path / 'run'
   config = _config(tfds_dir, 4)
   train(config, 'uniform', workdir=str(workdir), stop_after=2, log=quiet)
@@ -75,8 +77,10 @@ def test_resume_with_another_config_is_refused_and_writes_nothing(tfds_dir, tmp_
   other.train.learning_rate = 0.01
   with pytest.raises(UserError, match='different config.*learning_rate'):
     train(other, 'uniform', workdir=str(workdir), log=quiet)
-  with pytest.raises(UserError, match='different config.*policy'):  # (random: made in no time;
-    train(config, 'random', workdir=str(workdir), log=quiet)  # tracin_curriculum fitted TracIn)
+  with monkeypatch.context() as m:  # refused before the policy's set-up (a TracIn fit here)
+    m.setattr(policies, 'make_policy', lambda *a, **k: pytest.fail('the policy was set up'))
+    with pytest.raises(UserError, match='different config.*policy'):
+      train(config, 'tracin_curriculum', workdir=str(workdir), log=quiet)
   with pytest.raises(UserError, match='checkpoint at epoch 2, past train.epochs=1'):
     train(_config(tfds_dir, 1), 'uniform', workdir=str(workdir), log=quiet)
   with pytest.raises(UserError, match='--stop_after needs --workdir'):
