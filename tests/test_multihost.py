@@ -90,6 +90,23 @@ def _params(workdir):
   return jax.tree.leaves(load_rater(str(workdir)).params)
 
 
+@pytest.fixture(scope='module')
+def rater_run(tfds_dir, tmp_path_factory) -> str:
+  """A 2-step rater run (4 devices, one process) that the filter cases read and never write."""
+  workdir = str(tmp_path_factory.mktemp('rater') / 'run')
+  meta_train(small_config(tfds_dir, steps=2), workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def straight_12_steps(tfds_dir, tmp_path_factory) -> list:
+  """The rater of an uninterrupted 12-step small_config run on 4 devices in one process: the
+  oracle of every case below that stops a two-process run of that config and resumes it."""
+  workdir = str(tmp_path_factory.mktemp('straight') / 'run')
+  meta_train(small_config(tfds_dir, steps=12), workdir, devices=jax.devices()[:4])
+  return _params(workdir)
+
+
 def _assert_same(a, b, atol=2e-6):
   assert len(a) == len(b) > 0
   for x, y in zip(a, b):
@@ -102,6 +119,7 @@ def test_two_processes_equal_one_process_with_four_devices(tfds_dir, tmp_path):
   config.outer.ema = 0.5  # process 0 alone averages the rater it logs, reports and exports
   config.outer.warmup_steps = 0  # full outer steps: a meta-gradient off by a factor would show
   _finish(_start_two_processes(tmp_path / 'two', config))
+  config.final_eval.num_models = 0  # (not compared) the one-process and resumed runs skip them
   meta_train(config, str(tmp_path / 'one'), devices=jax.devices()[:4])
   _assert_same(_params(tmp_path / 'two'), _params(tmp_path / 'one'))
   logged = {}  # every logged metric, meta-gradient norm included, but the clock's
@@ -253,12 +271,11 @@ def test_two_process_valuate_scores_equal_one_process_and_stop_together(tfds_dir
   np.testing.assert_allclose(two['score'], one['score'], rtol=1e-5)
 
 
-def test_two_process_filter_writes_the_one_process_dataset(tfds_dir, tmp_path):
+def test_two_process_filter_writes_the_one_process_dataset(tfds_dir, tmp_path, rater_run):
   """Two processes score alternate blocks and exchange scores; process 0 writes the same bytes.
   Ctrl-C to process 1 as it scores stops both after the same block, with one line each and
   nothing written; so does an error in a block of process 1, with its line and one naming it."""
-  meta_train(small_config(tfds_dir, steps=2), str(tmp_path / 'run'))
-  args = ['--dataset=sklearn_digits', f'--rater={tmp_path / "run"}', '--keep=0.7',
+  args = ['--dataset=sklearn_digits', f'--rater={rater_run}', '--keep=0.7',
           f'--data_dir={tfds_dir}', '--label_noise=0.2', '--batch_size=100', '--threshold=exact']
   codes, outs = _signalled_at_a_block('launch.filter', [*args, f'--out={tmp_path / "two"}'],
                                       signal.SIGINT, tfds_dir, tmp_path)
@@ -273,7 +290,7 @@ def test_two_process_filter_writes_the_one_process_dataset(tfds_dir, tmp_path):
   assert 'error: a planted error in its second block' in outs[1], outs[1]
   assert not os.path.exists(tmp_path / 'two')
   _finish(_start('launch.filter', [*args, f'--out={tmp_path / "two"}']))
-  filter_dataset('sklearn_digits', str(tmp_path / 'one'), ['train'], rater=str(tmp_path / 'run'),
+  filter_dataset('sklearn_digits', str(tmp_path / 'one'), ['train'], rater=rater_run,
                  keep=0.7, data_dir=tfds_dir, corruption=Corruption(0.2, 0), batch_size=100,
                  threshold='exact')
   read = lambda d: {os.path.relpath(p, d): open(p, 'rb').read() for p in sorted(glob.glob(
@@ -340,7 +357,8 @@ def test_processes_that_loaded_different_raters_stop_in_one_line(tfds_dir, tmp_p
     (signal.SIGTERM, 2), pytest.param(signal.SIGINT, 2, marks=pytest.mark.slow),
     (signal.SIGINT, 1)], ids=['SIGTERM', 'SIGINT', 'SIGINT-one-process'])
 def test_a_signal_to_one_process_stops_both_after_one_step_that_resumes(tfds_dir, tmp_path,
-                                                                         signum, processes):
+                                                                         request, signum,
+                                                                         processes):
   """SIGTERM (a preempted host) or Ctrl-C to process 1 alone: both processes stop after the same
   outer step, checkpointed there, at once (not after JAX's 300 s shutdown barrier), with exit code
   143 or as killed by SIGINT with one line; resumed in one process on one device, the rater
@@ -376,10 +394,9 @@ def test_a_signal_to_one_process_stops_both_after_one_step_that_resumes(tfds_dir
   if signum == signal.SIGINT:  # the same checkpoint as SIGTERM's: resumed as below
     return
   meta_train(config, str(workdir), devices=jax.devices()[:1])  # 1 process, 1 device
-  meta_train(config, str(tmp_path / 'straight'), devices=jax.devices()[:4])
   # Over 12 Adam steps the device layouts' float32 summation orders drift apart by ~1e-6; the
   # outer learning rate is 1e-3, so 1e-5 is 1% of a single update.
-  _assert_same(_params(workdir), _params(tmp_path / 'straight'), atol=1e-5)
+  _assert_same(_params(workdir), request.getfixturevalue('straight_12_steps'), atol=1e-5)
 
 
 _ONE_SEES_ANOTHER_DATASET = """
@@ -546,10 +563,10 @@ def test_every_process_stops_after_the_step_the_vote_agrees_on(tfds_dir, tmp_pat
 
 
 # A launcher as one of two jax.distributed processes whose shutdown barrier gives up after
-# SHUTDOWN_S (JAX's default, 300 s, scaled down); process `who` meets `fault` as it calls `target`
-# ('module:function' or 'module:Class.method', with '@n': from its call n + 1 on): 'error' (a full
-# disk), 'sigterm' (sent to itself), or 'slow' (SLOW_S more seconds of work, past the other's
-# shutdown barrier).
+# SHUTDOWN_S (JAX's default, 300 s, scaled down; SLOW_SHUTDOWN_S for 'slow'); process `who` meets
+# `fault` as it calls `target` ('module:function' or 'module:Class.method', with '@n': from its
+# call n + 1 on): 'error' (a full disk), 'sigterm' (sent to itself), or 'slow' (SLOW_S more
+# seconds of work, past the other's shutdown barrier).
 _FAULT_AT = """
 import functools, importlib, os, runpy, signal, sys, time
 sys.path.insert(0, os.getcwd())
@@ -582,7 +599,10 @@ sys.argv = [module, *args, f'--coordinator_address=127.0.0.1:{{port}}', '--num_p
             f'--process_id={{pid}}']
 runpy.run_module(module, run_name='__main__')
 """
-SHUTDOWN_S, SLOW_S = 5, 12
+# A slow case's processes leave the block together and end together, so its barrier may be
+# shorter than the failing cases' (whose processes may end seconds apart): its slow work outlasts
+# the barrier by SLOW_S - SLOW_SHUTDOWN_S = 3 s.
+SHUTDOWN_S, SLOW_SHUTDOWN_S, SLOW_S = 5, 2, 5
 
 
 slow = pytest.mark.slow  # (each case is a two-process job)
@@ -610,14 +630,14 @@ slow = pytest.mark.slow  # (each case is a two-process job)
     pytest.param('train_rater', 'datarater.meta_train:final_report', 0, 'slow', [0, 0],
                  id='train_rater-slow-report', marks=slow)])
 def test_one_process_failing_signalled_or_slow_where_each_works_alone_stops_or_waits_for_all(
-    tfds_dir, tmp_path, module, target, who, fault, codes):
+    tfds_dir, tmp_path, request, module, target, who, fault, codes):
   """Where the processes work alone (start-up checks, a valuation's fit, the filter's rater
   loading, a rater run's gathering of its next step's batches, process 0 logging a rater run's
   step or writing the output), one that fails or is signalled stops every process there, each
   with its line; one that works on past the others' shutdown barrier (JAX's 300 s, here
-  SHUTDOWN_S) finishes its output. Before: the others waited in their next collective up to the
-  shutdown timeout and all aborted with JAX's C++ trace, or (a rater run's log or batches) for
-  good; a slow output was lost the same way."""
+  SLOW_SHUTDOWN_S) finishes its output. Before: the others waited in their next collective up to
+  the shutdown timeout and all aborted with JAX's C++ trace, or (a rater run's log or batches)
+  for good; a slow output was lost the same way."""
   out = tmp_path / 'out'
   if module == 'valuate':
     args = [f'--config={os.path.join(ROOT, "configs", "digits.py")}',
@@ -625,18 +645,18 @@ def test_one_process_failing_signalled_or_slow_where_each_works_alone_stops_or_w
             '--config.valuation.checkpoint_every=5', '--config.valuation.score_batch_size=300',
             '--method=tracin', f'--workdir={out}']
   elif module.startswith('filter'):  # the rater a run, or exported (read by another orbax call)
-    meta_train(small_config(tfds_dir, steps=2), str(tmp_path / 'run'))
-    rater = tmp_path / 'run'
+    rater = request.getfixturevalue('rater_run')
     if module == 'filter-exported':
       module, rater = 'filter', tmp_path / 'exported'
-      export_rater(str(tmp_path / "run"), str(rater))
+      export_rater(request.getfixturevalue('rater_run'), str(rater))
     args = ['--dataset=sklearn_digits', f'--rater={rater}', '--keep=0.7',
             f'--data_dir={tfds_dir}', '--batch_size=300', f'--out={out}']
   else:
     args = [f'--workdir={out}', *as_flags(small_config(tfds_dir, steps=4))]
   procs = _start_driver(_FAULT_AT.format(
       module=f'launch.{module}', target=target, who=who, fault=fault, args=args,
-      shutdown_s=SHUTDOWN_S, slow_s=SLOW_S), tfds_dir, tmp_path)
+      shutdown_s=SLOW_SHUTDOWN_S if fault == 'slow' else SHUTDOWN_S, slow_s=SLOW_S), tfds_dir,
+      tmp_path)
   outs = _outputs(procs, timeout=120)
   assert [p.returncode for p in procs] == codes, '\n---\n'.join(o[-3000:] for o in outs)
   assert all('Traceback' not in o and 'Check failure' not in o for o in outs), outs
@@ -672,17 +692,17 @@ runpy.run_module('launch.train_rater', run_name='__main__')
 """
 
 
-@pytest.mark.parametrize('at,kept', [(4, ['2']), pytest.param(8, ['4', '6'], marks=slow)],
+@pytest.mark.parametrize('at,kept', [(4, ['2']), pytest.param(12, ['8', '10'], marks=slow)],
                          ids=['mid-run', 'last'])
-def test_one_process_that_cannot_write_its_part_of_a_checkpoint_stops_both(tfds_dir, tmp_path,
-                                                                           at, kept):
+def test_one_process_that_cannot_write_its_part_of_a_checkpoint_stops_both(
+    tfds_dir, tmp_path, straight_12_steps, at, kept):
   """Process 1's shards of checkpoint `at` fail to write (orbax writes them in the background):
   both processes stop within seconds (mid-run: at the next step's vote; at the last step: as the
   run closes its checkpoints), each with one line (process 0's naming process 1), and the run
   resumes from the last checkpoint kept to the uninterrupted run's rater. Before, process 0
   waited in orbax's barrier for process 1's write, and process 1 in another for process 0, each
   up to orbax's 20 minute timeout (twice), then both ended in tracebacks."""
-  config = small_config(tfds_dir, steps=8)
+  config = small_config(tfds_dir, steps=12)
   workdir = tmp_path / 'run'
   procs = _start_driver(_CANNOT_WRITE_ITS_PART.format(
       at=at, args=[f'--workdir={workdir}', *as_flags(config)]), tfds_dir, tmp_path)
@@ -692,12 +712,12 @@ def test_one_process_that_cannot_write_its_part_of_a_checkpoint_stops_both(tfds_
   errors = [[l for l in o.splitlines() if l.startswith('error: ')] for o in outs]
   assert len(errors[0]) == 1 and 'error: process 1 of this job ' in errors[0][0], errors
   assert len(errors[1]) == 1 and errors[1][0].startswith('error: File too large'), errors
-  steps = sorted(d for d in os.listdir(workdir / 'checkpoints') if re.fullmatch(r'\d+', d))
+  steps = sorted((d for d in os.listdir(workdir / 'checkpoints') if re.fullmatch(r'\d+', d)),
+                 key=int)
   assert steps == kept, os.listdir(workdir / 'checkpoints')
   assert not (workdir / 'report.json').exists()
   meta_train(config, str(workdir), devices=jax.devices()[:4])  # resumed from the last kept
-  meta_train(config, str(tmp_path / 'straight'), devices=jax.devices()[:4])
-  _assert_same(_params(workdir), _params(tmp_path / 'straight'), atol=1e-5)
+  _assert_same(_params(workdir), straight_12_steps, atol=1e-5)
 
 
 # A rater run as one of two jax.distributed processes that reach its workdir by two paths (as
