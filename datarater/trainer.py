@@ -282,8 +282,9 @@ class Trainer:
     recorder = jnp.zeros(len(seeds))  # carried through the steps; parameters if recording
     if self.record_every:
       count = math.ceil(total / self.record_every)
-      recorder = jax.tree.map(lambda p: jnp.zeros((p.shape[0], count, *p.shape[1:]), p.dtype),
-                              state.models.params)
+      recorder = jax.jit(lambda params: jax.tree.map(  # one program, not a zeros per leaf
+          lambda p: jnp.zeros((p.shape[0], count, *p.shape[1:]), p.dtype), params))(
+              state.models.params)
     positions_log, weights_log = [], []
 
     history, train_s, compile_s, start_epoch, done_steps = [], 0.0, 0.0, 0, 0

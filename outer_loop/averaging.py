@@ -5,6 +5,8 @@ The average starts at zero and is debiased as Adam's moments are: after t update
 a weighted mean of the iterates phi_1..phi_t (weights summing to 1). It does not change the
 rater's training; it is the rater that is scored, reported and exported when `outer.ema` > 0.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +33,7 @@ def update(average, params, decay: float):
   return jax.tree.map(one, average, params)
 
 
+@functools.partial(jax.jit, static_argnames='decay')
 def debiased(average, params, decay: float, count):
   """The averaged parameters after `count` updates, divided by the sum of the iterates' weights,
   1 - d^count (as -expm1(count log1p(-(1 - d))): no cancellation for d near 1); `params` (the

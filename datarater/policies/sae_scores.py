@@ -91,6 +91,12 @@ def factor_stats(codes: jax.Array, high_freq_fraction: float, labels=None,
                       f'shape {labels.shape}' + (f' with range [{labels.min()}, {labels.max()}]'
                                                  if labels.size else ''))
     group, num_groups = jnp.asarray(labels, jnp.int32), num_classes
+  return _factor_stats(codes, group, num_groups=num_groups, high_freq_fraction=high_freq_fraction)
+
+
+@functools.partial(jax.jit, static_argnames=('num_groups', 'high_freq_fraction'))
+def _factor_stats(codes, group, *, num_groups: int, high_freq_fraction: float) -> FactorStats:
+  """`factor_stats` once its inputs are checked, as one program (op by op: ~100 dispatches)."""
   mass = codes / jnp.maximum(jnp.sum(codes, -1, keepdims=True), 1e-12)
   active = (codes > 0).astype(jnp.float32)
   freq = jnp.mean(active, 0)
@@ -271,18 +277,32 @@ def suspected_mislabels(stats: FactorStats, rule: str = 'margin', margin: float 
   """
   if rule not in SUSPECT_RULES:
     raise UserError(f'sae_scores.mislabel_rule must be one of {SUSPECT_RULES}, got {rule!r}')
-  a = label_margin(stats)
   if stats.rep_weight.shape[0] == 1:
-    return jnp.zeros(a.shape, bool)
+    return jnp.zeros(stats.mass.shape[0], bool)
+  if rule != 'knn':
+    return _rule_suspects(stats, margin, rule=rule)
+  shares = knn_label_shares(stats, knn, reference=reference)
+  return _knn_suspects(shares, _label_margin(stats), stats.group)
+
+
+_label_margin = jax.jit(label_margin)
+
+
+# Each rule's arithmetic as one program (op by op, each of its ~20 operations was compiled alone).
+@functools.partial(jax.jit, static_argnames='rule')
+def _rule_suspects(stats: FactorStats, margin, *, rule: str) -> jax.Array:
+  a = label_margin(stats)
   if rule == 'margin':
     return a < -margin
-  if rule == 'confident':
-    order_rank = ranks.rank(a)                              # 0 = lowest margin
-    return order_rank < confident_error_count(stats)
-  shares = knn_label_shares(stats, knn, reference=reference)
-  own = jnp.take_along_axis(shares, stats.group[:, None], 1)[:, 0]
+  order_rank = ranks.rank(a)                              # 0 = lowest margin
+  return order_rank < confident_error_count(stats)
+
+
+@jax.jit
+def _knn_suspects(shares, a, group) -> jax.Array:
+  own = jnp.take_along_axis(shares, group[:, None], 1)[:, 0]
   order_rank = ranks.inverse_permutation(jnp.lexsort((a, own)))  # 0 = rarest own label
-  return order_rank < confident_joint_errors(shares, stats.group)
+  return order_rank < confident_joint_errors(shares, group)
 
 
 def exclude_last(score: jax.Array, excluded: jax.Array) -> jax.Array:

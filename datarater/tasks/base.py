@@ -85,20 +85,22 @@ def check_per_example(model: 'Task | Rater', params: Params, batch: Batch) -> No
   # Values and their derivatives along a random direction: at a degenerate point such as a
   # zero-initialised last layer the values can be the same alone and in a batch while the
   # gradients (what is trained and valued) still read the batch-mates.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(0), max(1, len(leaves)))
-  tangent = jax.tree.unflatten(treedef, [
-      jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
-      if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else
-      np.zeros(jnp.shape(x), jax.dtypes.float0) for k, x in zip(keys, leaves)])
+  def random_direction(params):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(0), max(1, len(leaves)))
+    return jax.tree.unflatten(treedef, [
+        jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else
+        np.zeros(jnp.shape(x), jax.dtypes.float0) for k, x in zip(keys, leaves)])
 
-  def rows(params, batch, tangent):  # one program (a compilation cache holds it), not op by op
+  def rows(params, batch):  # one program (a compilation cache holds it), not op by op
+    tangent = random_direction(params)
     def one(example):
       return jax.jvp(lambda p: fn(p, jax.tree.map(lambda x: x[None], example))[0], (params,),
                      (tangent,))
     return jax.jvp(lambda p: fn(p, batch), (params,), (tangent,)), jax.vmap(one)(batch)
   with jax.default_matmul_precision('highest'):  # (not TF32: batch sizes would round apart)
-    (together, d_together), (alone, d_alone) = jax.jit(rows)(params, batch, tangent)
+    (together, d_together), (alone, d_alone) = jax.jit(rows)(params, batch)
   d_together, d_alone = np.asarray(d_together), np.asarray(d_alone)
   scale = float(np.abs(d_alone).max()) if d_alone.size else 0.0
   if not (np.allclose(together, alone, rtol=1e-4, atol=1e-6) and

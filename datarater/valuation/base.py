@@ -63,7 +63,7 @@ def record_run(task, split, *, steps: int, batch_size: int, learning_rate: float
                     weighting('uniform', len(split)), batch_size, record_every=checkpoint_every)
   result = trainer.run(split, {}, [seed], steps=steps)
   rec = result.recording
-  one = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  one = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree))  # one program, not one per leaf
   # Each example is read once (a streamed split decodes it from its files), then repeated.
   unique, where = np.unique(rec.positions[0], return_inverse=True)
   run = TrainingRun(
@@ -93,15 +93,16 @@ class Valuation(abc.ABC):
 
   def fit(self, run: TrainingRun) -> 'Valuation':
     """Accumulates every checkpoint of a recorded run."""
-    for c in range(run.num_checkpoints):
-      self.accumulate(run.checkpoint(c), float(run.step_lrs[int(run.checkpoint_steps[c])]))
+    lrs = np.asarray(run.step_lrs)[np.asarray(run.checkpoint_steps)]
+    for c, params in enumerate(_unstack(run.checkpoints)):
+      self.accumulate(params, float(lrs[c]))
     return self
 
   def stacked(self):
     """(checkpoints with a leading [C] axis, learning rates [C])."""
     if not self._params:
       raise UserError(f'{self.name}: no checkpoint accumulated (call fit or accumulate first)')
-    return jax.tree.map(lambda *x: jnp.stack(x), *self._params), jnp.asarray(self._lrs)
+    return stack_trees(self._params), jnp.asarray(self._lrs)
 
   @abc.abstractmethod
   def score(self, batch: dict) -> jax.Array:
@@ -115,3 +116,17 @@ class Valuation(abc.ABC):
     """`value` of every example of `split`, in order, [N]."""
     return evaluation.score_split(self.value, split, batch_size, progress=progress,
                                   desc=f'{self.name} values')
+
+
+@jax.jit
+def _unstack(tree) -> list:
+  """The pytrees tree[c] along the leading axis (one program; op by op, each leaf of each
+  checkpoint was a slice dispatched, and compiled per shape, alone)."""
+  return [jax.tree.map(lambda x, c=c: x[c], tree)
+          for c in range(jax.tree.leaves(tree)[0].shape[0])]
+
+
+@jax.jit
+def stack_trees(trees: list):
+  """Pytrees of equal structure stacked leaf by leaf along a new leading axis (one program)."""
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)

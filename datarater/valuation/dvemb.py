@@ -185,11 +185,13 @@ class DataValueEmbedding(Valuation):
     raise UserError('data value embedding needs the whole recorded run: call fit(run)')
 
   def fit(self, run: TrainingRun) -> 'DataValueEmbedding':
-    self.embeddings = jax.jit(lambda r: embed(self.task, r, self.num_examples, self.transform,
-                                              self.curvature, self.phases, self.chunk_size))(run)
-    self.direction = test_direction(self.task.per_example_loss, run.final_params,
-                                    self.test_batch, self.transform)
-    self._values = self.embeddings.example @ self.direction
+    def fitted(r, test_batch):  # one program (op by op, the test direction compiled each op)
+      emb = embed(self.task, r, self.num_examples, self.transform, self.curvature, self.phases,
+                  self.chunk_size)
+      direction = test_direction(self.task.per_example_loss, r.final_params, test_batch,
+                                 self.transform)
+      return emb, direction, emb.example @ direction
+    self.embeddings, self.direction, self._values = jax.jit(fitted)(run, self.test_batch)
     return self
 
   def _check(self):

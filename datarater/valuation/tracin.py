@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from datarater import pergrad
 from datarater.errors import UserError
 from datarater.tasks import PerExampleLoss, batch_size_of
-from datarater.valuation.base import Valuation
+from datarater.valuation.base import Valuation, stack_trees
 
 MODES = ('self', 'heldout', 'heldout_cos')
 
@@ -155,6 +155,6 @@ class TracIn(Valuation):
     if self.mode == 'self':
       return self_influence(self.loss_fn, ckpts, lrs, batch, self.layers, self.projection,
                             self.chunk_size, self.ghost)
-    directions = jax.tree.map(lambda *v: jnp.stack(v), *self._directions)
+    directions = stack_trees(self._directions)
     return heldout_influence(self.loss_fn, ckpts, lrs, batch, self.heldout, self.layers,
                              self.mode == 'heldout_cos', self.chunk_size, directions, self.ghost)
