@@ -43,22 +43,28 @@ from tests.run_config import small_config
 N_TRAIN = 1197
 
 
+def _rater_config(tfds_dir):
+  """The module's rater run: small_config, 4 outer steps."""
+  config = small_config(tfds_dir, steps=4)
+  config.rater.temperature = 0.37  # not the default: the export must carry it
+  return config
+
+
 @pytest.fixture(scope='module')
 def rater_dir(tfds_dir, tmp_path_factory):
   base = tmp_path_factory.mktemp('rater')
-  config = small_config(tfds_dir, steps=4)
-  config.rater.temperature = 0.37  # not the default: the export must carry it
-  meta_train(config, str(base / 'run'))
+  meta_train(_rater_config(tfds_dir), str(base / 'run'))
   out = str(base / 'exported')
   export.export_rater(str(base / 'run'), out)
   return out
 
 
 def test_a_rater_stopped_early_counts_the_steps_it_took(tfds_dir, tmp_path):
-  """Exported after 2 of its 6 outer steps, a rater's compute is that of 2 steps, counted by
-  hand: K=2 inner models, T=2 steps of B=16, one held-out batch of 16 each."""
+  """Exported after 2 of its 4 outer steps, a rater's compute is that of 2 steps, counted by
+  hand: K=2 inner models, T=2 steps of B=16, one held-out batch of 16 each. (The config of the
+  module's rater run, whose compiled programs it shares.)"""
   run = str(tmp_path / 'run')
-  meta_train(small_config(tfds_dir, steps=6), run, stop_after=2, devices=jax.devices()[:1])
+  meta_train(_rater_config(tfds_dir), run, stop_after=2)
   meta = export.export_rater(run, str(tmp_path / 'exported'))
   assert meta['outer_steps'] == 2
   assert meta['training_example_gradients'] == 2 * 2 * (2 * 16 + 16)
@@ -75,6 +81,15 @@ def _filter(tfds_dir, rater_dir, out, **kw):
 def _files(folder):
   return {os.path.relpath(p, folder): open(p, 'rb').read()
           for p in sorted(glob.glob(os.path.join(folder, '**'), recursive=True)) if os.path.isfile(p)}
+
+
+@pytest.fixture(scope='module')
+def filtered(tfds_dir, rater_dir, tmp_path_factory):
+  """The module rater's filter of the noisy train split with _filter's defaults (keep 0.8, 4
+  devices, blocks of 256): its folder (read, never written, by the tests that share it) and its
+  report."""
+  out = tmp_path_factory.mktemp('filtered') / 'out'
+  return out, _filter(tfds_dir, rater_dir, out)
 
 
 def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_path):
@@ -143,9 +158,10 @@ def test_a_run_whose_config_json_was_edited_is_not_exported(rater_dir, tmp_path)
     assert not (tmp_path / 'out').exists()
 
 
-def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path, monkeypatch):
-  out = tmp_path / 'filtered'
-  report = _filter(tfds_dir, rater_dir, out)
+def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, filtered, tmp_path,
+                                                   monkeypatch):
+  out, report = filtered
+  before = _files(out)
   want = select.keep_count(N_TRAIN, 0.8)
   assert report['splits']['train']['kept'] == want == 958
   builder = tfds.builder_from_directory(str(out))
@@ -212,6 +228,7 @@ def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, tmp_path
   assert again['splits']['train']['kept'] == select.keep_count(want, 0.5)
   table2 = pq.read_table(tmp_path / 'again' / 'scores_train.parquet').to_pydict()
   np.testing.assert_allclose(table2['score'], scores[kept], rtol=1e-5, atol=1e-6)
+  assert _files(out) == before  # read only: the module's other tests compare its bytes
 
 
 def test_balance_keeps_every_class_its_share(tfds_dir, rater_dir, tmp_path):
@@ -238,11 +255,10 @@ def test_balance_keeps_every_class_its_share(tfds_dir, rater_dir, tmp_path):
       np.bincount([written[j]['label'] for j in range(len(written))], minlength=10), quota)
 
 
-def test_deterministic_bytes_on_1_and_4_devices(tfds_dir, rater_dir, tmp_path):
-  _filter(tfds_dir, rater_dir, tmp_path / 'a')
+def test_deterministic_bytes_on_1_and_4_devices(tfds_dir, rater_dir, filtered, tmp_path):
   _filter(tfds_dir, rater_dir, tmp_path / 'b', devices=jax.devices()[:1])
   _filter(tfds_dir, rater_dir, tmp_path / 'c', batch_size=100)
-  a, b, c = (_files(tmp_path / x) for x in 'abc')
+  a, b, c = _files(filtered[0]), _files(tmp_path / 'b'), _files(tmp_path / 'c')
   assert len(a) >= 8 and a == b == c
 
 
@@ -265,7 +281,8 @@ def _filter_then(signum: int, args: list) -> None:
   forked.as_main('launch.filter', args)
 
 
-def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir, tmp_path):
+def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir, filtered,
+                                                            tmp_path):
   out = tmp_path / 'killed'
   args = ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', f'--rater={rater_dir}',
           '--keep=0.8', '--label_noise=0.2', '--batch_size=256', f'--out={out}']
@@ -277,8 +294,7 @@ def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir
   rerun = _cli(args)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert not glob.glob(str(tmp_path / '.killed.tmp-*'))  # the dead run's temp folder is gone
-  _filter(tfds_dir, rater_dir, tmp_path / 'ref')
-  assert _files(out) == _files(tmp_path / 'ref')
+  assert _files(out) == _files(filtered[0])  # the same filter, in this process
   # The CLI's one-line errors: an existing OUT_DIR without --overwrite, and a bad keep.
   for bad, msg in ((args, 'already exists (pass --overwrite to replace it)'),
                    (args[:-1] + [f'--out={tmp_path}/x', '--keep=1.5'],
@@ -784,7 +800,8 @@ def test_a_rater_of_ones_own_exports_and_loads_where_its_module_imports(tfds_dir
   (folder / 'my_outside_rater.py').write_text(OUTSIDE_RATER)
   monkeypatch.syspath_prepend(str(folder))
   __import__('my_outside_rater')
-  config = small_config(tfds_dir, steps=2)
+  config = _rater_config(tfds_dir)  # the module run's programs
+  config.outer.steps = 2
   config.rater.name = 'outside_mlp_rater'
   meta_train(config, str(tmp_path / 'run'))
 

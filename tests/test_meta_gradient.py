@@ -58,6 +58,12 @@ def test_mixed_meta_gradient_matches_finite_differences(optimizer, steps):
     _fd_check('mixed', optimizer, steps)
 
 
+def _jitted_outer_step(problem, est):
+  """outer_step jitted with the batches as arguments (not constants): tests of equal problems and
+  shapes run one program, compiled once (the session's compilation cache)."""
+  return jax.jit(lambda s, inner, outer: meta_step.outer_step(problem, est, s, inner, outer))
+
+
 def test_outer_step_uses_the_meta_gradient():
   """The outer step's logged meta-gradient norm is the norm of d outer / d phi after resets."""
   problem, est = tiny_problem(), estimator()
@@ -65,7 +71,7 @@ def test_outer_step_uses_the_meta_gradient():
   state = meta_step.init_outer_state(problem, jax.random.PRNGKey(1), 2)
   (_, _), grads = jax.jit(lambda s: meta_step.meta_gradient(
       problem, est, s.rater_params, s.population, inner, outer))(state)
-  new_state, metrics = jax.jit(lambda s: meta_step.outer_step(problem, est, s, inner, outer))(state)
+  new_state, metrics = _jitted_outer_step(problem, est)(state, inner, outer)
   np.testing.assert_allclose(metrics['meta_grad_norm'],
                              jnp.linalg.norm(ravel_pytree(grads)[0]), rtol=1e-5)
   assert int(new_state.step) == 1
@@ -85,8 +91,7 @@ def test_weight_ess_is_the_kish_effective_sample_size(temperature):
   problem = dataclasses.replace(tiny_problem(), temperature=temperature)
   inner, outer = tiny_batches(4, population=2, steps=2, batch=8)
   state = meta_step.init_outer_state(problem, jax.random.PRNGKey(5), 2)
-  _, metrics = jax.jit(lambda s: meta_step.outer_step(problem, estimator(), s, inner, outer))(
-      state)
+  _, metrics = _jitted_outer_step(problem, estimator())(state, inner, outer)
   kish = []
   for member in range(2):
     first = jax.tree.map(lambda x: x[member, 0], inner)  # pylint: disable=cell-var-from-loop
@@ -141,17 +146,22 @@ def test_outer_step_logs_the_losses_of_the_unroll():
                                                           dtype=np.float64))
     state = as_float64(meta_step.init_outer_state(problem, jax.random.PRNGKey(1), 2))
     _, metrics = jax.jit(lambda s: meta_step.outer_step(problem, est, s, inner, outer))(state)
-    step_losses, held_out = [], []
-    for m in range(2):
-      params = jax.tree.map(lambda x, m=m: x[m], state.population.params)
-      for s in range(3):
-        batch = jax.tree.map(lambda x, m=m, s=s: x[m, s], inner)
-        w = 8 * jax.nn.softmax(problem.rater.score(state.rater_params, batch) / problem.temperature)
-        loss = lambda p, w=w, batch=batch: jnp.mean(w * problem.task.per_example_loss(p, batch))
-        step_losses.append(float(loss(params)))
-        params = jax.tree.map(lambda a, g: a - 0.1 * g, params, jax.grad(loss)(params))
-      held_out.append(float(jnp.mean(problem.task.per_example_loss(
-          params, jax.tree.map(lambda x, m=m: x[m], outer)))))
+
+    def by_hand(state):  # traced as one program (op by op it compiled ~100 small ones)
+      step_losses, held_out = [], []
+      for m in range(2):
+        params = jax.tree.map(lambda x, m=m: x[m], state.population.params)
+        for s in range(3):
+          batch = jax.tree.map(lambda x, m=m, s=s: x[m, s], inner)
+          w = 8 * jax.nn.softmax(problem.rater.score(state.rater_params, batch)
+                                 / problem.temperature)
+          loss = lambda p, w=w, batch=batch: jnp.mean(w * problem.task.per_example_loss(p, batch))
+          step_losses.append(loss(params))
+          params = jax.tree.map(lambda a, g: a - 0.1 * g, params, jax.grad(loss)(params))
+        held_out.append(jnp.mean(problem.task.per_example_loss(
+            params, jax.tree.map(lambda x, m=m: x[m], outer))))
+      return jnp.stack(step_losses), jnp.stack(held_out)
+    step_losses, held_out = (np.asarray(x) for x in jax.jit(by_hand)(state))
   assert np.ptp(step_losses) > 1e-3  # the steps' losses differ: a mean of some would show
   np.testing.assert_allclose(float(metrics['inner_loss']), np.mean(step_losses), rtol=1e-9)
   np.testing.assert_allclose(float(metrics['outer_loss']), np.mean(held_out), rtol=1e-9)
