@@ -82,7 +82,7 @@ def _recorded_sgd(kind):
   pool = _examples(kind, POOL, 7)
   rng = np.random.default_rng(1)
   pos = np.stack([rng.permutation(POOL)[:BATCH] for _ in range(STEPS)])
-  batches = jax.tree.map(lambda x: x[pos], pool)
+  batches = jax.tree.map(lambda x: jax.device_put(np.asarray(x)[pos]), pool)  # not op by op
   weights = jnp.asarray(rng.uniform(0.5, 1.5, (STEPS, BATCH)))
   test = _examples(kind, 4, 99)
   test_loss = lambda theta: jnp.mean(loss(theta, test))
@@ -98,7 +98,8 @@ def _recorded_sgd(kind):
   run = TrainingRun(batches=batches, weights=weights, step_lrs=jnp.asarray(LRS),
                     checkpoints=checkpoints, checkpoint_steps=jnp.arange(STEPS),
                     final_params=final)
-  checkpoints = [jax.tree.map(lambda x, t=t: x[t], checkpoints) for t in range(STEPS)]
+  checkpoints = [jax.tree.map(lambda x, t=t: jax.device_put(np.asarray(x)[t]), checkpoints)
+                 for t in range(STEPS)]
   return task, run, pos, checkpoints, test, test_loss, np.asarray(dmult)
 
 
@@ -111,6 +112,7 @@ def _per_example_flat_grads(loss, params, batch):
     _GRADS[loss] = jax.jit(jax.grad(lambda p, one: loss(p, one)[0]))
   grad = _GRADS[loss]
   n = jax.tree.leaves(batch)[0].shape[0]
+  batch = jax.tree.map(np.asarray, batch)  # rows sliced in numpy, not by a compile per shape
   return np.stack([ravel_pytree(grad(params, jax.tree.map(lambda x: x[i:i + 1], batch)))[0]
                    for i in range(n)])
 
@@ -146,7 +148,7 @@ def test_dvemb_gauss_newton_and_fisher_equal_the_explicit_recursion_on_the_cnn()
   loss = task.per_example_loss
   flat0, unravel = ravel_pytree(checkpoints[0])
   w = np.asarray(run.weights)
-  batch = lambda t: jax.tree.map(lambda x: x[t], run.batches)
+  batch = lambda t: jax.tree.map(lambda x: jax.device_put(np.asarray(x)[t]), run.batches)
   grads = [_per_example_flat_grads(loss, checkpoints[t], batch(t)) for t in range(STEPS)]
 
   logits = lambda f, b: task.logits(unravel(f), b)
@@ -161,7 +163,7 @@ def test_dvemb_gauss_newton_and_fisher_equal_the_explicit_recursion_on_the_cnn()
   def fisher(t):
     return (grads[t].T * w[t]) @ grads[t] / BATCH
 
-  direction = np.asarray(ravel_pytree(jax.grad(test_loss)(run.final_params))[0])
+  direction = np.asarray(ravel_pytree(jax.jit(jax.grad(test_loss))(run.final_params))[0])
   clipped = 0
   for curvature, hessian in (('gauss_newton', gauss_newton), ('empirical_fisher', fisher)):
     k, want = np.eye(flat0.size), np.zeros(POOL)

@@ -27,7 +27,8 @@ def tiny(num=7, seed=0, hidden=(5,)):
   rng = np.random.default_rng(seed)
   batch = {'image': jnp.asarray(rng.uniform(size=(num, 6))),
            'label': jnp.asarray(rng.integers(0, 3, num), jnp.int32)}
-  params = jax.tree.map(lambda x: x.astype(jnp.float64) * 2.0, task.init(jax.random.key(seed)))
+  params = jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float64) * 2.0),  # numpy: no
+                        task.init(jax.random.key(seed)))  # compile per shape as op by op
   return task.per_example_loss, params, batch
 
 
@@ -44,12 +45,12 @@ def loop_flat_grads(loss, params, batch, layer=None):
   with `layer`, only that layer's parameters (read from the parameter dict by name)."""
   if loss not in _GRADS:  # one jitted gradient of a batch of one per loss function
     _GRADS[loss] = jax.jit(jax.grad(lambda p, ex: loss(p, ex)[0]))
-  out = []
+  out, rows = [], {k: np.asarray(v) for k, v in batch.items()}  # sliced in numpy
   for i in range(batch['label'].shape[0]):
-    ex = {k: v[i:i + 1] for k, v in batch.items()}
+    ex = {k: v[i:i + 1] for k, v in rows.items()}
     g = _GRADS[loss](params, ex)
     out.append(ravel_pytree(g['params'][layer] if layer else g)[0])
-  return jnp.stack(out)
+  return jax.device_put(np.stack(out))
 
 
 @pytest.mark.parametrize('chunk', [None, 3, 64])
@@ -262,7 +263,7 @@ def _module_problem(model: nn.Module, float64: bool = False):
   _, _, batch = tiny()
   params = model.init(jax.random.key(0), batch['image'])
   if float64:
-    params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float64)), params)
   return lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label']), params, batch
 
 

@@ -33,12 +33,14 @@ def problem(n=12, hidden=(5,), seed=0):
   data = {'image': jnp.asarray(rng.normal(size=(n, 6))),
           'label': jnp.asarray(rng.integers(0, 3, n), jnp.int32),
           'index': jnp.arange(n)}
-  params = jax.tree.map(lambda x: x.astype(jnp.float64), task.init(jax.random.key(seed)))
+  params = jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float64)),
+                        task.init(jax.random.key(seed)))
   return task.per_example_loss, params, data
 
 
 def sub(batch, idx):
-  return jax.tree.map(lambda x: x[np.asarray(idx)], batch)
+  """The rows `idx` of each array (numpy indexing: op by op JAX compiles a gather per shape)."""
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x)[np.asarray(idx)]), batch)
 
 
 _GRADS = {}
@@ -64,16 +66,17 @@ def sgd_run(loss, params, data, steps=6, batch_size=4, lr=0.3, every=2, seed=0, 
   order = np.random.default_rng(seed).integers(0, data['label'].shape[0], (steps, batch_size))
   batches = sub(data, order)
   weights = jnp.ones((steps, batch_size)) if weights is None else jnp.asarray(weights)
-  grad = jax.jit(jax.grad(lambda p, b, w: jnp.mean(w * loss(p, b))))
+  grad = jax.grad(lambda p, b, w: jnp.mean(w * loss(p, b)))
+  update = jax.jit(lambda p, b, w, lr: jax.tree.map(lambda a, g: a - lr * g, p, grad(p, b, w)))
   lrs = np.broadcast_to(np.asarray(lr, np.float64), (steps,))
   p, ckpts = params, []
   for t in range(steps):
     if t % every == 0:
       ckpts.append(p)
-    p = jax.tree.map(lambda a, g: a - lrs[t] * g, p, grad(p, sub(batches, t), weights[t]))
+    p = update(p, sub(batches, t), weights[t], lrs[t])
   run = base.TrainingRun(
       batches=batches, weights=weights, step_lrs=jnp.asarray(lrs),
-      checkpoints=jax.tree.map(lambda *x: jnp.stack(x), *ckpts),
+      checkpoints=jax.tree.map(lambda *x: jax.device_put(np.stack(x)), *ckpts),
       checkpoint_steps=jnp.arange(len(ckpts)) * every, final_params=p)
   return run, batches, order
 
@@ -224,7 +227,8 @@ def explicit_mimic(loss, params, ref, batch, layers, cosine=False):
 def test_mimic_score_equals_formula(layers, cosine):
   loss, params, data = problem()
   run, _, _ = sgd_run(loss, params, data)
-  ref = jax.tree.map(lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
+  ref = jax.jit(lambda q: jax.tree.map(
+      lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), q))(params)
   resolved = mimic.resolve_layers(loss, params, data, layers)
   assert resolved == (['dense_1'] if layers == 'last' else layers)
   val = mimic.Mimic(loss, ref, layers, cosine, chunk_size=5).fit(run)
@@ -248,7 +252,8 @@ def test_ghost_cosine_norms_equal_materialised_in_float32():
     run, _, _ = sgd_run(loss, params, data, steps=4, batch_size=16, every=2)
     run = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64 else x, run)
     held = sub(data, range(48, 64))
-    ref = jax.tree.map(lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params)
+    ref = jax.jit(lambda q: jax.tree.map(
+        lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), q))(params)
     for layers in (None, ['dense_2']):
       assert pergrad.ghost_covers(loss, params, data, layers)
       got = [tracin.TracIn(loss, 'heldout_cos', held, layers=layers, ghost=g).fit(run).score(data)
@@ -331,14 +336,14 @@ def test_dvemb_equals_explicit_backward_product(curvature):
   weights = np.ones((5, 4))
   weights[[1, 3, 4], [2, 0, 3]] = 0.0  # padding, as the last batch of an epoch has
   run, batches, _ = sgd_run(loss, params, data, steps=5, every=1, weights=weights)
-  emb = dvemb.embed(task, run, 12, None, curvature, chunk_size=3)
+  emb = jax.jit(lambda r: dvemb.embed(task, r, 12, None, curvature, chunk_size=3))(run)
   if curvature in ('none', 'empirical_fisher'):
     want = explicit_dvemb_none_or_ef(loss, run, batches, curvature)
   else:
     steps, b = batches['label'].shape
     grads = [flat_grads(loss, run.checkpoint(t), sub(batches, t)) for t in range(steps)]
-    hs = [explicit_ggn(task, run.checkpoint(t), sub(batches, t), weights[t], curvature == 'exact')
-          for t in range(steps)]
+    ggn = jax.jit(lambda p, b, w: explicit_ggn(task, p, b, w, curvature == 'exact'))
+    hs = [ggn(run.checkpoint(t), sub(batches, t), weights[t]) for t in range(steps)]
     want = []
     for t in range(steps):
       k = np.eye(grads[0].shape[1])
@@ -376,7 +381,7 @@ def test_dvemb_memory_follows_the_run_not_the_split():
   idx = np.asarray(batches['index'])
   inside = int(idx[2, 1])
   scores = val.score({'index': jnp.asarray([inside, n - 1, 12])})
-  direction = dvemb.test_direction(loss, run.final_params, data)
+  direction = jax.jit(lambda p: dvemb.test_direction(loss, p, data))(run.final_params)
   want = sum(np.asarray(val.embeddings.step)[t, j] for t in range(5) for j in range(4)
              if idx[t, j] == inside) @ np.asarray(direction)
   np.testing.assert_allclose(scores, [want, 0.0, 0.0], rtol=1e-9, atol=1e-15)
@@ -426,8 +431,8 @@ def loo_experiment(curvatures, removals=40, steps=300, lr=0.05, seed=0):
   weights = np.ones((removals, steps, 8))
   weights[np.arange(removals), at_t, at_j] = 0.0
   finals = jax.jit(jax.vmap(lambda w: sgd(w)[1]))(jnp.asarray(weights))
-  real = np.asarray(jax.vmap(test_loss)(finals) - test_loss(run.final_params))
-  direction = dvemb.test_direction(loss, run.final_params, test)
+  real = np.asarray(jax.jit(jax.vmap(test_loss))(finals) - jax.jit(test_loss)(run.final_params))
+  direction = jax.jit(lambda p: dvemb.test_direction(loss, p, test))(run.final_params)
   out = {}
   for curvature in curvatures:
     emb = jax.jit(lambda r, c=curvature: dvemb.embed(task, r, 40, None, c))(run)

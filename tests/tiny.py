@@ -51,7 +51,9 @@ def tiny_batches(seed, population, steps, batch, dim=5, dtype=np.float32):
 
 
 def as_float64(tree):
-  return jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, tree)
+  """float32 leaves as float64 (converted in numpy: op by op, JAX compiles one per shape)."""
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float64)) if x.dtype == np.float32
+                      else x, tree)
 
 
 def assert_meta_gradient_matches_finite_differences(problem, est, inner, outer, rtol=1e-5):
