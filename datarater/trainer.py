@@ -144,6 +144,13 @@ def _check_weights(policy_name: str, used: np.ndarray, seeds, first_step: int) -
                     f'{used.shape[1]} steps)')
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _empty_recording(params, count: int):
+  """Zeros for `count` recorded copies of each member's parameters, [members, count, ...]: one
+  program (compiled once per shapes and count), not a zeros per leaf."""
+  return jax.tree.map(lambda p: jnp.zeros((p.shape[0], count, *p.shape[1:]), p.dtype), params)
+
+
 class Trainer:
   """Trains task models under `policy`; its steps compile once per run (chunks padded to one
   length)."""
@@ -282,9 +289,7 @@ class Trainer:
     recorder = jnp.zeros(len(seeds))  # carried through the steps; parameters if recording
     if self.record_every:
       count = math.ceil(total / self.record_every)
-      recorder = jax.jit(lambda params: jax.tree.map(  # one program, not a zeros per leaf
-          lambda p: jnp.zeros((p.shape[0], count, *p.shape[1:]), p.dtype), params))(
-              state.models.params)
+      recorder = _empty_recording(state.models.params, count)
     positions_log, weights_log = [], []
 
     history, train_s, compile_s, start_epoch, done_steps = [], 0.0, 0.0, 0, 0
