@@ -165,6 +165,7 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
   files.check_apart(out_dir, '--out', workdir=workdir)
   checkpointing.check_writable_path(out_dir, '--out')
   files.check_replaceable(out_dir, overwrite, 'rater.json')
+  files.check_not_in_dataset(out_dir, '--out')
   config, info, _, params, steps = _read_run(workdir)
   meta = {
       'format_version': FORMAT_VERSION,

@@ -116,6 +116,21 @@ def why_not(path: str, error: OSError) -> str:
   return error.strerror or str(error)
 
 
+def check_can_create(path: str) -> None:
+  """Refuses an output `path` that could not be created where it goes (the nearest existing
+  folder above it is a file, or not writable: a read-only file system, permissions), before a
+  command's long work rather than at its end."""
+  above = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(above) and above != os.path.dirname(above):
+    above = os.path.dirname(above)
+  if not os.path.isdir(above):
+    raise UserError(f'cannot write {path!r}: {above!r} is a file, not a folder')
+  if not os.access(above, os.W_OK | os.X_OK):
+    why = ('a read-only file system' if os.statvfs(above).f_flag & os.ST_RDONLY
+           else 'no permission')
+    raise UserError(f'cannot write {path!r}: {above!r} is not writable ({why})')
+
+
 def check_replaceable(path: str, overwrite: bool, marker: str = '') -> None:
   """Refuses an existing output `path` unless `overwrite`, and with `marker` one that is not a
   folder holding that file (an earlier output of the same kind: a typo in --out with --overwrite
@@ -182,7 +197,8 @@ def check_apart(out: str, flag: str, **inputs: str) -> None:
 def check_outside(workdir: str, **folders: str) -> None:
   """Refuses a run folder that is, or lies inside, a folder the run reads (`folders`: each one's
   name, as the user set it, to its path): the run's own files would change that folder's
-  digest, and no resume would match its checkpoints."""
+  digest, and no resume would match its checkpoints. Any TFDS dataset folder too
+  (`check_not_in_dataset`)."""
   target = os.path.realpath(workdir)
   for name, path in folders.items():
     if path and os.path.isdir(path):
@@ -191,6 +207,33 @@ def check_outside(workdir: str, **folders: str) -> None:
         raise UserError(f'--workdir {workdir!r} is inside {name} {path!r}, which the run reads '
                         '(its own files would change it, and it could not resume): give a folder '
                         'outside it')
+  check_not_in_dataset(workdir, '--workdir', itself=True)
+
+
+def dataset_folder_of(path: str, itself: bool = True) -> str:
+  """The TFDS dataset folder (one holding dataset_info.json) that lies above `path`, or is
+  `path` with `itself`; '' if none."""
+  folder = os.path.realpath(path)
+  if not itself:
+    folder = os.path.dirname(folder)
+  while True:
+    if os.path.isfile(os.path.join(folder, 'dataset_info.json')):
+      return folder
+    if os.path.dirname(folder) == folder:
+      return ''
+    folder = os.path.dirname(folder)
+
+
+def check_not_in_dataset(path: str, flag: str, itself: bool = True) -> None:
+  """Refuses an output folder inside a TFDS dataset folder (or that folder, with `itself`): a
+  dataset read by path (data.dataset_dir) is digested whole, so files written in it stop every
+  run that reads it from resuming, and launch.filter --overwrite of it would delete them."""
+  folder = dataset_folder_of(path, itself)
+  if folder:
+    where = 'is' if folder == os.path.realpath(path) else 'is inside'
+    raise UserError(f'{flag} {path!r} {where} the TFDS dataset folder {folder!r}: its files would '
+                    'change that dataset (runs reading it could not resume); give a folder '
+                    'outside it')
 
 
 @contextlib.contextmanager

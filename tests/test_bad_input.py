@@ -383,6 +383,7 @@ def _cases(tfds_dir: str, w) -> list:
   val = lambda method, *extra: ('valuate', [data, f'--method={method}', *extra,
                                             f'--workdir={w}/val'])
   big = 2 ** 64
+  in_ds = f"the TFDS dataset folder '{os.path.realpath(w)}/good_dataset'"
   cases += [
       (*val('tracin', '--config.valuation.layers=,'), "valuation.layers=',' names no layer"),
       (*val('mimic', '--config.valuation.mimic_layers=,'),
@@ -457,6 +458,20 @@ def _cases(tfds_dir: str, w) -> list:
        'train.learning_rate must be > 0 in float32'),
       ('train', [data, '--config.train.batch_size=5000'],  # an epoch of one padded batch
        "train.batch_size=5000 is more than the 1197 examples of data.train_split='train'"),
+      # Written into a dataset folder it does not read, a run changed that dataset's digest: a
+      # run reading it by data.dataset_dir could no longer resume ('... changed since the
+      # checkpoint'), and launch.filter --overwrite of it deleted the run.
+      (*tr(out=f'--workdir={w}/good_dataset/run'),
+       f"--workdir '{w}/good_dataset/run' is inside {in_ds}"),
+      ('train', [data, f'--workdir={w}/good_dataset'],
+       f"--workdir '{w}/good_dataset' is {in_ds}"),
+      ('valuate', [data, '--method=tracin', f'--workdir={w}/good_dataset/val'],
+       f"--workdir '{w}/good_dataset/val' is inside {in_ds}"),
+      ('export_rater', [f'--workdir={w}/run', f'--out={w}/good_dataset/rater'],
+       f"--out '{w}/good_dataset/rater' is inside {in_ds}"),
+      ('filter', ['--dataset=sklearn_digits', f'--data_dir={tfds_dir}', rater, '--keep=0.5',
+                  f'--out={w}/good_dataset/kept'],
+       f"--out '{w}/good_dataset/kept' is inside {in_ds}"),
   ]
   return cases
 
@@ -474,7 +489,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 181  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 186  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -71,6 +71,28 @@ def test_a_rater_stopped_early_counts_the_steps_it_took(tfds_dir, tmp_path):
   assert datarater.load_rater(run).training_example_gradients == 2 * 2 * (2 * 16 + 16)
 
 
+def test_an_output_that_cannot_be_created_is_refused_before_any_scoring(tfds_dir, rater_dir,
+                                                                         tmp_path, monkeypatch):
+  """--out under a file, or under a folder it may not write (a read-only file system), stops
+  before the split is scored, not after the whole scoring pass."""
+  from datarater.curation import filter as filter_lib  # pylint: disable=g-import-not-at-top
+
+  def scored(*args, **kwargs):
+    raise AssertionError('the split was scored before --out was checked')
+  monkeypatch.setattr(filter_lib, '_score_split', scored)
+  (tmp_path / 'a_file').write_text('x')
+  with pytest.raises(UserError, match="/a_file' is a file, not a folder"):
+    _filter(tfds_dir, rater_dir, tmp_path / 'a_file' / 'deeper' / 'out')
+  sealed = tmp_path / 'sealed'
+  sealed.mkdir()
+  real_access = os.access
+  monkeypatch.setattr(os, 'access', lambda p, mode: (os.path.realpath(p) != str(sealed)
+                                                     and real_access(p, mode)))
+  with pytest.raises(UserError, match=r"/sealed' is not writable"):
+    _filter(tfds_dir, rater_dir, sealed / 'out')
+  assert not os.listdir(sealed)
+
+
 def _filter(tfds_dir, rater_dir, out, **kw):
   args = dict(rater=rater_dir, keep=0.8, data_dir=tfds_dir, corruption=Corruption(0.2, 0),
               batch_size=256)

@@ -114,6 +114,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
       raise UserError('--out is required')
     out = os.path.abspath(out)
     files.check_replaceable(out, overwrite)
+    files.check_can_create(out)
     _check_settings(splits, rater, scores, keep, min_score, suggest_keep, threshold, balance,
                     batch_size)
     data = _open_dataset(dataset, data_dir, out, overwrite, splits, rater, scores, balance)
@@ -234,6 +235,7 @@ def _open_dataset(dataset, data_dir, out, overwrite, splits, rater, scores,
     files.check_apart(out, '--out', **{f'data_dir\'s {dataset} versions folder':
                                        os.path.dirname(str(builder.data_dir))})
   files.check_replaceable(out, overwrite, REPORT)  # not an input: is it an earlier output?
+  files.check_not_in_dataset(out, '--out', itself=False)
   info = pipeline.data_info(builder)
   for s in splits:
     if s not in builder.info.splits:
