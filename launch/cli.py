@@ -247,8 +247,9 @@ def compilation_cache(folder: str) -> None:
 
 def process_compilation_cache() -> None:
   """`compilation_cache` in JAX_COMPILATION_CACHE_DIR (kept across runs), else in a temporary
-  folder of this process, removed at exit. JAX writes cache entries from process 0 only, so in a
-  multi-process job the other processes compile for themselves."""
+  folder of this process, removed at exit. JAX writes cache entries from process 0 only, and on
+  CPU its cache keys hold a fingerprint of each process's own topology: in a multi-process job
+  the other processes compile every program for themselves, a shared folder too."""
   folder = os.environ.get('JAX_COMPILATION_CACHE_DIR')
   if not folder:
     folder = tempfile.mkdtemp(prefix='datarater-xla-')

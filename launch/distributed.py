@@ -5,8 +5,12 @@ it needs from the environment (`--distributed`); elsewhere name the coordinator 
 (`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`). After it, `jax.devices()`
 lists every process's devices and one mesh spans them all.
 """
+import errno
 import json
+import os
+import socket
 import sys
+import threading
 
 from absl import flags
 import jax
@@ -25,12 +29,18 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0.', flag_values=fv)
   flags.DEFINE_integer('num_processes', None, 'Processes in the job.', flag_values=fv)
   flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.', flag_values=fv)
+  flags.DEFINE_integer('start_timeout', 300, 'Seconds a process waits for every other to join '
+                       'the job before it stops.', flag_values=fv)
 
 
 def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Starts `jax.distributed` as the flags say (nothing without them); bad values and a failed
-  start are one `UserError` line in this process (processes that did start wait out JAX's
-  start-up timeout for it, then abort: JAX gives no error to catch there)."""
+  """Starts `jax.distributed` as the flags say (nothing without them); bad values, a coordinator
+  port another program listens on (`refuse_busy_port`), a failed start and a job that not every
+  process joined within --start_timeout seconds (`_wait_for`) are one `UserError` line."""
+  if fv.start_timeout < 1:
+    raise UserError(f'--start_timeout must be >= 1 (seconds), got {fv.start_timeout}')
+  # JAX's own timeout, the later: it aborts the process with a C++ trace.
+  timeout = {'initialization_timeout': fv.start_timeout + 60}
   if fv.coordinator_address:
     host, _, port = fv.coordinator_address.rpartition(':')
     if not host or not port.isdigit():
@@ -40,17 +50,21 @@ def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       f'{fv.num_processes}')
     if fv.process_id is None or not 0 <= fv.process_id < fv.num_processes:
       raise UserError(f'--process_id must be in 0..{fv.num_processes - 1}, got {fv.process_id}')
+    if fv.process_id == 0:
+      refuse_busy_port(fv.coordinator_address)
     start = lambda: jax.distributed.initialize(coordinator_address=fv.coordinator_address,
                                                num_processes=fv.num_processes,
-                                               process_id=fv.process_id)
+                                               process_id=fv.process_id, **timeout)
   elif fv.num_processes is not None or fv.process_id is not None:
     raise UserError('--num_processes and --process_id need --coordinator_address')
   elif fv.distributed:
-    start = jax.distributed.initialize
+    start = lambda: jax.distributed.initialize(**timeout)
   else:
     return
   try:
-    start()
+    _wait_for(start, fv.start_timeout)
+  except UserError:
+    raise
   except (ValueError, RuntimeError) as e:
     raise UserError(f'cannot start jax.distributed: {str(e).splitlines()[0]}') from None
   # jax.distributed's preemption notifier took SIGTERM over (it only logs it, and the run went
@@ -59,7 +73,52 @@ def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   multihost.check_same_settings(settings(fv))
 
 
-LOCAL = ('--process_id', '--data_dir', '--config.data.data_dir')  # may differ per process
+def refuse_busy_port(address: str) -> None:
+  """UserError if the port that process 0's coordinator is to listen on (every address: JAX
+  binds [::]:PORT, or JAX_COORDINATOR_BIND_ADDRESS) is another program's. jaxlib then crashed
+  (a segmentation fault) or, where that program was another job's coordinator (gRPC shares a
+  port between servers that ask to), bound it too and let the other job take this one's
+  processes. Tried as gRPC binds it (SO_REUSEADDR: connections of a coordinator that ended, in
+  TIME_WAIT, do not count); any other error is left to JAX, and so is a program that takes the
+  port after the check."""
+  bind = os.environ.get('JAX_COORDINATOR_BIND_ADDRESS') or f'[::]:{address.rpartition(":")[2]}'
+  host, _, port = bind.rpartition(':')
+  host = host.strip('[]')
+  try:
+    with socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET) as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      if ':' in host:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # and IPv4, as gRPC's
+      s.bind((host, int(port)))
+  except OSError as e:
+    if e.errno == errno.EADDRINUSE:
+      raise UserError(f'--coordinator_address {address!r}: port {port} is in use (another job\'s '
+                      'coordinator?); give every process of this job a free port') from None
+
+
+def _wait_for(start, seconds: int) -> None:
+  """Runs `start` (jax.distributed's, which returns once every process has joined) in a thread
+  and waits for it here: a UserError if it has not returned within `seconds`. (Waiting in JAX's
+  call itself, Ctrl-C and SIGTERM were not handled before it returned, and it ended its timeout
+  by aborting the process with a C++ trace.)"""
+  done, raised = threading.Event(), []
+
+  def run():
+    try:
+      start()
+    except BaseException as e:  # pylint: disable=broad-except  (raised below, in this thread)
+      raised.append(e)
+    finally:
+      done.set()
+  threading.Thread(target=run, name='jax.distributed start', daemon=True).start()
+  if not done.wait(seconds):
+    raise UserError(f'not every process of this job joined it within --start_timeout={seconds} '
+                    's (one that failed to start says why in its own error line)')
+  if raised:
+    raise raised[0]
+
+
+LOCAL = ('--process_id', '--data_dir', '--config.data.data_dir', '--start_timeout')  # may differ
 
 
 def settings(fv: flags.FlagValues) -> dict:

@@ -166,6 +166,53 @@ def test_a_workdir_in_use_stops_both_processes_in_one_line(tfds_dir, tmp_path):
   assert sorted(os.listdir(workdir)) == ['.lock']
 
 
+def _one_process_of_two(tmp_path, port: int, process_id: int, *args):
+  """launch.train_rater as process `process_id` of a two-process job on `port` (nothing is read
+  before the job starts)."""
+  return forked.start_module('launch.train_rater', [
+      f'--workdir={tmp_path}/out', f'--coordinator_address=127.0.0.1:{port}',
+      '--num_processes=2', f'--process_id={process_id}', *args], subprocess_env(2))
+
+
+def test_a_busy_coordinator_port_or_a_job_never_joined_stops_in_one_line(tmp_path):
+  """Process 0 given a port another program listens on (plainly, or shared as another job's
+  coordinator shares it) stops at once in one line naming it (jaxlib crashed, or bound it too and
+  joined the other job); a process whose job is never joined stops after --start_timeout in one
+  line, and at once on SIGTERM while it waits (JAX's wait ignored it, 300 s, then aborted)."""
+  for family, host, reuse_port in ((socket.AF_INET, '127.0.0.1', False),
+                                   (socket.AF_INET6, '::', True)):
+    with socket.socket(family) as held:
+      if reuse_port:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+      held.bind((host, 0))
+      held.listen()
+      port = held.getsockname()[1]
+      (out,) = _outputs([p := _one_process_of_two(tmp_path, port, 0)], timeout=60)
+    assert p.returncode == 2 and out.splitlines() == [
+        f"error: --coordinator_address '127.0.0.1:{port}': port {port} is in use (another "
+        "job's coordinator?); give every process of this job a free port"], out[-2000:]
+
+  start = time.monotonic()
+  (out,) = _outputs([p := _one_process_of_two(tmp_path, _free_port(), 1, '--start_timeout=2')],
+                    timeout=60)
+  assert p.returncode == 2 and out.splitlines() == [
+      'error: not every process of this job joined it within --start_timeout=2 s (one that '
+      'failed to start says why in its own error line)'], out[-2000:]
+  assert 2 < time.monotonic() - start < 30
+
+  port = _free_port()
+  p, deadline = _one_process_of_two(tmp_path, port, 0), time.monotonic() + 60
+  while p.poll() is None and time.monotonic() < deadline:  # until its coordinator listens: it
+    with socket.socket() as s:  # waits in jax.distributed's start
+      if s.connect_ex(('127.0.0.1', port)) == 0:
+        break
+    time.sleep(0.1)
+  p.send_signal(signal.SIGTERM)
+  _outputs([p], timeout=30)
+  assert p.returncode == 128 + signal.SIGTERM
+  assert not os.path.exists(tmp_path / 'out')
+
+
 @pytest.mark.slow  # (a two-process job for a case the README does not claim)
 def test_a_rater_whose_scores_overflow_stops_both_processes_in_one_line(tfds_dir, tmp_path):
   """Outer steps of 1e30 leave finite parameters whose scores overflow: process 0, which scores
