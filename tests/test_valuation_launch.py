@@ -249,6 +249,28 @@ def test_valuate_refits_when_its_dataset_folder_is_written_again(tfds_dir, tmp_p
 
 
 @SHARED
+def test_valuate_refits_when_the_models_code_changes(tfds_dir, tmp_path, exact, monkeypatch):
+  """A task's code changed under the same config (its own model, edited between runs): the
+  workdir's runs, fitted with the old code, must not be reused (the new loss on the old model's
+  checkpoints gave other scores, silently; a changed shape gave a flax traceback)."""
+  import shutil  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from datarater.tasks import registry  # pylint: disable=g-import-not-at-top
+  mlp = registry.TASKS['mlp_classifier']
+  config = small_config(tfds_dir)
+  shutil.copytree(exact('tracin')[1], tmp_path / 'val')  # fitted with the registered code
+
+  def edited(task_config, info):  # the code, not the config: tanh whatever it says
+    task_config = task_config.copy_and_resolve_references()
+    task_config.activation = 'tanh' if task_config.activation != 'tanh' else 'relu'
+    return mlp(task_config, info)
+  monkeypatch.setitem(registry.TASKS, 'mlp_classifier', edited)
+  read = lambda d: pq.read_table(tmp_path / d / 'scores_tracin.parquet').to_pydict()['score']
+  valuate('tracin', config, str(tmp_path / 'val'), progress=False)
+  valuate('tracin', config, str(tmp_path / 'fresh'), progress=False)
+  assert read('val') == read('fresh')
+
+
+@SHARED
 def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path, exact):
   """valuation.store: self-influence from factored projections finds the noise as the exact one;
   valuation.topk: each test example's supporters/opposers are the brute-force argsort of the
@@ -257,7 +279,7 @@ def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path, exact):
   from datarater import tasks
   from datarater.data import source
   from datarater.valuation import factory, store as store_lib
-  from datarater.valuation.run import RunCache, fingerprint
+  from datarater.valuation.run import RunCache, fingerprint, model_digest
   want, _ = exact('tracin')
   config = small_config(tfds_dir)
   config.valuation.store, config.valuation.store_k, config.valuation.topk = True, 16, 3
@@ -274,7 +296,8 @@ def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path, exact):
   run, _ = factory.record(config, task, train, config.valuation.train_steps,
                           config.valuation.checkpoint_every,
                           RunCache(os.path.join(work, 'fit'), fingerprint(
-                              'tracin', config, pipeline.files_digest(pipeline.builder_of(config.data)))))
+                              'tracin', config, pipeline.files_digest(pipeline.builder_of(config.data)),
+                              model_digest(task))))
   (path,) = [os.path.join(work, d) for d in os.listdir(work) if d.startswith('store_tracin')]
   store = store_lib.GradientStore(path)
   assert sorted(table['id']) == sorted(int(i) for i in store.ids)  # a score per stored example

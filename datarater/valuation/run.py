@@ -11,9 +11,11 @@ also writes `topk_<method>.parquet`: for every example of `valuation.topk_split`
 supporting and most opposing training examples (TracIn). The
 training split is streamed (`data.source.Source`): the recorded training run reads its batches as it
 goes and scoring reads fixed-size blocks, so memory does not grow with the split (a few bytes per
-example). The fitted runs are kept in `workdir/fit/` and every finished block's scores in a
-memory-mapped file, so a killed run resumes where it stopped and writes the same files (Ctrl-C
-or SIGTERM stops it after the block it scores, every process of a job after the same one). In a
+example). The fitted runs are kept in `workdir/fit/` (by the fingerprint, which digests the
+model's traced programs too: changed model code is fitted again) and every finished block's
+scores in a memory-mapped file, so a killed run resumes where it stopped and writes the same
+files (Ctrl-C or SIGTERM stops it after the block it scores, every process of a job after the
+same one). In a
 `jax.distributed` job every process fits the same runs, scores every P-th block, and process 0
 merges the blocks into the one scores file.
 """
@@ -50,6 +52,19 @@ def fingerprint(method: str, config, *outside: str) -> str:
   kept = {k: v for k, v in fields.items() if k.split('.')[0] in SECTIONS}
   return hashlib.sha256(json.dumps([method, kept, *outside], sort_keys=True).encode()
                         ).hexdigest()[:16]
+
+
+def model_digest(task: tasks.Task) -> str:
+  """A digest of the task's programs as traced (its init, and its loss on a batch of
+  `tasks.base.CHECK_BATCH`): a model whose code changed under the same config (a layer's width,
+  an activation) is fitted again, not valued on the runs of the old code."""
+  params = jax.eval_shape(task.init, jax.random.key(0))
+  b = tasks.base.CHECK_BATCH
+  batch = {'index': jax.ShapeDtypeStruct((b,), np.int32),
+           **{k: jax.ShapeDtypeStruct((b, *s.shape), s.dtype) for k, s in task.spec.items()}}
+  programs = (jax.make_jaxpr(task.init)(jax.random.key(0)),
+              jax.make_jaxpr(task.per_example_loss)(params, batch))
+  return hashlib.sha256(''.join(map(str, programs)).encode()).hexdigest()[:16]
 
 
 def _part_path(workdir: str, method: str, tag: str, p: int, num: int) -> str:
@@ -185,7 +200,8 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
       raise UserError('valuation.store and valuation.topk run in one process')
   with multihost.workdir_lock(workdir):
     data_files = pipeline.files_digest(pipeline.builder_of(d))  # a folder written again
-    tag = fingerprint(method, config, data_files)
+    model = model_digest(task)  # the model's code, which the config alone does not fix
+    tag = fingerprint(method, config, data_files, model)
     cache = RunCache(os.path.join(workdir, 'fit'), tag)
     if progress and jax.process_index() == 0:  # before the scoring bar, a progress line
       fit = os.path.join(workdir, 'fit')
@@ -201,7 +217,7 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
       if not multihost.same_everywhere(rater_digest):
         raise UserError(f'valuation.rater {config.valuation.rater!r} changed while the processes '
                         'loaded it (a run still training?): run again')
-      tag = fingerprint(method, config, data_files, rater_digest)
+      tag = fingerprint(method, config, data_files, model, rater_digest)
     stem = os.path.join(workdir, f'scores_{method}')
     if from_store:
       return _from_store(method, config, task, train, heldout, workdir, stem, tag, valuation,
