@@ -6,8 +6,14 @@ features are copied from the source dataset's info; examples keep the source ord
 and are read from the source in chunks, and serialised examples wait for their shard in a
 temporary file (`OrderedSpool`), so the subset never sits in memory. The files are a pure
 function of the selected examples (byte-identical across runs and processes).
+
+`Image` features are read and written as their stored bytes (PNG or JPEG files; TFDS encodes an
+image array with TensorFlow, not needed here): an example's image is copied byte for byte unless
+a transform changed its pixels; a changed image is written as a PNG file (lossless), also in a
+feature whose format is JPEG (its readers, PIL, OpenCV or TensorFlow, decode either format).
 """
 import copy
+import io
 import os
 import struct
 import tempfile
@@ -52,13 +58,17 @@ def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, descripti
       source = self.sources[split]
       ids = self.selection[split]
       transform = self.transforms.get(split)
+      images = {k: f for k, f in source_info.features.items()
+                if isinstance(f, tfds.features.Image)}
       for start in range(0, len(ids), CHUNK):
         chunk = [int(i) for i in ids[start:start + CHUNK]]
         if start % source_lib.RELEASE_EVERY < CHUNK:  # now and then, as the files are passed
           source_lib.release_readers(source)
-        examples = source.__getitems__(chunk)
-        if transform is not None:
-          examples = transform(chunk, examples)
+        stored = _read_stored(source, source_info.features, images, chunk)
+        examples = stored if transform is None else transform(chunk, [dict(e) for e in stored])
+        if images:
+          examples = [{**e, **{k: _image_bytes(f, e[k], s[k]) for k, f in images.items()}}
+                      for e, s in zip(examples, stored)]
         yield from zip(chunk, examples)
 
   FilteredDataset.name = name
@@ -74,9 +84,10 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
 
   `transforms[split](ids, examples) -> examples` may rewrite the examples of each chunk read on
   the way (e.g. the planted corruption of an experiment), and must fill the `added` features
-  ({name: feature}, e.g. a corruption record) of every split. `sources[split]` is a data source
-  of the split already open (its readers hold each file's record index, so a caller that has
-  read the split passes it on).
+  ({name: feature}, e.g. a corruption record) of every split; it gets `Image` features as their
+  stored bytes and may give back uint8 arrays instead (an array equal to the stored image keeps
+  its bytes). `sources[split]` is a data source of the split already open (its readers hold each
+  file's record index, so a caller that has read the split passes it on).
   """
   cls = _make_builder_class(source_builder.info, name, description, added)
   builder = cls(data_dir=data_dir, file_format='array_record')
@@ -93,6 +104,35 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
     pipeline.prepare(builder, download_config=tfds.download.DownloadConfig(
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
   return builder.data_dir
+
+
+def _read_stored(source, features, images: Mapping, ids: list) -> list:
+  """The examples `ids` of a TFDS data source, its `images` features left as their stored bytes
+  (the source's own record readers, whatever decoding the source itself does)."""
+  if not images:
+    return source.__getitems__(ids)
+  skip = {k: tfds.decode.SkipDecoding() for k in images}
+  records = source.data_source.__getitems__(ids)
+  return [features.deserialize_example_np(r, decoders=skip) for r in records]
+
+
+def _image_bytes(feature, value, stored: bytes) -> bytes:
+  """The bytes to write for an `Image` feature given `value` (its stored bytes, or a uint8
+  array) where the example's stored image was `stored`: those bytes unless the pixels differ,
+  else the array as a PNG file (PIL; its bytes are a function of the pixels)."""
+  if isinstance(value, bytes):
+    return value
+  value = np.asarray(value)
+  if value.dtype != np.uint8 or value.ndim != 3:
+    raise ValueError(f'an image to write must be uint8 [H, W, C], got {value.dtype} '
+                     f'{value.shape}')
+  original = feature.decode_example_np(stored)
+  if original.shape == value.shape and np.array_equal(original, value):
+    return stored
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  PIL.Image.fromarray(value[..., 0] if value.shape[-1] == 1 else value).save(buffer, format='PNG')
+  return buffer.getvalue()
 
 
 def _serialize_deterministic(self, example):

@@ -360,7 +360,10 @@ def image_feature(info, raw: dict) -> str:
   name = keys[0] if keys else None
   if name is None or name not in raw:
     raise UserError(f'input corruption needs a supervised input: dataset {info.name!r} has no '
-                    'supervised (input, label) keys')
+                    'supervised (input, label) keys' if name is None else
+                    f'input corruption needs uint8 images [H, W] or [H, W, C]: the supervised '
+                    f'input {name!r} of dataset {info.name!r} is not read as an array'
+                    f'{info.why_not(name)}')
   x = np.asarray(raw[name])
   if x.dtype != np.uint8 or x.ndim not in (3, 4):
     raise UserError(f'input corruption needs uint8 images [H, W] or [H, W, C]: feature {name!r} '

@@ -1,9 +1,10 @@
 """TFDS input pipeline: splits as feature dicts, a record of what was corrupted, batch streams.
 
 A split is read through TFDS array_record data sources (no TensorFlow needed) and decoded by
-feature type (`decode`): uint8 images and tensors become float32 in [0, 1], class labels and other
-integers int32. What a batch holds is the dataset's features, by their TFDS names, plus `index`;
-only tasks and dataset modules know what a feature means. Batches are a pure function of
+feature type (`decode`): uint8 tensors and fixed-shape uint8 `Image`s (PNG or JPEG files, which
+TFDS decodes with PIL or OpenCV) become float32 in [0, 1], class labels and other integers int32.
+What a batch holds is the dataset's features, by their TFDS names, plus `index`; only tasks and
+dataset modules know what a feature means. Batches are a pure function of
 (seed, position in the example stream), so a stream's state is one integer that a checkpoint
 stores and a resumed run continues from, on any number of devices or processes.
 """
@@ -131,6 +132,13 @@ class DataInfo:
   class_names: Mapping[str, tuple] = dataclasses.field(default_factory=dict)  # class labels'
   # Array features' dtypes as stored (uint8 decodes to [0, 1], other numbers keep their values).
   stored: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # Features left out of `spec` that a model might look for -> why (not in the JSON form).
+  left_out: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+
+  def why_not(self, name) -> str:
+    """' (why)' if feature `name` of the dataset was left out of `spec` for a reason worth
+    saying (an image without a fixed shape), else ''."""
+    return f' ({name!r} {self.left_out[name]})' if name in self.left_out else ''
 
   def to_json(self) -> dict:
     return {'name': self.name, 'num_classes': dict(self.num_classes),
@@ -163,6 +171,8 @@ def _decoded_dtype(feature) -> Optional[np.dtype]:
   """The dtype a TFDS feature decodes to, or None if it is not an array feature."""
   if isinstance(feature, tfds.features.ClassLabel):
     return np.dtype(np.int32)
+  if is_image(feature):
+    return np.dtype(np.float32)  # pixels -> [0, 1]
   dtype = getattr(feature, 'np_dtype', None)
   if dtype is None or not isinstance(feature, tfds.features.Tensor):
     return None
@@ -176,12 +186,21 @@ def _decoded_dtype(feature) -> Optional[np.dtype]:
   return None
 
 
+def is_image(feature) -> bool:
+  """Whether a TFDS feature is a uint8 `Image` (stored as PNG or JPEG bytes, decoded to uint8
+  [H, W, C] by PIL or OpenCV); other image dtypes (uint16, float32 depth maps) are not read."""
+  return isinstance(feature, tfds.features.Image) and np.dtype(feature.np_dtype) == np.uint8
+
+
 def data_info(builder: tfds.core.DatasetBuilder) -> DataInfo:
   features = builder.info.features
-  spec, classes, names, stored = {}, {}, {}, {}
+  spec, classes, names, stored, left_out = {}, {}, {}, {}, {}
   for name, feature in features.items():
     dtype = _decoded_dtype(feature)
     if dtype is None or None in tuple(feature.shape):  # not a fixed-shape array: left out
+      if dtype is not None and is_image(feature):
+        left_out[name] = (f'is an image of no fixed shape {tuple(feature.shape)}: resize the '
+                          'images to one shape when preparing the dataset')
       continue
     spec[name] = jax.ShapeDtypeStruct(tuple(feature.shape), dtype)
     stored[name] = np.dtype(feature.np_dtype).name
@@ -190,7 +209,7 @@ def data_info(builder: tfds.core.DatasetBuilder) -> DataInfo:
       names[name] = tuple(feature.names)
   keys = builder.info.supervised_keys
   name = builder.info.full_name.rsplit('/', 1)[0]  # with the config, without the version
-  return DataInfo(name, spec, classes, tuple(keys) if keys else None, names, stored)
+  return DataInfo(name, spec, classes, tuple(keys) if keys else None, names, stored, left_out)
 
 
 def decode(info: DataInfo, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -57,7 +57,8 @@ def _io_keys(config, info) -> tuple[str, str, int]:
   if x_key not in info.spec or y_key not in info.num_classes:
     raise UserError(f'a classifier needs an input feature and a class-label feature: got input '
                     f'{x_key!r}, label {y_key!r}; dataset {info.name!r} has features '
-                    f'{sorted(info.spec)} (class labels: {sorted(info.num_classes)})')
+                    f'{sorted(info.spec)} (class labels: {sorted(info.num_classes)})'
+                    f'{info.why_not(x_key)}')
   return x_key, y_key, info.num_classes[y_key]
 
 
