@@ -161,3 +161,37 @@ def test_the_count_of_bad_inputs_the_readme_gives_is_the_tests():
   from tests.test_bad_input import NUM_CASES  # pylint: disable=g-import-not-at-top
   readme = open(os.path.join(ROOT, 'README.md')).read()
   assert f'`tests/test_bad_input.py` runs {NUM_CASES} bad inputs' in ' '.join(readme.split())
+
+
+def _default_out(module: str):
+  """The output prefix bench script `module` writes without --out (its flag's default), or None
+  where the default is not a literal path (bench.selection derives its own)."""
+  source = open(os.path.join(ROOT, 'bench', f'{module}.py')).read()
+  found = re.search(r"DEFINE_string\(\s*'out',\s*(?:os\.path\.join\(([^)]*)\)|'([^']*)')", source)
+  if not found:
+    return None
+  if found.group(1):
+    return '/'.join(re.findall(r"'([^']*)'", found.group(1)))
+  return found.group(2) or None
+
+
+def test_each_bench_command_writes_the_results_the_readme_names_with_it():
+  """A `python -m bench.X ...` command the README gives, followed in its sentence by the results
+  files it made (`bench/results/NAME.{md,json,png}`), writes NAME: its --out, else its default.
+  (Three commands had lost their --out: as written they wrote valuation_noise and curation, the
+  latter over the digits results, not the files named.)"""
+  text = open(os.path.join(ROOT, 'README.md')).read()
+  flat = re.sub(r'\\\n\s*', ' ', text).replace('\n\n', '\0').replace('\n', ' ')
+  arg = r'''\s+--[\w.]+(?:=(?:'[^']*'|"[^"]*"|[^\s`]*))?'''
+  commands = list(re.finditer(rf'python -m bench\.(\w+)((?:{arg})*)', flat))
+  checked = 0
+  for i, command in enumerate(commands):
+    end = commands[i + 1].start() if i + 1 < len(commands) else len(flat)
+    after = flat[command.end():min(end, command.end() + 200)].split('\0')[0]
+    named = re.findall(r'bench/results/(\w+)\.(?:\{|md|json|png|log)', after)
+    given = re.search(r'--out=(\S+)', command.group(2))
+    out = given.group(1) if given else _default_out(command.group(1))
+    if named and out:
+      checked += 1
+      assert os.path.basename(out) in named, (command.group(0), named)
+  assert checked >= 10, checked
