@@ -96,6 +96,13 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
   builder.sources = {s: sources[s] if s in sources else source_builder.as_data_source(split=s)
                      for s in selection}
   builder.transforms = dict(transforms or {})
+  prepare_unshuffled(builder)
+  return builder.data_dir
+
+
+def prepare_unshuffled(builder: tfds.core.DatasetBuilder) -> None:
+  """Prepares `builder` (its info `disable_shuffling`, int keys ascending in each split) with
+  its examples spooled on disk in order (`OrderedSpool`), files byte-identical across runs."""
   # tf.Example's feature map is serialised in hash order, which varies between processes
   # (PYTHONHASHSEED); deterministic serialisation sorts the keys, so the files are byte-identical.
   with mock.patch.object(example_serializer.ExampleSerializer, 'serialize_example',
@@ -103,7 +110,6 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
                                                                       OrderedSpool):
     pipeline.prepare(builder, download_config=tfds.download.DownloadConfig(
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  return builder.data_dir
 
 
 def _read_stored(source, features, images: Mapping, ids: list) -> list:

@@ -1,0 +1,192 @@
+"""Your own text as a byte-level TFDS dataset folder for the language model (configs/text.py).
+
+`prepare_text(source, out)` reads the files under folder `source` whose names end in one of
+`suffixes` (hidden files and folders skipped; sorted by path relative to `source`: a file's
+document id is its index there) and writes `out`, a TFDS dataset folder of array_record files
+that `data.dataset_dir` reads, with python_text's sequences: `tokens` [SEQ_LEN] int32 (the bytes,
+0..255) and `document` int32 (the file's id). Each file is cut as python_text cuts a clean
+document (`python_text.windows`: non-overlapping windows of SEQ_LEN bytes from its start, the tail
+shorter than a window dropped; at most `max_windows` of it when > 0). No corruption is planted:
+every sequence is clean (the pipeline's record is all 0).
+
+Files are assigned whole to the splits `train`, `heldout` and `test`: in a seeded shuffle of the
+ids, each file with a window goes to the split furthest below its share of all windows
+(`heldout_fraction`, `test_fraction`, train the rest, ties to the first), so every split gets a
+file of its own first and none exceeds its share by more than one file's windows. A split's
+sequences are stored by document id, each file's windows in order. `info.metadata` records the
+source folder, suffixes, seed, fractions, `max_windows` and `sources_sha256` (each file's relative
+path and bytes, in id order); `out/text_corpus.json` lists the files by id with their split.
+`out` is written in a temporary folder beside it and renamed into place (`files.atomic_dir`).
+"""
+import hashlib
+import json
+import os
+import shutil
+from typing import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from datarater import files
+from datarater.config_checks import MAX_SEED
+from datarater.curation import tfds_writer
+from datarater.data import python_text
+from datarater.errors import UserError
+
+SPLITS = ('train', 'heldout', 'test')
+SUFFIXES = ('.txt', '.md', '.rst')
+REPORT = 'text_corpus.json'  # in every output: what --overwrite may replace
+SEQ_LEN = python_text.SEQ_LEN
+
+
+def text_files(source: str, suffixes: Sequence[str]) -> list[str]:
+  """Paths relative to `source` of its files ending in one of `suffixes`, hidden files and
+  folders skipped, sorted."""
+  def fail(e: OSError):
+    raise UserError(f'cannot read folder {e.filename!r} under --source: '
+                    f'{e.strerror or e}') from None
+  out = []
+  for folder, dirs, names in os.walk(source, onerror=fail):
+    dirs[:] = [d for d in dirs if not d.startswith('.')]
+    out.extend(os.path.relpath(os.path.join(folder, n), source) for n in names
+               if not n.startswith('.') and n.endswith(tuple(suffixes)))
+  return sorted(out)
+
+
+def _read(source: str, name: str) -> bytes:
+  try:
+    with open(os.path.join(source, name), 'rb') as f:
+      return f.read()
+  except OSError as e:
+    raise UserError(f'cannot read {os.path.join(source, name)!r}: {e.strerror or e}') from None
+
+
+def file_windows(text: bytes, max_windows: int = 0) -> np.ndarray:
+  """The windows of one file, int32 [n, SEQ_LEN] (at most `max_windows` if > 0)."""
+  return python_text.windows(text, max_windows if max_windows > 0 else len(text) // SEQ_LEN)
+
+
+def assign(counts: Sequence[int], fractions: dict, seed: int) -> list:
+  """The split of each document (None for one of no windows), from its window count: in a
+  seeded shuffle of the ids, each to the split of `fractions` least filled against its share."""
+  target = {s: f * sum(counts) for s, f in fractions.items()}
+  filled = dict.fromkeys(fractions, 0)
+  out = [None] * len(counts)
+  for doc in np.random.default_rng(seed).permutation(len(counts)):
+    if counts[doc]:
+      split = min(fractions, key=lambda s: filled[s] / target[s])  # ties: the first
+      out[doc] = split
+      filled[split] += counts[doc]
+  return out
+
+
+def _check(source, out, suffixes, heldout_fraction, test_fraction, seed, max_windows, overwrite):
+  if not source:
+    raise UserError('--source is required')
+  if not os.path.isdir(source):
+    raise UserError(f'--source {source!r} ' + ('is not a folder' if os.path.exists(source)
+                                               else 'does not exist'))
+  if not suffixes or not all(suffixes):
+    raise UserError(f'--suffixes must be one or more file name endings, got {list(suffixes)}')
+  for flag, value in (('--heldout_fraction', heldout_fraction),
+                      ('--test_fraction', test_fraction)):
+    if not 0 < value < 1:
+      raise UserError(f'{flag} must be in (0, 1), got {value}')
+  if heldout_fraction + test_fraction >= 1:
+    raise UserError(f'--heldout_fraction + --test_fraction must be < 1 (train gets the rest), '
+                    f'got {heldout_fraction} + {test_fraction}')
+  if not 0 <= seed <= MAX_SEED:
+    raise UserError(f'--seed must be in [0, {MAX_SEED}], got {seed}')
+  if max_windows < 0:
+    raise UserError(f'--max_windows must be >= 0 (0: all), got {max_windows}')
+  if not out:
+    raise UserError('--out is required')
+  files.check_apart(out, '--out', source=source)
+  files.check_not_in_dataset(out, '--out', itself=False)
+  files.check_replaceable(out, overwrite, REPORT)
+  files.check_can_create(out)
+
+
+class TextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Byte sequences of a folder's text files, as `plan` (made by `prepare_text`) says."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  name = 'text_folder'
+
+  def __init__(self, plan: dict, **kwargs):
+    self.plan = plan  # first: TFDS reads the info (its metadata) as the builder is made
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            'tokens': tfds.features.Tensor(shape=(SEQ_LEN,), dtype=np.int32),
+            'document': tfds.features.Tensor(shape=(), dtype=np.int32),
+        }),
+        description=f'Byte-token sequences of {SEQ_LEN} bytes of the text files of a folder.',
+        metadata=tfds.core.MetadataDict(self.plan['metadata']),
+        disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download: the files are local.
+    return {s: self._generate_examples(s) for s in SPLITS}
+
+  def _generate_examples(self, split):
+    p = self.plan
+    key = 0
+    for doc, name in enumerate(p['files']):
+      if p['splits'][doc] != split:
+        continue
+      text = _read(p['source'], name)
+      if hashlib.sha256(text).hexdigest() != p['sha256'][doc]:
+        raise UserError(f'{os.path.join(p["source"], name)!r} changed while it was prepared')
+      for tokens in file_windows(text, p['max_windows']):
+        yield key, {'tokens': tokens, 'document': doc}
+        key += 1
+
+
+def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
+                 heldout_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+                 max_windows: int = 0, overwrite: bool = False) -> dict:
+  """Writes the dataset folder `out` (see the module docstring); returns its report (also in
+  out/text_corpus.json): per split its documents and sequences. Checks everything first."""
+  suffixes = list(suffixes)
+  _check(source, out, suffixes, heldout_fraction, test_fraction, seed, max_windows, overwrite)
+  source, out = os.path.abspath(source), os.path.abspath(out)
+  names = text_files(source, suffixes)
+  if not names:
+    raise UserError(f'--source {source!r} holds no files ending in {", ".join(suffixes)} '
+                    '(hidden files and folders are skipped)')
+  digest, sha, counts = hashlib.sha256(), [], []
+  for name in names:
+    text = _read(source, name)
+    sha.append(hashlib.sha256(text).hexdigest())
+    digest.update(name.encode() + b'\0' + bytes.fromhex(sha[-1]))
+    counts.append(len(file_windows(text, max_windows)))
+  fractions = {'train': 1 - heldout_fraction - test_fraction, 'heldout': heldout_fraction,
+               'test': test_fraction}
+  splits = assign(counts, fractions, seed)
+  report = {'source': source, 'files': names, 'splits': splits, 'total': {}}
+  for s in SPLITS:
+    docs = [d for d, x in enumerate(splits) if x == s]
+    report['total'][s] = {'documents': len(docs), 'sequences': sum(counts[d] for d in docs)}
+  if any(not t['documents'] for t in report['total'].values()):
+    used = sum(1 for c in counts if c)
+    raise UserError(f'--source {source!r} has too little text: {used} of its {len(names)} '
+                    f'matching files hold a window of {SEQ_LEN} bytes, and train, heldout and test '
+                    'each need a file of their own (at least 3)')
+  metadata = {'source': source, 'suffixes': suffixes, 'seed': seed, 'max_windows': max_windows,
+              'heldout_fraction': heldout_fraction, 'test_fraction': test_fraction,
+              'num_files': len(names), 'sources_sha256': digest.hexdigest()[:16]}
+  with files.atomic_dir(out, overwrite, marker=REPORT) as tmp:
+    plan = {'source': source, 'files': names, 'splits': splits, 'sha256': sha,
+            'max_windows': max_windows, 'metadata': metadata}
+    builder = TextFolder(plan, data_dir=os.path.join(tmp, 'tfds'), file_format='array_record')
+    tfds_writer.prepare_unshuffled(builder)
+    folder = str(builder.data_dir)
+    for entry in os.listdir(folder):  # the dataset folder itself becomes `out`
+      os.rename(os.path.join(folder, entry), os.path.join(tmp, entry))
+    shutil.rmtree(os.path.join(tmp, 'tfds'))
+    files.write_json(os.path.join(tmp, REPORT), {**report, 'metadata': metadata})
+  return report

@@ -1,0 +1,190 @@
+"""Your own text folder as a dataset for configs/text.py (`launch.prepare_text`).
+
+The prepared splits against the windows cut here from each file's bytes, splits disjoint by file,
+the text config's models and the pipeline on it, the output written whole or not at all, and bad
+input: exit code 2, one `error:` line naming the value, nothing written.
+"""
+import contextlib
+import hashlib
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import text
+from datarater import config_checks, tasks
+from datarater.data import pipeline, python_text, text_folder
+from datarater.errors import UserError
+from launch import cli, prepare_text
+
+L = python_text.SEQ_LEN
+# (relative path, length in bytes): the files the default suffixes read, by document id
+READ = [('a.txt', 5 * L + 17), ('b.md', 3 * L), ('notes/c.rst', 2 * L + 1), ('notes/d.txt', L - 1),
+        ('notes/deep/e.txt', 7 * L + 100), ('z.md', 4 * L + 3)]
+SKIPPED = [('f.py', 3 * L), ('.hidden.txt', 3 * L), ('.git/g.txt', 3 * L), ('notes/h.txt~', 3 * L)]
+
+
+def _make_corpus(root, files=READ + SKIPPED, salt=0):
+  for i, (name, size) in enumerate(files):
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([salt, i])
+    path.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+  return root
+
+
+def _windows(data: bytes) -> list:
+  """Non-overlapping L-byte windows from the start, the short tail dropped (independently)."""
+  return [data[i:i + L] for i in range(0, len(data) - L + 1, L)]
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp('text')
+  source = _make_corpus(root / 'corpus')
+  report = text_folder.prepare_text(str(source), str(root / 'out'), heldout_fraction=0.25,
+                                    test_fraction=0.2, seed=3)
+  return source, root / 'out', report
+
+
+def test_the_splits_are_the_files_windows_each_file_in_one_split(prepared):
+  source, out, report = prepared
+  builder = tfds.builder_from_directory(str(out))
+  splits = {s: pipeline.read_split(builder, s) for s in ('train', 'heldout', 'test')}
+  found = {}  # document -> (split, its rows as bytes)
+  for name, split in splits.items():
+    tokens, docs = split.features['tokens'], split.features['document']
+    assert tokens.dtype == np.int32 and tokens.shape[1:] == (L,)
+    assert list(docs) == sorted(docs)  # stored by document id, each file's windows in order
+    for doc in np.unique(docs):
+      assert doc not in found, f'document {doc} in {found[doc][0]} and {name}'
+      found[int(doc)] = (name, [bytes(t.astype(np.uint8)) for t in tokens[docs == doc]])
+    assert not split.is_corrupted.any() and split.corruption_kinds == ('clean',)
+  expected = {i: _windows((source / name).read_bytes()) for i, (name, _) in enumerate(READ)}
+  expected = {i: w for i, w in expected.items() if w}  # d.txt is shorter than one window
+  assert sorted(found) == sorted(expected)
+  for doc, windows in expected.items():
+    assert found[doc][1] == windows, READ[doc][0]
+  assert report['files'] == [name for name, _ in READ]
+  total = sum(map(len, expected.values()))
+  biggest = max(map(len, expected.values()))
+  for name, share in (('train', 0.55), ('heldout', 0.25), ('test', 0.2)):
+    n = len(splits[name])
+    assert 0 < n <= share * total + biggest and report['total'][name]['sequences'] == n
+
+
+def test_metadata_names_the_source_and_digests_its_files(prepared, tmp_path):
+  source, out, _ = prepared
+  meta = dict(tfds.builder_from_directory(str(out)).info.metadata)
+  assert meta['source'] == str(source) and meta['num_files'] == len(READ) and meta['seed'] == 3
+  def digest(root):
+    h = hashlib.sha256()
+    for name, _ in READ:
+      h.update(name.encode() + b'\0' + hashlib.sha256((root / name).read_bytes()).digest())
+    return h.hexdigest()[:16]
+  assert meta['sources_sha256'] == digest(source)
+  copy = _make_corpus(tmp_path / 'copy', READ, salt=1)  # other bytes: another digest
+  text_folder.prepare_text(str(copy), str(tmp_path / 'out'))
+  other = dict(tfds.builder_from_directory(str(tmp_path / 'out')).info.metadata)
+  assert other['sources_sha256'] == digest(copy) != meta['sources_sha256']
+
+
+def test_the_text_config_and_its_models_read_it(prepared):
+  _, out, _ = prepared
+  c = text.get_config()
+  c.data.dataset_dir = str(out)
+  config_checks.validate(c, [*list(config_checks.SECTIONS)[1:], 'task', 'rater', 'features.task'])
+  splits = {s: pipeline.load_split(c.data, s) for s in (c.data.train_split,
+                                                        c.data.heldout_split, c.data.eval_split)}
+  info = splits['train'].info
+  ref = pipeline.data_info(python_text.PythonText(data_dir=str(out.parent / 'unbuilt')))
+  for name in ('tokens', 'document'):  # python_text's features, as the text models read them
+    assert info.spec[name] == ref.spec[name] and info.stored[name] == ref.stored[name]
+  task, rater = tasks.make_task(c.task, info), tasks.make_rater(c.rater, info)
+  for split in splits.values():
+    task.check_data(split.features)
+    rater.check_data(split.features)
+  params = jax.eval_shape(task.init, jax.random.key(0))
+  batch = splits['train'].take(np.arange(4))
+  assert jax.eval_shape(task.per_example_loss, params, batch).shape == (4,)
+  phi = jax.eval_shape(rater.init, jax.random.key(1))
+  assert jax.eval_shape(rater.score, phi, batch).shape == (4,)
+
+
+def _invoke(argv):
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as printed:
+    code = cli.invoke(prepare_text, ['prepare_text', *argv])
+  return code, [l for l in err.getvalue().splitlines() if l.strip()], printed.getvalue()
+
+
+def _snapshot(root):
+  return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+          for p in sorted(root.rglob('*'))}
+
+
+def test_the_launcher_writes_it_again_byte_for_byte_only_with_overwrite(prepared, tmp_path):
+  source, out, _ = prepared
+  argv = [f'--source={source}', f'--out={tmp_path / "out"}', '--heldout_fraction=0.25',
+          '--test_fraction=0.2', '--seed=3']
+  code, err, printed = _invoke(argv)
+  assert code == 0 and not err and 'train: ' in printed
+  assert _snapshot(tmp_path / 'out') == _snapshot(out)
+  assert _invoke(argv)[0] == 2
+  assert _invoke([*argv, '--overwrite', '--seed=4'])[0] == 0  # another assignment
+  assert _snapshot(tmp_path / 'out') != _snapshot(out)
+  assert sorted(os.listdir(tmp_path)) == ['out']  # no temporary folder left
+
+
+def test_a_failure_while_writing_leaves_no_output(prepared, tmp_path, monkeypatch):
+  source, _, _ = prepared
+  read = text_folder._read
+  calls = []
+  def changed(folder, name):  # the files change after they were planned
+    calls.append(name)
+    data = read(folder, name)
+    return data if len(calls) <= len(READ) else data + b'!'
+  monkeypatch.setattr(text_folder, '_read', changed)
+  with pytest.raises(UserError, match='changed while it was prepared'):
+    text_folder.prepare_text(str(source), str(tmp_path / 'out'))
+  assert os.listdir(tmp_path) == []
+
+
+def _bad_cases(source, root):
+  ok = [f'--source={source}', f'--out={root / "new"}']
+  small = _make_corpus(root / 'small', READ[:2] + SKIPPED)
+  (root / 'a_file').write_text('x')
+  (root / 'taken').mkdir()
+  return [
+      ([f'--out={root / "new"}'], '--source is required'),
+      ([f'--source={root / "nowhere"}', f'--out={root / "new"}'], 'nowhere'),
+      ([f'--source={root / "a_file"}', f'--out={root / "new"}'], 'a_file'),
+      ([*ok, '--suffixes=.tex'], '.tex'),
+      ([f'--source={small}', f'--out={root / "new"}'], 'too little text'),
+      ([*ok, '--heldout_fraction=0'], '--heldout_fraction'),
+      ([*ok, '--test_fraction=1'], '--test_fraction'),
+      ([*ok, '--heldout_fraction=0.5', '--test_fraction=0.5'], '0.5 + 0.5'),
+      ([*ok, '--seed=-1'], '--seed'),
+      ([*ok, '--max_windows=-2'], '--max_windows'),
+      ([*ok, '--suffixes=.txt,'], '--suffixes'),
+      ([f'--source={source}'], '--out is required'),
+      ([f'--source={source}', f'--out={root / "taken"}'], 'already exists'),
+      ([f'--source={source}', f'--out={root / "taken"}', '--overwrite'], 'text_corpus.json'),
+      ([f'--source={source}', f'--out={source}', '--overwrite'], 'would replace --source'),
+      ([f'--source={source}', f'--out={source / "notes" / "out"}'], 'inside --source'),
+      ([f'--source={source}', f'--out={root / "a_file" / "out"}'], 'a_file'),
+  ]
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(prepared, tmp_path):
+  source, _, _ = prepared
+  cases = _bad_cases(source, tmp_path)
+  before, sources = _snapshot(tmp_path), _snapshot(source)
+  for argv, named in cases:
+    code, err, _ = _invoke(argv)
+    assert code == 2 and len(err) == 1 and err[0].startswith('error: '), (argv, err)
+    assert named in err[0], (named, err[0])
+  assert _snapshot(tmp_path) == before and _snapshot(source) == sources
