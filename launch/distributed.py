@@ -45,6 +45,9 @@ def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     host, _, port = fv.coordinator_address.rpartition(':')
     if not host or not port.isdigit():
       raise UserError(f'--coordinator_address must be HOST:PORT, got {fv.coordinator_address!r}')
+    if not 0 < int(port) < 65536:  # (process 0's port check crashed; the others waited it out)
+      raise UserError(f'--coordinator_address {fv.coordinator_address!r}: PORT must be in '
+                      f'1..65535, got {port}')
     if fv.num_processes is None or fv.num_processes < 1:
       raise UserError(f'--num_processes must be >= 1 with --coordinator_address, got '
                       f'{fv.num_processes}')

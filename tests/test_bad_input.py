@@ -372,6 +372,9 @@ def _cases(tfds_dir: str, w) -> list:
                     '--num_processes=2', '--process_id=5'), '--process_id must be in 0..1, got 5'),
       ('filter', fl(rater, '--keep=0.5', '--coordinator_address=nowhere', '--num_processes=2',
                     '--process_id=0'), "--coordinator_address must be HOST:PORT, got 'nowhere'"),
+      ('filter', fl(rater, '--keep=0.5', '--coordinator_address=127.0.0.1:99999',
+                    '--num_processes=2', '--process_id=0'),
+       "--coordinator_address '127.0.0.1:99999': PORT must be in 1..65535, got 99999"),
       ('filter', fl(rater, '--keep=0.5', '--num_processes=2'),
        '--num_processes and --process_id need --coordinator_address'),
       ('filter', fl(rater, '--keep=0.5', '--noise_seed=-1'),
@@ -489,7 +492,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 186  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 187  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -92,6 +92,31 @@ def test_metadata_names_the_source_and_digests_its_files(prepared, tmp_path):
   assert other['sources_sha256'] == digest(copy) != meta['sources_sha256']
 
 
+
+def test_a_file_name_not_in_utf8_is_read_and_digested_by_its_bytes(tmp_path):
+  """A file whose name is not UTF-8 (Latin-1 'café.txt'; Python gives it as a str holding a
+  surrogate) is a document like any other, its name's bytes in the digest (it stopped with a
+  UnicodeEncodeError traceback)."""
+  source = _make_corpus(tmp_path / 'corpus', READ[:3])
+  latin1 = os.path.join(os.fsencode(source), b'caf\xe9.txt')
+  with open(latin1, 'wb') as f:
+    f.write(bytes(range(256)) * 3)
+  report = text_folder.prepare_text(str(source), str(tmp_path / 'out'))
+  names = [n.encode() for n, _ in READ[:3]] + [b'caf\xe9.txt']
+  order = sorted(range(4), key=lambda i: os.fsdecode(names[i]))
+  assert [os.fsencode(n) for n in report['files']] == [names[i] for i in order]
+  h = hashlib.sha256()
+  for i in order:
+    with open(os.path.join(os.fsencode(source), names[i]), 'rb') as f:
+      h.update(names[i] + b'\0' + hashlib.sha256(f.read()).digest())
+  meta = dict(tfds.builder_from_directory(str(tmp_path / 'out')).info.metadata)
+  assert meta['sources_sha256'] == h.hexdigest()[:16]
+  doc = [os.fsencode(n) for n in report['files']].index(b'caf\xe9.txt')
+  split = pipeline.read_split(tfds.builder_from_directory(str(tmp_path / 'out')),
+                              report['splits'][doc])
+  rows = split.features['tokens'][split.features['document'] == doc]
+  assert [bytes(r.astype(np.uint8)) for r in rows] == _windows(bytes(range(256)) * 3)
+
 def test_the_text_config_and_its_models_read_it(prepared):
   _, out, _ = prepared
   c = text.get_config()

@@ -270,6 +270,58 @@ def test_valuate_refits_when_the_models_code_changes(tfds_dir, tmp_path, exact, 
   assert read('val') == read('fresh')
 
 
+# A model of one's own whose loss is rematerialised saving named values (a frozenset parameter).
+_DIGEST = """
+import hashlib, types, jax, jax.numpy as jnp, numpy as np
+from datarater.valuation.run import model_digest
+def loss(params, batch):
+  policy = jax.checkpoint_policies.save_only_these_names('h1', 'h2', 'h3', 'h4')
+  return jax.checkpoint(lambda x: jnp.tanh(x) ** 2, policy=policy)(batch['x'] @ params).sum(-1)
+task = types.SimpleNamespace(init=lambda key: jax.random.normal(key, (4, 3)), per_example_loss=loss,
+                             spec={'x': jax.ShapeDtypeStruct((4,), np.float32)})
+batch = {'x': jax.ShapeDtypeStruct((8, 4), np.float32)}
+text = str(jax.make_jaxpr(loss)(jax.ShapeDtypeStruct((4, 3), np.float32), batch))
+print(model_digest(task), hashlib.sha256(text.encode()).hexdigest())
+"""
+
+
+def test_the_model_digest_is_the_same_in_every_process():
+  """Processes with other string hashes (PYTHONHASHSEED, random per process) print the loss's
+  jaxpr differently (a set's order): the digest must not differ, or a two-process valuation's
+  processes took other cache keys (process 0 found no part file of process 1's) and every run
+  of one process fitted again."""
+  import subprocess  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  import sys  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = [subprocess.Popen([sys.executable, '-c', _DIGEST], cwd=root, stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONHASHSEED=str(seed)))
+           for seed in (1, 2)]
+  (digest_1, text_1), (digest_2, text_2) = [p.communicate(timeout=120)[0].split() for p in procs]
+  assert text_1 != text_2  # the jaxprs as printed differ
+  assert digest_1 == digest_2
+
+
+def test_the_model_digest_holds_the_models_constant_arrays():
+  """Code that changed only an array the model makes (a fixed encoding, here its frequency)
+  traces to the same printed program: the digest must still differ, as the losses do (it did
+  not, and the old code's fitted runs were valued again, silently)."""
+  import types  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from datarater.valuation.run import model_digest  # pylint: disable=g-import-not-at-top
+
+  def task(k):
+    def loss(params, batch):
+      return ((batch['x'] + np.sin(np.arange(4, dtype=np.float32) / k)) @ params).sum(-1)
+    return types.SimpleNamespace(init=lambda key: jax.random.normal(key, (4, 3)),
+                                 per_example_loss=loss,
+                                 spec={'x': jax.ShapeDtypeStruct((4,), np.float32)})
+  params, batch = np.ones((4, 3), np.float32), {'x': np.zeros((2, 4), np.float32)}
+  assert not np.allclose(task(1.0).per_example_loss(params, batch),
+                         task(2.0).per_example_loss(params, batch))
+  programs = [str(jax.make_jaxpr(task(k).per_example_loss)(params, batch)) for k in (1.0, 2.0)]
+  assert programs[0] == programs[1]  # the arrays are not printed
+  assert model_digest(task(1.0)) != model_digest(task(2.0))
+
+
 @SHARED
 def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path, exact):
   """valuation.store: self-influence from factored projections finds the noise as the exact one;

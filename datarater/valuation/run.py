@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import signal
 
@@ -56,15 +57,27 @@ def fingerprint(method: str, config, *outside: str) -> str:
 
 def model_digest(task: tasks.Task) -> str:
   """A digest of the task's programs as traced (its init, and its loss on a batch of
-  `tasks.base.CHECK_BATCH`): a model whose code changed under the same config (a layer's width,
-  an activation) is fitted again, not valued on the runs of the old code."""
+  `tasks.base.CHECK_BATCH`) and of the constant arrays they hold: a model whose code changed
+  under the same config (a layer's width, an activation, a fixed encoding) is fitted again, not
+  valued on the runs of the old code."""
   params = jax.eval_shape(task.init, jax.random.key(0))
   b = tasks.base.CHECK_BATCH
   batch = {'index': jax.ShapeDtypeStruct((b,), np.int32),
            **{k: jax.ShapeDtypeStruct((b, *s.shape), s.dtype) for k, s in task.spec.items()}}
   programs = (jax.make_jaxpr(task.init)(jax.random.key(0)),
               jax.make_jaxpr(task.per_example_loss)(params, batch))
-  return hashlib.sha256(''.join(map(str, programs)).encode()).hexdigest()[:16]
+  # A frozenset parameter (a remat policy's names) prints in hash order, which differs between
+  # processes (PYTHONHASHSEED): its elements sorted, every process and run gets one digest.
+  text = re.sub(r'frozenset\(\{([^{}]*)\}\)',
+                lambda m: 'frozenset({' + ', '.join(sorted(m[1].split(', '))) + '})',
+                ''.join(map(str, programs)))
+  digest = hashlib.sha256(text.encode())
+  for const in (c for p in programs for c in p.consts):  # arrays the code made (printed by name)
+    if jax.dtypes.issubdtype(getattr(const, 'dtype', None), jax.dtypes.prng_key):
+      const = jax.random.key_data(const)
+    const = np.asarray(const)
+    digest.update(f'{const.dtype}{const.shape}'.encode() + const.tobytes())
+  return digest.hexdigest()[:16]
 
 
 def _part_path(workdir: str, method: str, tag: str, p: int, num: int) -> str:
