@@ -66,18 +66,22 @@ def model_digest(task: tasks.Task) -> str:
            **{k: jax.ShapeDtypeStruct((b, *s.shape), s.dtype) for k, s in task.spec.items()}}
   programs = (jax.make_jaxpr(task.init)(jax.random.key(0)),
               jax.make_jaxpr(task.per_example_loss)(params, batch))
-  # A frozenset parameter (a remat policy's names) prints in hash order, which differs between
-  # processes (PYTHONHASHSEED): its elements sorted, every process and run gets one digest.
-  text = re.sub(r'frozenset\(\{([^{}]*)\}\)',
-                lambda m: 'frozenset({' + ', '.join(sorted(m[1].split(', '))) + '})',
-                ''.join(map(str, programs)))
-  digest = hashlib.sha256(text.encode())
+  digest = hashlib.sha256(printed(programs).encode())
   for const in (c for p in programs for c in p.consts):  # arrays the code made (printed by name)
     if jax.dtypes.issubdtype(getattr(const, 'dtype', None), jax.dtypes.prng_key):
       const = jax.random.key_data(const)
     const = np.asarray(const)
     digest.update(f'{const.dtype}{const.shape}'.encode() + const.tobytes())
   return digest.hexdigest()[:16]
+
+
+def printed(programs) -> str:
+  """Jaxprs as text, the same in every process: a frozenset parameter (a remat policy's names)
+  prints in hash order, which differs between processes (PYTHONHASHSEED), so its elements are
+  sorted."""
+  return re.sub(r'frozenset\(\{([^{}]*)\}\)',
+                lambda m: 'frozenset({' + ', '.join(sorted(m[1].split(', '))) + '})',
+                ''.join(map(str, programs)))
 
 
 def _part_path(workdir: str, method: str, tag: str, p: int, num: int) -> str:
