@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from configs import text
 from datarater import config_checks, tasks
+from datarater.curation import scores_file
 from datarater.data import pipeline, python_text, text_folder
 from datarater.errors import UserError
 from launch import cli, prepare_text
@@ -162,6 +163,33 @@ def test_the_launcher_writes_it_again_byte_for_byte_only_with_overwrite(prepared
   assert _invoke([*argv, '--overwrite', '--seed=4'])[0] == 0  # another assignment
   assert _snapshot(tmp_path / 'out') != _snapshot(out)
   assert sorted(os.listdir(tmp_path)) == ['out']  # no temporary folder left
+
+
+def test_scores_of_the_folder_before_it_was_prepared_again_are_refused(tmp_path):
+  """A scores file (launch.valuate's, launch.filter's) names a dataset folder by path: prepared
+  again from the same text (the same bytes, new files) its scores still hold; from edited text
+  (here one file's bytes, not its length: every split keeps its size and ids) the folder holds
+  other sequences under the same ids, and the old scores are refused."""
+  source = _make_corpus(tmp_path / 'corpus')
+  c = text.get_config()
+  c.data.dataset_dir = str(tmp_path / 'out')
+  def score_train():  # one value per train sequence: its first byte
+    text_folder.prepare_text(str(source), c.data.dataset_dir, overwrite=True)
+    tokens = pipeline.load_split(c.data, 'train').features['tokens']
+    return len(tokens), tokens[:, 0].astype(np.float64)
+  n, first = score_train()
+  path = str(tmp_path / 'scores.parquet')
+  scores_file.write(path, np.arange(n), first, first, dataset=pipeline.dataset_name(c.data),
+                    split='train')
+  read = lambda: scores_file.read_values(path, n, 'train', pipeline.dataset_name(c.data))
+  np.testing.assert_array_equal(read(), first)
+  score_train()
+  np.testing.assert_array_equal(read(), first)
+  (source / 'a.txt').write_bytes(bytes(255 - b for b in (source / 'a.txt').read_bytes()))
+  n_again, first_again = score_train()
+  assert n_again == n and not np.array_equal(first_again, first)  # same ids, other sequences
+  with pytest.raises(UserError, match='as it was before it was written again'):
+    read()
 
 
 def test_a_failure_while_writing_leaves_no_output(prepared, tmp_path, monkeypatch):

@@ -3,10 +3,12 @@
 Columns: `id` (int64, the example's position in its split), `score` (the method's raw score),
 `value` (oriented: higher = more useful); optionally `split` and anything else a writer records
 (label, corruption kind, a keep decision). `write` makes one atomically, with the dataset and
-split it scores in the file's metadata; `read_values` reads the `value` (or, failing that,
-`score`) of every example of a split, in id order, and refuses files that do not cover the split
-exactly or were written for another dataset or split.
+split it scores in the file's metadata (a dataset folder also by a digest of its files' bytes);
+`read_values` reads the `value` (or, failing that, `score`) of every example of a split, in id
+order, and refuses files that do not cover the split exactly or were written for another dataset
+or split, or for a dataset folder whose contents changed since (written again, `--overwrite`).
 """
+import contextlib
 import json
 import os
 from typing import Optional
@@ -20,8 +22,26 @@ _READ_ROWS = 65536  # rows read at a time
 
 
 _SCORED = b'datarater.scored'  # metadata key: {"dataset", "split", "planted"} the rows score,
-# and the example-gradients spent making them ("example_gradients", when the writer says)
+# the dataset folder's files ("dataset_files"), and the example-gradients spent making them
+# ("example_gradients", when the writer says)
 UNCHECKED = object()  # planted=UNCHECKED: not said (write) or not checked (read_values)
+
+
+_CONTENTS = {}  # (dataset folder, stat digest) -> content digest: each read once a process
+
+
+def _folder_files(dataset: Optional[str], recorded: Optional[dict] = None) -> Optional[dict]:
+  """{'stat', 'contents'} digests of `dataset`'s files if it is a dataset folder (dataset_name:
+  absolute), None for a TFDS name; the bytes are read only where the names, sizes and times
+  differ from `recorded`'s. OSError if the folder cannot be read."""
+  if not (dataset and os.path.isabs(dataset) and os.path.isdir(dataset)):
+    return None
+  stat = files.stat_digest(dataset, hidden=True)
+  if recorded and recorded.get('stat') == stat:
+    return dict(recorded)
+  if (dataset, stat) not in _CONTENTS:
+    _CONTENTS[(dataset, stat)] = files.content_digest(dataset)
+  return {'stat': stat, 'contents': _CONTENTS[(dataset, stat)]}
 
 
 def write(path: str, ids: np.ndarray, score: np.ndarray, value: np.ndarray, *, dataset: str,
@@ -31,6 +51,9 @@ def write(path: str, ids: np.ndarray, score: np.ndarray, value: np.ndarray, *, d
   `planted` (`Corruption.describe()`: None when nothing was planted; UNCHECKED: not said)
   describes, made with `example_gradients` (None: not said)."""
   scored = {'dataset': dataset, 'split': split}
+  with contextlib.suppress(OSError):  # unreadable (a broken link): the path alone is recorded
+    if (digest := _folder_files(dataset)) is not None:
+      scored['dataset_files'] = digest
   if planted is not UNCHECKED:
     scored['planted'] = planted
   if example_gradients is not None:
@@ -53,6 +76,16 @@ def _check_scored(path: str, metadata, dataset: Optional[str], split: Optional[s
   for what, want in (('dataset', dataset), ('split', split)):
     if want is not None and scored.get(what) not in (None, want):
       raise UserError(f'scores file {path!r} scores {what} {scored[what]!r}, not {want!r}')
+  recorded = scored.get('dataset_files')
+  if dataset is not None and isinstance(recorded, dict):
+    try:
+      now = _folder_files(dataset, recorded)
+    except OSError as e:
+      raise UserError(f'dataset folder {dataset!r} cannot be read to check it against scores '
+                      f'file {path!r} ({e.strerror or type(e).__name__}: {e.filename})') from None
+    if now is not None and now['contents'] != recorded.get('contents'):
+      raise UserError(f'scores file {path!r} scores dataset folder {dataset!r} as it was before '
+                      'it was written again (its contents differ now): score it again')
   if planted is not UNCHECKED and 'planted' in scored and scored['planted'] != (
       json.loads(json.dumps(planted))):
     raise UserError(f'scores file {path!r} scores examples under planted corruption '
