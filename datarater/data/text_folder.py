@@ -19,7 +19,6 @@ path and bytes, in id order); `out/text_corpus.json` lists the files by id with 
 `out` is written in a temporary folder beside it and renamed into place (`files.atomic_dir`).
 """
 import hashlib
-import json
 import os
 import shutil
 from typing import Sequence
