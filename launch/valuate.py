@@ -12,6 +12,8 @@ from launch import interrupts
 if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
   interrupts.install()
 # pylint: disable=wrong-import-position
+import os
+
 from absl import flags
 
 from datarater.errors import exit_on_user_error
@@ -38,6 +40,11 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   print(f'wrote {summary["scores_file"]}: '
         f'{summary["num_examples"]} examples' +
         (f', noise AUROC {auroc:.3f}' if auroc is not None else ''))
+  if 'topk' in summary:
+    top = summary['topk']
+    print(f'wrote {os.path.join(fv.workdir, f"topk_{fv.method}.parquet")}: the {top["k"]} most '
+          f'supporting and opposing training examples of each of {top["num_test"]} examples of '
+          f'split {top["split"]!r}')
 
 
 if __name__ == '__main__':
