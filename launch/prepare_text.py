@@ -23,6 +23,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   del argv
   d = lambda kind, *args: getattr(flags, f'DEFINE_{kind}')(*args, flag_values=fv)
   d('string', 'source', None, 'Folder of text files (read recursively; hidden ones skipped).')
+  d('string', 'heldout_source', '', 'Folder of trusted text for heldout and test (then every '
+    'file of --source goes to train).')
   d('list', 'suffixes', list(text_folder.SUFFIXES), 'File name endings to read.')
   d('float', 'heldout_fraction', 0.1, 'Share of the sequences in split heldout.')
   d('float', 'test_fraction', 0.1, 'Share of the sequences in split test (train: the rest).')
@@ -38,7 +40,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     report = text_folder.prepare_text(
         fv.source, fv.out, fv.suffixes, heldout_fraction=fv.heldout_fraction,
         test_fraction=fv.test_fraction, seed=fv.seed, max_windows=fv.max_windows,
-        overwrite=fv.overwrite)
+        overwrite=fv.overwrite, heldout_source=fv.heldout_source)
   for s, t in report['total'].items():
     print(f'{s}: {t["sequences"]} sequences from {t["documents"]} files')
   print(f'wrote {fv.out} (--config.data.dataset_dir={fv.out})')

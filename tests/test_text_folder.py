@@ -118,6 +118,31 @@ def test_a_file_name_not_in_utf8_is_read_and_digested_by_its_bytes(tmp_path):
   rows = split.features['tokens'][split.features['document'] == doc]
   assert [bytes(r.astype(np.uint8)) for r in rows] == _windows(bytes(range(256)) * 3)
 
+def test_a_heldout_source_gives_heldout_and_test_and_source_only_train(prepared, tmp_path):
+  """--heldout_source: the held-out (outer) and test sequences are its files' windows alone, in
+  the ratio of the two fractions, and every file of --source with a window is in train."""
+  source, _, _ = prepared
+  trusted = _make_corpus(tmp_path / 'trusted', salt=1)
+  report = text_folder.prepare_text(str(source), str(tmp_path / 'out'), heldout_fraction=0.3,
+                                    test_fraction=0.3, seed=1, heldout_source=str(trusted))
+  builder = tfds.builder_from_directory(str(tmp_path / 'out'))
+  rows = {}  # split -> {document: its rows as bytes}
+  for split in ('train', 'heldout', 'test'):
+    got = pipeline.read_split(builder, split)
+    docs = got.features['document']
+    rows[split] = {int(d): [bytes(t.astype(np.uint8)) for t in got.features['tokens'][docs == d]]
+                   for d in np.unique(docs)}
+  n = len(READ)
+  files = [(source, name) for name, _ in READ] + [(trusted, name) for name, _ in READ]
+  want = {i: _windows((root / name).read_bytes()) for i, (root, name) in enumerate(files)}
+  assert rows['train'] == {i: w for i, w in want.items() if i < n and w}
+  held = {**rows['heldout'], **rows['test']}
+  assert held == {i: w for i, w in want.items() if i >= n and w}
+  assert rows['heldout'] and rows['test'] and not set(rows['heldout']) & set(rows['test'])
+  assert report['files'] == [name for name, _ in READ] * 2
+  assert builder.info.metadata['heldout_source'] == str(trusted)
+
+
 def test_the_text_config_and_its_models_read_it(prepared):
   _, out, _ = prepared
   c = text.get_config()
@@ -209,6 +234,7 @@ def test_a_failure_while_writing_leaves_no_output(prepared, tmp_path, monkeypatc
 def _bad_cases(source, root):
   ok = [f'--source={source}', f'--out={root / "new"}']
   small = _make_corpus(root / 'small', READ[:2] + SKIPPED)
+  one = _make_corpus(root / 'one', READ[:1])  # one file: heldout or test would get none
   (root / 'a_file').write_text('x')
   (root / 'taken').mkdir()
   return [
@@ -229,6 +255,10 @@ def _bad_cases(source, root):
       ([f'--source={source}', f'--out={source}', '--overwrite'], 'would replace --source'),
       ([f'--source={source}', f'--out={source / "notes" / "out"}'], 'inside --source'),
       ([f'--source={source}', f'--out={root / "a_file" / "out"}'], 'a_file'),
+      ([*ok, f'--heldout_source={root / "nowhere"}'], '--heldout_source'),
+      ([*ok, f'--heldout_source={source}'], 'overlap'),
+      ([*ok, f'--heldout_source={source / "notes"}'], 'overlap'),
+      ([*ok, f'--heldout_source={one}'], 'heldout and test need one each'),
   ]
 
 

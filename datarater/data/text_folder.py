@@ -12,7 +12,9 @@ every sequence is clean (the pipeline's record is all 0).
 Files are assigned whole to the splits `train`, `heldout` and `test`: in a seeded shuffle of the
 ids, each file with a window goes to the split furthest below its share of all windows
 (`heldout_fraction`, `test_fraction`, train the rest, ties to the first), so every split gets a
-file of its own first and none exceeds its share by more than one file's windows. A split's
+file of its own first and none exceeds its share by more than one file's windows. With
+`heldout_source`, a folder of trusted text, `source`'s files all go to train and its own to
+heldout and test alone (so assigned, in the ratio of the two fractions). A split's
 sequences are stored by document id, each file's windows in order. `info.metadata` records the
 source folder, suffixes, seed, fractions, `max_windows` and `sources_sha256` (each file's relative
 path and bytes, in id order); `out/text_corpus.json` lists the files by id with their split.
@@ -87,12 +89,23 @@ def assign(counts: Sequence[int], fractions: dict, seed: int) -> list:
   return out
 
 
-def _check(source, out, suffixes, heldout_fraction, test_fraction, seed, max_windows, overwrite):
+def _check_folder(flag: str, path: str) -> None:
+  if not os.path.isdir(path):
+    raise UserError(f'{flag} {path!r} ' + ('is not a folder' if os.path.exists(path)
+                                           else 'does not exist'))
+
+
+def _check(source, out, suffixes, heldout_fraction, test_fraction, seed, max_windows, overwrite,
+           heldout_source):
   if not source:
     raise UserError('--source is required')
-  if not os.path.isdir(source):
-    raise UserError(f'--source {source!r} ' + ('is not a folder' if os.path.exists(source)
-                                               else 'does not exist'))
+  _check_folder('--source', source)
+  if heldout_source:
+    _check_folder('--heldout_source', heldout_source)
+    a, b = os.path.realpath(source), os.path.realpath(heldout_source)
+    if os.path.commonpath([a, b]) in (a, b):
+      raise UserError(f'--heldout_source {heldout_source!r} and --source {source!r} overlap (one '
+                      'is or holds the other): give the held-out text a folder of its own')
   if not suffixes or not all(suffixes):
     raise UserError(f'--suffixes must be one or more file name endings, got {list(suffixes)}')
   for flag, value in (('--heldout_fraction', heldout_fraction),
@@ -108,7 +121,7 @@ def _check(source, out, suffixes, heldout_fraction, test_fraction, seed, max_win
     raise UserError(f'--max_windows must be >= 0 (0: all), got {max_windows}')
   if not out:
     raise UserError('--out is required')
-  files.check_apart(out, '--out', source=source)
+  files.check_apart(out, '--out', source=source, heldout_source=heldout_source)
   files.check_not_in_dataset(out, '--out', itself=False)
   files.check_replaceable(out, overwrite, REPORT)
   files.check_can_create(out)
@@ -142,12 +155,12 @@ class TextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split):
     p = self.plan
     key = 0
-    for doc, name in enumerate(p['files']):
+    for doc, (root, name) in enumerate(zip(p['roots'], p['files'])):
       if p['splits'][doc] != split:
         continue
-      text = _read(p['source'], name)
+      text = _read(root, name)
       if hashlib.sha256(text).hexdigest() != p['sha256'][doc]:
-        raise UserError(f'{os.path.join(p["source"], name)!r} changed while it was prepared')
+        raise UserError(f'{os.path.join(root, name)!r} changed while it was prepared')
       for tokens in file_windows(text, p['max_windows']):
         yield key, {'tokens': tokens, 'document': doc}
         key += 1
@@ -155,39 +168,69 @@ class TextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
                  heldout_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
-                 max_windows: int = 0, overwrite: bool = False) -> dict:
+                 max_windows: int = 0, overwrite: bool = False,
+                 heldout_source: str = '') -> dict:
   """Writes the dataset folder `out` (see the module docstring); returns its report (also in
-  out/text_corpus.json): per split its documents and sequences. Checks everything first."""
+  out/text_corpus.json): per split its documents and sequences. Checks everything first.
+
+  With `heldout_source` (a folder of trusted text), every file of `source` goes to train and the
+  files of `heldout_source` to heldout and test, in the ratio of the two fractions; their
+  document ids follow `source`'s."""
   suffixes = list(suffixes)
-  _check(source, out, suffixes, heldout_fraction, test_fraction, seed, max_windows, overwrite)
+  _check(source, out, suffixes, heldout_fraction, test_fraction, seed, max_windows, overwrite,
+         heldout_source)
   source, out = os.path.abspath(source), os.path.abspath(out)
-  names = text_files(source, suffixes)
-  if not names:
-    raise UserError(f'--source {source!r} holds no files ending in {", ".join(suffixes)} '
-                    '(hidden files and folders are skipped)')
+  folders = [('--source', source)]
+  if heldout_source:
+    heldout_source = os.path.abspath(heldout_source)
+    folders.append(('--heldout_source', heldout_source))
+  roots, names = [], []
+  for flag, folder in folders:
+    found = text_files(folder, suffixes)
+    if not found:
+      raise UserError(f'{flag} {folder!r} holds no files ending in {", ".join(suffixes)} '
+                      '(hidden files and folders are skipped)')
+    roots += [folder] * len(found)
+    names += found
   digest, sha, counts = hashlib.sha256(), [], []
-  for name in names:
-    text = _read(source, name)
+  for root, name in zip(roots, names):
+    text = _read(root, name)
     sha.append(hashlib.sha256(text).hexdigest())
-    digest.update(os.fsencode(name) + b'\0' + bytes.fromhex(sha[-1]))  # any file name's bytes
+    tag = b'' if root == source else b'heldout_source\0'  # (a source-only digest as before)
+    digest.update(tag + os.fsencode(name) + b'\0' + bytes.fromhex(sha[-1]))  # any name's bytes
     counts.append(window_count(len(text), max_windows))
-  fractions = {'train': 1 - heldout_fraction - test_fraction, 'heldout': heldout_fraction,
-               'test': test_fraction}
-  splits = assign(counts, fractions, seed)
+  if heldout_source:
+    n = roots.count(source)
+    held = heldout_fraction + test_fraction
+    splits = ['train' if c else None for c in counts[:n]] + assign(
+        counts[n:], {'heldout': heldout_fraction / held, 'test': test_fraction / held}, seed)
+  else:
+    fractions = {'train': 1 - heldout_fraction - test_fraction, 'heldout': heldout_fraction,
+                 'test': test_fraction}
+    splits = assign(counts, fractions, seed)
   report = {'source': source, 'files': names, 'splits': splits, 'total': {}}
+  if heldout_source:
+    report.update(heldout_source=heldout_source, heldout_files_from=roots.count(source))
   for s in SPLITS:
     docs = [d for d, x in enumerate(splits) if x == s]
     report['total'][s] = {'documents': len(docs), 'sequences': sum(counts[d] for d in docs)}
-  if any(not t['documents'] for t in report['total'].values()):
+  empty = [s for s in SPLITS if not report['total'][s]['documents']]
+  if heldout_source and empty:
+    flag, folder, need = (('--source', source, 'train needs a file') if 'train' in empty else
+                          ('--heldout_source', heldout_source, 'heldout and test need one each'))
+    raise UserError(f'{flag} {folder!r} has too little text: {need} holding a window of '
+                    f'{SEQ_LEN} bytes')
+  if empty:
     used = sum(1 for c in counts if c)
     raise UserError(f'--source {source!r} has too little text: {used} of its {len(names)} '
                     f'matching files hold a window of {SEQ_LEN} bytes, and train, heldout and test '
                     'each need a file of their own (at least 3)')
-  metadata = {'source': source, 'suffixes': suffixes, 'seed': seed, 'max_windows': max_windows,
+  metadata = {'source': source, **({'heldout_source': heldout_source} if heldout_source else {}),
+              'suffixes': suffixes, 'seed': seed, 'max_windows': max_windows,
               'heldout_fraction': heldout_fraction, 'test_fraction': test_fraction,
               'num_files': len(names), 'sources_sha256': digest.hexdigest()[:16]}
   with files.atomic_dir(out, overwrite, marker=REPORT) as tmp:
-    plan = {'source': source, 'files': names, 'splits': splits, 'sha256': sha,
+    plan = {'roots': roots, 'files': names, 'splits': splits, 'sha256': sha,
             'max_windows': max_windows, 'metadata': metadata}
     builder = TextFolder(plan, data_dir=os.path.join(tmp, 'tfds'), file_format='array_record')
     tfds_writer.prepare_unshuffled(builder)
