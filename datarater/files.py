@@ -105,12 +105,18 @@ def replace_dir(src: str, path: str) -> None:
     _remove(old)
 
 
+def _nearest_above(path: str) -> str:
+  """The nearest existing path above `path` (a folder, or a file where a folder should be)."""
+  above = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(above) and above != os.path.dirname(above):
+    above = os.path.dirname(above)
+  return above
+
+
 def why_not(path: str, error: OSError) -> str:
   """Why `path` could not be written: a file where a folder above it should be, else the OS's
   reason."""
-  above = os.path.dirname(os.path.abspath(path))
-  while above and not os.path.exists(above) and above != os.path.dirname(above):
-    above = os.path.dirname(above)
+  above = _nearest_above(path)
   if os.path.exists(above) and not os.path.isdir(above):
     return f'{above!r} is a file, not a folder'
   return error.strerror or str(error)
@@ -120,9 +126,7 @@ def check_can_create(path: str) -> None:
   """Refuses an output `path` that could not be created where it goes (the nearest existing
   folder above it is a file, or not writable: a read-only file system, permissions), before a
   command's long work rather than at its end."""
-  above = os.path.dirname(os.path.abspath(path))
-  while not os.path.exists(above) and above != os.path.dirname(above):
-    above = os.path.dirname(above)
+  above = _nearest_above(path)
   if not os.path.isdir(above):
     raise UserError(f'cannot write {path!r}: {above!r} is a file, not a folder')
   if not os.access(above, os.W_OK | os.X_OK):
@@ -289,6 +293,18 @@ def stat_digest(path: str, hidden: bool = False) -> str:
         h.update(f'{os.path.relpath(os.path.join(folder, name), root)}:{st.st_size}:'
                  f'{st.st_mtime_ns}\n'.encode())
   return h.hexdigest()[:16]
+
+
+_CONTENT_DIGESTS = {}  # (path, stat_digest) -> content_digest
+
+
+def content_digest_once(path: str) -> str:
+  """`content_digest(path)`, read once a process while its files' names, sizes and times
+  (`stat_digest`) stay as they were."""
+  key = (os.path.realpath(path), stat_digest(path, hidden=True))
+  if key not in _CONTENT_DIGESTS:
+    _CONTENT_DIGESTS[key] = content_digest(path)
+  return _CONTENT_DIGESTS[key]
 
 
 def content_digest(path: str) -> str:

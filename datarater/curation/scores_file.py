@@ -27,9 +27,6 @@ _SCORED = b'datarater.scored'  # metadata key: {"dataset", "split", "planted"} t
 UNCHECKED = object()  # planted=UNCHECKED: not said (write) or not checked (read_values)
 
 
-_CONTENTS = {}  # (dataset folder, stat digest) -> content digest: each read once a process
-
-
 def _folder_files(dataset: Optional[str], recorded: Optional[dict] = None) -> Optional[dict]:
   """{'stat', 'contents'} digests of `dataset`'s files if it is a dataset folder (dataset_name:
   absolute), None for a TFDS name; the bytes are read only where the names, sizes and times
@@ -39,9 +36,7 @@ def _folder_files(dataset: Optional[str], recorded: Optional[dict] = None) -> Op
   stat = files.stat_digest(dataset, hidden=True)
   if recorded and recorded.get('stat') == stat:
     return dict(recorded)
-  if (dataset, stat) not in _CONTENTS:
-    _CONTENTS[(dataset, stat)] = files.content_digest(dataset)
-  return {'stat': stat, 'contents': _CONTENTS[(dataset, stat)]}
+  return {'stat': stat, 'contents': files.content_digest_once(dataset)}
 
 
 def write(path: str, ids: np.ndarray, score: np.ndarray, value: np.ndarray, *, dataset: str,

@@ -66,19 +66,11 @@ def _sizes(folder: str) -> dict:
           if os.path.isfile(os.path.join(folder, n))}
 
 
-_digests = {}  # (path, size, mtime) -> content digest: a folder is read once per process
-
-
 def _contents(folder: str) -> dict:
   """{file name: sha256 of its bytes} of the idx files present in `folder`."""
   out = {}
   for name in _sizes(folder):
-    path = os.path.realpath(os.path.join(folder, name))
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _digests:
-      _digests[key] = files.content_digest(path)
-    out[name] = _digests[key]
+    out[name] = files.content_digest_once(os.path.join(folder, name))  # read once a process
   return out
 
 
