@@ -31,9 +31,11 @@ def _fd_check(name, optimizer, steps, **kw):
   loss_of = jax.jit(lambda flat: meta_step.outer_loss(
       problem, est, unravel(flat), state.population, inner, outer)[0])
   eps = 1e-6
-  basis = jnp.eye(flat_phi.size, dtype=jnp.float64)
-  numeric = jax.vmap(lambda e: (loss_of(flat_phi + eps * e) - loss_of(flat_phi - eps * e))
-                     / (2 * eps))(basis)
+  # Jitted: eagerly, each batched op around the loss compiled a program of its own.
+  numeric = jax.jit(lambda flat: jax.vmap(lambda e: (loss_of(flat + eps * e)
+                                                     - loss_of(flat - eps * e)) / (2 * eps))(
+                                                         jnp.eye(flat.size, dtype=flat.dtype)))(
+                                                             flat_phi)
   assert float(jnp.linalg.norm(analytic)) > 1e-6  # the weights really change the outcome
   rel = float(jnp.linalg.norm(analytic - numeric) / jnp.linalg.norm(numeric))
   assert rel < 1e-5, rel
@@ -192,8 +194,10 @@ def test_advance_steps_train_outside_the_meta_gradient():
     loss_of = jax.jit(lambda flat: meta_step.outer_loss(problem, est, unravel(flat), advanced,
                                                         tail, outer)[0])
     eps = 1e-6
-    numeric = jax.vmap(lambda e: (loss_of(flat_phi + eps * e) - loss_of(flat_phi - eps * e))
-                       / (2 * eps))(jnp.eye(flat_phi.size, dtype=jnp.float64))
+    numeric = jax.jit(lambda flat: jax.vmap(lambda e: (loss_of(flat + eps * e)  # one program
+                                                       - loss_of(flat - eps * e)) / (2 * eps))(
+                                                           jnp.eye(flat.size, dtype=flat.dtype)))(
+                                                               flat_phi)
     analytic = ravel_pytree(seen['grads'])[0]
     assert float(jnp.linalg.norm(analytic)) > 1e-6
     assert float(jnp.linalg.norm(analytic - numeric) / jnp.linalg.norm(numeric)) < 1e-5

@@ -267,11 +267,12 @@ def test_text_config_is_valid_and_its_models_read_the_dataset(data):
   task, rater = tasks.make_task(c.task, info), tasks.make_rater(c.rater, info)
   params, phi = task.init(jax.random.key(0)), rater.init(jax.random.key(1))
   batch = splits['train'].take(np.arange(4))
-  metrics = jax.jit(task.metrics)(params, batch)
-  assert metrics['loss'].shape == (4,) and jax.jit(rater.score)(phi, batch).shape == (4,)
+  metrics, scores, embedded = jax.jit(lambda p, phi, b: (  # one program, not three
+      task.metrics(p, b), rater.score(phi, b), task.embed(p, b)))(params, phi, batch)
+  assert metrics['loss'].shape == (4,) and scores.shape == (4,)
   assert np.all(np.abs(metrics['loss'] - math.log(256)) < 1.0)  # near-uniform at init
   np.testing.assert_allclose(metrics['bits_per_byte'], metrics['loss'] / math.log(2), rtol=1e-6)
-  assert jax.jit(task.embed)(params, batch).shape == (4, c.task.d_model)
+  assert embedded.shape == (4, c.task.d_model)
   assert pergrad.ghost_covers(task.per_example_loss, params, batch)
   assert pergrad.ghost_covers(rater.score, phi, batch)
   for field, value, error in (('max_len', L - 1, 'max_len'), ('num_heads', 3, 'multiple'),
@@ -303,15 +304,17 @@ def _tokens(n=4, length=12, vocab=16, seed=0):
 
 
 def _f64(tree):
-  return jax.tree.map(lambda x: x.astype(jnp.float64), tree)
+  """Float64 leaves, converted in numpy (op by op, JAX compiles one program per leaf shape)."""
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float64)), tree)
 
 
 def _moved(tree, seed=0):
   """Float64 parameters moved off their initial values (biases start at 0, LayerNorm scales at
-  1: at init the reference would not test how they are applied)."""
-  leaves, treedef = jax.tree.flatten(_f64(tree))
+  1: at init the reference would not test how they are applied); in numpy, as _f64."""
+  leaves, treedef = jax.tree.flatten(tree)
   rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(treedef, [x + 0.1 * rng.normal(size=x.shape) for x in leaves])
+  return jax.tree.unflatten(treedef, [
+      jax.device_put(np.asarray(x, np.float64) + 0.1 * rng.normal(size=x.shape)) for x in leaves])
 
 
 def _reference_logits(p, tokens, num_heads, causal=True):
@@ -348,54 +351,55 @@ def test_loss_equals_a_float64_reference_transformer():
   with jax.enable_x64():
     task = tasks.make_task(_model(token_weights='weights'), _info(weights=True))
     params = _moved(task.init(jax.random.key(0)))
+    plain = tasks.make_task(_model(), _info())
+    rater = tasks.make_rater(_model('sequence_rater', num_layers=1), _info())
+    phi = _moved(rater.init(jax.random.key(2)), 1)
     tokens = _tokens()
     w = np.random.default_rng(1).uniform(0, 1, tokens.shape)
+    # One compiled program for every model output checked here (each jitted alone compiled the
+    # same transformer five times over).
+    per_token, per_example, metrics, embedded, scores = jax.jit(lambda p, phi, t, w: (
+        task.per_token_loss(p, {'tokens': t}),
+        task.per_example_loss(p, {'tokens': t, 'weights': w}),
+        plain.metrics(p, {'tokens': t}), plain.embed(p, {'tokens': t}),
+        rater.score(phi, {'tokens': t})))(params, phi, tokens, jnp.asarray(w))
     states, logits = _reference_logits(params, tokens[:, :-1], 2)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], -1)[..., 0]
-    np.testing.assert_allclose(jax.jit(task.per_token_loss)(params, {'tokens': tokens}), nll,
-                               rtol=1e-10)
-    got = jax.jit(task.per_example_loss)(params, {'tokens': tokens, 'weights': jnp.asarray(w)})
-    np.testing.assert_allclose(got, (w[:, 1:] * nll).sum(1) / w[:, 1:].sum(1), rtol=1e-10)
-    plain = tasks.make_task(_model(), _info())
-    metrics = jax.jit(plain.metrics)(params, {'tokens': tokens})
+    np.testing.assert_allclose(per_token, nll, rtol=1e-10)
+    np.testing.assert_allclose(per_example, (w[:, 1:] * nll).sum(1) / w[:, 1:].sum(1), rtol=1e-10)
     np.testing.assert_allclose(metrics['loss'], nll.mean(1), rtol=1e-10)
     assert 'bits_per_byte' not in metrics  # a vocabulary of 16, not bytes
     np.testing.assert_allclose(metrics['bits_per_token'], nll.mean(1) / math.log(2), rtol=1e-10)
     full_states, _ = _reference_logits(params, tokens, 2)
-    np.testing.assert_allclose(jax.jit(plain.embed)(params, {'tokens': tokens}),
-                               full_states.mean(1), rtol=1e-10, atol=1e-12)
-    rater = tasks.make_rater(_model('sequence_rater', num_layers=1), _info())
-    phi = _moved(rater.init(jax.random.key(2)), 1)
+    np.testing.assert_allclose(embedded, full_states.mean(1), rtol=1e-10, atol=1e-12)
     states, _ = _reference_logits(phi, tokens, 2, causal=False)
     head = phi['params']['head']
-    np.testing.assert_allclose(jax.jit(rater.score)(phi, {'tokens': tokens}),
-                               (states.mean(1) @ head['kernel'] + head['bias'])[:, 0], rtol=1e-10)
+    np.testing.assert_allclose(scores, (states.mean(1) @ head['kernel'] + head['bias'])[:, 0],
+                               rtol=1e-10)
 
 
 def test_the_language_model_is_causal_and_examples_are_independent():
   with jax.enable_x64():
     task = tasks.make_task(_model(), _info())
     params = _f64(task.init(jax.random.key(0)))
-    tokens = _tokens()
-    loss = jax.jit(task.per_token_loss)
-    base = loss(params, {'tokens': tokens})
-    for t in (1, 5, 11):  # new tokens at positions >= t
-      changed = tokens.at[:, t:].set((tokens[:, t:] + 3) % 16)
-      after = loss(params, {'tokens': changed})
-      np.testing.assert_array_equal(after[:, :t - 1], base[:, :t - 1])  # predictions of < t
-      assert not np.allclose(after[:, t - 1:], base[:, t - 1:])
-    per_example = jax.jit(task.per_example_loss)
-    together = per_example(params, {'tokens': tokens})
-    alone = [per_example(params, {'tokens': tokens[i:i + 1]})[0] for i in range(len(tokens))]
-    np.testing.assert_allclose(together, alone, rtol=1e-12)
     rater = tasks.make_rater(_model('sequence_rater'), _info())
     phi = _f64(rater.init(jax.random.key(1)))
-    score = jax.jit(rater.score)
-    scores = score(phi, {'tokens': tokens})
-    np.testing.assert_allclose(scores, [score(phi, {'tokens': tokens[i:i + 1]})[0]
-                                        for i in range(len(tokens))], rtol=1e-12)
+    tokens = _tokens()
+    # One program per batch shape for the per-token loss, the per-example loss and the score.
+    run = jax.jit(lambda p, phi, t: (task.per_token_loss(p, {'tokens': t}),
+                                     task.per_example_loss(p, {'tokens': t}),
+                                     rater.score(phi, {'tokens': t})))
+    base, together, scores = run(params, phi, tokens)
+    for t in (1, 5, 11):  # new tokens at positions >= t
+      changed = tokens.at[:, t:].set((tokens[:, t:] + 3) % 16)
+      after = run(params, phi, changed)[0]
+      np.testing.assert_array_equal(after[:, :t - 1], base[:, :t - 1])  # predictions of < t
+      assert not np.allclose(after[:, t - 1:], base[:, t - 1:])
+    alone = [run(params, phi, tokens[i:i + 1]) for i in range(len(tokens))]
+    np.testing.assert_allclose(together, [a[1][0] for a in alone], rtol=1e-12)
+    np.testing.assert_allclose(scores, [a[2][0] for a in alone], rtol=1e-12)
 
 
 def test_a_causal_sequence_rater_equals_the_causal_reference_and_pools_its_states():
