@@ -115,7 +115,7 @@ def check(method: str, config, task, train) -> None:
     rater_for(config, train)
     return
   check_settings(method, config, task)
-  check_per_example(config, task, train)  # before the workdir is made (build checks it again)
+  check_per_example(config, task, train)  # before the workdir is made
   params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
   if parse_layers(v.layers) is not None:
     pergrad.layer_mask(params, parse_layers(v.layers))
@@ -199,10 +199,13 @@ def ghost_norms_pay(task, run, train, layers) -> bool:
           pergrad.dense_positions(loss, run.final_params, batch, layers) == 1)
 
 
-def build(method: str, config, task, train, heldout, cache=None, fit: bool = True) -> Valuation:
+def build(method: str, config, task, train, heldout, cache=None, fit: bool = True,
+          checked: bool = False) -> Valuation:
   """The valuation `method`, fitted to the config's training run of `task` on `train` (runs
   read from `cache` when it has them). `fit=False` leaves the data value embedding unfitted (its
-  name, orientation and cost only: a gradient store computes the embeddings itself)."""
+  name, orientation and cost only: a gradient store computes the embeddings itself).
+  `checked=True`: `check` passed for this method, config and task (its per-example probe, which
+  compiles the loss twice, is not run again)."""
   if method not in METHODS:
     raise UserError(f'unknown method {method!r} (choose from {", ".join(METHODS)})')
   v = config.valuation
@@ -214,7 +217,8 @@ def build(method: str, config, task, train, heldout, cache=None, fit: bool = Tru
   check_settings(method, config, task)
   layers, chunk = parse_layers(v.layers), v.chunk_size
   heldout_batch = heldout.take(range(len(heldout)))
-  check_per_example(config, task, heldout)
+  if not checked:
+    check_per_example(config, task, heldout)
   if method == 'dvemb':
     run, cost = record(config, task, train, v.dvemb_steps, 1, cache, 'dvemb_run')
     valuation = DataValueEmbedding(task, len(train), heldout_batch, make_projection(v),

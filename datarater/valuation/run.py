@@ -228,7 +228,8 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     # Each process fits alone (no collective; process 0 keeps the runs): one that fails or is
     # signalled stops every process once all have fitted (not alone, the others left waiting).
     with multihost.together('fitting'):
-      valuation = factory.build(method, config, task, train, heldout, cache, fit=not from_store)
+      valuation = factory.build(method, config, task, train, heldout, cache, fit=not from_store,
+                                checked=True)
     if method == 'datarater':  # the path may be a rater run that has trained on since
       rater_digest = store.digest(jax.device_get(valuation.params))
       if not multihost.same_everywhere(rater_digest):
