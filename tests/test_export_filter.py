@@ -50,6 +50,11 @@ def _rater_config(tfds_dir):
   return config
 
 
+# The tests that read the module's rater run (`rater_dir`, `filtered`) share one of each, on one
+# pytest worker (each worker would make its own).
+RATER_RUN = pytest.mark.xdist_group('export_filter_rater')
+
+
 @pytest.fixture(scope='module')
 def rater_dir(tfds_dir, tmp_path_factory):
   base = tmp_path_factory.mktemp('rater')
@@ -59,6 +64,7 @@ def rater_dir(tfds_dir, tmp_path_factory):
   return out
 
 
+@RATER_RUN
 def test_a_rater_stopped_early_counts_the_steps_it_took(tfds_dir, tmp_path):
   """Exported after 2 of its 4 outer steps, a rater's compute is that of 2 steps, counted by
   hand: K=2 inner models, T=2 steps of B=16, one held-out batch of 16 each. (The config of the
@@ -71,6 +77,7 @@ def test_a_rater_stopped_early_counts_the_steps_it_took(tfds_dir, tmp_path):
   assert datarater.load_rater(run).training_example_gradients == 2 * 2 * (2 * 16 + 16)
 
 
+@RATER_RUN
 def test_an_output_that_cannot_be_created_is_refused_before_any_scoring(tfds_dir, rater_dir,
                                                                          tmp_path, monkeypatch):
   """--out under a file, or under a folder it may not write (a read-only file system), stops
@@ -114,6 +121,7 @@ def filtered(tfds_dir, rater_dir, tmp_path_factory):
   return out, _filter(tfds_dir, rater_dir, out)
 
 
+@RATER_RUN
 def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_path):
   """The exported rater (and the run itself, loaded directly) score like the rater rebuilt by
   hand from the run's config and latest checkpoint; 1 device and 4 give the same bits."""
@@ -158,6 +166,7 @@ def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_pat
       one({'image': batch['image'][:2], 'label': np.array([0, bad])})
 
 
+@RATER_RUN
 def test_a_run_whose_config_json_was_edited_is_not_exported(rater_dir, tmp_path):
   """config.json that no longer matches the run's checkpoint (here hand-edited) exported a
   rater of another activation or of an undone average, scoring wrongly: refused in one line,
@@ -180,6 +189,7 @@ def test_a_run_whose_config_json_was_edited_is_not_exported(rater_dir, tmp_path)
     assert not (tmp_path / 'out').exists()
 
 
+@RATER_RUN
 def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, filtered, tmp_path,
                                                    monkeypatch):
   out, report = filtered
@@ -253,6 +263,7 @@ def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, filtered
   assert _files(out) == before  # read only: the module's other tests compare its bytes
 
 
+@RATER_RUN
 def test_balance_keeps_every_class_its_share(tfds_dir, rater_dir, tmp_path):
   report = _filter(tfds_dir, rater_dir, tmp_path / 'b', keep=0.5, balance=True)
   info = report['splits']['train']
@@ -277,6 +288,7 @@ def test_balance_keeps_every_class_its_share(tfds_dir, rater_dir, tmp_path):
       np.bincount([written[j]['label'] for j in range(len(written))], minlength=10), quota)
 
 
+@RATER_RUN
 def test_deterministic_bytes_on_1_and_4_devices(tfds_dir, rater_dir, filtered, tmp_path):
   _filter(tfds_dir, rater_dir, tmp_path / 'b', devices=jax.devices()[:1])
   _filter(tfds_dir, rater_dir, tmp_path / 'c', batch_size=100)
@@ -303,6 +315,7 @@ def _filter_then(signum: int, args: list) -> None:
   forked.as_main('launch.filter', args)
 
 
+@RATER_RUN
 def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir, filtered,
                                                             tmp_path):
   out = tmp_path / 'killed'
@@ -345,6 +358,7 @@ def _ctrl_c_as_orbax_works(method: str, module: str, args: list) -> None:
   forked.as_main(module, args)
 
 
+@RATER_RUN
 @pytest.mark.parametrize('method', ['save', pytest.param('restore', marks=pytest.mark.slow)])
 def test_ctrl_c_as_orbax_writes_or_reads_a_rater_stops_once_it_is_done(tfds_dir, rater_dir,
                                                                        tmp_path, method):
@@ -373,6 +387,7 @@ def test_ctrl_c_as_orbax_writes_or_reads_a_rater_stops_once_it_is_done(tfds_dir,
       np.testing.assert_array_equal(a, b)
 
 
+@RATER_RUN
 def test_sigterm_removes_the_temporary_output(tfds_dir, rater_dir, tmp_path):
   """SIGTERM (a scheduler's kill) mid-write ends the run as Ctrl-C does: exit 143, no output and
   no temporary folder left beside it."""
@@ -383,6 +398,7 @@ def test_sigterm_removes_the_temporary_output(tfds_dir, rater_dir, tmp_path):
   assert os.listdir(tmp_path) == []
 
 
+@RATER_RUN
 def test_bad_inputs_one_line_errors(tfds_dir, rater_dir, tmp_path):
   cases = [({'keep': 0.0}, 'keep fraction must be in (0, 1], got 0.0'),
            ({'keep': 1.01}, 'got 1.01')]
@@ -569,6 +585,7 @@ def test_class_quotas_are_the_closest_integer_shares_by_brute_force():
                                 [10, 7, 6, 6, 8, 6, 8])
 
 
+@RATER_RUN
 def test_an_output_that_would_replace_an_input_is_refused(tfds_dir, rater_dir, tmp_path):
   """--overwrite onto the command's own input (or a folder holding it) would delete it."""
   run = os.path.join(os.path.dirname(rater_dir), 'run')
@@ -583,6 +600,7 @@ def test_an_output_that_would_replace_an_input_is_refused(tfds_dir, rater_dir, t
   assert _files(run) == before and os.path.exists(os.path.join(source, 'dataset_info.json'))
 
 
+@RATER_RUN
 def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(tfds_dir, rater_dir,
                                                                         tmp_path):
   """--overwrite deleted whatever --out named (a typo: a folder of notes, a file); now only an
@@ -606,6 +624,7 @@ def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(tfds_dir,
     _filter(tfds_dir, rater_dir, tmp_path / 'r', overwrite=True)
 
 
+@RATER_RUN
 def test_a_rater_with_non_finite_parameters_is_refused(rater_dir, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -858,6 +877,7 @@ def _as(cls, made):
   return cls(**{f.name: getattr(made, f.name) for f in dataclasses.fields(made)})
 
 
+@RATER_RUN
 def test_a_rater_keyed_on_index_scores_each_example_alike_in_any_batch(tfds_dir, rater_dir,
                                                                       tmp_path, monkeypatch):
   """Every batch a rater sees holds `index` (a rater may key its dropout on it, as the README's

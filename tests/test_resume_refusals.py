@@ -45,6 +45,11 @@ def _refused(launcher, argv, root, *named):
   return lines[0]
 
 
+# The tests that read `finished_run` or `stopped_run` share them, on one pytest worker (each would
+# make its own).
+FINISHED = pytest.mark.xdist_group('resume_refusals_finished')
+
+
 @pytest.fixture(scope='module')
 def finished_run(tfds_dir, tmp_path_factory):
   """The small rater run of 4 outer steps on one device, run to its end once for the module:
@@ -52,6 +57,22 @@ def finished_run(tfds_dir, tmp_path_factory):
   run = tmp_path_factory.mktemp('finished') / 'run'
   meta_train(small_config(tfds_dir, steps=4), str(run), devices=jax.devices()[:1])
   return run
+
+
+@pytest.fixture(scope='module')
+def stopped_run(tfds_dir, tmp_path_factory):
+  """`finished_run`'s config with a checkpoint at every step, stopped after step 2, once for the
+  module: its tests copy it before they write in it."""
+  config = small_config(tfds_dir, steps=4)
+  config.checkpoint_every = 1  # a field that leaves the steps alone (a resume may change it)
+  run = tmp_path_factory.mktemp('stopped') / 'run'
+  meta_train(config, str(run), stop_after=2, devices=jax.devices()[:1])
+  return run
+
+
+def _copy(run, to):
+  shutil.copytree(run, to, ignore=shutil.ignore_patterns('.lock'))
+  return to
 
 
 def _scores(path, n, seed):
@@ -158,13 +179,14 @@ def test_a_checkpoint_folder_with_a_backslash_is_refused(tmp_path):
     checkpointing.check_writable_path(str(tmp_path / 'a\\run'), '--workdir')
 
 
-def test_a_training_run_whose_rater_trained_on_is_not_resumed(tfds_dir, tmp_path):
+@FINISHED
+def test_a_training_run_whose_rater_trained_on_is_not_resumed(tfds_dir, tmp_path, finished_run):
   """--rater names a rater run that has since been extended: its rater is another. The same
   run reporting again (its config.json written anew, the rater unchanged) still resumes."""
   from configs import digits  # pylint: disable=g-import-not-at-top
   rater_run, workdir = str(tmp_path / 'rater_run'), str(tmp_path / 'run')
-  rater_config = small_config(tfds_dir, steps=2)
-  meta_train(rater_config, rater_run, devices=jax.devices()[:1])
+  rater_config = small_config(tfds_dir, steps=4)  # the config of `finished_run`, copied here
+  _copy(finished_run, rater_run)
   config = digits.get_config()
   config.data.data_dir, config.train.epochs, config.train.seeds = tfds_dir, 3, (0,)
   assert train(config, 'datarater', rater=rater_run, workdir=workdir, stop_after=1,
@@ -175,7 +197,7 @@ def test_a_training_run_whose_rater_trained_on_is_not_resumed(tfds_dir, tmp_path
   assert open(os.path.join(rater_run, 'config.json')).read() != before
   assert train(config, 'datarater', rater=rater_run, workdir=workdir, stop_after=2,
                log=quiet) == {'stopped_after': 2}
-  rater_config.outer.steps = 4
+  rater_config.outer.steps = 6
   meta_train(rater_config, rater_run, devices=jax.devices()[:1])
   _refused(train_launcher, ['--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
                             '--config.train.epochs=3', '--config.train.seeds=(0,)',
@@ -202,13 +224,13 @@ def _garble_every_checkpoint(workdir):
   return sorted(steps, key=int, reverse=True)
 
 
+@FINISHED
 def test_a_rater_run_whose_every_checkpoint_is_unreadable_stops_and_keeps_its_files(
-    tfds_dir, tmp_path):
+    tfds_dir, tmp_path, stopped_run):
   """Not a fresh start over the old run's metrics (nor a crash on its step folders)."""
   config = small_config(tfds_dir, steps=4)
-  config.checkpoint_every = 1
-  workdir = tmp_path / 'run'
-  meta_train(config, str(workdir), stop_after=2, devices=jax.devices()[:1])
+  config.checkpoint_every = 1  # the config of `stopped_run`, copied here
+  workdir = _copy(stopped_run, tmp_path / 'run')
   assert _garble_every_checkpoint(workdir) == ['2', '1']
   _refused(train_rater, [*as_flags(config), f'--workdir={workdir}'], tmp_path,
            f"error: no readable checkpoint in '{workdir}/checkpoints' (step(s) 2, 1 unreadable",
@@ -229,6 +251,7 @@ def test_a_training_run_whose_every_checkpoint_is_unreadable_stops_and_keeps_its
            'move it aside or use a new --workdir')
 
 
+@FINISHED
 def test_a_rater_whose_checkpoints_or_params_cannot_be_read_is_refused_in_one_line(
     tfds_dir, tmp_path, finished_run):
   """Every checkpoint's array files gone, or a params/ folder of foreign files: launch.export_rater
@@ -274,15 +297,16 @@ def test_a_workdir_whose_checkpoints_is_a_file_is_refused_before_any_work(tfds_d
              'which is not a folder')
 
 
+@FINISHED
 def test_a_run_resumes_past_settings_of_sections_it_does_not_read(tfds_dir, tmp_path, capsys,
-                                                                  finished_run):
+                                                                  finished_run, stopped_run):
   """A rater run stopped at step 2 resumes under a config with a setting added to its `policy`
   section and another changed in `valuation` (sections it does not read: a researcher adding a
   policy's setting) and ends with the uninterrupted run's rater; a changed setting of a section it
   reads is still refused. So does a training run with a setting added to `outer`."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   config = small_config(tfds_dir, steps=4)  # the config of `finished_run`, run straight
-  meta_train(config, str(tmp_path / 'resumed'), stop_after=2, devices=jax.devices()[:1])
+  _copy(stopped_run, tmp_path / 'resumed')  # stopped at step 2 (its checkpoint_every aside)
   changed = ml_collections.ConfigDict(config.to_dict())
   changed.policy.new_setting = 0.5
   changed.valuation.train_steps += 10

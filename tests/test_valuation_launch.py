@@ -45,15 +45,45 @@ def exact(tfds_dir, tmp_path_factory):
   return get
 
 
-@pytest.mark.parametrize('method', [pytest.param('tracin', marks=SHARED),
-                                    pytest.param('mimic', marks=SHARED), 'dvemb'])
-def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, exact, method):
+def long_config(tfds_dir, method, mode='self'):
+  """small_config with a run long enough to fit the clean digits (DVEmb's on a narrower MLP)."""
   config = small_config(tfds_dir)
+  v = config.valuation
+  v.train_steps, v.checkpoint_every, v.reference_steps, v.dvemb_steps = 120, 30, 200, 120
+  v.tracin_mode = mode
   if method == 'dvemb':
     config.task.hidden = (8,)
-    work = tmp_path
-    summary = valuate(method, config, str(work), progress=False)
+  return config
+
+
+# The tests that read long_config's DVEmb valuation share one run (`long_runs`), on one worker.
+LONG = pytest.mark.xdist_group('valuation_launch_long')
+
+
+@pytest.fixture(scope='module')
+def long_runs(tfds_dir, tmp_path_factory):
+  """(method, mode) -> (summary, workdir) of valuate(method, long_config(...)), run on first
+  use. Its tests only read the workdir."""
+  root, done = tmp_path_factory.mktemp('long'), {}
+
+  def get(method, mode):
+    if (method, mode) not in done:
+      work = root / f'{method}-{mode}'
+      done[method, mode] = valuate(method, long_config(tfds_dir, method, mode), str(work),
+                                   progress=False), work
+    return done[method, mode]
+  return get
+
+
+@pytest.mark.parametrize('method', [pytest.param('tracin', marks=SHARED),
+                                    pytest.param('mimic', marks=SHARED),
+                                    pytest.param('dvemb', marks=LONG)])
+def test_valuate_writes_one_score_per_example(tfds_dir, exact, long_runs, method):
+  if method == 'dvemb':  # long_config's, shared with the planted-noise test
+    config = long_config(tfds_dir, method)
+    summary, work = long_runs(method, 'self')
   else:  # small_config's TracIn or Mimic, shared
+    config = small_config(tfds_dir)
     summary, work = exact(method)
   table = pq.read_table(os.path.join(work, f'scores_{method}.parquet')).to_pydict()
   train = pipeline.load_split(config.data, 'train', corrupt=True)
@@ -69,11 +99,12 @@ def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, exact, method)
   assert summary['auroc_by_kind'] == {'label_symmetric': pytest.approx(pairs, abs=1e-9)}
   # Counted by hand: the recorded run's 20 steps x batch 32, then per example one gradient (or
   # JVP) at each of its 2 checkpoints (steps 10, 20); Mimic's reference run of 20 steps on the
-  # 300 held-out examples is 2 passes of 10 batches, the last of 12; DVEmb's run of 6 steps with
-  # one gradient per example and step plus one per class (Gauss-Newton, 10 classes).
+  # 300 held-out examples is 2 passes of 10 batches, the last of 12; DVEmb's run (long_config)
+  # of 120 steps, 3 passes of 38 batches over the 1197 (the last of 13) and 6 of 32, with one
+  # gradient per example and step plus one per class (Gauss-Newton, 10 classes).
   assert summary['example_gradients'] == {'tracin': 20 * 32 + 2 * len(train),
                                           'mimic': 20 * 32 + 2 * 300 + 2 * len(train),
-                                          'dvemb': 6 * 32 * (2 + 10)}[method]
+                                          'dvemb': (3 * len(train) + 6 * 32) * (2 + 10)}[method]
   assert not [f for f in os.listdir(work) if 'tmp' in f]
   if method == 'tracin':  # the file's scores are each example's self-influence, by hand:
     # sum over the recorded run's checkpoints c of lr_c |grad loss(theta_c; x_i, y_i)|^2, with
@@ -109,20 +140,15 @@ def test_valuate_writes_one_score_per_example(tfds_dir, tmp_path, exact, method)
 
 
 @pytest.mark.parametrize('method,mode,floor', [('tracin', 'self', 0.9), ('tracin', 'heldout', 0.6),
-                                               ('mimic', 'self', 0.9), ('dvemb', 'self', 0.75)])
-def test_values_point_the_right_way_on_planted_label_noise(tfds_dir, tmp_path, method, mode,
-                                                           floor):
-  """Higher value = more useful: after a run long enough to fit the clean digits, the
-  mislabelled 20% get lower values (AUROC by pairwise counts on the written file), for each
-  method and TracIn mode. A flipped `higher_is_better` gives 1 - AUROC, under 0.4 here."""
-  config = small_config(tfds_dir)
-  v = config.valuation
-  v.train_steps, v.checkpoint_every, v.reference_steps, v.dvemb_steps = 120, 30, 200, 120
-  v.tracin_mode = mode
-  if method == 'dvemb':
-    config.task.hidden = (8,)
-  summary = valuate(method, config, str(tmp_path), progress=False)
-  table = pq.read_table(os.path.join(tmp_path, f'scores_{method}.parquet')).to_pydict()
+                                               ('mimic', 'self', 0.9),
+                                               pytest.param('dvemb', 'self', 0.75, marks=LONG)])
+def test_values_point_the_right_way_on_planted_label_noise(long_runs, method, mode, floor):
+  """Higher value = more useful: after a run long enough to fit the clean digits
+  (long_config), the mislabelled 20% get lower values (AUROC by pairwise counts on the written
+  file), for each method and TracIn mode. A flipped `higher_is_better` gives 1 - AUROC, under
+  0.4 here."""
+  summary, work = long_runs(method, mode)
+  table = pq.read_table(os.path.join(work, f'scores_{method}.parquet')).to_pydict()
   value, noisy = np.asarray(table['value']), np.asarray(table['corruption']) != 0
   clean, bad = value[~noisy], value[noisy]
   pairs = (clean[:, None] > bad[None, :]).mean() + 0.5 * (clean[:, None] == bad[None, :]).mean()
@@ -195,13 +221,15 @@ def test_valuate_datarater_scores_are_the_exported_raters(tfds_dir, tmp_path, ra
   assert summary['example_gradients'] == 2 * 2 * (2 * 16 + 16)
 
 
+@RATER
 def test_valuate_datarater_resumed_after_its_rater_run_trained_on_scores_with_the_new_rater(
-    tfds_dir, tmp_path, monkeypatch):
+    tfds_dir, tmp_path, rater_run, monkeypatch):
   """valuation.rater names a train_rater run; valuate stops after one block, the run trains two
   more outer steps, and the resumed valuation is entirely the newer rater's (no stale block)."""
+  import shutil  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   from datarater import files  # pylint: disable=g-import-not-at-top
-  run = str(tmp_path / 'run')
-  meta_train(small_rater_config(tfds_dir, steps=4), run, stop_after=2)
+  run = str(tmp_path / 'run')  # a copy of the 2-step `rater_run`, extended to 4 steps below
+  shutil.copytree(rater_run, run, ignore=shutil.ignore_patterns('.lock'))
   config = small_config(tfds_dir)
   config.valuation.rater, config.valuation.score_batch_size = run, 256
   write_json = files.write_json
@@ -403,29 +431,35 @@ def test_a_gradient_store_projects_the_layers_of_its_method(tfds_dir, tmp_path, 
   assert stats.spearmanr(want['score'], got['score']).statistic > 0.6
 
 
-def test_ghost_self_influence_only_where_dense_layers_hold_every_parameter(tfds_dir,
+def test_ghost_self_influence_only_where_dense_layers_hold_every_parameter(tfds_dir, tmp_path,
                                                                           monkeypatch):
   """A model with a parameter outside Dense layers (ghost_covers False) keeps the exact
   per-example path; ghost products would raise on it."""
   from datarater import tasks  # pylint: disable=g-import-not-at-top
   from datarater.data import source  # pylint: disable=g-import-not-at-top
   from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  from datarater.valuation.run import RunCache  # pylint: disable=g-import-not-at-top
   config = small_config(tfds_dir)
   train = source.open_source(config.data, config.data.train_split, corrupt=True)
   heldout = pipeline.load_split(config.data, config.data.heldout_split)
   task = tasks.make_task(config.task, train.info)
-  assert factory.build('tracin', config, task, train, heldout).ghost  # the MLP: all Dense
+  # Every build below records the same run (the settings it reads are the same): one fit, read
+  # back from a cache by the others, as launch.valuate reads its workdir's.
+  cache = RunCache(str(tmp_path / 'fit'), 'tag')
+  build = lambda: factory.build('tracin', config, task, train, heldout, cache)
+  assert build().ghost  # the MLP: all Dense
   # Named Dense layers take ghost norms too, and score as the per-example gradients do.
   config.valuation.layers = 'dense_2'
-  ghost = factory.build('tracin', config, task, train, heldout)
+  ghost = build()
   config.valuation.tracin_ghost = False
-  exact = factory.build('tracin', config, task, train, heldout)
+  exact = build()
   assert ghost.ghost and not exact.ghost
   batch = train.take(range(64))
   np.testing.assert_allclose(ghost.score(batch), exact.score(batch), rtol=1e-4)
   config.valuation.layers, config.valuation.tracin_ghost = '', True
   monkeypatch.setattr(factory.pergrad, 'ghost_covers', lambda *a, **k: False)
-  assert not factory.build('tracin', config, task, train, heldout).ghost
+  assert not build().ghost
+  assert os.listdir(tmp_path / 'fit') == ['run-tag.pkl']  # fitted once
 
 
 def test_build_refuses_what_a_method_cannot_compute_as_the_launcher_does(tfds_dir):
