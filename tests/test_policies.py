@@ -213,11 +213,15 @@ def test_online_mimic_refuses_a_loss_that_reads_the_rest_of_the_batch(tfds_dir):
     policies.make_policy('mimic', policies.PolicyContext(tr, held, centred, config))
 
 
+# The tests that read `trained` stay on one pytest-xdist worker, which runs it once.
+TRAINED = pytest.mark.xdist_group('policies_trained')
+
+
 @pytest.fixture(scope='module')
 def trained(tfds_dir, tmp_path_factory):
-  """A 4-step rater run, its export, and a scores file for the training split."""
+  """A 4-step rater run (on 1 device), its export, and a scores file for the training split."""
   base = tmp_path_factory.mktemp('policies')
-  meta_train(small_config(tfds_dir, steps=4), str(base / 'run'))
+  meta_train(small_config(tfds_dir, steps=4), str(base / 'run'), devices=jax.devices()[:1])
   export.export_rater(str(base / 'run'), str(base / 'rater'))
   values = np.random.default_rng(2).normal(size=1197)
   scores_file.write(str(base / 'scores.parquet'), np.arange(1197), -values, values,
@@ -225,6 +229,7 @@ def trained(tfds_dir, tmp_path_factory):
   return base, values
 
 
+@TRAINED
 def test_every_registered_policy_trains_through_the_launcher_path(tfds_dir, trained):
   base, values = trained
   config = get_config()
@@ -275,6 +280,7 @@ def test_tracin_curriculum_weighs_mislabelled_examples_down(tfds_dir):
   assert made.setup_example_gradients > 0
 
 
+@TRAINED
 def test_a_rater_checks_the_data_it_scores_wherever_it_is_used(tfds_dir, trained, tmp_path,
                                                                 monkeypatch):
   """The rater's own check_data (e.g. an LM rater's vocabulary) runs on the examples it scores in

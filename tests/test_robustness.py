@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import stat
 import sys
 
@@ -174,12 +175,41 @@ def test_metrics_records_are_means_over_the_steps_not_skipped(tfds_dir, tmp_path
   assert records[1]['skipped_steps'] == 1 and records[1]['diverged_members'] >= 1
 
 
-def test_a_checkpoint_of_the_stream_before_its_tag_is_not_resumed(tfds_dir, tmp_path):
+@pytest.fixture(scope='module')
+def stopped_runs(tfds_dir, tmp_path_factory):
+  """small_config(steps=4) on 1 device, stopped after outer step 2 ('at2': checkpoint 2, record 2),
+  and a copy of it resumed to its end ('at4': checkpoints 2 and 4, records 2 and 4, its report),
+  both under umask 022. Read only: a test that changes one works on its own copy (`_copy_of`)."""
+  base = tmp_path_factory.mktemp('stopped_runs')
+  config = small_config(tfds_dir, steps=4)
+  old = os.umask(0o022)  # test_written_files_are_readable_by_everyone reads the modes
+  try:
+    meta_train(config, str(base / 'at2'), stop_after=2, devices=jax.devices()[:1])
+    shutil.copytree(base / 'at2', base / 'at4')
+    meta_train(config, str(base / 'at4'), devices=jax.devices()[:1])
+  finally:
+    os.umask(old)
+  assert sorted(os.listdir(base / 'at2' / 'checkpoints')) == ['2']
+  assert sorted(os.listdir(base / 'at4' / 'checkpoints')) == ['2', '4']
+  return base
+
+
+# The tests that read `stopped_runs` stay on one pytest-xdist worker, which runs it once.
+STOPPED_RUNS = pytest.mark.xdist_group('robustness_stopped_runs')
+
+
+def _copy_of(stopped_runs, name: str, workdir):
+  shutil.copytree(stopped_runs / name, workdir)
+  return workdir
+
+
+@STOPPED_RUNS
+def test_a_checkpoint_of_the_stream_before_its_tag_is_not_resumed(tfds_dir, tmp_path,
+                                                                   stopped_runs):
   """A checkpoint with no data_stream in its config fingerprint was shuffled otherwise (by code
   before the stream's generator tag): it is refused, not resumed mixed."""
   config = small_config(tfds_dir, steps=4)
-  workdir = tmp_path / 'old'
-  meta_train(config, str(workdir), stop_after=2, devices=jax.devices()[:1])
+  workdir = _copy_of(stopped_runs, 'at2', tmp_path / 'old')
   (meta_file,) = glob.glob(str(workdir / 'checkpoints' / '2' / 'meta' / 'metadata'))
   meta = json.load(open(meta_file))
   del meta['config']['data_stream']
@@ -210,15 +240,16 @@ def _corrupt(step_dir, how: str):
       f.write('{"config": ')
 
 
+@STOPPED_RUNS
 @pytest.mark.parametrize('how', ['truncated', pytest.param('flipped', marks=pytest.mark.slow),
                                  pytest.param('garbled', marks=pytest.mark.slow),
                                  pytest.param('renamed', marks=pytest.mark.slow)])
 def test_a_corrupted_latest_checkpoint_gives_way_to_the_newest_intact_one(tfds_dir, tmp_path,
-                                                                           capsys, how):
+                                                                           capsys, stopped_runs,
+                                                                           how):
   config = small_config(tfds_dir, steps=4)
   config.final_eval.num_models = 0
-  workdir = tmp_path / 'run'
-  meta_train(config, str(workdir), stop_after=4, devices=jax.devices()[:1])
+  workdir = _copy_of(stopped_runs, 'at4', tmp_path / 'run')  # run to step 4
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
   _corrupt(str(workdir / 'checkpoints' / '4'), how)
   config.outer.steps = 6
@@ -372,10 +403,10 @@ def test_a_rater_run_without_corruption_records_no_auroc_and_scores_no_extra_pas
   assert 'this run finished at outer step 4' in capsys.readouterr().out
 
 
-def test_a_rater_run_killed_mid_append_resumes(tfds_dir, tmp_path):
+@STOPPED_RUNS
+def test_a_rater_run_killed_mid_append_resumes(tfds_dir, tmp_path, stopped_runs):
   config = small_config(tfds_dir, steps=4)
-  workdir = tmp_path / 'run'
-  meta_train(config, str(workdir), stop_after=2, devices=jax.devices()[:1])
+  workdir = _copy_of(stopped_runs, 'at2', tmp_path / 'run')  # stopped after step 2
   with open(workdir / 'metrics.jsonl', 'a') as f:
     f.write('{"step": 4, "outer_lo')
   meta_train(config, str(workdir), devices=jax.devices()[:1])
@@ -418,16 +449,12 @@ def test_help_lists_the_flags_and_config_fields_and_exits_0():
       out.getvalue())
 
 
-def test_written_files_are_readable_by_everyone(tfds_dir, tmp_path):
-  config = small_config(tfds_dir, steps=2)
-  config.final_eval.num_models = 0
-  old = os.umask(0o022)
-  try:
-    meta_train(config, str(tmp_path / 'run'))
-  finally:
-    os.umask(old)
+@STOPPED_RUNS
+def test_written_files_are_readable_by_everyone(stopped_runs):
+  """The rater run's files, written under umask 022 (`stopped_runs`: a run stopped, then resumed
+  to its report), are 0644: not the 0600 of the temporary files they are written as."""
   for name in ('config.json', 'report.json', 'metrics.jsonl', 'rater_report.png'):
-    mode = stat.S_IMODE(os.stat(tmp_path / 'run' / name).st_mode)
+    mode = stat.S_IMODE(os.stat(stopped_runs / 'at4' / name).st_mode)
     assert mode == 0o644, (name, oct(mode))
 
 
@@ -444,6 +471,7 @@ def test_weights_collapsed_onto_a_few_examples_are_reported(tfds_dir, tmp_path, 
   assert records and all(r['weight_ess'] < 0.1 for r in records), records
 
 
+@pytest.mark.slow  # in CI: test_progress_lines_and_steps_per_sec_follow_the_clock_of_the_steps
 def test_between_logged_steps_a_progress_line_comes_at_least_every_heartbeat(
     tfds_dir, tmp_path, capsys, monkeypatch):
   """A run whose log_every is far apart (text: about 200 s) still says where it is: a short
@@ -589,22 +617,33 @@ def test_the_report_reuses_the_last_logged_steps_scores(tfds_dir, tmp_path, monk
   assert len(passes) == (2 if ema else 1)
 
 
-def test_a_run_with_polyak_averaging_reports_and_exports_the_average(tfds_dir, tmp_path):
+def test_a_run_with_polyak_averaging_reports_and_exports_the_average(tfds_dir, tmp_path,
+                                                                       monkeypatch):
   """The same run with and without outer.ema: identical training (the last iterates are equal);
-  the averaged run, stopped and resumed after every step, reports its last iterate's AUROCs as
-  the plain run's and exports the weighted mean of the iterates it checkpointed."""
+  the averaged run, checkpointed after every step, stopped after step 2 and resumed, reports its
+  last iterate's AUROCs as the plain run's and exports the weighted mean of the iterates it
+  checkpointed."""
   decay, steps = 0.5, 3
   runs = {ema: str(tmp_path / f'ema{ema}') for ema in (0.0, decay)}
   configs = {}
   for ema in runs:
     configs[ema] = small_config(tfds_dir, steps=steps)
     configs[ema].outer.ema = ema
+  configs[decay].checkpoint_every = 1
   plain = meta_train(configs[0.0], runs[0.0])
-  iterates = []
-  for s in range(1, steps + 1):
-    averaged = meta_train(configs[decay], runs[decay], stop_after=s)
-    state, _ = checkpointing.restore_latest_on_host(os.path.join(runs[decay], 'checkpoints'))
-    iterates.append(np.asarray(ravel_pytree(state['rater_params'])[0], np.float64))
+  iterates = {}  # step: the rater's iterate as each checkpoint of the averaged run saves it
+  save = checkpointing.RunCheckpointer.save
+
+  def saving(self, step, state, *args, **kwargs):
+    iterates[step] = np.asarray(ravel_pytree(jax.device_get(state.rater_params))[0], np.float64)
+    return save(self, step, state, *args, **kwargs)
+  monkeypatch.setattr(checkpointing.RunCheckpointer, 'save', saving)
+  assert meta_train(configs[decay], runs[decay], stop_after=2) == {}
+  state, _ = checkpointing.restore_latest_on_host(os.path.join(runs[decay], 'checkpoints'))
+  np.testing.assert_array_equal(ravel_pytree(state['rater_params'])[0], iterates[2])
+  averaged = meta_train(configs[decay], runs[decay])
+  assert sorted(iterates) == [1, 2, 3]
+  iterates = [iterates[s] for s in range(1, steps + 1)]
   assert averaged['last_iterate']['noise_auroc'] == plain['noise_auroc']
   assert averaged['last_iterate']['auroc_by_kind'] == plain['auroc_by_kind']
   assert 'last_iterate' not in plain

@@ -1,6 +1,9 @@
 """launch.train resumes from its workdir: a stopped and resumed run equals an uninterrupted one."""
+import contextlib
+import io
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -66,14 +69,31 @@ def test_sae_selection_run_resumed_equals_uninterrupted(tfds_dir, tmp_path):
     train(_config(tfds_dir, 4, selection), 'sae', workdir=workdir, log=quiet)
 
 
-def test_resume_with_another_config_is_refused_and_writes_nothing(tfds_dir, tmp_path,
-                                                                   monkeypatch):
-  workdir = tmp_path / 'run'
+# The tests that read `stopped_at_3` stay on one pytest-xdist worker, which runs it once.
+STOPPED_AT_3 = pytest.mark.xdist_group('train_resume_stopped_at_3')
+
+
+@pytest.fixture(scope='module')
+def stopped_at_3(tfds_dir, tmp_path_factory):
+  """(config, workdir): a 4-epoch uniform run of seed 0, checkpointed every epoch, stopped after
+  epoch 3. Read only: a test that may write in it works on its own copy."""
   config = _config(tfds_dir, 4)
-  train(config, 'uniform', workdir=str(workdir), stop_after=2, log=quiet)
+  config.train.seeds, config.train.checkpoint_every = (0,), 1
+  workdir = tmp_path_factory.mktemp('stopped') / 'run'
+  assert train(config, 'uniform', workdir=str(workdir), stop_after=3,
+               log=quiet) == {'stopped_after': 3}
+  return config, workdir
+
+
+@STOPPED_AT_3
+def test_resume_with_another_config_is_refused_and_writes_nothing(tfds_dir, tmp_path,
+                                                                   monkeypatch, stopped_at_3):
+  config, stopped = stopped_at_3[0].copy_and_resolve_references(), stopped_at_3[1]
+  workdir = tmp_path / 'run'
+  shutil.copytree(stopped, workdir)
   before = (workdir / 'history.jsonl').read_text()
 
-  other = _config(tfds_dir, 4)
+  other = config.copy_and_resolve_references()
   other.train.learning_rate = 0.01
   with pytest.raises(UserError, match='different config.*learning_rate'):
     train(other, 'uniform', workdir=str(workdir), log=quiet)
@@ -81,26 +101,37 @@ def test_resume_with_another_config_is_refused_and_writes_nothing(tfds_dir, tmp_
     m.setattr(policies, 'make_policy', lambda *a, **k: pytest.fail('the policy was set up'))
     with pytest.raises(UserError, match='different config.*policy'):
       train(config, 'tracin_curriculum', workdir=str(workdir), log=quiet)
-  with pytest.raises(UserError, match='checkpoint at epoch 2, past train.epochs=1'):
-    train(_config(tfds_dir, 1), 'uniform', workdir=str(workdir), log=quiet)
+  shorter = config.copy_and_resolve_references()
+  shorter.train.epochs = 1
+  with pytest.raises(UserError, match='checkpoint at epoch 3, past train.epochs=1'):
+    train(shorter, 'uniform', workdir=str(workdir), log=quiet)
   with pytest.raises(UserError, match='--stop_after needs --workdir'):
     train(config, 'uniform', stop_after=1, log=quiet)
   assert (workdir / 'history.jsonl').read_text() == before
+  assert sorted(os.listdir(workdir / 'checkpoints')) == sorted(
+      os.listdir(stopped / 'checkpoints'))
 
 
 def test_command_line_stop_and_resume(tfds_dir, tmp_path):
-  """The flags end to end: --stop_after exits 0 with a checkpoint, a rerun finishes the run."""
+  """The flags end to end (the launcher's flags and main through `cli.invoke`, in this process;
+  `python -m launch.train` itself runs in the Ctrl-C test below): --stop_after exits 0 with a
+  checkpoint, a rerun finishes the run."""
+  from launch import cli  # pylint: disable=g-import-not-at-top
+  from launch import train as train_launcher  # pylint: disable=g-import-not-at-top
   def launch(*extra):
-    return forked.run('launch.train', [
-        '--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
-        '--config.train.epochs=3', '--config.train.seeds=(0,)', f'--workdir={tmp_path}', *extra],
-        subprocess_env(1))
-  first = launch('--stop_after=1')
-  assert first.returncode == 0, first.stderr[-2000:]
-  assert 'stopped after epoch 1 (checkpointed)' in first.stdout
-  second = launch()
-  assert second.returncode == 0, second.stderr[-2000:]
-  assert 'resuming from the checkpoint at epoch 1' in second.stdout
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      code = cli.invoke(train_launcher, [
+          'train', '--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
+          '--config.train.epochs=3', '--config.train.seeds=(0,)', f'--workdir={tmp_path}',
+          *extra])
+    return code, out.getvalue()
+  code, out = launch('--stop_after=1')
+  assert code == 0, out[-2000:]
+  assert 'stopped after epoch 1 (checkpointed)' in out
+  code, out = launch()
+  assert code == 0, out[-2000:]
+  assert 'resuming from the checkpoint at epoch 1' in out
   assert json.loads((tmp_path / 'report.json').read_text())['final']['epoch'] == 3
 
 
@@ -131,18 +162,18 @@ def test_ctrl_c_as_a_checkpoint_is_written_stops_once_it_is(tfds_dir, tmp_path):
   assert 'resuming from the checkpoint at epoch 1' in again.stdout
 
 
+@STOPPED_AT_3
 @pytest.mark.parametrize('how', ['truncated', pytest.param('renamed', marks=pytest.mark.slow)])
 def test_resumed_past_an_unreadable_checkpoint_equals_uninterrupted(tfds_dir, tmp_path, caplog,
-                                                                    capsys, how):
+                                                                    capsys, stopped_at_3, how):
   """The newest checkpoint (epoch 3) is damaged, its arrays cut short or its record valid JSON
   without its step (a KeyError traceback): the run resumes from epoch 2, writes epochs 3 and 4
   again, once each, and its history equals an uninterrupted run's."""
   from tests.test_robustness import _corrupt  # pylint: disable=g-import-not-at-top
-  config = _config(tfds_dir, 4)
-  config.train.seeds, config.train.checkpoint_every = (0,), 1
+  config, stopped = stopped_at_3[0].copy_and_resolve_references(), stopped_at_3[1]
   straight = train(config, 'uniform', workdir=str(tmp_path / 'a'), log=quiet)
   workdir = tmp_path / 'b'
-  train(config, 'uniform', workdir=str(workdir), stop_after=3, log=quiet)
+  shutil.copytree(stopped, workdir)  # stopped after epoch 3
   _corrupt(str(workdir / 'checkpoints' / '3'), how)
   lines = []
   resumed = train(config, 'uniform', workdir=str(workdir), log=lines.append)
