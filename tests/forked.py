@@ -25,7 +25,29 @@ PRELOAD = ['jax', 'optax', 'flax.linen', 'tensorflow_datasets', 'matplotlib.pypl
            'bench.cli', 'launch.cli']
 
 
+def _every_process_writes_the_compilation_cache() -> None:
+  """JAX writes compilation cache entries from process 0 of a job alone, and on CPU the other
+  processes' keys differ from its own (they hash the process's devices), so process 1 of the
+  tests' two-process jobs compiled every program anew in every job (~3 s a job). Here every
+  process writes its entries as process 0 does (another JAX version: left as it is)."""
+  from jax._src import (  # pylint: disable=g-import-not-at-top
+      compilation_cache, compiler, config, distributed)
+  write = getattr(compiler, '_cache_write', None)
+  if write is None or not hasattr(compilation_cache, 'put_executable_and_time'):
+    return
+
+  def cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+    if (distributed.global_state.process_id in (None, 0) or host_callbacks or
+        compile_time_secs < config.persistent_cache_min_compile_time_secs.value):
+      return write(cache_key, compile_time_secs, module_name, backend, executable,
+                   host_callbacks)
+    compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
+                                              int(compile_time_secs))
+  compiler._cache_write = cache_write  # pylint: disable=protected-access
+
+
 def _child(function: Callable, args: tuple, env: dict, out: str, err: str) -> None:
+  _every_process_writes_the_compilation_cache()
   os.environ.clear()
   os.environ.update(env)
   for fd, path in ((1, out), (2, err)):
