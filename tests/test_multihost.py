@@ -671,7 +671,7 @@ slow = pytest.mark.slow  # (each case is a two-process job)
     pytest.param('filter', 'datarater.curation.tfds_writer:write_subset', 0, 'slow', [0, 0],
                  id='filter-slow-write'),
     pytest.param('train_rater', 'datarater.files:JsonlLog.write', 0, 'error', [2, 2],
-                 id='train_rater-log-error'),
+                 id='train_rater-log-error', marks=slow),  # (batches-error: a rater run's)
     pytest.param('train_rater', 'outer_loop.batches:MetaBatches.device_batches_at@2', 1, 'error',
                  [2, 2], id='train_rater-batches-error'),
     pytest.param('train_rater', 'datarater.meta_train:final_report', 0, 'slow', [0, 0],
