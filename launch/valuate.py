@@ -12,8 +12,6 @@ from launch import interrupts
 if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callback) stops it
   interrupts.install()
 # pylint: disable=wrong-import-position
-import os
-
 from absl import flags
 
 from datarater.errors import exit_on_user_error
@@ -42,7 +40,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
         (f', noise AUROC {auroc:.3f}' if auroc is not None else ''))
   if 'topk' in summary:
     top = summary['topk']
-    print(f'wrote {os.path.join(fv.workdir, f"topk_{fv.method}.parquet")}: the {top["k"]} most '
+    print(f'wrote {top["file"]}: the {top["k"]} most '
           f'supporting and opposing training examples of each of {top["num_test"]} examples of '
           f'split {top["split"]!r}')
 

@@ -366,7 +366,8 @@ def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path, exact):
   assert abs(summary['noise_auroc'] - want['noise_auroc']) < 0.03, (summary, want)
   test = pipeline.load_split(config.data, 'test')
   m, k = len(test), 3
-  assert summary['topk'] == {'split': 'test', 'k': k, 'num_test': m}
+  assert summary['topk'] == {'split': 'test', 'k': k, 'num_test': m,
+                            'file': os.path.join(work, 'topk_tracin.parquet')}
 
   train = source.open_source(config.data, config.data.train_split, corrupt=True)
   task = tasks.make_task(config.task, train.info)

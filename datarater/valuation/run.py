@@ -186,6 +186,11 @@ def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc
   return record
 
 
+def topk_file(workdir: str, method: str) -> str:
+  """Where `valuation.topk` writes its table."""
+  return os.path.join(workdir, f'topk_{method}.parquet')
+
+
 def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
   """Fits `method`, scores the training split, writes the files; returns the summary."""
   if method not in factory.METHODS:
@@ -330,8 +335,9 @@ def _from_store(method, config, task, train, heldout, workdir, stem, tag, valuat
         'test_id': np.repeat(test.ids, k), 'rank': np.tile(np.arange(k), len(test)),
         'support_id': top.support_ids.reshape(-1), 'support_score': top.support_scores.reshape(-1),
         'oppose_id': top.oppose_ids.reshape(-1), 'oppose_score': top.oppose_scores.reshape(-1)}
-    files.write_parquet(os.path.join(workdir, f'topk_{method}.parquet'), scores_file_columns)
-    summary['topk'] = {'split': v.topk_split, 'k': int(k), 'num_test': len(test)}
+    files.write_parquet(topk_file(workdir, method), scores_file_columns)
+    summary['topk'] = {'split': v.topk_split, 'k': int(k), 'num_test': len(test),
+                       'file': topk_file(workdir, method)}
     files.write_json(stem + '.json', summary)
   return summary
 
@@ -377,7 +383,7 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
              'config': json.loads(config.to_json_best_effort())}
   summary = files.json_safe(summary)  # returned as written (an AUROC not defined is None)
   files.write_json(stem + '.json', summary)
-  stale = os.path.join(workdir, f'topk_{method}.parquet')  # an earlier run's: this run's scores
+  stale = topk_file(workdir, method)  # an earlier run's: this run's scores
   if os.path.exists(stale):  # replace those it was computed with (a top-k run writes it anew)
     os.remove(stale)
   # The scores file holds them now; parts left by a run with another process count, or by a
