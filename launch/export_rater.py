@@ -27,7 +27,11 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   with exit_on_user_error():
     meta = export.export_rater(fv.workdir, fv.out, fv.overwrite)
     reads = export.load_rater(fv.out).reads
-  print(f'exported the rater of {fv.workdir} to {fv.out} '
+  steps, planned = meta['outer_steps'], meta['config']['outer']['steps']
+  unfinished = (f' of {planned}, its newest readable checkpoint: the run has not finished; run '
+                'launch.train_rater there again, then export with --overwrite' if steps < planned
+                else '')
+  print(f'exported the rater of {fv.workdir} (outer step {steps}{unfinished}) to {fv.out} '
         f'(reads {", ".join(reads)} of {meta["data_info"]["name"]})')
 
 

@@ -310,6 +310,44 @@ print(jax.make_jaxpr(loss)(jax.ShapeDtypeStruct((4, 3), np.float32),
 """
 
 
+@SHARED
+def test_a_rerun_with_another_config_says_it_replaces_the_scores_and_never_mixes_them(
+    tfds_dir, tmp_path, exact, monkeypatch, caplog, capsys):
+  """A workdir holding TracIn self-influence scores, valued again with Grad-Cos: the run says
+  first that it replaces them, naming the field; killed as it writes its summary, it leaves no
+  summary of the earlier config (its noise AUROC, its config) beside its own scores file, and
+  run again it writes the summary of those scores."""
+  import shutil  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from datarater import files  # pylint: disable=g-import-not-at-top
+  work = tmp_path / 'val'
+  shutil.copytree(exact('tracin')[1], work)
+  config = small_config(tfds_dir)
+  config.valuation.tracin_mode = 'heldout_cos'
+  write_json = files.write_json
+
+  class Killed(Exception):
+    pass
+
+  def killed_at_the_summary(path, obj):
+    if path.endswith('scores_tracin.json'):
+      raise Killed
+    write_json(path, obj)
+  with monkeypatch.context() as m:
+    m.setattr(files, 'write_json', killed_at_the_summary)
+    with pytest.raises(Killed):
+      valuate('tracin', config, str(work), progress=False)
+  said = caplog.text + capsys.readouterr().out  # (stdout once a run set the log's handler up)
+  assert "valuation.tracin_mode='self' there, 'heldout_cos' here" in said
+  summary = work / 'scores_tracin.json'
+  assert not summary.exists() or json.loads(summary.read_text())['config']['valuation'][
+      'tracin_mode'] == 'heldout_cos'
+  scores = pq.read_table(work / 'scores_tracin.parquet').to_pydict()
+  again = valuate('tracin', config, str(work), progress=False)
+  assert json.loads(summary.read_text()) == again
+  assert again['config']['valuation']['tracin_mode'] == 'heldout_cos'
+  assert pq.read_table(work / 'scores_tracin.parquet').to_pydict() == scores
+
+
 def test_the_model_digest_is_the_same_in_every_process():
   """Processes with other string hashes (PYTHONHASHSEED, random per process) print the loss's
   jaxpr differently (a set's order): the text the digest hashes must not differ, or a

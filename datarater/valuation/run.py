@@ -30,6 +30,7 @@ import shutil
 import signal
 
 import jax
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -186,6 +187,19 @@ def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc
   return record
 
 
+def made_with_another_config(stem: str, config) -> list[str]:
+  """How `config` differs from the config whose scores files are at `stem` (their summary's),
+  over the fields a valuation reads ('field=X there, Y here'); [] if none or no summary."""
+  try:
+    with open(stem + '.json') as f:
+      theirs = ml_collections.ConfigDict(json.load(f)['config'])
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return []
+  read = lambda c: {k: v for k, v in checkpointing.trajectory_fields(c).items()
+                    if k.split('.')[0] in SECTIONS}
+  return checkpointing.config_differences(read(theirs), read(config))
+
+
 def topk_file(workdir: str, method: str) -> str:
   """Where `valuation.topk` writes its table."""
   return os.path.join(workdir, f'topk_{method}.parquet')
@@ -220,7 +234,12 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
       _check_store_size(method, config, len(train), workdir)
     if from_store and jax.process_count() > 1:
       raise UserError('valuation.store and valuation.topk run in one process')
+  stem = os.path.join(workdir, f'scores_{method}')
   with multihost.workdir_lock(workdir):
+    diffs = made_with_another_config(stem, config)
+    if diffs and jax.process_index() == 0:  # said before the fit: still time to stop it
+      log.warning('warning: %s.{parquet,json} hold the scores of another config (%s): this run '
+                  'replaces them (a new --workdir keeps both)', stem, '; '.join(diffs[:3]))
     data_files = pipeline.files_digest(pipeline.builder_of(d))  # a folder written again
     model = model_digest(task)  # the model's code, which the config alone does not fix
     tag = fingerprint(method, config, data_files, model)
@@ -241,7 +260,6 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
         raise UserError(f'valuation.rater {config.valuation.rater!r} changed while the processes '
                         'loaded it (a run still training?): run again')
       tag = fingerprint(method, config, data_files, model, rater_digest)
-    stem = os.path.join(workdir, f'scores_{method}')
     if from_store:
       return _from_store(method, config, task, train, heldout, workdir, stem, tag, valuation,
                          cache, progress)
@@ -369,6 +387,12 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
     fraction = config.valuation.mimic_keep_fraction or None
     columns['keep'], extra['keep_threshold'] = mimic_filter(values, fraction, ids=train.ids)
     extra['kept'] = int(columns['keep'].sum())
+  # An earlier run's summary and top-k table go first: killed before its summary is written,
+  # this run leaves its scores file alone, not beside another run's (another config's) figures
+  # (a top-k run writes its table anew).
+  for stale in (stem + '.json', topk_file(workdir, method)):
+    if os.path.exists(stale):
+      os.remove(stale)
   scores_file.write(stem + '.parquet', train.ids, scores, values,
                     dataset=pipeline.dataset_name(config.data), split=config.data.train_split,
                     planted=train.corruption.describe(),
@@ -383,9 +407,6 @@ def _write(method, config, workdir, stem, tag, train, valuation, record, scores=
              'config': json.loads(config.to_json_best_effort())}
   summary = files.json_safe(summary)  # returned as written (an AUROC not defined is None)
   files.write_json(stem + '.json', summary)
-  stale = topk_file(workdir, method)  # an earlier run's: this run's scores
-  if os.path.exists(stale):  # replace those it was computed with (a top-k run writes it anew)
-    os.remove(stale)
   # The scores file holds them now; parts left by a run with another process count, or by a
   # killed run of another config (whose scores file this one replaces), go too.
   for path in glob.glob(os.path.join(glob.escape(workdir), f'.scores_{method}-*.part-*')):
