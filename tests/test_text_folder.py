@@ -118,6 +118,51 @@ def test_a_file_name_not_in_utf8_is_read_and_digested_by_its_bytes(tmp_path):
   rows = split.features['tokens'][split.features['document'] == doc]
   assert [bytes(r.astype(np.uint8)) for r in rows] == _windows(bytes(range(256)) * 3)
 
+
+def _split_of_each_document(out):
+  """document id -> the one split holding its rows, read from the dataset folder."""
+  builder, found = tfds.builder_from_directory(str(out)), {}
+  for split in ('train', 'heldout', 'test'):
+    for doc in np.unique(pipeline.read_split(builder, split).features['document']):
+      assert int(doc) not in found
+      found[int(doc)] = split
+  return found
+
+
+def test_copies_of_a_file_go_to_one_split_and_trusted_copies_of_train_to_none(tmp_path):
+  """Files whose windows are the same bytes (copies, a link, one differing only in its dropped
+  tail) go to one split, each still a document: no split holds another's text (a copy in train
+  and one in heldout put training text in the outer loss). With --heldout_source, a trusted file
+  whose windows a --source file holds is in no split."""
+  source = _make_corpus(tmp_path / 'corpus', READ)
+  e = (source / 'notes/deep/e.txt').read_bytes()
+  for i in range(4):
+    (source / f'copies/b{i}.md').parent.mkdir(exist_ok=True)
+    (source / f'copies/b{i}.md').write_bytes((source / 'b.md').read_bytes())
+    (source / f'copies/e{i}.txt').write_bytes(e[:7 * L] + bytes([i]) * (i + 1))
+  os.symlink('../z.md', source / 'copies' / 'link.md')
+  report = text_folder.prepare_text(str(source), str(tmp_path / 'out'), heldout_fraction=0.25,
+                                    test_fraction=0.2, seed=3)
+  found = _split_of_each_document(tmp_path / 'out')
+  groups = {}  # the windows' bytes -> the splits of the files holding them
+  for doc, name in enumerate(report['files']):
+    windows = _windows((source / name).read_bytes())
+    assert (doc in found) == bool(windows), name  # every file with a window is a document
+    if windows:
+      groups.setdefault(b''.join(windows), set()).add(found[doc])
+  assert len(groups) == 5 and all(len(s) == 1 for s in groups.values()), groups
+  assert len(set(found.values())) == 3
+  trusted = _make_corpus(tmp_path / 'trusted', salt=1)
+  (trusted / 'a_copy.txt').write_bytes((source / 'a.txt').read_bytes())
+  report = text_folder.prepare_text(str(source), str(tmp_path / 'out2'), seed=3,
+                                    heldout_source=str(trusted))
+  found = _split_of_each_document(tmp_path / 'out2')
+  copy = report['files'].index('a_copy.txt', report['heldout_files_from'])
+  assert copy not in found and report['splits'][copy] is None
+  assert {'heldout', 'test'} <= {found[d] for d in range(report['heldout_files_from'], len(
+      report['files'])) if d in found}
+
+
 def test_a_heldout_source_gives_heldout_and_test_and_source_only_train(prepared, tmp_path):
   """--heldout_source: the held-out (outer) and test sequences are its files' windows alone, in
   the ratio of the two fractions, and every file of --source with a window is in train."""

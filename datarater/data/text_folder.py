@@ -12,9 +12,11 @@ every sequence is clean (the pipeline's record is all 0).
 Files are assigned whole to the splits `train`, `heldout` and `test`: in a seeded shuffle of the
 ids, each file with a window goes to the split furthest below its share of all windows
 (`heldout_fraction`, `test_fraction`, train the rest, ties to the first), so every split gets a
-file of its own first and none exceeds its share by more than one file's windows. With
-`heldout_source`, a folder of trusted text, `source`'s files all go to train and its own to
-heldout and test alone (so assigned, in the ratio of the two fractions). A split's
+file of its own first and none exceeds its share by more than one file's windows. Files whose
+windows are the same bytes (copies, links) count as one file there and go to one split, so no
+split holds another's document. With `heldout_source`, a folder of trusted text, `source`'s files
+all go to train and its own to heldout and test alone (so assigned, in the ratio of the two
+fractions; one whose windows are a `source` file's is left out). A split's
 sequences are stored by document id, each file's windows in order. `info.metadata` records the
 source folder, suffixes, seed, fractions, `max_windows` and `sources_sha256` (each file's relative
 path and bytes, in id order); `out/text_corpus.json` lists the files by id with their split.
@@ -23,7 +25,7 @@ path and bytes, in id order); `out/text_corpus.json` lists the files by id with 
 import hashlib
 import os
 import shutil
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -75,17 +77,27 @@ def file_windows(text: bytes, max_windows: int = 0):
     yield data[i * SEQ_LEN:(i + 1) * SEQ_LEN].astype(np.int32)
 
 
-def assign(counts: Sequence[int], fractions: dict, seed: int) -> list:
+def assign(counts: Sequence[int], fractions: dict, seed: int,
+           same: Optional[Sequence] = None) -> list:
   """The split of each document (None for one of no windows), from its window count: in a
-  seeded shuffle of the ids, each to the split of `fractions` least filled against its share."""
+  seeded shuffle of the ids, each to the split of `fractions` least filled against its share.
+  Documents of one key in `same` (the same windows) all go where the first of them goes, their
+  windows counted there at once."""
+  same = range(len(counts)) if same is None else same
+  windows = {}  # key -> its documents' windows
+  for doc, key in enumerate(same):
+    windows[key] = windows.get(key, 0) + counts[doc]
   target = {s: f * sum(counts) for s, f in fractions.items()}
   filled = dict.fromkeys(fractions, 0)
+  placed = {}  # key -> split
   out = [None] * len(counts)
   for doc in np.random.default_rng(seed).permutation(len(counts)):
     if counts[doc]:
-      split = min(fractions, key=lambda s: filled[s] / target[s])  # ties: the first
-      out[doc] = split
-      filled[split] += counts[doc]
+      key = same[doc]
+      if key not in placed:
+        placed[key] = min(fractions, key=lambda s: filled[s] / target[s])  # ties: the first
+        filled[placed[key]] += windows[key]
+      out[doc] = placed[key]
   return out
 
 
@@ -192,22 +204,25 @@ def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
                       '(hidden files and folders are skipped)')
     roots += [folder] * len(found)
     names += found
-  digest, sha, counts = hashlib.sha256(), [], []
+  digest, sha, counts, same = hashlib.sha256(), [], [], []
   for root, name in zip(roots, names):
     text = _read(root, name)
     sha.append(hashlib.sha256(text).hexdigest())
     tag = b'' if root == source else b'heldout_source\0'  # (a source-only digest as before)
     digest.update(tag + os.fsencode(name) + b'\0' + bytes.fromhex(sha[-1]))  # any name's bytes
     counts.append(window_count(len(text), max_windows))
+    same.append(hashlib.sha256(text[:counts[-1] * SEQ_LEN]).digest())  # the windows' bytes
   if heldout_source:
     n = roots.count(source)
     held = heldout_fraction + test_fraction
+    trained = set(same[:n])  # a trusted file whose windows train holds is left out
     splits = ['train' if c else None for c in counts[:n]] + assign(
-        counts[n:], {'heldout': heldout_fraction / held, 'test': test_fraction / held}, seed)
+        [0 if h in trained else c for c, h in zip(counts[n:], same[n:])],
+        {'heldout': heldout_fraction / held, 'test': test_fraction / held}, seed, same[n:])
   else:
     fractions = {'train': 1 - heldout_fraction - test_fraction, 'heldout': heldout_fraction,
                  'test': test_fraction}
-    splits = assign(counts, fractions, seed)
+    splits = assign(counts, fractions, seed, same)
   report = {'source': source, 'files': names, 'splits': splits, 'total': {}}
   if heldout_source:
     report.update(heldout_source=heldout_source, heldout_files_from=roots.count(source))
@@ -219,12 +234,15 @@ def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
     flag, folder, need = (('--source', source, 'train needs a file') if 'train' in empty else
                           ('--heldout_source', heldout_source, 'heldout and test need one each'))
     raise UserError(f'{flag} {folder!r} has too little text: {need} holding a window of '
-                    f'{SEQ_LEN} bytes')
+                    f'{SEQ_LEN} bytes' + ('' if flag == '--source' else
+                                          ' (and not a copy of a --source file)'))
   if empty:
-    used = sum(1 for c in counts if c)
-    raise UserError(f'--source {source!r} has too little text: {used} of its {len(names)} '
-                    f'matching files hold a window of {SEQ_LEN} bytes, and train, heldout and test '
-                    'each need a file of their own (at least 3)')
+    used = [h for h, c in zip(same, counts) if c]  # the windows of each file with one
+    copies = f' ({len(set(used))} distinct: copies go to one split)' if len(set(used)) < len(
+        used) else ''
+    raise UserError(f'--source {source!r} has too little text: {len(used)} of its {len(names)} '
+                    f'matching files hold a window of {SEQ_LEN} bytes{copies}, and train, heldout '
+                    'and test each need a file of their own (at least 3)')
   metadata = {'source': source, **({'heldout_source': heldout_source} if heldout_source else {}),
               'suffixes': suffixes, 'seed': seed, 'max_windows': max_windows,
               'heldout_fraction': heldout_fraction, 'test_fraction': test_fraction,
