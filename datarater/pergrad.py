@@ -353,15 +353,22 @@ def _dense_name(context) -> str:
 def _dense_calls(loss_fn: PerExampleLoss, params, batch: dict, layers=None):
   """{Dense name: (output shape, kernel size, use_bias)} of the nn.Dense calls `loss_fn` makes.
   Raises ValueError where ghost products cannot follow a call of a layer in `layers` (None:
-  any): a layer called twice, or applied to inputs whose first axis is not the examples."""
+  any): a layer called twice, called inside a transformation of the loss (nn.remat, nn.jit,
+  nn.scan, jax.vmap: its inputs and output gradients cannot be taken out of it), or applied to
+  inputs whose first axis is not the examples."""
   calls, bad, size = {}, {}, jax.tree.leaves(batch)[0].shape[0]
+  loss_trace = []  # the trace the loss runs in
 
   def record(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if _is_dense_call(context):
       name = _dense_name(context)
       x = args[0] if args else kwargs['inputs']
-      if name in calls:
+      if flax.core.tracers.current_trace() != loss_trace[0]:
+        bad[name] = (f'Dense layer {name!r} is called inside a transformation of the loss '
+                     '(nn.remat, nn.jit, nn.scan, jax.vmap): ghost products need its call in '
+                     "the loss's own trace")
+      elif name in calls:
         bad[name] = f'Dense layer {name!r} is called twice: ghost products need one call'
       elif x.ndim < 2 or x.shape[0] != size:
         bad[name] = (f'Dense layer {name!r} takes inputs of shape {tuple(x.shape)}, whose first '
@@ -371,9 +378,12 @@ def _dense_calls(loss_fn: PerExampleLoss, params, batch: dict, layers=None):
                        context.module.use_bias)
     return out
 
+  def traced(p, b):  # a fresh function: eval_shape caches traces
+    loss_trace.append(flax.core.tracers.current_trace())
+    return loss_fn(p, b)
+
   with nn.intercept_methods(record):
-    # A fresh function: eval_shape caches traces.
-    jax.eval_shape(lambda p, b: loss_fn(p, b), params, batch)
+    jax.eval_shape(traced, params, batch)
   for name in _named_dense(calls, layers):
     if name in bad:
       raise ValueError(bad[name])
@@ -392,14 +402,15 @@ def param_owners(params) -> set[str]:
 
 def param_layers(loss_fn: PerExampleLoss, params, batch: dict) -> list[str]:
   """Module paths of the layers that hold parameters (any module), in the order their calls
-  made by `loss_fn` return: the last is the model's last layer."""
+  made by `loss_fn` return, of any method but `setup` (`nn.Embed.attend`, a tied output
+  layer, too): the last is the model's last layer."""
   owners = param_owners(params)
   order = []
 
   def record(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     name = '/'.join(context.module.path)
-    if context.method_name == '__call__' and name in owners:
+    if context.method_name != 'setup' and name in owners:
       if name in order:
         order.remove(name)
       order.append(name)

@@ -369,6 +369,28 @@ def test_dense_over_rows_that_are_not_examples_takes_no_ghost_products():
   _assert_ghost_norms_equal_loop(loss, params, batch, 'head')
 
 
+class RematBlocks(nn.Module):
+  """A Dense layer inside nn.remat (rematerialised to save memory), then a plain Dense head."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.remat(Block)(name='block')(x.reshape(x.shape[0], -1))
+    return nn.Dense(3, name='head')(jnp.tanh(h))
+
+
+def test_dense_inside_a_transformation_takes_no_ghost_products():
+  """Under nn.remat the Dense call runs in a trace of its own: its inputs could not be taken out
+  (ghost_covers raised UnexpectedTracerError, a traceback from launch.valuate's default
+  TracIn); now refused like any layer the fast paths cannot follow, and still exact elsewhere."""
+  loss, params, batch = _module_problem(RematBlocks(), float64=True)
+  assert not pergrad.ghost_covers(loss, params, batch)
+  assert not pergrad.ghost_covers(loss, params, batch, ['proj'])
+  assert pergrad.ghost_covers(loss, params, batch, ['head'])
+  with pytest.raises(UserError, match="'block/proj' is called inside a transformation"):
+    pergrad.factored_projection(2, 2, layers=['proj']).init(loss, params, batch)
+  _assert_ghost_norms_equal_loop(loss, params, batch, 'head')
+
+
 class ConvHead(nn.Module):
   """Dense, then a shared Dense cell called twice, then a 1x1 convolution as the last layer."""
 
@@ -426,6 +448,24 @@ def test_the_last_layer_is_the_last_called_module_with_parameters_of_any_kind():
   assert not pergrad.ghost_covers(loss, params, batch, ['cell'])
   assert pergrad.ghost_covers(loss, params, batch, ['proj'])  # called once: ghost products hold
   _assert_ghost_norms_equal_loop(loss, params, batch, 'proj')
+
+
+class TiedOutput(nn.Module):
+  """An embedding table read first by the input (its call), last by the output (`attend`)."""
+
+  @nn.compact
+  def __call__(self, x):
+    table = nn.Embed(3, 4, name='classes')
+    start = table(jnp.zeros(x.shape[0], jnp.int32))
+    return table.attend(jnp.tanh(nn.Dense(4, name='hidden')(x.reshape(x.shape[0], -1)) + start))
+
+
+def test_the_last_layer_is_the_one_whose_method_returns_last():
+  """The output here is the embedding's `attend`, after `hidden`: Mimic's 'last' is the table
+  (it was `hidden`, the last module whose `__call__` returned)."""
+  loss, params, batch = _module_problem(TiedOutput())
+  assert pergrad.param_layers(loss, params, batch) == ['hidden', 'classes']
+  assert mimic.resolve_layers(loss, params, batch, 'last') == ['classes']
 
 
 def _temp_bytes(fn, *args):
