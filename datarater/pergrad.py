@@ -425,18 +425,20 @@ def _check_covers(calls, params, layers) -> list[str]:
   """The Dense layers in `layers` (None: all); raises ValueError unless they hold every
   parameter in `layers` (ghost and factored products then see the gradients `select` keeps)."""
   names = _named_dense(calls, layers)
-  if layers is None:
-    inside = sum(x.size for x in jax.tree.leaves(params))
-  else:
+  if layers is not None:
     layers = [layers] if isinstance(layers, str) else list(layers)
-    mask = jax.tree.leaves(layer_mask(params, layers))
-    inside = sum(x.size for x, m in zip(jax.tree.leaves(params), mask) if m)
+  paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  mask = jax.tree.leaves(layer_mask(params, layers))
+  inside = sum(x.size for (_, x), m in zip(paths, mask) if m)
   # Every taken Dense layer's parameters lie in `layers`, so equal counts mean equal sets.
   covered = _dense_params({n: calls[n] for n in names})
   if covered != inside:
     where = 'the model' if layers is None else f'layers {", ".join(layers)}'
-    raise ValueError(f'Dense layers hold {covered} of the {inside} parameters of {where}: '
-                     'ghost and factored products cover Dense layers only')
+    others = sorted({_module_path(p).rpartition('/')[0] or _module_path(p)
+                     for (p, _), m in zip(paths, mask) if m} - set(names))
+    raise ValueError(f'Dense layers hold {covered} of the {inside} parameters of {where} (not '
+                     f'{", ".join(others[:6])}{", ..." if len(others) > 6 else ""}): ghost and '
+                     'factored products cover Dense layers only')
   return names
 
 
