@@ -138,13 +138,27 @@ def _fit(params, x, data_key, *, module, steps, batch_size, learning_rate, l1_co
   return params, mses
 
 
+def _check_codes(codes: jax.Array, x_hat: jax.Array, x: jax.Array, config) -> None:
+  """Refuses a trained SAE that codes most examples as all zeros (a diverged or over-penalised
+  fit: every factor dead): the SAE policy would select by its noise alone. A fit that learned
+  anything codes every example with some factor."""
+  silent = int(jnp.sum(~jnp.any(codes > 0, -1)))
+  if 2 * silent > codes.shape[0]:
+    mse = float(jnp.mean(jnp.sum((x_hat - x) ** 2, -1)))
+    l1 = f' or sae.l1_coef ({config.l1_coef:g})' if config.sparsity == 'l1' else ''
+    raise UserError(f'the trained SAE codes {silent} of {codes.shape[0]} examples as all zeros '
+                    f'(reconstruction MSE {mse:.3g}; 1 is the mean\'s): it learned nothing to '
+                    f'select by; lower sae.learning_rate ({config.learning_rate:g}){l1}')
+
+
 def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
   """Fits an SAE to `features` [N, D] with Adam over `config.steps` minibatches (one `lax.scan`),
   or over `config.epochs` passes when that is set (> 0).
 
   Returns the trained SAE and metrics: final normalised MSE, the MSE of the trivial mean
   reconstruction (1.0 by construction of the normaliser), the mean number of active factors,
-  the factors never active, and the first and last training steps' minibatch MSE.
+  the factors never active, and the first and last training steps' minibatch MSE. A fit that
+  codes most examples as all zeros (diverged, or its L1 penalty too strong) is refused.
   """
   features = jnp.asarray(features, jnp.float32)
   if features.ndim != 2 or features.shape[0] < 2:
@@ -174,6 +188,7 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
       params, x, data_key, module=module, steps=steps, batch_size=batch_size,
       learning_rate=float(config.learning_rate), l1_coef=float(config.l1_coef)))
   x_hat, codes = _apply(module, params, x)
+  _check_codes(codes, x_hat, x, config)
   metrics = {'mse': float(jnp.mean(jnp.sum((x_hat - x) ** 2, -1))),
              'mse_mean_baseline': float(jnp.mean(jnp.sum(x ** 2, -1))),
              'active_mean': float(jnp.mean(jnp.sum(codes > 0, -1))),

@@ -132,7 +132,8 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
       train_split, heldout, task, config, rater=rater, scores=scores))
   if made.check_data and hasattr(train_split, 'features'):  # streamed: the trainer checks chunks
     made.check_data(train_split.features)
-  trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size)
+  trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size,
+                    learning_rate=f'train.learning_rate ({t.learning_rate:g})')
   if ckpt is not None and made.spans_epochs:  # its choices depend on train.epochs: compared too
     ckpt.free_fields = tuple(f for f in ckpt.free_fields if f != 'train.epochs')
     ckpt.check_compatible()  # (the inputs' digests are not read again)

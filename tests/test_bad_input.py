@@ -237,6 +237,13 @@ def _cases(tfds_dir: str, w) -> list:
       ('train', [data, '--config.data.eval_split=test[:0]'],
        "split 'test[:0]' of 'sklearn_digits' selects no examples"),
       ('train', [data, '--policy=sae', '--config.sae.k=0'], 'sae.k must be >= 1, got 0'),
+      ('train', [data, '--config.train.learning_rate=1e30', '--config.train.epochs=1'],
+       'the models diverged; lower train.learning_rate (1e+30)'),
+      # A diverged SAE coded every example as zeros: the policy selected by its noise alone.
+      ('train', [data, '--policy=sae', '--config.features.extractor=pixels',
+                 '--config.sae.steps=50', '--config.sae.learning_rate=10',
+                 f'--workdir={w}/new_train'],
+       'it learned nothing to select by; lower sae.learning_rate (10)'),
       ('train', [data, '--policy=datarater_batch_filter', f'--rater={w}/rater',
                  '--config.train.batch_size=4', '--config.policy.rho=0.99'],
        'policy.rho=0.99 keeps floor((1 - rho) * 4) = 0 of each batch of train.batch_size=4'),
@@ -446,7 +453,7 @@ def _cases(tfds_dir: str, w) -> list:
        'valuation.store_k=100000 makes a gradient store of at least'),
       ('valuate', [data, '--method=tracin', '--config.valuation.learning_rate=1e30',
                    '--config.valuation.train_steps=20', '--config.valuation.checkpoint_every=10',
-                   outside], 'scores are not finite (a diverged recorded run? try a smaller'),
+                   outside], 'the models diverged; lower valuation.learning_rate (1e+30)'),
       ('valuate', [data, '--method=datarater', f'--config.valuation.rater={w}/huge_rater',
                    outside], f"(the rater valuation.rater='{w}/huge_rater' gives them)"),
       (*tr(out=f'--workdir={w}/rater'),
@@ -492,7 +499,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 187  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 189  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -116,6 +116,26 @@ def test_features_that_cannot_be_encoded_are_refused_not_coded_zero():
                   jax.random.PRNGKey(0))
 
 
+@pytest.mark.parametrize('bad, named', [
+    (dict(learning_rate=10.0), r'lower sae.learning_rate \(10\)$'),
+    (dict(sparsity='l1', l1_coef=100.0), r'sae.learning_rate \(0.003\) or sae.l1_coef \(100\)$')])
+def test_an_sae_that_codes_most_examples_as_zeros_is_refused(bad, named, monkeypatch):
+  """A diverged (learning rate) or over-penalised (L1) fit coded nearly every example as all
+  zeros, and the SAE policy then selected by its noise alone. The line counts the examples the
+  fit's codes leave at zero (counted here from the codes of the same fit, unchecked); the
+  default fit codes every example."""
+  x = sparse_data()
+  trained, _ = sae.train_sae(x, sae_config(), jax.random.PRNGKey(0))
+  assert np.all(np.any(sae.encode_all(trained, x) > 0, -1))
+  with pytest.raises(UserError, match=rf'the trained SAE codes (\d+) of 600 examples as all '
+                                      rf'zeros.*{named}') as refused:
+    sae.train_sae(x, sae_config(**bad), jax.random.PRNGKey(0))
+  monkeypatch.setattr(sae, '_check_codes', lambda *args: None)
+  unchecked, _ = sae.train_sae(x, sae_config(**bad), jax.random.PRNGKey(0))
+  silent = int(np.sum(~np.any(sae.encode_all(unchecked, x) > 0, -1)))
+  assert silent > 300 and f'codes {silent} of 600' in str(refused.value)
+
+
 def _features_config(**kw):
   c = ml_collections.ConfigDict(dict(
       extractor='penultimate', task={'name': 'mlp_classifier', 'hidden': (32,), 'activation': 'relu'},

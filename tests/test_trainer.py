@@ -328,3 +328,20 @@ def test_compile_time_is_counted_apart_from_the_training_and_kept_across_a_resum
   assert total > first and 1000 * total <= resumed.compile_s < 1000 * total + 500, (
       resumed.compile_s, total)
   assert stopped.wall_s < resumed.wall_s < 500, resumed.wall_s
+
+
+def test_diverged_models_stop_the_run_at_the_first_non_finite_loss(splits):
+  """Adam at a huge learning rate: the run stops in one line naming the setting to lower and the
+  first step whose training loss is not finite (it trained on, evaluating and checkpointing NaN):
+  one step fewer runs to its end."""
+  train, test = splits
+  trainer = _trainer(train, optimizer=optax.adam(1e30), batch_size=64, learning_rate='LR (1e30)')
+  with pytest.raises(UserError, match=r'the training loss is not finite at step (\d+) \(model '
+                                      r'seed 3\): the models diverged; lower LR \(1e30\)$') as e:
+    trainer.run(train, {'test': test}, [3], steps=30)
+  step = int(e.value.args[0].split('at step ')[1].split()[0])
+  assert step > 1
+  run = trainer.run(train, {'test': test}, [3], steps=step - 1)
+  assert run.steps == step - 1
+  with pytest.raises(UserError, match=rf'not finite at step {step} '):
+    trainer.run(train, {'test': test}, [3], steps=step)
