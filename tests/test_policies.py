@@ -344,11 +344,13 @@ def test_an_input_is_given_only_to_the_policies_that_read_it():
     policies.check_inputs('datarater_accept', rater='r', scores='s')
 
 
-def test_online_filters_by_hand(monkeypatch):
+def test_online_filters_by_hand():
   """Batch filter, B = 10 real examples (and 2 of padding), rho = 0.25: the best floor(7.5) = 7
-  kept, each weighted 10 / 7 (the batch's total weight stays B). Acceptance: the fraction of
-  reference scores strictly below an example's (reference [0, 1, 1, 2], score 1 -> 1/4), and
-  draws that follow the example's id: the same examples in another order are accepted alike."""
+  kept, each weighted 10 / 7 (the batch's total weight stays B). Acceptance: the survival
+  probability at the fraction of reference scores below an example's, a score the reference
+  holds twice taking either rank (reference [0, 1, 1, 2], score 1 -> the mean at 1/4 and 2/4),
+  and draws that follow the example's id: the same examples in another order are accepted
+  alike."""
   scores_of = lambda aux, batch: batch['s']
   s = np.random.default_rng(0).permutation(10).astype(np.float32)
   batch = {'s': jnp.asarray(np.r_[s, 99.0, 99.0]), 'index': jnp.arange(12)}
@@ -357,15 +359,13 @@ def test_online_filters_by_hand(monkeypatch):
   got = np.asarray(kept.weigh(kept.aux, (), None, batch, weights))
   np.testing.assert_allclose(got, np.r_[np.where(s >= 3, 10 / 7, 0.0), 0.0, 0.0], rtol=1e-6)
 
-  seen = []
   real_survival = filtering.survival_probability
-  monkeypatch.setattr(filtering, 'survival_probability',
-                      lambda u, rho, b: seen.append(np.asarray(u)) or real_survival(u, rho, b))
   ties = filtering.acceptance_filter(scores_of, None, np.array([0.0, 1.0, 1.0, 2.0]), 0.25, 10)
-  ties.weigh(ties.aux, ties.init(4, jax.random.key(0)), None,
-             {'s': jnp.asarray([0.0, 1.0, 2.0, 3.0]), 'index': jnp.arange(4)}, jnp.ones(4))
-  np.testing.assert_allclose(seen[0], [0.0, 0.25, 0.75, 1.0])
-  monkeypatch.setattr(filtering, 'survival_probability', real_survival)
+  got = filtering.acceptance_probability(ties.aux, jnp.asarray([0.0, 1.0, 2.0, 3.0]), 0.25, 10)
+  m = filtering.source_batch_size(10, 0.25)
+  want = [_survival_brute_force(u, m, 10) for u in (0.0, 0.25, 0.5, 0.75, 1.0)]
+  np.testing.assert_allclose(got, [want[0], (want[1] + want[2]) / 2, want[3], want[4]],
+                             rtol=1e-4, atol=1e-6)
 
   accept = filtering.acceptance_filter(scores_of, None, np.arange(100.0), 0.25, 10)
   assert 0.2 < float(real_survival(jnp.float32(0.3), 0.25, 10)) < 0.8  # mixed decisions
@@ -377,6 +377,39 @@ def test_online_filters_by_hand(monkeypatch):
   straight, shuffled = weigh(ids), weigh(ids[order])
   assert 0 < (straight > 0).sum() < 40
   np.testing.assert_array_equal(shuffled, straight[order])  # example ids[order[j]] at position j
+
+
+def test_acceptance_of_tied_scores_is_the_mean_survival_over_their_ranks():
+  """Batch-level filtering orders equal scores at random, so an example tied with others survives
+  with the mean of the survival probabilities at their ranks (float64, by the binomial sum), and
+  the expected number kept does not depend on ties. A rater scoring every example alike (a
+  collapsed one) kept none (every example at rank 0); now ~B/M of each batch, as the batch filter
+  keeps."""
+  rho, b, n = 0.2, 16, 100
+  m = filtering.source_batch_size(b, rho)
+  by_rank = np.array([_survival_brute_force(r / n, m, b) for r in range(n)])
+  same = np.zeros(n, np.float32)
+  policy = filtering.acceptance_filter(lambda aux, batch: batch['s'], None, same, rho, b)
+  batch = {'s': jnp.asarray(same), 'index': jnp.arange(n)}
+  weigh = jax.jit(lambda state: policy.weigh(policy.aux, state, None, batch, jnp.ones(n)) > 0)
+  state = policy.init(n, jax.random.key(0))
+  kept = []
+  for _ in range(50):
+    kept.append(np.asarray(weigh(state)))
+    state = policy.update(policy.aux, state, None, None, None)
+  assert abs(by_rank.mean() - b / m) < 0.01
+  assert abs(np.mean(kept) - by_rank.mean()) < 0.02, np.mean(kept)
+
+  rng = np.random.default_rng(0)
+  scores = rng.permutation(np.r_[np.full(40, 3.0), 1.0, np.full(25, 2.0), np.full(14, 5.0),
+                                 rng.normal(size=20)]).astype(np.float32)
+  order = np.sort(scores)
+  want = [by_rank[np.searchsorted(order, s, 'left'):np.searchsorted(order, s, 'right')].mean()
+          for s in scores]
+  policy = filtering.acceptance_filter(lambda aux, batch: batch['s'], None, scores, rho, b)
+  got = np.asarray(filtering.acceptance_probability(policy.aux, jnp.asarray(scores), rho, b))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got.sum(), by_rank.sum(), rtol=1e-4)
 
 
 def test_the_config_sections_a_policy_registers_are_checked_before_any_work(tfds_dir):

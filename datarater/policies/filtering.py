@@ -6,8 +6,10 @@ The two ways the DataRater paper deploys a rater online:
   a rho with N = 0 for train.batch_size is refused (`kept_per_batch`);
 - `datarater_accept`: each example is kept with the probability that it would survive batch-level
   filtering of M = ceil(B / (1 - rho)) examples down to B, given its score's rank among the
-  rater's scores of the whole training split (computed once); kept examples share the batch's
-  loss equally. Per-example decisions need no batch, so this runs inside any input pipeline.
+  rater's scores of the whole training split (computed once; an example whose score equals
+  others' takes each of their ranks with equal chance, ties broken at random as in a shuffled
+  batch); kept examples share the batch's loss equally. Per-example decisions need no batch, so
+  this runs inside any input pipeline.
 """
 import math
 
@@ -84,6 +86,29 @@ def batch_filter(score_fn, score_params, rho: float, num_examples: int, **cost) 
                 keep_state, score_params, forwards_per_example=1.0, **cost)
 
 
+def tie_survival(reference_scores: np.ndarray, rho: float, batch_size: int):
+  """(distinct reference scores, float32 [U]; survival probability of an example holding each
+  score, [U]): the mean of `survival_probability(r / N)` over the ranks r of the reference scores
+  equal to it (one rank each when distinct), since equal scores are ordered at random in a
+  batch. Averaged in float64 on the host."""
+  ref = np.sort(np.asarray(reference_scores, np.float32))
+  n = len(ref)
+  values, first, count = np.unique(ref, return_index=True, return_counts=True)
+  ranks_p = np.asarray(survival_probability(jnp.arange(n) / n, rho, batch_size), np.float64)
+  return values, (np.add.reduceat(ranks_p, first) / count).astype(np.float32)
+
+
+def acceptance_probability(aux, scores: jax.Array, rho: float, batch_size: int) -> jax.Array:
+  """P(kept) of examples with `scores`, from the reference in `aux` ('sorted', 'values',
+  'tied'): the tied mean (`tie_survival`) for a score the reference holds, else the survival
+  probability of the fraction of reference scores below it."""
+  below = jnp.searchsorted(aux['sorted'], scores, side='left') / aux['sorted'].shape[0]
+  k = jnp.minimum(jnp.searchsorted(aux['values'], scores, side='left'),
+                  aux['values'].shape[0] - 1)
+  return jnp.where(aux['values'][k] == scores, aux['tied'][k],
+                   survival_probability(below, rho, batch_size))
+
+
 def acceptance_filter(score_fn, score_params, reference_scores: np.ndarray, rho: float,
                       batch_size: int, **cost) -> Policy:
   """Keeps each example with its survival probability (see the module docstring).
@@ -92,7 +117,9 @@ def acceptance_filter(score_fn, score_params, reference_scores: np.ndarray, rho:
   """
   check_rho(rho)
   num_examples = len(reference_scores)
-  aux = {'params': score_params, 'sorted': jnp.sort(jnp.asarray(reference_scores, jnp.float32))}
+  values, tied = tie_survival(reference_scores, rho, batch_size)
+  aux = {'params': score_params, 'sorted': jnp.sort(jnp.asarray(reference_scores, jnp.float32)),
+         'values': jnp.asarray(values), 'tied': jnp.asarray(tied)}
 
   def init(num, key):
     del num
@@ -100,9 +127,7 @@ def acceptance_filter(score_fn, score_params, reference_scores: np.ndarray, rho:
 
   def weigh(aux, state, params, batch, weights):
     del params
-    scores = score_fn(aux['params'], batch)
-    below = jnp.searchsorted(aux['sorted'], scores, side='left') / num_examples
-    p = survival_probability(below, rho, batch_size)
+    p = acceptance_probability(aux, score_fn(aux['params'], batch), rho, batch_size)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(state['key'], state['epoch']),
                                                  i))(batch['index'])
     accept = (weights > 0) & (jax.vmap(jax.random.uniform)(keys) < p)
