@@ -646,6 +646,41 @@ def test_dvemb_warns_before_its_fit_when_the_projected_gradient_is_long(caplog):
   assert factory.projected_dim(v, wide) == (v.projection_dim, [])
 
 
+def test_dvemb_says_how_many_examples_its_run_never_draws(tfds_dir, caplog):
+  """The data value embedding values an example by the steps of its own run that drew it; a run
+  shorter than an epoch leaves the rest at 0. The warning's count equals the examples absent
+  from the recorded run's real (weight > 0) batch rows; a run of one epoch draws all, silently."""
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+
+  class Keep:  # a run cache that keeps what it makes
+    def get(self, name, make):
+      self.run = make()
+      return self.run
+
+  config = small_config(tfds_dir)
+  train = pipeline.load_split(config.data, 'train', corrupt=True)
+  heldout = pipeline.load_split(config.data, 'validation')
+  task = tasks.make_task(config.task, train.info)
+  n, b = len(train), config.valuation.batch_size
+  for steps in (6, -(-n // b)):
+    config.valuation.dvemb_steps = steps
+    caplog.clear()
+    keep = Keep()
+    with caplog.at_level('WARNING'):
+      factory.build('dvemb', config, task, train, heldout, keep, fit=False, checked=True)
+    run = keep.run[0]
+    drawn = np.unique(np.asarray(run.batches['index'])[np.asarray(run.weights) > 0])
+    lines = [r.getMessage() for r in caplog.records if 'method dvemb' in r.getMessage()]
+    if len(drawn) == n:
+      assert steps == -(-n // b) and not lines
+    else:
+      assert steps == 6 and lines == [
+          f'method dvemb: its valuation.dvemb_steps=6-step run (batch {b}) draws {len(drawn)} of '
+          f'the {n} training examples; the other {n - len(drawn)} are in no step and score 0 '
+          f'(valuation.dvemb_steps >= {-(-n // b)} draws every one)']
+
+
 def test_a_loss_that_reads_its_batch_mates_is_refused_before_the_workdir_is_made(
     tfds_dir, tmp_path, monkeypatch):
   """Bad input is refused before anything is written: a loss centred on its batch's mean (batch

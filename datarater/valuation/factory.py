@@ -189,6 +189,21 @@ def warn_dvemb_dim(v: ml_collections.ConfigDict, params) -> None:
       'bounds k by valuation.projection_dim', k, k * k * 4 / 2**30, v.dvemb_steps, why)
 
 
+def warn_dvemb_unvalued(v: ml_collections.ConfigDict, num_examples: int) -> int:
+  """Examples the data value embedding's run draws in none of its `valuation.dvemb_steps` steps
+  (each epoch draws every example once, in ceil(N / batch_size) steps): their removal changes
+  nothing in that run, so they score 0. Said in a warning line when there are any; returned."""
+  drawn = min(num_examples, v.dvemb_steps * v.batch_size)
+  unvalued = num_examples - drawn
+  if unvalued:
+    absl_logging.warning(
+        'method dvemb: its valuation.dvemb_steps=%d-step run (batch %d) draws %d of the %d '
+        'training examples; the other %d are in no step and score 0 (valuation.dvemb_steps >= %d '
+        'draws every one)', v.dvemb_steps, v.batch_size, drawn, num_examples, unvalued,
+        -(-num_examples // v.batch_size))
+  return unvalued
+
+
 def ghost_norms_pay(task, run, train, layers) -> bool:
   """Whether a cosine's per-example gradient norms over `layers` come from ghost norms: exact
   where Dense layers hold those parameters (`pergrad.ghost_covers`), and taken where each Dense
@@ -220,6 +235,7 @@ def build(method: str, config, task, train, heldout, cache=None, fit: bool = Tru
   if not checked:
     check_per_example(config, task, heldout)
   if method == 'dvemb':
+    warn_dvemb_unvalued(v, len(train))  # before the run is recorded
     run, cost = record(config, task, train, v.dvemb_steps, 1, cache, 'dvemb_run')
     valuation = DataValueEmbedding(task, len(train), heldout_batch, make_projection(v),
                                    v.dvemb_curvature, chunk_size=chunk)
