@@ -164,6 +164,12 @@ def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_pat
   for bad in (10, -1):
     with pytest.raises(UserError, match=r"'label' feature holds classes in .* outside the 10 "):
       one({'image': batch['image'][:2], 'label': np.array([0, bad])})
+  # Pixels neither raw (uint8) nor decoded (floats in [0, 1]), e.g. the raw pixels as int64 or
+  # as floats of 0-255, are refused (they passed through unscaled: scores some 250x off).
+  for bad in (raw['image'].astype(np.int64), raw['image'].astype(np.float32)):
+    with pytest.raises(UserError, match=rf"feature 'image' holds pixels: .* not {bad.dtype} in "
+                       rf"\[0, {raw['image'].max()}\]"):
+      one({'image': bad, 'label': raw['label']})
 
 
 @RATER_RUN

@@ -3,8 +3,9 @@
 - `select_top`: exactly round(keep * N) examples with the highest scores (ties broken by the lower
   example id, so the choice is a pure function of (scores, ids)); with `balance=True`, the
   round(keep * N) kept are shared among the classes in proportion to their sizes N_c (largest
-  remainder, so the total is still exact; a class may keep one less than round(keep * N_c)), so a
-  filter cannot silently drop a class whose examples all score low.
+  remainder, so the total is still exact; a class keeps N_c * round(keep * N) / N rounded down or
+  up, which may be one less or one more than round(keep * N_c)), so a filter cannot silently drop
+  a class whose examples all score low.
 - `select_threshold`: every example with score >= a given threshold.
 - `suggest_keep`: the keep fraction a score histogram suggests (the share of its upper cluster).
 - `StreamingQuantile`: a threshold from a fixed-size uniform reservoir sample (keyed,
