@@ -914,7 +914,7 @@ def test_fresh_models_trained_with_the_rater_use_its_temperature(tfds_dir):
   rater_params = jax.tree.map(lambda x: 5.0 * x, rater.init(jax.random.PRNGKey(3)))
   problem = types.SimpleNamespace(task=task, rater=rater, temperature=0.1,
                                   inner_optimizer=make_inner_optimizer('sgd', 0.3))
-  config = ml_collections.ConfigDict({'seed': 1, 'inner': {'batch_size': 32},
+  config = ml_collections.ConfigDict({'seed': 1, 'inner': {'batch_size': 32, 'learning_rate': 0.3},
                                       'final_eval': {'num_models': 1, 'train_steps': 8}})
   got = fresh_model_results(config, data, problem, rater_params)['rater']['heldout']['loss']
 
