@@ -5,7 +5,8 @@ in one line, `--help` with the config fields) with every `UserError` or I/O erro
 caught too (`datarater.errors.exit_on_user_error`), and an --out whose folder cannot be made (a
 file above it, no write permission) refused before `main` runs (`writable`). `numbers` reads a
 comma-list flag, `at_least` bounds an integer flag and `out_folder` makes the output folder at the
-start, so that a bad value or an unwritable --out fails at once, not after the runs. `read_json`
+start, so that a bad value or an unwritable --out fails at once, not after the runs; `quick_out`
+gives a --quick smoke run its own default output. `read_json`
 reads another bench's results file, refusing one that is not (a truncated file, another kind) in
 one line.
 """
@@ -52,6 +53,12 @@ def writable(flag: str, path: str, folder: bool = False) -> None:
            if not folder and os.path.isdir(path + ext)]
   if taken:
     raise UserError(f'--{flag} {path!r}: {taken[0]!r} is a folder, where a results file goes')
+
+
+def quick_out(prefix: str, quick: bool) -> str:
+  """The output prefix of --out `prefix`: with `quick` and --out left at its default, `_quick` is
+  added, so that a smoke run does not replace the full run's results in bench/results/."""
+  return prefix + '_quick' if quick and not flags.FLAGS['out'].present else prefix
 
 
 def config_file(default: str) -> Callable:

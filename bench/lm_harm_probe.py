@@ -156,6 +156,10 @@ def main(argv):
     raise UserError(f'unknown --sizes {unknown} (choose from {", ".join(sizes)})')
   seeds = bench_cli.seeds(FLAGS.seeds)
   ages = bench_cli.numbers('ages', FLAGS.ages, int, lambda x: x >= 0, '>= 0')
+  down = [(a, b) for a, b in zip(ages, ages[1:]) if b <= a]
+  if down:  # a model only trains on: its row would say the earlier age
+    raise UserError(f'--ages must increase (each is reached by training on from the one '
+                    f'before), got {down[0][1]} after {down[0][0]}')
   bench_cli.at_least('group_steps', FLAGS.group_steps, 1)  # 0: every group effect would be 0
   bench_cli.at_least('examples', FLAGS.examples, 1)
   train = pipeline.load_split(config.data, config.data.train_split)

@@ -17,7 +17,7 @@ compared with float64 reverse mode on real digits batches, from fresh inner mode
 worst case) and from models 200 steps into training.
 
 Goals: mode 'mixed' temp memory at T = 32 <= 3x that at T = 1, and its step time <= 1.5x that of
-mode 'reverse'. Writes bench/results/meta_memory.json and .png.
+mode 'reverse'. Writes bench/results/meta_memory.json and .png (meta_memory_quick.* with --quick).
 """
 from launch import interrupts
 
@@ -77,7 +77,8 @@ def define_flags() -> None:
                     'T values of the float32-vs-float64 accuracy check (empty: skip it).')
   flags.DEFINE_integer('accuracy_warm', 200,
                        'Adam steps the "trained" inner models take before the accuracy check.')
-  flags.DEFINE_string('out', 'bench/results/meta_memory', 'Output prefix (.json/.png).')
+  flags.DEFINE_string('out', 'bench/results/meta_memory', 'Output prefix (.json/.png; left out '
+                      'with --quick: bench/results/meta_memory_quick).')
   flags.DEFINE_list('merge', [], 'Measure nothing: combine these JSON files (e.g. one run per '
                     'model, run side by side) into --out.')
 
@@ -108,6 +109,7 @@ def settings() -> types.SimpleNamespace:
   if args.quick:
     args.unrolls, args.repeats, args.large_batch = (1, 4, 32), 2, 32
     args.accuracy_unrolls = (32,) if args.accuracy_unrolls else ()
+  args.out = bench_cli.quick_out(args.out, args.quick)
   return args
 
 

@@ -1,7 +1,7 @@
 r"""Valuation at dataset scale: projected per-example gradients, launcher memory, the gradient store.
 
   python -m bench.valuation_scale            # everything (about 13 minutes on 2 CPU cores)
-  python -m bench.valuation_scale --quick    # the same with tiny sizes (a smoke run)
+  python -m bench.valuation_scale --quick    # tiny sizes (a smoke run): valuation_scale_quick.*
 
 Three sections (`--sections`), each measured in fresh subprocesses (peak resident memory is the
 child's own high-water mark, VmHWM, which it writes at exit), written to bench/results/valuation_scale.{json,png,md}:
@@ -70,7 +70,8 @@ def define_flags() -> None:
   """Defined when run as a script, not on import (tests import it beside other benches)."""
   global _OUT, _QUICK, _SECTIONS, _SCRATCH, _BLOCK, _LAUNCHER_NS
   global _WORKER, _TASK, _METHOD, _K, _NS, _SAVE, _TRAIN
-  _OUT = flags.DEFINE_string('out', 'bench/results/valuation_scale', 'Output prefix.')
+  _OUT = flags.DEFINE_string('out', 'bench/results/valuation_scale', 'Output prefix (left out '
+                             'with --quick: bench/results/valuation_scale_quick).')
   _QUICK = flags.DEFINE_bool('quick', False, 'Tiny sizes: a smoke run of every section.')
   _SECTIONS = flags.DEFINE_list('sections', list(SECTIONS), 'Sections to run.')
   _SCRATCH = flags.DEFINE_string('scratch', '/tmp/datarater_valuation_scale',
@@ -528,14 +529,15 @@ def main(argv):
       raise UserError(f'--block must be at most or a multiple of {task} valuation.chunk_size '
                       f'{chunk}, got {_BLOCK.value}')
   bench_cli.writable('scratch', _SCRATCH.value, folder=True)
+  out = bench_cli.quick_out(_OUT.value, _QUICK.value)
   results = {}
-  if os.path.exists(_OUT.value + '.json'):  # sections run before (e.g. one rerun alone) stay
-    results = bench_cli.read_json(_OUT.value + '.json', 'bench.valuation_scale results file')
+  if os.path.exists(out + '.json'):  # sections run before (e.g. one rerun alone) stay
+    results = bench_cli.read_json(out + '.json', 'bench.valuation_scale results file')
     if results.get('quick') != _QUICK.value:
       results = {}
   scratch = os.path.abspath(_SCRATCH.value)
   os.makedirs(scratch, exist_ok=True)
-  bench_cli.out_folder(_OUT.value)
+  bench_cli.out_folder(out)
   results.update(platform=platform.platform(), cpus=os.cpu_count(), quick=_QUICK.value)
   runners = {'methods': lambda: run_methods(_QUICK.value, scratch, _BLOCK.value),
              'launchers': lambda: run_launchers(_QUICK.value, scratch,
@@ -551,10 +553,10 @@ def main(argv):
                                      'code_version': provenance.code_version(),
                                      'platform': platform.platform()}
       results['wall_s'] = sum(results[s]['section_wall_s'] for s in SECTIONS if s in results)
-      provenance.write_json(_OUT.value + '.json', results)  # after each section
-  plot(results, _OUT.value + '.png')
-  files.write_text(_OUT.value + '.md', markdown(results))
-  print(f'wrote {_OUT.value}.{{json,png,md}}: {results["wall_s"]:.0f} s of sections')
+      provenance.write_json(out + '.json', results)  # after each section
+  plot(results, out + '.png')
+  files.write_text(out + '.md', markdown(results))
+  print(f'wrote {out}.{{json,png,md}}: {results["wall_s"]:.0f} s of sections')
 
 if __name__ == '__main__':
   define_flags()

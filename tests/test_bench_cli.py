@@ -3,7 +3,9 @@ value, exit 2, before any run and without writing anything. Each case is its com
 own process (`tests.forked`)."""
 import json
 import os
+import shutil
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -63,6 +65,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('lm_harm_probe', ['--examples=0'], '--examples must be >= 1, got 0'),
     ('lm_harm_probe', ['--examples=100000'], '--examples must be <= '),  # after the data loads
     ('lm_harm_probe', ['--sizes='], '--sizes is empty'),
+    # A model only trains on: the row of age 100 was a second probe at age 400, labelled 400.
+    ('lm_harm_probe', ['--ages=400,100'], '--ages must increase (each is reached by training on '
+     'from the one before), got 100 after 400'),
     ('meta_step', ['--modes=nope'], "unknown --modes ['nope']"),  # the table header came first
     ('meta_memory', ['--modes=nope'], "unknown --modes ['nope']"),
     ('meta_memory', ['--models='], '--models is empty'),
@@ -409,3 +414,82 @@ def test_cnn_patches_times_the_patches_on_the_feature_job(tfds_dir, monkeypatch)
   monkeypatch.setattr(cnn, 'patches_3x3', lambda x, s: calls.append(s) or patches(x, s))
   cnn_patches.time_features(pipeline.load_split(digits_data(tfds_dir), 'train[:64]'))
   assert calls
+
+
+
+def _quick_valuation_scale(folder: str) -> None:
+  """`bench.valuation_scale --quick --sections=store` in `folder` at the default --out, its store
+  section stubbed (what it measures takes a minute)."""
+  from bench import cli as bench_cli  # pylint: disable=g-import-not-at-top
+  from bench import valuation_scale  # pylint: disable=g-import-not-at-top
+  os.chdir(folder)  # after the imports: `folder` holds a bench/ of its own
+  times = ('first_query_build_and_score_s', 'first_query_on_new_set_s', 'second_query_s',
+           'second_query_reopened_s')
+  valuation_scale.run_store = lambda quick, scratch: {
+      'num_train': 8, 'num_test': 2, 'checkpoints': 1, 'dim': 4, 'store_bytes': 128,
+      **dict.fromkeys(times, 1.0), 'speedup': 1.0, 'speedup_reopened': 1.0,
+      'identical_to_fresh_build': True}
+  sys.argv = ['valuation_scale', '--quick', '--sections=store', '--scratch=scratch']
+  valuation_scale.define_flags()
+  bench_cli.run(valuation_scale.main, valuation_scale.__doc__)
+
+
+def _in_folder(folder: str, module: str, args: list) -> None:
+  os.chdir(folder)
+  forked.as_main(module, args)
+
+
+def test_a_quick_run_at_the_default_out_leaves_the_full_results_alone(tmp_path):
+  """A --quick smoke run (`python -m bench.valuation_scale --quick`, as its docstring gives it)
+  wrote over bench/results/valuation_scale.*, the full run's 13 minutes of figures, dropping its
+  other sections; bench.meta_memory --quick over meta_memory.*. Each now writes <out>_quick.*, as
+  bench.selection --quick does."""
+  results = tmp_path / 'bench' / 'results'
+  results.mkdir(parents=True)
+  full = {}
+  for name in ('valuation_scale.json', 'meta_memory.json'):
+    shutil.copy(os.path.join(ROOT, 'bench', 'results', name), results / name)
+    full[name] = (results / name).read_bytes()
+  done = forked.call(_quick_valuation_scale, str(tmp_path), env=subprocess_env(1))
+  assert done.returncode == 0, done.stderr[-2000:]
+  done = forked.call(_in_folder, str(tmp_path), 'bench.meta_memory', [
+      '--quick', '--merge=' + os.path.join(ROOT, 'bench', 'results', 'meta_memory.json')],
+                     env=subprocess_env(1))
+  assert done.returncode == 0, done.stderr[-2000:]
+  for name, data in full.items():
+    assert (results / name).read_bytes() == data, f'{name} was written over'
+  quick = json.loads((results / 'valuation_scale_quick.json').read_text())
+  assert quick['quick'] is True and quick['store']['num_train'] == 8
+  merged = json.loads((results / 'meta_memory_quick.json').read_text())
+  assert merged['merged_from'] == ['meta_memory.json']
+
+
+@pytest.mark.slow
+def test_the_curation_bench_runs_at_its_smallest_and_steps_saved_reads_it(tmp_path, tfds_dir):
+  """CI checks only the benches' bad command lines: bench.curation end to end at tiny sizes (every
+  method, one seed), its files consistent with its runs, and bench.steps_saved on its JSON."""
+  out = tmp_path / 'curation'
+  proc = forked.run('bench.curation', [
+      f'--out={out}', '--noise=0.2', '--seeds=0', '--keep=0.8', '--rater_steps=5', '--epochs=2',
+      f'--config.data.data_dir={tfds_dir}', '--config.inner.population=2',
+      '--config.valuation.train_steps=40', '--config.valuation.checkpoint_every=20',
+      '--config.valuation.reference_steps=40'], subprocess_env(1), ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  results = json.loads((tmp_path / 'curation.json').read_text())
+  assert results['made_by']['command'].startswith('python -m bench.curation --out=')
+  run, s = results['runs']['0.2']['0'], results['summary']['0.2']
+  accuracies = [run['all']['accuracy'], run['random']['0.8']['accuracy'],
+                *(run['filtered'][m]['0.8']['accuracy'] for m in results['methods']),
+                *(run['online'][m]['accuracy'] for m in results['methods'])]
+  assert all(0 <= a <= 1 for a in accuracies), accuracies
+  table = (tmp_path / 'curation.md').read_text()
+  assert f'| 20% | all data | 1.0 | {100 * run["all"]["accuracy"]:.2f} ± 0.00 |' in table
+  assert (tmp_path / 'curation.png').stat().st_size > 0
+  done = forked.run('bench.steps_saved', [f'--results={out}.json', f'--out={tmp_path}/saved'],
+                    subprocess_env(1), ROOT)
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = next(iter(json.loads((tmp_path / 'saved.json').read_text())['tables'].values()))
+  curve, final = run['all']['curve'], run['all']['accuracy']
+  own = next(step for step, a in curve if a >= final) / run['all']['steps']  # by hand
+  assert rows and all(r['all_steps_to_own_final'] == [own] for r in rows)
+  assert s['filtered']['datarater']['0.8']['all_steps_to_own_final'] == [own]
