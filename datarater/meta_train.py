@@ -423,8 +423,9 @@ def fresh_model_results(config, data, problem, rater_params) -> dict:
   seeds = [config.seed * fe.num_models + m for m in range(fe.num_models)]
   results = {}
   for name, policy in policies.items():
+    lr = f'inner.learning_rate ({config.inner.learning_rate:g})'
     run = Trainer(problem.task, problem.inner_optimizer, policy, config.inner.batch_size,
-                  learning_rate=f'inner.learning_rate ({config.inner.learning_rate:g})').run(
+                  learning_rate_setting=lr).run(
         data.train, {'heldout': data.heldout, 'eval': data.eval}, seeds, steps=fe.train_steps)
     results[name] = {split: {k: float(np.mean(v)) for k, v in metrics.items()}
                      for split, metrics in run.final.items() if split in ('heldout', 'eval')}

@@ -133,7 +133,7 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   if made.check_data and hasattr(train_split, 'features'):  # streamed: the trainer checks chunks
     made.check_data(train_split.features)
   trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size,
-                    learning_rate=f'train.learning_rate ({t.learning_rate:g})')
+                    learning_rate_setting=f'train.learning_rate ({t.learning_rate:g})')
   if ckpt is not None and made.spans_epochs:  # its choices depend on train.epochs: compared too
     ckpt.free_fields = tuple(f for f in ckpt.free_fields if f != 'train.epochs')
     ckpt.check_compatible()  # (the inputs' digests are not read again)

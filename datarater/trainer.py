@@ -144,14 +144,14 @@ def _check_weights(policy_name: str, used: np.ndarray, seeds, first_step: int) -
                     f'{used.shape[1]} steps)')
 
 
-def _check_losses(losses: np.ndarray, seeds, first_step: int, learning_rate: str) -> None:
+def _check_losses(losses: np.ndarray, seeds, first_step: int, setting: str) -> None:
   """Refuses training losses [M, L, B] that are not finite: the models diverged, and every
   later step, evaluation and checkpoint would hold NaN."""
   bad = np.argwhere(~np.isfinite(losses))
   if len(bad):
     m, t, _ = bad[0]
     raise UserError(f'the training loss is not finite at step {first_step + t + 1} (model seed '
-                    f'{seeds[m]}): the models diverged; lower {learning_rate}')
+                    f'{seeds[m]}): the models diverged; lower {setting}')
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -167,13 +167,13 @@ class Trainer:
 
   def __init__(self, task: Task, optimizer: optax.GradientTransformation, policy,
                batch_size: int, record_every: int = 0,
-               learning_rate: str = "the optimizer's learning rate"):
-    """`learning_rate` names the setting to lower where the models diverge (a config field and
-    its value)."""
+               learning_rate_setting: str = "the optimizer's learning rate"):
+    """`learning_rate_setting` names the setting to lower where the models diverge (a config
+    field and its value)."""
     if batch_size < 1:
       raise UserError(f'batch_size must be >= 1, got {batch_size}')
     self.task, self.optimizer, self.policy = task, optimizer, policy
-    self.learning_rate = learning_rate
+    self.learning_rate_setting = learning_rate_setting
     self.batch_size, self.record_every = batch_size, record_every
     self.steps_per_epoch = math.ceil(policy.num_selected / batch_size)
     self._plan = jax.jit(jax.vmap(self._plan_one, in_axes=(None, 0, 0, None)))
@@ -345,7 +345,7 @@ class Trainer:
           losses.append(np.asarray(part_losses)[:, :b - a])  # the padding steps dropped
           used.append(np.asarray(part_used)[:, :b - a])
           _check_weights(self.policy.name, used[-1], seeds, done_steps + a)
-          _check_losses(losses[-1], seeds, done_steps + a, self.learning_rate)
+          _check_losses(losses[-1], seeds, done_steps + a, self.learning_rate_setting)
           counts = np.asarray(counts)
           state = state.replace(models=models,
                                 example_gradients=state.example_gradients + counts[:, 0],

@@ -335,7 +335,8 @@ def test_diverged_models_stop_the_run_at_the_first_non_finite_loss(splits):
   first step whose training loss is not finite (it trained on, evaluating and checkpointing NaN):
   one step fewer runs to its end."""
   train, test = splits
-  trainer = _trainer(train, optimizer=optax.adam(1e30), batch_size=64, learning_rate='LR (1e30)')
+  trainer = _trainer(train, optimizer=optax.adam(1e30), batch_size=64,
+                     learning_rate_setting='LR (1e30)')
   with pytest.raises(UserError, match=r'the training loss is not finite at step (\d+) \(model '
                                       r'seed 3\): the models diverged; lower LR \(1e30\)$') as e:
     trainer.run(train, {'test': test}, [3], steps=30)
