@@ -86,12 +86,12 @@ def batch_filter(score_fn, score_params, rho: float, num_examples: int, **cost) 
                 keep_state, score_params, forwards_per_example=1.0, **cost)
 
 
-def tie_survival(reference_scores: np.ndarray, rho: float, batch_size: int):
+def tie_survival(ref: np.ndarray, rho: float, batch_size: int):
   """(distinct reference scores, float32 [U]; survival probability of an example holding each
-  score, [U]): the mean of `survival_probability(r / N)` over the ranks r of the reference scores
-  equal to it (one rank each when distinct), since equal scores are ordered at random in a
-  batch. Averaged in float64 on the host."""
-  ref = np.sort(np.asarray(reference_scores, np.float32))
+  score, [U]) of the sorted float32 reference scores `ref`: the mean of
+  `survival_probability(r / N)` over the ranks r of the reference scores equal to it (one rank
+  each when distinct), since equal scores are ordered at random in a batch. Averaged in float64
+  on the host."""
   n = len(ref)
   values, first, count = np.unique(ref, return_index=True, return_counts=True)
   ranks_p = np.asarray(survival_probability(jnp.arange(n) / n, rho, batch_size), np.float64)
@@ -117,9 +117,10 @@ def acceptance_filter(score_fn, score_params, reference_scores: np.ndarray, rho:
   """
   check_rho(rho)
   num_examples = len(reference_scores)
-  values, tied = tie_survival(reference_scores, rho, batch_size)
-  aux = {'params': score_params, 'sorted': jnp.sort(jnp.asarray(reference_scores, jnp.float32)),
-         'values': jnp.asarray(values), 'tied': jnp.asarray(tied)}
+  ref = np.sort(np.asarray(reference_scores, np.float32))
+  values, tied = tie_survival(ref, rho, batch_size)
+  aux = {'params': score_params, 'sorted': jnp.asarray(ref), 'values': jnp.asarray(values),
+         'tied': jnp.asarray(tied)}
 
   def init(num, key):
     del num
