@@ -501,7 +501,8 @@ def test_killed_build_resumes_to_identical_files(setup, tmp_path, monkeypatch):
 def test_stored_data_value_embeddings_equal_explicit_backward_product(setup, tmp_path):
   """Empirical-Fisher embeddings in the projected space, written out: e_{t,j} = (lr_t/B) w_tj
   K_{t+1} g_tj, K_t = K_{t+1} (I - lr_t (1/B) G_t^T W_t G_t), summed per example; value =
-  <e_i, projected mean test gradient at the final params>."""
+  <e_i, projected mean test gradient at the final params>. The store keeps no training
+  gradients (`gradients=False`: the embeddings are all it needs)."""
   task, split, _, test, state, _ = setup
   loss = task.per_example_loss
   params = as64(task.init(jax.random.key(1)))
@@ -509,7 +510,10 @@ def test_stored_data_value_embeddings_equal_explicit_backward_product(setup, tmp
   weights[[1, 4], [2, 0]] = 0.0
   run = sgd_run(loss, params, split, steps=5, every=1, weights=weights)
   s = store.build(str(tmp_path / 'g'), loss, run, split, pergrad.factored_projection(3, 2, 7),
-                  dtype='float64')
+                  dtype='float64', gradients=False)
+  assert not [f for f in os.listdir(s.path) if f.startswith('grads_')]
+  with pytest.raises(UserError, match='built without training gradients'):
+    s.tracin(loss, run, test)
   s.add_dvemb(task, run, 'empirical_fisher', chunk_size=3)
   lrs = np.asarray(run.step_lrs)
   grads = [projected_oracle(loss, run.checkpoint(t), jax.tree.map(lambda x, t=t: x[t],

@@ -119,6 +119,15 @@ def test_a_file_name_not_in_utf8_is_read_and_digested_by_its_bytes(tmp_path):
   assert [bytes(r.astype(np.uint8)) for r in rows] == _windows(bytes(range(256)) * 3)
 
 
+def test_pipes_and_sockets_named_as_text_are_not_documents(tmp_path):
+  """A named pipe (or socket) ending in .txt is no document: reading it would wait for a writer
+  (prepare_text hung)."""
+  source = _make_corpus(tmp_path / 'corpus', READ[:2])
+  os.mkfifo(source / 'pipe.txt')
+  os.symlink(source / 'pipe.txt', source / 'link_to_pipe.md')
+  assert text_folder.text_files(str(source), text_folder.SUFFIXES) == sorted(n for n, _ in READ[:2])
+
+
 def _split_of_each_document(out):
   """document id -> the one split holding its rows, read from the dataset folder."""
   builder, found = tfds.builder_from_directory(str(out)), {}

@@ -442,6 +442,18 @@ def test_valuate_from_a_gradient_store_with_top_k(tfds_dir, tmp_path, exact):
   assert not os.path.exists(os.path.join(work, 'topk_tracin.parquet'))
 
 
+@pytest.mark.slow
+def test_dvembs_store_keeps_no_training_gradients(tfds_dir, tmp_path):
+  """launch.valuate's data value embedding store holds its embeddings, not a [N, D] file of
+  training gradients for each of valuation.dvemb_steps steps (its scores never read them)."""
+  config = small_config(tfds_dir)
+  config.valuation.store, config.valuation.store_k = True, 8
+  work = str(tmp_path / 'dvemb')
+  valuate('dvemb', config, work, progress=False)
+  (path,) = [os.path.join(work, d) for d in os.listdir(work) if d.startswith('store_dvemb')]
+  assert sorted(os.listdir(path)) == ['dvemb.npy', 'meta.json']
+
+
 @SHARED
 def test_a_gradient_store_projects_the_layers_of_its_method(tfds_dir, tmp_path, exact):
   """Mimic (valuation.mimic_layers='last') from a store projects only the model's last Dense

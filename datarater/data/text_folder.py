@@ -43,8 +43,8 @@ SEQ_LEN = python_text.SEQ_LEN
 
 
 def text_files(source: str, suffixes: Sequence[str]) -> list[str]:
-  """Paths relative to `source` of its files ending in one of `suffixes`, hidden files and
-  folders skipped, sorted."""
+  """Paths relative to `source` of its files ending in one of `suffixes`, sorted; hidden files
+  and folders are skipped, and so are pipes, sockets and devices (reading a pipe would wait)."""
   def fail(e: OSError):
     raise UserError(f'cannot read folder {e.filename!r} under --source: '
                     f'{e.strerror or e}') from None
@@ -52,8 +52,15 @@ def text_files(source: str, suffixes: Sequence[str]) -> list[str]:
   for folder, dirs, names in os.walk(source, onerror=fail):
     dirs[:] = [d for d in dirs if not d.startswith('.')]
     out.extend(os.path.relpath(os.path.join(folder, n), source) for n in names
-               if not n.startswith('.') and n.endswith(tuple(suffixes)))
+               if not n.startswith('.') and n.endswith(tuple(suffixes)) and not _special(
+                   os.path.join(folder, n)))
   return sorted(out)
+
+
+def _special(path: str) -> bool:
+  """Whether `path` exists and is not a regular file (a link is followed; a broken one fails
+  when read)."""
+  return os.path.exists(path) and not os.path.isfile(path)
 
 
 def _read(source: str, name: str) -> bytes:

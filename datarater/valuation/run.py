@@ -280,12 +280,13 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
 
 def _check_store_size(method: str, config, n: int, workdir: str) -> None:
   """Refuses a gradient store larger than the free space where it would go: at least
-  valuation.store_k**2 float32s per example and checkpoint (one per projected layer). The
+  valuation.store_k**2 float32s per example and checkpoint (one per projected layer; one
+  embedding for the data value embedding, whose store keeps no training gradients). The
   method's stores already there count as free (one may be the store reused), so the check errs
   toward running."""
   v = config.valuation
   steps, every = ((v.dvemb_steps, 1) if method == 'dvemb' else (v.train_steps, v.checkpoint_every))
-  checkpoints = max(1, steps // every)
+  checkpoints = 1 if method == 'dvemb' else max(1, steps // every)
   need = n * v.store_k ** 2 * 4 * checkpoints
   folder = os.path.abspath(workdir)
   while not os.path.exists(folder):
@@ -323,11 +324,11 @@ def _from_store(method, config, task, train, heldout, workdir, stem, tag, valuat
     log.info('rebuilding %s: it projects layers %s, the method reads %s', path,
              store.meta['projection']['layers'], layers)
     store = None
-  if store is None:
+  if store is None:  # the data value embedding's reads only its embeddings (top-k is TracIn's)
     store = store_lib.build(path, loss, run, train, pergrad.factored_projection(
         v.store_k, v.store_k, v.projection_seed, layers), split_name=config.data.train_split,
                             block_size=v.score_batch_size, chunk_size=v.chunk_size,
-                            overwrite=True, progress=progress)
+                            overwrite=True, progress=progress, gradients=method != 'dvemb')
   heldout_batch = heldout.take(np.arange(len(heldout)))
   if method == 'tracin':
     if v.tracin_mode == 'self':

@@ -10,6 +10,8 @@ A store is a folder:
 - `grads_<c>.npy`: [N, D] (float32 by default) in `np.lib.format`, so `np.load(mmap_mode='r')`
   reads rows in place: row i is example i's projected gradient at checkpoint c;
 - `dvemb.npy` (after `add_dvemb`): [N, D] data value embeddings in the same projection.
+A store built with `gradients=False` has no `grads_<c>.npy` (meta `gradients: false`): it holds
+only what `add_dvemb` adds, and the queries that read training gradients refuse it.
 
 `build` writes into `.<name>.partial` beside the store: the .npy files are created full size,
 blocks of `block_size` examples are computed in order (all checkpoints at once) and written, and
@@ -83,7 +85,7 @@ def _open_partial(partial: str, meta: dict) -> int:
     shutil.rmtree(partial)
   os.makedirs(partial)
   files.write_json(os.path.join(partial, META), meta)
-  for c in meta['checkpoints']:
+  for c in meta['checkpoints'] if meta['gradients'] else ():
     np.lib.format.open_memmap(os.path.join(partial, c['file']), mode='w+',
                               dtype=np.dtype(meta['dtype']), shape=(meta['num_examples'],
                                                                     meta['dim'])).flush()
@@ -98,10 +100,11 @@ def _save_progress(partial: str, done: int) -> None:
 def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
           projection: pergrad.FactoredProjection, *, split_name: str = '',
           block_size: int = 1024, chunk_size: Optional[int] = 64, dtype: str = 'float32',
-          overwrite: bool = False, progress: bool = False) -> 'GradientStore':
+          overwrite: bool = False, progress: bool = False,
+          gradients: bool = True) -> 'GradientStore':
   """Projects every example of `split` (a `pipeline.Split` or a streamed `source.Source`) at
   every checkpoint of `run` and writes the store at `path` (resuming a killed build of the same
-  store); returns it opened."""
+  store); returns it opened. `gradients=False` writes no gradients: a store for `add_dvemb`."""
   path = os.path.abspath(path)
   parent, name = os.path.dirname(path), os.path.basename(path)
   if os.path.exists(path) and not overwrite:
@@ -125,7 +128,8 @@ def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
           'checkpoints': [{'step': int(s), 'learning_rate': float(lr), 'file': f'grads_{c}.npy'}
                           for c, (s, lr) in enumerate(zip(np.asarray(run.checkpoint_steps), lrs))],
           'checkpoints_digest': digest(run.checkpoints),
-          'build': {'block_size': block_size, 'chunk_size': chunk_size}}
+          'build': {'block_size': block_size, 'chunk_size': chunk_size},
+          'gradients': bool(gradients)}
   meta = json.loads(json.dumps(files.json_safe(meta)))  # as read back: compared with a partial's
   try:
     os.makedirs(parent, exist_ok=True)
@@ -135,11 +139,11 @@ def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
   except OSError as e:
     raise UserError(f'cannot write gradient store {path!r}: {files.why_not(path, e)}') from None
   arrays = [np.lib.format.open_memmap(os.path.join(partial, c['file']), mode='r+')
-            for c in meta['checkpoints']]
+            for c in meta['checkpoints']] if gradients else []
   fn, size = _grads_fn(loss_fn, chunk_size), min(block_size, n)
   with progress_bar(total=n, initial=done, desc='gradient store', unit='ex',
-                    disable=not progress) as bar:
-    for start in range(done, n, size):
+                    disable=not progress or not gradients) as bar:
+    for start in range(done, n, size) if gradients else ():
       out = np.asarray(fn(run.checkpoints, split.take(np.arange(start, start + size) % n), state))
       rows = min(size, n - start)
       for array, g in zip(arrays, out):
@@ -224,8 +228,9 @@ class GradientStore:
       self.meta = _read_json(os.path.join(self.path, META))
       if self.meta.get('format') != FORMAT:
         raise UserError(f'{path!r} is not a gradient store of format {FORMAT}')
+      self.has_gradients = self.meta.get('gradients', True)
       self._grads = [np.load(os.path.join(self.path, c['file']), mmap_mode='r')
-                     for c in self.meta['checkpoints']]
+                     for c in self.meta['checkpoints']] if self.has_gradients else None
     except (OSError, ValueError) as e:
       raise UserError(f'cannot read gradient store {path!r}: {e}') from None
     self.ids = np.asarray(self.meta['ids'], np.int64)
@@ -243,7 +248,13 @@ class GradientStore:
 
   def grads(self, c: int) -> np.ndarray:
     """Checkpoint c's projected training gradients [N, D], memory-mapped."""
-    return self._grads[c]
+    return self._gradients()[c]
+
+  def _gradients(self) -> list:
+    if not self.has_gradients:
+      raise UserError(f'gradient store {self.path!r} was built without training gradients (for '
+                      'data value embeddings only): build it with gradients=True')
+    return self._grads
 
   def projection_state(self, loss_fn: PerExampleLoss, params, batch: dict) -> pergrad.FactoredState:
     """The store's factors drawn again for this model (checked against the recorded ones)."""
@@ -257,6 +268,8 @@ class GradientStore:
     return state
 
   def _check_run(self, run: TrainingRun) -> None:
+    """Refuses another run than the store's, or a store without gradients (before any work)."""
+    self._gradients()
     if not np.array_equal(np.asarray(run.checkpoint_steps), self.steps) or digest(
         run.checkpoints) != self.meta['checkpoints_digest']:
       raise UserError(f'this run is not the one the gradient store {self.path!r} was built from '
@@ -274,7 +287,7 @@ class GradientStore:
     """(start, stop, [rows, C * D]) blocks of the store, checkpoints side by side."""
     for start in range(0, self.num_examples, block_size):
       stop = min(start + block_size, self.num_examples)
-      parts = [jnp.asarray(np.asarray(g[start:stop]), dtype) for g in self._grads]
+      parts = [jnp.asarray(np.asarray(g[start:stop]), dtype) for g in self._gradients()]
       if normalize:
         parts = [_normalized(x) for x in parts]
       yield start, stop, jnp.concatenate(parts, 1)
@@ -290,9 +303,9 @@ class GradientStore:
 
   def self_influence(self, block_size: int = 65536) -> np.ndarray:
     """TracIn self-influence sum_c lr_c ||g_ic||^2 of every stored example, [N] (float64)."""
-    out = np.zeros(self.num_examples)
+    out, grads = np.zeros(self.num_examples), self._gradients()
     for start in range(0, self.num_examples, block_size):
-      for lr, g in zip(self.lrs, self._grads):
+      for lr, g in zip(self.lrs, grads):
         x = np.asarray(g[start:start + block_size], np.float64)
         out[start:start + len(x)] += lr * np.sum(x * x, 1)
     return out
