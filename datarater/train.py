@@ -77,6 +77,17 @@ def format_record(record: dict, eval_split: str) -> str:
   return ' | '.join(parts)
 
 
+def sections_read(config, policy: Optional[str] = None) -> tuple[str, ...]:
+  """The config sections a run of `policy` (default `config.policy.name`) reads; refuses a
+  policy not named or unknown."""
+  if policy is None and 'policy' not in config:  # (a config of another launcher)
+    raise UserError("the config has no policy section: give --policy or a config with one")
+  name = config.policy.name if policy is None else policy  # '' (--policy=) is no name
+  if name not in policies.POLICIES:
+    raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(policies.POLICIES))})')
+  return SECTIONS + policies.SECTIONS[name]
+
+
 def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str = '',
           workdir: str = '', stop_after: Optional[int] = None,
           log: Callable[[str], None] = print) -> dict:
@@ -85,13 +96,10 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   `policy` overrides `config.policy.name`. If `stop_after` ends training early, returns
   {'stopped_after': epochs done} and writes no report.
   """
-  if policy is None and 'policy' not in config:  # (a config of another launcher)
-    raise UserError("the config has no policy section: give --policy or a config with one")
-  name = config.policy.name if policy is None else policy  # '' (--policy=) is no name
-  if name not in policies.POLICIES:
-    raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(policies.POLICIES))})')
+  sections = sections_read(config, policy)
+  name = config.policy.name if policy is None else policy
   policies.check_inputs(name, rater=rater, scores=scores)
-  config_checks.validate(config, SECTIONS + policies.SECTIONS.get(name, ()))
+  config_checks.validate(config, sections)
   d, t = config.data, config.train
   if stop_after is not None and not workdir:
     raise UserError('--stop_after needs --workdir (the checkpoint is written there)')

@@ -26,6 +26,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from datarater.errors import UserError
 from launch import interrupts
 
 HELP = ('--help', '-h', '--helpfull', '-?')
@@ -36,6 +37,7 @@ class ConfigFileError(Exception):
 
 
 # What a bad flag, config file or config override raises (ml_collections raises the builtin ones).
+_GIVEN: dict[int, list[str]] = {}  # id(FlagValues) -> the flag names its command line gave
 OVERRIDE_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, ConfigFileError)
 
 
@@ -166,6 +168,7 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
     _fail(e, argv)
   _refuse_joined_tuples(argv, fv)
   _refuse_unread_steps(argv, fv)
+  _GIVEN[id(fv)] = _given(argv, fv)
   if len(parsed) > 1:  # no launcher reads one: a word split off a flag's value (a space in it)
     print(f'error: unexpected argument {parsed[1]!r} (flags are --name=value; quote a value '
           'holding spaces)', file=sys.stderr)
@@ -215,6 +218,18 @@ def _refuse_unread_steps(argv, fv: flags.FlagValues) -> None:
             f'data size the stage); give --config.{passes}=0 too to train that many steps',
             file=sys.stderr)
       sys.exit(2)
+
+
+def refuse_unread_sections(fv: flags.FlagValues, sections, launcher: str) -> None:
+  """A `--config.<section>.<field>` override of a section the launcher's run does not read
+  (`sections`) changes nothing: refused in one line (e.g. train.learning_rate given to
+  launch.train_rater, whose inner models' rate is inner.learning_rate)."""
+  read, config = {s.split('.')[0] for s in sections}, fv['config'].value
+  for name in _GIVEN.get(id(fv), ()):
+    top = name.split('.')[1] if name.startswith('config.') and '.' in name[7:] else ''
+    if top in config and hasattr(config[top], 'keys') and top not in read:
+      raise UserError(f'--{name} is not read by {launcher}: it reads the config sections '
+                      f'{", ".join(sections)}')
 
 
 def run(main: Callable, define_flags: Callable, doc: str) -> None:

@@ -16,7 +16,7 @@ if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callbac
 from absl import flags
 
 from datarater.errors import exit_on_user_error
-from datarater.train import train
+from datarater.train import sections_read, train
 from launch import cli
 
 
@@ -36,6 +36,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
+    cli.refuse_unread_sections(fv, sections_read(fv.config, fv.policy), 'launch.train')
     train(fv.config, fv.policy, rater=fv.rater, scores=fv.scores, workdir=fv.workdir,
           stop_after=fv.stop_after)
 

@@ -11,7 +11,7 @@ if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callbac
 from absl import flags
 
 from datarater.errors import exit_on_user_error
-from datarater.meta_train import meta_train
+from datarater.meta_train import SECTIONS, meta_train
 from launch import cli, distributed
 
 
@@ -29,6 +29,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
+    cli.refuse_unread_sections(fv, SECTIONS, 'launch.train_rater')
     distributed.initialize_from_flags(fv)
     meta_train(fv.config, fv.workdir, stop_after=fv.stop_after)
 

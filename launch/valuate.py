@@ -16,7 +16,7 @@ from absl import flags
 
 from datarater.errors import exit_on_user_error
 from datarater.valuation.factory import METHODS
-from datarater.valuation.run import valuate
+from datarater.valuation.run import SECTIONS, valuate
 from launch import cli, distributed
 
 
@@ -30,6 +30,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
+    cli.refuse_unread_sections(fv, SECTIONS, 'launch.valuate')
     distributed.initialize_from_flags(fv)
     summary = valuate(fv.method, fv.config, fv.workdir)
   if not summary:  # another process of a multi-process job wrote the files

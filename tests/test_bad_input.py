@@ -209,6 +209,14 @@ def _cases(tfds_dir: str, w) -> list:
       ('train', [data, '--policy=sae', '--config.sae.epochs=2', '--config.sae.steps=100',
                  f'--workdir={w}/new_train'],
        '--config.sae.steps is not read while sae.epochs=2 > 0'),
+      (*tr('--config.train.learning_rate=0.1'), '--config.train.learning_rate is not read by '
+       'launch.train_rater: it reads the config sections data, task, rater, inner, outer'),
+      ('valuate', [data, '--method=tracin', '--config.inner.batch_size=3', f'--workdir={w}/new_val'],
+       '--config.inner.batch_size is not read by launch.valuate: it reads the config sections '
+       'data, task, valuation'),
+      ('train', [data, '--policy=sae', '--config.valuation.batch_size=3'],
+       '--config.valuation.batch_size is not read by launch.train: it reads the config sections '
+       'data, task, train, policy, features, features.task, sae, sae_scores'),
       ('valuate', [data, '--method=tracin', '--config.features.train_epochs=0.5',
                    '--config.features.train_steps=9', f'--workdir={w}/new_val'],
        '--config.features.train_steps is not read while features.train_epochs=0.5 > 0'),
@@ -499,7 +507,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 189  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 192  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -21,12 +21,15 @@ from configs.digits import get_config
 from datarater.curation.filter import filter_dataset
 from datarater.data.corruption import Corruption
 from datarater.export import export_rater, load_rater
+from datarater import meta_train as meta_train_lib
 from datarater.meta_train import meta_train
+from datarater.valuation import run as valuation_run
 from datarater.valuation.run import valuate
 from tests import forked
 from tests.run_config import as_flags, small_config
 from tests.conftest import subprocess_env
 
+READ_BY = {'train_rater': meta_train_lib.SECTIONS, 'valuate': valuation_run.SECTIONS}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One worker runs these one after another: two jobs starting at once on the two CI workers could
 # race for a coordinator port (_free_port releases it before process 0 binds it), and each job
@@ -242,7 +245,7 @@ def test_processes_given_different_flags_stop_in_one_line(tfds_dir, tmp_path, mo
   block size read slots no process wrote): one line on both, nothing written."""
   args = [a.replace('W', str(tmp_path / 'out')) for a in args]
   if module != 'filter':
-    args += as_flags(small_config(tfds_dir, steps=2))
+    args += as_flags(small_config(tfds_dir, steps=2), READ_BY[module])
   else:
     args.append(f'--data_dir={tfds_dir}')
   procs = _start(f'launch.{module}', args, ((), extra))
@@ -549,7 +552,7 @@ def test_bad_input_on_one_process_stops_both_in_one_line(tfds_dir, tmp_path, mod
     args.append(f'--data_dir={tfds_dir}')
     bad = f'--data_dir={tmp_path}/a_file'
   else:
-    args += as_flags(small_config(tfds_dir, steps=2))
+    args += as_flags(small_config(tfds_dir, steps=2), READ_BY[module])
     bad = f'--config.data.data_dir={tmp_path}/a_file'
   procs = _start(f'launch.{module}', args, ((), (bad,)))
   outs = _outputs(procs, timeout=120)
