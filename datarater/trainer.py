@@ -145,13 +145,19 @@ def _check_weights(policy_name: str, used: np.ndarray, seeds, first_step: int) -
 
 
 def _check_losses(losses: np.ndarray, seeds, first_step: int, setting: str) -> None:
-  """Refuses training losses [M, L, B] that are not finite: the models diverged, and every
-  later step, evaluation and checkpoint would hold NaN."""
+  """Refuses training losses [M, L, B] that are not finite: the models diverged (or, at step 1,
+  before any update, the model cannot read the data), and every later step, evaluation and
+  checkpoint would hold NaN."""
   bad = np.argwhere(~np.isfinite(losses))
   if len(bad):
     m, t, _ = bad[0]
-    raise UserError(f'the training loss is not finite at step {first_step + t + 1} (model seed '
-                    f'{seeds[m]}): the models diverged; lower {setting}')
+    where = f'at step {first_step + t + 1} (model seed {seeds[m]})'
+    if first_step + t == 0:  # the initial parameters' loss: no step has diverged yet
+      raise UserError(f'the training loss is not finite {where}, before any update: the model '
+                      "cannot read the data (tokens outside an embedding's vocabulary? a task's "
+                      'check_data can refuse such data in one line)')
+    raise UserError(f'the training loss is not finite {where}: the models diverged; lower '
+                    f'{setting}')
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -546,3 +546,80 @@ def test_a_batch_reading_loss_hidden_at_init_by_a_zero_last_layer_is_refused():
                zip(jax.tree.leaves(in_batch), jax.tree.leaves(alone))) > 1e-2  # what is prevented
   with pytest.raises(UserError, match="task ZeroHead: an example's loss depends on the rest"):
     tasks.check_per_example(task, params, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WordModel(tasks.Task):
+  """A researcher's own model over word ids (nn.Embed, as flax tutorials write it), reading its
+  token feature and a per-token mask by the names it was given (`init_key` in init)."""
+  spec: tasks.FeatureSpec
+  mask_key: str = 'mask'
+  init_key: str = 'tokens'
+  vocab: int = 10
+
+  def _module(self):
+    return nn.Sequential([nn.Embed(self.vocab, 4), nn.Dense(1)])
+
+  def init(self, key):
+    return self._module().init(key, tasks.example_batch(self.spec)[self.init_key])
+
+  def per_example_loss(self, params, batch):
+    per_token = self._module().apply(params, batch['tokens'])[..., 0] ** 2
+    w = batch[self.mask_key]
+    return (w * per_token).sum(-1) / jnp.maximum(w.sum(-1), 1e-6)
+
+
+def _word_info():
+  from datarater.data.pipeline import DataInfo  # pylint: disable=g-import-not-at-top
+  spec = {'tokens': jax.ShapeDtypeStruct((6,), jnp.int32),
+          'mask': jax.ShapeDtypeStruct((6,), jnp.float32)}
+  return DataInfo('words', spec, {}, None)
+
+
+def test_a_model_reading_a_feature_the_data_lacks_is_one_line():
+  """An own task whose loss or init looks up a feature the dataset does not have (a mask named
+  'maks' in its config) was a KeyError traceback from the shape check: one line naming it and
+  the data's features. A KeyError of the model's own (a parameter it misnames) stays one."""
+  info = _word_info()
+  tasks.register_task('word_for_test', {})(
+      lambda config, info: _WordModel(info.spec, config.mask, config.init))
+  make = lambda mask='mask', init='tokens': tasks.make_task(
+      ml_collections.ConfigDict({'name': 'word_for_test', 'mask': mask, 'init': init}), info)
+  try:
+    assert make().mask_key == 'mask'
+    for mask, init, method, key in (('maks', 'tokens', 'per_example_loss', 'maks'),
+                                    ('mask', 'text', 'init', 'text')):
+      with pytest.raises(UserError) as raised:
+        make(mask, init)
+      line = str(raised.value)
+      assert '\n' not in line and line.startswith(
+          f"_WordModel.{method} reads feature '{key}', which dataset 'words' does not have "
+          '(features, decoded: mask, tokens; and index)'), line
+  finally:
+    tasks.TASKS.pop('word_for_test')
+
+  @dataclasses.dataclass(frozen=True)
+  class MisnamedParameter(_WordModel):
+    def per_example_loss(self, params, batch):
+      return params['params']['head']['kernel'].sum() + batch['mask'].sum(-1)
+
+  with pytest.raises(KeyError, match='head'):
+    tasks.base.check_outputs(MisnamedParameter(info.spec), info)
+
+
+def test_a_nan_loss_from_tokens_outside_the_embedding_is_not_called_batch_mixing():
+  """Without a check_data, tokens past an own model's nn.Embed read NaN: the per-example probe
+  (NaN != NaN) blamed batch norm or dropout keys; it now says the loss is NaN and why it may be."""
+  task = _WordModel(_word_info().spec)
+  params = jax.jit(task.init)(jax.random.key(0))
+  batch = {'tokens': jnp.asarray(np.arange(24).reshape(4, 6) % 10, jnp.int32),
+           'mask': jnp.ones((4, 6)), 'index': jnp.arange(4)}
+  tasks.check_per_example(task, params, batch)
+  batch['tokens'] = batch['tokens'].at[2, 3].set(12)  # outside the vocabulary of 10
+  with pytest.raises(UserError) as raised:
+    tasks.check_per_example(task, params, batch)
+  line = str(raised.value)
+  assert '\n' not in line and 'depends on the rest' not in line, line
+  assert line.startswith('task _WordModel: its per_example_loss or its derivative is NaN on 1 '
+                         "of 4 examples at its initial parameters: data it cannot read, such as "
+                         "tokens outside an embedding's vocabulary"), line

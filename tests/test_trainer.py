@@ -346,3 +346,19 @@ def test_diverged_models_stop_the_run_at_the_first_non_finite_loss(splits):
   assert run.steps == step - 1
   with pytest.raises(UserError, match=rf'not finite at step {step} '):
     trainer.run(train, {'test': test}, [3], steps=step)
+
+
+def test_a_loss_not_finite_before_any_update_is_not_called_a_divergence():
+  """A NaN loss at step 1 is the initial parameters' (an own model's nn.Embed reads NaN for
+  tokens past its vocabulary): it said 'the models diverged; lower the learning rate'. Later
+  steps' still say so, naming the setting."""
+  losses = np.ones((2, 3, 4))
+  losses[1, 0, 2] = np.nan
+  with pytest.raises(UserError) as e:
+    trainer_lib._check_losses(losses, [5, 6], 0, 'LR (0.1)')  # pylint: disable=protected-access
+  line = str(e.value)
+  assert line.startswith('the training loss is not finite at step 1 (model seed 6), before any '
+                         'update: the model cannot read the data') and 'LR' not in line, line
+  with pytest.raises(UserError, match=r'not finite at step 4 \(model seed 6\): the models '
+                                      r'diverged; lower LR \(0.1\)$'):
+    trainer_lib._check_losses(losses, [5, 6], 3, 'LR (0.1)')  # pylint: disable=protected-access

@@ -22,6 +22,7 @@ example alone: no PRNG key and no mutable state are passed (batch norm: use `nn.
 `nn.LayerNorm`; dropout: a key per example from `batch['index']`, one fixed mask per example).
 """
 import abc
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping, Optional
 
@@ -105,6 +106,15 @@ def check_per_example(model: 'Task | Rater', params: Params, batch: Batch) -> No
   scale = float(np.abs(d_alone).max()) if d_alone.size else 0.0
   if not (np.allclose(together, alone, rtol=1e-4, atol=1e-6) and
           np.allclose(d_together, d_alone, rtol=1e-3, atol=1e-4 * scale + 1e-6)):
+    nan = [np.isnan(np.asarray(x)) for x in (together, alone, d_together, d_alone)]
+    if any(x.any() for x in nan):  # NaN != NaN: not a sign of batch-mates read
+      rows = int(np.sum(nan[0] | nan[1] | nan[2] | nan[3]))
+      raise UserError(f'{"rater" if rater else "task"} {type(model).__name__}: its '
+                      f'{"score" if rater else "per_example_loss"} or its derivative is NaN on '
+                      f'{rows} of {len(nan[0])} examples at its initial parameters: data it '
+                      "cannot read, such as tokens outside an embedding's vocabulary (flax's "
+                      'nn.Embed reads NaN for them)? Its check_data can refuse such data in one '
+                      'line')
     raise UserError(f'{"rater" if rater else "task"} {type(model).__name__}: an example\'s '
                     f'{"score" if rater else "loss"} depends on the rest of its batch or its place '
                     'in it (batch norm in training mode? dropout with one key for the batch?): '
@@ -130,17 +140,62 @@ _STATE_ERRORS = (flax.errors.InvalidRngError, flax.errors.ModifyScopeVariableErr
 CHECK_BATCH = 3  # examples in the batch `check_outputs` traces
 
 
-def check_outputs(model: 'Task | Rater') -> None:
+def _trace(model: 'Task | Rater', method: str, params: Params = None):
+  """`model.method` traced by `jax.eval_shape`: of (`params`, or its init's shapes, and a batch
+  of `CHECK_BATCH` examples of its spec and `index`), or of a key for `init`."""
+  if method == 'init' or params is None:
+    params = jax.eval_shape(model.init, jax.random.key(0))
+  if method == 'init':
+    return params
+  b = CHECK_BATCH
+  batch = {'index': jax.ShapeDtypeStruct((b,), jnp.int32),
+           **{k: jax.ShapeDtypeStruct((b, *s.shape), s.dtype) for k, s in model.spec.items()}}
+  return jax.eval_shape(getattr(model, method), params, batch)
+
+
+def _missing_feature(model: 'Task | Rater', method: str, error: KeyError) -> Optional[str]:
+  """The feature `model.method` looks up and its spec lacks, if that is what raised `error`:
+  the KeyError of that name goes away once the spec holds it; else None."""
+  key = error.args[0] if len(error.args) == 1 else None
+  if not isinstance(key, str) or key in model.spec or key == 'index':
+    return None
+  try:
+    more = dataclasses.replace(model, spec={**model.spec,
+                                            key: jax.ShapeDtypeStruct((), jnp.float32)})
+  except Exception:  # pylint: disable=broad-except  (not a dataclass with a `spec` field)
+    return None
+  try:
+    _trace(more, method)
+  except KeyError as e:
+    return None if e.args[:1] == (key,) else key
+  except Exception:  # pylint: disable=broad-except  (read, then failed on its dummy shape)
+    return key
+  return key
+
+
+def check_outputs(model: 'Task | Rater', info=None) -> None:
   """UserError unless a task's `per_example_loss` gives one loss per example ([B]) and its
   `metrics` a dict of [B] arrays holding `loss`, or a rater's `score` one score per example.
   Traced by `jax.eval_shape` on a batch of `CHECK_BATCH` examples, not run: a loss of shape
   [] or [B, 1] would otherwise train (weights times losses broadcast) and learn nothing. Also
   refused: an `init` returning flax collections besides `params` (`batch_stats` would be trained
-  as parameters), and a method that needs a PRNG key or a mutable collection (flax's errors)."""
+  as parameters), a method that needs a PRNG key or a mutable collection (flax's errors), and one
+  that reads a feature the data (`info`, a `pipeline.DataInfo`, if given) does not have."""
   b, name = CHECK_BATCH, type(model).__name__
-  batch = {'index': jax.ShapeDtypeStruct((b,), jnp.int32),
-           **{k: jax.ShapeDtypeStruct((b, *s.shape), s.dtype) for k, s in model.spec.items()}}
-  params = jax.eval_shape(model.init, jax.random.key(0))
+
+  def traced(method, params=None):
+    try:
+      return _trace(model, method, params)
+    except KeyError as e:
+      key = _missing_feature(model, method, e)
+      if key is None:
+        raise
+      data = f'dataset {info.name!r}' if info is not None else 'the data'
+      why = info.why_not(key) if info is not None else ''
+      raise UserError(f'{name}.{method} reads feature {key!r}, which {data} does not have '
+                      f'(features, decoded: {", ".join(sorted(model.spec))}; and index){why}: '
+                      'is a feature name in the config misspelt?') from None
+  params = traced('init')
   extra = _collections(params)
   if extra:
     what = 'score' if isinstance(model, Rater) else 'per_example_loss'
@@ -151,11 +206,9 @@ def check_outputs(model: 'Task | Rater') -> None:
 
   def shape(x):
     return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
-  outputs = ({'score': model.score} if isinstance(model, Rater) else
-             {'per_example_loss': model.per_example_loss})
-  for method, fn in outputs.items():
+  for method in ('score',) if isinstance(model, Rater) else ('per_example_loss',):
     try:
-      out = jax.eval_shape(fn, params, batch)
+      out = traced(method, params)
     except _STATE_ERRORS as e:
       first = str(e).splitlines()[0].split(' (https')[0]
       raise UserError(f'{name}.{method} asks flax for what the interface does not pass '
@@ -167,7 +220,7 @@ def check_outputs(model: 'Task | Rater') -> None:
       raise UserError(f'{name}.{method} must return one value per example, shape (B,): on a '
                       f'batch of {b} it returned shape {shape(out)}')
   if isinstance(model, Task):
-    metrics = jax.eval_shape(model.metrics, params, batch)
+    metrics = traced('metrics', params)
     if not isinstance(metrics, Mapping) or 'loss' not in metrics:
       got = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
       raise UserError(f'{name}.metrics must return a dict {{name: [B]}} holding the per-example '

@@ -76,7 +76,7 @@ def make_task(config, info) -> Task:
     raise UserError(f'unknown task.name {config.name!r} (choose from {", ".join(sorted(TASKS))})')
   task = TASKS[config.name](config, info)
   _check_kind(task, Task, 'task', config.name)
-  check_outputs(task)
+  check_outputs(task, info)
   return task
 
 
@@ -87,7 +87,7 @@ def make_rater(config, info) -> Rater:
                     'a rater of your own loads where its module is imported)')
   rater = RATERS[config.name](config, info)
   _check_kind(rater, Rater, 'rater', config.name)
-  check_outputs(rater)
+  check_outputs(rater, info)
   return rater
 
 
