@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import signal
+import time
 from typing import Callable
 
 import jax
@@ -210,7 +211,8 @@ def barrier(name: str) -> None:
 @contextlib.contextmanager
 def workdir_lock(path: str):
   """`files.workdir_lock`, taken by process 0 for the run; if process 0 cannot take it, every
-  process stops with a UserError (process 0 with the one naming the holder)."""
+  process stops with a UserError (process 0 with the one naming the holder), and so does every
+  process if one does not see the folder that process 0 locked (`_check_shared`)."""
   with contextlib.ExitStack() as stack:
     error = None
     if jax.process_index() == 0:
@@ -221,4 +223,36 @@ def workdir_lock(path: str):
     if not agree(error is None):
       raise error or UserError(f'--workdir {path!r} could not be locked by process 0 (see its '
                                'error)')
+    _check_shared(path)
     yield path
+
+
+SHARED_WAIT_S = 60.0  # how long a process looks for process 0's file (NFS caches lookups ~60 s)
+
+
+def _check_shared(path: str) -> None:
+  """UserError on every process unless each sees, within SHARED_WAIT_S, a file that process 0
+  made in `path`: the workdir must be one folder on a shared file system. (On each host's own
+  disk, process 0's checkpoints and merged scores missed the others' files: the processes waited
+  for each other for good.)"""
+  if jax.process_count() == 1:
+    return
+  token = allgather(np.frombuffer(os.urandom(8), np.uint8))[0].tobytes().hex()  # process 0's
+  marker = os.path.join(path, f'.shared.tmp-{token}')  # (left by a kill: removed at next lock)
+  try:
+    with together('writing in the workdir'):
+      if jax.process_index() == 0:
+        open(marker, 'x').close()  # pylint: disable=consider-using-with
+    with together('looking in the workdir'):  # (a signal while one looks stops every process)
+      deadline = time.monotonic() + SHARED_WAIT_S
+      while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    blind = np.flatnonzero(allgather(np.asarray([os.path.exists(marker)], np.int32))[:, 0] == 0)
+    if len(blind):
+      raise UserError(f'--workdir {path!r} is not one folder shared by every process (process '
+                      f'{", ".join(map(str, blind))} cannot see a file process 0 made in it): '
+                      'give every process a folder on a shared file system, at the same path')
+  finally:
+    if jax.process_index() == 0:
+      with contextlib.suppress(OSError):
+        os.remove(marker)

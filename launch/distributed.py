@@ -5,6 +5,7 @@ it needs from the environment (`--distributed`); elsewhere name the coordinator 
 (`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`). After it, `jax.devices()`
 lists every process's devices and one mesh spans them all.
 """
+import collections
 import errno
 import json
 import os
@@ -73,6 +74,11 @@ def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   # jax.distributed's preemption notifier took SIGTERM over (it only logs it, and the run went
   # on): this process's handlers go back in, so that SIGTERM stops it as it stops one process.
   interrupts.install()
+  counts = collections.Counter(d.process_index for d in jax.devices())  # (all processes' list)
+  if len(set(counts.values())) > 1:  # (the exchanges between processes assume as many: tracebacks)
+    held = ', '.join(f'process {p}: {n}' for p, n in sorted(counts.items()))
+    raise UserError(f'the processes of this job hold different numbers of devices ({held}): give '
+                    'every process as many (CUDA_VISIBLE_DEVICES, XLA_FLAGS)')
   multihost.check_same_settings(settings(fv))
 
 

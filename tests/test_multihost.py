@@ -216,6 +216,72 @@ def test_a_busy_coordinator_port_or_a_job_never_joined_stops_in_one_line(tmp_pat
   assert not os.path.exists(tmp_path / 'out')
 
 
+def test_processes_holding_different_numbers_of_devices_stop_in_one_line(tmp_path):
+  """Process 0 with 2 devices, process 1 with 1 (CUDA_VISIBLE_DEVICES or XLA_FLAGS set apart):
+  both stop at start-up in one line naming the counts (the processes' first exchange, which
+  assumes as many, raised a traceback on both)."""
+  port = _free_port()
+  procs = [forked.start_module('launch.train_rater', [
+      f'--workdir={tmp_path}/out', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+      f'--process_id={i}'], subprocess_env(2 - i)) for i in range(2)]
+  for p, out in zip(procs, _outputs(procs, timeout=60)):
+    assert p.returncode == 2 and out.splitlines() == [
+        'error: the processes of this job hold different numbers of devices (process 0: 2, '
+        'process 1: 1): give every process as many (CUDA_VISIBLE_DEVICES, XLA_FLAGS)'], out[-2000:]
+  assert not os.path.exists(tmp_path / 'out')
+
+
+# Two jax.distributed processes lock a workdir they share, then each its own folder (as two hosts'
+# own disks at one path); then process 1 cannot make its partial scores file.
+_NOT_SHARED = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import jax
+from configs.digits import get_config
+from datarater import multihost
+from datarater.data import source
+from datarater.errors import UserError
+from datarater.valuation import run
+pid, port, tfds_dir, tmp = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+multihost.SHARED_WAIT_S = 1
+for folder in ('shared', f'disk{pid}'):
+  try:
+    with multihost.workdir_lock(os.path.join(tmp, folder, 'run')):
+      print(folder, 'locked')
+  except UserError as e:
+    print(folder, 'refused:', e)
+data = get_config().data
+data.data_dir = tfds_dir
+split = source.open_source(data, 'train')
+partial = os.path.join(tmp, ('shared', 'missing')[pid], 'part.npy')
+try:
+  run.score_blocks(lambda b: b['label'] * 1.0, split, 300, partial, False, 'scores')
+except Exception as e:  # pylint: disable=broad-except
+  print(f'scoring stopped: {type(e).__name__}: {e}')
+"""
+
+
+def test_a_workdir_not_shared_or_a_scores_file_one_cannot_make_stops_both(tfds_dir, tmp_path):
+  """A workdir on each host's own disk is refused on every process in one line (a rater run's
+  checkpoints waited for the other process's files for good, as did valuate's merged scores);
+  process 1 failing to make its partial scores file (a full disk) stops process 0 too (it waited
+  in the first block's vote for good)."""
+  outs = _finish(_start_driver(_NOT_SHARED, tfds_dir, tmp_path), timeout=60)
+  for pid, out in enumerate(outs):
+    lines = [l for l in out.splitlines() if l.startswith(('shared', f'disk{pid}', 'scoring'))]
+    assert lines == [
+        'shared locked',
+        f"disk{pid} refused: --workdir '{tmp_path}/disk{pid}/run' is not one folder shared by "
+        'every process (process 1 cannot see a file process 0 made in it): give every process a '
+        'folder on a shared file system, at the same path',
+        ('scoring stopped: UserError: process 1 of this job stopped opening its partial scores '
+         'file (its error line says why)', 'scoring stopped: FileNotFoundError: [Errno 2] No such '
+         f"file or directory: '{tmp_path}/missing/part.npy'")[pid]], out[-3000:]
+  for folder in ('shared', 'disk0'):  # process 0's file is gone
+    assert os.listdir(tmp_path / folder / 'run') == ['.lock']
+
+
 @pytest.mark.slow  # (a two-process job for a case the README does not claim)
 def test_a_rater_whose_scores_overflow_stops_both_processes_in_one_line(tfds_dir, tmp_path):
   """Outer steps of 1e30 leave finite parameters whose scores overflow: process 0, which scores

@@ -147,13 +147,16 @@ def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc
   starts = split.block_starts(block, p, num)
   n = len(split)
   progress_path = partial + '.json'
-  done = _blocks_kept(partial, progress_path, n, len(starts))
-  if done:
-    scores = np.lib.format.open_memmap(partial, mode='r+')
-  else:  # its count goes first: beside the new file of zeros it would keep them as scores
-    if os.path.exists(progress_path):
-      os.remove(progress_path)
-    scores = np.lib.format.open_memmap(partial, mode='w+', dtype=np.float64, shape=(n,))
+  # Each process opens its own file: one that cannot (a full disk) stops every process here (the
+  # others waited for it in the first vote for good).
+  with multihost.together('opening its partial scores file'):
+    done = _blocks_kept(partial, progress_path, n, len(starts))
+    if done:
+      scores = np.lib.format.open_memmap(partial, mode='r+')
+    else:  # its count goes first: beside the new file of zeros it would keep them as scores
+      if os.path.exists(progress_path):
+        os.remove(progress_path)
+      scores = np.lib.format.open_memmap(partial, mode='w+', dtype=np.float64, shape=(n,))
   record = np.full(n, -1, np.int8)
   for start in starts[:done]:
     record[start:start + block] = split.corruption_of(np.arange(start, min(start + block, n)))
