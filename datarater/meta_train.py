@@ -161,7 +161,8 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
                                                                   state_shardings))
     start = int(meta['step'])
     saved = (meta.get('extra') or {}).get('progress')
-    log.info('resumed from the checkpoint at outer step %d', start)
+    if jax.process_index() == 0:
+      log.info('resumed from the checkpoint at outer step %d', start)
   # Process 0 writes them: if it fails (or any process is signalled), every process stops here.
   with multihost.together('writing config.json and metrics.jsonl'):
     write_config()  # after the restore: a workdir whose checkpoints all fail to restore is kept

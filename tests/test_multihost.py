@@ -405,7 +405,10 @@ def test_two_process_filter_writes_the_one_process_dataset(tfds_dir, tmp_path, r
   assert 'error: process 1 of this job stopped (its error line says why)' in outs[0], outs[0]
   assert 'error: a planted error in its second block' in outs[1], outs[1]
   assert not os.path.exists(tmp_path / 'two')
-  _finish(_start('launch.filter', [*args, f'--out={tmp_path / "two"}']))
+  outs = _finish(_start('launch.filter', [*args, f'--out={tmp_path / "two"}']))
+  # One progress bar, process 0's, saying it counts that process's batches (each process showed
+  # its own, each counting only its share of the split).
+  assert "scoring train (process 0's batches)" in outs[0] and 'scoring' not in outs[1], outs
   filter_dataset('sklearn_digits', str(tmp_path / 'one'), ['train'], rater=rater_run,
                  keep=0.7, data_dir=tfds_dir, corruption=Corruption(0.2, 0), batch_size=100,
                  threshold='exact')

@@ -282,9 +282,10 @@ def _score_split(name: str, stream: source_lib.Source, batch_size: int, label: O
   p, num = jax.process_index(), jax.process_count()
   count = len(stream.block_starts(batch_size, p, num))
   # Ctrl-C or SIGTERM to any process stops every process after the block it is in, or after
-  # the exchange (`StopVote`); nothing is written.
+  # the exchange (`StopVote`); nothing is written. Process 0 shows its bar (of its own batches).
+  desc = f'scoring {name}' + (" (process 0's batches)" if num > 1 else '')
   with multihost.StopVote(jax.devices(), 0) as vote, progress_bar(
-      total=count, desc=f'scoring {name}', unit='batch', leave=False) as bar:
+      total=count, desc=desc, unit='batch', leave=False, disable=p > 0) as bar:
     for done, item in enumerate(multihost.in_rounds(stream.blocks(batch_size, p, num), count), 1):
       if item is not None:
         ids, batch = item

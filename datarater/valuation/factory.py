@@ -179,7 +179,7 @@ def warn_dvemb_dim(v: ml_collections.ConfigDict, params) -> None:
   """A warning line when DVEmb's k x k curvature is large (memory, and an eigendecomposition
   of it at every recorded step): what makes k large and how to bound it."""
   k, whole = projected_dim(v, params)
-  if k <= DVEMB_WARN_DIM:
+  if k <= DVEMB_WARN_DIM or jax.process_index() > 0:  # (one line a job)
     return
   why = (f"; the Kronecker projection keeps leaves with one axis whole: {', '.join(whole[:3])}"
          if whole else '')
@@ -195,7 +195,7 @@ def warn_dvemb_unvalued(v: ml_collections.ConfigDict, num_examples: int) -> int:
   nothing in that run, so they score 0. Said in a warning line when there are any; returned."""
   drawn = min(num_examples, v.dvemb_steps * v.batch_size)
   unvalued = num_examples - drawn
-  if unvalued:
+  if unvalued and jax.process_index() == 0:  # (one line a job)
     absl_logging.warning(
         'method dvemb: its valuation.dvemb_steps=%d-step run (batch %d) draws %d of the %d '
         'training examples; the other %d are in no step and score 0 (valuation.dvemb_steps >= %d '
