@@ -26,6 +26,11 @@ def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
   axes[1].set(xlabel='outer step', ylabel='noise AUROC',
               title='Rater: clean ranked above corrupted', ylim=(low, 1.0))
   axes[1].legend(loc='lower right')
+  if not seen:  # nothing recorded as corrupted (or everything): the panel would be blank
+    axes[1].text(0.5, 0.7, 'no noise AUROC: no training example\nis recorded as corrupted '
+                 '(or every one is)', ha='center', va='center', transform=axes[1].transAxes,
+                 color='gray')
+    axes[1].set_xlim(axes[0].get_xlim())
   lo, hi = float(scores.min()), float(scores.max())
   bins = np.linspace(lo, hi, 40) if hi > lo else np.linspace(lo - 0.5, hi + 0.5, 40)
   axes[2].hist(scores[~is_corrupted], bins=bins, alpha=0.6, label='clean', density=True)
