@@ -8,7 +8,9 @@ may differ, so a finished run can be extended; a run's own checkpointer adds to 
 config sections it does not read) or narrows them (a cosine schedule fixes `outer.steps`). A
 checkpoint that cannot be read (truncated, flipped bits, garbled metadata) is passed over with a
 one-line warning for the newest intact one; if none can be read, the run stops with one line
-and nothing written. Inputs the config names by path only (a `dataset_dir`, a scores file, a
+and nothing written. Each checkpoint records checksums of its arrays (`checksums`): files damaged
+so that they still decode (a flipped bit in compressed data read as another value) are
+unreadable too. Inputs the config names by path only (a `dataset_dir`, a scores file, a
 rater) are digested into each checkpoint, and a resume with other contents there is refused.
 """
 import collections
@@ -312,6 +314,63 @@ def _empty_like(like):
   return jax.device_put(empty, sharding) if sharding is not None else jax.numpy.asarray(empty)
 
 
+def _block_checksum(block: np.ndarray, index: tuple, shape: tuple) -> int:
+  """sum_i bits_i * (2i + 1) mod 2**32 over the elements of `block`, the part `index` (slices) of
+  an array of `shape`, i an element's row-major position in that array (an 8-byte value: two
+  uint32 words). Exact in any order of summation, and changed by any one flipped bit."""
+  block = np.asarray(block)
+  if block.ndim and block.size > 2**22 and block.shape[0] > 1:  # in parts: bounded temporaries
+    start, rows = index[0].indices(shape[0])[0], max(1, 2**22 * block.shape[0] // block.size)
+    return sum(_block_checksum(block[r:r + rows], (slice(start + r, None), *index[1:]), shape)
+               for r in range(0, block.shape[0], rows)) % 2**32
+  block = np.asarray(block, order='C')  # (a 0-d one stays 0-d)
+  if block.dtype.itemsize == 8:
+    words = block.view(np.uint64)
+    u = np.stack([words & np.uint64(2**32 - 1), words >> np.uint64(32)], -1).astype(np.uint32)
+    index, shape = (*index, slice(0, 2)), (*shape, 2)
+  else:
+    u = block.view(f'u{block.dtype.itemsize}').astype(np.uint32)
+  position = np.zeros(u.shape, np.uint32)
+  stride = 1
+  for d in reversed(range(u.ndim)):
+    start = index[d].indices(shape[d])[0]
+    axis = np.arange(start, start + u.shape[d], dtype=np.uint64) * np.uint64(stride % 2**32)
+    position += axis.astype(np.uint32).reshape([-1] + [1] * (u.ndim - 1 - d))  # (wraps)
+    stride *= shape[d]
+  return int(np.sum(u * (2 * position + 1), dtype=np.uint32))
+
+
+def checksums(tree) -> dict[str, int]:
+  """{leaf path: checksum} of a tree of arrays (`_block_checksum` of the whole array, summed over
+  the shards this process holds), the same for any sharding or device count, and for the dicts
+  orbax reads a dataclass or named tuple back into; zero-size leaves, which are not saved, have
+  none. Of arrays that span processes, every process computes it together (a collective)."""
+  paths, sums, spanning = [], [], False
+  for path, x in jax.tree_util.tree_flatten_with_path(_drop_empty(tree))[0]:
+    paths.append('/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                          for k in path))
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if not isinstance(x, jax.Array):  # (a host array: one whole block)
+      sums.append(_block_checksum(x, (slice(None),) * np.ndim(x), np.shape(x)))
+      continue
+    spanning = spanning or not x.is_fully_addressable
+    sums.append(sum(_block_checksum(s.data, s.index, x.shape) for s in x.addressable_shards
+                    if s.replica_id == 0) % 2**32)  # (each part once: replicas are copies)
+  if spanning:
+    sums = [int(v) % 2**32 for v in multihost.allgather(np.asarray(sums, np.uint64)).sum(0)]
+  return dict(zip(paths, sums))
+
+
+DAMAGED = 'its arrays differ from the checksums saved with them'
+
+
+def intact(state, meta: dict) -> bool:
+  """False if `meta` records checksums of the state saved (`state_checksums`) that `state`, as
+  read back, does not have; a checkpoint of older code records none and is taken as read."""
+  return 'state_checksums' not in meta or meta['state_checksums'] == checksums(state)
+
+
 def check_writable_path(path: str, flag: str) -> None:
   """Refuses a folder for orbax checkpoints whose path holds a glob character (`*`, `?`, `[`) or
   a backslash: orbax finds a checkpoint's per-process parts by a glob over the whole path, and
@@ -480,6 +539,9 @@ class RunCheckpointer:
     are passed over (and renamed, by process 0)."""
     for step in self._steps():
       restored, ok = self._readable_everywhere(step, lambda s: self.restore(s, abstract_state))
+      if ok and not multihost.agree(intact(*restored)):  # (checked once all have read: together)
+        self._unreadable.setdefault(step, ValueError(DAMAGED))
+        ok = False
       if ok:
         self._warn_passed_over()
         self._set_aside_unreadable()
@@ -500,6 +562,7 @@ class RunCheckpointer:
     meta = {'config': trajectory_fields(self.config, self.free_fields),
             'data_position': data_position, 'step': int(step), 'extra': extra,
             'inputs': {field: self._digest(field) for field in self.inputs},
+            'state_checksums': checksums(state),
             'input_stats': {field: given.stat for field, given in self.inputs.items()}}
     with self._failing_together():
       _SaveBarrier.saving.add(self._barrier)
@@ -633,6 +696,8 @@ def restore_latest_on_host(directory: str):
           restored = manager.restore(step, args=ocp.args.Composite(
               state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         checked_meta(restored['meta'])
+        if not intact(restored['state'], restored['meta']):
+          raise ValueError(DAMAGED)
       except Exception as e:  # pylint: disable=broad-except
         unreadable[step] = e
         continue

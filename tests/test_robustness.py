@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -279,6 +280,52 @@ def test_a_checkpoint_record_without_what_a_resume_reads_is_unreadable():
                       ({**good, 'extra': {'history': []}}, ('history', 'steps'))):
     with pytest.raises(ValueError):
       checkpointing.checked_meta(bad, fields)
+
+
+class _State(NamedTuple):
+  w: jax.Array
+  n: jax.Array
+  empty: jax.Array
+
+
+def test_a_checkpoint_whose_arrays_still_decode_to_other_values_is_passed_over(tmp_path, caplog,
+                                                                                capsys):
+  """A flipped bit in a checkpoint's array data (random bits: zstd stores them verbatim, so the
+  file still decodes, to another value) makes it unreadable: a resume, and a read on one device
+  (export, load_rater), take the one before; before, both read the damaged value as saved. The
+  checksums recorded do not depend on the sharding (1 device = 4)."""
+  config = get_config()
+  values = [np.random.default_rng(s).integers(-2**31, 2**31, (64, 4), np.int32) for s in (1, 2)]
+  ckpt = checkpointing.RunCheckpointer(str(tmp_path), config)
+  # (read back on one device as dicts, the order of their leaves sorted; an empty one not saved)
+  states = [_State(jnp.asarray(v), jnp.int32(i + 1), jnp.zeros((0, 3)))
+            for i, v in enumerate(values)]
+  for step, state in enumerate(states, 1):
+    ckpt.save(step, state, {'position': step})
+  ckpt.close()
+  raw = values[1].tobytes()[:64]
+  (data,) = [p for p in glob.glob(str(tmp_path / 'checkpoints' / '2' / 'state' / '**' / 'd' / '*'),
+                                  recursive=True) if raw in open(p, 'rb').read()]
+  blob = bytearray(open(data, 'rb').read())
+  blob[blob.index(raw) + 9] ^= 0x01  # a bit of w[0, 2]
+  open(data, 'wb').write(bytes(blob))
+  with caplog.at_level(logging.WARNING, logger='datarater'):
+    on_host, meta = checkpointing.restore_latest_on_host(str(tmp_path / 'checkpoints'))
+    assert meta['step'] == 1
+    np.testing.assert_array_equal(on_host['w'], values[0])
+    state, meta = checkpointing.RunCheckpointer(str(tmp_path), config).restore_latest(
+        checkpointing.abstract_of(states[0]))
+    assert meta['step'] == 1 and int(state.n) == 1
+    np.testing.assert_array_equal(state.w, values[0])
+  assert os.listdir(tmp_path / 'checkpoints' / f'unreadable-2-{os.getpid()}')  # set aside
+  # (the warnings go to the log, or to stdout once a run has set up the log's handler)
+  out = caplog.text + capsys.readouterr().out
+  warned = [line for line in out.splitlines() if 'unreadable' in line]
+  assert len(warned) == 2 and all(checkpointing.DAMAGED in w for w in warned), warned
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ('d',))
+  tree = [values[1], values[1].view(np.float32)]
+  four = jax.device_put(tree, jax.NamedSharding(mesh, jax.sharding.PartitionSpec('d')))
+  assert checkpointing.checksums(four) == checkpointing.checksums(tree)
 
 
 def test_a_run_log_resumes_past_a_half_written_last_line(tmp_path):
