@@ -10,7 +10,7 @@ report.json and orbax checkpoints every `train.checkpoint_every` epochs, and a r
 import contextlib
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import ml_collections
@@ -90,16 +90,19 @@ def sections_read(config, policy: Optional[str] = None) -> tuple[str, ...]:
 
 def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str = '',
           workdir: str = '', stop_after: Optional[int] = None,
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print, overridden: Sequence[str] = ()) -> dict:
   """Trains (or, from `workdir`'s checkpoint, resumes) the runs; returns the report.
 
   `policy` overrides `config.policy.name`. If `stop_after` ends training early, returns
-  {'stopped_after': epochs done} and writes no report.
+  {'stopped_after': epochs done} and writes no report. `overridden`: the config fields set on
+  the command line (dotted paths); a `policy` field among them that the policy does not read is
+  refused.
   """
   sections = sections_read(config, policy)
   name = config.policy.name if policy is None else policy
   policies.check_inputs(name, rater=rater, scores=scores)
   config_checks.validate(config, sections)
+  policies.check_fields(name, overridden)
   d, t = config.data, config.train
   if stop_after is not None and not workdir:
     raise UserError('--stop_after needs --workdir (the checkpoint is written there)')

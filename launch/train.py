@@ -14,6 +14,7 @@ if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callbac
   interrupts.install()
 # pylint: disable=wrong-import-position
 from absl import flags
+from ml_collections import config_flags
 
 from datarater.errors import exit_on_user_error
 from datarater.train import sections_read, train
@@ -38,7 +39,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   with exit_on_user_error():
     cli.refuse_unread_sections(fv, sections_read(fv.config, fv.policy), 'launch.train')
     train(fv.config, fv.policy, rater=fv.rater, scores=fv.scores, workdir=fv.workdir,
-          stop_after=fv.stop_after)
+          stop_after=fv.stop_after,
+          overridden=tuple(config_flags.get_override_values(fv['config'])))
 
 
 if __name__ == '__main__':

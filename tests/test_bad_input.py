@@ -237,6 +237,9 @@ def _cases(tfds_dir: str, w) -> list:
        'column `split` must hold split names (strings), it holds int64'),
       ('train', [data, '--policy=random', '--config.policy.ratio=0'],
        'policy.ratio must be > 0, got 0'),
+      ('train', [data, '--policy=infobatch', '--config.policy.rho=0.3'],
+       '--config.policy.rho is not read by policy infobatch (it reads policy.ratio, '
+       'policy.max_prune_prob; rho is read by datarater_batch_filter, datarater_accept)'),
       ('train', [data, '--stop_after=2'], '--stop_after needs --workdir'),
       ('train', [data, f'--config.data.dataset_dir={w}/nowhere'],
        f"data.dataset_dir '{w}/nowhere' is not a TFDS dataset folder"),
@@ -507,7 +510,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 192  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 193  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

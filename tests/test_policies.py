@@ -344,6 +344,26 @@ def test_an_input_is_given_only_to_the_policies_that_read_it():
     policies.check_inputs('datarater_accept', rater='r', scores='s')
 
 
+def test_a_policy_field_set_for_a_policy_that_ignores_it_is_refused_before_any_work(
+    tfds_dir, monkeypatch):
+  """`--config.policy.rho=0.3` with infobatch, or `policy.temperature` with the datarater
+  policy (which keeps the rater's own), trained on silently without them."""
+  config = get_config()
+  config.data = digits_data(tfds_dir)
+  monkeypatch.setattr(pipeline, 'load_split', lambda *a, **k: pytest.fail('data was read'))
+  read = {'rho': {'datarater_batch_filter', 'datarater_accept'},
+          'temperature': {'scores', 'tracin_curriculum', 'mimic'},
+          'ratio': {'random', 'infobatch', 'sae'}, 'max_prune_prob': {'infobatch'}}
+  for name in policies.POLICIES:
+    for field, readers in read.items():
+      if name in readers:
+        policies.check_fields(name, ('policy.name', f'policy.{field}', 'train.epochs'))
+      else:
+        with pytest.raises(UserError, match=rf'--config.policy.{field} is not read by policy '
+                                            rf'{name} \(.*{field} is read by '):
+          train(config, name, overridden=('train.epochs', f'policy.{field}'), log=lambda l: None)
+
+
 def test_online_filters_by_hand():
   """Batch filter, B = 10 real examples (and 2 of padding), rho = 0.25: the best floor(7.5) = 7
   kept, each weighted 10 / 7 (the batch's total weight stays B). Acceptance: the survival
@@ -427,5 +447,5 @@ def test_the_config_sections_a_policy_registers_are_checked_before_any_work(tfds
       train(config, 'reads_valuation_for_test', log=lambda line: None)
     assert not made
   finally:
-    for table in (policies.POLICIES, policies.READS, policies.SECTIONS):
+    for table in (policies.POLICIES, policies.READS, policies.SECTIONS, policies.FIELDS):
       table.pop('reads_valuation_for_test')

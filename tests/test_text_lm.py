@@ -275,11 +275,14 @@ def test_text_config_is_valid_and_its_models_read_the_dataset(data):
   assert embedded.shape == (4, c.task.d_model)
   assert pergrad.ghost_covers(task.per_example_loss, params, batch)
   assert pergrad.ghost_covers(rater.score, phi, batch)
-  for field, value, error in (('max_len', L - 1, 'max_len'), ('num_heads', 3, 'multiple'),
+  for field, value, error in (('max_len', L - 1, 'more than task.max_len'),
+                              ('num_heads', 3, 'multiple of task.num_heads'),
                               ('input', 'domain', 'token feature')):
     bad = text.transformer(**{field: value})
     with pytest.raises(UserError, match=error):
       tasks.make_task(bad, info)
+  with pytest.raises(UserError, match='more than rater.max_len'):  # (which section's)
+    tasks.make_rater(text.transformer('sequence_rater', max_len=L - 1), info)
 
 
 # ----------------------------------------------------------------------------- the models

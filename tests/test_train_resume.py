@@ -69,6 +69,20 @@ def test_sae_selection_run_resumed_equals_uninterrupted(tfds_dir, tmp_path):
     train(_config(tfds_dir, 4, selection), 'sae', workdir=workdir, log=quiet)
 
 
+def test_a_finished_infobatch_run_extended_to_more_epochs_equals_the_longer_run(tfds_dir,
+                                                                              tmp_path):
+  """InfoBatch's choices do not read train.epochs (only the SAE curriculum's do), so a finished
+  run may be extended, as a weighting run may: it was refused as 'a different config'."""
+  def config(epochs):
+    c = _config(tfds_dir, epochs, selection)
+    c.train.seeds, c.task.hidden = (0,), (16,)
+    return c
+  straight = train(config(3), 'infobatch', workdir=str(tmp_path / 'a'), log=quiet)
+  train(config(2), 'infobatch', workdir=str(tmp_path / 'b'), log=quiet)
+  extended = train(config(3), 'infobatch', workdir=str(tmp_path / 'b'), log=quiet)
+  assert _history(extended) == _history(straight)
+
+
 # The tests that read `stopped_at_3` stay on one pytest-xdist worker, which runs it once.
 STOPPED_AT_3 = pytest.mark.xdist_group('train_resume_stopped_at_3')
 

@@ -19,7 +19,9 @@ position 0 at weight 0.
 
 Policies are made by name from `POLICIES` (`@register_policy('name')` on a factory
 `(ctx: PolicyContext) -> Policy`; `reads=('rater',)` names the launcher inputs it reads, and
-`check_inputs` refuses an input given to a policy that would ignore it).
+`check_inputs` refuses an input given to a policy that would ignore it; `fields=('rho',)` the
+`policy` config fields it reads, and `check_fields` refuses one set on the command line for a
+policy that would ignore it).
 """
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
@@ -92,18 +94,21 @@ POLICIES: dict[str, Callable[[PolicyContext], Policy]] = {}
 INPUTS = ('rater', 'scores')  # the launcher inputs of a PolicyContext (flags of launch.train)
 READS: dict[str, tuple[str, ...]] = {}  # policy -> the inputs it reads
 SECTIONS: dict[str, tuple[str, ...]] = {}  # policy -> the config sections it reads besides train's
+FIELDS: dict[str, tuple[str, ...]] = {}  # policy -> the fields of config.policy it reads (not name)
 WHOLE_SPLIT: set[str] = set()  # policies that read the training split's features in memory
 
 
 def register_policy(name: str, reads: tuple[str, ...] = (), whole_split: bool = False,
-                    sections: tuple[str, ...] = ()):
+                    sections: tuple[str, ...] = (), fields: tuple[str, ...] = ()):
   """Registers a policy factory; `reads`: the launcher inputs it reads (`INPUTS`);
   `whole_split`: it reads `ctx.train`'s features in memory (a Split), so `train.stream=True` is
   refused for it; `sections`: the config sections it reads besides those of every training run
-  (e.g. 'valuation'), checked with them before any work."""
+  (e.g. 'valuation'), checked with them before any work; `fields`: the fields of `config.policy`
+  it reads besides `name` (e.g. 'rho')."""
   assert set(reads) <= set(INPUTS), reads
   def add(factory):
     POLICIES[name], READS[name], SECTIONS[name] = factory, tuple(reads), tuple(sections)
+    FIELDS[name] = tuple(fields)
     if whole_split:
       WHOLE_SPLIT.add(name)
     return factory
@@ -117,6 +122,19 @@ def check_inputs(name: str, **given: str) -> None:
       readers = [p for p, reads in READS.items() if field in reads]
       raise UserError(f'--{field} is read only by polic{"ies" if len(readers) > 1 else "y"} '
                       f'{", ".join(readers)} (policy is {name!r})')
+
+
+def check_fields(name: str, overridden) -> None:
+  """UserError if a `policy.*` config field among `overridden` (dotted paths set on the command
+  line) is one policy `name` does not read: the run would ignore it."""
+  for path in overridden:
+    section, _, field = path.partition('.')
+    if section != 'policy' or field in ('name', *FIELDS.get(name, ())):
+      continue
+    reads = ', '.join(f'policy.{f}' for f in FIELDS.get(name, ())) or 'no other policy field'
+    readers = ', '.join(p for p, fields in FIELDS.items() if field in fields) or 'no policy'
+    raise UserError(f'--config.{path} is not read by policy {name} (it reads {reads}; {field} '
+                    f'is read by {readers})')
 
 
 def make_policy(name: str, ctx: PolicyContext) -> Policy:

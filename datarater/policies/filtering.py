@@ -142,7 +142,7 @@ def acceptance_filter(score_fn, score_params, reference_scores: np.ndarray, rho:
                 aux, forwards_per_example=1.0, **cost)
 
 
-@register_policy('datarater_batch_filter', reads=('rater',))
+@register_policy('datarater_batch_filter', reads=('rater',), fields=('rho',))
 def _batch_filter(ctx: PolicyContext) -> Policy:
   kept_per_batch(ctx.config.train.batch_size, ctx.config.policy.rho)  # before loading the rater
   rater = loaded_rater(ctx, 'datarater_batch_filter')
@@ -151,7 +151,7 @@ def _batch_filter(ctx: PolicyContext) -> Policy:
                       check_data=rater.rater.check_data)
 
 
-@register_policy('datarater_accept', reads=('rater',))
+@register_policy('datarater_accept', reads=('rater',), fields=('rho',))
 def _accept(ctx: PolicyContext) -> Policy:
   rater = loaded_rater(ctx, 'datarater_accept')
   scores = evaluation.score_split(lambda b: rater.rater.score(rater.params, b), ctx.train)

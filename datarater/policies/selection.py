@@ -6,6 +6,8 @@ ratio all spend the same example-gradients; they differ only in which examples a
 per-model state is a `SelectionState`: how often each example was trained on, its last training
 loss, the summed SAE codes of the examples trained on, the epoch and a key; `record_epoch` is
 the shared `update`. The SAE policy builds its feature space offline (`sae_codes`) when it is made.
+Only the SAE policy's choices read `train.epochs` (its curriculum's progress), so a finished run
+of the others may be extended to more epochs.
 """
 import math
 
@@ -68,9 +70,10 @@ def num_selected(num_examples: int, ratio: float) -> int:
   return max(1, int(round(ratio * num_examples)))
 
 
-def _selection(name: str, n: int, select, aux=None, num_factors: int = 0, **cost) -> Policy:
+def _selection(name: str, n: int, select, aux=None, num_factors: int = 0,
+               spans_epochs: bool = False, **cost) -> Policy:
   return Policy(name, n, lambda num, key: init_state(num, key, num_factors), select,
-                weigh_uniform, record_epoch, aux, spans_epochs=True, **cost)
+                weigh_uniform, record_epoch, aux, spans_epochs=spans_epochs, **cost)
 
 
 def full(num_examples: int) -> Policy:
@@ -163,7 +166,7 @@ def sae(codes, ratio: float, num_epochs: int, cfg, labels=None, num_classes: int
     idx = jax.lax.top_k(score, n)[1].astype(jnp.int32)
     return idx, jnp.ones(n, jnp.float32), state.replace(key=key)
   aux = {'stats': stats, 'codes': codes, 'suspect': suspect}
-  policy = _selection('sae', n, select, aux, num_factors,
+  policy = _selection('sae', n, select, aux, num_factors, spans_epochs=True,  # its curriculum
                       setup_example_gradients=setup_example_gradients)
 
   def init(num, key):
@@ -189,17 +192,17 @@ def _full(ctx: PolicyContext) -> Policy:
   return full(len(ctx.train))
 
 
-@register_policy('random')
+@register_policy('random', fields=('ratio',))
 def _random(ctx: PolicyContext) -> Policy:
   return random(len(ctx.train), ctx.config.policy.ratio)
 
 
-@register_policy('infobatch')
+@register_policy('infobatch', fields=('ratio', 'max_prune_prob'))
 def _infobatch(ctx: PolicyContext) -> Policy:
   return infobatch(len(ctx.train), ctx.config.policy.ratio, ctx.config.policy.max_prune_prob)
 
 
-@register_policy('sae', whole_split=True,
+@register_policy('sae', whole_split=True, fields=('ratio',),
                  sections=('features', 'features.task', 'sae', 'sae_scores'))
 def sae_policy(ctx: PolicyContext, codes=None, cost: int = 0) -> Policy:
   """The SAE policy of a config; `codes` skips the offline stage (precomputed SAE codes, which

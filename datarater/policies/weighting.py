@@ -94,7 +94,7 @@ def _datarater(ctx: PolicyContext) -> Policy:
                        rater.training_example_gradients)
 
 
-@register_policy('scores', reads=('scores',))
+@register_policy('scores', reads=('scores',), fields=('temperature',))
 def _scores(ctx: PolicyContext) -> Policy:
   if not ctx.scores:
     raise UserError('policy scores needs --scores=FILE (e.g. one written by launch.valuate)')
@@ -107,7 +107,7 @@ def _scores(ctx: PolicyContext) -> Policy:
                scores_file.cost(ctx.scores))  # what made the scores, if their file says
 
 
-@register_policy('tracin_curriculum', sections=('valuation',))
+@register_policy('tracin_curriculum', sections=('valuation',), fields=('temperature',))
 def _tracin_curriculum(ctx: PolicyContext) -> Policy:
   from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
   fitted = factory.build('tracin', ctx.config, ctx.task, ctx.train, ctx.heldout)
@@ -117,7 +117,7 @@ def _tracin_curriculum(ctx: PolicyContext) -> Policy:
                fitted.example_gradients)
 
 
-@register_policy('mimic', sections=('valuation',))
+@register_policy('mimic', sections=('valuation',), fields=('temperature',))
 def _mimic(ctx: PolicyContext) -> Policy:
   from datarater.valuation import factory, mimic  # pylint: disable=g-import-not-at-top
   factory.check_per_example(ctx.config, ctx.task, ctx.heldout)  # as every valuation does

@@ -107,8 +107,9 @@ class Transformer(nn.Module):
     return nn.Dense(self.outputs, name='head')(jnp.mean(x, axis=1) if self.pool else x)
 
 
-def _tokens_key(config, info) -> tuple[str, int]:
-  """(token feature name, sequence length), checked against the dataset and `max_len`."""
+def _tokens_key(config, info, section: str) -> tuple[str, int]:
+  """(token feature name, sequence length), checked against the dataset and `max_len` (of config
+  `section`, 'task' or 'rater', named in the errors)."""
   key = config.get('input', '') or 'tokens'
   spec = info.spec.get(key)
   if spec is None or len(spec.shape) != 1 or not np.issubdtype(spec.dtype, np.integer):
@@ -118,10 +119,10 @@ def _tokens_key(config, info) -> tuple[str, int]:
                     'decodes to float pixels: store tokens as int32)')
   length = spec.shape[0]
   if length > config.max_len:
-    raise UserError(f'the sequences of {key!r} have {length} tokens, more than max_len '
+    raise UserError(f'the sequences of {key!r} have {length} tokens, more than {section}.max_len '
                     f'{config.max_len}')
   if config.d_model % config.num_heads:
-    raise UserError(f'd_model {config.d_model} must be a multiple of num_heads '
+    raise UserError(f'{section}.d_model {config.d_model} must be a multiple of {section}.num_heads '
                     f'{config.num_heads}')
   return key, length
 
@@ -228,15 +229,16 @@ SEQUENCE_SCHEMA = {'vocab': checks.integer(2), 'd_model': checks.integer(1),
 def transformer_lm(config, info) -> LanguageModel:
   """config: vocab, d_model, num_heads, num_layers, d_mlp, max_len, activation, optional input
   (token feature, default 'tokens') and token_weights (a float feature [L]; '' = none)."""
-  key, length = _tokens_key(config, info)
+  key, length = _tokens_key(config, info, 'task')
   if length < 2:
     raise UserError(f'a language model predicts each token from those before it: the sequences '
                     f'of {key!r} need at least 2 tokens, got {length}')
   weights = config.get('token_weights', '')
   if weights and (weights not in info.spec or info.spec[weights].shape != (length,)
                   or not np.issubdtype(info.spec[weights].dtype, np.floating)):
+    decoded = {k: (tuple(s.shape), np.dtype(s.dtype).name) for k, s in sorted(info.spec.items())}
     raise UserError(f'token_weights {weights!r} must be a float feature of shape ({length},) of '
-                    f'dataset {info.name!r} (features, decoded: {", ".join(sorted(info.spec))})')
+                    f'dataset {info.name!r} (features, decoded: {decoded})')
   module = _transformer(config, int(config.vocab), causal=True, pool=False)
   return LanguageModel(module, info.spec, key, weights)
 
@@ -244,6 +246,6 @@ def transformer_lm(config, info) -> LanguageModel:
 @register_rater('sequence_rater', {**SEQUENCE_SCHEMA, 'causal': checks.optional(checks.boolean())})
 def sequence_rater(config, info) -> SequenceRater:
   """config: as transformer_lm's, and optional causal (default False: bidirectional)."""
-  key, _ = _tokens_key(config, info)
+  key, _ = _tokens_key(config, info, 'rater')
   module = _transformer(config, 1, causal=bool(config.get('causal', False)), pool=True)
   return SequenceRater(module, info.spec, key)
