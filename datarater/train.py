@@ -41,7 +41,7 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
     fingerprint.launch = ml_collections.ConfigDict({
         'policy': policy, 'scores': scores and os.path.abspath(scores),
         'rater': rater and os.path.abspath(rater)})
-  free = (checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every', 'train.stream')
+  free = (checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every', 'train.stream', 'seed')
           + checkpointing.unread_sections(config, SECTIONS + policies.SECTIONS.get(policy, ())))
   if not spans_epochs:
     free += ('train.epochs',)

@@ -37,7 +37,6 @@ class ConfigFileError(Exception):
 
 
 # What a bad flag, config file or config override raises (ml_collections raises the builtin ones).
-_GIVEN: dict[int, list[str]] = {}  # id(FlagValues) -> the flag names its command line gave
 OVERRIDE_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, ConfigFileError)
 
 
@@ -168,7 +167,6 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
     _fail(e, argv)
   _refuse_joined_tuples(argv, fv)
   _refuse_unread_steps(argv, fv)
-  _GIVEN[id(fv)] = _given(argv, fv)
   if len(parsed) > 1:  # no launcher reads one: a word split off a flag's value (a space in it)
     print(f'error: unexpected argument {parsed[1]!r} (flags are --name=value; quote a value '
           'holding spaces)', file=sys.stderr)
@@ -220,16 +218,19 @@ def _refuse_unread_steps(argv, fv: flags.FlagValues) -> None:
       sys.exit(2)
 
 
-def refuse_unread_sections(fv: flags.FlagValues, sections, launcher: str) -> None:
-  """A `--config.<section>.<field>` override of a section the launcher's run does not read
-  (`sections`) changes nothing: refused in one line (e.g. train.learning_rate given to
-  launch.train_rater, whose inner models' rate is inner.learning_rate)."""
+def refuse_unread_sections(fv: flags.FlagValues, sections, launcher: str,
+                           top_level: bool = False) -> None:
+  """A `--config.<section>.<field>` override (command line or flagfile) of a section the
+  launcher's run does not read (`sections`), or of a top-level field (`seed`, `log_every`,
+  `checkpoint_every`) unless it reads them (`top_level`), changes nothing: refused in one line
+  (e.g. train.learning_rate to launch.train_rater, whose inner rate is inner.learning_rate)."""
   read, config = {s.split('.')[0] for s in sections}, fv['config'].value
-  for name in _GIVEN.get(id(fv), ()):
-    top = name.split('.')[1] if name.startswith('config.') and '.' in name[7:] else ''
-    if top in config and hasattr(config[top], 'keys') and top not in read:
-      raise UserError(f'--{name} is not read by {launcher}: it reads the config sections '
-                      f'{", ".join(sections)}')
+  for path in config_flags.get_override_values(fv['config']):
+    top = path.split('.')[0]
+    if top not in config or (top_level if not hasattr(config[top], 'keys') else top in read):
+      continue
+    raise UserError(f'--config.{path} is not read by {launcher}: it reads the config sections '
+                    f'{", ".join(sections)}' + (' and no top-level field' if not top_level else ''))
 
 
 def run(main: Callable, define_flags: Callable, doc: str) -> None:

@@ -29,7 +29,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
-    cli.refuse_unread_sections(fv, SECTIONS, 'launch.train_rater')
+    cli.refuse_unread_sections(fv, SECTIONS, 'launch.train_rater', top_level=True)
     distributed.initialize_from_flags(fv)
     meta_train(fv.config, fv.workdir, stop_after=fv.stop_after)
 

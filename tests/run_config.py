@@ -25,7 +25,7 @@ def small_config(data_dir: str, steps: int = 6):
 
 def as_flags(c, sections=None) -> list[str]:
   """The command-line overrides that turn configs/digits.py into `c` (only those of the config
-  sections `sections` and the top-level fields, if given: a launcher refuses the others)."""
+  sections `sections`, if given, and no top-level field: a launcher refuses the others)."""
   flags = [f'--config.data.data_dir={c.data.data_dir}', f'--config.outer.steps={c.outer.steps}',
           f'--config.inner.population={c.inner.population}',
           f'--config.inner.batch_size={c.inner.batch_size}',
@@ -39,7 +39,7 @@ def as_flags(c, sections=None) -> list[str]:
           f'--config.outer.ema={c.outer.ema}',
           f'--config.outer.warmup_steps={c.outer.warmup_steps}']
   section = lambda f: f.split('=')[0].split('.')[1] if f.split('=')[0].count('.') > 1 else ''
-  return [f for f in flags if sections is None or section(f) in ('', *sections)]
+  return [f for f in flags if sections is None or section(f) in sections]
 
 
 def overridden(c, overrides: dict):

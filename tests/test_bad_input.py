@@ -211,6 +211,8 @@ def _cases(tfds_dir: str, w) -> list:
        '--config.sae.steps is not read while sae.epochs=2 > 0'),
       (*tr('--config.train.learning_rate=0.1'), '--config.train.learning_rate is not read by '
        'launch.train_rater: it reads the config sections data, task, rater, inner, outer'),
+      ('train', [data, '--policy=uniform', '--config.seed=3'], '--config.seed is not read by '
+       'launch.train: it reads the config sections data, task, train, policy and no top-level'),
       ('valuate', [data, '--method=tracin', '--config.inner.batch_size=3', f'--workdir={w}/new_val'],
        '--config.inner.batch_size is not read by launch.valuate: it reads the config sections '
        'data, task, valuation'),
@@ -510,7 +512,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 193  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 194  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -384,3 +384,18 @@ def test_a_training_run_compares_the_sections_its_policy_reads(tmp_path, policy,
         resumed.check_compatible()
     else:
       assert resumed.check_compatible() == 2
+
+
+def test_a_training_run_resumes_past_the_top_level_seed_it_does_not_read(tmp_path):
+  """launch.train reads `train.seeds`, not the top-level `seed` (the rater run's): a checkpoint
+  made under another value of it is resumed (it was refused as 'a different config')."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from datarater import train as train_lib  # pylint: disable=g-import-not-at-top
+  config = small_config(str(tmp_path / 'tfds'))
+  changed = ml_collections.ConfigDict(config.to_dict())
+  changed.seed = config.seed + 1
+  workdir = str(tmp_path / 'run')
+  _save_one(train_lib.run_checkpointer(config, workdir, 'uniform', '', '', False),
+            extra={'history': [], 'wall_s': 0.0, 'steps': 0})
+  resumed = train_lib.run_checkpointer(changed, workdir, 'uniform', '', '', False)
+  assert resumed.check_compatible() == 2
