@@ -28,7 +28,7 @@ def train_feature_model(train, config):
                         config.batch_size, 'features.train_epochs')
   if steps <= 0:
     raise UserError(f'features.train_steps must be positive, got {config.train_steps}')
-  task = tasks.make_task(config.task, train.info)
+  task = tasks.make_task(config.task, train.info, 'features.task')
   if hasattr(train, 'features'):  # e.g. tokens outside features.task.vocab (a streamed split's
     task.check_data(train.features)  # chunks are checked by the trainer)
   trainer = Trainer(task, make_inner_optimizer('adam', config.learning_rate),

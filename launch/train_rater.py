@@ -26,10 +26,15 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   distributed.define_flags(fv)
 
 
+def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Refuses a config override of a section the run does not read."""
+  cli.refuse_unread_sections(fv, SECTIONS, 'launch.train_rater', top_level=True)
+
+
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
-    cli.refuse_unread_sections(fv, SECTIONS, 'launch.train_rater', top_level=True)
+    check_flags(fv)
     distributed.initialize_from_flags(fv)
     meta_train(fv.config, fv.workdir, stop_after=fv.stop_after)
 

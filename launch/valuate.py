@@ -27,10 +27,15 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   distributed.define_flags(fv)
 
 
+def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Refuses a config override of a section (or top-level field) the run does not read."""
+  cli.refuse_unread_sections(fv, SECTIONS, 'launch.valuate')
+
+
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
-    cli.refuse_unread_sections(fv, SECTIONS, 'launch.valuate')
+    check_flags(fv)
     distributed.initialize_from_flags(fv)
     summary = valuate(fv.method, fv.config, fv.workdir)
   if not summary:  # another process of a multi-process job wrote the files

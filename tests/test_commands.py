@@ -1,9 +1,10 @@
 """Every command the docs show parses: the README's, WORKSPACE.md's and those in the docstrings of
 the launchers, benchmarks and configs. Its module exists, its flags and config overrides are
-known and well typed, and its --config file loads; nothing runs.
+known and well typed, its --config file loads, and its launcher reads every override (its
+`check_flags`); nothing runs.
 
 Each command runs in its own process (`tests.forked`) up to its flag parsing (through
-`launch.cli.run`), where it exits.
+`launch.cli.run`) and the launcher's `check_flags`, where it exits.
 """
 import ast
 import glob
@@ -85,6 +86,10 @@ def test_the_check_fails_a_bad_command():
       (('bench.selection', ['--seeds=x']), "'x'"),
       (('bench.curation', ['--no_such_flag=1']), 'no_such_flag'),
       (('bench.no_such_bench', []), 'bench.no_such_bench'),
+      (('launch.train', ['--config.inner.steps=4']), 'is not read by launch.train'),
+      (('launch.train', ['--policy=infobatch', '--config.policy.rho=0.3']),
+       'is not read by policy infobatch'),
+      (('launch.valuate', ['--method=tracin', '--config.seed=1']), 'is not read by'),
   ]
   results = parse_commands([('launch.train', ['--config=configs/digits.py'])]
                            + [command for command, _ in bad])
@@ -94,11 +99,20 @@ def test_the_check_fails_a_bad_command():
 
 
 def _parse_only(module: str, argv: list[str]) -> None:
-  """Runs `module` as `python -m module *argv` and exits 0 once its flags are parsed."""
+  """Runs `module` as `python -m module *argv` and exits 0 once its flags are parsed and its
+  `check_flags` (a launcher's refusals of overrides it would not read), if it has one, passed."""
   import runpy  # pylint: disable=g-import-not-at-top
+  from datarater.errors import exit_on_user_error  # pylint: disable=g-import-not-at-top
   from launch import cli  # pylint: disable=g-import-not-at-top
   run = cli.run
-  cli.run = lambda main, define_flags, doc: run(lambda argv: sys.exit(0), define_flags, doc)
+
+  def checked(main):
+    check = main.__globals__.get('check_flags')
+    if check:
+      with exit_on_user_error():
+        check()
+    sys.exit(0)
+  cli.run = lambda main, define_flags, doc: run(lambda argv: checked(main), define_flags, doc)
   sys.argv = [module, *argv]
   runpy.run_module(module, run_name='__main__', alter_sys=True)
   print(f'{module} ran to its end without parsing flags through launch.cli')

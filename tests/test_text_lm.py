@@ -306,6 +306,28 @@ def _tokens(n=4, length=12, vocab=16, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (n, length)), jnp.int32)
 
 
+def test_the_feature_models_errors_name_its_section_features_task():
+  """The SAE policy's feature model is built from `features.task`: its errors name that section
+  (they named task.max_len and task.num_heads, giving this section's values as the task's); a
+  task's own still name `task`, a rater's `rater` (vocab: test_a_feature_model_that_cannot...)."""
+  from datarater import features  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  split = pipeline.Split({'tokens': np.full((2, 12), 3)}, np.arange(2), np.zeros(2, np.int8),
+                         ('clean',), _info())
+  for fields, error in (({'max_len': 8}, 'more than features.task.max_len 8'),
+                        ({'num_heads': 3}, 'features.task.d_model 8 must be a multiple of '
+                                           'features.task.num_heads 3')):
+    config = ml_collections.ConfigDict({'task': _model(**fields), 'train_steps': 1,
+                                        'train_epochs': 0, 'batch_size': 2,
+                                        'learning_rate': 1e-3, 'seed': 0})
+    with pytest.raises(UserError, match=re.escape(error)):
+      features.train_feature_model(split, config)
+  with pytest.raises(UserError, match=re.escape('more than task.max_len 8')):
+    tasks.make_task(_model(max_len=8), _info())
+  with pytest.raises(UserError, match=re.escape('more than rater.max_len 8')):
+    tasks.make_rater(_model('sequence_rater', max_len=8), _info())
+
+
 def _f64(tree):
   """Float64 leaves, converted in numpy (op by op, JAX compiles one program per leaf shape)."""
   return jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float64)), tree)
@@ -513,7 +535,7 @@ def test_token_weights_below_0_or_not_finite_and_one_token_sequences_are_refused
 def test_a_feature_model_that_cannot_read_the_tokens_is_refused():
   """features.task with a vocabulary below the data's bytes trained on all-zero inputs for
   them (NaN losses) and gave finite, meaningless SAE features: refused as launch.train refuses
-  such a task."""
+  such a task (naming features.task.vocab, not the task's)."""
   from datarater import features  # pylint: disable=g-import-not-at-top
   from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
   tokens = np.arange(24).reshape(2, 12) * 10  # up to 230
@@ -521,7 +543,7 @@ def test_a_feature_model_that_cannot_read_the_tokens_is_refused():
                          _info())
   config = ml_collections.ConfigDict({'task': _model(), 'train_steps': 1, 'train_epochs': 0,
                                       'batch_size': 2, 'learning_rate': 1e-3, 'seed': 0})
-  with pytest.raises(UserError, match='outside the vocabulary of task.vocab=16'):
+  with pytest.raises(UserError, match='outside the vocabulary of features.task.vocab=16'):
     features.train_feature_model(split, config)
 
 

@@ -31,7 +31,7 @@ from datarater import config_checks as checks
 from datarater.errors import UserError
 from datarater.tasks.base import FeatureSpec, Rater, Task, example_batch, init_module
 from datarater.tasks.classifier import ACTIVATIONS, activation
-from datarater.tasks.registry import register_rater, register_task
+from datarater.tasks.registry import building_section, register_rater, register_task
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
@@ -107,9 +107,10 @@ class Transformer(nn.Module):
     return nn.Dense(self.outputs, name='head')(jnp.mean(x, axis=1) if self.pool else x)
 
 
-def _tokens_key(config, info, section: str) -> tuple[str, int]:
-  """(token feature name, sequence length), checked against the dataset and `max_len` (of config
-  `section`, 'task' or 'rater', named in the errors)."""
+def _tokens_key(config, info) -> tuple[str, int]:
+  """(token feature name, sequence length), checked against the dataset and `max_len` (of the
+  config section being built, named in the errors: 'task', 'rater' or 'features.task')."""
+  where = building_section()
   key = config.get('input', '') or 'tokens'
   spec = info.spec.get(key)
   if spec is None or len(spec.shape) != 1 or not np.issubdtype(spec.dtype, np.integer):
@@ -119,10 +120,10 @@ def _tokens_key(config, info, section: str) -> tuple[str, int]:
                     'decodes to float pixels: store tokens as int32)')
   length = spec.shape[0]
   if length > config.max_len:
-    raise UserError(f'the sequences of {key!r} have {length} tokens, more than {section}.max_len '
+    raise UserError(f'the sequences of {key!r} have {length} tokens, more than {where}.max_len '
                     f'{config.max_len}')
   if config.d_model % config.num_heads:
-    raise UserError(f'{section}.d_model {config.d_model} must be a multiple of {section}.num_heads '
+    raise UserError(f'{where}.d_model {config.d_model} must be a multiple of {where}.num_heads '
                     f'{config.num_heads}')
   return key, length
 
@@ -153,12 +154,13 @@ class LanguageModel(Task):
   spec: FeatureSpec
   input_key: str
   weight_key: str = ''
+  section: str = 'task'  # the config section it was built from, named in check_data's errors
 
   def init(self, key):
     return init_module(self.module, key, example_batch(self.spec)[self.input_key])
 
   def check_data(self, features):
-    _check_tokens(features[self.input_key], self.module.vocab, self.input_key, 'task')
+    _check_tokens(features[self.input_key], self.module.vocab, self.input_key, self.section)
     if self.weight_key:  # a weighted mean needs weights >= 0 (a negative one flips the loss)
       w = np.asarray(features[self.weight_key])
       bad = w[~(w >= 0) | ~np.isfinite(w)]  # NaN fails both
@@ -229,7 +231,7 @@ SEQUENCE_SCHEMA = {'vocab': checks.integer(2), 'd_model': checks.integer(1),
 def transformer_lm(config, info) -> LanguageModel:
   """config: vocab, d_model, num_heads, num_layers, d_mlp, max_len, activation, optional input
   (token feature, default 'tokens') and token_weights (a float feature [L]; '' = none)."""
-  key, length = _tokens_key(config, info, 'task')
+  key, length = _tokens_key(config, info)
   if length < 2:
     raise UserError(f'a language model predicts each token from those before it: the sequences '
                     f'of {key!r} need at least 2 tokens, got {length}')
@@ -240,12 +242,12 @@ def transformer_lm(config, info) -> LanguageModel:
     raise UserError(f'token_weights {weights!r} must be a float feature of shape ({length},) of '
                     f'dataset {info.name!r} (features, decoded: {decoded})')
   module = _transformer(config, int(config.vocab), causal=True, pool=False)
-  return LanguageModel(module, info.spec, key, weights)
+  return LanguageModel(module, info.spec, key, weights, building_section())
 
 
 @register_rater('sequence_rater', {**SEQUENCE_SCHEMA, 'causal': checks.optional(checks.boolean())})
 def sequence_rater(config, info) -> SequenceRater:
   """config: as transformer_lm's, and optional causal (default False: bidirectional)."""
-  key, _ = _tokens_key(config, info, 'rater')
+  key, _ = _tokens_key(config, info)
   module = _transformer(config, 1, causal=bool(config.get('causal', False)), pool=True)
   return SequenceRater(module, info.spec, key)

@@ -7,6 +7,7 @@ or unknown field is refused before a run starts; what the model returns is check
 built (`base.check_outputs`). A rater's registering module is recorded with a rater run and an
 exported rater (`module_of`), so what loads one without a config imports it (`import_module_of`).
 """
+import contextvars
 import importlib
 import importlib.machinery
 from typing import Callable, Optional
@@ -18,6 +19,13 @@ TASKS: dict[str, Callable[..., Task]] = {}
 RATERS: dict[str, Callable[..., Rater]] = {}
 SCHEMAS: dict[tuple[str, str], dict] = {}
 RATER_MODULES: dict[str, str] = {}  # rater name -> the module its factory is defined in
+_SECTION = contextvars.ContextVar('section', default='task')
+
+
+def building_section() -> str:
+  """The config section of the task or rater a factory is building ('task', 'rater',
+  'features.task'), for its error lines."""
+  return _SECTION.get()
 
 
 def register_task(name: str, schema: dict):
@@ -70,11 +78,17 @@ def import_module_of(name: str, module: Optional[str], where: str) -> None:
         from None
 
 
-def make_task(config, info) -> Task:
-  """The task `config.name` for data described by `info` (`pipeline.DataInfo`)."""
+def make_task(config, info, section: str = 'task') -> Task:
+  """The task `config.name` for data described by `info` (`pipeline.DataInfo`); `section`: the
+  config section `config` is (`building_section()` while the factory runs)."""
   if config.name not in TASKS:
-    raise UserError(f'unknown task.name {config.name!r} (choose from {", ".join(sorted(TASKS))})')
-  task = TASKS[config.name](config, info)
+    raise UserError(f'unknown {section}.name {config.name!r} (choose from '
+                    f'{", ".join(sorted(TASKS))})')
+  token = _SECTION.set(section)
+  try:
+    task = TASKS[config.name](config, info)
+  finally:
+    _SECTION.reset(token)
   _check_kind(task, Task, 'task', config.name)
   check_outputs(task, info)
   return task
@@ -85,7 +99,11 @@ def make_rater(config, info) -> Rater:
   if config.name not in RATERS:
     raise UserError(f'unknown rater.name {config.name!r} (choose from {", ".join(sorted(RATERS))}; '
                     'a rater of your own loads where its module is imported)')
-  rater = RATERS[config.name](config, info)
+  token = _SECTION.set('rater')
+  try:
+    rater = RATERS[config.name](config, info)
+  finally:
+    _SECTION.reset(token)
   _check_kind(rater, Rater, 'rater', config.name)
   check_outputs(rater, info)
   return rater
