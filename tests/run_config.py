@@ -25,7 +25,8 @@ def small_config(data_dir: str, steps: int = 6):
 
 def as_flags(c, sections=None) -> list[str]:
   """The command-line overrides that turn configs/digits.py into `c` (only those of the config
-  sections `sections`, if given, and no top-level field: a launcher refuses the others)."""
+  sections `sections`, if given, and no top-level field: launch.valuate and launch.train refuse
+  the others)."""
   flags = [f'--config.data.data_dir={c.data.data_dir}', f'--config.outer.steps={c.outer.steps}',
           f'--config.inner.population={c.inner.population}',
           f'--config.inner.batch_size={c.inner.batch_size}',
