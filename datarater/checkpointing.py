@@ -344,21 +344,23 @@ def checksums(tree) -> dict[str, int]:
   """{leaf path: checksum} of a tree of arrays (`_block_checksum` of the whole array, summed over
   the shards this process holds), the same for any sharding or device count, and for the dicts
   orbax reads a dataclass or named tuple back into; zero-size leaves, which are not saved, have
-  none. Of arrays that span processes, every process computes it together (a collective)."""
-  paths, sums, spanning = [], [], False
+  none. Of arrays that span processes, every process computes it together (a collective); one a
+  process holds whole (a host array, one on its own devices) is summed by that process alone."""
+  paths, sums, spanning = [], [], []
   for path, x in jax.tree_util.tree_flatten_with_path(_drop_empty(tree))[0]:
     paths.append('/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
                           for k in path))
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
+    spanning.append(isinstance(x, jax.Array) and not x.is_fully_addressable)
     if not isinstance(x, jax.Array):  # (a host array: one whole block)
       sums.append(_block_checksum(x, (slice(None),) * np.ndim(x), np.shape(x)))
       continue
-    spanning = spanning or not x.is_fully_addressable
     sums.append(sum(_block_checksum(s.data, s.index, x.shape) for s in x.addressable_shards
                     if s.replica_id == 0) % 2**32)  # (each part once: replicas are copies)
-  if spanning:
-    sums = [int(v) % 2**32 for v in multihost.allgather(np.asarray(sums, np.uint64)).sum(0)]
+  if any(spanning):  # (the parts of each spanning array, summed over the processes)
+    parts = multihost.allgather(np.asarray([v * s for v, s in zip(sums, spanning)], np.uint64))
+    sums = [int(p) % 2**32 if s else v for v, p, s in zip(sums, parts.sum(0), spanning)]
   return dict(zip(paths, sums))
 
 

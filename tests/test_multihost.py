@@ -21,6 +21,7 @@ from configs.digits import get_config
 from datarater.curation.filter import filter_dataset
 from datarater.data.corruption import Corruption
 from datarater.export import export_rater, load_rater
+from datarater import checkpointing
 from datarater import meta_train as meta_train_lib
 from datarater.meta_train import meta_train
 from datarater.valuation import run as valuation_run
@@ -868,3 +869,36 @@ def test_processes_that_reach_the_workdir_by_two_paths_checkpoint_it(tfds_dir, t
   config = small_config(tfds_dir, steps=4)
   meta_train(config, str(tmp_path / 'straight'), devices=jax.devices()[:4])
   _assert_same(_params(tmp_path / 'shared' / 'run'), _params(tmp_path / 'straight'), atol=1e-5)
+
+
+# Checksums of a tree mixing arrays that span the two processes with arrays each process holds
+# whole (a host array, one on its own first device), printed by each process.
+_MIXED_CHECKSUMS = """
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import jax
+import numpy as np
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+from datarater import checkpointing
+values = [np.arange(24, dtype=np.float32).reshape(8, 3) * (i + 1) for i in range(4)]
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ('d',))
+on = lambda spec: jax.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+spanning = lambda x, spec: jax.make_array_from_callback(x.shape, on(spec), lambda i: x[i])
+tree = {'sharded': spanning(values[0], ('d',)), 'replicated': spanning(values[1], ()),
+        'host': values[2], 'local': jax.device_put(values[3], jax.local_devices()[0])}
+print('SUMS', json.dumps(checkpointing.checksums(tree)))
+"""
+
+
+@pytest.mark.slow  # (a two-process job for a case the README does not claim)
+def test_checksums_of_a_tree_of_spanning_and_whole_arrays_equal_one_process(tmp_path):
+  """Two processes' checksums of arrays sharded or replicated over both and of arrays each holds
+  whole (a host array, one on a local device) equal one process's of the same values. Before, once
+  one array spanned the processes, the whole arrays' sums were added over both (counted twice)."""
+  outs = _finish(_start_driver(_MIXED_CHECKSUMS, '', tmp_path), timeout=120)
+  values = [np.arange(24, dtype=np.float32).reshape(8, 3) * (i + 1) for i in range(4)]
+  one = checkpointing.checksums(dict(zip(('sharded', 'replicated', 'host', 'local'), values)))
+  for out in outs:
+    (line,) = [l for l in out.splitlines() if l.startswith('SUMS ')]
+    assert json.loads(line[5:]) == one, out
