@@ -10,7 +10,7 @@ report.json and orbax checkpoints every `train.checkpoint_every` epochs, and a r
 import contextlib
 import json
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import jax
 import ml_collections
@@ -77,32 +77,33 @@ def format_record(record: dict, eval_split: str) -> str:
   return ' | '.join(parts)
 
 
-def sections_read(config, policy: Optional[str] = None) -> tuple[str, ...]:
-  """The config sections a run of `policy` (default `config.policy.name`) reads; refuses a
-  policy not named or unknown."""
+def policy_name(config, policy: Optional[str] = None) -> str:
+  """The policy a run trains under: `policy`, else `config.policy.name`; refuses one not named
+  or unknown."""
   if policy is None and 'policy' not in config:  # (a config of another launcher)
     raise UserError("the config has no policy section: give --policy or a config with one")
   name = config.policy.name if policy is None else policy  # '' (--policy=) is no name
   if name not in policies.POLICIES:
     raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(policies.POLICIES))})')
-  return SECTIONS + policies.SECTIONS[name]
+  return name
+
+
+def sections_read(config, policy: Optional[str] = None) -> tuple[str, ...]:
+  """The config sections a run of `policy` (`policy_name`) reads."""
+  return SECTIONS + policies.SECTIONS[policy_name(config, policy)]
 
 
 def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str = '',
           workdir: str = '', stop_after: Optional[int] = None,
-          log: Callable[[str], None] = print, overridden: Sequence[str] = ()) -> dict:
+          log: Callable[[str], None] = print) -> dict:
   """Trains (or, from `workdir`'s checkpoint, resumes) the runs; returns the report.
 
   `policy` overrides `config.policy.name`. If `stop_after` ends training early, returns
-  {'stopped_after': epochs done} and writes no report. `overridden`: the config fields set on
-  the command line (dotted paths); a `policy` field among them that the policy does not read is
-  refused.
+  {'stopped_after': epochs done} and writes no report.
   """
-  sections = sections_read(config, policy)
-  name = config.policy.name if policy is None else policy
+  name = policy_name(config, policy)
   policies.check_inputs(name, rater=rater, scores=scores)
-  config_checks.validate(config, sections)
-  policies.check_fields(name, overridden)
+  config_checks.validate(config, sections_read(config, name))
   d, t = config.data, config.train
   if stop_after is not None and not workdir:
     raise UserError('--stop_after needs --workdir (the checkpoint is written there)')

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from datarater import policies
 from datarater.errors import exit_on_user_error
-from datarater.train import sections_read, train
+from datarater.train import policy_name, sections_read, train
 from launch import cli
 
 
@@ -39,8 +39,8 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Refuses a config override the run would not read: of a section (or top-level field) or
   of a `policy` field its policy does not read."""
   cli.refuse_unread_sections(fv, sections_read(fv.config, fv.policy), 'launch.train')
-  policy = fv.config.policy.name if fv.policy is None else fv.policy
-  policies.check_fields(policy, config_flags.get_override_values(fv['config']))
+  policies.check_fields(policy_name(fv.config, fv.policy),
+                        config_flags.get_override_values(fv['config']))
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
@@ -48,8 +48,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   with exit_on_user_error():
     check_flags(fv)
     train(fv.config, fv.policy, rater=fv.rater, scores=fv.scores, workdir=fv.workdir,
-          stop_after=fv.stop_after,
-          overridden=tuple(config_flags.get_override_values(fv['config'])))
+          stop_after=fv.stop_after)
 
 
 if __name__ == '__main__':

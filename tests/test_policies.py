@@ -344,13 +344,10 @@ def test_an_input_is_given_only_to_the_policies_that_read_it():
     policies.check_inputs('datarater_accept', rater='r', scores='s')
 
 
-def test_a_policy_field_set_for_a_policy_that_ignores_it_is_refused_before_any_work(
-    tfds_dir, monkeypatch):
+def test_a_policy_field_set_for_a_policy_that_ignores_it_is_refused():
   """`--config.policy.rho=0.3` with infobatch, or `policy.temperature` with the datarater
-  policy (which keeps the rater's own), trained on silently without them."""
-  config = get_config()
-  config.data = digits_data(tfds_dir)
-  monkeypatch.setattr(pipeline, 'load_split', lambda *a, **k: pytest.fail('data was read'))
+  policy (which keeps the rater's own), trained on silently without them (launch.train's
+  `check_flags` refuses them before any work: test_bad_input, test_commands)."""
   read = {'rho': {'datarater_batch_filter', 'datarater_accept'},
           'temperature': {'scores', 'tracin_curriculum', 'mimic'},
           'ratio': {'random', 'infobatch', 'sae'}, 'max_prune_prob': {'infobatch'}}
@@ -361,7 +358,7 @@ def test_a_policy_field_set_for_a_policy_that_ignores_it_is_refused_before_any_w
       else:
         with pytest.raises(UserError, match=rf'--config.policy.{field} is not read by policy '
                                             rf'{name} \(.*{field} is read by '):
-          train(config, name, overridden=('train.epochs', f'policy.{field}'), log=lambda l: None)
+          policies.check_fields(name, ('train.epochs', f'policy.{field}'))
 
 
 def test_online_filters_by_hand():
