@@ -295,7 +295,11 @@ def test_store_files_metadata_and_queries_equal_brute_force(setup, tmp_path):
   assert (meta['projection']['seed'], meta['projection']['k_in'], meta['projection']['k_out'],
           meta['projection']['names']) == (7, 3, 2, ['dense_0', 'dense_1'])
   assert meta['num_examples'] == 13 and meta['dim'] == 12 and meta['dataset'] == 'tiny'
-  assert meta['split'] == 'train[:13]' and meta['ids'] == list(100 + 3 * np.arange(13))
+  assert meta['split'] == 'train[:13]' and meta['ids']['file'] == 'ids.npy'
+  ids = np.load(tmp_path / 'g' / 'ids.npy')
+  assert ids.dtype == np.int64
+  np.testing.assert_array_equal(ids, 100 + 3 * np.arange(13))
+  np.testing.assert_array_equal(s.ids, ids)
   assert [c['step'] for c in meta['checkpoints']] == [0, 2, 4]
   np.testing.assert_allclose([c['learning_rate'] for c in meta['checkpoints']], o['lrs'])
   assert sorted(os.listdir(tmp_path)) == ['g']  # nothing partial left beside it
@@ -480,7 +484,7 @@ def test_killed_build_resumes_to_identical_files(setup, tmp_path, monkeypatch):
   assert saved == [8, 12, 13]  # blocks 2..4 only
   names = sorted(os.listdir(tmp_path / 'whole'))
   assert names == sorted(os.listdir(tmp_path / 'resumed')) == [
-      'grads_0.npy', 'grads_1.npy', 'grads_2.npy', 'meta.json']
+      'grads_0.npy', 'grads_1.npy', 'grads_2.npy', 'ids.npy', 'meta.json']
   for name in names:
     assert (tmp_path / 'whole' / name).read_bytes() == (tmp_path / 'resumed' / name).read_bytes()
   assert s.grads(0).dtype == np.float32  # the default store: float32 of the float64 gradients
@@ -496,6 +500,14 @@ def test_killed_build_resumes_to_identical_files(setup, tmp_path, monkeypatch):
               block_size=4, chunk_size=3)
   assert saved == [0, 4, 8, 12, 13]
   assert json.load(open(tmp_path / 'changed' / 'meta.json'))['projection']['seed'] == 8
+  # A store written before ids.npy holds its ids in meta.json, and reads as it did.
+  meta = json.load(open(tmp_path / 'whole' / 'meta.json'))
+  meta['ids'] = [int(i) for i in split.ids]
+  (tmp_path / 'whole' / 'meta.json').write_text(json.dumps(meta))
+  os.remove(tmp_path / 'whole' / 'ids.npy')
+  old = store.GradientStore(str(tmp_path / 'whole'))
+  np.testing.assert_array_equal(old.ids, split.ids)
+  np.testing.assert_array_equal(old.self_influence(), s.self_influence())
 
 
 def test_stored_data_value_embeddings_equal_explicit_backward_product(setup, tmp_path):

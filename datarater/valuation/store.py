@@ -4,9 +4,10 @@ written once, then read by queries instead of recomputing training gradients.
 A store is a folder:
 - `meta.json`: the projection (`pergrad.FactoredState.describe()`: kind, seed, k_in, k_out, the
   layers and their shapes), the checkpoints (step, learning rate, file), N, D, the dtype, the
-  dataset and split names, the examples' ids (their positions in the split expression: row i
-  is example ids[i]),
-  a digest of the run's checkpoints (queries check they get the same run), the build settings;
+  dataset and split names, the ids file's name and digest, a digest of the run's checkpoints
+  (queries check they get the same run), the build settings;
+- `ids.npy`: [N] int64, the examples' ids (their positions in the split expression: row i is
+  example ids[i]); a store written before it holds them in meta.json's `ids` list;
 - `grads_<c>.npy`: [N, D] (float32 by default) in `np.lib.format`, so `np.load(mmap_mode='r')`
   reads rows in place: row i is example i's projected gradient at checkpoint c;
 - `dvemb.npy` (after `add_dvemb`): [N, D] data value embeddings in the same projection.
@@ -43,7 +44,7 @@ from datarater.valuation import dvemb
 from datarater.valuation.base import TrainingRun
 
 FORMAT = 'datarater.gradient_store/1'
-META, PROGRESS, DVEMB = 'meta.json', 'progress.json', 'dvemb.npy'
+META, PROGRESS, DVEMB, IDS = 'meta.json', 'progress.json', 'dvemb.npy', 'ids.npy'
 
 
 def digest(tree) -> str:
@@ -73,7 +74,7 @@ def _grads_fn(loss_fn: PerExampleLoss, chunk_size: Optional[int]):
       ckpts))
 
 
-def _open_partial(partial: str, meta: dict) -> int:
+def _open_partial(partial: str, meta: dict, ids: np.ndarray) -> int:
   """Examples already written to `partial` for this `meta` (0 after starting it afresh)."""
   progress = os.path.join(partial, PROGRESS)
   if os.path.isdir(partial):
@@ -85,6 +86,7 @@ def _open_partial(partial: str, meta: dict) -> int:
     shutil.rmtree(partial)
   os.makedirs(partial)
   files.write_json(os.path.join(partial, META), meta)
+  np.save(os.path.join(partial, IDS), ids)
   for c in meta['checkpoints'] if meta['gradients'] else ():
     np.lib.format.open_memmap(os.path.join(partial, c['file']), mode='w+',
                               dtype=np.dtype(meta['dtype']), shape=(meta['num_examples'],
@@ -122,9 +124,10 @@ def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
                     'outside their calls, e.g. tied weights or a weight penalty, or the '
                     'gradients are not finite); store other layers (valuation.layers)')
   lrs = checkpoint_lrs(run)
+  ids = np.asarray(split.ids, np.int64)
   meta = {'format': FORMAT, 'projection': state.describe(), 'num_examples': n, 'dim': state.dim,
           'dtype': np.dtype(dtype).name, 'dataset': split.info.name, 'split': split_name,
-          'ids': [int(i) for i in split.ids],
+          'ids': {'file': IDS, 'digest': digest(ids)},
           'checkpoints': [{'step': int(s), 'learning_rate': float(lr), 'file': f'grads_{c}.npy'}
                           for c, (s, lr) in enumerate(zip(np.asarray(run.checkpoint_steps), lrs))],
           'checkpoints_digest': digest(run.checkpoints),
@@ -135,7 +138,7 @@ def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
     os.makedirs(parent, exist_ok=True)
     files.recover_dir(path)  # an old store a killed overwrite had moved aside goes back
     partial = os.path.join(parent, f'.{name}.partial')
-    done = _open_partial(partial, meta)
+    done = _open_partial(partial, meta, ids)
   except OSError as e:
     raise UserError(f'cannot write gradient store {path!r}: {files.why_not(path, e)}') from None
   arrays = [np.lib.format.open_memmap(os.path.join(partial, c['file']), mode='r+')
@@ -231,9 +234,11 @@ class GradientStore:
       self.has_gradients = self.meta.get('gradients', True)
       self._grads = [np.load(os.path.join(self.path, c['file']), mmap_mode='r')
                      for c in self.meta['checkpoints']] if self.has_gradients else None
+      ids = self.meta['ids']  # a list in a store written before ids.npy
+      self.ids = (np.load(os.path.join(self.path, ids['file']), mmap_mode='r')
+                  if isinstance(ids, dict) else np.asarray(ids, np.int64))
     except (OSError, ValueError) as e:
       raise UserError(f'cannot read gradient store {path!r}: {e}') from None
-    self.ids = np.asarray(self.meta['ids'], np.int64)
     self.steps = np.asarray([c['step'] for c in self.meta['checkpoints']], np.int64)
     self.lrs = np.asarray([c['learning_rate'] for c in self.meta['checkpoints']], np.float64)
     self._fns = {}
