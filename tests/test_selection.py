@@ -232,6 +232,27 @@ def test_representativeness_favours_common_factors_and_diversity_opens_gradually
   assert gates[grid <= 0.85, most].max() == pytest.approx(0.0)
 
 
+def test_dead_factors_do_not_take_up_the_late_gates():
+  """Rarity by its definition (float64): the live rare factors, most frequent first, at
+  k / (#live rare - 1); factors no example uses (8 of 32 here; 25-53 of 128 in the bench's SAEs)
+  get 1. So the rarest live factor stays closed until t = 1 - gate_width, as with no dead ones
+  (they used to hold the rarest ranks: here it was fully open by t = 0.55)."""
+  live = synthetic_codes(300, factors=24)
+  codes = np.concatenate([live, np.zeros((300, 8), np.float32)], 1)[:, np.random.default_rng(
+      0).permutation(32)]
+  stats = scores.factor_stats(jnp.asarray(codes), 0.5)
+  freq, high = np.asarray(stats.frequency, np.float64), np.asarray(stats.high)
+  rare_live = [j for j in sorted(range(32), key=lambda j: (-freq[j], j)) if freq[j] > 0
+               and not high[j]]
+  want = np.where(high, 0.0, 1.0)
+  want[rare_live] = np.arange(len(rare_live)) / (len(rare_live) - 1)
+  assert high.sum() == 16 and len(rare_live) == 8
+  np.testing.assert_allclose(stats.rarity, want, atol=1e-6)
+  probe = stats.replace(mass=jnp.eye(32)[np.array(rare_live[-1:])], group=jnp.zeros(1, jnp.int32))
+  gate = lambda t: float(scores.diversity(probe, jnp.zeros(32), jnp.asarray(t), 0.15)[0])
+  assert gate(0.85) == 0.0 and gate(1.0) == pytest.approx(1.0)
+
+
 def test_class_conditional_scores_flag_label_flips():
   """Flipped labels: factors typical of another class -> low class-conditional R, negative margin;
   the split-wide R cannot tell them apart (it never sees labels)."""

@@ -3,7 +3,8 @@
 From the codes Z [N, M] (>= 0) of every training example:
 - factor frequency f_j = share of examples in which factor j is active; the `high_freq_fraction`
   most frequent factors are the high-frequency set H, the rest are rare, each with a rarity
-  rho_j in [0, 1] (0 = least rare);
+  rho_j in [0, 1] (0 = least rare, 1 = the rarest that some example uses; a factor no example
+  uses gets 1 and weighs nothing);
 - representativeness R_i = sum_{j in H} a_ij f_j / max f, with a_i = z_i / |z_i|_1: how much of the
   example is made of common factors (coverage of the high-frequency factors). Class-conditional
   (`labels` given): f, H and max f are those of the examples sharing i's label, so R_i is how
@@ -63,12 +64,16 @@ class FactorStats:
 
 
 def _high_and_rarity(freq: jax.Array, high_freq_fraction: float):
-  """High-frequency mask (most frequent first) and rarity rank of the other factors."""
+  """High-frequency mask (most frequent first) and rarity rank of the other factors, spread
+  over [0, 1] by the rare factors some example uses: a factor none uses (an SAE's dead factor,
+  often a third of them) carries no mass and gets 1, so it does not take up the latest gates."""
   m = freq.shape[-1]
-  rank = ranks.rank(-freq)   # 0 = most frequent
+  rank = ranks.rank(-freq)   # 0 = most frequent; the unused ones last
   num_high = max(1, int(round(high_freq_fraction * m)))
   high = rank < num_high
-  rarity = jnp.where(high, 0.0, (rank - num_high) / max(m - num_high - 1, 1))
+  num_live = jnp.sum(freq > 0, -1, keepdims=True)
+  rarity = jnp.where(high, 0.0, jnp.minimum(
+      (rank - num_high) / jnp.maximum(num_live - num_high - 1, 1), 1.0))
   return high, rarity.astype(jnp.float32)
 
 
