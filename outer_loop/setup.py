@@ -6,7 +6,7 @@ from datarater import tasks
 from datarater.data import corruption
 from outer_loop.estimators import make_estimator
 from outer_loop.meta_step import MetaProblem
-from inner_loop.optimizers import make_inner_optimizer
+from inner_loop.optimizers import check_meta_differentiable, make_inner_optimizer
 
 SCHEDULES = ('constant', 'cosine')  # the outer learning rate after its warm-up
 
@@ -28,9 +28,10 @@ def build_problem(config: ml_collections.ConfigDict, info):
   """(MetaProblem, estimator) of the config, for data described by `info` (pipeline.DataInfo)."""
   task, rater = tasks.make_task(config.task, info), tasks.make_rater(config.rater, info)
   corruption.from_config(config.data).check_targets(info, task, rater)
+  inner_optimizer = make_inner_optimizer(config.inner.optimizer, config.inner.learning_rate)
+  check_meta_differentiable(config.inner.optimizer, inner_optimizer)
   problem = MetaProblem(
-      task=task, rater=rater,
-      inner_optimizer=make_inner_optimizer(config.inner.optimizer, config.inner.learning_rate),
+      task=task, rater=rater, inner_optimizer=inner_optimizer,
       outer_optimizer=make_outer_optimizer(config.outer),
       temperature=config.rater.temperature, reset_every=config.inner.reset_every,
       advance_steps=config.inner.advance_steps, ema=config.outer.ema)

@@ -275,6 +275,26 @@ def test_an_added_optimizer_or_estimator_is_never_silently_another(monkeypatch):
     estimator('pyloop', 'adam')
 
 
+def test_an_inner_optimizer_whose_update_ignores_the_gradient_is_refused(monkeypatch):
+  """A sign-based inner optimizer (optax.lion, added as WORKSPACE says) makes the meta-gradient
+  exactly 0: build_problem refuses it in one line (a rater run went on, its warning blaming the
+  outer learning rate); the shipped optimizers pass."""
+  from configs.digits import get_config  # pylint: disable=g-import-not-at-top
+  from inner_loop import optimizers  # pylint: disable=g-import-not-at-top
+  from outer_loop import setup  # pylint: disable=g-import-not-at-top
+  from tests.tiny import tiny_info  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(optimizers, 'INNER_OPTIMIZERS', optimizers.INNER_OPTIMIZERS + ('lion',))
+  monkeypatch.setattr(setup, 'make_inner_optimizer', lambda name, lr: (
+      optax.lion(lr) if name == 'lion' else make_inner_optimizer(name, lr)))
+  config = get_config()
+  for name in ('sgd', 'momentum', 'adam'):
+    config.inner.optimizer = name
+    setup.build_problem(config, tiny_info())
+  config.inner.optimizer = 'lion'
+  with pytest.raises(UserError, match="inner.optimizer='lion': its update does not change"):
+    setup.build_problem(config, tiny_info())
+
+
 @pytest.mark.parametrize('schedule', ['constant', 'cosine'])
 def test_outer_warmup_of_zero_steps_starts_at_the_full_rate(schedule):
   """warmup_steps = 0: the first outer update is Adam's full step (about lr per coordinate);

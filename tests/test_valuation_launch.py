@@ -596,6 +596,20 @@ def test_a_new_methods_run_length_is_checked_before_any_fit(tfds_dir, monkeypatc
     factory.check('new_method', config, task, train)
 
 
+def test_a_method_listed_but_not_built_is_an_error_not_mimic(tfds_dir, monkeypatch):
+  """A method added to METHODS without its branch in factory.build is an error, as an estimator
+  missing from make_estimator is (it was fitted and scored as Mimic, under its own name)."""
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(factory, 'METHODS', (*factory.METHODS, 'new_method'))
+  config = small_config(tfds_dir)
+  train = pipeline.load_split(config.data, 'train', corrupt=True)
+  heldout = pipeline.load_split(config.data, config.data.heldout_split)
+  task = tasks.make_task(config.task, train.info)
+  with pytest.raises(NotImplementedError, match="'new_method' is in METHODS but factory.build"):
+    factory.build('new_method', config, task, train, heldout, checked=True)
+
+
 def test_dvembs_run_length_is_not_checkpoint_every(tfds_dir):
   """The data value embedding records `valuation.dvemb_steps` with a checkpoint at every step:
   a checkpoint_every that does not divide train_steps (which TracIn and Mimic record) is no

@@ -259,11 +259,15 @@ def build(method: str, config, task, train, heldout, cache=None, fit: bool = Tru
                        ghost=ghost).fit(run)
     valuation.example_gradients = cost + len(train) * run.num_checkpoints
     return valuation
-  reference, ref_cost = mimic_reference(config, task, heldout, cache)
-  layers = mimic_layers(config, task, run.final_params, train)
-  ghost = v.mimic_cosine and ghost_norms_pay(task, run, train, layers)
-  valuation = Mimic(task.per_example_loss, reference, layers, v.mimic_cosine, chunk,
-                    ghost).fit(run)
-  # The runs, then one Jacobian-vector product per example at every checkpoint (as TracIn).
-  valuation.example_gradients = cost + ref_cost + len(train) * run.num_checkpoints
-  return valuation
+  if method == 'mimic':
+    reference, ref_cost = mimic_reference(config, task, heldout, cache)
+    layers = mimic_layers(config, task, run.final_params, train)
+    ghost = v.mimic_cosine and ghost_norms_pay(task, run, train, layers)
+    valuation = Mimic(task.per_example_loss, reference, layers, v.mimic_cosine, chunk,
+                      ghost).fit(run)
+    # The runs, then one Jacobian-vector product per example at every checkpoint (as TracIn).
+    valuation.example_gradients = cost + ref_cost + len(train) * run.num_checkpoints
+    return valuation
+  # A method listed in METHODS without a branch here (it was valued as Mimic, under its name).
+  raise NotImplementedError(f'valuation method {method!r} is in METHODS but factory.build does '
+                            'not build it')
