@@ -6,7 +6,8 @@ caught too (`datarater.errors.exit_on_user_error`), and an --out whose folder ca
 file above it, no write permission) refused before `main` runs (`writable`). `numbers` reads a
 comma-list flag, `at_least` bounds an integer flag and `out_folder` makes the output folder at the
 start, so that a bad value or an unwritable --out fails at once, not after the runs; `quick_out`
-gives a --quick smoke run its own default output. `read_json`
+gives a --quick smoke run its own default output; `set_by_flags` refuses a --config override of
+a field the benchmark sets from its own flags (it would change nothing). `read_json`
 reads another bench's results file, refusing one that is not (a truncated file, another kind) in
 one line.
 """
@@ -64,6 +65,15 @@ def quick_out(prefix: str, quick: bool) -> str:
 def config_file(default: str) -> Callable:
   """A `define_flags` for `run`: the --config experiment file flag, `default` unless given."""
   return lambda: cli.define_config_file('config', default, 'Experiment config file.')
+
+
+def set_by_flags(fields: dict) -> None:
+  """Refuses a --config.FIELD override of a field of `fields` ({field: the flag that sets it}):
+  the benchmark sets it itself, so the override would change nothing."""
+  given = flags.FLAGS['config'].override_values
+  for field, flag in fields.items():
+    if field in given:
+      raise UserError(f'--config.{field} is not read by this benchmark: {flag} sets it')
 
 
 def numbers(flag: str, values, kind: type = float, ok: Callable = lambda x: True,

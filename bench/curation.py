@@ -332,6 +332,9 @@ def main(argv):
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   config = flags.FLAGS.config
+  bench_cli.set_by_flags({'train.epochs': '--epochs', 'outer.steps': '--rater_steps',
+                          'data.label_noise': '--noise', 'seed': '--seeds',
+                          'data.noise_seed': '--seeds', 'valuation.seed': '--seeds'})
   # What its rater runs, valuations and fresh models read: checked before any run.
   config_checks.validate(config, ('data', 'task', 'rater', 'inner', 'outer', 'final_eval',
                                   'train', 'policy', 'valuation'))

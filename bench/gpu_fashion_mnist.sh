@@ -11,6 +11,7 @@
 # only in C) and `STEPS=6000 SEEDS="0 1 2" STAGES="A C"` (mimic, dvemb in C).
 set -uo pipefail
 OUT=${OUT:?set OUT}
+mkdir -p "$OUT"
 STEPS=${STEPS:-2000}
 SEEDS=${SEEDS:-0}
 STAGES=${STAGES:-A B C}

@@ -35,6 +35,7 @@ _SEED = flags.DEFINE_integer('seed', 5, 'Seed of the rater, its inner models and
 def main(argv):
   del argv
   config_checks.validate(flags.FLAGS.config, CONFIG_SECTIONS)
+  bench_cli.set_by_flags({'seed': '--seed', 'valuation.seed': '--seed'})
   c = seeded(flags.FLAGS.config, _SEED.value)
   c.log_every = c.checkpoint_every = c.outer.steps
   overrides = flags.FLAGS['config'].override_values  # {'inner.reset_every': 100, ...}

@@ -312,7 +312,9 @@ def plot(path: str, s: dict, seeds: dict, bench) -> None:
   ax.axhline(s['all']['mean'], color='k', lw=0.6, alpha=0.5)
   ax.set(xlabel='training tokens (k)', ylabel='test loss (nats/byte)',
          title=f'fresh larger LM, keep {p} (mean of {len(rs)} seeds)')
-  ax.set_ylim(top=float(np.mean([r['runs']['all']['-']['curve'][1][1] for r in rs])) + 0.05)
+  # Up to all data's second evaluation (its first is far above the rest), or its only one.
+  tops = [c[min(1, len(c) - 1)][1] for c in (r['runs']['all']['-']['curve'] for r in rs)]
+  ax.set_ylim(top=float(np.mean(tops)) + 0.05)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   ax = axes[0][1]
@@ -400,6 +402,7 @@ def main(argv):
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   config, bench, out = FLAGS.config, FLAGS.bench, FLAGS.out
   config_checks.validate(config, CONFIG_SECTIONS)
+  bench_cli.set_by_flags({'seed': '--bench.seeds', 'valuation.seed': '--bench.seeds'})
   check_bench(bench)
   bench_cli.out_folder(out)
   tmp_root = tempfile.mkdtemp(prefix='bench_lm_curation_')

@@ -364,6 +364,8 @@ def define_flags() -> None:
 def main(argv):
   del argv
   cfg = FLAGS.config
+  bench_cli.set_by_flags({'data.label_noise': '--noise', 'data.noise_seed': '--seeds',
+                          'features.seed': '--seeds'})
   bench_cli.at_least('epochs', FLAGS.epochs, 0)  # 0: the config's
   if FLAGS.epochs:
     cfg.train.epochs = FLAGS.epochs

@@ -5,8 +5,9 @@ r"""The README's main command over seeds: what it prints and the figures of its 
 
 Runs `python -m launch.train_rater --config=CONFIG --workdir=TMP --config.seed=S
 --config.data.noise_seed=S` per seed, as a user would, and writes <out>.json: each seed's noise
-AUROC, fresh-model held-out losses and test accuracies (rater weights vs uniform), wall time, and
-the lines the command printed (the README quotes seed 0's; tests/test_readme.py checks them).
+AUROC, fresh-model held-out losses and test accuracies (rater weights vs uniform; null where the
+config trains none, `final_eval.num_models` 0), wall time, and the lines the command printed (the
+README quotes seed 0's; tests/test_readme.py checks them).
 """
 from launch import interrupts
 
@@ -44,15 +45,16 @@ def run_seed(config: str, seed: int, extra=()) -> dict:
                       f'{said[-1].removeprefix("error: ")}')
     with open(os.path.join(workdir, 'report.json')) as f:
       report = json.load(f)
-  fresh = report['fresh_models']
+  fresh = report['fresh_models']  # {} with final_eval.num_models 0 (configs/*_bench.py)
   # Printed lines without their clock time, so runs can be compared.
   lines = [re.sub(r'^\d\d:\d\d:\d\d ', '', l) for l in out.stdout.splitlines()]
   num = lambda v: float('nan') if v is None else v  # null: not defined, or a model diverged
+  model = lambda name, split, key: num(fresh[name][split][key] if fresh else None)
   return {'noise_auroc': num(report['noise_auroc']),
-          'heldout_loss_rater': num(fresh['rater']['heldout']['loss']),
-          'heldout_loss_uniform': num(fresh['uniform']['heldout']['loss']),
-          'test_accuracy_rater': num(fresh['rater']['eval']['accuracy']),
-          'test_accuracy_uniform': num(fresh['uniform']['eval']['accuracy']),
+          'heldout_loss_rater': model('rater', 'heldout', 'loss'),
+          'heldout_loss_uniform': model('uniform', 'heldout', 'loss'),
+          'test_accuracy_rater': model('rater', 'eval', 'accuracy'),
+          'test_accuracy_uniform': model('uniform', 'eval', 'accuracy'),
           'wall_s': wall, 'printed': lines}
 
 

@@ -150,6 +150,9 @@ def plot(results: dict, path: str) -> None:
 def main(argv):
   del argv
   config = flags.FLAGS.config
+  bench_cli.set_by_flags({'outer.steps': '--rater_steps', 'data.label_noise': '--noise',
+                          'seed': '--seeds', 'data.noise_seed': '--seeds',
+                          'valuation.seed': '--seeds'})
   variants = list(dict.fromkeys(  # the DataRater's too when it has outer steps
       bench_cli.names('variants', _VARIANTS.value, VARIANTS, empty_ok=bool(_RATER_STEPS.value))
       + (['datarater'] if _RATER_STEPS.value else [])))

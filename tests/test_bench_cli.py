@@ -61,6 +61,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('noise_ceiling', ['--config=configs/digits.py', '--config.data.train_split=train[:10]',
                        '--folds=12', '--other_split=', '--val_split=validation'],
      "--folds must be at most the 10 examples of 'train[:10]', got 12"),
+    # Not checked: the models trained at that rate (gradient ascent) and were reported, exit 0.
+    ('noise_ceiling', ['--config=configs/digits.py', '--config.data.train_split=train[:20]',
+                       '--config.train.learning_rate=-1', '--seeds=0', '--noise=0.2',
+                       '--folds=2', '--epochs=1', '--other_split=', '--val_split=validation'],
+     'train.learning_rate must be > 0, got -1.0'),
     ('lm_harm_probe', ['--group_steps=0'], '--group_steps must be >= 1, got 0'),  # effects all 0
     ('lm_harm_probe', ['--examples=0'], '--examples must be >= 1, got 0'),
     ('lm_harm_probe', ['--examples=100000'], '--examples must be <= '),  # after the data loads
@@ -96,6 +101,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('valuation_noise', ['--config.valuation.train_steps=0'],
      'valuation.train_steps must be >= 1, got 0'),
     ('curation', ['--config.train.batch_size=0'], 'train.batch_size must be >= 1, got 0'),
+    # Fields a bench sets from its own flags: the override changed nothing (the results recorded
+    # it in their config); the first ran at --epochs, 40, the others at --noise and --seeds.
+    ('curation', ['--config.train.epochs=4'],
+     '--config.train.epochs is not read by this benchmark: --epochs sets it'),
+    ('selection', ['--config.data.label_noise=0.4'],
+     '--config.data.label_noise is not read by this benchmark: --noise sets it'),
+    ('noise_ceiling', ['--config=configs/digits.py', '--config.data.train_split=train[:20]',
+                       '--config.seed=3', '--seeds=0', '--noise=0.2', '--folds=2', '--epochs=1',
+                       '--other_split=', '--val_split=validation'],
+     '--config.seed is not read by this benchmark: --seeds sets it'),
     ('curation', ['--noise=0.2', '--seeds_by_noise=0.4:3'],  # it ran 0.2 alone
      '--seeds_by_noise names noise 0.4, which --noise does not hold'),
     ('valuation_noise', ['--variants=datarater', '--rater_steps=0'],  # 'log_every must be >= 1'
@@ -130,6 +145,37 @@ def test_a_run_the_seeds_bench_starts_that_fails_is_its_one_line(tmp_path):
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
   assert lines[0].startswith('error: launch.train_rater --config=README.md (seed 0) failed: '
                              "cannot load --config 'README.md'"), lines
+
+
+def _seeds_bench_without_fresh_models(out: str) -> None:
+  """bench.train_rater_seeds on two seeds, each launch.train_rater run stubbed by one writing the
+  report of a config that trains no fresh models (final_eval.num_models 0, as
+  configs/fashion_mnist_bench.py and configs/text_bench.py do)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  run = subprocess.run
+  def launcher(args, **kwargs):
+    if args[1:3] != ['-m', 'launch.train_rater']:
+      return run(args, **kwargs)  # git describe
+    workdir = next(a for a in args if a.startswith('--workdir=')).removeprefix('--workdir=')
+    seed = next(a for a in args if a.startswith('--config.seed=')).removeprefix('--config.seed=')
+    with open(os.path.join(workdir, 'report.json'), 'w') as f:
+      json.dump({'noise_auroc': 0.5 + int(seed) / 10, 'fresh_models': {}}, f)
+    return subprocess.CompletedProcess(args, 0, 'noise AUROC\n', '')
+  subprocess.run = launcher
+  forked.as_main('bench.train_rater_seeds', [f'--out={out}', '--seeds=1,2',
+                                             '--config=configs/fashion_mnist_bench.py'])
+
+
+def test_the_seeds_bench_reports_a_config_without_fresh_models(tmp_path):
+  """A report without fresh models was a KeyError traceback after the first seed's rater run."""
+  done = forked.call(_seeds_bench_without_fresh_models, str(tmp_path / 'r'),
+                     env=subprocess_env(1))
+  assert done.returncode == 0, done.stderr[-2000:]
+  seeds = json.loads((tmp_path / 'r.json').read_text())['seeds']
+  assert {s: r['noise_auroc'] for s, r in seeds.items()} == {'1': 0.6, '2': 0.7}
+  for r in seeds.values():
+    assert [r[k] for k in ('heldout_loss_rater', 'heldout_loss_uniform', 'test_accuracy_rater',
+                           'test_accuracy_uniform')] == [None] * 4, r
 
 
 @pytest.mark.parametrize('bench, kind, flag, says', [

@@ -126,3 +126,21 @@ def test_the_text_bench_config_passes_the_lm_benches_checks():
   from datarater import config_checks  # pylint: disable=g-import-not-at-top
   config_checks.validate(text_bench.get_config(), lm_curation.CONFIG_SECTIONS)
   lm_curation.check_bench(text_bench.get_config('bench'))
+
+
+def test_the_lm_bench_figure_draws_runs_evaluated_once(tmp_path):
+  """A fresh LM whose steps end before its second evaluation (a smoke run's few
+  --bench.transfer.steps) has a one-point curve: the figure read the second point, an IndexError
+  after every run, leaving no figure. The stored results, each curve cut to its last point."""
+  import json  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, 'bench', 'results', 'lm_curation.json')) as f:
+    results = json.load(f)
+  for seed in results['seeds'].values():
+    for run in (r for by_keep in seed['runs'].values() for r in by_keep.values()):
+      run['curve'] = run['curve'][-1:]
+  path = tmp_path / 'lm_curation.png'
+  lm_curation.plot(str(path), results['summary'], results['seeds'],
+                   ml_collections.ConfigDict(results['bench']))
+  assert path.stat().st_size > 0
