@@ -13,9 +13,10 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -26,6 +27,7 @@ from datarater.data import pipeline
 from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
 from datarater.tasks.base import features_read
+from inner_loop.weighting import softmax_weights
 from outer_loop import averaging
 
 FORMAT_VERSION = 2
@@ -192,13 +194,14 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class LoadedRater:
-  """A rater and its parameters on this process's devices.
+  """A rater and its parameters (on the first local device).
 
-  `rater.score(params, batch)` is traceable (for use inside other jitted code, e.g. training
-  weights); `loaded(batch)` scores any batch of numpy arrays (the features by their TFDS names,
-  raw as TFDS reads them or decoded as the pipeline gives them, and `index`, their positions in
-  the split, if known) in blocks of `block` examples per device, split over `devices`, and returns
-  numpy float32 scores.
+  `loaded(batch)` scores any batch of numpy arrays (the features by their TFDS names, raw as
+  TFDS reads them or decoded as the pipeline gives them, and `index`, their positions in the
+  split, if known) in blocks of `block` examples per device, split over `devices`, and returns
+  numpy float32 scores. `scores(batch)` and `weights(batch, mask)` (the loss weights of the
+  `datarater` policy) read the same batches and are traceable, for one's own training loop;
+  `rater.score(params, batch)` reads decoded features only.
   """
   rater: tasks.Rater
   params: Any
@@ -219,8 +222,55 @@ class LoadedRater:
     example fails (traced, not run); other features of that data may be absent elsewhere."""
     return features_read(self.rater.score, self.params, self.info.spec)
 
+  def check_batch(self, batch) -> int:
+    """The number of examples of `batch`; UserError (one line) unless it is a dict holding
+    every feature the rater reads (`reads`) as numbers of shape [n, *the feature's shape], one
+    n for them all (and `index`, if given). Reads only shapes and dtypes (traced arrays too)."""
+    if not isinstance(batch, Mapping):
+      raise UserError(f'a batch to score is a dict of features, not a {type(batch).__name__}')
+    missing = [k for k in self.reads if k not in batch]
+    if missing or not batch:
+      what = f'has no feature {missing[0]!r}' if missing else 'is empty'
+      raise UserError(f'the batch {what} (the rater reads {", ".join(self.reads)}; it holds '
+                      f'{", ".join(map(str, batch)) or "nothing"})')
+    sizes = {}
+    for k in [k for k in (*self.reads, 'index') if k in batch] or [next(iter(batch))]:
+      x = batch[k] if hasattr(batch[k], 'dtype') else np.asarray(batch[k])
+      spec = self.info.spec.get(k)
+      shape, want = tuple(np.shape(x)), () if spec is None else tuple(spec.shape)
+      if shape[1:] != want or len(shape) != len(want) + 1:
+        raise UserError(f'feature {k!r} of the batch has shape {shape}; the rater reads '
+                        f'[{", ".join(["n", *map(str, want)])}] (n examples)')
+      if np.dtype(x.dtype).kind not in 'biuf':
+        raise UserError(f'feature {k!r} of the batch holds {x.dtype}, not numbers')
+      sizes[k] = shape[0]
+    if len(set(sizes.values())) > 1:
+      raise UserError(f'the batch\'s features hold different numbers of examples: {sizes}')
+    return next(iter(sizes.values()))
+
+  def scores(self, batch: dict) -> jax.Array:
+    """Scores [n] of a batch as `loaded(batch)` reads it, traceable (inside your own `jax.jit`,
+    `jax.vmap` or sharded computation; the parameters are a constant of it): uint8 pixels are
+    decoded as the pipeline decodes them, other features cast to the dtypes the rater was
+    trained on. Pixels given as integers other than uint8 are refused; float pixels must be in
+    [0, 1] (checked only when the batch is not traced, as are the classes)."""
+    n = self.check_batch(batch)
+    part = pipeline.decode(self.info, {k: batch[k] for k in self.reads})
+    part['index'] = jnp.asarray(batch['index'] if 'index' in batch else jnp.arange(n), jnp.int32)
+    if not any(isinstance(v, jax.core.Tracer) for v in part.values()):
+      self.rater.check_data(part)  # classes outside the rater's, tokens outside its vocabulary
+    return self.rater.score(self.params, part)
+
+  def weights(self, batch: dict, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Loss weights [n] n * softmax(score / temperature), averaging 1 (the rater's own
+    temperature), as `launch.train --policy=datarater` weighs a batch; traceable like `scores`.
+    `mask` (1: a real example, 0: padding): the softmax runs over the real examples, which
+    average 1, and padding weighs 0 (as that policy's `weigh`)."""
+    return softmax_weights(self.scores(batch), self.temperature,
+                           None if mask is None else jnp.asarray(mask))
+
   def __call__(self, batch: dict) -> np.ndarray:
-    n = len(next(iter(batch.values())))
+    n = self.check_batch(batch)
     chunk = self.block * len(self.devices)
     out = []
     for start in range(0, n, chunk):

@@ -173,6 +173,63 @@ def test_export_load_scores_match_the_trained_rater(tfds_dir, rater_dir, tmp_pat
 
 
 @RATER_RUN
+def test_a_loaded_raters_weights_in_ones_own_loop_are_the_policys(tfds_dir, rater_dir):
+  """`loaded.weights(batch)`, traced in one's own jit, vmap or on a batch sharded over 4
+  devices, from raw uint8 pixels: B * softmax(score / 0.37) of `loaded(batch)`'s scores in
+  float64, and launch.train's datarater policy's weights with padding. `rater.score` reads
+  decoded pixels (raw ones scored ~300x off, silently). Bad batches: one UserError line each (a
+  KeyError, flax's shape error, an IndexError or StopIteration traceback)."""
+  loaded = datarater.load_rater(rater_dir)
+  source = pipeline.get_builder('sklearn_digits', tfds_dir).as_data_source(split='train')
+  raw = pipeline.stack_examples(loaded.info, [source[i] for i in range(96)])  # uint8, int64
+
+  def softmax64(scores, real):
+    z = np.where(real, np.asarray(scores, np.float64) / 0.37, -np.inf)
+    return np.where(real, real.sum() * np.exp(z - z.max()) / np.exp(z - z.max()).sum(), 0.0)
+
+  host, real = loaded(raw), np.ones(96, bool)
+  for n in (96, 17):  # batches of other sizes compile again; same weights
+    got = jax.jit(loaded.weights)({k: v[:n] for k, v in raw.items()})
+    np.testing.assert_allclose(got, softmax64(host[:n], real[:n]), rtol=1e-5, atol=1e-6)
+  stacked = jax.jit(jax.vmap(loaded.weights))({k: v.reshape(3, 32, *v.shape[1:])
+                                               for k, v in raw.items()})
+  np.testing.assert_allclose(stacked, np.stack([softmax64(s, real[:32]) for s in
+                                                host.reshape(3, 32)]), rtol=1e-5, atol=1e-6)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('batch',))
+  sharded = jax.device_put(raw, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      'batch')))
+  np.testing.assert_allclose(jax.jit(loaded.weights)(sharded), softmax64(host, real),
+                             rtol=1e-5, atol=1e-6)
+  mask = np.r_[np.ones(80), np.zeros(16)].astype(np.float32)
+  policy = policies.make_policy('datarater', policies.PolicyContext(
+      pipeline.load_split(digits_data(tfds_dir), 'validation'), None, None,
+      small_config(tfds_dir), rater=rater_dir))
+  decoded = pipeline.decode(loaded.info, raw)
+  np.testing.assert_allclose(loaded.weights(raw, mask), softmax64(host, mask > 0),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loaded.weights(raw, mask), policy.weigh(
+      policy.aux, (), None, decoded, jnp.asarray(mask)), rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(loaded.rater.score(loaded.params, raw)) - host).max() > 1
+  image, label = raw['image'], raw['label']
+  for bad, msg in [({'image': image}, "the batch has no feature 'label' (the rater reads "
+                    'image, label; it holds image)'),
+                   ({}, "the batch has no feature 'image' (the rater reads image, label; it "
+                    'holds nothing)'),
+                   ({'image': image[:, :4], 'label': label},
+                    "feature 'image' of the batch has shape (96, 4, 8, 1); the rater reads "
+                    '[n, 8, 8, 1]'),
+                   ({'image': image[0], 'label': label[0]}, "shape (8, 8, 1); the rater reads"),
+                   ({'image': image, 'label': label[:10]}, 'different numbers of examples'),
+                   ({'image': image, 'label': label, 'index': np.arange(3)},
+                    "{'image': 96, 'label': 96, 'index': 3}"),
+                   ({'image': image.astype(np.int64), 'label': label}, 'holds pixels')]:
+    for fn in (loaded, loaded.weights, jax.jit(loaded.weights)):
+      with pytest.raises(UserError) as e:
+        fn(bad)
+      assert msg in str(e.value) and '\n' not in str(e.value), (fn, str(e.value))
+
+
+@RATER_RUN
 def test_a_run_whose_config_json_was_edited_is_not_exported(rater_dir, tmp_path):
   """config.json that no longer matches the run's checkpoint (here hand-edited) exported a
   rater of another activation or of an undone average, scoring wrongly: refused in one line,

@@ -216,19 +216,22 @@ def decode(info: DataInfo, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
   """Stacked raw TFDS features (any of `info.spec`) -> decoded arrays (uint8 scaled to [0, 1]);
   features already decoded pass through (cast to the spec's dtype). Pixels recorded as stored
   in uint8 given otherwise must be floats in [0, 1] (UserError: an int64 or float array of
-  0-255 would pass through unscaled)."""
+  0-255 would pass through unscaled). jax arrays are decoded alike, traced ones too (inside one's
+  own jit: their values go unchecked)."""
   out = {}
   for name, x in raw.items():
-    s, x = info.spec[name], np.asarray(x)
+    s, x = info.spec[name], x if isinstance(x, jax.Array) else np.asarray(x)
     pixels = s.dtype == np.float32 and info.stored.get(name, 'uint8') == 'uint8'
     if pixels and x.dtype == np.uint8:
       out[name] = x.astype(np.float32) / 255.0
       continue
-    if pixels and info.stored.get(name) == 'uint8' and x.size and not (
-        np.issubdtype(x.dtype, np.floating) and 0 <= x.min() and x.max() <= 1):
-      raise UserError(f'feature {name!r} holds pixels: give them as uint8 (0-255, as TFDS '
-                      f'stores them) or as floats in [0, 1] (decoded), not {x.dtype} in '
-                      f'[{x.min():g}, {x.max():g}]')
+    if pixels and info.stored.get(name) == 'uint8' and x.size:
+      traced = isinstance(x, jax.core.Tracer)
+      if not np.issubdtype(x.dtype, np.floating) or not traced and not (
+          0 <= x.min() and x.max() <= 1):
+        seen = '' if traced else f' in [{x.min():g}, {x.max():g}]'
+        raise UserError(f'feature {name!r} holds pixels: give them as uint8 (0-255, as TFDS '
+                        f'stores them) or as floats in [0, 1] (decoded), not {x.dtype}{seen}')
     out[name] = x.astype(s.dtype)
   return out
 
