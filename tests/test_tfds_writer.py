@@ -1,13 +1,20 @@
-"""tfds_writer's ordered spool: the same dataset bytes as TFDS's own (in-memory) shuffler."""
+"""tfds_writer's ordered spool: the same dataset bytes as TFDS's own (in-memory) shuffler; its
+shards read back as the examples written."""
 import glob
 import os
 
+import ml_collections
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 from tensorflow_datasets.core import shuffle
+from tensorflow_datasets.core.utils import shard_utils
 
 from datarater.curation import tfds_writer
+from datarater.curation.filter import filter_dataset
 from datarater.data import pipeline
 from datarater.data import source as source_lib
 
@@ -66,3 +73,47 @@ def test_a_subset_keeps_its_source_metadata(tfds_dir, tmp_path, monkeypatch):
   out = tfds_writer.write_subset(builder, str(tmp_path / 'sub'), 'sub', {'train': np.arange(9)})
   assert dict(tfds.builder_from_directory(out).info.metadata) == {
       'stdlib': '/usr/lib/python3.11', 'sources_sha256': 'ab12'}
+
+
+def test_a_filtered_split_in_shards_reads_back_as_its_kept_examples(tfds_dir, tmp_path,
+                                                                     monkeypatch):
+  """With shards of at least 64 examples, launch.filter's output holds each split in several
+  files named as TFDS names them, of the lengths its dataset_info.json records (counted in the
+  files), each of 64 to 127 examples; as_data_source and the codebase's pipeline read them back
+  as the source's kept examples, in order. Examples of 2 MiB shard as TFDS's own
+  rule does (64 of them are over 64 MiB)."""
+  monkeypatch.setattr(tfds_writer, 'SHARD_EXAMPLES', 64, raising=False)
+  values = np.random.default_rng(0).normal(size=1197)
+  pq.write_table(pa.table({'id': np.arange(1197), 'value': values}), tmp_path / 's.parquet')
+  out = str(tmp_path / 'out')
+  filter_dataset('sklearn_digits', out, ['train'], scores=str(tmp_path / 's.parquet'),
+                 min_score=0.0, data_dir=tfds_dir)
+  kept = np.flatnonzero(values >= 0)
+  builder = tfds.builder_from_directory(out)
+  source = pipeline.get_builder('sklearn_digits', tfds_dir)
+  for split, ids in (('train', kept), ('test', np.arange(300))):
+    paths = sorted(glob.glob(os.path.join(out, f'*-{split}.array_record-*')))
+    n = len(paths)
+    assert n > 1 and [os.path.basename(p) for p in paths] == [
+        f'sklearn_digits_filtered-{split}.array_record-{k:05d}-of-{n:05d}' for k in range(n)]
+    lengths = [array_record_module.ArrayRecordReader(p).num_records() for p in paths]
+    assert list(builder.info.splits[split].shard_lengths) == lengths
+    assert sum(lengths) == len(ids) and 64 <= min(lengths) and max(lengths) < 128
+    written = builder.as_data_source(split=split)
+    whole = source.as_data_source(split=split)
+    for j, i in enumerate(ids):
+      assert written[j]['label'] == whole[int(i)]['label']
+      np.testing.assert_array_equal(written[j]['image'], whole[int(i)]['image'])
+  section = ml_collections.ConfigDict({'name': 'x', 'data_dir': '', 'dataset_dir': out})
+  read = pipeline.load_split(section, 'train')
+  want = pipeline.read_split(source, 'train')
+  np.testing.assert_array_equal(read.features['image'], want.features['image'][kept])
+  np.testing.assert_array_equal(read.features['label'], want.features['label'][kept])
+  monkeypatch.setattr(source_lib, 'RELEASE_EVERY', 100)  # readers closed as the walk goes
+  blocks = list(source_lib.Source(pipeline.builder_of(section), 'train').blocks(64))
+  np.testing.assert_array_equal(np.concatenate([b['label'] for _, b in blocks]),
+                                want.features['label'][kept])
+  ours, tfds_own = tfds_writer.ShardRule(), shard_utils.ShardConfig()
+  assert ours.get_number_shards(2 << 30, 1024) == tfds_own.get_number_shards(2 << 30, 1024) == 32
+  assert tfds_own.get_number_shards(40 << 20, 10 ** 6) == 1 < ours.get_number_shards(40 << 20,
+                                                                                    10 ** 6)

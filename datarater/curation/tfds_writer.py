@@ -7,12 +7,20 @@ and are read from the source in chunks, and serialised examples wait for their s
 temporary file (`OrderedSpool`), so the subset never sits in memory. The files are a pure
 function of the selected examples (byte-identical across runs and processes).
 
+Each split is written in shards (`NAME-SPLIT.array_record-0000K-of-0000N`, their lengths in
+dataset_info.json) by TFDS's own rule for their number (`ShardRule`): a power of two, each shard
+at least 64 MiB or `SHARD_EXAMPLES` examples, whichever is less, and under twice that (below
+1024 shards; a smaller split in one). A reader's memory grows with the examples of the files it
+opens (a sequential walk over 400k 8-byte examples peaked 80 MiB above its start in one file, 40
+in four), and a batch read fetches its files in parallel.
+
 `Image` features are read and written as their stored bytes (PNG or JPEG files; TFDS encodes an
 image array with TensorFlow, not needed here): an example's image is copied byte for byte unless
 a transform changed its pixels; a changed image is written as a PNG file (lossless), also in a
 feature whose format is JPEG (its readers, PIL, OpenCV or TensorFlow, decode either format).
 """
 import copy
+import dataclasses
 import io
 import os
 import struct
@@ -24,11 +32,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core import shuffle
+from tensorflow_datasets.core.utils import shard_utils
 
 from datarater.data import pipeline
 from datarater.data import source as source_lib
 
 CHUNK = 1024  # examples read from the source at a time
+SHARD_EXAMPLES = 1 << 16  # a shard holds at least this many examples (or 64 MiB, if less)
 
 
 def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, description: str,
@@ -102,14 +112,41 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
 
 def prepare_unshuffled(builder: tfds.core.DatasetBuilder) -> None:
   """Prepares `builder` (its info `disable_shuffling`, int keys ascending in each split) with
-  its examples spooled on disk in order (`OrderedSpool`), files byte-identical across runs."""
+  its examples spooled on disk in order (`OrderedSpool`), files byte-identical across runs,
+  each split in the shards of `ShardRule`."""
   # tf.Example's feature map is serialised in hash order, which varies between processes
   # (PYTHONHASHSEED); deterministic serialisation sorts the keys, so the files are byte-identical.
   with mock.patch.object(example_serializer.ExampleSerializer, 'serialize_example',
                          _serialize_deterministic), mock.patch.object(shuffle, 'Shuffler',
                                                                       OrderedSpool):
-    pipeline.prepare(builder, download_config=tfds.download.DownloadConfig(
+    pipeline.prepare(builder, download_config=_DownloadConfig(
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRule(shard_utils.ShardConfig):
+  """TFDS's number of shards of a split (`ShardConfig.calculate_number_shards`), its smallest
+  shard lowered from `min_shard_size` bytes to `SHARD_EXAMPLES` examples' worth for a split of
+  small examples."""
+
+  def get_number_shards(self, total_size: int, num_examples: int,
+                        uses_precise_sharding: bool = True) -> int:
+    if self.num_shards:
+      return self.num_shards
+    example = (total_size + num_examples * self.overhead) / max(num_examples, 1)
+    smallest = max(1, min(self.min_shard_size, int(example * SHARD_EXAMPLES)))
+    # TFDS's rule (a classmethod) reads the class's sizes, not those of an instance.
+    rule = type('Rule', (shard_utils.ShardConfig,), {'min_shard_size': smallest,
+                                                     'max_shard_size': self.max_shard_size})
+    return rule.calculate_number_shards(total_size, num_examples, uses_precise_sharding)
+
+
+@dataclasses.dataclass(eq=False)
+class _DownloadConfig(tfds.download.DownloadConfig):
+  """TFDS's download config, its splits sharded by `ShardRule`."""
+
+  def get_shard_config(self) -> shard_utils.ShardConfig:
+    return ShardRule()
 
 
 def _read_stored(source, features, images: Mapping, ids: list) -> list:
