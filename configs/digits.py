@@ -2,25 +2,26 @@
 
 The default experiment: it needs no network (the digits ship inside scikit-learn and are
 written once into a local TFDS dataset) and trains in a minute or two on 2 CPU cores. One config
-serves every launcher: `train_rater` reads data, task, rater, inner, outer and final_eval;
-`train` reads data, task, train and policy; `valuate` reads data, task and valuation; the
-selection policies read features, sae and sae_scores. Override any field from the command line,
-e.g. `--config.inner.steps=4`.
+serves every launcher: `train_rater` reads data, task, rater, inner, outer, final_eval and the
+top-level fields; `train` reads data, task, train and policy, and its policy's sections
+(valuation: tracin_curriculum and mimic; features, sae and sae_scores: sae); `valuate` reads data,
+task and valuation. Override any field a launcher reads from the command line, e.g.
+`--config.inner.steps=4` (one it does not read is refused).
 """
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # launch.train_rater only (its inits, batch order; train.seeds, valuation.seed)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'sklearn_digits'   # a TFDS dataset prepared in data_dir (bundled ones build here)
   c.data.data_dir = ''             # '' -> $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.dataset_dir = ''          # a TFDS dataset folder to read instead (e.g. launch.filter's)
   c.data.train_split = 'train'     # what models train on (corrupted below); any split expression
-  c.data.heldout_split = 'validation'  # clean held-out data for the outer (meta) loss
-  c.data.eval_split = 'test'       # final evaluation only
+  c.data.heldout_split = 'validation'  # clean: the outer (meta) loss, Mimic's reference
+  c.data.eval_split = 'test'       # evaluation only (a rater run's report; launch.train's epochs)
   c.data.label_noise = 0.2         # label noise rate on the train split, recorded
   c.data.label_noise_kind = 'symmetric'  # 'symmetric' (any other class) | 'confusion' (a partner)
   c.data.confusions = ()           # confusion: pairs of confusable class indices, e.g. ((0, 6),)
@@ -75,10 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
   # a row stop the run.
   c.outer.max_skipped_steps = 20
 
-  c.log_every = 25
-  c.checkpoint_every = 200
+  c.log_every = 25                 # launch.train_rater: outer steps between logged metrics
+  c.checkpoint_every = 200         # launch.train_rater: outer steps between checkpoints
 
-  # End of a rater run: fresh models trained with the rater's weights vs uniform weights.
+  # End of a rater run: num_models fresh models (0: none) trained train_steps steps with the
+  # rater's weights vs uniform weights (the inner optimizer and batch size).
   c.final_eval = ml_collections.ConfigDict()
   c.final_eval.train_steps = 300
   c.final_eval.num_models = 4
@@ -108,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   v.learning_rate = 0.1
   v.checkpoint_every = 60          # TracIn / Mimic checkpoints (DVEmb records every step)
   v.seed = 0                       # initialisation and data order of the run
-  v.layers = ''                    # comma-separated layer names ('dense_2'); '' = all parameters
+  v.layers = ''                    # TracIn's layers, comma-separated ('dense_2'); '' = all
   v.projection = 'kronecker'       # 'none' | 'kronecker' | 'gaussian' (where a method projects)
   v.projection_dim = 8             # kronecker: 8 x 8 per matrix leaf, a leaf with one axis (a
                                    # bias, a norm's scale) or <= 64 entries kept whole (the size
@@ -123,7 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
   v.mimic_layers = 'last'          # 'last' | '' (all) | comma-separated names
   v.mimic_cosine = False
   v.mimic_keep_fraction = 0.0      # offline filter: keep this top share; 0 = 2-Gaussian threshold
-  v.reference_steps = 400          # SGD steps of the Mimic reference on the trusted held-out split
+  v.reference_steps = 400          # steps of the Mimic reference (this optimizer) on heldout_split
   v.dvemb_curvature = 'gauss_newton'  # | 'empirical_fisher' | 'exact' (unprojected) | 'none'
   v.dvemb_steps = 300              # DVEmb's run is shorter: it keeps a checkpoint per step
   v.rater = ''                     # method datarater: an exported rater or a train_rater workdir

@@ -18,7 +18,9 @@ issue fits in about two hours of two CPU cores shared with other jobs:
 - valuations: TracIn and Mimic read 4 checkpoints of the 600-step SGD run (every 150 steps);
   data value embedding follows a 150-step run;
 - training runs: batch 128, Adam 1e-3, 4 epochs (160 steps on 5,000 images: 40 per epoch, the
-  last one short);
+  last one short) in launch.train and in bench.selection without --epochs; bench.curation and
+  bench.noise_ceiling train for their own --epochs (default 40 and 8; the README's curation runs
+  give --epochs=4), and the benchmarks take their seeds from --seeds, not `train.seeds`;
 - selection features (set in configs/fashion_mnist.py, sized in passes over the split, so the
   stage keeps pace with the split): the hidden layer (64 units) of an MLP trained for 3.84
   passes (300 steps of batch 64 on 5,000 images), and an SAE of batch 128 trained for 6.4
@@ -47,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.valuation.checkpoint_every = 150
   c.valuation.dvemb_steps = 150
 
-  c.train.epochs = 4
-  c.train.seeds = (0,)
+  c.train.epochs = 4                # not read by bench.curation / noise_ceiling: their --epochs
+  c.train.seeds = (0,)              # launch.train only: the benchmarks' --seeds
 
   return c

@@ -59,10 +59,10 @@ def bench() -> ml_collections.ConfigDict:
   b.transfer = ml_collections.ConfigDict()
   b.transfer.task = text.transformer()  # d_model 64, 2 blocks
   b.transfer.steps = 128
-  b.transfer.batch_size = 32            # 4,096 sequences: under the smallest kept corpus
+  b.transfer.batch_size = 32            # 4,096 sequences: the smallest kept corpus (keep 0.5)
   b.transfer.optimizer = 'adam'
   b.transfer.learning_rate = 3e-3
-  b.transfer.evals = 8                  # test-loss evaluations per epoch (the run: under one)
+  b.transfer.evals = 8                  # test-loss evaluations per epoch (the run: one at most)
 
   b.seeds = (0, 1, 2)                   # each seeds the rater, valuations, subsets and fresh LMs
   b.keeps = (0.5, 0.7, 0.9)

@@ -5,7 +5,8 @@ log at WARNING unless --verbosity is given. A bad flag, config file (`define_con
 that is missing, does not compile, has no get_config or whose get_config fails) or config override
 (an unknown field, a value of the wrong type) prints one `error:` line and exits 2, like every
 `UserError` and I/O error inside `main` (`datarater.errors.exit_on_user_error`). `--help` prints
-the launcher's description, its flags and every field of its config, and exits 0.
+the launcher's description, its flags and every field of its config (and of any other config file
+flag, e.g. a benchmark's --bench), and exits 0.
 `invoke(module, argv)` runs a launcher's flags and `main` in this process as its command line
 would, without absl's own flags (--verbosity), signal handlers or compilation cache (tests use
 it to try many inputs quickly).
@@ -125,14 +126,14 @@ def _fail(e: Exception, argv=None) -> None:
   sys.exit(2)
 
 
-def _config_fields(config, prefix: str = '') -> list[str]:
+def _config_fields(config, prefix: str = '', flag: str = 'config') -> list[str]:
   lines = []
   for key in config.keys():
     value = config[key]
     if hasattr(value, 'keys'):
-      lines += _config_fields(value, f'{prefix}{key}.')
+      lines += _config_fields(value, f'{prefix}{key}.', flag)
     else:
-      lines.append(f'  --config.{prefix}{key}={value!r}')
+      lines.append(f'  --{flag}.{prefix}{key}={value!r}')
   return lines
 
 
@@ -146,14 +147,17 @@ def _help(argv, doc: str, fv: flags.FlagValues) -> None:
     config_file = isinstance(flag.parser, _ConfigFileParser)  # its default: the file's path
     default = flag.default_as_str if config_file else repr(flag.default)
     print(f'  --{flag.name}: {flag.help} (default {default})')
-  if 'config' in fv and isinstance(fv['config'].parser, _ConfigFileParser):  # a config file
+  files = sorted((f for f in fv if isinstance(fv[f].parser, _ConfigFileParser)),
+                 key=lambda f: (f != 'config', f))  # --config, then e.g. a bench's --bench
+  if files:
     try:
       fv([argv[0], *[a for a in argv[1:] if a not in HELP]])
     except Exception as e:  # pylint: disable=broad-except  (help still lists the flags)
       print(f'\nconfig fields: none listed ({" ".join(str(e).split())[:200]})')
     else:
-      print('\nconfig fields (override any with --config.<field>=<value>):')
-      print('\n'.join(_config_fields(fv.config)))
+      for name in files:
+        print(f'\n{name} fields (override any with --{name}.<field>=<value>):')
+        print('\n'.join(_config_fields(fv[name].value, flag=name)))
   sys.exit(0)
 
 

@@ -499,6 +499,35 @@ def test_help_lists_the_flags_and_config_fields_and_exits_0():
       out.getvalue())
 
 
+def test_help_lists_the_fields_of_every_config_file_flag():
+  """A second config file flag (bench.lm_curation's --bench: seeds, keeps, the fresh models) has
+  its fields listed too, with their values after the overrides given (it was left out); the
+  oracle is the file's own get_config('bench'), walked here."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from configs import text_bench  # pylint: disable=g-import-not-at-top
+  argv = ['lm_curation', '--bench.transfer.steps=64', '--help']
+  fv = flags.FlagValues()
+  cli.define_config_file('config', 'configs/text_bench.py', 'Experiment config.', fv, argv)
+  cli.define_config_file('bench', 'configs/text_bench.py:bench', 'Bench part.', fv, argv)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stopped:
+    cli.parse_flags(argv, 'doc', fv)
+  assert stopped.value.code == 0
+  bench = text_bench.get_config('bench')
+  bench.transfer.steps = 64
+  want, todo = set(), [('', bench)]
+  while todo:
+    prefix, section = todo.pop()
+    for key, value in section.items():
+      if hasattr(value, 'items'):
+        todo.append((f'{prefix}{key}.', value))
+      else:
+        want.add(f'  --bench.{prefix}{key}={value!r}')
+  listed = set(out.getvalue().splitlines())
+  assert want <= listed, sorted(want - listed)
+  assert '  --config.inner.population=2' in listed  # the experiment config's fields stay
+
+
 @STOPPED_RUNS
 def test_written_files_are_readable_by_everyone(stopped_runs):
   """The rater run's files, written under umask 022 (`stopped_runs`: a run stopped, then resumed
