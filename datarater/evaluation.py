@@ -11,6 +11,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from datarater.progress import bar as progress_bar
+from datarater.tasks.base import at_least_float32
 
 ScoreFn = Callable[[dict], jax.Array]  # batch -> [B, ...]
 
@@ -21,14 +22,15 @@ def score_split(score_fn: ScoreFn, split, batch_size: int = 1024, progress: bool
 
   Batches carry the split's features and `index` (positions); the last one is padded, so one
   compile serves the whole split. Pass an already-jitted function with `jit=False` when scoring
-  repeatedly (e.g. every logging step), so nothing is recompiled.
+  repeatedly (e.g. every logging step), so nothing is recompiled. Floats come out in float32 at
+  least (a bfloat16 rater's scores too: sklearn's AUROC refuses bfloat16).
   """
   fn = jax.jit(score_fn) if jit else score_fn
   n, out = len(split), []
   with progress_bar(total=n, desc=desc, unit='ex', disable=not progress) as bar:
     for start in range(0, n, batch_size):
       idx = np.arange(start, start + batch_size) % n
-      out.append(np.asarray(fn(split.take(idx)))[:min(batch_size, n - start)])
+      out.append(at_least_float32(np.asarray(fn(split.take(idx))))[:min(batch_size, n - start)])
       bar.update(min(batch_size, n - start))
   return np.concatenate(out)
 

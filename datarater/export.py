@@ -26,7 +26,7 @@ from datarater import checkpointing, config_checks, files, multihost, tasks
 from datarater.data import pipeline
 from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
-from datarater.tasks.base import features_read
+from datarater.tasks.base import at_least_float32, features_read
 from inner_loop.weighting import softmax_weights
 from outer_loop import averaging
 
@@ -253,13 +253,14 @@ class LoadedRater:
     `jax.vmap` or sharded computation; the parameters are a constant of it): uint8 pixels are
     decoded as the pipeline decodes them, other features cast to the dtypes the rater was
     trained on. Pixels given as integers other than uint8 are refused; float pixels must be in
-    [0, 1] (checked only when the batch is not traced, as are the classes)."""
+    [0, 1] (checked only when the batch is not traced, as are the classes). Float32 at least (a
+    bfloat16 rater's scores too)."""
     n = self.check_batch(batch)
     part = pipeline.decode(self.info, {k: batch[k] for k in self.reads})
     part['index'] = jnp.asarray(batch['index'] if 'index' in batch else jnp.arange(n), jnp.int32)
     if not any(isinstance(v, jax.core.Tracer) for v in part.values()):
       self.rater.check_data(part)  # classes outside the rater's, tokens outside its vocabulary
-    return self.rater.score(self.params, part)
+    return at_least_float32(self.rater.score(self.params, part))
 
   def weights(self, batch: dict, mask: Optional[jax.Array] = None) -> jax.Array:
     """Loss weights [n] n * softmax(score / temperature), averaging 1 (the rater's own
@@ -283,7 +284,7 @@ class LoadedRater:
       part['index'] = np.asarray(batch['index'] if 'index' in batch else np.arange(n),
                                  np.int32)[idx]
       self.rater.check_data(part)  # e.g. tokens outside its vocabulary
-      out.append(np.asarray(self.scorer(part))[:min(chunk, n - start)])
+      out.append(at_least_float32(np.asarray(self.scorer(part)))[:min(chunk, n - start)])
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
   def check_matches(self, info: DataInfo, what: str, corruption=None) -> None:

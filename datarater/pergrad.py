@@ -31,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 import numpy as np
 
 from datarater.errors import UserError
-from datarater.tasks import PerExampleLoss, batch_size_of
+from datarater.tasks import PerExampleLoss, at_least_float32, batch_size_of
 
 
 
@@ -207,8 +207,9 @@ def kronecker_projection(dim_in: int, dim_out: int, seed: int = 0) -> GradTransf
         continue
       d_in, d_out = size // leaf.shape[-1], leaf.shape[-1]
       ka, kb = jax.random.split(jax.random.fold_in(key, i))
-      factors.append((jax.random.normal(ka, (d_in, dim_in), leaf.dtype) / math.sqrt(dim_in),
-                      jax.random.normal(kb, (d_out, dim_out), leaf.dtype) / math.sqrt(dim_out)))
+      dtype = jnp.promote_types(leaf.dtype, jnp.float32)  # as `per_example`'s gradients
+      factors.append((jax.random.normal(ka, (d_in, dim_in), dtype) / math.sqrt(dim_in),
+                      jax.random.normal(kb, (d_out, dim_out), dtype) / math.sqrt(dim_out)))
     return factors
 
   def apply(grads, factors):
@@ -244,6 +245,7 @@ def per_example(loss_fn: PerExampleLoss, params, batch: dict,
   Gradients are vmapped over chunks of `chunk_size` examples, chunk after chunk in a `lax.scan`:
   peak memory holds `chunk_size` per-example gradients, not B. `chunk_size=None` vmaps all B.
   `state` defaults to `transform.init(params)`; pass it to reuse e.g. projection factors.
+  Gradients of parameters below float32 (bfloat16) are transformed in float32.
   """
   transform = transform or identity()
   if state is None:
@@ -251,7 +253,7 @@ def per_example(loss_fn: PerExampleLoss, params, batch: dict,
   grad_fn = jax.grad(single_example_loss(loss_fn))
 
   def one(example):
-    return transform.apply(grad_fn(params, example), state)
+    return transform.apply(jax.tree.map(at_least_float32, grad_fn(params, example)), state)
 
   return chunked_vmap(one, batch, chunk_size)
 
@@ -450,12 +452,16 @@ def ghost_covers(loss_fn: PerExampleLoss, params, batch: dict,
 
   The last is checked on the batch: ghost squared norms against exact ones, which differ where
   the loss also reads a Dense layer's weights outside its call (a weight penalty, tied weights)
-  or a layer's first axis only happens to have the batch's size."""
+  or a layer's first axis only happens to have the batch's size; to 1e-3, or 4 ulps of a layer
+  computing in lower precision (bfloat16: 3%; the two round apart there)."""
   layers = [layers] if isinstance(layers, str) else layers
   try:
-    _check_covers(_dense_calls(loss_fn, params, batch, layers), params, layers)
+    calls = _dense_calls(loss_fn, params, batch, layers)
+    names = _check_covers(calls, params, layers)
   except (ValueError, UserError):  # a Dense layer called twice, or a layer that is not Dense
     return False
+  rtol = max([1e-3] + [4 * float(jnp.finfo(calls[n][0].dtype).eps) for n in names
+                       if jnp.issubdtype(calls[n][0].dtype, jnp.floating)])
   # One compiled program (op by op, its dozens of primitives each compiled alone took seconds).
   ghost, exact = jax.jit(lambda p, b: (
       ghost_sq_norms(loss_fn, p, b, layers),
@@ -463,7 +469,7 @@ def ghost_covers(loss_fn: PerExampleLoss, params, batch: dict,
   ghost, exact = np.asarray(ghost, np.float64), np.asarray(exact, np.float64)
   if not (np.isfinite(ghost).all() and np.isfinite(exact).all()):  # diverged params: no answer
     return False  # (and no numpy warning of a NaN tolerance on the way to its error)
-  return bool(np.allclose(ghost, exact, rtol=1e-3, atol=1e-6 * np.abs(exact).max()))
+  return bool(np.allclose(ghost, exact, rtol=rtol, atol=1e-6 * np.abs(exact).max()))
 
 
 def dense_positions(loss_fn: PerExampleLoss, params, batch: dict,
@@ -509,7 +515,9 @@ def dense_factors(loss_fn: PerExampleLoss, params, batch: dict,
 
 
 def _as_3d(x):
-  return x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, d]: T positions share the layer
+  """[B, T, d] (T positions share the layer), in float32 at least: a bfloat16 layer's inputs and
+  output gradients are multiplied and summed in float32, as its parameters' gradients are."""
+  return at_least_float32(x.reshape(x.shape[0], -1, x.shape[-1]))
 
 
 def ghost_dots(loss_fn: PerExampleLoss, params, batch_a: dict, batch_b: Optional[dict] = None,
@@ -607,11 +615,12 @@ class FactoredProjection(NamedTuple):
       if name not in names:
         continue
       d_out = out.shape[-1]
+      dtype = jnp.promote_types(out.dtype, jnp.float32)  # a bfloat16 layer's: float32
       ka, kb = jax.random.split(jax.random.fold_in(key, i))
       factors.append((
-          jax.random.normal(ka, (size // d_out + has_bias, self.k_in), out.dtype)
+          jax.random.normal(ka, (size // d_out + has_bias, self.k_in), dtype)
           / math.sqrt(self.k_in),
-          jax.random.normal(kb, (d_out, self.k_out), out.dtype) / math.sqrt(self.k_out)))
+          jax.random.normal(kb, (d_out, self.k_out), dtype) / math.sqrt(self.k_out)))
       bias.append(bool(has_bias))
     return FactoredState(tuple(factors), tuple(names), tuple(bias), self.k_in, self.k_out,
                          self.seed, self.layers)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from datarater.errors import UserError
+from datarater.tasks.base import at_least_float32
 
 INNER_OPTIMIZERS = ('sgd', 'momentum', 'adam')
 MOMENTUM = 0.9
@@ -119,13 +120,16 @@ def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
 
       def moments(m, v, ct_theta, ct_m, ct_v):
         # Two separate expressions (no shared divided intermediate XLA would have to store).
+        # In float32 at least: in bfloat16, b2 = 0.999 rounds to 1 and c2 to 0 (a NaN VJP).
+        dtype = m.dtype
+        m, v, ct_theta, ct_m, ct_v = map(at_least_float32, (m, v, ct_theta, ct_m, ct_v))
         c1 = 1 - ADAM_B1 ** adam.count.astype(m.dtype)
         c2 = 1 - ADAM_B2 ** adam.count.astype(m.dtype)
         s = jnp.sqrt(v / c2 + ADAM_EPS_ROOT)
         d = s + ADAM_EPS
-        return (ADAM_B1 * ct_m - ct_theta * (ADAM_B1 * learning_rate / c1) / d,
-                ADAM_B2 * ct_v + (ct_theta * m) * (ADAM_B2 * learning_rate / (2 * c1 * c2))
-                / (s * d * d))
+        return ((ADAM_B1 * ct_m - ct_theta * (ADAM_B1 * learning_rate / c1) / d).astype(dtype),
+                (ADAM_B2 * ct_v + (ct_theta * m) * (ADAM_B2 * learning_rate / (2 * c1 * c2))
+                 / (s * d * d)).astype(dtype))
       both = jax.tree.map(moments, adam.mu, adam.nu, ct_next.params, ct_adam.mu, ct_adam.nu)
       ct_mu = jax.tree.map(lambda _, c: c[0], grads, both)  # d/d m = b1 d/d m'
       ct_nu = jax.tree.map(lambda _, c: c[1], grads, both)  # d/d v = b2 d/d v'

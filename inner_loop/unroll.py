@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from datarater.tasks.base import PerExampleLoss
+from datarater.tasks.base import PerExampleLoss, at_least_float32
 
 WeightFn = Callable[[dict], jax.Array]  # batch -> loss weights [B]
 
@@ -28,8 +28,8 @@ def init_inner_state(params, optimizer: optax.GradientTransformation) -> InnerSt
 
 
 def weighted_loss(loss_fn: PerExampleLoss, params, batch: dict, weights: jax.Array):
-  """(mean(w_i * l_i), per-example losses l [B])."""
-  losses = loss_fn(params, batch)
+  """(mean(w_i * l_i), per-example losses l [B]), in float32 at least (a bfloat16 loss too)."""
+  losses = at_least_float32(loss_fn(params, batch))
   return jnp.mean(weights * losses), losses
 
 

@@ -4,16 +4,20 @@ The average starts at zero and is debiased as Adam's moments are: after t update
     average_t = (1 - d) * sum_{s=1..t} d^(t - s) * phi_s / (1 - d^t),
 a weighted mean of the iterates phi_1..phi_t (weights summing to 1). It does not change the
 rater's training; it is the rater that is scored, reported and exported when `outer.ema` > 0.
+It is kept in float32 at least: in a bfloat16 rater's own dtype a decay of 0.999 rounds to 1,
+and the average would stay zero (debiased: 0 / 0).
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from datarater.tasks.base import at_least_float32
+
 
 def init(params, decay: float):
-  """The empty average (zeros like `params`), or None when `decay` is 0 (averaging off)."""
-  return jax.tree.map(jnp.zeros_like, params) if decay else None
+  """The empty average (zeros like `params`, float32 at least), or None when `decay` is 0."""
+  return jax.tree.map(lambda x: at_least_float32(jnp.zeros_like(x)), params) if decay else None
 
 
 def _decay(decay: float, like):
@@ -29,20 +33,20 @@ def update(average, params, decay: float):
     return None
   def one(a, p):
     d, e = _decay(decay, a)
-    return d * a + e * p
+    return d * a + e * p.astype(a.dtype)
   return jax.tree.map(one, average, params)
 
 
 @functools.partial(jax.jit, static_argnames='decay')
 def debiased(average, params, decay: float, count):
   """The averaged parameters after `count` updates, divided by the sum of the iterates' weights,
-  1 - d^count (as -expm1(count log1p(-(1 - d))): no cancellation for d near 1); `params` (the
-  last iterate) when averaging is off or nothing has been averaged yet."""
+  1 - d^count (as -expm1(count log1p(-(1 - d))): no cancellation for d near 1), in the dtype of
+  `params`; `params` (the last iterate) when averaging is off or nothing has been averaged yet."""
   if average is None:
     return params
   count = jnp.asarray(count, jnp.int32)
   def one(a, p):
     _, e = _decay(decay, a)
     total = -jnp.expm1(jnp.maximum(count, 1).astype(e.dtype) * jnp.log1p(-e))
-    return jnp.where(count > 0, a / total, p)
+    return jnp.where(count > 0, (a / total).astype(p.dtype), p)
   return jax.tree.map(one, average, params)

@@ -14,6 +14,9 @@ check's choices) and build it in `make_estimator` (WORKSPACE.md: its settings).
 import dataclasses
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
+
 from datarater.errors import UserError
 from inner_loop import optimizers
 from inner_loop.optimizers import StepInverse, make_step_inverse
@@ -45,9 +48,18 @@ class Mixed:
     return mixed_mode.mixed_unroll(inner, self.recompute, self.segment)(phi, state, batches)
 
 
-def make_estimator(outer, inner):
-  """The estimator of config sections `outer` (meta_gradient, mixed_*) and `inner` (optimizer)."""
+def narrow_floats(params) -> list:
+  """The float dtypes below float32 (bfloat16, float16) among `params`' leaves (or shapes)."""
+  return sorted({str(x.dtype) for x in jax.tree.leaves(params)
+                 if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32})
+
+
+def make_estimator(outer, inner, params=None):
+  """The estimator of config sections `outer` (meta_gradient, mixed_*) and `inner` (optimizer);
+  `params`, the inner model's parameters or their shapes, if known: steps in parameters below
+  float32 are replayed, not undone ('auto'), and 'invert' is refused for them."""
   name, recompute = outer.meta_gradient, outer.mixed_recompute
+  narrow = narrow_floats(params) if params is not None else []
   if name not in META_GRADIENTS:
     raise UserError(f'unknown outer.meta_gradient {name!r} (choose from '
                     f'{", ".join(META_GRADIENTS)})')
@@ -57,13 +69,20 @@ def make_estimator(outer, inner):
   if outer.mixed_segment < 0:
     raise UserError(f'outer.mixed_segment must be >= 0 (0: default), got {outer.mixed_segment}')
   inverse = make_step_inverse(inner.optimizer, inner.learning_rate)
+  if name == 'mixed' and recompute == 'invert' and narrow:
+    # A step's update below half an ulp of a parameter is rounded away (theta' = theta), which
+    # the inverse theta = theta' - u cannot know (Adam, T = 20, bfloat16: error 8.7, reverse 0.12).
+    raise UserError(f"outer.mixed_recompute='invert' undoes inner steps in the task's "
+                    f"{'/'.join(narrow)} parameters, whose round-off it cannot undo (the "
+                    "meta-gradient would be wrong): use 'replay' (what 'auto' picks for them)")
   if name == 'mixed' and recompute == 'invert' and inverse is None:  # others never read it
     invertible = [o for o in optimizers.INNER_OPTIMIZERS if make_step_inverse(o, 1.0) is not None]
     raise UserError(f"outer.mixed_recompute='invert' needs an inner optimizer that can be run "
                     f"backwards ({', '.join(invertible)}), got inner.optimizer={inner.optimizer!r}")
   limit = mixed_mode.INVERT_SEGMENT
   if (name == 'mixed' and outer.mixed_segment > limit
-      and (recompute == 'invert' or (recompute == 'auto' and inverse is not None))):
+      and (recompute == 'invert' or (recompute == 'auto' and inverse is not None and
+                                     not narrow))):
     raise UserError(f'outer.mixed_segment={outer.mixed_segment} undoes more than {limit} inner '
                     f'steps of {inner.optimizer} from one exact state, where float32 round-off '
                     f'grows (the meta-gradient can be wrong or NaN): use at most {limit}, or '
@@ -72,7 +91,7 @@ def make_estimator(outer, inner):
     return Reverse(remat=name == 'remat')
   if name == 'mixed':
     if recompute == 'auto':
-      recompute = 'invert' if inverse is not None else 'replay'
-    return Mixed(recompute, int(outer.mixed_segment), inverse)
+      recompute = 'invert' if inverse is not None and not narrow else 'replay'
+    return Mixed(recompute, int(outer.mixed_segment), inverse)  # replay: its closed-form VJP
   raise NotImplementedError(f'outer.meta_gradient {name!r} is in META_GRADIENTS but '
                             'make_estimator does not build it')

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from datarater.tasks import Rater, Task
+from datarater.tasks import Rater, Task, at_least_float32
 from inner_loop.unroll import InnerState, init_inner_state, unroll
 from inner_loop.weighting import softmax_weights
 from outer_loop import averaging
@@ -72,11 +72,12 @@ def outer_loss(problem: MetaProblem, estimator, rater_params, population: InnerS
   """Mean over members of the held-out loss after T weighted inner steps.
 
   inner_batches leaves are [K, T, B, ...], outer_batches [K, B, ...]. Returns
-  (loss, (updated population, inner losses [K, T])).
+  (loss, (updated population, inner losses [K, T])); the mean is taken in float32 at least.
   """
   def member(state, inner, outer):
     state, inner_losses = estimator.unroll(problem, rater_params, state, inner)
-    return jnp.mean(problem.task.per_example_loss(state.params, outer)), (state, inner_losses)
+    losses = at_least_float32(problem.task.per_example_loss(state.params, outer))
+    return jnp.mean(losses), (state, inner_losses)
 
   held_out, aux = jax.vmap(member)(population, inner_batches, outer_batches)
   return jnp.mean(held_out), aux

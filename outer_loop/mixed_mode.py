@@ -208,7 +208,9 @@ def step_bwd(inner: InnerProblem, phi, batch, ct_next, ct_loss, state=None, stat
     state = InnerState(params, inner.inverse.opt_state(opt_next, g))
   ct_g, ct_opt, ct_params = update_vjp(inner, g, state, opt_next, ct_next)
   h_v, cross_v = hvp(ct_g)  # forward-over-reverse: (H ct_g, d/dw <grad_theta L, ct_g>)
-  ct_params = jax.tree.map(lambda a, b, c: a + b + ct_loss * c, ct_params, h_v, g)
+  # In the params' dtype, the scan carry's (a float32 ct_loss would widen bfloat16 params').
+  ct_params = jax.tree.map(lambda a, b, c, p: (a + b + ct_loss * c).astype(p.dtype), ct_params,
+                           h_v, g, params)
   ct_phi, = weights_vjp(cross_v + ct_loss * g_w)
   return _to_carry(InnerState(ct_params, ct_opt), state), ct_phi, state
 

@@ -1,4 +1,5 @@
 """From a config to the bi-level problem and its meta-gradient estimator."""
+import jax
 import ml_collections
 import optax
 
@@ -35,4 +36,5 @@ def build_problem(config: ml_collections.ConfigDict, info):
       outer_optimizer=make_outer_optimizer(config.outer),
       temperature=config.rater.temperature, reset_every=config.inner.reset_every,
       advance_steps=config.inner.advance_steps, ema=config.outer.ema)
-  return problem, make_estimator(config.outer, config.inner)
+  return problem, make_estimator(config.outer, config.inner,
+                                 jax.eval_shape(task.init, jax.random.key(0)))

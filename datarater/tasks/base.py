@@ -39,6 +39,15 @@ FeatureSpec = Mapping[str, jax.ShapeDtypeStruct]  # the features of ONE example 
 PerExampleLoss = Callable[[Params, Batch], jax.Array]  # (params, batch) -> [B]
 
 
+def at_least_float32(x):
+  """Floats of `x` (a jax or numpy array) in float32, or wider if they are (other dtypes as they
+  are): the library sums, softmaxes, ranks and writes a low-precision model's (bfloat16,
+  float16) losses and scores in float32."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def example_batch(spec: FeatureSpec, size: int = 1) -> dict:
   """Zeros shaped like `size` examples of `spec` (for `init` and shape checks)."""
   return {k: jnp.zeros((size, *s.shape), s.dtype) for k, s in spec.items()}

@@ -74,7 +74,7 @@ def _k_times_exact_hessian(task, params, batch, weights, kmat):
   loss_fn = task.per_example_loss
   flat, unravel = ravel_pytree(params)
   grad_fn = jax.grad(lambda v: jnp.mean(weights * loss_fn(unravel(v), batch)))
-  hvp = lambda r: jax.jvp(grad_fn, (flat,), (r,))[1]
+  hvp = lambda r: jax.jvp(grad_fn, (flat,), (r.astype(flat.dtype),))[1]  # K's rows: float32
   return jax.lax.map(hvp, kmat, batch_size=min(64, kmat.shape[0]))
 
 
@@ -127,7 +127,8 @@ def embed(task: Task, run: TrainingRun, num_examples: int,
     raise UserError("curvature 'exact' works on unprojected gradients only (transform=None)")
   state = transform.init(jax.eval_shape(lambda: run.final_params))
   k = jax.eval_shape(lambda p: transform.apply(p, state), run.final_params).shape[0]
-  dtype = jnp.result_type(*jax.tree.leaves(run.final_params))
+  # float32 at least: K is a product of up to thousands of steps' maps
+  dtype = jnp.promote_types(jnp.result_type(*jax.tree.leaves(run.final_params)), jnp.float32)
 
   def body(kmat, step):
     params, batch, weights, lr = step
