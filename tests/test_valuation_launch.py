@@ -451,7 +451,7 @@ def test_dvembs_store_keeps_no_training_gradients(tfds_dir, tmp_path):
   work = str(tmp_path / 'dvemb')
   valuate('dvemb', config, work, progress=False)
   (path,) = [os.path.join(work, d) for d in os.listdir(work) if d.startswith('store_dvemb')]
-  assert sorted(os.listdir(path)) == ['dvemb.npy', 'meta.json']
+  assert sorted(os.listdir(path)) == ['dvemb.npy', 'ids.npy', 'meta.json']
 
 
 @SHARED
