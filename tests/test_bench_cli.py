@@ -166,6 +166,7 @@ def _seeds_bench_without_fresh_models(out: str) -> None:
                                              '--config=configs/fashion_mnist_bench.py'])
 
 
+@pytest.mark.slow
 def test_the_seeds_bench_reports_a_config_without_fresh_models(tmp_path):
   """A report without fresh models was a KeyError traceback after the first seed's rater run."""
   done = forked.call(_seeds_bench_without_fresh_models, str(tmp_path / 'r'),

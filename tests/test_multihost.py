@@ -475,7 +475,8 @@ def test_processes_that_loaded_different_raters_stop_in_one_line(tfds_dir, tmp_p
 
 @pytest.mark.parametrize('signum,processes', [  # the vote of Ctrl-C in two: test_every_process_...
     (signal.SIGTERM, 2), pytest.param(signal.SIGINT, 2, marks=pytest.mark.slow),
-    (signal.SIGINT, 1)], ids=['SIGTERM', 'SIGINT', 'SIGINT-one-process'])
+    pytest.param(signal.SIGINT, 1, marks=pytest.mark.slow)],  # (Ctrl-C: test_interrupts.py)
+    ids=['SIGTERM', 'SIGINT', 'SIGINT-one-process'])
 def test_a_signal_to_one_process_stops_both_after_one_step_that_resumes(tfds_dir, tmp_path,
                                                                          request, signum,
                                                                          processes):
