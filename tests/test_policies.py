@@ -280,6 +280,25 @@ def test_tracin_curriculum_weighs_mislabelled_examples_down(tfds_dir):
   assert made.setup_example_gradients > 0
 
 
+@pytest.mark.parametrize('name', ['tracin_curriculum', 'mimic'])
+@pytest.mark.parametrize('field, value', [('store', True), ('topk', 5)])
+def test_a_policy_that_values_the_split_itself_refuses_launch_valuates_outputs(
+    monkeypatch, name, field, value):
+  """`valuation.store` and `valuation.topk` are launch.valuate's (a gradient store, a top-k
+  table): these policies value the split without them, so a run given them trained on values
+  computed otherwise, silently. Refused in one line before any fit."""
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  def fitted(*args, **kwargs):
+    raise AssertionError('the policy began to value the split')
+  for fn in ('build', 'check_per_example', 'mimic_reference'):
+    monkeypatch.setattr(factory, fn, fitted)
+  config = get_config()
+  config.valuation[field] = value
+  with pytest.raises(UserError, match=rf'policy {name} computes its values without '
+                     rf'valuation.{field} .*launch.valuate --method='):
+    policies.make_policy(name, policies.PolicyContext(None, None, None, config))
+
+
 @TRAINED
 def test_a_rater_checks_the_data_it_scores_wherever_it_is_used(tfds_dir, trained, tmp_path,
                                                                 monkeypatch):

@@ -70,6 +70,17 @@ def curriculum_weights(values: np.ndarray, mode: str = 'weight', fraction: float
   raise UserError(f'unknown curriculum mode {mode!r} (choose from weight, select)')
 
 
+def refuse_valuate_outputs(ctx: PolicyContext, name: str, method: str) -> None:
+  """UserError if `valuation.store` or `valuation.topk` is set: they are launch.valuate's (a
+  gradient store, a top-k table); a policy that values the split itself would ignore them."""
+  v = ctx.config.valuation
+  for field, value in (('store', v.get('store', False)), ('topk', v.get('topk', 0))):
+    if value:
+      raise UserError(f'policy {name} computes its values without valuation.{field} (got '
+                      f'{value}): for stored scores run launch.valuate --method={method} with '
+                      'it, then --policy=scores --scores=FILE')
+
+
 def loaded_rater(ctx: PolicyContext, name: str):
   """The rater of the launcher's --rater (an exported rater or a rater run), checked against
   the training data."""
@@ -109,6 +120,7 @@ def _scores(ctx: PolicyContext) -> Policy:
 
 @register_policy('tracin_curriculum', sections=('valuation',), fields=('temperature',))
 def _tracin_curriculum(ctx: PolicyContext) -> Policy:
+  refuse_valuate_outputs(ctx, 'tracin_curriculum', 'tracin')
   from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
   fitted = factory.build('tracin', ctx.config, ctx.task, ctx.train, ctx.heldout)
   values = fitted.values(ctx.train)
@@ -119,6 +131,7 @@ def _tracin_curriculum(ctx: PolicyContext) -> Policy:
 
 @register_policy('mimic', sections=('valuation',), fields=('temperature',))
 def _mimic(ctx: PolicyContext) -> Policy:
+  refuse_valuate_outputs(ctx, 'mimic', 'mimic')
   from datarater.valuation import factory, mimic  # pylint: disable=g-import-not-at-top
   factory.check_per_example(ctx.config, ctx.task, ctx.heldout)  # as every valuation does
   factory.check_mimic_layers(ctx.config, ctx.task, ctx.train)  # before the reference is trained
