@@ -299,6 +299,30 @@ def test_a_policy_that_values_the_split_itself_refuses_launch_valuates_outputs(
     policies.make_policy(name, policies.PolicyContext(None, None, None, config))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('mode', ['self', 'heldout_cos'])
+def test_tracin_curriculum_is_launch_valuate_then_the_scores_policy(tfds_dir, tmp_path, mode):
+  """The README's claim: with one config, `tracin_curriculum`'s weights (and cost) equal those of
+  `--policy=scores` reading `launch.valuate --method=tracin`'s scores file (its streamed blocks,
+  its own held-out split)."""
+  from datarater.valuation.run import valuate  # pylint: disable=g-import-not-at-top
+  config = get_config()
+  config.data = digits_data(tfds_dir, 0.2)
+  config.task.hidden = (16,)
+  config.valuation.train_steps, config.valuation.checkpoint_every = 20, 10
+  config.valuation.tracin_mode, config.policy.temperature = mode, 0.7
+  summary = valuate('tracin', config, str(tmp_path), progress=False)
+  tr = pipeline.load_split(config.data, 'train', corrupt=True)
+  heldout = pipeline.load_split(config.data, config.data.heldout_split)
+  task = tasks.make_task(config.task, tr.info)
+  made = {name: policies.make_policy(name, policies.PolicyContext(
+      tr, heldout, task, config, scores=summary['scores_file'] if name == 'scores' else ''))
+          for name in ('tracin_curriculum', 'scores')}
+  np.testing.assert_allclose(made['tracin_curriculum'].aux, made['scores'].aux, rtol=1e-5)
+  assert (made['tracin_curriculum'].setup_example_gradients ==
+          made['scores'].setup_example_gradients == summary['example_gradients'])
+
+
 @TRAINED
 def test_a_rater_checks_the_data_it_scores_wherever_it_is_used(tfds_dir, trained, tmp_path,
                                                                 monkeypatch):
