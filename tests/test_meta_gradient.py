@@ -207,12 +207,15 @@ def test_members_due_for_a_reset_reach_the_meta_gradient_fresh():
   """At an outer step where some members are due (K=4, R=2, step 1: offsets k*R//K = 0,0,1,1, so
   (1 + offset) % 2 == 0 for members 2 and 3), the population the meta-gradient differentiates
   through has those members re-initialised from fold_in(key, step) (member k from the k-th of K
-  split keys, population.py's documented rule) and the others bit-identical to before."""
+  split keys, population.py's documented rule), Adam state included, and the others
+  bit-identical to before (their Adam states made non-fresh: count, moments + 1)."""
   k, due = 4, (2, 3)
-  problem, est = tiny_problem(reset_every=2), estimator()
+  problem = tiny_problem(optimizer='adam', lr=0.05, reset_every=2)
+  est = estimator('reverse', 'adam', 0.05)
   inner, outer = tiny_batches(6, population=k, steps=1, batch=4)
-  state = meta_step.init_outer_state(problem, jax.random.PRNGKey(2), k).replace(
-      step=jnp.int32(1))
+  state = meta_step.init_outer_state(problem, jax.random.PRNGKey(2), k)
+  used = jax.tree.map(lambda x: np.asarray(x) + 1, state.population.opt_state)  # numpy, no jit
+  state = state.replace(step=jnp.int32(1), population=state.population.replace(opt_state=used))
 
   seen = jax.jit(lambda state: _seen_by_meta_gradient(problem, est, state, inner, outer)[
       'population'])(state)
@@ -272,3 +275,94 @@ def test_outer_loss_and_meta_gradient_are_the_mean_over_members():
   member_grads = np.stack([np.asarray(ravel_pytree(s[1])[0], np.float64) for s in singles])
   np.testing.assert_allclose(ravel_pytree(grads)[0], member_grads.sum(0) / 3, rtol=1e-4,
                              atol=1e-7)
+
+
+
+def _adam_by_hand(lr):
+  """Adam as Kingma & Ba write it (b1 0.9, b2 0.999, eps 1e-8), with inner_loop.optimizers'
+  documented eps_root 1e-12 under the square root: (init, step(params, grads, state))."""
+  def init(params):  # numpy: no op compiled eagerly
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params)
+    return np.zeros((), np.int32), zeros, zeros
+
+  def step(params, grads, state):
+    t, m, v = state
+    t += 1
+    m = jax.tree.map(lambda m, g: 0.9 * m + 0.1 * g, m, grads)
+    v = jax.tree.map(lambda v, g: 0.999 * v + 0.001 * g * g, v, grads)
+    new = jax.tree.map(lambda p, m, v: p - lr * (m / (1 - 0.9 ** t)) / (
+        jnp.sqrt(v / (1 - 0.999 ** t) + 1e-12) + 1e-8), params, m, v)
+    return new, (t, m, v)
+  return init, step
+
+
+@pytest.mark.slow
+def test_outer_steps_follow_the_bilevel_definition_by_brute_force():
+  """Two outer steps (K=2 members, reset every R=2 steps, A=1 advance and T=2 unrolled Adam
+  steps; at step 1 member 1 is reset, member 0 carries on) against a float64 brute force of the
+  definitions: each member, reset at step s > 0 when (s + k R // K) % R == 0 (params from the
+  k-th of K keys split from fold_in(key, s), a fresh Adam state), else carrying its parameters
+  and Adam state from the last outer step, takes A + T hand-written Adam steps on
+  sum_i softmax(score / tau)_i l_i; the outer loss is the mean over members of the mean
+  held-out loss; the meta-gradient, by central differences of it in phi with the A advance
+  steps' weights held at phi, is what the outer optimizer applies."""
+  k, r, a, t, lr = 2, 2, 1, 2, 0.05
+  problem = dataclasses.replace(tiny_problem(optimizer='adam', lr=lr, reset_every=r),
+                                advance_steps=a)
+  init, adam_step = _adam_by_hand(lr)
+  task, rater = problem.task, problem.rater
+
+  def member_loss(phi, phi_held, params, opt_state, inner, outer):
+    for s in range(a + t):
+      batch = jax.tree.map(lambda x, s=s: x[s], inner)
+      scores = rater.score(phi if s >= a else phi_held, batch) / problem.temperature
+      w = jnp.exp(scores) / jnp.sum(jnp.exp(scores))  # the batch softmax
+      grads = jax.grad(lambda p, w=w, batch=batch: jnp.sum(w * task.per_example_loss(p, batch)))(
+          params)
+      params, opt_state = adam_step(params, grads, opt_state)
+    return jnp.mean(task.per_example_loss(params, outer)), (params, opt_state)
+
+  with jax.enable_x64():
+    state = as_float64(meta_step.init_outer_state(problem, jax.random.PRNGKey(1), k))
+    unravel = ravel_pytree(state.rater_params)[1]
+
+    @jax.jit
+    def by_hand(phi, opt_state, members, inner, outer):
+      """(outer loss, members after the step, central differences, the rater after the step);
+      `members`: (params, Adam state) with a leading [K] axis."""
+      def loss(flat_phi, flat_held):
+        held_out, members_after = jax.vmap(
+            lambda p, s, i, o: member_loss(unravel(flat_phi), unravel(flat_held), p, s, i, o))(
+                *members, inner, outer)
+        return jnp.mean(held_out), members_after
+      flat_phi, eps = ravel_pytree(phi)[0], 1e-6
+      numeric = jax.vmap(lambda e: (loss(flat_phi + eps * e, flat_phi)[0]
+                                    - loss(flat_phi - eps * e, flat_phi)[0]) / (2 * eps))(
+                                        jnp.eye(flat_phi.size, dtype=flat_phi.dtype))
+      updates, _ = problem.outer_optimizer.update(unravel(numeric), opt_state, phi)
+      return (*loss(flat_phi, flat_phi), numeric,
+              ravel_pytree(optax.apply_updates(phi, updates))[0])
+
+    stack = lambda trees: jax.tree.map(lambda *x: np.stack(x), *trees)  # numpy: nothing compiled
+    member = lambda tree, m: jax.tree.map(lambda x: np.asarray(x)[m], tree)
+    members = [(p, init(p)) for p in (member(state.population.params, m) for m in range(k))]
+    step_fn = _jitted_outer_step(problem, estimator('reverse', 'adam', lr))
+    for step in range(2):
+      inner, outer = tiny_batches(10 + step, k, a + t, 8, dtype=np.float64)
+      keys = jax.random.split(jax.random.fold_in(state.key, step), k)
+      for m in range(k):
+        if step and (step + m * r // k) % r == 0:
+          fresh = as_float64(task.init(keys[m]))
+          members[m] = (fresh, init(fresh))
+      loss, after, numeric, phi = by_hand(state.rater_params, state.opt_state, stack(members),
+                                          inner, outer)
+      members = [member(after, m) for m in range(k)]
+      state, metrics = step_fn(state, inner, outer)
+      np.testing.assert_allclose(float(metrics['outer_loss']), float(loss), rtol=1e-12)
+      for got, want in zip(jax.tree.leaves(state.population.params), jax.tree.leaves(after[0])):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+      np.testing.assert_allclose(float(metrics['meta_grad_norm']),
+                                 np.linalg.norm(numeric), rtol=1e-6)
+      np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in jax.tree.leaves(
+          state.rater_params)]), phi, rtol=1e-6, atol=1e-9)
+    assert np.asarray(state.population.opt_state[0].count).tolist() == [6, 3]  # 1 was reset

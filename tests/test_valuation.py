@@ -370,6 +370,48 @@ def test_dvemb_equals_explicit_backward_product(curvature):
   np.testing.assert_allclose(got, ph, rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.parametrize('hidden,curvature', [
+    ((), 'gauss_newton'), pytest.param((3,), 'exact', marks=pytest.mark.slow)])
+def test_dvemb_is_the_first_order_leave_one_out_with_the_exact_hessian(hidden, curvature):
+  """With the exact Hessian (softmax regression's Gauss-Newton matrix, the default, is exact;
+  or curvature 'exact' on a tanh MLP) the embedding is exact to first order: <e_{t,j}, grad of
+  the test loss at theta_T> equals -w_tj dL/dw_tj, the first-order rise of the test loss when
+  example j leaves step t (its weight to 0), by autodiff through a plain SGD loop with a
+  learning rate per step and uneven weights (padding 0, a short batch's B/real); an example's
+  score sums its occurrences."""
+  loss, params, data = problem(hidden=hidden)
+  task = make_task(hidden)
+  lrs = jnp.array([0.3, 0.1, 0.5, 0.2, 0.4])  # one per step: an lr read at the wrong step shows
+  weights = np.ones((5, 4))
+  weights[1, 2], weights[4] = 0.5, [4 / 3, 4 / 3, 4 / 3, 0.0]
+  order = np.random.default_rng(0).integers(0, 12, (5, 4))
+  batches, test = sub(data, order), sub(data, [0, 3, 5, 8, 11])
+
+  def sgd(w):  # (final params, params before each step) of plain SGD on mean(w_t * l)
+    def step(p, xs):
+      batch, w_t, lr = xs
+      g = jax.grad(lambda q: jnp.mean(w_t * loss(q, batch)))(p)
+      return jax.tree.map(lambda a, b: a - lr * b, p, g), p
+    return jax.lax.scan(step, params, (batches, w, lrs))
+
+  @jax.jit
+  def run_and_rise(w):  # the article's definition: retrain with weights w, differentiate
+    test_loss = lambda w: jnp.mean(loss(sgd(w)[0], test))
+    return sgd(w), -w * jax.grad(test_loss)(w)
+  (final, checkpoints), want = run_and_rise(jnp.asarray(weights))
+  want = np.asarray(want)
+  run = base.TrainingRun(batches=batches, weights=jnp.asarray(weights), step_lrs=lrs,
+                         checkpoints=checkpoints, checkpoint_steps=jnp.arange(5),
+                         final_params=final)
+  val = dvemb.DataValueEmbedding(task, 12, test, curvature=curvature).fit(run)
+  assert np.abs(want).max() > 1e-3
+  np.testing.assert_allclose(val.embeddings.step @ val.direction, want, rtol=1e-9, atol=1e-14)
+  per_example = np.zeros(12)
+  np.add.at(per_example, order.reshape(-1), want.reshape(-1))
+  np.testing.assert_allclose(val.score({'index': jnp.arange(12)}), per_example, rtol=1e-9,
+                             atol=1e-14)
+
+
 def test_dvemb_memory_follows_the_run_not_the_split():
   """A split of 10^9 examples: embeddings hold rows for the run's 5 x 4 batch entries only (a
   dense [N, k] would need terabytes); examples outside the run score 0, inside as the rows."""
