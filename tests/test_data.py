@@ -381,3 +381,37 @@ def test_a_dataset_prepared_as_tfrecord_says_how_to_prepare_it(tfds_dir, tmp_pat
   with pytest.raises(UserError, match=f"'sklearn_digits' in data.data_dir .* is prepared in "
                                       f'another file format .*{says}'):
     pipeline.get_builder('sklearn_digits', str(tmp_path))
+
+
+class ManyFeaturesForTest(tfds.core.GeneratorBasedBuilder):
+  """A dataset with eight features, built on first use as a bundled one is."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {f'f{i}': tfds.features.Tensor(shape=(2,), dtype=np.int32) for i in range(8)}))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(5):
+      yield i, {f'f{j}': np.array([i, j], np.int32) for j in range(8)}
+
+
+def test_bundled_datasets_are_built_to_the_same_bytes_in_every_process(tmp_path, monkeypatch):
+  """A record's feature map was serialised in the order of protobuf's hash map, seeded anew in
+  each process, so building a bundled dataset (or any, through `pipeline.prepare`) twice gave
+  files of other bytes: each record must be the canonical (key-ordered) encoding of itself."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(pipeline, 'BUNDLED', {*pipeline.BUNDLED, 'many_features_for_test'})
+  builder = pipeline.get_builder('many_features_for_test', str(tmp_path))
+  (path,) = tmp_path.glob('many_features_for_test/1.0.0/*.array_record*')
+  records = array_record_module.ArrayRecordReader(str(path)).read_all()
+  assert len(records) == 5
+  for record in records:
+    canonical = tf_example_pb2.Example.FromString(record).SerializeToString(deterministic=True)
+    assert record == canonical
+  read = builder.as_data_source()['train']
+  assert sorted(tuple(read[i]['f3']) for i in range(5)) == [(i, 3) for i in range(5)]

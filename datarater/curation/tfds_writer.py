@@ -30,7 +30,6 @@ from unittest import mock
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import example_serializer
 from tensorflow_datasets.core import shuffle
 from tensorflow_datasets.core.utils import shard_utils
 
@@ -113,12 +112,8 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
 def prepare_unshuffled(builder: tfds.core.DatasetBuilder) -> None:
   """Prepares `builder` (its info `disable_shuffling`, int keys ascending in each split) with
   its examples spooled on disk in order (`OrderedSpool`), files byte-identical across runs,
-  each split in the shards of `ShardRule`."""
-  # tf.Example's feature map is serialised in hash order, which varies between processes
-  # (PYTHONHASHSEED); deterministic serialisation sorts the keys, so the files are byte-identical.
-  with mock.patch.object(example_serializer.ExampleSerializer, 'serialize_example',
-                         _serialize_deterministic), mock.patch.object(shuffle, 'Shuffler',
-                                                                      OrderedSpool):
+  each split in the shards of `ShardRule` (`pipeline.prepare`: feature maps in key order)."""
+  with mock.patch.object(shuffle, 'Shuffler', OrderedSpool):
     pipeline.prepare(builder, download_config=_DownloadConfig(
         compute_stats=tfds.download.ComputeStatsMode.SKIP))
 
@@ -176,10 +171,6 @@ def _image_bytes(feature, value, stored: bytes) -> bytes:
   buffer = io.BytesIO()
   PIL.Image.fromarray(value[..., 0] if value.shape[-1] == 1 else value).save(buffer, format='PNG')
   return buffer.getvalue()
-
-
-def _serialize_deterministic(self, example):
-  return self.get_tf_example(example).SerializeToString(deterministic=True)
 
 
 class OrderedSpool:

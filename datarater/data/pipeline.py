@@ -15,11 +15,13 @@ import io
 import logging
 import os
 from typing import Mapping, Optional
+from unittest import mock
 
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from google.protobuf import json_format
+from tensorflow_datasets.core import example_serializer
 
 from datarater.data import corruption as corruption_lib
 from datarater.data import idx_mnist  # registers the builder of idx files (Fashion-MNIST)
@@ -68,9 +70,16 @@ def quiet_tfds():
 
 
 def prepare(builder: tfds.core.DatasetBuilder, **kwargs) -> None:
-  """`builder.download_and_prepare(**kwargs)` without TFDS's banners and progress bars."""
-  with quiet_tfds():
+  """`builder.download_and_prepare(**kwargs)` without TFDS's banners and progress bars, each
+  tf.Example serialised with its feature map in key order: protobuf's own order follows a hash
+  seeded anew in every process, so the same examples made other file bytes in each build."""
+  with quiet_tfds(), mock.patch.object(example_serializer.ExampleSerializer,
+                                       'serialize_example', _serialize_sorted):
     builder.download_and_prepare(**kwargs)
+
+
+def _serialize_sorted(self, example):
+  return self.get_tf_example(example).SerializeToString(deterministic=True)
 
 
 def _unreadable_info(where: str, e: Exception) -> UserError:
@@ -113,7 +122,7 @@ def get_builder(name: str, data_dir: str = '',
                         f'with tfds.builder({name!r}, data_dir={data_dir!r}, '
                         f"file_format='array_record').download_and_prepare()")
       try:
-        builder.download_and_prepare()
+        prepare(builder)
       except OSError as e:
         raise UserError(f'{field} {given or data_dir!r}: cannot prepare {name!r} there '
                         f'({files.why_not(e.filename or data_dir, e)})') from None
