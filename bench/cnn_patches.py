@@ -1,18 +1,23 @@
 r"""The CNN's 3x3 patches as nine strided slices against `lax.conv_general_dilated_patches`.
 
   python -m bench.cnn_patches          # Fashion-MNIST bench CNNs (needs dataset-fashion-mnist)
+  python -m bench.cnn_patches --repeats=1 --examples=256 --batch=32 --inner_batch=16 \
+      --out=/tmp/cnn_patches         # a quick run
 
 Both give the same patches (`tests/test_cnn.py`), so the models and their results are the same;
 this measures their speed on three jobs of `configs/fashion_mnist_bench.py`, compilation apart:
-- `train`: the one trainer, full data, the bench's task CNN on `train[:5000]` (microseconds per
-  example-gradient);
-- `meta`: one compiled outer step of the bench's DataRater at K = 4, T = 8 (milliseconds, median
-  of 5 calls after a warm-up);
-- `features`: a CNN extractor's forward pass over the 5,000 images (microseconds per example):
+- `train`: the one trainer, full data, `--epochs` 2, the bench's task CNN on the first
+  `--examples` 5,000 training images (its `train[:5000]`), batches of `--batch` 128
+  (microseconds per example-gradient);
+- `meta`: one compiled outer step of the bench's DataRater at K = `--population` 4, T =
+  `--unrolls` 8, inner batches of `--inner_batch` 64, outer ones of `--batch` (milliseconds,
+  median of `--calls` 5 calls after a warm-up);
+- `features`: a CNN extractor's forward pass over the same images (microseconds per example):
   the selection runs' extractor until they took an MLP's hidden layer (`EXTRACTOR`; an MLP has no
   patches).
 The two implementations alternate within each of `--repeats` rounds; the ratio lax / slices is
-reported per round, with its mean and standard error. Writes bench/results/cnn_patches.{json,png}.
+reported per round, with its mean and standard error. Writes <out>.json and .png (default
+bench/results/cnn_patches).
 """
 from launch import interrupts
 
@@ -42,8 +47,15 @@ from inner_loop import make_inner_optimizer
 
 def define_flags() -> None:
   """Defined when run as a script, not on import (tests import it beside other benches)."""
-  global _REPEATS, _OUT
+  global _REPEATS, _OUT, _EXAMPLES, _BATCH, _INNER_BATCH, _POPULATION, _UNROLLS, _EPOCHS, _CALLS
   _REPEATS = flags.DEFINE_integer('repeats', 3, 'Rounds; each times both implementations.')
+  _EXAMPLES = flags.DEFINE_integer('examples', 5000, 'Training images (the first N of train).')
+  _BATCH = flags.DEFINE_integer('batch', 128, 'train: batch size; meta: outer batch size.')
+  _INNER_BATCH = flags.DEFINE_integer('inner_batch', 64, 'meta: inner batch size.')
+  _POPULATION = flags.DEFINE_integer('population', 4, 'meta: K, the inner models.')
+  _UNROLLS = flags.DEFINE_integer('unrolls', 8, 'meta: T, the unrolled inner steps.')
+  _EPOCHS = flags.DEFINE_integer('epochs', 2, 'train: epochs timed.')
+  _CALLS = flags.DEFINE_integer('calls', 5, 'meta: timed calls (median) after a warm-up.')
   _OUT = flags.DEFINE_string('out', 'bench/results/cnn_patches', 'Output path prefix.')
 
 
@@ -68,21 +80,21 @@ def patches(name: str):
     cnn.patches_3x3 = kept
 
 
-def time_train(config, train) -> float:
-  """Microseconds per example-gradient of 2 full-data epochs (compilation apart)."""
+def time_train(config, train, epochs: int = 2) -> float:
+  """Microseconds per example-gradient of `epochs` full-data epochs (compilation apart)."""
   task = tasks.make_task(config.task, train.info)
   trainer = Trainer(task, make_inner_optimizer('adam', config.train.learning_rate),
                     selection.full(len(train)), config.train.batch_size)
-  run = trainer.run(train, {}, [0], epochs=2)
+  run = trainer.run(train, {}, [0], epochs=epochs)
   return 1e6 * run.wall_s / run.example_gradients
 
 
-def time_meta(config, info) -> float:
-  """Milliseconds per outer step (median of 5 after a warm-up)."""
+def time_meta(config, info, calls: int = 5) -> float:
+  """Milliseconds per outer step (median of `calls` after a warm-up)."""
   compiled, args, _, _ = compile_step(config, info)
   jax.block_until_ready(compiled(*args))
   times = []
-  for _ in range(5):
+  for _ in range(calls):
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
@@ -120,14 +132,20 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv):
   del argv
-  bench_cli.at_least('repeats', _REPEATS.value, 1)
+  for flag in (_REPEATS, _EXAMPLES, _BATCH, _INNER_BATCH, _POPULATION, _UNROLLS, _EPOCHS,
+               _CALLS):
+    bench_cli.at_least(flag.name, flag.value, 1)
   bench_cli.out_folder(_OUT.value)
   config = fashion_mnist_bench.get_config()
-  config.inner.steps, config.inner.population = 8, 4
+  config.data.train_split = f'train[:{_EXAMPLES.value}]'
+  config.train.batch_size = config.outer.batch_size = _BATCH.value
+  config.inner.batch_size = _INNER_BATCH.value
+  config.inner.steps, config.inner.population = _UNROLLS.value, _POPULATION.value
   config.rater.readout = 'log_softmax'
   train = pipeline.load_split(config.data, config.data.train_split)
-  jobs = {'train (us/example-gradient)': lambda: time_train(config, train),
-          'meta (ms/outer step, K=4, T=8)': lambda: time_meta(config, train.info),
+  k_t = f'K={_POPULATION.value}, T={_UNROLLS.value}'
+  jobs = {'train (us/example-gradient)': lambda: time_train(config, train, _EPOCHS.value),
+          f'meta (ms/outer step, {k_t})': lambda: time_meta(config, train.info, _CALLS.value),
           'features (us/example)': lambda: time_features(train)}
   times = {job: {name: [] for name in IMPLEMENTATIONS} for job in jobs}
   for r in range(_REPEATS.value):
@@ -147,7 +165,8 @@ def main(argv):
           f'lax / slices {x.mean():.2f} +- {ratio[job]["sem"]:.2f}')
   results = {'times': times, 'ratio': ratio, 'repeats': _REPEATS.value,
              'device': jax.devices()[0].device_kind, 'cpu': platform.processor(),
-             'config': 'configs/fashion_mnist_bench.py, K=4, T=8, log_softmax readout'}
+             'config': f'configs/fashion_mnist_bench.py, {k_t}, log_softmax readout',
+             'train_split': config.data.train_split}  # the other settings: made_by's flags
   provenance.write_json(_OUT.value + '.json', results)
   plot(results, _OUT.value + '.png')
   print(f'wrote {_OUT.value}.json and .png')

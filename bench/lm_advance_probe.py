@@ -6,7 +6,9 @@ r"""The DataRater's per-kind AUROC on the text bench's corpus, with config overr
 Meta-trains the rater of the config (configs/text_bench.py unless --config says otherwise) with
 its overrides, exports it, scores the training corpus and prints one JSON line: the seed, the
 overrides, the rater's seconds and the AUROC of each corruption kind and of code against clean
-prose. Results: bench/results/lm_advance_probe.md.
+prose. Writes them, with the config, to <out>.json and as a table row to <out>.md. The default
+--out is not bench/results/lm_advance_probe: that .md is the analysis of several such runs, and
+lm_advance_probe.jsonl their printed lines.
 """
 from launch import interrupts
 
@@ -22,21 +24,41 @@ from absl import flags
 import numpy as np
 
 from bench import cli as bench_cli
+from bench import provenance
 from bench.lm_curation import CONFIG_SECTIONS, learned, seeded
-from datarater import config_checks, export, tasks
+from datarater import config_checks, export, files, tasks
 from datarater.data import pipeline
 from datarater.meta_train import meta_train
 from datarater.valuation import factory
 from datarater.valuation.run import RunCache
 
 _SEED = flags.DEFINE_integer('seed', 5, 'Seed of the rater, its inner models and the valuation.')
+_OUT = flags.DEFINE_string('out', 'bench/results/lm_advance_probe_run',
+                           'Output prefix (.json, .md).')
+
+
+def markdown(result: dict) -> str:
+  """The run as a table row: its seed, overrides, the AUROC of each kind and the rater's time."""
+  kinds = list(result['auroc'])
+  overrides = ', '.join(f'{k}={v}' for k, v in result['overrides'].items()) or 'none'
+  return '\n'.join([
+      f'`{provenance.command()}`', '',
+      '| seed | overrides | ' + ' | '.join(k.replace('_', ' ') for k in kinds) + ' | rater s |',
+      '|' + '---|' * (len(kinds) + 3),
+      f"| {result['seed']} | {overrides} | " +
+      ' | '.join(f"{result['auroc'][k]:.3f}" for k in kinds) + f" | {result['seconds']:.0f} |",
+      '']) + '\n'
 
 
 def main(argv):
   del argv
   config_checks.validate(flags.FLAGS.config, CONFIG_SECTIONS)
   bench_cli.set_by_flags({'seed': '--seed', 'valuation.seed': '--seed'})
-  c = seeded(flags.FLAGS.config, _SEED.value)
+  seed, = bench_cli.numbers('seed', [str(_SEED.value)], int,
+                            lambda x: 0 <= x <= config_checks.MAX_SEED,
+                            f'in [0, {config_checks.MAX_SEED}]')
+  bench_cli.out_folder(_OUT.value)
+  c = seeded(flags.FLAGS.config, seed)
   c.log_every = c.checkpoint_every = c.outer.steps
   overrides = flags.FLAGS['config'].override_values  # {'inner.reset_every': 100, ...}
   with tempfile.TemporaryDirectory() as tmp:
@@ -52,8 +74,12 @@ def main(argv):
                               RunCache(os.path.join(tmp, 'runs'), 'probe'))
     values = np.asarray(valuation.values(train, c.valuation.score_batch_size), np.float64)
     out = learned(values, train, c.rater.temperature)
-  print(json.dumps({'seed': _SEED.value, **overrides, 'seconds': seconds,
+  print(json.dumps({'seed': seed, **overrides, 'seconds': seconds,
                     'auroc': {k: round(x, 3) for k, x in out['auroc'].items()}}))
+  result = {'seed': seed, 'overrides': overrides, 'seconds': seconds, 'auroc': out['auroc']}
+  provenance.write_json(_OUT.value + '.json', result)  # made_by's flags: config, overrides
+  files.write_text(_OUT.value + '.md', markdown(result))
+  print(f'wrote {_OUT.value}.json and .md')
 
 
 if __name__ == '__main__':

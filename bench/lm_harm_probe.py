@@ -18,7 +18,8 @@ knows what clean prose looks like); at each age (steps taken) it reports
 - the same AUROC with sequences ranked by the model's own loss on them (lower loss ranks
   higher): whether a model of that age tells the kind apart by likelihood at all.
 A DataRater meta-learned through T-step unrolls from such models sees, per example, about this
-first-order signal. Writes <out>.jsonl (one line per size, seed and age) and <out>.md.
+first-order signal. Writes <out>.json (`rows`: one per size, seed and age) and <out>.md
+(bench/results/lm_harm_probe*.jsonl hold earlier runs' rows, one a line).
 """
 from launch import interrupts
 
@@ -36,6 +37,7 @@ import numpy as np
 import optax
 
 from bench import cli as bench_cli
+from bench import provenance
 from configs import text_bench
 from datarater import evaluation, files, pergrad, tasks
 from datarater.data import pipeline
@@ -149,11 +151,7 @@ def main(argv):
   del argv
   config, bench = text_bench.get_config(), text_bench.get_config('bench')
   sizes = {'inner': config.task, 'transfer': bench.transfer.task}
-  unknown = sorted(set(FLAGS.sizes) - set(sizes))
-  if not FLAGS.sizes:
-    raise UserError(f'--sizes is empty: give at least one of {", ".join(sizes)}')
-  if unknown:
-    raise UserError(f'unknown --sizes {unknown} (choose from {", ".join(sizes)})')
+  bench_cli.names('sizes', FLAGS.sizes, sizes)
   seeds = bench_cli.seeds(FLAGS.seeds)
   ages = bench_cli.numbers('ages', FLAGS.ages, int, lambda x: x >= 0, '>= 0')
   down = [(a, b) for a, b in zip(ages, ages[1:]) if b <= a]
@@ -179,9 +177,11 @@ def main(argv):
         rows.append({'size': size, **r})
   used = {k: getattr(FLAGS, k) for k in ('sizes', 'seeds', 'ages', 'group_steps', 'examples',
                                          'train_on')}
-  files.write_text(FLAGS.out + '.jsonl', ''.join(json.dumps(r) + '\n' for r in rows))
+  provenance.write_json(FLAGS.out + '.json', {  # the settings: made_by's flags
+      'rows': rows, 'batch_size': config.inner.batch_size,
+      'device': jax.devices()[0].device_kind})
   files.write_text(FLAGS.out + '.md', markdown(rows, used))
-  print(f'wrote {FLAGS.out}.jsonl and .md')
+  print(f'wrote {FLAGS.out}.json and .md')
   print(markdown(rows, used))
 
 

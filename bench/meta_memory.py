@@ -96,11 +96,7 @@ def settings() -> types.SimpleNamespace:
           'unrolls', 'hidden', 'large_hidden', 'accuracy_unrolls')})
   modes = [f'{g}:{r}' for g in META_GRADIENTS for r in MIXED_RECOMPUTE if g == 'mixed']
   for name, known in (('models', MODELS), ('modes', (*META_GRADIENTS, *modes))):
-    unknown = sorted(set(getattr(args, name)) - set(known))
-    if not getattr(args, name) and not args.merge:
-      raise UserError(f'--{name} is empty: give at least one of {", ".join(known)}')
-    if unknown:
-      raise UserError(f'unknown --{name} {unknown} (choose from {", ".join(known)})')
+    bench_cli.names(name, getattr(args, name), known, empty_ok=bool(args.merge))
   for name in ('repeats', 'population', 'batch', 'large_population', 'large_batch'):
     if getattr(args, name) < 1:
       raise UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
@@ -301,7 +297,7 @@ def plot(results: list[dict], path: str, device: str) -> None:
 
 
 def write(record: dict, out: str) -> None:
-  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  bench_cli.out_folder(out)
   provenance.write_json(out + '.json', record)
   plot(record['results'], out + '.png', record['device'])
   print(f'wrote {out}.json and {out}.png')

@@ -25,7 +25,6 @@ from bench import cli as bench_cli
 from bench import provenance
 from bench.meta_memory import compile_step, plot_modes
 from datarater import files
-from datarater.errors import UserError
 from outer_loop.estimators import META_GRADIENTS
 
 _UNROLLS = flags.DEFINE_list('unrolls', ['1', '4', '16'], 'Values of T (inner.steps).')
@@ -68,11 +67,7 @@ def main(argv):
                                   empty_ok=True))  # no hidden layer: a linear model
   unrolls = bench_cli.numbers('unrolls', _UNROLLS.value, int, lambda x: x > 0, '> 0')
   bench_cli.at_least('repeats', _REPEATS.value, 1)
-  unknown = sorted(set(_MODES.value) - set(META_GRADIENTS))
-  if not _MODES.value:
-    raise UserError(f'--modes is empty: give at least one of {", ".join(META_GRADIENTS)}')
-  if unknown:
-    raise UserError(f'unknown --modes {unknown} (choose from {", ".join(META_GRADIENTS)})')
+  bench_cli.names('modes', _MODES.value, META_GRADIENTS)
   bench_cli.out_folder(_OUT.value)
   print(f'{"mode":>8} {"T":>4} {"temp MiB":>10} {"peak MiB":>10} {"step ms":>9} {"compile s":>9}')
   for mode in _MODES.value:

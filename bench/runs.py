@@ -8,6 +8,7 @@ from typing import Optional
 
 import jax
 
+from bench import cli as bench_cli
 from bench import provenance
 from datarater import files, tasks
 from datarater.data import pipeline
@@ -83,6 +84,6 @@ def compile_seconds() -> float:
 
 def write_results(prefix: str, results: dict, markdown: str) -> None:
   """`results` as <prefix>.json and `markdown` as <prefix>.md, the folder made if needed."""
-  os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
+  bench_cli.out_folder(prefix)
   provenance.write_json(prefix + '.json', results)
   files.write_text(prefix + '.md', markdown)

@@ -370,11 +370,7 @@ def main(argv):
   if FLAGS.epochs:
     cfg.train.epochs = FLAGS.epochs
   config_checks.validate(cfg, train_lib.SECTIONS + POLICY_SECTIONS['sae'])
-  if not FLAGS.policies:  # (full alone would run)
-    raise UserError(f'--policies is empty: give at least one of {", ".join(POLICY_ORDER)}')
-  unknown = sorted(set(FLAGS.policies) - set(POLICY_ORDER))
-  if unknown:
-    raise UserError(f'unknown --policies {unknown} (choose from {", ".join(POLICY_ORDER)})')
+  bench_cli.names('policies', FLAGS.policies, POLICY_ORDER)  # empty: full alone would run
   policy_names = [p for p in POLICY_ORDER if p in FLAGS.policies or p == 'full']
   if FLAGS.extractor:
     cfg.features.extractor = FLAGS.extractor

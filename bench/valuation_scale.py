@@ -515,11 +515,7 @@ def main(argv):
   if _WORKER.value == 'store':
     print(json.dumps(store_worker(_TRAIN.value, _SCRATCH.value, _QUICK.value)))
     return
-  unknown = set(_SECTIONS.value) - set(SECTIONS)
-  if not _SECTIONS.value:
-    raise UserError(f'--sections is empty: give at least one of {", ".join(SECTIONS)}')
-  if unknown:
-    raise UserError(f'unknown --sections {sorted(unknown)} (choose from {SECTIONS})')
+  bench_cli.names('sections', _SECTIONS.value, SECTIONS)
   launcher_ns = bench_cli.numbers('launcher_ns', _LAUNCHER_NS.value, int, lambda x: x >= 1,
                                   '>= 1', empty_ok=True)  # empty: run_launchers' default sizes
   bench_cli.at_least('block', _BLOCK.value, 1)
@@ -549,9 +545,7 @@ def main(argv):
       results[section] = runners[section]()
       results[section]['section_wall_s'] = time.perf_counter() - t0
       # Sections kept from an earlier run keep their own command, code and machine.
-      results[section]['made_by'] = {'command': provenance.command(),
-                                     'code_version': provenance.code_version(),
-                                     'platform': platform.platform()}
+      results[section]['made_by'] = {**provenance.made_by(), 'platform': platform.platform()}
       results['wall_s'] = sum(results[s]['section_wall_s'] for s in SECTIONS if s in results)
       provenance.write_json(out + '.json', results)  # after each section
   plot(results, out + '.png')

@@ -137,13 +137,20 @@ def _config_fields(config, prefix: str = '', flag: str = 'config') -> list[str]:
   return lines
 
 
+def own_flags(fv: flags.FlagValues = flags.FLAGS, program: str = '') -> list:
+  """The flags a program defines itself (not absl's, JAX's or a library's), by name: those of
+  its main module `program` (default: sys.argv[0]) and of launch.*; what --help lists."""
+  program = program or sys.argv[0]
+  own = [flag for module, defined in fv.flags_by_module_dict().items()
+         if module in ('__main__', program) or module.startswith('launch.') or
+         module.endswith('.py') for flag in defined]
+  return sorted({f.name: f for f in own}.values(), key=lambda f: f.name)
+
+
 def _help(argv, doc: str, fv: flags.FlagValues) -> None:
   print(doc.strip())
   print('\nflags:')
-  own = [flag for module, defined in fv.flags_by_module_dict().items()
-         if module in ('__main__', argv[0]) or module.startswith('launch.') or
-         module.endswith('.py') for flag in defined]
-  for flag in sorted({f.name: f for f in own}.values(), key=lambda f: f.name):
+  for flag in own_flags(fv, argv[0]):
     config_file = isinstance(flag.parser, _ConfigFileParser)  # its default: the file's path
     default = flag.default_as_str if config_file else repr(flag.default)
     print(f'  --{flag.name}: {flag.help} (default {default})')

@@ -39,6 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('noise_ceiling', ['--seeds='], '--seeds is empty'),  # it wrote results of no runs
     ('pergrad', ['--batch=0'], '--batch must be >= 1, got 0'),
     ('cnn_patches', ['--repeats=0'], '--repeats must be >= 1, got 0'),
+    ('cnn_patches', ['--examples=0'], '--examples must be >= 1, got 0'),
+    ('lm_advance_probe', ['--seed=-1'], '--seed values must be in [0, 2147483647], got -1'),
     ('curation', ['--rater_steps=-1'], '--rater_steps must be >= 1, got -1'),
     ('curation', ['--seeds_by_noise=0.2:0'], "a count in [1, 2147483648], got '0.2:0'"),
     ('curation', ['--seeds_by_noise=0.2:3000000000'], "got '0.2:3000000000'"),  # a 3e9 list
@@ -70,6 +72,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('lm_harm_probe', ['--examples=0'], '--examples must be >= 1, got 0'),
     ('lm_harm_probe', ['--examples=100000'], '--examples must be <= '),  # after the data loads
     ('lm_harm_probe', ['--sizes='], '--sizes is empty'),
+    ('lm_harm_probe', ['--sizes=inner,inner'], '--sizes repeats inner'),  # its rows twice
     # A model only trains on: the row of age 100 was a second probe at age 400, labelled 400.
     ('lm_harm_probe', ['--ages=400,100'], '--ages must increase (each is reached by training on '
      'from the one before), got 100 after 400'),
@@ -255,7 +258,7 @@ def test_every_bench_with_an_out_runs_through_bench_cli():
     ('valuation_scale', '--scratch', '{f}/s', "--scratch '{f}/s': '{f}' is a file, not a folder"),
     # The runs went on, then their results could not be written (named by a temporary file).
     ('valuation_noise', '--out', '{j}/res', "--out '{j}/res': '{j}/res.json' is a folder, where"),
-    ('lm_harm_probe', '--out', '{j}/log', "--out '{j}/log': '{j}/log.jsonl' is a folder, where"),
+    ('lm_harm_probe', '--out', '{j}/res', "--out '{j}/res': '{j}/res.json' is a folder, where"),
 ])
 def test_an_output_under_a_file_is_one_line_before_the_run(tmp_path, bench, flag, path, says):
   a_file = tmp_path / 'a_file'
@@ -275,6 +278,53 @@ def test_an_output_under_a_file_is_one_line_before_the_run(tmp_path, bench, flag
   assert not proc.stdout.strip()  # nothing ran
   assert [f for f in tmp_path.rglob('*') if f.is_file()] == [a_file]
   assert a_file.read_text() == 'kept'
+
+
+def test_a_benchs_results_record_its_flags_defaults_included(tmp_path):
+  """`made_by` holds every flag the bench defines (what its --help lists) with the value it ran
+  with, given or default: the results hold the settings used, not only the command typed."""
+  curation = os.path.join(ROOT, 'bench', 'results', 'curation.json')
+  out = tmp_path / 'saved'
+  proc = forked.run('bench.steps_saved', [f'--results={curation}', f'--out={out}'],
+                    subprocess_env(1), ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  made_by = json.loads((tmp_path / 'saved.json').read_text())['made_by']
+  assert made_by['flags'] == {'results': [curation], 'out': str(out)}
+  helped = forked.run('bench.steps_saved', ['--help'], subprocess_env(1), ROOT)
+  listed = {line.split(':')[0][4:] for line in helped.stdout.splitlines()
+            if line.startswith('  --')}
+  assert set(made_by['flags']) == listed
+  # A config file flag: the config it read, overrides applied (here built by hand).
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from bench import provenance  # pylint: disable=g-import-not-at-top
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from launch import cli  # pylint: disable=g-import-not-at-top
+  fv, argv = flags.FlagValues(), ['prog', '--seeds=3', '--config.inner.steps=5']
+  cli.define_config_file('config', 'configs/digits.py', 'Config.', fv, argv)
+  flags.DEFINE_list('seeds', ['0', '1'], 'Seeds.', flag_values=fv, module_name='prog')
+  fv(argv)
+  want = digits.get_config()
+  want.inner.steps = 5
+  assert provenance.flag_values(fv, 'prog') == {'seeds': ['3'], 'config': want.to_dict()}
+
+
+def test_cnn_patches_size_flags_default_to_its_configs_sizes():
+  """Its flags' defaults are the sizes it took from configs/fashion_mnist_bench.py before it had
+  them (the first 5,000 images, batches of 128, inner batches of 64)."""
+  done = forked.call(_cnn_patches_defaults, env=subprocess_env(1))
+  assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _cnn_patches_defaults() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from bench import cnn_patches  # pylint: disable=g-import-not-at-top
+  from configs import fashion_mnist_bench  # pylint: disable=g-import-not-at-top
+  c = fashion_mnist_bench.get_config()
+  cnn_patches.define_flags()
+  f = flags.FLAGS
+  assert f'train[:{f["examples"].default}]' == c.data.train_split
+  assert f['batch'].default == c.train.batch_size == c.outer.batch_size
+  assert f['inner_batch'].default == c.inner.batch_size
 
 
 def test_a_curation_file_without_runs_is_one_line_naming_it(tmp_path):

@@ -1,7 +1,9 @@
 """Slow: each benchmark script end to end at its smallest settings, into a temporary folder (CI
 runs only their bad command lines, `tests/test_bench_cli.py`). Each test checks the files the
-script's docstring names, the `made_by` stamp, and properties of the numbers against a count the
+script's docstring names, the `made_by` stamp (the flags it records against the command line),
+and properties of the numbers against a count the
 settings fix, a recorded value or another script's run of the same thing."""
+import ast
 import json
 import os
 import pathlib
@@ -27,11 +29,40 @@ def _run(module: str, args: list, env: dict, timeout: float = 600) -> subprocess
   return done
 
 
+def _as_given(value: str):
+  """A flag's value as typed, as JSON would hold it: a Python literal (a tuple as a list), else
+  the string itself."""
+  try:
+    value = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value
+  return list(value) if isinstance(value, tuple) else value
+
+
+def _holds_flags(recorded: dict, args: list) -> None:
+  """`made_by`'s flags hold each --name=value of `args` (a config override in the config file
+  flag's dict, a comma-list flag as its items); a config file flag names a config."""
+  for arg in args:
+    name, given, value = arg[2:].partition('=')
+    flag, _, field = name.partition('.')
+    got = recorded[flag]
+    for key in field.split('.') if field else ():
+      got = got[key]
+    if isinstance(got, dict) and not field:  # --config=FILE: the config it read
+      assert got, arg
+    elif not field and isinstance(got, list):  # a comma-list flag
+      assert ','.join(got) == value, (arg, got)
+    else:
+      assert got == (_as_given(value) if given else True), (arg, got)
+
+
 def _stamped(path, proc) -> dict:
-  """The JSON at `path`, its `made_by` checked: the command as run, the checkout's commit."""
+  """The JSON at `path`, its `made_by` checked: the command as run, the checkout's commit, the
+  flags it was given."""
   with open(path) as f:
     result = json.load(f)
   assert shlex.split(result['made_by']['command']) == proc.args, result['made_by']
+  _holds_flags(result['made_by']['flags'], proc.args[3:])
   head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
                         text=True, check=False)
   if head.returncode == 0:  # a git checkout: the version names its commit
@@ -235,17 +266,27 @@ def test_the_text_benches_run_at_their_smallest(tmp_path, tfds_dir):
   assert r['summary']['cost']['tracin']['tokens'] == (2 * 32 + 256) * 127
   assert r['summary']['budget_tokens'] == 2 * 8 * 127  # the transfer runs: 2 steps of 8
   # lm_advance_probe meta-trains the same rater (seed 0, the same config): the same AUROCs.
-  proc = _run('bench.lm_advance_probe', ['--seed=0', *TEXT_RATER], env)
-  probe = json.loads(proc.stdout.strip().splitlines()[-1])
+  out = tmp_path / 'lm_advance_probe'
+  proc = _run('bench.lm_advance_probe', ['--seed=0', *TEXT_RATER, f'--out={out}'], env)
+  probe = json.loads(proc.stdout.strip().splitlines()[-2])  # the line before 'wrote ...'
   assert probe['seed'] == 0 and probe['outer.steps'] == 2
-  assert probe['auroc'] == {k: round(v, 3) for k, v in
-                            seed['learned']['datarater']['auroc'].items()}
+  want = seed['learned']['datarater']['auroc']
+  assert probe['auroc'] == {k: round(v, 3) for k, v in want.items()}
+  r = _stamped(f'{out}.json', proc)
+  _files(out, '.json', '.md')
+  assert r['seed'] == 0 and r['overrides']['outer.steps'] == 2
+  assert r['auroc'] == pytest.approx(want, abs=1e-12)
+  header, _, row = [line.strip('|').split(' | ') for line in
+                     (tmp_path / 'lm_advance_probe.md').read_text().splitlines()[2:5]]
+  cells = dict(zip([h.strip() for h in header], [c.strip() for c in row]))
+  assert cells['seed'] == '0' and cells['overrides'] == ', '.join(a[9:] for a in TEXT_RATER)
+  assert {k: cells[k.replace('_', ' ')] for k in want} == {k: f'{v:.3f}' for k, v in want.items()}
 
   out = tmp_path / 'lm_harm_probe'
   proc = _run('bench.lm_harm_probe', ['--sizes=inner', '--seeds=0', '--ages=0,1',
                                       '--group_steps=1', '--examples=8', f'--out={out}'], env)
-  _files(out, '.jsonl', '.md')
-  rows = [json.loads(line) for line in pathlib.Path(f'{out}.jsonl').read_text().splitlines()]
+  _files(out, '.json', '.md')
+  rows = _stamped(f'{out}.json', proc)['rows']
   assert [(x['size'], x['seed'], x['age']) for x in rows] == [('inner', 0, 0), ('inner', 0, 1)]
   # Before Adam's first step there is no preconditioner: both rankings are one.
   assert rows[0]['auroc_adam'] == rows[0]['auroc_sgd']
@@ -284,21 +325,6 @@ def test_multihost_stop_runs_at_its_smallest(tmp_path):
   assert r['vote_ms_per_step']['diff'] == pytest.approx(ms[0] - ms[1])
 
 
-def _cnn_patches_on_a_small_split(args: list) -> None:
-  """bench.cnn_patches on configs/fashion_mnist_bench.py's first 64 images in batches of 8 (its
-  jobs' sizes come from that config: 5,000 images, batches of 64 and 128)."""
-  from configs import fashion_mnist_bench  # pylint: disable=g-import-not-at-top
-  full = fashion_mnist_bench.get_config
-
-  def small():
-    c = full()
-    c.data.train_split = 'train[:64]'
-    c.inner.batch_size = c.outer.batch_size = c.train.batch_size = 8
-    return c
-  fashion_mnist_bench.get_config = small
-  forked.as_main('bench.cnn_patches', args)
-
-
 def _needs_fashion():
   if not os.path.isdir(FASHION_DIR):
     pytest.skip('needs Debian package dataset-fashion-mnist '
@@ -306,17 +332,17 @@ def _needs_fashion():
 
 
 def test_cnn_patches_runs_at_its_smallest(tmp_path, tfds_dir):
-  """One round of each job, on a small split."""
+  """One round of each job, on 64 images in batches of 8, K = 2, T = 2, from its flags."""
   _needs_fashion()
   env = dict(subprocess_env(1), TFDS_DATA_DIR=tfds_dir)  # it takes no data_dir
   out = tmp_path / 'cnn_patches'
-  args = ['--repeats=1', f'--out={out}']
-  done = forked.call(_cnn_patches_on_a_small_split, args, env=env, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  done.args = ['python', '-m', 'bench.cnn_patches', *args]
-  r = _stamped(f'{out}.json', done)
+  proc = _run('bench.cnn_patches', [
+      '--repeats=1', '--examples=64', '--batch=8', '--inner_batch=8', '--population=2',
+      '--unrolls=2', '--epochs=1', '--calls=1', f'--out={out}'], env)
+  r = _stamped(f'{out}.json', proc)
   _files(out, '.json', '.png')
-  assert len(r['times']) == 3 and r['repeats'] == 1
+  assert len(r['times']) == 3 and r['repeats'] == 1 and r['train_split'] == 'train[:64]'
+  assert 'meta (ms/outer step, K=2, T=2)' in r['times']
   for job, t in r['times'].items():
     assert sorted(t) == ['lax', 'slices'] and all(len(v) == 1 and v[0] > 0 for v in t.values())
     ratio = t['lax'][0] / t['slices'][0]
