@@ -185,6 +185,53 @@ def test_tracin_cp_with_projection_equals_explicit_matrix():
   np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
+class _RecordedRun:
+  """A `factory.record` cache that holds one run (made by the explicit SGD loop): factory.build
+  values it as it would the trainer's recording of the config's run."""
+
+  def __init__(self, run):
+    self.run = run
+
+  def get(self, name, make):
+    del name, make
+    return self.run, 0
+
+
+@pytest.mark.parametrize('kind,layers', [('kronecker', ''), pytest.param(
+    'gaussian', 'dense_1', marks=pytest.mark.slow)])
+def test_projected_self_influence_equals_explicit_sum(kind, layers):
+  """TracIn self-influence of projected gradients, as a config asks for it
+  (`valuation.tracin_project`, `projection`, `projection_dim`, `projection_seed`, `layers`):
+  sum_c lr_c ||g_i(theta_c) R||^2 over the chosen layers, one matrix R (read off the projection,
+  row by row) at every checkpoint, lr_c the rate of the step checkpoint c was taken before."""
+  from configs.digits import get_config  # pylint: disable=g-import-not-at-top
+  from datarater.data.pipeline import Split  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  loss, params, data = problem()
+  run, _, _ = sgd_run(loss, params, data, lr=0.3 * 0.7 ** np.arange(6))
+  config = get_config()
+  v = config.valuation
+  v.train_steps, v.checkpoint_every, v.chunk_size = 6, 2, 5
+  v.tracin_mode, v.tracin_project, v.layers = 'self', True, layers
+  v.projection, v.projection_dim, v.projection_seed = kind, 2 if kind == 'kronecker' else 5, 3
+  n = data['label'].shape[0]
+  split = Split({k: np.asarray(data[k]) for k in ('image', 'label')}, np.arange(n),
+                np.zeros(n, np.int8), ('clean',), tiny_info(6))
+  got = factory.build('tracin', config, make_task(), split, split, _RecordedRun(run))
+  proj = (pergrad.kronecker_projection(2, 2, seed=3) if kind == 'kronecker' else
+          pergrad.gaussian_projection(5, seed=3))
+  chosen = params if not layers else {'params': {layers: params['params'][layers]}}
+  flat, unravel = ravel_pytree(chosen)
+  state = proj.init(chosen)
+  r = np.asarray(jax.vmap(lambda e: proj.apply(unravel(e), state))(jnp.eye(flat.size)))
+  assert r.shape[1] < r.shape[0]  # a projection to fewer dimensions, not the identity
+  chosen = [layers] if layers else None
+  want = sum(0.3 * 0.7 ** (2 * c) * np.sum((flat_grads(loss, run.checkpoint(c), data, chosen)
+                                             @ r) ** 2, 1) for c in range(run.num_checkpoints))
+  np.testing.assert_allclose(got.score(data), want, rtol=1e-10)
+  assert not got.higher_is_better  # its value is -score: high self-influence is suspicious
+
+
 @pytest.mark.parametrize('layers', [None, pytest.param(['dense_1'], marks=pytest.mark.slow)])
 def test_tracin_modes_equal_explicit(layers):
   loss, params, data = problem()
