@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 import numpy as np
+import optax
 
 from datarater.errors import UserError
 from datarater.tasks import PerExampleLoss, at_least_float32, batch_size_of
@@ -134,14 +135,14 @@ def flatten() -> GradTransform:
 
 
 def sq_norm() -> GradTransform:
-  return GradTransform(lambda g: (), lambda g, s: sum(jnp.sum(x * x) for x in jax.tree.leaves(g)))
+  return GradTransform(lambda g: (), lambda g, s: optax.tree.norm(g, squared=True))
 
 
 def normalize(eps: float = 1e-12) -> GradTransform:
   """g / ||g|| (over all leaves): dot products become cosines ("Grad-Cos")."""
 
   def apply(g, s):
-    norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g)))
+    norm = optax.tree.norm(g)
     return jax.tree.map(lambda x: x / jnp.maximum(norm, eps), g)
 
   return GradTransform(lambda g: (), apply)
@@ -328,10 +329,6 @@ def jvp_dots(loss_fn: PerExampleLoss, params, batch: dict, vector,
   if chunk_size is None:
     return dots(batch)
   return chunked_vmap(lambda ex: dots(jax.tree.map(lambda x: x[None], ex))[0], batch, chunk_size)
-
-
-def tree_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
 
 
 def masked(tree, layers: Optional[Sequence[str]]):

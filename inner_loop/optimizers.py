@@ -81,11 +81,10 @@ def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
 
   Plain SGD has none in closed form (theta = theta' + lr grad L(theta) is implicit in theta).
   """
-  sub = lambda a, b: jax.tree.map(jnp.subtract, a, b)
   if name == 'momentum':
     def params(params_next, state_next):
       trace, _ = state_next
-      return sub(params_next, jax.tree.map(lambda m: -learning_rate * m, trace.trace))
+      return optax.tree.sub(params_next, jax.tree.map(lambda m: -learning_rate * m, trace.trace))
 
     def opt_state(state_next, grads):
       trace, rest = state_next
@@ -98,7 +97,7 @@ def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
       mu_hat = optax.tree.bias_correction(adam.mu, ADAM_B1, adam.count)
       nu_hat = optax.tree.bias_correction(adam.nu, ADAM_B2, adam.count)
       update = lambda m, v: -learning_rate * (m / (jnp.sqrt(v + ADAM_EPS_ROOT) + ADAM_EPS))
-      return sub(params_next, jax.tree.map(update, mu_hat, nu_hat))
+      return optax.tree.sub(params_next, jax.tree.map(update, mu_hat, nu_hat))
 
     def opt_state(state_next, grads):
       adam, rest = state_next

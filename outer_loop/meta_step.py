@@ -133,7 +133,7 @@ def outer_step(problem: MetaProblem, estimator, state: OuterState, inner_batches
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
   updates, opt_state = problem.outer_optimizer.update(grads, state.opt_state, state.rater_params)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  keep = lambda new, old: optax.tree.where(finite, new, old)
   population, diverged = reset_diverged(jax.lax.stop_gradient(population), problem.init_member,
                                         state.key, state.step)
   skip = (~finite).astype(jnp.int32)

@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from sklearn.mixture import GaussianMixture
 
 from datarater import pergrad
@@ -48,7 +49,7 @@ def mimic_scores(loss_fn: PerExampleLoss, params, ref_params, batch: dict,
   [B]. `ghost=True` (Dense `layers`: `pergrad.ghost_covers`) takes ||g_i|| from activations and
   output gradients (exact, no per-example gradient formed)."""
   v = pergrad.masked(jax.tree.map(jnp.subtract, ref_params, params), layers)
-  u = jax.tree.map(lambda x: x / jnp.maximum(pergrad.tree_norm(v), 1e-30), v)
+  u = jax.tree.map(lambda x: x / jnp.maximum(optax.tree.norm(v), 1e-30), v)
   s = -pergrad.jvp_dots(loss_fn, params, batch, u, chunk_size, layers)
   if cosine:
     if ghost:

@@ -35,6 +35,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from datarater import files, pergrad
 from datarater.errors import UserError
@@ -344,7 +345,7 @@ class GradientStore:
 
     def direction(p):
       diff = jax.tree.map(jnp.subtract, ref_params, p)
-      norm = jnp.sqrt(sum(jnp.sum(m * m) for m in pergrad.dense_matrices(state, diff)))
+      norm = optax.tree.norm(pergrad.dense_matrices(state, diff))
       return -pergrad.project_params(state, diff) / jnp.maximum(norm, 1e-30)
 
     v = jax.jit(jax.vmap(direction))(run.checkpoints)[:, None]

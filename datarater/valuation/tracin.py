@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from datarater import pergrad
 from datarater.errors import UserError
@@ -81,7 +82,7 @@ def heldout_influence(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batc
         n = jnp.sqrt(pergrad.ghost_sq_norms(loss_fn, params, batch, layers))
       else:
         n = jnp.sqrt(pergrad.per_example(loss_fn, params, batch, norm_t, chunk_size=chunk_size))
-      d = d / jnp.maximum(n * pergrad.tree_norm(v), 1e-30)
+      d = d / jnp.maximum(n * optax.tree.norm(v), 1e-30)
     return acc + lr * d, None
 
   init = jnp.zeros(batch_size_of(batch), lrs.dtype)
