@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from datarater import config_checks as checks
 from datarater.errors import UserError
@@ -173,8 +174,7 @@ class LanguageModel(Task):
     """-log p(tokens[:, t+1] | tokens[:, :t+1]) for t < L-1, [B, L-1] (nats)."""
     tokens = batch[self.input_key]
     logits = self.module.apply(params, tokens[:, :-1])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
   def token_weights(self, batch):
     """Weights of the L-1 predictions [B, L-1], or None (all equal)."""
