@@ -23,6 +23,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 import warnings
 from typing import Any, NamedTuple, Optional
 
@@ -118,12 +119,17 @@ def _drop_closed_loop_noise() -> None:
 
 def _unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
   """False for asyncio's '(Task|Future) exception was never retrieved' report of a tensorstore
-  read error (a traceback on stderr, some after the call returns): orbax reads the arrays of a
-  damaged checkpoint in several tasks and raises the first error, which the caller reports; and
-  for its 'Task was destroyed but it is pending!' of an orbax task left when a save failed."""
+  error or of one raised in orbax's code (a traceback on stderr, some after the call returns):
+  orbax reads the arrays of a damaged checkpoint, or writes a checkpoint's files, in several
+  tasks and raises the first error, which the caller reports (a full disk failed the others'
+  writes too); and for its 'Task was destroyed but it is pending!' of an orbax task left when a
+  save failed."""
   error = record.exc_info[1] if record.exc_info else None
   first, *rest = str(record.msg).split('\n', 1)
-  return not (first.endswith('exception was never retrieved') and 'tensorstore_spec' in str(error)
+  in_orbax = error is not None and any(f'{os.sep}orbax{os.sep}' in frame.filename
+                                       for frame in traceback.extract_tb(error.__traceback__))
+  return not (first.endswith('exception was never retrieved')
+              and ('tensorstore_spec' in str(error) or in_orbax)
               or first == 'Task was destroyed but it is pending!'
               and f'{os.sep}orbax{os.sep}' in ''.join(rest))
 
@@ -237,9 +243,9 @@ class _SaveBarrier:
       return jax.process_count()  # deleted
 
 
-def _drop_background_save_reports() -> None:
-  """Installs `_background_save_report` on absl's logger (once) and drops tensorstore's
-  closed-loop tracebacks, which a failed write prints as well."""
+def drop_background_save_reports() -> None:
+  """For any orbax save: installs `_background_save_report` on absl's logger (once) and drops
+  tensorstore's closed-loop tracebacks, which a failed write prints as well."""
   _drop_closed_loop_noise()
   absl_log = logging.getLogger('absl')
   if _background_save_report not in absl_log.filters:
@@ -559,7 +565,7 @@ class RunCheckpointer:
 
   def save(self, step: int, state, data_position: dict[str, int], extra: Any = None) -> None:
     """`extra`: JSON-serialisable progress kept beside the state (e.g. the metrics so far)."""
-    _drop_background_save_reports()
+    drop_background_save_reports()
     manager = self._open(create=True)
     meta = {'config': trajectory_fields(self.config, self.free_fields),
             'data_position': data_position, 'step': int(step), 'extra': extra,

@@ -185,7 +185,9 @@ def export_rater(workdir: str, out_dir: str, overwrite: bool = False) -> dict:
   with files.atomic_dir(out_dir, overwrite, marker='rater.json') as tmp:
     # A Ctrl-C or SIGTERM (with launch.interrupts) while orbax writes stops the export once the
     # write is done: orbax's threads stopped mid-write print tracebacks, write on into the removed
-    # folder or hang at exit.
+    # folder or hang at exit. A write that fails there (a full disk) is one line, not orbax's
+    # logged tracebacks.
+    checkpointing.drop_background_save_reports()
     with multihost.StopVote(jax.local_devices(), 0), ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, 'params'), jax.device_get(params))
     files.write_json(os.path.join(tmp, 'rater.json'), meta)

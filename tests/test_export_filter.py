@@ -252,6 +252,36 @@ def test_a_run_whose_config_json_was_edited_is_not_exported(rater_dir, tmp_path)
     assert not (tmp_path / 'out').exists()
 
 
+def _as_main_with_file_size_limit(limit: int, module: str, args: list) -> None:
+  """`python -m module *args` where a file written past `limit` bytes fails (EFBIG, as a full
+  disk fails a write: ENOSPC)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (else the signal kills the process)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+  jax.config.update('jax_enable_compilation_cache', False)  # (its entries: larger files)
+  forked.as_main(module, args)
+
+
+@RATER_RUN
+def test_an_export_whose_write_fails_is_one_line_and_leaves_nothing(rater_dir, tmp_path):
+  """A write that fails in orbax's background threads while launch.export_rater writes (a full
+  disk; here a file-size limit, which fails the same way) ends in one line naming the OS error,
+  without orbax's logged tracebacks of it (three, ~40 lines); no --out, no temporary folder.
+  Given room, the export holds the parameters of one written without a failure."""
+  run = os.path.join(os.path.dirname(rater_dir), 'run')
+  args = [f'--workdir={run}', f'--out={tmp_path / "out"}']
+  failed = forked.call(_as_main_with_file_size_limit, 2048, 'launch.export_rater', args,
+                       env=subprocess_env(1))  # 2 KiB: less than a kernel's data file
+  assert failed.returncode == 2, failed.stderr[-3000:]
+  assert failed.stderr.startswith('error: File too large (') and \
+      len(failed.stderr.strip().splitlines()) == 1, failed.stderr[-3000:]
+  assert not os.listdir(tmp_path)
+  export.export_rater(run, str(tmp_path / 'out'))
+  got, want = export.load_rater(str(tmp_path / 'out')), export.load_rater(rater_dir)
+  assert got.meta == want.meta
+  jax.tree.map(np.testing.assert_array_equal, got.params, want.params)
+
+
 @RATER_RUN
 def test_chain_filter_builder_from_directory_train(tfds_dir, rater_dir, filtered, tmp_path,
                                                    monkeypatch):

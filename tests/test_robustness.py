@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from jax.flatten_util import ravel_pytree
 
 from configs.digits import get_config
@@ -1042,6 +1043,44 @@ def test_asyncio_reports_of_unretrieved_tensorstore_read_errors_are_dropped(capl
       pass
     assert not unretrieved(tensorstore)
     assert len(unretrieved('another failure')) == 2
+
+
+def test_asyncio_reports_of_unretrieved_orbax_write_errors_are_dropped(caplog, tmp_path):
+  """A full disk fails several of orbax's file writes at once (each in a thread, behind an
+  asyncio future): orbax raises the first, which the launcher reports in one line, and asyncio
+  logged the others, never retrieved, with a traceback after that line. Those reports (an
+  OSError raised in orbax's code) are dropped; another's of the same error is kept."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import errno  # pylint: disable=g-import-not-at-top
+  import gc  # pylint: disable=g-import-not-at-top
+  from datarater import checkpointing  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
+
+  def oserror_from(write):
+    try:
+      asyncio.run(write())
+    except OSError as e:
+      return e
+    raise AssertionError('the write did not fail')
+
+  async def own_write():
+    (tmp_path / 'missing' / 'x').write_text('x')
+  from_orbax = oserror_from(
+      lambda: async_path.write_text(epath.Path(tmp_path / 'missing' / 'x'), 'x'))
+  from_elsewhere = oserror_from(own_write)
+  assert from_orbax.errno == from_elsewhere.errno == errno.ENOENT
+
+  def unretrieved(error):
+    async def drop():
+      asyncio.get_running_loop().create_future().set_exception(error)
+    caplog.clear()
+    asyncio.run(drop())
+    gc.collect()
+    return [r for r in caplog.records if 'never retrieved' in r.getMessage()]
+
+  with caplog.at_level(logging.ERROR, logger='asyncio'), checkpointing.quiet_orbax():
+    assert not unretrieved(from_orbax)
+    assert len(unretrieved(from_elsewhere)) == 1
 
 
 @pytest.mark.slow
