@@ -4,9 +4,11 @@
 exception the file is renamed over `path` (readable by all, as a plain `open` would make it),
 otherwise it is removed. JSON, text, parquet and figures go through it. `atomic_dir(path)` does
 the same for a whole folder (an exported rater, a filtered dataset). `JsonlLog` is a run's
-JSON-lines log that a resumed run truncates to its restored point.
+JSON-lines log that a resumed run truncates to its restored point. `open_memmap` maps a .npy file
+with its disk space reserved.
 """
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -375,6 +377,26 @@ def save_figure(fig, path: str, **kwargs) -> None:
   """A matplotlib figure as PNG (no timestamp in the file, so equal figures give equal bytes)."""
   with atomic_path(path) as tmp:
     fig.savefig(tmp, format='png', metadata={'Software': None}, **kwargs)
+
+
+def open_memmap(path: str, mode: str, dtype=None, shape=None) -> np.memmap:
+  """`np.lib.format.open_memmap(path, mode, dtype, shape)` with the file's disk space reserved
+  first: a memory-mapped file is sparse, and a write through the map to a page a full disk (or a
+  quota) cannot give kills the process with SIGBUS; here it is an OSError naming `path`. (A file
+  system that cannot reserve space is left as it was.)"""
+  try:
+    array = np.lib.format.open_memmap(path, mode=mode, dtype=dtype, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+      os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+      if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+        raise
+    finally:
+      os.close(fd)
+  except OSError as e:
+    raise OSError(e.errno, e.strerror or str(e), e.filename or path) from None
+  return array
 
 
 def _record(line: str, key: str):

@@ -51,6 +51,30 @@ def tfds_dir(tmp_path_factory):
   return path
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+  """`tmpfs(size)` mounts a tmpfs of `size` ('64k') at a new folder under tmp_path and returns
+  its path: a small disk to fill (`mount -o remount,size=...` frees space). Unmounted after the
+  test; the test is skipped where this process cannot mount (not root, no permission)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  mounted = []
+
+  def mount(size: str) -> str:
+    if os.geteuid() != 0:
+      pytest.skip('needs root to mount a small tmpfs (a full disk)')
+    path = tmp_path / f'disk{len(mounted)}'
+    path.mkdir()
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                          capture_output=True, text=True)
+    if done.returncode:
+      pytest.skip(f'cannot mount a tmpfs here: {done.stderr.strip()}')
+    mounted.append(path)
+    return str(path)
+  yield mount
+  for path in mounted:
+    subprocess.run(['umount', '-l', str(path)], check=True)
+
+
 def subprocess_env(devices: int) -> dict:
   """The environment of a subprocess with `devices` fake CPU devices and quick compiles."""
   return dict(os.environ,

@@ -458,6 +458,45 @@ def test_running_top_k_breaks_ties_as_a_stable_sort(dtype):
                                     want_s.view(f'u{want_s.itemsize}'))
 
 
+def _build_tiny_store(path: str, n: int) -> None:
+  """The tiny MLP's store of `dataset(n)` at `path`, its errors as a launcher reports them."""
+  from datarater.errors import exit_on_user_error  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(True), exit_on_user_error():
+    task = mlp()
+    split = dataset(n)
+    run = sgd_run(task.per_example_loss, as64(jax.jit(task.init)(jax.random.key(0))), split)
+    store.build(path, task.per_example_loss, run, split, pergrad.factored_projection(3, 2, seed=7),
+                block_size=1024)
+
+
+@pytest.mark.slow  # ~4 s: a forked child compiles its own build
+def test_a_store_on_a_full_disk_is_one_line_and_builds_whole_once_there_is_room(tmp_path, tmpfs):
+  """The store's files are memory-mapped: on a disk too small for them, writing through the map
+  killed the process with SIGBUS (the files were created sparse). Their space is now reserved
+  first: one line and exit 2; given room, the build starts again and its files are those of a
+  build on a roomy disk."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from tests import forked, conftest  # pylint: disable=g-import-not-at-top
+  n = 4096  # [n, 12] float32 per checkpoint: 192 KiB a file, 3 files
+  disk = tmpfs('128k')  # room for the files' headers and ids, not for their rows
+  failed = forked.call(_build_tiny_store, os.path.join(disk, 'g'), n,
+                       env=conftest.subprocess_env(1))
+  assert failed.returncode == 2, (failed.returncode, failed.stderr[-2000:])
+  assert failed.stderr.startswith('error: cannot write gradient store') and \
+      'No space left on device' in failed.stderr and \
+      len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+  assert not os.path.exists(os.path.join(disk, 'g'))
+  subprocess.run(['mount', '-o', 'remount,size=4m', disk], check=True)
+  _build_tiny_store(os.path.join(disk, 'g'), n)
+  _build_tiny_store(str(tmp_path / 'roomy'), n)
+  names = sorted(os.listdir(tmp_path / 'roomy'))
+  assert sorted(os.listdir(os.path.join(disk, 'g'))) == names and 'grads_2.npy' in names
+  for name in names:
+    assert open(os.path.join(disk, 'g', name), 'rb').read() == \
+        (tmp_path / 'roomy' / name).read_bytes(), name
+  assert not [f for f in os.listdir(disk) if f.startswith('.')]  # no partial build left
+
+
 def test_killed_build_resumes_to_identical_files(setup, tmp_path, monkeypatch):
   task, split, run, _, _, o = setup
   loss, proj = task.per_example_loss, pergrad.factored_projection(3, 2, seed=7)

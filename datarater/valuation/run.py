@@ -152,11 +152,11 @@ def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc
   with multihost.together('opening its partial scores file'):
     done = _blocks_kept(partial, progress_path, n, len(starts))
     if done:
-      scores = np.lib.format.open_memmap(partial, mode='r+')
+      scores = files.open_memmap(partial, 'r+')
     else:  # its count goes first: beside the new file of zeros it would keep them as scores
       if os.path.exists(progress_path):
         os.remove(progress_path)
-      scores = np.lib.format.open_memmap(partial, mode='w+', dtype=np.float64, shape=(n,))
+      scores = files.open_memmap(partial, 'w+', np.float64, (n,))
   record = np.full(n, -1, np.int8)
   for start in starts[:done]:
     record[start:start + block] = split.corruption_of(np.arange(start, min(start + block, n)))

@@ -89,9 +89,8 @@ def _open_partial(partial: str, meta: dict, ids: np.ndarray) -> int:
   files.write_json(os.path.join(partial, META), meta)
   np.save(os.path.join(partial, IDS), ids)
   for c in meta['checkpoints'] if meta['gradients'] else ():
-    np.lib.format.open_memmap(os.path.join(partial, c['file']), mode='w+',
-                              dtype=np.dtype(meta['dtype']), shape=(meta['num_examples'],
-                                                                    meta['dim'])).flush()
+    files.open_memmap(os.path.join(partial, c['file']), 'w+', np.dtype(meta['dtype']),
+                      (meta['num_examples'], meta['dim'])).flush()
   _save_progress(partial, 0)
   return 0
 
@@ -142,7 +141,7 @@ def build(path: str, loss_fn: PerExampleLoss, run: TrainingRun, split,
     done = _open_partial(partial, meta, ids)
   except OSError as e:
     raise UserError(f'cannot write gradient store {path!r}: {files.why_not(path, e)}') from None
-  arrays = [np.lib.format.open_memmap(os.path.join(partial, c['file']), mode='r+')
+  arrays = [files.open_memmap(os.path.join(partial, c['file']), 'r+')
             for c in meta['checkpoints']] if gradients else []
   fn, size = _grads_fn(loss_fn, chunk_size), min(block_size, n)
   with progress_bar(total=n, initial=done, desc='gradient store', unit='ex',
@@ -392,8 +391,8 @@ class GradientStore:
     ids, rows = np.asarray(emb.ids), np.asarray(emb.example)
     real = ids < self.num_examples
     with files.atomic_path(os.path.join(self.path, DVEMB)) as tmp:  # zeros, then the run's rows
-      out = np.lib.format.open_memmap(tmp, 'w+', np.dtype(self.meta['dtype']),
-                                      (self.num_examples, rows.shape[1]))
+      out = files.open_memmap(tmp, 'w+', np.dtype(self.meta['dtype']),
+                              (self.num_examples, rows.shape[1]))
       out[ids[real]] = rows[real]
       out.flush()
       del out
