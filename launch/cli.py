@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from typing import Callable
 
 from absl import app
@@ -279,6 +280,11 @@ def process_compilation_cache() -> None:
   the other processes compile every program for themselves, a shared folder too."""
   folder = os.environ.get('JAX_COMPILATION_CACHE_DIR')
   if not folder:
+    # This process's own cache saves compiles within the run only: a full temporary folder (a
+    # small /tmp) costs those, not two lines of JAX's warning for each entry it could not
+    # write, or wrote cut short and cannot read.
+    warnings.filterwarnings('ignore', 'Error (writing|reading) persistent compilation cache entry',
+                            UserWarning)
     folder = tempfile.mkdtemp(prefix='datarater-xla-')
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
   compilation_cache(folder)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = '''
@@ -27,11 +29,14 @@ print('entries', len(os.listdir(jax.config.jax_compilation_cache_dir)))
 '''
 
 
-def _run(tmp_path, **env):
+def _run(tmp_path, stderr=None, **env):
+  """The child's printed values (`stderr`: a list that gets what it wrote there)."""
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'} | env
   out = subprocess.run([sys.executable, '-c', CHILD], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env={**env, 'PYTHONPATH': ROOT, 'TMPDIR': str(tmp_path)})
   assert out.returncode == 0, out.stderr[-2000:]
+  if stderr is not None:
+    stderr.append(out.stderr)
   return dict(line.split(' ', 1) for line in out.stdout.splitlines())
 
 
@@ -44,3 +49,14 @@ def test_a_launcher_process_caches_compiled_programs_in_a_folder_removed_at_exit
   got = _run(tmp_path, JAX_COMPILATION_CACHE_DIR=str(kept))
   assert got['cache'] == str(kept) and got['hits'] == '0 1' and int(got['entries']) >= 1
   assert os.listdir(kept)  # kept after the run
+
+
+@pytest.mark.slow  # ~3 s: a fresh Python process imports JAX
+def test_a_full_temporary_folder_costs_the_cache_not_a_warning_per_program(tmpfs):
+  """A full /tmp (a tmpfs with room for the cache's folder, not for its entries): the programs
+  run and compile, without JAX's two-line warning of each entry it could not write."""
+  disk = tmpfs('4k')
+  stderr = []
+  got = _run(disk, stderr)
+  assert os.path.dirname(got['cache']) == disk and got['hits'] == '0 0'  # none could be kept
+  assert stderr == [''], stderr
