@@ -262,6 +262,7 @@ def _as_main_with_file_size_limit(limit: int, module: str, args: list) -> None:
   forked.as_main(module, args)
 
 
+@pytest.mark.slow  # a forked launcher process, then an export: seconds
 @RATER_RUN
 def test_an_export_whose_write_fails_is_one_line_and_leaves_nothing(rater_dir, tmp_path):
   """A write that fails in orbax's background threads while launch.export_rater writes (a full
