@@ -177,7 +177,7 @@ class OrderedSpool:
   """Stands in for TFDS's `shuffle.Shuffler` while a subset is written: with shuffling off the
   examples come in ascending key order, so they are appended to a temporary file as they come
   and read back in that order (the same records, shards and bytes). TFDS's own keeps up to 1 GB
-  of them in memory, then sorts a bucket of them in memory: the writer's memory grew with N."""
+  of them in memory, then sorts a bucket of them in memory: the writer's memory grows with N."""
 
   def __init__(self, dirpath, hash_salt, disable_shuffling: bool = False,
                ignore_duplicates: bool = False):

@@ -72,7 +72,7 @@ def quiet_tfds():
 def prepare(builder: tfds.core.DatasetBuilder, **kwargs) -> None:
   """`builder.download_and_prepare(**kwargs)` without TFDS's banners and progress bars, each
   tf.Example serialised with its feature map in key order: protobuf's own order follows a hash
-  seeded anew in every process, so the same examples made other file bytes in each build."""
+  seeded anew in every process, so the same examples would make other file bytes in each build."""
   with quiet_tfds(), mock.patch.object(example_serializer.ExampleSerializer,
                                        'serialize_example', _serialize_sorted):
     builder.download_and_prepare(**kwargs)

@@ -2,8 +2,8 @@
 
 1,797 8x8 grey-scale digits (UCI optdigits test set, bundled in the scikit-learn wheel), written
 once into an array_record TFDS dataset and then read like any other TFDS dataset. The split is a
-fixed permutation, so every machine builds the same examples in the same order (the serialized
-bytes may differ between processes: TFDS does not fix the order of a feature map's entries).
+fixed permutation, so every machine builds the same examples in the same order (and, prepared by
+`pipeline.prepare`, which serialises each feature map in key order, the same file bytes).
 """
 import numpy as np
 import tensorflow_datasets as tfds

@@ -78,7 +78,7 @@ def window_count(size: int, max_windows: int = 0) -> int:
 
 def file_windows(text: bytes, max_windows: int = 0):
   """The windows of one file, each int32 [SEQ_LEN], one at a time (python_text.windows' rows;
-  the file's int32 array at once took 4 times its size)."""
+  the file's int32 array at once would take 4 times its size)."""
   data = np.frombuffer(text, np.uint8)
   for i in range(window_count(len(text), max_windows)):
     yield data[i * SEQ_LEN:(i + 1) * SEQ_LEN].astype(np.int32)
@@ -215,7 +215,7 @@ def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
   for root, name in zip(roots, names):
     text = _read(root, name)
     sha.append(hashlib.sha256(text).hexdigest())
-    tag = b'' if root == source else b'heldout_source\0'  # (a source-only digest as before)
+    tag = b'' if root == source else b'heldout_source\0'  # a name may be in both folders
     digest.update(tag + os.fsencode(name) + b'\0' + bytes.fromhex(sha[-1]))  # any name's bytes
     counts.append(window_count(len(text), max_windows))
     same.append(hashlib.sha256(text[:counts[-1] * SEQ_LEN]).digest())  # the windows' bytes

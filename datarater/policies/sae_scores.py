@@ -293,7 +293,7 @@ def suspected_mislabels(stats: FactorStats, rule: str = 'margin', margin: float 
 _label_margin = jax.jit(label_margin)
 
 
-# Each rule's arithmetic as one program (op by op, each of its ~20 operations was compiled alone).
+# Each rule's arithmetic as one program (op by op, each of its ~20 operations would compile alone).
 @functools.partial(jax.jit, static_argnames='rule')
 def _rule_suspects(stats: FactorStats, margin, *, rule: str) -> jax.Array:
   a = label_margin(stats)

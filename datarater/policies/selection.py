@@ -105,8 +105,8 @@ def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> P
   epochs on all data) is left out: every epoch trains on n examples, the budget every selection
   policy here has. Losses are those seen in training (the forward pass of the last epoch an
   example was in): the mean is over the examples seen so far, and those not yet trained on are
-  never below it and rank after every seen one (a placeholder loss counted as seen made them
-  prunable or not by the task's loss scale). Equal losses are ranked in a random order, so
+  never below it and rank after every seen one (a placeholder loss counted as seen would make
+  them prunable or not by the task's loss scale). Equal losses are ranked in a random order, so
   epoch 0 (none seen) is random.
   """
   n = num_selected(num_examples, ratio)

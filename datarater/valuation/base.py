@@ -122,7 +122,7 @@ class Valuation(abc.ABC):
 @jax.jit
 def _unstack(tree) -> list:
   """The pytrees tree[c] along the leading axis (one program; op by op, each leaf of each
-  checkpoint was a slice dispatched, and compiled per shape, alone)."""
+  checkpoint would be a slice dispatched, and compiled per shape, alone)."""
   return [jax.tree.map(lambda x, c=c: x[c], tree)
           for c in range(jax.tree.leaves(tree)[0].shape[0])]
 

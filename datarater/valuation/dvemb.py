@@ -186,7 +186,7 @@ class DataValueEmbedding(Valuation):
     raise UserError('data value embedding needs the whole recorded run: call fit(run)')
 
   def fit(self, run: TrainingRun) -> 'DataValueEmbedding':
-    def fitted(r, test_batch):  # one program (op by op, the test direction compiled each op)
+    def fitted(r, test_batch):  # one program (op by op, each test-direction op compiles alone)
       emb = embed(self.task, r, self.num_examples, self.transform, self.curvature, self.phases,
                   self.chunk_size)
       direction = test_direction(self.task.per_example_loss, r.final_params, test_batch,

@@ -268,6 +268,6 @@ def build(method: str, config, task, train, heldout, cache=None, fit: bool = Tru
     # The runs, then one Jacobian-vector product per example at every checkpoint (as TracIn).
     valuation.example_gradients = cost + ref_cost + len(train) * run.num_checkpoints
     return valuation
-  # A method listed in METHODS without a branch here (it was valued as Mimic, under its name).
+  # A method listed in METHODS without a branch above: refused, not valued as another method.
   raise NotImplementedError(f'valuation method {method!r} is in METHODS but factory.build does '
                             'not build it')

@@ -115,7 +115,7 @@ class RunCache:
 def _blocks_kept(partial: str, progress_path: str, n: int, num_blocks: int) -> int:
   """The blocks an earlier run scored into `partial` (and counted in `progress_path`), if both
   hold what this run would write: a float64 [n] file, whole, and a count of 0..num_blocks
-  (a file cut short was read as zeros, a count past the blocks kept what another run left).
+  (a file cut short would read as zeros, a count past the blocks would keep what another run left).
   Otherwise 0, warned: scored again."""
   if not (os.path.exists(partial) and os.path.exists(progress_path)):
     return 0
@@ -148,7 +148,7 @@ def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc
   n = len(split)
   progress_path = partial + '.json'
   # Each process opens its own file: one that cannot (a full disk) stops every process here (the
-  # others waited for it in the first vote for good).
+  # others would wait for it in the first vote for good).
   with multihost.together('opening its partial scores file'):
     done = _blocks_kept(partial, progress_path, n, len(starts))
     if done:
