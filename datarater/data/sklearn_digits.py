@@ -24,7 +24,7 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
             'label': tfds.features.ClassLabel(num_classes=10),
         }),
         supervised_keys=('image', 'label'),
-        description='scikit-learn handwritten digits (8x8, 16 grey levels scaled to 0-255).',
+        description='scikit-learn handwritten digits (8x8, grey levels 0-16 scaled to 0-255).',
         homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset',
     )
 
