@@ -20,14 +20,29 @@ ADAM_EXACT_STEPS = 4  # first Adam steps replayed, not undone, by the mixed-mode
 
 
 def make_inner_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-  """An optax optimizer; Adam gets `eps_root` so d sqrt(v) stays finite where v = 0."""
+  """An optax optimizer (`in_float32`); Adam gets `eps_root` so d sqrt(v) stays finite where
+  v = 0."""
   if name == 'sgd':
-    return optax.sgd(learning_rate)
+    return in_float32(optax.sgd(learning_rate))
   if name == 'momentum':
-    return optax.sgd(learning_rate, momentum=MOMENTUM)
+    return in_float32(optax.sgd(learning_rate, momentum=MOMENTUM))
   if name == 'adam':
-    return optax.adam(learning_rate, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS, eps_root=ADAM_EPS_ROOT)
+    return in_float32(optax.adam(learning_rate, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS,
+                                 eps_root=ADAM_EPS_ROOT))
   raise _unknown(name)
+
+
+def in_float32(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`optimizer` with its state and updates in float32 at least, each update rounded to its
+  parameter's dtype (float32 parameters: `optimizer` itself). Parameters below float32 would
+  keep them in their own dtype, where float16 rounds Adam's eps (1e-8) and squared gradients
+  below 2.4e-4 to 0 (a NaN step) and a global norm above 256 overflows."""
+  wide = lambda tree: jax.tree.map(at_least_float32, tree)
+
+  def update(updates, state, params=None):
+    new, state = optimizer.update(wide(updates), state, None if params is None else wide(params))
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
+  return optax.GradientTransformation(lambda params: optimizer.init(wide(params)), update)
 
 
 def check_meta_differentiable(name: str, optimizer: optax.GradientTransformation) -> None:
@@ -132,9 +147,11 @@ def make_step_inverse(name: str, learning_rate: float) -> Optional[StepInverse]:
       both = jax.tree.map(moments, adam.mu, adam.nu, ct_next.params, ct_adam.mu, ct_adam.nu)
       ct_mu = jax.tree.map(lambda _, c: c[0], grads, both)  # d/d m = b1 d/d m'
       ct_nu = jax.tree.map(lambda _, c: c[1], grads, both)  # d/d v = b2 d/d v'
-      ct_g = jax.tree.map(  # (1 - b1) d/d m' + 2 (1 - b2) g d/d v'
-          lambda g, a, b: (1 - ADAM_B1) / ADAM_B1 * a + 2 * (1 - ADAM_B2) / ADAM_B2 * g * b,
-          grads, ct_mu, ct_nu)
+      # (1 - b1) d/d m' + 2 (1 - b2) g d/d v' in float32 (a float16 g times 2 (1 - b2) / b2
+      # rounded to 0 below 3e-5), given back in the gradient's dtype
+      ct_g = jax.tree.map(
+          lambda g, a, b: ((1 - ADAM_B1) / ADAM_B1 * a + 2 * (1 - ADAM_B2) / ADAM_B2
+                           * at_least_float32(g) * b).astype(g.dtype), grads, ct_mu, ct_nu)
       return ct_g, (ct_adam._replace(mu=ct_mu, nu=ct_nu), ct_rest), ct_next.params
     # d update / d g ~ 1 / sqrt(eps_root) while v is tiny: undoing the first steps from the end
     # amplifies round-off without bound in float32 (tests/test_invert_float32.py).
