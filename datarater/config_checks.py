@@ -23,6 +23,9 @@ MAX_EMA = 1 - 2 ** -24
 # The largest seed: models are trained vmapped over int32 seeds (trainer.Trainer).
 MAX_SEED = 2 ** 31 - 1
 FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
+# numpy.finfo(numpy.float32).tiny, float32's least normal number: XLA flushes smaller ones
+# (subnormals) to 0 (a learning rate of 1e-45 learnt nothing).
+FLOAT32_TINY = 1.1754943508222875e-38
 # The largest config integer: steps, sizes and counts meet int32 arithmetic inside jit (a larger
 # reset_every or warmup_steps overflowed there).
 INT32_MAX = 2 ** 31 - 1
@@ -61,8 +64,10 @@ def number(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool
       return f'must be {">" if lo_open else ">="} {lo}'
     if hi is not None and (v > hi or (hi_open and v == hi)):
       return f'must be {"<" if hi_open else "<="} {hi}'
-    if lo is not None and lo_open and float(np.float32(v)) <= lo:  # e.g. 1e-46 is 0 there
-      return f'must be > {lo} in float32 (the computations\' type)'
+    in_float32 = float(np.float32(v)) if abs(v) >= FLOAT32_TINY else 0.0  # 1e-45 is 0 there
+    if lo is not None and lo_open and in_float32 <= lo:
+      return (f'must be > {lo} in float32 (the computations\' type, in which a number below '
+              f'{FLOAT32_TINY:.4g} is 0)')
     return None
   return check
 
@@ -213,8 +218,32 @@ MODEL_SECTIONS = {'task': 'task', 'rater': 'rater', 'features.task': 'task'}  # 
 # The top-level fields a rater run (a config checked with its `outer` section) reads, so requires:
 # a config without one passed its checks and stopped with a traceback at the first logged step.
 RATER_RUN_FIELDS = ('seed', 'log_every', 'checkpoint_every')
-# A stage's length in steps, not read while the field it maps to is > 0 (passes over the data).
-STEPS_UNREAD_WHILE = {'features.train_steps': 'features.train_epochs', 'sae.steps': 'sae.epochs'}
+# (field, other, unread(other's value), why): `field` is not read while `unread` holds of field
+# `other`; launch.cli refuses a command-line override of it there, which would change nothing.
+_PASSES = (' > 0 (passes over the data size the stage); give --config.{other}=0 too to train '
+           'that many steps')
+UNREAD_WHILE = (
+    ('features.train_steps', 'features.train_epochs', lambda v: v > 0, _PASSES),
+    ('sae.steps', 'sae.epochs', lambda v: v > 0, _PASSES),
+    ('data.confusions', 'data.label_noise_kind', lambda v: v != 'confusion',
+     " (the partners of label_noise_kind='confusion'); give --config.{other}=confusion too"),
+    ('outer.mixed_recompute', 'outer.meta_gradient', lambda v: v != 'mixed',
+     " (a setting of meta_gradient='mixed'); give --config.{other}=mixed too"),
+    ('outer.mixed_segment', 'outer.meta_gradient', lambda v: v != 'mixed',
+     " (a setting of meta_gradient='mixed'); give --config.{other}=mixed too"),
+    ('sae.k', 'sae.sparsity', lambda v: v != 'top_k',
+     " (the active factors of sparsity='top_k'); give --config.{other}=top_k too"),
+    ('sae.l1_coef', 'sae.sparsity', lambda v: v != 'l1',
+     " (the penalty of sparsity='l1'); give --config.{other}=l1 too"),
+    ('sae_scores.mislabel_penalty', 'sae_scores.mislabel_guard', lambda v: v != 'penalty',
+     " (what guard 'penalty' subtracts); give --config.{other}=penalty too"),
+    ('sae_scores.mislabel_knn', 'sae_scores.mislabel_rule', lambda v: v != 'knn',
+     " (a setting of rule 'knn'); give --config.{other}=knn too"),
+    ('sae_scores.mislabel_knn_reference', 'sae_scores.mislabel_rule', lambda v: v != 'knn',
+     " (a setting of rule 'knn'); give --config.{other}=knn too"),
+    ('valuation.topk_split', 'valuation.topk', lambda v: v == 0,
+     ' (the split whose examples valuation.topk > 0 ranks); give --config.{other} too'),
+)
 
 
 def _fail(name: str, value, problem: str):

@@ -178,7 +178,7 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
   except OVERRIDE_ERRORS + (OSError,) as e:
     _fail(e, argv)
   _refuse_joined_tuples(argv, fv)
-  _refuse_unread_steps(argv, fv)
+  _refuse_unread_fields(argv, fv)
   if len(parsed) > 1:  # no launcher reads one: a word split off a flag's value (a space in it)
     print(f'error: unexpected argument {parsed[1]!r} (flags are --name=value; quote a value '
           'holding spaces)', file=sys.stderr)
@@ -214,19 +214,20 @@ def _refuse_joined_tuples(argv, fv: flags.FlagValues) -> None:
         sys.exit(2)
 
 
-def _refuse_unread_steps(argv, fv: flags.FlagValues) -> None:
-  """A stage's steps given on the command line where its config sizes it in passes instead
-  (`sae.steps` while `sae.epochs` > 0): the run would ignore it and train the passes."""
-  from datarater.config_checks import STEPS_UNREAD_WHILE  # pylint: disable=g-import-not-at-top
+def _refuse_unread_fields(argv, fv: flags.FlagValues) -> None:
+  """A field given on the command line where the config makes the run ignore it
+  (`config_checks.UNREAD_WHILE`: `sae.steps` while `sae.epochs` > 0, `data.confusions` under
+  symmetric label noise): the run would not read it."""
+  from datarater.config_checks import UNREAD_WHILE  # pylint: disable=g-import-not-at-top
   if 'config' not in fv or not isinstance(fv['config'].parser, _ConfigFileParser):
     return
   given = set(_given(argv, fv))
-  for steps, passes in STEPS_UNREAD_WHILE.items():
-    value = _field(fv['config'].value, passes)
-    if f'config.{steps}' in given and isinstance(value, (int, float)) and value > 0:
-      print(f'error: --config.{steps} is not read while {passes}={value:g} > 0 (passes over the '
-            f'data size the stage); give --config.{passes}=0 too to train that many steps',
-            file=sys.stderr)
+  for field, other, unread, why in UNREAD_WHILE:
+    value = _field(fv['config'].value, other)
+    if f'config.{field}' in given and isinstance(value, (int, float, str)) and unread(value):
+      shown = f'{value:g}' if isinstance(value, float) else repr(value)
+      print(f'error: --config.{field} is not read while {other}={shown}'
+            f'{why.format(other=other)}', file=sys.stderr)
       sys.exit(2)
 
 
