@@ -7,7 +7,8 @@ file above it, no write permission) refused before `main` runs (`writable`). `nu
 comma-list flag, `at_least` bounds an integer flag and `out_folder` makes the output folder at the
 start, so that a bad value or an unwritable --out fails at once, not after the runs; `quick_out`
 gives a --quick smoke run its own default output; `set_by_flags` refuses a --config override of
-a field the benchmark sets from its own flags (it would change nothing). `read_json`
+a field the benchmark sets from its own flags (it would change nothing), `quick_sets` one that
+--quick sets. `read_json`
 reads another bench's results file, refusing one that is not (a truncated file, another kind) in
 one line.
 """
@@ -74,6 +75,18 @@ def set_by_flags(fields: dict) -> None:
   for field, flag in fields.items():
     if field in given:
       raise UserError(f'--config.{field} is not read by this benchmark: {flag} sets it')
+
+
+def quick_sets(quick: bool, flag_names=(), fields=()) -> None:
+  """With `quick`, refuses a flag of `flag_names` or a --config override of a field of `fields`
+  given on the command line: --quick sets them itself, so the value given would change nothing."""
+  if not quick:
+    return
+  given = [f'--{n}' for n in flag_names if flags.FLAGS[n].present]
+  overridden = flags.FLAGS['config'].override_values if fields else {}
+  given += [f'--config.{f}' for f in fields if f in overridden]
+  if given:
+    raise UserError(f'{given[0]} is not read with --quick, which sets it: leave out one of them')
 
 
 def numbers(flag: str, values, kind: type = float, ok: Callable = lambda x: True,
@@ -143,10 +156,10 @@ def noise_rates(values) -> list:
   return numbers('noise', values, float, lambda x: 0 <= x < 1, 'in [0, 1)', distinct=True)
 
 
-def seeds(values) -> list:
-  """The --seeds flag's seeds: distinct (a seed twice would count one model twice)."""
-  out = numbers('seeds', values, int, lambda x: 0 <= x <= MAX_SEED, f'in [0, {MAX_SEED}]')
+def seeds(values, flag: str = 'seeds') -> list:
+  """The seeds of flag --`flag`: distinct (a seed twice would count one model twice)."""
+  out = numbers(flag, values, int, lambda x: 0 <= x <= MAX_SEED, f'in [0, {MAX_SEED}]')
   repeated = sorted({x for x in out if out.count(x) > 1})
   if repeated:
-    raise UserError(f'--seeds repeats seed {repeated[0]}: give each seed once')
+    raise UserError(f'--{flag} repeats seed {repeated[0]}: give each seed once')
   return out

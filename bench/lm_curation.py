@@ -375,7 +375,7 @@ def check_bench(bench) -> None:
   any_value = lambda v: None  # checked below
   cc.check_section('--bench', bench, {k: any_value for k in (
       'transfer', 'seeds', 'keeps', 'primary_keep', 'methods')})
-  bench_cli.numbers('bench.seeds', [str(x) for x in bench.seeds], int, lambda x: x >= 0, '>= 0')
+  bench_cli.seeds([str(x) for x in bench.seeds], 'bench.seeds')  # results are kept by seed
   keeps = bench_cli.numbers('bench.keeps', [str(x) for x in bench.keeps], float,
                             lambda x: 0 < x <= 1, 'in (0, 1]')
   if not bench.methods:  # every result was lost writing the table, after all the runs

@@ -102,6 +102,8 @@ def settings() -> types.SimpleNamespace:
       raise UserError(f'--{name} must be >= 1, got {getattr(args, name)}')
   if args.accuracy_warm < 0:
     raise UserError(f'--accuracy_warm must be >= 0, got {args.accuracy_warm}')
+  bench_cli.quick_sets(args.quick, ('unrolls', 'repeats', 'large_batch') + (
+      ('accuracy_unrolls',) if args.accuracy_unrolls else ()))  # (empty: none, as it says)
   if args.quick:
     args.unrolls, args.repeats, args.large_batch = (1, 4, 32), 2, 32
     args.accuracy_unrolls = (32,) if args.accuracy_unrolls else ()

@@ -367,6 +367,7 @@ def main(argv):
   bench_cli.set_by_flags({'data.label_noise': '--noise', 'data.noise_seed': '--seeds',
                           'features.seed': '--seeds'})
   bench_cli.at_least('epochs', FLAGS.epochs, 0)  # 0: the config's
+  bench_cli.quick_sets(FLAGS.quick, ('seeds', 'folds', 'ratios', 'epochs'), ('train.epochs',))
   if FLAGS.epochs:
     cfg.train.epochs = FLAGS.epochs
   config_checks.validate(cfg, train_lib.SECTIONS + POLICY_SECTIONS['sae'])

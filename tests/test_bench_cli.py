@@ -84,6 +84,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('lm_curation', ['--bench.primary_keep=0.6'], '--bench.primary_keep 0.6 is not one of'),
     ('lm_curation', ['--bench.methods=("nope",)'], "unknown --bench.methods ['nope']"),
     ('lm_curation', ['--bench.seeds=()'], '--bench.seeds is empty'),
+    # A seed twice ran twice and was reported once among 'N seeds'; one past int32 failed only
+    # after the seeds before it had run.
+    ('lm_curation', ['--bench.seeds=(5,5)'], '--bench.seeds repeats seed 5: give each seed once'),
+    ('lm_curation', ['--bench.seeds=(5,3000000000)'],
+     '--bench.seeds values must be in [0, 2147483647], got 3000000000'),
     # Parts swapped or forgotten were tracebacks; no methods ran the whole bench, then lost it.
     ('lm_curation', ['--bench=configs/text_bench.py'], 'unknown config field --bench.'),
     ('lm_curation', ['--bench.methods=()'], '--bench.methods is empty'),
@@ -116,6 +121,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
      '--config.seed is not read by this benchmark: --seeds sets it'),
     ('curation', ['--noise=0.2', '--seeds_by_noise=0.4:3'],  # it ran 0.2 alone
      '--seeds_by_noise names noise 0.4, which --noise does not hold'),
+    # --quick sets these itself: the values given were silently replaced (ratios 0.3 and 0.7).
+    ('selection', ['--quick', '--ratios=0.5'], '--ratios is not read with --quick, which sets it'),
+    ('selection', ['--quick', '--config.train.epochs=3'],
+     '--config.train.epochs is not read with --quick, which sets it'),
+    ('meta_memory', ['--quick', '--unrolls=2'], '--unrolls is not read with --quick, which sets'),
     ('valuation_noise', ['--variants=datarater', '--rater_steps=0'],  # 'log_every must be >= 1'
      '--variants datarater needs --rater_steps >= 1'),
 ])
