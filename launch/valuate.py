@@ -13,9 +13,10 @@ if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callbac
   interrupts.install()
 # pylint: disable=wrong-import-position
 from absl import flags
+from ml_collections import config_flags
 
 from datarater.errors import exit_on_user_error
-from datarater.valuation.factory import METHODS
+from datarater.valuation.factory import METHODS, check_fields
 from datarater.valuation.run import SECTIONS, valuate
 from launch import cli, distributed
 
@@ -28,8 +29,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 
 
 def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Refuses a config override of a section (or top-level field) the run does not read."""
+  """Refuses a config override the run would not read: of a section (or top-level field) or of
+  a `valuation` field its method does not read."""
   cli.refuse_unread_sections(fv, SECTIONS, 'launch.valuate')
+  if fv.method in METHODS:  # (an unknown one is refused by name)
+    check_fields(fv.method, config_flags.get_override_values(fv['config']))
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):

@@ -520,6 +520,14 @@ def _cases(tfds_dir: str, w) -> list:
        "--config.sae_scores.mislabel_knn is not read while sae_scores.mislabel_rule='margin'"),
       (*val('tracin', '--config.valuation.topk_split=validation'),
        '--config.valuation.topk_split is not read while valuation.topk=0'),
+      # A field of another method: the scores were those of the config's value.
+      (*val('tracin', '--config.valuation.mimic_layers=nope'),
+       '--config.valuation.mimic_layers is not read by method tracin (it is read by mimic alone)'),
+      (*val('dvemb', '--config.valuation.tracin_mode=heldout'),
+       '--config.valuation.tracin_mode is not read by method dvemb'),
+      (*val('datarater', '--config.valuation.train_steps=50'),
+       '--config.valuation.train_steps is not read by method datarater (it is read by tracin, '
+       'mimic alone)'),
   ]
   return cases
 
@@ -537,7 +545,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 204  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 207  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

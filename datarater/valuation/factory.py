@@ -21,6 +21,16 @@ from datarater.valuation.tracin import TracIn
 
 METHODS = ('tracin', 'mimic', 'dvemb', 'datarater')
 PROJECTIONS = ('none', 'kronecker', 'gaussian')
+# The valuation fields that some methods alone read, and those methods: launch.valuate refuses a
+# command-line override of one that its --method does not read (the scores would not change).
+READ_BY = {'tracin_mode': ('tracin',), 'tracin_project': ('tracin',), 'tracin_ghost': ('tracin',),
+           'mimic_layers': ('mimic',), 'mimic_cosine': ('mimic',),
+           'mimic_keep_fraction': ('mimic',), 'reference_steps': ('mimic',),
+           'dvemb_curvature': ('dvemb',), 'dvemb_steps': ('dvemb',), 'rater': ('datarater',),
+           # The recorded training run (dvemb's is dvemb_steps long, a checkpoint per step).
+           'train_steps': ('tracin', 'mimic'), 'checkpoint_every': ('tracin', 'mimic'),
+           **{f: ('tracin', 'mimic', 'dvemb') for f in (
+               'batch_size', 'optimizer', 'learning_rate', 'seed', 'chunk_size')}}
 # DVEmb keeps a k x k curvature and decomposes it every step: above this k it warns before the fit.
 DVEMB_WARN_DIM = 4096
 
@@ -99,6 +109,16 @@ def rater_for(config, train):
   loaded = load_rater(config.valuation.rater)
   loaded.check_matches(train.info, 'the training data', corruption.from_config(config.data))
   return loaded
+
+
+def check_fields(method: str, overridden) -> None:
+  """UserError if a `valuation` field among `overridden` (dotted paths set on the command line)
+  is one `method` does not read (`READ_BY`)."""
+  for path in overridden:
+    section, _, field = path.partition('.')
+    if section == 'valuation' and method not in READ_BY.get(field, (method,)):
+      raise UserError(f'--config.{path} is not read by method {method} (it is read by '
+                      f'{", ".join(READ_BY[field])} alone)')
 
 
 def check(method: str, config, task, train) -> None:
