@@ -18,7 +18,7 @@ from typing import Callable
 
 from absl import flags
 
-from datarater.config_checks import MAX_SEED
+from datarater.config_checks import INT32_MAX, MAX_SEED
 from datarater.errors import UserError, exit_on_user_error
 from launch import cli
 
@@ -124,9 +124,13 @@ def names(flag: str, values, known, empty_ok: bool = False) -> list:
 
 
 def at_least(flag: str, value: int, lo: int) -> int:
-  """The value of integer flag --`flag`, refused unless it is >= `lo`."""
+  """The value of integer flag --`flag`, refused unless it is >= `lo` (and <= INT32_MAX, as a
+  config's steps, sizes and counts are: beyond, the config a benchmark makes of it fails, after
+  the runs before it)."""
   if value < lo:
     raise UserError(f'--{flag} must be >= {lo}, got {value}')
+  if value > INT32_MAX:
+    raise UserError(f'--{flag} must be <= {INT32_MAX}, got {value}')
   return value
 
 

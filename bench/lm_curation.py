@@ -377,14 +377,9 @@ def check_bench(bench) -> None:
       'transfer', 'seeds', 'keeps', 'primary_keep', 'methods')})
   bench_cli.seeds([str(x) for x in bench.seeds], 'bench.seeds')  # results are kept by seed
   keeps = bench_cli.numbers('bench.keeps', [str(x) for x in bench.keeps], float,
-                            lambda x: 0 < x <= 1, 'in (0, 1]')
-  if not bench.methods:  # every result was lost writing the table, after all the runs
-    raise UserError('--bench.methods is empty: give at least one of '
-                    f'{", ".join(factory.METHODS)}')
-  unknown = sorted(set(bench.methods) - set(factory.METHODS))
-  if unknown:
-    raise UserError(f'unknown --bench.methods {unknown} (choose from '
-                    f'{", ".join(factory.METHODS)})')
+                            lambda x: 0 < x <= 1, 'in (0, 1]', distinct=True)
+  # Empty: every result was lost writing the table, after all the runs.
+  bench_cli.names('bench.methods', bench.methods, factory.METHODS)
   cc.check_section('--bench.transfer', bench.transfer, {
       'task': lambda v: None, 'steps': cc.integer(1), 'batch_size': cc.integer(1),
       'optimizer': cc.SECTIONS['train']['optimizer'],

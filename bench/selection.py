@@ -378,8 +378,8 @@ def main(argv):
   if FLAGS.folds < 1 or FLAGS.folds == 2:  # at 2, fold 1 would hold out all of train
     raise UserError(f'--folds must be 1 or >= 3 (folds 1.. each hold out 1/(folds-1) of train), '
                     f'got {FLAGS.folds}')
-  if FLAGS.seeds < 1:
-    raise UserError(f'--seeds must be >= 1, got {FLAGS.seeds}')
+  bench_cli.at_least('folds', FLAGS.folds, 1)
+  bench_cli.at_least('seeds', FLAGS.seeds, 1)
   if not 0 <= FLAGS.noise < 1:
     raise UserError(f'--noise must be in [0, 1), got {FLAGS.noise}')
   ratios = bench_cli.numbers('ratios', FLAGS.ratios, float, lambda x: 0 < x <= 1, 'in (0, 1]')

@@ -87,6 +87,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # A seed twice ran twice and was reported once among 'N seeds'; one past int32 failed only
     # after the seeds before it had run.
     ('lm_curation', ['--bench.seeds=(5,5)'], '--bench.seeds repeats seed 5: give each seed once'),
+    ('lm_curation', ['--bench.keeps=(0.7,0.7)'], '--bench.keeps repeats 0.7: give each value once'),
+    ('lm_curation', ['--bench.methods=("tracin","tracin")'],
+     '--bench.methods repeats tracin: give each once'),
     ('lm_curation', ['--bench.seeds=(5,3000000000)'],
      '--bench.seeds values must be in [0, 2147483647], got 3000000000'),
     # Parts swapped or forgotten were tracebacks; no methods ran the whole bench, then lost it.
@@ -126,6 +129,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('selection', ['--quick', '--config.train.epochs=3'],
      '--config.train.epochs is not read with --quick, which sets it'),
     ('meta_memory', ['--quick', '--unrolls=2'], '--unrolls is not read with --quick, which sets'),
+    # Past int32: curation ran its valuations and raters, then failed at train.epochs;
+    # selection's --seeds ran out of memory listing them.
+    ('curation', ['--epochs=3000000000'], '--epochs must be <= 2147483647, got 3000000000'),
+    ('selection', ['--seeds=1000000000000'], '--seeds must be <= 2147483647, got 1000000000000'),
     ('valuation_noise', ['--variants=datarater', '--rater_steps=0'],  # 'log_every must be >= 1'
      '--variants datarater needs --rater_steps >= 1'),
 ])
