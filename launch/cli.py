@@ -11,6 +11,7 @@ flag, e.g. a benchmark's --bench), and exits 0.
 would, without absl's own flags (--verbosity), signal handlers or compilation cache (tests use
 it to try many inputs quickly).
 """
+import ast
 import atexit
 import logging
 import os
@@ -178,6 +179,7 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
   except OVERRIDE_ERRORS + (OSError,) as e:
     _fail(e, argv)
   _refuse_joined_tuples(argv, fv)
+  _refuse_unordered_tuples(argv, fv)
   _refuse_unread_fields(argv, fv)
   if len(parsed) > 1:  # no launcher reads one: a word split off a flag's value (a space in it)
     print(f'error: unexpected argument {parsed[1]!r} (flags are --name=value; quote a value '
@@ -212,6 +214,26 @@ def _refuse_joined_tuples(argv, fv: flags.FlagValues) -> None:
         print(f'error: --{flag}.{name} is given twice (the tuples would be joined, '
               f'{value!r}); give it once', file=sys.stderr)
         sys.exit(2)
+
+
+def _refuse_unordered_tuples(argv, fv: flags.FlagValues) -> None:
+  """A tuple field overridden with a dict or set literal: ml_collections makes a tuple of the
+  dict's keys (`--config.train.seeds={1: 2}` trained seed 1 alone) or of the set in no set
+  order."""
+  for arg in fv.read_flags_from_files(argv[1:], force_gnu=False):
+    name, _, text = arg.lstrip('-').partition('=')
+    flag = name.split('.')[0]
+    if ('.' not in name or flag not in fv or not isinstance(fv[flag].parser, _ConfigFileParser)
+        or not isinstance(_field(fv[flag].value, name[len(flag) + 1:]), tuple)):
+      continue
+    try:
+      literal = ast.literal_eval(text)
+    except (SyntaxError, ValueError):  # a bare word: ml_collections' one-string tuple
+      continue
+    if isinstance(literal, (dict, set)):
+      print(f'error: --{name}={text} is a {type(literal).__name__}: give a tuple, e.g. '
+            f'--{name}=(1, 2)', file=sys.stderr)
+      sys.exit(2)
 
 
 def _refuse_unread_fields(argv, fv: flags.FlagValues) -> None:

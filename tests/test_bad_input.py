@@ -525,6 +525,9 @@ def _cases(tfds_dir: str, w) -> list:
        '--config.valuation.mimic_layers is not read by method tracin (it is read by mimic alone)'),
       (*val('dvemb', '--config.valuation.tracin_mode=heldout'),
        '--config.valuation.tracin_mode is not read by method dvemb'),
+      # ml_collections made a tuple of the dict's keys: it trained seed 1 alone.
+      ('train', [data, '--config.train.seeds={1: 2}'],
+       '--config.train.seeds={1: 2} is a dict: give a tuple'),
       (*val('datarater', '--config.valuation.train_steps=50'),
        '--config.valuation.train_steps is not read by method datarater (it is read by tracin, '
        'mimic alone)'),
@@ -545,7 +548,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 207  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 208  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
