@@ -105,6 +105,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('train_rater_seeds', ['--seeds=3000000000'], '--seeds values must be in [0, 2147483647]'),
     ('meta_memory', ['--accuracy_warm=-5'], '--accuracy_warm must be >= 0, got -5'),  # at the end
     ('selection', ['--policies='], '--policies is empty'),  # it ran full data alone
+    ('selection', ['--policies=sae,sae'], '--policies repeats sae: give each once'),
     # Fold 1 of 2 held out all of train and trained on the test split alone.
     ('selection', ['--folds=2'], '--folds must be 1 or >= 3'),
     # Out of range: valuation_noise wrote a results file of failed variants, exit 0; curation
