@@ -168,8 +168,8 @@ class _SaveBarrier:
   """orbax's barrier for the saves of one `RunCheckpointer` across the processes of a job
   (`AsyncOptions.barrier_sync_fn`), which every process leaves as soon as any process's part of a
   save has failed. With orbax's own barrier (the coordinator's), a process whose shards failed to
-  write (a full disk) waited in one barrier for the others' finalizing while they waited in
-  another for its write, each up to orbax's timeout (20 min), then all ended in tracebacks. Each
+  write (a full disk) waits in one barrier for the others' finalizing while they wait in
+  another for its write, each up to orbax's timeout (20 min), then all end in tracebacks. Each
   process counts itself in at a barrier (a counter in the coordinator's key-value store, one per
   call of a barrier name) and waits until every process has, or one has marked its save failed
   (`fail`), then raises `_AnotherProcessFailed` (orbax ends that save there and raises it again

@@ -27,7 +27,7 @@ FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
 # (subnormals) to 0 (a learning rate of 1e-45 learnt nothing).
 FLOAT32_TINY = 1.1754943508222875e-38
 # The largest config integer: steps, sizes and counts meet int32 arithmetic inside jit (a larger
-# reset_every or warmup_steps overflowed there).
+# reset_every or warmup_steps would overflow there).
 INT32_MAX = 2 ** 31 - 1
 
 Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
@@ -216,7 +216,7 @@ SECTIONS: dict[str, dict[str, Check]] = {
 }
 MODEL_SECTIONS = {'task': 'task', 'rater': 'rater', 'features.task': 'task'}  # registry-checked
 # The top-level fields a rater run (a config checked with its `outer` section) reads, so requires:
-# a config without one passed its checks and stopped with a traceback at the first logged step.
+# a config without one would pass its checks and stop with a traceback at the first logged step.
 RATER_RUN_FIELDS = ('seed', 'log_every', 'checkpoint_every')
 # (field, other, unread(other's value), why): `field` is not read while `unread` holds of field
 # `other`; launch.cli refuses a command-line override of it there, which would change nothing.

@@ -340,7 +340,7 @@ def _read_exported(path: str):
   params_path = os.path.abspath(os.path.join(path, 'params'))
   if not os.path.isdir(params_path):
     raise UserError(f'rater {path!r} has no params/ folder')
-  try:  # a signal as orbax reads is held until it is done (interrupted, it said 'unreadable')
+  try:  # a signal as orbax reads is held until it is done (interrupted, it says 'unreadable')
     with multihost.StopVote(jax.local_devices(), 0), checkpointing.quiet_orbax(), \
         ocp.StandardCheckpointer(
             multiprocessing_options=checkpointing.this_process_alone()) as ckptr:

@@ -233,7 +233,7 @@ SHARED_WAIT_S = 60.0  # how long a process looks for process 0's file (NFS cache
 def _check_shared(path: str) -> None:
   """UserError on every process unless each sees, within SHARED_WAIT_S, a file that process 0
   made in `path`: the workdir must be one folder on a shared file system. (On each host's own
-  disk, process 0's checkpoints and merged scores missed the others' files: the processes waited
+  disk, process 0's checkpoints and merged scores miss the others' files: the processes wait
   for each other for good.)"""
   if jax.process_count() == 1:
     return

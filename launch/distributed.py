@@ -46,7 +46,7 @@ def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     host, _, port = fv.coordinator_address.rpartition(':')
     if not host or not port.isdigit():
       raise UserError(f'--coordinator_address must be HOST:PORT, got {fv.coordinator_address!r}')
-    if not 0 < int(port) < 65536:  # (process 0's port check crashed; the others waited it out)
+    if not 0 < int(port) < 65536:  # (process 0's port check would crash; the others wait it out)
       raise UserError(f'--coordinator_address {fv.coordinator_address!r}: PORT must be in '
                       f'1..65535, got {port}')
     if fv.num_processes is None or fv.num_processes < 1:
@@ -71,7 +71,7 @@ def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     raise
   except (ValueError, RuntimeError) as e:
     raise UserError(f'cannot start jax.distributed: {str(e).splitlines()[0]}') from None
-  # jax.distributed's preemption notifier took SIGTERM over (it only logs it, and the run went
+  # jax.distributed's preemption notifier takes SIGTERM over (it only logs it, and the run goes
   # on): this process's handlers go back in, so that SIGTERM stops it as it stops one process.
   interrupts.install()
   counts = collections.Counter(d.process_index for d in jax.devices())  # (all processes' list)
@@ -84,9 +84,9 @@ def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 def refuse_busy_port(address: str) -> None:
   """UserError if the port that process 0's coordinator is to listen on (every address: JAX
-  binds [::]:PORT, or JAX_COORDINATOR_BIND_ADDRESS) is another program's. jaxlib then crashed
-  (a segmentation fault) or, where that program was another job's coordinator (gRPC shares a
-  port between servers that ask to), bound it too and let the other job take this one's
+  binds [::]:PORT, or JAX_COORDINATOR_BIND_ADDRESS) is another program's. jaxlib then crashes
+  (a segmentation fault) or, where that program is another job's coordinator (gRPC shares a
+  port between servers that ask to), binds it too and lets the other job take this one's
   processes. Tried as gRPC binds it (SO_REUSEADDR: connections of a coordinator that ended, in
   TIME_WAIT, do not count); any other error is left to JAX, and so is a program that takes the
   port after the check."""
@@ -108,7 +108,7 @@ def refuse_busy_port(address: str) -> None:
 def _wait_for(start, seconds: int) -> None:
   """Runs `start` (jax.distributed's, which returns once every process has joined) in a thread
   and waits for it here: a UserError if it has not returned within `seconds`. (Waiting in JAX's
-  call itself, Ctrl-C and SIGTERM were not handled before it returned, and it ended its timeout
+  call itself, Ctrl-C and SIGTERM would not be handled before it returned, and it ends its timeout
   by aborting the process with a C++ trace.)"""
   done, raised = threading.Event(), []
 

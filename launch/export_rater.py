@@ -19,7 +19,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   del argv
   flags.DEFINE_string('workdir', None, 'A launch.train_rater run folder.', flag_values=fv)
   flags.DEFINE_string('out', None, 'Folder to write the exported rater to.', flag_values=fv)
-  flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists.', flag_values=fv)
+  flags.DEFINE_bool('overwrite', False, 'Replace --out if it is an earlier output of this '
+                    'command.', flag_values=fv)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):

@@ -44,7 +44,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   d('bool', 'copy_other_splits', True, 'Copy the splits not filtered into OUT_DIR.')
   d('integer', 'batch_size', 1024, 'Examples read and scored at a time.')
   d('string', 'out', None, 'Output folder (a TFDS dataset folder).')
-  d('bool', 'overwrite', False, 'Replace OUT_DIR if it exists.')
+  d('bool', 'overwrite', False, 'Replace OUT_DIR if it is an earlier output of this command.')
   distributed.define_flags(fv)
 
 

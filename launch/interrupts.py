@@ -1,8 +1,8 @@
 """Ctrl-C and SIGTERM that always stop a launcher.
 
 Python drops (prints, then ignores) an exception raised inside a garbage-collector callback (JAX
-registers one), a `__del__` or a weakref callback: an interrupt handled there was lost and the
-run went on; one raised while JAX compiles, or while a compiled module initialises, crashed the
+registers one), a `__del__` or a weakref callback: an interrupt handled there is lost and the
+run goes on; one raised while JAX compiles, or while a compiled module initialises, crashes the
 process. Here a signal handled inside a gc callback, a compilation or such an initialisation, or
 whose exception such code dropped, is sent again a moment later (again until the compilation is
 over, unless the user signals again), to be raised in the launcher's own code, or when it ends

@@ -718,6 +718,17 @@ def test_overwrite_replaces_only_an_earlier_output_of_the_same_command(tfds_dir,
     _filter(tfds_dir, rater_dir, tmp_path / 'r', overwrite=True)
 
 
+def test_overwrite_help_says_it_replaces_only_an_earlier_output():
+  """Every launcher's --overwrite help says what the test above shows it does: it replaces only
+  an earlier output of the same command, not any existing --out."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from launch import export_rater, prepare_text  # pylint: disable=g-import-not-at-top
+  for launcher in (export_rater, filter_launcher, prepare_text):
+    fv = flags.FlagValues()
+    launcher.define_flags(fv, [])
+    assert 'an earlier output of this command' in fv['overwrite'].help, launcher.__name__
+
+
 @RATER_RUN
 def test_a_rater_with_non_finite_parameters_is_refused(rater_dir, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
