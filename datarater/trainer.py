@@ -20,7 +20,8 @@ every k-th step and the batches of every step (a `Recording`, what valuations re
 The training data is a `pipeline.Split` (held on the device, batches gathered inside the
 compiled steps) or a streaming `source.Source` (batches read on the host, at most `STREAM_CHUNK`
 steps and `STREAM_EXAMPLES` examples at a time, or one step when its batches alone are more, so
-memory does not grow with the dataset); both give the same steps.
+memory does not grow with the dataset; each chunk is read, in a thread, while the steps of the
+one before run: two chunks in memory); both give the same steps.
 
 The history is a list of records, one per evaluation, all of one format:
   {'epoch': float, 'step': int, 'example_gradients': int, 'scoring_forwards': int,
@@ -28,6 +29,7 @@ The history is a list of records, one per evaluation, all of one format:
 """
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -40,6 +42,7 @@ import optax
 
 from datarater import multihost
 from datarater.checkpointing import RunCheckpointer, abstract_of
+from datarater.data import source as source_lib
 from datarater.errors import UserError
 
 from datarater.tasks import Task
@@ -120,6 +123,11 @@ def _chunks(cuts, size):
   for a, b in zip(cuts[:-1], cuts[1:]):
     for start in range(a, b, size or max(b - a, 1)):
       yield start, min(b, start + (size or b - a))
+
+
+def _pad(x: np.ndarray, length: int, a: int, b: int) -> np.ndarray:
+  """x [M, b - a, ...] (steps a..b of a chunk) padded along its steps to `length`."""
+  return np.pad(x, [(0, 0), (0, length - (b - a))] + [(0, 0)] * (x.ndim - 2))
 
 
 def _blocks(split, size: int):
@@ -337,15 +345,18 @@ class Trainer:
         epoch_steps = min(spe, total - done_steps)
         cuts = _eval_cuts(epoch_steps, evals_per_epoch)
         losses, used = [], []
-        for a, b in _chunks(cuts, chunk_size):
-          pad = lambda x: np.pad(x, [(0, 0), (0, length - (b - a))] + [(0, 0)] * (x.ndim - 2))
-          if streaming:  # this chunk's batches, read now: [M, L, B, ...]
-            chunk = ('chunk_read', self._chunk_read,
-                     {k: pad(v) for k, v in self._read(train, positions[:, a:b]).items()})
-          else:
-            chunk = ('chunk', self._chunk, data)
+        spans = list(_chunks(cuts, chunk_size))
+
+        def read(span, positions=positions):  # streaming: a chunk's batches [M, L, B, ...]
+          part = self._read(train, positions[:, span[0]:span[1]])
+          return {k: _pad(v, length, *span) for k, v in part.items()}
+        # Streaming, each chunk is read (in a thread) while the steps of the one before run.
+        reads = source_lib.read_ahead(read, spans) if streaming else itertools.repeat(data)
+        name, chunk = ('chunk_read', self._chunk_read) if streaming else ('chunk', self._chunk)
+        for (a, b), chunk_data in zip(spans, reads):
+          pad = lambda x: _pad(x, length, a, b)
           models, recorder, part_losses, part_used, counts = compiled(
-              chunk[0], chunk[1], state.models, policy_state, aux, chunk[2],
+              name, chunk, state.models, policy_state, aux, chunk_data,
               pad(positions[:, a:b]), pad(weights[:, a:b]), np.int32(done_steps + a),
               np.int32(b - a), recorder)
           losses.append(np.asarray(part_losses)[:, :b - a])  # the padding steps dropped

@@ -1,6 +1,8 @@
 """source.Source's block walk against brute force: every position read exactly once over the
 shards, block b (of consecutive `size` positions, the last one shorter) read by shard b mod
 num_shards, and `skip` leaving out a shard's own first blocks."""
+import time
+
 import numpy as np
 import pytest
 
@@ -35,6 +37,30 @@ def test_blocks_of_all_shards_read_every_position_once(digits, split, size, shar
         if skip == 0:
           seen.extend(positions.tolist())
   assert sorted(seen) == list(range(n))
+
+
+def test_the_next_block_is_read_while_the_caller_works_on_one(digits, monkeypatch):
+  """While the caller holds block b (its device computation running), block b + 1 is already
+  being read and decoded, unasked (read on demand, the device waited for every read); a read's
+  error comes out where its block would have."""
+  src = source_lib.Source(digits, 'train[:100]')
+  started, take = [], src.take
+
+  def logged(positions):
+    started.append(int(positions[0]))
+    if positions[0] == 64:
+      raise RuntimeError('a planted read error')
+    return take(positions)
+  monkeypatch.setattr(src, 'take', logged)
+  walk = src.blocks(32)
+  assert next(walk)[0].tolist() == list(range(32))
+  deadline = time.monotonic() + 10
+  while len(started) < 2 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert started == [0, 32]
+  assert next(walk)[0].tolist() == list(range(32, 64))
+  with pytest.raises(RuntimeError, match='a planted read error'):
+    next(walk)
 
 
 def test_a_block_read_is_corrupted_as_in_the_whole_split(tfds_dir):

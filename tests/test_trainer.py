@@ -362,3 +362,40 @@ def test_a_loss_not_finite_before_any_update_is_not_called_a_divergence():
   with pytest.raises(UserError, match=r'not finite at step 4 \(model seed 6\): the models '
                                       r'diverged; lower LR \(0.1\)$'):
     trainer_lib._check_losses(losses, [5, 6], 3, 'LR (0.1)')  # pylint: disable=protected-access
+
+
+def test_a_streamed_run_reads_each_chunk_while_the_steps_before_it_run(tfds_dir, monkeypatch):
+  """train.stream: chunk c + 1's batches are read (in a thread) while chunk c's steps run (read
+  only after them, the device waited for every read): each compiled chunk of steps finds the
+  next chunk's read started, unasked; and the run equals one of the split held in memory."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from datarater.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(trainer_lib, 'STREAM_CHUNK', 4)  # 10 steps an epoch: chunks 4, 4, 2
+  data = digits_data(tfds_dir)
+  streamed = source_lib.open_source(data, 'train[:640]')
+  read, real_read = [], Trainer._read
+  started = threading.Condition()
+
+  def logged_read(self, train, positions):
+    with started:
+      read.append(positions.shape[1])
+      started.notify_all()
+    return real_read(self, train, positions)
+  monkeypatch.setattr(Trainer, '_read', logged_read)
+  ahead_of_time = trainer_lib._AheadOfTime  # pylint: disable=protected-access
+  found, real_call = [], ahead_of_time.__call__
+
+  def call(self, name, fn, *args):
+    if name == 'chunk_read':  # the reads started as these steps run (waited for 10 s at most)
+      with started:
+        if len(found) < 2:  # (the last chunk has none after it)
+          started.wait_for(lambda: len(read) > len(found) + 1, timeout=10)
+        found.append(len(read))
+    return real_call(self, name, fn, *args)
+  monkeypatch.setattr(ahead_of_time, '__call__', call)
+  run = _trainer(streamed, batch_size=64).run(streamed, {}, [0], epochs=1)
+  assert found == [2, 3, 3], found
+  in_memory = pipeline.load_split(data, 'train[:640]')
+  want = _trainer(in_memory, batch_size=64).run(in_memory, {}, [0], epochs=1)
+  for got, expected in zip(jax.tree.leaves(run.params), jax.tree.leaves(want.params)):
+    np.testing.assert_array_equal(got, expected)

@@ -4,10 +4,13 @@
 features, ids, corruption record and `take(positions)`, but examples are read from the TFDS
 array_record files (`as_data_source`, random access) when asked for, and corrupted block by
 block (`Corruption.apply` gives a block the same values as the whole split). Memory is a few
-bytes per example (the corruption record) plus one block. `blocks(size, shard)` walks the split
-in fixed-size blocks, optionally only those of one process of a multi-process job.
+bytes per example (the corruption record) plus two blocks. `blocks(size, shard)` walks the split
+in fixed-size blocks, optionally only those of one process of a multi-process job, reading each
+block in a background thread while the caller works on the one before (`read_ahead`).
 """
-from typing import Iterator, Optional
+import concurrent.futures
+import threading
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -28,7 +31,8 @@ class Source:
     self.info = pipeline.data_info(builder)
     self.split = split
     self._builder = builder
-    with pipeline.damaged_records(builder):
+    self._reading = threading.RLock()  # the record files: one reader at a time (`blocks` reads
+    with pipeline.damaged_records(builder):  # ahead in a thread)
       self.data_source = builder.as_data_source(split=split)  # the split's records, by id
     self._n = len(self.data_source)
     self.corruption = corruption or corruption_lib.Corruption()
@@ -42,7 +46,7 @@ class Source:
 
   def uncorrupted(self, positions) -> dict:
     """Raw (undecoded) features of the examples at `positions` (1-d), as stored."""
-    with pipeline.damaged_records(self._builder):
+    with self._reading, pipeline.damaged_records(self._builder):
       examples = self.data_source.__getitems__([int(p) for p in np.asarray(positions)])
     return pipeline.stack_examples(self.info, examples)
 
@@ -83,15 +87,40 @@ class Source:
   def blocks(self, size: int, shard: int = 0, num_shards: int = 1,
              skip: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
     """(positions, batch) of this shard's blocks after its first `skip`; the last block of the
-    split is shorter (callers that compile per shape pad it)."""
-    walked = 0
-    for start in self.block_starts(size, shard, num_shards)[skip:]:
-      positions = np.arange(start, min(start + size, self._n))
-      walked += len(positions)
-      if walked > RELEASE_EVERY:  # the files behind are done with
-        release_readers(self.data_source)
-        walked = len(positions)
-      yield positions, self.take(positions)
+    split is shorter (callers that compile per shape pad it). Read ahead (`read_ahead`): the
+    next block is read while the caller works on this one."""
+    def walk():  # (positions, whether the files behind are done with) of each block, lazily
+      walked = 0
+      for start in self.block_starts(size, shard, num_shards)[skip:]:
+        positions = np.arange(start, min(start + size, self._n))
+        walked += len(positions)
+        release = walked > RELEASE_EVERY
+        walked = len(positions) if release else walked
+        yield positions, release
+
+    def read(block):
+      positions, release = block
+      if release:
+        with self._reading:
+          release_readers(self.data_source)
+      return positions, self.take(positions)
+    return read_ahead(read, walk())
+
+
+def read_ahead(read: Callable[[Any], Any], items: Iterable) -> Iterator[Any]:
+  """`read(item)` of each item in order, each computed in a background thread while the caller
+  works on the one before (its device computation then overlaps the host's reading and
+  decoding). One thread: the reads run one at a time, in order. A read's error is raised where
+  its result would have been yielded; leaving early waits for the read in flight."""
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='datarater-read') as pool:
+    pending = None
+    for item in items:
+      ahead = pool.submit(read, item)
+      if pending is not None:
+        yield pending.result()
+      pending = ahead
+    if pending is not None:
+      yield pending.result()
 
 
 def release_readers(data_source) -> None:
