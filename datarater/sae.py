@@ -138,17 +138,52 @@ def _fit(params, x, data_key, *, module, steps, batch_size, learning_rate, l1_co
   return params, mses
 
 
-def _check_codes(codes: jax.Array, x_hat: jax.Array, x: jax.Array, config) -> None:
+@jax.jit
+def _feature_stats(features: jax.Array):
+  """(non-finite values, the normaliser, the largest per-dimension spread, the largest
+  magnitude) of `features`: one program (op by op, each op compiled alone)."""
+  spread = jnp.max(jnp.max(features, 0) - jnp.min(features, 0))
+  return (jnp.sum(~jnp.isfinite(features)), Normaliser.fit(features), spread,
+          jnp.max(jnp.abs(features)))
+
+
+@jax.jit
+def _normalise(normaliser: Normaliser, features: jax.Array):
+  """(the features normalised, their first two rows). A program of its own: fused with the
+  normaliser's fit, XLA rounds the division differently, and the SAE trains on other values."""
+  x = normaliser(features)
+  return x, x[:2]
+
+
+@jax.jit
+def _split(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return tuple(jax.random.split(key))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fit_stats(module: SAE, params, x: jax.Array, mses: jax.Array) -> dict:
+  """The trained SAE's codes of `x` summarised, in one program: examples coded as all zeros,
+  and the metrics `train_sae` returns."""
+  x_hat, codes = module.apply(params, x)
+  return {'silent': jnp.sum(~jnp.any(codes > 0, -1)),
+          'mse': jnp.mean(jnp.sum((x_hat - x) ** 2, -1)),
+          'mse_mean_baseline': jnp.mean(jnp.sum(x ** 2, -1)),
+          'active_mean': jnp.mean(jnp.sum(codes > 0, -1)),
+          'dead_factors': jnp.sum(jnp.all(codes <= 0, 0)),
+          'train_mse_first': mses[0], 'train_mse_last': mses[-1]}
+
+
+def _check_codes(stats: dict, num_examples: int, config) -> None:
   """Refuses a trained SAE that codes most examples as all zeros (a diverged or over-penalised
   fit: every factor dead): the SAE policy would select by its noise alone. A fit that learned
   anything codes every example with some factor."""
-  silent = int(jnp.sum(~jnp.any(codes > 0, -1)))
-  if 2 * silent > codes.shape[0]:
-    mse = float(jnp.mean(jnp.sum((x_hat - x) ** 2, -1)))
+  silent = int(stats['silent'])
+  if 2 * silent > num_examples:
     l1 = f' or sae.l1_coef ({config.l1_coef:g})' if config.sparsity == 'l1' else ''
-    raise UserError(f'the trained SAE codes {silent} of {codes.shape[0]} examples as all zeros '
-                    f'(reconstruction MSE {mse:.3g}; 1 is the mean\'s): it learned nothing to '
-                    f'select by; lower sae.learning_rate ({config.learning_rate:g}){l1}')
+    raise UserError(f'the trained SAE codes {silent} of {num_examples} examples as all zeros '
+                    f'(reconstruction MSE {float(stats["mse"]):.3g}; 1 is the mean\'s): it '
+                    f'learned nothing to select by; lower sae.learning_rate '
+                    f'({config.learning_rate:g}){l1}')
 
 
 def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
@@ -163,37 +198,33 @@ def train_sae(features, config, key: jax.Array) -> tuple[TrainedSAE, dict]:
   features = jnp.asarray(features, jnp.float32)
   if features.ndim != 2 or features.shape[0] < 2:
     raise UserError(f'SAE features must be [N >= 2, D], got shape {tuple(features.shape)}')
-  bad = int(jnp.sum(~jnp.isfinite(features)))
-  if bad:
-    raise UserError(f'SAE features hold {bad} non-finite values (NaN or inf) of {features.size}: '
-                    'did the feature extractor diverge?')
+  bad, normaliser, spread, size = _feature_stats(features)
+  if int(bad):
+    raise UserError(f'SAE features hold {int(bad)} non-finite values (NaN or inf) of '
+                    f'{features.size}: did the feature extractor diverge?')
   module = make_sae(config)
-  normaliser = Normaliser.fit(features)
   # Relative to their size, by the spread of each dimension: the normaliser's scale of equal
   # vectors is float32 rounding of the mean, which grows with D (1e-6 of the size at D = 784).
-  spread = jnp.max(jnp.max(features, 0) - jnp.min(features, 0))
-  if float(spread) <= 1e-6 * float(jnp.max(jnp.abs(features))):
+  if float(spread) <= 1e-6 * float(size):
     raise UserError(f'SAE features of all {features.shape[0]} examples are the same vector: '
                     'nothing to encode (a feature extractor whose units all died gives this; '
                     'try a lower features.learning_rate)')
-  x = normaliser(features)
-  init_key, data_key = jax.random.split(key)
-  params = init_module(module, init_key, x[:2])
+  x, first = _normalise(normaliser, features)
+  init_key, data_key = _split(key)
+  params = init_module(module, init_key, first)
   batch_size = min(int(config.batch_size), x.shape[0])
   steps = offline_steps(config.steps, config.get('epochs', 0), x.shape[0], batch_size,
                         'sae.epochs')
   # Waited for: a caller timing the offline stage without compilation (bench.selection) would
-  # otherwise take _apply's compilation, overlapping this training, off its wall.
+  # otherwise take _fit_stats's compilation, overlapping this training, off its wall.
   params, mses = jax.block_until_ready(_fit(
       params, x, data_key, module=module, steps=steps, batch_size=batch_size,
       learning_rate=float(config.learning_rate), l1_coef=float(config.l1_coef)))
-  x_hat, codes = _apply(module, params, x)
-  _check_codes(codes, x_hat, x, config)
-  metrics = {'mse': float(jnp.mean(jnp.sum((x_hat - x) ** 2, -1))),
-             'mse_mean_baseline': float(jnp.mean(jnp.sum(x ** 2, -1))),
-             'active_mean': float(jnp.mean(jnp.sum(codes > 0, -1))),
-             'dead_factors': int(jnp.sum(jnp.all(codes <= 0, 0))),
-             'train_mse_first': float(mses[0]), 'train_mse_last': float(mses[-1])}
+  stats = jax.device_get(_fit_stats(module, params, x, mses))
+  _check_codes(stats, x.shape[0], config)
+  metrics = {k: (int if k == 'dead_factors' else float)(stats[k])
+             for k in ('mse', 'mse_mean_baseline', 'active_mean', 'dead_factors',
+                       'train_mse_first', 'train_mse_last')}
   return TrainedSAE(params=params, normaliser=normaliser, module=module), metrics
 
 

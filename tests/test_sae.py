@@ -210,3 +210,26 @@ def test_dead_factors_counts_factors_inactive_on_every_example():
   assert len(rows) > 0  # some factor fires, so not every factor is dead
   assert metrics['dead_factors'] == 16 - len(set(cols.tolist()))
   assert 11 <= metrics['dead_factors'] < 16
+
+
+def test_training_an_sae_lowers_a_few_programs_not_one_per_operation():
+  """train_sae on features of a shape nothing else uses lowers (traces to XLA) at most its six
+  programs (checks and normaliser, normalisation, key split, init, fit, summary): op by op, its
+  checks and metrics lowered ~30 programs, each compiled alone (~3 s of a `--policy=sae` run's
+  setup on 2 cores). Counted by JAX's own event, which fires even where the persistent
+  compilation cache then skips XLA's compile."""
+  lowered = []
+
+  def on_duration(event, seconds, **kwargs):
+    del seconds, kwargs
+    if event == '/jax/core/compile/jaxpr_to_mlir_module_duration':
+      lowered.append(event)
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  try:
+    x = sparse_data(n=131, dim=7, atoms=9, active=2)  # shapes of this test alone
+    _, metrics = sae.train_sae(x, sae_config(num_factors=11, k=2, steps=3, batch_size=17),
+                               jax.random.PRNGKey(0))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+  assert metrics['mse_mean_baseline'] == pytest.approx(1.0, rel=1e-4)
+  assert len(lowered) <= 6, len(lowered)
