@@ -117,6 +117,9 @@ def _read_run(workdir: str):
   """(config, DataInfo, rater, its params on the first local device, outer steps taken) of a
   rater run's latest checkpoint."""
   config_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(config_path) and os.path.exists(os.path.join(workdir, 'rater.json')):
+    raise UserError(f'--workdir {workdir!r} is already an exported rater (rater.json), not a '
+                    'launch.train_rater run: use it as it is (--rater, datarater.load_rater)')
   if not os.path.exists(config_path):
     raise UserError(f'no rater run in {workdir!r}: {config_path!r} is missing '
                     '(make one with launch.train_rater)')

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Optional
 
@@ -25,35 +24,12 @@ from datarater.curation import select
 from datarater.data import pipeline
 from datarater.errors import UserError
 from datarater.policies import weighting
+from datarater.progress import setup_logging
 from datarater.trainer import Trainer
 from outer_loop import meta_step, setup, sharding
 from outer_loop.batches import MetaBatches
 
 log = logging.getLogger('datarater')
-
-
-class _Stdout(logging.StreamHandler):
-  """A handler that writes to whatever `sys.stdout` is when a line is logged."""
-
-  @property
-  def stream(self):
-    return sys.stdout
-
-  @stream.setter
-  def stream(self, value):
-    del value
-
-
-def setup_logging() -> None:
-  """Progress lines on stdout, library chatter (orbax, TFDS) off."""
-  if not log.handlers:
-    handler = _Stdout()
-    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 SECTIONS = ('data', 'task', 'rater', 'inner', 'outer', 'final_eval')  # what a rater run reads
@@ -89,6 +65,9 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     raise UserError(f'--stop_after must be >= 1, got {stop_after}')
   with multihost.together('checking its settings and data'):
     config_checks.validate(config, SECTIONS)
+    if stop_after is not None and stop_after > config.outer.steps:  # it would never stop the run
+      raise UserError(f'--stop_after={stop_after} is past the run\'s last outer step '
+                      f'(outer.steps={config.outer.steps})')
     mesh = sharding.make_mesh(config.inner.population, devices)
     sharding.check_batch_sizes(mesh, **{'inner.batch_size': config.inner.batch_size,
                                         'outer.batch_size': config.outer.batch_size})

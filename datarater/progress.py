@@ -1,11 +1,13 @@
-"""Progress bars a person can follow on a terminal and in a log file.
+"""Progress bars and lines a person can follow on a terminal and in a log file.
 
 `bar(...)` takes `tqdm`'s arguments. On a terminal it is tqdm's bar on stderr, redrawn in place;
 when stderr is a file or a pipe (a job's log) tqdm's carriage-return redraws would pile up on one
 line that ends only when the bar does, so there it writes one plain line at most every
 `LOG_INTERVAL_S` seconds, and one when the bar closes, to stdout with the run's other progress
-lines (stderr keeps only errors: one line for bad input).
+lines (stderr keeps only errors: one line for bad input). `setup_logging()` puts those lines,
+the library's log 'datarater' (info and warnings), there too.
 """
+import logging
 import sys
 
 from tqdm import tqdm
@@ -36,3 +38,31 @@ def bar(**kwargs) -> tqdm:
   # the rate, printed two lines 0.4 s apart after a 40 s gap when the rate fell).
   return tqdm(file=_Lines(sys.stdout), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S,
               miniters=1, ascii=True, **kwargs)
+
+
+log = logging.getLogger('datarater')
+
+
+class _Stdout(logging.StreamHandler):
+  """A handler that writes to whatever `sys.stdout` is when a line is logged."""
+
+  @property
+  def stream(self):
+    return sys.stdout
+
+  @stream.setter
+  def stream(self, value):
+    del value
+
+
+def setup_logging() -> None:
+  """The library's log lines (info and warnings) on stdout, library chatter (orbax, TFDS) off:
+  each run behind a launcher (rater runs, valuations) calls it."""
+  if not log.handlers:
+    handler = _Stdout()
+    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)

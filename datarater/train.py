@@ -109,6 +109,9 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
     raise UserError('--stop_after needs --workdir (the checkpoint is written there)')
   if stop_after is not None and stop_after < 1:
     raise UserError(f'--stop_after must be >= 1, got {stop_after}')
+  if stop_after is not None and stop_after > t.epochs:  # it would never stop the run
+    raise UserError(f'--stop_after={stop_after} is past the run\'s last epoch '
+                    f'(train.epochs={t.epochs})')
   if t.get('stream', False):  # read as the steps go (the trainer checks each chunk it reads)
     if name in policies.WHOLE_SPLIT:
       raise UserError(f'policy {name} reads the whole training split (its features): it cannot '

@@ -3,7 +3,8 @@
 `run(main, define_flags, doc)` defines a launcher's flags and runs `main` under absl, with absl's
 log at WARNING unless --verbosity is given. A bad flag, config file (`define_config_file`: one
 that is missing, does not compile, has no get_config or whose get_config fails) or config override
-(an unknown field, a value of the wrong type) prints one `error:` line and exits 2, like every
+(an unknown field, a value of the wrong type), or a string flag or override with leading or
+trailing whitespace (`--workdir=' '`), prints one `error:` line and exits 2, like every
 `UserError` and I/O error inside `main` (`datarater.errors.exit_on_user_error`). `--help` prints
 the launcher's description, its flags and every field of its config (and of any other config file
 flag, e.g. a benchmark's --bench), and exits 0.
@@ -178,6 +179,7 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
     parsed = fv(argv)  # a config file flag (define_config_file) loads its file here
   except OVERRIDE_ERRORS + (OSError,) as e:
     _fail(e, argv)
+  _refuse_padded_strings(fv)
   _refuse_joined_tuples(argv, fv)
   _refuse_unordered_tuples(argv, fv)
   _refuse_unread_fields(argv, fv)
@@ -200,6 +202,21 @@ def _field(config, path: str):
   for part in path.split('.'):
     config = config[part] if hasattr(config, 'keys') and part in config else None
   return config
+
+
+def _refuse_padded_strings(fv: flags.FlagValues) -> None:
+  """A string flag or config override given with leading or trailing whitespace: as a path
+  (`--workdir=' '`, `--config.data.data_dir=' '`) it named a folder ' ' in the current one, and
+  no name, split or path of these commands holds such a value."""
+  given = {f'--{name}': fv[name].value for name in fv if fv[name].present}
+  for name in [f for f in fv if isinstance(fv[f].parser, _ConfigFileParser)]:
+    given.update({f'--{name}.{field}': value for field, value in
+                  config_flags.get_override_values(fv[name]).items()})
+  for name, value in given.items():
+    if isinstance(value, str) and value != value.strip():
+      print(f'error: {name}={value!r} starts or ends with whitespace: give it without',
+            file=sys.stderr)
+      sys.exit(2)
 
 
 def _refuse_joined_tuples(argv, fv: flags.FlagValues) -> None:

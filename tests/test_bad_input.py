@@ -531,6 +531,26 @@ def _cases(tfds_dir: str, w) -> list:
       (*val('datarater', '--config.valuation.train_steps=50'),
        '--config.valuation.train_steps is not read by method datarater (it is read by tracin, '
        'mimic alone)'),
+      # A path of whitespace named a folder ' ' in the current one (the rater exported there).
+      ('export_rater', [f'--workdir={w}/run', '--out= '],
+       "--out=' ' starts or ends with whitespace"),
+      (*tr('--config.data.data_dir= '),
+       "--config.data.data_dir=' ' starts or ends with whitespace"),
+      ('train', [data, '--config.train.epochs=1', f'--workdir={w}/new_train '],
+       f"--workdir='{w}/new_train ' starts or ends with whitespace"),
+      # A stop past the run's end never fired: the run trained to its end.
+      (*tr('--stop_after=7'), "--stop_after=7 is past the run's last outer step (outer.steps=6)"),
+      ('train', [data, '--config.train.epochs=1', '--stop_after=2', f'--workdir={w}/new_train'],
+       "--stop_after=2 is past the run's last epoch (train.epochs=1)"),
+      # A policy that values the split itself ignored a valuation field it does not read.
+      ('train', [data, '--policy=mimic', '--config.train.epochs=1',
+                 '--config.valuation.mimic_keep_fraction=0.5'],
+       '--config.valuation.mimic_keep_fraction is not read by policy mimic'),
+      ('train', [data, '--policy=tracin_curriculum', '--config.train.epochs=1',
+                 '--config.valuation.mimic_cosine=True'],
+       '--config.valuation.mimic_cosine is not read by policy tracin_curriculum'),
+      ('export_rater', [f'--workdir={w}/rater', f'--out={w}/new_rater'],
+       f"--workdir '{w}/rater' is already an exported rater (rater.json)"),
   ]
   return cases
 
@@ -548,7 +568,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 208  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 216  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -404,6 +404,29 @@ def test_a_policy_field_set_for_a_policy_that_ignores_it_is_refused():
           policies.check_fields(name, ('train.epochs', f'policy.{field}'))
 
 
+@pytest.mark.parametrize('name, method', [('tracin_curriculum', 'tracin'), ('mimic', 'mimic')])
+def test_a_valuation_field_a_policy_that_values_the_split_ignores_is_refused(name, method):
+  """tracin_curriculum and mimic read `valuation` as their method does, in part: a field that
+  `factory.READ_BY` gives to other methods alone, or one launch.valuate alone reads (how it
+  scores in blocks, its store's size, Mimic's offline keep decision; online Mimic records no run
+  but its reference's), trained on silently without it; refused (launch.train's `check_flags`)."""
+  from datarater.config_checks import SECTIONS  # pylint: disable=g-import-not-at-top
+  from datarater.valuation.factory import READ_BY  # pylint: disable=g-import-not-at-top
+  others = [f for f in SECTIONS['valuation'] if method not in READ_BY.get(f, (method,))]
+  valuate_only = {'tracin': ['score_batch_size', 'store_k'],
+                  'mimic': ['score_batch_size', 'store_k', 'mimic_keep_fraction', 'train_steps',
+                            'checkpoint_every', 'chunk_size', 'layers', 'projection']}[method]
+  assert others and not set(valuate_only) & set(others)
+  for field in others + valuate_only:
+    with pytest.raises(UserError, match=rf'--config.valuation.{field} is not read by policy '
+                                        rf'{name} \(it reads valuation.batch_size'):
+      policies.check_fields(name, ('policy.temperature', f'valuation.{field}'))
+  read = {'tracin': ['tracin_mode', 'train_steps', 'layers'],
+          'mimic': ['mimic_layers', 'mimic_cosine', 'reference_steps']}[method]
+  policies.check_fields(name, ('policy.temperature', 'valuation.seed',
+                               *[f'valuation.{f}' for f in read]))
+
+
 def test_online_filters_by_hand():
   """Batch filter, B = 10 real examples (and 2 of padding), rho = 0.25: the best floor(7.5) = 7
   kept, each weighted 10 / 7 (the batch's total weight stays B). Acceptance: the survival

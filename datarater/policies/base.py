@@ -20,8 +20,8 @@ position 0 at weight 0.
 Policies are made by name from `POLICIES` (`@register_policy('name')` on a factory
 `(ctx: PolicyContext) -> Policy`; `reads=('rater',)` names the launcher inputs it reads, and
 `check_inputs` refuses an input given to a policy that would ignore it; `fields=('rho',)` the
-`policy` config fields it reads, and `check_fields` refuses one set on the command line for a
-policy that would ignore it).
+`policy` config fields it reads (and, dotted, those of a section it reads in part), and
+`check_fields` refuses one set on the command line for a policy that would ignore it).
 """
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
@@ -94,7 +94,9 @@ POLICIES: dict[str, Callable[[PolicyContext], Policy]] = {}
 INPUTS = ('rater', 'scores')  # the launcher inputs of a PolicyContext (flags of launch.train)
 READS: dict[str, tuple[str, ...]] = {}  # policy -> the inputs it reads
 SECTIONS: dict[str, tuple[str, ...]] = {}  # policy -> the config sections it reads besides train's
-FIELDS: dict[str, tuple[str, ...]] = {}  # policy -> the fields of config.policy it reads (not name)
+# policy -> the fields of config.policy it reads (not name), and of another section it reads in
+# part, dotted ('valuation.seed': every other field of that section is unread)
+FIELDS: dict[str, tuple[str, ...]] = {}
 WHOLE_SPLIT: set[str] = set()  # policies that read the training split's features in memory
 
 
@@ -104,7 +106,8 @@ def register_policy(name: str, reads: tuple[str, ...] = (), whole_split: bool = 
   `whole_split`: it reads `ctx.train`'s features in memory (a Split), so `train.stream=True` is
   refused for it; `sections`: the config sections it reads besides those of every training run
   (e.g. 'valuation'), checked with them before any work; `fields`: the fields of `config.policy`
-  it reads besides `name` (e.g. 'rho')."""
+  it reads besides `name` (e.g. 'rho'), and dotted those of a section it reads in part (e.g.
+  'valuation.seed')."""
   assert set(reads) <= set(INPUTS), reads
   def add(factory):
     POLICIES[name], READS[name], SECTIONS[name] = factory, tuple(reads), tuple(sections)
@@ -124,15 +127,24 @@ def check_inputs(name: str, **given: str) -> None:
                       f'{", ".join(readers)} (policy is {name!r})')
 
 
+def _dotted(name: str) -> tuple[str, ...]:
+  """The fields policy `name` reads (`FIELDS`), each as section.field."""
+  return tuple(f if '.' in f else f'policy.{f}' for f in FIELDS.get(name, ()))
+
+
 def check_fields(name: str, overridden) -> None:
-  """UserError if a `policy.*` config field among `overridden` (dotted paths set on the command
-  line) is one policy `name` does not read: the run would ignore it."""
+  """UserError if a config field among `overridden` (dotted paths set on the command line) is one
+  policy `name` does not read: of `policy`, or of a section it reads in part (`FIELDS`: e.g. of
+  `valuation`, which tracin_curriculum and mimic read as their method does, in part); the run
+  would ignore it."""
+  own = _dotted(name)
+  checked = {'policy', *(f.split('.')[0] for f in own)}
   for path in overridden:
     section, _, field = path.partition('.')
-    if section != 'policy' or field in ('name', *FIELDS.get(name, ())):
+    if section not in checked or path in ('policy.name', *own):
       continue
-    reads = ', '.join(f'policy.{f}' for f in FIELDS.get(name, ())) or 'no other policy field'
-    readers = ', '.join(p for p, fields in FIELDS.items() if field in fields) or 'no policy'
+    reads = ', '.join(f for f in own if f.startswith(f'{section}.')) or f'no other {section} field'
+    readers = ', '.join(p for p in FIELDS if path in _dotted(p)) or 'no policy'
     raise UserError(f'--config.{path} is not read by policy {name} (it reads {reads}; {field} '
                     f'is read by {readers})')
 

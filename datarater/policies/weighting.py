@@ -70,6 +70,18 @@ def curriculum_weights(values: np.ndarray, mode: str = 'weight', fraction: float
   raise UserError(f'unknown curriculum mode {mode!r} (choose from weight, select)')
 
 
+# The `valuation` fields the policies that value the split themselves read: the run every
+# gradient method records (`factory.record`) and launch.valuate's outputs, which
+# `refuse_valuate_outputs` refuses; then TracIn's own, and online Mimic's (which records no run
+# but its reference's, and keeps every example).
+_VALUED = ('batch_size', 'optimizer', 'learning_rate', 'seed', 'store', 'topk')
+_TRACIN_FIELDS = tuple(f'valuation.{f}' for f in (
+    *_VALUED, 'train_steps', 'checkpoint_every', 'chunk_size', 'layers', 'projection',
+    'projection_dim', 'projection_seed', 'tracin_mode', 'tracin_project', 'tracin_ghost'))
+_MIMIC_FIELDS = tuple(f'valuation.{f}' for f in (
+    *_VALUED, 'mimic_layers', 'mimic_cosine', 'reference_steps'))
+
+
 def refuse_valuate_outputs(ctx: PolicyContext, name: str, method: str) -> None:
   """UserError if `valuation.store` or `valuation.topk` is set: they are launch.valuate's (a
   gradient store, a top-k table); a policy that values the split itself would ignore them."""
@@ -118,7 +130,8 @@ def _scores(ctx: PolicyContext) -> Policy:
                scores_file.cost(ctx.scores))  # what made the scores, if their file says
 
 
-@register_policy('tracin_curriculum', sections=('valuation',), fields=('temperature',))
+@register_policy('tracin_curriculum', sections=('valuation',),
+                 fields=('temperature', *_TRACIN_FIELDS))
 def _tracin_curriculum(ctx: PolicyContext) -> Policy:
   refuse_valuate_outputs(ctx, 'tracin_curriculum', 'tracin')
   from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
@@ -129,7 +142,7 @@ def _tracin_curriculum(ctx: PolicyContext) -> Policy:
                fitted.example_gradients)
 
 
-@register_policy('mimic', sections=('valuation',), fields=('temperature',))
+@register_policy('mimic', sections=('valuation',), fields=('temperature', *_MIMIC_FIELDS))
 def _mimic(ctx: PolicyContext) -> Policy:
   refuse_valuate_outputs(ctx, 'mimic', 'mimic')
   from datarater.valuation import factory, mimic  # pylint: disable=g-import-not-at-top

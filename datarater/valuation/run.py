@@ -38,7 +38,7 @@ from datarater import checkpointing, config_checks, evaluation, files, multihost
 from datarater.curation import scores_file
 from datarater.data import pipeline, source
 from datarater.errors import UserError
-from datarater.progress import bar as progress_bar
+from datarater.progress import bar as progress_bar, setup_logging
 from datarater.valuation import factory, store
 from datarater.valuation.mimic import mimic_filter
 
@@ -210,6 +210,7 @@ def topk_file(workdir: str, method: str) -> str:
 
 def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
   """Fits `method`, scores the training split, writes the files; returns the summary."""
+  setup_logging()
   if method not in factory.METHODS:
     raise UserError(f'unknown --method {method!r} (choose from {", ".join(factory.METHODS)})')
   if not workdir:
