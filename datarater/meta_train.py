@@ -92,6 +92,8 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     if os.path.exists(os.path.join(workdir, 'rater.json')):
       raise UserError(f'--workdir {workdir!r} holds an exported rater (rater.json); give the rater '
                       'run a folder of its own')
+  pipeline.check_same_everywhere(pipeline.builder_of(config.data),
+                                 pipeline.dataset_name(config.data))
   ckpt = run_checkpointer(config, workdir)
   resume_step = ckpt.check_compatible()
   if resume_step is not None and resume_step > config.outer.steps:

@@ -5,9 +5,10 @@ log at WARNING unless --verbosity is given. A bad flag, config file (`define_con
 that is missing, does not compile, has no get_config or whose get_config fails) or config override
 (an unknown field, a value of the wrong type), or a string flag or override with leading or
 trailing whitespace (`--workdir=' '`), prints one `error:` line and exits 2, like every
-`UserError` and I/O error inside `main` (`datarater.errors.exit_on_user_error`). `--help` prints
-the launcher's description, its flags and every field of its config (and of any other config file
-flag, e.g. a benchmark's --bench), and exits 0.
+`UserError` and I/O error inside `main` (`datarater.errors.exit_on_user_error`); in a process of
+a multi-process job such a flag error stops every process (`_job_stopped_on_flag_error`).
+`--help` prints the launcher's description, its flags and every field of its config (and of any
+other config file flag, e.g. a benchmark's --bench), and exits 0.
 `invoke(module, argv)` runs a launcher's flags and `main` in this process as its command line
 would, without absl's own flags (--verbosity), signal handlers or compilation cache (tests use
 it to try many inputs quickly).
@@ -285,11 +286,25 @@ def refuse_unread_sections(fv: flags.FlagValues, sections, launcher: str,
                     f'{", ".join(sections)}' + (' and no top-level field' if not top_level else ''))
 
 
-def run(main: Callable, define_flags: Callable, doc: str) -> None:
+def _job_stopped_on_flag_error(parse: Callable):
+  """`parse()`; if it exits 2 (a flag error, its line printed) in a process of a multi-process
+  job, every other process stops too (`distributed.stop_job_after_flag_error`)."""
   try:
-    define_flags()  # config_flags reads the --config.* overrides of sys.argv here
-  except OVERRIDE_ERRORS as e:
-    _fail(e, sys.argv)
+    return parse()
+  except SystemExit as e:
+    if e.code == 2:
+      from launch import distributed  # pylint: disable=g-import-not-at-top
+      distributed.stop_job_after_flag_error(sys.argv)
+    raise
+
+
+def run(main: Callable, define_flags: Callable, doc: str) -> None:
+  def define():
+    try:
+      define_flags()  # config_flags reads the --config.* overrides of sys.argv here
+    except OVERRIDE_ERRORS as e:
+      _fail(e, sys.argv)
+  _job_stopped_on_flag_error(define)
 
   def quiet_main(argv):
     if not flags.FLAGS['verbosity'].present:  # library chatter (XLA, orbax, TFDS) off
@@ -300,7 +315,8 @@ def run(main: Callable, define_flags: Callable, doc: str) -> None:
       interrupts.disarm()
   interrupts.install()
   process_compilation_cache()
-  app.run(quiet_main, flags_parser=lambda argv: parse_flags(argv, doc))
+  app.run(quiet_main, flags_parser=lambda argv: _job_stopped_on_flag_error(
+      lambda: parse_flags(argv, doc)))
 
 
 def compilation_cache(folder: str) -> None:

@@ -6,6 +6,7 @@ it needs from the environment (`--distributed`); elsewhere name the coordinator 
 lists every process's devices and one mesh spans them all.
 """
 import collections
+import contextlib
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ import threading
 from absl import flags
 import jax
 import ml_collections
+import numpy as np
 
 from datarater import multihost
 from datarater.errors import UserError
@@ -34,10 +36,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                        'the job before it stops.', flag_values=fv)
 
 
-def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS, flags_read: bool = True) -> None:
   """Starts `jax.distributed` as the flags say (nothing without them); bad values, a coordinator
   port another program listens on (`refuse_busy_port`), a failed start and a job that not every
-  process joined within --start_timeout seconds (`_wait_for`) are one `UserError` line."""
+  process joined within --start_timeout seconds (`_wait_for`) are one `UserError` line, and so
+  is, on every process, a process that could not read its own flags (`flags_read=False`: see
+  `stop_job_after_flag_error`)."""
   if fv.start_timeout < 1:
     raise UserError(f'--start_timeout must be >= 1 (seconds), got {fv.start_timeout}')
   # JAX's own timeout, the later: it aborts the process with a C++ trace.
@@ -79,7 +83,31 @@ def initialize_from_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     held = ', '.join(f'process {p}: {n}' for p, n in sorted(counts.items()))
     raise UserError(f'the processes of this job hold different numbers of devices ({held}): give '
                     'every process as many (CUDA_VISIBLE_DEVICES, XLA_FLAGS)')
+  if jax.process_count() > 1:
+    read = multihost.allgather(np.asarray([flags_read], np.int32))[:, 0]
+    if not read.all():
+      failed = ', '.join(map(str, np.flatnonzero(read == 0)))
+      raise UserError(f'process {failed} of this job could not read its flags (its error line '
+                      'says why)')
   multihost.check_same_settings(settings(fv))
+
+
+def stop_job_after_flag_error(argv, fv: flags.FlagValues = flags.FLAGS) -> None:
+  """For a launcher whose flags or config override (its error line printed) did not read, if it
+  takes these flags (defined in `fv`, first: before a config file's overrides can fail) and
+  `argv` names a job: joins the job as far as its own flags here read, so that every process
+  stops at once (the others waited --start_timeout, 300 s, for this one); nothing otherwise."""
+  if 'coordinator_address' not in fv:
+    return
+  own = flags.FlagValues()
+  define_flags(own)
+  try:
+    own(list(argv), known_only=True)
+  except flags.Error:  # a bad value of these flags: no job to join
+    return
+  if own.coordinator_address or own.distributed:
+    with contextlib.suppress(UserError):  # (this process's own line is already out)
+      initialize_from_flags(own, flags_read=False)
 
 
 def refuse_busy_port(address: str) -> None:

@@ -26,6 +26,7 @@ from launch import cli, distributed
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   del argv
+  distributed.define_flags(fv)  # first: see distributed.stop_job_after_flag_error
   d = lambda kind, *args: getattr(flags, f'DEFINE_{kind}')(*args, flag_values=fv)
   d('string', 'dataset', 'sklearn_digits',
     'TFDS dataset name (prepared in --data_dir), or a TFDS dataset folder.')
@@ -45,17 +46,17 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   d('integer', 'batch_size', 1024, 'Examples read and scored at a time.')
   d('string', 'out', None, 'Output folder (a TFDS dataset folder).')
   d('bool', 'overwrite', False, 'Replace OUT_DIR if it is an earlier output of this command.')
-  distributed.define_flags(fv)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
+    distributed.initialize_from_flags(fv)  # first: a process given a flag the others are not
+    # stops every process, the others with a line naming it
     if not 0 <= fv.label_noise < 1:  # checked here to name the flag, not the config field
       raise UserError(f'--label_noise must be in [0, 1), got {fv.label_noise}')
     if not 0 <= fv.noise_seed <= MAX_SEED:
       raise UserError(f'--noise_seed must be in [0, {MAX_SEED}], got {fv.noise_seed}')
-    distributed.initialize_from_flags(fv)
     report = filter_dataset(
         fv.dataset, fv.out, fv.split, rater=fv.rater, scores=fv.scores, keep=fv.keep,
         min_score=fv.min_score, suggest_keep=fv.suggest_keep, threshold=fv.threshold,

@@ -17,13 +17,13 @@ from launch import cli, distributed
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   """Flags are defined when run as a program, so tests and tools can import this module freely."""
+  distributed.define_flags(fv)  # first: see distributed.stop_job_after_flag_error
   cli.define_config_file('config', 'configs/digits.py', 'Experiment config file.', fv, argv)
   flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, report.',
                       flag_values=fv)
   flags.DEFINE_integer('stop_after', None,
                        'Checkpoint and exit after this outer step (a preemption drill).',
                        flag_values=fv)
-  distributed.define_flags(fv)
 
 
 def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -34,8 +34,8 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
-    check_flags(fv)
-    distributed.initialize_from_flags(fv)
+    distributed.initialize_from_flags(fv)  # first: a process given a flag the others are
+    check_flags(fv)  # not stops every process, the others with a line naming it
     meta_train(fv.config, fv.workdir, stop_after=fv.stop_after)
 
 

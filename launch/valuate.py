@@ -22,10 +22,10 @@ from launch import cli, distributed
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
+  distributed.define_flags(fv)  # first: see distributed.stop_job_after_flag_error
   cli.define_config_file('config', 'configs/digits.py', 'Experiment config file.', fv, argv)
   flags.DEFINE_string('method', None, f'One of {", ".join(METHODS)}.', flag_values=fv)
   flags.DEFINE_string('workdir', None, 'Output folder.', flag_values=fv)
-  distributed.define_flags(fv)
 
 
 def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -39,8 +39,8 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
-    check_flags(fv)
-    distributed.initialize_from_flags(fv)
+    distributed.initialize_from_flags(fv)  # first: a process given a flag the others are
+    check_flags(fv)  # not stops every process, the others with a line naming it
     summary = valuate(fv.method, fv.config, fv.workdir)
   if not summary:  # another process of a multi-process job wrote the files
     return

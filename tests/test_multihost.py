@@ -4,6 +4,7 @@ step, which resumes in one process to the same rater."""
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tensorflow_datasets as tfds
 
 from configs.digits import get_config
 from datarater.curation.filter import filter_dataset
@@ -323,6 +325,77 @@ def test_processes_given_different_flags_stop_in_one_line(tfds_dir, tmp_path, mo
     assert f'were given different {name} (this process, {i}' in errors[0], errors
     assert 'Traceback' not in out
   assert not os.path.exists(tmp_path / 'out')
+
+
+@pytest.mark.parametrize('module,args,extra,lines', [
+    ('filter', ['--dataset=sklearn_digits', '--rater=none', '--keep=0.5', '--out=W'],
+     ['--keep=abc'], ['process 1 of this job could not read its flags (its error line says why)',
+                      "flag --keep=abc: could not convert string to float: 'abc'"]),
+    pytest.param('valuate', ['--method=tracin', '--workdir=W'], ['--config.valuation.nope=1'],
+                 ['process 1 of this job could not read its flags (its error line says why)',
+                  "unknown config field 'nope': --config.valuation.nope"], marks=pytest.mark.slow),
+    pytest.param('train_rater', ['--workdir=W'], ['--config.train.learning_rate=0.5'], [
+        f'the processes of this job were given different --config.train.learning_rate (this '
+        f'process, {i}: {v!r}): give every process the same flags' for i, v in
+        enumerate((get_config().train.learning_rate, 0.5))], marks=pytest.mark.slow)])
+def test_a_flag_refused_on_one_process_alone_stops_both_at_once(tfds_dir, tmp_path, module, args,
+                                                              extra, lines):
+  """Process 1 alone given a flag that does not parse, an unknown config field, or an override
+  its launcher refuses (a config section it does not read) stopped before it joined the job, and
+  process 0 waited --start_timeout (300 s) for it: both stop at once, process 1 with its line."""
+  args = [a.replace('W', str(tmp_path / 'out')) for a in args]
+  if module != 'filter':
+    args += as_flags(small_config(tfds_dir, steps=2), READ_BY[module])
+  start = time.monotonic()
+  procs = _start(f'launch.{module}', args, ((), extra))
+  for p, out, line in zip(procs, _outputs(procs, timeout=120), lines):
+    errors = [l for l in out.splitlines() if l.startswith('error: ')]
+    assert p.returncode == 2 and errors == [f'error: {line}'], out[-2000:]
+    assert 'Traceback' not in out
+  assert time.monotonic() - start < 100
+  assert not os.path.exists(tmp_path / 'out')
+
+
+def _other_digits(tfds_dir: str, tmp_path) -> str:
+  """A data_dir holding another copy of sklearn_digits: its train split is the test split."""
+  shutil.copytree(os.path.join(tfds_dir, 'sklearn_digits'), tmp_path / 'other' / 'sklearn_digits')
+  (folder,) = glob.glob(str(tmp_path / 'other' / 'sklearn_digits' / '*' / 'dataset_info.json'))
+  folder = os.path.dirname(folder)
+  (test,) = glob.glob(os.path.join(folder, 'sklearn_digits-test.array_record-*'))
+  shutil.copy(test, test.replace('-test.', '-train.'))
+  info = json.load(open(os.path.join(folder, 'dataset_info.json')))
+  splits = {s['name']: s for s in info['splits']}
+  for field in ('numBytes', 'shardLengths'):
+    splits['train'][field] = splits['test'][field]
+  json.dump(info, open(os.path.join(folder, 'dataset_info.json'), 'w'))
+  return str(tmp_path / 'other')
+
+
+@pytest.mark.slow  # (two two-process jobs)
+@pytest.mark.parametrize('module', ['filter', 'train_rater'])
+def test_processes_holding_different_copies_of_the_dataset_stop_in_one_line(
+    tfds_dir, tmp_path, rater_run, module):
+  """Each process may keep the prepared data where it likes (--data_dir, data.data_dir): copies
+  with other splits or sizes are refused on every process in one line (the filter's exchange of
+  scores aborted the job; a rater run trained on, each process on its own data, and exited 0)."""
+  other = _other_digits(tfds_dir, tmp_path)
+  out = str(tmp_path / 'out')
+  if module == 'filter':
+    args, flag = [f'--rater={rater_run}', '--keep=0.5', f'--out={out}', '--batch_size=300',
+                  f'--data_dir={tfds_dir}'], '--data_dir'
+  else:
+    args, flag = [f'--workdir={out}', *as_flags(small_config(tfds_dir, steps=2))], \
+        '--config.data.data_dir'
+  procs = _start(f'launch.{module}', args, ((), (f'{flag}={other}',)))
+  for i, (p, text) in enumerate(zip(procs, _outputs(procs, timeout=150))):
+    sizes = {s: v.num_examples for s, v in tfds.builder_from_directory(glob.glob(os.path.join(
+        (tfds_dir, other)[i], 'sklearn_digits', '*'))[0]).info.splits.items()}
+    errors = [l for l in text.splitlines() if l.startswith('error: ')]
+    assert p.returncode == 2 and errors == [
+        "error: the processes of this job hold different copies of dataset 'sklearn_digits' "
+        f'(this process, {i}: sklearn_digits 1.0.0, split sizes {sizes}): give every process '
+        'the same prepared data'], text[-2000:]
+  assert not os.path.exists(out)
 
 
 # A launcher as one of two jax.distributed processes; process 1 is sent `signum` as it reads its

@@ -120,6 +120,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
     _check_settings(splits, rater, scores, keep, min_score, suggest_keep, threshold, balance,
                     batch_size)
     data = _open_dataset(dataset, data_dir, out, overwrite, splits, rater, scores, balance)
+  pipeline.check_same_everywhere(data.builder, data.name)
   loaded = None if rater is None else _load_rater(rater, devices, data, corruption)
   with multihost.together('reading --scores'):
     given = (scores_file.read_values(scores, len(data.sources[splits[0]]), splits[0], data.name,

@@ -11,7 +11,9 @@ stores and a resumed run continues from, on any number of devices or processes.
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import os
 from typing import Mapping, Optional
@@ -28,6 +30,7 @@ from datarater.data import idx_mnist  # registers the builder of idx files (Fash
 from datarater.data import python_text  # pylint: disable=unused-import  (registers the builder)
 from datarater.data import sklearn_digits  # pylint: disable=unused-import  (registers the builder)
 from datarater import files
+from datarater import multihost
 from datarater.errors import UserError
 
 # Datasets built from local files, so never downloaded.
@@ -436,6 +439,20 @@ def files_digest(builder) -> str:
   """sha256 of the names, sizes and modification times of a prepared dataset's files: what
   tells a dataset written again into the same folder (launch.filter --overwrite) from the old."""
   return files.stat_digest(str(builder.data_dir), hidden=True)
+
+
+def check_same_everywhere(builder, name: str) -> None:
+  """UserError on every process of a job unless each process's copy of dataset `name` (`builder`;
+  each process may keep its own: --data_dir, data.data_dir) has the same name, version, features
+  and split sizes: processes reading copies that differ in these mix two datasets (a rater run
+  trained on, a filter aborted the job)."""
+  info = builder.info
+  splits = {s: info.splits[s].num_examples for s in info.splits}
+  layout = json.dumps([info.name, str(info.version), repr(info.features), splits], sort_keys=True)
+  if not multihost.same_everywhere(hashlib.sha256(layout.encode()).hexdigest()):
+    raise UserError(f'the processes of this job hold different copies of dataset {name!r} (this '
+                    f'process, {jax.process_index()}: {info.name} {info.version}, split sizes '
+                    f'{splits}): give every process the same prepared data')
 
 
 def load_split(data, split: str, corrupt: bool = False) -> Split:

@@ -238,6 +238,7 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
       _check_store_size(method, config, len(train), workdir)
     if from_store and jax.process_count() > 1:
       raise UserError('valuation.store and valuation.topk run in one process')
+  pipeline.check_same_everywhere(pipeline.builder_of(d), pipeline.dataset_name(d))
   stem = os.path.join(workdir, f'scores_{method}')
   with multihost.workdir_lock(workdir):
     diffs = made_with_another_config(stem, config)
