@@ -415,7 +415,7 @@ def test_a_valuation_field_a_policy_that_values_the_split_ignores_is_refused(nam
   others = [f for f in SECTIONS['valuation'] if method not in READ_BY.get(f, (method,))]
   valuate_only = {'tracin': ['score_batch_size', 'store_k'],
                   'mimic': ['score_batch_size', 'store_k', 'mimic_keep_fraction', 'train_steps',
-                            'checkpoint_every', 'chunk_size', 'layers', 'projection']}[method]
+                            'checkpoint_every', 'chunk_size']}[method]
   assert others and not set(valuate_only) & set(others)
   for field in others + valuate_only:
     with pytest.raises(UserError, match=rf'--config.valuation.{field} is not read by policy '

@@ -641,3 +641,17 @@ def test_dvemb_step_map_skips_the_eigendecomposition_only_where_no_clip_acts():
     assert np.linalg.eigvalsh(eigh_map(h, lr)).max() <= 1 + 1e-12
     np.testing.assert_allclose(_step_map(jnp.asarray(h), lr, True), np.eye(16) - lr * h,
                                atol=1e-12)
+
+
+def test_launch_valuate_refuses_the_projection_and_layers_fields_for_mimic_and_datarater():
+  """Mimic reads valuation.mimic_layers and projects nothing; the datarater method fits
+  nothing: `--config.valuation.layers` / `projection` / `projection_dim` given to them were
+  accepted and changed no score. TracIn and dvemb read them (dvemb refuses layers itself)."""
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  for field in ('layers', 'projection', 'projection_dim'):
+    for method in ('mimic', 'datarater'):
+      with pytest.raises(UserError, match=rf'--config.valuation.{field} is not read by method '
+                                          rf'{method} \(it is read by tracin, dvemb alone\)'):
+        factory.check_fields(method, [f'valuation.{field}'])
+    for method in ('tracin', 'dvemb'):
+      factory.check_fields(method, [f'valuation.{field}'])

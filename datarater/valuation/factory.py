@@ -27,6 +27,8 @@ READ_BY = {'tracin_mode': ('tracin',), 'tracin_project': ('tracin',), 'tracin_gh
            'mimic_layers': ('mimic',), 'mimic_cosine': ('mimic',),
            'mimic_keep_fraction': ('mimic',), 'reference_steps': ('mimic',),
            'dvemb_curvature': ('dvemb',), 'dvemb_steps': ('dvemb',), 'rater': ('datarater',),
+           # Mimic projects nothing and reads mimic_layers (dvemb refuses layers itself).
+           **{f: ('tracin', 'dvemb') for f in ('layers', 'projection', 'projection_dim')},
            # The recorded training run (dvemb's is dvemb_steps long, a checkpoint per step).
            'train_steps': ('tracin', 'mimic'), 'checkpoint_every': ('tracin', 'mimic'),
            **{f: ('tracin', 'mimic', 'dvemb') for f in (
