@@ -5,7 +5,6 @@ stays within its rounding of the same model in float64."""
 import json
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 
 from datarater import evaluation, pergrad
 from datarater.errors import UserError
-from datarater.tasks.classifier import Classifier, LabelledRater
+from datarater.tasks.classifier import MLP, Classifier, LabelledRater
 from datarater.valuation import dvemb
 from datarater.valuation.base import TrainingRun
 from inner_loop.optimizers import make_inner_optimizer, make_step_inverse
@@ -27,28 +26,18 @@ from outer_loop.estimators import Mixed, Reverse, make_estimator
 from tests.tiny import NUM_CLASSES, tiny_batches, tiny_info
 
 
-class Mlp(nn.Module):
-  """A tanh MLP computing in `dtype`, its parameters in `param_dtype` (flax's mixed precision)."""
-  features: tuple
-  dtype: Any = jnp.bfloat16
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, embed=False):
-    x = x.reshape(x.shape[0], -1)
-    for i, width in enumerate(self.features):
-      x = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name=f'dense_{i}')(x)
-      x = jnp.tanh(x) if i < len(self.features) - 1 else x
-    return x
+def mlp(features, dtype=jnp.bfloat16, param_dtype=jnp.float32):
+  """The shipped MLP, tanh, computing in `dtype`, its parameters in `param_dtype`."""
+  return MLP(features, 'tanh', dtype, param_dtype)
 
 
 def task(dtype=jnp.bfloat16, param_dtype=jnp.float32, hidden=6):
-  module = Mlp((hidden, NUM_CLASSES), dtype, param_dtype)
+  module = mlp((hidden, NUM_CLASSES), dtype, param_dtype)
   return Classifier(module, tiny_info().spec, 'image', 'label', NUM_CLASSES)
 
 
 def problem(dtype, param_dtype, lr=0.05):
-  rater = LabelledRater(Mlp((4, NUM_CLASSES), dtype, param_dtype), tiny_info().spec, 'image',
+  rater = LabelledRater(mlp((4, NUM_CLASSES), dtype, param_dtype), tiny_info().spec, 'image',
                         'label')
   return meta_step.MetaProblem(task=task(dtype, param_dtype), rater=rater,
                                inner_optimizer=make_inner_optimizer('adam', lr),
@@ -322,7 +311,6 @@ def test_every_launcher_runs_with_a_float16_mlp_close_to_float32(tfds_dir, tmp_p
   from datarater.train import train  # pylint: disable=g-import-not-at-top
   from datarater.valuation.run import valuate  # pylint: disable=g-import-not-at-top
   from scipy.stats import spearmanr  # pylint: disable=g-import-not-at-top
-  from tests import low_precision_models  # pylint: disable=g-import-not-at-top,unused-import
   from tests.conftest import digits_data  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   scores = {}
@@ -330,7 +318,7 @@ def test_every_launcher_runs_with_a_float16_mlp_close_to_float32(tfds_dir, tmp_p
                              ('float16', 'float16')):
     c, out = digits.get_config(), tmp_path / f'{dtype}_{param_dtype}'
     c.data = digits_data(tfds_dir, 0.2)
-    for section, name in ((c.task, 'lp_mlp_classifier'), (c.rater, 'lp_mlp_rater')):
+    for section, name in ((c.task, 'mlp_classifier'), (c.rater, 'mlp_rater')):
       section.name, section.dtype, section.param_dtype = name, dtype, param_dtype
     c.task.hidden, c.rater.hidden = (32,), (16,)
     c.outer.steps, c.inner.population, c.inner.batch_size, c.outer.batch_size = 6, 2, 16, 16

@@ -117,8 +117,11 @@ def test_every_path_the_docs_name_exists():
 
 
 def _config_fields() -> set[str]:
-  """Every section and field (dotted) of every config in configs/, its named parts included."""
-  fields = set()
+  """Every section and field (dotted) of every config in configs/, its named parts included, and
+  the fields of every registered task's and rater's schema (optional ones a config leaves out)."""
+  from datarater.tasks import registry  # pylint: disable=g-import-not-at-top
+  fields = {f'{kind}.{field}' for (kind, _), schema in registry.SCHEMAS.items()
+            for field in schema}
 
   def add(config, prefix=''):
     for key, value in config.items():

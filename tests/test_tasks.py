@@ -623,3 +623,33 @@ def test_a_nan_loss_from_tokens_outside_the_embedding_is_not_called_batch_mixing
   assert line.startswith('task _WordModel: its per_example_loss or its derivative is NaN on 1 '
                          "of 4 examples at its initial parameters: data it cannot read, such as "
                          "tokens outside an embedding's vocabulary"), line
+
+
+@pytest.mark.parametrize('dtype,param_dtype', [('bfloat16', ''), ('float16', 'float16')])
+def test_the_shipped_models_precision_fields_set_what_they_compute_in_and_store(dtype,
+                                                                               param_dtype):
+  """`dtype` / `param_dtype` config fields (float32 when left out) of the MLP task and rater and
+  the CNN: parameters stored in `param_dtype`, outputs in `dtype`, equal to the float64 forward
+  pass of the same parameters up to `dtype`'s rounding."""
+  with jax.enable_x64(False):
+    fields = {'dtype': dtype, **({'param_dtype': param_dtype} if param_dtype else {})}
+    stored = jnp.dtype(param_dtype or 'float32')
+    batch = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64 else x,
+                         _batch())
+    for make, name in ((tasks.make_task, 'mlp_classifier'), (tasks.make_rater, 'mlp_rater')):
+      model = make(ml_collections.ConfigDict(
+          {'name': name, 'hidden': (4, 6), 'activation': 'tanh', **fields}), tiny_info())
+      params = jax.jit(model.init)(jax.random.key(0))
+      assert {x.dtype for x in jax.tree.leaves(params)} == {stored}, name
+      out = jax.jit(model.module.apply)(params, batch['image'])
+      assert out.dtype == jnp.dtype(dtype), name
+      np.testing.assert_allclose(np.asarray(out, np.float64),
+                                 _mlp_forward(params, batch['image']), rtol=0.05, atol=0.05)
+    from datarater.tasks import cnn  # pylint: disable=g-import-not-at-top
+    net = cnn.CNN((4,), (2,), 3, **tasks.classifier.dtypes(ml_collections.ConfigDict(fields)))
+    images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 6, 6, 1)), jnp.float32)
+    params = jax.jit(net.init)(jax.random.key(0), images)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {stored}
+    assert jax.jit(net.apply)(params, images).dtype == jnp.dtype(dtype)
+    default = cnn.CNN((4,), (2,), 3, **tasks.classifier.dtypes(ml_collections.ConfigDict()))
+    assert (default.dtype, default.param_dtype) == (None, jnp.float32)

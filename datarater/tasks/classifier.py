@@ -8,7 +8,7 @@ Which features are the input and the label comes from the config (`input`, `labe
 the dataset's supervised keys. This file ships the MLP; other trunks register the same way.
 """
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,19 +34,25 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 class MLP(nn.Module):
   """Flattens each example, then Dense layers `dense_0..dense_L`; the last has `features[-1]`
-  outputs. `embed=True` returns the last hidden activation instead (the input if no hidden)."""
+  outputs. `embed=True` returns the last hidden activation instead (the input if no hidden).
+  `dtype`: what the layers compute in (None: their inputs' and parameters'), `param_dtype`: what
+  the parameters are stored in (flax's mixed precision)."""
   features: Sequence[int]
   activation: str = 'relu'
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, embed: bool = False) -> jax.Array:
     x = x.reshape(x.shape[0], -1)
     act = activation(self.activation)
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.param_dtype,
+                                     name=name)
     for i, width in enumerate(self.features[:-1]):
-      x = act(nn.Dense(width, name=f'dense_{i}')(x))
+      x = act(dense(width, f'dense_{i}')(x))
     if embed:
       return x
-    return nn.Dense(self.features[-1], name=f'dense_{len(self.features) - 1}')(x)
+    return dense(self.features[-1], f'dense_{len(self.features) - 1}')(x)
 
 
 def _io_keys(config, info) -> tuple[str, str, int]:
@@ -154,15 +160,30 @@ def readout(config) -> str:
   return name
 
 
+DTYPES = ('float32', 'bfloat16', 'float16')
+# A model's precision (optional fields): `dtype` what its layers compute in, `param_dtype` what its
+# parameters are stored in (float32 when left out).
+DTYPE_FIELDS = {'dtype': checks.optional(checks.one_of(*DTYPES)),
+                'param_dtype': checks.optional(checks.one_of(*DTYPES))}
+
+
+def dtypes(config) -> dict:
+  """The module arguments `dtype` and `param_dtype` of a section's optional DTYPE_FIELDS."""
+  dtype = config.get('dtype', '')
+  return {'dtype': jnp.dtype(dtype) if dtype else None,
+          'param_dtype': jnp.dtype(config.get('param_dtype', '') or 'float32')}
+
+
 MLP_SCHEMA = {'hidden': checks.integers(1, nonempty=False),
-              'activation': checks.one_of(*ACTIVATIONS), **IO_FIELDS}
+              'activation': checks.one_of(*ACTIVATIONS), **IO_FIELDS, **DTYPE_FIELDS}
 
 
 @register_task('mlp_classifier', MLP_SCHEMA)
 def mlp_classifier(config, info) -> Classifier:
   """config: hidden (widths), activation, optional input / label feature names."""
   x_key, y_key, num_classes = _io_keys(config, info)
-  module = MLP(features=(*config.hidden, num_classes), activation=config.activation)
+  module = MLP(features=(*config.hidden, num_classes), activation=config.activation,
+               **dtypes(config))
   return Classifier(module, info.spec, x_key, y_key, num_classes)
 
 
@@ -170,5 +191,6 @@ def mlp_classifier(config, info) -> Classifier:
 def mlp_rater(config, info) -> LabelledRater:
   """config: hidden, activation, optional input / label feature names and readout."""
   x_key, y_key, num_classes = _io_keys(config, info)
-  module = MLP(features=(*config.hidden, num_classes), activation=config.activation)
+  module = MLP(features=(*config.hidden, num_classes), activation=config.activation,
+               **dtypes(config))
   return LabelledRater(module, info.spec, x_key, y_key, readout(config), num_classes)

@@ -12,7 +12,7 @@ average pool (`pool`), an optional Dense layer (`hidden`, 0 = none), and the hea
 head's input.
 """
 import math
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,8 +20,9 @@ import jax.numpy as jnp
 
 from datarater import config_checks as checks
 from datarater.errors import UserError
-from datarater.tasks.classifier import (ACTIVATIONS, IO_FIELDS, RATER_FIELDS, Classifier,
-                                        LabelledRater, _io_keys, activation, readout)
+from datarater.tasks.classifier import (ACTIVATIONS, DTYPE_FIELDS, IO_FIELDS, RATER_FIELDS,
+                                        Classifier, LabelledRater, _io_keys, activation, dtypes,
+                                        readout)
 from datarater.tasks.registry import register_rater, register_task
 
 POOLS = ('flatten', 'mean')
@@ -48,14 +49,18 @@ class PatchConv(nn.Module):
   """A 3x3 'SAME' convolution: [B, H, W, C] -> [B, H / s, W / s, features], as patches @ kernel."""
   features: int
   stride: int = 1
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Dense(self.features, name='kernel')(patches_3x3(x, self.stride))
+    return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name='kernel')(patches_3x3(x, self.stride))
 
 
 class CNN(nn.Module):
-  """Images [B, H, W, C] (or [B, H, W]) -> `outputs` per example."""
+  """Images [B, H, W, C] (or [B, H, W]) -> `outputs` per example, computing in `dtype` (None:
+  its inputs' and parameters'), its parameters stored in `param_dtype`."""
   channels: Sequence[int]
   strides: Sequence[int]
   outputs: int
@@ -63,6 +68,8 @@ class CNN(nn.Module):
   hidden: int = 0
   groups: int = 4
   activation: str = 'relu'
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, embed: bool = False) -> jax.Array:
@@ -70,16 +77,17 @@ class CNN(nn.Module):
       x = x[..., None]
     act = activation(self.activation)
     for i, (width, stride) in enumerate(zip(self.channels, self.strides)):
-      x = PatchConv(width, stride, name=f'conv_{i}')(x)
+      x = PatchConv(width, stride, self.dtype, self.param_dtype, name=f'conv_{i}')(x)
       x = nn.GroupNorm(num_groups=math.gcd(self.groups, width), use_scale=False,
-                       use_bias=False)(x)
+                       use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(x)
       x = act(x)
     x = x.reshape(x.shape[0], -1) if self.pool == 'flatten' else jnp.mean(x, axis=(1, 2))
     if self.hidden:
-      x = act(nn.Dense(self.hidden, name='dense')(x))
+      x = act(nn.Dense(self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name='dense')(x))
     if embed:
       return x
-    return nn.Dense(self.outputs, name='head')(x)
+    return nn.Dense(self.outputs, dtype=self.dtype, param_dtype=self.param_dtype, name='head')(x)
 
 
 def _cnn(config, outputs: int, info, x_key: str) -> CNN:
@@ -94,12 +102,13 @@ def _cnn(config, outputs: int, info, x_key: str) -> CNN:
   if config.pool not in POOLS:
     raise UserError(f'unknown CNN pool {config.pool!r} (choose from {", ".join(POOLS)})')
   return CNN(channels, strides, outputs, config.pool, int(config.hidden), int(config.groups),
-             config.activation)
+             config.activation, **dtypes(config))
 
 
 CNN_SCHEMA = {'channels': checks.integers(1), 'strides': checks.integers(1),
               'pool': checks.one_of(*POOLS), 'hidden': checks.integer(0),
-              'groups': checks.integer(1), 'activation': checks.one_of(*ACTIVATIONS), **IO_FIELDS}
+              'groups': checks.integer(1), 'activation': checks.one_of(*ACTIVATIONS), **IO_FIELDS,
+              **DTYPE_FIELDS}
 
 
 @register_task('cnn_classifier', CNN_SCHEMA)
