@@ -27,6 +27,7 @@ The history is a list of records, one per evaluation, all of one format:
   {'epoch': float, 'step': int, 'example_gradients': int, 'scoring_forwards': int,
    'wall_s': float, <split>: {<metric>: [one value per seed]}}.
 """
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -350,43 +351,46 @@ class Trainer:
         def read(span, positions=positions):  # streaming: a chunk's batches [M, L, B, ...]
           part = self._read(train, positions[:, span[0]:span[1]])
           return {k: _pad(v, length, *span) for k, v in part.items()}
-        # Streaming, each chunk is read (in a thread) while the steps of the one before run.
-        reads = source_lib.read_ahead(read, spans) if streaming else itertools.repeat(data)
+        # Streaming, each chunk is read (in a thread) while the steps of the one before run; the
+        # thread ends with the loop, however it is left (not when `reads` is collected).
+        reads = (contextlib.closing(source_lib.read_ahead(read, spans)) if streaming
+                 else contextlib.nullcontext(itertools.repeat(data)))
         name, chunk = ('chunk_read', self._chunk_read) if streaming else ('chunk', self._chunk)
-        for (a, b), chunk_data in zip(spans, reads):
-          pad = lambda x: _pad(x, length, a, b)
-          models, recorder, part_losses, part_used, counts = compiled(
-              name, chunk, state.models, policy_state, aux, chunk_data,
-              pad(positions[:, a:b]), pad(weights[:, a:b]), np.int32(done_steps + a),
-              np.int32(b - a), recorder)
-          losses.append(np.asarray(part_losses)[:, :b - a])  # the padding steps dropped
-          used.append(np.asarray(part_used)[:, :b - a])
-          _check_weights(self.policy.name, used[-1], seeds, done_steps + a)
-          _check_losses(losses[-1], seeds, done_steps + a, self.learning_rate_setting)
-          counts = np.asarray(counts)
-          state = state.replace(models=models,
-                                example_gradients=state.example_gradients + counts[:, 0],
-                                drawn=state.drawn + counts[:, 1])
-          if self.record_every:
-            positions_log.append(positions[:, a:b])
-            weights_log.append(used[-1])
-          if b == epoch_steps:  # the epoch is over: the policy sees its losses
-            flat = lambda x: np.concatenate(x, axis=1).reshape(len(seeds), -1)
-            policy_state = compiled(
-                'update', self._update, aux, policy_state,
-                positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))
-            state = state.replace(policy=policy_state)
-          if b not in cuts:  # a chunk inside an evaluation interval
-            continue
-          jax.block_until_ready(state)
-          train_s += time.perf_counter() - tick - (compiled.seconds - compile_before)
-          record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b),
-                    **self._evaluate_splits(state, eval_data),
-                    **self._compute_spent(state), 'wall_s': round(train_s, 4)}
-          history.append(record)
-          if log is not None:
-            log(record)
-          tick, compile_before = time.perf_counter(), compiled.seconds
+        with reads as chunks:
+          for (a, b), chunk_data in zip(spans, chunks):
+            pad = lambda x: _pad(x, length, a, b)
+            models, recorder, part_losses, part_used, counts = compiled(
+                name, chunk, state.models, policy_state, aux, chunk_data,
+                pad(positions[:, a:b]), pad(weights[:, a:b]), np.int32(done_steps + a),
+                np.int32(b - a), recorder)
+            losses.append(np.asarray(part_losses)[:, :b - a])  # the padding steps dropped
+            used.append(np.asarray(part_used)[:, :b - a])
+            _check_weights(self.policy.name, used[-1], seeds, done_steps + a)
+            _check_losses(losses[-1], seeds, done_steps + a, self.learning_rate_setting)
+            counts = np.asarray(counts)
+            state = state.replace(models=models,
+                                  example_gradients=state.example_gradients + counts[:, 0],
+                                  drawn=state.drawn + counts[:, 1])
+            if self.record_every:
+              positions_log.append(positions[:, a:b])
+              weights_log.append(used[-1])
+            if b == epoch_steps:  # the epoch is over: the policy sees its losses
+              flat = lambda x: np.concatenate(x, axis=1).reshape(len(seeds), -1)
+              policy_state = compiled(
+                  'update', self._update, aux, policy_state,
+                  positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))
+              state = state.replace(policy=policy_state)
+            if b not in cuts:  # a chunk inside an evaluation interval
+              continue
+            jax.block_until_ready(state)
+            train_s += time.perf_counter() - tick - (compiled.seconds - compile_before)
+            record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b),
+                      **self._evaluate_splits(state, eval_data),
+                      **self._compute_spent(state), 'wall_s': round(train_s, 4)}
+            history.append(record)
+            if log is not None:
+              log(record)
+            tick, compile_before = time.perf_counter(), compiled.seconds
         done_steps += epoch_steps
         if checkpointer is not None and ((epoch + 1) % checkpoint_every == 0
                                         or epoch + 1 == last_epoch):

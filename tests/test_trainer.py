@@ -399,3 +399,26 @@ def test_a_streamed_run_reads_each_chunk_while_the_steps_before_it_run(tfds_dir,
   want = _trainer(in_memory, batch_size=64).run(in_memory, {}, [0], epochs=1)
   for got, expected in zip(jax.tree.leaves(run.params), jax.tree.leaves(want.params)):
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_streamed_run_left_by_an_error_leaves_no_read_thread(tfds_dir, monkeypatch):
+  """train.stream: a run stopped by an error while the next chunk is read ahead ends its read
+  thread on the way out, not when the generator is collected (the traceback, held here, keeps
+  the run's frame alive)."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from datarater.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(trainer_lib, 'STREAM_CHUNK', 4)  # 10 steps an epoch: chunks 4, 4, 2
+  streamed = source_lib.open_source(digits_data(tfds_dir), 'train[:640]')
+  ahead_of_time = trainer_lib._AheadOfTime  # pylint: disable=protected-access
+  real_call = ahead_of_time.__call__
+
+  def call(self, name, fn, *args):
+    if name == 'chunk_read':  # chunk 1 is being read ahead
+      raise RuntimeError('a planted step error')
+    return real_call(self, name, fn, *args)
+  monkeypatch.setattr(ahead_of_time, '__call__', call)
+  reading = lambda: [t for t in threading.enumerate() if t.name.startswith('datarater-read')]
+  before = reading()
+  with pytest.raises(RuntimeError, match='a planted step error') as e:
+    _trainer(streamed, batch_size=64).run(streamed, {}, [0], epochs=1)
+  assert [t for t in reading() if t not in before] == []

@@ -18,6 +18,7 @@ splits before scoring (and writes the corrupted examples), for experiments. In a
 corruption record are exchanged, each process computes the same exact threshold, and process 0
 writes the dataset.
 """
+import contextlib
 import os
 import shutil
 from typing import NamedTuple, Optional, Sequence
@@ -287,18 +288,20 @@ def _score_split(name: str, stream: source_lib.Source, batch_size: int, label: O
   desc = f'scoring {name}' + (" (process 0's batches)" if num > 1 else '')
   with multihost.StopVote(jax.devices(), 0) as vote, progress_bar(
       total=count, desc=desc, unit='batch', leave=False, disable=p > 0) as bar:
-    for done, item in enumerate(multihost.in_rounds(stream.blocks(batch_size, p, num), count), 1):
-      if item is not None:
-        ids, batch = item
-        if label is not None:
-          labels[ids] = batch[label]
-        if pipeline.RECORDED in batch:
-          record[ids] = batch[pipeline.RECORDED]
-        if loaded is not None:
-          scores[ids] = loaded(batch)
-        bar.update(1)
-      if vote.after(done):
-        break
+    # The blocks' read thread ends with the loop, however it is left (`contextlib.closing`).
+    with contextlib.closing(stream.blocks(batch_size, p, num)) as blocks:
+      for done, item in enumerate(multihost.in_rounds(blocks, count), 1):
+        if item is not None:
+          ids, batch = item
+          if label is not None:
+            labels[ids] = batch[label]
+          if pipeline.RECORDED in batch:
+            record[ids] = batch[pipeline.RECORDED]
+          if loaded is not None:
+            scores[ids] = loaded(batch)
+          bar.update(1)
+        if vote.after(done):
+          break
     if num > 1 and vote.stopped_at is None:  # every process gets every block's labels and scores
       labels, record, scores = _exchange(stream, batch_size,  # (only those)
                                          (labels, record, scores))

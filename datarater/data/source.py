@@ -88,7 +88,8 @@ class Source:
              skip: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
     """(positions, batch) of this shard's blocks after its first `skip`; the last block of the
     split is shorter (callers that compile per shape pad it). Read ahead (`read_ahead`): the
-    next block is read while the caller works on this one."""
+    next block is read while the caller works on this one; a loop that may stop early closes
+    the walk (`contextlib.closing`), which ends its read thread."""
     def walk():  # (positions, whether the files behind are done with) of each block, lazily
       walked = 0
       for start in self.block_starts(size, shard, num_shards)[skip:]:
@@ -111,7 +112,9 @@ def read_ahead(read: Callable[[Any], Any], items: Iterable) -> Iterator[Any]:
   """`read(item)` of each item in order, each computed in a background thread while the caller
   works on the one before (its device computation then overlaps the host's reading and
   decoding). One thread: the reads run one at a time, in order. A read's error is raised where
-  its result would have been yielded; leaving early waits for the read in flight."""
+  its result would have been yielded. Closing the generator early (`close`, as
+  `contextlib.closing` does on leaving its block) waits for the read in flight and ends the
+  thread; left unclosed, the thread lives until the generator is collected."""
   with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='datarater-read') as pool:
     pending = None
     for item in items:

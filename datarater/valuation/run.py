@@ -19,6 +19,7 @@ same one). In a
 `jax.distributed` job every process fits the same runs, scores every P-th block, and process 0
 merges the blocks into the one scores file.
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -170,9 +171,11 @@ def score_blocks(score_fn, split, block: int, partial: str, progress: bool, desc
                  'run again to resume')
 
   # Ctrl-C or SIGTERM to any process stops every process after the block it is in (`StopVote`).
+  # The blocks' read thread ends with the loop, however it is left (`contextlib.closing`).
   with multihost.StopVote(jax.devices(), done, stopped) as vote, progress_bar(
-      total=len(starts), initial=done, desc=desc, unit='block', disable=not progress) as bar:
-    for item in multihost.in_rounds(split.blocks(block, p, num, skip=done), len(starts) - done):
+      total=len(starts), initial=done, desc=desc, unit='block', disable=not progress) as bar, \
+      contextlib.closing(split.blocks(block, p, num, skip=done)) as blocks:
+    for item in multihost.in_rounds(blocks, len(starts) - done):
       if item is not None:
         positions, batch = item
         if check_data:  # e.g. tokens outside the vocabulary (scored, they would be garbage)
