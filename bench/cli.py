@@ -90,9 +90,11 @@ def quick_sets(quick: bool, flag_names=(), fields=()) -> None:
 
 
 def numbers(flag: str, values, kind: type = float, ok: Callable = lambda x: True,
-            within: str = '', empty_ok: bool = False, distinct: bool = False) -> list:
+            within: str = '', empty_ok: bool = False, distinct: bool = False,
+            called: str = '') -> list:
   """The items of comma-list flag --`flag` as `kind`; each must pass `ok` (`within` says how);
-  at least one unless `empty_ok`; each once if `distinct`."""
+  at least one unless `empty_ok`; each once if `distinct` (a repeat refused naming the first
+  repeated value, and what one is `called`, e.g. 'seed')."""
   if not values and not empty_ok:
     raise UserError(f'--{flag} is empty: give at least one value')
   try:
@@ -105,7 +107,8 @@ def numbers(flag: str, values, kind: type = float, ok: Callable = lambda x: True
     raise UserError(f'--{flag} values must be {within}, got {bad[0]}')
   repeated = [x for x in out if out.count(x) > 1]
   if distinct and repeated:
-    raise UserError(f'--{flag} repeats {repeated[0]}: give each value once')
+    named = f'{called} {repeated[0]}' if called else repeated[0]
+    raise UserError(f'--{flag} repeats {named}: give each {called or "value"} once')
   return out
 
 
@@ -162,8 +165,5 @@ def noise_rates(values) -> list:
 
 def seeds(values, flag: str = 'seeds') -> list:
   """The seeds of flag --`flag`: distinct (a seed twice would count one model twice)."""
-  out = numbers(flag, values, int, lambda x: 0 <= x <= MAX_SEED, f'in [0, {MAX_SEED}]')
-  repeated = sorted({x for x in out if out.count(x) > 1})
-  if repeated:
-    raise UserError(f'--{flag} repeats seed {repeated[0]}: give each seed once')
-  return out
+  return numbers(flag, values, int, lambda x: 0 <= x <= MAX_SEED, f'in [0, {MAX_SEED}]',
+                 distinct=True, called='seed')
