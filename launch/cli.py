@@ -211,8 +211,8 @@ def _refuse_padded_strings(fv: flags.FlagValues) -> None:
   no name, split or path of these commands holds such a value."""
   given = {f'--{name}': fv[name].value for name in fv if fv[name].present}
   for name in [f for f in fv if isinstance(fv[f].parser, _ConfigFileParser)]:
-    given.update({f'--{name}.{field}': value for field, value in
-                  config_flags.get_override_values(fv[name]).items()})
+    given.update({f'--{name}.{field}': value
+                  for field, value in fv[name].override_values.items()})
   for name, value in given.items():
     if isinstance(value, str) and value != value.strip():
       print(f'error: {name}={value!r} starts or ends with whitespace: give it without',
@@ -278,7 +278,7 @@ def refuse_unread_sections(fv: flags.FlagValues, sections, launcher: str,
   `checkpoint_every`) unless it reads them (`top_level`), changes nothing: refused in one line
   (e.g. train.learning_rate to launch.train_rater, whose inner rate is inner.learning_rate)."""
   read, config = {s.split('.')[0] for s in sections}, fv['config'].value
-  for path in config_flags.get_override_values(fv['config']):
+  for path in fv['config'].override_values:
     top = path.split('.')[0]
     if top not in config or (top_level if not hasattr(config[top], 'keys') else top in read):
       continue

@@ -14,7 +14,6 @@ if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callbac
   interrupts.install()
 # pylint: disable=wrong-import-position
 from absl import flags
-from ml_collections import config_flags
 
 from datarater import policies
 from datarater.errors import exit_on_user_error
@@ -39,8 +38,7 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Refuses a config override the run would not read: of a section (or top-level field) or
   of a `policy` field its policy does not read."""
   cli.refuse_unread_sections(fv, sections_read(fv.config, fv.policy), 'launch.train')
-  policies.check_fields(policy_name(fv.config, fv.policy),
-                        config_flags.get_override_values(fv['config']))
+  policies.check_fields(policy_name(fv.config, fv.policy), fv['config'].override_values)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):

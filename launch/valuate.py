@@ -13,7 +13,6 @@ if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callbac
   interrupts.install()
 # pylint: disable=wrong-import-position
 from absl import flags
-from ml_collections import config_flags
 
 from datarater.errors import exit_on_user_error
 from datarater.valuation.factory import METHODS, check_fields
@@ -33,7 +32,7 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   a `valuation` field its method does not read."""
   cli.refuse_unread_sections(fv, SECTIONS, 'launch.valuate')
   if fv.method in METHODS:  # (an unknown one is refused by name)
-    check_fields(fv.method, config_flags.get_override_values(fv['config']))
+    check_fields(fv.method, fv['config'].override_values)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
