@@ -34,7 +34,8 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
   (their paths, and the contents of those named by path alone: `checkpointing.path_inputs`).
 
   The epoch count may change on resume unless the policy's choices span the epochs; so may the
-  config's sections the policy does not read.
+  config's sections the policy does not read, and the fields it does not read of those it reads
+  in part (`policies.unread_fields`: e.g. valuation.dvemb_steps for tracin_curriculum).
   """
   fingerprint = config.copy_and_resolve_references()
   with fingerprint.unlocked():
@@ -42,7 +43,8 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
         'policy': policy, 'scores': scores and os.path.abspath(scores),
         'rater': rater and os.path.abspath(rater)})
   free = (checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every', 'train.stream', 'seed')
-          + checkpointing.unread_sections(config, SECTIONS + policies.SECTIONS.get(policy, ())))
+          + checkpointing.unread_sections(config, SECTIONS + policies.SECTIONS.get(policy, ()))
+          + policies.unread_fields(policy, config))
   if not spans_epochs:
     free += ('train.epochs',)
   inputs = checkpointing.path_inputs(config.data, scores=scores)

@@ -386,6 +386,34 @@ def test_a_training_run_compares_the_sections_its_policy_reads(tmp_path, policy,
       assert resumed.check_compatible() == 2
 
 
+@pytest.mark.parametrize('policy, unread, read', [
+    ('tracin_curriculum', ('valuation.dvemb_steps', 7), ('valuation.tracin_mode', 'heldout_cos')),
+    ('mimic', ('valuation.tracin_mode', 'heldout_cos'), ('valuation.mimic_cosine', True)),
+    ('random', ('policy.temperature', 0.5), ('policy.ratio', 0.5))])
+def test_a_training_run_resumes_past_the_fields_its_policy_does_not_read(tmp_path, policy, unread,
+                                                                         read):
+  """Of a section a policy reads in part (`policies.FIELDS`: tracin_curriculum's and mimic's
+  valuation fields, every policy's own), a field it does not read leaves its checkpoint
+  resumable (the whole section was compared: 'a different config'); one it reads is refused."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from datarater import train as train_lib  # pylint: disable=g-import-not-at-top
+  config = small_config(str(tmp_path / 'tfds'))
+  workdir = str(tmp_path / 'run')
+  _save_one(train_lib.run_checkpointer(config, workdir, policy, '', '', False),
+            extra={'history': [], 'wall_s': 0.0, 'steps': 0})
+  for (field, value), refused in ((unread, False), (read, True)):
+    changed = ml_collections.ConfigDict(config.to_dict())
+    section, name = field.split('.')
+    assert changed[section][name] != value
+    changed[section][name] = value
+    resumed = train_lib.run_checkpointer(changed, workdir, policy, '', '', False)
+    if refused:
+      with pytest.raises(UserError, match=rf'different config \({re.escape(field)}='):
+        resumed.check_compatible()
+    else:
+      assert resumed.check_compatible() == 2
+
+
 def test_a_training_run_resumes_past_the_top_level_seed_it_does_not_read(tmp_path):
   """launch.train reads `train.seeds`, not the top-level `seed` (the rater run's): a checkpoint
   made under another value of it is resumed (it was refused as 'a different config')."""

@@ -83,6 +83,29 @@ def test_a_finished_infobatch_run_extended_to_more_epochs_equals_the_longer_run(
   assert _history(extended) == _history(straight)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('policy, unread', [('tracin_curriculum', ('dvemb_steps', 7)),
+                                            ('mimic', ('tracin_mode', 'heldout_cos'))])
+def test_a_valuing_policys_run_resumed_past_a_valuation_field_it_does_not_read_equals_uninterrupted(
+    tfds_dir, tmp_path, policy, unread):
+  """tracin_curriculum and mimic read their valuation fields alone (`policies.FIELDS`): a run
+  stopped, then resumed under another value of a field they do not read, equals the
+  uninterrupted run (it was refused as 'a different config')."""
+  def config(**valuation):
+    c = _config(tfds_dir, 2)
+    c.train.seeds, c.task.hidden = (0,), (16,)
+    c.valuation.train_steps, c.valuation.checkpoint_every, c.valuation.reference_steps = 10, 5, 10
+    c.valuation.update(valuation)
+    return c
+  straight = train(config(), policy, workdir=str(tmp_path / 'a'), log=quiet)
+  workdir = str(tmp_path / 'b')
+  assert train(config(), policy, workdir=workdir, stop_after=1, log=quiet) == {'stopped_after': 1}
+  lines = []
+  resumed = train(config(**dict([unread])), policy, workdir=workdir, log=lines.append)
+  assert 'resuming from the checkpoint at epoch 1' in lines
+  assert _history(resumed) == _history(straight)
+
+
 # The tests that read `stopped_at_3` stay on one pytest-xdist worker, which runs it once.
 STOPPED_AT_3 = pytest.mark.xdist_group('train_resume_stopped_at_3')
 

@@ -2,4 +2,4 @@
 from datarater.policies import filtering, selection, weighting  # pylint: disable=unused-import  (registers)
 from datarater.policies.base import (FIELDS, POLICIES, READS, SECTIONS, WHOLE_SPLIT, Policy,
                                      PolicyContext, check_fields, check_inputs, make_policy,
-                                     register_policy)
+                                     register_policy, unread_fields)

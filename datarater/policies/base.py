@@ -21,7 +21,8 @@ Policies are made by name from `POLICIES` (`@register_policy('name')` on a facto
 `(ctx: PolicyContext) -> Policy`; `reads=('rater',)` names the launcher inputs it reads, and
 `check_inputs` refuses an input given to a policy that would ignore it; `fields=('rho',)` the
 `policy` config fields it reads (and, dotted, those of a section it reads in part), and
-`check_fields` refuses one set on the command line for a policy that would ignore it).
+`check_fields` refuses one set on the command line for a policy that would ignore it, and
+`unread_fields` lists the others, which its checkpoints do not compare).
 """
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
@@ -132,13 +133,25 @@ def _dotted(name: str) -> tuple[str, ...]:
   return tuple(f if '.' in f else f'policy.{f}' for f in FIELDS.get(name, ()))
 
 
+def _read_in_part(name: str) -> set[str]:
+  """The config sections policy `name` reads in part: `policy`, and those of its dotted FIELDS."""
+  return {'policy', *(f.split('.')[0] for f in _dotted(name))}
+
+
+def unread_fields(name: str, config) -> tuple[str, ...]:
+  """The fields of `config`'s sections that policy `name` reads in part (`_read_in_part`) which
+  it does not read, each as section.field: a run of it ignores them (so may its resume)."""
+  own = ('policy.name', *_dotted(name))
+  return tuple(f'{s}.{k}' for s in sorted(_read_in_part(name) & set(config.keys()))
+               for k in sorted(config[s].keys()) if f'{s}.{k}' not in own)
+
+
 def check_fields(name: str, overridden) -> None:
   """UserError if a config field among `overridden` (dotted paths set on the command line) is one
   policy `name` does not read: of `policy`, or of a section it reads in part (`FIELDS`: e.g. of
   `valuation`, which tracin_curriculum and mimic read as their method does, in part); the run
   would ignore it."""
-  own = _dotted(name)
-  checked = {'policy', *(f.split('.')[0] for f in own)}
+  own, checked = _dotted(name), _read_in_part(name)
   for path in overridden:
     section, _, field = path.partition('.')
     if section not in checked or path in ('policy.name', *own):
