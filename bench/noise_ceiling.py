@@ -31,6 +31,7 @@ import numpy as np
 from bench import cli as bench_cli
 from bench import runs
 from datarater import config_checks, evaluation, tasks
+from datarater.config_checks import MAX_SEED
 from datarater.data import pipeline
 from datarater.errors import UserError
 from datarater.policies import weighting
@@ -39,7 +40,7 @@ from inner_loop.optimizers import make_inner_optimizer
 
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (corruption draw, init, order).')
 _NOISE = flags.DEFINE_list('noise', ['0.2', '0.4'], 'Corruption rates (data.label_noise).')
-_FOLDS = flags.DEFINE_integer('folds', 5, 'Cross-fitting folds (>= 2).')
+_FOLDS = flags.DEFINE_integer('folds', 5, 'Cross-fitting folds (2 to 99).')
 _EPOCHS = flags.DEFINE_integer('epochs', 8, 'Epochs of every detector model.')
 _OTHER = flags.DEFINE_string('other_split', 'train[5000:50000]',
                              'Uncorrupted images for `clean_other` ("" skips it).')
@@ -99,6 +100,15 @@ def main(argv):
                              'in (0, 1): at 0 there is nothing to detect')
   seeds = bench_cli.seeds(_SEEDS.value)
   bench_cli.at_least('folds', _FOLDS.value, 2)  # each fold is scored by the others' models
+  # Models are seeded 100 s + fold and clean_other 100 s + 99: fold 99 would share
+  # clean_other's seed and fold 100 seed s + 1's fold 0 (the same initialisation and order).
+  if _FOLDS.value > 99:
+    raise UserError(f'--folds must be <= 99 (fold f of seed s trains with seed 100 s + f, '
+                    f'clean_other with 100 s + 99), got {_FOLDS.value}')
+  last = 99 if _OTHER.value else _FOLDS.value - 1  # the largest model seed is 100 s + last
+  if 100 * max(seeds) + last > MAX_SEED:
+    raise UserError(f'--seeds values must be <= {(MAX_SEED - last) // 100} (models are seeded up '
+                    f'to 100 * seed + {last}), got {max(seeds)}')
   bench_cli.at_least('epochs', _EPOCHS.value, 1)
   bench_cli.out_folder(_OUT.value)
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,

@@ -63,6 +63,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('noise_ceiling', ['--config=configs/digits.py', '--config.data.train_split=train[:10]',
                        '--folds=12', '--other_split=', '--val_split=validation'],
      "--folds must be at most the 10 examples of 'train[:10]', got 12"),
+    # Models are seeded 100 * seed + fold: fold 100 of seed 0 trained as fold 0 of seed 1 (the
+    # same initialisation and order; fold 99 as clean_other); 100 * seed + fold past int32 was a
+    # traceback after the seeds before it had trained.
+    ('noise_ceiling', ['--config=configs/digits.py', '--config.data.train_split=train[:99]',
+                       '--folds=100', '--other_split=', '--val_split=validation'],
+     '--folds must be <= 99 (fold f of seed s trains with seed 100 s + f'),
+    ('noise_ceiling', ['--config=configs/digits.py', '--config.data.train_split=train[:20]',
+                       '--seeds=0,21474837', '--noise=0.2', '--folds=2', '--epochs=1',
+                       '--other_split=', '--val_split=validation'],
+     '--seeds values must be <= 21474836 (models are seeded up to 100 * seed + 1)'),
     # Not checked: the models trained at that rate (gradient ascent) and were reported, exit 0.
     ('noise_ceiling', ['--config=configs/digits.py', '--config.data.train_split=train[:20]',
                        '--config.train.learning_rate=-1', '--seeds=0', '--noise=0.2',
