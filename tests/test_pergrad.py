@@ -203,6 +203,29 @@ def test_kronecker_projection_equals_explicit_matrix():
   np.testing.assert_allclose(got, flat @ dense, rtol=1e-11, atol=1e-12)
 
 
+def test_kronecker_factors_are_seeded_scaled_gaussians_per_leaf():
+  """The factors A [d_in, k_in], B [d_out, k_out] have entries ~ N(0, 1/k) (so the projection
+  keeps dot products in expectation, and a projected kernel is on the scale of the biases kept
+  exactly beside it), drawn per leaf (two equal-shaped kernels get different factors) and per
+  seed; a leaf of one axis, or of at most k_in * k_out entries, is kept (no factors)."""
+  like = {'a': jax.ShapeDtypeStruct((64, 48), jnp.float64),
+          'b': jax.ShapeDtypeStruct((64, 48), jnp.float64),
+          'bias': jax.ShapeDtypeStruct((48,), jnp.float64),
+          'small': jax.ShapeDtypeStruct((6, 5), jnp.float64)}
+  state = pergrad.kronecker_projection(40, 30, seed=3).init(like)  # leaves in key order
+  (a0, b0), (a1, b1), bias, small = state
+  assert bias is None and small is None  # 30 entries <= 40 * 30: kept exactly
+  for x, shape in ((a0, (64, 40)), (a1, (64, 40)), (b0, (48, 30)), (b1, (48, 30))):
+    k = shape[1]  # entries ~ N(0, 1/k): the variance has a relative std of ~3-4% here
+    assert x.shape == shape and abs(float(x.mean())) < 0.1 / np.sqrt(k)
+    assert abs(float(x.var()) * k - 1) < 0.2
+  assert not np.allclose(a0, a1) and not np.allclose(b0, b1)  # each leaf its own draw
+  assert not np.allclose(a0[:48, :30], b0)  # the in and out factors are distinct draws
+  other = pergrad.kronecker_projection(40, 30, seed=4).init(like)
+  assert not np.allclose(other[0][0], a0)
+  np.testing.assert_array_equal(pergrad.kronecker_projection(40, 30, seed=3).init(like)[1][0], a1)
+
+
 @pytest.mark.parametrize('chunk', [None, 3])
 def test_jvp_dots_equal_flat_dots(chunk):
   loss, params, batch = tiny()

@@ -116,10 +116,13 @@ def test_full_selects_everything_once():
   np.testing.assert_array_equal(w, np.ones(50))
 
 
-@pytest.mark.parametrize('case', ['below_mean', 'widened', 'unseen', 'widened_unseen'])
-def test_infobatch_prunes_only_low_loss_and_rescales(case):
+@pytest.mark.parametrize('case,max_prune', [('below_mean', 0.8), ('widened', 0.8),
+                                             ('unseen', 0.8), ('widened_unseen', 0.8),
+                                             ('widened', 0.7)])
+def test_infobatch_prunes_only_low_loss_and_rescales(case, max_prune):
   """InfoBatch's rule by brute force: candidates are the losses below the mean of the examples
-  seen (widened to the lowest ceil(pruned / 0.8) when fewer, those not yet seen last); each draw
+  seen (widened, when fewer, to the fewest lowest losses c with (N - n) / c <= max_prune_prob,
+  those not yet seen last: 150 at 0.8, 172 at 0.7 (171 would prune with p > 0.7)); each draw
   prunes exactly N - n of them, each candidate with probability (N - n) / #candidates over draws,
   and rescales the kept candidates by 1 / (1 - p). An example not yet trained on is never below
   the mean (its stored loss, 0, is no loss seen)."""
@@ -135,15 +138,17 @@ def test_infobatch_prunes_only_low_loss_and_rescales(case):
     seen[rng.choice(np.argsort(losses)[:60], 30, replace=False)] = False
   losses = np.where(seen, losses, 0).astype(np.float32)
   pruned = num - round(num * ratio)
+  need = next(c for c in range(pruned, num + 1) if pruned <= max_prune * c)
   mean = losses[seen].astype(np.float64).mean()
   below = np.flatnonzero(seen & (losses < mean))
   by_loss = np.argsort(np.where(seen, losses, np.inf), kind='stable')
   widened = case.startswith('widened')
-  assert (len(below) < 150) == widened
-  candidates = below if not widened else by_loss[:150]
+  assert (len(below) < need) == widened
+  candidates = below if not widened else by_loss[:need]
   assert seen[candidates].all()
   prob = pruned / len(candidates)
-  policy = policies.infobatch(num, ratio, max_prune_prob=0.8)
+  assert prob <= max_prune
+  policy = policies.infobatch(num, ratio, max_prune_prob=max_prune)
   state = init_state(num, jax.random.PRNGKey(3)).replace(
       losses=jnp.asarray(losses), counts=jnp.asarray(seen, jnp.int32))
   keys = jax.random.split(jax.random.PRNGKey(4), draws)
@@ -548,6 +553,28 @@ def test_confident_joint_errors_match_the_definition_with_an_empty_class():
     got = int(scores.confident_joint_errors(jnp.asarray(per_class, jnp.float32),
                                             jnp.asarray(labels)))
     assert got == want and 0 < want < num // 2, (empty, got, want)
+  # A score equal to its class's threshold clears it: every member of class c scores value_c for
+  # c (dyadic: the threshold is value_c exactly), and 40 examples score their label's value and
+  # exactly the next class's value for it (an error when the latter is higher, if >= clears).
+  labels = rng.integers(0, classes, num)
+  per_class = rng.uniform(0, 0.25, (num, classes))
+  value = np.array([0.5, 0.625, 0.75, 0.875])
+  per_class[np.arange(num), labels] = value[labels]
+  at = rng.choice(num, 40, replace=False)
+  other = (labels[at] + 1) % classes
+  per_class[at, other] = value[other]
+  thresh = {c: per_class[labels == c, c].mean() for c in range(classes)}
+  assert all(per_class[i, c] == thresh[c] for i, c in zip(at, other))
+
+  def errors(clears):
+    def confident(i, c):
+      return per_class[i, c] if clears(per_class[i, c], thresh[c]) else -np.inf
+    return sum(any(confident(i, c) > confident(i, labels[i]) for c in range(classes)
+                   if c != labels[i]) for i in range(num))
+  want = errors(lambda s, t: s >= t)
+  assert want > errors(lambda s, t: s > t)  # the ties decide
+  assert int(scores.confident_joint_errors(jnp.asarray(per_class, jnp.float32),
+                                           jnp.asarray(labels))) == want
 
 
 def test_knn_label_shares_match_a_brute_force_neighbour_count():
@@ -651,6 +678,28 @@ def _rep_rank_by_definition(codes, high_fraction, labels=None):
     r = mass[mine] @ np.where(high, freq / freq.max(), 0.0)
     out[mine] = (rankdata(r, 'average') - 1) / max(mine.sum() - 1, 1)
   return out
+
+
+def test_the_curriculum_weights_move_linearly_from_start_to_end_over_the_epochs():
+  """alpha and beta go from their start values (epoch 0) to their end values (epoch E - 1) in
+  equal steps: at progress t = e / (E - 1), a representativeness weight 1 -> 0 gives
+  (1 - t) R_rank and 0 -> 1 gives t R_rank; for diversity, whose percentile P(t) changes with the
+  gates, the 1 -> 0 and 0 -> 1 scores stand in the ratio (1 - t) : t."""
+  codes = synthetic_codes(200, factors=16, seed=4)
+  stats = scores.factor_stats(jnp.asarray(codes), 0.5)
+  rep, epochs = np.asarray(stats.rep_rank, np.float64), 5
+  none = dict(rep_weight_start=0.0, rep_weight_end=0.0, div_weight_start=0.0,
+              div_weight_end=0.0, gate_width=0.15, usage_penalty=0.0, mislabel_guard='off')
+  for e in range(epochs):
+    t = e / (epochs - 1)
+    score = lambda **kw: np.asarray(scores.combined_score(  # pylint: disable=cell-var-from-loop
+        stats, jnp.zeros(200, jnp.int32), jnp.zeros(16), jnp.asarray(e), epochs,
+        ml_collections.ConfigDict({**none, **kw})), np.float64)
+    np.testing.assert_allclose(score(rep_weight_start=1.0), (1 - t) * rep, atol=1e-6)
+    np.testing.assert_allclose(score(rep_weight_end=1.0), t * rep, atol=1e-6)
+    down, up = score(div_weight_start=1.0), score(div_weight_end=1.0)
+    assert (down + up).min() >= 0 and (down + up).max() >= 0.5  # a percentile (ties: 0.5)
+    np.testing.assert_allclose(t * down, (1 - t) * up, atol=1e-6)
 
 
 def test_combined_score_reaches_its_end_weights_with_every_gate_open_at_the_last_epoch():
