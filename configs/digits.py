@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.activation = 'relu'
   c.task.input = ''                # feature names read ('': the dataset's supervised keys)
   c.task.label = ''
+  # Mixed precision: what the layers compute in and the parameters are stored in, 'float32' |
+  # 'bfloat16' | 'float16' ('': flax's default, the inputs' and parameters' dtype; float32 params).
+  c.task.dtype = ''
+  c.task.param_dtype = ''
 
   c.rater = ml_collections.ConfigDict()
   c.rater.name = 'mlp_rater'       # datarater.tasks.RATERS
@@ -47,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.rater.readout = 'logit'        # score: the label's output 'logit' | its 'log_softmax'
   c.rater.input = ''
   c.rater.label = ''
+  c.rater.dtype = ''               # as task.dtype and task.param_dtype
+  c.rater.param_dtype = ''
 
   c.inner = ml_collections.ConfigDict()
   c.inner.steps = 2                # T: unrolled inner steps per outer step
@@ -140,7 +146,8 @@ def get_config() -> ml_collections.ConfigDict:
   # it) | 'pixels' (the inputs as they are; those fields unused)
   c.features.extractor = 'penultimate'
   c.features.task = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (64,),
-                                               'activation': 'relu', 'input': '', 'label': ''})
+                                               'activation': 'relu', 'input': '', 'label': '',
+                                               'dtype': '', 'param_dtype': ''})
   c.features.train_steps = 150
   c.features.train_epochs = 0.0    # > 0: passes over the training split instead of train_steps
   c.features.batch_size = 64

@@ -10,7 +10,8 @@ from configs import digits
 
 def cnn(**fields) -> ml_collections.ConfigDict:
   c = {'name': 'cnn_classifier', 'channels': (16, 32), 'strides': (1, 2), 'pool': 'flatten',
-       'hidden': 0, 'groups': 4, 'activation': 'relu', 'input': '', 'label': ''}
+       'hidden': 0, 'groups': 4, 'activation': 'relu', 'input': '', 'label': '', 'dtype': '',
+       'param_dtype': ''}
   c.update(fields)
   return ml_collections.ConfigDict(c)
 

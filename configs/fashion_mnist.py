@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Selection features (policy 'sae'), chosen with configs/fashion_mnist_bench.py: an MLP's hidden
   # layer and an SAE, each trained for a number of passes over the training split.
   c.features.task = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (64,),
-                                               'activation': 'relu', 'input': '', 'label': ''})
+                                               'activation': 'relu', 'input': '', 'label': '',
+                                               'dtype': '', 'param_dtype': ''})
   c.features.train_epochs = 3.84   # 3,000 steps of batch 64 on the 50,000 images
   c.sae.epochs = 6.4               # 2,500 steps of batch 128
   c.sae.batch_size = 128

@@ -43,6 +43,11 @@ log = logging.getLogger('datarater')
 ADDED_FIELDS = {f'{section}.{name}': '' for section in ('task', 'rater', 'features.task')
                 for name in ('input', 'label')}
 ADDED_FIELDS.update({'task.token_weights': '', 'rater.causal': False})
+# Added fields left out of a run's record at that value (`trajectory_fields`), so that the
+# valuation fingerprints hashing the record stay those of the runs made before they existed.
+UNRECORDED_AT_DEFAULT = tuple(f'{section}.{name}' for section in ('task', 'rater', 'features.task')
+                              for name in ('dtype', 'param_dtype'))
+ADDED_FIELDS.update({field: '' for field in UNRECORDED_AT_DEFAULT})
 # Config fields a resumed run may change: they do not alter the state at a given step.
 NON_TRAJECTORY_FIELDS = ('outer.steps', 'log_every', 'checkpoint_every', 'final_eval',
                          'data.data_dir')
@@ -61,8 +66,11 @@ def _flatten(d: dict, prefix: str = '') -> dict[str, Any]:
 
 def trajectory_fields(config: ml_collections.ConfigDict,
                       free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS) -> dict[str, Any]:
-  """The flattened config minus `free_fields` (JSON-normalised: tuples become lists)."""
-  return _without(_flatten(json.loads(config.to_json())), free_fields)
+  """The flattened config minus `free_fields` and the UNRECORDED_AT_DEFAULT fields at their
+  default (JSON-normalised: tuples become lists)."""
+  flat = _flatten(json.loads(config.to_json()))
+  return _without({k: v for k, v in flat.items()
+                   if not (k in UNRECORDED_AT_DEFAULT and v == ADDED_FIELDS[k])}, free_fields)
 
 
 def _without(flat: dict[str, Any], free_fields: tuple[str, ...]) -> dict[str, Any]:
@@ -80,7 +88,8 @@ def unread_sections(config: ml_collections.ConfigDict, read: tuple[str, ...]) ->
 def config_differences(theirs: dict, ours: dict, fields=None) -> list[str]:
   """'field=X there, Y here' for each of `fields` (default: every field of either flattened
   config) whose values differ; a field an older record lacks counts as its ADDED_FIELDS default."""
-  shown = lambda config, k: repr(config[k]) if k in config else '(not recorded)'  # free, or older
+  shown = lambda config, k: (repr(config[k]) if k in config else repr(ADDED_FIELDS[k])
+                             if k in UNRECORDED_AT_DEFAULT else '(not recorded)')  # free, or older
   value = lambda config, k: config.get(k, ADDED_FIELDS.get(k))
   fields = sorted(set(theirs) | set(ours)) if fields is None else fields
   return [f'{k}={shown(theirs, k)} there, {shown(ours, k)} here' for k in fields

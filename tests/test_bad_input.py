@@ -123,6 +123,8 @@ def _cases(tfds_dir: str, w) -> list:
       (*tr('--config.checkpoint_every=0'), 'checkpoint_every must be >= 1, got 0'),
       (*tr('--config.rater.activation=swishy'), "rater.activation must be one of 'relu', 'gelu', "
                                                "'tanh', 'silu', got 'swishy'"),
+      (*tr('--config.task.dtype=float8'), "task.dtype must be one of '', 'float32', 'bfloat16', "
+                                          "'float16', got 'float8'"),
       (*tr('--config.data.noise_seed=-1'), 'data.noise_seed must be >= 0, got -1'),
       (*tr('--config.inner.stepz=4'), "unknown config field 'stepz' (did you mean 'steps'?)"),
       (*tr('--config.inner.zzz=4'), "unknown config field 'zzz'"),
@@ -568,7 +570,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 216  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 217  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -350,3 +350,93 @@ def test_every_launcher_runs_with_a_float16_mlp_close_to_float32(tfds_dir, tmp_p
     # (measured: 0.07% (rater) to 1.4% (DVEmb), rank correlation >= 0.9999)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3e-2, method
     assert spearmanr(got[want != 0], want[want != 0])[0] > 0.999, method
+
+
+def _dot_operand_dtypes(fn, *args) -> set:
+  """The dtypes of the operands of every matrix product `fn` computes (nested jaxprs too)."""
+  def eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr's Jaxpr
+          if hasattr(sub, 'eqns'):
+            yield from eqns(sub)
+  return {v.aval.dtype for e in eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+          if e.primitive.name == 'dot_general' for v in e.invars}
+
+
+@pytest.mark.parametrize('config_file', [
+    'configs/digits.py', pytest.param('configs/digits_cnn.py', marks=pytest.mark.slow)])
+def test_the_command_line_sets_the_shipped_models_precision(config_file):
+  """`--config.task.dtype=bfloat16` (and `rater.dtype`, `features.task.param_dtype`) on a shipped
+  config, as a launcher parses it: the models built from it multiply in bfloat16 (every matrix
+  product of the loss, the score, the embedding) and store parameters in `param_dtype`; without
+  the overrides, in float32."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from launch import cli, train_rater  # pylint: disable=g-import-not-at-top
+  info = tiny_info(dim=16)
+  info.spec['image'] = jax.ShapeDtypeStruct((4, 4), np.float32)  # an image, for the CNN
+  batch = {'image': jnp.ones((2, 4, 4)), 'label': jnp.zeros(2, jnp.int32),
+           'index': jnp.arange(2, dtype=jnp.int32)}
+
+  def models(*overrides):
+    argv = ['train_rater', f'--config={config_file}', *overrides]
+    fv = flags.FlagValues()
+    train_rater.define_flags(fv, argv)
+    config = cli.parse_flags(argv, '', fv) and fv.config
+    return (tasks.make_task(config.task, info), tasks.make_rater(config.rater, info),
+            tasks.make_task(config.features.task, info, 'features.task'))
+
+  bf16 = models('--config.task.dtype=bfloat16', '--config.rater.dtype=bfloat16',
+                '--config.rater.param_dtype=bfloat16', '--config.features.task.dtype=bfloat16',
+                '--config.features.task.param_dtype=bfloat16')
+  for (task, rater, features), dtype, stored in (
+      (models(), jnp.float32, (jnp.float32,) * 3),
+      (bf16, jnp.bfloat16, (jnp.float32, jnp.bfloat16, jnp.bfloat16))):
+    params = [jax.eval_shape(m.init, jax.random.key(0)) for m in (task, rater, features)]
+    assert [{x.dtype for x in jax.tree.leaves(p)} for p in params] == [{jnp.dtype(s)}
+                                                                      for s in stored]
+    assert _dot_operand_dtypes(task.per_example_loss, params[0], batch) == {jnp.dtype(dtype)}
+    assert _dot_operand_dtypes(rater.score, params[1], batch) == {jnp.dtype(dtype)}
+    assert _dot_operand_dtypes(features.embed, params[2], batch) == {jnp.dtype(dtype)}
+
+
+@pytest.mark.slow  # ~20 s: a rater run and a training run
+def test_launchers_given_bfloat16_on_the_command_line_compute_and_store_in_it(tfds_dir, tmp_path,
+                                                                             monkeypatch):
+  """`launch.train_rater` and `launch.train` on configs/digits.py with `--config.task.dtype`,
+  `rater.dtype` and `param_dtype` set to bfloat16: the models they build multiply in bfloat16
+  and the parameters they checkpoint are bfloat16 (the inner models' stay float32 where only
+  their `dtype` is set)."""
+  from datarater import checkpointing, tasks  # pylint: disable=g-import-not-at-top
+  from launch import cli, train_rater  # pylint: disable=g-import-not-at-top
+  from launch import train as train_launcher  # pylint: disable=g-import-not-at-top
+  from tests.run_config import as_flags, small_config  # pylint: disable=g-import-not-at-top
+  built = []
+  for name in ('make_task', 'make_rater'):
+    make = getattr(tasks, name)
+    monkeypatch.setattr(tasks, name, lambda *a, make=make, **k: built.append(make(*a, **k)) or
+                        built[-1])
+  bf16 = ['--config.task.dtype=bfloat16', '--config.rater.dtype=bfloat16',
+          '--config.rater.param_dtype=bfloat16']
+  assert cli.invoke(train_rater, ['train_rater', *as_flags(small_config(tfds_dir, steps=2)),
+                                  *bf16, f'--workdir={tmp_path / "rater"}']) == 0
+  train_flags = [*as_flags(small_config(tfds_dir), ('data', 'task')), '--config.train.epochs=1',
+                 '--config.train.seeds=(0,)', '--config.task.dtype=bfloat16',
+                 '--config.task.param_dtype=bfloat16', f'--workdir={tmp_path / "train"}']
+  assert cli.invoke(train_launcher, ['train', *train_flags]) == 0
+  batch = {'image': jnp.ones((2, 8, 8)), 'label': jnp.zeros(2, jnp.int32),
+           'index': jnp.arange(2, dtype=jnp.int32)}
+  assert {type(m) for m in built} == {Classifier, LabelledRater}
+  for model in built:
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    read = model.score if isinstance(model, LabelledRater) else model.per_example_loss
+    assert _dot_operand_dtypes(read, params, batch) == {jnp.dtype(jnp.bfloat16)}, model
+  rater_run, _ = checkpointing.restore_latest_on_host(str(tmp_path / 'rater' / 'checkpoints'))
+  leaves = lambda tree: {x.dtype for x in jax.tree.leaves(tree)}
+  assert leaves(rater_run['rater_params']) == {jnp.dtype(jnp.bfloat16)}
+  assert leaves(rater_run['population']['params']) == {jnp.dtype(jnp.float32)}
+  train_run, _ = checkpointing.restore_latest_on_host(str(tmp_path / 'train' / 'checkpoints'))
+  assert leaves(train_run['models']['params']) == {jnp.dtype(jnp.bfloat16)}

@@ -427,3 +427,30 @@ def test_a_training_run_resumes_past_the_top_level_seed_it_does_not_read(tmp_pat
             extra={'history': [], 'wall_s': 0.0, 'steps': 0})
   resumed = train_lib.run_checkpointer(changed, workdir, 'uniform', '', '', False)
   assert resumed.check_compatible() == 2
+
+
+def test_a_checkpoint_of_a_config_without_the_precision_fields_resumes_under_their_defaults(
+    tmp_path):
+  """The shipped configs hold task.dtype / param_dtype (and the rater's, features.task's) at ''
+  (flax's default), added after runs were checkpointed without them: a checkpoint of a config
+  without them resumes under one holding them at '', and the other way round, while bfloat16
+  there is refused; a valuation's fingerprint (its kept runs) is the same with or without them."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import run as valuation_run  # pylint: disable=g-import-not-at-top
+  shipped = small_config(str(tmp_path / 'tfds'))
+  without = ml_collections.ConfigDict(shipped.to_dict())
+  for section in (without.task, without.rater, without.features.task):
+    del section['dtype'], section['param_dtype']
+  for i, (made, resumed) in enumerate(((without, shipped), (shipped, without))):
+    workdir = str(tmp_path / f'run{i}')
+    _save_one(meta_train_lib.run_checkpointer(made, workdir))
+    assert meta_train_lib.run_checkpointer(resumed, workdir).check_compatible() == 2
+    bf16 = ml_collections.ConfigDict(resumed.to_dict())
+    bf16.rater.dtype = 'bfloat16'
+    with pytest.raises(UserError, match=r"different config \(rater.dtype='' there, 'bfloat16' "
+                                        r"here\)"):
+      meta_train_lib.run_checkpointer(bf16, workdir).check_compatible()
+  fingerprint = lambda config: valuation_run.fingerprint('tracin', config, 'data', 'model')
+  bf16.task.param_dtype = 'bfloat16'
+  assert fingerprint(without) == fingerprint(shipped) != fingerprint(bf16)

@@ -162,9 +162,10 @@ def readout(config) -> str:
 
 DTYPES = ('float32', 'bfloat16', 'float16')
 # A model's precision (optional fields): `dtype` what its layers compute in, `param_dtype` what its
-# parameters are stored in (float32 when left out).
-DTYPE_FIELDS = {'dtype': checks.optional(checks.one_of(*DTYPES)),
-                'param_dtype': checks.optional(checks.one_of(*DTYPES))}
+# parameters are stored in. Left out or '' (as the shipped configs hold them, so the command line
+# can set them), flax's default: computing in the inputs' and parameters' dtype, float32 params.
+DTYPE_FIELDS = {'dtype': checks.optional(checks.one_of('', *DTYPES)),
+                'param_dtype': checks.optional(checks.one_of('', *DTYPES))}
 
 
 def dtypes(config) -> dict:
