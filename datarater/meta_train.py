@@ -68,6 +68,7 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     if stop_after is not None and stop_after > config.outer.steps:  # it would never stop the run
       raise UserError(f'--stop_after={stop_after} is past the run\'s last outer step '
                       f'(outer.steps={config.outer.steps})')
+    weighting.check_batch_size(config.inner.batch_size, 'inner.batch_size')
     mesh = sharding.make_mesh(config.inner.population, devices)
     sharding.check_batch_sizes(mesh, **{'inner.batch_size': config.inner.batch_size,
                                         'outer.batch_size': config.outer.batch_size})

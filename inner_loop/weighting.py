@@ -4,7 +4,16 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from datarater.errors import UserError
 from datarater.tasks.base import at_least_float32
+
+
+def check_batch_size(batch_size: int, field: str) -> None:
+  """Refuses batches of one example: its softmax weight is 1 whatever its score, so the weights
+  would weigh nothing (and a rater trained through them would get no meta-gradient)."""
+  if batch_size < 2:
+    raise UserError(f'{field}={batch_size}: the loss weights are a softmax over each batch, '
+                    'always 1 for a batch of one example whatever its score; use 2 or more')
 
 
 def softmax_weights(scores: jax.Array, temperature: float,

@@ -145,6 +145,10 @@ def _cases(tfds_dir: str, w) -> list:
        'inner.batch_size=2000 is more than the 1197 examples'),
       (*tr('--config.outer.batch_size=400', '--config.inner.population=1'),
        'outer.batch_size=400 is more than the 300 examples'),
+      # A softmax over one example is 1 whatever the score: the rater learnt nothing (ran on 1
+      # device; on several, it was refused as not dividing over them).
+      (*tr('--config.inner.batch_size=1', '--config.inner.population=1'),
+       'inner.batch_size=1: the loss weights are a softmax over each batch'),
       (*tr('--config.inner.learning_rate=inf'), 'inner.learning_rate must be finite, got inf'),
       (*tr('--config.outer.clip_norm=-1'), 'outer.clip_norm must be > 0, got -1'),
       (*tr('--config.rater.temperature=1e-38'),
@@ -230,6 +234,10 @@ def _cases(tfds_dir: str, w) -> list:
                  '--config.valuation.reference_steps=5', f'--workdir={w}/new_train'],
        "layer 'nope' not found"),
       ('train', [data, '--policy=datarater'], 'policy datarater needs --rater'),
+      ('train', [data, '--policy=datarater', f'--rater={w}/rater', '--config.train.batch_size=1'],
+       'train.batch_size=1: the loss weights are a softmax over each batch'),  # uniform weights
+      ('train', [data, '--policy=mimic', '--config.train.batch_size=1'],
+       'train.batch_size=1: the loss weights are a softmax over each batch'),
       ('train', [data, '--policy=datarater', f'--rater={w}/nowhere'], f"no rater in '{w}/nowhere'"),
       ('train', [data, '--policy=scores'], 'policy scores needs --scores'),
       ('train', [data, f'--rater={w}/rater'], "--rater is read only by policies datarater, "
@@ -570,7 +578,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 217  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 220  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

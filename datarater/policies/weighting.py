@@ -17,7 +17,7 @@ from datarater.curation import select
 from datarater.data import corruption
 from datarater.errors import UserError
 from datarater.policies.base import Policy, PolicyContext, register_policy, weighting
-from inner_loop.weighting import softmax_weights
+from inner_loop.weighting import check_batch_size, softmax_weights
 
 
 def rater_weights(rater, rater_params, temperature: float, num_examples: int,
@@ -112,6 +112,7 @@ def _uniform(ctx: PolicyContext) -> Policy:
 
 @register_policy('datarater', reads=('rater',))
 def _datarater(ctx: PolicyContext) -> Policy:
+  check_batch_size(ctx.config.train.batch_size, 'train.batch_size')  # before loading the rater
   rater = loaded_rater(ctx, 'datarater')
   return rater_weights(rater.rater, rater.params, rater.temperature, len(ctx.train),
                        rater.training_example_gradients)
@@ -145,6 +146,7 @@ def _tracin_curriculum(ctx: PolicyContext) -> Policy:
 @register_policy('mimic', sections=('valuation',), fields=('temperature', *_MIMIC_FIELDS))
 def _mimic(ctx: PolicyContext) -> Policy:
   refuse_valuate_outputs(ctx, 'mimic', 'mimic')
+  check_batch_size(ctx.config.train.batch_size, 'train.batch_size')  # before the reference
   from datarater.valuation import factory, mimic  # pylint: disable=g-import-not-at-top
   factory.check_per_example(ctx.config, ctx.task, ctx.heldout)  # as every valuation does
   factory.check_mimic_layers(ctx.config, ctx.task, ctx.train)  # before the reference is trained
