@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import scipy.special
 import tensorflow_datasets as tfds
 
 from datarater.data import corruption, pipeline
@@ -265,6 +266,25 @@ def test_softmax_weights_average_one_keep_the_order_and_sharpen_with_lower_tempe
   np.testing.assert_allclose(softmax_weights(scores + 5.0, 1.0), softmax_weights(scores, 1.0),
                              rtol=1e-6)
   assert softmax_weights(scores, 0.5).max() > softmax_weights(scores, 4.0).max()
+
+
+@pytest.mark.parametrize('scores,tau', [([1e33, 0.0, -1e33, 5e32], 1e-6),  # s / tau overflowed
+                                          ([3e38, -3e38, 1e30, 2.0], 1e-6),
+                                          ([1e30, -1e30, 0.5, 0.0], 1e6),
+                                          ([2.0, 2.0, 2.0], 1e-6), ([-7.0], 1e-6)])
+def test_softmax_weights_of_any_finite_scores_are_the_float64_softmax(scores, tau):
+  """Against scipy's softmax in float64 (where s / tau does not overflow), also as the real rows
+  of a batch whose padding holds the largest float32 score; finite gradients."""
+  want = len(scores) * scipy.special.softmax(np.asarray(scores, np.float64) / tau)
+  s = jnp.asarray(scores, jnp.float32)
+  np.testing.assert_allclose(softmax_weights(s, tau), want, rtol=1e-5, atol=1e-6)
+  padded = jnp.concatenate([s, jnp.full(2, 3e38, jnp.float32)])
+  mask = jnp.arange(len(scores) + 2) < len(scores)
+  np.testing.assert_allclose(softmax_weights(padded, tau, mask), np.r_[want, 0.0, 0.0],
+                             rtol=1e-5, atol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(softmax_weights(x, tau, mask) * jnp.arange(x.shape[0])))(
+      padded)
+  assert np.isfinite(grad).all()
 
 
 def test_each_member_resets_every_r_steps_at_staggered_offsets():
