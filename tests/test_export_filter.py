@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -380,6 +381,79 @@ def test_balance_keeps_every_class_its_share(tfds_dir, rater_dir, tmp_path):
   written = tfds.builder_from_directory(str(tmp_path / 'b')).as_data_source()['train']
   np.testing.assert_array_equal(
       np.bincount([written[j]['label'] for j in range(len(written))], minlength=10), quota)
+
+
+# A consumer of a filtered dataset, in a fresh process that has no datarater: plain TFDS, the
+# array_record files and the scores file. Prints what it read as JSON.
+_CONSUMER = r"""
+import glob, json, sys
+import numpy as np, pyarrow.parquet as pq, tensorflow_datasets as tfds
+from array_record.python import array_record_module
+out, source_dir = sys.argv[1:]
+built, source = tfds.builder_from_directory(out), tfds.builder_from_directory(source_dir)
+kept = np.flatnonzero(pq.read_table(out + '/scores_train.parquet').column('kept').to_numpy())
+splits = {}
+for s, split in built.info.splits.items():
+  files = sorted(glob.glob(f'{out}/{built.info.name}-{s}.array_record-*'))
+  records = sum(array_record_module.ArrayRecordReader(f).num_records() for f in files)
+  ids = kept if s == 'train' else np.arange(source.info.splits[s].num_examples)
+  got, want = built.as_data_source(split=s), source.as_data_source(split=s)
+  rows = [(got[j], want[int(i)]) for j, i in enumerate(ids)]
+  splits[s] = {'num_examples': split.num_examples, 'records': records, 'rows': len(got),
+               'source_rows': len(ids), 'shard_lengths': list(split.shard_lengths),
+               'same_image': all(g['image'].dtype == w['image'].dtype and g['image'].shape ==
+                                 w['image'].shape and np.array_equal(g['image'], w['image'])
+                                 for g, w in rows),
+               'label': [int(g['label']) for g, _ in rows],
+               'corruption': [int(g['corruption']) for g, _ in rows],
+               'keys': sorted(rows[0][0])}
+info = built.info
+print(json.dumps({'datarater': 'datarater' in sys.modules, 'splits': splits,
+                  'description': info.description, 'homepage': info.homepage,
+                  'source_homepage': source.info.homepage,
+                  'source_description': source.info.description,
+                  'metadata': dict(info.metadata or {})}))
+"""
+
+
+@RATER_RUN
+def test_a_consumer_without_datarater_reads_the_filtered_dataset_and_how_it_was_made(
+    tfds_dir, rater_dir, filtered, tmp_path):
+  """Read in a fresh process with plain TFDS (no datarater), every split holds the source's
+  examples by id (images equal, the noisy labels of the planted noise, the corruption record),
+  as many as dataset_info and its array_record files say; its info keeps the source's homepage
+  and says how it was made: the rater's path, the keep fraction and threshold, the noise planted,
+  the report itself in its metadata (the homepage was TFDS's catalogue page of a dataset that
+  does not exist, the description named the rater's folder alone)."""
+  out, report = filtered
+  source_dir = pipeline.get_builder('sklearn_digits', tfds_dir).data_dir
+  done = subprocess.run([sys.executable, '-c', _CONSUMER, str(out), str(source_dir)],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+  assert done.returncode == 0, done.stderr[-3000:]
+  read = json.loads(done.stdout.strip().splitlines()[-1])
+  assert not read['datarater']
+  noisy = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
+  kept = np.flatnonzero(pq.read_table(out / 'scores_train.parquet').column('kept').to_numpy())
+  assert len(kept) == report['splits']['train']['kept'] == select.keep_count(N_TRAIN, 0.8)
+  clean = {s: pipeline.load_split(digits_data(tfds_dir), s) for s in ('validation', 'test')}
+  assert set(read['splits']) == {'train', 'validation', 'test'}
+  for s, got in read['splits'].items():
+    n = len(kept) if s == 'train' else 300
+    assert got['num_examples'] == got['records'] == got['rows'] == got['source_rows'] == n
+    assert sum(got['shard_lengths']) == n and got['same_image'], s
+    assert got['keys'] == ['corruption', 'image', 'label']
+    labels, record = ((noisy.features['label'][kept], noisy.corruption[kept]) if s == 'train'
+                      else (clean[s].features['label'], np.zeros(n)))
+    np.testing.assert_array_equal(got['label'], labels)
+    np.testing.assert_array_equal(got['corruption'], record)
+  assert read['homepage'] == read['source_homepage'] and 'scikit-learn' in read['homepage']
+  description = read['description']
+  assert os.path.realpath(rater_dir) in description and 'keep 0.8' in description
+  assert f"threshold {report['splits']['train']['threshold']['all']:.9g}" in description
+  assert 'symmetric label noise 0.2 (seed 0)' in description
+  assert description.endswith(read['source_description'])
+  assert read['metadata']['datarater_filter'] == [json.loads(
+      (out / 'filter_report.json').read_text())]
 
 
 @RATER_RUN

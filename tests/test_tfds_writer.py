@@ -66,13 +66,22 @@ def test_block_walk_that_closes_its_readers_reads_the_same_examples(tfds_dir, mo
 
 def test_a_subset_keeps_its_source_metadata(tfds_dir, tmp_path, monkeypatch):
   """A dataset's provenance (python_text records which standard library it read) survives
-  filtering: the subset's info.metadata is the source's."""
+  filtering: the subset's info.metadata is the source's (with the entries given added), and so
+  are its homepage, citation and licence (the homepage was TFDS's catalogue page of the
+  subset's name, the citation and licence empty)."""
   builder = pipeline.get_builder('sklearn_digits', tfds_dir)
   monkeypatch.setattr(builder.info, '_metadata',
                       tfds.core.MetadataDict(stdlib='/usr/lib/python3.11', sources_sha256='ab12'))
-  out = tfds_writer.write_subset(builder, str(tmp_path / 'sub'), 'sub', {'train': np.arange(9)})
-  assert dict(tfds.builder_from_directory(out).info.metadata) == {
-      'stdlib': '/usr/lib/python3.11', 'sources_sha256': 'ab12'}
+  monkeypatch.setattr(builder.info.as_proto, 'citation', '@misc{digits, title={Digits}}')
+  monkeypatch.setattr(builder.info.as_proto.redistribution_info, 'license', 'CC BY 4.0')
+  out = tfds_writer.write_subset(builder, str(tmp_path / 'sub'), 'sub', {'train': np.arange(9)},
+                                 metadata={'made_by': {'keep': 0.5}})
+  info = tfds.builder_from_directory(out).info
+  assert dict(info.metadata) == {'stdlib': '/usr/lib/python3.11', 'sources_sha256': 'ab12',
+                                 'made_by': {'keep': 0.5}}
+  assert info.homepage == builder.info.homepage and 'scikit-learn' in info.homepage
+  assert info.citation == '@misc{digits, title={Digits}}'
+  assert info.redistribution_info.license == 'CC BY 4.0'
 
 
 def test_a_filtered_split_in_shards_reads_back_as_its_kept_examples(tfds_dir, tmp_path,

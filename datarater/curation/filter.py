@@ -7,11 +7,13 @@ kept examples (`keep`: exactly round(keep * N) of the best, ties to the lower id
 `threshold='streaming'`: an approximate threshold from a reservoir sample; `min_score`: score >=
 value; `suggest_keep`: `keep` is the share of the upper cluster of the split's scores,
 `select.suggest_keep`; `balance`: every class keeps its share) and writes `out`: the kept examples
-as a TFDS dataset with the source's features (`tfds.builder_from_directory(out)`), the other splits
-copied unchanged, `scores_<split>.parquet` (id, kept, and as both score and value the value filtered
-on: the rater's score, or the scores file's `value`, e.g. minus TracIn's raw score; label and
-corruption where the split has them), `filter_report.json` and `scores.png`. Everything is written
-to a temporary folder beside `out` and renamed into place at the end (`files.atomic_dir`).
+as a TFDS dataset with the source's features, homepage, citation and metadata, described by how
+it was made, the report in `info.metadata[METADATA]` (`tfds.builder_from_directory(out)`), the
+other splits copied unchanged, `scores_<split>.parquet` (id, kept, and as both score and value
+the value filtered on: the rater's score, or the scores file's `value`, e.g. minus TracIn's raw
+score; label and corruption where the split has them), `filter_report.json` and `scores.png`.
+Everything is written to a temporary folder beside `out` and renamed into place at the end
+(`files.atomic_dir`).
 `corruption` applies the same recorded corruption as the training pipeline to the filtered
 splits before scoring (and writes the corrupted examples), for experiments. In a
 `jax.distributed` job every process scores every P-th block, only the scores, labels and
@@ -38,6 +40,7 @@ from datarater.progress import bar as progress_bar
 
 THRESHOLD_MODES = ('exact', 'streaming')
 REPORT = 'filter_report.json'  # in every output: what --overwrite may replace
+METADATA = 'datarater_filter'  # the output's info.metadata key: the reports of its filters
 
 
 EXCHANGE_VALUES = 1 << 22  # values of one array gathered from all processes at once
@@ -161,7 +164,6 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
                 for s in selection} if planted else {}
   added = ({pipeline.RECORDED: tfds.features.ClassLabel(names=list(corruption.kinds))}
            if planted else None)
-  source = f'rater {os.path.basename(os.path.normpath(rater))}' if rater else 'scores'
   name = f'{data.builder.info.name}_filtered'
   report = {'dataset': data.name, 'name': name, 'keep': keep, 'min_score': min_score,
             'suggest_keep': bool(suggest_keep),
@@ -176,7 +178,7 @@ def filter_dataset(dataset: str, out: str, splits: Sequence[str] = ('train',), *
   # signalled.
   with multihost.together('writing the filtered dataset'):
     if jax.process_index() == 0:
-      _write(out, overwrite, data.builder, name, selection, data.name, source, transforms,
+      _write(out, overwrite, data.builder, name, selection, data.name, transforms,
              streams, splits, added, per_split, data.num_classes, corruption, report)
   return report  # (its splits only on process 0)
 
@@ -328,13 +330,59 @@ def _choose(scores, labels, keep, min_score, threshold, balance, num_classes, ba
   return scores >= lowest, {'all' if c is None else str(c): float(v) for c, v in cut.items()}
 
 
-def _write(out, overwrite, builder, name, selection, dataset, source, transforms, streams, splits,
+def _split_report(d: dict, num_classes: int) -> dict:
+  """What the report says of one filtered split (`per_split`'s entry)."""
+  kept, labels = d['kept'], d['labels']
+  info = {'num_examples': int(len(kept)), 'kept': int(kept.sum()), 'keep': d['keep'],
+          'requested': select.keep_count(len(kept), d['keep']) if d['keep'] else None,
+          'threshold': d['threshold']}
+  if num_classes:
+    info['num_per_class'] = np.bincount(labels, minlength=num_classes).tolist()
+    info['kept_per_class'] = np.bincount(labels[kept], minlength=num_classes).tolist()
+  if d['record'] is not None:
+    info['corrupted'] = int((d['record'] != 0).sum())
+    info['kept_corrupted'] = int(((d['record'] != 0) & kept).sum())
+  return info
+
+
+def _description(report: dict, source_description: str) -> str:
+  """The output's TFDS description: how it was made (the report's settings), then the source's."""
+  rater, scores = report['source']['rater'], report['source']['scores']
+  lines = [f'{report["dataset"]} filtered by launch.filter with '
+           + (f'rater {rater}' if rater else f'scores file {scores}')]
+  for s, d in report['splits'].items():
+    if report['min_score'] is not None:
+      how = f'score >= {report["min_score"]:.9g}'
+    else:
+      cut = d['threshold']  # one per class with --balance: in the report
+      cut = f'{cut["all"]:.9g}' if list(cut) == ['all'] else 'per class'
+      how = (f'{"suggested keep" if report["suggest_keep"] else "keep"} {d["keep"]:.9g}'
+             f'{", each class its share" if report["balance"] else ""}, '
+             f'{report["threshold_mode"]} threshold {cut}')
+    lines.append(f'{s}: kept {d["kept"]} of {d["num_examples"]} examples ({how})')
+  planted = report['corruption']
+  if len(planted['kinds']) > 1:
+    lines.append(f'planted before scoring: symmetric label noise {planted["label_noise"]:g} '
+                 f'(seed {planted["seed"]}), recorded in feature {pipeline.RECORDED!r}')
+  if report['copied_splits']:
+    lines.append(f'copied unchanged: {", ".join(report["copied_splits"])}')
+  lines.append(f'(info.metadata[{METADATA!r}][-1]: the filter\'s report, {REPORT})')
+  return '\n'.join(lines) + (f'\n\nSource: {source_description}' if source_description else '')
+
+
+def _write(out, overwrite, builder, name, selection, dataset, transforms, streams, splits,
            added, per_split, num_classes, corruption, report) -> None:
   """Writes the filtered dataset, its scores files, report and figure (fills report['splits'])."""
+  for s, d in per_split.items():
+    report['splits'][s] = _split_report(d, num_classes)
+  # The dataset's info says how it was made: its description, and its metadata the report, after
+  # those of the filters that made its source (a filtered dataset filtered again).
+  earlier = list((builder.info.metadata or {}).get(METADATA, []))
   with files.atomic_dir(out, overwrite, marker=REPORT) as tmp:
     folder = tfds_writer.write_subset(builder, os.path.join(tmp, 'tfds'), name, selection,
-                                      f'{dataset} filtered by {source}', transforms,
-                                      {s: streams[s].data_source for s in splits}, added)
+                                      _description(report, builder.info.description),
+                                      transforms, {s: streams[s].data_source for s in splits},
+                                      added, {METADATA: [*earlier, report]})
     for s, d in per_split.items():
       kept, labels = d['kept'], d['labels']
       extra = {'kept': kept}  # the split is in the file's name
@@ -345,16 +393,6 @@ def _write(out, overwrite, builder, name, selection, dataset, source, transforms
       scores_file.write(os.path.join(folder, f'scores_{s}.parquet'), np.arange(len(kept)),
                         d['scores'], d['scores'], dataset=dataset, split=s,
                         planted=corruption.describe(), **extra)
-      info_s = {'num_examples': int(len(kept)), 'kept': int(kept.sum()), 'keep': d['keep'],
-                'requested': select.keep_count(len(kept), d['keep']) if d['keep'] else None,
-                'threshold': d['threshold']}
-      if num_classes:
-        info_s['num_per_class'] = np.bincount(labels, minlength=num_classes).tolist()
-        info_s['kept_per_class'] = np.bincount(labels[kept], minlength=num_classes).tolist()
-      if d['record'] is not None:
-        info_s['corrupted'] = int((d['record'] != 0).sum())
-        info_s['kept_corrupted'] = int(((d['record'] != 0) & kept).sum())
-      report['splits'][s] = info_s
     files.write_json(os.path.join(folder, REPORT), report)
     _save_histogram(os.path.join(folder, 'scores.png'), per_split)
     # The dataset folder itself becomes `out`: move its contents up into the temporary root.

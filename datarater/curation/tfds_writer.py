@@ -41,11 +41,12 @@ SHARD_EXAMPLES = 1 << 16  # a shard holds at least this many examples (or 64 MiB
 
 
 def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, description: str,
-                        added: Optional[Mapping] = None):
+                        added: Optional[Mapping] = None, metadata: Optional[Mapping] = None):
   # Copied, not through JSON (that drops ClassLabel names); `added` features after the source's.
   features = (tfds.features.FeaturesDict({**source_info.features, **added}) if added
               else source_info.features)
   supervised = source_info.supervised_keys
+  licence = source_info.redistribution_info.license if source_info.redistribution_info else ''
 
   class FilteredDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A kept subset of another TFDS dataset (same features, same example order)."""
@@ -56,8 +57,10 @@ def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, descripti
       return self.dataset_info_from_configs(
           features=copy.deepcopy(features),
           supervised_keys=supervised, description=description,
-          metadata=tfds.core.MetadataDict(source_info.metadata or {}),  # the source's provenance
-          disable_shuffling=True)
+          # the source's provenance, then `metadata`'s entries; its homepage, citation, licence
+          metadata=tfds.core.MetadataDict({**(source_info.metadata or {}), **(metadata or {})}),
+          homepage=source_info.homepage or None, citation=source_info.citation or None,
+          license=licence or None, disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -87,9 +90,12 @@ def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, descripti
 def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: str,
                  selection: Mapping[str, np.ndarray], description: str = '',
                  transforms: Optional[Mapping] = None,
-                 sources: Optional[Mapping] = None, added: Optional[Mapping] = None) -> str:
+                 sources: Optional[Mapping] = None, added: Optional[Mapping] = None,
+                 metadata: Optional[Mapping] = None) -> str:
   """Writes the examples `selection[split]` (source ids, in any order: written ascending) of each
-  split; returns the dataset's folder (data_dir/name/version).
+  split; returns the dataset's folder (data_dir/name/version). Its info has the source's
+  homepage, citation, licence and metadata (`metadata`'s entries added: JSON values), and
+  `description`.
 
   `transforms[split](ids, examples) -> examples` may rewrite the examples of each chunk read on
   the way (e.g. the planted corruption of an experiment), and must fill the `added` features
@@ -98,7 +104,7 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
   its bytes). `sources[split]` is a data source of the split already open (its readers hold each
   file's record index, so a caller that has read the split passes it on).
   """
-  cls = _make_builder_class(source_builder.info, name, description, added)
+  cls = _make_builder_class(source_builder.info, name, description, added, metadata)
   builder = cls(data_dir=data_dir, file_format='array_record')
   builder.selection = {s: np.sort(np.asarray(ids, np.int64)) for s, ids in selection.items()}
   sources = dict(sources or {})
