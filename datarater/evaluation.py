@@ -8,15 +8,18 @@ from typing import Callable
 
 import jax
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from datarater.progress import bar as progress_bar
 from datarater.tasks.base import at_least_float32
 
 ScoreFn = Callable[[dict], jax.Array]  # batch -> [B, ...]
+# Examples per scoring call: a rater run's scores of its split, and an exported rater's per
+# device (`load_rater`'s block). XLA's CPU kernels round by batch shape (a CNN rater's scores in
+# blocks of 1024 differ from those in 256 in the last bit), so one shape gives the same bits.
+SCORE_BLOCK = 256
 
 
-def score_split(score_fn: ScoreFn, split, batch_size: int = 1024, progress: bool = False,
+def score_split(score_fn: ScoreFn, split, batch_size: int = SCORE_BLOCK, progress: bool = False,
                 desc: str = 'scoring', jit: bool = True) -> np.ndarray:
   """score_fn over every example of `split` in fixed-size padded batches, in order: [N, ...].
 
@@ -43,6 +46,8 @@ def noise_auroc(scores: np.ndarray, is_corrupted: np.ndarray) -> float:
     return float('nan')
   if not np.all(np.isfinite(scores)):
     return float('nan')
+  # Imported here: load_rater (SCORE_BLOCK) imports this module, and need not import sklearn.
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   return float(roc_auc_score(~is_corrupted, scores))
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from datarater import checkpointing, config_checks, files, multihost, tasks
+from datarater import checkpointing, config_checks, evaluation, files, multihost, tasks
 from datarater.data import pipeline
 from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
@@ -358,11 +358,13 @@ def _read_exported(path: str):
   return rater, info, params, float(temperature), meta
 
 
-def load_rater(path: str, devices: Optional[list] = None, block: int = 256) -> LoadedRater:
+def load_rater(path: str, devices: Optional[list] = None,
+               block: int = evaluation.SCORE_BLOCK) -> LoadedRater:
   """Loads the rater of an exported folder or of a `launch.train_rater` run onto `devices`.
 
   Scores are computed in blocks of `block` examples per device with `jax.shard_map`; each device
-  runs the same [block]-shaped program, so results do not depend on the number of devices.
+  runs the same [block]-shaped program, so results do not depend on the number of devices, and
+  are those of the rater run (it scores its split in blocks of `evaluation.SCORE_BLOCK`).
   Reading with orbax wraps `sys.unraisablehook` (once per process) to drop tensorstore's 'Event
   loop is closed' reports of a damaged folder (`checkpointing.quiet_orbax`).
   """

@@ -7,13 +7,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from jax.flatten_util import ravel_pytree
 
 from configs import digits_cnn
-from datarater import export, pergrad, tasks
+from datarater import evaluation, export, pergrad, tasks
 from datarater.curation.filter import filter_dataset
 from datarater.data.corruption import Corruption
+from datarater.data import pipeline
 from datarater.data.pipeline import DataInfo
 from datarater.errors import UserError
 from datarater.meta_train import meta_train
@@ -198,6 +200,36 @@ def test_every_launcher_runs_with_the_cnn_on_digits(tfds_dir, tmp_path):
   c.data.dataset_dir, c.data.label_noise = str(tmp_path / 'kept'), 0.0
   assert train(c, 'uniform', log=lambda line: None)['num_train'] == 958
 
+
+
+@pytest.mark.slow  # a CNN rater run (~20 s of compiling)
+def test_an_exported_cnn_rater_scores_the_bits_its_run_scored(tfds_dir, tmp_path, monkeypatch):
+  """The scores a CNN rater run reports from (caught as its final report reads them) are the
+  exported rater's, in a fresh load on 4 devices or 1, and the filter's scores file's, bit for
+  bit (the run scored in blocks of 1024, the exported rater in 256 per device: XLA's CPU
+  convolutions rounded some scores differently in the last bit)."""
+  c = digits_cnn.get_config()
+  c.data = digits_data(tfds_dir, 0.2)
+  c.task.channels = c.rater.channels = (4, 4)
+  c.outer.steps, c.inner.population, c.inner.batch_size, c.outer.batch_size = 1, 1, 16, 16
+  c.log_every = c.checkpoint_every = 1
+  c.final_eval.num_models = 0
+  seen = []
+  real = evaluation.noise_auroc
+  monkeypatch.setattr(evaluation, 'noise_auroc', lambda s, bad: seen.append(s) or real(s, bad))
+  report = meta_train(c, str(tmp_path / 'run'))
+  run_scores = seen[-1]
+  split = pipeline.load_split(c.data, 'train', corrupt=True)
+  assert report['noise_auroc'] == real(run_scores, split.is_corrupted)
+  export.export_rater(str(tmp_path / 'run'), str(tmp_path / 'rater'))
+  batch = {k: split.features[k] for k in ('image', 'label')}
+  for devices in (jax.devices(), jax.devices()[:1]):
+    loaded = export.load_rater(str(tmp_path / 'rater'), devices=devices)
+    np.testing.assert_array_equal(loaded(batch), run_scores)
+  filter_dataset('sklearn_digits', str(tmp_path / 'kept'), rater=str(tmp_path / 'rater'),
+                 keep=0.8, data_dir=tfds_dir, corruption=Corruption(0.2, 0))
+  written = pq.read_table(tmp_path / 'kept' / 'scores_train.parquet').column('score').to_numpy()
+  np.testing.assert_array_equal(written, run_scores.astype(np.float64))
 
 
 @pytest.mark.parametrize('shape', [(20,), (2, 8, 8, 3)])
