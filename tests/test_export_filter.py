@@ -962,6 +962,19 @@ def test_exact_filter_breaks_ties_to_the_lower_id_and_reports_what_it_wrote(tfds
   assert rep['corrupted'] == int(np.count_nonzero(record)) == round(0.1 * n) + round(
       0.05 * n) + round(0.04 * n)
   assert rep['kept_corrupted'] == int(np.count_nonzero(record[table['kept']]))
+  # The written dataset holds the kept examples in id order, each with its own kind of the
+  # planted record (several kinds: one written under another kind is caught) and what that kind
+  # does to it: label noise changes the label alone, blur and occlusion the image alone.
+  written = tfds.builder_from_directory(str(tmp_path / 'tied')).as_data_source()['train']
+  original = pipeline.get_builder('sklearn_digits', tfds_dir).as_data_source()['train']
+  kinds = planted.record(n)
+  kept_ids = np.flatnonzero(table['kept'])
+  assert len(written) == len(kept_ids) and set(kinds[kept_ids]) == {0, 1, 2, 3}
+  for j, i in enumerate(kept_ids):
+    got, was = written[j], original[int(i)]
+    assert got['corruption'] == kinds[i], (j, i)
+    assert (got['label'] != was['label']) == (kinds[i] == 1), (j, i)
+    assert np.array_equal(got['image'], was['image']) == (kinds[i] in (0, 1)), (j, i)
 
   distinct = rng.permutation(n) / n  # no ties: the lowest kept score is below the best dropped
   rep, table = run('distinct', distinct)
