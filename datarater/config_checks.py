@@ -218,13 +218,21 @@ MODEL_SECTIONS = {'task': 'task', 'rater': 'rater', 'features.task': 'task'}  # 
 # The top-level fields a rater run (a config checked with its `outer` section) reads, so requires:
 # a config without one would pass its checks and stop with a traceback at the first logged step.
 RATER_RUN_FIELDS = ('seed', 'log_every', 'checkpoint_every')
-# (field, other, unread(other's value), why): `field` is not read while `unread` holds of field
-# `other`; launch.cli refuses a command-line override of it there, which would change nothing.
+# (field, other, unread(other's value), why): `field` (a section: any field of it) is not read
+# while `unread` holds of field `other`; launch.cli refuses a command-line override of it there,
+# which would change nothing.
 _PASSES = (' > 0 (passes over the data size the stage); give --config.{other}=0 too to train '
            'that many steps')
+_PIXELS = " (no extractor is trained); give --config.{other}=penultimate too"
+_GUARD_OFF = " (no example is suspected); give --config.{other} too"
 UNREAD_WHILE = (
+    *((f'features.{f}', 'features.extractor', lambda v: v == 'pixels', _PIXELS) for f in (
+        'task', 'train_steps', 'train_epochs', 'batch_size', 'learning_rate')),
     ('features.train_steps', 'features.train_epochs', lambda v: v > 0, _PASSES),
     ('sae.steps', 'sae.epochs', lambda v: v > 0, _PASSES),
+    *((f'data.{f}', 'data.label_noise', lambda v: v == 0,
+       ' (no label is corrupted); give --config.{other} > 0 too')
+      for f in ('label_noise_kind', 'confusions')),
     ('data.confusions', 'data.label_noise_kind', lambda v: v != 'confusion',
      " (the partners of label_noise_kind='confusion'); give --config.{other}=confusion too"),
     ('outer.mixed_recompute', 'outer.meta_gradient', lambda v: v != 'mixed',
@@ -237,6 +245,10 @@ UNREAD_WHILE = (
      " (the penalty of sparsity='l1'); give --config.{other}=l1 too"),
     ('sae_scores.mislabel_penalty', 'sae_scores.mislabel_guard', lambda v: v != 'penalty',
      " (what guard 'penalty' subtracts); give --config.{other}=penalty too"),
+    *((f'sae_scores.mislabel_{f}', 'sae_scores.mislabel_guard', lambda v: v == 'off', _GUARD_OFF)
+      for f in ('rule', 'margin', 'knn', 'knn_reference')),
+    ('sae_scores.mislabel_margin', 'sae_scores.mislabel_rule', lambda v: v != 'margin',
+     " (a setting of rule 'margin'); give --config.{other}=margin too"),
     ('sae_scores.mislabel_knn', 'sae_scores.mislabel_rule', lambda v: v != 'knn',
      " (a setting of rule 'knn'); give --config.{other}=knn too"),
     ('sae_scores.mislabel_knn_reference', 'sae_scores.mislabel_rule', lambda v: v != 'knn',

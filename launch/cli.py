@@ -257,26 +257,36 @@ def _refuse_unordered_tuples(argv, fv: flags.FlagValues) -> None:
 def _refuse_unread_fields(argv, fv: flags.FlagValues) -> None:
   """A field given on the command line where the config makes the run ignore it
   (`config_checks.UNREAD_WHILE`: `sae.steps` while `sae.epochs` > 0, `data.confusions` under
-  symmetric label noise): the run would not read it."""
+  symmetric label noise, any `features.task` field under `features.extractor='pixels'`): the
+  run would not read it."""
   from datarater.config_checks import UNREAD_WHILE  # pylint: disable=g-import-not-at-top
   if 'config' not in fv or not isinstance(fv['config'].parser, _ConfigFileParser):
     return
-  given = set(_given(argv, fv))
+  given = _given(argv, fv)
   for field, other, unread, why in UNREAD_WHILE:
     value = _field(fv['config'].value, other)
-    if f'config.{field}' in given and isinstance(value, (int, float, str)) and unread(value):
+    named = [g for g in given if g == f'config.{field}' or g.startswith(f'config.{field}.')]
+    if named and isinstance(value, (int, float, str)) and unread(value):
       shown = f'{value:g}' if isinstance(value, float) else repr(value)
-      print(f'error: --config.{field} is not read while {other}={shown}'
+      print(f'error: --{named[0]} is not read while {other}={shown}'
             f'{why.format(other=other)}', file=sys.stderr)
       sys.exit(2)
 
 
 def refuse_unread_sections(fv: flags.FlagValues, sections, launcher: str,
-                           top_level: bool = False) -> None:
+                           top_level: bool = False, unread=()) -> None:
   """A `--config.<section>.<field>` override (command line or flagfile) of a section the
   launcher's run does not read (`sections`), or of a top-level field (`seed`, `log_every`,
   `checkpoint_every`) unless it reads them (`top_level`), changes nothing: refused in one line
-  (e.g. train.learning_rate to launch.train_rater, whose inner rate is inner.learning_rate)."""
+  (e.g. train.learning_rate to launch.train_rater, whose inner rate is inner.learning_rate);
+  so is one of `unread`, sections of `sections` or dotted fields of them the run leaves unread
+  (e.g. data.eval_split to launch.valuate)."""
+  for path in fv['config'].override_values:
+    hit = [u for u in unread if path == u or path.startswith(f'{u}.')]
+    if hit:
+      raise UserError(f'--config.{path} is not read by {launcher}, which leaves '
+                      f'{", ".join(unread)} unread')
+  sections = [s for s in sections if s not in unread]
   read, config = {s.split('.')[0] for s in sections}, fv['config'].value
   for path in fv['config'].override_values:
     top = path.split('.')[0]

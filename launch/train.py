@@ -16,7 +16,7 @@ if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callbac
 from absl import flags
 
 from datarater import policies
-from datarater.errors import exit_on_user_error
+from datarater.errors import UserError, exit_on_user_error
 from datarater.train import policy_name, sections_read, train
 from launch import cli
 
@@ -35,8 +35,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 
 
 def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Refuses a config override the run would not read: of a section (or top-level field) or
-  of a `policy` field its policy does not read."""
+  """Refuses a config override the run would not read: of a section (or top-level field), of
+  a `policy` field its policy does not read, or one a flag leaves unread (policy.name beside
+  --policy, train.checkpoint_every without --workdir)."""
+  for path, flag, unread in (('policy.name', f'--policy={fv.policy}', fv.policy is not None),
+                             ('train.checkpoint_every', 'no --workdir', not fv.workdir)):
+    if unread and path in fv['config'].override_values:
+      raise UserError(f'--config.{path} is not read by launch.train with {flag}')
   cli.refuse_unread_sections(fv, sections_read(fv.config, fv.policy), 'launch.train')
   policies.check_fields(policy_name(fv.config, fv.policy), fv['config'].override_values)
 

@@ -16,7 +16,7 @@ from absl import flags
 
 from datarater.errors import exit_on_user_error
 from datarater.valuation.factory import METHODS, check_fields
-from datarater.valuation.run import SECTIONS, valuate
+from datarater.valuation.run import SECTIONS, unread, valuate
 from launch import cli, distributed
 
 
@@ -28,11 +28,14 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
 
 
 def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Refuses a config override the run would not read: of a section (or top-level field) or of
-  a `valuation` field its method does not read."""
-  cli.refuse_unread_sections(fv, SECTIONS, 'launch.valuate')
-  if fv.method in METHODS:  # (an unknown one is refused by name)
-    check_fields(fv.method, fv['config'].override_values)
+  """Refuses a config override the run would not read: of a section (or top-level field), a
+  field of one its method does not read (`run.unread`) or a `valuation` field of another method."""
+  if fv.method not in METHODS:  # (an unknown one is refused by name)
+    cli.refuse_unread_sections(fv, SECTIONS, 'launch.valuate')
+    return
+  cli.refuse_unread_sections(fv, SECTIONS, f'launch.valuate --method={fv.method}',
+                             unread=unread(fv.method))
+  check_fields(fv.method, fv['config'].override_values)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):

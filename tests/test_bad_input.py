@@ -20,8 +20,10 @@ import orbax.checkpoint as ocp
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from absl import flags
 
 from datarater import export, files
+from datarater.errors import UserError
 from datarater.meta_train import meta_train
 from inner_loop.optimizers import INNER_OPTIMIZERS
 from launch import cli, export_rater, filter as filter_launcher, train, train_rater, valuate
@@ -222,7 +224,8 @@ def _cases(tfds_dir: str, w) -> list:
       ('train', [data, '--policy=uniform', '--config.seed=3'], '--config.seed is not read by '
        'launch.train: it reads the config sections data, task, train, policy and no top-level'),
       ('valuate', [data, '--method=tracin', '--config.inner.batch_size=3', f'--workdir={w}/new_val'],
-       '--config.inner.batch_size is not read by launch.valuate: it reads the config sections '
+       '--config.inner.batch_size is not read by launch.valuate --method=tracin: it reads the '
+       'config sections '
        'data, task, valuation'),
       ('train', [data, '--policy=sae', '--config.valuation.batch_size=3'],
        '--config.valuation.batch_size is not read by launch.train: it reads the config sections '
@@ -541,6 +544,19 @@ def _cases(tfds_dir: str, w) -> list:
       (*val('datarater', '--config.valuation.train_steps=50'),
        '--config.valuation.train_steps is not read by method datarater (it is read by tracin, '
        'mimic alone)'),
+      (*val('datarater', '--config.valuation.store_k=4'),
+       '--config.valuation.store_k is not read by method datarater'),
+      # The rater's scores read no task (it was built to check the data), no run's evaluation
+      # split; pixels trained no extractor; --policy named the policy.
+      (*val('datarater', '--config.task.dtype=bfloat16'),
+       '--config.task.dtype is not read by launch.valuate --method=datarater'),
+      (*val('tracin', '--config.data.eval_split=test[:5]'),
+       '--config.data.eval_split is not read by launch.valuate --method=tracin'),
+      ('train', [data, '--policy=sae', '--config.features.extractor=pixels',
+                 '--config.features.task.dtype=bfloat16'],
+       "--config.features.task.dtype is not read while features.extractor='pixels'"),
+      ('train', [data, '--policy=uniform', '--config.policy.name=sae'],
+       '--config.policy.name is not read by launch.train with --policy=uniform'),
       # A path of whitespace named a folder ' ' in the current one (the rater exported there).
       ('export_rater', [f'--workdir={w}/run', '--out= '],
        "--out=' ' starts or ends with whitespace"),
@@ -578,7 +594,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 220  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 225  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
@@ -639,3 +655,46 @@ def test_an_unknown_field_names_its_override_on_the_command_line_only_where_one_
                                                  '--config.outer.zzz=2'])
   assert code == 2 and err.getvalue().strip() == "error: unknown config field 'zzz'", err.getvalue()
   assert not os.path.exists(tmp_path / 'run')
+
+
+# (an override the config's other fields leave unread, the config that leaves it so, an override
+# that makes the run read it): `config_checks.UNREAD_WHILE`'s rules, and launch.train's flags.
+UNREAD = [
+    ('--config.data.label_noise_kind=confusion', '--config.data.label_noise=0',
+     '--config.data.label_noise=0.1'),
+    ('--config.sae_scores.mislabel_margin=0.5', '--config.sae_scores.mislabel_rule=knn',
+     '--config.sae_scores.mislabel_rule=margin'),
+    ('--config.sae_scores.mislabel_rule=knn', '--config.sae_scores.mislabel_guard=off',
+     '--config.sae_scores.mislabel_guard=exclude'),
+    ('--config.features.train_steps=9', '--config.features.extractor=pixels',
+     '--config.features.extractor=penultimate'),
+    ('--config.features.task.hidden=(8,)', '--config.features.extractor=pixels',
+     '--config.features.extractor=penultimate'),
+    ('--config.train.checkpoint_every=2', '--policy=sae', '--workdir=unused'),
+]
+
+
+def _parse_train(argv: list[str]):
+  """(exit code, error output) of launch.train's flag parsing and `check_flags` on `argv`."""
+  fv = flags.FlagValues()
+  train.define_flags(fv, ['train', *argv])
+  err = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(err):
+      train.check_flags(fv) if cli.parse_flags(['train', *argv], train.__doc__, fv) else None
+  except SystemExit as e:
+    return e.code, err.getvalue()
+  except UserError as e:
+    return 2, str(e)
+  return 0, err.getvalue()
+
+
+@pytest.mark.parametrize('field, unread, read', UNREAD)
+def test_an_override_the_config_leaves_unread_is_refused_and_one_it_reads_is_not(field, unread,
+                                                                                   read):
+  """Refused at flag parsing in one line naming it (no run: the bad-input cases run the
+  launchers); the same override where the run reads it parses."""
+  base = ['--policy=sae', '--config.sae_scores.mislabel_guard=exclude']
+  code, out = _parse_train([*base, unread, field])
+  assert code == 2 and f'{field.split("=")[0]} is not read' in out, (code, out)
+  assert _parse_train([*base, read, field]) == (0, '')

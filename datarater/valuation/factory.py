@@ -31,6 +31,8 @@ READ_BY = {'tracin_mode': ('tracin',), 'tracin_project': ('tracin',), 'tracin_gh
            **{f: ('tracin', 'dvemb') for f in ('layers', 'projection', 'projection_dim')},
            # The recorded training run (dvemb's is dvemb_steps long, a checkpoint per step).
            'train_steps': ('tracin', 'mimic'), 'checkpoint_every': ('tracin', 'mimic'),
+           # The gradient store's projection (the rater scores without a store).
+           **{f: ('tracin', 'mimic', 'dvemb') for f in ('projection_seed', 'store_k')},
            **{f: ('tracin', 'mimic', 'dvemb') for f in (
                'batch_size', 'optimizer', 'learning_rate', 'seed', 'chunk_size')}}
 # DVEmb keeps a k x k curvature and decomposes it every step: above this k it warns before the fit.

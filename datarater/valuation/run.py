@@ -48,6 +48,13 @@ log = logging.getLogger('datarater')
 SECTIONS = ('data', 'task', 'valuation')
 
 
+def unread(method: str) -> tuple[str, ...]:
+  """The sections and the fields (dotted) of SECTIONS that a valuation by `method` does not read:
+  no split is evaluated (data.eval_split), and the rater's scores read neither the task (built
+  to check the data alone) nor the held-out split."""
+  return ('data.eval_split', *(('task', 'data.heldout_split') if method == 'datarater' else ()))
+
+
 def fingerprint(method: str, config, *outside: str) -> str:
   """What fixes a valuation's numbers: the method, the config's data, task and valuation, and
   digests of what the config only names (the dataset's files, a rater's parameters)."""
