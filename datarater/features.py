@@ -33,7 +33,8 @@ def train_feature_model(train, config):
     task.check_data(train.features)  # chunks are checked by the trainer)
   trainer = Trainer(task, make_inner_optimizer('adam', config.learning_rate),
                     weighting('uniform', len(train)), config.batch_size,
-                    learning_rate_setting=f'features.learning_rate ({config.learning_rate:g})')
+                    learning_rate_setting=f'features.learning_rate ({config.learning_rate:g})',
+                    purpose='features')
   run = trainer.run(train, {}, [config.seed], steps=steps)
   params = jax.tree.map(lambda x: x[0], run.params)
   return task, params, run.example_gradients

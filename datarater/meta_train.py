@@ -19,7 +19,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from datarater import checkpointing, config_checks, evaluation, files, multihost, plots, tasks
+from datarater import (checkpointing, config_checks, evaluation, files, multihost, plots, seeding,
+                       tasks)
 from datarater.curation import select
 from datarater.data import pipeline
 from datarater.errors import UserError
@@ -53,6 +54,13 @@ def run_checkpointer(config, workdir: str) -> checkpointing.RunCheckpointer:
     free = tuple(f for f in free if f != 'outer.steps')
   return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free,
                                       inputs=checkpointing.path_inputs(config.data))
+
+
+def fresh_state(config, problem) -> meta_step.OuterState:
+  """A new rater run's state: the rater, its inner models and their resets, drawn from the run's
+  own root key (`seeding.root_key(config.seed, 'rater')`)."""
+  return meta_step.init_outer_state(problem, seeding.root_key(config.seed, 'rater'),
+                                    config.inner.population)
 
 
 def meta_train(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
@@ -132,8 +140,7 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     return report
 
   example_inner, example_outer = data.host_batches_at(0)
-  init = lambda: meta_step.init_outer_state(problem, jax.random.PRNGKey(config.seed),
-                                            config.inner.population)
+  init = lambda: fresh_state(config, problem)
   step_fn, state_shardings, inner_sh, outer_sh = sharding.jit_outer_step(
       problem, estimator, mesh, jax.eval_shape(init), example_inner, example_outer)
   if resume_step is None:

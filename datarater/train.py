@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from datarater import checkpointing, config_checks, export, files, policies, tasks
+from datarater import checkpointing, config_checks, export, files, policies, seeding, tasks
 from datarater.data import corruption, pipeline, source
 from datarater.errors import UserError
 from datarater.trainer import Trainer
@@ -30,8 +30,9 @@ SECTIONS = ('data', 'task', 'train', 'policy')
 
 def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
                      spans_epochs: bool) -> checkpointing.RunCheckpointer:
-  """Checkpoints in `workdir`, tied to the config and to the launcher inputs that shape the run
-  (their paths, and the contents of those named by path alone: `checkpointing.path_inputs`).
+  """Checkpoints in `workdir`, tied to the config, to the launcher inputs that shape the run
+  (their paths, and the contents of those named by path alone: `checkpointing.path_inputs`) and
+  to how seeds become keys (`key_derivation`: a checkpoint of other keys is not resumed mixed).
 
   The epoch count may change on resume unless the policy's choices span the epochs; so may the
   config's sections the policy does not read, and the fields it does not read of those it reads
@@ -42,6 +43,7 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
     fingerprint.launch = ml_collections.ConfigDict({
         'policy': policy, 'scores': scores and os.path.abspath(scores),
         'rater': rater and os.path.abspath(rater)})
+    fingerprint.key_derivation = seeding.KEYS_VERSION
   free = (checkpointing.NON_TRAJECTORY_FIELDS + ('train.checkpoint_every', 'train.stream', 'seed')
           + checkpointing.unread_sections(config, SECTIONS + policies.SECTIONS.get(policy, ()))
           + policies.unread_fields(policy, config))

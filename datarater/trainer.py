@@ -14,9 +14,11 @@ state). One epoch:
   4. every split in `evals` is evaluated (`Task.metrics`, averaged), `evals_per_epoch` times
      (at most once per step).
 Compute is counted in example-gradients: (example, step) pairs with a weight > 0.
-Every random choice is keyed by (seed, epoch), so a run resumed from a checkpoint (`checkpointer`,
-a `RunCheckpointer`) equals an uninterrupted one. `record_every=k` keeps the parameters before
-every k-th step and the batches of every step (a `Recording`, what valuations replay).
+Every random choice is keyed by (seed, epoch) (a seed's keys fold 0, 1, 2 into its root key
+`seeding.root_key(seed, purpose)`: initialisation, data order, policy), so a run resumed from a
+checkpoint (`checkpointer`, a `RunCheckpointer`) equals an uninterrupted one. `record_every=k`
+keeps the parameters before every k-th step and the batches of every step (a `Recording`, what
+valuations replay).
 The training data is a `pipeline.Split` (held on the device, batches gathered inside the
 compiled steps) or a streaming `source.Source` (batches read on the host, at most `STREAM_CHUNK`
 steps and `STREAM_EXAMPLES` examples at a time, or one step when its batches alone are more, so
@@ -41,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from datarater import multihost
+from datarater import multihost, seeding
 from datarater.checkpointing import RunCheckpointer, abstract_of
 from datarater.data import source as source_lib
 from datarater.errors import UserError
@@ -182,13 +184,15 @@ class Trainer:
 
   def __init__(self, task: Task, optimizer: optax.GradientTransformation, policy,
                batch_size: int, record_every: int = 0,
-               learning_rate_setting: str = "the optimizer's learning rate"):
+               learning_rate_setting: str = "the optimizer's learning rate",
+               purpose: str = 'train'):
     """`learning_rate_setting` names the setting to lower where the models diverge (a config
-    field and its value)."""
+    field and its value). `purpose` (`seeding.PURPOSES`) roots the seeds' keys: a valuation's or
+    a feature extractor's model of seed s is not the trained model of seed s."""
     if batch_size < 1:
       raise UserError(f'batch_size must be >= 1, got {batch_size}')
     self.task, self.optimizer, self.policy = task, optimizer, policy
-    self.learning_rate_setting = learning_rate_setting
+    self.learning_rate_setting, self.purpose = learning_rate_setting, purpose
     self.batch_size, self.record_every = batch_size, record_every
     self.steps_per_epoch = math.ceil(policy.num_selected / batch_size)
     self._plan = jax.jit(jax.vmap(self._plan_one, in_axes=(None, 0, 0, None)))
@@ -278,7 +282,7 @@ class Trainer:
   # ------------------------------------------------------------------------- the loop
 
   def _init_all(self, seeds, num_examples: int):
-    keys = jax.vmap(jax.random.PRNGKey)(seeds)
+    keys = jax.vmap(lambda s: seeding.root_key(s, self.purpose))(seeds)
     init_keys, order_keys, policy_keys = (
         jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
     models = jax.vmap(lambda k: init_inner_state(self.task.init(k), self.optimizer))(init_keys)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datarater import config_checks, tasks
+from datarater import config_checks, seeding, tasks
 from datarater import features as features_lib
 from datarater import sae as sae_lib
 from datarater.errors import UserError
@@ -182,7 +182,7 @@ def sae_codes(ctx: PolicyContext, seed: int = 0):
   Returns (codes [N, M], info): the SAE metrics and the extractor's example-gradients.
   """
   feats, cost = features_lib.default_features(ctx.train, ctx.config.features)
-  trained, metrics = sae_lib.train_sae(feats, ctx.config.sae, jax.random.PRNGKey(seed))
+  trained, metrics = sae_lib.train_sae(feats, ctx.config.sae, seeding.root_key(seed, 'sae'))
   return sae_lib.encode_all(trained, feats), {'sae': metrics, 'extractor_example_grads': cost,
                                               'feature_dim': int(feats.shape[1])}
 

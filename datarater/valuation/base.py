@@ -48,7 +48,7 @@ def record_run(task, split, *, steps: int, batch_size: int, learning_rate: float
   """Trains a fresh `task` model on `split` with uniform weights, recorded for valuations.
 
   Returns (TrainingRun, example-gradients spent). The data order and initialisation are those of
-  the trainer's `seed`.
+  the trainer's `seed` under purpose 'valuation' (`seeding.root_key`).
   """
   from datarater.policies.base import weighting  # pylint: disable=g-import-not-at-top
   from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
@@ -61,7 +61,8 @@ def record_run(task, split, *, steps: int, batch_size: int, learning_rate: float
     raise UserError(f'valuation.learning_rate must be > 0, got {learning_rate}')
   trainer = Trainer(task, make_inner_optimizer(optimizer, learning_rate),
                     weighting('uniform', len(split)), batch_size, record_every=checkpoint_every,
-                    learning_rate_setting=f'valuation.learning_rate ({learning_rate:g})')
+                    learning_rate_setting=f'valuation.learning_rate ({learning_rate:g})',
+                    purpose='valuation')
   result = trainer.run(split, {}, [seed], steps=steps)
   rec = result.recording
   one = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree))  # one program, not one per leaf

@@ -35,7 +35,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from datarater import checkpointing, config_checks, evaluation, files, multihost, tasks
+from datarater import (checkpointing, config_checks, evaluation, files, multihost, seeding,
+                       tasks)
 from datarater.curation import scores_file
 from datarater.data import pipeline, source
 from datarater.errors import UserError
@@ -56,12 +57,13 @@ def unread(method: str) -> tuple[str, ...]:
 
 
 def fingerprint(method: str, config, *outside: str) -> str:
-  """What fixes a valuation's numbers: the method, the config's data, task and valuation, and
-  digests of what the config only names (the dataset's files, a rater's parameters)."""
+  """What fixes a valuation's numbers: the method, the config's data, task and valuation, how
+  the seeds' keys derive (`seeding.KEYS_VERSION`), and digests of what the config only names (the
+  dataset's files, a rater's parameters)."""
   fields = checkpointing.trajectory_fields(config)
   kept = {k: v for k, v in fields.items() if k.split('.')[0] in SECTIONS}
-  return hashlib.sha256(json.dumps([method, kept, *outside], sort_keys=True).encode()
-                        ).hexdigest()[:16]
+  return hashlib.sha256(json.dumps([method, kept, *outside, seeding.KEYS_VERSION],
+                                   sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_digest(task: tasks.Task) -> str:
