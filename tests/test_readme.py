@@ -45,7 +45,8 @@ def test_the_main_command_reproduces_its_recorded_figures():
   """A reproducibility check of the README's figures, not a correctness oracle: the main command's
   figures equal those recorded in bench/results (a change that moves them must rerun the bench
   and the README). Run as the README runs it: in a process without the tests' quick-compile XLA
-  flags (they change the numerics: held-out loss 0.1111 against 0.1086)."""
+  flags (they change the numerics: held-out loss 0.1111 against 0.1086, measured before the
+  components' keys were separated)."""
   want = json.load(open(RESULTS))['seeds']['0']
   code = ('import json\nfrom bench.train_rater_seeds import run_seed\n'
           'print(json.dumps(run_seed("configs/digits.py", 0)))')
