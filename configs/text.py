@@ -14,7 +14,9 @@ from configs import digits
 
 def transformer(name: str = 'transformer_lm', **fields) -> ml_collections.ConfigDict:
   c = {'name': name, 'vocab': 256, 'd_model': 64, 'num_heads': 4, 'num_layers': 2,
-       'd_mlp': 128, 'max_len': 128, 'activation': 'gelu', 'input': 'tokens'}
+       'd_mlp': 128, 'max_len': 128, 'activation': 'gelu', 'input': 'tokens',
+       # Mixed precision, as in configs/digits.py ('': float32; e.g. --config.task.dtype=bfloat16)
+       'dtype': '', 'param_dtype': ''}
   if name == 'transformer_lm':
     c['token_weights'] = ''   # a float feature [L] weighing each next-token loss ('': none)
   else:

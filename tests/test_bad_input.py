@@ -127,6 +127,9 @@ def _cases(tfds_dir: str, w) -> list:
                                                "'tanh', 'silu', got 'swishy'"),
       (*tr('--config.task.dtype=float8'), "task.dtype must be one of '', 'float32', 'bfloat16', "
                                           "'float16', got 'float8'"),
+      ('train_rater', ['--config=configs/text.py', data, '--config.rater.dtype=float8',
+                       f'--workdir={w}/new_run'],
+       "rater.dtype must be one of '', 'float32', 'bfloat16', 'float16', got 'float8'"),
       (*tr('--config.data.noise_seed=-1'), 'data.noise_seed must be >= 0, got -1'),
       (*tr('--config.inner.stepz=4'), "unknown config field 'stepz' (did you mean 'steps'?)"),
       (*tr('--config.inner.zzz=4'), "unknown config field 'zzz'"),
@@ -594,7 +597,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 225  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 226  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

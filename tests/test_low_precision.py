@@ -352,8 +352,9 @@ def test_every_launcher_runs_with_a_float16_mlp_close_to_float32(tfds_dir, tmp_p
     assert spearmanr(got[want != 0], want[want != 0])[0] > 0.999, method
 
 
-def _dot_operand_dtypes(fn, *args) -> set:
-  """The dtypes of the operands of every matrix product `fn` computes (nested jaxprs too)."""
+def operand_dtypes(fn, *args, primitives=('dot_general',)) -> set:
+  """The dtypes of the floating operands of every operation of `primitives` that `fn` computes
+  (matrix products by default; nested jaxprs too)."""
   def eqns(jaxpr):
     for eqn in jaxpr.eqns:
       yield eqn
@@ -363,22 +364,26 @@ def _dot_operand_dtypes(fn, *args) -> set:
           if hasattr(sub, 'eqns'):
             yield from eqns(sub)
   return {v.aval.dtype for e in eqns(jax.make_jaxpr(fn)(*args).jaxpr)
-          if e.primitive.name == 'dot_general' for v in e.invars}
+          if e.primitive.name in primitives for v in e.invars
+          if jnp.issubdtype(v.aval.dtype, jnp.floating)}
 
 
 @pytest.mark.parametrize('config_file', [
-    'configs/digits.py', pytest.param('configs/digits_cnn.py', marks=pytest.mark.slow)])
+    'configs/digits.py', 'configs/text.py',
+    pytest.param('configs/digits_cnn.py', marks=pytest.mark.slow)])
 def test_the_command_line_sets_the_shipped_models_precision(config_file):
   """`--config.task.dtype=bfloat16` (and `rater.dtype`, `features.task.param_dtype`) on a shipped
-  config, as a launcher parses it: the models built from it multiply in bfloat16 (every matrix
-  product of the loss, the score, the embedding) and store parameters in `param_dtype`; without
-  the overrides, in float32."""
+  config, as a launcher parses it: the models built from it (the MLP, the CNN, the transformer
+  LM and sequence rater) multiply in bfloat16 (every matrix product of the loss, the score, the
+  embedding) and store parameters in `param_dtype`; without the overrides, in float32."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from datarater import tasks  # pylint: disable=g-import-not-at-top
   from launch import cli, train_rater  # pylint: disable=g-import-not-at-top
   info = tiny_info(dim=16)
   info.spec['image'] = jax.ShapeDtypeStruct((4, 4), np.float32)  # an image, for the CNN
+  info.spec['tokens'] = jax.ShapeDtypeStruct((6,), np.int32)  # bytes, for the transformers
   batch = {'image': jnp.ones((2, 4, 4)), 'label': jnp.zeros(2, jnp.int32),
+           'tokens': jnp.arange(12, dtype=jnp.int32).reshape(2, 6) * 20,
            'index': jnp.arange(2, dtype=jnp.int32)}
 
   def models(*overrides):
@@ -398,9 +403,9 @@ def test_the_command_line_sets_the_shipped_models_precision(config_file):
     params = [jax.eval_shape(m.init, jax.random.key(0)) for m in (task, rater, features)]
     assert [{x.dtype for x in jax.tree.leaves(p)} for p in params] == [{jnp.dtype(s)}
                                                                       for s in stored]
-    assert _dot_operand_dtypes(task.per_example_loss, params[0], batch) == {jnp.dtype(dtype)}
-    assert _dot_operand_dtypes(rater.score, params[1], batch) == {jnp.dtype(dtype)}
-    assert _dot_operand_dtypes(features.embed, params[2], batch) == {jnp.dtype(dtype)}
+    assert operand_dtypes(task.per_example_loss, params[0], batch) == {jnp.dtype(dtype)}
+    assert operand_dtypes(rater.score, params[1], batch) == {jnp.dtype(dtype)}
+    assert operand_dtypes(features.embed, params[2], batch) == {jnp.dtype(dtype)}
 
 
 @pytest.mark.slow  # ~20 s: a rater run and a training run
@@ -433,7 +438,7 @@ def test_launchers_given_bfloat16_on_the_command_line_compute_and_store_in_it(tf
   for model in built:
     params = jax.eval_shape(model.init, jax.random.key(0))
     read = model.score if isinstance(model, LabelledRater) else model.per_example_loss
-    assert _dot_operand_dtypes(read, params, batch) == {jnp.dtype(jnp.bfloat16)}, model
+    assert operand_dtypes(read, params, batch) == {jnp.dtype(jnp.bfloat16)}, model
   rater_run, _ = checkpointing.restore_latest_on_host(str(tmp_path / 'rater' / 'checkpoints'))
   leaves = lambda tree: {x.dtype for x in jax.tree.leaves(tree)}
   assert leaves(rater_run['rater_params']) == {jnp.dtype(jnp.bfloat16)}

@@ -429,16 +429,22 @@ def test_a_training_run_resumes_past_the_top_level_seed_it_does_not_read(tmp_pat
   assert resumed.check_compatible() == 2
 
 
+@pytest.mark.parametrize('shipped_config', ['digits', 'text'])
 def test_a_checkpoint_of_a_config_without_the_precision_fields_resumes_under_their_defaults(
-    tmp_path):
+    tmp_path, shipped_config):
   """The shipped configs hold task.dtype / param_dtype (and the rater's, features.task's) at ''
-  (flax's default), added after runs were checkpointed without them: a checkpoint of a config
-  without them resumes under one holding them at '', and the other way round, while bfloat16
-  there is refused; a valuation's fingerprint (its kept runs) is the same with or without them."""
+  (flax's default), added after runs were checkpointed without them (the MLP's and CNN's, then
+  the transformers' of configs/text.py): a checkpoint of a config without them resumes under one
+  holding them at '', and the other way round, while bfloat16 there is refused; a valuation's
+  fingerprint (its kept runs) is the same with or without them."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import text  # pylint: disable=g-import-not-at-top
   from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
   from datarater.valuation import run as valuation_run  # pylint: disable=g-import-not-at-top
   shipped = small_config(str(tmp_path / 'tfds'))
+  if shipped_config == 'text':
+    shipped = text.get_config()
+    shipped.data.data_dir = str(tmp_path / 'tfds')
   without = ml_collections.ConfigDict(shipped.to_dict())
   for section in (without.task, without.rater, without.features.task):
     del section['dtype'], section['param_dtype']

@@ -17,10 +17,16 @@ pools the final states and maps them to one score per sequence.
 
 Config fields: vocab (tokens are ints below it), d_model, num_heads (dividing d_model),
 num_layers, d_mlp (the MLP's hidden width), max_len (the longest sequence accepted, checked
-against the data), activation, optional input (the token feature, default 'tokens').
+against the data), activation, optional input (the token feature, default 'tokens'), dtype and
+param_dtype (classifier.DTYPE_FIELDS: what the Dense layers compute in and store parameters in).
+Below float32, what rounding would spoil stays float32 (as in flax's WMT example): the positional
+encoding, so the residual stream (x + ...) is float32; layer norms' statistics (flax's); the
+attention logits, their mask (jnp.finfo(logits.dtype).min) and softmax; the log-softmax over the
+vocabulary and the loss's mean. The rater's score is its head's output, in `dtype`.
 """
 import dataclasses
 import math
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -30,8 +36,9 @@ import optax
 
 from datarater import config_checks as checks
 from datarater.errors import UserError
-from datarater.tasks.base import FeatureSpec, Rater, Task, example_batch, init_module
-from datarater.tasks.classifier import ACTIVATIONS, activation
+from datarater.tasks.base import (FeatureSpec, Rater, Task, at_least_float32, example_batch,
+                                  init_module)
+from datarater.tasks.classifier import ACTIVATIONS, DTYPE_FIELDS, activation, dtypes
 from datarater.tasks.registry import building_section, register_rater, register_task
 
 
@@ -43,29 +50,36 @@ def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
   return np.where(np.arange(dim) % 2 == 0, np.sin(angles), np.cos(angles))
 
 
-def layer_norm() -> nn.LayerNorm:
-  return nn.LayerNorm(use_scale=False, use_bias=False)
+def layer_norm(dtype=None) -> nn.LayerNorm:
+  """No learned scale or offset; statistics in float32 or wider (flax's), the output in `dtype`
+  (None: the input's)."""
+  return nn.LayerNorm(use_scale=False, use_bias=False, dtype=dtype)
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention from Dense projections `query`, `key`, `value` and `out`."""
+  """Multi-head self-attention from Dense projections `query`, `key`, `value` and `out`; the
+  products computed in `dtype`, the logits scaled, masked and softmaxed in float32 or wider."""
   num_heads: int
   causal: bool = True
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, length, d = x.shape
     head = d // self.num_heads
     split = lambda y: y.reshape(b, length, self.num_heads, head)
-    q = split(nn.Dense(d, name='query')(x))
-    k = split(nn.Dense(d, name='key')(x))
-    v = split(nn.Dense(d, name='value')(x))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(head)
+    dense = lambda name: nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    q = split(dense('query')(x))
+    k = split(dense('key')(x))
+    v = split(dense('value')(x))
+    logits = at_least_float32(jnp.einsum('bqhd,bkhd->bhqk', q, k)) / math.sqrt(head)
     if self.causal:
       mask = jnp.tril(jnp.ones((length, length), bool))
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    attended = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1), v)
-    return nn.Dense(d, name='out')(attended.reshape(b, length, d))
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    attended = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    return dense('out')(attended.reshape(b, length, d))
 
 
 class Block(nn.Module):
@@ -74,17 +88,23 @@ class Block(nn.Module):
   d_mlp: int
   activation: str = 'gelu'
   causal: bool = True
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + SelfAttention(self.num_heads, self.causal, name='attention')(layer_norm()(x))
-    h = nn.Dense(self.d_mlp, name='mlp_in')(layer_norm()(x))
-    return x + nn.Dense(x.shape[-1], name='mlp_out')(activation(self.activation)(h))
+    precision = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+    x = x + SelfAttention(self.num_heads, self.causal, **precision, name='attention')(
+        layer_norm(self.dtype)(x))
+    h = nn.Dense(self.d_mlp, **precision, name='mlp_in')(layer_norm(self.dtype)(x))
+    return x + nn.Dense(x.shape[-1], **precision, name='mlp_out')(activation(self.activation)(h))
 
 
 class Transformer(nn.Module):
   """Tokens int [B, L] -> final states [B, L, d_model] (`states`), or `outputs` per position
-  (per sequence from the states' mean over positions with `pool`)."""
+  (per sequence from the states' mean over positions with `pool`). `dtype`: what the layers
+  compute in (None: their inputs' and parameters'), `param_dtype`: what the parameters are stored
+  in (flax's mixed precision; the module docstring says what stays float32)."""
   vocab: int
   d_model: int
   num_heads: int
@@ -94,18 +114,26 @@ class Transformer(nn.Module):
   activation: str = 'gelu'
   causal: bool = True
   pool: bool = False
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: jax.Array, states: bool = False) -> jax.Array:
+    precision = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
     onehot = jax.nn.one_hot(tokens, self.vocab, dtype=jnp.float32)
-    x = nn.Dense(self.d_model, use_bias=False, name='embed')(onehot)
-    x = x + jnp.asarray(sinusoidal_positions(tokens.shape[1], self.d_model), x.dtype)
+    x = nn.Dense(self.d_model, use_bias=False, **precision, name='embed')(onehot)
+    # The encoding in float32 or wider, not rounded to a lower `dtype`: x (the residual stream)
+    # is float32 from here, what each block adds computed in `dtype`.
+    x = x + jnp.asarray(sinusoidal_positions(tokens.shape[1], self.d_model),
+                        jnp.promote_types(x.dtype, jnp.float32))
     for i in range(self.num_layers):
-      x = Block(self.num_heads, self.d_mlp, self.activation, self.causal, name=f'block_{i}')(x)
-    x = layer_norm()(x)
+      x = Block(self.num_heads, self.d_mlp, self.activation, self.causal, **precision,
+                name=f'block_{i}')(x)
+    x = layer_norm(self.dtype)(x)
     if states:
       return x
-    return nn.Dense(self.outputs, name='head')(jnp.mean(x, axis=1) if self.pool else x)
+    return nn.Dense(self.outputs, **precision, name='head')(jnp.mean(x, axis=1) if self.pool
+                                                              else x)
 
 
 def _tokens_key(config, info) -> tuple[str, int]:
@@ -132,7 +160,7 @@ def _tokens_key(config, info) -> tuple[str, int]:
 def _transformer(config, outputs: int, causal: bool, pool: bool) -> Transformer:
   return Transformer(int(config.vocab), int(config.d_model), int(config.num_heads),
                      int(config.num_layers), int(config.d_mlp), outputs, config.activation, causal,
-                     pool)
+                     pool, **dtypes(config))
 
 
 def _check_tokens(tokens, vocab: int, key: str, section: str) -> None:
@@ -171,9 +199,10 @@ class LanguageModel(Task):
                         'must be finite and >= 0')
 
   def per_token_loss(self, params, batch):
-    """-log p(tokens[:, t+1] | tokens[:, :t+1]) for t < L-1, [B, L-1] (nats)."""
+    """-log p(tokens[:, t+1] | tokens[:, :t+1]) for t < L-1, [B, L-1] (nats), its log-softmax
+    over the vocabulary in float32 or wider."""
     tokens = batch[self.input_key]
-    logits = self.module.apply(params, tokens[:, :-1])
+    logits = at_least_float32(self.module.apply(params, tokens[:, :-1]))
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
   def token_weights(self, batch):
@@ -223,14 +252,16 @@ SEQUENCE_SCHEMA = {'vocab': checks.integer(2), 'd_model': checks.integer(1),
                    'num_heads': checks.integer(1), 'num_layers': checks.integer(0),
                    'd_mlp': checks.integer(1), 'max_len': checks.integer(2),
                    'activation': checks.one_of(*ACTIVATIONS),
-                   'input': checks.optional(checks.string())}  # '' = 'tokens'
+                   'input': checks.optional(checks.string()),  # '' = 'tokens'
+                   **DTYPE_FIELDS}
 
 
 @register_task('transformer_lm', {**SEQUENCE_SCHEMA,
                                   'token_weights': checks.optional(checks.string())})
 def transformer_lm(config, info) -> LanguageModel:
   """config: vocab, d_model, num_heads, num_layers, d_mlp, max_len, activation, optional input
-  (token feature, default 'tokens') and token_weights (a float feature [L]; '' = none)."""
+  (token feature, default 'tokens'), token_weights (a float feature [L]; '' = none), dtype and
+  param_dtype."""
   key, length = _tokens_key(config, info)
   if length < 2:
     raise UserError(f'a language model predicts each token from those before it: the sequences '
