@@ -737,15 +737,16 @@ def test_a_run_with_polyak_averaging_reports_and_exports_the_average(tfds_dir, t
   np.testing.assert_allclose(exported[decay], w @ np.array(iterates), rtol=1e-5, atol=1e-7)
   assert not np.allclose(exported[decay], iterates[-1])
   # The run reports (and logs) the average's AUROC, not its last iterate's: sklearn's AUROC of
-  # the exported average's scores of the training split (the last iterate's differs by ~15 of
-  # the ~230k (clean, corrupted) pairs after 3 steps; one pair is 4e-6).
+  # the exported average's scores of the training split, which score the bits the run scored
+  # (`evaluation.SCORE_BLOCK`); the last iterate's differs by a few of the ~230k (clean,
+  # corrupted) pairs after 3 steps (one pair is 4e-6).
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
   train = pipeline.load_split(configs[decay].data, 'train', corrupt=True)
   auroc = lambda ema: roc_auc_score(~train.is_corrupted, export.load_rater(
       str(tmp_path / f'export{ema}'))(train.features))
-  assert abs(auroc(decay) - auroc(0.0)) > 3e-5
-  assert averaged['noise_auroc'] == pytest.approx(auroc(decay), abs=5e-6)
+  assert auroc(decay) != auroc(0.0)
+  assert averaged['noise_auroc'] == auroc(decay)
   records = [json.loads(l) for l in open(os.path.join(runs[decay], 'metrics.jsonl'))]
   assert records[-1]['noise_auroc'] == averaged['noise_auroc']
 
