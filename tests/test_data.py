@@ -130,7 +130,8 @@ def test_shared_examples_of_two_split_expressions_by_brute_force(tfds_dir):
     return out
   for a, b in [('train', 'validation'), ('train[:500]', 'train[400:]'),
                ('train[:100]+train[50:200]', 'train[150:300]+test'), ('train', 'train[1000:]'),
-               ('train[:299]+train[598:]+test', 'train[299:598]')]:
+               ('train[:299]+train[598:]+test', 'train[299:598]'),
+               ('train[:100]+train[99:200]', 'train[:300]')]:  # parts sharing one example
     assert pipeline.shared_examples(builder, a, b) == len(chosen(a) & chosen(b)), (a, b)
   config = small_config(tfds_dir, steps=2)
   config.data.heldout_split = 'train[1000:]'
@@ -144,10 +145,15 @@ def test_take_and_subset_keep_ids_and_records(tfds_dir):
   batch = split.take(idx)
   assert batch['image'].shape == (2, 2, 8, 8, 1)
   np.testing.assert_array_equal(batch['index'], idx)
-  sub = split.subset(np.array([5, 9, 11]))
-  np.testing.assert_array_equal(sub.ids, [5, 9, 11])
-  np.testing.assert_array_equal(sub.corruption, split.corruption[[5, 9, 11]])
-  np.testing.assert_array_equal(sub.features['label'], split.features['label'][[5, 9, 11]])
+  # Positions in any order (a ranked selection): every record follows its example.
+  idx = np.r_[np.flatnonzero(split.is_corrupted)[:3], 5, 9, 11][::-1]
+  sub = split.subset(idx)
+  np.testing.assert_array_equal(sub.ids, idx)
+  for name, whole, part in (('corruption', split.corruption, sub.corruption),
+                            ('label', split.features['label'], sub.features['label']),
+                            ('clean label', split.clean['label'], sub.clean['label'])):
+    np.testing.assert_array_equal(part, [whole[i] for i in idx], err_msg=name)
+  assert 0 < sub.is_corrupted.sum() < len(idx)
 
 
 def test_data_info_round_trips_through_json(tfds_dir):
@@ -242,6 +248,16 @@ def test_meta_batches_of_consecutive_steps_are_consecutive_disjoint_slices_of_th
     assert len(set(stream[n:])) == len(stream) - n  # epoch 1 so far: no example twice
     for s in range(5):
       assert data.position(s)[name] == s * per_step
+  # The device batches (each device gathering its own members' rows) are the host batches.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('k',))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('k'))
+  for s in range(4):
+    host = data.host_batches_at(s)
+    shardings = [{k: rows for k in part} for part in host]
+    for want, got in zip(host, data.device_batches_at(s, *shardings)):
+      assert set(got) == set(want)
+      for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), want[k], err_msg=f'{k} at step {s}')
 
 
 def test_the_stream_does_not_follow_the_corruption_record_of_the_same_seed():

@@ -77,7 +77,7 @@ def test_batch_filter_keeps_floor_of_the_exact_product_under_jit():
     weigh = jax.jit(lambda b, w, p=policy: p.weigh(None, (), None, b, w))
     for size in (100, 200, 380, 700):
       batch = {'score': jnp.asarray(np.random.default_rng(size).normal(size=size), jnp.float32)}
-      for real in (size, size - 1, 3 * size // 4):
+      for real in (size, size - 1, 3 * size // 4, 2, 1):  # (a short last batch keeps one)
         w = np.asarray(weigh(batch, jnp.asarray(np.arange(size) < real, jnp.float32)))
         kept = max(1, math.floor((1 - Fraction(rho)) * real))
         assert (w > 0).sum() == kept, (rho, size, real)
@@ -96,6 +96,16 @@ def test_a_rho_that_would_keep_none_of_a_batch_is_refused(batch_size, rho, kept)
     with pytest.raises(UserError, match=f'policy.rho={rho} keeps .* = 0 of each batch of '
                                         f'train.batch_size={batch_size}'):
       filtering.kept_per_batch(batch_size, rho)
+
+
+def test_source_batch_size_is_the_ceiling_of_the_exact_quotient():
+  """M = ceil(B / (1 - rho)) in exact decimal arithmetic: in floats 21 / (1 - 0.3) is
+  30.000000000000004, whose ceiling (31) would model batches one example too large."""
+  from fractions import Fraction
+  for rho in ('0.1', '0.25', '0.3', '0.35', '0.6', '0.7', '0.9'):
+    for b in range(1, 200):
+      want = math.ceil(Fraction(b) / (1 - Fraction(rho)))
+      assert filtering.source_batch_size(b, float(rho)) == want, (rho, b)
 
 
 def _survival_brute_force(u, m, n):
@@ -225,7 +235,7 @@ def trained(tfds_dir, tmp_path_factory):
   export.export_rater(str(base / 'run'), str(base / 'rater'))
   values = np.random.default_rng(2).normal(size=1197)
   scores_file.write(str(base / 'scores.parquet'), np.arange(1197), -values, values,
-                    dataset='sklearn_digits', split='train')
+                    dataset='sklearn_digits', split='train', example_gradients=777)
   return base, values
 
 
@@ -245,12 +255,24 @@ def test_every_registered_policy_trains_through_the_launcher_path(tfds_dir, trai
           'tracin_curriculum', 'mimic', 'full', 'random', 'infobatch', 'sae'} <= set(names)
   grads = {}
   inputs = {'rater': str(base / 'rater'), 'scores': str(base / 'scores.parquet')}
+  # What making each policy cost: the rater's training (as its export records it), the scores
+  # file's writer (777); and its forward passes per example drawn (1197 drawn in the one epoch).
+  rater_cost = export.load_rater(str(base / 'rater')).training_example_gradients
+  assert rater_cost > 0
+  setup = {'datarater': rater_cost, 'datarater_batch_filter': rater_cost,
+           'datarater_accept': rater_cost, 'scores': 777}
+  forwards = {'datarater': 1, 'datarater_batch_filter': 1, 'datarater_accept': 1, 'mimic': 2}
   for name in names:
     report = train(config, name, **{k: v for k, v in inputs.items() if k in policies.READS[name]},
                    log=lambda line: None)
     assert 0.0 <= report['final']['eval']['accuracy']['mean'] <= 1.0, name
     grads[name] = report['example_gradients']
     assert report['setup_forwards'] == (1197 if name == 'datarater_accept' else 0), name
+    assert report['scoring_forwards'] == forwards.get(name, 0) * 1197, name
+    if name in setup:
+      assert report['setup_example_gradients'] == setup[name], name
+    assert report['total_example_gradients'] == (report['example_gradients']
+                                                 + report['setup_example_gradients']), name
   assert grads['uniform'] == grads['full'] == 1197
   assert grads['datarater_batch_filter'] < 1197 and grads['random'] == round(0.7 * 1197)
   # The scores policy's weights: n softmax(z / temperature) of the file's standardised values.

@@ -429,6 +429,19 @@ def test_a_training_run_resumes_past_the_top_level_seed_it_does_not_read(tmp_pat
   assert resumed.check_compatible() == 2
 
 
+def test_a_free_field_frees_itself_and_its_subfields_not_the_fields_it_prefixes():
+  """A resume compares every field but the free ones and those under a free section: `seed`
+  free leaves `seed_offset` compared, `data` free leaves `database.y` (a field of one's own whose
+  name a free one begins would otherwise change unchecked)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from datarater import checkpointing  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'seed': 1, 'seed_offset': 2, 'data': {'x': 3},
+                                      'database': {'y': 4},
+                                      'train': {'epochs': 5, 'epochs_per_eval': 6}})
+  assert checkpointing.trajectory_fields(config, ('seed', 'data', 'train.epochs')) == {
+      'seed_offset': 2, 'database.y': 4, 'train.epochs_per_eval': 6}
+
+
 @pytest.mark.parametrize('shipped_config', ['digits', 'text'])
 def test_a_checkpoint_of_a_config_without_the_precision_fields_resumes_under_their_defaults(
     tmp_path, shipped_config):

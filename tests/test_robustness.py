@@ -329,6 +329,48 @@ def test_a_checkpoint_whose_arrays_still_decode_to_other_values_is_passed_over(t
   assert checkpointing.checksums(four) == checkpointing.checksums(tree)
 
 
+def _checksum_by_definition(x) -> int:
+  """sum_i w_i * (2i + 1) mod 2**32 over the array's row-major 32-bit words w_i (an 8-byte value
+  is two words, low then high; a narrower one is one word, zero-extended), in Python's ints."""
+  x = np.ascontiguousarray(x)
+  if x.dtype.itemsize == 8:
+    words = x.view(np.uint32).reshape(-1, 2)
+    if sys.byteorder == 'big':
+      words = words[:, ::-1]
+    words = words.reshape(-1).astype(np.uint64)
+  else:
+    words = x.reshape(-1).view(f'u{x.dtype.itemsize}').astype(np.uint64)
+  odd = 2 * np.arange(len(words), dtype=np.uint64) + 1
+  return int(np.sum((words * odd) % 2**32, dtype=np.uint64)) % 2**32
+
+
+def test_checkpoint_checksums_are_their_definition_and_see_every_flipped_bit():
+  """Against the definition computed word by word: arrays of 1-, 2-, 4- and 8-byte values, one
+  large enough to be summed in parts (> 2**22 values), and that one sharded over 4 devices; and
+  every single flipped bit of a small float32 and float64 array changes the checksum (the first
+  element's and the high words of 8-byte values too)."""
+  rng = np.random.default_rng(0)
+  arrays = {'i8': rng.integers(-128, 128, (7, 3), np.int8),
+            'f16': rng.normal(size=(5, 4)).astype(np.float16),
+            'f32': rng.normal(size=(3, 5)).astype(np.float32),
+            'f64': rng.normal(size=(4, 3)), 'i64': rng.integers(-2**62, 2**62, (6,)),
+            'scalar': np.float32(2.5), 'big': rng.normal(size=(1280, 4096)).astype(np.float32)}
+  sums = checkpointing.checksums(arrays)
+  assert sums == {k: _checksum_by_definition(v) for k, v in arrays.items()}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ('d',))
+  big = jax.device_put(arrays['big'], jax.NamedSharding(mesh, jax.sharding.PartitionSpec('d')))
+  assert checkpointing.checksums({'big': big}) == {'big': sums['big']}
+  for name in ('f32', 'f64'):
+    x = arrays[name][:2, :2].copy()
+    words = x.view(np.uint32).reshape(-1)
+    before = checkpointing.checksums({'x': x})
+    for i in range(len(words)):
+      for bit in range(32):
+        words[i] ^= np.uint32(1 << bit)
+        assert checkpointing.checksums({'x': x}) != before, (name, i, bit)
+        words[i] ^= np.uint32(1 << bit)
+
+
 def test_a_run_log_resumes_past_a_half_written_last_line(tmp_path):
   """A kill mid-append leaves a partial last line; a resumed log drops it (and any other line
   that is not a record with the key) and keeps the records up to the restored point."""
@@ -983,6 +1025,11 @@ def test_a_member_whose_optimizer_state_alone_is_infinite_is_reset():
       assert not np.allclose(member(new.params, k), member(pop.params, old)), (k, old)
   assert not np.allclose(member(new.params, 1), member(new.params, 3))
   np.testing.assert_array_equal(population_lib.finite_members(new), [True] * 4)
+  # A population finite everywhere: no member reset, none counted.
+  again, diverged = population_lib.reset_diverged(new, problem.init_member, jax.random.PRNGKey(5),
+                                                  jnp.asarray(6))
+  assert int(diverged) == 0
+  np.testing.assert_array_equal(ravel_pytree(again)[0], ravel_pytree(new)[0])
 
 
 def test_fresh_models_trained_with_the_rater_use_its_temperature(tfds_dir):

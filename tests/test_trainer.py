@@ -422,3 +422,58 @@ def test_a_streamed_run_left_by_an_error_leaves_no_read_thread(tfds_dir, monkeyp
   with pytest.raises(RuntimeError, match='a planted step error') as e:
     _trainer(streamed, batch_size=64).run(streamed, {}, [0], epochs=1)
   assert [t for t in reading() if t not in before] == []
+
+
+def test_compute_is_counted_over_real_examples_with_the_policys_own_costs(splits):
+  """Counted by hand over 2 epochs of the 1197 examples in batches of 100 (the last of 97 and 3
+  padding rows), under a policy that filters out the odd positions, scores each drawn example
+  at 1.5 forward passes and cost 123 example-gradients and 45 forwards to make: example-gradients
+  are the even positions' (599 an epoch), scoring forwards 1.5 per real example drawn (padding
+  neither drawn nor scored), and the totals add the policy's setup."""
+  train, _ = splits
+  n = len(train)
+  assert n == 1197
+  even = lambda aux, s, p, batch, w: jnp.where(batch['index'] % 2 == 0, w, 0.0)
+  policy = base.weighting('even', n, weigh=even, forwards_per_example=1.5,
+                          setup_example_gradients=123, setup_forwards=45)
+  report = _trainer(train, policy, batch_size=100).run(train, {}, [0, 1], epochs=2).report()
+  assert report['example_gradients'] == 2 * 599
+  assert report['scoring_forwards'] == int(1.5 * 2 * n)
+  assert (report['setup_example_gradients'], report['setup_forwards']) == (123, 45)
+  assert report['total_example_gradients'] == 2 * 599 + 123
+
+
+def test_a_run_recorded_every_k_steps_keeps_the_parameters_before_steps_0_k_2k(splits):
+  """record_every=4 over 12 steps: exactly 3 recorded parameter sets (no spare slot a valuation
+  would take for a checkpoint), those before steps 0, 4 and 8 of plain optax SGD on the recorded
+  batches; every step's batch is recorded."""
+  train, _ = splits
+  trainer = _trainer(train, optimizer=optax.sgd(0.1), batch_size=128, record_every=4)
+  rec = trainer.run(train, {}, [1], steps=12).recording
+  assert rec.positions.shape == rec.weights.shape == (1, 12, 128)
+  assert {x.shape[:2] for x in jax.tree.leaves(rec.checkpoints)} == {(1, 3)}
+  init, _ = trainer.init([1], len(train))
+  params = jax.tree.map(lambda x: x[0], init.models.params)
+  opt = optax.sgd(0.1)
+  state, step = opt.init(params), _optax_step(trainer.task, opt)
+  for t in range(12):
+    if t % 4 == 0:
+      for got, want in zip(jax.tree.leaves(rec.checkpoints), jax.tree.leaves(params)):
+        np.testing.assert_allclose(got[0, t // 4], want, rtol=1e-5, atol=1e-6, err_msg=f'{t}')
+    keep = rec.weights[0, t] > 0
+    params, state = step(params, state, train.take(rec.positions[0, t][keep]))
+
+
+def test_checkpoints_are_written_every_k_epochs_and_at_the_end(splits, tmp_path):
+  """checkpoint_every=2 over 5 epochs: saves after epochs 2, 4 and 5 (the end), the last two of
+  them kept; a run stopped after 3 epochs saves there too."""
+  import os  # pylint: disable=g-import-not-at-top
+  train, _ = splits
+  config = ml_collections.ConfigDict({'x': 1})
+  saved = lambda d: sorted(int(s) for s in os.listdir(d / 'checkpoints') if s.isdigit())
+  trainer = _trainer(train, batch_size=600)
+  ckpt = lambda d: checkpointing.RunCheckpointer(str(tmp_path / d), config, max_to_keep=5)
+  trainer.run(train, {}, [0], epochs=5, checkpoint_every=2, checkpointer=ckpt('a'))
+  assert saved(tmp_path / 'a') == [2, 4, 5]
+  trainer.run(train, {}, [0], epochs=5, checkpoint_every=2, stop_after=3, checkpointer=ckpt('b'))
+  assert saved(tmp_path / 'b') == [2, 3]
