@@ -137,37 +137,39 @@ def check_can_create(path: str) -> None:
     raise UserError(f'cannot write {path!r}: {above!r} is not writable ({why})')
 
 
-def check_replaceable(path: str, overwrite: bool, marker: str = '') -> None:
-  """Refuses an existing output `path` unless `overwrite`, and with `marker` one that is not a
-  folder holding that file (an earlier output of the same kind: a typo in --out with --overwrite
-  would delete an unrelated folder or file)."""
+def check_replaceable(path: str, overwrite: bool, marker: str = '',
+                      overwrite_with: str = '--overwrite') -> None:
+  """Refuses an existing output `path` unless `overwrite` (what sets it, `overwrite_with`, is
+  named), and with `marker` one that is not a folder holding that file (an earlier output of the
+  same kind: a typo in --out with --overwrite would delete an unrelated folder or file)."""
   # An earlier output a killed writer moved aside (to replace it) is still this output:
   # `atomic_dir` puts it back before writing, so it is refused here, before any work.
   found = path if os.path.lexists(path) else next(
       (folder for folder, _ in _leftovers(os.path.abspath(path), 'old')), None)
   if found and not overwrite:
-    raise UserError(f'output {path!r} already exists (pass --overwrite to replace it)')
+    raise UserError(f'output {path!r} already exists (pass {overwrite_with} to replace it)')
   if found and marker and not os.path.isfile(os.path.join(found, marker)):
     raise UserError(f'output {path!r} exists but is not an earlier output of this command (it '
-                    f'holds no {marker}): --overwrite replaces only those; remove it yourself or '
-                    'write elsewhere')
+                    f'holds no {marker}): {overwrite_with} replaces only those; remove it '
+                    'yourself or write elsewhere')
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str, overwrite: bool = False, marker: str = ''):
+def atomic_dir(path: str, overwrite: bool = False, marker: str = '',
+               overwrite_with: str = '--overwrite'):
   """Yields a temporary folder beside `path`, renamed to `path` when the block succeeds.
 
   With `overwrite`, an existing `path` is moved aside first and deleted after the rename (a
   killed run leaves it to be put back by `recover_dir`); with `marker`, only a folder holding
-  that file (an earlier output of the same kind) is replaced, anything else is refused. On error
-  the temporary folder goes.
+  that file (an earlier output of the same kind) is replaced, anything else is refused (naming
+  `overwrite_with`, what sets `overwrite`). On error the temporary folder goes.
   """
   path = os.path.abspath(path)
   parent, name = os.path.dirname(path), os.path.basename(path)
   try:
     os.makedirs(parent, exist_ok=True)
     recover_dir(path)
-    check_replaceable(path, overwrite, marker)
+    check_replaceable(path, overwrite, marker, overwrite_with)
     tmp = os.path.join(parent, f'.{name}.tmp-{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -54,10 +54,15 @@ def test_each_split_reads_back_row_for_row_decoded_with_its_corruption_record(wr
                                                                        'corruption': 2}
 
 
-def test_the_folder_is_replaced_only_with_overwrite(written):
+def test_the_folder_is_replaced_only_with_overwrite(written, tmp_path):
+  """The refusals name the keyword argument that replaces (write_arrays has no --overwrite)."""
   splits, folder = written
-  with pytest.raises(UserError, match='already exists'):
+  with pytest.raises(UserError, match=r'already exists \(pass overwrite=True to replace it\)'):
     write_arrays(folder, splits, classes=CLASSES)
+  (tmp_path / 'notes').mkdir()  # not a dataset folder: kept even with overwrite=True
+  with pytest.raises(UserError, match='dataset_info.json\\): overwrite=True replaces only'):
+    write_arrays(str(tmp_path / 'notes'), splits, classes=CLASSES, overwrite=True)
+  assert os.listdir(tmp_path) == ['notes']
   with pytest.raises(UserError, match='inside the TFDS dataset folder'):
     write_arrays(os.path.join(folder, 'again'), splits, classes=CLASSES)
 

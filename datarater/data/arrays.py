@@ -110,7 +110,8 @@ def write_arrays(out: str, splits: Mapping[str, Mapping[str, np.ndarray]], *,
                         f'{split!r}, {feature[name].shape} {feature[name].np_dtype} in another')
       arrays[name] = x.astype(np.int64 if name in classes else feature[name].np_dtype)
   files.check_not_in_dataset(out, 'write_arrays out', itself=False)
-  with files.atomic_dir(out, overwrite, marker='dataset_info.json') as tmp:
+  with files.atomic_dir(out, overwrite, marker='dataset_info.json',
+                        overwrite_with='overwrite=True') as tmp:
     builder = _Arrays(columns, feature, supervised_keys, data_dir=os.path.join(tmp, 'tfds'),
                       file_format='array_record')
     tfds_writer.prepare_unshuffled(builder)
