@@ -450,7 +450,7 @@ def test_a_consumer_without_datarater_reads_the_filtered_dataset_and_how_it_was_
   description = read['description']
   assert os.path.realpath(rater_dir) in description and 'keep 0.8' in description
   assert f"threshold {report['splits']['train']['threshold']['all']:.9g}" in description
-  assert 'symmetric label noise 0.2 (seed 0)' in description
+  assert 'planted before scoring: label_symmetric 0.2 (seed 0)' in description
   assert description.endswith(read['source_description'])
   assert read['metadata']['datarater_filter'] == [json.loads(
       (out / 'filter_report.json').read_text())]
@@ -965,7 +965,10 @@ def test_exact_filter_breaks_ties_to_the_lower_id_and_reports_what_it_wrote(tfds
   # The written dataset holds the kept examples in id order, each with its own kind of the
   # planted record (several kinds: one written under another kind is caught) and what that kind
   # does to it: label noise changes the label alone, blur and occlusion the image alone.
-  written = tfds.builder_from_directory(str(tmp_path / 'tied')).as_data_source()['train']
+  built = tfds.builder_from_directory(str(tmp_path / 'tied'))
+  for kind, rate in planted.describe()['rates'].items():  # the description names every kind
+    assert f'{kind} {rate:g}' in built.info.description, kind
+  written = built.as_data_source()['train']
   original = pipeline.get_builder('sklearn_digits', tfds_dir).as_data_source()['train']
   kinds = planted.record(n)
   kept_ids = np.flatnonzero(table['kept'])

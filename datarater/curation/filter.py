@@ -345,8 +345,9 @@ def _split_report(d: dict, num_classes: int) -> dict:
   return info
 
 
-def _description(report: dict, source_description: str) -> str:
-  """The output's TFDS description: how it was made (the report's settings), then the source's."""
+def _description(report: dict, source_description: str, planted: Optional[dict]) -> str:
+  """The output's TFDS description: how it was made (the report's settings and the corruption
+  `planted`, `Corruption.describe()`), then the source's."""
   rater, scores = report['source']['rater'], report['source']['scores']
   lines = [f'{report["dataset"]} filtered by launch.filter with '
            + (f'rater {rater}' if rater else f'scores file {scores}')]
@@ -360,10 +361,11 @@ def _description(report: dict, source_description: str) -> str:
              f'{", each class its share" if report["balance"] else ""}, '
              f'{report["threshold_mode"]} threshold {cut}')
     lines.append(f'{s}: kept {d["kept"]} of {d["num_examples"]} examples ({how})')
-  planted = report['corruption']
-  if len(planted['kinds']) > 1:
-    lines.append(f'planted before scoring: symmetric label noise {planted["label_noise"]:g} '
-                 f'(seed {planted["seed"]}), recorded in feature {pipeline.RECORDED!r}')
+  if planted:
+    rates = ', '.join(f'{kind} {rate:g}' for kind, rate in planted['rates'].items())
+    partners = f', confusions {planted["confusions"]}' if 'confusions' in planted else ''
+    lines.append(f'planted before scoring: {rates} (seed {planted["seed"]}{partners}), recorded '
+                 f'in feature {pipeline.RECORDED!r}')
   if report['copied_splits']:
     lines.append(f'copied unchanged: {", ".join(report["copied_splits"])}')
   lines.append(f'(info.metadata[{METADATA!r}][-1]: the filter\'s report, {REPORT})')
@@ -380,7 +382,8 @@ def _write(out, overwrite, builder, name, selection, dataset, transforms, stream
   earlier = list((builder.info.metadata or {}).get(METADATA, []))
   with files.atomic_dir(out, overwrite, marker=REPORT) as tmp:
     folder = tfds_writer.write_subset(builder, os.path.join(tmp, 'tfds'), name, selection,
-                                      _description(report, builder.info.description),
+                                      _description(report, builder.info.description,
+                                                   corruption.describe()),
                                       transforms, {s: streams[s].data_source for s in splits},
                                       added, {METADATA: [*earlier, report]})
     for s, d in per_split.items():
