@@ -43,8 +43,8 @@ log = logging.getLogger('datarater')
 ADDED_FIELDS = {f'{section}.{name}': '' for section in ('task', 'rater', 'features.task')
                 for name in ('input', 'label')}
 ADDED_FIELDS.update({'task.token_weights': '', 'rater.causal': False})
-# Added fields left out of a run's record at that value (`trajectory_fields`), so that the
-# valuation fingerprints hashing the record stay those of the runs made before they existed.
+# Added fields left out of a run's record at that value (`trajectory_fields`): a config holding
+# one there and a config without it record the same, so hash to one valuation fingerprint.
 UNRECORDED_AT_DEFAULT = tuple(f'{section}.{name}' for section in ('task', 'rater', 'features.task')
                               for name in ('dtype', 'param_dtype'))
 ADDED_FIELDS.update({field: '' for field in UNRECORDED_AT_DEFAULT})

@@ -2,9 +2,9 @@
 
 `root_key(seed, purpose)` is fold_in(PRNGKey(seed), tag), one 32-bit tag per purpose (its name in
 ASCII, as `pipeline.STREAM_TAG` tags the numpy stream), so components given the same seed draw
-from different roots. With PRNGKey(seed) itself as every root, a rater run of seed s started
-from the parameters a trainer of seed s gives its first model (split(k, n)[i] is fold_in(k, i)),
-and the SAE drew the feature extractor's keys (both seeded by `features.seed`).
+from different roots. PRNGKey(seed) as every root would start a rater run of seed s from the
+parameters a trainer of seed s gives its first model (split(k, n)[i] is fold_in(k, i)), and give
+the SAE the feature extractor's keys (both seeded by `features.seed`).
 """
 import jax
 
