@@ -303,6 +303,35 @@ def test_softmax_weights_of_any_finite_scores_are_the_float64_softmax(scores, ta
   assert np.isfinite(grad).all()
 
 
+def test_softmax_weights_gradient_is_the_finite_difference_of_its_float64_definition():
+  """The largest real score is subtracted under stop_gradient: the gradient is still that of
+  n * softmax(s / tau) over the real examples (central differences of a numpy definition, in
+  float64), padding gets none, and a row of padding alone has weights 0 and gradient 0."""
+  rng = np.random.default_rng(0)
+  s, c = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+  mask = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], np.float64)
+  tau = 0.7
+
+  def defined(s):
+    out = np.zeros_like(s)
+    for row, real in zip(range(len(s)), mask > 0):
+      if real.any():
+        out[row, real] = real.sum() * scipy.special.softmax(s[row, real] / tau)
+    return out
+  with jax.enable_x64(True):
+    w = softmax_weights(jnp.asarray(s), tau, jnp.asarray(mask))
+    grad = jax.grad(lambda x: jnp.sum(c * softmax_weights(x, tau, jnp.asarray(mask))))(
+        jnp.asarray(s))
+  np.testing.assert_allclose(w, defined(s), rtol=1e-12, atol=1e-15)
+  eps, numeric = 1e-6, np.zeros_like(s)
+  for i, j in np.ndindex(*s.shape):
+    d = np.zeros_like(s)
+    d[i, j] = eps
+    numeric[i, j] = np.sum(c * (defined(s + d) - defined(s - d))) / (2 * eps)
+  np.testing.assert_allclose(grad, numeric, atol=1e-8)
+  assert np.all(np.asarray(grad)[mask == 0] == 0)
+
+
 def test_each_member_resets_every_r_steps_at_staggered_offsets():
   k, r = 4, 8
   masks = np.stack([np.asarray(reset_mask(jnp.int32(s), k, r)) for s in range(1, 4 * r + 1)])
