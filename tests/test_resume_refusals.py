@@ -378,12 +378,18 @@ def test_a_training_run_compares_the_sections_its_policy_reads(tmp_path, policy,
     workdir = str(tmp_path / name_)
     _save_one(train_lib.run_checkpointer(config, workdir, name_, '', '', False),
               extra={'history': [], 'wall_s': 0.0, 'steps': 0})
-    resumed = train_lib.run_checkpointer(changed, workdir, name_, '', '', False)
-    if refused:
-      with pytest.raises(UserError, match=rf'different config \({re.escape(field)}='):
-        resumed.check_compatible()
-    else:
-      assert resumed.check_compatible() == 2
+    _resumes_unless_refused(changed, workdir, name_, field, refused)
+
+
+def _resumes_unless_refused(config, workdir: str, policy: str, field: str, refused: bool):
+  """launch.train's checkpoint in `workdir` under `config`: refused naming `field`, or resumed."""
+  from datarater import train as train_lib  # pylint: disable=g-import-not-at-top
+  resumed = train_lib.run_checkpointer(config, workdir, policy, '', '', False)
+  if refused:
+    with pytest.raises(UserError, match=rf'different config \({re.escape(field)}='):
+      resumed.check_compatible()
+  else:
+    assert resumed.check_compatible() == 2
 
 
 @pytest.mark.parametrize('policy, unread, read', [
@@ -406,12 +412,7 @@ def test_a_training_run_resumes_past_the_fields_its_policy_does_not_read(tmp_pat
     section, name = field.split('.')
     assert changed[section][name] != value
     changed[section][name] = value
-    resumed = train_lib.run_checkpointer(changed, workdir, policy, '', '', False)
-    if refused:
-      with pytest.raises(UserError, match=rf'different config \({re.escape(field)}='):
-        resumed.check_compatible()
-    else:
-      assert resumed.check_compatible() == 2
+    _resumes_unless_refused(changed, workdir, policy, field, refused)
 
 
 def test_a_training_run_resumes_past_the_top_level_seed_it_does_not_read(tmp_path):

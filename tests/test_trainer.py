@@ -421,6 +421,7 @@ def test_a_streamed_run_left_by_an_error_leaves_no_read_thread(tfds_dir, monkeyp
   before = reading()
   with pytest.raises(RuntimeError, match='a planted step error') as e:
     _trainer(streamed, batch_size=64).run(streamed, {}, [0], epochs=1)
+  assert e.value.__traceback__ is not None  # held here: its frames keep the run's locals alive
   assert [t for t in reading() if t not in before] == []
 
 
