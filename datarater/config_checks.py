@@ -168,7 +168,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
               'advance_steps': integer(0)},
     'outer': {'steps': integer(0), 'batch_size': integer(1),
               'learning_rate': number(0, lo_open=True), 'warmup_steps': integer(0),
-              'schedule': _lazy_one_of('outer_loop.setup.SCHEDULES'), 'clip_norm': number(0, lo_open=True),
+              'schedule': _lazy_one_of('outer_loop.setup.SCHEDULES'),
+              'clip_norm': number(0, lo_open=True),
               'ema': number(0, MAX_EMA),
               'meta_gradient': _lazy_one_of('outer_loop.estimators.META_GRADIENTS'),
               'mixed_recompute': _lazy_one_of('outer_loop.estimators.MIXED_RECOMPUTE'),
@@ -189,7 +190,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
         'seed': seed(), 'layers': string(),
         'projection': _lazy_one_of('datarater.valuation.factory.PROJECTIONS'),
         'projection_dim': integer(1), 'projection_seed': seed(), 'chunk_size': integer(1),
-        'score_batch_size': integer(1), 'tracin_mode': _lazy_one_of('datarater.valuation.tracin.MODES'),
+        'score_batch_size': integer(1),
+        'tracin_mode': _lazy_one_of('datarater.valuation.tracin.MODES'),
         'tracin_project': boolean(), 'tracin_ghost': boolean(), 'mimic_layers': string(),
         'mimic_cosine': boolean(), 'mimic_keep_fraction': number(0, 1, hi_open=True),
         'reference_steps': integer(1),
@@ -218,6 +220,13 @@ MODEL_SECTIONS = {'task': 'task', 'rater': 'rater', 'features.task': 'task'}  # 
 # The top-level fields a rater run (a config checked with its `outer` section) reads, so requires:
 # a config without one would pass its checks and stop with a traceback at the first logged step.
 RATER_RUN_FIELDS = ('seed', 'log_every', 'checkpoint_every')
+
+
+def _only_at(field: str, other: str, value: str, what: str) -> tuple:
+  """An UNREAD_WHILE row: `field` (`what` it is) is read only while `other` is `value`."""
+  return (field, other, lambda v: v != value, f' ({what}); give --config.{{other}}={value} too')
+
+
 # (field, other, unread(other's value), why): `field` (a section: any field of it) is not read
 # while `unread` holds of field `other`; launch.cli refuses a command-line override of it there,
 # which would change nothing.
@@ -233,26 +242,24 @@ UNREAD_WHILE = (
     *((f'data.{f}', 'data.label_noise', lambda v: v == 0,
        ' (no label is corrupted); give --config.{other} > 0 too')
       for f in ('label_noise_kind', 'confusions')),
-    ('data.confusions', 'data.label_noise_kind', lambda v: v != 'confusion',
-     " (the partners of label_noise_kind='confusion'); give --config.{other}=confusion too"),
-    ('outer.mixed_recompute', 'outer.meta_gradient', lambda v: v != 'mixed',
-     " (a setting of meta_gradient='mixed'); give --config.{other}=mixed too"),
-    ('outer.mixed_segment', 'outer.meta_gradient', lambda v: v != 'mixed',
-     " (a setting of meta_gradient='mixed'); give --config.{other}=mixed too"),
-    ('sae.k', 'sae.sparsity', lambda v: v != 'top_k',
-     " (the active factors of sparsity='top_k'); give --config.{other}=top_k too"),
-    ('sae.l1_coef', 'sae.sparsity', lambda v: v != 'l1',
-     " (the penalty of sparsity='l1'); give --config.{other}=l1 too"),
-    ('sae_scores.mislabel_penalty', 'sae_scores.mislabel_guard', lambda v: v != 'penalty',
-     " (what guard 'penalty' subtracts); give --config.{other}=penalty too"),
+    _only_at('data.confusions', 'data.label_noise_kind', 'confusion',
+             "the partners of label_noise_kind='confusion'"),
+    _only_at('outer.mixed_recompute', 'outer.meta_gradient', 'mixed',
+             "a setting of meta_gradient='mixed'"),
+    _only_at('outer.mixed_segment', 'outer.meta_gradient', 'mixed',
+             "a setting of meta_gradient='mixed'"),
+    _only_at('sae.k', 'sae.sparsity', 'top_k', "the active factors of sparsity='top_k'"),
+    _only_at('sae.l1_coef', 'sae.sparsity', 'l1', "the penalty of sparsity='l1'"),
+    _only_at('sae_scores.mislabel_penalty', 'sae_scores.mislabel_guard', 'penalty',
+             "what guard 'penalty' subtracts"),
     *((f'sae_scores.mislabel_{f}', 'sae_scores.mislabel_guard', lambda v: v == 'off', _GUARD_OFF)
       for f in ('rule', 'margin', 'knn', 'knn_reference')),
-    ('sae_scores.mislabel_margin', 'sae_scores.mislabel_rule', lambda v: v != 'margin',
-     " (a setting of rule 'margin'); give --config.{other}=margin too"),
-    ('sae_scores.mislabel_knn', 'sae_scores.mislabel_rule', lambda v: v != 'knn',
-     " (a setting of rule 'knn'); give --config.{other}=knn too"),
-    ('sae_scores.mislabel_knn_reference', 'sae_scores.mislabel_rule', lambda v: v != 'knn',
-     " (a setting of rule 'knn'); give --config.{other}=knn too"),
+    _only_at('sae_scores.mislabel_margin', 'sae_scores.mislabel_rule', 'margin',
+             "a setting of rule 'margin'"),
+    _only_at('sae_scores.mislabel_knn', 'sae_scores.mislabel_rule', 'knn',
+             "a setting of rule 'knn'"),
+    _only_at('sae_scores.mislabel_knn_reference', 'sae_scores.mislabel_rule', 'knn',
+             "a setting of rule 'knn'"),
     ('valuation.topk_split', 'valuation.topk', lambda v: v == 0,
      ' (the split whose examples valuation.topk > 0 ranks); give --config.{other} too'),
 )
