@@ -46,6 +46,14 @@ _OTHER = flags.DEFINE_string('other_split', 'train[5000:50000]',
                              'Uncorrupted images for `clean_other` ("" skips it).')
 _VAL = flags.DEFINE_string('val_split', 'train[55000:]', 'Where detector accuracy is measured.')
 _OUT = flags.DEFINE_string('out', 'bench/results/noise_ceiling', 'Output prefix.')
+_FOLD_TAG = 0x464F4C44  # 'FOLD': the folds' own generators
+
+
+def fold_of(n: int, folds: int, seed: int) -> np.ndarray:
+  """The cross-fitting fold of each of n examples for `seed`: `folds` folds of sizes within one
+  of each other, from a shuffle whose generator's seed starts with a tag of its own (seeded s
+  alone it would be the corruption record's permutation of noise seed s)."""
+  return np.random.default_rng([_FOLD_TAG, seed]).permutation(n) % folds
 
 
 def with_clean_labels(split):
@@ -140,7 +148,7 @@ def main(argv):
                         f'{c.data.train_split!r}, got {_FOLDS.value}')
       task = tasks.make_task(c.task, train.info)
       fixed = with_clean_labels(train)
-      folds = np.random.default_rng(s).permutation(len(train)) % _FOLDS.value
+      folds = fold_of(len(train), _FOLDS.value, s)
       for name, fit_split in (('crossfit_noisy', train), ('crossfit_clean', fixed)):
         scores, accs = np.zeros(len(train)), []
         for f in range(_FOLDS.value):
