@@ -161,10 +161,38 @@ def test_every_config_field_the_docs_name_exists():
     assert not unknown, f'{doc} names config fields no config has: {unknown}'
 
 
-def test_the_count_of_bad_inputs_the_readme_gives_is_the_tests():
+def test_the_count_of_bad_inputs_the_readme_gives_is_the_tests(tmp_path):
   from tests.test_bad_input import NUM_CASES  # pylint: disable=g-import-not-at-top
-  readme = open(os.path.join(ROOT, 'README.md')).read()
-  assert f'`tests/test_bad_input.py` runs {NUM_CASES} bad inputs' in ' '.join(readme.split())
+  from tests.test_text_folder import _bad_cases  # pylint: disable=g-import-not-at-top
+  readme = ' '.join(open(os.path.join(ROOT, 'README.md')).read().split())
+  assert f'`tests/test_bad_input.py` runs {NUM_CASES} bad inputs' in readme
+  text_cases = len(_bad_cases(tmp_path / 'source', tmp_path))
+  assert f'`tests/test_text_folder.py` {text_cases} of `launch.prepare_text`' in readme
+
+
+def _launcher_commands(text: str):
+  """(launcher, flag names) of each `python -m launch.X ...` command and `launch.X --flag` span
+  in `text` (continuation lines joined, a blank line ends one; config overrides left out)."""
+  flat = re.sub(r'\\\n\s*', ' ', text)
+  flag = r'(?=\s)[ \t]*\n?[ \t]*--[^\s`]+'  # after spaces and at most one line break
+  for match in re.finditer(rf'(?:python -m |`)launch\.(\w+)((?:{flag})+)', flat):
+    names = re.findall(r'--(\w+)', match.group(2))
+    yield match.group(1), [n for n in names if n not in ('config', 'help')]
+
+
+def test_every_launcher_flag_the_docs_give_is_one_the_launcher_defines():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  texts = [open(os.path.join(ROOT, name)).read() for name in ('README.md', 'WORKSPACE.md')]
+  texts += [open(p).read() for p in glob.glob(os.path.join(ROOT, 'launch', '*.py'))]
+  checked = 0
+  for text in texts:
+    for launcher, names in _launcher_commands(text):
+      fv = flags.FlagValues()
+      importlib.import_module(f'launch.{launcher}').define_flags(fv)
+      unknown = [n for n in names if n not in fv]
+      assert not unknown, f'launch.{launcher} has no flags {unknown}'
+      checked += bool(names)
+  assert checked >= 20, checked
 
 
 def _default_out(module: str):
