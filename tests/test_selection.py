@@ -349,6 +349,72 @@ def test_exclude_last_fills_the_budget_from_the_excluded_only_when_needed():
     policies.sae(synthetic_codes(20), 0.5, 2, cfg)
 
 
+def test_exclude_last_orders_by_exclusion_then_score_at_any_scale():
+  """Top-n of the priorities = the first n of the sort by (excluded, descending score, index),
+  in float64, for every n, at scores whose spacing is a few float32 units (where a shift by
+  their span rounded an excluded entry up to a tie: [1e8 + 8 excluded, 1e8, 1e8] put it in the
+  top 2), with exact ties, and at 1e30."""
+  rng = np.random.default_rng(0)
+  cases = [(np.float32([1e8 + 8, 1e8, 1e8]), np.array([True, False, False]))]
+  for base in (0.0, 1e8, 1e30):
+    score = np.float32(base) + rng.integers(-3, 4, 40).astype(np.float32) * np.spacing(
+        np.float32(max(base, 1.0)))
+    cases.append((score, rng.uniform(size=40) < 0.4))
+  for score, excluded in cases:
+    priority = jax.jit(scores.exclude_last)(jnp.asarray(score), jnp.asarray(excluded))
+    want = sorted(range(len(score)), key=lambda i: (excluded[i], -np.float64(score[i]), i))
+    num_ok = int((~excluded).sum())
+    for n in {1, 2, num_ok, min(num_ok + 1, len(score))}:
+      assert np.asarray(jax.lax.top_k(priority, n)[1]).tolist() == want[:n], (score, n)
+
+
+@pytest.mark.parametrize('temperature', [1e7, 3e38])
+def test_hard_guard_holds_at_huge_temperatures(temperature):
+  """With n = the number of unsuspected examples, `exclude` selects exactly them whatever the
+  Gumbel noise: at temperature 1e7 the shift by the scores' span rounded suspects into ~10% of
+  the draws, at 3e38 (finite in float32, so a valid config) noise of inf and inf - inf = NaN
+  into all."""
+  codes, labels, _ = class_codes(flip=0.2)
+  cfg = get_config().sae_scores
+  cfg.mislabel_guard, cfg.temperature = 'exclude', temperature
+  suspect = np.asarray(scores.config_suspects(
+      scores.factor_stats(jnp.asarray(codes), cfg.high_freq_fraction, labels, 3), cfg))
+  num_ok = int((~suspect).sum())
+  policy = policies.sae(codes, num_ok / len(codes), 4, cfg, labels=labels, num_classes=3)
+  assert policy.num_selected == num_ok and suspect.any()
+  state = policy.init(len(codes), jax.random.PRNGKey(0))
+  keys = jax.random.split(jax.random.PRNGKey(1), 100)
+  idx = np.asarray(jax.jit(jax.vmap(lambda k: policy.select(policy.aux,
+                                                            state.replace(key=k))[0]))(keys))
+  picked = np.zeros((len(keys), len(codes)), bool)
+  np.put_along_axis(picked, idx, True, axis=1)
+  np.testing.assert_array_equal(picked, np.broadcast_to(~suspect, picked.shape))
+
+
+@pytest.mark.parametrize('temperature', [0.3, 2.0, 3e38])
+def test_sae_policy_draws_one_example_from_the_softmax_of_its_scores(temperature):
+  """With n = 1 the Gumbel draw picks example i with probability softmax(score / T)_i (float64,
+  from the epoch's combined score), up to 5 standard errors over 4,000 draws; at T = 3e38
+  (uniform) the noise T * g overflowed to inf, and the first of the tied examples won ~30%."""
+  num = 12
+  codes = synthetic_codes(num)
+  cfg = get_config().sae_scores
+  cfg.temperature, cfg.mislabel_guard = temperature, 'off'
+  policy = policies.sae(codes, 1 / num, 5, cfg)
+  assert policy.num_selected == 1
+  state = policy.init(num, jax.random.PRNGKey(0))
+  score = np.asarray(jax.jit(lambda s: scores.combined_score(
+      policy.aux['stats'], s.counts, s.factor_usage, s.epoch, 5, cfg))(state), np.float64)
+  want = np.exp((score - score.max()) / temperature)
+  want /= want.sum()
+  keys = jax.random.split(jax.random.PRNGKey(1), 4000)
+  idx = np.asarray(jax.jit(jax.vmap(lambda k: policy.select(policy.aux,
+                                                            state.replace(key=k))[0]))(keys))
+  freq = np.bincount(idx[:, 0], minlength=num) / len(keys)
+  np.testing.assert_array_less(np.abs(freq - want), 5 * np.sqrt(want * (1 - want) / len(keys))
+                               + 1e-9)
+
+
 @pytest.mark.parametrize('ratio', [0.5, 0.95])
 def test_hard_guard_never_selects_a_suspect_while_others_remain(ratio):
   """Under `exclude`, no epoch selects a suspect while unsuspected examples can fill the budget,

@@ -311,13 +311,15 @@ def _knn_suspects(shares, a, group) -> jax.Array:
 
 
 def exclude_last(score: jax.Array, excluded: jax.Array) -> jax.Array:
-  """`score` shifted so that every excluded entry ranks below every other one.
+  """Priorities (int32, higher first) that put every excluded entry below every other one.
 
   Top-n of the result = top-n of the non-excluded entries, filled up (in score order) from the
-  excluded ones only when fewer than n are not excluded.
+  excluded ones only when fewer than n are not excluded; equal scores in index order, as
+  `lax.top_k` takes them. A sort, not a shift of the scores: at scores of ~1e8 a shift by their
+  span rounds an excluded entry back up to a tie with the others.
   """
-  span = jnp.max(score) - jnp.min(score) + 1.0
-  return jnp.where(excluded, score - span, score)
+  best_first = jnp.lexsort((-score, excluded.astype(jnp.int32)))
+  return score.shape[-1] - 1 - ranks.inverse_permutation(best_first.astype(jnp.int32))
 
 
 def combined_score(stats: FactorStats, counts, factor_usage, epoch, num_epochs: int, cfg,

@@ -159,8 +159,12 @@ def sae(codes, ratio: float, num_epochs: int, cfg, labels=None, num_classes: int
     key, sub = jax.random.split(state.key)
     score = sae_scores.combined_score(aux['stats'], state.counts, state.factor_usage,
                                       state.epoch, num_epochs, cfg, aux['suspect'])
-    # Gumbel top-n: n examples drawn without replacement from softmax(score / temperature)
-    score = score + cfg.temperature * jax.random.gumbel(sub, score.shape)
+    # Gumbel top-n: n examples drawn without replacement from softmax(score / temperature); the
+    # same order as score / temperature + noise, which a temperature above 1 uses (its product
+    # with the noise overflows float32 from ~1e37 and ties the examples at inf in index order)
+    noise = jax.random.gumbel(sub, score.shape)
+    score = (score + cfg.temperature * noise if cfg.temperature <= 1
+             else score / cfg.temperature + noise)
     if guard == 'exclude':  # after the noise: suspects only fill what the others cannot
       score = sae_scores.exclude_last(score, aux['suspect'])
     idx = jax.lax.top_k(score, n)[1].astype(jnp.int32)
