@@ -73,8 +73,14 @@ class Normaliser:
 
   @classmethod
   def fit(cls, x: jax.Array) -> 'Normaliser':
+    """Squares (x - mean) / 2^e, 2^e >= max |x - mean| (an exact division), so that features of
+    any float32 size neither overflow (above ~1e18) nor underflow (below ~1e-19), and adds no
+    epsilon to the scale (which skewed features below ~1e-6). Equal rows get scale 1."""
     mean = jnp.mean(x, 0)
-    return cls(mean=mean, scale=jnp.sqrt(jnp.mean(jnp.sum((x - mean) ** 2, -1))) + 1e-8)
+    centred = x - mean
+    power = jnp.ldexp(jnp.ones((), x.dtype), jnp.frexp(jnp.max(jnp.abs(centred)))[1])
+    scale = power * jnp.sqrt(jnp.mean(jnp.sum((centred / power) ** 2, -1)))
+    return cls(mean=mean, scale=jnp.where(scale > 0, scale, 1.0))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return (x - self.mean) / self.scale

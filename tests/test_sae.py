@@ -116,6 +116,20 @@ def test_features_that_cannot_be_encoded_are_refused_not_coded_zero():
                   jax.random.PRNGKey(0))
 
 
+@pytest.mark.parametrize('size', [1e-30, 1e-7, 1.0, 1e30])
+def test_features_of_any_float32_size_are_normalised_to_unit_mean_squared_norm(size):
+  """The normalised features equal the float64 definition (centred, divided by the root mean
+  squared norm) at any size; squared as they were, features of 1e30 overflowed (the scale inf,
+  every row 0) and those of 1e-30 underflowed (rows of norm ~1e-22, kept there by an absolute
+  epsilon on the scale)."""
+  x = (sparse_data(n=50).astype(np.float64) * size).astype(np.float32)
+  centred = x.astype(np.float64) - x.astype(np.float64).mean(0)
+  want = centred / np.sqrt(np.mean(np.sum(centred ** 2, -1)))
+  normaliser = sae._feature_stats(jnp.asarray(x))[1]
+  got = np.asarray(sae._normalise(normaliser, jnp.asarray(x))[0], np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('bad, named', [
     (dict(learning_rate=10.0), r'lower sae.learning_rate \(10\)$'),
     (dict(sparsity='l1', l1_coef=100.0), r'sae.learning_rate \(0.003\) or sae.l1_coef \(100\)$')])
