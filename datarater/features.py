@@ -43,7 +43,7 @@ def train_feature_model(train, config):
 def input_features(batch: dict) -> jax.Array:
   """Every float feature of the batch, flattened and concatenated: [B, D]."""
   parts = [x.reshape(x.shape[0], -1) for k, x in sorted(batch.items())
-           if k != 'index' and np.issubdtype(x.dtype, np.floating)]
+           if k != 'index' and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]  # bfloat16 too
   if not parts:
     raise UserError('features.extractor=pixels needs float input features')
   return jax.numpy.concatenate(parts, axis=1)

@@ -130,6 +130,18 @@ def test_features_of_any_float32_size_are_normalised_to_unit_mean_squared_norm(s
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_pixels_reads_every_float_feature_bfloat16_too():
+  """`input_features` is every float feature flattened, in name order (bfloat16 ones were left
+  out: numpy does not count ml_dtypes' bfloat16 as floating)."""
+  rng = np.random.default_rng(0)
+  batch = {'b': rng.normal(size=(3, 2, 2)).astype(jnp.bfloat16),
+           'a': rng.normal(size=(3, 3)).astype(np.float32),
+           'c': rng.normal(size=(3, 2)).astype(np.float16),
+           'label': np.arange(3, dtype=np.int32), 'index': np.arange(3, dtype=np.int32)}
+  want = np.concatenate([batch[k].astype(np.float64).reshape(3, -1) for k in 'abc'], 1)
+  np.testing.assert_array_equal(np.asarray(features.input_features(batch), np.float64), want)
+
+
 @pytest.mark.parametrize('bad, named', [
     (dict(learning_rate=10.0), r'lower sae.learning_rate \(10\)$'),
     (dict(sparsity='l1', l1_coef=100.0), r'sae.learning_rate \(0.003\) or sae.l1_coef \(100\)$')])
