@@ -4,7 +4,8 @@ r"""The README's main command over seeds: what it prints and the figures of its 
   python -m bench.train_rater_seeds --seeds=0 --config=configs/digits_cnn.py --out=...
 
 Runs `python -m launch.train_rater --config=CONFIG --workdir=TMP --config.seed=S
---config.data.noise_seed=S` per seed, as a user would, and writes <out>.json: each seed's noise
+--config.data.noise_seed=S` per seed, as a user would (noise_seed where the config corrupts
+data: launch.train_rater refuses it otherwise), and writes <out>.json: each seed's noise
 AUROC, fresh-model held-out losses and test accuracies (rater weights vs uniform; null where the
 config trains none, `final_eval.num_models` 0), wall time, and the lines the command printed (the
 README quotes seed 0's; tests/test_readme.py checks them).
@@ -31,13 +32,33 @@ from datarater.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def corrupts(config: str) -> bool:
+  """Whether experiment file `config` plants corruption, so reads data.noise_seed; True where it
+  does not load (launch.train_rater then says why in its line)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from datarater.data import corruption  # pylint: disable=g-import-not-at-top
+  try:
+    spec = importlib.util.spec_from_file_location('seeds_bench_config', os.path.join(ROOT, config))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return corruption.from_config(module.get_config().data).describe() is not None
+  except Exception:  # pylint: disable=broad-except  (any failure is the launcher's to report)
+    return True
+
+
+def seed_flags(config: str, seed: int) -> list[str]:
+  """The seed's config overrides: config.seed, and data.noise_seed where the config corrupts."""
+  return [f'--config.seed={seed}', *([f'--config.data.noise_seed={seed}'] if corrupts(config)
+                                     else [])]
+
+
 def run_seed(config: str, seed: int, extra=()) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     t0 = time.time()
     out = subprocess.run(
         [sys.executable, '-m', 'launch.train_rater', f'--config={config}',
-         f'--workdir={workdir}', f'--config.seed={seed}', f'--config.data.noise_seed={seed}',
-         *extra], cwd=ROOT, capture_output=True, text=True)
+         f'--workdir={workdir}', *seed_flags(config, seed), *extra], cwd=ROOT,
+        capture_output=True, text=True)
     wall = time.time() - t0
     if out.returncode:  # its own error line (e.g. a config it refuses), not a traceback here
       said = [l for l in out.stderr.splitlines() if l.strip()] or [f'exit {out.returncode}']
@@ -61,7 +82,8 @@ def run_seed(config: str, seed: int, extra=()) -> dict:
 _CONFIG = flags.DEFINE_string('config', 'configs/digits.py',
                               'Config file given to launch.train_rater (its overrides are not '
                               'taken: the seeds are set per run).')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (config.seed and data.noise_seed).')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'],
+                           'Seeds (config.seed, and data.noise_seed where the config corrupts).')
 _OUT = flags.DEFINE_string('out', 'bench/results/train_rater_digits_seeds', 'Output prefix.')
 
 
@@ -82,7 +104,7 @@ def main(argv):
           f' ({r["wall_s"]:.0f} s)', flush=True)
   provenance.write_json(_OUT.value + '.json', {
       'command': f'python -m launch.train_rater --config={_CONFIG.value} --workdir=DIR '
-                 '--config.seed=S --config.data.noise_seed=S',
+                 + ' '.join(seed_flags(_CONFIG.value, 'S')),
       'device': f'{os.cpu_count()}-core CPU', 'seeds': results})
   print(f'wrote {_OUT.value}.json')
 

@@ -229,11 +229,15 @@ def _only_at(field: str, other: str, value: str, what: str) -> tuple:
 
 # (field, other, unread(other's value), why): `field` (a section: any field of it) is not read
 # while `unread` holds of field `other`; launch.cli refuses a command-line override of it there,
-# which would change nothing.
+# which would change nothing. `other` may be a tuple of names, `unread` then taking their values
+# in order; a name is a dotted config field or a launcher's flag (`--method`: None in a launcher
+# without it).
 _PASSES = (' > 0 (passes over the data size the stage); give --config.{other}=0 too to train '
            'that many steps')
 _PIXELS = " (no extractor is trained); give --config.{other}=penultimate too"
 _GUARD_OFF = " (no example is suspected); give --config.{other} too"
+_STORES = ('valuation.store', 'valuation.topk')
+_NO_STORE = ' (no gradient store is written); give --config.valuation.store=True too'
 UNREAD_WHILE = (
     *((f'features.{f}', 'features.extractor', lambda v: v == 'pixels', _PIXELS) for f in (
         'task', 'train_steps', 'train_epochs', 'batch_size', 'learning_rate')),
@@ -262,6 +266,41 @@ UNREAD_WHILE = (
              "a setting of rule 'knn'"),
     ('valuation.topk_split', 'valuation.topk', lambda v: v == 0,
      ' (the split whose examples valuation.topk > 0 ranks); give --config.{other} too'),
+    # Nothing corrupted: no draw of the corruption seed is used.
+    ('data.noise_seed', ('data.label_noise', 'data.input_corruption'),
+     lambda rate, inputs: rate == 0 and not any(inputs.values()),
+     ' (nothing is corrupted); give --config.data.label_noise > 0 or a data.input_corruption '
+     'rate > 0 too'),
+    # The gradient store's projection (valuation.store_k, projection_seed) exists with
+    # valuation.store or topk alone; without one, TracIn projects with valuation.projection only
+    # under tracin_project, Mimic projects nothing, and no method (dvemb) projects under 'none'.
+    ('valuation.store_k', _STORES, lambda store, topk: not (store or topk), _NO_STORE),
+    ('valuation.projection_seed', (*_STORES, '--method'),
+     lambda store, topk, method: method == 'mimic' and not (store or topk), _NO_STORE),
+    ('valuation.projection_seed', (*_STORES, 'valuation.tracin_project', '--method'),
+     lambda store, topk, project, method: method == 'tracin' and not (store or topk or project),
+     ' (TracIn takes exact gradients); give --config.valuation.tracin_project=True or '
+     'valuation.store=True too'),
+    ('valuation.projection_seed', (*_STORES, 'valuation.projection'),
+     lambda store, topk, projection: not (store or topk) and projection == 'none',
+     ' (nothing is projected); give --config.valuation.store=True or a valuation.projection too'),
+    *((f'valuation.{f}', ('valuation.tracin_project', '--method'),
+       lambda project, method: method == 'tracin' and not project,
+       ' (TracIn takes exact gradients); give --config.valuation.tracin_project=True too')
+      for f in ('projection', 'projection_dim')),
+    # TracIn's scores from a gradient store: its own projection and ghost norms are not used.
+    *((f'valuation.{f}', (*_STORES, '--method'),
+       lambda store, topk, method: method == 'tracin' and (store or topk),
+       " (TracIn's scores come from the gradient store, projected by valuation.store_k); give "
+       '--config.valuation.store=False and valuation.topk=0 too')
+      for f in ('projection', 'projection_dim', 'tracin_project', 'tracin_ghost')),
+    # Ghost norms replace the per-example gradients of self-influence (unprojected) and
+    # heldout_cos's norms; 'heldout' takes no norm.
+    ('valuation.tracin_ghost', 'valuation.tracin_mode', lambda v: v == 'heldout',
+     " (plain held-out influence takes no gradient norm); give --config.{other}=self or "
+     'heldout_cos too'),
+    ('valuation.tracin_ghost', 'valuation.tracin_project', lambda v: v,
+     ' (projected gradients are formed); give --config.{other}=False too'),
 )
 
 

@@ -254,22 +254,38 @@ def _refuse_unordered_tuples(argv, fv: flags.FlagValues) -> None:
       sys.exit(2)
 
 
+def _shown(value) -> str:
+  """A config value in an error line: a float as %g, a section as {field=value, ...}."""
+  if hasattr(value, 'keys'):
+    return '{' + ', '.join(f'{k}={_shown(value[k])}' for k in value.keys()) + '}'
+  return f'{value:g}' if isinstance(value, float) else repr(value)
+
+
 def _refuse_unread_fields(argv, fv: flags.FlagValues) -> None:
-  """A field given on the command line where the config makes the run ignore it
-  (`config_checks.UNREAD_WHILE`: `sae.steps` while `sae.epochs` > 0, `data.confusions` under
-  symmetric label noise, any `features.task` field under `features.extractor='pixels'`): the
-  run would not read it."""
+  """A field given on the command line where the config (and the launcher's flags) make the run
+  ignore it (`config_checks.UNREAD_WHILE`: `sae.steps` while `sae.epochs` > 0, `data.noise_seed`
+  while nothing is corrupted, `valuation.projection` for --method=tracin without
+  `valuation.tracin_project`): the run would not read it. A rule whose config fields the config
+  lacks is skipped."""
   from datarater.config_checks import UNREAD_WHILE  # pylint: disable=g-import-not-at-top
   if 'config' not in fv or not isinstance(fv['config'].parser, _ConfigFileParser):
     return
   given = _given(argv, fv)
   for field, other, unread, why in UNREAD_WHILE:
-    value = _field(fv['config'].value, other)
     named = [g for g in given if g == f'config.{field}' or g.startswith(f'config.{field}.')]
-    if named and isinstance(value, (int, float, str)) and unread(value):
-      shown = f'{value:g}' if isinstance(value, float) else repr(value)
-      print(f'error: --{named[0]} is not read while {other}={shown}'
-            f'{why.format(other=other)}', file=sys.stderr)
+    if not named:
+      continue
+    others = (other,) if isinstance(other, str) else other
+    flag = lambda name: fv[name].value if name in fv else None
+    values = [flag(n[2:]) if n.startswith('--') else _field(fv['config'].value, n)
+              for n in others]
+    if any(v is None for n, v in zip(others, values) if not n.startswith('--')):
+      continue
+    if unread(*values):
+      shown = ', '.join(f'{n}={v}' if n.startswith('--') else f'{n}={_shown(v)}'
+                        for n, v in zip(others, values) if v is not None)
+      print(f'error: --{named[0]} is not read while {shown}{why.format(other=others[0])}',
+            file=sys.stderr)
       sys.exit(2)
 
 

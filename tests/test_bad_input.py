@@ -455,7 +455,8 @@ def _cases(tfds_dir: str, w) -> list:
        f'train.seeds must hold integers <= {2**31 - 1}'),
       (*tr(f'--config.seed={2**29}', '--config.final_eval.num_models=4'),
        f'seed={2**29} is too large for final_eval.num_models=4'),
-      (*val('tracin', f'--config.valuation.projection_seed={2**63}'),
+      (*val('tracin', '--config.valuation.tracin_project=True',
+            f'--config.valuation.projection_seed={2**63}'),
        'valuation.projection_seed must be <= '),
       (*tr(f'--config.data.noise_seed={big}'), 'data.noise_seed must be <= '),
       ('filter', fl(rater, '--keep=0.5', f'--noise_seed={big}'),
@@ -536,6 +537,33 @@ def _cases(tfds_dir: str, w) -> list:
        "--config.sae_scores.mislabel_knn is not read while sae_scores.mislabel_rule='margin'"),
       (*val('tracin', '--config.valuation.topk_split=validation'),
        '--config.valuation.topk_split is not read while valuation.topk=0'),
+      # Read only under two other fields, or a flag and a field: the seed of a corruption that
+      # plants nothing, a projection that projects nothing, ghost norms no mode takes.
+      (*tr('--config.data.label_noise=0', '--config.data.noise_seed=3'),
+       '--config.data.noise_seed is not read while data.label_noise=0, data.input_corruption='),
+      (*val('tracin', '--config.valuation.store_k=4'),
+       '--config.valuation.store_k is not read while valuation.store=False, valuation.topk=0'),
+      (*val('tracin', '--config.valuation.projection_seed=3'),
+       '--config.valuation.projection_seed is not read while valuation.store=False, '
+       'valuation.topk=0, valuation.tracin_project=False, --method=tracin'),
+      (*val('mimic', '--config.valuation.projection_seed=3'),
+       '--config.valuation.projection_seed is not read while valuation.store=False, '
+       'valuation.topk=0, --method=mimic'),
+      (*val('dvemb', '--config.valuation.projection=none', '--config.valuation.projection_seed=3'),
+       "--config.valuation.projection_seed is not read while valuation.store=False, "
+       "valuation.topk=0, valuation.projection='none'"),
+      (*val('tracin', '--config.valuation.projection=gaussian'),
+       '--config.valuation.projection is not read while valuation.tracin_project=False, '
+       '--method=tracin'),
+      (*val('tracin', '--config.valuation.store=True', '--config.valuation.tracin_ghost=False'),
+       '--config.valuation.tracin_ghost is not read while valuation.store=True, valuation.topk=0, '
+       '--method=tracin'),
+      (*val('tracin', '--config.valuation.tracin_mode=heldout',
+            '--config.valuation.tracin_ghost=False'),
+       "--config.valuation.tracin_ghost is not read while valuation.tracin_mode='heldout'"),
+      (*val('tracin', '--config.valuation.tracin_project=True',
+            '--config.valuation.tracin_ghost=False'),
+       '--config.valuation.tracin_ghost is not read while valuation.tracin_project=True'),
       # A field of another method: the scores were those of the config's value.
       (*val('tracin', '--config.valuation.mimic_layers=nope'),
        '--config.valuation.mimic_layers is not read by method tracin (it is read by mimic alone)'),
@@ -547,7 +575,7 @@ def _cases(tfds_dir: str, w) -> list:
       (*val('datarater', '--config.valuation.train_steps=50'),
        '--config.valuation.train_steps is not read by method datarater (it is read by tracin, '
        'mimic alone)'),
-      (*val('datarater', '--config.valuation.store_k=4'),
+      (*val('datarater', '--config.valuation.store=True', '--config.valuation.store_k=4'),
        '--config.valuation.store_k is not read by method datarater'),
       # The rater's scores read no task (it was built to check the data), no run's evaluation
       # split; pixels trained no extractor; --policy named the policy.
@@ -597,7 +625,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 226  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 235  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
@@ -660,31 +688,59 @@ def test_an_unknown_field_names_its_override_on_the_command_line_only_where_one_
   assert not os.path.exists(tmp_path / 'run')
 
 
-# (an override the config's other fields leave unread, the config that leaves it so, an override
-# that makes the run read it): `config_checks.UNREAD_WHILE`'s rules, and launch.train's flags.
+# (launcher, an override the config's other fields leave unread, the config and flags that leave
+# it so, those that make the run read it): `config_checks.UNREAD_WHILE`'s rules, and
+# launch.train's flags.
+_SAE = ('--policy=sae', '--config.sae_scores.mislabel_guard=exclude')
 UNREAD = [
-    ('--config.data.label_noise_kind=confusion', '--config.data.label_noise=0',
+    ('train', '--config.data.label_noise_kind=confusion', '--config.data.label_noise=0',
      '--config.data.label_noise=0.1'),
-    ('--config.sae_scores.mislabel_margin=0.5', '--config.sae_scores.mislabel_rule=knn',
+    ('train', '--config.sae_scores.mislabel_margin=0.5', '--config.sae_scores.mislabel_rule=knn',
      '--config.sae_scores.mislabel_rule=margin'),
-    ('--config.sae_scores.mislabel_rule=knn', '--config.sae_scores.mislabel_guard=off',
+    ('train', '--config.sae_scores.mislabel_rule=knn', '--config.sae_scores.mislabel_guard=off',
      '--config.sae_scores.mislabel_guard=exclude'),
-    ('--config.features.train_steps=9', '--config.features.extractor=pixels',
+    ('train', '--config.features.train_steps=9', '--config.features.extractor=pixels',
      '--config.features.extractor=penultimate'),
-    ('--config.features.task.hidden=(8,)', '--config.features.extractor=pixels',
+    ('train', '--config.features.task.hidden=(8,)', '--config.features.extractor=pixels',
      '--config.features.extractor=penultimate'),
-    ('--config.train.checkpoint_every=2', '--policy=sae', '--workdir=unused'),
+    ('train', '--config.train.checkpoint_every=2', '--policy=sae', '--workdir=unused'),
+    ('train', '--config.data.noise_seed=3', '--config.data.label_noise=0',
+     '--config.data.label_noise=0 --config.data.input_corruption.blur=0.1'),
+    ('train_rater', '--config.data.noise_seed=3', '--config.data.label_noise=0',
+     '--config.data.label_noise=0.1'),
+    ('valuate', '--config.valuation.store_k=4', '--method=mimic',
+     '--method=mimic --config.valuation.store=True'),
+    ('valuate', '--config.valuation.store_k=4', '--method=tracin',
+     '--method=tracin --config.valuation.topk=3'),
+    ('valuate', '--config.valuation.projection_seed=3', '--method=tracin',
+     '--method=tracin --config.valuation.tracin_project=True'),
+    ('valuate', '--config.valuation.projection_seed=3', '--method=mimic',
+     '--method=mimic --config.valuation.store=True'),
+    ('valuate', '--config.valuation.projection_seed=3',
+     '--method=dvemb --config.valuation.projection=none', '--method=dvemb'),
+    ('valuate', '--config.valuation.projection=gaussian', '--method=tracin',
+     '--method=tracin --config.valuation.tracin_project=True'),
+    ('valuate', '--config.valuation.projection_dim=4',
+     '--method=tracin --config.valuation.tracin_project=True --config.valuation.store=True',
+     '--method=tracin --config.valuation.tracin_project=True'),
+    ('valuate', '--config.valuation.tracin_ghost=False',
+     '--method=tracin --config.valuation.tracin_mode=heldout',
+     '--method=tracin --config.valuation.tracin_mode=heldout_cos'),
+    ('valuate', '--config.valuation.tracin_ghost=False',
+     '--method=tracin --config.valuation.tracin_project=True', '--method=tracin'),
 ]
 
 
-def _parse_train(argv: list[str]):
-  """(exit code, error output) of launch.train's flag parsing and `check_flags` on `argv`."""
+def _parse(launcher: str, argv: list[str]):
+  """(exit code, error output) of a launcher's flag parsing and `check_flags` on `argv`."""
+  module = LAUNCHERS[launcher]
   fv = flags.FlagValues()
-  train.define_flags(fv, ['train', *argv])
+  module.define_flags(fv, [launcher, *argv])
   err = io.StringIO()
   try:
     with contextlib.redirect_stderr(err):
-      train.check_flags(fv) if cli.parse_flags(['train', *argv], train.__doc__, fv) else None
+      if cli.parse_flags([launcher, *argv], module.__doc__, fv):
+        module.check_flags(fv)
   except SystemExit as e:
     return e.code, err.getvalue()
   except UserError as e:
@@ -692,12 +748,13 @@ def _parse_train(argv: list[str]):
   return 0, err.getvalue()
 
 
-@pytest.mark.parametrize('field, unread, read', UNREAD)
-def test_an_override_the_config_leaves_unread_is_refused_and_one_it_reads_is_not(field, unread,
-                                                                                   read):
+@pytest.mark.parametrize('launcher, field, unread, read', UNREAD)
+def test_an_override_the_config_leaves_unread_is_refused_and_one_it_reads_is_not(
+    launcher, field, unread, read):
   """Refused at flag parsing in one line naming it (no run: the bad-input cases run the
   launchers); the same override where the run reads it parses."""
-  base = ['--policy=sae', '--config.sae_scores.mislabel_guard=exclude']
-  code, out = _parse_train([*base, unread, field])
+  base = list(_SAE) if launcher == 'train' else []
+  code, out = _parse(launcher, [*base, *unread.split(), field])
   assert code == 2 and f'{field.split("=")[0]} is not read' in out, (code, out)
-  assert _parse_train([*base, read, field]) == (0, '')
+  assert len(out.strip().splitlines()) == 1, out
+  assert _parse(launcher, [*base, *read.split(), field]) == (0, '')
