@@ -1,4 +1,5 @@
 """Selection policies: exact budgets, InfoBatch rescaling, SAE scores, usage penalty flattens counts."""
+import fractions
 import json
 import os
 import shlex
@@ -73,6 +74,16 @@ def test_gini():
   assert gini(np.full(10, 3)) == pytest.approx(0.0)
   assert gini(np.eye(10)[0]) == pytest.approx(0.9)
   assert 0 < gini(np.arange(10)) < 0.9
+
+
+def test_budget_is_the_decimal_ratio_times_n_rounded_halves_to_even():
+  """Against exact rational arithmetic on the ratio as written: float error in ratio * N must
+  not move a half (0.7 * 45 = 31.5 exactly, 31.4999... in binary)."""
+  for percent in range(1, 101):
+    ratio = float(fractions.Fraction(percent, 100))
+    for num in range(1, 200):
+      exact = fractions.Fraction(percent, 100) * num
+      assert policies.num_selected(num, ratio) == max(1, round(exact)), (ratio, num)
 
 
 @pytest.mark.parametrize('name', ['random', 'infobatch', 'sae'])

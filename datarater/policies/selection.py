@@ -65,9 +65,11 @@ def gini(counts) -> float:
 
 
 def num_selected(num_examples: int, ratio: float) -> int:
+  """max(1, round(ratio * N)), halves to even; ratio * N is rounded to 9 decimals first (0.7 * 45
+  is 31.4999... in binary, a half here)."""
   if not 0.0 < ratio <= 1.0:
     raise UserError(f'policy.ratio must be in (0, 1], got {ratio}')
-  return max(1, int(round(ratio * num_examples)))
+  return max(1, int(round(round(ratio * num_examples, 9))))
 
 
 def _selection(name: str, n: int, select, aux=None, num_factors: int = 0,
