@@ -89,10 +89,16 @@ def _remove(path: str) -> None:
     os.remove(path)
 
 
-def replace_dir(src: str, path: str) -> None:
+def replace_dir(src: str, path: str, replace: bool = True) -> None:
   """Renames the finished folder `src` to `path`; an existing `path` is moved aside first and
   deleted after (put back if the second rename fails or is interrupted; a kill in between leaves
-  it for `recover_dir`)."""
+  it for `recover_dir`). Without `replace`, an existing `path` (another run's output, written
+  meanwhile) is kept: FileExistsError."""
+  if not replace:
+    if os.path.lexists(path):
+      raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+    os.rename(src, path)  # (a folder that appeared since: ENOTEMPTY, a file: ENOTDIR)
+    return
   parent, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
   old = os.path.join(parent, f'.{name}.old-{os.getpid()}') if os.path.lexists(path) else None
   try:
@@ -162,7 +168,8 @@ def atomic_dir(path: str, overwrite: bool = False, marker: str = '',
   With `overwrite`, an existing `path` is moved aside first and deleted after the rename (a
   killed run leaves it to be put back by `recover_dir`); with `marker`, only a folder holding
   that file (an earlier output of the same kind) is replaced, anything else is refused (naming
-  `overwrite_with`, what sets `overwrite`). On error the temporary folder goes.
+  `overwrite_with`, what sets `overwrite`). Without `overwrite`, a `path` that another run wrote
+  while this one ran is kept and this run's output refused. On error the temporary folder goes.
   """
   path = os.path.abspath(path)
   parent, name = os.path.dirname(path), os.path.basename(path)
@@ -177,7 +184,14 @@ def atomic_dir(path: str, overwrite: bool = False, marker: str = '',
     raise UserError(f'cannot write {path!r}: {why_not(path, e)}') from None
   try:
     yield tmp
-    replace_dir(tmp, path)
+    try:
+      replace_dir(tmp, path, replace=overwrite)
+    except OSError as e:
+      if overwrite or not os.path.lexists(path):
+        raise
+      raise UserError(f'output {path!r} was written by another run while this one ran; it is '
+                      f'kept and this output dropped (pass {overwrite_with} to replace it, or '
+                      'write elsewhere)') from None
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -445,6 +445,24 @@ def test_an_overwrite_interrupted_between_its_renames_keeps_the_old_output(tmp_p
   assert sorted(os.listdir(tmp_path)) == ['out', 'plain'] and (plain / 'a').read_text() == 'new'
 
 
+@pytest.mark.parametrize('theirs', ['folder', 'file'])
+def test_an_output_another_run_wrote_meanwhile_is_kept_without_overwrite(tmp_path, theirs):
+  """Two runs writing the same new output at once (two launch.filter commands, say): the one
+  that finished second moved the first's output aside and deleted it, though neither was given
+  --overwrite. Now the first's stays and the second stops in one line."""
+  out = tmp_path / 'out'
+  with pytest.raises(UserError, match='written by another run while this one ran.*--overwrite'):
+    with files.atomic_dir(str(out), marker='rater.json') as tmp:
+      open(os.path.join(tmp, 'rater.json'), 'w').write('second')
+      if theirs == 'folder':  # the first run's output, renamed into place meanwhile
+        out.mkdir()
+        (out / 'rater.json').write_text('first')
+      else:
+        out.write_text('first')
+  assert os.listdir(tmp_path) == ['out']  # its temporary folder gone, nothing moved aside
+  assert (out / 'rater.json' if theirs == 'folder' else out).read_text() == 'first'
+
+
 def test_a_leftover_under_this_processs_own_pid_is_a_dead_writers(tmp_path):
   """A pid reused (the same in every fresh container) made a dead writer's moved-aside output
   look alive: it was not put back, and the next --overwrite failed with a traceback."""
