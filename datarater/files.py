@@ -10,6 +10,7 @@ with its disk space reserved.
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import glob
 import hashlib
 import json
@@ -262,7 +263,8 @@ def check_not_in_dataset(path: str, flag: str, itself: bool = True) -> None:
 def workdir_lock(path: str):
   """Creates the run folder `path` and holds its lock for the block: a second run on the same
   folder stops with one line naming the process that holds it. Temporary files that a killed run
-  left in it (`atomic_path`'s) are removed once the lock is held."""
+  left in it or its folders (`atomic_path`'s; not in orbax's `checkpoints` or a hidden folder,
+  another writer's) are removed once the lock is held."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f'--workdir {path!r} exists and is not a folder')
   try:
@@ -282,10 +284,12 @@ def workdir_lock(path: str):
     handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
-    for stale in glob.glob(os.path.join(glob.escape(path), '.*.tmp-*')):
-      if os.path.isfile(stale):
+    for folder, dirs, names in os.walk(path):
+      dirs[:] = [d for d in dirs if not d.startswith('.') and
+                 not (folder == path and d == 'checkpoints')]
+      for name in fnmatch.filter(names, '.*.tmp-*'):  # (a fitted run's pickle may be large)
         with contextlib.suppress(OSError):
-          os.remove(stale)
+          os.remove(os.path.join(folder, name))
     yield path
 
 

@@ -862,6 +862,23 @@ def test_a_run_killed_while_reporting_reports_again_whole(tfds_dir, tmp_path, mo
   assert not list(workdir.glob('.*.tmp-*'))
 
 
+def test_temporary_files_a_killed_run_left_in_its_workdirs_folders_are_removed(tmp_path):
+  """SIGKILL while launch.valuate pickled a fitted run into WORKDIR/fit (or wrote a gradient
+  store's progress) left its temporary file there for good: only the workdir's own were removed
+  (and a fitted run's can be large). Orbax's checkpoints and hidden folders (another writer's
+  temporary folder) are left alone, as are finished files."""
+  workdir = tmp_path / 'run'
+  stale = [workdir / 'fit' / '.tracin-ab12.pkl.tmp-x1y2z3', workdir / '.metrics.jsonl.tmp-q',
+           workdir / 'store_tracin-ab12' / '.progress.json.tmp-k9']
+  kept = [workdir / 'checkpoints' / '8' / '.meta.tmp-1', workdir / 'fit' / 'tracin-ab12.pkl',
+          workdir / '.out.tmp-123' / '.rater.json.tmp-w']
+  for path in stale + kept:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b'as SIGKILL left it')
+  with files.workdir_lock(str(workdir)):
+    assert [p.exists() for p in stale + kept] == [False] * len(stale) + [True] * len(kept)
+
+
 def test_write_failures_reported_in_library_types_are_one_line(capsys):
   """A full disk as orbax reports it (ValueError), a RuntimeError raised from an OSError (as
   TFDS's writer does): one line, exit 2. An error raised while handling an OSError is a bug and
