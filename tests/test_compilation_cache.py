@@ -3,8 +3,11 @@ alike again loads instead of compiling) and removes it at exit; JAX_COMPILATION_
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+from tests import forked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,11 +32,23 @@ print('entries', len(os.listdir(jax.config.jax_compilation_cache_dir)))
 '''
 
 
-def _run(tmp_path, stderr=None, **env):
-  """The child's printed values (`stderr`: a list that gets what it wrote there)."""
+def _forked_child() -> None:
+  """CHILD in a process forked from one that imported JAX (tests/forked.py) but never compiled:
+  its temporary folder found from TMPDIR, as a new process finds it."""
+  tempfile.tempdir = None
+  exec(compile(CHILD, '<string>', 'exec'), {'__name__': '__main__'})  # pylint: disable=exec-used
+
+
+def _run(tmp_path, stderr=None, fresh=False, **env):
+  """The child's printed values (`stderr`: a list that gets what it wrote there); `fresh`: in a
+  new Python process (~3 s: it imports JAX), else forked."""
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'} | env
-  out = subprocess.run([sys.executable, '-c', CHILD], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env={**env, 'PYTHONPATH': ROOT, 'TMPDIR': str(tmp_path)})
+  env = {**env, 'PYTHONPATH': ROOT, 'TMPDIR': str(tmp_path)}
+  if fresh:
+    out = subprocess.run([sys.executable, '-c', CHILD], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env=env)
+  else:
+    out = forked.call(_forked_child, env=env, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   if stderr is not None:
     stderr.append(out.stderr)
@@ -57,6 +72,6 @@ def test_a_full_temporary_folder_costs_the_cache_not_a_warning_per_program(tmpfs
   run and compile, without JAX's two-line warning of each entry it could not write."""
   disk = tmpfs('4k')
   stderr = []
-  got = _run(disk, stderr)
+  got = _run(disk, stderr, fresh=True)
   assert os.path.dirname(got['cache']) == disk and got['hits'] == '0 0'  # none could be kept
   assert stderr == [''], stderr
