@@ -51,6 +51,7 @@ def _needs_fashion():
   assert jax.device_count() >= 4, 'tests/conftest.py sets 4 fake CPU devices'
 
 
+@pytest.mark.xdist_group('fashion_prepared')  # the worker of test_idx_corruption's: one prepare
 def test_fashion_rater_run_reports_the_aurocs_of_its_exported_raters_scores(tfds_dir, tmp_path):
   _needs_fashion()
   workdir = tmp_path / 'run'

@@ -20,6 +20,9 @@ FASHION_FILES = [os.path.join(FASHION_DIR, f'{s}-{k}-ubyte.gz') for s in ('train
 needs_fashion = pytest.mark.skipif(
     not all(map(os.path.exists, FASHION_FILES)),
     reason='needs Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist)')
+# The tests that prepare Fashion-MNIST (~5 s) stay on one pytest-xdist worker (test_fashion_launch's
+# too): each worker has its own TFDS folder (conftest's tfds_dir), so one prepares it once.
+FASHION_PREPARED = pytest.mark.xdist_group('fashion_prepared')
 PAIRS = fashion_mnist.CONFUSIONS
 ALL_KINDS = dict(label_noise=0.1, seed=3, label_noise_kind='confusion', confusions=PAIRS,
                  blur=0.05, pixel_noise=0.05, occlusion=0.05, duplicate=0.1, ood=0.05)
@@ -57,6 +60,7 @@ def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ---- the idx builder
 
 @needs_fashion
+@FASHION_PREPARED
 def test_builder_reads_exactly_the_debian_files(fashion):
   assert 'idx_mnist/fashion' in pipeline.BUNDLED
   assert fashion.info.full_name == 'idx_mnist/fashion/1.0.0'
@@ -80,6 +84,7 @@ def test_builder_reads_exactly_the_debian_files(fashion):
 
 
 @needs_fashion
+@FASHION_PREPARED
 def test_a_written_subset_keeps_the_class_names(fashion, tmp_path):
   """The filter's TFDS writer copies the features with their ClassLabel names (a JSON round
   trip of the features dropped them, leaving '0'..'9')."""
@@ -90,6 +95,7 @@ def test_a_written_subset_keeps_the_class_names(fashion, tmp_path):
 
 
 @needs_fashion
+@FASHION_PREPARED
 def test_fashion_config_plants_confusions_in_the_train_split(fashion, tfds_dir):
   config = fashion_mnist.get_config()
   config_checks.validate(config, ['data', 'task', 'rater', 'features.task', 'train'])
