@@ -8,7 +8,15 @@ import sys
 
 import pytest
 
+from tests import forked
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _exec(code: str, args: list) -> None:
+  """`python -c code *args`, in a process forked from one that imported JAX (tests/forked.py)."""
+  sys.argv = ['-c', *args]
+  exec(compile(code, '<string>', 'exec'), {'__name__': '__main__'})  # pylint: disable=exec-used
 
 # A gc callback (as JAX registers one) that signals its own process once: the handler runs inside
 # the callback, where Python prints and drops whatever it raises.
@@ -326,8 +334,7 @@ def test_sigterm_stops_a_jax_distributed_process():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  proc = subprocess.run([sys.executable, '-c', IN_DISTRIBUTED, str(port)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120,
-                        env={**os.environ, 'PYTHONPATH': ROOT})
+  proc = forked.call(_exec, IN_DISTRIBUTED, [str(port)], timeout=120,
+                     env={**os.environ, 'PYTHONPATH': ROOT})
   assert 'went on to the end' not in proc.stdout, proc.stderr[-2000:]
   assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
