@@ -320,10 +320,11 @@ class _Progress:
 
   def check_skipped(self, step: int) -> None:
     """Stops the run (one line) when the meta-gradient has not been finite at
-    outer.max_skipped_steps steps in a row (by `step`)."""
+    outer.max_skipped_steps steps in a row (by `step`), or at every step of a shorter run (whose
+    rater would be reported untrained, as it was initialised)."""
     in_a_row, self._longest_run = int(sharding.host_copy(self._longest_run)), None
     config = self._config
-    if in_a_row >= config.outer.max_skipped_steps:
+    if in_a_row >= min(config.outer.max_skipped_steps, config.outer.steps):
       raise UserError(
           f'the meta-gradient was not finite at {in_a_row} outer steps in a row (by step '
           f'{step}); the rater was left as it was and its last checkpoint holds finite values. '

@@ -74,6 +74,44 @@ def test_a_rater_run_whose_meta_gradient_stays_non_finite_stops_with_finite_chec
   export.export_rater(str(workdir), str(tmp_path / 'rater'))  # finite: exportable
 
 
+@pytest.mark.parametrize('steps, max_skipped, in_a_row, stops', [
+    (2, 20, 2, True),     # every step of a run shorter than max_skipped_steps: the rater untrained
+    (2, 20, 1, False),    # one step taken
+    (30, 20, 20, True),   # max_skipped_steps in a row
+    (30, 20, 19, False),
+])
+def test_skipped_steps_stop_a_run_at_max_skipped_steps_in_a_row_or_at_all_of_a_shorter_one(
+    steps, max_skipped, in_a_row, stops):
+  """`check_skipped` on the longest run of skipped steps since the last check (a 2-step run
+  whose both meta-gradients were NaN exited 0, its initial rater reported)."""
+  from datarater import meta_train as mt  # pylint: disable=g-import-not-at-top
+  config = small_config('', steps=steps)
+  config.outer.max_skipped_steps = max_skipped
+  progress = mt._Progress.__new__(mt._Progress)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  progress._config, progress._longest_run = config, jnp.int32(in_a_row)
+  if stops:
+    with pytest.raises(UserError, match=f'not finite at {in_a_row} outer steps in a row'):
+      progress.check_skipped(steps)
+  else:
+    progress.check_skipped(steps)
+
+
+@pytest.mark.slow
+def test_a_two_step_rater_run_whose_every_meta_gradient_is_nan_exits_2(tfds_dir, tmp_path):
+  """End to end: launch.train_rater, 2 outer steps of 20 allowed skipped, inner rate 1e30."""
+  workdir = tmp_path / 'nan'
+  argv = ['train_rater', *as_flags(small_config(tfds_dir, steps=2)), f'--workdir={workdir}',
+          '--config.inner.learning_rate=1e30']
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    code = cli.invoke(train_rater, argv)
+  lines = err.getvalue().strip().splitlines()
+  assert code == 2 and len(lines) == 1, err.getvalue()
+  assert 'the meta-gradient was not finite at 2 outer steps in a row (by step 2)' in lines[0]
+  assert not (workdir / 'report.json').exists()
+
+
 def test_a_rater_whose_scores_overflow_is_no_success_and_trains_nothing(tfds_dir, tmp_path):
   """Outer steps of 1e30 leave finite parameters (~1e28) whose scores overflow: the run ends in
   one line with no report, and training with that rater stops at its first step."""
