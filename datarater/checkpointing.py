@@ -145,15 +145,16 @@ def _unretrieved_tensorstore_error(record: logging.LogRecord) -> bool:
 
 _BACKGROUND_SAVE_REPORT = re.compile(
     r'_SignalingThread\.run\(\) raised an exception|in background save thread'
-    r'|Save Finalize thread .*failed')
+    r'|Save Finalize thread .*failed|Failed to write metadata=')
 
 
 def _background_save_report(record: logging.LogRecord) -> bool:
   """False for orbax's error logs (each with a traceback) of a save that failed in its background
-  threads, e.g. on a full disk: orbax raises that error again in the caller's next save, wait or
-  close, which reports it in one line. A failure of this process's part of a multi-process save
-  is also made known to the other processes here (`_SaveBarrier.fail`): orbax logs it in the
-  failed thread, before that process skips the barriers the others wait in."""
+  threads, or of a checkpoint's metadata file it could not write, e.g. on a full disk: orbax
+  raises that error again in the caller's next save, wait or close, which reports it in one line.
+  A failure of this process's part of a multi-process save is also made known to the other
+  processes here (`_SaveBarrier.fail`): orbax logs it in the failed thread, before that process
+  skips the barriers the others wait in."""
   if not (record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname and
           _BACKGROUND_SAVE_REPORT.search(str(record.msg)) is not None):
     return True
@@ -444,11 +445,12 @@ class RunCheckpointer:
   def _steps(self) -> list[int]:
     """Saved steps, newest first (none if the folder holds no checkpoint)."""
     try:
-      manager = self._open(create=False)
+      with quiet_orbax():  # (its warning of each checkpoint without orbax's metadata file)
+        manager = self._open(create=False)
+        return [] if manager is None else sorted(manager.all_steps(), reverse=True)
     except Exception as e:  # pylint: disable=broad-except  (a garbled checkpoint folder)
       raise UserError(f'cannot read the checkpoints in {self.directory!r}: '
                       f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
-    return [] if manager is None else sorted(manager.all_steps(), reverse=True)
 
   def _warn_passed_over(self) -> None:
     """Warns (once each) of the unreadable checkpoints passed over for a readable one."""

@@ -995,16 +995,34 @@ def test_only_orbaxs_background_save_reports_are_dropped(tmp_path, caplog):
   checkpointer.close()
   absl_log = logging.getLogger('absl')
   orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', 'future.py')
-  message = 'Failed to run 4 Handler Commit operations in background save thread, directory: x'
-  caplog.clear()
-  for path, level in ((orbax_file, logging.ERROR), (__file__, logging.ERROR),
-                      (os.path.join(os.sep, 'site-packages', 'tensorstore', 'x.py'),
-                       logging.ERROR), (orbax_file, logging.WARNING)):
-    absl_log.handle(absl_log.makeRecord('absl', level, path, 1, message, (), None))
-  assert [(r.pathname, r.levelno) for r in caplog.records] == [
-      (__file__, logging.ERROR),
-      (os.path.join(os.sep, 'site-packages', 'tensorstore', 'x.py'), logging.ERROR),
-      (orbax_file, logging.WARNING)]
+  # (the second: a metadata file that a full disk failed, logged with its traceback before
+  # orbax raises it again; it came before a launcher's one-line error)
+  for message in ('Failed to run 4 Handler Commit operations in background save thread, '
+                  'directory: x', 'Failed to write metadata=%s path=%s: %s'):
+    caplog.clear()
+    for path, level in ((orbax_file, logging.ERROR), (__file__, logging.ERROR),
+                        (os.path.join(os.sep, 'site-packages', 'tensorstore', 'x.py'),
+                         logging.ERROR), (orbax_file, logging.WARNING)):
+      absl_log.handle(absl_log.makeRecord('absl', level, path, 1, message, (), None))
+    assert [(r.pathname, r.levelno) for r in caplog.records] == [
+        (__file__, logging.ERROR),
+        (os.path.join(os.sep, 'site-packages', 'tensorstore', 'x.py'), logging.ERROR),
+        (orbax_file, logging.WARNING)], message
+
+
+def test_a_checkpoint_without_orbaxs_metadata_file_is_read_without_a_warning(tmp_path, caplog):
+  """A checkpoint folder without orbax's _CHECKPOINT_METADATA (copied without it, or cut short)
+  reads, and orbax's warning of it is not printed: it came before a launcher's one-line error
+  (a resume with another config), as a second line."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'seed': 0})
+  checkpointer = checkpointing.RunCheckpointer(str(tmp_path / 'run'), config)
+  checkpointer.save(3, {'w': jnp.ones(3)}, {'train': 0})
+  checkpointer.close()
+  (tmp_path / 'run' / 'checkpoints' / '3' / '_CHECKPOINT_METADATA').unlink()
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    assert checkpointing.RunCheckpointer(str(tmp_path / 'run'), config).latest_step() == 3
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_progress_in_a_log_file_writes_a_line_once_its_interval_has_passed(monkeypatch, capsys):
