@@ -95,12 +95,7 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
                             data.heldout.take(np.arange(min(4, len(data.heldout)))))
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
-    if os.path.exists(os.path.join(workdir, 'history.jsonl')):
-      raise UserError(f'--workdir {workdir!r} holds a launch.train run (history.jsonl); give the '
-                      'rater run a folder of its own')
-    if os.path.exists(os.path.join(workdir, 'rater.json')):
-      raise UserError(f'--workdir {workdir!r} holds an exported rater (rater.json); give the rater '
-                      'run a folder of its own')
+    files.check_not_other_run(workdir, 'metrics.jsonl', 'rater run')
   pipeline.check_same_everywhere(pipeline.builder_of(config.data),
                                  pipeline.dataset_name(config.data))
   ckpt = run_checkpointer(config, workdir)

@@ -137,11 +137,7 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   if workdir:  # checked before the policy's set-up (a TracIn fit, an SAE's training)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
-    for marker, what in (('metrics.jsonl', 'a launch.train_rater run'),
-                         ('rater.json', 'an exported rater')):
-      if os.path.exists(os.path.join(workdir, marker)):
-        raise UserError(f'--workdir {workdir!r} holds {what} ({marker}); give the training run '
-                        'a folder of its own')
+    files.check_not_other_run(workdir, 'history.jsonl', 'training run')
     ckpt = run_checkpointer(config, workdir, name, rater, scores, spans_epochs=False)
     resume = ckpt.check_compatible()
     if resume is not None and resume > t.epochs:

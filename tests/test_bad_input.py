@@ -290,6 +290,12 @@ def _cases(tfds_dir: str, w) -> list:
        f"--workdir '{w}/run' holds a launch.train_rater run (metrics.jsonl)"),
       (*tr(out=f'--workdir={w}/train_run'),
        f"--workdir '{w}/train_run' holds a launch.train run (history.jsonl)"),
+      # launch.valuate wrote its fit/ and scores files into another launcher's output.
+      *(('valuate', [data, '--method=tracin', f'--workdir={w}/{folder}'],
+         f"--workdir '{w}/{folder}' holds {what} ({marker}); give the valuation a folder")
+        for folder, what, marker in (('run', 'a launch.train_rater run', 'metrics.jsonl'),
+                                     ('train_run', 'a launch.train run', 'history.jsonl'),
+                                     ('rater', 'an exported rater', 'rater.json'))),
       ('train', [f'--config.data.dataset_dir={w}/cut_dataset'],
        f"the record files of '{w}/cut_dataset' are damaged or missing"),
       # A run folder inside the dataset folder it reads changed that folder's digest: trained
@@ -625,7 +631,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 235  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 238  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
