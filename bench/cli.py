@@ -18,6 +18,7 @@ from typing import Callable
 
 from absl import flags
 
+from datarater import config_checks
 from datarater.config_checks import INT32_MAX, MAX_SEED
 from datarater.errors import UserError, exit_on_user_error
 from launch import cli
@@ -66,6 +67,14 @@ def quick_out(prefix: str, quick: bool) -> str:
 def config_file(default: str) -> Callable:
   """A `define_flags` for `run`: the --config experiment file flag, `default` unless given."""
   return lambda: cli.define_config_file('config', default, 'Experiment config file.')
+
+
+def check_config(program: str, sections) -> None:
+  """`config_checks.validate` of the --config sections the benchmark's runs read (`sections`),
+  and a --config override of any other section refused in one line: no run would read it (a
+  bench.lm_curation --config.train.epochs=0 trained on, unread)."""
+  config_checks.validate(flags.FLAGS.config, sections)
+  cli.refuse_unread_sections(flags.FLAGS, sections, program, top_level=True)
 
 
 def set_by_flags(fields: dict) -> None:

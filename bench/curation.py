@@ -336,8 +336,8 @@ def main(argv):
                           'data.label_noise': '--noise', 'seed': '--seeds',
                           'data.noise_seed': '--seeds', 'valuation.seed': '--seeds'})
   # What its rater runs, valuations and fresh models read: checked before any run.
-  config_checks.validate(config, ('data', 'task', 'rater', 'inner', 'outer', 'final_eval',
-                                  'train', 'policy', 'valuation'))
+  bench_cli.check_config('bench.curation', ('data', 'task', 'rater', 'inner', 'outer',
+                                             'final_eval', 'train', 'policy', 'valuation'))
   noises = bench_cli.noise_rates(_NOISE.value)
   keeps = bench_cli.numbers('keep', _KEEP.value, float, lambda x: 0 < x <= 1, 'in (0, 1]',
                             distinct=True)

@@ -52,7 +52,7 @@ def markdown(result: dict) -> str:
 
 def main(argv):
   del argv
-  config_checks.validate(flags.FLAGS.config, CONFIG_SECTIONS)
+  bench_cli.check_config('bench.lm_advance_probe', CONFIG_SECTIONS)
   bench_cli.set_by_flags({'seed': '--seed', 'valuation.seed': '--seed'})
   seed, = bench_cli.numbers('seed', [str(_SEED.value)], int,
                             lambda x: 0 <= x <= config_checks.MAX_SEED,

@@ -396,7 +396,7 @@ def main(argv):
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   config, bench, out = FLAGS.config, FLAGS.bench, FLAGS.out
-  config_checks.validate(config, CONFIG_SECTIONS)
+  bench_cli.check_config('bench.lm_curation', CONFIG_SECTIONS)
   bench_cli.set_by_flags({'seed': '--bench.seeds', 'valuation.seed': '--bench.seeds'})
   check_bench(bench)
   bench_cli.out_folder(out)

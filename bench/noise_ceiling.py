@@ -30,7 +30,7 @@ import numpy as np
 
 from bench import cli as bench_cli
 from bench import runs
-from datarater import config_checks, evaluation, tasks
+from datarater import evaluation, tasks
 from datarater.config_checks import MAX_SEED
 from datarater.data import pipeline
 from datarater.errors import UserError
@@ -101,7 +101,7 @@ def main(argv):
   del argv
   config = flags.FLAGS.config
   # What its models read, checked before any (a negative learning rate trained and was reported).
-  config_checks.validate(config, ('data', 'task', 'train'))
+  bench_cli.check_config('bench.noise_ceiling', ('data', 'task', 'train'))
   bench_cli.set_by_flags({'train.epochs': '--epochs', 'data.label_noise': '--noise',
                           'seed': '--seeds', 'data.noise_seed': '--seeds'})
   noises = bench_cli.numbers('noise', _NOISE.value, float, lambda x: 0 < x < 1,

@@ -48,7 +48,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 from bench import cli as bench_cli  # pylint: disable=g-import-not-at-top
 from bench import provenance  # pylint: disable=g-import-not-at-top
 from bench import runs as bench_runs  # pylint: disable=g-import-not-at-top
-from datarater import config_checks, files, tasks
+from datarater import files, tasks
 from datarater import train as train_lib
 from datarater.data import pipeline
 from datarater.errors import UserError
@@ -370,7 +370,7 @@ def main(argv):
   bench_cli.quick_sets(FLAGS.quick, ('seeds', 'folds', 'ratios', 'epochs'), ('train.epochs',))
   if FLAGS.epochs:
     cfg.train.epochs = FLAGS.epochs
-  config_checks.validate(cfg, train_lib.SECTIONS + POLICY_SECTIONS['sae'])
+  bench_cli.check_config('bench.selection', train_lib.SECTIONS + POLICY_SECTIONS['sae'])
   bench_cli.names('policies', FLAGS.policies, POLICY_ORDER)  # empty: full alone would run
   policy_names = [p for p in POLICY_ORDER if p in FLAGS.policies or p == 'full']
   if FLAGS.extractor:
@@ -382,7 +382,8 @@ def main(argv):
   bench_cli.at_least('seeds', FLAGS.seeds, 1)
   if not 0 <= FLAGS.noise < 1:
     raise UserError(f'--noise must be in [0, 1), got {FLAGS.noise}')
-  ratios = bench_cli.numbers('ratios', FLAGS.ratios, float, lambda x: 0 < x <= 1, 'in (0, 1]')
+  ratios = bench_cli.numbers('ratios', FLAGS.ratios, float, lambda x: 0 < x <= 1, 'in (0, 1]',
+                            distinct=True)  # (a ratio given twice ran every policy twice)
   out = FLAGS.out or 'bench/results/selection' + ('_quick' if FLAGS.quick else '') + (
       f'_{cfg.features.extractor}' if cfg.features.extractor != 'penultimate' else '')
   bench_cli.out_folder(out)  # an unwritable --out fails now, not after the runs

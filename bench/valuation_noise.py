@@ -31,7 +31,7 @@ import numpy as np
 
 from bench import cli as bench_cli
 from bench import runs
-from datarater import config_checks, evaluation, files, policies
+from datarater import evaluation, files, policies
 from datarater.config_checks import MAX_SEED
 from datarater.errors import UserError
 from datarater.policies import weighting
@@ -159,7 +159,7 @@ def main(argv):
   if 'datarater' in variants and not _RATER_STEPS.value:
     raise UserError('--variants datarater needs --rater_steps >= 1 (its outer steps)')
   # What the runs read, checked before any (a bad value had each variant 'fail', exit 0).
-  config_checks.validate(config, ('data', 'task', 'valuation')
+  bench_cli.check_config('bench.valuation_noise', ('data', 'task', 'valuation')
                          + (('rater', 'inner', 'outer', 'final_eval') if 'datarater' in variants
                             else ()) + (('train', 'policy') if _CURRICULUM.value else ()))
   noises = bench_cli.noise_rates(_NOISE.value)

@@ -146,6 +146,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('selection', ['--seeds=1000000000000'], '--seeds must be <= 2147483647, got 1000000000000'),
     ('valuation_noise', ['--variants=datarater', '--rater_steps=0'],  # 'log_every must be >= 1'
      '--variants datarater needs --rater_steps >= 1'),
+    # A section no run of the bench reads: lm_curation trained on; a ratio twice ran it twice.
+    ('lm_curation', ['--config.train.epochs=0'], '--config.train.epochs is not read by '
+     'bench.lm_curation: it reads the config sections data, task, rater, inner, outer'),
+    ('curation', ['--config.sae.k=3'], '--config.sae.k is not read by bench.curation'),
+    ('selection', ['--ratios=0.3,0.3'], '--ratios repeats 0.3: give each value once'),
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'
