@@ -114,6 +114,9 @@ def _fail(e: Exception, argv=None) -> None:
   cause = e.args[0] if isinstance(e, AttributeError) and e.args else e  # a field or a section
   if isinstance(e, ConfigFileError):
     message = str(e)
+  elif isinstance(e, UnicodeDecodeError):  # absl reading a --flagfile
+    named = [a.split('=', 1)[-1] for a in argv or () if a.lstrip('-').startswith('flagfile=')]
+    message = f'--flagfile {", ".join(map(repr, named))} is not text ({e.reason} at byte {e.start})'
   elif unknown and not isinstance(e, flags.Error):
     where = _override_of(unknown.group(1), argv)
     message = (f'unknown config field {unknown.group(1)!r} (did you mean {unknown.group(2)!r}?)'

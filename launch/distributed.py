@@ -103,7 +103,7 @@ def stop_job_after_flag_error(argv, fv: flags.FlagValues = flags.FLAGS) -> None:
   define_flags(own)
   try:
     own(list(argv), known_only=True)
-  except flags.Error:  # a bad value of these flags: no job to join
+  except (flags.Error, ValueError):  # a bad value of these flags, a --flagfile not text: no job
     return
   if own.coordinator_address or own.distributed:
     with contextlib.suppress(UserError):  # (this process's own line is already out)

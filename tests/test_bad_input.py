@@ -43,6 +43,7 @@ def world(tfds_dir, tmp_path_factory):
   export.export_rater(str(root / 'run'), str(root / 'rater'))
   (root / 'a_file').write_text('not a folder')
   (root / 'seeds_flags').write_text('--config.train.seeds=(0,1)\n')  # a --flagfile
+  (root / 'binary_flags').write_bytes(bytes(range(128, 256)))  # a --flagfile not text
   for field in ('log_every', 'checkpoint_every'):  # config files without a field rater runs read
     (root / f'no_{field}.py').write_text('from configs import digits\n\n\ndef get_config():\n'
                                          f'  c = digits.get_config()\n  del c[{field!r}]\n'
@@ -290,6 +291,12 @@ def _cases(tfds_dir: str, w) -> list:
        f"--workdir '{w}/run' holds a launch.train_rater run (metrics.jsonl)"),
       (*tr(out=f'--workdir={w}/train_run'),
        f"--workdir '{w}/train_run' holds a launch.train run (history.jsonl)"),
+      # (it said 'bad config override', naming no file; the job stop it tries after a flag
+      # error then read the file again: a traceback)
+      ('train', [data, f'--flagfile={w}/binary_flags'],
+       f"--flagfile '{w}/binary_flags' is not text (invalid start byte at byte 0)"),
+      ('filter', [f'--flagfile={w}/binary_flags', '--keep=0.5'],
+       f"--flagfile '{w}/binary_flags' is not text"),
       # launch.valuate wrote its fit/ and scores files into another launcher's output.
       *(('valuate', [data, '--method=tracin', f'--workdir={w}/{folder}'],
          f"--workdir '{w}/{folder}' holds {what} ({marker}); give the valuation a folder")
@@ -631,7 +638,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 238  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 240  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
@@ -764,3 +771,16 @@ def test_an_override_the_config_leaves_unread_is_refused_and_one_it_reads_is_not
   assert code == 2 and f'{field.split("=")[0]} is not read' in out, (code, out)
   assert len(out.strip().splitlines()) == 1, out
   assert _parse(launcher, [*base, *read.split(), field]) == (0, '')
+
+
+def test_the_job_stop_after_a_flag_error_reads_a_flagfile_that_is_not_text_without_a_traceback(
+    tmp_path):
+  """After a flag error's line, a launcher rereads its own flags to stop a multi-process job
+  (`distributed.stop_job_after_flag_error`): a --flagfile that is not text (the error's cause)
+  names no job, and nothing more is printed (a UnicodeDecodeError traceback followed the line)."""
+  from launch import distributed  # pylint: disable=g-import-not-at-top
+  binary = tmp_path / 'flags'
+  binary.write_bytes(bytes(range(128, 256)))
+  fv = flags.FlagValues()
+  distributed.define_flags(fv)
+  assert distributed.stop_job_after_flag_error(['train', f'--flagfile={binary}'], fv) is None
