@@ -682,7 +682,7 @@ def test_scores_file_filter_and_min_score(tfds_dir, tmp_path):
 def test_scores_file_read_in_row_batches(tmp_path, monkeypatch):
   """A scores file of many small row groups, two splits interleaved and ids shuffled, reads back
   as the values placed by id (numpy fancy indexing as the oracle); a duplicate in another row
-  group and an id out of range are refused."""
+  group and an id out of range (above, or negative) are refused."""
   from datarater import files  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   monkeypatch.setattr(scores_file, '_READ_ROWS', 5)
   rng = np.random.default_rng(0)
@@ -697,9 +697,11 @@ def test_scores_file_read_in_row_batches(tmp_path, monkeypatch):
     expected = np.empty(n)
     expected[ids[split == s]] = values[split == s]
     np.testing.assert_array_equal(scores_file.read_values(path, n, s), expected)
+  negative = rf'covers {n - 1} of .* \(missing id {n - 1}'  # id -1 is not id n - 1
   for bad_ids, msg in ((np.r_[np.arange(n), 3], 'duplicate ids'),
-                       (np.r_[np.arange(n), n], f'id {n} out of range')):
-    files.write_parquet(path, {'id': bad_ids, 'value': np.zeros(n + 1)}, row_group=6)
+                       (np.r_[np.arange(n), n], f'id {n} out of range'),
+                       (np.r_[np.arange(n - 1), -1], negative)):
+    files.write_parquet(path, {'id': bad_ids, 'value': np.zeros(len(bad_ids))}, row_group=6)
     with pytest.raises(UserError, match=msg):
       scores_file.read_values(path, n)
   with_null = pa.array([*range(8), None, *range(9, n)], pa.int64())  # row 8, in the second batch
@@ -1090,12 +1092,15 @@ def test_a_rater_keyed_on_index_scores_each_example_alike_in_any_batch(tfds_dir,
 
   monkeypatch.setitem(registry.RATERS, 'mlp_rater',
                       lambda config, info: _as(Keyed, mlp_rater(config, info)))
-  loaded = datarater.load_rater(rater_dir, block=8)
-  assert isinstance(loaded.rater, Keyed)
+  loaded = datarater.load_rater(rater_dir, block=6)  # per device: not a multiple of 4 devices
+  assert isinstance(loaded.rater, Keyed) and len(loaded.devices) == 4
   split = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
   batch = split.take(np.arange(len(split)))
   want = np.asarray(jax.jit(loaded.rater.score)(loaded.params, batch))
   np.testing.assert_allclose(loaded(batch), want, rtol=1e-5, atol=1e-6)
+  # Without `index`, the traceable `scores` keys each example on its position in the batch too.
+  unkeyed = {k: v for k, v in batch.items() if k != 'index'}
+  np.testing.assert_allclose(loaded.scores(unkeyed), want, rtol=1e-5, atol=1e-6)
   shifted = split.take(np.arange(5, 25))  # positions 5..24, scored from their own keys
   np.testing.assert_allclose(loaded(shifted), want[5:25], rtol=1e-5, atol=1e-6)
   for size in (256, 7):

@@ -179,6 +179,30 @@ def test_projections_of_a_bfloat16_models_gradients_are_float32():
   assert out.dtype == jnp.float32
 
 
+def test_ghost_products_of_a_bfloat16_model_are_float32_sums_of_its_dense_gradients():
+  """Ghost squared norms and dot products of a bfloat16-computing model are summed in float32:
+  they equal, to float32 rounding, the float64 sums over its per-example Dense gradients
+  [x_i^T g_i; g_i] formed from the layers' own (bfloat16) inputs x and output gradients g."""
+  low = task(jnp.bfloat16)
+  loss, params = low.per_example_loss, low.init(jax.random.key(0))
+  x, y = tiny_batches(1, population=1, steps=1, batch=8)[0].values()
+  batch = {'image': jnp.asarray(x[0, 0]), 'label': jnp.asarray(y[0, 0]),
+           'index': jnp.arange(8, dtype=jnp.int32)}
+  factors, norms, dots = jax.jit(lambda p, b: (pergrad.dense_factors(loss, p, b),
+                                               pergrad.ghost_sq_norms(loss, p, b),
+                                               pergrad.ghost_dots(loss, p, b)))(params, batch)
+  assert norms.dtype == dots.dtype == jnp.float32
+  assert {g.dtype for _, g, _ in factors.values()} == {jnp.dtype(jnp.bfloat16)}
+  grads = []
+  for a, g, has_bias in factors.values():
+    a, g = np.asarray(a, np.float64), np.asarray(g, np.float64)
+    kernel = np.einsum('bi,bo->bio', a, g).reshape(len(a), -1)
+    grads.append(np.concatenate([kernel, g], 1) if has_bias else kernel)
+  flat = np.concatenate(grads, 1)
+  np.testing.assert_allclose(norms, np.sum(flat ** 2, 1), rtol=1e-5)
+  np.testing.assert_allclose(dots, flat @ flat.T, rtol=1e-5, atol=1e-6 * np.abs(dots).max())
+
+
 def test_data_value_embedding_of_bfloat16_parameters_is_the_float32_ones():
   """K, a product of the steps' maps, is kept in float32: the embeddings of a run whose
   parameters are bfloat16 are those of the same run in float32, up to bfloat16 rounding."""

@@ -224,6 +224,11 @@ def test_kronecker_factors_are_seeded_scaled_gaussians_per_leaf():
   other = pergrad.kronecker_projection(40, 30, seed=4).init(like)
   assert not np.allclose(other[0][0], a0)
   np.testing.assert_array_equal(pergrad.kronecker_projection(40, 30, seed=3).init(like)[1][0], a1)
+  # A leaf of exactly k_in * k_out entries is kept: the projection returns it as it is.
+  edge = pergrad.kronecker_projection(6, 5)
+  leaf = {'w': jnp.arange(30.).reshape(6, 5)}
+  assert edge.init(leaf) == [None]
+  np.testing.assert_array_equal(edge.apply(leaf, edge.init(leaf)), np.arange(30.))
 
 
 @pytest.mark.parametrize('chunk', [None, 3])

@@ -155,9 +155,21 @@ def explicit_tracin(loss, run, a, b, layers=None, cosine=False):
   return total
 
 
+def explicit_heldout_cos(loss, run, a, held, layers=None):
+  """sum_c lr_c cos(g_i, v_c), v_c the mean held-out gradient at checkpoint c, over `layers`."""
+  total = 0.0
+  for c in range(run.num_checkpoints):
+    p = run.checkpoint(c)
+    g = flat_grads(loss, p, a, layers)
+    v = flat_grads(loss, p, held, layers).mean(0)
+    lr = float(run.step_lrs[int(run.checkpoint_steps[c])])
+    total = total + lr * g @ v / (np.linalg.norm(g, axis=1) * np.linalg.norm(v))
+  return total
+
+
 @pytest.mark.parametrize('layers,cosine,ghost', [(None, False, False),
                                                  pytest.param(None, True, True, marks=pytest.mark.slow),
-                                                 (['dense_1'], False, True),
+                                                 (['dense_1'], True, True),
                                                  (['dense_0'], True, False)])
 def test_tracin_cp_equals_explicit_sum(layers, cosine, ghost):
   loss, params, data = problem()
@@ -166,6 +178,13 @@ def test_tracin_cp_equals_explicit_sum(layers, cosine, ghost):
   ckpts, lrs = run.checkpoints, run.step_lrs[run.checkpoint_steps]
   got = tracin.tracin_cp(loss, ckpts, lrs, a, b, layers, None, cosine, ghost, chunk_size=2)
   np.testing.assert_allclose(got, explicit_tracin(loss, run, a, b, layers, cosine), rtol=1e-10)
+  if ghost:  # self-influence from ghost norms of the same layers: TracInCP's diagonal of a, a
+    got = tracin.self_influence(loss, ckpts, lrs, a, layers, ghost=True)
+    np.testing.assert_allclose(got, np.diag(explicit_tracin(loss, run, a, a, layers)), rtol=1e-10)
+  if cosine and layers:  # held-out Grad-Cos of the same layers: v_c and its norm over them only
+    got = tracin.heldout_influence(loss, ckpts, lrs, a, b, layers, cosine=True, chunk_size=2,
+                                   ghost=ghost)
+    np.testing.assert_allclose(got, explicit_heldout_cos(loss, run, a, b, layers), rtol=1e-10)
 
 
 def test_tracin_cp_with_projection_equals_explicit_matrix():
@@ -245,13 +264,7 @@ def test_tracin_modes_equal_explicit(layers):
   want = explicit_tracin(loss, run, train, held, layers).mean(1)  # dot with the mean gradient
   got = tracin.TracIn(loss, 'heldout', held, layers=layers).fit(run).score(train)
   np.testing.assert_allclose(got, want, rtol=1e-10)
-  want = 0.0
-  for c in range(run.num_checkpoints):
-    p = run.checkpoint(c)
-    g = flat_grads(loss, p, train, layers)
-    v = flat_grads(loss, p, held, layers).mean(0)
-    lr = 0.3 * 0.7 ** (2 * c)  # the rate of step 2c, where checkpoint c was taken
-    want = want + lr * g @ v / (np.linalg.norm(g, axis=1) * np.linalg.norm(v))
+  want = explicit_heldout_cos(loss, run, train, held, layers)
   got = tracin.TracIn(loss, 'heldout_cos', held, layers=layers, chunk_size=5).fit(run).score(train)
   np.testing.assert_allclose(got, want, rtol=1e-10)
   assert pergrad.ghost_covers(loss, params, train, layers)
@@ -607,10 +620,10 @@ def test_dvemb_step_map_is_the_linearised_step_where_stable_and_never_amplifies(
 
 
 def test_dvemb_step_map_skips_the_eigendecomposition_only_where_no_clip_acts():
-  """On PSD matrices (full rank and rank-deficient, whose computed eigenvalues go ~-eps), of
-  small and large norms, the map without an eigendecomposition (lr ||H||_F <= 2, psd) equals the
-  clipped eigendecomposition's (psd=False always takes it), float64; a matrix that needs the clip
-  takes it either way."""
+  """On PSD matrices (full rank and rank-deficient, whose computed eigenvalues go ~-eps; rank 1,
+  where ||H||_F is the top eigenvalue), of small and large norms, the map without an
+  eigendecomposition (lr ||H||_F <= 2, psd) equals the clipped eigendecomposition's (psd=False
+  always takes it), float64; a matrix that needs the clip takes it either way."""
   from datarater.valuation.dvemb import _step_map
   # Traced lr and psd, as in embed's scan: eagerly, each lr closed over by the lax.cond's branch
   # compiled a program of its own (dozens here).
@@ -619,7 +632,8 @@ def test_dvemb_step_map_skips_the_eigendecomposition_only_where_no_clip_acts():
   eigh_map = lambda h, lr: np.eye(len(h)) - (lambda lam, u: (u * np.clip(lr * lam, 0, 2)) @ u.T)(
       *np.linalg.eigh(h))
   with jax.enable_x64():
-    for rows, scale in ((40, 1e-3), (40, 1.0), (5, 1.0), (5, 1e3), (40, 1e4)):
+    # rank 1 (one row): ||H||_F = lambda_max, so lr ||H||_F is as small as the bound allows
+    for rows, scale in ((40, 1e-3), (40, 1.0), (5, 1.0), (5, 1e3), (40, 1e4), (1, 1.0)):
       g = scale * rng.normal(size=(rows, 16))
       h = g.T @ g / rows
       fro = np.linalg.norm(h)
