@@ -230,14 +230,17 @@ def _only_at(field: str, other: str, value: str, what: str) -> tuple:
 # (field, other, unread(other's value), why): `field` (a section: any field of it) is not read
 # while `unread` holds of field `other`; launch.cli refuses a command-line override of it there,
 # which would change nothing. `other` may be a tuple of names, `unread` then taking their values
-# in order; a name is a dotted config field or a launcher's flag (`--method`: None in a launcher
-# without it).
+# in order; a name is a dotted config field or METHOD: the valuation method the launcher's run
+# computes (launch.valuate's --method, launch.train's policy's, e.g. tracin for
+# tracin_curriculum; None in a run of none: `launch.cli.define_valuation_method`).
+METHOD = 'method'
 _PASSES = (' > 0 (passes over the data size the stage); give --config.{other}=0 too to train '
            'that many steps')
 _PIXELS = " (no extractor is trained); give --config.{other}=penultimate too"
 _GUARD_OFF = " (no example is suspected); give --config.{other} too"
 _STORES = ('valuation.store', 'valuation.topk')
-_NO_STORE = ' (no gradient store is written); give --config.valuation.store=True too'
+_NO_STORE = (' (no gradient store is written; launch.valuate writes one with '
+             '--config.valuation.store=True)')
 UNREAD_WHILE = (
     *((f'features.{f}', 'features.extractor', lambda v: v == 'pixels', _PIXELS) for f in (
         'task', 'train_steps', 'train_epochs', 'batch_size', 'learning_rate')),
@@ -273,23 +276,27 @@ UNREAD_WHILE = (
      'rate > 0 too'),
     # The gradient store's projection (valuation.store_k, projection_seed) exists with
     # valuation.store or topk alone; without one, TracIn projects with valuation.projection only
-    # under tracin_project, Mimic projects nothing, and no method (dvemb) projects under 'none'.
+    # under tracin_project, Mimic projects nothing, and no method (dvemb) projects under 'none'
+    # (whose size, projection_dim, no method reads either).
     ('valuation.store_k', _STORES, lambda store, topk: not (store or topk), _NO_STORE),
-    ('valuation.projection_seed', (*_STORES, '--method'),
+    ('valuation.projection_seed', (*_STORES, METHOD),
      lambda store, topk, method: method == 'mimic' and not (store or topk), _NO_STORE),
-    ('valuation.projection_seed', (*_STORES, 'valuation.tracin_project', '--method'),
+    ('valuation.projection_seed', (*_STORES, 'valuation.tracin_project', METHOD),
      lambda store, topk, project, method: method == 'tracin' and not (store or topk or project),
-     ' (TracIn takes exact gradients); give --config.valuation.tracin_project=True or '
-     'valuation.store=True too'),
+     ' (TracIn takes exact gradients); give --config.valuation.tracin_project=True (or, to '
+     'launch.valuate, valuation.store=True) too'),
     ('valuation.projection_seed', (*_STORES, 'valuation.projection'),
      lambda store, topk, projection: not (store or topk) and projection == 'none',
-     ' (nothing is projected); give --config.valuation.store=True or a valuation.projection too'),
-    *((f'valuation.{f}', ('valuation.tracin_project', '--method'),
+     ' (nothing is projected); give a --config.valuation.projection (or, to launch.valuate, '
+     'valuation.store=True) too'),
+    ('valuation.projection_dim', 'valuation.projection', lambda v: v == 'none',
+     ' (nothing is projected); give --config.{other}=kronecker or gaussian too'),
+    *((f'valuation.{f}', ('valuation.tracin_project', METHOD),
        lambda project, method: method == 'tracin' and not project,
        ' (TracIn takes exact gradients); give --config.valuation.tracin_project=True too')
       for f in ('projection', 'projection_dim')),
     # TracIn's scores from a gradient store: its own projection and ghost norms are not used.
-    *((f'valuation.{f}', (*_STORES, '--method'),
+    *((f'valuation.{f}', (*_STORES, METHOD),
        lambda store, topk, method: method == 'tracin' and (store or topk),
        " (TracIn's scores come from the gradient store, projected by valuation.store_k); give "
        '--config.valuation.store=False and valuation.topk=0 too')

@@ -22,7 +22,8 @@ import shutil
 import sys
 import tempfile
 import warnings
-from typing import Callable
+import weakref
+from typing import Callable, Optional
 
 from absl import app
 from absl import flags
@@ -264,28 +265,40 @@ def _shown(value) -> str:
   return f'{value:g}' if isinstance(value, float) else repr(value)
 
 
+_VALUATION_METHODS = weakref.WeakKeyDictionary()  # FlagValues -> define_valuation_method's
+
+
+def define_valuation_method(method: Callable[[flags.FlagValues], Optional[tuple[str, str]]],
+                            fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Declares, with a launcher's flags, the valuation method its run computes: `method(fv)` of
+  the parsed flags is (the method, the flag or field naming it, e.g. '--method=tracin'), or None
+  where the run computes none. `config_checks.UNREAD_WHILE`'s rows naming `METHOD` take it."""
+  _VALUATION_METHODS[fv] = method
+
+
 def _refuse_unread_fields(argv, fv: flags.FlagValues) -> None:
-  """A field given on the command line where the config (and the launcher's flags) make the run
-  ignore it (`config_checks.UNREAD_WHILE`: `sae.steps` while `sae.epochs` > 0, `data.noise_seed`
-  while nothing is corrupted, `valuation.projection` for --method=tracin without
-  `valuation.tracin_project`): the run would not read it. A rule whose config fields the config
-  lacks is skipped."""
-  from datarater.config_checks import UNREAD_WHILE  # pylint: disable=g-import-not-at-top
+  """A field given on the command line where the config (and the launcher's valuation method,
+  `define_valuation_method`) make the run ignore it (`config_checks.UNREAD_WHILE`: `sae.steps`
+  while `sae.epochs` > 0, `data.noise_seed` while nothing is corrupted, `valuation.projection`
+  for TracIn without `valuation.tracin_project`): the run would not read it. A rule whose config
+  fields the config lacks is skipped."""
+  from datarater.config_checks import METHOD, UNREAD_WHILE  # pylint: disable=g-import-not-at-top
   if 'config' not in fv or not isinstance(fv['config'].parser, _ConfigFileParser):
     return
   given = _given(argv, fv)
+  method = None
   for field, other, unread, why in UNREAD_WHILE:
     named = [g for g in given if g == f'config.{field}' or g.startswith(f'config.{field}.')]
     if not named:
       continue
     others = (other,) if isinstance(other, str) else other
-    flag = lambda name: fv[name].value if name in fv else None
-    values = [flag(n[2:]) if n.startswith('--') else _field(fv['config'].value, n)
-              for n in others]
-    if any(v is None for n, v in zip(others, values) if not n.startswith('--')):
+    if METHOD in others and method is None:
+      method = _VALUATION_METHODS.get(fv, lambda _: None)(fv) or (None, None)
+    values = [method[0] if n == METHOD else _field(fv['config'].value, n) for n in others]
+    if any(v is None for n, v in zip(others, values) if n != METHOD):
       continue
     if unread(*values):
-      shown = ', '.join(f'{n}={v}' if n.startswith('--') else f'{n}={_shown(v)}'
+      shown = ', '.join(method[1] if n == METHOD else f'{n}={_shown(v)}'
                         for n, v in zip(others, values) if v is not None)
       print(f'error: --{named[0]} is not read while {shown}{why.format(other=others[0])}',
             file=sys.stderr)

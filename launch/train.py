@@ -32,6 +32,19 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
                       'checkpoints (a rerun resumes).', flag_values=fv)
   flags.DEFINE_integer('stop_after', None, 'Checkpoint and exit after this many epochs (a '
                        'preemption drill).', flag_values=fv)
+  cli.define_valuation_method(valuation_method, fv)
+
+
+def valuation_method(fv: flags.FlagValues):
+  """(the valuation method the run's policy builds, `policies.VALUATION`: tracin for
+  tracin_curriculum; the flag or field naming the policy), or None for a policy building none."""
+  if fv.policy is not None:
+    name, shown = fv.policy, f'--policy={fv.policy}'
+  else:
+    name = fv.config.get('policy', {}).get('name')
+    shown = f'policy.name={name!r}'
+  method = policies.VALUATION.get(name) if isinstance(name, str) else None
+  return (method, shown) if method else None
 
 
 def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:

@@ -25,6 +25,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   cli.define_config_file('config', 'configs/digits.py', 'Experiment config file.', fv, argv)
   flags.DEFINE_string('method', None, f'One of {", ".join(METHODS)}.', flag_values=fv)
   flags.DEFINE_string('workdir', None, 'Output folder.', flag_values=fv)
+  cli.define_valuation_method(
+      lambda fv: (fv.method, f'--method={fv.method}') if fv.method else None, fv)
 
 
 def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:

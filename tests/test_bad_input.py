@@ -703,7 +703,7 @@ def test_an_unknown_field_names_its_override_on_the_command_line_only_where_one_
 
 # (launcher, an override the config's other fields leave unread, the config and flags that leave
 # it so, those that make the run read it): `config_checks.UNREAD_WHILE`'s rules, and
-# launch.train's flags.
+# launch.train's flags (under policy sae unless the row names a policy).
 _SAE = ('--policy=sae', '--config.sae_scores.mislabel_guard=exclude')
 UNREAD = [
     ('train', '--config.data.label_noise_kind=confusion', '--config.data.label_noise=0',
@@ -741,6 +741,17 @@ UNREAD = [
      '--method=tracin --config.valuation.tracin_mode=heldout_cos'),
     ('valuate', '--config.valuation.tracin_ghost=False',
      '--method=tracin --config.valuation.tracin_project=True', '--method=tracin'),
+    ('valuate', '--config.valuation.projection_dim=4',
+     '--method=dvemb --config.valuation.projection=none', '--method=dvemb'),
+    # launch.train's tracin_curriculum values the split as launch.valuate --method=tracin does.
+    ('train', '--config.valuation.projection=gaussian', '--policy=tracin_curriculum',
+     '--policy=tracin_curriculum --config.valuation.tracin_project=True'),
+    ('train', '--config.valuation.projection_seed=3', '--config.policy.name=tracin_curriculum',
+     '--config.policy.name=tracin_curriculum --config.valuation.tracin_project=True'),
+    ('train', '--config.valuation.projection_dim=4',
+     '--policy=tracin_curriculum --config.valuation.tracin_project=True '
+     '--config.valuation.projection=none',
+     '--policy=tracin_curriculum --config.valuation.tracin_project=True'),
 ]
 
 
@@ -766,7 +777,7 @@ def test_an_override_the_config_leaves_unread_is_refused_and_one_it_reads_is_not
     launcher, field, unread, read):
   """Refused at flag parsing in one line naming it (no run: the bad-input cases run the
   launchers); the same override where the run reads it parses."""
-  base = list(_SAE) if launcher == 'train' else []
+  base = list(_SAE) if launcher == 'train' and 'policy' not in read else []
   code, out = _parse(launcher, [*base, *unread.split(), field])
   assert code == 2 and f'{field.split("=")[0]} is not read' in out, (code, out)
   assert len(out.strip().splitlines()) == 1, out

@@ -98,21 +98,26 @@ SECTIONS: dict[str, tuple[str, ...]] = {}  # policy -> the config sections it re
 # policy -> the fields of config.policy it reads (not name), and of another section it reads in
 # part, dotted ('valuation.seed': every other field of that section is unread)
 FIELDS: dict[str, tuple[str, ...]] = {}
+VALUATION: dict[str, str] = {}  # policy -> the valuation method it builds (factory.build)
 WHOLE_SPLIT: set[str] = set()  # policies that read the training split's features in memory
 
 
 def register_policy(name: str, reads: tuple[str, ...] = (), whole_split: bool = False,
-                    sections: tuple[str, ...] = (), fields: tuple[str, ...] = ()):
+                    sections: tuple[str, ...] = (), fields: tuple[str, ...] = (),
+                    valuation: Optional[str] = None):
   """Registers a policy factory; `reads`: the launcher inputs it reads (`INPUTS`);
   `whole_split`: it reads `ctx.train`'s features in memory (a Split), so `train.stream=True` is
   refused for it; `sections`: the config sections it reads besides those of every training run
   (e.g. 'valuation'), checked with them before any work; `fields`: the fields of `config.policy`
   it reads besides `name` (e.g. 'rho'), and dotted those of a section it reads in part (e.g.
-  'valuation.seed')."""
+  'valuation.seed'); `valuation`: the method of `valuation.factory.build` it values the split
+  with (as launch.valuate --method does: `config_checks.UNREAD_WHILE`'s rows of it hold)."""
   assert set(reads) <= set(INPUTS), reads
   def add(factory):
     POLICIES[name], READS[name], SECTIONS[name] = factory, tuple(reads), tuple(sections)
     FIELDS[name] = tuple(fields)
+    if valuation is not None:
+      VALUATION[name] = valuation
     if whole_split:
       WHOLE_SPLIT.add(name)
     return factory

@@ -16,7 +16,7 @@ import numpy as np
 from datarater.curation import select
 from datarater.data import corruption
 from datarater.errors import UserError
-from datarater.policies.base import Policy, PolicyContext, register_policy, weighting
+from datarater.policies.base import VALUATION, Policy, PolicyContext, register_policy, weighting
 from inner_loop.weighting import check_batch_size, softmax_weights
 
 
@@ -132,11 +132,12 @@ def _scores(ctx: PolicyContext) -> Policy:
 
 
 @register_policy('tracin_curriculum', sections=('valuation',),
-                 fields=('temperature', *_TRACIN_FIELDS))
+                 fields=('temperature', *_TRACIN_FIELDS), valuation='tracin')
 def _tracin_curriculum(ctx: PolicyContext) -> Policy:
-  refuse_valuate_outputs(ctx, 'tracin_curriculum', 'tracin')
+  method = VALUATION['tracin_curriculum']
+  refuse_valuate_outputs(ctx, 'tracin_curriculum', method)
   from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
-  fitted = factory.build('tracin', ctx.config, ctx.task, ctx.train, ctx.heldout)
+  fitted = factory.build(method, ctx.config, ctx.task, ctx.train, ctx.heldout)
   values = fitted.values(ctx.train)
   return table('tracin_curriculum',
                curriculum_weights(values, temperature=ctx.config.policy.temperature),
