@@ -10,7 +10,10 @@ folds (clean labels, used for no choice); validation accuracy (on the config's
 dataset's own split; folds 1-4 each hold out a quarter of `train` (1/(F-1) at F folds) and
 train on the rest plus `test`, read through TFDS split expressions (the folds multiply the test
 examples by five).
-The checks are read from the mean over every (fold, seed) pair; fold 0 alone is also reported.
+Each (fold, seed) run draws its own corruption, extractor, SAE, initialisation, data order and
+policy keys (`run_seed`; fold 0 keeps seed s), the same for every policy of that run, so policies
+are compared paired. The checks are read from the mean over every (fold, seed) pair; fold 0 alone
+is also reported.
 Three ablations of the SAE policy share its codes: `sae_hardguard` (suspected mislabels are
 excluded while the others can fill the budget, instead of losing a point of score),
 `sae_noguard` (no label guard) and `sae_prev` (split-wide representativeness, most
@@ -95,6 +98,29 @@ def fold_splits(fold: int, num_folds: int, num_train: int, train: str = 'train',
   lo, hi = bounds[fold - 1], bounds[fold]
   kept = [f'train[{a}:{b}]' for a, b in ((0, lo), (hi, num_train)) if b > a]
   return '+'.join(kept + ['test']), f'train[{lo}:{hi}]'
+
+
+FOLD_TAG = 0x464F4C44  # 'FOLD': the numpy seed of a fold's run seeds
+
+
+def run_seed(fold: int, seed: int) -> int:
+  """The seed of run (fold, seed): its corruption draw (`data.noise_seed`), feature extractor and
+  SAE (`features.seed`), the trainer's initialisation, data order and policy keys. Fold 0 (all
+  of --folds=1) keeps `seed`; a fold >= 1 draws its own from (FOLD_TAG, fold, seed), < 2**31.
+  Folds of one size sharing a seed would corrupt the same positions (the examples they share
+  among them) and start from the same model."""
+  if fold == 0:
+    return seed
+  return int(np.random.SeedSequence([FOLD_TAG, fold, seed]).generate_state(1)[0] >> 1)
+
+
+def run_config(base_cfg, noise: float, fold: int, seed: int):
+  """`base_cfg` corrupted at rate `noise` (0: clean) and seeded for run (fold, seed):
+  `run_seed` as the corruption, feature and training seed (`train.seeds`)."""
+  cfg = bench_runs.corrupted(base_cfg, noise)
+  cfg.data.noise_seed = cfg.features.seed = run_seed(fold, seed)
+  cfg.train.seeds = (cfg.features.seed,)
+  return cfg
 
 
 def count_gini_ablation(codes, labels, num_classes: int, ratio: float, epochs: int, cfg,
@@ -365,7 +391,7 @@ def main(argv):
   del argv
   cfg = FLAGS.config
   bench_cli.set_by_flags({'data.label_noise': '--noise', 'data.noise_seed': '--seeds',
-                          'features.seed': '--seeds'})
+                          'features.seed': '--seeds', 'train.seeds': '--seeds'})
   bench_cli.at_least('epochs', FLAGS.epochs, 0)  # 0: the config's
   bench_cli.quick_sets(FLAGS.quick, ('seeds', 'folds', 'ratios', 'epochs'), ('train.epochs',))
   if FLAGS.epochs:
@@ -407,18 +433,17 @@ def main(argv):
   for noise, fold, seed in itertools.product(noises, folds, seeds):
     train_split, test_split = fold_splits(fold, FLAGS.folds, num_train, base_cfg.data.train_split,
                                           base_cfg.data.eval_split)
-    cfg = bench_runs.corrupted(base_cfg, noise)  # 0: clean (input corruptions off too)
-    cfg.data.noise_seed = seed
+    cfg = run_config(base_cfg, noise, fold, seed)  # noise 0: clean (input corruptions off too)
+    (drawn,) = cfg.train.seeds  # every draw of this (fold, seed), shared by its policies
     test = pipeline.load_split(cfg.data, test_split)
     train = pipeline.load_split(cfg.data, train_split, corrupt=True)
     task = tasks.make_task(cfg.task, train.info)
     labels, num_classes = np.asarray(task.labels(train.features)), tasks.num_classes(task)
-    cfg.features.seed = seed
     t0, c0 = time.perf_counter(), bench_runs.compile_seconds()
-    codes, info = policies.sae_codes(PolicyContext(train, None, task, cfg), seed)
+    codes, info = policies.sae_codes(PolicyContext(train, None, task, cfg), drawn)
     compile_s = bench_runs.compile_seconds() - c0
     # Measured like the trainer's wall_s: compilation apart.
-    info.update(noise=noise, fold=fold, seed=seed, offline_compile_s=compile_s,
+    info.update(noise=noise, fold=fold, seed=seed, run_seed=drawn, offline_compile_s=compile_s,
                 offline_s=time.perf_counter() - t0 - compile_s,
                 **mislabel_diagnostics(codes, train, labels, num_classes, cfg))
     offline.append(info)
@@ -427,7 +452,7 @@ def main(argv):
     if FLAGS.offline_only:
       continue
     for ratio in ratios:
-      g = count_gini_ablation(codes, labels, num_classes, ratio, cfg.train.epochs, cfg, seed)
+      g = count_gini_ablation(codes, labels, num_classes, ratio, cfg.train.epochs, cfg, drawn)
       for k, v in g.items():
         ginis.setdefault(f'noise {noise:.0%}, ratio {ratio}', {}).setdefault(k, []).append(v)
     full_wall = full_compile = None
@@ -442,11 +467,12 @@ def main(argv):
         policy_compile_s = bench_runs.compile_seconds() - c0
         policy_s = time.perf_counter() - t0 - policy_compile_s
         res = Trainer(task, optimizer, pol, cfg.train.batch_size).run(
-            train, {'validation': validation, 'test': test}, [seed], epochs=cfg.train.epochs)
+            train, {'validation': validation, 'test': test}, [drawn], epochs=cfg.train.epochs)
         counts = np.asarray(res.policy_state.counts[0])
         if policy == 'full':
           full_wall, full_compile = res.wall_s, res.compile_s
-        run = {'noise': noise, 'fold': fold, 'seed': seed, 'policy': policy, 'ratio': ratio,
+        run = {'noise': noise, 'fold': fold, 'seed': seed, 'run_seed': drawn, 'policy': policy,
+               'ratio': ratio,
                'offline_example_grads': setup,
                # wall-clock overhead: extractor + SAE + codes + the policy's setup,
                # compilation apart

@@ -129,6 +129,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
      '--config.train.epochs is not read by this benchmark: --epochs sets it'),
     ('selection', ['--config.data.label_noise=0.4'],
      '--config.data.label_noise is not read by this benchmark: --noise sets it'),
+    ('selection', ['--config.train.seeds=(3,)'],  # each run trained seed s (now run_seed)
+     '--config.train.seeds is not read by this benchmark: --seeds sets it'),
     ('noise_ceiling', ['--config=configs/digits.py', '--config.data.train_split=train[:20]',
                        '--config.seed=3', '--seeds=0', '--noise=0.2', '--folds=2', '--epochs=1',
                        '--other_split=', '--val_split=validation'],

@@ -1,5 +1,6 @@
 """Selection policies: exact budgets, InfoBatch rescaling, SAE scores, usage penalty flattens counts."""
 import fractions
+import itertools
 import json
 import os
 import shlex
@@ -811,3 +812,46 @@ def test_combined_score_reaches_its_end_weights_with_every_gate_open_at_the_last
                                              jnp.asarray(usage, jnp.float32), jnp.asarray(0),
                                              epochs, cfg))
     np.testing.assert_allclose(first, -rep, atol=1e-6)
+
+
+def test_bench_runs_draw_apart_across_folds_and_fold0_as_before(tfds_dir):
+  """bench.selection's (fold, seed) runs: folds 1, 2 and 4 train on the test split at the same
+  positions, folds 0, 3 and 4 on train[:598] (0 and 4 on train[:898]); each run draws its own
+  corruption of those shared examples (agreeing on about 1 - 2p(1-p) of them; all or 94% when
+  they shared seed s), its own initial model and data order. Fold 0 reads the config's split
+  corrupted with noise seed s, as before."""
+  from bench import selection as bench  # pylint: disable=g-import-not-at-top
+  from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
+  from inner_loop.optimizers import make_inner_optimizer  # pylint: disable=g-import-not-at-top
+  base = get_config()
+  base.data.data_dir = tfds_dir
+  n_train, n_test, p = 1197, 300, 0.2
+  runs, seeds = {}, []
+  for fold in range(5):
+    cfg = bench.run_config(base, p, fold, 0)
+    runs[fold] = pipeline.load_split(cfg.data, bench.fold_splits(fold, 5, n_train)[0],
+                                     corrupt=True)
+    seeds += cfg.train.seeds
+  task = tasks.make_task(cfg.task, runs[0].info)  # the initial models of the five runs, at once
+  trainer = Trainer(task, make_inner_optimizer(cfg.train.optimizer, cfg.train.learning_rate),
+                    policies.full(n_train), cfg.train.batch_size)
+  state, order = trainer.init(seeds, n_train)
+  params = np.concatenate([np.reshape(x, (5, -1)) for x in jax.tree.leaves(state.models.params)],
+                          1)
+  order = np.asarray(jax.random.key_data(order)).reshape(5, -1)
+  shared = {(1, 2): slice(-n_test, None), (1, 4): slice(-n_test, None),  # 1,198 examples
+            (2, 4): slice(-n_test, None), (0, 3): slice(0, 598),  # 1,197
+            (0, 4): slice(0, 898)}  # records of 1,197 and 1,198 from one seed agree on 94%
+  for (f, g), rows in shared.items():
+    a, b = runs[f], runs[g]
+    np.testing.assert_array_equal(a.clean['label'][rows], b.clean['label'][rows])  # same examples
+    agree = np.mean(a.is_corrupted[rows] == b.is_corrupted[rows])
+    assert abs(agree - (1 - 2 * p * (1 - p))) < 0.12, (f, g, agree)  # was 1: the same flips
+  for f, g in itertools.combinations(range(5), 2):
+    assert not np.array_equal(params[f], params[g]), ('init', f, g)
+    assert not np.array_equal(order[f], order[g]), ('data order', f, g)
+  fold0 = pipeline.load_split(digits_data(tfds_dir, p, noise_seed=0), 'train', corrupt=True)
+  np.testing.assert_array_equal(runs[0].corruption, fold0.corruption)
+  assert bench.run_config(base, p, 0, 7).train.seeds == (7,)
+  drawn = [bench.run_seed(f, s) for f in range(10) for s in range(100)]
+  assert len(set(drawn)) == len(drawn) and max(drawn) < 2 ** 31
