@@ -235,6 +235,9 @@ def test_a_task_dataclass_may_add_fields_after_num_classes():
                               'on a batch of 3 it returned shape ()'),
     (lambda l: l[:, None], None, 'per_example_loss must return one value per example, shape '
                                  '(B,): on a batch of 3 it returned shape (3, 1)'),
+    (lambda l: jnp.round(100 * l).astype(jnp.int32), None,
+     'per_example_loss must return floats: it is differentiated, and its int32 values have zero '
+     'gradient'),
     (None, lambda m: {'accuracy': m['accuracy']}, "holding the per-example 'loss'; it returned "
                                                   "['accuracy']"),
     (None, lambda m: {k: v.mean() for k, v in m.items()},
@@ -243,7 +246,9 @@ def test_a_task_dataclass_may_add_fields_after_num_classes():
 ])
 def test_a_task_returning_other_shapes_is_refused_when_it_is_built(loss, metrics, says):
   """A loss of shape [] or [B, 1] trained without a word (the weighted mean broadcasts) and the
-  rater learned nothing; metrics without per-example `loss` failed after the whole run."""
+  rater learned nothing; an integer loss (rounded) has zero gradient, so launch.train left the
+  model at its init and launch.train_rater's meta-gradient was 0; metrics without per-example
+  `loss` failed after the whole run."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (4,),
                                       'activation': 'tanh'})
@@ -270,7 +275,11 @@ def test_a_task_returning_other_shapes_is_refused_when_it_is_built(loss, metrics
     tasks.TASKS.pop('odd_for_test')
 
 
-def test_a_rater_scoring_other_shapes_is_refused_when_it_is_built():
+@pytest.mark.parametrize('change, says', [
+    (lambda s: s[:, None], r'must return one value per example, shape \(B,\): on a batch of 3 it '
+                           r'returned shape \(3, 1\)'),
+    (lambda s: s > 0, 'must return floats: it is differentiated, and its bool values have zero')])
+def test_a_rater_scoring_other_shapes_is_refused_when_it_is_built(change, says):
   import dataclasses  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict({'name': 'mlp_rater', 'hidden': (4,), 'activation': 'tanh'})
   rater = tasks.make_rater(config, tiny_info())
@@ -278,14 +287,13 @@ def test_a_rater_scoring_other_shapes_is_refused_when_it_is_built():
   @dataclasses.dataclass(frozen=True)
   class Column(type(rater)):
     def score(self, params, batch):
-      return super().score(params, batch)[:, None]
+      return change(super().score(params, batch))
 
   tasks.register_rater('column_for_test', {})(
       lambda config, info: Column(**{f.name: getattr(rater, f.name)
                                      for f in dataclasses.fields(rater)}))
   try:
-    with pytest.raises(UserError, match=r'Column.score must return one value per example, shape '
-                                        r'\(B,\): on a batch of 3 it returned shape \(3, 1\)'):
+    with pytest.raises(UserError, match='Column.score ' + says):
       tasks.make_rater(ml_collections.ConfigDict({'name': 'column_for_test'}), tiny_info())
   finally:
     tasks.RATERS.pop('column_for_test')

@@ -193,7 +193,8 @@ def _missing_feature(model: 'Task | Rater', method: str, error: KeyError) -> Opt
 
 def check_outputs(model: 'Task | Rater', info=None) -> None:
   """UserError unless a task's `per_example_loss` gives one loss per example ([B]) and its
-  `metrics` a dict of [B] arrays holding `loss`, or a rater's `score` one score per example.
+  `metrics` a dict of [B] arrays holding `loss`, or a rater's `score` one score per example,
+  losses and scores floats (an integer one has zero gradient: nothing would be trained).
   Traced by `jax.eval_shape` on a batch of `CHECK_BATCH` examples, not run: a loss of shape
   [] or [B, 1] would otherwise train (weights times losses broadcast) and learn nothing. Also
   refused: an `init` returning flax collections besides `params` (`batch_stats` would be trained
@@ -237,6 +238,9 @@ def check_outputs(model: 'Task | Rater', info=None) -> None:
     if shape(out) != (b,):
       raise UserError(f'{name}.{method} must return one value per example, shape (B,): on a '
                       f'batch of {b} it returned shape {shape(out)}')
+    if not jnp.issubdtype(out.dtype, jnp.floating):  # an integer loss has zero gradients
+      raise UserError(f'{name}.{method} must return floats: it is differentiated, and its '
+                      f'{out.dtype} values have zero gradient (nothing would be trained)')
   if isinstance(model, Task):
     metrics = traced('metrics', params)
     if not isinstance(metrics, Mapping) or 'loss' not in metrics:
