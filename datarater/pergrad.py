@@ -342,7 +342,11 @@ def masked(tree, layers: Optional[Sequence[str]]):
 
 
 def _is_dense_call(context) -> bool:
-  return isinstance(context.module, nn.Dense) and context.method_name == '__call__'
+  """A call of nn.Dense's own x W + b: a subclass that overrides `__call__` may compute
+  another function of its kernel, which the products of its inputs and output gradients would
+  not be the gradients of (it is differentiated exactly, as any other layer)."""
+  return (isinstance(context.module, nn.Dense) and context.method_name == '__call__'
+          and type(context.module).__call__ is nn.Dense.__call__)
 
 
 def _dense_name(context) -> str:

@@ -430,6 +430,39 @@ class ConvHead(nn.Module):
     return nn.Conv(3, (1,), name='classifier')(h)[:, 0]
 
 
+class _ScaledDense(nn.Dense):
+  """A Dense subclass computing another function of its kernel (3 x W + b, as an equalised
+  learning rate layer does), its parameters named as nn.Dense's."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    kernel = self.param('kernel', self.kernel_init, (inputs.shape[-1], self.features))
+    return 3.0 * inputs @ kernel + self.param('bias', self.bias_init, (self.features,))
+
+
+class _NamedDense(nn.Dense):
+  """A Dense subclass that only renames it: nn.Dense's own call."""
+
+
+class DenseSubclasses(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return _ScaledDense(3, name='head')(jnp.tanh(_NamedDense(4, name='hidden')(x)))
+
+
+def test_a_dense_subclass_with_its_own_call_is_not_taken_for_a_dense_layer():
+  """Ghost products took any nn.Dense instance for x W + b: a subclass overriding `__call__`
+  got (x . g) products that are not its gradients (here 1/3 of them). It is now differentiated
+  exactly as any other layer (the ghost refuses it); a subclass keeping Dense's call is kept."""
+  loss, params, batch = _module_problem(DenseSubclasses())
+  assert pergrad.ghost_covers(loss, params, batch, ['hidden'])  # ghost == exact norms
+  with pytest.raises(ValueError, match=r'Dense layers hold 28 of the 43 parameters of the '
+                                       r'model \(not head\)'):
+    pergrad.ghost_sq_norms(loss, params, batch)
+  with pytest.raises(UserError, match=r"no Dense layer 'head' \(Dense layers: hidden\)"):
+    pergrad.factored_projection(2, 2, layers=['head']).init(loss, params, batch)
+  assert not pergrad.ghost_covers(loss, params, batch)
+
 class TopTemperature(nn.Module):
   """A parameter of the top module itself (a learned temperature) after the head."""
 
