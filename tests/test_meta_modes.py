@@ -75,25 +75,27 @@ def test_estimators_agree(optimizer, steps):
       assert _rel(grad, ref_grad) < 1e-9, (name, _rel(grad, ref_grad))
 
 
-@pytest.mark.parametrize('optimizer,segment,recompute',
-                         [('momentum', 1, 'replay'), ('adam', 0, 'invert'),
+@pytest.mark.parametrize('optimizer,segment,recompute,steps',
+                         [('momentum', 1, 'replay', 5), ('adam', 0, 'invert', 9),
+                          ('momentum', 2, 'invert', 5),
                           *(pytest.param(*case, marks=pytest.mark.slow) for case in (
-                              ('adam', 2, 'replay'), ('momentum', 2, 'invert'),
-                              ('adam', 2, 'invert'), ('adam', 3, 'invert')))])
-def test_mixed_vjp_of_every_input_and_output(optimizer, segment, recompute):
+                              ('adam', 2, 'replay', 5), ('momentum', 2, 'invert', 9),
+                              ('adam', 2, 'invert', 9), ('adam', 3, 'invert', 9)))])
+def test_mixed_vjp_of_every_input_and_output(optimizer, segment, recompute, steps):
   """Custom VJP = jax.vjp of the plain unroll, for d/d(phi, initial state) of (state, losses).
 
   replay, T = 5: segment 1 keeps every state; segment 2 runs a 1-step head, then two 2-step
-  segments recomputed from their starts. invert, T = 9 (momentum: no head; adam: 4 steps replayed
-  from the input), the rest undone from exact ends replayed from the input: adam with one 5-step
-  segment (0: default), a 1-step part and two 2-step segments (2), or a 2-step part and one
-  3-step segment (3).
+  segments recomputed from their starts. invert (momentum: no head; adam: 4 steps replayed from
+  the input), the rest undone from exact ends replayed from the input: momentum T = 5 with a
+  1-step part and two 2-step segments (the fast suite's case of every piece of the invert
+  backward pass: the last segment, one before it, the part); T = 9: adam with one 5-step segment
+  (0: default), a 1-step part and two 2-step segments (2), or a 2-step part and one 3-step
+  segment (3).
   """
   with jax.enable_x64():
     lr = LEARNING_RATES[optimizer]
     mixed = estimator('mixed', optimizer, lr, recompute=recompute, segment=segment)
     exact = mixed.inverse.exact_steps if recompute == 'invert' else 0
-    steps = max(9, exact + 5) if recompute == 'invert' else 5  # invert: some steps undone
     problem, state, inner, _ = _setup(optimizer, steps=steps, population=1)
     member = jax.tree.map(lambda x: x[0], state.population)
     batches = jax.tree.map(lambda x: x[0], inner)
