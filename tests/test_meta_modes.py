@@ -157,6 +157,21 @@ def test_step_inverse_undoes_the_optax_step(optimizer):
       params, state = params_next, state_next
 
 
+
+def test_undoing_a_fresh_adams_first_step_gives_optaxs_zero_moments_exactly():
+  """float32, gradients over 8 decades: subtracting (1 - b2) g^2 from nu back out of optax's
+  nu = (1 - b2) g^2 rounds apart for some g; undoing step 1 must give optax's init (zeros),
+  where Adam's derivatives are ~1 / sqrt(eps_root) large, not that round-off."""
+  opt, inverse = make_inner_optimizer('adam', 0.05), make_step_inverse('adam', 0.05)
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.normal(size=64), jnp.float32)}
+  grads = {'w': jnp.asarray(rng.normal(size=64) * 10.0 ** rng.uniform(-6, 2, 64), jnp.float32)}
+  init = opt.init(params)
+  back = inverse.opt_state(opt.update(grads, init, params)[1], grads)
+  assert jax.tree.structure(back) == jax.tree.structure(init)
+  for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(init)):
+    np.testing.assert_array_equal(got, want)
+
 def test_adam_step_vjp_is_the_vjp_of_the_optax_step():
   """The closed-form backward step (from the state after it) = jax.vjp of optax's Adam update,
   for the gradient, the moments and the params, at the first step (count 1) and later ones."""
