@@ -707,6 +707,15 @@ def test_polyak_average_has_no_scale_bias_at_any_decay(decay):
                                  atol=1e-6)
 
 
+
+def test_polyak_average_of_no_iterates_is_the_last_iterate():
+  """Before any update (or when every step so far was skipped) the average holds no iterate:
+  the rater scored and exported is the last iterate itself, not the empty average's zeros."""
+  from outer_loop import averaging  # pylint: disable=g-import-not-at-top
+  params = {'w': jnp.asarray([1.5, -2.0, 0.25], jnp.float32)}
+  got = averaging.debiased(averaging.init(params, 0.9), params, 0.9, 0)
+  np.testing.assert_array_equal(got['w'], params['w'])
+
 def test_a_run_with_skipped_steps_loads_its_average_debiased_by_the_iterates_it_holds(
     tfds_dir, tmp_path):
   """A run's checkpoint at outer step 5 with 2 steps skipped and outer.ema = d holds an average of
