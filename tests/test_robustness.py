@@ -1329,9 +1329,38 @@ class _FakeClock:
     return Stepping()
 
 
-def test_progress_lines_and_steps_per_sec_follow_the_clock_of_the_steps(tfds_dir, tmp_path,
-                                                                         monkeypatch, capsys,
-                                                                         request):
+def _clocked_rater_runs(tfds_dir: str, folder: str) -> None:
+  """The rater runs of the test below on a `_FakeClock` (100 s per compilation of the outer step
+  by hand, 100 s per XLA compilation by JAX's event, 1 s per step), in `folder`; their progress
+  lines on stdout. Run in a process forked from one that has compiled nothing: every program they
+  use compiles there (JAX's event fires on a persistent-cache hit too), as in a fresh run, and no
+  other test's compiled programs are cleared."""
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
+  from datarater import plots  # pylint: disable=g-import-not-at-top
+  clock = _FakeClock()
+  meta_train_lib.time = clock
+  meta_train_lib.HEARTBEAT_S = 2.5
+  real_jit = sharding.jit_outer_step
+  sharding.jit_outer_step = lambda *a: (
+      lambda step_fn, *shardings: (clock.stepping(step_fn), *shardings))(*real_jit(*a))
+  plots.save_rater_report = lambda *a, **k: None  # not read here
+  def compiled(event, secs, **kwargs):
+    del secs, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      clock.now += 100.0
+  jax.monitoring.register_event_duration_secs_listener(compiled)
+  config = small_config(tfds_dir, steps=9)
+  config.final_eval.num_models = 0
+  config.log_every = config.checkpoint_every = 9
+  meta_train(config, os.path.join(folder, 'run'), devices=jax.devices()[:1])
+  config = small_config(tfds_dir, steps=8)
+  config.final_eval.num_models = 0
+  config.log_every, config.checkpoint_every = 4, 8
+  meta_train(config, os.path.join(folder, 'resumed'), stop_after=6, devices=jax.devices()[:1])
+  meta_train(config, os.path.join(folder, 'resumed'), devices=jax.devices()[:1])
+
+
+def test_progress_lines_and_steps_per_sec_follow_the_clock_of_the_steps(tfds_dir, tmp_path):
   """On a clock that moves 1 s per outer step, 100 s per compilation of it (by hand) and 100 s
   per XLA compilation (JAX's event), a run of 9 steps recording only at its end with
   HEARTBEAT_S = 2.5 writes a progress line once more than 2.5 s have passed since the last one:
@@ -1339,39 +1368,17 @@ def test_progress_lines_and_steps_per_sec_follow_the_clock_of_the_steps(tfds_dir
   3 s); its record says 1.0 steps/s (compilation not counted: the running sums' first use, fresh
   and on restored sums, compiled after the clock started, 0.3-1 s each on 2 cores). A run stopped
   at step 6 and resumed, recording at 4 and 8, says 1.0 steps/s at both records: the resumed one
-  times the 2 steps it ran in 2 s, not the 4 since the last record."""
-  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
-  from datarater import plots  # pylint: disable=g-import-not-at-top
-  clock = _FakeClock()
-  monkeypatch.setattr(meta_train_lib, 'time', clock)
-  monkeypatch.setattr(meta_train_lib, 'HEARTBEAT_S', 2.5)
-  real_jit = sharding.jit_outer_step
-  monkeypatch.setattr(sharding, 'jit_outer_step', lambda *a: (
-      lambda step_fn, *shardings: (clock.stepping(step_fn), *shardings))(*real_jit(*a)))
-  monkeypatch.setattr(plots, 'save_rater_report', lambda *a, **k: None)  # not read here
-  def compiled(event, secs, **kwargs):
-    del secs, kwargs
-    if event == '/jax/core/compile/backend_compile_duration':
-      clock.now += 100.0
-  jax.clear_caches()  # (what an earlier test compiled is compiled again)
-  jax.monitoring.register_event_duration_secs_listener(compiled)
-  request.addfinalizer(lambda: jax.monitoring.unregister_event_duration_listener(compiled))
-  config = small_config(tfds_dir, steps=9)
-  config.final_eval.num_models = 0
-  config.log_every = config.checkpoint_every = 9
-  meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
-  beats = [l for l in capsys.readouterr().out.splitlines() if '(metrics every 9 steps)' in l]
+  times the 2 steps it ran in 2 s, not the 4 since the last record. (The runs: a forked process,
+  `_clocked_rater_runs`.)"""
+  from tests import conftest, forked  # pylint: disable=g-import-not-at-top
+  done = forked.call(_clocked_rater_runs, tfds_dir, str(tmp_path), env=conftest.subprocess_env(4))
+  assert done.returncode == 0, done.stderr[-3000:]
+  beats = [l for l in done.stdout.splitlines() if '(metrics every 9 steps)' in l]
   assert [' '.join(l.split()[l.split().index('step'):]) for l in beats] == [
       'step 3/9 | 1.00 steps/s | ETA 6 s (metrics every 9 steps)',
       'step 6/9 | 1.00 steps/s | ETA 3 s (metrics every 9 steps)'], beats
   read = lambda run: [json.loads(l) for l in open(tmp_path / run / 'metrics.jsonl')]
   assert [(r['step'], r['steps_per_sec']) for r in read('run')] == [(9, 1.0)]
-
-  config = small_config(tfds_dir, steps=8)
-  config.final_eval.num_models = 0
-  config.log_every, config.checkpoint_every = 4, 8
-  meta_train(config, str(tmp_path / 'resumed'), stop_after=6, devices=jax.devices()[:1])
-  meta_train(config, str(tmp_path / 'resumed'), devices=jax.devices()[:1])
   assert [(r['step'], r['steps_per_sec']) for r in read('resumed')] == [(4, 1.0), (8, 1.0)]
 
 
