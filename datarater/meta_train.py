@@ -89,6 +89,12 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     for split in (data.train, data.heldout, data.eval):  # e.g. tokens outside the vocabulary
       problem.task.check_data(split.features)
       problem.rater.check_data(split.features)
+    # A loss not finite at initialisation would skip outer.max_skipped_steps compiled steps.
+    inner, outer = data.indices_at(0)
+    task_params = problem.task.init(jax.random.key(config.seed))
+    tasks.check_initial_loss(problem.task, task_params, {
+        f'the {len(inner[0, 0])} examples of the first inner batch': data.train.take(inner[0, 0]),
+        f'the {len(outer[0])} examples of the first outer batch': data.heldout.take(outer[0])})
     # The rater scores splits in blocks of any size once trained (filter, valuate, policies):
     # each score must read its example alone.
     tasks.check_per_example(problem.rater, problem.rater.init(jax.random.key(config.seed)),

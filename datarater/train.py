@@ -133,6 +133,10 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   for split in (train_split, heldout, evals):  # e.g. tokens outside the vocabulary
     if hasattr(split, 'features'):
       task.check_data(split.features)
+  # Before the policy's set-up and the trainer's compile, which step 1's NaN would waste.
+  tasks.check_initial_loss(task, task.init(jax.random.key(t.seeds[0])), {
+      f'the first {t.batch_size} examples of data.train_split':
+          train_split.take(np.arange(t.batch_size))})
   ckpt = None
   if workdir:  # checked before the policy's set-up (a TracIn fit, an SAE's training)
     if os.path.exists(workdir) and not os.path.isdir(workdir):

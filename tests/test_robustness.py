@@ -1476,3 +1476,45 @@ def test_a_failed_background_save_is_raised_by_check_and_closing_keeps_the_block
     signal.signal(signal.SIGXFSZ, handler)
   assert raised is not None and 'File too large' in str(raised), raised
   assert not (tmp_path / 'run' / 'checkpoints' / '1').exists()
+
+
+@pytest.mark.parametrize('launcher', ['train_rater', 'train'])
+def test_a_task_whose_loss_is_nan_at_init_is_refused_before_the_step_compiles(
+    launcher, tfds_dir, tmp_path):
+  """A model with fewer classes (5) than the labels (10) reads its logits out of range: NaN
+  losses. launch.train_rater compiled and skipped outer.max_skipped_steps steps before it
+  stopped, launch.train compiled its steps and stopped at step 1; now both stop before,
+  counting the examples whose label is past the model's classes (the NaN ones)."""
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  from datarater.tasks import classifier  # pylint: disable=g-import-not-at-top
+  from datarater.train import train as train_models  # pylint: disable=g-import-not-at-top
+
+  def five_classes(config, info):  # the user's bug: the last layer's width
+    task = classifier.mlp_classifier(config, info)
+    return dataclasses.replace(task, module=task.module.clone(
+        features=(*config.hidden, 5)))
+  tasks.register_task('five_classes_for_test', classifier.MLP_SCHEMA)(five_classes)
+  config = small_config(tfds_dir, steps=2)
+  config.task.name = 'five_classes_for_test'
+  config.train.batch_size, config.train.epochs, config.train.seeds = 16, 1, (0,)
+  workdir = tmp_path / 'run'
+  if launcher == 'train_rater':
+    data = MetaBatches(config)
+    first = data.train.take(data.indices_at(0)[0][0, 0])['label']
+    run = lambda: meta_train(config, str(workdir))
+    where = 'the 16 examples of the first inner batch'
+  else:
+    first = pipeline.load_split(config.data, config.data.train_split,
+                                corrupt=True).take(np.arange(16))['label']
+    run = lambda: train_models(config, 'uniform', workdir=str(workdir), log=lambda _: None)
+    where = 'the first 16 examples of data.train_split'
+  try:
+    with pytest.raises(UserError) as raised:
+      run()
+  finally:
+    tasks.TASKS.pop('five_classes_for_test')
+  assert 0 < int((first >= 5).sum()) < 16
+  assert (f'its per_example_loss is not finite on {int((first >= 5).sum())} of {where} at its '
+          'initial parameters') in str(raised.value), str(raised.value)
+  assert not workdir.exists()

@@ -299,6 +299,50 @@ def test_a_rater_scoring_other_shapes_is_refused_when_it_is_built(change, says):
     tasks.RATERS.pop('column_for_test')
 
 
+def _no_embed(e):
+  raise UserError('no representation in this configuration')
+
+
+@pytest.mark.parametrize('change, refused', [
+    (lambda e: e, False), (lambda e: (e > 0).astype(jnp.int32), False),  # features.extract casts
+    (lambda e: e.sum(-1), True), (lambda e: e[:, :, None], True),
+    (lambda e: {'h': e}, True), (_no_embed, False)])  # (a capability the task says it lacks)
+def test_a_task_embedding_other_shapes_is_refused_when_it_is_built(change, refused):
+  """An `embed` whose vectors are not [B, D] was refused by `features.extract` only after
+  selection's feature model had trained; now building the task refuses what extract refuses."""
+  from datarater import features  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'name': 'mlp_classifier', 'hidden': (4,),
+                                      'activation': 'tanh'})
+  mlp = tasks.make_task(config, tiny_info())
+
+  @dataclasses.dataclass(frozen=True)
+  class Odd(type(mlp)):
+    def embed(self, params, batch):
+      return change(super().embed(params, batch))
+
+  odd = Odd(**{f.name: getattr(mlp, f.name) for f in dataclasses.fields(mlp)})
+  split = pipeline.Split({k: np.asarray(v) for k, v in _batch(5).items() if k != 'index'},
+                         np.arange(5), np.zeros(5, np.int8), ('clean',), tiny_info())
+  params = odd.init(jax.random.key(0))
+  try:  # the oracle: what selection's features make of it (the task's own UserError says it
+    features.extract(lambda b: odd.embed(params, b), split)  # has none: it is built, as before)
+    extract_refuses = False
+  except (UserError, IndexError) as e:
+    extract_refuses = 'no representation' not in str(e)
+  assert extract_refuses == refused
+  tasks.register_task('odd_embed_for_test', {})(lambda config, info: odd)
+  try:
+    if not refused:
+      tasks.make_task(ml_collections.ConfigDict({'name': 'odd_embed_for_test'}), tiny_info())
+      return
+    with pytest.raises(UserError, match=r'Odd.embed must return one vector per example, shape '
+                                        r'\(B, D\): on a batch of 3 it returned shape '):
+      tasks.make_task(ml_collections.ConfigDict({'name': 'odd_embed_for_test'}), tiny_info())
+  finally:
+    tasks.TASKS.pop('odd_embed_for_test')
+
+
 @pytest.mark.parametrize('register, make, kind', [
     (tasks.register_task, tasks.make_task, 'Task'),
     (tasks.register_rater, tasks.make_rater, 'Rater')])

@@ -141,6 +141,24 @@ def check_per_example(model: 'Task | Rater', params: Params, batch: Batch) -> No
                     "batch['index'])")
 
 
+def check_initial_loss(task: 'Task', params: Params, batches: Mapping[str, Batch]) -> None:
+  """UserError unless `task`'s loss is finite on every example of `batches` ({its examples, in
+  words: batch}) at `params`, its initial parameters: a loss not finite before any update (a
+  model with fewer classes than the labels indexes its logits out of range; tokens outside an
+  embedding's vocabulary) makes every update and meta-gradient non-finite. One forward pass (one
+  compiled program), before a launcher compiles its training step."""
+  losses = jax.jit(lambda p, bs: {k: task.per_example_loss(p, b) for k, b in bs.items()})(
+      params, batches)
+  for where, loss in losses.items():
+    bad = int(np.sum(~np.isfinite(np.asarray(at_least_float32(loss)))))
+    if bad:
+      raise UserError(f'task {type(task).__name__}: its per_example_loss is not finite on {bad} '
+                      f'of {where} at its initial parameters, before any update: the model '
+                      'cannot read the data (labels beyond the classes of its output? tokens '
+                      "outside an embedding's vocabulary? its check_data can refuse such data in "
+                      'one line)')
+
+
 def _collections(params: Params) -> list:
   """The flax collections besides 'params' in what an init returned (flax's `init` returns every
   collection its module made, e.g. {'params': ..., 'batch_stats': ...})."""
@@ -192,19 +210,32 @@ def _missing_feature(model: 'Task | Rater', method: str, error: KeyError) -> Opt
 
 
 def check_outputs(model: 'Task | Rater', info=None) -> None:
-  """UserError unless a task's `per_example_loss` gives one loss per example ([B]) and its
-  `metrics` a dict of [B] arrays holding `loss`, or a rater's `score` one score per example,
+  """UserError unless a task's `per_example_loss` gives one loss per example ([B]), its
+  `metrics` a dict of [B] arrays holding `loss` and its `embed`, if it defines one, a vector per
+  example ([B, D], what `features.extract` takes), or a rater's `score` one score per example,
   losses and scores floats (an integer one has zero gradient: nothing would be trained).
   Traced by `jax.eval_shape` on a batch of `CHECK_BATCH` examples, not run: a loss of shape
-  [] or [B, 1] would otherwise train (weights times losses broadcast) and learn nothing. Also
+  [] or [B, 1] would otherwise train (weights times losses broadcast) and learn nothing, and a
+  wrong `embed` fail only once selection's feature model has trained. Also
   refused: an `init` returning flax collections besides `params` (`batch_stats` would be trained
   as parameters), a method that needs a PRNG key or a mutable collection (flax's errors), and one
   that reads a feature the data (`info`, a `pipeline.DataInfo`, if given) does not have."""
   b, name = CHECK_BATCH, type(model).__name__
 
-  def traced(method, params=None):
-    try:
+  def traced(method, params=None, optional=False):  # optional: None if it raises a UserError
+    try:  # (as a capability the task lacks does, e.g. Task.embed)
       return _trace(model, method, params)
+    except UserError:
+      if optional:
+        return None
+      raise
+    except _STATE_ERRORS as e:
+      first = str(e).splitlines()[0].split(' (https')[0]
+      raise UserError(f'{name}.{method} asks flax for what the interface does not pass '
+                      f'({type(e).__name__}: {first}): no PRNG key is passed and no collection '
+                      "but 'params' is kept, so it must be a function of (params, batch) alone "
+                      '(batch norm: nn.GroupNorm or nn.LayerNorm; dropout: a key per example from '
+                      "batch['index'])") from None
     except KeyError as e:
       key = _missing_feature(model, method, e)
       if key is None:
@@ -226,15 +257,7 @@ def check_outputs(model: 'Task | Rater', info=None) -> None:
   def shape(x):
     return tuple(x.shape) if hasattr(x, 'shape') else type(x).__name__
   for method in ('score',) if isinstance(model, Rater) else ('per_example_loss',):
-    try:
-      out = traced(method, params)
-    except _STATE_ERRORS as e:
-      first = str(e).splitlines()[0].split(' (https')[0]
-      raise UserError(f'{name}.{method} asks flax for what the interface does not pass '
-                      f'({type(e).__name__}: {first}): no PRNG key is passed and no collection '
-                      "but 'params' is kept, so it must be a function of (params, batch) alone "
-                      '(batch norm: nn.GroupNorm or nn.LayerNorm; dropout: a key per example from '
-                      "batch['index'])") from None
+    out = traced(method, params)
     if shape(out) != (b,):
       raise UserError(f'{name}.{method} must return one value per example, shape (B,): on a '
                       f'batch of {b} it returned shape {shape(out)}')
@@ -251,6 +274,13 @@ def check_outputs(model: 'Task | Rater', info=None) -> None:
     if bad:
       raise UserError(f'{name}.metrics must return one value per example for each name, shape '
                       f'(B,): on a batch of {b} it returned {bad}')
+    # Features for selection, if it has them: [B, D] of any dtype (features.extract casts them
+    # to float32 and refuses other shapes).
+    out = traced('embed', params, optional=True)
+    got = shape(out)
+    if out is not None and not (isinstance(got, tuple) and len(got) == 2 and got[0] == b):
+      raise UserError(f'{name}.embed must return one vector per example, shape (B, D): on a '
+                      f'batch of {b} it returned shape {got}')
 
 
 def batch_size_of(batch: Batch) -> int:
