@@ -187,7 +187,7 @@ def atomic_dir(path: str, overwrite: bool = False, marker: str = '',
     yield tmp
     try:
       replace_dir(tmp, path, replace=overwrite)
-    except OSError as e:
+    except OSError:
       if overwrite or not os.path.lexists(path):
         raise
       raise UserError(f'output {path!r} was written by another run while this one ran; it is '
