@@ -14,7 +14,7 @@ from datarater.data import corruption, pipeline
 from datarater.errors import UserError
 from inner_loop.weighting import softmax_weights
 from outer_loop.batches import MetaBatches
-from outer_loop.population import reset_mask
+from outer_loop.population import reset_diverged, reset_mask, staggered_reset
 from tests.conftest import digits_data
 
 
@@ -350,6 +350,23 @@ def test_the_reset_mask_is_its_definition_in_python_ints(k, r):
   for step in sorted({s for s in steps if 0 < s < 2 ** 31}):
     want = [(step + m * r // k) % r == 0 for m in range(k)]
     assert np.asarray(reset_mask(jnp.int32(step), k, r)).tolist() == want, step
+
+
+def test_every_reset_draws_a_fresh_member_never_a_repeated_one():
+  """Each re-initialisation is a new draw: a member reset on schedule at two steps, and a member
+  reset on schedule and then for divergence at the same step, start from different models (a
+  member that diverged right after its reset must not restart where it just diverged from)."""
+  k, r, key = 2, 4, jax.random.key(0)
+  init = lambda key: {'w': jax.random.normal(key, (5,))}
+  old = {'w': jnp.zeros((k, 5))}
+  due = [s for s in range(1, 2 * r + 1) if reset_mask(jnp.int32(s), k, r)[0]]  # member 0's steps
+  first, second = (staggered_reset(old, init, key, jnp.int32(s), r)['w'][0] for s in due[:2])
+  assert not np.allclose(first, 0) and not np.allclose(first, second)
+  diverged = {'w': old['w'].at[0].set(jnp.nan)}
+  redrawn, count = reset_diverged(diverged, init, key, jnp.int32(due[0]))
+  assert int(count) == 1 and np.isfinite(redrawn['w'][0]).all()
+  assert not np.allclose(redrawn['w'][0], first)
+  np.testing.assert_array_equal(redrawn['w'][1], 0.0)  # the finite member is kept
 
 
 def test_data_info_leaves_out_what_is_not_a_fixed_shape_array_and_records_stored_dtypes():

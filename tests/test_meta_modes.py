@@ -15,8 +15,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from datarater.errors import UserError
-from inner_loop.optimizers import make_inner_optimizer, make_step_inverse
-from inner_loop.unroll import InnerState, unroll
+from inner_loop.optimizers import (check_meta_differentiable, in_float32, make_inner_optimizer,
+                                   make_step_inverse)
+from inner_loop.unroll import InnerState, inner_step, unroll
 from outer_loop import meta_step, mixed_mode
 from outer_loop.setup import make_outer_optimizer
 from tests.tiny import as_float64, estimator, tiny_batches, tiny_problem
@@ -137,6 +138,17 @@ def test_unknown_estimator_and_invert_without_inverse_are_refused():
   assert make_step_inverse('sgd', 0.1) is None
 
 
+def test_a_segment_may_undo_exactly_the_limit_of_steps():
+  """Mixed mode undoes at most INVERT_SEGMENT steps from one exact state: a segment of that many
+  is allowed ('invert', or 'auto' for Adam), one more refused unless replayed."""
+  limit = mixed_mode.INVERT_SEGMENT
+  for recompute in ('auto', 'invert'):
+    assert estimator('mixed', 'adam', recompute=recompute, segment=limit).segment == limit
+    with pytest.raises(UserError, match=f'mixed_segment={limit + 1} undoes more than {limit} '):
+      estimator('mixed', 'adam', recompute=recompute, segment=limit + 1)
+  assert estimator('mixed', 'adam', recompute='replay', segment=limit + 1).segment == limit + 1
+
+
 @pytest.mark.parametrize('optimizer', ['momentum', 'adam'])
 def test_step_inverse_undoes_the_optax_step(optimizer):
   """theta, s from (theta', s') and g, for the optax optimizer itself (its state layout too)."""
@@ -171,6 +183,29 @@ def test_undoing_a_fresh_adams_first_step_gives_optaxs_zero_moments_exactly():
   assert jax.tree.structure(back) == jax.tree.structure(init)
   for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(init)):
     np.testing.assert_array_equal(got, want)
+
+
+def test_undoing_adam_where_nu_was_zero_before_a_large_gradient_keeps_nu_at_zero():
+  """float32: a coordinate whose gradient was 0 until a step (nu = 0, count > 1) then takes
+  nu' = (1 - b2) g^2; subtracting (1 - b2) g g back rounds below 0 for some g, and
+  undoing the step before from that nu would take sqrt of a negative (NaN). Undoing both steps
+  must recover the state and parameters of the forward run."""
+  opt, inverse = make_inner_optimizer('adam', 0.05), make_step_inverse('adam', 0.05)
+  rng = np.random.default_rng(0)
+  theta0 = {'w': jnp.asarray(rng.normal(size=256), jnp.float32)}
+  zero = {'w': jnp.zeros(256, jnp.float32)}
+  grads = {'w': jnp.asarray(rng.normal(size=256), jnp.float32)}
+  s0 = opt.init(theta0)
+  u1, s1 = opt.update(zero, s0, theta0)  # count 1, moments 0
+  theta1 = optax.apply_updates(theta0, u1)
+  u2, s2 = opt.update(grads, s1, theta1)
+  theta2 = optax.apply_updates(theta1, u2)
+  back1 = inverse.opt_state(s2, grads)
+  assert float(jnp.min(back1[0].nu['w'])) >= 0  # nu is a mean of squares
+  np.testing.assert_allclose(back1[0].nu['w'], 0.0, atol=1e-9)  # round-off of 1e-3 g^2
+  np.testing.assert_allclose(inverse.params(theta2, s2)['w'], theta1['w'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(inverse.params(theta1, back1)['w'], theta0['w'], rtol=1e-6)
+
 
 def test_adam_step_vjp_is_the_vjp_of_the_optax_step():
   """The closed-form backward step (from the state after it) = jax.vjp of optax's Adam update,
@@ -310,6 +345,33 @@ def test_an_inner_optimizer_whose_update_ignores_the_gradient_is_refused(monkeyp
   config.inner.optimizer = 'lion'
   with pytest.raises(UserError, match="inner.optimizer='lion': its update does not change"):
     setup.build_problem(config, tiny_info())
+
+
+def test_an_inner_optimizer_warming_up_from_zero_is_meta_differentiable():
+  """An update that ignores the gradient at one of the three probed steps (a learning rate
+  warming up from 0: the first update is 0) still carries a meta-gradient through the others;
+  only an update ignoring it at every step is refused."""
+  warm = optax.sgd(optax.linear_schedule(0.0, 0.1, 4))
+  first = jax.jvp(lambda g: warm.update(g, warm.init(g))[0], (jnp.ones(3),), (jnp.ones(3),))[1]
+  np.testing.assert_array_equal(first, 0.0)  # the first step's update ignores the gradient
+  check_meta_differentiable('warm', warm)
+  with pytest.raises(UserError, match="inner.optimizer='frozen'"):
+    check_meta_differentiable('frozen', optax.sgd(0.0))
+
+
+def test_an_inner_step_hands_the_parameters_to_an_optimizer_that_reads_them():
+  """A decoupled weight decay (WORKSPACE's example of an optimizer to add) reads theta in its
+  update: one weighted step is theta - lr (mean_i w_i (theta - x_i) + wd theta), by hand."""
+  lr, wd = 0.1, 0.5
+  opt = in_float32(optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr)))
+  with jax.enable_x64():
+    rng = np.random.default_rng(0)
+    theta, x, w = rng.normal(size=3), rng.normal(size=(4, 3)), rng.uniform(0.5, 2.0, 4)
+    loss_fn = lambda params, batch: 0.5 * jnp.sum((params['t'] - batch['x']) ** 2, axis=-1)
+    state = InnerState({'t': jnp.asarray(theta)}, opt.init({'t': jnp.asarray(theta)}))
+    new, _ = inner_step(loss_fn, opt, state, {'x': jnp.asarray(x)}, jnp.asarray(w))
+    grad = np.mean(w[:, None] * (theta - x), axis=0)
+    np.testing.assert_allclose(new.params['t'], theta - lr * (grad + wd * theta), rtol=1e-12)
 
 
 @pytest.mark.parametrize('schedule', ['constant', 'cosine'])
