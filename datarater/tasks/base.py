@@ -288,7 +288,8 @@ def batch_size_of(batch: Batch) -> int:
 
 
 class Task(abc.ABC):
-  """A model and the data it reads. Subclasses are frozen dataclasses (hashable, static) with
+  """A model and the data it reads. Subclasses are frozen dataclasses (immutable; not hashable,
+  as `spec` is a dict, so a task is closed over by a jitted function, not a static argument) with
   a field `spec`; classifiers also a field `num_classes` (read with `num_classes(task)`: None for
   other tasks). No field here has a default, which would be inherited by a subclass's field of
   that name and make every field after it need one too."""
