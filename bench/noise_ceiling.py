@@ -38,14 +38,22 @@ from datarater.policies import weighting
 from datarater.trainer import Trainer
 from inner_loop.optimizers import make_inner_optimizer
 
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (corruption draw, init, order).')
-_NOISE = flags.DEFINE_list('noise', ['0.2', '0.4'], 'Corruption rates (data.label_noise).')
-_FOLDS = flags.DEFINE_integer('folds', 5, 'Cross-fitting folds (2 to 99).')
-_EPOCHS = flags.DEFINE_integer('epochs', 8, 'Epochs of every detector model.')
-_OTHER = flags.DEFINE_string('other_split', 'train[5000:50000]',
-                             'Uncorrupted images for `clean_other` ("" skips it).')
-_VAL = flags.DEFINE_string('val_split', 'train[55000:]', 'Where detector accuracy is measured.')
-_OUT = flags.DEFINE_string('out', 'bench/results/noise_ceiling', 'Output prefix.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defined when run as a program, so tests can import this module (and others) freely."""
+  bench_cli.config_file('configs/fashion_mnist_bench.py')()
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (corruption draw, init, order).')
+  flags.DEFINE_list('noise', ['0.2', '0.4'], 'Corruption rates (data.label_noise).')
+  flags.DEFINE_integer('folds', 5, 'Cross-fitting folds (2 to 99).')
+  flags.DEFINE_integer('epochs', 8, 'Epochs of every detector model.')
+  flags.DEFINE_string('other_split', 'train[5000:50000]',
+                      'Uncorrupted images for `clean_other` ("" skips it).')
+  flags.DEFINE_string('val_split', 'train[55000:]', 'Where detector accuracy is measured.')
+  flags.DEFINE_string('out', 'bench/results/noise_ceiling', 'Output prefix.')
+
+
 _FOLD_TAG = 0x464F4C44  # 'FOLD': the folds' own generators
 
 
@@ -66,7 +74,7 @@ def train_model(config, task, fit, val, seed: int):
   t = config.train
   trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate),
                     weighting.weighting('uniform', len(fit)), t.batch_size)
-  result = trainer.run(fit, {'val': val}, [seed], epochs=_EPOCHS.value)
+  result = trainer.run(fit, {'val': val}, [seed], epochs=FLAGS.epochs)
   return (jax.tree.map(lambda p: p[0], result.params),
           float(result.final['val']['accuracy'][0]))
 
@@ -104,29 +112,29 @@ def main(argv):
   bench_cli.check_config('bench.noise_ceiling', ('data', 'task', 'train'))
   bench_cli.set_by_flags({'train.epochs': '--epochs', 'data.label_noise': '--noise',
                           'seed': '--seeds', 'data.noise_seed': '--seeds'})
-  noises = bench_cli.numbers('noise', _NOISE.value, float, lambda x: 0 < x < 1,
+  noises = bench_cli.numbers('noise', FLAGS.noise, float, lambda x: 0 < x < 1,
                              'in (0, 1): at 0 there is nothing to detect')
-  seeds = bench_cli.seeds(_SEEDS.value)
-  bench_cli.at_least('folds', _FOLDS.value, 2)  # each fold is scored by the others' models
+  seeds = bench_cli.seeds(FLAGS.seeds)
+  bench_cli.at_least('folds', FLAGS.folds, 2)  # each fold is scored by the others' models
   # Models are seeded 100 s + fold and clean_other 100 s + 99: fold 99 would share
   # clean_other's seed and fold 100 seed s + 1's fold 0 (the same initialisation and order).
-  if _FOLDS.value > 99:
+  if FLAGS.folds > 99:
     raise UserError(f'--folds must be <= 99 (fold f of seed s trains with seed 100 s + f, '
-                    f'clean_other with 100 s + 99), got {_FOLDS.value}')
-  last = 99 if _OTHER.value else _FOLDS.value - 1  # the largest model seed is 100 s + last
+                    f'clean_other with 100 s + 99), got {FLAGS.folds}')
+  last = 99 if FLAGS.other_split else FLAGS.folds - 1  # the largest model seed is 100 s + last
   if 100 * max(seeds) + last > MAX_SEED:
     raise UserError(f'--seeds values must be <= {(MAX_SEED - last) // 100} (models are seeded up '
                     f'to 100 * seed + {last}), got {max(seeds)}')
-  bench_cli.at_least('epochs', _EPOCHS.value, 1)
-  bench_cli.out_folder(_OUT.value)
+  bench_cli.at_least('epochs', FLAGS.epochs, 1)
+  bench_cli.out_folder(FLAGS.out)
   results = {'platform': platform.platform(), 'device': jax.devices()[0].device_kind,
              'dataset': config.data.name, 'task': config.task.name,
-             'train_split': config.data.train_split, 'other_split': _OTHER.value,
-             'val_split': _VAL.value, 'noise': noises, 'seeds': seeds, 'folds': _FOLDS.value,
-             'epochs': _EPOCHS.value, 'runs': []}
+             'train_split': config.data.train_split, 'other_split': FLAGS.other_split,
+             'val_split': FLAGS.val_split, 'noise': noises, 'seeds': seeds, 'folds': FLAGS.folds,
+             'epochs': FLAGS.epochs, 'runs': []}
   t_start = time.time()
-  val = pipeline.load_split(config.data, _VAL.value)
-  other = pipeline.load_split(config.data, _OTHER.value) if _OTHER.value else None
+  val = pipeline.load_split(config.data, FLAGS.val_split)
+  other = pipeline.load_split(config.data, FLAGS.other_split) if FLAGS.other_split else None
   other_models = {}
 
   def record(noise, s, name, train, scores, accuracy):
@@ -143,15 +151,15 @@ def main(argv):
     for s in seeds:
       c = runs.seeded(config, noise, s)
       train = pipeline.load_split(c.data, c.data.train_split, corrupt=True)
-      if _FOLDS.value > len(train):
+      if FLAGS.folds > len(train):
         raise UserError(f'--folds must be at most the {len(train)} examples of '
-                        f'{c.data.train_split!r}, got {_FOLDS.value}')
+                        f'{c.data.train_split!r}, got {FLAGS.folds}')
       task = tasks.make_task(c.task, train.info)
       fixed = with_clean_labels(train)
-      folds = fold_of(len(train), _FOLDS.value, s)
+      folds = fold_of(len(train), FLAGS.folds, s)
       for name, fit_split in (('crossfit_noisy', train), ('crossfit_clean', fixed)):
         scores, accs = np.zeros(len(train)), []
-        for f in range(_FOLDS.value):
+        for f in range(FLAGS.folds):
           out = np.flatnonzero(folds == f)
           params, acc = train_model(c, task, fit_split.subset(np.flatnonzero(folds != f)), val,
                                     100 * s + f)
@@ -165,10 +173,10 @@ def main(argv):
         record(noise, s, 'clean_other', train, log_likelihood(task, params, train), acc)
   results['total_s'] = time.time() - t_start
   md = markdown(results)
-  runs.write_results(_OUT.value, results, md)
+  runs.write_results(FLAGS.out, results, md)
   print(md)
-  print(f'wrote {_OUT.value}.json and .md')
+  print(f'wrote {FLAGS.out}.json and .md')
 
 
 if __name__ == '__main__':
-  bench_cli.run(main, __doc__, bench_cli.config_file('configs/fashion_mnist_bench.py'))
+  bench_cli.run(main, __doc__, define_flags)
