@@ -24,6 +24,8 @@ def streams(monkeypatch):
     g = default_rng(*args, **kwargs)
     state = g.bit_generator.state['state']
     made.setdefault(purpose[0], set()).add((state['state'], state['inc']))
+    if args and isinstance(args[0], (list, tuple)) and len(args[0]) == 3:  # [seed, kind, example]
+      made.setdefault(f'{purpose[0]} per example', set()).add((state['state'], state['inc']))
     return g
   monkeypatch.setattr(np.random, 'default_rng', spy)
 
@@ -55,6 +57,7 @@ def test_noise_ceiling_folds_are_not_the_corruption_draw(streams):
     record('corruption', _corrupt_everything, s)
     folds = record('folds', noise_ceiling.fold_of, N, FOLDS, s)
     np.testing.assert_array_equal(np.bincount(folds, minlength=FOLDS), N // FOLDS)
-  assert len(made['corruption']) > len(SEEDS) * N // 2  # the per-example streams were seen
+  # five input kinds each plant a tenth of N, each such example drawing from a stream of its own
+  assert len(made['corruption per example']) > len(SEEDS) * N // 4
   shared = made['folds'] & made['corruption']
   assert not shared, f'{len(shared)} of the folds\' generators are the corruption\'s'
