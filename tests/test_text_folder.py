@@ -8,6 +8,8 @@ import contextlib
 import hashlib
 import io
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
@@ -18,6 +20,7 @@ from configs import text
 from datarater import config_checks, tasks
 from datarater.curation import scores_file
 from datarater.data import pipeline, python_text, text_folder
+from datarater.data import source as source_lib
 from datarater.errors import UserError
 from launch import cli, prepare_text
 
@@ -217,6 +220,29 @@ def test_the_text_config_and_its_models_read_it(prepared):
   assert jax.eval_shape(task.per_example_loss, params, batch).shape == (4,)
   phi = jax.eval_shape(rater.init, jax.random.key(1))
   assert jax.eval_shape(rater.score, phi, batch).shape == (4,)
+
+
+@pytest.mark.parametrize('size', [0, 1 << 16])
+def test_a_record_file_cut_short_is_one_error_naming_the_folder(prepared, tmp_path, size):
+  """A small split's record file cut to below its first 64 KiB chunk (array_record: 'should
+  be at least 64KB big'; an empty file from a failed copy) or to exactly that chunk (its records
+  read, without an error, as examples of None values) is a UserError naming the dataset folder,
+  read whole (`load_split`) or streamed (`Source`), as a file cut elsewhere already was."""
+  _, out, _ = prepared
+  cut = tmp_path / 'cut'
+  shutil.copytree(out, cut)
+  records = next(cut.glob('*-train.array_record*'))
+  assert records.stat().st_size > size  # the cut shortens it
+  with open(records, 'r+b') as f:
+    f.truncate(size)
+  c = text.get_config()
+  c.data.dataset_dir = str(cut)
+  want = f'the record files of {str(cut)!r} are damaged or missing'
+  with pytest.raises(UserError, match=re.escape(want)):
+    pipeline.load_split(c.data, 'train')
+  with pytest.raises(UserError, match=re.escape(want)):
+    source_lib.Source(pipeline.builder_of(c.data), 'train').take(np.arange(2))
+  pipeline.load_split(c.data, 'heldout')  # the other splits' files still read
 
 
 def _invoke(argv):

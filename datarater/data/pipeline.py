@@ -44,18 +44,34 @@ def default_data_dir(data_dir: str = '') -> str:
   return data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
 
 
+def _damaged(builder, why: str) -> UserError:
+  return UserError(f'the record files of {builder.data_dir!r} are damaged or missing ({why})')
+
+
 @contextlib.contextmanager
 def damaged_records(builder):
   """Reading `builder`'s record files: a file missing or cut short (array_record's
-  RuntimeError) becomes one line naming the dataset's folder."""
+  RuntimeError; 'should be at least 64KB big' for one cut below its first chunk) becomes one
+  line naming the dataset's folder."""
   try:
     yield
   except RuntimeError as e:
     text = ' '.join(str(e).split())
-    if not any(s in text for s in ('Riegeli', 'records file', 'open() failed', 'array_record')):
+    if not any(s in text for s in ('Riegeli', 'records file', 'open() failed', 'array_record',
+                                   'ArrayRecord')):
       raise
-    raise UserError(f'the record files of {builder.data_dir!r} are damaged or missing '
-                    f'({text[:240]})') from None
+    raise _damaged(builder, text[:240]) from None
+
+
+def read_records(builder, data_source, positions) -> list:
+  """The examples at `positions` of `data_source` (a split of `builder`), as TFDS decodes them;
+  a damaged record file is one line (`damaged_records`), and so is one cut at its first 64 KiB
+  chunk, whose records array_record reads without an error as examples of None values."""
+  with damaged_records(builder):
+    examples = data_source.__getitems__(positions)
+  if any(v is None for e in examples for v in e.values()):
+    raise _damaged(builder, 'records read as empty: a file cut short')
+  return examples
 
 
 @contextlib.contextmanager
@@ -393,7 +409,7 @@ def _read_raw(builder, info: DataInfo, split: str) -> dict[str, np.ndarray]:
     return _RAW_CACHE[key]
   with damaged_records(builder):
     source = builder.as_data_source(split=split)
-    raw = stack_examples(info, source.__getitems__(list(range(len(source)))))
+  raw = stack_examples(info, read_records(builder, source, list(range(len(source)))))
   for x in raw.values():
     x.setflags(write=False)  # shared by every later read: corruption and decoding copy
   nbytes = lambda arrays: sum(x.nbytes for x in arrays.values())

@@ -46,8 +46,9 @@ class Source:
 
   def uncorrupted(self, positions) -> dict:
     """Raw (undecoded) features of the examples at `positions` (1-d), as stored."""
-    with self._reading, pipeline.damaged_records(self._builder):
-      examples = self.data_source.__getitems__([int(p) for p in np.asarray(positions)])
+    with self._reading:
+      examples = pipeline.read_records(self._builder, self.data_source,
+                                       [int(p) for p in np.asarray(positions)])
     return pipeline.stack_examples(self.info, examples)
 
   def raw(self, positions) -> dict:
