@@ -259,6 +259,27 @@ def test_missing_documentation_is_one_user_error(monkeypatch):
   assert 'apt-get install python3.11-doc' in message
 
 
+@pytest.mark.parametrize('documents', [0, 1])
+def test_documentation_too_short_for_every_split_is_one_user_error(monkeypatch, tmp_path,
+                                                                   documents):
+  """A documentation folder that exists but holds no .rst.txt file (what installing the package
+  gives where /usr/share/doc is excluded), or one document (heldout takes it, test gets none):
+  building python_text stops in one line naming the folder, not on TFDS's assertion that a split
+  yielded no examples."""
+  docs = tmp_path / 'docs'
+  docs.mkdir()
+  for i in range(documents):
+    (docs / f'{i}.rst.txt').write_bytes(b'Some prose. ' * L)
+  monkeypatch.setattr(python_text, 'DOC_DIR', str(docs))
+  section = text.get_config().data
+  section.data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(UserError) as e:
+    pipeline.load_split(section, 'train')
+  message = str(e.value)
+  assert '\n' not in message and str(docs) in message and f'holds {documents} .rst.txt' in message
+  assert f"split {'heldout' if documents == 0 else 'test'!r} would hold no sequence" in message
+
+
 def test_text_config_is_valid_and_its_models_read_the_dataset(data):
   splits, _, _ = data
   c = text.get_config()

@@ -179,6 +179,19 @@ def assign(files: list[tuple[str, str]], sizes: Optional[dict] = None, seed: int
   return out
 
 
+def check_splits(buckets: dict, files: list[tuple[str, str]]) -> None:
+  """Refuses documents that leave a split of `assign`'s `buckets` without a sequence (TFDS would
+  stop on an assertion): e.g. a documentation folder holding no `.rst.txt` file, as where
+  /usr/share/doc is excluded from installed packages (Docker's slim Debian images)."""
+  for split in ('train', 'heldout', 'test'):
+    if not any(docs for (name, _, _), docs in buckets.items() if name == split):
+      prose = sum(domain == 'prose' for domain, _ in files)
+      raise UserError(f'dataset python_text: split {split!r} would hold no sequence of '
+                      f'{SEQ_LEN} bytes: {DOC_DIR} holds {prose} .rst.txt documents (heldout and '
+                      'test need one each; apt-get install --reinstall python3.11-doc, where '
+                      '/usr/share/doc is not excluded)')
+
+
 class PythonText(tfds.core.GeneratorBasedBuilder):
   """Byte sequences of Python's docs (prose), its standard library (code) and corrupted prose."""
 
@@ -206,6 +219,7 @@ class PythonText(tfds.core.GeneratorBasedBuilder):
     self.info.metadata.update(stdlib=stdlib_dir(), python=platform.python_version(),
                               sources_sha256=sources_digest(files))
     buckets = assign(files)
+    check_splits(buckets, files)
     return {split: self._generate_examples(
         {b: docs for b, docs in buckets.items() if b[0] == split})
         for split in ('train', 'heldout', 'test')}
