@@ -89,16 +89,20 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     for split in (data.train, data.heldout, data.eval):  # e.g. tokens outside the vocabulary
       problem.task.check_data(split.features)
       problem.rater.check_data(split.features)
-    # A loss not finite at initialisation would skip outer.max_skipped_steps compiled steps.
+    # A loss not finite at initialisation would skip outer.max_skipped_steps compiled steps:
+    # checked at the run's initial state (`fresh_state`), each inner model on its first batches.
     inner, outer = data.indices_at(0)
-    task_params = problem.task.init(jax.random.key(config.seed))
-    tasks.check_initial_loss(problem.task, task_params, {
-        f'the {len(inner[0, 0])} examples of the first inner batch': data.train.take(inner[0, 0]),
-        f'the {len(outer[0])} examples of the first outer batch': data.heldout.take(outer[0])})
+    start = jax.jit(lambda: fresh_state(config, problem))()
+    k = config.inner.population
+    tasks.check_initial_loss(problem.task, start.population.params, {
+        f'the {inner.shape[2]} examples of its first inner batch': data.train.take(inner[:, 0]),
+        f'the {outer.shape[1]} examples of its first outer batch': data.heldout.take(outer)},
+        models=[f'inner model {m} of inner.population={k}' for m in range(k)], per_model=True)
     # The rater scores splits in blocks of any size once trained (filter, valuate, policies):
     # each score must read its example alone.
-    tasks.check_per_example(problem.rater, problem.rater.init(jax.random.key(config.seed)),
+    tasks.check_per_example(problem.rater, start.rater_params,
                             data.heldout.take(np.arange(min(4, len(data.heldout)))))
+    del start  # (the run makes its own, placed on its mesh)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
     files.check_not_other_run(workdir, 'metrics.jsonl', 'rater run')

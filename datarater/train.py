@@ -19,7 +19,7 @@ import numpy as np
 from datarater import checkpointing, config_checks, export, files, policies, seeding, tasks
 from datarater.data import corruption, pipeline, source
 from datarater.errors import UserError
-from datarater.trainer import Trainer
+from datarater.trainer import Trainer, initial_params
 from datarater.valuation import store
 from inner_loop.optimizers import make_inner_optimizer
 
@@ -133,10 +133,11 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   for split in (train_split, heldout, evals):  # e.g. tokens outside the vocabulary
     if hasattr(split, 'features'):
       task.check_data(split.features)
-  # Before the policy's set-up and the trainer's compile, which step 1's NaN would waste.
-  tasks.check_initial_loss(task, task.init(jax.random.key(t.seeds[0])), {
+  # Before the policy's set-up and the trainer's compile, which step 1's NaN would waste: every
+  # seed's model as the trainer initialises it.
+  tasks.check_initial_loss(task, initial_params(task, t.seeds), {
       f'the first {t.batch_size} examples of data.train_split':
-          train_split.take(np.arange(t.batch_size))})
+          train_split.take(np.arange(t.batch_size))}, models=[f'model seed {s}' for s in t.seeds])
   ckpt = None
   if workdir:  # checked before the policy's set-up (a TracIn fit, an SAE's training)
     if os.path.exists(workdir) and not os.path.isdir(workdir):

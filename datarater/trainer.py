@@ -178,6 +178,21 @@ def _empty_recording(params, count: int):
   return jax.tree.map(lambda p: jnp.zeros((p.shape[0], count, *p.shape[1:]), p.dtype), params)
 
 
+def seed_keys(seeds: jax.Array, purpose: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each seed's keys (leaves [M]) for its model's initialisation, its data order and its policy
+  state: fold_in(seeding.root_key(seed, purpose), 0 / 1 / 2)."""
+  keys = jax.vmap(lambda s: seeding.root_key(s, purpose))(seeds)
+  return tuple(jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
+
+
+def initial_params(task: Task, seeds: Sequence[int], purpose: str = 'train'):
+  """The parameters a Trainer's models of `seeds` (rooted at `purpose`) start from, leaves
+  [M, ...], without building one (its policy): what a launcher checks before the policy's
+  set-up."""
+  return jax.jit(lambda s: jax.vmap(task.init)(seed_keys(s, purpose)[0]))(
+      jnp.asarray(seeds, jnp.int32))
+
+
 class Trainer:
   """Trains task models under `policy`; its steps compile once per run (chunks padded to one
   length)."""
@@ -282,10 +297,9 @@ class Trainer:
   # ------------------------------------------------------------------------- the loop
 
   def _init_all(self, seeds, num_examples: int):
-    keys = jax.vmap(lambda s: seeding.root_key(s, self.purpose))(seeds)
-    init_keys, order_keys, policy_keys = (
-        jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
-    models = jax.vmap(lambda k: init_inner_state(self.task.init(k), self.optimizer))(init_keys)
+    init_keys, order_keys, policy_keys = seed_keys(seeds, self.purpose)
+    models = jax.vmap(lambda p: init_inner_state(p, self.optimizer))(
+        jax.vmap(self.task.init)(init_keys))
     policy = jax.vmap(lambda k: self.policy.init(num_examples, k))(policy_keys)
     zeros = jnp.zeros(len(seeds), jnp.int32)
     return TrainState(models, policy, zeros, zeros), order_keys

@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import sys
+import types
 from typing import NamedTuple
 
 import jax
@@ -1135,7 +1136,6 @@ def test_a_member_whose_optimizer_state_alone_is_infinite_is_reset():
 def test_fresh_models_trained_with_the_rater_use_its_temperature(tfds_dir):
   """fresh_model_results' 'rater' entry is a Trainer run with the rater's weights at the problem's
   temperature tau = 0.1 (same seed and steps), and differs from the same run at tau = 1."""
-  import types  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from datarater import tasks  # pylint: disable=g-import-not-at-top
   from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -1503,7 +1503,7 @@ def test_a_task_whose_loss_is_nan_at_init_is_refused_before_the_step_compiles(
     data = MetaBatches(config)
     first = data.train.take(data.indices_at(0)[0][0, 0])['label']
     run = lambda: meta_train(config, str(workdir))
-    where = 'the 16 examples of the first inner batch'
+    where = 'the 16 examples of its first inner batch'
   else:
     first = pipeline.load_split(config.data, config.data.train_split,
                                 corrupt=True).take(np.arange(16))['label']
@@ -1515,6 +1515,159 @@ def test_a_task_whose_loss_is_nan_at_init_is_refused_before_the_step_compiles(
   finally:
     tasks.TASKS.pop('five_classes_for_test')
   assert 0 < int((first >= 5).sum()) < 16
+  model = ('inner model 0 of inner.population=2' if launcher == 'train_rater'
+           else 'model seed 0')
   assert (f'its per_example_loss is not finite on {int((first >= 5).sum())} of {where} at its '
-          'initial parameters') in str(raised.value), str(raised.value)
+          f'initial parameters ({model})') in str(raised.value), str(raised.value)
   assert not workdir.exists()
+
+
+def _first_weight(params):
+  """The first entry of the first kernel (2-d leaf) of a model's parameters."""
+  return next(x for x in jax.tree.leaves(params) if x.ndim == 2)[0, 0]
+
+
+def _nan_at_some_inits(config, info):
+  """An MLP classifier whose loss is NaN where its first kernel weight is > 0: a loss that some
+  initialisations make non-finite and others not."""
+  from datarater.tasks import classifier  # pylint: disable=g-import-not-at-top
+
+  @dataclasses.dataclass(frozen=True)
+  class NanAtSomeInits(classifier.Classifier):
+    def per_example_loss(self, params, batch):
+      return (super().per_example_loss(params, batch)
+              + jnp.where(_first_weight(params) > 0, jnp.nan, 0.0))
+  return NanAtSomeInits(**vars(classifier.mlp_classifier(config, info)))
+
+
+class _Started(Exception):
+  """Raised where a run would start training, past its checks."""
+
+
+@pytest.fixture
+def nan_at_some_inits():
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.tasks import classifier  # pylint: disable=g-import-not-at-top
+  tasks.register_task('nan_at_some_inits_for_test', classifier.MLP_SCHEMA)(_nan_at_some_inits)
+  yield 'nan_at_some_inits_for_test'
+  tasks.TASKS.pop('nan_at_some_inits_for_test')
+
+
+def test_launch_train_checks_the_initial_loss_of_every_model_it_trains(
+    nan_at_some_inits, tfds_dir, tmp_path, monkeypatch):
+  """The check read task.init(key(train.seeds[0])), parameters no model of the run starts from:
+  with a loss NaN at some initialisations it refused runs whose models start finite and passed
+  runs whose first step is NaN. Now a run is refused exactly when one of its models (the
+  trainer's own initialisation, `Trainer.init`) starts where the loss is NaN, naming it."""
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  from datarater.policies import weighting  # pylint: disable=g-import-not-at-top
+  from datarater.train import train as train_models  # pylint: disable=g-import-not-at-top
+  from datarater.trainer import Trainer, initial_params  # pylint: disable=g-import-not-at-top
+  from inner_loop.optimizers import make_inner_optimizer  # pylint: disable=g-import-not-at-top
+  config = small_config(tfds_dir)
+  config.task.name = nan_at_some_inits
+  config.train.batch_size, config.train.epochs = 16, 1
+  split = pipeline.load_split(config.data, config.data.train_split, corrupt=True)
+  task = tasks.make_task(config.task, split.info)
+  seeds = list(range(12))
+  trainer = Trainer(task, make_inner_optimizer('sgd', 0.1), weighting.weighting('uniform', 8), 16)
+  started = trainer.init(seeds, 8)[0].models.params
+  for checked, run in zip(jax.tree.leaves(initial_params(task, seeds)), jax.tree.leaves(started)):
+    np.testing.assert_array_equal(checked, run)  # what the check reads: the run's start
+  nan = np.asarray(jax.vmap(_first_weight)(started)) > 0
+  old = np.asarray(jax.vmap(lambda s: _first_weight(task.init(jax.random.key(s))))(
+      jnp.asarray(seeds))) > 0
+  starts_nan = seeds[int(np.argmax(nan & ~old))]  # the old check passed it
+  starts_finite = seeds[int(np.argmax(~nan & old))]  # the old check refused it
+  assert nan[starts_nan] and not old[starts_nan] and old[starts_finite] and not nan[starts_finite]
+
+  def run(*args, **kwargs):
+    raise _Started()
+  monkeypatch.setattr(Trainer, 'run', run)
+  config.train.seeds = (starts_finite,)
+  with pytest.raises(_Started):
+    train_models(config, 'uniform', log=lambda _: None)
+  config.train.seeds = (starts_finite, starts_nan)
+  with pytest.raises(UserError) as raised:
+    train_models(config, 'uniform', workdir=str(tmp_path / 'run'), log=lambda _: None)
+  assert ('its per_example_loss is not finite on 16 of the first 16 examples of '
+          f'data.train_split at its initial parameters (model seed {starts_nan}), before any '
+          'update') in str(raised.value), str(raised.value)
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow  # (~3 s: the fast suite checks these messages on the five-class task)
+def test_launch_train_rater_checks_the_initial_loss_of_every_inner_model_it_starts(
+    nan_at_some_inits, tfds_dir, tmp_path, monkeypatch):
+  """The check read task.init(key(seed)), parameters no inner model of the rater run starts
+  from (those of `fresh_state`, rooted at seeding.root_key(seed, 'rater')). Now a run is refused
+  exactly when one of its inner models starts where the loss is NaN, naming it and its batches;
+  the run's own initial state is read where it starts (`_run`)."""
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = small_config(tfds_dir)
+  config.task.name = nan_at_some_inits
+  info = pipeline.load_split(config.data, config.data.heldout_split).info
+  problem = setup.build_problem(config, info)[0]
+
+  seeds = jnp.arange(40)  # (fresh_state reads the config's seed and inner.population)
+  nan = np.asarray(jax.jit(jax.vmap(lambda s: jax.vmap(_first_weight)(meta_train_lib.fresh_state(
+      types.SimpleNamespace(seed=s, inner=config.inner), problem).population.params)))(seeds)) > 0
+  old = np.asarray(jax.vmap(lambda s: _first_weight(problem.task.init(jax.random.key(s))))(
+      seeds)) > 0
+  found = {}
+  for seed in range(len(seeds)):
+    found.setdefault((bool(nan[seed].any()), bool(old[seed])), (seed, nan[seed]))
+  (finite_seed, _), (nan_seed, nan) = found[(False, True)], found[(True, False)]
+  started = []
+
+  def run(config, workdir, stop_after, mesh, data, problem, *args):
+    started.append(np.asarray(jax.vmap(_first_weight)(
+        jax.jit(lambda: meta_train_lib.fresh_state(config, problem))().population.params)))
+    raise _Started()
+  monkeypatch.setattr(meta_train_lib, '_run', run)
+  config.seed = finite_seed
+  with pytest.raises(_Started):
+    meta_train_lib.meta_train(config, str(tmp_path / 'finite'))
+  assert not (started[0] > 0).any(), started  # the run starts where the loss is finite
+  config.seed = nan_seed
+  with pytest.raises(UserError) as raised:
+    meta_train_lib.meta_train(config, str(tmp_path / 'nan'))
+  member = int(np.argmax(nan))
+  assert ('its per_example_loss is not finite on 16 of the 16 examples of its first inner batch '
+          f'at its initial parameters (inner model {member} of inner.population=2), before any '
+          'update') in str(raised.value), str(raised.value)
+  assert not (tmp_path / 'nan').exists()
+
+
+def test_a_valuation_checks_per_example_losses_at_its_recorded_runs_initial_parameters(
+    nan_at_some_inits, tfds_dir):
+  """`factory.check_per_example` read task.init(key(valuation.seed)), parameters the recorded
+  run (`record_run`, purpose 'valuation') does not start from: with a loss NaN at some
+  initialisations it refused seeds whose run starts finite. Now it refuses exactly the seeds
+  whose recorded run starts where the loss is NaN (the trainer's own initialisation)."""
+  from datarater import tasks  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  from datarater.policies import weighting  # pylint: disable=g-import-not-at-top
+  from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  from inner_loop.optimizers import make_inner_optimizer  # pylint: disable=g-import-not-at-top
+  config = small_config(tfds_dir)
+  config.task.name = nan_at_some_inits
+  split = pipeline.load_split(config.data, config.data.heldout_split)
+  task = tasks.make_task(config.task, split.info)
+  seeds = list(range(12))
+  recorded = Trainer(task, make_inner_optimizer('sgd', 0.1), weighting.weighting('uniform', 8), 16,
+                     purpose='valuation').init(seeds, 8)[0].models.params
+  nan = np.asarray(jax.vmap(_first_weight)(recorded)) > 0
+  old = np.asarray(jax.vmap(lambda s: _first_weight(task.init(jax.random.key(s))))(
+      jnp.asarray(seeds))) > 0
+  for seed in (seeds[int(np.argmax(nan & ~old))], seeds[int(np.argmax(~nan & old))]):
+    assert nan[seed] != old[seed]
+    config.valuation.seed = seed
+    if nan[seed]:
+      with pytest.raises(UserError, match='is NaN on 4 of 4 examples at its initial parameters'):
+        factory.check_per_example(config, task, split)
+    else:
+      factory.check_per_example(config, task, split)

@@ -24,7 +24,7 @@ example alone: no PRNG key and no mutable state are passed (batch norm: use `nn.
 import abc
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.errors
 import jax
@@ -141,22 +141,31 @@ def check_per_example(model: 'Task | Rater', params: Params, batch: Batch) -> No
                     "batch['index'])")
 
 
-def check_initial_loss(task: 'Task', params: Params, batches: Mapping[str, Batch]) -> None:
+def check_initial_loss(task: 'Task', params: Params, batches: Mapping[str, Batch],
+                       models: Sequence[str] = (), per_model: bool = False) -> None:
   """UserError unless `task`'s loss is finite on every example of `batches` ({its examples, in
   words: batch}) at `params`, its initial parameters: a loss not finite before any update (a
   model with fewer classes than the labels indexes its logits out of range; tokens outside an
-  embedding's vocabulary) makes every update and meta-gradient non-finite. One forward pass (one
-  compiled program), before a launcher compiles its training step."""
-  losses = jax.jit(lambda p, bs: {k: task.per_example_loss(p, b) for k, b in bs.items()})(
-      params, batches)
-  for where, loss in losses.items():
-    bad = int(np.sum(~np.isfinite(np.asarray(at_least_float32(loss)))))
-    if bad:
-      raise UserError(f'task {type(task).__name__}: its per_example_loss is not finite on {bad} '
-                      f'of {where} at its initial parameters, before any update: the model '
-                      'cannot read the data (labels beyond the classes of its output? tokens '
-                      "outside an embedding's vocabulary? its check_data can refuse such data in "
-                      'one line)')
+  embedding's vocabulary) makes every update and meta-gradient non-finite. With `models` (each
+  model's name in words), `params` stacks one model per name on its leaves' leading axis, and
+  every model reads each batch whole, or, `per_model`, its own row of each batch's leading axis.
+  One forward pass (one compiled program), before a launcher compiles its training step."""
+  def losses_of(p, bs):
+    return {k: task.per_example_loss(p, b) for k, b in bs.items()}
+  if models:
+    losses_of = jax.vmap(losses_of, in_axes=(0, 0 if per_model else None))
+  losses = {k: np.asarray(at_least_float32(v))
+            for k, v in jax.jit(losses_of)(params, batches).items()}
+  for m, model in enumerate(models or ['']):
+    for where, loss in losses.items():
+      bad = int(np.sum(~np.isfinite(loss[m] if models else loss)))
+      if bad:
+        raise UserError(f'task {type(task).__name__}: its per_example_loss is not finite on '
+                        f'{bad} of {where} at its initial parameters'
+                        f'{f" ({model})" if models else ""}, before any update: the model '
+                        'cannot read the data (labels beyond the classes of its output? tokens '
+                        "outside an embedding's vocabulary? its check_data can refuse such data "
+                        'in one line)')
 
 
 def _collections(params: Params) -> list:

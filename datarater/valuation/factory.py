@@ -13,6 +13,7 @@ import numpy as np
 from datarater import pergrad, tasks
 from datarater.data import corruption
 from datarater.errors import UserError
+from datarater.trainer import initial_params
 from datarater.valuation.base import Valuation, record_run
 from datarater.valuation.dvemb import DataValueEmbedding
 from datarater.valuation.mimic import Mimic, resolve_layers
@@ -77,8 +78,9 @@ def record(config, task, split, steps: int, every: int, cache=None, name: str = 
 
 def check_per_example(config, task, split) -> None:
   """Refuses a loss that reads other examples of its batch (`tasks.check_per_example`, on the
-  valuation seed's initial parameters and the first examples of `split`)."""
-  tasks.check_per_example(task, task.init(jax.random.key(config.valuation.seed)),
+  valuation seed's recorded run's initial parameters and the first examples of `split`)."""
+  start = initial_params(task, [config.valuation.seed], 'valuation')
+  tasks.check_per_example(task, jax.tree.map(lambda x: x[0], start),
                           split.take(np.arange(min(4, len(split)))))
 
 
