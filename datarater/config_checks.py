@@ -291,11 +291,14 @@ UNREAD_WHILE = (
        lambda project, method: method == 'tracin' and not project,
        ' (TracIn takes exact gradients); give --config.valuation.tracin_project=True too')
       for f in ('projection', 'projection_dim')),
-    # TracIn's scores from a gradient store: its own projection and ghost norms are not used.
+    # TracIn with a store or top-k table: launch.valuate's scores come from the gradient store
+    # (its own projection and ghost norms unused); a policy that values the split itself
+    # (tracin_curriculum) refuses both (`policies.weighting.refuse_valuate_outputs`).
     *((f'valuation.{f}', (*_STORES, METHOD),
        lambda store, topk, method: method == 'tracin' and (store or topk),
-       " (TracIn's scores come from the gradient store, projected by valuation.store_k); give "
-       '--config.valuation.store=False and valuation.topk=0 too')
+       " (a gradient store or top-k table is launch.valuate's, whose TracIn scores then come "
+       'from the store, projected by valuation.store_k; a policy that values the split itself '
+       'refuses both); give --config.valuation.store=False and valuation.topk=0 too')
       for f in ('projection', 'projection_dim', 'tracin_project', 'tracin_ghost')),
     # Ghost norms replace the per-example gradients of self-influence (unprojected) and
     # heldout_cos's norms; 'heldout' takes no norm.
@@ -304,6 +307,10 @@ UNREAD_WHILE = (
      'heldout_cos too'),
     ('valuation.tracin_ghost', 'valuation.tracin_project', lambda v: v,
      ' (projected gradients are formed); give --config.{other}=False too'),
+    # No row for final_eval.train_steps while final_eval.num_models is 0, though no fresh model
+    # is trained then: report.json records final_eval whole, and a finished run whose record
+    # differs from its config writes its report again (`meta_train._finished_report`: the same
+    # figures, the new record) instead of printing it. Nothing else reads it.
 )
 
 

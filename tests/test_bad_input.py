@@ -784,6 +784,66 @@ def test_an_override_the_config_leaves_unread_is_refused_and_one_it_reads_is_not
   assert _parse(launcher, [*base, *read.split(), field]) == (0, '')
 
 
+def _tracin_valuers() -> list[str]:
+  """The launch.valuate method and the launch.train policies whose runs value the split with
+  TracIn (`policies.VALUATION`), by the flags that choose them."""
+  from datarater import policies  # pylint: disable=g-import-not-at-top
+  return ['valuate --method=tracin', *(f'train {flag}={name}' for name, method in
+                                       sorted(policies.VALUATION.items()) if method == 'tracin'
+                                       for flag in ('--policy', '--config.policy.name'))]
+
+
+@pytest.mark.parametrize('store', ['--config.valuation.store=True', '--config.valuation.topk=3'])
+@pytest.mark.parametrize('valuer', _tracin_valuers())
+def test_tracins_own_projection_beside_a_store_is_refused_for_the_reason_of_each_run(
+    valuer, store):
+  """TracIn's own projection settings beside valuation.store or topk: the refusal said "TracIn's
+  scores come from the gradient store", which only launch.valuate's are; a policy valuing the
+  split itself (tracin_curriculum) computes its scores without one, and refuses the store and
+  top-k table (its own check, below). Now the line says both, and its advice, which drops
+  them, still parses."""
+  launcher, flag = valuer.split()
+  for field in ('--config.valuation.tracin_project=True', '--config.valuation.tracin_ghost=False'):
+    code, out = _parse(launcher, [flag, store, field])
+    assert code == 2 and len(out.strip().splitlines()) == 1, (code, out)
+    assert out.startswith(f'error: {field.split("=")[0]} is not read while '), out
+    assert out.rstrip().endswith(
+        " (a gradient store or top-k table is launch.valuate's, whose TracIn scores then come "
+        'from the store, projected by valuation.store_k; a policy that values the split itself '
+        'refuses both); give --config.valuation.store=False and valuation.topk=0 too'), out
+    assert _parse(launcher, [flag, field]) == (0, '')  # the advice taken
+  if launcher == 'train':  # the policy's own refusal of the store, without the field
+    from datarater import policies  # pylint: disable=g-import-not-at-top
+    from datarater.policies import weighting  # pylint: disable=g-import-not-at-top
+    fv = flags.FlagValues()
+    train.define_flags(fv, ['train', flag, store])
+    fv(['train', flag, store])
+    name = flag.split('=')[1]
+    context = policies.PolicyContext(None, None, None, fv.config)
+    with pytest.raises(UserError, match=f'policy {name} computes its values without valuation'):
+      weighting.refuse_valuate_outputs(context, name, policies.VALUATION[name])
+
+
+def test_final_eval_train_steps_without_fresh_models_is_accepted_where_the_report_reads_it(
+    tmp_path):
+  """With final_eval.num_models 0 no fresh model is trained, but report.json records
+  final_eval whole and a finished run given another train_steps reports again
+  (`meta_train._finished_report`): the override is not refused (`config_checks.UNREAD_WHILE`'s
+  note), as it is not where models are trained."""
+  from datarater.meta_train import _finished_report  # pylint: disable=g-import-not-at-top
+  for models in ('0', '2'):
+    assert _parse('train_rater', [f'--config.final_eval.num_models={models}',
+                                  '--config.final_eval.train_steps=7']) == (0, '')
+  config = small_config(str(tmp_path))
+  report = {'outer_steps': config.outer.steps, 'final_eval': config.final_eval.to_dict(),
+            'noise_auroc': 0.5, 'fresh_models': {}}
+  assert report['final_eval']['num_models'] == 0
+  files.write_json(str(tmp_path / 'report.json'), report)
+  assert _finished_report(str(tmp_path / 'report.json'), config) == report
+  config.final_eval.train_steps += 1
+  assert _finished_report(str(tmp_path / 'report.json'), config) is None
+
+
 def test_the_job_stop_after_a_flag_error_reads_a_flagfile_that_is_not_text_without_a_traceback(
     tmp_path):
   """After a flag error's line, a launcher rereads its own flags to stop a multi-process job
