@@ -92,17 +92,20 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     # A loss not finite at initialisation would skip outer.max_skipped_steps compiled steps:
     # checked at the run's initial state (`fresh_state`), each inner model on its first batches.
     inner, outer = data.indices_at(0)
-    start = jax.jit(lambda: fresh_state(config, problem))()
+    def start_params():  # (the optimizer states, unused here, are left out of the program)
+      state = fresh_state(config, problem)
+      return state.population.params, state.rater_params
+    inner_params, rater_params = jax.jit(start_params)()
     k = config.inner.population
-    tasks.check_initial_loss(problem.task, start.population.params, {
+    tasks.check_initial_loss(problem.task, inner_params, {
         f'the {inner.shape[2]} examples of its first inner batch': data.train.take(inner[:, 0]),
         f'the {outer.shape[1]} examples of its first outer batch': data.heldout.take(outer)},
         models=[f'inner model {m} of inner.population={k}' for m in range(k)], per_model=True)
     # The rater scores splits in blocks of any size once trained (filter, valuate, policies):
     # each score must read its example alone.
-    tasks.check_per_example(problem.rater, start.rater_params,
+    tasks.check_per_example(problem.rater, rater_params,
                             data.heldout.take(np.arange(min(4, len(data.heldout)))))
-    del start  # (the run makes its own, placed on its mesh)
+    del inner_params, rater_params  # (the run makes its own state, placed on its mesh)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
     files.check_not_other_run(workdir, 'metrics.jsonl', 'rater run')
