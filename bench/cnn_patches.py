@@ -167,8 +167,7 @@ def main(argv):
              'device': jax.devices()[0].device_kind, 'cpu': platform.processor(),
              'config': f'configs/fashion_mnist_bench.py, {k_t}, log_softmax readout',
              'train_split': config.data.train_split}  # the other settings: made_by's flags
-  provenance.write_json(_OUT.value + '.json', results)
-  plot(results, _OUT.value + '.png')
+  provenance.write_results(_OUT.value, results, plot=lambda path: plot(results, path))
   print(f'wrote {_OUT.value}.json and .png')
 
 

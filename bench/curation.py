@@ -389,14 +389,13 @@ def main(argv):
   summary = summarize(runs, noises, keeps, methods)
   table = markdown(summary, keeps, methods, _EPOCHS.value, config.data.name)
   print(table)
-  provenance.write_json(_OUT.value + '.json', {
+  provenance.write_results(_OUT.value, {
       'summary': summary, 'runs': runs, 'noise': noises,
       'seeds': {str(p): list(by_noise.get(p, seeds)) for p in noises}, 'keep': keeps,
       'methods': methods, 'epochs': _EPOCHS.value, 'rater_steps': _RATER_STEPS.value,
       'config': config.to_dict(), 'seconds': time.time() - t_start,
-      'device': jax.devices()[0].device_kind, 'platform': platform.platform()})
-  files.write_text(_OUT.value + '.md', table)
-  plot(_OUT.value + '.png', summary, runs, keeps, methods)
+      'device': jax.devices()[0].device_kind, 'platform': platform.platform()},
+      table, lambda path: plot(path, summary, runs, keeps, methods))
   print(f'wrote {_OUT.value}.json, .md and .png in {time.time() - t_start:.0f} s')
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from bench import cli as bench_cli
 from bench import provenance
 from bench.lm_curation import CONFIG_SECTIONS, learned, seeded
-from datarater import config_checks, export, files, tasks
+from datarater import config_checks, export, tasks
 from datarater.data import pipeline
 from datarater.meta_train import meta_train
 from datarater.valuation import factory
@@ -77,8 +77,8 @@ def main(argv):
   print(json.dumps({'seed': seed, **overrides, 'seconds': seconds,
                     'auroc': {k: round(x, 3) for k, x in out['auroc'].items()}}))
   result = {'seed': seed, 'overrides': overrides, 'seconds': seconds, 'auroc': out['auroc']}
-  provenance.write_json(_OUT.value + '.json', result)  # made_by's flags: config, overrides
-  files.write_text(_OUT.value + '.md', markdown(result))
+  # The config and its overrides: made_by's flags.
+  provenance.write_results(_OUT.value, result, markdown(result))
   print(f'wrote {_OUT.value}.json and .md')
 
 

@@ -428,14 +428,13 @@ def main(argv):
   wall = time.time() - t_start
   table = markdown(summary, bench, config, wall)
   print(table)
-  provenance.write_json(out + '.json', {
+  provenance.write_results(out, {
       'summary': summary, 'seeds': seeds, 'bench': bench.to_dict(), 'config': config.to_dict(),
       'num_train': first['num_train'], 'seconds': wall,
       'dataset_sources': dict(pipeline.builder_of(config.data).info.metadata),
       'load_average_start_end': [load_start, os.getloadavg()], 'cpu_count': os.cpu_count(),
-      'device': jax.devices()[0].device_kind, 'platform': platform.platform()})
-  files.write_text(out + '.md', table)
-  plot(out + '.png', summary, seeds, bench)
+      'device': jax.devices()[0].device_kind, 'platform': platform.platform()},
+      table, lambda path: plot(path, summary, seeds, bench))
   print(f'wrote {out}.json, .md and .png in {time.time() - t_start:.0f} s')
 
 

@@ -39,7 +39,7 @@ import optax
 from bench import cli as bench_cli
 from bench import provenance
 from configs import text_bench
-from datarater import evaluation, files, pergrad, tasks
+from datarater import evaluation, pergrad, tasks
 from datarater.data import pipeline
 from datarater.errors import UserError
 from inner_loop.optimizers import ADAM_B2, ADAM_EPS, make_inner_optimizer
@@ -177,10 +177,9 @@ def main(argv):
         rows.append({'size': size, **r})
   used = {k: getattr(FLAGS, k) for k in ('sizes', 'seeds', 'ages', 'group_steps', 'examples',
                                          'train_on')}
-  provenance.write_json(FLAGS.out + '.json', {  # the settings: made_by's flags
+  provenance.write_results(FLAGS.out, {  # the settings: made_by's flags
       'rows': rows, 'batch_size': config.inner.batch_size,
-      'device': jax.devices()[0].device_kind})
-  files.write_text(FLAGS.out + '.md', markdown(rows, used))
+      'device': jax.devices()[0].device_kind}, markdown(rows, used))
   print(f'wrote {FLAGS.out}.json and .md')
   print(markdown(rows, used))
 

@@ -299,9 +299,8 @@ def plot(results: list[dict], path: str, device: str) -> None:
 
 
 def write(record: dict, out: str) -> None:
-  bench_cli.out_folder(out)
-  provenance.write_json(out + '.json', record)
-  plot(record['results'], out + '.png', record['device'])
+  provenance.write_results(out, record,
+                           plot=lambda path: plot(record['results'], path, record['device']))
   print(f'wrote {out}.json and {out}.png')
 
 

@@ -84,8 +84,8 @@ def main(argv):
             'num_devices': 1, 'host': platform.node(), 'hidden': hidden,
             'population': c.inner.population, 'batch_size': c.inner.batch_size,
             'results': results}
-  provenance.write_json(_OUT.value + '.json', record)
-  plot(results, _OUT.value + '.png', record['device'])
+  provenance.write_results(_OUT.value, record,
+                           plot=lambda path: plot(results, path, record['device']))
   print(f'wrote {_OUT.value}.json and {_OUT.value}.png')
 
 

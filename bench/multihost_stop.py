@@ -185,8 +185,7 @@ def main(argv):
              'vote_ms_per_step': cost,
              'stopped_together': f'{len(clean)} of {len(stops)}',
              'max_seconds_to_stop': max(s['seconds_to_stop'] for s in stops)}
-  provenance.write_json(_OUT.value + '.json', results)
-  plot(results, _OUT.value + '.png')
+  provenance.write_results(_OUT.value, results, plot=lambda path: plot(results, path))
   print(f'the vote: {cost["diff"]:+.1f} +- {cost["se"]:.1f} ms a step (paired s.e.); stopped '
         f'together, checkpointed where they stopped: {results["stopped_together"]}, within '
         f'{results["max_seconds_to_stop"]:.1f} s')

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from bench import cli as bench_cli
-from bench import runs
+from bench import provenance, runs
 from datarater import evaluation, tasks
 from datarater.config_checks import MAX_SEED
 from datarater.data import pipeline
@@ -173,7 +173,7 @@ def main(argv):
         record(noise, s, 'clean_other', train, log_likelihood(task, params, train), acc)
   results['total_s'] = time.time() - t_start
   md = markdown(results)
-  runs.write_results(FLAGS.out, results, md)
+  provenance.write_results(FLAGS.out, results, md)
   print(md)
   print(f'wrote {FLAGS.out}.json and .md')
 

@@ -160,8 +160,7 @@ def main(argv):
     print('  speed-up over the Python loop:',
           {k: round(x, 1) for k, x in r['speedup_vs_python_loop'].items()})
     print('  temp memory (bytes) by examples:', r['memory_temp_bytes'], flush=True)
-  provenance.write_json(_OUT.value + '.json', results)
-  plot(results, _OUT.value + '.png')
+  provenance.write_results(_OUT.value, results, plot=lambda path: plot(results, path))
   print(f'wrote {_OUT.value}.json and .png')
 
 

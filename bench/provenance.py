@@ -1,19 +1,33 @@
-"""What made a benchmark's result, stamped on its JSON: the command line as typed and the code.
+"""What made a benchmark's result, stamped on its JSON: the command line as typed and the code;
+and how a benchmark writes its results, as one set.
 
-`write_json(path, results)` writes `results` with `made_by()` added: `command` (`python -m
-bench.NAME ARGS`, shell-quoted, so it can be pasted back), `code_version` (`git describe
---always --dirty` of the checkout, None outside git) and `flags`: the value of every flag the
-program defines (those its --help lists, defaults included; a config file flag as the config it
-read, overrides applied), so that the settings a run used are in its results.
+`made_by()`, added to every results JSON: `command` (`python -m bench.NAME ARGS`, shell-quoted,
+so it can be pasted back), `code_version` (`git describe --always --dirty` of the checkout, None
+outside git) and `flags`: the value of every flag the program defines (those its --help lists,
+defaults included; a config file flag as the config it read, overrides applied), so that the
+settings a run used are in its results.
+
+`write_results(prefix, results, markdown, plot)` writes <prefix>.md (the table) and
+<prefix>.png (the figure) first, each stamped with the sha256 of the JSON's bytes (an HTML
+comment ending the .md, a PNG text chunk), then <prefix>.json, the record, which lists the files
+written with it (`written_with`). Each file is written atomically, but a run killed between them
+leaves a new .md or .png beside an old JSON: `check_results(prefix)` tells each file of a set
+that belongs to its JSON from one that does not (or, written before the stamps, cannot tell).
 """
+import hashlib
+import json
 import os
+import re
 import shlex
+import struct
 import subprocess
 import sys
-from typing import Optional
+import zlib
+from typing import Callable, Optional
 
 from absl import flags
 
+from bench import cli as bench_cli
 from datarater import files
 from launch import cli
 
@@ -47,6 +61,84 @@ def made_by() -> dict:
   return {'command': command(), 'code_version': code_version(), 'flags': flag_values()}
 
 
-def write_json(path: str, results: dict) -> None:
-  """`results` as JSON at `path` (atomically), with what made them (`made_by`)."""
-  files.write_json(path, {**results, 'made_by': made_by()})
+# The stamps of a set's .md and .png: the JSON's file name and the sha256 of its bytes.
+PNG_KEY = 'results-json-sha256'
+_MD_STAMP = re.compile(r'<!-- results: (\S+) sha256 ([0-9a-f]{16}) -->\s*\Z')
+
+
+def _sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _with_text_chunk(png: bytes, key: str, value: str) -> bytes:
+  """PNG file bytes `png` with a tEXt chunk `key`: `value` after its header chunk (IHDR)."""
+  if png[12:16] != b'IHDR':
+    raise ValueError('the figure written is not a PNG file')
+  data = key.encode('latin-1') + b'\0' + value.encode('latin-1')
+  chunk = (struct.pack('>I', len(data)) + b'tEXt' + data
+           + struct.pack('>I', zlib.crc32(b'tEXt' + data)))
+  return png[:33] + chunk + png[33:]  # 8 bytes of signature, 25 of IHDR
+
+
+def write_results(prefix: str, results: dict, markdown: Optional[str] = None,
+                  plot: Optional[Callable[[str], None]] = None) -> None:
+  """`results`, with what made them (`made_by`), as <prefix>.json, written last; before it the
+  table `markdown` as <prefix>.md and the figure `plot(path)` draws as <prefix>.png, each
+  stamped with the JSON's digest. The folder is made if needed."""
+  bench_cli.out_folder(prefix)
+  written_with = [ext for ext, part in (('.md', markdown), ('.png', plot)) if part is not None]
+  text = files.json_text({**results, 'made_by': made_by(), 'written_with': written_with})
+  name, digest = os.path.basename(prefix) + '.json', _sha256(text.encode())
+  if markdown is not None:
+    files.write_text(prefix + '.md',
+                     f'{markdown.rstrip()}\n\n<!-- results: {name} sha256 {digest} -->\n')
+  if plot is not None:
+    with files.atomic_path(prefix + '.png') as tmp:
+      plot(tmp)
+      with open(tmp, 'rb') as f:
+        png = f.read()
+      with open(tmp, 'wb') as f:
+        f.write(_with_text_chunk(png, PNG_KEY, f'{name} {digest}'))
+  files.write_text(prefix + '.json', text)
+
+
+def _stamp(path: str) -> Optional[str]:
+  """The JSON digest a set's .md or .png is stamped with, None if it has none."""
+  if path.endswith('.md'):
+    with open(path) as f:
+      found = _MD_STAMP.search(f.read())
+    return found.group(2) if found else None
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as image:
+    value = image.info.get(PNG_KEY)  # (a text chunk before the image data, as written)
+  return value.split()[-1] if value else None
+
+
+def check_results(prefix: str) -> dict:
+  """{path: verdict} of the .md and .png of the set <prefix> (and its .json when missing):
+  'ok' (stamped with the JSON's digest and listed in it), 'stale' (another run's: stamped with
+  another digest, not listed by a JSON that lists its files, or no JSON), 'missing' (listed by
+  the JSON but absent), 'legacy' (no stamp, beside a JSON that lists no files: written before
+  sets were stamped, so nothing tells whether they belong together)."""
+  try:
+    with open(prefix + '.json', 'rb') as f:
+      data = f.read()
+  except FileNotFoundError:
+    data = None
+  digest = _sha256(data) if data is not None else None
+  written_with = json.loads(data).get('written_with') if data is not None else None
+  verdicts = {} if data is not None else {prefix + '.json': 'missing'}
+  for ext in ('.md', '.png'):
+    path = prefix + ext
+    if not os.path.exists(path):
+      if written_with and ext in written_with:
+        verdicts[path] = 'missing'
+      continue
+    stamp = _stamp(path)
+    if written_with is None and stamp is None and data is not None:
+      verdicts[path] = 'legacy'
+    elif written_with is not None and ext in written_with and stamp == digest:
+      verdicts[path] = 'ok'
+    else:
+      verdicts[path] = 'stale'
+  return verdicts

@@ -2,15 +2,13 @@
 one (corruption rate, seed) pair, a DataRater meta-trained for it (or read back from a folder of
 finished raters, so that benchmarks run on the same pairs share their raters); the seconds spent
 compiling (or loading from the process's compilation cache, `launch.cli.run`), so that wall
-times can leave them out; and how a benchmark writes its results."""
+times can leave them out. (How a benchmark writes its results: `provenance.write_results`.)"""
 import os
 from typing import Optional
 
 import jax
 
-from bench import cli as bench_cli
-from bench import provenance
-from datarater import files, tasks
+from datarater import tasks
 from datarater.data import pipeline
 from datarater.meta_train import meta_train
 
@@ -80,10 +78,3 @@ def compile_seconds() -> float:
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
     _compile_total[1] = True
   return _compile_total[0]
-
-
-def write_results(prefix: str, results: dict, markdown: str) -> None:
-  """`results` as <prefix>.json and `markdown` as <prefix>.md, the folder made if needed."""
-  bench_cli.out_folder(prefix)
-  provenance.write_json(prefix + '.json', results)
-  files.write_text(prefix + '.md', markdown)

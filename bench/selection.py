@@ -322,9 +322,8 @@ def write_offline(stem: str, cfg, offline: list[dict], total_s: float) -> None:
                  f"{o['suspect_share']:.2%} | {cell('suspect_recall')} | "
                  f"{cell('suspect_precision')} | {cell('knn_auroc')} |")
   md = '\n'.join(lines + ['', 'Mean over folds x seeds:'] + guard_lines(offline)) + '\n'
-  provenance.write_json(f'{stem}.json', {'config': cfg.to_dict(), 'offline': offline,
-                                         'total_s': total_s, 'device': jax.devices()[0].platform})
-  files.write_text(f'{stem}.md', md)
+  provenance.write_results(stem, {'config': cfg.to_dict(), 'offline': offline,
+                                  'total_s': total_s, 'device': jax.devices()[0].platform}, md)
   print(md)
 
 
@@ -521,10 +520,9 @@ def main(argv):
             'gini_usage_penalty': ginis, 'offline': offline,
             'runs': runs, 'total_s': time.time() - t_start,
             'device': str(jax.devices()[0].platform)}
-  provenance.write_json(out + '.json', result)
   md = markdown(table, ginis, offline)
-  files.write_text(out + '.md', md)
-  plot(table, out + '.png', base_cfg.data.name)
+  provenance.write_results(out, result, md,
+                           lambda path: plot(table, path, base_cfg.data.name))
   print(md)
   print(json.dumps(result['acceptance'], indent=1))
   print(f'wrote {out}.json, .md and .png in {result["total_s"]:.0f} s')

@@ -23,7 +23,6 @@ import numpy as np
 from bench import cli as bench_cli
 from bench import compare
 from bench import provenance
-from datarater import files
 from datarater.errors import UserError
 
 _RESULTS = flags.DEFINE_list('results', [], 'Curation results JSON files (bench.curation).')
@@ -161,10 +160,8 @@ def main(argv):
     results = bench_cli.read_json(path, 'bench.curation results file', 'runs', 'methods')
     check(path, results)
     tables[os.path.relpath(path)] = rows_of(results)
-  bench_cli.out_folder(_OUT.value)
-  provenance.write_json(_OUT.value + '.json', {'tables': tables})
   text = markdown(tables)
-  files.write_text(_OUT.value + '.md', text)
+  provenance.write_results(_OUT.value, {'tables': tables}, text)
   print(text)
 
 

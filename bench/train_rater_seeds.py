@@ -102,7 +102,7 @@ def main(argv):
           f'{r["heldout_loss_rater"]:.4f} / uniform {r["heldout_loss_uniform"]:.4f}, test '
           f'accuracy {100 * r["test_accuracy_rater"]:.2f}% / {100 * r["test_accuracy_uniform"]:.2f}%'
           f' ({r["wall_s"]:.0f} s)', flush=True)
-  provenance.write_json(_OUT.value + '.json', {
+  provenance.write_results(_OUT.value, {
       'command': f'python -m launch.train_rater --config={_CONFIG.value} --workdir=DIR '
                  + ' '.join(seed_flags(_CONFIG.value, 'S')),
       'device': f'{os.cpu_count()}-core CPU', 'seeds': results})

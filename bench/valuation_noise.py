@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from bench import cli as bench_cli
-from bench import runs
+from bench import provenance, runs
 from datarater import evaluation, files, policies
 from datarater.config_checks import MAX_SEED
 from datarater.errors import UserError
@@ -242,8 +242,7 @@ def main(argv):
     shutil.rmtree(tmp_root, ignore_errors=True)
   results['total_s'] = time.time() - t_start
   md = markdown(results)
-  runs.write_results(_OUT.value, results, md)
-  plot(results, _OUT.value + '.png')
+  provenance.write_results(_OUT.value, results, md, lambda path: plot(results, path))
   print(md)
   print(f'wrote {_OUT.value}.json, .md and .png')
 

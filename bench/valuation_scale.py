@@ -547,9 +547,8 @@ def main(argv):
       # Sections kept from an earlier run keep their own command, code and machine.
       results[section]['made_by'] = {**provenance.made_by(), 'platform': platform.platform()}
       results['wall_s'] = sum(results[s]['section_wall_s'] for s in SECTIONS if s in results)
-      provenance.write_json(out + '.json', results)  # after each section
-  plot(results, out + '.png')
-  files.write_text(out + '.md', markdown(results))
+      provenance.write_results(out, results)  # after each section
+  provenance.write_results(out, results, markdown(results), lambda path: plot(results, path))
   print(f'wrote {out}.{{json,png,md}}: {results["wall_s"]:.0f} s of sections')
 
 if __name__ == '__main__':

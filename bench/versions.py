@@ -28,7 +28,6 @@ import numpy as np
 from bench import cli as bench_cli
 from bench import provenance
 from bench.compare import paired
-from datarater import files
 from datarater.errors import UserError
 
 SEEDS_FIGURES = (  # (key, label, scale, higher is better)
@@ -175,8 +174,8 @@ def main(argv):
                  + (f' ({r["undefined_after"]} seed(s) null after) |' if r['undefined_after']
                     else ' |'))
   print('\n'.join(lines))
-  provenance.write_json(fv.out + '.json', {'before': fv.before, 'after': fv.after, 'rows': rows})
-  files.write_text(fv.out + '.md', '\n'.join(lines) + '\n')
+  provenance.write_results(fv.out, {'before': fv.before, 'after': fv.after, 'rows': rows},
+                           '\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':

@@ -381,10 +381,14 @@ def json_safe(obj: Any) -> Any:
   return obj
 
 
+def json_text(obj: Any) -> str:
+  """`obj` as the text of a standard JSON file (non-finite floats as null), keys sorted."""
+  return json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False)
+
+
 def write_json(path: str, obj: Any) -> None:
-  """`obj` as standard JSON (non-finite floats as null), atomically."""
-  with atomic_path(path) as tmp, open(tmp, 'w') as f:
-    json.dump(json_safe(obj), f, indent=2, sort_keys=True, allow_nan=False)
+  """`obj` as standard JSON (`json_text`), atomically."""
+  write_text(path, json_text(obj))
 
 
 def write_text(path: str, text: str) -> None:

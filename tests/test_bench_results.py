@@ -1,0 +1,126 @@
+"""A benchmark's results as one set (`bench.provenance.write_results`): a writer killed between
+its files leaves either one run's set under the final names or a set `check_results` flags."""
+import glob
+import os
+import signal
+
+from PIL import Image
+import pytest
+
+from bench import provenance
+from datarater import files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = {'A': {'accuracy': 0.5, 'seeds': [0, 1]}, 'B': {'accuracy': 0.75, 'seeds': [0, 1, 2]}}
+SUFFIXES = ('.json', '.md', '.png')
+
+
+def _write(prefix: str, run: str) -> None:
+  """A tiny fake bench's results: a one-row table and a 2x2 figure whose shade is the run's."""
+  shade = {'A': 10, 'B': 200}[run]
+  provenance.write_results(prefix, RUNS[run], f'| accuracy |\n|---|\n| {RUNS[run]["accuracy"]} |',
+                           lambda path: Image.new('L', (2, 2), shade).save(path, format='PNG'))
+
+
+def _write_legacy(prefix: str, run: str) -> None:
+  """The set as the benches wrote it before the stamps: the JSON, then the .md and .png."""
+  files.write_json(prefix + '.json', {**RUNS[run], 'made_by': provenance.made_by()})
+  files.write_text(prefix + '.md', f'| accuracy |\n|---|\n| {RUNS[run]["accuracy"]} |\n')
+  Image.new('L', (2, 2), 10).save(prefix + '.png', format='PNG')
+
+
+def _killed_at(prefix: str, run: str, rename: int) -> bool:
+  """`_write(prefix, run)` in a forked child SIGKILLed as it starts its `rename`-th rename (of a
+  finished temporary file to its name); False when it finished first."""
+  pid = os.fork()
+  if pid == 0:  # pragma: no cover (the child)
+    try:
+      replace, count = os.replace, [0]
+      def killed(src, dst):
+        count[0] += 1
+        if count[0] == rename:
+          os.kill(os.getpid(), signal.SIGKILL)
+        replace(src, dst)
+      os.replace = killed
+      _write(prefix, run)
+    finally:
+      os._exit(0)  # pylint: disable=protected-access
+  _, status = os.waitpid(pid, 0)
+  assert os.WIFEXITED(status) or os.WTERMSIG(status) == signal.SIGKILL, status
+  return os.WIFSIGNALED(status)
+
+
+def _read(prefix: str) -> dict:
+  """{suffix: bytes} of the set's files that exist."""
+  found = {}
+  for ext in SUFFIXES:
+    if os.path.exists(prefix + ext):
+      with open(prefix + ext, 'rb') as f:
+        found[ext] = f.read()
+  return found
+
+
+@pytest.mark.parametrize('before', ['stamped', 'legacy'])
+def test_a_write_killed_between_its_files_leaves_one_set_or_a_flagged_one(tmp_path, before):
+  """Run A's set (written by `write_results`, or as before the stamps) is replaced by run B's,
+  the writer killed at each of its renames in turn. Which run each file under its final name
+  came from is read off its bytes (those of each run's set written whole elsewhere); the check
+  flags exactly the files that are not of the JSON's run, and passes a set written whole."""
+  whole = {}
+  for run in RUNS:
+    os.makedirs(tmp_path / run)
+    _write(str(tmp_path / run / 'r'), run)
+    whole[run] = _read(str(tmp_path / run / 'r'))
+    assert set(whole[run]) == set(SUFFIXES)
+    assert provenance.check_results(str(tmp_path / run / 'r')) == {
+        str(tmp_path / run / 'r.md'): 'ok', str(tmp_path / run / 'r.png'): 'ok'}
+    with Image.open(tmp_path / run / 'r.png') as image:  # a valid PNG (chunk CRCs checked)
+      image.load()
+      assert image.text[provenance.PNG_KEY].startswith('r.json ')
+  rename, seen_mixed = 0, 0
+  while True:
+    rename += 1
+    prefix = str(tmp_path / f'kill{rename}' / 'r')
+    os.makedirs(os.path.dirname(prefix))
+    (_write if before == 'stamped' else _write_legacy)(prefix, 'A')
+    old = _read(prefix)
+    killed = _killed_at(prefix, 'B', rename)
+    found = _read(prefix)
+    assert set(found) == set(SUFFIXES)
+    origin = {}
+    for ext, data in found.items():
+      origin[ext] = next((run for run, s in (('A', old), ('B', whole['B'])) if data == s[ext]),
+                         None)
+      assert origin[ext], (rename, ext)  # never half-written
+    verdicts = provenance.check_results(prefix)
+    flagged = {ext for ext in SUFFIXES if verdicts.get(prefix + ext) in ('stale', 'missing')}
+    assert flagged == {ext for ext in SUFFIXES if origin[ext] != origin['.json']}, (
+        rename, origin, verdicts)
+    unflagged = 'ok' if origin['.json'] == 'B' or before == 'stamped' else 'legacy'
+    assert all(v == unflagged for p, v in verdicts.items() if p[len(prefix):] not in flagged)
+    seen_mixed += bool(flagged)
+    if not killed:
+      break
+  assert origin == {ext: 'B' for ext in SUFFIXES} and not flagged
+  assert rename == 4 and seen_mixed == 2  # killed at the .md, .png and .json renames
+
+
+def test_the_stored_results_are_whole_sets_or_legacy():
+  """No results set in bench/results/ holds a file another run left (the sets written before the
+  stamps are 'legacy': nothing tells whether they belong together)."""
+  verdicts = {}
+  for path in glob.glob(os.path.join(ROOT, 'bench', 'results', '*.json')):
+    verdicts.update(provenance.check_results(path[:-len('.json')]))
+  assert verdicts and set(verdicts.values()) <= {'ok', 'legacy'}, {
+      p: v for p, v in verdicts.items() if v not in ('ok', 'legacy')}
+
+
+def test_every_bench_writes_its_results_as_one_set():
+  """No bench writes a results file of its own (outside `write_results`, a file it writes alone
+  is not in the set its JSON lists); a figure is drawn only by the `plot` it is given."""
+  for name in sorted(glob.glob(os.path.join(ROOT, 'bench', '*.py'))):
+    if os.path.basename(name) != 'provenance.py':
+      with open(name) as f:
+        text = f.read()
+      for call in ('write_json(', 'write_text(', 'savefig('):
+        assert call not in text, (name, call)
