@@ -19,13 +19,12 @@ import json
 import os
 import re
 import shlex
-import struct
 import subprocess
 import sys
-import zlib
 from typing import Callable, Optional
 
 from absl import flags
+from PIL import Image, PngImagePlugin
 
 from bench import cli as bench_cli
 from datarater import files
@@ -70,14 +69,15 @@ def _sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _with_text_chunk(png: bytes, key: str, value: str) -> bytes:
-  """PNG file bytes `png` with a tEXt chunk `key`: `value` after its header chunk (IHDR)."""
-  if png[12:16] != b'IHDR':
-    raise ValueError('the figure written is not a PNG file')
-  data = key.encode('latin-1') + b'\0' + value.encode('latin-1')
-  chunk = (struct.pack('>I', len(data)) + b'tEXt' + data
-           + struct.pack('>I', zlib.crc32(b'tEXt' + data)))
-  return png[:33] + chunk + png[33:]  # 8 bytes of signature, 25 of IHDR
+def _add_text_chunk(path: str, key: str, value: str) -> None:
+  """Rewrites the PNG file `path` with a text chunk `key`: `value` (the image data as it was)."""
+  with Image.open(path) as image:
+    image.load()
+  info = PngImagePlugin.PngInfo()
+  for k, v in image.text.items():  # (matplotlib's Software tag)
+    info.add_text(k, v)
+  info.add_text(key, value)
+  image.save(path, format='PNG', pnginfo=info)
 
 
 def write_results(prefix: str, results: dict, markdown: Optional[str] = None,
@@ -95,10 +95,7 @@ def write_results(prefix: str, results: dict, markdown: Optional[str] = None,
   if plot is not None:
     with files.atomic_path(prefix + '.png') as tmp:
       plot(tmp)
-      with open(tmp, 'rb') as f:
-        png = f.read()
-      with open(tmp, 'wb') as f:
-        f.write(_with_text_chunk(png, PNG_KEY, f'{name} {digest}'))
+      _add_text_chunk(tmp, PNG_KEY, f'{name} {digest}')
   files.write_text(prefix + '.json', text)
 
 
@@ -108,7 +105,6 @@ def _stamp(path: str) -> Optional[str]:
     with open(path) as f:
       found = _MD_STAMP.search(f.read())
     return found.group(2) if found else None
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as image:
     value = image.info.get(PNG_KEY)  # (a text chunk before the image data, as written)
   return value.split()[-1] if value else None
