@@ -76,6 +76,20 @@ def record(config, task, split, steps: int, every: int, cache=None, name: str = 
   return make() if cache is None else cache.get(name, make)
 
 
+def run_length(method: str, v: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(steps, checkpoint_every) of the training run gradient `method` values from: the data value
+  embedding's is `dvemb_steps` long with a checkpoint at every step, the others' `train_steps`
+  long with one every `checkpoint_every`."""
+  return (v.dvemb_steps, 1) if method == 'dvemb' else (v.train_steps, v.checkpoint_every)
+
+
+def record_for(method: str, config, task, split, cache=None):
+  """`record` of the run gradient `method` values from (`run_length`), cached under its name."""
+  steps, every = run_length(method, config.valuation)
+  return record(config, task, split, steps, every, cache,
+                'dvemb_run' if method == 'dvemb' else 'run')
+
+
 def check_per_example(config, task, split) -> None:
   """Refuses a loss that reads other examples of its batch (`tasks.check_per_example`, on the
   valuation seed's recorded run's initial parameters and the first examples of `split`)."""
@@ -171,8 +185,8 @@ def check_settings(method: str, config, task) -> None:
     if v.dvemb_curvature == 'exact' and v.projection != 'none':
       raise UserError("valuation.dvemb_curvature='exact' works on unprojected gradients: set "
                       f"valuation.projection='none' (got {v.projection!r})")
-  # Every gradient method but dvemb (a checkpoint per step) records `record(.., train_steps,
-  # checkpoint_every)`: a new method too, refused here before a workdir is made.
+  # Every gradient method but dvemb (a checkpoint per step) records train_steps with a checkpoint
+  # every checkpoint_every (`run_length`): a new method too, refused here before a workdir is made.
   if method not in ('dvemb', 'datarater') and v.train_steps % v.checkpoint_every:
     raise UserError(f'valuation.checkpoint_every={v.checkpoint_every} must be >= 1 and divide '
                     f'valuation.train_steps={v.train_steps}')
@@ -262,7 +276,7 @@ def build(method: str, config, task, train, heldout, cache=None, fit: bool = Tru
     check_per_example(config, task, heldout)
   if method == 'dvemb':
     warn_dvemb_unvalued(v, len(train))  # before the run is recorded
-    run, cost = record(config, task, train, v.dvemb_steps, 1, cache, 'dvemb_run')
+    run, cost = record_for(method, config, task, train, cache)
     valuation = DataValueEmbedding(task, len(train), heldout_batch, make_projection(v),
                                    v.dvemb_curvature, chunk_size=chunk)
     if fit:
@@ -271,7 +285,7 @@ def build(method: str, config, task, train, heldout, cache=None, fit: bool = Tru
     per_step = tasks.num_classes(task) if v.dvemb_curvature == 'gauss_newton' else 0
     valuation.example_gradients = cost * (2 + per_step)
     return valuation
-  run, cost = record(config, task, train, v.train_steps, v.checkpoint_every, cache)
+  run, cost = record_for(method, config, task, train, cache)
   if method == 'tracin':
     # Ghost norms where Dense layers hold the parameters read: self-influence (unprojected) and
     # heldout_cos's norms (its dots are JVPs; 'heldout' forms no gradient).

@@ -303,7 +303,7 @@ def _check_store_size(method: str, config, n: int, workdir: str) -> None:
   method's stores already there count as free (one may be the store reused), so the check errs
   toward running."""
   v = config.valuation
-  steps, every = ((v.dvemb_steps, 1) if method == 'dvemb' else (v.train_steps, v.checkpoint_every))
+  steps, every = factory.run_length(method, v)
   checkpoints = 1 if method == 'dvemb' else max(1, steps // every)
   need = n * v.store_k ** 2 * 4 * checkpoints
   folder = os.path.abspath(workdir)
@@ -327,9 +327,7 @@ def _from_store(method, config, task, train, heldout, workdir, stem, tag, valuat
   from datarater.valuation import store as store_lib  # pylint: disable=g-import-not-at-top
   v = config.valuation
   loss = task.per_example_loss
-  steps, every = ((v.dvemb_steps, 1) if method == 'dvemb' else (v.train_steps, v.checkpoint_every))
-  run, _ = factory.record(config, task, train, steps, every, cache,
-                          'dvemb_run' if method == 'dvemb' else 'run')
+  run, _ = factory.record_for(method, config, task, train, cache)
   # The in-memory method's layers (data value embedding takes every parameter).
   if method == 'mimic':
     layers = factory.mimic_layers(config, task, run.final_params, train)
