@@ -34,8 +34,8 @@ def bar(**kwargs) -> tqdm:
   if kwargs.get('disable') or sys.stderr.isatty():
     return tqdm(**kwargs)
   kwargs['leave'] = True  # a bar that clears itself would leave only its first line in a log
-  # miniters=1: the time alone decides (tqdm's own count of updates between lines, fitted to
-  # the rate, printed two lines 0.4 s apart after a 40 s gap when the rate fell).
+  # miniters=1: the time alone decides (tqdm's own count of updates between lines is fitted to
+  # the rate, so when the rate falls it prints lines seconds apart after a long gap).
   return tqdm(file=_Lines(sys.stdout), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S,
               miniters=1, ascii=True, **kwargs)
 

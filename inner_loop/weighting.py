@@ -22,9 +22,10 @@ def softmax_weights(scores: jax.Array, temperature: float,
 
   With `mask` (1 = a real example, 0 = padding), the softmax runs over the real examples only
   and they average 1 among themselves; padding weighs 0. In float32 at least, whatever the
-  scores' dtype (in bfloat16, a batch of 128's weights were up to 3% off, summing to 128.04).
+  scores' dtype (bfloat16's 8 bits of precision would put the weights and their sum percents off).
   The largest real score is subtracted before dividing by the temperature, so any finite scores
-  give finite weights (scores of 1e33 at temperature 1e-6 overflowed to inf, the weights NaN).
+  give finite weights (else large scores over a small temperature overflow to inf, the weights
+  NaN).
   """
   scores = at_least_float32(jnp.asarray(scores))
   real = jnp.ones(scores.shape, bool) if mask is None else mask > 0

@@ -71,7 +71,8 @@ def make_estimator(outer, inner, params=None):
   inverse = make_step_inverse(inner.optimizer, inner.learning_rate)
   if name == 'mixed' and recompute == 'invert' and narrow:
     # A step's update below half an ulp of a parameter is rounded away (theta' = theta), which
-    # the inverse theta = theta' - u cannot know (Adam, T = 20, bfloat16: error 8.7, reverse 0.12).
+    # the inverse theta = theta' - u cannot know: the states it recovers, and the meta-gradient,
+    # drift from the true ones.
     raise UserError(f"outer.mixed_recompute='invert' undoes inner steps in the task's "
                     f"{'/'.join(narrow)} parameters, whose round-off it cannot undo (the "
                     "meta-gradient would be wrong): use 'replay' (what 'auto' picks for them)")

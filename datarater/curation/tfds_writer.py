@@ -11,8 +11,8 @@ Each split is written in shards (`NAME-SPLIT.array_record-0000K-of-0000N`, their
 dataset_info.json) by TFDS's own rule for their number (`ShardRule`): a power of two, each shard
 at least 64 MiB or `SHARD_EXAMPLES` examples, whichever is less, and under twice that (below
 1024 shards; a smaller split in one). A reader's memory grows with the examples of the files it
-opens (a sequential walk over 400k 8-byte examples peaked 80 MiB above its start in one file, 40
-in four), and a batch read fetches its files in parallel.
+opens, so a split in several files is walked in less memory than in one, and a batch read
+fetches its files in parallel.
 
 `Image` features are read and written as their stored bytes (PNG or JPEG files; TFDS encodes an
 image array with TensorFlow, not needed here): an example's image is copied byte for byte unless
