@@ -55,8 +55,9 @@ def example_batch(spec: FeatureSpec, size: int = 1) -> dict:
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_module(module, key: jax.Array, x: jax.Array) -> Params:
-  """`module.init(key, x)` as one compiled program (flax modules are hashable, so each module and
-  input shape compiles once; an eager init compiles every layer's operations one by one)."""
+  """`module.init(key, x)` as one compiled program (a module is a static argument, so each module
+  and input shape compiles once; an eager init compiles every layer's operations one by one).
+  The module must be hashable: its fields tuples, not lists (`nn.Sequential((a, b))`)."""
   return module.init(key, x)
 
 
@@ -126,10 +127,10 @@ def check_per_example(model: 'Task | Rater', params: Params, batch: Batch) -> No
                           atol=max(1e-4, narrow) * top(d_alone) + 1e-6)):
     nan = [np.isnan(np.asarray(x)) for x in (together, alone, d_together, d_alone)]
     if any(x.any() for x in nan):  # NaN != NaN: not a sign of batch-mates read
-      rows = int(np.sum(nan[0] | nan[1] | nan[2] | nan[3]))
+      nan_rows = int(np.sum(nan[0] | nan[1] | nan[2] | nan[3]))
       raise UserError(f'{"rater" if rater else "task"} {type(model).__name__}: its '
                       f'{"score" if rater else "per_example_loss"} or its derivative is NaN on '
-                      f'{rows} of {len(nan[0])} examples at its initial parameters: data it '
+                      f'{nan_rows} of {len(nan[0])} examples at its initial parameters: data it '
                       "cannot read, such as tokens outside an embedding's vocabulary (flax's "
                       'nn.Embed reads NaN for them)? Its check_data can refuse such data in one '
                       'line')
