@@ -24,9 +24,11 @@ from datarater import (checkpointing, config_checks, evaluation, files, multihos
 from datarater.curation import select
 from datarater.data import pipeline
 from datarater.errors import UserError
-from datarater.policies import weighting
+from datarater.policies.base import weighting
+from datarater.policies.weighting import rater_weights
 from datarater.progress import setup_logging
 from datarater.trainer import Trainer
+from inner_loop.weighting import check_batch_size
 from outer_loop import meta_step, setup, sharding
 from outer_loop.batches import MetaBatches
 
@@ -76,7 +78,7 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     if stop_after is not None and stop_after > config.outer.steps:  # it would never stop the run
       raise UserError(f'--stop_after={stop_after} is past the run\'s last outer step '
                       f'(outer.steps={config.outer.steps})')
-    weighting.check_batch_size(config.inner.batch_size, 'inner.batch_size')
+    check_batch_size(config.inner.batch_size, 'inner.batch_size')
     mesh = sharding.make_mesh(config.inner.population, devices)
     sharding.check_batch_sizes(mesh, **{'inner.batch_size': config.inner.batch_size,
                                         'outer.batch_size': config.outer.batch_size})
@@ -431,9 +433,9 @@ def fresh_model_results(config, data, problem, rater_params) -> dict:
   fe = config.final_eval
   if fe.num_models < 1:
     return {}
-  policies = {'rater': weighting.rater_weights(problem.rater, rater_params,
-                                               problem.temperature, len(data.train)),
-              'uniform': weighting.weighting('uniform', len(data.train))}
+  policies = {'rater': rater_weights(problem.rater, rater_params, problem.temperature,
+                                     len(data.train)),
+              'uniform': weighting('uniform', len(data.train))}
   seeds = [config.seed * fe.num_models + m for m in range(fe.num_models)]
   results = {}
   for name, policy in policies.items():
