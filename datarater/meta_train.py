@@ -170,6 +170,21 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
   progress = _Progress(config, problem, data, metrics_log, start, saved)
 
   last_step = config.outer.steps if stop_after is None else min(stop_after, config.outer.steps)
+  state = _outer_steps(config, mesh, data, ckpt, progress, step_fn, state, start, last_step,
+                       inner_sh, outer_sh)
+  if last_step < config.outer.steps:
+    if primary:
+      log.info('stopped after outer step %d (checkpointed); run again to resume', last_step)
+    return {}
+  return _score_and_report(config, workdir, data, problem, state, progress, metrics_log)
+
+
+def _outer_steps(config, mesh, data, ckpt, progress, step_fn, state, start: int,
+                 last_step: int, inner_sh, outer_sh):
+  """Compiles the outer step (`step_fn`, jitted) and runs it from step `start` to `last_step`,
+  recording and checkpointing as it goes; returns the state after the last step run (a signal
+  to any process stops every process after one step, checkpointed there)."""
+  primary = jax.process_index() == 0
   # Multi-process on CPU, each step finishes before the next is dispatched: with steps queued
   # ahead, a two-process run on 2 cores can hang mid-run (one device of a process waiting in the
   # cross-process all-reduce, the other's launch of the same step waiting behind XLA's limit on
@@ -233,12 +248,7 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
         ckpt.save(done, state, data.position(done), {'progress': progress.saved()})
       if stop:
         break
-  if last_step < config.outer.steps:
-    if primary:
-      log.info('stopped after outer step %d (checkpointed); run again to resume', last_step)
-    return {}
-  return _score_and_report(config, workdir, data, problem, state, progress, metrics_log)
-
+  return state
 
 def _score_and_report(config, workdir, data, problem, state, progress, metrics_log) -> dict:
   """Process 0 scores the final rater and reports while the others wait for it here (not at
