@@ -71,10 +71,17 @@ def run_selection(policy, num, epochs, seed=0, losses=None):
   return state
 
 
-def test_gini():
-  assert gini(np.full(10, 3)) == pytest.approx(0.0)
+def test_gini_is_the_mean_absolute_difference_over_twice_the_mean():
+  """Gini = sum_ij |x_i - x_j| / (2 n^2 mean x), every pair by brute force in float64: 0 for
+  equal counts, (n - 1) / n with all on one example, and every count vector in between."""
+  rng = np.random.default_rng(0)
+  for counts in (np.full(10, 3), np.eye(10)[0], np.arange(10), rng.integers(0, 9, 37),
+                 rng.permutation(np.r_[np.zeros(20), rng.integers(1, 50, 13)])):
+    x = np.asarray(counts, np.float64)
+    want = np.abs(x[:, None] - x[None, :]).sum() / (2 * len(x) ** 2 * x.mean())
+    assert gini(counts) == pytest.approx(want, abs=1e-12), counts
   assert gini(np.eye(10)[0]) == pytest.approx(0.9)
-  assert 0 < gini(np.arange(10)) < 0.9
+  assert gini(np.zeros(5)) == 0.0 and gini([]) == 0.0
 
 
 def test_budget_is_the_decimal_ratio_times_n_rounded_halves_to_even():
