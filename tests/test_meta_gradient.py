@@ -85,22 +85,28 @@ def test_outer_step_uses_the_meta_gradient():
   np.testing.assert_allclose(moved, -1e-2 * g / (np.abs(g) + 1e-8), rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize('temperature', [0.7, 0.01])
-def test_weight_ess_is_the_kish_effective_sample_size(temperature):
+@pytest.mark.parametrize('temperature,advance', [(0.7, 2), (0.01, 0)])
+def test_weight_ess_is_the_kish_effective_sample_size(temperature, advance):
   """The logged `weight_ess` is Kish's (sum w)^2 / (B sum w^2) of each member's weights on its
   first unrolled batch (numpy, float64, from the raw scores; the formula is scale-free), mean
-  over members; toward 1/B as the softmax sharpens."""
-  problem = dataclasses.replace(tiny_problem(), temperature=temperature)
-  inner, outer = tiny_batches(4, population=2, steps=2, batch=8)
+  over members; toward 1/B as the softmax sharpens. With A advance steps the first unrolled
+  batch is batch A, not the first advance step's batch 0."""
+  problem = dataclasses.replace(tiny_problem(), temperature=temperature, advance_steps=advance)
+  inner, outer = tiny_batches(4, population=2, steps=advance + 2, batch=8)
   state = meta_step.init_outer_state(problem, jax.random.PRNGKey(5), 2)
   _, metrics = _jitted_outer_step(problem, estimator())(state, inner, outer)
-  kish = []
-  for member in range(2):
-    first = jax.tree.map(lambda x: x[member, 0], inner)  # pylint: disable=cell-var-from-loop
-    s = np.asarray(problem.rater.score(state.rater_params, first), np.float64) / temperature
-    w = np.exp(s - s.max())
-    kish.append(w.sum() ** 2 / (len(w) * (w ** 2).sum()))
-  np.testing.assert_allclose(float(metrics['weight_ess']), np.mean(kish), rtol=1e-4)
+
+  def kish(step):  # mean over members of Kish's ESS of the weights on their batch `step`
+    out = []
+    for member in range(2):
+      batch = jax.tree.map(lambda x, m=member: x[m, step], inner)
+      s = np.asarray(problem.rater.score(state.rater_params, batch), np.float64) / temperature
+      w = np.exp(s - s.max())
+      out.append(w.sum() ** 2 / (len(w) * (w ** 2).sum()))
+    return np.mean(out)
+  np.testing.assert_allclose(float(metrics['weight_ess']), kish(advance), rtol=1e-4)
+  if advance:
+    assert abs(kish(0) - kish(advance)) > 1e-3  # another batch's ESS would show
   assert 1 / 8 <= float(metrics['weight_ess']) <= 1 + 1e-6
   if temperature == 0.01:
     assert float(metrics['weight_ess']) < 0.5  # the check can tell a sharp softmax apart
