@@ -286,7 +286,8 @@ def test_outer_optimizer_clips_the_global_norm_before_adam():
 
 def test_mixed_mode_memory_is_nearly_flat_in_the_unroll_length():
   """XLA's compiled temporaries of one outer step: mixed mode at T = 24 keeps little more than at
-  T = 2, while reverse mode at T = 24 keeps every inner step's activations (several times more)."""
+  T = 2, while reverse mode at T = 24 keeps every inner step's activations (several times more);
+  remat, which recomputes them on the way back, keeps well under reverse mode's."""
   def temp_bytes(mode, steps):
     problem = tiny_problem(optimizer='adam', lr=0.05, dim=32, hidden=(64,))
     inner, outer = tiny_batches(0, population=2, steps=steps, batch=32, dim=32)
@@ -298,6 +299,8 @@ def test_mixed_mode_memory_is_nearly_flat_in_the_unroll_length():
   reverse_long = temp_bytes('reverse', 24)
   assert mixed_long < 1.3 * mixed_short, (mixed_short, mixed_long)
   assert reverse_long > 3 * mixed_long, (reverse_long, mixed_long)
+  remat_long = temp_bytes('remat', 24)  # (measured: ~0.4 of reverse mode's)
+  assert remat_long < 0.6 * reverse_long, (remat_long, reverse_long)
 
 
 def test_the_mixed_options_bind_mixed_mode_alone():
