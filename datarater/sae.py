@@ -2,9 +2,9 @@
 
 x -> z = sparsify(W_enc (x - b_pre) + b_enc) -> x_hat = W_dec z + b_pre, with unit-norm decoder
 rows (so the L1 penalty cannot be dodged by shrinking z and growing W_dec). `top_k` keeps the k
-largest pre-activations of each example (then ReLU: at most k factors active); `l1` applies ReLU
-and adds `l1_coef * |z|_1` to the loss. Features are standardised first (`Normaliser`), so one
-learning rate and L1 coefficient suit any extractor.
+largest pre-activations of each example (exactly k, ties to the lower index; then ReLU: at most k
+factors active); `l1` applies ReLU and adds `l1_coef * |z|_1` to the loss. Features are
+standardised first (`Normaliser`), so one learning rate and L1 coefficient suit any extractor.
 """
 import functools
 import math
@@ -43,6 +43,16 @@ def offline_steps(steps: int, epochs: float, num_examples: int, batch_size: int,
   return int(steps)
 
 
+def top_k_mask(pre: jax.Array, k: int) -> jax.Array:
+  """bool [B, M]: each row's k largest entries, exactly k; of entries tied at the k-th largest
+  value the lowest-indexed, as `lax.top_k` takes them (a `>= k-th value` mask keeps every tied
+  entry: more than k). The k-th value comes from `jnp.partition`, faster than top_k on CPU."""
+  kth = jax.lax.stop_gradient(-jnp.partition(-pre, k - 1, axis=-1)[:, k - 1:k])
+  above, tied = pre > kth, pre == kth
+  room = k - jnp.sum(above, -1, keepdims=True)  # places left for the tied entries
+  return above | (tied & (jnp.cumsum(tied, -1) <= room))
+
+
 class SAE(nn.Module):
   """Returns (reconstruction [B, D], codes [B, num_factors] >= 0)."""
   num_factors: int
@@ -57,9 +67,7 @@ class SAE(nn.Module):
     w_dec = w_dec / (jnp.linalg.norm(w_dec, axis=-1, keepdims=True) + 1e-8)
     pre = nn.Dense(self.num_factors, name='encoder')(x - b_pre)
     if self.sparsity == 'top_k':
-      # The k-th largest pre-activation per row (jnp.partition is faster than top_k on CPU).
-      kth = jax.lax.stop_gradient(-jnp.partition(-pre, self.k - 1, axis=-1)[:, self.k - 1:self.k])
-      codes = jnp.where(pre >= kth, nn.relu(pre), 0.0)  # a mask, not a scatter: cheap backward
+      codes = jnp.where(top_k_mask(pre, self.k), nn.relu(pre), 0.0)  # a mask: cheap backward
     else:
       codes = nn.relu(pre)
     return codes @ w_dec + b_pre, codes

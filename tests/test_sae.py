@@ -87,6 +87,45 @@ def test_decoder_rows_are_unit_normed_so_their_scale_does_not_matter(sparsity):
     np.testing.assert_array_equal(codes2, got_codes)
 
 
+def test_top_k_keeps_exactly_k_on_ties_lowest_index_first_and_its_gradient_only():
+  """Pre-activations tied at the k-th value (duplicated encoder columns with equal biases; a zero
+  input, whose pre-activations are the biases) keep exactly k factors: the lowest-indexed of the
+  tied, as a stable float64 numpy sort orders them. The gradient of sum(g * codes) flows through
+  the kept positive entries alone: (x - b_pre)^T (g * kept * (pre > 0)), in float64. Integer
+  inputs and weights, dyadic biases: every tie is exact whatever the summation order."""
+  rng = np.random.default_rng(0)
+  factors, dim, k = 8, 4, 3
+  module = sae.make_sae(sae_config(num_factors=factors, k=k))
+  x = rng.integers(-2, 3, size=(16, dim)).astype(np.float64)
+  x[0] = 0.0
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                          module.init(jax.random.PRNGKey(0), jnp.asarray(x)))
+    p = params['params']
+    kernel = rng.integers(-2, 3, size=(dim, factors)).astype(np.float64)
+    kernel[:, 1] = kernel[:, 2] = kernel[:, 0]
+    kernel[:, 5] = kernel[:, 4]
+    p['encoder']['kernel'] = kernel
+    p['encoder']['bias'] = np.array([1.0, 1.0, 1.0, 2.0, 0.5, 0.5, 0.25, 1.5])
+    pre = x @ kernel + p['encoder']['bias']  # b_pre is 0
+    kept = np.zeros_like(pre, bool)
+    np.put_along_axis(kept, np.argsort(-pre, axis=1, kind='stable')[:, :k], True, axis=1)
+    kth = np.sort(pre, axis=1)[:, -k:-k + 1]
+    straddles = ((pre >= kth) & (pre > 0)).sum(1) > k  # a ">= k-th value" mask keeps more
+    assert straddles[0] and straddles.sum() >= 3, straddles
+    codes = np.where(kept, np.maximum(pre, 0.0), 0.0)
+    _, got = module.apply(params, jnp.asarray(x))
+    np.testing.assert_array_equal(got, codes)
+    assert (np.asarray(got) > 0).sum(1).max() == k
+    g = rng.normal(size=codes.shape)
+    grads = jax.grad(lambda q: jnp.sum(g * module.apply(q, jnp.asarray(x))[1]))(params)
+    upstream = g * kept * (pre > 0)
+    np.testing.assert_allclose(grads['params']['encoder']['kernel'], x.T @ upstream, rtol=1e-12)
+    np.testing.assert_allclose(grads['params']['encoder']['bias'], upstream.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(grads['params']['b_pre'], -(upstream @ kernel.T).sum(0),
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize('bad', [dict(sparsity='dense'), dict(k=0), dict(k=49), dict(num_factors=0)])
 def test_bad_sae_config_is_a_user_error(bad):
   with pytest.raises(UserError, match='sae'):
