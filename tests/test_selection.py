@@ -2,6 +2,7 @@
 import fractions
 import itertools
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -194,6 +195,33 @@ def test_infobatch_ranks_equal_losses_in_a_random_order():
                 init_state(num, jax.random.PRNGKey(0)).replace(
                     counts=jnp.ones(num, jnp.int32), losses=jnp.full(num, 4.0, jnp.float32))):
     _equal_keep_rates(policy, state, num, draws)
+
+
+def test_infobatch_candidates_below_the_exact_mean_of_tied_losses():
+  """Losses tied at their exact mean (all equal; or a third of them halfway between two equally
+  common values) are not below it, at values whose float32 sum rounds the mean either way: the
+  candidates are the losses below the exact rational mean (widened to the fewest allowed), so
+  the kept candidates weigh 1 / (1 - (N - n) / #candidates)."""
+  v, d = np.float32(0.3), np.float32(2.0 ** -10)
+  cases = {(100, 0.5): [np.full(100, x, np.float32) for x in (0.1, 0.3, 0.7, 1.1, 2.3)],
+           (300, 0.9): [np.repeat(np.array([v - d, v, v + d], np.float32), 100),
+                        np.full(300, 0.3, np.float32)]}
+  for (num, ratio), tied in cases.items():
+    policy = policies.infobatch(num, ratio, max_prune_prob=0.8)
+    select = jax.jit(policy.select)
+    pruned = num - policy.num_selected
+    for losses in tied:
+      mean = sum(map(fractions.Fraction, losses.tolist())) / num
+      assert fractions.Fraction(float(np.float32(mean))) == mean  # a float32 value: ties exist
+      below = sum(fractions.Fraction(x) < mean for x in losses.tolist())
+      candidates = max(below, math.ceil(pruned / 0.8))
+      state = init_state(num, jax.random.PRNGKey(0)).replace(
+          counts=jnp.ones(num, jnp.int32), losses=jnp.asarray(losses))
+      idx, w, _ = select(policy.aux, state)
+      out = np.setdiff1d(np.arange(num), np.asarray(idx))
+      assert losses[out].max() <= np.sort(losses)[candidates - 1], (num, losses[0])
+      np.testing.assert_allclose(w.max(), 1 / (1 - pruned / candidates), rtol=1e-6,
+                                 err_msg=f'{losses[0]} x {num}')
 
 
 def _equal_keep_rates(policy, state, num, draws):

@@ -99,11 +99,12 @@ def random(num_examples: int, ratio: float) -> Policy:
 def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> Policy:
   """InfoBatch-style: randomly prune well-learned (low-loss) examples, rescale the kept ones.
 
-  Candidates are the examples whose last loss is below the mean (InfoBatch's rule), widened to the
-  lowest-loss ceil((N - n) / max_prune_prob) if there are too few, so exactly N - n are pruned with
-  probability p = (N - n) / #candidates <= max_prune_prob (when the ratio is below 1-max_prune_prob,
-  every example is a candidate and p = 1 - ratio exceeds it); kept candidates get weight 1 / (1 - p)
-  so the expected gradient matches the full-data one. InfoBatch's annealing (its last ~12.5% of
+  Candidates are the examples whose last loss is below the mean (InfoBatch's rule; equal losses
+  are not below theirs), widened to the lowest-loss ceil((N - n) / max_prune_prob) if there are
+  too few, so exactly N - n are pruned with probability p = (N - n) / #candidates <=
+  max_prune_prob (when the ratio is below 1-max_prune_prob, every example is a candidate and
+  p = 1 - ratio exceeds it); kept candidates get weight 1 / (1 - p) so the expected gradient
+  matches the full-data one. InfoBatch's annealing (its last ~12.5% of
   epochs on all data) is left out: every epoch trains on n examples, the budget every selection
   policy here has. Losses are those seen in training (the forward pass of the last epoch an
   example was in): the mean is over the examples seen so far, and those not yet trained on are
@@ -121,7 +122,11 @@ def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> P
     key, k_tie, k_prune = jax.random.split(state.key, 3)
     seen = state.counts > 0
     losses = jnp.where(seen, state.losses, jnp.inf)
-    mean = jnp.sum(jnp.where(seen, state.losses, 0.0)) / jnp.maximum(jnp.sum(seen), 1)
+    # The mean as the least seen loss plus the mean excess over it: equal losses have a mean
+    # exactly equal to them (none below it), where a float32 sum rounds it to either side.
+    least = jnp.min(losses)
+    excess = jnp.sum(jnp.where(seen, state.losses - least, 0.0)) / jnp.maximum(jnp.sum(seen), 1)
+    mean = least + excess
     tie = jax.random.uniform(k_tie, losses.shape)  # equal losses ranked in a random order
     loss_rank = ranks.inverse_permutation(jnp.lexsort((tie, losses)))
     below = losses < mean
