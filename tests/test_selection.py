@@ -550,6 +550,19 @@ def test_sae_policy_without_noise_selects_the_top_n_of_the_score_of_its_epoch():
     state = update(policy.aux, state, idx, w, jnp.zeros(idx.shape))
 
 
+def test_sae_policy_at_temperature_zero_takes_tied_scores_in_a_random_order():
+  """Temperature 0, every example's codes the same (every score tied), with or without the hard
+  guard: each example is selected with probability n / N wherever it lies in the split."""
+  num, draws = 200, 200
+  codes = np.tile(synthetic_codes(1), (num, 1))
+  cfg = get_config().sae_scores
+  cfg.temperature = 0.0
+  for guard in ('off', 'exclude'):
+    cfg.mislabel_guard = guard
+    policy = policies.sae(codes, 0.3, 5, cfg)
+    _equal_keep_rates(policy, policy.init(num, jax.random.PRNGKey(0)), num, draws)
+
+
 @pytest.mark.parametrize('temperature', [0.0, 0.1])
 def test_usage_penalty_flattens_selection_counts(temperature):
   num, epochs = 400, 20

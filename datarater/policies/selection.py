@@ -143,7 +143,9 @@ def infobatch(num_examples: int, ratio: float, max_prune_prob: float = 0.8) -> P
 
 def sae(codes, ratio: float, num_epochs: int, cfg, labels=None, num_classes: int = 0,
         setup_example_gradients: int = 0) -> Policy:
-  """Top-n of the SAE curriculum score (see `sae_scores`), sampled with Gumbel noise.
+  """Top-n of the SAE curriculum score (see `sae_scores`), sampled with Gumbel noise; at
+  temperature 0 the top n, equal scores in a random order (a tie broken by index would favour
+  examples by where they lie in the split).
 
   `codes` [N, M] are the SAE codes of the training examples; `cfg` is the `sae_scores` config;
   `labels` [N] (the training labels, as seen) make representativeness class-conditional and
@@ -170,8 +172,12 @@ def sae(codes, ratio: float, num_epochs: int, cfg, labels=None, num_classes: int
     # same order as score / temperature + noise, which a temperature above 1 uses (its product
     # with the noise overflows float32 from ~1e37 and ties the examples at inf in index order)
     noise = jax.random.gumbel(sub, score.shape)
-    score = (score + cfg.temperature * noise if cfg.temperature <= 1
-             else score / cfg.temperature + noise)
+    if cfg.temperature == 0:  # the top n, equal scores in the noise's order (not the split's)
+      score = ranks.inverse_permutation(jnp.lexsort((noise, score)))
+    elif cfg.temperature <= 1:
+      score = score + cfg.temperature * noise
+    else:
+      score = score / cfg.temperature + noise
     if guard == 'exclude':  # after the noise: suspects only fill what the others cannot
       score = sae_scores.exclude_last(score, aux['suspect'])
     idx = jax.lax.top_k(score, n)[1].astype(jnp.int32)
