@@ -748,6 +748,40 @@ def test_knn_label_shares_match_a_brute_force_neighbour_count():
     scores.knn_label_shares(stats, 150, reference=sample)
 
 
+def test_knn_label_shares_of_tied_neighbours_are_their_expected_shares():
+  """Duplicated codes with differing labels tie at the k-th similarity: each example's shares
+  are the mean, over every equally likely choice of the tied neighbours (enumerated), of the
+  label counts of its k nearest; so they do not depend on where the examples lie in the split
+  (permuting the examples permutes the shares). Codes of one or four equal active factors: every
+  cosine similarity is exact in float32."""
+  patterns = np.zeros((6, 8), np.float32)
+  for p, active in enumerate(([0], [0, 1, 2, 3], [4], [4, 5, 6, 7], [1, 2, 3, 5], [2])):
+    patterns[p, active] = 1.0
+  rng = np.random.default_rng(0)
+  codes = np.repeat(patterns, 4, axis=0)
+  labels = rng.integers(0, 3, len(codes)).astype(np.int32)
+  k = 6
+  unit = codes / np.linalg.norm(codes, axis=1, keepdims=True)
+  sim = unit.astype(np.float64) @ unit.T.astype(np.float64)
+  np.fill_diagonal(sim, -np.inf)
+  want = np.zeros((len(codes), 3))
+  straddles = 0
+  for i in range(len(codes)):
+    kth = np.sort(sim[i])[-k]
+    above, tied = np.flatnonzero(sim[i] > kth), np.flatnonzero(sim[i] == kth)
+    straddles += len(above) + len(tied) > k
+    picks = list(itertools.combinations(tied, k - len(above)))
+    for pick in picks:
+      want[i] += np.bincount(labels[np.concatenate([above, pick]).astype(int)], minlength=3)
+    want[i] /= k * len(picks)
+  assert straddles > len(codes) // 2
+  shares = lambda c, l: np.asarray(scores.knn_label_shares(
+      scores.factor_stats(jnp.asarray(c), 0.5, l, 3), k, threads=1))
+  np.testing.assert_allclose(shares(codes, labels), want, rtol=1e-6)
+  perm = rng.permutation(len(codes))
+  np.testing.assert_allclose(shares(codes[perm], labels[perm]), want[perm], rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_path):
   """`bench.selection --offline_only` on digits: one row per (noise, seed), no training runs; the

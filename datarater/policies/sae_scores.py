@@ -200,7 +200,8 @@ def knn_label_shares(stats: FactorStats, k: int, chunk: int = 1024,
                      reference=None, threads: int = 0) -> jax.Array:
   """[N, G]: the share of each group among the labels of each example's k nearest neighbours.
 
-  Neighbours by cosine similarity of the codes (the example itself left out) among the examples
+  Neighbours by cosine similarity of the codes (the example itself left out; those tied at the
+  k-th similarity share the places left, each counted by its expected share) among the examples
   at the indices `reference` (all N if None), found `chunk` rows at a time so that time is
   O(N * R) and memory O(chunk * R) for R reference examples. The chunks are shared among
   `threads` host threads (0: one per core, at most 8, on the CPU backend, where XLA's top-k runs
@@ -244,7 +245,13 @@ def _knn_chunks(padded, ref_unit, ref_onehot, reference, starts, *, k: int, chun
   def rows(start):
     sim = jax.lax.dynamic_slice_in_dim(padded, start, chunk) @ ref_unit.T    # [chunk, R]
     sim = jnp.where(start + jnp.arange(chunk)[:, None] == reference, -jnp.inf, sim)
-    return jnp.mean(ref_onehot[jax.lax.top_k(sim, k)[1]], 1)                # [chunk, G]
+    kth = jax.lax.top_k(sim, k)[0][:, -1:]
+    # The neighbours tied at the k-th similarity share the places left equally (the expected
+    # shares of a random pick): picked by index, they would depend on where they lie in the split.
+    above, tied = sim > kth, sim == kth
+    room = k - jnp.sum(above, -1, keepdims=True)
+    weight = above + tied * (room / jnp.sum(tied, -1, keepdims=True))
+    return jnp.matmul(weight, ref_onehot, precision='highest') / k           # [chunk, G]
   return jax.lax.map(rows, starts)
 
 
