@@ -7,6 +7,7 @@ input: exit code 2, one `error:` line naming the value, nothing written.
 import contextlib
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -175,6 +176,47 @@ def test_copies_of_a_file_go_to_one_split_and_trusted_copies_of_train_to_none(tm
       report['files'])) if d in found}
 
 
+def test_heldout_and_test_windows_that_train_holds_are_dropped_and_counted(tmp_path):
+  """A file and its extension (one more window) in different splits put the same sequences in
+  train and in heldout or test, and so does a licence-like header window that every file starts
+  with: a heldout or test window whose bytes are a train window's is dropped, train keeps all,
+  nothing else is dropped (against sets of the windows' bytes), and the counts are recorded in
+  the metadata and the summary line."""
+  header = (b'Licensed under the Apache License, Version 2.0; see LICENSE. ' * 3)[:L]
+  rng = np.random.default_rng(0)
+  body = lambda n: rng.integers(0, 256, n * L + 7, dtype=np.uint8).tobytes()
+  source = tmp_path / 'corpus'
+  source.mkdir()
+  for i, n in enumerate([2, 7, 3, 5, 1, 6]):
+    (source / f'doc{i}.txt').write_bytes(header + body(n))
+  v1 = header + body(4)[:4 * L]
+  (source / 'v1.txt').write_bytes(v1)
+  (source / 'v2.txt').write_bytes(v1 + body(1))
+  out = tmp_path / 'out'
+  code, err, printed = _invoke([f'--source={source}', f'--out={out}', '--heldout_fraction=0.2',
+                                '--test_fraction=0.2', '--seed=4'])
+  assert code == 0 and not err, err
+  report = json.loads((out / text_folder.REPORT).read_text())
+  split_of = dict(zip(report['files'], report['splits']))
+  assert split_of['v1.txt'] != split_of['v2.txt']  # the case decontamination is for
+  windows = {name: _windows((source / name).read_bytes()) for name in report['files']}
+  rows = {s: {n: w for n, w in windows.items() if split_of[n] == s} for s in text_folder.SPLITS}
+  in_train = {w for ws in rows['train'].values() for w in ws}
+  builder = tfds.builder_from_directory(str(out))
+  for split, files in rows.items():
+    got = pipeline.read_split(builder, split).features
+    want = [(report['files'].index(n), w) for n, ws in sorted(files.items()) for w in ws
+            if split == 'train' or w not in in_train]
+    assert [(int(d), bytes(t.astype(np.uint8))) for d, t in zip(
+        got['document'], got['tokens'])] == sorted(want, key=lambda x: x[0]), split
+    if split != 'train':
+      dropped = sum(map(len, files.values())) - len(want)
+      assert dropped >= len(files)  # at least each file's header
+      assert builder.info.metadata['dropped_as_in_train'][split] == dropped
+      assert f'{split}: {len(want)} sequences from {len({d for d, _ in want})} files ' \
+             f'({dropped} dropped: also in train)' in printed.splitlines()
+
+
 def test_a_heldout_source_gives_heldout_and_test_and_source_only_train(prepared, tmp_path):
   """--heldout_source: the held-out (outer) and test sequences are its files' windows alone, in
   the ratio of the two fractions, and every file of --source with a window is in train."""
@@ -315,6 +357,11 @@ def _bad_cases(source, root):
   ok = [f'--source={source}', f'--out={root / "new"}']
   small = _make_corpus(root / 'small', READ[:2] + SKIPPED)
   one = _make_corpus(root / 'one', READ[:1])  # one file: heldout or test would get none
+  same = root / 'same'  # whichever file train gets holds both windows: heldout and test none
+  same.mkdir()
+  for name, text in (('a.txt', b'x' * L + b'y' * L), ('b.txt', b'y' * L + b'x' * L),
+                     ('c.txt', b'x' * 2 * L + b'y' * L)):
+    (same / name).write_bytes(text)
   (root / 'a_file').write_text('x')
   (root / 'taken').mkdir()
   return [
@@ -339,6 +386,7 @@ def _bad_cases(source, root):
       ([*ok, f'--heldout_source={source}'], 'overlap'),
       ([*ok, f'--heldout_source={source / "notes"}'], 'overlap'),
       ([*ok, f'--heldout_source={one}'], 'heldout and test need one each'),
+      ([f'--source={same}', f'--out={root / "new"}'], 'also a train window'),
   ]
 
 

@@ -16,10 +16,20 @@ file of its own first and none exceeds its share by more than one file's windows
 windows are the same bytes (copies, links) count as one file there and go to one split, so no
 split holds another's document. With `heldout_source`, a folder of trusted text, `source`'s files
 all go to train and its own to heldout and test alone (so assigned, in the ratio of the two
-fractions; one whose windows are a `source` file's is left out). A split's
-sequences are stored by document id, each file's windows in order. `info.metadata` records the
-source folder, suffixes, seed, fractions, `max_windows` and `sources_sha256` (each file's relative
-path and bytes, in id order); `out/text_corpus.json` lists the files by id with their split.
+fractions; one whose windows are a `source` file's is left out).
+
+Then heldout and test are decontaminated: a window of theirs whose bytes are also a train window
+is dropped (train keeps all of its windows), as where one file is another plus more text (versions
+of one document) and the two went to different splits. Windows are compared, not files: grouping
+files by any shared window would merge all that share a licence header. They are compared by
+16-byte digests (`window_digests`, held for every file: an eighth of the windows' bytes). The
+counts dropped are in the report and `info.metadata['dropped_as_in_train']` ({'heldout': n,
+'test': m}); a split left without a sequence is refused.
+
+A split's sequences are stored by document id, each file's windows in order (less those dropped).
+`info.metadata` also records the source folder, suffixes, seed, fractions, `max_windows` and
+`sources_sha256` (each file's relative path and bytes, in id order); `out/text_corpus.json` lists
+the files by id with their split (a file's assigned split, even if all its windows were dropped).
 `out` is written in a temporary folder beside it and renamed into place (`files.atomic_dir`).
 """
 import hashlib
@@ -82,6 +92,28 @@ def file_windows(text: bytes, max_windows: int = 0):
   data = np.frombuffer(text, np.uint8)
   for i in range(window_count(len(text), max_windows)):
     yield data[i * SEQ_LEN:(i + 1) * SEQ_LEN].astype(np.int32)
+
+
+def window_digests(text: bytes, max_windows: int = 0) -> np.ndarray:
+  """A 16-byte blake2b digest of each of `text`'s windows (`file_windows`), as numpy 'V16' [n]:
+  what decontamination compares, 16 bytes a window where the windows take 128."""
+  view = memoryview(text)
+  return np.frombuffer(b''.join(
+      hashlib.blake2b(view[i * SEQ_LEN:(i + 1) * SEQ_LEN], digest_size=16).digest()
+      for i in range(window_count(len(text), max_windows))), 'V16')
+
+
+def in_train(splits: Sequence, digests: Sequence[np.ndarray]) -> dict:
+  """document -> the indices of its windows that a train document also holds (by digest), for
+  each heldout and test document with one; `digests`: each document's `window_digests`."""
+  train = [digests[d] for d, s in enumerate(splits) if s == 'train']
+  held = [d for d, s in enumerate(splits) if s in ('heldout', 'test')]
+  if not train or not held:
+    return {}
+  found = np.isin(np.concatenate([digests[d] for d in held]), np.concatenate(train))
+  ends = np.cumsum([len(digests[d]) for d in held])
+  return {d: np.flatnonzero(f).tolist() for d, f in zip(held, np.split(found, ends[:-1]))
+          if f.any()}
 
 
 def assign(counts: Sequence[int], fractions: dict, seed: int,
@@ -180,9 +212,11 @@ class TextFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       text = _read(root, name)
       if hashlib.sha256(text).hexdigest() != p['sha256'][doc]:
         raise UserError(f'{os.path.join(root, name)!r} changed while it was prepared')
-      for tokens in file_windows(text, p['max_windows']):
-        yield key, {'tokens': tokens, 'document': doc}
-        key += 1
+      dropped = set(p['dropped'].get(doc, ()))
+      for i, tokens in enumerate(file_windows(text, p['max_windows'])):
+        if i not in dropped:
+          yield key, {'tokens': tokens, 'document': doc}
+          key += 1
 
 
 def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
@@ -190,7 +224,8 @@ def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
                  max_windows: int = 0, overwrite: bool = False,
                  heldout_source: str = '') -> dict:
   """Writes the dataset folder `out` (see the module docstring); returns its report (also in
-  out/text_corpus.json): per split its documents and sequences. Checks everything first.
+  out/text_corpus.json): per split its documents and sequences (those with a sequence left) and
+  the windows `dropped` as train also holds them. Checks everything first.
 
   With `heldout_source` (a folder of trusted text), every file of `source` goes to train and the
   files of `heldout_source` to heldout and test, in the ratio of the two fractions; their
@@ -211,7 +246,7 @@ def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
                       '(hidden files and folders are skipped)')
     roots += [folder] * len(found)
     names += found
-  digest, sha, counts, same = hashlib.sha256(), [], [], []
+  digest, sha, counts, same, digests = hashlib.sha256(), [], [], [], []
   for root, name in zip(roots, names):
     text = _read(root, name)
     sha.append(hashlib.sha256(text).hexdigest())
@@ -219,6 +254,7 @@ def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
     digest.update(tag + os.fsencode(name) + b'\0' + bytes.fromhex(sha[-1]))  # any name's bytes
     counts.append(window_count(len(text), max_windows))
     same.append(hashlib.sha256(text[:counts[-1] * SEQ_LEN]).digest())  # the windows' bytes
+    digests.append(window_digests(text, max_windows))
   if heldout_source:
     n = roots.count(source)
     held = heldout_fraction + test_fraction
@@ -233,10 +269,7 @@ def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
   report = {'source': source, 'files': names, 'splits': splits, 'total': {}}
   if heldout_source:
     report.update(heldout_source=heldout_source, heldout_files_from=roots.count(source))
-  for s in SPLITS:
-    docs = [d for d, x in enumerate(splits) if x == s]
-    report['total'][s] = {'documents': len(docs), 'sequences': sum(counts[d] for d in docs)}
-  empty = [s for s in SPLITS if not report['total'][s]['documents']]
+  empty = [s for s in SPLITS if s not in splits]
   if heldout_source and empty:
     flag, folder, need = (('--source', source, 'train needs a file') if 'train' in empty else
                           ('--heldout_source', heldout_source, 'heldout and test need one each'))
@@ -250,13 +283,27 @@ def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
     raise UserError(f'--source {source!r} has too little text: {len(used)} of its {len(names)} '
                     f'matching files hold a window of {SEQ_LEN} bytes{copies}, and train, heldout '
                     'and test each need a file of their own (at least 3)')
+  dropped = in_train(splits, digests)
+  for s in SPLITS:
+    docs = [d for d, x in enumerate(splits) if x == s]
+    gone = sum(len(dropped.get(d, ())) for d in docs)
+    report['total'][s] = {'documents': sum(counts[d] > len(dropped.get(d, ())) for d in docs),
+                          'sequences': sum(counts[d] for d in docs) - gone, 'dropped': gone}
+  for s in ('heldout', 'test'):
+    if not report['total'][s]['sequences']:
+      flag, folder = ('--heldout_source', heldout_source) if heldout_source else ('--source',
+                                                                                    source)
+      raise UserError(f'{flag} {folder!r} has too little text apart from train\'s: every {s} '
+                      f'window is also a train window (its files\' text is in train files; '
+                      'another --seed may assign them otherwise)')
   metadata = {'source': source, **({'heldout_source': heldout_source} if heldout_source else {}),
               'suffixes': suffixes, 'seed': seed, 'max_windows': max_windows,
               'heldout_fraction': heldout_fraction, 'test_fraction': test_fraction,
-              'num_files': len(names), 'sources_sha256': digest.hexdigest()[:16]}
+              'num_files': len(names), 'sources_sha256': digest.hexdigest()[:16],
+              'dropped_as_in_train': {s: report['total'][s]['dropped'] for s in SPLITS[1:]}}
   with files.atomic_dir(out, overwrite, marker=REPORT) as tmp:
     plan = {'roots': roots, 'files': names, 'splits': splits, 'sha256': sha,
-            'max_windows': max_windows, 'metadata': metadata}
+            'max_windows': max_windows, 'metadata': metadata, 'dropped': dropped}
     builder = TextFolder(plan, data_dir=os.path.join(tmp, 'tfds'), file_format='array_record')
     tfds_writer.prepare_unshuffled(builder)
     folder = str(builder.data_dir)
