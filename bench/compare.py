@@ -50,12 +50,17 @@ def fraction_to_own_final(run: dict) -> float:
 
 
 def stats(values, scale: float = 100.0) -> dict:
+  """Over the n values x_i (times `scale`, e.g. accuracies in points): `mean` = sum x_i / n,
+  `std` = sqrt(sum (x_i - mean)^2 / n), the population standard deviation (numpy's default,
+  dividing by n: the README's `+-` after a mean over seeds; 0 for one value), and `n`."""
   x = scale * np.asarray(values, np.float64)
   return {'mean': float(x.mean()), 'std': float(x.std()), 'n': len(x)}
 
 
 def paired(a, b, scale: float = 100.0) -> dict:
-  """Mean difference a - b (times `scale`) and its paired standard error (pairs = seeds)."""
+  """Over the n pairs (seeds), d_i = scale * (a_i - b_i): `diff` = their mean, and `se` = its
+  paired standard error s / sqrt(n), s = sqrt(sum (d_i - diff)^2 / (n - 1)) the sample standard
+  deviation of the differences (dividing by n - 1); NaN for a single pair."""
   d = scale * (np.asarray(a, np.float64) - np.asarray(b, np.float64))
   se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float('nan')
   return {'diff': float(d.mean()), 'se': se}

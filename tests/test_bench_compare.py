@@ -1,6 +1,7 @@
 """What the curation benchmarks compute from their runs: when a curve reaches a target (either
 direction, optionally interpolated), paired statistics, and bench.lm_curation's reading of what a
 method learned (AUROC of each kind against clean prose, the rater's mean weight per group)."""
+import math
 import os
 
 import jax
@@ -60,6 +61,44 @@ def test_paired_differences_and_stats():
   assert d['diff'] == pytest.approx(7 / 6)
   assert d['se'] == pytest.approx(np.std([0.5, 1.0, 2.0], ddof=1) / np.sqrt(3))
   assert compare.stats([0.25, 0.75])['mean'] == pytest.approx(50.0)
+
+
+def _mean(xs):
+  total = 0.0
+  for x in xs:
+    total += x
+  return total / len(xs)
+
+
+def _sum_of_squares(xs):
+  """sum (x_i - mean)^2 by a loop, in Python floats (float64)."""
+  m, total = _mean(xs), 0.0
+  for x in xs:
+    total += (x - m) * (x - m)
+  return total
+
+
+@pytest.mark.parametrize('n', [1, 2, 5])
+def test_stats_std_divides_by_n_and_paired_se_by_n_minus_1(n):
+  """The README's reading: a `+-` after a mean (stats' std) is the population standard deviation,
+  sqrt(sum (x - mean)^2 / n); paired's se is the sample std of the differences (n - 1) over
+  sqrt(n). Against both definitions written out, on values where n and n - 1 differ."""
+  rng = np.random.default_rng(n)
+  a, b = list(rng.uniform(0.5, 1.0, n)), list(rng.uniform(0.5, 1.0, n))
+  s = compare.stats(a)  # scale 100: points
+  points = [100.0 * x for x in a]
+  assert s['n'] == n
+  assert s['mean'] == pytest.approx(_mean(points), rel=1e-12)
+  assert s['std'] == pytest.approx(math.sqrt(_sum_of_squares(points) / n), rel=1e-12, abs=1e-12)
+  d = compare.paired(a, b, scale=1.0)
+  diffs = [x - y for x, y in zip(a, b)]
+  assert d['diff'] == pytest.approx(_mean(diffs), rel=1e-12)
+  if n == 1:
+    assert math.isnan(d['se'])  # no spread to estimate from one pair
+  else:
+    sample_std = math.sqrt(_sum_of_squares(diffs) / (n - 1))
+    assert d['se'] == pytest.approx(sample_std / math.sqrt(n), rel=1e-12)
+    assert s['std'] < math.sqrt(_sum_of_squares(points) / (n - 1))  # n, not n - 1
 
 
 def test_steps_saved_charges_all_data_only_until_its_own_final_accuracy():
