@@ -669,3 +669,54 @@ def test_launch_valuate_refuses_the_projection_and_layers_fields_for_mimic_and_d
         factory.check_fields(method, [f'valuation.{field}'])
     for method in ('tracin', 'dvemb'):
       factory.check_fields(method, [f'valuation.{field}'])
+
+
+@pytest.fixture(scope='module')
+def wide_mlp():
+  """A float32 MLP 32 -> 128 -> 128 -> 3 (P = 21k), its recorded run (the explicit SGD loop), a
+  split of 48 examples (with `index`) and the config reading them: big enough that one chunk of
+  formed per-example gradients dwarfs the ghost path's activations."""
+  from configs.digits import get_config  # pylint: disable=g-import-not-at-top
+  from datarater.data.pipeline import Split  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(False):
+    rng = np.random.default_rng(0)
+    task = tasks.make_task(ml_collections.ConfigDict(
+        {'name': 'mlp_classifier', 'hidden': (128, 128), 'activation': 'tanh'}), tiny_info(32))
+    n = 48
+    data = {'image': jnp.asarray(rng.normal(size=(n, 32)), jnp.float32),
+            'label': jnp.asarray(rng.integers(0, 3, n), jnp.int32), 'index': jnp.arange(n)}
+    params = task.init(jax.random.key(0))
+    run, _, _ = sgd_run(task.per_example_loss, params, data, steps=4, batch_size=8, every=2)
+    split = Split({k: np.asarray(data[k]) for k in ('image', 'label')}, np.arange(n),
+                  np.zeros(n, np.int8), ('clean',), tiny_info(32))
+    config = get_config()
+    v = config.valuation
+    v.train_steps, v.checkpoint_every, v.chunk_size = 4, 2, n  # one chunk: all n examples
+    return task, run, split, data, config
+
+
+@pytest.mark.parametrize('method,mode', [('tracin', 'self'), ('tracin', 'heldout_cos'),
+                                         ('mimic', None)])
+def test_factory_takes_ghost_norms_on_an_mlp_and_forms_no_per_example_gradient(wide_mlp, method,
+                                                                               mode):
+  """Where factory.build says ghost norms pay (an MLP: every parameter in a Dense layer seen at
+  one position per example), its valuation's scoring program never holds the chunk's [B, P]
+  per-example gradients: XLA's compiled temporaries stay below a quarter of B * P floats, which
+  the same valuation scoring with formed gradients does hold. (Equal scores either way: only
+  memory and time can tell the paths apart.)"""
+  import copy  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  task, run, split, data, config = wide_mlp
+  with jax.enable_x64(False):
+    config = copy.deepcopy(config)
+    config.valuation.tracin_mode = mode or 'self'
+    config.valuation.mimic_cosine = True
+    config.valuation.mimic_layers = ''  # all layers: the gradients are [B, P]
+    val = factory.build(method, config, task, split, split, _RecordedRun(run), checked=True)
+    batch = {k: data[k] for k in ('image', 'label')}
+    temp = lambda v: jax.jit(v.score).lower(batch).compile().memory_analysis().temp_size_in_bytes
+    formed = 48 * sum(x.size for x in jax.tree.leaves(run.final_params)) * 4  # [B, P] float32
+    assert temp(val) < formed / 4, (temp(val), formed)
+    exact = copy.copy(val)  # the measurement sees formed gradients when they are formed
+    exact.ghost = False
+    assert temp(exact) > formed / 2, (temp(exact), formed)
