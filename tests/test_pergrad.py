@@ -248,6 +248,26 @@ def test_jvp_dots_equal_flat_dots(chunk):
   assert np.abs(flat @ ravel_pytree(v)[0] - want).min() > 1e-3
 
 
+def _flops(fn, *args):
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+
+def test_jvp_dots_over_the_last_layer_cost_about_one_forward_pass():
+  """jvp_dots with `layers` starts the tangent at those layers: over the last (small) layer of a
+  4-layer MLP its compiled program counts about the forward pass's flops, where the tangent
+  through every layer costs twice as many more (XLA's cost analysis). The dots are equal either
+  way for a vector that is zero outside the layer: only the cost tells them apart."""
+  loss, params, batch = tiny(num=16, hidden=(64, 64, 64))
+  last = sorted(params['params'])[-1]
+  forward = _flops(loss, params, batch)
+  last_only = _flops(lambda p, v, b: pergrad.jvp_dots(loss, p, b, v, layers=[last]),
+                     params, params, batch)
+  every = _flops(lambda p, v, b: pergrad.jvp_dots(loss, p, b, v), params, params, batch)
+  assert last_only < 1.2 * forward, (last_only, forward)
+  assert every > 2 * forward, (every, forward)
+
+
 def test_ghost_dots_equal_flat_dots():
   loss, params, batch = tiny(hidden=(5, 4))
   _, _, other = tiny(num=4, seed=1, hidden=(5, 4))
