@@ -601,3 +601,23 @@ def test_projection_memory_does_not_grow_with_examples():
             batch(n)).compile().memory_analysis().temp_size_in_bytes
     small, large = temp(256), temp(2560)
     assert large <= 1.05 * small + 4096, (small, large)
+
+
+def test_factored_projection_forms_no_per_example_gradient():
+  """per_example_projected takes its projections from the Dense layers' inputs and output
+  gradients: one chunk of 48 examples keeps compiled temporaries below a quarter of its [B, P]
+  gradients, which the same projection of formed gradients (`factored_transform`, equal values)
+  holds. Only memory and time tell the two apart."""
+  with jax.enable_x64(False):
+    task = mlp(hidden=(128, 128), dim=32)
+    params, loss = task.init(jax.random.key(0)), task.per_example_loss
+    n = 48
+    batch = {'image': jnp.zeros((n, 32)), 'label': jnp.zeros((n,), jnp.int32)}
+    state = pergrad.factored_projection(8, 8).init(loss, params, batch)
+    temp = lambda fn: jax.jit(fn).lower(batch).compile().memory_analysis().temp_size_in_bytes
+    factored = temp(lambda b: pergrad.per_example_projected(loss, params, b, state, chunk_size=n))
+    formed = temp(lambda b: pergrad.per_example(loss, params, b, pergrad.factored_transform(state),
+                                                chunk_size=n))
+    gradients = n * sum(x.size for x in jax.tree.leaves(params)) * 4  # [B, P] float32
+    assert factored < gradients / 4, (factored, gradients)
+    assert formed > gradients / 2, (formed, gradients)  # the measurement sees formed gradients
