@@ -163,6 +163,22 @@ def test_gaussian_projection_of_per_example_gradients_is_one_linear_map(block):
   np.testing.assert_allclose(got, flat @ matrix, rtol=1e-11, atol=1e-12)
 
 
+def test_gaussian_projection_never_holds_its_matrix():
+  """R [P, k] is drawn block by block inside a scan: projecting a 64k-entry gradient to k = 64
+  keeps compiled temporaries below a quarter of R's bytes, which drawing all P rows as one block
+  holds."""
+  p, k = 65536, 64
+  g = {'w': jnp.ones((p,), jnp.float32)}
+  def temp(block):
+    t = pergrad.gaussian_projection(k, seed=0, block_size=block)
+    state = t.init(jax.eval_shape(lambda: g))
+    return jax.jit(lambda x: t.apply(x, state)).lower(g).compile().memory_analysis(
+        ).temp_size_in_bytes
+  matrix = p * k * 4  # R in float32
+  assert temp(1024) < matrix / 4, (temp(1024), matrix)
+  assert temp(p) > matrix / 2, (temp(p), matrix)  # the measurement sees a whole R
+
+
 def test_gaussian_projection_preserves_dots_in_expectation():
   """JL: entries ~ N(0, 1/k), so <Ra, Rb> averages <a, b> over seeds and blocks differ."""
   p, k = 40, 64  # the mean over 300 seeds has std ~0.18 here; the tolerance is ~5 of those
