@@ -107,7 +107,7 @@ def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
   if 'datarater' in values:  # the share of the rater's upper score cluster, exactly its count
     suggested = select.suggest_keep(values['datarater'])
   t0 = time.time()
-  uniform = weighting.weighting('uniform', len(train))
+  uniform = weighting.weighting_policy('uniform', len(train))
   out = {'all': train_run(c, task, train, test, uniform, seed), 'random': {},
          'filtered': {m: {} for m in methods}, 'online': {}, 'setup_example_gradients': setup,
          'suggested_keep': suggested,
@@ -120,12 +120,12 @@ def run_one(config, noise: float, seed: int, keeps, methods, tmp: str) -> dict:
     # Its own draw per (seed, size): the same subset whichever other keeps the run holds.
     rand = np.sort(np.random.default_rng([_RANDOM_SUBSET, seed, k]).permutation(len(train))[:k])
     out['random'][keep] = train_run(c, task, train.subset(rand), test,
-                                    weighting.weighting('uniform', k), seed)
+                                    weighting.weighting_policy('uniform', k), seed)
     # At the rater's suggested keep (if not a listed one): the rater's subset alone.
     for m in (methods if keep in keeps else ['datarater']):
       mask = select.select_top(values[m], keep)
       r = train_run(c, task, train.subset(np.flatnonzero(mask)), test,
-                    weighting.weighting('uniform', int(mask.sum())), seed)
+                    weighting.weighting_policy('uniform', int(mask.sum())), seed)
       r['kept_corrupted'] = int((mask & train.is_corrupted).sum())
       out['filtered'][m][keep] = r
   if suggested is not None and suggested >= 1:  # the rater keeps everything: all data's run

@@ -78,7 +78,7 @@ def fresh_accuracy(config, task, train, test, policy, seed: int) -> float:
 def curriculum(config, task, train, test, values, seed: int) -> dict:
   soft = weighting.curriculum_weights(values, 'weight', temperature=1.0)
   hard = weighting.curriculum_weights(values, 'select', fraction=0.2)
-  setups = {'uniform': weighting.weighting('uniform', len(train)),
+  setups = {'uniform': weighting.weighting_policy('uniform', len(train)),
             'loss_weights': weighting.table('soft', soft),
             'select_top20': weighting.table('top20', hard)}
   return {name: fresh_accuracy(config, task, train, test, p, seed) for name, p in setups.items()}

@@ -24,7 +24,7 @@ from datarater import (checkpointing, config_checks, evaluation, files, multihos
 from datarater.curation import select
 from datarater.data import pipeline
 from datarater.errors import UserError
-from datarater.policies.base import weighting
+from datarater.policies.base import weighting_policy
 from datarater.policies.weighting import rater_weights
 from datarater.progress import setup_logging
 from datarater.trainer import Trainer
@@ -445,7 +445,7 @@ def fresh_model_results(config, data, problem, rater_params) -> dict:
     return {}
   policies = {'rater': rater_weights(problem.rater, rater_params, problem.temperature,
                                      len(data.train)),
-              'uniform': weighting('uniform', len(data.train))}
+              'uniform': weighting_policy('uniform', len(data.train))}
   seeds = [config.seed * fe.num_models + m for m in range(fe.num_models)]
   results = {}
   for name, policy in policies.items():

@@ -1160,7 +1160,7 @@ def test_fresh_models_trained_with_the_rater_use_its_temperature(tfds_dir):
   got = results['rater']['heldout']['loss']
 
   def by_hand(tau=None, seed=1):  # tau None: uniform weights
-    policy = (weighting.weighting('uniform', len(train)) if tau is None
+    policy = (weighting.weighting_policy('uniform', len(train)) if tau is None
               else weighting.rater_weights(rater, rater_params, tau, len(train)))
     run = Trainer(task, problem.inner_optimizer, policy, 32).run(
         train, {'heldout': heldout}, [seed], steps=8)
@@ -1571,7 +1571,8 @@ def test_launch_train_checks_the_initial_loss_of_every_model_it_trains(
   split = pipeline.load_split(config.data, config.data.train_split, corrupt=True)
   task = tasks.make_task(config.task, split.info)
   seeds = list(range(12))
-  trainer = Trainer(task, make_inner_optimizer('sgd', 0.1), weighting.weighting('uniform', 8), 16)
+  trainer = Trainer(task, make_inner_optimizer('sgd', 0.1),
+                    weighting.weighting_policy('uniform', 8), 16)
   started = trainer.init(seeds, 8)[0].models.params
   for checked, run in zip(jax.tree.leaves(initial_params(task, seeds)), jax.tree.leaves(started)):
     np.testing.assert_array_equal(checked, run)  # what the check reads: the run's start
@@ -1658,8 +1659,9 @@ def test_a_valuation_checks_per_example_losses_at_its_recorded_runs_initial_para
   split = pipeline.load_split(config.data, config.data.heldout_split)
   task = tasks.make_task(config.task, split.info)
   seeds = list(range(12))
-  recorded = Trainer(task, make_inner_optimizer('sgd', 0.1), weighting.weighting('uniform', 8), 16,
-                     purpose='valuation').init(seeds, 8)[0].models.params
+  recorded = Trainer(task, make_inner_optimizer('sgd', 0.1),
+                     weighting.weighting_policy('uniform', 8), 16, purpose='valuation')
+  recorded = recorded.init(seeds, 8)[0].models.params
   nan = np.asarray(jax.vmap(_first_weight)(recorded)) > 0
   old = np.asarray(jax.vmap(lambda s: _first_weight(task.init(jax.random.key(s))))(
       jnp.asarray(seeds))) > 0

@@ -12,7 +12,7 @@ from configs.digits import get_config
 from datarater import features, meta_train, sae, tasks, trainer
 from datarater.data import pipeline
 from datarater.policies import selection
-from datarater.policies.base import PolicyContext, weighting
+from datarater.policies.base import PolicyContext, weighting_policy
 from datarater.valuation import base as valuation_base
 from inner_loop import make_inner_optimizer
 from outer_loop import setup
@@ -68,7 +68,7 @@ def setting(tfds_dir):
   task = tasks.make_task(c.task, train.info)
   with pytest.MonkeyPatch.context() as monkeypatch:
     trained, _ = _first_model(monkeypatch, lambda: trainer.Trainer(
-        task, make_inner_optimizer('adam', 1e-3), weighting('uniform', len(train)), 32).run(
+        task, make_inner_optimizer('adam', 1e-3), weighting_policy('uniform', len(train)), 32).run(
             train, {}, [SEED], steps=1))
   return c, train, task, trained
 

@@ -30,7 +30,7 @@ def _task(info, hidden=(32,)):
 
 def _trainer(train, policy=None, optimizer=None, batch_size=100, **kw):
   return Trainer(_task(train.info), optimizer or optax.adam(1e-2),
-                 policy or weighting.weighting('uniform', len(train)), batch_size, **kw)
+                 policy or weighting.weighting_policy('uniform', len(train)), batch_size, **kw)
 
 
 def _optax_step(task, opt):
@@ -160,7 +160,7 @@ def test_evaluation_batches_hold_the_examples_positions(splits, monkeypatch):
   monkeypatch.setattr(trainer_lib, 'EVAL_BLOCK', 128)
   train, test = splits
   trainer = Trainer(_IndexMetric(_task(train.info)), optax.sgd(0.1),
-                    weighting.weighting('uniform', len(train)), 100)
+                    weighting.weighting_policy('uniform', len(train)), 100)
   run = trainer.run(train, {'eval': test}, [0], steps=2)
   assert run.final['eval']['index'][0] == pytest.approx(np.mean(np.arange(len(test))))
 
@@ -248,7 +248,7 @@ def test_padding_rows_stay_at_weight_0_whatever_weigh_gives(splits):
   """A `weigh` that gives every row weight 1 trains on the epoch's examples once each: the padding
   rows of the short last batch (copies of position 0) are not trained on or counted."""
   train, _ = splits
-  ones = base.weighting('ones', len(train), weigh=lambda aux, s, p, b, w: jnp.ones_like(w))
+  ones = base.weighting_policy('ones', len(train), weigh=lambda aux, s, p, b, w: jnp.ones_like(w))
   run = _trainer(train, ones, batch_size=100, record_every=1).run(train, {}, [0], epochs=1)
   weights, positions = run.recording.weights[0], run.recording.positions[0]
   assert run.example_gradients == len(train)
@@ -435,8 +435,8 @@ def test_compute_is_counted_over_real_examples_with_the_policys_own_costs(splits
   n = len(train)
   assert n == 1197
   even = lambda aux, s, p, batch, w: jnp.where(batch['index'] % 2 == 0, w, 0.0)
-  policy = base.weighting('even', n, weigh=even, forwards_per_example=1.5,
-                          setup_example_gradients=123, setup_forwards=45)
+  policy = base.weighting_policy('even', n, weigh=even, forwards_per_example=1.5,
+                                 setup_example_gradients=123, setup_forwards=45)
   report = _trainer(train, policy, batch_size=100).run(train, {}, [0, 1], epochs=2).report()
   assert report['example_gradients'] == 2 * 599
   assert report['scoring_forwards'] == int(1.5 * 2 * n)

@@ -72,8 +72,8 @@ def keep_state(aux, state, positions, weights, losses):
   return state
 
 
-def weighting(name: str, num_examples: int, weigh=weigh_uniform, aux=None,
-              **cost) -> Policy:
+def weighting_policy(name: str, num_examples: int, weigh=weigh_uniform, aux=None,
+                     **cost) -> Policy:
   """A policy that trains on every example each epoch with the per-batch weights of `weigh`."""
   return Policy(name, num_examples, no_state, select_all(num_examples), weigh, keep_state, aux,
                 **cost)

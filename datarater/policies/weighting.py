@@ -16,7 +16,8 @@ import numpy as np
 from datarater.curation import select
 from datarater.data import corruption
 from datarater.errors import UserError
-from datarater.policies.base import VALUATION, Policy, PolicyContext, register_policy, weighting
+from datarater.policies.base import (VALUATION, Policy, PolicyContext, register_policy,
+                                     weighting_policy)
 from inner_loop.weighting import check_batch_size, softmax_weights
 
 
@@ -28,9 +29,9 @@ def rater_weights(rater, rater_params, temperature: float, num_examples: int,
     del state, params
     scores = rater.score(aux, batch)
     return jax.lax.stop_gradient(weights * softmax_weights(scores, temperature, weights))
-  return weighting('datarater', num_examples, weigh, rater_params,
-                   setup_example_gradients=setup_example_gradients, forwards_per_example=1.0,
-                   check_data=rater.check_data)
+  return weighting_policy('datarater', num_examples, weigh, rater_params,
+                          setup_example_gradients=setup_example_gradients,
+                          forwards_per_example=1.0, check_data=rater.check_data)
 
 
 def table(name: str, weights: np.ndarray, setup_example_gradients: int = 0) -> Policy:
@@ -38,8 +39,8 @@ def table(name: str, weights: np.ndarray, setup_example_gradients: int = 0) -> P
   def weigh(aux, state, params, batch, weights):
     del state, params
     return weights * aux[batch['index']]
-  return weighting(name, len(weights), weigh, jnp.asarray(weights, jnp.float32),
-                   setup_example_gradients=int(setup_example_gradients))
+  return weighting_policy(name, len(weights), weigh, jnp.asarray(weights, jnp.float32),
+                          setup_example_gradients=int(setup_example_gradients))
 
 
 def curriculum_weights(values: np.ndarray, mode: str = 'weight', fraction: float = 0.2,
@@ -107,7 +108,7 @@ def loaded_rater(ctx: PolicyContext, name: str):
 
 @register_policy('uniform')
 def _uniform(ctx: PolicyContext) -> Policy:
-  return weighting('uniform', len(ctx.train))
+  return weighting_policy('uniform', len(ctx.train))
 
 
 @register_policy('datarater', reads=('rater',))
@@ -161,5 +162,5 @@ def _mimic(ctx: PolicyContext) -> Policy:
     del state
     scores = mimic.mimic_scores(loss_fn, params, aux, batch, layers, cosine, None)
     return jax.lax.stop_gradient(weights * softmax_weights(scores, tau, weights))
-  return weighting('mimic', len(ctx.train), weigh, reference, setup_example_gradients=cost,
-                   forwards_per_example=2.0)
+  return weighting_policy('mimic', len(ctx.train), weigh, reference,
+                          setup_example_gradients=cost, forwards_per_example=2.0)

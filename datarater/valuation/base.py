@@ -50,7 +50,7 @@ def record_run(task, split, *, steps: int, batch_size: int, learning_rate: float
   Returns (TrainingRun, example-gradients spent). The data order and initialisation are those of
   the trainer's `seed` under purpose 'valuation' (`seeding.root_key`).
   """
-  from datarater.policies.base import weighting  # pylint: disable=g-import-not-at-top
+  from datarater.policies.base import weighting_policy  # pylint: disable=g-import-not-at-top
   from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
   if steps < 1 or batch_size < 1:
     raise UserError(f'valuation steps and batch_size must be >= 1, got {steps}, {batch_size}')
@@ -60,7 +60,8 @@ def record_run(task, split, *, steps: int, batch_size: int, learning_rate: float
   if learning_rate <= 0:
     raise UserError(f'valuation.learning_rate must be > 0, got {learning_rate}')
   trainer = Trainer(task, make_inner_optimizer(optimizer, learning_rate),
-                    weighting('uniform', len(split)), batch_size, record_every=checkpoint_every,
+                    weighting_policy('uniform', len(split)), batch_size,
+                    record_every=checkpoint_every,
                     learning_rate_setting=f'valuation.learning_rate ({learning_rate:g})',
                     purpose='valuation')
   result = trainer.run(split, {}, [seed], steps=steps)
