@@ -179,3 +179,28 @@ def test_a_changed_jpeg_image_is_written_losslessly_as_png(images, tmp_path):
     assert after[j]['image'] == before[i]['image']
   decoded = tfds.builder_from_directory(written[0]).as_data_source(split='train')
   np.testing.assert_array_equal(decoded[1]['thumb'], 255 - _pil(before[3]['thumb']))
+
+
+@pytest.mark.parametrize('size', [0, 1 << 16])
+def test_a_copied_splits_record_file_cut_short_is_one_error_naming_the_folder(images, tmp_path,
+                                                                              size):
+  """launch.filter copies the splits it does not filter with their images as stored bytes
+  (`tfds_writer`): a record file of one cut below its first 64 KiB chunk or at it (records read
+  as empty) is one line naming the dataset folder, as when it is read for training; nothing is
+  written."""
+  import re  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  cut = str(tmp_path / 'cut')
+  shutil.copytree(images, cut)
+  records = next(f for f in os.listdir(cut) if '-test.array_record' in f)
+  assert os.path.getsize(os.path.join(cut, records)) > size  # the cut shortens it
+  with open(os.path.join(cut, records), 'r+b') as f:
+    f.truncate(size)
+  scores = str(tmp_path / 'scores.parquet')
+  scores_file.write(scores, np.arange(60), np.zeros(60), np.zeros(60), dataset=cut,
+                    split='train', planted=None)
+  out = tmp_path / 'out'
+  with pytest.raises(UserError, match=re.escape(
+      f'the record files of {cut!r} are damaged or missing')):
+    filter_dataset(cut, str(out), ['train'], scores=scores, keep=0.7)
+  assert not out.exists()

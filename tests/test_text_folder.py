@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 from configs import text
 from datarater import config_checks, tasks
 from datarater.curation import scores_file
+from datarater.curation.filter import filter_dataset
 from datarater.data import pipeline, python_text, text_folder
 from datarater.data import source as source_lib
 from datarater.errors import UserError
@@ -285,6 +286,15 @@ def test_a_record_file_cut_short_is_one_error_naming_the_folder(prepared, tmp_pa
   with pytest.raises(UserError, match=re.escape(want)):
     source_lib.Source(pipeline.builder_of(c.data), 'train').take(np.arange(2))
   pipeline.load_split(c.data, 'heldout')  # the other splits' files still read
+  # launch.filter copies a split it does not filter record by record (`tfds_writer`): the same
+  # line, where it raised array_record's RuntimeError or TFDS's TypeError on None, and nothing
+  # is written.
+  scores, n = str(tmp_path / 'scores.parquet'), len(pipeline.load_split(c.data, 'heldout'))
+  scores_file.write(scores, np.arange(n), np.zeros(n), np.zeros(n), dataset=str(cut),
+                    split='heldout', planted=None)
+  with pytest.raises(UserError, match=re.escape(want)):
+    filter_dataset(str(cut), str(tmp_path / 'filtered'), ['heldout'], scores=scores, keep=0.5)
+  assert not (tmp_path / 'filtered').exists()
 
 
 def _invoke(argv):

@@ -76,7 +76,8 @@ def _make_builder_class(source_info: tfds.core.DatasetInfo, name: str, descripti
         chunk = [int(i) for i in ids[start:start + CHUNK]]
         if start % source_lib.RELEASE_EVERY < CHUNK:  # now and then, as the files are passed
           source_lib.release_readers(source)
-        stored = _read_stored(source, source_info.features, images, chunk)
+        stored = _read_stored(self.source_builder, source, source_info.features, images,
+                              chunk)
         examples = stored if transform is None else transform(chunk, [dict(e) for e in stored])
         if images:
           examples = [{**e, **{k: _image_bytes(f, e[k], s[k]) for k, f in images.items()}}
@@ -111,6 +112,7 @@ def write_subset(source_builder: tfds.core.DatasetBuilder, data_dir: str, name: 
   builder.sources = {s: sources[s] if s in sources else source_builder.as_data_source(split=s)
                      for s in selection}
   builder.transforms = dict(transforms or {})
+  builder.source_builder = source_builder  # (named in a damaged file's line)
   prepare_unshuffled(builder)
   return builder.data_dir
 
@@ -150,14 +152,13 @@ class _DownloadConfig(tfds.download.DownloadConfig):
     return ShardRule()
 
 
-def _read_stored(source, features, images: Mapping, ids: list) -> list:
-  """The examples `ids` of a TFDS data source, its `images` features left as their stored bytes
-  (the source's own record readers, whatever decoding the source itself does)."""
-  if not images:
-    return source.__getitems__(ids)
+def _read_stored(builder, source, features, images: Mapping, ids: list) -> list:
+  """The examples `ids` of a TFDS data source of `builder`, its `images` features left as their
+  stored bytes (the source's own record readers, whatever decoding the source itself does); a
+  damaged record file is one line (`pipeline.read_records`)."""
   skip = {k: tfds.decode.SkipDecoding() for k in images}
-  records = source.data_source.__getitems__(ids)
-  return [features.deserialize_example_np(r, decoders=skip) for r in records]
+  decode = lambda records: [features.deserialize_example_np(r, decoders=skip) for r in records]
+  return pipeline.read_records(builder, source, ids, decode if images else None)
 
 
 def _image_bytes(feature, value, stored: bytes) -> bytes:

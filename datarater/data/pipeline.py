@@ -63,12 +63,14 @@ def damaged_records(builder):
     raise _damaged(builder, text[:240]) from None
 
 
-def read_records(builder, data_source, positions) -> list:
-  """The examples at `positions` of `data_source` (a split of `builder`), as TFDS decodes them;
-  a damaged record file is one line (`damaged_records`), and so is one cut at its first 64 KiB
-  chunk, whose records array_record reads without an error as examples of None values."""
+def read_records(builder, data_source, positions, decode=None) -> list:
+  """The examples at `positions` of `data_source` (a split of `builder`), as TFDS decodes them,
+  or as `decode(records)` does from its stored records (`data_source.data_source`); a damaged
+  record file is one line (`damaged_records`), and so is one cut at its first 64 KiB chunk,
+  whose records array_record reads without an error as empty (examples of None values)."""
   with damaged_records(builder):
-    examples = data_source.__getitems__(positions)
+    examples = (data_source.__getitems__(positions) if decode is None
+                else decode(data_source.data_source.__getitems__(positions)))
   if any(v is None for e in examples for v in e.values()):
     raise _damaged(builder, 'records read as empty: a file cut short')
   return examples
