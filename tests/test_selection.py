@@ -782,6 +782,20 @@ def test_knn_label_shares_of_tied_neighbours_are_their_expected_shares():
   np.testing.assert_allclose(shares(codes[perm], labels[perm]), want[perm], rtol=1e-6)
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="XLA's CPU lowering of top_k")
+def test_knn_label_shares_find_the_kth_similarity_without_sorting_the_rows():
+  """The k-th similarity of each row comes from XLA's TopK (a partial selection, what the
+  threads are for): read off as top_k's last column, it had XLA sort every [chunk, R] row
+  whole, tens of times slower (3.4 s against 0.05 s for one chunk of 1024 x 20,000 on 2 cores).
+  The compiled program holds no sort."""
+  n, dim, k, chunk = 300, 8, 5, 64
+  unit = jnp.ones((n, dim)) / np.sqrt(dim)
+  onehot = jax.nn.one_hot(jnp.arange(n) % 3, 3)
+  hlo = scores._knn_chunks.lower(unit, unit, onehot, jnp.arange(n), jnp.zeros(2, jnp.int32),
+                                 k=k, chunk=chunk).compile().as_text()
+  assert ' sort(' not in hlo and 'TopK' in hlo
+
+
 @pytest.mark.slow
 def test_bench_offline_only_reports_the_guard_without_training(tfds_dir, tmp_path):
   """`bench.selection --offline_only` on digits: one row per (noise, seed), no training runs; the

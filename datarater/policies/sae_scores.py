@@ -245,7 +245,9 @@ def _knn_chunks(padded, ref_unit, ref_onehot, reference, starts, *, k: int, chun
   def rows(start):
     sim = jax.lax.dynamic_slice_in_dim(padded, start, chunk) @ ref_unit.T    # [chunk, R]
     sim = jnp.where(start + jnp.arange(chunk)[:, None] == reference, -jnp.inf, sim)
-    kth = jax.lax.top_k(sim, k)[0][:, -1:]
+    # The k-th value as the least of the top k: a slice of top_k's last column (on CPU) makes
+    # XLA sort every row whole, tens of times slower.
+    kth = jnp.min(jax.lax.top_k(sim, k)[0], -1, keepdims=True)
     # The neighbours tied at the k-th similarity share the places left equally (the expected
     # shares of a random pick): picked by index, they would depend on where they lie in the split.
     above, tied = sim > kth, sim == kth
