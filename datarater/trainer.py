@@ -188,9 +188,10 @@ def seed_keys(seeds: jax.Array, purpose: str) -> tuple[jax.Array, jax.Array, jax
 def initial_params(task: Task, seeds: Sequence[int], purpose: str = 'train'):
   """The parameters a Trainer's models of `seeds` (rooted at `purpose`) start from, leaves
   [M, ...], without building one (its policy): what a launcher checks before the policy's
-  set-up."""
-  return jax.jit(lambda s: jax.vmap(task.init)(seed_keys(s, purpose)[0]))(
-      jnp.asarray(seeds, jnp.int32))
+  set-up. Each model comes from `task.init` called alone (a task's init, compiled once per
+  process, is not compiled again for every run a process makes)."""
+  init_keys = seed_keys(jnp.asarray(seeds, jnp.int32), purpose)[0]
+  return jax.tree.map(lambda *p: jnp.stack(p), *(task.init(k) for k in init_keys))
 
 
 class Trainer:
