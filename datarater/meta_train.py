@@ -250,6 +250,7 @@ def _outer_steps(config, mesh, data, ckpt, progress, step_fn, state, start: int,
         break
   return state
 
+
 def _score_and_report(config, workdir, data, problem, state, progress, metrics_log) -> dict:
   """Process 0 scores the final rater and reports while the others wait for it here (not at
   exit, where JAX aborts a job whose processes end over 300 s apart); if it fails, its scores are

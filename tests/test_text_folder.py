@@ -369,9 +369,9 @@ def _bad_cases(source, root):
   one = _make_corpus(root / 'one', READ[:1])  # one file: heldout or test would get none
   same = root / 'same'  # whichever file train gets holds both windows: heldout and test none
   same.mkdir()
-  for name, text in (('a.txt', b'x' * L + b'y' * L), ('b.txt', b'y' * L + b'x' * L),
-                     ('c.txt', b'x' * 2 * L + b'y' * L)):
-    (same / name).write_bytes(text)
+  for name, content in (('a.txt', b'x' * L + b'y' * L), ('b.txt', b'y' * L + b'x' * L),
+                        ('c.txt', b'x' * 2 * L + b'y' * L)):
+    (same / name).write_bytes(content)
   (root / 'a_file').write_text('x')
   (root / 'taken').mkdir()
   return [
