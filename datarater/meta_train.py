@@ -24,10 +24,11 @@ from datarater import (checkpointing, config_checks, evaluation, files, multihos
 from datarater.curation import select
 from datarater.data import pipeline
 from datarater.errors import UserError
+from datarater.mesh import check_batch_sizes, host_copy, make_mesh
 from datarater.policies.base import weighting_policy
 from datarater.policies.weighting import rater_weights
 from datarater.progress import setup_logging
-from datarater.trainer import Trainer
+from datarater.trainer import Trainer, check_batch_splits
 from inner_loop.weighting import check_batch_size
 from outer_loop import meta_step, setup, sharding
 from outer_loop.batches import MetaBatches
@@ -79,9 +80,12 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
       raise UserError(f'--stop_after={stop_after} is past the run\'s last outer step '
                       f'(outer.steps={config.outer.steps})')
     check_batch_size(config.inner.batch_size, 'inner.batch_size')
-    mesh = sharding.make_mesh(config.inner.population, devices)
-    sharding.check_batch_sizes(mesh, **{'inner.batch_size': config.inner.batch_size,
-                                        'outer.batch_size': config.outer.batch_size})
+    mesh = make_mesh(config.inner.population, devices)
+    check_batch_sizes(mesh, **{'inner.batch_size': config.inner.batch_size,
+                               'outer.batch_size': config.outer.batch_size})
+    if config.final_eval.num_models > 0:  # the fresh models of the report, on this process
+      check_batch_splits(config.inner.batch_size, config.final_eval.num_models,
+                         'inner.batch_size')
     data = MetaBatches(config)
     for field, size, split in (('inner.batch_size', config.inner.batch_size, data.train),
                                ('outer.batch_size', config.outer.batch_size, data.heldout)):
@@ -268,7 +272,7 @@ def _score_and_report(config, workdir, data, problem, state, progress, metrics_l
   with multihost.together('writing the report'):
     if primary:
       report = final_report(config, workdir, data, problem, rater_params, metrics_log.history,
-                            int(sharding.host_copy(state.skipped)),
+                            int(host_copy(state.skipped)),
                             last_iterate if problem.ema else None, scores,
                             progress.scored.get((config.outer.steps, 'last_iterate')))
   return report
@@ -277,7 +281,7 @@ def _score_and_report(config, workdir, data, problem, state, progress, metrics_l
 def _reported_rater(problem, state):
   """Host copies of (the rater as reported, its last iterate): averaged here, on this process's
   copies, since process 0 alone logs and reports."""
-  host = sharding.host_copy(state.replace(population=None, opt_state=None))
+  host = host_copy(state.replace(population=None, opt_state=None))
   return jax.device_get(problem.rater_params_of(host)), host.rater_params
 
 
@@ -336,14 +340,14 @@ class _Progress:
 
   def saved(self) -> dict:
     return {'totals': self.totals and {k: float(v) for k, v in
-                                       sharding.host_copy(self.totals).items()},
+                                       host_copy(self.totals).items()},
             'since': self.since, 'flat_since': self._flat_since}
 
   def check_skipped(self, step: int) -> None:
     """Stops the run (one line) when the meta-gradient has not been finite at
     outer.max_skipped_steps steps in a row (by `step`), or at every step of a shorter run (whose
     rater would be reported untrained, as it was initialised)."""
-    in_a_row, self._longest_run = int(sharding.host_copy(self._longest_run)), None
+    in_a_row, self._longest_run = int(host_copy(self._longest_run)), None
     config = self._config
     if in_a_row >= min(config.outer.max_skipped_steps, config.outer.steps):
       raise UserError(
@@ -387,7 +391,7 @@ class _Progress:
     steps since the last record that were not skipped (single steps jump at member resets);
     skipped steps and diverged inner models are counted."""
     config = self._config
-    sums = {k: float(v) for k, v in sharding.host_copy(self.totals).items()}
+    sums = {k: float(v) for k, v in host_copy(self.totals).items()}
     counts = ('skipped_steps', 'diverged_members')
     taken = done - self.since - sums['skipped_steps']
     record = {'step': done, **{k: v / taken if taken else float('nan')

@@ -19,7 +19,7 @@ import numpy as np
 from datarater import checkpointing, config_checks, export, files, policies, seeding, tasks
 from datarater.data import corruption, pipeline, source
 from datarater.errors import UserError
-from datarater.trainer import Trainer, initial_params
+from datarater.trainer import Trainer, check_batch_splits, initial_params
 from datarater.valuation import store
 from inner_loop.optimizers import make_inner_optimizer
 
@@ -109,6 +109,7 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   policies.check_inputs(name, rater=rater, scores=scores)
   config_checks.validate(config, sections_read(config, name))
   d, t = config.data, config.train
+  check_batch_splits(t.batch_size, len(t.seeds), 'train.batch_size')
   if stop_after is not None and not workdir:
     raise UserError('--stop_after needs --workdir (the checkpoint is written there)')
   if stop_after is not None and stop_after < 1:

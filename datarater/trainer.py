@@ -19,11 +19,16 @@ Every random choice is keyed by (seed, epoch) (a seed's keys fold 0, 1, 2 into i
 checkpoint (`checkpointer`, a `RunCheckpointer`) equals an uninterrupted one. `record_every=k`
 keeps the parameters before every k-th step and the batches of every step (a `Recording`, what
 valuations replay).
-The training data is a `pipeline.Split` (held on the device, batches gathered inside the
+The training data is a `pipeline.Split` (held on the devices, batches gathered inside the
 compiled steps) or a streaming `source.Source` (batches read on the host, at most `STREAM_CHUNK`
 steps and `STREAM_EXAMPLES` examples at a time, or one step when its batches alone are more, so
 memory does not grow with the dataset; each chunk is read, in a thread, while the steps of the
 one before run: two chunks in memory); both give the same steps.
+A run is placed on every device of its process (`Trainer(devices=...)` picks others): the seeds'
+axis (models, policy states, recordings) over gcd(#seeds, #devices) of them, the rest splitting
+every batch and evaluation block (`seeds_mesh`, `datarater.mesh`); the steps are written for one
+device and compiled with these shardings, so N devices give one device's run up to float32
+summation order (one device: the same program).
 
 The history is a list of records, one per evaluation, all of one format:
   {'epoch': float, 'step': int, 'example_gradients': int, 'scoring_forwards': int,
@@ -35,18 +40,20 @@ import functools
 import itertools
 import math
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from datarater import multihost, seeding
 from datarater.checkpointing import RunCheckpointer, abstract_of
 from datarater.data import source as source_lib
 from datarater.errors import UserError
+from datarater.mesh import BATCH, POP, check_batch_sizes, make_mesh, replicated
 
 from datarater.tasks import Task
 from inner_loop.unroll import InnerState, init_inner_state, inner_step
@@ -133,15 +140,18 @@ def _pad(x: np.ndarray, length: int, a: int, b: int) -> np.ndarray:
   return np.pad(x, [(0, 0), (0, length - (b - a))] + [(0, 0)] * (x.ndim - 2))
 
 
-def _blocks(split, size: int):
+def _blocks(split, mesh: Mesh):
   """The split's features and `index` (the task's batches hold it) as device blocks
-  [nb, size, ...], and a validity mask [nb, size]."""
-  n = len(split)
+  [nb, size, ...], each split over the mesh's batch axis, and a validity mask [nb, size]: blocks
+  of `EVAL_BLOCK` examples, or of the whole split where it is smaller, rounded up to a multiple
+  of the batch axis."""
+  n, devices = len(split), mesh.shape[BATCH]
+  size = -(-min(EVAL_BLOCK, max(n, 1)) // devices) * devices
   nb = max(1, math.ceil(n / size))
   idx = np.arange(nb * size) % max(n, 1)
   mask = (np.arange(nb * size) < n).astype(np.float32).reshape(nb, size)
-  data = {k: jnp.asarray(v.reshape(nb, size, *v.shape[1:])) for k, v in split.take(idx).items()}
-  return data, jnp.asarray(mask)
+  data = {k: v.reshape(nb, size, *v.shape[1:]) for k, v in split.take(idx).items()}
+  return jax.device_put((data, mask), NamedSharding(mesh, P(None, BATCH)))
 
 
 def _check_weights(policy_name: str, used: np.ndarray, seeds, first_step: int) -> None:
@@ -169,6 +179,19 @@ def _check_losses(losses: np.ndarray, seeds, first_step: int, setting: str) -> N
                       'check_data can refuse such data in one line)')
     raise UserError(f'the training loss is not finite {where}: the models diverged; lower '
                     f'{setting}')
+
+
+def seeds_mesh(num_seeds: int, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """The mesh a run of `num_seeds` seeds is placed on: the seeds' axis over gcd(#seeds,
+  #devices) of `devices` (by default every device of this process), the rest splitting every
+  batch (`datarater.mesh`)."""
+  return make_mesh(num_seeds, jax.local_devices() if devices is None else devices)
+
+
+def check_batch_splits(batch_size: int, num_seeds: int, setting: str = 'batch_size',
+                      devices: Optional[Sequence[jax.Device]] = None) -> None:
+  """One line naming `setting` if a run's batches do not split over its mesh's batch axis."""
+  check_batch_sizes(seeds_mesh(num_seeds, devices), **{setting: batch_size})
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -201,28 +224,54 @@ class Trainer:
   def __init__(self, task: Task, optimizer: optax.GradientTransformation, policy,
                batch_size: int, record_every: int = 0,
                learning_rate_setting: str = "the optimizer's learning rate",
-               purpose: str = 'train'):
+               purpose: str = 'train', devices: Optional[Sequence[jax.Device]] = None):
     """`learning_rate_setting` names the setting to lower where the models diverge (a config
     field and its value). `purpose` (`seeding.PURPOSES`) roots the seeds' keys: a valuation's or
-    a feature extractor's model of seed s is not the trained model of seed s."""
+    a feature extractor's model of seed s is not the trained model of seed s. `devices`: those a
+    run is placed on (`mesh`), by default every device of this process."""
     if batch_size < 1:
       raise UserError(f'batch_size must be >= 1, got {batch_size}')
     self.task, self.optimizer, self.policy = task, optimizer, policy
     self.learning_rate_setting, self.purpose = learning_rate_setting, purpose
     self.batch_size, self.record_every = batch_size, record_every
     self.steps_per_epoch = math.ceil(policy.num_selected / batch_size)
-    self._plan = jax.jit(jax.vmap(self._plan_one, in_axes=(None, 0, 0, None)))
-    # The models and the recording buffer are donated: run() replaces them by the outputs, so
-    # the steps update them in place (no copy of the [M, C, ...] buffer per chunk).
-    self._chunk = jax.jit(jax.vmap(functools.partial(self._chunk_one, read=False),
-                                   in_axes=(0, 0, None, None, 0, 0, None, None, 0)),
-                          donate_argnums=(0, 8))
-    self._chunk_read = jax.jit(jax.vmap(functools.partial(self._chunk_one, read=True),
-                                        in_axes=(0, 0, None, 0, 0, 0, None, None, 0)),
-                               donate_argnums=(0, 8))
-    self._update = jax.jit(jax.vmap(policy.update, in_axes=(None, 0, 0, 0, 0)))
-    self._evaluate = jax.jit(self._evaluate_all)
-    self._init = jax.jit(self._init_all, static_argnums=1)  # compiled once per seed count
+    self.devices = devices
+    self._compiled_for = {}  # mesh -> its programs (`_programs`)
+
+  def mesh(self, num_seeds: int) -> Mesh:
+    """The mesh a run of `num_seeds` seeds is placed on (`seeds_mesh` of `devices`)."""
+    return seeds_mesh(num_seeds, self.devices)
+
+  def _programs(self, mesh: Mesh) -> dict:
+    """The run's programs (the vmapped one-model functions below) jitted for `mesh` (GSPMD):
+    what has a seeds' axis (models, policy states, recordings, counts) split over its population
+    axis, the steps' batches [M, L, B, ...] and the evaluation blocks over its batch axis too,
+    what the seeds share (the split's features, the policy's aux, step numbers) replicated."""
+    if mesh not in self._compiled_for:
+      rep, pop = replicated(mesh), NamedSharding(mesh, P(POP))
+      steps, blocks = NamedSharding(mesh, P(POP, None, BATCH)), NamedSharding(mesh, P(None, BATCH))
+
+      def program(fn, in_shardings, **kw):
+        return _Program(jax.jit(fn, in_shardings=in_shardings, **kw), in_shardings)
+
+      def chunk(read):
+        # The models and the recording buffer are donated: run() replaces them by the outputs,
+        # so the steps update them in place (no copy of the [M, C, ...] buffer per chunk).
+        return program(jax.vmap(functools.partial(self._chunk_one, read=read),
+                                in_axes=(0, 0, None, 0 if read else None, 0, 0, None, None, 0)),
+                       (pop, pop, rep, steps if read else rep, steps, steps, rep, rep, pop),
+                       out_shardings=(pop, pop, steps, steps, pop), donate_argnums=(0, 8))
+      self._compiled_for[mesh] = {
+          'plan': program(jax.vmap(self._plan_one, in_axes=(None, 0, 0, None)),
+                          (rep, pop, pop, rep), out_shardings=pop),
+          'chunk': chunk(read=False), 'chunk_read': chunk(read=True),
+          'update': program(jax.vmap(self.policy.update, in_axes=(None, 0, 0, 0, 0)),
+                            (rep, pop, pop, pop, pop), out_shardings=pop),
+          'evaluate': jax.jit(self._evaluate_all, in_shardings=(pop, blocks, blocks),
+                              out_shardings=pop),
+          # compiled once per seed count
+          'init': jax.jit(self._init_all, static_argnums=1, in_shardings=pop, out_shardings=pop)}
+    return self._compiled_for[mesh]
 
   # ------------------------------------------------------------------------- compiled pieces
 
@@ -306,8 +355,11 @@ class Trainer:
     return TrainState(models, policy, zeros, zeros), order_keys
 
   def init(self, seeds: Sequence[int], num_examples: int) -> tuple[TrainState, jax.Array]:
-    """Fresh models and policy states for `seeds`, and each seed's data-order key."""
-    return self._init(jnp.asarray(seeds, jnp.int32), num_examples)
+    """Fresh models and policy states for `seeds`, and each seed's data-order key, placed on
+    `mesh(len(seeds))`."""
+    mesh = self.mesh(len(seeds))
+    seeds = jax.device_put(np.asarray(seeds, np.int32), NamedSharding(mesh, P(POP)))
+    return self._programs(mesh)['init'](seeds, num_examples)
 
   def run(self, train, evals: dict, seeds: Sequence[int], *, epochs: Optional[int] = None,
           steps: Optional[int] = None, evals_per_epoch: int = 1,
@@ -329,9 +381,10 @@ class Trainer:
     total = steps if steps is not None else epochs * spe
     num_epochs = math.ceil(total / spe)
     streaming = not hasattr(train, 'features')
-    data = None if streaming else {k: jnp.asarray(v) for k, v in train.features.items()}
-    eval_data = {name: _blocks(split, min(EVAL_BLOCK, max(len(split), 1)))
-                 for name, split in evals.items()}
+    mesh = self.mesh(len(seeds))
+    programs = self._programs(mesh)
+    data = None if streaming else jax.device_put(dict(train.features), replicated(mesh))
+    eval_data = {name: _blocks(split, mesh) for name, split in evals.items()}
     state, order_keys = self.init(seeds, len(train))
     aux = self.policy.aux
     recorder = jnp.zeros(len(seeds))  # carried through the steps; parameters if recording
@@ -359,7 +412,7 @@ class Trainer:
     try:  # pending checkpoint writes finish whatever happens
       for epoch in range(start_epoch, last_epoch):
         tick, compile_before = time.perf_counter(), compiled.seconds
-        positions, weights, policy_state = compiled('plan', self._plan, aux, state.policy,
+        positions, weights, policy_state = compiled('plan', programs['plan'], aux, state.policy,
                                                     order_keys, np.int32(epoch))
         positions, weights = np.asarray(positions), np.asarray(weights)
         epoch_steps = min(spe, total - done_steps)
@@ -374,12 +427,12 @@ class Trainer:
         # thread ends with the loop, however it is left (not when `reads` is collected).
         reads = (contextlib.closing(source_lib.read_ahead(read, spans)) if streaming
                  else contextlib.nullcontext(itertools.repeat(data)))
-        name, chunk = ('chunk_read', self._chunk_read) if streaming else ('chunk', self._chunk)
+        name = 'chunk_read' if streaming else 'chunk'
         with reads as chunks:
           for (a, b), chunk_data in zip(spans, chunks):
             pad = lambda x: _pad(x, length, a, b)
             models, recorder, part_losses, part_used, counts = compiled(
-                name, chunk, state.models, policy_state, aux, chunk_data,
+                name, programs[name], state.models, policy_state, aux, chunk_data,
                 pad(positions[:, a:b]), pad(weights[:, a:b]), np.int32(done_steps + a),
                 np.int32(b - a), recorder)
             losses.append(np.asarray(part_losses)[:, :b - a])  # the padding steps dropped
@@ -396,7 +449,7 @@ class Trainer:
             if b == epoch_steps:  # the epoch is over: the policy sees its losses
               flat = lambda x: np.concatenate(x, axis=1).reshape(len(seeds), -1)
               policy_state = compiled(
-                  'update', self._update, aux, policy_state,
+                  'update', programs['update'], aux, policy_state,
                   positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))
               state = state.replace(policy=policy_state)
             if b not in cuts:  # a chunk inside an evaluation interval
@@ -404,7 +457,7 @@ class Trainer:
             jax.block_until_ready(state)
             train_s += time.perf_counter() - tick - (compiled.seconds - compile_before)
             record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b),
-                      **self._evaluate_splits(state, eval_data),
+                      **self._evaluate_splits(programs['evaluate'], state, eval_data),
                       **self._compute_spent(state), 'wall_s': round(train_s, 4)}
             history.append(record)
             if log is not None:
@@ -451,6 +504,7 @@ class Trainer:
       raise UserError(f'evals_per_epoch must be >= 1, got {evals_per_epoch}')
     if self.record_every and checkpointer is not None:
       raise UserError('a recorded run is not checkpointed (record_every with a checkpointer)')
+    check_batch_splits(self.batch_size, len(seeds), devices=self.devices)
 
   def _read(self, train, positions: np.ndarray) -> dict:
     """The batches of `positions` [M, L, B] read from a streamed split, checked by the task and
@@ -461,11 +515,11 @@ class Trainer:
       self.policy.check_data(read)
     return read
 
-  def _evaluate_splits(self, state: TrainState, eval_data: dict) -> dict:
+  def _evaluate_splits(self, evaluate, state: TrainState, eval_data: dict) -> dict:
     """{split: {metric: [one mean per model]}} of the evaluation splits' device blocks."""
     out = {}
     for name, (blocks, mask) in eval_data.items():
-      metrics = self._evaluate(state.models.params, blocks, mask)
+      metrics = evaluate(state.models.params, blocks, mask)
       out[name] = {k: [float(x) for x in np.asarray(v)] for k, v in metrics.items()}
     return out
 
@@ -475,19 +529,28 @@ class Trainer:
             'scoring_forwards': int(self.policy.forwards_per_example * np.mean(state.drawn))}
 
 
+class _Program(NamedTuple):
+  """A jitted function and the shardings its arguments are placed with before a call."""
+  fn: Any
+  in_shardings: tuple
+
+
 class _AheadOfTime:
-  """`compiled(name, fn, *args)` is `fn(*args)` through an executable compiled ahead for these
-  argument shapes (once per shapes); `seconds` adds up the compile time, apart from the calls."""
+  """`compiled(name, program, *args)` is `program.fn(*args)` through an executable compiled ahead
+  for these argument shapes (once per shapes), the arguments first placed as it takes them (host
+  arrays, a policy's parameters on one device; those placed so already are passed as they are,
+  donated); `seconds` adds up the compile time, apart from the calls."""
 
   def __init__(self, seconds: float = 0.0):
     self.seconds, self._executables = seconds, {}
 
-  def __call__(self, name: str, fn, *args):
+  def __call__(self, name: str, program: _Program, *args):
+    args = jax.device_put(args, program.in_shardings)
     key = (name,) + tuple(jax.tree.map(lambda x: getattr(x, 'shape', ()),
                                        jax.tree.leaves(args)))
     if key not in self._executables:
       t = time.perf_counter()
-      self._executables[key] = fn.lower(*args).compile()
+      self._executables[key] = program.fn.lower(*args).compile()
       self.seconds += time.perf_counter() - t
     return self._executables[key](*args)
 

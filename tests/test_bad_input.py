@@ -241,10 +241,16 @@ def _cases(tfds_dir: str, w) -> list:
                  '--config.valuation.reference_steps=5', f'--workdir={w}/new_train'],
        "layer 'nope' not found"),
       ('train', [data, '--policy=datarater'], 'policy datarater needs --rater'),
-      ('train', [data, '--policy=datarater', f'--rater={w}/rater', '--config.train.batch_size=1'],
+      # (4 seeds, one per device: a batch of 1 splits over the mesh's batch axis of 1 device)
+      ('train', [data, '--policy=datarater', f'--rater={w}/rater', '--config.train.batch_size=1',
+                 '--config.train.seeds=(0,1,2,3)'],
        'train.batch_size=1: the loss weights are a softmax over each batch'),  # uniform weights
-      ('train', [data, '--policy=mimic', '--config.train.batch_size=1'],
+      ('train', [data, '--policy=mimic', '--config.train.batch_size=1',
+                 '--config.train.seeds=(0,1,2,3)'],
        'train.batch_size=1: the loss weights are a softmax over each batch'),
+      ('train', [data, '--config.train.batch_size=130', f'--workdir={w}/new_train'],
+       'train.batch_size=130 does not divide over 4 devices on the batch axis (4 devices, '
+       'population axis 1); use a multiple of 4'),  # 3 seeds on 4 devices: the batch over 4
       ('train', [data, '--policy=datarater', f'--rater={w}/nowhere'], f"no rater in '{w}/nowhere'"),
       ('train', [data, '--policy=scores'], 'policy scores needs --scores'),
       ('train', [data, f'--rater={w}/rater'], "--rater is read only by policies datarater, "
@@ -638,7 +644,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 240  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 241  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

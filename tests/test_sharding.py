@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from datarater.errors import UserError
+from datarater.mesh import check_batch_sizes, make_mesh
 from outer_loop import meta_step, sharding
 from tests.tiny import estimator, tiny_batches, tiny_problem
 
@@ -19,7 +20,7 @@ def _run(problem, est, devices, population, steps=2, unroll=2):
   inner, outer = tiny_batches(3, population=population, steps=problem.advance_steps + unroll,
                               batch=16)
   init = lambda: meta_step.init_outer_state(problem, jax.random.PRNGKey(1), population)
-  mesh = sharding.make_mesh(population, devices)
+  mesh = make_mesh(population, devices)
   step_fn, state_sh, inner_sh, outer_sh = sharding.jit_outer_step(
       problem, est, mesh, jax.eval_shape(init), inner, outer)
   state = jax.jit(init, out_shardings=state_sh)()
@@ -52,6 +53,6 @@ def test_four_devices_equal_one(population, meta_gradient, unroll, advance):
 
 
 def test_batch_must_divide_over_devices():
-  mesh = sharding.make_mesh(1, jax.devices()[:4])
+  mesh = make_mesh(1, jax.devices()[:4])
   with pytest.raises(UserError, match='inner.batch_size=6 does not divide over 4 devices'):
-    sharding.check_batch_sizes(mesh, **{'inner.batch_size': 6})
+    check_batch_sizes(mesh, **{'inner.batch_size': 6})

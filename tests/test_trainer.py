@@ -1,5 +1,7 @@
 """The one trainer against explicit loops: its steps, data order, policies' weights, counting,
 evaluation, recording, vmapped seeds and resume."""
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -85,7 +87,9 @@ def test_unequal_chunks_compile_once_and_padding_steps_change_nothing(splits):
     def lower(self, *args):
       lowered.append(args[4].shape)
       return self.fn.lower(*args)
-  trainer._chunk = Counting(trainer._chunk)
+  programs = trainer._programs
+  trainer._programs = lambda mesh: {**programs(mesh), 'chunk': programs(mesh)['chunk']._replace(
+      fn=Counting(programs(mesh)['chunk'].fn))}
   run = trainer.run(train, {}, [2], steps=23, evals_per_epoch=3)
   assert len(lowered) == 1 and run.steps == 23
   assert [r['step'] for r in run.history] == [3, 7, 10, 13, 17, 20, 21, 22, 23]
@@ -478,3 +482,76 @@ def test_checkpoints_are_written_every_k_epochs_and_at_the_end(splits, tmp_path)
   assert saved(tmp_path / 'a') == [2, 4, 5]
   trainer.run(train, {}, [0], epochs=5, checkpoint_every=2, stop_after=3, checkpointer=ckpt('b'))
   assert saved(tmp_path / 'b') == [2, 3]
+
+
+def _weighting_or_selection(name: str, n: int):
+  return selection.infobatch(n, 0.5) if name == 'infobatch' else weighting.weighting(name, n)
+
+
+def _assert_same_run(one, other):
+  """Two runs equal up to float32 summation order (see test_four_devices_equal_one)."""
+  assert [r['step'] for r in one.history] == [r['step'] for r in other.history]
+  assert one.example_gradients == other.example_gradients
+  for a, b in zip(one.history, other.history):
+    for split in (k for k, v in a.items() if isinstance(v, dict)):
+      for metric in a[split]:
+        np.testing.assert_allclose(a[split][metric], b[split][metric], rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree.leaves((one.params, one.policy_state)),
+                  jax.tree.leaves((other.params, other.policy_state))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('policy,seeds', [('infobatch', [0, 1]),  # mesh (2, 2): CI runs this one
+                                          pytest.param('uniform', [0, 1], marks=pytest.mark.slow),
+                                          pytest.param('uniform', [3], marks=pytest.mark.slow),
+                                          pytest.param('infobatch', [3], marks=pytest.mark.slow)])
+def test_four_devices_equal_one(splits, policy, seeds):
+  """The seeds over gcd(#seeds, 4) devices, the other devices splitting every batch (and every
+  evaluation block): the run is one device's up to float32 summation order. A batch's loss and
+  gradient are summed on each device, then across them: ~1e-7 relative per step, which 24 Adam
+  steps grow to ~2e-5 on these parameters; histories ~1e-7. The recording too."""
+  train, test = splits
+  one, four = (_trainer(train, _weighting_or_selection(policy, len(train)), record_every=6,
+                        devices=jax.devices()[:n]).run(train, {'eval': test}, seeds, epochs=2,
+                                                       evals_per_epoch=2) for n in (1, 4))
+  pop = math.gcd(len(seeds), 4)
+  for leaf in jax.tree.leaves((four.params, four.policy_state, four.recording.checkpoints)):
+    assert leaf.sharding.mesh.shape == {'population': pop, 'batch': 4 // pop}
+    assert leaf.sharding.spec[0] == 'population'
+  _assert_same_run(one, four)
+  for a, b in zip(jax.tree.leaves(one.recording.checkpoints),
+                  jax.tree.leaves(four.recording.checkpoints)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(one.recording.positions, four.recording.positions)
+  assert one.final['eval']['loss'] != one.history[0]['eval']['loss']  # the models trained
+
+
+@pytest.mark.slow
+def test_streamed_checkpoints_move_between_device_counts(tfds_dir, tmp_path):
+  """A streamed run (a selection policy, 2 seeds) stopped after 1 of 3 epochs on 4 devices
+  resumes on 1 device, and one stopped on 1 resumes on 4: both equal the uninterrupted 1-device
+  run up to float32 summation order."""
+  from datarater.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  data = digits_data(tfds_dir)
+  streamed, test = source_lib.open_source(data, 'train[:640]'), pipeline.load_split(data, 'test')
+  policy = selection.infobatch(len(streamed), 0.5)
+  config = ml_collections.ConfigDict({'x': 1})
+
+  def run(devices, workdir=None, **kw):
+    ckpt = workdir and checkpointing.RunCheckpointer(str(workdir), config)
+    return _trainer(streamed, policy, batch_size=64, devices=jax.devices()[:devices]).run(
+        streamed, {'eval': test}, [0, 1], epochs=3, checkpointer=ckpt, **kw)
+  straight = run(1)
+  for first, then in ((4, 1), (1, 4)):
+    assert run(first, tmp_path / f'{first}_{then}', stop_after=1).stopped_after == 1
+    _assert_same_run(straight, run(then, tmp_path / f'{first}_{then}'))
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused_in_one_line(splits):
+  train, _ = splits
+  trainer = _trainer(train, batch_size=50, devices=jax.devices()[:4])
+  with pytest.raises(UserError, match=r'^batch_size=50 does not divide over 4 devices on the '
+                                      r'batch axis \(4 devices, population axis 1\); use a '
+                                      r'multiple of 4$'):
+    trainer.run(train, {}, [0], epochs=1)
+  assert trainer.mesh(2).shape == {'population': 2, 'batch': 2}  # 50 splits over 2 devices

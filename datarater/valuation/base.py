@@ -51,9 +51,10 @@ def record_run(task, split, *, steps: int, batch_size: int, learning_rate: float
   the trainer's `seed` under purpose 'valuation' (`seeding.root_key`).
   """
   from datarater.policies.base import weighting_policy  # pylint: disable=g-import-not-at-top
-  from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
+  from datarater.trainer import Trainer, check_batch_splits  # pylint: disable=g-import-not-at-top
   if steps < 1 or batch_size < 1:
     raise UserError(f'valuation steps and batch_size must be >= 1, got {steps}, {batch_size}')
+  check_batch_splits(batch_size, 1, 'valuation.batch_size')
   if checkpoint_every < 1 or steps % checkpoint_every:
     raise UserError(f'checkpoint_every={checkpoint_every} must be >= 1 and divide the {steps} '
                     'steps')
