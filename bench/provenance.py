@@ -1,7 +1,7 @@
 """What made a benchmark's result, stamped on its JSON: the command line as typed and the code;
 and how a benchmark writes its results, as one set.
 
-`made_by()`, added to every results JSON: `command` (`python -m bench.NAME ARGS`, shell-quoted,
+`made_by()`, added to every results JSON: `command` (`python -m bench.NAME ...`, shell-quoted,
 so it can be pasted back), `code_version` (`git describe --always --dirty` of the checkout, None
 outside git) and `flags`: the value of every flag the program defines (those its --help lists,
 defaults included; a config file flag as the config it read, overrides applied), so that the
