@@ -83,9 +83,9 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     mesh = make_mesh(config.inner.population, devices)
     check_batch_sizes(mesh, **{'inner.batch_size': config.inner.batch_size,
                                'outer.batch_size': config.outer.batch_size})
-    if config.final_eval.num_models > 0:  # the fresh models of the report, on this process
-      check_batch_splits(config.inner.batch_size, config.final_eval.num_models,
-                         'inner.batch_size')
+    if config.final_eval.num_models > 0:  # the report's fresh models: this process's devices
+      check_batch_splits(config.inner.batch_size, config.final_eval.num_models,  # of the run
+                         'inner.batch_size', mesh.local_devices)
     data = MetaBatches(config)
     for field, size, split in (('inner.batch_size', config.inner.batch_size, data.train),
                                ('outer.batch_size', config.outer.batch_size, data.heldout)):
@@ -180,7 +180,8 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
     if primary:
       log.info('stopped after outer step %d (checkpointed); run again to resume', last_step)
     return {}
-  return _score_and_report(config, workdir, data, problem, state, progress, metrics_log)
+  return _score_and_report(config, workdir, data, problem, state, progress, metrics_log,
+                           mesh.local_devices)
 
 
 def _outer_steps(config, mesh, data, ckpt, progress, step_fn, state, start: int,
@@ -255,10 +256,12 @@ def _outer_steps(config, mesh, data, ckpt, progress, step_fn, state, start: int,
   return state
 
 
-def _score_and_report(config, workdir, data, problem, state, progress, metrics_log) -> dict:
-  """Process 0 scores the final rater and reports while the others wait for it here (not at
-  exit, where JAX aborts a job whose processes end over 300 s apart); if it fails, its scores are
-  not finite, or any process is signalled, every process stops. The report on process 0, else {}."""
+def _score_and_report(config, workdir, data, problem, state, progress, metrics_log,
+                      devices) -> dict:
+  """Process 0 scores the final rater and reports (its fresh models on `devices`, its own of the
+  run's) while the others wait for it here (not at exit, where JAX aborts a job whose processes
+  end over 300 s apart); if it fails, its scores are not finite, or any process is signalled,
+  every process stops. The report on process 0, else {}."""
   primary = jax.process_index() == 0
   scores = problem_line = None
   with multihost.together('scoring the final rater'):
@@ -274,7 +277,8 @@ def _score_and_report(config, workdir, data, problem, state, progress, metrics_l
       report = final_report(config, workdir, data, problem, rater_params, metrics_log.history,
                             int(host_copy(state.skipped)),
                             last_iterate if problem.ema else None, scores,
-                            progress.scored.get((config.outer.steps, 'last_iterate')))
+                            progress.scored.get((config.outer.steps, 'last_iterate')),
+                            devices=devices)
   return report
 
 
@@ -441,10 +445,11 @@ def unscorable(config, scores: Optional[np.ndarray]) -> Optional[str]:
           'be too large')
 
 
-def fresh_model_results(config, data, problem, rater_params) -> dict:
+def fresh_model_results(config, data, problem, rater_params, devices=None) -> dict:
   """Fresh task models trained `final_eval.train_steps` steps with the rater's weights and with
   uniform weights (same seeds: same initialisations and data order); held-out and eval figures.
-  {} when `final_eval.num_models` is 0."""
+  {} when `final_eval.num_models` is 0. `devices`: those they train on (a Trainer's; meta_train
+  gives this process's devices of the rater run), by default every device of this process."""
   fe = config.final_eval
   if fe.num_models < 1:
     return {}
@@ -456,7 +461,7 @@ def fresh_model_results(config, data, problem, rater_params) -> dict:
   for name, policy in policies.items():
     lr = f'inner.learning_rate ({config.inner.learning_rate:g})'
     run = Trainer(problem.task, problem.inner_optimizer, policy, config.inner.batch_size,
-                  learning_rate_setting=lr).run(
+                  learning_rate_setting=lr, devices=devices).run(
         data.train, {'heldout': data.heldout, 'eval': data.eval}, seeds, steps=fe.train_steps)
     results[name] = {split: {k: float(np.mean(v)) for k, v in metrics.items()}
                      for split, metrics in run.final.items() if split in ('heldout', 'eval')}
@@ -485,19 +490,20 @@ def _finished_report(path: str, config) -> Optional[dict]:
 
 
 def final_report(config, workdir, data, problem, rater_params, history, skipped: int,
-                 last_iterate, scores: np.ndarray, last=None) -> dict:
+                 last_iterate, scores: np.ndarray, last=None, devices=None) -> dict:
   """Noise AUROC of `scores` (the rater's, finite, of the training split), the keep their
   histogram suggests, and fresh models trained with rater vs uniform weights.
 
   `last_iterate`: the rater's last parameters when `rater_params` is their Polyak average; its
   AUROCs are reported beside. `last`: its scores if already computed (by the last log step).
+  `devices`: those the fresh models train on (`fresh_model_results`).
   """
   auroc = evaluation.noise_auroc(scores, data.train.is_corrupted)
   fe = config.final_eval
   if fe.num_models:
     log.info('training fresh models for the report: %d per weighting, %d steps ...',
              fe.num_models, fe.train_steps)
-  results = fresh_model_results(config, data, problem, rater_params)
+  results = fresh_model_results(config, data, problem, rater_params, devices)
   by_kind = evaluation.auroc_by_kind(scores, data.train.corruption, data.train.corruption_kinds)
   report = {'noise_auroc': auroc, 'auroc_by_kind': by_kind,
             'suggested_keep': select.suggest_keep(scores),  # as launch.filter --suggest_keep

@@ -1174,6 +1174,40 @@ def test_fresh_models_trained_with_the_rater_use_its_temperature(tfds_dir):
   assert abs(by_hand(seed=2) - uniform) > 1e-4
 
 
+def _one_device_run_with_fresh_models(tfds_dir):
+  """A rater run on 1 device (of 4) whose report trains 1 fresh model per weighting with
+  inner.batch_size=6: 6 splits over that one device, not over a batch axis of all 4."""
+  config = small_config(tfds_dir, steps=2)
+  config.inner.population, config.inner.batch_size = 1, 6
+  config.final_eval.num_models = 1
+  return config
+
+
+def test_a_run_on_some_devices_checks_its_fresh_models_batch_on_those(tfds_dir, tmp_path):
+  """meta_train(devices=[one]) checks the report's fresh models' batch on that device (it was
+  checked, and they were trained, on all 4 of the process: inner.batch_size=6 refused): the run
+  goes on to its next check, here an outer batch larger than its split."""
+  config = _one_device_run_with_fresh_models(tfds_dir)
+  config.outer.batch_size = 10**6
+  with pytest.raises(UserError, match=r'^outer\.batch_size=1000000 is more than the \d+ '):
+    meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+
+
+@pytest.mark.slow
+def test_a_run_on_some_devices_trains_its_fresh_models_on_those(tfds_dir, tmp_path, monkeypatch):
+  """The report's fresh models train on the run's devices (one of 4 here): every Trainer run
+  of the report is placed on a mesh of that device alone, and the report holds their figures."""
+  from datarater import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  meshes, mesh_of = [], trainer_lib.Trainer.mesh
+  monkeypatch.setattr(trainer_lib.Trainer, 'mesh',
+                      lambda self, n: meshes.append(mesh_of(self, n)) or meshes[-1])
+  report = meta_train(_one_device_run_with_fresh_models(tfds_dir), str(tmp_path / 'run'),
+                      devices=jax.devices()[:1])
+  assert meshes and all(list(m.devices.flat) == jax.devices()[:1] for m in meshes)
+  for weighting in ('rater', 'uniform'):
+    assert np.isfinite(report['fresh_models'][weighting]['eval']['loss'])
+
+
 @pytest.mark.slow
 def test_asyncio_reports_of_unretrieved_tensorstore_read_errors_are_dropped(caplog, monkeypatch):
   """orbax reads a damaged checkpoint's arrays in several asyncio tasks and raises the first
