@@ -84,7 +84,8 @@ def time_train(config, train, epochs: int = 2) -> float:
   """Microseconds per example-gradient of `epochs` full-data epochs (compilation apart)."""
   task = tasks.make_task(config.task, train.info)
   trainer = Trainer(task, make_inner_optimizer('adam', config.train.learning_rate),
-                    selection.full(len(train)), config.train.batch_size)
+                    selection.full(len(train)), config.train.batch_size,
+                    batch_size_setting='train.batch_size')
   run = trainer.run(train, {}, [0], epochs=epochs)
   return 1e6 * run.wall_s / run.example_gradients
 

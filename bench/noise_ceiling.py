@@ -73,7 +73,8 @@ def train_model(config, task, fit, val, seed: int):
   """(parameters of a model of `task` trained on `fit` with uniform weights, its val accuracy)."""
   t = config.train
   trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate),
-                    weighting.weighting_policy('uniform', len(fit)), t.batch_size)
+                    weighting.weighting_policy('uniform', len(fit)), t.batch_size,
+                    batch_size_setting='train.batch_size')
   result = trainer.run(fit, {'val': val}, [seed], epochs=FLAGS.epochs)
   return (jax.tree.map(lambda p: p[0], result.params),
           float(result.final['val']['accuracy'][0]))

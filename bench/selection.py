@@ -465,7 +465,8 @@ def main(argv):
         # the policy's own setup (the SAE scores' statistics and label guard), compilation apart
         policy_compile_s = bench_runs.compile_seconds() - c0
         policy_s = time.perf_counter() - t0 - policy_compile_s
-        res = Trainer(task, optimizer, pol, cfg.train.batch_size).run(
+        res = Trainer(task, optimizer, pol, cfg.train.batch_size,
+                      batch_size_setting='train.batch_size').run(
             train, {'validation': validation, 'test': test}, [drawn], epochs=cfg.train.epochs)
         counts = np.asarray(res.policy_state.counts[0])
         if policy == 'full':

@@ -70,8 +70,8 @@ def fresh_accuracy(config, task, train, test, policy, seed: int) -> float:
   """Test accuracy of 2 fresh models trained like the valuation run, under `policy`."""
   v = config.valuation
   run = Trainer(task, make_inner_optimizer(v.optimizer, v.learning_rate), policy,
-                v.batch_size).run(train, {'test': test}, [1000 + 10 * seed, 1001 + 10 * seed],
-                                  steps=v.train_steps)
+                v.batch_size, batch_size_setting='valuation.batch_size').run(
+      train, {'test': test}, [1000 + 10 * seed, 1001 + 10 * seed], steps=v.train_steps)
   return float(np.mean(run.final['test']['accuracy']))
 
 

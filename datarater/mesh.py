@@ -31,7 +31,8 @@ def check_batch_sizes(mesh: Mesh, **batch_sizes: int) -> None:
     if size % n:
       raise UserError(f'{name}={size} does not divide over {n} devices on the batch axis '
                       f'({mesh.devices.size} devices, population axis {mesh.shape[POP]}); '
-                      f'use a multiple of {n}')
+                      f'use a multiple of {n}, or fewer devices (a run takes every device it '
+                      'sees: CUDA_VISIBLE_DEVICES picks some)')
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -224,15 +224,18 @@ class Trainer:
   def __init__(self, task: Task, optimizer: optax.GradientTransformation, policy,
                batch_size: int, record_every: int = 0,
                learning_rate_setting: str = "the optimizer's learning rate",
-               purpose: str = 'train', devices: Optional[Sequence[jax.Device]] = None):
+               purpose: str = 'train', devices: Optional[Sequence[jax.Device]] = None,
+               batch_size_setting: str = 'batch_size'):
     """`learning_rate_setting` names the setting to lower where the models diverge (a config
-    field and its value). `purpose` (`seeding.PURPOSES`) roots the seeds' keys: a valuation's or
-    a feature extractor's model of seed s is not the trained model of seed s. `devices`: those a
-    run is placed on (`mesh`), by default every device of this process."""
+    field and its value), `batch_size_setting` the config field of `batch_size` (named where it
+    does not split over the devices). `purpose` (`seeding.PURPOSES`) roots the seeds' keys: a
+    valuation's or a feature extractor's model of seed s is not the trained model of seed s.
+    `devices`: those a run is placed on (`mesh`), by default every device of this process."""
     if batch_size < 1:
       raise UserError(f'batch_size must be >= 1, got {batch_size}')
     self.task, self.optimizer, self.policy = task, optimizer, policy
     self.learning_rate_setting, self.purpose = learning_rate_setting, purpose
+    self.batch_size_setting = batch_size_setting
     self.batch_size, self.record_every = batch_size, record_every
     self.steps_per_epoch = math.ceil(policy.num_selected / batch_size)
     self.devices = devices
@@ -504,7 +507,7 @@ class Trainer:
       raise UserError(f'evals_per_epoch must be >= 1, got {evals_per_epoch}')
     if self.record_every and checkpointer is not None:
       raise UserError('a recorded run is not checkpointed (record_every with a checkpointer)')
-    check_batch_splits(self.batch_size, len(seeds), devices=self.devices)
+    check_batch_splits(self.batch_size, len(seeds), self.batch_size_setting, self.devices)
 
   def _read(self, train, positions: np.ndarray) -> dict:
     """The batches of `positions` [M, L, B] read from a streamed split, checked by the task and

@@ -548,10 +548,14 @@ def test_streamed_checkpoints_move_between_device_counts(tfds_dir, tmp_path):
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused_in_one_line(splits):
+  """The line names the config field (`batch_size_setting`; a bench's Trainer said
+  'batch_size') and says what to do for a user who never asked for several devices."""
   train, _ = splits
-  trainer = _trainer(train, batch_size=50, devices=jax.devices()[:4])
-  with pytest.raises(UserError, match=r'^batch_size=50 does not divide over 4 devices on the '
-                                      r'batch axis \(4 devices, population axis 1\); use a '
-                                      r'multiple of 4$'):
+  trainer = _trainer(train, batch_size=50, devices=jax.devices()[:4],
+                     batch_size_setting='train.batch_size')
+  with pytest.raises(UserError, match=r'^train\.batch_size=50 does not divide over 4 devices on '
+                                      r'the batch axis \(4 devices, population axis 1\); use a '
+                                      r'multiple of 4, or fewer devices \(a run takes every '
+                                      r'device it sees: CUDA_VISIBLE_DEVICES picks some\)$'):
     trainer.run(train, {}, [0], epochs=1)
   assert trainer.mesh(2).shape == {'population': 2, 'batch': 2}  # 50 splits over 2 devices
