@@ -485,7 +485,7 @@ def test_checkpoints_are_written_every_k_epochs_and_at_the_end(splits, tmp_path)
 
 
 def _weighting_or_selection(name: str, n: int):
-  return selection.infobatch(n, 0.5) if name == 'infobatch' else weighting.weighting(name, n)
+  return selection.infobatch(n, 0.5) if name == 'infobatch' else weighting.weighting_policy(name, n)
 
 
 def _assert_same_run(one, other):
