@@ -11,13 +11,14 @@ from inner_loop.optimizers import make_inner_optimizer
 
 
 def train_run(task, section, split, test, policy, seed: int, metric: str = 'accuracy',
-              evals_per_epoch: int = 1, **length) -> dict:
-  """A fresh `task` model (optimizer, learning rate and batch size from the config `section`)
-  trained on `split` under `policy` for `length` (epochs= or steps=), `metric` on `test` along
-  the way: the final value, the curve [(step, value)], the compute spent."""
+              evals_per_epoch: int = 1, section_name: str = 'train', **length) -> dict:
+  """A fresh `task` model (optimizer, learning rate and batch size from the config `section`,
+  `section_name` in the config: what a refusal names) trained on `split` under `policy` for
+  `length` (epochs= or steps=), `metric` on `test` along the way: the final value, the curve
+  [(step, value)], the compute spent."""
   run = Trainer(task, make_inner_optimizer(section.optimizer, section.learning_rate), policy,
-                section.batch_size).run(split, {'test': test}, [seed],
-                                        evals_per_epoch=evals_per_epoch, **length)
+                section.batch_size, batch_size_setting=f'{section_name}.batch_size').run(
+                    split, {'test': test}, [seed], evals_per_epoch=evals_per_epoch, **length)
   curve = [(h['step'], h['test'][metric][0]) for h in run.history]
   return {metric: curve[-1][1], 'loss': run.final['test']['loss'][0],
           'example_gradients': run.example_gradients, 'steps': run.steps,

@@ -151,7 +151,8 @@ def run_seed(config, bench, seed: int, tmp: str) -> dict:
           flush=True)
     part = train.subset(idx)
     uniform = weighting.weighting_policy('uniform', len(part))
-    r = compare.train_run(big, t, part, test, uniform, seed, 'loss', t.evals, steps=t.steps)
+    r = compare.train_run(big, t, part, test, uniform, seed, 'loss', t.evals,
+                          section_name='bench.transfer', steps=t.steps)
     r['kept'] = {g: int(mask[idx].sum()) for g, mask in groups(train).items()}
     runs.setdefault(name, {})['-' if k is None else f'{k:g}'] = r
   seconds['language_models'] = time.time() - t0
