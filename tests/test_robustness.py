@@ -57,17 +57,23 @@ def test_a_non_finite_meta_gradient_skips_the_step_and_resets_diverged_members()
   assert int(after.skipped_in_a_row) == 0 and int(after.skipped) == 1
 
 
-def test_a_rater_run_whose_meta_gradient_stays_non_finite_stops_with_finite_checkpoints(
-    tfds_dir, tmp_path):
-  workdir = tmp_path / 'nan'
-  argv = ['train_rater', *as_flags(small_config(tfds_dir, steps=10)), f'--workdir={workdir}',
-          '--config.inner.learning_rate=1e30', '--config.outer.max_skipped_steps=3']
+def _one_error_line(argv) -> str:
+  """launch.train_rater run in this process on `argv`: its exit code 2 and one line on stderr."""
   err = io.StringIO()
   with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
     code = cli.invoke(train_rater, argv)
   lines = err.getvalue().strip().splitlines()
   assert code == 2 and len(lines) == 1, err.getvalue()
-  assert 'the meta-gradient was not finite at 4 outer steps in a row (by step 4)' in lines[0]
+  return lines[0]
+
+
+def test_a_rater_run_whose_meta_gradient_stays_non_finite_stops_with_finite_checkpoints(
+    tfds_dir, tmp_path):
+  workdir = tmp_path / 'nan'
+  line = _one_error_line(['train_rater', *as_flags(small_config(tfds_dir, steps=10)),
+                          f'--workdir={workdir}', '--config.inner.learning_rate=1e30',
+                          '--config.outer.max_skipped_steps=3'])
+  assert 'the meta-gradient was not finite at 4 outer steps in a row (by step 4)' in line
   state, _ = checkpointing.restore_latest_on_host(str(workdir / 'checkpoints'))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state)
              if np.issubdtype(np.asarray(x).dtype, np.floating))
@@ -102,14 +108,9 @@ def test_skipped_steps_stop_a_run_at_max_skipped_steps_in_a_row_or_at_all_of_a_s
 def test_a_two_step_rater_run_whose_every_meta_gradient_is_nan_exits_2(tfds_dir, tmp_path):
   """End to end: launch.train_rater, 2 outer steps of 20 allowed skipped, inner rate 1e30."""
   workdir = tmp_path / 'nan'
-  argv = ['train_rater', *as_flags(small_config(tfds_dir, steps=2)), f'--workdir={workdir}',
-          '--config.inner.learning_rate=1e30']
-  err = io.StringIO()
-  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-    code = cli.invoke(train_rater, argv)
-  lines = err.getvalue().strip().splitlines()
-  assert code == 2 and len(lines) == 1, err.getvalue()
-  assert 'the meta-gradient was not finite at 2 outer steps in a row (by step 2)' in lines[0]
+  line = _one_error_line(['train_rater', *as_flags(small_config(tfds_dir, steps=2)),
+                          f'--workdir={workdir}', '--config.inner.learning_rate=1e30'])
+  assert 'the meta-gradient was not finite at 2 outer steps in a row (by step 2)' in line
   assert not (workdir / 'report.json').exists()
 
 
