@@ -23,7 +23,7 @@ def train_feature_model(train, config):
   """A task model (`config.task`) trained with uniform weights for `config.train_steps` steps,
   or `config.train_epochs` passes when that is set (> 0); (task, params, example-grads)."""
   from datarater.policies.base import weighting_policy  # pylint: disable=g-import-not-at-top
-  from datarater.trainer import Trainer, check_batch_splits  # pylint: disable=g-import-not-at-top
+  from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
   steps = offline_steps(config.train_steps, config.get('train_epochs', 0), len(train),
                         config.batch_size, 'features.train_epochs')
   if steps <= 0:
@@ -31,11 +31,10 @@ def train_feature_model(train, config):
   task = tasks.make_task(config.task, train.info, 'features.task')
   if hasattr(train, 'features'):  # e.g. tokens outside features.task.vocab (a streamed split's
     task.check_data(train.features)  # chunks are checked by the trainer)
-  check_batch_splits(config.batch_size, 1, 'features.batch_size')
   trainer = Trainer(task, make_inner_optimizer('adam', config.learning_rate),
                     weighting_policy('uniform', len(train)), config.batch_size,
                     learning_rate_setting=f'features.learning_rate ({config.learning_rate:g})',
-                    purpose='features')
+                    purpose='features', batch_size_setting='features.batch_size')
   run = trainer.run(train, {}, [config.seed], steps=steps)
   params = jax.tree.map(lambda x: x[0], run.params)
   return task, params, run.example_gradients

@@ -51,10 +51,9 @@ def record_run(task, split, *, steps: int, batch_size: int, learning_rate: float
   the trainer's `seed` under purpose 'valuation' (`seeding.root_key`).
   """
   from datarater.policies.base import weighting_policy  # pylint: disable=g-import-not-at-top
-  from datarater.trainer import Trainer, check_batch_splits  # pylint: disable=g-import-not-at-top
+  from datarater.trainer import Trainer  # pylint: disable=g-import-not-at-top
   if steps < 1 or batch_size < 1:
     raise UserError(f'valuation steps and batch_size must be >= 1, got {steps}, {batch_size}')
-  check_batch_splits(batch_size, 1, 'valuation.batch_size')
   if checkpoint_every < 1 or steps % checkpoint_every:
     raise UserError(f'checkpoint_every={checkpoint_every} must be >= 1 and divide the {steps} '
                     'steps')
@@ -64,7 +63,7 @@ def record_run(task, split, *, steps: int, batch_size: int, learning_rate: float
                     weighting_policy('uniform', len(split)), batch_size,
                     record_every=checkpoint_every,
                     learning_rate_setting=f'valuation.learning_rate ({learning_rate:g})',
-                    purpose='valuation')
+                    purpose='valuation', batch_size_setting='valuation.batch_size')
   result = trainer.run(split, {}, [seed], steps=steps)
   rec = result.recording
   one = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree))  # one program, not one per leaf
