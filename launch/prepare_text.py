@@ -6,7 +6,7 @@ r"""Prepares a folder of your own text files as a dataset for configs/text.py.
 
 Runs `datarater.data.text_folder.prepare_text` (see there: files assigned whole to train, heldout
 and test, cut into python_text's 128-byte sequences, heldout and test less the windows train
-also holds); OUT is a TFDS dataset folder.
+also holds, test less those heldout also holds); OUT is a TFDS dataset folder.
 """
 from launch import interrupts
 
@@ -43,8 +43,10 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
         test_fraction=fv.test_fraction, seed=fv.seed, max_windows=fv.max_windows,
         overwrite=fv.overwrite, heldout_source=fv.heldout_source)
   for s, t in report['total'].items():
-    dropped = f' ({t["dropped"]} dropped: also in train)' if s != 'train' else ''
-    print(f'{s}: {t["sequences"]} sequences from {t["documents"]} files{dropped}')
+    dropped = ', '.join(f'{t[f"dropped_as_in_{r}"]} dropped: also in {r}'
+                        for r in text_folder.SPLITS if f'dropped_as_in_{r}' in t)
+    print(f'{s}: {t["sequences"]} sequences from {t["documents"]} files' +
+          (f' ({dropped})' if dropped else ''))
   print(f'wrote {fv.out} (--config.data.dataset_dir={fv.out})')
 
 

@@ -177,12 +177,13 @@ def test_copies_of_a_file_go_to_one_split_and_trusted_copies_of_train_to_none(tm
       report['files'])) if d in found}
 
 
-def test_heldout_and_test_windows_that_train_holds_are_dropped_and_counted(tmp_path):
-  """A file and its extension (one more window) in different splits put the same sequences in
-  train and in heldout or test, and so does a licence-like header window that every file starts
-  with: a heldout or test window whose bytes are a train window's is dropped, train keeps all,
-  nothing else is dropped (against sets of the windows' bytes), and the counts are recorded in
-  the metadata and the summary line."""
+def test_windows_an_earlier_split_holds_are_dropped_and_counted(tmp_path):
+  """Files and their extensions (more windows), a chapter two files share and a licence-like
+  header window that every file starts with, assigned apart, put the same sequences in two
+  splits: a heldout window whose bytes are a train window's is dropped, and so is a test window
+  whose bytes are a train or a heldout window's (counted as train's if both); train and heldout
+  keep theirs, nothing else is dropped. Expected sequences and counts come from sets of the
+  windows' bytes cut here from the files; the counts are in the metadata and the summary line."""
   header = (b'Licensed under the Apache License, Version 2.0; see LICENSE. ' * 3)[:L]
   rng = np.random.default_rng(0)
   body = lambda n: rng.integers(0, 256, n * L + 7, dtype=np.uint8).tobytes()
@@ -193,29 +194,48 @@ def test_heldout_and_test_windows_that_train_holds_are_dropped_and_counted(tmp_p
   v1 = header + body(4)[:4 * L]
   (source / 'v1.txt').write_bytes(v1)
   (source / 'v2.txt').write_bytes(v1 + body(1))
+  chapter = body(2)[:2 * L]
+  for i, n in enumerate([1, 3]):
+    (source / f'ch{i}.txt').write_bytes(header + body(n)[:n * L] + chapter + body(1))
+  w1 = header + body(3)[:3 * L]
+  (source / 'w1.txt').write_bytes(w1)
+  (source / 'w2.txt').write_bytes(w1 + body(2))
   out = tmp_path / 'out'
   code, err, printed = _invoke([f'--source={source}', f'--out={out}', '--heldout_fraction=0.2',
-                                '--test_fraction=0.2', '--seed=4'])
+                                '--test_fraction=0.2', '--seed=1'])
   assert code == 0 and not err, err
   report = json.loads((out / text_folder.REPORT).read_text())
   split_of = dict(zip(report['files'], report['splits']))
-  assert split_of['v1.txt'] != split_of['v2.txt']  # the case decontamination is for
   windows = {name: _windows((source / name).read_bytes()) for name in report['files']}
-  rows = {s: {n: w for n, w in windows.items() if split_of[n] == s} for s in text_folder.SPLITS}
-  in_train = {w for ws in rows['train'].values() for w in ws}
+  held = {s: {w for n, ws in windows.items() if split_of[n] == s for w in ws}
+          for s in text_folder.SPLITS}  # each split's windows' bytes, before any is dropped
   builder = tfds.builder_from_directory(str(out))
-  for split, files in rows.items():
+  counts = {}  # (split, the first earlier split holding the window) -> windows dropped
+  for i, split in enumerate(text_folder.SPLITS):
+    want = []
+    for name in sorted(n for n in windows if split_of[n] == split):
+      for w in windows[name]:
+        earlier = [s for s in text_folder.SPLITS[:i] if w in held[s]]
+        if earlier:
+          counts[split, earlier[0]] = counts.get((split, earlier[0]), 0) + 1
+        else:
+          want.append((report['files'].index(name), w))
     got = pipeline.read_split(builder, split).features
-    want = [(report['files'].index(n), w) for n, ws in sorted(files.items()) for w in ws
-            if split == 'train' or w not in in_train]
     assert [(int(d), bytes(t.astype(np.uint8))) for d, t in zip(
         got['document'], got['tokens'])] == sorted(want, key=lambda x: x[0]), split
-    if split != 'train':
-      dropped = sum(map(len, files.values())) - len(want)
-      assert dropped >= len(files)  # at least each file's header
-      assert builder.info.metadata['dropped_as_in_train'][split] == dropped
-      assert f'{split}: {len(want)} sequences from {len({d for d, _ in want})} files ' \
-             f'({dropped} dropped: also in train)' in printed.splitlines()
+    dropped = [(r, counts.get((split, r), 0)) for r in text_folder.SPLITS[:i]]
+    for r, n in dropped:
+      key = f'dropped_as_in_{r}'
+      assert builder.info.metadata[key][split] == report['total'][split][key] == n
+    line = ', '.join(f'{n} dropped: also in {r}' for r, n in dropped)
+    assert f'{split}: {len(want)} sequences from {len({d for d, _ in want})} files' + (
+        f' ({line})' if line else '') in printed.splitlines()
+  # the cases planted, each met: heldout windows in train; test windows in train alone, in
+  # heldout alone and in both
+  test = [w for n, ws in windows.items() if split_of[n] == 'test' for w in ws]
+  for in_train, in_heldout in ((True, False), (False, True), (True, True)):
+    assert any((w in held['train'], w in held['heldout']) == (in_train, in_heldout) for w in test)
+  assert counts['heldout', 'train']
 
 
 def test_a_heldout_source_gives_heldout_and_test_and_source_only_train(prepared, tmp_path):
@@ -372,6 +392,10 @@ def _bad_cases(source, root):
   for name, content in (('a.txt', b'x' * L + b'y' * L), ('b.txt', b'y' * L + b'x' * L),
                         ('c.txt', b'x' * 2 * L + b'y' * L)):
     (same / name).write_bytes(content)
+  apart = root / 'apart'  # heldout and test one file each, test's windows all heldout's
+  apart.mkdir()
+  for name, content in (('a.txt', b'x' * L + b'y' * L), ('b.txt', b'y' * L + b'x' * L)):
+    (apart / name).write_bytes(content)
   (root / 'a_file').write_text('x')
   (root / 'taken').mkdir()
   return [
@@ -397,6 +421,7 @@ def _bad_cases(source, root):
       ([*ok, f'--heldout_source={source / "notes"}'], 'overlap'),
       ([*ok, f'--heldout_source={one}'], 'heldout and test need one each'),
       ([f'--source={same}', f'--out={root / "new"}'], 'also a train window'),
+      ([*ok, f'--heldout_source={apart}'], 'every test window is also a train or heldout window'),
   ]
 
 

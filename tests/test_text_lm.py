@@ -103,6 +103,8 @@ def test_splits_are_disjoint_by_document_and_the_record_is_read(data):
   docs = {name: set(s.features['document'].tolist()) for name, s in splits.items()}
   assert not docs['train'] & docs['heldout'] and not docs['train'] & docs['test']
   assert not docs['heldout'] & docs['test']
+  rows = lambda split: {t.astype(np.uint8).tobytes() for t in split.features['tokens']}
+  assert not rows(heldout) & rows(test)  # no test text in the rater's outer (heldout) loss
   names = builder.info.features['corruption'].names
   assert names[0] == 'clean' and set(names) == {'clean', 'random_bytes', 'shuffled_words',
                                                 'boilerplate', 'markup_only', 'truncated'}

@@ -18,13 +18,16 @@ split holds another's document. With `heldout_source`, a folder of trusted text,
 all go to train and its own to heldout and test alone (so assigned, in the ratio of the two
 fractions; one whose windows are a `source` file's is left out).
 
-Then heldout and test are decontaminated: a window of theirs whose bytes are also a train window
-is dropped (train keeps all of its windows), as where one file is another plus more text (versions
-of one document) and the two went to different splits. Windows are compared, not files: grouping
-files by any shared window would merge all that share a licence header. They are compared by
-16-byte digests (`window_digests`, held for every file: an eighth of the windows' bytes). The
-counts dropped are in the report and `info.metadata['dropped_as_in_train']` ({'heldout': n,
-'test': m}); a split left without a sequence is refused.
+Then heldout and test are decontaminated (`decontaminate`): a window of theirs whose bytes are
+also a train window is dropped (train keeps all of its windows), and so is a test window whose
+bytes are also a heldout window (heldout keeps all of its own: a rater's outer loss on heldout
+must not have fitted test text), as where one file is another plus more text (versions of one
+document) and the two went to different splits. Windows are compared, not files: grouping files
+by any shared window would merge all that share a licence header. They are compared by 16-byte
+digests (`window_digests`, held for every file: an eighth of the windows' bytes). The counts
+dropped are in the report and `info.metadata`: `dropped_as_in_train` ({'heldout': n, 'test': m})
+and `dropped_as_in_heldout` ({'test': k}; a test window in both counts as in train). A heldout or
+test split left without a sequence is refused.
 
 A split's sequences are stored by document id, each file's windows in order (less those dropped).
 `info.metadata` also records the source folder, suffixes, seed, fractions, `max_windows` and
@@ -103,17 +106,35 @@ def window_digests(text: bytes, max_windows: int = 0) -> np.ndarray:
       for i in range(window_count(len(text), max_windows))), 'V16')
 
 
-def in_train(splits: Sequence, digests: Sequence[np.ndarray]) -> dict:
-  """document -> the indices of its windows that a train document also holds (by digest), for
-  each heldout and test document with one; `digests`: each document's `window_digests`."""
-  train = [digests[d] for d, s in enumerate(splits) if s == 'train']
-  held = [d for d, s in enumerate(splits) if s in ('heldout', 'test')]
-  if not train or not held:
+def also_in(splits: Sequence, digests: Sequence[np.ndarray], reference: str,
+            held: Sequence[str]) -> dict:
+  """document -> the indices of its windows that a document of split `reference` also holds (by
+  digest), for each document of the splits `held` with one; `digests`: each document's
+  `window_digests`."""
+  ref = [digests[d] for d, s in enumerate(splits) if s == reference]
+  docs = [d for d, s in enumerate(splits) if s in held]
+  if not ref or not docs:
     return {}
-  found = np.isin(np.concatenate([digests[d] for d in held]), np.concatenate(train))
-  ends = np.cumsum([len(digests[d]) for d in held])
-  return {d: np.flatnonzero(f).tolist() for d, f in zip(held, np.split(found, ends[:-1]))
+  found = np.isin(np.concatenate([digests[d] for d in docs]), np.concatenate(ref))
+  ends = np.cumsum([len(digests[d]) for d in docs])
+  return {d: np.flatnonzero(f).tolist() for d, f in zip(docs, np.split(found, ends[:-1]))
           if f.any()}
+
+
+def decontaminate(splits: Sequence, digests: Sequence[np.ndarray]) -> tuple[dict, dict]:
+  """The windows dropped: each window of a later split (`SPLITS`' order) that an earlier one also
+  holds (`also_in`), counted under the first that does (a test window in train and heldout:
+  train). Returns document -> the indices of all its windows dropped, and split (train, heldout)
+  -> {document: the indices of its windows dropped as that split holds them}."""
+  dropped, by_split = {}, {}
+  for i, reference in enumerate(SPLITS[:-1]):
+    by_split[reference] = {}
+    for d, found in also_in(splits, digests, reference, SPLITS[i + 1:]).items():
+      new = [w for w in found if w not in dropped.get(d, ())]
+      if new:
+        by_split[reference][d] = new
+        dropped[d] = sorted({*dropped.get(d, ()), *new})
+  return dropped, by_split
 
 
 def assign(counts: Sequence[int], fractions: dict, seed: int,
@@ -225,7 +246,8 @@ def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
                  heldout_source: str = '') -> dict:
   """Writes the dataset folder `out` (see the module docstring); returns its report (also in
   out/text_corpus.json): per split its documents and sequences (those with a sequence left) and
-  the windows `dropped` as train also holds them. Checks everything first.
+  the windows dropped as an earlier split also holds them (`dropped_as_in_train`, and for test
+  `dropped_as_in_heldout`). Checks everything first.
 
   With `heldout_source` (a folder of trusted text), every file of `source` goes to train and the
   files of `heldout_source` to heldout and test, in the ratio of the two fractions; their
@@ -283,24 +305,29 @@ def prepare_text(source: str, out: str, suffixes: Sequence[str] = SUFFIXES,
     raise UserError(f'--source {source!r} has too little text: {len(used)} of its {len(names)} '
                     f'matching files hold a window of {SEQ_LEN} bytes{copies}, and train, heldout '
                     'and test each need a file of their own (at least 3)')
-  dropped = in_train(splits, digests)
-  for s in SPLITS:
+  dropped, by_split = decontaminate(splits, digests)
+  for i, s in enumerate(SPLITS):
     docs = [d for d, x in enumerate(splits) if x == s]
-    gone = sum(len(dropped.get(d, ())) for d in docs)
-    report['total'][s] = {'documents': sum(counts[d] > len(dropped.get(d, ())) for d in docs),
-                          'sequences': sum(counts[d] for d in docs) - gone, 'dropped': gone}
-  for s in ('heldout', 'test'):
+    report['total'][s] = {
+        'documents': sum(counts[d] > len(dropped.get(d, ())) for d in docs),
+        'sequences': sum(counts[d] - len(dropped.get(d, ())) for d in docs),
+        **{f'dropped_as_in_{r}': sum(len(by_split[r].get(d, ())) for d in docs)
+           for r in SPLITS[:i]}}
+  for i, s in enumerate(SPLITS[1:], 1):
     if not report['total'][s]['sequences']:
       flag, folder = ('--heldout_source', heldout_source) if heldout_source else ('--source',
                                                                                     source)
-      raise UserError(f'{flag} {folder!r} has too little text apart from train\'s: every {s} '
-                      f'window is also a train window (its files\' text is in train files; '
-                      'another --seed may assign them otherwise)')
+      earlier = ' or '.join(SPLITS[:i])
+      raise UserError(f'{flag} {folder!r} has too little text of its own for {s}: every {s} '
+                      f'window is also a {earlier} window (its files\' text is in {earlier} '
+                      'files; another --seed may assign them otherwise)')
   metadata = {'source': source, **({'heldout_source': heldout_source} if heldout_source else {}),
               'suffixes': suffixes, 'seed': seed, 'max_windows': max_windows,
               'heldout_fraction': heldout_fraction, 'test_fraction': test_fraction,
               'num_files': len(names), 'sources_sha256': digest.hexdigest()[:16],
-              'dropped_as_in_train': {s: report['total'][s]['dropped'] for s in SPLITS[1:]}}
+              **{f'dropped_as_in_{r}': {s: report['total'][s][f'dropped_as_in_{r}']
+                                        for s in SPLITS[i + 1:]}
+                 for i, r in enumerate(SPLITS[:-1])}}
   with files.atomic_dir(out, overwrite, marker=REPORT) as tmp:
     plan = {'roots': roots, 'files': names, 'splits': splits, 'sha256': sha,
             'max_windows': max_windows, 'metadata': metadata, 'dropped': dropped}
