@@ -170,6 +170,23 @@ def test_the_count_of_bad_inputs_the_readme_gives_is_the_tests(tmp_path):
   assert f'`tests/test_text_folder.py` {text_cases} of `launch.prepare_text`' in readme
 
 
+
+def test_every_registered_policy_is_named_where_the_policies_are_listed():
+  """WORKSPACE's policy recipe: a new policy is named in the README's `launch.train` paragraph,
+  launch/train.py's docstring and WORKSPACE's layout row of datarater/policies/."""
+  from datarater import policies  # pylint: disable=g-import-not-at-top
+  readme = open(os.path.join(ROOT, 'README.md')).read()
+  start = readme.index('`launch.train --policy=NAME` trains')
+  workspace = open(os.path.join(ROOT, 'WORKSPACE.md')).read()
+  row = re.search(r'^\| `datarater/policies/` \|.*$', workspace, re.M).group(0)
+  lists = {'README': readme[start:readme.index('\n\n', start)], 'WORKSPACE': row,
+           'launch/train.py': importlib.import_module('launch.train').__doc__}
+  for where, text in lists.items():
+    named = set(re.findall(r'[a-z_]+', text))
+    missing = sorted(set(policies.POLICIES) - named)
+    assert not missing, f'{where} does not name policies {missing}'
+
+
 def _launcher_commands(text: str):
   """(launcher, flag names) of each `python -m launch.X ...` command and `launch.X --flag` span
   in `text` (continuation lines joined, a blank line ends one; config overrides left out)."""
