@@ -27,6 +27,7 @@ if __name__ == '__main__':  # first: a Ctrl-C while JAX loads (in its gc callbac
 import contextlib
 import functools
 import platform
+import textwrap
 import time
 
 from absl import flags
@@ -120,7 +121,7 @@ def plot(results: dict, path: str) -> None:
   jobs = list(results['ratio'])
   fig, ax = plt.subplots(figsize=(6, 3.5))
   means = [results['ratio'][j]['mean'] for j in jobs]
-  ax.bar([j.replace(' (', '\n(') for j in jobs], means,  # two-line labels: they do not overlap
+  ax.bar([textwrap.fill(j, 18) for j in jobs], means,  # labels in lines: they do not overlap
          yerr=[results['ratio'][j]['sem'] for j in jobs], capsize=4)
   ax.axhline(1.0, color='k', lw=0.8)
   ax.set_ylabel('time with lax patches / with slices')

@@ -283,7 +283,7 @@ def markdown(summary: dict, keeps, methods, epochs: int, dataset: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def plot(path: str, summary: dict, runs: dict, keeps, methods) -> None:
+def plot(path: str, summary: dict, runs: dict, keeps, methods, dataset: str = '') -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -317,11 +317,11 @@ def plot(path: str, summary: dict, runs: dict, keeps, methods) -> None:
       mean = np.mean([c[:n, 1] for c in curves], 0)
       ax.plot(np.mean([c[:n, 0] for c in curves], 0), 100 * mean, color=color, label=name)
     ax.set(xlabel='training steps', ylabel='test accuracy (%), seed mean',
-           title=f'accuracy vs steps, keep {k}')
+           title=f'{float(p):.0%} corrupted: accuracy vs steps, keep {k}')
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
   axes[1][0].legend(fontsize=7)
-  fig.suptitle(os.path.basename(path).removesuffix('.png'))
+  fig.suptitle(os.path.basename(path).removesuffix('.png') + (f' ({dataset})' if dataset else ''))
   fig.tight_layout()
   files.save_figure(fig, path, dpi=100)
   plt.close(fig)
@@ -395,7 +395,7 @@ def main(argv):
       'methods': methods, 'epochs': _EPOCHS.value, 'rater_steps': _RATER_STEPS.value,
       'config': config.to_dict(), 'seconds': time.time() - t_start,
       'device': jax.devices()[0].device_kind, 'platform': platform.platform()},
-      table, lambda path: plot(path, summary, runs, keeps, methods))
+      table, lambda path: plot(path, summary, runs, keeps, methods, config.data.name))
   print(f'wrote {_OUT.value}.json, .md and .png in {time.time() - t_start:.0f} s')
 
 

@@ -21,13 +21,14 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from typing import Callable, Optional
 
 from absl import flags
 from PIL import Image, PngImagePlugin
 
 from bench import cli as bench_cli
-from datarater import files
+from datarater import files, plots
 from launch import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,18 +85,24 @@ def write_results(prefix: str, results: dict, markdown: Optional[str] = None,
                   plot: Optional[Callable[[str], None]] = None) -> None:
   """`results`, with what made them (`made_by`), as <prefix>.json, written last; before it the
   table `markdown` as <prefix>.md and the figure `plot(path)` draws as <prefix>.png, each
-  stamped with the JSON's digest. The folder is made if needed."""
+  stamped with the JSON's digest. The figure is drawn first, in a temporary folder under its
+  own name (a title may read it); one that fails is a warning, the rest written without it. The
+  folder is made if needed."""
   bench_cli.out_folder(prefix)
-  written_with = [ext for ext, part in (('.md', markdown), ('.png', plot)) if part is not None]
-  text = files.json_text({**results, 'made_by': made_by(), 'written_with': written_with})
-  name, digest = os.path.basename(prefix) + '.json', _sha256(text.encode())
-  if markdown is not None:
-    files.write_text(prefix + '.md',
-                     f'{markdown.rstrip()}\n\n<!-- results: {name} sha256 {digest} -->\n')
-  if plot is not None:
-    with files.atomic_path(prefix + '.png') as tmp:
-      plot(tmp)
-      _add_text_chunk(tmp, PNG_KEY, f'{name} {digest}')
+  name = os.path.basename(prefix)
+  with tempfile.TemporaryDirectory(prefix=f'.{name}.png.tmp-',
+                                   dir=os.path.dirname(os.path.abspath(prefix))) as scratch:
+    figure = os.path.join(scratch, name + '.png')
+    drawn = plot is not None and plots.draw_or_warn(plot, figure)
+    written_with = [ext for ext, part in (('.md', markdown is not None), ('.png', drawn)) if part]
+    text = files.json_text({**results, 'made_by': made_by(), 'written_with': written_with})
+    digest = _sha256(text.encode())
+    if markdown is not None:
+      files.write_text(prefix + '.md',
+                       f'{markdown.rstrip()}\n\n<!-- results: {name}.json sha256 {digest} -->\n')
+    if drawn:
+      _add_text_chunk(figure, PNG_KEY, f'{name}.json {digest}')
+      os.replace(figure, prefix + '.png')
   files.write_text(prefix + '.json', text)
 
 

@@ -518,13 +518,17 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
         'auroc_by_kind': evaluation.auroc_by_kind(last, data.train.corruption,
                                                   data.train.corruption_kinds)}
   report = files.json_safe(report)  # returned as written (an AUROC not defined is None)
-  # The plot first: report.json marks the run finished (a rerun then only prints it).
-  plots.save_rater_report(os.path.join(workdir, 'rater_report.png'), history, scores,
-                          data.train.is_corrupted)
+  # The plot first: report.json marks the run finished (a rerun then only prints it). A plot
+  # that fails is a warning: the report is written without it.
+  title = (f'Rater run on {config.data.name} {config.data.train_split}, '
+           f'{config.outer.steps} outer steps')
+  figure = os.path.join(workdir, 'rater_report.png')
+  drawn = plots.draw_or_warn(lambda path: plots.save_rater_report(
+      path, history, scores, data.train.corruption, data.train.corruption_kinds, title,
+      report['suggested_keep']), figure)
   files.write_json(os.path.join(workdir, 'report.json'), report)
   log_report(config, report)
-  log.info('wrote %s and %s', os.path.join(workdir, 'report.json'),
-           os.path.join(workdir, 'rater_report.png'))
+  log.info('wrote %s', ' and '.join([os.path.join(workdir, 'report.json')] + [figure] * drawn))
   return report
 
 

@@ -1,21 +1,67 @@
-"""Pictures of a rater run: learning curves and how scores split clean from corrupted examples."""
+"""Pictures of a rater run (learning curves, how scores split clean from corrupted examples),
+and what every figure of the project shares: histogram bins over scores of any finite range, and
+drawing a figure without risking the results written beside it (`draw_or_warn`)."""
+import logging
+from typing import Callable, Optional, Sequence
+
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from datarater import evaluation
 from datarater import files
+from datarater.curation import select
+
+log = logging.getLogger('datarater.plots')  # (a child: shown where 'datarater' is switched off)
+
+
+def draw_or_warn(draw: Callable[[str], None], path: str) -> bool:
+  """`draw(path)`; an error drawing the figure is logged as a warning, not raised, so the
+  results it shows are written all the same. True if it was drawn."""
+  try:
+    draw(path)
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    log.warning('could not draw %s (%s: %s); the results are written without it', path,
+                type(e).__name__, e)
+    return False
+
+
+def score_bins(scores: np.ndarray, num: int = 40) -> tuple[float, np.ndarray]:
+  """(unit, bin edges): `num` equal bins over the finite `scores / unit`; `unit` is 1, or the
+  power of ten of the largest |score| above 1e100 (a range of 1e308 overflows); scores (almost)
+  all equal get bins around them."""
+  s = np.asarray(scores, np.float64)
+  s = s[np.isfinite(s)]
+  top = np.abs(s).max(initial=0.0)
+  unit = 10.0 ** np.floor(np.log10(top)) if top > 1e100 else 1.0
+  lo, hi = (s.min() / unit, s.max() / unit) if s.size else (0.0, 0.0)
+  if hi - lo <= 1e-6 * max(abs(lo), abs(hi)):  # equal bins would not increase
+    half = max(0.5, 1e-6 * abs(lo))
+    lo, hi = (lo + hi) / 2 - half, (lo + hi) / 2 + half
+  return float(unit), np.linspace(lo, hi, num + 1)
 
 
 def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
-                      is_corrupted: np.ndarray) -> None:
-  """Three panels: outer/inner loss, noise AUROC over outer steps, final score histograms."""
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+                      record: np.ndarray, kinds: Sequence[str] = ('clean', 'corrupted'),
+                      title: str = '', keep: Optional[float] = None) -> None:
+  """Three panels: outer/inner loss, noise AUROC over outer steps, final score histograms of the
+  clean examples and of each corruption kind (`record`: each example's index in `kinds`, 0
+  clean; a boolean record is one kind), with the threshold that keeps the best `keep`."""
+  record = np.asarray(record).astype(np.int64)
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
   steps = [h['step'] for h in history]
   dots = {'marker': 'o', 'ms': 3} if len(steps) < 30 else {}  # a few logged points stay visible
   for key in ('outer_loss', 'inner_loss'):
-    axes[0].plot(steps, [h[key] for h in history], label=key.replace('_', ' '), **dots)
-  axes[0].set(xlabel='outer step', ylabel='loss', title='Losses')
+    axes[0].plot(steps, [h.get(key, np.nan) for h in history], label=key.replace('_', ' '),
+                 **dots)
+  losses = np.array([h.get(k, np.nan) for h in history for k in ('outer_loss', 'inner_loss')],
+                    np.float64)
+  losses = losses[np.isfinite(losses)]
+  if losses.size and losses.min() > 0 and losses.max() > 30 * losses.min():
+    axes[0].set_yscale('log')  # losses spanning decades
+  axes[0].set(xlabel='outer step', ylabel='loss (mean per example)', title='Losses')
   axes[0].legend()
   auroc = [(h['step'], h['noise_auroc']) for h in history if 'noise_auroc' in h]
   if auroc:
@@ -31,15 +77,29 @@ def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
                  '(or every one is)', ha='center', va='center', transform=axes[1].transAxes,
                  color='gray')
     axes[1].set_xlim(axes[0].get_xlim())
-  lo, hi = float(scores.min()), float(scores.max())
-  bins = np.linspace(lo, hi, 40) if hi > lo else np.linspace(lo - 0.5, hi + 0.5, 40)
-  axes[2].hist(scores[~is_corrupted], bins=bins, alpha=0.6, label='clean', density=True)
-  if is_corrupted.any():
-    axes[2].hist(scores[is_corrupted], bins=bins, alpha=0.6, label='corrupted', density=True)
-  axes[2].set(xlabel='rater score', ylabel='density (area 1 per group)',
-              title='Scores on the training split')
-  axes[2].legend(loc='best')
+  unit, bins = score_bins(scores)
+  scaled = np.asarray(scores, np.float64) / unit
+  by_kind = evaluation.auroc_by_kind(scores, record, kinds)  # each against the clean examples
+  for k, kind in enumerate(kinds):
+    group = record == k
+    if group.any():
+      a = by_kind.get(kind, np.nan)
+      shown = f', AUROC {a:.3f}' if np.isfinite(a) else ''
+      axes[2].hist(scaled[group], bins=bins, density=True,  # clean filled, each kind outlined
+                   **({'alpha': 0.5} if k == 0 else {'histtype': 'step', 'lw': 1.5}),
+                   label=f'{kind} ({int(group.sum())}{shown})')
+  if keep is not None and len(scaled):
+    cut = scaled[select.select_top(scaled, keep)].min()  # the lowest score the keep keeps
+    axes[2].axvline(cut, color='k', ls='--', lw=1, label=f'suggested keep {keep:.0%}')
+  axes[2].set(xlabel='rater score' if unit == 1.0 else f'rater score / {unit:.0e}',
+              ylabel='density (area 1 per group)', title='Scores on the training split')
+  entries = len(axes[2].get_legend_handles_labels()[1])
+  axes[2].set_ylim(0, axes[2].get_ylim()[1] * (1.1 + 0.1 * entries))  # room for the legend
+  axes[2].legend(loc='upper left', fontsize=8)
+  if title:
+    fig.suptitle(title)
   # Fixed margins: tight_layout would draw the figure a second time (half of this function).
-  fig.subplots_adjust(left=0.055, right=0.99, bottom=0.13, top=0.92, wspace=0.22)
+  fig.subplots_adjust(left=0.055, right=0.99, bottom=0.12, top=0.85 if title else 0.92,
+                      wspace=0.22)
   files.save_figure(fig, path, dpi=100)
   plt.close(fig)

@@ -1,6 +1,7 @@
 """A benchmark's results as one set (`bench.provenance.write_results`): a writer killed between
 its files leaves either one run's set under the final names or a set `check_results` flags."""
 import glob
+import json
 import os
 import signal
 
@@ -124,3 +125,25 @@ def test_every_bench_writes_its_results_as_one_set():
         text = f.read()
       for call in ('write_json(', 'write_text(', 'savefig('):
         assert call not in text, (name, call)
+
+
+def test_the_figure_is_drawn_under_its_results_name_and_one_that_fails_loses_nothing(tmp_path):
+  """The curation, lm_curation and selection figures title themselves with their file's name:
+  drawn at write_results' temporary file, they read '.curation.png.tmp-k3j...'. And a figure
+  that failed after a bench's runs left its .md without the JSON: the results were lost."""
+  prefix, names = str(tmp_path / 'curation'), []
+  def plot(path):
+    names.append(os.path.basename(path))
+    Image.new('L', (2, 2), 10).save(path, format='PNG')
+  provenance.write_results(prefix, RUNS['A'], '| a |', plot)
+  assert names == ['curation.png']
+  assert set(provenance.check_results(prefix).values()) == {'ok'}
+  def broken(path):
+    raise IndexError('a plotting bug')
+  provenance.write_results(prefix + '_b', RUNS['B'], '| b |', broken)
+  with open(prefix + '_b.json') as f:
+    written = json.load(f)
+  assert written['accuracy'] == RUNS['B']['accuracy'] and written['written_with'] == ['.md']
+  assert provenance.check_results(prefix + '_b') == {prefix + '_b.md': 'ok'}
+  assert sorted(os.listdir(tmp_path)) == ['curation.json', 'curation.md', 'curation.png',
+                                          'curation_b.json', 'curation_b.md']

@@ -1184,3 +1184,23 @@ def test_the_filter_report_names_its_sources_by_their_real_paths(tfds_dir, tmp_p
              for out, scores in (('a', 's.parquet'), ('b', str(tmp_path / 'link.parquet')))]
   assert reports[0]['source'] == reports[1]['source'] == {'rater': None,
                                                             'scores': os.path.realpath(path)}
+
+
+def test_a_histogram_that_cannot_be_drawn_loses_no_output(tfds_dir, tmp_path, monkeypatch):
+  """The figure is drawn last, inside the temporary output: an error drawing it removed the whole
+  filtered dataset. Now it warns, and the dataset, scores and report are written."""
+  from datarater.curation import filter as filter_lib  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 's.parquet'
+  values = np.random.default_rng(0).normal(size=N_TRAIN)
+  pq.write_table(pa.table({'id': np.arange(N_TRAIN), 'value': values}), path)
+  run = lambda out: filter_dataset('sklearn_digits', str(tmp_path / out), ['train'],
+                                   scores=str(path), keep=0.5, data_dir=tfds_dir,
+                                   copy_other_splits=False)
+  drawn = run('o1')
+  assert (tmp_path / 'o1' / 'scores.png').stat().st_size > 0
+  def broken(*args):
+    raise ValueError('a plotting bug')
+  monkeypatch.setattr(filter_lib, '_save_histogram', broken)
+  assert run('o2')['splits'] == drawn['splits']
+  assert not (tmp_path / 'o2' / 'scores.png').exists()
+  assert _files(tmp_path / 'o2').keys() == set(_files(tmp_path / 'o1')) - {'scores.png'}

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from datarater import files, multihost
+from datarater import files, multihost, plots
 from datarater.curation import scores_file, select, tfds_writer
 from datarater.data import corruption as corruption_lib
 from datarater.data import pipeline
@@ -61,17 +61,14 @@ def _exchange(split, block: int, arrays):
   return out
 
 
-def _save_histogram(path: str, per_split: dict) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
+def _save_histogram(path: str, per_split: dict, title: str) -> None:
+  """Per split, its scores: kept, dropped and corrupted; `title` says whose scores of what."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(per_split), figsize=(5 * len(per_split), 3.5), squeeze=False)
+  fig, axes = plt.subplots(1, len(per_split), figsize=(5 * len(per_split), 3.8), squeeze=False)
   for ax, (split, d) in zip(axes[0], per_split.items()):
     s, kept = d['scores'], d['kept']
-    top = np.abs(s).max()
-    unit = 10.0 ** np.floor(np.log10(top)) if top > 1e100 else 1.0  # a range of 1e308 overflows
+    unit, bins = plots.score_bins(s)
     s = s / unit if unit != 1.0 else s
-    bins = np.linspace(s.min(), s.max() + 1e-9, 41)
     count = lambda mask: np.histogram(s, bins, weights=mask.astype(np.float32))[0]  # no copy of s
     ax.stairs(count(kept), bins, fill=True, alpha=0.7, label=f'kept ({int(kept.sum())})')
     ax.stairs(count(~kept), bins, fill=True, alpha=0.7, label=f'dropped ({int((~kept).sum())})')
@@ -79,12 +76,14 @@ def _save_histogram(path: str, per_split: dict) -> None:
       bad = d['record'] != 0
       ax.stairs(count(bad), bins, color='k',
                 label=f'corrupted ({int(bad.sum())}, {int((bad & kept).sum())} kept)')
-    ax.set_title(f'{split}: scores' + (f', keep {d["keep"]:g}' if d['keep'] else ''))
+    rule = (f'keep {d["keep"]:.3g}' if d['keep'] else f'score >= {d["threshold"]["all"]:.4g}')
+    ax.set_title(f'split {split}: {rule}')
     ax.set_ylabel('examples')
     ax.set_xlabel('score' if unit == 1.0 else f'score / {unit:.0e}')
     ax.legend(fontsize=8)
+  fig.suptitle(title)
   width = 5 * len(per_split)  # fixed margins, in inches (tight_layout would draw it twice)
-  fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.14, top=0.91,
+  fig.subplots_adjust(left=0.7 / width, right=1 - 0.15 / width, bottom=0.13, top=0.82,
                       wspace=0.25)
   files.save_figure(fig, path, dpi=90)
   plt.close(fig)
@@ -397,7 +396,11 @@ def _write(out, overwrite, builder, name, selection, dataset, transforms, stream
                         d['scores'], d['scores'], dataset=dataset, split=s,
                         planted=corruption.describe(), **extra)
     files.write_json(os.path.join(folder, REPORT), report)
-    _save_histogram(os.path.join(folder, 'scores.png'), per_split)
+    given = report['source']
+    source = 'rater scores' if given['rater'] else f'scores of {os.path.basename(given["scores"])}'
+    source += ', suggested keep' if report['suggest_keep'] else ''
+    plots.draw_or_warn(lambda path: _save_histogram(  # a figure that fails is a warning
+        path, per_split, f'{builder.info.name}: {source}'), os.path.join(folder, 'scores.png'))
     # The dataset folder itself becomes `out`: move its contents up into the temporary root.
     for entry in os.listdir(folder):
       os.rename(os.path.join(folder, entry), os.path.join(tmp, entry))
