@@ -56,3 +56,12 @@ def batch_sharding(mesh: Mesh, tree, batch_axis: int):
 def host_copy(tree):
   """Numpy copies of replicated global arrays, on any process (no cross-process transfer)."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def gathered(x) -> np.ndarray:
+  """A numpy copy of the whole of array `x` on every process: where `x` spans other processes'
+  devices, gathered from them (a collective: every process calls it alike)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -16,7 +16,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from datarater import checkpointing, config_checks, export, files, policies, seeding, tasks
+from datarater import (checkpointing, config_checks, export, files, multihost, policies,
+                       seeding, tasks)
 from datarater.data import corruption, pipeline, source
 from datarater.errors import UserError
 from datarater.trainer import Trainer, check_batch_splits, initial_params
@@ -103,13 +104,73 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   """Trains (or, from `workdir`'s checkpoint, resumes) the runs; returns the report.
 
   `policy` overrides `config.policy.name`. If `stop_after` ends training early, returns
-  {'stopped_after': epochs done} and writes no report.
+  {'stopped_after': epochs done} and writes no report. In a `jax.distributed` job every process
+  runs it alike: one mesh spans their devices (`check_processes` says what is refused), and
+  process 0 alone logs and writes history.jsonl and report.json.
   """
+  if jax.process_index() != 0:
+    log = lambda line: None
+  with multihost.together('checking its settings and data'):
+    name, train_split, heldout, evals, task = _checked_inputs(config, policy, rater, scores,
+                                                              workdir, stop_after)
+  d, t = config.data, config.train
+  pipeline.check_same_everywhere(pipeline.builder_of(d), pipeline.dataset_name(d))
+  ckpt = None
+  if workdir:  # checked before the policy's set-up (a TracIn fit, an SAE's training)
+    ckpt = run_checkpointer(config, workdir, name, rater, scores, spans_epochs=False)
+    resume = ckpt.check_compatible()
+    if resume is not None and resume > t.epochs:
+      raise UserError(f'workdir {workdir!r} holds a checkpoint at epoch {resume}, past '
+                      f'train.epochs={t.epochs}')
+  with multihost.together('making the policy'):
+    made = policies.make_policy(name, policies.PolicyContext(
+        train_split, heldout, task, config, rater=rater, scores=scores))
+    if made.check_data and hasattr(train_split, 'features'):  # streamed: the trainer checks
+      made.check_data(train_split.features)  # each chunk
+  trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size,
+                    learning_rate_setting=f'train.learning_rate ({t.learning_rate:g})',
+                    devices=jax.devices())
+  if ckpt is not None and made.spans_epochs:  # its choices depend on train.epochs: compared too
+    ckpt.free_fields = tuple(f for f in ckpt.free_fields if f != 'train.epochs')
+    ckpt.check_compatible()  # (the inputs' digests are not read again)
+  # Every check passed: from here on the workdir is written, by this run alone.
+  with multihost.workdir_lock(workdir) if workdir else contextlib.nullcontext():
+    return _run(config, name, workdir, stop_after, log, train_split, heldout, evals, task, made,
+                trainer, ckpt)
+
+
+def check_processes(name: str, config) -> None:
+  """Over several processes (a `jax.distributed` job), refuses in one line what runs in one
+  process only: a streamed training split, and a policy whose set-up reads a rater or a scores
+  file, values the split or reads its features (each process would make it alone)."""
+  if jax.process_count() == 1:
+    return
+  if config.train.get('stream', False):
+    raise UserError('train.stream=True is not supported by launch.train over several processes: '
+                    'set train.stream=False or run one process')
+  if not over_processes(name):
+    supported = ', '.join(p for p in sorted(policies.POLICIES) if over_processes(p))
+    raise UserError(f'policy {name} is not supported by launch.train over several processes (its '
+                    f'set-up reads an input, values the split or reads its features; supported: '
+                    f'{supported}): run it in one process')
+
+
+def over_processes(name: str) -> bool:
+  """Whether launch.train runs policy `name` over several processes: its set-up reads the config
+  alone."""
+  return not (policies.READS[name] or 'valuation' in policies.SECTIONS[name]
+              or name in policies.WHOLE_SPLIT)
+
+
+def _checked_inputs(config, policy, rater, scores, workdir, stop_after):
+  """(policy name, train split or its source, held-out and eval splits, task) of a run whose
+  settings and data pass every check made before the policy's set-up; each process checks alone."""
   name = policy_name(config, policy)
   policies.check_inputs(name, rater=rater, scores=scores)
   config_checks.validate(config, sections_read(config, name))
+  check_processes(name, config)
   d, t = config.data, config.train
-  check_batch_splits(t.batch_size, len(t.seeds), 'train.batch_size')
+  check_batch_splits(t.batch_size, len(t.seeds), 'train.batch_size', jax.devices())
   if stop_after is not None and not workdir:
     raise UserError('--stop_after needs --workdir (the checkpoint is written there)')
   if stop_after is not None and stop_after < 1:
@@ -139,29 +200,11 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   tasks.check_initial_loss(task, initial_params(task, t.seeds), {
       f'the first {t.batch_size} examples of data.train_split':
           train_split.take(np.arange(t.batch_size))}, models=[f'model seed {s}' for s in t.seeds])
-  ckpt = None
-  if workdir:  # checked before the policy's set-up (a TracIn fit, an SAE's training)
+  if workdir:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
     files.check_not_other_run(workdir, 'history.jsonl', 'training run')
-    ckpt = run_checkpointer(config, workdir, name, rater, scores, spans_epochs=False)
-    resume = ckpt.check_compatible()
-    if resume is not None and resume > t.epochs:
-      raise UserError(f'workdir {workdir!r} holds a checkpoint at epoch {resume}, past '
-                      f'train.epochs={t.epochs}')
-  made = policies.make_policy(name, policies.PolicyContext(
-      train_split, heldout, task, config, rater=rater, scores=scores))
-  if made.check_data and hasattr(train_split, 'features'):  # streamed: the trainer checks chunks
-    made.check_data(train_split.features)
-  trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size,
-                    learning_rate_setting=f'train.learning_rate ({t.learning_rate:g})')
-  if ckpt is not None and made.spans_epochs:  # its choices depend on train.epochs: compared too
-    ckpt.free_fields = tuple(f for f in ckpt.free_fields if f != 'train.epochs')
-    ckpt.check_compatible()  # (the inputs' digests are not read again)
-  # Every check passed: from here on the workdir is written, by this run alone.
-  with files.workdir_lock(workdir) if workdir else contextlib.nullcontext():
-    return _run(config, name, workdir, stop_after, log, train_split, heldout, evals, task, made,
-                trainer, ckpt)
+  return name, train_split, heldout, evals, task
 
 
 def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, task, made, trainer,
@@ -172,7 +215,7 @@ def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, ta
   def on_start(epoch):  # the epoch of the checkpoint restored (an older one if the newest is bad)
     nonlocal history_log, restored
     restored = epoch
-    if workdir:
+    if workdir and jax.process_index() == 0:
       history_log = files.JsonlLog(os.path.join(workdir, 'history.jsonl'), 'epoch', epoch)
     if epoch:
       log(f'resuming from the checkpoint at epoch {epoch}')
@@ -204,7 +247,9 @@ def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, ta
   log(f'{name}: {result.example_gradients} example-gradients in {result.steps} steps per model '
       f'(+{result.setup_example_gradients} to make the policy)')
   if workdir:
-    files.write_json(os.path.join(workdir, 'report.json'), report)
+    with multihost.together('writing report.json'):
+      if jax.process_index() == 0:
+        files.write_json(os.path.join(workdir, 'report.json'), report)
     log(f'wrote {os.path.join(workdir, "report.json")} and history.jsonl')
   return report
 

@@ -24,7 +24,9 @@ compiled steps) or a streaming `source.Source` (batches read on the host, at mos
 steps and `STREAM_EXAMPLES` examples at a time, or one step when its batches alone are more, so
 memory does not grow with the dataset; each chunk is read, in a thread, while the steps of the
 one before run: two chunks in memory); both give the same steps.
-A run is placed on every device of its process (`Trainer(devices=...)` picks others): the seeds'
+A run is placed on every device of its process (`Trainer(devices=...)` picks others: `launch.train`
+gives every device of a `jax.distributed` job, each process placing the rows its devices hold, and
+the processes stopping together: `_stopping_together`): the seeds'
 axis (models, policy states, recordings) over gcd(#seeds, #devices) of them, the rest splitting
 every batch and evaluation block (`seeds_mesh`, `datarater.mesh`); the steps are written for one
 device and compiled with these shardings, so N devices give one device's run up to float32
@@ -53,7 +55,7 @@ from datarater import multihost, seeding
 from datarater.checkpointing import RunCheckpointer, abstract_of
 from datarater.data import source as source_lib
 from datarater.errors import UserError
-from datarater.mesh import BATCH, POP, check_batch_sizes, make_mesh, replicated
+from datarater.mesh import BATCH, POP, check_batch_sizes, gathered, make_mesh, replicated
 
 from datarater.tasks import Task
 from inner_loop.unroll import InnerState, init_inner_state, inner_step
@@ -397,27 +399,29 @@ class Trainer:
     positions_log, weights_log = [], []
 
     history, train_s, compile_s, start_epoch, done_steps = [], 0.0, 0.0, 0, 0
-    if checkpointer is not None and checkpointer.latest_step() is not None:
-      state, history, train_s, compile_s, start_epoch, done_steps = _restore(checkpointer, state)
-    if on_start is not None:
-      on_start(start_epoch)
-    state = state.replace(example_gradients=np.asarray(state.example_gradients),  # host counters
-                          drawn=np.asarray(state.drawn))
-    last_epoch = num_epochs if stop_after is None else max(start_epoch, min(stop_after, num_epochs))
+    with _stopping_together(mesh, checkpointer) as stop_here:
+      if checkpointer is not None and checkpointer.latest_step() is not None:
+        state, history, train_s, compile_s, start_epoch, done_steps = _restore(checkpointer, state)
+      if on_start is not None:
+        on_start(start_epoch)
+      stopped = stop_here(start_epoch)  # (process 0 alone may have failed to start recording)
+      state = state.replace(example_gradients=gathered(state.example_gradients),  # host counters
+                            drawn=gathered(state.drawn))
+      last_epoch = (num_epochs if stop_after is None
+                    else max(start_epoch, min(stop_after, num_epochs)))
 
-    # Every chunk of steps is padded to one length, so the steps compile once per run.
-    chunk_size = (max(1, min(STREAM_CHUNK, STREAM_EXAMPLES // (len(seeds) * self.batch_size)))
-                  if streaming else None)
-    length = max(b - a for a, b in _chunks(_eval_cuts(min(spe, total), evals_per_epoch),
-                                           chunk_size))
-    compiled = _AheadOfTime(compile_s)
+      # Every chunk of steps is padded to one length, so the steps compile once per run.
+      chunk_size = (max(1, min(STREAM_CHUNK, STREAM_EXAMPLES // (len(seeds) * self.batch_size)))
+                    if streaming else None)
+      length = max(b - a for a, b in _chunks(_eval_cuts(min(spe, total), evals_per_epoch),
+                                             chunk_size))
+      compiled = _AheadOfTime(compile_s)
 
-    try:  # pending checkpoint writes finish whatever happens
-      for epoch in range(start_epoch, last_epoch):
+      for epoch in range(start_epoch, start_epoch if stopped else last_epoch):
         tick, compile_before = time.perf_counter(), compiled.seconds
         positions, weights, policy_state = compiled('plan', programs['plan'], aux, state.policy,
                                                     order_keys, np.int32(epoch))
-        positions, weights = np.asarray(positions), np.asarray(weights)
+        positions, weights = gathered(positions), gathered(weights)
         epoch_steps = min(spe, total - done_steps)
         cuts = _eval_cuts(epoch_steps, evals_per_epoch)
         losses, used = [], []
@@ -438,11 +442,11 @@ class Trainer:
                 name, programs[name], state.models, policy_state, aux, chunk_data,
                 pad(positions[:, a:b]), pad(weights[:, a:b]), np.int32(done_steps + a),
                 np.int32(b - a), recorder)
-            losses.append(np.asarray(part_losses)[:, :b - a])  # the padding steps dropped
-            used.append(np.asarray(part_used)[:, :b - a])
+            losses.append(gathered(part_losses)[:, :b - a])  # the padding steps dropped
+            used.append(gathered(part_used)[:, :b - a])
             _check_weights(self.policy.name, used[-1], seeds, done_steps + a)
             _check_losses(losses[-1], seeds, done_steps + a, self.learning_rate_setting)
-            counts = np.asarray(counts)
+            counts = gathered(counts)
             state = state.replace(models=models,
                                   example_gradients=state.example_gradients + counts[:, 0],
                                   drawn=state.drawn + counts[:, 1])
@@ -455,30 +459,32 @@ class Trainer:
                   'update', programs['update'], aux, policy_state,
                   positions[:, :epoch_steps].reshape(len(seeds), -1), flat(used), flat(losses))
               state = state.replace(policy=policy_state)
-            if b not in cuts:  # a chunk inside an evaluation interval
-              continue
-            jax.block_until_ready(state)
-            train_s += time.perf_counter() - tick - (compiled.seconds - compile_before)
-            record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b),
-                      **self._evaluate_splits(programs['evaluate'], state, eval_data),
-                      **self._compute_spent(state), 'wall_s': round(train_s, 4)}
-            history.append(record)
-            if log is not None:
-              log(record)
-            tick, compile_before = time.perf_counter(), compiled.seconds
+            if b in cuts:  # the end of an evaluation interval
+              jax.block_until_ready(state)
+              train_s += time.perf_counter() - tick - (compiled.seconds - compile_before)
+              record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b),
+                        **self._evaluate_splits(programs['evaluate'], state, eval_data),
+                        **self._compute_spent(state), 'wall_s': round(train_s, 4)}
+              history.append(record)
+              if log is not None:
+                log(record)
+              tick, compile_before = time.perf_counter(), compiled.seconds
+            if stop_here(done_steps + b):
+              stopped = True
+              break
+        if stopped and b < epoch_steps:  # stopped inside the epoch: its last checkpoint stands
+          break
         done_steps += epoch_steps
         if checkpointer is not None and ((epoch + 1) % checkpoint_every == 0
-                                        or epoch + 1 == last_epoch):
+                                        or epoch + 1 == last_epoch or stopped):
           # A Ctrl-C or SIGTERM (with launch.interrupts) while a checkpoint is written stops the
           # run once it is written: orbax stopped mid-write prints tracebacks or hangs at exit.
-          with multihost.StopVote(jax.local_devices(), epoch + 1):
+          with multihost.StopVote(mesh.devices, epoch + 1):
             checkpointer.save(epoch + 1, state, {'epoch': epoch + 1},
                               extra={'history': history, 'wall_s': train_s,
                                      'compile_s': compiled.seconds, 'steps': done_steps})
-    finally:
-      if checkpointer is not None:
-        with multihost.StopVote(jax.local_devices(), last_epoch):
-          checkpointer.close()
+        if stopped:
+          break
     recording = None
     if self.record_every:
       recording = Recording(recorder, np.concatenate(positions_log, 1),
@@ -523,13 +529,38 @@ class Trainer:
     out = {}
     for name, (blocks, mask) in eval_data.items():
       metrics = evaluate(state.models.params, blocks, mask)
-      out[name] = {k: [float(x) for x in np.asarray(v)] for k, v in metrics.items()}
+      out[name] = {k: [float(x) for x in gathered(v)] for k, v in metrics.items()}
     return out
 
   def _compute_spent(self, state: TrainState) -> dict:
     """Example-gradients and scoring forward passes so far, means over the models."""
     return {'example_gradients': int(np.mean(state.example_gradients)),
             'scoring_forwards': int(self.policy.forwards_per_example * np.mean(state.drawn))}
+
+
+@contextlib.contextmanager
+def _stopping_together(mesh: Mesh, checkpointer: Optional[RunCheckpointer]):
+  """Yields `stop_here(step)`, called after each chunk of steps (and once before the first): True
+  if the run stops there. Where `mesh` spans processes, a Ctrl-C or SIGTERM to any of them stops
+  every one after the same chunk (`multihost.StopVote`: the block's end sends the agreed signal
+  again; an epoch's last chunk is checkpointed first), and an error of one process (process 0
+  alone records the history; this process's part of a checkpoint save) stops the others at that
+  vote; else it is always False (a signal stops the run at once). Pending checkpoint writes
+  finish however the block is left."""
+  spans = len({d.process_index for d in mesh.devices.flat}) > 1
+  with multihost.StopVote(mesh.devices, 0) if spans else contextlib.nullcontext() as vote:
+    def stop_here(step: int) -> bool:
+      if vote is None:
+        return False
+      if checkpointer is not None:
+        checkpointer.check()
+      return vote.after(step)
+    try:
+      yield stop_here
+    finally:
+      if checkpointer is not None:
+        with multihost.StopVote(mesh.devices, 0):
+          checkpointer.close()
 
 
 class _Program(NamedTuple):

@@ -11,7 +11,8 @@ compiler itself runs is handled when it returns. SIGTERM (a scheduler's kill) en
 Ctrl-C does: temporary files and folders are removed on the way out (exit code 128 + 15). In a
 rater run's outer loop either stops every process after the step they agree on (checkpointed),
 in launch.valuate's and launch.filter's scoring after the block; in launch.train one that comes
-while a checkpoint is written stops the run once the checkpoint is (`multihost.StopVote`). In a
+while a checkpoint is written stops the run once the checkpoint is (`multihost.StopVote`), and
+over several processes every process after the chunk of steps they agree on. In a
 job of one process a second Ctrl-C stops it at once. Ctrl-C ends with one line saying where,
 not a traceback. A signal while the process exits, its launcher's code done, lets exit's clean-up
 finish, then exits by it; a second stops it at once.

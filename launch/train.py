@@ -6,7 +6,9 @@ r"""Trains task models from scratch under a policy and reports per-epoch figures
 
 --policy is a name in `datarater.policies.POLICIES`: weighting (uniform, datarater, scores,
 tracin_curriculum, mimic), online filtering (datarater_batch_filter, datarater_accept) or
-per-epoch selection (full, random, infobatch, sae). Runs `datarater.train.train`.
+per-epoch selection (full, random, infobatch, sae). Runs `datarater.train.train`, over several
+processes too (`launch.distributed`'s flags; `datarater.train.check_processes` names what is not
+supported there).
 """
 from launch import interrupts
 
@@ -18,10 +20,11 @@ from absl import flags
 from datarater import policies
 from datarater.errors import UserError, exit_on_user_error
 from datarater.train import policy_name, sections_read, train
-from launch import cli
+from launch import cli, distributed
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
+  distributed.define_flags(fv)  # first: see distributed.stop_job_after_flag_error
   cli.define_config_file('config', 'configs/digits.py', 'Experiment config file.', fv, argv)
   flags.DEFINE_string('policy', None, 'Policy name (default: config.policy.name).',
                       flag_values=fv)
@@ -62,7 +65,8 @@ def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   with exit_on_user_error():
-    check_flags(fv)
+    distributed.initialize_from_flags(fv)  # first: a process given a flag the others are
+    check_flags(fv)  # not stops every process, the others with a line naming it
     train(fv.config, fv.policy, rater=fv.rater, scores=fv.scores, workdir=fv.workdir,
           stop_after=fv.stop_after)
 

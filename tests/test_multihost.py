@@ -976,3 +976,126 @@ def test_checksums_of_a_tree_of_spanning_and_whole_arrays_equal_one_process(tmp_
   for out in outs:
     (line,) = [l for l in out.splitlines() if l.startswith('SUMS ')]
     assert json.loads(line[5:]) == one, out
+
+
+def _train_config(tfds_dir, epochs: int = 2, seeds=(0,)):
+  """A seconds-long launch.train run: one seed's batches split over every device (over both
+  processes in a two-process job: their gradient sums cross processes)."""
+  c = get_config()
+  c.data.data_dir = tfds_dir
+  c.task.hidden = (16,)
+  c.train.epochs, c.train.seeds, c.train.batch_size = epochs, seeds, 64
+  return c
+
+
+def _train_flags(c, policy: str, workdir) -> list[str]:
+  return [f'--config.data.data_dir={c.data.data_dir}', f'--config.task.hidden={c.task.hidden}',
+          f'--config.train.epochs={c.train.epochs}', f'--config.train.seeds={c.train.seeds}',
+          f'--config.train.batch_size={c.train.batch_size}', f'--policy={policy}',
+          f'--workdir={workdir}']
+
+
+def _assert_same_history(two: dict, one: dict) -> None:
+  """Two reports' histories: the same records and counts; every metric within float32
+  summation order. A two-process job sums a batch's gradient over its 4 devices across the
+  processes (gloo) in another order than one process does: ~1e-7 relative per step, grown by a
+  few dozen Adam steps (lr 1e-3) to ~1e-6 in a loss; an accuracy moves by a whole example (1/300)
+  only if a prediction sat within that of a tie."""
+  assert len(two['history']) == len(one['history']) > 0
+  for a, b in zip(two['history'], one['history']):
+    assert {k: a[k] for k in ('epoch', 'step', 'example_gradients', 'scoring_forwards')} == \
+           {k: b[k] for k in ('epoch', 'step', 'example_gradients', 'scoring_forwards')}
+    for split in ('heldout', 'eval'):
+      assert a[split].keys() == b[split].keys()
+      for metric in a[split]:
+        np.testing.assert_allclose(a[split][metric], b[split][metric], rtol=1e-5, atol=1e-6,
+                                   err_msg=f'{split} {metric} at epoch {a["epoch"]}')
+
+
+def test_two_process_launch_train_equals_one_process(tfds_dir, tmp_path):
+  """launch.train (uniform weights, one seed over every device of both processes) in two
+  processes of 2 devices: process 0 alone prints the epochs and writes history.jsonl and
+  report.json, whose figures are one process's (4 devices)."""
+  from datarater.train import train  # pylint: disable=g-import-not-at-top
+  config = _train_config(tfds_dir)
+  outs = _finish(_start('launch.train', _train_flags(config, 'uniform', tmp_path / 'two')))
+  assert outs[0].count('epoch ') >= 2 and 'epoch ' not in outs[1], outs
+  two = json.load(open(tmp_path / 'two' / 'report.json'))
+  assert [json.loads(l) for l in open(tmp_path / 'two' / 'history.jsonl')] == two['history']
+  one = train(config, 'uniform', workdir=str(tmp_path / 'one'), log=lambda _: None)
+  assert len(jax.devices()) == 4
+  _assert_same_history(two, one)
+
+
+@pytest.mark.slow  # (a variant of the CI case above, and a resume across process counts)
+def test_two_process_selection_run_stopped_resumes_in_one_process_to_the_one_process_run(
+    tfds_dir, tmp_path):
+  """InfoBatch (per-epoch selection; its state a per-model pytree) over 3 seeds (gcd(3, 4) = 1:
+  every seed's batches split over both processes), stopped after epoch 2 in two processes and
+  resumed in one process (4 devices): the report of a one-process run, uninterrupted."""
+  from datarater.train import train  # pylint: disable=g-import-not-at-top
+  config = _train_config(tfds_dir, epochs=4, seeds=(0, 1, 2))
+  config.train.checkpoint_every = 1
+  outs = _finish(_start('launch.train', [*_train_flags(config, 'infobatch', tmp_path / 'two'),
+                                         '--stop_after=2']))
+  assert 'stopped after epoch 2 (checkpointed)' in outs[0], outs[0][-3000:]
+  lines = []
+  resumed = train(config, 'infobatch', workdir=str(tmp_path / 'two'), log=lines.append)
+  assert 'resuming from the checkpoint at epoch 2' in lines, lines
+  straight = train(config, 'infobatch', workdir=str(tmp_path / 'one'), log=lambda _: None)
+  _assert_same_history(resumed, straight)
+  records = [json.loads(l) for l in open(tmp_path / 'two' / 'history.jsonl')]
+  assert [r['epoch'] for r in records] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow  # (a two-process job stopped by a signal, as the rater run's CI case is)
+def test_a_sigterm_to_one_process_of_launch_train_stops_both_and_the_run_resumes(tfds_dir,
+                                                                                 tmp_path):
+  """SIGTERM to process 1 alone, once a checkpoint is written: both processes stop after the
+  same chunk of steps (the vote), at once, with exit code 143 and no traceback; the run resumes
+  in one process (4 devices) to an uninterrupted one-process run's report."""
+  from datarater.train import train  # pylint: disable=g-import-not-at-top
+  config = _train_config(tfds_dir, epochs=150)
+  config.train.checkpoint_every = 1
+  workdir = tmp_path / 'stopped'
+  procs = _start('launch.train', _train_flags(config, 'uniform', workdir))
+  ckpt_dir = workdir / 'checkpoints'
+  deadline = time.time() + 600
+  while time.time() < deadline:  # wait for the first finished checkpoint, then signal one
+    if ckpt_dir.exists() and any(re.fullmatch(r'\d+', d) for d in os.listdir(ckpt_dir)):
+      break
+    ended = [p for p in procs if p.poll() is not None]
+    assert not ended, ended[0].communicate()[0][-3000:]
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _outputs(procs, timeout=60)
+  assert [p.returncode for p in procs] == [143, 143], '\n'.join(outs)[-6000:]
+  assert all('Traceback' not in out for out in outs), '\n'.join(outs)[-6000:]
+  assert not (workdir / 'report.json').exists()
+  done = max(int(d) for d in os.listdir(ckpt_dir) if re.fullmatch(r'\d+', d))
+  assert done < config.train.epochs
+  config.train.epochs = done + 2  # (a weighting run may be extended: the oracle is shorter)
+  lines = []
+  resumed = train(config, 'uniform', workdir=str(workdir), log=lines.append)
+  assert f'resuming from the checkpoint at epoch {done}' in lines, lines
+  straight = train(config, 'uniform', workdir=str(tmp_path / 'one'), log=lambda _: None)
+  _assert_same_history(resumed, straight)
+
+
+@pytest.mark.slow  # (two-process jobs refused at start-up)
+@pytest.mark.parametrize('flags,line', [
+    (['--config.train.stream=True'], 'train.stream=True is not supported by launch.train over '
+     'several processes: set train.stream=False or run one process'),
+    (['--policy=sae', '--config=configs/selection.py'], 'policy sae is not supported by '
+     'launch.train over several processes')])
+def test_what_launch_train_cannot_run_over_processes_is_refused_in_one_line(tfds_dir, tmp_path,
+                                                                             flags, line):
+  config = _train_config(tfds_dir)
+  args = [a for a in _train_flags(config, 'uniform', tmp_path / 'out') if a != '--policy=uniform']
+  procs = _start('launch.train', [*flags, *args])
+  for p in procs:
+    out = p.communicate(timeout=300)[0]
+    errors = [l for l in out.splitlines() if l.startswith('error: ')]
+    assert p.returncode == 2 and len(errors) == 1 and line in errors[0], out[-2000:]
+    assert 'Traceback' not in out
+  assert not os.path.exists(tmp_path / 'out')
