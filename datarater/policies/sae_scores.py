@@ -230,7 +230,7 @@ def knn_label_shares(stats: FactorStats, k: int, chunk: int = 1024,
   per_thread = -(-len(starts) // threads)  # every thread gets as many chunks (one compilation)
   parts = np.resize(starts, threads * per_thread).reshape(threads, per_thread)
   search = lambda part: _knn_chunks(padded, ref_unit, ref_onehot, reference, part, k=k,
-                                    chunk=chunk)
+                                    chunk=chunk, num_rows=n)
   if threads == 1:
     shares = search(parts[0])
   else:  # each thread waits for its own chunks, so their top-k run at once
@@ -239,21 +239,46 @@ def knn_label_shares(stats: FactorStats, k: int, chunk: int = 1024,
   return shares[:len(starts)].reshape(-1, num_groups)[:n]
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'chunk'))
-def _knn_chunks(padded, ref_unit, ref_onehot, reference, starts, *, k: int, chunk: int):
-  """[len(starts), chunk, G]: the k-NN label shares of the rows starting at each of `starts`."""
+def _tie_weights(values, kth, k: int):
+  """The places (of k) of each of `values` (a row's similarities, or some of them holding all
+  those >= its k-th, `kth`): 1 above it; those tied at it share the places left equally (the
+  expected shares of a random pick: picked by index, they would depend on where they lie)."""
+  above, tied = values > kth, values == kth
+  room = k - jnp.sum(above, -1, keepdims=True)
+  return above + tied * (room / jnp.sum(tied, -1, keepdims=True))
+
+
+STRADDLE_BATCH = 16  # rows whose tie at the k-th reaches past their top k + 1 weighed together
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'chunk', 'num_rows'))
+def _knn_chunks(padded, ref_unit, ref_onehot, reference, starts, *, k: int, chunk: int,
+                num_rows: int):
+  """[len(starts), chunk, G]: the k-NN label shares of the rows starting at each of `starts`
+  (rows from `num_rows` on are padding). A row whose tie at its k-th similarity reaches past its
+  top k + 1 is weighed whole, `STRADDLE_BATCH` such rows at a time."""
   def rows(start):
+    index = start + jnp.arange(chunk)
     sim = jax.lax.dynamic_slice_in_dim(padded, start, chunk) @ ref_unit.T    # [chunk, R]
-    sim = jnp.where(start + jnp.arange(chunk)[:, None] == reference, -jnp.inf, sim)
-    # The k-th value as the least of the top k: a slice of top_k's last column (on CPU) makes
-    # XLA sort every row whole, tens of times slower.
-    kth = jnp.min(jax.lax.top_k(sim, k)[0], -1, keepdims=True)
-    # The neighbours tied at the k-th similarity share the places left equally (the expected
-    # shares of a random pick): picked by index, they would depend on where they lie in the split.
-    above, tied = sim > kth, sim == kth
-    room = k - jnp.sum(above, -1, keepdims=True)
-    weight = above + tied * (room / jnp.sum(tied, -1, keepdims=True))
-    return jnp.matmul(weight, ref_onehot, precision='highest') / k           # [chunk, G]
+    sim = jnp.where(index[:, None] == reference, -jnp.inf, sim)
+    # Every neighbour with a weight is among the top k + 1 unless the (k+1)-th ties with the
+    # k-th: such a row (it `straddles`) is weighed over all R below.
+    top, at = jax.lax.top_k(sim, k + 1)
+    # The k-th and (k+1)-th values as minima: a slice of top_k's columns (on CPU) makes XLA sort
+    # every row whole, tens of times slower.
+    kth = jnp.min(jnp.where(jnp.arange(k + 1) == k, jnp.inf, top), -1, keepdims=True)
+    straddles = (jnp.min(top, -1) == kth[:, 0]) & (index < num_rows)
+    shares = jnp.sum(_tie_weights(top, kth, k)[..., None] * ref_onehot[at], 1)  # [chunk, G]
+
+    def whole(carry):  # the next STRADDLE_BATCH straddling rows, weighed over all R
+      shares, left = carry
+      pick = jnp.nonzero(left, size=STRADDLE_BATCH, fill_value=chunk)[0]     # chunk: none
+      row = jnp.minimum(pick, chunk - 1)
+      weight = _tie_weights(sim[row], kth[row], k)                    # [STRADDLE_BATCH, R]
+      mine = jnp.matmul(weight, ref_onehot, precision='highest')
+      return shares.at[pick].set(mine, mode='drop'), left.at[pick].set(False, mode='drop')
+    shares, _ = jax.lax.while_loop(lambda carry: jnp.any(carry[1]), whole, (shares, straddles))
+    return shares / k
   return jax.lax.map(rows, starts)
 
 
