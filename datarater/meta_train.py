@@ -24,14 +24,15 @@ from datarater import (checkpointing, config_checks, evaluation, files, multihos
 from datarater.curation import select
 from datarater.data import pipeline
 from datarater.errors import UserError
-from datarater.mesh import check_batch_sizes, host_copy, make_mesh
+from datarater.mesh import (check_batch_sizes, host_copy, make_mesh, population_sharding,
+                            replicated)
 from datarater.policies.base import weighting_policy
 from datarater.policies.weighting import rater_weights
 from datarater.progress import setup_logging
 from datarater.trainer import Trainer, check_batch_splits
 from inner_loop.weighting import check_batch_size
 from outer_loop import meta_step, setup, sharding
-from outer_loop.batches import MetaBatches
+from outer_loop.batches import MetaBatches, take_on_mesh
 
 log = logging.getLogger('datarater')
 
@@ -96,20 +97,28 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
       problem.task.check_data(split.features)
       problem.rater.check_data(split.features)
     # A loss not finite at initialisation would skip outer.max_skipped_steps compiled steps:
-    # checked at the run's initial state (`fresh_state`), each inner model on its first batches.
+    # checked at the run's initial state (`fresh_state`), each inner model on its first batches,
+    # placed on this process's devices as the run's mesh places them (K/npop models, B/nbatch
+    # examples a device; no program spans processes while each checks alone), so the check
+    # needs no more memory on a device than the run where the mesh is this process's.
+    check_mesh = make_mesh(config.inner.population, mesh.local_devices)
     inner, outer = data.indices_at(0)
     def start_params():  # (the optimizer states, unused here, are left out of the program)
       state = fresh_state(config, problem)
       return state.population.params, state.rater_params
-    inner_params, rater_params = jax.jit(start_params)()
+    inner_params, rater_params = jax.jit(start_params, out_shardings=(
+        population_sharding(check_mesh, jax.eval_shape(start_params)[0]),
+        replicated(check_mesh)))()
     k = config.inner.population
     tasks.check_initial_loss(problem.task, inner_params, {
-        f'the {inner.shape[2]} examples of its first inner batch': data.train.take(inner[:, 0]),
-        f'the {outer.shape[1]} examples of its first outer batch': data.heldout.take(outer)},
+        f'the {inner.shape[2]} examples of its first inner batch':
+            take_on_mesh(data.train, inner[:, 0], check_mesh),
+        f'the {outer.shape[1]} examples of its first outer batch':
+            take_on_mesh(data.heldout, outer, check_mesh)},
         models=[f'inner model {m} of inner.population={k}' for m in range(k)], per_model=True)
     # The rater scores splits in blocks of any size once trained (filter, valuate, policies):
-    # each score must read its example alone.
-    tasks.check_per_example(problem.rater, rater_params,
+    # each score must read its example alone (one rater, as every device of the run holds).
+    tasks.check_per_example(problem.rater, host_copy(rater_params),
                             data.heldout.take(np.arange(min(4, len(data.heldout)))))
     del inner_params, rater_params  # (the run makes its own state, placed on its mesh)
     if os.path.exists(workdir) and not os.path.isdir(workdir):

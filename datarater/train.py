@@ -15,12 +15,14 @@ from typing import Callable, Optional
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from datarater import (checkpointing, config_checks, export, files, multihost, policies,
                        seeding, tasks)
 from datarater.data import corruption, pipeline, source
 from datarater.errors import UserError
-from datarater.trainer import Trainer, check_batch_splits, initial_params
+from datarater.mesh import BATCH
+from datarater.trainer import Trainer, check_batch_splits, initial_params, seeds_mesh
 from datarater.valuation import store
 from inner_loop.optimizers import make_inner_optimizer
 
@@ -196,10 +198,13 @@ def _checked_inputs(config, policy, rater, scores, workdir, stop_after):
     if hasattr(split, 'features'):
       task.check_data(split.features)
   # Before the policy's set-up and the trainer's compile, which step 1's NaN would waste: every
-  # seed's model as the trainer initialises it.
+  # seed's model as the trainer initialises it, on the devices it places it on, the batch split
+  # over them as the trainer's steps split it.
   tasks.check_initial_loss(task, initial_params(task, t.seeds), {
-      f'the first {t.batch_size} examples of data.train_split':
-          train_split.take(np.arange(t.batch_size))}, models=[f'model seed {s}' for s in t.seeds])
+      f'the first {t.batch_size} examples of data.train_split': jax.device_put(
+          train_split.take(np.arange(t.batch_size)),
+          NamedSharding(seeds_mesh(len(t.seeds)), P(BATCH)))},
+      models=[f'model seed {s}' for s in t.seeds])
   if workdir:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')

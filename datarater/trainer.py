@@ -210,13 +210,18 @@ def seed_keys(seeds: jax.Array, purpose: str) -> tuple[jax.Array, jax.Array, jax
   return tuple(jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
 
 
-def initial_params(task: Task, seeds: Sequence[int], purpose: str = 'train'):
+def initial_params(task: Task, seeds: Sequence[int], purpose: str = 'train',
+                   devices: Optional[Sequence[jax.Device]] = None):
   """The parameters a Trainer's models of `seeds` (rooted at `purpose`) start from, leaves
   [M, ...], without building one (its policy): what a launcher checks before the policy's
   set-up. Each model comes from `task.init` called alone (a task's init, compiled once per
-  process, is not compiled again for every run a process makes)."""
+  process, is not compiled again for every run a process makes) and goes through the host to
+  the devices a Trainer of `devices` places it on (`seeds_mesh`): no device holds more models
+  than in the run."""
   init_keys = seed_keys(jnp.asarray(seeds, jnp.int32), purpose)[0]
-  return jax.tree.map(lambda *p: jnp.stack(p), *(task.init(k) for k in init_keys))
+  models = [jax.device_get(task.init(k)) for k in init_keys]
+  return jax.device_put(jax.tree.map(lambda *p: np.stack(p), *models),
+                        NamedSharding(seeds_mesh(len(seeds), devices), P(POP)))
 
 
 class Trainer:

@@ -9,6 +9,7 @@ import numpy as np
 
 from datarater.data import pipeline
 from datarater.errors import UserError
+from datarater.mesh import batch_sharding
 
 
 class MetaBatches:
@@ -54,6 +55,13 @@ class MetaBatches:
     inner, outer = self.indices_at(step)
     return (_gather(self.train, inner, inner_shardings),
             _gather(self.heldout, outer, outer_shardings))
+
+
+def take_on_mesh(split: pipeline.Split, positions: np.ndarray, mesh) -> dict:
+  """`split.take(positions)` (positions [K, B]) as global arrays on `mesh`, placed as the run's
+  batches are: members over its population axis, examples over its batch axis."""
+  return _gather(split, positions,
+                 batch_sharding(mesh, split.take(positions[:1, :1]), batch_axis=1))
 
 
 def _gather(split: pipeline.Split, positions: np.ndarray, shardings: dict) -> dict:

@@ -56,3 +56,62 @@ def test_batch_must_divide_over_devices():
   mesh = make_mesh(1, jax.devices()[:4])
   with pytest.raises(UserError, match='inner.batch_size=6 does not divide over 4 devices'):
     check_batch_sizes(mesh, **{'inner.batch_size': 6})
+
+
+def _record_memory(monkeypatch, names) -> dict:
+  """From here on, each program `jax.jit` makes of a function named in `names` is compiled
+  before it runs, and its name maps to its bytes on one device (XLA's memory analysis of the
+  program compiled for its devices: arguments + outputs + temporaries)."""
+  real_jit, seen = jax.jit, {}
+
+  def jit(fn, *args, **kwargs):
+    jitted = real_jit(fn, *args, **kwargs)
+    name = getattr(fn, '__name__', '')
+    if name not in names:
+      return jitted
+
+    def call(*inputs):
+      compiled = jitted.lower(*inputs).compile()
+      m = compiled.memory_analysis()
+      seen[name] = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+      return compiled(*inputs)
+    return call
+  monkeypatch.setattr(jax, 'jit', jit)
+  return seen
+
+
+@pytest.mark.parametrize('launcher', ['train_rater', 'train'])
+def test_start_up_checks_need_no_more_memory_on_a_device_than_its_share_of_the_run(
+    launcher, tfds_dir, tmp_path, monkeypatch):
+  """The launchers' start-up checks (initial parameters, initial losses, the rater's per-example
+  scores) ran every model on every example of its batches on one device, where the run splits
+  the models and the batches over the mesh: a model that fits the run could run out of memory
+  there. Now, with 2 models of batches of 16 on 4 devices (mesh 2 x 2), each check needs no more
+  memory on a device than with 1 model of batches of 8 on 1 device: one device's share."""
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
+  from datarater.train import train  # pylint: disable=g-import-not-at-top
+  from tests.run_config import small_config  # pylint: disable=g-import-not-at-top
+  config = small_config(tfds_dir)
+  config.train.epochs = 1
+  stop = tmp_path / 'file'  # a --workdir that is a file: refused right after the checks
+  stop.write_text('')
+  names = {'start_params', 'losses_of', 'rows'} if launcher == 'train_rater' else {'losses_of'}
+
+  def checks_memory(models, devices, batch_size):
+    seen = _record_memory(monkeypatch, names)
+    with pytest.raises(UserError, match='exists and is not a folder'):
+      if launcher == 'train_rater':
+        config.inner.population = models
+        config.inner.batch_size = config.outer.batch_size = batch_size
+        meta_train_lib.meta_train(config, str(stop), devices=jax.devices()[:devices])
+      else:  # (a training run takes every device of its process)
+        monkeypatch.setattr(jax, 'local_devices', lambda: jax.devices()[:devices])
+        config.train.seeds, config.train.batch_size = tuple(range(models)), batch_size
+        train(config, 'uniform', workdir=str(stop), log=lambda _: None)
+    monkeypatch.undo()
+    assert set(seen) == names, seen  # (every check was compiled and measured)
+    return seen
+
+  share, four = checks_memory(1, 1, 8), checks_memory(2, 4, 16)
+  for name in names:
+    assert four[name] <= 1.1 * share[name] + 1024, (name, four[name], share[name])

@@ -150,13 +150,14 @@ def check_initial_loss(task: 'Task', params: Params, batches: Mapping[str, Batch
   embedding's vocabulary) makes every update and meta-gradient non-finite. With `models` (each
   model's name in words), `params` stacks one model per name on its leaves' leading axis, and
   every model reads each batch whole, or, `per_model`, its own row of each batch's leading axis.
-  One forward pass (one compiled program), before a launcher compiles its training step."""
+  One forward pass (one compiled program), before a launcher compiles its training step, placed
+  as `params` and `batches` are (launchers place them on this process's devices as their run
+  does: no device holds more than in the run)."""
   def losses_of(p, bs):
-    return {k: task.per_example_loss(p, b) for k, b in bs.items()}
+    return {k: at_least_float32(task.per_example_loss(p, b)) for k, b in bs.items()}
   if models:
     losses_of = jax.vmap(losses_of, in_axes=(0, 0 if per_model else None))
-  losses = {k: np.asarray(at_least_float32(v))
-            for k, v in jax.jit(losses_of)(params, batches).items()}
+  losses = {k: np.asarray(v) for k, v in jax.jit(losses_of)(params, batches).items()}
   for m, model in enumerate(models or ['']):
     for where, loss in losses.items():
       bad = int(np.sum(~np.isfinite(loss[m] if models else loss)))
