@@ -1,7 +1,9 @@
-"""Pictures of a rater run (learning curves, how scores split clean from corrupted examples),
-and what every figure of the project shares: histogram bins over scores of any finite range, and
-drawing a figure without risking the results written beside it (`draw_or_warn`)."""
+"""Pictures of a rater run (learning curves, how scores split clean from corrupted examples) and
+of a training run (`launch.train`: losses and eval metrics over steps, per seed), and what every
+figure of the project shares: histogram bins over scores of any finite range, and drawing a
+figure without risking the results written beside it (`draw_or_warn`)."""
 import logging
+import warnings
 from typing import Callable, Optional, Sequence
 
 import matplotlib
@@ -43,6 +45,15 @@ def score_bins(scores: np.ndarray, num: int = 40) -> tuple[float, np.ndarray]:
   return float(unit), np.linspace(lo, hi, num + 1)
 
 
+def log_scale_over_decades(ax, values) -> None:
+  """A log y axis on `ax` if the finite `values` (None: not finite) are positive and span
+  more than 30x."""
+  v = np.array([np.nan if x is None else x for x in np.ravel(values)], np.float64)
+  v = v[np.isfinite(v)]
+  if v.size and v.min() > 0 and v.max() > 30 * v.min():
+    ax.set_yscale('log')
+
+
 def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
                       record: np.ndarray, kinds: Sequence[str] = ('clean', 'corrupted'),
                       title: str = '', keep: Optional[float] = None) -> None:
@@ -56,11 +67,8 @@ def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
   for key in ('outer_loss', 'inner_loss'):
     axes[0].plot(steps, [h.get(key, np.nan) for h in history], label=key.replace('_', ' '),
                  **dots)
-  losses = np.array([h.get(k, np.nan) for h in history for k in ('outer_loss', 'inner_loss')],
-                    np.float64)
-  losses = losses[np.isfinite(losses)]
-  if losses.size and losses.min() > 0 and losses.max() > 30 * losses.min():
-    axes[0].set_yscale('log')  # losses spanning decades
+  log_scale_over_decades(axes[0], [h.get(k, np.nan) for h in history
+                                    for k in ('outer_loss', 'inner_loss')])
   axes[0].set(xlabel='outer step', ylabel='loss (mean per example)', title='Losses')
   axes[0].legend()
   auroc = [(h['step'], h['noise_auroc']) for h in history if 'noise_auroc' in h]
@@ -103,3 +111,58 @@ def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
                       wspace=0.22)
   files.save_figure(fig, path, dpi=100)
   plt.close(fig)
+
+
+def train_figure(history: list[dict], seeds: Sequence[int], title: str = '',
+                 eval_split: str = 'eval'):
+  """A training run's figure (returned, not saved): a panel per metric of the eval split
+  (`eval_split` names it), the loss panel with the running training loss; a thin line per seed
+  (labelled 'train seed <s>', 'eval seed <s>') and their mean over training steps, the x label
+  giving an epoch's steps and example-gradients (a selection or filter trains on fewer)."""
+  value = lambda r, split, metric, i: (r.get(split) or {}).get(metric, [None] * len(seeds))[i]
+  metrics = ['loss'] + sorted({m for r in history for m in r.get('eval', {})} - {'loss'})
+  fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.3), squeeze=False)
+  steps = [r['step'] for r in history]
+  dots = {'marker': 'o', 'ms': 3} if len(steps) < 30 else {}
+  for ax, metric in zip(axes[0], metrics):
+    handles = []
+    for color, split in (('C0', 'train'), ('C1', 'eval')):
+      ys = np.array([[np.nan if value(r, split, metric, i) is None else value(r, split, metric, i)
+                      for r in history] for i in range(len(seeds))], np.float64)
+      if np.isnan(ys).all():  # (no training accuracy; a history from before the train loss)
+        continue
+      for seed, y in zip(seeds, ys):
+        ax.plot(steps, y, color=color, lw=0.8, alpha=0.4, label=f'{split} seed {seed}')
+      with np.errstate(invalid='ignore'), warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # a step where every seed is null
+        mean = np.nanmean(ys, axis=0)
+      shown = 'train' if split == 'train' else eval_split
+      handles += ax.plot(steps, mean, color=color, lw=2, label=f'{shown}: mean of {len(seeds)} '
+                         'seeds (thin: each)' if len(seeds) > 1 else shown, **dots)
+    if metric == 'loss':
+      log_scale_over_decades(ax, [y for line in ax.get_lines() for y in line.get_ydata()])
+    ax.set(ylabel=metric if metric != 'loss' else 'loss (mean per example)',
+           title=(f'Loss: running training loss, {eval_split} split' if metric == 'loss'
+                  else f'{eval_split} split: {metric}'))
+    if handles:
+      ax.legend(handles=handles, fontsize=8)
+  last = history[-1] if history else {}
+  per_epoch = (f' ({last["step"] / last["epoch"]:.4g} steps, '
+               f'{last["example_gradients"] / last["epoch"]:,.0f} example-gradients per epoch)'
+               if last.get('epoch') else '')
+  for ax in axes[0]:
+    ax.set_xlabel('training step' + per_epoch)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.82 if title else 0.9, wspace=0.2)
+  return fig
+
+
+def save_train_report(path: str, history: list[dict], seeds: Sequence[int], title: str = '',
+                      eval_split: str = 'eval') -> None:
+  """`train_figure` as a PNG at `path` (a temp file, then renamed)."""
+  fig = train_figure(history, seeds, title, eval_split)
+  try:
+    files.save_figure(fig, path, dpi=100)
+  finally:
+    plt.close(fig)

@@ -4,7 +4,8 @@
 a filtered dataset), makes the task and the policy (`datarater.policies`: weighting, online
 filtering or per-epoch selection), and trains one model per `train.seeds` with the one trainer,
 printing held-out and eval figures after every epoch. With a `workdir` it writes history.jsonl,
-report.json and orbax checkpoints every `train.checkpoint_every` epochs, and a rerun resumes
+orbax checkpoints every `train.checkpoint_every` epochs, and at the end train_report.png (losses
+and eval metrics over steps, per seed: `plots.train_figure`) and report.json; a rerun resumes
 (or extends a finished run to more epochs, for policies whose choices do not span the epochs).
 """
 import contextlib
@@ -17,8 +18,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from datarater import (checkpointing, config_checks, export, files, multihost, policies,
-                       seeding, tasks)
+from datarater import (checkpointing, config_checks, export, files, multihost, plots,
+                       policies, seeding, tasks)
 from datarater.data import corruption, pipeline, source
 from datarater.errors import UserError
 from datarater.mesh import BATCH
@@ -251,11 +252,19 @@ def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, ta
     log(format_record(history_log.history[-1], d.eval_split))
   log(f'{name}: {result.example_gradients} example-gradients in {result.steps} steps per model '
       f'(+{result.setup_example_gradients} to make the policy)')
-  if workdir:
+  if workdir:  # the figure first: report.json marks the run finished
+    settings = ''.join(f', {f} {config.policy[f]}' for f in policies.FIELDS[name] if '.' not in f)
+    title = (f'launch.train: {config.task.name} on {origin} ({len(train_split)} examples, {held})'
+             f'\npolicy {name}{settings}; {made.num_selected} examples per epoch, batch '
+             f'{t.batch_size}, {len(t.seeds)} seed(s)')
+    figure = os.path.join(workdir, 'train_report.png')
     with multihost.together('writing report.json'):
       if jax.process_index() == 0:
+        drawn = plots.draw_or_warn(lambda path: plots.save_train_report(
+            path, report['history'], t.seeds, title, d.eval_split), figure)
         files.write_json(os.path.join(workdir, 'report.json'), report)
-    log(f'wrote {os.path.join(workdir, "report.json")} and history.jsonl')
+        log(f'wrote {os.path.join(workdir, "report.json")}, history.jsonl'
+            + f' and {figure}' * drawn)
   return report
 
 

@@ -34,7 +34,9 @@ summation order (one device: the same program).
 
 The history is a list of records, one per evaluation, all of one format:
   {'epoch': float, 'step': int, 'example_gradients': int, 'scoring_forwards': int,
-   'wall_s': float, <split>: {<metric>: [one value per seed]}}.
+   'wall_s': float, 'train': {'loss': [one value per seed]}, <split>: {<metric>: [...]}};
+'train' is the running training loss: the unweighted mean loss of the examples trained on (weight
+> 0) since the record before, each at the parameters its step started from.
 """
 import contextlib
 import dataclasses
@@ -431,6 +433,7 @@ class Trainer:
         cuts = _eval_cuts(epoch_steps, evals_per_epoch)
         losses, used = [], []
         spans = list(_chunks(cuts, chunk_size))
+        trained = np.zeros((2, len(seeds)))  # summed loss and count since the record before
 
         def read(span, positions=positions):  # streaming: a chunk's batches [M, L, B, ...]
           part = self._read(train, positions[:, span[0]:span[1]])
@@ -451,6 +454,8 @@ class Trainer:
             used.append(gathered(part_used)[:, :b - a])
             _check_weights(self.policy.name, used[-1], seeds, done_steps + a)
             _check_losses(losses[-1], seeds, done_steps + a, self.learning_rate_setting)
+            on = used[-1] > 0
+            trained += [np.sum(losses[-1] * on, (1, 2), np.float64), np.sum(on, (1, 2))]
             counts = gathered(counts)
             state = state.replace(models=models,
                                   example_gradients=state.example_gradients + counts[:, 0],
@@ -467,7 +472,11 @@ class Trainer:
             if b in cuts:  # the end of an evaluation interval
               jax.block_until_ready(state)
               train_s += time.perf_counter() - tick - (compiled.seconds - compile_before)
+              with np.errstate(invalid='ignore'):  # nothing trained on: NaN (null in JSON)
+                train_loss = [float(x) for x in trained[0] / trained[1]]
+              trained[:] = 0
               record = {'epoch': round(epoch + b / spe, 6), 'step': done_steps + int(b),
+                        'train': {'loss': train_loss},
                         **self._evaluate_splits(programs['evaluate'], state, eval_data),
                         **self._compute_spent(state), 'wall_s': round(train_s, 4)}
               history.append(record)

@@ -32,7 +32,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
                       flag_values=fv)
   flags.DEFINE_string('scores', '', 'A scores file (policy scores).', flag_values=fv)
   flags.DEFINE_string('workdir', '', 'Optional output folder: history.jsonl, report.json, '
-                      'checkpoints (a rerun resumes).', flag_values=fv)
+                      'train_report.png, checkpoints (a rerun resumes).', flag_values=fv)
   flags.DEFINE_integer('stop_after', None, 'Checkpoint and exit after this many epochs (a '
                        'preemption drill).', flag_values=fv)
   cli.define_valuation_method(valuation_method, fv)

@@ -81,6 +81,7 @@ def test_a_finished_infobatch_run_extended_to_more_epochs_equals_the_longer_run(
   train(config(2), 'infobatch', workdir=str(tmp_path / 'b'), log=quiet)
   extended = train(config(3), 'infobatch', workdir=str(tmp_path / 'b'), log=quiet)
   assert _history(extended) == _history(straight)
+  _check_train_figure(tmp_path / 'b', (0,))  # drawn again over the whole extended history
 
 
 @pytest.mark.slow
@@ -234,12 +235,38 @@ def test_a_streamed_training_split_trains_like_one_in_memory(tfds_dir, tmp_path,
   streamed = train(config, policy, workdir=str(tmp_path / 's'), stop_after=2, log=lines.append)
   assert streamed == {'stopped_after': 2} and 'streamed)' in lines[0], lines[0]
   config.train.stream = False
+  assert not (tmp_path / 's' / 'train_report.png').exists()  # drawn with the report
   resumed = train(config, policy, workdir=str(tmp_path / 's'), log=quiet)
   for got, want in zip(_history(resumed), _history(memory)):
     assert got[:3] == want[:3]
     for split in (3, 4):
       for metric, values in want[split].items():
         np.testing.assert_allclose(got[split][metric], values, rtol=1e-5, atol=1e-6)
+  _check_train_figure(tmp_path / 's', config.train.seeds)
+
+
+def _check_train_figure(workdir, seeds):
+  """The run's train_report.png exists, and its figure drawn again from history.jsonl has
+  labelled axes and, in each panel, one line per seed over every epoch of the history."""
+  from datarater import plots  # pylint: disable=g-import-not-at-top
+  assert (workdir / 'train_report.png').stat().st_size > 0
+  records = [json.loads(l) for l in open(workdir / 'history.jsonl')]
+  assert [r['epoch'] for r in records] == list(range(1, len(records) + 1))
+  fig = plots.train_figure(records, seeds, 'title')
+  try:
+    panels = {ax.get_ylabel(): ax for ax in fig.axes}
+    assert sorted(panels) == ['accuracy', 'loss (mean per example)']
+    for ylabel, ax in panels.items():
+      assert ax.get_xlabel().startswith('training step') and ax.get_title()
+      splits = ('train', 'eval') if ylabel.startswith('loss') else ('eval',)
+      metric = ylabel.split()[0]
+      for split in splits:
+        for i, seed in enumerate(seeds):
+          line, = [l for l in ax.get_lines() if l.get_label() == f'{split} seed {seed}']
+          assert list(line.get_xdata()) == [r['step'] for r in records]
+          np.testing.assert_allclose(line.get_ydata(), [r[split][metric][i] for r in records])
+  finally:
+    plots.plt.close(fig)
 
 
 def test_the_sae_policy_refuses_a_streamed_split_in_one_line(tfds_dir):

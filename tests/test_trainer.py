@@ -64,12 +64,20 @@ def test_steps_are_optax_steps_on_the_recorded_batches(splits):
   opt = optax.sgd(0.1)
   state, step = opt.init(params), _optax_step(task, opt)
   assert (weights[9] > 0).sum() == len(train) - 9 * 128  # a short last batch
+  losses = jax.jit(task.per_example_loss)
+  seen_losses = []  # each real example's loss at the parameters before its step
   for t in range(20):
     for got, want in zip(jax.tree.leaves(rec.checkpoints), jax.tree.leaves(params)):
       np.testing.assert_allclose(got[0, t], want, rtol=1e-5, atol=1e-6)
-    params, state = step(params, state, train.take(positions[t][weights[t] > 0]))
+    batch = train.take(positions[t][weights[t] > 0])
+    seen_losses.append(np.asarray(losses(params, batch), np.float64))
+    params, state = step(params, state, batch)
   for got, want in zip(jax.tree.leaves(run.params), jax.tree.leaves(params)):
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+  # The record's running training loss: the mean over the epoch's real examples (not padding).
+  for epoch, record in enumerate(run.history):
+    want = np.concatenate(seen_losses[10 * epoch:10 * (epoch + 1)]).mean()
+    np.testing.assert_allclose(record['train']['loss'], [want], rtol=1e-5)
 
 
 def test_unequal_chunks_compile_once_and_padding_steps_change_nothing(splits):
