@@ -287,17 +287,21 @@ def plot(path: str, summary: dict, runs: dict, keeps, methods, dataset: str = ''
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  by_keep = lambda d: {float(k): v for k, v in d.items()}  # stored JSON's keys are strings
+  keeps = [float(k) for k in keeps]
   fig, axes = plt.subplots(2, len(summary), figsize=(5.5 * len(summary), 8), squeeze=False)
   for col, (p, s) in enumerate(summary.items()):
     ax = axes[0][col]
-    ks = [k for k in keeps if k in s['random']]
-    ax.errorbar(ks + [1.0], [s['random'][k]['mean'] for k in ks] + [s['all']['mean']],
-                yerr=[s['random'][k]['std'] for k in ks] + [s['all']['std']], capsize=3,
+    random = by_keep(s['random'])
+    ks = [k for k in keeps if k in random]
+    ax.errorbar(ks + [1.0], [random[k]['mean'] for k in ks] + [s['all']['mean']],
+                yerr=[random[k]['std'] for k in ks] + [s['all']['std']], capsize=3,
                 label='random subset', color='gray', ls='--')
     for i, m in enumerate(methods):
-      fk = [k for k in keeps if k in s['filtered'][m]]
-      ax.errorbar(fk, [s['filtered'][m][k]['mean'] for k in fk],
-                  yerr=[s['filtered'][m][k]['std'] for k in fk], capsize=3, marker='o',
+      filtered = by_keep(s['filtered'][m])
+      fk = [k for k in keeps if k in filtered]
+      ax.errorbar(fk, [filtered[k]['mean'] for k in fk],
+                  yerr=[filtered[k]['std'] for k in fk], capsize=3, marker='o',
                   color=f'C{i}', label=f'{m} filtered')
       o = s['online'][m]
       ax.errorbar([1.02 + 0.01 * i], [o['mean']], yerr=[o['std']], color=f'C{i}', marker='*',
@@ -309,8 +313,8 @@ def plot(path: str, summary: dict, runs: dict, keeps, methods, dataset: str = ''
     k = min(keeps, key=lambda x: abs(x - 0.8))
     rs = list(runs[p].values())
     for name, get, color in [('all data', lambda r: r['all'], 'k'),
-                             (f'random {k}', lambda r: r['random'][k], 'gray')] + [
-        (f'{m} filtered {k}', lambda r, m=m: r['filtered'][m][k], f'C{i}')
+                             (f'random {k}', lambda r: by_keep(r['random'])[k], 'gray')] + [
+        (f'{m} filtered {k}', lambda r, m=m: by_keep(r['filtered'][m])[k], f'C{i}')
         for i, m in enumerate(methods)]:
       curves = [np.asarray(get(r)['curve']) for r in rs]
       n = min(len(c) for c in curves)
