@@ -303,7 +303,8 @@ class _Progress:
   record (on the devices), the step they start after (`since`), the step since which the
   meta-gradient has been 0, and the clock behind steps/s and the ETA. `saved()` goes into each
   checkpoint, so that a resumed run writes the records an uninterrupted one would. Process 0
-  writes the records (metrics.jsonl, a progress line, the rater's noise AUROC)."""
+  writes the records (metrics.jsonl, a progress line, the rater's noise AUROC, and each kind's
+  where the training split records several)."""
 
   def __init__(self, config, problem, data, metrics_log, start: int, saved: Optional[dict]):
     self._config, self._problem, self._data, self._log = config, problem, data, metrics_log
@@ -315,6 +316,8 @@ class _Progress:
     corrupted = data.train.is_corrupted
     # else no AUROC, and no scoring pass over the training split at each record
     self._measurable = bool(corrupted.any() and not corrupted.all())
+    # several kinds recorded: each one's AUROC too, on the same scores (one kind's is the overall)
+    self._by_kind = self._measurable and len(np.unique(data.train.corruption[corrupted])) > 1
     self.scored = {}  # the scores of the last record, by step and role: the report reuses them
     self.start_clock(start)
 
@@ -413,12 +416,14 @@ class _Progress:
     if self._measurable:
       self.scored.clear()
       rater, last_iterate = _reported_rater(self._problem, state)
-      corrupted = self._data.train.is_corrupted
-      record['noise_auroc'] = evaluation.noise_auroc(self.scores(rater, done, 'reported'),
-                                                     corrupted)
+      train, scores = self._data.train, self.scores(rater, done, 'reported')
+      record['noise_auroc'] = evaluation.noise_auroc(scores, train.is_corrupted)
+      if self._by_kind:  # as the report's
+        record['auroc_by_kind'] = evaluation.auroc_by_kind(scores, train.corruption,
+                                                           train.corruption_kinds)
       if self._problem.ema:  # the rater scored above is the average; its last iterate beside it
         record['noise_auroc_last_iterate'] = evaluation.noise_auroc(
-            self.scores(last_iterate, done, 'last_iterate'), corrupted)
+            self.scores(last_iterate, done, 'last_iterate'), train.is_corrupted)
     self._log.write(record)
     extra = ''.join(f' | {record[k]} {k.replace("_", " ")}' for k in counts if record[k])
     auroc = f' | noise AUROC {record["noise_auroc"]:.3f}' if self._measurable else ''

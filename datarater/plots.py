@@ -57,9 +57,10 @@ def log_scale_over_decades(ax, values) -> None:
 def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
                       record: np.ndarray, kinds: Sequence[str] = ('clean', 'corrupted'),
                       title: str = '', keep: Optional[float] = None) -> None:
-  """Three panels: outer/inner loss, noise AUROC over outer steps, final score histograms of the
-  clean examples and of each corruption kind (`record`: each example's index in `kinds`, 0
-  clean; a boolean record is one kind), with the threshold that keeps the best `keep`."""
+  """Three panels: outer/inner loss, noise AUROC over outer steps (overall, and per kind where
+  `history` records it), final score histograms of the clean examples and of each corruption
+  kind (`record`: each example's index in `kinds`, 0 clean; a boolean record is one kind), with
+  the threshold that keeps the best `keep`."""
   record = np.asarray(record).astype(np.int64)
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
   steps = [h['step'] for h in history]
@@ -71,15 +72,24 @@ def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
                                     for k in ('outer_loss', 'inner_loss')])
   axes[0].set(xlabel='outer step', ylabel='loss (mean per example)', title='Losses')
   axes[0].legend()
-  auroc = [(h['step'], h['noise_auroc']) for h in history if 'noise_auroc' in h]
-  if auroc:
-    axes[1].plot(*zip(*auroc), **dots)
-  seen = [a for _, a in auroc if a is not None and np.isfinite(a)]
+  # The overall AUROC, and each kind's where the records hold them (several kinds recorded) in
+  # its histogram's colour; records without them (an older run's) draw the overall line alone.
+  logged = [h for h in history if 'noise_auroc' in h]
+  curves = {'all corrupted': [h['noise_auroc'] for h in logged]}
+  for kind in dict.fromkeys(k for h in logged for k in h.get('auroc_by_kind') or {}):
+    curves[kind] = [(h.get('auroc_by_kind') or {}).get(kind) for h in logged]
+  seen = []
+  for name, values in curves.items():
+    ys = np.array([np.nan if a is None else a for a in values], np.float64)
+    if len(ys):
+      color = 'k' if name == 'all corrupted' else f'C{kinds.index(name)}' if name in kinds else None
+      axes[1].plot([h['step'] for h in logged], ys, color=color, label=name, **dots)
+    seen += list(ys[np.isfinite(ys)])
   low = max(0.0, min([0.4] + [a - 0.05 for a in seen]))  # a rater worse than chance shows too
   axes[1].axhline(0.5, color='gray', ls=':', lw=1, label='chance')
   axes[1].set(xlabel='outer step', ylabel='noise AUROC',
               title='Rater: clean ranked above corrupted', ylim=(low, 1.0))
-  axes[1].legend(loc='lower right')
+  axes[1].legend(loc='lower right', fontsize=8)
   if not seen:  # nothing recorded as corrupted (or everything): the panel would be blank
     axes[1].text(0.5, 0.7, 'no noise AUROC: no training example\nis recorded as corrupted '
                  '(or every one is)', ha='center', va='center', transform=axes[1].transAxes,
@@ -93,7 +103,8 @@ def save_rater_report(path: str, history: list[dict], scores: np.ndarray,
     if group.any():
       a = by_kind.get(kind, np.nan)
       shown = f', AUROC {a:.3f}' if np.isfinite(a) else ''
-      axes[2].hist(scaled[group], bins=bins, density=True,  # clean filled, each kind outlined
+      # Clean filled, each kind outlined, in the colour of its AUROC curve
+      axes[2].hist(scaled[group], bins=bins, density=True, color=f'C{k}',
                    **({'alpha': 0.5} if k == 0 else {'histtype': 'step', 'lw': 1.5}),
                    label=f'{kind} ({int(group.sum())}{shown})')
   if keep is not None and len(scaled):

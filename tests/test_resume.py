@@ -17,12 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path, capsys):
   config = small_config(tfds_dir, steps=6)
+  config.data.input_corruption.occlusion = 0.1  # two kinds: an AUROC per kind is recorded too
   straight = tmp_path / 'straight'
   meta_train(config, str(straight), devices=jax.devices()[:1])
 
   resumed = tmp_path / 'resumed'
   env = subprocess_env(1)
   first = forked.run('launch.train_rater', [f'--workdir={resumed}', *as_flags(config),
+                                            '--config.data.input_corruption.occlusion=0.1',
                                             '--stop_after=3'], env)
   assert first.returncode == 0, first.stderr[-2000:]
   assert 'stopped after outer step 3' in first.stdout
@@ -40,6 +42,8 @@ def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path, capsys):
   want, got = read(straight), read(resumed)
   assert [r['step'] for r in got] == [r['step'] for r in want] == [2, 4, 6]
   for a, b in zip(want, got):
-    assert a.keys() == b.keys()
-    for k in a.keys() - {'steps_per_sec'}:
+    assert a.keys() == b.keys() and a['auroc_by_kind'].keys() == b['auroc_by_kind'].keys()
+    for k in a.keys() - {'steps_per_sec', 'auroc_by_kind'}:
       np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for kind, auroc in a['auroc_by_kind'].items():
+      np.testing.assert_allclose(b['auroc_by_kind'][kind], auroc, atol=1e-6, err_msg=kind)

@@ -218,6 +218,7 @@ def test_metrics_records_are_means_over_the_steps_not_skipped(tfds_dir, tmp_path
       want = np.mean([np.float64(per_step[s][name]) for s in taken])
       np.testing.assert_allclose(record[name], want, rtol=1e-6, err_msg=(record['step'], name))
   assert records[1]['skipped_steps'] == 1 and records[1]['diverged_members'] >= 1
+  assert not any('auroc_by_kind' in r for r in records)  # one kind: its AUROC is the overall one
 
 
 @pytest.fixture(scope='module')
@@ -784,19 +785,31 @@ def test_a_checkpoint_from_before_fields_were_added_resumes(tfds_dir, tmp_path, 
 
 @pytest.mark.parametrize('ema', [pytest.param(0.0, marks=pytest.mark.slow), 0.5])
 def test_the_report_reuses_the_last_logged_steps_scores(tfds_dir, tmp_path, monkeypatch, ema):
-  """With label noise each logged step scores the training split (twice with outer.ema: the
-  average and the last iterate); the report reads the final step's scores, no pass of its own."""
+  """With label noise and occlusions each logged step scores the training split (twice with
+  outer.ema: the average and the last iterate) and records its noise AUROC overall and per kind
+  from those scores (brute force over pairs here); the report reads the final step's scores, no
+  pass of its own."""
   from datarater import evaluation  # pylint: disable=g-import-not-at-top
-  passes = []
+  passes = []  # (split, scores) of each scoring pass
   score_split = evaluation.score_split
-  monkeypatch.setattr(evaluation, 'score_split', lambda *a, **k: passes.append(1) or
-                      score_split(*a, **k))
+  monkeypatch.setattr(evaluation, 'score_split', lambda *a, **k: passes.append(
+      (a[1], score_split(*a, **k))) or passes[-1][1])
   config = small_config(tfds_dir, steps=4)
   config.outer.ema = ema
+  config.data.input_corruption.occlusion = 0.1
   report = meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
   records = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
   assert len(passes) == len(records) * (2 if ema else 1) == (4 if ema else 2)
+  for record, (train, scores) in zip(records, passes[::2 if ema else 1]):  # the reported rater's
+    clean = scores[train.corruption == 0]
+    pairs = lambda bad: np.mean((clean[:, None] > bad) + 0.5 * (clean[:, None] == bad))
+    assert record['noise_auroc'] == pytest.approx(pairs(scores[train.is_corrupted]), abs=1e-9)
+    assert sorted(record['auroc_by_kind']) == ['label_symmetric', 'occlusion']
+    for kind, auroc in record['auroc_by_kind'].items():
+      bad = scores[train.corruption == train.corruption_kinds.index(kind)]
+      assert auroc == pytest.approx(pairs(bad), abs=1e-9), (record['step'], kind)
   assert report['noise_auroc'] == records[-1]['noise_auroc']
+  assert report['auroc_by_kind'] == records[-1]['auroc_by_kind']
   if ema:
     assert report['last_iterate']['noise_auroc'] == records[-1]['noise_auroc_last_iterate']
   # As if killed after the last step, before its report: scored for the report alone.
@@ -1369,6 +1382,45 @@ def test_the_report_figure_names_its_axes_shows_each_kind_and_the_suggested_keep
   plots.save_rater_report(str(tmp_path / 'h.png'), history, huge, np.r_[0, 1, record], kinds)
   assert sum(p.get_height() for p in drawn[1].axes[2].patches if hasattr(p, 'get_height')) > 0
   assert '/ 1e+308' in drawn[1].axes[2].get_xlabel()
+
+
+def test_the_report_figure_draws_the_auroc_of_each_kind_over_steps(tmp_path, monkeypatch):
+  """The AUROC panel showed the overall AUROC alone. Records holding each kind's (brute force over
+  pairs here; one not defined at step 2, null) draw a line per kind beside the overall one, in
+  the colour of the kind's histogram; records without them (an older run's) draw the overall."""
+  from matplotlib import colors  # pylint: disable=g-import-not-at-top
+  from datarater import plots  # pylint: disable=g-import-not-at-top
+  drawn = []
+  monkeypatch.setattr(files, 'save_figure', lambda fig, path, **kw: drawn.append(fig))
+  rng = np.random.default_rng(1)
+  record = np.repeat([0, 1, 2], [60, 25, 15])
+  kinds = ('clean', 'label_symmetric', 'occlusion')
+  pairs = lambda s, bad: np.mean((s[record == 0][:, None] > s[bad]) +
+                                 0.5 * (s[record == 0][:, None] == s[bad]))
+  history = []
+  for step in (5, 10, 15):
+    scores = rng.normal(size=100) - record * step / 10
+    history.append({'step': step, 'outer_loss': 1.0, 'inner_loss': 1.0,
+                    'noise_auroc': pairs(scores, record > 0),
+                    'auroc_by_kind': {kind: pairs(scores, record == k)
+                                      for k, kind in enumerate(kinds) if k}})
+  history[1]['auroc_by_kind']['occlusion'] = None
+  plots.save_rater_report(str(tmp_path / 'r.png'), history, scores, record, kinds)
+  panel, histogram = drawn[0].axes[1], drawn[0].axes[2]
+  lines = {l.get_label(): l for l in panel.get_lines()}
+  assert list(lines) == ['all corrupted', 'label_symmetric', 'occlusion', 'chance']
+  want = {'all corrupted': [h['noise_auroc'] for h in history],
+          **{kind: [h['auroc_by_kind'][kind] for h in history] for kind in kinds[1:]}}
+  for name, values in want.items():
+    assert list(lines[name].get_xdata()) == [5, 10, 15]
+    np.testing.assert_array_equal(lines[name].get_ydata(),
+                                  [np.nan if v is None else v for v in values], err_msg=name)
+  outlines = {p.get_label().split(' ')[0]: p.get_edgecolor() for p in histogram.patches}
+  for kind in kinds[1:]:
+    assert colors.to_rgba(lines[kind].get_color()) == outlines[kind], kind
+  old = [{k: v for k, v in h.items() if k != 'auroc_by_kind'} for h in history]
+  plots.save_rater_report(str(tmp_path / 'old.png'), old, scores, record, kinds)
+  assert [l.get_label() for l in drawn[1].axes[1].get_lines()] == ['all corrupted', 'chance']
 
 
 def test_a_report_figure_that_cannot_be_drawn_leaves_the_report_written(tfds_dir, tmp_path,
