@@ -118,6 +118,7 @@ def plot(results: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   names = list(results['models'])
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
   keys = list(results['models'][names[0]]['examples_per_s'])
@@ -136,8 +137,12 @@ def plot(results: dict, path: str) -> None:
     for j, kind in enumerate(mem[ns[0]]):
       axes[1].plot([int(n) for n in ns], [mem[n][kind] / 2**20 for n in ns], marker='o',
                    color=f'C{j}', linestyle='-' if i == 0 else '--', label=f'{m}: {kind}')
+  sizes = sorted({int(n) for m in names for n in results['models'][m]['memory_temp_bytes']})
   axes[1].set(xscale='log', yscale='log', xlabel='examples scored in one call',
-              ylabel='compiled temp memory (MiB)', title='Memory vs examples')
+              ylabel='compiled temp memory (MiB)',
+              title=f'Memory vs examples on {results["device"]}')
+  axes[1].set_xticks(sizes, [f'{n:,}' for n in sizes])  # those measured; no crowded minor labels
+  axes[1].xaxis.set_minor_formatter(ticker.NullFormatter())
   axes[1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0))  # off the lines
   fig.tight_layout()
   files.save_figure(fig, path, dpi=110)

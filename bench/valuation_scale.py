@@ -404,6 +404,7 @@ def plot(results: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
   axes = axes.reshape(-1)
   m = results.get('methods')
@@ -428,11 +429,15 @@ def plot(results: dict, path: str) -> None:
         if r['method'] == method and r['k'] == 8:
           s = r['series']
           axes[1].plot([p['n'] for p in s], [p['peak_rss_mib'] for p in s], marker='o',
-                       color=f'C{j}', linestyle='-' if r['task'] == 'cnn' else '--',
-                       label=f'{r["task"]}: {method}')
+                       color=f'C{j}', linestyle='-' if r['task'] == 'cnn' else '--')
     axes[1].set(xscale='log', xlabel='examples processed (N)', ylabel='peak RSS (MiB)',
                 title='Memory vs N (k=8; solid CNN, dashed transformer)')
-    axes[1].legend(fontsize=6)
+    # One entry per method (its colour, as in the bars) and per task (its line style).
+    axes[1].legend(handles=[Line2D([], [], color=f'C{j}', marker='o', label=method)
+                            for j, method in enumerate(METHODS)] +
+                   [Line2D([], [], color='gray', linestyle=ls, label=task)
+                    for ls, task in (('-', 'cnn'), ('--', 'transformer'))],
+                   fontsize=8, ncol=2, loc='best')
   lr = results.get('launchers')
   if lr:
     ns = [r['n'] for r in lr['rows']]

@@ -205,6 +205,37 @@ def test_every_bench_figure_is_drawn_again_from_its_stored_json(tmp_path, bench)
   assert {p: os.stat(p).st_mtime_ns for p in before} == before  # bench/results/ untouched
 
 
+def _check_readable_figures() -> None:
+  """In a child process: pergrad's and valuation_scale's stored figures drawn again, read back."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  drawn = []
+  files.save_figure = lambda fig, path, **kw: drawn.append(fig)
+  for stem in _stored_figures('pergrad'):
+    with open(stem + '.json') as f:
+      results = json.load(f)
+    importlib.import_module('bench.pergrad').plot(results, 'unused.png')
+    memory = drawn.pop().axes[1]
+    assert results['device'] in memory.get_title(), (stem, memory.get_title())
+    low, high = memory.get_xlim()
+    shown = [t.get_text() for t in memory.get_xticklabels() + memory.get_xticklabels(minor=True)
+             if t.get_text() and low <= t.get_position()[0] <= high]
+    ns = {int(n) for m in results['models'].values() for n in m['memory_temp_bytes']}
+    assert [int(t.replace(',', '')) for t in shown] == sorted(ns), (stem, shown)
+  for stem in _stored_figures('valuation_scale'):
+    with open(stem + '.json') as f:
+      importlib.import_module('bench.valuation_scale').plot(json.load(f), 'unused.png')
+    legend = drawn.pop().axes[1].get_legend()
+    assert min(t.get_fontsize() for t in legend.get_texts()) >= 8, stem
+
+
+def test_pergrad_and_valuation_scale_figures_are_readable():
+  """pergrad's memory panel labelled its log x axis at 3x10^2, 4x10^2, 6x10^2, ... over one
+  decade and did not name the device; valuation_scale's memory-vs-N legend was in 6 pt type. Now
+  the x labels are the sizes measured, the title names the device, the legend is 8 pt at least."""
+  done = forked.call(_check_readable_figures, env=subprocess_env(1))
+  assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('bench', sorted(REDRAW))
 def test_every_stored_bench_figure_is_drawn_again_from_its_json(tmp_path, bench):
