@@ -108,8 +108,8 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
 
   `policy` overrides `config.policy.name`. If `stop_after` ends training early, returns
   {'stopped_after': epochs done} and writes no report. In a `jax.distributed` job every process
-  runs it alike: one mesh spans their devices (`check_processes` says what is refused), and
-  process 0 alone logs and writes history.jsonl and report.json.
+  runs it alike: one mesh spans their devices, each makes the policy alone (`same_policy` checks
+  they made the same), and process 0 alone logs and writes history.jsonl and report.json.
   """
   if jax.process_index() != 0:
     log = lambda line: None
@@ -130,6 +130,7 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
         train_split, heldout, task, config, rater=rater, scores=scores))
     if made.check_data and hasattr(train_split, 'features'):  # streamed: the trainer checks
       made.check_data(train_split.features)  # each chunk
+  same_policy(name, made, rater, scores)
   trainer = Trainer(task, make_inner_optimizer(t.optimizer, t.learning_rate), made, t.batch_size,
                     learning_rate_setting=f'train.learning_rate ({t.learning_rate:g})',
                     devices=jax.devices())
@@ -142,27 +143,19 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
                 trainer, ckpt)
 
 
-def check_processes(name: str, config) -> None:
-  """Over several processes (a `jax.distributed` job), refuses in one line what runs in one
-  process only: a streamed training split, and a policy whose set-up reads a rater or a scores
-  file, values the split or reads its features (each process would make it alone)."""
-  if jax.process_count() == 1:
+def same_policy(name: str, made: policies.Policy, rater: str, scores: str) -> None:
+  """UserError on every process of a `jax.distributed` job unless every process made policy
+  `name` with the same `aux` (rater parameters, weights table, reference model, SAE statistics):
+  each reads the policy's inputs and runs its set-up alone, which one program on the same data,
+  config and seeds makes the same unless a file changed while they read it."""
+  if jax.process_count() == 1 or multihost.same_everywhere(
+      store.digest(jax.device_get(made.aux))):
     return
-  if config.train.get('stream', False):
-    raise UserError('train.stream=True is not supported by launch.train over several processes: '
-                    'set train.stream=False or run one process')
-  if not over_processes(name):
-    supported = ', '.join(p for p in sorted(policies.POLICIES) if over_processes(p))
-    raise UserError(f'policy {name} is not supported by launch.train over several processes (its '
-                    f'set-up reads an input, values the split or reads its features; supported: '
-                    f'{supported}): run it in one process')
-
-
-def over_processes(name: str) -> bool:
-  """Whether launch.train runs policy `name` over several processes: its set-up reads the config
-  alone."""
-  return not (policies.READS[name] or 'valuation' in policies.SECTIONS[name]
-              or name in policies.WHOLE_SPLIT)
+  given = ' and '.join(f'--{k} {v!r}' for k, v in (('rater', rater), ('scores', scores)) if v)
+  why = (f'{given} read differently (a run still training? another copy on a host?)' if given else
+         'its set-up gave each process another result (not deterministic on these devices?)')
+  raise UserError(f'the processes of this job made policy {name} differently: {why}: run again, '
+                  'or run one process')
 
 
 def _checked_inputs(config, policy, rater, scores, workdir, stop_after):
@@ -171,7 +164,6 @@ def _checked_inputs(config, policy, rater, scores, workdir, stop_after):
   name = policy_name(config, policy)
   policies.check_inputs(name, rater=rater, scores=scores)
   config_checks.validate(config, sections_read(config, name))
-  check_processes(name, config)
   d, t = config.data, config.train
   check_batch_splits(t.batch_size, len(t.seeds), 'train.batch_size', jax.devices())
   if stop_after is not None and not workdir:

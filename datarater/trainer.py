@@ -23,7 +23,8 @@ The training data is a `pipeline.Split` (held on the devices, batches gathered i
 compiled steps) or a streaming `source.Source` (batches read on the host, at most `STREAM_CHUNK`
 steps and `STREAM_EXAMPLES` examples at a time, or one step when its batches alone are more, so
 memory does not grow with the dataset; each chunk is read, in a thread, while the steps of the
-one before run: two chunks in memory); both give the same steps.
+one before run: two chunks in memory; over several processes each reads the whole chunk and
+places the rows its devices hold); both give the same steps.
 A run is placed on every device of its process (`Trainer(devices=...)` picks others: `launch.train`
 gives every device of a `jax.distributed` job, each process placing the rows its devices hold, and
 the processes stopping together: `_stopping_together`): the seeds'
@@ -398,7 +399,7 @@ class Trainer:
     data = None if streaming else jax.device_put(dict(train.features), replicated(mesh))
     eval_data = {name: _blocks(split, mesh) for name, split in evals.items()}
     state, order_keys = self.init(seeds, len(train))
-    aux = self.policy.aux
+    aux = _shared(self.policy.aux, mesh)
     recorder = jnp.zeros(len(seeds))  # carried through the steps; parameters if recording
     if self.record_every:
       count = math.ceil(total / self.record_every)
@@ -612,6 +613,16 @@ def _placed(x, sharding):
   if isinstance(x, jax.Array):
     return x if x.sharding == sharding else jax.device_put(x, sharding)
   return x if jax.process_count() == 1 else jax.device_put(x, sharding)
+
+
+def _shared(aux, mesh: Mesh):
+  """The policy's `aux` as the run's programs take it (replicated): where `mesh` spans processes,
+  placed once from each process's host copy (an array on this process's devices, a loaded
+  rater's parameters, cannot move to another process's; `launch.train` checks every process made
+  the same aux); in one process as it is (each program places it)."""
+  if len({d.process_index for d in mesh.devices.flat}) == 1:
+    return aux
+  return jax.device_put(jax.tree.map(np.asarray, aux), replicated(mesh))
 
 
 def _restore(checkpointer: RunCheckpointer, state: TrainState):

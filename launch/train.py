@@ -7,8 +7,7 @@ r"""Trains task models from scratch under a policy and reports per-epoch figures
 --policy is a name in `datarater.policies.POLICIES`: weighting (uniform, datarater, scores,
 tracin_curriculum, mimic), online filtering (datarater_batch_filter, datarater_accept) or
 per-epoch selection (full, random, infobatch, sae). Runs `datarater.train.train`, over several
-processes too (`launch.distributed`'s flags; `datarater.train.check_processes` names what is not
-supported there).
+processes too (`launch.distributed`'s flags), every policy and streaming.
 """
 from launch import interrupts
 

@@ -1012,21 +1012,6 @@ def _assert_same_history(two: dict, one: dict) -> None:
                                    err_msg=f'{split} {metric} at epoch {a["epoch"]}')
 
 
-def test_two_process_launch_train_equals_one_process(tfds_dir, tmp_path):
-  """launch.train (uniform weights, one seed over every device of both processes) in two
-  processes of 2 devices: process 0 alone prints the epochs and writes history.jsonl and
-  report.json, whose figures are one process's (4 devices)."""
-  from datarater.train import train  # pylint: disable=g-import-not-at-top
-  config = _train_config(tfds_dir)
-  outs = _finish(_start('launch.train', _train_flags(config, 'uniform', tmp_path / 'two')))
-  assert outs[0].count('epoch ') >= 2 and 'epoch ' not in outs[1], outs
-  two = json.load(open(tmp_path / 'two' / 'report.json'))
-  assert [json.loads(l) for l in open(tmp_path / 'two' / 'history.jsonl')] == two['history']
-  one = train(config, 'uniform', workdir=str(tmp_path / 'one'), log=lambda _: None)
-  assert len(jax.devices()) == 4
-  _assert_same_history(two, one)
-
-
 @pytest.mark.slow  # (a variant of the CI case above, and a resume across process counts)
 def test_two_process_selection_run_stopped_resumes_in_one_process_to_the_one_process_run(
     tfds_dir, tmp_path):
@@ -1082,20 +1067,88 @@ def test_a_sigterm_to_one_process_of_launch_train_stops_both_and_the_run_resumes
   _assert_same_history(resumed, straight)
 
 
-@pytest.mark.slow  # (two-process jobs refused at start-up)
-@pytest.mark.parametrize('flags,line', [
-    (['--config.train.stream=True'], 'train.stream=True is not supported by launch.train over '
-     'several processes: set train.stream=False or run one process'),
-    (['--policy=sae', '--config=configs/selection.py'], 'policy sae is not supported by '
-     'launch.train over several processes')])
-def test_what_launch_train_cannot_run_over_processes_is_refused_in_one_line(tfds_dir, tmp_path,
-                                                                             flags, line):
+# launch.train over two processes, per policy (and streaming): the --config overrides (those the
+# policy reads) and the launcher inputs it reads. Every policy makes its set-up in each process
+# alone (a rater or scores file read, a valuation fitted, an SAE trained).
+_POLICY_CASES = {
+    'uniform': ({}, ()),
+    'datarater': ({}, ('rater',)),
+    'datarater_batch_filter': ({'policy.rho': 0.25}, ('rater',)),
+    'datarater_accept': ({'policy.rho': 0.25}, ('rater',)),
+    'scores': ({}, ('scores',)),
+    'tracin_curriculum': ({'valuation.train_steps': 20, 'valuation.checkpoint_every': 10}, ()),
+    'mimic': ({'valuation.reference_steps': 20}, ()),
+    'sae': ({'features.extractor': 'pixels', 'sae.steps': 50, 'sae.num_factors': 32}, ()),
+    'stream': ({'train.stream': True}, ()),  # uniform weights, the split read as it trains
+}
+
+
+@pytest.fixture(scope='module')
+def policy_inputs(rater_run, tmp_path_factory) -> dict:
+  """The --rater (the module's rater run, which CI's filter case makes too) and --scores (random
+  values of the digits' train split) that the two-process policy cases read."""
+  from datarater.curation import scores_file  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp('scores') / 'scores.parquet')
+  values = np.random.default_rng(3).normal(size=1197)
+  scores_file.write(path, np.arange(1197), values, values, dataset='sklearn_digits',
+                    split='train')
+  return {'rater': rater_run, 'scores': path}
+
+
+@pytest.mark.parametrize('case', [  # CI: the rater's weights (the aux a loaded rater places)
+    c if c == 'datarater' else pytest.param(c, marks=pytest.mark.slow) for c in _POLICY_CASES])
+def test_two_process_launch_train_equals_one_process(tfds_dir, tmp_path, policy_inputs, case):
+  """launch.train (one seed, its batches split over every device of both processes) in two
+  processes of 2 devices: process 0 alone prints the epochs and writes history.jsonl and
+  report.json, whose figures are one process's (4 devices), for every policy (each process
+  making it alone) and a streamed split (each process reading every row of each chunk)."""
+  from datarater.train import train  # pylint: disable=g-import-not-at-top
+  overrides, reads = _POLICY_CASES[case]
+  policy = 'uniform' if case == 'stream' else case
   config = _train_config(tfds_dir)
-  args = [a for a in _train_flags(config, 'uniform', tmp_path / 'out') if a != '--policy=uniform']
-  procs = _start('launch.train', [*flags, *args])
-  for p in procs:
-    out = p.communicate(timeout=300)[0]
-    errors = [l for l in out.splitlines() if l.startswith('error: ')]
-    assert p.returncode == 2 and len(errors) == 1 and line in errors[0], out[-2000:]
-    assert 'Traceback' not in out
-  assert not os.path.exists(tmp_path / 'out')
+  for path, value in overrides.items():
+    section, field = path.split('.')
+    config[section][field] = value
+  inputs = {k: policy_inputs[k] for k in reads}
+  outs = _finish(_start('launch.train', [
+      *_train_flags(config, policy, tmp_path / 'two'), *(f'--{k}={v}' for k, v in inputs.items()),
+      *(f'--config.{k}={v}' for k, v in overrides.items())]))
+  assert outs[0].count('epoch ') >= 2 and 'epoch ' not in outs[1], outs
+  two = json.load(open(tmp_path / 'two' / 'report.json'))
+  assert [json.loads(l) for l in open(tmp_path / 'two' / 'history.jsonl')] == two['history']
+  one = train(config, policy, workdir=str(tmp_path / 'one'), log=lambda _: None, **inputs)
+  assert len(jax.devices()) == 4
+  _assert_same_history(two, one)
+
+
+_DIFFERENT_SCORES = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import jax
+from datarater.errors import UserError
+from datarater.train import train
+from tests.test_multihost import _train_config
+pid, port, tfds_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+try:  # each process is handed its own file, as a host's own copy at one path would be
+  train(_train_config(tfds_dir), 'scores', scores=os.path.join(out, f'scores{pid}.parquet'),
+        workdir=os.path.join(out, 'run'))
+except UserError as e:
+  print('train: ' + str(e))
+"""
+
+
+@pytest.mark.slow  # (a two-process job for a case the README does not claim)
+def test_processes_that_made_different_policies_stop_in_one_line(tfds_dir, tmp_path):
+  """Scores files that differ between the processes (another copy on one host, a file rewritten
+  while they read it) stop every process in one line before any step: they would train on
+  different weights."""
+  from datarater.curation import scores_file  # pylint: disable=g-import-not-at-top
+  for pid in (0, 1):
+    values = np.random.default_rng(pid).normal(size=1197)
+    scores_file.write(str(tmp_path / f'scores{pid}.parquet'), np.arange(1197), values, values,
+                      dataset='sklearn_digits', split='train')
+  for out in _finish(_start_driver(_DIFFERENT_SCORES, tfds_dir, tmp_path)):
+    assert re.search(r'^train: the processes of this job made policy scores differently: '
+                     r'--scores .*scores\d.parquet.* read differently', out, re.M), out[-3000:]
+  assert not (tmp_path / 'run').exists()
