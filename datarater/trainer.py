@@ -561,21 +561,22 @@ def _stopping_together(mesh: Mesh, checkpointer: Optional[RunCheckpointer]):
   again; an epoch's last chunk is checkpointed first), and an error of one process (process 0
   alone records the history; this process's part of a checkpoint save) stops the others at that
   vote; else it is always False (a signal stops the run at once). Pending checkpoint writes
-  finish however the block is left."""
+  finish however the block is left, after the vote's end (a process leaving by its error votes
+  so first, where the others wait in their next `stop_here`, not in the closing's votes)."""
   spans = len({d.process_index for d in mesh.devices.flat}) > 1
-  with multihost.StopVote(mesh.devices, 0) if spans else contextlib.nullcontext() as vote:
-    def stop_here(step: int) -> bool:
-      if vote is None:
-        return False
-      if checkpointer is not None:
-        checkpointer.check()
-      return vote.after(step)
-    try:
+  try:
+    with multihost.StopVote(mesh.devices, 0) if spans else contextlib.nullcontext() as vote:
+      def stop_here(step: int) -> bool:
+        if vote is None:
+          return False
+        if checkpointer is not None:
+          checkpointer.check()
+        return vote.after(step)
       yield stop_here
-    finally:
-      if checkpointer is not None:
-        with multihost.StopVote(mesh.devices, 0):
-          checkpointer.close()
+  finally:
+    if checkpointer is not None:
+      with multihost.StopVote(mesh.devices, 0):
+        checkpointer.close()
 
 
 class _Program(NamedTuple):

@@ -822,7 +822,11 @@ slow = pytest.mark.slow  # (each case is a two-process job)
     pytest.param('train_rater', 'outer_loop.batches:MetaBatches.device_batches_at@2', 1, 'error',
                  [2, 2], id='train_rater-batches-error'),
     pytest.param('train_rater', 'datarater.meta_train:final_report', 0, 'slow', [0, 0],
-                 id='train_rater-slow-report', marks=slow)])
+                 id='train_rater-slow-report', marks=slow),
+    pytest.param('train', 'datarater.files:JsonlLog.__init__', 0, 'error', [2, 2],
+                 id='train-history-error', marks=slow),
+    pytest.param('train', 'datarater.files:JsonlLog.write@1', 0, 'error', [2, 2],
+                 id='train-log-error', marks=slow)])
 def test_one_process_failing_signalled_or_slow_where_each_works_alone_stops_or_waits_for_all(
     tfds_dir, tmp_path, request, module, target, who, fault, codes):
   """Where the processes work alone (start-up checks, a valuation's fit, the filter's rater
@@ -845,6 +849,8 @@ def test_one_process_failing_signalled_or_slow_where_each_works_alone_stops_or_w
       export_rater(request.getfixturevalue('rater_run'), str(rater))
     args = ['--dataset=sklearn_digits', f'--rater={rater}', '--keep=0.7',
             f'--data_dir={tfds_dir}', '--batch_size=300', f'--out={out}']
+  elif module == 'train':
+    args = _train_flags(_train_config(tfds_dir, epochs=4), 'uniform', out)
   else:
     args = [f'--workdir={out}', *as_flags(small_config(tfds_dir, steps=4))]
   procs = _start_driver(_FAULT_AT.format(
@@ -860,7 +866,7 @@ def test_one_process_failing_signalled_or_slow_where_each_works_alone_stops_or_w
     assert len(errors[1 - who]) == 1 and (f'process {who} of this job stopped'
                                           in errors[1 - who][0]), errors
   written = {'valuate': out / 'scores_tracin.parquet', 'filter': out / 'filter_report.json',
-             'train_rater': out / 'report.json'}[module]
+             'train_rater': out / 'report.json', 'train': out / 'report.json'}[module]
   assert written.exists() == (fault == 'slow')
 
 
@@ -996,16 +1002,16 @@ def _train_flags(c, policy: str, workdir) -> list[str]:
 
 
 def _assert_same_history(two: dict, one: dict) -> None:
-  """Two reports' histories: the same records and counts; every metric within float32
-  summation order. A two-process job sums a batch's gradient over its 4 devices across the
-  processes (gloo) in another order than one process does: ~1e-7 relative per step, grown by a
-  few dozen Adam steps (lr 1e-3) to ~1e-6 in a loss; an accuracy moves by a whole example (1/300)
-  only if a prediction sat within that of a tie."""
+  """Two reports' histories: the same records and counts; every metric (the running training
+  loss too) within float32 summation order. A two-process job sums a batch's gradient over its 4
+  devices across the processes (gloo) in another order than one process does: ~1e-7 relative
+  per step, grown by a few dozen Adam steps (lr 1e-3) to ~1e-6 in a loss; an accuracy moves by a
+  whole example (1/300) only if a prediction sat within that of a tie."""
   assert len(two['history']) == len(one['history']) > 0
   for a, b in zip(two['history'], one['history']):
     assert {k: a[k] for k in ('epoch', 'step', 'example_gradients', 'scoring_forwards')} == \
            {k: b[k] for k in ('epoch', 'step', 'example_gradients', 'scoring_forwards')}
-    for split in ('heldout', 'eval'):
+    for split in ('train', 'heldout', 'eval'):
       assert a[split].keys() == b[split].keys()
       for metric in a[split]:
         np.testing.assert_allclose(a[split][metric], b[split][metric], rtol=1e-5, atol=1e-6,
