@@ -37,7 +37,8 @@ The history is a list of records, one per evaluation, all of one format:
   {'epoch': float, 'step': int, 'example_gradients': int, 'scoring_forwards': int,
    'wall_s': float, 'train': {'loss': [one value per seed]}, <split>: {<metric>: [...]}};
 'train' is the running training loss: the unweighted mean loss of the examples trained on (weight
-> 0) since the record before, each at the parameters its step started from.
+> 0) since the record before, each at the parameters its step started from. An evaluation split
+named as one of these fields (`RECORD_FIELDS`) is refused.
 """
 import contextlib
 import dataclasses
@@ -64,6 +65,8 @@ from datarater.tasks import Task
 from inner_loop.unroll import InnerState, init_inner_state, inner_step
 
 EVAL_BLOCK = 512  # examples evaluated per compiled block
+# A history record's own fields; its other entries are the evaluation splits, by their names.
+RECORD_FIELDS = ('epoch', 'step', 'example_gradients', 'scoring_forwards', 'wall_s', 'train')
 STREAM_CHUNK = 32  # steps whose batches a streaming run reads at a time, at most
 STREAM_EXAMPLES = 1 << 14  # ... and at most this many examples (all models' batches) at a time
 
@@ -389,7 +392,7 @@ class Trainer:
     training (selection, steps, policy updates), not compilation or evaluation.
     """
     seeds = [int(s) for s in seeds]
-    self._check_run(train, seeds, epochs, steps, evals_per_epoch, checkpointer)
+    self._check_run(train, evals, seeds, epochs, steps, evals_per_epoch, checkpointer)
     spe = self.steps_per_epoch
     total = steps if steps is not None else epochs * spe
     num_epochs = math.ceil(total / spe)
@@ -514,9 +517,15 @@ class Trainer:
         compile_s=compiled.seconds, recording=recording,
         stopped_after=last_epoch if last_epoch < num_epochs else None)
 
-  def _check_run(self, train, seeds: list, epochs, steps, evals_per_epoch: int,
+  def _check_run(self, train, evals: dict, seeds: list, epochs, steps, evals_per_epoch: int,
                  checkpointer) -> None:
-    """UserError for a run that cannot start: no seeds, no length, no data, no evaluations."""
+    """UserError for a run that cannot start: no seeds, no length, no data, no evaluations, an
+    evaluation split named as a field of the history's records (`RECORD_FIELDS`)."""
+    taken = [name for name in evals if name in RECORD_FIELDS]
+    if taken:
+      raise UserError(f'an evaluation split may not be named {taken[0]!r}: a history record holds '
+                      f'{", ".join(RECORD_FIELDS)} under those names (name it e.g. '
+                      f"'{taken[0]}_split')")
     if not seeds:
       raise UserError('no seeds to train (train.seeds is empty)')
     if (epochs is None) == (steps is None) or (epochs if steps is None else steps) < 1:

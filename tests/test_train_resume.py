@@ -21,8 +21,9 @@ quiet = lambda *_: None
 
 
 def _history(report):
-  """Per-epoch held-out and eval figures (they depend on every parameter of every model)."""
-  return [(r['epoch'], r['example_gradients'], r['step'], r['heldout'], r['eval'])
+  """Per-epoch held-out and eval figures (they depend on every parameter of every model) and the
+  running training loss."""
+  return [(r['epoch'], r['example_gradients'], r['step'], r['heldout'], r['eval'], r['train'])
           for r in report['history']]
 
 
@@ -239,7 +240,7 @@ def test_a_streamed_training_split_trains_like_one_in_memory(tfds_dir, tmp_path,
   resumed = train(config, policy, workdir=str(tmp_path / 's'), log=quiet)
   for got, want in zip(_history(resumed), _history(memory)):
     assert got[:3] == want[:3]
-    for split in (3, 4):
+    for split in (3, 4, 5):  # heldout, eval, the running training loss
       for metric, values in want[split].items():
         np.testing.assert_allclose(got[split][metric], values, rtol=1e-5, atol=1e-6)
   _check_train_figure(tmp_path / 's', config.train.seeds)

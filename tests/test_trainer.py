@@ -285,6 +285,15 @@ def test_a_run_of_no_epochs_or_steps_is_refused(splits, length):
     _trainer(train).run(train, {}, [0], **length)
 
 
+@pytest.mark.parametrize('name', ['train', 'step'])
+def test_an_evaluation_split_named_as_a_record_field_is_refused(splits, name):
+  """A record holds the running training loss under 'train' (and its counts under 'step',
+  ...): an evaluation split of the same name overwrote it, unsaid, in the history and figures."""
+  train, test = splits
+  with pytest.raises(UserError, match=f"evaluation split may not be named '{name}'"):
+    _trainer(train).run(train, {name: test}, [0], steps=1)
+
+
 def test_stopped_and_resumed_run_equals_uninterrupted(splits, tmp_path):
   """With a selection policy (its state is checkpointed too): stop after 2 of 4 epochs, resume."""
   train, test = splits
