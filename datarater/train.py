@@ -109,7 +109,8 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   `policy` overrides `config.policy.name`. If `stop_after` ends training early, returns
   {'stopped_after': epochs done} and writes no report. In a `jax.distributed` job every process
   runs it alike: one mesh spans their devices, each makes the policy alone (`same_policy` checks
-  they made the same), and process 0 alone logs and writes history.jsonl and report.json.
+  they made the same), and process 0 alone logs and writes history.jsonl, train_report.png and
+  report.json.
   """
   if jax.process_index() != 0:
     log = lambda line: None

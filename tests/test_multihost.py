@@ -92,6 +92,18 @@ def _start_two_processes(workdir, config):
   return _start('launch.train_rater', [f'--workdir={workdir}', *as_flags(config)])
 
 
+def _wait_for_a_checkpoint(procs, ckpt_dir, timeout: int = 600) -> None:
+  """Returns once `ckpt_dir` holds a finished checkpoint (a folder named by its step); fails
+  with its output if a process ends first (e.g. the port was taken meanwhile)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if ckpt_dir.exists() and any(re.fullmatch(r'\d+', d) for d in os.listdir(ckpt_dir)):
+      return
+    ended = [p for p in procs if p.poll() is not None]
+    assert not ended, ended[0].communicate()[0][-3000:]
+    time.sleep(0.05)
+
+
 def _params(workdir):
   return jax.tree.leaves(load_rater(str(workdir)).params)
 
@@ -563,13 +575,7 @@ def test_a_signal_to_one_process_stops_both_after_one_step_that_resumes(tfds_dir
   procs = _start_two_processes(workdir, config) if processes == 2 else [forked.start_module(
       'launch.train_rater', [f'--workdir={workdir}', *as_flags(config)], subprocess_env(2))]
   ckpt_dir = workdir / 'checkpoints'
-  deadline = time.time() + 600
-  while time.time() < deadline:  # wait for the first finished checkpoint, then signal one
-    if ckpt_dir.exists() and any(re.fullmatch(r'\d+', d) for d in os.listdir(ckpt_dir)):
-      break
-    ended = [p for p in procs if p.poll() is not None]
-    assert not ended, ended[0].communicate()[0][-3000:]  # e.g. the port was taken meanwhile
-    time.sleep(0.05)
+  _wait_for_a_checkpoint(procs, ckpt_dir)
   procs[-1].send_signal(signum)
   outs = _outputs(procs, timeout=60)
   code, why = {signal.SIGTERM: (143, 'sent SIGTERM'),
@@ -1051,13 +1057,7 @@ def test_a_sigterm_to_one_process_of_launch_train_stops_both_and_the_run_resumes
   workdir = tmp_path / 'stopped'
   procs = _start('launch.train', _train_flags(config, 'uniform', workdir))
   ckpt_dir = workdir / 'checkpoints'
-  deadline = time.time() + 600
-  while time.time() < deadline:  # wait for the first finished checkpoint, then signal one
-    if ckpt_dir.exists() and any(re.fullmatch(r'\d+', d) for d in os.listdir(ckpt_dir)):
-      break
-    ended = [p for p in procs if p.poll() is not None]
-    assert not ended, ended[0].communicate()[0][-3000:]
-    time.sleep(0.05)
+  _wait_for_a_checkpoint(procs, ckpt_dir)
   procs[1].send_signal(signal.SIGTERM)
   outs = _outputs(procs, timeout=60)
   assert [p.returncode for p in procs] == [143, 143], '\n'.join(outs)[-6000:]
