@@ -800,13 +800,13 @@ def test_the_report_reuses_the_last_logged_steps_scores(tfds_dir, tmp_path, monk
   report = meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
   records = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
   assert len(passes) == len(records) * (2 if ema else 1) == (4 if ema else 2)
-  for record, (train, scores) in zip(records, passes[::2 if ema else 1]):  # the reported rater's
-    clean = scores[train.corruption == 0]
+  for record, (split, scores) in zip(records, passes[::2 if ema else 1]):  # the reported rater's
+    clean = scores[split.corruption == 0]
     pairs = lambda bad: np.mean((clean[:, None] > bad) + 0.5 * (clean[:, None] == bad))
-    assert record['noise_auroc'] == pytest.approx(pairs(scores[train.is_corrupted]), abs=1e-9)
+    assert record['noise_auroc'] == pytest.approx(pairs(scores[split.is_corrupted]), abs=1e-9)
     assert sorted(record['auroc_by_kind']) == ['label_symmetric', 'occlusion']
     for kind, auroc in record['auroc_by_kind'].items():
-      bad = scores[train.corruption == train.corruption_kinds.index(kind)]
+      bad = scores[split.corruption == split.corruption_kinds.index(kind)]
       assert auroc == pytest.approx(pairs(bad), abs=1e-9), (record['step'], kind)
   assert report['noise_auroc'] == records[-1]['noise_auroc']
   assert report['auroc_by_kind'] == records[-1]['auroc_by_kind']
