@@ -285,8 +285,8 @@ class Trainer:
                             (rep, pop, pop, pop, pop), out_shardings=pop),
           'evaluate': jax.jit(self._evaluate_all, in_shardings=(pop, blocks, blocks),
                               out_shardings=pop),
-          # compiled once per seed count
-          'init': jax.jit(self._init_all, static_argnums=1, in_shardings=pop, out_shardings=pop)}
+          # compiled once per seed count; the models' parameters come from `initial_params`
+          'init': jax.jit(self._init_all, static_argnums=2, in_shardings=pop, out_shardings=pop)}
     return self._compiled_for[mesh]
 
   # ------------------------------------------------------------------------- compiled pieces
@@ -362,20 +362,23 @@ class Trainer:
 
   # ------------------------------------------------------------------------- the loop
 
-  def _init_all(self, seeds, num_examples: int):
-    init_keys, order_keys, policy_keys = seed_keys(seeds, self.purpose)
-    models = jax.vmap(lambda p: init_inner_state(p, self.optimizer))(
-        jax.vmap(self.task.init)(init_keys))
+  def _init_all(self, params, seeds, num_examples: int):
+    """The models' optimizer states over `params` (leaves [M, ...]), the policy states and each
+    seed's data-order key."""
+    _, order_keys, policy_keys = seed_keys(seeds, self.purpose)
+    models = jax.vmap(lambda p: init_inner_state(p, self.optimizer))(params)
     policy = jax.vmap(lambda k: self.policy.init(num_examples, k))(policy_keys)
     zeros = jnp.zeros(len(seeds), jnp.int32)
     return TrainState(models, policy, zeros, zeros), order_keys
 
   def init(self, seeds: Sequence[int], num_examples: int) -> tuple[TrainState, jax.Array]:
     """Fresh models and policy states for `seeds`, and each seed's data-order key, placed on
-    `mesh(len(seeds))`."""
+    `mesh(len(seeds))`. The parameters are `initial_params`': the task's init, compiled once
+    per process, not again (vmapped) in each Trainer's program (seconds per run on CPU)."""
     mesh = self.mesh(len(seeds))
+    params = initial_params(self.task, seeds, self.purpose, self.devices)
     seeds = jax.device_put(np.asarray(seeds, np.int32), NamedSharding(mesh, P(POP)))
-    return self._programs(mesh)['init'](seeds, num_examples)
+    return self._programs(mesh)['init'](params, seeds, num_examples)
 
   def run(self, train, evals: dict, seeds: Sequence[int], *, epochs: Optional[int] = None,
           steps: Optional[int] = None, evals_per_epoch: int = 1,

@@ -33,7 +33,8 @@ def _first_model(monkeypatch, make_run):
   """(initial parameters, data-order key) of the first model of the Trainer `make_run` runs
   (its init, not compiled: the trainers of the tests share its op-by-op programs)."""
   def run(self, train, evals, seeds, **kwargs):
-    state, order_keys = self._init_all(jnp.asarray(seeds, jnp.int32), len(train))
+    params = trainer.initial_params(self.task, seeds, self.purpose, self.devices)
+    state, order_keys = self._init_all(params, jnp.asarray(seeds, jnp.int32), len(train))
     raise _Started((jax.tree.map(lambda x: x[0], state.models.params), order_keys[0]))
   with monkeypatch.context() as m:
     m.setattr(trainer.Trainer, 'run', run)

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.mixture import GaussianMixture
 
 from datarater import pergrad
 from datarater.curation import select
@@ -102,6 +101,9 @@ def mimic_filter(scores: np.ndarray, keep_fraction: Optional[float] = None, seed
   if keep_fraction is not None:
     keep = select.select_top(scores, keep_fraction, ids)
     return keep, float(scores[keep].min())
+  # Imported here: every launcher imports this module (policies), most never fit a mixture, and
+  # sklearn takes seconds to import on a loaded CPU.
+  from sklearn.mixture import GaussianMixture  # pylint: disable=g-import-not-at-top
   gm = GaussianMixture(2, random_state=seed).fit(scores[:, None])
   good = int(np.argmax(gm.means_[:, 0]))
   ordered = np.sort(scores)
