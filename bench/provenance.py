@@ -14,6 +14,7 @@ written with it (`written_with`). Each file is written atomically, but a run kil
 leaves a new .md or .png beside an old JSON: `check_results(prefix)` tells each file of a set
 that belongs to its JSON from one that does not (or, written before the stamps, cannot tell).
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -86,8 +87,8 @@ def write_results(prefix: str, results: dict, markdown: Optional[str] = None,
   """`results`, with what made them (`made_by`), as <prefix>.json, written last; before it the
   table `markdown` as <prefix>.md and the figure `plot(path)` draws as <prefix>.png, each
   stamped with the JSON's digest. The figure is drawn first, in a temporary folder under its
-  own name (a title may read it); one that fails is a warning, the rest written without it. The
-  folder is made if needed."""
+  own name (a title may read it); one that fails is a warning, the rest written without it. An
+  older .md or .png of `prefix` not written again is removed. The folder is made if needed."""
   bench_cli.out_folder(prefix)
   name = os.path.basename(prefix)
   with tempfile.TemporaryDirectory(prefix=f'.{name}.png.tmp-',
@@ -103,6 +104,9 @@ def write_results(prefix: str, results: dict, markdown: Optional[str] = None,
     if drawn:
       _add_text_chunk(figure, PNG_KEY, f'{name}.json {digest}')
       os.replace(figure, prefix + '.png')
+  for ext in {'.md', '.png'} - set(written_with):  # an older run's: stale beside the new JSON
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(prefix + ext)
   files.write_text(prefix + '.json', text)
 
 

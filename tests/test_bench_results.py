@@ -152,6 +152,21 @@ def test_the_figure_is_drawn_under_its_results_name_and_one_that_fails_loses_not
                                           'curation_b.json', 'curation_b.md']
 
 
+def test_a_set_written_again_without_its_figure_or_table_leaves_no_older_one(tmp_path):
+  """A figure that fails to draw where an older run's set lies (or a set written without a
+  table or figure, as valuation_scale after each section): the older .png (.md) is removed, not
+  left beside the new JSON with another run's stamp."""
+  prefix = str(tmp_path / 'bench')
+  _write(prefix, 'A')
+  def broken(path):
+    raise IndexError('a plotting bug')
+  provenance.write_results(prefix, RUNS['B'], '| b |', broken)
+  assert provenance.check_results(prefix) == {prefix + '.md': 'ok'}
+  assert sorted(os.listdir(tmp_path)) == ['bench.json', 'bench.md']
+  provenance.write_results(prefix, RUNS['A'])
+  assert provenance.check_results(prefix) == {} and os.listdir(tmp_path) == ['bench.json']
+
+
 # How each bench's figure is drawn from its stored JSON (as its main draws it from the results
 # it stores), by the bench module a results name starts with.
 REDRAW = {
