@@ -55,7 +55,9 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
     free += ('train.epochs',)
   inputs = checkpointing.path_inputs(config.data, scores=scores)
   if rater:  # what is read from it: a run's report or config written again changes nothing
-    inputs['--rater'] = checkpointing.PathInput(rater, '', rater_digest(rater))
+    with multihost.together('reading the rater'):  # (each process alone: one failing stops all)
+      digest = rater_digest(rater)
+    inputs['--rater'] = checkpointing.PathInput(rater, '', digest)
   return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free, inputs=inputs,
                                        extra_fields=('history', 'wall_s', 'steps'))
 

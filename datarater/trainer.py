@@ -451,6 +451,8 @@ class Trainer:
                  else contextlib.nullcontext(itertools.repeat(data)))
         name = 'chunk_read' if streaming else 'chunk'
         with reads as chunks:
+          if streaming and _spans_processes(mesh):
+            chunks = _read_together(chunks, len(spans))
           for (a, b), chunk_data in zip(spans, chunks):
             pad = lambda x: _pad(x, length, a, b)
             models, recorder, part_losses, part_used, counts = compiled(
@@ -575,9 +577,9 @@ def _stopping_together(mesh: Mesh, checkpointer: Optional[RunCheckpointer]):
   vote; else it is always False (a signal stops the run at once). Pending checkpoint writes
   finish however the block is left, after the vote's end (a process leaving by its error votes
   so first, where the others wait in their next `stop_here`, not in the closing's votes)."""
-  spans = len({d.process_index for d in mesh.devices.flat}) > 1
   try:
-    with multihost.StopVote(mesh.devices, 0) if spans else contextlib.nullcontext() as vote:
+    voting = multihost.StopVote(mesh.devices, 0) if _spans_processes(mesh) else None
+    with voting or contextlib.nullcontext() as vote:
       def stop_here(step: int) -> bool:
         if vote is None:
           return False
@@ -633,9 +635,23 @@ def _shared(aux, mesh: Mesh):
   placed once from each process's host copy (an array on this process's devices, a loaded
   rater's parameters, cannot move to another process's; `launch.train` checks every process made
   the same aux); in one process as it is (each program places it)."""
-  if len({d.process_index for d in mesh.devices.flat}) == 1:
+  if not _spans_processes(mesh):
     return aux
   return jax.device_put(jax.tree.map(np.asarray, aux), replicated(mesh))
+
+
+def _spans_processes(mesh: Mesh) -> bool:
+  return len({d.process_index for d in mesh.devices.flat}) > 1
+
+
+def _read_together(chunks, count: int):
+  """The `count` chunks a streaming run reads, each once every process has read its own: a
+  read that fails on one process stops every process there, each with its line (the others would
+  run the chunk's steps, whose collectives wait for it for good)."""
+  for _ in range(count):
+    with multihost.together('reading the training split'):
+      chunk = next(chunks)
+    yield chunk
 
 
 def _restore(checkpointer: RunCheckpointer, state: TrainState):

@@ -832,16 +832,34 @@ slow = pytest.mark.slow  # (each case is a two-process job)
     pytest.param('train', 'datarater.files:JsonlLog.__init__', 0, 'error', [2, 2],
                  id='train-history-error', marks=slow),
     pytest.param('train', 'datarater.files:JsonlLog.write@1', 0, 'error', [2, 2],
-                 id='train-log-error', marks=slow)])
+                 id='train-log-error', marks=slow),
+    pytest.param('train-scores', 'datarater.curation.scores_file:read_values', 1, 'error',
+                 [2, 2], id='train-scores-read-error', marks=slow),
+    pytest.param('train-rater', 'datarater.export:load_rater', 1, 'error', [2, 2],
+                 id='train-rater-load-error', marks=slow),
+    pytest.param('train', 'datarater.policies:make_policy', 1, 'error', [2, 2],
+                 id='train-policy-error', marks=slow),
+    pytest.param('train', 'datarater.policies:make_policy', 1, 'sigterm', [143, 143],
+                 id='train-policy-sigterm', marks=slow),
+    pytest.param('train-stream', 'datarater.data.source:Source.take@2', 1, 'error', [2, 2],
+                 id='train-stream-read-error', marks=slow),
+    pytest.param('train-stream', 'datarater.data.source:Source.take@2', 1, 'sigterm',
+                 [143, 143], id='train-stream-read-sigterm', marks=slow),
+    pytest.param('train', 'datarater.files:write_json', 0, 'error', [2, 2],
+                 id='train-report-error', marks=slow),
+    pytest.param('train', 'datarater.plots:save_train_report', 0, 'error', [0, 0],
+                 id='train-figure-error', marks=slow)])
 def test_one_process_failing_signalled_or_slow_where_each_works_alone_stops_or_waits_for_all(
     tfds_dir, tmp_path, request, module, target, who, fault, codes):
   """Where the processes work alone (start-up checks, a valuation's fit, the filter's rater
-  loading, a rater run's gathering of its next step's batches, process 0 logging a rater run's
-  step or writing the output), one that fails or is signalled stops every process there, each
-  with its line; one that works on past the others' shutdown barrier (JAX's 300 s, here
-  SLOW_SHUTDOWN_S) finishes its output. Before: the others waited in their next collective up to
-  the shutdown timeout and all aborted with JAX's C++ trace, or (a rater run's log or batches)
-  for good; a slow output was lost the same way."""
+  loading, a rater run's gathering of its next step's batches, launch.train's reading of a rater
+  or scores file, policy set-up and streamed chunks, process 0 logging a rater run's step or
+  writing the output), one that fails or is signalled stops every process there, each with its
+  line (a figure not drawn is a warning), and a launch.train rerun finishes the run; one that
+  works on past the others' shutdown barrier (JAX's 300 s, here SLOW_SHUTDOWN_S) finishes its
+  output. Before: the others waited in their next collective up to the shutdown timeout and all
+  aborted with JAX's C++ trace (launch.train's rater digest), or (a rater run's log or batches,
+  launch.train's streamed chunk) for good; a slow output was lost the same way."""
   out = tmp_path / 'out'
   if module == 'valuate':
     args = [f'--config={os.path.join(ROOT, "configs", "digits.py")}',
@@ -855,8 +873,14 @@ def test_one_process_failing_signalled_or_slow_where_each_works_alone_stops_or_w
       export_rater(request.getfixturevalue('rater_run'), str(rater))
     args = ['--dataset=sklearn_digits', f'--rater={rater}', '--keep=0.7',
             f'--data_dir={tfds_dir}', '--batch_size=300', f'--out={out}']
-  elif module == 'train':
-    args = _train_flags(_train_config(tfds_dir, epochs=4), 'uniform', out)
+  elif module.split('-')[0] == 'train':  # uniform (train-stream: streamed), or reading a file
+    reads = {'train-rater': 'rater', 'train-scores': 'scores'}.get(module)
+    config = _train_config(tfds_dir, epochs=4)
+    config.train.stream = module == 'train-stream'
+    inputs = {reads: request.getfixturevalue('policy_inputs')[reads]} if reads else {}
+    policy = {'rater': 'datarater', 'scores': 'scores'}.get(reads, 'uniform')
+    module, args = 'train', [*_train_flags(config, policy, out),
+                             *(f'--{k}={v}' for k, v in inputs.items())]
   else:
     args = [f'--workdir={out}', *as_flags(small_config(tfds_dir, steps=4))]
   procs = _start_driver(_FAULT_AT.format(
@@ -866,14 +890,24 @@ def test_one_process_failing_signalled_or_slow_where_each_works_alone_stops_or_w
   outs = _outputs(procs, timeout=120)
   assert [p.returncode for p in procs] == codes, '\n---\n'.join(o[-3000:] for o in outs)
   assert all('Traceback' not in o and 'Check failure' not in o for o in outs), outs
-  if fault == 'error':  # the failed process's line, and one naming it on the other
-    errors = [[l for l in o.splitlines() if l.startswith('error: ')] for o in outs]
+  errors = [[l for l in o.splitlines() if l.startswith('error: ')] for o in outs]
+  if codes == [2, 2]:  # the failed process's line, and one naming it on the other
     assert errors[who] == ['error: No space left on device (planted)'], errors
     assert len(errors[1 - who]) == 1 and (f'process {who} of this job stopped'
                                           in errors[1 - who][0]), errors
+  else:
+    assert errors == [[], []], errors
   written = {'valuate': out / 'scores_tracin.parquet', 'filter': out / 'filter_report.json',
              'train_rater': out / 'report.json', 'train': out / 'report.json'}[module]
-  assert written.exists() == (fault == 'slow')
+  assert written.exists() == (codes == [0, 0])
+  if module == 'train':  # nothing half-written (a figure not drawn is a warning); a rerun ends it
+    assert not glob.glob(str(out / '**' / '.*.tmp-*'), recursive=True)
+    if target.endswith('save_train_report'):
+      assert not (out / 'train_report.png').exists()
+    if codes != [0, 0]:
+      from datarater.train import train  # pylint: disable=g-import-not-at-top
+      train(config, policy, workdir=str(out), log=lambda _: None, **inputs)
+      assert json.load(open(out / 'report.json'))['history'][-1]['epoch'] == 4
 
 
 # A rater run as one of two jax.distributed processes; process 1 cannot write files over 8 KiB
@@ -1004,7 +1038,7 @@ def _train_flags(c, policy: str, workdir) -> list[str]:
   return [f'--config.data.data_dir={c.data.data_dir}', f'--config.task.hidden={c.task.hidden}',
           f'--config.train.epochs={c.train.epochs}', f'--config.train.seeds={c.train.seeds}',
           f'--config.train.batch_size={c.train.batch_size}', f'--policy={policy}',
-          f'--workdir={workdir}']
+          f'--workdir={workdir}', *(['--config.train.stream=True'] * c.train.stream)]
 
 
 def _assert_same_history(two: dict, one: dict) -> None:
