@@ -30,12 +30,8 @@ def staggered_reset(population: InnerState, init_member: InitMember, key: jax.Ar
                     step: jax.Array, reset_every: int) -> InnerState:
   """Replaces the members due at `step` by fresh ones drawn from fold_in(key, step)."""
   size = jax.tree.leaves(population)[0].shape[0]
-  fresh = init_population(init_member, jax.random.fold_in(key, step), size)
   mask = reset_mask(step, size, reset_every)
-
-  def select(new, old):
-    return jnp.where(mask.reshape((size,) + (1,) * (old.ndim - 1)), new, old)
-  return jax.tree.map(select, fresh, population)
+  return _replace_members(population, mask, init_member, jax.random.fold_in(key, step))
 
 
 def finite_members(population: InnerState) -> jax.Array:
@@ -51,11 +47,20 @@ def finite_members(population: InnerState) -> jax.Array:
 def reset_diverged(population: InnerState, init_member: InitMember, key: jax.Array,
                    step: jax.Array) -> tuple[InnerState, jax.Array]:
   """Members with non-finite parameters or optimizer state start afresh; (population, count)."""
-  size = jax.tree.leaves(population)[0].shape[0]
   ok = finite_members(population)
   reset_key = jax.random.fold_in(jax.random.fold_in(key, 0x7fffffff), step)
-  fresh = init_population(init_member, reset_key, size)
+  return _replace_members(population, ~ok, init_member, reset_key), jnp.sum(~ok)
 
-  def select(new, old):
-    return jnp.where(ok.reshape((size,) + (1,) * (old.ndim - 1)), old, new)
-  return jax.tree.map(select, fresh, population), jnp.sum(~ok)
+
+def _replace_members(population: InnerState, mask: jax.Array, init_member: InitMember,
+                     key: jax.Array) -> InnerState:
+  """Members where `mask` [K] is True replaced by those of a fresh population drawn from `key`.
+  The K fresh members are drawn only at a step where some member is replaced (`lax.cond`: most
+  outer steps replace none, and drawing them costs a tenth of a small model's step)."""
+  size = mask.shape[0]
+
+  def replace(population):
+    def select(new, old):
+      return jnp.where(mask.reshape((size,) + (1,) * (old.ndim - 1)), new, old)
+    return jax.tree.map(select, init_population(init_member, key, size), population)
+  return jax.lax.cond(jnp.any(mask), replace, lambda population: population, population)
