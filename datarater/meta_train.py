@@ -24,8 +24,7 @@ from datarater import (checkpointing, config_checks, evaluation, files, multihos
 from datarater.curation import select
 from datarater.data import pipeline
 from datarater.errors import UserError
-from datarater.mesh import (check_batch_sizes, host_copy, make_mesh, population_sharding,
-                            replicated)
+from datarater.mesh import check_batch_sizes, host_copy, make_mesh
 from datarater.policies.base import weighting_policy
 from datarater.policies.weighting import rater_weights
 from datarater.progress import setup_logging
@@ -67,6 +66,17 @@ def fresh_state(config, problem) -> meta_step.OuterState:
                                     config.inner.population)
 
 
+def placed_fresh_state(config, problem, mesh) -> meta_step.OuterState:
+  """`fresh_state` made by one program placed on `mesh` as a run places its state
+  (`sharding.outer_state_sharding`). The start-up check and a new run call it alike, so on one
+  process (the same mesh) the second loads it from the compilation cache: drawing K models
+  compiles for seconds."""
+  def start_state():
+    return fresh_state(config, problem)
+  return jax.jit(start_state, out_shardings=sharding.outer_state_sharding(
+      mesh, jax.eval_shape(start_state)))()
+
+
 def meta_train(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
   """Runs (or resumes) a rater training; returns the final report ({} if stopped early, and on
   processes other than 0 once a run has trained)."""
@@ -97,18 +107,14 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
       problem.task.check_data(split.features)
       problem.rater.check_data(split.features)
     # A loss not finite at initialisation would skip outer.max_skipped_steps compiled steps:
-    # checked at the run's initial state (`fresh_state`), each inner model on its first batches,
+    # checked at the run's initial state (`placed_fresh_state`), each model on its first batches,
     # placed on this process's devices as the run's mesh places them (K/npop models, B/nbatch
     # examples a device; no program spans processes while each checks alone), so the check
     # needs no more memory on a device than the run where the mesh is this process's.
     check_mesh = make_mesh(config.inner.population, mesh.local_devices)
     inner, outer = data.indices_at(0)
-    def start_params():  # (the optimizer states, unused here, are left out of the program)
-      state = fresh_state(config, problem)
-      return state.population.params, state.rater_params
-    inner_params, rater_params = jax.jit(start_params, out_shardings=(
-        population_sharding(check_mesh, jax.eval_shape(start_params)[0]),
-        replicated(check_mesh)))()
+    initial = placed_fresh_state(config, problem, check_mesh)
+    inner_params, rater_params = initial.population.params, initial.rater_params
     k = config.inner.population
     tasks.check_initial_loss(problem.task, inner_params, {
         f'the {inner.shape[2]} examples of its first inner batch':
@@ -120,7 +126,7 @@ def meta_train(config, workdir: str, stop_after: int | None = None, devices=None
     # each score must read its example alone (one rater, as every device of the run holds).
     tasks.check_per_example(problem.rater, host_copy(rater_params),
                             data.heldout.take(np.arange(min(4, len(data.heldout)))))
-    del inner_params, rater_params  # (the run makes its own state, placed on its mesh)
+    del initial, inner_params, rater_params  # (the run makes its own, placed on its mesh)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
     files.check_not_other_run(workdir, 'metrics.jsonl', 'rater run')
@@ -167,7 +173,7 @@ def _run(config, workdir, stop_after, mesh, data, problem, estimator, ckpt, resu
   step_fn, state_shardings, inner_sh, outer_sh = sharding.jit_outer_step(
       problem, estimator, mesh, jax.eval_shape(init), example_inner, example_outer)
   if resume_step is None:
-    state, start, saved = jax.jit(init, out_shardings=state_shardings)(), 0, None
+    state, start, saved = placed_fresh_state(config, problem, mesh), 0, None
   else:
     state, meta = ckpt.restore_latest(checkpointing.abstract_like(jax.eval_shape(init),
                                                                   state_shardings))

@@ -15,11 +15,50 @@ from tests.conftest import subprocess_env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path, capsys):
+def _initial_state_programs(monkeypatch, population_shapes) -> list:
+  """From here on, the lowered text of each program `jax.jit` makes without inputs whose outputs
+  hold arrays of every shape in `population_shapes` (those drawing the K initial inner models'
+  parameters)."""
+  real_jit, seen = jax.jit, []
+
+  class Recorded:  # the jitted function, its calls without inputs recorded
+    def __init__(self, fn, jitted):
+      self._fn, self._jitted = fn, jitted
+
+    def __getattr__(self, name):
+      return getattr(self._jitted, name)
+
+    def __call__(self, *inputs, **kw):
+      if not inputs and not kw and population_shapes <= {
+          x.shape for x in jax.tree.leaves(jax.eval_shape(self._fn))}:
+        seen.append(self._jitted.lower().as_text())
+      return self._jitted(*inputs, **kw)
+
+  def jit(fn=None, *args, **kwargs):
+    if fn is None:  # (used as a decorator with options)
+      return lambda f: jit(f, *args, **kwargs)
+    return Recorded(fn, real_jit(fn, *args, **kwargs))
+  monkeypatch.setattr(jax, 'jit', jit)
+  return seen
+
+
+def test_resumed_run_equals_uninterrupted_run(tfds_dir, tmp_path, capsys, monkeypatch):
+  """(The uninterrupted run also shows that its start-up check and its first state draw the
+  initial models in one program, called twice: the second loads it from the process's
+  compilation cache instead of compiling the drawing of K models again, for seconds.)"""
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
+  from outer_loop import setup  # pylint: disable=g-import-not-at-top
+  from outer_loop.batches import MetaBatches  # pylint: disable=g-import-not-at-top
   config = small_config(tfds_dir, steps=6)
   config.data.input_corruption.occlusion = 0.1  # two kinds: an AUROC per kind is recorded too
   straight = tmp_path / 'straight'
+  problem, _ = setup.build_problem(config, MetaBatches(config).info)
+  models = jax.eval_shape(lambda: meta_train_lib.fresh_state(config, problem)).population.params
+  programs = _initial_state_programs(monkeypatch, {x.shape for x in jax.tree.leaves(models)})
   meta_train(config, str(straight), devices=jax.devices()[:1])
+  monkeypatch.undo()
+  assert len(programs) == 2, len(programs)  # the start-up check's and the run's first state
+  assert len(set(programs)) == 1, 'the check and the run draw them in different programs'
 
   resumed = tmp_path / 'resumed'
   env = subprocess_env(1)

@@ -95,7 +95,7 @@ def test_start_up_checks_need_no_more_memory_on_a_device_than_its_share_of_the_r
   config.train.epochs = 1
   stop = tmp_path / 'file'  # a --workdir that is a file: refused right after the checks
   stop.write_text('')
-  names = {'start_params', 'losses_of', 'rows'} if launcher == 'train_rater' else {'losses_of'}
+  names = {'start_state', 'losses_of', 'rows'} if launcher == 'train_rater' else {'losses_of'}
 
   def checks_memory(models, devices, batch_size):
     seen = _record_memory(monkeypatch, names)
