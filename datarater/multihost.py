@@ -32,6 +32,24 @@ def allgather(a: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(a))
 
 
+EXCHANGE_VALUES = 1 << 22  # values of one array gathered from all processes at once
+
+
+def exchange_blocks(n: int, block: int, arrays) -> tuple:
+  """Arrays over a split's `n` examples, each process having filled its own blocks (block b is
+  process b % P's) -> the whole arrays, the same on every process. Gathered a slice at a time:
+  P copies of a slice, not of the split, are held at once."""
+  num = jax.process_count()
+  out = tuple(np.empty_like(a) for a in arrays)
+  step = max(1, EXCHANGE_VALUES // num)
+  for start in range(0, n, step):
+    rows = np.arange(start, min(start + step, n))
+    owner = (rows // block) % num
+    for a, whole in zip(arrays, out):
+      whole[rows] = allgather(a[rows])[owner, rows - start]  # [P, slice] gathered
+  return out
+
+
 def agree(ok: bool) -> bool:
   """True on every process if `ok` is true on every process."""
   if jax.process_count() == 1:

@@ -18,8 +18,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from datarater import (checkpointing, config_checks, export, files, multihost, plots,
-                       policies, seeding, tasks)
+from datarater import (checkpointing, config_checks, evaluation, export, files, multihost,
+                       plots, policies, seeding, tasks)
 from datarater.data import corruption, pipeline, source
 from datarater.errors import UserError
 from datarater.mesh import BATCH
@@ -111,8 +111,10 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   `policy` overrides `config.policy.name`. If `stop_after` ends training early, returns
   {'stopped_after': epochs done} and writes no report. In a `jax.distributed` job every process
   runs it alike: one mesh spans their devices, each makes the policy alone (`same_policy` checks
-  they made the same), and process 0 alone logs and writes history.jsonl, train_report.png and
-  report.json.
+  they made the same) but for the scores of the training split a policy is made from
+  (`policies.FromScores`: tracin_curriculum's values, datarater_accept's reference scores), each
+  process scoring its share of the blocks, and process 0 alone logs and writes history.jsonl,
+  train_report.png and report.json.
   """
   if jax.process_index() != 0:
     log = lambda line: None
@@ -129,8 +131,15 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
       raise UserError(f'workdir {workdir!r} holds a checkpoint at epoch {resume}, past '
                       f'train.epochs={t.epochs}')
   with multihost.together('making the policy'):
-    made = policies.make_policy(name, policies.PolicyContext(
+    made = policies.start_policy(name, policies.PolicyContext(
         train_split, heldout, task, config, rater=rater, scores=scores))
+  # A policy made from scores of the split: scored once, each process its blocks, voting after
+  # each; outside the stage above, where a process that failed alone casts one vote in all.
+  if isinstance(made, policies.FromScores):
+    values = evaluation.score_split_shared(made.score, train_split, made.desc)
+  with multihost.together('making the policy'):
+    if isinstance(made, policies.FromScores):
+      made = made.finish(values)
     if made.check_data and hasattr(train_split, 'features'):  # streamed: the trainer checks
       made.check_data(train_split.features)  # each chunk
   same_policy(name, made, rater, scores)

@@ -71,3 +71,27 @@ def test_scoring_in_a_log_writes_a_line_at_most_every_interval(monkeypatch, caps
   assert not captured.err and '\r' not in captured.out
   assert 1 <= len(lines) <= 2, lines
   assert lines[-1].startswith('scoring: 100%') and '50/50' in lines[-1], lines
+
+
+def test_blocks_shared_by_processes_are_the_split_and_score_as_score_split_does(tfds_dir):
+  """A split held in memory: the blocks of shards 0..2 of 3 are the split's examples, each once,
+  block b shard b % 3's; in one process `score_split_shared` gives `score_split`'s scores bit for
+  bit (the same padded batches; the last block of the 1197 digits wraps)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from datarater.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tests.conftest import digits_data  # pylint: disable=g-import-not-at-top
+  split = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
+  seen = []
+  for shard in range(3):
+    for positions, batch in split.blocks(100, shard, 3):
+      assert positions[0] // 100 % 3 == shard and len(positions) == min(100, len(split) -
+                                                                        positions[0])
+      for k, v in split.take(positions).items():
+        np.testing.assert_array_equal(batch[k], v)
+      seen.extend(positions)
+  assert sorted(seen) == list(range(len(split)))
+  score = lambda b: jnp.tanh(b['image'].reshape(len(b['index']), -1) @ jnp.linspace(
+      -1, 1, 64)) * b['label'] + b['index']
+  shared = evaluation.score_split_shared(score, split)
+  assert shared.dtype == np.float64 and len(split) % evaluation.SCORE_BLOCK
+  np.testing.assert_array_equal(shared, evaluation.score_split(score, split))

@@ -915,17 +915,17 @@ def test_exchange_takes_each_block_from_its_process_a_slice_at_a_time(monkeypatc
   """Three processes (simulated: process p's copy of a value is value + 1000 p), blocks of 4 over
   47 examples, slices of 10 gathered at a time: example i comes from process (i // 4) % 3, and
   no gather holds more than a slice."""
-  from datarater.curation import filter as filter_lib  # pylint: disable=g-import-not-at-top
+  from datarater import multihost  # pylint: disable=g-import-not-at-top
   sizes = []
   def allgather(a):
     sizes.append(a.size)
     return np.stack([a + 1000 * p for p in range(3)]).astype(a.dtype)
-  monkeypatch.setattr(filter_lib.jax, 'process_count', lambda: 3)
-  monkeypatch.setattr(filter_lib.multihost, 'allgather', allgather)
-  monkeypatch.setattr(filter_lib, 'EXCHANGE_VALUES', 30)
+  monkeypatch.setattr(multihost.jax, 'process_count', lambda: 3)
+  monkeypatch.setattr(multihost, 'allgather', allgather)
+  monkeypatch.setattr(multihost, 'EXCHANGE_VALUES', 30)
   values = np.random.default_rng(0).normal(size=47)
   labels = np.arange(47, dtype=np.int32)
-  got_values, got_labels = filter_lib._exchange(range(47), 4, (values, labels))
+  got_values, got_labels = multihost.exchange_blocks(47, 4, (values, labels))
   owner = (np.arange(47) // 4) % 3
   np.testing.assert_array_equal(got_values, values + 1000 * owner)
   np.testing.assert_array_equal(got_labels, labels + 1000 * owner)

@@ -411,23 +411,26 @@ def test_processes_holding_different_copies_of_the_dataset_stop_in_one_line(
 
 
 # A launcher as one of two jax.distributed processes; process 1 is sent `signum` as it reads its
-# second block of examples to score (0: none; -1: it fails there with an error of its own).
+# second block of examples to score, of a streamed split or one held in memory (0: none; -1: it
+# fails there with an error of its own).
 _SIGNAL_AT_A_BLOCK = """
 import os, runpy, sys
 sys.path.insert(0, os.getcwd())
-from datarater.data import source
+from datarater.data import pipeline, source
 from datarater.errors import UserError
 pid, port = int(sys.argv[1]), sys.argv[2]
 module, signum, args = {module!r}, {signum}, {args!r}
-blocks = source.Source.blocks
-def signalled(self, *a, **k):
-  for i, item in enumerate(blocks(self, *a, **k)):
-    if pid == 1 and i == 1 and signum < 0:
-      raise UserError('a planted error in its second block')
-    if pid == 1 and i == 1 and signum > 0:
-      os.kill(os.getpid(), signum)
-    yield item
-source.Source.blocks = signalled
+def signalling(blocks):
+  def signalled(self, *a, **k):
+    for i, item in enumerate(blocks(self, *a, **k)):
+      if pid == 1 and i == 1 and signum < 0:
+        raise UserError('a planted error in its second block')
+      if pid == 1 and i == 1 and signum > 0:
+        os.kill(os.getpid(), signum)
+      yield item
+  return signalled
+source.Source.blocks = signalling(source.Source.blocks)
+pipeline.Split.blocks = signalling(pipeline.Split.blocks)
 sys.argv = [module, *args, f'--coordinator_address=127.0.0.1:{{port}}', '--num_processes=2',
             f'--process_id={{pid}}']
 runpy.run_module(module, run_name='__main__')
@@ -1135,14 +1138,59 @@ def policy_inputs(rater_run, tmp_path_factory) -> dict:
   return {'rater': rater_run, 'scores': path}
 
 
+# launch.train as one of two jax.distributed processes, printing the start of each block of the
+# training split it scores ('SCORED 256'), whether the scores it ends with are, bit for bit, those
+# of the whole split scored by this process alone ('ALONE True') and a digest of its policy's
+# constant arrays ('AUX 1f0c...').
+_COUNTING_BLOCKS = """
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import jax
+import numpy as np
+from datarater import evaluation, train
+from datarater.data import pipeline, source
+from datarater.valuation import store
+pid, port, args = int(sys.argv[1]), sys.argv[2], {args!r}
+def counting(blocks):
+  def counted(self, *a, **k):
+    for positions, batch in blocks(self, *a, **k):
+      print('SCORED', positions[0], flush=True)
+      yield positions, batch
+  return counted
+source.Source.blocks = counting(source.Source.blocks)
+pipeline.Split.blocks = counting(pipeline.Split.blocks)
+shared = evaluation.score_split_shared
+def compared(score_fn, split, *a, **k):
+  values = shared(score_fn, split, *a, **k)
+  print('ALONE', np.array_equal(values, evaluation.score_split(score_fn, split)), flush=True)
+  return values
+evaluation.score_split_shared = compared
+same_policy = train.same_policy
+def digested(name, made, *a):
+  print('AUX', store.digest(jax.device_get(made.aux)), flush=True)
+  return same_policy(name, made, *a)
+train.same_policy = digested
+sys.argv = ['launch.train', *args, f'--coordinator_address=127.0.0.1:{{port}}',
+            '--num_processes=2', f'--process_id={{pid}}']
+runpy.run_module('launch.train', run_name='__main__')
+"""
+
+
 @pytest.mark.parametrize('case', [  # CI: the rater's weights (the aux a loaded rater places)
     c if c == 'datarater' else pytest.param(c, marks=pytest.mark.slow) for c in _POLICY_CASES])
-def test_two_process_launch_train_equals_one_process(tfds_dir, tmp_path, policy_inputs, case):
+def test_two_process_launch_train_equals_one_process(tfds_dir, tmp_path, policy_inputs, case,
+                                                     monkeypatch):
   """launch.train (one seed, its batches split over every device of both processes) in two
   processes of 2 devices: process 0 alone prints the epochs and writes history.jsonl and
   report.json, whose figures are one process's (4 devices), for every policy (each process
-  making it alone) and a streamed split (each process reading every row of each chunk)."""
-  from datarater.train import train  # pylint: disable=g-import-not-at-top
+  making it alone) and a streamed split (each process reading every row of each chunk). A
+  policy made from scores of the split (tracin_curriculum's values, datarater_accept's
+  reference) has it scored once: each process its own blocks, every process ending with the
+  scores, bit for bit, that it would score alone, and the same policy: one process's, bit for
+  bit, where its set-up trains no model."""
+  from datarater import evaluation  # pylint: disable=g-import-not-at-top
+  from datarater import train as train_lib  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import store  # pylint: disable=g-import-not-at-top
   overrides, reads = _POLICY_CASES[case]
   policy = 'uniform' if case == 'stream' else case
   config = _train_config(tfds_dir)
@@ -1150,15 +1198,51 @@ def test_two_process_launch_train_equals_one_process(tfds_dir, tmp_path, policy_
     section, field = path.split('.')
     config[section][field] = value
   inputs = {k: policy_inputs[k] for k in reads}
-  outs = _finish(_start('launch.train', [
+  outs = _finish(_start_driver(_COUNTING_BLOCKS.format(args=[
       *_train_flags(config, policy, tmp_path / 'two'), *(f'--{k}={v}' for k, v in inputs.items()),
-      *(f'--config.{k}={v}' for k, v in overrides.items())]))
+      *(f'--config.{k}={v}' for k, v in overrides.items())]), tfds_dir, tmp_path))
   assert outs[0].count('epoch ') >= 2 and 'epoch ' not in outs[1], outs
   two = json.load(open(tmp_path / 'two' / 'report.json'))
   assert [json.loads(l) for l in open(tmp_path / 'two' / 'history.jsonl')] == two['history']
-  one = train(config, policy, workdir=str(tmp_path / 'one'), log=lambda _: None, **inputs)
+  scored = [[int(l.split()[1]) for l in out.splitlines() if l.startswith('SCORED ')]
+            for out in outs]
+  if case in ('tracin_curriculum', 'datarater_accept'):
+    starts = list(range(0, two['num_train'], evaluation.SCORE_BLOCK))
+    assert scored == [starts[0::2], starts[1::2]] and len(starts) > 2, scored
+    assert [re.findall(r'^ALONE (\w+)$', out, re.M) for out in outs] == [['True']] * 2, outs
+  else:
+    assert scored == [[], []], scored
+  aux = [re.findall(r'^AUX (\w+)$', out, re.M) for out in outs]
+  assert aux[0] == aux[1] and len(aux[0]) == 1, aux
+  digests = []
+  same_policy = train_lib.same_policy
+  monkeypatch.setattr(train_lib, 'same_policy', lambda name, made, *a: (
+      digests.append(store.digest(jax.device_get(made.aux))), same_policy(name, made, *a))[-1])
+  one = train_lib.train(config, policy, workdir=str(tmp_path / 'one'), log=lambda _: None,
+                        **inputs)
   assert len(jax.devices()) == 4
   _assert_same_history(two, one)
+  if case not in ('tracin_curriculum', 'mimic', 'sae'):  # (their set-up trains a model on its
+    assert digests == aux[0], (digests, aux)  # process's devices: 2 here, 4 in one process)
+
+
+@pytest.mark.slow  # (two two-process jobs)
+def test_an_error_or_sigterm_on_one_process_as_launch_train_scores_the_split_stops_both(
+    tfds_dir, tmp_path, policy_inputs):
+  """datarater_accept's reference scores, shared out by blocks: an error in process 1's second
+  block stops both (exit 2), each with one line, process 0's naming process 1; SIGTERM to
+  process 1 there stops both (143). No traceback, and nothing is written."""
+  config = _train_config(tfds_dir)
+  args = [*_train_flags(config, 'datarater_accept', tmp_path / 'run'),
+          f'--rater={policy_inputs["rater"]}', '--config.policy.rho=0.25']
+  for signum, codes in ((-1, [2, 2]), (signal.SIGTERM, [143, 143])):
+    got, outs = _signalled_at_a_block('launch.train', args, signum, tfds_dir, tmp_path)
+    assert got == codes, '\n---\n'.join(o[-3000:] for o in outs)
+    errors = [[l for l in o.splitlines() if l.startswith('error: ')] for o in outs]
+    if signum < 0:
+      assert errors == [['error: process 1 of this job stopped (its error line says why)'],
+                        ['error: a planted error in its second block']], errors
+    assert not os.path.exists(tmp_path / 'run' / 'history.jsonl')
 
 
 _DIFFERENT_SCORES = """

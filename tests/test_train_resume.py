@@ -137,7 +137,7 @@ def test_resume_with_another_config_is_refused_and_writes_nothing(tfds_dir, tmp_
   with pytest.raises(UserError, match='different config.*learning_rate'):
     train(other, 'uniform', workdir=str(workdir), log=quiet)
   with monkeypatch.context() as m:  # refused before the policy's set-up (a TracIn fit here)
-    m.setattr(policies, 'make_policy', lambda *a, **k: pytest.fail('the policy was set up'))
+    m.setattr(policies, 'start_policy', lambda *a, **k: pytest.fail('the policy was set up'))
     with pytest.raises(UserError, match='different config.*policy'):
       train(config, 'tracin_curriculum', workdir=str(workdir), log=quiet)
   shorter = config.copy_and_resolve_references()

@@ -20,7 +20,6 @@ splits before scoring (and writes the corrupted examples), for experiments. In a
 corruption record are exchanged, each process computes the same exact threshold, and process 0
 writes the dataset.
 """
-import contextlib
 import os
 import shutil
 from typing import NamedTuple, Optional, Sequence
@@ -30,35 +29,16 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from datarater import files, multihost, plots
+from datarater import evaluation, files, multihost, plots
 from datarater.curation import scores_file, select, tfds_writer
 from datarater.data import corruption as corruption_lib
 from datarater.data import pipeline
 from datarater.data import source as source_lib
 from datarater.errors import UserError
-from datarater.progress import bar as progress_bar
 
 THRESHOLD_MODES = ('exact', 'streaming')
 REPORT = 'filter_report.json'  # in every output: what --overwrite may replace
 METADATA = 'datarater_filter'  # the output's info.metadata key: the reports of its filters
-
-
-EXCHANGE_VALUES = 1 << 22  # values of one array gathered from all processes at once
-
-
-def _exchange(split, block: int, arrays):
-  """Arrays over a split's examples, each process having filled its own blocks (block b is
-  process b % P's) -> the whole arrays, the same on every process. Gathered a slice at a time:
-  P copies of a slice, not of the split, are held at once."""
-  n, num = len(split), jax.process_count()
-  out = tuple(np.empty_like(a) for a in arrays)
-  step = max(1, EXCHANGE_VALUES // num)
-  for start in range(0, n, step):
-    rows = np.arange(start, min(start + step, n))
-    owner = (rows // block) % num
-    for a, whole in zip(arrays, out):
-      whole[rows] = multihost.allgather(a[rows])[owner, rows - start]  # [P, slice] gathered
-  return out
 
 
 def _save_histogram(path: str, per_split: dict, title: str) -> None:
@@ -282,31 +262,18 @@ def _score_split(name: str, stream: source_lib.Source, batch_size: int, label: O
   if record is None:  # the dataset's own record, read with the examples
     record = np.zeros(n, np.int8)
   scores = np.empty(n, np.float64) if given is None else given
-  p, num = jax.process_index(), jax.process_count()
-  count = len(stream.block_starts(batch_size, p, num))
+
+  def fill(ids, batch):
+    if label is not None:
+      labels[ids] = batch[label]
+    if pipeline.RECORDED in batch:
+      record[ids] = batch[pipeline.RECORDED]
+    if loaded is not None:
+      scores[ids] = loaded(batch)
   # Ctrl-C or SIGTERM to any process stops every process after the block it is in, or after
-  # the exchange (`StopVote`); nothing is written. Process 0 shows its bar (of its own batches).
-  desc = f'scoring {name}' + (" (process 0's batches)" if num > 1 else '')
-  with multihost.StopVote(jax.devices(), 0) as vote, progress_bar(
-      total=count, desc=desc, unit='batch', leave=False, disable=p > 0) as bar:
-    # The blocks' read thread ends with the loop, however it is left (`contextlib.closing`).
-    with contextlib.closing(stream.blocks(batch_size, p, num)) as blocks:
-      for done, item in enumerate(multihost.in_rounds(blocks, count), 1):
-        if item is not None:
-          ids, batch = item
-          if label is not None:
-            labels[ids] = batch[label]
-          if pipeline.RECORDED in batch:
-            record[ids] = batch[pipeline.RECORDED]
-          if loaded is not None:
-            scores[ids] = loaded(batch)
-          bar.update(1)
-        if vote.after(done):
-          break
-    if num > 1 and vote.stopped_at is None:  # every process gets every block's labels and scores
-      labels, record, scores = _exchange(stream, batch_size,  # (only those)
-                                         (labels, record, scores))
-  return scores, labels, record
+  # the exchange: nothing is written. Only the labels, record and scores are exchanged.
+  return evaluation.shared_pass(stream, batch_size, fill, (scores, labels, record),
+                                f'scoring {name}')
 
 
 def _choose(scores, labels, keep, min_score, threshold, balance, num_classes, batch_size):

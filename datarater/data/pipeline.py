@@ -302,12 +302,25 @@ class Split:
     idx = np.asarray(idx)
     return {**{k: v[idx] for k, v in self.features.items()}, 'index': idx.astype(np.int32)}
 
+  def blocks(self, size: int, shard: int = 0, num_shards: int = 1):
+    """(positions, batch) of this shard's fixed-size blocks (`block_starts`), as
+    `source.Source.blocks` walks a streamed split; the last block of the split is shorter."""
+    for start in block_starts(len(self), size, shard, num_shards):
+      positions = np.arange(start, min(start + size, len(self)))
+      yield positions, self.take(positions)
+
   def subset(self, idx: np.ndarray) -> 'Split':
     """The examples at positions `idx`, keeping their ids and corruption record."""
     idx = np.asarray(idx)
     return dataclasses.replace(
         self, features={k: v[idx] for k, v in self.features.items()}, ids=self.ids[idx],
         corruption=self.corruption[idx], clean={k: v[idx] for k, v in self.clean.items()})
+
+
+def block_starts(n: int, size: int, shard: int = 0, num_shards: int = 1) -> list[int]:
+  """Start positions of the fixed-size blocks of a split of `n` examples that shard `shard` of
+  `num_shards` reads: block b is shard b % num_shards's."""
+  return list(range(shard * size, n, num_shards * size))
 
 
 def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:

@@ -83,7 +83,7 @@ class Source:
 
   def block_starts(self, size: int, shard: int = 0, num_shards: int = 1) -> list[int]:
     """Start positions of the fixed-size blocks that shard `shard` of `num_shards` reads."""
-    return list(range(shard * size, self._n, num_shards * size))
+    return pipeline.block_starts(self._n, size, shard, num_shards)
 
   def blocks(self, size: int, shard: int = 0, num_shards: int = 1,
              skip: int = 0) -> Iterator[tuple[np.ndarray, dict]]:

@@ -1,5 +1,6 @@
 """Training policies (weighting, online filtering, per-epoch selection) behind one protocol."""
 from datarater.policies import filtering, selection, weighting  # pylint: disable=unused-import  (registers)
 from datarater.policies.base import (FIELDS, POLICIES, READS, SECTIONS, VALUATION, WHOLE_SPLIT,
-                                     Policy, PolicyContext, check_fields, check_inputs,
-                                     make_policy, register_policy, unread_fields)
+                                     FromScores, Policy, PolicyContext, check_fields,
+                                     check_inputs, make_policy, register_policy, start_policy,
+                                     unread_fields)

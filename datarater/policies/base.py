@@ -18,7 +18,9 @@ fill in the rest. `positions` index the training split; an epoch's last batch is
 position 0 at weight 0.
 
 Policies are made by name from `POLICIES` (`@register_policy('name')` on a factory
-`(ctx: PolicyContext) -> Policy`; `reads=('rater',)` names the launcher inputs it reads, and
+`(ctx: PolicyContext) -> Policy`, or `-> FromScores` for one made from a score of every training
+example, which its caller computes: `make_policy` in its process, launch.train shared out over
+its processes; `reads=('rater',)` names the launcher inputs it reads, and
 `check_inputs` refuses an input given to a policy that would ignore it; `fields=('rho',)` the
 `policy` config fields it reads (and, dotted, those of a section it reads in part), and
 `check_fields` refuses one set on the command line for a policy that would ignore it, and
@@ -46,6 +48,16 @@ class Policy(NamedTuple):
   setup_forwards: int = 0           # forward passes spent once to make the policy (scoring)
   spans_epochs: bool = False        # its choices depend on the total number of epochs
   check_data: Optional[Callable[[dict], None]] = None  # refuses host features it cannot read
+
+
+class FromScores(NamedTuple):
+  """A policy to be made from `score(batch) -> [B]` of every example of the training split (a
+  valuation's values, a rater's scores): `finish(scores [N]) -> Policy`. The factory
+  (`start_policy`) fits or loads what scores; the caller scores the split
+  (`evaluation.score_split`'s batches)."""
+  score: Callable[[dict], jax.Array]
+  finish: Callable[[Any], Policy]
+  desc: str  # what is scored, for a progress bar
 
 
 def no_state(num_examples: int, key: jax.Array):
@@ -167,7 +179,17 @@ def check_fields(name: str, overridden) -> None:
                     f'is read by {readers})')
 
 
-def make_policy(name: str, ctx: PolicyContext) -> Policy:
+def start_policy(name: str, ctx: PolicyContext):
+  """Policy `name` (its factory's `Policy`), or the `FromScores` it is made from."""
   if name not in POLICIES:
     raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(POLICIES))})')
   return POLICIES[name](ctx)
+
+
+def make_policy(name: str, ctx: PolicyContext) -> Policy:
+  """Policy `name`; one made from scores of the split (`FromScores`) scored in this process."""
+  made = start_policy(name, ctx)
+  if isinstance(made, FromScores):
+    from datarater import evaluation  # pylint: disable=g-import-not-at-top
+    made = made.finish(evaluation.score_split(made.score, ctx.train, desc=made.desc))
+  return made

@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from datarater import evaluation
 from datarater.errors import UserError
 from datarater.policies import ranks
-from datarater.policies.base import (Policy, PolicyContext, keep_state, no_state,
+from datarater.policies.base import (FromScores, Policy, PolicyContext, keep_state, no_state,
                                      register_policy, select_all)
 from datarater.policies.weighting import loaded_rater
 
@@ -152,10 +151,11 @@ def _batch_filter(ctx: PolicyContext) -> Policy:
 
 
 @register_policy('datarater_accept', reads=('rater',), fields=('rho',))
-def _accept(ctx: PolicyContext) -> Policy:
+def _accept(ctx: PolicyContext) -> FromScores:
   rater = loaded_rater(ctx, 'datarater_accept')
-  scores = evaluation.score_split(lambda b: rater.rater.score(rater.params, b), ctx.train)
-  return acceptance_filter(rater.rater.score, rater.params, scores, ctx.config.policy.rho,
-                           ctx.config.train.batch_size,
-                           setup_example_gradients=rater.training_example_gradients,
-                           setup_forwards=len(ctx.train), check_data=rater.rater.check_data)
+  return FromScores(lambda b: rater.rater.score(rater.params, b), lambda scores: (
+      acceptance_filter(rater.rater.score, rater.params, scores, ctx.config.policy.rho,
+                        ctx.config.train.batch_size,
+                        setup_example_gradients=rater.training_example_gradients,
+                        setup_forwards=len(ctx.train), check_data=rater.rater.check_data)),
+                    'rater scores')

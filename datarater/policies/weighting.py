@@ -5,7 +5,7 @@
 - `scores`: fixed per-example weights N * softmax(z / tau) of the standardised values of a
   scores file (e.g. from `launch.valuate`), looked up by the batch's positions.
 - `tracin_curriculum`: the same from TracIn's values in `valuation.tracin_mode` (self-influence
-  by default), computed when the policy is made.
+  by default) of the training split, computed when the policy is made (`FromScores`).
 - `mimic`: Grad-Mimic online, B * softmax(<-g_i, u> / tau) toward a reference model trained on
   the held-out split, from the current parameters at every step.
 """
@@ -16,8 +16,8 @@ import numpy as np
 from datarater.curation import select
 from datarater.data import corruption
 from datarater.errors import UserError
-from datarater.policies.base import (VALUATION, Policy, PolicyContext, register_policy,
-                                     weighting_policy)
+from datarater.policies.base import (VALUATION, FromScores, Policy, PolicyContext,
+                                     register_policy, weighting_policy)
 from inner_loop.weighting import check_batch_size, softmax_weights
 
 
@@ -134,15 +134,14 @@ def _scores(ctx: PolicyContext) -> Policy:
 
 @register_policy('tracin_curriculum', sections=('valuation',),
                  fields=('temperature', *_TRACIN_FIELDS), valuation='tracin')
-def _tracin_curriculum(ctx: PolicyContext) -> Policy:
+def _tracin_curriculum(ctx: PolicyContext) -> FromScores:
   method = VALUATION['tracin_curriculum']
   refuse_valuate_outputs(ctx, 'tracin_curriculum', method)
   from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
   fitted = factory.build(method, ctx.config, ctx.task, ctx.train, ctx.heldout)
-  values = fitted.values(ctx.train)
-  return table('tracin_curriculum',
-               curriculum_weights(values, temperature=ctx.config.policy.temperature),
-               fitted.example_gradients)
+  return FromScores(fitted.value, lambda values: table(
+      'tracin_curriculum', curriculum_weights(values, temperature=ctx.config.policy.temperature),
+      fitted.example_gradients), f'{fitted.name} values')
 
 
 @register_policy('mimic', sections=('valuation',), fields=('temperature', *_MIMIC_FIELDS))
