@@ -53,6 +53,17 @@ def batch_sharding(mesh: Mesh, tree, batch_axis: int):
   return jax.tree.map(spec, tree)
 
 
+def from_host(tree, sharding):
+  """Host arrays that every process holds alike, placed on `sharding`: each process puts only
+  the shards its devices hold, from its own copy, running no program (`jax.device_put` onto
+  devices of several processes first gathers every process's whole copy onto every device to
+  compare them)."""
+  def place(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(place, tree)
+
+
 def host_copy(tree):
   """Numpy copies of replicated global arrays, on any process (no cross-process transfer)."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)

@@ -59,7 +59,8 @@ from datarater import multihost, seeding
 from datarater.checkpointing import RunCheckpointer, abstract_of
 from datarater.data import source as source_lib
 from datarater.errors import UserError
-from datarater.mesh import BATCH, POP, check_batch_sizes, gathered, make_mesh, replicated
+from datarater.mesh import (BATCH, POP, check_batch_sizes, from_host, gathered, make_mesh,
+                            replicated)
 
 from datarater.tasks import Task
 from inner_loop.unroll import InnerState, init_inner_state, inner_step
@@ -222,12 +223,12 @@ def initial_params(task: Task, seeds: Sequence[int], purpose: str = 'train',
   [M, ...], without building one (its policy): what a launcher checks before the policy's
   set-up. Each model comes from `task.init` called alone (a task's init, compiled once per
   process, is not compiled again for every run a process makes) and goes through the host to
-  the devices a Trainer of `devices` places it on (`seeds_mesh`): no device holds more models
-  than in the run."""
+  the devices a Trainer of `devices` places it on (`seeds_mesh`; each process its devices' own
+  models, `from_host`): no device holds more models than in the run."""
   init_keys = seed_keys(jnp.asarray(seeds, jnp.int32), purpose)[0]
   models = [jax.device_get(task.init(k)) for k in init_keys]
-  return jax.device_put(jax.tree.map(lambda *p: np.stack(p), *models),
-                        NamedSharding(seeds_mesh(len(seeds), devices), P(POP)))
+  return from_host(jax.tree.map(lambda *p: np.stack(p), *models),
+                   NamedSharding(seeds_mesh(len(seeds), devices), P(POP)))
 
 
 class Trainer:

@@ -1027,6 +1027,69 @@ def test_checksums_of_a_tree_of_spanning_and_whole_arrays_equal_one_process(tmp_
     assert json.loads(line[5:]) == one, out
 
 
+# A Trainer spanning both processes (2 CPU devices each) starts 8 models (2 a device); every
+# program run from the Trainer's start on is also compiled ahead, its bytes on a device recorded.
+_SPANNING_INIT = """
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import jax
+import optax
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+from datarater import checkpointing
+from datarater.policies import weighting
+from datarater.trainer import Trainer
+from tests.tiny import tiny_problem
+real_jit, most = jax.jit, [0]
+
+class Measured:
+  def __init__(self, jitted):
+    self._jitted = jitted
+
+  def __getattr__(self, name):
+    return getattr(self._jitted, name)
+
+  def __call__(self, *inputs, **kw):
+    m = self._jitted.lower(*inputs, **kw).compile().memory_analysis()
+    most[0] = max(most[0], m.argument_size_in_bytes + m.output_size_in_bytes +
+                  m.temp_size_in_bytes)
+    return self._jitted(*inputs, **kw)
+
+def jit(fn=None, *args, **kwargs):
+  if fn is None:
+    return lambda f: jit(f, *args, **kwargs)
+  return Measured(real_jit(fn, *args, **kwargs))
+task = tiny_problem(dim=64, hidden=(64,)).task
+trainer = Trainer(task, optax.sgd(0.1), weighting.weighting_policy('uniform', 100), 4,
+                  devices=jax.devices())
+jax.jit = jit
+params = trainer.init(list(range(8)), 100)[0].models.params
+jax.jit = real_jit
+share = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
+print('INIT', json.dumps({'most': most[0], 'share': share,
+                          'sums': checkpointing.checksums(params)}))
+"""
+
+
+@pytest.mark.slow  # (a two-process job)
+def test_a_trainer_spanning_processes_starts_its_models_on_their_devices_alone(tmp_path):
+  """A Trainer over both processes' devices starts from one process's initial parameters, and
+  no program of its start needs more on a device than a few times its share of the models (the
+  parameters in and out, SGD's state, the policy's). Before, each process placed them with
+  jax.device_put, which gathered both processes' copies of all 8 models onto every device to
+  compare them: 2 x 8 models where the run holds 2."""
+  from datarater.trainer import initial_params  # pylint: disable=g-import-not-at-top
+  from tests.tiny import tiny_problem  # pylint: disable=g-import-not-at-top
+  outs = _finish(_start_driver(_SPANNING_INIT, '', tmp_path), timeout=120)
+  one = checkpointing.checksums(initial_params(tiny_problem(dim=64, hidden=(64,)).task,
+                                               range(8), 'train', jax.devices()[:1]))
+  for out in outs:
+    (line,) = [l for l in out.splitlines() if l.startswith('INIT ')]
+    got = json.loads(line[5:])
+    assert got['sums'] == one, out
+    assert 0 < got['most'] <= 3 * got['share'] + 1024, got
+
+
 def _train_config(tfds_dir, epochs: int = 2, seeds=(0,)):
   """A seconds-long launch.train run: one seed's batches split over every device (over both
   processes in a two-process job: their gradient sums cross processes)."""
