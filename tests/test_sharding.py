@@ -16,7 +16,9 @@ def _put(tree, shardings):
                       tree, shardings)
 
 
-def _run(problem, est, devices, population, steps=2, unroll=2):
+def _run(problem, est, devices, population, steps=2, unroll=2, diverged=None):
+  """(mesh, state, last metrics) after `steps` outer steps; member `diverged` (if any) starts
+  with NaN parameters."""
   inner, outer = tiny_batches(3, population=population, steps=problem.advance_steps + unroll,
                               batch=16)
   init = lambda: meta_step.init_outer_state(problem, jax.random.PRNGKey(1), population)
@@ -24,6 +26,12 @@ def _run(problem, est, devices, population, steps=2, unroll=2):
   step_fn, state_sh, inner_sh, outer_sh = sharding.jit_outer_step(
       problem, est, mesh, jax.eval_shape(init), inner, outer)
   state = jax.jit(init, out_shardings=state_sh)()
+  if diverged is not None:
+    params = jax.tree.map(lambda x: np.asarray(x).copy(), state.population.params)
+    for leaf in jax.tree.leaves(params):
+      leaf[diverged] = np.nan
+    state = state.replace(population=state.population.replace(params=_put(
+        params, state_sh.population.params)))
   for _ in range(steps):
     state, metrics = step_fn(state, _put(inner, inner_sh), _put(outer, outer_sh))
   return mesh, jax.device_get(state), jax.device_get(metrics)
@@ -50,6 +58,23 @@ def test_four_devices_equal_one(population, meta_gradient, unroll, advance):
     np.testing.assert_allclose(one_metrics[k], four_metrics[k], rtol=2e-5)
   # The steps really moved the rater (the comparison is not of two untouched inits).
   assert one_metrics['meta_grad_norm'] > 0
+
+
+@pytest.mark.slow  # (the CI case above shards the population; this adds a diverged member)
+def test_a_member_diverged_on_four_devices_is_reset_as_on_one():
+  """A member whose parameters are NaN makes the step skipped and is drawn afresh (under a
+  `lax.cond` whose predicate reduces over the sharded population): on a (2, 2) mesh as on one
+  device, the same state and counts after the step."""
+  problem = tiny_problem(optimizer='adam', lr=0.05, reset_every=100)
+  est = estimator('reverse', 'adam', 0.05)
+  _, one_state, one_metrics = _run(problem, est, jax.devices()[:1], 2, steps=1, diverged=1)
+  mesh, four_state, four_metrics = _run(problem, est, jax.devices()[:4], 2, steps=1, diverged=1)
+  assert mesh.shape == {'population': 2, 'batch': 2}
+  assert one_metrics['diverged_members'] == four_metrics['diverged_members'] == 1
+  assert one_metrics['skipped_steps'] == four_metrics['skipped_steps'] == 1
+  for a, b in zip(jax.tree.leaves(one_state), jax.tree.leaves(four_state)):
+    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
 def test_batch_must_divide_over_devices():
