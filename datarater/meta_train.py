@@ -69,8 +69,8 @@ def fresh_state(config, problem) -> meta_step.OuterState:
 def placed_fresh_state(config, problem, mesh) -> meta_step.OuterState:
   """`fresh_state` made by one program placed on `mesh` as a run places its state
   (`sharding.outer_state_sharding`). The start-up check and a new run call it alike, so on one
-  process (the same mesh) the second loads it from the compilation cache: drawing K models
-  compiles for seconds."""
+  process (the same mesh) the second loads it from the persistent compilation cache where one is
+  set (the launchers set one: `launch.cli`): drawing K models compiles for seconds."""
   def start_state():
     return fresh_state(config, problem)
   return jax.jit(start_state, out_shardings=sharding.outer_state_sharding(
