@@ -67,7 +67,9 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     return
   for s, info in report['splits'].items():
     print(f'{s}: kept {info["kept"]} of {info["num_examples"]} examples'
-          + (f' (suggested keep {info["keep"]:.3f})' if fv.suggest_keep else ''))
+          + (f' (suggested keep {info["keep"]:.3f})' if fv.suggest_keep else '')
+          + (f', {info["kept_corrupted"]} of its {info["corrupted"]} corrupted'
+             if 'corrupted' in info else ''))
   print(f'wrote {fv.out} (tfds.builder_from_directory({fv.out!r}))')
 
 

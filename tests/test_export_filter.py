@@ -498,6 +498,13 @@ def test_sigkill_leaves_no_partial_output_and_rerun_finishes(tfds_dir, rater_dir
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert not glob.glob(str(tmp_path / '.killed.tmp-*'))  # the dead run's temp folder is gone
   assert _files(out) == _files(filtered[0])  # the same filter, in this process
+  # Its summary line counts the planted noise it kept: the written dataset's record against the
+  # source split's.
+  noisy = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
+  written = pipeline.load_split(ml_collections.ConfigDict(
+      {'name': 'x', 'data_dir': '', 'dataset_dir': str(out)}), 'train')
+  assert (f'train: kept {len(written)} of {N_TRAIN} examples, {written.is_corrupted.sum()} of '
+          f'its {noisy.is_corrupted.sum()} corrupted\n') in rerun.stdout, rerun.stdout
   # The CLI's one-line errors: an existing OUT_DIR without --overwrite, and a bad keep.
   for bad, msg in ((args, 'already exists (pass --overwrite to replace it)'),
                    (args[:-1] + [f'--out={tmp_path}/x', '--keep=1.5'],
