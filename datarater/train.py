@@ -121,8 +121,11 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   with multihost.together('checking its settings and data'):
     name, train_split, heldout, evals, task = _checked_inputs(config, policy, rater, scores,
                                                               workdir, stop_after)
-  d, t = config.data, config.train
+    d, t = config.data, config.train
+    contents = {f'data.{field}': (d[field], contents_digest(split)) for field, split in
+                (('train_split', train_split), ('heldout_split', heldout), ('eval_split', evals))}
   pipeline.check_same_everywhere(pipeline.builder_of(d), pipeline.dataset_name(d))
+  check_same_contents(contents, pipeline.dataset_name(d))
   ckpt = None
   if workdir:  # checked before the policy's set-up (a TracIn fit, an SAE's training)
     ckpt = run_checkpointer(config, workdir, name, rater, scores, spans_epochs=False)
@@ -153,6 +156,30 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   with multihost.workdir_lock(workdir) if workdir else contextlib.nullcontext():
     return _run(config, name, workdir, stop_after, log, train_split, heldout, evals, task, made,
                 trainer, ckpt)
+
+
+def contents_digest(split) -> Optional[str]:
+  """sha256 of a split held in memory (its features, ids and corruption record: what the
+  trainer places on the devices and reports); None for a streamed one (`source.Source`: the
+  trainer compares each chunk it reads) and in a job of one process."""
+  if jax.process_count() == 1 or not hasattr(split, 'features'):
+    return None
+  return store.digest({'features': split.features, 'ids': split.ids,
+                       'corruption': split.corruption})
+
+
+def check_same_contents(contents: dict, dataset: str) -> None:
+  """UserError on every process of a `jax.distributed` job, naming the first split (config
+  field -> (split expression, `contents_digest`)) whose contents not every process holds alike
+  (a host's copy of the data prepared or corrupted otherwise): the trainer places each
+  process's own copy on its devices (`mesh.from_host`), without comparing them."""
+  if jax.process_count() == 1:
+    return
+  for field, (split, digest) in contents.items():
+    if digest is not None and not multihost.same_everywhere(digest):
+      raise UserError(f'the processes of this job hold different contents of {field} {split!r} '
+                      f'of dataset {dataset!r} (this process, {jax.process_index()}: sha256 '
+                      f'{digest[:16]}): give every process the same prepared data')
 
 
 def same_policy(name: str, made: policies.Policy, rater: str, scores: str) -> None:

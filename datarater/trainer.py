@@ -160,7 +160,7 @@ def _blocks(split, mesh: Mesh):
   idx = np.arange(nb * size) % max(n, 1)
   mask = (np.arange(nb * size) < n).astype(np.float32).reshape(nb, size)
   data = {k: v.reshape(nb, size, *v.shape[1:]) for k, v in split.take(idx).items()}
-  return jax.device_put((data, mask), NamedSharding(mesh, P(None, BATCH)))
+  return _on_mesh((data, mask), NamedSharding(mesh, P(None, BATCH)))
 
 
 def _check_weights(policy_name: str, used: np.ndarray, seeds, first_step: int) -> None:
@@ -378,7 +378,7 @@ class Trainer:
     per process, not again (vmapped) in each Trainer's program (seconds per run on CPU)."""
     mesh = self.mesh(len(seeds))
     params = initial_params(self.task, seeds, self.purpose, self.devices)
-    seeds = jax.device_put(np.asarray(seeds, np.int32), NamedSharding(mesh, P(POP)))
+    seeds = _on_mesh(np.asarray(seeds, np.int32), NamedSharding(mesh, P(POP)))
     return self._programs(mesh)['init'](params, seeds, num_examples)
 
   def run(self, train, evals: dict, seeds: Sequence[int], *, epochs: Optional[int] = None,
@@ -403,7 +403,7 @@ class Trainer:
     streaming = not hasattr(train, 'features')
     mesh = self.mesh(len(seeds))
     programs = self._programs(mesh)
-    data = None if streaming else jax.device_put(dict(train.features), replicated(mesh))
+    data = None if streaming else _on_mesh(dict(train.features), replicated(mesh))
     eval_data = {name: _blocks(split, mesh) for name, split in evals.items()}
     state, order_keys = self.init(seeds, len(train))
     aux = _shared(self.policy.aux, mesh)
@@ -453,7 +453,7 @@ class Trainer:
         name = 'chunk_read' if streaming else 'chunk'
         with reads as chunks:
           if streaming and _spans_processes(mesh):
-            chunks = _read_together(chunks, len(spans))
+            chunks = _read_together(chunks, [(done_steps + a, done_steps + b) for a, b in spans])
           for (a, b), chunk_data in zip(spans, chunks):
             pad = lambda x: _pad(x, length, a, b)
             models, recorder, part_losses, part_used, counts = compiled(
@@ -621,37 +621,63 @@ class _AheadOfTime:
     return self._executables[key](*args)
 
 
+def _on_mesh(tree, sharding):
+  """Host arrays that every process holds alike, placed on `sharding`: `jax.device_put` where
+  this process holds all its devices; where they span processes, `from_host` (each process its
+  own devices' shards; `jax.device_put` would first gather every process's whole copy onto
+  every device to compare them). `launch.train` compares the processes' splits once at start-up
+  (`train.check_same_contents`), a streamed one chunk by chunk (`_read_together`); a chunk's
+  positions and weights, computed on the host from the same keys by the same programs on every
+  process, need no check."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+  return from_host(tree, sharding)
+
+
 def _placed(x, sharding):
   """`x` as a compiled program with input `sharding` takes it: a device array placed otherwise
-  (a loaded rater's parameters on one device) is moved; a host array is passed as it is in one
-  process (the executable places it, ~10x quicker than `jax.device_put` here: a chunk of small
-  steps' calls took ~2x their time), placed first across processes."""
+  is moved (one on this process's devices alone, e.g. zeros made here, through the host where
+  `sharding` spans processes); a host array is passed as it is in one process (the executable
+  places it, ~10x quicker than `jax.device_put` here: a chunk of small steps' calls took ~2x
+  their time), placed first across processes (`_on_mesh`)."""
   if isinstance(x, jax.Array):
-    return x if x.sharding == sharding else jax.device_put(x, sharding)
-  return x if jax.process_count() == 1 else jax.device_put(x, sharding)
+    if x.sharding == sharding:
+      return x
+    if x.is_fully_addressable and not sharding.is_fully_addressable:
+      return _on_mesh(np.asarray(x), sharding)
+    return jax.device_put(x, sharding)
+  return x if jax.process_count() == 1 else _on_mesh(x, sharding)
 
 
 def _shared(aux, mesh: Mesh):
   """The policy's `aux` as the run's programs take it (replicated): where `mesh` spans processes,
-  placed once from each process's host copy (an array on this process's devices, a loaded
-  rater's parameters, cannot move to another process's; `launch.train` checks every process made
-  the same aux); in one process as it is (each program places it)."""
+  placed once from each process's host copy (`_on_mesh`: an array on this process's devices, a
+  loaded rater's parameters, cannot move to another process's; `launch.train` checks every
+  process made the same aux); in one process as it is (each program places it)."""
   if not _spans_processes(mesh):
     return aux
-  return jax.device_put(jax.tree.map(np.asarray, aux), replicated(mesh))
+  return _on_mesh(jax.tree.map(np.asarray, aux), replicated(mesh))
 
 
 def _spans_processes(mesh: Mesh) -> bool:
   return len({d.process_index for d in mesh.devices.flat}) > 1
 
 
-def _read_together(chunks, count: int):
-  """The `count` chunks a streaming run reads, each once every process has read its own: a
-  read that fails on one process stops every process there, each with its line (the others would
-  run the chunk's steps, whose collectives wait for it for good)."""
-  for _ in range(count):
+def _read_together(chunks, spans):
+  """The chunks of steps `spans` ([a, b) each) a streaming run reads, each once every process
+  has read its own: a read that fails on one process stops every process there, each with its
+  line (the others would run the chunk's steps, whose collectives wait for it for good); a chunk
+  whose examples (sha256) differ between the processes' copies of the data stops every process
+  in one line (each places its own copy: `_on_mesh`)."""
+  from datarater.valuation import store  # pylint: disable=g-import-not-at-top
+  for a, b in spans:
     with multihost.together('reading the training split'):
       chunk = next(chunks)
+      digest = store.digest(chunk)
+    if not multihost.same_everywhere(digest):
+      raise UserError(f'the processes of this job read different examples of the training split '
+                      f'for steps {a + 1}-{b} (this process, {jax.process_index()}: sha256 '
+                      f'{digest[:16]}): give every process the same prepared data')
     yield chunk
 
 

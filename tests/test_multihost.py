@@ -1090,6 +1090,105 @@ def test_a_trainer_spanning_processes_starts_its_models_on_their_devices_alone(t
     assert 0 < got['most'] <= 3 * got['share'] + 1024, got
 
 
+# launch.train's run as process i of two, every process_allgather (what jax.device_put onto
+# devices of both processes runs to compare the processes' copies) spied on: prints the largest
+# one's bytes and the bytes of the smallest split the trainer places.
+_GATHERS_IN_TRAIN = """
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+pid, port, tfds_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+from datarater.data import pipeline
+from datarater.train import train
+from tests.test_multihost import _train_config
+gather, largest = multihost_utils.process_allgather, [0]
+def spied(x, *a, **k):
+  got = gather(x, *a, **k)
+  largest[0] = max([largest[0]] + [np.asarray(g).nbytes for g in jax.tree.leaves(got)])
+  return got
+multihost_utils.process_allgather = spied
+config = _train_config(tfds_dir)
+train(config, 'uniform', workdir=os.path.join(out, 'run'))
+splits = [pipeline.load_split(config.data, s) for s in (config.data.train_split,
+          config.data.heldout_split, config.data.eval_split)]
+smallest = min(sum(v.nbytes for v in s.features.values()) for s in splits)
+print('GATHERS', json.dumps({'largest': largest[0], 'smallest_split': smallest}))
+"""
+
+
+@pytest.mark.slow  # (a two-process job)
+def test_two_process_launch_train_places_its_data_without_gathering_it(tfds_dir, tmp_path):
+  """launch.train over two processes places the training split, the evaluation blocks and each
+  chunk's host arrays with no gather as large as the smallest split it places: each process puts
+  its own devices' shards. Before, jax.device_put gathered both processes' copies of each onto
+  every device to compare them (2x the training features)."""
+  for out in _finish(_start_driver(_GATHERS_IN_TRAIN, tfds_dir, tmp_path)):
+    (line,) = [l for l in out.splitlines() if l.startswith('GATHERS ')]
+    got = json.loads(line[8:])
+    assert 0 < got['largest'] < got['smallest_split'], got
+  assert (tmp_path / 'run' / 'report.json').exists()
+
+
+# launch.train as process i of two, process 1 holding one value changed in its copy of split
+# `which` (a host's copy prepared otherwise): 'heldout' in memory, or the streamed training split.
+_DIFFERENT_CONTENTS = """
+import dataclasses, os, sys
+sys.path.insert(0, os.getcwd())
+import jax
+from datarater.data import pipeline, source
+from datarater.errors import UserError
+from datarater.train import train
+from tests.test_multihost import _train_config
+pid, port, tfds_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+which = {which!r}
+jax.distributed.initialize(f'127.0.0.1:{{port}}', num_processes=2, process_id=pid)
+config = _train_config(tfds_dir)
+config.train.stream = which == 'stream'
+load, take = pipeline.load_split, source.Source.take
+def changed(features):
+  image = features['image'].copy()
+  image.flat[0] += pid
+  return {{**features, 'image': image}}
+def loaded(data, split, *a, **k):
+  got = load(data, split, *a, **k)
+  if which == 'heldout' and split == data.heldout_split:
+    got = dataclasses.replace(got, features=changed(got.features))
+  return got
+pipeline.load_split = loaded
+if which == 'stream':
+  source.Source.take = lambda self, positions: changed(take(self, positions))
+try:
+  train(config, 'uniform', workdir=os.path.join(out, 'run'))
+except UserError as e:
+  print('train: ' + str(e))
+"""
+
+
+@pytest.mark.slow  # (two two-process jobs)
+def test_processes_holding_different_contents_of_the_data_stop_in_one_line(tfds_dir, tmp_path):
+  """Copies of the data that agree in layout but not in contents stop every process in one line
+  naming the split: the held-out split at start-up, before any step; a streamed training split
+  at the chunk that differs. Each process places its own copy on its devices: none would
+  otherwise see that the other trains or evaluates on other examples. (Before, jax.device_put's
+  comparison of the copies stopped both with a traceback.)"""
+  expected = {'heldout': r"data\.heldout_split 'validation' of dataset 'sklearn_digits'",
+              'stream': r'the training split for steps 1-'}
+  for which, pattern in expected.items():
+    (tmp_path / which).mkdir()
+    outs = _finish(_start_driver(_DIFFERENT_CONTENTS.format(which=which), tfds_dir,
+                                 tmp_path / which))
+    for out in outs:
+      assert re.search(r'^train: the processes of this job (hold different contents of|read '
+                       r'different examples of) ' + pattern + r'.*: give every process the same '
+                       r'prepared data$', out, re.M), out[-3000:]
+      assert 'Traceback' not in out, out[-3000:]
+    assert not (tmp_path / which / 'run' / 'report.json').exists()
+  assert not (tmp_path / 'heldout' / 'run').exists()
+
+
 def _train_config(tfds_dir, epochs: int = 2, seeds=(0,)):
   """A seconds-long launch.train run: one seed's batches split over every device (over both
   processes in a two-process job: their gradient sums cross processes)."""
