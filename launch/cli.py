@@ -7,8 +7,9 @@ that is missing, does not compile, has no get_config or whose get_config fails) 
 trailing whitespace (`--workdir=' '`), prints one `error:` line and exits 2, like every
 `UserError` and I/O error inside `main` (`datarater.errors.exit_on_user_error`); in a process of
 a multi-process job such a flag error stops every process (`_job_stopped_on_flag_error`).
-`--help` prints the launcher's description, its flags and every field of its config (and of any
-other config file flag, e.g. a benchmark's --bench), and exits 0.
+`--help` prints the launcher's description, its flags and the fields of its config it reads
+(those its `define_override_check` and `config_checks.UNREAD_WHILE` pass with the flags given),
+every field of any other config file flag (e.g. a benchmark's --bench), and exits 0.
 `invoke(module, argv)` runs a launcher's flags and `main` in this process as its command line
 would, without absl's own flags (--verbosity), signal handlers or compilation cache (tests use
 it to try many inputs quickly).
@@ -134,15 +135,13 @@ def _fail(e: Exception, argv=None) -> None:
   sys.exit(2)
 
 
-def _config_fields(config, prefix: str = '', flag: str = 'config') -> list[str]:
-  lines = []
+def _leaves(config, prefix: str = ''):
+  """(dotted path, value) of every field of `config`, sections walked."""
   for key in config.keys():
-    value = config[key]
-    if hasattr(value, 'keys'):
-      lines += _config_fields(value, f'{prefix}{key}.', flag)
+    if hasattr(config[key], 'keys'):
+      yield from _leaves(config[key], f'{prefix}{key}.')
     else:
-      lines.append(f'  --{flag}.{prefix}{key}={value!r}')
-  return lines
+      yield f'{prefix}{key}', config[key]
 
 
 def own_flags(fv: flags.FlagValues = flags.FLAGS, program: str = '') -> list:
@@ -167,13 +166,50 @@ def _help(argv, doc: str, fv: flags.FlagValues) -> None:
   if files:
     try:
       fv([argv[0], *[a for a in argv[1:] if a not in HELP]])
+      if 'config' in files:
+        read = _read_fields(fv)
     except Exception as e:  # pylint: disable=broad-except  (help still lists the flags)
       print(f'\nconfig fields: none listed ({" ".join(str(e).split())[:200]})')
     else:
       for name in files:
         print(f'\n{name} fields (override any with --{name}.<field>=<value>):')
-        print('\n'.join(_config_fields(fv[name].value, flag=name)))
+        for note in _read_notes(fv, read) if name == 'config' else ():
+          print(f'  {note}')
+        print('\n'.join(f'  --{name}.{path}={value!r}' for path, value in _leaves(fv[name].value)
+                        if name != 'config' or path in read))
   sys.exit(0)
+
+
+def _read_fields(fv: flags.FlagValues) -> set[str]:
+  """The dotted fields of --config an override of which the launcher would read with the flags
+  given: those its override check (`define_override_check`) and `_unread_field` pass."""
+  check, _ = _OVERRIDE_CHECKS.get(fv, (lambda fv, paths: None, ()))
+  check(fv, [])  # a flag the check refuses whatever the field (an unknown --policy)
+  read = set()
+  for path, _ in _leaves(fv['config'].value):
+    try:
+      check(fv, [path])
+    except UserError:
+      continue
+    if _unread_field([f'config.{path}'], fv) is None:
+      read.add(path)
+  return read
+
+
+def _read_notes(fv: flags.FlagValues, read: set[str]) -> list[str]:
+  """What --help says of the config fields it leaves out (`read`: those it lists): the sections
+  and fields the launcher does not read, and the flags that change which it reads."""
+  config, notes = fv['config'].value, []
+  _, depends = _OVERRIDE_CHECKS.get(fv, (None, ()))
+  if depends:
+    notes.append(f'(which are read depends on {" and ".join(depends)}: give '
+                 f'{"them" if len(depends) > 1 else "it"} with --help)')
+  unread = [k for k in config.keys() if not any(p == k or p.startswith(f'{k}.') for p in read)]
+  others = sum(1 for p, _ in _leaves(config) if p.split('.')[0] not in unread) - len(read)
+  if unread or others:
+    notes.append(f'(not read, so refused: {", ".join(unread) or "no section"}'
+                 + (f' and {others} other fields' if others else '') + ')')
+  return notes
 
 
 def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
@@ -268,6 +304,18 @@ def _shown(value) -> str:
 _VALUATION_METHODS = weakref.WeakKeyDictionary()  # FlagValues -> define_valuation_method's
 
 
+_OVERRIDE_CHECKS = weakref.WeakKeyDictionary()  # FlagValues -> define_override_check's
+
+
+def define_override_check(check: Callable[[flags.FlagValues, Optional[list[str]]], None],
+                          fv: flags.FlagValues = flags.FLAGS, depends=()) -> None:
+  """Declares, with a launcher's flags, its check of config overrides (its `check_flags`):
+  `check(fv, paths)` of the parsed flags raises a UserError for a dotted field among `paths` (None:
+  those the command line overrides) that the run would not read. --help lists the fields it
+  passes, saying that the flags `depends` (e.g. '--policy') change which."""
+  _OVERRIDE_CHECKS[fv] = check, tuple(depends)
+
+
 def define_valuation_method(method: Callable[[flags.FlagValues], Optional[tuple[str, str]]],
                             fv: flags.FlagValues = flags.FLAGS) -> None:
   """Declares, with a launcher's flags, the valuation method its run computes: `method(fv)` of
@@ -277,15 +325,22 @@ def define_valuation_method(method: Callable[[flags.FlagValues], Optional[tuple[
 
 
 def _refuse_unread_fields(argv, fv: flags.FlagValues) -> None:
-  """A field given on the command line where the config (and the launcher's valuation method,
-  `define_valuation_method`) make the run ignore it (`config_checks.UNREAD_WHILE`: `sae.steps`
-  while `sae.epochs` > 0, `data.noise_seed` while nothing is corrupted, `valuation.projection`
-  for TracIn without `valuation.tracin_project`): the run would not read it. A rule whose config
-  fields the config lacks is skipped."""
+  """`_unread_field` of the flags `argv` gives, in one line, exit 2."""
+  message = _unread_field(_given(argv, fv), fv)
+  if message:
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _unread_field(given: list[str], fv: flags.FlagValues) -> Optional[str]:
+  """Why a field among the flags `given` (`_given`) is not read, where the config (and the
+  launcher's valuation method, `define_valuation_method`) make the run ignore it
+  (`config_checks.UNREAD_WHILE`: `sae.steps` while `sae.epochs` > 0, `data.noise_seed` while
+  nothing is corrupted, `valuation.projection` for TracIn without `valuation.tracin_project`);
+  None if every one is read. A rule whose config fields the config lacks is skipped."""
   from datarater.config_checks import METHOD, UNREAD_WHILE  # pylint: disable=g-import-not-at-top
   if 'config' not in fv or not isinstance(fv['config'].parser, _ConfigFileParser):
-    return
-  given = _given(argv, fv)
+    return None
   method = None
   for field, other, unread, why in UNREAD_WHILE:
     named = [g for g in given if g == f'config.{field}' or g.startswith(f'config.{field}.')]
@@ -300,27 +355,28 @@ def _refuse_unread_fields(argv, fv: flags.FlagValues) -> None:
     if unread(*values):
       shown = ', '.join(method[1] if n == METHOD else f'{n}={_shown(v)}'
                         for n, v in zip(others, values) if v is not None)
-      print(f'error: --{named[0]} is not read while {shown}{why.format(other=others[0])}',
-            file=sys.stderr)
-      sys.exit(2)
+      return f'--{named[0]} is not read while {shown}{why.format(other=others[0])}'
+  return None
 
 
 def refuse_unread_sections(fv: flags.FlagValues, sections, launcher: str,
-                           top_level: bool = False, unread=()) -> None:
+                           top_level: bool = False, unread=(), paths=None) -> None:
   """A `--config.<section>.<field>` override (command line or flagfile) of a section the
   launcher's run does not read (`sections`), or of a top-level field (`seed`, `log_every`,
   `checkpoint_every`) unless it reads them (`top_level`), changes nothing: refused in one line
   (e.g. train.learning_rate to launch.train_rater, whose inner rate is inner.learning_rate);
   so is one of `unread`, sections of `sections` or dotted fields of them the run leaves unread
-  (e.g. data.eval_split to launch.valuate)."""
-  for path in fv['config'].override_values:
+  (e.g. data.eval_split to launch.valuate). `paths`: the dotted fields overridden (default: those
+  the command line gives)."""
+  paths = fv['config'].override_values if paths is None else paths
+  for path in paths:
     hit = [u for u in unread if path == u or path.startswith(f'{u}.')]
     if hit:
       raise UserError(f'--config.{path} is not read by {launcher}, which leaves '
                       f'{", ".join(unread)} unread')
   sections = [s for s in sections if s not in unread]
   read, config = {s.split('.')[0] for s in sections}, fv['config'].value
-  for path in fv['config'].override_values:
+  for path in paths:
     top = path.split('.')[0]
     if top not in config or (top_level if not hasattr(config[top], 'keys') else top in read):
       continue

@@ -35,6 +35,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   flags.DEFINE_integer('stop_after', None, 'Checkpoint and exit after this many epochs (a '
                        'preemption drill).', flag_values=fv)
   cli.define_valuation_method(valuation_method, fv)
+  cli.define_override_check(check_flags, fv, depends=('--policy', '--workdir'))
 
 
 def valuation_method(fv: flags.FlagValues):
@@ -49,16 +50,17 @@ def valuation_method(fv: flags.FlagValues):
   return (method, shown) if method else None
 
 
-def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Refuses a config override the run would not read: of a section (or top-level field), of
-  a `policy` field its policy does not read, or one a flag leaves unread (policy.name beside
-  --policy, train.checkpoint_every without --workdir)."""
+def check_flags(fv: flags.FlagValues = flags.FLAGS, paths=None) -> None:
+  """Refuses a config override (of `paths`, default: the command line's) the run would not
+  read: of a section (or top-level field), of a `policy` field its policy does not read, or one a
+  flag leaves unread (policy.name beside --policy, train.checkpoint_every without --workdir)."""
+  paths = fv['config'].override_values if paths is None else paths
   for path, flag, unread in (('policy.name', f'--policy={fv.policy}', fv.policy is not None),
                              ('train.checkpoint_every', 'no --workdir', not fv.workdir)):
-    if unread and path in fv['config'].override_values:
+    if unread and path in paths:
       raise UserError(f'--config.{path} is not read by launch.train with {flag}')
-  cli.refuse_unread_sections(fv, sections_read(fv.config, fv.policy), 'launch.train')
-  policies.check_fields(policy_name(fv.config, fv.policy), fv['config'].override_values)
+  cli.refuse_unread_sections(fv, sections_read(fv.config, fv.policy), 'launch.train', paths=paths)
+  policies.check_fields(policy_name(fv.config, fv.policy), paths)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):

@@ -24,11 +24,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   flags.DEFINE_integer('stop_after', None,
                        'Checkpoint and exit after this outer step (a preemption drill).',
                        flag_values=fv)
+  cli.define_override_check(check_flags, fv)
 
 
-def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Refuses a config override of a section the run does not read."""
-  cli.refuse_unread_sections(fv, SECTIONS, 'launch.train_rater', top_level=True)
+def check_flags(fv: flags.FlagValues = flags.FLAGS, paths=None) -> None:
+  """Refuses a config override (of `paths`, default: the command line's) of a section the run
+  does not read."""
+  cli.refuse_unread_sections(fv, SECTIONS, 'launch.train_rater', top_level=True, paths=paths)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):

@@ -27,17 +27,20 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   flags.DEFINE_string('workdir', None, 'Output folder.', flag_values=fv)
   cli.define_valuation_method(
       lambda fv: (fv.method, f'--method={fv.method}') if fv.method else None, fv)
+  cli.define_override_check(check_flags, fv, depends=('--method',))
 
 
-def check_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-  """Refuses a config override the run would not read: of a section (or top-level field), a
-  field of one its method does not read (`run.unread`) or a `valuation` field of another method."""
+def check_flags(fv: flags.FlagValues = flags.FLAGS, paths=None) -> None:
+  """Refuses a config override (of `paths`, default: the command line's) the run would not
+  read: of a section (or top-level field), a field of one its method does not read (`run.unread`)
+  or a `valuation` field of another method."""
+  paths = fv['config'].override_values if paths is None else paths
   if fv.method not in METHODS:  # (an unknown one is refused by name)
-    cli.refuse_unread_sections(fv, SECTIONS, 'launch.valuate')
+    cli.refuse_unread_sections(fv, SECTIONS, 'launch.valuate', paths=paths)
     return
   cli.refuse_unread_sections(fv, SECTIONS, f'launch.valuate --method={fv.method}',
-                             unread=unread(fv.method))
-  check_fields(fv.method, fv['config'].override_values)
+                             unread=unread(fv.method), paths=paths)
+  check_fields(fv.method, paths)
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):

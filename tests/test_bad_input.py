@@ -5,6 +5,7 @@ damaged (every file under the test's folder hashed before and after).
 Each case runs the launcher in this process exactly as its command line would
 (`launch.cli.invoke`: its flags, parsing and `main`).
 """
+import ast
 import contextlib
 import functools
 import glob
@@ -788,6 +789,48 @@ def test_an_override_the_config_leaves_unread_is_refused_and_one_it_reads_is_not
   assert code == 2 and f'{field.split("=")[0]} is not read' in out, (code, out)
   assert len(out.strip().splitlines()) == 1, out
   assert _parse(launcher, [*base, *read.split(), field]) == (0, '')
+
+
+def _override(field: str, shown: str) -> str:
+  """The --config override of `field` to the value --help shows (its repr)."""
+  value = ast.literal_eval(shown)
+  return f'--config.{field}={value if isinstance(value, str) else shown}'
+
+
+def _help_fields(launcher: str, argv: list[str]) -> dict[str, str]:
+  """{dotted field: its value's repr} of the config fields a launcher's --help lists with the
+  flags `argv`."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+    assert cli.invoke(LAUNCHERS[launcher], [launcher, *argv, '--help']) == 0
+  return dict(l[len('  --config.'):].split('=', 1) for l in out.getvalue().splitlines()
+              if l.startswith('  --config.'))
+
+
+@pytest.mark.parametrize('launcher, argv, unread', [
+    ('train_rater', '', 'train'), ('train', '', 'inner'), ('train', '--policy=sae', 'valuation'),
+    ('valuate', '--method=tracin', 'train'), ('valuate', '--method=datarater', 'task')])
+def test_help_lists_the_config_fields_the_launcher_reads_and_no_other(launcher, argv, unread):
+  """--help listed every field of the config, a run of launch.train_rater refusing those of
+  train, policy, valuation and sae as unread. The oracle is the launcher's own refusal (flag
+  parsing and `check_flags`, `_parse`): every field listed, overridden, passes it (all at once),
+  and the first field of each section left out (`unread` among them), and each field left out of
+  a section listed, is refused as unread."""
+  argv = argv.split()
+  listed = _help_fields(launcher, argv)
+  assert listed and _parse(launcher, [*argv, *map(_override, listed, listed.values())]) == (0, '')
+  fv = flags.FlagValues()
+  LAUNCHERS[launcher].define_flags(fv, [launcher, *argv])
+  fv([launcher, *argv])
+  every = {f: repr(v) for f, v in cli._leaves(fv.config)}  # pylint: disable=protected-access
+  sections = {f.split('.')[0] for f in listed}
+  left_out = {f.split('.')[0]: f for f in sorted(every, reverse=True)
+              if f.split('.')[0] not in sections}  # the first field of each section left out
+  assert unread in left_out, left_out
+  left_out.update({f: f for f in every if f not in listed and f.split('.')[0] in sections})
+  for field in left_out.values():
+    code, out = _parse(launcher, [*argv, _override(field, every[field])])
+    assert code == 2 and f'--config.{field} is not read' in out, (field, code, out)
 
 
 def _tracin_valuers() -> list[str]:
