@@ -281,8 +281,9 @@ def _run(config, name, workdir, stop_after, log, train_split, heldout, evals, ta
   if history_log and history_log.history and restored >= t.epochs:  # finished: its last record
     log(f'this run finished at epoch {restored}; its last record:')
     log(format_record(history_log.history[-1], d.eval_split))
-  log(f'{name}: {result.example_gradients} example-gradients in {result.steps} steps per model '
-      f'(+{result.setup_example_gradients} to make the policy)')
+  log(f'{name}: {result.example_gradients:,} example-gradients in {result.steps:,} steps per model '
+      f'(+{result.setup_example_gradients:,} example-gradients and {result.setup_forwards:,} '
+      'forwards spent once to make the policy)')
   if workdir:  # the figure first: report.json marks the run finished
     settings = ''.join(f', {f} {config.policy[f]}' for f in policies.FIELDS[name] if '.' not in f)
     title = (f'launch.train: {config.task.name} on {origin} ({len(train_split)} examples, {held})'
