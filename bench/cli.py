@@ -6,11 +6,11 @@ caught too (`datarater.errors.exit_on_user_error`), and an --out whose folder ca
 file above it, no write permission) refused before `main` runs (`writable`). `numbers` reads a
 comma-list flag, `at_least` bounds an integer flag and `out_folder` makes the output folder at the
 start, so that a bad value or an unwritable --out fails at once, not after the runs; `quick_out`
-gives a --quick smoke run its own default output; `set_by_flags` refuses a --config override of
-a field the benchmark sets from its own flags (it would change nothing), `quick_sets` one that
---quick sets. `read_json`
-reads another bench's results file, refusing one that is not (a truncated file, another kind) in
-one line.
+gives a --quick smoke run its own default output; `define_config_check` declares with the flags
+the --config sections the benchmark reads and the fields it sets from its own flags, so that
+`check_config` refuses an override of any other (it would change nothing) and --help lists only
+those read; `quick_sets` refuses a flag that --quick sets. `read_json` reads another bench's
+results file, refusing one that is not (a truncated file, another kind) in one line.
 """
 import json
 import os
@@ -69,31 +69,45 @@ def config_file(default: str) -> Callable:
   return lambda: cli.define_config_file('config', default, 'Experiment config file.')
 
 
-def check_config(program: str, sections) -> None:
-  """`config_checks.validate` of the --config sections the benchmark's runs read (`sections`),
-  and a --config override of any other section refused in one line: no run would read it (a
-  bench.lm_curation --config.train.epochs=0 trained on, unread)."""
-  config_checks.validate(flags.FLAGS.config, sections)
-  cli.refuse_unread_sections(flags.FLAGS, sections, program, top_level=True)
+def define_config_check(program: str, sections, set_by=None, depends=()) -> None:
+  """Declares, with the benchmark's flags (after its --config), what its runs read of --config:
+  the sections `sections` (a tuple, or one made of the parsed flags by `sections(fv)`) less the
+  fields it sets from its own flags (`set_by`: {field: flag}, or made by `set_by(fv)`).
+  `check_config` refuses an override of any other field, and --help lists only those read
+  (`cli.define_override_check`, saying that the flags `depends` change which)."""
+  def check(fv: flags.FlagValues, paths=None) -> None:
+    paths = fv['config'].override_values if paths is None else paths
+    set_by_flags((set_by(fv) if callable(set_by) else set_by) or {}, paths)
+    cli.refuse_unread_sections(fv, _READ['sections'](fv), program, top_level=True, paths=paths)
+  _READ.update(sections=sections if callable(sections) else lambda fv: sections, check=check)
+  cli.define_override_check(check, flags.FLAGS, depends)
 
 
-def set_by_flags(fields: dict) -> None:
-  """Refuses a --config.FIELD override of a field of `fields` ({field: the flag that sets it}):
-  the benchmark sets it itself, so the override would change nothing."""
-  given = flags.FLAGS['config'].override_values
+_READ = {}  # define_config_check's: sections(fv) and the override check
+
+
+def check_config() -> None:
+  """Refuses, in one line, a --config override that no run of the benchmark would read
+  (`define_config_check`: a bench.lm_curation --config.train.epochs=0 trained on, unread), then
+  `config_checks.validate` of the sections its runs read."""
+  _READ['check'](flags.FLAGS)
+  config_checks.validate(flags.FLAGS.config, _READ['sections'](flags.FLAGS))
+
+
+def set_by_flags(fields: dict, paths) -> None:
+  """Refuses a --config.FIELD override (among `paths`) of a field of `fields` ({field: the flag
+  that sets it}): the benchmark sets it itself, so the override would change nothing."""
   for field, flag in fields.items():
-    if field in given:
+    if field in paths:
       raise UserError(f'--config.{field} is not read by this benchmark: {flag} sets it')
 
 
-def quick_sets(quick: bool, flag_names=(), fields=()) -> None:
-  """With `quick`, refuses a flag of `flag_names` or a --config override of a field of `fields`
-  given on the command line: --quick sets them itself, so the value given would change nothing."""
+def quick_sets(quick: bool, flag_names=()) -> None:
+  """With `quick`, refuses a flag of `flag_names` given on the command line: --quick sets them
+  itself, so the value given would change nothing (a --config field it sets: `set_by`)."""
   if not quick:
     return
   given = [f'--{n}' for n in flag_names if flags.FLAGS[n].present]
-  overridden = flags.FLAGS['config'].override_values if fields else {}
-  given += [f'--config.{f}' for f in fields if f in overridden]
   if given:
     raise UserError(f'{given[0]} is not read with --quick, which sets it: leave out one of them')
 

@@ -331,17 +331,22 @@ def plot(path: str, summary: dict, runs: dict, keeps, methods, dataset: str = ''
   plt.close(fig)
 
 
+def define_flags() -> None:
+  """--config, and what its rater runs, valuations and fresh models read of it."""
+  bench_cli.config_file('configs/digits.py')()
+  bench_cli.define_config_check(
+      'bench.curation', ('data', 'task', 'rater', 'inner', 'outer', 'final_eval', 'train',
+                         'policy', 'valuation'),
+      {'train.epochs': '--epochs', 'outer.steps': '--rater_steps', 'data.label_noise': '--noise',
+       'seed': '--seeds', 'data.noise_seed': '--seeds', 'valuation.seed': '--seeds'})
+
+
 def main(argv):
   del argv
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   config = flags.FLAGS.config
-  bench_cli.set_by_flags({'train.epochs': '--epochs', 'outer.steps': '--rater_steps',
-                          'data.label_noise': '--noise', 'seed': '--seeds',
-                          'data.noise_seed': '--seeds', 'valuation.seed': '--seeds'})
-  # What its rater runs, valuations and fresh models read: checked before any run.
-  bench_cli.check_config('bench.curation', ('data', 'task', 'rater', 'inner', 'outer',
-                                             'final_eval', 'train', 'policy', 'valuation'))
+  bench_cli.check_config()  # before any run
   noises = bench_cli.noise_rates(_NOISE.value)
   keeps = bench_cli.numbers('keep', _KEEP.value, float, lambda x: 0 < x <= 1, 'in (0, 1]',
                             distinct=True)
@@ -404,4 +409,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  bench_cli.run(main, __doc__, bench_cli.config_file('configs/digits.py'))
+  bench_cli.run(main, __doc__, define_flags)

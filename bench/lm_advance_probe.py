@@ -50,10 +50,17 @@ def markdown(result: dict) -> str:
       '']) + '\n'
 
 
+def define_flags() -> None:
+  """--config (the text bench's), of which the rater's run and its valuation read
+  CONFIG_SECTIONS."""
+  bench_cli.config_file('configs/text_bench.py')()
+  bench_cli.define_config_check('bench.lm_advance_probe', CONFIG_SECTIONS,
+                                {'seed': '--seed', 'valuation.seed': '--seed'})
+
+
 def main(argv):
   del argv
-  bench_cli.check_config('bench.lm_advance_probe', CONFIG_SECTIONS)
-  bench_cli.set_by_flags({'seed': '--seed', 'valuation.seed': '--seed'})
+  bench_cli.check_config()
   seed, = bench_cli.numbers('seed', [str(_SEED.value)], int,
                             lambda x: 0 <= x <= config_checks.MAX_SEED,
                             f'in [0, {config_checks.MAX_SEED}]')
@@ -83,4 +90,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  bench_cli.run(main, __doc__, bench_cli.config_file('configs/text_bench.py'))
+  bench_cli.run(main, __doc__, define_flags)

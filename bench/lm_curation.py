@@ -365,8 +365,11 @@ def define_flags() -> None:
   cli.define_config_file('bench', 'configs/text_bench.py:bench',
                          'The fresh language models, seeds, keeps, methods.')
   flags.DEFINE_string('out', 'bench/results/lm_curation', 'Output prefix.')
+  bench_cli.define_config_check('bench.lm_curation', CONFIG_SECTIONS,
+                                {'seed': '--bench.seeds', 'valuation.seed': '--bench.seeds'})
 
 
+# What the rater's runs and the valuations read of --config (the fresh models: --bench).
 CONFIG_SECTIONS = ('data', 'task', 'rater', 'inner', 'outer', 'final_eval', 'valuation')
 
 
@@ -397,8 +400,7 @@ def main(argv):
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger('datarater').disabled = True  # the rater runs' own progress lines
   config, bench, out = FLAGS.config, FLAGS.bench, FLAGS.out
-  bench_cli.check_config('bench.lm_curation', CONFIG_SECTIONS)
-  bench_cli.set_by_flags({'seed': '--bench.seeds', 'valuation.seed': '--bench.seeds'})
+  bench_cli.check_config()
   check_bench(bench)
   bench_cli.out_folder(out)
   tmp_root = tempfile.mkdtemp(prefix='bench_lm_curation_')

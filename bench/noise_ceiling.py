@@ -52,6 +52,10 @@ def define_flags() -> None:
                       'Uncorrupted images for `clean_other` ("" skips it).')
   flags.DEFINE_string('val_split', 'train[55000:]', 'Where detector accuracy is measured.')
   flags.DEFINE_string('out', 'bench/results/noise_ceiling', 'Output prefix.')
+  bench_cli.define_config_check(  # what its models read
+      'bench.noise_ceiling', ('data', 'task', 'train'),
+      {'train.epochs': '--epochs', 'data.label_noise': '--noise', 'seed': '--seeds',
+       'data.noise_seed': '--seeds'})
 
 
 _FOLD_TAG = 0x464F4C44  # 'FOLD': the folds' own generators
@@ -109,10 +113,7 @@ def markdown(results: dict) -> str:
 def main(argv):
   del argv
   config = flags.FLAGS.config
-  # What its models read, checked before any (a negative learning rate trained and was reported).
-  bench_cli.check_config('bench.noise_ceiling', ('data', 'task', 'train'))
-  bench_cli.set_by_flags({'train.epochs': '--epochs', 'data.label_noise': '--noise',
-                          'seed': '--seeds', 'data.noise_seed': '--seeds'})
+  bench_cli.check_config()  # before any model (a negative learning rate trained, reported)
   noises = bench_cli.numbers('noise', FLAGS.noise, float, lambda x: 0 < x < 1,
                              'in (0, 1): at 0 there is nothing to detect')
   seeds = bench_cli.seeds(FLAGS.seeds)

@@ -384,18 +384,29 @@ def define_flags() -> None:
   flags.DEFINE_integer('epochs', 0, "train.epochs (0: the config's).")
   flags.DEFINE_bool('offline_only', False, "Run the SAE policy's offline stage and label guard "
                     'only (no training): writes <out>.json and .md.')
+  bench_cli.define_config_check('bench.selection', train_lib.SECTIONS + POLICY_SECTIONS['sae'],
+                                set_by, depends=('--quick', '--epochs', '--extractor'))
+
+
+def set_by(fv) -> dict:
+  """{--config field: the flag of `fv` that sets it}: the bench's overrides of the config."""
+  fields = {'data.label_noise': '--noise', 'data.noise_seed': '--seeds',
+            'features.seed': '--seeds', 'train.seeds': '--seeds'}
+  if fv.quick or fv.epochs:
+    fields['train.epochs'] = '--quick' if fv.quick else '--epochs'
+  if fv.extractor:
+    fields['features.extractor'] = '--extractor'
+  return fields
 
 
 def main(argv):
   del argv
   cfg = FLAGS.config
-  bench_cli.set_by_flags({'data.label_noise': '--noise', 'data.noise_seed': '--seeds',
-                          'features.seed': '--seeds', 'train.seeds': '--seeds'})
   bench_cli.at_least('epochs', FLAGS.epochs, 0)  # 0: the config's
-  bench_cli.quick_sets(FLAGS.quick, ('seeds', 'folds', 'ratios', 'epochs'), ('train.epochs',))
+  bench_cli.quick_sets(FLAGS.quick, ('seeds', 'folds', 'ratios', 'epochs'))
   if FLAGS.epochs:
     cfg.train.epochs = FLAGS.epochs
-  bench_cli.check_config('bench.selection', train_lib.SECTIONS + POLICY_SECTIONS['sae'])
+  bench_cli.check_config()
   bench_cli.names('policies', FLAGS.policies, POLICY_ORDER)  # empty: full alone would run
   policy_names = [p for p in POLICY_ORDER if p in FLAGS.policies or p == 'full']
   if FLAGS.extractor:

@@ -147,21 +147,29 @@ def plot(results: dict, path: str) -> None:
   plt.close(fig)
 
 
+def define_flags() -> None:
+  """--config, and what the runs read of it: the DataRater's sections with --rater_steps (its
+  variant), the curriculum's with --curriculum."""
+  bench_cli.config_file('configs/digits.py')()
+  bench_cli.define_config_check(
+      'bench.valuation_noise',
+      lambda fv: ('data', 'task', 'valuation')
+      + (('rater', 'inner', 'outer', 'final_eval') if fv.rater_steps else ())
+      + (('train', 'policy') if fv.curriculum else ()),
+      {'outer.steps': '--rater_steps', 'data.label_noise': '--noise', 'seed': '--seeds',
+       'data.noise_seed': '--seeds', 'valuation.seed': '--seeds'},
+      depends=('--rater_steps', '--curriculum'))
+
+
 def main(argv):
   del argv
   config = flags.FLAGS.config
-  bench_cli.set_by_flags({'outer.steps': '--rater_steps', 'data.label_noise': '--noise',
-                          'seed': '--seeds', 'data.noise_seed': '--seeds',
-                          'valuation.seed': '--seeds'})
   variants = list(dict.fromkeys(  # the DataRater's too when it has outer steps
       bench_cli.names('variants', _VARIANTS.value, VARIANTS, empty_ok=bool(_RATER_STEPS.value))
       + (['datarater'] if _RATER_STEPS.value else [])))
   if 'datarater' in variants and not _RATER_STEPS.value:
     raise UserError('--variants datarater needs --rater_steps >= 1 (its outer steps)')
-  # What the runs read, checked before any (a bad value had each variant 'fail', exit 0).
-  bench_cli.check_config('bench.valuation_noise', ('data', 'task', 'valuation')
-                         + (('rater', 'inner', 'outer', 'final_eval') if 'datarater' in variants
-                            else ()) + (('train', 'policy') if _CURRICULUM.value else ()))
+  bench_cli.check_config()  # before any run (a bad value had each variant 'fail', exit 0)
   noises = bench_cli.noise_rates(_NOISE.value)
   seeds = bench_cli.seeds(_SEEDS.value)
   if max(seeds) > (MAX_SEED - 1001) // 10:  # the fresh models' seeds: 1000 + 10 s, 1001 + 10 s
@@ -248,4 +256,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  bench_cli.run(main, __doc__, bench_cli.config_file('configs/digits.py'))
+  bench_cli.run(main, __doc__, define_flags)

@@ -3,6 +3,7 @@ value, exit 2, before any run and without writing anything. Each case is its com
 own process (`tests.forked`)."""
 import json
 import os
+import runpy
 import shutil
 import signal
 import sys
@@ -10,7 +11,9 @@ import sys
 import numpy as np
 import pytest
 
+from launch import cli
 from tests import forked
+from tests.test_bad_input import _override
 from tests.conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +143,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # --quick sets these itself: the values given were silently replaced (ratios 0.3 and 0.7).
     ('selection', ['--quick', '--ratios=0.5'], '--ratios is not read with --quick, which sets it'),
     ('selection', ['--quick', '--config.train.epochs=3'],
-     '--config.train.epochs is not read with --quick, which sets it'),
+     '--config.train.epochs is not read by this benchmark: --quick sets it'),
+    ('selection', ['--epochs=4', '--config.train.epochs=3'],  # ran 4 epochs
+     '--config.train.epochs is not read by this benchmark: --epochs sets it'),
+    ('selection', ['--extractor=pixels', '--config.features.extractor=penultimate'],
+     '--config.features.extractor is not read by this benchmark: --extractor sets it'),
     ('meta_memory', ['--quick', '--unrolls=2'], '--unrolls is not read with --quick, which sets'),
     # Past int32: curation ran its valuations and raters, then failed at train.epochs;
     # selection's --seeds ran out of memory listing them.
@@ -162,6 +169,82 @@ def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   assert len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
   assert not proc.stdout.strip()  # nothing ran
   assert not any(f.is_file() for f in tmp_path.rglob('*'))  # nothing written
+
+
+# Each bench with a --config: its config file, flags, a section of it those flags leave unread,
+# and a flag value its main refuses just after its config check (a run given it stops there).
+_CONFIG_BENCHES = [
+    ('curation', 'digits', '', 'sae', '--noise=2', '--noise values must be in [0, 1)'),
+    ('lm_advance_probe', 'text_bench', '', 'train', '--seed=-1', '--seed values must be in'),
+    ('lm_curation', 'text_bench', '', 'train', '--bench.seeds=()', '--bench.seeds is empty'),
+    ('noise_ceiling', 'fashion_mnist_bench', '', 'valuation', '--noise=0',
+     '--noise values must be in (0, 1)'),
+    *[pytest.param('selection', 'selection', argv, 'valuation', '--policies=',
+                   '--policies is empty', marks=pytest.mark.slow)  # ~1 s a run
+      for argv in ('', '--quick --extractor=pixels')],
+    ('valuation_noise', 'digits', '', 'rater', '--noise=1', '--noise values must be in [0, 1)'),
+    ('valuation_noise', 'digits', '--rater_steps=2 --nocurriculum', 'policy', '--noise=1',
+     '--noise values must be in [0, 1)'),
+]
+
+
+def _bench_help(bench: str, argv: list[str]) -> tuple[str, dict[str, str]]:
+  """(the --help text, {dotted field: its value's repr} of the config fields it lists)."""
+  proc = forked.run(f'bench.{bench}', [*argv, '--help'], subprocess_env(1), ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc.stdout, dict(l[len('  --config.'):].split('=', 1)
+                           for l in proc.stdout.splitlines() if l.startswith('  --config.'))
+
+
+def _refusal(bench: str, argv: list[str], field: str, shown: str) -> str:
+  """The error line of the bench given `argv` and an override of `field` to its value."""
+  proc = forked.run(f'bench.{bench}', [*argv, _override(field, shown)], subprocess_env(1), ROOT)
+  assert proc.returncode == 2 and not proc.stdout.strip(), (field, proc.stderr[-2000:])
+  return proc.stderr.strip()
+
+
+def _help_case(bench, config, argv, unread, late, says):
+  """(--help's text, {field: repr} of the whole config, the first field of each section the help
+  of `bench` with `argv` leaves out, the fields it leaves out of the sections it lists), after
+  checking that it lists some and every one of them, overridden at once, passes the bench's own
+  checks up to `late` (the run stops at that value, refused, naming no field)."""
+  argv = argv.split()
+  text, listed = _bench_help(bench, argv)
+  every = {f: repr(v) for f, v in cli._leaves(  # pylint: disable=protected-access
+      runpy.run_path(os.path.join(ROOT, 'configs', f'{config}.py'))['get_config']())}
+  assert listed and set(listed) <= set(every), (set(listed) - set(every))
+  proc = forked.run(f'bench.{bench}', [*argv, *map(_override, listed, listed.values()), late],
+                    subprocess_env(1), ROOT)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
+  sections = {f.split('.')[0] for f in listed}
+  left_out = {f.split('.')[0]: f for f in sorted(every, reverse=True)
+              if f.split('.')[0] not in sections}
+  assert unread in left_out, left_out
+  within = [f for f in every if f not in listed and f.split('.')[0] in sections]
+  return text, every, left_out, within
+
+
+@pytest.mark.parametrize('bench, config, argv, unread, late, says', _CONFIG_BENCHES)
+def test_a_benchs_help_lists_the_config_fields_it_reads_and_no_other(
+    bench, config, argv, unread, late, says):
+  """A bench's --help listed every field of its config, the run refusing those of the sections
+  it does not read. The oracle is the bench's own refusal: every field listed, overridden, passes
+  (all at once), and the first field of a section left out (`unread`) is refused as unread."""
+  text, every, left_out, _ = _help_case(bench, config, argv, unread, late, says)
+  assert f'--config.{left_out[unread]} is not read' in _refusal(
+      bench, argv.split(), left_out[unread], every[left_out[unread]])
+  assert ('which are read depends on' in text) == (bench in ('selection', 'valuation_noise'))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('bench, config, argv, unread, late, says', _CONFIG_BENCHES)
+def test_every_config_field_a_benchs_help_leaves_out_is_refused(
+    bench, config, argv, unread, late, says):
+  """Each field left out (`_help_case`), overridden alone, is refused as not read."""
+  _, every, left_out, within = _help_case(bench, config, argv, unread, late, says)
+  for field in [*left_out.values(), *within]:
+    assert f'--config.{field} is not read' in _refusal(bench, argv.split(), field, every[field])
 
 
 def test_the_advance_probe_given_the_bench_part_is_one_line():
