@@ -20,9 +20,21 @@ import shutil
 import tempfile
 from typing import Any, Optional
 
+import jax
 import numpy as np
 
 from datarater.errors import UserError
+
+
+def digest(tree) -> str:
+  """sha256 of a pytree's paths, dtypes, shapes and bytes (a store's fingerprint; what
+  processes compare to hold the same data or policy)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    x = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'{jax.tree_util.keystr(path)}:{x.dtype.str}:{x.shape};'.encode())
+    h.update(x.tobytes())
+  return h.hexdigest()
 
 
 def _umask() -> int:

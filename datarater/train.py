@@ -24,7 +24,6 @@ from datarater.data import corruption, pipeline, source
 from datarater.errors import UserError
 from datarater.mesh import BATCH
 from datarater.trainer import Trainer, check_batch_splits, initial_params, seeds_mesh
-from datarater.valuation import store
 from inner_loop.optimizers import make_inner_optimizer
 
 
@@ -67,7 +66,7 @@ def rater_digest(path: str) -> str:
   gives: what a policy reads from a rater, exported or a rater run (its newest readable
   checkpoint)."""
   loaded = export.load_rater(path)
-  return store.digest({'params': jax.device_get(loaded.params),
+  return files.digest({'params': jax.device_get(loaded.params),
                  'temperature': np.float64(loaded.temperature)})[:16]
 
 
@@ -164,7 +163,7 @@ def contents_digest(split) -> Optional[str]:
   trainer compares each chunk it reads) and in a job of one process."""
   if jax.process_count() == 1 or not hasattr(split, 'features'):
     return None
-  return store.digest({'features': split.features, 'ids': split.ids,
+  return files.digest({'features': split.features, 'ids': split.ids,
                        'corruption': split.corruption})
 
 
@@ -188,7 +187,7 @@ def same_policy(name: str, made: policies.Policy, rater: str, scores: str) -> No
   each reads the policy's inputs and runs its set-up alone, which one program on the same data,
   config and seeds makes the same unless a file changed while they read it."""
   if jax.process_count() == 1 or multihost.same_everywhere(
-      store.digest(jax.device_get(made.aux))):
+      files.digest(jax.device_get(made.aux))):
     return
   given = ' and '.join(f'--{k} {v!r}' for k, v in (('rater', rater), ('scores', scores)) if v)
   why = (f'{given} read differently (a run still training? another copy on a host?)' if given else

@@ -55,7 +55,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from datarater import multihost, seeding
+from datarater import files, multihost, seeding
 from datarater.checkpointing import RunCheckpointer, abstract_of
 from datarater.data import source as source_lib
 from datarater.errors import UserError
@@ -669,11 +669,10 @@ def _read_together(chunks, spans):
   line (the others would run the chunk's steps, whose collectives wait for it for good); a chunk
   whose examples (sha256) differ between the processes' copies of the data stops every process
   in one line (each places its own copy: `_on_mesh`)."""
-  from datarater.valuation import store  # pylint: disable=g-import-not-at-top
   for a, b in spans:
     with multihost.together('reading the training split'):
       chunk = next(chunks)
-      digest = store.digest(chunk)
+      digest = files.digest(chunk)
     if not multihost.same_everywhere(digest):
       raise UserError(f'the processes of this job read different examples of the training split '
                       f'for steps {a + 1}-{b} (this process, {jax.process_index()}: sha256 '

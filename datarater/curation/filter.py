@@ -244,8 +244,7 @@ def _load_rater(rater: str, devices, data: _Dataset, corruption):
   with multihost.together('loading the rater'):
     loaded = load_rater(rater, devices=devices)
     loaded.check_matches(data.info, f'dataset {data.name!r}', corruption)
-  from datarater.valuation import store  # pylint: disable=g-import-not-at-top
-  if not multihost.same_everywhere(store.digest(jax.device_get(loaded.params))):
+  if not multihost.same_everywhere(files.digest(jax.device_get(loaded.params))):
     raise UserError(f'--rater {rater!r} changed while the processes loaded it (a run still '
                     'training?): filter again')
   return loaded

@@ -26,7 +26,6 @@ all projected with the same factors (`pergrad.project_params`), and read the tra
 block by block.
 """
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ import numpy as np
 import optax
 
 from datarater import files, pergrad
+from datarater.files import digest  # (a store's fingerprint reads it as store.digest)
 from datarater.errors import UserError
 from datarater.progress import bar as progress_bar
 from datarater.tasks import PerExampleLoss, Task
@@ -46,16 +46,6 @@ from datarater.valuation.base import TrainingRun
 
 FORMAT = 'datarater.gradient_store/1'
 META, PROGRESS, DVEMB, IDS = 'meta.json', 'progress.json', 'dvemb.npy', 'ids.npy'
-
-
-def digest(tree) -> str:
-  """sha256 of a pytree's paths, dtypes, shapes and bytes (which run a store was built from)."""
-  h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    x = np.ascontiguousarray(np.asarray(leaf))
-    h.update(f'{jax.tree_util.keystr(path)}:{x.dtype.str}:{x.shape};'.encode())
-    h.update(x.tobytes())
-  return h.hexdigest()
 
 
 def _read_json(path: str):
