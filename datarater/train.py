@@ -67,7 +67,7 @@ def rater_digest(path: str) -> str:
   checkpoint)."""
   loaded = export.load_rater(path)
   return files.digest({'params': jax.device_get(loaded.params),
-                 'temperature': np.float64(loaded.temperature)})[:16]
+                       'temperature': np.float64(loaded.temperature)})[:16]
 
 
 def format_record(record: dict, eval_split: str) -> str:
