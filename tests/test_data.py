@@ -537,3 +537,32 @@ def test_bundled_datasets_are_built_to_the_same_bytes_in_every_process(tmp_path,
     assert record == canonical
   read = builder.as_data_source()['train']
   assert sorted(tuple(read[i]['f3']) for i in range(5)) == [(i, 3) for i in range(5)]
+
+
+def test_a_model_reading_a_feature_left_out_is_told_why():
+  """WORKSPACE.md: text, variable-length tensors, uint16 or float32 images and images of no
+  fixed shape are left out, and a model that reads one is refused saying so (a uint16 image was
+  refused only as a feature the dataset lacks, leaving one to guess the name was misspelt)."""
+  import types  # pylint: disable=g-import-not-at-top
+  from datarater.tasks.classifier import mlp_classifier  # pylint: disable=g-import-not-at-top
+  features = tfds.features.FeaturesDict({
+      'image': tfds.features.Tensor(shape=(4, 4), dtype=np.uint8),
+      'depth': tfds.features.Image(shape=(4, 4, 1), dtype=np.uint16),
+      'heat': tfds.features.Image(shape=(4, 4, 1), dtype=np.float32),
+      'photo': tfds.features.Image(shape=(None, None, 3)),
+      'tokens': tfds.features.Tensor(shape=(None,), dtype=np.int64),
+      'caption': tfds.features.Text(),
+      'label': tfds.features.ClassLabel(names=['a', 'b'])})
+  builder = types.SimpleNamespace(info=types.SimpleNamespace(
+      features=features, supervised_keys=('image', 'label'), full_name='mine/1.0.0'))
+  info = pipeline.data_info(builder)
+  assert set(info.spec) == {'image', 'label'}
+  for name, why in [('depth', 'is a uint16 image: only uint8 images are read'),
+                    ('heat', 'is a float32 image: only uint8 images are read'),
+                    ('photo', 'is an image of no fixed shape (None, None, 3): resize'),
+                    ('tokens', 'has no fixed shape (None,)'),
+                    ('caption', 'is a Text feature, not an array of numbers')]:
+    config = ml_collections.ConfigDict({'hidden': (4,), 'activation': 'relu', 'input': name})
+    with pytest.raises(UserError) as e:
+      mlp_classifier(config, info)
+    assert f'({name!r} {why}' in str(e.value) and '\n' not in str(e.value), str(e.value)

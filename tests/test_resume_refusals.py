@@ -474,3 +474,31 @@ def test_a_checkpoint_of_a_config_without_the_precision_fields_resumes_under_the
   fingerprint = lambda config: valuation_run.fingerprint('tracin', config, 'data', 'model')
   bf16.task.param_dtype = 'bfloat16'
   assert fingerprint(without) == fingerprint(shipped) != fingerprint(bf16)
+
+
+def test_a_training_checkpoint_of_the_seeds_old_keys_is_refused_and_valuations_fit_again(
+    tmp_path, monkeypatch):
+  """The README's promise for checkpoints made before the components' keys were separated: a
+  launch.train checkpoint that records no `key_derivation` is refused in one line, `a different
+  config (key_derivation=(not recorded) there, 2 here)`, and a valuation's fit cache key moves
+  with `seeding.KEYS_VERSION` (so its recorded runs are fitted again)."""
+  from datarater import seeding  # pylint: disable=g-import-not-at-top
+  from datarater import train as train_lib  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import run as valuation_run  # pylint: disable=g-import-not-at-top
+  config = small_config(str(tmp_path / 'tfds'))
+  workdir = str(tmp_path / 'run')
+  _save_one(train_lib.run_checkpointer(config, workdir, 'uniform', '', '', False),
+            extra={'history': [], 'wall_s': 0.0, 'steps': 0})
+  assert train_lib.run_checkpointer(config, workdir, 'uniform', '', '', False
+                                    ).check_compatible() == 2
+  (meta_file,) = glob.glob(os.path.join(workdir, 'checkpoints', '2', 'meta', 'metadata'))
+  meta = json.load(open(meta_file))
+  assert meta['config'].pop('key_derivation') == 2  # as a checkpoint of older code records it
+  json.dump(meta, open(meta_file, 'w'))
+  with pytest.raises(UserError) as e:
+    train_lib.run_checkpointer(config, workdir, 'uniform', '', '', False).check_compatible()
+  assert 'a different config (key_derivation=(not recorded) there, 2 here)' in str(e.value)
+  assert '\n' not in str(e.value)
+  before = valuation_run.fingerprint('tracin', config, 'data', 'model')
+  monkeypatch.setattr(seeding, 'KEYS_VERSION', 3)
+  assert valuation_run.fingerprint('tracin', config, 'data', 'model') != before

@@ -166,8 +166,8 @@ class DataInfo:
   left_out: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
   def why_not(self, name) -> str:
-    """' (why)' if feature `name` of the dataset was left out of `spec` for a reason worth
-    saying (an image without a fixed shape), else ''."""
+    """' (why)' if feature `name` of the dataset was left out of `spec` (text, an image not
+    of uint8 or of no fixed shape, another array of no fixed shape), else ''."""
     return f' ({name!r} {self.left_out[name]})' if name in self.left_out else ''
 
   def to_json(self) -> dict:
@@ -222,15 +222,27 @@ def is_image(feature) -> bool:
   return isinstance(feature, tfds.features.Image) and np.dtype(feature.np_dtype) == np.uint8
 
 
+def _why_left_out(feature, dtype: Optional[np.dtype]) -> str:
+  """Why `data_info` leaves a feature out of the spec, as a model that reads it is told."""
+  shape = tuple(getattr(feature, 'shape', ()) or ())
+  if isinstance(feature, tfds.features.Image) and dtype is None:
+    return (f'is a {np.dtype(feature.np_dtype).name} image: only uint8 images are read; store '
+            'it as a Tensor feature when preparing the dataset')
+  if dtype is not None and is_image(feature):
+    return (f'is an image of no fixed shape {shape}: resize the images to one shape when '
+            'preparing the dataset')
+  if dtype is not None:
+    return f'has no fixed shape {shape}: pad or cut it to one shape when preparing the dataset'
+  return f'is a {type(feature).__name__} feature, not an array of numbers, and is not read'
+
+
 def data_info(builder: tfds.core.DatasetBuilder) -> DataInfo:
   features = builder.info.features
   spec, classes, names, stored, left_out = {}, {}, {}, {}, {}
   for name, feature in features.items():
     dtype = _decoded_dtype(feature)
     if dtype is None or None in tuple(feature.shape):  # not a fixed-shape array: left out
-      if dtype is not None and is_image(feature):
-        left_out[name] = (f'is an image of no fixed shape {tuple(feature.shape)}: resize the '
-                          'images to one shape when preparing the dataset')
+      left_out[name] = _why_left_out(feature, dtype)
       continue
     spec[name] = jax.ShapeDtypeStruct(tuple(feature.shape), dtype)
     stored[name] = np.dtype(feature.np_dtype).name
