@@ -145,6 +145,20 @@ def test_a_layer_name_is_a_modules_not_a_parameters():
     pergrad.layer_mask(params, ['kernel'])
 
 
+def test_a_module_name_names_that_module_in_every_block():
+  """README: `mlp_in` names both `block_0/mlp_in` and `block_1/mlp_in` (a two-block transformer):
+  the mask holds exactly the leaves under those two modules, read off the parameter tree (the
+  factored projection and ghost products take the mask's layers: the test above)."""
+  from datarater.tasks.lm import LanguageModel, Transformer  # pylint: disable=g-import-not-at-top
+  task = LanguageModel(Transformer(10, 8, 2, 2, 12, 10), {'tokens': jax.ShapeDtypeStruct(
+      (6,), jnp.int32)}, 'tokens')
+  params = jax.eval_shape(task.init, jax.random.key(0))  # shapes only: nothing is computed
+  want = {id(x) for b in ('block_0', 'block_1')
+          for x in jax.tree.leaves(params['params'][b]['mlp_in'])}
+  leaves, mask = jax.tree.leaves(params), jax.tree.leaves(pergrad.layer_mask(params, ['mlp_in']))
+  assert {id(x) for x, keep in zip(leaves, mask) if keep} == want and len(want) == 4
+
+
 def _projection_matrix(transform, num_params, dtype=jnp.float64):
   """The matrix a linear transform applies, recovered row by row from unit vectors."""
   state = transform.init(jax.ShapeDtypeStruct((num_params,), dtype))

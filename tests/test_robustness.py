@@ -534,25 +534,27 @@ def test_written_json_is_standard_with_non_finite_floats_as_null(tmp_path):
 def test_a_rater_run_without_corruption_records_no_auroc_and_scores_no_extra_pass(
     tfds_dir, tmp_path, monkeypatch, capsys):
   """No example recorded corrupted: no noise AUROC per logged step (and no pass over the
-  training split for one), report.json's is null; the files are standard JSON; run again, the
-  finished run prints its report."""
+  training split for one), report.json's is null; the files are standard JSON. 3 steps, logged
+  and checkpointed every 2: the last step is logged and checkpointed too, so run again, the
+  finished run prints its report instead of running step 3 again."""
   from datarater import evaluation  # pylint: disable=g-import-not-at-top
   passes = []
   score_split = evaluation.score_split
   monkeypatch.setattr(evaluation, 'score_split', lambda *a, **k: passes.append(1) or
                       score_split(*a, **k))
-  config = small_config(tfds_dir, steps=4)
+  config = small_config(tfds_dir, steps=3)
   config.data.label_noise = 0.0
   workdir = tmp_path / 'run'
   report = meta_train(config, str(workdir), devices=jax.devices()[:1])
   assert len(passes) == 1  # the report's scores only (with label noise, one more per logged step)
   records = [_strict_json(l) for l in open(workdir / 'metrics.jsonl')]
-  assert [r['step'] for r in records] == [2, 4] and not any('noise_auroc' in r for r in records)
+  assert [r['step'] for r in records] == [2, 3] and not any('noise_auroc' in r for r in records)
+  assert sorted(int(d) for d in os.listdir(workdir / 'checkpoints') if d.isdigit())[-1] == 3
   written = _strict_json((workdir / 'report.json').read_text())
   assert written['noise_auroc'] is None and written == report
   assert 'noise AUROC' not in capsys.readouterr().out
   assert meta_train(config, str(workdir), devices=jax.devices()[:1]) == report
-  assert 'this run finished at outer step 4' in capsys.readouterr().out
+  assert 'this run finished at outer step 3' in capsys.readouterr().out
 
 
 @STOPPED_RUNS
