@@ -229,8 +229,8 @@ def _checked_inputs(config, policy, rater, scores, workdir, stop_after):
     if hasattr(split, 'features'):
       task.check_data(split.features)
   # Before the policy's set-up and the trainer's compile, which step 1's NaN would waste: every
-  # seed's model as the trainer initialises it, on the devices it places it on, the batch split
-  # over them as the trainer's steps split it.
+  # seed's model as the trainer initialises it, on this process's devices (each process checks
+  # alone; in a job of one process, the trainer's), the batch split over them as its steps do.
   tasks.check_initial_loss(task, initial_params(task, t.seeds), {
       f'the first {t.batch_size} examples of data.train_split': jax.device_put(
           train_split.take(np.arange(t.batch_size)),

@@ -159,7 +159,7 @@ class DataInfo:
   spec: Mapping[str, jax.ShapeDtypeStruct]  # one decoded example
   num_classes: Mapping[str, int]            # class-label features -> number of classes
   supervised_keys: Optional[tuple]          # (input, target) feature names, if the dataset says
-  class_names: Mapping[str, tuple] = dataclasses.field(default_factory=dict)  # class labels'
+  class_names: Mapping[str, tuple] = dataclasses.field(default_factory=dict)  # labels' names
   # Array features' dtypes as stored (uint8 decodes to [0, 1], other numbers keep their values).
   stored: Mapping[str, str] = dataclasses.field(default_factory=dict)
   # Features left out of `spec` that a model might look for -> why (not in the JSON form).
@@ -487,8 +487,8 @@ def files_digest(builder) -> str:
 def check_same_everywhere(builder, name: str) -> None:
   """UserError on every process of a job unless each process's copy of dataset `name` (`builder`;
   each process may keep its own: --data_dir, data.data_dir) has the same name, version, features
-  and split sizes: processes reading copies that differ in these mix two datasets (a rater run
-  trained on, a filter aborted the job)."""
+  and split sizes: processes reading copies that differ in these would mix two datasets (a run
+  training or valuing on both, a filter aborting the job)."""
   info = builder.info
   splits = {s: info.splits[s].num_examples for s in info.splits}
   layout = json.dumps([info.name, str(info.version), repr(info.features), splits], sort_keys=True)
