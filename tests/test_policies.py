@@ -429,12 +429,12 @@ def test_a_policy_field_set_for_a_policy_that_ignores_it_is_refused():
 @pytest.mark.parametrize('name, method', [('tracin_curriculum', 'tracin'), ('mimic', 'mimic')])
 def test_a_valuation_field_a_policy_that_values_the_split_ignores_is_refused(name, method):
   """tracin_curriculum and mimic read `valuation` as their method does, in part: a field that
-  `factory.READ_BY` gives to other methods alone, or one launch.valuate alone reads (how it
+  `factory.reads` gives to other methods alone, or one launch.valuate alone reads (how it
   scores in blocks, its store's size, Mimic's offline keep decision; online Mimic records no run
   but its reference's), trained on silently without it; refused (launch.train's `check_flags`)."""
   from datarater.config_checks import SECTIONS  # pylint: disable=g-import-not-at-top
-  from datarater.valuation.factory import READ_BY  # pylint: disable=g-import-not-at-top
-  others = [f for f in SECTIONS['valuation'] if method not in READ_BY.get(f, (method,))]
+  from datarater.valuation.factory import reads  # pylint: disable=g-import-not-at-top
+  others = [f for f in SECTIONS['valuation'] if not reads(method, f)]
   valuate_only = {'tracin': ['score_batch_size', 'store_k'],
                   'mimic': ['score_batch_size', 'store_k', 'mimic_keep_fraction', 'train_steps',
                             'checkpoint_every', 'chunk_size']}[method]

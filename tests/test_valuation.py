@@ -671,6 +671,24 @@ def test_launch_valuate_refuses_the_projection_and_layers_fields_for_mimic_and_d
       factory.check_fields(method, [f'valuation.{field}'])
 
 
+def test_a_new_method_reads_the_recorded_runs_fields_without_being_listed(monkeypatch):
+  """WORKSPACE.md's recipe: a method added to METHODS that values `record_for`'s run reads its
+  fields (train_steps, batch_size, ...) as mimic does; they were refused for it, one by one,
+  until listed under each in READ_BY. Another method's own field stays refused."""
+  from datarater.config_checks import SECTIONS  # pylint: disable=g-import-not-at-top
+  from datarater.valuation import factory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(factory, 'METHODS', factory.METHODS + ('gradnorm',))
+  run_fields = ('train_steps', 'checkpoint_every', 'batch_size', 'optimizer', 'learning_rate',
+                'seed', 'chunk_size')
+  factory.check_fields('gradnorm', [f'valuation.{f}' for f in run_fields])
+  for field in ('tracin_mode', 'mimic_layers', 'dvemb_steps', 'rater', 'layers'):
+    with pytest.raises(UserError, match=rf'valuation.{field} is not read by method gradnorm'):
+      factory.check_fields('gradnorm', [f'valuation.{field}'])
+  with pytest.raises(UserError, match=r'it is read by tracin, mimic, gradnorm alone'):
+    factory.check_fields('dvemb', ['valuation.train_steps'])
+  assert {f for f in SECTIONS['valuation'] if factory.reads('gradnorm', f)} >= set(run_fields)
+
+
 @pytest.fixture(scope='module')
 def wide_mlp():
   """A float32 MLP 32 -> 128 -> 128 -> 3 (P = 21k), its recorded run (the explicit SGD loop), a

@@ -30,12 +30,14 @@ READ_BY = {'tracin_mode': ('tracin',), 'tracin_project': ('tracin',), 'tracin_gh
            'dvemb_curvature': ('dvemb',), 'dvemb_steps': ('dvemb',), 'rater': ('datarater',),
            # Mimic projects nothing and reads mimic_layers (dvemb refuses layers itself).
            **{f: ('tracin', 'dvemb') for f in ('layers', 'projection', 'projection_dim')},
-           # The recorded training run (dvemb's is dvemb_steps long, a checkpoint per step).
-           'train_steps': ('tracin', 'mimic'), 'checkpoint_every': ('tracin', 'mimic'),
            # The gradient store's projection (the rater scores without a store).
-           **{f: ('tracin', 'mimic', 'dvemb') for f in ('projection_seed', 'store_k')},
-           **{f: ('tracin', 'mimic', 'dvemb') for f in (
-               'batch_size', 'optimizer', 'learning_rate', 'seed', 'chunk_size')}}
+           **{f: ('tracin', 'mimic', 'dvemb') for f in ('projection_seed', 'store_k')}}
+# The recorded training run's fields (`record_for`), read by every method in METHODS but these,
+# so a new method that values a recorded run reads them without being listed (dvemb's run is
+# dvemb_steps long, a checkpoint per step; the rater records none).
+UNREAD_BY = {'train_steps': ('dvemb', 'datarater'), 'checkpoint_every': ('dvemb', 'datarater'),
+             **{f: ('datarater',) for f in (
+                 'batch_size', 'optimizer', 'learning_rate', 'seed', 'chunk_size')}}
 # DVEmb keeps a k x k curvature and decomposes it every step: above this k it warns before the fit.
 DVEMB_WARN_DIM = 4096
 
@@ -133,12 +135,19 @@ def rater_for(config, train):
 
 def check_fields(method: str, overridden) -> None:
   """UserError if a `valuation` field among `overridden` (dotted paths set on the command line)
-  is one `method` does not read (`READ_BY`)."""
+  is one `method` does not read (`reads`)."""
   for path in overridden:
     section, _, field = path.partition('.')
-    if section == 'valuation' and method not in READ_BY.get(field, (method,)):
+    if section == 'valuation' and not reads(method, field):
       raise UserError(f'--config.{path} is not read by method {method} (it is read by '
-                      f'{", ".join(READ_BY[field])} alone)')
+                      f'{", ".join(m for m in METHODS if reads(m, field))} alone)')
+
+
+def reads(method: str, field: str) -> bool:
+  """Whether `method` reads `valuation.<field>` (`READ_BY`, `UNREAD_BY`; else every method)."""
+  if field in READ_BY:
+    return method in READ_BY[field]
+  return method not in UNREAD_BY.get(field, ())
 
 
 def check(method: str, config, task, train) -> None:
