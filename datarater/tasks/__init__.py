@@ -6,6 +6,7 @@ from datarater.tasks.base import (Batch, FeatureSpec, Params, PerExampleLoss, Ra
                                   at_least_float32, batch_size_of, check_initial_loss,
                                   check_per_example, example_batch, init_module, num_classes,
                                   require_labels)
+from datarater.tasks.nnx import NnxModel
 from datarater.tasks.registry import (RATERS, TASKS, make_rater, make_task, register_rater,
                                       register_task)
 from datarater.tasks import classifier, cnn, lm  # pylint: disable=unused-import,g-bad-import-order  (registers them)

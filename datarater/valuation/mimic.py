@@ -33,8 +33,11 @@ def resolve_layers(loss_fn: PerExampleLoss, params, batch: dict, layers: Layers)
     if not pergrad.param_owners(params):  # the top module holds them all: it is the last layer
       return None
     names = pergrad.param_layers(loss_fn, params, batch)
-    if not names:  # e.g. a model in plain JAX: no flax module calls to see
-      raise UserError("layers='last' found no layer called with parameters; name the layers")
+    if not names:  # a flax.nnx model or plain JAX: no linen module calls to see
+      raise UserError("layers='last' found no flax.linen layer called with parameters (an nnx "
+                      'or plain JAX model: its calls are not seen); name them in '
+                      'valuation.mimic_layers (layers: '
+                      f'{", ".join(sorted(pergrad.param_owners(params)))})')
     return [names[-1]]
   if isinstance(layers, str):
     return [layers]
