@@ -7,10 +7,11 @@ file above it, no write permission) refused before `main` runs (`writable`). `nu
 comma-list flag, `at_least` bounds an integer flag and `out_folder` makes the output folder at the
 start, so that a bad value or an unwritable --out fails at once, not after the runs; `quick_out`
 gives a --quick smoke run its own default output; `define_config_check` declares with the flags
-the --config sections the benchmark reads and the fields it sets from its own flags, so that
-`check_config` refuses an override of any other (it would change nothing) and --help lists only
-those read; `quick_sets` refuses a flag that --quick sets. `read_json` reads another bench's
-results file, refusing one that is not (a truncated file, another kind) in one line.
+the --config sections and top-level fields the benchmark reads and the fields it sets from its
+own flags, so that `check_config` refuses an override of any other (it would change nothing)
+and --help lists only those read; `quick_sets` refuses a flag that --quick sets. `read_json`
+reads another bench's results file, refusing one that is not (a truncated file, another kind) in
+one line.
 """
 import json
 import os
@@ -69,16 +70,20 @@ def config_file(default: str) -> Callable:
   return lambda: cli.define_config_file('config', default, 'Experiment config file.')
 
 
-def define_config_check(program: str, sections, set_by=None, depends=()) -> None:
+def define_config_check(program: str, sections, set_by=None, depends=(), top_level=()) -> None:
   """Declares, with the benchmark's flags (after its --config), what its runs read of --config:
-  the sections `sections` (a tuple, or one made of the parsed flags by `sections(fv)`) less the
-  fields it sets from its own flags (`set_by`: {field: flag}, or made by `set_by(fv)`).
-  `check_config` refuses an override of any other field, and --help lists only those read
-  (`cli.define_override_check`, saying that the flags `depends` change which)."""
+  the sections `sections` (a tuple, or one made of the parsed flags by `sections(fv)`) and the
+  top-level fields `top_level` (e.g. `log_every`), less the fields it sets from its own flags
+  (`set_by`: {field: flag}, or made by `set_by(fv)`). `check_config` refuses an override of any
+  other field, and --help lists only those read (`cli.define_override_check`, saying that the
+  flags `depends` change which)."""
   def check(fv: flags.FlagValues, paths=None) -> None:
     paths = fv['config'].override_values if paths is None else paths
     set_by_flags((set_by(fv) if callable(set_by) else set_by) or {}, paths)
-    cli.refuse_unread_sections(fv, _READ['sections'](fv), program, top_level=True, paths=paths)
+    config = fv['config'].value
+    unread = [k for k in config.keys() if not hasattr(config[k], 'keys') and k not in top_level]
+    cli.refuse_unread_sections(fv, _READ['sections'](fv), program, top_level=bool(top_level),
+                               unread=unread if top_level else (), paths=paths)
   _READ.update(sections=sections if callable(sections) else lambda fv: sections, check=check)
   cli.define_override_check(check, flags.FLAGS, depends)
 

@@ -366,7 +366,8 @@ def define_flags() -> None:
                          'The fresh language models, seeds, keeps, methods.')
   flags.DEFINE_string('out', 'bench/results/lm_curation', 'Output prefix.')
   bench_cli.define_config_check('bench.lm_curation', CONFIG_SECTIONS,
-                                {'seed': '--bench.seeds', 'valuation.seed': '--bench.seeds'})
+                                {'seed': '--bench.seeds', 'valuation.seed': '--bench.seeds'},
+                                top_level=('log_every', 'checkpoint_every'))  # its rater run's
 
 
 # What the rater's runs and the valuations read of --config (the fresh models: --bench).

@@ -247,6 +247,25 @@ def test_every_config_field_a_benchs_help_leaves_out_is_refused(
     assert f'--config.{field} is not read' in _refusal(bench, argv.split(), field, every[field])
 
 
+def test_the_top_level_fields_a_benchs_rater_runs_set_are_neither_listed_nor_accepted(
+    monkeypatch):
+  """`runs.train_rater` (bench.curation's and bench.valuation_noise's rater runs) starts the same
+  run whatever the config's `log_every` and `checkpoint_every` (the oracle: the config it hands
+  `meta_train`, captured): bench.curation's --help listed both (and took an override of either:
+  `test_every_config_field_a_benchs_help_leaves_out_is_refused`)."""
+  from bench import runs  # pylint: disable=g-import-not-at-top
+  seen = []
+  monkeypatch.setattr(runs, 'meta_train', lambda c, workdir: seen.append(c.to_dict()))
+  config = runpy.run_path(os.path.join(ROOT, 'configs', 'digits.py'))['get_config']()
+  for every in (1, 7):
+    c = config.copy_and_resolve_references()
+    c.log_every = c.checkpoint_every = every
+    runs.train_rater(c, 3, 'unused')
+  assert seen[0] == seen[1]
+  _, listed = _bench_help('curation', [])
+  assert not {'log_every', 'checkpoint_every'} & set(listed), listed  # refused: the slow test
+
+
 def test_the_advance_probe_given_the_bench_part_is_one_line():
   """lm_advance_probe read text_bench.py's bench part as its config: a traceback."""
   proc = forked.run('bench.lm_advance_probe', ['--config=configs/text_bench.py:bench'],
