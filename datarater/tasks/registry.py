@@ -81,37 +81,28 @@ def import_module_of(name: str, module: Optional[str], where: str) -> None:
 def make_task(config, info, section: str = 'task') -> Task:
   """The task `config.name` for data described by `info` (`pipeline.DataInfo`); `section`: the
   config section `config` is (`building_section()` while the factory runs)."""
-  if config.name not in TASKS:
-    raise UserError(f'unknown {section}.name {config.name!r} (choose from '
-                    f'{", ".join(sorted(TASKS))})')
-  token = _SECTION.set(section)
-  try:
-    task = TASKS[config.name](config, info)
-  finally:
-    _SECTION.reset(token)
-  _check_kind(task, Task, 'task', config.name)
-  check_outputs(task, info)
-  return task
+  return _make(TASKS, Task, config, info, section)
 
 
 def make_rater(config, info) -> Rater:
   """The rater `config.name` for data described by `info`."""
-  if config.name not in RATERS:
-    raise UserError(f'unknown rater.name {config.name!r} (choose from {", ".join(sorted(RATERS))}; '
-                    'a rater of your own loads where its module is imported)')
-  token = _SECTION.set('rater')
+  return _make(RATERS, Rater, config, info, 'rater',
+               '; a rater of your own loads where its module is imported')
+
+
+def _make(factories: dict, kind: type, config, info, section: str, hint: str = ''):
+  """`factories[config.name](config, info)`, refused in one line where the name is unknown
+  (`hint` ends the line), or what it makes is no `kind` or has outputs of the wrong shapes."""
+  if config.name not in factories:
+    raise UserError(f'unknown {section}.name {config.name!r} (choose from '
+                    f'{", ".join(sorted(factories))}{hint})')
+  token = _SECTION.set(section)
   try:
-    rater = RATERS[config.name](config, info)
+    made = factories[config.name](config, info)
   finally:
     _SECTION.reset(token)
-  _check_kind(rater, Rater, 'rater', config.name)
-  check_outputs(rater, info)
-  return rater
-
-
-def _check_kind(made, kind: type, what: str, name: str) -> None:
-  """UserError unless the factory registered as `name` made a `kind` (a factory that forgot its
-  `return` made None)."""
-  if not isinstance(made, kind):
-    raise UserError(f'the {what} factory registered as {name!r} returned a '
-                    f'{type(made).__name__}, not a datarater.tasks.{kind.__name__}')
+  if not isinstance(made, kind):  # (a factory that forgot its `return` made None)
+    raise UserError(f'the {kind.__name__.lower()} factory registered as {config.name!r} '
+                    f'returned a {type(made).__name__}, not a datarater.tasks.{kind.__name__}')
+  check_outputs(made, info)
+  return made
