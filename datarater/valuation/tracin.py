@@ -10,7 +10,6 @@ TracInCP(z, z') = sum_c lr_c <grad l(z; theta_c), grad l(z'; theta_c)> over save
 """
 from typing import Optional, Sequence
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -87,38 +86,6 @@ def heldout_influence(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batc
 
   init = jnp.zeros(batch_size_of(batch), lrs.dtype)
   return jax.lax.scan(body, init, (checkpoints, lrs, directions))[0]
-
-
-def tracin_cp(loss_fn: PerExampleLoss, checkpoints, lrs: jax.Array, batch_a: dict, batch_b: dict,
-              layers: Optional[Sequence[str]] = None,
-              projection: Optional[pergrad.GradTransform] = None, cosine: bool = False,
-              ghost: bool = False, chunk_size: Optional[int] = 64) -> jax.Array:
-  """[A, B] matrix sum_c lr_c <g(a_i), g(b_j)> (cosines with `cosine`).
-
-  `ghost=True` computes the dots of Dense-layer gradients from activations and output gradients
-  (no projection); otherwise from chunked, optionally projected, flattened per-example gradients.
-  """
-  tail = [pergrad.normalize()] if cosine else []
-  t = pergrad.chain(*_prefix(layers, projection), *tail, pergrad.flatten())
-
-  def body(acc, c):
-    params, lr = c
-    if ghost:
-      m = pergrad.ghost_dots(loss_fn, params, batch_a, batch_b, layers)
-      if cosine:
-        na = jnp.sqrt(pergrad.ghost_sq_norms(loss_fn, params, batch_a, layers))
-        nb = jnp.sqrt(pergrad.ghost_sq_norms(loss_fn, params, batch_b, layers))
-        m = m / jnp.maximum(na[:, None] * nb[None, :], 1e-30)
-    else:
-      state = t.init(params)
-      ga = pergrad.per_example(loss_fn, params, batch_a, t, state, chunk_size)
-      gb = pergrad.per_example(loss_fn, params, batch_b, t, state, chunk_size)
-      m = ga @ gb.T
-    chex.assert_equal_shape([m, acc])
-    return acc + lr * m, None
-
-  init = jnp.zeros((batch_size_of(batch_a), batch_size_of(batch_b)), lrs.dtype)
-  return jax.lax.scan(body, init, (checkpoints, lrs))[0]
 
 
 class TracIn(Valuation):
