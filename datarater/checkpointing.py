@@ -35,6 +35,7 @@ from etils import epath
 
 from datarater import files, multihost
 from datarater.errors import UserError
+from datarater.mesh import spans_processes
 
 log = logging.getLogger('datarater')
 
@@ -368,7 +369,7 @@ def checksums(tree) -> dict[str, int]:
                           for k in path))
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
-    spanning.append(isinstance(x, jax.Array) and not x.is_fully_addressable)
+    spanning.append(isinstance(x, jax.Array) and spans_processes(x))
     if not isinstance(x, jax.Array):  # (a host array: one whole block)
       sums.append(_block_checksum(x, (slice(None),) * np.ndim(x), np.shape(x)))
       continue

@@ -39,6 +39,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def spans_processes(placement) -> bool:
+  """Whether a mesh, sharding or array holds devices of another process than this one (of a
+  `jax.distributed` job): an array there is made from each process's own shards (`from_host`)
+  and read whole by a collective (`gathered`)."""
+  if isinstance(placement, Mesh):
+    placement = replicated(placement)
+  return not placement.is_fully_addressable
+
+
 def population_sharding(mesh: Mesh, tree):
   """Leaves with a leading population axis are split over it."""
   return jax.tree.map(lambda _: NamedSharding(mesh, P(POP)), tree)
@@ -72,7 +81,7 @@ def host_copy(tree):
 def gathered(x) -> np.ndarray:
   """A numpy copy of the whole of array `x` on every process: where `x` spans other processes'
   devices, gathered from them (a collective: every process calls it alike)."""
-  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+  if not isinstance(x, jax.Array) or not spans_processes(x):
     return np.asarray(x)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -60,7 +60,7 @@ from datarater.checkpointing import RunCheckpointer, abstract_of
 from datarater.data import source as source_lib
 from datarater.errors import UserError
 from datarater.mesh import (BATCH, POP, check_batch_sizes, from_host, gathered, make_mesh,
-                            replicated)
+                            replicated, spans_processes)
 
 from datarater.tasks import Task
 from inner_loop.unroll import InnerState, init_inner_state, inner_step
@@ -452,7 +452,7 @@ class Trainer:
                  else contextlib.nullcontext(itertools.repeat(data)))
         name = 'chunk_read' if streaming else 'chunk'
         with reads as chunks:
-          if streaming and _spans_processes(mesh):
+          if streaming and spans_processes(mesh):
             chunks = _read_together(chunks, [(done_steps + a, done_steps + b) for a, b in spans])
           for (a, b), chunk_data in zip(spans, chunks):
             pad = lambda x: _pad(x, length, a, b)
@@ -579,7 +579,7 @@ def _stopping_together(mesh: Mesh, checkpointer: Optional[RunCheckpointer]):
   finish however the block is left, after the vote's end (a process leaving by its error votes
   so first, where the others wait in their next `stop_here`, not in the closing's votes)."""
   try:
-    voting = multihost.StopVote(mesh.devices, 0) if _spans_processes(mesh) else None
+    voting = multihost.StopVote(mesh.devices, 0) if spans_processes(mesh) else None
     with voting or contextlib.nullcontext() as vote:
       def stop_here(step: int) -> bool:
         if vote is None:
@@ -629,7 +629,7 @@ def _on_mesh(tree, sharding):
   (`train.check_same_contents`), a streamed one chunk by chunk (`_read_together`); a chunk's
   positions and weights, computed on the host from the same keys by the same programs on every
   process, need no check."""
-  if sharding.is_fully_addressable:
+  if not spans_processes(sharding):
     return jax.device_put(tree, sharding)
   return from_host(tree, sharding)
 
@@ -643,7 +643,7 @@ def _placed(x, sharding):
   if isinstance(x, jax.Array):
     if x.sharding == sharding:
       return x
-    if x.is_fully_addressable and not sharding.is_fully_addressable:
+    if not spans_processes(x) and spans_processes(sharding):
       return _on_mesh(np.asarray(x), sharding)
     return jax.device_put(x, sharding)
   return x if jax.process_count() == 1 else _on_mesh(x, sharding)
@@ -654,13 +654,9 @@ def _shared(aux, mesh: Mesh):
   placed once from each process's host copy (`_on_mesh`: an array on this process's devices, a
   loaded rater's parameters, cannot move to another process's; `launch.train` checks every
   process made the same aux); in one process as it is (each program places it)."""
-  if not _spans_processes(mesh):
+  if not spans_processes(mesh):
     return aux
   return _on_mesh(jax.tree.map(np.asarray, aux), replicated(mesh))
-
-
-def _spans_processes(mesh: Mesh) -> bool:
-  return len({d.process_index for d in mesh.devices.flat}) > 1
 
 
 def _read_together(chunks, spans):
