@@ -82,7 +82,8 @@ class _ConfigFileParser(flags.ArgumentParser):
       if not isinstance(config, ml_collections.ConfigDict):
         getattr(config, 'keys', None)  # a file that could not be read: its stand-in raises here
         raise TypeError(f'get_config() returned {type(config).__name__}, not a ConfigDict')
-    except Exception as e:  # pylint: disable=broad-except  (anything the file's code raises)
+    except (Exception, SystemExit) as e:  # pylint: disable=broad-except  (anything the file's
+      # code raises; a sys.exit() in it left its own exit code and no line)
       cause = e.__context__ if 'Error whilst parsing config file' in str(e) else e
       raise ConfigFileError(f'cannot load --{self.name} {path!r}: {_why(cause)}') from None
     finally:

@@ -45,6 +45,7 @@ def world(tfds_dir, tmp_path_factory):
   (root / 'a_file').write_text('not a folder')
   (root / 'seeds_flags').write_text('--config.train.seeds=(0,1)\n')  # a --flagfile
   (root / 'binary_flags').write_bytes(bytes(range(128, 256)))  # a --flagfile not text
+  (root / 'exit_config.py').write_text('import sys\n\n\ndef get_config():\n  sys.exit(3)\n')
   for field in ('log_every', 'checkpoint_every'):  # config files without a field rater runs read
     (root / f'no_{field}.py').write_text('from configs import digits\n\n\ndef get_config():\n'
                                          f'  c = digits.get_config()\n  del c[{field!r}]\n'
@@ -183,6 +184,11 @@ def _cases(tfds_dir: str, w) -> list:
        "No such file or directory: 'configs/nope.py'"),
       ('train_rater', ['--config=README.md', f'--workdir={w}/new_run'],
        "cannot load --config 'README.md': SyntaxError: invalid decimal literal (line "),
+      # (exit code 3, no line)
+      ('train_rater', [f'--config={w}/exit_config.py', f'--workdir={w}/new_run'],
+       f"cannot load --config '{w}/exit_config.py': SystemExit: 3"),
+      # tensorstore took no such path: a traceback at the first checkpoint, the run half written
+      (*tr(out=f'--workdir={w}/bad\udcff'), "--workdir '" + f'{w}/bad' + "\\udcff' is not UTF-8"),
       ('train_rater', ['--config=launch/cli.py', f'--workdir={w}/new_run'],
        "cannot load --config 'launch/cli.py': it defines no get_config()"),
       ('train_rater', ['--config=configs/text_bench.py:nope', f'--workdir={w}/new_run'],
@@ -645,7 +651,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 241  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 243  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):
