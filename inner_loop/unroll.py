@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from datarater.tasks.base import PerExampleLoss, at_least_float32
+from inner_loop.weighting import weight_ess
 
 WeightFn = Callable[[dict], jax.Array]  # batch -> loss weights [B]
 
@@ -44,16 +45,17 @@ def inner_step(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
 
 def weighted_step(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation,
                   weight_fn: WeightFn, state: InnerState, batch: dict):
-  """`inner_step` on the weights `weight_fn(batch)`; returns (new state, the weighted loss
-  mean(w_i * l_i) before it)."""
+  """`inner_step` on the weights `weight_fn(batch)`; returns (new state, (the weighted loss
+  mean(w_i * l_i) before it, the weights' `weight_ess`, free from the weights it has))."""
   weights = weight_fn(batch)
   state, losses = inner_step(loss_fn, optimizer, state, batch, weights)
-  return state, jnp.mean(weights * losses)
+  return state, (jnp.mean(weights * losses), weight_ess(weights))
 
 
 def unroll(loss_fn: PerExampleLoss, optimizer: optax.GradientTransformation, weight_fn: WeightFn,
            state: InnerState, batches: dict, remat: bool = False):
-  """T inner steps over `batches` (leaves [T, B, ...]); returns (final state, weighted losses [T]).
+  """T inner steps over `batches` (leaves [T, B, ...]); returns (final state, (weighted losses
+  [T], weight ESS [T])), as `weighted_step`.
 
   `remat=True` wraps each step in `jax.checkpoint`: the backward pass recomputes a step's
   activations instead of storing them, trading compute for memory that grows with T.

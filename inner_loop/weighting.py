@@ -33,3 +33,10 @@ def softmax_weights(scores: jax.Array, temperature: float,
   shifted = jnp.where(real, scores - jax.lax.stop_gradient(top), -jnp.inf)  # <= 0, or -inf
   soft = jax.nn.softmax(shifted / temperature, axis=-1)
   return jnp.where(real, jnp.sum(real, -1, keepdims=True) * soft, 0.0)
+
+
+def weight_ess(weights: jax.Array) -> jax.Array:
+  """Kish effective sample size of mean-1 weights over the last axis as a fraction of it,
+  (sum w)^2 / (B sum w^2) = 1 / mean(w^2): 1 for uniform weights, 1/B when one example takes all.
+  Not differentiated (a statistic to log)."""
+  return 1.0 / jnp.mean(jax.lax.stop_gradient(weights) ** 2, axis=-1)

@@ -2,7 +2,8 @@
 
 The problem (`meta_step.MetaProblem`) says what is unrolled; an estimator says how it is
 differentiated, by the unroll it gives: `estimator.unroll(problem, phi, state, batches) ->
-(final state, losses [T])`, differentiable in phi. All give the same value; memory and time differ.
+(final state, (losses [T], weight ESS [T]))` (`inner_loop.unroll.unroll`'s outputs),
+differentiable in phi. All give the same value; memory and time differ.
   - `Reverse()`: plain reverse mode, every inner step's activations kept (memory grows with T);
     `Reverse(remat=True)`: each inner step under `jax.checkpoint`, recomputed on the way back.
   - `Mixed(recompute, segment)`: a custom backward pass (`outer_loop.mixed_mode`), Hessian terms

@@ -50,13 +50,6 @@ class MetaProblem:
     """Loss weights w = B * softmax(g_phi(batch) / tau), mean 1."""
     return softmax_weights(self.rater.score(rater_params, batch), self.temperature)
 
-  def weight_ess(self, rater_params, batches) -> jax.Array:
-    """Kish effective sample size of the weights as a fraction of the batch, (sum w)^2 / (B sum
-    w^2) = 1 / mean(w^2): 1 for uniform weights, 1/B when one example takes all. Mean over the
-    leading axis of `batches` (leaves [K, B, ...])."""
-    w = jax.vmap(lambda b: self.weights(jax.lax.stop_gradient(rater_params), b))(batches)
-    return jnp.mean(1.0 / jnp.mean(w ** 2, axis=-1))
-
   def rater_params_of(self, state: OuterState):
     """The rater a run scores, reports and exports: the debiased Polyak average of the iterates
     when `ema` > 0 (skipped steps add none), else the last iterate."""
@@ -72,12 +65,13 @@ def outer_loss(problem: MetaProblem, estimator, rater_params, population: InnerS
   """Mean over members of the held-out loss after T weighted inner steps.
 
   inner_batches leaves are [K, T, B, ...], outer_batches [K, B, ...]. Returns
-  (loss, (updated population, inner losses [K, T])); the mean is taken in float32 at least.
+  (loss, (updated population, inner losses [K, T], weight ESS [K] of each member's first
+  unrolled batch, `inner_loop.weighting.weight_ess`)); the mean is taken in float32 at least.
   """
   def member(state, inner, outer):
-    state, inner_losses = estimator.unroll(problem, rater_params, state, inner)
+    state, (inner_losses, ess) = estimator.unroll(problem, rater_params, state, inner)
     losses = at_least_float32(problem.task.per_example_loss(state.params, outer))
-    return jnp.mean(losses), (state, inner_losses)
+    return jnp.mean(losses), (state, inner_losses, ess[0])
 
   held_out, aux = jax.vmap(member)(population, inner_batches, outer_batches)
   return jnp.mean(held_out), aux
@@ -127,8 +121,7 @@ def outer_step(problem: MetaProblem, estimator, state: OuterState, inner_batches
     population = advance(problem, state.rater_params, population,
                          jax.tree.map(lambda x: x[:, :a], inner_batches))
     inner_batches = jax.tree.map(lambda x: x[:, a:], inner_batches)
-  ess = problem.weight_ess(state.rater_params, jax.tree.map(lambda x: x[:, 0], inner_batches))
-  (loss, (population, inner_losses)), grads = meta_gradient(
+  (loss, (population, inner_losses, ess)), grads = meta_gradient(
       problem, estimator, state.rater_params, population, inner_batches, outer_batches)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
@@ -146,7 +139,9 @@ def outer_step(problem: MetaProblem, estimator, state: OuterState, inner_batches
       skipped=state.skipped + skip, skipped_in_a_row=(state.skipped_in_a_row + skip) * skip)
   only_finite = lambda x: jnp.where(finite, x, 0.0)  # a skipped step adds 0 to the means
   metrics = {'outer_loss': only_finite(loss), 'inner_loss': only_finite(jnp.mean(inner_losses)),
-             'meta_grad_norm': only_finite(grad_norm), 'weight_ess': only_finite(ess),
+             'meta_grad_norm': only_finite(grad_norm),
+             # ESS of each member's first unrolled batch (after the A advance steps), mean over K
+             'weight_ess': only_finite(jnp.mean(ess)),
              'skipped_steps': skip.astype(jnp.float32),
              'diverged_members': diverged.astype(jnp.float32),
              'skipped_in_a_row': new_state.skipped_in_a_row}

@@ -115,13 +115,13 @@ def _num_steps(batches) -> int:
 
 
 def step(inner: InnerProblem, phi, state: InnerState, batches, t):
-  """Inner step t: (new state, weighted loss before it)."""
+  """Inner step t: (new state, (weighted loss before it, weight ESS)), as `weighted_step`."""
   return weighted_step(inner.loss_fn, inner.optimizer, functools.partial(inner.weights, phi),
                        state, _at(batches, t))
 
 
 def run_steps(inner: InnerProblem, phi, state, batches, first: int, length: int):
-  """Steps first .. first + length - 1; returns (state, losses [length])."""
+  """Steps first .. first + length - 1; returns (state, (losses, weight ESS), each [length])."""
   return jax.lax.scan(lambda s, i: step(inner, phi, s, batches, first + i), state,
                       jnp.arange(length))
 
@@ -144,11 +144,11 @@ def forward(inner: InnerProblem, recompute: str, segment: int, phi, state, batch
   """Runs the unroll; keeps what the backward pass starts from (see `Residuals`)."""
   plan = make_plan(_num_steps(batches), recompute, segment,
                    inner.inverse.exact_steps if recompute == 'invert' else 0)
-  losses, s = [], state
+  outs, s = [], state  # (losses, weight ESS) of each run of steps
   for first, length in ((0, plan.head), (plan.head, plan.part)):
     if length:
       s, piece = run_steps(inner, phi, s, batches, first, length)
-      losses.append(piece)
+      outs.append(piece)
   first = plan.head + plan.part
   kept = None
   if recompute == 'replay':
@@ -156,15 +156,15 @@ def forward(inner: InnerProblem, recompute: str, segment: int, phi, state, batch
       s_next, piece = run_steps(inner, phi, s, batches, first + j * plan.segment, plan.segment)
       return s_next, (s, piece)
     s, (kept, pieces) = jax.lax.scan(segment_fwd, s, jnp.arange(plan.count))
-    losses.append(pieces.reshape(-1))
+    outs.append(jax.tree.map(lambda x: x.reshape(-1), pieces))
   elif plan.count:
     s, piece = run_steps(inner, phi, s, batches, first, plan.count * plan.segment)
-    losses.append(piece)
+    outs.append(piece)
   # invert replays segment ends from the input when there is an end before the last segment's.
   needs_start = plan.head or (recompute == 'invert' and (plan.count > 1 or
                                                          (plan.part and plan.count)))
   residuals = Residuals(phi, state if needs_start else None, kept, s, batches)
-  return (s, jnp.concatenate(losses)), residuals
+  return (s, jax.tree.map(lambda *x: jnp.concatenate(x), *outs)), residuals
 
 
 # --------------------------------------------------------------------------------- backward
@@ -243,7 +243,7 @@ def replay_segment_bwd(inner: InnerProblem, phi, start, batches, ct_losses, firs
 
 def backward(inner: InnerProblem, recompute: str, segment: int, res: Residuals, cts):
   """The custom VJP: (d/d phi, d/d input state, None for the batches)."""
-  ct_final, ct_losses = cts
+  ct_final, (ct_losses, _) = cts  # the weight ESS is not differentiated
   phi, batches = res.phi, res.batches
   plan = make_plan(_num_steps(batches), recompute, segment,
                    inner.inverse.exact_steps if recompute == 'invert' else 0)
@@ -278,7 +278,8 @@ def backward(inner: InnerProblem, recompute: str, segment: int, res: Residuals, 
 
 
 def mixed_unroll(inner: InnerProblem, recompute: str = 'replay', segment: int = 0):
-  """`unroll(phi, state, batches) -> (final state, losses [T])` with the mixed-mode VJP.
+  """`unroll(phi, state, batches) -> (final state, (losses [T], weight ESS [T]))` with the
+  mixed-mode VJP.
 
   `batches` leaves are [T, B, ...]; 'invert' needs `inner.inverse`. `segment` is S (0: default).
   """

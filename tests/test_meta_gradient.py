@@ -85,6 +85,18 @@ def test_outer_step_uses_the_meta_gradient():
   np.testing.assert_allclose(moved, -1e-2 * g / (np.abs(g) + 1e-8), rtol=1e-4, atol=1e-9)
 
 
+def _kish(problem, rater_params, inner, step):
+  """Oracle: mean over members of Kish's ESS (sum w)^2 / (B sum w^2) of the weights
+  exp(score / tau) (numpy, float64) on each member's batch `step` of `inner` [K, T, B, ...]."""
+  out = []
+  for member in range(jax.tree.leaves(inner)[0].shape[0]):
+    batch = jax.tree.map(lambda x, m=member: x[m, step], inner)
+    s = np.asarray(problem.rater.score(rater_params, batch), np.float64) / problem.temperature
+    w = np.exp(s - s.max())
+    out.append(w.sum() ** 2 / (len(w) * (w ** 2).sum()))
+  return np.mean(out)
+
+
 @pytest.mark.parametrize('temperature,advance', [(0.7, 2), (0.01, 0)])
 def test_weight_ess_is_the_kish_effective_sample_size(temperature, advance):
   """The logged `weight_ess` is Kish's (sum w)^2 / (B sum w^2) of each member's weights on its
@@ -95,21 +107,44 @@ def test_weight_ess_is_the_kish_effective_sample_size(temperature, advance):
   inner, outer = tiny_batches(4, population=2, steps=advance + 2, batch=8)
   state = meta_step.init_outer_state(problem, jax.random.PRNGKey(5), 2)
   _, metrics = _jitted_outer_step(problem, estimator())(state, inner, outer)
-
-  def kish(step):  # mean over members of Kish's ESS of the weights on their batch `step`
-    out = []
-    for member in range(2):
-      batch = jax.tree.map(lambda x, m=member: x[m, step], inner)
-      s = np.asarray(problem.rater.score(state.rater_params, batch), np.float64) / temperature
-      w = np.exp(s - s.max())
-      out.append(w.sum() ** 2 / (len(w) * (w ** 2).sum()))
-    return np.mean(out)
+  kish = lambda step: _kish(problem, state.rater_params, inner, step)
   np.testing.assert_allclose(float(metrics['weight_ess']), kish(advance), rtol=1e-4)
   if advance:
     assert abs(kish(0) - kish(advance)) > 1e-3  # another batch's ESS would show
   assert 1 / 8 <= float(metrics['weight_ess']) <= 1 + 1e-6
   if temperature == 0.01:
     assert float(metrics['weight_ess']) < 0.5  # the check can tell a sharp softmax apart
+
+
+@pytest.mark.slow  # ~10 s a case: two compiles of the whole outer step
+@pytest.mark.parametrize('name', ['reverse', 'mixed'])
+def test_weight_ess_takes_no_rater_forward_of_its_own(name):
+  """`weight_ess` comes from the weights the unroll computes anyway: by XLA's flop count, the
+  compiled outer step costs less than one rater scoring of one batch more than the same step
+  without it (the rater made the bulk of a scoring: 32 inputs), every other output is that
+  step's, and it is still Kish's ESS of the first unrolled batches (float64 oracle)."""
+  problem = tiny_problem(dim=32)
+  est = estimator(name)
+  inner, outer = tiny_batches(6, population=2, steps=2, batch=8, dim=32)
+  state = meta_step.init_outer_state(problem, jax.random.PRNGKey(2), 2)
+  full = lambda s, i, o: meta_step.outer_step(problem, est, s, i, o)
+
+  def without_ess(s, i, o):
+    new_state, metrics = full(s, i, o)
+    return new_state, {k: v for k, v in metrics.items() if k != 'weight_ess'}
+  compiled = {f: jax.jit(f).lower(state, inner, outer).compile() for f in (full, without_ess)}
+  flops = {f: c.cost_analysis()['flops'] for f, c in compiled.items()}
+  one_batch = jax.tree.map(lambda x: x[0, 0], inner)
+  scoring = jax.jit(problem.rater.score).lower(state.rater_params, one_batch).compile()
+  assert flops[full] - flops[without_ess] < scoring.cost_analysis()['flops']
+  (got_state, got), (want_state, want) = (c(state, inner, outer) for c in compiled.values())
+  ess = got.pop('weight_ess')
+  assert got.keys() == want.keys()
+  # Bit for bit under XLA's default flags; the suite's FAST_COMPILE moves last bits whenever a
+  # program's outputs change (the old separate forward's step too).
+  for a, b in zip(*(jax.tree.leaves(x) for x in ((got_state, got), (want_state, want)))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(float(ess), _kish(problem, state.rater_params, inner, 0), rtol=1e-5)
 
 
 def _advanced_by_hand(problem, state, inner, a):
