@@ -62,7 +62,7 @@ def test_estimators_agree(optimizer, steps):
       assert estimator('mixed', optimizer, lr).recompute == 'invert'  # auto
     results = {}
     for name, est in variants.items():
-      (loss, (population, inner_losses)), grads = _jit(
+      (loss, (population, inner_losses, _)), grads = _jit(
           lambda phi, pop, i, o, est=est: meta_step.meta_gradient(problem, est, phi, pop, i, o))(
               state.rater_params, state.population, inner, outer)
       results[name] = (loss, ravel_pytree(population)[0], inner_losses, ravel_pytree(grads)[0])
