@@ -86,12 +86,14 @@ def unread_sections(config: ml_collections.ConfigDict, read: tuple[str, ...]) ->
                if isinstance(config[k], ml_collections.ConfigDict) and k not in read)
 
 
-def config_differences(theirs: dict, ours: dict, fields=None) -> list[str]:
+def config_differences(theirs: dict, ours: dict, fields=None, added=None) -> list[str]:
   """'field=X there, Y here' for each of `fields` (default: every field of either flattened
-  config) whose values differ; a field an older record lacks counts as its ADDED_FIELDS default."""
+  config) whose values differ; a field an older record lacks counts as its ADDED_FIELDS default
+  (or its default in `added`, e.g. a policy's own fields: `policies.defaults`)."""
+  added = {**ADDED_FIELDS, **(added or {})}
   shown = lambda config, k: (repr(config[k]) if k in config else repr(ADDED_FIELDS[k])
                              if k in UNRECORDED_AT_DEFAULT else '(not recorded)')  # free, or older
-  value = lambda config, k: config.get(k, ADDED_FIELDS.get(k))
+  value = lambda config, k: config.get(k, added.get(k))
   fields = sorted(set(theirs) | set(ours)) if fields is None else fields
   return [f'{k}={shown(theirs, k)} there, {shown(ours, k)} here' for k in fields
           if value(theirs, k) != value(ours, k)]
@@ -414,13 +416,14 @@ class RunCheckpointer:
   `free_fields`: config fields a resumed run may change (default NON_TRAJECTORY_FIELDS).
   `inputs`: {field: PathInput} of what the run reads by path (`path_inputs`); a checkpoint
   records their digests, and one made from other contents is not resumed. `extra_fields`: what
-  the run's `extra` must hold (a record without them is unreadable).
+  the run's `extra` must hold (a record without them is unreadable). `added_fields`: {field:
+  default} of fields an older record may lack, besides ADDED_FIELDS (`config_differences`).
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, max_to_keep: int = 2,
                free_fields: tuple[str, ...] = NON_TRAJECTORY_FIELDS,
                inputs: Optional[dict[str, PathInput]] = None,
-               extra_fields: tuple[str, ...] = ()):
+               extra_fields: tuple[str, ...] = (), added_fields: Optional[dict] = None):
     check_writable_path(workdir, '--workdir')
     checkpoints = os.path.join(workdir, 'checkpoints')
     if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
@@ -433,6 +436,7 @@ class RunCheckpointer:
     self.free_fields = free_fields
     self.inputs = dict(inputs or {})
     self.extra_fields = extra_fields
+    self.added_fields = dict(added_fields or {})
     self._manager = None
     self._max_to_keep = max_to_keep
     # (made on every process, single or not, so that all count their checkpointers alike)
@@ -532,7 +536,8 @@ class RunCheckpointer:
     meta = self.meta(step)
     # (a field free now is not compared, though an older record may hold it)
     diffs = config_differences(_without(meta['config'], self.free_fields),
-                               trajectory_fields(self.config, self.free_fields))
+                               trajectory_fields(self.config, self.free_fields),
+                               added=self.added_fields)
     if diffs:
       raise UserError(f'workdir {self.workdir!r} holds a checkpoint of a different config '
                       f'({"; ".join(diffs[:3])}); use a new --workdir')

@@ -3,7 +3,8 @@
 `validate(config, sections)` checks the named sections of a config (those a launcher reads)
 before anything is written, and raises a one-line `UserError` naming the first bad field and its
 value. The `task`, `rater` and `features.task` sections are checked against the schema their
-registered task or rater declares (`tasks.registry.schema_of`).
+registered task or rater declares (`tasks.registry.schema_of`), and `policy` against the fields
+the registered policies declare (`policies.base.policy_schema`).
 """
 import math
 from typing import Any, Callable, Optional
@@ -142,6 +143,14 @@ def optional(check: Check) -> Check:
   return wrapped
 
 
+def default(check: Check, value) -> Check:
+  """`check` for a field a section may leave out, which then holds `value` (a policy's own
+  fields: the schema of `policies.register_policy`, whose defaults fill a config's gaps)."""
+  wrapped = optional(check)
+  wrapped.default = value
+  return wrapped
+
+
 def _choices(module_attr: str):
   """The choices a module declares (imported lazily: the checks are leaf-level)."""
   module, attr = module_attr.rsplit('.', 1)
@@ -180,9 +189,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
               'learning_rate': number(0, lo_open=True),
               'seeds': integers(0, hi=MAX_SEED, distinct='seed'),
               'stream': optional(boolean())},
-    'policy': {'name': string(nonempty=True), 'temperature': number(MIN_TEMPERATURE),
-               'rho': number(0, 1, hi_open=True), 'ratio': number(0, 1, lo_open=True),
-               'max_prune_prob': number(0, 1, lo_open=True, hi_open=True)},
+    # and the fields the registered policies declare (`policies.base.policy_schema`)
+    'policy': {'name': string(nonempty=True)},
     'valuation': {
         'train_steps': integer(1), 'batch_size': integer(1),
         'optimizer': _lazy_one_of('inner_loop.optimizers.INNER_OPTIMIZERS'),
@@ -360,6 +368,9 @@ def validate(config, sections) -> None:
     section = _get(config, name)
     if name in MODEL_SECTIONS:
       check_model(name, section)
+    elif name == 'policy':
+      check_section(name, section, {**SECTIONS[name],
+                                    **_choices('datarater.policies.base.policy_schema')()})
     else:
       check_section(name, section, SECTIONS[name])
   if 'final_eval' in sections:  # the report's fresh models take seeds seed * n + m, m < n

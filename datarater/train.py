@@ -58,7 +58,8 @@ def run_checkpointer(config, workdir: str, policy: str, rater: str, scores: str,
       digest = rater_digest(rater)
     inputs['--rater'] = checkpointing.PathInput(rater, '', digest)
   return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free, inputs=inputs,
-                                       extra_fields=('history', 'wall_s', 'steps'))
+                                       extra_fields=('history', 'wall_s', 'steps'),
+                                       added_fields=policies.defaults(policy))
 
 
 def rater_digest(path: str) -> str:
@@ -107,7 +108,8 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
           log: Callable[[str], None] = print) -> dict:
   """Trains (or, from `workdir`'s checkpoint, resumes) the runs; returns the report.
 
-  `policy` overrides `config.policy.name`. If `stop_after` ends training early, returns
+  `policy` overrides `config.policy.name`; a policy's own field the config lacks takes its
+  default (`policies.with_defaults`). If `stop_after` ends training early, returns
   {'stopped_after': epochs done} and writes no report. In a `jax.distributed` job every process
   runs it alike: one mesh spans their devices, each makes the policy alone (`same_policy` checks
   they made the same) but for the scores of the training split a policy is made from
@@ -117,6 +119,7 @@ def train(config, policy: Optional[str] = None, *, rater: str = '', scores: str 
   """
   if jax.process_index() != 0:
     log = lambda line: None
+  config = policies.with_defaults(config)
   with multihost.together('checking its settings and data'):
     name, train_split, heldout, evals, task = _checked_inputs(config, policy, rater, scores,
                                                               workdir, stop_after)

@@ -64,8 +64,8 @@ class _ConfigFileParser(flags.ArgumentParser):
   once as one `ConfigFileError` line naming it (ml_collections lets a SyntaxError through, defers
   a missing file, and writes a traceback into the message of an error in get_config)."""
 
-  def __init__(self, name: str, inner: flags.ArgumentParser):
-    self.name, self.inner = name, inner
+  def __init__(self, name: str, inner: flags.ArgumentParser, complete: Optional[Callable] = None):
+    self.name, self.inner, self.complete = name, inner, complete
 
   def flag_type(self) -> str:
     return self.inner.flag_type()
@@ -82,6 +82,8 @@ class _ConfigFileParser(flags.ArgumentParser):
       if not isinstance(config, ml_collections.ConfigDict):
         getattr(config, 'keys', None)  # a file that could not be read: its stand-in raises here
         raise TypeError(f'get_config() returned {type(config).__name__}, not a ConfigDict')
+      if self.complete:
+        config = self.complete(config)
     except (Exception, SystemExit) as e:  # pylint: disable=broad-except  (anything the file's
       # code raises; a sys.exit() in it left its own exit code and no line)
       cause = e.__context__ if 'Error whilst parsing config file' in str(e) else e
@@ -92,11 +94,14 @@ class _ConfigFileParser(flags.ArgumentParser):
 
 
 def define_config_file(name: str, default: str, help_string: str,
-                       fv: flags.FlagValues = flags.FLAGS, argv=None):
-  """`config_flags.DEFINE_config_file`, with a file that fails to load refused in one line."""
+                       fv: flags.FlagValues = flags.FLAGS, argv=None,
+                       complete: Optional[Callable] = None):
+  """`config_flags.DEFINE_config_file`, with a file that fails to load refused in one line;
+  `complete(config) -> config` fills in fields the file may leave out, before the command line's
+  overrides (e.g. `policies.with_defaults`: a policy's own fields, then overridable)."""
   holder = config_flags.DEFINE_config_file(name, None, help_string, flag_values=fv,
                                            sys_argv=argv)
-  fv[name].parser = _ConfigFileParser(name, fv[name].parser)
+  fv[name].parser = _ConfigFileParser(name, fv[name].parser, complete)
   fv.set_default(name, default)  # parsed now unless the command line names the file
   return holder
 

@@ -24,7 +24,8 @@ from launch import cli, distributed
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   distributed.define_flags(fv)  # first: see distributed.stop_job_after_flag_error
-  cli.define_config_file('config', 'configs/digits.py', 'Experiment config file.', fv, argv)
+  cli.define_config_file('config', 'configs/digits.py', 'Experiment config file.', fv, argv,
+                         complete=policies.with_defaults)
   flags.DEFINE_string('policy', None, 'Policy name (default: config.policy.name).',
                       flag_values=fv)
   flags.DEFINE_string('rater', '', 'An exported rater or a rater run (datarater policies).',

@@ -1,6 +1,7 @@
 """Every training policy's weights against their definitions (numpy, brute force), and every
 registered policy run end to end through `datarater.train`."""
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from configs.digits import get_config
-from datarater import export, policies, tasks
+from datarater import checkpointing, config_checks, export, policies, tasks
 from datarater.curation import scores_file
 from datarater.data import pipeline
 from datarater.errors import UserError
@@ -532,5 +533,96 @@ def test_the_config_sections_a_policy_registers_are_checked_before_any_work(tfds
       train(config, 'reads_valuation_for_test', log=lambda line: None)
     assert not made
   finally:
-    for table in (policies.POLICIES, policies.READS, policies.SECTIONS, policies.FIELDS):
+    for table in (policies.POLICIES, policies.READS, policies.SECTIONS, policies.FIELDS,
+                  policies.SCHEMAS):
       table.pop('reads_valuation_for_test')
+
+
+_OWN_POLICY = '''
+import jax
+from datarater import policies
+from datarater.config_checks import default, number
+
+SEEN = []  # the temperature each factory call read
+
+
+@policies.register_policy('loss_tempered_for_test',
+                          schema={'loss_temperature': default(number(0, lo_open=True), 2.0)})
+def make(ctx):
+  tau = ctx.config.policy.loss_temperature
+  SEEN.append(tau)
+
+  def weigh(aux, state, params, batch, weights):
+    losses = jax.lax.stop_gradient(ctx.task.per_example_loss(params, batch))
+    return weights * jax.nn.softmax(losses / tau, where=weights > 0) * (weights > 0).sum()
+  return policies.base.weighting_policy('loss_tempered_for_test', len(ctx.train), weigh)
+'''
+
+
+@pytest.fixture
+def own_policy(tmp_path, tfds_dir, monkeypatch):
+  """A policy with a setting of its own, registered by a module outside the package that a
+  config file imports (as the README's own model is): (that module, the config file)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'own_policy_for_test.py').write_text(_OWN_POLICY)
+  (tmp_path / 'own_policy_config.py').write_text(
+      'import own_policy_for_test\nfrom configs.digits import get_config as digits\n\n'
+      'def get_config():\n  c = digits()\n'
+      f'  c.data.data_dir = {tfds_dir!r}\n  c.task.hidden = (8,)\n'
+      '  c.train.epochs, c.train.seeds, c.train.batch_size = 1, (0,), 600\n  return c\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  module = importlib.import_module('own_policy_for_test')
+  yield module, str(tmp_path / 'own_policy_config.py')
+  for table in (policies.POLICIES, policies.READS, policies.SECTIONS, policies.FIELDS,
+                policies.SCHEMAS):
+    table.pop('loss_tempered_for_test')
+  sys.modules.pop('own_policy_for_test')
+
+
+def test_a_policy_of_ones_own_declares_its_fields_in_one_module(own_policy, capsys, tmp_path):
+  """A policy with a setting of its own is one module: its field's check and default come with
+  its registration (no edit of config_checks, configs/digits.py or checkpointing.ADDED_FIELDS):
+  set on the command line, bad or misspelt values refused in one line, refused for another
+  policy naming its reader, listed by --help for it alone, and a checkpoint recorded before the
+  field existed still matches a config that holds it at its default."""
+  from launch import cli, train as train_launcher  # pylint: disable=g-import-not-at-top
+  module, config_file = own_policy
+  run = lambda *flags: cli.invoke(train_launcher, [
+      'train', f'--config={config_file}', '--policy=loss_tempered_for_test', *flags])
+  assert run('--config.policy.loss_temperature=0.5') == 0  # one epoch of 2 steps
+  assert module.SEEN == [0.5]
+  with pytest.raises(ValueError, match='one field, one default'):  # one name, one concept
+    policies.register_policy('clash_for_test', schema={'loss_temperature': config_checks.default(
+        config_checks.number(0, lo_open=True), 3.0)})(module.make)
+  assert 'clash_for_test' not in policies.POLICIES
+  capsys.readouterr()
+  for flag, line in (('--config.policy.loss_temperature=-1.0',
+                      'error: policy.loss_temperature must be > 0, got -1.0\n'),
+                     ('--config.policy.loss_temprature=1.0',
+                      "error: unknown config field 'loss_temprature' (did you mean "
+                      "'loss_temperature'?): --config.policy.loss_temprature\n")):
+    assert run(flag) == 2
+    assert capsys.readouterr().err == line
+  assert module.SEEN == [0.5]  # refused before the policy was made
+  assert cli.invoke(train_launcher, ['train', f'--config={config_file}', '--policy=uniform',
+                                     '--config.policy.loss_temperature=1.0']) == 2
+  assert capsys.readouterr().err == (
+      'error: --config.policy.loss_temperature is not read by policy uniform (it reads no other '
+      'policy field; loss_temperature is read by loss_tempered_for_test)\n')
+  for name, listed in (('loss_tempered_for_test', True), ('uniform', False)):
+    assert run(f'--policy={name}', '--help') == 0
+    assert ('--config.policy.loss_temperature=2.0' in capsys.readouterr().out) == listed, name
+  # A config without the field (a script's): its default; a checkpoint's record without it too.
+  config = get_config()
+  assert 'loss_temperature' not in config.policy
+  filled = policies.with_defaults(config)
+  assert filled.policy.loss_temperature == 2.0 and 'loss_temperature' not in config.policy
+  older = checkpointing.trajectory_fields(config)
+  ours = checkpointing.trajectory_fields(filled)
+  added = policies.defaults('loss_tempered_for_test')
+  assert checkpointing.config_differences(older, ours, added=added) == []
+  assert checkpointing.config_differences(older, ours) == [
+      'policy.loss_temperature=(not recorded) there, 2.0 here']
+  filled.policy.loss_temperature = 3.0
+  assert checkpointing.config_differences(older, checkpointing.trajectory_fields(filled),
+                                          added=added)

@@ -21,11 +21,13 @@ Policies are made by name from `POLICIES` (`@register_policy('name')` on a facto
 `(ctx: PolicyContext) -> Policy`, or `-> FromScores` for one made from a score of every training
 example, which its caller computes: `make_policy` in its process, launch.train shared out over
 its processes; `reads=('rater',)` names the launcher inputs it reads, and
-`check_inputs` refuses an input given to a policy that would ignore it; `fields=('rho',)` the
-`policy` config fields it reads (and, dotted, those of a section it reads in part), and
-`check_fields` refuses one set on the command line for a policy that would ignore it, and
-`unread_fields` lists the others, which its checkpoints do not compare).
+`check_inputs` refuses an input given to a policy that would ignore it; `schema` its own
+`policy` config fields with their checks and defaults (`with_defaults` fills a config's gaps),
+`fields=('valuation.seed',)` those of another section it reads in part; `check_fields` refuses
+one set on the command line for a policy that would ignore it, and `unread_fields` lists the
+others, which its checkpoints do not compare).
 """
+import copy
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -110,30 +112,70 @@ SECTIONS: dict[str, tuple[str, ...]] = {}  # policy -> the config sections it re
 # policy -> the fields of config.policy it reads (not name), and of another section it reads in
 # part, dotted ('valuation.seed': every other field of that section is unread)
 FIELDS: dict[str, tuple[str, ...]] = {}
+SCHEMAS: dict[str, dict] = {}  # policy -> its own config.policy fields: their checks, defaults
 VALUATION: dict[str, str] = {}  # policy -> the valuation method it builds (factory.build)
 WHOLE_SPLIT: set[str] = set()  # policies that read the training split's features in memory
 
 
 def register_policy(name: str, reads: tuple[str, ...] = (), whole_split: bool = False,
-                    sections: tuple[str, ...] = (), fields: tuple[str, ...] = (),
-                    valuation: Optional[str] = None):
+                    sections: tuple[str, ...] = (), schema: Optional[dict] = None,
+                    fields: tuple[str, ...] = (), valuation: Optional[str] = None):
   """Registers a policy factory; `reads`: the launcher inputs it reads (`INPUTS`);
   `whole_split`: it reads `ctx.train`'s features in memory (a Split), so `train.stream=True` is
   refused for it; `sections`: the config sections it reads besides those of every training run
-  (e.g. 'valuation'), checked with them before any work; `fields`: the fields of `config.policy`
-  it reads besides `name` (e.g. 'rho'), and dotted those of a section it reads in part (e.g.
-  'valuation.seed'); `valuation`: the method of `valuation.factory.build` it values the split
-  with (as launch.valuate --method does: `config_checks.UNREAD_WHILE`'s rows of it hold)."""
+  (e.g. 'valuation'), checked with them before any work; `schema`: the fields of `config.policy`
+  it reads besides `name`, each with its check and default (`config_checks.default(check,
+  value)`; a field another policy declares too takes the same default); `fields`: dotted, the
+  fields of a section it reads in part (e.g. 'valuation.seed'); `valuation`: the method of
+  `valuation.factory.build` it values the split with (as launch.valuate --method does:
+  `config_checks.UNREAD_WHILE`'s rows of it hold)."""
   assert set(reads) <= set(INPUTS), reads
+  assert all('.' in f for f in fields), f'{fields}: own policy fields go in the schema'
+  schema = dict(schema or {})
+  for field, check in schema.items():
+    assert '.' not in field and field != 'name' and hasattr(check, 'default'), (
+        f'policy {name}: schema field {field!r} needs config_checks.default(check, value)')
+    assert check(check.default) is None, f'policy {name}: {field} default {check.default!r}'
   def add(factory):
+    for other, theirs in SCHEMAS.items():
+      for field in set(schema) & set(theirs) if other != name else ():
+        if theirs[field].default != schema[field].default:
+          raise ValueError(f'policy {name} declares policy.{field} with default '
+                           f'{schema[field].default!r}, policy {other} with '
+                           f'{theirs[field].default!r}: one field, one default')
     POLICIES[name], READS[name], SECTIONS[name] = factory, tuple(reads), tuple(sections)
-    FIELDS[name] = tuple(fields)
+    FIELDS[name], SCHEMAS[name] = (*schema, *fields), schema
     if valuation is not None:
       VALUATION[name] = valuation
     if whole_split:
       WHOLE_SPLIT.add(name)
     return factory
   return add
+
+
+def policy_schema() -> dict:
+  """The fields of config.policy the registered policies declare, with their checks."""
+  return {field: check for schema in SCHEMAS.values() for field, check in schema.items()}
+
+
+def defaults(name: str) -> dict[str, Any]:
+  """{'policy.field': default} of policy `name`'s own fields: what a config (or a checkpoint's
+  record) without one holds."""
+  return {f'policy.{field}': check.default for field, check in SCHEMAS.get(name, {}).items()}
+
+
+def with_defaults(config):
+  """`config`, or a copy of it with each field a registered policy declares that its `policy`
+  section lacks set to its default (a config of another launcher, with none, as it is)."""
+  if 'policy' not in config or not hasattr(config.policy, 'keys'):
+    return config
+  missing = {f: c.default for f, c in policy_schema().items() if f not in config.policy}
+  if not missing:
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.policy.update(missing)
+  return config
 
 
 def check_inputs(name: str, **given: str) -> None:

@@ -17,11 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datarater.config_checks import default, number
 from datarater.errors import UserError
 from datarater.policies import ranks
 from datarater.policies.base import (FromScores, Policy, PolicyContext, keep_state, no_state,
                                      register_policy, select_all)
 from datarater.policies.weighting import loaded_rater
+
+RHO = {'rho': default(number(0, 1, hi_open=True), 0.2)}  # the fraction of each batch filtered out
 
 
 def check_rho(rho: float) -> float:
@@ -141,7 +144,7 @@ def acceptance_filter(score_fn, score_params, reference_scores: np.ndarray, rho:
                 aux, forwards_per_example=1.0, **cost)
 
 
-@register_policy('datarater_batch_filter', reads=('rater',), fields=('rho',))
+@register_policy('datarater_batch_filter', reads=('rater',), schema=RHO)
 def _batch_filter(ctx: PolicyContext) -> Policy:
   kept_per_batch(ctx.config.train.batch_size, ctx.config.policy.rho)  # before loading the rater
   rater = loaded_rater(ctx, 'datarater_batch_filter')
@@ -150,7 +153,7 @@ def _batch_filter(ctx: PolicyContext) -> Policy:
                       check_data=rater.rater.check_data)
 
 
-@register_policy('datarater_accept', reads=('rater',), fields=('rho',))
+@register_policy('datarater_accept', reads=('rater',), schema=RHO)
 def _accept(ctx: PolicyContext) -> FromScores:
   rater = loaded_rater(ctx, 'datarater_accept')
   return FromScores(lambda b: rater.rater.score(rater.params, b), lambda scores: (

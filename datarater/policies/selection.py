@@ -17,11 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from datarater import config_checks, seeding, tasks
+from datarater.config_checks import default, number
 from datarater import features as features_lib
 from datarater import sae as sae_lib
 from datarater.errors import UserError
 from datarater.policies import ranks, sae_scores
 from datarater.policies.base import Policy, PolicyContext, register_policy, weigh_uniform
+
+RATIO = {'ratio': default(number(0, 1, lo_open=True), 0.7)}  # the fraction trained on per epoch
 
 
 @flax.struct.dataclass
@@ -209,17 +212,18 @@ def _full(ctx: PolicyContext) -> Policy:
   return full(len(ctx.train))
 
 
-@register_policy('random', fields=('ratio',))
+@register_policy('random', schema=RATIO)
 def _random(ctx: PolicyContext) -> Policy:
   return random(len(ctx.train), ctx.config.policy.ratio)
 
 
-@register_policy('infobatch', fields=('ratio', 'max_prune_prob'))
+@register_policy('infobatch', schema={
+    **RATIO, 'max_prune_prob': default(number(0, 1, lo_open=True, hi_open=True), 0.8)})
 def _infobatch(ctx: PolicyContext) -> Policy:
   return infobatch(len(ctx.train), ctx.config.policy.ratio, ctx.config.policy.max_prune_prob)
 
 
-@register_policy('sae', whole_split=True, fields=('ratio',),
+@register_policy('sae', whole_split=True, schema=RATIO,
                  sections=('features', 'features.task', 'sae', 'sae_scores'))
 def sae_policy(ctx: PolicyContext, codes=None, cost: int = 0) -> Policy:
   """The SAE policy of a config; `codes` skips the offline stage (precomputed SAE codes, which

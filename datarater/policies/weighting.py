@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from datarater.config_checks import MIN_TEMPERATURE, default, number
 from datarater.curation import select
 from datarater.data import corruption
 from datarater.errors import UserError
@@ -81,6 +82,8 @@ _TRACIN_FIELDS = tuple(f'valuation.{f}' for f in (
     'projection_dim', 'projection_seed', 'tracin_mode', 'tracin_project', 'tracin_ghost'))
 _MIMIC_FIELDS = tuple(f'valuation.{f}' for f in (
     *_VALUED, 'mimic_layers', 'mimic_cosine', 'reference_steps'))
+# tau of the softmax weights from values (scores, tracin_curriculum, mimic)
+TEMPERATURE = {'temperature': default(number(MIN_TEMPERATURE), 1.0)}
 
 
 def refuse_valuate_outputs(ctx: PolicyContext, name: str, method: str) -> None:
@@ -119,7 +122,7 @@ def _datarater(ctx: PolicyContext) -> Policy:
                        rater.training_example_gradients)
 
 
-@register_policy('scores', reads=('scores',), fields=('temperature',))
+@register_policy('scores', reads=('scores',), schema=TEMPERATURE)
 def _scores(ctx: PolicyContext) -> Policy:
   if not ctx.scores:
     raise UserError('policy scores needs --scores=FILE (e.g. one written by launch.valuate)')
@@ -132,8 +135,8 @@ def _scores(ctx: PolicyContext) -> Policy:
                scores_file.cost(ctx.scores))  # what made the scores, if their file says
 
 
-@register_policy('tracin_curriculum', sections=('valuation',),
-                 fields=('temperature', *_TRACIN_FIELDS), valuation='tracin')
+@register_policy('tracin_curriculum', sections=('valuation',), schema=TEMPERATURE,
+                 fields=_TRACIN_FIELDS, valuation='tracin')
 def _tracin_curriculum(ctx: PolicyContext) -> FromScores:
   method = VALUATION['tracin_curriculum']
   refuse_valuate_outputs(ctx, 'tracin_curriculum', method)
@@ -144,7 +147,7 @@ def _tracin_curriculum(ctx: PolicyContext) -> FromScores:
       fitted.example_gradients), f'{fitted.name} values')
 
 
-@register_policy('mimic', sections=('valuation',), fields=('temperature', *_MIMIC_FIELDS))
+@register_policy('mimic', sections=('valuation',), schema=TEMPERATURE, fields=_MIMIC_FIELDS)
 def _mimic(ctx: PolicyContext) -> Policy:
   refuse_valuate_outputs(ctx, 'mimic', 'mimic')
   check_batch_size(ctx.config.train.batch_size, 'train.batch_size')  # before the reference
