@@ -9,7 +9,8 @@ A per-example loss `loss_fn(params, batch) -> [B]` (e.g. `Task.per_example_loss`
 - `ghost_dots(...)` / `ghost_sq_norms(...)`: pairwise gradient dot products of Dense layers from
   their inputs a_i and output-gradients g_i, since grad_i(kernel) = a_i g_i^T gives <grad_i, grad_j>
   = (a_i.a_j)(g_i.g_j); the factors are captured with `flax.linen.intercept_methods` (a zero
-  perturbation added to each Dense output, as `Module.perturb` does, without editing models);
+  perturbation added to each Dense output, as `Module.perturb` does, without editing models),
+  and likewise from the nnx.Linear calls of a `tasks.NnxModel` (`tasks.nnx.tapping`);
 - `per_example_projected(...)`: a `factored_projection` of Dense-layer gradients (LoGra): per layer
   sum_t (x_it P_in)^T (g_it P_out) from the same captured factors, [B, D], no gradient formed;
   `project_params` maps a parameter-space vector into the same space.
@@ -20,6 +21,7 @@ composes them. Random projections are seeded and never hold a P x k matrix: `gau
 generates it block by block from the seed inside a scan, `kronecker_projection` projects each
 matrix-shaped leaf G [d_in, d_out] as A^T G B with small per-layer factors.
 """
+import contextlib
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -33,6 +35,7 @@ import optax
 
 from datarater.errors import UserError
 from datarater.tasks import PerExampleLoss, at_least_float32, batch_size_of
+from datarater.tasks import nnx as nnx_tasks
 
 
 
@@ -353,8 +356,25 @@ def _dense_name(context) -> str:
   return '/'.join(context.module.path)
 
 
+@contextlib.contextmanager
+def _tapping_dense(tap):
+  """Within it, every Dense call (nn.Dense's own x W + b, `_is_dense_call`; an nnx.Linear of a
+  `tasks.NnxModel`) returns `tap(its module path, inputs, output, use_bias)` in its place."""
+
+  def linen(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if not _is_dense_call(context):
+      return out
+    x = args[0] if args else kwargs['inputs']
+    return tap(_dense_name(context), x, out, context.module.use_bias)
+
+  with nn.intercept_methods(linen), nnx_tasks.tapping(tap):
+    yield
+
+
 def _dense_calls(loss_fn: PerExampleLoss, params, batch: dict, layers=None):
-  """{Dense name: (output shape, kernel size, use_bias)} of the nn.Dense calls `loss_fn` makes.
+  """{Dense name: (output shape, kernel size, use_bias)} of the Dense calls `loss_fn` makes
+  (`_tapping_dense`: nn.Dense, an `NnxModel`'s nnx.Linear).
   Raises ValueError where ghost products cannot follow a call of a layer in `layers` (None:
   any): a layer called twice, called inside a transformation of the loss (nn.remat, nn.jit,
   nn.scan, jax.vmap: its inputs and output gradients cannot be taken out of it), or applied to
@@ -362,30 +382,26 @@ def _dense_calls(loss_fn: PerExampleLoss, params, batch: dict, layers=None):
   calls, bad, size = {}, {}, jax.tree.leaves(batch)[0].shape[0]
   loss_trace = []  # the trace the loss runs in
 
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if _is_dense_call(context):
-      name = _dense_name(context)
-      x = args[0] if args else kwargs['inputs']
-      if flax.core.tracers.current_trace() != loss_trace[0]:
-        bad[name] = (f'Dense layer {name!r} is called inside a transformation of the loss '
-                     '(nn.remat, nn.jit, nn.scan, jax.vmap): ghost products need its call in '
-                     "the loss's own trace")
-      elif name in calls:
-        bad[name] = f'Dense layer {name!r} is called twice: ghost products need one call'
-      elif x.ndim < 2 or x.shape[0] != size:
-        bad[name] = (f'Dense layer {name!r} takes inputs of shape {tuple(x.shape)}, whose first '
-                     f'axis is not the batch of {size} examples: ghost products need it to be')
-      if name not in calls:
-        calls[name] = (jax.ShapeDtypeStruct(out.shape, out.dtype), x.shape[-1] * out.shape[-1],
-                       context.module.use_bias)
+  def record(name, x, out, use_bias):
+    if flax.core.tracers.current_trace() != loss_trace[0]:
+      bad[name] = (f'Dense layer {name!r} is called inside a transformation of the loss '
+                   '(nn.remat, nn.jit, nn.scan, jax.vmap, nnx.remat): ghost products need its '
+                   "call in the loss's own trace")
+    elif name in calls:
+      bad[name] = f'Dense layer {name!r} is called twice: ghost products need one call'
+    elif x.ndim < 2 or x.shape[0] != size:
+      bad[name] = (f'Dense layer {name!r} takes inputs of shape {tuple(x.shape)}, whose first '
+                   f'axis is not the batch of {size} examples: ghost products need it to be')
+    if name not in calls:
+      calls[name] = (jax.ShapeDtypeStruct(out.shape, out.dtype), x.shape[-1] * out.shape[-1],
+                     use_bias)
     return out
 
   def traced(p, b):  # a fresh function: eval_shape caches traces
     loss_trace.append(flax.core.tracers.current_trace())
     return loss_fn(p, b)
 
-  with nn.intercept_methods(record):
+  with _tapping_dense(record):
     jax.eval_shape(traced, params, batch)
   for name in _named_dense(calls, layers):
     if name in bad:
@@ -404,23 +420,37 @@ def param_owners(params) -> set[str]:
 
 
 def param_layers(loss_fn: PerExampleLoss, params, batch: dict) -> list[str]:
-  """Module paths of the layers that hold parameters (any module), in the order their calls
-  made by `loss_fn` return, of any method but `setup` (`nn.Embed.attend`, a tied output
-  layer, too): the last is the model's last layer."""
+  """Module paths of the layers that hold parameters, in the order their calls made by
+  `loss_fn` return: linen modules' calls of any method but `setup` (`nn.Embed.attend`, a tied
+  output layer, too), and an `NnxModel`'s nnx.Linear calls; the last is the model's last layer.
+  ValueError where an nnx.Linear call is seen and a layer holding parameters is not (an nnx
+  module of another kind, whose calls are not seen: which is last is not known)."""
   owners = param_owners(params)
-  order = []
+  order, nnx_seen = [], []
 
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    name = '/'.join(context.module.path)
-    if context.method_name != 'setup' and name in owners:
+  def note(name):
+    if name in owners:
       if name in order:
         order.remove(name)
       order.append(name)
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name != 'setup':
+      note('/'.join(context.module.path))
     return out
 
-  with nn.intercept_methods(record):
+  def record_nnx(name, x, out, use_bias):
+    nnx_seen.append(name)
+    note(name)
+    return out
+
+  with nn.intercept_methods(record), nnx_tasks.tapping(record_nnx):
     jax.eval_shape(lambda p, b: loss_fn(p, b), params, batch)
+  unseen = sorted(owners - set(order))
+  if nnx_seen and unseen:
+    raise ValueError(f'of an nnx model only nnx.Linear calls are seen, not those of '
+                     f'{", ".join(unseen)}, so which layer is last is not known')
   return order
 
 
@@ -498,15 +528,13 @@ def dense_factors(loss_fn: PerExampleLoss, params, batch: dict,
   def total_loss(eps):
     acts = {}
 
-    def perturb(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      name = _dense_name(context) if _is_dense_call(context) else None
+    def perturb(name, x, out, use_bias):
       if name in eps:
-        acts[name] = args[0] if args else kwargs['inputs']
+        acts[name] = x
         out = out + eps[name]
       return out
 
-    with nn.intercept_methods(perturb):
+    with _tapping_dense(perturb):
       loss = loss_fn(params, batch)
     return jnp.sum(loss), acts
 
@@ -609,7 +637,7 @@ class FactoredProjection(NamedTuple):
       raise UserError(f'factored projection: {e} (project named Dense layers only: the gradient '
                       'store, which valuation.topk always uses, projects this way)') from None
     if not names:
-      raise UserError('factored projection: the model calls no nn.Dense layer')
+      raise UserError('factored projection: the model calls no nn.Dense or nnx.Linear layer')
     key = jax.random.key(self.seed)
     factors, bias = [], []
     for i, (name, (out, size, has_bias)) in enumerate(calls.items()):

@@ -32,12 +32,16 @@ def resolve_layers(loss_fn: PerExampleLoss, params, batch: dict, layers: Layers)
   if layers == 'last':
     if not pergrad.param_owners(params):  # the top module holds them all: it is the last layer
       return None
-    names = pergrad.param_layers(loss_fn, params, batch)
-    if not names:  # a flax.nnx model or plain JAX: no linen module calls to see
-      raise UserError("layers='last' found no flax.linen layer called with parameters (an nnx "
-                      'or plain JAX model: its calls are not seen); name them in '
-                      'valuation.mimic_layers (layers: '
-                      f'{", ".join(sorted(pergrad.param_owners(params)))})')
+    owners = ', '.join(sorted(pergrad.param_owners(params)))
+    try:
+      names = pergrad.param_layers(loss_fn, params, batch)
+    except ValueError as e:
+      raise UserError(f"layers='last': {e}; name them in valuation.mimic_layers (layers: "
+                      f'{owners})') from None
+    if not names:  # plain JAX, or an nnx model of no nnx.Linear: no layer calls to see
+      raise UserError("layers='last' found no layer called with parameters (a flax.linen "
+                      "module's or an NnxModel's nnx.Linear: a plain JAX model's calls are not "
+                      f'seen); name them in valuation.mimic_layers (layers: {owners})')
     return [names[-1]]
   if isinstance(layers, str):
     return [layers]
