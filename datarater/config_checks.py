@@ -392,4 +392,15 @@ def check_model(name: str, section) -> None:
   schema = {'name': string(), **registry.schema_of(kind, section.name)}
   if kind == 'rater':
     schema['temperature'] = number(MIN_TEMPERATURE)
+  others = {f for (k, _), fields in registry.SCHEMAS.items() if k == kind for f in fields}
+  switched = [f for f in section.keys() if f not in schema and f in others]
+  missing = [f for f, check in schema.items()
+             if f not in section and not getattr(check, 'optional', False)]
+  if switched or missing:  # e.g. --config.rater.name set to a rater that reads other fields
+    problem = (f'unknown config field {name}.{switched[0]}' if switched else
+               f'the config has no field {name}.{missing[0]}')
+    raise UserError(f'{problem}: {kind} {section.name!r} reads {", ".join(sorted(schema))}; '
+                    f'a config file sets its {name} section to those (c.{name} = '
+                    "ml_collections.ConfigDict({...}), as the README's own-model example does): "
+                    f'--config.{name}.name cannot switch to a {kind} that reads other fields')
   check_section(name, section, schema)

@@ -705,3 +705,32 @@ def test_the_shipped_models_precision_fields_set_what_they_compute_in_and_store(
     assert jax.jit(net.apply)(params, images).dtype == jnp.dtype(dtype)
     default = cnn.CNN((4,), (2,), 3, **tasks.classifier.dtypes(ml_collections.ConfigDict()))
     assert (default.dtype, default.param_dtype) == (None, jnp.float32)
+
+
+def test_a_model_name_switched_alone_names_the_models_fields_and_the_config_file_fix():
+  """--config.rater.name set to a rater reading other fields than the section holds (both ways)
+  names what that rater reads and that a config file sets the section; a plain misspelt field
+  keeps the one-line refusal of any unknown field."""
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from datarater import config_checks  # pylint: disable=g-import-not-at-top
+  tasks.register_rater('bias_for_test', {})(lambda config, info: None)
+  try:
+    mlp = digits.get_config().rater  # mlp_rater's fields
+    mlp.name = 'bias_for_test'
+    bias = ml_collections.ConfigDict({'name': 'bias_for_test', 'temperature': 1.0})
+    fixed = 'a config file sets its rater section to those'
+    with pytest.raises(UserError, match=r"field rater\.\w+: rater 'bias_for_test' reads name, "
+                                        rf'temperature; {fixed}'):
+      config_checks.check_model('rater', mlp)
+    bias.name = 'mlp_rater'
+    with pytest.raises(UserError, match=r"no field rater\.\w+: rater 'mlp_rater' reads "
+                                        rf'activation, .*hidden.*; {fixed}'):
+      config_checks.check_model('rater', bias)
+    bias.name, bias.hiden = 'bias_for_test', 3
+    with pytest.raises(UserError, match=r'^unknown config field rater\.hiden \(the fields of '
+                                        r'rater: name, temperature\)$'):
+      config_checks.check_model('rater', bias)
+  finally:
+    tasks.RATERS.pop('bias_for_test')
+    tasks.registry.SCHEMAS.pop(('rater', 'bias_for_test'))
+    tasks.registry.RATER_MODULES.pop('bias_for_test')
