@@ -229,18 +229,19 @@ def check_apart(out: str, flag: str, **inputs: str) -> None:
       raise UserError(f'{flag} {out!r} is inside --{name} {path!r}; write elsewhere')
 
 
-# What marks another launcher's output folder, by the file it always holds.
+# What marks another launcher's output folder, by the file it always holds (a glob pattern).
 RUN_MARKERS = {'metrics.jsonl': 'a launch.train_rater run', 'history.jsonl': 'a launch.train run',
-               'rater.json': 'an exported rater'}
+               'rater.json': 'an exported rater', 'scores_*.json': 'a launch.valuate output'}
 
 
 def check_not_other_run(workdir: str, own: str, run: str) -> None:
   """Refuses a --workdir that holds another launcher's output (`RUN_MARKERS` but `own`, the
   marker of this `run`'s own kind, '' for none): this run's files would be mixed into it."""
   for marker, what in RUN_MARKERS.items():
-    if marker != own and os.path.exists(os.path.join(workdir, marker)):
-      raise UserError(f'--workdir {workdir!r} holds {what} ({marker}); give the {run} a folder '
-                      'of its own')
+    found = sorted(glob.glob(os.path.join(glob.escape(workdir), marker)))
+    if marker != own and found:
+      raise UserError(f'--workdir {workdir!r} holds {what} ({os.path.basename(found[0])}); '
+                      f'give the {run} a folder of its own')
 
 
 def check_outside(workdir: str, **folders: str) -> None:

@@ -111,6 +111,8 @@ def world(tfds_dir, tmp_path_factory):
   (root / 'train_run').mkdir()
   (root / 'train_run' / 'history.jsonl').write_text('{"epoch": 1.0}\n')
   (root / 'busy').mkdir()
+  (root / 'val_out').mkdir()  # a launch.valuate output (its scores files' marker)
+  (root / 'val_out' / 'scores_tracin.json').write_text('{}')
   (root / 'foreign').mkdir()
   (root / 'foreign' / 'config.json').write_text('{"model": "not a rater run"}')
   return root
@@ -634,6 +636,12 @@ def _cases(tfds_dir: str, w) -> list:
        '--config.valuation.mimic_cosine is not read by policy tracin_curriculum'),
       ('export_rater', [f'--workdir={w}/rater', f'--out={w}/new_rater'],
        f"--workdir '{w}/rater' is already an exported rater (rater.json)"),
+      # A training run wrote its checkpoints and report into a valuation's folder.
+      ('train', [data, f'--workdir={w}/val_out'],
+       f"--workdir '{w}/val_out' holds a launch.valuate output (scores_tracin.json); give the "
+       'training run a folder of its own'),
+      (*tr(out=f'--workdir={w}/val_out'),
+       f"--workdir '{w}/val_out' holds a launch.valuate output (scores_tracin.json)"),
   ]
   return cases
 
@@ -651,7 +659,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 243  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 245  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

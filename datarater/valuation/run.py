@@ -231,7 +231,8 @@ def valuate(method: str, config, workdir: str, progress: bool = True) -> dict:
     config_checks.validate(config, SECTIONS)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise UserError(f'--workdir {workdir!r} exists and is not a folder')
-    files.check_not_other_run(workdir, '', 'valuation')  # its files would mix with that run's
+    # Another launcher's files would mix with its own.
+    files.check_not_other_run(workdir, 'scores_*.json', 'valuation')
     d = config.data
     files.check_outside(workdir, **{'data.dataset_dir': d.get('dataset_dir', '')})
     train = source.open_source(d, d.train_split, corrupt=True)
