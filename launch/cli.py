@@ -3,10 +3,11 @@
 `run(main, define_flags, doc)` defines a launcher's flags and runs `main` under absl, with absl's
 log at WARNING unless --verbosity is given. A bad flag, config file (`define_config_file`: one
 that is missing, does not compile, has no get_config or whose get_config fails) or config override
-(an unknown field, a value of the wrong type), or a string flag or override with leading or
-trailing whitespace (`--workdir=' '`), prints one `error:` line and exits 2, like every
-`UserError` and I/O error inside `main` (`datarater.errors.exit_on_user_error`); in a process of
-a multi-process job such a flag error stops every process (`_job_stopped_on_flag_error`).
+(an unknown field, a value of the wrong type), a string flag or override with leading or
+trailing whitespace (`--workdir=' '`), or a list flag or tuple field given twice, prints one
+`error:` line and exits 2, like every `UserError` and I/O error inside `main`
+(`datarater.errors.exit_on_user_error`); in a process of a multi-process job such a flag error
+stops every process (`_job_stopped_on_flag_error`).
 `--help` prints the launcher's description, its flags and the fields of its config it reads
 (those its `define_override_check` and `config_checks.UNREAD_WHILE` pass with the flags given),
 every field of any other config file flag (e.g. a benchmark's --bench), and exits 0.
@@ -228,6 +229,7 @@ def parse_flags(argv, doc: str = '', fv: flags.FlagValues = flags.FLAGS):
     _fail(e, argv)
   _refuse_padded_strings(fv)
   _refuse_joined_tuples(argv, fv)
+  _refuse_repeated_lists(argv, fv)
   _refuse_unordered_tuples(argv, fv)
   _refuse_unread_fields(argv, fv)
   if len(parsed) > 1:  # no launcher reads one: a word split off a flag's value (a space in it)
@@ -278,6 +280,19 @@ def _refuse_joined_tuples(argv, fv: flags.FlagValues) -> None:
         print(f'error: --{flag}.{name} is given twice (the tuples would be joined, '
               f'{value!r}); give it once', file=sys.stderr)
         sys.exit(2)
+
+
+def _refuse_repeated_lists(argv, fv: flags.FlagValues) -> None:
+  """A list flag given twice (command line or flagfile): absl keeps the last list
+  (`launch.filter --split=test --split=train` filtered train alone), which reads as both."""
+  given = _given(argv, fv)
+  for name in sorted({n for n in given if given.count(n) > 1}):
+    if (name in fv and isinstance(fv[name].parser, flags.BaseListParser)
+        and not isinstance(fv[name], flags.MultiFlag)):
+      print(f'error: --{name} is given twice (the last, {",".join(fv[name].value)}, would '
+            f'replace the others); give it once, its values separated by commas',
+            file=sys.stderr)
+      sys.exit(2)
 
 
 def _refuse_unordered_tuples(argv, fv: flags.FlagValues) -> None:

@@ -368,6 +368,9 @@ def _cases(tfds_dir: str, w) -> list:
       ('filter', fl(rater, '--keep=1.5'), 'keep fraction must be in (0, 1], got 1.5'),
       ('filter', fl(rater, '--keep=0.5', '--split=train,validation,train'),
        "--split names 'train' twice"),
+      # absl kept the last list: it filtered train alone.
+      ('filter', fl(rater, '--keep=0.5', '--split=test', '--split=train'),
+       '--split is given twice (the last, train, would replace the others); give it once'),
       ('filter', [*fl(rater, '--keep=0.5'), '--dataset=sklearn_digits:2.0.0'],
        "dataset 'sklearn_digits:2.0.0' cannot be loaded at version 2.0.0"),
       ('filter', [f'--dataset={w}/cut_dataset', rater, '--keep=0.5', f'--out={w}/cut_dataset',
@@ -659,7 +662,7 @@ def _snapshot(root) -> dict:
   return out
 
 
-NUM_CASES = 245  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
+NUM_CASES = 246  # the parametrisation below runs cases 0..NUM_CASES-1: it must be every case
 
 
 def test_at_least_fifty_bad_inputs_across_every_launcher(tfds_dir, world):

@@ -160,6 +160,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
      'bench.lm_curation: it reads the config sections data, task, rater, inner, outer'),
     ('curation', ['--config.sae.k=3'], '--config.sae.k is not read by bench.curation'),
     ('selection', ['--ratios=0.3,0.3'], '--ratios repeats 0.3: give each value once'),
+    # absl kept the last list: it ran seed 1 alone.
+    ('curation', ['--seeds=0', '--seeds=1'], '--seeds is given twice (the last, 1, would'),
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'
