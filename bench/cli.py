@@ -29,8 +29,11 @@ def run(main: Callable, doc: str, define_flags: Callable = lambda: None) -> None
   """Runs `main` under absl after `define_flags()` (where a --config file flag belongs: its
   overrides are read when it is defined)."""
   def checked_main(argv):
-    if 'out' in flags.FLAGS and flags.FLAGS.out:  # selection's '' picks a default later
-      writable('out', flags.FLAGS.out)
+    out = flags.FLAGS['out'] if 'out' in flags.FLAGS else None
+    if out is not None and out.default and not out.value:  # '' names '.json', '.md' in the cwd
+      raise UserError(f'--out is empty: give an output prefix (default {out.default!r})')
+    if out is not None and out.value:  # selection's '' picks a default later
+      writable('out', out.value)
     return main(argv)
   with exit_on_user_error():
     cli.run(checked_main, define_flags, doc)

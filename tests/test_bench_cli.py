@@ -162,6 +162,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('selection', ['--ratios=0.3,0.3'], '--ratios repeats 0.3: give each value once'),
     # absl kept the last list: it ran seed 1 alone.
     ('curation', ['--seeds=0', '--seeds=1'], '--seeds is given twice (the last, 1, would'),
+    # An empty prefix: the whole bench ran, then wrote .json, .md and .png into the cwd.
+    ('curation', ['--out='], "--out is empty: give an output prefix (default "
+     "'bench/results/curation')"),
 ])
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, bench, args, says):
   out = tmp_path / 'out' / 'result'
