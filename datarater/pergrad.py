@@ -549,12 +549,21 @@ def _as_3d(x):
   return at_least_float32(x.reshape(x.shape[0], -1, x.shape[-1]))
 
 
+def _layer_grads(x, g):
+  """Per-example kernel gradients sum_t x_it^T g_it of 3-d factors, flattened [B, d_in * d_out]:
+  over many positions T and narrow layers, fewer flops than ghost products' T x T position
+  products (for norms, when (T + 1) d_in d_out < T^2 (d_in + d_out))."""
+  return jnp.einsum('btd,bte->bde', x, g).reshape(x.shape[0], -1)
+
+
 def ghost_dots(loss_fn: PerExampleLoss, params, batch_a: dict, batch_b: Optional[dict] = None,
                layers: Optional[Sequence[str]] = None) -> jax.Array:
   """[A, B] matrix of <grad l(a_i), grad l(b_j)> over Dense layers, no per-example gradient formed.
 
   Kernel: sum_{t,s} (x_it . x_js)(g_it . g_js) (one position: (x_i.x_j)(g_i.g_j)); bias:
-  (sum_t g_it) . (sum_s g_js). `batch_b=None` means batch_a against itself.
+  (sum_t g_it) . (sum_s g_js). `batch_b=None` means batch_a against itself. A layer whose
+  per-example kernel gradients x_i^T g_i [d_in, d_out] take fewer flops to form and dot (a
+  convolution's, over many positions) is contracted that way (`_layer_grads`).
   """
   fa = dense_factors(loss_fn, params, batch_a, layers)
   fb = fa if batch_b is None else dense_factors(loss_fn, params, batch_b, layers)
@@ -562,7 +571,11 @@ def ghost_dots(loss_fn: PerExampleLoss, params, batch_a: dict, batch_b: Optional
   for name, (xa, ga, has_bias) in fa.items():
     xb, gb, _ = fb[name]
     xa, ga, xb, gb = map(_as_3d, (xa, ga, xb, gb))
-    if xa.shape[1] == 1 and xb.shape[1] == 1:
+    (a, t, d), (b, s, e) = xa.shape, gb.shape
+    if (a * t + b * s + a * b) * d * e < a * b * t * s * (d + e):
+      ma = _layer_grads(xa, ga)
+      total = total + ma @ (ma if batch_b is None else _layer_grads(xb, gb)).T
+    elif t == 1 and s == 1:
       total = total + (xa[:, 0] @ xb[:, 0].T) * (ga[:, 0] @ gb[:, 0].T)
     else:
       total = total + jnp.einsum('atd,bsd,ate,bse->ab', xa, xb, ga, gb)
@@ -573,11 +586,15 @@ def ghost_dots(loss_fn: PerExampleLoss, params, batch_a: dict, batch_b: Optional
 
 def ghost_sq_norms(loss_fn: PerExampleLoss, params, batch: dict,
                    layers: Optional[Sequence[str]] = None) -> jax.Array:
-  """||grad l_i||^2 over Dense layers for every i, [B], from activations and output-gradients."""
+  """||grad l_i||^2 over Dense layers for every i, [B], from activations and output-gradients
+  (or, where fewer flops, each layer's per-example kernel gradients: `ghost_dots`)."""
   total = 0.0
   for x, g, has_bias in dense_factors(loss_fn, params, batch, layers).values():
     x, g = _as_3d(x), _as_3d(g)
-    if x.shape[1] == 1:
+    (_, t, d), e = x.shape, g.shape[-1]
+    if (t + 1) * d * e < t * t * (d + e):
+      total = total + jnp.sum(_layer_grads(x, g) ** 2, -1)
+    elif t == 1:
       total = total + jnp.sum(x[:, 0] ** 2, -1) * jnp.sum(g[:, 0] ** 2, -1)
     else:
       total = total + jnp.einsum('btd,bsd,bte,bse->b', x, x, g, g)

@@ -368,6 +368,37 @@ def test_ghost_dots_with_positions_and_no_bias():
   assert pergrad.dense_positions(*tiny()) == 1
 
 
+class ManyPositions(nn.Module):
+  """A narrow Dense layer over 49 positions (a convolution's shape: CNN patches), mean, head."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(32, name='conv')(x.reshape(x.shape[0], 49, 144))).mean(1)
+    return nn.Dense(3, use_bias=False, name='head')(h)
+
+
+def test_ghost_products_over_many_positions_cost_no_more_than_exact_gradients():
+  """Over a layer with many positions and few weights (a CNN's convolution), ghost dots and
+  squared norms take no more XLA flops than the exact definition (per-example gradients, then
+  their dots): their T x T position products cost more than forming the layer's per-example
+  gradients, so that layer is contracted through them. Same values as the definition."""
+  model, rng = ManyPositions(), np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.uniform(size=(8, 49 * 144)), jnp.float32),
+           'label': jnp.arange(8) % 3}
+  params = model.init(jax.random.key(0), batch['image'])
+  loss = lambda p, b: _cross_entropy(model.apply(p, b['image']), b['label'])
+  grads = lambda p, b: pergrad.per_example(loss, p, b, pergrad.flatten(), chunk_size=None)
+  programs = {'dots': (lambda p, b: pergrad.ghost_dots(loss, p, b),
+                       lambda p, b: (lambda g: g @ g.T)(grads(p, b))),
+              'norms': (lambda p, b: pergrad.ghost_sq_norms(loss, p, b),
+                        lambda p, b: jnp.sum(grads(p, b) ** 2, 1))}
+  for name, (ghost, exact) in programs.items():
+    ghost, exact = (jax.jit(f).lower(params, batch).compile() for f in (ghost, exact))
+    flops = [c.cost_analysis()['flops'] for c in (ghost, exact)]
+    assert flops[0] <= flops[1], (name, flops)
+    np.testing.assert_allclose(ghost(params, batch), exact(params, batch), rtol=1e-4, atol=1e-9)
+
+
 def _assert_ghost_norms_equal_loop(loss, params, batch, layer):
   """Ghost squared norms over `layer` against the explicit loop's, in float64."""
   params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
