@@ -558,7 +558,7 @@ def _layer_grads(x, g):
 
 def ghost_dots(loss_fn: PerExampleLoss, params, batch_a: dict, batch_b: Optional[dict] = None,
                layers: Optional[Sequence[str]] = None) -> jax.Array:
-  """[A, B] matrix of <grad l(a_i), grad l(b_j)> over Dense layers, no per-example gradient formed.
+  """[A, B] matrix of <grad l(a_i), grad l(b_j)> over Dense layers, no whole per-example gradient.
 
   Kernel: sum_{t,s} (x_it . x_js)(g_it . g_js) (one position: (x_i.x_j)(g_i.g_j)); bias:
   (sum_t g_it) . (sum_s g_js). `batch_b=None` means batch_a against itself. A layer whose
