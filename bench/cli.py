@@ -69,8 +69,14 @@ def quick_out(prefix: str, quick: bool) -> str:
 
 
 def config_file(default: str) -> Callable:
-  """A `define_flags` for `run`: the --config experiment file flag, `default` unless given."""
-  return lambda: cli.define_config_file('config', default, 'Experiment config file.')
+  """A `define_flags` for `run`: the --config experiment file flag, `default` unless given, a
+  policy's own fields it leaves out at their defaults (`policies.with_defaults`, as
+  launch.train's)."""
+  def define() -> None:
+    from datarater import policies  # pylint: disable=g-import-not-at-top  (benches without one)
+    cli.define_config_file('config', default, 'Experiment config file.',
+                           complete=policies.with_defaults)
+  return define
 
 
 def define_config_check(program: str, sections, set_by=None, depends=(), top_level=()) -> None:
