@@ -409,20 +409,24 @@ def test_fresh_members_are_drawn_only_at_steps_that_replace_one():
         np.testing.assert_array_equal(new['w'][m], want)
 
 
+def _data_info_of(features) -> pipeline.DataInfo:
+  """`pipeline.data_info` of a builder whose features are `features` (image, label supervised)."""
+  import types  # pylint: disable=g-import-not-at-top
+  return pipeline.data_info(types.SimpleNamespace(info=types.SimpleNamespace(
+      features=features, supervised_keys=('image', 'label'), full_name='mine/1.0.0')))
+
+
 def test_data_info_leaves_out_what_is_not_a_fixed_shape_array_and_records_stored_dtypes():
   """A variable-length feature no model reads (e.g. tokens of any length) is left out like text
   (the examples could not be stacked). Stored dtypes tell uint8
   pixels (decoded to [0, 1]) from float ones (kept as they are)."""
-  import types  # pylint: disable=g-import-not-at-top
   features = tfds.features.FeaturesDict({
       'image': tfds.features.Tensor(shape=(4, 4), dtype=np.uint8),
       'depth': tfds.features.Tensor(shape=(4, 4), dtype=np.float64),
       'tokens': tfds.features.Tensor(shape=(None,), dtype=np.int64),
       'caption': tfds.features.Text(),
       'label': tfds.features.ClassLabel(names=['a', 'b'])})
-  builder = types.SimpleNamespace(info=types.SimpleNamespace(
-      features=features, supervised_keys=('image', 'label'), full_name='mine/1.0.0'))
-  info = pipeline.data_info(builder)
+  info = _data_info_of(features)
   assert set(info.spec) == {'image', 'depth', 'label'}
   assert info.stored == {'image': 'uint8', 'depth': 'float64', 'label': 'int64'}
   assert info.spec['image'].dtype == info.spec['depth'].dtype == np.float32
@@ -543,7 +547,6 @@ def test_a_model_reading_a_feature_left_out_is_told_why():
   """WORKSPACE.md: text, variable-length tensors, uint16 or float32 images and images of no
   fixed shape are left out, and a model that reads one is refused saying so (a uint16 image was
   refused only as a feature the dataset lacks, leaving one to guess the name was misspelt)."""
-  import types  # pylint: disable=g-import-not-at-top
   from datarater.tasks.classifier import mlp_classifier  # pylint: disable=g-import-not-at-top
   features = tfds.features.FeaturesDict({
       'image': tfds.features.Tensor(shape=(4, 4), dtype=np.uint8),
@@ -553,9 +556,7 @@ def test_a_model_reading_a_feature_left_out_is_told_why():
       'tokens': tfds.features.Tensor(shape=(None,), dtype=np.int64),
       'caption': tfds.features.Text(),
       'label': tfds.features.ClassLabel(names=['a', 'b'])})
-  builder = types.SimpleNamespace(info=types.SimpleNamespace(
-      features=features, supervised_keys=('image', 'label'), full_name='mine/1.0.0'))
-  info = pipeline.data_info(builder)
+  info = _data_info_of(features)
   assert set(info.spec) == {'image', 'label'}
   for name, why in [('depth', 'is a uint16 image: only uint8 images are read'),
                     ('heat', 'is a float32 image: only uint8 images are read'),
