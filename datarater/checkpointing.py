@@ -396,15 +396,18 @@ def check_writable_path(path: str, flag: str) -> None:
   """Refuses a folder for orbax checkpoints whose path holds a glob character (`*`, `?`, `[`) or
   a backslash: orbax finds a checkpoint's per-process parts by a glob over the whole path, and
   tensorstore reads a backslash as a separator (the arrays go to another folder), so under such a
-  path it writes checkpoints it cannot read back. Also refuses a path that is not UTF-8 (bytes
-  Python decoded as surrogates): tensorstore cannot take it (a traceback at the first save)."""
+  path it writes checkpoints it cannot read back. Also refuses a path that is not UTF-8, or a
+  relative one under a current folder that is not (bytes Python decoded as surrogates):
+  tensorstore cannot take it (a traceback at the first save)."""
+  full = os.path.abspath(path)
   try:
-    path.encode('utf-8')
+    full.encode('utf-8')
   except UnicodeEncodeError as e:
-    raise UserError(f'{flag} {path!r} is not UTF-8 ({e.reason} at character {e.start}): '
+    where = 'is' if full == path else f'is in {full!r}, which is'
+    raise UserError(f'{flag} {path!r} {where} not UTF-8 ({e.reason} at character {e.start}): '
                     'orbax cannot write checkpoints under it; choose a folder with a UTF-8 '
                     'name') from None
-  bad = sorted(set('*?[\\') & set(os.path.abspath(path)))
+  bad = sorted(set('*?[\\') & set(full))
   if bad:
     raise UserError(f'{flag} {path!r} holds {"".join(bad)!r} in its path: orbax cannot read back '
                     'checkpoints written under it; choose a folder without *, ?, [ or \\')

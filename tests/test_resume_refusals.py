@@ -502,3 +502,24 @@ def test_a_training_checkpoint_of_the_seeds_old_keys_is_refused_and_valuations_f
   before = valuation_run.fingerprint('tracin', config, 'data', 'model')
   monkeypatch.setattr(seeding, 'KEYS_VERSION', 3)
   assert valuation_run.fingerprint('tracin', config, 'data', 'model') != before
+
+
+def test_a_relative_checkpoint_folder_under_a_folder_that_is_not_utf8_is_refused(
+    tmp_path, monkeypatch):
+  """`--workdir=run` from a current folder whose name is not UTF-8 (Latin-1 'café'): the path
+  given is UTF-8, so it was taken, and orbax's first save stopped in a tensorstore traceback
+  (the oracle: a save there fails). Refused in one line naming the folder."""
+  cwd = os.fsdecode(bytes(tmp_path) + b'/caf\xe9')
+  os.mkdir(cwd)
+  monkeypatch.chdir(cwd)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from datarater import checkpointing  # pylint: disable=g-import-not-at-top
+  with pytest.raises(Exception):  # pylint: disable=broad-exception-caught
+    with ocp.CheckpointManager(os.path.abspath('orbax'),
+                               options=ocp.CheckpointManagerOptions(create=True)) as manager:
+      manager.save(0, args=ocp.args.StandardSave({'a': np.ones(2)}))
+      manager.wait_until_finished()
+  with pytest.raises(UserError, match=r"--workdir 'run' is in '.*caf\\udce9/run', which is not "
+                     'UTF-8') as e:
+    checkpointing.check_writable_path('run', '--workdir')
+  assert '\n' not in str(e.value)
