@@ -591,9 +591,10 @@ def test_a_policy_of_ones_own_declares_its_fields_in_one_module(own_policy, caps
       'train', f'--config={config_file}', '--policy=loss_tempered_for_test', *flags])
   assert run('--config.policy.loss_temperature=0.5') == 0  # one epoch of 2 steps
   assert module.SEEN == [0.5]
-  with pytest.raises(ValueError, match='one field, one default'):  # one name, one concept
-    policies.register_policy('clash_for_test', schema={'loss_temperature': config_checks.default(
-        config_checks.number(0, lo_open=True), 3.0)})(module.make)
+  for clash in (3.0, 2.0):  # another default; the same default with a check of its own
+    with pytest.raises(ValueError, match='one field, one entry'):  # one name, one concept
+      policies.register_policy('clash_for_test', schema={
+          'loss_temperature': config_checks.default(config_checks.number(0), clash)})(module.make)
   assert 'clash_for_test' not in policies.POLICIES
   capsys.readouterr()
   for flag, line in (('--config.policy.loss_temperature=-1.0',
@@ -617,6 +618,9 @@ def test_a_policy_of_ones_own_declares_its_fields_in_one_module(own_policy, caps
   assert 'loss_temperature' not in config.policy
   filled = policies.with_defaults(config)
   assert filled.policy.loss_temperature == 2.0 and 'loss_temperature' not in config.policy
+  policies.start_policy('loss_tempered_for_test', policies.PolicyContext(  # from Python
+      train=range(4), heldout=None, task=None, config=config))
+  assert module.SEEN[-1] == 2.0
   older = checkpointing.trajectory_fields(config)
   ours = checkpointing.trajectory_fields(filled)
   added = policies.defaults('loss_tempered_for_test')

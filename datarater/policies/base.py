@@ -125,8 +125,9 @@ def register_policy(name: str, reads: tuple[str, ...] = (), whole_split: bool = 
   refused for it; `sections`: the config sections it reads besides those of every training run
   (e.g. 'valuation'), checked with them before any work; `schema`: the fields of `config.policy`
   it reads besides `name`, each with its check and default (`config_checks.default(check,
-  value)`; a field another policy declares too takes the same default); `fields`: dotted, the
-  fields of a section it reads in part (e.g. 'valuation.seed'); `valuation`: the method of
+  value)`; a field another policy declares too is that policy's entry, e.g.
+  `weighting.TEMPERATURE`); `fields`: dotted, the fields of a section it reads in part (e.g.
+  'valuation.seed'); `valuation`: the method of
   `valuation.factory.build` it values the split with (as launch.valuate --method does:
   `config_checks.UNREAD_WHILE`'s rows of it hold)."""
   assert set(reads) <= set(INPUTS), reads
@@ -139,10 +140,11 @@ def register_policy(name: str, reads: tuple[str, ...] = (), whole_split: bool = 
   def add(factory):
     for other, theirs in SCHEMAS.items():
       for field in set(schema) & set(theirs) if other != name else ():
-        if theirs[field].default != schema[field].default:
-          raise ValueError(f'policy {name} declares policy.{field} with default '
-                           f'{schema[field].default!r}, policy {other} with '
-                           f'{theirs[field].default!r}: one field, one default')
+        if theirs[field] is not schema[field]:  # another check, or another default
+          raise ValueError(f'policy {name} declares policy.{field} apart from policy {other} '
+                           f'(default {schema[field].default!r} there '
+                           f'{theirs[field].default!r}): one field, one entry (share the '
+                           "schema entry, as the shipped policies share weighting.TEMPERATURE)")
     POLICIES[name], READS[name], SECTIONS[name] = factory, tuple(reads), tuple(sections)
     FIELDS[name], SCHEMAS[name] = (*schema, *fields), schema
     if valuation is not None:
@@ -222,10 +224,11 @@ def check_fields(name: str, overridden) -> None:
 
 
 def start_policy(name: str, ctx: PolicyContext):
-  """Policy `name` (its factory's `Policy`), or the `FromScores` it is made from."""
+  """Policy `name` (its factory's `Policy`), or the `FromScores` it is made from; its own fields
+  the config lacks hold their defaults (`with_defaults`: a config built in Python)."""
   if name not in POLICIES:
     raise UserError(f'unknown policy {name!r} (choose from {", ".join(sorted(POLICIES))})')
-  return POLICIES[name](ctx)
+  return POLICIES[name](dataclasses.replace(ctx, config=with_defaults(ctx.config)))
 
 
 def make_policy(name: str, ctx: PolicyContext) -> Policy:
