@@ -687,3 +687,18 @@ def test_blur_is_spatial_and_leaves_colour_channels_apart():
     expected = np.clip(np.round(expected), 0, 255)
     diff = np.abs(out[..., c].astype(np.float64) - expected)[inner]
     assert diff.max() <= 1 and (diff == 0).mean() > 0.95, (c, diff.max())
+
+
+@pytest.mark.parametrize('compress', [False, True])
+def test_an_idx_write_that_fails_leaves_the_earlier_file_whole(tmp_path, compress):
+  """write_idx opened the file itself: one that failed (here converting the array) or was killed
+  left it empty or cut short. Now the earlier file stays, and no temporary file is left."""
+  path = str(tmp_path / ('train-labels-idx1-ubyte' + ('.gz' if compress else '')))
+  labels = np.arange(30) % 10
+  idx_mnist.write_idx(path, labels, compress)
+  before = open(path, 'rb').read()
+  assert b'.tmp-' not in before  # gzip's header names the file, not its temporary name
+  with pytest.raises(TypeError):
+    idx_mnist.write_idx(path, np.array([1, None], object), compress)
+  assert open(path, 'rb').read() == before and os.listdir(tmp_path) == [os.path.basename(path)]
+  np.testing.assert_array_equal(idx_mnist.read_idx(path), labels)

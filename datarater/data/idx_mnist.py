@@ -11,6 +11,7 @@ that would build it now (the variable's, or the default) holds other files (MNIS
 Fashion-MNIST's have equal sizes). TFDS's own `fashion_mnist` builder downloads and checks the
 original archives' checksums, which Debian's re-gzipped copies do not match.
 """
+import contextlib
 import dataclasses
 import gzip
 import math
@@ -129,9 +130,10 @@ def read_idx(path: str) -> np.ndarray:
 
 def write_idx(path: str, array: np.ndarray, compress: bool = False) -> None:
   """Writes `array` (as unsigned bytes) as an idx file, gzipped with `compress`: `read_idx`'s
-  inverse."""
+  inverse. Atomically: a write that fails or is killed leaves an earlier file as it was."""
   header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, '>u4').tobytes()
-  with (gzip.open if compress else open)(path, 'wb') as f:
+  with files.atomic_path(path) as tmp, open(tmp, 'wb') as raw, (  # gzip's header names `path`
+      gzip.GzipFile(path, 'wb', fileobj=raw) if compress else contextlib.nullcontext(raw)) as f:
     f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
 
