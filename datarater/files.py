@@ -450,8 +450,9 @@ def open_memmap(path: str, mode: str, dtype=None, shape=None) -> np.memmap:
   return array
 
 
-def _record(line: str, key: str):
-  """The record of a JSON line with a numeric `key` field, or None."""
+def _record(line: bytes, key: str):
+  """The record of a JSON line with a numeric `key` field, or None (also for bytes that are not
+  UTF-8 text)."""
   try:
     record = json.loads(line)
   except ValueError:
@@ -471,7 +472,7 @@ class JsonlLog:
   def __init__(self, path: str, key: str, resume_at: float = 0):
     self.path, self.history = path, []
     if os.path.exists(path):
-      with open(path) as f:
+      with open(path, 'rb') as f:
         records = [_record(line, key) for line in f]
       self.history = [r for r in records if r is not None and r[key] <= resume_at]
     write_text(path, ''.join(json.dumps(json_safe(r), allow_nan=False) + '\n'

@@ -414,10 +414,11 @@ def test_checkpoint_checksums_are_their_definition_and_see_every_flipped_bit():
 
 def test_a_run_log_resumes_past_a_half_written_last_line(tmp_path):
   """A kill mid-append leaves a partial last line; a resumed log drops it (and any other line
-  that is not a record with the key) and keeps the records up to the restored point."""
+  that is not a record with the key, or not UTF-8 text: a damaged line once stopped the run with
+  a traceback) and keeps the records up to the restored point."""
   path = tmp_path / 'history.jsonl'
-  path.write_text('{"epoch": 1.0, "step": 10}\n[2]\n{"step": 15}\n{"epoch": 2.0, "step": 20}\n'
-                  '{"epoch": 2.0, "step')
+  path.write_bytes(b'{"epoch": 1.0, "step": 10}\n[2]\n{"step": 15}\n{"epoch": 1.5, "s\xff"}\n'
+                   b'{"epoch": 2.0, "step": 20}\n{"epoch": 2.0, "step')
   log = files.JsonlLog(str(path), 'epoch', resume_at=2)
   assert log.history == [{'epoch': 1.0, 'step': 10}, {'epoch': 2.0, 'step': 20}]
   log.write({'epoch': 3.0, 'step': 30})
