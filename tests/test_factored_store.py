@@ -2,6 +2,7 @@
 explicit loops of single-example gradients, explicit np.kron matrices, full score matrices."""
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -587,6 +588,16 @@ def test_stored_data_value_embeddings_equal_explicit_backward_product(setup, tmp
                              example @ direction, rtol=1e-9, atol=1e-14)
   with pytest.raises(UserError, match='not the final parameters'):
     reopened.dvemb_values(loss, params, test)
+  # A damaged embeddings file (cut short, or of other rows) is one line naming it, no traceback.
+  path = tmp_path / 'g' / 'dvemb.npy'
+  whole = path.read_bytes()
+  for damaged in (whole[:len(whole) // 2], b"garbage"):
+    path.write_bytes(damaged)
+    with pytest.raises(UserError, match=f'{re.escape(repr(str(path)))}: '):
+      reopened.dvemb_values(loss, run.final_params, test)
+  np.save(path, example[:-1])
+  with pytest.raises(UserError, match='holds an array of shape'):
+    reopened.dvemb_values(loss, run.final_params, test)
 
 
 def test_projection_memory_does_not_grow_with_examples():

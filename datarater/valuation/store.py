@@ -403,7 +403,14 @@ class GradientStore:
     state = self.projection_state(loss_fn, final_params, test_batch)
     d = jax.jit(lambda p: pergrad.project_params(
         state, pergrad.mean_grad(loss_fn, p, test_batch)))(final_params)
-    emb = np.load(os.path.join(self.path, info['file']), mmap_mode='r')
+    emb_path = os.path.join(self.path, info['file'])
+    try:
+      emb = np.load(emb_path, mmap_mode='r')
+    except (OSError, ValueError) as e:  # (cut short, or not a .npy file)
+      raise UserError(f'cannot read gradient store {self.path!r}: {emb_path!r}: {e}') from None
+    if emb.shape != (self.num_examples, *d.shape):
+      raise UserError(f'cannot read gradient store {self.path!r}: {emb_path!r} holds an array of '
+                      f'shape {emb.shape}, not its {self.num_examples} embeddings of {d.shape}')
     out = np.zeros(self.num_examples, d.dtype)
     for start in range(0, self.num_examples, block_size):
       out[start:start + block_size] = np.asarray(
