@@ -550,7 +550,7 @@ def test_killed_build_resumes_to_identical_files(setup, tmp_path, monkeypatch):
   np.testing.assert_array_equal(old.self_influence(), s.self_influence())
 
 
-def test_stored_data_value_embeddings_equal_explicit_backward_product(setup, tmp_path):
+def test_stored_data_value_embeddings_equal_explicit_backward_product(setup, tmp_path, monkeypatch):
   """Empirical-Fisher embeddings in the projected space, written out: e_{t,j} = (lr_t/B) w_tj
   K_{t+1} g_tj, K_t = K_{t+1} (I - lr_t (1/B) G_t^T W_t G_t), summed per example; value =
   <e_i, projected mean test gradient at the final params>. The store keeps no training
@@ -598,6 +598,19 @@ def test_stored_data_value_embeddings_equal_explicit_backward_product(setup, tmp
   np.save(path, example[:-1])
   with pytest.raises(UserError, match='holds an array of shape'):
     reopened.dvemb_values(loss, run.final_params, test)
+  # Embeddings of another run that stop (a kill) after their file replaced this run's, before
+  # meta.json said so, leave no meta.json naming this run beside that file.
+  other = sgd_run(loss, params, split, steps=5, every=1)
+  real_write = store.files.write_json
+  def write_json(where, obj):
+    if 'dvemb' in obj:
+      raise KeyboardInterrupt
+    real_write(where, obj)
+  monkeypatch.setattr(store.files, 'write_json', write_json)
+  with pytest.raises(KeyboardInterrupt):
+    store.GradientStore(str(tmp_path / 'g')).add_dvemb(task, other, 'empirical_fisher', 3)
+  with pytest.raises(UserError, match='has no data value embeddings'):
+    store.GradientStore(str(tmp_path / 'g')).dvemb_values(loss, run.final_params, test)
 
 
 def test_projection_memory_does_not_grow_with_examples():

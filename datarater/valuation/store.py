@@ -380,6 +380,8 @@ class GradientStore:
                                         chunk_size))(run)
     ids, rows = np.asarray(emb.ids), np.asarray(emb.example)
     real = ids < self.num_examples
+    if self.meta.pop('dvemb', None) is not None:  # while the file is replaced, no meta.json
+      files.write_json(os.path.join(self.path, META), self.meta)  # says it is another run's
     with files.atomic_path(os.path.join(self.path, DVEMB)) as tmp:  # zeros, then the run's rows
       out = files.open_memmap(tmp, 'w+', np.dtype(self.meta['dtype']),
                               (self.num_examples, rows.shape[1]))
