@@ -4,8 +4,10 @@
 before anything is written, and raises a one-line `UserError` naming the first bad field and its
 value. The `task`, `rater` and `features.task` sections are checked against the schema their
 registered task or rater declares (`tasks.registry.schema_of`), and `policy` against the fields
-the registered policies declare (`policies.base.policy_schema`).
+the registered policies declare (`policies.base.policy_schema`), `outer` against its own fields
+and those the registered meta-gradient estimators declare (`outer_loop.estimators.outer_schema`).
 """
+import copy
 import math
 from typing import Any, Callable, Optional
 
@@ -144,11 +146,47 @@ def optional(check: Check) -> Check:
 
 
 def default(check: Check, value) -> Check:
-  """`check` for a field a section may leave out, which then holds `value` (a policy's own
-  fields: the schema of `policies.register_policy`, whose defaults fill a config's gaps)."""
+  """`check` for a field a section may leave out, which then holds `value` (a policy's or an
+  estimator's own fields: the schemas of `policies.register_policy` and
+  `estimators.register_estimator`, whose defaults fill a config's gaps: `with_defaults`)."""
   wrapped = optional(check)
   wrapped.default = value
   return wrapped
+
+
+def check_own_schema(kind: str, name: str, section: str, schema: dict,
+                     declared: dict[str, dict]) -> None:
+  """A registered `kind` (policy, estimator) `name`'s `schema` of its own fields of `section`:
+  each a `default(check, value)` whose value passes, and a field another one in `declared`
+  ({name: schema}) declares too the same entry (one field, one entry: one check, one default)."""
+  for field, check in schema.items():
+    assert '.' not in field and hasattr(check, 'default'), (
+        f'{kind} {name}: schema field {field!r} needs config_checks.default(check, value)')
+    assert check(check.default) is None, f'{kind} {name}: {field} default {check.default!r}'
+  for other, theirs in declared.items():
+    for field in set(schema) & set(theirs) if other != name else ():
+      if theirs[field] is not schema[field]:  # another check, or another default
+        raise ValueError(f'{kind} {name} declares {section}.{field} apart from {kind} {other} '
+                         f'(default {schema[field].default!r} there {theirs[field].default!r}): '
+                         'one field, one entry (share the schema entry, as the shipped '
+                         'policies share weighting.TEMPERATURE)')
+
+
+def with_defaults(config, section: str, schema: dict):
+  """`config`, or a copy of it whose `section` holds each field of `schema` it lacks at its
+  default (a config without that section, or a section itself with section='', as it is)."""
+  if section and section not in config:
+    return config
+  node = config[section] if section else config
+  if not hasattr(node, 'keys'):
+    return config
+  missing = {f: c.default for f, c in schema.items() if f not in node}
+  if not missing:
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    (config[section] if section else config).update(missing)
+  return config
 
 
 def _choices(module_attr: str):
@@ -181,8 +219,8 @@ SECTIONS: dict[str, dict[str, Check]] = {
               'clip_norm': number(0, lo_open=True),
               'ema': number(0, MAX_EMA),
               'meta_gradient': _lazy_one_of('outer_loop.estimators.META_GRADIENTS'),
-              'mixed_recompute': _lazy_one_of('outer_loop.estimators.MIXED_RECOMPUTE'),
-              'mixed_segment': integer(0), 'max_skipped_steps': integer(1)},
+              'max_skipped_steps': integer(1)},
+    # and the fields the registered estimators declare (`outer_loop.estimators.outer_schema`)
     'final_eval': {'train_steps': integer(1), 'num_models': integer(0)},
     'train': {'epochs': integer(1), 'checkpoint_every': integer(1), 'batch_size': integer(1),
               'optimizer': _lazy_one_of('inner_loop.optimizers.INNER_OPTIMIZERS'),
@@ -230,17 +268,21 @@ MODEL_SECTIONS = {'task': 'task', 'rater': 'rater', 'features.task': 'task'}  # 
 RATER_RUN_FIELDS = ('seed', 'log_every', 'checkpoint_every')
 
 
-def _only_at(field: str, other: str, value: str, what: str) -> tuple:
-  """An UNREAD_WHILE row: `field` (`what` it is) is read only while `other` is `value`."""
-  return (field, other, lambda v: v != value, f' ({what}); give --config.{{other}}={value} too')
+def only_at(field: str, other: str, value, what: str) -> tuple:
+  """An UNREAD_WHILE row: `field` (`what` it is) is read only while `other` is `value` (or, a
+  tuple, one of its values)."""
+  values = value if isinstance(value, tuple) else (value,)
+  return (field, other, lambda v: v not in values,
+          f' ({what}); give --config.{{other}}={" or ".join(values)} too')
 
 
 # (field, other, unread(other's value), why): `field` (a section: any field of it) is not read
-# while `unread` holds of field `other`; launch.cli refuses a command-line override of it there,
-# which would change nothing. `other` may be a tuple of names, `unread` then taking their values
-# in order; a name is a dotted config field or METHOD: the valuation method the launcher's run
-# computes (launch.valuate's --method, launch.train's policy's, e.g. tracin for
-# tracin_curriculum; None in a run of none: `launch.cli.define_valuation_method`).
+# while `unread` holds of field `other` (`unread_while` adds the estimators' own fields);
+# launch.cli refuses a command-line override of it there, which would change nothing. `other`
+# may be a tuple of names, `unread` then taking their values in order; a name is a dotted config
+# field or METHOD: the valuation method the launcher's run computes (launch.valuate's --method,
+# launch.train's policy's, e.g. tracin for tracin_curriculum; None in a run of none:
+# `launch.cli.define_valuation_method`).
 METHOD = 'method'
 _PASSES = (' > 0 (passes over the data size the stage); give --config.{other}=0 too to train '
            'that many steps')
@@ -257,19 +299,17 @@ UNREAD_WHILE = (
     *((f'data.{f}', 'data.label_noise', lambda v: v == 0,
        ' (no label is corrupted); give --config.{other} > 0 too')
       for f in ('label_noise_kind', 'confusions')),
-    _only_at('data.confusions', 'data.label_noise_kind', 'confusion',
+    only_at('data.confusions', 'data.label_noise_kind', 'confusion',
              "the partners of label_noise_kind='confusion'"),
-    *(_only_at(f'outer.mixed_{f}', 'outer.meta_gradient', 'mixed',
-               "a setting of meta_gradient='mixed'") for f in ('recompute', 'segment')),
-    _only_at('sae.k', 'sae.sparsity', 'top_k', "the active factors of sparsity='top_k'"),
-    _only_at('sae.l1_coef', 'sae.sparsity', 'l1', "the penalty of sparsity='l1'"),
-    _only_at('sae_scores.mislabel_penalty', 'sae_scores.mislabel_guard', 'penalty',
+    only_at('sae.k', 'sae.sparsity', 'top_k', "the active factors of sparsity='top_k'"),
+    only_at('sae.l1_coef', 'sae.sparsity', 'l1', "the penalty of sparsity='l1'"),
+    only_at('sae_scores.mislabel_penalty', 'sae_scores.mislabel_guard', 'penalty',
              "what guard 'penalty' subtracts"),
     *((f'sae_scores.mislabel_{f}', 'sae_scores.mislabel_guard', lambda v: v == 'off', _GUARD_OFF)
       for f in ('rule', 'margin', 'knn', 'knn_reference')),
-    _only_at('sae_scores.mislabel_margin', 'sae_scores.mislabel_rule', 'margin',
+    only_at('sae_scores.mislabel_margin', 'sae_scores.mislabel_rule', 'margin',
              "a setting of rule 'margin'"),
-    *(_only_at(f'sae_scores.mislabel_{f}', 'sae_scores.mislabel_rule', 'knn',
+    *(only_at(f'sae_scores.mislabel_{f}', 'sae_scores.mislabel_rule', 'knn',
                "a setting of rule 'knn'") for f in ('knn', 'knn_reference')),
     ('valuation.topk_split', 'valuation.topk', lambda v: v == 0,
      ' (the split whose examples valuation.topk > 0 ranks); give --config.{other} too'),
@@ -322,6 +362,13 @@ UNREAD_WHILE = (
 )
 
 
+def unread_while() -> tuple:
+  """UNREAD_WHILE and a row per `outer` field the registered meta-gradient estimators declare,
+  read only while outer.meta_gradient is one of those declaring it
+  (`outer_loop.estimators.unread_while`)."""
+  return UNREAD_WHILE + tuple(_choices('outer_loop.estimators.unread_while')())
+
+
 def _fail(name: str, value, problem: str):
   raise UserError(f'{name} {problem}, got {value!r}')
 
@@ -368,9 +415,10 @@ def validate(config, sections) -> None:
     section = _get(config, name)
     if name in MODEL_SECTIONS:
       check_model(name, section)
-    elif name == 'policy':
-      check_section(name, section, {**SECTIONS[name],
-                                    **_choices('datarater.policies.base.policy_schema')()})
+    elif name in ('policy', 'outer'):
+      declared = {'policy': 'datarater.policies.base.policy_schema',
+                  'outer': 'outer_loop.estimators.outer_schema'}[name]
+      check_section(name, section, {**SECTIONS[name], **_choices(declared)()})
     else:
       check_section(name, section, SECTIONS[name])
   if 'final_eval' in sections:  # the report's fresh models take seeds seed * n + m, m < n

@@ -30,7 +30,7 @@ from datarater.policies.weighting import rater_weights
 from datarater.progress import setup_logging
 from datarater.trainer import Trainer, check_batch_splits
 from inner_loop.weighting import check_batch_size
-from outer_loop import meta_step, setup, sharding
+from outer_loop import estimators, meta_step, setup, sharding
 from outer_loop.batches import MetaBatches, take_on_mesh
 
 log = logging.getLogger('datarater')
@@ -47,16 +47,20 @@ def run_checkpointer(config, workdir: str) -> checkpointing.RunCheckpointer:
   """Checkpoints in `workdir`, tied to the config and to how the meta-training stream shuffles
   (`data_stream`: a checkpoint of another shuffle cannot be resumed exactly) and to the contents
   of a `data.dataset_dir` (`checkpointing.path_inputs`); the config's sections a rater run does
-  not read (`policy`, `valuation`, ...) may change. A finished run may be extended with
+  not read (`policy`, `valuation`, ...) may change, and the `outer` fields of estimators other
+  than its own (`estimators.unread_fields`); a record without an estimator's own field holds its
+  default (`estimators.defaults`). A finished run may be extended with
   more outer steps, except under a cosine outer schedule, whose decay the run length sets."""
   fingerprint = config.copy_and_resolve_references()
   with fingerprint.unlocked():
     fingerprint.data_stream = pipeline.STREAM_VERSION
-  free = checkpointing.NON_TRAJECTORY_FIELDS + checkpointing.unread_sections(config, SECTIONS)
+  free = (checkpointing.NON_TRAJECTORY_FIELDS + checkpointing.unread_sections(config, SECTIONS)
+          + estimators.unread_fields(config.outer.meta_gradient, config))
   if config.outer.schedule == 'cosine':
     free = tuple(f for f in free if f != 'outer.steps')
   return checkpointing.RunCheckpointer(workdir, fingerprint, free_fields=free,
-                                      inputs=checkpointing.path_inputs(config.data))
+                                      inputs=checkpointing.path_inputs(config.data),
+                                      added_fields=estimators.defaults())
 
 
 def fresh_state(config, problem) -> meta_step.OuterState:
@@ -79,8 +83,10 @@ def placed_fresh_state(config, problem, mesh) -> meta_step.OuterState:
 
 def meta_train(config, workdir: str, stop_after: int | None = None, devices=None) -> dict:
   """Runs (or resumes) a rater training; returns the final report ({} if stopped early, and on
-  processes other than 0 once a run has trained)."""
+  processes other than 0 once a run has trained). The estimator's own fields `config.outer`
+  lacks hold their defaults (`estimators.with_defaults`: a config built in Python)."""
   setup_logging()
+  config = estimators.with_defaults(config)
   if not workdir:
     raise UserError('--workdir is required')
   if stop_after is not None and stop_after < 1:

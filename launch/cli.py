@@ -9,7 +9,7 @@ trailing whitespace (`--workdir=' '`), or a list flag or tuple field given twice
 (`datarater.errors.exit_on_user_error`); in a process of a multi-process job such a flag error
 stops every process (`_job_stopped_on_flag_error`).
 `--help` prints the launcher's description, its flags and the fields of its config it reads
-(those its `define_override_check` and `config_checks.UNREAD_WHILE` pass with the flags given),
+(those its `define_override_check` and `config_checks.unread_while` pass with the flags given),
 every field of any other config file flag (e.g. a benchmark's --bench), and exits 0.
 `invoke(module, argv)` runs a launcher's flags and `main` in this process as its command line
 would, without absl's own flags (--verbosity), signal handlers or compilation cache (tests use
@@ -356,14 +356,14 @@ def _refuse_unread_fields(argv, fv: flags.FlagValues) -> None:
 def _unread_field(given: list[str], fv: flags.FlagValues) -> Optional[str]:
   """Why a field among the flags `given` (`_given`) is not read, where the config (and the
   launcher's valuation method, `define_valuation_method`) make the run ignore it
-  (`config_checks.UNREAD_WHILE`: `sae.steps` while `sae.epochs` > 0, `data.noise_seed` while
+  (`config_checks.unread_while`: `sae.steps` while `sae.epochs` > 0, `data.noise_seed` while
   nothing is corrupted, `valuation.projection` for TracIn without `valuation.tracin_project`);
   None if every one is read. A rule whose config fields the config lacks is skipped."""
-  from datarater.config_checks import METHOD, UNREAD_WHILE  # pylint: disable=g-import-not-at-top
+  from datarater.config_checks import METHOD, unread_while  # pylint: disable=g-import-not-at-top
   if 'config' not in fv or not isinstance(fv['config'].parser, _ConfigFileParser):
     return None
   method = None
-  for field, other, unread, why in UNREAD_WHILE:
+  for field, other, unread, why in unread_while():
     named = [g for g in given if g == f'config.{field}' or g.startswith(f'config.{field}.')]
     if not named:
       continue

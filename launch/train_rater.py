@@ -13,12 +13,14 @@ from absl import flags
 from datarater.errors import exit_on_user_error
 from datarater.meta_train import SECTIONS, meta_train
 from launch import cli, distributed
+from outer_loop import estimators
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, argv=None) -> None:
   """Flags are defined when run as a program, so tests and tools can import this module freely."""
   distributed.define_flags(fv)  # first: see distributed.stop_job_after_flag_error
-  cli.define_config_file('config', 'configs/digits.py', 'Experiment config file.', fv, argv)
+  cli.define_config_file('config', 'configs/digits.py', 'Experiment config file.', fv, argv,
+                         complete=estimators.with_defaults)  # an estimator's own fields
   flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, metrics, report.',
                       flag_values=fv)
   flags.DEFINE_integer('stop_after', None,

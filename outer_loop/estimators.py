@@ -9,23 +9,80 @@ differentiable in phi. All give the same value; memory and time differ.
   - `Mixed(recompute, segment)`: a custom backward pass (`outer_loop.mixed_mode`), Hessian terms
     by forward-over-reverse, inner states recovered by running the optimizer backwards
     ('invert': momentum, Adam) or replayed from kept states ('replay': any optimizer).
-To add one, write a class with that `unroll`, add its name to `META_GRADIENTS` (the config
-check's choices) and build it in `make_estimator` (WORKSPACE.md: its settings).
+Each is made by name from the registry `META_GRADIENTS` (`outer.meta_gradient`):
+`@register_estimator('name', schema={field: config_checks.default(check, value)})` on a factory
+`(outer, inner, params) -> estimator` (the config sections, the inner model's parameters or
+their shapes, or None), `schema` the `outer` fields it alone reads (`outer_schema`: checked with
+the section; a config without one holds its default, `with_defaults`; refused on the command
+line under another estimator, `unread_while`; a checkpoint recorded without one matches at the
+default, `defaults`).
 """
 import dataclasses
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from datarater import config_checks
 from datarater.errors import UserError
 from inner_loop import optimizers
 from inner_loop.optimizers import StepInverse, make_step_inverse
 from inner_loop.unroll import unroll
 from outer_loop import mixed_mode
 
-META_GRADIENTS = ('reverse', 'remat', 'mixed')
+# name -> factory(outer, inner, params) -> estimator; and its own `outer` fields: checks, defaults
+META_GRADIENTS: dict[str, Callable[[Any, Any, Any], Any]] = {}
+SCHEMAS: dict[str, dict] = {}
 MIXED_RECOMPUTE = ('auto',) + mixed_mode.RECOMPUTE  # auto: invert if the optimizer can
+
+
+def register_estimator(name: str, schema: Optional[dict] = None):
+  """Registers an estimator factory `(outer, inner, params) -> estimator` as
+  outer.meta_gradient=`name`; `schema`: the `outer` fields it reads besides those of every rater
+  run, each `config_checks.default(check, value)` (a field another estimator declares too is
+  that estimator's entry, as `MIXED_SCHEMA`'s would be)."""
+  schema = dict(schema or {})
+  shared = set(schema) & set(config_checks.SECTIONS['outer'])
+  assert not shared, f'estimator {name}: outer.{shared} is every rater run\'s'
+  def add(factory):
+    config_checks.check_own_schema('estimator', name, 'outer', schema, SCHEMAS)
+    META_GRADIENTS[name], SCHEMAS[name] = factory, schema
+    return factory
+  return add
+
+
+def outer_schema() -> dict:
+  """The fields of config.outer the registered estimators declare, with their checks."""
+  return {field: check for schema in SCHEMAS.values() for field, check in schema.items()}
+
+
+def defaults() -> dict[str, Any]:
+  """{'outer.field': default} of every registered estimator's own fields: what a config (or a
+  checkpoint's record) without one holds."""
+  return {f'outer.{field}': check.default for field, check in outer_schema().items()}
+
+
+def with_defaults(config):
+  """`config`, or a copy of it with each field a registered estimator declares that its `outer`
+  section lacks set to its default (a config of another launcher, with none, as it is)."""
+  return config_checks.with_defaults(config, 'outer', outer_schema())
+
+
+def unread_fields(name: str, config) -> tuple[str, ...]:
+  """The estimators' own fields of `config.outer` that estimator `name` does not read, dotted:
+  a run of it ignores them (so may its resume)."""
+  return tuple(f'outer.{f}' for f in sorted(outer_schema())
+               if f in config.outer and f not in SCHEMAS.get(name, {}))
+
+
+def unread_while() -> list[tuple]:
+  """`config_checks.UNREAD_WHILE` rows of the estimators' own fields: each read only while
+  outer.meta_gradient is an estimator that declares it."""
+  readers = {f: tuple(n for n, s in SCHEMAS.items() if f in s) for f in outer_schema()}
+  return [config_checks.only_at(
+      f'outer.{f}', 'outer.meta_gradient', names,
+      f'a setting of meta_gradient={" or ".join(map(repr, names))}')
+          for f, names in readers.items()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,44 +113,58 @@ def narrow_floats(params) -> list:
 
 
 def make_estimator(outer, inner, params=None):
-  """The estimator of config sections `outer` (meta_gradient, mixed_*) and `inner` (optimizer);
-  `params`, the inner model's parameters or their shapes, if known: steps in parameters below
-  float32 are replayed, not undone ('auto'), and 'invert' is refused for them."""
-  name, recompute = outer.meta_gradient, outer.mixed_recompute
-  narrow = narrow_floats(params) if params is not None else []
+  """The estimator of config sections `outer` (meta_gradient and its estimator's own fields, at
+  their defaults where `outer` lacks them) and `inner`; `params`, the inner model's parameters
+  or their shapes, if known (e.g. steps in parameters below float32 cannot be undone)."""
+  name = outer.meta_gradient
   if name not in META_GRADIENTS:
     raise UserError(f'unknown outer.meta_gradient {name!r} (choose from '
                     f'{", ".join(META_GRADIENTS)})')
-  if recompute not in MIXED_RECOMPUTE:
-    raise UserError(f'unknown outer.mixed_recompute {recompute!r} '
-                    f'(choose from {", ".join(MIXED_RECOMPUTE)})')
-  if outer.mixed_segment < 0:
-    raise UserError(f'outer.mixed_segment must be >= 0 (0: default), got {outer.mixed_segment}')
+  schema = SCHEMAS[name]
+  outer = config_checks.with_defaults(outer, '', schema)
+  config_checks.check_section('outer', {f: outer[f] for f in schema}, schema)
+  return META_GRADIENTS[name](outer, inner, params)
+
+
+@register_estimator('remat')
+@register_estimator('reverse')
+def _reverse(outer, inner, params):
+  del inner, params
+  return Reverse(remat=outer.meta_gradient == 'remat')
+
+
+MIXED_SCHEMA = {'mixed_recompute': config_checks.default(config_checks.one_of(*MIXED_RECOMPUTE),
+                                                         'auto'),
+                'mixed_segment': config_checks.default(config_checks.integer(0), 0)}
+
+
+@register_estimator('mixed', schema=MIXED_SCHEMA)
+def _mixed(outer, inner, params):
+  """`Mixed`, refusing combinations whose meta-gradient would be wrong: 'invert' in parameters
+  below float32 or for an optimizer without an inverse, 'invert' segments over
+  `mixed_mode.INVERT_SEGMENT` steps."""
+  recompute = outer.mixed_recompute
+  narrow = narrow_floats(params) if params is not None else []
   inverse = make_step_inverse(inner.optimizer, inner.learning_rate)
-  if name == 'mixed' and recompute == 'invert' and narrow:
+  if recompute == 'invert' and narrow:
     # A step's update below half an ulp of a parameter is rounded away (theta' = theta), which
     # the inverse theta = theta' - u cannot know: the states it recovers, and the meta-gradient,
     # drift from the true ones.
     raise UserError(f"outer.mixed_recompute='invert' undoes inner steps in the task's "
                     f"{'/'.join(narrow)} parameters, whose round-off it cannot undo (the "
                     "meta-gradient would be wrong): use 'replay' (what 'auto' picks for them)")
-  if name == 'mixed' and recompute == 'invert' and inverse is None:  # others never read it
+  if recompute == 'invert' and inverse is None:
     invertible = [o for o in optimizers.INNER_OPTIMIZERS if make_step_inverse(o, 1.0) is not None]
     raise UserError(f"outer.mixed_recompute='invert' needs an inner optimizer that can be run "
                     f"backwards ({', '.join(invertible)}), got inner.optimizer={inner.optimizer!r}")
   limit = mixed_mode.INVERT_SEGMENT
-  if (name == 'mixed' and outer.mixed_segment > limit
+  if (outer.mixed_segment > limit
       and (recompute == 'invert' or (recompute == 'auto' and inverse is not None and
                                      not narrow))):
     raise UserError(f'outer.mixed_segment={outer.mixed_segment} undoes more than {limit} inner '
                     f'steps of {inner.optimizer} from one exact state, where float32 round-off '
                     f'grows (the meta-gradient can be wrong or NaN): use at most {limit}, or '
                     "outer.mixed_recompute='replay'")
-  if name in ('reverse', 'remat'):
-    return Reverse(remat=name == 'remat')
-  if name == 'mixed':
-    if recompute == 'auto':
-      recompute = 'invert' if inverse is not None and not narrow else 'replay'
-    return Mixed(recompute, int(outer.mixed_segment), inverse)  # replay: its closed-form VJP
-  raise NotImplementedError(f'outer.meta_gradient {name!r} is in META_GRADIENTS but '
-                            'make_estimator does not build it')
+  if recompute == 'auto':
+    recompute = 'invert' if inverse is not None and not narrow else 'replay'
+  return Mixed(recompute, int(outer.mixed_segment), inverse)  # replay: its closed-form VJP

@@ -32,11 +32,14 @@ def tiny_problem(optimizer='sgd', lr=0.1, temperature=0.7, reset_every=3, dim=5,
                      temperature=temperature, reset_every=reset_every)
 
 
-def estimator(name='reverse', optimizer='sgd', lr=0.1, recompute='auto', segment=0):
-  """The estimator a config with outer.meta_gradient=`name` (and mixed options) makes."""
+def estimator(name='reverse', optimizer='sgd', lr=0.1, recompute='auto', segment=0, steps=3,
+              **fields):
+  """The estimator a config with outer.meta_gradient=`name`, its mixed options and its other
+  own `outer` `fields` (the rest at their defaults) makes, for `steps` inner steps."""
   outer = ml_collections.ConfigDict({'meta_gradient': name, 'mixed_recompute': recompute,
-                                     'mixed_segment': segment})
-  inner = ml_collections.ConfigDict({'optimizer': optimizer, 'learning_rate': lr})
+                                     'mixed_segment': segment, **fields})
+  inner = ml_collections.ConfigDict({'optimizer': optimizer, 'learning_rate': lr,
+                                     'steps': steps})
   return make_estimator(outer, inner)
 
 

@@ -27,13 +27,13 @@ its processes; `reads=('rater',)` names the launcher inputs it reads, and
 one set on the command line for a policy that would ignore it, and `unread_fields` lists the
 others, which its checkpoints do not compare).
 """
-import copy
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from datarater import config_checks
 from datarater.errors import UserError
 
 
@@ -133,18 +133,9 @@ def register_policy(name: str, reads: tuple[str, ...] = (), whole_split: bool = 
   assert set(reads) <= set(INPUTS), reads
   assert all('.' in f for f in fields), f'{fields}: own policy fields go in the schema'
   schema = dict(schema or {})
-  for field, check in schema.items():
-    assert '.' not in field and field != 'name' and hasattr(check, 'default'), (
-        f'policy {name}: schema field {field!r} needs config_checks.default(check, value)')
-    assert check(check.default) is None, f'policy {name}: {field} default {check.default!r}'
+  assert 'name' not in schema, f'policy {name}: policy.name is every policy\'s'
   def add(factory):
-    for other, theirs in SCHEMAS.items():
-      for field in set(schema) & set(theirs) if other != name else ():
-        if theirs[field] is not schema[field]:  # another check, or another default
-          raise ValueError(f'policy {name} declares policy.{field} apart from policy {other} '
-                           f'(default {schema[field].default!r} there '
-                           f'{theirs[field].default!r}): one field, one entry (share the '
-                           "schema entry, as the shipped policies share weighting.TEMPERATURE)")
+    config_checks.check_own_schema('policy', name, 'policy', schema, SCHEMAS)
     POLICIES[name], READS[name], SECTIONS[name] = factory, tuple(reads), tuple(sections)
     FIELDS[name], SCHEMAS[name] = (*schema, *fields), schema
     if valuation is not None:
@@ -169,15 +160,7 @@ def defaults(name: str) -> dict[str, Any]:
 def with_defaults(config):
   """`config`, or a copy of it with each field a registered policy declares that its `policy`
   section lacks set to its default (a config of another launcher, with none, as it is)."""
-  if 'policy' not in config or not hasattr(config.policy, 'keys'):
-    return config
-  missing = {f: c.default for f, c in policy_schema().items() if f not in config.policy}
-  if not missing:
-    return config
-  config = copy.deepcopy(config)
-  with config.unlocked():
-    config.policy.update(missing)
-  return config
+  return config_checks.with_defaults(config, 'policy', policy_schema())
 
 
 def check_inputs(name: str, **given: str) -> None:
