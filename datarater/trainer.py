@@ -13,7 +13,9 @@ state). One epoch:
   3. the per-example losses of those steps go back to the policy (`Policy.update`);
   4. every split in `evals` is evaluated (`Task.metrics`, averaged), `evals_per_epoch` times
      (at most once per step).
-Compute is counted in example-gradients: (example, step) pairs with a weight > 0.
+Compute is counted in example-gradients: (example, step) pairs with a weight > 0. A policy that
+weighs at most N rows of a batch > 0 (`Policy.kept_rows`, the batch filter's) has each step run
+the task on those N rows alone.
 Every random choice is keyed by (seed, epoch) (a seed's keys fold 0, 1, 2 into its root key
 `seeding.root_key(seed, purpose)`: initialisation, data order, policy), so a run resumed from a
 checkpoint (`checkpointer`, a `RunCheckpointer`) equals an uninterrupted one. `record_every=k`
@@ -163,9 +165,14 @@ def _blocks(split, mesh: Mesh):
   return _on_mesh((data, mask), NamedSharding(mesh, P(None, BATCH)))
 
 
-def _check_weights(policy_name: str, used: np.ndarray, seeds, first_step: int) -> None:
+def _check_weights(policy_name: str, used: np.ndarray, seeds, first_step: int,
+                   kept_rows: int) -> None:
   """Refuses loss weights [M, L, B] that are not finite (a rater whose scores overflow): the
-  steps would train on nothing and report NaN losses."""
+  steps would train on nothing and report NaN losses. More than `kept_rows` weights > 0 in a
+  batch (a policy breaking its `Policy.kept_rows`: its steps left some out) is a bug."""
+  most = int(np.max(np.sum(used > 0, -1), initial=0))
+  assert most <= kept_rows, (f'policy {policy_name} declares kept_rows={kept_rows} but weighed '
+                             f'{most} rows of a batch > 0')
   bad = np.argwhere(~np.isfinite(used))
   if len(bad):
     m, t, _ = bad[0]
@@ -252,6 +259,9 @@ class Trainer:
     self.batch_size_setting = batch_size_setting
     self.batch_size, self.record_every = batch_size, record_every
     self.steps_per_epoch = math.ceil(policy.num_selected / batch_size)
+    # the rows of a batch a step computes: all, or the bound the policy declares
+    self.kept_rows = min(batch_size, policy.kept_rows(batch_size) if policy.kept_rows
+                         else batch_size)
     self.devices = devices
     self._compiled_for = {}  # mesh -> its programs (`_programs`)
 
@@ -329,7 +339,7 @@ class Trainer:
       if every:  # the parameters before step t, at slot t / every (other steps are dropped)
         slot = jnp.where(t % every == 0, t // every, jax.tree.leaves(buffer)[0].shape[0])
         buffer = jax.tree.map(lambda b, p: b.at[slot].set(p, mode='drop'), buffer, model.params)
-      stepped, losses = inner_step(self.task.per_example_loss, self.optimizer, model, batch, w)
+      stepped, losses = self._step(model, batch, w)
       # A batch with no weight > 0 (a selection's or filter's zero weights) trains on nothing:
       # no step, though its gradient is 0 (Adam's momentum would still move the parameters).
       model = jax.tree.map(lambda new, old: jnp.where(jnp.any(w > 0), new, old), stepped, model)
@@ -347,6 +357,19 @@ class Trainer:
         step_or_skip, (model, buffer), (positions, weights, steps, jnp.arange(positions.shape[0])))
     counts = jnp.stack([jnp.sum(used > 0), jnp.sum(weights > 0)]).astype(jnp.int32)
     return model, buffer, losses, used, counts
+
+  def _step(self, model, batch: dict, w: jax.Array):
+    """`inner_step` on `batch` with loss weights `w` [B]: (new model, losses [B]). A policy
+    whose weights > 0 are at most `kept_rows` of B (`Policy.kept_rows`) has the step run on the
+    rows of the `kept_rows` largest weights alone, weighted by kept_rows / B (the loss stays
+    sum(w_i l_i) / B); the rows left out are not computed and get loss 0."""
+    rows, loss = self.kept_rows, self.task.per_example_loss
+    if rows >= w.shape[0]:
+      return inner_step(loss, self.optimizer, model, batch, w)
+    kept = jax.lax.top_k(w, rows)[1]
+    model, part = inner_step(loss, self.optimizer, model,
+                             jax.tree.map(lambda v: v[kept], batch), w[kept] * (rows / w.shape[0]))
+    return model, jnp.zeros(w.shape, part.dtype).at[kept].set(part)
 
   def _evaluate_all(self, params, data, mask):
     """Mean of every task metric over the valid examples, per model: {name: [M]}."""
@@ -462,7 +485,7 @@ class Trainer:
                 np.int32(b - a), recorder)
             losses.append(gathered(part_losses)[:, :b - a])  # the padding steps dropped
             used.append(gathered(part_used)[:, :b - a])
-            _check_weights(self.policy.name, used[-1], seeds, done_steps + a)
+            _check_weights(self.policy.name, used[-1], seeds, done_steps + a, self.kept_rows)
             _check_losses(losses[-1], seeds, done_steps + a, self.learning_rate_setting)
             on = used[-1] > 0
             trained += [np.sum(losses[-1] * on, (1, 2), np.float64), np.sum(on, (1, 2))]

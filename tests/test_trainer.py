@@ -1,6 +1,7 @@
 """The one trainer against explicit loops: its steps, data order, policies' weights, counting,
 evaluation, recording, vmapped seeds and resume."""
 import dataclasses
+import functools
 import math
 
 import jax
@@ -14,7 +15,7 @@ from datarater import checkpointing, seeding, tasks
 from datarater import trainer as trainer_lib
 from datarater.data import pipeline
 from datarater.errors import UserError
-from datarater.policies import base, selection, weighting
+from datarater.policies import base, filtering, selection, weighting
 from datarater.trainer import Trainer
 from tests.conftest import digits_data
 
@@ -502,7 +503,17 @@ def test_checkpoints_are_written_every_k_epochs_and_at_the_end(splits, tmp_path)
   assert saved(tmp_path / 'b') == [2, 3]
 
 
-def _weighting_or_selection(name: str, n: int):
+def _linear_filter(train, rho: float):
+  """The batch filter scoring each example by a fixed random projection of its image."""
+  v = np.random.default_rng(7).normal(size=np.prod(train.info.spec['image'].shape))
+  score = lambda aux, batch: batch['image'].reshape(batch['image'].shape[0], -1) @ aux
+  return filtering.batch_filter(score, jnp.asarray(v, jnp.float32), rho, len(train)), v
+
+
+def _weighting_or_selection(name: str, train):
+  if name == 'batch_filter':  # its steps gather the kept rows of batches split over devices
+    return _linear_filter(train, 0.5)[0]
+  n = len(train)
   return selection.infobatch(n, 0.5) if name == 'infobatch' else weighting.weighting_policy(name, n)
 
 
@@ -522,14 +533,16 @@ def _assert_same_run(one, other):
 @pytest.mark.parametrize('policy,seeds', [('infobatch', [0, 1]),  # mesh (2, 2): CI runs this one
                                           pytest.param('uniform', [0, 1], marks=pytest.mark.slow),
                                           pytest.param('uniform', [3], marks=pytest.mark.slow),
-                                          pytest.param('infobatch', [3], marks=pytest.mark.slow)])
+                                          pytest.param('infobatch', [3], marks=pytest.mark.slow),
+                                          pytest.param('batch_filter', [0, 1],
+                                                       marks=pytest.mark.slow)])
 def test_four_devices_equal_one(splits, policy, seeds):
   """The seeds over gcd(#seeds, 4) devices, the other devices splitting every batch (and every
   evaluation block): the run is one device's up to float32 summation order. A batch's loss and
   gradient are summed on each device, then across them: ~1e-7 relative per step, which 24 Adam
   steps grow to ~2e-5 on these parameters; histories ~1e-7. The recording too."""
   train, test = splits
-  one, four = (_trainer(train, _weighting_or_selection(policy, len(train)), record_every=6,
+  one, four = (_trainer(train, _weighting_or_selection(policy, train), record_every=6,
                         devices=jax.devices()[:n]).run(train, {'eval': test}, seeds, epochs=2,
                                                        evals_per_epoch=2) for n in (1, 4))
   pop = math.gcd(len(seeds), 4)
@@ -615,3 +628,69 @@ def test_a_trainers_models_start_from_the_tasks_init_compiled_once_per_process(s
     want = task.init(jax.random.fold_in(seeding.root_key(jnp.int32(seed), 'train'), 0))
     for got, w in zip(jax.tree.leaves(state.models.params), jax.tree.leaves(want)):
       np.testing.assert_array_equal(got[i], w)
+
+
+def _as_float64(batch: dict) -> dict:
+  return {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in batch.items()}
+
+
+def test_batch_filter_steps_are_float64_steps_on_the_best_scored_rows(splits):
+  """Under datarater_batch_filter (rho 0.5, B 128: 64 kept; the short last batch of 45 keeps 22),
+  a float64 SGD step on the mean loss of the best-scored floor((1 - rho) b) of each batch's b
+  real rows, chosen in numpy, gives the run's parameters, the rows it trained on and its
+  counts."""
+  train, _ = splits
+  policy, v = _linear_filter(train, 0.5)
+  trainer = _trainer(train, policy, optimizer=optax.sgd(0.1), batch_size=128, record_every=1)
+  run = trainer.run(train, {}, [3], epochs=1)
+  positions, used = run.recording.positions[0], run.recording.weights[0]
+  task = trainer.task
+  with jax.enable_x64():
+    params = jax.tree.map(lambda x: np.asarray(x[0, 0], np.float64), run.recording.checkpoints)
+    grad = jax.jit(jax.grad(lambda p, b: jnp.mean(task.per_example_loss(p, b))))
+    kept_total = 0
+    for t in range(10):
+      real = positions[t][:min(128, len(train) - 128 * t)]  # padding comes last
+      batch = train.take(real)
+      scores = batch['image'].reshape(len(real), -1).astype(np.float64) @ v
+      kept = real[np.argsort(-scores, kind='stable')[:max(1, len(real) // 2)]]
+      assert sorted(kept) == sorted(positions[t][used[t] > 0]), t
+      kept_total += len(kept)
+      params = jax.tree.map(lambda p, g: p - 0.1 * g, params,
+                            grad(params, _as_float64(train.take(kept))))
+  assert kept_total == 9 * 64 + 22 == run.example_gradients
+  for got, want in zip(jax.tree.leaves(run.params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_batch_filter_step_costs_its_kept_rows_gradients_and_the_scoring():
+  """The step of a policy that keeps at most N = floor((1 - rho) B) rows (`Policy.kept_rows`)
+  runs the task on those N only: its XLA flops are at most uniform's step less rho of its task
+  gradient work (forward and backward over B rows), plus the scoring forward over B (and O(B)
+  bookkeeping). Computing every row, as a weight-0 filter would, costs uniform's step plus the
+  scoring."""
+  from tests.tiny import tiny_info  # pylint: disable=g-import-not-at-top
+  info, b, rho = tiny_info(dim=64), 128, 0.5
+  task = _task(info, hidden=(64,))
+  rater = tasks.make_rater(ml_collections.ConfigDict(
+      {'name': 'mlp_rater', 'hidden': (16,), 'activation': 'relu'}), info)
+  rater_params = rater.init(jax.random.key(1))
+  data = {'image': jnp.zeros((512, 64), jnp.float32), 'label': jnp.zeros(512, jnp.int32)}
+  model = trainer_lib.init_inner_state(task.init(jax.random.key(0)), optax.adam(1e-2))
+  rows = jnp.zeros((1, b), jnp.int32), jnp.ones((1, b), jnp.float32)
+  flops = lambda f, *args: jax.jit(f).lower(*args).compile().cost_analysis()['flops']
+
+  def step_flops(policy):
+    trainer = Trainer(task, optax.adam(1e-2), policy, b)
+    one = functools.partial(trainer._chunk_one, read=False)
+    return flops(one, model, policy.init(512, jax.random.key(0)), policy.aux, data, *rows,
+                 np.int32(0), np.int32(1), jnp.zeros(()))
+  uniform = step_flops(weighting.weighting_policy('uniform', 512))
+  filtered = step_flops(filtering.batch_filter(rater.score, rater_params, rho, 512))
+  batch = {k: v[:b] for k, v in data.items()}
+  task_work = flops(jax.grad(lambda p, x: jnp.mean(task.per_example_loss(p, x))), model.params,
+                    batch)
+  scoring = flops(rater.score, rater_params, batch)
+  bookkeeping = 32 * b  # ranking the scores, choosing and gathering the rows: O(B) flops
+  assert filtered <= uniform - rho * task_work + scoring + bookkeeping, (
+      filtered, uniform, task_work, scoring)

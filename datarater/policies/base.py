@@ -11,6 +11,10 @@ A `Policy` is four pure functions (optax-style) plus its constants:
   update(aux, state, positions, weights, losses) -> state     after an epoch, with its losses
                                                           and the loss weights used (0: not
                                                           trained on)
+A policy whose `weigh` gives weight > 0 to at most a fixed number of a batch's rows declares it,
+`kept_rows(B) -> int`: the trainer's step then runs the task (forward and backward) on that many
+rows of each batch, those of the largest weights, not on all B; the rows left out are not
+computed, and `update` gets loss 0 for them.
 `aux` holds the policy's constant arrays (rater parameters, a weight table, SAE statistics); it
 is an argument of the compiled functions, shared by every model. Selection policies implement
 `select` and `update`; weighting and online filtering implement `weigh`; the defaults below
@@ -50,6 +54,7 @@ class Policy(NamedTuple):
   setup_forwards: int = 0           # forward passes spent once to make the policy (scoring)
   spans_epochs: bool = False        # its choices depend on the total number of epochs
   check_data: Optional[Callable[[dict], None]] = None  # refuses host features it cannot read
+  kept_rows: Optional[Callable[[int], int]] = None  # at most this many rows of B weighted > 0
 
 
 class FromScores(NamedTuple):

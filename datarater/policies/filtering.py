@@ -3,13 +3,15 @@
 The two ways the DataRater paper deploys a rater online:
 - `datarater_batch_filter`: of each batch of B, only the N = floor((1 - rho) B) best-scored get a
   gradient (weight B / N, so the loss is the mean over the N kept; padding is not counted in B);
-  a rho with N = 0 for train.batch_size is refused (`kept_per_batch`);
+  a rho with N = 0 for train.batch_size is refused (`kept_per_batch`); it declares N
+  (`Policy.kept_rows`), so the trainer's steps compute the task on those N rows alone;
 - `datarater_accept`: each example is kept with the probability that it would survive batch-level
   filtering of M = ceil(B / (1 - rho)) examples down to B, given its score's rank among the
   rater's scores of the whole training split (computed once; an example whose score equals
   others' takes each of their ranks with equal chance, ties broken at random as in a shuffled
   batch); kept examples share the batch's loss equally. Per-example decisions need no batch, so
-  this runs inside any input pipeline.
+  this runs inside any input pipeline. Its kept count has no bound below B, so the trainer's
+  steps still compute the task on every row (weight 0 on those dropped): no compute saved.
 """
 import math
 
@@ -71,21 +73,25 @@ def batch_filter(score_fn, score_params, rho: float, num_examples: int, **cost) 
   """Keeps the best floor((1 - rho) B) of every batch; `score_fn(params, batch) -> [B]`."""
   check_rho(rho)
 
+  def kept_rows(b: int) -> int:
+    # N of b real rows, at least one: an epoch's short last batch may round to none
+    # (kept_per_batch refuses a rho that does so for a full batch). It grows with b, so N of B
+    # bounds every batch's (`Policy.kept_rows`).
+    return max(1, _floor_kept(b, rho))
+
   def weigh(aux, state, params, batch, weights):
     del state, params
     real = weights > 0
     b = jnp.sum(real)
-    # N for every count of real rows b <= B, at least one: an epoch's short last batch may round
-    # to none (kept_per_batch refuses a rho that does so for a full batch).
-    kept = jnp.asarray([max(1, _floor_kept(k, rho)) for k in range(weights.shape[0] + 1)],
-                       b.dtype)
+    kept = jnp.asarray([kept_rows(k) for k in range(weights.shape[0] + 1)], b.dtype)
     n = kept[b]
     scores = jnp.where(real, score_fn(aux, batch), -jnp.inf)
     rank = ranks.rank(-scores)  # 0 = best; ties to the lower position
     keep = real & (rank < n)
     return jax.lax.stop_gradient(weights * keep * (b / n))
   return Policy('datarater_batch_filter', num_examples, no_state, select_all(num_examples), weigh,
-                keep_state, score_params, forwards_per_example=1.0, **cost)
+                keep_state, score_params, forwards_per_example=1.0, kept_rows=kept_rows,
+                **cost)
 
 
 def tie_survival(ref: np.ndarray, rho: float, batch_size: int):
