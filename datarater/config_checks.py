@@ -167,9 +167,9 @@ def check_own_schema(kind: str, name: str, section: str, schema: dict,
     for field in set(schema) & set(theirs) if other != name else ():
       if theirs[field] is not schema[field]:  # another check, or another default
         raise ValueError(f'{kind} {name} declares {section}.{field} apart from {kind} {other} '
-                         f'(default {schema[field].default!r} there {theirs[field].default!r}): '
-                         'one field, one entry (share the schema entry, as the shipped '
-                         'policies share weighting.TEMPERATURE)')
+                         f'(default {schema[field].default!r} here, {theirs[field].default!r} '
+                         f'there): one field, one entry (import {kind} {other}\'s entry and '
+                         'share it, as the shipped policies share weighting.TEMPERATURE)')
 
 
 def with_defaults(config, section: str, schema: dict):
