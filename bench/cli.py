@@ -70,12 +70,14 @@ def quick_out(prefix: str, quick: bool) -> str:
 
 def config_file(default: str) -> Callable:
   """A `define_flags` for `run`: the --config experiment file flag, `default` unless given, a
-  policy's own fields it leaves out at their defaults (`policies.with_defaults`, as
-  launch.train's)."""
+  policy's and an estimator's own fields it leaves out at their defaults
+  (`policies.with_defaults`, as launch.train's; `estimators.with_defaults`, as
+  launch.train_rater's)."""
   def define() -> None:
     from datarater import policies  # pylint: disable=g-import-not-at-top  (benches without one)
+    from outer_loop import estimators  # pylint: disable=g-import-not-at-top
     cli.define_config_file('config', default, 'Experiment config file.',
-                           complete=policies.with_defaults)
+                           complete=lambda c: estimators.with_defaults(policies.with_defaults(c)))
   return define
 
 

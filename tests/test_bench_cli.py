@@ -271,25 +271,32 @@ def test_the_top_level_fields_a_benchs_rater_runs_set_are_neither_listed_nor_acc
   assert not {'log_every', 'checkpoint_every'} & set(listed), listed  # refused: the slow test
 
 
-def test_a_benchs_config_without_the_policies_own_fields_holds_their_defaults(tmp_path):
-  """A config file may leave out a policy's own fields (`register_policy(schema=...)`): it then
-  holds their defaults, as configs/digits.py sets them. bench.curation's --config did not fill
-  them in (launch.train's alone did): `--config.policy.temperature` was refused as unknown, and
-  the runs stopped in a traceback where they read `c.policy.temperature` (after the rater
-  runs and valuations)."""
-  config = tmp_path / 'policy_fields_left_out.py'
+def test_a_benchs_config_without_the_policies_or_estimators_own_fields_holds_their_defaults(
+    tmp_path):
+  """A config file may leave out a policy's own fields (`register_policy(schema=...)`) and an
+  estimator's (`register_estimator(schema=...)`): it then holds their defaults, as
+  configs/digits.py sets them. bench.curation's --config did not fill them in (launch.train's
+  and launch.train_rater's alone did): `--config.policy.temperature` or, under
+  meta_gradient='mixed', `--config.outer.mixed_segment` was refused as unknown, and the runs
+  stopped in a traceback where they read `c.policy.temperature` (after the rater runs and
+  valuations)."""
+  config = tmp_path / 'own_fields_left_out.py'
   config.write_text(
       'import runpy\n\n'
       'def get_config():\n'
       f'  c = runpy.run_path({os.path.join(ROOT, "configs", "digits.py")!r})["get_config"]()\n'
       '  for field in [f for f in c.policy if f != "name"]:\n'
       '    del c.policy[field]\n'
+      '  for field in [f for f in c.outer if f.startswith("mixed_")]:\n'
+      '    del c.outer[field]\n'
       '  return c\n')
+  own = lambda f: f.startswith(('policy.', 'outer.mixed_'))
   shipped = {f: repr(v) for f, v in cli._leaves(  # pylint: disable=protected-access
-      runpy.run_path(os.path.join(ROOT, 'configs', 'digits.py'))['get_config']())
-              if f.startswith('policy.')}
-  listed = _bench_help('curation', [f'--config={config}'])[1]
-  assert {f: v for f, v in listed.items() if f.startswith('policy.')} == shipped
+      runpy.run_path(os.path.join(ROOT, 'configs', 'digits.py'))['get_config']()) if own(f)}
+  assert any(f.startswith('outer.') for f in shipped)
+  listed = _bench_help('curation', [f'--config={config}', '--config.outer.meta_gradient=mixed'])[1]
+  assert {f: v for f, v in listed.items() if own(f)} == shipped
+
 
 def test_the_advance_probe_given_the_bench_part_is_one_line():
   """lm_advance_probe read text_bench.py's bench part as its config: a traceback."""
