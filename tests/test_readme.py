@@ -2,7 +2,8 @@
 bench/results/train_rater_digits_seeds.json recorded for seed 0 (clock readings aside), and a slow
 check reruns the command and compares the figures with that file. The README's own-model example
 (my_task.py, my_config.py) meta-learns a rater and trains under it as written. Every repository
-path the README and WORKSPACE.md name exists."""
+path the README and WORKSPACE.md name exists. The figures of the README's curation tables are
+those their bench formats from the results files the tables name."""
 import glob
 import importlib
 import json
@@ -244,3 +245,79 @@ def test_each_bench_command_writes_the_results_the_readme_names_with_it():
       checked += 1
       assert os.path.basename(out) in named, (command.group(0), named)
   assert checked >= 10, checked
+
+
+def _results_tables() -> list[tuple[str, list[str]]]:
+  """(text, rows) of each table under the README's `## Results`: its rows, and the text before it
+  back to the previous heading or table (where the table names its results files)."""
+  text = open(os.path.join(ROOT, 'README.md')).read()
+  section = text[text.index('\n## Results\n'):text.index('\n## Layout\n')]
+  tables, before, rows = [], [], []
+  for line in section.splitlines():
+    if line.lstrip().startswith('|'):
+      rows.append(line.strip())
+      continue
+    if rows:
+      tables.append(('\n'.join(before), rows))
+      before, rows = [], []
+    if line.startswith('#'):
+      before = []
+    before.append(line)
+  return tables
+
+
+def _curation_markdown(d: dict) -> str:
+  from bench import curation  # pylint: disable=g-import-not-at-top
+  keyed = lambda by_keep: {float(k): v for k, v in by_keep.items()}  # JSON keys are strings
+  runs = {p: {s: {**r, 'random': keyed(r['random']),
+                  'filtered': {m: keyed(f) for m, f in r['filtered'].items()}}
+              for s, r in by_seed.items()} for p, by_seed in d['runs'].items()}
+  summary = curation.summarize(runs, d['noise'], d['keep'], d['methods'])
+  return curation.markdown(summary, d['keep'], d['methods'], d['epochs'],
+                           d['config']['data']['name'])
+
+
+def _lm_curation_markdown(d: dict) -> str:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from bench import lm_curation  # pylint: disable=g-import-not-at-top
+  bench, stored = ml_collections.ConfigDict(d['bench']), d['summary']  # stored: the sizes only
+  tokens = stored['budget_tokens'] // (bench.transfer.steps * bench.transfer.batch_size)
+  summary = lm_curation.summarize(d['seeds'], bench, tokens,
+                                  stored['param_ratio_small_to_large'])
+  return lm_curation.markdown(summary, bench, ml_collections.ConfigDict(d['config']),
+                              d['seconds'])
+
+
+# {bench: the .md it writes from a JSON of its own}, for bench/results/NAME.json where NAME starts
+# with the bench's name; the figures recomputed from the per-seed records (the run's sizes as
+# recorded). Not here: bench.selection (its 4.7 MB digits JSON takes 0.4 s to read) and
+# bench.valuation_noise (it defines its flags on import).
+_MARKDOWN = {'curation': _curation_markdown, 'lm_curation': _lm_curation_markdown}
+
+
+def test_the_results_tables_quote_the_figures_their_files_hold():
+  """Every `mean +- spread` (or `difference +- paired s.e.`) in a Results table whose text names
+  a results set of a bench in `_MARKDOWN` with its .md is in that .md as the bench writes it now
+  from the set's JSON, through the bench's own summary and formatting (a column headed `before`
+  quotes an older code version's results, not a stored file)."""
+  checked = 0
+  for before, rows in _results_tables():
+    names = {m.group(1) for m in re.finditer(r'bench/results/(\w+)\.(?:\{([^}]*)\}|md\b)', before)
+             if m.group(2) is None or 'md' in m.group(2).split(',')}
+    markdown = []
+    for name in sorted(names):
+      path = os.path.join(ROOT, 'bench', 'results', name + '.json')
+      bench = next((b for b in _MARKDOWN if name.startswith(b)), None)
+      if bench and os.path.exists(path):
+        with open(path) as f:
+          markdown.append(_MARKDOWN[bench](json.load(f)))
+    if not markdown:
+      continue
+    header = [c.strip() for c in rows[0].strip('|').split('|')]
+    for row in rows[2:]:
+      for column, cell in zip(header, row.strip('|').split('|')):
+        for mean, spread in re.findall(r'([-+]?\d+\.\d+) \+- (\d+\.\d+)', cell):
+          if column != 'before':
+            checked += 1
+            assert any(f'{mean} ± {spread}' in m for m in markdown), (sorted(names), row)
+  assert checked >= 50, checked
