@@ -72,6 +72,8 @@ def test_the_folder_is_replaced_only_with_overwrite(written, tmp_path):
     ({'train': {'x': np.zeros((3, 2)), 'y': np.zeros(4)}}, {}, 'one length'),
     ({'train': {'x': np.zeros((0, 2))}}, {}, 'one length'),
     ({'train': {'x': np.zeros(3)}, 'test': {'z': np.zeros(3)}}, {}, 'has features'),
+    ({'train': {'x': np.zeros(3), 'corruption': np.array([0, 1, 0])}, 'test': {'x': np.zeros(3)}},
+     {'corruption': ('clean', 'bad')}, r'records zeros: give it corruption=np.zeros\(N, int\)'),
     ({'train': {'x': np.zeros((3, 2))}, 'test': {'x': np.zeros((3, 4))}}, {}, "'x' is"),
     ({'train': {'y': np.array([0, 1, 3])}}, {'y': 3}, r'classes in \[0, 3\]'),
     ({'train': {'y': np.array([0.0, 1.0])}}, {'y': 3}, 'must be integers'),

@@ -67,7 +67,11 @@ def _columns(splits: Mapping[str, Mapping[str, np.ndarray]]) -> dict:
     if names is None:
       names = sorted(arrays)
     if sorted(arrays) != names:
-      raise UserError(f'split {split!r} has features {sorted(arrays)}, another split {names}')
+      odd = set(arrays) ^ set(names)
+      hint = (f' (a split with no corrupted examples records zeros: give it {pipeline.RECORDED}'
+              f'=np.zeros(N, int))' if odd == {pipeline.RECORDED} else '')
+      raise UserError(f'split {split!r} has features {sorted(arrays)}, another split {names}: '
+                      f'every split holds the same features{hint}')
     lengths = {k: len(v) if v.ndim else 0 for k, v in arrays.items()}
     if len(set(lengths.values())) != 1 or 0 in lengths.values():
       raise UserError(f'the features of split {split!r} must be arrays of one length N >= 1 (one '

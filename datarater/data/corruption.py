@@ -350,7 +350,8 @@ def label_feature(info) -> str:
   keys = info.supervised_keys
   if not keys or keys[1] not in info.num_classes:
     raise UserError(f'label noise needs a class-label target: dataset {info.name!r} has no '
-                    'supervised (input, label) keys with a class label')
+                    'supervised (input, label) keys with a class label (plant none: '
+                    'data.label_noise = 0; launch.filter: --label_noise=0)')
   return keys[1]
 
 

@@ -186,8 +186,9 @@ def check_settings(method: str, config, task) -> None:
     if v.optimizer != 'sgd':  # its recursion is the SGD step's
       raise UserError(f"method dvemb needs valuation.optimizer='sgd', got {v.optimizer!r}")
     if v.dvemb_curvature == 'gauss_newton' and not tasks.num_classes(task):
-      raise UserError("valuation.dvemb_curvature='gauss_newton' needs a classification task "
-                      "(use 'empirical_fisher')")
+      raise UserError("valuation.dvemb_curvature='gauss_newton' needs a classification task: "
+                      f'task {type(task).__name__} has no classes; set '
+                      '--config.valuation.dvemb_curvature=empirical_fisher')
     if v.dvemb_curvature == 'gauss_newton':  # before any fit
       tasks.require_labels(task, "valuation.dvemb_curvature='gauss_newton'",
                            "set --config.valuation.dvemb_curvature=empirical_fisher")
