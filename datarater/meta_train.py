@@ -546,7 +546,7 @@ def final_report(config, workdir, data, problem, rater_params, history, skipped:
   report = files.json_safe(report)  # returned as written (an AUROC not defined is None)
   # The plot first: report.json marks the run finished (a rerun then only prints it). A plot
   # that fails is a warning: the report is written without it.
-  title = (f'Rater run on {config.data.name} {config.data.train_split}, '
+  title = (f'Rater run on {pipeline.dataset_name(config.data)} {config.data.train_split}, '
            f'{config.outer.steps} outer steps')
   figure = os.path.join(workdir, 'rater_report.png')
   drawn = plots.draw_or_warn(lambda path: plots.save_rater_report(
