@@ -198,6 +198,69 @@ def test_input_and_label_fields_choose_the_features_the_classifier_and_rater_rea
   assert np.abs(np.asarray(score(phi, chosen) - score(phi, batch))).min() > 1e-6
 
 
+def _regression_info():
+  """A regression dataset: an input, a float target, a pair of floats and an integer count (no
+  class labels but the corruption record)."""
+  from datarater.data.pipeline import DataInfo  # pylint: disable=g-import-not-at-top
+  spec = {'x': jax.ShapeDtypeStruct((2, 3), np.float32),
+          'target': jax.ShapeDtypeStruct((), np.float32),
+          'pair': jax.ShapeDtypeStruct((2,), np.float32),
+          'count': jax.ShapeDtypeStruct((), np.int32),
+          'corruption': jax.ShapeDtypeStruct((), np.int32)}
+  return DataInfo('regression', spec, {'corruption': 2}, ('x', 'target'))
+
+
+@pytest.mark.parametrize('label', ['', 'pair'])  # the supervised target; a label of 2 floats
+def test_mlp_rater_of_a_label_that_is_no_class_scores_the_input_and_label_together(label):
+  """A regression target is no class label: `mlp_rater` reads it with the input, one score per
+  example equal to the hand MLP on [flattened x, y] (float64), which changes with y alone."""
+  fields = {'name': 'mlp_rater', 'hidden': (4,), 'activation': 'tanh', 'label': label}
+  rater = tasks.make_rater(ml_collections.ConfigDict(fields), _regression_info())
+  phi = _f64(jax.jit(rater.init)(jax.random.key(1)))
+  rng = np.random.default_rng(4)
+  n, key = 7, label or 'target'
+  batch = {'x': jnp.asarray(rng.normal(size=(n, 2, 3))),
+           'target': jnp.asarray(rng.normal(size=n)), 'pair': jnp.asarray(rng.normal(size=(n, 2))),
+           'count': jnp.asarray(rng.integers(-5, 9, n), jnp.int32), 'index': jnp.arange(n)}
+  other = {**batch, key: batch[key] + 1}
+  score = jax.jit(rater.score)
+  for b in (batch, other):
+    joined = np.concatenate([np.asarray(b['x']).reshape(n, -1),
+                             np.asarray(b[key]).reshape(n, -1)], 1)
+    want = _mlp_forward(phi, joined)
+    assert want.shape == (n, 1)
+    np.testing.assert_allclose(score(phi, b), want[:, 0], rtol=1e-12)
+  assert np.abs(np.asarray(score(phi, other) - score(phi, batch))).min() > 1e-6
+  with pytest.raises(UserError, match=r"^rater.readout='log_softmax' reads a softmax over "
+                     r"classes: label 'target' of dataset 'regression' is no class label"):
+    tasks.make_rater(ml_collections.ConfigDict({**fields, 'label': '',
+                                                'readout': 'log_softmax'}), _regression_info())
+
+
+def test_a_classifier_on_a_label_that_is_no_class_names_its_config_section():
+  """A classifier task, rater or feature model read by a regression dataset: one line naming
+  the section whose model needs a class label, and mlp_rater for such a label."""
+  mlp = {'name': 'mlp_classifier', 'hidden': (4,), 'activation': 'tanh'}
+  for section in ('task', 'features.task'):
+    with pytest.raises(UserError, match=rf"^{section}.name='mlp_classifier' needs an input "
+                       r"feature and a class-label feature \(a label that is no class, such as a "
+                       r"regression target, is read by rater.name='mlp_rater' and by a task of "
+                       r"your own\): got input 'x', label 'target'"):
+      tasks.make_task(ml_collections.ConfigDict(mlp), _regression_info(), section)
+  cnn = {'name': 'cnn_rater', 'channels': (2,), 'strides': (1,), 'pool': 'mean', 'hidden': 0,
+         'groups': 1, 'activation': 'relu'}
+  with pytest.raises(UserError, match=r"^rater.name='cnn_rater' needs an input feature and a "
+                     r'class-label feature'):
+    tasks.make_rater(ml_collections.ConfigDict(cnn), _regression_info())
+  # A misspelt label, and integers that are no class label (classes left undeclared, more
+  # likely than a regression target): refused, not read as numbers.
+  for label in ('traget', 'count'):
+    with pytest.raises(UserError, match=r"^rater.name='mlp_rater' needs an input feature and a "
+                       rf"class-label or float label feature: got input 'x', label '{label}'"):
+      tasks.make_rater(ml_collections.ConfigDict({**mlp, 'name': 'mlp_rater', 'label': label}),
+                       _regression_info())
+
+
 def test_a_task_dataclass_may_add_fields_after_num_classes():
   """WORKSPACE's recipe: a frozen dataclass with spec, num_classes and a field of its own, none
   with a default (a default inherited from the interface made `width` need one too); a task

@@ -3,7 +3,8 @@
 `Classifier` wraps a module `f(x, embed=False)` (logits [B, C]; with `embed=True`, the
 representation the logits are read from) as a `Task`: softmax cross-entropy per example, accuracy.
 `LabelledRater` wraps a module from x to one score per class and reads the score of the example's
-own label, g_phi(x, y), so it can judge whether a label fits its input.
+own label, g_phi(x, y), so it can judge whether a label fits its input; `TargetRater` does so for a
+float label (a regression target): its module reads x with y's values appended.
 Which features are the input and the label comes from the config (`input`, `label`), by default
 the dataset's supervised keys. This file ships the MLP; other trunks register the same way.
 """
@@ -19,7 +20,7 @@ import optax
 from datarater import config_checks as checks
 from datarater.errors import UserError
 from datarater.tasks.base import FeatureSpec, Rater, Task, example_batch, init_module
-from datarater.tasks.registry import register_rater, register_task
+from datarater.tasks.registry import building_section, register_rater, register_task
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'relu': nn.relu, 'gelu': nn.gelu, 'tanh': jnp.tanh, 'silu': nn.silu,
@@ -55,17 +56,31 @@ class MLP(nn.Module):
     return dense(self.features[-1], f'dense_{len(self.features) - 1}')(x)
 
 
-def _io_keys(config, info) -> tuple[str, str, int]:
-  """(input feature, label feature, number of classes) from the config or supervised keys."""
+def _io_keys(config, info, targets: bool = False) -> tuple[str, str, int]:
+  """(input feature, label feature, number of classes) from the config or supervised keys.
+  `targets`: the label may also be a float feature (a regression target), with 0 classes."""
   supervised = info.supervised_keys or (None, None)
   x_key = config.get('input', '') or supervised[0]
   y_key = config.get('label', '') or supervised[1]
-  if x_key not in info.spec or y_key not in info.num_classes:
-    raise UserError(f'a classifier needs an input feature and a class-label feature: got input '
-                    f'{x_key!r}, label {y_key!r}; dataset {info.name!r} has features '
-                    f'{sorted(info.spec)} (class labels: {sorted(info.num_classes)})'
-                    f'{info.why_not(x_key)}')
-  return x_key, y_key, info.num_classes[y_key]
+  if x_key in info.spec and y_key in info.num_classes:
+    return x_key, y_key, info.num_classes[y_key]
+  if x_key in info.spec and targets and _is_target(info, y_key):
+    return x_key, y_key, 0
+  section = building_section()
+  name = config.get('name', '')
+  what = f'{section}.name={name!r}' if name else section
+  needs = ('a class-label or float label feature' if targets else
+           'a class-label feature (a label that is no class, such as a regression target, is '
+           "read by rater.name='mlp_rater' and by a task of your own)")
+  raise UserError(f'{what} needs an input feature and {needs}: got input {x_key!r}, label '
+                  f'{y_key!r}; dataset {info.name!r} has features {sorted(info.spec)} (class '
+                  f'labels: {sorted(info.num_classes)}){info.why_not(x_key)}')
+
+
+def _is_target(info, key) -> bool:
+  """Whether feature `key` of `info` is a label of floats (a regression target). Integers that
+  are no class label are not read as one: they are more likely classes left undeclared."""
+  return key in info.spec and jnp.issubdtype(info.spec[key].dtype, jnp.floating)
 
 
 def _check_labels(features, key: str, num_classes: int) -> None:
@@ -146,6 +161,30 @@ class LabelledRater(Rater):
     return jnp.take_along_axis(per_class, label, axis=1)[:, 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class TargetRater(Rater):
+  """g_phi(x, y) for a float label y (a regression target): `module` (one output)
+  reads each example's input flattened with its label's values appended, as they are (so a
+  target is best standardised, as the inputs are)."""
+  module: nn.Module
+  spec: FeatureSpec
+  input_key: str
+  label_key: str
+
+  def joined(self, batch):
+    """[B, D + L]: the input, flattened, then the label's L values, in a float dtype."""
+    x, y = batch[self.input_key], batch[self.label_key]
+    dtype = jnp.promote_types(jnp.result_type(x, y), jnp.float32)
+    return jnp.concatenate([x.reshape(len(x), -1).astype(dtype),
+                            y.reshape(len(y), -1).astype(dtype)], axis=1)
+
+  def init(self, key):
+    return init_module(self.module, key, self.joined(example_batch(self.spec)))
+
+  def score(self, params, batch):
+    return self.module.apply(params, self.joined(batch))[:, 0]
+
+
 IO_FIELDS = {'input': checks.optional(checks.string()),  # feature names ('' = supervised keys)
              'label': checks.optional(checks.string())}
 READOUTS = ('logit', 'log_softmax')
@@ -189,9 +228,18 @@ def mlp_classifier(config, info) -> Classifier:
 
 
 @register_rater('mlp_rater', {**MLP_SCHEMA, **RATER_FIELDS})
-def mlp_rater(config, info) -> LabelledRater:
-  """config: hidden, activation, optional input / label feature names and readout."""
-  x_key, y_key, num_classes = _io_keys(config, info)
+def mlp_rater(config, info) -> Rater:
+  """config: hidden, activation, optional input / label feature names and readout. A class
+  label makes a `LabelledRater`; a float label (a regression target), a `TargetRater` (its one
+  output read as it is: readout 'logit')."""
+  x_key, y_key, num_classes = _io_keys(config, info, targets=True)
+  if not num_classes:
+    if readout(config) != 'logit':
+      raise UserError(f'rater.readout={readout(config)!r} reads a softmax over classes: label '
+                      f'{y_key!r} of dataset {info.name!r} is no class label (set '
+                      "rater.readout='logit')")
+    module = MLP(features=(*config.hidden, 1), activation=config.activation, **dtypes(config))
+    return TargetRater(module, info.spec, x_key, y_key)
   module = MLP(features=(*config.hidden, num_classes), activation=config.activation,
                **dtypes(config))
   return LabelledRater(module, info.spec, x_key, y_key, readout(config), num_classes)
