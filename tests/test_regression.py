@@ -130,7 +130,8 @@ def test_what_needs_class_labels_refuses_a_regression_target_naming_what_to_set(
   assert tasks.num_classes(task) is None
   with pytest.raises(UserError, match=r"^valuation.dvemb_curvature='gauss_newton' needs a "
                      r'classification task: task Regressor has no classes; set '
-                     r'--config.valuation.dvemb_curvature=empirical_fisher$'):
+                     r'--config.valuation.dvemb_curvature to exact \(a small model, with '
+                     r'valuation.projection=none\) or empirical_fisher$'):
     factory.check_settings('dvemb', config, task)
   with pytest.raises(UserError, match=r"^features.task.name='mlp_classifier' needs an input "
                      r'feature and a class-label feature'):

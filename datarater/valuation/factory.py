@@ -188,7 +188,8 @@ def check_settings(method: str, config, task) -> None:
     if v.dvemb_curvature == 'gauss_newton' and not tasks.num_classes(task):
       raise UserError("valuation.dvemb_curvature='gauss_newton' needs a classification task: "
                       f'task {type(task).__name__} has no classes; set '
-                      '--config.valuation.dvemb_curvature=empirical_fisher')
+                      '--config.valuation.dvemb_curvature to exact (a small model, with '
+                      'valuation.projection=none) or empirical_fisher')
     if v.dvemb_curvature == 'gauss_newton':  # before any fit
       tasks.require_labels(task, "valuation.dvemb_curvature='gauss_newton'",
                            "set --config.valuation.dvemb_curvature=empirical_fisher")
