@@ -9,6 +9,7 @@ uniform weights. Every process of a `jax.distributed` job runs it alike; process
 config.json, metrics.jsonl, the report and logs; every process writes its shards of the
 checkpoints.
 """
+import collections
 import json
 import logging
 import os
@@ -41,6 +42,10 @@ SECTIONS = ('data', 'task', 'rater', 'inner', 'outer', 'final_eval')  # what a r
 # as a collapse onto a few examples.
 COLLAPSED_ESS = 0.1
 HEARTBEAT_S = 60.0  # between logged steps, a short progress line at least this often
+# Outer steps dispatched and unfinished, at most (the device has the next one queued while the
+# host prepares the one after): XLA's CPU client queues at most 32 programs per device, and
+# multi-device programs queued past that can deadlock in a collective (a rendezvous that aborts).
+STEPS_IN_FLIGHT = 2
 
 
 def run_checkpointer(config, workdir: str) -> checkpointing.RunCheckpointer:
@@ -215,7 +220,7 @@ def _outer_steps(config, mesh, data, ckpt, progress, step_fn, state, start: int,
   # ahead, a two-process run on 2 cores can hang mid-run (one device of a process waiting in the
   # cross-process all-reduce, the other's launch of the same step waiting behind XLA's limit on
   # queued programs).
-  one_step_at_a_time = jax.process_count() > 1 and jax.default_backend() == 'cpu'
+  in_flight = 1 if jax.process_count() > 1 and jax.default_backend() == 'cpu' else STEPS_IN_FLIGHT
   if primary:
     log.info('training the rater: outer steps %d..%d on %d device(s) in %d process(es) (mesh %s), '
              'T=%d, K=%d, B=%d%s', start, config.outer.steps, mesh.devices.size,
@@ -242,7 +247,6 @@ def _outer_steps(config, mesh, data, ckpt, progress, step_fn, state, start: int,
       with multihost.together('compiling the outer step'):  # (an error here, alone, would leave
         batches = data.device_batches_at(start, inner_sh, outer_sh)  # the others in the first
         step_fn = step_fn.lower(state, *batches).compile()  # step: the vote below is not reached)
-        progress.warm_up(step_fn.out_info[1])
       if primary:
         log.info('compiled in %.1f s', time.time() - t0)
     progress.start_clock(start)
@@ -250,11 +254,11 @@ def _outer_steps(config, mesh, data, ckpt, progress, step_fn, state, start: int,
       state, metrics = step_fn(state, *batches)
       progress.add(metrics)
       done = step + 1
-      if done < last_step:  # the next step's, gathered while this one runs, before the vote: an
-        batches = data.device_batches_at(done, inner_sh, outer_sh)  # error on one process stops
-      if one_step_at_a_time:  # every process there
-        jax.block_until_ready(state)
-        progress.block_until_ready()
+      # The next step's batches, gathered while this one runs, before the vote (an error on one
+      # process stops every process there).
+      if done < last_step:
+        batches = data.device_batches_at(done, inner_sh, outer_sh)
+      progress.wait(in_flight - 1)  # then at most in_flight steps are ever queued unfinished
       ckpt.check()  # this process's part of the last checkpoint failed: every process stops here
       stop = vote.after(done)
       record_now = done % config.log_every == 0 or done == config.outer.steps
@@ -312,11 +316,11 @@ def _reported_rater(problem, state):
 
 class _Progress:
   """What a rater run logs between its records: the sums of the step metrics since the last
-  record (on the devices), the step they start after (`since`), the step since which the
-  meta-gradient has been 0, and the clock behind steps/s and the ETA. `saved()` goes into each
-  checkpoint, so that a resumed run writes the records an uninterrupted one would. Process 0
-  writes the records (metrics.jsonl, a progress line, the rater's noise AUROC, and each kind's
-  where the training split records several)."""
+  record (on the host, of the steps waited for), the step they start after (`since`), the step
+  since which the meta-gradient has been 0, and the clock behind steps/s and the ETA. `saved()`
+  goes into each checkpoint, so that a resumed run writes the records an uninterrupted one
+  would. Process 0 writes the records (metrics.jsonl, a progress line, the rater's noise AUROC,
+  and each kind's where the training split records several)."""
 
   def __init__(self, config, problem, data, metrics_log, start: int, saved: Optional[dict]):
     self._config, self._problem, self._data, self._log = config, problem, data, metrics_log
@@ -324,6 +328,7 @@ class _Progress:
     self.since, self._flat_since = saved['since'], saved['flat_since']
     self.totals = saved['totals'] and {k: np.float32(v) for k, v in saved['totals'].items()}
     self._longest_run = None  # the most steps skipped in a row since the last check
+    self._queued = collections.deque()  # the metrics of the steps not yet waited for
     self._score = jax.jit(problem.rater.score)  # compiled once, reused at every record
     corrupted = data.train.is_corrupted
     # else no AUROC, and no scoring pass over the training split at each record
@@ -338,28 +343,19 @@ class _Progress:
     self._timed_from = step
 
   def add(self, metrics: dict) -> None:
-    in_a_row = metrics.pop('skipped_in_a_row')
-    self._longest_run = (in_a_row if self._longest_run is None
-                         else jax.numpy.maximum(self._longest_run, in_a_row))
-    self.totals = metrics if self.totals is None else jax.tree.map(jax.numpy.add, self.totals,
-                                                                   metrics)
+    """Queues the metrics of the step just dispatched (on the devices) for `wait`."""
+    self._queued.append(metrics)
 
-  def block_until_ready(self) -> None:
-    jax.block_until_ready((self.totals, self._longest_run))
-
-  def warm_up(self, metrics_info) -> None:
-    """Runs `add` twice on zeros shaped and placed as the step's metrics (`metrics_info`), then
-    forgets them: the first use of its sums (fresh, or on sums a checkpoint restored) compiles a
-    few small programs (0.3-1 s on 2 CPU cores), which the first record's steps/s and ETA would
-    count as steps."""
-    shardings = jax.tree.map(lambda s: s.sharding, metrics_info)
-    zeros = jax.jit(lambda: jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype),
-                                         metrics_info), out_shardings=shardings)
-    kept = self.totals, self._longest_run
-    for _ in range(2):  # (the first may only set the sums)
-      self.add(zeros())
-    self.block_until_ready()
-    self.totals, self._longest_run = kept
+  def wait(self, unfinished: int = 0) -> None:
+    """Waits for every queued step but the last `unfinished` and adds their metrics to the sums,
+    on the host in float32 in step order (no program per step: the loop's queue stays short)."""
+    while len(self._queued) > unfinished:
+      metrics = host_copy(jax.block_until_ready(self._queued.popleft()))
+      in_a_row = metrics.pop('skipped_in_a_row')
+      self._longest_run = (in_a_row if self._longest_run is None
+                           else np.maximum(self._longest_run, in_a_row))
+      self.totals = metrics if self.totals is None else {k: self.totals[k] + v
+                                                         for k, v in metrics.items()}
 
   def restart(self, step: int) -> None:
     """After the record at `step`: sums and clock from there."""
@@ -367,15 +363,16 @@ class _Progress:
     self.since, self.totals = step, None
 
   def saved(self) -> dict:
-    return {'totals': self.totals and {k: float(v) for k, v in
-                                       host_copy(self.totals).items()},
+    self.wait()
+    return {'totals': self.totals and {k: float(v) for k, v in self.totals.items()},
             'since': self.since, 'flat_since': self._flat_since}
 
   def check_skipped(self, step: int) -> None:
     """Stops the run (one line) when the meta-gradient has not been finite at
     outer.max_skipped_steps steps in a row (by `step`), or at every step of a shorter run (whose
     rater would be reported untrained, as it was initialised)."""
-    in_a_row, self._longest_run = int(host_copy(self._longest_run)), None
+    self.wait()
+    in_a_row, self._longest_run = int(self._longest_run), None
     config = self._config
     if in_a_row >= min(config.outer.max_skipped_steps, config.outer.steps):
       raise UserError(
@@ -400,7 +397,7 @@ class _Progress:
   def heartbeat(self, done: int) -> None:
     """A short progress line if none has been logged for HEARTBEAT_S."""
     if time.time() - self._last_line > HEARTBEAT_S:
-      self.block_until_ready()  # step `done` has run (dispatch runs ahead of it)
+      self.wait()  # step `done` has run (dispatch runs ahead of it)
       log.info('step %5d/%d | %.2f steps/s%s (metrics every %d steps)', done,
                self._config.outer.steps, self._rate(done), self._eta(done),
                self._config.log_every)
@@ -419,7 +416,8 @@ class _Progress:
     steps since the last record that were not skipped (single steps jump at member resets);
     skipped steps and diverged inner models are counted."""
     config = self._config
-    sums = {k: float(v) for k, v in host_copy(self.totals).items()}
+    self.wait()
+    sums = {k: float(v) for k, v in self.totals.items()}
     counts = ('skipped_steps', 'diverged_members')
     taken = done - self.since - sums['skipped_steps']
     record = {'step': done, **{k: v / taken if taken else float('nan')

@@ -1,6 +1,7 @@
 """Runs that meet trouble: non-finite meta-gradients are skipped and never saved, a corrupted
 latest checkpoint gives way to the newest intact one, collapsed weights are reported, --help,
 file modes."""
+import collections
 import contextlib
 import dataclasses
 import glob
@@ -11,6 +12,7 @@ import os
 import shutil
 import stat
 import sys
+import time
 import types
 from typing import NamedTuple
 
@@ -96,7 +98,9 @@ def test_skipped_steps_stop_a_run_at_max_skipped_steps_in_a_row_or_at_all_of_a_s
   config.outer.max_skipped_steps = max_skipped
   progress = mt._Progress.__new__(mt._Progress)  # pylint: disable=protected-access
   # pylint: disable-next=protected-access
-  progress._config, progress._longest_run = config, jnp.int32(in_a_row)
+  progress._config, progress._longest_run, progress.totals = config, None, None
+  progress._queued = collections.deque()  # pylint: disable=protected-access
+  progress.add({'skipped_in_a_row': jnp.int32(in_a_row)})  # a step's, as the run queues it
   if stops:
     with pytest.raises(UserError, match=f'not finite at {in_a_row} outer steps in a row'):
       progress.check_skipped(steps)
@@ -138,23 +142,69 @@ def test_a_rater_whose_scores_overflow_is_no_success_and_trains_nothing(tfds_dir
   assert 'policy datarater gave loss weights that are not finite at step 1' in lines[0]
 
 
+def _call_steps_by(monkeypatch, call):
+  """meta_train's compiled outer step, as it lowers, compiles and calls it, called as
+  `call(compiled_step, state, inner_batches, outer_batches)`."""
+  class Calling:
+    def __init__(self, fn):
+      self.fn = fn
+
+    def lower(self, *args):
+      return Calling(self.fn.lower(*args))
+
+    def compile(self):
+      return Calling(self.fn.compile())
+
+    def __call__(self, *args):
+      return call(self.fn, *args)
+
+    def __getattr__(self, name):  # the compiled step's own (out_info)
+      return getattr(self.fn, name)
+  real_jit = sharding.jit_outer_step
+
+  def calling_jit(*args):
+    step_fn, *shardings = real_jit(*args)
+    return (Calling(step_fn), *shardings)
+  monkeypatch.setattr(sharding, 'jit_outer_step', calling_jit)
+
+
 @pytest.mark.parametrize('log_every,checkpoint_every,by', [(5, 5, 5), (10, 2, 4)])
 def test_skipped_steps_in_a_row_that_end_between_checks_still_stop_the_run(
     tfds_dir, tmp_path, monkeypatch, log_every, checkpoint_every, by):
   """Steps 1-3 scripted as skipped in a row, then finite again: the run stops at its first record
   or checkpoint after them (records and checkpoints every 5 steps: step 5; records every 10,
-  checkpoints every 2: step 4)."""
+  checkpoints every 2: step 4). And with each step's metrics made 30 ms later on the device (a
+  host callback): as each step is dispatched, at most STEPS_IN_FLIGHT - 1 earlier steps are
+  unfinished (XLA's CPU client queues at most 32 programs per device; a multi-device step queued
+  past that can deadlock in its collective)."""
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
   real = sharding.outer_step
 
   def scripted(problem, estimator, state, inner, outer):
     new_state, metrics = real(problem, estimator, state, inner, outer)
     return new_state, {**metrics, 'skipped_in_a_row': jnp.where(state.step < 3, state.step + 1, 0)}
   monkeypatch.setattr(sharding, 'outer_step', scripted)
+
+  def sleep_then(x):
+    time.sleep(0.03)
+    return x
+  slow = jax.jit(lambda m: jax.pure_callback(
+      sleep_then, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), m), m))
+  dispatched, unfinished = [], []
+
+  def slowed(step_fn, *args):
+    unfinished.append(sum(not m['outer_loss'].is_ready() for m in dispatched))
+    state, metrics = step_fn(*args)
+    dispatched.append(slow(metrics))
+    return state, dispatched[-1]
+  _call_steps_by(monkeypatch, slowed)
   config = small_config(tfds_dir, steps=10)
   config.log_every, config.checkpoint_every = log_every, checkpoint_every
   config.outer.max_skipped_steps = 3
   with pytest.raises(UserError, match=rf'not finite at 3 outer steps in a row \(by step {by}\)'):
     meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  assert len(unfinished) == by
+  assert max(unfinished) <= meta_train_lib.STEPS_IN_FLIGHT - 1, unfinished
 
 
 def test_metrics_records_are_means_over_the_steps_not_skipped(tfds_dir, tmp_path, monkeypatch):
@@ -165,31 +215,12 @@ def test_metrics_records_are_means_over_the_steps_not_skipped(tfds_dir, tmp_path
   steps 2 (2 steps), 4 (1 step taken, 1 skipped) and 5 (the partial last window: 1 step)."""
   per_step = []
 
-  class Recording:
-    """The compiled step as meta_train lowers, compiles and calls it; keeps each call's metrics."""
-
-    def __init__(self, fn):
-      self.fn = fn
-
-    def lower(self, *args):
-      return Recording(self.fn.lower(*args))
-
-    def compile(self):
-      return Recording(self.fn.compile())
-
-    def __call__(self, *args):
-      state, metrics = self.fn(*args)
-      per_step.append(jax.device_get(metrics))
-      return state, metrics
-
-    def __getattr__(self, name):  # the compiled step's own (out_info)
-      return getattr(self.fn, name)
-  real_jit, real_batches = sharding.jit_outer_step, MetaBatches.device_batches_at
-
-  def recording_jit(*args):
-    step_fn, *shardings = real_jit(*args)
-    return (Recording(step_fn), *shardings)
-  monkeypatch.setattr(sharding, 'jit_outer_step', recording_jit)
+  def recording(step_fn, *args):
+    state, metrics = step_fn(*args)
+    per_step.append(jax.device_get(metrics))
+    return state, metrics
+  _call_steps_by(monkeypatch, recording)
+  real_batches = MetaBatches.device_batches_at
 
   def poisoned(self, step, *shardings):
     inner, outer = real_batches(self, step, *shardings)
@@ -1511,8 +1542,8 @@ def test_progress_lines_and_steps_per_sec_follow_the_clock_of_the_steps(tfds_dir
   per XLA compilation (JAX's event), a run of 9 steps recording only at its end with
   HEARTBEAT_S = 2.5 writes a progress line once more than 2.5 s have passed since the last one:
   at steps 3 and 6 only, each at 1.00 steps/s with the ETA of the steps left at that rate (6 s,
-  3 s); its record says 1.0 steps/s (compilation not counted: the running sums' first use, fresh
-  and on restored sums, compiled after the clock started, 0.3-1 s each on 2 cores). A run stopped
+  3 s); its record says 1.0 steps/s (compilation not counted: a program compiled after the
+  loop's clock started would add 100 s). A run stopped
   at step 6 and resumed, recording at 4 and 8, says 1.0 steps/s at both records: the resumed one
   times the 2 steps it ran in 2 s, not the 4 since the last record. (The runs: a forked process,
   `_clocked_rater_runs`.)"""
