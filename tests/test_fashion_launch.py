@@ -31,10 +31,10 @@ def _config(tfds_dir):
   return overridden(fashion_mnist.get_config(), {**OVERRIDES, 'data.data_dir': tfds_dir})
 
 
-def _launch(tfds_dir, workdir, *extra) -> str:
+def _launch(tfds_dir, workdir, *extra, steps=OVERRIDES['outer.steps']) -> str:
   return launch_train_rater(os.path.join(ROOT, 'configs', 'fashion_mnist.py'),
-                            {**OVERRIDES, 'data.data_dir': tfds_dir}, f'--workdir={workdir}',
-                            *extra)
+                            {**OVERRIDES, 'data.data_dir': tfds_dir, 'outer.steps': steps},
+                            f'--workdir={workdir}', *extra)
 
 
 def _brute_force_auroc(clean_scores, bad_scores) -> float:
@@ -55,9 +55,10 @@ def _needs_fashion():
 def test_fashion_rater_run_reports_the_aurocs_of_its_exported_raters_scores(tfds_dir, tmp_path):
   _needs_fashion()
   workdir = tmp_path / 'run'
-  assert 'on 4 device(s)' in _launch(tfds_dir, workdir)  # mesh population 2 x batch 2
+  # 2 outer steps, one record: the AUROCs need no more (the slow test below runs 4).
+  assert 'on 4 device(s)' in _launch(tfds_dir, workdir, steps=2)  # mesh population 2 x batch 2
   records = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
-  assert [r['step'] for r in records] == [2, 4]
+  assert [r['step'] for r in records] == [2]
   assert all(r['meta_grad_norm'] > 0 for r in records)  # the rater really moved
 
   train = pipeline.load_split(_config(tfds_dir).data, OVERRIDES['data.train_split'], corrupt=True)
@@ -78,7 +79,7 @@ def test_fashion_rater_run_reports_the_aurocs_of_its_exported_raters_scores(tfds
   assert report['noise_auroc'] == pytest.approx(
       _brute_force_auroc(clean, scores[train.corruption != 0]), abs=1e-9)
   for k, kind in kinds.items():
-    if k:  # the report's and the last record's (step 4: the same rater)
+    if k:  # the report's and the last record's (step 2: the same rater)
       want = _brute_force_auroc(clean, scores[train.corruption == k])
       assert report['auroc_by_kind'][kind] == pytest.approx(want, abs=1e-9), kind
       assert records[-1]['auroc_by_kind'][kind] == pytest.approx(want, abs=1e-9), kind
