@@ -73,16 +73,18 @@ def test_batch_filter_keeps_floor_of_the_exact_product_under_jit():
   """N = floor((1 - rho) b) in exact decimal arithmetic for every real count b, under jit (in
   float32 the product fell below an integer: 246 of 380 at rho 0.35 instead of 247)."""
   from fractions import Fraction
+  # One batch of 700 rows (one compilation per rho), its real count b set by the padding mask:
+  # b, b - 1 and 3b/4 for b = 100, 200, 380, 700, and 2 and 1 (a short last batch keeps one).
+  batch = {'score': jnp.asarray(np.random.default_rng(0).normal(size=700), jnp.float32)}
+  reals = [r for b in (100, 200, 380, 700) for r in (b, b - 1, 3 * b // 4)] + [2, 1]
   for rho in ('0.35', '0.41', '0.47', '0.87'):
     policy = filtering.batch_filter(lambda aux, batch: batch['score'], None, float(rho), 1)
     weigh = jax.jit(lambda b, w, p=policy: p.weigh(None, (), None, b, w))
-    for size in (100, 200, 380, 700):
-      batch = {'score': jnp.asarray(np.random.default_rng(size).normal(size=size), jnp.float32)}
-      for real in (size, size - 1, 3 * size // 4, 2, 1):  # (a short last batch keeps one)
-        w = np.asarray(weigh(batch, jnp.asarray(np.arange(size) < real, jnp.float32)))
-        kept = max(1, math.floor((1 - Fraction(rho)) * real))
-        assert (w > 0).sum() == kept, (rho, size, real)
-        np.testing.assert_allclose(w[w > 0], real / kept, rtol=1e-6)
+    for real in reals:
+      w = np.asarray(weigh(batch, jnp.asarray(np.arange(700) < real, jnp.float32)))
+      kept = max(1, math.floor((1 - Fraction(rho)) * real))
+      assert (w > 0).sum() == kept, (rho, real)
+      np.testing.assert_allclose(w[w > 0], real / kept, rtol=1e-6)
 
 
 @pytest.mark.parametrize('batch_size, rho, kept', [
@@ -127,9 +129,10 @@ def test_acceptance_probability_is_the_batch_filter_survival_probability():
   policy = filtering.acceptance_filter(score_fn, None, scores, rho, n)
   batch = {'x': jnp.asarray(scores, jnp.float32), 'index': jnp.arange(400)}
   state = policy.init(400, jax.random.key(0))
+  weigh = jax.jit(lambda state: policy.weigh(policy.aux, state, None, batch, jnp.ones(400)))
   kept = []
-  for _ in range(200):
-    kept.append(np.asarray(policy.weigh(policy.aux, state, None, batch, jnp.ones(400))) > 0)
+  for _ in range(200):  # (under jit, as training calls it)
+    kept.append(np.asarray(weigh(state)) > 0)
     state = policy.update(policy.aux, state, None, None, None)
   rate = np.mean(kept, 0)
   want = np.array([_survival_brute_force(i / 400, m, n) for i in range(400)])
@@ -478,7 +481,7 @@ def test_online_filters_by_hand():
   state = accept.init(100, jax.random.key(1))
   ids = np.arange(40, 80)
   order = np.random.default_rng(1).permutation(40)
-  weigh = lambda idx: np.asarray(accept.weigh(accept.aux, state, None, {
+  weigh = lambda idx: np.asarray(jax.jit(accept.weigh)(accept.aux, state, None, {
       's': jnp.full(40, 30.0), 'index': jnp.asarray(idx)}, jnp.ones(40)))
   straight, shuffled = weigh(ids), weigh(ids[order])
   assert 0 < (straight > 0).sum() < 40
