@@ -200,9 +200,10 @@ RATER = pytest.mark.xdist_group('valuation_launch_rater')  # the tests of `rater
 
 @pytest.fixture(scope='module')
 def rater_run(tfds_dir, tmp_path_factory):
-  """A 2-step rater run of tests/run_config.py, made once; its tests only read it."""
+  """A 2-step rater run of tests/run_config.py on one device, made once; its tests only read
+  it."""
   run = str(tmp_path_factory.mktemp('rater') / 'run')
-  meta_train(small_rater_config(tfds_dir, steps=2), run)
+  meta_train(small_rater_config(tfds_dir, steps=2), run, devices=jax.devices()[:1])
   return run
 
 
@@ -245,7 +246,7 @@ def test_valuate_datarater_resumed_after_its_rater_run_trained_on_scores_with_th
     m.setattr(files, 'write_json', stop_after_one_block)
     with pytest.raises(Stop):
       valuate('datarater', config, str(tmp_path / 'val'), progress=False)
-  meta_train(small_rater_config(tfds_dir, steps=4), run)
+  meta_train(small_rater_config(tfds_dir, steps=4), run, devices=jax.devices()[:1])
   valuate('datarater', config, str(tmp_path / 'val'), progress=False)
   table = pq.read_table(os.path.join(tmp_path, 'val', 'scores_datarater.parquet')).to_pydict()
   train = pipeline.load_split(config.data, 'train', corrupt=True)
