@@ -45,7 +45,7 @@ N_TRAIN = 1197
 
 
 def _rater_config(tfds_dir):
-  """The module's rater run: small_config, 4 outer steps."""
+  """The module's rater run: small_config, 4 outer steps (on one device)."""
   config = small_config(tfds_dir, steps=4)
   config.rater.temperature = 0.37  # not the default: the export must carry it
   return config
@@ -59,19 +59,21 @@ RATER_RUN = pytest.mark.xdist_group('export_filter_rater')
 @pytest.fixture(scope='module')
 def rater_dir(tfds_dir, tmp_path_factory):
   base = tmp_path_factory.mktemp('rater')
-  meta_train(_rater_config(tfds_dir), str(base / 'run'))
+  meta_train(_rater_config(tfds_dir), str(base / 'run'), devices=jax.devices()[:1])
   out = str(base / 'exported')
   export.export_rater(str(base / 'run'), out)
   return out
 
 
 @RATER_RUN
-def test_a_rater_stopped_early_counts_the_steps_it_took(tfds_dir, tmp_path):
+def test_a_rater_stopped_early_counts_the_steps_it_took(rater_dir, tmp_path):
   """Exported after 2 of its 4 outer steps, a rater's compute is that of 2 steps, counted by
-  hand: K=2 inner models, T=2 steps of B=16, one held-out batch of 16 each. (The config of the
-  module's rater run, whose compiled programs it shares.)"""
+  hand: K=2 inner models, T=2 steps of B=16, one held-out batch of 16 each. (The module's rater
+  run as a run stopped or killed after step 2 leaves it: its checkpoint at step 4 removed.)"""
   run = str(tmp_path / 'run')
-  meta_train(_rater_config(tfds_dir), run, stop_after=2)
+  shutil.copytree(os.path.join(os.path.dirname(rater_dir), 'run'), run,
+                  ignore=shutil.ignore_patterns('.lock'))
+  shutil.rmtree(os.path.join(run, 'checkpoints', '4'))
   meta = export.export_rater(run, str(tmp_path / 'exported'))
   assert meta['outer_steps'] == 2
   assert meta['training_example_gradients'] == 2 * 2 * (2 * 16 + 16)
@@ -1048,7 +1050,7 @@ def test_a_rater_of_ones_own_exports_and_loads_where_its_module_imports(tfds_dir
   config = _rater_config(tfds_dir)  # the module run's programs
   config.outer.steps = 2
   config.rater.name = 'outside_mlp_rater'
-  meta_train(config, str(tmp_path / 'run'))
+  meta_train(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
 
   def fresh_process():  # as a process that never imported the module
     monkeypatch.delitem(registry.RATERS, 'outside_mlp_rater')
