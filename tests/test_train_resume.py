@@ -70,19 +70,34 @@ def test_sae_selection_run_resumed_equals_uninterrupted(tfds_dir, tmp_path):
     train(_config(tfds_dir, 4, selection), 'sae', workdir=workdir, log=quiet)
 
 
-def test_a_finished_infobatch_run_extended_to_more_epochs_equals_the_longer_run(tfds_dir,
-                                                                              tmp_path):
+# The tests that read `straight_runs` stay on one pytest-xdist worker, which runs each once.
+STRAIGHT = pytest.mark.xdist_group('train_resume_straight')
+
+
+@pytest.fixture(scope='module')
+def straight_runs(tfds_dir):
+  """policy -> the report of an uninterrupted 3-epoch run of `_config` (selection's for
+  infobatch), in memory, made on first use."""
+  done = {}
+
+  def get(policy):
+    if policy not in done:
+      config = _config(tfds_dir, 3, selection if policy == 'infobatch' else digits)
+      done[policy] = train(config, policy, log=quiet)
+    return done[policy]
+  return get
+
+
+@STRAIGHT
+def test_a_finished_infobatch_run_extended_to_more_epochs_equals_the_longer_run(
+    tfds_dir, tmp_path, straight_runs):
   """InfoBatch's choices do not read train.epochs (only the SAE curriculum's do), so a finished
   run may be extended, as a weighting run may: it was refused as 'a different config'."""
-  def config(epochs):
-    c = _config(tfds_dir, epochs, selection)
-    c.train.seeds, c.task.hidden = (0,), (16,)
-    return c
-  straight = train(config(3), 'infobatch', workdir=str(tmp_path / 'a'), log=quiet)
-  train(config(2), 'infobatch', workdir=str(tmp_path / 'b'), log=quiet)
-  extended = train(config(3), 'infobatch', workdir=str(tmp_path / 'b'), log=quiet)
-  assert _history(extended) == _history(straight)
-  _check_train_figure(tmp_path / 'b', (0,))  # drawn again over the whole extended history
+  train(_config(tfds_dir, 2, selection), 'infobatch', workdir=str(tmp_path / 'b'), log=quiet)
+  extended = train(_config(tfds_dir, 3, selection), 'infobatch', workdir=str(tmp_path / 'b'),
+                   log=quiet)
+  assert _history(extended) == _history(straight_runs('infobatch'))
+  _check_train_figure(tmp_path / 'b', (0, 1))  # drawn again over the whole extended history
 
 
 @pytest.mark.slow
@@ -151,6 +166,9 @@ def test_resume_with_another_config_is_refused_and_writes_nothing(tfds_dir, tmp_
       os.listdir(stopped / 'checkpoints'))
 
 
+# In CI: the Ctrl-C test's rerun (python -m launch.train, resumed) and launch.train
+# --stop_after=2 (exit 0, its checkpoints) in tests/test_resume_refusals.py.
+@pytest.mark.slow
 def test_command_line_stop_and_resume(tfds_dir, tmp_path):
   """The flags end to end (the launcher's flags and main through `cli.invoke`, in this process;
   `python -m launch.train` itself runs in the Ctrl-C test below): --stop_after exits 0 with a
@@ -224,13 +242,15 @@ def test_resumed_past_an_unreadable_checkpoint_equals_uninterrupted(tfds_dir, tm
   assert [r['epoch'] for r in records] == [1, 2, 3, 4]  # no epoch twice, none missing
 
 
+@STRAIGHT
 @pytest.mark.parametrize('policy', [pytest.param('uniform', marks=pytest.mark.slow), 'infobatch'])
-def test_a_streamed_training_split_trains_like_one_in_memory(tfds_dir, tmp_path, policy):
+def test_a_streamed_training_split_trains_like_one_in_memory(tfds_dir, tmp_path, straight_runs,
+                                                             policy):
   """train.stream reads the batches from the TFDS files as the steps go: the same steps, so the
   same figures; stopped and resumed from a streamed run's checkpoint in memory, too (streaming is
   not part of the trajectory)."""
   config = _config(tfds_dir, 3, selection if policy == 'infobatch' else digits)
-  memory = train(config, policy, log=quiet)
+  memory = straight_runs(policy)
   config.train.stream = True
   lines = []
   streamed = train(config, policy, workdir=str(tmp_path / 's'), stop_after=2, log=lines.append)
