@@ -5,7 +5,6 @@ import contextlib
 import glob
 import io
 import json
-import logging
 import os
 import re
 import shutil
@@ -80,10 +79,11 @@ def _scores(path, n, seed):
                              'value': np.random.default_rng(seed).normal(size=n)})
 
 
-def test_a_rater_run_on_a_dataset_folder_written_again_is_not_resumed(tfds_dir, tmp_path,
-                                                                      caplog, capsys):
+def test_a_rater_run_on_a_dataset_folder_written_again_is_not_resumed(tfds_dir, tmp_path):
   """launch.filter --overwrite writes another dataset into the folder data.dataset_dir names:
-  the resumed run would mix the two, so it stops, naming the field and the folder."""
+  the resumed run would mix the two, so it stops, naming the field and the folder (the folder
+  unchanged, the run's own decision, `check_compatible` on its checkpointer, is to resume)."""
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
   n = len(pipeline.load_split(small_config(tfds_dir).data, 'train'))
   scores, folder = str(tmp_path / 'scores.parquet'), str(tmp_path / 'filtered')
   _scores(scores, n, 0)
@@ -93,10 +93,7 @@ def test_a_rater_run_on_a_dataset_folder_written_again_is_not_resumed(tfds_dir, 
   config.data.dataset_dir, config.data.label_noise = folder, 0.0
   workdir = tmp_path / 'run'
   meta_train(config, str(workdir), stop_after=2, devices=jax.devices()[:1])
-  with caplog.at_level(logging.INFO, logger='datarater'):  # the folder unchanged: resumed
-    meta_train(config, str(workdir), stop_after=3, devices=jax.devices()[:1])
-  said = caplog.text + capsys.readouterr().out  # (stdout once a run set the log's handler up)
-  assert 'resumed from the checkpoint at outer step 2' in said
+  assert meta_train_lib.run_checkpointer(config, str(workdir)).check_compatible() == 2
   filter_dataset('sklearn_digits', folder, ['train'], scores=scores, keep=0.9,
                  data_dir=tfds_dir, batch_size=256, overwrite=True)
   _refused(train_rater, [*as_flags(config), f'--config.data.dataset_dir={folder}',
@@ -108,8 +105,10 @@ def test_a_training_run_whose_scores_file_changed_is_not_resumed(tfds_dir, tmp_p
                                                                   monkeypatch):
   """An untouched file is not read again; the same bytes written again resume; other scores at
   the same path are refused; a checkpoint of older code, which recorded no digest, resumes
-  unchecked as it did."""
+  unchecked as it did. (After the first resume, the decisions are launch.train's own
+  `check_compatible` on the run's checkpointer.)"""
   from configs import digits  # pylint: disable=g-import-not-at-top
+  from datarater import train as train_lib  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
   config.data.data_dir, config.train.epochs, config.train.seeds = tfds_dir, 4, (0,)
   config.train.checkpoint_every = 1
@@ -117,13 +116,15 @@ def test_a_training_run_whose_scores_file_changed_is_not_resumed(tfds_dir, tmp_p
   scores, workdir = str(tmp_path / 'scores.parquet'), tmp_path / 'run'
   _scores(scores, n, 0)
   run = lambda **kw: train(config, 'scores', scores=scores, workdir=str(workdir), log=quiet, **kw)
+  resumed = lambda: train_lib.run_checkpointer(config, str(workdir), 'scores', '', scores,
+                                               False).check_compatible()
   assert run(stop_after=1) == {'stopped_after': 1}
   read, content_digest = [], files.content_digest
   monkeypatch.setattr(files, 'content_digest', lambda p: read.append(p) or content_digest(p))
   assert run(stop_after=2) == {'stopped_after': 2}
   assert not read  # names, sizes and times as recorded: the digest recorded is kept
   _scores(scores, n, 0)  # rewritten alike (a new modification time): read again, resumed
-  assert run(stop_after=3) == {'stopped_after': 3} and read == [scores]
+  assert resumed() == 2 and read == [scores]
   _scores(scores, n, 1)
   flags = ['--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
            '--config.train.epochs=4', '--config.train.seeds=(0,)',
@@ -135,9 +136,7 @@ def test_a_training_run_whose_scores_file_changed_is_not_resumed(tfds_dir, tmp_p
     meta = json.load(open(meta_file))
     del meta['inputs']  # as written before the digests were recorded
     json.dump(meta, open(meta_file, 'w'))
-  lines = []
-  train(config, 'scores', scores=scores, workdir=str(workdir), log=lines.append)
-  assert 'resuming from the checkpoint at epoch 3' in lines
+  assert resumed() == 2
 
 
 def test_an_input_is_recorded_as_the_run_read_it_not_as_it_was_at_the_first_save(tmp_path):
@@ -182,8 +181,10 @@ def test_a_checkpoint_folder_with_a_backslash_is_refused(tmp_path):
 @FINISHED
 def test_a_training_run_whose_rater_trained_on_is_not_resumed(tfds_dir, tmp_path, finished_run):
   """--rater names a rater run that has since been extended: its rater is another. The same
-  run reporting again (its config.json written anew, the rater unchanged) still resumes."""
+  run reporting again (its config.json written anew, the rater unchanged) still resumes
+  (launch.train's own decision, `check_compatible` on the run's checkpointer)."""
   from configs import digits  # pylint: disable=g-import-not-at-top
+  from datarater import train as train_lib  # pylint: disable=g-import-not-at-top
   rater_run, workdir = str(tmp_path / 'rater_run'), str(tmp_path / 'run')
   rater_config = small_config(tfds_dir, steps=4)  # the config of `finished_run`, copied here
   _copy(finished_run, rater_run)
@@ -195,8 +196,8 @@ def test_a_training_run_whose_rater_trained_on_is_not_resumed(tfds_dir, tmp_path
   rater_config.log_every = 1  # a field a finished run may change: it only reports again
   meta_train(rater_config, rater_run, devices=jax.devices()[:1])
   assert open(os.path.join(rater_run, 'config.json')).read() != before
-  assert train(config, 'datarater', rater=rater_run, workdir=workdir, stop_after=2,
-               log=quiet) == {'stopped_after': 2}
+  assert train_lib.run_checkpointer(config, workdir, 'datarater', rater_run, '',
+                                    False).check_compatible() == 1
   rater_config.outer.steps = 6
   meta_train(rater_config, rater_run, devices=jax.devices()[:1])
   _refused(train_launcher, ['--config=configs/digits.py', f'--config.data.data_dir={tfds_dir}',
@@ -303,8 +304,13 @@ def test_a_run_resumes_past_settings_of_sections_it_does_not_read(tfds_dir, tmp_
   """A rater run stopped at step 2 resumes under a config with a setting added to its `policy`
   section and another changed in `valuation` (sections it does not read: a researcher adding a
   policy's setting) and ends with the uninterrupted run's rater; a changed setting of a section it
-  reads is still refused. So does a training run with a setting added to `outer`."""
+  reads is still refused (the run's resume decision, `check_compatible` on its checkpointer). So
+  does a training run's checkpoint with a setting added to `outer` (launch.train's decision: its
+  resumed runs equal uninterrupted ones in tests/test_train_resume.py), where one added to `train`
+  is refused."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from datarater import meta_train as meta_train_lib  # pylint: disable=g-import-not-at-top
+  from datarater import train as train_lib  # pylint: disable=g-import-not-at-top
   config = small_config(tfds_dir, steps=4)  # the config of `finished_run`, run straight
   _copy(stopped_run, tmp_path / 'resumed')  # stopped at step 2 (its checkpoint_every aside)
   changed = ml_collections.ConfigDict(config.to_dict())
@@ -313,7 +319,7 @@ def test_a_run_resumes_past_settings_of_sections_it_does_not_read(tfds_dir, tmp_
   other = ml_collections.ConfigDict(changed.to_dict())
   other.rater.temperature *= 2
   with pytest.raises(UserError, match='a checkpoint of a different config .*rater.temperature'):
-    meta_train(other, str(tmp_path / 'resumed'), devices=jax.devices()[:1])
+    meta_train_lib.run_checkpointer(other, str(tmp_path / 'resumed')).check_compatible()
   capsys.readouterr()
   meta_train(changed, str(tmp_path / 'resumed'), devices=jax.devices()[:1])
   assert 'resumed from the checkpoint at outer step 2' in capsys.readouterr().out
@@ -321,12 +327,13 @@ def test_a_run_resumes_past_settings_of_sections_it_does_not_read(tfds_dir, tmp_
                   jax.tree.leaves(export.load_rater(str(tmp_path / 'resumed')).params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
-  config.train.epochs, config.train.seeds, config.train.checkpoint_every = 2, (0,), 1
-  straight = train(config, 'uniform', workdir=str(tmp_path / 'a'), log=quiet)
-  train(config, 'uniform', workdir=str(tmp_path / 'b'), stop_after=1, log=quiet)
-  config.outer.new_setting = 1
-  resumed = train(config, 'uniform', workdir=str(tmp_path / 'b'), log=quiet)
-  assert [r['heldout'] for r in resumed['history']] == [r['heldout'] for r in straight['history']]
+  workdir = str(tmp_path / 'trained')
+  _save_one(train_lib.run_checkpointer(config, workdir, 'uniform', '', '', False),
+            extra={'history': [], 'wall_s': 0.0, 'steps': 0})
+  for section, refused in (('outer', False), ('train', True)):
+    added = ml_collections.ConfigDict(config.to_dict())
+    added[section].new_setting = 1
+    _resumes_unless_refused(added, workdir, 'uniform', f'{section}.new_setting', refused)
 
 
 def _save_one(ckpt, step: int = 2, extra=None) -> None:
