@@ -43,7 +43,6 @@ from absl import flags
 import jax
 import matplotlib
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -155,6 +154,9 @@ def mislabel_diagnostics(codes, train, labels, num_classes, cfg) -> dict:
     reference = scores.config_reference(len(labels), sc)  # the one config_suspects reads
     own = np.asarray(scores.knn_label_shares(stats, knn, reference=reference))[
         np.arange(len(labels)), labels]
+    # Imported here: sklearn takes a second or more to import, which a command line refused at
+    # its flags (or --help) need not wait for.
+    from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
     out.update(margin_auroc=float(roc_auc_score(flipped, -np.asarray(scores.label_margin(stats)))),
                knn_auroc=float(roc_auc_score(flipped, -own)),
                suspect_recall=float(suspect[flipped].mean()),
