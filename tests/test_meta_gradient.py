@@ -41,14 +41,20 @@ def _fd_check(name, optimizer, steps, **kw):
   assert rel < 1e-5, rel
 
 
+# Reverse mode through Adam steps: the fast suite's finite-difference check of it is
+# test_advance_steps_train_outside_the_meta_gradient (Adam, T = 2 after 3 advance steps).
 @pytest.mark.parametrize('optimizer,steps', [pytest.param('sgd', 1, marks=pytest.mark.slow),
-                                             ('sgd', 3), ('adam', 3)])
+                                             ('sgd', 3),
+                                             pytest.param('adam', 3, marks=pytest.mark.slow)])
 def test_reverse_meta_gradient_matches_finite_differences(optimizer, steps):
   with jax.enable_x64():
     _fd_check('reverse', optimizer, steps)
 
 
-@pytest.mark.parametrize('optimizer,steps', [('sgd', 3), ('adam', 6)])
+# SGD's replayed mixed mode: in the fast suite, reverse mode's finite differences (SGD, T = 3)
+# and test_meta_modes.py::test_estimators_agree (mixed replay = reverse, SGD, T = 4).
+@pytest.mark.parametrize('optimizer,steps', [pytest.param('sgd', 3, marks=pytest.mark.slow),
+                                             ('adam', 6)])
 def test_mixed_meta_gradient_matches_finite_differences(optimizer, steps):
   """SGD, T = 3: replay splits it into a 1-step head and one 2-step segment. Adam, T = 6: its
   first 4 steps are replayed from the exact input state, the last 2 undone by its inverse."""
@@ -97,7 +103,10 @@ def _kish(problem, rater_params, inner, step):
   return np.mean(out)
 
 
-@pytest.mark.parametrize('temperature,advance', [(0.7, 2), (0.01, 0)])
+# (0.01, 0): a sharp softmax without advance steps, another outer step compiled for the same
+# check as (0.7, 2).
+@pytest.mark.parametrize('temperature,advance', [
+    (0.7, 2), pytest.param(0.01, 0, marks=pytest.mark.slow)])
 def test_weight_ess_is_the_kish_effective_sample_size(temperature, advance):
   """The logged `weight_ess` is Kish's (sum w)^2 / (B sum w^2) of each member's weights on its
   first unrolled batch (numpy, float64, from the raw scores; the formula is scale-free), mean
