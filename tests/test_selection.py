@@ -514,7 +514,7 @@ def test_class_conditional_scores_on_real_digits_with_label_noise(tfds_dir):
   from datarater import sae as sae_lib  # pylint: disable=g-import-not-at-top
   train = pipeline.load_split(digits_data(tfds_dir, 0.2), 'train', corrupt=True)
   cfg = get_config()
-  cfg.sae.steps = 500
+  cfg.sae.steps = 100  # (AUROCs ~0.98 and ~0.99; 500 steps: ~0.98 and ~1.0)
   pixels = train.features['image'].reshape(len(train), -1)
   trained, _ = sae_lib.train_sae(pixels, cfg.sae, jax.random.PRNGKey(0))
   stats = scores.factor_stats(sae_lib.encode_all(trained, pixels), 0.5, train.features['label'],
@@ -721,7 +721,7 @@ def test_knn_label_shares_match_a_brute_force_neighbour_count():
     ref = np.arange(len(codes)) if reference is None else np.asarray(reference)
     sim = unit @ unit[ref].T
     sim[ref[None, :] == np.arange(len(codes))[:, None]] = -np.inf  # never its own neighbour
-    for chunk, threads in ((64, 1), (64, 3), (1024, 0)):
+    for chunk, threads in ((64, 3), (1024, 0)):  # chunks that do not divide N over 3 threads
       shares = np.asarray(scores.knn_label_shares(stats, k, chunk=chunk, reference=reference,
                                                   threads=threads))
       for i in range(len(codes)):
@@ -732,7 +732,7 @@ def test_knn_label_shares_match_a_brute_force_neighbour_count():
         want = np.bincount(labels[ref[order[:k]]], minlength=3) / k
         np.testing.assert_allclose(shares[i], want, atol=1e-6)
     by_thread = [np.asarray(scores.knn_label_shares(stats, k, chunk=64, reference=reference,
-                                                    threads=t)) for t in (1, 2, 3, 5)]
+                                                    threads=t)) for t in (1, 3, 5)]
     by_thread.append(np.asarray(jax.jit(lambda st, r: scores.knn_label_shares(
         st, k, chunk=64, reference=r))(stats, reference)))  # traced: one program
     for other in by_thread[1:]:
