@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
 import ml_collections
 
@@ -40,6 +39,12 @@ def _cross_entropy(logits, labels):
 _GRADS = {}
 
 
+def flat(tree) -> np.ndarray:
+  """ravel_pytree's vector (its leaves' entries in order, concatenated), in numpy: op by op,
+  JAX compiles a reshape and a concatenation per shape."""
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
 def loop_flat_grads(loss, params, batch, layer=None):
   """[B, P] by an explicit Python loop of single-example gradients of the mean-of-one loss;
   with `layer`, only that layer's parameters (read from the parameter dict by name)."""
@@ -49,33 +54,43 @@ def loop_flat_grads(loss, params, batch, layer=None):
   for i in range(batch['label'].shape[0]):
     ex = {k: v[i:i + 1] for k, v in rows.items()}
     g = _GRADS[loss](params, ex)
-    out.append(ravel_pytree(g['params'][layer] if layer else g)[0])
-  return jax.device_put(np.stack(out))
+    out.append(flat(g['params'][layer] if layer else g))
+  return np.stack(out)
+
+
+def jitted(fn, *args):
+  """`fn(*args)` as one compiled program (the calls under test: op by op, each of their dozens
+  of operations compiled alone, the most of these tests' time)."""
+  return jax.jit(fn)(*args)
 
 
 @pytest.mark.parametrize('chunk', [None, 3, 64])
 def test_per_example_grads_equal_loop(chunk):
   loss, params, batch = tiny()
-  got = pergrad.per_example(loss, params, batch, pergrad.flatten(), chunk_size=chunk)
-  np.testing.assert_allclose(got, loop_flat_grads(loss, params, batch), rtol=1e-12, atol=1e-12)
-  tree = pergrad.per_example_grads(loss, params, batch, chunk_size=chunk)
-  flat = jax.vmap(lambda t: ravel_pytree(t)[0])(tree)
-  np.testing.assert_allclose(flat, loop_flat_grads(loss, params, batch), rtol=1e-12, atol=1e-12)
+  want = loop_flat_grads(loss, params, batch)
+  got, tree = jitted(lambda p, b: (
+      pergrad.per_example(loss, p, b, pergrad.flatten(), chunk_size=chunk),
+      pergrad.per_example_grads(loss, p, b, chunk_size=chunk)), params, batch)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  rows = np.concatenate([np.reshape(x, (len(want), -1)) for x in jax.tree.leaves(tree)], 1)
+  np.testing.assert_allclose(rows, want, rtol=1e-12, atol=1e-12)
 
 
 def test_select_norm_normalize_dot_equal_flat_definitions():
   loss, params, batch = tiny()
-  flat = loop_flat_grads(loss, params, batch)
+  grads = loop_flat_grads(loss, params, batch)
   last = loop_flat_grads(loss, params, batch, layer='dense_1')
-  got = pergrad.per_example(loss, params, batch, pergrad.chain(pergrad.select(['dense_1']),
-                                                               pergrad.sq_norm()), chunk_size=2)
-  np.testing.assert_allclose(got, jnp.sum(last ** 2, 1), rtol=1e-12)
-  got = pergrad.per_example(loss, params, batch,
-                            pergrad.chain(pergrad.normalize(), pergrad.flatten()), chunk_size=4)
-  np.testing.assert_allclose(got, flat / jnp.linalg.norm(flat, axis=1, keepdims=True), rtol=1e-12)
-  v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape), params)
-  got = pergrad.per_example(loss, params, batch, pergrad.dot(v), chunk_size=3)
-  np.testing.assert_allclose(got, flat @ ravel_pytree(v)[0], rtol=1e-11)
+  v = jax.tree.map(lambda x: np.cos(np.arange(x.size, dtype=x.dtype)).reshape(x.shape), params)
+  norms, units, dots = jitted(lambda p, b, v: (
+      pergrad.per_example(loss, p, b, pergrad.chain(pergrad.select(['dense_1']),
+                                                    pergrad.sq_norm()), chunk_size=2),
+      pergrad.per_example(loss, p, b, pergrad.chain(pergrad.normalize(), pergrad.flatten()),
+                          chunk_size=4),
+      pergrad.per_example(loss, p, b, pergrad.dot(v), chunk_size=3)), params, batch, v)
+  np.testing.assert_allclose(norms, np.sum(last ** 2, 1), rtol=1e-12)
+  np.testing.assert_allclose(units, grads / np.linalg.norm(grads, axis=1, keepdims=True),
+                             rtol=1e-12)
+  np.testing.assert_allclose(dots, grads @ flat(v), rtol=1e-11)
 
 
 def test_select_unknown_layer_is_user_error():
@@ -111,7 +126,8 @@ def test_a_layer_name_selects_the_same_parameters_everywhere():
                                                               check_coverage=False),
                            params, batch)
     assert set(ghost) == set(state.names), layers
-    got = jax.jit(lambda p, b: pergrad.per_example_projected(loss, p, b, state))(params, batch)
+    got = jax.eval_shape(lambda p, b: pergrad.per_example_projected(loss, p, b, state), params,
+                         batch)
     assert got.shape == (2, 4 * len(state.names))
   # A name is a whole module name or leading path, never a prefix of one: 'dense_1' is not
   # 'dense_10' or 'dense_11' (12 layers, a tree written out).
@@ -162,19 +178,20 @@ def test_a_module_name_names_that_module_in_every_block():
 def _projection_matrix(transform, num_params, dtype=jnp.float64):
   """The matrix a linear transform applies, recovered row by row from unit vectors."""
   state = transform.init(jax.ShapeDtypeStruct((num_params,), dtype))
-  return jax.vmap(lambda e: transform.apply(e, state))(jnp.eye(num_params, dtype=dtype))
+  return jitted(lambda s: jax.vmap(lambda e: transform.apply(e, s))(
+      jnp.eye(num_params, dtype=dtype)), state)
 
 
 @pytest.mark.parametrize('block', [5, 4096])
 def test_gaussian_projection_of_per_example_gradients_is_one_linear_map(block):
   """Chunked per-example projection = each loop gradient times the projection's matrix."""
   loss, params, batch = tiny()
-  flat = loop_flat_grads(loss, params, batch)
+  grads = loop_flat_grads(loss, params, batch)
   t = pergrad.gaussian_projection(11, seed=3, block_size=block)
-  got = pergrad.per_example(loss, params, batch, t, chunk_size=3)
-  matrix = _projection_matrix(t, flat.shape[1])
-  assert matrix.shape == (flat.shape[1], 11)
-  np.testing.assert_allclose(got, flat @ matrix, rtol=1e-11, atol=1e-12)
+  got = jitted(lambda p, b: pergrad.per_example(loss, p, b, t, chunk_size=3), params, batch)
+  matrix = np.asarray(_projection_matrix(t, grads.shape[1]))
+  assert matrix.shape == (grads.shape[1], 11)
+  np.testing.assert_allclose(got, grads @ matrix, rtol=1e-11, atol=1e-12)
 
 
 def test_gaussian_projection_never_holds_its_matrix():
@@ -212,10 +229,11 @@ def test_gaussian_projection_preserves_dots_in_expectation():
 
 def test_kronecker_projection_equals_explicit_matrix():
   loss, params, batch = tiny(hidden=(6,))
-  flat = loop_flat_grads(loss, params, batch)
+  grads = loop_flat_grads(loss, params, batch)
   t = pergrad.kronecker_projection(2, 2, seed=1)
   state = t.init(params)
-  got = pergrad.per_example(loss, params, batch, t, state, chunk_size=3)
+  got = jitted(lambda p, b, s: pergrad.per_example(loss, p, b, t, s, chunk_size=3), params, batch,
+               state)
   blocks = []
   for leaf, f in zip(jax.tree.leaves(params), state):
     if f is None:
@@ -229,8 +247,8 @@ def test_kronecker_projection_equals_explicit_matrix():
   for b in blocks:
     dense[r:r + b.shape[0], c:c + b.shape[1]] = b
     r, c = r + b.shape[0], c + b.shape[1]
-  assert rows == flat.shape[1] and cols < rows
-  np.testing.assert_allclose(got, flat @ dense, rtol=1e-11, atol=1e-12)
+  assert rows == grads.shape[1] and cols < rows
+  np.testing.assert_allclose(got, grads @ dense, rtol=1e-11, atol=1e-12)
 
 
 def test_kronecker_factors_are_seeded_scaled_gaussians_per_leaf():
@@ -264,18 +282,19 @@ def test_kronecker_factors_are_seeded_scaled_gaussians_per_leaf():
 @pytest.mark.parametrize('chunk', [None, 3])
 def test_jvp_dots_equal_flat_dots(chunk):
   loss, params, batch = tiny()
-  v = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size, dtype=x.dtype) + 1.).reshape(x.shape),
+  v = jax.tree.map(lambda x: np.sin(np.arange(x.size, dtype=x.dtype) + 1.).reshape(x.shape),
                    params)
-  got = pergrad.jvp_dots(loss, params, batch, v, chunk_size=chunk)
-  flat = loop_flat_grads(loss, params, batch)
-  np.testing.assert_allclose(got, flat @ ravel_pytree(v)[0], rtol=1e-11)
+  last = sorted(params['params'])[-1]
+  every, got = jitted(lambda p, b, v: (
+      pergrad.jvp_dots(loss, p, b, v, chunk_size=chunk),
+      pergrad.jvp_dots(loss, p, b, v, chunk_size=chunk, layers=[last])), params, batch, v)
+  full = loop_flat_grads(loss, params, batch) @ flat(v)
+  np.testing.assert_allclose(every, full, rtol=1e-11)
   # With `layers`, the tangent runs through those layers only: the loop's gradients of that layer
   # alone dotted with v's entries in it (v elsewhere changes the dots: the full ones differ).
-  last = sorted(params['params'])[-1]
-  got = pergrad.jvp_dots(loss, params, batch, v, chunk_size=chunk, layers=[last])
-  want = loop_flat_grads(loss, params, batch, layer=last) @ ravel_pytree(v['params'][last])[0]
+  want = loop_flat_grads(loss, params, batch, layer=last) @ flat(v['params'][last])
   np.testing.assert_allclose(got, want, rtol=1e-11)
-  assert np.abs(flat @ ravel_pytree(v)[0] - want).min() > 1e-3
+  assert np.abs(full - want).min() > 1e-3
 
 
 def _flops(fn, *args):
@@ -308,9 +327,9 @@ def test_ghost_dots_equal_flat_dots():
   ab, aa, norms, last_norms = dots(params, batch, other)
   np.testing.assert_allclose(ab, ga @ gb.T, rtol=1e-11)
   np.testing.assert_allclose(aa, ga @ ga.T, rtol=1e-11)
-  np.testing.assert_allclose(norms, jnp.sum(ga ** 2, 1), rtol=1e-11)
+  np.testing.assert_allclose(norms, np.sum(ga ** 2, 1), rtol=1e-11)
   last = loop_flat_grads(loss, params, batch, layer='dense_2')
-  np.testing.assert_allclose(last_norms, jnp.sum(last ** 2, 1), rtol=1e-11)
+  np.testing.assert_allclose(last_norms, np.sum(last ** 2, 1), rtol=1e-11)
   assert pergrad.param_layers(loss, params, batch) == ['dense_0', 'dense_1', 'dense_2']
   assert pergrad.ghost_covers(loss, params, batch)
   # A loss that reads a Dense kernel outside its call (a weight penalty): ghost products miss
@@ -359,10 +378,11 @@ class SeqModel(nn.Module):
 
 def test_ghost_dots_with_positions_and_no_bias():
   loss, params, batch = _module_problem(SeqModel(), float64=True)
-  flat = loop_flat_grads(loss, params, batch)
-  np.testing.assert_allclose(pergrad.ghost_dots(loss, params, batch), flat @ flat.T, rtol=1e-10)
-  np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch), jnp.sum(flat ** 2, 1),
-                             rtol=1e-10)
+  grads = loop_flat_grads(loss, params, batch)
+  dots, norms = jitted(lambda p, b: (pergrad.ghost_dots(loss, p, b),
+                                     pergrad.ghost_sq_norms(loss, p, b)), params, batch)
+  np.testing.assert_allclose(dots, grads @ grads.T, rtol=1e-10)
+  np.testing.assert_allclose(norms, np.sum(grads ** 2, 1), rtol=1e-10)
   assert pergrad.dense_positions(loss, params, batch) == 3
   assert pergrad.dense_positions(loss, params, batch, ['head']) == 1
   assert pergrad.dense_positions(*tiny()) == 1
@@ -401,10 +421,11 @@ def test_ghost_products_over_many_positions_cost_no_more_than_exact_gradients():
 
 def _assert_ghost_norms_equal_loop(loss, params, batch, layer):
   """Ghost squared norms over `layer` against the explicit loop's, in float64."""
-  params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
-  flat = loop_flat_grads(loss, params, batch, layer=layer)
-  np.testing.assert_allclose(pergrad.ghost_sq_norms(loss, params, batch, [layer]),
-                             jnp.sum(flat ** 2, 1), rtol=1e-10)
+  params = jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float64)), params)
+  grads = loop_flat_grads(loss, params, batch, layer=layer)
+  np.testing.assert_allclose(
+      jitted(lambda p, b: pergrad.ghost_sq_norms(loss, p, b, [layer]), params, batch),
+      np.sum(grads ** 2, 1), rtol=1e-10)
 
 
 class WithScale(nn.Module):
@@ -573,14 +594,11 @@ def test_the_last_layer_of_a_one_layer_model_is_all_of_it():
                                                     @ p['hidden']['w']) @ p['out']['w'])[:, 0]
   with pytest.raises(UserError, match="layers='last' found no layer called with parameters"):
     mimic.resolve_layers(plain, two, batch, 'last')
-  ref = jax.tree.map(lambda x: x + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), params)
-  u = ravel_pytree(jax.tree.map(jnp.subtract, ref, params))[0]
-  u = u / jnp.linalg.norm(u)
-  one = lambda p, i: loss(p, jax.tree.map(lambda x: x[i:i + 1], batch))[0]
-  want = [-float(ravel_pytree(jax.grad(one)(params, i))[0] @ u)  # every parameter, by hand
-          for i in range(len(batch['label']))]
-  got = mimic.mimic_scores(loss, params, ref, batch, mimic.resolve_layers(loss, params, batch,
-                                                                          'last'))
+  ref = jax.tree.map(lambda x: x + 0.1 * np.cos(np.arange(x.size).reshape(x.shape)), params)
+  u = flat(ref) - flat(params)
+  want = -loop_flat_grads(loss, params, batch) @ (u / np.linalg.norm(u))  # every parameter
+  layers = mimic.resolve_layers(loss, params, batch, 'last')
+  got = jitted(lambda p, r, b: mimic.mimic_scores(loss, p, r, b, layers), params, ref, batch)
   np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
