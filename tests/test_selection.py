@@ -72,6 +72,19 @@ def run_selection(policy, num, epochs, seed=0, losses=None):
   return state
 
 
+def _draws(policy, state, keys):
+  """policy.select of `state` under each of `keys`, vmapped, as one compiled program (op by op,
+  each of a selection's dozens of operations compiled alone)."""
+  return jax.jit(jax.vmap(lambda k: policy.select(policy.aux, state.replace(key=k))))(keys)
+
+
+# The score functions under test, each one compiled program (the policies run them traced).
+diversity = jax.jit(scores.diversity)
+representativeness, label_margin = jax.jit(scores.representativeness), jax.jit(
+    scores.label_margin)
+grouped_percentile_rank = jax.jit(ranks.grouped_percentile_rank, static_argnums=2)
+
+
 def test_gini_is_the_mean_absolute_difference_over_twice_the_mean():
   """Gini = sum_ij |x_i - x_j| / (2 n^2 mean x), every pair by brute force in float64: 0 for
   equal counts, (n - 1) / n with all on one example, and every count vector in between."""
@@ -172,7 +185,7 @@ def test_infobatch_prunes_only_low_loss_and_rescales(case, max_prune):
   state = init_state(num, jax.random.PRNGKey(3)).replace(
       losses=jnp.asarray(losses), counts=jnp.asarray(seen, jnp.int32))
   keys = jax.random.split(jax.random.PRNGKey(4), draws)
-  idx, w, _ = jax.vmap(lambda k: policy.select(policy.aux, state.replace(key=k)))(keys)
+  idx, w, _ = _draws(policy, state, keys)
   times_pruned = np.zeros(num)
   for i, wi in zip(np.asarray(idx), np.asarray(w)):
     out = np.setdiff1d(np.arange(num), i)
@@ -226,7 +239,7 @@ def test_infobatch_candidates_below_the_exact_mean_of_tied_losses():
 
 def _equal_keep_rates(policy, state, num, draws):
   keys = jax.random.split(jax.random.PRNGKey(1), draws)
-  idx, _, _ = jax.vmap(lambda k: policy.select(policy.aux, state.replace(key=k)))(keys)
+  idx, _, _ = _draws(policy, state, keys)
   kept = np.zeros((draws, num))
   kept[np.arange(draws)[:, None], np.asarray(idx)] = 1
   share = policy.num_selected / num
@@ -254,15 +267,15 @@ def test_representativeness_favours_common_factors_and_diversity_opens_gradually
   common, rarest = int(np.argmax(freq)), int(np.argmin(np.where(freq > 0, freq, 9)))
   one_hot = jnp.asarray(np.eye(20, dtype=np.float32)[[common, rarest]])
   probe = stats.replace(mass=one_hot, group=jnp.zeros(2, jnp.int32))
-  rep = np.asarray(scores.representativeness(probe))
+  rep = np.asarray(representativeness(probe))
   assert rep[0] == pytest.approx(1.0) and rep[1] == 0.0
   usage = jnp.zeros(20)
-  early = np.asarray(scores.diversity(probe, usage, jnp.asarray(0.0), 0.15))
-  late = np.asarray(scores.diversity(probe, usage, jnp.asarray(1.0), 0.15))
+  early = np.asarray(diversity(probe, usage, jnp.asarray(0.0), 0.15))
+  late = np.asarray(diversity(probe, usage, jnp.asarray(1.0), 0.15))
   assert early[0] == late[0] == 0.0           # common factors carry no diversity
   assert late[1] == pytest.approx(1.0) and early[1] == 0.0    # the rarest factor comes in only late
   used = usage.at[rarest].set(10.0)
-  assert scores.diversity(probe, used, jnp.asarray(1.0), 0.15)[1] < late[1]
+  assert diversity(probe, used, jnp.asarray(1.0), 0.15)[1] < late[1]
   # Every factor alone, unused, over a grid of progress: the high-frequency set is the most
   # frequent half and carries nothing; rare factors open in order of frequency (the more frequent
   # first), each gate rising over time from 0 to 1, the least rare open by t = 0.15 and the rarest
@@ -271,7 +284,7 @@ def test_representativeness_favours_common_factors_and_diversity_opens_gradually
   high = np.asarray(stats.high)
   assert high.sum() == 10 and freq[high].min() >= freq[~high].max()
   grid = np.linspace(0, 1, 41)
-  gates = np.stack([np.asarray(scores.diversity(each, usage, jnp.asarray(t), 0.15)) for t in grid])
+  gates = np.stack([np.asarray(diversity(each, usage, jnp.asarray(t), 0.15)) for t in grid])
   assert not gates[:, high].any() and gates.min() == 0.0 and gates.max() == pytest.approx(1.0)
   assert (np.diff(gates, axis=0) >= -1e-6).all()  # no gate closes as progress grows
   rare = np.flatnonzero(~high)
@@ -301,7 +314,7 @@ def test_dead_factors_do_not_take_up_the_late_gates():
   assert high.sum() == 16 and len(rare_live) == 8
   np.testing.assert_allclose(stats.rarity, want, atol=1e-6)
   probe = stats.replace(mass=jnp.eye(32)[np.array(rare_live[-1:])], group=jnp.zeros(1, jnp.int32))
-  gate = lambda t: float(scores.diversity(probe, jnp.zeros(32), jnp.asarray(t), 0.15)[0])
+  gate = lambda t: float(diversity(probe, jnp.zeros(32), jnp.asarray(t), 0.15)[0])
   assert gate(0.85) == 0.0 and gate(1.0) == pytest.approx(1.0)
 
 
@@ -312,11 +325,11 @@ def test_class_conditional_scores_flag_label_flips():
   cond = scores.factor_stats(jnp.asarray(codes), 0.5, labels, 3)
   glob = scores.factor_stats(jnp.asarray(codes), 0.5)
   auroc = lambda s: roc_auc_score(~flipped, np.asarray(s))  # clean should score higher
-  assert auroc(scores.representativeness(cond)) > 0.95
-  assert abs(auroc(scores.representativeness(glob)) - 0.5) < 0.1
-  margin = np.asarray(scores.label_margin(cond))
+  assert auroc(representativeness(cond)) > 0.95
+  assert abs(auroc(representativeness(glob)) - 0.5) < 0.1
+  margin = np.asarray(label_margin(cond))
   assert np.mean(margin[flipped] < 0) > 0.9 and np.mean(margin[~flipped] < 0) < 0.1
-  np.testing.assert_array_equal(scores.label_margin(glob), 0.0)  # no labels, no margin
+  np.testing.assert_array_equal(label_margin(glob), 0.0)  # no labels, no margin
 
 
 def _pairwise_rank(x: np.ndarray) -> np.ndarray:
@@ -334,26 +347,29 @@ def _pairwise_mean_rank(x: np.ndarray) -> np.ndarray:
 def test_rank_counts_smaller_entries_and_earlier_ties():
   rng = np.random.default_rng(1)
   x = rng.integers(0, 20, 300).astype(np.float32)   # many ties
-  np.testing.assert_array_equal(ranks.rank(jnp.asarray(x)), _pairwise_rank(x))
-  got = np.asarray(percentile_rank(jnp.asarray(x)), np.float64) * (len(x) - 1)
+  rank = jax.jit(ranks.rank)  # as the policies run it: traced
+  np.testing.assert_array_equal(rank(jnp.asarray(x)), _pairwise_rank(x))
+  got = np.asarray(jax.jit(percentile_rank)(jnp.asarray(x)), np.float64) * (len(x) - 1)
   np.testing.assert_allclose(got, _pairwise_mean_rank(x), atol=1e-3)  # whole or half numbers
   rows = rng.integers(0, 5, (4, 30)).astype(np.float32)  # along the last axis, row by row
-  np.testing.assert_array_equal(ranks.rank(jnp.asarray(rows)),
+  np.testing.assert_array_equal(rank(jnp.asarray(rows)),
                                 np.stack([_pairwise_rank(r) for r in rows]))
   order = rng.permutation(50)
-  np.testing.assert_array_equal(ranks.inverse_permutation(jnp.asarray(order)), np.argsort(order))
+  np.testing.assert_array_equal(jax.jit(ranks.inverse_permutation)(jnp.asarray(order)),
+                                np.argsort(order))
 
 
 def test_grouped_percentile_rank_ranks_within_each_group():
   rng = np.random.default_rng(0)
   x, group = rng.integers(0, 9, 200).astype(np.float32), rng.integers(0, 4, 200).astype(np.int32)
-  got = np.asarray(ranks.grouped_percentile_rank(jnp.asarray(x), jnp.asarray(group), 4))
+  got = np.asarray(grouped_percentile_rank(jnp.asarray(x), jnp.asarray(group), 4))
   for g in range(4):  # many ties within and across groups
     mine = x[group == g]
     np.testing.assert_allclose(got[group == g], _pairwise_mean_rank(mine) / (len(mine) - 1),
                                atol=1e-6)
-  one_group = ranks.grouped_percentile_rank(jnp.asarray(x), jnp.zeros(200, jnp.int32), 2)
-  np.testing.assert_allclose(one_group, percentile_rank(jnp.asarray(x)), atol=1e-6)  # lexsort path
+  one_group = grouped_percentile_rank(jnp.asarray(x), jnp.zeros(200, jnp.int32), 2)
+  np.testing.assert_allclose(one_group, jax.jit(percentile_rank)(jnp.asarray(x)),
+                             atol=1e-6)  # lexsort path
 
 
 def test_mislabel_guard_keeps_flipped_examples_out_of_the_budget():
@@ -493,7 +509,7 @@ def test_confident_error_count_adapts_to_the_noise_level():
   for flip in (0.0, 0.1, 0.3):
     codes, labels, flipped = class_codes(flip=flip)
     stats = scores.factor_stats(jnp.asarray(codes), 0.5, labels, 3)
-    count = int(scores.confident_error_count(stats))
+    count = int(jax.jit(scores.confident_error_count)(stats))
     suspect = np.asarray(scores.suspected_mislabels(stats, 'confident'))
     print(f'flip {flip}: {flipped.sum()} flipped, estimated {count}')
     assert suspect.sum() == count
@@ -520,8 +536,8 @@ def test_class_conditional_scores_on_real_digits_with_label_noise(tfds_dir):
   stats = scores.factor_stats(sae_lib.encode_all(trained, pixels), 0.5, train.features['label'],
                               10)
   clean = ~train.is_corrupted
-  assert roc_auc_score(clean, np.asarray(scores.representativeness(stats))) > 0.9
-  assert roc_auc_score(clean, np.asarray(scores.label_margin(stats))) > 0.9
+  assert roc_auc_score(clean, np.asarray(representativeness(stats))) > 0.9
+  assert roc_auc_score(clean, np.asarray(label_margin(stats))) > 0.9
   with pytest.raises(UserError, match='labels'):
     scores.factor_stats(jnp.ones((5, 3)), 0.5, np.array([0, 1, 2, 3, 9]), 4)
 
@@ -538,9 +554,10 @@ def test_sae_policy_without_noise_selects_the_top_n_of_the_score_of_its_epoch():
   stats = scores.factor_stats(jnp.asarray(codes), cfg.high_freq_fraction)
   state = policy.init(num, jax.random.PRNGKey(0))
   select, update = jax.jit(policy.select), jax.jit(policy.update)
+  combined = jax.jit(lambda counts, usage, epoch: scores.combined_score(
+      stats, counts, usage, epoch, epochs, cfg))
   for epoch in range(epochs):
-    want = np.asarray(scores.combined_score(stats, state.counts, state.factor_usage,
-                                            jnp.asarray(epoch), epochs, cfg), np.float64)
+    want = np.asarray(combined(state.counts, state.factor_usage, jnp.asarray(epoch)), np.float64)
     idx, w, state = select(policy.aux, state)
     picked = np.zeros(num, bool)
     picked[np.asarray(idx)] = True
