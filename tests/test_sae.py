@@ -65,7 +65,8 @@ def test_decoder_rows_are_unit_normed_so_their_scale_does_not_matter(sparsity):
   x = rng.normal(size=(6, dim))
   with jax.enable_x64(True):
     params = jax.tree.map(lambda a: np.asarray(a, np.float64),
-                          module.init(jax.random.PRNGKey(0), jnp.asarray(x)))
+                          jax.jit(module.init)(jax.random.PRNGKey(0), jnp.asarray(x)))
+    apply = jax.jit(module.apply)  # one program (op by op, each operation compiled alone)
     p = params['params']
     p['b_pre'] = rng.normal(size=dim)
     p['w_dec'] = p['w_dec'] * rng.uniform(0.2, 5.0, (factors, 1))
@@ -77,12 +78,12 @@ def test_decoder_rows_are_unit_normed_so_their_scale_does_not_matter(sparsity):
       codes = np.where(kept, codes, 0.0)
     unit = p['w_dec'] / np.linalg.norm(p['w_dec'], axis=1, keepdims=True)
     want = codes @ unit + p['b_pre']
-    recon, got_codes = module.apply(params, jnp.asarray(x))
+    recon, got_codes = apply(params, jnp.asarray(x))
     np.testing.assert_allclose(got_codes, codes, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(recon, want, rtol=1e-6, atol=1e-8)  # the norm's 1e-8 guard
     rescaled = jax.tree.map(lambda a: a, params)  # a new tree, the same leaves
     rescaled['params']['w_dec'] = p['w_dec'] * rng.uniform(0.1, 10.0, (factors, 1))
-    recon2, codes2 = module.apply(rescaled, jnp.asarray(x))
+    recon2, codes2 = apply(rescaled, jnp.asarray(x))
     np.testing.assert_allclose(recon2, recon, rtol=1e-6, atol=1e-8)
     np.testing.assert_array_equal(codes2, got_codes)
 
@@ -100,7 +101,7 @@ def test_top_k_keeps_exactly_k_on_ties_lowest_index_first_and_its_gradient_only(
   x[0] = 0.0
   with jax.enable_x64(True):
     params = jax.tree.map(lambda a: np.asarray(a, np.float64),
-                          module.init(jax.random.PRNGKey(0), jnp.asarray(x)))
+                          jax.jit(module.init)(jax.random.PRNGKey(0), jnp.asarray(x)))
     p = params['params']
     kernel = rng.integers(-2, 3, size=(dim, factors)).astype(np.float64)
     kernel[:, 1] = kernel[:, 2] = kernel[:, 0]
@@ -114,11 +115,11 @@ def test_top_k_keeps_exactly_k_on_ties_lowest_index_first_and_its_gradient_only(
     straddles = ((pre >= kth) & (pre > 0)).sum(1) > k  # a ">= k-th value" mask keeps more
     assert straddles[0] and straddles.sum() >= 3, straddles
     codes = np.where(kept, np.maximum(pre, 0.0), 0.0)
-    _, got = module.apply(params, jnp.asarray(x))
+    _, got = jax.jit(module.apply)(params, jnp.asarray(x))  # one program, not op by op
     np.testing.assert_array_equal(got, codes)
     assert (np.asarray(got) > 0).sum(1).max() == k
     g = rng.normal(size=codes.shape)
-    grads = jax.grad(lambda q: jnp.sum(g * module.apply(q, jnp.asarray(x))[1]))(params)
+    grads = jax.jit(jax.grad(lambda q: jnp.sum(g * module.apply(q, jnp.asarray(x))[1])))(params)
     upstream = g * kept * (pre > 0)
     np.testing.assert_allclose(grads['params']['encoder']['kernel'], x.T @ upstream, rtol=1e-12)
     np.testing.assert_allclose(grads['params']['encoder']['bias'], upstream.sum(0), rtol=1e-12)
@@ -215,7 +216,7 @@ def test_default_extractor_is_a_trained_model_and_any_function_plugs_in(tfds_dir
   task, params, cost = features.train_feature_model(train, _features_config())
   # 100 steps of 64 over 1197 examples: 5 epochs of 19 batches (the last of 45) and 5 more steps.
   assert cost == 5 * 1197 + 5 * 64
-  metrics = task.metrics(params, val.take(np.arange(len(val))))
+  metrics = jax.jit(task.metrics)(params, val.take(np.arange(len(val))))
   assert float(jnp.mean(metrics['accuracy'])) > 0.85  # a trained model, not a random projection
   real, cost_again = features.default_features(train, _features_config())
   assert cost_again == cost and real.shape == (len(train), 32)
