@@ -51,7 +51,12 @@ def flat_grad(loss, params, batch, i, layers=None):
   if loss not in _GRADS:
     _GRADS[loss] = jax.jit(jax.grad(lambda p, ex: loss(p, ex)[0]))
   g = _GRADS[loss](params, sub(batch, [i]))
-  return ravel_pytree([g['params'][l] for l in layers] if layers else g)[0]
+  return flat([g['params'][l] for l in layers] if layers else g)
+
+
+def flat(tree) -> np.ndarray:
+  """ravel_pytree's vector in numpy (op by op, JAX compiles a concatenation per tree)."""
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
 def flat_grads(loss, params, batch, layers=None):
@@ -148,7 +153,7 @@ def explicit_tracin(loss, run, a, b, layers=None):
   for c in range(run.num_checkpoints):
     p = run.checkpoint(c)
     ga, gb = flat_grads(loss, p, a, layers), flat_grads(loss, p, b, layers)
-    total = total + float(run.step_lrs[int(run.checkpoint_steps[c])]) * ga @ gb.T
+    total = total + float(np.asarray(run.step_lrs)[np.asarray(run.checkpoint_steps)[c]]) * ga @ gb.T
   return total
 
 
@@ -159,7 +164,7 @@ def explicit_heldout_cos(loss, run, a, held, layers=None):
     p = run.checkpoint(c)
     g = flat_grads(loss, p, a, layers)
     v = flat_grads(loss, p, held, layers).mean(0)
-    lr = float(run.step_lrs[int(run.checkpoint_steps[c])])
+    lr = float(np.asarray(run.step_lrs)[np.asarray(run.checkpoint_steps)[c]])
     total = total + lr * g @ v / (np.linalg.norm(g, axis=1) * np.linalg.norm(v))
   return total
 
@@ -170,13 +175,14 @@ def test_self_influence_and_heldout_cos_of_some_layers_equal_explicit_sums(layer
   loss, params, data = problem()
   run, _, _ = sgd_run(loss, params, data, lr=0.3 * 0.7 ** np.arange(6))  # each checkpoint its own
   a, b = sub(data, range(5)), sub(data, range(5, 12))
-  ckpts, lrs = run.checkpoints, run.step_lrs[run.checkpoint_steps]
+  ckpts, lrs = run.checkpoints, np.asarray(run.step_lrs)[np.asarray(run.checkpoint_steps)]
   if ghost:  # self-influence from ghost norms of the same layers: TracInCP's diagonal of a, a
-    got = tracin.self_influence(loss, ckpts, lrs, a, layers, ghost=True)
+    got = jax.jit(lambda c, l, a: tracin.self_influence(loss, c, l, a, layers, ghost=True))(
+        ckpts, lrs, a)  # one program (op by op, each operation compiled alone)
     np.testing.assert_allclose(got, np.diag(explicit_tracin(loss, run, a, a, layers)), rtol=1e-10)
   if layers:  # held-out Grad-Cos of the same layers: v_c and its norm over them only
-    got = tracin.heldout_influence(loss, ckpts, lrs, a, b, layers, cosine=True, chunk_size=2,
-                                   ghost=ghost)
+    got = jax.jit(lambda c, l, a, b: tracin.heldout_influence(
+        loss, c, l, a, b, layers, cosine=True, chunk_size=2, ghost=ghost))(ckpts, lrs, a, b)
     np.testing.assert_allclose(got, explicit_heldout_cos(loss, run, a, b, layers), rtol=1e-10)
 
 
@@ -216,9 +222,10 @@ def test_projected_self_influence_equals_explicit_sum(kind, layers):
   proj = (pergrad.kronecker_projection(2, 2, seed=3) if kind == 'kronecker' else
           pergrad.gaussian_projection(5, seed=3))
   chosen = params if not layers else {'params': {layers: params['params'][layers]}}
-  flat, unravel = ravel_pytree(chosen)
+  vector, unravel = ravel_pytree(chosen)
   state = proj.init(chosen)
-  r = np.asarray(jax.vmap(lambda e: proj.apply(unravel(e), state))(jnp.eye(flat.size)))
+  r = np.asarray(jax.jit(lambda s: jax.vmap(lambda e: proj.apply(unravel(e), s))(
+      jnp.eye(vector.size)))(state))
   assert r.shape[1] < r.shape[0]  # a projection to fewer dimensions, not the identity
   chosen = [layers] if layers else None
   want = sum(0.3 * 0.7 ** (2 * c) * np.sum((flat_grads(loss, run.checkpoint(c), data, chosen)
