@@ -103,7 +103,8 @@ def loop_grads(loss, params, batch):
   if loss not in _GRADS:
     _GRADS[loss] = jax.jit(jax.grad(lambda p, ex: loss(p, ex)[0]))
   n = batch['label'].shape[0]
-  return [_GRADS[loss](params, jax.tree.map(lambda x: x[i:i + 1], batch)) for i in range(n)]
+  rows = jax.tree.map(np.asarray, batch)  # sliced in numpy (op by op: a compile per shape)
+  return [_GRADS[loss](params, jax.tree.map(lambda x: x[i:i + 1], rows)) for i in range(n)]
 
 
 def kron_project(trees, layers, state):
@@ -145,7 +146,7 @@ def test_projected_vectors_and_transforms_follow_the_definitions():
   loss, params, batch, layers = model('cnn')
   state = pergrad.factored_projection(4, 3, seed=1).init(loss, params, batch)
   g = projected_oracle(loss, params, batch, layers, state)
-  v = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype) + 2.).reshape(x.shape),
+  v = jax.tree.map(lambda x: np.cos(np.arange(x.size, dtype=x.dtype) + 2.).reshape(x.shape),
                    params)
   pv = kron_project([v], layers, state)[0]
 
@@ -249,7 +250,8 @@ def dataset(n=13, seed=0):
 def sgd_run(loss, params, split, steps=6, batch_size=4, every=2, seed=0, weights=None):
   """A recorded run from an explicit SGD loop on random batches (learning rate 0.3 / (1 + t/4))."""
   order = np.random.default_rng(seed).integers(0, len(split), (steps, batch_size))
-  batches = jax.tree.map(jnp.asarray, split.take(order))
+  rows = split.take(order)  # numpy: each step's batch sliced without a compile
+  batches = jax.tree.map(jnp.asarray, rows)
   lrs = 0.3 / (1 + np.arange(steps) / 4)
   weights = np.ones((steps, batch_size)) if weights is None else weights
   grad = jax.jit(jax.grad(lambda p, b, w: jnp.mean(w * loss(p, b))))
@@ -258,7 +260,7 @@ def sgd_run(loss, params, split, steps=6, batch_size=4, every=2, seed=0, weights
     if t % every == 0:
       ckpts.append(p)
     p = jax.tree.map(lambda a, g, t=t: a - lrs[t] * g, p,
-                     grad(p, jax.tree.map(lambda x, t=t: x[t], batches), weights[t]))
+                     grad(p, jax.tree.map(lambda x, t=t: x[t], rows), weights[t]))
   return base.TrainingRun(
       batches=batches, weights=jnp.asarray(weights), step_lrs=jnp.asarray(lrs),
       checkpoints=jax.tree.map(lambda *x: jnp.stack(x), *ckpts),
@@ -326,12 +328,12 @@ def test_store_files_metadata_and_queries_equal_brute_force(setup, tmp_path):
                              sum(lr * unit(g) @ unit(t.mean(0)) for lr, g, t in zip(lrs, tr, te)),
                              rtol=1e-10)
   # Mimic: -<g, P(ref - theta_c)> / ||ref - theta_c||, averaged over checkpoints.
-  ref = jax.tree.map(lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)),
+  ref = jax.tree.map(lambda x: np.asarray(x) + 0.1 * np.sin(np.arange(x.size).reshape(x.shape)),
                      run.final_params)
   for cosine in (False, True):
     want = 0.0
     for c in range(3):
-      diff = jax.tree.map(jnp.subtract, ref, run.checkpoint(c))
+      diff = jax.tree.map(lambda r, x: r - np.asarray(x), ref, run.checkpoint(c))
       norm = np.linalg.norm(np.concatenate([augmented(diff, p) for _, p in LAYERS]))
       g = unit(tr[c]) if cosine else tr[c]
       want = want - g @ kron_project([diff], LAYERS, state)[0] / norm / 3
@@ -387,11 +389,11 @@ def test_mimic_of_a_store_of_some_layers_normalises_by_those_layers_only(setup, 
   train = jax.tree.map(jnp.asarray, split.take(np.arange(len(split))))
   state = proj.init(loss, run.final_params, train)
   assert state.names == ('dense_1',)
-  ref = jax.tree.map(lambda x: x + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
+  ref = jax.tree.map(lambda x: np.asarray(x) + 0.1 * np.cos(np.arange(x.size).reshape(x.shape)),
                      run.final_params)
   want, ratio = 0.0, []
   for c in range(run.num_checkpoints):
-    diff = jax.tree.map(jnp.subtract, ref, run.checkpoint(c))
+    diff = jax.tree.map(lambda r, x: r - np.asarray(x), ref, run.checkpoint(c))
     norm = np.linalg.norm(augmented(diff, ('dense_1',)))
     ratio.append(np.linalg.norm(np.concatenate([augmented(diff, ('dense_0',)),
                                                 augmented(diff, ('dense_1',))])) / norm)
@@ -568,16 +570,16 @@ def test_stored_data_value_embeddings_equal_explicit_backward_product(setup, tmp
     s.tracin(loss, run, test)
   s.add_dvemb(task, run, 'empirical_fisher', chunk_size=3)
   lrs = np.asarray(run.step_lrs)
-  grads = [projected_oracle(loss, run.checkpoint(t), jax.tree.map(lambda x, t=t: x[t],
-                                                                  run.batches), LAYERS, state)
-           for t in range(5)]
+  batches = jax.tree.map(np.asarray, run.batches)
+  grads = [projected_oracle(loss, run.checkpoint(t), jax.tree.map(lambda x, t=t: x[t], batches),
+                            LAYERS, state) for t in range(5)]
   example = np.zeros((13, state.dim))
   for t in range(5):
     k = np.eye(state.dim)
     for u in range(4, t, -1):
       k = k @ (np.eye(state.dim) - lrs[u] * (grads[u].T * weights[u]) @ grads[u] / 4)
     e = lrs[t] / 4 * weights[t][:, None] * grads[t] @ k.T
-    for j, i in enumerate(np.asarray(run.batches['index'][t])):
+    for j, i in enumerate(batches['index'][t]):
       example[i] += e[j]
   direction = projected_oracle(loss, run.final_params, test, LAYERS, state).mean(0)
   reopened = store.GradientStore(str(tmp_path / 'g'))
