@@ -150,7 +150,7 @@ def test_evaluation_is_the_mean_of_the_task_metrics(splits, monkeypatch):
   run = trainer.run(train, {'eval': test}, [0], steps=15)
   assert run.steps == 15 and run.final['step'] == 15
   params = jax.tree.map(lambda x: x[0], run.params)
-  metrics = trainer.task.metrics(params, test.take(np.arange(len(test))))
+  metrics = jax.jit(trainer.task.metrics)(params, test.take(np.arange(len(test))))
   for name, values in metrics.items():
     np.testing.assert_allclose(run.final['eval'][name][0], np.mean(values), rtol=1e-5)
 
@@ -647,7 +647,8 @@ def test_batch_filter_steps_are_float64_steps_on_the_best_scored_rows(splits):
   task = trainer.task
   with jax.enable_x64():
     params = jax.tree.map(lambda x: np.asarray(x[0, 0], np.float64), run.recording.checkpoints)
-    grad = jax.jit(jax.grad(lambda p, b: jnp.mean(task.per_example_loss(p, b))))
+    step = jax.jit(lambda p, b: jax.tree.map(lambda q, g: q - 0.1 * g, p, jax.grad(
+        lambda p: jnp.mean(task.per_example_loss(p, b)))(p)))  # one program, not op by op
     kept_total = 0
     for t in range(10):
       real = positions[t][:min(128, len(train) - 128 * t)]  # padding comes last
@@ -656,8 +657,7 @@ def test_batch_filter_steps_are_float64_steps_on_the_best_scored_rows(splits):
       kept = real[np.argsort(-scores, kind='stable')[:max(1, len(real) // 2)]]
       assert sorted(kept) == sorted(positions[t][used[t] > 0]), t
       kept_total += len(kept)
-      params = jax.tree.map(lambda p, g: p - 0.1 * g, params,
-                            grad(params, _as_float64(train.take(kept))))
+      params = step(params, _as_float64(train.take(kept)))
   assert kept_total == 9 * 64 + 22 == run.example_gradients
   for got, want in zip(jax.tree.leaves(run.params), jax.tree.leaves(params)):
     np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
