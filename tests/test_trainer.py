@@ -269,6 +269,8 @@ def test_padding_rows_stay_at_weight_0_whatever_weigh_gives(splits):
   assert sorted(positions[weights > 0]) == list(range(len(train)))
 
 
+@pytest.mark.slow  # 30 epochs' training: the fast suite checks the weights' steps exactly
+# (test_zero_weights_leave_..., test_batch_filter_steps_are_float64_steps_...)
 def test_clean_oracle_weights_beat_uniform_under_noise(splits):
   """Weights that zero the corrupted examples must do better than uniform at 20% noise."""
   train, test = splits
