@@ -270,11 +270,12 @@ def test_members_due_for_a_reset_reach_the_meta_gradient_fresh():
   seen = jax.jit(lambda state: _seen_by_meta_gradient(problem, est, state, inner, outer)[
       'population'])(state)
   keys = jax.random.split(jax.random.fold_in(state.key, 1), k)
-  member = lambda tree, m: jax.tree.map(lambda x: np.asarray(x[m]), tree)
+  member = lambda tree, m: jax.tree.map(lambda x: np.asarray(x)[m], tree)  # sliced in numpy
+  init_member = jax.jit(problem.init_member)  # one program (op by op: a compile per operation)
   for m in range(k):
     got = member(seen, m)
     if m in due:
-      want = jax.device_get(problem.init_member(keys[m]))
+      want = jax.device_get(init_member(keys[m]))
       old = ravel_pytree(member(state.population, m).params)[0]
       assert not np.allclose(ravel_pytree(want.params)[0], old)  # a reset is visible
       jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), got, want)
@@ -317,8 +318,8 @@ def test_outer_loss_and_meta_gradient_are_the_mean_over_members():
   run = jax.jit(lambda pop, i, o: meta_step.meta_gradient(problem, est, state.rater_params,
                                                           pop, i, o))
   (loss, _), grads = run(state.population, inner, outer)
-  singles = [run(*jax.tree.map(lambda x, k=k: x[k:k + 1], (state.population, inner, outer)))
-             for k in range(3)]
+  members = jax.tree.map(np.asarray, (state.population, inner, outer))  # sliced in numpy
+  singles = [run(*jax.tree.map(lambda x, k=k: x[k:k + 1], members)) for k in range(3)]
   losses = np.array([float(s[0][0]) for s in singles], np.float64)
   assert np.ptp(losses) > 1e-4  # the members differ
   np.testing.assert_allclose(float(loss), losses.sum() / 3, rtol=1e-5)
