@@ -53,13 +53,14 @@ def test_patches_equal_lax_conv_patches(stride, height, width):
 def test_patch_convolution_equals_flax_conv(stride, size):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
   conv = PatchConv(5, stride)
-  params = conv.init(jax.random.key(1), x)
+  # Each side as one program (op by op, the patches' slices compile one by one per shape).
+  params = jax.jit(conv.init)(jax.random.key(1), x)
   dense = params['params']['kernel']
   # Patches are ordered (input channel, row, column); nn.Conv's kernel is (row, column, in, out).
-  kernel = jnp.transpose(dense['kernel'].reshape(3, 3, 3, 5), (1, 2, 0, 3))
-  want = nn.Conv(5, (3, 3), strides=stride, padding='SAME').apply(
+  kernel = np.transpose(np.reshape(dense['kernel'], (3, 3, 3, 5)), (1, 2, 0, 3))
+  want = jax.jit(nn.Conv(5, (3, 3), strides=stride, padding='SAME').apply)(
       {'params': {'kernel': kernel, 'bias': dense['bias']}}, x)
-  np.testing.assert_allclose(conv.apply(params, x), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jit(conv.apply)(params, x), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('pool', ['flatten', pytest.param('mean', marks=pytest.mark.slow)])

@@ -274,13 +274,14 @@ def test_patch_convolution_equals_lax_conv_including_strides_beyond_the_kernel(
   some input pixels are read by no output; 4x4 with stride 5: one output pixel)."""
   x = jax.random.normal(jax.random.key(0), (2, height, width, channels), jnp.float64)
   conv = PatchConv(5, stride)
-  params = as_float64(conv.init(jax.random.key(1), x))
+  # Each side as one program (op by op, the patches' slices compile one by one per shape).
+  params = as_float64(jax.jit(conv.init)(jax.random.key(1), x))
   dense = params['params']['kernel']
   # Patches are ordered (input channel, row, column); the HWIO kernel is (row, column, in, out).
-  kernel = jnp.transpose(dense['kernel'].reshape(channels, 3, 3, 5), (1, 2, 0, 3))
-  want = jax.lax.conv_general_dilated(x, kernel, (stride, stride), 'SAME',
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                      precision='highest') + dense['bias']
-  got = conv.apply(params, x)
+  kernel = np.transpose(np.reshape(dense['kernel'], (channels, 3, 3, 5)), (1, 2, 0, 3))
+  want = jax.jit(lambda x, k, b: jax.lax.conv_general_dilated(
+      x, k, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision='highest') + b)(x, kernel, dense['bias'])
+  got = jax.jit(conv.apply)(params, x)
   assert got.shape == want.shape == (2, -(-height // stride), -(-width // stride), 5)
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
