@@ -515,9 +515,11 @@ def test_a_causal_sequence_rater_equals_the_causal_reference_and_pools_its_state
     np.testing.assert_allclose(moved, want, rtol=1e-8, atol=1e-13)
 
 
-# The sequence rater: the same transformer layers as the task's; the fast suite checks that its
-# ghost norms are exact on the shipped text config (test_text_config_is_valid_...: ghost_covers).
-@pytest.mark.parametrize('kind', ['task', pytest.param('rater', marks=pytest.mark.slow)])
+# The fast suite checks the transformers' ghost norms exact on the shipped text config's task
+# and rater (test_text_config_is_valid_...: ghost_covers), and the LM's ghost dots, within a
+# batch and across two, against a loop (test_model_oracles.py, the token-weighted LM).
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['task', 'rater'])
 def test_ghost_products_cover_the_model_and_equal_per_example_gradients(kind):
   with jax.enable_x64():
     if kind == 'task':
