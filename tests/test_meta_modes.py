@@ -289,9 +289,11 @@ def test_outer_optimizer_clips_the_global_norm_before_adam():
 
 
 def test_mixed_mode_memory_is_nearly_flat_in_the_unroll_length():
-  """XLA's compiled temporaries of one outer step: mixed mode at T = 24 keeps little more than at
-  T = 2, while reverse mode at T = 24 keeps every inner step's activations (several times more);
-  remat, which recomputes them on the way back, keeps well under reverse mode's."""
+  """XLA's compiled temporaries of one outer step: mixed mode at T = 16 keeps little more than at
+  T = 2, while reverse mode at T = 16 keeps every inner step's activations (several times more);
+  remat, which recomputes them on the way back, keeps well under reverse mode's. (Measured:
+  mixed 1.22x its T = 2, reverse ~10x mixed, remat ~0.4x reverse; at T = 24, 1.23x, ~15x and
+  ~0.4x, compiled more slowly.)"""
   def temp_bytes(mode, steps):
     problem = tiny_problem(optimizer='adam', lr=0.05, dim=32, hidden=(64,))
     inner, outer = tiny_batches(0, population=2, steps=steps, batch=32, dim=32)
@@ -299,11 +301,11 @@ def test_mixed_mode_memory_is_nearly_flat_in_the_unroll_length():
     est = estimator(mode, 'adam', 0.05)
     step = lambda s, i, o: meta_step.outer_step(problem, est, s, i, o)
     return _jit(step).lower(state, inner, outer).compile().memory_analysis().temp_size_in_bytes
-  mixed_short, mixed_long = temp_bytes('mixed', 2), temp_bytes('mixed', 24)
-  reverse_long = temp_bytes('reverse', 24)
+  mixed_short, mixed_long = temp_bytes('mixed', 2), temp_bytes('mixed', 16)
+  reverse_long = temp_bytes('reverse', 16)
   assert mixed_long < 1.3 * mixed_short, (mixed_short, mixed_long)
   assert reverse_long > 3 * mixed_long, (reverse_long, mixed_long)
-  remat_long = temp_bytes('remat', 24)  # (measured: ~0.4 of reverse mode's)
+  remat_long = temp_bytes('remat', 16)
   assert remat_long < 0.6 * reverse_long, (remat_long, reverse_long)
 
 
