@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from jax.flatten_util import ravel_pytree
 
 from configs import digits_cnn
 from datarater import evaluation, export, pergrad, tasks
@@ -71,21 +70,22 @@ def test_examples_are_independent_and_ghost_products_cover_the_cnn(pool):
     params = jax.tree.map(lambda x: jax.device_put(np.asarray(x, np.float64)),
                           task.init(jax.random.key(0)))
     batch = _batch()
+    rows = jax.tree.map(np.asarray, batch)  # sliced in numpy, not a compile per slice
     loss_fn = jax.jit(task.per_example_loss)
-    losses = loss_fn(params, batch)
-    alone = [loss_fn(params, jax.tree.map(lambda x: x[i:i + 1], batch))[0] for i in range(5)]
+    losses, embedded = jax.jit(lambda p, b: (task.per_example_loss(p, b), task.embed(p, b)))(
+        params, batch)  # one program for both
+    alone = [loss_fn(params, jax.tree.map(lambda x: x[i:i + 1], rows))[0] for i in range(5)]
     np.testing.assert_allclose(losses, alone, rtol=1e-12)  # nothing mixes the examples
-    assert jax.jit(task.embed)(params, batch).shape == (5, 5)
+    assert embedded.shape == (5, 5)
     loss = task.per_example_loss
     grad = jax.jit(jax.grad(lambda p, one: loss(p, one)[0]))
-    rows = jax.tree.map(np.asarray, batch)  # sliced in numpy, not a compile per slice
-    flat = np.stack([ravel_pytree(grad(params, jax.tree.map(lambda x: x[i:i + 1], rows)))[0]
-                     for i in range(5)])
+    flat = np.stack([np.concatenate([np.ravel(x) for x in jax.tree.leaves(
+        grad(params, jax.tree.map(lambda x: x[i:i + 1], rows)))]) for i in range(5)])
     assert pergrad.ghost_covers(loss, params, batch)
-    ghost = jax.jit(lambda p, b: pergrad.ghost_dots(loss, p, b))
-    np.testing.assert_allclose(ghost(params, batch), flat @ flat.T, rtol=1e-9)
-    got = jax.jit(lambda p, b: pergrad.per_example(loss, p, b, pergrad.flatten(),
-                                                   chunk_size=2))(params, batch)
+    dots, got = jax.jit(lambda p, b: (
+        pergrad.ghost_dots(loss, p, b),
+        pergrad.per_example(loss, p, b, pergrad.flatten(), chunk_size=2)))(params, batch)
+    np.testing.assert_allclose(dots, flat @ flat.T, rtol=1e-9)
     np.testing.assert_allclose(got, flat, rtol=1e-10, atol=1e-12)
 
 
