@@ -62,14 +62,15 @@ def test_steps_are_optax_steps_on_the_recorded_batches(splits):
     assert sorted(seen) == list(range(len(train)))
   assert not np.array_equal(positions[:10], positions[10:])  # reshuffled each epoch
   task = trainer.task
-  params = jax.tree.map(lambda x: x[0, 0], rec.checkpoints)  # before step 0 = the init
+  ckpts = jax.tree.map(np.asarray, rec.checkpoints)  # indexed in numpy: no compile per index
+  params = jax.tree.map(lambda x: x[0, 0], ckpts)  # before step 0 = the init
   opt = optax.sgd(0.1)
   state, step = opt.init(params), _optax_step(task, opt)
   assert (weights[9] > 0).sum() == len(train) - 9 * 128  # a short last batch
   losses = jax.jit(task.per_example_loss)
   seen_losses = []  # each real example's loss at the parameters before its step
   for t in range(20):
-    for got, want in zip(jax.tree.leaves(rec.checkpoints), jax.tree.leaves(params)):
+    for got, want in zip(jax.tree.leaves(ckpts), jax.tree.leaves(params)):
       np.testing.assert_allclose(got[0, t], want, rtol=1e-5, atol=1e-6)
     batch = train.take(positions[t][weights[t] > 0])
     seen_losses.append(np.asarray(losses(params, batch), np.float64))
@@ -246,11 +247,12 @@ def test_a_filtered_out_epoch_is_no_step_for_adams_state_either(splits):
   positions, weights = rec.positions[0], rec.weights[0]
   assert run.steps == 30 and not (weights[10:20] > 0).any() and (weights[20:] > 0).any()
   task = trainer.task
-  params = jax.tree.map(lambda x: x[0, 0], rec.checkpoints)
+  ckpts = jax.tree.map(np.asarray, rec.checkpoints)  # indexed in numpy: no compile per index
+  params = jax.tree.map(lambda x: x[0, 0], ckpts)
   opt = optax.adam(1e-2)
   state, step = opt.init(params), _optax_step(task, opt)
   for t in range(30):
-    for got, want in zip(jax.tree.leaves(rec.checkpoints), jax.tree.leaves(params)):
+    for got, want in zip(jax.tree.leaves(ckpts), jax.tree.leaves(params)):
       np.testing.assert_allclose(got[0, t], want, rtol=1e-5, atol=1e-6, err_msg=f'step {t}')
     if (weights[t] > 0).any():
       params, state = step(params, state, train.take(positions[t][weights[t] > 0]))
@@ -478,13 +480,14 @@ def test_a_run_recorded_every_k_steps_keeps_the_parameters_before_steps_0_k_2k(s
   rec = trainer.run(train, {}, [1], steps=12).recording
   assert rec.positions.shape == rec.weights.shape == (1, 12, 128)
   assert {x.shape[:2] for x in jax.tree.leaves(rec.checkpoints)} == {(1, 3)}
+  ckpts = jax.tree.map(np.asarray, rec.checkpoints)  # indexed in numpy: no compile per index
   init, _ = trainer.init([1], len(train))
   params = jax.tree.map(lambda x: x[0], init.models.params)
   opt = optax.sgd(0.1)
   state, step = opt.init(params), _optax_step(trainer.task, opt)
   for t in range(12):
     if t % 4 == 0:
-      for got, want in zip(jax.tree.leaves(rec.checkpoints), jax.tree.leaves(params)):
+      for got, want in zip(jax.tree.leaves(ckpts), jax.tree.leaves(params)):
         np.testing.assert_allclose(got[0, t // 4], want, rtol=1e-5, atol=1e-6, err_msg=f'{t}')
     keep = rec.weights[0, t] > 0
     params, state = step(params, state, train.take(rec.positions[0, t][keep]))
